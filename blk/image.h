@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * blk/image.h — the one image interface blk/ talks to.
+ *
+ * Two implementations: raw (blk/image_raw.c) and qcow2 (blk/image_qcow2.c,
+ * built on the qcow2/ mapping engine, which does metadata I/O only; data I/O
+ * for qcow2 is issued here in blk/ through io/).
+ *
+ * All operations are asynchronous on the io_loop the image was opened on.
+ * An operation is described by a struct img_io the caller owns (embedded in
+ * its request). Each submitted img_io ends in exactly one call of
+ * io->done(io, res): res is 0 or -errno. done() is never called from inside
+ * the submitting call (always from the loop), so a caller may submit and then
+ * keep touching its request.
+ *
+ * Ranges are in bytes; the caller (blk/) has already checked they are within
+ * img->size and aligned to 512 bytes. Read-only images refuse writes with
+ * -EROFS (blk/ checks earlier too).
+ */
+#ifndef VQCOW_BLK_IMAGE_H
+#define VQCOW_BLK_IMAGE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "io.h"
+
+struct img;
+struct img_io;
+
+typedef void img_done_fn(struct img_io *io, int res);
+
+enum img_op {
+	IMG_OP_READ = 1,
+	IMG_OP_WRITE,
+	IMG_OP_FLUSH,
+	IMG_OP_DISCARD,
+	IMG_OP_WRITE_ZEROES,
+};
+
+enum { IMG_IO_UNMAP = 1u << 0 }; /* write_zeroes may deallocate */
+
+struct img_io {
+	img_done_fn *done; /* set by the caller */
+	void *priv;        /* the caller's */
+
+	/* Set by the submitters; the implementation may read them. */
+	uint8_t op;
+	unsigned flags;
+	struct iovec *iov; /* data buffers (READ/WRITE); may be modified in flight */
+	unsigned iovcnt;
+	uint64_t off;
+	uint64_t len;
+
+	/* Private to the implementation. */
+	struct io_cmd cmd;  /* enough for a single-extent request */
+	void *impl;         /* implementation's per-request context, if it needs more */
+	int err;            /* first error of a split request */
+	unsigned pending;   /* sub-commands in flight */
+	struct img_io *next; /* implementation's wait lists */
+};
+
+struct img_ops {
+	const char *format; /* "raw", "qcow2" */
+	void (*submit)(struct img *img, struct img_io *io);
+	/* Drain and release; all img_io must have completed. */
+	void (*close)(struct img *img);
+	/* Optional: human-readable description for logs (e.g. cache stats). */
+	void (*describe)(struct img *img, char *buf, size_t len);
+};
+
+struct img_opts {
+	const char *format;        /* NULL = probe, "raw", "qcow2" */
+	bool read_only;
+	bool direct;               /* O_DIRECT (cache=none); default true */
+	uint64_t l2_cache_size;    /* qcow2: bytes, 0 = default (cover the image if sane) */
+	uint32_t cache_entry_size; /* qcow2: slice bytes, 0 = default */
+	bool allow_corrupt_ro;     /* qcow2: open an image with the corrupt bit read-only */
+};
+
+struct img {
+	const struct img_ops *ops;
+	struct io_loop *loop;
+	char *path;
+	uint64_t size;       /* virtual disk size in bytes */
+	bool read_only;
+	unsigned align;      /* data I/O alignment the image wants (O_DIRECT), >= 512 */
+	bool supports_discard;
+	bool supports_write_zeroes;
+	unsigned discard_granularity; /* bytes */
+};
+
+/*
+ * Open @path, probing the format unless opts->format is set. On failure
+ * returns -errno and, if @err is not NULL, writes a one-line message naming
+ * the file and the problem into @err (@errlen bytes).
+ */
+int img_open(struct img **imgp, struct io_loop *loop, const char *path,
+	     const struct img_opts *opts, char *err, size_t errlen);
+void img_close(struct img *img);
+
+/* Submitters: fill @io's request fields and call img->ops->submit(). */
+void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt,
+	       uint64_t off, uint64_t len);
+void img_writev(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt,
+		uint64_t off, uint64_t len);
+void img_flush(struct img *img, struct img_io *io);
+void img_discard(struct img *img, struct img_io *io, uint64_t off, uint64_t len);
+void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t len,
+		      unsigned flags);
+
+/* Implementations' constructors (used by img_open). */
+int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
+		 const struct img_opts *opts, char *err, size_t errlen);
+int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
+		   const struct img_opts *opts, char *err, size_t errlen);
+
+#endif /* VQCOW_BLK_IMAGE_H */

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything vqcow needs to build, test and demo on Debian 12.
+# Idempotent; skips apt when all packages are already present.
+set -euo pipefail
+pkgs=(build-essential cmake pkg-config clang-format
+      liburing-dev libcap-ng-dev libcunit1-dev zlib1g-dev libzstd-dev
+      qemu-system-x86 qemu-utils qemu-block-extra fio busybox-static cpio
+      e2fsprogs gnuplot-nox python3 util-linux procps)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	SUDO=""
+	[ "$(id -u)" = 0 ] || SUDO=sudo
+	echo "deps: installing ${missing[*]}"
+	$SUDO apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: install dependencies, build twice (release with
+# -Werror, and ASan+UBSan), run every test through ctest in both builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash contrib/deps.sh
+jobs=$(nproc)
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON >/dev/null
+cmake --build build -j"$jobs"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DVQCOW_WERROR=ON -DVQCOW_SANITIZE=ON >/dev/null
+cmake --build build-asan -j"$jobs"
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+rc=0
+echo "=== ctest (release build)"
+(cd build && ctest --output-on-failure -j"$jobs" "$@") || rc=1
+echo "=== ctest (ASan+UBSan build)"
+(cd build-asan && ctest --output-on-failure -j"$jobs" -LE slow "$@") || rc=1
+exit $rc

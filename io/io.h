@@ -1,0 +1,233 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * io/ — the io_uring event loop and file I/O.
+ *
+ * Knows nothing of virtio or qcow2. One struct io_loop per I/O thread; every
+ * event the daemon waits for is a completion on that loop's ring: readiness of
+ * the vhost-user socket and of kick eventfds (poll), file reads and writes,
+ * fallocate, fdatasync and timers.
+ *
+ * Contract of a command (struct io_cmd):
+ *  - The caller embeds a struct io_cmd in its own request structure, sets
+ *    ->done (and ->priv if it likes) and calls one of the io_*() submitters.
+ *  - Each submitted command ends in exactly one call of ->done(cmd, res), from
+ *    io_loop_run*() — never from inside the submitter itself, so callers may
+ *    submit while holding half-built state.
+ *  - res is the full transfer length (readv/writev), 0 (fsync, fallocate,
+ *    timeout expiry), the poll revents mask (poll) or -errno.
+ *  - Short reads/writes are advanced and resubmitted inside io/ until the full
+ *    length is done; a read hitting EOF completes the rest with zeroes only for
+ *    files opened with IO_FILE_ZERO_EOF, else -EIO.
+ *  - A full submission queue is submitted and retried, never reported; -EAGAIN
+ *    from the kernel is retried; -EINTR likewise.
+ *  - While a command is in flight, the command struct and the iovec array it
+ *    was given belong to io/ (the iovec array may be modified while advancing
+ *    over short transfers) and the data buffers must stay valid.
+ *
+ * O_DIRECT: struct io_file knows the file's direct-I/O alignment. readv/writev
+ * pass the caller's iovecs to the kernel as they are when every base and length
+ * (and the offset) is aligned; otherwise io/ uses an aligned bounce buffer for
+ * that command (copy in before a write, copy out after a read).
+ */
+#ifndef VQCOW_IO_H
+#define VQCOW_IO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct io_loop;
+struct io_cmd;
+
+typedef void io_done_fn(struct io_cmd *cmd, int res);
+
+enum io_op {
+	IO_OP_NONE = 0,
+	IO_OP_READV,
+	IO_OP_WRITEV,
+	IO_OP_FDATASYNC,
+	IO_OP_FALLOCATE,
+	IO_OP_POLL,
+	IO_OP_TIMEOUT,
+	IO_OP_CANCEL,
+};
+
+struct io_file {
+	int fd;
+	unsigned align;    /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
+	unsigned flags;    /* IO_FILE_* */
+	int fixed_index;   /* registered-file slot or -1 (private to io/) */
+	uint64_t size;     /* size at open time (bytes) */
+};
+
+enum {
+	IO_FILE_RDONLY = 1u << 0,
+	IO_FILE_DIRECT = 1u << 1,  /* opened with O_DIRECT */
+	IO_FILE_ZERO_EOF = 1u << 2, /* reads past EOF return zeroes (e.g. backing files) */
+	IO_FILE_BLOCKDEV = 1u << 3,
+};
+
+struct io_cmd {
+	io_done_fn *done; /* set by the caller; called exactly once */
+	void *priv;       /* the caller's */
+
+	/* Private to io/ from here on. */
+	struct io_cmd *next;
+	struct io_loop *loop;
+	struct io_file *file;
+	int fd;
+	uint8_t op;
+	uint8_t state;
+	uint16_t iovcnt;
+	uint32_t poll_events;
+	int mode;
+	struct iovec *iov;
+	uint64_t off;
+	uint64_t len;
+	uint64_t xfer;
+	void *bounce;
+	uint64_t ns;
+	struct io_cmd *target; /* IO_OP_CANCEL */
+	uint64_t ts[2];        /* __kernel_timespec storage for timeouts */
+};
+
+/* ---- loop life cycle ---- */
+
+/*
+ * Create a loop with a ring of @entries SQEs. 0 or -errno.
+ */
+int io_loop_init(struct io_loop **loopp, unsigned entries);
+
+/* Destroy the loop. All commands must have completed (or be abandoned polls). */
+void io_loop_exit(struct io_loop *loop);
+
+/*
+ * Run until io_loop_stop() is called: submit, wait, reap, run deferred hooks.
+ * Returns 0, or -errno if the ring itself fails.
+ */
+int io_loop_run(struct io_loop *loop);
+
+/*
+ * One iteration: submit pending SQEs, reap completions (waiting for at least
+ * one if @wait), call their done()s, then the deferred hooks. Returns the
+ * number of completions handled or -errno. For tests and tools.
+ */
+int io_loop_run_once(struct io_loop *loop, bool wait);
+
+/* Make io_loop_run() return after the current iteration. Callable from done(). */
+void io_loop_stop(struct io_loop *loop);
+
+/* Number of submitted commands that have not yet completed. */
+unsigned io_loop_inflight(const struct io_loop *loop);
+
+/*
+ * Deferred work: a hook runs once per loop iteration, after completions were
+ * handled and before the loop sleeps ("before sleep"). Used to batch
+ * used-ring notifications. The struct is the caller's and stays registered
+ * until io_defer_del().
+ */
+struct io_defer {
+	void (*fn)(struct io_defer *d);
+	void *priv;
+	struct io_defer *next; /* private */
+};
+void io_defer_add(struct io_loop *loop, struct io_defer *d);
+void io_defer_del(struct io_loop *loop, struct io_defer *d);
+
+/*
+ * Adaptive busy polling before sleeping, bounded by @max_ns per iteration (0 =
+ * off, the default). While polling, the loop re-runs the deferred hooks, which
+ * may return work by submitting commands.
+ */
+void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
+
+/* ---- files ---- */
+
+/*
+ * Open @path for I/O. @flags: IO_FILE_RDONLY, IO_FILE_DIRECT (O_DIRECT; falls
+ * back to buffered I/O with a logged warning only if the filesystem refuses
+ * O_DIRECT with -EINVAL), IO_FILE_ZERO_EOF. Fills *f (fd, alignment, size).
+ * 0 or -errno.
+ */
+int io_file_open(struct io_file *f, const char *path, unsigned flags);
+
+/* Wrap an already-open fd (takes ownership). 0 or -errno. */
+int io_file_from_fd(struct io_file *f, int fd, unsigned flags);
+
+void io_file_close(struct io_file *f);
+
+/* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
+int io_file_get_size(struct io_file *f, uint64_t *size);
+
+/*
+ * Synchronous I/O for open time and tools (never on the request path).
+ * Handles alignment with a bounce buffer and short transfers. 0 or -errno.
+ * A read past EOF fills zeroes.
+ */
+int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off);
+int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t off);
+int io_file_sync(struct io_file *f);
+
+/* ---- asynchronous commands ---- */
+
+void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
+	      struct iovec *iov, unsigned iovcnt, uint64_t off);
+void io_writev(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
+	       struct iovec *iov, unsigned iovcnt, uint64_t off);
+/* Single-buffer convenience forms; the iovec lives inside cmd. */
+void io_read(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
+	     void *buf, size_t len, uint64_t off);
+void io_write(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
+	      const void *buf, size_t len, uint64_t off);
+void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f);
+/* @mode as fallocate(2): 0, FALLOC_FL_KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE... */
+void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
+		  int mode, uint64_t off, uint64_t len);
+
+/*
+ * Poll @fd for @events (POLLIN...). Multishot: done() is called every time
+ * the fd becomes ready with res = revents, until io_cancel() (then done() gets
+ * -ECANCELED once, the final call) or an error. The callback must drain the
+ * fd (e.g. read the eventfd) or it will fire again.
+ * Exception to "exactly once": a multishot poll completes many times and ends
+ * with one final call whose res is negative.
+ */
+void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events);
+
+/* One-shot timer: done(cmd, 0) after @ns nanoseconds, or -ECANCELED. */
+void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns);
+
+/*
+ * Cancel the in-flight @target (poll or timeout). @target's done() runs with
+ * -ECANCELED (or its normal result if it raced). Fire and forget: io/ uses an
+ * internal command for the cancel request itself.
+ */
+void io_cancel(struct io_loop *loop, struct io_cmd *target);
+
+/* ---- helpers ---- */
+
+/* Total byte length of an iovec array. */
+size_t io_iov_len(const struct iovec *iov, unsigned iovcnt);
+
+/*
+ * Build in @dst (room for @dst_max entries) the part of @src covering
+ * [@skip, @skip + @len). Returns the number of entries used, or -EINVAL if
+ * @src is too short or -E2BIG if @dst_max is too small.
+ */
+int io_iov_slice(struct iovec *dst, unsigned dst_max, const struct iovec *src,
+		 unsigned src_cnt, size_t skip, size_t len);
+
+/* Fill [@skip, @skip + @len) of the iovec array with zeroes. */
+void io_iov_memset(const struct iovec *iov, unsigned iovcnt, size_t skip, int c, size_t len);
+
+/* Copy between a flat buffer and an iovec array at byte offset @skip. */
+size_t io_iov_to_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, void *buf, size_t len);
+size_t io_iov_from_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, const void *buf,
+		       size_t len);
+
+/* Allocate / free a buffer aligned for O_DIRECT (4096-byte alignment). NULL on failure. */
+void *io_alloc_aligned(size_t len);
+void io_free_aligned(void *p);
+
+#endif /* VQCOW_IO_H */

@@ -1,0 +1,1 @@
+/* placeholder until the qcow2/ implementation lands */

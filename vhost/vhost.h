@@ -1,0 +1,181 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vhost/ — the vhost-user backend protocol and split virtqueues.
+ *
+ * Knows nothing of virtio-blk, qcow2 or io_uring. The device model above
+ * (the daemon's glue) fills struct vhost_dev_ops; vhost/ calls those hooks,
+ * which are the only upward calls.
+ *
+ * Objects:
+ *  - struct vhost_server: a listening UNIX socket; accepts one frontend
+ *    connection at a time (further ones wait in the backlog until the current
+ *    one goes away). After a disconnect, all connection state is dropped and
+ *    the next frontend is accepted.
+ *  - struct vhost_dev: the state of the current connection (features, memory
+ *    table, vrings, backend channel).
+ *  - struct vhost_vq: one split virtqueue.
+ *
+ * Event sources: vhost/ owns no event loop. It asks the glue to watch file
+ * descriptors (listening socket, connection socket, kick eventfds) through
+ * ops->watch/unwatch; when an fd is readable the glue calls the callback it
+ * was given. vhost/ drains kick eventfds itself in that callback.
+ *
+ * Ring states (vhost-user.rst "Ring states"): a ring is stopped until
+ * SET_VRING_KICK, started after; with VHOST_USER_F_PROTOCOL_FEATURES it is
+ * also disabled until SET_VRING_ENABLE(1). Buffers are processed only while
+ * started and enabled. GET_VRING_BASE stops the ring; its reply is held back
+ * until every element popped from that ring has been pushed (in-flight
+ * requests drained); socket processing pauses meanwhile.
+ *
+ * Hostile frontend/guest: every message is validated against a table (payload
+ * size, number of fds, reply). Any error on peer input marks the connection
+ * broken; it is closed and its fds released, and the server keeps listening.
+ * Ring addresses, descriptor addresses and lengths are translated and clamped
+ * to the memory regions they fall in; chains are bounded and loops detected.
+ */
+#ifndef VHOST_VHOST_H
+#define VHOST_VHOST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct vhost_server;
+struct vhost_dev;
+struct vhost_vq;
+
+/* Maximum number of iovecs in one element (descriptor chain after translation). */
+#define VQ_MAX_IOV 1024
+/* Maximum queue size accepted from SET_VRING_NUM. */
+#define VQ_MAX_SIZE 1024
+
+/*
+ * One popped request: a descriptor chain translated into our address space.
+ * The device model embeds this as the FIRST member of its per-request struct;
+ * vhost/ preallocates one such struct of ops->elem_size bytes per ring slot.
+ */
+struct vq_elem {
+	uint16_t head;    /* chain head index, unique among in-flight elements */
+	uint16_t out_num; /* device-readable iovecs: iov[0 .. out_num) */
+	uint16_t in_num;  /* device-writable iovecs: iov[out_num .. out_num + in_num) */
+	uint16_t pad;
+	struct vhost_vq *vq;
+	struct iovec *iov; /* points into vhost/'s storage for this slot */
+};
+
+typedef void vhost_watch_cb(void *arg);
+
+struct vhost_dev_ops {
+	/* Device feature bits offered (virtio device bits and VIRTIO_F_*); vhost/
+	 * adds VHOST_USER_F_PROTOCOL_FEATURES, VERSION_1, RING_INDIRECT_DESC and
+	 * RING_EVENT_IDX itself. */
+	uint64_t features;
+	/* Protocol features offered on top of those vhost/ implements itself
+	 * (vhost/ offers MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, BACKEND_REQ). */
+	uint64_t protocol_features;
+	uint16_t num_queues;     /* reported by GET_QUEUE_NUM */
+	uint16_t max_queue_size; /* largest SET_VRING_NUM accepted (<= VQ_MAX_SIZE) */
+	size_t elem_size;        /* bytes per request struct (>= sizeof(struct vq_elem)) */
+
+	/* Ask the glue to call @cb(@arg) whenever @fd is readable, until unwatch(fd). 0 or -errno. */
+	int (*watch)(void *opaque, int fd, vhost_watch_cb *cb, void *arg);
+	/* Stop watching @fd. vhost/ may close @fd right after this returns. */
+	void (*unwatch)(void *opaque, int fd);
+
+	/* GET_CONFIG: fill @len bytes of config space starting at @off. 0 or -errno. */
+	int (*get_config)(void *opaque, uint8_t *buf, uint32_t off, uint32_t len);
+	/* SET_CONFIG: @len bytes at @off (e.g. the WCE byte). 0 or -errno. */
+	int (*set_config)(void *opaque, const uint8_t *buf, uint32_t off, uint32_t len);
+
+	/* A new connection is up / features were set (after SET_FEATURES). May be NULL. */
+	void (*features_set)(void *opaque, struct vhost_dev *dev, uint64_t features);
+	/* Ring became started+enabled (q_started) or stopped/disabled (q_stopped). May be NULL. */
+	void (*queue_started)(void *opaque, struct vhost_vq *vq);
+	void (*queue_stopped)(void *opaque, struct vhost_vq *vq);
+	/* The ring has (possibly) new available buffers: pop them. Required. */
+	void (*queue_kick)(void *opaque, struct vhost_vq *vq);
+	/* The connection is gone (after all its elements were pushed or abandoned). May be NULL. */
+	void (*disconnected)(void *opaque, struct vhost_dev *dev);
+};
+
+/* ---- server ---- */
+
+/*
+ * Listen on @path (unlinked and created; mode 0600) or, if @listen_fd >= 0,
+ * use that already-listening socket (systemd socket activation, --fd).
+ * 0 or -errno.
+ */
+int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_fd,
+		      const struct vhost_dev_ops *ops, void *opaque);
+
+/* Close the current connection (if any) and the listening socket; unlink @path. */
+void vhost_server_exit(struct vhost_server *srv);
+
+/* The current connection, or NULL. */
+struct vhost_dev *vhost_server_dev(struct vhost_server *srv);
+
+/* Stop accepting new connections (shutdown in progress). */
+void vhost_server_stop_accepting(struct vhost_server *srv);
+
+/* ---- device (connection) ---- */
+
+/* Negotiated virtio feature bits. */
+uint64_t vhost_dev_features(const struct vhost_dev *dev);
+bool vhost_dev_has_feature(const struct vhost_dev *dev, unsigned bit);
+uint16_t vhost_dev_num_queues(const struct vhost_dev *dev);
+struct vhost_vq *vhost_dev_vq(struct vhost_dev *dev, unsigned idx);
+
+/* Send a config-change notice over the backend channel (BACKEND_REQ). 0 or -errno. */
+int vhost_dev_config_changed(struct vhost_dev *dev);
+
+/* Mark the connection broken (e.g. the device model found a malformed request). */
+void vhost_dev_set_broken(struct vhost_dev *dev, const char *why);
+bool vhost_dev_is_broken(const struct vhost_dev *dev);
+
+/* Number of popped-but-not-pushed elements across all rings. */
+unsigned vhost_dev_inflight(const struct vhost_dev *dev);
+
+/* ---- virtqueues ---- */
+
+unsigned vq_index(const struct vhost_vq *vq);
+struct vhost_dev *vq_dev(struct vhost_vq *vq);
+bool vq_is_running(const struct vhost_vq *vq); /* started and enabled */
+uint16_t vq_size(const struct vhost_vq *vq);
+unsigned vq_inflight(const struct vhost_vq *vq);
+
+/* Per-queue pointer for the device model. */
+void vq_set_priv(struct vhost_vq *vq, void *priv);
+void *vq_priv(const struct vhost_vq *vq);
+
+/*
+ * Pop the next available chain into its slot and translate it.
+ * Returns 0 and *elemp, -EAGAIN if the ring is empty (or not running), or
+ * another -errno if the ring is broken (the connection is then marked broken
+ * and no element is returned).
+ */
+int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp);
+
+/*
+ * Put @elem on the used ring with @len bytes written to device-writable
+ * buffers. The slot is free again on return. Does not notify.
+ */
+void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len);
+
+/*
+ * Signal the call eventfd if the driver wants it (EVENT_IDX / NO_INTERRUPT
+ * rules) and anything was pushed since the last notify. Cheap when nothing is
+ * pending: call it once per loop iteration per queue.
+ */
+void vq_notify(struct vhost_vq *vq);
+
+/*
+ * Suppress kicks (EVENT_IDX: stop moving avail_event; else set
+ * VRING_USED_F_NO_NOTIFY) while the device model is polling the ring, and
+ * re-enable them. vq_enable_notify() returns true if buffers became available
+ * meanwhile (the caller must then pop again).
+ */
+void vq_disable_notify(struct vhost_vq *vq);
+bool vq_enable_notify(struct vhost_vq *vq);
+
+#endif /* VHOST_VHOST_H */
