@@ -27,7 +27,17 @@
  * O_DIRECT: struct io_file knows the file's direct-I/O alignment. readv/writev
  * pass the caller's iovecs to the kernel as they are when every base and length
  * (and the offset) is aligned; otherwise io/ uses an aligned bounce buffer for
- * that command (copy in before a write, copy out after a read).
+ * that command (copy in before a write, copy out after a read). A write whose
+ * offset or total length is off-alignment goes instead through a buffered
+ * (non-O_DIRECT) twin fd of the same file (opened on first need via
+ * /proc/self/fd), which keeps exact file-size semantics; the kernel keeps page
+ * cache and direct I/O coherent and io_fdatasync() covers both. Callers must
+ * still not have two writes in flight that touch the same alignment block.
+ *
+ * Limits: one command moves at most INT_MAX bytes and at most 65535 iovecs
+ * (-EINVAL otherwise); more than 1024 iovecs go through a bounce buffer.
+ *
+ * Threading: a loop and everything submitted on it belong to one thread.
  */
 #ifndef VQCOW_IO_H
 #define VQCOW_IO_H
@@ -55,15 +65,16 @@ enum io_op {
 
 struct io_file {
 	int fd;
-	unsigned align;    /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
-	unsigned flags;    /* IO_FILE_* */
-	int fixed_index;   /* registered-file slot or -1 (private to io/) */
-	uint64_t size;     /* size at open time (bytes) */
+	unsigned align;  /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
+	unsigned flags;  /* IO_FILE_* */
+	int fixed_index; /* registered-file slot or -1 (private to io/) */
+	uint64_t size;   /* size at open time (bytes) */
+	int bfd;         /* private: buffered (non-O_DIRECT) fd of the same file, or -1 */
 };
 
 enum {
 	IO_FILE_RDONLY = 1u << 0,
-	IO_FILE_DIRECT = 1u << 1,  /* opened with O_DIRECT */
+	IO_FILE_DIRECT = 1u << 1,   /* opened with O_DIRECT */
 	IO_FILE_ZERO_EOF = 1u << 2, /* reads past EOF return zeroes (e.g. backing files) */
 	IO_FILE_BLOCKDEV = 1u << 3,
 };
@@ -90,6 +101,13 @@ struct io_cmd {
 	uint64_t ns;
 	struct io_cmd *target; /* IO_OP_CANCEL */
 	uint64_t ts[2];        /* __kernel_timespec storage for timeouts */
+	struct iovec iov1;     /* the iovec of io_read()/io_write() */
+	uint64_t boff;         /* file offset of the bounce buffer */
+	uint64_t blen;         /* length of the bounce transfer */
+	uint32_t cap;          /* injected cap on each kernel transfer (0 = none) */
+	int res;               /* result of a locally completed command */
+	uint8_t flags;
+	int8_t bclass; /* bounce size class, -1 = allocated for this command */
 };
 
 /* ---- loop life cycle ---- */
@@ -99,19 +117,25 @@ struct io_cmd {
  */
 int io_loop_init(struct io_loop **loopp, unsigned entries);
 
-/* Destroy the loop. All commands must have completed (or be abandoned polls). */
+/*
+ * Destroy the loop. All commands must have completed (or be abandoned polls,
+ * whose done() is then never called). Safe on NULL.
+ */
 void io_loop_exit(struct io_loop *loop);
 
 /*
  * Run until io_loop_stop() is called: submit, wait, reap, run deferred hooks.
+ * Also returns when nothing is in flight any more (nothing could wake it).
  * Returns 0, or -errno if the ring itself fails.
  */
 int io_loop_run(struct io_loop *loop);
 
 /*
  * One iteration: submit pending SQEs, reap completions (waiting for at least
- * one if @wait), call their done()s, then the deferred hooks. Returns the
- * number of completions handled or -errno. For tests and tools.
+ * one if @wait and something is in flight), call their done()s, then the
+ * deferred hooks. Returns the number of completions handled (CQEs reaped,
+ * including intermediate ones such as short transfers) or -errno; -EBUSY if
+ * called from inside a done() or hook. For tests and tools.
  */
 int io_loop_run_once(struct io_loop *loop, bool wait);
 
@@ -152,7 +176,11 @@ void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
  */
 int io_file_open(struct io_file *f, const char *path, unsigned flags);
 
-/* Wrap an already-open fd (takes ownership). 0 or -errno. */
+/*
+ * Wrap an already-open regular file or block device fd (takes ownership; on
+ * failure the fd is closed). O_DIRECT is taken from the fd's own flags; @flags
+ * adds IO_FILE_ZERO_EOF / IO_FILE_RDONLY. 0 or -errno.
+ */
 int io_file_from_fd(struct io_file *f, int fd, unsigned flags);
 
 void io_file_close(struct io_file *f);
@@ -171,19 +199,19 @@ int io_file_sync(struct io_file *f);
 
 /* ---- asynchronous commands ---- */
 
-void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
-	      struct iovec *iov, unsigned iovcnt, uint64_t off);
-void io_writev(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
-	       struct iovec *iov, unsigned iovcnt, uint64_t off);
+void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	      unsigned iovcnt, uint64_t off);
+void io_writev(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	       unsigned iovcnt, uint64_t off);
 /* Single-buffer convenience forms; the iovec lives inside cmd. */
-void io_read(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
-	     void *buf, size_t len, uint64_t off);
-void io_write(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
-	      const void *buf, size_t len, uint64_t off);
+void io_read(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, void *buf, size_t len,
+	     uint64_t off);
+void io_write(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, const void *buf,
+	      size_t len, uint64_t off);
 void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f);
 /* @mode as fallocate(2): 0, FALLOC_FL_KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE... */
-void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f,
-		  int mode, uint64_t off, uint64_t len);
+void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, int mode,
+		  uint64_t off, uint64_t len);
 
 /*
  * Poll @fd for @events (POLLIN...). Multishot: done() is called every time
@@ -205,6 +233,37 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns);
  */
 void io_cancel(struct io_loop *loop, struct io_cmd *target);
 
+/* ---- fault injection (tests) ---- */
+
+/*
+ * Make a future command of @op misbehave. Meant for unit tests of io/ and of
+ * the modules above it (blk, qcow2) running on a real loop.
+ *
+ * @op:  IO_OP_READV (also io_read), IO_OP_WRITEV (also io_write),
+ *       IO_OP_FDATASYNC, IO_OP_FALLOCATE, IO_OP_POLL or IO_OP_TIMEOUT.
+ * @nth: 1 = the next command of @op submitted after this call, 2 = the one
+ *       after it, and so on; each injection fires once. 0 = every later
+ *       command of @op until io_loop_inject_clear().
+ *       Only first submissions count (io/'s internal resubmissions of short
+ *       transfers do not).
+ * @res: < 0: the command completes with @res (a negative errno) without
+ *            reaching the kernel: nothing is read or written. done() still
+ *            runs from io_loop_run*(), never from the submitter. For a poll
+ *            this is its final call.
+ *       > 0: readv/writev only: each kernel transfer of that command is
+ *            capped to @res bytes (rounded down to the file's alignment, at
+ *            least one alignment unit, and to the first remaining iovec), so
+ *            io/ sees short transfers and must advance and resubmit. The
+ *            command still completes with its full length.
+ *       0 or > 0 for other ops: -EINVAL.
+ * Several injections may be armed at once (up to 32); each counts commands
+ * independently. Returns 0, -EINVAL (bad @op/@res) or -ENOSPC (table full).
+ */
+int io_loop_inject(struct io_loop *loop, enum io_op op, unsigned nth, int res);
+
+/* Disarm every injection of io_loop_inject(). */
+void io_loop_inject_clear(struct io_loop *loop);
+
 /* ---- helpers ---- */
 
 /* Total byte length of an iovec array. */
@@ -215,8 +274,8 @@ size_t io_iov_len(const struct iovec *iov, unsigned iovcnt);
  * [@skip, @skip + @len). Returns the number of entries used, or -EINVAL if
  * @src is too short or -E2BIG if @dst_max is too small.
  */
-int io_iov_slice(struct iovec *dst, unsigned dst_max, const struct iovec *src,
-		 unsigned src_cnt, size_t skip, size_t len);
+int io_iov_slice(struct iovec *dst, unsigned dst_max, const struct iovec *src, unsigned src_cnt,
+		 size_t skip, size_t len);
 
 /* Fill [@skip, @skip + @len) of the iovec array with zeroes. */
 void io_iov_memset(const struct iovec *iov, unsigned iovcnt, size_t skip, int c, size_t len);

@@ -1,0 +1,302 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * io/ files: open with O_DIRECT and alignment discovery, sizes, synchronous
+ * helpers for open time and tools.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "io_internal.h"
+
+/* glibc 2.36 predates the direct-I/O alignment fields of struct statx. */
+#ifndef STATX_DIOALIGN
+#define STATX_DIOALIGN 0x00002000U
+#endif
+#define STATX_DIO_MEM_ALIGN_OFF    0x98 /* __u32 stx_dio_mem_align */
+#define STATX_DIO_OFFSET_ALIGN_OFF 0x9c /* __u32 stx_dio_offset_align */
+#define IO_DEFAULT_ALIGN           4096u
+
+static bool is_pow2(unsigned long x)
+{
+	return x && !(x & (x - 1));
+}
+
+/*
+ * Direct-I/O alignment of @fd: statx(STATX_DIOALIGN) when the kernel fills it
+ * in, else the logical block size of a block device, else 4096. Returns 0 if
+ * the kernel says the file does not support direct I/O at all.
+ */
+static unsigned dio_align(int fd, bool blockdev)
+{
+	unsigned char stx[256] __attribute__((aligned(8)));
+	unsigned align = 0;
+
+	memset(stx, 0, sizeof(stx));
+	if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, (struct statx *)stx) == 0) {
+		uint32_t mask, mem, offa;
+
+		memcpy(&mask, stx, sizeof(mask));
+		memcpy(&mem, stx + STATX_DIO_MEM_ALIGN_OFF, sizeof(mem));
+		memcpy(&offa, stx + STATX_DIO_OFFSET_ALIGN_OFF, sizeof(offa));
+		if (mask & STATX_DIOALIGN) {
+			if (mem == 0 || offa == 0)
+				return 0;
+			align = mem > offa ? mem : offa;
+		}
+	}
+	if (!align && blockdev) {
+		int ssz = 0;
+
+		if (ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz > 0)
+			align = (unsigned)ssz;
+	}
+	if (!align || !is_pow2(align))
+		align = IO_DEFAULT_ALIGN;
+	return align;
+}
+
+static int file_setup(struct io_file *f, int fd, unsigned flags, const char *name)
+{
+	struct stat st;
+	int fl, ret;
+
+	f->fd = fd;
+	f->bfd = -1;
+	f->fixed_index = -1;
+	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
+	f->align = 1;
+	f->size = 0;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (S_ISBLK(st.st_mode))
+		f->flags |= IO_FILE_BLOCKDEV;
+	else if (!S_ISREG(st.st_mode))
+		return -EINVAL;
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0)
+		return -errno;
+	if ((fl & O_ACCMODE) == O_RDONLY)
+		f->flags |= IO_FILE_RDONLY;
+	if (fl & O_DIRECT) {
+		unsigned align = dio_align(fd, f->flags & IO_FILE_BLOCKDEV);
+
+		if (align) {
+			f->flags |= IO_FILE_DIRECT;
+			f->align = align;
+		} else if (fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0) {
+			fprintf(stderr,
+				"vqcow: io: %s: no direct I/O support, using buffered I/O\n", name);
+		} else {
+			return -errno;
+		}
+	}
+	ret = io_file_get_size(f, &f->size);
+	if (ret < 0)
+		return ret;
+	return 0;
+}
+
+int io_file_open(struct io_file *f, const char *path, unsigned flags)
+{
+	int oflags = O_CLOEXEC | ((flags & IO_FILE_RDONLY) ? O_RDONLY : O_RDWR);
+	int fd, ret;
+
+	f->fd = -1;
+	f->bfd = -1;
+	fd = open(path, oflags | ((flags & IO_FILE_DIRECT) ? O_DIRECT : 0));
+	if (fd < 0 && errno == EINVAL && (flags & IO_FILE_DIRECT)) {
+		fprintf(stderr, "vqcow: io: %s: O_DIRECT refused (EINVAL), using buffered I/O\n",
+			path);
+		fd = open(path, oflags);
+	}
+	if (fd < 0)
+		return -errno;
+	ret = file_setup(f, fd, flags, path);
+	if (ret < 0)
+		goto err_close;
+	return 0;
+
+err_close:
+	close(fd);
+	f->fd = -1;
+	return ret;
+}
+
+int io_file_from_fd(struct io_file *f, int fd, unsigned flags)
+{
+	int ret = file_setup(f, fd, flags, "fd");
+
+	if (ret < 0) {
+		close(fd);
+		f->fd = -1;
+	}
+	return ret;
+}
+
+void io_file_close(struct io_file *f)
+{
+	if (f->bfd >= 0)
+		close(f->bfd);
+	if (f->fd >= 0)
+		close(f->fd);
+	f->bfd = -1;
+	f->fd = -1;
+}
+
+int io_file_open_buffered(struct io_file *f)
+{
+	char path[64];
+	int fd;
+
+	if (f->bfd >= 0)
+		return 0;
+	if (f->flags & IO_FILE_RDONLY)
+		return -EBADF;
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", f->fd);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	f->bfd = fd;
+	return 0;
+}
+
+int io_file_get_size(struct io_file *f, uint64_t *size)
+{
+	struct stat st;
+
+	if (f->flags & IO_FILE_BLOCKDEV) {
+		uint64_t sz;
+
+		if (ioctl(f->fd, BLKGETSIZE64, &sz) < 0)
+			return -errno;
+		*size = sz;
+		return 0;
+	}
+	if (fstat(f->fd, &st) < 0)
+		return -errno;
+	*size = (uint64_t)st.st_size;
+	return 0;
+}
+
+static bool aligned(const struct io_file *f, uintptr_t a, uint64_t b, uint64_t c)
+{
+	uint64_t m = f->align - 1;
+
+	return !((a | b | c) & m);
+}
+
+/* pread until @len is done; zero-fill from EOF on. 0 or -errno. */
+static int pread_full(const struct io_file *f, char *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(f->fd, buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -errno;
+		}
+		done += (size_t)n;
+		/* A short O_DIRECT read ending off-alignment stopped at EOF. */
+		if (n == 0 || (f->align > 1 && (n & (f->align - 1)))) {
+			memset(buf + done, 0, len - done);
+			return 0;
+		}
+	}
+	return 0;
+}
+
+static int pwrite_full(int fd, const char *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static bool range_ok(size_t len, uint64_t off)
+{
+	return len <= (size_t)SSIZE_MAX && off <= (uint64_t)INT64_MAX - len;
+}
+
+int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off)
+{
+	uint64_t a0, a1;
+	char *b;
+	int ret;
+
+	if (!range_ok(len, off))
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (aligned(f, (uintptr_t)buf, len, off))
+		return pread_full(f, buf, len, off);
+	a0 = off & ~(uint64_t)(f->align - 1);
+	a1 = (off + len + f->align - 1) & ~(uint64_t)(f->align - 1);
+	b = io_alloc_align(a1 - a0, f->align);
+	if (!b)
+		return -ENOMEM;
+	ret = pread_full(f, b, a1 - a0, a0);
+	if (ret == 0)
+		memcpy(buf, b + (off - a0), len);
+	io_free_aligned(b);
+	return ret;
+}
+
+int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t off)
+{
+	char *b;
+	int ret;
+
+	if (f->flags & IO_FILE_RDONLY)
+		return -EBADF;
+	if (!range_ok(len, off))
+		return -EINVAL;
+	if (len == 0)
+		return 0;
+	if (aligned(f, (uintptr_t)buf, len, off))
+		return pwrite_full(f->fd, buf, len, off);
+	if (!aligned(f, 0, len, off)) {
+		/* Offset or length off-alignment: the buffered twin fd. */
+		ret = io_file_open_buffered(f);
+		if (ret < 0)
+			return ret;
+		return pwrite_full(f->bfd, buf, len, off);
+	}
+	b = io_alloc_align(len, f->align);
+	if (!b)
+		return -ENOMEM;
+	memcpy(b, buf, len);
+	ret = pwrite_full(f->fd, b, len, off);
+	io_free_aligned(b);
+	return ret;
+}
+
+int io_file_sync(struct io_file *f)
+{
+	if (fsync(f->fd) < 0)
+		return -errno;
+	return 0;
+}

@@ -1,0 +1,1021 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * io/ loop: one io_uring per loop, command submission, completion, retries,
+ * bounce buffers, deferred hooks, busy polling and fault injection.
+ *
+ * Command state machine (io_cmd.state):
+ *
+ *   IDLE --submit--> KERNEL   an SQE was prepared (maybe not yet entered)
+ *   IDLE --submit--> PENDING  no SQE free / CQ budget used up: on loop->pend_*
+ *   IDLE --submit--> LOCAL    completes without the kernel (error found at
+ *                             submit time, zero length, injected failure)
+ *   PENDING --next iteration--> KERNEL
+ *   KERNEL --CQE--> KERNEL|PENDING  short transfer, -EAGAIN, -EINTR, poll re-arm
+ *   KERNEL --CQE--> IDLE             done() called (poll: with F_MORE, done()
+ *                                    is called and the state stays KERNEL)
+ *   LOCAL --loop iteration--> IDLE   done() called
+ *
+ * Invariants:
+ *  - loop->inflight counts caller commands between submit and their final
+ *    done(); internal commands (cancel requests) are not counted.
+ *  - loop->kinflight counts prepared SQEs whose final CQE has not been reaped
+ *    (internal ones included); it never exceeds the CQ size, so the CQ cannot
+ *    overflow from one-shot commands.
+ *  - Commands leave PENDING in FIFO order, and arm() never overtakes the
+ *    pending list, so an SQE never goes to the kernel before an older one.
+ *  - done() is only ever called from io_loop_run_once()/io_loop_run().
+ */
+#include <errno.h>
+#include <limits.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "io_internal.h"
+
+enum cmd_state {
+	CMD_IDLE = 0,
+	CMD_PENDING,
+	CMD_KERNEL,
+	CMD_LOCAL,
+};
+
+enum {
+	CMD_F_INTERNAL = 1u << 0, /* an io/-owned command (cancel request) */
+	CMD_F_CANCEL = 1u << 1,   /* a cancel request for this command is out */
+	CMD_F_BUFFERED = 1u << 2, /* goes through the file's buffered twin fd */
+};
+
+#define IO_INJECT_MAX 32
+
+struct inject {
+	uint8_t op; /* IO_OP_NONE = free slot */
+	bool every;
+	unsigned count;
+	int res;
+};
+
+/* An internal command, on loop->icmd_all for freeing at exit. */
+struct icmd {
+	struct io_cmd cmd;
+	struct icmd *all_next;
+};
+
+struct io_loop {
+	struct io_uring ring;
+	unsigned klimit;    /* max kinflight: the CQ size */
+	unsigned inflight;  /* caller commands not yet finished */
+	unsigned kinflight; /* SQEs prepared whose final CQE is not reaped */
+	bool stop;
+	bool running;
+	struct io_cmd *pend_head, *pend_tail;
+	struct io_cmd *local_head, *local_tail;
+	struct io_defer *defers;
+	struct io_defer *defer_cursor; /* next hook while running hooks */
+	uint64_t poll_ns;
+	struct inject inj[IO_INJECT_MAX];
+	void *bfree[IO_BOUNCE_CLASSES];
+	unsigned bfree_n[IO_BOUNCE_CLASSES];
+	struct icmd *icmd_all;
+	struct io_cmd *icmd_free;
+};
+
+/* ---- life cycle ---- */
+
+int io_loop_init(struct io_loop **loopp, unsigned entries)
+{
+	static const unsigned setup_flags[] = {
+	    IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	    IORING_SETUP_SUBMIT_ALL,
+	    0,
+	};
+	struct io_loop *loop;
+	int ret = -EINVAL;
+
+	if (entries == 0)
+		entries = 128;
+	if (entries > 4096)
+		entries = 4096;
+	loop = calloc(1, sizeof(*loop));
+	if (!loop)
+		return -ENOMEM;
+	for (size_t i = 0; i < sizeof(setup_flags) / sizeof(setup_flags[0]); i++) {
+		struct io_uring_params p;
+
+		memset(&p, 0, sizeof(p));
+		p.flags = setup_flags[i] | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+		p.cq_entries = entries * 4;
+		ret = io_uring_queue_init_params(entries, &loop->ring, &p);
+		if (ret != -EINVAL)
+			break;
+	}
+	if (ret < 0)
+		goto err_free;
+	loop->klimit = loop->ring.cq.ring_entries;
+	*loopp = loop;
+	return 0;
+
+err_free:
+	free(loop);
+	return ret;
+}
+
+void io_loop_exit(struct io_loop *loop)
+{
+	struct icmd *ic, *next;
+
+	if (!loop)
+		return;
+	io_uring_queue_exit(&loop->ring);
+	for (ic = loop->icmd_all; ic; ic = next) {
+		next = ic->all_next;
+		free(ic);
+	}
+	for (int k = 0; k < IO_BOUNCE_CLASSES; k++) {
+		while (loop->bfree[k]) {
+			void *p = loop->bfree[k];
+
+			loop->bfree[k] = *(void **)p;
+			io_free_aligned(p);
+		}
+	}
+	free(loop);
+}
+
+void io_loop_stop(struct io_loop *loop)
+{
+	loop->stop = true;
+}
+
+unsigned io_loop_inflight(const struct io_loop *loop)
+{
+	return loop->inflight;
+}
+
+void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
+{
+	loop->poll_ns = max_ns;
+}
+
+/* ---- fault injection ---- */
+
+int io_loop_inject(struct io_loop *loop, enum io_op op, unsigned nth, int res)
+{
+	if (op < IO_OP_READV || op > IO_OP_TIMEOUT || res == 0)
+		return -EINVAL;
+	if (res > 0 && op != IO_OP_READV && op != IO_OP_WRITEV)
+		return -EINVAL;
+	for (int i = 0; i < IO_INJECT_MAX; i++) {
+		struct inject *s = &loop->inj[i];
+
+		if (s->op != IO_OP_NONE)
+			continue;
+		s->op = (uint8_t)op;
+		s->every = nth == 0;
+		s->count = nth;
+		s->res = res;
+		return 0;
+	}
+	return -ENOSPC;
+}
+
+void io_loop_inject_clear(struct io_loop *loop)
+{
+	memset(loop->inj, 0, sizeof(loop->inj));
+}
+
+/* Count a first submission of @op; the injected result to apply, or 0. */
+static int inject_take(struct io_loop *loop, uint8_t op)
+{
+	int res = 0;
+
+	for (int i = 0; i < IO_INJECT_MAX; i++) {
+		struct inject *s = &loop->inj[i];
+		int r;
+
+		if (s->op != op)
+			continue;
+		if (s->every) {
+			r = s->res;
+		} else if (--s->count == 0) {
+			r = s->res;
+			s->op = IO_OP_NONE;
+		} else {
+			continue;
+		}
+		/* A failure wins over a transfer cap. */
+		if (res >= 0)
+			res = r;
+	}
+	return res;
+}
+
+/* ---- bounce buffers ---- */
+
+static void *bounce_get(struct io_loop *loop, uint64_t size, unsigned align, int8_t *bclass)
+{
+	*bclass = -1;
+	if (align <= IO_BOUNCE_MIN) {
+		for (int k = 0; k < IO_BOUNCE_CLASSES; k++) {
+			uint64_t csize = (uint64_t)IO_BOUNCE_MIN << k;
+			void *p;
+
+			if (size > csize)
+				continue;
+			*bclass = (int8_t)k;
+			p = loop->bfree[k];
+			if (p) {
+				loop->bfree[k] = *(void **)p;
+				loop->bfree_n[k]--;
+				return p;
+			}
+			return io_alloc_align(csize, IO_BOUNCE_MIN);
+		}
+	}
+	return io_alloc_align(size, align);
+}
+
+static void bounce_put(struct io_loop *loop, void *p, int8_t bclass)
+{
+	if (bclass >= 0 && bclass < IO_BOUNCE_CLASSES && loop->bfree_n[bclass] < IO_BOUNCE_KEEP) {
+		*(void **)p = loop->bfree[bclass];
+		loop->bfree[bclass] = p;
+		loop->bfree_n[bclass]++;
+		return;
+	}
+	io_free_aligned(p);
+}
+
+/* ---- internal commands ---- */
+
+static struct io_cmd *icmd_get(struct io_loop *loop)
+{
+	struct io_cmd *c = loop->icmd_free;
+	struct icmd *ic;
+
+	if (c) {
+		loop->icmd_free = c->next;
+	} else {
+		ic = calloc(1, sizeof(*ic));
+		if (!ic)
+			return NULL;
+		ic->all_next = loop->icmd_all;
+		loop->icmd_all = ic;
+		c = &ic->cmd;
+	}
+	memset(c, 0, sizeof(*c));
+	c->loop = loop;
+	c->flags = CMD_F_INTERNAL;
+	c->fd = -1;
+	return c;
+}
+
+static void icmd_put(struct io_loop *loop, struct io_cmd *c)
+{
+	c->state = CMD_IDLE;
+	c->next = loop->icmd_free;
+	loop->icmd_free = c;
+}
+
+/* ---- submission ---- */
+
+static unsigned cmd_align(const struct io_cmd *cmd)
+{
+	if (!cmd->file || (cmd->flags & CMD_F_BUFFERED) || cmd->file->align == 0)
+		return 1;
+	return cmd->file->align;
+}
+
+/* Registered files are a later step: this is the one place to switch to them. */
+static void sqe_set_file(struct io_uring_sqe *sqe, const struct io_cmd *cmd)
+{
+	const struct io_file *f = cmd->file;
+
+	if (f && f->fixed_index >= 0 && cmd->fd == f->fd) {
+		sqe->fd = f->fixed_index;
+		sqe->flags |= IOSQE_FIXED_FILE;
+	}
+}
+
+static void prep_rw(struct io_uring_sqe *sqe, struct io_cmd *cmd)
+{
+	bool rd = cmd->op == IO_OP_READV;
+	uint64_t n;
+
+	if (cmd->bounce) {
+		char *p = (char *)cmd->bounce + cmd->xfer;
+
+		n = cmd->blen - cmd->xfer;
+		if (cmd->cap) {
+			unsigned a = cmd_align(cmd);
+			uint64_t cap = cmd->cap / a * a;
+
+			if (cap < a)
+				cap = a;
+			if (n > cap)
+				n = cap;
+		}
+		if (rd)
+			io_uring_prep_read(sqe, cmd->fd, p, (unsigned)n, cmd->boff + cmd->xfer);
+		else
+			io_uring_prep_write(sqe, cmd->fd, p, (unsigned)n, cmd->boff + cmd->xfer);
+	} else if (cmd->cap) {
+		unsigned a = cmd_align(cmd);
+		uint64_t cap = cmd->cap / a * a;
+
+		if (cap < a)
+			cap = a;
+		n = cmd->iov[0].iov_len;
+		if (n > cap)
+			n = cap;
+		if (rd)
+			io_uring_prep_read(sqe, cmd->fd, cmd->iov[0].iov_base, (unsigned)n,
+					   cmd->off + cmd->xfer);
+		else
+			io_uring_prep_write(sqe, cmd->fd, cmd->iov[0].iov_base, (unsigned)n,
+					    cmd->off + cmd->xfer);
+	} else {
+		if (rd)
+			io_uring_prep_readv(sqe, cmd->fd, cmd->iov, cmd->iovcnt,
+					    cmd->off + cmd->xfer);
+		else
+			io_uring_prep_writev(sqe, cmd->fd, cmd->iov, cmd->iovcnt,
+					     cmd->off + cmd->xfer);
+	}
+	sqe_set_file(sqe, cmd);
+}
+
+/* Prepare an SQE for @cmd. false if there is no room now (SQ or CQ budget). */
+static bool prep(struct io_loop *loop, struct io_cmd *cmd)
+{
+	struct io_uring_sqe *sqe;
+
+	if (loop->kinflight >= loop->klimit)
+		return false;
+	sqe = io_uring_get_sqe(&loop->ring);
+	if (!sqe) {
+		/* Full SQ: hand what we have to the kernel and retry once. */
+		io_uring_submit(&loop->ring);
+		sqe = io_uring_get_sqe(&loop->ring);
+		if (!sqe)
+			return false;
+	}
+	switch (cmd->op) {
+	case IO_OP_READV:
+	case IO_OP_WRITEV:
+		prep_rw(sqe, cmd);
+		break;
+	case IO_OP_FDATASYNC:
+		io_uring_prep_fsync(sqe, cmd->fd, IORING_FSYNC_DATASYNC);
+		sqe_set_file(sqe, cmd);
+		break;
+	case IO_OP_FALLOCATE:
+		io_uring_prep_fallocate(sqe, cmd->fd, cmd->mode, (off_t)cmd->off, (off_t)cmd->len);
+		sqe_set_file(sqe, cmd);
+		break;
+	case IO_OP_POLL:
+		io_uring_prep_poll_multishot(sqe, cmd->fd, cmd->poll_events);
+		break;
+	case IO_OP_TIMEOUT:
+		io_uring_prep_timeout(sqe, (struct __kernel_timespec *)cmd->ts, 0, 0);
+		break;
+	case IO_OP_CANCEL:
+		io_uring_prep_cancel(sqe, cmd->target, 0);
+		break;
+	default:
+		io_uring_prep_nop(sqe);
+		break;
+	}
+	io_uring_sqe_set_data(sqe, cmd);
+	cmd->state = CMD_KERNEL;
+	loop->kinflight++;
+	return true;
+}
+
+static void pend_push(struct io_loop *loop, struct io_cmd *cmd)
+{
+	cmd->next = NULL;
+	cmd->state = CMD_PENDING;
+	if (loop->pend_tail)
+		loop->pend_tail->next = cmd;
+	else
+		loop->pend_head = cmd;
+	loop->pend_tail = cmd;
+}
+
+static void pend_unlink(struct io_loop *loop, struct io_cmd *cmd)
+{
+	struct io_cmd **pp, *prev = NULL;
+
+	for (pp = &loop->pend_head; *pp; prev = *pp, pp = &(*pp)->next) {
+		if (*pp != cmd)
+			continue;
+		*pp = cmd->next;
+		if (loop->pend_tail == cmd)
+			loop->pend_tail = prev;
+		cmd->next = NULL;
+		return;
+	}
+}
+
+/* Send @cmd to the kernel now or queue it behind the pending ones. */
+static void arm(struct io_loop *loop, struct io_cmd *cmd)
+{
+	if (loop->pend_head || !prep(loop, cmd))
+		pend_push(loop, cmd);
+}
+
+static void flush_pending(struct io_loop *loop)
+{
+	while (loop->pend_head) {
+		struct io_cmd *cmd = loop->pend_head;
+
+		if (!prep(loop, cmd))
+			return;
+		loop->pend_head = cmd->next;
+		if (!loop->pend_head)
+			loop->pend_tail = NULL;
+		cmd->next = NULL;
+	}
+}
+
+/* Complete @cmd with @res from the loop, without the kernel. */
+static void local_push(struct io_loop *loop, struct io_cmd *cmd, int res)
+{
+	cmd->res = res;
+	cmd->next = NULL;
+	cmd->state = CMD_LOCAL;
+	if (loop->local_tail)
+		loop->local_tail->next = cmd;
+	else
+		loop->local_head = cmd;
+	loop->local_tail = cmd;
+}
+
+static void cmd_start(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f)
+{
+	cmd->next = NULL;
+	cmd->loop = loop;
+	cmd->file = f;
+	cmd->fd = f ? f->fd : -1;
+	cmd->op = op;
+	cmd->state = CMD_IDLE;
+	cmd->flags = 0;
+	cmd->iovcnt = 0;
+	cmd->iov = NULL;
+	cmd->off = 0;
+	cmd->len = 0;
+	cmd->xfer = 0;
+	cmd->bounce = NULL;
+	cmd->bclass = -1;
+	cmd->boff = 0;
+	cmd->blen = 0;
+	cmd->cap = 0;
+	cmd->res = 0;
+	cmd->target = NULL;
+	loop->inflight++;
+}
+
+/* Drop leading empty iovecs. */
+static void iov_skip_empty(struct io_cmd *cmd)
+{
+	while (cmd->iovcnt > 0 && cmd->iov[0].iov_len == 0) {
+		cmd->iov++;
+		cmd->iovcnt--;
+	}
+}
+
+/* Advance the command's iovec array in place over @n transferred bytes. */
+static void iov_advance(struct io_cmd *cmd, uint64_t n)
+{
+	while (n > 0 && cmd->iovcnt > 0) {
+		if (n >= cmd->iov[0].iov_len) {
+			n -= cmd->iov[0].iov_len;
+			cmd->iov++;
+			cmd->iovcnt--;
+		} else {
+			cmd->iov[0].iov_base = (char *)cmd->iov[0].iov_base + n;
+			cmd->iov[0].iov_len -= n;
+			n = 0;
+		}
+	}
+	iov_skip_empty(cmd);
+}
+
+/* Choose fd and bounce buffer for a readv/writev. 0 or -errno. */
+static int rw_setup(struct io_loop *loop, struct io_cmd *cmd)
+{
+	struct io_file *f = cmd->file;
+	bool wr = cmd->op == IO_OP_WRITEV;
+	uint64_t mask = cmd_align(cmd) - 1;
+	bool range_ok = !((cmd->off | cmd->len) & mask);
+	bool bufs_ok = cmd->iovcnt <= IO_IOV_MAX;
+	uint64_t end;
+	int ret;
+
+	if (wr && !range_ok) {
+		/*
+		 * An O_DIRECT write whose offset or length is off-alignment
+		 * would need read-modify-write of the edge blocks and could
+		 * grow the file past its end; the buffered twin fd gives the
+		 * exact semantics. The kernel keeps page cache and direct I/O
+		 * coherent, and fdatasync on either fd covers the inode.
+		 */
+		ret = io_file_open_buffered(f);
+		if (ret < 0)
+			return ret;
+		cmd->fd = f->bfd;
+		cmd->flags |= CMD_F_BUFFERED;
+		mask = 0;
+		range_ok = true;
+	}
+	for (unsigned i = 0; bufs_ok && mask && i < cmd->iovcnt; i++) {
+		if (((uintptr_t)cmd->iov[i].iov_base | cmd->iov[i].iov_len) & mask)
+			bufs_ok = false;
+	}
+	if (range_ok && bufs_ok) {
+		iov_skip_empty(cmd);
+		return 0;
+	}
+	cmd->boff = cmd->off & ~mask;
+	end = (cmd->off + cmd->len + mask) & ~mask;
+	cmd->blen = end - cmd->boff;
+	cmd->bounce = bounce_get(loop, cmd->blen, (unsigned)(mask + 1), &cmd->bclass);
+	if (!cmd->bounce)
+		return -ENOMEM;
+	if (wr)
+		io_iov_to_buf(cmd->iov, cmd->iovcnt, 0,
+			      (char *)cmd->bounce + (cmd->off - cmd->boff), cmd->len);
+	return 0;
+}
+
+static void rw_submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f,
+		      struct iovec *iov, unsigned iovcnt, uint64_t off)
+{
+	int inj, ret;
+
+	cmd_start(loop, cmd, op, f);
+	if (iovcnt > UINT16_MAX) {
+		local_push(loop, cmd, -EINVAL);
+		return;
+	}
+	cmd->iov = iov;
+	cmd->iovcnt = (uint16_t)iovcnt;
+	cmd->off = off;
+	cmd->len = io_iov_len(iov, iovcnt);
+	if (cmd->len > INT_MAX || off > (uint64_t)INT64_MAX - cmd->len) {
+		local_push(loop, cmd, -EINVAL);
+		return;
+	}
+	if (op == IO_OP_WRITEV && (f->flags & IO_FILE_RDONLY)) {
+		local_push(loop, cmd, -EBADF);
+		return;
+	}
+	inj = inject_take(loop, op);
+	if (inj < 0) {
+		local_push(loop, cmd, inj);
+		return;
+	}
+	cmd->cap = (uint32_t)inj;
+	if (cmd->len == 0) {
+		local_push(loop, cmd, 0);
+		return;
+	}
+	ret = rw_setup(loop, cmd);
+	if (ret < 0) {
+		local_push(loop, cmd, ret);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	      unsigned iovcnt, uint64_t off)
+{
+	rw_submit(loop, cmd, IO_OP_READV, f, iov, iovcnt, off);
+}
+
+void io_writev(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	       unsigned iovcnt, uint64_t off)
+{
+	rw_submit(loop, cmd, IO_OP_WRITEV, f, iov, iovcnt, off);
+}
+
+void io_read(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, void *buf, size_t len,
+	     uint64_t off)
+{
+	cmd->iov1.iov_base = buf;
+	cmd->iov1.iov_len = len;
+	rw_submit(loop, cmd, IO_OP_READV, f, &cmd->iov1, 1, off);
+}
+
+void io_write(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, const void *buf,
+	      size_t len, uint64_t off)
+{
+	cmd->iov1.iov_base = (void *)buf;
+	cmd->iov1.iov_len = len;
+	rw_submit(loop, cmd, IO_OP_WRITEV, f, &cmd->iov1, 1, off);
+}
+
+void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f)
+{
+	int inj;
+
+	cmd_start(loop, cmd, IO_OP_FDATASYNC, f);
+	inj = inject_take(loop, IO_OP_FDATASYNC);
+	if (inj < 0) {
+		local_push(loop, cmd, inj);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, int mode,
+		  uint64_t off, uint64_t len)
+{
+	int inj;
+
+	cmd_start(loop, cmd, IO_OP_FALLOCATE, f);
+	cmd->mode = mode;
+	cmd->off = off;
+	cmd->len = len;
+	if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off) {
+		local_push(loop, cmd, -EINVAL);
+		return;
+	}
+	if (f->flags & IO_FILE_RDONLY) {
+		local_push(loop, cmd, -EBADF);
+		return;
+	}
+	inj = inject_take(loop, IO_OP_FALLOCATE);
+	if (inj < 0) {
+		local_push(loop, cmd, inj);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)
+{
+	int inj;
+
+	cmd_start(loop, cmd, IO_OP_POLL, NULL);
+	cmd->fd = fd;
+	cmd->poll_events = events;
+	inj = inject_take(loop, IO_OP_POLL);
+	if (inj < 0) {
+		local_push(loop, cmd, inj);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
+{
+	int inj;
+
+	cmd_start(loop, cmd, IO_OP_TIMEOUT, NULL);
+	cmd->ns = ns;
+	cmd->ts[0] = ns / 1000000000u;
+	cmd->ts[1] = ns % 1000000000u;
+	inj = inject_take(loop, IO_OP_TIMEOUT);
+	if (inj < 0) {
+		local_push(loop, cmd, inj);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+void io_cancel(struct io_loop *loop, struct io_cmd *target)
+{
+	struct io_cmd *c;
+
+	if (target->flags & CMD_F_INTERNAL)
+		return;
+	switch (target->state) {
+	case CMD_PENDING:
+		/* Not in the kernel (yet or again): finish it here. */
+		pend_unlink(loop, target);
+		local_push(loop, target, -ECANCELED);
+		return;
+	case CMD_KERNEL:
+		if (target->flags & CMD_F_CANCEL)
+			return;
+		c = icmd_get(loop);
+		if (!c) {
+			fprintf(stderr, "vqcow: io: out of memory for a cancel request\n");
+			return;
+		}
+		target->flags |= CMD_F_CANCEL;
+		c->op = IO_OP_CANCEL;
+		c->target = target;
+		arm(loop, c);
+		return;
+	default:
+		/* Idle or already completing: nothing to cancel. */
+		return;
+	}
+}
+
+/* ---- completion ---- */
+
+static void finish(struct io_loop *loop, struct io_cmd *cmd, int res)
+{
+	if (cmd->bounce) {
+		bounce_put(loop, cmd->bounce, cmd->bclass);
+		cmd->bounce = NULL;
+	}
+	cmd->state = CMD_IDLE;
+	loop->inflight--;
+	cmd->done(cmd, res);
+}
+
+/* A readv/writev transferred all it could: copy out, zero-fill, report. */
+static void rw_finish(struct io_loop *loop, struct io_cmd *cmd, bool eof)
+{
+	bool zero_eof = cmd->file->flags & IO_FILE_ZERO_EOF;
+	int res = (int)cmd->len;
+
+	if (cmd->op != IO_OP_READV) {
+		finish(loop, cmd, res);
+		return;
+	}
+	if (cmd->bounce) {
+		uint64_t start = cmd->off - cmd->boff;
+		uint64_t n = cmd->xfer > start ? cmd->xfer - start : 0;
+
+		if (n > cmd->len)
+			n = cmd->len;
+		io_iov_from_buf(cmd->iov, cmd->iovcnt, 0, (char *)cmd->bounce + start, n);
+		if (n < cmd->len) {
+			if (zero_eof)
+				io_iov_memset(cmd->iov, cmd->iovcnt, n, 0, cmd->len - n);
+			else
+				res = -EIO;
+		}
+	} else if (eof) {
+		if (zero_eof)
+			io_iov_memset(cmd->iov, cmd->iovcnt, 0, 0, cmd->len - cmd->xfer);
+		else
+			res = -EIO;
+	}
+	finish(loop, cmd, res);
+}
+
+static void rw_complete(struct io_loop *loop, struct io_cmd *cmd, int res)
+{
+	uint64_t total = cmd->bounce ? cmd->blen : cmd->len;
+	bool rd = cmd->op == IO_OP_READV;
+	unsigned a = cmd_align(cmd);
+
+	if (res == -EAGAIN || res == -EINTR) {
+		arm(loop, cmd);
+		return;
+	}
+	if (res < 0) {
+		finish(loop, cmd, res);
+		return;
+	}
+	if ((uint64_t)res > total - cmd->xfer) {
+		finish(loop, cmd, -EIO);
+		return;
+	}
+	if (res == 0) {
+		/* A read at EOF; a write that moves nothing would loop forever. */
+		if (rd)
+			rw_finish(loop, cmd, true);
+		else
+			finish(loop, cmd, -EIO);
+		return;
+	}
+	cmd->xfer += (uint64_t)res;
+	if (!cmd->bounce)
+		iov_advance(cmd, (uint64_t)res);
+	if (cmd->xfer == total) {
+		rw_finish(loop, cmd, false);
+		return;
+	}
+	/* A short O_DIRECT read that ends off-alignment stopped at EOF. */
+	if (rd && a > 1 && ((unsigned)res & (a - 1))) {
+		rw_finish(loop, cmd, true);
+		return;
+	}
+	arm(loop, cmd);
+}
+
+static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned cflags)
+{
+	switch (cmd->op) {
+	case IO_OP_CANCEL:
+		/* 0, -ENOENT (target already done) or -EALREADY: nothing to do. */
+		loop->kinflight--;
+		icmd_put(loop, cmd);
+		return;
+	case IO_OP_POLL:
+		if (cflags & IORING_CQE_F_MORE) {
+			if (res >= 0)
+				cmd->done(cmd, res);
+			return;
+		}
+		loop->kinflight--;
+		if (res >= 0 && !(cmd->flags & CMD_F_CANCEL)) {
+			/* The kernel ended the multishot without an error: re-arm. */
+			arm(loop, cmd);
+			cmd->done(cmd, res);
+			return;
+		}
+		if (res >= 0) {
+			cmd->done(cmd, res);
+			res = -ECANCELED;
+		}
+		finish(loop, cmd, res);
+		return;
+	case IO_OP_TIMEOUT:
+		loop->kinflight--;
+		finish(loop, cmd, res == -ETIME ? 0 : res);
+		return;
+	case IO_OP_FDATASYNC:
+	case IO_OP_FALLOCATE:
+		loop->kinflight--;
+		if (res == -EAGAIN || res == -EINTR)
+			arm(loop, cmd);
+		else
+			finish(loop, cmd, res);
+		return;
+	case IO_OP_READV:
+	case IO_OP_WRITEV:
+		loop->kinflight--;
+		rw_complete(loop, cmd, res);
+		return;
+	default:
+		loop->kinflight--;
+		return;
+	}
+}
+
+static int reap(struct io_loop *loop)
+{
+	unsigned max = loop->klimit * 2;
+	int n = 0;
+
+	while ((unsigned)n < max) {
+		struct io_uring_cqe *cqe;
+		struct io_cmd *cmd;
+		unsigned cflags;
+		int res;
+
+		if (io_uring_peek_cqe(&loop->ring, &cqe) != 0 || !cqe)
+			break;
+		cmd = io_uring_cqe_get_data(cqe);
+		res = cqe->res;
+		cflags = cqe->flags;
+		io_uring_cqe_seen(&loop->ring, cqe);
+		if (!cmd)
+			continue;
+		complete(loop, cmd, res, cflags);
+		n++;
+	}
+	return n;
+}
+
+static int run_local(struct io_loop *loop)
+{
+	struct io_cmd *cmd = loop->local_head;
+	int n = 0;
+
+	/* Only what is queued now; completions queued by done()s wait a turn. */
+	loop->local_head = NULL;
+	loop->local_tail = NULL;
+	while (cmd) {
+		struct io_cmd *next = cmd->next;
+
+		cmd->next = NULL;
+		finish(loop, cmd, cmd->res);
+		n++;
+		cmd = next;
+	}
+	return n;
+}
+
+/* ---- deferred hooks ---- */
+
+void io_defer_add(struct io_loop *loop, struct io_defer *d)
+{
+	struct io_defer **pp;
+
+	for (pp = &loop->defers; *pp; pp = &(*pp)->next) {
+		if (*pp == d)
+			return;
+	}
+	d->next = NULL;
+	*pp = d;
+}
+
+void io_defer_del(struct io_loop *loop, struct io_defer *d)
+{
+	struct io_defer **pp;
+
+	for (pp = &loop->defers; *pp; pp = &(*pp)->next) {
+		if (*pp != d)
+			continue;
+		*pp = d->next;
+		if (loop->defer_cursor == d)
+			loop->defer_cursor = d->next;
+		d->next = NULL;
+		return;
+	}
+}
+
+static void run_defers(struct io_loop *loop)
+{
+	struct io_defer *d;
+
+	for (d = loop->defers; d; d = loop->defer_cursor) {
+		loop->defer_cursor = d->next;
+		d->fn(d);
+	}
+	loop->defer_cursor = NULL;
+}
+
+/* ---- running ---- */
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static bool taskrun_pending(const struct io_loop *loop)
+{
+	return IO_URING_READ_ONCE(*loop->ring.sq.kflags) & IORING_SQ_TASKRUN;
+}
+
+/*
+ * Busy-poll the CQ for up to poll_ns, re-running the deferred hooks. true if
+ * there is something to handle without sleeping.
+ */
+static bool busy_poll(struct io_loop *loop)
+{
+	uint64_t deadline = now_ns() + loop->poll_ns;
+
+	io_uring_submit(&loop->ring);
+	do {
+		if (taskrun_pending(loop))
+			io_uring_get_events(&loop->ring);
+		if (io_uring_cq_ready(&loop->ring))
+			return true;
+		run_defers(loop);
+		flush_pending(loop);
+		if (loop->local_head || io_uring_sq_ready(&loop->ring))
+			return true;
+	} while (now_ns() < deadline);
+	return false;
+}
+
+int io_loop_run_once(struct io_loop *loop, bool wait)
+{
+	bool block;
+	int ret, n;
+
+	if (loop->running)
+		return -EBUSY;
+	loop->running = true;
+	flush_pending(loop);
+	block = wait && !loop->local_head && loop->kinflight > 0;
+	if (block && loop->poll_ns && busy_poll(loop))
+		block = false;
+	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+		loop->running = false;
+		return ret;
+	}
+	if (!block && taskrun_pending(loop))
+		io_uring_get_events(&loop->ring);
+	n = reap(loop);
+	n += run_local(loop);
+	run_defers(loop);
+	loop->running = false;
+	return n;
+}
+
+int io_loop_run(struct io_loop *loop)
+{
+	int ret = 0;
+
+	while (!loop->stop) {
+		ret = io_loop_run_once(loop, true);
+		if (ret < 0)
+			break;
+		ret = 0;
+		/* Nothing could ever wake us up again. */
+		if (!loop->kinflight && !loop->pend_head && !loop->local_head &&
+		    !io_uring_sq_ready(&loop->ring))
+			break;
+	}
+	loop->stop = false;
+	return ret;
+}
