@@ -144,7 +144,7 @@ int io_file_from_fd(struct io_file *f, int fd, unsigned flags)
 
 void io_file_close(struct io_file *f)
 {
-	if (f->bfd >= 0)
+	if (f->bfd > 0)
 		close(f->bfd);
 	if (f->fd >= 0)
 		close(f->fd);
@@ -157,7 +157,8 @@ int io_file_open_buffered(struct io_file *f)
 	char path[64];
 	int fd;
 
-	if (f->bfd >= 0)
+	/* bfd 0 counts as "not open": a zeroed struct must not write to stdin. */
+	if (f->bfd > 0)
 		return 0;
 	if (f->flags & IO_FILE_RDONLY)
 		return -EBADF;
@@ -165,6 +166,14 @@ int io_file_open_buffered(struct io_file *f)
 	fd = open(path, O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
+	if (fd == 0) {
+		int fd2 = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+
+		close(fd);
+		if (fd2 < 0)
+			return -errno;
+		fd = fd2;
+	}
 	f->bfd = fd;
 	return 0;
 }

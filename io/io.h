@@ -69,7 +69,7 @@ struct io_file {
 	unsigned flags;  /* IO_FILE_* */
 	int fixed_index; /* registered-file slot or -1 (private to io/) */
 	uint64_t size;   /* size at open time (bytes) */
-	int bfd;         /* private: buffered (non-O_DIRECT) fd of the same file, or -1 */
+	int bfd;         /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
 };
 
 enum {

@@ -1,0 +1,1123 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Unit tests of io/: a real io_uring loop on real files (O_DIRECT where the
+ * filesystem allows it). Files live in $VQCOW_TEST_DIR, else the current
+ * directory (the build tree under ctest), else /var/tmp; never on tmpfs if it
+ * can be avoided, since tmpfs may refuse O_DIRECT.
+ */
+#include <CUnit/Basic.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/magic.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "io.h"
+
+#define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
+#define MAX_ITER              100000
+
+static char g_dir[512];
+static bool g_in_submit; /* set around submitter calls: done() must not run then */
+static int g_done;       /* total done() calls */
+
+struct tcmd {
+	struct io_cmd cmd;
+	int calls;
+	int res;
+	int seq; /* value of g_done when completed */
+};
+
+static void tdone(struct io_cmd *c, int res)
+{
+	struct tcmd *t = container_of(c, struct tcmd, cmd);
+
+	CU_ASSERT_FALSE(g_in_submit);
+	t->calls++;
+	t->res = res;
+	t->seq = ++g_done;
+}
+
+static void tinit(struct tcmd *t)
+{
+	memset(t, 0, sizeof(*t));
+	t->cmd.done = tdone;
+}
+
+/* Run the loop until *@calls reaches @want (bounded). */
+static void run_until(struct io_loop *loop, const int *calls, int want)
+{
+	for (int i = 0; i < MAX_ITER && *calls < want; i++) {
+		int r = io_loop_run_once(loop, true);
+
+		CU_ASSERT_FATAL(r >= 0);
+	}
+	CU_ASSERT(*calls >= want);
+}
+
+static void run_all(struct io_loop *loop)
+{
+	for (int i = 0; i < MAX_ITER && io_loop_inflight(loop) > 0; i++)
+		CU_ASSERT_FATAL(io_loop_run_once(loop, true) >= 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+}
+
+static bool on_tmpfs(const char *dir)
+{
+	struct statfs sf;
+
+	return statfs(dir, &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+}
+
+static void pick_dir(void)
+{
+	const char *env = getenv("VQCOW_TEST_DIR");
+
+	if (env && *env)
+		snprintf(g_dir, sizeof(g_dir), "%s", env);
+	else if (!on_tmpfs("."))
+		snprintf(g_dir, sizeof(g_dir), ".");
+	else
+		snprintf(g_dir, sizeof(g_dir), "/var/tmp");
+}
+
+/* Create an empty temp file, open it with @flags and unlink it. */
+static int tmp_open(struct io_file *f, unsigned flags, const char *dir)
+{
+	char path[600];
+	int fd, ret;
+
+	snprintf(path, sizeof(path), "%s/test_io.XXXXXX", dir ? dir : g_dir);
+	fd = mkstemp(path);
+	if (fd < 0)
+		return -errno;
+	close(fd);
+	ret = io_file_open(f, path, flags);
+	unlink(path);
+	return ret;
+}
+
+static void fill(uint8_t *p, size_t len, unsigned seed)
+{
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)((i * 131 + seed * 7 + (i >> 9)) ^ seed);
+}
+
+/* ---- iov helpers ---- */
+
+static void test_iov_helpers(void)
+{
+	char a[4], b[0], c[6], d[3];
+	struct iovec src[] = {
+	    {a, sizeof(a)},
+	    {b, 0},
+	    {c, sizeof(c)},
+	    {d, sizeof(d)},
+	};
+	struct iovec dst[4];
+	char buf[13], flat[13];
+	int n;
+
+	CU_ASSERT_EQUAL(io_iov_len(src, 4), 13);
+	CU_ASSERT_EQUAL(io_iov_len(src, 0), 0);
+
+	/* Whole array: the empty entry is dropped. */
+	n = io_iov_slice(dst, 4, src, 4, 0, 13);
+	CU_ASSERT_EQUAL(n, 3);
+	CU_ASSERT_PTR_EQUAL(dst[0].iov_base, a);
+	CU_ASSERT_EQUAL(dst[2].iov_len, 3);
+	/* Empty slice, even at the very end. */
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 0, src, 4, 0, 0), 0);
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 4, src, 4, 13, 0), 0);
+	/* Starting exactly on an entry boundary. */
+	n = io_iov_slice(dst, 4, src, 4, 4, 6);
+	CU_ASSERT_EQUAL(n, 1);
+	CU_ASSERT_PTR_EQUAL(dst[0].iov_base, c);
+	CU_ASSERT_EQUAL(dst[0].iov_len, 6);
+	/* Inside one entry. */
+	n = io_iov_slice(dst, 4, src, 4, 5, 2);
+	CU_ASSERT_EQUAL(n, 1);
+	CU_ASSERT_PTR_EQUAL(dst[0].iov_base, c + 1);
+	CU_ASSERT_EQUAL(dst[0].iov_len, 2);
+	/* Spanning three entries with partial ends. */
+	n = io_iov_slice(dst, 4, src, 4, 3, 9);
+	CU_ASSERT_EQUAL(n, 3);
+	CU_ASSERT_PTR_EQUAL(dst[0].iov_base, a + 3);
+	CU_ASSERT_EQUAL(dst[0].iov_len, 1);
+	CU_ASSERT_EQUAL(dst[1].iov_len, 6);
+	CU_ASSERT_PTR_EQUAL(dst[2].iov_base, d);
+	CU_ASSERT_EQUAL(dst[2].iov_len, 2);
+	/* Too short a source, too small a destination. */
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 4, src, 4, 0, 14), -EINVAL);
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 4, src, 4, 13, 1), -EINVAL);
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 4, src, 4, 20, 1), -EINVAL);
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 2, src, 4, 0, 13), -E2BIG);
+	CU_ASSERT_EQUAL(io_iov_slice(dst, 4, src, 0, 0, 1), -EINVAL);
+
+	/* to/from buf and memset at offsets. */
+	for (int i = 0; i < 13; i++)
+		flat[i] = (char)('a' + i);
+	CU_ASSERT_EQUAL(io_iov_from_buf(src, 4, 0, flat, 13), 13);
+	memset(buf, 0, sizeof(buf));
+	CU_ASSERT_EQUAL(io_iov_to_buf(src, 4, 0, buf, 13), 13);
+	CU_ASSERT_EQUAL(memcmp(buf, flat, 13), 0);
+	CU_ASSERT_EQUAL(io_iov_to_buf(src, 4, 3, buf, 5), 5);
+	CU_ASSERT_EQUAL(memcmp(buf, flat + 3, 5), 0);
+	/* Asking beyond the end copies what there is. */
+	CU_ASSERT_EQUAL(io_iov_to_buf(src, 4, 10, buf, 10), 3);
+	CU_ASSERT_EQUAL(io_iov_from_buf(src, 4, 13, flat, 4), 0);
+	io_iov_memset(src, 4, 2, 'z', 7);
+	CU_ASSERT_EQUAL(io_iov_to_buf(src, 4, 0, buf, 13), 13);
+	CU_ASSERT_EQUAL(memcmp(buf, "abzzzzzzzjklm", 13), 0);
+	io_iov_memset(src, 4, 11, 0, 100); /* clamps to the end */
+	CU_ASSERT_EQUAL(d[1], 0);
+	CU_ASSERT_EQUAL(d[2], 0);
+	CU_ASSERT_EQUAL(d[0], 'k');
+
+	void *p = io_alloc_aligned(100);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+	CU_ASSERT_EQUAL((uintptr_t)p % 4096, 0);
+	io_free_aligned(p);
+}
+
+/* ---- files ---- */
+
+static void test_open_direct(void)
+{
+	struct io_file f;
+	int ret = tmp_open(&f, IO_FILE_DIRECT, NULL);
+
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+	CU_ASSERT_EQUAL(f.fixed_index, -1);
+	CU_ASSERT_EQUAL(f.size, 0);
+	if (f.flags & IO_FILE_DIRECT) {
+		CU_ASSERT(f.align >= 1 && (f.align & (f.align - 1)) == 0);
+		fprintf(stderr, "note: O_DIRECT in %s, alignment %u\n", g_dir, f.align);
+	} else {
+		CU_ASSERT_EQUAL(f.align, 1);
+		fprintf(stderr, "note: %s does not do O_DIRECT\n", g_dir);
+	}
+	io_file_close(&f);
+	CU_ASSERT_EQUAL(f.fd, -1);
+	CU_ASSERT_EQUAL(io_file_open(&f, "/nonexistent/x", 0), -ENOENT);
+}
+
+/* tmpfs may refuse O_DIRECT: open must fall back to buffered I/O and work. */
+static void test_open_tmpfs_fallback(void)
+{
+	struct io_file f;
+	char buf[512], out[512];
+
+	if (!on_tmpfs("/dev/shm")) {
+		fprintf(stderr, "note: /dev/shm is not tmpfs, fallback not exercised\n");
+		return;
+	}
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&f, IO_FILE_DIRECT, "/dev/shm"), 0);
+	memset(buf, 0x5a, sizeof(buf));
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&f, buf, sizeof(buf), 0), 0);
+	CU_ASSERT_EQUAL(io_file_pread_sync(&f, out, sizeof(out), 0), 0);
+	CU_ASSERT_EQUAL(memcmp(buf, out, sizeof(buf)), 0);
+	io_file_close(&f);
+}
+
+static void test_from_fd(void)
+{
+	char path[600];
+	struct io_file f;
+	uint64_t size;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/test_io.XXXXXX", g_dir);
+	fd = mkstemp(path);
+	CU_ASSERT_FATAL(fd >= 0);
+	unlink(path);
+	CU_ASSERT_EQUAL(ftruncate(fd, 12345), 0);
+	CU_ASSERT_EQUAL_FATAL(io_file_from_fd(&f, fd, IO_FILE_ZERO_EOF), 0);
+	CU_ASSERT_EQUAL(f.size, 12345);
+	CU_ASSERT_EQUAL(f.align, 1);
+	CU_ASSERT(f.flags & IO_FILE_ZERO_EOF);
+	CU_ASSERT_FALSE(f.flags & IO_FILE_DIRECT);
+	CU_ASSERT_EQUAL(ftruncate(f.fd, 777), 0);
+	CU_ASSERT_EQUAL(io_file_get_size(&f, &size), 0);
+	CU_ASSERT_EQUAL(size, 777);
+	io_file_close(&f);
+
+	/* A pipe is neither a file nor a block device; the fd is closed. */
+	int p[2];
+	CU_ASSERT_EQUAL_FATAL(pipe(p), 0);
+	CU_ASSERT_EQUAL(io_file_from_fd(&f, p[0], 0), -EINVAL);
+	CU_ASSERT_EQUAL(fcntl(p[0], F_GETFD), -1);
+	close(p[1]);
+}
+
+static void test_sync_helpers(void)
+{
+	struct io_file f;
+	uint8_t *buf = malloc(20000), *out = malloc(20000);
+
+	CU_ASSERT_FATAL(buf && out);
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&f, IO_FILE_DIRECT, NULL), 0);
+	fill(buf, 20000, 1);
+	/* Misaligned buffer, offset and length; extends the file exactly. */
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&f, buf + 1, 9999, 3), 0);
+	uint64_t size;
+	CU_ASSERT_EQUAL(io_file_get_size(&f, &size), 0);
+	CU_ASSERT_EQUAL(size, 10002);
+	memset(out, 0xff, 20000);
+	/* Reading across EOF fills zeroes. */
+	CU_ASSERT_EQUAL(io_file_pread_sync(&f, out + 3, 12000, 1), 0);
+	CU_ASSERT_EQUAL(out[3], 0);
+	CU_ASSERT_EQUAL(out[4], 0);
+	CU_ASSERT_EQUAL(memcmp(out + 5, buf + 1, 9999), 0);
+	for (int i = 3 + 10001; i < 3 + 12000; i++)
+		CU_ASSERT_EQUAL_FATAL(out[i], 0);
+	CU_ASSERT_EQUAL(io_file_sync(&f), 0);
+	io_file_close(&f);
+	free(buf);
+	free(out);
+}
+
+/* ---- asynchronous I/O ---- */
+
+struct env {
+	struct io_loop *loop;
+	struct io_file f;
+	unsigned a; /* alignment used for "aligned" test buffers */
+};
+
+static void env_init(struct env *e, unsigned entries, unsigned flags)
+{
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&e->loop, entries), 0);
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&e->f, flags, NULL), 0);
+	e->a = e->f.align > 512 ? e->f.align : 512;
+	g_done = 0;
+}
+
+static void env_exit(struct env *e)
+{
+	CU_ASSERT_EQUAL(io_loop_inflight(e->loop), 0);
+	io_file_close(&e->f);
+	io_loop_exit(e->loop);
+}
+
+/* Submit one write or read and run it to completion; returns its result. */
+static int do_rw(struct env *e, bool wr, struct iovec *iov, unsigned cnt, uint64_t off)
+{
+	struct tcmd t;
+
+	tinit(&t);
+	g_in_submit = true;
+	if (wr)
+		io_writev(e->loop, &t.cmd, &e->f, iov, cnt, off);
+	else
+		io_readv(e->loop, &t.cmd, &e->f, iov, cnt, off);
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(t.calls, 0);
+	run_until(e->loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.calls, 1);
+	return t.res;
+}
+
+static void test_roundtrip_direct(void)
+{
+	struct env e;
+	uint8_t *buf, *out;
+	struct iovec iov[3], riov[2];
+
+	env_init(&e, 32, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(65536);
+	out = io_alloc_aligned(65536);
+	CU_ASSERT_FATAL(buf && out);
+	fill(buf, 65536, 2);
+	iov[0] = (struct iovec){buf, 4096};
+	iov[1] = (struct iovec){buf + 4096, 32768};
+	iov[2] = (struct iovec){buf + 36864, 28672};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 3, 8192), 65536);
+	memset(out, 0, 65536);
+	riov[0] = (struct iovec){out, 8192};
+	riov[1] = (struct iovec){out + 8192, 57344};
+	CU_ASSERT_EQUAL(do_rw(&e, false, riov, 2, 8192), 65536);
+	CU_ASSERT_EQUAL(memcmp(buf, out, 65536), 0);
+
+	/* Single-buffer forms. */
+	struct tcmd t;
+	tinit(&t);
+	io_read(e.loop, &t.cmd, &e.f, out, 4096, 8192 + 4096);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 4096);
+	CU_ASSERT_EQUAL(memcmp(out, buf + 4096, 4096), 0);
+	tinit(&t);
+	io_write(e.loop, &t.cmd, &e.f, buf, 0, 0); /* empty: completes with 0 */
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+/* Misaligned buffers, offsets and lengths go through bounce buffers. */
+static void test_misaligned(void)
+{
+	struct env e;
+	uint8_t *buf, *out, *ref;
+	struct iovec iov[3];
+	uint64_t size;
+
+	env_init(&e, 32, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(70000);
+	out = io_alloc_aligned(70000);
+	ref = calloc(1, 70000);
+	CU_ASSERT_FATAL(buf && out && ref);
+
+	/* Aligned offset and length, misaligned buffers (bounce, copy in). */
+	fill(buf, 70000, 3);
+	iov[0] = (struct iovec){buf + 1, 100};
+	iov[1] = (struct iovec){buf + 200, 3996};
+	iov[2] = (struct iovec){buf + 5000, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 3, 0), 8192);
+	memcpy(ref, buf + 1, 100);
+	memcpy(ref + 100, buf + 200, 3996);
+	memcpy(ref + 4096, buf + 5000, 4096);
+	/* Misaligned offset and length (buffered twin), extending the file. */
+	fill(buf, 70000, 4);
+	iov[0] = (struct iovec){buf + 3, 5000};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 1, 7000), 5000);
+	memcpy(ref + 7000, buf + 3, 5000);
+	CU_ASSERT_EQUAL(io_file_get_size(&e.f, &size), 0);
+	CU_ASSERT_EQUAL(size, 12000);
+
+	/* Aligned read sees both writes. */
+	iov[0] = (struct iovec){out, 12288};
+	memset(out, 0xee, 12288);
+	e.f.flags |= IO_FILE_ZERO_EOF;
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 0), 12288);
+	CU_ASSERT_EQUAL(memcmp(out, ref, 12000), 0);
+	/* Misaligned read (bounce, copy out), several iovecs. */
+	memset(out, 0xee, 70000);
+	iov[0] = (struct iovec){out + 1, 33};
+	iov[1] = (struct iovec){out + 100, 4000};
+	iov[2] = (struct iovec){out + 9000, 777};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 3, 4001), 4810);
+	CU_ASSERT_EQUAL(memcmp(out + 1, ref + 4001, 33), 0);
+	CU_ASSERT_EQUAL(memcmp(out + 100, ref + 4034, 4000), 0);
+	CU_ASSERT_EQUAL(memcmp(out + 9000, ref + 8034, 777), 0);
+	CU_ASSERT_EQUAL(out[0], 0xee);
+	CU_ASSERT_EQUAL(out[34], 0xee);
+	CU_ASSERT_EQUAL(out[9777], 0xee);
+	CU_ASSERT_EQUAL(iov[0].iov_len, 33); /* bounce path leaves the iovecs alone */
+
+	/* A large misaligned read (bigger than the bounce classes). */
+	uint8_t *big = malloc(2 << 20), *bigout = malloc(2 << 20);
+	CU_ASSERT_FATAL(big && bigout);
+	fill(big, 2 << 20, 5);
+	iov[0] = (struct iovec){big + 1, (2 << 20) - 1};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 1, 65536), (2 << 20) - 1);
+	iov[0] = (struct iovec){bigout + 7, (2 << 20) - 7};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 65536), (2 << 20) - 7);
+	CU_ASSERT_EQUAL(memcmp(bigout + 7, big + 1, (2 << 20) - 7), 0);
+	free(big);
+	free(bigout);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	free(ref);
+	env_exit(&e);
+}
+
+/* Same on a buffered file: no bounce needed, but the paths must agree. */
+static void test_buffered_roundtrip(void)
+{
+	struct env e;
+	uint8_t buf[10000], out[10000];
+	struct iovec iov[2];
+
+	env_init(&e, 8, 0);
+	CU_ASSERT_EQUAL(e.f.align, 1);
+	fill(buf, sizeof(buf), 6);
+	iov[0] = (struct iovec){buf + 1, 3000};
+	iov[1] = (struct iovec){buf + 5000, 5000};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 2, 11), 8000);
+	iov[0] = (struct iovec){out, 8000};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 11), 8000);
+	CU_ASSERT_EQUAL(memcmp(out, buf + 1, 3000), 0);
+	CU_ASSERT_EQUAL(memcmp(out + 3000, buf + 5000, 5000), 0);
+	env_exit(&e);
+}
+
+static void test_inject_failures(void)
+{
+	struct env e;
+	struct tcmd t[4];
+	uint8_t *buf, *out;
+
+	env_init(&e, 16, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(3 * 4096);
+	out = io_alloc_aligned(3 * 4096);
+	CU_ASSERT_FATAL(buf && out);
+	memset(buf, 0xab, 3 * 4096);
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&e.f, buf, 3 * 4096, 0), 0);
+	fill(buf, 3 * 4096, 7);
+
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 2, -EIO), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -ENOSPC), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 0, 5), -EINVAL);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 1, 0), -EINVAL);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_CANCEL, 1, -EIO), -EINVAL);
+	g_in_submit = true;
+	for (int i = 0; i < 3; i++) {
+		tinit(&t[i]);
+		io_write(e.loop, &t[i].cmd, &e.f, buf + i * 4096, 4096, (uint64_t)i * 4096);
+	}
+	tinit(&t[3]);
+	io_fdatasync(e.loop, &t[3].cmd, &e.f);
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(io_loop_inflight(e.loop), 4);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(t[0].res, 4096);
+	CU_ASSERT_EQUAL(t[1].res, -EIO);
+	CU_ASSERT_EQUAL(t[2].res, 4096);
+	CU_ASSERT_EQUAL(t[3].res, -ENOSPC);
+	for (int i = 0; i < 4; i++)
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+	/* The failed write wrote nothing. */
+	CU_ASSERT_EQUAL(io_file_pread_sync(&e.f, out, 3 * 4096, 0), 0);
+	CU_ASSERT_EQUAL(memcmp(out, buf, 4096), 0);
+	CU_ASSERT_EQUAL(out[4096], 0xab);
+	CU_ASSERT_EQUAL(out[8191], 0xab);
+	CU_ASSERT_EQUAL(memcmp(out + 8192, buf + 8192, 4096), 0);
+
+	/* Fired once: the next fdatasync works. */
+	tinit(&t[0]);
+	io_fdatasync(e.loop, &t[0].cmd, &e.f);
+	run_until(e.loop, &t[0].calls, 1);
+	CU_ASSERT_EQUAL(t[0].res, 0);
+
+	/* nth = 0: every read fails until cleared. */
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 0, -EIO), 0);
+	for (int i = 0; i < 3; i++) {
+		tinit(&t[i]);
+		io_read(e.loop, &t[i].cmd, &e.f, out, 4096, 0);
+	}
+	run_all(e.loop);
+	for (int i = 0; i < 3; i++)
+		CU_ASSERT_EQUAL(t[i].res, -EIO);
+	io_loop_inject_clear(e.loop);
+	tinit(&t[0]);
+	io_read(e.loop, &t[0].cmd, &e.f, out, 4096, 0);
+	run_until(e.loop, &t[0].calls, 1);
+	CU_ASSERT_EQUAL(t[0].res, 4096);
+
+	/* Fallocate and timeout failures. */
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FALLOCATE, 1, -EOPNOTSUPP), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_TIMEOUT, 1, -EIO), 0);
+	tinit(&t[0]);
+	tinit(&t[1]);
+	io_fallocate(e.loop, &t[0].cmd, &e.f, 0, 0, 4096);
+	io_timeout(e.loop, &t[1].cmd, 1000000000ull * 60);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(t[0].res, -EOPNOTSUPP);
+	CU_ASSERT_EQUAL(t[1].res, -EIO);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+/* Forced short transfers must still complete the whole command. */
+static void short_case(unsigned flags, bool misalign)
+{
+	struct env e;
+	uint8_t *buf, *out;
+	struct iovec iov[4], orig[4];
+	size_t total = 7 * 4096;
+	unsigned m = misalign ? 1 : 0;
+
+	env_init(&e, 16, flags);
+	buf = io_alloc_aligned(total + 8192);
+	out = io_alloc_aligned(total + 8192);
+	CU_ASSERT_FATAL(buf && out);
+	fill(buf, total + 8192, 8);
+
+	iov[0] = (struct iovec){buf + m, 4096};
+	iov[1] = (struct iovec){buf + 4096 + 2 * m, 0};
+	iov[2] = (struct iovec){buf + 8192 + 3 * m, 3 * 4096};
+	iov[3] = (struct iovec){buf + 6 * 4096 + 4 * m, 3 * 4096};
+	memcpy(orig, iov, sizeof(iov));
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 1, 512), 0);
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 4, 4096), (int)total);
+
+	memset(out, 0, total + 8192);
+	iov[0] = (struct iovec){out, 2 * 4096};
+	iov[1] = (struct iovec){out + 2 * 4096, 5 * 4096};
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 1, 1000), 0);
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 2, 4096), (int)total);
+	CU_ASSERT_EQUAL(memcmp(out, orig[0].iov_base, 4096), 0);
+	CU_ASSERT_EQUAL(memcmp(out + 4096, orig[2].iov_base, 3 * 4096), 0);
+	CU_ASSERT_EQUAL(memcmp(out + 4 * 4096, orig[3].iov_base, 3 * 4096), 0);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+static void test_short_direct(void)
+{
+	short_case(IO_FILE_DIRECT, false);
+}
+
+static void test_short_bounce(void)
+{
+	short_case(IO_FILE_DIRECT, true);
+}
+
+static void test_short_buffered(void)
+{
+	short_case(0, true);
+}
+
+/* Reads across EOF: -EIO, or zeroes with IO_FILE_ZERO_EOF. */
+static void eof_case(unsigned flags)
+{
+	struct env e;
+	uint8_t *buf, *out;
+	struct iovec iov[2];
+	const size_t fsize = 10000;
+
+	env_init(&e, 16, flags);
+	buf = io_alloc_aligned(16384);
+	out = io_alloc_aligned(16384);
+	CU_ASSERT_FATAL(buf && out);
+	fill(buf, 16384, 9);
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&e.f, buf, fsize, 0), 0);
+
+	/* Aligned read straddling EOF (non-bounce on O_DIRECT). */
+	iov[0] = (struct iovec){out, 4096};
+	iov[1] = (struct iovec){out + 4096, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 2, 8192), -EIO);
+	/* Misaligned read straddling EOF (bounce on O_DIRECT). */
+	iov[0] = (struct iovec){out + 1, 2000};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 9000), -EIO);
+	/* Entirely past EOF. */
+	iov[0] = (struct iovec){out, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 65536), -EIO);
+	/* Up to EOF exactly is fine. */
+	iov[0] = (struct iovec){out + 3, 1000};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, fsize - 1000), 1000);
+	CU_ASSERT_EQUAL(memcmp(out + 3, buf + fsize - 1000, 1000), 0);
+
+	e.f.flags |= IO_FILE_ZERO_EOF;
+	memset(out, 0xcc, 16384);
+	iov[0] = (struct iovec){out, 4096};
+	iov[1] = (struct iovec){out + 4096, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 2, 8192), 8192);
+	CU_ASSERT_EQUAL(memcmp(out, buf + 8192, fsize - 8192), 0);
+	for (size_t i = fsize - 8192; i < 8192; i++)
+		CU_ASSERT_EQUAL_FATAL(out[i], 0);
+	memset(out, 0xcc, 16384);
+	iov[0] = (struct iovec){out + 1, 2000};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 9000), 2000);
+	CU_ASSERT_EQUAL(memcmp(out + 1, buf + 9000, 1000), 0);
+	for (size_t i = 1001; i < 2001; i++)
+		CU_ASSERT_EQUAL_FATAL(out[i], 0);
+	CU_ASSERT_EQUAL(out[2001], 0xcc);
+	memset(out, 0xcc, 16384);
+	iov[0] = (struct iovec){out, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 65536), 4096);
+	for (size_t i = 0; i < 4096; i++)
+		CU_ASSERT_EQUAL_FATAL(out[i], 0);
+	/* EOF in the middle of short forced transfers. */
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 1, 512), 0);
+	memset(out, 0xcc, 16384);
+	iov[0] = (struct iovec){out, 16384};
+	CU_ASSERT_EQUAL(do_rw(&e, false, iov, 1, 0), 16384);
+	CU_ASSERT_EQUAL(memcmp(out, buf, fsize), 0);
+	for (size_t i = fsize; i < 16384; i++)
+		CU_ASSERT_EQUAL_FATAL(out[i], 0);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+static void test_eof_direct(void)
+{
+	eof_case(IO_FILE_DIRECT);
+}
+
+static void test_eof_buffered(void)
+{
+	eof_case(0);
+}
+
+static void test_fallocate_fdatasync(void)
+{
+	struct env e;
+	uint8_t *buf, *out;
+	struct tcmd t;
+	const size_t len = 65536;
+
+	env_init(&e, 16, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(len);
+	out = io_alloc_aligned(len);
+	CU_ASSERT_FATAL(buf && out);
+	fill(buf, len, 10);
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&e.f, buf, len, 0), 0);
+
+	tinit(&t);
+	io_fallocate(e.loop, &t.cmd, &e.f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	memset(buf + 4096, 0, 8192);
+
+	tinit(&t);
+	io_fallocate(e.loop, &t.cmd, &e.f, FALLOC_FL_ZERO_RANGE, 20480, 4096);
+	run_until(e.loop, &t.calls, 1);
+	if (t.res == -EOPNOTSUPP) {
+		fprintf(stderr, "note: ZERO_RANGE unsupported here\n");
+	} else {
+		CU_ASSERT_EQUAL(t.res, 0);
+		memset(buf + 20480, 0, 4096);
+	}
+	/* Plain allocation past EOF grows the file. */
+	tinit(&t);
+	io_fallocate(e.loop, &t.cmd, &e.f, 0, len, 4096);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	uint64_t size;
+	CU_ASSERT_EQUAL(io_file_get_size(&e.f, &size), 0);
+	CU_ASSERT_EQUAL(size, len + 4096);
+
+	struct iovec iov = {out, len};
+	CU_ASSERT_EQUAL(do_rw(&e, false, &iov, 1, 0), (int)len);
+	CU_ASSERT_EQUAL(memcmp(out, buf, len), 0);
+
+	tinit(&t);
+	io_fdatasync(e.loop, &t.cmd, &e.f);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	CU_ASSERT_EQUAL(t.calls, 1);
+
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+/* ---- poll, timeouts, cancel ---- */
+
+struct pcmd {
+	struct io_cmd cmd;
+	int efd;
+	int fired;
+	int final_calls;
+	int final_res;
+	bool cancel_in_cb;
+	struct io_loop *loop;
+};
+
+static void pdone(struct io_cmd *c, int res)
+{
+	struct pcmd *p = container_of(c, struct pcmd, cmd);
+	uint64_t v;
+
+	CU_ASSERT_FALSE(g_in_submit);
+	CU_ASSERT_EQUAL(p->final_calls, 0); /* nothing after the final call */
+	if (res < 0) {
+		p->final_calls++;
+		p->final_res = res;
+		return;
+	}
+	CU_ASSERT(res & POLLIN);
+	CU_ASSERT_EQUAL(read(p->efd, &v, sizeof(v)), (ssize_t)sizeof(v));
+	p->fired++;
+	if (p->cancel_in_cb)
+		io_cancel(p->loop, c);
+}
+
+static void test_poll_multishot(void)
+{
+	struct io_loop *loop;
+	struct pcmd p = {.cmd.done = pdone};
+	uint64_t one = 1;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	p.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	p.loop = loop;
+	CU_ASSERT_FATAL(p.efd >= 0);
+	io_poll(loop, &p.cmd, p.efd, POLLIN);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 1);
+	/* Nothing ready: a non-waiting iteration handles nothing. */
+	CU_ASSERT_EQUAL(io_loop_run_once(loop, false), 0);
+	CU_ASSERT_EQUAL(p.fired, 0);
+	for (int i = 1; i <= 4; i++) {
+		CU_ASSERT_EQUAL(write(p.efd, &one, sizeof(one)), (ssize_t)sizeof(one));
+		run_until(loop, &p.fired, i);
+		CU_ASSERT_EQUAL(p.fired, i);
+		CU_ASSERT_EQUAL(io_loop_inflight(loop), 1);
+	}
+	io_cancel(loop, &p.cmd);
+	io_cancel(loop, &p.cmd); /* twice is harmless */
+	run_until(loop, &p.final_calls, 1);
+	CU_ASSERT_EQUAL(p.final_calls, 1);
+	CU_ASSERT_EQUAL(p.final_res, -ECANCELED);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+	/* No more calls after the final one. */
+	CU_ASSERT_EQUAL(write(p.efd, &one, sizeof(one)), (ssize_t)sizeof(one));
+	for (int i = 0; i < 3; i++)
+		CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	CU_ASSERT_EQUAL(p.fired, 4);
+	CU_ASSERT_EQUAL(p.final_calls, 1);
+
+	/* Cancel from inside the callback; re-use of the same command. */
+	uint64_t v;
+	CU_ASSERT_EQUAL(read(p.efd, &v, sizeof(v)), (ssize_t)sizeof(v));
+	p.fired = 0;
+	p.final_calls = 0;
+	p.cancel_in_cb = true;
+	io_poll(loop, &p.cmd, p.efd, POLLIN);
+	CU_ASSERT_EQUAL(write(p.efd, &one, sizeof(one)), (ssize_t)sizeof(one));
+	run_until(loop, &p.final_calls, 1);
+	CU_ASSERT_EQUAL(p.fired, 1);
+	CU_ASSERT_EQUAL(p.final_res, -ECANCELED);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+
+	/* An injected poll failure is its final call. */
+	p.fired = 0;
+	p.final_calls = 0;
+	CU_ASSERT_EQUAL(io_loop_inject(loop, IO_OP_POLL, 1, -EBADF), 0);
+	io_poll(loop, &p.cmd, p.efd, POLLIN);
+	run_until(loop, &p.final_calls, 1);
+	CU_ASSERT_EQUAL(p.final_res, -EBADF);
+
+	/* A poll on a closed fd fails with a final negative call. */
+	p.final_calls = 0;
+	io_poll(loop, &p.cmd, 12345, POLLIN);
+	run_until(loop, &p.final_calls, 1);
+	CU_ASSERT_EQUAL(p.final_res, -EBADF);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+
+	/* An abandoned poll at exit is allowed. */
+	p.final_calls = 0;
+	p.cancel_in_cb = false;
+	io_poll(loop, &p.cmd, p.efd, POLLIN);
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	close(p.efd);
+	io_loop_exit(loop);
+}
+
+static void test_timeouts(void)
+{
+	struct io_loop *loop;
+	struct tcmd t[3];
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	g_done = 0;
+	tinit(&t[0]);
+	tinit(&t[1]);
+	tinit(&t[2]);
+	g_in_submit = true;
+	io_timeout(loop, &t[0].cmd, 30 * 1000000ull);
+	io_timeout(loop, &t[1].cmd, 1 * 1000000ull);
+	io_timeout(loop, &t[2].cmd, 3600 * 1000000000ull);
+	g_in_submit = false;
+	run_until(loop, &t[0].calls, 1);
+	CU_ASSERT_EQUAL(t[1].calls, 1);
+	CU_ASSERT_EQUAL(t[0].res, 0);
+	CU_ASSERT_EQUAL(t[1].res, 0);
+	CU_ASSERT(t[1].seq < t[0].seq);
+	CU_ASSERT_EQUAL(t[2].calls, 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 1);
+	io_cancel(loop, &t[2].cmd);
+	run_until(loop, &t[2].calls, 1);
+	CU_ASSERT_EQUAL(t[2].res, -ECANCELED);
+	CU_ASSERT_EQUAL(t[2].calls, 1);
+	/* Cancelling a finished command does nothing. */
+	io_cancel(loop, &t[2].cmd);
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	CU_ASSERT_EQUAL(t[2].calls, 1);
+	/* Zero timeout completes at once. */
+	tinit(&t[0]);
+	io_timeout(loop, &t[0].cmd, 0);
+	run_until(loop, &t[0].calls, 1);
+	CU_ASSERT_EQUAL(t[0].res, 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+	io_loop_exit(loop);
+}
+
+/* ---- deferred hooks, run/stop ---- */
+
+static char g_order[32];
+static int g_norder;
+static struct io_loop *g_loop;
+static struct io_defer g_hooks[3];
+static bool g_hook_saw_done;
+static struct tcmd g_hcmd;
+
+static void hook(struct io_defer *d)
+{
+	int idx = (int)(d - g_hooks);
+
+	if (g_norder < (int)sizeof(g_order) - 1)
+		g_order[g_norder++] = (char)('A' + idx);
+	if (idx == 0 && g_hcmd.calls == 1)
+		g_hook_saw_done = true;
+	/* B removes itself after its first run; C is removed by A once. */
+	if (idx == 1)
+		io_defer_del(g_loop, d);
+}
+
+static void test_defer(void)
+{
+	struct io_loop *loop;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	g_loop = loop;
+	g_norder = 0;
+	memset(g_order, 0, sizeof(g_order));
+	for (int i = 0; i < 3; i++) {
+		g_hooks[i].fn = hook;
+		io_defer_add(loop, &g_hooks[i]);
+	}
+	io_defer_add(loop, &g_hooks[0]); /* already there: no double run */
+	tinit(&g_hcmd);
+	io_timeout(loop, &g_hcmd.cmd, 0);
+	run_until(loop, &g_hcmd.calls, 1);
+	/* Hooks run after the completions of the same iteration. */
+	CU_ASSERT_TRUE(g_hook_saw_done);
+	g_norder = 0;
+	memset(g_order, 0, sizeof(g_order));
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	CU_ASSERT_STRING_EQUAL(g_order, "AC");
+	io_defer_del(loop, &g_hooks[0]);
+	io_defer_del(loop, &g_hooks[0]); /* not registered: no-op */
+	g_norder = 0;
+	memset(g_order, 0, sizeof(g_order));
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	CU_ASSERT_STRING_EQUAL(g_order, "C");
+	io_defer_del(loop, &g_hooks[2]);
+	io_loop_exit(loop);
+}
+
+static void test_defer_first_order(void)
+{
+	struct io_loop *loop;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	g_loop = loop;
+	g_norder = 0;
+	memset(g_order, 0, sizeof(g_order));
+	io_defer_add(loop, &g_hooks[2]);
+	io_defer_add(loop, &g_hooks[0]);
+	io_defer_add(loop, &g_hooks[1]);
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	CU_ASSERT_STRING_EQUAL(g_order, "CAB");
+	io_defer_del(loop, &g_hooks[0]);
+	io_defer_del(loop, &g_hooks[2]);
+	io_loop_exit(loop);
+}
+
+struct stopper {
+	struct io_cmd cmd;
+	int n, stop_at;
+	int nested;
+};
+
+static void stopper_done(struct io_cmd *c, int res)
+{
+	struct stopper *s = container_of(c, struct stopper, cmd);
+
+	CU_ASSERT_EQUAL(res, 0);
+	s->nested = io_loop_run_once(c->loop, false);
+	if (++s->n == s->stop_at)
+		io_loop_stop(c->loop);
+	else
+		io_timeout(c->loop, c, 0);
+}
+
+static void test_run_stop(void)
+{
+	struct io_loop *loop;
+	struct stopper s = {.cmd.done = stopper_done, .stop_at = 5};
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	io_timeout(loop, &s.cmd, 0);
+	CU_ASSERT_EQUAL(io_loop_run(loop), 0);
+	CU_ASSERT_EQUAL(s.n, 5);
+	CU_ASSERT_EQUAL(s.nested, -EBUSY);
+	/* Nothing in flight: run returns instead of sleeping forever. */
+	CU_ASSERT_EQUAL(io_loop_run(loop), 0);
+	io_loop_exit(loop);
+}
+
+/* ---- backpressure ---- */
+
+static void test_sq_full(void)
+{
+	enum { N = 300 };
+	struct env e;
+	struct tcmd *t = calloc(N + 40, sizeof(*t));
+	uint8_t *buf;
+	struct iovec iov[N];
+
+	CU_ASSERT_FATAL(t != NULL);
+	env_init(&e, 4, IO_FILE_DIRECT); /* a tiny ring: 4 SQEs, 16 CQEs */
+	buf = io_alloc_aligned((size_t)N * 4096);
+	CU_ASSERT_FATAL(buf != NULL);
+	for (int i = 0; i < N; i++)
+		memset(buf + (size_t)i * 4096, i & 0xff, 4096);
+	g_in_submit = true;
+	for (int i = 0; i < N; i++) {
+		tinit(&t[i]);
+		iov[i] = (struct iovec){buf + (size_t)i * 4096, 4096};
+		io_writev(e.loop, &t[i].cmd, &e.f, &iov[i], 1, (uint64_t)i * 4096);
+	}
+	/* Long timers then cancelled: some in the kernel, some still queued. */
+	for (int i = N; i < N + 40; i++) {
+		tinit(&t[i]);
+		io_timeout(e.loop, &t[i].cmd, 3600 * 1000000000ull);
+	}
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(io_loop_inflight(e.loop), N + 40);
+	for (int i = N; i < N + 40; i++)
+		io_cancel(e.loop, &t[i].cmd);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(g_done, N + 40);
+	for (int i = 0; i < N; i++) {
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+		CU_ASSERT_EQUAL(t[i].res, 4096);
+	}
+	for (int i = N; i < N + 40; i++) {
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+		CU_ASSERT_EQUAL(t[i].res, -ECANCELED);
+	}
+	/* Data landed where it belongs. */
+	memset(buf, 0, (size_t)N * 4096);
+	CU_ASSERT_EQUAL(io_file_pread_sync(&e.f, buf, (size_t)N * 4096, 0), 0);
+	for (int i = 0; i < N; i++)
+		CU_ASSERT_EQUAL(buf[(size_t)i * 4096 + 100], i & 0xff);
+	io_free_aligned(buf);
+	free(t);
+	env_exit(&e);
+}
+
+/* ---- busy polling ---- */
+
+static int g_poll_hook_runs;
+
+static void poll_hook(struct io_defer *d)
+{
+	g_poll_hook_runs++;
+}
+
+static void test_busy_poll(void)
+{
+	struct env e;
+	struct io_defer d = {.fn = poll_hook};
+	uint8_t *buf;
+	struct tcmd t;
+
+	env_init(&e, 8, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(4096);
+	CU_ASSERT_FATAL(buf != NULL);
+	memset(buf, 1, 4096);
+	io_loop_set_poll_ns(e.loop, 200000);
+	io_defer_add(e.loop, &d);
+	g_poll_hook_runs = 0;
+	tinit(&t);
+	io_write(e.loop, &t.cmd, &e.f, buf, 4096, 0);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 4096);
+	CU_ASSERT(g_poll_hook_runs >= 1);
+	/* A timer longer than the poll budget still fires (we do go to sleep). */
+	tinit(&t);
+	io_timeout(e.loop, &t.cmd, 5 * 1000000ull);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	io_defer_del(e.loop, &d);
+	io_loop_set_poll_ns(e.loop, 0);
+	io_free_aligned(buf);
+	env_exit(&e);
+}
+
+static void test_bad_args(void)
+{
+	struct env e;
+	struct tcmd t;
+	struct io_file ro;
+	char buf[16];
+	struct iovec iov = {buf, 16};
+
+	env_init(&e, 8, 0);
+	tinit(&t);
+	io_writev(e.loop, &t.cmd, &e.f, &iov, 1, UINT64_MAX - 4);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EINVAL);
+	tinit(&t);
+	io_writev(e.loop, &t.cmd, &e.f, &iov, 70000, 0);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EINVAL);
+	ro = e.f;
+	ro.flags |= IO_FILE_RDONLY;
+	tinit(&t);
+	io_writev(e.loop, &t.cmd, &ro, &iov, 1, 0);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EBADF);
+	tinit(&t);
+	io_fallocate(e.loop, &t.cmd, &ro, 0, 0, 4096);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EBADF);
+	env_exit(&e);
+}
+
+int main(void)
+{
+	CU_pSuite s;
+	struct io_loop *probe;
+	int failed;
+
+	pick_dir();
+	if (io_loop_init(&probe, 4) < 0) {
+		fprintf(stderr, "io_uring unavailable: skipping\n");
+		return 77;
+	}
+	io_loop_exit(probe);
+	if (CU_initialize_registry() != CUE_SUCCESS)
+		return 1;
+	s = CU_add_suite("io", NULL, NULL);
+	CU_add_test(s, "iov helpers", test_iov_helpers);
+	CU_add_test(s, "open O_DIRECT", test_open_direct);
+	CU_add_test(s, "open tmpfs fallback", test_open_tmpfs_fallback);
+	CU_add_test(s, "from fd", test_from_fd);
+	CU_add_test(s, "sync helpers", test_sync_helpers);
+	CU_add_test(s, "round trip O_DIRECT", test_roundtrip_direct);
+	CU_add_test(s, "misaligned (bounce)", test_misaligned);
+	CU_add_test(s, "buffered round trip", test_buffered_roundtrip);
+	CU_add_test(s, "injected failures", test_inject_failures);
+	CU_add_test(s, "short transfers direct", test_short_direct);
+	CU_add_test(s, "short transfers bounce", test_short_bounce);
+	CU_add_test(s, "short transfers buffered", test_short_buffered);
+	CU_add_test(s, "EOF direct", test_eof_direct);
+	CU_add_test(s, "EOF buffered", test_eof_buffered);
+	CU_add_test(s, "fallocate + fdatasync", test_fallocate_fdatasync);
+	CU_add_test(s, "multishot poll", test_poll_multishot);
+	CU_add_test(s, "timeouts", test_timeouts);
+	CU_add_test(s, "deferred hooks", test_defer);
+	CU_add_test(s, "deferred hook order", test_defer_first_order);
+	CU_add_test(s, "run/stop", test_run_stop);
+	CU_add_test(s, "SQ full backpressure", test_sq_full);
+	CU_add_test(s, "busy polling", test_busy_poll);
+	CU_add_test(s, "bad arguments", test_bad_args);
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	failed = (int)CU_get_number_of_failures();
+	CU_cleanup_registry();
+	return failed ? 1 : 0;
+}
