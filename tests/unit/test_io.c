@@ -542,10 +542,10 @@ static void short_case(unsigned flags, bool misalign)
 	unsigned m = misalign ? 1 : 0;
 
 	env_init(&e, 16, flags);
-	buf = io_alloc_aligned(total + 8192);
-	out = io_alloc_aligned(total + 8192);
+	buf = io_alloc_aligned(total + 16384);
+	out = io_alloc_aligned(total + 16384);
 	CU_ASSERT_FATAL(buf && out);
-	fill(buf, total + 8192, 8);
+	fill(buf, total + 16384, 8);
 
 	iov[0] = (struct iovec){buf + m, 4096};
 	iov[1] = (struct iovec){buf + 4096 + 2 * m, 0};
@@ -555,7 +555,7 @@ static void short_case(unsigned flags, bool misalign)
 	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 1, 512), 0);
 	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 4, 4096), (int)total);
 
-	memset(out, 0, total + 8192);
+	memset(out, 0, total + 16384);
 	iov[0] = (struct iovec){out, 2 * 4096};
 	iov[1] = (struct iovec){out + 2 * 4096, 5 * 4096};
 	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 1, 1000), 0);
