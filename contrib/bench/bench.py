@@ -475,27 +475,27 @@ def render_markdown(meta, med, cells, failed, images_order, jobs_order, chart_re
 
 
 GNUPLOT = r"""
-set terminal pngcairo size 1400,{height} font ",9" noenhanced
+set terminal pngcairo size 1500,{height} font ",9" noenhanced
 set output "{png}"
 set datafile separator "\t"
 set datafile missing "NaN"
-set multiplot layout 2,1 title "{title}"
-set style data histograms
-set style histogram clustered gap 1
+set multiplot layout 1,2 margins 0.25,0.98,{bottom},{top} spacing 0.03,0
+set label 1 "{title}" at screen 0.5, screen {ttop} center font ",11"
 set style fill solid 0.8 border -1
-set boxwidth 0.9
-set xtics rotate by -60 left
-set grid ytics
-set key top right
-set ylabel "IOPS ratio (median)"
-set arrow 1 from graph 0, first 1 to graph 1, first 1 nohead lw 2 dt 2 lc rgb "black"
-plot "{dat}" using 3:xtic(1) title "vqcowd / qsd" lc rgb "#2060c0", \
-     "" using 4 title "vqcowd / limit (host fio)" lc rgb "#909090"
+set yrange [-{n}+0.5:0.5]
+set grid xtics
+set key at graph 0.5, graph 1.01 center bottom horizontal
+set xlabel "IOPS ratio (median over repetitions)"
+set xrange [0:*]
+set arrow 1 from 1, graph 0 to 1, graph 1 nohead lw 2 dt 2 lc rgb "black"
+plot "{dat}" using ($3/2):(-$0+0.18):($3/2):(0.17):ytic(1) with boxxyerror title "vqcowd / qsd" lc rgb "#2060c0", \
+     "" using ($4/2):(-$0-0.18):($4/2):(0.17) with boxxyerror title "vqcowd / limit (host fio)" lc rgb "#909090"
 unset arrow 1
-set ylabel "backend CPU us per I/O (median)"
-set logscale y
-plot "{dat}" using 5:xtic(1) title "vqcowd" lc rgb "#2060c0", \
-     "" using 6 title "qsd" lc rgb "#c04020"
+unset label 1
+set format y ""
+set xlabel "backend CPU time per I/O, us (median)"
+plot "{dat}" using ($5/2):(-$0+0.18):($5/2):(0.17) with boxxyerror title "vqcowd" lc rgb "#2060c0", \
+     "" using ($6/2):(-$0-0.18):($6/2):(0.17) with boxxyerror title "qsd" lc rgb "#c04020"
 unset multiplot
 """
 
@@ -503,19 +503,21 @@ unset multiplot
 def write_chart(med, cells, outdir, title):
     dat = os.path.join(outdir, "chart.dat")
     with open(dat, "w") as f:
-        f.write("cell\tjob\tvs_qsd\tvs_limit\tcpu_vqcowd\tcpu_qsd\n")
+        f.write("# cell\tjob\tiops vs_qsd\tiops vs_limit\tcpu_us_per_io vqcowd\tcpu_us_per_io qsd\n")
         for c in cells:
             v = med.get((c["image"], c["job"], "vqcowd"), {}).get("cpu_us_per_io")
             q = med.get((c["image"], c["job"], "qsd"), {}).get("cpu_us_per_io")
             g = lambda x: "NaN" if x is None else "%.4f" % x  # noqa: E731
-            f.write("%s %s\t%s\t%s\t%s\t%s\t%s\n" % (c["image"], c["job"], c["job"],
-                                                   g(c["iops_vs_qsd"]), g(c["iops_vs_limit"]),
-                                                   g(v if v else None), g(q if q else None)))
+            f.write("%s  %s\t%s\t%s\t%s\t%s\t%s\n" % (c["image"], c["job"], c["job"],
+                                                     g(c["iops_vs_qsd"]), g(c["iops_vs_limit"]),
+                                                     g(v), g(q)))
     png = os.path.join(outdir, "chart.png")
     gp = os.path.join(outdir, "chart.gp")
     with open(gp, "w") as f:
-        f.write(GNUPLOT.format(png=png, dat=dat, title=title,
-                               height=max(700, 500 + 14 * len(cells))))
+        height = 170 + 22 * len(cells)
+        f.write(GNUPLOT.format(png=png, dat=dat, title=title, n=max(1, len(cells)), height=height,
+                               bottom="%.3f" % (55.0 / height), top="%.3f" % (1 - 80.0 / height),
+                               ttop="%.3f" % (1 - 15.0 / height)))
     if not cells:
         return None
     if not shutil.which("gnuplot"):

@@ -367,15 +367,15 @@ need_image qcow2-overlay && prepare_full base
 	in_list "limit-1t:randread-4k-qd32" "${LIMITS[*]:-}"; } && prepare_1t
 sync
 
-# run_image NAME: print the image path to use for one run, creating a fresh
-# copy for the "fresh" kinds; sets RUN_FMT (raw|qcow2) and RUN_BACKING.
+# run_image NAME: set RUN_IMG to the image to use for one run, creating a
+# fresh one for the "fresh" kinds; sets RUN_FMT (raw|qcow2) and RUN_BACKING.
 run_image() {
 	local f o="cluster_size=65536"
 	RUN_FMT=qcow2
 	RUN_BACKING=""
 	case "$1" in
-	raw) RUN_FMT=raw; img_file raw; return ;;
-	qcow2-full | qcow2-1t-metadata) img_file "$1"; return ;;
+	raw) RUN_FMT=raw; RUN_IMG=$(img_file raw); return ;;
+	qcow2-full | qcow2-1t-metadata) RUN_IMG=$(img_file "$1"); return ;;
 	qcow2-empty) ;;
 	qcow2-empty-xl2) o="$o,extended_l2=on" ;;
 	qcow2-prealloc-metadata) o="$o,preallocation=metadata" ;;
@@ -390,7 +390,7 @@ run_image() {
 		qemu-img create -q -f qcow2 -o "$o" "$f" "$size_bytes"
 	fi
 	sync "$f"
-	echo "$f"
+	RUN_IMG=$f
 }
 
 # ---------------------------------------------------------------- backends
@@ -441,12 +441,13 @@ start_backend() {
 	done
 	echo "run.sh: $kind did not create $sock; log:" >&2
 	sed 's/^/    /' "$logf" >&2 || true
-	stop_backend >/dev/null 2>&1 || true
+	stop_backend
 	return 1
 }
-# stop_backend: SIGTERM, wait (then SIGKILL); prints the exit status
+# stop_backend: SIGTERM, wait (then SIGKILL); sets STOP_RC to the exit status
 stop_backend() {
 	local i rc=0
+	STOP_RC=0
 	[ -n "$BPID" ] || return 0
 	kill -TERM "$BPID" 2>/dev/null || true
 	for i in $(seq 1 100); do
@@ -456,7 +457,7 @@ stop_backend() {
 	kill -KILL "$BPID" 2>/dev/null || true
 	wait "$BPID" 2>/dev/null || rc=$?
 	BPID=""
-	echo "$rc"
+	STOP_RC=$rc
 }
 
 # fe_args JOB: the vqcow-fe bench options for a job
@@ -472,7 +473,8 @@ fe_args() {
 run_backend() {
 	local rep=$1 image=$2 job=$3 kind=$4 order=$5 img tag sock rc status=ok t0 t1 h
 	tag="r$rep-$image-$job-$kind"
-	img=$(run_image "$image")
+	run_image "$image"
+	img=$RUN_IMG
 	sock="$rundir/$kind.sock"
 	if ! start_backend "$kind" "$img" "$RUN_FMT" "$RUN_BACKING" "$sock" "$out/logs/$tag.log"; then
 		python3 "$BENCHPY" record --csv "$csv" --kind fe --status start-failed --rep "$rep" \
@@ -489,8 +491,8 @@ run_backend() {
 	h=$(hwm_kib "$BPID")
 	[ $rc = 0 ] || status="fe-exit-$rc"
 	[ "$t0" -ge 0 ] && [ "$t1" -ge 0 ] || status="backend-died"
-	rc=$(stop_backend)
-	[ "$rc" = 0 ] || echo "backend exit status $rc" >>"$out/logs/$tag.log"
+	stop_backend
+	[ "$STOP_RC" = 0 ] || echo "run.sh: backend exit status $STOP_RC" >>"$out/logs/$tag.log"
 	python3 "$BENCHPY" record --csv "$csv" --kind fe --result "$out/raw/$tag.json" --status "$status" \
 		--rep "$rep" --image "$image" --job "$job" --backend "$kind" --order "$order" \
 		--cpu-ticks $((t1 - t0)) --clk-tck "$clk_tck" --hwm-kib "$h" || true
