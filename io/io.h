@@ -20,6 +20,8 @@
  *    files opened with IO_FILE_ZERO_EOF, else -EIO.
  *  - A full submission queue is submitted and retried, never reported; -EAGAIN
  *    from the kernel is retried; -EINTR likewise.
+ *  - Submitting a command that is still in flight is a programming error
+ *    (io/ aborts); zero-initialise command structs before first use.
  *  - While a command is in flight, the command struct and the iovec array it
  *    was given belong to io/ (the iovec array may be modified while advancing
  *    over short transfers) and the data buffers must stay valid.
@@ -256,6 +258,9 @@ void io_cancel(struct io_loop *loop, struct io_cmd *target);
  *            io/ sees short transfers and must advance and resubmit. The
  *            command still completes with its full length.
  *       0 or > 0 for other ops: -EINVAL.
+ *       -EAGAIN or -EINTR on readv/writev/fdatasync/fallocate: a transient
+ *            failure: the first kernel round trip of the command yields it
+ *            and io/ must retry; the command then completes normally.
  * Several injections may be armed at once (up to 32); each counts commands
  * independently. Returns 0, -EINVAL (bad @op/@res) or -ENOSPC (table full).
  */

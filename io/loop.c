@@ -43,9 +43,10 @@ enum cmd_state {
 };
 
 enum {
-	CMD_F_INTERNAL = 1u << 0, /* an io/-owned command (cancel request) */
-	CMD_F_CANCEL = 1u << 1,   /* a cancel request for this command is out */
-	CMD_F_BUFFERED = 1u << 2, /* goes through the file's buffered twin fd */
+	CMD_F_INTERNAL = 1u << 0,  /* an io/-owned command (cancel request) */
+	CMD_F_CANCEL = 1u << 1,    /* a cancel request for this command is out */
+	CMD_F_BUFFERED = 1u << 2,  /* goes through the file's buffered twin fd */
+	CMD_F_TRANSIENT = 1u << 3, /* injected: next CQE is a NOP standing for ->res */
 };
 
 #define IO_INJECT_MAX 32
@@ -186,6 +187,18 @@ void io_loop_inject_clear(struct io_loop *loop)
 	memset(loop->inj, 0, sizeof(loop->inj));
 }
 
+static bool transient(int res)
+{
+	return res == -EAGAIN || res == -EINTR;
+}
+
+/*
+ * Apply the injections to a first submission of @cmd. Returns the error to
+ * complete it with locally, or 0 to go on (maybe with a cap or a transient
+ * first result set up in @cmd).
+ */
+static int inject_apply(struct io_loop *loop, struct io_cmd *cmd);
+
 /* Count a first submission of @op; the injected result to apply, or 0. */
 static int inject_take(struct io_loop *loop, uint8_t op)
 {
@@ -210,6 +223,22 @@ static int inject_take(struct io_loop *loop, uint8_t op)
 			res = r;
 	}
 	return res;
+}
+
+static int inject_apply(struct io_loop *loop, struct io_cmd *cmd)
+{
+	int inj = inject_take(loop, cmd->op);
+
+	if (inj > 0) {
+		cmd->cap = (uint32_t)inj;
+		return 0;
+	}
+	if (inj < 0 && transient(inj) && cmd->op != IO_OP_POLL && cmd->op != IO_OP_TIMEOUT) {
+		cmd->flags |= CMD_F_TRANSIENT;
+		cmd->res = inj;
+		return 0;
+	}
+	return inj;
 }
 
 /* ---- bounce buffers ---- */
@@ -362,7 +391,7 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 		if (!sqe)
 			return false;
 	}
-	switch (cmd->op) {
+	switch (cmd->flags & CMD_F_TRANSIENT ? IO_OP_NONE : cmd->op) {
 	case IO_OP_READV:
 	case IO_OP_WRITEV:
 		prep_rw(sqe, cmd);
@@ -456,6 +485,11 @@ static void local_push(struct io_loop *loop, struct io_cmd *cmd, int res)
 
 static void cmd_start(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f)
 {
+	if (cmd->loop == loop && cmd->state != CMD_IDLE) {
+		/* A programming error that would corrupt the loop's lists. */
+		fprintf(stderr, "vqcow: io: command %p submitted while in flight\n", (void *)cmd);
+		abort();
+	}
 	cmd->next = NULL;
 	cmd->loop = loop;
 	cmd->file = f;
@@ -573,12 +607,11 @@ static void rw_submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, stru
 		local_push(loop, cmd, -EBADF);
 		return;
 	}
-	inj = inject_take(loop, op);
+	inj = inject_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
 	}
-	cmd->cap = (uint32_t)inj;
 	if (cmd->len == 0) {
 		local_push(loop, cmd, 0);
 		return;
@@ -624,7 +657,7 @@ void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f)
 	int inj;
 
 	cmd_start(loop, cmd, IO_OP_FDATASYNC, f);
-	inj = inject_take(loop, IO_OP_FDATASYNC);
+	inj = inject_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -649,7 +682,7 @@ void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, i
 		local_push(loop, cmd, -EBADF);
 		return;
 	}
-	inj = inject_take(loop, IO_OP_FALLOCATE);
+	inj = inject_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -664,7 +697,7 @@ void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)
 	cmd_start(loop, cmd, IO_OP_POLL, NULL);
 	cmd->fd = fd;
 	cmd->poll_events = events;
-	inj = inject_take(loop, IO_OP_POLL);
+	inj = inject_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -680,7 +713,7 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
 	cmd->ns = ns;
 	cmd->ts[0] = ns / 1000000000u;
 	cmd->ts[1] = ns % 1000000000u;
-	inj = inject_take(loop, IO_OP_TIMEOUT);
+	inj = inject_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -807,6 +840,11 @@ static void rw_complete(struct io_loop *loop, struct io_cmd *cmd, int res)
 
 static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned cflags)
 {
+	if (cmd->flags & CMD_F_TRANSIENT) {
+		/* The NOP of an injected -EAGAIN/-EINTR: take it as that result. */
+		cmd->flags &= (uint8_t)~CMD_F_TRANSIENT;
+		res = cmd->res;
+	}
 	switch (cmd->op) {
 	case IO_OP_CANCEL:
 		/* 0, -ENOENT (target already done) or -EALREADY: nothing to do. */
@@ -866,12 +904,21 @@ static int reap(struct io_loop *loop)
 		unsigned cflags;
 		int res;
 
-		if (io_uring_peek_cqe(&loop->ring, &cqe) != 0 || !cqe)
+		unsigned head;
+		bool got = false;
+
+		/* Userspace only: the one io_uring_enter of the iteration is done. */
+		io_uring_for_each_cqe(&loop->ring, head, cqe)
+		{
+			got = true;
+			break;
+		}
+		if (!got)
 			break;
 		cmd = io_uring_cqe_get_data(cqe);
 		res = cqe->res;
 		cflags = cqe->flags;
-		io_uring_cqe_seen(&loop->ring, cqe);
+		io_uring_cq_advance(&loop->ring, 1);
 		if (!cmd)
 			continue;
 		complete(loop, cmd, res, cflags);

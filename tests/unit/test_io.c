@@ -554,6 +554,11 @@ static void short_case(unsigned flags, bool misalign)
 	memcpy(orig, iov, sizeof(iov));
 	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 1, 512), 0);
 	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 4, 4096), (int)total);
+	if (!misalign && e.f.align <= 512) {
+		/* Proof that the transfers were short: the array was advanced in place. */
+		CU_ASSERT_EQUAL(iov[0].iov_len, 512);
+		CU_ASSERT_PTR_EQUAL(iov[0].iov_base, buf + 3584);
+	}
 
 	memset(out, 0, total + 16384);
 	iov[0] = (struct iovec){out, 2 * 4096};
@@ -564,6 +569,43 @@ static void short_case(unsigned flags, bool misalign)
 	CU_ASSERT_EQUAL(memcmp(out + 4096, orig[2].iov_base, 3 * 4096), 0);
 	CU_ASSERT_EQUAL(memcmp(out + 4 * 4096, orig[3].iov_base, 3 * 4096), 0);
 
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	env_exit(&e);
+}
+
+/* Injected -EAGAIN/-EINTR are retried; the commands complete normally. */
+static void test_transient(void)
+{
+	struct env e;
+	uint8_t *buf, *out;
+	struct tcmd t[4];
+
+	env_init(&e, 8, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(8192);
+	out = io_alloc_aligned(8192);
+	CU_ASSERT_FATAL(buf && out);
+	fill(buf, 8192, 11);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 1, -EINTR), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_WRITEV, 1, 4096), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -EAGAIN), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FALLOCATE, 1, -EINTR), 0);
+	for (int i = 0; i < 4; i++)
+		tinit(&t[i]);
+	io_write(e.loop, &t[0].cmd, &e.f, buf, 8192, 0);
+	io_fdatasync(e.loop, &t[1].cmd, &e.f);
+	io_fallocate(e.loop, &t[2].cmd, &e.f, 0, 8192, 4096);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(t[0].res, 8192);
+	CU_ASSERT_EQUAL(t[1].res, 0);
+	CU_ASSERT_EQUAL(t[2].res, 0);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_READV, 1, -EAGAIN), 0);
+	io_read(e.loop, &t[3].cmd, &e.f, out + 1, 8000, 5);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(t[3].res, 8000);
+	CU_ASSERT_EQUAL(memcmp(out + 1, buf + 5, 8000), 0);
+	for (int i = 0; i < 4; i++)
+		CU_ASSERT_EQUAL(t[i].calls, 1);
 	io_free_aligned(buf);
 	io_free_aligned(out);
 	env_exit(&e);
@@ -1011,10 +1053,19 @@ static void test_sq_full(void)
 /* ---- busy polling ---- */
 
 static int g_poll_hook_runs;
+static struct tcmd g_poll_cmd;
+static struct env *g_poll_env;
+static bool g_poll_submit;
 
 static void poll_hook(struct io_defer *d)
 {
 	g_poll_hook_runs++;
+	/* Hooks may hand out new work, also while the loop busy-polls. */
+	if (g_poll_submit) {
+		g_poll_submit = false;
+		tinit(&g_poll_cmd);
+		io_fdatasync(g_poll_env->loop, &g_poll_cmd.cmd, &g_poll_env->f);
+	}
 }
 
 static void test_busy_poll(void)
@@ -1041,6 +1092,14 @@ static void test_busy_poll(void)
 	io_timeout(e.loop, &t.cmd, 5 * 1000000ull);
 	run_until(e.loop, &t.calls, 1);
 	CU_ASSERT_EQUAL(t.res, 0);
+	g_poll_env = &e;
+	g_poll_submit = true;
+	tinit(&t);
+	io_timeout(e.loop, &t.cmd, 0);
+	run_until(e.loop, &t.calls, 1);
+	run_until(e.loop, &g_poll_cmd.calls, 1);
+	CU_ASSERT_EQUAL(g_poll_cmd.res, 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(e.loop), 0);
 	io_defer_del(e.loop, &d);
 	io_loop_set_poll_ns(e.loop, 0);
 	io_free_aligned(buf);
@@ -1101,6 +1160,7 @@ int main(void)
 	CU_add_test(s, "misaligned (bounce)", test_misaligned);
 	CU_add_test(s, "buffered round trip", test_buffered_roundtrip);
 	CU_add_test(s, "injected failures", test_inject_failures);
+	CU_add_test(s, "transient errors retried", test_transient);
 	CU_add_test(s, "short transfers direct", test_short_direct);
 	CU_add_test(s, "short transfers bounce", test_short_bounce);
 	CU_add_test(s, "short transfers buffered", test_short_buffered);
