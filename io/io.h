@@ -115,7 +115,10 @@ struct io_cmd {
 /* ---- loop life cycle ---- */
 
 /*
- * Create a loop with a ring of @entries SQEs. 0 or -errno.
+ * Create a loop with a ring of @entries SQEs (0 = 128; clamped to 4096) and a
+ * CQ four times as large. Any number of commands may be submitted: at most
+ * one CQ's worth is in the kernel at a time, the rest wait inside io/ in
+ * submission order. 0 or -errno (e.g. -ENOSYS/-EPERM without io_uring).
  */
 int io_loop_init(struct io_loop **loopp, unsigned entries);
 
