@@ -598,7 +598,13 @@ static void rw_submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, stru
 	cmd->iov = iov;
 	cmd->iovcnt = (uint16_t)iovcnt;
 	cmd->off = off;
-	cmd->len = io_iov_len(iov, iovcnt);
+	for (unsigned i = 0; i < iovcnt && cmd->len <= INT_MAX; i++) {
+		/* Summed with a bound: lengths may come from a guest. */
+		if (iov[i].iov_len > INT_MAX)
+			cmd->len = (uint64_t)INT_MAX + 1;
+		else
+			cmd->len += iov[i].iov_len;
+	}
 	if (cmd->len > INT_MAX || off > (uint64_t)INT64_MAX - cmd->len) {
 		local_push(loop, cmd, -EINVAL);
 		return;

@@ -1123,6 +1123,11 @@ static void test_bad_args(void)
 	io_writev(e.loop, &t.cmd, &e.f, &iov, 70000, 0);
 	run_until(e.loop, &t.calls, 1);
 	CU_ASSERT_EQUAL(t.res, -EINVAL);
+	struct iovec huge[2] = {{buf, SIZE_MAX}, {buf, 2}}; /* would wrap the sum */
+	tinit(&t);
+	io_readv(e.loop, &t.cmd, &e.f, huge, 2, 0);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EINVAL);
 	ro = e.f;
 	ro.flags |= IO_FILE_RDONLY;
 	tinit(&t);
