@@ -341,8 +341,12 @@ def _median(vals):
     return statistics.median(vals) if vals else None
 
 
+# the limit run each image is compared with (run.sh uses the same mapping)
+LIMIT_FOR = {"qcow2-1t-metadata": "limit-1t"}
+
+
 def _limit_name(image):
-    return "limit-1t" if image.endswith("1t") else "limit"
+    return LIMIT_FOR.get(image, "limit")
 
 
 def summarise(rows, images_order, jobs_order):
@@ -474,50 +478,86 @@ def render_markdown(meta, med, cells, failed, images_order, jobs_order, chart_re
     return "\n".join(L) + "\n"
 
 
-GNUPLOT = r"""
-set terminal pngcairo size 1500,{height} font ",9" noenhanced
-set output "{png}"
-set datafile separator "\t"
-set datafile missing "NaN"
-set multiplot layout 1,2 margins 0.25,0.98,{bottom},{top} spacing 0.03,0
-set label 1 "{title}" at screen 0.5, screen {ttop} center font ",11"
-set style fill solid 0.8 border -1
-set yrange [-{n}+0.5:0.5]
-set grid xtics
-set key at graph 0.5, graph 1.01 center bottom horizontal
-set xlabel "IOPS ratio (median over repetitions)"
-set xrange [0:*]
-set arrow 1 from 1, graph 0 to 1, graph 1 nohead lw 2 dt 2 lc rgb "black"
-plot "{dat}" using ($3/2):(-$0+0.18):($3/2):(0.17):ytic(1) with boxxyerror title "vqcowd / qsd" lc rgb "#2060c0", \
-     "" using ($4/2):(-$0-0.18):($4/2):(0.17) with boxxyerror title "vqcowd / limit (host fio)" lc rgb "#909090"
-unset arrow 1
-unset label 1
-set format y ""
-set xlabel "backend CPU time per I/O, us (median)"
-plot "{dat}" using ($5/2):(-$0+0.18):($5/2):(0.17) with boxxyerror title "vqcowd" lc rgb "#2060c0", \
-     "" using ($6/2):(-$0-0.18):($6/2):(0.17) with boxxyerror title "qsd" lc rgb "#c04020"
-unset multiplot
-"""
+def _bars(dat, series, labels, xmin):
+    """A horizontal bar plot command: one row per cell (y = -row), up to three
+    bars per row, each a box from xmin to the value."""
+    k = len(series)
+    h = 0.8 / k
+    parts = []
+    for idx, (col, title, colour) in enumerate(series):
+        off = 0.4 - h / 2 - idx * h
+        hh = h / 2 * 0.95
+        parts.append('%s using %d:(-$0%+.3f):(%g):%d:(-$0%+.3f):(-$0%+.3f)%s with boxxyerror title "%s" lc rgb "%s"' % (
+            '"%s"' % dat if idx == 0 else '""', col, off, xmin, col, off - hh, off + hh,
+            ":ytic(1)" if idx == 0 and labels else "", title, colour))
+    return "plot " + ", \\\n     ".join(parts) + "\n"
 
 
 def write_chart(med, cells, outdir, title):
+    """chart.png: per cell, the IOPS ratios (if any vqcowd/qsd pair exists),
+    the absolute IOPS of each backend, and the backend CPU time per I/O."""
     dat = os.path.join(outdir, "chart.dat")
+    g = lambda x: "NaN" if x is None else "%.4f" % x  # noqa: E731
+    have_ratio = have_cpu = False
     with open(dat, "w") as f:
-        f.write("# cell\tjob\tiops vs_qsd\tiops vs_limit\tcpu_us_per_io vqcowd\tcpu_us_per_io qsd\n")
+        f.write("# cell\tjob\tiops vqcowd/qsd\tiops vqcowd/limit\tcpu_us_per_io vqcowd\t"
+                "cpu_us_per_io qsd\tkiops vqcowd\tkiops qsd\tkiops limit\n")
         for c in cells:
-            v = med.get((c["image"], c["job"], "vqcowd"), {}).get("cpu_us_per_io")
-            q = med.get((c["image"], c["job"], "qsd"), {}).get("cpu_us_per_io")
-            g = lambda x: "NaN" if x is None else "%.4f" % x  # noqa: E731
-            f.write("%s  %s\t%s\t%s\t%s\t%s\t%s\n" % (c["image"], c["job"], c["job"],
-                                                     g(c["iops_vs_qsd"]), g(c["iops_vs_limit"]),
-                                                     g(v), g(q)))
+            m = lambda b: med.get((c["image"], c["job"], b), {})  # noqa: E731
+            lim = med.get((_limit_name(c["image"]), c["job"], "limit"), {})
+            k = lambda d: None if d.get("iops") is None else d["iops"] / 1000.0  # noqa: E731
+            v_cpu, q_cpu = m("vqcowd").get("cpu_us_per_io"), m("qsd").get("cpu_us_per_io")
+            have_ratio |= c["iops_vs_qsd"] is not None or c["iops_vs_limit"] is not None
+            have_cpu |= bool(v_cpu) or bool(q_cpu)
+            f.write("\t".join([c["image"] + "  " + c["job"], c["job"], g(c["iops_vs_qsd"]),
+                               g(c["iops_vs_limit"]), g(v_cpu), g(q_cpu), g(k(m("vqcowd"))),
+                               g(k(m("qsd"))), g(k(lim))]) + "\n")
     png = os.path.join(outdir, "chart.png")
     gp = os.path.join(outdir, "chart.gp")
+    n = max(1, len(cells))
+    height = 170 + 22 * n
+    panels = []
+    if have_ratio:
+        panels.append(("IOPS ratio (median over repetitions)",
+                       [(3, "vqcowd / qsd", "#2060c0"), (4, "vqcowd / limit (host fio)", "#909090")],
+                       "ratio"))
+    panels.append(("thousand IOPS (median)",
+                   [(7, "vqcowd", "#2060c0"), (8, "qsd", "#c04020"), (9, "limit", "#909090")], "log"))
+    if have_cpu:
+        panels.append(("backend CPU time per I/O, us (median)",
+                       [(5, "vqcowd", "#2060c0"), (6, "qsd", "#c04020")], "log"))
+    L = []
+    L.append('set terminal pngcairo size %d,%d font ",9" noenhanced' % (700 + 400 * len(panels), height))
+    L.append('set output "%s"' % png)
+    L.append('set datafile separator "\\t"')
+    L.append('set datafile missing "NaN"')
+    L.append("set multiplot layout 1,%d margins %.3f,0.98,%.3f,%.3f spacing 0.03,0" % (
+        len(panels), 330.0 / (700 + 400 * len(panels)), 55.0 / height, 1 - 80.0 / height))
+    L.append('set label 1 "%s" at screen 0.5, screen %.3f center font ",11"' % (
+        title.replace('"', "'"), 1 - 15.0 / height))
+    L.append("set style fill solid 0.8 border -1")
+    L.append("set yrange [-%d+0.5:0.5]" % n)
+    L.append("set grid xtics")
+    L.append("set key at graph 0.5, graph 1.01 center bottom horizontal")
+    for pi, (xlabel, series, kind) in enumerate(panels):
+        if pi == 1:
+            L.append("unset label 1")
+            L.append("set ytics format \"\"")
+        L.append('set xlabel "%s"' % xlabel)
+        if kind == "ratio":
+            L.append("unset logscale x")
+            L.append("set xrange [0:*]")
+            L.append('set arrow 1 from 1, graph 0 to 1, graph 1 nohead lw 2 dt 2 lc rgb "black"')
+            xmin = 0
+        else:
+            L.append("set logscale x")
+            L.append("set xrange [*:*]")
+            L.append("unset arrow 1")
+            xmin = 0.01
+        L.append(_bars(dat, series, pi == 0, xmin))
+    L.append("unset multiplot")
     with open(gp, "w") as f:
-        height = 170 + 22 * len(cells)
-        f.write(GNUPLOT.format(png=png, dat=dat, title=title, n=max(1, len(cells)), height=height,
-                               bottom="%.3f" % (55.0 / height), top="%.3f" % (1 - 80.0 / height),
-                               ttop="%.3f" % (1 - 15.0 / height)))
+        f.write("\n".join(L) + "\n")
     if not cells:
         return None
     if not shutil.which("gnuplot"):
