@@ -424,36 +424,41 @@ def render_markdown(meta, med, cells, failed, images_order, jobs_order, chart_re
     if meta.get("caveat"):
         L.append("")
         L.append("**%s**" % meta["caveat"])
-    L.append("")
-    L.append("### Ratios (median over repetitions of the per-repetition ratio)")
-    L.append("")
-    L.append("IOPS ratio > 1: vqcowd faster. p99 and CPU/IO ratio < 1: vqcowd better.")
-    L.append("")
-    L.append("| image | job | IOPS vqcowd/qsd | IOPS vqcowd/limit | p99 lat vqcowd/qsd | CPU per I/O vqcowd/qsd | pairs |")
-    L.append("|---|---|---:|---:|---:|---:|---:|")
-    for c in cells:
-        L.append("| %s | %s | %s | %s | %s | %s | %d |" % (
-            c["image"], c["job"], _c(c["iops_vs_qsd"], 2), _c(c["iops_vs_limit"], 2),
-            _c(c["p99_vs_qsd"], 2), _c(c["cpu_vs_qsd"], 2), c["pairs_qsd"]))
-    L.append("")
-    L.append("### Absolute figures (medians)")
-    L.append("")
-    L.append("Latency in µs as seen by the frontend (fio for the limit); CPU = backend "
-             "user+system time per I/O; RSS = backend VmHWM.")
-    L.append("")
-    L.append("| image | job | backend | IOPS | MiB/s | lat mean | p50 | p99 | CPU µs/IO | peak RSS MiB | n |")
-    L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    oi = {n: i for i, n in enumerate(images_order)}
-    oj = {n: i for i, n in enumerate(jobs_order)}
-    ob = {"vqcowd": 0, "qsd": 1, "limit": 2}
-    for key in sorted(med, key=lambda k: (oi.get(k[0], 98 if k[0].startswith("limit") else 97),
-                                          k[0], oj.get(k[1], 99), ob.get(k[2], 9))):
-        m = med[key]
-        rss = m["peak_rss_kib"] / 1024.0 if m["peak_rss_kib"] is not None else None
-        L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d |" % (
-            key[0], key[1], key[2], _c(m["iops"], 0), _c(m["mib_s"], 1), _c(m["lat_mean_us"], 1),
-            _c(m["lat_p50_us"], 1), _c(m["lat_p99_us"], 1), _c(m["cpu_us_per_io"], 2), _c(rss, 1),
-            m["n"]))
+    if not med:
+        L.append("")
+        L.append("No host-side runs in this invocation.")
+    if cells:
+        L.append("")
+        L.append("### Ratios (median over repetitions of the per-repetition ratio)")
+        L.append("")
+        L.append("IOPS ratio > 1: vqcowd faster. p99 and CPU/IO ratio < 1: vqcowd better.")
+        L.append("")
+        L.append("| image | job | IOPS vqcowd/qsd | IOPS vqcowd/limit | p99 lat vqcowd/qsd | CPU per I/O vqcowd/qsd | pairs |")
+        L.append("|---|---|---:|---:|---:|---:|---:|")
+        for c in cells:
+            L.append("| %s | %s | %s | %s | %s | %s | %d |" % (
+                c["image"], c["job"], _c(c["iops_vs_qsd"], 2), _c(c["iops_vs_limit"], 2),
+                _c(c["p99_vs_qsd"], 2), _c(c["cpu_vs_qsd"], 2), c["pairs_qsd"]))
+    if med:
+        L.append("")
+        L.append("### Absolute figures (medians)")
+        L.append("")
+        L.append("Latency in µs as seen by the frontend (fio for the limit); CPU = backend "
+                 "user+system time per I/O; RSS = backend VmHWM.")
+        L.append("")
+        L.append("| image | job | backend | IOPS | MiB/s | lat mean | p50 | p99 | CPU µs/IO | peak RSS MiB | n |")
+        L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        oi = {n: i for i, n in enumerate(images_order)}
+        oj = {n: i for i, n in enumerate(jobs_order)}
+        ob = {"vqcowd": 0, "qsd": 1, "limit": 2}
+        for key in sorted(med, key=lambda k: (oi.get(k[0], 98 if k[0].startswith("limit") else 97),
+                                              k[0], oj.get(k[1], 99), ob.get(k[2], 9))):
+            m = med[key]
+            rss = m["peak_rss_kib"] / 1024.0 if m["peak_rss_kib"] is not None else None
+            L.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d |" % (
+                key[0], key[1], key[2], _c(m["iops"], 0), _c(m["mib_s"], 1), _c(m["lat_mean_us"], 1),
+                _c(m["lat_p50_us"], 1), _c(m["lat_p99_us"], 1), _c(m["cpu_us_per_io"], 2), _c(rss, 1),
+                m["n"]))
     if meta.get("guest"):
         L.append("")
         L.append("### In-guest fio (%s)" % meta["guest"].get("note", ""))

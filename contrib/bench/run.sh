@@ -36,7 +36,11 @@ and runs fio on the host against a raw file for the physical limit.
   --vqcowd-arg ARG     extra argument for vqcowd (repeatable), e.g. --vqcowd-arg=--poll-ns=20000
   --qsd-iothread       run the qsd export in an iothread (default: main loop)
   --guest              also boot a QEMU guest against each backend and run fio inside
+  --guest-only         only the in-guest runs (no host-side matrix)
   --guest-runtime S    seconds per in-guest fio job (default 20; 5 with --quick)
+  --guest-images LIST  images for the in-guest runs (default qcow2-full)
+  --guest-jobs LIST    jobs for the in-guest runs (default randread-4k-qd32,randwrite-4k-qd32)
+  --guest-dir DIR      where build-guest.sh puts the guest (default <build>/guest)
   --fresh-images       recreate the persistent images even if they look up to date
   --keep-images        keep the per-run (fresh) image copies after each run
   --update-results     rewrite the generated part of contrib/bench/RESULTS.md
@@ -67,6 +71,11 @@ vqcowd_extra=()
 qsd_iothread=0
 guest=0
 guest_runtime=""
+guest_images=qcow2-full
+guest_jobs=randread-4k-qd32,randwrite-4k-qd32
+guest_dir=""
+guest_note=""
+guest_only=0
 fresh_images=0
 keep_images=0
 update_results=auto
@@ -102,8 +111,15 @@ while [ $# -gt 0 ]; do
 	--vqcowd-arg=*) vqcowd_extra+=("${1#*=}") ;;
 	--qsd-iothread) qsd_iothread=1 ;;
 	--guest) guest=1 ;;
+	--guest-only) guest=1; guest_only=1 ;;
 	--guest-runtime) guest_runtime=$2; shift ;;
 	--guest-runtime=*) guest_runtime=${1#*=} ;;
+	--guest-images) guest_images=$2; shift ;;
+	--guest-images=*) guest_images=${1#*=} ;;
+	--guest-jobs) guest_jobs=$2; shift ;;
+	--guest-jobs=*) guest_jobs=${1#*=} ;;
+	--guest-dir) guest_dir=$2; shift ;;
+	--guest-dir=*) guest_dir=${1#*=} ;;
 	--fresh-images) fresh_images=1 ;;
 	--keep-images) keep_images=1 ;;
 	--update-results) update_results=yes ;;
@@ -196,7 +212,8 @@ want_backend() { in_list "$1" "$backends"; }
 
 # cells: "image job" pairs that will run
 CELLS=()
-for e in "${IMAGES[@]}"; do
+[ $guest_only = 1 ] && IMAGES_HOST=() || IMAGES_HOST=("${IMAGES[@]}")
+for e in "${IMAGES_HOST[@]}"; do
 	name=${e%%|*}
 	rest=${e#*|}
 	jobs=${rest%%|*}
@@ -220,14 +237,22 @@ want_backend vqcowd && nb=$((nb + 1))
 want_backend qsd && nb=$((nb + 1))
 nruns=$(((${#CELLS[@]} * nb + ${#LIMITS[@]}) * reps))
 
-if [ $list_only = 1 ] || [ ${#CELLS[@]} = 0 ]; then
+if [ $guest = 1 ]; then
+	for i in ${guest_images//,/ }; do
+		in_list "$i" "${IMAGE_NAMES[*]}" || { echo "run.sh: unknown guest image $i" >&2; exit 2; }
+	done
+	for j in ${guest_jobs//,/ }; do
+		in_list "$j" "$ALL_JOBS" || { echo "run.sh: unknown guest job $j" >&2; exit 2; }
+	done
+fi
+if [ $list_only = 1 ] || { [ ${#CELLS[@]} = 0 ] && [ $guest_only = 0 ]; }; then
 	echo "jobs:"
 	printf '  %s\n' "${JOBS[@]}"
 	echo "images (name|jobs|lifetime):"
 	printf '  %s\n' "${IMAGES[@]}"
 	echo "selected: ${#CELLS[@]} cells x $nb backend(s) + ${#LIMITS[@]} limit runs, x $reps repetition(s) = $nruns runs of ${runtime}s"
 	echo "estimated time: ~$(((nruns * (runtime + 3) + 59) / 60)) min plus image preparation"
-	[ ${#CELLS[@]} = 0 ] && { echo "run.sh: nothing selected" >&2; exit 2; }
+	[ ${#CELLS[@]} = 0 ] && [ $guest_only = 0 ] && { echo "run.sh: nothing selected" >&2; exit 2; }
 	exit 0
 fi
 
@@ -236,8 +261,10 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { echo "run.sh: $*" >&2; exit 1; }
 
 need_build=0
+need_fe=0
+[ ${#CELLS[@]} -gt 0 ] && { want_backend vqcowd || want_backend qsd; } && need_fe=1
 want_backend vqcowd && { [ -x "${VQCOWD:-$builddir/src/vqcowd}" ] || need_build=1; }
-{ want_backend vqcowd || want_backend qsd; } && { [ -x "${VQCOW_FE:-$builddir/tests/frontend/vqcow-fe}" ] || need_build=1; }
+[ $need_fe = 1 ] && { [ -x "${VQCOW_FE:-$builddir/tests/frontend/vqcow-fe}" ] || need_build=1; }
 missing_tool=0
 for t in fio qemu-img qemu-storage-daemon gnuplot python3; do
 	command -v "$t" >/dev/null 2>&1 || missing_tool=1
@@ -257,13 +284,14 @@ QSD=${QSD:-qemu-storage-daemon}
 FIO=${FIO:-fio}
 QEMU=${QEMU:-qemu-system-x86_64}
 want_backend vqcowd && { [ -x "$VQCOWD" ] || die "vqcowd not found at $VQCOWD (build it, or --backends qsd,limit)"; }
-if want_backend vqcowd || want_backend qsd; then
+if [ $need_fe = 1 ]; then
 	[ -x "$VQCOW_FE" ] || die "vqcow-fe not found at $VQCOW_FE (build it, or --backends limit)"
 fi
 for t in "$FIO" qemu-img "$QSD" python3; do
 	command -v "$t" >/dev/null 2>&1 || die "$t not found (bash contrib/deps.sh)"
 done
 clk_tck=$(getconf CLK_TCK)
+guest_dir=${guest_dir:-$builddir/guest}
 
 # ---------------------------------------------------------------- directories
 mkdir -p "$imgdir" "$outroot"
@@ -350,11 +378,12 @@ prepare_1t() {
 	fi
 }
 
-need_image() { # persistent images the selected cells need
+need_image() { # images the selected cells (and guest runs) need
 	local c
 	for c in "${CELLS[@]}"; do
 		case "$c" in "$1 "*) return 0 ;; esac
 	done
+	[ $guest = 1 ] && in_list "$1" "$guest_images" && return 0
 	return 1
 }
 need_raw=0
@@ -551,7 +580,8 @@ log "results in $out; images in $imgdir ($fstype)"
 log "$nruns runs of ${runtime}s (${#CELLS[@]} cells x $nb backends + ${#LIMITS[@]} limit runs, x $reps); load average $load_before"
 
 # ---------------------------------------------------------------- the matrix
-for rep in $(seq 1 "$reps"); do
+[ $guest_only = 1 ] && reps_host=0 || reps_host=$reps
+for rep in $(seq 1 "$reps_host"); do
 	log "=== repetition $rep/$reps"
 	for l in "${LIMITS[@]:-}"; do
 		[ -n "$l" ] || continue
@@ -574,9 +604,109 @@ for rep in $(seq 1 "$reps"); do
 done
 
 # ---------------------------------------------------------------- in-guest runs
+# The end-to-end test's guest (contrib/guest/build-guest.sh: Debian kernel +
+# busybox initramfs with fio; /init runs /jobs/$vqcow.job.sh). Our job script
+# travels as a second cpio archive appended to that initramfs (the kernel
+# unpacks concatenated archives in order), so the guest build is reused as is.
+# KVM or TCG: contrib/guest/vm-lib.sh's probe boot when available (/dev/kvm
+# can exist and still hang under nested virtualisation); VQCOW_ACCEL overrides.
+guest_accel() {
+	if declare -F vm_pick_accel >/dev/null; then
+		vm_pick_accel "$1"
+		return
+	fi
+	case "${VQCOW_ACCEL:-}" in kvm | tcg) echo "$VQCOW_ACCEL" ;; *) echo tcg ;; esac
+}
+write_guest_job() { # DIR: a cpio with /jobs/bench.sh
+	mkdir -p "$1/stage/jobs"
+	cat >"$1/stage/jobs/bench.sh" <<'JOB'
+# contrib/bench guest job: one fio run on the vhost-user disk, JSON on the console.
+#   vqcow.rw= vqcow.bs= vqcow.iodepth= vqcow.runtime= [vqcow.mix=]
+. /etc/vqcow-lib.sh
+dev=${VQCOW_DEV:-/dev/vda}
+wait_dev "$dev" 30 || exit 1
+mix=""
+[ -n "${VQCOW_MIX:-}" ] && mix="--rwmixread=$VQCOW_MIX"
+fio --name=guest --filename="$dev" --ioengine=io_uring --direct=1 --rw="$VQCOW_RW" \
+	--bs="$VQCOW_BS" --iodepth="$VQCOW_IODEPTH" $mix --runtime="$VQCOW_RUNTIME" --time_based \
+	--norandommap --randrepeat=0 --unified_rw_reporting=both --lat_percentiles=1 \
+	--percentile_list=50:99 --output-format=json --output=/tmp/fio.json
+rc=$?
+echo BENCH-FIO-BEGIN
+cat /tmp/fio.json
+echo
+echo BENCH-FIO-END
+exit $rc
+JOB
+	(cd "$1/stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$1/bench-job.cpio"
+}
+
+run_guest_part() {
+	local gdir=$guest_dir accel cpu initrd gimg gjob s rw bs qd mix kind tag console rc=0 n tmo
+	command -v "$QEMU" >/dev/null 2>&1 || { log "guest: $QEMU not found"; return 1; }
+	log "guest: building/checking the test guest in $gdir (contrib/guest/build-guest.sh)"
+	# shellcheck source=contrib/guest/vm-lib.sh
+	[ -f "$repo/contrib/guest/vm-lib.sh" ] && . "$repo/contrib/guest/vm-lib.sh"
+	mkdir -p "$gdir"
+	if declare -F vm_guest_build >/dev/null; then
+		vm_guest_build "$gdir" >"$out/logs/guest-build.log" 2>&1 || rc=$?
+	else
+		bash "$repo/contrib/guest/build-guest.sh" "$gdir" >"$out/logs/guest-build.log" 2>&1 || rc=$?
+	fi
+	if [ "${rc:-0}" != 0 ]; then
+		log "guest: build-guest.sh failed, see $out/logs/guest-build.log"
+		return 1
+	fi
+	write_guest_job "$rundir/guest"
+	initrd="$rundir/guest/initrd-bench.img"
+	cp "$gdir/initrd.img" "$initrd"
+	# the next archive must start 4-byte aligned; zeros between archives are skipped
+	truncate -s $((($(stat -c %s "$initrd") + 511) / 512 * 512)) "$initrd"
+	cat "$rundir/guest/bench-job.cpio" >>"$initrd"
+	accel=$(guest_accel "$gdir")
+	cpu=max
+	[ "$accel" = kvm ] && cpu=host
+	guest_note="$accel, 1 vCPU, 512 MiB, fio ${guest_runtime}s on /dev/vda, io_uring, direct=1"
+	[ "$accel" = tcg ] && guest_note="$guest_note — TCG: figures measure the emulator, not the backend"
+	log "guest: accel=$accel"
+	tmo=$((guest_runtime + 90))
+	[ "$accel" = tcg ] && tmo=$((guest_runtime * 3 + 300))
+	n=0
+	for gimg in ${guest_images//,/ }; do
+		for gjob in ${guest_jobs//,/ }; do
+			s=$(spec_of "$gjob")
+			read -r rw bs qd mix <<<"$s"
+			if [ $((n % 2)) = 0 ]; then order="vqcowd qsd"; else order="qsd vqcowd"; fi
+			n=$((n + 1))
+			for kind in $order; do
+				want_backend "$kind" || continue
+				tag="guest-$gimg-$gjob-$kind"
+				console="$out/logs/$tag.console"
+				run_image "$gimg"
+				if ! start_backend "$kind" "$RUN_IMG" "$RUN_FMT" "$RUN_BACKING" "$rundir/$kind.sock" "$out/logs/$tag.log"; then
+					python3 "$BENCHPY" guest --console /dev/null --csv "$guest_csv" --image "$gimg" --job "$gjob" --backend "$kind" || true
+					continue
+				fi
+				local append="console=ttyS0 quiet panic=-1 vqcow.job=bench vqcow.rw=$rw vqcow.bs=$bs vqcow.iodepth=$qd vqcow.runtime=$guest_runtime"
+				[ "$mix" = - ] || append="$append vqcow.mix=$mix"
+				rc=0
+				timeout -k 5 "$tmo" "$QEMU" -machine q35,accel="$accel" -cpu "$cpu" -smp 1 -m 512 \
+					-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
+					-kernel "$gdir/vmlinuz" -initrd "$initrd" -append "$append" \
+					-chardev socket,id=c0,path="$rundir/$kind.sock" \
+					-device vhost-user-blk-pci,chardev=c0,num-queues="$nq" \
+					-nodefaults -display none -no-reboot -monitor none -serial file:"$console" \
+					>"$out/logs/$tag.qemu" 2>&1 || rc=$?
+				[ $rc = 0 ] || echo "run.sh: qemu exit status $rc" >>"$out/logs/$tag.qemu"
+				stop_backend
+				python3 "$BENCHPY" guest --console "$console" --csv "$guest_csv" --image "$gimg" --job "$gjob" --backend "$kind" || true
+				[ $keep_images = 1 ] || case "$RUN_IMG" in "$imgdir"/run-*) rm -f "$RUN_IMG" ;; esac
+			done
+		done
+	done
+}
+
 if [ $guest = 1 ]; then
-	# shellcheck source=contrib/bench/guest.sh
-	. "$here/guest.sh"
 	run_guest_part || log "warning: in-guest part incomplete (see $out/logs/guest-*)"
 fi
 
