@@ -525,7 +525,9 @@ run_backend() {
 	python3 "$BENCHPY" record --csv "$csv" --kind fe --result "$out/raw/$tag.json" --status "$status" \
 		--rep "$rep" --image "$image" --job "$job" --backend "$kind" --order "$order" \
 		--cpu-ticks $((t1 - t0)) --clk-tck "$clk_tck" --hwm-kib "$h" || true
-	[ $keep_images = 1 ] || case "$img" in "$imgdir"/run-*) rm -f "$img" ;; esac
+	# drop the fresh image and let the file system settle (freeing a few GiB
+	# of extents, possibly with online discard) before the next run
+	[ $keep_images = 1 ] || case "$img" in "$imgdir"/run-*) rm -f "$img" && sync -f "$imgdir" ;; esac
 }
 
 # run_limit REP LIMITNAME JOB: fio on the host against the raw file
