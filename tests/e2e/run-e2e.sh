@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# End-to-end test: a real QEMU guest (Debian kernel + busybox/fio initramfs)
+# uses a disk served over vhost-user-blk by vqcowd (or qemu-storage-daemon, to
+# validate the harness itself), and checks every byte it wrote.
+#
+#   run-e2e.sh [options]
+#     --backend vqcowd|qsd   who serves the disk (default vqcowd)
+#     --vqcowd PATH          the vqcowd binary (needed for --backend vqcowd)
+#     --format raw|qcow2     image format (default raw)
+#     --size SIZE            image size (default 256M)
+#     --work-dir DIR         logs, socket and image (default: a new temp dir)
+#     --guest-dir DIR        where the guest is built/cached (default WORK/guest)
+#     --job NAME             guest job (default e2e; see contrib/guest/jobs/)
+#     --fio-size SIZE        bytes each guest fio job writes (default 64M)
+#     --accel auto|kvm|tcg   default auto: KVM if it really boots the guest
+#     --timeout SECONDS      guest run time limit (default 600 on TCG, 300 on KVM)
+#     --keep                 keep the work dir even when the test passes
+#     -- ARGS...             extra arguments for the backend
+#
+# Fails on: a FAIL marker or no PASS marker on the guest console, a guest
+# timeout, the backend exiting during the run, the backend not exiting with
+# status 0 on SIGTERM afterwards, or (job e2e) the image's file system not
+# holding exactly the files the guest wrote (host-side e2fsck + checksums).
+# Exits 77 (skip) only when qemu-system-x86_64 is not installed.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+top=$(cd "$here/../.." && pwd)
+# shellcheck source=../../contrib/guest/vm-lib.sh
+. "$top/contrib/guest/vm-lib.sh"
+VM_LOG_TAG=e2e
+
+backend=vqcowd
+vqcowd=""
+format=raw
+size=256M
+work=""
+guest=""
+job=e2e
+fio_size=64M
+accel=auto
+timeout_s=""
+keep=0
+extra=()
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--backend) backend=$2; shift 2 ;;
+	--vqcowd) vqcowd=$2; shift 2 ;;
+	--format) format=$2; shift 2 ;;
+	--size) size=$2; shift 2 ;;
+	--work-dir) work=$2; shift 2 ;;
+	--guest-dir) guest=$2; shift 2 ;;
+	--job) job=$2; shift 2 ;;
+	--fio-size) fio_size=$2; shift 2 ;;
+	--accel) accel=$2; shift 2 ;;
+	--timeout) timeout_s=$2; shift 2 ;;
+	--keep) keep=1; shift ;;
+	--) shift; extra=("$@"); break ;;
+	-h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+
+fail() {
+	vm_log "FAIL: $*"
+	result=1
+}
+
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+	echo "SKIP: qemu-system-x86_64 not installed" >&2
+	exit 77
+fi
+case "$backend" in
+vqcowd) [ -n "$vqcowd" ] || { echo "run-e2e: --vqcowd PATH is required" >&2; exit 2; } ;;
+qsd) command -v qemu-storage-daemon >/dev/null || { echo "run-e2e: qemu-storage-daemon missing" >&2; exit 1; } ;;
+*) echo "run-e2e: --backend must be vqcowd or qsd" >&2; exit 2 ;;
+esac
+case "$format" in
+raw | qcow2) ;;
+*) echo "run-e2e: --format must be raw or qcow2" >&2; exit 2 ;;
+esac
+[ -z "$vqcowd" ] || vqcowd=$(readlink -f "$vqcowd")
+
+if [ -z "$work" ]; then
+	work=$(mktemp -d "${TMPDIR:-/tmp}/vqcow-e2e.XXXXXX")
+else
+	rm -rf "$work"
+	mkdir -p "$work"
+fi
+work=$(cd "$work" && pwd)
+[ -n "$guest" ] || guest=$work/guest
+img=$work/disk.$format
+# UNIX socket paths are limited to 107 bytes: keep the socket short.
+sockdir=$(mktemp -d "${TMPDIR:-/tmp}/vqcow-e2e-sock.XXXXXX")
+sock=$sockdir/blk.sock
+backend_log=$work/backend.log
+console=$work/console.log
+
+backend_pid=""
+qemu_pid=""
+result=0
+cleanup() {
+	local st=$?
+	trap - EXIT INT TERM
+	if [ -n "$qemu_pid" ] && kill -0 "$qemu_pid" 2>/dev/null; then
+		vm_stop "$qemu_pid" 10
+	fi
+	if [ -n "$backend_pid" ] && kill -0 "$backend_pid" 2>/dev/null; then
+		vm_stop "$backend_pid" 10
+	fi
+	rm -rf "$sockdir"
+	if [ "$st" = 0 ] && [ $keep = 0 ]; then
+		rm -f "$img" "$work/image.raw"
+		rm -rf "$work/files"
+	elif [ -d "$work" ]; then
+		vm_log "logs and image kept in $work"
+	fi
+	exit "$st"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for tool in flock cpio gzip fio busybox mke2fs e2fsck debugfs qemu-img sha256sum timeout; do
+	command -v "$tool" >/dev/null 2>&1 || { vm_log "missing tool '$tool' (run contrib/deps.sh)"; exit 1; }
+done
+
+# --- guest and accelerator ---------------------------------------------------------
+vm_log "building the guest in $guest"
+vm_guest_build "$guest" || { vm_log "guest build failed"; exit 1; }
+if [ "$accel" = auto ]; then
+	accel=$(vm_pick_accel "$guest")
+fi
+[ -n "$timeout_s" ] || { [ "$accel" = kvm ] && timeout_s=300 || timeout_s=600; }
+vm_log "accelerator: $accel, guest timeout ${timeout_s}s"
+
+# --- image and backend ---------------------------------------------------------------
+case "$format" in
+raw) truncate -s "$size" "$img" ;;
+qcow2) qemu-img create -q -f qcow2 "$img" "$size" ;;
+esac || { vm_log "cannot create $img"; exit 1; }
+
+vm_log "starting $backend on $img ($format, $size)"
+vm_backend_start "$backend" "$sock" "$img" "$format" "$backend_log" "$vqcowd" "${extra[@]}" || exit 1
+backend_pid=$VM_BACKEND_PID
+if ! vm_wait_socket "$sock" "$backend_pid" 20; then
+	vm_log "the backend did not create $sock; its log:"
+	cat "$backend_log" >&2
+	exit 1
+fi
+
+# --- the guest run --------------------------------------------------------------------
+vm_qemu_base "$accel"
+append="console=ttyS0 quiet panic=-1 vqcow.job=$job vqcow.fiosize=$fio_size"
+vm_log "booting the guest (job $job)"
+start=$(date +%s)
+timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" \
+	-chardev "socket,id=c0,path=$sock" \
+	-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+	-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "$append" \
+	</dev/null >"$console" 2>&1 &
+qemu_pid=$!
+backend_died=""
+while kill -0 "$qemu_pid" 2>/dev/null; do
+	if ! kill -0 "$backend_pid" 2>/dev/null; then
+		wait "$backend_pid"
+		backend_died=$?
+		backend_pid=""
+		vm_log "the backend exited (status $backend_died) while the guest was running"
+		vm_stop "$qemu_pid" 5
+		break
+	fi
+	sleep 0.5
+done
+wait "$qemu_pid"
+qemu_st=$?
+qemu_pid=""
+elapsed=$(($(date +%s) - start))
+
+tr -d '\r' <"$console" >"$console.txt"
+echo "----- guest console ($elapsed s) -----" >&2
+grep -v '^VQCOW-GUEST: FILE ' "$console.txt" >&2
+echo "----- end of guest console ($(grep -c '^VQCOW-GUEST: FILE ' "$console.txt") FILE lines not shown) -----" >&2
+
+if [ -n "$backend_died" ]; then
+	fail "backend ($backend) exited with status $backend_died during the run"
+fi
+if [ "$qemu_st" = 124 ] || [ "$qemu_st" = 137 ]; then
+	fail "guest timed out after ${timeout_s}s"
+elif [ "$qemu_st" != 0 ] && [ -z "$backend_died" ]; then
+	fail "qemu exited with status $qemu_st"
+fi
+if grep -q '^VQCOW-GUEST: FAIL' "$console.txt"; then
+	fail "guest reported: $(grep '^VQCOW-GUEST: FAIL' "$console.txt" | head -n3 | tr '\n' ' ')"
+fi
+if grep -q 'FAILED' <(grep '^VQCOW-GUEST: STEP' "$console.txt"); then
+	fail "guest step failed: $(grep '^VQCOW-GUEST: STEP.*FAILED' "$console.txt" | head -n3 | tr '\n' ' ')"
+fi
+if ! grep -qx "VQCOW-GUEST: PASS $job" "$console.txt"; then
+	fail "no 'VQCOW-GUEST: PASS $job' on the guest console"
+fi
+if grep -qE 'Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error' "$console.txt"; then
+	fail "kernel reported errors: $(grep -E 'Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error' "$console.txt" | head -n3 | tr '\n' ' ')"
+fi
+
+# --- stop the backend: SIGTERM must end it with status 0 --------------------------------
+if [ -n "$backend_pid" ]; then
+	vm_stop "$backend_pid" 30
+	st=$VM_STOP_STATUS
+	backend_pid=""
+	if [ "$st" != 0 ]; then
+		fail "backend ($backend) exit status after SIGTERM: $st (expected 0)"
+	else
+		vm_log "backend exited 0 on SIGTERM"
+	fi
+fi
+if [ -s "$backend_log" ]; then
+	echo "----- backend log (last 50 lines) -----" >&2
+	tail -n 50 "$backend_log" >&2
+	echo "----- end of backend log -----" >&2
+fi
+
+# --- host-side check of the image: what the guest wrote is really in it --------------
+if [ "$job" = e2e ] && [ $result = 0 ]; then
+	raw=$img
+	if [ "$format" = qcow2 ]; then
+		if ! qemu-img check -q "$img" >"$work/qemu-img-check.log" 2>&1; then
+			cat "$work/qemu-img-check.log" >&2
+			fail "qemu-img check reports problems in $img"
+		fi
+		raw=$work/image.raw
+		qemu-img convert -O raw "$img" "$raw" || fail "qemu-img convert failed"
+	fi
+	if [ $result = 0 ]; then
+		if ! e2fsck -fn "$raw" >"$work/e2fsck.log" 2>&1; then
+			cat "$work/e2fsck.log" >&2
+			fail "host e2fsck of the image failed"
+		fi
+		mkdir -p "$work/files"
+		debugfs -R "rdump / $work/files" "$raw" >/dev/null 2>"$work/debugfs.log" ||
+			fail "debugfs rdump failed: $(cat "$work/debugfs.log")"
+		n=0
+		bad=0
+		while read -r _ _ sum path; do
+			n=$((n + 1))
+			got=$(sha256sum <"$work/files/$path" 2>/dev/null | cut -d' ' -f1)
+			if [ "$got" != "$sum" ]; then
+				bad=$((bad + 1))
+				[ $bad -le 5 ] && vm_log "image content mismatch: $path (guest $sum, image ${got:-missing})"
+			fi
+		done < <(grep '^VQCOW-GUEST: FILE ' "$console.txt")
+		if [ $n = 0 ]; then
+			fail "the guest listed no files to check"
+		elif [ $bad != 0 ]; then
+			fail "$bad of $n files in the image differ from what the guest wrote"
+		else
+			vm_log "host check: e2fsck clean, $n files match the guest's checksums"
+		fi
+	fi
+fi
+
+if [ $result = 0 ]; then
+	vm_log "PASS ($backend, $format, $accel, guest ran ${elapsed}s)"
+	exit 0
+fi
+vm_log "FAILED ($backend, $format, $accel)"
+exit 1
