@@ -1,7 +1,8 @@
 # Shell helpers shared by tests/e2e/run-e2e.sh and contrib/demo.sh: start a
 # vhost-user-blk backend (vqcowd or qemu-storage-daemon), choose KVM or TCG,
 # build the QEMU command line, stop processes and check their exit status.
-# Source it from bash; it defines functions and vm_* variables only.
+# Source it from bash; it defines functions and vm_* variables only. Safe
+# under set -e.
 
 vm_log() { echo "[$(date +%H:%M:%S)] ${VM_LOG_TAG:-vm}: $*" >&2; }
 
@@ -65,8 +66,8 @@ vm_pick_accel() {
 			kill -0 "$pid" 2>/dev/null || break
 			sleep 0.25
 		done
-		kill "$pid" 2>/dev/null
-		wait "$pid" 2>/dev/null
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
 		rm -f "$out"
 		printf '%s\n%s\n' "$key" "$rc" >"$cache"
 	) 9>"$dir/.accel-lock"
@@ -119,17 +120,16 @@ vm_wait_socket() {
 # (no $(...)), or the status cannot be collected.
 vm_stop() {
 	local pid=$1 i
-	kill -TERM "$pid" 2>/dev/null
+	kill -TERM "$pid" 2>/dev/null || true
 	for ((i = 0; i < $2 * 10; i++)); do
 		kill -0 "$pid" 2>/dev/null || break
 		sleep 0.1
 	done
 	if kill -0 "$pid" 2>/dev/null; then
-		kill -KILL "$pid" 2>/dev/null
-		wait "$pid" 2>/dev/null
+		kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
 		VM_STOP_STATUS=killed
 		return 0
 	fi
-	wait "$pid" 2>/dev/null
-	VM_STOP_STATUS=$?
+	wait "$pid" 2>/dev/null && VM_STOP_STATUS=0 || VM_STOP_STATUS=$?
 }
