@@ -14,6 +14,29 @@
  * status buffer is missing or too short completes with
  * req->complete(req, BLK_REQ_MALFORMED): the transport must drop the
  * connection.
+ *
+ * complete() may run from inside blk_req_submit() (requests rejected during
+ * validation complete at once) or later from the image's io_loop; either way
+ * exactly once, and blk/ does not touch the request after calling it.
+ *
+ * Status semantics (one row per check, in the order they are made):
+ *   header (16 bytes, may span iovecs) missing, or no writable byte for the
+ *     status, or the last writable iovec empty      -> BLK_REQ_MALFORMED
+ *   unknown type                                    -> UNSUPP
+ *   IN/OUT: data length not a multiple of 512, sector not aligned to the
+ *     logical block size, range beyond capacity    -> IOERR
+ *   OUT/DISCARD/WRITE_ZEROES on a read-only device  -> IOERR
+ *   DISCARD/WRITE_ZEROES: more than one segment     -> UNSUPP
+ *     segment missing or short                      -> IOERR
+ *     flag bits other than UNMAP, or UNMAP on DISCARD -> UNSUPP
+ *     num_sectors above the advertised maximum, range misaligned or beyond
+ *     capacity                                      -> IOERR
+ *   image I/O errors: blk_status_from_errno()
+ * With the write cache disabled (wce = 0, writethrough), OUT and WRITE_ZEROES
+ * are followed by an image flush before they complete.
+ *
+ * Invariants: blk_dev_inflight() counts submitted-but-not-completed requests;
+ * a request's iovec array belongs to blk/ (and the image) until complete().
  */
 #ifndef VQCOW_BLK_H
 #define VQCOW_BLK_H
@@ -26,6 +49,18 @@
 
 #define BLK_REQ_MALFORMED UINT32_MAX
 
+/* Largest seg_max advertised: VQ_MAX_IOV (1024) minus header and status. */
+#define BLK_MAX_SEG 1022
+/* Advertised per-request limits for DISCARD and WRITE_ZEROES (512-byte sectors). */
+#define BLK_MAX_DISCARD_SECTORS      (1u << 22) /* 2 GiB */
+#define BLK_MAX_WRITE_ZEROES_SECTORS (1u << 22)
+
+enum blk_req_state {
+	BLK_REQ_IDLE = 0,
+	BLK_REQ_IO,       /* image operation in flight */
+	BLK_REQ_WT_FLUSH, /* writethrough: flush after a write in flight */
+};
+
 struct blk_dev;
 struct blk_req;
 
@@ -33,7 +68,7 @@ typedef void blk_complete_fn(struct blk_req *req, uint32_t used_len);
 
 struct blk_req {
 	/* Set by the caller before blk_req_submit(). */
-	struct iovec *iov;   /* out_num readable then in_num writable; may be modified */
+	struct iovec *iov; /* out_num readable then in_num writable; may be modified */
 	unsigned out_num;
 	unsigned in_num;
 	blk_complete_fn *complete;
@@ -43,31 +78,54 @@ struct blk_req {
 	struct blk_dev *dev;
 	uint32_t type;
 	uint64_t sector;
-	uint32_t data_len;
-	uint8_t *status;     /* where the status byte goes */
-	uint32_t in_len;     /* bytes written to guest (without status) */
+	uint64_t data_len;      /* bytes of data (IN/OUT) */
+	uint8_t *status;        /* where the status byte goes */
+	uint32_t in_len;        /* bytes written to guest (without status) */
+	uint8_t state;          /* enum blk_req_state */
+	struct iovec *data_iov; /* data part of iov (header/status stripped) */
+	unsigned data_cnt;
 	struct img_io io;
 };
 
 struct blk_opts {
-	const char *serial;          /* GET_ID string, at most 20 bytes used */
-	uint32_t logical_block_size; /* 512 or 4096 */
-	uint16_t num_queues;
-	uint16_t queue_size;
+	const char *serial;          /* GET_ID string, at most 20 bytes used (NULL = "") */
+	uint32_t logical_block_size; /* 512 or 4096 (0 = 512) */
+	uint16_t num_queues;         /* reported in config (0 = 1) */
+	uint16_t queue_size;         /* largest queue size; seg_max = min(size, 1024) - 2 */
 	bool read_only;
-	bool writeback;              /* initial WCE */
+	bool writeback; /* initial WCE */
 };
 
-/* Create the virtio-blk device over an opened image (blk_dev takes no ownership). */
+/*
+ * Create the virtio-blk device over an opened image (blk_dev takes no ownership).
+ * 0, -EINVAL for a bad option (logical block size, queue size), -ENOMEM.
+ * A read-only image makes the device read-only whatever opts->read_only says.
+ */
 int blk_dev_init(struct blk_dev **devp, struct img *img, const struct blk_opts *opts);
+/* Free the device; no request may be in flight. NULL is fine. */
 void blk_dev_exit(struct blk_dev *dev);
 
-/* virtio-blk feature bits this device offers (VIRTIO_BLK_F_*, VIRTIO_F_*). */
+/* Current write cache mode (config wce): true = writeback. */
+bool blk_dev_get_wce(const struct blk_dev *dev);
+void blk_dev_set_wce(struct blk_dev *dev, bool writeback);
+
+/*
+ * virtio-blk feature bits this device offers: SEG_MAX, BLK_SIZE, TOPOLOGY, MQ,
+ * FLUSH, CONFIG_WCE, DISCARD and WRITE_ZEROES (when the image supports them
+ * and is writable), RO (read-only). Transport bits are the transport's.
+ */
 uint64_t blk_dev_features(const struct blk_dev *dev);
 
-/* Config space (struct virtio_blk_config, little-endian). 0 or -errno. */
+/*
+ * Config space (struct virtio_blk_config, little-endian). Bytes past the end
+ * of the struct read as zero (frontends may ask for a newer, longer layout).
+ * 0, or -EINVAL if [off, off + len) exceeds 4096 bytes.
+ */
 int blk_dev_get_config(struct blk_dev *dev, uint8_t *buf, uint32_t off, uint32_t len);
-/* Writable fields: only wce (writeback). 0 or -errno (-EINVAL for others). */
+/*
+ * Writable fields: only wce (writeback). Bytes of other fields may be
+ * written only with their current value. 0 or -EINVAL.
+ */
 int blk_dev_set_config(struct blk_dev *dev, const uint8_t *buf, uint32_t off, uint32_t len);
 
 /* Capacity changed (image resized): re-read img->size. Returns true if it changed. */

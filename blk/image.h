@@ -54,10 +54,12 @@ struct img_io {
 	uint64_t len;
 
 	/* Private to the implementation. */
-	struct io_cmd cmd;  /* enough for a single-extent request */
-	void *impl;         /* implementation's per-request context, if it needs more */
-	int err;            /* first error of a split request */
-	unsigned pending;   /* sub-commands in flight */
+	struct io_cmd cmd;   /* enough for a single-extent request */
+	void *impl;          /* implementation's per-request context, if it needs more */
+	int err;             /* first error of a split request */
+	unsigned pending;    /* sub-commands in flight */
+	uint8_t stage;       /* implementation's state for multi-step operations */
+	uint64_t pos;        /* implementation's progress (bytes done) */
 	struct img_io *next; /* implementation's wait lists */
 };
 
@@ -71,9 +73,9 @@ struct img_ops {
 };
 
 struct img_opts {
-	const char *format;        /* NULL = probe, "raw", "qcow2" */
+	const char *format; /* NULL = probe, "raw", "qcow2" */
 	bool read_only;
-	bool direct;               /* O_DIRECT (cache=none); default true */
+	bool direct;               /* O_DIRECT (cache=none); set it: NULL opts mean true */
 	uint64_t l2_cache_size;    /* qcow2: bytes, 0 = default (cover the image if sane) */
 	uint32_t cache_entry_size; /* qcow2: slice bytes, 0 = default */
 	bool allow_corrupt_ro;     /* qcow2: open an image with the corrupt bit read-only */
@@ -83,26 +85,33 @@ struct img {
 	const struct img_ops *ops;
 	struct io_loop *loop;
 	char *path;
-	uint64_t size;       /* virtual disk size in bytes */
+	uint64_t size; /* virtual disk size in bytes */
 	bool read_only;
-	unsigned align;      /* data I/O alignment the image wants (O_DIRECT), >= 512 */
+	unsigned align; /* data I/O alignment the image wants (O_DIRECT), >= 512 */
 	bool supports_discard;
 	bool supports_write_zeroes;
 	unsigned discard_granularity; /* bytes */
+	uint32_t opt_io;              /* preferred I/O size in bytes (0 = not reported) */
 };
 
 /*
- * Open @path, probing the format unless opts->format is set. On failure
+ * Open @path, probing the format unless opts->format is set: a file starting
+ * with the qcow2 magic "QFI\xfb" is qcow2, anything else raw. @opts may be
+ * NULL (probe, read-write, O_DIRECT). On failure
  * returns -errno and, if @err is not NULL, writes a one-line message naming
  * the file and the problem into @err (@errlen bytes).
  */
-int img_open(struct img **imgp, struct io_loop *loop, const char *path,
-	     const struct img_opts *opts, char *err, size_t errlen);
+int img_open(struct img **imgp, struct io_loop *loop, const char *path, const struct img_opts *opts,
+	     char *err, size_t errlen);
+/* Close an image (all its img_io must have completed). NULL is fine. */
 void img_close(struct img *img);
 
+/* One-line description for logs (format, path, size, implementation details). */
+void img_describe(struct img *img, char *buf, size_t len);
+
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
-void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt,
-	       uint64_t off, uint64_t len);
+void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,
+	       uint64_t len);
 void img_writev(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt,
 		uint64_t off, uint64_t len);
 void img_flush(struct img *img, struct img_io *io);
@@ -110,7 +119,14 @@ void img_discard(struct img *img, struct img_io *io, uint64_t off, uint64_t len)
 void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t len,
 		      unsigned flags);
 
-/* Implementations' constructors (used by img_open). */
+/*
+ * Implementations' constructors (used by img_open). Same contract as img_open.
+ * Raw: O_DIRECT unless opts->direct is false (and opts non-NULL), regular
+ * files and block devices; discard punches holes (-EOPNOTSUPP from the file
+ * system is ignored: discard is a hint), write-zeroes uses ZERO_RANGE (or
+ * PUNCH_HOLE with IMG_IO_UNMAP), falling back to writing zeroes.
+ * qcow2: blk/image_qcow2.c; without it img_qcow2_open returns -ENOTSUP.
+ */
 int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 const struct img_opts *opts, char *err, size_t errlen);
 int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,

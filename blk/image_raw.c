@@ -1,0 +1,326 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * blk/image_raw.c — raw images (regular files and block devices) over io/.
+ *
+ * One io_cmd per request (the one inside struct img_io). Multi-step
+ * operations (write-zeroes fallbacks) re-use it step after step; io->stage
+ * says which step is in flight and io->pos how far the zero writes got.
+ *
+ *   READ/WRITE     readv/writev at the same offset (O_DIRECT unless disabled)
+ *   FLUSH          fdatasync
+ *   DISCARD        fallocate(PUNCH_HOLE|KEEP_SIZE); EOPNOTSUPP is ignored
+ *                  (a discard is a hint)
+ *   WRITE_ZEROES   UNMAP: PUNCH_HOLE|KEEP_SIZE, else ZERO_RANGE|KEEP_SIZE;
+ *                  on EOPNOTSUPP the next method is tried (and remembered):
+ *                  punch -> zero range -> writing a zero buffer in chunks
+ *
+ * Errors found at submit time (writes on a read-only image) are reported
+ * through a zero-length timer so done() still runs from the loop.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "image.h"
+
+#define ZERO_BUF_SIZE (256u * 1024)
+
+enum raw_stage {
+	RAW_ST_RW = 1,
+	RAW_ST_FLUSH,
+	RAW_ST_DISCARD,
+	RAW_ST_WZ_PUNCH,
+	RAW_ST_WZ_ZERO_RANGE,
+	RAW_ST_WZ_WRITE,
+	RAW_ST_ERROR,
+};
+
+struct raw_img {
+	struct img img;
+	struct io_file file;
+	void *zero_buf;     /* ZERO_BUF_SIZE zero bytes; NULL when read-only */
+	bool no_punch_hole; /* PUNCH_HOLE returned EOPNOTSUPP once */
+	bool no_zero_range; /* ZERO_RANGE returned EOPNOTSUPP once */
+	bool blockdev;
+};
+
+static struct raw_img *to_raw(struct img *img)
+{
+	return (struct raw_img *)img;
+}
+
+static bool is_unsupported(int res)
+{
+	return res == -EOPNOTSUPP || res == -ENOTSUP || res == -ENOSYS;
+}
+
+static void raw_fail_later(struct raw_img *r, struct img_io *io, int err)
+{
+	io->err = err;
+	io->stage = RAW_ST_ERROR;
+	io_timeout(r->img.loop, &io->cmd, 0);
+}
+
+static void raw_write_zero_chunk(struct raw_img *r, struct img_io *io)
+{
+	uint64_t n = io->len - io->pos;
+
+	if (n > ZERO_BUF_SIZE)
+		n = ZERO_BUF_SIZE;
+	io->stage = RAW_ST_WZ_WRITE;
+	io_write(r->img.loop, &io->cmd, &r->file, r->zero_buf, (size_t)n, io->off + io->pos);
+}
+
+/* Start the best write-zeroes method not yet known to fail. */
+static void raw_write_zeroes(struct raw_img *r, struct img_io *io)
+{
+	if ((io->flags & IMG_IO_UNMAP) && !r->no_punch_hole && io->stage < RAW_ST_WZ_PUNCH) {
+		io->stage = RAW_ST_WZ_PUNCH;
+		io_fallocate(r->img.loop, &io->cmd, &r->file,
+			     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->off, io->len);
+		return;
+	}
+	if (!r->no_zero_range && io->stage < RAW_ST_WZ_ZERO_RANGE) {
+		io->stage = RAW_ST_WZ_ZERO_RANGE;
+		io_fallocate(r->img.loop, &io->cmd, &r->file,
+			     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, io->off, io->len);
+		return;
+	}
+	io->pos = 0;
+	raw_write_zero_chunk(r, io);
+}
+
+static void raw_cmd_done(struct io_cmd *cmd, int res)
+{
+	struct img_io *io = cmd->priv;
+	struct raw_img *r = io->impl;
+
+	switch (io->stage) {
+	case RAW_ST_ERROR:
+		res = io->err;
+		break;
+	case RAW_ST_DISCARD:
+		if (is_unsupported(res)) {
+			r->no_punch_hole = true;
+			res = 0;
+		}
+		break;
+	case RAW_ST_WZ_PUNCH:
+		if (is_unsupported(res)) {
+			r->no_punch_hole = true;
+			raw_write_zeroes(r, io);
+			return;
+		}
+		break;
+	case RAW_ST_WZ_ZERO_RANGE:
+		if (is_unsupported(res)) {
+			r->no_zero_range = true;
+			raw_write_zeroes(r, io);
+			return;
+		}
+		break;
+	case RAW_ST_WZ_WRITE:
+		if (res >= 0) {
+			io->pos += (uint64_t)res;
+			if (io->pos < io->len) {
+				raw_write_zero_chunk(r, io);
+				return;
+			}
+		}
+		break;
+	default:
+		break;
+	}
+	io->done(io, res < 0 ? res : 0);
+}
+
+static void raw_step(struct raw_img *r, struct img_io *io)
+{
+	struct io_loop *loop = r->img.loop;
+
+	switch (io->op) {
+	case IMG_OP_READ:
+		io->stage = RAW_ST_RW;
+		io_readv(loop, &io->cmd, &r->file, io->iov, io->iovcnt, io->off);
+		return;
+	case IMG_OP_WRITE:
+		io->stage = RAW_ST_RW;
+		io_writev(loop, &io->cmd, &r->file, io->iov, io->iovcnt, io->off);
+		return;
+	case IMG_OP_FLUSH:
+		io->stage = RAW_ST_FLUSH;
+		io_fdatasync(loop, &io->cmd, &r->file);
+		return;
+	case IMG_OP_DISCARD:
+		if (r->no_punch_hole) {
+			/* Known unsupported: complete as a no-op (still from the loop). */
+			raw_fail_later(r, io, 0);
+			return;
+		}
+		io->stage = RAW_ST_DISCARD;
+		io_fallocate(loop, &io->cmd, &r->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			     io->off, io->len);
+		return;
+	case IMG_OP_WRITE_ZEROES:
+		io->stage = 0;
+		raw_write_zeroes(r, io);
+		return;
+	default:
+		raw_fail_later(r, io, -EINVAL);
+		return;
+	}
+}
+
+static void raw_submit(struct img *img, struct img_io *io)
+{
+	struct raw_img *r = to_raw(img);
+	bool write =
+	    io->op == IMG_OP_WRITE || io->op == IMG_OP_DISCARD || io->op == IMG_OP_WRITE_ZEROES;
+
+	io->impl = r;
+	io->cmd.done = raw_cmd_done;
+	io->cmd.priv = io;
+	if (write && img->read_only) {
+		raw_fail_later(r, io, -EROFS);
+		return;
+	}
+	if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off)) {
+		raw_fail_later(r, io, -EINVAL);
+		return;
+	}
+	raw_step(r, io);
+}
+
+static void raw_close(struct img *img)
+{
+	struct raw_img *r = to_raw(img);
+
+	io_file_close(&r->file);
+	if (r->zero_buf)
+		io_free_aligned(r->zero_buf);
+	free(img->path);
+	free(r);
+}
+
+static void raw_describe(struct img *img, char *buf, size_t len)
+{
+	struct raw_img *r = to_raw(img);
+
+	snprintf(buf, len, "raw %s%s, %llu bytes, %s (align %u)%s",
+		 r->blockdev ? "block device " : "", img->path, (unsigned long long)img->size,
+		 (r->file.flags & IO_FILE_DIRECT) ? "O_DIRECT" : "buffered", img->align,
+		 img->read_only ? ", read-only" : "");
+}
+
+static const struct img_ops raw_ops = {
+    .format = "raw",
+    .submit = raw_submit,
+    .close = raw_close,
+    .describe = raw_describe,
+};
+
+/* Block device discard granularity from sysfs; 0 = no discard. */
+static unsigned blockdev_discard_granularity(dev_t rdev)
+{
+	char path[96];
+	unsigned long v = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/queue/discard_granularity", major(rdev),
+		 minor(rdev));
+	f = fopen(path, "re");
+	if (!f)
+		return 4096; /* unknown: let the kernel decide per request */
+	if (fscanf(f, "%lu", &v) != 1)
+		v = 0;
+	fclose(f);
+	return v > (1ul << 30) ? (1u << 30) : (unsigned)v;
+}
+
+int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
+		 const struct img_opts *opts, char *err, size_t errlen)
+{
+	struct raw_img *r;
+	struct stat st;
+	bool read_only = opts ? opts->read_only : false;
+	bool direct = opts ? opts->direct : true;
+	unsigned flags = 0;
+	uint64_t size;
+	int ret;
+
+	if (err && errlen)
+		err[0] = '\0';
+	r = calloc(1, sizeof(*r));
+	if (!r) {
+		ret = -ENOMEM;
+		goto err_msg;
+	}
+	r->img.path = strdup(path);
+	if (!r->img.path) {
+		ret = -ENOMEM;
+		goto free_raw;
+	}
+	if (read_only)
+		flags |= IO_FILE_RDONLY;
+	if (direct)
+		flags |= IO_FILE_DIRECT;
+	ret = io_file_open(&r->file, path, flags);
+	if (ret < 0)
+		goto free_path;
+	if (fstat(r->file.fd, &st) < 0) {
+		ret = -errno;
+		goto close_file;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		ret = -EINVAL;
+		if (err)
+			snprintf(err, errlen, "%s: not a regular file or block device", path);
+		goto close_file;
+	}
+	r->blockdev = S_ISBLK(st.st_mode);
+	ret = io_file_get_size(&r->file, &size);
+	if (ret < 0)
+		goto close_file;
+	if (!read_only) {
+		r->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
+		if (!r->zero_buf) {
+			ret = -ENOMEM;
+			goto close_file;
+		}
+		memset(r->zero_buf, 0, ZERO_BUF_SIZE);
+	}
+
+	r->img.ops = &raw_ops;
+	r->img.loop = loop;
+	r->img.size = size;
+	r->img.read_only = read_only;
+	r->img.align = r->file.align > 512 ? r->file.align : 512;
+	if (r->blockdev) {
+		r->img.discard_granularity = blockdev_discard_granularity(st.st_rdev);
+		r->img.supports_discard = r->img.discard_granularity != 0;
+	} else {
+		r->img.discard_granularity = st.st_blksize > 0 ? (unsigned)st.st_blksize : 4096;
+		r->img.supports_discard = true;
+	}
+	r->img.supports_write_zeroes = true;
+	r->img.opt_io = 0;
+	*imgp = &r->img;
+	return 0;
+
+close_file:
+	io_file_close(&r->file);
+free_path:
+	free(r->img.path);
+free_raw:
+	free(r);
+err_msg:
+	if (err && !err[0])
+		snprintf(err, errlen, "%s: %s", path, strerror(-ret));
+	return ret;
+}

@@ -1,0 +1,467 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Unit tests of blk/image.c and blk/image_raw.c over a real io/ loop on a
+ * temporary file (in $VQCOW_TEST_DIR, else the current directory unless it is
+ * tmpfs, else /var/tmp), with io/'s fault injection for the error paths.
+ */
+#include <CUnit/Basic.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <linux/virtio_blk.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "blk.h"
+#include "image.h"
+#include "io.h"
+
+#define IMG_SIZE (4u << 20)
+#define MAX_ITER 100000
+
+static char g_dir[512];
+static char g_path[600];
+static struct io_loop *g_loop;
+static bool g_in_submit;
+
+struct tio {
+	struct img_io io;
+	int calls;
+	int res;
+};
+
+static void tio_done(struct img_io *io, int res)
+{
+	struct tio *t = (struct tio *)io;
+
+	CU_ASSERT_FALSE(g_in_submit); /* never from inside the submitter */
+	t->calls++;
+	t->res = res;
+}
+
+static void tio_init(struct tio *t)
+{
+	memset(t, 0, sizeof(*t));
+	t->io.done = tio_done;
+}
+
+static void run_until(const int *calls, int want)
+{
+	for (int i = 0; i < MAX_ITER && *calls < want; i++) {
+		int r = io_loop_run_once(g_loop, true);
+
+		CU_ASSERT_FATAL(r >= 0);
+	}
+	CU_ASSERT_EQUAL(*calls, want);
+}
+
+static bool on_tmpfs(const char *dir)
+{
+	struct statfs s;
+
+	return statfs(dir, &s) == 0 && s.f_type == TMPFS_MAGIC;
+}
+
+static void pick_dir(void)
+{
+	const char *env = getenv("VQCOW_TEST_DIR");
+
+	if (env && *env)
+		snprintf(g_dir, sizeof(g_dir), "%s", env);
+	else if (!on_tmpfs("."))
+		snprintf(g_dir, sizeof(g_dir), ".");
+	else
+		snprintf(g_dir, sizeof(g_dir), "/var/tmp");
+}
+
+static uint8_t pat(uint64_t off)
+{
+	return (uint8_t)((off * 13) ^ (off >> 9));
+}
+
+/* Create g_path: IMG_SIZE bytes of pattern (or @head at the start). */
+static void make_file(const void *head, size_t head_len)
+{
+	static uint8_t buf[65536];
+	int fd;
+
+	snprintf(g_path, sizeof(g_path), "%s/test_image_raw.XXXXXX", g_dir);
+	fd = mkstemp(g_path);
+	CU_ASSERT_FATAL(fd >= 0);
+	for (uint64_t off = 0; off < IMG_SIZE; off += sizeof(buf)) {
+		for (size_t i = 0; i < sizeof(buf); i++)
+			buf[i] = pat(off + i);
+		if (off == 0 && head)
+			memcpy(buf, head, head_len);
+		CU_ASSERT_FATAL(pwrite(fd, buf, sizeof(buf), (off_t)off) == (ssize_t)sizeof(buf));
+	}
+	close(fd);
+}
+
+static struct img *open_img(bool ro)
+{
+	struct img_opts o = {.read_only = ro, .direct = true};
+	struct img *img = NULL;
+	char err[256];
+	int ret;
+
+	ret = img_open(&img, g_loop, g_path, &o, err, sizeof(err));
+	if (ret < 0)
+		fprintf(stderr, "img_open: %s\n", err);
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+	return img;
+}
+
+static int do_rw(struct img *img, bool write, void *buf, size_t len, uint64_t off)
+{
+	struct tio t;
+	struct iovec iov = {buf, len};
+
+	tio_init(&t);
+	g_in_submit = true;
+	if (write)
+		img_writev(img, &t.io, &iov, 1, off, len);
+	else
+		img_readv(img, &t.io, &iov, 1, off, len);
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(t.calls, 0);
+	run_until(&t.calls, 1);
+	return t.res;
+}
+
+static int do_op(struct img *img, uint8_t op, uint64_t off, uint64_t len, unsigned flags)
+{
+	struct tio t;
+
+	tio_init(&t);
+	g_in_submit = true;
+	switch (op) {
+	case IMG_OP_FLUSH:
+		img_flush(img, &t.io);
+		break;
+	case IMG_OP_DISCARD:
+		img_discard(img, &t.io, off, len);
+		break;
+	default:
+		img_write_zeroes(img, &t.io, off, len, flags);
+		break;
+	}
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(t.calls, 0);
+	run_until(&t.calls, 1);
+	return t.res;
+}
+
+static bool all_zero(const uint8_t *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (b[i])
+			return false;
+	return true;
+}
+
+static bool is_pattern(const uint8_t *b, size_t n, uint64_t off)
+{
+	for (size_t i = 0; i < n; i++)
+		if (b[i] != pat(off + i))
+			return false;
+	return true;
+}
+
+static void test_open_probe(void)
+{
+	struct img *img = NULL;
+	struct img_opts o = {.direct = true};
+	char err[256], desc[256];
+	static const uint8_t magic[4] = {'Q', 'F', 'I', 0xfb};
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_STRING_EQUAL(img->ops->format, "raw");
+	CU_ASSERT_EQUAL(img->size, IMG_SIZE);
+	CU_ASSERT(img->align >= 512);
+	CU_ASSERT_FALSE(img->read_only);
+	CU_ASSERT(img->supports_discard);
+	CU_ASSERT(img->supports_write_zeroes);
+	CU_ASSERT_PTR_EQUAL(img->loop, g_loop);
+	img_describe(img, desc, sizeof(desc));
+	CU_ASSERT_PTR_NOT_NULL(strstr(desc, "raw"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(desc, g_path));
+	img_close(img);
+
+	/* NULL opts: probe, read-write */
+	CU_ASSERT_EQUAL(img_open(&img, g_loop, g_path, NULL, err, sizeof(err)), 0);
+	img_close(img);
+
+	/* unknown format name */
+	o.format = "vmdk";
+	err[0] = 0;
+	CU_ASSERT_EQUAL(img_open(&img, g_loop, g_path, &o, err, sizeof(err)), -EINVAL);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "vmdk"));
+	unlink(g_path);
+
+	/* missing file: -ENOENT, message names it */
+	err[0] = 0;
+	CU_ASSERT_EQUAL(img_open(&img, g_loop, g_path, NULL, err, sizeof(err)), -ENOENT);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, g_path));
+
+	/* a directory is not an image */
+	o.format = "raw";
+	CU_ASSERT(img_open(&img, g_loop, g_dir, &o, err, sizeof(err)) < 0);
+
+	/* qcow2 magic goes to the qcow2 driver (which refuses this garbage header,
+	 * or is absent), unless raw is forced */
+	make_file(magic, sizeof(magic));
+	err[0] = 0;
+	CU_ASSERT(img_open(&img, g_loop, g_path, NULL, err, sizeof(err)) < 0);
+	CU_ASSERT(err[0] != 0);
+	o.format = "raw";
+	CU_ASSERT_EQUAL_FATAL(img_open(&img, g_loop, g_path, &o, err, sizeof(err)), 0);
+	CU_ASSERT_STRING_EQUAL(img->ops->format, "raw");
+	img_close(img);
+	unlink(g_path);
+}
+
+static void test_rw_flush(void)
+{
+	struct img *img;
+	uint8_t *buf = io_alloc_aligned(65536);
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 65536, 8192), 0);
+	CU_ASSERT(is_pattern(buf, 65536, 8192));
+	memset(buf, 0x77, 4096);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 1 << 20), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_FLUSH, 0, 0, 0), 0);
+	memset(buf, 0, 8192);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 8192, (1 << 20) - 4096), 0);
+	CU_ASSERT(is_pattern(buf, 4096, (1 << 20) - 4096));
+	for (int i = 4096; i < 8192; i++)
+		CU_ASSERT_EQUAL_FATAL(buf[i], 0x77);
+	/* 512-byte aligned but not 4 KiB aligned (bounce / buffered path in io/) */
+	memset(buf + 512, 0x33, 512);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf + 512, 512, 512 * 3), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 2048, 0), 0);
+	CU_ASSERT(is_pattern(buf, 1536, 0));
+	CU_ASSERT(buf[1536] == 0x33 && buf[2047] == 0x33);
+	/* beyond the end: refused */
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, IMG_SIZE - 512), -EINVAL);
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
+static void test_discard_zeroes(void)
+{
+	struct img *img;
+	uint8_t *buf = io_alloc_aligned(1 << 20);
+	struct stat st;
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	/* discard punches a hole: reads back zeroes, size unchanged */
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_DISCARD, 65536, 65536, 0), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 3 * 65536, 0), 0);
+	CU_ASSERT(is_pattern(buf, 65536, 0));
+	CU_ASSERT(all_zero(buf + 65536, 65536));
+	CU_ASSERT(is_pattern(buf + 131072, 65536, 131072));
+	/* write zeroes without and with UNMAP */
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 262144, 4096, 0), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 270336, 8192, IMG_IO_UNMAP), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 32768, 258048), 0);
+	CU_ASSERT(is_pattern(buf, 4096, 258048));
+	CU_ASSERT(all_zero(buf + 4096, 4096));
+	CU_ASSERT(is_pattern(buf + 8192, 4096, 266240));
+	CU_ASSERT(all_zero(buf + 12288, 8192));
+	CU_ASSERT(is_pattern(buf + 20480, 12288, 278528));
+	CU_ASSERT_EQUAL(stat(g_path, &st), 0);
+	CU_ASSERT_EQUAL(st.st_size, IMG_SIZE);
+
+	/* file system refuses fallocate: discard is a hint (OK, data kept);
+	 * write zeroes falls back to writing a zero buffer, in several chunks */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -EOPNOTSUPP), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_DISCARD, 0, 4096, 0), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 1 << 20, 600 * 1024, IMG_IO_UNMAP), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 2 << 20, 1024, 0), 0);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 0), 0);
+	CU_ASSERT(is_pattern(buf, 4096, 0));
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 1 << 20, 1 << 20), 0);
+	CU_ASSERT(all_zero(buf, 600 * 1024));
+	CU_ASSERT(is_pattern(buf + 600 * 1024, 4096, (1 << 20) + 600 * 1024));
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 2 << 20), 0);
+	CU_ASSERT(all_zero(buf, 1024));
+	CU_ASSERT(is_pattern(buf + 1024, 3072, (2 << 20) + 1024));
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
+static void test_injected_errors(void)
+{
+	struct img *img;
+	uint8_t *buf = io_alloc_aligned(65536);
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 0), -EIO);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 0), 0); /* fires once */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_WRITEV, 1, -ENOSPC), 0);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), -ENOSPC);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FDATASYNC, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_FLUSH, 0, 0, 0), -EIO);
+	/* a real error from fallocate is reported, not hidden by fallbacks */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 0, 4096, 0), -EIO);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_DISCARD, 0, 4096, 0), -EIO);
+	/* fallback write fails in its second chunk */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -EOPNOTSUPP), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_WRITEV, 2, -EIO), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 0, 512 * 1024, 0), -EIO);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 256 * 1024), 0);
+	CU_ASSERT(is_pattern(buf, 4096, 256 * 1024)); /* second chunk not written */
+	/* short transfers are invisible */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, 4096), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 65536, 1 << 20), 0);
+	CU_ASSERT(is_pattern(buf, 65536, 1 << 20));
+	io_loop_inject_clear(g_loop);
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
+static void test_read_only(void)
+{
+	struct img *img;
+	uint8_t *buf = io_alloc_aligned(4096);
+
+	make_file(NULL, 0);
+	img = open_img(true);
+	CU_ASSERT(img->read_only);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 0), 0);
+	CU_ASSERT(is_pattern(buf, 4096, 0));
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_DISCARD, 0, 4096, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 0, 4096, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_FLUSH, 0, 0, 0), 0);
+	img_close(img);
+	/* the file itself was opened O_RDONLY: a read-only file opens fine */
+	CU_ASSERT_EQUAL(chmod(g_path, 0400), 0);
+	if (geteuid() != 0) {
+		img = open_img(true);
+		img_close(img);
+	}
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
+/* blk/ over a raw image on the real loop: a writethrough write, then a read. */
+struct breq {
+	struct blk_req req;
+	struct iovec iov[3];
+	int calls;
+	uint32_t used;
+};
+
+static void breq_done(struct blk_req *req, uint32_t used)
+{
+	struct breq *b = (struct breq *)req;
+
+	b->calls++;
+	b->used = used;
+}
+
+static void test_blk_over_raw(void)
+{
+	struct img *img;
+	struct blk_dev *dev;
+	struct blk_opts o = {.logical_block_size = 512, .queue_size = 128, .writeback = false};
+	uint8_t *data = io_alloc_aligned(8192);
+	uint8_t hdr[16] = {0}, st = 0xff;
+	struct breq b;
+	uint32_t t;
+	uint64_t s;
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_EQUAL_FATAL(blk_dev_init(&dev, img, &o), 0);
+	memset(data, 0xc3, 8192);
+	t = htole32(VIRTIO_BLK_T_OUT);
+	s = htole64(16);
+	memcpy(hdr, &t, 4);
+	memcpy(hdr + 8, &s, 8);
+	memset(&b, 0, sizeof(b));
+	b.iov[0] = (struct iovec){hdr, 16};
+	b.iov[1] = (struct iovec){data, 8192};
+	b.iov[2] = (struct iovec){&st, 1};
+	b.req.iov = b.iov;
+	b.req.out_num = 2;
+	b.req.in_num = 1;
+	b.req.complete = breq_done;
+	blk_req_submit(dev, &b.req);
+	run_until(&b.calls, 1);
+	CU_ASSERT_EQUAL(st, VIRTIO_BLK_S_OK);
+	CU_ASSERT_EQUAL(b.used, 1);
+
+	memset(data, 0, 8192);
+	t = htole32(VIRTIO_BLK_T_IN);
+	s = htole64(15);
+	memcpy(hdr, &t, 4);
+	memcpy(hdr + 8, &s, 8);
+	memset(&b, 0, sizeof(b));
+	st = 0xff;
+	b.iov[0] = (struct iovec){hdr, 16};
+	b.iov[1] = (struct iovec){data, 1024};
+	b.iov[2] = (struct iovec){&st, 1};
+	b.req.iov = b.iov;
+	b.req.out_num = 1;
+	b.req.in_num = 2;
+	b.req.complete = breq_done;
+	blk_req_submit(dev, &b.req);
+	run_until(&b.calls, 1);
+	CU_ASSERT_EQUAL(st, VIRTIO_BLK_S_OK);
+	CU_ASSERT_EQUAL(b.used, 1025);
+	CU_ASSERT(is_pattern(data, 512, 15 * 512));
+	CU_ASSERT(data[512] == 0xc3 && data[1023] == 0xc3);
+	CU_ASSERT_EQUAL(blk_dev_inflight(dev), 0);
+	blk_dev_exit(dev);
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(data);
+}
+
+int main(void)
+{
+	CU_pSuite s;
+	int failed;
+
+	pick_dir();
+	if (io_loop_init(&g_loop, 64) < 0) {
+		fprintf(stderr, "io_uring unavailable: skipping\n");
+		return 77;
+	}
+	if (CU_initialize_registry() != CUE_SUCCESS)
+		return 1;
+	s = CU_add_suite("image_raw", NULL, NULL);
+	CU_add_test(s, "open and probe", test_open_probe);
+	CU_add_test(s, "read, write, flush", test_rw_flush);
+	CU_add_test(s, "discard and write zeroes", test_discard_zeroes);
+	CU_add_test(s, "injected errors", test_injected_errors);
+	CU_add_test(s, "read-only", test_read_only);
+	CU_add_test(s, "blk over raw", test_blk_over_raw);
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	failed = (int)CU_get_number_of_failures();
+	CU_cleanup_registry();
+	io_loop_exit(g_loop);
+	return failed ? 1 : 0;
+}
