@@ -77,8 +77,8 @@ if [ ! -f "$kroot/.unpacked" ] || [ $force = 1 ]; then
 	deb=$(ls "$cache"/"${pkg}"_*.deb 2>/dev/null | head -n1 || true)
 	if [ -z "$deb" ]; then
 		log "downloading $pkg"
-		(cd "$cache" && apt-get download -q "$pkg" >&2 2>&1) ||
-			{ apt-get update -q >&2 && (cd "$cache" && apt-get download -q "$pkg" >&2); } ||
+		(cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
+			{ apt-get update -q >&2 && (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); } ||
 			die "apt-get download $pkg failed"
 		deb=$(ls "$cache"/"${pkg}"_*.deb | head -n1)
 	fi
@@ -93,7 +93,6 @@ vmlinuz=$kroot/boot/vmlinuz-$kver
 moddir=$kroot/lib/modules/$kver
 [ -f "$vmlinuz" ] || die "$vmlinuz not found in $pkg"
 [ -d "$moddir" ] || die "$moddir not found in $pkg"
-config=$kroot/boot/config-$kver
 
 # --- 2. which modules, in which order ---------------------------------------------
 # Wanted drivers; whatever of these is built in (=y) is skipped. crc32c is a
@@ -240,12 +239,8 @@ fi
 : >"$stage/modules/order"
 for rel in "${load_order[@]}"; do
 	name=${rel##*/}
-	case "$name" in
-	*.ko.xz) xz -dc "$moddir/$rel" >"$stage/modules/${name%.xz}"; name=${name%.xz} ;;
-	*.ko.zst) zstd -qdc "$moddir/$rel" >"$stage/modules/${name%.zst}"; name=${name%.zst} ;;
-	*.ko.gz) gzip -dc "$moddir/$rel" >"$stage/modules/${name%.gz}"; name=${name%.gz} ;;
-	*) cp "$moddir/$rel" "$stage/modules/$name" ;;
-	esac
+	ko_cat "$moddir/$rel" >"$stage/modules/${name%.ko*}.ko"
+	name=${name%.ko*}.ko
 	opt=0
 	b=${name%.ko}
 	for o in "${optional[@]}"; do [ "${o//-/_}" = "${b//-/_}" ] && opt=1; done

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers shared by tests/e2e/run-e2e.sh and contrib/demo.sh: start a
 # vhost-user-blk backend (vqcowd or qemu-storage-daemon), choose KVM or TCG,
 # build the QEMU command line, stop processes and check their exit status.
