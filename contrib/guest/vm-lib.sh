@@ -81,6 +81,7 @@ vm_pick_accel() {
 
 # vm_backend_start KIND SOCK IMG FORMAT LOG [VQCOWD [EXTRA...]]: start the
 # backend in the background; sets VM_BACKEND_PID. KIND is vqcowd or qsd.
+# VM_ACTIVATE=1 starts vqcowd socket-activated (--fd 3).
 vm_backend_start() {
 	local kind=$1 sock=$2 img=$3 fmt=$4 log=$5 bin=${6:-}
 	shift 6 2>/dev/null || shift $#
@@ -88,8 +89,16 @@ vm_backend_start() {
 	case "$kind" in
 	vqcowd)
 		[ -x "$bin" ] || { vm_log "vqcowd binary '$bin' not found"; return 1; }
-		"$bin" --socket-path "$sock" --blk-file "$img" --format "$fmt" --num-queues 2 "$@" \
-			</dev/null >"$log" 2>&1 &
+		if [ "${VM_ACTIVATE:-0}" = 1 ]; then
+			# systemd-style socket activation: the listening socket is fd 3
+			# (LISTEN_FDS=1); vqcowd is exec'ed on the first connection.
+			systemd-socket-activate -l "$sock" \
+				"$bin" --fd 3 --blk-file "$img" --format "$fmt" --num-queues 2 "$@" \
+				</dev/null >"$log" 2>&1 &
+		else
+			"$bin" --socket-path "$sock" --blk-file "$img" --format "$fmt" --num-queues 2 "$@" \
+				</dev/null >"$log" 2>&1 &
+		fi
 		;;
 	qsd)
 		qemu-storage-daemon \

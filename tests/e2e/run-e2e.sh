@@ -14,6 +14,10 @@
 #     --fio-size SIZE        bytes each guest fio job writes (default 64M)
 #     --accel auto|kvm|tcg   default auto: KVM if it really boots the guest
 #     --timeout SECONDS      guest run time limit (default 600 on TCG, 300 on KVM)
+#     --reconnect            after the job, boot a second QEMU against the same
+#                            daemon and re-read the files (job e2e only)
+#     --socket-activation    start vqcowd through systemd-socket-activate, which
+#                            passes the listening socket as fd 3 (vqcowd --fd 3)
 #     --keep                 keep the work dir even when the test passes
 #     -- ARGS...             extra arguments for the backend
 #
@@ -41,6 +45,8 @@ fio_size=64M
 accel=auto
 timeout_s=""
 keep=0
+reconnect=0
+activation=0
 extra=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -55,8 +61,10 @@ while [ $# -gt 0 ]; do
 	--accel) accel=$2; shift 2 ;;
 	--timeout) timeout_s=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
+	--reconnect) reconnect=1; shift ;;
+	--socket-activation) activation=1; shift ;;
 	--) shift; extra=("$@"); break ;;
-	-h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,30p' "$0"; exit 0 ;;
 	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -141,6 +149,11 @@ qcow2) qemu-img create -q -f qcow2 "$img" "$size" ;;
 esac || { vm_log "cannot create $img"; exit 1; }
 
 vm_log "starting $backend on $img ($format, $size)"
+if [ $activation = 1 ]; then
+	[ "$backend" = vqcowd ] || { echo "run-e2e: --socket-activation needs --backend vqcowd" >&2; exit 2; }
+	command -v systemd-socket-activate >/dev/null || { echo "SKIP: systemd-socket-activate not installed" >&2; exit 77; }
+	export VM_ACTIVATE=1
+fi
 vm_backend_start "$backend" "$sock" "$img" "$format" "$backend_log" "$vqcowd" "${extra[@]}" || exit 1
 backend_pid=$VM_BACKEND_PID
 if ! vm_wait_socket "$sock" "$backend_pid" 20; then
@@ -149,58 +162,84 @@ if ! vm_wait_socket "$sock" "$backend_pid" 20; then
 	exit 1
 fi
 
-# --- the guest run --------------------------------------------------------------------
-vm_qemu_base "$accel"
-append="console=ttyS0 quiet panic=-1 vqcow.job=$job vqcow.fiosize=$fio_size"
-vm_log "booting the guest (job $job)"
-start=$(date +%s)
-timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" \
-	-chardev "socket,id=c0,path=$sock" \
-	-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-	-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "$append" \
-	</dev/null >"$console" 2>&1 &
-qemu_pid=$!
-backend_died=""
-while kill -0 "$qemu_pid" 2>/dev/null; do
-	if ! kill -0 "$backend_pid" 2>/dev/null; then
-		wait "$backend_pid"
-		backend_died=$?
-		backend_pid=""
-		vm_log "the backend exited (status $backend_died) while the guest was running"
-		vm_stop "$qemu_pid" 5
-		break
+# --- guest runs ---------------------------------------------------------------------------
+# boot_guest JOB CONSOLE: boot the guest against the backend with vqcow.job=JOB,
+# its serial console into CONSOLE (and CONSOLE.txt without CRs); checks the
+# markers and kernel messages, calling fail() for each problem. Returns 0 when
+# this boot passed.
+boot_guest() {
+	local gjob=$1 con=$2 append start qemu_st before=$result
+	vm_qemu_base "$accel"
+	append="console=ttyS0 quiet panic=-1 vqcow.job=$gjob vqcow.fiosize=$fio_size"
+	vm_log "booting the guest (job $gjob)"
+	start=$(date +%s)
+	timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" \
+		-chardev "socket,id=c0,path=$sock" \
+		-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+		-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" -append "$append" \
+		</dev/null >"$con" 2>&1 &
+	qemu_pid=$!
+	backend_died=""
+	while kill -0 "$qemu_pid" 2>/dev/null; do
+		if ! kill -0 "$backend_pid" 2>/dev/null; then
+			wait "$backend_pid"
+			backend_died=$?
+			backend_pid=""
+			vm_log "the backend exited (status $backend_died) while the guest was running"
+			vm_stop "$qemu_pid" 5
+			break
+		fi
+		sleep 0.5
+	done
+	wait "$qemu_pid"
+	qemu_st=$?
+	qemu_pid=""
+	elapsed=$(($(date +%s) - start))
+
+	tr -d '\r' <"$con" >"$con.txt"
+	echo "----- guest console, job $gjob ($elapsed s) -----" >&2
+	grep -v '^VQCOW-GUEST: FILE ' "$con.txt" >&2
+	echo "----- end of guest console ($(grep -c '^VQCOW-GUEST: FILE ' "$con.txt") FILE lines not shown) -----" >&2
+
+	if [ -n "$backend_died" ]; then
+		fail "backend ($backend) exited with status $backend_died during the run"
 	fi
-	sleep 0.5
-done
-wait "$qemu_pid"
-qemu_st=$?
-qemu_pid=""
-elapsed=$(($(date +%s) - start))
+	if [ "$qemu_st" = 124 ] || [ "$qemu_st" = 137 ]; then
+		fail "guest timed out after ${timeout_s}s"
+	elif [ "$qemu_st" != 0 ] && [ -z "$backend_died" ]; then
+		fail "qemu exited with status $qemu_st"
+	fi
+	if grep -q '^VQCOW-GUEST: FAIL' "$con.txt"; then
+		fail "guest reported: $(grep '^VQCOW-GUEST: FAIL' "$con.txt" | head -n3 | tr '\n' ' ')"
+	fi
+	if grep -q '^VQCOW-GUEST: STEP.*FAILED' "$con.txt"; then
+		fail "guest step failed: $(grep '^VQCOW-GUEST: STEP.*FAILED' "$con.txt" | head -n3 | tr '\n' ' ')"
+	fi
+	if ! grep -qx "VQCOW-GUEST: PASS $gjob" "$con.txt"; then
+		fail "no 'VQCOW-GUEST: PASS $gjob' on the guest console"
+	fi
+	if grep -qE "$kernel_errors" "$con.txt"; then
+		fail "kernel reported errors: $(grep -E "$kernel_errors" "$con.txt" | head -n3 | tr '\n' ' ')"
+	fi
+	[ "$result" = "$before" ]
+}
+kernel_errors='Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error|EXT4-fs warning|JBD2: .*error|virtio_blk.*(error|failed)'
 
-tr -d '\r' <"$console" >"$console.txt"
-echo "----- guest console ($elapsed s) -----" >&2
-grep -v '^VQCOW-GUEST: FILE ' "$console.txt" >&2
-echo "----- end of guest console ($(grep -c '^VQCOW-GUEST: FILE ' "$console.txt") FILE lines not shown) -----" >&2
-
-if [ -n "$backend_died" ]; then
-	fail "backend ($backend) exited with status $backend_died during the run"
-fi
-if [ "$qemu_st" = 124 ] || [ "$qemu_st" = 137 ]; then
-	fail "guest timed out after ${timeout_s}s"
-elif [ "$qemu_st" != 0 ] && [ -z "$backend_died" ]; then
-	fail "qemu exited with status $qemu_st"
-fi
-if grep -q '^VQCOW-GUEST: FAIL' "$console.txt"; then
-	fail "guest reported: $(grep '^VQCOW-GUEST: FAIL' "$console.txt" | head -n3 | tr '\n' ' ')"
-fi
-if grep -q 'FAILED' <(grep '^VQCOW-GUEST: STEP' "$console.txt"); then
-	fail "guest step failed: $(grep '^VQCOW-GUEST: STEP.*FAILED' "$console.txt" | head -n3 | tr '\n' ' ')"
-fi
-if ! grep -qx "VQCOW-GUEST: PASS $job" "$console.txt"; then
-	fail "no 'VQCOW-GUEST: PASS $job' on the guest console"
-fi
-if grep -qE 'Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error' "$console.txt"; then
-	fail "kernel reported errors: $(grep -E 'Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error' "$console.txt" | head -n3 | tr '\n' ' ')"
+boot_guest "$job" "$console" || true
+if [ $reconnect = 1 ] && [ $result = 0 ] && [ -n "$backend_pid" ]; then
+	# A second QEMU connects to the same daemon (the first one quit, so the
+	# daemon must have dropped that connection and accepted this one) and
+	# re-reads the file system: same files, same checksums.
+	vm_log "reconnect: a new QEMU against the same $backend process"
+	if boot_guest reverify "$work/console2.log"; then
+		if diff <(grep '^VQCOW-GUEST: FILE ' "$console.txt" | sort) \
+			<(grep '^VQCOW-GUEST: FILE ' "$work/console2.log.txt" | sort) >"$work/reverify.diff"; then
+			vm_log "reconnect: the second guest read back the same $(grep -c '^VQCOW-GUEST: FILE ' "$console.txt") files"
+		else
+			head -n 20 "$work/reverify.diff" >&2
+			fail "reconnect: the second guest saw different files or contents"
+		fi
+	fi
 fi
 
 # --- stop the backend: SIGTERM must end it with status 0 --------------------------------
