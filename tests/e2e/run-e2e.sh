@@ -16,6 +16,8 @@
 #     --timeout SECONDS      guest run time limit (default 600 on TCG, 300 on KVM)
 #     --reconnect            after the job, boot a second QEMU against the same
 #                            daemon and re-read the files (job e2e only)
+#     --restart              after the job, restart the backend (SIGTERM, must
+#                            exit 0) and re-read the files in a second guest
 #     --socket-activation    start vqcowd through systemd-socket-activate, which
 #                            passes the listening socket as fd 3 (vqcowd --fd 3)
 #     --keep                 keep the work dir even when the test passes
@@ -46,6 +48,7 @@ accel=auto
 timeout_s=""
 keep=0
 reconnect=0
+restart=0
 activation=0
 extra=()
 while [ $# -gt 0 ]; do
@@ -62,9 +65,10 @@ while [ $# -gt 0 ]; do
 	--timeout) timeout_s=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--reconnect) reconnect=1; shift ;;
+	--restart) restart=1; shift ;;
 	--socket-activation) activation=1; shift ;;
 	--) shift; extra=("$@"); break ;;
-	-h | --help) sed -n '2,30p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,32p' "$0"; exit 0 ;;
 	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -226,18 +230,43 @@ boot_guest() {
 kernel_errors='Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error|EXT4-fs warning|JBD2: .*error|virtio_blk.*(error|failed)'
 
 boot_guest "$job" "$console" || true
+# second_boot WHAT: boot the reverify job and compare its file list with the
+# first boot's.
+second_boot() {
+	if boot_guest reverify "$work/console-$1.log"; then
+		if diff <(grep '^VQCOW-GUEST: FILE ' "$console.txt" | sort) \
+			<(grep '^VQCOW-GUEST: FILE ' "$work/console-$1.log.txt" | sort) >"$work/reverify-$1.diff"; then
+			vm_log "$1: the second guest read back the same $(grep -c '^VQCOW-GUEST: FILE ' "$console.txt") files"
+		else
+			head -n 20 "$work/reverify-$1.diff" >&2
+			fail "$1: the second guest saw different files or contents"
+		fi
+	fi
+}
 if [ $reconnect = 1 ] && [ $result = 0 ] && [ -n "$backend_pid" ]; then
 	# A second QEMU connects to the same daemon (the first one quit, so the
 	# daemon must have dropped that connection and accepted this one) and
 	# re-reads the file system: same files, same checksums.
 	vm_log "reconnect: a new QEMU against the same $backend process"
-	if boot_guest reverify "$work/console2.log"; then
-		if diff <(grep '^VQCOW-GUEST: FILE ' "$console.txt" | sort) \
-			<(grep '^VQCOW-GUEST: FILE ' "$work/console2.log.txt" | sort) >"$work/reverify.diff"; then
-			vm_log "reconnect: the second guest read back the same $(grep -c '^VQCOW-GUEST: FILE ' "$console.txt") files"
+	second_boot reconnect
+fi
+if [ $restart = 1 ] && [ $result = 0 ] && [ -n "$backend_pid" ]; then
+	# Stop the daemon cleanly, start a new one on the same image (it reopens
+	# what the first one wrote and flushed), re-read the file system.
+	vm_stop "$backend_pid" 30
+	backend_pid=""
+	if [ "$VM_STOP_STATUS" != 0 ]; then
+		fail "restart: backend exit status after SIGTERM: $VM_STOP_STATUS (expected 0)"
+	else
+		vm_log "restart: backend exited 0 on SIGTERM; starting a new one"
+		mv "$backend_log" "$backend_log.1"
+		vm_backend_start "$backend" "$sock" "$img" "$format" "$backend_log" "$vqcowd" "${extra[@]}" || exit 1
+		backend_pid=$VM_BACKEND_PID
+		if vm_wait_socket "$sock" "$backend_pid" 20; then
+			second_boot restart
 		else
-			head -n 20 "$work/reverify.diff" >&2
-			fail "reconnect: the second guest saw different files or contents"
+			cat "$backend_log" >&2
+			fail "restart: the new backend did not create $sock"
 		fi
 	fi
 fi
