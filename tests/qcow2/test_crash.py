@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Crash test: vqcowd on a qcow2 image (fresh 64K clusters, or with a raw
+backing file) gets random writes and flushes through vqcow-fe and is killed
+with SIGKILL at a random moment; several rounds on the same image.
+
+After each kill:
+  - qemu-img check must report no corruption (leaks are allowed: exit 0 or 3)
+  - every write acknowledged before a completed FLUSH must read back, unless a
+    later write to the same sector was issued (then either version is fine)
+
+Every 512-byte sector written carries a tag (magic, write id, sector number,
+filler derived from both), so the content read back names the write it came
+from; zeroes (or the backing file's id-0 tags) mean "never written".
+"""
+
+import os
+import random
+import struct
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qlib  # noqa: E402
+from qlib import check, fail, log  # noqa: E402
+
+A = None
+W = None
+SECTOR = 512
+SIZE = 32 << 20
+MAGIC = b"VQCWTEST"
+
+
+def sector_data(wid, s):
+    head = MAGIC + struct.pack("<QQ", wid, s)
+    fill = struct.pack("<Q", (wid * 0x9E3779B97F4A7C15 + s * 0xBF58476D1CE4E5B9) & (2**64 - 1))
+    return head + fill * ((SECTOR - len(head)) // 8)
+
+
+def write_data(wid, off, ln):
+    s0 = off // SECTOR
+    return b"".join(sector_data(wid, s0 + i) for i in range(ln // SECTOR))
+
+
+def parse_sector(b, s):
+    """Return the write id stored in sector s, 0 for zeroes, None for garbage."""
+    if b == bytes(SECTOR):
+        return 0
+    if b[:8] != MAGIC:
+        return None
+    wid, ss = struct.unpack_from("<QQ", b, 8)
+    if ss != s or b != sector_data(wid, s):
+        return None
+    return wid
+
+
+class Model:
+    """Per-sector durable id and the ids of writes not yet covered by a flush."""
+
+    def __init__(self, nsect):
+        self.durable = [0] * nsect
+        self.latest = [0] * nsect
+        self.pending = {}  # sector -> set of ids
+
+    def write_issued(self, wid, off, ln):
+        for s in range(off // SECTOR, (off + ln) // SECTOR):
+            self.pending.setdefault(s, set()).add(wid)
+
+    def write_acked(self, wid, off, ln):
+        for s in range(off // SECTOR, (off + ln) // SECTOR):
+            self.latest[s] = wid
+
+    def flushed(self):
+        # all writes issued so far were acknowledged (the driver is sequential)
+        for s in self.pending:
+            self.durable[s] = self.latest[s]
+        self.pending = {}
+
+    def verify(self, raw_path):
+        bad = []
+        with open(raw_path, "rb") as f:
+            data = f.read()
+        check(len(data) == len(self.durable) * SECTOR, "image size changed: %d" % len(data))
+        for s in range(len(self.durable)):
+            b = data[s * SECTOR:(s + 1) * SECTOR]
+            got = parse_sector(b, s)
+            ok = {self.durable[s]} | self.pending.get(s, set())
+            if got not in ok:
+                bad.append("sector %d (offset %d): found %s, acceptable %s"
+                           % (s, s * SECTOR, "garbage" if got is None else "write %d" % got,
+                              sorted(ok)))
+                if len(bad) >= 20:
+                    break
+        check(not bad, "lost or misplaced data after the crash:\n" + "\n".join(bad))
+        # the image now holds what we read: that is the new durable state
+        for s in range(len(self.durable)):
+            got = parse_sector(data[s * SECTOR:(s + 1) * SECTOR], s)
+            self.durable[s] = self.latest[s] = got
+        self.pending = {}
+
+
+def make_image(kind):
+    img = W("crash.qcow2")
+    if kind == "fresh":
+        qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, SIZE)
+        return img, None
+    base = W("base.raw")
+    with open(base, "wb") as f:
+        # id-0 tags for the first half, zeroes for the rest
+        for s in range(0, (SIZE // 2) // SECTOR, 256):
+            f.write(b"".join(sector_data(0, s + i) for i in range(256)))
+        f.truncate(SIZE)
+    qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.raw", "-F", "raw", img)
+    return img, base
+
+
+def one_round(rnd, img, model, rng, next_id):
+    sock = W("crash.sock")
+    d = qlib.Daemon(A.vqcowd, img, sock)
+    if not d.start():
+        fail("round %d: vqcowd refused the image (exit %s)\n%s" % (rnd, d.rc, d.log()))
+    fe = qlib.Frontend(A.fe, sock, timeout=30)
+    delay = rng.uniform(0.2, 2.5)
+    killed = threading.Event()
+
+    def killer():
+        time.sleep(delay)
+        if d.alive():
+            d.p.kill()
+        killed.set()
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    ops = acked = flushes = 0
+    try:
+        while not killed.is_set() and ops < 400:
+            if rng.random() < 0.25:
+                r = fe.flush()
+                if r.rc != 0:
+                    time.sleep(0.05)
+                    check(killed.is_set() or not d.alive(),
+                          "round %d: flush failed while vqcowd was alive\n%s" % (rnd, r.describe()))
+                    break
+                model.flushed()
+                flushes += 1
+                continue
+            kind = rng.random()
+            if kind < 0.6:
+                ln = rng.randrange(1, 17) * SECTOR
+            elif kind < 0.9:
+                ln = rng.randrange(1, 257) * SECTOR
+            else:
+                ln = 65536 * rng.randrange(1, 3)
+            off = rng.randrange(0, (SIZE - ln) // SECTOR + 1) * SECTOR
+            wid = next_id[0]
+            next_id[0] += 1
+            model.write_issued(wid, off, ln)
+            ops += 1
+            r = fe.write(off, write_data(wid, off, ln))
+            if r.rc != 0:
+                time.sleep(0.05)
+                check(killed.is_set() or not d.alive(),
+                      "round %d: write %d+%d failed while vqcowd was alive\n%s"
+                      % (rnd, off, ln, r.describe()))
+                break
+            model.write_acked(wid, off, ln)
+            acked += 1
+    finally:
+        t.join()
+        d.kill()
+    check(d.rc == -9 or d.rc is not None, "round %d: vqcowd status %s" % (rnd, d.rc))
+    if d.rc != -9:
+        log("round %d: vqcowd ended with status %s before the kill\n%s" % (rnd, d.rc, d.log()))
+        check(d.rc == -9, "round %d: vqcowd exited on its own (status %s)" % (rnd, d.rc))
+    log("round %d: killed after %.2fs: %d writes issued, %d acknowledged, %d flushes"
+        % (rnd, delay, ops, acked, flushes))
+    rc, js, r = qlib.qemu_check(img)
+    check(rc in (0, 3), "round %d: qemu-img check after kill -9: rc %s\n%s" % (rnd, rc, r.describe()))
+    if rc == 3:
+        log("round %d: %s leaked clusters (allowed)" % (rnd, js.get("leaks")))
+    raw = W("after.raw")
+    qlib.qemu_to_raw(img, raw)
+    model.verify(raw)
+    os.unlink(raw)
+
+
+def main():
+    global A, W
+
+    def extra(p):
+        p.add_argument("--kind", choices=["fresh", "backing"], required=True)
+        p.add_argument("--rounds", type=int, default=6)
+    A = qlib.parse_args(extra)
+    qlib.need_qemu_tools()
+    qlib.need_binary(A.vqcowd, "vqcowd")
+    qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
+    wd = qlib.Workdir(os.path.join(A.workdir, "crash-" + A.kind), A.keep)
+    W = wd
+    ok = False
+    try:
+        rng = random.Random(A.seed + (0 if A.kind == "fresh" else 1))
+        img, base = make_image(A.kind)
+        base_hash = qlib.sha256_file(base) if base else None
+        model = Model(SIZE // SECTOR)
+        next_id = [1]
+        for rnd in range(A.rounds):
+            one_round(rnd, img, model, rng, next_id)
+        if base:
+            check(qlib.sha256_file(base) == base_hash, "the backing file was modified")
+        # finally: vqcowd must open the crashed image and read what qemu reads
+        sock = W("final.sock")
+        d = qlib.Daemon(A.vqcowd, img, sock)
+        if not d.start():
+            fail("vqcowd refused the crashed image (exit %s)\n%s" % (d.rc, d.log()))
+        try:
+            fe = qlib.Frontend(A.fe, sock)
+            got = W("final.raw")
+            fe.read_to_file(0, SIZE, got)
+            model.verify(got)
+        finally:
+            if d.alive():
+                d.assert_clean_stop()
+        ok = True
+    finally:
+        wd.cleanup(ok)
+
+
+if __name__ == "__main__":
+    qlib.main_wrapper(main)

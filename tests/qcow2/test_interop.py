@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Interop corpus: images made by qemu-img/qemu-io, served by vqcowd, read and
+written through the test frontend (vqcow-fe), checked with qemu-img.
+
+For each image of the --group:
+  1. reference = qemu-img convert -O raw (and hashes of snapshots/backing files)
+  2. vqcowd serves it; every byte is read through vqcow-fe and compared
+  3. seeded random writes through vqcow-fe, mirrored into the raw reference;
+     flush; the whole disk is read back and compared
+  4. SIGTERM: vqcowd must exit 0
+  5. qemu-img check clean, qemu-img compare equal to the reference, snapshots
+     (list and contents) and backing files unchanged
+  6. vqcowd reopens the result and reads it back equal to the reference
+"""
+
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qlib  # noqa: E402
+from qlib import check, fail, log  # noqa: E402
+
+A = None
+W = None
+
+GROUPS = ["clusters", "refcount", "compat", "extl2", "compressed", "backing", "prealloc",
+          "datafile", "snapshots"]
+
+STD_WRITES = ("write -P 0x11 0 8k", "write -P 0x22 70k 100k", "write -z 1M 128k",
+              "write -P 0x33 3M 1k", "write -P 0 4M 64k", "write -P 0x44 5M 1M",
+              "write -P 0x45 8188k 4k")
+SIZE = 8 << 20
+
+
+def qcreate(name, opts="", size=SIZE, writes=STD_WRITES, backing=None, bfmt=None):
+    p = W(name)
+    argv = ["create", "-f", "qcow2"]
+    if opts:
+        argv += ["-o", opts]
+    if backing:
+        argv += ["-b", backing, "-F", bfmt]
+    argv.append(p)
+    if size:
+        argv.append(str(size))
+    qlib.qemu_img(*argv)
+    if writes:
+        qlib.qemu_io(p, *writes)
+    return p
+
+
+def corpus(group):
+    """[(name, image path, [files that must stay unchanged])]"""
+    if group == "clusters":
+        return [("cs%d" % cs, qcreate("cs%d.qcow2" % cs, "cluster_size=%d" % cs), [])
+                for cs in (512, 4096, 65536, 2 << 20)]
+    if group == "refcount":
+        return [("rb%d" % rb, qcreate("rb%d.qcow2" % rb, "refcount_bits=%d" % rb), [])
+                for rb in (1, 16, 64)]
+    if group == "compat":
+        return [("compat-0.10", qcreate("v2.qcow2", "compat=0.10"), []),
+                ("compat-1.1", qcreate("v3.qcow2", "compat=1.1"), []),
+                ("lazy-refcounts", qcreate("lazy.qcow2", "compat=1.1,lazy_refcounts=on"), [])]
+    if group == "extl2":
+        return [("extl2-64k", qcreate("e64.qcow2", "extended_l2=on,cluster_size=65536"), []),
+                ("extl2-16k", qcreate("e16.qcow2", "extended_l2=on,cluster_size=16384"), []),
+                ("extl2-2m", qcreate("e2m.qcow2", "extended_l2=on,cluster_size=2M"), [])]
+    if group == "compressed":
+        out = []
+        for cs in (65536, 4096):
+            src = qcreate("src%d.qcow2" % cs, "cluster_size=%d" % cs,
+                          writes=STD_WRITES + ("write -P 0x12 2M 512k",))
+            c = W("comp%d.qcow2" % cs)
+            qlib.qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=%d" % cs, src, c)
+            qlib.qemu_io(c, "write -P 0x77 2M 4k")  # a normal cluster among compressed ones
+            out.append(("compressed-%d" % cs, c, []))
+        return out
+    if group == "backing":
+        base = W("base.raw")
+        with open(base, "wb") as f:
+            f.truncate(6 << 20)  # shorter than the overlays
+        qlib.qemu_io(base, "write -P 0xb0 0 1M", "write -P 0xb1 5M 512", "write -P 0xb2 6140k 4k",
+                     fmt="raw")
+        mid = qcreate("mid.qcow2", "", SIZE, ("write -P 0xc0 512k 1M", "write -z 2M 64k",
+                                            "write -P 0xc1 7M 64k"), backing="base.raw", bfmt="raw")
+        top = qcreate("top.qcow2", "cluster_size=4096", None,
+                      ("write -P 0xd0 1M 8k", "write -z 3M 64k", "write -P 0xd1 600k 4k"),
+                      backing="mid.qcow2", bfmt="qcow2")
+        # a 64K-cluster overlay over a 4K-cluster middle as well
+        mid2 = qcreate("mid2.qcow2", "cluster_size=4096", SIZE, ("write -P 0xe0 100k 300k",),
+                       backing="base.raw", bfmt="raw")
+        top2 = qcreate("top2.qcow2", "extended_l2=on", None, ("write -P 0xe1 200k 4k",),
+                       backing="mid2.qcow2", bfmt="qcow2")
+        return [("chain3", top, [base, mid]), ("chain3-extl2", top2, [base, mid2])]
+    if group == "prealloc":
+        return [("prealloc-%s" % p, qcreate("pre-%s.qcow2" % p, "preallocation=" + p,
+                                           writes=("write -P 0x55 1M 4k", "write -z 2M 64k")), [])
+                for p in ("off", "metadata", "falloc", "full")]
+    if group == "datafile":
+        img = qcreate("df.qcow2", "data_file=df.data", writes=("write -P 0xe0 0 64k",
+                                                             "write -P 0xe1 3M 100k"))
+        img2 = qcreate("dfraw.qcow2", "data_file=dfraw.data,data_file_raw=on",
+                       writes=("write -P 0xe2 64k 64k",))
+        return [("data-file", img, []), ("data-file-raw", img2, [])]
+    if group == "snapshots":
+        img = qcreate("snap.qcow2")
+        qlib.qemu_img("snapshot", "-c", "first", img)
+        qlib.qemu_io(img, "write -P 0x99 0 64k", "write -P 0x98 5M 64k")
+        qlib.qemu_img("snapshot", "-c", "second", img)
+        qlib.qemu_io(img, "write -P 0x97 64k 64k")
+        img2 = qcreate("snap-extl2.qcow2", "extended_l2=on")
+        qlib.qemu_img("snapshot", "-c", "only", img2)
+        qlib.qemu_io(img2, "write -P 0x96 4k 4k")
+        return [("snapshots", img, []), ("snapshots-extl2", img2, [])]
+    fail("unknown group " + group)
+
+
+def snapshot_state(img):
+    snaps = qlib.snapshot_list(img)
+    hashes = {}
+    for sid, name, _ in snaps:
+        out = W("snapdump.raw")
+        qlib.qemu_to_raw(img, out, snapshot=name)
+        hashes[name] = qlib.sha256_file(out)
+        os.unlink(out)
+    return snaps, hashes
+
+
+def serve_and_read(img, ref, what):
+    sock = W("vqcowd.sock")
+    d = qlib.Daemon(A.vqcowd, img, sock)
+    if not d.start():
+        fail("%s: vqcowd refused to serve the image (exit %s)\n%s" % (what, d.rc, d.log()))
+    return d, qlib.Frontend(A.fe, sock)
+
+
+def run_image(name, img, keep_files, rng):
+    what = name
+    ref = W(name + ".ref.raw")
+    qlib.qemu_to_raw(img, ref)
+    size = os.path.getsize(ref)
+    snaps = snapshot_state(img)
+    kept = {p: qlib.sha256_file(p) for p in keep_files}
+    check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check of the fresh image is not clean" % what)
+
+    d, fe = serve_and_read(img, ref, what)
+    try:
+        got = W(name + ".read.raw")
+        fe.read_to_file(0, size, got)
+        qlib.compare_files(ref, got, "%s: initial read through vqcowd vs qemu-img convert" % what)
+        os.unlink(got)
+        # random writes, mirrored into the reference
+        ops = qlib.random_writes(rng, size, 24)
+        # plus writes chosen for the corpus: cluster boundaries, the last sector,
+        # inside zero/compressed/preallocated areas, partial overwrites of backing data
+        ops += [(65536 - 512, 1024), (1 << 20, 4096), (3 << 20, 512), (size - 512, 512),
+                (2 << 20, 65536 + 512), (6 << 20, 8192)]
+        for i, (off, ln) in enumerate(ops):
+            data = qlib.pattern(rng, ln)
+            fe.write_ok(off, data)
+            qlib.apply_to_raw(ref, off, data)
+            if i % 7 == 3:
+                fe.flush_ok()
+            if i % 9 == 5:  # read-after-write through the daemon
+                got_b = fe.read_ok(off, ln)
+                check(got_b == data, "%s: read-after-write mismatch at %d+%d" % (what, off, ln))
+        fe.flush_ok()
+        got = W(name + ".read2.raw")
+        fe.read_to_file(0, size, got)
+        qlib.compare_files(ref, got, "%s: read back after writes" % what)
+        os.unlink(got)
+    except BaseException:
+        d.kill()
+        log("vqcowd log:\n" + d.log())
+        raise
+    d.assert_clean_stop()
+
+    rc, js, r = qlib.qemu_check(img)
+    check(rc == 0, "%s: qemu-img check after vqcowd writes: rc %s\n%s" % (what, rc, r.describe()))
+    r = qlib.qemu_compare(ref, img, fmt_a="raw", fmt_b="qcow2")
+    check(r.rc == 0, "%s: qemu-img compare with the raw reference: %s" % (what, r.describe()))
+    after = snapshot_state(img)
+    check(after == snaps, "%s: snapshots changed: before %r, after %r" % (what, snaps, after))
+    for p, h in kept.items():
+        check(qlib.sha256_file(p) == h, "%s: backing file %s was modified" % (what, p))
+
+    # reopen: vqcowd reads its own metadata back
+    d, fe = serve_and_read(img, ref, what + " (reopened)")
+    try:
+        got = W(name + ".read3.raw")
+        fe.read_to_file(0, size, got)
+        qlib.compare_files(ref, got, "%s: read after reopening" % what)
+        os.unlink(got)
+    except BaseException:
+        d.kill()
+        log("vqcowd log:\n" + d.log())
+        raise
+    d.assert_clean_stop()
+    check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check after reopen not clean" % what)
+    os.unlink(ref)
+
+
+def main():
+    global A, W
+
+    def extra(p):
+        p.add_argument("--group", required=True, choices=GROUPS)
+    A = qlib.parse_args(extra)
+    qlib.need_qemu_tools("qemu-io")
+    qlib.need_binary(A.vqcowd, "vqcowd")
+    qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
+    wd = qlib.Workdir(os.path.join(A.workdir, "interop-" + A.group), A.keep)
+    W = wd
+    ok = False
+    failures = []
+    try:
+        rng = random.Random(A.seed)
+        for name, img, keep in corpus(A.group):
+            try:
+                run_image(name, img, keep, rng)
+                log("PASS %s" % name)
+            except qlib.TestFailure as e:
+                log("FAIL %s: %s" % (name, e))
+                failures.append(name)
+        ok = not failures
+    finally:
+        wd.cleanup(ok)
+    if failures:
+        fail("failed images: " + ", ".join(failures))
+
+
+if __name__ == "__main__":
+    qlib.main_wrapper(main)
