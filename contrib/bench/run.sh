@@ -447,7 +447,7 @@ start_backend() {
 		;;
 	qsd)
 		local a=()
-		[ $qsd_iothread = 1 ] && a+=(--object iothread,id=iot0)
+		[ $qsd_iothread = 1 ] && a+=(--object "iothread,id=iot0")
 		a+=(--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring")
 		if [ -n "$backing" ]; then
 			a+=(--blockdev "driver=file,node-name=bf,filename=$backing,cache.direct=on,aio=io_uring,read-only=on")
