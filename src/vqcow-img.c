@@ -1,0 +1,979 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vqcow-img — offline image tool: create, info, check, map.
+ *
+ * Command line and output follow qemu-img (so either tool can check the
+ * other): `create [-f qcow2|raw] [-o opts] [-b backing] [-F fmt] FILE [SIZE]`,
+ * `info [-f fmt] [--output=human|json] FILE`, `check [-f fmt] [-r leaks|all]
+ * [--output=human|json] [-q] FILE`, `map [-f fmt] [--output=human|json] FILE`.
+ * check exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks
+ * only, 63 format without consistency checks.
+ *
+ * The work is done by qcow2/offline.h; this file parses arguments, prints
+ * results and shows progress on stderr when it is a terminal.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "offline.h"
+
+#define ERRLEN 512
+
+enum output_fmt { OUT_HUMAN, OUT_JSON };
+
+static const char *prog = "vqcow-img";
+
+static void usage(FILE *f)
+{
+	fprintf(
+	    f,
+	    "usage: %s COMMAND [options]\n"
+	    "\n"
+	    "  create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-q] FILE [SIZE]\n"
+	    "      OPTIONS (comma separated): cluster_size=, "
+	    "preallocation=off|metadata|falloc|full,\n"
+	    "      extended_l2=on|off, refcount_bits=, backing_file=, backing_fmt=,\n"
+	    "      compat=0.10|1.1|v2|v3, lazy_refcounts=on|off, size=\n"
+	    "      SIZE accepts the suffixes K, M, G, T, P, E (powers of 1024); without SIZE\n"
+	    "      the backing file's size is used.\n"
+	    "  info [-f FMT] [--output=human|json] FILE\n"
+	    "  check [-f FMT] [-r leaks|all] [--output=human|json] [-q] FILE\n"
+	    "      exit status: 0 no errors, 1 check not completed, 2 corruptions,\n"
+	    "      3 leaked clusters only, 63 format without consistency checks\n"
+	    "  map [-f FMT] [--output=human|json] FILE\n"
+	    "\n"
+	    "  --help, --version\n",
+	    prog);
+}
+
+static void errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void errorf(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "%s: ", prog);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+/* ---- progress on a terminal ---- */
+
+struct progress {
+	bool on;
+	int last; /* last printed per-mille */
+};
+
+static void progress_cb(void *opaque, double fraction)
+{
+	struct progress *p = opaque;
+	int pm;
+
+	if (!p || !p->on)
+		return;
+	if (fraction < 0)
+		fraction = 0;
+	if (fraction > 1)
+		fraction = 1;
+	pm = (int)(fraction * 1000);
+	if (pm == p->last)
+		return;
+	p->last = pm;
+	fprintf(stderr, "\r    (%5.1f/100%%)", pm / 10.0);
+	fflush(stderr);
+}
+
+static void progress_end(struct progress *p)
+{
+	if (p->on && p->last >= 0)
+		fprintf(stderr, "\r                  \r");
+}
+
+static void progress_init(struct progress *p, bool quiet)
+{
+	p->on = !quiet && isatty(STDERR_FILENO);
+	p->last = -1;
+}
+
+/* ---- numbers ---- */
+
+/*
+ * Parse a size with an optional binary suffix (K, M, G, T, P, E; "B" for
+ * bytes) and an optional fraction ("1.5G"). Returns 0 or -EINVAL/-ERANGE.
+ */
+static int parse_size(const char *s, uint64_t *out)
+{
+	static const char suffixes[] = "BKMGTPE";
+	const char *p = s;
+	uint64_t ival = 0, frac_num = 0, frac_den = 1;
+	unsigned shift = 0;
+	const char *sfx;
+
+	if (!*p || *p == '-' || *p == '+')
+		return -EINVAL;
+	if (*p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		if (ival > (UINT64_MAX - 9) / 10)
+			return -ERANGE;
+		ival = ival * 10 + (uint64_t)(*p - '0');
+	}
+	if (*p == '.') {
+		p++;
+		if (*p < '0' || *p > '9')
+			return -EINVAL;
+		for (; *p >= '0' && *p <= '9'; p++) {
+			if (frac_den < 1000000000ull) {
+				frac_num = frac_num * 10 + (uint64_t)(*p - '0');
+				frac_den *= 10;
+			}
+		}
+	}
+	if (*p) {
+		sfx = strchr(suffixes, *p >= 'a' && *p <= 'z' ? *p - 'a' + 'A' : *p);
+		if (!sfx || p[1])
+			return -EINVAL;
+		shift = (unsigned)(sfx - suffixes) * 10;
+	}
+	if (frac_num && !shift)
+		return -EINVAL; /* fractional bytes */
+	if (shift && ival > (UINT64_MAX >> shift))
+		return -ERANGE;
+	ival <<= shift;
+	if (frac_num) {
+		/* frac_num / frac_den * 2^shift, shift >= 10, frac_den <= 1e9 */
+		unsigned __int128 f = ((unsigned __int128)frac_num << shift) / frac_den;
+		if ((unsigned __int128)ival + f > UINT64_MAX)
+			return -ERANGE;
+		ival += (uint64_t)f;
+	}
+	*out = ival;
+	return 0;
+}
+
+/* qemu's size_to_str(): three significant digits and a binary unit. */
+static void size_str(uint64_t v, char *buf, size_t len)
+{
+	static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+	unsigned i = 0;
+	double d = (double)v;
+
+	while (d >= 1024 * 0.95 && i < 6) {
+		d /= 1024;
+		i++;
+	}
+	if (i == 0)
+		snprintf(buf, len, "%" PRIu64 " B", v);
+	else
+		snprintf(buf, len, "%0.3g %s", d, units[i]);
+}
+
+static void json_str(FILE *f, const char *s)
+{
+	fputc('"', f);
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c == '"' || c == '\\')
+			fprintf(f, "\\%c", c);
+		else if (c == '\n')
+			fputs("\\n", f);
+		else if (c == '\t')
+			fputs("\\t", f);
+		else if (c < 0x20 || c == 0x7f)
+			fprintf(f, "\\u%04x", c);
+		else
+			fputc(c, f);
+	}
+	fputc('"', f);
+}
+
+static const char *yesno(bool b)
+{
+	return b ? "true" : "false";
+}
+
+/* ---- create ---- */
+
+static int parse_onoff(const char *key, const char *v, bool *out)
+{
+	if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "yes")) {
+		*out = true;
+		return 0;
+	}
+	if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "no")) {
+		*out = false;
+		return 0;
+	}
+	errorf("Parameter '%s' expects 'on' or 'off', not '%s'", key, v);
+	return -EINVAL;
+}
+
+struct create_args {
+	struct qcow2_create_opts o;
+	bool raw;
+	bool cluster_set, ext_set, refbits_set, compat_set, lazy_set;
+	char *strings[8]; /* owned copies (backing names) */
+	unsigned nstrings;
+};
+
+static char *keep_str(struct create_args *ca, const char *s)
+{
+	char *d = strdup(s);
+
+	if (d && ca->nstrings < sizeof(ca->strings) / sizeof(ca->strings[0]))
+		ca->strings[ca->nstrings++] = d;
+	return d;
+}
+
+static int create_opt(struct create_args *ca, const char *key, const char *val)
+{
+	uint64_t v;
+
+	if (!strcmp(key, "size")) {
+		if (parse_size(val, &v)) {
+			errorf("Invalid image size specified: '%s'", val);
+			return -EINVAL;
+		}
+		ca->o.size = v;
+		ca->o.size_set = true;
+	} else if (!strcmp(key, "cluster_size")) {
+		if (parse_size(val, &v) || v > UINT32_MAX) {
+			errorf("Invalid cluster_size '%s'", val);
+			return -EINVAL;
+		}
+		ca->o.cluster_size = (uint32_t)v;
+		ca->cluster_set = true;
+	} else if (!strcmp(key, "preallocation")) {
+		if (!strcmp(val, "off"))
+			ca->o.prealloc = QCOW2_PREALLOC_OFF;
+		else if (!strcmp(val, "metadata"))
+			ca->o.prealloc = QCOW2_PREALLOC_METADATA;
+		else if (!strcmp(val, "falloc"))
+			ca->o.prealloc = QCOW2_PREALLOC_FALLOC;
+		else if (!strcmp(val, "full"))
+			ca->o.prealloc = QCOW2_PREALLOC_FULL;
+		else {
+			errorf("Invalid preallocation mode: '%s' (off, metadata, falloc or full)",
+			       val);
+			return -EINVAL;
+		}
+	} else if (!strcmp(key, "extended_l2")) {
+		if (parse_onoff(key, val, &ca->o.extended_l2))
+			return -EINVAL;
+		ca->ext_set = true;
+	} else if (!strcmp(key, "lazy_refcounts")) {
+		if (parse_onoff(key, val, &ca->o.lazy_refcounts))
+			return -EINVAL;
+		ca->lazy_set = true;
+	} else if (!strcmp(key, "refcount_bits")) {
+		char *end;
+		unsigned long n;
+
+		errno = 0;
+		n = strtoul(val, &end, 10);
+		if (errno || *end || end == val || n == 0 || n > 64 || (n & (n - 1))) {
+			errorf("Refcount width must be a power of two and may not exceed 64 bits: "
+			       "'%s'",
+			       val);
+			return -EINVAL;
+		}
+		ca->o.refcount_bits = (unsigned)n;
+		ca->refbits_set = true;
+	} else if (!strcmp(key, "compat")) {
+		if (!strcmp(val, "0.10") || !strcmp(val, "v2"))
+			ca->o.version = 2;
+		else if (!strcmp(val, "1.1") || !strcmp(val, "v3"))
+			ca->o.version = 3;
+		else {
+			errorf("Invalid compatibility level: '%s' (0.10, 1.1, v2 or v3)", val);
+			return -EINVAL;
+		}
+		ca->compat_set = true;
+	} else if (!strcmp(key, "backing_file")) {
+		if (!(ca->o.backing_file = keep_str(ca, val)))
+			return -ENOMEM;
+	} else if (!strcmp(key, "backing_fmt")) {
+		if (!(ca->o.backing_fmt = keep_str(ca, val)))
+			return -ENOMEM;
+	} else {
+		errorf("Invalid parameter '%s'", key);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* Parse "k=v,k=v" (",," is a literal comma inside a value). */
+static int create_opts_parse(struct create_args *ca, const char *s)
+{
+	size_t n = strlen(s);
+	char *buf = malloc(n + 1);
+	size_t i = 0;
+	int ret = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	while (i <= n && !ret) {
+		size_t o = 0;
+		char *eq;
+
+		/* one item into buf, unescaping ",," */
+		while (i < n) {
+			if (s[i] == ',') {
+				if (i + 1 < n && s[i + 1] == ',') {
+					buf[o++] = ',';
+					i += 2;
+					continue;
+				}
+				break;
+			}
+			buf[o++] = s[i++];
+		}
+		buf[o] = 0;
+		i++; /* skip the separator (or the terminator) */
+		if (!o)
+			continue;
+		if (!strcmp(buf, "help") || !strcmp(buf, "?")) {
+			usage(stdout);
+			ret = -ECANCELED;
+			break;
+		}
+		eq = strchr(buf, '=');
+		if (!eq) {
+			errorf("Invalid option '%s': expected key=value", buf);
+			ret = -EINVAL;
+			break;
+		}
+		*eq = 0;
+		ret = create_opt(ca, buf, eq + 1);
+	}
+	free(buf);
+	return ret;
+}
+
+static int cmd_create(int argc, char **argv)
+{
+	static const struct option lopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	struct create_args ca;
+	const char *fmt = "qcow2", *file;
+	struct progress prog_state;
+	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
+	char err[ERRLEN] = "";
+	bool quiet = false;
+	int c, ret = 1, r;
+	unsigned i;
+
+	memset(&ca, 0, sizeof(ca));
+	while ((c = getopt_long(argc, argv, "+f:o:b:F:qh", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'o':
+			r = create_opts_parse(&ca, optarg);
+			if (r == -ECANCELED) {
+				ret = 0;
+				goto out_strings;
+			}
+			if (r)
+				goto out_strings;
+			break;
+		case 'b':
+			if (!(ca.o.backing_file = keep_str(&ca, optarg)))
+				goto out_strings;
+			break;
+		case 'F':
+			if (!(ca.o.backing_fmt = keep_str(&ca, optarg)))
+				goto out_strings;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'h':
+			usage(stdout);
+			ret = 0;
+			goto out_strings;
+		default:
+			usage(stderr);
+			goto out_strings;
+		}
+	}
+	if (optind >= argc) {
+		errorf("Expecting image file name");
+		goto out_strings;
+	}
+	file = argv[optind++];
+	if (optind < argc) {
+		if (parse_size(argv[optind], &ca.o.size)) {
+			errorf("Invalid image size specified: '%s'. You may use k, M, G, T, P or E "
+			       "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
+			       "and "
+			       "exabytes.",
+			       argv[optind]);
+			goto out_strings;
+		}
+		ca.o.size_set = true;
+		optind++;
+	}
+	if (optind < argc) {
+		errorf("Unexpected argument: '%s'", argv[optind]);
+		goto out_strings;
+	}
+	progress_init(&prog_state, quiet);
+
+	if (!strcmp(fmt, "raw")) {
+		if (ca.cluster_set || ca.ext_set || ca.refbits_set || ca.compat_set ||
+		    ca.lazy_set || ca.o.backing_file || ca.o.backing_fmt) {
+			errorf("raw images only support the preallocation and size options");
+			goto out_strings;
+		}
+		if (!ca.o.size_set) {
+			errorf("Image creation needs a size parameter");
+			goto out_strings;
+		}
+		r = qcow2_create_raw(file, ca.o.size, ca.o.prealloc, &cb, err, sizeof(err));
+	} else if (!strcmp(fmt, "qcow2")) {
+		r = qcow2_create(file, &ca.o, &cb, err, sizeof(err));
+	} else {
+		errorf("Unknown or unsupported format '%s' (qcow2 or raw)", fmt);
+		goto out_strings;
+	}
+	progress_end(&prog_state);
+	if (r < 0) {
+		errorf("%s: %s", file, err[0] ? err : strerror(-r));
+		goto out_strings;
+	}
+	if (!quiet) {
+		char sz[64];
+		size_str(ca.o.size, sz, sizeof(sz));
+		printf("Formatting '%s', fmt=%s", file, fmt);
+		if (ca.o.size_set)
+			printf(" size=%" PRIu64, ca.o.size);
+		if (ca.o.backing_file)
+			printf(" backing_file=%s", ca.o.backing_file);
+		if (ca.o.backing_fmt)
+			printf(" backing_fmt=%s", ca.o.backing_fmt);
+		printf("\n");
+	}
+	ret = 0;
+out_strings:
+	for (i = 0; i < ca.nstrings; i++)
+		free(ca.strings[i]);
+	return ret;
+}
+
+/* ---- info ---- */
+
+static int parse_output(const char *arg, enum output_fmt *out)
+{
+	if (!strcmp(arg, "json"))
+		*out = OUT_JSON;
+	else if (!strcmp(arg, "human"))
+		*out = OUT_HUMAN;
+	else {
+		errorf("--output must be used with human or json as argument.");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static void info_json(const char *file, const struct qcow2_image_info *in)
+{
+	bool q = !strcmp(in->format, "qcow2");
+	unsigned i;
+
+	printf("{\n");
+	if (in->nb_snapshots) {
+		printf("    \"snapshots\": [\n");
+		for (i = 0; i < in->nb_snapshots; i++) {
+			const struct qcow2_info_snapshot *s = &in->snapshots[i];
+			printf("        {\n");
+			if (s->has_icount)
+				printf("            \"icount\": %" PRIu64 ",\n", s->icount);
+			printf("            \"vm-clock-nsec\": %" PRIu64 ",\n",
+			       (uint64_t)(s->vm_clock_nsec % 1000000000u));
+			printf("            \"name\": ");
+			json_str(stdout, s->name);
+			printf(",\n            \"date-sec\": %u,\n", s->date_sec);
+			printf("            \"date-nsec\": %u,\n", s->date_nsec);
+			printf("            \"vm-clock-sec\": %" PRIu64 ",\n",
+			       (uint64_t)(s->vm_clock_nsec / 1000000000u));
+			printf("            \"id\": ");
+			json_str(stdout, s->id);
+			printf(",\n            \"vm-state-size\": %" PRIu64 "\n", s->vm_state_size);
+			printf("        }%s\n", i + 1 < in->nb_snapshots ? "," : "");
+		}
+		printf("    ],\n");
+	}
+	if (in->backing_fmt) {
+		printf("    \"backing-filename-format\": ");
+		json_str(stdout, in->backing_fmt);
+		printf(",\n");
+	}
+	printf("    \"virtual-size\": %" PRIu64 ",\n", in->virtual_size);
+	printf("    \"filename\": ");
+	json_str(stdout, file);
+	printf(",\n");
+	if (q)
+		printf("    \"cluster-size\": %u,\n", in->cluster_size);
+	printf("    \"format\": \"%s\",\n", in->format);
+	printf("    \"actual-size\": %" PRIu64 ",\n", in->actual_size);
+	if (q) {
+		printf("    \"format-specific\": {\n");
+		printf("        \"type\": \"qcow2\",\n");
+		printf("        \"data\": {\n");
+		printf("            \"compat\": \"%s\",\n", in->version >= 3 ? "1.1" : "0.10");
+		printf("            \"compression-type\": \"%s\",\n",
+		       in->compression_type == 1 ? "zstd" : "zlib");
+		if (in->version >= 3)
+			printf("            \"lazy-refcounts\": %s,\n", yesno(in->lazy_refcounts));
+		printf("            \"refcount-bits\": %u", in->refcount_bits);
+		if (in->data_file) {
+			printf(",\n            \"data-file\": ");
+			json_str(stdout, in->data_file);
+			printf(",\n            \"data-file-raw\": %s", yesno(in->data_file_raw));
+		}
+		if (in->version >= 3) {
+			printf(",\n            \"corrupt\": %s", yesno(in->corrupt));
+			printf(",\n            \"extended-l2\": %s", yesno(in->extended_l2));
+		}
+		printf("\n        }\n    },\n");
+	}
+	if (in->full_backing_file && strcmp(in->full_backing_file, in->backing_file)) {
+		printf("    \"full-backing-filename\": ");
+		json_str(stdout, in->full_backing_file);
+		printf(",\n");
+	}
+	if (in->backing_file) {
+		printf("    \"backing-filename\": ");
+		json_str(stdout, in->backing_file);
+		printf(",\n");
+	}
+	printf("    \"dirty-flag\": %s\n}\n", yesno(in->dirty));
+}
+
+static void clock_str(uint64_t ns, char *buf, size_t len)
+{
+	uint64_t secs = ns / 1000000000ull;
+
+	snprintf(buf, len, "%02" PRIu64 ":%02" PRIu64 ":%02" PRIu64 ".%03" PRIu64, secs / 3600,
+		 (secs / 60) % 60, secs % 60, (ns / 1000000) % 1000);
+}
+
+static void info_human(const char *file, const struct qcow2_image_info *in)
+{
+	char a[64], b[64];
+	unsigned i;
+
+	size_str(in->virtual_size, a, sizeof(a));
+	size_str(in->actual_size, b, sizeof(b));
+	printf("image: %s\nfile format: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s\n",
+	       file, in->format, a, in->virtual_size, b);
+	if (strcmp(in->format, "qcow2"))
+		return;
+	printf("cluster_size: %u\n", in->cluster_size);
+	if (in->backing_file) {
+		printf("backing file: %s", in->backing_file);
+		if (in->full_backing_file && strcmp(in->full_backing_file, in->backing_file))
+			printf(" (actual path: %s)", in->full_backing_file);
+		printf("\n");
+		if (in->backing_fmt)
+			printf("backing file format: %s\n", in->backing_fmt);
+	}
+	if (in->dirty)
+		printf("cleanly shut down: no\n");
+	if (in->nb_snapshots) {
+		printf("Snapshot list:\n");
+		printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+		       "ICOUNT");
+		for (i = 0; i < in->nb_snapshots; i++) {
+			const struct qcow2_info_snapshot *s = &in->snapshots[i];
+			char vms[64], date[32], clk[32], ic[32] = "";
+			time_t t = (time_t)s->date_sec;
+			struct tm tm;
+
+			size_str(s->vm_state_size, vms, sizeof(vms));
+			localtime_r(&t, &tm);
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+			clock_str(s->vm_clock_nsec, clk, sizeof(clk));
+			if (s->has_icount)
+				snprintf(ic, sizeof(ic), "%" PRIu64, s->icount);
+			printf("%-9s %-16s %8s%20s%13s%11s\n", s->id, s->name, vms, date, clk, ic);
+		}
+	}
+	printf("Format specific information:\n");
+	printf("    compat: %s\n", in->version >= 3 ? "1.1" : "0.10");
+	printf("    compression type: %s\n", in->compression_type == 1 ? "zstd" : "zlib");
+	if (in->version >= 3)
+		printf("    lazy refcounts: %s\n", yesno(in->lazy_refcounts));
+	printf("    refcount bits: %u\n", in->refcount_bits);
+	if (in->data_file) {
+		printf("    data file: %s\n", in->data_file);
+		printf("    data file raw: %s\n", yesno(in->data_file_raw));
+	}
+	if (in->version >= 3) {
+		printf("    corrupt: %s\n", yesno(in->corrupt));
+		printf("    extended l2: %s\n", yesno(in->extended_l2));
+	}
+}
+
+static const struct option common_lopts[] = {
+    {"output", required_argument, NULL, 'O'},
+    {"help", no_argument, NULL, 'h'},
+    {"force-share", no_argument, NULL, 'U'},
+    {NULL, 0, NULL, 0},
+};
+
+static int cmd_info(int argc, char **argv)
+{
+	enum output_fmt out = OUT_HUMAN;
+	const char *fmt = NULL, *file;
+	struct qcow2_image_info info;
+	char err[ERRLEN] = "";
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "+f:hU", common_lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'O':
+			if (parse_output(optarg, &out))
+				return 1;
+			break;
+		case 'U':
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind + 1 != argc) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	file = argv[optind];
+	r = qcow2_info(file, fmt, &info, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		return 1;
+	}
+	if (out == OUT_JSON)
+		info_json(file, &info);
+	else
+		info_human(file, &info);
+	qcow2_image_info_free(&info);
+	return 0;
+}
+
+/* ---- check ---- */
+
+struct check_ui {
+	bool quiet;
+	struct progress prog;
+};
+
+static void check_msg_cb(void *opaque, enum qcow2_msg_level level, const char *line)
+{
+	struct check_ui *ui = opaque;
+
+	(void)level;
+	if (ui->quiet)
+		return;
+	if (ui->prog.on && ui->prog.last >= 0) {
+		fprintf(stderr, "\r                  \r");
+		ui->prog.last = -1;
+	}
+	/* As qemu-img: findings go to stderr; the summary to stdout. */
+	fprintf(stderr, "%s\n", line);
+}
+
+static void check_progress_cb(void *opaque, double f)
+{
+	struct check_ui *ui = opaque;
+
+	progress_cb(&ui->prog, f);
+}
+
+static int cmd_check(int argc, char **argv)
+{
+	enum output_fmt out = OUT_HUMAN;
+	const char *fmt = NULL, *file;
+	unsigned flags = 0;
+	bool quiet = false;
+	struct qcow2_check_result res;
+	struct check_ui ui;
+	struct qcow2_tool_cb cb;
+	char err[ERRLEN] = "";
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "+f:r:qhU", common_lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'r':
+			if (!strcmp(optarg, "leaks"))
+				flags = QCOW2_CHECK_FIX_LEAKS;
+			else if (!strcmp(optarg, "all"))
+				flags = QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS;
+			else {
+				errorf(
+				    "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
+				    optarg);
+				return 1;
+			}
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'O':
+			if (parse_output(optarg, &out))
+				return 1;
+			break;
+		case 'U':
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind + 1 != argc) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	file = argv[optind];
+	if (fmt && strcmp(fmt, "qcow2")) {
+		if (!strcmp(fmt, "raw")) {
+			errorf("This image format does not support checks");
+			return 63;
+		}
+		errorf("Unknown or unsupported format '%s'", fmt);
+		return 1;
+	}
+	ui.quiet = quiet;
+	progress_init(&ui.prog, quiet || out == OUT_JSON);
+	cb.msg = check_msg_cb;
+	cb.progress = check_progress_cb;
+	cb.opaque = &ui;
+	memset(&res, 0, sizeof(res));
+	if (!fmt) {
+		struct qcow2_image_info info;
+		char perr[ERRLEN] = "";
+
+		r = qcow2_info(file, NULL, &info, perr, sizeof(perr));
+		if (r == 0) {
+			bool raw = !strcmp(info.format, "raw");
+			qcow2_image_info_free(&info);
+			if (raw) {
+				errorf("This image format does not support checks");
+				return 63;
+			}
+		}
+		/* else let qcow2_check report the problem */
+	}
+	r = qcow2_check(file, flags, &res, &cb, err, sizeof(err));
+	progress_end(&ui.prog);
+	if (r == -ENOTSUP) {
+		errorf("This image format does not support checks");
+		return 63;
+	}
+	if (r < 0) {
+		errorf("Check failed: %s: %s", file, err[0] ? err : strerror(-r));
+		return 1;
+	}
+	if (out == OUT_JSON) {
+		printf("{\n");
+		if (res.image_end_offset)
+			printf("    \"image-end-offset\": %" PRIu64 ",\n", res.image_end_offset);
+		if (res.corruptions)
+			printf("    \"corruptions\": %" PRIu64 ",\n", res.corruptions);
+		if (res.leaks)
+			printf("    \"leaks\": %" PRIu64 ",\n", res.leaks);
+		if (res.corruptions_fixed)
+			printf("    \"corruptions-fixed\": %" PRIu64 ",\n", res.corruptions_fixed);
+		if (res.leaks_fixed)
+			printf("    \"leaks-fixed\": %" PRIu64 ",\n", res.leaks_fixed);
+		printf("    \"total-clusters\": %" PRIu64 ",\n", res.total_clusters);
+		printf("    \"check-errors\": %" PRIu64 ",\n", res.check_errors);
+		if (res.allocated_clusters)
+			printf("    \"allocated-clusters\": %" PRIu64 ",\n",
+			       res.allocated_clusters);
+		if (res.fragmented_clusters)
+			printf("    \"fragmented-clusters\": %" PRIu64 ",\n",
+			       res.fragmented_clusters);
+		if (res.compressed_clusters)
+			printf("    \"compressed-clusters\": %" PRIu64 ",\n",
+			       res.compressed_clusters);
+		printf("    \"filename\": ");
+		json_str(stdout, file);
+		printf(",\n    \"format\": \"qcow2\"\n}\n");
+	} else if (!quiet) {
+		if (res.corruptions_fixed || res.leaks_fixed)
+			printf("The following inconsistencies were found and repaired:\n\n"
+			       "    %" PRIu64 " leaked clusters\n    %" PRIu64 " corruptions\n\n"
+			       "Double checking the fixed image now...\n",
+			       res.leaks_fixed, res.corruptions_fixed);
+		if (!res.corruptions && !res.leaks && !res.check_errors)
+			printf("No errors were found on the image.\n");
+		if (res.check_errors)
+			printf("\n%" PRIu64 " internal errors have occurred during the check.\n",
+			       res.check_errors);
+		if (res.corruptions)
+			printf("\n%" PRIu64 " errors were found on the image.\n"
+			       "Data may be corrupted, or further writes to the image may corrupt "
+			       "it.\n",
+			       res.corruptions);
+		if (res.leaks)
+			printf("\n%" PRIu64 " leaked clusters were found on the image.\n"
+			       "This means waste of disk space, but no harm to data.\n",
+			       res.leaks);
+		if (res.total_clusters)
+			printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% fragmented, "
+			       "%0.2f%% compressed clusters\n",
+			       res.allocated_clusters, res.total_clusters,
+			       res.allocated_clusters * 100.0 / res.total_clusters,
+			       res.allocated_clusters
+				   ? res.fragmented_clusters * 100.0 / res.allocated_clusters
+				   : 0.0,
+			       res.allocated_clusters
+				   ? res.compressed_clusters * 100.0 / res.allocated_clusters
+				   : 0.0);
+		if (res.image_end_offset)
+			printf("Image end offset: %" PRIu64 "\n", res.image_end_offset);
+	}
+	if (res.check_errors)
+		return 1;
+	if (res.corruptions)
+		return 2;
+	if (res.leaks)
+		return 3;
+	return 0;
+}
+
+/* ---- map ---- */
+
+struct map_state {
+	enum output_fmt out;
+	bool first;
+};
+
+static int map_cb(void *opaque, const struct qcow2_map_entry *e)
+{
+	struct map_state *s = opaque;
+
+	if (s->out == OUT_JSON) {
+		printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u, "
+		       "\"present\": %s, \"zero\": %s, \"data\": %s",
+		       s->first ? "[" : ",\n", e->start, e->length, e->depth, yesno(e->present),
+		       yesno(e->zero), yesno(e->data));
+		if (e->has_offset)
+			printf(", \"offset\": %" PRIu64, e->offset);
+		printf("}");
+	} else {
+		if (s->first)
+			printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+		/* qemu-img prints only ranges with data and a host offset */
+		if (e->data && e->has_offset)
+			printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start,
+			       e->length, e->offset, e->filename ? e->filename : "");
+	}
+	s->first = false;
+	return 0;
+}
+
+static int cmd_map(int argc, char **argv)
+{
+	enum output_fmt out = OUT_HUMAN;
+	const char *fmt = NULL, *file;
+	struct map_state s;
+	char err[ERRLEN] = "";
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "+f:hU", common_lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 'O':
+			if (parse_output(optarg, &out))
+				return 1;
+			break;
+		case 'U':
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind + 1 != argc) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	file = argv[optind];
+	s.out = out;
+	s.first = true;
+	r = qcow2_map(file, fmt, map_cb, &s, NULL, err, sizeof(err));
+	if (r < 0) {
+		if (!s.first)
+			printf("\n");
+		errorf("%s: %s", file, err[0] ? err : strerror(-r));
+		return 1;
+	}
+	if (out == OUT_JSON)
+		printf(s.first ? "[]\n" : "]\n");
+	else if (s.first)
+		printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const char *cmd;
+
+	if (argc < 2) {
+		usage(stderr);
+		return 1;
+	}
+	cmd = argv[1];
+	if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+		usage(stdout);
+		return 0;
+	}
+	if (!strcmp(cmd, "--version") || !strcmp(cmd, "-V")) {
+		printf("vqcow-img %s\n", VQCOW_VERSION);
+		return 0;
+	}
+	/* getopt from the sub-command on */
+	argc--;
+	argv++;
+	optind = 1;
+	if (!strcmp(cmd, "create"))
+		return cmd_create(argc, argv);
+	if (!strcmp(cmd, "info"))
+		return cmd_info(argc, argv);
+	if (!strcmp(cmd, "check"))
+		return cmd_check(argc, argv);
+	if (!strcmp(cmd, "map"))
+		return cmd_map(argc, argv);
+	errorf("Command not found: %s", cmd);
+	usage(stderr);
+	return 1;
+}
