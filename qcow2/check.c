@@ -600,7 +600,7 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 			if (alloc & zero) {
 				MSG(c, QCOW2_MSG_ERROR,
 				    "%s offset=%" PRIx64 ": Allocated cluster has corrupted "
-							 "subcluster allocation bitmap",
+				    "subcluster allocation bitmap",
 				    fixing(c, fix) ? "Repairing" : "ERROR", off);
 				c->res->corruptions++;
 				if (fixing(c, fix)) {

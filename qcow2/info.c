@@ -399,24 +399,9 @@ static int info_qcow2(const char *path, int fd, struct qcow2_image_info *in, cha
 	if (h->has_backing_fmt && !(in->backing_fmt = strdup(h->backing_fmt)))
 		goto out_close;
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
-		char *df;
-		int dfd;
-
 		if (!(in->data_file = strdup(h->data_file)))
 			goto out_close;
 		in->data_file_raw = (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
-		/* QEMU counts the data file's allocation in the image's disk usage */
-		df = qcow2_path_relative(path, h->data_file);
-		if (df) {
-			dfd = open(df, O_RDONLY | O_CLOEXEC);
-			if (dfd >= 0) {
-				struct stat st;
-				if (!fstat(dfd, &st))
-					in->actual_size += (uint64_t)st.st_blocks * 512;
-				close(dfd);
-			}
-			free(df);
-		}
 	}
 	if (h->nb_snapshots) {
 		in->snapshots = calloc(h->nb_snapshots, sizeof(*in->snapshots));

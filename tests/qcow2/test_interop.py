@@ -98,9 +98,9 @@ def corpus(group):
                                            writes=("write -P 0x55 1M 4k", "write -z 2M 64k")), [])
                 for p in ("off", "metadata", "falloc", "full")]
     if group == "datafile":
-        img = qcreate("df.qcow2", "data_file=df.data", writes=("write -P 0xe0 0 64k",
+        img = qcreate("df.qcow2", "data_file=" + W("df.data"), writes=("write -P 0xe0 0 64k",
                                                              "write -P 0xe1 3M 100k"))
-        img2 = qcreate("dfraw.qcow2", "data_file=dfraw.data,data_file_raw=on",
+        img2 = qcreate("dfraw.qcow2", "data_file=" + W("dfraw.data") + ",data_file_raw=on",
                        writes=("write -P 0xe2 64k 64k",))
         return [("data-file", img, []), ("data-file-raw", img2, [])]
     if group == "snapshots":
