@@ -184,7 +184,7 @@ mke2fs_bin=$(command -v mke2fs)
 e2fsck_bin=$(command -v e2fsck)
 stamp_src=$(
 	echo "v1 $kver ${load_order[*]}"
-	for f in "$busybox_bin" "$fio_bin" "$mke2fs_bin" "$e2fsck_bin" "$here/init" "$here/build-guest.sh" "$here/guest-lib.sh" "$here"/jobs/*.sh; do
+	for f in "$busybox_bin" "$fio_bin" "$mke2fs_bin" "$e2fsck_bin" $(command -v blkdiscard) "$here/init" "$here/build-guest.sh" "$here/guest-lib.sh" "$here"/jobs/*.sh; do
 		echo "$f $(stat -c '%s %Y' "$f")"
 	done
 )
@@ -216,8 +216,12 @@ copy_lib() {
 	cp -L "$src" "$dst"
 }
 copy_exe() {
-	local exe=$1 dest=$2 lib
+	local exe=$1 dest=$2 lib d
 	mkdir -p "$(dirname "$stage$dest")"
+	# Drop busybox applets of the same name anywhere on PATH: the real tool wins.
+	for d in /bin /sbin /usr/bin /usr/sbin; do
+		[ -L "$stage$d/${dest##*/}" ] && rm -f "$stage$d/${dest##*/}"
+	done
 	rm -f "$stage$dest"
 	cp -L "$exe" "$stage$dest"
 	while read -r lib; do
@@ -228,6 +232,9 @@ copy_exe "$fio_bin" /usr/bin/fio
 copy_exe "$mke2fs_bin" /sbin/mke2fs
 ln -sf mke2fs "$stage/sbin/mkfs.ext4"
 copy_exe "$e2fsck_bin" /sbin/e2fsck
+# util-linux blkdiscard (-z issues BLKZEROOUT: virtio-blk WRITE_ZEROES), over busybox's.
+blkdiscard_bin=$(command -v blkdiscard || true)
+[ -n "$blkdiscard_bin" ] && copy_exe "$blkdiscard_bin" /usr/sbin/blkdiscard
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$stage/etc/"
 # Debian's merged /usr: /lib is /usr/lib; keep both spellings working.
 if [ -d "$stage/lib" ] && [ ! -L "$stage/lib" ]; then

@@ -21,3 +21,7 @@ dev_bytes() {
 	b=${1#/dev/}
 	echo $(($(cat "/sys/block/$b/size") * 512))
 }
+
+# Note: Debian's static busybox runs its own applets before searching PATH
+# (blkdiscard, mke2fs, ...). Call the real tools shipped in the initramfs by
+# absolute path: /usr/bin/fio, /sbin/mkfs.ext4, /sbin/e2fsck, /usr/sbin/blkdiscard.

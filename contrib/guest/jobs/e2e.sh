@@ -3,8 +3,9 @@
 #   vqcow.fiosize=64M    bytes written (and verified) by each of the two fio jobs
 # Steps: (1) fio random writes of mixed 4k/64k blocks, two jobs (io_uring and
 # libaio, one per vCPU so both virtqueues carry requests), crc32c verify of
-# every block, with flushes; (2) mkfs.ext4, write files, record their sha256,
-# sync, umount, drop caches, e2fsck, mount again, compare.
+# every block, with flushes; (2) discard and write-zeroes (when offered) next to
+# verified data; (3) mkfs.ext4, write files, record their sha256, sync, umount,
+# drop caches, e2fsck, mount again, compare.
 # Prints "VQCOW-GUEST: STEP <name> ok|FAILED ..." and, for the host's own
 # check of the image, "VQCOW-GUEST: FILE <sha256> <path>" per file.
 # Exit status 0 only when every step passed.
@@ -62,8 +63,61 @@ else
 	exit 1
 fi
 
-# --- 2. ext4: files survive umount/mount ----------------------------------------
-if ! mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -L vqcow-e2e "$dev" >/tmp/mkfs.out 2>&1; then
+# --- 2. discard and write-zeroes, when the device offers them --------------------
+# The first fio job's region [0, fiosize) must survive both untouched; a
+# zeroed range must read back as zeroes (a discarded one may read anything).
+blk=${dev#/dev/}
+tobytes() { # 64M -> bytes (K/M/G suffixes)
+	case "$1" in
+	*K) echo $((${1%K} * 1024)) ;;
+	*M) echo $((${1%M} * 1048576)) ;;
+	*G) echo $((${1%G} * 1073741824)) ;;
+	*) echo "$1" ;;
+	esac
+}
+region=$(tobytes "$fiosize")
+sum_a() { dd if="$dev" iflag=direct bs=1M count=$((region / 1048576)) 2>/dev/null | sha256sum | cut -d' ' -f1; }
+before=$(sum_a)
+did=""
+if [ "$(cat /sys/block/$blk/queue/discard_max_bytes 2>/dev/null || echo 0)" != 0 ]; then
+	if ! /usr/sbin/blkdiscard -o "$region" -l 4194304 "$dev"; then
+		mark "STEP discard FAILED: blkdiscard -o $region -l 4M"
+		exit 1
+	fi
+	did="$did discard"
+fi
+if [ "$(cat /sys/block/$blk/queue/write_zeroes_max_bytes 2>/dev/null || echo 0)" != 0 ] &&
+	[ -x /usr/sbin/blkdiscard ]; then
+	zoff=$((region + 8388608))
+	# 3 MiB + 4 KiB at a 4 KiB-aligned, not 1 MiB-aligned, offset
+	zoff=$((zoff + 12288))
+	zlen=$((3145728 + 4096))
+	if ! /usr/sbin/blkdiscard -z -o "$zoff" -l "$zlen" "$dev"; then
+		mark "STEP write-zeroes FAILED: blkdiscard -z -o $zoff -l $zlen"
+		exit 1
+	fi
+	got=$(dd if="$dev" iflag=direct,skip_bytes,count_bytes skip="$zoff" count="$zlen" bs=4096 2>/dev/null | sha256sum | cut -d' ' -f1)
+	want=$(head -c "$zlen" /dev/zero | sha256sum | cut -d' ' -f1)
+	if [ "$got" != "$want" ]; then
+		mark "STEP write-zeroes FAILED: range $zoff+$zlen does not read back as zeroes"
+		exit 1
+	fi
+	did="$did write-zeroes"
+fi
+q=/sys/block/$blk/queue
+echo "e2e: discard_max_bytes=$(cat $q/discard_max_bytes 2>/dev/null) write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes 2>/dev/null) logical_block_size=$(cat $q/logical_block_size) physical_block_size=$(cat $q/physical_block_size)"
+if [ -n "$did" ]; then
+	if [ "$(sum_a)" != "$before" ]; then
+		mark "STEP discard FAILED: data outside the discarded/zeroed ranges changed"
+		exit 1
+	fi
+	mark "STEP discard ok:$did (neighbouring data intact)"
+else
+	mark "STEP discard skipped: the device offers neither discard nor write-zeroes"
+fi
+
+# --- 3. ext4: files survive umount/mount ----------------------------------------
+if ! /sbin/mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -L vqcow-e2e "$dev" >/tmp/mkfs.out 2>&1; then
 	cat /tmp/mkfs.out
 	mark "STEP mkfs FAILED"
 	exit 1
@@ -96,7 +150,7 @@ blockdev --flushbufs "$dev" 2>/dev/null
 echo 3 >/proc/sys/vm/drop_caches
 mark "STEP write-files ok $(wc -l </tmp/manifest) files"
 
-if ! e2fsck -fn "$dev" >/tmp/fsck.out 2>&1; then
+if ! /sbin/e2fsck -fn "$dev" >/tmp/fsck.out 2>&1; then
 	cat /tmp/fsck.out
 	mark "STEP e2fsck FAILED"
 	exit 1

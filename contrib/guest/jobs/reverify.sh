@@ -5,7 +5,7 @@
 set -u
 dev=${VQCOW_DEV:-/dev/vda}
 wait_dev "$dev" 30 || exit 1
-if ! e2fsck -fn "$dev" >/tmp/fsck.out 2>&1; then
+if ! /sbin/e2fsck -fn "$dev" >/tmp/fsck.out 2>&1; then
 	cat /tmp/fsck.out
 	mark "STEP e2fsck FAILED"
 	exit 1
