@@ -273,10 +273,20 @@ fi
 
 # --- stop the backend: SIGTERM must end it with status 0 --------------------------------
 if [ -n "$backend_pid" ]; then
-	vm_stop "$backend_pid" 30
-	st=$VM_STOP_STATUS
-	backend_pid=""
-	if [ "$st" != 0 ]; then
+	if ! kill -0 "$backend_pid" 2>/dev/null; then
+		wait "$backend_pid"
+		st=$?
+		backend_pid=""
+		fail "backend ($backend) had already exited, status $st, before SIGTERM"
+		st=gone
+	else
+		vm_stop "$backend_pid" 30
+		st=$VM_STOP_STATUS
+		backend_pid=""
+	fi
+	if [ "$st" = gone ]; then
+		:
+	elif [ "$st" != 0 ]; then
 		fail "backend ($backend) exit status after SIGTERM: $st (expected 0)"
 	else
 		vm_log "backend exited 0 on SIGTERM"
