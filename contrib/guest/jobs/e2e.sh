@@ -19,6 +19,15 @@ wait_dev "$dev" 30 || exit 1
 bytes=$(dev_bytes "$dev")
 mark "STEP find-disk ok $dev $bytes bytes, $(cat /sys/block/${dev#/dev/}/mq/*/nr_tags 2>/dev/null | wc -l) hw queue(s), $ncpu cpu(s)"
 
+tobytes() { # 64M -> bytes (K/M/G suffixes)
+	case "$1" in
+	*K) echo $((${1%K} * 1024)) ;;
+	*M) echo $((${1%M} * 1048576)) ;;
+	*G) echo $((${1%G} * 1073741824)) ;;
+	*) echo "$1" ;;
+	esac
+}
+
 # --- 1. fio with verification ----------------------------------------------
 cpu1=0
 [ "$ncpu" -gt 1 ] && cpu1=1
@@ -27,8 +36,6 @@ cat >/tmp/verify.fio <<EOF
 filename=$dev
 direct=1
 iodepth=16
-rw=randwrite
-bssplit=4k/50:64k/50
 size=$fiosize
 verify=crc32c
 do_verify=1
@@ -40,14 +47,30 @@ group_reporting=0
 
 [uring]
 ioengine=io_uring
+rw=randwrite
+bssplit=4k/50:64k/50
 offset=0
 cpus_allowed=0
 
 [aio]
 ioengine=libaio
+rw=randwrite
+bssplit=4k/50:64k/50
 offset=$fiosize
 cpus_allowed=$cpu1
 fsync=256
+
+# Sequential, synchronous, every size from one sector to 1 MiB (big requests
+# become long descriptor chains), after the two random jobs' regions.
+[seq]
+ioengine=psync
+iodepth=1
+rw=write
+bsrange=512-1M
+blockalign=512
+offset=$((2 * $(tobytes "$fiosize")))
+size=32M
+cpus_allowed=0
 EOF
 if fio --output-format=normal /tmp/verify.fio >/tmp/fio.out 2>&1; then
 	if grep -qi 'verify: bad\|bad magic\|crc32c: verify failed\|err= *[1-9]' /tmp/fio.out; then
@@ -67,14 +90,6 @@ fi
 # The first fio job's region [0, fiosize) must survive both untouched; a
 # zeroed range must read back as zeroes (a discarded one may read anything).
 blk=${dev#/dev/}
-tobytes() { # 64M -> bytes (K/M/G suffixes)
-	case "$1" in
-	*K) echo $((${1%K} * 1024)) ;;
-	*M) echo $((${1%M} * 1048576)) ;;
-	*G) echo $((${1%G} * 1073741824)) ;;
-	*) echo "$1" ;;
-	esac
-}
 region=$(tobytes "$fiosize")
 sum_a() { dd if="$dev" iflag=direct bs=1M count=$((region / 1048576)) 2>/dev/null | sha256sum | cut -d' ' -f1; }
 before=$(sum_a)
