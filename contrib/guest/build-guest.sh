@@ -131,7 +131,7 @@ derive_modules_dep() {
 # modules.dep is not shipped in the package (the postinst runs depmod); make
 # one for the unpacked tree. Without kmod, derive it from each .ko's modinfo.
 if [ ! -f "$moddir/modules.dep" ] || [ $force = 1 ]; then
-	if command -v depmod >/dev/null 2>&1 || [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ]; then
+	if [ "${VQCOW_GUEST_NO_DEPMOD:-0}" != 1 ] && { command -v depmod >/dev/null 2>&1 || [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ]; }; then
 		depmod_bin=$(command -v depmod || echo /usr/sbin/depmod)
 		log "running depmod for $kver"
 		"$depmod_bin" -b "$kroot" "$kver"
