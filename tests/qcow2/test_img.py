@@ -103,19 +103,30 @@ def verify_created(img, size, cs, prealloc, ext, rb, compat, lazy, backing, bfmt
     # tables directly); without it, nothing is allocated in this layer
     with qcow2edit.Image(img) as im:
         nclusters = (size + cs - 1) // cs
-        for gc in range(nclusters):
-            e = im.l2_entry(gc * cs)
-            host = (e or 0) & qcow2edit.OFFSET_MASK
-            if prealloc == "off":
-                check(not host, "%s: preallocation=off but guest cluster %d is allocated" % (what, gc))
-            else:
-                check(host and e & qcow2edit.OFLAG_COPIED,
+        l1 = struct.unpack(">%dQ" % im.h["l1_size"],
+                           im.pread(im.h["l1_table_offset"], 8 * im.h["l1_size"]))
+        if prealloc == "off":
+            check(not any(l1), "%s: preallocation=off but L2 tables are allocated" % what)
+        gc = 0
+        for l2e in l1:
+            if prealloc == "off" or gc >= nclusters:
+                break
+            l2off = l2e & qcow2edit.OFFSET_MASK
+            check(l2off and l2e & qcow2edit.OFLAG_COPIED,
+                  "%s: preallocation=%s but L1 entry %r" % (what, prealloc, l2e))
+            tbl = im.pread(l2off, cs)
+            for j in range(im.l2_entries):
+                if gc >= nclusters:
+                    break
+                e, = struct.unpack_from(">Q", tbl, j * im.l2_entry_size)
+                check(e & qcow2edit.OFFSET_MASK and e & qcow2edit.OFLAG_COPIED,
                       "%s: preallocation=%s but guest cluster %d has L2 entry %r"
                       % (what, prealloc, gc, e))
                 if ext:
-                    bm = im.u64(im.l2_entry_addr(gc * cs) + 8)
-                    check(bm == 0, "%s: preallocated subclusters must stay unallocated (bitmap %x)"
-                          % (what, bm))
+                    bm, = struct.unpack_from(">Q", tbl, j * 16 + 8)
+                    check(bm == 0, "%s: preallocated subclusters must stay unallocated "
+                          "(bitmap %x)" % (what, bm))
+                gc += 1
     if prealloc != "off" and not ext:
         m = json.loads(qlib.qemu_img("map", "--output=json", img).text)
         for e in m:
@@ -158,17 +169,14 @@ def create_one(opts, size_arg, size, cs, prealloc, ext, rb, compat, lazy, backin
 
 def part_create():
     n = 0
-    # 1) cluster size x preallocation x extended_l2 x compat x lazy x backing,
-    #    with refcount_bits rotating through every width
+    # 1) cluster size x preallocation x extended_l2 x compat, with refcount_bits,
+    #    lazy_refcounts and the backing file (none/raw/qcow2) rotating
     rbi = itertools.cycle(REFBITS)
+    lazyi = itertools.cycle([False, True])
+    bki = itertools.cycle([None, "raw", "qcow2"])
     size = 3 * (1 << 20) + 512 * 7  # not cluster aligned
-    for cs, pre, ext, compat, lazy, bk in itertools.product(CLUSTERS, PREALLOC, [False, True], COMPAT,
-                                                              [False, True], [None, "raw", "qcow2"]):
-        rb = 16 if compat == "0.10" else next(rbi)
-        if not valid_combo(cs, ext, rb, compat, lazy, bk, pre):
-            continue
-        if lazy and bk:  # keep the matrix affordable: lazy is independent of backing
-            continue
+
+    def one(cs, pre, ext, compat, lazy, bk, rb):
         opts = ["cluster_size=%d" % cs, "preallocation=%s" % pre,
                 "extended_l2=%s" % ("on" if ext else "off"), "refcount_bits=%d" % rb,
                 "compat=%s" % compat, "lazy_refcounts=%s" % ("on" if lazy else "off")]
@@ -179,6 +187,20 @@ def part_create():
             bfmt = bk
             opts += ["backing_file=" + backing, "backing_fmt=" + bfmt]
         create_one(opts, str(size), size, cs, pre, ext, rb, compat, lazy, backing, bfmt)
+
+    for cs, pre, ext, compat in itertools.product(CLUSTERS, PREALLOC, [False, True], COMPAT):
+        rb = 16 if compat == "0.10" else next(rbi)
+        lazy = compat == "1.1" and next(lazyi)
+        bk = next(bki)
+        if not valid_combo(cs, ext, rb, compat, lazy, bk, pre):
+            bk = None
+        if not valid_combo(cs, ext, rb, compat, lazy, bk, pre):
+            continue
+        one(cs, pre, ext, compat, lazy, bk, rb)
+        n += 1
+    # backing file x preallocation (needs extended L2)
+    for cs, pre, bk in itertools.product((65536, 2 << 20), PREALLOC, ("raw", "qcow2")):
+        one(cs, pre, True, "1.1", False, bk, 16)
         n += 1
     # 2) every refcount width x every cluster size, preallocation rotating (compat 1.1)
     prei = itertools.cycle(PREALLOC + PREALLOC[1:])
