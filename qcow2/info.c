@@ -398,9 +398,39 @@ static int info_qcow2(const char *path, int fd, struct qcow2_image_info *in, cha
 	}
 	if (h->has_backing_fmt && !(in->backing_fmt = strdup(h->backing_fmt)))
 		goto out_close;
+	if (in->full_backing_file) {
+		/* as qemu-img: an image whose backing file is missing cannot be used */
+		int bfd = open(in->full_backing_file, O_RDONLY | O_CLOEXEC);
+
+		if (bfd < 0) {
+			ret = -errno;
+			seterr(err, errlen, "could not open backing file '%s': %s",
+			       in->full_backing_file, strerror(-ret));
+			goto out_close;
+		}
+		close(bfd);
+	}
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+		char *df;
+		int dfd;
+
 		if (!(in->data_file = strdup(h->data_file)))
 			goto out_close;
+		df = qcow2_path_relative(path, h->data_file);
+		if (!df)
+			goto out_close;
+		dfd = open(df, O_RDONLY | O_CLOEXEC);
+		if (dfd < 0 && h->data_file[0] != '/')
+			dfd = open(h->data_file, O_RDONLY | O_CLOEXEC); /* QEMU: relative to cwd */
+		if (dfd < 0) {
+			ret = -errno;
+			seterr(err, errlen, "could not open data file '%s': %s", h->data_file,
+			       strerror(-ret));
+			free(df);
+			goto out_close;
+		}
+		close(dfd);
+		free(df);
 		in->data_file_raw = (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
 	}
 	if (h->nb_snapshots) {

@@ -757,13 +757,27 @@ static int cmd_check(int argc, char **argv)
 		return 1;
 	}
 	file = argv[optind];
-	if (fmt && strcmp(fmt, "qcow2")) {
-		if (!strcmp(fmt, "raw")) {
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s'", fmt);
+		return 1;
+	}
+	{
+		/* open it as info does: raw has no checks; a broken qcow2 fails here */
+		struct qcow2_image_info info;
+		char perr[ERRLEN] = "";
+		bool raw;
+
+		r = qcow2_info(file, fmt, &info, perr, sizeof(perr));
+		if (r < 0) {
+			errorf("Could not open '%s': %s", file, perr[0] ? perr : strerror(-r));
+			return 1;
+		}
+		raw = !strcmp(info.format, "raw");
+		qcow2_image_info_free(&info);
+		if (raw) {
 			errorf("This image format does not support checks");
 			return 63;
 		}
-		errorf("Unknown or unsupported format '%s'", fmt);
-		return 1;
 	}
 	ui.quiet = quiet;
 	progress_init(&ui.prog, quiet || out == OUT_JSON);
@@ -771,27 +785,8 @@ static int cmd_check(int argc, char **argv)
 	cb.progress = check_progress_cb;
 	cb.opaque = &ui;
 	memset(&res, 0, sizeof(res));
-	if (!fmt) {
-		struct qcow2_image_info info;
-		char perr[ERRLEN] = "";
-
-		r = qcow2_info(file, NULL, &info, perr, sizeof(perr));
-		if (r == 0) {
-			bool raw = !strcmp(info.format, "raw");
-			qcow2_image_info_free(&info);
-			if (raw) {
-				errorf("This image format does not support checks");
-				return 63;
-			}
-		}
-		/* else let qcow2_check report the problem */
-	}
 	r = qcow2_check(file, flags, &res, &cb, err, sizeof(err));
 	progress_end(&ui.prog);
-	if (r == -ENOTSUP) {
-		errorf("This image format does not support checks");
-		return 63;
-	}
 	if (r < 0) {
 		errorf("Check failed: %s: %s", file, err[0] ? err : strerror(-r));
 		return 1;
