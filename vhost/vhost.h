@@ -78,7 +78,8 @@ struct vhost_dev_ops {
 	uint16_t max_queue_size; /* largest SET_VRING_NUM accepted (<= VQ_MAX_SIZE) */
 	size_t elem_size;        /* bytes per request struct (>= sizeof(struct vq_elem)) */
 
-	/* Ask the glue to call @cb(@arg) whenever @fd is readable, until unwatch(fd). 0 or -errno. */
+	/* Ask the glue to call @cb(@arg) whenever @fd is readable, until unwatch(fd). 0 or -errno.
+	 */
 	int (*watch)(void *opaque, int fd, vhost_watch_cb *cb, void *arg);
 	/* Stop watching @fd. vhost/ may close @fd right after this returns. */
 	void (*unwatch)(void *opaque, int fd);

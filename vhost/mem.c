@@ -1,0 +1,246 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vhost/mem.c — the memory table: mapping the front-end's regions and
+ * translating guest-physical and front-end-virtual addresses.
+ *
+ * Invariants:
+ *  - every region has size > 0, and gpa + size, uva + size do not overflow;
+ *  - guest-physical ranges of two regions never overlap;
+ *  - a translation never returns more bytes than remain in its region;
+ *  - a mapping that in-flight elements may still point into is not unmapped
+ *    before the connection's in-flight count drops to zero (retired list).
+ */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "vhost_int.h"
+
+static void mem_retire(struct vhost_dev *dev, void *addr, size_t len)
+{
+	struct vhost_mem *m = &dev->mem;
+
+	if (dev->inflight == 0 || m->nretired == sizeof(m->retired) / sizeof(m->retired[0])) {
+		/* The caller checked there is room (vhost_mem_can_retire) when
+		 * elements are in flight; a full list only happens with none. */
+		munmap(addr, len);
+		return;
+	}
+	m->retired[m->nretired].addr = addr;
+	m->retired[m->nretired].len = len;
+	m->nretired++;
+}
+
+void vhost_mem_release_retired(struct vhost_dev *dev)
+{
+	struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nretired; i++)
+		munmap(m->retired[i].addr, m->retired[i].len);
+	m->nretired = 0;
+}
+
+static bool mem_can_retire(const struct vhost_dev *dev, unsigned n)
+{
+	const struct vhost_mem *m = &dev->mem;
+
+	return dev->inflight == 0 || m->nretired + n <= sizeof(m->retired) / sizeof(m->retired[0]);
+}
+
+/*
+ * Map one region from @fd (always closed here). 0 or -errno; on error the
+ * table is unchanged.
+ */
+int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd)
+{
+	struct vhost_mem *m = &dev->mem;
+	struct vhost_mem_region *r;
+	long page = sysconf(_SC_PAGESIZE);
+	uint64_t aligned, delta;
+	struct stat st;
+	void *addr;
+	size_t len;
+	int ret;
+
+	if (m->nregions >= VHOST_MAX_MEM_SLOTS) {
+		vhost_log("memory table full (%u regions)", m->nregions);
+		ret = -ENOSPC;
+		goto close_fd;
+	}
+	if (reg->size == 0 || reg->guest_addr > UINT64_MAX - reg->size ||
+	    reg->user_addr > UINT64_MAX - reg->size ||
+	    reg->mmap_offset > (uint64_t)INT64_MAX - reg->size || reg->size > SIZE_MAX / 2) {
+		vhost_log("bad memory region gpa 0x%llx size 0x%llx uva 0x%llx off 0x%llx",
+			  (unsigned long long)reg->guest_addr, (unsigned long long)reg->size,
+			  (unsigned long long)reg->user_addr, (unsigned long long)reg->mmap_offset);
+		ret = -EINVAL;
+		goto close_fd;
+	}
+	for (unsigned i = 0; i < m->nregions; i++) {
+		const struct vhost_mem_region *o = &m->r[i];
+
+		if (reg->guest_addr < o->gpa + o->size && o->gpa < reg->guest_addr + reg->size) {
+			vhost_log("memory region at gpa 0x%llx overlaps another",
+				  (unsigned long long)reg->guest_addr);
+			ret = -EINVAL;
+			goto close_fd;
+		}
+	}
+	/* Accessing a MAP_SHARED page beyond the end of a file raises SIGBUS:
+	 * only map regular files (memfd, tmpfs, hugetlbfs) large enough. The
+	 * front-end could still shrink the file later; that is its own guest. */
+	if (fstat(fd, &st) < 0) {
+		ret = -errno;
+		goto close_fd;
+	}
+	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < reg->mmap_offset + reg->size) {
+		vhost_log("memory region fd is not a regular file covering offset 0x%llx + 0x%llx",
+			  (unsigned long long)reg->mmap_offset, (unsigned long long)reg->size);
+		ret = -EINVAL;
+		goto close_fd;
+	}
+
+	aligned = reg->mmap_offset & ~(uint64_t)(page - 1);
+	delta = reg->mmap_offset - aligned;
+	len = (size_t)(reg->size + delta);
+	addr =
+	    mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, (off_t)aligned);
+	if (addr == MAP_FAILED && errno == EINVAL) {
+		/* hugetlbfs wants huge-page aligned offsets: map from 0. */
+		delta = reg->mmap_offset;
+		len = (size_t)(reg->size + delta);
+		addr = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+	}
+	if (addr == MAP_FAILED) {
+		ret = -errno;
+		vhost_log("mmap of memory region failed: %s", strerror(-ret));
+		goto close_fd;
+	}
+	close(fd);
+	/* Guest memory has no place in our core dumps. */
+	madvise(addr, len, MADV_DONTDUMP);
+
+	r = &m->r[m->nregions++];
+	r->gpa = reg->guest_addr;
+	r->size = reg->size;
+	r->uva = reg->user_addr;
+	r->map_addr = addr;
+	r->map_len = len;
+	r->host = (uint8_t *)addr + delta;
+	return 0;
+
+close_fd:
+	close(fd);
+	return ret;
+}
+
+/*
+ * REM_MEM_REG: the region is identified by guest address, user address and
+ * size (mmap_offset is ignored). 0, -ENOENT, or -EBUSY (too many retired
+ * mappings while elements are in flight).
+ */
+int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg)
+{
+	struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions; i++) {
+		struct vhost_mem_region *r = &m->r[i];
+
+		if (r->gpa != reg->guest_addr || r->size != reg->size || r->uva != reg->user_addr)
+			continue;
+		if (!mem_can_retire(dev, 1))
+			return -EBUSY;
+		mem_retire(dev, r->map_addr, r->map_len);
+		memmove(r, r + 1, (m->nregions - i - 1) * sizeof(*r));
+		m->nregions--;
+		return 0;
+	}
+	return -ENOENT;
+}
+
+/* Drop every region (SET_MEM_TABLE replaces the table). */
+void vhost_mem_clear(struct vhost_dev *dev)
+{
+	struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions; i++)
+		mem_retire(dev, m->r[i].map_addr, m->r[i].map_len);
+	m->nregions = 0;
+}
+
+/* Whether vhost_mem_clear() can keep every mapping until the drain. */
+bool vhost_mem_can_clear(const struct vhost_dev *dev)
+{
+	return mem_can_retire(dev, dev->mem.nregions);
+}
+
+/* Unmap everything (the connection is gone and nothing is in flight). */
+void vhost_mem_free(struct vhost_dev *dev)
+{
+	struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions; i++)
+		munmap(m->r[i].map_addr, m->r[i].map_len);
+	m->nregions = 0;
+	vhost_mem_release_retired(dev);
+}
+
+void *vhost_gpa_to_host(const struct vhost_dev *dev, uint64_t gpa, uint64_t *len)
+{
+	const struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions; i++) {
+		const struct vhost_mem_region *r = &m->r[i];
+		uint64_t off;
+
+		if (gpa < r->gpa)
+			continue;
+		off = gpa - r->gpa;
+		if (off >= r->size)
+			continue;
+		if (*len > r->size - off)
+			*len = r->size - off;
+		return r->host + off;
+	}
+	return NULL;
+}
+
+void *vhost_uva_to_host(const struct vhost_dev *dev, uint64_t uva, uint64_t len)
+{
+	const struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions; i++) {
+		const struct vhost_mem_region *r = &m->r[i];
+		uint64_t off;
+
+		if (uva < r->uva)
+			continue;
+		off = uva - r->uva;
+		if (off >= r->size || len > r->size - off)
+			continue;
+		return r->host + off;
+	}
+	return NULL;
+}
+
+int vhost_gpa_read(const struct vhost_dev *dev, uint64_t gpa, void *buf, size_t len)
+{
+	uint8_t *out = buf;
+
+	if (len && gpa > UINT64_MAX - (len - 1))
+		return -EFAULT;
+	while (len) {
+		uint64_t chunk = len;
+		void *p = vhost_gpa_to_host(dev, gpa, &chunk);
+
+		if (!p)
+			return -EFAULT;
+		memcpy(out, p, chunk);
+		out += chunk;
+		len -= chunk;
+		gpa += chunk;
+	}
+	return 0;
+}

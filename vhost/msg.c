@@ -1,0 +1,509 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vhost/msg.c — vhost-user front-end messages: one table says, per type, the
+ * payload size range, the number of fds and whether an explicit reply is
+ * sent; vhost_msg_dispatch() is the one place that checks a message against
+ * it, closes fds nobody consumed and sends replies / REPLY_ACK acks.
+ *
+ * Error policy (one place, vhost_msg_dispatch):
+ *  - header invalid (version, reply bit, payload too big): disconnect
+ *    (vhost_msg_validate_hdr, called by the receive state machine);
+ *  - size or fd count outside the table's range: disconnect;
+ *  - unknown or unsupported type: fds closed, payload ignored; with
+ *    need_reply a failure ack is sent, otherwise the message is dropped;
+ *  - handler failure: with need_reply a failure ack (the front-end decides);
+ *    without it the front-end would go on with a state we did not accept,
+ *    so the connection is dropped. Messages with an explicit reply that fail
+ *    drop the connection, except GET_CONFIG (replied with size 0, as
+ *    vhost-user.rst allows front-ends to detect).
+ */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vhost_int.h"
+
+/* Handler result: the reply is sent later (GET_VRING_BASE waiting for a drain). */
+#define VU_DEFERRED 1
+
+struct msg_spec {
+	const char *name;
+	uint32_t min_size, max_size;
+	uint8_t min_fds, max_fds;
+	bool reply; /* explicit reply with the same request code */
+	int (*handle)(struct vhost_dev *dev, struct vu_msg *msg);
+};
+
+uint64_t vhost_offered_features(const struct vhost_dev *dev)
+{
+	return dev->ops->features | (1ull << VHOST_USER_F_PROTOCOL_FEATURES) |
+	       (1ull << 32 /* VIRTIO_F_VERSION_1 */) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
+	       (1ull << VIRTIO_RING_F_EVENT_IDX);
+}
+
+uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
+{
+	return dev->ops->protocol_features | (1ull << VU_PROTO_F_MQ) |
+	       (1ull << VU_PROTO_F_REPLY_ACK) | (1ull << VU_PROTO_F_BACKEND_REQ) |
+	       (1ull << VU_PROTO_F_CONFIG) | (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+}
+
+void vhost_msg_close_fds(struct vu_msg *msg)
+{
+	for (unsigned i = 0; i < msg->nfds; i++) {
+		if (msg->fds[i] >= 0)
+			close(msg->fds[i]);
+		msg->fds[i] = -1;
+	}
+	msg->nfds = 0;
+}
+
+/* Take fd @i out of the message (the handler now owns it). */
+static int take_fd(struct vu_msg *msg, unsigned i)
+{
+	int fd = msg->fds[i];
+
+	msg->fds[i] = -1;
+	return fd;
+}
+
+int vhost_msg_validate_hdr(const struct vu_hdr *hdr)
+{
+	if ((hdr->flags & VU_FLAG_VERSION_MASK) != VU_VERSION) {
+		vhost_log("bad message version (flags 0x%x)", hdr->flags);
+		return -EPROTO;
+	}
+	if (hdr->flags & VU_FLAG_REPLY) {
+		vhost_log("front-end sent a reply (request %u)", hdr->request);
+		return -EPROTO;
+	}
+	if (hdr->size > VU_MAX_PAYLOAD) {
+		vhost_log("message %u payload too large (%u bytes)", hdr->request, hdr->size);
+		return -EPROTO;
+	}
+	return 0;
+}
+
+static struct vhost_vq *msg_vq(struct vhost_dev *dev, uint32_t index)
+{
+	if (index >= dev->nvqs) {
+		vhost_log("ring index %u out of range (%u rings)", index, dev->nvqs);
+		return NULL;
+	}
+	return &dev->vqs[index];
+}
+
+static void reply_u64(struct vu_msg *msg, uint64_t v)
+{
+	msg->p.u64 = v;
+	msg->hdr.size = sizeof(uint64_t);
+}
+
+/* ---- handlers ---- */
+
+static int h_get_features(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	reply_u64(msg, vhost_offered_features(dev));
+	return 0;
+}
+
+static int h_set_features(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	uint64_t f = msg->p.u64;
+
+	if (f & ~vhost_offered_features(dev)) {
+		vhost_log("SET_FEATURES with bits not offered: 0x%llx",
+			  (unsigned long long)(f & ~vhost_offered_features(dev)));
+		return -EINVAL;
+	}
+	dev->features = f;
+	/* vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES rings are
+	 * enabled as soon as they start; with it they wait for SET_VRING_ENABLE. */
+	if (!(f & (1ull << VHOST_USER_F_PROTOCOL_FEATURES))) {
+		for (unsigned i = 0; i < dev->nvqs; i++)
+			dev->vqs[i].enabled = true;
+	}
+	/* EVENT_IDX changes the ring sizes. */
+	if (vhost_vq_remap_all(dev) < 0)
+		return -EFAULT;
+	if (dev->ops->features_set && !dev->dead)
+		dev->ops->features_set(dev->opaque, dev, f);
+	return 0;
+}
+
+static int h_get_protocol_features(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	reply_u64(msg, vhost_offered_proto_features(dev));
+	return 0;
+}
+
+static int h_set_protocol_features(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	if (msg->p.u64 & ~vhost_offered_proto_features(dev)) {
+		vhost_log("SET_PROTOCOL_FEATURES with bits not offered");
+		return -EINVAL;
+	}
+	dev->proto_features = msg->p.u64;
+	return 0;
+}
+
+static int h_set_owner(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	dev->owner = true;
+	return 0;
+}
+
+/* RESET_OWNER (deprecated) / RESET_DEVICE: stop every ring, forget features. */
+static int h_reset(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	for (unsigned i = 0; i < dev->nvqs && !dev->dead; i++) {
+		struct vhost_vq *vq = &dev->vqs[i];
+
+		vhost_vq_stop(vq);
+		vq->enabled = false;
+		vq->last_avail = 0;
+	}
+	dev->features = 0;
+	return 0;
+}
+
+static int h_set_mem_table(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	const struct vu_mem_table *t = &msg->p.mem;
+	int ret = 0;
+
+	if (t->nregions > VU_MEM_TABLE_MAX || t->nregions != msg->nfds ||
+	    msg->hdr.size < 8 + t->nregions * sizeof(struct vu_mem_region)) {
+		vhost_log("SET_MEM_TABLE: %u regions, %u fds, %u bytes", t->nregions, msg->nfds,
+			  msg->hdr.size);
+		return -EINVAL;
+	}
+	if (!vhost_mem_can_clear(dev))
+		return -EBUSY;
+	vhost_mem_clear(dev);
+	for (unsigned i = 0; i < t->nregions; i++) {
+		int r = vhost_mem_add(dev, &t->regions[i], take_fd(msg, i));
+
+		if (r < 0 && ret == 0)
+			ret = r;
+	}
+	if (ret < 0) {
+		vhost_mem_clear(dev);
+		vhost_vq_remap_all(dev);
+		return ret;
+	}
+	return vhost_vq_remap_all(dev);
+}
+
+static int h_get_max_mem_slots(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	reply_u64(msg, VHOST_MAX_MEM_SLOTS);
+	return 0;
+}
+
+static int h_add_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int ret = vhost_mem_add(dev, &msg->p.memreg.region, take_fd(msg, 0));
+
+	if (ret < 0)
+		return ret;
+	return vhost_vq_remap_all(dev);
+}
+
+static int h_rem_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	/* Older front-ends attach the region's fd: the dispatcher closes it. */
+	int ret = vhost_mem_remove(dev, &msg->p.memreg.region);
+
+	if (ret < 0) {
+		vhost_log("REM_MEM_REG: no region at gpa 0x%llx",
+			  (unsigned long long)msg->p.memreg.region.guest_addr);
+		return ret;
+	}
+	return vhost_vq_remap_all(dev);
+}
+
+static int h_set_vring_num(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vhost_vq *vq = msg_vq(dev, msg->p.state.index);
+
+	return vq ? vhost_vq_set_num(vq, msg->p.state.num) : -EINVAL;
+}
+
+static int h_set_vring_addr(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	const struct vu_vring_addr *a = &msg->p.addr;
+	struct vhost_vq *vq = msg_vq(dev, a->index);
+
+	if (!vq)
+		return -EINVAL;
+	if (a->flags & ~VU_VRING_F_LOG || (a->flags & VU_VRING_F_LOG)) {
+		vhost_log("vring %u: dirty logging not supported", a->index);
+		return -ENOTSUP;
+	}
+	vq->addr = *a;
+	vq->addr_set = true;
+	if (vhost_vq_map(vq) < 0) {
+		vhost_vq_update_running(vq);
+		return -EFAULT;
+	}
+	vhost_vq_update_running(vq);
+	return 0;
+}
+
+static int h_set_vring_base(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vhost_vq *vq = msg_vq(dev, msg->p.state.index);
+
+	if (!vq)
+		return -EINVAL;
+	if (vq->started || msg->p.state.num > UINT16_MAX) {
+		vhost_log("vring %u: SET_VRING_BASE %u refused", vq->idx, msg->p.state.num);
+		return -EINVAL;
+	}
+	vq->last_avail = (uint16_t)msg->p.state.num;
+	return 0;
+}
+
+/* Stop the ring; reply once its in-flight elements have been pushed. */
+static int h_get_vring_base(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vhost_vq *vq = msg_vq(dev, msg->p.state.index);
+
+	if (!vq)
+		return -EINVAL;
+	vhost_vq_stop(vq);
+	if (dev->dead)
+		return -EIO;
+	if (vq->inflight) {
+		vq->drain_pending = true;
+		vhost_dev_pause(dev);
+		return VU_DEFERRED;
+	}
+	vhost_vq_signal(vq);
+	msg->p.state.num = vq->last_avail;
+	msg->hdr.size = sizeof(msg->p.state);
+	return 0;
+}
+
+/* Parse the u64 of SET_VRING_KICK/CALL/ERR; *fd = the fd or -1 with the no-fd flag. */
+static struct vhost_vq *vring_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, int *fd)
+{
+	uint64_t v = msg->p.u64;
+	bool nofd = v & VU_VRING_NOFD_MASK;
+
+	*fd = -1;
+	if ((v & ~(uint64_t)(VU_VRING_IDX_MASK | VU_VRING_NOFD_MASK)) ||
+	    msg->nfds != (nofd ? 0u : 1u)) {
+		vhost_log("vring fd message: bad payload 0x%llx with %u fd(s)",
+			  (unsigned long long)v, msg->nfds);
+		return NULL;
+	}
+	if (!nofd)
+		*fd = take_fd(msg, 0);
+	return msg_vq(dev, v & VU_VRING_IDX_MASK);
+}
+
+static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int fd;
+	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
+
+	if (!vq) {
+		vhost_close_fd(&fd);
+		return -EINVAL;
+	}
+	if (fd < 0) {
+		vhost_log("vring %u: polling mode (no kick fd) not supported", vq->idx);
+		return -ENOTSUP;
+	}
+	return vhost_vq_start(vq, fd);
+}
+
+static int h_set_vring_call(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int fd;
+	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
+
+	if (!vq) {
+		vhost_close_fd(&fd);
+		return -EINVAL;
+	}
+	vhost_close_fd(&vq->call_fd);
+	vq->call_fd = fd;
+	return 0;
+}
+
+static int h_set_vring_err(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int fd;
+	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
+
+	if (!vq) {
+		vhost_close_fd(&fd);
+		return -EINVAL;
+	}
+	vhost_close_fd(&vq->err_fd);
+	vq->err_fd = fd;
+	return 0;
+}
+
+static int h_get_queue_num(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	reply_u64(msg, dev->nvqs);
+	return 0;
+}
+
+static int h_set_vring_enable(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vhost_vq *vq = msg_vq(dev, msg->p.state.index);
+
+	if (!vq || msg->p.state.num > 1)
+		return -EINVAL;
+	vq->enabled = msg->p.state.num;
+	vhost_vq_update_running(vq);
+	return 0;
+}
+
+static bool config_range_ok(const struct vu_msg *msg)
+{
+	const struct vu_config *c = &msg->p.config;
+
+	return c->size <= VU_CONFIG_MAX && msg->hdr.size >= VU_CONFIG_HDR_SIZE + c->size &&
+	       (uint64_t)c->offset + c->size <= VU_CONFIG_MAX;
+}
+
+static int h_get_config(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vu_config *c = &msg->p.config;
+	int ret = -ENOTSUP;
+
+	if (config_range_ok(msg) && dev->ops->get_config)
+		ret = dev->ops->get_config(dev->opaque, c->region, c->offset, c->size);
+	if (ret < 0) {
+		/* Failure is signalled by a reply without payload. */
+		vhost_log("GET_CONFIG offset %u size %u failed", c->offset, c->size);
+		msg->hdr.size = 0;
+		return 0;
+	}
+	msg->hdr.size = VU_CONFIG_HDR_SIZE + c->size;
+	return 0;
+}
+
+static int h_set_config(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	struct vu_config *c = &msg->p.config;
+
+	if (!config_range_ok(msg) || !dev->ops->set_config)
+		return -EINVAL;
+	return dev->ops->set_config(dev->opaque, c->region, c->offset, c->size);
+}
+
+static int h_set_backend_req_fd(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	vhost_close_fd(&dev->backend_fd);
+	dev->backend_fd = take_fd(msg, 0);
+	return 0;
+}
+
+#define U64   sizeof(uint64_t)
+#define STATE sizeof(struct vu_vring_state)
+static const struct msg_spec msg_table[VU_MSG_MAX] = {
+    [VU_GET_FEATURES] = {"GET_FEATURES", 0, 0, 0, 0, true, h_get_features},
+    [VU_SET_FEATURES] = {"SET_FEATURES", U64, U64, 0, 0, false, h_set_features},
+    [VU_SET_OWNER] = {"SET_OWNER", 0, 0, 0, 0, false, h_set_owner},
+    [VU_RESET_OWNER] = {"RESET_OWNER", 0, 0, 0, 0, false, h_reset},
+    [VU_SET_MEM_TABLE] = {"SET_MEM_TABLE", 8, sizeof(struct vu_mem_table), 0, VU_MEM_TABLE_MAX,
+			  false, h_set_mem_table},
+    [VU_SET_VRING_NUM] = {"SET_VRING_NUM", STATE, STATE, 0, 0, false, h_set_vring_num},
+    [VU_SET_VRING_ADDR] = {"SET_VRING_ADDR", sizeof(struct vu_vring_addr),
+			   sizeof(struct vu_vring_addr), 0, 0, false, h_set_vring_addr},
+    [VU_SET_VRING_BASE] = {"SET_VRING_BASE", STATE, STATE, 0, 0, false, h_set_vring_base},
+    [VU_GET_VRING_BASE] = {"GET_VRING_BASE", STATE, STATE, 0, 0, true, h_get_vring_base},
+    [VU_SET_VRING_KICK] = {"SET_VRING_KICK", U64, U64, 0, 1, false, h_set_vring_kick},
+    [VU_SET_VRING_CALL] = {"SET_VRING_CALL", U64, U64, 0, 1, false, h_set_vring_call},
+    [VU_SET_VRING_ERR] = {"SET_VRING_ERR", U64, U64, 0, 1, false, h_set_vring_err},
+    [VU_GET_PROTOCOL_FEATURES] = {"GET_PROTOCOL_FEATURES", 0, 0, 0, 0, true,
+				  h_get_protocol_features},
+    [VU_SET_PROTOCOL_FEATURES] = {"SET_PROTOCOL_FEATURES", U64, U64, 0, 0, false,
+				  h_set_protocol_features},
+    [VU_GET_QUEUE_NUM] = {"GET_QUEUE_NUM", 0, 0, 0, 0, true, h_get_queue_num},
+    [VU_SET_VRING_ENABLE] = {"SET_VRING_ENABLE", STATE, STATE, 0, 0, false, h_set_vring_enable},
+    [VU_SET_BACKEND_REQ_FD] = {"SET_BACKEND_REQ_FD", 0, 0, 1, 1, false, h_set_backend_req_fd},
+    [VU_GET_CONFIG] = {"GET_CONFIG", VU_CONFIG_HDR_SIZE, sizeof(struct vu_config), 0, 0, true,
+		       h_get_config},
+    [VU_SET_CONFIG] = {"SET_CONFIG", VU_CONFIG_HDR_SIZE, sizeof(struct vu_config), 0, 0, false,
+		       h_set_config},
+    [VU_RESET_DEVICE] = {"RESET_DEVICE", 0, 0, 0, 0, false, h_reset},
+    [VU_GET_MAX_MEM_SLOTS] = {"GET_MAX_MEM_SLOTS", 0, 0, 0, 0, true, h_get_max_mem_slots},
+    [VU_ADD_MEM_REG] = {"ADD_MEM_REG", sizeof(struct vu_mem_reg_msg), sizeof(struct vu_mem_reg_msg),
+			1, 1, false, h_add_mem_reg},
+    [VU_REM_MEM_REG] = {"REM_MEM_REG", sizeof(struct vu_mem_reg_msg), sizeof(struct vu_mem_reg_msg),
+			0, 1, false, h_rem_mem_reg},
+};
+#undef U64
+#undef STATE
+
+static void send_ack(struct vhost_dev *dev, uint32_t request, int ret)
+{
+	struct vu_hdr hdr = {
+	    .request = request, .flags = VU_VERSION | VU_FLAG_REPLY, .size = sizeof(uint64_t)};
+	uint64_t v = ret < 0 ? (uint64_t)-ret : 0;
+
+	vhost_dev_send(dev, &hdr, &v);
+}
+
+void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	uint32_t req = msg->hdr.request;
+	bool need_reply = msg->hdr.flags & VU_FLAG_NEED_REPLY;
+	const struct msg_spec *spec = req < VU_MSG_MAX ? &msg_table[req] : NULL;
+	int ret;
+
+	if (!spec || !spec->handle) {
+		vhost_log("unsupported message %u refused", req);
+		vhost_msg_close_fds(msg);
+		if (need_reply)
+			send_ack(dev, req, -ENOTSUP);
+		return;
+	}
+	if (msg->hdr.size < spec->min_size || msg->hdr.size > spec->max_size) {
+		vhost_msg_close_fds(msg);
+		vhost_log("%s: bad payload size %u", spec->name, msg->hdr.size);
+		vhost_dev_kill(dev);
+		return;
+	}
+	if (msg->nfds < spec->min_fds || msg->nfds > spec->max_fds) {
+		vhost_msg_close_fds(msg);
+		vhost_log("%s: unexpected number of fds (%u)", spec->name, msg->nfds);
+		vhost_dev_kill(dev);
+		return;
+	}
+	/* Handlers may read the whole fixed-size struct: zero what was not sent. */
+	memset(msg->p.bytes + msg->hdr.size, 0, sizeof(msg->p) - msg->hdr.size);
+
+	ret = spec->handle(dev, msg);
+	vhost_msg_close_fds(msg);
+	if (dev->dead || ret == VU_DEFERRED)
+		return;
+	if (spec->reply) {
+		if (ret < 0) {
+			vhost_log("%s failed: %s", spec->name, strerror(-ret));
+			vhost_dev_kill(dev);
+			return;
+		}
+		msg->hdr.flags = VU_VERSION | VU_FLAG_REPLY;
+		vhost_dev_send(dev, &msg->hdr, &msg->p);
+		return;
+	}
+	if (need_reply) {
+		if (ret < 0)
+			vhost_log("%s failed: %s", spec->name, strerror(-ret));
+		send_ack(dev, req, ret);
+		return;
+	}
+	if (ret < 0) {
+		vhost_log("%s failed without a way to report it: %s", spec->name, strerror(-ret));
+		vhost_dev_kill(dev);
+	}
+}

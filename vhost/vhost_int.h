@@ -1,0 +1,346 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vhost/ private header: vhost-user on-wire structures (docs/interop/vhost-user.rst)
+ * and the internal state of the server, the connection and the rings.
+ *
+ * Threading: everything in vhost/ runs on the single thread that runs the
+ * glue's event loop (watch callbacks, vq_pop/vq_push/vq_notify).
+ *
+ * Connection life cycle (struct vhost_dev):
+ *
+ *   accepted ──(peer input)──> live ──(EOF, error, set_broken)──> dead ──(inflight == 0,
+ *   at a safe point)──> reaped (ops->disconnected, memory unmapped, freed; listening again)
+ *
+ * "dead": the socket, the kick/call/err fds and the backend channel are closed
+ * and unwatched, but the memory table, the rings and the element slots stay, so
+ * the device model can still complete (vq_push) the elements it holds; those
+ * pushes no longer touch the used ring. Reaping happens only at a "safe point"
+ * (the end of one of vhost/'s own watch callbacks, never inside a call from the
+ * glue such as vq_push), via the server's wake eventfd.
+ */
+#ifndef VHOST_VHOST_INT_H
+#define VHOST_VHOST_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <linux/virtio_ring.h>
+
+#include "vhost.h"
+
+/* ---- on-wire: vhost-user messages (vhost-user.rst, "Message specification") ---- */
+
+/*
+ *   ------------------------------------
+ *   | request | flags | size | payload |
+ *   ------------------------------------
+ *   u32 request, u32 flags (bits 0-1 version = 0x1, bit 2 reply, bit 3
+ *   need_reply), u32 size of the payload. Native endianness (little-endian here).
+ */
+struct vu_hdr {
+	uint32_t request;
+	uint32_t flags;
+	uint32_t size;
+};
+_Static_assert(sizeof(struct vu_hdr) == 12, "vhost-user header is 12 bytes");
+
+#define VU_FLAG_VERSION_MASK 0x3u
+#define VU_VERSION           0x1u
+#define VU_FLAG_REPLY        (1u << 2)
+#define VU_FLAG_NEED_REPLY   (1u << 3)
+
+/* Front-end message types. */
+enum {
+	VU_GET_FEATURES = 1,
+	VU_SET_FEATURES = 2,
+	VU_SET_OWNER = 3,
+	VU_RESET_OWNER = 4,
+	VU_SET_MEM_TABLE = 5,
+	VU_SET_LOG_BASE = 6,
+	VU_SET_LOG_FD = 7,
+	VU_SET_VRING_NUM = 8,
+	VU_SET_VRING_ADDR = 9,
+	VU_SET_VRING_BASE = 10,
+	VU_GET_VRING_BASE = 11,
+	VU_SET_VRING_KICK = 12,
+	VU_SET_VRING_CALL = 13,
+	VU_SET_VRING_ERR = 14,
+	VU_GET_PROTOCOL_FEATURES = 15,
+	VU_SET_PROTOCOL_FEATURES = 16,
+	VU_GET_QUEUE_NUM = 17,
+	VU_SET_VRING_ENABLE = 18,
+	VU_SEND_RARP = 19,
+	VU_NET_SET_MTU = 20,
+	VU_SET_BACKEND_REQ_FD = 21, /* SET_SLAVE_REQ_FD in older documents */
+	VU_IOTLB_MSG = 22,
+	VU_SET_VRING_ENDIAN = 23,
+	VU_GET_CONFIG = 24,
+	VU_SET_CONFIG = 25,
+	VU_RESET_DEVICE = 34,
+	VU_GET_MAX_MEM_SLOTS = 36,
+	VU_ADD_MEM_REG = 37,
+	VU_REM_MEM_REG = 38,
+	VU_MSG_MAX = 41, /* table size; anything at or above is unknown */
+};
+
+/* Back-end message types (sent on the backend channel). */
+#define VU_BACKEND_CONFIG_CHANGE_MSG 2
+
+/* Feature bits. */
+#define VHOST_USER_F_PROTOCOL_FEATURES 30
+#define VU_PROTO_F_MQ                  0
+#define VU_PROTO_F_REPLY_ACK           3
+#define VU_PROTO_F_BACKEND_REQ         5
+#define VU_PROTO_F_CONFIG              9
+#define VU_PROTO_F_CONFIGURE_MEM_SLOTS 15
+
+/* A vring state description: SET_VRING_NUM/BASE, GET_VRING_BASE, SET_VRING_ENABLE. */
+struct vu_vring_state {
+	uint32_t index;
+	uint32_t num;
+};
+_Static_assert(sizeof(struct vu_vring_state) == 8, "vring state is 8 bytes");
+
+/* A vring address description: SET_VRING_ADDR. Addresses are front-end virtual. */
+struct vu_vring_addr {
+	uint32_t index;
+	uint32_t flags; /* bit 0: VHOST_VRING_F_LOG */
+	uint64_t desc;
+	uint64_t used;
+	uint64_t avail;
+	uint64_t log;
+};
+_Static_assert(sizeof(struct vu_vring_addr) == 40, "vring address is 40 bytes");
+#define VU_VRING_F_LOG 1u
+
+/* Memory region description (SET_MEM_TABLE entries; ADD/REM_MEM_REG). */
+struct vu_mem_region {
+	uint64_t guest_addr;
+	uint64_t size;
+	uint64_t user_addr;
+	uint64_t mmap_offset;
+};
+_Static_assert(sizeof(struct vu_mem_region) == 32, "memory region is 32 bytes");
+
+/* SET_MEM_TABLE: u32 nregions, u32 padding, regions[nregions]; one fd per region. */
+#define VU_MEM_TABLE_MAX 8 /* VHOST_MEMORY_BASELINE_NREGIONS */
+struct vu_mem_table {
+	uint32_t nregions;
+	uint32_t padding;
+	struct vu_mem_region regions[VU_MEM_TABLE_MAX];
+};
+_Static_assert(sizeof(struct vu_mem_table) == 8 + 32 * VU_MEM_TABLE_MAX, "memory table");
+
+/* ADD_MEM_REG / REM_MEM_REG: u64 padding, one region. */
+struct vu_mem_reg_msg {
+	uint64_t padding;
+	struct vu_mem_region region;
+};
+_Static_assert(sizeof(struct vu_mem_reg_msg) == 40, "single memory region is 40 bytes");
+
+/* GET_CONFIG/SET_CONFIG: u32 offset, u32 size, u32 flags, u8 payload[size]. */
+#define VU_CONFIG_HDR_SIZE 12
+#define VU_CONFIG_MAX      256 /* VHOST_USER_MAX_CONFIG_SIZE */
+struct vu_config {
+	uint32_t offset;
+	uint32_t size;
+	uint32_t flags;
+	uint8_t region[VU_CONFIG_MAX];
+};
+_Static_assert(sizeof(struct vu_config) == VU_CONFIG_HDR_SIZE + VU_CONFIG_MAX, "config");
+
+/* SET_VRING_KICK/CALL/ERR u64 payload: bits 0-7 index, bit 8 "no fd" (polling). */
+#define VU_VRING_IDX_MASK  0xffu
+#define VU_VRING_NOFD_MASK (1u << 8)
+
+/* Largest payload accepted at all (bigger => malformed, disconnect). */
+#define VU_MAX_PAYLOAD 512
+/* Most fds accepted in one message (SET_MEM_TABLE). */
+#define VU_MAX_FDS 8
+
+union vu_payload {
+	uint64_t u64;
+	struct vu_vring_state state;
+	struct vu_vring_addr addr;
+	struct vu_mem_table mem;
+	struct vu_mem_reg_msg memreg;
+	struct vu_config config;
+	uint8_t bytes[VU_MAX_PAYLOAD];
+};
+
+struct vu_msg {
+	struct vu_hdr hdr;
+	union vu_payload p;
+	int fds[VU_MAX_FDS];
+	unsigned nfds;
+};
+
+/* ---- memory table ---- */
+
+/* Most regions (GET_MAX_MEM_SLOTS reply; SET_MEM_TABLE is limited to 8). */
+#define VHOST_MAX_MEM_SLOTS 32
+
+struct vhost_mem_region {
+	uint64_t gpa;   /* guest-physical start */
+	uint64_t size;  /* bytes; gpa + size and uva + size do not overflow */
+	uint64_t uva;   /* front-end virtual start */
+	uint8_t *host;  /* our address of gpa */
+	void *map_addr; /* what mmap returned */
+	size_t map_len;
+};
+
+struct vhost_mem {
+	unsigned nregions;
+	struct vhost_mem_region r[VHOST_MAX_MEM_SLOTS];
+	/* Mappings replaced or removed while elements were in flight; unmapped when
+	 * the connection's in-flight count reaches zero. */
+	unsigned nretired;
+	struct {
+		void *addr;
+		size_t len;
+	} retired[2 * VHOST_MAX_MEM_SLOTS];
+};
+
+/* ---- rings ---- */
+
+struct vhost_vq {
+	struct vhost_dev *dev;
+	unsigned idx;
+	void *priv;
+
+	uint16_t num; /* 0 until SET_VRING_NUM */
+	bool started; /* SET_VRING_KICK .. GET_VRING_BASE */
+	bool enabled; /* SET_VRING_ENABLE (or no PROTOCOL_FEATURES) */
+	bool running; /* started && enabled && mapped: ops told (queue_started) */
+	bool kick_watched;
+	bool drain_pending; /* GET_VRING_BASE reply held until inflight == 0 */
+	bool notify_disabled;
+	bool pushed;          /* pushed since the last vq_notify decision */
+	bool signalled_valid; /* EVENT_IDX: signalled_used is meaningful */
+
+	/* SET_VRING_ADDR, front-end virtual. */
+	bool addr_set;
+	struct vu_vring_addr addr;
+	/* Mapped rings (NULL until translated). */
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
+
+	uint16_t last_avail; /* next avail ring entry to pop */
+	uint16_t used_idx;   /* shadow of used->idx */
+	uint16_t signalled_used;
+
+	int kick_fd;
+	int call_fd;
+	int err_fd;
+
+	/* Element slots: one per head index, stride bytes each. */
+	uint8_t *slots;
+	size_t stride;
+	uint16_t slots_num; /* slots allocated for this queue size */
+	bool *busy;         /* busy[head]: element in flight */
+	struct iovec *iovs; /* VQ_MAX_IOV per slot */
+	size_t iovs_len;    /* bytes mapped for iovs */
+	unsigned inflight;
+};
+
+/* ---- connection ---- */
+
+enum vu_rx_state {
+	VU_RX_HDR,
+	VU_RX_PAYLOAD,
+};
+
+struct vhost_dev {
+	struct vhost_server *srv;
+	const struct vhost_dev_ops *ops;
+	void *opaque;
+
+	int sock;
+	bool sock_watched;
+	bool paused; /* GET_VRING_BASE waiting for a drain */
+	bool dead;   /* connection gone; waiting for inflight == 0 */
+	bool broken;
+	unsigned busy; /* nesting depth of vhost/'s own callbacks */
+
+	uint64_t features;       /* acked virtio features */
+	uint64_t proto_features; /* acked protocol features */
+	bool owner;
+	int backend_fd;
+
+	struct vhost_mem mem;
+	unsigned inflight; /* all rings */
+
+	/* Receive state machine. */
+	enum vu_rx_state rx_state;
+	size_t rx_got;
+	struct vu_msg rx;
+
+	unsigned nvqs;
+	struct vhost_vq *vqs;
+};
+
+struct vhost_server {
+	const struct vhost_dev_ops *ops;
+	void *opaque;
+	char *path;
+	int listen_fd;
+	bool listen_watched;
+	bool accepting;
+	int wake_fd; /* eventfd: deferred work (drain replies, reaping) */
+	bool wake_watched;
+	struct vhost_dev *dev;
+};
+
+/* ---- internal functions ---- */
+
+/* server.c */
+void vhost_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void vhost_dev_wake(struct vhost_dev *dev);
+/* Bracket vhost/'s own callbacks; leave() at depth 0 is a safe point that may free @dev. */
+void vhost_dev_enter(struct vhost_dev *dev);
+void vhost_dev_leave(struct vhost_dev *dev);
+int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload);
+struct vhost_dev *vhost_dev_new(struct vhost_server *srv, const struct vhost_dev_ops *ops,
+				void *opaque, int sock);
+void vhost_dev_free(struct vhost_dev *dev);
+void vhost_dev_kill(struct vhost_dev *dev);
+void vhost_dev_process_deferred(struct vhost_dev *dev);
+void vhost_dev_pause(struct vhost_dev *dev);
+void vhost_close_fd(int *fd);
+
+/* msg.c */
+void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg);
+int vhost_msg_validate_hdr(const struct vu_hdr *hdr);
+void vhost_msg_close_fds(struct vu_msg *msg);
+uint64_t vhost_offered_features(const struct vhost_dev *dev);
+uint64_t vhost_offered_proto_features(const struct vhost_dev *dev);
+
+/* mem.c */
+int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd);
+int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg);
+void vhost_mem_clear(struct vhost_dev *dev);
+bool vhost_mem_can_clear(const struct vhost_dev *dev);
+void vhost_mem_release_retired(struct vhost_dev *dev);
+void vhost_mem_free(struct vhost_dev *dev);
+/* Translate [gpa, gpa+len) to at most *len bytes of contiguous host memory. NULL if unmapped. */
+void *vhost_gpa_to_host(const struct vhost_dev *dev, uint64_t gpa, uint64_t *len);
+/* Translate a front-end virtual range; NULL unless the whole range is in one region. */
+void *vhost_uva_to_host(const struct vhost_dev *dev, uint64_t uva, uint64_t len);
+/* Copy @len bytes of guest memory at @gpa (may span regions). 0 or -EFAULT. */
+int vhost_gpa_read(const struct vhost_dev *dev, uint64_t gpa, void *buf, size_t len);
+
+/* vring.c */
+void vhost_vq_init(struct vhost_dev *dev, struct vhost_vq *vq, unsigned idx);
+void vhost_vq_free(struct vhost_vq *vq);
+int vhost_vq_set_num(struct vhost_vq *vq, uint32_t num);
+int vhost_vq_map(struct vhost_vq *vq);
+int vhost_vq_remap_all(struct vhost_dev *dev);
+int vhost_vq_start(struct vhost_vq *vq, int kick_fd);
+void vhost_vq_stop(struct vhost_vq *vq);
+void vhost_vq_update_running(struct vhost_vq *vq);
+void vhost_vq_release_fds(struct vhost_vq *vq);
+void vhost_vq_signal(struct vhost_vq *vq);
+
+#endif /* VHOST_VHOST_INT_H */
