@@ -225,6 +225,21 @@ void *vhost_uva_to_host(const struct vhost_dev *dev, uint64_t uva, uint64_t len)
 	return NULL;
 }
 
+bool vhost_gpa_mapped(const struct vhost_dev *dev, uint64_t gpa, uint64_t len)
+{
+	if (len && gpa > UINT64_MAX - (len - 1))
+		return false;
+	while (len) {
+		uint64_t chunk = len;
+
+		if (!vhost_gpa_to_host(dev, gpa, &chunk))
+			return false;
+		len -= chunk;
+		gpa += chunk;
+	}
+	return true;
+}
+
 int vhost_gpa_read(const struct vhost_dev *dev, uint64_t gpa, void *buf, size_t len)
 {
 	uint8_t *out = buf;

@@ -328,6 +328,8 @@ void vhost_mem_free(struct vhost_dev *dev);
 void *vhost_gpa_to_host(const struct vhost_dev *dev, uint64_t gpa, uint64_t *len);
 /* Translate a front-end virtual range; NULL unless the whole range is in one region. */
 void *vhost_uva_to_host(const struct vhost_dev *dev, uint64_t uva, uint64_t len);
+/* Whether every byte of [gpa, gpa+len) is in some region. */
+bool vhost_gpa_mapped(const struct vhost_dev *dev, uint64_t gpa, uint64_t len);
 /* Copy @len bytes of guest memory at @gpa (may span regions). 0 or -EFAULT. */
 int vhost_gpa_read(const struct vhost_dev *dev, uint64_t gpa, void *buf, size_t len);
 

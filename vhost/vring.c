@@ -392,12 +392,13 @@ static int chain_walk(struct vhost_vq *vq, uint16_t head, struct chain *c, unsig
 		table_num = (unsigned)(len / sizeof(struct vring_desc));
 		/* Fast path: the table is contiguous in our address space. */
 		table = vhost_gpa_to_host(dev, ind_gpa, &len);
-		if (table && len != table_num * sizeof(struct vring_desc))
-			table = NULL; /* spans regions: copy descriptor by descriptor */
-		else if (!table) {
+		if (!table || (len != table_num * sizeof(struct vring_desc) &&
+			       !vhost_gpa_mapped(dev, ind_gpa, d.len))) {
 			*why = "indirect table outside guest memory";
 			return -EFAULT;
 		}
+		if (len != table_num * sizeof(struct vring_desc))
+			table = NULL; /* spans regions: copy descriptor by descriptor */
 		indirect = true;
 		i = 0;
 		if (table)
