@@ -1,6 +1,834 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vqcowd — the vhost-user-blk daemon: the glue between vhost/ (protocol and
+ * rings) and blk/ (virtio-blk semantics over an image), all driven by one
+ * io/ loop. The only file that knows both vhost.h and blk.h.
+ *
+ * Event flow:
+ *  - vhost/ asks us to watch fds (listening socket, connection, kick
+ *    eventfds): each watch is a multishot io_poll; its completions call the
+ *    vhost callback. unwatch cancels the poll; the record is freed when the
+ *    final -ECANCELED arrives (so a callback in progress never sees freed
+ *    memory, and a reused fd number gets a fresh record).
+ *  - queue_kick pops every available element into its slot (struct dreq:
+ *    the vq_elem first, then the blk_req) and submits it to blk/. Kicks are
+ *    suppressed while popping (vq_disable_notify / vq_enable_notify).
+ *  - A request's completion pushes it to the used ring and marks its queue
+ *    dirty; a deferred hook (run once per loop iteration) calls vq_notify
+ *    once per dirty queue: one interrupt per queue per iteration at most.
+ *  - SIGTERM/SIGINT arrive on a signalfd polled by the loop: stop accepting
+ *    connections and popping requests, wait for in-flight requests, flush the
+ *    image, exit 0.
+ *
+ * Backend program conventions (vhost-user.rst): --socket-path or --fd,
+ * --print-capabilities prints {"type": "block", "features": [...]}.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <grp.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
-int main(void)
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cap-ng.h>
+#include <linux/virtio_blk.h>
+
+#include "blk.h"
+#include "image.h"
+#include "io.h"
+#include "vhost.h"
+
+#define MAX_QUEUES 64
+
+#define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
+
+/* ---- logging ---- */
+
+static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logmsg(const char *fmt, ...)
 {
-	fputs("vqcowd: not built yet\n", stderr);
-	return 1;
+	va_list ap;
+
+	fputs("vqcowd: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+/* ---- options ---- */
+
+struct options {
+	const char *socket_path;
+	int fd;
+	const char *blk_file;
+	const char *format;
+	bool read_only;
+	unsigned num_queues;
+	unsigned queue_size;
+	const char *serial;
+	unsigned lbs;
+	bool writethrough;
+	uint64_t l2_cache_size;
+	uint64_t cache_entry_size;
+	uint64_t poll_ns;
+	const char *user;
+	const char *group;
+};
+
+static void usage(FILE *f)
+{
+	fputs("Usage: vqcowd (--socket-path PATH | --fd N) --blk-file FILE [options]\n"
+	      "Serve a disk image (raw or qcow2) over vhost-user-blk.\n"
+	      "\n"
+	      "  --socket-path PATH          listen on this UNIX socket (mode 0600)\n"
+	      "  --fd N                      use this already-listening socket fd\n"
+	      "  --blk-file FILE             the image: raw file, block device or qcow2\n"
+	      "  --format raw|qcow2          do not probe the format\n"
+	      "  --read-only                 export read-only\n"
+	      "  --num-queues N              number of virtqueues (default 1, max 64)\n"
+	      "  --queue-size Q              largest queue size (power of 2, default 256, max "
+	      "1024)\n"
+	      "  --serial STR                GET_ID serial (at most 20 bytes)\n"
+	      "  --logical-block-size 512|4096\n"
+	      "  --writethrough              start with the write cache disabled\n"
+	      "  --l2-cache-size BYTES       qcow2 L2 cache budget (suffixes K, M, G)\n"
+	      "  --cache-entry-size BYTES    qcow2 metadata cache slice size\n"
+	      "  --poll-ns NS                busy-poll up to NS ns before sleeping (default 0)\n"
+	      "  --user U, --group G         switch to this user/group after opening\n"
+	      "  --print-capabilities        print capabilities as JSON and exit\n"
+	      "  --help, --version\n",
+	      f);
+}
+
+/* Parse an unsigned number with an optional K/M/G/T suffix (binary). */
+static int parse_u64(const char *s, uint64_t *out, bool suffixes)
+{
+	char *end;
+	unsigned long long v;
+	unsigned shift = 0;
+
+	if (!s || !*s || *s == '-' || *s == '+')
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -EINVAL;
+	if (*end && suffixes) {
+		switch (*end) {
+		case 'k':
+		case 'K':
+			shift = 10;
+			break;
+		case 'm':
+		case 'M':
+			shift = 20;
+			break;
+		case 'g':
+		case 'G':
+			shift = 30;
+			break;
+		case 't':
+		case 'T':
+			shift = 40;
+			break;
+		default:
+			return -EINVAL;
+		}
+		end++;
+	}
+	if (*end)
+		return -EINVAL;
+	if (shift && v > (UINT64_MAX >> shift))
+		return -ERANGE;
+	*out = (uint64_t)v << shift;
+	return 0;
+}
+
+static int bad_value(const char *opt, const char *val, const char *what)
+{
+	fprintf(stderr, "vqcowd: invalid value '%s' for --%s: %s\n", val, opt, what);
+	return 2;
+}
+
+static void print_capabilities(void)
+{
+	/* docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock */
+	printf("{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n"
+	       "    \"blk-file\"\n  ]\n}\n");
+}
+
+/*
+ * Parse the command line. Returns -1 to continue, else an exit status
+ * (0 after --help/--version/--print-capabilities).
+ */
+static int parse_args(int argc, char **argv, struct options *o)
+{
+	enum {
+		OPT_SOCKET = 256,
+		OPT_FD,
+		OPT_BLK_FILE,
+		OPT_FORMAT,
+		OPT_RO,
+		OPT_NQ,
+		OPT_QSIZE,
+		OPT_SERIAL,
+		OPT_LBS,
+		OPT_WT,
+		OPT_L2,
+		OPT_CES,
+		OPT_POLL,
+		OPT_USER,
+		OPT_GROUP,
+		OPT_CAPS,
+		OPT_HELP,
+		OPT_VERSION,
+	};
+	static const struct option longopts[] = {
+	    {"socket-path", required_argument, NULL, OPT_SOCKET},
+	    {"fd", required_argument, NULL, OPT_FD},
+	    {"blk-file", required_argument, NULL, OPT_BLK_FILE},
+	    {"format", required_argument, NULL, OPT_FORMAT},
+	    {"read-only", no_argument, NULL, OPT_RO},
+	    {"num-queues", required_argument, NULL, OPT_NQ},
+	    {"queue-size", required_argument, NULL, OPT_QSIZE},
+	    {"serial", required_argument, NULL, OPT_SERIAL},
+	    {"logical-block-size", required_argument, NULL, OPT_LBS},
+	    {"writethrough", no_argument, NULL, OPT_WT},
+	    {"l2-cache-size", required_argument, NULL, OPT_L2},
+	    {"cache-entry-size", required_argument, NULL, OPT_CES},
+	    {"poll-ns", required_argument, NULL, OPT_POLL},
+	    {"user", required_argument, NULL, OPT_USER},
+	    {"group", required_argument, NULL, OPT_GROUP},
+	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
+	    {"help", no_argument, NULL, OPT_HELP},
+	    {"version", no_argument, NULL, OPT_VERSION},
+	    {NULL, 0, NULL, 0},
+	};
+	uint64_t v;
+	int c;
+
+	memset(o, 0, sizeof(*o));
+	o->fd = -1;
+	o->num_queues = 1;
+	o->queue_size = 256;
+	o->lbs = 512;
+	opterr = 0;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (c) {
+		case OPT_SOCKET:
+			if (!*optarg)
+				return bad_value("socket-path", optarg, "empty path");
+			o->socket_path = optarg;
+			break;
+		case OPT_FD:
+			if (parse_u64(optarg, &v, false) < 0 || v > INT_MAX)
+				return bad_value("fd", optarg, "not a file descriptor number");
+			if (fcntl((int)v, F_GETFD) < 0)
+				return bad_value("fd", optarg, "not an open file descriptor");
+			o->fd = (int)v;
+			break;
+		case OPT_BLK_FILE:
+			if (!*optarg)
+				return bad_value("blk-file", optarg, "empty path");
+			o->blk_file = optarg;
+			break;
+		case OPT_FORMAT:
+			if (strcmp(optarg, "raw") != 0 && strcmp(optarg, "qcow2") != 0)
+				return bad_value("format", optarg, "expected raw or qcow2");
+			o->format = optarg;
+			break;
+		case OPT_RO:
+			o->read_only = true;
+			break;
+		case OPT_NQ:
+			if (parse_u64(optarg, &v, false) < 0 || v < 1 || v > MAX_QUEUES)
+				return bad_value("num-queues", optarg, "expected 1..64");
+			o->num_queues = (unsigned)v;
+			break;
+		case OPT_QSIZE:
+			if (parse_u64(optarg, &v, false) < 0 || v < 2 || v > VQ_MAX_SIZE ||
+			    (v & (v - 1)))
+				return bad_value("queue-size", optarg,
+						 "expected a power of two in 2..1024");
+			o->queue_size = (unsigned)v;
+			break;
+		case OPT_SERIAL:
+			if (strlen(optarg) > VIRTIO_BLK_ID_BYTES)
+				return bad_value("serial", optarg, "longer than 20 bytes");
+			o->serial = optarg;
+			break;
+		case OPT_LBS:
+			if (parse_u64(optarg, &v, false) < 0 || (v != 512 && v != 4096))
+				return bad_value("logical-block-size", optarg,
+						 "expected 512 or 4096");
+			o->lbs = (unsigned)v;
+			break;
+		case OPT_WT:
+			o->writethrough = true;
+			break;
+		case OPT_L2:
+			if (parse_u64(optarg, &v, true) < 0)
+				return bad_value("l2-cache-size", optarg, "expected a byte count");
+			o->l2_cache_size = v;
+			break;
+		case OPT_CES:
+			if (parse_u64(optarg, &v, true) < 0 || v < 512 || v > (2u << 20) ||
+			    (v & (v - 1)))
+				return bad_value("cache-entry-size", optarg,
+						 "expected a power of two in 512..2M");
+			o->cache_entry_size = v;
+			break;
+		case OPT_POLL:
+			if (parse_u64(optarg, &v, false) < 0 || v > 1000000000ull)
+				return bad_value("poll-ns", optarg, "expected 0..1000000000");
+			o->poll_ns = v;
+			break;
+		case OPT_USER:
+			o->user = optarg;
+			break;
+		case OPT_GROUP:
+			o->group = optarg;
+			break;
+		case OPT_CAPS:
+			print_capabilities();
+			return 0;
+		case OPT_HELP:
+			usage(stdout);
+			return 0;
+		case OPT_VERSION:
+			printf("vqcowd %s\n", VQCOW_VERSION);
+			return 0;
+		case '?':
+		default:
+			if (optopt)
+				fprintf(stderr, "vqcowd: option %s needs a value\n",
+					argv[optind - 1]);
+			else
+				fprintf(stderr, "vqcowd: unknown option: %s\n", argv[optind - 1]);
+			return 2;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "vqcowd: unexpected argument: %s\n", argv[optind]);
+		return 2;
+	}
+	if ((o->socket_path != NULL) == (o->fd >= 0)) {
+		fprintf(stderr, "vqcowd: exactly one of --socket-path and --fd is required\n");
+		return 2;
+	}
+	if (!o->blk_file) {
+		fprintf(stderr, "vqcowd: --blk-file is required\n");
+		return 2;
+	}
+	return -1;
+}
+
+/* ---- the daemon ---- */
+
+struct dreq {
+	struct vq_elem elem; /* first: vhost/ hands these out */
+	struct blk_req blk;
+};
+
+struct watch {
+	struct io_cmd cmd; /* multishot poll */
+	struct daemon *d;
+	int fd;
+	bool cancelled;
+	vhost_watch_cb *cb;
+	void *arg;
+	struct watch *next;
+};
+
+struct dqueue {
+	struct vhost_vq *vq; /* NULL when not started */
+	bool dirty;          /* pushed since the last notify */
+};
+
+struct daemon {
+	struct options *o;
+	struct io_loop *loop;
+	struct vhost_server *srv;
+	struct vhost_dev_ops ops;
+	struct img *img;
+	struct blk_dev *blk;
+	struct watch *watches;
+	struct dqueue q[MAX_QUEUES];
+	struct io_defer defer;
+
+	int sigfd;
+	struct io_cmd sig_cmd;
+	bool stopping;
+	bool flushing;
+	struct img_io flush_io;
+	int exit_code;
+};
+
+/* -- fd watches -- */
+
+static void watch_unlink(struct daemon *d, struct watch *w)
+{
+	for (struct watch **p = &d->watches; *p; p = &(*p)->next) {
+		if (*p == w) {
+			*p = w->next;
+			return;
+		}
+	}
+}
+
+static void watch_done(struct io_cmd *cmd, int res)
+{
+	struct watch *w = container_of(cmd, struct watch, cmd);
+	struct daemon *d = w->d;
+
+	if (res >= 0) {
+		if (!w->cancelled)
+			w->cb(w->arg); /* may unwatch (even this fd) */
+		return;
+	}
+	/* Final completion of the multishot poll. */
+	if (!w->cancelled)
+		logmsg("poll on fd %d ended: %s", w->fd, strerror(-res));
+	watch_unlink(d, w);
+	free(w);
+}
+
+static int d_watch(void *opaque, int fd, vhost_watch_cb *cb, void *arg)
+{
+	struct daemon *d = opaque;
+	struct watch *w;
+
+	w = calloc(1, sizeof(*w));
+	if (!w)
+		return -ENOMEM;
+	w->d = d;
+	w->fd = fd;
+	w->cb = cb;
+	w->arg = arg;
+	w->cmd.done = watch_done;
+	w->next = d->watches;
+	d->watches = w;
+	io_poll(d->loop, &w->cmd, fd, POLLIN);
+	return 0;
+}
+
+static void d_unwatch(void *opaque, int fd)
+{
+	struct daemon *d = opaque;
+
+	for (struct watch *w = d->watches; w; w = w->next) {
+		if (w->fd == fd && !w->cancelled) {
+			w->cancelled = true;
+			io_cancel(d->loop, &w->cmd);
+			return;
+		}
+	}
+}
+
+/* -- requests -- */
+
+static void req_complete(struct blk_req *breq, uint32_t used_len)
+{
+	struct dreq *r = container_of(breq, struct dreq, blk);
+	struct vhost_vq *vq = r->elem.vq;
+	struct daemon *d = breq->priv;
+	unsigned idx = vq_index(vq);
+
+	if (used_len == BLK_REQ_MALFORMED) {
+		/* Header or status buffer missing: a broken driver. Drop the
+		 * request and the connection. */
+		vhost_dev_set_broken(vq_dev(vq), "malformed virtio-blk request");
+		used_len = 0;
+	}
+	vq_push(vq, &r->elem, used_len);
+	if (idx < MAX_QUEUES)
+		d->q[idx].dirty = true;
+}
+
+static void d_queue_kick(void *opaque, struct vhost_vq *vq)
+{
+	struct daemon *d = opaque;
+	struct vq_elem *elem;
+	int ret;
+
+	if (d->stopping)
+		return;
+	do {
+		vq_disable_notify(vq);
+		while ((ret = vq_pop(vq, &elem)) == 0) {
+			struct dreq *r = (struct dreq *)elem;
+
+			r->blk.iov = elem->iov;
+			r->blk.out_num = elem->out_num;
+			r->blk.in_num = elem->in_num;
+			r->blk.complete = req_complete;
+			r->blk.priv = d;
+			blk_req_submit(d->blk, &r->blk);
+			if (vhost_dev_is_broken(vq_dev(vq)))
+				return;
+		}
+		if (ret != -EAGAIN)
+			return; /* ring broken: vhost/ marked the connection */
+	} while (vq_enable_notify(vq));
+}
+
+/* Once per loop iteration: one notification per dirty queue; shutdown progress. */
+static void d_defer(struct io_defer *def)
+{
+	struct daemon *d = def->priv;
+
+	for (unsigned i = 0; i < MAX_QUEUES; i++) {
+		if (d->q[i].dirty) {
+			d->q[i].dirty = false;
+			if (d->q[i].vq)
+				vq_notify(d->q[i].vq);
+		}
+	}
+	if (d->stopping && !d->flushing && blk_dev_inflight(d->blk) == 0) {
+		d->flushing = true;
+		logmsg("no request in flight; flushing the image");
+		img_flush(d->img, &d->flush_io);
+	}
+}
+
+/* -- vhost hooks -- */
+
+static int d_get_config(void *opaque, uint8_t *buf, uint32_t off, uint32_t len)
+{
+	struct daemon *d = opaque;
+
+	return blk_dev_get_config(d->blk, buf, off, len);
+}
+
+static int d_set_config(void *opaque, const uint8_t *buf, uint32_t off, uint32_t len)
+{
+	struct daemon *d = opaque;
+	int ret = blk_dev_set_config(d->blk, buf, off, len);
+
+	if (ret == 0)
+		logmsg("write cache %s by the driver",
+		       blk_dev_get_wce(d->blk) ? "enabled" : "disabled");
+	return ret;
+}
+
+static void d_features_set(void *opaque, struct vhost_dev *dev, uint64_t features)
+{
+	struct daemon *d = opaque;
+
+	/* Virtio 1.2, 5.2.5.1: without CONFIG_WCE the device is writeback iff
+	 * FLUSH was negotiated. With it, start from the configured mode. */
+	if (features & (1ull << VIRTIO_BLK_F_CONFIG_WCE))
+		blk_dev_set_wce(d->blk, !d->o->writethrough);
+	else
+		blk_dev_set_wce(d->blk, (features & (1ull << VIRTIO_BLK_F_FLUSH)) != 0);
+	logmsg("features negotiated: 0x%" PRIx64 " (%s)", features,
+	       blk_dev_get_wce(d->blk) ? "writeback" : "writethrough");
+}
+
+static void d_queue_started(void *opaque, struct vhost_vq *vq)
+{
+	struct daemon *d = opaque;
+	unsigned idx = vq_index(vq);
+
+	if (idx < MAX_QUEUES)
+		d->q[idx].vq = vq;
+}
+
+static void d_queue_stopped(void *opaque, struct vhost_vq *vq)
+{
+	struct daemon *d = opaque;
+	unsigned idx = vq_index(vq);
+
+	if (idx < MAX_QUEUES && d->q[idx].vq == vq) {
+		if (d->q[idx].dirty)
+			vq_notify(vq);
+		d->q[idx].dirty = false;
+		d->q[idx].vq = NULL;
+	}
+}
+
+static void d_disconnected(void *opaque, struct vhost_dev *dev)
+{
+	struct daemon *d = opaque;
+
+	(void)dev;
+	for (unsigned i = 0; i < MAX_QUEUES; i++) {
+		d->q[i].vq = NULL;
+		d->q[i].dirty = false;
+	}
+	logmsg("frontend disconnected%s", d->stopping ? "" : "; waiting for the next one");
+}
+
+/* -- shutdown -- */
+
+static void flush_done(struct img_io *io, int res)
+{
+	struct daemon *d = io->priv;
+
+	if (res < 0) {
+		logmsg("final flush failed: %s", strerror(-res));
+		d->exit_code = 1;
+	} else {
+		logmsg("image flushed; exiting");
+	}
+	io_loop_stop(d->loop);
+}
+
+static void sig_done(struct io_cmd *cmd, int res)
+{
+	struct daemon *d = container_of(cmd, struct daemon, sig_cmd);
+	struct signalfd_siginfo si;
+	ssize_t n;
+
+	if (res < 0)
+		return; /* final call (cancelled at exit) */
+	while ((n = read(d->sigfd, &si, sizeof(si))) == (ssize_t)sizeof(si)) {
+		if (d->stopping) {
+			logmsg("signal %u: already shutting down", si.ssi_signo);
+			continue;
+		}
+		logmsg("signal %u: stopping (in flight: %u)", si.ssi_signo,
+		       blk_dev_inflight(d->blk));
+		d->stopping = true;
+		vhost_server_stop_accepting(d->srv);
+	}
+}
+
+/* -- privileges -- */
+
+static int lookup_ids(const struct options *o, uid_t *uid, gid_t *gid)
+{
+	uint64_t v;
+
+	*uid = (uid_t)-1;
+	*gid = (gid_t)-1;
+	if (o->user) {
+		struct passwd *pw = getpwnam(o->user);
+
+		if (pw) {
+			*uid = pw->pw_uid;
+			*gid = pw->pw_gid;
+		} else if (parse_u64(o->user, &v, false) == 0 && v < UINT32_MAX) {
+			*uid = (uid_t)v;
+			*gid = getgid();
+		} else {
+			fprintf(stderr, "vqcowd: unknown user '%s'\n", o->user);
+			return -ENOENT;
+		}
+	}
+	if (o->group) {
+		struct group *gr = getgrnam(o->group);
+
+		if (gr) {
+			*gid = gr->gr_gid;
+		} else if (parse_u64(o->group, &v, false) == 0 && v < UINT32_MAX) {
+			*gid = (gid_t)v;
+		} else {
+			fprintf(stderr, "vqcowd: unknown group '%s'\n", o->group);
+			return -ENOENT;
+		}
+		if (!o->user)
+			*uid = getuid();
+	}
+	return 0;
+}
+
+/* Drop every capability (and switch ids if asked). 0 or -1. */
+static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
+{
+	int ret;
+
+	capng_clear(CAPNG_SELECT_BOTH);
+	if (o->user || o->group) {
+		ret =
+		    capng_change_id((int)uid, (int)gid, CAPNG_DROP_SUPP_GRP | CAPNG_CLEAR_BOUNDING);
+		if (ret < 0) {
+			logmsg("cannot switch to uid %u gid %u (libcap-ng error %d)", (unsigned)uid,
+			       (unsigned)gid, ret);
+			return -1;
+		}
+		logmsg("switched to uid %u gid %u; all capabilities dropped", (unsigned)uid,
+		       (unsigned)gid);
+	} else {
+		ret = capng_apply(CAPNG_SELECT_BOTH);
+		if (ret < 0) {
+			/* Without CAP_SETPCAP the bounding set cannot be changed. */
+			ret = capng_apply(CAPNG_SELECT_CAPS);
+			if (ret < 0) {
+				logmsg("cannot drop capabilities (libcap-ng error %d)", ret);
+				return -1;
+			}
+			logmsg("all capabilities dropped (bounding set unchanged)");
+		} else {
+			logmsg("all capabilities dropped (effective, permitted, "
+			       "inheritable, bounding)");
+		}
+	}
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		logmsg("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+	return 0;
+}
+
+/* ---- main ---- */
+
+int main(int argc, char **argv)
+{
+	struct options o;
+	struct daemon d;
+	struct img_opts iopts;
+	struct blk_opts bopts;
+	char err[512], desc[512];
+	sigset_t mask;
+	uid_t uid;
+	gid_t gid;
+	int ret;
+
+	ret = parse_args(argc, argv, &o);
+	if (ret >= 0)
+		return ret;
+	if (lookup_ids(&o, &uid, &gid) < 0)
+		return 2;
+
+	memset(&d, 0, sizeof(d));
+	d.o = &o;
+	d.sigfd = -1;
+
+	/* Signals go to a signalfd on the loop; nothing else may see them. */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) {
+		logmsg("sigprocmask: %s", strerror(errno));
+		return 1;
+	}
+	signal(SIGPIPE, SIG_IGN);
+
+	ret = io_loop_init(&d.loop, 256);
+	if (ret < 0) {
+		logmsg("cannot create the io_uring loop: %s", strerror(-ret));
+		return 1;
+	}
+	io_loop_set_poll_ns(d.loop, o.poll_ns);
+
+	memset(&iopts, 0, sizeof(iopts));
+	iopts.format = o.format;
+	iopts.read_only = o.read_only;
+	iopts.direct = true;
+	iopts.l2_cache_size = o.l2_cache_size;
+	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
+	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
+	if (ret < 0) {
+		logmsg("%s", err[0] ? err : strerror(-ret));
+		goto exit_loop;
+	}
+	img_describe(d.img, desc, sizeof(desc));
+	logmsg("image: %s", desc);
+
+	memset(&bopts, 0, sizeof(bopts));
+	bopts.serial = o.serial;
+	bopts.logical_block_size = o.lbs;
+	bopts.num_queues = (uint16_t)o.num_queues;
+	bopts.queue_size = (uint16_t)o.queue_size;
+	bopts.read_only = o.read_only;
+	bopts.writeback = !o.writethrough;
+	ret = blk_dev_init(&d.blk, d.img, &bopts);
+	if (ret < 0) {
+		logmsg("cannot set up the virtio-blk device: %s", strerror(-ret));
+		goto close_img;
+	}
+	d.flush_io.done = flush_done;
+	d.flush_io.priv = &d;
+
+	d.ops.features = blk_dev_features(d.blk);
+	d.ops.protocol_features = 0;
+	d.ops.num_queues = (uint16_t)o.num_queues;
+	d.ops.max_queue_size = (uint16_t)o.queue_size;
+	d.ops.elem_size = sizeof(struct dreq);
+	d.ops.watch = d_watch;
+	d.ops.unwatch = d_unwatch;
+	d.ops.get_config = d_get_config;
+	d.ops.set_config = d_set_config;
+	d.ops.features_set = d_features_set;
+	d.ops.queue_started = d_queue_started;
+	d.ops.queue_stopped = d_queue_stopped;
+	d.ops.queue_kick = d_queue_kick;
+	d.ops.disconnected = d_disconnected;
+
+	d.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (d.sigfd < 0) {
+		ret = -errno;
+		logmsg("signalfd: %s", strerror(errno));
+		goto exit_blk;
+	}
+	d.sig_cmd.done = sig_done;
+	io_poll(d.loop, &d.sig_cmd, d.sigfd, POLLIN);
+
+	d.defer.fn = d_defer;
+	d.defer.priv = &d;
+	io_defer_add(d.loop, &d.defer);
+
+	ret = vhost_server_init(&d.srv, o.socket_path, o.fd, &d.ops, &d);
+	if (ret < 0) {
+		logmsg("cannot listen on %s: %s", o.socket_path ? o.socket_path : "--fd",
+		       strerror(-ret));
+		goto del_defer;
+	}
+	if (o.socket_path && (o.user || o.group)) {
+		/* Let the unprivileged user's frontend (and ourselves) reach it. */
+		if (chown(o.socket_path, uid, gid) < 0)
+			logmsg("chown %s: %s", o.socket_path, strerror(errno));
+	}
+	if (drop_privileges(&o, uid, gid) < 0) {
+		ret = -EPERM;
+		goto exit_srv;
+	}
+	logmsg("serving %s on %s (%u queue%s of up to %u, %s)", o.blk_file,
+	       o.socket_path ? o.socket_path : "the given fd", o.num_queues,
+	       o.num_queues > 1 ? "s" : "", o.queue_size,
+	       o.read_only || d.img->read_only ? "read-only" : "read-write");
+
+	d.exit_code = 0;
+	ret = io_loop_run(d.loop);
+	if (ret < 0) {
+		logmsg("event loop failed: %s", strerror(-ret));
+		d.exit_code = 1;
+	} else if (!d.stopping) {
+		logmsg("event loop ended unexpectedly");
+		d.exit_code = 1;
+	}
+	ret = d.exit_code ? -EIO : 0;
+
+exit_srv:
+	vhost_server_exit(d.srv);
+del_defer:
+	io_defer_del(d.loop, &d.defer);
+	io_cancel(d.loop, &d.sig_cmd);
+exit_blk:
+	blk_dev_exit(d.blk);
+close_img:
+	img_close(d.img);
+exit_loop:
+	/* Remaining polls (cancelled or not) are abandoned with the loop. */
+	io_loop_exit(d.loop);
+	for (struct watch *w = d.watches, *n; w; w = n) {
+		n = w->next;
+		free(w);
+	}
+	if (d.sigfd >= 0)
+		close(d.sigfd);
+	return ret < 0 ? 1 : 0;
 }
