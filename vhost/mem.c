@@ -11,6 +11,7 @@
  *    before the connection's in-flight count drops to zero (retired list).
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
@@ -18,19 +19,46 @@
 
 #include "vhost_int.h"
 
-static void mem_retire(struct vhost_dev *dev, void *addr, size_t len)
+/* Unmap now, or keep the mapping until nothing is in flight. 0 or -ENOMEM. */
+static int mem_retire(struct vhost_dev *dev, void *addr, size_t len)
 {
 	struct vhost_mem *m = &dev->mem;
 
-	if (dev->inflight == 0 || m->nretired == sizeof(m->retired) / sizeof(m->retired[0])) {
-		/* The caller checked there is room (vhost_mem_can_retire) when
-		 * elements are in flight; a full list only happens with none. */
+	if (dev->inflight == 0) {
 		munmap(addr, len);
-		return;
+		return 0;
+	}
+	if (m->nretired == m->retired_cap) {
+		unsigned cap = m->retired_cap ? 2 * m->retired_cap : 16;
+		struct vhost_mem_retired *r = realloc(m->retired, cap * sizeof(*r));
+
+		if (!r)
+			return -ENOMEM;
+		m->retired = r;
+		m->retired_cap = cap;
 	}
 	m->retired[m->nretired].addr = addr;
 	m->retired[m->nretired].len = len;
 	m->nretired++;
+	return 0;
+}
+
+/* Make room to retire @n more mappings (so that retiring cannot fail). */
+static int mem_reserve_retired(struct vhost_dev *dev, unsigned n)
+{
+	struct vhost_mem *m = &dev->mem;
+	struct vhost_mem_retired *r;
+	unsigned cap;
+
+	if (dev->inflight == 0 || m->nretired + n <= m->retired_cap)
+		return 0;
+	cap = m->nretired + n + 16;
+	r = realloc(m->retired, cap * sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	m->retired = r;
+	m->retired_cap = cap;
+	return 0;
 }
 
 void vhost_mem_release_retired(struct vhost_dev *dev)
@@ -40,13 +68,6 @@ void vhost_mem_release_retired(struct vhost_dev *dev)
 	for (unsigned i = 0; i < m->nretired; i++)
 		munmap(m->retired[i].addr, m->retired[i].len);
 	m->nretired = 0;
-}
-
-static bool mem_can_retire(const struct vhost_dev *dev, unsigned n)
-{
-	const struct vhost_mem *m = &dev->mem;
-
-	return dev->inflight == 0 || m->nretired + n <= sizeof(m->retired) / sizeof(m->retired[0]);
 }
 
 /*
@@ -138,8 +159,7 @@ close_fd:
 
 /*
  * REM_MEM_REG: the region is identified by guest address, user address and
- * size (mmap_offset is ignored). 0, -ENOENT, or -EBUSY (too many retired
- * mappings while elements are in flight).
+ * size (mmap_offset is ignored). 0, -ENOENT or -ENOMEM.
  */
 int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg)
 {
@@ -150,9 +170,8 @@ int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg)
 
 		if (r->gpa != reg->guest_addr || r->size != reg->size || r->uva != reg->user_addr)
 			continue;
-		if (!mem_can_retire(dev, 1))
-			return -EBUSY;
-		mem_retire(dev, r->map_addr, r->map_len);
+		if (mem_retire(dev, r->map_addr, r->map_len) < 0)
+			return -ENOMEM;
 		memmove(r, r + 1, (m->nregions - i - 1) * sizeof(*r));
 		m->nregions--;
 		return 0;
@@ -160,20 +179,17 @@ int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg)
 	return -ENOENT;
 }
 
-/* Drop every region (SET_MEM_TABLE replaces the table). */
-void vhost_mem_clear(struct vhost_dev *dev)
+/* Drop every region (SET_MEM_TABLE replaces the table). 0 or -ENOMEM (table unchanged). */
+int vhost_mem_clear(struct vhost_dev *dev)
 {
 	struct vhost_mem *m = &dev->mem;
 
+	if (mem_reserve_retired(dev, m->nregions) < 0)
+		return -ENOMEM;
 	for (unsigned i = 0; i < m->nregions; i++)
 		mem_retire(dev, m->r[i].map_addr, m->r[i].map_len);
 	m->nregions = 0;
-}
-
-/* Whether vhost_mem_clear() can keep every mapping until the drain. */
-bool vhost_mem_can_clear(const struct vhost_dev *dev)
-{
-	return mem_can_retire(dev, dev->mem.nregions);
+	return 0;
 }
 
 /* Unmap everything (the connection is gone and nothing is in flight). */
@@ -185,6 +201,9 @@ void vhost_mem_free(struct vhost_dev *dev)
 		munmap(m->r[i].map_addr, m->r[i].map_len);
 	m->nregions = 0;
 	vhost_mem_release_retired(dev);
+	free(m->retired);
+	m->retired = NULL;
+	m->retired_cap = 0;
 }
 
 void *vhost_gpa_to_host(const struct vhost_dev *dev, uint64_t gpa, uint64_t *len)

@@ -34,11 +34,17 @@ struct msg_spec {
 	int (*handle)(struct vhost_dev *dev, struct vu_msg *msg);
 };
 
+/* Transport bits the device model may not offer through us: NOTIFY_ON_EMPTY (24),
+ * VHOST_F_LOG_ALL (26), ACCESS_PLATFORM (33), RING_PACKED (34), IN_ORDER (35),
+ * NOTIFICATION_DATA (38) — none is implemented here. */
+#define VHOST_UNSUPPORTED_FEATURES                                                                 \
+	((1ull << 24) | (1ull << 26) | (1ull << 33) | (1ull << 34) | (1ull << 35) | (1ull << 38))
+
 uint64_t vhost_offered_features(const struct vhost_dev *dev)
 {
-	return dev->ops->features | (1ull << VHOST_USER_F_PROTOCOL_FEATURES) |
-	       (1ull << 32 /* VIRTIO_F_VERSION_1 */) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
-	       (1ull << VIRTIO_RING_F_EVENT_IDX);
+	return (dev->ops->features & ~VHOST_UNSUPPORTED_FEATURES) |
+	       (1ull << VHOST_USER_F_PROTOCOL_FEATURES) | (1ull << 32 /* VIRTIO_F_VERSION_1 */) |
+	       (1ull << VIRTIO_RING_F_INDIRECT_DESC) | (1ull << VIRTIO_RING_F_EVENT_IDX);
 }
 
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
@@ -124,8 +130,7 @@ static int h_set_features(struct vhost_dev *dev, struct vu_msg *msg)
 			dev->vqs[i].enabled = true;
 	}
 	/* EVENT_IDX changes the ring sizes. */
-	if (vhost_vq_remap_all(dev) < 0)
-		return -EFAULT;
+	vhost_vq_remap_all(dev);
 	if (dev->ops->features_set && !dev->dead)
 		dev->ops->features_set(dev->opaque, dev, f);
 	return 0;
@@ -178,21 +183,18 @@ static int h_set_mem_table(struct vhost_dev *dev, struct vu_msg *msg)
 			  msg->hdr.size);
 		return -EINVAL;
 	}
-	if (!vhost_mem_can_clear(dev))
-		return -EBUSY;
-	vhost_mem_clear(dev);
+	if (vhost_mem_clear(dev) < 0)
+		return -ENOMEM;
 	for (unsigned i = 0; i < t->nregions; i++) {
 		int r = vhost_mem_add(dev, &t->regions[i], take_fd(msg, i));
 
 		if (r < 0 && ret == 0)
 			ret = r;
 	}
-	if (ret < 0) {
-		vhost_mem_clear(dev);
-		vhost_vq_remap_all(dev);
-		return ret;
-	}
-	return vhost_vq_remap_all(dev);
+	if (ret < 0)
+		vhost_mem_clear(dev); /* all or nothing; the new mappings are unused */
+	vhost_vq_remap_all(dev);
+	return ret;
 }
 
 static int h_get_max_mem_slots(struct vhost_dev *dev, struct vu_msg *msg)
@@ -207,7 +209,8 @@ static int h_add_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (ret < 0)
 		return ret;
-	return vhost_vq_remap_all(dev);
+	vhost_vq_remap_all(dev);
+	return 0;
 }
 
 static int h_rem_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
@@ -220,7 +223,8 @@ static int h_rem_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
 			  (unsigned long long)msg->p.memreg.region.guest_addr);
 		return ret;
 	}
-	return vhost_vq_remap_all(dev);
+	vhost_vq_remap_all(dev);
+	return 0;
 }
 
 static int h_set_vring_num(struct vhost_dev *dev, struct vu_msg *msg)

@@ -32,6 +32,27 @@
  * broken; it is closed and its fds released, and the server keeps listening.
  * Ring addresses, descriptor addresses and lengths are translated and clamped
  * to the memory regions they fall in; chains are bounded and loops detected.
+ *
+ * Threading: single-threaded. Every function here and every callback runs on
+ * the thread of the glue's event loop.
+ *
+ * Watches: vhost/ drains each watched fd (reads until EAGAIN) in its callback,
+ * so edge- or level-triggered watches both work. ops->unwatch may be called
+ * from inside the fd's own callback (and for other fds); the glue must not
+ * call a callback after unwatch returned. vhost/ never watches an fd twice.
+ *
+ * Connection end (EOF, protocol error, vhost_dev_set_broken): the socket and
+ * the ring/backend fds are closed at once and running rings get
+ * queue_stopped; vq_pop fails, but elements already popped stay valid (guest
+ * memory stays mapped) and must still be vq_push()ed; such pushes do not touch
+ * the ring any more. When the last one is pushed, ops->disconnected is called
+ * from a later event-loop callback of vhost/ (never from inside vq_push or
+ * another call made by the glue), then all state is freed and the next
+ * front-end is accepted. Until then vhost_server_dev() still returns the
+ * (broken) device.
+ *
+ * Memory table changes (SET_MEM_TABLE, REM_MEM_REG) with elements in flight
+ * keep the old mappings until nothing is in flight, so iovecs stay valid.
  */
 #ifndef VHOST_VHOST_H
 #define VHOST_VHOST_H
@@ -103,14 +124,21 @@ struct vhost_dev_ops {
 /* ---- server ---- */
 
 /*
- * Listen on @path (unlinked and created; mode 0600) or, if @listen_fd >= 0,
- * use that already-listening socket (systemd socket activation, --fd).
+ * Listen on @path (a stale socket there is unlinked, anything else is refused
+ * with -EEXIST; created with mode 0600) or, if @listen_fd >= 0, use that
+ * already-listening stream socket (systemd socket activation, --fd), which
+ * then belongs to the server (made non-blocking and close-on-exec; not closed
+ * on failure). ops->watch, unwatch and queue_kick are required.
  * 0 or -errno.
  */
 int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_fd,
 		      const struct vhost_dev_ops *ops, void *opaque);
 
-/* Close the current connection (if any) and the listening socket; unlink @path. */
+/*
+ * Close the current connection (if any; ops->disconnected is called even with
+ * elements in flight, which must then never be pushed) and the listening
+ * socket; unlink @path (not an inherited socket's path).
+ */
 void vhost_server_exit(struct vhost_server *srv);
 
 /* The current connection, or NULL. */
@@ -127,10 +155,13 @@ bool vhost_dev_has_feature(const struct vhost_dev *dev, unsigned bit);
 uint16_t vhost_dev_num_queues(const struct vhost_dev *dev);
 struct vhost_vq *vhost_dev_vq(struct vhost_dev *dev, unsigned idx);
 
-/* Send a config-change notice over the backend channel (BACKEND_REQ). 0 or -errno. */
+/* Send a config-change notice (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) over the
+ * backend channel. 0, -EOPNOTSUPP (BACKEND_REQ not negotiated or no channel),
+ * -ENOTCONN (connection gone) or another -errno from send. Never blocks. */
 int vhost_dev_config_changed(struct vhost_dev *dev);
 
-/* Mark the connection broken (e.g. the device model found a malformed request). */
+/* Mark the connection broken (e.g. the device model found a malformed request):
+ * it is dropped at once (see "Connection end" above). Idempotent. */
 void vhost_dev_set_broken(struct vhost_dev *dev, const char *why);
 bool vhost_dev_is_broken(const struct vhost_dev *dev);
 
@@ -151,15 +182,19 @@ void *vq_priv(const struct vhost_vq *vq);
 
 /*
  * Pop the next available chain into its slot and translate it.
- * Returns 0 and *elemp, -EAGAIN if the ring is empty (or not running), or
- * another -errno if the ring is broken (the connection is then marked broken
- * and no element is returned).
+ * Returns 0 and *elemp, -EAGAIN if the ring is empty (or not running), -EIO if
+ * the connection is already broken, or another -errno if the ring is broken
+ * (the connection is then marked broken and no element is returned).
+ * With EVENT_IDX, an -EAGAIN return has re-armed the kick (avail_event) and
+ * re-checked the ring, so "pop until -EAGAIN" never misses a buffer.
  */
 int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp);
 
 /*
  * Put @elem on the used ring with @len bytes written to device-writable
- * buffers. The slot is free again on return. Does not notify.
+ * buffers. The slot is free again on return. Does not notify. Safe after
+ * the connection ended (the ring is then left alone). Pushing an element
+ * that is not in flight is a bug: logged and ignored.
  */
 void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len);
 

@@ -194,12 +194,13 @@ struct vhost_mem {
 	unsigned nregions;
 	struct vhost_mem_region r[VHOST_MAX_MEM_SLOTS];
 	/* Mappings replaced or removed while elements were in flight; unmapped when
-	 * the connection's in-flight count reaches zero. */
-	unsigned nretired;
-	struct {
+	 * the connection's in-flight count reaches zero. Grown on demand
+	 * (control path only). */
+	unsigned nretired, retired_cap;
+	struct vhost_mem_retired {
 		void *addr;
 		size_t len;
-	} retired[2 * VHOST_MAX_MEM_SLOTS];
+	} * retired;
 };
 
 /* ---- rings ---- */
@@ -226,6 +227,10 @@ struct vhost_vq {
 	struct vring_desc *desc;
 	struct vring_avail *avail;
 	struct vring_used *used;
+	/* Where vq_push writes: the last good translation of the used ring. It
+	 * survives a transient unmapping (REM_MEM_REG before the replacing
+	 * ADD_MEM_REG); its mapping is kept while elements are in flight. */
+	struct vring_used *used_push;
 
 	uint16_t last_avail; /* next avail ring entry to pop */
 	uint16_t used_idx;   /* shadow of used->idx */
@@ -320,8 +325,7 @@ uint64_t vhost_offered_proto_features(const struct vhost_dev *dev);
 /* mem.c */
 int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd);
 int vhost_mem_remove(struct vhost_dev *dev, const struct vu_mem_region *reg);
-void vhost_mem_clear(struct vhost_dev *dev);
-bool vhost_mem_can_clear(const struct vhost_dev *dev);
+int vhost_mem_clear(struct vhost_dev *dev);
 void vhost_mem_release_retired(struct vhost_dev *dev);
 void vhost_mem_free(struct vhost_dev *dev);
 /* Translate [gpa, gpa+len) to at most *len bytes of contiguous host memory. NULL if unmapped. */
@@ -338,7 +342,7 @@ void vhost_vq_init(struct vhost_dev *dev, struct vhost_vq *vq, unsigned idx);
 void vhost_vq_free(struct vhost_vq *vq);
 int vhost_vq_set_num(struct vhost_vq *vq, uint32_t num);
 int vhost_vq_map(struct vhost_vq *vq);
-int vhost_vq_remap_all(struct vhost_dev *dev);
+void vhost_vq_remap_all(struct vhost_dev *dev);
 int vhost_vq_start(struct vhost_vq *vq, int kick_fd);
 void vhost_vq_stop(struct vhost_vq *vq);
 void vhost_vq_update_running(struct vhost_vq *vq);

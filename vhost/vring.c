@@ -149,8 +149,10 @@ int vhost_vq_map(struct vhost_vq *vq)
 	vq->desc = NULL;
 	vq->avail = NULL;
 	vq->used = NULL;
-	if (!vq->addr_set || !vq->num)
+	if (!vq->addr_set || !vq->num) {
+		vq->used_push = NULL;
 		return 0;
+	}
 	desc = vhost_uva_to_host(dev, vq->addr.desc, 16 * n);
 	avail = vhost_uva_to_host(dev, vq->addr.avail, 4 + 2 * n + ev);
 	used = vhost_uva_to_host(dev, vq->addr.used, 4 + 8 * n + ev);
@@ -165,25 +167,24 @@ int vhost_vq_map(struct vhost_vq *vq)
 	vq->desc = desc;
 	vq->avail = avail;
 	vq->used = used;
+	vq->used_push = used;
 	return 0;
 }
 
 /*
  * After the memory table or the features changed: re-translate every ring.
- * A started ring that no longer maps is an error (-EFAULT).
+ * A started ring that no longer maps pauses (not running) until a later
+ * change maps it again: front-ends remove regions before adding their
+ * replacements (ADD/REM_MEM_REG), so a ring can be unmapped for a moment.
  */
-int vhost_vq_remap_all(struct vhost_dev *dev)
+void vhost_vq_remap_all(struct vhost_dev *dev)
 {
-	int ret = 0;
-
 	for (unsigned i = 0; i < dev->nvqs; i++) {
 		struct vhost_vq *vq = &dev->vqs[i];
 
-		if (vhost_vq_map(vq) < 0 && vq->started)
-			ret = -EFAULT;
+		vhost_vq_map(vq);
 		vhost_vq_update_running(vq);
 	}
-	return ret;
 }
 
 static void kick_cb(void *arg)
@@ -541,19 +542,22 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 		vhost_log("vring %u: push of an element that is not in flight (bug)", vq->idx);
 		return;
 	}
-	vq->busy[head] = false;
-	vq->inflight--;
-	dev->inflight--;
-	if (!dev->dead && vq->used) {
-		struct vring_used_elem *u = &vq->used->ring[vq->used_idx & (vq->num - 1)];
+	if (!dev->dead && vq->used_push) {
+		struct vring_used *used = vq->used_push;
+		struct vring_used_elem *u = &used->ring[vq->used_idx & (vq->num - 1)];
 
 		__atomic_store_n(&u->id, htole32(head), __ATOMIC_RELAXED);
 		__atomic_store_n(&u->len, htole32(len), __ATOMIC_RELAXED);
 		vq->used_idx++;
 		/* The entry must be visible before the index that publishes it. */
-		__atomic_store_n(&vq->used->idx, htole16(vq->used_idx), __ATOMIC_RELEASE);
+		__atomic_store_n(&used->idx, htole16(vq->used_idx), __ATOMIC_RELEASE);
 		vq->pushed = true;
 	}
+	/* Only now may the mappings written above go (they are unmapped at the
+	 * next safe point once nothing is in flight). */
+	vq->busy[head] = false;
+	vq->inflight--;
+	dev->inflight--;
 	if ((vq->drain_pending && vq->inflight == 0) ||
 	    (dev->inflight == 0 && (dev->dead || dev->mem.nretired)))
 		vhost_dev_wake(dev);

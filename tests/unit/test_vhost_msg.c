@@ -582,6 +582,7 @@ static void test_bad_messages(void)
 /* Guest memory + ring 0 set up over the protocol; returns the test's view. */
 struct ring {
 	int fd;
+	int memfd;
 	uint8_t *mem;
 	int kick, call;
 	uint16_t avail;
@@ -609,7 +610,7 @@ static void ring_setup(struct ring *r, uint64_t features)
 	v = features | (1ull << 32);
 	CU_ASSERT_EQUAL(acked(r->fd, SET_FEATURES, &v, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(r->fd, SET_MEM_TABLE, &mt, 8 + 32, &memfd, 1), 0);
-	close(memfd);
+	r->memfd = memfd;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_NUM, st, 8, NULL, 0), 0);
 	st[1] = 0;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_BASE, st, 8, NULL, 0), 0);
@@ -652,6 +653,7 @@ static uint16_t ring_used_idx(struct ring *r)
 static void ring_free(struct ring *r)
 {
 	munmap(r->mem, MEM_SIZE);
+	close(r->memfd);
 	close(r->kick);
 	close(r->call);
 	if (r->fd >= 0)
@@ -937,6 +939,79 @@ static void test_inherited_fd_and_stale_path(void)
 	CU_ASSERT_EQUAL(count_fds(), base);
 }
 
+/* Number of mappings of memfds named "guest" in this process. */
+static int guest_mappings(void)
+{
+	FILE *f = fopen("/proc/self/maps", "r");
+	char line[512];
+	int n = 0;
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		n += strstr(line, "/memfd:guest") != NULL;
+	fclose(f);
+	return n;
+}
+
+static void test_mem_change_inflight(void)
+{
+	struct {
+		uint64_t pad, gpa, size, uva, off;
+	} reg = {0, 0, MEM_SIZE, UVA, 0};
+	uint64_t pf = (1ull << 15) | (1ull << 3);
+	struct ring r;
+
+	server_up();
+	g_hold = true;
+	ring_setup(&r, 0);
+	CU_ASSERT_EQUAL(guest_mappings(), 2); /* the test's view + vhost's */
+	ring_post(&r, 5);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	CU_ASSERT_EQUAL(acked(r.fd, SET_PROTOCOL_FEATURES, &pf, 8, NULL, 0), 0);
+	/* Remove the region holding the ring and the element's buffer: the ring
+	 * pauses; the mapping stays while the element is in flight. */
+	CU_ASSERT_EQUAL(acked(r.fd, REM_MEM_REG, &reg, sizeof(reg), NULL, 0), 0);
+	CU_ASSERT_EQUAL(g_stopped, 1);
+	CU_ASSERT_EQUAL(guest_mappings(), 2);
+	memset(g_held[0]->iov[0].iov_base, 0x77, g_held[0]->iov[0].iov_len);
+	CU_ASSERT_EQUAL(r.mem[0x10000 + 5 * 0x100], 0x77);
+	/* Completing meanwhile still reaches the used ring. */
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	run(5);
+	CU_ASSERT_EQUAL(guest_mappings(), 1); /* drained: the old mapping is gone */
+	/* The replacement region: the ring resumes and serves the next buffer. */
+	CU_ASSERT_EQUAL(acked(r.fd, ADD_MEM_REG, &reg, sizeof(reg), &r.memfd, 1), 0);
+	CU_ASSERT_EQUAL(g_started, 2);
+	CU_ASSERT_EQUAL(guest_mappings(), 2);
+	ring_post(&r, 6);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	CU_ASSERT_EQUAL(g_held[0]->head, 6);
+	/* SET_MEM_TABLE replacing the table while an element is in flight. */
+	{
+		struct {
+			uint32_t n, pad;
+			uint64_t gpa, size, uva, off;
+		} mt = {1, 0, 0, MEM_SIZE, UVA, 0};
+
+		CU_ASSERT_EQUAL(acked(r.fd, SET_MEM_TABLE, &mt, 8 + 32, &r.memfd, 1), 0);
+	}
+	CU_ASSERT_EQUAL(guest_mappings(), 3);
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 2);
+	run(5);
+	CU_ASSERT_EQUAL(guest_mappings(), 2);
+	ring_free(&r);
+	run(5);
+	CU_ASSERT_EQUAL(guest_mappings(), 0);
+	server_down();
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -959,6 +1034,7 @@ int main(void)
 	CU_add_test(s, "disconnect with requests in flight", test_disconnect_inflight);
 	CU_add_test(s, "device marks the connection broken", test_set_broken_by_device);
 	CU_add_test(s, "memory slots", test_mem_slots);
+	CU_add_test(s, "memory changes with requests in flight", test_mem_change_inflight);
 	CU_add_test(s, "backend channel", test_backend_channel);
 	CU_add_test(s, "inherited fd, stale path", test_inherited_fd_and_stale_path);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
