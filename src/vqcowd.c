@@ -455,8 +455,12 @@ static void req_complete(struct blk_req *breq, uint32_t used_len)
 		used_len = 0;
 	}
 	vq_push(vq, &r->elem, used_len);
-	if (idx < MAX_QUEUES)
+	if (idx < MAX_QUEUES) {
+		/* The vq stays valid until disconnected(), which vhost/ calls
+		 * only after every popped element was pushed. */
+		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
+	}
 }
 
 static void d_queue_kick(void *opaque, struct vhost_vq *vq)
