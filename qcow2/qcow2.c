@@ -1,1 +1,778 @@
-/* placeholder until the qcow2/ implementation lands */
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2/qcow2.c — engine open/close, the metadata-cluster set used for
+ * overlap checks, the corruption state and deferred wake-ups.
+ *
+ * Open (synchronous, open time only): header + extensions (format.c), L1
+ * table, refcount table, snapshot table (every entry and its L1 table's
+ * placement), then the set of metadata clusters: header, L1, refcount table,
+ * refcount blocks, active L2 tables, snapshot table, snapshot L1 tables.
+ * Refcount blocks or L2 tables that land on other metadata are remembered
+ * as bad; using them later is reported as corruption.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+
+#if __has_include("offline.h")
+#include "offline.h"
+#endif
+
+int q2_u64v_push(struct q2_u64v *v, uint64_t x)
+{
+	if (v->n == v->cap) {
+		size_t ncap = v->cap ? v->cap * 2 : 64;
+		uint64_t *nv = realloc(v->v, ncap * sizeof(*nv));
+
+		if (!nv)
+			return -ENOMEM;
+		v->v = nv;
+		v->cap = ncap;
+	}
+	v->v[v->n++] = x;
+	return 0;
+}
+
+static void u64v_free(struct q2_u64v *v)
+{
+	free(v->v);
+	memset(v, 0, sizeof(*v));
+}
+
+/* ---- metadata set ---- */
+
+/* Index of the first element >= x. */
+static size_t meta_lower(const struct q2_u64v *m, uint64_t x)
+{
+	size_t lo = 0, hi = m->n;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (m->v[mid] < x)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len)
+{
+	uint64_t c0, c1;
+	size_t i;
+
+	if (!len)
+		return false;
+	c0 = host >> q->cb;
+	c1 = (host + len - 1) >> q->cb;
+	i = meta_lower(&q->meta, c0);
+	return i < q->meta.n && q->meta.v[i] <= c1;
+}
+
+int q2_meta_add(struct qcow2 *q, uint64_t cluster)
+{
+	size_t i = meta_lower(&q->meta, cluster);
+	int ret;
+
+	if (i < q->meta.n && q->meta.v[i] == cluster)
+		return 0;
+	ret = q2_u64v_push(&q->meta, 0);
+	if (ret < 0)
+		return ret;
+	memmove(&q->meta.v[i + 1], &q->meta.v[i], (q->meta.n - 1 - i) * sizeof(uint64_t));
+	q->meta.v[i] = cluster;
+	return 0;
+}
+
+void q2_meta_del(struct qcow2 *q, uint64_t cluster)
+{
+	size_t i = meta_lower(&q->meta, cluster);
+
+	if (i < q->meta.n && q->meta.v[i] == cluster) {
+		memmove(&q->meta.v[i], &q->meta.v[i + 1], (q->meta.n - 1 - i) * sizeof(uint64_t));
+		q->meta.n--;
+	}
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static void meta_sort(struct q2_u64v *m)
+{
+	size_t j = 0;
+
+	qsort(m->v, m->n, sizeof(uint64_t), cmp_u64);
+	for (size_t i = 0; i < m->n; i++)
+		if (!j || m->v[j - 1] != m->v[i])
+			m->v[j++] = m->v[i];
+	m->n = j;
+}
+
+static int meta_push_range(struct q2_u64v *m, uint64_t off, uint64_t len, uint32_t cb)
+{
+	if (!len)
+		return 0;
+	for (uint64_t c = off >> cb; c <= (off + len - 1) >> cb; c++)
+		if (q2_u64v_push(m, c) < 0)
+			return -ENOMEM;
+	return 0;
+}
+
+static bool in_sorted(const struct q2_u64v *m, uint64_t x)
+{
+	size_t i = meta_lower(m, x);
+
+	return i < m->n && m->v[i] == x;
+}
+
+/* ---- corruption ---- */
+
+static void corrupt_hdr_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	if (res < 0)
+		Q2_LOG(q, "could not set the corrupt bit in the header: %s", strerror(-res));
+	if (q->corrupt_hdr_busy == 1 && res >= 0) {
+		q->corrupt_hdr_busy = 2;
+		io_fdatasync(q->loop, &q->corrupt_cmd, q->file);
+		return;
+	}
+	q->corrupt_hdr_busy = 0;
+}
+
+void q2_corrupt(struct qcow2 *q, const char *fmt, ...)
+{
+	char msg[256];
+	va_list ap;
+
+	if (q->corrupt)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	q->corrupt = true;
+	Q2_LOG(q,
+	       "image is corrupt: %s; further writes fail (repair offline: vqcow-img check -r all)",
+	       msg);
+	if (q->read_only || q->h.version < 3 || q->closing)
+		return;
+	q->h.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
+	qcow2_put_be64(q->corrupt_buf, q->h.incompatible_features);
+	q->corrupt_cmd.done = corrupt_hdr_done;
+	q->corrupt_cmd.priv = q;
+	q->corrupt_hdr_busy = 1;
+	io_write(q->loop, &q->corrupt_cmd, q->file, q->corrupt_buf, 8, QCOW2_OFF_INCOMPAT);
+}
+
+bool qcow2_is_corrupt(const struct qcow2 *q)
+{
+	return q->corrupt;
+}
+
+uint64_t q2_host_end(const struct qcow2 *q)
+{
+	uint64_t a = q->file->size, b = q->cursor << q->cb;
+
+	if (q->prealloc_end > a)
+		a = q->prealloc_end;
+	return a > b ? a : b;
+}
+
+/* ---- deferred wake-ups ---- */
+
+static void wake_cmd_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+	struct qcow2_waiter *w = q->wake_head;
+
+	(void)res;
+	q->wake_head = q->wake_tail = NULL;
+	q->wake_armed = false;
+	while (w) {
+		struct qcow2_waiter *next = w->next;
+
+		w->next = NULL;
+		w->wake(w);
+		w = next;
+	}
+}
+
+void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err)
+{
+	w->err = err;
+	w->next = NULL;
+	if (q->wake_tail)
+		q->wake_tail->next = w;
+	else
+		q->wake_head = w;
+	q->wake_tail = w;
+	if (!q->wake_armed) {
+		q->wake_armed = true;
+		q->wake_cmd.done = wake_cmd_done;
+		q->wake_cmd.priv = q;
+		/* a zero-length read completes on the next loop iteration */
+		io_readv(q->loop, &q->wake_cmd, q->file, NULL, 0, 0);
+	}
+}
+
+void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err)
+{
+	struct qcow2_waiter *w = *list, *rev = NULL;
+
+	*list = NULL;
+	/* lists are LIFO; wake in arrival order */
+	while (w) {
+		struct qcow2_waiter *next = w->next;
+
+		w->next = rev;
+		rev = w;
+		w = next;
+	}
+	while (rev) {
+		struct qcow2_waiter *next = rev->next;
+
+		q2_wake_later(q, rev, err);
+		rev = next;
+	}
+}
+
+/* ---- open ---- */
+
+__attribute__((format(printf, 4, 5))) static int open_fail(char *err, size_t errlen, int ret,
+							   const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return ret;
+}
+
+static int read_table(struct io_file *f, uint64_t off, uint64_t n, uint64_t **out)
+{
+	uint64_t *t;
+	int ret;
+
+	*out = NULL;
+	t = malloc(n ? n * 8 : 8);
+	if (!t)
+		return -ENOMEM;
+	if (n) {
+		ret = io_file_pread_sync(f, t, n * 8, off);
+		if (ret < 0) {
+			free(t);
+			return ret;
+		}
+	}
+	for (uint64_t i = 0; i < n; i++)
+		t[i] = qcow2_be64(&t[i]);
+	*out = t;
+	return 0;
+}
+
+/* Read and check the snapshot table; add its clusters and the snapshot L1 tables to @m. */
+static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, char *err,
+			  size_t errlen)
+{
+	const struct qcow2_header_info *h = &q->h;
+	size_t cap = (size_t)h->nb_snapshots * 64 + 4096, pos = 0;
+	uint8_t *buf = NULL;
+	int ret = 0;
+
+	if (!h->nb_snapshots)
+		return 0;
+	for (;;) {
+		uint8_t *nb;
+
+		if (cap > QCOW2_MAX_SNAPSHOTS_BYTES)
+			cap = QCOW2_MAX_SNAPSHOTS_BYTES;
+		nb = realloc(buf, cap);
+		if (!nb) {
+			ret = -ENOMEM;
+			goto out;
+		}
+		buf = nb;
+		ret = io_file_pread_sync(q->file, buf, cap, h->snapshots_offset);
+		if (ret < 0) {
+			ret = open_fail(err, errlen, ret, "%s: reading the snapshot table: %s",
+					q->path, strerror(-ret));
+			goto out;
+		}
+		pos = 0;
+		ret = 0;
+		for (uint32_t i = 0; i < h->nb_snapshots; i++) {
+			struct qcow2_snapshot_info sn;
+			char msg[160];
+			uint64_t avail = fsize > h->snapshots_offset + pos
+					     ? fsize - h->snapshots_offset - pos
+					     : 0;
+			size_t len = cap - pos;
+
+			if (len > avail)
+				len = (size_t)avail;
+			ret =
+			    qcow2_snapshot_parse(buf + pos, len, h->version, &sn, msg, sizeof(msg));
+			if (ret < 0) {
+				if (len == cap - pos && cap < QCOW2_MAX_SNAPSHOTS_BYTES &&
+				    avail > len)
+					break; /* read more */
+				ret = open_fail(err, errlen, -EINVAL, "%s: snapshot %u: %s",
+						q->path, i, msg);
+				goto out;
+			}
+			if (sn.l1_table_offset & (q->cs - 1) || !sn.l1_table_offset)
+				ret = open_fail(
+				    err, errlen, -EINVAL,
+				    "%s: snapshot %u: L1 table offset 0x%llx not cluster aligned",
+				    q->path, i, (unsigned long long)sn.l1_table_offset);
+			else if (sn.l1_size > QCOW2_MAX_L1_ENTRIES)
+				ret = open_fail(err, errlen, -EINVAL,
+						"%s: snapshot %u: L1 size %u too large", q->path, i,
+						sn.l1_size);
+			else if (sn.l1_table_offset > fsize ||
+				 (uint64_t)sn.l1_size * 8 > fsize - sn.l1_table_offset)
+				ret = open_fail(
+				    err, errlen, -EINVAL,
+				    "%s: snapshot %u: L1 table extends past the end of the file",
+				    q->path, i);
+			if (ret < 0)
+				goto out;
+			if (meta_push_range(m, sn.l1_table_offset, (uint64_t)sn.l1_size * 8,
+					    q->cb) < 0) {
+				ret = -ENOMEM;
+				goto out;
+			}
+			pos += sn.entry_len;
+		}
+		if (ret == 0)
+			break;
+		cap *= 2;
+	}
+	ret = meta_push_range(m, h->snapshots_offset, pos, q->cb);
+out:
+	free(buf);
+	return ret;
+}
+
+/* Highest cluster index with a non-zero refcount + 1 (0 if none), via sync reads. */
+static int scan_highest_used(struct qcow2 *q, uint64_t *out)
+{
+	uint64_t per = 1ull << q->rb_bits;
+	uint8_t *blk;
+	int ret = 0;
+
+	*out = 0;
+	blk = io_alloc_aligned(q->cs);
+	if (!blk)
+		return -ENOMEM;
+	for (uint64_t i = q->rt_entries; i-- > 0;) {
+		uint64_t rb = q->rt[i] & QCOW2_RTE_OFFSET_MASK;
+
+		if (!rb || (q->rt[i] & QCOW2_RTE_RESERVED_MASK) || (rb & (q->cs - 1)))
+			continue;
+		ret = io_file_pread_sync(q->file, blk, q->cs, rb);
+		if (ret < 0)
+			break;
+		for (uint64_t j = per; j-- > 0;) {
+			if (qcow2_refcount_get(blk, j, q->rc_order)) {
+				*out = i * per + j + 1;
+				goto done;
+			}
+		}
+	}
+done:
+	io_free_aligned(blk);
+	return ret;
+}
+
+static int build_meta(struct qcow2 *q, uint64_t fsize, char *err, size_t errlen)
+{
+	struct q2_u64v fixed = {0};
+	int ret = -ENOMEM;
+
+	/* header, L1, refcount table, snapshots */
+	if (q2_u64v_push(&fixed, 0) < 0 ||
+	    meta_push_range(&fixed, q->h.l1_table_offset, (uint64_t)q->l1_size * 8, q->cb) < 0 ||
+	    meta_push_range(&fixed, q->rt_offset, (uint64_t)q->rt_clusters << q->cb, q->cb) < 0)
+		goto out;
+	ret = load_snapshots(q, &fixed, fsize, err, errlen);
+	if (ret < 0)
+		goto out;
+	meta_sort(&fixed);
+	/* refcount blocks that sit on other metadata are unusable */
+	for (uint64_t i = 0; i < q->rt_entries; i++) {
+		uint64_t rb = q->rt[i] & QCOW2_RTE_OFFSET_MASK;
+
+		if (!rb || (rb & (q->cs - 1)) || (q->rt[i] & QCOW2_RTE_RESERVED_MASK))
+			continue;
+		if (in_sorted(&fixed, rb >> q->cb)) {
+			q->rt_bad[i / 8] |= (uint8_t)(1u << (i % 8));
+			continue;
+		}
+		ret = q2_u64v_push(&q->meta, rb >> q->cb);
+		if (ret < 0)
+			goto out;
+	}
+	for (size_t i = 0; i < fixed.n; i++) {
+		ret = q2_u64v_push(&q->meta, fixed.v[i]);
+		if (ret < 0)
+			goto out;
+	}
+	meta_sort(&q->meta);
+	/* active L2 tables on other metadata are bad (reported when used) */
+	for (uint32_t i = 0; i < q->l1_size; i++) {
+		uint64_t l2 = q->l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+		if (!l2 || (l2 & (q->cs - 1)))
+			continue;
+		if (in_sorted(&q->meta, l2 >> q->cb))
+			q->l1_bad[i / 8] |= (uint8_t)(1u << (i % 8));
+	}
+	for (uint32_t i = 0; i < q->l1_size; i++) {
+		uint64_t l2 = q->l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+		if (!l2 || (q->l1[i] & QCOW2_L1E_RESERVED_MASK) || (l2 & (q->cs - 1)) ||
+		    (q->l1_bad[i / 8] & (1u << (i % 8))))
+			continue;
+		ret = q2_u64v_push(&q->meta, l2 >> q->cb);
+		if (ret < 0)
+			goto out;
+	}
+	meta_sort(&q->meta);
+	ret = 0;
+out:
+	u64v_free(&fixed);
+	return ret;
+}
+
+int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, const char *path,
+	       const struct qcow2_opts *opts, char *err, size_t errlen)
+{
+	struct qcow2_opts defaults = {0};
+	struct qcow2 *q;
+	uint8_t *hbuf = NULL;
+	uint64_t fsize, hlen, l2_bytes, rc_bytes, used;
+	char msg[256];
+	bool repaired = false;
+	int ret;
+
+	if (err && errlen)
+		err[0] = '\0';
+	if (!opts)
+		opts = &defaults;
+	q = calloc(1, sizeof(*q));
+	if (!q)
+		return open_fail(err, errlen, -ENOMEM, "%s: out of memory", path);
+	q->loop = loop;
+	q->file = file;
+	q->data_file = file;
+	q->read_only = opts->read_only || (file->flags & IO_FILE_RDONLY);
+	q->backing_size = UINT64_MAX;
+	q->writeback_ms = opts->writeback_ms ? opts->writeback_ms : 1000;
+	q->path = strdup(path);
+	if (!q->path) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+
+	ret = io_file_get_size(file, &fsize);
+	if (ret < 0) {
+		open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+		goto fail;
+	}
+	file->size = fsize;
+reread:
+	hlen = fsize < QCOW2_MAX_CLUSTER_SIZE ? fsize : QCOW2_MAX_CLUSTER_SIZE;
+	io_free_aligned(hbuf);
+	hbuf = io_alloc_aligned(hlen ? hlen : 512);
+	if (!hbuf) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	ret = io_file_pread_sync(file, hbuf, hlen, 0);
+	if (ret < 0) {
+		open_fail(err, errlen, ret, "%s: reading the header: %s", path, strerror(-ret));
+		goto fail;
+	}
+	ret = qcow2_header_parse(hbuf, hlen, fsize, &q->h, msg, sizeof(msg));
+	if (ret < 0) {
+		open_fail(err, errlen, ret, "%s: %s", path, msg);
+		goto fail;
+	}
+	if (q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
+		if (!(opts->allow_corrupt_ro && q->read_only)) {
+			ret = open_fail(err, errlen, -EUCLEAN,
+					"%s: the image is marked corrupt (corrupt bit set); repair "
+					"it with 'vqcow-img check -r all %s' or open it read-only "
+					"allowing corrupt images",
+					path, path);
+			goto fail;
+		}
+		q->corrupt = true;
+	}
+	if ((q->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !q->read_only) {
+		/* lazy refcounts were not written back: rebuild them first */
+#ifdef VQCOW_QCOW2_OFFLINE_H
+		if (!repaired) {
+			struct qcow2_check_result res;
+
+			memset(&res, 0, sizeof(res));
+			fprintf(stderr,
+				"vqcow: %s: dirty bit set (lazy refcounts): repairing refcounts as "
+				"'vqcow-img check -r all' does\n",
+				path);
+			ret = qcow2_check(path, QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS,
+					  &res, NULL, msg, sizeof(msg));
+			if (ret == 0 && !res.check_errors && !res.corruptions) {
+				repaired = true;
+				ret = io_file_get_size(file, &fsize);
+				if (ret < 0)
+					goto fail;
+				file->size = fsize;
+				goto reread;
+			}
+			ret = open_fail(err, errlen, ret < 0 ? ret : -EUCLEAN,
+					"%s: the image is dirty (dirty bit set) and the automatic "
+					"repair failed (%s); run 'vqcow-img check -r all %s'",
+					path, ret < 0 ? msg : "corruptions remain", path);
+			goto fail;
+		}
+#endif
+		ret = open_fail(err, errlen, -EUCLEAN,
+				"%s: the image is dirty (lazy refcounts were not written back; "
+				"dirty bit set): repair it with 'vqcow-img check -r all %s'",
+				path, path);
+		goto fail;
+	}
+	if (q->h.compression_type == QCOW2_COMPRESSION_ZSTD) {
+#ifndef VQCOW_HAVE_ZSTD
+		ret = open_fail(err, errlen, -ENOTSUP,
+				"%s: zstd compression type is not supported by this build", path);
+		goto fail;
+#endif
+	}
+
+	q->cb = q->h.cluster_bits;
+	q->cs = 1ull << q->cb;
+	q->extl2 = q->h.extended_l2;
+	q->ext_data = (q->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE) != 0;
+	q->data_raw = q->ext_data && (q->h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+	q->l2_bits = q->h.l2_bits;
+	q->l2e_size = q->h.l2_entry_size;
+	q->sc_bits = q->h.subcluster_bits;
+	q->rc_order = q->h.refcount_order;
+	q->rb_bits = q->h.refcount_block_bits;
+	q->size = (q->h.size + 511) & ~511ull;
+	q->l1_size = q->h.l1_size;
+
+	q->slice_size = opts->cache_entry_size ? opts->cache_entry_size : 4096;
+	if (q->slice_size & (q->slice_size - 1) || q->slice_size < 512) {
+		ret = open_fail(err, errlen, -EINVAL,
+				"%s: cache entry size %u must be a power of two >= 512", path,
+				q->slice_size);
+		goto fail;
+	}
+	if (q->slice_size > q->cs)
+		q->slice_size = (uint32_t)q->cs;
+	{
+		uint32_t lg = (uint32_t)__builtin_ctz(q->slice_size);
+
+		q->sl2_bits = lg - (q->extl2 ? 4 : 3);
+		q->src_bits = lg + 3 - q->rc_order;
+	}
+
+	ret = read_table(file, q->h.l1_table_offset, q->l1_size, &q->l1);
+	if (ret < 0) {
+		open_fail(err, errlen, ret, "%s: reading the L1 table: %s", path, strerror(-ret));
+		goto fail;
+	}
+	q->rt_offset = q->h.refcount_table_offset;
+	q->rt_clusters = q->h.refcount_table_clusters;
+	q->rt_entries = q->h.refcount_table_entries;
+	ret = read_table(file, q->rt_offset, q->rt_entries, &q->rt);
+	if (ret < 0) {
+		open_fail(err, errlen, ret, "%s: reading the refcount table: %s", path,
+			  strerror(-ret));
+		goto fail;
+	}
+	q->l1_dirty = calloc(((uint64_t)q->l1_size * 8 + 511) / 512 / 8 + 1, 1);
+	q->rt_dirty = calloc(q->rt_entries * 8 / 512 / 8 + 1, 1);
+	q->l1_bad = calloc(q->l1_size / 8 + 1, 1);
+	q->rt_bad = calloc(q->rt_entries / 8 + 1, 1);
+	if (!q->l1_dirty || !q->rt_dirty || !q->l1_bad || !q->rt_bad) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	q->rt_bad_n = q->rt_entries;
+	ret = build_meta(q, fsize, err, errlen);
+	if (ret < 0) {
+		if (err && !err[0])
+			open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+		goto fail;
+	}
+
+	/* Caches: by default the whole image's L2 tables, up to 32 MiB. */
+	l2_bytes = opts->l2_cache_size;
+	if (!l2_bytes) {
+		uint64_t clusters = (q->size + q->cs - 1) >> q->cb;
+
+		l2_bytes = clusters * q->l2e_size;
+		if (l2_bytes > (32ull << 20))
+			l2_bytes = 32ull << 20;
+	}
+	if (l2_bytes < 16ull * q->slice_size)
+		l2_bytes = 16ull * q->slice_size;
+	rc_bytes = opts->refcount_cache_size;
+	if (!rc_bytes) {
+		rc_bytes = l2_bytes / 4;
+		if (rc_bytes < (256u << 10))
+			rc_bytes = 256u << 10;
+	}
+	if (rc_bytes < 16ull * q->slice_size)
+		rc_bytes = 16ull * q->slice_size;
+	ret = q2_cache_init(&q->l2c, q, Q2_CACHE_L2, q->slice_size, l2_bytes / q->slice_size);
+	if (ret == 0)
+		ret =
+		    q2_cache_init(&q->rcc, q, Q2_CACHE_RC, q->slice_size, rc_bytes / q->slice_size);
+	if (ret < 0)
+		goto fail;
+
+	/* Allocation frontier */
+	q->fresh_start = (fsize + q->cs - 1) >> q->cb;
+	q->host_limit = QCOW2_MAX_HOST_OFFSET >> q->cb;
+	if (file->flags & IO_FILE_BLOCKDEV) {
+		q->host_limit = fsize >> q->cb;
+		q->fresh_start = q->host_limit; /* device contents are unknown */
+		q->no_prealloc = true;
+	}
+	if (!q->read_only) {
+		ret = scan_highest_used(q, &used);
+		if (ret < 0) {
+			open_fail(err, errlen, ret, "%s: reading refcount blocks: %s", path,
+				  strerror(-ret));
+			goto fail;
+		}
+		q->cursor = (file->flags & IO_FILE_BLOCKDEV) ? used : q->fresh_start;
+		if (used > q->cursor)
+			q->cursor = used;
+	}
+	q->prealloc_end = fsize;
+
+	/* A writer must clear the autoclear bits it does not maintain. */
+	if (!q->read_only && q->h.version >= 3) {
+		uint64_t keep = q->data_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0;
+
+		if (q->h.autoclear_features & ~keep) {
+			uint8_t b[8];
+
+			q->h.autoclear_features &= keep;
+			qcow2_put_be64(b, q->h.autoclear_features);
+			ret = io_file_pwrite_sync(file, b, 8, QCOW2_OFF_AUTOCLEAR);
+			if (ret == 0)
+				ret = io_file_sync(file);
+			if (ret < 0) {
+				open_fail(err, errlen, ret, "%s: updating the header: %s", path,
+					  strerror(-ret));
+				goto fail;
+			}
+		}
+	}
+	q->sc_bits = q->extl2 ? q->cb - 5 : q->cb;
+	io_free_aligned(hbuf);
+	*qp = q;
+	return 0;
+
+fail:
+	if (err && !err[0])
+		open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+	io_free_aligned(hbuf);
+	q2_cache_exit(&q->l2c);
+	q2_cache_exit(&q->rcc);
+	free(q->l1);
+	free(q->rt);
+	free(q->l1_dirty);
+	free(q->rt_dirty);
+	free(q->l1_bad);
+	free(q->rt_bad);
+	u64v_free(&q->meta);
+	free(q->path);
+	free(q);
+	return ret;
+}
+
+int qcow2_close(struct qcow2 *q)
+{
+	int ret;
+
+	if (!q)
+		return 0;
+	ret = q2_wb_close(q);
+	q->closing = true;
+	/* let a pending corrupt-bit header write and wake-ups finish */
+	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy) {
+		if (io_loop_run_once(q->loop, true) < 0)
+			break;
+	}
+	q2_wb_exit(q);
+	q2_mapping_exit(q);
+	q2_compress_exit(q);
+	q2_alloc_exit(q);
+	q2_cache_exit(&q->l2c);
+	q2_cache_exit(&q->rcc);
+	free(q->l1);
+	free(q->rt);
+	free(q->l1_dirty);
+	free(q->rt_dirty);
+	free(q->l1_bad);
+	free(q->rt_bad);
+	u64v_free(&q->meta);
+	free(q->path);
+	free(q);
+	return ret;
+}
+
+const struct qcow2_header_info *qcow2_header(const struct qcow2 *q)
+{
+	return &q->h;
+}
+
+uint64_t qcow2_size(const struct qcow2 *q)
+{
+	return q->size;
+}
+
+void qcow2_set_data_file(struct qcow2 *q, struct io_file *data_file)
+{
+	q->data_file = data_file ? data_file : q->file;
+}
+
+void qcow2_set_backing_size(struct qcow2 *q, uint64_t size)
+{
+	q->backing_size = size;
+}
+
+void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
+{
+	uint64_t l2h = q->l2c.hits, l2m = q->l2c.misses;
+
+	snprintf(buf, len,
+		 "qcow2 v%u %s, %llu bytes, cluster %llu%s, refcount %u bits, L2 cache %zu/%zu "
+		 "slices of %u (hit %llu miss %llu), refcount cache %zu/%zu%s%s",
+		 q->h.version, q->path, (unsigned long long)q->size, (unsigned long long)q->cs,
+		 q->extl2 ? " (extended L2)" : "", 1u << q->rc_order, q->l2c.count, q->l2c.soft_max,
+		 q->slice_size, (unsigned long long)l2h, (unsigned long long)l2m, q->rcc.count,
+		 q->rcc.soft_max, q->read_only ? ", read-only" : "", q->corrupt ? ", CORRUPT" : "");
+}

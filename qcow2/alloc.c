@@ -1,0 +1,474 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2/alloc.c — host cluster allocation and refcount updates.
+ *
+ * Allocation takes a cluster freed earlier (free list, one at a time) or
+ * clusters at the allocation cursor (contiguous runs within one refcount
+ * slice). Metadata clusters always come from the cursor. Clusters at or after
+ * fresh_start that were never handed out read as zeroes (holes or space we
+ * preallocated with fallocate), which spares zeroing COW regions.
+ * A cursor cluster without a refcount block gets a new, self-describing block
+ * placed at that very cluster; a cursor past the refcount table's reach grows
+ * the table: new blocks and the new table are laid out at the cursor, the
+ * header is switched to it by write-back (writeback.c), the old table freed.
+ * Everything here only changes the cache; write-back makes it durable.
+ *
+ * Decrements (a pointer to a cluster was removed) go through three stages:
+ *   dec_pending  the removal exists in memory only
+ *   dec_grace    the removal is durable (its write-back batch completed);
+ *                waiting until data I/O that started before it has ended
+ *                (two-generation counter of qcow2_io_begin/end tickets)
+ *   dec_apply    refcounts are lowered in the cache; a cluster reaching 0 is
+ *                punched (hole, when the file system supports it) and then
+ *                joins the free list.
+ * So a freed cluster cannot be reused while anything on disk or in flight
+ * still refers to it.
+ */
+#include <errno.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define FREE_ZERO (1ull << 63) /* free-list flag: the cluster was punched */
+
+struct rc_loc {
+	uint64_t rti;   /* refcount table index */
+	uint64_t block; /* refcount block offset (0 = none) */
+	uint64_t slice; /* slice offset */
+	uint32_t idx;   /* entry index inside the slice */
+};
+
+static bool rt_is_bad(const struct qcow2 *q, uint64_t rti)
+{
+	return rti < q->rt_bad_n && (q->rt_bad[rti / 8] & (1u << (rti % 8)));
+}
+
+/* Locate the refcount of cluster @c. -EIO on a corrupt refcount table entry. */
+static int rc_locate(struct qcow2 *q, uint64_t c, struct rc_loc *l)
+{
+	uint64_t e, inblk;
+
+	l->rti = c >> q->rb_bits;
+	l->block = 0;
+	if (l->rti >= q->rt_entries)
+		return 0;
+	e = q->rt[l->rti];
+	l->block = e & QCOW2_RTE_OFFSET_MASK;
+	if (!l->block)
+		return 0;
+	if ((e & QCOW2_RTE_RESERVED_MASK) || (l->block & (q->cs - 1)) ||
+	    l->block + q->cs > q2_host_end(q) || rt_is_bad(q, l->rti)) {
+		q2_corrupt(q, "refcount table entry %llu (0x%llx) is invalid",
+			   (unsigned long long)l->rti, (unsigned long long)e);
+		return -EIO;
+	}
+	inblk = c & ((1ull << q->rb_bits) - 1);
+	l->slice = l->block + ((inblk >> q->src_bits) << __builtin_ctz(q->slice_size));
+	l->idx = (uint32_t)(inblk & ((1ull << q->src_bits) - 1));
+	return 0;
+}
+
+int q2_rc_prepare(struct qcow2 *q, uint64_t host, struct qcow2_waiter *w)
+{
+	struct q2_slice *s;
+	struct rc_loc l;
+	int ret = rc_locate(q, host >> q->cb, &l);
+
+	if (ret < 0 || !l.block)
+		return ret;
+	return q2_cache_get(&q->rcc, l.slice, &s, w);
+}
+
+static void prealloc_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	q->prealloc_busy = false;
+	if (res < 0) {
+		if (res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS)
+			Q2_LOG(q, "preallocating space failed (%s); going on without",
+			       strerror(-res));
+		q->no_prealloc = true;
+	}
+}
+
+static void prealloc_maybe(struct qcow2 *q)
+{
+	uint64_t chunk = 4ull << 20, front = q->cursor << q->cb, start;
+
+	if (q->no_prealloc || q->prealloc_busy || q->read_only || q->ext_data)
+		return;
+	if (chunk < 4 * q->cs)
+		chunk = 4 * q->cs;
+	if (front + chunk / 2 <= q->prealloc_end)
+		return;
+	start = q->prealloc_end > front ? q->prealloc_end : front;
+	q->prealloc_busy = true;
+	q->prealloc_cmd.done = prealloc_done;
+	q->prealloc_cmd.priv = q;
+	/* Counted as done at submission: writes may go there meanwhile anyway. */
+	q->prealloc_end = start + chunk;
+	io_fallocate(q->loop, &q->prealloc_cmd, q->file, 0, start, chunk);
+}
+
+/* Create refcount block for table index @rti at cluster @c (all slices new, dirty). */
+static int new_refblock(struct qcow2 *q, uint64_t rti, uint64_t c, uint64_t *rt)
+{
+	uint64_t off = c << q->cb;
+
+	for (uint64_t s = 0; s < q->cs; s += q->slice_size)
+		if (!q2_cache_new(&q->rcc, off + s))
+			return -ENOMEM;
+	rt[rti] = off;
+	q->n_rb_new++;
+	return q2_meta_add(q, c);
+}
+
+/* Set refcount of @c to @v; its slice must be cached. */
+static int rc_set(struct qcow2 *q, uint64_t c, uint64_t v)
+{
+	struct rc_loc l;
+	struct q2_slice *s;
+	int ret = rc_locate(q, c, &l);
+
+	if (ret < 0)
+		return ret;
+	if (!l.block)
+		return -EIO;
+	s = q2_cache_peek(&q->rcc, l.slice);
+	if (!s)
+		return -EAGAIN;
+	qcow2_refcount_set(s->buf, l.idx, q->rc_order, v);
+	q2_slice_dirty(s);
+	return 0;
+}
+
+/*
+ * Grow the refcount table so that index @need is covered, laying out new
+ * refcount blocks and the new table at the cursor (whose own index is past
+ * the old table, so every block needed there is new and nothing is loaded).
+ */
+static int grow_reftable(struct qcow2 *q, uint64_t need)
+{
+	uint64_t old = q->rt_entries, a = q->cursor, per_cl = q->cs / 8;
+	uint64_t new_entries, t, b = 0, *nrt;
+	uint8_t *ndirty;
+	int ret;
+
+	new_entries = old * 2 > need + 1 ? old * 2 : need + 1;
+	t = (new_entries + per_cl - 1) / per_cl;
+	if ((t << q->cb) > QCOW2_MAX_REFTABLE_BYTES) {
+		t = QCOW2_MAX_REFTABLE_BYTES >> q->cb;
+		if (t * per_cl <= need) {
+			Q2_LOG(q, "refcount table would exceed %u bytes: image full",
+			       QCOW2_MAX_REFTABLE_BYTES);
+			return -ENOSPC;
+		}
+	}
+	new_entries = t * per_cl;
+	for (;;) {
+		uint64_t end = a + b + t;
+		uint64_t nb = ((end - 1) >> q->rb_bits) - (a >> q->rb_bits) + 1;
+
+		if (nb == b)
+			break;
+		b = nb;
+	}
+	if ((a >> q->rb_bits) < old || ((a + b + t - 1) >> q->rb_bits) >= new_entries)
+		return -ENOSPC; /* cannot happen with sane geometry */
+	if (a + b + t > q->host_limit)
+		return -ENOSPC;
+	nrt = calloc(new_entries, sizeof(*nrt));
+	ndirty = calloc(new_entries * 8 / 512 / 8 + 1, 1);
+	if (!nrt || !ndirty) {
+		free(nrt);
+		free(ndirty);
+		return -ENOMEM;
+	}
+	memcpy(nrt, q->rt, old * sizeof(*nrt));
+	for (uint64_t k = 0; k < b; k++) {
+		ret = new_refblock(q, (a >> q->rb_bits) + k, a + k, nrt);
+		if (ret < 0)
+			goto undo;
+	}
+	/* swap in, then set refcounts of the new area through the new table */
+	{
+		uint64_t *ort = q->rt, ooff = q->rt_offset, ocl = q->rt_clusters;
+
+		q->rt = nrt;
+		q->rt_entries = new_entries;
+		q->rt_offset = a + b;
+		q->rt_offset <<= q->cb;
+		q->rt_clusters = (uint32_t)t;
+		free(q->rt_dirty);
+		q->rt_dirty = ndirty;
+		q->rt_relocated = true;
+		free(ort);
+		q->cursor = a + b + t;
+		for (uint64_t c = a; c < a + b + t; c++) {
+			ret = rc_set(q, c, 1);
+			if (ret < 0)
+				return ret; /* cannot happen: slices were just created */
+			if (c >= a + b && q2_meta_add(q, c) < 0)
+				return -ENOMEM;
+		}
+		q2_dec_range(q, ooff, ocl << q->cb);
+	}
+	Q2_LOG(q, "refcount table grown to %llu entries at 0x%llx", (unsigned long long)new_entries,
+	       (unsigned long long)q->rt_offset);
+	return 0;
+undo:
+	free(nrt);
+	free(ndirty);
+	return ret;
+}
+
+int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
+		      struct qcow2_waiter *w)
+{
+	struct q2_slice *s;
+	struct rc_loc l;
+	int ret;
+
+	if (q->read_only)
+		return -EROFS;
+	/* reuse a freed cluster first (data only) */
+	while (!meta && q->freelist.n) {
+		uint64_t v = q->freelist.v[q->freelist.n - 1], c = v & ~FREE_ZERO;
+
+		ret = rc_locate(q, c, &l);
+		if (ret < 0)
+			return ret;
+		if (!l.block) {
+			q->freelist.n--;
+			continue;
+		}
+		ret = q2_cache_get(&q->rcc, l.slice, &s, w);
+		if (ret < 0)
+			return ret;
+		q->freelist.n--;
+		if (qcow2_refcount_get(s->buf, l.idx, q->rc_order) != 0)
+			continue; /* taken meanwhile (cannot happen) */
+		qcow2_refcount_set(s->buf, l.idx, q->rc_order, 1);
+		q2_slice_dirty(s);
+		*host = c << q->cb;
+		*fresh = (v & FREE_ZERO) != 0;
+		q->n_alloc++;
+		return 1;
+	}
+	for (;;) {
+		uint64_t c = q->cursor, k;
+
+		if (c >= q->host_limit)
+			return -ENOSPC;
+		ret = rc_locate(q, c, &l);
+		if (ret < 0)
+			return ret;
+		if (l.rti >= q->rt_entries) {
+			ret = grow_reftable(q, l.rti);
+			if (ret < 0)
+				return ret;
+			continue;
+		}
+		if (!l.block) {
+			ret = new_refblock(q, l.rti, c, q->rt);
+			if (ret < 0)
+				return ret;
+			q2_wb_mark_rt(q, l.rti);
+			q->cursor++;
+			ret = rc_set(q, c, 1);
+			if (ret < 0)
+				return ret;
+			continue;
+		}
+		ret = q2_cache_get(&q->rcc, l.slice, &s, w);
+		if (ret < 0)
+			return ret;
+		if (qcow2_refcount_get(s->buf, l.idx, q->rc_order) != 0) {
+			q->cursor++;
+			continue;
+		}
+		for (k = 0; k < n && c + k < q->host_limit && l.idx + k < (1ull << q->src_bits);
+		     k++) {
+			if (qcow2_refcount_get(s->buf, l.idx + k, q->rc_order) != 0)
+				break;
+			qcow2_refcount_set(s->buf, l.idx + k, q->rc_order, 1);
+		}
+		q2_slice_dirty(s);
+		q->cursor = c + k;
+		*host = c << q->cb;
+		*fresh = c >= q->fresh_start;
+		q->n_alloc += k;
+		prealloc_maybe(q);
+		return (int)k;
+	}
+}
+
+void q2_alloc_release(struct qcow2 *q, uint64_t host, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t c = (host >> q->cb) + i;
+
+		if (rc_set(q, c, 0) < 0) {
+			/* slice gone (cannot happen while pinned): decrement the slow way */
+			q2_dec_range(q, c << q->cb, q->cs);
+			continue;
+		}
+		q2_u64v_push(&q->freelist, c);
+	}
+}
+
+void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len)
+{
+	if (!len)
+		return;
+	for (uint64_t c = host >> q->cb; c <= (host + len - 1) >> q->cb; c++)
+		if (q2_u64v_push(&q->dec_pending, c) < 0)
+			Q2_LOG(q, "out of memory: cluster 0x%llx leaks",
+			       (unsigned long long)(c << q->cb));
+	if (q->dec_pending.n >= 4096)
+		q2_wb_kick(q);
+}
+
+static void append(struct q2_u64v *dst, struct q2_u64v *src)
+{
+	if (!dst->n) {
+		struct q2_u64v t = *dst;
+
+		*dst = *src;
+		*src = t;
+		src->n = 0;
+		return;
+	}
+	for (size_t i = 0; i < src->n; i++)
+		q2_u64v_push(dst, src->v[i]);
+	src->n = 0;
+}
+
+static void run_apply(struct qcow2 *q);
+static void start_grace(struct qcow2 *q);
+
+static void grace_done(struct qcow2 *q)
+{
+	q->grace_running = false;
+	append(&q->dec_apply, &q->dec_wait);
+	run_apply(q);
+	start_grace(q);
+}
+
+static void start_grace(struct qcow2 *q)
+{
+	unsigned old;
+
+	if (q->grace_running || !q->dec_grace.n)
+		return;
+	q->grace_running = true;
+	append(&q->dec_wait, &q->dec_grace);
+	old = q->gen & 1;
+	q->gen++;
+	if (q->active[old] == 0)
+		grace_done(q);
+}
+
+unsigned qcow2_io_begin(struct qcow2 *q)
+{
+	unsigned t = q->gen & 1;
+
+	q->active[t]++;
+	return t;
+}
+
+void qcow2_io_end(struct qcow2 *q, unsigned t)
+{
+	q->active[t & 1]--;
+	if (q->grace_running && (t & 1) != (q->gen & 1) && q->active[t & 1] == 0)
+		grace_done(q);
+}
+
+void q2_dec_durable(struct qcow2 *q, struct q2_u64v *decs)
+{
+	append(&q->dec_grace, decs);
+	start_grace(q);
+}
+
+static void dec_wake(struct qcow2_waiter *w)
+{
+	struct qcow2 *q = w->priv;
+
+	q->dec_running = false;
+	if (w->err < 0) {
+		/* could not read a refcount block: these clusters leak */
+		Q2_LOG(q, "cannot lower a refcount (%s): cluster 0x%llx leaks", strerror(-w->err),
+		       (unsigned long long)(q->dec_apply.v[q->dec_apply_pos] << q->cb));
+		q->dec_apply_pos++;
+	}
+	run_apply(q);
+}
+
+static void freed(struct qcow2 *q, uint64_t c)
+{
+	uint64_t off = c << q->cb;
+
+	q2_meta_del(q, c);
+	for (uint64_t s = 0; s < q->cs; s += q->slice_size) {
+		q2_cache_forget(&q->l2c, off + s);
+		q2_cache_forget(&q->rcc, off + s);
+	}
+	q2_u64v_push(&q->freelist, c);
+}
+
+static void run_apply(struct qcow2 *q)
+{
+	if (q->dec_running)
+		return;
+	while (q->dec_apply_pos < q->dec_apply.n) {
+		uint64_t c = q->dec_apply.v[q->dec_apply_pos], rc;
+		struct q2_slice *s;
+		struct rc_loc l;
+		int ret;
+
+		ret = rc_locate(q, c, &l);
+		if (ret == 0 && !l.block) {
+			q2_corrupt(q, "freeing cluster 0x%llx that has no refcount block",
+				   (unsigned long long)(c << q->cb));
+			ret = -EIO;
+		}
+		if (ret == 0) {
+			q->dec_waiter.wake = dec_wake;
+			q->dec_waiter.priv = q;
+			ret = q2_cache_get(&q->rcc, l.slice, &s, &q->dec_waiter);
+			if (ret == -EAGAIN) {
+				q->dec_running = true;
+				return;
+			}
+		}
+		q->dec_apply_pos++;
+		if (ret < 0)
+			continue;
+		rc = qcow2_refcount_get(s->buf, l.idx, q->rc_order);
+		if (rc == 0) {
+			q2_corrupt(q, "refcount of cluster 0x%llx would drop below zero",
+				   (unsigned long long)(c << q->cb));
+			continue;
+		}
+		qcow2_refcount_set(s->buf, l.idx, q->rc_order, rc - 1);
+		q2_slice_dirty(s);
+		if (rc == 1)
+			freed(q, c);
+	}
+	q->dec_apply.n = 0;
+	q->dec_apply_pos = 0;
+	q2_wb_maybe(q);
+}
+
+void q2_alloc_exit(struct qcow2 *q)
+{
+	free(q->freelist.v);
+	free(q->dec_pending.v);
+	free(q->dec_grace.v);
+	free(q->dec_apply.v);
+	free(q->dec_wait.v);
+	memset(&q->freelist, 0, sizeof(q->freelist));
+}

@@ -1,0 +1,269 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2/internal.h — engine internals shared by the engine's .c files.
+ *
+ * Files:
+ *   qcow2.c      open/close, metadata set (overlap checks), corruption state
+ *   cache.c      L2 and refcount slice caches (load, evict, dirty lists)
+ *   mapping.c    map_read, map_write, alloc_finish, zero_step
+ *   alloc.c      cluster allocation, refcount updates, deferred decrements
+ *   writeback.c  batched metadata write-back in durability order, flush
+ *
+ * Slice cache invariants:
+ *  - A slice is in the hash while LOADING or READY; its buffer holds the
+ *    on-disk (big-endian) bytes.
+ *  - A dirty slice, a slice with a write-back in flight (wb), a pinned slice
+ *    and a LOADING slice are never evicted. The cache may grow past its soft
+ *    limit when nothing is evictable; write-back then brings it back.
+ *  - New metadata clusters (L2 tables, refcount blocks) get every slice
+ *    instantiated in the cache, zero-filled and dirty, so nothing depends on
+ *    what the disk held there before.
+ */
+#ifndef VQCOW_QCOW2_INTERNAL_H
+#define VQCOW_QCOW2_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "qcow2.h"
+
+enum q2_slice_state {
+	Q2_SL_LOADING = 1,
+	Q2_SL_READY,
+};
+
+enum q2_cache_type {
+	Q2_CACHE_L2 = 0,
+	Q2_CACHE_RC = 1,
+};
+
+struct q2_slice {
+	uint64_t off; /* host offset of the slice */
+	struct q2_slice *hnext;
+	struct q2_slice *dnext; /* dirty list */
+	struct q2_cache *cache;
+	void *buf; /* slice_size bytes, on-disk format */
+	struct qcow2_waiter *waiters;
+	struct io_cmd cmd;
+	uint32_t pins;
+	uint32_t idx; /* position in cache->all */
+	uint8_t state;
+	bool dirty;
+	bool in_dlist;
+	bool wb;      /* copied into a write-back batch whose write is in flight */
+	bool refbit;  /* clock */
+	bool suspect; /* L2: an entry failed load-time validation */
+};
+
+struct q2_cache {
+	struct qcow2 *q;
+	uint8_t type;
+	uint32_t slice_size;
+	size_t soft_max; /* entries */
+	size_t count;    /* entries allocated (in use or free) */
+	size_t cap;
+	struct q2_slice **all;
+	size_t hand;
+	struct q2_slice *free; /* unused entries (buffers kept), linked by hnext */
+	struct q2_slice **hash;
+	size_t hmask;
+	struct q2_slice *dirty; /* dirty list (in_dlist) */
+	size_t ndirty;
+	uint64_t hits, misses, evictions;
+};
+
+/* A growable list of host offsets (refcount decrements, free clusters). */
+struct q2_u64v {
+	uint64_t *v;
+	size_t n, cap;
+};
+
+struct q2_batch;
+
+struct qcow2 {
+	struct io_loop *loop;
+	struct io_file *file;      /* the image file: metadata (and data unless external) */
+	struct io_file *data_file; /* where data lives (== file unless external) */
+	char *path;
+	struct qcow2_header_info h;
+	bool read_only;
+	bool extl2;
+	bool ext_data; /* external data file */
+	bool data_raw; /* autoclear raw external data bit kept */
+	uint32_t cb;   /* cluster_bits */
+	uint64_t cs;   /* cluster size */
+	uint32_t l2_bits;
+	uint32_t l2e_size; /* 8 or 16 */
+	uint32_t sc_bits;  /* subcluster bits (== cb without extended L2) */
+	uint32_t slice_size;
+	uint32_t sl2_bits; /* log2(L2 entries per slice) */
+	uint32_t rc_order;
+	uint32_t rb_bits;      /* log2(refcounts per refcount block) */
+	uint32_t src_bits;     /* log2(refcounts per slice) */
+	uint64_t size;         /* virtual size rounded up to 512 */
+	uint64_t backing_size; /* UINT64_MAX = no backing */
+
+	uint64_t *l1; /* host order */
+	uint32_t l1_size;
+	uint8_t *l1_dirty; /* one bit per 512-byte sector of the L1 table */
+	uint64_t l1_ndirty;
+	uint64_t *rt; /* refcount table, host order */
+	uint64_t rt_entries;
+	uint64_t rt_offset;
+	uint32_t rt_clusters;
+	uint8_t *rt_dirty; /* one bit per 512-byte sector */
+	uint64_t rt_ndirty;
+	bool rt_relocated; /* whole table + header pointer must be written */
+	uint8_t *l1_bad;   /* bitmap: L1 entries whose L2 table sits on other metadata */
+	uint8_t *
+	    rt_bad; /* bitmap: refcount blocks sitting on other metadata (or grown: see rt_bad_n) */
+	uint64_t rt_bad_n; /* entries covered by rt_bad */
+
+	struct q2_cache l2c, rcc;
+
+	/* Metadata clusters (sorted cluster indices) for overlap checks. */
+	struct q2_u64v meta;
+
+	/* Allocation */
+	uint64_t fresh_start; /* cluster index; never-handed-out clusters at or after it are zero */
+	uint64_t cursor;      /* next candidate cluster at the end */
+	uint64_t host_limit;  /* clusters available (block devices), else max */
+	struct q2_u64v freelist; /* freed cluster indices (bit 63: known zero) */
+	uint64_t prealloc_end;   /* bytes */
+	bool prealloc_busy;
+	bool no_prealloc;
+	struct io_cmd prealloc_cmd;
+
+	struct qcow2_alloc *tokens; /* active allocations */
+	struct q2_l2cow *l2cow;     /* copy of a shared L2 table in progress */
+	struct q2_zctx *zctx;       /* decompressor (compress.c) */
+
+	/* Refcount decrements, by stage */
+	struct q2_u64v dec_pending; /* pointer removed in memory */
+	struct q2_u64v dec_grace;   /* durable; waiting for older data I/O to end */
+	struct q2_u64v dec_apply;   /* ready to apply */
+	size_t dec_apply_pos;
+	bool dec_running;
+	struct qcow2_waiter dec_waiter;
+	unsigned gen;
+	unsigned active[2];
+	bool grace_running;
+	struct q2_u64v dec_wait; /* in the running grace period */
+
+	/* Write-back */
+	struct q2_batch *batch;         /* NULL when idle */
+	struct q2_batch *batch_spare;   /* reused allocation */
+	struct qcow2_flush *flush_next; /* waiting for the next batch */
+	bool wb_wanted;                 /* start another batch when this one ends */
+	uint64_t batches;
+	struct io_cmd timer_cmd;
+	bool timer_armed;
+	bool closing;
+	uint32_t writeback_ms;
+	int wb_err; /* last write-back error (sticky until a batch succeeds) */
+
+	/* Corruption */
+	bool corrupt;
+	bool corrupt_hdr_busy;
+	struct io_cmd corrupt_cmd;
+	uint8_t corrupt_buf[8];
+
+	/* Deferred wake-ups (never call wake() from inside a map call) */
+	struct qcow2_waiter *wake_head, *wake_tail;
+	struct io_cmd wake_cmd;
+	bool wake_armed;
+
+	/* Per-type counters (describe) */
+	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
+};
+
+/* ---- qcow2.c ---- */
+__attribute__((format(printf, 2, 3))) void q2_corrupt(struct qcow2 *q, const char *fmt, ...);
+bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len);
+int q2_meta_add(struct qcow2 *q, uint64_t cluster);
+void q2_meta_del(struct qcow2 *q, uint64_t cluster);
+int q2_u64v_push(struct q2_u64v *v, uint64_t x);
+/* Queue a wake-up of @w with @err, delivered from the loop. */
+void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err);
+void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err);
+/* Largest host offset we accept in an entry (file end or allocation frontier). */
+uint64_t q2_host_end(const struct qcow2 *q);
+
+/* ---- cache.c ---- */
+int q2_cache_init(struct q2_cache *c, struct qcow2 *q, uint8_t type, uint32_t slice_size,
+		  size_t soft_max);
+void q2_cache_exit(struct q2_cache *c);
+/*
+ * Find the slice at @off: 0 with *sp set (READY), -EAGAIN (load started or in
+ * progress, @w parked), or -errno.
+ */
+int q2_cache_get(struct q2_cache *c, uint64_t off, struct q2_slice **sp, struct qcow2_waiter *w);
+/* The slice at @off if cached and READY, else NULL (no load). */
+struct q2_slice *q2_cache_peek(struct q2_cache *c, uint64_t off);
+/* Create a zero-filled dirty READY slice at @off (no I/O). NULL on ENOMEM. */
+struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off);
+void q2_slice_dirty(struct q2_slice *s);
+/* Drop a clean, unpinned slice (e.g. its cluster was freed). */
+void q2_cache_forget(struct q2_cache *c, uint64_t off);
+size_t q2_cache_over(const struct q2_cache *c);
+
+/* ---- alloc.c ---- */
+/*
+ * Reserve up to @n host clusters, contiguous, refcount raised to 1 in the
+ * cache. @meta: for metadata (taken from the end, never the free list).
+ * Returns the number reserved (>= 1) with *host and *fresh set, -EAGAIN
+ * (parked), or -errno.
+ */
+int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
+		      struct qcow2_waiter *w);
+/* Undo a reservation that was never linked (refcount back to 0 now). */
+void q2_alloc_release(struct qcow2 *q, uint64_t host, uint32_t n);
+/* Ensure the refcount slice for @host is cached: 0, -EAGAIN or -errno. */
+int q2_rc_prepare(struct qcow2 *q, uint64_t host, struct qcow2_waiter *w);
+/* Queue a deferred decrement of every cluster overlapping [host, host + len). */
+void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len);
+/* Called by write-back when a batch (that took @decs) is durable. */
+void q2_dec_durable(struct qcow2 *q, struct q2_u64v *decs);
+void q2_alloc_exit(struct qcow2 *q);
+
+/* ---- writeback.c ---- */
+void q2_wb_kick(struct qcow2 *q);  /* start a batch soon if there is work */
+void q2_wb_maybe(struct qcow2 *q); /* start one if thresholds are exceeded */
+void q2_wb_mark_l1(struct qcow2 *q, uint32_t idx);
+void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx);
+int q2_wb_close(struct qcow2 *q);
+void q2_wb_exit(struct qcow2 *q);
+
+/* ---- mapping.c ---- */
+/* Validate an L2 slice after loading: sets s->suspect. */
+void q2_l2_validate(struct qcow2 *q, struct q2_slice *s);
+void q2_mapping_exit(struct qcow2 *q);
+
+/* ---- compress.c ---- */
+void q2_compress_exit(struct qcow2 *q);
+
+/* ---- small helpers ---- */
+static inline uint64_t q2_l2_entry(const struct q2_slice *s, uint32_t i, uint64_t *bitmap,
+				   bool extl2)
+{
+	const uint8_t *b = (const uint8_t *)s->buf + (size_t)i * (extl2 ? 16 : 8);
+
+	if (bitmap)
+		*bitmap = extl2 ? qcow2_be64(b + 8) : 0;
+	return qcow2_be64(b);
+}
+
+static inline void q2_l2_set(struct q2_slice *s, uint32_t i, uint64_t e, uint64_t bitmap,
+			     bool extl2)
+{
+	uint8_t *b = (uint8_t *)s->buf + (size_t)i * (extl2 ? 16 : 8);
+
+	qcow2_put_be64(b, e);
+	if (extl2)
+		qcow2_put_be64(b + 8, bitmap);
+}
+
+#define Q2_LOG(q, fmt, ...) fprintf(stderr, "vqcow: %s: " fmt "\n", (q)->path, ##__VA_ARGS__)
+
+#endif /* VQCOW_QCOW2_INTERNAL_H */

@@ -1,0 +1,242 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2/qcow2.h — the qcow2 mapping engine.
+ *
+ * The engine owns an image's metadata (header, L1 table, L2 tables, refcount
+ * table and blocks) and does METADATA I/O only, through io/. It maps guest
+ * ranges to extents; the caller (blk/image_qcow2.c) does the data I/O.
+ *
+ * Threading: everything runs on the one io_loop given at open; the engine is
+ * not thread-safe.
+ *
+ * Asynchrony and waiters: a mapping step that needs metadata that is not
+ * cached (an L2 or refcount slice), or that touches a guest cluster another
+ * request is allocating, returns -EAGAIN after parking the caller's struct
+ * qcow2_waiter. Later (always from the loop, never from inside the call)
+ * the engine sets w->err and calls w->wake(w): err == 0 means "run the step
+ * again" (steps are idempotent: a re-run sees the new state), err < 0 means
+ * the metadata needed could not be read (fail the request).
+ *
+ * Read path:  t = qcow2_io_begin(); qcow2_map_read() -> extents (a prefix of
+ *             the range); do the data I/O; qcow2_io_end(t).
+ * Write path: t = qcow2_io_begin(); qcow2_map_write() ->
+ *             INPLACE: write the data at the host offset; no metadata changes.
+ *             ALLOC:   a token is held: fill the COW head/tail (read the OLD
+ *                      content with qcow2_map_read, which still sees the old
+ *                      mapping), zero what must be zero, write the data, then
+ *                      qcow2_alloc_finish(res) links it (or undoes it on error).
+ *             qcow2_io_end(t) after the data I/O.
+ * The begin/end ticket is what keeps a cluster that is freed (discard, COW of
+ * a compressed cluster...) from being reused while data I/O that mapped it
+ * is still in flight.
+ *
+ * Durability (one function, writeback.c, enforces it): data -> new refcount
+ * blocks and refcount updates -> fdatasync -> refcount table entries (or the
+ * header's refcount table pointer) -> fdatasync -> L2 slices -> fdatasync ->
+ * L1 entries -> fdatasync. Refcount decrements are applied only after the
+ * batch that removed the last pointer completed (and after in-flight data I/O
+ * that may use the cluster ended). Invariant: nothing on disk ever points at
+ * a cluster whose on-disk refcount is too low; a crash can only leak.
+ * Metadata is written back in batches: on qcow2_flush(), when many slices are
+ * dirty, and periodically.
+ *
+ * Corruption: an invalid entry found while mapping is logged once (naming the
+ * file), the corrupt bit is set in the header (read-write v3 images), every
+ * later write fails with -EIO; reads of undamaged ranges go on.
+ */
+#ifndef VQCOW_QCOW2_H
+#define VQCOW_QCOW2_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "format.h"
+#include "io.h"
+
+struct qcow2;
+
+struct qcow2_waiter {
+	void (*wake)(struct qcow2_waiter *w); /* set by the caller */
+	void *priv;                           /* the caller's */
+	int err;                              /* set by the engine before wake() */
+	struct qcow2_waiter *next;            /* private */
+};
+
+struct qcow2_opts {
+	bool read_only;
+	bool allow_corrupt_ro;  /* open an image with the corrupt bit (read-only only) */
+	uint64_t l2_cache_size; /* bytes; 0 = cover the whole image up to 32 MiB */
+	uint64_t
+	    refcount_cache_size;   /* bytes; 0 = default (a quarter of the L2 cache, >= 256 KiB) */
+	uint32_t cache_entry_size; /* slice bytes (power of two, 512..cluster); 0 = 4 KiB */
+	uint32_t writeback_ms;     /* periodic metadata write-back; 0 = 1000 ms */
+};
+
+/*
+ * Open the engine on @file (an open image file; the engine does not own it).
+ * Reads and validates the header, extensions, L1 table, refcount table and
+ * snapshot table synchronously. Refuses (with a message naming @path and the
+ * problem in @err): invalid headers, encryption, unknown incompatible
+ * features, the corrupt bit (unless allow_corrupt_ro and read-only), the dirty
+ * bit (lazy refcounts; repair with `vqcow-img check -r all`), zstd without
+ * zstd support. A read-write open clears autoclear bits we do not maintain.
+ * Returns 0 or -errno.
+ */
+int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, const char *path,
+	       const struct qcow2_opts *opts, char *err, size_t errlen);
+
+/*
+ * Write back dirty metadata (driving the loop with io_loop_run_once(), so do
+ * not call it from inside a loop callback) and release the engine. All I/O
+ * must have ended. Returns 0 or the first write-back error (the engine is
+ * released anyway). NULL is fine.
+ */
+int qcow2_close(struct qcow2 *q);
+
+/* The parsed header (geometry, backing file name, data file name...). */
+const struct qcow2_header_info *qcow2_header(const struct qcow2 *q);
+
+/* Virtual size in bytes (the header's size rounded up to 512). */
+uint64_t qcow2_size(const struct qcow2 *q);
+
+/*
+ * Tell the engine about the external data file (required before I/O when the
+ * image has one; the engine fdatasyncs it in write-back) and the backing
+ * image's size (UINT64_MAX = no backing image; default). Ranges beyond the
+ * backing size are known to read as zeroes (saves COW reads).
+ */
+void qcow2_set_data_file(struct qcow2 *q, struct io_file *data_file);
+void qcow2_set_backing_size(struct qcow2 *q, uint64_t size);
+
+/* True once corruption was detected (or the image was opened with the corrupt bit). */
+bool qcow2_is_corrupt(const struct qcow2 *q);
+
+/* One line: geometry, cache sizes and hit rates. */
+void qcow2_describe(const struct qcow2 *q, char *buf, size_t len);
+
+/* ---- data I/O tickets ---- */
+
+/* Start of a data I/O that will map host clusters; returns a ticket for qcow2_io_end(). */
+unsigned qcow2_io_begin(struct qcow2 *q);
+void qcow2_io_end(struct qcow2 *q, unsigned ticket);
+
+/* ---- mapping ---- */
+
+enum qcow2_map_type {
+	QCOW2_MAP_DATA = 1,   /* host: offset in the data file (image or external) */
+	QCOW2_MAP_ZERO,       /* reads as zeroes */
+	QCOW2_MAP_UNALLOC,    /* read from the backing image (zeroes if none / beyond it) */
+	QCOW2_MAP_COMPRESSED, /* host/clen: compressed bytes; coff: offset in the cluster */
+};
+
+struct qcow2_extent {
+	uint8_t type;  /* enum qcow2_map_type */
+	uint64_t off;  /* guest offset */
+	uint64_t len;  /* bytes */
+	uint64_t host; /* DATA: host offset of @off; COMPRESSED: offset of the compressed data */
+	uint32_t clen; /* COMPRESSED: bytes of compressed data to read (clamped to the file) */
+	uint32_t coff; /* COMPRESSED: offset of @off inside the decompressed cluster */
+};
+
+/*
+ * Map [@off, @off + @len) (inside the virtual size) for reading. Fills up to
+ * @max extents covering a prefix of the range (adjacent DATA extents that
+ * are host-contiguous are merged, as are ZERO and UNALLOC runs). No data I/O.
+ * Returns the number of extents (>= 1), -EAGAIN (parked on @w), -EIO (the
+ * metadata of this range is corrupt or unreadable) or -EINVAL (bad range).
+ */
+int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
+		   unsigned max, struct qcow2_waiter *w);
+
+enum qcow2_wmap {
+	QCOW2_WRITE_INPLACE = 1, /* write the data at a->host; nothing else to do */
+	QCOW2_WRITE_ALLOC,       /* token held: COW, write, qcow2_alloc_finish() */
+};
+
+/*
+ * A write mapping / allocation token. The caller embeds it (e.g. in its
+ * request context) and must keep it alive until qcow2_alloc_finish().
+ */
+struct qcow2_alloc {
+	/* Filled by qcow2_map_write(). */
+	uint64_t off, len;  /* guest range of the data covered (a prefix of the request) */
+	uint64_t host;      /* host offset (data file) for guest @off */
+	uint64_t cow_start; /* guest start of the range to write: head = [cow_start, off) */
+	uint64_t cow_end;   /* guest end: tail = [off + len, cow_end) */
+	bool head_zero;     /* the head's old content is zeroes: no need to read it */
+	bool tail_zero;     /* same for the tail */
+	bool fresh;         /* the host range of [cow_start, cow_end) already reads as zeroes */
+
+	/* Private to the engine. */
+	struct qcow2_alloc *next;
+	struct qcow2_waiter *waiters; /* writers waiting for this range */
+	void *l2_slice;
+	void *rc_slice;
+	uint64_t first_cluster; /* guest cluster index */
+	uint32_t nclusters;
+	uint32_t sc_mask_first, sc_mask_last; /* extended L2: subclusters written */
+	uint8_t kind;
+	bool new_host; /* clusters were reserved (refcounts raised) */
+};
+
+/*
+ * Map [@off, @off + @len) for writing. Returns QCOW2_WRITE_INPLACE (a->off,
+ * a->len, a->host set; nothing held), QCOW2_WRITE_ALLOC (token held, all of
+ * @a's public fields set), -EAGAIN (parked on @w), -EIO (corrupt image or
+ * corrupt metadata for this range), -EROFS (read-only), -ENOSPC (the image
+ * cannot grow), -EINVAL (bad range).
+ */
+int qcow2_map_write(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_alloc *a,
+		    struct qcow2_waiter *w);
+
+/*
+ * End an allocation: @res == 0 links the new L2 entries (in memory; written
+ * back later), res < 0 releases the reserved clusters. Wakes writers waiting
+ * on the range. Never fails, never blocks.
+ */
+void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res);
+
+/* ---- discard and write-zeroes (metadata operations) ---- */
+
+enum qcow2_zaction {
+	QCOW2_Z_DONE = 1, /* handled in metadata */
+	QCOW2_Z_SKIP,  /* nothing to do (already reads as wanted, or a partial-cluster discard) */
+	QCOW2_Z_WRITE, /* the caller must write zeroes there through the write path */
+};
+
+/*
+ * Discard (@zero false) or write zeroes (@zero true; @unmap allows freeing)
+ * a prefix of [@off, @off + @len). *@done_len receives the prefix length and
+ * the return value says what happened to it (enum qcow2_zaction), or
+ * -EAGAIN (parked), -EIO, -EROFS. Freed clusters are released only after the
+ * change is durable and no in-flight I/O uses them.
+ * With an external data file, QCOW2_Z_DONE for a discard means the caller
+ * may punch the range in the data file.
+ */
+int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
+		    uint64_t *done_len, struct qcow2_waiter *w);
+
+/*
+ * Decompress one compressed cluster: @src/@srclen the compressed bytes as
+ * read (trailing garbage allowed), @dst/@dstlen the cluster (cluster size).
+ * Synchronous CPU work. 0, -EIO (corrupt data) or -ENOMEM.
+ */
+int qcow2_decompress(struct qcow2 *q, const void *src, size_t srclen, void *dst, size_t dstlen);
+
+/* ---- flush ---- */
+
+struct qcow2_flush {
+	void (*done)(struct qcow2_flush *f, int res); /* set by the caller */
+	void *priv;
+	struct qcow2_flush *next; /* private */
+};
+
+/*
+ * Make every write that completed before this call durable, with the
+ * metadata that reaches it. @f->done runs later from the loop (never inside
+ * this call) with 0 or -errno.
+ */
+void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f);
+
+#endif /* VQCOW_QCOW2_H */

@@ -1,0 +1,667 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2/writeback.c — batched metadata write-back in durability order.
+ *
+ * THE ordering function of the engine. A batch takes a snapshot (copies) of
+ * all dirty metadata when it starts and writes it in phases:
+ *
+ *   P1   refcount slices (new refcount blocks included) and, after a refcount
+ *        table relocation, the whole new table     -> fdatasync (image and
+ *        external data file: the data of every acknowledged write is durable
+ *        from here on)
+ *   P1B  dirty refcount table sectors, or the header's refcount table
+ *        pointer after a relocation                 -> fdatasync
+ *   P2   L2 slices                                  -> fdatasync
+ *   P3   L1 sectors                                 -> fdatasync
+ *
+ * Why it is safe: an L2 entry is set (alloc_finish) only after its data write
+ * completed and after its cluster's refcount was raised in the cache, i.e.
+ * before the snapshot, so P1's copy has the refcount and P1's fdatasync covers
+ * the data; P2 then writes the entry. New L2 tables are written in P2 and
+ * linked from L1 in P3. A refcount block is linked from the table (P1B) only
+ * after P1 wrote it. Decrements taken by the batch are applied only after P3
+ * (alloc.c). Empty phases are skipped, except P1's fdatasync (a flush needs it
+ * for in-place data writes).
+ *
+ * Entries changed after the snapshot stay dirty for the next batch. Slices
+ * being written are not evicted (a reload could read the old bytes). A failed
+ * batch re-marks everything it took as dirty, puts its decrements back and
+ * fails the flushes waiting on it; later batches retry.
+ *
+ * Triggers: qcow2_flush(), many dirty slices or pending decrements (or a
+ * cache past its soft limit), and a periodic timer while anything is dirty.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum item_kind {
+	IT_SLICE = 1,
+	IT_RT_FULL,
+	IT_RT_SECTOR,
+	IT_HDR_RT,
+	IT_L1_SECTOR,
+};
+
+enum phase {
+	PH_P1 = 0,
+	PH_P1B,
+	PH_P2,
+	PH_P3,
+	PH_N,
+};
+
+struct wb_item {
+	uint64_t off;
+	uint64_t len;
+	size_t stage_off; /* copy in the stage buffer */
+	struct q2_slice *slice;
+	uint64_t index; /* sector index */
+	uint8_t kind;
+};
+
+struct wb_run {
+	struct io_cmd cmd;
+	struct q2_batch *b;
+	size_t iov_first;
+	unsigned iovcnt;
+	uint64_t off;
+};
+
+struct q2_batch {
+	struct qcow2 *q;
+	int phase;
+	bool syncing;
+	int err;
+	unsigned pending;
+	struct wb_item *items;
+	size_t nitems, cap_items;
+	size_t ph_first[PH_N + 1];
+	uint8_t *stage;
+	size_t stage_used, stage_cap;
+	struct wb_run *runs;
+	size_t cap_runs;
+	struct iovec *iov;
+	size_t cap_iov;
+	struct io_cmd sync_cmd[2];
+	struct q2_u64v decs;
+	struct qcow2_flush *flushes;
+};
+
+static void phase_run(struct q2_batch *b);
+
+static bool bit_get(const uint8_t *m, uint64_t i)
+{
+	return m[i / 8] & (1u << (i % 8));
+}
+
+static void bit_set(uint8_t *m, uint64_t i)
+{
+	m[i / 8] |= (uint8_t)(1u << (i % 8));
+}
+
+void q2_wb_mark_l1(struct qcow2 *q, uint32_t idx)
+{
+	uint64_t sec = (uint64_t)idx * 8 / 512;
+
+	if (!bit_get(q->l1_dirty, sec)) {
+		bit_set(q->l1_dirty, sec);
+		q->l1_ndirty++;
+	}
+}
+
+void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx)
+{
+	uint64_t sec = idx * 8 / 512;
+
+	if (!bit_get(q->rt_dirty, sec)) {
+		bit_set(q->rt_dirty, sec);
+		q->rt_ndirty++;
+	}
+}
+
+static bool has_work(const struct qcow2 *q)
+{
+	return q->l2c.ndirty || q->rcc.ndirty || q->l1_ndirty || q->rt_ndirty || q->rt_relocated ||
+	       q->dec_pending.n || q->flush_next;
+}
+
+/* ---- building a batch ---- */
+
+static int stage_reserve(struct q2_batch *b, size_t len, size_t *off)
+{
+	size_t need = (b->stage_used + 511) & ~(size_t)511;
+
+	if (need + len > b->stage_cap) {
+		size_t ncap = b->stage_cap ? b->stage_cap : 65536;
+		uint8_t *ns;
+
+		while (ncap < need + len)
+			ncap *= 2;
+		ns = io_alloc_aligned(ncap);
+		if (!ns)
+			return -ENOMEM;
+		if (b->stage_used)
+			memcpy(ns, b->stage, b->stage_used);
+		io_free_aligned(b->stage);
+		b->stage = ns;
+		b->stage_cap = ncap;
+	}
+	*off = need;
+	b->stage_used = need + len;
+	return 0;
+}
+
+static struct wb_item *item_add(struct q2_batch *b, uint8_t kind, uint64_t off, uint64_t len)
+{
+	struct wb_item *it;
+	size_t so;
+
+	if (b->nitems == b->cap_items) {
+		size_t ncap = b->cap_items ? b->cap_items * 2 : 64;
+		struct wb_item *ni = realloc(b->items, ncap * sizeof(*ni));
+
+		if (!ni)
+			return NULL;
+		b->items = ni;
+		b->cap_items = ncap;
+	}
+	if (stage_reserve(b, (size_t)len, &so) < 0)
+		return NULL;
+	it = &b->items[b->nitems++];
+	memset(it, 0, sizeof(*it));
+	it->kind = kind;
+	it->off = off;
+	it->len = len;
+	it->stage_off = so;
+	return it;
+}
+
+static int take_slices(struct q2_batch *b, struct q2_cache *c)
+{
+	struct q2_slice *s = c->dirty;
+
+	c->dirty = NULL;
+	c->ndirty = 0;
+	while (s) {
+		struct q2_slice *next = s->dnext;
+		struct wb_item *it;
+
+		s->dnext = NULL;
+		s->in_dlist = false;
+		if (s->dirty) {
+			it = item_add(b, IT_SLICE, s->off, c->slice_size);
+			if (!it) {
+				/* keep it dirty for the next try */
+				q2_slice_dirty(s);
+				s = next;
+				continue;
+			}
+			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
+			it->slice = s;
+			s->dirty = false;
+			s->wb = true;
+		}
+		s = next;
+	}
+	return 0;
+}
+
+static void put_table_be(uint8_t *dst, const uint64_t *src, uint64_t n)
+{
+	for (uint64_t i = 0; i < n; i++)
+		qcow2_put_be64(dst + i * 8, src[i]);
+}
+
+static int cmp_item(const void *a, const void *b)
+{
+	const struct wb_item *x = a, *y = b;
+
+	return x->off < y->off ? -1 : x->off > y->off;
+}
+
+static void build(struct q2_batch *b)
+{
+	struct qcow2 *q = b->q;
+	uint64_t nsec;
+
+	b->nitems = 0;
+	b->stage_used = 0;
+
+	/* P1: refcount slices, relocated refcount table */
+	b->ph_first[PH_P1] = 0;
+	take_slices(b, &q->rcc);
+	if (q->rt_relocated) {
+		struct wb_item *it =
+		    item_add(b, IT_RT_FULL, q->rt_offset, (uint64_t)q->rt_clusters << q->cb);
+
+		if (it) {
+			put_table_be(b->stage + it->stage_off, q->rt, q->rt_entries);
+			q->rt_relocated = false;
+			memset(q->rt_dirty, 0, q->rt_entries * 8 / 512 / 8 + 1);
+			q->rt_ndirty = 0;
+		}
+	}
+	qsort(b->items + b->ph_first[PH_P1], b->nitems - b->ph_first[PH_P1], sizeof(*b->items),
+	      cmp_item);
+
+	/* P1B: header pointer after a relocation, else dirty table sectors */
+	b->ph_first[PH_P1B] = b->nitems;
+	for (size_t i = b->ph_first[PH_P1]; i < b->ph_first[PH_P1B]; i++) {
+		if (b->items[i].kind == IT_RT_FULL) {
+			struct wb_item *it =
+			    item_add(b, IT_HDR_RT, QCOW2_OFF_REFCOUNT_TABLE_OFFSET, 12);
+
+			if (it) {
+				qcow2_put_be64(b->stage + it->stage_off, q->rt_offset);
+				qcow2_put_be32(b->stage + it->stage_off + 8, q->rt_clusters);
+			}
+			break;
+		}
+	}
+	nsec = q->rt_entries * 8 / 512;
+	for (uint64_t sec = 0; q->rt_ndirty && sec < nsec; sec++) {
+		struct wb_item *it;
+
+		if (!bit_get(q->rt_dirty, sec))
+			continue;
+		it = item_add(b, IT_RT_SECTOR, q->rt_offset + sec * 512, 512);
+		if (!it)
+			break;
+		it->index = sec;
+		put_table_be(b->stage + it->stage_off, q->rt + sec * 64, 64);
+		q->rt_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
+		q->rt_ndirty--;
+	}
+
+	/* P2: L2 slices */
+	b->ph_first[PH_P2] = b->nitems;
+	take_slices(b, &q->l2c);
+	qsort(b->items + b->ph_first[PH_P2], b->nitems - b->ph_first[PH_P2], sizeof(*b->items),
+	      cmp_item);
+
+	/* P3: L1 sectors */
+	b->ph_first[PH_P3] = b->nitems;
+	nsec = ((uint64_t)q->l1_size * 8 + 511) / 512;
+	for (uint64_t sec = 0; q->l1_ndirty && sec < nsec; sec++) {
+		uint64_t first = sec * 64, n = q->l1_size - first;
+		struct wb_item *it;
+
+		if (!bit_get(q->l1_dirty, sec))
+			continue;
+		if (n > 64)
+			n = 64;
+		it = item_add(b, IT_L1_SECTOR, q->h.l1_table_offset + sec * 512, n * 8);
+		if (!it)
+			break;
+		it->index = sec;
+		put_table_be(b->stage + it->stage_off, q->l1 + first, n);
+		q->l1_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
+		q->l1_ndirty--;
+	}
+	b->ph_first[PH_N] = b->nitems;
+}
+
+/* ---- running it ---- */
+
+static void finish(struct q2_batch *b);
+
+static void phase_next(struct q2_batch *b)
+{
+	if (b->err) {
+		finish(b);
+		return;
+	}
+	b->phase++;
+	b->syncing = false;
+	if (b->phase >= PH_N) {
+		finish(b);
+		return;
+	}
+	phase_run(b);
+}
+
+static void sync_done(struct io_cmd *cmd, int res)
+{
+	struct q2_batch *b = cmd->priv;
+
+	if (res < 0 && !b->err)
+		b->err = res;
+	if (--b->pending == 0)
+		phase_next(b);
+}
+
+static void sync_start(struct q2_batch *b)
+{
+	struct qcow2 *q = b->q;
+
+	b->syncing = true;
+	b->pending = 1;
+	b->sync_cmd[0].done = sync_done;
+	b->sync_cmd[0].priv = b;
+	if (b->phase == PH_P1 && q->data_file != q->file) {
+		b->pending = 2;
+		b->sync_cmd[1].done = sync_done;
+		b->sync_cmd[1].priv = b;
+		io_fdatasync(q->loop, &b->sync_cmd[1], q->data_file);
+	}
+	io_fdatasync(q->loop, &b->sync_cmd[0], q->file);
+}
+
+static void write_done(struct io_cmd *cmd, int res)
+{
+	struct wb_run *r = cmd->priv;
+	struct q2_batch *b = r->b;
+
+	if (res < 0 && !b->err)
+		b->err = res;
+	if (--b->pending)
+		return;
+	/* the slices of this phase are on disk (not durable yet, but readable) */
+	for (size_t i = b->ph_first[b->phase]; i < b->ph_first[b->phase + 1]; i++)
+		if (b->items[i].slice && !b->err)
+			b->items[i].slice->wb = false;
+	if (b->err) {
+		finish(b);
+		return;
+	}
+	sync_start(b);
+}
+
+static int ensure_runs(struct q2_batch *b, size_t n)
+{
+	if (n > b->cap_runs) {
+		struct wb_run *nr = realloc(b->runs, n * sizeof(*nr));
+
+		if (!nr)
+			return -ENOMEM;
+		memset(nr + b->cap_runs, 0, (n - b->cap_runs) * sizeof(*nr));
+		b->runs = nr;
+		b->cap_runs = n;
+	}
+	if (n > b->cap_iov) {
+		struct iovec *ni = realloc(b->iov, n * sizeof(*ni));
+
+		if (!ni)
+			return -ENOMEM;
+		b->iov = ni;
+		b->cap_iov = n;
+	}
+	return 0;
+}
+
+static void phase_run(struct q2_batch *b)
+{
+	struct qcow2 *q = b->q;
+	size_t first = b->ph_first[b->phase], last = b->ph_first[b->phase + 1], nruns = 0;
+
+	if (first == last) {
+		if (b->phase == PH_P1)
+			sync_start(b); /* always: data written in place must become durable */
+		else
+			phase_next(b);
+		return;
+	}
+	if (ensure_runs(b, last - first) < 0) {
+		b->err = -ENOMEM;
+		finish(b);
+		return;
+	}
+	/* merge host-contiguous items into one writev each */
+	for (size_t i = first; i < last; i++) {
+		struct wb_item *it = &b->items[i];
+		struct wb_run *r;
+
+		if (nruns) {
+			r = &b->runs[nruns - 1];
+			struct wb_item *prev = &b->items[i - 1];
+
+			if (prev->off + prev->len == it->off && r->iovcnt < 256) {
+				b->iov[i - first] =
+				    (struct iovec){b->stage + it->stage_off, it->len};
+				r->iovcnt++;
+				continue;
+			}
+		}
+		r = &b->runs[nruns++];
+		r->b = b;
+		r->iov_first = i - first;
+		r->iovcnt = 1;
+		r->off = it->off;
+		b->iov[i - first] = (struct iovec){b->stage + it->stage_off, it->len};
+	}
+	b->pending = (unsigned)nruns;
+	for (size_t k = 0; k < nruns; k++) {
+		struct wb_run *r = &b->runs[k];
+
+		r->cmd.done = write_done;
+		r->cmd.priv = r;
+		io_writev(q->loop, &r->cmd, q->file, &b->iov[r->iov_first], r->iovcnt, r->off);
+	}
+}
+
+static void timer_arm(struct qcow2 *q);
+
+static void finish(struct q2_batch *b)
+{
+	struct qcow2 *q = b->q;
+	struct qcow2_flush *f = b->flushes;
+	int err = b->err;
+
+	if (err) {
+		/* put everything back for a later batch */
+		for (size_t i = 0; i < b->nitems; i++) {
+			struct wb_item *it = &b->items[i];
+
+			switch (it->kind) {
+			case IT_SLICE:
+				it->slice->wb = false;
+				q2_slice_dirty(it->slice);
+				break;
+			case IT_RT_FULL:
+			case IT_HDR_RT:
+				q->rt_relocated = true;
+				break;
+			case IT_RT_SECTOR:
+				if (!q->rt_relocated && it->off == q->rt_offset + it->index * 512)
+					q2_wb_mark_rt(q, it->index * 64);
+				break;
+			case IT_L1_SECTOR:
+				q2_wb_mark_l1(q, (uint32_t)(it->index * 64));
+				break;
+			}
+		}
+		for (size_t i = 0; i < b->decs.n; i++)
+			q2_u64v_push(&q->dec_pending, b->decs.v[i]);
+		b->decs.n = 0;
+		if (q->wb_err != err)
+			Q2_LOG(q, "metadata write-back failed: %s (will retry)", strerror(-err));
+		q->wb_err = err;
+	} else {
+		q->wb_err = 0;
+		q->batches++;
+		q2_dec_durable(q, &b->decs);
+	}
+	b->flushes = NULL;
+	q->batch = NULL;
+	q->batch_spare = b;
+	while (f) {
+		struct qcow2_flush *next = f->next;
+
+		f->next = NULL;
+		f->done(f, err);
+		f = next;
+	}
+	if (q->wb_wanted || q->flush_next) {
+		q->wb_wanted = false;
+		if (!err || q->flush_next)
+			q2_wb_kick(q);
+	}
+	q2_wb_maybe(q);
+	timer_arm(q);
+}
+
+static void wb_start(struct qcow2 *q)
+{
+	struct q2_batch *b;
+
+	if (q->batch) {
+		q->wb_wanted = true;
+		return;
+	}
+	if (q->read_only && !q->flush_next)
+		return;
+	b = q->batch_spare;
+	if (!b) {
+		b = calloc(1, sizeof(*b));
+		if (!b) {
+			Q2_LOG(q, "out of memory for metadata write-back");
+			return;
+		}
+		b->q = q;
+	}
+	q->batch_spare = NULL;
+	q->batch = b;
+	b->err = 0;
+	b->phase = PH_P1;
+	b->syncing = false;
+	b->flushes = q->flush_next;
+	q->flush_next = NULL;
+	/* the decrements whose pointer removal this batch makes durable */
+	{
+		struct q2_u64v t = b->decs;
+
+		b->decs = q->dec_pending;
+		q->dec_pending = t;
+		q->dec_pending.n = 0;
+	}
+	if (q->read_only) {
+		b->ph_first[0] = b->ph_first[1] = b->ph_first[2] = b->ph_first[3] = b->ph_first[4] =
+		    0;
+		b->nitems = 0;
+	} else {
+		build(b);
+	}
+	phase_run(b);
+}
+
+void q2_wb_kick(struct qcow2 *q)
+{
+	if (q->batch) {
+		q->wb_wanted = true;
+		return;
+	}
+	if (has_work(q))
+		wb_start(q);
+}
+
+static void timer_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	q->timer_armed = false;
+	if (res == -ECANCELED || q->closing)
+		return;
+	q2_wb_kick(q);
+	timer_arm(q);
+}
+
+static void timer_arm(struct qcow2 *q)
+{
+	if (q->timer_armed || q->closing || q->read_only || !has_work(q))
+		return;
+	q->timer_armed = true;
+	q->timer_cmd.done = timer_done;
+	q->timer_cmd.priv = q;
+	io_timeout(q->loop, &q->timer_cmd, (uint64_t)q->writeback_ms * 1000000ull);
+}
+
+void q2_wb_maybe(struct qcow2 *q)
+{
+	size_t dirty = q->l2c.ndirty + q->rcc.ndirty;
+	size_t limit = (q->l2c.soft_max + q->rcc.soft_max) / 4;
+
+	if (limit < 64)
+		limit = 64;
+	if (dirty > limit || q->dec_pending.n >= 4096 || q2_cache_over(&q->l2c) ||
+	    q2_cache_over(&q->rcc)) {
+		q2_wb_kick(q);
+		return;
+	}
+	timer_arm(q);
+}
+
+void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f)
+{
+	struct qcow2_flush **pp = &q->flush_next;
+
+	while (*pp)
+		pp = &(*pp)->next;
+	f->next = NULL;
+	*pp = f;
+	if (q->batch)
+		q->wb_wanted = true;
+	else
+		wb_start(q);
+}
+
+static bool busy(const struct qcow2 *q)
+{
+	return q->batch || q->dec_running || q->grace_running || q->dec_apply.n ||
+	       q->prealloc_busy || q->wake_armed || q->corrupt_hdr_busy;
+}
+
+int q2_wb_close(struct qcow2 *q)
+{
+	int err = 0;
+
+	for (int round = 0; round < 100000; round++) {
+		int ret;
+
+		if (!q->batch && !q->read_only && has_work(q)) {
+			wb_start(q);
+			if (q->batch && q->batch->err)
+				err = q->batch->err;
+		}
+		if (!busy(q))
+			break;
+		ret = io_loop_run_once(q->loop, true);
+		if (ret < 0) {
+			err = ret;
+			break;
+		}
+		if (q->wb_err)
+			err = q->wb_err;
+		if (q->wb_err && !q->batch && has_work(q) && round > 3)
+			break; /* keeps failing */
+	}
+	q->closing = true;
+	if (q->timer_armed) {
+		io_cancel(q->loop, &q->timer_cmd);
+		for (int i = 0; i < 1000 && q->timer_armed; i++)
+			if (io_loop_run_once(q->loop, true) < 0)
+				break;
+	}
+	if (!err && q->wb_err)
+		err = q->wb_err;
+	return err;
+}
+
+void q2_wb_exit(struct qcow2 *q)
+{
+	struct q2_batch *b = q->batch_spare;
+
+	if (q->batch) /* abandoned (loop failure): its commands can no longer complete */
+		return;
+	if (b) {
+		free(b->items);
+		io_free_aligned(b->stage);
+		free(b->runs);
+		free(b->iov);
+		free(b->decs.v);
+		free(b);
+		q->batch_spare = NULL;
+	}
+}

@@ -1,0 +1,680 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2 through the image interface (blk/image_qcow2.c over the qcow2/
+ * engine and a real io/ loop), with qemu-img as the oracle:
+ *
+ *   qemu-img create (cluster sizes 512 B..2 MiB, refcount widths, version 2,
+ *   extended L2, backing files, compressed images, snapshots, external data
+ *   files) -> random writes / reads / discards / write-zeroes / flushes
+ *   through img_*(), every read checked against an in-memory model ->
+ *   close -> `qemu-img check` must be clean and `qemu-img compare` against
+ *   a raw file holding the model must match.
+ *
+ * Without qemu-img the whole suite is skipped (exit 77).
+ */
+#include <CUnit/Basic.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "image.h"
+#include "io.h"
+
+#define MAX_ITER 10000000
+
+static char g_dir[700];
+static struct io_loop *g_loop;
+static bool g_in_submit;
+static unsigned g_seed = 12345;
+
+struct tio {
+	struct img_io io;
+	int calls;
+	int res;
+};
+
+static void tio_done(struct img_io *io, int res)
+{
+	struct tio *t = (struct tio *)io;
+
+	CU_ASSERT_FALSE(g_in_submit);
+	t->calls++;
+	t->res = res;
+}
+
+static unsigned rnd(void)
+{
+	g_seed = g_seed * 1103515245u + 12345u;
+	return g_seed >> 8;
+}
+
+static void run_until_all(struct tio *t, int n)
+{
+	for (int it = 0; it < MAX_ITER; it++) {
+		int done = 0;
+
+		for (int i = 0; i < n; i++)
+			done += t[i].calls;
+		if (done >= n)
+			break;
+		CU_ASSERT_FATAL(io_loop_run_once(g_loop, true) >= 0);
+	}
+	for (int i = 0; i < n; i++)
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+}
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+	char cmd[4096];
+	va_list ap;
+	int st;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	st = system(cmd);
+	if (st == -1 || !WIFEXITED(st))
+		return -1;
+	return WEXITSTATUS(st);
+}
+
+static void pick_dir(void)
+{
+	const char *env = getenv("VQCOW_TEST_DIR");
+	struct statfs s;
+	char tmpl[600];
+
+	if (env && *env)
+		snprintf(tmpl, sizeof(tmpl), "%s/q2img.XXXXXX", env);
+	else if (statfs(".", &s) == 0 && s.f_type != TMPFS_MAGIC)
+		snprintf(tmpl, sizeof(tmpl), "./q2img.XXXXXX");
+	else
+		snprintf(tmpl, sizeof(tmpl), "/var/tmp/q2img.XXXXXX");
+	if (!mkdtemp(tmpl)) {
+		perror("mkdtemp");
+		exit(1);
+	}
+	snprintf(g_dir, sizeof(g_dir), "%s", tmpl);
+}
+
+static char *P(const char *name)
+{
+	static char bufs[4][1024];
+	static int k;
+	char *b = bufs[k++ % 4];
+
+	snprintf(b, 1024, "%s/%s", g_dir, name);
+	return b;
+}
+
+/* ---- a workload against a model ---- */
+
+struct wl {
+	const char *name;
+	const char *create; /* qemu-img create -o options */
+	uint64_t size;
+	bool backing;                 /* image gets a qcow2 backing file with data */
+	bool v2_backing_discard_noop; /* v2 + backing: discards are no-ops */
+	bool compressed;              /* start from a compressed image */
+	bool snapshot;                /* take an internal snapshot midway (qemu-img) */
+	bool datafile;                /* external data file */
+	int ops;
+	unsigned max_io; /* bytes */
+	bool zeroes;     /* use write zeroes / discard */
+};
+
+static uint8_t *g_model;
+
+static void fill(uint8_t *b, size_t n)
+{
+	unsigned v = rnd();
+
+	for (size_t i = 0; i < n; i++) {
+		if ((i & 511) == 0)
+			v = rnd();
+		b[i] = (uint8_t)(v >> ((i & 3) * 8));
+	}
+}
+
+static struct img *open_img(const char *path, bool ro)
+{
+	struct img_opts o = {.direct = true, .read_only = ro};
+	struct img *img = NULL;
+	char err[512];
+	int ret = img_open(&img, g_loop, path, &o, err, sizeof(err));
+
+	if (ret < 0)
+		fprintf(stderr, "open %s: %s\n", path, err);
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+	return img;
+}
+
+static int do_io(struct img *img, int op, uint8_t *buf, uint64_t off, uint64_t len, unsigned flags)
+{
+	struct tio t;
+	struct iovec iov[3];
+	unsigned n = 0;
+
+	memset(&t, 0, sizeof(t));
+	t.io.done = tio_done;
+	if (buf) {
+		/* split the buffer into up to 3 iovecs on 512-byte boundaries */
+		uint64_t a = len > 1024 ? (rnd() % (len / 512)) * 512 : len, rest = len - a;
+		uint64_t b2 = rest > 512 ? (rnd() % (rest / 512)) * 512 : rest;
+
+		iov[n++] = (struct iovec){buf, a};
+		if (b2)
+			iov[n++] = (struct iovec){buf + a, b2};
+		if (rest - b2)
+			iov[n++] = (struct iovec){buf + a + b2, rest - b2};
+		if (a == 0) {
+			iov[0] = (struct iovec){buf, len};
+			n = 1;
+		}
+	}
+	g_in_submit = true;
+	switch (op) {
+	case IMG_OP_READ:
+		img_readv(img, &t.io, iov, n, off, len);
+		break;
+	case IMG_OP_WRITE:
+		img_writev(img, &t.io, iov, n, off, len);
+		break;
+	case IMG_OP_FLUSH:
+		img_flush(img, &t.io);
+		break;
+	case IMG_OP_DISCARD:
+		img_discard(img, &t.io, off, len);
+		break;
+	case IMG_OP_WRITE_ZEROES:
+		img_write_zeroes(img, &t.io, off, len, flags);
+		break;
+	}
+	g_in_submit = false;
+	run_until_all(&t, 1);
+	return t.res;
+}
+
+static void apply_discard(const struct wl *w, uint64_t cs, uint64_t off, uint64_t len)
+{
+	uint64_t s = (off + cs - 1) / cs * cs, e = (off + len) / cs * cs;
+
+	if (w->v2_backing_discard_noop)
+		return;
+	if (e > s)
+		memset(g_model + s, 0, e - s);
+}
+
+/* Several requests in flight at once (overlap-free writes and reads). */
+static void batch_ops(struct img *img, const struct wl *w, uint64_t cs)
+{
+	enum { N = 8 };
+	struct tio t[N];
+	uint8_t *bufs[N];
+	struct iovec iov[N];
+	uint64_t offs[N], lens[N];
+	bool wr[N];
+	int n = 0;
+
+	for (int i = 0; i < N; i++) {
+		uint64_t len = ((rnd() % (w->max_io / 512)) + 1) * 512;
+		uint64_t off = (rnd() % ((w->size - len) / 512 + 1)) * 512;
+		bool clash = false;
+
+		for (int j = 0; j < n; j++)
+			if (off < offs[j] + lens[j] && offs[j] < off + len)
+				clash = true;
+		if (clash)
+			continue;
+		offs[n] = off;
+		lens[n] = len;
+		wr[n] = rnd() % 3 != 0;
+		bufs[n] = io_alloc_aligned(len);
+		if (wr[n])
+			fill(bufs[n], len);
+		memset(&t[n], 0, sizeof(t[n]));
+		t[n].io.done = tio_done;
+		iov[n] = (struct iovec){bufs[n], len};
+		n++;
+	}
+	g_in_submit = true;
+	for (int i = 0; i < n; i++) {
+		if (wr[i])
+			img_writev(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
+		else
+			img_readv(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
+	}
+	g_in_submit = false;
+	run_until_all(t, n);
+	for (int i = 0; i < n; i++) {
+		CU_ASSERT_EQUAL(t[i].res, 0);
+		if (wr[i])
+			memcpy(g_model + offs[i], bufs[i], lens[i]);
+		else if (memcmp(bufs[i], g_model + offs[i], lens[i]) != 0) {
+			fprintf(stderr, "%s: concurrent read mismatch at %llu+%llu\n", w->name,
+				(unsigned long long)offs[i], (unsigned long long)lens[i]);
+			CU_FAIL("read mismatch");
+		}
+		io_free_aligned(bufs[i]);
+	}
+	(void)cs;
+}
+
+static void workload(struct img *img, const struct wl *w, uint64_t cs, int ops)
+{
+	uint8_t *buf = io_alloc_aligned(w->max_io);
+
+	for (int i = 0; i < ops; i++) {
+		unsigned kind = rnd() % 100;
+		bool trace = getenv("VQCOW_TEST_TRACE") != NULL;
+		uint64_t len = ((rnd() % (w->max_io / 512)) + 1) * 512;
+		uint64_t off;
+		int ret;
+
+		if (rnd() % 4 == 0 && len > cs)
+			len = len / cs * cs; /* cluster multiples */
+		off = (rnd() % ((w->size - len) / 512 + 1)) * 512;
+		if (rnd() % 3 == 0)
+			off = off / cs * cs;
+		if (off + len > w->size)
+			off = w->size - len;
+		if (trace)
+			fprintf(stderr, "op %d kind %u off %llu len %llu\n", i, kind,
+				(unsigned long long)off, (unsigned long long)len);
+		if (kind < 40) {
+			fill(buf, len);
+			ret = do_io(img, IMG_OP_WRITE, buf, off, len, 0);
+			CU_ASSERT_EQUAL(ret, 0);
+			if (ret == 0)
+				memcpy(g_model + off, buf, len);
+		} else if (kind < 75) {
+			ret = do_io(img, IMG_OP_READ, buf, off, len, 0);
+			CU_ASSERT_EQUAL(ret, 0);
+			if (ret == 0 && memcmp(buf, g_model + off, len) != 0) {
+				uint64_t k = 0;
+
+				while (buf[k] == g_model[off + k])
+					k++;
+				fprintf(stderr, "%s: op %d read mismatch at %llu (req %llu+%llu)\n",
+					w->name, i, (unsigned long long)(off + k),
+					(unsigned long long)off, (unsigned long long)len);
+				CU_FAIL("read mismatch");
+				break;
+			}
+		} else if (kind < 82 && w->zeroes) {
+			ret = do_io(img, IMG_OP_WRITE_ZEROES, NULL, off, len,
+				    rnd() % 2 ? IMG_IO_UNMAP : 0);
+			CU_ASSERT_EQUAL(ret, 0);
+			memset(g_model + off, 0, len);
+		} else if (kind < 88 && w->zeroes) {
+			ret = do_io(img, IMG_OP_DISCARD, NULL, off, len, 0);
+			CU_ASSERT_EQUAL(ret, 0);
+			apply_discard(w, cs, off, len);
+		} else if (kind < 92) {
+			ret = do_io(img, IMG_OP_FLUSH, NULL, 0, 0, 0);
+			CU_ASSERT_EQUAL(ret, 0);
+		} else {
+			batch_ops(img, w, cs);
+		}
+	}
+	io_free_aligned(buf);
+}
+
+static void verify_all(struct img *img, const struct wl *w)
+{
+	uint64_t chunk = 1 << 20;
+	uint8_t *buf = io_alloc_aligned(chunk);
+
+	for (uint64_t off = 0; off < w->size; off += chunk) {
+		uint64_t len = w->size - off < chunk ? w->size - off : chunk;
+
+		CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, buf, off, len, 0), 0);
+		if (memcmp(buf, g_model + off, len) != 0) {
+			uint64_t k = 0;
+
+			while (buf[k] == g_model[off + k])
+				k++;
+			fprintf(stderr, "%s: full read mismatch at %llu (got %02x want %02x)\n",
+				w->name, (unsigned long long)(off + k), buf[k], g_model[off + k]);
+			CU_FAIL("full read mismatch");
+			break;
+		}
+	}
+	io_free_aligned(buf);
+}
+
+static void save_model(const char *path, uint64_t size)
+{
+	int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_EQUAL(write(fd, g_model, size), (ssize_t)size);
+	close(fd);
+}
+
+static void load_file(const char *path, uint64_t size)
+{
+	int fd = open(path, O_RDONLY);
+
+	CU_ASSERT_FATAL(fd >= 0);
+	memset(g_model, 0, size);
+	CU_ASSERT(read(fd, g_model, size) >= 0);
+	close(fd);
+}
+
+static uint64_t cluster_of(const char *create)
+{
+	const char *p = strstr(create, "cluster_size=");
+
+	if (!p)
+		return 65536;
+	p += strlen("cluster_size=");
+	uint64_t v = strtoull(p, NULL, 10);
+	char unit = p[strspn(p, "0123456789")];
+
+	if (unit == 'k' || unit == 'K')
+		v <<= 10;
+	else if (unit == 'm' || unit == 'M')
+		v <<= 20;
+	return v;
+}
+
+static void run_wl(const struct wl *w0)
+{
+	struct wl wcopy = *w0, *w = &wcopy;
+	const char *only = getenv("VQCOW_TEST_ONLY"), *ops = getenv("VQCOW_TEST_OPS");
+
+	if (only && strcmp(only, w->name) != 0)
+		return;
+	if (ops)
+		w->ops = atoi(ops);
+	char *img_path = P("t.qcow2"), *raw = P("t.raw");
+	uint64_t cs = cluster_of(w->create);
+	struct img *img;
+	int ret;
+
+	sh("rm -f %s/*", g_dir);
+	g_model = calloc(1, w->size);
+	CU_ASSERT_FATAL(g_model != NULL);
+	if (w->backing) {
+		char *b = P("base.qcow2");
+
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create, b,
+					 (unsigned long long)w->size),
+				      0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f qcow2 -c 'write -P 0x5a 0 %llu' -c 'write -P "
+					 "0x33 %llu %llu' %s >/dev/null",
+					 (unsigned long long)(w->size / 2),
+					 (unsigned long long)(w->size / 4),
+					 (unsigned long long)(w->size / 8), b),
+				      0);
+		CU_ASSERT_EQUAL_FATAL(
+		    sh("qemu-img create -q -f qcow2 -o %s -b base.qcow2 -F qcow2 %s", w->create,
+		       img_path),
+		    0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		load_file(raw, w->size);
+	} else if (w->compressed) {
+		char *src = P("src.qcow2");
+
+		CU_ASSERT_EQUAL_FATAL(
+		    sh("qemu-img create -q -f qcow2 %s %llu", src, (unsigned long long)w->size), 0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f qcow2 -c 'write -P 0x71 0 %llu' -c 'write -P "
+					 "0x72 %llu 4k' %s >/dev/null",
+					 (unsigned long long)(w->size / 2),
+					 (unsigned long long)(w->size / 2 + 12288), src),
+				      0);
+		CU_ASSERT_EQUAL_FATAL(
+		    sh("qemu-img convert -c -O qcow2 -o %s %s %s", w->create, src, img_path), 0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		load_file(raw, w->size);
+	} else if (w->datafile) {
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s,data_file=%s %s %llu",
+					 w->create, P("t.data"), img_path,
+					 (unsigned long long)w->size),
+				      0);
+	} else {
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create,
+					 img_path, (unsigned long long)w->size),
+				      0);
+	}
+
+	img = open_img(img_path, false);
+	CU_ASSERT_EQUAL(img->size, w->size);
+	workload(img, w, cs, w->ops / 2);
+	if (w->snapshot) {
+		img_close(img);
+		CU_ASSERT_EQUAL(sh("qemu-img snapshot -c snap1 %s", img_path), 0);
+		save_model(P("snap.raw"), w->size);
+		img = open_img(img_path, false);
+	}
+	workload(img, w, cs, w->ops - w->ops / 2);
+	verify_all(img, w);
+	img_close(img);
+
+	/* re-open and read everything once more */
+	img = open_img(img_path, true);
+	verify_all(img, w);
+	img_close(img);
+
+	save_model(raw, w->size);
+	ret = sh("qemu-img check -q %s", img_path);
+	if (ret != 0)
+		sh("qemu-img check %s >&2", img_path);
+	CU_ASSERT_EQUAL(ret, 0);
+	ret = sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
+	if (ret != 0)
+		sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
+	CU_ASSERT_EQUAL(ret, 0);
+	if (w->snapshot) {
+		/* the snapshot still holds what it held */
+		CU_ASSERT_EQUAL(sh("qemu-img convert -l snapshot.name=snap1 -O raw %s %s", img_path,
+				   P("snapout.raw")),
+				0);
+		CU_ASSERT_EQUAL(sh("cmp -s %s %s", P("snap.raw"), P("snapout.raw")), 0);
+	}
+	free(g_model);
+	g_model = NULL;
+}
+
+#define SZ (16ull << 20)
+
+static void test_default(void)
+{
+	struct wl w = {"default",  "cluster_size=65536", SZ,
+		       .ops = 300, .max_io = 256 << 10,  .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_small_clusters(void)
+{
+	struct wl w = {"c512",     "cluster_size=512", 4ull << 20,
+		       .ops = 300, .max_io = 16 << 10, .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_4k_refcount1(void)
+{
+	struct wl w = {
+	    "c4k-rc1",     "cluster_size=4096,refcount_bits=1", SZ, .ops = 300, .max_io = 64 << 10,
+	    .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_refcount64(void)
+{
+	struct wl w = {"rc64",
+		       "cluster_size=65536,refcount_bits=64",
+		       SZ,
+		       .ops = 200,
+		       .max_io = 256 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_2m(void)
+{
+	struct wl w = {"c2m",      "cluster_size=2M", 32ull << 20,
+		       .ops = 150, .max_io = 1 << 20, .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_v2(void)
+{
+	struct wl w = {
+	    "v2",          "compat=0.10,cluster_size=65536", SZ, .ops = 300, .max_io = 256 << 10,
+	    .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_extl2(void)
+{
+	struct wl w = {
+	    "extl2",       "extended_l2=on,cluster_size=65536", SZ, .ops = 300, .max_io = 128 << 10,
+	    .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_extl2_backing(void)
+{
+	struct wl w = {"extl2-backing",
+		       "extended_l2=on,cluster_size=32768",
+		       SZ,
+		       .backing = true,
+		       .ops = 300,
+		       .max_io = 128 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_backing(void)
+{
+	struct wl w = {"backing",           "cluster_size=65536", SZ, .backing = true, .ops = 300,
+		       .max_io = 256 << 10, .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_v2_backing(void)
+{
+	struct wl w = {"v2-backing",
+		       "compat=0.10,cluster_size=4096",
+		       SZ,
+		       .backing = true,
+		       .v2_backing_discard_noop = true,
+		       .ops = 300,
+		       .max_io = 64 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_compressed(void)
+{
+	struct wl w = {"compressed",       "cluster_size=65536", SZ,
+		       .compressed = true, .ops = 300,           .max_io = 256 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_compressed_zstd(void)
+{
+	struct wl w = {"compressed-zstd",
+		       "cluster_size=65536,compression_type=zstd",
+		       SZ,
+		       .compressed = true,
+		       .ops = 200,
+		       .max_io = 256 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_snapshot(void)
+{
+	struct wl w = {"snapshot",          "cluster_size=65536", SZ, .snapshot = true, .ops = 300,
+		       .max_io = 256 << 10, .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_datafile(void)
+{
+	struct wl w = {"datafile",          "cluster_size=65536", SZ, .datafile = true, .ops = 300,
+		       .max_io = 256 << 10, .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_reftable_growth(void)
+{
+	/* 512-byte clusters, 64-bit refcounts: a refcount block covers 64 clusters
+	 * and a refcount table cluster 64 blocks: the table must grow. */
+	struct wl w = {"reftable-growth",   "cluster_size=512,refcount_bits=64",
+		       8ull << 20,          .ops = 200,
+		       .max_io = 256 << 10, .zeroes = false};
+
+	run_wl(&w);
+}
+
+int main(void)
+{
+	CU_pSuite s;
+	unsigned fails;
+
+	if (sh("qemu-img --version >/dev/null 2>&1") != 0 ||
+	    sh("qemu-io --version >/dev/null 2>&1") != 0) {
+		fprintf(stderr, "qemu-img/qemu-io not found: skipping\n");
+		return 77;
+	}
+	if (getenv("VQCOW_TEST_SEED"))
+		g_seed = (unsigned)strtoul(getenv("VQCOW_TEST_SEED"), NULL, 0);
+	pick_dir();
+	if (io_loop_init(&g_loop, 256) < 0) {
+		fprintf(stderr, "no io_uring: skipping\n");
+		return 77;
+	}
+	if (CU_initialize_registry() != CUE_SUCCESS)
+		return 1;
+	s = CU_add_suite("qcow2_img", NULL, NULL);
+	CU_add_test(s, "default", test_default);
+	CU_add_test(s, "small clusters", test_small_clusters);
+	CU_add_test(s, "4k refcount 1", test_4k_refcount1);
+	CU_add_test(s, "refcount 64", test_refcount64);
+	CU_add_test(s, "2M clusters", test_2m);
+	CU_add_test(s, "version 2", test_v2);
+	CU_add_test(s, "extended L2", test_extl2);
+	CU_add_test(s, "extended L2 + backing", test_extl2_backing);
+	CU_add_test(s, "backing", test_backing);
+	CU_add_test(s, "v2 + backing", test_v2_backing);
+	CU_add_test(s, "compressed", test_compressed);
+	CU_add_test(s, "compressed zstd", test_compressed_zstd);
+	CU_add_test(s, "snapshot", test_snapshot);
+	CU_add_test(s, "external data file", test_datafile);
+	CU_add_test(s, "refcount table growth", test_reftable_growth);
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	fails = CU_get_number_of_failures();
+	CU_cleanup_registry();
+	io_loop_exit(g_loop);
+	if (!fails)
+		sh("rm -rf %s", g_dir);
+	return fails ? 1 : 0;
+}
