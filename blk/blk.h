@@ -23,8 +23,9 @@
  *   header (16 bytes, may span iovecs) missing, or no writable byte for the
  *     status, or the last writable iovec empty      -> BLK_REQ_MALFORMED
  *   unknown type                                    -> UNSUPP
- *   IN/OUT: data length not a multiple of 512, sector not aligned to the
- *     logical block size, range beyond capacity    -> IOERR
+ *   IN/OUT: data length not a multiple of 512 or above ~2 GiB
+ *     (BLK_MAX_RW_BYTES in blk.c), sector not aligned to the logical block
+ *     size, range beyond capacity                   -> IOERR
  *   OUT/DISCARD/WRITE_ZEROES on a read-only device  -> IOERR
  *   DISCARD/WRITE_ZEROES: more than one segment     -> UNSUPP
  *     segment missing or short                      -> IOERR
