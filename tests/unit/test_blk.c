@@ -920,6 +920,99 @@ static void test_image_errors(void)
 	blk_dev_exit(dev);
 }
 
+static bool io_len_below(const struct iovec *iov, unsigned n, size_t min)
+{
+	size_t total = 0;
+
+	for (unsigned i = 0; i < n; i++)
+		total += iov[i].iov_len;
+	return total < min;
+}
+
+/*
+ * Hostile layouts: random iovec splits, lengths, types, sectors and
+ * segments (fixed seed). Invariants: exactly one completion; MALFORMED or a
+ * valid status byte at the last writable byte; used_len never above the
+ * writable bytes; image I/O only inside the disk (fake_complete_one checks).
+ */
+static void test_random_layouts(void)
+{
+	static const size_t lens[] = {0, 1, 3, 5, 8, 15, 16, 17, 24, 32, 511, 512, 513, 1024, 4096};
+	static const uint32_t types[] = {0, 1, 4, 8, 11, 13, 2, 14, 0xffffffffu};
+	static uint8_t pool[64 * 1024];
+	unsigned seed = 12345;
+	struct blk_dev *devs[2];
+
+	fake_reset(false);
+	devs[0] = dev_new(false, 512, true);
+	devs[1] = dev_new(false, 4096, false);
+	for (int iter = 0; iter < 4000; iter++) {
+		struct treq t;
+		struct blk_dev *dev = devs[iter & 1];
+		unsigned out_num, in_num, n;
+		size_t at = 0, in_total = 0;
+		uint8_t hdr[16], seg[16];
+		uint64_t sectors[] = {0, 1, 7, 8, DISK_SECTORS - 1, DISK_SECTORS, UINT64_MAX, 0};
+		uint8_t *status_at = NULL;
+
+		seed = seed * 1103515245u + 12345u;
+		out_num = (seed >> 8) % 5;
+		in_num = (seed >> 12) % 5;
+		sectors[7] = (seed >> 3) % DISK_SECTORS;
+		make_hdr(hdr, types[(seed >> 16) % 9], sectors[(seed >> 20) % 8]);
+		seg_make(seg, sectors[(seed >> 23) % 8], (seed >> 4) % 64, (seed >> 27) % 3);
+		memset(&t, 0, sizeof(t));
+		t.req.iov = t.iov;
+		t.req.complete = tcomplete;
+		t.req.out_num = out_num;
+		t.req.in_num = in_num;
+		for (n = 0; n < out_num + in_num; n++) {
+			size_t len;
+
+			seed = seed * 1103515245u + 12345u;
+			len = lens[(seed >> 9) % 15];
+			if (at + len > sizeof(pool))
+				at = 0;
+			t.iov[n].iov_base = pool + at;
+			t.iov[n].iov_len = len;
+			at += len;
+			if (n >= out_num)
+				in_total += len;
+		}
+		/* header then segment bytes across the readable buffers */
+		{
+			uint8_t bytes[32];
+			size_t k = 0;
+
+			memcpy(bytes, hdr, 16);
+			memcpy(bytes + 16, seg, 16);
+			for (n = 0; n < out_num && k < 32; n++)
+				for (size_t j = 0; j < t.iov[n].iov_len && k < 32; j++)
+					((uint8_t *)t.iov[n].iov_base)[j] = bytes[k++];
+		}
+		if (in_num && t.iov[out_num + in_num - 1].iov_len)
+			status_at = (uint8_t *)t.iov[out_num + in_num - 1].iov_base +
+				    t.iov[out_num + in_num - 1].iov_len - 1;
+		blk_req_submit(dev, &t.req);
+		for (int k = 0; k < 4 && g_fake.nq; k++)
+			fake_complete_one((seed >> 5) % 7 == 0 ? -EIO : 0);
+		CU_ASSERT_EQUAL_FATAL(t.calls, 1);
+		CU_ASSERT_EQUAL_FATAL(g_fake.nq, 0);
+		if (t.used == BLK_REQ_MALFORMED) {
+			CU_ASSERT(status_at == NULL || out_num == 0 ||
+				  io_len_below(t.iov, out_num, 16));
+			continue;
+		}
+		CU_ASSERT_PTR_NOT_NULL_FATAL(status_at);
+		CU_ASSERT(*status_at <= VIRTIO_BLK_S_UNSUPP);
+		CU_ASSERT(t.used >= 1 && t.used <= in_total);
+	}
+	CU_ASSERT_EQUAL(blk_dev_inflight(devs[0]), 0);
+	CU_ASSERT_EQUAL(blk_dev_inflight(devs[1]), 0);
+	blk_dev_exit(devs[0]);
+	blk_dev_exit(devs[1]);
+}
+
 static void test_status_from_errno(void)
 {
 	CU_ASSERT_EQUAL(blk_status_from_errno(0), VIRTIO_BLK_S_OK);
@@ -951,6 +1044,7 @@ int main(void)
 	CU_add_test(s, "config space and features", test_config);
 	CU_add_test(s, "WCE and writethrough", test_wce);
 	CU_add_test(s, "image errors", test_image_errors);
+	CU_add_test(s, "random layouts", test_random_layouts);
 	CU_add_test(s, "status from errno", test_status_from_errno);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
