@@ -464,8 +464,14 @@ void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg)
 	const struct msg_spec *spec = req < VU_MSG_MAX ? &msg_table[req] : NULL;
 	int ret;
 
+	if (vhost_debug())
+		vhost_log("<- %s (%u) flags 0x%x size %u fds %u",
+			  spec && spec->name ? spec->name : "?", req, msg->hdr.flags, msg->hdr.size,
+			  msg->nfds);
 	if (!spec || !spec->handle) {
-		vhost_log("unsupported message %u refused", req);
+		/* A peer may repeat this endlessly: log the first few only. */
+		if (dev->refused++ < 8)
+			vhost_log("unsupported message %u refused", req);
 		vhost_msg_close_fds(msg);
 		if (need_reply)
 			send_ack(dev, req, -ENOTSUP);

@@ -38,6 +38,18 @@ void vhost_log(const char *fmt, ...)
 	fprintf(stderr, "vhost: %s\n", buf);
 }
 
+bool vhost_debug(void)
+{
+	static int debug = -1;
+
+	if (debug < 0) {
+		const char *e = getenv("VQCOW_VHOST_DEBUG");
+
+		debug = e && *e && strcmp(e, "0") != 0;
+	}
+	return debug;
+}
+
 void vhost_close_fd(int *fd)
 {
 	if (*fd >= 0)

@@ -267,7 +267,8 @@ struct vhost_dev {
 	bool paused; /* GET_VRING_BASE waiting for a drain */
 	bool dead;   /* connection gone; waiting for inflight == 0 */
 	bool broken;
-	unsigned busy; /* nesting depth of vhost/'s own callbacks */
+	unsigned busy;    /* nesting depth of vhost/'s own callbacks */
+	unsigned refused; /* unsupported messages seen (log limiter) */
 
 	uint64_t features;       /* acked virtio features */
 	uint64_t proto_features; /* acked protocol features */
@@ -302,6 +303,8 @@ struct vhost_server {
 
 /* server.c */
 void vhost_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* VQCOW_VHOST_DEBUG=1 in the environment: log every message received. */
+bool vhost_debug(void);
 void vhost_dev_wake(struct vhost_dev *dev);
 /* Bracket vhost/'s own callbacks; leave() at depth 0 is a safe point that may free @dev. */
 void vhost_dev_enter(struct vhost_dev *dev);

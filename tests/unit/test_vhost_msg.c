@@ -1012,6 +1012,165 @@ static void test_mem_change_inflight(void)
 	server_down();
 }
 
+static uint64_t g_rng = 0x2545f4914f6cdd1dull;
+
+static uint64_t rnd(void)
+{
+	g_rng ^= g_rng << 13;
+	g_rng ^= g_rng >> 7;
+	g_rng ^= g_rng << 17;
+	return g_rng;
+}
+
+/* Random but mostly well-formed messages: the server must neither crash, nor
+ * hang, nor leak fds or mappings, and keep serving new connections. */
+static void test_random_messages(void)
+{
+	static const uint32_t reqs[] = {
+	    GET_FEATURES,
+	    SET_FEATURES,
+	    SET_OWNER,
+	    SET_MEM_TABLE,
+	    SET_VRING_NUM,
+	    SET_VRING_ADDR,
+	    SET_VRING_BASE,
+	    GET_VRING_BASE,
+	    SET_VRING_KICK,
+	    SET_VRING_CALL,
+	    14,
+	    GET_PROTOCOL_FEATURES,
+	    SET_PROTOCOL_FEATURES,
+	    GET_QUEUE_NUM,
+	    SET_VRING_ENABLE,
+	    SET_BACKEND_REQ_FD,
+	    GET_CONFIG,
+	    SET_CONFIG,
+	    4,
+	    34,
+	    GET_MAX_MEM_SLOTS,
+	    ADD_MEM_REG,
+	    REM_MEM_REG,
+	    SET_LOG_BASE,
+	};
+	static const uint32_t sizes[] = {0, 8, 8, 0, 8,  40, 8, 8, 8, 8,  8,  0,
+					 8, 0, 8, 0, 20, 14, 0, 0, 0, 40, 40, 8};
+	unsigned conns = 0, drops = 0;
+	int fd = -1, memfd;
+
+	server_up();
+	memfd = memfd_create("guest", MFD_CLOEXEC);
+	CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, 0x10000) == 0);
+	for (unsigned iter = 0; iter < 600; iter++) {
+		uint8_t payload[600];
+		unsigned k = (unsigned)(rnd() % (sizeof(reqs) / sizeof(reqs[0])));
+		uint32_t req = reqs[k], size = sizes[k], flags = F_VERSION;
+		int fds[2];
+		unsigned nfds = 0;
+
+		if (fd < 0) {
+			fd = fe_connect();
+			CU_ASSERT_FATAL(fd >= 0);
+			conns++;
+		}
+		for (unsigned i = 0; i < sizeof(payload); i++)
+			payload[i] = (uint8_t)rnd();
+		if (rnd() % 4) {
+			/* Plausible values: small ring indexes, features, sizes. */
+			uint32_t small = (uint32_t)(rnd() % 8 == 0 ? 2 : rnd() % 2);
+
+			memcpy(payload, &small, 4);
+			if (req == SET_VRING_NUM || req == SET_VRING_ENABLE) {
+				uint32_t n = 1u << (rnd() % 9);
+
+				memcpy(payload + 4, &n, 4);
+			}
+			if (req == SET_VRING_KICK || req == SET_VRING_CALL || req == 14) {
+				uint64_t v = rnd() % 8 == 0 ? 0x100 : rnd() % 2;
+
+				memcpy(payload, &v, 8);
+			}
+			if (req == ADD_MEM_REG || req == REM_MEM_REG) {
+				uint64_t r[5] = {0, (rnd() % 16) * 0x1000,
+						 0x1000 * (1 + rnd() % 16),
+						 UVA + (rnd() % 16) * 0x1000, 0};
+
+				memcpy(payload, r, sizeof(r));
+			}
+			if (req == SET_MEM_TABLE) {
+				uint32_t n = (uint32_t)(rnd() % 3);
+				uint64_t r[4] = {0, 0x1000 * (1 + rnd() % 16), UVA, 0};
+
+				memcpy(payload, &n, 4);
+				memcpy(payload + 8, r, sizeof(r));
+				memcpy(payload + 40, r, sizeof(r));
+				size = 8 + 32 * n;
+			}
+			if (req == GET_CONFIG || req == SET_CONFIG) {
+				uint32_t c3[3] = {(uint32_t)(rnd() % 8), (uint32_t)(rnd() % 8), 0};
+
+				memcpy(payload, c3, sizeof(c3));
+				size = 12 + c3[1];
+			}
+		}
+		if (rnd() % 16 == 0)
+			size = (uint32_t)(rnd() % 600);
+		if (rnd() % 2 == 0)
+			flags |= F_NEED_REPLY;
+		if (rnd() % 32 == 0)
+			flags = (uint32_t)rnd();
+		if (req == SET_MEM_TABLE || req == ADD_MEM_REG || rnd() % 16 == 0)
+			fds[nfds++] = memfd;
+		if (req == SET_MEM_TABLE && size == 8 + 64)
+			fds[nfds++] = memfd;
+		if ((req == SET_VRING_KICK || req == SET_VRING_CALL || req == 14 ||
+		     req == SET_BACKEND_REQ_FD) &&
+		    nfds == 0 && !(payload[1] & 1)) {
+			fds[nfds++] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+		}
+		if (rnd() % 2 == 0 || size > 500) {
+			send_msg(fd, req, flags, payload, size <= 500 ? size : 500, fds, nfds);
+		} else {
+			/* In two pieces, with the loop running in between. */
+			uint8_t buf[520];
+			struct hdr h = {req, flags, size};
+			uint32_t cut = (uint32_t)(rnd() % (12 + size));
+
+			memcpy(buf, &h, 12);
+			memcpy(buf + 12, payload, size);
+			send_raw(fd, buf, cut, fds, nfds);
+			run(1);
+			send_raw(fd, buf + cut, 12 + size - cut, NULL, 0);
+		}
+		for (unsigned i = 0; i < nfds; i++) {
+			if (fds[i] != memfd)
+				close(fds[i]);
+		}
+		run(2);
+		/* Discard replies; reconnect when dropped. */
+		for (;;) {
+			ssize_t n = recv(fd, payload, sizeof(payload), MSG_DONTWAIT);
+
+			if (n > 0)
+				continue;
+			if (n == 0 || (n < 0 && errno != EAGAIN)) {
+				close(fd);
+				fd = -1;
+				drops++;
+				run(3);
+			}
+			break;
+		}
+	}
+	if (fd >= 0)
+		close(fd);
+	close(memfd);
+	run(5);
+	printf("(%u connections, %u dropped) ", conns, drops);
+	CU_ASSERT_TRUE(drops > 10);
+	CU_ASSERT_EQUAL(guest_mappings(), 0);
+	server_down();
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -1036,6 +1195,7 @@ int main(void)
 	CU_add_test(s, "memory slots", test_mem_slots);
 	CU_add_test(s, "memory changes with requests in flight", test_mem_change_inflight);
 	CU_add_test(s, "backend channel", test_backend_channel);
+	CU_add_test(s, "random messages", test_random_messages);
 	CU_add_test(s, "inherited fd, stale path", test_inherited_fd_and_stale_path);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();

@@ -730,6 +730,164 @@ static void test_wraparound(void)
 	teardown();
 }
 
+/* ---- randomized hostile rings ---- */
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+
+static uint64_t rnd(void)
+{
+	g_rng ^= g_rng << 13;
+	g_rng ^= g_rng >> 7;
+	g_rng ^= g_rng << 17;
+	return g_rng;
+}
+
+/* A guest address: mostly plausible, sometimes hostile. */
+static uint64_t rnd_addr(void)
+{
+	switch (rnd() % 16) {
+	case 0:
+		return rnd();
+	case 1:
+		return MEM_SIZE - rnd() % 64;
+	case 2:
+	case 3:
+		return REGION - rnd() % 64;
+	default:
+		return rnd() % MEM_SIZE;
+	}
+}
+
+static uint32_t rnd_len(void)
+{
+	switch (rnd() % 16) {
+	case 0:
+		return (uint32_t)rnd();
+	case 1:
+		return 0;
+	default:
+		return (uint32_t)(rnd() % 8192);
+	}
+}
+
+/* Random descriptors; @hostile in 0..3 raises the odds of invalid ones. */
+static void rnd_descs(struct vring_desc *t, unsigned n, unsigned hostile)
+{
+	for (unsigned i = 0; i < n; i++) {
+		uint16_t flags = VRING_DESC_F_NEXT;
+		uint16_t next = (uint16_t)(i + 1);
+		uint32_t len = rnd_len();
+		uint64_t addr = rnd_addr();
+
+		if (i + 1 == n || rnd() % 4 == 0)
+			flags = 0;
+		if (i >= n / 2)
+			flags |= VRING_DESC_F_WRITE;
+		if (rnd() % 8 < hostile)
+			flags ^= (uint16_t)(1u << (rnd() % 3));
+		if (rnd() % 8 < hostile)
+			next = (uint16_t)(rnd() % (n + 2));
+		if (rnd() % 16 < hostile) {
+			flags = VRING_DESC_F_INDIRECT;
+			len = (uint32_t)(16 * (1 + rnd() % 8));
+			addr = 0x8000 + (rnd() % 64) * 16;
+		}
+		if (hostile == 0) {
+			addr = DATA_GPA + rnd() % 0x1000;
+			len = len % 4096 + 1;
+		}
+		set_desc(t, i, addr, len, flags, next);
+	}
+}
+
+struct range {
+	uintptr_t lo, hi;
+};
+
+/* Mappings of the guest memfd in this process (the test's and vhost's). */
+static unsigned guest_maps(struct range *r, unsigned max)
+{
+	FILE *f = fopen("/proc/self/maps", "r");
+	char line[512];
+	unsigned n = 0;
+
+	if (!f)
+		return 0;
+	while (n < max && fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+
+		if (strstr(line, "/memfd:guest") && sscanf(line, "%lx-%lx", &lo, &hi) == 2) {
+			r[n].lo = lo;
+			r[n].hi = hi;
+			n++;
+		}
+	}
+	fclose(f);
+	return n;
+}
+
+static bool iov_in_guest(const struct iovec *v, const struct range *r, unsigned n)
+{
+	uintptr_t b = (uintptr_t)v->iov_base;
+
+	for (unsigned i = 0; i < n; i++) {
+		if (b >= r[i].lo && b < r[i].hi && v->iov_len <= r[i].hi - b)
+			return true;
+	}
+	return false;
+}
+
+static void test_random_rings(void)
+{
+	struct range maps[8];
+	unsigned popped = 0, broken = 0;
+
+	for (unsigned iter = 0; iter < 150; iter++) {
+		struct vq_elem *held[NUM];
+		unsigned nheld = 0, nmaps;
+		int ret;
+
+		setup((rnd() % 2 ? INDIRECT : 0) | (rnd() % 2 ? EVENT_IDX : 0));
+		nmaps = guest_maps(maps, 8);
+		CU_ASSERT_EQUAL(nmaps, 3);
+		unsigned hostile = (unsigned)(rnd() % 4);
+
+		rnd_descs(desc_tab(), NUM, hostile);
+		/* Indirect tables where random descriptors may point. */
+		for (unsigned k = 0; k < 4; k++)
+			rnd_descs((struct vring_desc *)(g_mem + 0x8000 + (rnd() % 64) * 16),
+				  (unsigned)(1 + rnd() % 8), hostile);
+		for (unsigned k = 0; k < 1 + rnd() % 6; k++)
+			post((uint16_t)(rnd() % 16 >= hostile ? rnd() % NUM : rnd()));
+		if (rnd() % 16 < hostile) {
+			g_avail = (uint16_t)rnd();
+			avail()->idx = htole16(g_avail);
+		}
+		while (nheld < NUM && (ret = vq_pop(g_vq, &held[nheld])) == 0) {
+			struct vq_elem *e = held[nheld++];
+
+			popped++;
+			CU_ASSERT_TRUE(e->head < NUM);
+			CU_ASSERT_TRUE(e->out_num + e->in_num <= VQ_MAX_IOV);
+			for (unsigned i = 0; i < (unsigned)e->out_num + e->in_num; i++) {
+				CU_ASSERT_TRUE(e->iov[i].iov_len > 0);
+				CU_ASSERT_TRUE(iov_in_guest(&e->iov[i], maps, nmaps));
+			}
+		}
+		if (vhost_dev_is_broken(g_dev))
+			broken++;
+		CU_ASSERT_EQUAL(vq_inflight(g_vq), nheld);
+		while (nheld)
+			vq_push(g_vq, held[--nheld], (uint32_t)rnd());
+		CU_ASSERT_EQUAL(vhost_dev_inflight(g_dev), 0);
+		teardown();
+	}
+	printf("(%u popped, %u broken) ", popped, broken);
+	/* Both outcomes were exercised. */
+	CU_ASSERT_TRUE(popped > 10);
+	CU_ASSERT_TRUE(broken > 10);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -775,6 +933,7 @@ int main(void)
 	CU_add_test(s, "EVENT_IDX kick suppression", test_event_idx_suppress_kicks);
 	CU_add_test(s, "NO_INTERRUPT / NO_NOTIFY", test_no_interrupt);
 	CU_add_test(s, "index wraparound", test_wraparound);
+	CU_add_test(s, "randomized hostile rings", test_random_rings);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
