@@ -97,7 +97,8 @@ struct vhost_dev_ops {
 	uint64_t protocol_features;
 	uint16_t num_queues;     /* reported by GET_QUEUE_NUM */
 	uint16_t max_queue_size; /* largest SET_VRING_NUM accepted (<= VQ_MAX_SIZE) */
-	size_t elem_size;        /* bytes per request struct (>= sizeof(struct vq_elem)) */
+	size_t elem_size;        /* bytes per request struct (>= sizeof(struct vq_elem));
+				  * slots are 16-byte aligned */
 
 	/* Ask the glue to call @cb(@arg) whenever @fd is readable, until unwatch(fd). 0 or -errno.
 	 */
@@ -112,7 +113,10 @@ struct vhost_dev_ops {
 
 	/* A new connection is up / features were set (after SET_FEATURES). May be NULL. */
 	void (*features_set)(void *opaque, struct vhost_dev *dev, uint64_t features);
-	/* Ring became started+enabled (q_started) or stopped/disabled (q_stopped). May be NULL. */
+	/* Ring became started+enabled (q_started) or stopped/disabled (q_stopped). Also
+	 * stopped while its memory is unmapped (REM_MEM_REG) and started again when
+	 * it maps, and stopped when the connection ends. Elements popped before a
+	 * stop stay valid and must still be pushed. May be NULL. */
 	void (*queue_started)(void *opaque, struct vhost_vq *vq);
 	void (*queue_stopped)(void *opaque, struct vhost_vq *vq);
 	/* The ring has (possibly) new available buffers: pop them. Required. */
