@@ -43,6 +43,7 @@ and runs fio on the host against a raw file for the physical limit.
   --guest-dir DIR      where build-guest.sh puts the guest (default <build>/guest)
   --fresh-images       recreate the persistent images even if they look up to date
   --keep-images        keep the per-run (fresh) image copies after each run
+  --no-check           skip `qemu-img check` of qcow2 images after each write job
   --update-results     rewrite the generated part of contrib/bench/RESULTS.md
                        (default: only after a full default matrix without --quick)
   --no-update-results  never touch RESULTS.md
@@ -78,6 +79,7 @@ guest_note=""
 guest_only=0
 fresh_images=0
 keep_images=0
+check_images=1
 update_results=auto
 caveat=""
 list_only=0
@@ -122,6 +124,7 @@ while [ $# -gt 0 ]; do
 	--guest-dir=*) guest_dir=${1#*=} ;;
 	--fresh-images) fresh_images=1 ;;
 	--keep-images) keep_images=1 ;;
+	--no-check) check_images=0 ;;
 	--update-results) update_results=yes ;;
 	--no-update-results) update_results=no ;;
 	--caveat) caveat=$2; shift ;;
@@ -521,7 +524,22 @@ run_backend() {
 	[ $rc = 0 ] || status="fe-exit-$rc"
 	[ "$t0" -ge 0 ] && [ "$t1" -ge 0 ] || status="backend-died"
 	stop_backend
-	[ "$STOP_RC" = 0 ] || echo "run.sh: backend exit status $STOP_RC" >>"$out/logs/$tag.log"
+	if [ "$STOP_RC" != 0 ]; then
+		echo "run.sh: backend exit status $STOP_RC after SIGTERM" >>"$out/logs/$tag.log"
+		[ "$status" = ok ] && status="backend-exit-$STOP_RC"
+	fi
+	# a benchmark on a damaged image is worthless: check qcow2 images after writes
+	if [ $check_images = 1 ] && [ "$RUN_FMT" = qcow2 ] && [ "$(spec_of "$job" | cut -d' ' -f1)" != randread ] &&
+		[ "$(spec_of "$job" | cut -d' ' -f1)" != read ]; then
+		rc=0
+		qemu-img check "$img" >"$out/logs/$tag.check" 2>&1 || rc=$?
+		case $rc in
+		0) ;;
+		3) log "warning: $image after $kind $job: leaked clusters (see $out/logs/$tag.check)" ;;
+		2) [ "$status" = ok ] && status=image-corrupt ;;
+		*) [ "$status" = ok ] && status=image-check-error ;;
+		esac
+	fi
 	python3 "$BENCHPY" record --csv "$csv" --kind fe --result "$out/raw/$tag.json" --status "$status" \
 		--rep "$rep" --image "$image" --job "$job" --backend "$kind" --order "$order" \
 		--cpu-ticks $((t1 - t0)) --clk-tck "$clk_tck" --hwm-kib "$h" || true
