@@ -536,8 +536,8 @@ run_backend() {
 		case $rc in
 		0) ;;
 		3) log "warning: $image after $kind $job: leaked clusters (see $out/logs/$tag.check)" ;;
-		2) [ "$status" = ok ] && status=image-corrupt ;;
-		*) [ "$status" = ok ] && status=image-check-error ;;
+		2) [ "$status" = ok ] && status="image-corrupt" ;;
+		*) [ "$status" = ok ] && status="image-check-error" ;;
 		esac
 	fi
 	python3 "$BENCHPY" record --csv "$csv" --kind fe --result "$out/raw/$tag.json" --status "$status" \
