@@ -241,7 +241,8 @@ static int h_set_vring_addr(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (!vq)
 		return -EINVAL;
-	if (a->flags & ~VU_VRING_F_LOG || (a->flags & VU_VRING_F_LOG)) {
+	if (a->flags) {
+		/* VHOST_VRING_F_LOG (the only defined flag): VHOST_F_LOG_ALL is not offered. */
 		vhost_log("vring %u: dirty logging not supported", a->index);
 		return -ENOTSUP;
 	}
