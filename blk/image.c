@@ -103,6 +103,13 @@ void img_describe(struct img *img, char *buf, size_t len)
 		 (unsigned long long)img->size, img->read_only ? ", read-only" : "");
 }
 
+int img_refresh_size(struct img *img)
+{
+	if (!img->ops->refresh_size)
+		return -ENOTSUP;
+	return img->ops->refresh_size(img);
+}
+
 static void io_setup(struct img_io *io, uint8_t op, unsigned flags, struct iovec *iov,
 		     unsigned iovcnt, uint64_t off, uint64_t len)
 {

@@ -70,6 +70,9 @@ struct img_ops {
 	void (*close)(struct img *img);
 	/* Optional: human-readable description for logs (e.g. cache stats). */
 	void (*describe)(struct img *img, char *buf, size_t len);
+	/* Optional: re-read the virtual size (the file or device was resized
+	 * outside); update img->size. 0 or -errno. */
+	int (*refresh_size)(struct img *img);
 };
 
 struct img_opts {
@@ -108,6 +111,13 @@ void img_close(struct img *img);
 
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);
+
+/*
+ * Re-read the image's size after an outside resize (raw: the file or block
+ * device size). 0 (img->size updated), -ENOTSUP if the format cannot, or
+ * -errno.
+ */
+int img_refresh_size(struct img *img);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

@@ -218,11 +218,25 @@ static void raw_describe(struct img *img, char *buf, size_t len)
 		 img->read_only ? ", read-only" : "");
 }
 
+static int raw_refresh_size(struct img *img)
+{
+	struct raw_img *r = to_raw(img);
+	uint64_t size;
+	int ret;
+
+	ret = io_file_get_size(&r->file, &size);
+	if (ret < 0)
+		return ret;
+	img->size = size;
+	return 0;
+}
+
 static const struct img_ops raw_ops = {
     .format = "raw",
     .submit = raw_submit,
     .close = raw_close,
     .describe = raw_describe,
+    .refresh_size = raw_refresh_size,
 };
 
 /* Block device discard granularity from sysfs; 0 = no discard. */

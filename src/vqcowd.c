@@ -18,7 +18,8 @@
  *    once per dirty queue: one interrupt per queue per iteration at most.
  *  - SIGTERM/SIGINT arrive on a signalfd polled by the loop: stop accepting
  *    connections and popping requests, wait for in-flight requests, flush the
- *    image, exit 0.
+ *    image, exit 0. SIGHUP re-reads the image size (outside resize) and, if
+ *    it changed, sends a config-change notice to the frontend.
  *
  * Backend program conventions (vhost-user.rst): --socket-path or --fd,
  * --print-capabilities prints {"type": "block", "features": [...]}.
@@ -592,6 +593,31 @@ static void flush_done(struct img_io *io, int res)
 	io_loop_stop(d->loop);
 }
 
+/* SIGHUP: the image may have been resized outside; tell the driver. */
+static void check_resize(struct daemon *d)
+{
+	struct vhost_dev *dev;
+	int ret = img_refresh_size(d->img);
+
+	if (ret < 0) {
+		logmsg("SIGHUP: cannot re-read the image size: %s", strerror(-ret));
+		return;
+	}
+	if (!blk_dev_update_capacity(d->blk)) {
+		logmsg("SIGHUP: image size unchanged (%" PRIu64 " bytes)", d->img->size);
+		return;
+	}
+	logmsg("SIGHUP: image size is now %" PRIu64 " bytes", d->img->size);
+	dev = vhost_server_dev(d->srv);
+	if (dev) {
+		ret = vhost_dev_config_changed(dev);
+		if (ret < 0)
+			logmsg("cannot send a config-change notice: %s", strerror(-ret));
+		else
+			logmsg("config-change notice sent to the frontend");
+	}
+}
+
 static void sig_done(struct io_cmd *cmd, int res)
 {
 	struct daemon *d = container_of(cmd, struct daemon, sig_cmd);
@@ -601,6 +627,10 @@ static void sig_done(struct io_cmd *cmd, int res)
 	if (res < 0)
 		return; /* final call (cancelled at exit) */
 	while ((n = read(d->sigfd, &si, sizeof(si))) == (ssize_t)sizeof(si)) {
+		if (si.ssi_signo == SIGHUP) {
+			check_resize(d);
+			continue;
+		}
 		if (d->stopping) {
 			logmsg("signal %u: already shutting down", si.ssi_signo);
 			continue;
@@ -715,6 +745,7 @@ int main(int argc, char **argv)
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGTERM);
 	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGHUP);
 	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) {
 		logmsg("sigprocmask: %s", strerror(errno));
 		return 1;

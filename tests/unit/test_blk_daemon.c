@@ -3,7 +3,8 @@
  * Tests of the vqcowd command line and life cycle (no frontend): option
  * errors (one line, non-zero exit), --print-capabilities, --version, a
  * missing image, listening on --socket-path and --fd, SIGTERM drain -> exit
- * 0 with the socket removed, capabilities dropped, --user/--group.
+ * 0 with the socket removed, SIGHUP size refresh, capabilities dropped,
+ * --user/--group.
  *
  * The daemon binary is found next to this test in the build tree
  * (<build>/tests/unit/../../src/vqcowd) or in $VQCOWD; missing => skip (77).
@@ -253,6 +254,13 @@ static void test_socket_lifecycle(void)
 	CU_ASSERT(wait_log(&d, "disconnected"));
 	c = connect_sock(g_sock);
 	CU_ASSERT(c >= 0);
+	/* SIGHUP re-reads the size */
+	kill(d.pid, SIGHUP);
+	CU_ASSERT(wait_log(&d, "SIGHUP: image size unchanged (16777216 bytes)"));
+	CU_ASSERT_EQUAL(truncate(g_img, 32 << 20), 0);
+	kill(d.pid, SIGHUP);
+	CU_ASSERT(wait_log(&d, "SIGHUP: image size is now 33554432 bytes"));
+	CU_ASSERT_EQUAL(truncate(g_img, 16 << 20), 0);
 	if (c >= 0)
 		close(c);
 	CU_ASSERT_EQUAL(stop(&d, SIGTERM), 0);

@@ -364,6 +364,27 @@ static void test_read_only(void)
 	io_free_aligned(buf);
 }
 
+static void test_refresh_size(void)
+{
+	struct img *img;
+	struct blk_dev *dev;
+	struct blk_opts o = {.logical_block_size = 512};
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_EQUAL_FATAL(blk_dev_init(&dev, img, &o), 0);
+	CU_ASSERT_EQUAL(img_refresh_size(img), 0);
+	CU_ASSERT_EQUAL(img->size, IMG_SIZE);
+	CU_ASSERT_FALSE(blk_dev_update_capacity(dev));
+	CU_ASSERT_EQUAL(truncate(g_path, 2 * IMG_SIZE), 0);
+	CU_ASSERT_EQUAL(img_refresh_size(img), 0);
+	CU_ASSERT_EQUAL(img->size, 2 * IMG_SIZE);
+	CU_ASSERT(blk_dev_update_capacity(dev));
+	blk_dev_exit(dev);
+	img_close(img);
+	unlink(g_path);
+}
+
 /* blk/ over a raw image on the real loop: a writethrough write, then a read. */
 struct breq {
 	struct blk_req req;
@@ -458,6 +479,7 @@ int main(void)
 	CU_add_test(s, "injected errors", test_injected_errors);
 	CU_add_test(s, "read-only", test_read_only);
 	CU_add_test(s, "blk over raw", test_blk_over_raw);
+	CU_add_test(s, "refresh size", test_refresh_size);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
