@@ -7,7 +7,7 @@
 #                        [--backend vqcowd|qsd] [--accel auto|kvm|tcg]
 #                        [--build-dir DIR] [--no-deps] [--shell]
 #
-#   --format    image format (default raw; qcow2 once the engine is in)
+#   --format    image format (default qcow2, created with vqcow-img)
 #   --size      image size (default 1G, sparse)
 #   --runtime   seconds of the timed fio phase in the guest (default 10)
 #   --backend   vqcowd (default) or qsd (qemu-storage-daemon, for comparison)
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
 
-format=raw
+format=qcow2
 size=1G
 runtime=10
 backend=vqcowd
