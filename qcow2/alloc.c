@@ -81,6 +81,15 @@ int q2_rc_prepare(struct qcow2 *q, uint64_t host, struct qcow2_waiter *w)
 	return q2_cache_get(&q->rcc, l.slice, &s, w);
 }
 
+struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host)
+{
+	struct rc_loc l;
+
+	if (rc_locate(q, host >> q->cb, &l) < 0 || !l.block)
+		return NULL;
+	return q2_cache_peek(&q->rcc, l.slice);
+}
+
 static void prealloc_done(struct io_cmd *cmd, int res)
 {
 	struct qcow2 *q = cmd->priv;

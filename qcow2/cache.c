@@ -266,3 +266,43 @@ size_t q2_cache_over(const struct q2_cache *c)
 {
 	return c->count > c->soft_max ? c->count - c->soft_max : 0;
 }
+
+static void entry_free(struct q2_cache *c, struct q2_slice *s)
+{
+	size_t i = s->idx;
+
+	c->all[i] = c->all[c->count - 1];
+	c->all[i]->idx = (uint32_t)i;
+	c->count--;
+	if (c->hand >= c->count)
+		c->hand = 0;
+	io_free_aligned(s->buf);
+	free(s);
+}
+
+void q2_cache_trim(struct q2_cache *c)
+{
+	struct q2_slice **pp;
+
+	if (c->count <= c->soft_max)
+		return;
+	/* unused entries first */
+	while (c->free && c->count > c->soft_max) {
+		struct q2_slice *s = c->free;
+
+		c->free = s->hnext;
+		entry_free(c, s);
+	}
+	for (size_t i = 0; i < c->count && c->count > c->soft_max;) {
+		struct q2_slice *s = c->all[i];
+
+		if (!evictable(s)) {
+			i++;
+			continue;
+		}
+		pp = &c->hash[hash_off(c, s->off)];
+		hash_remove(c, s);
+		(void)pp;
+		entry_free(c, s); /* all[i] now holds another entry: look at it again */
+	}
+}

@@ -165,7 +165,7 @@ struct qcow2 {
 
 	/* Corruption */
 	bool corrupt;
-	bool corrupt_hdr_busy;
+	uint8_t corrupt_hdr_busy; /* 1 writing the header, 2 syncing */
 	struct io_cmd corrupt_cmd;
 	uint8_t corrupt_buf[8];
 
@@ -207,6 +207,8 @@ void q2_slice_dirty(struct q2_slice *s);
 /* Drop a clean, unpinned slice (e.g. its cluster was freed). */
 void q2_cache_forget(struct q2_cache *c, uint64_t off);
 size_t q2_cache_over(const struct q2_cache *c);
+/* Free clean, idle entries until the cache is back within its soft limit. */
+void q2_cache_trim(struct q2_cache *c);
 
 /* ---- alloc.c ---- */
 /*
@@ -219,6 +221,8 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		      struct qcow2_waiter *w);
 /* Undo a reservation that was never linked (refcount back to 0 now). */
 void q2_alloc_release(struct qcow2 *q, uint64_t host, uint32_t n);
+/* The cached refcount slice holding @host's refcount, or NULL. */
+struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host);
 /* Ensure the refcount slice for @host is cached: 0, -EAGAIN or -errno. */
 int q2_rc_prepare(struct qcow2 *q, uint64_t host, struct qcow2_waiter *w);
 /* Queue a deferred decrement of every cluster overlapping [host, host + len). */

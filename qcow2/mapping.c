@@ -554,17 +554,9 @@ static void token_pin(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *l
 	l2s->pins++;
 	a->rc_slice = NULL;
 	if (a->new_host && !q->ext_data) {
-		/* the refcount slice, for a release on failure */
-		struct qcow2_waiter dummy = {0};
-		struct q2_slice *s = NULL;
+		/* the refcount slice (cached: the allocation just used it), for a release */
+		struct q2_slice *s = q2_rc_slice(q, host);
 
-		if (q2_rc_prepare(q, host, &dummy) == 0) {
-			uint64_t c = host >> q->cb;
-			uint64_t inblk = c & ((1ull << q->rb_bits) - 1);
-			uint64_t blk = q->rt[c >> q->rb_bits] & QCOW2_RTE_OFFSET_MASK;
-
-			s = q2_cache_peek(&q->rcc, blk + ((inblk >> q->src_bits) << slice_lg(q)));
-		}
 		if (s) {
 			s->pins++;
 			a->rc_slice = s;

@@ -499,6 +499,8 @@ static void finish(struct q2_batch *b)
 		if (!err || q->flush_next)
 			q2_wb_kick(q);
 	}
+	q2_cache_trim(&q->l2c);
+	q2_cache_trim(&q->rcc);
 	q2_wb_maybe(q);
 	timer_arm(q);
 }

@@ -1,0 +1,792 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tests/unit/fake_io.c — io.h over in-memory files, recording every write
+ * and fdatasync (see fake_io.h). Single-threaded, for unit tests only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fake_io.h"
+
+#define FAKE_FILES   256
+#define FAKE_FD_BASE 10000
+#define INJ_MAX      32
+
+struct ffile {
+	char path[512];
+	uint8_t *data;
+	uint64_t size, cap;
+	uint8_t *base; /* contents at the last fake_log_reset() */
+	uint64_t base_size;
+	bool used;
+};
+
+struct inj {
+	uint8_t op;
+	bool every;
+	unsigned count;
+	int res;
+};
+
+struct io_loop {
+	struct io_cmd *head, *tail; /* submitted, not completed */
+	struct io_cmd *timers;      /* timeouts: fire when nothing else is pending */
+	unsigned inflight;
+	bool running, stop;
+	struct inj inj[INJ_MAX];
+};
+
+static struct ffile g_files[FAKE_FILES];
+static struct fake_log *g_log;
+static size_t g_nlog, g_caplog;
+static unsigned g_shuffle;
+static struct io_loop *g_loop;
+
+/* ---- files ---- */
+
+static int load(const char *path)
+{
+	int fd, id = -1;
+	struct ffile *f;
+	off_t sz;
+
+	for (int i = 0; i < FAKE_FILES; i++)
+		if (g_files[i].used && strcmp(g_files[i].path, path) == 0)
+			return i;
+	for (int i = 0; i < FAKE_FILES; i++)
+		if (!g_files[i].used) {
+			id = i;
+			break;
+		}
+	if (id < 0)
+		return -EMFILE;
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -errno;
+	sz = lseek(fd, 0, SEEK_END);
+	f = &g_files[id];
+	memset(f, 0, sizeof(*f));
+	snprintf(f->path, sizeof(f->path), "%s", path);
+	f->cap = (uint64_t)sz + 65536;
+	f->data = calloc(1, f->cap);
+	if (!f->data) {
+		close(fd);
+		return -ENOMEM;
+	}
+	if (sz && pread(fd, f->data, (size_t)sz, 0) != sz) {
+		close(fd);
+		free(f->data);
+		return -EIO;
+	}
+	close(fd);
+	f->size = (uint64_t)sz;
+	f->used = true;
+	f->base = malloc(f->size + 1);
+	memcpy(f->base, f->data, f->size);
+	f->base_size = f->size;
+	return id;
+}
+
+int fake_file_load(const char *path)
+{
+	return load(path);
+}
+
+int fake_file_save(int id, const char *path)
+{
+	struct ffile *f = &g_files[id];
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	int ret = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (f->size && write(fd, f->data, f->size) != (ssize_t)f->size)
+		ret = -EIO;
+	close(fd);
+	return ret;
+}
+
+void fake_file_drop(int id)
+{
+	struct ffile *f = &g_files[id];
+
+	free(f->data);
+	free(f->base);
+	memset(f, 0, sizeof(*f));
+}
+
+int fake_file_id(const struct io_file *f)
+{
+	return f->fd - FAKE_FD_BASE;
+}
+
+const uint8_t *fake_file_data(int id, uint64_t *size)
+{
+	*size = g_files[id].size;
+	return g_files[id].data;
+}
+
+static int grow(struct ffile *f, uint64_t end)
+{
+	if (end > f->cap) {
+		uint64_t ncap = f->cap * 2 > end ? f->cap * 2 : end + 65536;
+		uint8_t *nd = realloc(f->data, ncap);
+
+		if (!nd)
+			return -ENOMEM;
+		memset(nd + f->cap, 0, ncap - f->cap);
+		f->data = nd;
+		f->cap = ncap;
+	}
+	if (end > f->size)
+		f->size = end;
+	return 0;
+}
+
+static void log_add(uint8_t type, int file, uint64_t off, uint64_t len, const void *data)
+{
+	struct fake_log *l;
+
+	if (g_nlog == g_caplog) {
+		g_caplog = g_caplog ? g_caplog * 2 : 1024;
+		g_log = realloc(g_log, g_caplog * sizeof(*g_log));
+	}
+	l = &g_log[g_nlog++];
+	l->type = type;
+	l->file = file;
+	l->off = off;
+	l->len = len;
+	l->data = NULL;
+	if (type == FAKE_WRITE) {
+		l->data = malloc(len ? len : 1);
+		if (data)
+			memcpy(l->data, data, len);
+		else
+			memset(l->data, 0, len);
+	}
+}
+
+void fake_log_reset(void)
+{
+	for (size_t i = 0; i < g_nlog; i++)
+		free(g_log[i].data);
+	g_nlog = 0;
+	for (int i = 0; i < FAKE_FILES; i++) {
+		struct ffile *f = &g_files[i];
+
+		if (!f->used)
+			continue;
+		free(f->base);
+		f->base = malloc(f->size + 1);
+		memcpy(f->base, f->data, f->size);
+		f->base_size = f->size;
+	}
+}
+
+size_t fake_log_count(void)
+{
+	return g_nlog;
+}
+
+const struct fake_log *fake_log_get(size_t i)
+{
+	return &g_log[i];
+}
+
+void fake_set_shuffle(unsigned seed)
+{
+	g_shuffle = seed;
+}
+
+static unsigned rnd(unsigned *s)
+{
+	*s = *s * 1103515245u + 12345u;
+	return *s >> 8;
+}
+
+int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t *len)
+{
+	struct ffile *f = &g_files[id];
+	size_t last_sync = 0;
+	uint64_t size = f->base_size, cap = f->base_size + 65536;
+	uint8_t *b;
+
+	for (size_t i = 0; i < upto && i < g_nlog; i++)
+		if (g_log[i].type == FAKE_FSYNC && g_log[i].file == id)
+			last_sync = i + 1;
+	for (size_t i = 0; i < upto && i < g_nlog; i++)
+		if (g_log[i].file == id && g_log[i].off + g_log[i].len > cap)
+			cap = g_log[i].off + g_log[i].len;
+	b = calloc(1, cap);
+	if (!b)
+		return -ENOMEM;
+	memcpy(b, f->base, f->base_size);
+	for (size_t i = 0; i < upto && i < g_nlog; i++) {
+		struct fake_log *l = &g_log[i];
+
+		if (l->file != id || l->type == FAKE_FSYNC)
+			continue;
+		if (i >= last_sync && (!seed || rnd(&seed) % 2))
+			continue;
+		if (l->type == FAKE_WRITE)
+			memcpy(b + l->off, l->data, l->len);
+		if (l->off + l->len > size)
+			size = l->off + l->len;
+	}
+	*out = b;
+	*len = size;
+	return 0;
+}
+
+unsigned fake_pending(void)
+{
+	unsigned n = 0;
+
+	if (!g_loop)
+		return 0;
+	for (struct io_cmd *c = g_loop->head; c; c = c->next)
+		n++;
+	return n;
+}
+
+/* ---- loop ---- */
+
+int io_loop_init(struct io_loop **loopp, unsigned entries)
+{
+	(void)entries;
+	*loopp = calloc(1, sizeof(**loopp));
+	if (!*loopp)
+		return -ENOMEM;
+	g_loop = *loopp;
+	return 0;
+}
+
+void io_loop_exit(struct io_loop *loop)
+{
+	if (g_loop == loop)
+		g_loop = NULL;
+	free(loop);
+}
+
+unsigned io_loop_inflight(const struct io_loop *loop)
+{
+	return loop->inflight;
+}
+
+void io_loop_stop(struct io_loop *loop)
+{
+	loop->stop = true;
+}
+
+void io_defer_add(struct io_loop *loop, struct io_defer *d)
+{
+	(void)loop;
+	(void)d;
+}
+
+void io_defer_del(struct io_loop *loop, struct io_defer *d)
+{
+	(void)loop;
+	(void)d;
+}
+
+void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
+{
+	(void)loop;
+	(void)max_ns;
+}
+
+static struct ffile *file_of(struct io_file *f)
+{
+	int id = f->fd - FAKE_FD_BASE;
+
+	if (id < 0 || id >= FAKE_FILES || !g_files[id].used)
+		return NULL;
+	return &g_files[id];
+}
+
+/* Perform a command; returns its result. */
+static int execute(struct io_cmd *c)
+{
+	struct ffile *f = c->file ? file_of(c->file) : NULL;
+	int id = f ? (int)(f - g_files) : -1;
+	uint64_t len = 0;
+
+	if (c->res < 0) /* injected */
+		return c->res;
+	switch (c->op) {
+	case IO_OP_READV: {
+		uint64_t off = c->off;
+
+		for (unsigned i = 0; i < c->iovcnt; i++)
+			len += c->iov[i].iov_len;
+		if (!f)
+			return -EBADF;
+		if (off + len > f->size && !(c->file->flags & IO_FILE_ZERO_EOF))
+			return -EIO;
+		for (unsigned i = 0; i < c->iovcnt; i++) {
+			uint64_t n = c->iov[i].iov_len, have = 0;
+
+			if (off < f->size)
+				have = f->size - off < n ? f->size - off : n;
+			memcpy(c->iov[i].iov_base, f->data + off, have);
+			memset((uint8_t *)c->iov[i].iov_base + have, 0, n - have);
+			off += n;
+		}
+		return (int)len;
+	}
+	case IO_OP_WRITEV: {
+		uint64_t off = c->off;
+		uint8_t *tmp;
+
+		for (unsigned i = 0; i < c->iovcnt; i++)
+			len += c->iov[i].iov_len;
+		if (!f)
+			return -EBADF;
+		if (c->file->flags & IO_FILE_RDONLY)
+			return -EBADF;
+		if (grow(f, off + len) < 0)
+			return -ENOMEM;
+		tmp = malloc(len ? len : 1);
+		for (unsigned i = 0; i < c->iovcnt; i++) {
+			memcpy(f->data + off, c->iov[i].iov_base, c->iov[i].iov_len);
+			off += c->iov[i].iov_len;
+		}
+		memcpy(tmp, f->data + c->off, len);
+		log_add(FAKE_WRITE, id, c->off, len, tmp);
+		free(tmp);
+		return (int)len;
+	}
+	case IO_OP_FDATASYNC:
+		if (!f)
+			return -EBADF;
+		log_add(FAKE_FSYNC, id, 0, 0, NULL);
+		return 0;
+	case IO_OP_FALLOCATE:
+		if (!f)
+			return -EBADF;
+		if (c->mode & (FALLOC_FL_ZERO_RANGE | FALLOC_FL_PUNCH_HOLE)) {
+			uint64_t end = c->off + c->len;
+
+			if (end > f->size && (c->mode & FALLOC_FL_KEEP_SIZE))
+				end = f->size;
+			if (end > c->off) {
+				if (grow(f, end) < 0)
+					return -ENOMEM;
+				memset(f->data + c->off, 0, end - c->off);
+				log_add(FAKE_WRITE, id, c->off, end - c->off, NULL);
+			}
+			return 0;
+		}
+		if (!(c->mode & FALLOC_FL_KEEP_SIZE) && c->off + c->len > f->size) {
+			if (grow(f, c->off + c->len) < 0)
+				return -ENOMEM;
+			log_add(FAKE_SIZE, id, c->off, c->len, NULL);
+		}
+		return 0;
+	case IO_OP_TIMEOUT:
+		return 0;
+	default:
+		return -EINVAL;
+	}
+}
+
+static void finish(struct io_loop *loop, struct io_cmd *c, int res)
+{
+	c->state = 0;
+	loop->inflight--;
+	c->done(c, res);
+}
+
+int io_loop_run_once(struct io_loop *loop, bool wait)
+{
+	struct io_cmd *list, *c;
+	struct io_cmd *arr[4096];
+	size_t n = 0;
+
+	if (loop->running)
+		return -EBUSY;
+	loop->running = true;
+	list = loop->head;
+	loop->head = loop->tail = NULL;
+	if (!list && wait && loop->timers) {
+		/* idle: time passes, timers fire */
+		list = loop->timers;
+		loop->timers = NULL;
+	}
+	for (c = list; c && n < 4096; c = c->next)
+		arr[n++] = c;
+	if (c) {
+		/* too many: the rest waits for the next iteration */
+		arr[n - 1]->next = NULL;
+		loop->head = c;
+		for (loop->tail = c; loop->tail->next; loop->tail = loop->tail->next)
+			;
+	}
+	if (g_shuffle) {
+		for (size_t i = n; i > 1; i--) {
+			size_t j = rnd(&g_shuffle) % i;
+			struct io_cmd *t = arr[i - 1];
+
+			arr[i - 1] = arr[j];
+			arr[j] = t;
+		}
+		if (!g_shuffle)
+			g_shuffle = 1;
+	}
+	for (size_t i = 0; i < n; i++) {
+		c = arr[i];
+		c->next = NULL;
+		finish(loop, c, execute(c));
+	}
+	loop->running = false;
+	return (int)n;
+}
+
+int io_loop_run(struct io_loop *loop)
+{
+	while (!loop->stop && (loop->head || loop->timers)) {
+		int ret = io_loop_run_once(loop, true);
+
+		if (ret < 0)
+			return ret;
+	}
+	loop->stop = false;
+	return 0;
+}
+
+static int inject_apply(struct io_loop *loop, uint8_t op)
+{
+	for (int i = 0; i < INJ_MAX; i++) {
+		struct inj *j = &loop->inj[i];
+
+		if (j->op != op)
+			continue;
+		if (j->every)
+			return j->res;
+		if (--j->count == 0) {
+			int res = j->res;
+
+			j->op = IO_OP_NONE;
+			return res;
+		}
+	}
+	return 0;
+}
+
+int io_loop_inject(struct io_loop *loop, enum io_op op, unsigned nth, int res)
+{
+	if (res >= 0)
+		return -EINVAL;
+	for (int i = 0; i < INJ_MAX; i++) {
+		if (loop->inj[i].op == IO_OP_NONE) {
+			loop->inj[i] = (struct inj){(uint8_t)op, nth == 0, nth, res};
+			return 0;
+		}
+	}
+	return -ENOSPC;
+}
+
+void io_loop_inject_clear(struct io_loop *loop)
+{
+	memset(loop->inj, 0, sizeof(loop->inj));
+}
+
+static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f)
+{
+	if (cmd->state)
+		abort(); /* resubmitting an in-flight command */
+	cmd->state = 1;
+	cmd->op = op;
+	cmd->file = f;
+	cmd->loop = loop;
+	cmd->next = NULL;
+	cmd->res = inject_apply(loop, op);
+	loop->inflight++;
+	if (op == IO_OP_TIMEOUT) {
+		cmd->next = loop->timers;
+		loop->timers = cmd;
+		return;
+	}
+	if (loop->tail)
+		loop->tail->next = cmd;
+	else
+		loop->head = cmd;
+	loop->tail = cmd;
+}
+
+void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	      unsigned iovcnt, uint64_t off)
+{
+	cmd->iov = iov;
+	cmd->iovcnt = (uint16_t)iovcnt;
+	cmd->off = off;
+	submit(loop, cmd, IO_OP_READV, f);
+}
+
+void io_writev(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
+	       unsigned iovcnt, uint64_t off)
+{
+	cmd->iov = iov;
+	cmd->iovcnt = (uint16_t)iovcnt;
+	cmd->off = off;
+	submit(loop, cmd, IO_OP_WRITEV, f);
+}
+
+void io_read(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, void *buf, size_t len,
+	     uint64_t off)
+{
+	cmd->iov1 = (struct iovec){buf, len};
+	io_readv(loop, cmd, f, &cmd->iov1, 1, off);
+}
+
+void io_write(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, const void *buf,
+	      size_t len, uint64_t off)
+{
+	cmd->iov1 = (struct iovec){(void *)buf, len};
+	io_writev(loop, cmd, f, &cmd->iov1, 1, off);
+}
+
+void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f)
+{
+	submit(loop, cmd, IO_OP_FDATASYNC, f);
+}
+
+void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, int mode,
+		  uint64_t off, uint64_t len)
+{
+	cmd->mode = mode;
+	cmd->off = off;
+	cmd->len = len;
+	submit(loop, cmd, IO_OP_FALLOCATE, f);
+}
+
+void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)
+{
+	(void)fd;
+	(void)events;
+	cmd->state = 1;
+	cmd->loop = loop;
+	loop->inflight++;
+}
+
+void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
+{
+	cmd->ns = ns;
+	submit(loop, cmd, IO_OP_TIMEOUT, NULL);
+}
+
+void io_cancel(struct io_loop *loop, struct io_cmd *target)
+{
+	struct io_cmd **pp;
+
+	for (pp = &loop->timers; *pp; pp = &(*pp)->next) {
+		if (*pp == target) {
+			*pp = target->next;
+			target->next = NULL;
+			target->res = -ECANCELED;
+			if (loop->tail)
+				loop->tail->next = target;
+			else
+				loop->head = target;
+			loop->tail = target;
+			return;
+		}
+	}
+}
+
+/* ---- files ---- */
+
+int io_file_open(struct io_file *f, const char *path, unsigned flags)
+{
+	int id = load(path);
+
+	memset(f, 0, sizeof(*f));
+	f->fd = -1;
+	f->bfd = -1;
+	if (id < 0)
+		return id;
+	f->fd = FAKE_FD_BASE + id;
+	f->align = 1;
+	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
+	f->fixed_index = -1;
+	f->size = g_files[id].size;
+	return 0;
+}
+
+int io_file_from_fd(struct io_file *f, int fd, unsigned flags)
+{
+	(void)f;
+	(void)flags;
+	close(fd);
+	return -ENOTSUP;
+}
+
+void io_file_close(struct io_file *f)
+{
+	f->fd = -1;
+}
+
+int io_file_get_size(struct io_file *f, uint64_t *size)
+{
+	struct ffile *ff = file_of(f);
+
+	if (!ff)
+		return -EBADF;
+	*size = ff->size;
+	return 0;
+}
+
+int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off)
+{
+	struct ffile *ff = file_of(f);
+	uint64_t have = 0;
+
+	if (!ff)
+		return -EBADF;
+	if (off < ff->size)
+		have = ff->size - off < len ? ff->size - off : len;
+	memcpy(buf, ff->data + off, have);
+	memset((uint8_t *)buf + have, 0, len - have);
+	return 0;
+}
+
+int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t off)
+{
+	struct ffile *ff = file_of(f);
+
+	if (!ff)
+		return -EBADF;
+	if (grow(ff, off + len) < 0)
+		return -ENOMEM;
+	memcpy(ff->data + off, buf, len);
+	log_add(FAKE_WRITE, (int)(ff - g_files), off, len, buf);
+	return 0;
+}
+
+int io_file_sync(struct io_file *f)
+{
+	struct ffile *ff = file_of(f);
+
+	if (!ff)
+		return -EBADF;
+	log_add(FAKE_FSYNC, (int)(ff - g_files), 0, 0, NULL);
+	return 0;
+}
+
+/* ---- helpers (same contracts as io/iov.c) ---- */
+
+size_t io_iov_len(const struct iovec *iov, unsigned iovcnt)
+{
+	size_t n = 0;
+
+	for (unsigned i = 0; i < iovcnt; i++)
+		n += iov[i].iov_len;
+	return n;
+}
+
+int io_iov_slice(struct iovec *dst, unsigned dst_max, const struct iovec *src, unsigned src_cnt,
+		 size_t skip, size_t len)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < src_cnt && len; i++) {
+		size_t l = src[i].iov_len;
+
+		if (skip >= l) {
+			skip -= l;
+			continue;
+		}
+		if (n == dst_max)
+			return -E2BIG;
+		l -= skip;
+		if (l > len)
+			l = len;
+		dst[n].iov_base = (uint8_t *)src[i].iov_base + skip;
+		dst[n].iov_len = l;
+		n++;
+		len -= l;
+		skip = 0;
+	}
+	return len ? -EINVAL : (int)n;
+}
+
+void io_iov_memset(const struct iovec *iov, unsigned iovcnt, size_t skip, int c, size_t len)
+{
+	for (unsigned i = 0; i < iovcnt && len; i++) {
+		size_t l = iov[i].iov_len;
+
+		if (skip >= l) {
+			skip -= l;
+			continue;
+		}
+		l -= skip;
+		if (l > len)
+			l = len;
+		memset((uint8_t *)iov[i].iov_base + skip, c, l);
+		len -= l;
+		skip = 0;
+	}
+}
+
+size_t io_iov_to_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, void *buf, size_t len)
+{
+	size_t done = 0;
+
+	for (unsigned i = 0; i < iovcnt && done < len; i++) {
+		size_t l = iov[i].iov_len;
+
+		if (skip >= l) {
+			skip -= l;
+			continue;
+		}
+		l -= skip;
+		if (l > len - done)
+			l = len - done;
+		memcpy((uint8_t *)buf + done, (uint8_t *)iov[i].iov_base + skip, l);
+		done += l;
+		skip = 0;
+	}
+	return done;
+}
+
+size_t io_iov_from_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, const void *buf,
+		       size_t len)
+{
+	size_t done = 0;
+
+	for (unsigned i = 0; i < iovcnt && done < len; i++) {
+		size_t l = iov[i].iov_len;
+
+		if (skip >= l) {
+			skip -= l;
+			continue;
+		}
+		l -= skip;
+		if (l > len - done)
+			l = len - done;
+		memcpy((uint8_t *)iov[i].iov_base + skip, (const uint8_t *)buf + done, l);
+		done += l;
+		skip = 0;
+	}
+	return done;
+}
+
+void *io_alloc_aligned(size_t len)
+{
+	void *p = NULL;
+
+	if (posix_memalign(&p, 4096, len ? len : 4096))
+		return NULL;
+	return p;
+}
+
+void io_free_aligned(void *p)
+{
+	free(p);
+}

@@ -1,0 +1,64 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tests/unit/fake_io.h — a fake io/ for unit tests of the qcow2 engine.
+ *
+ * fake_io.c implements io.h over in-memory files: commands complete from
+ * io_loop_run_once() (FIFO, or shuffled), every write, fallocate and
+ * fdatasync is recorded with its data, failures can be injected
+ * (io_loop_inject) and crash images can be rebuilt from the record: all
+ * writes up to the last fdatasync before a point, plus any subset of the
+ * unsynced writes after it.
+ */
+#ifndef VQCOW_TESTS_FAKE_IO_H
+#define VQCOW_TESTS_FAKE_IO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io.h"
+
+enum fake_log_type {
+	FAKE_WRITE = 1, /* data written (also ZERO_RANGE / PUNCH_HOLE: zeroes) */
+	FAKE_FSYNC,
+	FAKE_SIZE, /* size change only (fallocate mode 0 past EOF) */
+};
+
+struct fake_log {
+	uint8_t type;
+	int file;
+	uint64_t off, len;
+	uint8_t *data; /* FAKE_WRITE: the bytes */
+};
+
+/* Load @path (a real file) into memory; io_file_open() of @path then uses it. Returns its id. */
+int fake_file_load(const char *path);
+/* Write the in-memory file back to @path. 0 or -errno. */
+int fake_file_save(int id, const char *path);
+/* Forget an in-memory file (its log entries stay). */
+void fake_file_drop(int id);
+/* The id of an io_file opened through the fake. */
+int fake_file_id(const struct io_file *f);
+/* Current in-memory contents. */
+const uint8_t *fake_file_data(int id, uint64_t *size);
+
+/* Forget the record; the current contents become the base for crash images. */
+void fake_log_reset(void);
+size_t fake_log_count(void);
+const struct fake_log *fake_log_get(size_t i);
+
+/* Complete pending commands in a random order (seeded) instead of FIFO. */
+void fake_set_shuffle(unsigned seed);
+
+/*
+ * Rebuild the file @id as a crash would leave it after the first @upto
+ * record entries: everything up to the last FSYNC among them, then each later
+ * write kept with probability 1/2 (seeded by @seed; seed 0 keeps none).
+ * malloc'd buffer in *out (size *len).
+ */
+int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t *len);
+
+/* Number of commands submitted and not completed. */
+unsigned fake_pending(void);
+
+#endif /* VQCOW_TESTS_FAKE_IO_H */

@@ -1,0 +1,1002 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Unit tests of the qcow2 engine (qcow2/qcow2.h) over a fake io/
+ * (tests/unit/fake_io.c: in-memory files, every write and fdatasync
+ * recorded, failure injection, shuffled completions, crash images):
+ *
+ *  - durability order: no L2 write reaches the disk before an fdatasync
+ *    that follows the writes of the data and of the refcounts it points at;
+ *    every crash image (all writes up to an fdatasync plus any subset of
+ *    the later ones) is consistent: nothing points at a cluster whose
+ *    refcount is 0;
+ *  - injected write / fdatasync failures: requests fail, the image never
+ *    gets corrupt, a later flush recovers;
+ *  - corruption handling: bad L2 entries fail reads with -EIO, set the
+ *    corrupt bit and fail writes;
+ *  - slice cache eviction with a tiny cache;
+ *  - concurrent allocations of one cluster are serialised;
+ *  - freed clusters are not reused while data I/O that mapped them runs.
+ *
+ * Images are created with qemu-img (skipped, exit 77, without it) and
+ * checked with `qemu-img check` at the end.
+ */
+#include <CUnit/Basic.h>
+#include <errno.h>
+#include <linux/magic.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "fake_io.h"
+#include "internal.h"
+#include "qcow2.h"
+
+static struct io_loop *g_loop;
+static char g_dir[700];
+static unsigned g_seed = 777;
+
+static unsigned rnd(void)
+{
+	g_seed = g_seed * 1103515245u + 12345u;
+	return g_seed >> 8;
+}
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+	char cmd[4096];
+	va_list ap;
+	int st;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	st = system(cmd);
+	if (st == -1 || !WIFEXITED(st))
+		return -1;
+	return WEXITSTATUS(st);
+}
+
+static char *P(const char *name)
+{
+	static char bufs[4][1024];
+	static int k;
+	char *b = bufs[k++ % 4];
+
+	snprintf(b, 1024, "%s/%s", g_dir, name);
+	return b;
+}
+
+static void run(void)
+{
+	CU_ASSERT_FATAL(io_loop_run_once(g_loop, true) >= 0);
+}
+
+/* ---- an engine instance on a fresh image ---- */
+
+struct eng {
+	struct io_file file;
+	struct qcow2 *q;
+	int id;
+	char path[1024];
+};
+
+static int g_nimg;
+
+static void eng_open_path(struct eng *e, const char *path, const struct qcow2_opts *o)
+{
+	char err[512], copy[1024];
+	int ret;
+
+	snprintf(copy, sizeof(copy), "%s", path);
+	snprintf(e->path, sizeof(e->path), "%s", copy);
+	path = e->path;
+	CU_ASSERT_EQUAL_FATAL(io_file_open(&e->file, path, o && o->read_only ? IO_FILE_RDONLY : 0),
+			      0);
+	e->id = fake_file_id(&e->file);
+	ret = qcow2_open(&e->q, g_loop, &e->file, path, o, err, sizeof(err));
+	if (ret)
+		fprintf(stderr, "qcow2_open: %s\n", err);
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+}
+
+static void eng_create(struct eng *e, const char *opts, uint64_t size, const struct qcow2_opts *o)
+{
+	char name[64];
+
+	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", opts, P(name),
+				 (unsigned long long)size),
+			      0);
+	eng_open_path(e, P(name), o);
+	fake_log_reset();
+}
+
+static void eng_close(struct eng *e)
+{
+	qcow2_close(e->q);
+	e->q = NULL;
+	io_file_close(&e->file);
+}
+
+/* Save the in-memory image and run qemu-img check; returns its exit code. */
+static int eng_qemu_check(struct eng *e)
+{
+	int ret;
+
+	CU_ASSERT_EQUAL(fake_file_save(e->id, e->path), 0);
+	ret = sh("qemu-img check -q %s", e->path);
+	if (ret != 0)
+		sh("qemu-img check %s >&2", e->path);
+	fake_file_drop(e->id);
+	return ret;
+}
+
+struct waitf {
+	struct qcow2_waiter w;
+	int woken;
+	int err;
+};
+
+static void wake_fn(struct qcow2_waiter *w)
+{
+	struct waitf *f = (struct waitf *)w;
+
+	f->woken++;
+	f->err = w->err;
+}
+
+static void wait_init(struct waitf *f)
+{
+	memset(f, 0, sizeof(*f));
+	f->w.wake = wake_fn;
+}
+
+static void wait_woken(struct waitf *f)
+{
+	for (int i = 0; i < 100000 && !f->woken; i++)
+		run();
+	CU_ASSERT_FATAL(f->woken);
+	f->woken = 0;
+}
+
+struct cmdf {
+	struct io_cmd cmd;
+	int done, res;
+};
+
+static void cmd_done(struct io_cmd *c, int res)
+{
+	struct cmdf *f = (struct cmdf *)c;
+
+	f->done++;
+	f->res = res;
+}
+
+static int do_write_data(struct eng *e, const void *buf, uint64_t len, uint64_t host)
+{
+	struct cmdf c;
+
+	memset(&c, 0, sizeof(c));
+	c.cmd.done = cmd_done;
+	io_write(g_loop, &c.cmd, &e->file, buf, len, host);
+	while (!c.done)
+		run();
+	return c.res < 0 ? c.res : 0;
+}
+
+static int do_zero_range(struct eng *e, uint64_t host, uint64_t len)
+{
+	struct cmdf c;
+
+	memset(&c, 0, sizeof(c));
+	c.cmd.done = cmd_done;
+	io_fallocate(g_loop, &c.cmd, &e->file, 0x10 /* ZERO_RANGE */ | 0x01, host, len);
+	while (!c.done)
+		run();
+	return c.res < 0 ? c.res : 0;
+}
+
+/* Read guest range through the engine (no backing: UNALLOC reads zero). */
+static int eng_read(struct eng *e, uint64_t off, uint64_t len, uint8_t *buf)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		struct qcow2_extent x[8];
+		struct waitf wf;
+		unsigned t;
+		int n;
+
+		wait_init(&wf);
+		t = qcow2_io_begin(e->q);
+		n = qcow2_map_read(e->q, off + done, len - done, x, 8, &wf.w);
+		if (n == -EAGAIN) {
+			qcow2_io_end(e->q, t);
+			wait_woken(&wf);
+			if (wf.err)
+				return wf.err;
+			continue;
+		}
+		if (n < 0) {
+			qcow2_io_end(e->q, t);
+			return n;
+		}
+		for (int i = 0; i < n; i++) {
+			uint8_t *p = buf + (x[i].off - off);
+
+			if (x[i].type == QCOW2_MAP_DATA) {
+				struct cmdf c;
+
+				memset(&c, 0, sizeof(c));
+				c.cmd.done = cmd_done;
+				io_read(g_loop, &c.cmd, &e->file, p, x[i].len, x[i].host);
+				while (!c.done)
+					run();
+				if (c.res < 0) {
+					qcow2_io_end(e->q, t);
+					return c.res;
+				}
+			} else if (x[i].type == QCOW2_MAP_COMPRESSED) {
+				qcow2_io_end(e->q, t);
+				return -ENOTSUP;
+			} else {
+				memset(p, 0, x[i].len);
+			}
+			done += x[i].len;
+		}
+		qcow2_io_end(e->q, t);
+	}
+	return 0;
+}
+
+/*
+ * Write guest range: in place, or allocate (COW head/tail read through the
+ * engine, zero range when not fresh), like blk/image_qcow2.c does.
+ */
+static int eng_write(struct eng *e, uint64_t off, uint64_t len, const uint8_t *buf)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		struct qcow2_alloc a;
+		struct waitf wf;
+		unsigned t;
+		int ret;
+
+		wait_init(&wf);
+		t = qcow2_io_begin(e->q);
+		ret = qcow2_map_write(e->q, off + done, len - done, &a, &wf.w);
+		if (ret == -EAGAIN) {
+			qcow2_io_end(e->q, t);
+			wait_woken(&wf);
+			if (wf.err)
+				return wf.err;
+			continue;
+		}
+		if (ret < 0) {
+			qcow2_io_end(e->q, t);
+			return ret;
+		}
+		if (ret == QCOW2_WRITE_INPLACE) {
+			ret = do_write_data(e, buf + (a.off - off), a.len, a.host);
+		} else {
+			uint64_t head = a.off - a.cow_start, tail = a.cow_end - a.off - a.len;
+			uint64_t total = a.cow_end - a.cow_start;
+			uint8_t *b = malloc(total);
+
+			ret = 0;
+			if (head && !a.head_zero)
+				ret = eng_read(e, a.cow_start, head, b);
+			else
+				memset(b, 0, head);
+			if (!ret && tail && !a.tail_zero)
+				ret = eng_read(e, a.off + a.len, tail, b + head + a.len);
+			else if (!ret)
+				memset(b + head + a.len, 0, tail);
+			memcpy(b + head, buf + (a.off - off), a.len);
+			if (!ret && !a.fresh)
+				ret = do_zero_range(e, a.host - head, total);
+			if (!ret)
+				ret = do_write_data(e, b, total, a.host - head);
+			free(b);
+			qcow2_alloc_finish(e->q, &a, ret);
+		}
+		qcow2_io_end(e->q, t);
+		if (ret < 0)
+			return ret;
+		done += a.len;
+	}
+	return 0;
+}
+
+struct flushf {
+	struct qcow2_flush f;
+	int done, res;
+};
+
+static void flush_done(struct qcow2_flush *f, int res)
+{
+	struct flushf *x = (struct flushf *)f;
+
+	x->done++;
+	x->res = res;
+}
+
+static int eng_flush(struct eng *e)
+{
+	struct flushf f;
+
+	memset(&f, 0, sizeof(f));
+	f.f.done = flush_done;
+	qcow2_flush(e->q, &f.f);
+	CU_ASSERT_EQUAL(f.done, 0); /* never inside the call */
+	for (int i = 0; i < 100000 && !f.done; i++)
+		run();
+	CU_ASSERT_EQUAL(f.done, 1);
+	return f.res;
+}
+
+static int eng_zero(struct eng *e, uint64_t off, uint64_t len, bool zero, bool unmap)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		struct waitf wf;
+		uint64_t dl = 0;
+		int ret;
+
+		wait_init(&wf);
+		ret = qcow2_zero_step(e->q, off + done, len - done, zero, unmap, &dl, &wf.w);
+		if (ret == -EAGAIN) {
+			wait_woken(&wf);
+			continue;
+		}
+		if (ret < 0)
+			return ret;
+		if (ret == QCOW2_Z_WRITE) {
+			uint8_t *z = calloc(1, dl);
+
+			ret = eng_write(e, off + done, dl, z);
+			free(z);
+			if (ret < 0)
+				return ret;
+		}
+		done += dl;
+	}
+	return 0;
+}
+
+/* ---- image consistency checker (crash images) ---- */
+
+struct chk {
+	const uint8_t *b;
+	uint64_t size;
+	struct qcow2_header_info h;
+	uint64_t *rt;
+};
+
+static uint64_t rd64(const struct chk *c, uint64_t off)
+{
+	return off + 8 <= c->size ? qcow2_be64(c->b + off) : 0;
+}
+
+static uint64_t refcount(const struct chk *c, uint64_t host)
+{
+	uint64_t cl = host >> c->h.cluster_bits, rti = cl >> c->h.refcount_block_bits;
+	uint64_t rb, idx = cl & ((1ull << c->h.refcount_block_bits) - 1);
+	uint8_t tmp[8] = {0};
+	unsigned order = c->h.refcount_order;
+	uint64_t byte;
+
+	if (rti >= c->h.refcount_table_entries)
+		return 0;
+	rb = c->rt[rti] & QCOW2_RTE_OFFSET_MASK;
+	if (!rb)
+		return 0;
+	byte = order >= 3 ? idx << (order - 3) : idx >> (3 - order);
+	if (rb + byte + 8 > c->size) {
+		if (rb + byte >= c->size)
+			return 0;
+		memcpy(tmp, c->b + rb + byte, c->size - rb - byte);
+	} else {
+		memcpy(tmp, c->b + rb + byte, 8);
+	}
+	/* re-index relative to the copied bytes */
+	return qcow2_refcount_get(tmp, order >= 3 ? 0 : idx & ((8u >> order) - 1), order);
+}
+
+/* 0 if consistent, else -1 with a message. */
+static int check_image(const uint8_t *b, uint64_t size, char *why, size_t wlen)
+{
+	struct chk c = {.b = b, .size = size};
+	char msg[200];
+	uint64_t cs;
+	int bad = 0;
+
+	if (qcow2_header_parse(b, size < (2u << 20) ? size : (2u << 20), size, &c.h, msg,
+			       sizeof(msg)) < 0) {
+		snprintf(why, wlen, "header: %s", msg);
+		return -1;
+	}
+	cs = c.h.cluster_size;
+	c.rt = calloc(c.h.refcount_table_entries, 8);
+	for (uint64_t i = 0; i < c.h.refcount_table_entries; i++)
+		c.rt[i] = rd64(&c, c.h.refcount_table_offset + i * 8);
+	for (uint64_t i = 0; i < c.h.refcount_table_entries && !bad; i++) {
+		uint64_t rb = c.rt[i] & QCOW2_RTE_OFFSET_MASK;
+
+		if (rb && refcount(&c, rb) == 0) {
+			snprintf(why, wlen, "refcount block 0x%llx has refcount 0",
+				 (unsigned long long)rb);
+			bad = 1;
+		}
+	}
+	for (uint64_t o = 0; o < c.h.refcount_table_clusters * cs && !bad; o += cs)
+		if (refcount(&c, c.h.refcount_table_offset + o) == 0) {
+			snprintf(why, wlen, "refcount table has refcount 0");
+			bad = 1;
+		}
+	for (uint32_t i = 0; i < c.h.l1_size && !bad; i++) {
+		uint64_t l2 = rd64(&c, c.h.l1_table_offset + i * 8ull) & QCOW2_L1E_OFFSET_MASK;
+
+		if (!l2)
+			continue;
+		if (l2 + cs > size || refcount(&c, l2) == 0) {
+			snprintf(why, wlen, "L2 table 0x%llx (L1 %u) %s", (unsigned long long)l2, i,
+				 l2 + cs > size ? "past EOF" : "has refcount 0");
+			bad = 1;
+			break;
+		}
+		for (uint32_t j = 0; j < c.h.l2_entries && !bad; j++) {
+			uint64_t e = rd64(&c, l2 + (uint64_t)j * c.h.l2_entry_size), d;
+
+			if (e & QCOW2_OFLAG_COMPRESSED)
+				d = qcow2_compressed_offset(e, c.h.cluster_bits) & ~(cs - 1);
+			else
+				d = e & QCOW2_L2E_OFFSET_MASK;
+			if (d && refcount(&c, d) == 0) {
+				snprintf(why, wlen,
+					 "data cluster 0x%llx (L1 %u L2 %u) has refcount 0",
+					 (unsigned long long)d, i, j);
+				bad = 1;
+			}
+		}
+	}
+	free(c.rt);
+	return bad ? -1 : 0;
+}
+
+/* Every crash image of the record so far is consistent. */
+static void check_crash_images(struct eng *e, unsigned samples)
+{
+	size_t n = fake_log_count();
+	char why[256];
+
+	for (size_t i = 0; i <= n; i++) {
+		bool sync_point = i == n || fake_log_get(i)->type == FAKE_FSYNC;
+
+		if (!sync_point && rnd() % 8)
+			continue;
+		for (unsigned s = 0; s <= samples; s++) {
+			uint8_t *img;
+			uint64_t len;
+
+			CU_ASSERT_EQUAL_FATAL(
+			    fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &len), 0);
+			if (check_image(img, len, why, sizeof(why)) < 0) {
+				fprintf(stderr,
+					"crash image after record entry %zu (seed sample %u): %s\n",
+					i, s, why);
+				CU_FAIL("inconsistent crash image");
+				free(img);
+				return;
+			}
+			free(img);
+		}
+	}
+}
+
+/*
+ * The explicit order rule: each L2 slice write that links a data cluster is
+ * preceded by an fdatasync that comes after the last write of that data
+ * cluster and after the last refcount-block write raising its refcount.
+ */
+static void check_l2_order(struct eng *e)
+{
+	const struct qcow2_header_info *h = qcow2_header(e->q);
+	size_t n = fake_log_count();
+	uint64_t cs = h->cluster_size, fsize;
+	const uint8_t *img = fake_file_data(e->id, &fsize);
+	uint64_t l1off = h->l1_table_offset;
+	size_t checked = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		const struct fake_log *l = fake_log_get(i);
+		bool is_l2 = false;
+
+		if (l->type != FAKE_WRITE || l->file != e->id)
+			continue;
+		/* is it inside an active L2 table (per the final L1)? */
+		for (uint32_t k = 0; k < h->l1_size; k++) {
+			uint64_t t = qcow2_be64(img + l1off + k * 8ull) & QCOW2_L1E_OFFSET_MASK;
+
+			if (t && l->off >= t && l->off < t + cs)
+				is_l2 = true;
+		}
+		if (!is_l2)
+			continue;
+		for (uint64_t p = 0; p + 8 <= l->len; p += h->l2_entry_size) {
+			uint64_t ent = qcow2_be64(l->data + p), d = ent & QCOW2_L2E_OFFSET_MASK;
+			size_t last_data = SIZE_MAX, last_sync = SIZE_MAX;
+
+			if (!d || (ent & QCOW2_OFLAG_COMPRESSED))
+				continue;
+			for (size_t j = 0; j < i; j++) {
+				const struct fake_log *x = fake_log_get(j);
+
+				if (x->file != e->id)
+					continue;
+				if (x->type == FAKE_WRITE && x->off < d + cs && d < x->off + x->len)
+					last_data = j;
+				if (x->type == FAKE_FSYNC)
+					last_sync = j;
+			}
+			checked++;
+			if (last_data == SIZE_MAX)
+				continue; /* written before the record started */
+			if (last_sync == SIZE_MAX || last_sync < last_data) {
+				fprintf(stderr,
+					"L2 write #%zu links cluster 0x%llx whose data (#%zu) was "
+					"not synced before\n",
+					i, (unsigned long long)d, last_data);
+				CU_FAIL("L2 written before its data was durable");
+				return;
+			}
+		}
+	}
+	CU_ASSERT(checked > 0);
+}
+
+/* ---- tests ---- */
+
+static void fill(uint8_t *b, uint64_t n, unsigned tag)
+{
+	for (uint64_t i = 0; i < n; i++)
+		b[i] = (uint8_t)(tag + i / 512);
+}
+
+static void workload(struct eng *e, uint8_t *model, uint64_t size, unsigned ops, unsigned max_io,
+		     bool tolerate_errors)
+{
+	uint8_t *buf = malloc(max_io);
+
+	for (unsigned i = 0; i < ops; i++) {
+		uint64_t len = ((rnd() % (max_io / 512)) + 1) * 512;
+		uint64_t off = (rnd() % ((size - len) / 512 + 1)) * 512;
+		unsigned k = rnd() % 10;
+		int ret;
+
+		if (k < 6) {
+			fill(buf, len, rnd());
+			ret = eng_write(e, off, len, buf);
+			if (!tolerate_errors)
+				CU_ASSERT_EQUAL(ret, 0);
+			if (ret == 0)
+				memcpy(model + off, buf, len);
+		} else if (k < 8) {
+			ret = eng_read(e, off, len, buf);
+			if (!tolerate_errors) {
+				CU_ASSERT_EQUAL(ret, 0);
+				CU_ASSERT(ret != 0 || memcmp(buf, model + off, len) == 0);
+			}
+		} else if (k < 9) {
+			ret = eng_zero(e, off, len, true, rnd() % 2);
+			if (!tolerate_errors)
+				CU_ASSERT_EQUAL(ret, 0);
+			if (ret == 0)
+				memset(model + off, 0, len);
+		} else {
+			ret = eng_flush(e);
+			if (!tolerate_errors)
+				CU_ASSERT_EQUAL(ret, 0);
+		}
+	}
+	free(buf);
+}
+
+static void verify(struct eng *e, const uint8_t *model, uint64_t size)
+{
+	uint8_t *buf = malloc(size);
+
+	CU_ASSERT_EQUAL(eng_read(e, 0, size, buf), 0);
+	CU_ASSERT(memcmp(buf, model, size) == 0);
+	free(buf);
+}
+
+static void order_case(const char *opts, uint64_t size, unsigned ops, unsigned max_io,
+		       unsigned shuffle)
+{
+	struct eng e;
+	uint8_t *model = calloc(1, size);
+
+	fake_set_shuffle(shuffle);
+	eng_create(&e, opts, size, NULL);
+	workload(&e, model, size, ops, max_io, false);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	verify(&e, model, size);
+	check_l2_order(&e);
+	check_crash_images(&e, 2);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	fake_set_shuffle(0);
+	free(model);
+}
+
+static void test_order_64k(void)
+{
+	order_case("cluster_size=65536", 32ull << 20, 150, 192 << 10, 0);
+}
+
+static void test_order_small_shuffled(void)
+{
+	/* 512-byte clusters: new L2 tables, new refcount blocks, table growth */
+	order_case("cluster_size=512,refcount_bits=16", 2ull << 20, 200, 16 << 10, 99);
+}
+
+static void test_order_extl2(void)
+{
+	order_case("cluster_size=16384,extended_l2=on,refcount_bits=4", 8ull << 20, 150, 48 << 10,
+		   7);
+}
+
+static void fail_case(enum io_op op, unsigned nth)
+{
+	const uint64_t size = 8ull << 20;
+	uint8_t *model = calloc(1, size);
+	struct eng e;
+	int ret;
+
+	eng_create(&e, "cluster_size=4096", size, NULL);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, op, nth, -EIO), 0);
+	workload(&e, model, size, 60, 32 << 10, true);
+	eng_flush(&e); /* may fail */
+	io_loop_inject_clear(g_loop);
+	/* the image recovers: a flush now succeeds and everything reads back */
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	check_crash_images(&e, 1);
+	eng_close(&e);
+	ret = eng_qemu_check(&e);
+	CU_ASSERT(ret == 0 || ret == 3); /* leaks are allowed, corruption is not */
+	free(model);
+}
+
+static void test_write_failures(void)
+{
+	for (unsigned n = 1; n <= 40; n += 3)
+		fail_case(IO_OP_WRITEV, n);
+}
+
+static void test_sync_failures(void)
+{
+	for (unsigned n = 1; n <= 6; n++)
+		fail_case(IO_OP_FDATASYNC, n);
+}
+
+static void test_read_failure(void)
+{
+	const uint64_t size = 64ull << 20;
+	struct qcow2_opts o = {.l2_cache_size = 8192, .cache_entry_size = 512};
+	uint8_t buf[4096], data[4096];
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", size, &o);
+	memset(data, 0xab, sizeof(data));
+	CU_ASSERT_EQUAL(eng_write(&e, 40ull << 20, 4096, data), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	eng_open_path(&e, e.path, &o);
+	/* the L2 slice load fails: the read fails, nothing else */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(eng_read(&e, 40ull << 20, 4096, buf), -EIO);
+	CU_ASSERT_EQUAL(eng_read(&e, 40ull << 20, 4096, buf), 0);
+	CU_ASSERT(memcmp(buf, data, 4096) == 0);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	eng_close(&e);
+}
+
+static void test_cache_eviction(void)
+{
+	const uint64_t size = 256ull << 20;
+	struct qcow2_opts o = {.l2_cache_size = 8192, .cache_entry_size = 512};
+	uint8_t buf[512];
+	struct eng e;
+
+	/* 16 slices of 64 entries (4 MiB each) for 64 slices of image */
+	eng_create(&e, "cluster_size=65536", size, &o);
+	for (uint64_t off = 0; off < size; off += 4ull << 20) {
+		memset(buf, (int)(off >> 22) + 1, sizeof(buf));
+		CU_ASSERT_EQUAL(eng_write(&e, off + 1024, 512, buf), 0);
+		if ((off >> 22) % 8 == 7)
+			CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	for (int pass = 0; pass < 2; pass++) {
+		for (uint64_t off = 0; off < size; off += 4ull << 20) {
+			CU_ASSERT_EQUAL(eng_read(&e, off + 1024, 512, buf), 0);
+			CU_ASSERT_EQUAL(buf[0], (uint8_t)((off >> 22) + 1));
+			CU_ASSERT_EQUAL(buf[511], (uint8_t)((off >> 22) + 1));
+		}
+	}
+	CU_ASSERT(e.q->l2c.evictions > 0);
+	CU_ASSERT(e.q->l2c.count <= e.q->l2c.soft_max + 4);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
+static void test_concurrent_alloc(void)
+{
+	struct qcow2_alloc a, b;
+	struct waitf wa, wb;
+	uint8_t buf[65536];
+	struct eng e;
+	uint64_t n0;
+	int ret;
+
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	wait_init(&wa);
+	wait_init(&wb);
+	/* bring the L2 slice in */
+	do {
+		ret = qcow2_map_write(e.q, 5 * 65536, 4096, &a, &wa.w);
+		if (ret == -EAGAIN)
+			wait_woken(&wa);
+	} while (ret == -EAGAIN);
+	CU_ASSERT_EQUAL_FATAL(ret, QCOW2_WRITE_ALLOC);
+	n0 = e.q->n_alloc;
+	/* a second writer of the same cluster waits for the first */
+	ret = qcow2_map_write(e.q, 5 * 65536 + 8192, 4096, &b, &wb.w);
+	CU_ASSERT_EQUAL(ret, -EAGAIN);
+	for (int i = 0; i < 10; i++)
+		run();
+	CU_ASSERT_EQUAL(wb.woken, 0);
+	memset(buf, 1, sizeof(buf));
+	CU_ASSERT_EQUAL(do_write_data(&e, buf, 65536, a.host - a.off % 65536), 0);
+	qcow2_alloc_finish(e.q, &a, 0);
+	CU_ASSERT_EQUAL(wb.woken, 0); /* never from inside the call */
+	wait_woken(&wb);
+	ret = qcow2_map_write(e.q, 5 * 65536 + 8192, 4096, &b, &wb.w);
+	CU_ASSERT_EQUAL(ret, QCOW2_WRITE_INPLACE);
+	CU_ASSERT_EQUAL(b.host, a.host + 8192);
+	CU_ASSERT_EQUAL(e.q->n_alloc, n0);
+	/* an aborted allocation leaves the cluster unallocated */
+	do {
+		ret = qcow2_map_write(e.q, 9 * 65536, 4096, &a, &wa.w);
+		if (ret == -EAGAIN)
+			wait_woken(&wa);
+	} while (ret == -EAGAIN);
+	CU_ASSERT_EQUAL_FATAL(ret, QCOW2_WRITE_ALLOC);
+	qcow2_alloc_finish(e.q, &a, -EIO);
+	{
+		struct qcow2_extent x;
+
+		CU_ASSERT_EQUAL(qcow2_map_read(e.q, 9 * 65536, 65536, &x, 1, &wa.w), 1);
+		CU_ASSERT_EQUAL(x.type, QCOW2_MAP_ZERO);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	{
+		int r = eng_qemu_check(&e);
+
+		CU_ASSERT(r == 0 || r == 3);
+	}
+}
+
+static void test_grace(void)
+{
+	uint8_t buf[65536];
+	struct qcow2_extent x;
+	struct waitf wf;
+	struct eng e;
+	uint64_t old, host2;
+	unsigned t;
+
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	memset(buf, 7, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 0, 65536, buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	wait_init(&wf);
+	t = qcow2_io_begin(e.q);
+	CU_ASSERT_EQUAL(qcow2_map_read(e.q, 0, 65536, &x, 1, &wf.w), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	old = x.host;
+	/* discard it while the "read" is in flight, make that durable */
+	CU_ASSERT_EQUAL(eng_zero(&e, 0, 65536, false, false), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* a new allocation must not get the cluster the read still uses */
+	CU_ASSERT_EQUAL(eng_write(&e, 1 << 20, 65536, buf), 0);
+	CU_ASSERT_EQUAL(qcow2_map_read(e.q, 1 << 20, 65536, &x, 1, &wf.w), 1);
+	CU_ASSERT_NOT_EQUAL(x.host, old);
+	qcow2_io_end(e.q, t);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* now it is free: the next allocation reuses it */
+	CU_ASSERT_EQUAL(eng_write(&e, 2 << 20, 65536, buf), 0);
+	CU_ASSERT_EQUAL(qcow2_map_read(e.q, 2 << 20, 65536, &x, 1, &wf.w), 1);
+	host2 = x.host;
+	CU_ASSERT_EQUAL(host2, old);
+	CU_ASSERT_EQUAL(eng_read(&e, 2 << 20, 65536, buf), 0);
+	CU_ASSERT_EQUAL(buf[0], 7);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
+/* Point the L2 entry of guest cluster @gc at @val (in memory and in the file). */
+static void poke_l2(struct eng *e, uint64_t gc, uint64_t val)
+{
+	const struct qcow2_header_info *h = qcow2_header(e->q);
+	uint64_t fsize, l2;
+	const uint8_t *img = fake_file_data(e->id, &fsize);
+	uint8_t b[8];
+
+	l2 = qcow2_be64(img + h->l1_table_offset + (gc >> h->l2_bits) * 8) & QCOW2_L1E_OFFSET_MASK;
+	CU_ASSERT_FATAL(l2 != 0);
+	qcow2_put_be64(b, val);
+	CU_ASSERT_EQUAL(
+	    io_file_pwrite_sync(&e->file, b, 8, l2 + (gc & ((1ull << h->l2_bits) - 1)) * 8), 0);
+}
+
+static void test_corrupt(void)
+{
+	uint8_t buf[65536];
+	struct eng e;
+	uint64_t fsize;
+	const uint8_t *img;
+
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	memset(buf, 3, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 0, 65536, buf), 0);
+	CU_ASSERT_EQUAL(eng_write(&e, 65536, 65536, buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	/* cluster 0 points past the end of the file, cluster 1 at the L1 table */
+	eng_open_path(&e, e.path, NULL);
+	poke_l2(&e, 0, QCOW2_OFLAG_COPIED | (1ull << 40));
+	poke_l2(&e, 1, QCOW2_OFLAG_COPIED | qcow2_header(e.q)->l1_table_offset);
+	eng_close(&e);
+	eng_open_path(&e, e.path, NULL);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	/* reading the pointer into metadata is harmless; writing it is refused */
+	CU_ASSERT_EQUAL(eng_read(&e, 65536, 4096, buf), 0);
+	CU_ASSERT_EQUAL(eng_write(&e, 65536, 4096, buf), -EIO);
+	CU_ASSERT_TRUE(qcow2_is_corrupt(e.q));
+	/* the pointer past EOF fails reads */
+	CU_ASSERT_EQUAL(eng_read(&e, 0, 4096, buf), -EIO);
+	/* other clusters still read */
+	CU_ASSERT_EQUAL(eng_read(&e, 1 << 20, 4096, buf), 0);
+	/* every write fails now */
+	CU_ASSERT_EQUAL(eng_write(&e, 2 << 20, 4096, buf), -EIO);
+	for (int i = 0; i < 10; i++)
+		run();
+	img = fake_file_data(e.id, &fsize);
+	CU_ASSERT(qcow2_be64(img + QCOW2_OFF_INCOMPAT) & QCOW2_INCOMPAT_CORRUPT);
+	eng_close(&e);
+	/* it is refused now, except read-only with allow_corrupt_ro */
+	{
+		struct io_file f;
+		struct qcow2 *q;
+		struct qcow2_opts ro = {.read_only = true, .allow_corrupt_ro = true};
+		char err[512];
+
+		CU_ASSERT_EQUAL(io_file_open(&f, e.path, 0), 0);
+		CU_ASSERT_EQUAL(qcow2_open(&q, g_loop, &f, e.path, NULL, err, sizeof(err)),
+				-EUCLEAN);
+		CU_ASSERT_PTR_NOT_NULL(strstr(err, "corrupt"));
+		CU_ASSERT_EQUAL(qcow2_open(&q, g_loop, &f, e.path, &ro, err, sizeof(err)), 0);
+		qcow2_close(q);
+		io_file_close(&f);
+	}
+}
+
+static void test_readonly(void)
+{
+	struct qcow2_opts o = {.read_only = true};
+	struct qcow2_alloc a;
+	struct waitf wf;
+	struct eng e, e2;
+	uint64_t dl;
+
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	eng_close(&e);
+	eng_open_path(&e2, e.path, &o);
+	wait_init(&wf);
+	CU_ASSERT_EQUAL(qcow2_map_write(e2.q, 0, 4096, &a, &wf.w), -EROFS);
+	CU_ASSERT_EQUAL(qcow2_zero_step(e2.q, 0, 65536, false, false, &dl, &wf.w), -EROFS);
+	CU_ASSERT_EQUAL(eng_flush(&e2), 0);
+	eng_close(&e2);
+}
+
+static void test_discard_reuse_and_zero(void)
+{
+	const uint64_t size = 16ull << 20;
+	uint8_t *model = calloc(1, size), buf[4096];
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", size, NULL);
+	memset(model, 0x11, 4 << 20);
+	CU_ASSERT_EQUAL(eng_write(&e, 0, 4 << 20, model), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* discard 2 MiB, write zeroes (keeping allocation) on 1 MiB */
+	CU_ASSERT_EQUAL(eng_zero(&e, 0, 2 << 20, false, false), 0);
+	memset(model, 0, 2 << 20);
+	CU_ASSERT_EQUAL(eng_zero(&e, 2 << 20, 1 << 20, true, false), 0);
+	memset(model + (2 << 20), 0, 1 << 20);
+	/* partial writes into zeroed-but-allocated clusters */
+	memset(buf, 0x22, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, (2 << 20) + 512, 4096, buf), 0);
+	memcpy(model + (2 << 20) + 512, buf, 4096);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* freed clusters come back */
+	CU_ASSERT_EQUAL(eng_write(&e, 8 << 20, 1 << 20, model + (3 << 20)), 0);
+	memcpy(model + (8 << 20), model + (3 << 20), 1 << 20);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	verify(&e, model, size);
+	CU_ASSERT(e.q->freelist.n < 32);
+	check_crash_images(&e, 1);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(model);
+}
+
+int main(void)
+{
+	struct statfs s;
+	CU_pSuite suite;
+	unsigned fails;
+	char tmpl[700];
+
+	if (sh("qemu-img --version >/dev/null 2>&1") != 0) {
+		fprintf(stderr, "qemu-img not found: skipping\n");
+		return 77;
+	}
+	if (getenv("VQCOW_TEST_DIR"))
+		snprintf(tmpl, sizeof(tmpl), "%s/q2eng.XXXXXX", getenv("VQCOW_TEST_DIR"));
+	else if (statfs(".", &s) == 0 && s.f_type != TMPFS_MAGIC)
+		snprintf(tmpl, sizeof(tmpl), "./q2eng.XXXXXX");
+	else
+		snprintf(tmpl, sizeof(tmpl), "/var/tmp/q2eng.XXXXXX");
+	if (!mkdtemp(tmpl))
+		return 1;
+	snprintf(g_dir, sizeof(g_dir), "%s", tmpl);
+	io_loop_init(&g_loop, 64);
+	if (CU_initialize_registry() != CUE_SUCCESS)
+		return 1;
+	suite = CU_add_suite("qcow2_engine", NULL, NULL);
+	CU_add_test(suite, "durability order, 64k clusters", test_order_64k);
+	CU_add_test(suite, "durability order, 512 B clusters, shuffled", test_order_small_shuffled);
+	CU_add_test(suite, "durability order, extended L2", test_order_extl2);
+	CU_add_test(suite, "injected write failures", test_write_failures);
+	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
+	CU_add_test(suite, "metadata read failure", test_read_failure);
+	CU_add_test(suite, "slice cache eviction", test_cache_eviction);
+	CU_add_test(suite, "concurrent allocation of one cluster", test_concurrent_alloc);
+	CU_add_test(suite, "freed cluster not reused during I/O", test_grace);
+	CU_add_test(suite, "corruption detection", test_corrupt);
+	CU_add_test(suite, "read-only", test_readonly);
+	CU_add_test(suite, "discard, zero, reuse", test_discard_reuse_and_zero);
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	fails = CU_get_number_of_failures();
+	CU_cleanup_registry();
+	io_loop_exit(g_loop);
+	if (!fails)
+		sh("rm -rf %s", g_dir);
+	return fails ? 1 : 0;
+}
