@@ -385,6 +385,56 @@ static void test_refresh_size(void)
 	unlink(g_path);
 }
 
+/* A block device (loop device over a temp file), when root can make one. */
+static void test_blockdev(void)
+{
+	char cmd[700], dev[64] = "";
+	struct img *img;
+	struct img_opts o = {.direct = true};
+	char err[256], desc[256];
+	uint8_t *buf = io_alloc_aligned(65536);
+	FILE *p;
+
+	make_file(NULL, 0);
+	snprintf(cmd, sizeof(cmd), "losetup -f --show '%s' 2>/dev/null", g_path);
+	p = geteuid() == 0 ? popen(cmd, "r") : NULL;
+	if (p) {
+		if (!fgets(dev, sizeof(dev), p))
+			dev[0] = '\0';
+		pclose(p);
+	}
+	dev[strcspn(dev, "\n")] = '\0';
+	if (strncmp(dev, "/dev/loop", 9) != 0) {
+		fprintf(stderr, "(no loop device: block device test skipped) ");
+		unlink(g_path);
+		io_free_aligned(buf);
+		return;
+	}
+	CU_ASSERT_EQUAL_FATAL(img_open(&img, g_loop, dev, &o, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(img->size, IMG_SIZE);
+	img_describe(img, desc, sizeof(desc));
+	CU_ASSERT_PTR_NOT_NULL(strstr(desc, "block device"));
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 65536, 65536), 0);
+	CU_ASSERT(is_pattern(buf, 65536, 65536));
+	memset(buf, 0x99, 4096);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 8192), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_FLUSH, 0, 0, 0), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 65536, 4096, 0), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_WRITE_ZEROES, 131072, 4096, IMG_IO_UNMAP), 0);
+	CU_ASSERT_EQUAL(do_op(img, IMG_OP_DISCARD, 262144, 65536, 0), 0);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 8192), 0);
+	CU_ASSERT_EQUAL(buf[0], 0x99);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 65536), 0);
+	CU_ASSERT(all_zero(buf, 4096));
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 131072), 0);
+	CU_ASSERT(all_zero(buf, 4096));
+	img_close(img);
+	snprintf(cmd, sizeof(cmd), "losetup -d '%s'", dev);
+	CU_ASSERT_EQUAL(system(cmd), 0);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
 /* blk/ over a raw image on the real loop: a writethrough write, then a read. */
 struct breq {
 	struct blk_req req;
@@ -480,6 +530,7 @@ int main(void)
 	CU_add_test(s, "read-only", test_read_only);
 	CU_add_test(s, "blk over raw", test_blk_over_raw);
 	CU_add_test(s, "refresh size", test_refresh_size);
+	CU_add_test(s, "block device", test_blockdev);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
