@@ -222,6 +222,12 @@ static int cmp_item(const void *a, const void *b)
 	return x->off < y->off ? -1 : x->off > y->off;
 }
 
+static void sort_items(struct q2_batch *b, size_t first)
+{
+	if (b->nitems - first > 1)
+		qsort(b->items + first, b->nitems - first, sizeof(*b->items), cmp_item);
+}
+
 static void build(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -244,8 +250,7 @@ static void build(struct q2_batch *b)
 			q->rt_ndirty = 0;
 		}
 	}
-	qsort(b->items + b->ph_first[PH_P1], b->nitems - b->ph_first[PH_P1], sizeof(*b->items),
-	      cmp_item);
+	sort_items(b, b->ph_first[PH_P1]);
 
 	/* P1B: header pointer after a relocation, else dirty table sectors */
 	b->ph_first[PH_P1B] = b->nitems;
@@ -279,8 +284,7 @@ static void build(struct q2_batch *b)
 	/* P2: L2 slices */
 	b->ph_first[PH_P2] = b->nitems;
 	take_slices(b, &q->l2c);
-	qsort(b->items + b->ph_first[PH_P2], b->nitems - b->ph_first[PH_P2], sizeof(*b->items),
-	      cmp_item);
+	sort_items(b, b->ph_first[PH_P2]);
 
 	/* P3: L1 sectors */
 	b->ph_first[PH_P3] = b->nitems;
