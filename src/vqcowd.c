@@ -464,38 +464,56 @@ static void req_complete(struct blk_req *breq, uint32_t used_len)
 	}
 }
 
+/* Pop and submit every available element. -EAGAIN when the ring is empty. */
+static int pop_all(struct daemon *d, struct vhost_vq *vq)
+{
+	struct vq_elem *elem;
+	int ret;
+
+	while ((ret = vq_pop(vq, &elem)) == 0) {
+		struct dreq *r = (struct dreq *)elem;
+
+		r->blk.iov = elem->iov;
+		r->blk.out_num = elem->out_num;
+		r->blk.in_num = elem->in_num;
+		r->blk.complete = req_complete;
+		r->blk.priv = d;
+		blk_req_submit(d->blk, &r->blk);
+		if (vhost_dev_is_broken(vq_dev(vq)))
+			return -EPIPE;
+	}
+	return ret;
+}
+
 static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 {
 	struct daemon *d = opaque;
-	struct vq_elem *elem;
-	int ret;
 
 	if (d->stopping)
 		return;
 	do {
 		vq_disable_notify(vq);
-		while ((ret = vq_pop(vq, &elem)) == 0) {
-			struct dreq *r = (struct dreq *)elem;
-
-			r->blk.iov = elem->iov;
-			r->blk.out_num = elem->out_num;
-			r->blk.in_num = elem->in_num;
-			r->blk.complete = req_complete;
-			r->blk.priv = d;
-			blk_req_submit(d->blk, &r->blk);
-			if (vhost_dev_is_broken(vq_dev(vq)))
-				return;
-		}
-		if (ret != -EAGAIN)
-			return; /* ring broken: vhost/ marked the connection */
+		if (pop_all(d, vq) != -EAGAIN)
+			return; /* ring or connection broken: vhost/ drops it */
 	} while (vq_enable_notify(vq));
 }
 
-/* Once per loop iteration: one notification per dirty queue; shutdown progress. */
+/*
+ * Once per loop iteration (and repeatedly while busy-polling): poll rings if
+ * asked, one notification per dirty queue, shutdown progress.
+ */
 static void d_defer(struct io_defer *def)
 {
 	struct daemon *d = def->priv;
 
+	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
+	 * for new requests without waiting for a kick. */
+	if (d->o->poll_ns && !d->stopping) {
+		for (unsigned i = 0; i < MAX_QUEUES; i++) {
+			if (d->q[i].vq && vq_is_running(d->q[i].vq))
+				pop_all(d, d->q[i].vq);
+		}
+	}
 	for (unsigned i = 0; i < MAX_QUEUES; i++) {
 		if (d->q[i].dirty) {
 			d->q[i].dirty = false;
