@@ -18,6 +18,11 @@
 #                            daemon and re-read the files (job e2e only)
 #     --restart              after the job, restart the backend (SIGTERM, must
 #                            exit 0) and re-read the files in a second guest
+#     --kill-frontend        first boot a guest under heavy I/O and kill -9 its
+#                            QEMU; the same daemon must then serve the job
+#     --kill-backend         first boot a guest under heavy I/O and kill -9 the
+#                            daemon; the image must pass qemu-img check (leaks
+#                            allowed) and a new daemon must serve the job
 #     --socket-activation    start vqcowd through systemd-socket-activate, which
 #                            passes the listening socket as fd 3 (vqcowd --fd 3)
 #     --keep                 keep the work dir even when the test passes
@@ -50,6 +55,8 @@ keep=0
 reconnect=0
 restart=0
 activation=0
+kill_frontend=0
+kill_backend=0
 extra=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -66,9 +73,11 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1; shift ;;
 	--reconnect) reconnect=1; shift ;;
 	--restart) restart=1; shift ;;
+	--kill-frontend) kill_frontend=1; shift ;;
+	--kill-backend) kill_backend=1; shift ;;
 	--socket-activation) activation=1; shift ;;
 	--) shift; extra=("$@"); break ;;
-	-h | --help) sed -n '2,32p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,37p' "$0"; exit 0 ;;
 	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -229,6 +238,88 @@ boot_guest() {
 }
 kernel_errors='Kernel panic|I/O error, dev vd|blk_update_request|Buffer I/O error|EXT4-fs error|EXT4-fs warning|JBD2: .*error|virtio_blk.*(error|failed)'
 
+# interrupt WHO: boot the "stress" job and, once fio is running, kill -9 WHO
+# (frontend = QEMU, backend = the daemon). Afterwards a backend is running
+# again (the same one for frontend, a new one for backend).
+interrupt() {
+	local who=$1 con=$work/console-kill-$1.log pidfile=$work/qemu-kill.pid i qpid st
+	vm_qemu_base "$accel"
+	vm_log "interrupt: booting a guest under load, then kill -9 the $who"
+	rm -f "$pidfile"
+	timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" -pidfile "$pidfile" \
+		-chardev "socket,id=c0,path=$sock" \
+		-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+		-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
+		-append "console=ttyS0 quiet panic=-1 vqcow.job=stress vqcow.runtime=$timeout_s" \
+		</dev/null >"$con" 2>&1 &
+	qemu_pid=$!
+	for ((i = 0; i < timeout_s * 2; i++)); do
+		grep -q 'VQCOW-GUEST: STEP stress-running\|VQCOW-GUEST: FAIL' "$con" && break
+		kill -0 "$qemu_pid" 2>/dev/null && kill -0 "$backend_pid" 2>/dev/null || break
+		sleep 0.5
+	done
+	if ! grep -q 'VQCOW-GUEST: STEP stress-running ok' "$con"; then
+		[ -n "$qemu_pid" ] && vm_stop "$qemu_pid" 10
+		qemu_pid=""
+		tr -d '\r' <"$con" >&2
+		fail "interrupt: the stress guest did not get its I/O going"
+		return 1
+	fi
+	sleep "${VQCOW_E2E_KILL_DELAY:-5}"
+	if [ "$who" = frontend ]; then
+		qpid=$(cat "$pidfile" 2>/dev/null)
+		[ -n "$qpid" ] && kill -KILL "$qpid"
+		wait "$qemu_pid"
+		qemu_pid=""
+		sleep 1
+		if ! kill -0 "$backend_pid" 2>/dev/null; then
+			wait "$backend_pid"
+			st=$?
+			backend_pid=""
+			fail "interrupt: the backend exited (status $st) when its frontend was killed"
+			return 1
+		fi
+		vm_log "interrupt: QEMU killed with I/O in flight; the backend is still up"
+	else
+		kill -KILL "$backend_pid"
+		wait "$backend_pid"
+		backend_pid=""
+		vm_stop "$qemu_pid" 10
+		qemu_pid=""
+		vm_log "interrupt: backend killed with I/O in flight"
+		if [ "$format" = qcow2 ]; then
+			qemu-img check "$img" >"$work/check-after-kill.log" 2>&1
+			st=$?
+			cat "$work/check-after-kill.log" >&2
+			# 0: clean, 3: leaked clusters only (allowed after a crash).
+			if [ $st != 0 ] && [ $st != 3 ]; then
+				fail "interrupt: qemu-img check after kill -9 exited $st (corruption)"
+				return 1
+			fi
+			vm_log "interrupt: qemu-img check after kill -9: exit $st (0 clean, 3 leaks only)"
+		fi
+		mv "$backend_log" "$backend_log.killed"
+		vm_backend_start "$backend" "$sock" "$img" "$format" "$backend_log" "$vqcowd" "${extra[@]}" || return 1
+		backend_pid=$VM_BACKEND_PID
+		if ! vm_wait_socket "$sock" "$backend_pid" 20; then
+			cat "$backend_log" >&2
+			fail "interrupt: the new backend did not come up on the crashed image"
+			return 1
+		fi
+	fi
+	tr -d '\r' <"$con" >"$con.txt"
+	if grep -qE "$kernel_errors" "$con.txt" && [ "$who" = frontend ]; then
+		fail "interrupt: kernel errors before the kill: $(grep -E "$kernel_errors" "$con.txt" | head -n3 | tr '\n' ' ')"
+	fi
+	return 0
+}
+
+if [ $kill_frontend = 1 ] && [ $result = 0 ]; then
+	interrupt frontend || true
+fi
+if [ $kill_backend = 1 ] && [ $result = 0 ]; then
+	interrupt backend || true
+fi
 boot_guest "$job" "$console" || true
 # second_boot WHAT: boot the reverify job and compare its file list with the
 # first boot's.
