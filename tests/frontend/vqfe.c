@@ -158,8 +158,13 @@ void vqfe_opts_init(struct vqfe_opts *o)
 	o->config_len = VQFE_BLK_CONFIG_LEN;
 }
 
+/* Error text of the last failed vqfe_open (its struct is gone by then). */
+static __thread char open_err[256];
+
 const char *vqfe_strerror(const struct vqfe *fe)
 {
+	if (!fe)
+		return open_err[0] ? open_err : "no error";
 	return fe->err[0] ? fe->err : "no error";
 }
 
@@ -1821,8 +1826,9 @@ int vqfe_open(struct vqfe **fep, const char *path, const struct vqfe_opts *opts)
 	return 0;
 
 err:
-	if (fe->err[0])
-		fprintf(stderr, "vqfe: %s\n", fe->err);
+	snprintf(open_err, sizeof(open_err), "%s", fe->err[0] ? fe->err : strerror(-rc));
+	if (!fe->o.quiet)
+		fprintf(stderr, "vqfe: %s\n", open_err);
 	vqfe_close(fe);
 	return rc;
 }

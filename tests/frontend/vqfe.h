@@ -156,6 +156,7 @@ struct vqfe_opts {
 	int timeout_ms;          /* replies and completions (default 10000) */
 	unsigned config_len;     /* GET_CONFIG length (default VQFE_BLK_CONFIG_LEN) */
 	bool manual;             /* connect only: the caller drives the protocol */
+	bool quiet;              /* vqfe_open: do not print the error to stderr */
 };
 
 /* Fill @o with defaults. */
@@ -218,14 +219,15 @@ struct vqfe_vq;
  * set-up: features, protocol features, queue number, backend channel,
  * SET_OWNER, GET_CONFIG, SET_FEATURES, memory table, vrings, enable.
  * @opts may be NULL (defaults). 0 and *fep, or -errno (then *fep is NULL and
- * the error text has been printed to stderr, prefixed "vqfe: ").
+ * the error text has been printed to stderr, prefixed "vqfe: ", unless
+ * opts->quiet).
  */
 int vqfe_open(struct vqfe **fep, const char *path, const struct vqfe_opts *opts);
 
 /* Close the connection and free everything. NULL is fine. */
 void vqfe_close(struct vqfe *fe);
 
-/* Last error text. */
+/* Last error text; vqfe_strerror(NULL): why the last vqfe_open failed. */
 const char *vqfe_strerror(const struct vqfe *fe);
 
 /* Socket fd (for raw tricks) and backend-channel fd (-1 if none). */

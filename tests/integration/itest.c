@@ -1,0 +1,374 @@
+/* SPDX-License-Identifier: MIT */
+/* Integration test harness; see itest.h. */
+#include "itest.h"
+
+#include <CUnit/Basic.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *vqcowd_path;
+static bool use_qsd;
+
+bool itest_init(int argc, char **argv)
+{
+	const char *be = getenv("VQCOW_TEST_BACKEND");
+
+	signal(SIGPIPE, SIG_IGN);
+	use_qsd = be && !strcmp(be, "qsd");
+	vqcowd_path = argc > 1 ? argv[1] : getenv("VQCOWD");
+	if (!use_qsd && (!vqcowd_path || access(vqcowd_path, X_OK))) {
+		fprintf(stderr, "itest: vqcowd not found (argv[1] or $VQCOWD): %s\n",
+			vqcowd_path ? vqcowd_path : "(unset)");
+		return false;
+	}
+	return true;
+}
+
+bool itest_is_qsd(void)
+{
+	return use_qsd;
+}
+
+const char *itest_vqcowd_path(void)
+{
+	return vqcowd_path;
+}
+
+void itest_fill(void *buf, size_t len, uint64_t seed)
+{
+	uint8_t *p = buf;
+	uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+
+	for (size_t i = 0; i < len; i++) {
+		s ^= s << 13;
+		s ^= s >> 7;
+		s ^= s << 17;
+		p[i] = (uint8_t)(s >> 24);
+	}
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void itest_dump_log(const struct itest_daemon *d)
+{
+	char line[512];
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return;
+	fprintf(stderr, "---- back-end log (%s) ----\n", d->log);
+	while (fgets(line, sizeof(line), f))
+		fputs(line, stderr);
+	fprintf(stderr, "----\n");
+	fclose(f);
+}
+
+static int make_image(struct itest_daemon *d, const struct itest_opts *o)
+{
+	int fd = open(d->img, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+	int rc = 0;
+
+	if (fd < 0)
+		return -1;
+	if (ftruncate(fd, (off_t)d->img_size) < 0)
+		rc = -1;
+	if (!rc && o->fill_random) {
+		size_t chunk = 1 << 20;
+		uint8_t *buf = malloc(chunk);
+
+		for (uint64_t off = 0; buf && off < d->img_size; off += chunk) {
+			size_t n = d->img_size - off < chunk ? (size_t)(d->img_size - off) : chunk;
+
+			itest_fill(buf, n, off + 77);
+			if (pwrite(fd, buf, n, (off_t)off) != (ssize_t)n) {
+				rc = -1;
+				break;
+			}
+		}
+		if (!buf)
+			rc = -1;
+		free(buf);
+	}
+	close(fd);
+	return rc;
+}
+
+static bool sock_ready(const char *path)
+{
+	struct stat st;
+
+	/* connecting would take the back-end's single connection slot: only
+	 * check that the socket file exists (itest_connect retries refusals) */
+	return stat(path, &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
+int itest_start(struct itest_daemon *d, const struct itest_opts *o)
+{
+	struct itest_opts def = {0};
+	char *argv[40];
+	char nq[32], lbs[64], qsd_file[PATH_MAX + 128], qsd_export[PATH_MAX + 256];
+	const char *tmp = getenv("TMPDIR");
+	int argc = 0;
+	uint64_t deadline;
+
+	if (!o)
+		o = &def;
+	memset(d, 0, sizeof(*d));
+	d->pid = -1;
+	snprintf(d->dir, sizeof(d->dir), "%s/vqcow-itest.XXXXXX", tmp ? tmp : "/tmp");
+	if (!mkdtemp(d->dir)) {
+		perror("itest: mkdtemp");
+		return -1;
+	}
+	snprintf(d->sock, sizeof(d->sock), "%s/sock", d->dir);
+	snprintf(d->img, sizeof(d->img), "%s/disk.img", d->dir);
+	snprintf(d->log, sizeof(d->log), "%s/daemon.log", d->dir);
+	d->img_size = o->img_size ? o->img_size : 32ull << 20;
+	if (make_image(d, o) < 0) {
+		perror("itest: image");
+		return -1;
+	}
+	snprintf(nq, sizeof(nq), "%u", o->num_queues ? o->num_queues : 1);
+	if (use_qsd) {
+		argv[argc++] = "qemu-storage-daemon";
+		argv[argc++] = "--blockdev";
+		snprintf(qsd_file, sizeof(qsd_file),
+			 "driver=file,node-name=f,filename=%s,cache.direct=on,aio=io_uring",
+			 d->img);
+		argv[argc++] = qsd_file;
+		argv[argc++] = "--blockdev";
+		argv[argc++] = "driver=raw,node-name=d,file=f";
+		argv[argc++] = "--export";
+		snprintf(lbs, sizeof(lbs), ",logical-block-size=%u", o->lbs);
+		snprintf(qsd_export, sizeof(qsd_export),
+			 "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=%s,"
+			 "writable=%s,num-queues=%s%s",
+			 d->sock, o->read_only ? "off" : "on", nq, o->lbs ? lbs : "");
+		argv[argc++] = qsd_export;
+	} else {
+		argv[argc++] = (char *)vqcowd_path;
+		argv[argc++] = "--socket-path";
+		argv[argc++] = d->sock;
+		argv[argc++] = "--blk-file";
+		argv[argc++] = d->img;
+		argv[argc++] = "--num-queues";
+		argv[argc++] = nq;
+		if (o->read_only)
+			argv[argc++] = "--read-only";
+		if (o->serial) {
+			argv[argc++] = "--serial";
+			argv[argc++] = (char *)o->serial;
+		}
+		if (o->lbs) {
+			snprintf(lbs, sizeof(lbs), "%u", o->lbs);
+			argv[argc++] = "--logical-block-size";
+			argv[argc++] = lbs;
+		}
+		if (o->writethrough)
+			argv[argc++] = "--writethrough";
+		for (unsigned i = 0; i < 8 && o->extra[i]; i++)
+			argv[argc++] = (char *)o->extra[i];
+	}
+	argv[argc] = NULL;
+	d->pid = fork();
+	if (d->pid < 0) {
+		perror("itest: fork");
+		return -1;
+	}
+	if (d->pid == 0) {
+		int fd = open(d->log, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+
+		if (fd >= 0) {
+			dup2(fd, 1);
+			dup2(fd, 2);
+			close(fd);
+		}
+		execvp(argv[0], argv);
+		fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	deadline = now_ms() + 10000;
+	while (now_ms() < deadline) {
+		int st;
+
+		if (sock_ready(d->sock))
+			return 0;
+		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+			fprintf(stderr, "itest: back-end exited (status %#x) before listening\n",
+				st);
+			d->pid = -1;
+			itest_dump_log(d);
+			return -1;
+		}
+		usleep(10000);
+	}
+	fprintf(stderr, "itest: back-end did not create %s\n", d->sock);
+	itest_dump_log(d);
+	kill(d->pid, SIGKILL);
+	waitpid(d->pid, NULL, 0);
+	d->pid = -1;
+	return -1;
+}
+
+bool itest_alive(struct itest_daemon *d)
+{
+	int st;
+
+	if (d->pid <= 0)
+		return false;
+	if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+		fprintf(stderr, "itest: back-end died (status %#x)\n", st);
+		itest_dump_log(d);
+		d->pid = -1;
+		return false;
+	}
+	return true;
+}
+
+int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)timeout_ms;
+	int st;
+
+	if (d->pid <= 0)
+		return -1;
+	kill(d->pid, sig);
+	while (now_ms() < deadline) {
+		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+			d->pid = -1;
+			if (WIFEXITED(st))
+				return WEXITSTATUS(st);
+			return 128 + WTERMSIG(st);
+		}
+		usleep(5000);
+	}
+	fprintf(stderr, "itest: back-end still running %d ms after signal %d\n", timeout_ms, sig);
+	kill(d->pid, SIGKILL);
+	waitpid(d->pid, NULL, 0);
+	d->pid = -1;
+	return -1;
+}
+
+static void rm_rf(const char *dir)
+{
+	DIR *dp = opendir(dir);
+	struct dirent *e;
+	char p[PATH_MAX + 300];
+
+	if (!dp)
+		return;
+	while ((e = readdir(dp))) {
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+			continue;
+		snprintf(p, sizeof(p), "%s/%s", dir, e->d_name);
+		unlink(p);
+	}
+	closedir(dp);
+	rmdir(dir);
+}
+
+int itest_stop(struct itest_daemon *d)
+{
+	int rc = 0;
+
+	if (d->pid > 0) {
+		rc = itest_signal_wait(d, SIGTERM, 20000);
+		if (rc != 0)
+			itest_dump_log(d);
+	}
+	if (d->dir[0] && !getenv("ITEST_KEEP"))
+		rm_rf(d->dir);
+	d->dir[0] = 0;
+	return rc;
+}
+
+int itest_fd_count(const struct itest_daemon *d)
+{
+	char p[64];
+	DIR *dp;
+	struct dirent *e;
+	int n = 0;
+
+	snprintf(p, sizeof(p), "/proc/%d/fd", (int)d->pid);
+	dp = opendir(p);
+	if (!dp)
+		return -1;
+	while ((e = readdir(dp)))
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(dp);
+	return n;
+}
+
+int itest_pread(const struct itest_daemon *d, void *buf, size_t len, uint64_t off)
+{
+	int fd = open(d->img, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = pread(fd, buf, len, (off_t)off);
+	close(fd);
+	return n == (ssize_t)len ? 0 : -EIO;
+}
+
+void itest_fe_opts(struct vqfe_opts *o)
+{
+	vqfe_opts_init(o);
+	o->timeout_ms = 20000;
+}
+
+struct vqfe *itest_connect(const struct itest_daemon *d, const struct vqfe_opts *o)
+{
+	struct vqfe_opts def;
+	struct vqfe *fe = NULL;
+
+	if (!o) {
+		itest_fe_opts(&def);
+		o = &def;
+	}
+	struct vqfe_opts q;
+	uint64_t deadline = now_ms() + 5000;
+
+	/* the socket file appears at bind(), a moment before listen() */
+	q = *o;
+	q.quiet = true;
+	while (vqfe_open(&fe, d->sock, &q) == -ECONNREFUSED && now_ms() < deadline)
+		usleep(10000);
+	if (!fe && !o->quiet)
+		fprintf(stderr, "itest: connect: %s\n", vqfe_strerror(NULL));
+	return fe;
+}
+
+int itest_run(const char *name, void (*add_suites)(void))
+{
+	unsigned failed;
+
+	if (CU_initialize_registry() != CUE_SUCCESS)
+		return 1;
+	add_suites();
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	failed = CU_get_number_of_failures() + CU_get_number_of_suites_failed() +
+		 CU_get_number_of_tests_failed();
+	fprintf(stderr, "%s (%s): %u failures\n", name, use_qsd ? "qemu-storage-daemon" : "vqcowd",
+		CU_get_number_of_failures());
+	CU_cleanup_registry();
+	return failed ? 1 : 0;
+}

@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Integration test harness: starts a vhost-user-blk back-end on a temporary
+ * raw image and gives the tests its socket, pid and image file.
+ *
+ * Back-end selection:
+ *  - default: vqcowd, whose path is argv[1] (CMake passes $<TARGET_FILE:vqcowd>)
+ *    or $VQCOWD;
+ *  - VQCOW_TEST_BACKEND=qsd: qemu-storage-daemon with a vhost-user-blk export
+ *    (the reference implementation, to check the tests themselves). Checks of
+ *    vqcowd-specific behaviour are skipped there (itest_is_qsd()).
+ * A back-end that does not start is a test failure, never a skip.
+ */
+#ifndef TESTS_INTEGRATION_ITEST_H
+#define TESTS_INTEGRATION_ITEST_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "vqfe.h"
+
+struct itest_opts {
+	uint64_t img_size;   /* default 32 MiB */
+	unsigned num_queues; /* default 1 */
+	bool read_only;
+	const char *serial;   /* vqcowd only */
+	unsigned lbs;         /* logical block size, 0 = default */
+	bool writethrough;    /* vqcowd only */
+	bool fill_random;     /* fill the image with random bytes first */
+	const char *extra[8]; /* extra vqcowd arguments, NULL-terminated */
+};
+
+struct itest_daemon {
+	pid_t pid;
+	char dir[PATH_MAX];
+	char sock[PATH_MAX + 16];
+	char img[PATH_MAX + 16];
+	char log[PATH_MAX + 16];
+	uint64_t img_size;
+};
+
+/* Parse argv/env; call first in main(). Returns false on a usage problem. */
+bool itest_init(int argc, char **argv);
+bool itest_is_qsd(void);
+const char *itest_vqcowd_path(void);
+
+/*
+ * Create the temp dir and image, start the back-end, wait for its socket.
+ * 0 or -1 (message on stderr, and the daemon's log is printed).
+ */
+int itest_start(struct itest_daemon *d, const struct itest_opts *o);
+/* Send @sig and wait up to @timeout_ms. Returns the exit status (0..255),
+ * 128+signal if killed by one, or -1 on timeout (it is then SIGKILLed). */
+int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms);
+/* SIGTERM + wait, then remove the temp dir. Returns the exit status. */
+int itest_stop(struct itest_daemon *d);
+/* Is the daemon still running? */
+bool itest_alive(struct itest_daemon *d);
+/* Number of open fds of the daemon (/proc/PID/fd), or -1. */
+int itest_fd_count(const struct itest_daemon *d);
+/* pread the image file (O_DIRECT-safe: plain buffered read after the daemon flushed). */
+int itest_pread(const struct itest_daemon *d, void *buf, size_t len, uint64_t off);
+/* Print the daemon's log to stderr (on failures). */
+void itest_dump_log(const struct itest_daemon *d);
+
+/* Options for a vqfe connection with the harness's timeout. */
+void itest_fe_opts(struct vqfe_opts *o);
+/* Connect with @o (NULL: defaults). NULL on failure (message on stderr). */
+struct vqfe *itest_connect(const struct itest_daemon *d, const struct vqfe_opts *o);
+
+/* Deterministic pseudo-random fill. */
+void itest_fill(void *buf, size_t len, uint64_t seed);
+
+/* Run a CUnit registry built by @add_suites; returns the process exit code. */
+int itest_run(const char *name, void (*add_suites)(void));
+
+#endif /* TESTS_INTEGRATION_ITEST_H */
