@@ -34,6 +34,7 @@ and runs fio on the host against a raw file for the physical limit.
   --backends LIST      subset of vqcowd,qsd,limit (default: all three)
   --num-queues N       virtqueues for both backends (default 1)
   --vqcowd-arg ARG     extra argument for vqcowd (repeatable), e.g. --vqcowd-arg=--poll-ns=20000
+  --fe-arg ARG         extra argument for vqcow-fe bench (repeatable), e.g. --fe-arg=--poll
   --qsd-iothread       run the qsd export in an iothread (default: main loop)
   --guest              also boot a QEMU guest against each backend and run fio inside
   --guest-only         only the in-guest runs (no host-side matrix)
@@ -69,6 +70,7 @@ sel_jobs=""
 backends="vqcowd,qsd,limit"
 nq=1
 vqcowd_extra=()
+fe_extra=()
 qsd_iothread=0
 guest=0
 guest_runtime=""
@@ -111,6 +113,8 @@ while [ $# -gt 0 ]; do
 	--num-queues=*) nq=${1#*=} ;;
 	--vqcowd-arg) vqcowd_extra+=("$2"); shift ;;
 	--vqcowd-arg=*) vqcowd_extra+=("${1#*=}") ;;
+	--fe-arg) fe_extra+=("$2"); shift ;;
+	--fe-arg=*) fe_extra+=("${1#*=}") ;;
 	--qsd-iothread) qsd_iothread=1 ;;
 	--guest) guest=1 ;;
 	--guest-only) guest=1; guest_only=1 ;;
@@ -499,6 +503,9 @@ fe_args() {
 	read -r rw bs qd mix <<<"$s"
 	printf '%s\n' --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime "$runtime" --json
 	[ "$mix" = - ] || printf '%s\n' --rwmixread "$mix"
+	# one job per virtqueue; --iodepth is per queue
+	[ "$nq" = 1 ] || printf '%s\n' --numjobs "$nq"
+	[ ${#fe_extra[@]} = 0 ] || printf '%s\n' "${fe_extra[@]}"
 }
 
 # run_backend REP IMAGE JOB KIND ORDER
