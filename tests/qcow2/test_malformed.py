@@ -317,11 +317,14 @@ def run_case(name, img, expect, pat, goff, qemu_opened_before):
     try:
         r = fe.read(goff, CS)
         if expect == "ioerr":
-            check(r.rc != 0, "%s: reading the damaged range %d+%d succeeded" % (what, goff, CS))
+            # vqcow-fe exits 3 when the device answers with a non-OK status (IOERR)
+            check(r.rc == 3, "%s: reading the damaged range %d+%d: want IOERR (vqcow-fe exit 3)"
+                  "\n%s" % (what, goff, CS, r.describe()))
         check(d.alive(), "%s: vqcowd died on a read\n%s" % (what, d.log()))
         r = fe.write(goff, b"\x5a" * 4096)
         if expect in ("ioerr", "write-fails"):
-            check(r.rc != 0, "%s: writing the damaged range %d+4096 succeeded" % (what, goff))
+            check(r.rc == 3, "%s: writing the damaged range %d+4096: want IOERR (vqcow-fe exit 3)"
+                  "\n%s" % (what, goff, r.describe()))
         check(d.alive(), "%s: vqcowd died on a write\n%s" % (what, d.log()))
         fe.flush()
         # the rest of the disk: whatever the result, no crash or hang
@@ -331,7 +334,7 @@ def run_case(name, img, expect, pat, goff, qemu_opened_before):
         d.kill()
         log("vqcowd log:\n" + d.log())
         raise
-    rc = d.stop(timeout=TIMEOUT)
+    rc = d.stop(timeout=10)
     check(rc is not None and rc >= 0, "%s: vqcowd died of signal %s at SIGTERM\n%s" % (what, rc, d.log()))
     check(not qlib.sanitizer_report(d.log()), "%s: vqcowd sanitizer report\n%s" % (what, d.log()))
     if qemu_opened_before:
