@@ -134,7 +134,9 @@ void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t
  * Raw: O_DIRECT unless opts->direct is false (and opts non-NULL), regular
  * files and block devices; discard punches holes (-EOPNOTSUPP from the file
  * system is ignored: discard is a hint), write-zeroes uses ZERO_RANGE (or
- * PUNCH_HOLE with IMG_IO_UNMAP), falling back to writing zeroes.
+ * PUNCH_HOLE with IMG_IO_UNMAP), falling back to writing zeroes. A raw image
+ * whose format was probed (opts NULL or opts->format NULL) refuses, with
+ * -EPERM, a write that would put the qcow2 magic at offset 0.
  * qcow2: blk/image_qcow2.c; without it img_qcow2_open returns -ENOTSUP.
  */
 int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,

@@ -48,6 +48,8 @@ struct raw_img {
 	bool no_punch_hole; /* PUNCH_HOLE returned EOPNOTSUPP once */
 	bool no_zero_range; /* ZERO_RANGE returned EOPNOTSUPP once */
 	bool blockdev;
+	bool probed; /* format was probed, not given: guard sector 0 */
+	bool warned_magic;
 };
 
 static struct raw_img *to_raw(struct img *img)
@@ -177,6 +179,33 @@ static void raw_step(struct raw_img *r, struct img_io *io)
 	}
 }
 
+/*
+ * A raw image whose format was probed must not let the guest write a qcow2
+ * header into its first bytes: the next probe would open it as qcow2 and
+ * follow a guest-chosen backing file name on the host. (QEMU refuses the
+ * same for probed raw images.) Explicit --format raw allows it.
+ */
+static bool writes_format_magic(struct raw_img *r, const struct img_io *io)
+{
+	static const uint8_t magic[4] = {'Q', 'F', 'I', 0xfb};
+	uint8_t head[sizeof(magic)];
+	size_t got = 0;
+
+	if (!r->probed || io->op != IMG_OP_WRITE || io->off >= sizeof(magic))
+		return false;
+	for (unsigned i = 0; i < io->iovcnt && got < sizeof(head) - io->off; i++) {
+		size_t n = io->iov[i].iov_len;
+
+		if (n > sizeof(head) - io->off - got)
+			n = sizeof(head) - io->off - got;
+		memcpy(head + io->off + got, io->iov[i].iov_base, n);
+		got += n;
+	}
+	if (io->off + got < sizeof(magic))
+		return false;
+	return memcmp(head + io->off, magic + io->off, sizeof(magic) - io->off) == 0;
+}
+
 static void raw_submit(struct img *img, struct img_io *io)
 {
 	struct raw_img *r = to_raw(img);
@@ -192,6 +221,17 @@ static void raw_submit(struct img *img, struct img_io *io)
 	}
 	if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off)) {
 		raw_fail_later(r, io, -EINVAL);
+		return;
+	}
+	if (writes_format_magic(r, io)) {
+		if (!r->warned_magic) {
+			fprintf(stderr,
+				"vqcow: %s: refused a write of a qcow2 header to the first sector "
+				"of a probed raw image (use --format raw to allow it)\n",
+				img->path);
+			r->warned_magic = true;
+		}
+		raw_fail_later(r, io, -EPERM);
 		return;
 	}
 	raw_step(r, io);
@@ -298,6 +338,7 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		goto close_file;
 	}
 	r->blockdev = S_ISBLK(st.st_mode);
+	r->probed = !opts || !opts->format;
 	ret = io_file_get_size(&r->file, &size);
 	if (ret < 0)
 		goto close_file;

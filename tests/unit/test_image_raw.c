@@ -385,6 +385,43 @@ static void test_refresh_size(void)
 	unlink(g_path);
 }
 
+/* A probed raw image refuses a qcow2 header in its first bytes. */
+static void test_probed_magic_guard(void)
+{
+	static const uint8_t magic[4] = {'Q', 'F', 'I', 0xfb};
+	struct img *img;
+	struct img_opts o = {.direct = true, .format = "raw"};
+	char err[256];
+	uint8_t *buf = io_alloc_aligned(4096);
+	struct iovec iov[2];
+	struct tio t;
+
+	make_file(NULL, 0);
+	img = open_img(false); /* probed */
+	memset(buf, 0, 4096);
+	memcpy(buf, magic, 4);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), -EPERM);
+	/* split over iovecs */
+	iov[0] = (struct iovec){buf, 2};
+	iov[1] = (struct iovec){buf + 2, 510};
+	tio_init(&t);
+	img_writev(img, &t.io, iov, 2, 0, 512);
+	run_until(&t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, -EPERM);
+	/* elsewhere, or other bytes in sector 0: fine */
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 4096), 0);
+	buf[0] = 'q';
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 512, 0), 0);
+	img_close(img);
+	/* --format raw: the user asked for it */
+	buf[0] = 'Q';
+	CU_ASSERT_EQUAL_FATAL(img_open(&img, g_loop, g_path, &o, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 512, 0), 0);
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
 /* A block device (loop device over a temp file), when root can make one. */
 static void test_blockdev(void)
 {
@@ -531,6 +568,7 @@ int main(void)
 	CU_add_test(s, "blk over raw", test_blk_over_raw);
 	CU_add_test(s, "refresh size", test_refresh_size);
 	CU_add_test(s, "block device", test_blockdev);
+	CU_add_test(s, "probed raw: no qcow2 header in sector 0", test_probed_magic_guard);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
