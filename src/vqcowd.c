@@ -800,6 +800,8 @@ int main(int argc, char **argv)
 	}
 	img_describe(d.img, desc, sizeof(desc));
 	logmsg("image: %s", desc);
+	if (!o.format)
+		logmsg("format probed as %s; pass --format to skip probing", d.img->ops->format);
 
 	memset(&bopts, 0, sizeof(bopts));
 	bopts.serial = o.serial;
