@@ -416,6 +416,55 @@ static void dec_wake(struct qcow2_waiter *w)
 	run_apply(q);
 }
 
+static void punch_next(struct qcow2 *q);
+
+static void punch_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+	uint64_t flag = res == 0 ? FREE_ZERO : 0;
+
+	q->punch_busy = false;
+	if (res == -EOPNOTSUPP || res == -ENOTSUP || res == -ENOSYS || res == -EINVAL)
+		q->no_punch = true;
+	for (uint64_t i = 0; i < q->punch_n; i++)
+		q2_u64v_push(&q->freelist, (q->punch_c + i) | flag);
+	q->punch_n = 0;
+	punch_next(q);
+}
+
+/* Give freed clusters' space back (hole), then put them on the free list. */
+static void punch_next(struct qcow2 *q)
+{
+	size_t i = q->punchq_pos;
+	uint64_t c, n = 1;
+
+	if (q->punch_busy)
+		return;
+	if (i >= q->punchq.n) {
+		q->punchq.n = q->punchq_pos = 0;
+		return;
+	}
+	c = q->punchq.v[i++];
+	while (i < q->punchq.n && q->punchq.v[i] == c + n && n < 4096) {
+		n++;
+		i++;
+	}
+	q->punchq_pos = i;
+	if (q->no_punch || q->closing) {
+		for (uint64_t k = 0; k < n; k++)
+			q2_u64v_push(&q->freelist, c + k);
+		punch_next(q);
+		return;
+	}
+	q->punch_busy = true;
+	q->punch_c = c;
+	q->punch_n = n;
+	q->punch_cmd.done = punch_done;
+	q->punch_cmd.priv = q;
+	io_fallocate(q->loop, &q->punch_cmd, q->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		     c << q->cb, n << q->cb);
+}
+
 static void freed(struct qcow2 *q, uint64_t c)
 {
 	uint64_t off = c << q->cb;
@@ -425,7 +474,10 @@ static void freed(struct qcow2 *q, uint64_t c)
 		q2_cache_forget(&q->l2c, off + s);
 		q2_cache_forget(&q->rcc, off + s);
 	}
-	q2_u64v_push(&q->freelist, c);
+	if (q->no_punch || (q->file->flags & IO_FILE_BLOCKDEV))
+		q2_u64v_push(&q->freelist, c);
+	else
+		q2_u64v_push(&q->punchq, c);
 }
 
 static void run_apply(struct qcow2 *q)
@@ -469,6 +521,7 @@ static void run_apply(struct qcow2 *q)
 	}
 	q->dec_apply.n = 0;
 	q->dec_apply_pos = 0;
+	punch_next(q);
 	q2_wb_maybe(q);
 }
 
@@ -479,5 +532,6 @@ void q2_alloc_exit(struct qcow2 *q)
 	free(q->dec_grace.v);
 	free(q->dec_apply.v);
 	free(q->dec_wait.v);
+	free(q->punchq.v);
 	memset(&q->freelist, 0, sizeof(q->freelist));
 }

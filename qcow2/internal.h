@@ -130,7 +130,12 @@ struct qcow2 {
 	uint64_t cursor;      /* next candidate cluster at the end */
 	uint64_t host_limit;  /* clusters available (block devices), else max */
 	struct q2_u64v freelist; /* freed cluster indices (bit 63: known zero) */
-	uint64_t prealloc_end;   /* bytes */
+	struct q2_u64v punchq;   /* freed clusters waiting for their hole punch */
+	size_t punchq_pos;
+	bool punch_busy, no_punch;
+	uint64_t punch_c, punch_n;
+	struct io_cmd punch_cmd;
+	uint64_t prealloc_end; /* bytes */
 	bool prealloc_busy;
 	bool no_prealloc;
 	struct io_cmd prealloc_cmd;

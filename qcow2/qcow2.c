@@ -722,7 +722,7 @@ int qcow2_close(struct qcow2 *q)
 	ret = q2_wb_close(q);
 	q->closing = true;
 	/* let a pending corrupt-bit header write and wake-ups finish */
-	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy) {
+	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy) {
 		if (io_loop_run_once(q->loop, true) < 0)
 			break;
 	}

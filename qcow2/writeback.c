@@ -616,7 +616,7 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f)
 static bool busy(const struct qcow2 *q)
 {
 	return q->batch || q->dec_running || q->grace_running || q->dec_apply.n ||
-	       q->prealloc_busy || q->wake_armed || q->corrupt_hdr_busy;
+	       q->prealloc_busy || q->wake_armed || q->corrupt_hdr_busy || q->punch_busy;
 }
 
 int q2_wb_close(struct qcow2 *q)
