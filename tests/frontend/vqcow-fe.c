@@ -149,6 +149,16 @@ static unsigned parse_uint(const char *s, const char *what, unsigned max)
 	return (unsigned)v;
 }
 
+/* A byte offset: requests address 512-byte sectors. */
+static uint64_t parse_offset(const char *s)
+{
+	uint64_t v = parse_size(s, "offset");
+
+	if (v % 512)
+		die_usage("offset %s is not a multiple of 512", s);
+	return v;
+}
+
 static unsigned parse_layout(const char *s)
 {
 	unsigned l = 0;
@@ -999,19 +1009,18 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "info"))
 		ret = cmd_info(fe, &c);
 	else if (!strcmp(cmd, "read"))
-		ret =
-		    cmd_read(fe, &c, parse_size(args[0], "offset"), parse_size(args[1], "length"));
+		ret = cmd_read(fe, &c, parse_offset(args[0]), parse_size(args[1], "length"));
 	else if (!strcmp(cmd, "write"))
-		ret = cmd_write(fe, &c, parse_size(args[0], "offset"),
+		ret = cmd_write(fe, &c, parse_offset(args[0]),
 				nargs > 1 ? parse_size(args[1], "length") : 0, nargs == 1);
 	else if (!strcmp(cmd, "flush"))
 		ret = report(fe, "flush", vqfe_flush(fe, c.queue));
 	else if (!strcmp(cmd, "discard"))
-		ret = cmd_discard_wz(fe, &c, VIRTIO_BLK_T_DISCARD, parse_size(args[0], "offset"),
+		ret = cmd_discard_wz(fe, &c, VIRTIO_BLK_T_DISCARD, parse_offset(args[0]),
 				     parse_size(args[1], "length"));
 	else if (!strcmp(cmd, "write-zeroes"))
-		ret = cmd_discard_wz(fe, &c, VIRTIO_BLK_T_WRITE_ZEROES,
-				     parse_size(args[0], "offset"), parse_size(args[1], "length"));
+		ret = cmd_discard_wz(fe, &c, VIRTIO_BLK_T_WRITE_ZEROES, parse_offset(args[0]),
+				     parse_size(args[1], "length"));
 	else if (!strcmp(cmd, "get-id"))
 		ret = cmd_get_id(fe, &c);
 	else if (!strcmp(cmd, "set-wce"))
