@@ -105,6 +105,10 @@ def make_image(kind):
     if kind == "fresh":
         qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, SIZE)
         return img, None
+    if kind == "lazy":
+        qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on", img,
+                      SIZE)
+        return img, None
     base = W("base.raw")
     with open(base, "wb") as f:
         # id-0 tags for the first half, zeroes for the rest
@@ -113,6 +117,12 @@ def make_image(kind):
         f.truncate(SIZE)
     qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.raw", "-F", "raw", img)
     return img, base
+
+
+def lazy_dirty(img):
+    with open(img, "rb") as f:
+        h = f.read(80)
+    return struct.unpack(">I", h[4:8])[0] >= 3 and struct.unpack(">Q", h[72:80])[0] & 1
 
 
 def one_round(rnd, img, model, rng, next_id):
@@ -175,6 +185,15 @@ def one_round(rnd, img, model, rng, next_id):
         check(d.rc == -9, "round %d: vqcowd exited on its own (status %s)" % (rnd, d.rc))
     log("round %d: killed after %.2fs: %d writes issued, %d acknowledged, %d flushes"
         % (rnd, delay, ops, acked, flushes))
+    if lazy_dirty(img):
+        # lazy refcounts: the refcounts may be stale by design; vqcow-img repairs
+        # them (what vqcowd or QEMU would do on the next open)
+        r = qlib.run([A.img, "check", "-r", "all", img], timeout=120)
+        qlib.assert_sane_exit(r, "vqcow-img check -r all")
+        check(r.rc == 0, "round %d: vqcow-img check -r all on the dirty image: rc %s\n%s"
+              % (rnd, r.rc, r.describe()))
+        check(not lazy_dirty(img), "round %d: dirty bit still set after repair" % rnd)
+        log("round %d: dirty image repaired by vqcow-img check -r all" % rnd)
     rc, js, r = qlib.qemu_check(img)
     check(rc in (0, 3), "round %d: qemu-img check after kill -9: rc %s\n%s" % (rnd, rc, r.describe()))
     if rc == 3:
@@ -189,17 +208,19 @@ def main():
     global A, W
 
     def extra(p):
-        p.add_argument("--kind", choices=["fresh", "backing"], required=True)
+        p.add_argument("--kind", choices=["fresh", "backing", "lazy"], required=True)
         p.add_argument("--rounds", type=int, default=6)
     A = qlib.parse_args(extra)
     qlib.need_qemu_tools()
     qlib.need_binary(A.vqcowd, "vqcowd")
     qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
+    if A.kind == "lazy":
+        qlib.need_binary(A.img, "vqcow-img")
     wd = qlib.Workdir(os.path.join(A.workdir, "crash-" + A.kind), A.keep)
     W = wd
     ok = False
     try:
-        rng = random.Random(A.seed + (0 if A.kind == "fresh" else 1))
+        rng = random.Random(A.seed + ["fresh", "backing", "lazy"].index(A.kind))
         img, base = make_image(A.kind)
         base_hash = qlib.sha256_file(base) if base else None
         model = Model(SIZE // SECTOR)
