@@ -19,12 +19,35 @@
 static const char *vqcowd_path;
 static bool use_qsd;
 
+/* Is @prog an executable in $PATH? */
+static bool in_path(const char *prog)
+{
+	const char *path = getenv("PATH");
+	char buf[PATH_MAX];
+
+	while (path && *path) {
+		const char *end = strchr(path, ':');
+		size_t n = end ? (size_t)(end - path) : strlen(path);
+
+		snprintf(buf, sizeof(buf), "%.*s/%s", (int)n, path, prog);
+		if (n && access(buf, X_OK) == 0)
+			return true;
+		path = end ? end + 1 : NULL;
+	}
+	return false;
+}
+
 bool itest_init(int argc, char **argv)
 {
 	const char *be = getenv("VQCOW_TEST_BACKEND");
 
 	signal(SIGPIPE, SIG_IGN);
 	use_qsd = be && !strcmp(be, "qsd");
+	if (use_qsd && !in_path("qemu-storage-daemon")) {
+		fprintf(stderr,
+			"SKIP: VQCOW_TEST_BACKEND=qsd but qemu-storage-daemon is missing\n");
+		exit(77);
+	}
 	vqcowd_path = argc > 1 ? argv[1] : getenv("VQCOWD");
 	if (!use_qsd && (!vqcowd_path || access(vqcowd_path, X_OK))) {
 		fprintf(stderr, "itest: vqcowd not found (argv[1] or $VQCOWD): %s\n",

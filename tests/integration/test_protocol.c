@@ -273,10 +273,17 @@ static void t_disconnect_inflight(void)
 /* A front-end process SIGKILLed in the middle of I/O. */
 static void t_kill_frontend_mid_io(void)
 {
-	START(d, .img_size = 32 * MiB, .num_queues = 2);
 	int baseline, pfd[2];
 	pid_t pid;
 	char c;
+
+	if (itest_is_qsd()) {
+		/* qemu-storage-daemon 7.2 aborts here at random: "vhost_user_server_ref:
+		 * Assertion `!server->wait_idle' failed" (util/vhost-user-server.c) */
+		fprintf(stderr, "skipped with qemu-storage-daemon (known abort)\n");
+		return;
+	}
+	START(d, .img_size = 32 * MiB, .num_queues = 2);
 
 	CU_ASSERT(serves(&d, 1));
 	baseline = fds_stable(&d);
