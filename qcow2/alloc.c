@@ -105,10 +105,18 @@ static void prealloc_done(struct io_cmd *cmd, int res)
 
 static void prealloc_maybe(struct qcow2 *q)
 {
-	uint64_t chunk = 4ull << 20, front = q->cursor << q->cb, start;
+	uint64_t chunk = q->size / 16, front = q->cursor << q->cb, start;
 
 	if (q->no_prealloc || q->prealloc_busy || q->read_only || q->ext_data)
 		return;
+	/*
+	 * Large chunks: a fallocate waits for in-flight direct I/O on some file
+	 * systems (ext4), so fewer of them keep the write pipeline full.
+	 */
+	if (chunk > (64ull << 20))
+		chunk = 64ull << 20;
+	if (chunk < (4ull << 20))
+		chunk = 4ull << 20;
 	if (chunk < 4 * q->cs)
 		chunk = 4 * q->cs;
 	if (front + chunk / 2 <= q->prealloc_end)

@@ -70,7 +70,7 @@ struct qcow2_opts {
 	uint64_t
 	    refcount_cache_size;   /* bytes; 0 = default (a quarter of the L2 cache, >= 256 KiB) */
 	uint32_t cache_entry_size; /* slice bytes (power of two, 512..cluster); 0 = 4 KiB */
-	uint32_t writeback_ms;     /* periodic metadata write-back; 0 = 1000 ms */
+	uint32_t writeback_ms;     /* periodic metadata write-back; 0 = 5000 ms */
 };
 
 /*

@@ -587,7 +587,7 @@ static void timer_arm(struct qcow2 *q)
 void q2_wb_maybe(struct qcow2 *q)
 {
 	size_t dirty = q->l2c.ndirty + q->rcc.ndirty;
-	size_t limit = (q->l2c.soft_max + q->rcc.soft_max) / 4;
+	size_t limit = (q->l2c.soft_max + q->rcc.soft_max) / 2;
 
 	if (limit < 64)
 		limit = 64;
