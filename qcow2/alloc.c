@@ -268,6 +268,11 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		q->freelist.n--;
 		if (qcow2_refcount_get(s->buf, l.idx, q->rc_order) != 0)
 			continue; /* taken meanwhile (cannot happen) */
+		if (q2_meta_overlaps(q, c << q->cb, q->cs)) {
+			q2_corrupt(q, "free cluster 0x%llx holds metadata (refcount 0)",
+				   (unsigned long long)(c << q->cb));
+			return -EIO;
+		}
 		qcow2_refcount_set(s->buf, l.idx, q->rc_order, 1);
 		q2_slice_dirty(s);
 		*host = c << q->cb;
@@ -311,8 +316,15 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		     k++) {
 			if (qcow2_refcount_get(s->buf, l.idx + k, q->rc_order) != 0)
 				break;
-			qcow2_refcount_set(s->buf, l.idx + k, q->rc_order, 1);
 		}
+		if (q2_meta_overlaps(q, c << q->cb, k << q->cb)) {
+			/* metadata with refcount 0: the refcounts are wrong */
+			q2_corrupt(q, "cluster 0x%llx with refcount 0 holds metadata",
+				   (unsigned long long)(c << q->cb));
+			return -EIO;
+		}
+		for (uint64_t i = 0; i < k; i++)
+			qcow2_refcount_set(s->buf, l.idx + i, q->rc_order, 1);
 		q2_slice_dirty(s);
 		q->cursor = c + k;
 		*host = c << q->cb;
