@@ -847,18 +847,31 @@ static void z_punch_done(struct io_cmd *cmd, int res)
 	z_step(r);
 }
 
+static void z_resume(struct io_cmd *cmd, int res)
+{
+	(void)res;
+	z_step(cmd->priv);
+}
+
 static void z_step(struct q2req *r)
 {
 	struct q2img *m = r->m;
 	struct img_io *io = r->io;
 	bool zero = io->op == IMG_OP_WRITE_ZEROES;
 
-	for (;;) {
+	for (unsigned steps = 0;; steps++) {
 		uint64_t off = io->off + r->z_done, dl = 0;
 		int ret;
 
 		if (r->z_done >= io->len) {
 			req_complete(r, 0);
+			return;
+		}
+		if (steps == 64) {
+			/* a long metadata-only range: let other requests run meanwhile */
+			r->nop.done = z_resume;
+			r->nop.priv = r;
+			io_readv(m->img.loop, &r->nop, &m->file, NULL, 0, 0);
 			return;
 		}
 		ret = qcow2_zero_step(m->q, off, io->len - r->z_done, zero,

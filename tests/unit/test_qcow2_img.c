@@ -122,6 +122,7 @@ struct wl {
 	const char *create; /* qemu-img create -o options */
 	uint64_t size;
 	bool backing;                 /* image gets a qcow2 backing file with data */
+	bool backing_raw;             /* a raw backing file, half the size of the image */
 	bool v2_backing_discard_noop; /* v2 + backing: discards are no-ops */
 	bool compressed;              /* start from a compressed image */
 	bool snapshot;                /* take an internal snapshot midway (qemu-img) */
@@ -404,7 +405,24 @@ static void run_wl(const struct wl *w0)
 	sh("rm -f %s/*", g_dir);
 	g_model = calloc(1, w->size);
 	CU_ASSERT_FATAL(g_model != NULL);
-	if (w->backing) {
+	if (w->backing_raw) {
+		char *b = P("base.raw");
+
+		CU_ASSERT_EQUAL_FATAL(
+		    sh("qemu-img create -q -f raw %s %llu", b, (unsigned long long)(w->size / 2)),
+		    0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f raw -c 'write -P 0x6b 0 %llu' -c 'write -P "
+					 "0x6c %llu 64k' %s >/dev/null",
+					 (unsigned long long)(w->size / 2 - 65536),
+					 (unsigned long long)(w->size / 2 - 65536), b),
+				      0);
+		CU_ASSERT_EQUAL_FATAL(
+		    sh("qemu-img create -q -f qcow2 -o %s -b base.raw -F raw %s %llu", w->create,
+		       img_path, (unsigned long long)w->size),
+		    0);
+		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		load_file(raw, w->size);
+	} else if (w->backing) {
 		char *b = P("base.qcow2");
 
 		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create, b,
@@ -571,6 +589,28 @@ static void test_backing(void)
 	run_wl(&w);
 }
 
+static void test_raw_backing_short(void)
+{
+	struct wl w = {"raw-backing-short", "cluster_size=65536", SZ,
+		       .backing_raw = true, .ops = 300,           .max_io = 256 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
+static void test_extl2_raw_backing_short(void)
+{
+	struct wl w = {"extl2-raw-backing-short",
+		       "cluster_size=65536,extended_l2=on",
+		       SZ,
+		       .backing_raw = true,
+		       .ops = 300,
+		       .max_io = 128 << 10,
+		       .zeroes = true};
+
+	run_wl(&w);
+}
+
 static void test_v2_backing(void)
 {
 	struct wl w = {"v2-backing",
@@ -664,6 +704,8 @@ int main(void)
 	CU_add_test(s, "extended L2 + backing", test_extl2_backing);
 	CU_add_test(s, "backing", test_backing);
 	CU_add_test(s, "v2 + backing", test_v2_backing);
+	CU_add_test(s, "short raw backing", test_raw_backing_short);
+	CU_add_test(s, "extended L2 + short raw backing", test_extl2_raw_backing_short);
 	CU_add_test(s, "compressed", test_compressed);
 	CU_add_test(s, "compressed zstd", test_compressed_zstd);
 	CU_add_test(s, "snapshot", test_snapshot);
