@@ -81,13 +81,15 @@ vm_pick_accel() {
 
 # vm_backend_start KIND SOCK IMG FORMAT LOG [VQCOWD [EXTRA...]]: start the
 # backend in the background; sets VM_BACKEND_PID. KIND is vqcowd or qsd.
-# VM_ACTIVATE=1 starts vqcowd socket-activated (--fd 3).
+# VM_ACTIVATE=1 starts vqcowd socket-activated (--fd 3); VM_READONLY=1
+# exports read-only (vqcowd --read-only, qsd writable=off).
 vm_backend_start() {
 	local kind=$1 sock=$2 img=$3 fmt=$4 log=$5 bin=${6:-}
 	shift 6 2>/dev/null || shift $#
 	rm -f "$sock"
 	case "$kind" in
 	vqcowd)
+		[ "${VM_READONLY:-0}" = 1 ] && set -- --read-only "$@"
 		[ -x "$bin" ] || { vm_log "vqcowd binary '$bin' not found"; return 1; }
 		if [ "${VM_ACTIVATE:-0}" = 1 ]; then
 			# systemd-style socket activation: the listening socket is fd 3
@@ -104,7 +106,7 @@ vm_backend_start() {
 		qemu-storage-daemon \
 			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
 			--blockdev "driver=$fmt,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=2" \
+			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=$([ "${VM_READONLY:-0}" = 1 ] && echo off || echo on),num-queues=2" \
 			"$@" </dev/null >"$log" 2>&1 &
 		;;
 	*) vm_log "unknown backend '$kind'"; return 1 ;;

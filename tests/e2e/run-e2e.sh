@@ -10,7 +10,8 @@
 #     --size SIZE            image size (default 256M)
 #     --work-dir DIR         logs, socket and image (default: a new temp dir)
 #     --guest-dir DIR        where the guest is built/cached (default WORK/guest)
-#     --job NAME             guest job (default e2e; see contrib/guest/jobs/)
+#     --job NAME             guest job (default e2e; see contrib/guest/jobs/);
+#                            readcheck fills the image with known data first
 #     --fio-size SIZE        bytes each guest fio job writes (default 64M)
 #     --accel auto|kvm|tcg   default auto: KVM if it really boots the guest
 #     --timeout SECONDS      guest run time limit (default 600 on TCG, 300 on KVM)
@@ -23,6 +24,7 @@
 #     --kill-backend         first boot a guest under heavy I/O and kill -9 the
 #                            daemon; the image must pass qemu-img check (leaks
 #                            allowed) and a new daemon must serve the job
+#     --read-only            export read-only (implies --job readcheck)
 #     --socket-activation    start vqcowd through systemd-socket-activate, which
 #                            passes the listening socket as fd 3 (vqcowd --fd 3)
 #     --keep                 keep the work dir even when the test passes
@@ -57,6 +59,7 @@ restart=0
 activation=0
 kill_frontend=0
 kill_backend=0
+read_only=0
 extra=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -75,9 +78,10 @@ while [ $# -gt 0 ]; do
 	--restart) restart=1; shift ;;
 	--kill-frontend) kill_frontend=1; shift ;;
 	--kill-backend) kill_backend=1; shift ;;
+	--read-only) read_only=1; shift ;;
 	--socket-activation) activation=1; shift ;;
 	--) shift; extra=("$@"); break ;;
-	-h | --help) sed -n '2,37p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,39p' "$0"; exit 0 ;;
 	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -156,10 +160,32 @@ fi
 vm_log "accelerator: $accel, guest timeout ${timeout_s}s"
 
 # --- image and backend ---------------------------------------------------------------
+[ $read_only = 1 ] && job=readcheck
 case "$format" in
 raw) truncate -s "$size" "$img" ;;
 qcow2) qemu-img create -q -f qcow2 "$img" "$size" ;;
 esac || { vm_log "cannot create $img"; exit 1; }
+job_args=""
+if [ "$job" = readcheck ]; then
+	# Known content: random 1 MiB chunks at every third MiB plus a 4 KiB run
+	# at odd places, the rest left as holes (zeroes; unallocated in qcow2).
+	seed=$work/content.raw
+	truncate -s "$size" "$seed"
+	mib=$(($(stat -c %s "$seed") / 1048576))
+	for ((i = 0; i < mib; i += 3)); do
+		dd if=/dev/urandom of="$seed" bs=1M seek=$i count=1 conv=notrunc status=none
+		dd if=/dev/urandom of="$seed" bs=4096 seek=$((i * 256 + 256 + 17)) count=1 conv=notrunc status=none
+	done
+	if [ "$format" = qcow2 ]; then
+		qemu-img convert -q -f raw -O qcow2 "$seed" "$img"
+	else
+		cp --sparse=always "$seed" "$img"
+	fi
+	content_sum=$(sha256sum <"$seed" | cut -d' ' -f1)
+	job_args="vqcow.sha256=$content_sum vqcow.expect_ro=$read_only"
+	vm_log "readcheck: image filled, sha256 $content_sum"
+fi
+[ $read_only = 1 ] && export VM_READONLY=1
 
 vm_log "starting $backend on $img ($format, $size)"
 if [ $activation = 1 ]; then
@@ -183,7 +209,7 @@ fi
 boot_guest() {
 	local gjob=$1 con=$2 append start qemu_st before=$result
 	vm_qemu_base "$accel"
-	append="console=ttyS0 quiet panic=-1 vqcow.job=$gjob vqcow.fiosize=$fio_size"
+	append="console=ttyS0 quiet panic=-1 vqcow.job=$gjob vqcow.fiosize=$fio_size $job_args"
 	vm_log "booting the guest (job $gjob)"
 	start=$(date +%s)
 	timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" \
@@ -426,6 +452,22 @@ if [ "$job" = e2e ] && [ $result = 0 ]; then
 			vm_log "host check: e2fsck clean, $n files match the guest's checksums"
 		fi
 	fi
+fi
+
+if [ "$job" = readcheck ] && [ $result = 0 ]; then
+	if [ "$format" = qcow2 ]; then
+		qemu-img check -q "$img" || fail "qemu-img check reports problems after the read-only run"
+		qemu-img convert -q -O raw "$img" "$work/image.raw"
+		now=$(sha256sum <"$work/image.raw" | cut -d' ' -f1)
+	else
+		now=$(sha256sum <"$img" | cut -d' ' -f1)
+	fi
+	if [ "$now" != "$content_sum" ]; then
+		fail "the image changed although the guest only read it"
+	else
+		vm_log "host check: image content unchanged"
+	fi
+	rm -f "$seed"
 fi
 
 if [ $result = 0 ]; then

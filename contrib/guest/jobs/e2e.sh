@@ -31,6 +31,7 @@ tobytes() { # 64M -> bytes (K/M/G suffixes)
 # --- 1. fio with verification ----------------------------------------------
 cpu1=0
 [ "$ncpu" -gt 1 ] && cpu1=1
+lbs=$(cat /sys/block/${dev#/dev/}/queue/logical_block_size)
 cat >/tmp/verify.fio <<EOF
 [global]
 filename=$dev
@@ -60,14 +61,14 @@ offset=$fiosize
 cpus_allowed=$cpu1
 fsync=256
 
-# Sequential, synchronous, every size from one sector to 1 MiB (big requests
-# become long descriptor chains), after the two random jobs' regions.
+# Sequential, synchronous, every size from one logical block to 1 MiB (big
+# requests become long descriptor chains), after the two random jobs' regions.
 [seq]
 ioengine=psync
 iodepth=1
 rw=write
-bsrange=512-1M
-blockalign=512
+bsrange=$lbs-1M
+blockalign=$lbs
 offset=$((2 * $(tobytes "$fiosize")))
 size=32M
 cpus_allowed=0
@@ -120,7 +121,7 @@ if [ "$(cat /sys/block/$blk/queue/write_zeroes_max_bytes 2>/dev/null || echo 0)"
 	did="$did write-zeroes"
 fi
 q=/sys/block/$blk/queue
-echo "e2e: discard_max_bytes=$(cat $q/discard_max_bytes 2>/dev/null) write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes 2>/dev/null) logical_block_size=$(cat $q/logical_block_size) physical_block_size=$(cat $q/physical_block_size)"
+echo "e2e: discard_max_bytes=$(cat $q/discard_max_bytes 2>/dev/null) write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes 2>/dev/null) logical_block_size=$(cat $q/logical_block_size) physical_block_size=$(cat $q/physical_block_size) write_cache=$(cat $q/write_cache 2>/dev/null | tr " " _)"
 if [ -n "$did" ]; then
 	if [ "$(sum_a)" != "$before" ]; then
 		mark "STEP discard FAILED: data outside the discarded/zeroed ranges changed"
