@@ -17,6 +17,7 @@ Expectations per case:
 """
 
 import os
+import random
 import re
 import shutil
 import struct
@@ -344,6 +345,69 @@ def run_case(name, img, expect, pat, goff, qemu_opened_before):
     return outcome
 
 
+def fuzz(bases, rng, count):
+    """Random byte damage in the metadata clusters of small images: vqcow-img
+    info/check/map and vqcowd must survive; when vqcow-img check -r all says it
+    repaired the image (exit 0), qemu-img check must agree that it is clean."""
+    failures = []
+    names = sorted(bases)
+    for n in range(count):
+        base = bases[names[n % len(names)]]
+        img = W("fz%03d.qcow2" % n)
+        shutil.copyfile(base, img)
+        with Q.Image(img) as im:
+            meta = [0, im.h["l1_table_offset"], im.h["refcount_table_offset"]]
+            l2 = im.l2_table_offset(0)
+            if l2:
+                meta.append(l2)
+            rb = im.refblock_offset(0)
+            if rb:
+                meta.append(rb)
+            for _ in range(rng.randrange(1, 6)):
+                where = rng.choice(meta) + rng.randrange(0, 512)
+                if where < 8:  # keep the magic: damage below it is the point here
+                    where = 8 + rng.randrange(0, 100)
+                im.pwrite(where, bytes([rng.randrange(256)]))
+        what = "fuzz %d (%s)" % (n, names[n % len(names)])
+        try:
+            for args in (("info", "-f", "qcow2", img), ("check", "-f", "qcow2", img),
+                         ("map", "--output=json", "-f", "qcow2", img)):
+                vimg(*args)
+            fixed = W("fz%03d.fixed.qcow2" % n)
+            shutil.copyfile(img, fixed)
+            r = vimg("check", "-r", "all", fixed)
+            if r.rc == 0:
+                rc, js, qr = qlib.qemu_check(fixed)
+                check(rc == 0, "%s: vqcow-img check -r all exit 0 but qemu-img check says %s\n%s"
+                      % (what, rc, qr.describe()))
+            sock = W("fz.sock")
+            d = qlib.Daemon(A.vqcowd, img, sock, extra=["--format", "qcow2"])
+            if d.start(timeout=TIMEOUT):
+                try:
+                    if A.fe and os.access(A.fe, os.X_OK):
+                        fe = qlib.Frontend(A.fe, sock, timeout=TIMEOUT)
+                        fe.read(0, SIZE)
+                        fe.write(0, b"\xa5" * 8192)
+                        fe.flush()
+                    check(d.alive(), "%s: vqcowd died\n%s" % (what, d.log()))
+                except BaseException:
+                    d.kill()
+                    raise
+                rc = d.stop(timeout=10)
+                check(rc is not None and rc >= 0, "%s: vqcowd died of signal %s\n%s"
+                      % (what, rc, d.log()))
+            else:
+                check(d.rc is not None and d.rc > 0, "%s: vqcowd died (%s)\n%s"
+                      % (what, d.rc, d.log()))
+            check(not qlib.sanitizer_report(d.log()), "%s: vqcowd sanitizer report\n%s"
+                  % (what, d.log()))
+            log("PASS %s (repair exit %s)" % (what, r.rc))
+        except qlib.TestFailure as e:
+            log("FAIL %s: %s" % (what, e))
+            failures.append(what)
+    return failures
+
+
 _fe_checked = False
 
 
@@ -356,7 +420,10 @@ def need_binary_fe():
 
 def main():
     global A, W
-    A = qlib.parse_args(lambda p: p.add_argument("--only", default=""))
+    def extra(p):
+        p.add_argument("--only", default="")
+        p.add_argument("--fuzz", type=int, default=40, help="random damage rounds")
+    A = qlib.parse_args(extra)
     qlib.need_qemu_tools("qemu-io")
     qlib.need_binary(A.img, "vqcow-img")
     qlib.need_binary(A.vqcowd, "vqcowd")
@@ -389,6 +456,8 @@ def main():
             except qlib.TestFailure as e:
                 log("FAIL %-32s %s" % (name, e))
                 failures.append(name)
+        if not A.only:
+            failures += fuzz(bases, random.Random(A.seed), A.fuzz)
         ok = not failures
     finally:
         wd.cleanup(ok)
