@@ -896,6 +896,8 @@ static int cmd_map(int argc, char **argv)
 	enum output_fmt out = OUT_HUMAN;
 	const char *fmt = NULL, *file;
 	struct map_state s;
+	struct progress prog_state;
+	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
 	char err[ERRLEN] = "";
 	int c, r;
 
@@ -925,7 +927,9 @@ static int cmd_map(int argc, char **argv)
 	file = argv[optind];
 	s.out = out;
 	s.first = true;
-	r = qcow2_map(file, fmt, map_cb, &s, NULL, err, sizeof(err));
+	progress_init(&prog_state, false);
+	r = qcow2_map(file, fmt, map_cb, &s, &cb, err, sizeof(err));
+	progress_end(&prog_state);
 	if (r < 0) {
 		if (!s.first)
 			printf("\n");
