@@ -1105,6 +1105,13 @@ static void vq_bind(struct vqfe *fe, unsigned q)
 	vq->avail_event = (uint16_t *)&vq->used->ring[vq->num];
 	for (unsigned i = 0; i < vq->num; i++)
 		vq->next[i] = (uint16_t)(i + 1 < vq->num ? i + 1 : 0);
+	/* as after a migration: both indices at ring_base, SET_VRING_BASE says so */
+	vq->avail_idx = vq->kicked_idx = vq->last_used = fe->o.ring_base;
+	vq->avail->idx = htole16(fe->o.ring_base);
+	vq->used->idx = htole16(fe->o.ring_base);
+	/* the event indices too, or the first kick would be suppressed */
+	*vq->avail_event = htole16(fe->o.ring_base);
+	*vq->used_event = htole16(fe->o.ring_base);
 	vq->free_head = 0;
 	vq->num_free = vq->num;
 	for (unsigned s = 0; s < vq->nslots; s++)

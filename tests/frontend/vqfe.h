@@ -157,6 +157,7 @@ struct vqfe_opts {
 	unsigned config_len;     /* GET_CONFIG length (default VQFE_BLK_CONFIG_LEN) */
 	bool manual;             /* connect only: the caller drives the protocol */
 	bool quiet;              /* vqfe_open: do not print the error to stderr */
+	uint16_t ring_base;      /* initial avail/used index of every ring (test index wrap) */
 };
 
 /* Fill @o with defaults. */

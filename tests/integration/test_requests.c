@@ -415,6 +415,99 @@ static void t_depth_no_event_idx(void)
 	depth_roundtrip(false);
 }
 
+/* Rings that start near the 16-bit index wrap (SET_VRING_BASE 65520). */
+static void t_index_wrap(void)
+{
+	enum { DEPTH = 8, LEN = 4096, ROUNDS = 5 };
+	START(d, .img_size = 4 * MiB);
+	struct vqfe_opts o;
+	struct vqfe_req req[DEPTH];
+	uint8_t *w = xmalloc(DEPTH * LEN * ROUNDS), *r = xmalloc(DEPTH * LEN * ROUNDS);
+
+	itest_fe_opts(&o);
+	o.slots = DEPTH;
+	o.queue_size = 16;
+	o.ring_base = 65520;
+	CONNECT(fe, d, &o);
+	itest_fill(w, DEPTH * LEN * ROUNDS, 13);
+	for (unsigned round = 0; round < 2 * ROUNDS; round++) {
+		bool rd = round >= ROUNDS;
+		unsigned base = (round % ROUNDS) * DEPTH;
+
+		for (unsigned i = 0; i < DEPTH; i++) {
+			req[i] = (struct vqfe_req){.type = rd ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT,
+						   .sector = (uint64_t)(base + i) * LEN / 512,
+						   .buf = (rd ? r : w) + (size_t)(base + i) * LEN,
+						   .len = LEN,
+						   .layout = i & 1 ? VQFE_L_INDIRECT : 0};
+			CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
+		}
+		if (vqfe_drain(fe, 0) < 0) {
+			fprintf(stderr, "round %u: %s\n", round, vqfe_strerror(fe));
+			CU_FAIL_FATAL("requests across the index wrap did not complete");
+		}
+		for (unsigned i = 0; i < DEPTH; i++)
+			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+	}
+	/* 80 requests from 65520: the indices wrapped */
+	CU_ASSERT(le16toh(vqfe_vq_used(vqfe_vq(fe, 0))->idx) < 100);
+	CU_ASSERT_EQUAL(memcmp(r, w, DEPTH * LEN * ROUNDS), 0);
+	free(w);
+	free(r);
+	vqfe_close(fe);
+	STOP(d);
+}
+
+/* One 8 MiB request in 64 segments (indirect), and one of 255 segments. */
+static void t_big_request(void)
+{
+	START(d, .img_size = 16 * MiB);
+	struct vqfe_opts o;
+	uint32_t len = 8 * MiB;
+	uint8_t *w = xmalloc(len), *r = xmalloc(len);
+	struct vqfe_req q;
+
+	itest_fe_opts(&o);
+	o.data_size = len;
+	o.slots = 2;
+	CONNECT(fe, d, &o);
+	itest_fill(w, len, 21);
+	q = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+			      .sector = 2048,
+			      .buf = w,
+			      .len = len,
+			      .segs = 64,
+			      .layout = VQFE_L_INDIRECT};
+	CU_ASSERT_EQUAL(run(fe, 0, &q), VIRTIO_BLK_S_OK);
+	q = (struct vqfe_req){.type = VIRTIO_BLK_T_IN,
+			      .sector = 2048,
+			      .buf = r,
+			      .len = len,
+			      .segs = 64,
+			      .layout = VQFE_L_INDIRECT};
+	CU_ASSERT_EQUAL(run(fe, 0, &q), VIRTIO_BLK_S_OK);
+	CU_ASSERT_EQUAL(q.used_len, len + 1);
+	CU_ASSERT_EQUAL(memcmp(r, w, len), 0);
+	/* as many segments as an indirect table of ours holds (header, status) */
+	if (le32toh(vqfe_config(fe)->seg_max) >= 254) {
+		memset(r, 0, len);
+		q = (struct vqfe_req){.type = VIRTIO_BLK_T_IN,
+				      .sector = 2048,
+				      .buf = r,
+				      .len = 254 * 4096,
+				      .segs = 254,
+				      .layout = VQFE_L_INDIRECT};
+		CU_ASSERT_EQUAL(run(fe, 0, &q), VIRTIO_BLK_S_OK);
+		CU_ASSERT_EQUAL(memcmp(r, w, 254 * 4096), 0);
+	}
+	CU_ASSERT_EQUAL(vqfe_flush(fe, 0), 0);
+	CU_ASSERT(file_equals(&d, 1 * MiB, w, len));
+	free(w);
+	free(r);
+	vqfe_close(fe);
+	STOP(d);
+}
+
 static void t_multiqueue(void)
 {
 	enum { NQ = 4, DEPTH = 8, LEN = 32 * 1024 };
@@ -852,6 +945,8 @@ static void add_suites(void)
 	CU_add_test(s, "depth_event_idx", t_depth_event_idx);
 	CU_add_test(s, "depth_no_event_idx", t_depth_no_event_idx);
 	CU_add_test(s, "multiqueue", t_multiqueue);
+	CU_add_test(s, "index_wrap", t_index_wrap);
+	CU_add_test(s, "big_request", t_big_request);
 	CU_add_test(s, "status_rw", t_status_rw);
 	CU_add_test(s, "read_only", t_read_only);
 	CU_add_test(s, "discard_write_zeroes", t_discard_write_zeroes);
