@@ -508,6 +508,55 @@ static void t_big_request(void)
 	STOP(d);
 }
 
+/* A driver that polls asks for no interrupts; the device SHOULD NOT send any
+ * (virtio 1.2 2.7.10: NO_INTERRUPT without EVENT_IDX; with EVENT_IDX only
+ * when used->idx crosses used_event, which we leave at the ring start). */
+static void suppressed(bool event_idx)
+{
+	enum { DEPTH = 8, ROUNDS = 4 };
+	START(d, .img_size = 4 * MiB);
+	struct vqfe_opts o;
+	struct vqfe_req req[DEPTH];
+	uint8_t buf[4096];
+	uint64_t calls;
+
+	itest_fe_opts(&o);
+	o.poll = true;
+	o.no_event_idx = !event_idx;
+	o.slots = DEPTH;
+	CONNECT(fe, d, &o);
+	for (unsigned round = 0; round < ROUNDS; round++) {
+		for (unsigned i = 0; i < DEPTH; i++) {
+			req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_IN,
+						   .sector = i * 8,
+						   .buf = buf,
+						   .len = sizeof(buf)};
+			CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
+		}
+		CU_ASSERT_EQUAL_FATAL(vqfe_drain(fe, 0), 0);
+		for (unsigned i = 0; i < DEPTH; i++)
+			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+	}
+	/* with EVENT_IDX, the first completion crosses used_event (0); libvhost-user
+	 * (qemu-storage-daemon) also signals once when it gets the call fd */
+	calls = vqfe_vq_calls(fe, 0);
+	if (calls > (event_idx ? 1u : 0u) + itest_is_qsd())
+		fprintf(stderr, "%llu notifications\n", (unsigned long long)calls);
+	CU_ASSERT(calls <= (event_idx ? 1u : 0u) + itest_is_qsd());
+	vqfe_close(fe);
+	STOP(d);
+}
+
+static void t_suppressed_no_interrupt(void)
+{
+	suppressed(false);
+}
+
+static void t_suppressed_event_idx(void)
+{
+	suppressed(true);
+}
+
 static void t_multiqueue(void)
 {
 	enum { NQ = 4, DEPTH = 8, LEN = 32 * 1024 };
@@ -946,6 +995,8 @@ static void add_suites(void)
 	CU_add_test(s, "depth_no_event_idx", t_depth_no_event_idx);
 	CU_add_test(s, "multiqueue", t_multiqueue);
 	CU_add_test(s, "index_wrap", t_index_wrap);
+	CU_add_test(s, "suppressed_no_interrupt", t_suppressed_no_interrupt);
+	CU_add_test(s, "suppressed_event_idx", t_suppressed_event_idx);
 	CU_add_test(s, "big_request", t_big_request);
 	CU_add_test(s, "status_rw", t_status_rw);
 	CU_add_test(s, "read_only", t_read_only);
