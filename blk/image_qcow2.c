@@ -147,7 +147,8 @@ struct q2img {
 	struct img img;
 	struct io_file file;
 	struct io_file dfile;
-	bool has_dfile;
+	bool has_dfile; /* external data file (in dfile) */
+	bool own_dfile; /* dfile is open: the external data file, or the image again for data */
 	bool data_raw;
 	struct qcow2 *q;
 	struct img *backing;
@@ -168,7 +169,7 @@ static void z_step(struct q2req *r);
 
 static struct io_file *data_file(struct q2img *m)
 {
-	return m->has_dfile ? &m->dfile : &m->file;
+	return m->own_dfile ? &m->dfile : &m->file;
 }
 
 /* ---- pools ---- */
@@ -611,8 +612,11 @@ static void wr_alloc_write(struct q2req *r)
 			r->wiov[1] = (struct iovec){tbuf, tail};
 			io_writev(m->img.loop, &r->cmd2, f, &r->wiov[1], 1, a->host + a->len);
 		}
-		if (!r->wr_pending)
-			wr_finish(r, 0);
+		if (!r->wr_pending) {
+			/* nothing to write (fresh space): continue from the loop, not deeper */
+			r->wr_pending = 1;
+			io_readv(m->img.loop, &r->cmd, f, NULL, 0, 0);
+		}
 		return;
 	}
 	if (whead)
@@ -1009,7 +1013,7 @@ static void q2_close(struct img *img)
 			strerror(-ret));
 	img_close(m->backing);
 	io_file_close(&m->file);
-	if (m->has_dfile)
+	if (m->own_dfile)
 		io_file_close(&m->dfile);
 	req_free_all(m);
 	io_free_aligned(m->dbuf);
@@ -1123,10 +1127,18 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			goto close_q;
 		}
 		m->has_dfile = true;
+		m->own_dfile = true;
 		m->data_raw = (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
 		qcow2_set_data_file(m->q, &m->dfile);
 		free(name);
 		name = NULL;
+	} else if (io_file_open(&m->dfile, path, flags | IO_FILE_ZERO_EOF) == 0) {
+		/*
+		 * Data goes through a second handle that reads zeroes past the end
+		 * of the file: clusters allocated in fresh space may lie (partly)
+		 * beyond it until written. Metadata reads keep failing there.
+		 */
+		m->own_dfile = true;
 	}
 	if (h->backing_file[0]) {
 		struct img_opts bo = {0};
@@ -1185,7 +1197,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.size = qcow2_size(m->q);
 	m->img.read_only = read_only;
 	m->img.align = m->file.align > 512 ? m->file.align : 512;
-	if (m->has_dfile && m->dfile.align > m->img.align)
+	if (m->own_dfile && m->dfile.align > m->img.align)
 		m->img.align = m->dfile.align;
 	m->img.supports_discard = true;
 	m->img.supports_write_zeroes = true;
@@ -1197,7 +1209,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 close_backing:
 	img_close(m->backing);
 close_dfile:
-	if (m->has_dfile)
+	if (m->own_dfile)
 		io_file_close(&m->dfile);
 close_q:
 	qcow2_close(m->q);
