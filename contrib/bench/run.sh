@@ -401,7 +401,10 @@ need_image qcow2-full && prepare_full qcow2-full
 need_image qcow2-overlay && prepare_full base
 { need_image qcow2-1t-metadata || in_list "limit-1t:randread-4k-qd1" "${LIMITS[*]:-}" ||
 	in_list "limit-1t:randread-4k-qd32" "${LIMITS[*]:-}"; } && prepare_1t
-sync
+# flush what the preparation wrote through the page cache (qemu-img), per file
+for f in "$imgdir"/*.img "$imgdir"/*.qcow2; do
+	[ -f "$f" ] && sync "$f"
+done
 
 # run_image NAME: set RUN_IMG to the image to use for one run, creating a
 # fresh one for the "fresh" kinds; sets RUN_FMT (raw|qcow2) and RUN_BACKING.
@@ -550,9 +553,9 @@ run_backend() {
 	python3 "$BENCHPY" record --csv "$csv" --kind fe --result "$out/raw/$tag.json" --status "$status" \
 		--rep "$rep" --image "$image" --job "$job" --backend "$kind" --order "$order" \
 		--cpu-ticks $((t1 - t0)) --clk-tck "$clk_tck" --hwm-kib "$h" || true
-	# drop the fresh image and let the file system settle (freeing a few GiB
-	# of extents, possibly with online discard) before the next run
-	[ $keep_images = 1 ] || case "$img" in "$imgdir"/run-*) rm -f "$img" && sync -f "$imgdir" ;; esac
+	# drop the fresh image (no syncfs here: on a shared file system it would
+	# wait for everybody's dirty data)
+	[ $keep_images = 1 ] || case "$img" in "$imgdir"/run-*) rm -f "$img" ;; esac
 }
 
 # run_limit REP LIMITNAME JOB: fio on the host against the raw file
