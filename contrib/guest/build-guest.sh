@@ -54,40 +54,53 @@ if ldd "$busybox_bin" >/dev/null 2>&1; then
 fi
 
 # --- 1. the kernel: the current Debian 12 linux-image-*-amd64 ------------------
+# The meta package depends on the current ABI's image package.
+current_kver() {
+	apt-cache depends linux-image-amd64 2>/dev/null |
+		sed -n 's/^ *Depends: linux-image-\([0-9][^ ]*-amd64\)$/\1/p' | head -n1
+}
+apt_update() {
+	log "refreshing the package lists (apt-get update)"
+	apt-get update -q >&2 || log "apt-get update failed"
+}
+download() { # PKG into $cache
+	(cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$1" >&2)
+}
+kver_given=$kver
 if [ -z "$kver" ]; then
 	if [ -f "$cache/kernel-version" ] && [ $force = 0 ]; then
 		kver=$(cat "$cache/kernel-version")
 	else
-		# The meta package depends on the current ABI's image package.
-		dep=$(apt-cache depends linux-image-amd64 2>/dev/null |
-			sed -n 's/^ *Depends: linux-image-\([0-9][^ ]*-amd64\)$/\1/p' | head -n1)
-		if [ -z "$dep" ]; then
-			log "no package lists? running apt-get update"
-			apt-get update -q >&2 || true
-			dep=$(apt-cache depends linux-image-amd64 2>/dev/null |
-				sed -n 's/^ *Depends: linux-image-\([0-9][^ ]*-amd64\)$/\1/p' | head -n1)
+		kver=$(current_kver)
+		if [ -z "$kver" ]; then
+			apt_update
+			kver=$(current_kver)
 		fi
-		[ -n "$dep" ] || die "cannot find the current linux-image-*-amd64 package (apt-cache depends linux-image-amd64)"
-		kver=$dep
+		[ -n "$kver" ] || die "cannot find the current linux-image-*-amd64 package (apt-cache depends linux-image-amd64)"
 	fi
+fi
+if [ ! -f "$cache/kernel-$kver/.unpacked" ] || [ $force = 1 ]; then
+	deb=$(ls "$cache"/linux-image-"$kver"_*.deb 2>/dev/null | head -n1 || true)
+	if [ -z "$deb" ]; then
+		log "downloading linux-image-$kver"
+		if ! download "linux-image-$kver"; then
+			# Stale lists: a security update may have replaced that ABI.
+			apt_update
+			[ -n "$kver_given" ] || kver=$(current_kver)
+			[ -n "$kver" ] || die "cannot find the current linux-image-*-amd64 package"
+			log "downloading linux-image-$kver"
+			download "linux-image-$kver" || die "apt-get download linux-image-$kver failed"
+		fi
+		deb=$(ls "$cache"/linux-image-"$kver"_*.deb | head -n1)
+	fi
+	log "unpacking $(basename "$deb")"
+	rm -rf "$cache/kernel-$kver"
+	mkdir -p "$cache/kernel-$kver"
+	dpkg-deb -x "$deb" "$cache/kernel-$kver"
+	touch "$cache/kernel-$kver/.unpacked"
 fi
 pkg=linux-image-$kver
 kroot=$cache/kernel-$kver
-if [ ! -f "$kroot/.unpacked" ] || [ $force = 1 ]; then
-	deb=$(ls "$cache"/"${pkg}"_*.deb 2>/dev/null | head -n1 || true)
-	if [ -z "$deb" ]; then
-		log "downloading $pkg"
-		(cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
-			{ apt-get update -q >&2 && (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); } ||
-			die "apt-get download $pkg failed"
-		deb=$(ls "$cache"/"${pkg}"_*.deb | head -n1)
-	fi
-	log "unpacking $(basename "$deb")"
-	rm -rf "$kroot"
-	mkdir -p "$kroot"
-	dpkg-deb -x "$deb" "$kroot"
-	touch "$kroot/.unpacked"
-fi
 echo "$kver" >"$cache/kernel-version"
 vmlinuz=$kroot/boot/vmlinuz-$kver
 moddir=$kroot/lib/modules/$kver
