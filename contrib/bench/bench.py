@@ -521,9 +521,13 @@ def write_chart(med, cells, outdir, title):
     gp = os.path.join(outdir, "chart.gp")
     n = max(1, len(cells))
     height = 170 + 22 * n
+    rs = [v for c in cells for v in (c["iops_vs_qsd"], c["iops_vs_limit"]) if v]
+    lo = min(rs + [0.5])
+    hi = max(rs + [2.0])
+    ratio_range = (2 ** math.floor(math.log2(lo)), 2 ** math.ceil(math.log2(hi)))
     panels = []
     if have_ratio:
-        panels.append(("IOPS ratio (median over repetitions)",
+        panels.append(("IOPS ratio (median over repetitions; log scale)",
                        [(3, "vqcowd / qsd", "#2060c0"), (4, "vqcowd / limit (host fio)", "#909090")],
                        "ratio"))
     panels.append(("thousand IOPS (median)",
@@ -550,12 +554,13 @@ def write_chart(med, cells, outdir, title):
             L.append("set ytics format \"\"")
         L.append('set xlabel "%s"' % xlabel)
         if kind == "ratio":
-            L.append("unset logscale x")
-            L.append("set xrange [0:*]")
+            # log scale, bars grow from 1: right of the line = vqcowd ahead
+            L.append("set logscale x 2")
+            L.append("set xrange [%g:%g]" % ratio_range)
             L.append('set arrow 1 from 1, graph 0 to 1, graph 1 nohead lw 2 dt 2 lc rgb "black"')
-            xmin = 0
+            xmin = 1
         else:
-            L.append("set logscale x")
+            L.append("set logscale x 10")
             L.append("set xrange [*:*]")
             L.append("unset arrow 1")
             xmin = 0.01

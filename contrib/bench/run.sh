@@ -258,7 +258,7 @@ if [ $list_only = 1 ] || { [ ${#CELLS[@]} = 0 ] && [ $guest_only = 0 ]; }; then
 	echo "images (name|jobs|lifetime):"
 	printf '  %s\n' "${IMAGES[@]}"
 	echo "selected: ${#CELLS[@]} cells x $nb backend(s) + ${#LIMITS[@]} limit runs, x $reps repetition(s) = $nruns runs of ${runtime}s"
-	echo "estimated time: ~$(((nruns * (runtime + 3) + 59) / 60)) min plus image preparation"
+	echo "estimated time: ~$(((nruns * (runtime + 4) + 59) / 60)) min plus image preparation"
 	[ ${#CELLS[@]} = 0 ] && [ $guest_only = 0 ] && { echo "run.sh: nothing selected" >&2; exit 2; }
 	exit 0
 fi
