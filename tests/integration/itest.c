@@ -19,6 +19,62 @@
 static const char *vqcowd_path;
 static bool use_qsd;
 
+/* Daemons started and not stopped yet: a fatal assertion jumps over the
+ * test's itest_stop() (and its stack frame), so copies of pid and temp dir
+ * are kept here and reaped after each test and at exit. */
+#define MAX_LIVE 16
+static struct {
+	pid_t pid;
+	char dir[PATH_MAX];
+} live[MAX_LIVE];
+
+static int live_find(const char *dir)
+{
+	for (int i = 0; i < MAX_LIVE; i++)
+		if (live[i].dir[0] && !strcmp(live[i].dir, dir))
+			return i;
+	return -1;
+}
+
+static void live_set(const struct itest_daemon *d)
+{
+	int i = live_find(d->dir);
+
+	for (int k = 0; i < 0 && k < MAX_LIVE; k++)
+		if (!live[k].dir[0])
+			i = k;
+	if (i < 0 || !d->dir[0])
+		return;
+	live[i].pid = d->pid;
+	snprintf(live[i].dir, sizeof(live[i].dir), "%s", d->dir);
+}
+
+static void live_del(const struct itest_daemon *d)
+{
+	int i = live_find(d->dir);
+
+	if (i >= 0)
+		live[i].dir[0] = 0;
+}
+
+static void rm_rf(const char *dir);
+
+/* Kill and clean up whatever a test left behind. */
+static void reap_leftovers(void)
+{
+	for (int i = 0; i < MAX_LIVE; i++) {
+		if (!live[i].dir[0])
+			continue;
+		if (live[i].pid > 0) {
+			kill(live[i].pid, SIGKILL);
+			waitpid(live[i].pid, NULL, 0);
+		}
+		if (!getenv("ITEST_KEEP"))
+			rm_rf(live[i].dir);
+		live[i].dir[0] = 0;
+	}
+}
+
 /* Is @prog an executable in $PATH? */
 static bool in_path(const char *prog)
 {
@@ -214,6 +270,8 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 		perror("itest: fork");
 		return -1;
 	}
+	if (d->pid > 0)
+		live_set(d);
 	if (d->pid == 0) {
 		int fd = open(d->log, O_CREAT | O_WRONLY | O_TRUNC, 0600);
 
@@ -236,6 +294,7 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 			fprintf(stderr, "itest: back-end exited (status %#x) before listening\n",
 				st);
 			d->pid = -1;
+			live_set(d);
 			itest_dump_log(d);
 			return -1;
 		}
@@ -246,6 +305,7 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 	kill(d->pid, SIGKILL);
 	waitpid(d->pid, NULL, 0);
 	d->pid = -1;
+	live_set(d);
 	return -1;
 }
 
@@ -259,6 +319,7 @@ bool itest_alive(struct itest_daemon *d)
 		fprintf(stderr, "itest: back-end died (status %#x)\n", st);
 		itest_dump_log(d);
 		d->pid = -1;
+		live_set(d);
 		return false;
 	}
 	return true;
@@ -275,6 +336,7 @@ int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms)
 	while (now_ms() < deadline) {
 		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
 			d->pid = -1;
+			live_set(d);
 			if (WIFEXITED(st))
 				return WEXITSTATUS(st);
 			return 128 + WTERMSIG(st);
@@ -285,6 +347,7 @@ int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms)
 	kill(d->pid, SIGKILL);
 	waitpid(d->pid, NULL, 0);
 	d->pid = -1;
+	live_set(d);
 	return -1;
 }
 
@@ -310,6 +373,7 @@ int itest_stop(struct itest_daemon *d)
 {
 	int rc = 0;
 
+	live_del(d);
 	if (d->pid > 0) {
 		rc = itest_signal_wait(d, SIGTERM, 20000);
 		if (rc != 0)
@@ -379,12 +443,18 @@ struct vqfe *itest_connect(const struct itest_daemon *d, const struct vqfe_opts 
 	return fe;
 }
 
+void itest_teardown(void)
+{
+	reap_leftovers();
+}
+
 int itest_run(const char *name, void (*add_suites)(void))
 {
 	unsigned failed;
 
 	if (CU_initialize_registry() != CUE_SUCCESS)
 		return 1;
+	atexit(reap_leftovers);
 	add_suites();
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();

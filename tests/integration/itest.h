@@ -74,6 +74,11 @@ struct vqfe *itest_connect(const struct itest_daemon *d, const struct vqfe_opts 
 /* Deterministic pseudo-random fill. */
 void itest_fill(void *buf, size_t len, uint64_t seed);
 
+/* Per-test teardown for CU_add_suite_with_setup_and_teardown: kills and
+ * cleans up any daemon a failed test left behind (a fatal assertion skips
+ * the test's own itest_stop). */
+void itest_teardown(void);
+
 /* Run a CUnit registry built by @add_suites; returns the process exit code. */
 int itest_run(const char *name, void (*add_suites)(void));
 

@@ -906,7 +906,8 @@ static void t_resize_config_change(void)
 
 static void add_suites(void)
 {
-	CU_pSuite s = CU_add_suite("protocol", NULL, NULL);
+	CU_pSuite s =
+	    CU_add_suite_with_setup_and_teardown("protocol", NULL, NULL, NULL, itest_teardown);
 
 	CU_add_test(s, "get_vring_base", t_get_vring_base);
 	CU_add_test(s, "ring_enable", t_ring_enable);

@@ -983,7 +983,8 @@ static void t_malformed_requests(void)
 
 static void add_suites(void)
 {
-	CU_pSuite s = CU_add_suite("requests", NULL, NULL);
+	CU_pSuite s =
+	    CU_add_suite_with_setup_and_teardown("requests", NULL, NULL, NULL, itest_teardown);
 
 	CU_add_test(s, "config", t_config);
 	CU_add_test(s, "config_lbs4096", t_config_lbs4096);
