@@ -388,6 +388,8 @@ static uint64_t cluster_of(const char *create)
 	return v;
 }
 
+static void same_cluster_rounds(struct img *img, const struct wl *w, uint64_t cs, int rounds);
+
 static void run_wl(const struct wl *w0)
 {
 	struct wl wcopy = *w0, *w = &wcopy;
@@ -475,6 +477,7 @@ static void run_wl(const struct wl *w0)
 		img = open_img(img_path, false);
 	}
 	workload(img, w, cs, w->ops - w->ops / 2);
+	same_cluster_rounds(img, w, cs, 20);
 	verify_all(img, w);
 	img_close(img);
 
@@ -501,6 +504,73 @@ static void run_wl(const struct wl *w0)
 	}
 	free(g_model);
 	g_model = NULL;
+}
+
+/*
+ * Many requests at once on distinct blocks of the same few clusters: writes,
+ * reads and write-zeroes that all need the same clusters' allocation or
+ * subcluster changes, so they queue behind each other's tokens.
+ */
+static void same_cluster_rounds(struct img *img, const struct wl *w, uint64_t cs, int rounds)
+{
+	enum { N = 48 };
+	uint64_t window = 4 * cs < 65536 ? 65536 : 4 * cs;
+
+	if (window > w->size)
+		window = w->size;
+
+	for (int round = 0; round < rounds; round++) {
+		uint64_t base = (rnd() % (w->size / window)) * window;
+		struct tio t[N];
+		uint8_t *bufs[N];
+		struct iovec iov[N];
+		uint64_t offs[N], lens[N];
+		int kind[N], n = 0;
+
+		for (int i = 0; i < N * 4 && n < N; i++) {
+			uint64_t len = ((rnd() % 8) + 1) * 512;
+			uint64_t off = base + (rnd() % ((window - len) / 512 + 1)) * 512;
+			bool clash = false;
+
+			for (int j = 0; j < n; j++)
+				if (off < offs[j] + lens[j] && offs[j] < off + len)
+					clash = true;
+			if (clash)
+				continue;
+			offs[n] = off;
+			lens[n] = len;
+			kind[n] = rnd() % 4; /* 0,1 write, 2 read, 3 write zeroes */
+			bufs[n] = io_alloc_aligned(len);
+			if (kind[n] < 2)
+				fill(bufs[n], len);
+			memset(&t[n], 0, sizeof(t[n]));
+			t[n].io.done = tio_done;
+			iov[n] = (struct iovec){bufs[n], len};
+			n++;
+		}
+		g_in_submit = true;
+		for (int i = 0; i < n; i++) {
+			if (kind[i] < 2)
+				img_writev(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
+			else if (kind[i] == 2)
+				img_readv(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
+			else
+				img_write_zeroes(img, &t[i].io, offs[i], lens[i],
+						 rnd() % 2 ? IMG_IO_UNMAP : 0);
+		}
+		g_in_submit = false;
+		run_until_all(t, n);
+		for (int i = 0; i < n; i++) {
+			CU_ASSERT_EQUAL(t[i].res, 0);
+			if (kind[i] < 2)
+				memcpy(g_model + offs[i], bufs[i], lens[i]);
+			else if (kind[i] == 3)
+				memset(g_model + offs[i], 0, lens[i]);
+			else if (memcmp(bufs[i], g_model + offs[i], lens[i]) != 0)
+				CU_FAIL("same-cluster read mismatch");
+			io_free_aligned(bufs[i]);
+		}
+	}
 }
 
 #define SZ (16ull << 20)
