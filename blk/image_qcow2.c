@@ -24,9 +24,18 @@
  * qcow2_zero_step(); parts it cannot do in metadata become writes without a
  * data buffer (zero data).
  *
+ * Files: metadata I/O goes through the engine's handle of the image (reads
+ * past EOF fail: a truncated table is an error); data I/O through a second
+ * handle that reads zeroes past EOF (fresh clusters may lie beyond the end of
+ * the file until written), or through the external data file. Backing images
+ * are opened read-only through img_open() (raw or qcow2, relative names
+ * against the image's directory, up to Q2_MAX_DEPTH levels: a loop is refused).
+ *
  * Completion: every request ends in exactly one io->done(), always from the
- * loop (a step that finishes without any I/O defers through a zero-length
- * read, which io/ completes on the next loop iteration).
+ * loop: a request starts from a zero-length read that io/ completes on the
+ * next loop iteration (such "no-op reads" also continue steps that needed no
+ * I/O, so long runs never recurse; note they count as READV commands for
+ * io_loop_inject()).
  */
 #include <errno.h>
 #include <fcntl.h>
