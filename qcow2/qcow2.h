@@ -37,8 +37,15 @@
  * batch that removed the last pointer completed (and after in-flight data I/O
  * that may use the cluster ended). Invariant: nothing on disk ever points at
  * a cluster whose on-disk refcount is too low; a crash can only leak.
- * Metadata is written back in batches: on qcow2_flush(), when many slices are
- * dirty, and periodically.
+ * Metadata is written back in batches: on qcow2_flush(), when half the
+ * caches are dirty, and every writeback_ms (5 s) while anything is dirty. A
+ * write into an allocated cluster needs no metadata I/O at all.
+ *
+ * Allocation: at the end of the file (fresh space, preallocated with
+ * fallocate in chunks of size/16 clamped to 4..64 MiB, reads as zeroes) or
+ * from clusters freed earlier (punched, so they read as zeroes too when the
+ * file system can punch). The refcount table grows when needed; new refcount
+ * blocks describe themselves.
  *
  * Corruption: an invalid entry found while mapping is logged once (naming the
  * file), the corrupt bit is set in the header (read-write v3 images), every
