@@ -32,7 +32,7 @@ import sys
 CSV_FIELDS = [
     "rep", "image", "job", "backend", "order", "status", "ios", "runtime_s",
     "iops", "mib_s", "lat_mean_us", "lat_p50_us", "lat_p99_us", "cpu_ticks",
-    "cpu_us_per_io", "peak_rss_kib", "raw",
+    "cpu_us_per_io", "peak_rss_kib", "load1", "raw",
 ]
 
 MIB = 1024.0 * 1024.0
@@ -306,6 +306,11 @@ def cmd_record(a):
             row["cpu_us_per_io"] = _fmt(a.cpu_ticks * 1e6 / a.clk_tck / res["ios"])
     if a.hwm_kib is not None and a.hwm_kib >= 0:
         row["peak_rss_kib"] = str(a.hwm_kib)
+    try:
+        with open("/proc/loadavg") as f:
+            row["load1"] = f.read().split()[0]
+    except OSError:
+        pass
     new = not os.path.exists(a.csv) or os.path.getsize(a.csv) == 0
     with open(a.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
