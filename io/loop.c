@@ -76,6 +76,7 @@ struct io_loop {
 	struct io_defer *defers;
 	struct io_defer *defer_cursor; /* next hook while running hooks */
 	uint64_t poll_ns;
+	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
 	struct inject inj[IO_INJECT_MAX];
 	void *bfree[IO_BOUNCE_CLASSES];
 	unsigned bfree_n[IO_BOUNCE_CLASSES];
@@ -158,6 +159,16 @@ unsigned io_loop_inflight(const struct io_loop *loop)
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
 {
 	loop->poll_ns = max_ns;
+}
+
+void io_loop_set_submit_batch(struct io_loop *loop, unsigned n)
+{
+	loop->submit_batch = n;
+}
+
+unsigned io_loop_sq_waiting(struct io_loop *loop)
+{
+	return io_uring_sq_ready(&loop->ring);
 }
 
 /* ---- fault injection ---- */
@@ -420,6 +431,9 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	io_uring_sqe_set_data(sqe, cmd);
 	cmd->state = CMD_KERNEL;
 	loop->kinflight++;
+	/* Errors (e.g. -EBUSY) leave the SQEs queued for the iteration's submit. */
+	if (loop->submit_batch && io_uring_sq_ready(&loop->ring) >= loop->submit_batch)
+		io_uring_submit(&loop->ring);
 	return true;
 }
 

@@ -1106,6 +1106,64 @@ static void test_busy_poll(void)
 	env_exit(&e);
 }
 
+/* ---- early submission ---- */
+
+static void test_submit_batch(void)
+{
+	enum { N = 40 };
+	struct env e;
+	struct tcmd t[N];
+	uint8_t *buf;
+
+	env_init(&e, 64, IO_FILE_DIRECT);
+	buf = io_alloc_aligned((size_t)N * 4096);
+	CU_ASSERT_FATAL(buf != NULL);
+	for (int i = 0; i < N; i++)
+		memset(buf + (size_t)i * 4096, 0x40 + i, 4096);
+	/* Default: everything waits for the iteration's single submit. */
+	g_in_submit = true;
+	for (int i = 0; i < 3; i++) {
+		tinit(&t[i]);
+		io_write(e.loop, &t[i].cmd, &e.f, buf + (size_t)i * 4096, 4096, (uint64_t)i * 4096);
+	}
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(io_loop_sq_waiting(e.loop), 3);
+	run_all(e.loop);
+	CU_ASSERT_EQUAL(io_loop_sq_waiting(e.loop), 0);
+	/* Batch of 2: every second command goes to the kernel at once. */
+	io_loop_set_submit_batch(e.loop, 2);
+	g_in_submit = true;
+	for (int i = 3; i < N; i++) {
+		tinit(&t[i]);
+		io_write(e.loop, &t[i].cmd, &e.f, buf + (size_t)i * 4096, 4096, (uint64_t)i * 4096);
+		CU_ASSERT_EQUAL(io_loop_sq_waiting(e.loop), (unsigned)(i - 3 + 1) % 2);
+	}
+	g_in_submit = false;
+	run_all(e.loop);
+	for (int i = 0; i < N; i++) {
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+		CU_ASSERT_EQUAL(t[i].res, 4096);
+	}
+	/* Batch of 1 on reads: each read is in the kernel when io_read returns. */
+	io_loop_set_submit_batch(e.loop, 1);
+	memset(buf, 0, (size_t)N * 4096);
+	g_in_submit = true;
+	for (int i = 0; i < N; i++) {
+		tinit(&t[i]);
+		io_read(e.loop, &t[i].cmd, &e.f, buf + (size_t)i * 4096, 4096, (uint64_t)i * 4096);
+		CU_ASSERT_EQUAL(io_loop_sq_waiting(e.loop), 0);
+	}
+	g_in_submit = false;
+	run_all(e.loop);
+	for (int i = 0; i < N; i++) {
+		CU_ASSERT_EQUAL(t[i].res, 4096);
+		CU_ASSERT_EQUAL(buf[(size_t)i * 4096 + 7], 0x40 + i);
+	}
+	io_loop_set_submit_batch(e.loop, 0);
+	io_free_aligned(buf);
+	env_exit(&e);
+}
+
 static void test_bad_args(void)
 {
 	struct env e;
@@ -1179,6 +1237,7 @@ int main(void)
 	CU_add_test(s, "run/stop", test_run_stop);
 	CU_add_test(s, "SQ full backpressure", test_sq_full);
 	CU_add_test(s, "busy polling", test_busy_poll);
+	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "bad arguments", test_bad_args);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
