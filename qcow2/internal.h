@@ -71,6 +71,12 @@ struct q2_cache {
 	struct q2_slice *dirty; /* dirty list (in_dlist) */
 	size_t ndirty;
 	uint64_t hits, misses, evictions;
+	/*
+	 * Bumped whenever a slice leaves the hash (eviction, release, forget,
+	 * trim) and on q2_cache_new(): a read of on-disk slices issued at an
+	 * older generation may be stale (see the L2 prefetch in cache.c).
+	 */
+	uint64_t gen;
 };
 
 /* A growable list of host offsets (refcount decrements, free clusters). */
@@ -80,6 +86,7 @@ struct q2_u64v {
 };
 
 struct q2_batch;
+struct q2_pf;
 
 struct qcow2 {
 	struct io_loop *loop;
@@ -179,6 +186,10 @@ struct qcow2 {
 	struct io_cmd wake_cmd;
 	bool wake_armed;
 
+	/* Background L2 prefetch after open (cache.c); NULL when none ran */
+	struct q2_pf *pf;
+	uint64_t n_l2_prefetched; /* slices inserted by the prefetch */
+
 	/* Per-type counters (describe) */
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 };
@@ -214,6 +225,28 @@ void q2_cache_forget(struct q2_cache *c, uint64_t off);
 size_t q2_cache_over(const struct q2_cache *c);
 /* Free clean, idle entries until the cache is back within its soft limit. */
 void q2_cache_trim(struct q2_cache *c);
+/*
+ * Insert a clean READY copy of @data (slice_size bytes, on-disk format) at
+ * @off unless a slice at @off is present in any state (then untouched).
+ * Never evicts. 1 inserted, 0 present, -ENOSPC (at the soft limit), -ENOMEM.
+ */
+int q2_cache_insert(struct q2_cache *c, uint64_t off, const void *data);
+
+/*
+ * Background L2 prefetch: when the L2 cache covers every L2 table the L1
+ * table references, read them all (whole tables, host-adjacent ones
+ * coalesced into reads of up to 1 MiB, at most 4 in flight) and insert the
+ * slices that are not cached. Data of a read is dropped when the L2 cache's
+ * generation changed or the L1 entry moved while it was in flight. Errors
+ * are logged once and ignored. Started at the end of qcow2_open().
+ */
+int q2_l2_prefetch_start(struct qcow2 *q);
+/* Issue no more prefetch reads (in-flight ones still complete). */
+void q2_l2_prefetch_stop(struct qcow2 *q);
+/* True while prefetch reads are in flight. */
+bool q2_l2_prefetch_busy(const struct qcow2 *q);
+/* Free the prefetch state (no reads in flight). */
+void q2_l2_prefetch_exit(struct qcow2 *q);
 
 /* ---- alloc.c ---- */
 /*

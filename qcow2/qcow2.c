@@ -624,20 +624,25 @@ reread:
 		goto fail;
 	}
 
-	/* Caches: by default the whole image's L2 tables, up to 32 MiB. */
+	/*
+	 * Caches: by default the whole image's L2 tables, up to 256 MiB (entries
+	 * are allocated on demand: small images stay small).
+	 */
 	l2_bytes = opts->l2_cache_size;
 	if (!l2_bytes) {
 		uint64_t clusters = (q->size + q->cs - 1) >> q->cb;
 
 		l2_bytes = clusters * q->l2e_size;
-		if (l2_bytes > (32ull << 20))
-			l2_bytes = 32ull << 20;
+		if (l2_bytes > (256ull << 20))
+			l2_bytes = 256ull << 20;
 	}
 	if (l2_bytes < 16ull * q->slice_size)
 		l2_bytes = 16ull * q->slice_size;
 	rc_bytes = opts->refcount_cache_size;
 	if (!rc_bytes) {
 		rc_bytes = l2_bytes / 4;
+		if (rc_bytes > (32ull << 20))
+			rc_bytes = 32ull << 20;
 		if (rc_bytes < (256u << 10))
 			rc_bytes = 256u << 10;
 	}
@@ -692,6 +697,9 @@ reread:
 	}
 	q->sc_bits = q->extl2 ? q->cb - 5 : q->cb;
 	io_free_aligned(hbuf);
+	/* Background reads of every L2 table when the cache holds them all (optional). */
+	if (!opts->no_l2_prefetch && q2_l2_prefetch_start(q) < 0)
+		Q2_LOG(q, "out of memory for the L2 prefetch: loading L2 slices on demand");
 	*qp = q;
 	return 0;
 
@@ -719,13 +727,16 @@ int qcow2_close(struct qcow2 *q)
 
 	if (!q)
 		return 0;
+	q2_l2_prefetch_stop(q);
 	ret = q2_wb_close(q);
 	q->closing = true;
-	/* let a pending corrupt-bit header write and wake-ups finish */
-	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy) {
+	/* let a pending corrupt-bit header write, wake-ups and prefetch reads finish */
+	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy ||
+	       q2_l2_prefetch_busy(q)) {
 		if (io_loop_run_once(q->loop, true) < 0)
 			break;
 	}
+	q2_l2_prefetch_exit(q);
 	q2_wb_exit(q);
 	q2_mapping_exit(q);
 	q2_compress_exit(q);
@@ -770,9 +781,10 @@ void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
 
 	snprintf(buf, len,
 		 "qcow2 v%u %s, %llu bytes, cluster %llu%s, refcount %u bits, L2 cache %zu/%zu "
-		 "slices of %u (hit %llu miss %llu), refcount cache %zu/%zu%s%s",
+		 "slices of %u (hit %llu miss %llu prefetched %llu), refcount cache %zu/%zu%s%s",
 		 q->h.version, q->path, (unsigned long long)q->size, (unsigned long long)q->cs,
 		 q->extl2 ? " (extended L2)" : "", 1u << q->rc_order, q->l2c.count, q->l2c.soft_max,
-		 q->slice_size, (unsigned long long)l2h, (unsigned long long)l2m, q->rcc.count,
-		 q->rcc.soft_max, q->read_only ? ", read-only" : "", q->corrupt ? ", CORRUPT" : "");
+		 q->slice_size, (unsigned long long)l2h, (unsigned long long)l2m,
+		 (unsigned long long)q->n_l2_prefetched, q->rcc.count, q->rcc.soft_max,
+		 q->read_only ? ", read-only" : "", q->corrupt ? ", CORRUPT" : "");
 }

@@ -72,18 +72,21 @@ struct qcow2_waiter {
 
 struct qcow2_opts {
 	bool read_only;
-	bool allow_corrupt_ro;  /* open an image with the corrupt bit (read-only only) */
-	uint64_t l2_cache_size; /* bytes; 0 = cover the whole image up to 32 MiB */
-	uint64_t
-	    refcount_cache_size;   /* bytes; 0 = default (a quarter of the L2 cache, >= 256 KiB) */
-	uint32_t cache_entry_size; /* slice bytes (power of two, 512..cluster); 0 = 4 KiB */
-	uint32_t writeback_ms;     /* periodic metadata write-back; 0 = 5000 ms */
+	bool allow_corrupt_ro;        /* open an image with the corrupt bit (read-only only) */
+	uint64_t l2_cache_size;       /* bytes; 0 = cover the whole image up to 256 MiB */
+	uint64_t refcount_cache_size; /* bytes; 0 = a quarter of the L2 cache, 256 KiB..32 MiB */
+	uint32_t cache_entry_size;    /* slice bytes (power of two, 512..cluster); 0 = 4 KiB */
+	uint32_t writeback_ms;        /* periodic metadata write-back; 0 = 5000 ms */
+	bool no_l2_prefetch;          /* do not read all L2 tables in the background after open */
 };
 
 /*
  * Open the engine on @file (an open image file; the engine does not own it).
  * Reads and validates the header, extensions, L1 table, refcount table and
- * snapshot table synchronously. Refuses (with a message naming @path and the
+ * snapshot table synchronously. When the L2 cache can hold every L2 table the
+ * L1 table references (and not opts->no_l2_prefetch), it then starts reading
+ * them into the cache in the background (large reads on @loop; open does not
+ * wait; qcow2_close waits for them). Refuses (with a message naming @path and the
  * problem in @err): invalid headers, encryption, unknown incompatible
  * features, the corrupt bit (unless allow_corrupt_ro and read-only), the dirty
  * bit (lazy refcounts; repair with `vqcow-img check -r all`), zstd without

@@ -45,6 +45,8 @@ static struct ffile g_files[FAKE_FILES];
 static struct fake_log *g_log;
 static size_t g_nlog, g_caplog;
 static unsigned g_shuffle;
+static struct fake_read *g_reads;
+static size_t g_nreads, g_capreads;
 static struct io_loop *g_loop;
 
 /* ---- files ---- */
@@ -198,6 +200,35 @@ const struct fake_log *fake_log_get(size_t i)
 	return &g_log[i];
 }
 
+static void read_add(int file, uint64_t off, uint64_t len)
+{
+	if (g_nreads == g_capreads) {
+		size_t ncap = g_capreads ? g_capreads * 2 : 1024;
+		struct fake_read *n = realloc(g_reads, ncap * sizeof(*n));
+
+		if (!n)
+			return;
+		g_reads = n;
+		g_capreads = ncap;
+	}
+	g_reads[g_nreads++] = (struct fake_read){file, off, len};
+}
+
+size_t fake_read_count(void)
+{
+	return g_nreads;
+}
+
+const struct fake_read *fake_read_get(size_t i)
+{
+	return &g_reads[i];
+}
+
+void fake_reads_reset(void)
+{
+	g_nreads = 0;
+}
+
 void fake_set_shuffle(unsigned seed)
 {
 	g_shuffle = seed;
@@ -329,6 +360,8 @@ static int execute(struct io_cmd *c)
 			return -EBADF;
 		if (off + len > f->size && !(c->file->flags & IO_FILE_ZERO_EOF))
 			return -EIO;
+		if (len)
+			read_add(id, off, len);
 		for (unsigned i = 0; i < c->iovcnt; i++) {
 			uint64_t n = c->iov[i].iov_len, have = 0;
 

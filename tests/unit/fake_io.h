@@ -58,6 +58,19 @@ void fake_set_shuffle(unsigned seed);
  */
 int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t *len);
 
+/*
+ * Reads (io_read/io_readv) performed on the fake files since the last
+ * fake_reads_reset(), in completion order (injected failures and empty
+ * reads excluded).
+ */
+struct fake_read {
+	int file;
+	uint64_t off, len;
+};
+size_t fake_read_count(void);
+const struct fake_read *fake_read_get(size_t i);
+void fake_reads_reset(void);
+
 /* Number of commands submitted and not completed. */
 unsigned fake_pending(void);
 

@@ -15,7 +15,10 @@
  *    corrupt bit and fail writes;
  *  - slice cache eviction with a tiny cache;
  *  - concurrent allocations of one cluster are serialised;
- *  - freed clusters are not reused while data I/O that mapped them runs.
+ *  - freed clusters are not reused while data I/O that mapped them runs;
+ *  - the L2 prefetch after open: large coalesced reads, no misses after
+ *    it, never overwriting a slice changed meanwhile, off when the cache
+ *    is too small or opts say so, read failures ignored.
  *
  * Images are created with qemu-img (skipped, exit 77, without it) and
  * checked with `qemu-img check` at the end.
@@ -1016,6 +1019,254 @@ static void test_damage(void)
 	free(model);
 }
 
+/* ---- L2 prefetch after open ---- */
+
+/* A qemu-img image with metadata preallocated (every L2 table allocated). */
+static char *pf_image(uint64_t size)
+{
+	char name[64], *path;
+
+	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
+	path = P(name);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o "
+				 "cluster_size=4096,preallocation=metadata %s %llu",
+				 path, (unsigned long long)size),
+			      0);
+	return path;
+}
+
+static void run_idle(struct eng *e)
+{
+	for (int i = 0; i < 1000 && (fake_pending() || q2_l2_prefetch_busy(e->q)); i++)
+		run();
+	CU_ASSERT_EQUAL(fake_pending(), 0);
+	CU_ASSERT_FALSE(q2_l2_prefetch_busy(e->q));
+}
+
+/* Map [off, off + len) once: the number of extents, or -EAGAIN (waits for the load). */
+static int map_once(struct eng *e, uint64_t off, uint64_t len, struct qcow2_extent *x)
+{
+	struct waitf wf;
+	int n;
+
+	wait_init(&wf);
+	n = qcow2_map_read(e->q, off, len, x, 1, &wf.w);
+	if (n == -EAGAIN)
+		wait_woken(&wf);
+	return n;
+}
+
+/* Map the whole image: true if every slice was cached (no -EAGAIN) and all is DATA. */
+static bool map_all_cached(struct eng *e, uint64_t size)
+{
+	bool ok = true;
+
+	for (uint64_t off = 0; off < size;) {
+		struct qcow2_extent x;
+		int n = map_once(e, off, size - off, &x);
+
+		if (n == -EAGAIN) {
+			ok = false;
+			continue;
+		}
+		CU_ASSERT_EQUAL_FATAL(n, 1);
+		CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+		off += x.len;
+	}
+	return ok;
+}
+
+static void test_prefetch_covering(void)
+{
+	const uint64_t size = 16ull << 20, cs = 4096;
+	struct qcow2_opts o = {.read_only = true, .cache_entry_size = 512};
+	char *path = pf_image(size);
+	uint64_t fsize, l1off, newoff, l1[8];
+	const uint8_t *img;
+	struct io_file f;
+	uint8_t *tabs;
+	size_t big = 0;
+	struct eng e;
+
+	/* move the 8 L2 tables next to each other at the end of the file */
+	CU_ASSERT_EQUAL_FATAL(io_file_open(&f, path, 0), 0);
+	img = fake_file_data(fake_file_id(&f), &fsize);
+	l1off = qcow2_be64(img + 40);
+	CU_ASSERT_EQUAL_FATAL(qcow2_be32(img + 36), 8);
+	newoff = (fsize + cs - 1) & ~(cs - 1);
+	tabs = malloc(8 * cs);
+	for (int i = 0; i < 8; i++) {
+		uint64_t t = qcow2_be64(img + l1off + i * 8) & QCOW2_L1E_OFFSET_MASK;
+
+		CU_ASSERT_FATAL(t != 0);
+		memcpy(tabs + i * cs, img + t, cs);
+		qcow2_put_be64(&l1[i], (newoff + i * cs) | QCOW2_OFLAG_COPIED);
+	}
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&f, tabs, 8 * cs, newoff), 0);
+	CU_ASSERT_EQUAL(io_file_pwrite_sync(&f, l1, sizeof(l1), l1off), 0);
+	io_file_close(&f);
+	free(tabs);
+
+	/* read-only open: the prefetch starts, open does not wait for it */
+	fake_reads_reset();
+	eng_open_path(&e, path, &o);
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 0);
+	CU_ASSERT(fake_pending() >= 1);
+	run_idle(&e);
+	/* one read of all 8 adjacent tables */
+	for (size_t i = 0; i < fake_read_count(); i++) {
+		const struct fake_read *r = fake_read_get(i);
+
+		if (r->len > 512) {
+			big++;
+			CU_ASSERT_EQUAL(r->off, newoff);
+			CU_ASSERT_EQUAL(r->len, 8 * cs);
+		}
+	}
+	CU_ASSERT_EQUAL(big, 1);
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 8 * cs / 512);
+	/* every mapping now comes from the cache: no miss, no read */
+	fake_reads_reset();
+	CU_ASSERT_TRUE(map_all_cached(&e, size));
+	CU_ASSERT_EQUAL(e.q->l2c.misses, 0);
+	CU_ASSERT_EQUAL(fake_read_count(), 0);
+	{
+		char d[512];
+
+		qcow2_describe(e.q, d, sizeof(d));
+		CU_ASSERT_PTR_NOT_NULL(strstr(d, "prefetched 64"));
+	}
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
+static void test_prefetch_dirty_inflight(void)
+{
+	const uint64_t size = 32ull << 20; /* 16 L2 tables, each its own read */
+	struct qcow2_extent x;
+	struct waitf wf;
+	uint64_t dl = 0, t5 = 8ull << 20; /* the 5th table's first cluster */
+	struct eng e;
+	int ret;
+
+	eng_open_path(&e, pf_image(size), NULL);
+	CU_ASSERT_EQUAL(fake_pending(), 4); /* at most 4 prefetch reads in flight */
+	/* discard needs the slice of table 5: its load is queued after reads 1-4 */
+	wait_init(&wf);
+	ret = qcow2_zero_step(e.q, t5, 4096, false, false, &dl, &wf.w);
+	CU_ASSERT_EQUAL_FATAL(ret, -EAGAIN);
+	/* reads 1-4 and the load complete; the read of table 5 is issued */
+	run();
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 4);
+	CU_ASSERT_TRUE(q2_l2_prefetch_busy(e.q));
+	CU_ASSERT_EQUAL(fake_pending(), 5); /* reads 5-8 and the wake-up */
+	/* dirty the slice while the prefetch read of its table is in flight */
+	ret = qcow2_zero_step(e.q, t5, 4096, false, false, &dl, &wf.w);
+	CU_ASSERT_EQUAL(ret, QCOW2_Z_DONE);
+	run_idle(&e);
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 15); /* all but table 5 */
+	/* the discard is still there; the rest of the slice maps as before */
+	CU_ASSERT_EQUAL(map_once(&e, t5, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_ZERO);
+	CU_ASSERT_EQUAL(map_once(&e, t5 + 4096, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	{
+		int r = eng_qemu_check(&e);
+
+		CU_ASSERT(r == 0 || r == 3);
+	}
+}
+
+static void test_prefetch_stale(void)
+{
+	const uint64_t size = 32ull << 20;
+	struct qcow2_extent x;
+	struct waitf wf;
+	uint64_t t5 = 8ull << 20, soff;
+	struct eng e;
+
+	eng_open_path(&e, pf_image(size), NULL);
+	soff = e.q->l1[4] & QCOW2_L1E_OFFSET_MASK;
+	wait_init(&wf);
+	CU_ASSERT_EQUAL_FATAL(qcow2_map_read(e.q, t5, 4096, &x, 1, &wf.w), -EAGAIN);
+	run(); /* reads 1-4 and the load of table 5 end; reads 5-8 are issued */
+	CU_ASSERT_PTR_NOT_NULL(q2_cache_peek(&e.q->l2c, soff));
+	/* the slice leaves the cache (as after a write-back and an eviction) */
+	q2_cache_forget(&e.q->l2c, soff);
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&e.q->l2c, soff));
+	run_idle(&e);
+	/* reads 5-8 were issued before: their (maybe stale) data is dropped */
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&e.q->l2c, soff));
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 12);
+	CU_ASSERT_EQUAL(map_once(&e, t5, 4096, &x), -EAGAIN);
+	CU_ASSERT_EQUAL(map_once(&e, t5, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
+/* No prefetch (cache too small or switched off): nothing read, slices load on demand. */
+static void prefetch_none(const struct qcow2_opts *o)
+{
+	const uint64_t size = 64ull << 20; /* 32 tables = 128 KiB */
+	struct qcow2_extent x;
+	struct eng e;
+
+	fake_reads_reset();
+	eng_open_path(&e, pf_image(size), o);
+	CU_ASSERT_EQUAL(fake_pending(), 0);
+	run_idle(&e);
+	CU_ASSERT_EQUAL(fake_read_count(), 0);
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 0);
+	CU_ASSERT_PTR_NULL(e.q->pf);
+	CU_ASSERT_EQUAL(map_once(&e, 40ull << 20, 4096, &x), -EAGAIN);
+	CU_ASSERT_EQUAL(fake_read_count(), 1);
+	CU_ASSERT_EQUAL(map_once(&e, 40ull << 20, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
+static void test_prefetch_small_cache(void)
+{
+	struct qcow2_opts o = {.l2_cache_size = 64 << 10}; /* 16 slices for 32 tables */
+
+	prefetch_none(&o);
+}
+
+static void test_prefetch_off(void)
+{
+	struct qcow2_opts o = {.no_l2_prefetch = true};
+
+	prefetch_none(&o);
+}
+
+static void test_prefetch_read_failure(void)
+{
+	const uint64_t size = 32ull << 20;
+	struct qcow2_extent x;
+	struct eng e;
+
+	/* the first prefetch read (table 1) fails */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	eng_open_path(&e, pf_image(size), NULL);
+	run_idle(&e);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(e.q->n_l2_prefetched, 15);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	/* table 1 loads on demand and maps fine */
+	CU_ASSERT_EQUAL(map_once(&e, 4096, 4096, &x), -EAGAIN);
+	CU_ASSERT_EQUAL(map_once(&e, 4096, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	/* the others come from the cache */
+	CU_ASSERT_EQUAL(map_once(&e, 30ull << 20, 4096, &x), 1);
+	CU_ASSERT_EQUAL(x.type, QCOW2_MAP_DATA);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
 int main(void)
 {
 	struct statfs s;
@@ -1053,6 +1304,13 @@ int main(void)
 	CU_add_test(suite, "read-only", test_readonly);
 	CU_add_test(suite, "discard, zero, reuse", test_discard_reuse_and_zero);
 	CU_add_test(suite, "damaged tables", test_damage);
+	CU_add_test(suite, "L2 prefetch: covering cache, read-only", test_prefetch_covering);
+	CU_add_test(suite, "L2 prefetch: slice dirtied during its read",
+		    test_prefetch_dirty_inflight);
+	CU_add_test(suite, "L2 prefetch: stale read dropped", test_prefetch_stale);
+	CU_add_test(suite, "L2 prefetch: cache too small", test_prefetch_small_cache);
+	CU_add_test(suite, "L2 prefetch: switched off", test_prefetch_off);
+	CU_add_test(suite, "L2 prefetch: read failure", test_prefetch_read_failure);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();
