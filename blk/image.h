@@ -82,6 +82,7 @@ struct img_opts {
 	uint64_t l2_cache_size;    /* qcow2: bytes, 0 = default (cover the image if sane) */
 	uint32_t cache_entry_size; /* qcow2: slice bytes, 0 = default */
 	bool allow_corrupt_ro;     /* qcow2: open an image with the corrupt bit read-only */
+	bool no_l2_prefetch;       /* qcow2: no background read of the L2 tables after open */
 };
 
 struct img {

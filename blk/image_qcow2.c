@@ -1107,6 +1107,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		qo.allow_corrupt_ro = opts->allow_corrupt_ro;
 		qo.l2_cache_size = opts->l2_cache_size;
 		qo.cache_entry_size = opts->cache_entry_size;
+		qo.no_l2_prefetch = opts->no_l2_prefetch;
 	}
 	ret = qcow2_open(&m->q, loop, &m->file, path, &qo, err, errlen);
 	if (ret < 0)
@@ -1182,6 +1183,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		if (opts) {
 			bo.l2_cache_size = opts->l2_cache_size;
 			bo.cache_entry_size = opts->cache_entry_size;
+			bo.no_l2_prefetch = opts->no_l2_prefetch;
 		}
 		open_depth++;
 		ret = img_open(&m->backing, loop, name, &bo, berr, sizeof(berr));

@@ -86,6 +86,7 @@ struct options {
 	uint64_t cache_entry_size;
 	uint64_t poll_ns;
 	uint64_t submit_batch;
+	bool no_l2_prefetch;
 	const char *user;
 	const char *group;
 };
@@ -108,6 +109,7 @@ static void usage(FILE *f)
 	      "  --writethrough              start with the write cache disabled\n"
 	      "  --l2-cache-size BYTES       qcow2 L2 cache budget (suffixes K, M, G)\n"
 	      "  --cache-entry-size BYTES    qcow2 metadata cache slice size\n"
+	      "  --no-l2-prefetch            qcow2: do not read the L2 tables in the background\n"
 	      "  --poll-ns NS                busy-poll up to NS ns before sleeping while at most\n"
 	      "                              4 requests are in flight (default 50000; 0 = off)\n"
 	      "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
@@ -196,6 +198,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_CES,
 		OPT_POLL,
 		OPT_SUBMIT,
+		OPT_NOPREFETCH,
 		OPT_USER,
 		OPT_GROUP,
 		OPT_CAPS,
@@ -217,6 +220,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"cache-entry-size", required_argument, NULL, OPT_CES},
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
+	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"user", required_argument, NULL, OPT_USER},
 	    {"group", required_argument, NULL, OPT_GROUP},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
@@ -310,6 +314,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			if (parse_u64(optarg, &v, false) < 0 || v > 4096)
 				return bad_value("submit-batch", optarg, "expected 0..4096");
 			o->submit_batch = v;
+			break;
+		case OPT_NOPREFETCH:
+			o->no_l2_prefetch = true;
 			break;
 		case OPT_USER:
 			o->user = optarg;
@@ -819,6 +826,7 @@ int main(int argc, char **argv)
 	iopts.direct = true;
 	iopts.l2_cache_size = o.l2_cache_size;
 	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
+	iopts.no_l2_prefetch = o.no_l2_prefetch;
 	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
 	if (ret < 0) {
 		logmsg("%s", err[0] ? err : strerror(-ret));
