@@ -529,16 +529,18 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 static void d_defer(struct io_defer *def)
 {
 	struct daemon *d = def->priv;
+	/* vhost/ starts only queues below the number offered */
+	unsigned nq = d->o->num_queues < MAX_QUEUES ? d->o->num_queues : MAX_QUEUES;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
 	if (d->o->poll_ns && !d->stopping) {
-		for (unsigned i = 0; i < MAX_QUEUES; i++) {
+		for (unsigned i = 0; i < nq; i++) {
 			if (d->q[i].vq && vq_is_running(d->q[i].vq))
 				pop_all(d, d->q[i].vq);
 		}
 	}
-	for (unsigned i = 0; i < MAX_QUEUES; i++) {
+	for (unsigned i = 0; i < nq; i++) {
 		if (d->q[i].dirty) {
 			d->q[i].dirty = false;
 			if (d->q[i].vq)
