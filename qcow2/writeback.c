@@ -584,14 +584,41 @@ static void timer_arm(struct qcow2 *q)
 	io_timeout(q->loop, &q->timer_cmd, (uint64_t)q->writeback_ms * 1000000ull);
 }
 
+/* True if @c can hold @bytes of metadata without ever evicting. */
+static bool cache_covers(const struct q2_cache *c, uint64_t bytes)
+{
+	return (uint64_t)c->soft_max * c->slice_size >= bytes;
+}
+
 void q2_wb_maybe(struct qcow2 *q)
 {
-	size_t dirty = q->l2c.ndirty + q->rcc.ndirty;
-	size_t limit = (q->l2c.soft_max + q->rcc.soft_max) / 2;
+	/*
+	 * Dirty slices are written back early only to keep clean, evictable
+	 * slices around. A cache that can hold all the metadata of its kind
+	 * never evicts: its dirty slices wait for a flush or the timer, so a
+	 * workload that dirties every slice (subcluster allocation on an
+	 * extended-L2 image) does not write back, and fdatasync, non-stop.
+	 */
+	uint64_t l2_bytes = ((q->size + (q->cs << q->l2_bits) - 1) >> (q->cb + q->l2_bits))
+			    << q->cb;
+	uint64_t rc_bytes = ((q2_host_end(q) >> q->cb >> q->rb_bits) + 1) << q->cb;
+	size_t dirty = 0, limit = 0;
+	bool bounded = false;
 
+	if (!cache_covers(&q->l2c, l2_bytes)) {
+		dirty += q->l2c.ndirty;
+		limit += q->l2c.soft_max;
+		bounded = true;
+	}
+	if (!cache_covers(&q->rcc, rc_bytes)) {
+		dirty += q->rcc.ndirty;
+		limit += q->rcc.soft_max;
+		bounded = true;
+	}
+	limit /= 2;
 	if (limit < 64)
 		limit = 64;
-	if (dirty > limit || q->dec_pending.n >= 4096 || q2_cache_over(&q->l2c) ||
+	if ((bounded && dirty > limit) || q->dec_pending.n >= 4096 || q2_cache_over(&q->l2c) ||
 	    q2_cache_over(&q->rcc)) {
 		q2_wb_kick(q);
 		return;

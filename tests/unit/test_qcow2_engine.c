@@ -747,6 +747,57 @@ static void test_cache_eviction(void)
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
+/*
+ * Early write-back is for caches that must evict: one that holds all the L2
+ * tables (and refcount blocks) keeps dirty slices until a flush; one that
+ * cannot writes back once half of it is dirty.
+ */
+static void dirty_case(uint64_t l2_cache_size, bool expect_early)
+{
+	const uint64_t size = 1ull << 30, stride = 4ull << 20; /* one 512 B slice each */
+	/* A small refcount cache: under the old rule (half of both caches
+	 * dirty) the 256 dirty L2 slices alone would start a write-back. */
+	struct qcow2_opts o = {.l2_cache_size = l2_cache_size,
+			       .refcount_cache_size = 8192,
+			       .cache_entry_size = 512,
+			       .writeback_ms = 600000,
+			       .no_l2_prefetch = true};
+	uint8_t buf[512];
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", size, &o);
+	for (uint64_t off = 0; off < size; off += stride) {
+		memset(buf, (int)(off / stride) + 1, sizeof(buf));
+		CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+	}
+	/* (no idle loop turn here: the fake io fires the 600 s timer when idle) */
+	if (expect_early) {
+		CU_ASSERT(e.q->batches > 0 || e.q->batch != NULL);
+	} else {
+		CU_ASSERT(e.q->batches == 0 && e.q->batch == NULL);
+		CU_ASSERT_EQUAL(e.q->l2c.ndirty, size / stride);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT(e.q->batches > 0);
+	CU_ASSERT_EQUAL(e.q->l2c.ndirty, 0);
+	for (uint64_t off = 0; off < size; off += stride) {
+		CU_ASSERT_EQUAL(eng_read(&e, off, sizeof(buf), buf), 0);
+		CU_ASSERT_EQUAL(buf[0], (uint8_t)(off / stride + 1));
+	}
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
+static void test_dirty_covering(void)
+{
+	dirty_case(0, false); /* default: covers the image's 256 slices */
+}
+
+static void test_dirty_bounded(void)
+{
+	dirty_case(64 << 10, true); /* 128 slices for 256 */
+}
+
 static void test_concurrent_alloc(void)
 {
 	struct qcow2_alloc a, b;
@@ -1298,6 +1349,8 @@ int main(void)
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
 	CU_add_test(suite, "slice cache eviction", test_cache_eviction);
+	CU_add_test(suite, "covering cache: no early write-back", test_dirty_covering);
+	CU_add_test(suite, "bounded cache: early write-back", test_dirty_bounded);
 	CU_add_test(suite, "concurrent allocation of one cluster", test_concurrent_alloc);
 	CU_add_test(suite, "freed cluster not reused during I/O", test_grace);
 	CU_add_test(suite, "corruption detection", test_corrupt);
