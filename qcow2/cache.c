@@ -387,10 +387,9 @@ static int pf_tab_cmp(const void *a, const void *b)
 /* The L2 table offset of L1 entry @i if it is usable, else 0 (as mapping.c validates it). */
 static uint64_t pf_l1_table(const struct qcow2 *q, uint32_t i)
 {
-	uint64_t e = q->l1[i], off = e & QCOW2_L1E_OFFSET_MASK;
+	uint64_t off;
 
-	if (!off || (e & QCOW2_L1E_RESERVED_MASK) || (off & (q->cs - 1)) ||
-	    (q->l1_bad[i / 8] & (1u << (i % 8))))
+	if (q2_l1_check(q, i, &off) || !off)
 		return 0;
 	if (off > q->file->size || q->cs > q->file->size - off)
 		return 0; /* never read past the end of the file */

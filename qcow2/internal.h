@@ -280,6 +280,11 @@ void q2_wb_exit(struct qcow2 *q);
 /* ---- mapping.c ---- */
 /* Validate an L2 slice after loading: sets s->suspect. */
 void q2_l2_validate(struct qcow2 *q, struct q2_slice *s);
+/*
+ * Check L1 entry @i (< l1_size): NULL with *off = its L2 table's host offset
+ * (0 = no table), or what is wrong with it.
+ */
+const char *q2_l1_check(const struct qcow2 *q, uint32_t i, uint64_t *off);
 void q2_mapping_exit(struct qcow2 *q);
 
 /* ---- compress.c ---- */

@@ -51,6 +51,24 @@ static bool l1_is_bad(const struct qcow2 *q, uint32_t i)
 	return q->l1_bad[i / 8] & (1u << (i % 8));
 }
 
+const char *q2_l1_check(const struct qcow2 *q, uint32_t i, uint64_t *off)
+{
+	uint64_t e = q->l1[i];
+
+	*off = e & QCOW2_L1E_OFFSET_MASK;
+	if (!*off)
+		return NULL;
+	if (l1_is_bad(q, i))
+		return "L2 table overlaps other metadata";
+	if (e & QCOW2_L1E_RESERVED_MASK)
+		return "reserved bits set";
+	if (*off & (q->cs - 1))
+		return "misaligned";
+	if (*off + q->cs > q2_host_end(q))
+		return "past the end of the file";
+	return NULL;
+}
+
 /* Check one L2 entry. *why names the problem. */
 static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const char **why)
 {
@@ -140,26 +158,21 @@ static inline bool std_allocated(const struct qcow2 *q, uint64_t e)
  */
 static int l2_locate(struct qcow2 *q, uint64_t gc, uint64_t *soff, uint32_t *idx)
 {
-	uint64_t l1i = gc >> q->l2_bits, e, off, l2i;
+	uint64_t l1i = gc >> q->l2_bits, off, l2i;
+	const char *why;
 
 	if (l1i >= q->l1_size) {
 		q2_corrupt(q, "guest cluster %llu beyond the L1 table", (unsigned long long)gc);
 		return -EIO;
 	}
-	e = q->l1[l1i];
-	off = e & QCOW2_L1E_OFFSET_MASK;
-	if (!off)
-		return 1;
-	if ((e & QCOW2_L1E_RESERVED_MASK) || (off & (q->cs - 1)) || off + q->cs > q2_host_end(q) ||
-	    l1_is_bad(q, (uint32_t)l1i)) {
+	why = q2_l1_check(q, (uint32_t)l1i, &off);
+	if (why) {
 		q2_corrupt(q, "L1 entry %llu (0x%llx) is invalid (%s)", (unsigned long long)l1i,
-			   (unsigned long long)e,
-			   l1_is_bad(q, (uint32_t)l1i)     ? "L2 table overlaps other metadata"
-			   : (e & QCOW2_L1E_RESERVED_MASK) ? "reserved bits set"
-			   : (off & (q->cs - 1))           ? "misaligned"
-							   : "past the end of the file");
+			   (unsigned long long)q->l1[l1i], why);
 		return -EIO;
 	}
+	if (!off)
+		return 1;
 	l2i = gc & ((1ull << q->l2_bits) - 1);
 	*soff = off + ((l2i >> q->sl2_bits) << slice_lg(q));
 	*idx = (uint32_t)(l2i & ((1ull << q->sl2_bits) - 1));

@@ -458,6 +458,22 @@ out:
 	return ret;
 }
 
+/* Free the caches, tables and the engine itself (open failure and close). */
+static void free_engine(struct qcow2 *q)
+{
+	q2_cache_exit(&q->l2c);
+	q2_cache_exit(&q->rcc);
+	free(q->l1);
+	free(q->rt);
+	free(q->l1_dirty);
+	free(q->rt_dirty);
+	free(q->l1_bad);
+	free(q->rt_bad);
+	u64v_free(&q->meta);
+	free(q->path);
+	free(q);
+}
+
 int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, const char *path,
 	       const struct qcow2_opts *opts, char *err, size_t errlen)
 {
@@ -707,17 +723,7 @@ fail:
 	if (err && !err[0])
 		open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
 	io_free_aligned(hbuf);
-	q2_cache_exit(&q->l2c);
-	q2_cache_exit(&q->rcc);
-	free(q->l1);
-	free(q->rt);
-	free(q->l1_dirty);
-	free(q->rt_dirty);
-	free(q->l1_bad);
-	free(q->rt_bad);
-	u64v_free(&q->meta);
-	free(q->path);
-	free(q);
+	free_engine(q);
 	return ret;
 }
 
@@ -741,17 +747,7 @@ int qcow2_close(struct qcow2 *q)
 	q2_mapping_exit(q);
 	q2_compress_exit(q);
 	q2_alloc_exit(q);
-	q2_cache_exit(&q->l2c);
-	q2_cache_exit(&q->rcc);
-	free(q->l1);
-	free(q->rt);
-	free(q->l1_dirty);
-	free(q->rt_dirty);
-	free(q->l1_bad);
-	free(q->rt_bad);
-	u64v_free(&q->meta);
-	free(q->path);
-	free(q);
+	free_engine(q);
 	return ret;
 }
 
