@@ -70,8 +70,9 @@ struct io_file {
 	unsigned align;  /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
 	unsigned flags;  /* IO_FILE_* */
 	int fixed_index; /* registered-file slot or -1 (private to io/) */
-	uint64_t size;   /* size at open time (bytes) */
-	int bfd;         /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	struct io_loop *fixed_loop; /* private: the loop that tried to register it */
+	uint64_t size;              /* size at open time (bytes) */
+	int bfd; /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
 };
 
 enum {
@@ -184,6 +185,46 @@ void io_loop_set_submit_batch(struct io_loop *loop, unsigned n);
 
 /* SQEs prepared but not yet handed to the kernel (for tests). */
 unsigned io_loop_sq_waiting(struct io_loop *loop);
+
+/*
+ * Registered files (on by default): a file's first read, write, fdatasync or
+ * fallocate on a loop registers its fd in the loop's file table (64 slots),
+ * and its SQEs then name the slot (IOSQE_FIXED_FILE), which spares the kernel
+ * a file-table lookup and reference per request. io_file_close() removes the
+ * registration; io_loop_exit() forgets the files still registered. A file is
+ * registered with at most one loop (the first that used it); when the kernel
+ * or the table refuses, the file is simply used by fd. Turn it off before
+ * the first I/O with io_loop_set_fixed_files(loop, false).
+ */
+void io_loop_set_fixed_files(struct io_loop *loop, bool on);
+
+/* Is @f registered with @loop (for tests)? */
+bool io_file_is_fixed(const struct io_file *f, const struct io_loop *loop);
+
+/*
+ * Registered buffers: pin the memory of @iov[0 .. @n) in the kernel
+ * (IORING_REGISTER_BUFFERS) so that a read or write whose data is one buffer
+ * inside one of these ranges goes out as READ_FIXED/WRITE_FIXED, without the
+ * per-request page pinning of O_DIRECT. Replaces any previous set (the
+ * kernel keeps the old pages pinned until requests already submitted with
+ * them complete); @n = 0 only drops the set. Ranges over 1 GiB are split into
+ * 1 GiB pieces (the kernel's limit per buffer); at most 64 pieces.
+ *
+ * The pages stay pinned until the set is replaced or dropped: the caller must
+ * replace it before the memory is unmapped or its pages are given back
+ * (e.g. guest memory that is ballooned or hot-unplugged), otherwise requests
+ * would move data to or from the old pages. Costs: the whole range is faulted
+ * in and counted against RLIMIT_MEMLOCK (without CAP_IPC_LOCK).
+ *
+ * 0 or -errno (-E2BIG: too many pieces; -ENOMEM: memlock limit; -EOPNOTSUPP,
+ * -EFAULT: the kernel refuses this memory). On error no buffers are
+ * registered and every request goes by address as before.
+ */
+int io_loop_register_buffers(struct io_loop *loop, const struct iovec *iov, unsigned n);
+
+/* Number of registered buffer pieces (0 = none) and of requests that used them (tests). */
+unsigned io_loop_fixed_buffers(const struct io_loop *loop);
+uint64_t io_loop_fixed_buffer_uses(const struct io_loop *loop);
 
 /* ---- files ---- */
 

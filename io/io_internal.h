@@ -21,6 +21,9 @@
  */
 int io_file_open_buffered(struct io_file *f);
 
+/* Drop @f's registered-file slot, if any (io_file_close). */
+void io_loop_file_closing(struct io_file *f);
+
 /* Allocate @len bytes aligned to max(@align, 4096); free with io_free_aligned(). */
 void *io_alloc_align(size_t len, size_t align);
 

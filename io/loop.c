@@ -49,7 +49,10 @@ enum {
 	CMD_F_TRANSIENT = 1u << 3, /* injected: next CQE is a NOP standing for ->res */
 };
 
-#define IO_INJECT_MAX 32
+#define IO_INJECT_MAX    32
+#define IO_FIXED_FILES   64
+#define IO_FIXED_BUFS    64
+#define IO_FIXED_BUF_MAX (1ull << 30) /* the kernel's limit per registered buffer */
 
 struct inject {
 	uint8_t op; /* IO_OP_NONE = free slot */
@@ -82,6 +85,17 @@ struct io_loop {
 	unsigned bfree_n[IO_BOUNCE_CLASSES];
 	struct icmd *icmd_all;
 	struct io_cmd *icmd_free;
+	/* Registered files: slot -> file; files_state 0 = table not set up yet,
+	 * 1 = set up, -1 = off or refused by the kernel. */
+	int files_state;
+	struct io_file *files[IO_FIXED_FILES];
+	/* Registered buffers: piece i is buffer index i. */
+	unsigned nbufs;
+	struct {
+		uintptr_t base;
+		size_t len;
+	} bufs[IO_FIXED_BUFS];
+	uint64_t buf_uses;
 };
 
 /* ---- life cycle ---- */
@@ -130,6 +144,12 @@ void io_loop_exit(struct io_loop *loop)
 
 	if (!loop)
 		return;
+	for (unsigned i = 0; i < IO_FIXED_FILES; i++) {
+		if (loop->files[i]) {
+			loop->files[i]->fixed_index = -1;
+			loop->files[i]->fixed_loop = NULL;
+		}
+	}
 	io_uring_queue_exit(&loop->ring);
 	for (ic = loop->icmd_all; ic; ic = next) {
 		next = ic->all_next;
@@ -319,6 +339,125 @@ static void icmd_put(struct io_loop *loop, struct io_cmd *c)
 	loop->icmd_free = c;
 }
 
+/* ---- registered files and buffers ---- */
+
+void io_loop_set_fixed_files(struct io_loop *loop, bool on)
+{
+	if (!on)
+		loop->files_state = -1;
+	else if (loop->files_state < 0)
+		loop->files_state = 0;
+}
+
+bool io_file_is_fixed(const struct io_file *f, const struct io_loop *loop)
+{
+	return f->fixed_loop == loop && f->fixed_index >= 0;
+}
+
+/* Register @f with @loop on its first use there; failures leave it used by fd. */
+static void file_fix(struct io_loop *loop, struct io_file *f)
+{
+	unsigned i;
+
+	if (f->fixed_loop || loop->files_state < 0)
+		return;
+	f->fixed_loop = loop;
+	f->fixed_index = -1;
+	if (loop->files_state == 0) {
+		if (io_uring_register_files_sparse(&loop->ring, IO_FIXED_FILES) < 0) {
+			loop->files_state = -1;
+			return;
+		}
+		loop->files_state = 1;
+	}
+	for (i = 0; i < IO_FIXED_FILES && loop->files[i]; i++)
+		;
+	if (i == IO_FIXED_FILES || io_uring_register_files_update(&loop->ring, i, &f->fd, 1) != 1)
+		return;
+	loop->files[i] = f;
+	f->fixed_index = (int)i;
+}
+
+void io_loop_file_closing(struct io_file *f)
+{
+	struct io_loop *loop = f->fixed_loop;
+	int minus_one = -1;
+
+	if (loop && f->fixed_index >= 0 && f->fixed_index < IO_FIXED_FILES &&
+	    loop->files[f->fixed_index] == f) {
+		io_uring_register_files_update(&loop->ring, (unsigned)f->fixed_index, &minus_one,
+					       1);
+		loop->files[f->fixed_index] = NULL;
+	}
+	f->fixed_index = -1;
+	f->fixed_loop = NULL;
+}
+
+int io_loop_register_buffers(struct io_loop *loop, const struct iovec *iov, unsigned n)
+{
+	struct iovec pieces[IO_FIXED_BUFS];
+	unsigned np = 0;
+	int ret;
+
+	if (loop->nbufs) {
+		io_uring_unregister_buffers(&loop->ring);
+		loop->nbufs = 0;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		uintptr_t base = (uintptr_t)iov[i].iov_base;
+		size_t len = iov[i].iov_len;
+
+		if (base > UINTPTR_MAX - len)
+			return -EINVAL;
+		while (len) {
+			size_t l = len > IO_FIXED_BUF_MAX ? (size_t)IO_FIXED_BUF_MAX : len;
+
+			if (np == IO_FIXED_BUFS)
+				return -E2BIG;
+			pieces[np].iov_base = (void *)base;
+			pieces[np].iov_len = l;
+			np++;
+			base += l;
+			len -= l;
+		}
+	}
+	if (np == 0)
+		return 0;
+	ret = io_uring_register_buffers(&loop->ring, pieces, np);
+	if (ret < 0)
+		return ret;
+	for (unsigned i = 0; i < np; i++) {
+		loop->bufs[i].base = (uintptr_t)pieces[i].iov_base;
+		loop->bufs[i].len = pieces[i].iov_len;
+	}
+	loop->nbufs = np;
+	return 0;
+}
+
+unsigned io_loop_fixed_buffers(const struct io_loop *loop)
+{
+	return loop->nbufs;
+}
+
+uint64_t io_loop_fixed_buffer_uses(const struct io_loop *loop)
+{
+	return loop->buf_uses;
+}
+
+/* The registered buffer holding all of [@p, @p + @n), or -1. */
+static int fixed_buf(const struct io_loop *loop, const void *p, size_t n)
+{
+	uintptr_t a = (uintptr_t)p;
+
+	for (unsigned i = 0; i < loop->nbufs; i++) {
+		uintptr_t o = a - loop->bufs[i].base;
+
+		if (a >= loop->bufs[i].base && o < loop->bufs[i].len && n <= loop->bufs[i].len - o)
+			return (int)i;
+	}
+	return -1;
+}
+
 /* ---- submission ---- */
 
 static unsigned cmd_align(const struct io_cmd *cmd)
@@ -328,12 +467,12 @@ static unsigned cmd_align(const struct io_cmd *cmd)
 	return cmd->file->align;
 }
 
-/* Registered files are a later step: this is the one place to switch to them. */
+/* Name the file by its registered slot when it has one (not for the buffered twin fd). */
 static void sqe_set_file(struct io_uring_sqe *sqe, const struct io_cmd *cmd)
 {
 	const struct io_file *f = cmd->file;
 
-	if (f && f->fixed_index >= 0 && cmd->fd == f->fd) {
+	if (f && f->fixed_index >= 0 && f->fixed_loop == cmd->loop && cmd->fd == f->fd) {
 		sqe->fd = f->fixed_index;
 		sqe->flags |= IOSQE_FIXED_FILE;
 	}
@@ -343,6 +482,7 @@ static void prep_rw(struct io_uring_sqe *sqe, struct io_cmd *cmd)
 {
 	bool rd = cmd->op == IO_OP_READV;
 	uint64_t n;
+	int bi;
 
 	if (cmd->bounce) {
 		char *p = (char *)cmd->bounce + cmd->xfer;
@@ -376,6 +516,16 @@ static void prep_rw(struct io_uring_sqe *sqe, struct io_cmd *cmd)
 		else
 			io_uring_prep_write(sqe, cmd->fd, cmd->iov[0].iov_base, (unsigned)n,
 					    cmd->off + cmd->xfer);
+	} else if (cmd->iovcnt == 1 && cmd->loop->nbufs &&
+		   (bi = fixed_buf(cmd->loop, cmd->iov[0].iov_base, cmd->iov[0].iov_len)) >= 0) {
+		n = cmd->iov[0].iov_len;
+		if (rd)
+			io_uring_prep_read_fixed(sqe, cmd->fd, cmd->iov[0].iov_base, (unsigned)n,
+						 cmd->off + cmd->xfer, bi);
+		else
+			io_uring_prep_write_fixed(sqe, cmd->fd, cmd->iov[0].iov_base, (unsigned)n,
+						  cmd->off + cmd->xfer, bi);
+		cmd->loop->buf_uses++;
 	} else {
 		if (rd)
 			io_uring_prep_readv(sqe, cmd->fd, cmd->iov, cmd->iovcnt,
@@ -636,6 +786,7 @@ static void rw_submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, stru
 		local_push(loop, cmd, 0);
 		return;
 	}
+	file_fix(loop, f);
 	ret = rw_setup(loop, cmd);
 	if (ret < 0) {
 		local_push(loop, cmd, ret);
@@ -682,6 +833,7 @@ void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f)
 		local_push(loop, cmd, inj);
 		return;
 	}
+	file_fix(loop, f);
 	arm(loop, cmd);
 }
 
@@ -707,6 +859,7 @@ void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, i
 		local_push(loop, cmd, inj);
 		return;
 	}
+	file_fix(loop, f);
 	arm(loop, cmd);
 }
 

@@ -51,7 +51,8 @@
 #include "io.h"
 #include "vhost.h"
 
-#define MAX_QUEUES 64
+#define MAX_QUEUES      64
+#define MEM_REGIONS_MAX 64 /* guest memory regions registered as io_uring buffers */
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 
@@ -87,6 +88,8 @@ struct options {
 	uint64_t poll_ns;
 	uint64_t submit_batch;
 	bool no_l2_prefetch;
+	bool fixed_buffers;
+	bool no_fixed_files;
 	const char *user;
 	const char *group;
 };
@@ -114,6 +117,9 @@ static void usage(FILE *f)
 	      "                              4 requests are in flight (default 50000; 0 = off)\n"
 	      "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	      "                              0 = once per loop iteration)\n"
+	      "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
+	      "                              it; not with balloon, virtio-mem or postcopy)\n"
+	      "  --no-fixed-files            do not register the image files with io_uring\n"
 	      "  --user U, --group G         switch to this user/group after opening\n"
 	      "  --print-capabilities        print capabilities as JSON and exit\n"
 	      "  --help, --version\n",
@@ -199,6 +205,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_POLL,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
+		OPT_FIXBUF,
+		OPT_NOFIXFILE,
 		OPT_USER,
 		OPT_GROUP,
 		OPT_CAPS,
@@ -221,6 +229,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
+	    {"fixed-buffers", no_argument, NULL, OPT_FIXBUF},
+	    {"no-fixed-files", no_argument, NULL, OPT_NOFIXFILE},
 	    {"user", required_argument, NULL, OPT_USER},
 	    {"group", required_argument, NULL, OPT_GROUP},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
@@ -317,6 +327,12 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_NOPREFETCH:
 			o->no_l2_prefetch = true;
+			break;
+		case OPT_FIXBUF:
+			o->fixed_buffers = true;
+			break;
+		case OPT_NOFIXFILE:
+			o->no_fixed_files = true;
 			break;
 		case OPT_USER:
 			o->user = optarg;
@@ -627,11 +643,43 @@ static void d_queue_stopped(void *opaque, struct vhost_vq *vq)
 	}
 }
 
+/*
+ * --fixed-buffers: register the guest memory regions as io_uring buffers, so
+ * single-buffer data requests skip the per-request page pinning. Re-done on
+ * every table change, before the rings run on the new table.
+ */
+static void d_mem_changed(void *opaque, struct vhost_dev *dev)
+{
+	struct daemon *d = opaque;
+	struct iovec iov[MEM_REGIONS_MAX];
+	unsigned n;
+	int ret;
+
+	if (!d->o->fixed_buffers)
+		return;
+	n = vhost_dev_mem_regions(dev, iov, MEM_REGIONS_MAX);
+	if (n > MEM_REGIONS_MAX)
+		ret = -E2BIG;
+	else
+		ret = io_loop_register_buffers(d->loop, iov, n);
+	if (ret < 0) {
+		io_loop_register_buffers(d->loop, NULL, 0);
+		logmsg("cannot register the guest memory (%u regions) as io_uring buffers: %s; "
+		       "requests use it by address",
+		       n, strerror(-ret));
+	} else if (n) {
+		logmsg("guest memory registered as %u io_uring buffer(s)",
+		       io_loop_fixed_buffers(d->loop));
+	}
+}
+
 static void d_disconnected(void *opaque, struct vhost_dev *dev)
 {
 	struct daemon *d = opaque;
 
 	(void)dev;
+	if (d->o->fixed_buffers)
+		io_loop_register_buffers(d->loop, NULL, 0);
 	d->wce_initial_pending = true;
 	for (unsigned i = 0; i < MAX_QUEUES; i++) {
 		d->q[i].vq = NULL;
@@ -821,6 +869,7 @@ int main(int argc, char **argv)
 	}
 	io_loop_set_poll_ns(d.loop, o.poll_ns);
 	io_loop_set_submit_batch(d.loop, (unsigned)o.submit_batch);
+	io_loop_set_fixed_files(d.loop, !o.no_fixed_files);
 
 	memset(&iopts, 0, sizeof(iopts));
 	iopts.format = o.format;
@@ -869,6 +918,7 @@ int main(int argc, char **argv)
 	d.ops.queue_stopped = d_queue_stopped;
 	d.ops.queue_kick = d_queue_kick;
 	d.ops.disconnected = d_disconnected;
+	d.ops.mem_changed = d_mem_changed;
 
 	d.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (d.sigfd < 0) {

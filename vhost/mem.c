@@ -206,6 +206,17 @@ void vhost_mem_free(struct vhost_dev *dev)
 	m->retired_cap = 0;
 }
 
+unsigned vhost_dev_mem_regions(const struct vhost_dev *dev, struct iovec *iov, unsigned max)
+{
+	const struct vhost_mem *m = &dev->mem;
+
+	for (unsigned i = 0; i < m->nregions && i < max; i++) {
+		iov[i].iov_base = m->r[i].host;
+		iov[i].iov_len = (size_t)m->r[i].size;
+	}
+	return m->nregions;
+}
+
 void *vhost_gpa_to_host(const struct vhost_dev *dev, uint64_t gpa, uint64_t *len)
 {
 	const struct vhost_mem *m = &dev->mem;

@@ -172,6 +172,13 @@ static int h_reset(struct vhost_dev *dev, struct vu_msg *msg)
 	return 0;
 }
 
+/* Tell the device model, before any ring runs on the new table. */
+static void mem_changed(struct vhost_dev *dev)
+{
+	if (dev->ops->mem_changed)
+		dev->ops->mem_changed(dev->opaque, dev);
+}
+
 static int h_set_mem_table(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	const struct vu_mem_table *t = &msg->p.mem;
@@ -193,6 +200,7 @@ static int h_set_mem_table(struct vhost_dev *dev, struct vu_msg *msg)
 	}
 	if (ret < 0)
 		vhost_mem_clear(dev); /* all or nothing; the new mappings are unused */
+	mem_changed(dev);
 	vhost_vq_remap_all(dev);
 	return ret;
 }
@@ -209,6 +217,7 @@ static int h_add_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (ret < 0)
 		return ret;
+	mem_changed(dev);
 	vhost_vq_remap_all(dev);
 	return 0;
 }
@@ -223,6 +232,7 @@ static int h_rem_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
 			  (unsigned long long)msg->p.memreg.region.guest_addr);
 		return ret;
 	}
+	mem_changed(dev);
 	vhost_vq_remap_all(dev);
 	return 0;
 }

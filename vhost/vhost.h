@@ -123,6 +123,11 @@ struct vhost_dev_ops {
 	void (*queue_kick)(void *opaque, struct vhost_vq *vq);
 	/* The connection is gone (after all its elements were pushed or abandoned). May be NULL. */
 	void (*disconnected)(void *opaque, struct vhost_dev *dev);
+	/* The memory table changed (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG), after the
+	 * change and before any element is popped from the new table; see
+	 * vhost_dev_mem_regions(). Not called when the connection ends (disconnected
+	 * is, before the memory is unmapped). May be NULL. */
+	void (*mem_changed)(void *opaque, struct vhost_dev *dev);
 };
 
 /* ---- server ---- */
@@ -168,6 +173,15 @@ int vhost_dev_config_changed(struct vhost_dev *dev);
  * it is dropped at once (see "Connection end" above). Idempotent. */
 void vhost_dev_set_broken(struct vhost_dev *dev, const char *why);
 bool vhost_dev_is_broken(const struct vhost_dev *dev);
+
+/*
+ * The current memory regions as ranges of our own address space (where
+ * element iovecs point): fills up to @max entries of @iov and returns the
+ * number of regions (which may exceed @max). Mappings of a replaced table that
+ * in-flight elements still use are not included (they stay mapped until
+ * those elements are pushed).
+ */
+unsigned vhost_dev_mem_regions(const struct vhost_dev *dev, struct iovec *iov, unsigned max);
 
 /* Number of popped-but-not-pushed elements across all rings. */
 unsigned vhost_dev_inflight(const struct vhost_dev *dev);

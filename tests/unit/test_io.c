@@ -1164,6 +1164,169 @@ static void test_submit_batch(void)
 	env_exit(&e);
 }
 
+/* ---- registered files and buffers ---- */
+
+/* Write @len bytes of @seed at @off through @f and read them back (single-buffer forms). */
+static void rw_check(struct io_loop *loop, struct io_file *f, uint8_t *buf, size_t len,
+		     uint64_t off, unsigned seed)
+{
+	struct tcmd t;
+
+	fill(buf, len, seed);
+	tinit(&t);
+	io_write(loop, &t.cmd, f, buf, len, off);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, (int)len);
+	memset(buf, 0, len);
+	tinit(&t);
+	io_read(loop, &t.cmd, f, buf, len, off);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, (int)len);
+	for (size_t i = 0; i < len; i++) {
+		uint8_t want = (uint8_t)((i * 131 + seed * 7 + (i >> 9)) ^ seed);
+
+		if (buf[i] != want) {
+			CU_FAIL("read back differs");
+			break;
+		}
+	}
+}
+
+static void test_fixed_files(void)
+{
+	enum { NF = 70 };
+	struct io_loop *loop, *loop2;
+	static struct io_file f[NF];
+	struct tcmd t;
+	uint8_t *buf;
+	int nfixed = 0;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 32), 0);
+	buf = io_alloc_aligned(8192);
+	CU_ASSERT_FATAL(buf != NULL);
+	/* Registered on first use, not at open. */
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&f[0], IO_FILE_DIRECT, NULL), 0);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f[0], loop));
+	rw_check(loop, &f[0], buf, 8192, 0, 1);
+	CU_ASSERT_TRUE(io_file_is_fixed(&f[0], loop));
+	/* fdatasync and fallocate go through the slot too. */
+	tinit(&t);
+	io_fdatasync(loop, &t.cmd, &f[0]);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	tinit(&t);
+	io_fallocate(loop, &t.cmd, &f[0], 0, 0, 1 << 20);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	/* More files than slots: all work, the first 64 are registered. */
+	for (int i = 1; i < NF; i++) {
+		CU_ASSERT_EQUAL_FATAL(tmp_open(&f[i], IO_FILE_DIRECT, NULL), 0);
+		rw_check(loop, &f[i], buf, 4096, (uint64_t)i * 4096, (unsigned)i + 10);
+	}
+	for (int i = 0; i < NF; i++)
+		nfixed += io_file_is_fixed(&f[i], loop);
+	CU_ASSERT_EQUAL(nfixed, 64);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f[NF - 1], loop));
+	/* Each file still holds its own data (no slot mix-up). */
+	for (int i = 1; i < NF; i++) {
+		tinit(&t);
+		io_read(loop, &t.cmd, &f[i], buf, 4096, (uint64_t)i * 4096);
+		run_until(loop, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 4096);
+		CU_ASSERT_EQUAL(buf[5], (uint8_t)((5 * 131 + (i + 10) * 7) ^ (i + 10)));
+	}
+	/* Closing frees the slot for the next file. */
+	io_file_close(&f[3]);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f[3], loop));
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&f[3], IO_FILE_DIRECT, NULL), 0);
+	rw_check(loop, &f[3], buf, 4096, 0, 77);
+	CU_ASSERT_TRUE(io_file_is_fixed(&f[3], loop));
+	for (int i = 1; i < NF; i++)
+		io_file_close(&f[i]);
+	/* Turned off: used by fd. */
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop2, 32), 0);
+	io_loop_set_fixed_files(loop2, false);
+	CU_ASSERT_EQUAL_FATAL(tmp_open(&f[1], IO_FILE_DIRECT, NULL), 0);
+	rw_check(loop2, &f[1], buf, 4096, 0, 5);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f[1], loop2));
+	io_file_close(&f[1]);
+	io_loop_exit(loop2);
+	/* A file outliving its loop is forgotten by it, then still closes cleanly. */
+	io_loop_exit(loop);
+	CU_ASSERT_EQUAL(f[0].fixed_index, -1);
+	CU_ASSERT_PTR_NULL(f[0].fixed_loop);
+	io_file_close(&f[0]);
+	io_free_aligned(buf);
+}
+
+static void test_fixed_buffers(void)
+{
+	struct env e;
+	struct iovec reg, iov[2], many[65];
+	uint8_t *buf, *other;
+	uint64_t uses;
+	int ret;
+
+	env_init(&e, 32, IO_FILE_DIRECT);
+	buf = io_alloc_aligned(65536);
+	other = io_alloc_aligned(16384);
+	CU_ASSERT_FATAL(buf && other);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffers(e.loop), 0);
+	reg = (struct iovec){buf, 32768};
+	ret = io_loop_register_buffers(e.loop, &reg, 1);
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffers(e.loop), 1);
+	/* Single buffers inside the range go as READ/WRITE_FIXED. */
+	uses = io_loop_fixed_buffer_uses(e.loop);
+	rw_check(e.loop, &e.f, buf + 4096, 8192, 16384, 3);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses + 2);
+	/* Outside it, or straddling its end, or several iovecs: by address. */
+	uses = io_loop_fixed_buffer_uses(e.loop);
+	rw_check(e.loop, &e.f, other, 16384, 0, 4);
+	rw_check(e.loop, &e.f, buf + 28672, 8192, 65536, 5);
+	fill(buf, 8192, 6);
+	iov[0] = (struct iovec){buf, 4096};
+	iov[1] = (struct iovec){buf + 4096, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, true, iov, 2, 131072), 8192);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses);
+	/* What the fixed read returns is what the vectored write wrote. */
+	memset(buf + 16384, 0, 8192);
+	uses = io_loop_fixed_buffer_uses(e.loop);
+	{
+		struct tcmd t;
+
+		tinit(&t);
+		io_read(e.loop, &t.cmd, &e.f, buf + 16384, 8192, 131072);
+		run_until(e.loop, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 8192);
+	}
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses + 1);
+	CU_ASSERT_EQUAL(memcmp(buf, buf + 16384, 8192), 0);
+	/* Replacing the set: the old range is no longer used. */
+	reg = (struct iovec){other, 16384};
+	CU_ASSERT_EQUAL(io_loop_register_buffers(e.loop, &reg, 1), 0);
+	uses = io_loop_fixed_buffer_uses(e.loop);
+	rw_check(e.loop, &e.f, buf, 4096, 0, 7);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses);
+	rw_check(e.loop, &e.f, other + 4096, 4096, 4096, 8);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses + 2);
+	/* Too many pieces: refused, nothing registered, I/O still fine. */
+	for (int i = 0; i < 65; i++)
+		many[i] = (struct iovec){buf + (size_t)i * 512, 512};
+	CU_ASSERT_EQUAL(io_loop_register_buffers(e.loop, many, 65), -E2BIG);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffers(e.loop), 0);
+	uses = io_loop_fixed_buffer_uses(e.loop);
+	rw_check(e.loop, &e.f, other + 4096, 4096, 4096, 9);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffer_uses(e.loop), uses);
+	/* Dropping the set. */
+	CU_ASSERT_EQUAL(io_loop_register_buffers(e.loop, &reg, 1), 0);
+	CU_ASSERT_EQUAL(io_loop_register_buffers(e.loop, NULL, 0), 0);
+	CU_ASSERT_EQUAL(io_loop_fixed_buffers(e.loop), 0);
+	io_free_aligned(buf);
+	io_free_aligned(other);
+	env_exit(&e);
+}
+
 static void test_bad_args(void)
 {
 	struct env e;
@@ -1238,6 +1401,8 @@ int main(void)
 	CU_add_test(s, "SQ full backpressure", test_sq_full);
 	CU_add_test(s, "busy polling", test_busy_poll);
 	CU_add_test(s, "early submission", test_submit_batch);
+	CU_add_test(s, "registered files", test_fixed_files);
+	CU_add_test(s, "registered buffers", test_fixed_buffers);
 	CU_add_test(s, "bad arguments", test_bad_args);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();

@@ -191,6 +191,7 @@ static void t_features_set(void *opaque, struct vhost_dev *dev, uint64_t f)
 static void t_started(void *opaque, struct vhost_vq *vq)
 {
 	g_started++;
+	g_start_seq = ++g_seq;
 }
 
 static void t_stopped(void *opaque, struct vhost_vq *vq)
@@ -207,6 +208,19 @@ static void t_kick(void *opaque, struct vhost_vq *vq)
 		return;
 	while (g_nheld < NUM && vq_pop(vq, &e) == 0)
 		g_held[g_nheld++] = e;
+}
+
+/* mem_changed: what the device model saw of the table, and when. */
+static int g_mem_changed, g_seq, g_mem_seq, g_start_seq;
+static unsigned g_mem_n;
+static struct iovec g_mem_iov[4];
+
+static void t_mem_changed(void *opaque, struct vhost_dev *dev)
+{
+	g_mem_changed++;
+	g_mem_seq = ++g_seq;
+	memset(g_mem_iov, 0, sizeof(g_mem_iov));
+	g_mem_n = vhost_dev_mem_regions(dev, g_mem_iov, 4);
 }
 
 static void t_disconnected(void *opaque, struct vhost_dev *dev)
@@ -230,6 +244,7 @@ static const struct vhost_dev_ops g_ops = {
     .queue_stopped = t_stopped,
     .queue_kick = t_kick,
     .disconnected = t_disconnected,
+    .mem_changed = t_mem_changed,
 };
 
 /* ---- helpers ---- */
@@ -255,6 +270,8 @@ static int count_fds(void)
 static void reset_counters(void)
 {
 	g_kicks = g_started = g_stopped = g_disconnected = g_features_set = 0;
+	g_mem_changed = g_seq = g_mem_seq = g_start_seq = 0;
+	g_mem_n = 0;
 	g_hold = false;
 	g_nheld = 0;
 }
@@ -963,9 +980,16 @@ static void test_mem_change_inflight(void)
 	struct ring r;
 
 	server_up();
+	reset_counters();
 	g_hold = true;
 	ring_setup(&r, 0);
 	CU_ASSERT_EQUAL(guest_mappings(), 2); /* the test's view + vhost's */
+	/* mem_changed saw the one region, mapped in our address space. */
+	CU_ASSERT_EQUAL(g_mem_changed, 1);
+	CU_ASSERT_EQUAL_FATAL(g_mem_n, 1);
+	CU_ASSERT_EQUAL(g_mem_iov[0].iov_len, MEM_SIZE);
+	((uint8_t *)g_mem_iov[0].iov_base)[0x3000] = 0x5a;
+	CU_ASSERT_EQUAL(r.mem[0x3000], 0x5a);
 	ring_post(&r, 5);
 	run(5);
 	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
@@ -974,6 +998,8 @@ static void test_mem_change_inflight(void)
 	 * pauses; the mapping stays while the element is in flight. */
 	CU_ASSERT_EQUAL(acked(r.fd, REM_MEM_REG, &reg, sizeof(reg), NULL, 0), 0);
 	CU_ASSERT_EQUAL(g_stopped, 1);
+	CU_ASSERT_EQUAL(g_mem_changed, 2);
+	CU_ASSERT_EQUAL(g_mem_n, 0); /* the retired mapping is not offered */
 	CU_ASSERT_EQUAL(guest_mappings(), 2);
 	memset(g_held[0]->iov[0].iov_base, 0x77, g_held[0]->iov[0].iov_len);
 	CU_ASSERT_EQUAL(r.mem[0x10000 + 5 * 0x100], 0x77);
@@ -986,6 +1012,9 @@ static void test_mem_change_inflight(void)
 	/* The replacement region: the ring resumes and serves the next buffer. */
 	CU_ASSERT_EQUAL(acked(r.fd, ADD_MEM_REG, &reg, sizeof(reg), &r.memfd, 1), 0);
 	CU_ASSERT_EQUAL(g_started, 2);
+	CU_ASSERT_EQUAL(g_mem_changed, 3);
+	CU_ASSERT_EQUAL(g_mem_n, 1);
+	CU_ASSERT(g_mem_seq < g_start_seq); /* told before the ring runs again */
 	CU_ASSERT_EQUAL(guest_mappings(), 2);
 	ring_post(&r, 6);
 	run(5);
@@ -1001,6 +1030,10 @@ static void test_mem_change_inflight(void)
 		CU_ASSERT_EQUAL(acked(r.fd, SET_MEM_TABLE, &mt, 8 + 32, &r.memfd, 1), 0);
 	}
 	CU_ASSERT_EQUAL(guest_mappings(), 3);
+	CU_ASSERT_EQUAL(g_mem_changed, 4);
+	CU_ASSERT_EQUAL(g_mem_n, 1); /* only the new mapping */
+	CU_ASSERT_PTR_NOT_EQUAL(g_mem_iov[0].iov_base,
+				g_held[0]->iov[0].iov_base - 0x10000 - 6 * 0x100);
 	vq_push(g_held[0]->vq, g_held[0], 1);
 	g_nheld = 0;
 	CU_ASSERT_EQUAL(ring_used_idx(&r), 2);
