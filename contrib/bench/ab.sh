@@ -11,6 +11,8 @@
 #
 # The full matrix with medians and ratios is run.sh; this is for quick
 # side-by-side comparisons of one cell while changing one option.
+# With VQCOWD_B="ARGS" set, the second backend is vqcowd again with ARGS
+# instead of VQCOWD ARGS (A/B of two vqcowd configurations), labelled vqcowd-b.
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 4,12p "$0" >&2; exit 2; }
 img=$1 fmt=$2 feargs=$3 reps=$4
@@ -34,6 +36,10 @@ run() {
 	if [ "$kind" = vqcowd ]; then
 		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
 			${extra[@]+"${extra[@]}"} >"$tmp/$kind.log" 2>&1 &
+	elif [ "$kind" = vqcowd-b ]; then
+		# shellcheck disable=SC2086
+		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
+			$VQCOWD_B >"$tmp/$kind.log" 2>&1 &
 	else
 		qemu-storage-daemon \
 			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
@@ -55,12 +61,12 @@ run() {
 import json, sys
 d = json.load(sys.stdin)["total"]
 kind, dt, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-print("%-7s IOPS %9.0f  lat mean %7.1f p99 %7.1f us  cpu %.2f us/IO" % (kind, d["iops"],
+print("%-8s IOPS %9.0f  lat mean %7.1f p99 %7.1f us  cpu %.2f us/IO" % (kind, d["iops"],
       d["lat_us"]["mean"], d["lat_us"]["p99"], dt / hz * 1e6 / max(d["ios"], 1)))' \
 		"$kind" $((t1 - t0)) "$(getconf CLK_TCK)"
 }
 
 for _ in $(seq "$reps"); do
 	run vqcowd
-	run qsd
+	if [ -n "${VQCOWD_B+x}" ]; then run vqcowd-b; else run qsd; fi
 done
