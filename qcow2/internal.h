@@ -38,36 +38,69 @@ enum q2_cache_type {
 	Q2_CACHE_RC = 1,
 };
 
+/*
+ * A cache entry. The fields a lookup hit and its caller touch (off, buf,
+ * state, refbit, suspect, pins) share the first cache line; descriptors live
+ * in arrays inside the cache's slab chunks (cache.c), 64-byte aligned, next to
+ * their buffers. Never allocated elsewhere.
+ */
 struct q2_slice {
 	uint64_t off; /* host offset of the slice */
-	struct q2_slice *hnext;
-	struct q2_slice *dnext; /* dirty list */
+	void *buf;    /* slice_size bytes, on-disk format */
 	struct q2_cache *cache;
-	void *buf; /* slice_size bytes, on-disk format */
+	struct q2_slice *dnext; /* dirty list */
 	struct qcow2_waiter *waiters;
-	struct io_cmd cmd;
+	struct q2_slice *next; /* free list (cache->free) or chunk spare list */
 	uint32_t pins;
-	uint32_t idx; /* position in cache->all */
+	uint32_t idx;   /* position in cache->all */
+	uint32_t chunk; /* index in cache->chunks */
 	uint8_t state;
-	bool dirty;
-	bool in_dlist;
-	bool wb;      /* copied into a write-back batch whose write is in flight */
-	bool refbit;  /* clock */
-	bool suspect; /* L2: an entry failed load-time validation */
+	bool dirty : 1;
+	bool in_dlist : 1;
+	bool wb : 1;      /* copied into a write-back batch whose write is in flight */
+	bool refbit : 1;  /* clock */
+	bool suspect : 1; /* L2: an entry failed load-time validation */
+} __attribute__((aligned(64)));
+
+struct q2_chunk;
+struct q2_load;
+
+/* A hash slot: the key next to the entry, so a probe reads no descriptor. */
+struct q2_hslot {
+	uint64_t off;
+	struct q2_slice *s; /* NULL: empty */
 };
 
+/*
+ * Entries and buffers come from slab chunks (cache.c): on demand, small first
+ * and growing geometrically up to 2 MiB mappings (huge-page advised). An entry
+ * is "counted" (in count and all[]) while in the hash or on the free list;
+ * trimmed entries go back to their chunk's spare list and a chunk whose
+ * entries are all spare is unmapped.
+ */
 struct q2_cache {
 	struct qcow2 *q;
 	uint8_t type;
 	uint32_t slice_size;
-	size_t soft_max; /* entries */
-	size_t count;    /* entries allocated (in use or free) */
+	uint32_t slice_bits; /* log2(slice_size) */
+	size_t soft_max;     /* entries */
+	size_t count;        /* entries counted (in the hash or on the free list) */
 	size_t cap;
 	struct q2_slice **all;
 	size_t hand;
-	struct q2_slice *free; /* unused entries (buffers kept), linked by hnext */
-	struct q2_slice **hash;
+	struct q2_slice *free; /* unused counted entries (buffers kept), linked by next */
+	struct q2_hslot *hash; /* open addressing, linear probing, load <= 1/2 */
 	size_t hmask;
+	size_t hused;  /* slots in use */
+	size_t hbytes; /* bytes mapped for hash */
+	unsigned hbits;
+	struct q2_chunk **chunks; /* NULL slots: unmapped chunks */
+	size_t nchunks, chunks_cap;
+	size_t nspare;          /* spare entries over all chunks */
+	size_t chunk_next;      /* entries of the next chunk (grows geometrically) */
+	size_t chunk_hint;      /* a chunk that may have spare entries */
+	size_t mem_bytes;       /* bytes mapped for chunks (buffers + descriptors) */
+	struct q2_load *loads;  /* idle load commands */
 	struct q2_slice *dirty; /* dirty list (in_dlist) */
 	size_t ndirty;
 	uint64_t hits, misses, evictions;
