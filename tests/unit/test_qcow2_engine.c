@@ -1318,6 +1318,309 @@ static void test_prefetch_read_failure(void)
 	fake_file_drop(e.id);
 }
 
+/* ---- the slice cache on its own (slab chunks, open-addressed hash) ---- */
+
+/* Structural invariants of a cache: entry positions, hash slots, accounting. */
+static void cache_check(struct q2_cache *c)
+{
+	size_t used = 0, chunks = 0;
+
+	CU_ASSERT_FATAL(c->count <= c->cap);
+	for (size_t i = 0; i < c->count; i++) {
+		CU_ASSERT_EQUAL_FATAL(c->all[i]->idx, i);
+		CU_ASSERT_PTR_EQUAL_FATAL(c->all[i]->cache, c);
+	}
+	for (size_t h = 0; h <= c->hmask; h++) {
+		if (!c->hash[h].s)
+			continue;
+		used++;
+		CU_ASSERT_EQUAL_FATAL(c->hash[h].off, c->hash[h].s->off);
+		CU_ASSERT_FATAL(c->hash[h].s->state != 0);
+	}
+	CU_ASSERT_EQUAL(used, c->hused);
+	CU_ASSERT(c->hused <= c->count);
+	CU_ASSERT(c->hused * 2 <= c->hmask + 1);
+	for (size_t i = 0; i < c->nchunks; i++)
+		chunks += c->chunks[i] != NULL;
+	CU_ASSERT(c->count == 0 || chunks > 0);
+	CU_ASSERT(c->mem_bytes > 0 || chunks == 0);
+}
+
+static size_t cache_chunks(const struct q2_cache *c)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < c->nchunks; i++)
+		n += c->chunks[i] != NULL;
+	return n;
+}
+
+static void fill_pattern(uint8_t *b, size_t len, uint64_t key)
+{
+	for (size_t i = 0; i < len; i += 8)
+		qcow2_put_be64(b + i, key * 0x100000001b3ull + i);
+}
+
+static bool has_pattern(const uint8_t *b, size_t len, uint64_t key)
+{
+	for (size_t i = 0; i < len; i += 8)
+		if (qcow2_be64(b + i) != key * 0x100000001b3ull + i)
+			return false;
+	return true;
+}
+
+/*
+ * A refcount-type cache of 2000 x 4 KiB slices (several chunks, some of a
+ * full 2 MiB): fill, evict, grow past the limit when all is busy, trim,
+ * reuse freed entries, exit (ASan checks leaks and stray accesses).
+ */
+static void test_cache_slab(void)
+{
+	const size_t max = 2000, ss = 4096;
+	const uint64_t base = 1ull << 30;
+	uint8_t *data = malloc(ss);
+	struct q2_slice *s;
+	struct q2_cache c;
+	struct eng e;
+	size_t mem, chunks;
+
+	CU_ASSERT_PTR_NOT_NULL_FATAL(data);
+	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, max), 0);
+	CU_ASSERT_EQUAL(c.mem_bytes, 0); /* nothing up front */
+	for (size_t i = 0; i < max; i++) {
+		fill_pattern(data, ss, i);
+		CU_ASSERT_EQUAL_FATAL(q2_cache_insert(&c, base + i * ss, data), 1);
+		if (i == 0)
+			CU_ASSERT(c.mem_bytes <= 16 * (ss + 64) + 4096); /* a small first chunk */
+	}
+	CU_ASSERT_EQUAL(q2_cache_insert(&c, base, data), 0);
+	CU_ASSERT_EQUAL(q2_cache_insert(&c, base + max * ss, data), -ENOSPC);
+	CU_ASSERT_EQUAL(c.count, max);
+	CU_ASSERT_EQUAL(c.nspare, 0); /* chunks capped by the soft limit */
+	chunks = cache_chunks(&c);
+	CU_ASSERT(chunks >= 7);
+	CU_ASSERT(c.mem_bytes <= max * (ss + 64) + chunks * 4096);
+	cache_check(&c);
+	for (size_t i = 0; i < max; i++) {
+		s = q2_cache_peek(&c, base + i * ss);
+		CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+		CU_ASSERT_EQUAL(s->off, base + i * ss);
+		CU_ASSERT(((uintptr_t)s->buf & 511) == 0);
+		CU_ASSERT(((uintptr_t)s & 63) == 0);
+		CU_ASSERT_FATAL(has_pattern(s->buf, ss, i));
+	}
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&c, base + max * ss));
+
+	/* at the limit: a new slice evicts a clean one (CLOCK) */
+	s = q2_cache_new(&c, base + max * ss);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+	CU_ASSERT_EQUAL(c.evictions, 1);
+	CU_ASSERT_EQUAL(c.count, max);
+	CU_ASSERT(s->dirty && s->in_dlist);
+	CU_ASSERT_EQUAL(c.ndirty, 1);
+	for (size_t i = 0; i < ss; i++)
+		CU_ASSERT_FATAL(((uint8_t *)s->buf)[i] == 0);
+	{
+		size_t gone = 0;
+
+		for (size_t i = 0; i < max; i++)
+			gone += q2_cache_peek(&c, base + i * ss) == NULL;
+		CU_ASSERT_EQUAL(gone, 1);
+	}
+
+	/* everything pinned: new slices grow the cache past its limit */
+	for (size_t i = 0; i < c.count; i++)
+		c.all[i]->pins++;
+	for (size_t i = 1; i <= 100; i++) {
+		s = q2_cache_new(&c, base + (max + i) * ss);
+		CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+		fill_pattern(s->buf, ss, max + i);
+	}
+	CU_ASSERT_EQUAL(c.evictions, 1);
+	CU_ASSERT_EQUAL(c.count, max + 100);
+	CU_ASSERT_EQUAL(q2_cache_over(&c), 100);
+	cache_check(&c);
+	mem = c.mem_bytes;
+	CU_ASSERT(mem <= (max + 100 + 16) * (ss + 64) + cache_chunks(&c) * 4096);
+
+	/* trim while all is busy frees nothing */
+	q2_cache_trim(&c);
+	CU_ASSERT_EQUAL(c.count, max + 100);
+	/* clean and unpinned: trim goes back to the limit and unmaps whole chunks */
+	for (size_t i = 0; i < c.count; i++) {
+		if (c.all[i]->pins)
+			c.all[i]->pins--;
+		c.all[i]->dirty = false;
+		c.all[i]->in_dlist = false;
+		c.all[i]->dnext = NULL;
+	}
+	c.dirty = NULL;
+	c.ndirty = 0;
+	q2_cache_trim(&c);
+	CU_ASSERT_EQUAL(c.count, max);
+	CU_ASSERT_EQUAL(q2_cache_over(&c), 0);
+	CU_ASSERT(c.mem_bytes < mem);
+	CU_ASSERT(c.nspare < 100);
+	cache_check(&c);
+	{
+		size_t found = 0;
+
+		for (size_t i = 0; i <= max + 100; i++) {
+			s = q2_cache_peek(&c, base + i * ss);
+			if (!s)
+				continue;
+			found++;
+			if (i != max)
+				CU_ASSERT_FATAL(has_pattern(s->buf, ss, i));
+		}
+		CU_ASSERT_EQUAL(found, max);
+	}
+
+	/* forgotten entries are reused (free list) without growing */
+	mem = c.mem_bytes;
+	for (size_t i = 0, n = 0; n < 10 && i <= max + 100; i++) {
+		if (q2_cache_peek(&c, base + i * ss)) {
+			q2_cache_forget(&c, base + i * ss);
+			CU_ASSERT_PTR_NULL(q2_cache_peek(&c, base + i * ss));
+			n++;
+		}
+	}
+	CU_ASSERT_EQUAL(c.count, max);
+	for (size_t i = 0; i < 10; i++) {
+		fill_pattern(data, ss, 5000 + i);
+		CU_ASSERT_EQUAL(q2_cache_insert(&c, base + (5000 + i) * ss, data), 1);
+	}
+	CU_ASSERT_EQUAL(q2_cache_insert(&c, base + 6000 * ss, data), -ENOSPC);
+	CU_ASSERT_EQUAL(c.mem_bytes, mem);
+	for (size_t i = 0; i < 10; i++) {
+		s = q2_cache_peek(&c, base + (5000 + i) * ss);
+		CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+		CU_ASSERT(has_pattern(s->buf, ss, 5000 + i));
+	}
+	cache_check(&c);
+	q2_cache_exit(&c);
+	CU_ASSERT_PTR_NULL(c.hash);
+	CU_ASSERT_EQUAL(c.mem_bytes, 0);
+	free(data);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
+/*
+ * Offsets whose home slots form one long run across the end of the table:
+ * every lookup stays right while they are removed one by one in a random
+ * order (backward-shift deletion) and added again.
+ */
+static void test_cache_collisions(void)
+{
+	enum { N = 200 };
+	const size_t ss = 512;
+	const unsigned bits = 9; /* 512 slots for 200 entries */
+	uint64_t off[N];
+	bool in[N];
+	uint8_t data[512];
+	struct q2_cache c;
+	struct eng e;
+	size_t n = 0;
+
+	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
+	for (uint64_t k = 1; n < N; k++) {
+		uint64_t h = (k * 0x9e3779b97f4a7c15ull) >> (64 - bits);
+
+		if (h >= (1u << bits) - 4 || h < 4)
+			off[n++] = k * ss;
+	}
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, 1000), 0);
+	for (size_t i = 0; i < N; i++) {
+		fill_pattern(data, ss, off[i]);
+		CU_ASSERT_EQUAL_FATAL(q2_cache_insert(&c, off[i], data), 1);
+		in[i] = true;
+	}
+	CU_ASSERT_EQUAL_FATAL(c.hbits, bits);
+	cache_check(&c);
+	for (int round = 0; round < 3; round++) {
+		for (size_t r = 0; r < N; r++) {
+			size_t i = rnd() % N;
+
+			if (in[i]) {
+				q2_cache_forget(&c, off[i]);
+			} else {
+				fill_pattern(data, ss, off[i]);
+				CU_ASSERT_EQUAL(q2_cache_insert(&c, off[i], data), 1);
+			}
+			in[i] = !in[i];
+			for (size_t j = 0; j < N; j++) {
+				struct q2_slice *s = q2_cache_peek(&c, off[j]);
+
+				CU_ASSERT_FATAL((s != NULL) == in[j]);
+				if (s)
+					CU_ASSERT_FATAL(s->off == off[j] &&
+							has_pattern(s->buf, ss, off[j]));
+			}
+		}
+		cache_check(&c);
+	}
+	CU_ASSERT_EQUAL(c.hbits, bits);
+	q2_cache_exit(&c);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
+/* Loads: waiters parked on a LOADING slice, hits/misses, a failed load retried. */
+static void test_cache_loads(void)
+{
+	const size_t ss = 4096;
+	struct waitf w1, w2, w3;
+	struct q2_slice *s = NULL;
+	const uint8_t *img;
+	uint64_t isize;
+	struct q2_cache c;
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
+	img = fake_file_data(e.id, &isize);
+	CU_ASSERT_FATAL(isize >= 3 * 65536);
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, 16), 0);
+	wait_init(&w1);
+	wait_init(&w2);
+	wait_init(&w3);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 0, &s, &w1.w), -EAGAIN);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 0, &s, &w2.w), -EAGAIN);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 65536, &s, &w3.w), -EAGAIN);
+	CU_ASSERT_EQUAL(c.misses, 2);
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&c, 0)); /* LOADING */
+	wait_woken(&w1);
+	wait_woken(&w2);
+	wait_woken(&w3);
+	CU_ASSERT(w1.err == 0 && w2.err == 0 && w3.err == 0);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 0, &s, &w1.w), 0);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+	CU_ASSERT(memcmp(s->buf, img, ss) == 0);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 65536, &s, &w1.w), 0);
+	CU_ASSERT(memcmp(s->buf, img + 65536, ss) == 0);
+	CU_ASSERT_EQUAL(c.hits, 2);
+	CU_ASSERT_EQUAL(c.misses, 2);
+	/* a failed load wakes its waiter with the error and leaves nothing behind */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 131072, &s, &w1.w), -EAGAIN);
+	wait_woken(&w1);
+	CU_ASSERT_EQUAL(w1.err, -EIO);
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&c, 131072));
+	cache_check(&c);
+	CU_ASSERT_EQUAL(q2_cache_get(&c, 131072, &s, &w1.w), -EAGAIN);
+	wait_woken(&w1);
+	CU_ASSERT_EQUAL(w1.err, 0);
+	s = q2_cache_peek(&c, 131072);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+	CU_ASSERT(memcmp(s->buf, img + 131072, ss) == 0);
+	CU_ASSERT_EQUAL(c.count, 3); /* the failed load's entry was reused */
+	cache_check(&c);
+	q2_cache_exit(&c);
+	eng_close(&e);
+	fake_file_drop(e.id);
+}
+
 int main(void)
 {
 	struct statfs s;
@@ -1364,6 +1667,9 @@ int main(void)
 	CU_add_test(suite, "L2 prefetch: cache too small", test_prefetch_small_cache);
 	CU_add_test(suite, "L2 prefetch: switched off", test_prefetch_off);
 	CU_add_test(suite, "L2 prefetch: read failure", test_prefetch_read_failure);
+	CU_add_test(suite, "slice cache: slab chunks, limit, trim, reuse", test_cache_slab);
+	CU_add_test(suite, "slice cache: colliding offsets", test_cache_collisions);
+	CU_add_test(suite, "slice cache: loads and waiters", test_cache_loads);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();
