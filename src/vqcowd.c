@@ -552,7 +552,9 @@ static void d_defer(struct io_defer *def)
 	 * for new requests without waiting for a kick. */
 	if (d->o->poll_ns && !d->stopping) {
 		for (unsigned i = 0; i < nq; i++) {
-			if (d->q[i].vq && vq_is_running(d->q[i].vq))
+			/* A cheap look first: pop_all() ends with re-arming the
+			 * kick, a full barrier, on every call. */
+			if (d->q[i].vq && vq_avail_pending(d->q[i].vq))
 				pop_all(d, d->q[i].vq);
 		}
 	}

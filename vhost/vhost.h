@@ -209,6 +209,16 @@ void *vq_priv(const struct vhost_vq *vq);
 int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp);
 
 /*
+ * Has the driver made buffers available that were not popped yet? One plain
+ * read of avail->idx: no kick re-arming and no memory barrier, so pollers can
+ * call it often. Whenever vq_pop() has returned -EAGAIN with notifications
+ * enabled (or vq_enable_notify() returned false), the kick is armed for the
+ * next buffer, so a false here needs no further action. False if the ring is
+ * not running.
+ */
+bool vq_avail_pending(const struct vhost_vq *vq);
+
+/*
  * Put @elem on the used ring with @len bytes written to device-writable
  * buffers. The slot is free again on return. Does not notify. Safe after
  * the connection ended (the ring is then left alone). Pushing an element

@@ -637,6 +637,13 @@ bool vq_enable_notify(struct vhost_vq *vq)
 	return avail_idx != vq->last_avail;
 }
 
+bool vq_avail_pending(const struct vhost_vq *vq)
+{
+	if (!vq_usable(vq))
+		return false;
+	return le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE)) != vq->last_avail;
+}
+
 /* ---- accessors ---- */
 
 unsigned vq_index(const struct vhost_vq *vq)

@@ -12,7 +12,8 @@
 # The full matrix with medians and ratios is run.sh; this is for quick
 # side-by-side comparisons of one cell while changing one option.
 # With VQCOWD_B="ARGS" set, the second backend is vqcowd again with ARGS
-# instead of VQCOWD ARGS (A/B of two vqcowd configurations), labelled vqcowd-b.
+# instead of VQCOWD ARGS (A/B of two vqcowd configurations), labelled vqcowd-b;
+# VQCOWD_B_BIN=PATH runs another vqcowd binary as B (A/B of two builds).
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 4,12p "$0" >&2; exit 2; }
 img=$1 fmt=$2 feargs=$3 reps=$4
@@ -38,7 +39,7 @@ run() {
 			${extra[@]+"${extra[@]}"} >"$tmp/$kind.log" 2>&1 &
 	elif [ "$kind" = vqcowd-b ]; then
 		# shellcheck disable=SC2086
-		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
+		"${VQCOWD_B_BIN:-$vqcowd}" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
 			$VQCOWD_B >"$tmp/$kind.log" 2>&1 &
 	else
 		qemu-storage-daemon \
