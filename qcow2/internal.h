@@ -240,6 +240,11 @@ void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err);
 uint64_t q2_host_end(const struct qcow2 *q);
 
 /* ---- cache.c ---- */
+/*
+ * An empty cache of up to @soft_max (at least 8) slices of @slice_size (a
+ * power of two >= 512) bytes; memory is taken as entries are needed.
+ * 0, -EINVAL or -ENOMEM. q2_cache_exit() frees everything (no load in flight).
+ */
 int q2_cache_init(struct q2_cache *c, struct qcow2 *q, uint8_t type, uint32_t slice_size,
 		  size_t soft_max);
 void q2_cache_exit(struct q2_cache *c);
