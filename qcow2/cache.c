@@ -22,7 +22,7 @@
  * still allows: a small image pays for what it caches. q2_cache_trim() puts
  * entries back on their chunk's spare list (no longer counted) and unmaps a
  * chunk once all of its entries are spare. Loads use io commands from a
- * small pool (one per load in flight at most), not one per entry.
+ * small pool (as many as loads were ever in flight at once), not one per entry.
  *
  * Lookup: open addressing with linear probing over (offset, entry) slots,
  * at most half full, deletion by backward shift (no tombstones): a hit reads
