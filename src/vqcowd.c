@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -798,6 +799,17 @@ static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
 {
 	int ret;
 
+	if (o->fixed_buffers) {
+		/* io_uring counts registered buffers against RLIMIT_MEMLOCK once
+		 * CAP_IPC_LOCK is gone: lift it while we still may. */
+		struct rlimit rl = {RLIM_INFINITY, RLIM_INFINITY};
+
+		if (setrlimit(RLIMIT_MEMLOCK, &rl) < 0 && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 &&
+		    rl.rlim_cur != RLIM_INFINITY)
+			logmsg("--fixed-buffers: RLIMIT_MEMLOCK stays at %llu KiB; guest memory "
+			       "beyond it is used by address",
+			       (unsigned long long)rl.rlim_cur / 1024);
+	}
 	capng_clear(CAPNG_SELECT_BOTH);
 	if (o->user || o->group) {
 		ret =

@@ -93,6 +93,26 @@ static bool in_path(const char *prog)
 	return false;
 }
 
+/*
+ * Extra vqcowd arguments from $VQCOWD_EXTRA (split at spaces; for running a
+ * whole suite again with an option, see tests/integration/CMakeLists.txt).
+ * Fills at most @max entries of @argv; returns how many.
+ */
+static int env_args(char **argv, int max)
+{
+	static char buf[512];
+	const char *e = getenv("VQCOWD_EXTRA");
+	int n = 0;
+
+	if (!e || !*e)
+		return 0;
+	snprintf(buf, sizeof(buf), "%s", e);
+	for (char *save = NULL, *t = strtok_r(buf, " ", &save); t && n < max;
+	     t = strtok_r(NULL, " ", &save))
+		argv[n++] = t;
+	return n;
+}
+
 bool itest_init(int argc, char **argv)
 {
 	const char *be = getenv("VQCOW_TEST_BACKEND");
@@ -263,6 +283,7 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 			argv[argc++] = "--writethrough";
 		for (unsigned i = 0; i < 8 && o->extra[i]; i++)
 			argv[argc++] = (char *)o->extra[i];
+		argc += env_args(argv + argc, 8);
 	}
 	argv[argc] = NULL;
 	d->pid = fork();
@@ -369,8 +390,24 @@ static void rm_rf(const char *dir)
 	rmdir(dir);
 }
 
+/* Does the back-end's log contain @what? */
+static bool log_has(const struct itest_daemon *d, const char *what)
+{
+	char line[1024];
+	bool found = false;
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return false;
+	while (!found && fgets(line, sizeof(line), f))
+		found = strstr(line, what) != NULL;
+	fclose(f);
+	return found;
+}
+
 int itest_stop(struct itest_daemon *d)
 {
+	const char *expect = getenv("VQCOWD_EXPECT_LOG");
 	int rc = 0;
 
 	live_del(d);
@@ -378,6 +415,13 @@ int itest_stop(struct itest_daemon *d)
 		rc = itest_signal_wait(d, SIGTERM, 20000);
 		if (rc != 0)
 			itest_dump_log(d);
+	}
+	/* A variant run (VQCOWD_EXTRA) proves it took effect by a log line. */
+	if (expect && *expect && !use_qsd && d->dir[0] && log_has(d, "front-end connected") &&
+	    !log_has(d, expect)) {
+		fprintf(stderr, "itest: the back-end log lacks \"%s\"\n", expect);
+		itest_dump_log(d);
+		rc = 1;
 	}
 	if (d->dir[0] && !getenv("ITEST_KEEP"))
 		rm_rf(d->dir);

@@ -164,6 +164,11 @@ static bool g_hold; /* queue_kick: pop and keep the elements */
 static struct vq_elem *g_held[NUM];
 static unsigned g_nheld;
 
+/* mem_changed: what the device model saw of the table, and when. */
+static int g_mem_changed, g_seq, g_mem_seq, g_start_seq;
+static unsigned g_mem_n;
+static struct iovec g_mem_iov[4];
+
 static int t_get_config(void *opaque, uint8_t *buf, uint32_t off, uint32_t len)
 {
 	if ((uint64_t)off + len > sizeof(g_config))
@@ -209,11 +214,6 @@ static void t_kick(void *opaque, struct vhost_vq *vq)
 	while (g_nheld < NUM && vq_pop(vq, &e) == 0)
 		g_held[g_nheld++] = e;
 }
-
-/* mem_changed: what the device model saw of the table, and when. */
-static int g_mem_changed, g_seq, g_mem_seq, g_start_seq;
-static unsigned g_mem_n;
-static struct iovec g_mem_iov[4];
 
 static void t_mem_changed(void *opaque, struct vhost_dev *dev)
 {
@@ -1033,7 +1033,7 @@ static void test_mem_change_inflight(void)
 	CU_ASSERT_EQUAL(g_mem_changed, 4);
 	CU_ASSERT_EQUAL(g_mem_n, 1); /* only the new mapping */
 	CU_ASSERT_PTR_NOT_EQUAL(g_mem_iov[0].iov_base,
-				g_held[0]->iov[0].iov_base - 0x10000 - 6 * 0x100);
+				(char *)g_held[0]->iov[0].iov_base - 0x10000 - 6 * 0x100);
 	vq_push(g_held[0]->vq, g_held[0], 1);
 	g_nheld = 0;
 	CU_ASSERT_EQUAL(ring_used_idx(&r), 2);
