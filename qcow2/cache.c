@@ -39,6 +39,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -642,8 +643,17 @@ struct q2_pf {
 	uint32_t max_tabs; /* per read */
 	unsigned inflight;
 	bool stop, logged;
+	uint64_t t0_ns; /* CLOCK_MONOTONIC at the start, for the closing log line */
 	struct q2_pf_read rd[PF_READS];
 };
+
+static uint64_t pf_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static int pf_tab_cmp(const void *a, const void *b)
 {
@@ -706,8 +716,13 @@ static void pf_issue(struct q2_pf *pf)
 		io_read(q->loop, &rd->cmd, q->file, rd->buf, (size_t)n << q->cb,
 			pf->tab[first].off);
 	}
-	if (!pf->inflight && (pf->stop || pf->next >= pf->ntab))
+	if (!pf->inflight && (pf->stop || pf->next >= pf->ntab)) {
+		Q2_LOG(q, "L2 prefetch %s: %llu slices from %zu tables in %llu ms",
+		       pf->next >= pf->ntab && !pf->stop ? "done" : "stopped",
+		       (unsigned long long)q->n_l2_prefetched, pf->next,
+		       (unsigned long long)((pf_now_ns() - pf->t0_ns) / 1000000u));
 		pf_release(pf);
+	}
 }
 
 static void pf_insert(struct q2_pf *pf, struct q2_pf_read *rd)
@@ -805,6 +820,7 @@ int q2_l2_prefetch_start(struct qcow2 *q)
 			goto free_bufs;
 	}
 	q->pf = pf;
+	pf->t0_ns = pf_now_ns();
 	pf_issue(pf);
 	return 0;
 
