@@ -455,6 +455,12 @@ static bool vq_usable(const struct vhost_vq *vq)
 	return vq->running && !vq->dev->dead && !vq->dev->broken;
 }
 
+/* The driver's avail->idx; acquire: ring entries and descriptors are read after it. */
+static inline uint16_t avail_idx_load(const struct vhost_vq *vq)
+{
+	return le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE));
+}
+
 int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 {
 	struct vhost_dev *dev = vq->dev;
@@ -470,7 +476,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 		return -EIO;
 	if (!vq_usable(vq))
 		return -EAGAIN;
-	avail_idx = le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE));
+	avail_idx = avail_idx_load(vq);
 	if (avail_idx == vq->last_avail) {
 		if (!event_idx || vq->notify_disabled)
 			return -EAGAIN;
@@ -479,7 +485,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 		 * left without a kick. */
 		STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
 		atomic_thread_fence(memory_order_seq_cst);
-		avail_idx = le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE));
+		avail_idx = avail_idx_load(vq);
 		if (avail_idx == vq->last_avail)
 			return -EAGAIN;
 	}
@@ -633,7 +639,7 @@ bool vq_enable_notify(struct vhost_vq *vq)
 	/* The driver reads our suppression state after publishing avail->idx;
 	 * we read avail->idx after publishing it: full barrier in between. */
 	atomic_thread_fence(memory_order_seq_cst);
-	avail_idx = le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE));
+	avail_idx = avail_idx_load(vq);
 	return avail_idx != vq->last_avail;
 }
 
@@ -641,7 +647,7 @@ bool vq_avail_pending(const struct vhost_vq *vq)
 {
 	if (!vq_usable(vq))
 		return false;
-	return le16toh(__atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE)) != vq->last_avail;
+	return avail_idx_load(vq) != vq->last_avail;
 }
 
 /* ---- accessors ---- */
