@@ -46,7 +46,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-#include "image.h"
+#include "img.h"
 
 #define BLK_REQ_MALFORMED UINT32_MAX
 

@@ -4,7 +4,7 @@
  *
  * The engine owns an image's metadata (header, L1 table, L2 tables, refcount
  * table and blocks) and does METADATA I/O only, through io/. It maps guest
- * ranges to extents; the caller (blk/image_qcow2.c) does the data I/O.
+ * ranges to extents; the caller (img/img_qcow2.c) does the data I/O.
  *
  * Threading: everything runs on the one io_loop given at open; the engine is
  * not thread-safe.

@@ -48,7 +48,7 @@
 #include <linux/virtio_blk.h>
 
 #include "blk.h"
-#include "image.h"
+#include "img.h"
 #include "io.h"
 #include "vhost.h"
 

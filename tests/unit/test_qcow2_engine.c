@@ -259,7 +259,7 @@ static int eng_read(struct eng *e, uint64_t off, uint64_t len, uint8_t *buf)
 
 /*
  * Write guest range: in place, or allocate (COW head/tail read through the
- * engine, zero range when not fresh), like blk/image_qcow2.c does.
+ * engine, zero range when not fresh), like img/img_qcow2.c does.
  */
 static int eng_write(struct eng *e, uint64_t off, uint64_t len, const uint8_t *buf)
 {

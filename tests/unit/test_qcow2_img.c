@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2 through the image interface (blk/image_qcow2.c over the qcow2/
+ * qcow2 through the image interface (img/img_qcow2.c over the qcow2/
  * engine and a real io/ loop), with qemu-img as the oracle:
  *
  *   qemu-img create (cluster sizes 512 B..2 MiB, refcount widths, version 2,
@@ -24,7 +24,7 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 
-#include "image.h"
+#include "img.h"
 #include "io.h"
 
 #define MAX_ITER 10000000

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * blk/image_qcow2.c — qcow2 images: struct img over the qcow2/ engine.
+ * img/img_qcow2.c — qcow2 images: struct img over the qcow2/ engine.
  *
  * The engine maps guest ranges and owns the metadata; this file does the
  * data I/O through io/: reads of DATA extents from the data file (the image
@@ -45,7 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
+#include "img.h"
 #include "qcow2.h"
 
 #define Q2_MAX_EXT    16

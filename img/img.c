@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * blk/image.c — format probing and the img_* submitters.
+ * img/img.c — format probing and the img_* submitters.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -8,29 +8,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "image.h"
+#include "img.h"
 
 static const uint8_t qcow2_magic[4] = {'Q', 'F', 'I', 0xfb};
-
-#ifndef VQCOW_HAVE_IMG_QCOW2
-/*
- * Fallback while blk/image_qcow2.c does not exist. It is weak so that a strong
- * definition linked in explicitly wins; blk/CMakeLists.txt also compiles this
- * out (VQCOW_HAVE_IMG_QCOW2) as soon as image_qcow2.c exists, because a weak
- * definition inside a static archive would otherwise keep the archive member
- * with the strong one from ever being pulled in.
- */
-__attribute__((weak)) int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
-					 const struct img_opts *opts, char *err, size_t errlen)
-{
-	(void)imgp;
-	(void)loop;
-	(void)opts;
-	if (err)
-		snprintf(err, errlen, "%s: qcow2 images are not supported by this build", path);
-	return -ENOTSUP;
-}
-#endif
 
 /* Read the first bytes of @path. 0 (with *qcow2 set) or -errno. */
 static int probe(const char *path, bool *qcow2)

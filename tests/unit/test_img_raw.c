@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Unit tests of blk/image.c and blk/image_raw.c over a real io/ loop on a
+ * Unit tests of img/img.c and img/img_raw.c over a real io/ loop on a
  * temporary file (in $VQCOW_TEST_DIR, else the current directory unless it is
  * tmpfs, else /var/tmp), with io/'s fault injection for the error paths.
  */
@@ -18,7 +18,7 @@
 #include <unistd.h>
 
 #include "blk.h"
-#include "image.h"
+#include "img.h"
 #include "io.h"
 
 #define IMG_SIZE (4u << 20)
@@ -90,7 +90,7 @@ static void make_file(const void *head, size_t head_len)
 	static uint8_t buf[65536];
 	int fd;
 
-	snprintf(g_path, sizeof(g_path), "%s/test_image_raw.XXXXXX", g_dir);
+	snprintf(g_path, sizeof(g_path), "%s/test_img_raw.XXXXXX", g_dir);
 	fd = mkstemp(g_path);
 	CU_ASSERT_FATAL(fd >= 0);
 	for (uint64_t off = 0; off < IMG_SIZE; off += sizeof(buf)) {
@@ -559,7 +559,7 @@ int main(void)
 	}
 	if (CU_initialize_registry() != CUE_SUCCESS)
 		return 1;
-	s = CU_add_suite("image_raw", NULL, NULL);
+	s = CU_add_suite("img_raw", NULL, NULL);
 	CU_add_test(s, "open and probe", test_open_probe);
 	CU_add_test(s, "read, write, flush", test_rw_flush);
 	CU_add_test(s, "discard and write zeroes", test_discard_zeroes);

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * blk/image.h — the one image interface blk/ talks to.
+ * img/ — the image layer: one interface over raw files and qcow2 images.
  *
- * Two implementations: raw (blk/image_raw.c) and qcow2 (blk/image_qcow2.c,
+ * Two implementations: raw (img/img_raw.c) and qcow2 (img/img_qcow2.c,
  * built on the qcow2/ mapping engine, which does metadata I/O only; data I/O
- * for qcow2 is issued here in blk/ through io/).
+ * for qcow2 is issued here in img/ through io/). img/ knows nothing of virtio:
+ * its caller (blk/) hands it byte ranges and iovecs.
  *
  * All operations are asynchronous on the io_loop the image was opened on.
  * An operation is described by a struct img_io the caller owns (embedded in
@@ -17,8 +18,8 @@
  * img->size and aligned to 512 bytes. Read-only images refuse writes with
  * -EROFS (blk/ checks earlier too).
  */
-#ifndef VQCOW_BLK_IMAGE_H
-#define VQCOW_BLK_IMAGE_H
+#ifndef VQCOW_IMG_H
+#define VQCOW_IMG_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -138,11 +139,11 @@ void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t
  * PUNCH_HOLE with IMG_IO_UNMAP), falling back to writing zeroes. A raw image
  * whose format was probed (opts NULL or opts->format NULL) refuses, with
  * -EPERM, a write that would put the qcow2 magic at offset 0.
- * qcow2: blk/image_qcow2.c; without it img_qcow2_open returns -ENOTSUP.
+ * qcow2: img/img_qcow2.c.
  */
 int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 const struct img_opts *opts, char *err, size_t errlen);
 int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		   const struct img_opts *opts, char *err, size_t errlen);
 
-#endif /* VQCOW_BLK_IMAGE_H */
+#endif /* VQCOW_IMG_H */

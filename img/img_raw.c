@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * blk/image_raw.c — raw images (regular files and block devices) over io/.
+ * img/img_raw.c — raw images (regular files and block devices) over io/.
  *
  * One io_cmd per request (the one inside struct img_io). Multi-step
  * operations (write-zeroes fallbacks) re-use it step after step; io->stage
@@ -27,7 +27,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
-#include "image.h"
+#include "img.h"
 
 #define ZERO_BUF_SIZE (256u * 1024)
 
