@@ -948,6 +948,12 @@ int main(int argc, char **argv)
 	io_defer_add(d.loop, &d.defer);
 
 	ret = vhost_server_init(&d.srv, o.socket_path, o.fd, &d.ops, &d);
+	if (ret == -EADDRINUSE && o.socket_path) {
+		logmsg("cannot listen on %s: another process (a running vqcowd?) is listening on "
+		       "this socket",
+		       o.socket_path);
+		goto del_defer;
+	}
 	if (ret < 0) {
 		logmsg("cannot listen on %s: %s", o.socket_path ? o.socket_path : "--fd",
 		       strerror(-ret));

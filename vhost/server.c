@@ -461,7 +461,53 @@ static void wake_cb(void *arg)
 	vhost_dev_leave(dev); /* reaps a dead, drained connection */
 }
 
-static int listen_unix(const char *path)
+/*
+ * Is something listening on the socket at @path? Connect to it: a live
+ * listener accepts the connection (or has a full backlog: EAGAIN); a socket
+ * file left by a process that died without unlinking it (kill -9) refuses
+ * with ECONNREFUSED. 1 live, 0 stale, -errno when we cannot tell.
+ */
+static int connect_probe(const struct sockaddr_un *sa)
+{
+	int fd, ret;
+
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0)
+		ret = 1;
+	else if (errno == EAGAIN || errno == EINPROGRESS)
+		ret = 1;
+	else if (errno == ECONNREFUSED)
+		ret = 0;
+	else
+		ret = -errno;
+	close(fd);
+	return ret;
+}
+
+/*
+ * A process killed with SIGKILL keeps accepting connections for a few
+ * milliseconds: io_uring tears its requests down (and drops their file
+ * references, the listening socket's among them) asynchronously after the
+ * exit. So "live" must hold for about a second before we believe it; a few
+ * probes only, each one is a connection the live owner will accept and see
+ * closed at once.
+ */
+static int socket_is_live(const struct sockaddr_un *sa)
+{
+	unsigned wait_ms = 10;
+	int ret;
+
+	for (int i = 0;; i++, wait_ms *= 2) {
+		ret = connect_probe(sa);
+		if (ret <= 0 || i == 6)
+			return ret;
+		usleep(wait_ms * 1000); /* 10 ms .. 640 ms: 1.27 s in all */
+	}
+}
+
+static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
@@ -475,7 +521,19 @@ static int listen_unix(const char *path)
 			vhost_log("%s exists and is not a socket", path);
 			return -EEXIST;
 		}
-		if (unlink(path) < 0)
+		/* Never take over a socket another back-end still serves: its
+		 * front-ends would reach us or nobody, and its exit would
+		 * unlink our socket. Replace only a stale one. */
+		ret = socket_is_live(&sa);
+		if (ret > 0)
+			return -EADDRINUSE; /* the caller names the path */
+		if (ret < 0) {
+			vhost_log("%s: cannot tell whether the socket is in use: %s", path,
+				  strerror(-ret));
+			return ret;
+		}
+		vhost_log("%s: replacing a stale socket (nobody listens on it)", path);
+		if (unlink(path) < 0 && errno != ENOENT)
 			return -errno;
 	}
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -487,10 +545,14 @@ static int listen_unix(const char *path)
 		ret = -errno;
 		goto close_fd;
 	}
-	if (chmod(path, 0600) < 0 || listen(fd, 16) < 0) {
+	/* Remember which inode is ours: at exit the path is unlinked only if it
+	 * still names it (another back-end may have replaced it since). */
+	if (lstat(path, &st) < 0 || chmod(path, 0600) < 0 || listen(fd, 16) < 0) {
 		ret = -errno;
 		goto unlink_path;
 	}
+	*devp = st.st_dev;
+	*inop = st.st_ino;
 	return fd;
 
 unlink_path:
@@ -498,6 +560,20 @@ unlink_path:
 close_fd:
 	close(fd);
 	return ret;
+}
+
+/* Unlink the server's socket file if it is still the one we bound. */
+static void unlink_own_socket(const struct vhost_server *srv)
+{
+	struct stat st;
+
+	if (lstat(srv->path, &st) < 0)
+		return;
+	if (!S_ISSOCK(st.st_mode) || st.st_dev != srv->sock_dev || st.st_ino != srv->sock_ino) {
+		vhost_log("%s is no longer our socket; leaving it in place", srv->path);
+		return;
+	}
+	unlink(srv->path);
 }
 
 static int adopt_listen_fd(int fd)
@@ -553,7 +629,7 @@ int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_f
 			ret = -ENOMEM;
 			goto close_wake;
 		}
-		ret = listen_unix(path);
+		ret = listen_unix(path, &srv->sock_dev, &srv->sock_ino);
 		if (ret < 0)
 			goto free_path;
 		srv->listen_fd = ret;
@@ -575,7 +651,7 @@ unwatch_wake:
 	ops->unwatch(opaque, srv->wake_fd);
 close_listen:
 	if (srv->path) {
-		unlink(srv->path);
+		unlink_own_socket(srv);
 		close(srv->listen_fd);
 	}
 free_path:
@@ -607,7 +683,7 @@ void vhost_server_exit(struct vhost_server *srv)
 	listen_pause(srv);
 	vhost_close_fd(&srv->listen_fd);
 	if (srv->path)
-		unlink(srv->path);
+		unlink_own_socket(srv);
 	if (srv->wake_watched)
 		srv->ops->unwatch(srv->opaque, srv->wake_fd);
 	vhost_close_fd(&srv->wake_fd);

@@ -133,8 +133,11 @@ struct vhost_dev_ops {
 /* ---- server ---- */
 
 /*
- * Listen on @path (a stale socket there is unlinked, anything else is refused
- * with -EEXIST; created with mode 0600) or, if @listen_fd >= 0, use that
+ * Listen on @path, created with mode 0600. A socket file already there is
+ * replaced only if it is stale (nobody listens on it: connect() is refused);
+ * a live one is refused with -EADDRINUSE, anything that is not a socket with
+ * -EEXIST. vhost_server_exit() unlinks @path only if it still names the socket
+ * we bound (same device and inode). Or, if @listen_fd >= 0, use that
  * already-listening stream socket (systemd socket activation, --fd), which
  * then belongs to the server (made non-blocking and close-on-exec; not closed
  * on failure). ops->watch, unwatch and queue_kick are required.
@@ -146,7 +149,8 @@ int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_f
 /*
  * Close the current connection (if any; ops->disconnected is called even with
  * elements in flight, which must then never be pushed) and the listening
- * socket; unlink @path (not an inherited socket's path).
+ * socket; unlink @path if it is still our socket (never an inherited socket's
+ * path, nor a socket another process has put there since).
  */
 void vhost_server_exit(struct vhost_server *srv);
 

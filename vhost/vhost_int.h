@@ -24,6 +24,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 #include <linux/virtio_ring.h>
 
@@ -291,6 +292,8 @@ struct vhost_server {
 	const struct vhost_dev_ops *ops;
 	void *opaque;
 	char *path;
+	dev_t sock_dev; /* the socket file we bound at path (unlinked at exit only if */
+	ino_t sock_ino; /* the path still names it) */
 	int listen_fd;
 	bool listen_watched;
 	bool accepting;

@@ -9,7 +9,9 @@
  * with /proc/self/fd), messages arriving in pieces, GET_VRING_BASE held until
  * the in-flight element is pushed (socket paused meanwhile), disconnect with
  * an element in flight (disconnected only after the push), reconnect, one
- * connection at a time, memory slots, backend channel, inherited listen fd.
+ * connection at a time, memory slots, backend channel, inherited listen fd,
+ * socket ownership (a stale socket is replaced, a live one refused, exit
+ * unlinks only our own inode).
  */
 #include <CUnit/Basic.h>
 #include <dirent.h>
@@ -929,6 +931,32 @@ static void test_inherited_fd_and_stale_path(void)
 	server_down();
 	CU_ASSERT_NOT_EQUAL(access(g_path, F_OK), 0); /* unlinked at exit */
 
+	/* A live socket (someone listens on it) is never taken over. */
+	lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	CU_ASSERT_EQUAL(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	CU_ASSERT_EQUAL(listen(lfd, 4), 0);
+	{
+		struct stat a, b;
+
+		CU_ASSERT_EQUAL(stat(g_path, &a), 0);
+		CU_ASSERT_EQUAL(vhost_server_init(&g_srv, g_path, -1, &g_ops, NULL), -EADDRINUSE);
+		CU_ASSERT_EQUAL(stat(g_path, &b), 0);
+		CU_ASSERT_EQUAL(a.st_ino, b.st_ino); /* not unlinked */
+	}
+	close(lfd);
+	unlink(g_path);
+
+	/* At exit the path is unlinked only if it still names our socket. */
+	server_up();
+	CU_ASSERT_EQUAL(unlink(g_path), 0);
+	lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	CU_ASSERT_EQUAL(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	vhost_server_exit(g_srv);
+	g_srv = NULL;
+	CU_ASSERT_EQUAL(access(g_path, F_OK), 0); /* the other socket stays */
+	close(lfd);
+	unlink(g_path);
+
 	/* A path that is not a socket is left alone. */
 	fd = open(g_path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
 	close(fd);
@@ -1229,7 +1257,7 @@ int main(void)
 	CU_add_test(s, "memory changes with requests in flight", test_mem_change_inflight);
 	CU_add_test(s, "backend channel", test_backend_channel);
 	CU_add_test(s, "random messages", test_random_messages);
-	CU_add_test(s, "inherited fd, stale path", test_inherited_fd_and_stale_path);
+	CU_add_test(s, "inherited fd, stale/live path", test_inherited_fd_and_stale_path);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
