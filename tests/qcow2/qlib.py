@@ -49,7 +49,16 @@ def check(cond, msg):
 
 # ---------------------------------------------------------------- options
 
+# In a sanitizer build every report is fatal in the children (vqcowd,
+# vqcow-img, vqcow-fe), also when ctest runs outside contrib/test.sh: a
+# report then shows as a non-zero exit (or a signal) and as report text.
+SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
 def parse_args(extra=None):
+    for k, v in SAN_ENV.items():
+        os.environ.setdefault(k, v)
     p = argparse.ArgumentParser()
     p.add_argument("--vqcowd", default="")
     p.add_argument("--img", default="")
