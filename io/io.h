@@ -293,39 +293,34 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns);
  */
 void io_cancel(struct io_loop *loop, struct io_cmd *target);
 
-/* ---- fault injection (tests) ---- */
+/* ---- fault hook ---- */
 
 /*
- * Make a future command of @op misbehave. Meant for unit tests of io/ and of
- * the modules above it (blk, qcow2) running on a real loop.
- *
- * @op:  IO_OP_READV (also io_read), IO_OP_WRITEV (also io_write),
- *       IO_OP_FDATASYNC, IO_OP_FALLOCATE, IO_OP_POLL or IO_OP_TIMEOUT.
- * @nth: 1 = the next command of @op submitted after this call, 2 = the one
- *       after it, and so on; each injection fires once. 0 = every later
- *       command of @op until io_loop_inject_clear().
- *       Only first submissions count (io/'s internal resubmissions of short
- *       transfers do not).
- * @res: < 0: the command completes with @res (a negative errno) without
- *            reaching the kernel: nothing is read or written. done() still
- *            runs from io_loop_run*(), never from the submitter. For a poll
- *            this is its final call.
- *       > 0: readv/writev only: each kernel transfer of that command is
- *            capped to @res bytes (rounded down to the file's alignment, at
- *            least one alignment unit, and to the first remaining iovec), so
- *            io/ sees short transfers and must advance and resubmit. The
- *            command still completes with its full length.
- *       0 or > 0 for other ops: -EINVAL.
- *       -EAGAIN or -EINTR on readv/writev/fdatasync/fallocate: a transient
- *            failure: the first kernel round trip of the command yields it
- *            and io/ must retry; the command then completes normally.
- * Several injections may be armed at once (up to 32); each counts commands
- * independently. Returns 0, -EINVAL (bad @op/@res) or -ENOSPC (table full).
+ * A hook the loop consults at the first submission of every caller command
+ * (io/'s own resubmissions of short transfers and retries do not count), to
+ * make it misbehave on purpose: the seam fault injection plugs into (the
+ * tests' injector, tests/common/io_inject.c). Called from the submitting
+ * function with the command's @op; it returns what the command meets:
+ *   0:   nothing, the command goes on normally.
+ *   < 0: the command completes with it (a negative errno) without reaching
+ *        the kernel: nothing is read or written. done() still runs from
+ *        io_loop_run*(), never from the submitter. For a poll this is its
+ *        final call. Exception: -EAGAIN or -EINTR on readv/writev/fdatasync/
+ *        fallocate is a transient failure: the first kernel round trip of
+ *        the command yields it, io/ retries and the command then completes
+ *        normally.
+ *   > 0: readv/writev: each kernel transfer of that command is capped to that
+ *        many bytes (rounded down to the file's alignment, at least one
+ *        alignment unit, and to the first remaining iovec), so io/ sees short
+ *        transfers and must advance and resubmit; the command still completes
+ *        with its full length. Ignored for other ops.
+ * The hook must not submit or run the loop. NULL @fn removes it (the default).
  */
-int io_loop_inject(struct io_loop *loop, enum io_op op, unsigned nth, int res);
+typedef int (*io_fault_fn)(void *opaque, struct io_loop *loop, enum io_op op);
+void io_loop_set_fault_hook(struct io_loop *loop, io_fault_fn fn, void *opaque);
 
-/* Disarm every injection of io_loop_inject(). */
-void io_loop_inject_clear(struct io_loop *loop);
+/* The hook set on @loop (NULL if none); its opaque pointer in *@opaque if @opaque. */
+io_fault_fn io_loop_fault_hook(const struct io_loop *loop, void **opaque);
 
 /* ---- helpers ---- */
 

@@ -1,14 +1,15 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * io/ loop: one io_uring per loop, command submission, completion, retries,
- * bounce buffers, deferred hooks, busy polling and fault injection.
+ * bounce buffers, deferred hooks, busy polling and the fault hook.
  *
  * Command state machine (io_cmd.state):
  *
  *   IDLE --submit--> KERNEL   an SQE was prepared (maybe not yet entered)
  *   IDLE --submit--> PENDING  no SQE free / CQ budget used up: on loop->pend_*
  *   IDLE --submit--> LOCAL    completes without the kernel (error found at
- *                             submit time, zero length, injected failure)
+ *                             submit time, zero length, failure from the
+ *                             fault hook)
  *   PENDING --next iteration--> KERNEL
  *   KERNEL --CQE--> KERNEL|PENDING  short transfer, -EAGAIN, -EINTR, poll re-arm
  *   KERNEL --CQE--> IDLE             done() called (poll: with F_MORE, done()
@@ -46,20 +47,12 @@ enum {
 	CMD_F_INTERNAL = 1u << 0,  /* an io/-owned command (cancel request) */
 	CMD_F_CANCEL = 1u << 1,    /* a cancel request for this command is out */
 	CMD_F_BUFFERED = 1u << 2,  /* goes through the file's buffered twin fd */
-	CMD_F_TRANSIENT = 1u << 3, /* injected: next CQE is a NOP standing for ->res */
+	CMD_F_TRANSIENT = 1u << 3, /* fault hook: next CQE is a NOP standing for ->res */
 };
 
-#define IO_INJECT_MAX    32
 #define IO_FIXED_FILES   64
 #define IO_FIXED_BUFS    64
 #define IO_FIXED_BUF_MAX (1ull << 30) /* the kernel's limit per registered buffer */
-
-struct inject {
-	uint8_t op; /* IO_OP_NONE = free slot */
-	bool every;
-	unsigned count;
-	int res;
-};
 
 /* An internal command, on loop->icmd_all for freeing at exit. */
 struct icmd {
@@ -80,7 +73,8 @@ struct io_loop {
 	struct io_defer *defer_cursor; /* next hook while running hooks */
 	uint64_t poll_ns;
 	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
-	struct inject inj[IO_INJECT_MAX];
+	io_fault_fn fault_fn;  /* io_loop_set_fault_hook() */
+	void *fault_opaque;
 	void *bfree[IO_BOUNCE_CLASSES];
 	unsigned bfree_n[IO_BOUNCE_CLASSES];
 	struct icmd *icmd_all;
@@ -191,31 +185,19 @@ unsigned io_loop_sq_waiting(struct io_loop *loop)
 	return io_uring_sq_ready(&loop->ring);
 }
 
-/* ---- fault injection ---- */
+/* ---- fault hook ---- */
 
-int io_loop_inject(struct io_loop *loop, enum io_op op, unsigned nth, int res)
+void io_loop_set_fault_hook(struct io_loop *loop, io_fault_fn fn, void *opaque)
 {
-	if (op < IO_OP_READV || op > IO_OP_TIMEOUT || res == 0)
-		return -EINVAL;
-	if (res > 0 && op != IO_OP_READV && op != IO_OP_WRITEV)
-		return -EINVAL;
-	for (int i = 0; i < IO_INJECT_MAX; i++) {
-		struct inject *s = &loop->inj[i];
-
-		if (s->op != IO_OP_NONE)
-			continue;
-		s->op = (uint8_t)op;
-		s->every = nth == 0;
-		s->count = nth;
-		s->res = res;
-		return 0;
-	}
-	return -ENOSPC;
+	loop->fault_fn = fn;
+	loop->fault_opaque = opaque;
 }
 
-void io_loop_inject_clear(struct io_loop *loop)
+io_fault_fn io_loop_fault_hook(const struct io_loop *loop, void **opaque)
 {
-	memset(loop->inj, 0, sizeof(loop->inj));
+	if (opaque)
+		*opaque = loop->fault_opaque;
+	return loop->fault_fn;
 }
 
 static bool transient(int res)
@@ -224,52 +206,29 @@ static bool transient(int res)
 }
 
 /*
- * Apply the injections to a first submission of @cmd. Returns the error to
+ * Ask the fault hook about a first submission of @cmd. Returns the error to
  * complete it with locally, or 0 to go on (maybe with a cap or a transient
  * first result set up in @cmd).
  */
-static int inject_apply(struct io_loop *loop, struct io_cmd *cmd);
-
-/* Count a first submission of @op; the injected result to apply, or 0. */
-static int inject_take(struct io_loop *loop, uint8_t op)
+static int fault_apply(struct io_loop *loop, struct io_cmd *cmd)
 {
-	int res = 0;
+	int res;
 
-	for (int i = 0; i < IO_INJECT_MAX; i++) {
-		struct inject *s = &loop->inj[i];
-		int r;
-
-		if (s->op != op)
-			continue;
-		if (s->every) {
-			r = s->res;
-		} else if (--s->count == 0) {
-			r = s->res;
-			s->op = IO_OP_NONE;
-		} else {
-			continue;
-		}
-		/* A failure wins over a transfer cap. */
-		if (res >= 0)
-			res = r;
+	if (!loop->fault_fn)
+		return 0;
+	res = loop->fault_fn(loop->fault_opaque, loop, (enum io_op)cmd->op);
+	if (res > 0) {
+		/* A transfer cap: only reads and writes have transfers. */
+		if (cmd->op == IO_OP_READV || cmd->op == IO_OP_WRITEV)
+			cmd->cap = (uint32_t)res;
+		return 0;
+	}
+	if (res < 0 && transient(res) && cmd->op != IO_OP_POLL && cmd->op != IO_OP_TIMEOUT) {
+		cmd->flags |= CMD_F_TRANSIENT;
+		cmd->res = res;
+		return 0;
 	}
 	return res;
-}
-
-static int inject_apply(struct io_loop *loop, struct io_cmd *cmd)
-{
-	int inj = inject_take(loop, cmd->op);
-
-	if (inj > 0) {
-		cmd->cap = (uint32_t)inj;
-		return 0;
-	}
-	if (inj < 0 && transient(inj) && cmd->op != IO_OP_POLL && cmd->op != IO_OP_TIMEOUT) {
-		cmd->flags |= CMD_F_TRANSIENT;
-		cmd->res = inj;
-		return 0;
-	}
-	return inj;
 }
 
 /* ---- bounce buffers ---- */
@@ -777,7 +736,7 @@ static void rw_submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, stru
 		local_push(loop, cmd, -EBADF);
 		return;
 	}
-	inj = inject_apply(loop, cmd);
+	inj = fault_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -828,7 +787,7 @@ void io_fdatasync(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f)
 	int inj;
 
 	cmd_start(loop, cmd, IO_OP_FDATASYNC, f);
-	inj = inject_apply(loop, cmd);
+	inj = fault_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -854,7 +813,7 @@ void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, i
 		local_push(loop, cmd, -EBADF);
 		return;
 	}
-	inj = inject_apply(loop, cmd);
+	inj = fault_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -870,7 +829,7 @@ void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)
 	cmd_start(loop, cmd, IO_OP_POLL, NULL);
 	cmd->fd = fd;
 	cmd->poll_events = events;
-	inj = inject_apply(loop, cmd);
+	inj = fault_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -886,7 +845,7 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
 	cmd->ns = ns;
 	cmd->ts[0] = ns / 1000000000u;
 	cmd->ts[1] = ns % 1000000000u;
-	inj = inject_apply(loop, cmd);
+	inj = fault_apply(loop, cmd);
 	if (inj < 0) {
 		local_push(loop, cmd, inj);
 		return;
@@ -1014,7 +973,7 @@ static void rw_complete(struct io_loop *loop, struct io_cmd *cmd, int res)
 static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned cflags)
 {
 	if (cmd->flags & CMD_F_TRANSIENT) {
-		/* The NOP of an injected -EAGAIN/-EINTR: take it as that result. */
+		/* The NOP of a fault-hook -EAGAIN/-EINTR: take it as that result. */
 		cmd->flags &= (uint8_t)~CMD_F_TRANSIENT;
 		res = cmd->res;
 	}

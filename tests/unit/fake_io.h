@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "io.h"
+#include "io_inject.h"
 
 enum fake_log_type {
 	FAKE_WRITE = 1, /* data written (also ZERO_RANGE / PUNCH_HOLE: zeroes) */

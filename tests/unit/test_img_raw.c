@@ -20,6 +20,7 @@
 #include "blk.h"
 #include "img.h"
 #include "io.h"
+#include "io_inject.h"
 
 #define IMG_SIZE (4u << 20)
 #define MAX_ITER 100000

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "io.h"
+#include "io_inject.h"
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 #define MAX_ITER              100000

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: MIT */
-/* vhost/test.c — test-only entry points (vhost_test.h). */
+/* tests/common/vhost_test.c — a vhost device without a server, for unit tests (vhost_test.h). */
 #include <errno.h>
 #include <unistd.h>
 
-#include "vhost_int.h"
+#include "vhost_int.h" /* the test library may reach inside vhost/ */
 #include "vhost_test.h"
 
 struct vhost_dev *vhost_test_dev_new(const struct vhost_dev_ops *ops, void *opaque)

@@ -1,13 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * vhost/vhost_test.h — test-only entry points (unit tests of the rings).
+ * tests/common/vhost_test.h — test-only entry points (unit tests of the rings).
  *
  * A test device has no server and no socket: the test sets up memory and
  * rings directly (the same code paths SET_MEM_TABLE / SET_VRING_* use) and
- * then drives vq_pop/vq_push/vq_notify. Not for production code.
+ * then drives vq_pop/vq_push/vq_notify. Built into the test library
+ * vqcow_test_vhost, never into vqcow_vhost.
  */
-#ifndef VHOST_VHOST_TEST_H
-#define VHOST_VHOST_TEST_H
+#ifndef VQCOW_TESTS_VHOST_TEST_H
+#define VQCOW_TESTS_VHOST_TEST_H
 
 #include <stdint.h>
 
@@ -31,4 +32,4 @@ int vhost_test_vring_start(struct vhost_dev *dev, unsigned idx, int kick_fd, int
 /* As GET_VRING_BASE without the drain: stops the ring, returns last_avail. */
 int vhost_test_vring_stop(struct vhost_dev *dev, unsigned idx);
 
-#endif /* VHOST_VHOST_TEST_H */
+#endif /* VQCOW_TESTS_VHOST_TEST_H */
