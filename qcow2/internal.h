@@ -2,12 +2,19 @@
 /*
  * qcow2/internal.h — engine internals shared by the engine's .c files.
  *
- * Files:
- *   qcow2.c      open/close, metadata set (overlap checks), corruption state
- *   cache.c      L2 and refcount slice caches (load, evict, dirty lists)
- *   mapping.c    map_read, map_write, alloc_finish, zero_step
+ * Files, from the top down (a file calls only files below it, except
+ * alloc.c and writeback.c, which call each other: write-back drives the
+ * deferred refcount decrements, allocation asks for write-back):
+ *   qcow2.c      open/close: builds the engine, gives the caches their hooks
+ *   prefetch.c   background L2 prefetch after open
+ *   mapping.c    map_read, map_write, alloc_finish, zero_step, L2 validation
  *   alloc.c      cluster allocation, refcount updates, deferred decrements
  *   writeback.c  batched metadata write-back in durability order, flush
+ *   compress.c   decompression of compressed clusters
+ *   cache.c      L2 and refcount slice caches (load, evict, dirty lists);
+ *                a plain cache: what it needs from the engine comes as hooks
+ *   core.c       metadata set (overlap checks), corruption state, L1 entry
+ *                check, deferred wake-ups
  *
  * Slice cache invariants:
  *  - A slice is in the hash while LOADING or READY; its buffer holds the
@@ -64,6 +71,28 @@ struct q2_slice {
 
 struct q2_chunk;
 struct q2_load;
+struct io_loop;
+struct io_file;
+
+/*
+ * What a cache needs from its owner, copied at q2_cache_init(). The cache
+ * calls no other part of the engine.
+ */
+struct q2_cache_hooks {
+	struct io_loop *loop; /* slices load through this loop ... */
+	struct io_file *file; /* ... from this file */
+	const char *name;     /* for log lines (the image path); must outlive the cache */
+	/* A slice became READY from on-disk bytes (load or insert): check it (may set
+	 * s->suspect). NULL: no check. */
+	void (*loaded)(void *opaque, struct q2_slice *s);
+	/* Wake every waiter parked on *list with @err, deferred (never from inside
+	 * the call); empties *list. Required. */
+	void (*wake)(void *opaque, struct qcow2_waiter **list, int err);
+	/* Every entry is busy: the cache grows past its soft limit; write back soon.
+	 * NULL: nothing to do. */
+	void (*pressure)(void *opaque);
+	void *opaque;
+};
 
 /* A hash slot: the key next to the entry, so a probe reads no descriptor. */
 struct q2_hslot {
@@ -79,8 +108,8 @@ struct q2_hslot {
  * entries are all spare is unmapped.
  */
 struct q2_cache {
-	struct qcow2 *q;
-	uint8_t type;
+	struct q2_cache_hooks hooks;
+	uint8_t type; /* Q2_CACHE_L2 or Q2_CACHE_RC (log lines) */
 	uint32_t slice_size;
 	uint32_t slice_bits; /* log2(slice_size) */
 	size_t soft_max;     /* entries */
@@ -107,7 +136,7 @@ struct q2_cache {
 	/*
 	 * Bumped whenever a slice leaves the hash (eviction, release, forget,
 	 * trim) and on q2_cache_new(): a read of on-disk slices issued at an
-	 * older generation may be stale (see the L2 prefetch in cache.c).
+	 * older generation may be stale (see prefetch.c).
 	 */
 	uint64_t gen;
 };
@@ -219,7 +248,7 @@ struct qcow2 {
 	struct io_cmd wake_cmd;
 	bool wake_armed;
 
-	/* Background L2 prefetch after open (cache.c); NULL when none ran */
+	/* Background L2 prefetch after open (prefetch.c); NULL when none ran */
 	struct q2_pf *pf;
 	uint64_t n_l2_prefetched; /* slices inserted by the prefetch */
 
@@ -227,26 +256,35 @@ struct qcow2 {
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 };
 
-/* ---- qcow2.c ---- */
+/* ---- core.c ---- */
 __attribute__((format(printf, 2, 3))) void q2_corrupt(struct qcow2 *q, const char *fmt, ...);
 bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len);
 int q2_meta_add(struct qcow2 *q, uint64_t cluster);
 void q2_meta_del(struct qcow2 *q, uint64_t cluster);
 int q2_u64v_push(struct q2_u64v *v, uint64_t x);
+void q2_u64v_free(struct q2_u64v *v);
+/* True if sorted @m holds @x. */
+bool q2_u64v_has(const struct q2_u64v *m, uint64_t x);
 /* Queue a wake-up of @w with @err, delivered from the loop. */
 void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err);
 void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err);
 /* Largest host offset we accept in an entry (file end or allocation frontier). */
 uint64_t q2_host_end(const struct qcow2 *q);
+/*
+ * Check L1 entry @i (< l1_size): NULL with *off = its L2 table's host offset
+ * (0 = no table), or what is wrong with it.
+ */
+const char *q2_l1_check(const struct qcow2 *q, uint32_t i, uint64_t *off);
 
 /* ---- cache.c ---- */
 /*
  * An empty cache of up to @soft_max (at least 8) slices of @slice_size (a
- * power of two >= 512) bytes; memory is taken as entries are needed.
- * 0, -EINVAL or -ENOMEM. q2_cache_exit() frees everything (no load in flight).
+ * power of two >= 512) bytes; memory is taken as entries are needed. @hooks
+ * is copied. 0, -EINVAL or -ENOMEM. q2_cache_exit() frees everything (no load
+ * in flight).
  */
-int q2_cache_init(struct q2_cache *c, struct qcow2 *q, uint8_t type, uint32_t slice_size,
-		  size_t soft_max);
+int q2_cache_init(struct q2_cache *c, const struct q2_cache_hooks *hooks, uint8_t type,
+		  uint32_t slice_size, size_t soft_max);
 void q2_cache_exit(struct q2_cache *c);
 /*
  * Find the slice at @off: 0 with *sp set (READY), -EAGAIN (load started or in
@@ -270,6 +308,7 @@ void q2_cache_trim(struct q2_cache *c);
  */
 int q2_cache_insert(struct q2_cache *c, uint64_t off, const void *data);
 
+/* ---- prefetch.c ---- */
 /*
  * Background L2 prefetch: when the L2 cache covers every L2 table the L1
  * table references, read them all (whole tables, host-adjacent ones
@@ -318,11 +357,6 @@ void q2_wb_exit(struct qcow2 *q);
 /* ---- mapping.c ---- */
 /* Validate an L2 slice after loading: sets s->suspect. */
 void q2_l2_validate(struct qcow2 *q, struct q2_slice *s);
-/*
- * Check L1 entry @i (< l1_size): NULL with *off = its L2 table's host offset
- * (0 = no table), or what is wrong with it.
- */
-const char *q2_l1_check(const struct qcow2 *q, uint32_t i, uint64_t *off);
 void q2_mapping_exit(struct qcow2 *q);
 
 /* ---- compress.c ---- */

@@ -46,29 +46,6 @@ static inline uint32_t slice_lg(const struct qcow2 *q)
 	return (uint32_t)__builtin_ctz(q->slice_size);
 }
 
-static bool l1_is_bad(const struct qcow2 *q, uint32_t i)
-{
-	return q->l1_bad[i / 8] & (1u << (i % 8));
-}
-
-const char *q2_l1_check(const struct qcow2 *q, uint32_t i, uint64_t *off)
-{
-	uint64_t e = q->l1[i];
-
-	*off = e & QCOW2_L1E_OFFSET_MASK;
-	if (!*off)
-		return NULL;
-	if (l1_is_bad(q, i))
-		return "L2 table overlaps other metadata";
-	if (e & QCOW2_L1E_RESERVED_MASK)
-		return "reserved bits set";
-	if (*off & (q->cs - 1))
-		return "misaligned";
-	if (*off + q->cs > q2_host_end(q))
-		return "past the end of the file";
-	return NULL;
-}
-
 /* Check one L2 entry. *why names the problem. */
 static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const char **why)
 {

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/qcow2.c — engine open/close, the metadata-cluster set used for
- * overlap checks, the corruption state and deferred wake-ups.
+ * qcow2/qcow2.c — engine open/close: builds the engine (tables, metadata
+ * set, caches with their hooks, allocation frontier) and tears it down.
  *
  * Open (synchronous, open time only): header + extensions (format.c), L1
  * table, refcount table, snapshot table (every entry and its L1 table's
@@ -14,90 +14,12 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "internal.h"
 
 #if __has_include("offline.h")
 #include "offline.h"
 #endif
-
-int q2_u64v_push(struct q2_u64v *v, uint64_t x)
-{
-	if (v->n == v->cap) {
-		size_t ncap = v->cap ? v->cap * 2 : 64;
-		uint64_t *nv = realloc(v->v, ncap * sizeof(*nv));
-
-		if (!nv)
-			return -ENOMEM;
-		v->v = nv;
-		v->cap = ncap;
-	}
-	v->v[v->n++] = x;
-	return 0;
-}
-
-static void u64v_free(struct q2_u64v *v)
-{
-	free(v->v);
-	memset(v, 0, sizeof(*v));
-}
-
-/* ---- metadata set ---- */
-
-/* Index of the first element >= x. */
-static size_t meta_lower(const struct q2_u64v *m, uint64_t x)
-{
-	size_t lo = 0, hi = m->n;
-
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-
-		if (m->v[mid] < x)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return lo;
-}
-
-bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len)
-{
-	uint64_t c0, c1;
-	size_t i;
-
-	if (!len)
-		return false;
-	c0 = host >> q->cb;
-	c1 = (host + len - 1) >> q->cb;
-	i = meta_lower(&q->meta, c0);
-	return i < q->meta.n && q->meta.v[i] <= c1;
-}
-
-int q2_meta_add(struct qcow2 *q, uint64_t cluster)
-{
-	size_t i = meta_lower(&q->meta, cluster);
-	int ret;
-
-	if (i < q->meta.n && q->meta.v[i] == cluster)
-		return 0;
-	ret = q2_u64v_push(&q->meta, 0);
-	if (ret < 0)
-		return ret;
-	memmove(&q->meta.v[i + 1], &q->meta.v[i], (q->meta.n - 1 - i) * sizeof(uint64_t));
-	q->meta.v[i] = cluster;
-	return 0;
-}
-
-void q2_meta_del(struct qcow2 *q, uint64_t cluster)
-{
-	size_t i = meta_lower(&q->meta, cluster);
-
-	if (i < q->meta.n && q->meta.v[i] == cluster) {
-		memmove(&q->meta.v[i], &q->meta.v[i + 1], (q->meta.n - 1 - i) * sizeof(uint64_t));
-		q->meta.n--;
-	}
-}
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -127,123 +49,21 @@ static int meta_push_range(struct q2_u64v *m, uint64_t off, uint64_t len, uint32
 	return 0;
 }
 
-static bool in_sorted(const struct q2_u64v *m, uint64_t x)
-{
-	size_t i = meta_lower(m, x);
+/* ---- the caches' hooks ---- */
 
-	return i < m->n && m->v[i] == x;
+static void l2_loaded(void *opaque, struct q2_slice *s)
+{
+	q2_l2_validate(opaque, s);
 }
 
-/* ---- corruption ---- */
-
-static void corrupt_hdr_done(struct io_cmd *cmd, int res)
+static void cache_wake(void *opaque, struct qcow2_waiter **list, int err)
 {
-	struct qcow2 *q = cmd->priv;
-
-	if (res < 0)
-		Q2_LOG(q, "could not set the corrupt bit in the header: %s", strerror(-res));
-	if (q->corrupt_hdr_busy == 1 && res >= 0) {
-		q->corrupt_hdr_busy = 2;
-		io_fdatasync(q->loop, &q->corrupt_cmd, q->file);
-		return;
-	}
-	q->corrupt_hdr_busy = 0;
+	q2_wake_list_later(opaque, list, err);
 }
 
-void q2_corrupt(struct qcow2 *q, const char *fmt, ...)
+static void cache_pressure(void *opaque)
 {
-	char msg[256];
-	va_list ap;
-
-	if (q->corrupt)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
-	q->corrupt = true;
-	Q2_LOG(q,
-	       "image is corrupt: %s; further writes fail (repair offline: vqcow-img check -r all)",
-	       msg);
-	if (q->read_only || q->h.version < 3 || q->closing)
-		return;
-	q->h.incompatible_features |= QCOW2_INCOMPAT_CORRUPT;
-	qcow2_put_be64(q->corrupt_buf, q->h.incompatible_features);
-	q->corrupt_cmd.done = corrupt_hdr_done;
-	q->corrupt_cmd.priv = q;
-	q->corrupt_hdr_busy = 1;
-	io_write(q->loop, &q->corrupt_cmd, q->file, q->corrupt_buf, 8, QCOW2_OFF_INCOMPAT);
-}
-
-bool qcow2_is_corrupt(const struct qcow2 *q)
-{
-	return q->corrupt;
-}
-
-uint64_t q2_host_end(const struct qcow2 *q)
-{
-	uint64_t a = q->file->size, b = q->cursor << q->cb;
-
-	if (q->prealloc_end > a)
-		a = q->prealloc_end;
-	return a > b ? a : b;
-}
-
-/* ---- deferred wake-ups ---- */
-
-static void wake_cmd_done(struct io_cmd *cmd, int res)
-{
-	struct qcow2 *q = cmd->priv;
-	struct qcow2_waiter *w = q->wake_head;
-
-	(void)res;
-	q->wake_head = q->wake_tail = NULL;
-	q->wake_armed = false;
-	while (w) {
-		struct qcow2_waiter *next = w->next;
-
-		w->next = NULL;
-		w->wake(w);
-		w = next;
-	}
-}
-
-void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err)
-{
-	w->err = err;
-	w->next = NULL;
-	if (q->wake_tail)
-		q->wake_tail->next = w;
-	else
-		q->wake_head = w;
-	q->wake_tail = w;
-	if (!q->wake_armed) {
-		q->wake_armed = true;
-		q->wake_cmd.done = wake_cmd_done;
-		q->wake_cmd.priv = q;
-		/* a zero-length read completes on the next loop iteration */
-		io_readv(q->loop, &q->wake_cmd, q->file, NULL, 0, 0);
-	}
-}
-
-void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err)
-{
-	struct qcow2_waiter *w = *list, *rev = NULL;
-
-	*list = NULL;
-	/* lists are LIFO; wake in arrival order */
-	while (w) {
-		struct qcow2_waiter *next = w->next;
-
-		w->next = rev;
-		rev = w;
-		w = next;
-	}
-	while (rev) {
-		struct qcow2_waiter *next = rev->next;
-
-		q2_wake_later(q, rev, err);
-		rev = next;
-	}
+	q2_wb_kick(opaque);
 }
 
 /* ---- open ---- */
@@ -418,7 +238,7 @@ static int build_meta(struct qcow2 *q, uint64_t fsize, char *err, size_t errlen)
 
 		if (!rb || (rb & (q->cs - 1)) || (q->rt[i] & QCOW2_RTE_RESERVED_MASK))
 			continue;
-		if (in_sorted(&fixed, rb >> q->cb)) {
+		if (q2_u64v_has(&fixed, rb >> q->cb)) {
 			q->rt_bad[i / 8] |= (uint8_t)(1u << (i % 8));
 			continue;
 		}
@@ -438,7 +258,7 @@ static int build_meta(struct qcow2 *q, uint64_t fsize, char *err, size_t errlen)
 
 		if (!l2 || (l2 & (q->cs - 1)))
 			continue;
-		if (in_sorted(&q->meta, l2 >> q->cb))
+		if (q2_u64v_has(&q->meta, l2 >> q->cb))
 			q->l1_bad[i / 8] |= (uint8_t)(1u << (i % 8));
 	}
 	for (uint32_t i = 0; i < q->l1_size; i++) {
@@ -454,7 +274,7 @@ static int build_meta(struct qcow2 *q, uint64_t fsize, char *err, size_t errlen)
 	meta_sort(&q->meta);
 	ret = 0;
 out:
-	u64v_free(&fixed);
+	q2_u64v_free(&fixed);
 	return ret;
 }
 
@@ -469,7 +289,7 @@ static void free_engine(struct qcow2 *q)
 	free(q->rt_dirty);
 	free(q->l1_bad);
 	free(q->rt_bad);
-	u64v_free(&q->meta);
+	q2_u64v_free(&q->meta);
 	free(q->path);
 	free(q);
 }
@@ -664,10 +484,24 @@ reread:
 	}
 	if (rc_bytes < 16ull * q->slice_size)
 		rc_bytes = 16ull * q->slice_size;
-	ret = q2_cache_init(&q->l2c, q, Q2_CACHE_L2, q->slice_size, l2_bytes / q->slice_size);
-	if (ret == 0)
-		ret =
-		    q2_cache_init(&q->rcc, q, Q2_CACHE_RC, q->slice_size, rc_bytes / q->slice_size);
+	{
+		struct q2_cache_hooks hooks = {
+		    .loop = q->loop,
+		    .file = q->file,
+		    .name = q->path,
+		    .loaded = l2_loaded,
+		    .wake = cache_wake,
+		    .pressure = cache_pressure,
+		    .opaque = q,
+		};
+
+		ret = q2_cache_init(&q->l2c, &hooks, Q2_CACHE_L2, q->slice_size,
+				    l2_bytes / q->slice_size);
+		hooks.loaded = NULL; /* refcount slices have no load-time check */
+		if (ret == 0)
+			ret = q2_cache_init(&q->rcc, &hooks, Q2_CACHE_RC, q->slice_size,
+					    rc_bytes / q->slice_size);
+	}
 	if (ret < 0)
 		goto fail;
 

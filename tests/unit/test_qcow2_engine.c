@@ -1386,7 +1386,7 @@ static void test_cache_slab(void)
 
 	CU_ASSERT_PTR_NOT_NULL_FATAL(data);
 	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
-	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, max), 0);
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, &e.q->rcc.hooks, Q2_CACHE_RC, ss, max), 0);
 	CU_ASSERT_EQUAL(c.mem_bytes, 0); /* nothing up front */
 	for (size_t i = 0; i < max; i++) {
 		fill_pattern(data, ss, i);
@@ -1531,7 +1531,7 @@ static void test_cache_collisions(void)
 		if (h >= (1u << bits) - 4 || h < 4)
 			off[n++] = k * ss;
 	}
-	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, 1000), 0);
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, &e.q->rcc.hooks, Q2_CACHE_RC, ss, 1000), 0);
 	for (size_t i = 0; i < N; i++) {
 		fill_pattern(data, ss, off[i]);
 		CU_ASSERT_EQUAL_FATAL(q2_cache_insert(&c, off[i], data), 1);
@@ -1581,7 +1581,7 @@ static void test_cache_loads(void)
 	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
 	img = fake_file_data(e.id, &isize);
 	CU_ASSERT_FATAL(isize >= 3 * 65536);
-	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, e.q, Q2_CACHE_RC, ss, 16), 0);
+	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, &e.q->rcc.hooks, Q2_CACHE_RC, ss, 16), 0);
 	wait_init(&w1);
 	wait_init(&w2);
 	wait_init(&w3);
