@@ -17,6 +17,7 @@
 #include <linux/virtio_blk.h>
 
 #include "blk.h"
+#include "io.h" /* iovec helpers */
 
 #define SECTOR_SHIFT 9
 #define SECTOR_SIZE  512u
@@ -76,45 +77,6 @@ struct blk_dev {
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
 	unsigned inflight;
 };
-
-/* ---- small iovec helpers (blk/ must not depend on io/ for these) ---- */
-
-static uint64_t iov_total(const struct iovec *iov, unsigned cnt)
-{
-	uint64_t n = 0;
-
-	for (unsigned i = 0; i < cnt; i++)
-		n += iov[i].iov_len;
-	return n;
-}
-
-/* Copy up to @len bytes from the start of @iov into @buf; returns bytes copied. */
-static size_t iov_copy_out(const struct iovec *iov, unsigned cnt, void *buf, size_t len)
-{
-	size_t done = 0;
-
-	for (unsigned i = 0; i < cnt && done < len; i++) {
-		size_t n = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-
-		memcpy((uint8_t *)buf + done, iov[i].iov_base, n);
-		done += n;
-	}
-	return done;
-}
-
-/* Copy up to @len bytes from @buf into the start of @iov; returns bytes copied. */
-static size_t iov_copy_in(const struct iovec *iov, unsigned cnt, const void *buf, size_t len)
-{
-	size_t done = 0;
-
-	for (unsigned i = 0; i < cnt && done < len; i++) {
-		size_t n = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-
-		memcpy(iov[i].iov_base, (const uint8_t *)buf + done, n);
-		done += n;
-	}
-	return done;
-}
 
 /* ---- status ---- */
 
@@ -180,7 +142,7 @@ static bool req_parse(struct blk_req *req, struct virtio_blk_outhdr *hdr, struct
 
 	if (!iov || req->in_num == 0)
 		return false;
-	if (iov_copy_out(iov, req->out_num, hdr, sizeof(*hdr)) != sizeof(*hdr))
+	if (io_iov_to_buf(iov, req->out_num, 0, hdr, sizeof(*hdr)) != sizeof(*hdr))
 		return false;
 
 	struct iovec *last = &iov[req->out_num + req->in_num - 1];
@@ -224,7 +186,7 @@ static int check_range(const struct blk_dev *dev, uint64_t sector, uint64_t byte
 static int submit_rw(struct blk_dev *dev, struct blk_req *req, struct iovec *iov, unsigned cnt,
 		     bool write)
 {
-	uint64_t len = iov_total(iov, cnt);
+	uint64_t len = io_iov_len(iov, cnt);
 	int ret;
 
 	if (write && dev->read_only)
@@ -253,7 +215,7 @@ static int submit_get_id(struct blk_dev *dev, struct blk_req *req, struct iovec 
 {
 	/* Virtio 1.2 5.2.6: the ID string is 20 bytes, zero padded. A shorter
 	 * buffer gets what fits. */
-	req->in_len = (uint32_t)iov_copy_in(iov, cnt, dev->serial, sizeof(dev->serial));
+	req->in_len = (uint32_t)io_iov_from_buf(iov, cnt, 0, dev->serial, sizeof(dev->serial));
 	req_finish(req, 0);
 	return 0;
 }
@@ -263,7 +225,7 @@ static int submit_discard_wz(struct blk_dev *dev, struct blk_req *req, struct io
 {
 	struct virtio_blk_discard_write_zeroes seg;
 	bool wz = req->type == VIRTIO_BLK_T_WRITE_ZEROES;
-	uint64_t len = iov_total(iov, cnt);
+	uint64_t len = io_iov_len(iov, cnt);
 	uint64_t sector;
 	uint32_t nsec, flags, max;
 	int ret;
@@ -273,7 +235,7 @@ static int submit_discard_wz(struct blk_dev *dev, struct blk_req *req, struct io
 	/* We advertise max_{discard,write_zeroes}_seg = 1. */
 	if (len > BLK_SEG_SIZE)
 		return -ENOTSUP;
-	if (iov_copy_out(iov, cnt, &seg, sizeof(seg)) != sizeof(seg))
+	if (io_iov_to_buf(iov, cnt, 0, &seg, sizeof(seg)) != sizeof(seg))
 		return -EINVAL;
 	sector = le64toh(seg.sector);
 	nsec = le32toh(seg.num_sectors);
