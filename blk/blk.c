@@ -74,6 +74,8 @@ struct blk_dev {
 	uint32_t seg_max;
 	bool read_only;
 	bool wce;          /* writeback */
+	bool wce_config;   /* the configured mode (blk_opts.writeback) */
+	bool wce_pending;  /* the next negotiation with CONFIG_WCE sets wce_config */
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
 	unsigned inflight;
 };
@@ -357,6 +359,8 @@ int blk_dev_init(struct blk_dev **devp, struct img *img, const struct blk_opts *
 		dev->seg_max = BLK_MAX_SEG;
 	dev->read_only = opts->read_only || img->read_only;
 	dev->wce = opts->writeback;
+	dev->wce_config = opts->writeback;
+	dev->wce_pending = true;
 	dev->capacity = capacity_of(dev);
 	*devp = dev;
 	return 0;
@@ -375,6 +379,37 @@ bool blk_dev_get_wce(const struct blk_dev *dev)
 void blk_dev_set_wce(struct blk_dev *dev, bool writeback)
 {
 	dev->wce = writeback;
+}
+
+/*
+ * Virtio 1.2, 5.2.5.1 "Driver Requirements: Device Initialization":
+ *   "If neither VIRTIO_BLK_F_CONFIG_WCE nor VIRTIO_BLK_F_FLUSH are
+ *    negotiated, the driver MAY deduce the presence of a writethrough cache.
+ *    If VIRTIO_BLK_F_CONFIG_WCE was not negotiated but VIRTIO_BLK_F_FLUSH
+ *    was, the driver SHOULD assume presence of a writeback cache."
+ * So without CONFIG_WCE the device is writeback iff FLUSH was negotiated:
+ * a driver that believes in a writethrough cache never flushes. With
+ * CONFIG_WCE the driver reads (and may write) the mode in config space: a
+ * new driver starts from the configured mode, and a later negotiation by the
+ * same driver (the transport stopping and restarting its queues while the
+ * driver keeps running) must not undo what it wrote into wce, or it would
+ * skip flushes it needs.
+ */
+void blk_dev_features_set(struct blk_dev *dev, uint64_t features)
+{
+	if (features & (1ull << VIRTIO_BLK_F_CONFIG_WCE)) {
+		if (dev->wce_pending) {
+			dev->wce = dev->wce_config;
+			dev->wce_pending = false;
+		}
+	} else {
+		dev->wce = (features & (1ull << VIRTIO_BLK_F_FLUSH)) != 0;
+	}
+}
+
+void blk_dev_driver_gone(struct blk_dev *dev)
+{
+	dev->wce_pending = true;
 }
 
 bool blk_dev_update_capacity(struct blk_dev *dev)

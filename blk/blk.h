@@ -111,6 +111,18 @@ bool blk_dev_get_wce(const struct blk_dev *dev);
 void blk_dev_set_wce(struct blk_dev *dev, bool writeback);
 
 /*
+ * The driver negotiated @features (the transport's SET_FEATURES; every
+ * negotiation, also repeated ones on the same connection). Sets the write
+ * cache mode as virtio 1.2 5.2.5.1 requires (see blk.c): without CONFIG_WCE,
+ * writeback iff FLUSH was negotiated; with it, the configured mode
+ * (blk_opts.writeback) on the first negotiation after blk_dev_init() or
+ * blk_dev_driver_gone(), and what the driver set in config space after that.
+ */
+void blk_dev_features_set(struct blk_dev *dev, uint64_t features);
+/* The driver went away (the transport's connection closed): the next driver starts afresh. */
+void blk_dev_driver_gone(struct blk_dev *dev);
+
+/*
  * virtio-blk feature bits this device offers: SEG_MAX, BLK_SIZE, TOPOLOGY, MQ,
  * FLUSH, CONFIG_WCE, DISCARD and WRITE_ZEROES (when the image supports them
  * and is writable), RO (read-only). Transport bits are the transport's.

@@ -415,7 +415,6 @@ struct daemon {
 	struct io_cmd sig_cmd;
 	bool stopping;
 	bool flushing;
-	bool wce_initial_pending; /* next CONFIG_WCE negotiation sets the configured mode */
 	struct img_io flush_io;
 	int exit_code;
 };
@@ -606,20 +605,7 @@ static void d_features_set(void *opaque, struct vhost_dev *dev, uint64_t feature
 {
 	struct daemon *d = opaque;
 
-	/*
-	 * Virtio 1.2, 5.2.5.1: without CONFIG_WCE the device is writeback iff
-	 * FLUSH was negotiated. With it, each new connection starts from the
-	 * configured mode; later SET_FEATURES of the same connection (vhost
-	 * stop/start while the driver keeps running) must not undo what the
-	 * driver wrote into wce, or the driver would skip flushes it needs.
-	 */
-	if (features & (1ull << VIRTIO_BLK_F_CONFIG_WCE)) {
-		if (d->wce_initial_pending) {
-			blk_dev_set_wce(d->blk, !d->o->writethrough);
-			d->wce_initial_pending = false;
-		}
-	} else
-		blk_dev_set_wce(d->blk, (features & (1ull << VIRTIO_BLK_F_FLUSH)) != 0);
+	blk_dev_features_set(d->blk, features); /* WCE rules: blk/ */
 	logmsg("features negotiated: 0x%" PRIx64 " (%s)", features,
 	       blk_dev_get_wce(d->blk) ? "writeback" : "writethrough");
 }
@@ -683,7 +669,7 @@ static void d_disconnected(void *opaque, struct vhost_dev *dev)
 	(void)dev;
 	if (d->o->fixed_buffers)
 		io_loop_register_buffers(d->loop, NULL, 0);
-	d->wce_initial_pending = true;
+	blk_dev_driver_gone(d->blk);
 	for (unsigned i = 0; i < MAX_QUEUES; i++) {
 		d->q[i].vq = NULL;
 		d->q[i].dirty = false;
@@ -914,7 +900,6 @@ int main(int argc, char **argv)
 		logmsg("cannot set up the virtio-blk device: %s", strerror(-ret));
 		goto close_img;
 	}
-	d.wce_initial_pending = true;
 	d.flush_io.done = flush_done;
 	d.flush_io.priv = &d;
 

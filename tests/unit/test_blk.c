@@ -875,6 +875,70 @@ static void test_wce(void)
 	blk_dev_exit(dev);
 }
 
+/*
+ * Virtio 1.2, 5.2.5.1 through blk_dev_features_set(): one row per step of a
+ * device's life, the write cache mode expected after it.
+ */
+#define FL (1ull << VIRTIO_BLK_F_FLUSH)
+#define CW (1ull << VIRTIO_BLK_F_CONFIG_WCE)
+static void test_wce_negotiation(void)
+{
+	enum { NEG, DRIVER_SET, GONE };
+	static const struct {
+		bool configured; /* blk_opts.writeback */
+		struct {
+			int what; /* NEG: negotiate arg; DRIVER_SET: config wce = arg */
+			uint64_t arg;
+			bool wce; /* expected afterwards */
+		} step[6];
+		unsigned n;
+	} rows[] = {
+	    /* no CONFIG_WCE: writeback iff FLUSH, whatever was configured */
+	    {true, {{NEG, 0, false}, {NEG, FL, true}}, 2},
+	    {false, {{NEG, FL, true}, {NEG, 0, false}}, 2},
+	    /* CONFIG_WCE: the configured mode on the first negotiation */
+	    {true, {{NEG, FL | CW, true}}, 1},
+	    {false, {{NEG, FL | CW, false}}, 1},
+	    /* a renegotiation by the same driver keeps what it wrote into wce */
+	    {false, {{NEG, FL | CW, false}, {DRIVER_SET, 1, true}, {NEG, FL | CW, true}}, 3},
+	    /* a new driver starts from the configured mode again */
+	    {false,
+	     {{NEG, FL | CW, false}, {DRIVER_SET, 1, true}, {GONE, 0, true}, {NEG, FL | CW, false}},
+	     4},
+	    /* a negotiation without CONFIG_WCE leaves the next one with it pending */
+	    {true, {{NEG, 0, false}, {NEG, FL | CW, true}}, 2},
+	};
+
+	fake_reset(false);
+	for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) {
+		struct blk_dev *dev = dev_new(false, 512, rows[r].configured);
+
+		CU_ASSERT_EQUAL(blk_dev_get_wce(dev), rows[r].configured);
+		for (unsigned i = 0; i < rows[r].n; i++) {
+			uint8_t b = (uint8_t)rows[r].step[i].arg;
+
+			switch (rows[r].step[i].what) {
+			case NEG:
+				blk_dev_features_set(dev, rows[r].step[i].arg);
+				break;
+			case DRIVER_SET:
+				CU_ASSERT_EQUAL(blk_dev_set_config(dev, &b, 32, 1), 0);
+				break;
+			case GONE:
+				blk_dev_driver_gone(dev);
+				break;
+			}
+			if (blk_dev_get_wce(dev) != rows[r].step[i].wce)
+				fprintf(stderr, "row %zu step %u: wce %d\n", r, i,
+					blk_dev_get_wce(dev));
+			CU_ASSERT_EQUAL(blk_dev_get_wce(dev), rows[r].step[i].wce);
+		}
+		blk_dev_exit(dev);
+	}
+}
+#undef FL
+#undef CW
+
 static void test_image_errors(void)
 {
 	struct treq t;
@@ -1043,6 +1107,7 @@ int main(void)
 	CU_add_test(s, "GET_ID", test_get_id);
 	CU_add_test(s, "config space and features", test_config);
 	CU_add_test(s, "WCE and writethrough", test_wce);
+	CU_add_test(s, "WCE after feature negotiation (5.2.5.1)", test_wce_negotiation);
 	CU_add_test(s, "image errors", test_image_errors);
 	CU_add_test(s, "random layouts", test_random_layouts);
 	CU_add_test(s, "status from errno", test_status_from_errno);
