@@ -528,8 +528,8 @@ int qcow2_snapshot_parse(const void *buf, size_t len, unsigned version,
 		return fail(err, errlen, -EINVAL,
 			    "snapshot extra_data_size %u too small for a version 3 image (need 16)",
 			    out->extra_data_size);
+	/* the padding after the entry need not exist (see format.h) */
 	total = sizeof(*d) + (uint64_t)out->extra_data_size + out->id_len + out->name_len;
-	total = (total + 7) & ~7ull;
 	if (total > len)
 		return fail(err, errlen, -EINVAL,
 			    "snapshot entry (id length %u, name length %u, extra %u) runs past the "
@@ -541,6 +541,7 @@ int qcow2_snapshot_parse(const void *buf, size_t len, unsigned version,
 		out->disk_size = qcow2_be64(b + sizeof(*d) + 8);
 	out->id = (const char *)b + sizeof(*d) + out->extra_data_size;
 	out->name = out->id + out->id_len;
-	out->entry_len = (uint32_t)total;
+	out->raw_len = (uint32_t)total;
+	out->entry_len = (uint32_t)((total + 7) & ~7ull);
 	return 0;
 }

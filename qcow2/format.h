@@ -384,6 +384,11 @@ static inline uint64_t qcow2_refcount_max(unsigned order)
  * data (struct qcow2_snapshot_extra, possibly shorter or longer), the ID
  * string, the name string, padding to a multiple of 8. Version 3 requires
  * extra data up to disk_size (16 bytes).
+ *
+ * The padding only places the next entry: QEMU neither writes nor allocates
+ * it after the last entry, and the table is usually the last thing in the
+ * file, so the file may end right after the last name. Bounds checks use the
+ * unpadded length (raw_len); the next entry starts entry_len bytes on.
  */
 struct qcow2_snapshot_disk {
 	uint64_t l1_table_offset;
@@ -417,7 +422,8 @@ struct qcow2_snapshot_info {
 	uint16_t id_len, name_len;
 	const char *id;     /* points into the caller's buffer, not terminated */
 	const char *name;   /* likewise */
-	uint32_t entry_len; /* total bytes of the entry incl. padding */
+	uint32_t raw_len;   /* bytes of the entry without the padding */
+	uint32_t entry_len; /* raw_len rounded up to 8: offset of the next entry */
 };
 
 /* ---- decoded header ---- */
@@ -524,7 +530,8 @@ bool qcow2_feature_name(const void *buf, const struct qcow2_header_info *info, u
 			unsigned bit, char *name, size_t namelen);
 
 /*
- * Decode one snapshot table entry at @buf (@len bytes available).
+ * Decode one snapshot table entry at @buf (@len bytes available; the
+ * entry's trailing padding need not be among them).
  * @version: the image version (v3 requires 16 bytes of extra data).
  * Fills @out (strings point into @buf). Returns 0 or -EINVAL with a message
  * naming the field in @err.

@@ -172,7 +172,7 @@ static int file_size_of(int fd, uint64_t *size, uint64_t *allocated)
 static int load_snapshots(struct qcow2_oimg *im, char *err, size_t errlen)
 {
 	const struct qcow2_header_info *h = &im->h;
-	uint64_t avail, cap, used = 0;
+	uint64_t avail, cap, used = 0, end = 0;
 	int ret;
 
 	if (!h->nb_snapshots)
@@ -194,9 +194,9 @@ static int load_snapshots(struct qcow2_oimg *im, char *err, size_t errlen)
 		if (need <= cap) {
 			const struct qcow2_snapshot_disk *d = (const void *)(im->snapbuf + used);
 
+			/* no padding: the file may end right after the last entry */
 			need += (uint64_t)qcow2_be32(&d->extra_data_size) +
 				qcow2_be16(&d->id_str_size) + qcow2_be16(&d->name_size);
-			need = (need + 7) & ~7ull;
 		}
 		if (need > cap) {
 			uint64_t ncap = cap * 2 > need ? cap * 2 : need;
@@ -234,9 +234,10 @@ static int load_snapshots(struct qcow2_oimg *im, char *err, size_t errlen)
 			seterr(err, errlen, "snapshot %u: %s", i, tmp);
 			return ret;
 		}
+		end = used + im->snaps[i].raw_len;
 		used += im->snaps[i].entry_len;
 	}
-	im->snapbuf_len = used;
+	im->snapbuf_len = end;
 	return 0;
 }
 

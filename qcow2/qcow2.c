@@ -108,7 +108,7 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 			  size_t errlen)
 {
 	const struct qcow2_header_info *h = &q->h;
-	size_t cap = (size_t)h->nb_snapshots * 64 + 4096, pos = 0;
+	size_t cap = (size_t)h->nb_snapshots * 64 + 4096, pos = 0, end = 0;
 	uint8_t *buf = NULL;
 	int ret = 0;
 
@@ -139,15 +139,15 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 			uint64_t avail = fsize > h->snapshots_offset + pos
 					     ? fsize - h->snapshots_offset - pos
 					     : 0;
-			size_t len = cap - pos;
+			/* pos may pass cap by the previous entry's padding */
+			size_t room = cap > pos ? cap - pos : 0, len = room;
 
 			if (len > avail)
 				len = (size_t)avail;
-			ret =
-			    qcow2_snapshot_parse(buf + pos, len, h->version, &sn, msg, sizeof(msg));
+			ret = qcow2_snapshot_parse(buf + (pos < cap ? pos : cap), len, h->version,
+						   &sn, msg, sizeof(msg));
 			if (ret < 0) {
-				if (len == cap - pos && cap < QCOW2_MAX_SNAPSHOTS_BYTES &&
-				    avail > len)
+				if (len == room && cap < QCOW2_MAX_SNAPSHOTS_BYTES && avail > len)
 					break; /* read more */
 				ret = open_fail(err, errlen, -EINVAL, "%s: snapshot %u: %s",
 						q->path, i, msg);
@@ -175,13 +175,15 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 				ret = -ENOMEM;
 				goto out;
 			}
+			/* the last entry's padding is neither written nor allocated */
+			end = pos + sn.raw_len;
 			pos += sn.entry_len;
 		}
 		if (ret == 0)
 			break;
 		cap *= 2;
 	}
-	ret = meta_push_range(m, h->snapshots_offset, pos, q->cb);
+	ret = meta_push_range(m, h->snapshots_offset, end, q->cb);
 out:
 	free(buf);
 	return ret;

@@ -320,7 +320,13 @@ static void test_snapshot_entry(void)
 	CU_ASSERT_EQUAL(sn.vm_state_size, 4096);
 	CU_ASSERT_EQUAL(sn.disk_size, 1ull << 30);
 	CU_ASSERT_EQUAL(sn.entry_len, 64);
+	CU_ASSERT_EQUAL(sn.raw_len, 62);
 	CU_ASSERT(memcmp(sn.name, "snap1", 5) == 0);
+	/* QEMU writes no padding after the last entry: 62 bytes are enough */
+	CU_ASSERT_EQUAL(qcow2_snapshot_parse(e, 62, 3, &sn, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(sn.entry_len, 64);
+	CU_ASSERT_EQUAL(qcow2_snapshot_parse(e, 61, 3, &sn, err, sizeof(err)), -EINVAL);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "runs past"));
 	/* v3 needs 16 bytes of extra data */
 	qcow2_put_be32(e + 36, 8);
 	CU_ASSERT_EQUAL(qcow2_snapshot_parse(e, sizeof(e), 3, &sn, err, sizeof(err)), -EINVAL);
