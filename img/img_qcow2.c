@@ -1003,6 +1003,8 @@ static void q2_submit(struct img *img, struct img_io *io)
 		r->start_err = -EROFS;
 	else if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off))
 		r->start_err = -EINVAL;
+	else if (write)
+		qcow2_bitmap_mark(m->q, io->off, io->len);
 	/* always start from the loop: done() must never run inside submit */
 	r->nop.done = start;
 	r->nop.priv = r;

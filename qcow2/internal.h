@@ -7,6 +7,7 @@
  * deferred refcount decrements, allocation asks for write-back):
  *   qcow2.c      open/close: builds the engine, gives the caches their hooks
  *   prefetch.c   background L2 prefetch after open
+ *   bitmap.c     persistent dirty bitmaps (load, mark in use, record writes, store)
  *   mapping.c    map_read, map_write, alloc_finish, zero_step, L2 validation
  *   alloc.c      cluster allocation, refcount updates, deferred decrements
  *   writeback.c  batched metadata write-back in durability order, flush
@@ -149,6 +150,7 @@ struct q2_u64v {
 
 struct q2_batch;
 struct q2_pf;
+struct q2_bitmaps;
 
 struct qcow2 {
 	struct io_loop *loop;
@@ -251,6 +253,9 @@ struct qcow2 {
 	/* Background L2 prefetch after open (prefetch.c); NULL when none ran */
 	struct q2_pf *pf;
 	uint64_t n_l2_prefetched; /* slices inserted by the prefetch */
+
+	/* Persistent dirty bitmaps (bitmap.c); NULL when none are maintained */
+	struct q2_bitmaps *bms;
 
 	/* Per-type counters (describe) */
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
@@ -358,6 +363,25 @@ void q2_wb_exit(struct qcow2 *q);
 /* Validate an L2 slice after loading: sets s->suspect. */
 void q2_l2_validate(struct qcow2 *q, struct q2_slice *s);
 void q2_mapping_exit(struct qcow2 *q);
+
+/* ---- bitmap.c ---- */
+/*
+ * Read-write v3 opens with a consistent bitmaps extension (autoclear bit 0):
+ * read and validate the directory and tables (@hbuf/@hlen: the header
+ * cluster as read), load the enabled bitmaps, add every bitmap cluster to
+ * q->meta. Sets q->bms (left NULL when there is nothing to maintain).
+ * 0 or -errno with a message naming the file and the problem in @err.
+ */
+int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, size_t errlen);
+/* Mark the enabled bitmaps in use on disk (before any guest write). 0 or -errno. */
+int q2_bitmap_start(struct qcow2 *q, char *err, size_t errlen);
+/*
+ * At close, before the final write-back: store the enabled bitmaps in new
+ * clusters, switch the directory, queue the old clusters' release.
+ * 0 or -errno (the bitmaps then stay in use on disk).
+ */
+int q2_bitmap_store(struct qcow2 *q);
+void q2_bitmap_exit(struct qcow2 *q);
 
 /* ---- compress.c ---- */
 void q2_compress_exit(struct qcow2 *q);

@@ -283,6 +283,7 @@ out:
 /* Free the caches, tables and the engine itself (open failure and close). */
 static void free_engine(struct qcow2 *q)
 {
+	q2_bitmap_exit(q);
 	q2_cache_exit(&q->l2c);
 	q2_cache_exit(&q->rcc);
 	free(q->l1);
@@ -532,6 +533,12 @@ reread:
 	if (!q->read_only && q->h.version >= 3) {
 		uint64_t keep = q->data_raw ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0;
 
+		ret = q2_bitmap_open(q, hbuf, hlen, err, errlen);
+		if (ret < 0)
+			goto fail;
+		if (q->bms)
+			keep |= QCOW2_AUTOCLEAR_BITMAPS;
+
 		if (q->h.autoclear_features & ~keep) {
 			uint8_t b[8];
 
@@ -546,6 +553,9 @@ reread:
 				goto fail;
 			}
 		}
+		ret = q2_bitmap_start(q, err, errlen);
+		if (ret < 0)
+			goto fail;
 	}
 	q->sc_bits = q->extl2 ? q->cb - 5 : q->cb;
 	io_free_aligned(hbuf);
@@ -565,12 +575,15 @@ fail:
 
 int qcow2_close(struct qcow2 *q)
 {
-	int ret;
+	int ret, bret;
 
 	if (!q)
 		return 0;
 	q2_l2_prefetch_stop(q);
+	bret = q2_bitmap_store(q);
 	ret = q2_wb_close(q);
+	if (!ret)
+		ret = bret;
 	q->closing = true;
 	/* let a pending corrupt-bit header write, wake-ups and prefetch reads finish */
 	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy ||

@@ -90,17 +90,21 @@ struct qcow2_opts {
  * problem in @err): invalid headers, encryption, unknown incompatible
  * features, the corrupt bit (unless allow_corrupt_ro and read-only), the dirty
  * bit (lazy refcounts; repair with `vqcow-img check -r all`), zstd without
- * zstd support. A read-write open clears autoclear bits we do not maintain.
+ * zstd support. A read-write open clears autoclear bits we do not maintain;
+ * it keeps the bitmaps bit: persistent dirty bitmaps are loaded and
+ * validated (refusing the open when they are invalid or use features we do
+ * not know), the enabled ones are marked in use, follow every guest write
+ * and are stored at qcow2_close() (bitmap.c).
  * Returns 0 or -errno.
  */
 int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, const char *path,
 	       const struct qcow2_opts *opts, char *err, size_t errlen);
 
 /*
- * Write back dirty metadata (driving the loop with io_loop_run_once(), so do
- * not call it from inside a loop callback) and release the engine. All I/O
- * must have ended. Returns 0 or the first write-back error (the engine is
- * released anyway). NULL is fine.
+ * Store the enabled dirty bitmaps, write back dirty metadata (driving the loop with
+ * io_loop_run_once(), so do not call it from inside a loop callback) and release the engine. All
+ * I/O must have ended. Returns 0 or the first write-back error (the engine is released anyway).
+ * NULL is fine.
  */
 int qcow2_close(struct qcow2 *q);
 
@@ -226,6 +230,14 @@ enum qcow2_zaction {
  */
 int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
 		    uint64_t *done_len, struct qcow2_waiter *w);
+
+/*
+ * Record a guest write, write-zeroes or discard of [@off, @off + @len) in
+ * every enabled persistent dirty bitmap (every granule the range touches).
+ * Call it once per such request, before its I/O starts. Cheap; never fails
+ * (out of memory leaves the bitmap in use on disk, i.e. inconsistent).
+ */
+void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len);
 
 /*
  * Decompress one compressed cluster: @src/@srclen the compressed bytes as
