@@ -58,6 +58,12 @@ def bitmaps_of(img, force=False):
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
 
+def flags_of(got, name, when):
+    check(name in got, "bitmap %s not shown by qemu-img info %s (bitmaps extension dropped: "
+          "autoclear bit cleared?): %r" % (name, when, sorted(got)))
+    return got[name]["flags"]
+
+
 def header_autoclear(img):
     with open(img, "rb") as f:
         f.seek(88)
@@ -229,7 +235,7 @@ def part_track(wd):
             d = start(img, sock)
             inuse = bitmaps_of(img, force=True)
             for name, g, disabled in bms:
-                fl = inuse[name]["flags"]
+                fl = flags_of(inuse, name, "while served")
                 if disabled:
                     check(fl == [], "disabled bitmap %s got flags %r while served" % (name, fl))
                 else:
@@ -282,9 +288,10 @@ def part_crash(wd):
     fe_run(sock, "flush")
     d.kill()
     got = bitmaps_of(img)
-    check(got["on"]["flags"] == ["in-use", "auto"],
-          "after kill -9 the enabled bitmap should be in use: %r" % got["on"]["flags"])
-    check(got["off"]["flags"] == [], "disabled bitmap flags after kill -9: %r" % got["off"]["flags"])
+    fl = flags_of(got, "on", "after kill -9")
+    check(fl == ["in-use", "auto"], "after kill -9 the enabled bitmap should be in use: %r" % fl)
+    fl = flags_of(got, "off", "after kill -9")
+    check(fl == [], "disabled bitmap flags after kill -9: %r" % fl)
     check(header_autoclear(img) & 1, "autoclear bit 0 cleared after kill -9")
     qlib.assert_qemu_check_clean(img, "after kill -9", allow_leaks=True)
     raw = wd("crash.raw")
@@ -297,7 +304,8 @@ def part_crash(wd):
     do_ops(sock, [("w", 0, 4096)])
     d.assert_clean_stop()
     got = bitmaps_of(img)
-    check(got["on"]["flags"] == ["in-use", "auto"], "in-use bitmap changed: %r" % got["on"])
+    fl = flags_of(got, "on", "after a session following kill -9")
+    check(fl == ["in-use", "auto"], "in-use bitmap changed: %r" % fl)
     qlib.assert_qemu_check_clean(img, "second session after kill -9", allow_leaks=True)
     return 0
 
@@ -312,7 +320,8 @@ def part_readonly(wd):
     sock = wd("s.sock")
     d = start(img, sock, extra=["--read-only"])
     got = bitmaps_of(img, force=True)
-    check(got["on"]["flags"] == ["auto"], "read-only open marked a bitmap: %r" % got["on"])
+    fl = flags_of(got, "on", "while served read-only")
+    check(fl == ["auto"], "read-only open marked a bitmap: %r" % fl)
     b = qlib.Frontend(A.fe, sock).read_ok(0, 65536)
     check(b == b"\x5a" * 65536, "read-only read returned wrong data")
     r = qlib.run([A.fe, "write", sock, 0], stdin=bytes(4096), timeout=60)
