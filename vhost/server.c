@@ -510,12 +510,13 @@ static int socket_is_live(const struct sockaddr_un *sa)
 static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	size_t len = strlen(path);
 	struct stat st;
 	int fd, ret;
 
-	if (strlen(path) >= sizeof(sa.sun_path))
+	if (len >= sizeof(sa.sun_path))
 		return -ENAMETOOLONG;
-	strcpy(sa.sun_path, path);
+	memcpy(sa.sun_path, path, len + 1);
 	if (lstat(path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode)) {
 			vhost_log("%s exists and is not a socket", path);
