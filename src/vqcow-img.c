@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "offline.h"
+#include "util.h"
 
 #define ERRLEN 512
 
@@ -102,62 +103,6 @@ static void progress_init(struct progress *p, bool quiet)
 {
 	p->on = !quiet && isatty(STDERR_FILENO);
 	p->last = -1;
-}
-
-/* ---- numbers ---- */
-
-/*
- * Parse a size with an optional binary suffix (K, M, G, T, P, E; "B" for
- * bytes) and an optional fraction ("1.5G"). Returns 0 or -EINVAL/-ERANGE.
- */
-static int parse_size(const char *s, uint64_t *out)
-{
-	static const char suffixes[] = "BKMGTPE";
-	const char *p = s;
-	uint64_t ival = 0, frac_num = 0, frac_den = 1;
-	unsigned shift = 0;
-	const char *sfx;
-
-	if (!*p || *p == '-' || *p == '+')
-		return -EINVAL;
-	if (*p < '0' || *p > '9')
-		return -EINVAL;
-	for (; *p >= '0' && *p <= '9'; p++) {
-		if (ival > (UINT64_MAX - 9) / 10)
-			return -ERANGE;
-		ival = ival * 10 + (uint64_t)(*p - '0');
-	}
-	if (*p == '.') {
-		p++;
-		if (*p < '0' || *p > '9')
-			return -EINVAL;
-		for (; *p >= '0' && *p <= '9'; p++) {
-			if (frac_den < 1000000000ull) {
-				frac_num = frac_num * 10 + (uint64_t)(*p - '0');
-				frac_den *= 10;
-			}
-		}
-	}
-	if (*p) {
-		sfx = strchr(suffixes, *p >= 'a' && *p <= 'z' ? *p - 'a' + 'A' : *p);
-		if (!sfx || p[1])
-			return -EINVAL;
-		shift = (unsigned)(sfx - suffixes) * 10;
-	}
-	if (frac_num && !shift)
-		return -EINVAL; /* fractional bytes */
-	if (shift && ival > (UINT64_MAX >> shift))
-		return -ERANGE;
-	ival <<= shift;
-	if (frac_num) {
-		/* frac_num / frac_den * 2^shift, shift >= 10, frac_den <= 1e9 */
-		unsigned __int128 f = ((unsigned __int128)frac_num << shift) / frac_den;
-		if ((unsigned __int128)ival + f > UINT64_MAX)
-			return -ERANGE;
-		ival += (uint64_t)f;
-	}
-	*out = ival;
-	return 0;
 }
 
 /* qemu's size_to_str(): three significant digits and a binary unit. */
@@ -239,14 +184,14 @@ static int create_opt(struct create_args *ca, const char *key, const char *val)
 	uint64_t v;
 
 	if (!strcmp(key, "size")) {
-		if (parse_size(val, &v)) {
+		if (util_parse_size(val, &v)) {
 			errorf("Invalid image size specified: '%s'", val);
 			return -EINVAL;
 		}
 		ca->o.size = v;
 		ca->o.size_set = true;
 	} else if (!strcmp(key, "cluster_size")) {
-		if (parse_size(val, &v) || v > UINT32_MAX) {
+		if (util_parse_size(val, &v) || v > UINT32_MAX) {
 			errorf("Invalid cluster_size '%s'", val);
 			return -EINVAL;
 		}
@@ -412,7 +357,7 @@ static int cmd_create(int argc, char **argv)
 	}
 	file = argv[optind++];
 	if (optind < argc) {
-		if (parse_size(argv[optind], &ca.o.size)) {
+		if (util_parse_size(argv[optind], &ca.o.size)) {
 			errorf("Invalid image size specified: '%s'. You may use k, M, G, T, P or E "
 			       "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
 			       "and "

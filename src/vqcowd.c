@@ -50,6 +50,7 @@
 #include "blk.h"
 #include "img.h"
 #include "io.h"
+#include "util.h"
 #include "vhost.h"
 
 #define MAX_QUEUES      64
@@ -127,48 +128,10 @@ static void usage(FILE *f)
 	      f);
 }
 
-/* Parse an unsigned number with an optional K/M/G/T suffix (binary). */
+/* A plain number, or with @suffixes a size as qemu-img writes it (util.h). */
 static int parse_u64(const char *s, uint64_t *out, bool suffixes)
 {
-	char *end;
-	unsigned long long v;
-	unsigned shift = 0;
-
-	if (!s || !*s || *s == '-' || *s == '+')
-		return -EINVAL;
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -EINVAL;
-	if (*end && suffixes) {
-		switch (*end) {
-		case 'k':
-		case 'K':
-			shift = 10;
-			break;
-		case 'm':
-		case 'M':
-			shift = 20;
-			break;
-		case 'g':
-		case 'G':
-			shift = 30;
-			break;
-		case 't':
-		case 'T':
-			shift = 40;
-			break;
-		default:
-			return -EINVAL;
-		}
-		end++;
-	}
-	if (*end)
-		return -EINVAL;
-	if (shift && v > (UINT64_MAX >> shift))
-		return -ERANGE;
-	*out = (uint64_t)v << shift;
-	return 0;
+	return suffixes ? util_parse_size(s, out) : util_parse_uint(s, out);
 }
 
 static int bad_value(const char *opt, const char *val, const char *what)
