@@ -480,7 +480,9 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 				      BM_MAX_TABLES >> 20);
 			break;
 		}
-		bm->tracked = (bm->flags & (BM_FLAG_AUTO | BM_FLAG_IN_USE)) == BM_FLAG_AUTO;
+		/* (a disk smaller than one sector has nothing to track) */
+		bm->tracked = (bm->flags & (BM_FLAG_AUTO | BM_FLAG_IN_USE)) == BM_FLAG_AUTO &&
+			      bm->nchunks > 0;
 		ret = load_table(q, bm, &clu, err, errlen);
 		if (ret == 0 && bm->tracked) {
 			ret = load_bits(q, bm, err, errlen);
@@ -684,6 +686,8 @@ static int alloc_contig(struct qcow2 *q, struct store *st, uint32_t n, uint64_t 
 	uint32_t have = 0;
 	int ret;
 
+	if (!n)
+		return -EINVAL;
 	while (have < n) {
 		struct sync_wait s = {.w = {.wake = sync_wake}};
 		uint64_t h;

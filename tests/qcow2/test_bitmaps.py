@@ -307,7 +307,55 @@ def part_crash(wd):
     fl = flags_of(got, "on", "after a session following kill -9")
     check(fl == ["in-use", "auto"], "in-use bitmap changed: %r" % fl)
     qlib.assert_qemu_check_clean(img, "second session after kill -9", allow_leaks=True)
+    crash_during_store(wd)
     return 0
+
+
+def crash_during_store(wd):
+    """SIGTERM, then SIGKILL a random few milliseconds later (often while the
+    bitmaps are being stored): each time the image must check clean (leaks
+    allowed) and the bitmap be either in use or consistent, and when
+    consistent it must hold at least every granule written so far."""
+    import random
+    import signal
+    rng = random.Random(A.seed)
+    img = wd("store-crash.qcow2")
+    qlib.qemu_img("create", "-q", "-f", "qcow2", img, 64 * MB)
+    qlib.qemu_img("bitmap", "--add", "-g", "4096", img, "on")
+    sock = wd("s2.sock")
+    nbd = shutil.which("nbdinfo") and shutil.which("qemu-nbd")
+    ops = []
+    states = {"in-use": 0, "consistent": 0}
+    for rnd in range(12):
+        # a fresh start when a previous round left the bitmap in use
+        if "in-use" in flags_of(bitmaps_of(img), "on", "before round %d" % rnd):
+            qlib.qemu_img("bitmap", "--remove", img, "on")
+            qlib.qemu_img("bitmap", "--add", "-g", "4096", img, "on")
+            ops = []
+        d = start(img, sock)
+        new = []
+        for _ in range(rng.randrange(1, 6)):
+            off = rng.randrange(0, 64 * MB // 512 - 64) * 512
+            new.append(("w", off, rng.randrange(1, 64) * 512))
+        do_ops(sock, new)
+        ops += new
+        d.p.send_signal(signal.SIGTERM)
+        time.sleep(rng.random() * 0.03)
+        d.kill()
+        qlib.assert_qemu_check_clean(img, "kill -9 during close, round %d" % rnd,
+                                     allow_leaks=True)
+        fl = flags_of(bitmaps_of(img), "on", "after kill -9 during close")
+        check(fl in (["auto"], ["in-use", "auto"]), "round %d: flags %r" % (rnd, fl))
+        state = "in-use" if "in-use" in fl else "consistent"
+        states[state] += 1
+        if state == "consistent" and nbd:
+            got = nbd_dirty_ranges(img, "on", wd)
+            for s_, e_ in expected_ranges(ops, 4096, 64 * MB):
+                check(any(a <= s_ and e_ <= b for a, b in got),
+                      "round %d: granules [%d, %d) written but not dirty in %r" %
+                      (rnd, s_, e_, got))
+    log("kill -9 during close: %d rounds left the bitmap in use, %d consistent" %
+        (states["in-use"], states["consistent"]))
 
 
 def part_readonly(wd):
