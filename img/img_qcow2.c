@@ -472,6 +472,23 @@ static void rd_step(struct q2req *r)
 static void rd_start(struct q2req *r, uint64_t off, uint64_t len, struct iovec *iov,
 		     unsigned iovcnt, uint64_t skip, q2_cont_fn *cont)
 {
+	uint64_t size = r->m->img.size;
+
+	if (off + len > size) {
+		/*
+		 * Copy-on-write of the last cluster of a disk whose size is not a
+		 * multiple of the cluster size: what lies past the disk's end is
+		 * never seen by the guest and reads as zeroes.
+		 */
+		uint64_t in = off < size ? size - off : 0;
+
+		io_iov_memset(iov, iovcnt, (size_t)(skip + in), 0, (size_t)(len - in));
+		len = in;
+		if (!len) {
+			cont(r, 0);
+			return;
+		}
+	}
 	r->rd_off = off;
 	r->rd_len = len;
 	r->rd_done = 0;

@@ -744,6 +744,115 @@ static void test_reftable_growth(void)
 	run_wl(&w);
 }
 
+/*
+ * The last cluster of a disk whose size is not a multiple of the cluster
+ * size, over a backing file (raw or qcow2; shorter than, as long as, or
+ * longer than the disk): a write there needs copy-on-write of a range that
+ * ends past the disk's end (and maybe past the backing file's), which must
+ * read as zeroes. Three writes per image: one sector at the disk's end (a
+ * GPT backup header), one across the boundary into the last cluster,
+ * write-zeroes of the last cluster's first sector; @first says which comes
+ * first (and allocates the cluster). The result must read back
+ * the same here and in qemu-img/qemu-io, and pass qemu-img check.
+ */
+static void tail_case(const char *create, const char *bfmt, uint64_t size, uint64_t bsize,
+		      unsigned first)
+{
+	char *img_path = P("t.qcow2"), *raw = P("t.raw");
+	uint64_t cs = cluster_of(create), last = size / cs * cs;
+	uint8_t *buf = io_alloc_aligned(4096), *rd = io_alloc_aligned(size);
+	struct img *img;
+	int ret;
+
+	CU_ASSERT_FATAL(buf && rd);
+	sh("rm -f %s/*", g_dir);
+	g_model = calloc(1, size);
+	CU_ASSERT_FATAL(g_model != NULL);
+	CU_ASSERT_EQUAL_FATAL(
+	    sh("qemu-img create -q -f %s %s %llu", bfmt, P("base"), (unsigned long long)bsize), 0);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f %s -c 'write -P 0x6b 0 %llu' %s >/dev/null", bfmt,
+				 (unsigned long long)bsize, P("base")),
+			      0);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s -b base -F %s %s %llu", create,
+				 bfmt, img_path, (unsigned long long)size),
+			      0);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+	load_file(raw, size);
+
+	img = open_img(img_path, false);
+	CU_ASSERT_EQUAL(img->size, size);
+	for (unsigned i = 0; i < 3; i++) {
+		/* the request that comes first allocates the last cluster */
+		switch ((first + i) % 3) {
+		case 0: /* the disk's last sector */
+			memset(buf, 0xe1, 512);
+			CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE, buf, size - 512, 512, 0), 0);
+			memcpy(g_model + size - 512, buf, 512);
+			break;
+		case 1: /* across the boundary into the last cluster */
+			memset(buf, 0xe2, 1024);
+			CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE, buf, last - 512, 1024, 0), 0);
+			memcpy(g_model + last - 512, buf, 1024);
+			break;
+		case 2: /* the last cluster's first sector */
+			CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE_ZEROES, NULL, last, 512, 0), 0);
+			memset(g_model + last, 0, 512);
+			break;
+		}
+	}
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_FLUSH, NULL, 0, 0, 0), 0);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, rd, 0, size, 0), 0);
+	CU_ASSERT(memcmp(rd, g_model, size) == 0);
+	img_close(img);
+
+	save_model(raw, size);
+	ret = sh("qemu-img check -q %s", img_path);
+	if (ret != 0)
+		sh("qemu-img check %s >&2", img_path);
+	CU_ASSERT_EQUAL(ret, 0);
+	ret = sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
+	if (ret != 0)
+		sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
+	CU_ASSERT_EQUAL(ret, 0);
+	/* qemu-io sees each written sector as written (each is one byte value) */
+	CU_ASSERT_EQUAL(sh("out=$(qemu-io -f qcow2 -c 'read -P %u %llu 512' -c 'read -P %u %llu "
+			   "512' -c 'read -P %u %llu 512' %s 2>&1) && ! echo \"$out\" | grep -q "
+			   "Pattern && [ $(echo \"$out\" | grep -c '^read 512/512') = 3 ]",
+			   g_model[size - 512], (unsigned long long)(size - 512),
+			   g_model[last - 512], (unsigned long long)(last - 512), g_model[last],
+			   (unsigned long long)last, img_path),
+			0);
+	free(g_model);
+	g_model = NULL;
+	io_free_aligned(buf);
+	io_free_aligned(rd);
+}
+
+static void test_partial_last_cluster(void)
+{
+	static const char *const creates[] = {"cluster_size=65536",
+					      "cluster_size=65536,extended_l2=on"};
+	static const char *const fmts[] = {"raw", "qcow2"};
+	/* 1 MiB + 512 (the issue's example), 1 MiB + 1 KiB */
+	static const uint64_t sizes[] = {1049088, 1049600};
+
+	for (unsigned k = 0; k < 2 * 2 * 2 * 4 * 3; k++) {
+		unsigned c = k % 2, f = k / 2 % 2, z = k / 4 % 2, b = k / 8 % 4, first = k / 32;
+		uint64_t size = sizes[z];
+		/* backing file shorter (by a sector; by half), as long, longer */
+		uint64_t bsizes[] = {size - 512, size / 2, size, 2 * size};
+		unsigned before = CU_get_number_of_failures();
+
+		tail_case(creates[c], fmts[f], size, bsizes[b], first);
+		if (CU_get_number_of_failures() != before)
+			fprintf(stderr,
+				"partial last cluster: %s, size %llu, %s backing of %llu bytes, "
+				"first write %u failed\n",
+				creates[c], (unsigned long long)size, fmts[f],
+				(unsigned long long)bsizes[b], first);
+	}
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -781,6 +890,7 @@ int main(void)
 	CU_add_test(s, "snapshot", test_snapshot);
 	CU_add_test(s, "external data file", test_datafile);
 	CU_add_test(s, "refcount table growth", test_reftable_growth);
+	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();
