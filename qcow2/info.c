@@ -117,17 +117,18 @@ int qcow2_read_table(int fd, uint64_t off, uint64_t n, uint64_t **out)
 char *qcow2_path_relative(const char *image, const char *name)
 {
 	const char *slash;
-	size_t dlen;
+	size_t dlen, nlen;
 	char *p;
 
 	if (name[0] == '/' || !(slash = strrchr(image, '/')))
 		return strdup(name);
 	dlen = (size_t)(slash - image) + 1;
-	p = malloc(dlen + strlen(name) + 1);
+	nlen = strlen(name);
+	p = malloc(dlen + nlen + 1);
 	if (!p)
 		return NULL;
 	memcpy(p, image, dlen);
-	strcpy(p + dlen, name);
+	memcpy(p + dlen, name, nlen + 1);
 	return p;
 }
 
