@@ -33,7 +33,6 @@
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +51,7 @@
 #include "io.h"
 #include "util.h"
 #include "vhost.h"
+#include "vlog.h"
 
 #define MAX_QUEUES      64
 #define MEM_REGIONS_MAX 64 /* guest memory regions registered as io_uring buffers */
@@ -60,17 +60,11 @@
 
 /* ---- logging ---- */
 
-static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void logmsg(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("vqcowd: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-}
+/* log/ writes the lines (levels, timestamps or journal priorities, rate limit). */
+#define log_err(...)  vlog(VLOG_ERROR, NULL, __VA_ARGS__)
+#define log_warn(...) vlog(VLOG_WARN, NULL, __VA_ARGS__)
+#define logmsg(...)   vlog(VLOG_INFO, NULL, __VA_ARGS__)
+#define log_dbg(...)  vlog(VLOG_DEBUG, NULL, __VA_ARGS__)
 
 /* ---- options ---- */
 
@@ -94,6 +88,7 @@ struct options {
 	bool no_fixed_files;
 	const char *user;
 	const char *group;
+	int log_level; /* enum vlog_level, -1 = not given */
 };
 
 static void usage(FILE *f)
@@ -123,6 +118,8 @@ static void usage(FILE *f)
 	      "                              it; not with balloon, virtio-mem or postcopy)\n"
 	      "  --no-fixed-files            do not register the image files with io_uring\n"
 	      "  --user U, --group G         switch to this user/group after opening\n"
+	      "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
+	      "                              vhost-user message received)\n"
 	      "  --print-capabilities        print capabilities as JSON and exit\n"
 	      "  --help, --version\n",
 	      f);
@@ -173,6 +170,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_NOFIXFILE,
 		OPT_USER,
 		OPT_GROUP,
+		OPT_LOGLEVEL,
 		OPT_CAPS,
 		OPT_HELP,
 		OPT_VERSION,
@@ -197,6 +195,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"no-fixed-files", no_argument, NULL, OPT_NOFIXFILE},
 	    {"user", required_argument, NULL, OPT_USER},
 	    {"group", required_argument, NULL, OPT_GROUP},
+	    {"log-level", required_argument, NULL, OPT_LOGLEVEL},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {"version", no_argument, NULL, OPT_VERSION},
@@ -207,6 +206,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 
 	memset(o, 0, sizeof(*o));
 	o->fd = -1;
+	o->log_level = -1;
 	o->num_queues = 1;
 	o->queue_size = 256;
 	o->submit_batch = 2;
@@ -304,6 +304,15 @@ static int parse_args(int argc, char **argv, struct options *o)
 		case OPT_GROUP:
 			o->group = optarg;
 			break;
+		case OPT_LOGLEVEL: {
+			enum vlog_level l;
+
+			if (vlog_parse_level(optarg, &l) < 0)
+				return bad_value("log-level", optarg,
+						 "expected error, warn, info or debug");
+			o->log_level = (int)l;
+			break;
+		}
 		case OPT_CAPS:
 			print_capabilities();
 			return 0;
@@ -406,7 +415,7 @@ static void watch_done(struct io_cmd *cmd, int res)
 	}
 	/* Final completion of the multishot poll. */
 	if (!w->cancelled)
-		logmsg("poll on fd %d ended: %s", w->fd, strerror(-res));
+		log_warn("poll on fd %d ended: %s", w->fd, strerror(-res));
 	watch_unlink(d, w);
 	free(w);
 }
@@ -616,9 +625,9 @@ static void d_mem_changed(void *opaque, struct vhost_dev *dev)
 		ret = io_loop_register_buffers(d->loop, iov, n);
 	if (ret < 0) {
 		io_loop_register_buffers(d->loop, NULL, 0);
-		logmsg("cannot register the guest memory (%u regions) as io_uring buffers: %s; "
-		       "requests use it by address",
-		       n, strerror(-ret));
+		log_warn("cannot register the guest memory (%u regions) as io_uring buffers: %s; "
+			 "requests use it by address",
+			 n, strerror(-ret));
 	} else if (n) {
 		logmsg("guest memory registered as %u io_uring buffer(s)",
 		       io_loop_fixed_buffers(d->loop));
@@ -647,7 +656,7 @@ static void flush_done(struct img_io *io, int res)
 	struct daemon *d = io->priv;
 
 	if (res < 0) {
-		logmsg("final flush failed: %s", strerror(-res));
+		log_err("final flush failed: %s", strerror(-res));
 		d->exit_code = 1;
 	} else {
 		logmsg("image flushed; exiting");
@@ -662,7 +671,7 @@ static void check_resize(struct daemon *d)
 	int ret = img_refresh_size(d->img);
 
 	if (ret < 0) {
-		logmsg("SIGHUP: cannot re-read the image size: %s", strerror(-ret));
+		log_warn("SIGHUP: cannot re-read the image size: %s", strerror(-ret));
 		return;
 	}
 	if (!blk_dev_update_capacity(d->blk)) {
@@ -674,7 +683,7 @@ static void check_resize(struct daemon *d)
 	if (dev) {
 		ret = vhost_dev_config_changed(dev);
 		if (ret < 0)
-			logmsg("cannot send a config-change notice: %s", strerror(-ret));
+			log_warn("cannot send a config-change notice: %s", strerror(-ret));
 		else
 			logmsg("config-change notice sent to the frontend");
 	}
@@ -755,17 +764,17 @@ static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
 
 		if (setrlimit(RLIMIT_MEMLOCK, &rl) < 0 && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 &&
 		    rl.rlim_cur != RLIM_INFINITY)
-			logmsg("--fixed-buffers: RLIMIT_MEMLOCK stays at %llu KiB; guest memory "
-			       "beyond it is used by address",
-			       (unsigned long long)rl.rlim_cur / 1024);
+			log_warn("--fixed-buffers: RLIMIT_MEMLOCK stays at %llu KiB; guest memory "
+				 "beyond it is used by address",
+				 (unsigned long long)rl.rlim_cur / 1024);
 	}
 	capng_clear(CAPNG_SELECT_BOTH);
 	if (o->user || o->group) {
 		ret =
 		    capng_change_id((int)uid, (int)gid, CAPNG_DROP_SUPP_GRP | CAPNG_CLEAR_BOUNDING);
 		if (ret < 0) {
-			logmsg("cannot switch to uid %u gid %u (libcap-ng error %d)", (unsigned)uid,
-			       (unsigned)gid, ret);
+			log_err("cannot switch to uid %u gid %u (libcap-ng error %d)",
+				(unsigned)uid, (unsigned)gid, ret);
 			return -1;
 		}
 		logmsg("switched to uid %u gid %u; all capabilities dropped", (unsigned)uid,
@@ -776,7 +785,7 @@ static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
 			/* Without CAP_SETPCAP the bounding set cannot be changed. */
 			ret = capng_apply(CAPNG_SELECT_CAPS);
 			if (ret < 0) {
-				logmsg("cannot drop capabilities (libcap-ng error %d)", ret);
+				log_err("cannot drop capabilities (libcap-ng error %d)", ret);
 				return -1;
 			}
 			logmsg("all capabilities dropped (bounding set unchanged)");
@@ -786,7 +795,7 @@ static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
 		}
 	}
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-		logmsg("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+		log_warn("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
 	return 0;
 }
 
@@ -807,6 +816,17 @@ int main(int argc, char **argv)
 	ret = parse_args(argc, argv, &o);
 	if (ret >= 0)
 		return ret;
+	vlog_init("vqcowd");
+	if (o.log_level >= 0) {
+		vlog_set_level((enum vlog_level)o.log_level);
+	} else {
+		const char *e = getenv("VQCOW_VHOST_DEBUG");
+
+		if (e && *e && strcmp(e, "0") != 0) {
+			vlog_set_level(VLOG_DEBUG);
+			log_warn("VQCOW_VHOST_DEBUG is deprecated: use --log-level debug");
+		}
+	}
 	if (lookup_ids(&o, &uid, &gid) < 0)
 		return 2;
 
@@ -820,14 +840,14 @@ int main(int argc, char **argv)
 	sigaddset(&mask, SIGINT);
 	sigaddset(&mask, SIGHUP);
 	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) {
-		logmsg("sigprocmask: %s", strerror(errno));
+		log_err("sigprocmask: %s", strerror(errno));
 		return 1;
 	}
 	signal(SIGPIPE, SIG_IGN);
 
 	ret = io_loop_init(&d.loop, 256);
 	if (ret < 0) {
-		logmsg("cannot create the io_uring loop: %s", strerror(-ret));
+		log_err("cannot create the io_uring loop: %s", strerror(-ret));
 		return 1;
 	}
 	io_loop_set_poll_ns(d.loop, o.poll_ns);
@@ -843,7 +863,7 @@ int main(int argc, char **argv)
 	iopts.no_l2_prefetch = o.no_l2_prefetch;
 	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
 	if (ret < 0) {
-		logmsg("%s", err[0] ? err : strerror(-ret));
+		log_err("%s", err[0] ? err : strerror(-ret));
 		goto exit_loop;
 	}
 	img_describe(d.img, desc, sizeof(desc));
@@ -860,7 +880,7 @@ int main(int argc, char **argv)
 	bopts.writeback = !o.writethrough;
 	ret = blk_dev_init(&d.blk, d.img, &bopts);
 	if (ret < 0) {
-		logmsg("cannot set up the virtio-blk device: %s", strerror(-ret));
+		log_err("cannot set up the virtio-blk device: %s", strerror(-ret));
 		goto close_img;
 	}
 	d.flush_io.done = flush_done;
@@ -885,7 +905,7 @@ int main(int argc, char **argv)
 	d.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (d.sigfd < 0) {
 		ret = -errno;
-		logmsg("signalfd: %s", strerror(errno));
+		log_err("signalfd: %s", strerror(errno));
 		goto exit_blk;
 	}
 	d.sig_cmd.done = sig_done;
@@ -897,20 +917,20 @@ int main(int argc, char **argv)
 
 	ret = vhost_server_init(&d.srv, o.socket_path, o.fd, &d.ops, &d);
 	if (ret == -EADDRINUSE && o.socket_path) {
-		logmsg("cannot listen on %s: another process (a running vqcowd?) is listening on "
-		       "this socket",
-		       o.socket_path);
+		log_err("cannot listen on %s: another process (a running vqcowd?) is listening on "
+			"this socket",
+			o.socket_path);
 		goto del_defer;
 	}
 	if (ret < 0) {
-		logmsg("cannot listen on %s: %s", o.socket_path ? o.socket_path : "--fd",
-		       strerror(-ret));
+		log_err("cannot listen on %s: %s", o.socket_path ? o.socket_path : "--fd",
+			strerror(-ret));
 		goto del_defer;
 	}
 	if (o.socket_path && (o.user || o.group)) {
 		/* Let the unprivileged user's frontend (and ourselves) reach it. */
 		if (chown(o.socket_path, uid, gid) < 0)
-			logmsg("chown %s: %s", o.socket_path, strerror(errno));
+			log_warn("chown %s: %s", o.socket_path, strerror(errno));
 	}
 	if (drop_privileges(&o, uid, gid) < 0) {
 		ret = -EPERM;
@@ -924,10 +944,10 @@ int main(int argc, char **argv)
 	d.exit_code = 0;
 	ret = io_loop_run(d.loop);
 	if (ret < 0) {
-		logmsg("event loop failed: %s", strerror(-ret));
+		log_err("event loop failed: %s", strerror(-ret));
 		d.exit_code = 1;
 	} else if (!d.stopping) {
-		logmsg("event loop ended unexpectedly");
+		log_err("event loop ended unexpectedly");
 		d.exit_code = 1;
 	}
 	ret = d.exit_code ? -EIO : 0;
@@ -950,5 +970,6 @@ exit_loop:
 	}
 	if (d.sigfd >= 0)
 		close(d.sigfd);
+	vlog_flush();
 	return ret < 0 ? 1 : 0;
 }

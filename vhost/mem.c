@@ -86,16 +86,17 @@ int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd
 	int ret;
 
 	if (m->nregions >= VHOST_MAX_MEM_SLOTS) {
-		vhost_log("memory table full (%u regions)", m->nregions);
+		vhost_warn("memory table full (%u regions)", m->nregions);
 		ret = -ENOSPC;
 		goto close_fd;
 	}
 	if (reg->size == 0 || reg->guest_addr > UINT64_MAX - reg->size ||
 	    reg->user_addr > UINT64_MAX - reg->size ||
 	    reg->mmap_offset > (uint64_t)INT64_MAX - reg->size || reg->size > SIZE_MAX / 2) {
-		vhost_log("bad memory region gpa 0x%llx size 0x%llx uva 0x%llx off 0x%llx",
-			  (unsigned long long)reg->guest_addr, (unsigned long long)reg->size,
-			  (unsigned long long)reg->user_addr, (unsigned long long)reg->mmap_offset);
+		vhost_warn("bad memory region gpa 0x%llx size 0x%llx uva 0x%llx off 0x%llx",
+			   (unsigned long long)reg->guest_addr, (unsigned long long)reg->size,
+			   (unsigned long long)reg->user_addr,
+			   (unsigned long long)reg->mmap_offset);
 		ret = -EINVAL;
 		goto close_fd;
 	}
@@ -103,8 +104,8 @@ int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd
 		const struct vhost_mem_region *o = &m->r[i];
 
 		if (reg->guest_addr < o->gpa + o->size && o->gpa < reg->guest_addr + reg->size) {
-			vhost_log("memory region at gpa 0x%llx overlaps another",
-				  (unsigned long long)reg->guest_addr);
+			vhost_warn("memory region at gpa 0x%llx overlaps another",
+				   (unsigned long long)reg->guest_addr);
 			ret = -EINVAL;
 			goto close_fd;
 		}
@@ -117,8 +118,8 @@ int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd
 		goto close_fd;
 	}
 	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < reg->mmap_offset + reg->size) {
-		vhost_log("memory region fd is not a regular file covering offset 0x%llx + 0x%llx",
-			  (unsigned long long)reg->mmap_offset, (unsigned long long)reg->size);
+		vhost_warn("memory region fd is not a regular file covering offset 0x%llx + 0x%llx",
+			   (unsigned long long)reg->mmap_offset, (unsigned long long)reg->size);
 		ret = -EINVAL;
 		goto close_fd;
 	}
@@ -136,7 +137,7 @@ int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd
 	}
 	if (addr == MAP_FAILED) {
 		ret = -errno;
-		vhost_log("mmap of memory region failed: %s", strerror(-ret));
+		vhost_warn("mmap of memory region failed: %s", strerror(-ret));
 		goto close_fd;
 	}
 	close(fd);

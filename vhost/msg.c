@@ -9,8 +9,11 @@
  *  - header invalid (version, reply bit, payload too big): disconnect
  *    (vhost_msg_validate_hdr, called by the receive state machine);
  *  - size or fd count outside the table's range: disconnect;
- *  - unknown or unsupported type: fds closed, payload ignored; with
- *    need_reply a failure ack is sent, otherwise the message is dropped;
+ *  - unknown or unsupported type: fds closed, payload ignored, a line
+ *    logged; with need_reply a failure ack is sent; a known type the
+ *    front-end expects an explicit reply to (GET_INFLIGHT_FD, GET_STATUS...)
+ *    closes the connection (such replies have no failure form, and silence
+ *    would leave the front-end waiting forever); otherwise it is ignored;
  *  - handler failure: with need_reply a failure ack (the front-end decides);
  *    without it the front-end would go on with a state we did not accept,
  *    so the connection is dropped. Messages with an explicit reply that fail
@@ -76,15 +79,15 @@ static int take_fd(struct vu_msg *msg, unsigned i)
 int vhost_msg_validate_hdr(const struct vu_hdr *hdr)
 {
 	if ((hdr->flags & VU_FLAG_VERSION_MASK) != VU_VERSION) {
-		vhost_log("bad message version (flags 0x%x)", hdr->flags);
+		vhost_warn("bad message version (flags 0x%x)", hdr->flags);
 		return -EPROTO;
 	}
 	if (hdr->flags & VU_FLAG_REPLY) {
-		vhost_log("front-end sent a reply (request %u)", hdr->request);
+		vhost_warn("front-end sent a reply (request %u)", hdr->request);
 		return -EPROTO;
 	}
 	if (hdr->size > VU_MAX_PAYLOAD) {
-		vhost_log("message %u payload too large (%u bytes)", hdr->request, hdr->size);
+		vhost_warn("message %u payload too large (%u bytes)", hdr->request, hdr->size);
 		return -EPROTO;
 	}
 	return 0;
@@ -93,7 +96,7 @@ int vhost_msg_validate_hdr(const struct vu_hdr *hdr)
 static struct vhost_vq *msg_vq(struct vhost_dev *dev, uint32_t index)
 {
 	if (index >= dev->nvqs) {
-		vhost_log("ring index %u out of range (%u rings)", index, dev->nvqs);
+		vhost_warn("ring index %u out of range (%u rings)", index, dev->nvqs);
 		return NULL;
 	}
 	return &dev->vqs[index];
@@ -118,8 +121,8 @@ static int h_set_features(struct vhost_dev *dev, struct vu_msg *msg)
 	uint64_t f = msg->p.u64;
 
 	if (f & ~vhost_offered_features(dev)) {
-		vhost_log("SET_FEATURES with bits not offered: 0x%llx",
-			  (unsigned long long)(f & ~vhost_offered_features(dev)));
+		vhost_warn("SET_FEATURES with bits not offered: 0x%llx",
+			   (unsigned long long)(f & ~vhost_offered_features(dev)));
 		return -EINVAL;
 	}
 	dev->features = f;
@@ -145,7 +148,7 @@ static int h_get_protocol_features(struct vhost_dev *dev, struct vu_msg *msg)
 static int h_set_protocol_features(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	if (msg->p.u64 & ~vhost_offered_proto_features(dev)) {
-		vhost_log("SET_PROTOCOL_FEATURES with bits not offered");
+		vhost_warn("SET_PROTOCOL_FEATURES with bits not offered");
 		return -EINVAL;
 	}
 	dev->proto_features = msg->p.u64;
@@ -186,8 +189,8 @@ static int h_set_mem_table(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (t->nregions > VU_MEM_TABLE_MAX || t->nregions != msg->nfds ||
 	    msg->hdr.size < 8 + t->nregions * sizeof(struct vu_mem_region)) {
-		vhost_log("SET_MEM_TABLE: %u regions, %u fds, %u bytes", t->nregions, msg->nfds,
-			  msg->hdr.size);
+		vhost_warn("SET_MEM_TABLE: %u regions, %u fds, %u bytes", t->nregions, msg->nfds,
+			   msg->hdr.size);
 		return -EINVAL;
 	}
 	if (vhost_mem_clear(dev) < 0)
@@ -228,8 +231,8 @@ static int h_rem_mem_reg(struct vhost_dev *dev, struct vu_msg *msg)
 	int ret = vhost_mem_remove(dev, &msg->p.memreg.region);
 
 	if (ret < 0) {
-		vhost_log("REM_MEM_REG: no region at gpa 0x%llx",
-			  (unsigned long long)msg->p.memreg.region.guest_addr);
+		vhost_warn("REM_MEM_REG: no region at gpa 0x%llx",
+			   (unsigned long long)msg->p.memreg.region.guest_addr);
 		return ret;
 	}
 	mem_changed(dev);
@@ -251,10 +254,12 @@ static int h_set_vring_addr(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (!vq)
 		return -EINVAL;
-	if (a->flags) {
-		/* VHOST_VRING_F_LOG (the only defined flag): VHOST_F_LOG_ALL is not offered. */
-		vhost_log("vring %u: dirty logging not supported", a->index);
-		return -ENOTSUP;
+	if (a->flags & VU_VRING_F_LOG) {
+		/* VHOST_VRING_F_LOG asks for dirty logging of the used ring, which
+		 * needs VHOST_F_LOG_ALL; we never offer it, so logging is never on:
+		 * ignore the flag (as libvhost-user does) rather than refuse a ring
+		 * front-ends set up this way. */
+		vhost_dbg("vring %u: log flag ignored (dirty logging not negotiated)", a->index);
 	}
 	vq->addr = *a;
 	vq->addr_set = true;
@@ -273,7 +278,7 @@ static int h_set_vring_base(struct vhost_dev *dev, struct vu_msg *msg)
 	if (!vq)
 		return -EINVAL;
 	if (vq->started || msg->p.state.num > UINT16_MAX) {
-		vhost_log("vring %u: SET_VRING_BASE %u refused", vq->idx, msg->p.state.num);
+		vhost_warn("vring %u: SET_VRING_BASE %u refused", vq->idx, msg->p.state.num);
 		return -EINVAL;
 	}
 	vq->last_avail = (uint16_t)msg->p.state.num;
@@ -310,8 +315,8 @@ static struct vhost_vq *vring_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, 
 	*fd = -1;
 	if ((v & ~(uint64_t)(VU_VRING_IDX_MASK | VU_VRING_NOFD_MASK)) ||
 	    msg->nfds != (nofd ? 0u : 1u)) {
-		vhost_log("vring fd message: bad payload 0x%llx with %u fd(s)",
-			  (unsigned long long)v, msg->nfds);
+		vhost_warn("vring fd message: bad payload 0x%llx with %u fd(s)",
+			   (unsigned long long)v, msg->nfds);
 		return NULL;
 	}
 	if (!nofd)
@@ -329,7 +334,7 @@ static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
 		return -EINVAL;
 	}
 	if (fd < 0) {
-		vhost_log("vring %u: polling mode (no kick fd) not supported", vq->idx);
+		vhost_warn("vring %u: polling mode (no kick fd) not supported", vq->idx);
 		return -ENOTSUP;
 	}
 	return vhost_vq_start(vq, fd);
@@ -397,7 +402,7 @@ static int h_get_config(struct vhost_dev *dev, struct vu_msg *msg)
 		ret = dev->ops->get_config(dev->opaque, c->region, c->offset, c->size);
 	if (ret < 0) {
 		/* Failure is signalled by a reply without payload. */
-		vhost_log("GET_CONFIG offset %u size %u failed", c->offset, c->size);
+		vhost_warn("GET_CONFIG offset %u size %u failed", c->offset, c->size);
 		msg->hdr.size = 0;
 		return 0;
 	}
@@ -455,6 +460,29 @@ static const struct msg_spec msg_table[VU_MSG_MAX] = {
 			1, 1, false, h_add_mem_reg},
     [VU_REM_MEM_REG] = {"REM_MEM_REG", sizeof(struct vu_mem_reg_msg), sizeof(struct vu_mem_reg_msg),
 			0, 1, false, h_rem_mem_reg},
+    /* Known but not implemented (no handler): named for the log; those the
+     * front-end expects an explicit reply to close the connection. */
+    /* SET_LOG_BASE is replied to only with LOG_SHMFD, which we never offer */
+    [VU_SET_LOG_BASE] = {"SET_LOG_BASE", 0, 0, 0, 0, false, NULL},
+    [VU_SET_LOG_FD] = {"SET_LOG_FD", 0, 0, 0, 0, false, NULL},
+    [VU_SEND_RARP] = {"SEND_RARP", 0, 0, 0, 0, false, NULL},
+    [VU_NET_SET_MTU] = {"NET_SET_MTU", 0, 0, 0, 0, false, NULL},
+    [VU_IOTLB_MSG] = {"IOTLB_MSG", 0, 0, 0, 0, false, NULL},
+    [VU_SET_VRING_ENDIAN] = {"SET_VRING_ENDIAN", 0, 0, 0, 0, false, NULL},
+    [VU_CREATE_CRYPTO_SESSION] = {"CREATE_CRYPTO_SESSION", 0, 0, 0, 0, true, NULL},
+    [VU_CLOSE_CRYPTO_SESSION] = {"CLOSE_CRYPTO_SESSION", 0, 0, 0, 0, false, NULL},
+    [VU_POSTCOPY_ADVISE] = {"POSTCOPY_ADVISE", 0, 0, 0, 0, true, NULL},
+    [VU_POSTCOPY_LISTEN] = {"POSTCOPY_LISTEN", 0, 0, 0, 0, false, NULL},
+    [VU_POSTCOPY_END] = {"POSTCOPY_END", 0, 0, 0, 0, false, NULL},
+    [VU_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", 0, 0, 0, 0, true, NULL},
+    [VU_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", 0, 0, 0, 0, false, NULL},
+    [VU_GPU_SET_SOCKET] = {"GPU_SET_SOCKET", 0, 0, 0, 0, false, NULL},
+    [VU_VRING_KICK] = {"VRING_KICK", 0, 0, 0, 0, false, NULL},
+    [VU_SET_STATUS] = {"SET_STATUS", 0, 0, 0, 0, false, NULL},
+    [VU_GET_STATUS] = {"GET_STATUS", 0, 0, 0, 0, true, NULL},
+    [VU_GET_SHARED_OBJECT] = {"GET_SHARED_OBJECT", 0, 0, 0, 0, true, NULL},
+    [VU_SET_DEVICE_STATE_FD] = {"SET_DEVICE_STATE_FD", 0, 0, 0, 0, true, NULL},
+    [VU_CHECK_DEVICE_STATE] = {"CHECK_DEVICE_STATE", 0, 0, 0, 0, true, NULL},
 };
 #undef U64
 #undef STATE
@@ -475,28 +503,43 @@ void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg)
 	const struct msg_spec *spec = req < VU_MSG_MAX ? &msg_table[req] : NULL;
 	int ret;
 
-	if (vhost_debug())
-		vhost_log("<- %s (%u) flags 0x%x size %u fds %u",
+	if (vlog_enabled(VLOG_DEBUG))
+		vhost_dbg("<- %s (%u) flags 0x%x size %u fds %u",
 			  spec && spec->name ? spec->name : "?", req, msg->hdr.flags, msg->hdr.size,
 			  msg->nfds);
 	if (!spec || !spec->handle) {
-		/* A peer may repeat this endlessly: log the first few only. */
-		if (dev->refused++ < 8)
-			vhost_log("unsupported message %u refused", req);
+		const char *name = spec && spec->name ? spec->name : "unknown message";
+
 		vhost_msg_close_fds(msg);
-		if (need_reply)
+		if (spec && spec->reply) {
+			/* The front-end waits for a reply whose payload we cannot
+			 * fill (and which has no failure form; REPLY_ACK does not
+			 * apply to it): never leave it waiting. A correct one sends
+			 * these only after negotiating a feature we did not offer. */
+			vhost_warn("%s (%u) not supported and it expects a reply: closing the "
+				   "connection",
+				   name, req);
+			vhost_dev_kill(dev);
+		} else if (need_reply) {
+			vhost_warn("%s (%u) not supported: refused", name, req);
 			send_ack(dev, req, -ENOTSUP);
+		} else {
+			vhost_warn("%s (%u) not supported: ignored", name, req);
+		}
 		return;
 	}
 	if (msg->hdr.size < spec->min_size || msg->hdr.size > spec->max_size) {
+		vhost_warn("%s: bad payload size %u: closing the connection", spec->name,
+			   msg->hdr.size);
 		vhost_msg_close_fds(msg);
-		vhost_log("%s: bad payload size %u", spec->name, msg->hdr.size);
 		vhost_dev_kill(dev);
 		return;
 	}
 	if (msg->nfds < spec->min_fds || msg->nfds > spec->max_fds) {
+		/* Log before closing them: closing resets the count. */
+		vhost_warn("%s: unexpected number of fds (%u): closing the connection", spec->name,
+			   msg->nfds);
 		vhost_msg_close_fds(msg);
-		vhost_log("%s: unexpected number of fds (%u)", spec->name, msg->nfds);
 		vhost_dev_kill(dev);
 		return;
 	}
@@ -509,7 +552,8 @@ void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg)
 		return;
 	if (spec->reply) {
 		if (ret < 0) {
-			vhost_log("%s failed: %s", spec->name, strerror(-ret));
+			vhost_warn("%s failed: %s: closing the connection", spec->name,
+				   strerror(-ret));
 			vhost_dev_kill(dev);
 			return;
 		}
@@ -519,12 +563,13 @@ void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg)
 	}
 	if (need_reply) {
 		if (ret < 0)
-			vhost_log("%s failed: %s", spec->name, strerror(-ret));
+			vhost_warn("%s failed: %s", spec->name, strerror(-ret));
 		send_ack(dev, req, ret);
 		return;
 	}
 	if (ret < 0) {
-		vhost_log("%s failed without a way to report it: %s", spec->name, strerror(-ret));
+		vhost_warn("%s failed without a way to report it: %s: closing the connection",
+			   spec->name, strerror(-ret));
 		vhost_dev_kill(dev);
 	}
 }

@@ -15,7 +15,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,29 +25,6 @@
 #include <sys/un.h>
 
 #include "vhost_int.h"
-
-void vhost_log(const char *fmt, ...)
-{
-	char buf[512];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "vhost: %s\n", buf);
-}
-
-bool vhost_debug(void)
-{
-	static int debug = -1;
-
-	if (debug < 0) {
-		const char *e = getenv("VQCOW_VHOST_DEBUG");
-
-		debug = e && *e && strcmp(e, "0") != 0;
-	}
-	return debug;
-}
 
 void vhost_close_fd(int *fd)
 {
@@ -177,7 +153,7 @@ void vhost_dev_set_broken(struct vhost_dev *dev, const char *why)
 {
 	if (dev->dead)
 		return;
-	vhost_log("dropping the connection: %s", why ? why : "broken");
+	vhost_warn("dropping the connection: %s", why ? why : "broken");
 	vhost_dev_kill(dev);
 }
 
@@ -312,9 +288,9 @@ static void sock_process(struct vhost_dev *dev)
 			return;
 		if (ret < 0) {
 			if (ret == -ECONNRESET && dev->rx_state == VU_RX_HDR && dev->rx_got == 0)
-				vhost_log("front-end disconnected");
+				vhost_info("front-end disconnected");
 			else
-				vhost_log("dropping the connection: %s", strerror(-ret));
+				vhost_warn("dropping the connection: %s", strerror(-ret));
 			vhost_dev_kill(dev);
 			return;
 		}
@@ -405,7 +381,7 @@ static void listen_resume(struct vhost_server *srv)
 	if (srv->listen_watched || !srv->accepting || srv->dev || srv->listen_fd < 0)
 		return;
 	if (srv->ops->watch(srv->opaque, srv->listen_fd, listen_cb, srv) < 0) {
-		vhost_log("cannot watch the listening socket");
+		vhost_err("cannot watch the listening socket");
 		return;
 	}
 	srv->listen_watched = true;
@@ -425,7 +401,7 @@ static void listen_cb(void *arg)
 	if (fd < 0) {
 		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
 		    errno != ECONNABORTED)
-			vhost_log("accept: %s", strerror(errno));
+			vhost_err("accept: %s", strerror(errno));
 		return;
 	}
 	dev = vhost_dev_new(srv, srv->ops, srv->opaque, fd);
@@ -434,14 +410,14 @@ static void listen_cb(void *arg)
 		return;
 	}
 	if (srv->ops->watch(srv->opaque, fd, sock_cb, dev) < 0) {
-		vhost_log("cannot watch the connection");
+		vhost_err("cannot watch the connection");
 		vhost_dev_free(dev);
 		return;
 	}
 	dev->sock_watched = true;
 	srv->dev = dev;
 	listen_pause(srv);
-	vhost_log("front-end connected");
+	vhost_info("front-end connected");
 }
 
 static void wake_cb(void *arg)
@@ -519,7 +495,7 @@ static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 	memcpy(sa.sun_path, path, len + 1);
 	if (lstat(path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode)) {
-			vhost_log("%s exists and is not a socket", path);
+			vhost_err("%s exists and is not a socket", path);
 			return -EEXIST;
 		}
 		/* Never take over a socket another back-end still serves: its
@@ -529,11 +505,11 @@ static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 		if (ret > 0)
 			return -EADDRINUSE; /* the caller names the path */
 		if (ret < 0) {
-			vhost_log("%s: cannot tell whether the socket is in use: %s", path,
-				  strerror(-ret));
+			vhost_warn("%s: cannot tell whether the socket is in use: %s", path,
+				   strerror(-ret));
 			return ret;
 		}
-		vhost_log("%s: replacing a stale socket (nobody listens on it)", path);
+		vhost_info("%s: replacing a stale socket (nobody listens on it)", path);
 		if (unlink(path) < 0 && errno != ENOENT)
 			return -errno;
 	}
@@ -571,7 +547,7 @@ static void unlink_own_socket(const struct vhost_server *srv)
 	if (lstat(srv->path, &st) < 0)
 		return;
 	if (!S_ISSOCK(st.st_mode) || st.st_dev != srv->sock_dev || st.st_ino != srv->sock_ino) {
-		vhost_log("%s is no longer our socket; leaving it in place", srv->path);
+		vhost_warn("%s is no longer our socket; leaving it in place", srv->path);
 		return;
 	}
 	unlink(srv->path);
@@ -588,7 +564,7 @@ static int adopt_listen_fd(int fd)
 	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
 		return -errno;
 	if (!acc || type != SOCK_STREAM) {
-		vhost_log("fd %d is not a listening stream socket", fd);
+		vhost_err("fd %d is not a listening stream socket", fd);
 		return -EINVAL;
 	}
 	fl = fcntl(fd, F_GETFL);
@@ -673,7 +649,7 @@ void vhost_server_exit(struct vhost_server *srv)
 
 		vhost_dev_kill(dev);
 		if (dev->inflight)
-			vhost_log("exiting with %u request(s) still in flight", dev->inflight);
+			vhost_warn("exiting with %u request(s) still in flight", dev->inflight);
 		dev->srv = NULL;
 		srv->dev = NULL;
 		if (dev->ops->disconnected)

@@ -29,6 +29,18 @@
 #include <linux/virtio_ring.h>
 
 #include "vhost.h"
+#include "vlog.h"
+
+/*
+ * Logging goes through log/ (the facility below every layer). Levels: error
+ * for our own failures, warn for what a peer did wrong (each such line is
+ * followed by a refusal or a dropped connection), info for the connection
+ * life cycle, debug for every message received (--log-level debug).
+ */
+#define vhost_err(...)  vlog(VLOG_ERROR, "vhost", __VA_ARGS__)
+#define vhost_warn(...) vlog(VLOG_WARN, "vhost", __VA_ARGS__)
+#define vhost_info(...) vlog(VLOG_INFO, "vhost", __VA_ARGS__)
+#define vhost_dbg(...)  vlog(VLOG_DEBUG, "vhost", __VA_ARGS__)
 
 /* ---- on-wire: vhost-user messages (vhost-user.rst, "Message specification") ---- */
 
@@ -78,11 +90,25 @@ enum {
 	VU_SET_VRING_ENDIAN = 23,
 	VU_GET_CONFIG = 24,
 	VU_SET_CONFIG = 25,
+	VU_CREATE_CRYPTO_SESSION = 26,
+	VU_CLOSE_CRYPTO_SESSION = 27,
+	VU_POSTCOPY_ADVISE = 28,
+	VU_POSTCOPY_LISTEN = 29,
+	VU_POSTCOPY_END = 30,
+	VU_GET_INFLIGHT_FD = 31,
+	VU_SET_INFLIGHT_FD = 32,
+	VU_GPU_SET_SOCKET = 33,
 	VU_RESET_DEVICE = 34,
+	VU_VRING_KICK = 35,
 	VU_GET_MAX_MEM_SLOTS = 36,
 	VU_ADD_MEM_REG = 37,
 	VU_REM_MEM_REG = 38,
-	VU_MSG_MAX = 41, /* table size; anything at or above is unknown */
+	VU_SET_STATUS = 39,
+	VU_GET_STATUS = 40,
+	VU_GET_SHARED_OBJECT = 41,
+	VU_SET_DEVICE_STATE_FD = 42,
+	VU_CHECK_DEVICE_STATE = 43,
+	VU_MSG_MAX = 44, /* table size; anything at or above is unknown */
 };
 
 /* Back-end message types (sent on the backend channel). */
@@ -268,8 +294,7 @@ struct vhost_dev {
 	bool paused; /* GET_VRING_BASE waiting for a drain */
 	bool dead;   /* connection gone; waiting for inflight == 0 */
 	bool broken;
-	unsigned busy;    /* nesting depth of vhost/'s own callbacks */
-	unsigned refused; /* unsupported messages seen (log limiter) */
+	unsigned busy; /* nesting depth of vhost/'s own callbacks */
 
 	uint64_t features;       /* acked virtio features */
 	uint64_t proto_features; /* acked protocol features */
@@ -305,9 +330,6 @@ struct vhost_server {
 /* ---- internal functions ---- */
 
 /* server.c */
-void vhost_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-/* VQCOW_VHOST_DEBUG=1 in the environment: log every message received. */
-bool vhost_debug(void);
 void vhost_dev_wake(struct vhost_dev *dev);
 /* Bracket vhost/'s own callbacks; leave() at depth 0 is a safe point that may free @dev. */
 void vhost_dev_enter(struct vhost_dev *dev);

@@ -100,12 +100,12 @@ int vhost_vq_set_num(struct vhost_vq *vq, uint32_t num)
 	if (max > VQ_MAX_SIZE)
 		max = VQ_MAX_SIZE;
 	if (num == 0 || num > max || (num & (num - 1))) {
-		vhost_log("vring %u: bad size %u (max %u, power of 2)", vq->idx, num, max);
+		vhost_warn("vring %u: bad size %u (max %u, power of 2)", vq->idx, num, max);
 		return -EINVAL;
 	}
 	if (vq->started || vq->inflight) {
-		vhost_log("vring %u: size change while started or with requests in flight",
-			  vq->idx);
+		vhost_warn("vring %u: size change while started or with requests in flight",
+			   vq->idx);
 		return -EBUSY;
 	}
 	if (num != vq->slots_num) {
@@ -157,11 +157,11 @@ int vhost_vq_map(struct vhost_vq *vq)
 	avail = vhost_uva_to_host(dev, vq->addr.avail, 4 + 2 * n + ev);
 	used = vhost_uva_to_host(dev, vq->addr.used, 4 + 8 * n + ev);
 	if (!desc || !avail || !used) {
-		vhost_log("vring %u: ring addresses not in guest memory", vq->idx);
+		vhost_warn("vring %u: ring addresses not in guest memory", vq->idx);
 		return -EFAULT;
 	}
 	if (((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3)) {
-		vhost_log("vring %u: misaligned ring", vq->idx);
+		vhost_warn("vring %u: misaligned ring", vq->idx);
 		return -EINVAL;
 	}
 	vq->desc = desc;
@@ -252,7 +252,7 @@ int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 	int fl;
 
 	if (!vq->desc) {
-		vhost_log("vring %u: kick before the ring was set up", vq->idx);
+		vhost_warn("vring %u: kick before the ring was set up", vq->idx);
 		close(kick_fd);
 		return -EINVAL;
 	}
@@ -533,7 +533,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 	return 0;
 
 broken:
-	vhost_log("vring %u: %s", vq->idx, why);
+	vhost_warn("vring %u: %s", vq->idx, why);
 	vhost_dev_set_broken(dev, why);
 	return ret;
 }
@@ -545,7 +545,7 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 
 	if (elem->vq != vq || head >= vq->slots_num || !vq->busy[head] ||
 	    (uint8_t *)elem != vq->slots + (size_t)head * vq->stride) {
-		vhost_log("vring %u: push of an element that is not in flight (bug)", vq->idx);
+		vhost_err("vring %u: push of an element that is not in flight (bug)", vq->idx);
 		return;
 	}
 	if (!dev->dead && vq->used_push) {

@@ -11,7 +11,8 @@
  * an element in flight (disconnected only after the push), reconnect, one
  * connection at a time, memory slots, backend channel, inherited listen fd,
  * socket ownership (a stale socket is replaced, a live one refused, exit
- * unlinks only our own inode).
+ * unlinks only our own inode), unsupported messages that expect a reply
+ * (closed with a logged reason, never silence), SET_VRING_ADDR's log flag.
  */
 #include <CUnit/Basic.h>
 #include <dirent.h>
@@ -31,6 +32,7 @@
 #include <unistd.h>
 
 #include "vhost.h"
+#include "vlog.h"
 
 /* vhost-user constants (vhost-user.rst), spelled out independently of vhost/. */
 enum {
@@ -52,9 +54,11 @@ enum {
 	SET_BACKEND_REQ_FD = 21,
 	GET_CONFIG = 24,
 	SET_CONFIG = 25,
+	GET_INFLIGHT_FD = 31,
 	GET_MAX_MEM_SLOTS = 36,
 	ADD_MEM_REG = 37,
 	REM_MEM_REG = 38,
+	GET_STATUS = 40,
 };
 #define F_VERSION    0x1u
 #define F_REPLY      0x4u
@@ -1232,6 +1236,99 @@ static void test_random_messages(void)
 	server_down();
 }
 
+/* ---- log capture (log/'s test sink) ---- */
+
+static char g_log[16384];
+static size_t g_log_len;
+
+static void log_sink(enum vlog_level level, const char *line, void *opaque)
+{
+	int n = snprintf(g_log + g_log_len, sizeof(g_log) - g_log_len, "%d %s\n", (int)level, line);
+
+	if (n > 0 && (size_t)n < sizeof(g_log) - g_log_len)
+		g_log_len += (size_t)n;
+}
+
+static bool logged(const char *needle)
+{
+	return strstr(g_log, needle) != NULL;
+}
+
+/*
+ * Robustness (issue 9, item 10): a message the front-end expects a reply to
+ * and that we do not implement is never met with silence; SET_VRING_ADDR's
+ * log flag is ignored while logging is not negotiated; the reason for a
+ * dropped connection is logged with the right numbers.
+ */
+static void test_unsupported_with_reply(void)
+{
+	uint8_t inflight[24] = {0};
+	uint64_t v = 0;
+	int fd, efd;
+
+	server_up();
+	vlog_set_sink(log_sink, NULL);
+	vlog_set_rate_limit(VLOG_BURST, VLOG_INTERVAL_MS); /* earlier tests used it up */
+	g_log_len = 0;
+	g_log[0] = 0;
+
+	/* GET_INFLIGHT_FD without INFLIGHT_SHMFD: a reply is expected but we have
+	 * none to give, so the connection is closed, with a reason. */
+	fd = fe_connect();
+	CU_ASSERT_EQUAL(get_u64(fd, GET_FEATURES) >> PROTO_F_BIT & 1, 1);
+	CU_ASSERT_EQUAL(
+	    send_msg(fd, GET_INFLIGHT_FD, F_VERSION, inflight, sizeof(inflight), NULL, 0), 0);
+	CU_ASSERT_TRUE(dropped(fd));
+	close(fd);
+	CU_ASSERT_TRUE(logged("GET_INFLIGHT_FD (31) not supported and it expects a reply"));
+
+	/* GET_STATUS the same (even with need_reply: REPLY_ACK does not apply). */
+	fd = fe_connect();
+	CU_ASSERT_EQUAL(send_msg(fd, GET_STATUS, F_VERSION | F_NEED_REPLY, NULL, 0, NULL, 0), 0);
+	CU_ASSERT_TRUE(dropped(fd));
+	close(fd);
+
+	/* A message without an explicit reply and need_reply: failure ack. */
+	fd = fe_connect();
+	CU_ASSERT_NOT_EQUAL(acked(fd, 23 /* SET_VRING_ENDIAN */, &v, 8, NULL, 0), 0);
+	CU_ASSERT_TRUE(logged("SET_VRING_ENDIAN (23) not supported: refused"));
+
+	/* SET_VRING_ADDR with VHOST_VRING_F_LOG while logging is not negotiated:
+	 * the flag is ignored, the ring address accepted, the connection kept. */
+	{
+		uint8_t a[40] = {0};
+		uint32_t flags = 1;
+		uint64_t desc = UVA + DESC_GPA, used = UVA + USED_GPA, avail = UVA + AVAIL_GPA;
+
+		memcpy(a + 4, &flags, 4);
+		memcpy(a + 8, &desc, 8);
+		memcpy(a + 16, &used, 8);
+		memcpy(a + 24, &avail, 8);
+		CU_ASSERT_EQUAL(acked(fd, SET_VRING_ADDR, a, sizeof(a), NULL, 0), 0);
+		CU_ASSERT_EQUAL(send_msg(fd, SET_VRING_ADDR, F_VERSION, a, sizeof(a), NULL, 0), 0);
+		CU_ASSERT_TRUE(quiet(fd));
+		CU_ASSERT_EQUAL(get_u64(fd, GET_QUEUE_NUM), 2);
+	}
+
+	/* Two fds on a message that takes none: the log says 2, not 0. */
+	efd = eventfd(0, EFD_CLOEXEC);
+	{
+		int fds[2] = {efd, efd};
+
+		CU_ASSERT_EQUAL(send_msg(fd, SET_OWNER, F_VERSION, NULL, 0, fds, 2), 0);
+	}
+	close(efd);
+	CU_ASSERT_TRUE(dropped(fd));
+	close(fd);
+	CU_ASSERT_TRUE(logged("SET_OWNER: unexpected number of fds (2)"));
+	if (!logged("SET_OWNER: unexpected number of fds (2)"))
+		fprintf(stderr, "log was:\n%s", g_log);
+
+	vlog_set_sink(NULL, NULL);
+	run(3);
+	server_down();
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -1258,6 +1355,7 @@ int main(void)
 	CU_add_test(s, "backend channel", test_backend_channel);
 	CU_add_test(s, "random messages", test_random_messages);
 	CU_add_test(s, "inherited fd, stale/live path", test_inherited_fd_and_stale_path);
+	CU_add_test(s, "unsupported messages that expect a reply", test_unsupported_with_reply);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
