@@ -847,11 +847,12 @@ static int walk_bitmaps(struct chk *c)
 		goto out_dir;
 	}
 	for (uint32_t n = 0; n < h->nb_bitmaps; n++) {
-		uint64_t toff, *tbl;
+		uint64_t toff, *tbl, elen;
 		uint32_t tsize, extra;
 		uint16_t nlen;
 
-		if (h->bitmap_directory_size - pos < 24) {
+		/* entries are padded to 8 bytes, the last one too (all within the size) */
+		if (pos > h->bitmap_directory_size || h->bitmap_directory_size - pos < 24) {
 			MSG(c, QCOW2_MSG_ERROR, "ERROR bitmap directory truncated at entry %u", n);
 			c->res->corruptions++;
 			break;
@@ -860,7 +861,16 @@ static int walk_bitmaps(struct chk *c)
 		tsize = qcow2_be32(dir + pos + 8);
 		nlen = qcow2_be16(dir + pos + 18);
 		extra = qcow2_be32(dir + pos + 20);
-		pos += (24 + (uint64_t)extra + nlen + 7) & ~7ull;
+		elen = (24 + (uint64_t)extra + nlen + 7) & ~7ull;
+		if (elen > h->bitmap_directory_size - pos) {
+			MSG(c, QCOW2_MSG_ERROR,
+			    "ERROR bitmap %u: directory entry (extra data %u, name length %u) runs "
+			    "past the bitmap directory",
+			    n, extra, nlen);
+			c->res->corruptions++;
+			break;
+		}
+		pos += elen;
 		if (toff & (c->cs - 1) || (uint64_t)tsize * 8 > c->file_size) {
 			MSG(c, QCOW2_MSG_ERROR,
 			    "ERROR bitmap %u: invalid bitmap table (0x%" PRIx64 ", %u entries)", n,
@@ -884,8 +894,6 @@ static int walk_bitmaps(struct chk *c)
 		}
 		free(tbl);
 		if (ret < 0)
-			break;
-		if (pos > h->bitmap_directory_size)
 			break;
 	}
 out_dir:

@@ -205,10 +205,17 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 
 	if (e & QCOW2_OFLAG_COMPRESSED) {
 		uint64_t coff = qcow2_compressed_offset(e, q->cb);
-		uint64_t clen = qcow2_compressed_len(e, q->cb), end = q2_host_end(q);
+		uint64_t clen = qcow2_compressed_len(e, q->cb), end = q->file->size;
 
+		/*
+		 * The sector count rounds the data up to 512 bytes, but QEMU writes
+		 * only the compressed bytes: the last compressed cluster of a file
+		 * may end short of its last sector. Read up to the end of the file
+		 * as it was at open (we never write compressed data); the rest was
+		 * never part of the stream. A short read past EOF would fail.
+		 */
 		if (coff + clen > end)
-			clen = end - coff;
+			clen = end > coff ? end - coff : 0;
 		if (*n >= max)
 			return 0;
 		ext[*n] = (struct qcow2_extent){.type = QCOW2_MAP_COMPRESSED,

@@ -318,6 +318,8 @@ def corpus():
     qlib.qemu_img("convert", "-c", "-O", "qcow2", src, c)
     qlib.qemu_io(c, "write -P 0x77 2M 4k")
     out.append(("compressed.qcow2", c, "qcow2"))
+    # a compressed cluster last: the file ends inside its last sector
+    mk("compressed-last.qcow2", "", "8M", std + ("write -c -P 0x78 6M 64k",))
     snap = mk("snap.qcow2", "", "8M", std)
     qlib.qemu_img("snapshot", "-c", "one", snap)
     qlib.qemu_io(snap, "write -P 0x99 0 64k", "write -P 0x88 5M 64k")

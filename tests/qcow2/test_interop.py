@@ -75,6 +75,15 @@ def corpus(group):
             qlib.qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=%d" % cs, src, c)
             qlib.qemu_io(c, "write -P 0x77 2M 4k")  # a normal cluster among compressed ones
             out.append(("compressed-%d" % cs, c, []))
+        # QEMU writes only the compressed bytes: a compressed cluster written
+        # last ends inside its last 512-byte sector, short of what the L2
+        # entry's sector count covers (issue 9, audit of item 3)
+        for cs in (65536, 4096):
+            last = qcreate("complast%d.qcow2" % cs, "cluster_size=%d" % cs,
+                           writes=STD_WRITES + ("write -c -P 0x78 6M %d" % cs,))
+            check(os.path.getsize(last) % 512, "%s: the file ends on a sector boundary: the "
+                  "test would not cover the case" % last)
+            out.append(("compressed-last-%d" % cs, last, []))
         return out
     if group == "backing":
         base = W("base.raw")

@@ -55,6 +55,11 @@ def make_bases():
     p = W("base-comp.qcow2")
     qlib.qemu_img("convert", "-c", "-O", "qcow2", src, p)
     b["comp"] = p
+    p = W("base-bitmaps.qcow2")
+    shutil.copyfile(b["plain"], p)
+    qlib.qemu_img("bitmap", "--add", p, "b0")
+    qlib.qemu_img("bitmap", "--add", p, "b1")
+    b["bitmaps"] = p
     bk = W("backing.raw")
     with open(bk, "wb") as f:
         f.truncate(SIZE)
@@ -122,6 +127,15 @@ def ext_overrun(im):
 def backing_name_len(n):
     def m(im):
         im.set_field("backing_file_size", n)
+    return m
+
+
+def bitmap_dir_entry0(fn):
+    """Apply fn(im, entry_offset) to the first bitmap directory entry."""
+    def m(im):
+        ext = [e for e in im.extensions() if e[0] == 0x23852875]
+        check(ext, "%s: no bitmaps extension" % im.path)
+        fn(im, im.u64(ext[0][1] + 16))
     return m
 
 
@@ -256,6 +270,11 @@ def cases():
          "survive", "", SIZE - CS),
         ("refblock-all-zero", "plain", lambda im: im.pwrite(im.refblock_offset(0), bytes(CS)),
          "survive", "", SIZE - CS),
+        # a bitmap directory entry whose extra data runs past the directory,
+        # with an invalid table: check must not read beyond the directory
+        ("bitmap-entry-past-dir", "bitmaps", bitmap_dir_entry0(lambda im, d: (
+            im.put_u64(d, im.u64(d) | 0x200), im.pwrite(d + 20, struct.pack(">I", 0xFFFFF0)))),
+         "survive", "", 0),
         ("corrupt-bit", "plain", feature_bits(Q.INCOMPAT_CORRUPT), "write-fails", "corrupt", 0),
     ]
 
