@@ -16,6 +16,9 @@
  *  - slice cache eviction with a tiny cache;
  *  - concurrent allocations of one cluster are serialised;
  *  - freed clusters are not reused while data I/O that mapped them runs;
+ *  - persistent dirty bitmaps: marked in use at open, stored at close; every
+ *    crash image keeps them reachable only through clusters with a refcount,
+ *    the enabled one in use or complete, the disabled one untouched;
  *  - the L2 prefetch after open: large coalesced reads, no misses after
  *    it, never overwriting a slice changed meanwhile, off when the cache
  *    is too small or opts say so, read failures ignored.
@@ -1621,6 +1624,225 @@ static void test_cache_loads(void)
 	fake_file_drop(e.id);
 }
 
+/* ---- persistent dirty bitmaps (bitmap.c) ---- */
+
+struct bmchk {
+	uint64_t dir_off, dir_size;
+	uint32_t nb;
+	bool valid; /* extension present and autoclear bit 0 set */
+};
+
+static bool bm_find(const struct chk *c, struct bmchk *o)
+{
+	memset(o, 0, sizeof(*o));
+	if (!c->h.has_bitmaps)
+		return false;
+	o->dir_off = c->h.bitmap_directory_offset;
+	o->dir_size = c->h.bitmap_directory_size;
+	o->nb = c->h.nb_bitmaps;
+	o->valid = (c->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) != 0;
+	return true;
+}
+
+/*
+ * Bitmap structures of a crash image: while the extension counts (autoclear
+ * bit 0), the directory, every table and data cluster has a refcount; the
+ * bitmap "on" is in use or holds every bit of @want (bits of granularity
+ * @gbits, @nwant of them); the bitmap "off" is never in use and keeps
+ * @off_table. 0 or -1 with a message.
+ */
+static int check_bitmaps(const uint8_t *b, uint64_t size, const uint8_t *want, uint64_t nwant,
+			 uint64_t off_table, char *why, size_t wlen)
+{
+	struct chk c = {.b = b, .size = size};
+	struct bmchk bm;
+	char msg[200];
+	uint64_t cs, pos = 0;
+	int bad = 0;
+
+	if (qcow2_header_parse(b, size < (2u << 20) ? size : (2u << 20), size, &c.h, msg,
+			       sizeof(msg)) < 0) {
+		snprintf(why, wlen, "header: %s", msg);
+		return -1;
+	}
+	if (!bm_find(&c, &bm) || !bm.valid)
+		return 0; /* ignored by every reader: nothing to check */
+	cs = c.h.cluster_size;
+	c.rt = calloc(c.h.refcount_table_entries, 8);
+	for (uint64_t i = 0; i < c.h.refcount_table_entries; i++)
+		c.rt[i] = rd64(&c, c.h.refcount_table_offset + i * 8);
+	if (refcount(&c, bm.dir_off) == 0) {
+		snprintf(why, wlen, "bitmap directory 0x%llx has refcount 0",
+			 (unsigned long long)bm.dir_off);
+		bad = 1;
+	}
+	for (uint32_t n = 0; n < bm.nb && !bad; n++) {
+		const uint8_t *e = b + bm.dir_off + pos;
+		uint64_t toff = qcow2_be64(e);
+		uint32_t tsize = qcow2_be32(e + 8), flags = qcow2_be32(e + 12);
+		uint32_t nsize = qcow2_be16(e + 18), extra = qcow2_be32(e + 20);
+		bool on = nsize == 2 && !memcmp(e + 24 + extra, "on", 2);
+		bool off = nsize == 3 && !memcmp(e + 24 + extra, "off", 3);
+
+		pos += (24 + extra + nsize + 7) & ~7u;
+		if (refcount(&c, toff) == 0) {
+			snprintf(why, wlen, "bitmap %u table 0x%llx has refcount 0", n,
+				 (unsigned long long)toff);
+			bad = 1;
+			break;
+		}
+		if (off && ((flags & 1) || toff != off_table)) {
+			snprintf(why, wlen, "disabled bitmap touched (flags 0x%x, table 0x%llx)",
+				 flags, (unsigned long long)toff);
+			bad = 1;
+			break;
+		}
+		for (uint32_t k = 0; k < tsize && !bad; k++) {
+			uint64_t te = rd64(&c, toff + k * 8ull), d = te & 0x00fffffffffffe00ull;
+
+			if (d && refcount(&c, d) == 0) {
+				snprintf(why, wlen, "bitmap %u data cluster 0x%llx has refcount 0",
+					 n, (unsigned long long)d);
+				bad = 1;
+			}
+			if (!on || (flags & 1) || !want)
+				continue;
+			for (uint64_t bit = k * cs * 8; bit < (k + 1) * cs * 8 && bit < nwant;
+			     bit++) {
+				bool set =
+				    d ? (b[d + (bit - k * cs * 8) / 8] >> (bit % 8)) & 1 : (te & 1);
+
+				if (((want[bit / 8] >> (bit % 8)) & 1) && !set) {
+					snprintf(why, wlen,
+						 "bitmap 'on' is not in use but bit %llu is clear",
+						 (unsigned long long)bit);
+					bad = 1;
+					break;
+				}
+			}
+		}
+	}
+	free(c.rt);
+	return bad ? -1 : 0;
+}
+
+/* Table offset of the bitmap named @name in the image at @path (0 if none). */
+static uint64_t bm_table_of(int id, const char *name)
+{
+	uint64_t size, pos = 0;
+	const uint8_t *b = fake_file_data(id, &size);
+	struct chk c = {.b = b, .size = size};
+	struct bmchk bm;
+	char msg[200];
+
+	if (qcow2_header_parse(b, size < (2u << 20) ? size : (2u << 20), size, &c.h, msg,
+			       sizeof(msg)) < 0 ||
+	    !bm_find(&c, &bm))
+		return 0;
+	for (uint32_t n = 0; n < bm.nb; n++) {
+		const uint8_t *e = b + bm.dir_off + pos;
+		uint32_t nsize = qcow2_be16(e + 18), extra = qcow2_be32(e + 20);
+
+		if (nsize == strlen(name) && !memcmp(e + 24 + extra, name, nsize))
+			return qcow2_be64(e);
+		pos += (24 + extra + nsize + 7) & ~7u;
+	}
+	return 0;
+}
+
+/*
+ * Open (bitmaps marked in use), record writes, close (bitmaps stored):
+ * every crash image of the whole record keeps the bitmap structures
+ * reachable only through clusters with a refcount, the enabled bitmap in
+ * use or complete, the disabled one untouched; the final image is clean
+ * for qemu-img with the bitmaps consistent. With @fail_sync, the first
+ * fdatasync of the close fails: the bitmaps stay in use, nothing breaks.
+ */
+static void bitmap_case(bool fail_sync)
+{
+	const uint64_t size = 64ull << 20;
+	const unsigned gbits = 12;
+	uint64_t nbits = size >> gbits, off_table, n_open;
+	uint8_t *want = calloc(1, nbits / 8);
+	char name[64], why[256];
+	struct eng e;
+	int ret;
+
+	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o cluster_size=4096 %s %llu && "
+				 "qemu-io -c 'write 0 64k' %s >/dev/null && "
+				 "qemu-img bitmap --add -g 4096 %s on && "
+				 "qemu-img bitmap --add %s off && qemu-io -c 'write 1M 4k' %s "
+				 ">/dev/null && qemu-img bitmap --disable %s off",
+				 P(name), (unsigned long long)size, P(name), P(name), P(name),
+				 P(name), P(name)),
+			      0);
+	fake_log_reset();
+	eng_open_path(&e, P(name), NULL);
+	off_table = bm_table_of(e.id, "off");
+	CU_ASSERT_FATAL(off_table != 0);
+	n_open = fake_log_count();
+	CU_ASSERT(n_open >= 3); /* autoclear off, directory, autoclear on (and syncs) */
+	for (int i = 0; i < 40; i++) {
+		uint64_t off = (rnd() % (size / 512)) * 512, len = (rnd() % 64 + 1) * 512;
+
+		if (off + len > size)
+			len = size - off;
+		qcow2_bitmap_mark(e.q, off, len);
+		for (uint64_t bit = off >> gbits; bit <= (off + len - 1) >> gbits; bit++)
+			want[bit / 8] |= (uint8_t)(1u << (bit % 8));
+	}
+	if (fail_sync)
+		CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FDATASYNC, 1, -EIO), 0);
+	ret = qcow2_close(e.q);
+	e.q = NULL;
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT(fail_sync ? ret < 0 : ret == 0);
+	io_file_close(&e.file);
+	/* every crash point: before the close, "on" must be in use */
+	for (size_t i = 0; i <= fake_log_count(); i++) {
+		for (unsigned sd = 0; sd <= 2; sd++) {
+			uint8_t *img;
+			uint64_t len;
+
+			if (sd &&
+			    fake_log_get(i < fake_log_count() ? i : i - 1)->type == FAKE_FSYNC)
+				continue;
+			CU_ASSERT_EQUAL_FATAL(
+			    fake_crash_image(e.id, i, sd ? rnd() | 1 : 0, &img, &len), 0);
+			if (check_image(img, len, why, sizeof(why)) < 0 ||
+			    check_bitmaps(img, len, i >= n_open ? want : NULL, nbits, off_table,
+					  why, sizeof(why)) < 0) {
+				fprintf(stderr,
+					"bitmaps: crash image after record entry %zu/%zu: %s\n", i,
+					fake_log_count(), why);
+				CU_FAIL("inconsistent crash image (bitmaps)");
+				free(img);
+				goto out;
+			}
+			free(img);
+		}
+	}
+	CU_ASSERT_EQUAL(fake_file_save(e.id, e.path), 0);
+	ret = sh("qemu-img check -q %s", e.path);
+	CU_ASSERT(ret == 0 || (fail_sync && ret == 3));
+	ret = sh("qemu-img info --output=json %s | grep -q '\"in-use\"'", e.path);
+	CU_ASSERT_EQUAL(ret, fail_sync ? 0 : 1); /* grep: 0 found, 1 not found */
+out:
+	fake_file_drop(e.id);
+	free(want);
+}
+
+static void test_bitmaps_store(void)
+{
+	bitmap_case(false);
+}
+
+static void test_bitmaps_store_sync_failure(void)
+{
+	bitmap_case(true);
+}
+
 int main(void)
 {
 	struct statfs s;
@@ -1670,6 +1892,9 @@ int main(void)
 	CU_add_test(suite, "slice cache: slab chunks, limit, trim, reuse", test_cache_slab);
 	CU_add_test(suite, "slice cache: colliding offsets", test_cache_collisions);
 	CU_add_test(suite, "slice cache: loads and waiters", test_cache_loads);
+	CU_add_test(suite, "dirty bitmaps: stored at close, every crash point", test_bitmaps_store);
+	CU_add_test(suite, "dirty bitmaps: fdatasync failure at close",
+		    test_bitmaps_store_sync_failure);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();
