@@ -398,8 +398,12 @@ static int chain_walk(struct vhost_vq *vq, uint16_t head, struct chain *c, unsig
 			*why = "indirect table outside guest memory";
 			return -EFAULT;
 		}
-		if (len != table_num * sizeof(struct vring_desc))
-			table = NULL; /* spans regions: copy descriptor by descriptor */
+		/* The spec puts no alignment on indirect tables (QEMU reads them with
+		 * memcpy), but our single loads of each field need it: a table that
+		 * spans regions or is not 8-byte aligned is copied descriptor by
+		 * descriptor. */
+		if (len != table_num * sizeof(struct vring_desc) || ((uintptr_t)table & 7))
+			table = NULL;
 		indirect = true;
 		i = 0;
 		if (table)

@@ -393,6 +393,30 @@ static void test_indirect(void)
 	teardown();
 }
 
+/* The spec asks no alignment of an indirect table: one at an odd address works. */
+static void test_indirect_misaligned(void)
+{
+	struct vring_desc ind[2];
+	struct vq_elem *e;
+
+	setup(INDIRECT);
+	memcpy(g_mem + DATA_GPA, "misaligned-table", 16);
+	set_desc(ind, 0, DATA_GPA, 16, VRING_DESC_F_NEXT, 1);
+	set_desc(ind, 1, DATA_GPA + 0x100, 512, VRING_DESC_F_WRITE, 0);
+	memcpy(g_mem + 0x8001, ind, sizeof(ind));
+	set_desc(desc_tab(), 2, 0x8001, 2 * 16, VRING_DESC_F_INDIRECT, 0);
+	post(2);
+	CU_ASSERT_EQUAL_FATAL(vq_pop(g_vq, &e), 0);
+	CU_ASSERT_EQUAL(e->out_num, 1);
+	CU_ASSERT_EQUAL(e->in_num, 1);
+	CU_ASSERT_EQUAL(e->iov[0].iov_len, 16);
+	CU_ASSERT_EQUAL(memcmp(e->iov[0].iov_base, "misaligned-table", 16), 0);
+	CU_ASSERT_EQUAL(e->iov[1].iov_len, 512);
+	vq_push(g_vq, e, 513);
+	CU_ASSERT_FALSE(vhost_dev_is_broken(g_dev));
+	teardown();
+}
+
 static void test_indirect_without_feature(void)
 {
 	setup(0);
@@ -457,6 +481,7 @@ static void test_indirect_loop_and_next(void)
 	struct vring_desc *ind = (struct vring_desc *)(g_mem + 0x8000);
 
 	setup(INDIRECT);
+	memcpy(g_mem + DATA_GPA, "misaligned-table", 16);
 	set_desc(ind, 0, DATA_GPA, 16, VRING_DESC_F_NEXT, 1);
 	set_desc(ind, 1, DATA_GPA, 16, VRING_DESC_F_NEXT, 0);
 	set_desc(desc_tab(), 0, 0x8000, 32, VRING_DESC_F_INDIRECT, 0);
@@ -956,6 +981,7 @@ int main(void)
 	CU_add_test(s, "duplicate head in flight", test_duplicate_head);
 	CU_add_test(s, "readable after writable", test_read_after_write);
 	CU_add_test(s, "indirect", test_indirect);
+	CU_add_test(s, "indirect table at an odd address", test_indirect_misaligned);
 	CU_add_test(s, "avail pending check", test_avail_pending);
 	CU_add_test(s, "indirect without feature", test_indirect_without_feature);
 	CU_add_test(s, "indirect inside indirect", test_indirect_nested);
