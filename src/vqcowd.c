@@ -101,7 +101,7 @@ static void usage(FILE *f)
 	      "  --blk-file FILE             the image: raw file, block device or qcow2\n"
 	      "  --format raw|qcow2          do not probe the format\n"
 	      "  --read-only                 export read-only\n"
-	      "  --num-queues N              number of virtqueues (default 1, max 64)\n"
+	      "  --num-queues N              number of virtqueues offered (default and max 64)\n"
 	      "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	      "1024)\n"
 	      "  --serial STR                GET_ID serial (at most 20 bytes)\n"
@@ -207,7 +207,11 @@ static int parse_args(int argc, char **argv, struct options *o)
 	memset(o, 0, sizeof(*o));
 	o->fd = -1;
 	o->log_level = -1;
-	o->num_queues = 1;
+	/* QEMU's vhost-user-blk asks for one queue per vCPU unless num-queues
+	 * is set on the device, and refuses a back-end offering fewer: offer
+	 * enough for guests up to 64 vCPUs. Unused queues cost a small struct
+	 * each; rings and request slots are allocated when a queue is set up. */
+	o->num_queues = MAX_QUEUES;
 	o->queue_size = 256;
 	o->submit_batch = 2;
 	o->poll_ns = 50000;
@@ -381,6 +385,7 @@ struct daemon {
 	struct blk_dev *blk;
 	struct watch *watches;
 	struct dqueue q[MAX_QUEUES];
+	unsigned nq_seen; /* queues 0..nq_seen-1 may be in use (started this connection) */
 	struct io_defer defer;
 
 	int sigfd;
@@ -473,6 +478,8 @@ static void req_complete(struct blk_req *breq, uint32_t used_len)
 		 * only after every popped element was pushed. */
 		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
+		if (idx >= d->nq_seen)
+			d->nq_seen = idx + 1;
 	}
 }
 
@@ -517,8 +524,10 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 static void d_defer(struct io_defer *def)
 {
 	struct daemon *d = def->priv;
-	/* vhost/ starts only queues below the number offered */
-	unsigned nq = d->o->num_queues < MAX_QUEUES ? d->o->num_queues : MAX_QUEUES;
+	/* Offered queues cost nothing until the front-end starts them: look
+	 * only at those started on this connection (64 are offered by
+	 * default, a 2-vCPU guest uses 2). */
+	unsigned nq = d->nq_seen;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
@@ -587,8 +596,11 @@ static void d_queue_started(void *opaque, struct vhost_vq *vq)
 	struct daemon *d = opaque;
 	unsigned idx = vq_index(vq);
 
-	if (idx < MAX_QUEUES)
+	if (idx < MAX_QUEUES) {
 		d->q[idx].vq = vq;
+		if (idx >= d->nq_seen)
+			d->nq_seen = idx + 1;
+	}
 }
 
 static void d_queue_stopped(void *opaque, struct vhost_vq *vq)
@@ -646,6 +658,7 @@ static void d_disconnected(void *opaque, struct vhost_dev *dev)
 		d->q[i].vq = NULL;
 		d->q[i].dirty = false;
 	}
+	d->nq_seen = 0;
 	logmsg("frontend disconnected%s", d->stopping ? "" : "; waiting for the next one");
 }
 
