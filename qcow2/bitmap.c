@@ -501,6 +501,10 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		goto fail;
 	free(clu.v);
 	q->bms = b;
+	Q2_LOG(q,
+	       "%u persistent dirty bitmap(s), %u enabled and tracked (the others are left as they "
+	       "are)",
+	       b->n, b->ntracked);
 	return 0;
 
 fail:
