@@ -3,23 +3,23 @@
  * qcow2/qcow2.c — engine open/close: builds the engine (tables, metadata
  * set, caches with their hooks, allocation frontier) and tears it down.
  *
- * Open (synchronous, open time only): header + extensions (format.c), L1
- * table, refcount table, snapshot table (every entry and its L1 table's
- * placement), then the set of metadata clusters: header, L1, refcount table,
- * refcount blocks, active L2 tables, snapshot table, snapshot L1 tables.
- * Refcount blocks or L2 tables that land on other metadata are remembered
- * as bad; using them later is reported as corruption.
+ * Open (synchronous, open time only; the only synchronous I/O of the engine,
+ * and it goes through io/'s io_file_*_sync): header + extensions
+ * (qcow2fmt/format.c), a dirty image repaired first by the format's checker
+ * over the engine's own file (qcow2fmt/check.c through struct qcow2_io), L1
+ * table and refcount table (qcow2fmt's table reader), snapshot table (every
+ * entry and its L1 table's placement), then the set of metadata clusters:
+ * header, L1, refcount table, refcount blocks, active L2 tables, snapshot
+ * table, snapshot L1 tables. Refcount blocks or L2 tables that land on other
+ * metadata are remembered as bad; using them later is reported as corruption.
  */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "image.h"
 #include "internal.h"
-
-#if __has_include("offline.h")
-#include "offline.h"
-#endif
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -68,39 +68,40 @@ static void cache_pressure(void *opaque)
 
 /* ---- open ---- */
 
-__attribute__((format(printf, 4, 5))) static int open_fail(char *err, size_t errlen, int ret,
-							   const char *fmt, ...)
+/*
+ * The format code's I/O interface over the engine's file: the same
+ * synchronous io/ calls the rest of open uses (open time only, never on the
+ * request path).
+ */
+static int file_read(void *opaque, void *buf, size_t len, uint64_t off)
 {
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return ret;
+	return io_file_pread_sync(opaque, buf, len, off);
 }
 
-static int read_table(struct io_file *f, uint64_t off, uint64_t n, uint64_t **out)
+static int file_write(void *opaque, const void *buf, size_t len, uint64_t off)
 {
-	uint64_t *t;
-	int ret;
+	return io_file_pwrite_sync(opaque, buf, len, off);
+}
 
-	*out = NULL;
-	t = malloc(n ? n * 8 : 8);
-	if (!t)
-		return -ENOMEM;
-	if (n) {
-		ret = io_file_pread_sync(f, t, n * 8, off);
-		if (ret < 0) {
-			free(t);
-			return ret;
-		}
-	}
-	for (uint64_t i = 0; i < n; i++)
-		t[i] = qcow2_be64(&t[i]);
-	*out = t;
-	return 0;
+static int file_sync(void *opaque)
+{
+	return io_file_sync(opaque);
+}
+
+static int file_size(void *opaque, uint64_t *size)
+{
+	return io_file_get_size(opaque, size);
+}
+
+static struct qcow2_io file_io(struct io_file *f)
+{
+	return (struct qcow2_io){
+	    .read = file_read,
+	    .write = file_write,
+	    .sync = file_sync,
+	    .size = file_size,
+	    .opaque = f,
+	};
 }
 
 /* Read and check the snapshot table; add its clusters and the snapshot L1 tables to @m. */
@@ -127,8 +128,8 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 		buf = nb;
 		ret = io_file_pread_sync(q->file, buf, cap, h->snapshots_offset);
 		if (ret < 0) {
-			ret = open_fail(err, errlen, ret, "%s: reading the snapshot table: %s",
-					q->path, strerror(-ret));
+			ret = qcow2_seterr(err, errlen, ret, "%s: reading the snapshot table: %s",
+					   q->path, strerror(-ret));
 			goto out;
 		}
 		pos = 0;
@@ -149,22 +150,22 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 			if (ret < 0) {
 				if (len == room && cap < QCOW2_MAX_SNAPSHOTS_BYTES && avail > len)
 					break; /* read more */
-				ret = open_fail(err, errlen, -EINVAL, "%s: snapshot %u: %s",
-						q->path, i, msg);
+				ret = qcow2_seterr(err, errlen, -EINVAL, "%s: snapshot %u: %s",
+						   q->path, i, msg);
 				goto out;
 			}
 			if (sn.l1_table_offset & (q->cs - 1) || !sn.l1_table_offset)
-				ret = open_fail(
+				ret = qcow2_seterr(
 				    err, errlen, -EINVAL,
 				    "%s: snapshot %u: L1 table offset 0x%llx not cluster aligned",
 				    q->path, i, (unsigned long long)sn.l1_table_offset);
 			else if (sn.l1_size > QCOW2_MAX_L1_ENTRIES)
-				ret = open_fail(err, errlen, -EINVAL,
-						"%s: snapshot %u: L1 size %u too large", q->path, i,
-						sn.l1_size);
+				ret = qcow2_seterr(err, errlen, -EINVAL,
+						   "%s: snapshot %u: L1 size %u too large", q->path,
+						   i, sn.l1_size);
 			else if (sn.l1_table_offset > fsize ||
 				 (uint64_t)sn.l1_size * 8 > fsize - sn.l1_table_offset)
-				ret = open_fail(
+				ret = qcow2_seterr(
 				    err, errlen, -EINVAL,
 				    "%s: snapshot %u: L1 table extends past the end of the file",
 				    q->path, i);
@@ -301,6 +302,7 @@ int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, co
 	       const struct qcow2_opts *opts, char *err, size_t errlen)
 {
 	struct qcow2_opts defaults = {0};
+	struct qcow2_io fio = file_io(file);
 	struct qcow2 *q;
 	uint8_t *hbuf = NULL;
 	uint64_t fsize, hlen, l2_bytes, rc_bytes, used;
@@ -314,7 +316,7 @@ int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, co
 		opts = &defaults;
 	q = calloc(1, sizeof(*q));
 	if (!q)
-		return open_fail(err, errlen, -ENOMEM, "%s: out of memory", path);
+		return qcow2_seterr(err, errlen, -ENOMEM, "%s: out of memory", path);
 	q->loop = loop;
 	q->file = file;
 	q->data_file = file;
@@ -329,7 +331,7 @@ int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, co
 
 	ret = io_file_get_size(file, &fsize);
 	if (ret < 0) {
-		open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: %s", path, strerror(-ret));
 		goto fail;
 	}
 	file->size = fsize;
@@ -343,28 +345,28 @@ reread:
 	}
 	ret = io_file_pread_sync(file, hbuf, hlen, 0);
 	if (ret < 0) {
-		open_fail(err, errlen, ret, "%s: reading the header: %s", path, strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: reading the header: %s", path, strerror(-ret));
 		goto fail;
 	}
 	ret = qcow2_header_parse(hbuf, hlen, fsize, &q->h, msg, sizeof(msg));
 	if (ret < 0) {
-		open_fail(err, errlen, ret, "%s: %s", path, msg);
+		qcow2_seterr(err, errlen, ret, "%s: %s", path, msg);
 		goto fail;
 	}
 	if (q->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) {
 		if (!(opts->allow_corrupt_ro && q->read_only)) {
-			ret = open_fail(err, errlen, -EUCLEAN,
-					"%s: the image is marked corrupt (corrupt bit set); repair "
-					"it with 'vqcow-img check -r all %s' or open it read-only "
-					"allowing corrupt images",
-					path, path);
+			ret = qcow2_seterr(
+			    err, errlen, -EUCLEAN,
+			    "%s: the image is marked corrupt (corrupt bit set); repair "
+			    "it with 'vqcow-img check -r all %s' or open it read-only "
+			    "allowing corrupt images",
+			    path, path);
 			goto fail;
 		}
 		q->corrupt = true;
 	}
 	if ((q->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !q->read_only) {
 		/* lazy refcounts were not written back: rebuild them first */
-#ifdef VQCOW_QCOW2_OFFLINE_H
 		if (!repaired) {
 			struct qcow2_check_result res;
 
@@ -373,8 +375,9 @@ reread:
 				"vqcow: %s: dirty bit set (lazy refcounts): repairing refcounts as "
 				"'vqcow-img check -r all' does\n",
 				path);
-			ret = qcow2_check(path, QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS,
-					  &res, NULL, msg, sizeof(msg));
+			ret = qcow2_check_io(&fio, path,
+					     QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS, &res,
+					     NULL, msg, sizeof(msg));
 			if (ret == 0 && !res.check_errors && !res.corruptions) {
 				repaired = true;
 				ret = io_file_get_size(file, &fsize);
@@ -383,23 +386,24 @@ reread:
 				file->size = fsize;
 				goto reread;
 			}
-			ret = open_fail(err, errlen, ret < 0 ? ret : -EUCLEAN,
-					"%s: the image is dirty (dirty bit set) and the automatic "
-					"repair failed (%s); run 'vqcow-img check -r all %s'",
-					path, ret < 0 ? msg : "corruptions remain", path);
+			ret =
+			    qcow2_seterr(err, errlen, ret < 0 ? ret : -EUCLEAN,
+					 "%s: the image is dirty (dirty bit set) and the automatic "
+					 "repair failed (%s); run 'vqcow-img check -r all %s'",
+					 path, ret < 0 ? msg : "corruptions remain", path);
 			goto fail;
 		}
-#endif
-		ret = open_fail(err, errlen, -EUCLEAN,
-				"%s: the image is dirty (lazy refcounts were not written back; "
-				"dirty bit set): repair it with 'vqcow-img check -r all %s'",
-				path, path);
+		ret = qcow2_seterr(err, errlen, -EUCLEAN,
+				   "%s: the image is dirty (lazy refcounts were not written back; "
+				   "dirty bit set): repair it with 'vqcow-img check -r all %s'",
+				   path, path);
 		goto fail;
 	}
 	if (q->h.compression_type == QCOW2_COMPRESSION_ZSTD) {
 #ifndef VQCOW_HAVE_ZSTD
-		ret = open_fail(err, errlen, -ENOTSUP,
-				"%s: zstd compression type is not supported by this build", path);
+		ret =
+		    qcow2_seterr(err, errlen, -ENOTSUP,
+				 "%s: zstd compression type is not supported by this build", path);
 		goto fail;
 #endif
 	}
@@ -419,9 +423,9 @@ reread:
 
 	q->slice_size = opts->cache_entry_size ? opts->cache_entry_size : 4096;
 	if (q->slice_size & (q->slice_size - 1) || q->slice_size < 512) {
-		ret = open_fail(err, errlen, -EINVAL,
-				"%s: cache entry size %u must be a power of two >= 512", path,
-				q->slice_size);
+		ret = qcow2_seterr(err, errlen, -EINVAL,
+				   "%s: cache entry size %u must be a power of two >= 512", path,
+				   q->slice_size);
 		goto fail;
 	}
 	if (q->slice_size > q->cs)
@@ -433,18 +437,19 @@ reread:
 		q->src_bits = lg + 3 - q->rc_order;
 	}
 
-	ret = read_table(file, q->h.l1_table_offset, q->l1_size, &q->l1);
+	ret = qcow2_read_table(&fio, q->h.l1_table_offset, q->l1_size, &q->l1);
 	if (ret < 0) {
-		open_fail(err, errlen, ret, "%s: reading the L1 table: %s", path, strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: reading the L1 table: %s", path,
+			     strerror(-ret));
 		goto fail;
 	}
 	q->rt_offset = q->h.refcount_table_offset;
 	q->rt_clusters = q->h.refcount_table_clusters;
 	q->rt_entries = q->h.refcount_table_entries;
-	ret = read_table(file, q->rt_offset, q->rt_entries, &q->rt);
+	ret = qcow2_read_table(&fio, q->rt_offset, q->rt_entries, &q->rt);
 	if (ret < 0) {
-		open_fail(err, errlen, ret, "%s: reading the refcount table: %s", path,
-			  strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: reading the refcount table: %s", path,
+			     strerror(-ret));
 		goto fail;
 	}
 	q->l1_dirty = calloc(((uint64_t)q->l1_size * 8 + 511) / 512 / 8 + 1, 1);
@@ -459,7 +464,7 @@ reread:
 	ret = build_meta(q, fsize, err, errlen);
 	if (ret < 0) {
 		if (err && !err[0])
-			open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+			qcow2_seterr(err, errlen, ret, "%s: %s", path, strerror(-ret));
 		goto fail;
 	}
 
@@ -519,8 +524,8 @@ reread:
 	if (!q->read_only) {
 		ret = scan_highest_used(q, &used);
 		if (ret < 0) {
-			open_fail(err, errlen, ret, "%s: reading refcount blocks: %s", path,
-				  strerror(-ret));
+			qcow2_seterr(err, errlen, ret, "%s: reading refcount blocks: %s", path,
+				     strerror(-ret));
 			goto fail;
 		}
 		q->cursor = (file->flags & IO_FILE_BLOCKDEV) ? used : q->fresh_start;
@@ -548,8 +553,8 @@ reread:
 			if (ret == 0)
 				ret = io_file_sync(file);
 			if (ret < 0) {
-				open_fail(err, errlen, ret, "%s: updating the header: %s", path,
-					  strerror(-ret));
+				qcow2_seterr(err, errlen, ret, "%s: updating the header: %s", path,
+					     strerror(-ret));
 				goto fail;
 			}
 		}
@@ -567,7 +572,7 @@ reread:
 
 fail:
 	if (err && !err[0])
-		open_fail(err, errlen, ret, "%s: %s", path, strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: %s", path, strerror(-ret));
 	io_free_aligned(hbuf);
 	free_engine(q);
 	return ret;

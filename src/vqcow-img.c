@@ -9,7 +9,7 @@
  * check exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks
  * only, 63 format without consistency checks.
  *
- * The work is done by qcow2/offline.h; this file parses arguments, prints
+ * The work is done by qcow2tool/qcow2tool.h; this file parses arguments, prints
  * results and shows progress on stderr when it is a terminal.
  */
 #include <errno.h>
@@ -23,7 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "offline.h"
+#include "qcow2tool.h"
 #include "util.h"
 
 #define ERRLEN 512

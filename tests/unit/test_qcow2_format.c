@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Unit tests of qcow2/format.h: qcow2_header_parse() on a hand-built valid
+ * Unit tests of qcow2fmt/format.h: qcow2_header_parse() on a hand-built valid
  * header and on one mutation per field (each must be refused with a message
  * naming the field), header extensions, snapshot entries, refcount packing
  * for every width, compressed cluster descriptors.

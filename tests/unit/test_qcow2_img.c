@@ -853,6 +853,57 @@ static void test_partial_last_cluster(void)
 	}
 }
 
+/*
+ * A dirty image (lazy refcounts, qemu-io aborted after writing: refcounts
+ * stale, dirty bit set) is repaired when opened read-write, through the
+ * engine's own file (the checker's I/O interface over io/): the open
+ * succeeds, the data reads back, and afterwards qemu-img check is clean and
+ * the dirty bit is clear. Opened read-only, it is served as it is.
+ */
+static void test_dirty_repair(void)
+{
+	const char *img_path = P("dirty.qcow2");
+	const uint64_t size = 16ull << 20, len = 1 << 20;
+	uint8_t *buf = io_alloc_aligned(len), *want = malloc(len);
+	struct img *img;
+	uint8_t inc[8];
+	FILE *f;
+
+	CU_ASSERT_FATAL(buf && want);
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on %s %llu",
+				 img_path, (unsigned long long)size),
+			      0);
+	/* qemu-io dies of SIGABRT: no exit status to look at */
+	sh("qemu-io -c 'write -q -P 0x5a 0 1M' -c 'write -q -P 0x33 8M 64k' -c abort %s "
+	   ">/dev/null 2>&1",
+	   img_path);
+	CU_ASSERT_NOT_EQUAL_FATAL(sh("qemu-img check -q %s >/dev/null 2>&1", img_path), 0);
+
+	img = open_img(img_path, true); /* read-only: no repair, data served */
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, buf, 0, len, 0), 0);
+	memset(want, 0x5a, len);
+	CU_ASSERT(memcmp(buf, want, len) == 0);
+	img_close(img);
+
+	img = open_img(img_path, false); /* read-write: repaired first */
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, buf, 0, len, 0), 0);
+	CU_ASSERT(memcmp(buf, want, len) == 0);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, buf, 8ull << 20, 65536, 0), 0);
+	memset(want, 0x33, 65536);
+	CU_ASSERT(memcmp(buf, want, 65536) == 0);
+	img_close(img);
+
+	CU_ASSERT_EQUAL(sh("qemu-img check -q %s", img_path), 0);
+	f = fopen(img_path, "rb");
+	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+	CU_ASSERT_EQUAL(fseek(f, 72, SEEK_SET), 0);
+	CU_ASSERT_EQUAL(fread(inc, 1, 8, f), 8);
+	fclose(f);
+	CU_ASSERT_EQUAL(inc[7] & 1, 0); /* incompatible_features: dirty bit clear */
+	io_free_aligned(buf);
+	free(want);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -891,6 +942,7 @@ int main(void)
 	CU_add_test(s, "external data file", test_datafile);
 	CU_add_test(s, "refcount table growth", test_reftable_growth);
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
+	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();

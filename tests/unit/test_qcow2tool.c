@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Unit tests of the offline qcow2 tools (qcow2/offline.h): create, info,
+ * Unit tests of the offline qcow2 tools (qcow2tool/qcow2tool.h): create, info,
  * check/repair and map on files made here, without qemu-img (the qemu-img
  * oracle tests are in tests/qcow2). Damage is injected with the format.h
  * helpers. Files live in $VQCOW_TEST_DIR, else the current directory.
@@ -14,7 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "offline.h"
+#include "qcow2tool.h"
 
 static char g_dir[512];
 static char g_err[512];

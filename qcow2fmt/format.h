@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/format.h — the qcow2 on-disk format (QEMU docs/interop/qcow2.txt),
+ * qcow2fmt/format.h — the qcow2 on-disk format (QEMU docs/interop/qcow2.txt),
  * big-endian accessors and a pure header parser/validator.
  *
- * Nothing here does I/O or allocates: the header parser works on a buffer the
- * caller read (the first cluster of the file), and the entry helpers decode
- * values the caller loaded. Shared by the engine (qcow2.h) and the offline
- * tool (vqcow-img create/info/check/map).
+ * Nothing here does I/O: the header parser works on a buffer the caller read
+ * (the first cluster of the file), and the entry helpers decode values the
+ * caller loaded. Shared by the
+ * engine (qcow2/) and the offline tool (qcow2tool/); image.h adds what needs
+ * reading, over an I/O interface the caller provides.
  *
  * Summary of the format (our words; the spec is the source of truth):
  *  - The file is cut into clusters of 1 << cluster_bits bytes (512 B..2 MiB
@@ -550,5 +551,23 @@ static inline uint64_t qcow2_l1_entries_for(uint64_t size, unsigned cluster_bits
 
 	return n + ((size & ((1ull << shift) - 1)) != 0);
 }
+
+/* ---- helpers shared by the engine and the tool ---- */
+
+/*
+ * The one error formatter: printf @fmt into @err (@errlen bytes; nothing if
+ * @err is NULL or @errlen 0) and return @ret, so a failure reads
+ * "return qcow2_seterr(err, errlen, -EINVAL, ...)".
+ */
+int qcow2_seterr(char *err, size_t errlen, int ret, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/*
+ * The one backing/data file name resolver: @name relative to the directory
+ * of @image (as QEMU resolves a relative backing file name), or a copy of
+ * @name if it is absolute or @image has no directory part. malloc'd; NULL on
+ * ENOMEM.
+ */
+char *qcow2_path_relative(const char *image, const char *name);
 
 #endif /* VQCOW_QCOW2_FORMAT_H */

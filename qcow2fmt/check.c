@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/check.c — consistency check and repair (vqcow-img check, and the
- * engine's repair of a dirty image). See offline.h for the contract.
+ * qcow2fmt/check.c — consistency check and repair (vqcow-img check, and the
+ * engine's repair of a dirty image at open). All I/O goes through the
+ * caller's struct qcow2_io. See image.h for the contract.
  *
  * The check follows the semantics of qemu-img check so that the two agree on
  * every image (same exit status, same counts):
@@ -29,14 +30,12 @@
  * known to hold anything else (header, tables of another kind).
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "offline.h"
+#include "image.h"
 
 /* What a cluster is used as (bitmask per cluster), for overlap reports and write guards. */
 enum {
@@ -86,7 +85,7 @@ struct chk {
 	const struct qcow2_header_info *h;
 	const struct qcow2_tool_cb *cb;
 	struct qcow2_check_result *res;
-	int fd;
+	const struct qcow2_io *io; /* the image file */
 	uint64_t cs;
 	unsigned cbits;
 	uint64_t file_size;
@@ -290,7 +289,7 @@ static int rbc_flush_one(struct chk *c, struct rbc_entry *e)
 		e->valid = false;
 		return -EIO;
 	}
-	ret = qcow2_pwrite_full(c->fd, e->buf, c->cs, e->off);
+	ret = qcow2_io_write(c->io, e->buf, c->cs, e->off);
 	if (ret < 0) {
 		MSG(c, QCOW2_MSG_ERROR, "ERROR: writing refcount block at 0x%" PRIx64 ": %s",
 		    e->off, strerror(-ret));
@@ -335,7 +334,7 @@ static int rbc_get(struct chk *c, uint64_t off, uint8_t **buf)
 	if (!e->buf && !(e->buf = malloc(c->cs)))
 		return -ENOMEM;
 	e->valid = false;
-	ret = qcow2_pread_full(c->fd, e->buf, c->cs, off);
+	ret = qcow2_io_read(c->io, e->buf, c->cs, off);
 	if (ret < 0)
 		return ret;
 	e->off = off;
@@ -453,7 +452,7 @@ static int write_l2(struct chk *c, uint64_t l2_off)
 		c->res->check_errors++;
 		return -EIO;
 	}
-	ret = qcow2_pwrite_full(c->fd, c->l2buf, c->cs, l2_off);
+	ret = qcow2_io_write(c->io, c->l2buf, c->cs, l2_off);
 	if (ret < 0) {
 		MSG(c, QCOW2_MSG_ERROR, "ERROR: could not write L2 table at 0x%" PRIx64 ": %s",
 		    l2_off, strerror(-ret));
@@ -480,9 +479,9 @@ static int copy_cluster(struct chk *c, uint64_t off, uint64_t *noff)
 	buf = malloc(c->cs);
 	if (!buf)
 		return -ENOMEM;
-	ret = qcow2_pread_full(c->fd, buf, c->cs, off);
+	ret = qcow2_io_read(c->io, buf, c->cs, off);
 	if (ret == 0)
-		ret = qcow2_pwrite_full(c->fd, buf, c->cs, dst);
+		ret = qcow2_io_write(c->io, buf, c->cs, dst);
 	free(buf);
 	if (ret < 0) {
 		MSG(c, QCOW2_MSG_ERROR, "ERROR: copying cluster 0x%" PRIx64 ": %s", off,
@@ -504,7 +503,7 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 	bool dirty = false;
 	int ret;
 
-	ret = qcow2_pread_full(c->fd, c->l2buf, c->cs, l2_off);
+	ret = qcow2_io_read(c->io, c->l2buf, c->cs, l2_off);
 	if (ret < 0) {
 		MSG(c, QCOW2_MSG_ERROR,
 		    "ERROR: I/O error reading the L2 table at 0x%" PRIx64 ": %s", l2_off,
@@ -722,7 +721,7 @@ static int write_l1_entry(struct chk *c, uint64_t l1_off, uint32_t l1_size, uint
 		return -EIO;
 	}
 	qcow2_put_be64(b, v);
-	ret = qcow2_pwrite_full(c->fd, b, 8, l1_off + (uint64_t)i * 8);
+	ret = qcow2_io_write(c->io, b, 8, l1_off + (uint64_t)i * 8);
 	if (ret < 0) {
 		MSG(c, QCOW2_MSG_ERROR, "ERROR: could not write the L1 table: %s", strerror(-ret));
 		c->res->check_errors++;
@@ -747,7 +746,7 @@ static int walk_l1(struct chk *c, uint64_t l1_off, uint32_t l1_size, bool active
 	if (active) {
 		l1 = c->im->l1;
 	} else {
-		ret = qcow2_read_table(c->fd, l1_off, l1_size, &l1);
+		ret = qcow2_read_table(c->io, l1_off, l1_size, &l1);
 		if (ret < 0) {
 			MSG(c, QCOW2_MSG_ERROR,
 			    "ERROR: I/O error reading the L1 table at 0x%" PRIx64, l1_off);
@@ -841,7 +840,7 @@ static int walk_bitmaps(struct chk *c)
 		c->res->check_errors++;
 		return -ENOMEM;
 	}
-	ret = qcow2_pread_full(c->fd, dir, h->bitmap_directory_size, h->bitmap_directory_offset);
+	ret = qcow2_io_read(c->io, dir, h->bitmap_directory_size, h->bitmap_directory_offset);
 	if (ret < 0) {
 		c->res->check_errors++;
 		goto out_dir;
@@ -881,7 +880,7 @@ static int walk_bitmaps(struct chk *c)
 		ret = inc_refs(c, toff, (uint64_t)tsize * 8, K_BITMAP);
 		if (ret < 0)
 			break;
-		ret = qcow2_read_table(c->fd, toff, tsize, &tbl);
+		ret = qcow2_read_table(c->io, toff, tsize, &tbl);
 		if (ret < 0) {
 			c->res->check_errors++;
 			break;
@@ -1154,30 +1153,28 @@ static int rebuild(struct chk *c)
 				v = qcow2_refcount_max(h->refcount_order);
 			qcow2_refcount_set(buf, j, h->refcount_order, v);
 		}
-		ret = qcow2_pwrite_full(c->fd, buf, c->cs, off);
+		ret = qcow2_io_write(c->io, buf, c->cs, off);
 		if (ret < 0)
 			goto fail;
 		rt[b] = off;
 	}
 	for (uint64_t i = 0; i < nrt * c->cs / 8; i++)
 		qcow2_put_be64(&rt[i], rt[i]);
-	ret = qcow2_pwrite_full(c->fd, rt, nrt * c->cs, (start + nrb) << c->cbits);
+	ret = qcow2_io_write(c->io, rt, nrt * c->cs, (start + nrb) << c->cbits);
 	if (ret < 0)
 		goto fail;
-	if (fdatasync(c->fd) < 0) {
-		ret = -errno;
+	ret = qcow2_io_sync(c->io);
+	if (ret < 0)
 		goto fail;
-	}
 	/* refcount_table_offset and refcount_table_clusters are adjacent: one write */
 	qcow2_put_be64(hdr, (start + nrb) << c->cbits);
 	qcow2_put_be32(hdr + 8, (uint32_t)nrt);
-	ret = qcow2_pwrite_full(c->fd, hdr, sizeof(hdr), QCOW2_OFF_REFCOUNT_TABLE_OFFSET);
+	ret = qcow2_io_write(c->io, hdr, sizeof(hdr), QCOW2_OFF_REFCOUNT_TABLE_OFFSET);
 	if (ret < 0)
 		goto fail;
-	if (fdatasync(c->fd) < 0) {
-		ret = -errno;
+	ret = qcow2_io_sync(c->io);
+	if (ret < 0)
 		goto fail;
-	}
 	c->wrote = true;
 	/* the in-memory view follows the header */
 	for (uint64_t i = 0; i < nrt * c->cs / 8; i++)
@@ -1237,7 +1234,7 @@ static int check_copied(struct chk *c, unsigned fix)
 				c->res->corruptions_fixed++;
 			}
 		}
-		ret = qcow2_pread_full(c->fd, c->l2buf, c->cs, l2_off);
+		ret = qcow2_io_read(c->io, c->l2buf, c->cs, l2_off);
 		if (ret < 0) {
 			MSG(c, QCOW2_MSG_ERROR, "ERROR: Could not read L2 table: %s",
 			    strerror(-ret));
@@ -1361,16 +1358,18 @@ static int mark_clean(struct chk *c, bool *cleared)
 	*cleared = false;
 	if (c->h->version < 3 || !(inc & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)))
 		return 0;
-	if (fdatasync(c->fd) < 0)
-		return -errno;
+	ret = qcow2_io_sync(c->io);
+	if (ret < 0)
+		return ret;
 	*cleared = (inc & QCOW2_INCOMPAT_DIRTY) != 0;
 	inc &= ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT);
 	qcow2_put_be64(b, inc);
-	ret = qcow2_pwrite_full(c->fd, b, 8, QCOW2_OFF_INCOMPAT);
+	ret = qcow2_io_write(c->io, b, 8, QCOW2_OFF_INCOMPAT);
 	if (ret < 0)
 		return ret;
-	if (fdatasync(c->fd) < 0)
-		return -errno;
+	ret = qcow2_io_sync(c->io);
+	if (ret < 0)
+		return ret;
 	c->im->h.incompatible_features = inc;
 	return 0;
 }
@@ -1398,7 +1397,7 @@ static int check_once(struct qcow2_oimg *im, unsigned fix, struct qcow2_check_re
 	c.h = &im->h;
 	c.cb = cb;
 	c.res = res;
-	c.fd = im->fd;
+	c.io = &im->io;
 	c.cs = im->h.cluster_size;
 	c.cbits = im->h.cluster_bits;
 	c.file_size = im->file_size;
@@ -1424,9 +1423,13 @@ static int check_once(struct qcow2_oimg *im, unsigned fix, struct qcow2_check_re
 			c.wrote = true;
 		}
 	}
-	if (c.wrote && fdatasync(c.fd) < 0 && !ret) {
-		ret = -errno;
-		res->check_errors++;
+	if (c.wrote) {
+		int sret = qcow2_io_sync(c.io);
+
+		if (sret < 0 && !ret) {
+			ret = sret;
+			res->check_errors++;
+		}
 	}
 	im->file_size = c.file_size > im->file_size ? c.file_size : im->file_size;
 out:
@@ -1436,8 +1439,9 @@ out:
 	return ret;
 }
 
-int qcow2_check_fd(int fd, const char *name, unsigned flags, struct qcow2_check_result *res,
-		   const struct qcow2_tool_cb *cb, char *err, size_t errlen)
+int qcow2_check_io(const struct qcow2_io *io, const char *name, unsigned flags,
+		   struct qcow2_check_result *res, const struct qcow2_tool_cb *cb, char *err,
+		   size_t errlen)
 {
 	struct qcow2_oimg im;
 	int ret;
@@ -1447,7 +1451,7 @@ int qcow2_check_fd(int fd, const char *name, unsigned flags, struct qcow2_check_
 		err[0] = 0;
 	if (flags & QCOW2_CHECK_FIX_ERRORS)
 		flags |= QCOW2_CHECK_FIX_LEAKS;
-	ret = qcow2_oimg_open_fd(&im, fd, name, flags != 0, err, errlen);
+	ret = qcow2_oimg_open(&im, io, name, flags != 0, err, errlen);
 	if (ret < 0) {
 		res->check_errors = 1;
 		goto out;
@@ -1461,7 +1465,7 @@ int qcow2_check_fd(int fd, const char *name, unsigned flags, struct qcow2_check_
 		char e2[256];
 
 		qcow2_oimg_close(&im);
-		ret = qcow2_oimg_open_fd(&im, fd, name, false, e2, sizeof(e2));
+		ret = qcow2_oimg_open(&im, io, name, false, e2, sizeof(e2));
 		if (ret < 0) {
 			snprintf(err, errlen, "re-reading the repaired image: %s", e2);
 			res->check_errors++;
@@ -1482,24 +1486,5 @@ int qcow2_check_fd(int fd, const char *name, unsigned flags, struct qcow2_check_
 	}
 out:
 	qcow2_oimg_close(&im);
-	return ret;
-}
-
-int qcow2_check(const char *path, unsigned flags, struct qcow2_check_result *res,
-		const struct qcow2_tool_cb *cb, char *err, size_t errlen)
-{
-	int fd, ret;
-
-	memset(res, 0, sizeof(*res));
-	fd = open(path, (flags ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-	if (fd < 0) {
-		ret = -errno;
-		res->check_errors = 1;
-		if (err && errlen)
-			snprintf(err, errlen, "%s", strerror(-ret));
-		return ret;
-	}
-	ret = qcow2_check_fd(fd, path, flags, res, cb, err, errlen);
-	close(fd);
 	return ret;
 }

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/create.c — create qcow2 and raw images (vqcow-img create).
+ * qcow2tool/create.c — create qcow2 and raw images (vqcow-img create).
  *
  * Layout of a new qcow2 image (all clusters in use, refcount 1 each):
  *
@@ -19,7 +19,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,22 +26,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "offline.h"
+#include "qcow2tool.h"
 
 #define CREATE_CHUNK (1u << 20) /* zero-writing chunk for preallocation=full */
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-}
 
 static uint64_t div_up(uint64_t a, uint64_t b)
 {
@@ -98,14 +84,14 @@ static int preallocate_data(int fd, enum qcow2_prealloc mode, uint64_t off, uint
 	if (mode == QCOW2_PREALLOC_FALLOC) {
 		if (fallocate(fd, 0, (off_t)off, (off_t)len) < 0) {
 			ret = -errno;
-			seterr(err, errlen, "fallocate failed: %s", strerror(-ret));
+			qcow2_seterr(err, errlen, 0, "fallocate failed: %s", strerror(-ret));
 			return ret;
 		}
 		return 0;
 	}
 	ret = write_zeroes(fd, off, len, cb, &done, len);
 	if (ret < 0)
-		seterr(err, errlen, "writing zeroes failed: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "writing zeroes failed: %s", strerror(-ret));
 	return ret;
 }
 
@@ -115,22 +101,23 @@ int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc preall
 	int fd, ret;
 
 	if (prealloc == QCOW2_PREALLOC_METADATA) {
-		seterr(err, errlen, "preallocation=metadata is not supported for raw images");
+		qcow2_seterr(err, errlen, 0,
+			     "preallocation=metadata is not supported for raw images");
 		return -EINVAL;
 	}
 	if (size > (uint64_t)INT64_MAX) {
-		seterr(err, errlen, "size %llu too large", (unsigned long long)size);
+		qcow2_seterr(err, errlen, 0, "size %llu too large", (unsigned long long)size);
 		return -EFBIG;
 	}
 	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (fd < 0) {
 		ret = -errno;
-		seterr(err, errlen, "cannot create: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "cannot create: %s", strerror(-ret));
 		return ret;
 	}
 	if (ftruncate(fd, (off_t)size) < 0) {
 		ret = -errno;
-		seterr(err, errlen, "cannot set the size: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "cannot set the size: %s", strerror(-ret));
 		goto out_unlink;
 	}
 	ret = preallocate_data(fd, prealloc, 0, size, cb, err, errlen);
@@ -138,7 +125,7 @@ int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc preall
 		goto out_unlink;
 	if (fdatasync(fd) < 0) {
 		ret = -errno;
-		seterr(err, errlen, "fdatasync failed: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "fdatasync failed: %s", strerror(-ret));
 		goto out_unlink;
 	}
 	close(fd);
@@ -172,11 +159,12 @@ static int compute_layout(struct layout *L, uint64_t size, bool prealloc, char *
 
 	L->l1_size = qcow2_l1_entries_for(size, L->cluster_bits, L->l2_bits);
 	if (L->l1_size > QCOW2_MAX_L1_ENTRIES) {
-		seterr(err, errlen,
-		       "image size %llu is too large for cluster_size %llu (the L1 table would "
-		       "need %llu entries, the limit is %u)",
-		       (unsigned long long)size, (unsigned long long)L->cs,
-		       (unsigned long long)L->l1_size, QCOW2_MAX_L1_ENTRIES);
+		qcow2_seterr(
+		    err, errlen, 0,
+		    "image size %llu is too large for cluster_size %llu (the L1 table would "
+		    "need %llu entries, the limit is %u)",
+		    (unsigned long long)size, (unsigned long long)L->cs,
+		    (unsigned long long)L->l1_size, QCOW2_MAX_L1_ENTRIES);
 		return -EFBIG;
 	}
 	L->l1_clusters = div_up(L->l1_size * 8, L->cs);
@@ -196,10 +184,11 @@ static int compute_layout(struct layout *L, uint64_t size, bool prealloc, char *
 		L->nrt = nrt;
 	}
 	if (L->nrt * L->cs > QCOW2_MAX_REFTABLE_BYTES) {
-		seterr(err, errlen,
-		       "the refcount table would need %llu bytes (limit %u): use larger clusters "
-		       "or less preallocation",
-		       (unsigned long long)(L->nrt * L->cs), QCOW2_MAX_REFTABLE_BYTES);
+		qcow2_seterr(
+		    err, errlen, 0,
+		    "the refcount table would need %llu bytes (limit %u): use larger clusters "
+		    "or less preallocation",
+		    (unsigned long long)(L->nrt * L->cs), QCOW2_MAX_REFTABLE_BYTES);
 		return -EFBIG;
 	}
 	L->total = fixed + L->nrt + L->nrb;
@@ -210,7 +199,7 @@ static int compute_layout(struct layout *L, uint64_t size, bool prealloc, char *
 	L->data_off = L->l2_off + L->nl2 * L->cs;
 	L->end = L->data_off + L->ndata * L->cs;
 	if (L->end / L->cs != L->total || L->end >= QCOW2_MAX_HOST_OFFSET) {
-		seterr(err, errlen, "image too large");
+		qcow2_seterr(err, errlen, 0, "image too large");
 		return -EFBIG;
 	}
 	return 0;
@@ -273,7 +262,7 @@ static int write_metadata(int fd, const struct layout *L, bool extl2, char *err,
 	}
 	free(buf);
 	if (ret < 0)
-		seterr(err, errlen, "writing metadata failed: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "writing metadata failed: %s", strerror(-ret));
 	return ret;
 }
 
@@ -310,10 +299,11 @@ static int build_header(uint8_t *buf, const struct layout *L, uint64_t size, int
 	if (features)
 		need += 8 + N_FEATURES * 48;
 	if (need > L->cs) {
-		seterr(err, errlen,
-		       "the header, its extensions and the backing file name (%llu bytes) do not "
-		       "fit in one %llu-byte cluster",
-		       (unsigned long long)need, (unsigned long long)L->cs);
+		qcow2_seterr(
+		    err, errlen, 0,
+		    "the header, its extensions and the backing file name (%llu bytes) do not "
+		    "fit in one %llu-byte cluster",
+		    (unsigned long long)need, (unsigned long long)L->cs);
 		return -EINVAL;
 	}
 	qcow2_put_be32(&h->magic, QCOW2_MAGIC);
@@ -365,8 +355,8 @@ static int probe_backing(const char *path, const struct qcow2_create_opts *o, ch
 	int ret;
 
 	if (o->backing_fmt && strcmp(o->backing_fmt, "qcow2") && strcmp(o->backing_fmt, "raw")) {
-		seterr(err, errlen, "unsupported backing file format '%s' (qcow2 or raw)",
-		       o->backing_fmt);
+		qcow2_seterr(err, errlen, 0, "unsupported backing file format '%s' (qcow2 or raw)",
+			     o->backing_fmt);
 		return -ENOTSUP;
 	}
 	full = qcow2_path_relative(path, o->backing_file);
@@ -374,7 +364,7 @@ static int probe_backing(const char *path, const struct qcow2_create_opts *o, ch
 		return -ENOMEM;
 	ret = qcow2_info(full, o->backing_fmt, &info, perr, sizeof(perr));
 	if (ret < 0) {
-		seterr(err, errlen, "could not open backing file '%s': %s", full, perr);
+		qcow2_seterr(err, errlen, 0, "could not open backing file '%s': %s", full, perr);
 		free(full);
 		return ret;
 	}
@@ -401,56 +391,60 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 		err[0] = 0;
 	/* ---- validate the combination before touching the file system ---- */
 	if (version != 2 && version != 3) {
-		seterr(err, errlen, "invalid compat level (0.10 or 1.1)");
+		qcow2_seterr(err, errlen, 0, "invalid compat level (0.10 or 1.1)");
 		return -EINVAL;
 	}
 	if (!is_pow2(cs) || cs < 512 || cs > QCOW2_MAX_CLUSTER_SIZE) {
-		seterr(err, errlen,
-		       "cluster size must be a power of two between 512 and 2M (got %llu)",
-		       (unsigned long long)cs);
+		qcow2_seterr(err, errlen, 0,
+			     "cluster size must be a power of two between 512 and 2M (got %llu)",
+			     (unsigned long long)cs);
 		return -EINVAL;
 	}
 	if (!is_pow2(refbits) || refbits > 64) {
-		seterr(err, errlen, "refcount_bits must be a power of two up to 64 (got %u)",
-		       refbits);
+		qcow2_seterr(err, errlen, 0,
+			     "refcount_bits must be a power of two up to 64 (got %u)", refbits);
 		return -EINVAL;
 	}
 	if (version == 2 && refbits != 16) {
-		seterr(err, errlen,
-		       "different refcount widths than 16 bits require compatibility level 1.1");
+		qcow2_seterr(
+		    err, errlen, 0,
+		    "different refcount widths than 16 bits require compatibility level 1.1");
 		return -EINVAL;
 	}
 	if (version == 2 && o->extended_l2) {
-		seterr(err, errlen, "extended L2 entries are only supported with compat=1.1");
+		qcow2_seterr(err, errlen, 0,
+			     "extended L2 entries are only supported with compat=1.1");
 		return -EINVAL;
 	}
 	if (version == 2 && o->lazy_refcounts) {
-		seterr(err, errlen, "lazy refcounts only supported with compat=1.1");
+		qcow2_seterr(err, errlen, 0, "lazy refcounts only supported with compat=1.1");
 		return -EINVAL;
 	}
 	if (o->extended_l2 && cs < (1u << QCOW2_MIN_CLUSTER_BITS_EXTL2)) {
-		seterr(err, errlen,
-		       "extended L2 entries are only supported with cluster sizes of at least "
-		       "%u bytes",
-		       1u << QCOW2_MIN_CLUSTER_BITS_EXTL2);
+		qcow2_seterr(
+		    err, errlen, 0,
+		    "extended L2 entries are only supported with cluster sizes of at least "
+		    "%u bytes",
+		    1u << QCOW2_MIN_CLUSTER_BITS_EXTL2);
 		return -EINVAL;
 	}
 	if (o->backing_fmt && !o->backing_file) {
-		seterr(err, errlen, "a backing format was given without a backing file");
+		qcow2_seterr(err, errlen, 0, "a backing format was given without a backing file");
 		return -EINVAL;
 	}
 	if (o->backing_file) {
 		uint64_t bsize;
 
 		if (!o->backing_file[0] || strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME) {
-			seterr(err, errlen, "backing file name must be 1..%u bytes",
-			       QCOW2_MAX_BACKING_NAME);
+			qcow2_seterr(err, errlen, 0, "backing file name must be 1..%u bytes",
+				     QCOW2_MAX_BACKING_NAME);
 			return -EINVAL;
 		}
 		if (o->prealloc != QCOW2_PREALLOC_OFF && !o->extended_l2) {
-			seterr(err, errlen,
-			       "backing file and preallocation can only be used at the same time "
-			       "if extended_l2 is on");
+			qcow2_seterr(
+			    err, errlen, 0,
+			    "backing file and preallocation can only be used at the same time "
+			    "if extended_l2 is on");
 			return -EINVAL;
 		}
 		ret = probe_backing(path, o, bfmt, sizeof(bfmt), &bsize, err, errlen);
@@ -459,11 +453,12 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 		if (!o->size_set)
 			size = bsize;
 	} else if (!o->size_set) {
-		seterr(err, errlen, "image creation needs a size parameter");
+		qcow2_seterr(err, errlen, 0, "image creation needs a size parameter");
 		return -EINVAL;
 	}
 	if (size > (1ull << 62)) {
-		seterr(err, errlen, "image size %llu is too large", (unsigned long long)size);
+		qcow2_seterr(err, errlen, 0, "image size %llu is too large",
+			     (unsigned long long)size);
 		return -EFBIG;
 	}
 	size = (size + 511) & ~511ull;
@@ -486,12 +481,12 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (fd < 0) {
 		ret = -errno;
-		seterr(err, errlen, "cannot create: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "cannot create: %s", strerror(-ret));
 		goto out_free;
 	}
 	if (ftruncate(fd, (off_t)L.end) < 0) {
 		ret = -errno;
-		seterr(err, errlen, "cannot set the file size: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "cannot set the file size: %s", strerror(-ret));
 		goto out_unlink;
 	}
 	ret = write_metadata(fd, &L, o->extended_l2, err, errlen);
@@ -502,7 +497,7 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 		goto out_unlink;
 	if (fdatasync(fd) < 0) {
 		ret = -errno;
-		seterr(err, errlen, "fdatasync failed: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "fdatasync failed: %s", strerror(-ret));
 		goto out_unlink;
 	}
 	/* the header last: until here the file is not a qcow2 image */
@@ -510,7 +505,7 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 	if (ret == 0 && fdatasync(fd) < 0)
 		ret = -errno;
 	if (ret < 0) {
-		seterr(err, errlen, "writing the header failed: %s", strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "writing the header failed: %s", strerror(-ret));
 		goto out_unlink;
 	}
 	close(fd);

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/map.c — vqcow-img map: the allocation status of every guest range
+ * qcow2tool/map.c — vqcow-img map: the allocation status of every guest range
  * through the backing chain, with qemu-img map's semantics:
  *
  *  - Each layer answers for a range: DATA (read from a host file), ZERO
@@ -26,14 +26,13 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "offline.h"
+#include "qcow2tool.h"
 
 #define MAP_MAX_DEPTH 32
 
@@ -69,19 +68,6 @@ struct status {
 	const struct layer *file; /* the layer whose file holds the data */
 };
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-}
-
 static void layer_free(struct layer *L)
 {
 	while (L) {
@@ -100,16 +86,6 @@ static void layer_free(struct layer *L)
 	}
 }
 
-static int fsize(int fd, uint64_t *size)
-{
-	struct stat st;
-
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	*size = (uint64_t)st.st_size;
-	return 0;
-}
-
 static int layer_open(struct layer **out, const char *path, const char *fmt, unsigned depth,
 		      char *err, size_t errlen)
 {
@@ -117,10 +93,9 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 	int ret, q;
 
 	*out = NULL;
-	if (depth >= MAP_MAX_DEPTH) {
-		seterr(err, errlen, "backing chain longer than %u images (a loop?)", MAP_MAX_DEPTH);
-		return -ELOOP;
-	}
+	if (depth >= MAP_MAX_DEPTH)
+		return qcow2_seterr(err, errlen, -ELOOP,
+				    "backing chain longer than %u images (a loop?)", MAP_MAX_DEPTH);
 	L = calloc(1, sizeof(*L));
 	if (!L)
 		return -ENOMEM;
@@ -134,10 +109,10 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 	L->fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (L->fd < 0) {
 		ret = -errno;
-		seterr(err, errlen, "could not open '%s': %s", path, strerror(-ret));
+		qcow2_seterr(err, errlen, 0, "could not open '%s': %s", path, strerror(-ret));
 		goto fail;
 	}
-	ret = fsize(L->fd, &L->file_size);
+	ret = qcow2_fd_size(L->fd, &L->file_size, NULL);
 	if (ret < 0)
 		goto fail;
 	q = qcow2_probe(L->fd);
@@ -148,11 +123,11 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 	if (fmt && !strcmp(fmt, "raw"))
 		q = 0;
 	else if (fmt && strcmp(fmt, "qcow2")) {
-		seterr(err, errlen, "'%s': unsupported format '%s'", path, fmt);
+		qcow2_seterr(err, errlen, 0, "'%s': unsupported format '%s'", path, fmt);
 		ret = -ENOTSUP;
 		goto fail;
 	} else if (fmt && !q) {
-		seterr(err, errlen, "'%s' is not a qcow2 image (bad magic)", path);
+		qcow2_seterr(err, errlen, 0, "'%s' is not a qcow2 image (bad magic)", path);
 		ret = -EINVAL;
 		goto fail;
 	}
@@ -165,12 +140,13 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 		return 0;
 	}
 	{
+		struct qcow2_io io = qcow2_fd_io(L->fd);
 		char e2[256] = "";
 
-		ret = qcow2_oimg_open_fd(&L->im, L->fd, path, false, e2, sizeof(e2));
+		ret = qcow2_oimg_open(&L->im, &io, path, false, e2, sizeof(e2));
 		L->im_open = true;
 		if (ret < 0) {
-			seterr(err, errlen, "'%s': %s", path, e2);
+			qcow2_seterr(err, errlen, 0, "'%s': %s", path, e2);
 			goto fail;
 		}
 	}
@@ -193,13 +169,13 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 			L->data_fd = open(L->im.h.data_file, O_RDONLY | O_CLOEXEC);
 		if (L->data_fd < 0) {
 			ret = -errno;
-			seterr(err, errlen, "could not open data file '%s': %s", df,
-			       strerror(-ret));
+			qcow2_seterr(err, errlen, 0, "could not open data file '%s': %s", df,
+				     strerror(-ret));
 			free(df);
 			goto fail;
 		}
 		free(df);
-		ret = fsize(L->data_fd, &L->data_size);
+		ret = qcow2_fd_size(L->data_fd, &L->data_size, NULL);
 		if (ret < 0)
 			goto fail;
 	}
@@ -370,16 +346,17 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		return 0;
 	}
 	if (l2_off & (cs - 1) || l2_off + cs > L->file_size) {
-		seterr(err, errlen, "'%s': L2 table offset 0x%llx (L1 index %llu) is %s", L->path,
-		       (unsigned long long)l2_off, (unsigned long long)l1_idx,
-		       l2_off & (cs - 1) ? "not cluster aligned" : "past the end of the file");
+		qcow2_seterr(err, errlen, 0, "'%s': L2 table offset 0x%llx (L1 index %llu) is %s",
+			     L->path, (unsigned long long)l2_off, (unsigned long long)l1_idx,
+			     l2_off & (cs - 1) ? "not cluster aligned"
+					       : "past the end of the file");
 		return -EIO;
 	}
 	if (L->l2_off != l2_off) {
 		ret = qcow2_pread_full(L->fd, L->l2, cs, l2_off);
 		if (ret < 0) {
-			seterr(err, errlen, "'%s': reading an L2 table: %s", L->path,
-			       strerror(-ret));
+			qcow2_seterr(err, errlen, 0, "'%s': reading an L2 table: %s", L->path,
+				     strerror(-ret));
 			return ret;
 		}
 		L->l2_off = l2_off;
@@ -403,8 +380,8 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 
 		if (t == SC_INVALID) {
 			if (pos == off) {
-				seterr(
-				    err, errlen,
+				qcow2_seterr(
+				    err, errlen, 0,
 				    "'%s': invalid L2 entry 0x%llx (subcluster bitmap 0x%llx) for "
 				    "guest offset 0x%llx",
 				    L->path, (unsigned long long)e, (unsigned long long)bm,
@@ -415,11 +392,12 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		}
 		if (t == SC_NORMAL && (e & QCOW2_L2E_OFFSET_MASK & (cs - 1))) {
 			if (pos == off) {
-				seterr(err, errlen,
-				       "'%s': cluster offset 0x%llx is not cluster aligned (guest "
-				       "offset 0x%llx)",
-				       L->path, (unsigned long long)(e & QCOW2_L2E_OFFSET_MASK),
-				       (unsigned long long)pos);
+				qcow2_seterr(
+				    err, errlen, 0,
+				    "'%s': cluster offset 0x%llx is not cluster aligned (guest "
+				    "offset 0x%llx)",
+				    L->path, (unsigned long long)(e & QCOW2_L2E_OFFSET_MASK),
+				    (unsigned long long)pos);
 				return -EIO;
 			}
 			break;
@@ -542,8 +520,9 @@ int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
 			if (ret < 0)
 				goto out;
 			if (!st.pnum) {
-				seterr(err, errlen, "internal error: no progress at 0x%llx",
-				       (unsigned long long)off);
+				qcow2_seterr(err, errlen, 0,
+					     "internal error: no progress at 0x%llx",
+					     (unsigned long long)off);
 				ret = -EIO;
 				goto out;
 			}

@@ -1,16 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2/format.c — header parsing and validation (pure; see format.h).
+ * qcow2fmt/format.c — header parsing and validation, snapshot entry
+ * decoding, the error formatter and the backing/data file name resolver
+ * (pure: no I/O; see format.h).
  */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "format.h"
 
-__attribute__((format(printf, 4, 5))) static int fail(char *err, size_t errlen, int ret,
-						      const char *fmt, ...)
+int qcow2_seterr(char *err, size_t errlen, int ret, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -93,7 +95,7 @@ static int parse_extensions(const uint8_t *b, uint32_t start, uint32_t end, uint
 		uint32_t type, elen, padded;
 
 		if (end - off < 8)
-			return fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "header extension at offset %u: truncated (%u bytes left before %s)",
 			    off, end - off,
@@ -107,48 +109,53 @@ static int parse_extensions(const uint8_t *b, uint32_t start, uint32_t end, uint
 			break;
 		}
 		if (elen > end - off)
-			return fail(err, errlen, -EINVAL,
-				    "header extension 0x%08x at offset %u: length %u runs past %s",
-				    type, off - 8, elen,
-				    h->backing_file_offset ? "the backing file name"
-							   : "the end of the first cluster");
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "header extension 0x%08x at offset %u: length %u runs past %s", type,
+			    off - 8, elen,
+			    h->backing_file_offset ? "the backing file name"
+						   : "the end of the first cluster");
 		padded = (elen + 7u) & ~7u;
 		if (padded > end - off)
 			padded = end - off; /* padding may be cut by the limit */
 		switch (type) {
 		case QCOW2_EXT_BACKING_FORMAT:
 			if (h->has_backing_fmt)
-				return fail(err, errlen, -EINVAL,
-					    "backing format header extension appears twice");
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "backing format header extension appears twice");
 			if (elen == 0 || elen > QCOW2_MAX_BACKING_FMT)
-				return fail(
+				return qcow2_seterr(
 				    err, errlen, -EINVAL,
 				    "backing format header extension: bad length %u (1..%u)", elen,
 				    QCOW2_MAX_BACKING_FMT);
 			if (!copy_name(h->backing_fmt, b + off, elen))
-				return fail(err, errlen, -EINVAL,
-					    "backing format header extension contains a NUL byte");
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "backing format header extension contains a NUL byte");
 			h->has_backing_fmt = true;
 			break;
 		case QCOW2_EXT_DATA_FILE:
 			if (h->has_data_file)
-				return fail(
+				return qcow2_seterr(
 				    err, errlen, -EINVAL,
 				    "external data file name header extension appears twice");
 			if (elen == 0 || elen > QCOW2_MAX_DATA_FILE_NAME)
-				return fail(err, errlen, -EINVAL,
-					    "external data file name header extension: bad length "
-					    "%u (1..%u)",
-					    elen, QCOW2_MAX_DATA_FILE_NAME);
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "external data file name header extension: bad length "
+				    "%u (1..%u)",
+				    elen, QCOW2_MAX_DATA_FILE_NAME);
 			if (!copy_name(h->data_file, b + off, elen))
-				return fail(err, errlen, -EINVAL,
-					    "external data file name contains a NUL byte");
+				return qcow2_seterr(err, errlen, -EINVAL,
+						    "external data file name contains a NUL byte");
 			h->has_data_file = true;
 			break;
 		case QCOW2_EXT_FEATURE_TABLE:
 			if (h->feature_table_offset)
-				return fail(err, errlen, -EINVAL,
-					    "feature name table header extension appears twice");
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "feature name table header extension appears twice");
 			h->feature_table_offset = off;
 			h->feature_table_len = elen / (uint32_t)sizeof(struct qcow2_feature_name);
 			break;
@@ -156,40 +163,45 @@ static int parse_extensions(const uint8_t *b, uint32_t start, uint32_t end, uint
 			const struct qcow2_bitmaps_ext *e = (const void *)(b + off);
 
 			if (h->has_bitmaps)
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension appears twice");
+				return qcow2_seterr(err, errlen, -EINVAL,
+						    "bitmaps header extension appears twice");
 			if (elen != sizeof(*e))
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension: length %u (want %zu)", elen,
-					    sizeof(*e));
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "bitmaps header extension: length %u (want %zu)", elen,
+				    sizeof(*e));
 			h->nb_bitmaps = qcow2_be32(&e->nb_bitmaps);
 			h->bitmap_directory_size = qcow2_be64(&e->bitmap_directory_size);
 			h->bitmap_directory_offset = qcow2_be64(&e->bitmap_directory_offset);
 			if (qcow2_be32(&e->reserved))
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension: reserved field not zero");
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "bitmaps header extension: reserved field not zero");
 			if (h->nb_bitmaps == 0 || h->nb_bitmaps > QCOW2_MAX_BITMAPS)
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension: nb_bitmaps %u (1..%u)",
-					    h->nb_bitmaps, QCOW2_MAX_BITMAPS);
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "bitmaps header extension: nb_bitmaps %u (1..%u)",
+				    h->nb_bitmaps, QCOW2_MAX_BITMAPS);
 			if (h->bitmap_directory_size == 0 ||
 			    h->bitmap_directory_size > QCOW2_MAX_BITMAP_DIR_BYTES)
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension: bitmap_directory_size %llu "
-					    "out of range",
-					    (unsigned long long)h->bitmap_directory_size);
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "bitmaps header extension: bitmap_directory_size %llu "
+				    "out of range",
+				    (unsigned long long)h->bitmap_directory_size);
 			if (h->bitmap_directory_offset & (h->cluster_size - 1) ||
 			    h->bitmap_directory_offset == 0 ||
 			    !inside(h->bitmap_directory_offset, h->bitmap_directory_size,
 				    file_size))
-				return fail(err, errlen, -EINVAL,
-					    "bitmaps header extension: bitmap_directory_offset "
-					    "0x%llx is %s",
-					    (unsigned long long)h->bitmap_directory_offset,
-					    h->bitmap_directory_offset & (h->cluster_size - 1) ||
-						    h->bitmap_directory_offset == 0
-						? "invalid or not cluster aligned"
-						: "outside the file");
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "bitmaps header extension: bitmap_directory_offset "
+				    "0x%llx is %s",
+				    (unsigned long long)h->bitmap_directory_offset,
+				    h->bitmap_directory_offset & (h->cluster_size - 1) ||
+					    h->bitmap_directory_offset == 0
+					? "invalid or not cluster aligned"
+					: "outside the file");
 			h->has_bitmaps = true;
 			break;
 		}
@@ -197,12 +209,13 @@ static int parse_extensions(const uint8_t *b, uint32_t start, uint32_t end, uint
 			const struct qcow2_crypto_ext *e = (const void *)(b + off);
 
 			if (h->has_crypto)
-				return fail(err, errlen, -EINVAL,
-					    "encryption header extension appears twice");
+				return qcow2_seterr(err, errlen, -EINVAL,
+						    "encryption header extension appears twice");
 			if (elen != sizeof(*e))
-				return fail(err, errlen, -EINVAL,
-					    "encryption header extension: length %u (want %zu)",
-					    elen, sizeof(*e));
+				return qcow2_seterr(
+				    err, errlen, -EINVAL,
+				    "encryption header extension: length %u (want %zu)", elen,
+				    sizeof(*e));
 			h->crypto_offset = qcow2_be64(&e->offset);
 			h->crypto_length = qcow2_be64(&e->length);
 			h->has_crypto = true;
@@ -234,18 +247,20 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 	if (file_size != UINT64_MAX && file_size < len)
 		len = (size_t)file_size;
 	if (len < QCOW2_HEADER_V2_LEN)
-		return fail(err, errlen, -EINVAL,
-			    "file too short for a qcow2 header (%zu bytes, need at least %u)", len,
-			    QCOW2_HEADER_V2_LEN);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "file too short for a qcow2 header (%zu bytes, need at least %u)", len,
+		    QCOW2_HEADER_V2_LEN);
 
 	magic = qcow2_be32(b);
 	if (magic != QCOW2_MAGIC)
-		return fail(err, errlen, -EINVAL, "bad magic 0x%08x: not a qcow2 image", magic);
+		return qcow2_seterr(err, errlen, -EINVAL, "bad magic 0x%08x: not a qcow2 image",
+				    magic);
 
 	h->version = qcow2_be32(b + 4);
 	if (h->version != 2 && h->version != 3)
-		return fail(err, errlen, h->version > 3 ? -ENOTSUP : -EINVAL,
-			    "unsupported qcow2 version %u (2 or 3)", h->version);
+		return qcow2_seterr(err, errlen, h->version > 3 ? -ENOTSUP : -EINVAL,
+				    "unsupported qcow2 version %u (2 or 3)", h->version);
 
 	h->backing_file_offset = qcow2_be64(b + 8);
 	h->backing_file_size = qcow2_be32(b + 16);
@@ -260,8 +275,9 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 	h->snapshots_offset = qcow2_be64(b + 64);
 
 	if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
-		return fail(err, errlen, -EINVAL, "cluster_bits %u out of range (%u..%u)",
-			    h->cluster_bits, QCOW2_MIN_CLUSTER_BITS, QCOW2_MAX_CLUSTER_BITS);
+		return qcow2_seterr(err, errlen, -EINVAL, "cluster_bits %u out of range (%u..%u)",
+				    h->cluster_bits, QCOW2_MIN_CLUSTER_BITS,
+				    QCOW2_MAX_CLUSTER_BITS);
 	cs = 1ull << h->cluster_bits;
 	h->cluster_size = (uint32_t)cs;
 
@@ -270,9 +286,10 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 	if (file_size < limit)
 		limit = file_size;
 	if (len < limit) {
-		return fail(err, errlen, -ENOBUFS,
-			    "header buffer too short (%zu bytes, the first cluster has %llu)", len,
-			    (unsigned long long)cs);
+		return qcow2_seterr(
+		    err, errlen, -ENOBUFS,
+		    "header buffer too short (%zu bytes, the first cluster has %llu)", len,
+		    (unsigned long long)cs);
 	}
 
 	if (h->version == 2) {
@@ -280,22 +297,25 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 		h->refcount_order = QCOW2_V2_REFCOUNT_ORDER;
 	} else {
 		if (len < QCOW2_HEADER_V3_MIN)
-			return fail(err, errlen, -EINVAL,
-				    "file too short for a version 3 header (%zu bytes)", len);
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "file too short for a version 3 header (%zu bytes)",
+					    len);
 		h->incompatible_features = qcow2_be64(b + 72);
 		h->compatible_features = qcow2_be64(b + 80);
 		h->autoclear_features = qcow2_be64(b + 88);
 		h->refcount_order = qcow2_be32(b + 96);
 		h->header_length = qcow2_be32(b + 100);
 		if (h->header_length < QCOW2_HEADER_V3_MIN || h->header_length % 8)
-			return fail(err, errlen, -EINVAL,
-				    "header_length %u invalid (at least %u and a multiple of 8)",
-				    h->header_length, QCOW2_HEADER_V3_MIN);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "header_length %u invalid (at least %u and a multiple of 8)",
+			    h->header_length, QCOW2_HEADER_V3_MIN);
 		if (h->header_length > cs || h->header_length > len)
-			return fail(err, errlen, -EINVAL,
-				    "header_length %u exceeds the first cluster (%llu bytes)%s",
-				    h->header_length, (unsigned long long)cs,
-				    h->header_length > len ? " or the file" : "");
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "header_length %u exceeds the first cluster (%llu bytes)%s",
+			    h->header_length, (unsigned long long)cs,
+			    h->header_length > len ? " or the file" : "");
 		if (h->header_length > offsetof(struct qcow2_header_disk, compression_type))
 			h->compression_type =
 			    b[offsetof(struct qcow2_header_disk, compression_type)];
@@ -307,7 +327,7 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 		ext_limit = h->backing_file_offset;
 	if (ext_limit < h->header_length) {
 		if (h->backing_file_offset)
-			return fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "backing_file_offset 0x%llx lies inside the header (header_length %u)",
 			    (unsigned long long)h->backing_file_offset, h->header_length);
@@ -324,64 +344,72 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 		char name[64];
 
 		if (qcow2_feature_name(b, h, QCOW2_FEAT_INCOMPAT, bit, name, sizeof(name)))
-			return fail(err, errlen, -ENOTSUP,
-				    "unsupported incompatible feature bit %u (%s) in "
-				    "incompatible_features 0x%llx",
-				    bit, name, (unsigned long long)h->incompatible_features);
-		return fail(err, errlen, -ENOTSUP,
-			    "unknown incompatible feature bit %u in incompatible_features 0x%llx",
-			    bit, (unsigned long long)h->incompatible_features);
+			return qcow2_seterr(err, errlen, -ENOTSUP,
+					    "unsupported incompatible feature bit %u (%s) in "
+					    "incompatible_features 0x%llx",
+					    bit, name,
+					    (unsigned long long)h->incompatible_features);
+		return qcow2_seterr(
+		    err, errlen, -ENOTSUP,
+		    "unknown incompatible feature bit %u in incompatible_features 0x%llx", bit,
+		    (unsigned long long)h->incompatible_features);
 	}
 	if (h->crypt_method != QCOW2_CRYPT_NONE) {
 		if (h->crypt_method == QCOW2_CRYPT_AES || h->crypt_method == QCOW2_CRYPT_LUKS)
-			return fail(err, errlen, -ENOTSUP,
-				    "encrypted images are not supported (crypt_method %u, %s)",
-				    h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
-		return fail(err, errlen, -EINVAL, "invalid crypt_method %u (encryption)",
-			    h->crypt_method);
+			return qcow2_seterr(
+			    err, errlen, -ENOTSUP,
+			    "encrypted images are not supported (crypt_method %u, %s)",
+			    h->crypt_method, h->crypt_method == 1 ? "AES" : "LUKS");
+		return qcow2_seterr(err, errlen, -EINVAL, "invalid crypt_method %u (encryption)",
+				    h->crypt_method);
 	}
 	if (h->has_crypto)
-		return fail(err, errlen, -EINVAL,
-			    "encryption header extension present but crypt_method is 0");
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "encryption header extension present but crypt_method is 0");
 	if (h->refcount_order > QCOW2_MAX_REFCOUNT_ORDER)
-		return fail(err, errlen, -EINVAL, "refcount_order %u out of range (0..%u)",
-			    h->refcount_order, QCOW2_MAX_REFCOUNT_ORDER);
+		return qcow2_seterr(err, errlen, -EINVAL, "refcount_order %u out of range (0..%u)",
+				    h->refcount_order, QCOW2_MAX_REFCOUNT_ORDER);
 	if (h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION) {
 		if (h->header_length <= offsetof(struct qcow2_header_disk, compression_type))
-			return fail(err, errlen, -EINVAL,
-				    "compression type feature bit set but header_length %u has no "
-				    "compression_type field",
-				    h->header_length);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "compression type feature bit set but header_length %u has no "
+			    "compression_type field",
+			    h->header_length);
 		if (h->compression_type == QCOW2_COMPRESSION_ZLIB)
-			return fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "compression type feature bit set but compression_type is 0 (zlib)");
 	} else if (h->compression_type != QCOW2_COMPRESSION_ZLIB) {
-		return fail(err, errlen, -EINVAL,
-			    "compression_type %u without the compression type feature bit",
-			    h->compression_type);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "compression_type %u without the compression type feature bit",
+				    h->compression_type);
 	}
 	if (h->compression_type > QCOW2_COMPRESSION_ZSTD)
-		return fail(err, errlen, -ENOTSUP, "unknown compression_type %u (0 zlib, 1 zstd)",
-			    h->compression_type);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "unknown compression_type %u (0 zlib, 1 zstd)",
+				    h->compression_type);
 	h->extended_l2 = (h->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0;
 	if (h->extended_l2 && h->cluster_bits < QCOW2_MIN_CLUSTER_BITS_EXTL2)
-		return fail(err, errlen, -EINVAL,
-			    "extended L2 entries need cluster_bits >= %u (cluster_bits is %u)",
-			    QCOW2_MIN_CLUSTER_BITS_EXTL2, h->cluster_bits);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "extended L2 entries need cluster_bits >= %u (cluster_bits is %u)",
+		    QCOW2_MIN_CLUSTER_BITS_EXTL2, h->cluster_bits);
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
 		if (!h->has_data_file)
-			return fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "external data file feature bit set but no data file name extension");
 		if (h->nb_snapshots)
-			return fail(err, errlen, -EINVAL,
-				    "nb_snapshots %u: internal snapshots are not allowed with an "
-				    "external data file",
-				    h->nb_snapshots);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "nb_snapshots %u: internal snapshots are not allowed with an "
+			    "external data file",
+			    h->nb_snapshots);
 	} else if (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) {
-		return fail(err, errlen, -EINVAL,
-			    "raw external data autoclear bit set without an external data file");
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "raw external data autoclear bit set without an external data file");
 	}
 
 	/* Derived geometry */
@@ -395,109 +423,121 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 	/* Virtual size vs L1 table */
 	h->l1_needed = qcow2_l1_entries_for(h->size, h->cluster_bits, h->l2_bits);
 	if (h->size > (UINT64_MAX >> 1) || h->l1_needed > QCOW2_MAX_L1_ENTRIES)
-		return fail(
+		return qcow2_seterr(
 		    err, errlen, -EINVAL,
 		    "size %llu too large for cluster_bits %u (needs %llu L1 entries, limit %u)",
 		    (unsigned long long)h->size, h->cluster_bits, (unsigned long long)h->l1_needed,
 		    QCOW2_MAX_L1_ENTRIES);
 	if (h->l1_size > QCOW2_MAX_L1_ENTRIES)
-		return fail(err, errlen, -EINVAL, "l1_size %u exceeds the limit of %u L1 entries",
-			    h->l1_size, QCOW2_MAX_L1_ENTRIES);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "l1_size %u exceeds the limit of %u L1 entries", h->l1_size,
+				    QCOW2_MAX_L1_ENTRIES);
 	if (h->l1_size < h->l1_needed)
-		return fail(err, errlen, -EINVAL,
-			    "l1_size %u too small for size %llu (needs %llu L1 entries)",
-			    h->l1_size, (unsigned long long)h->size,
-			    (unsigned long long)h->l1_needed);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "l1_size %u too small for size %llu (needs %llu L1 entries)",
+				    h->l1_size, (unsigned long long)h->size,
+				    (unsigned long long)h->l1_needed);
 	if (h->l1_table_offset & (cs - 1))
-		return fail(err, errlen, -EINVAL, "l1_table_offset 0x%llx not cluster aligned",
-			    (unsigned long long)h->l1_table_offset);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "l1_table_offset 0x%llx not cluster aligned",
+				    (unsigned long long)h->l1_table_offset);
 	if (h->l1_size) {
 		uint64_t l1_bytes = (uint64_t)h->l1_size * 8;
 
 		if (h->l1_table_offset == 0)
-			return fail(err, errlen, -EINVAL, "l1_table_offset 0 overlaps the header");
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "l1_table_offset 0 overlaps the header");
 		if (!inside(h->l1_table_offset, l1_bytes, file_size))
-			return fail(err, errlen, -EINVAL,
-				    "L1 table (l1_table_offset 0x%llx, l1_size %u) extends past "
-				    "the end of the file (%llu bytes)",
-				    (unsigned long long)h->l1_table_offset, h->l1_size,
-				    (unsigned long long)file_size);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "L1 table (l1_table_offset 0x%llx, l1_size %u) extends past "
+			    "the end of the file (%llu bytes)",
+			    (unsigned long long)h->l1_table_offset, h->l1_size,
+			    (unsigned long long)file_size);
 		if (h->l1_table_offset >= QCOW2_MAX_HOST_OFFSET)
-			return fail(err, errlen, -EINVAL, "l1_table_offset 0x%llx out of range",
-				    (unsigned long long)h->l1_table_offset);
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "l1_table_offset 0x%llx out of range",
+					    (unsigned long long)h->l1_table_offset);
 	}
 
 	/* Refcount table */
 	if (h->refcount_table_offset & (cs - 1))
-		return fail(err, errlen, -EINVAL,
-			    "refcount_table_offset 0x%llx not cluster aligned",
-			    (unsigned long long)h->refcount_table_offset);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "refcount_table_offset 0x%llx not cluster aligned",
+				    (unsigned long long)h->refcount_table_offset);
 	if (h->refcount_table_clusters == 0)
-		return fail(err, errlen, -EINVAL,
-			    "refcount_table_clusters is 0 (no refcount table)");
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "refcount_table_clusters is 0 (no refcount table)");
 	if ((uint64_t)h->refcount_table_clusters > QCOW2_MAX_REFTABLE_BYTES >> h->cluster_bits)
-		return fail(
+		return qcow2_seterr(
 		    err, errlen, -EINVAL,
 		    "refcount_table_clusters %u exceeds the limit (%u bytes of refcount table)",
 		    h->refcount_table_clusters, QCOW2_MAX_REFTABLE_BYTES);
 	h->refcount_table_entries = ((uint64_t)h->refcount_table_clusters << h->cluster_bits) / 8;
 	if (h->refcount_table_offset == 0)
-		return fail(err, errlen, -EINVAL, "refcount_table_offset 0 overlaps the header");
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "refcount_table_offset 0 overlaps the header");
 	if (!inside(h->refcount_table_offset,
 		    (uint64_t)h->refcount_table_clusters << h->cluster_bits, file_size) ||
 	    h->refcount_table_offset >= QCOW2_MAX_HOST_OFFSET)
-		return fail(err, errlen, -EINVAL,
-			    "refcount table (refcount_table_offset 0x%llx, %u clusters) extends "
-			    "past the end of the file (%llu bytes)",
-			    (unsigned long long)h->refcount_table_offset,
-			    h->refcount_table_clusters, (unsigned long long)file_size);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "refcount table (refcount_table_offset 0x%llx, %u clusters) extends "
+		    "past the end of the file (%llu bytes)",
+		    (unsigned long long)h->refcount_table_offset, h->refcount_table_clusters,
+		    (unsigned long long)file_size);
 	if (overlaps(h->l1_table_offset, (uint64_t)h->l1_size * 8, h->refcount_table_offset,
 		     (uint64_t)h->refcount_table_clusters << h->cluster_bits))
-		return fail(err, errlen, -EINVAL,
-			    "L1 table (0x%llx) overlaps the refcount table (0x%llx)",
-			    (unsigned long long)h->l1_table_offset,
-			    (unsigned long long)h->refcount_table_offset);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "L1 table (0x%llx) overlaps the refcount table (0x%llx)",
+				    (unsigned long long)h->l1_table_offset,
+				    (unsigned long long)h->refcount_table_offset);
 
 	/* Snapshot table: entries are variable-length, check the start here. */
 	if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
-		return fail(err, errlen, -EINVAL,
-			    "nb_snapshots %u exceeds the limit of %u snapshots", h->nb_snapshots,
-			    QCOW2_MAX_SNAPSHOTS);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "nb_snapshots %u exceeds the limit of %u snapshots",
+				    h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
 	if (h->snapshots_offset & (cs - 1))
-		return fail(err, errlen, -EINVAL, "snapshots_offset 0x%llx not cluster aligned",
-			    (unsigned long long)h->snapshots_offset);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "snapshots_offset 0x%llx not cluster aligned",
+				    (unsigned long long)h->snapshots_offset);
 	if (h->nb_snapshots) {
 		uint64_t min_len = (uint64_t)h->nb_snapshots * sizeof(struct qcow2_snapshot_disk);
 
 		if (h->snapshots_offset == 0)
-			return fail(err, errlen, -EINVAL, "snapshots_offset 0 overlaps the header");
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "snapshots_offset 0 overlaps the header");
 		if (!inside(h->snapshots_offset, min_len, file_size))
-			return fail(err, errlen, -EINVAL,
-				    "snapshot table (snapshots_offset 0x%llx, %u snapshots) "
-				    "extends past the end of the file",
-				    (unsigned long long)h->snapshots_offset, h->nb_snapshots);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "snapshot table (snapshots_offset 0x%llx, %u snapshots) "
+			    "extends past the end of the file",
+			    (unsigned long long)h->snapshots_offset, h->nb_snapshots);
 	}
 
 	/* Backing file name: after the extensions, inside the first cluster. */
 	if (h->backing_file_offset) {
 		if (h->backing_file_size > QCOW2_MAX_BACKING_NAME)
-			return fail(err, errlen, -EINVAL,
-				    "backing_file_size %u too long (at most %u bytes)",
-				    h->backing_file_size, QCOW2_MAX_BACKING_NAME);
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "backing_file_size %u too long (at most %u bytes)",
+					    h->backing_file_size, QCOW2_MAX_BACKING_NAME);
 		if (h->backing_file_offset < h->ext_end ||
 		    !inside(h->backing_file_offset, h->backing_file_size, limit))
-			return fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "backing file name (backing_file_offset 0x%llx, backing_file_size %u) "
 			    "is not inside the first cluster after the header extensions",
 			    (unsigned long long)h->backing_file_offset, h->backing_file_size);
 		if (!copy_name(h->backing_file, b + h->backing_file_offset, h->backing_file_size))
-			return fail(err, errlen, -EINVAL, "backing file name contains a NUL byte");
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "backing file name contains a NUL byte");
 	}
 	if (h->has_data_file && (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) &&
 	    (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) && h->backing_file[0])
-		return fail(err, errlen, -EINVAL,
-			    "raw external data file cannot be combined with a backing file");
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "raw external data file cannot be combined with a backing file");
 	return 0;
 }
 
@@ -510,7 +550,8 @@ int qcow2_snapshot_parse(const void *buf, size_t len, unsigned version,
 
 	memset(out, 0, sizeof(*out));
 	if (len < sizeof(*d))
-		return fail(err, errlen, -EINVAL, "snapshot entry truncated (%zu bytes left)", len);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "snapshot entry truncated (%zu bytes left)", len);
 	out->l1_table_offset = qcow2_be64(&d->l1_table_offset);
 	out->l1_size = qcow2_be32(&d->l1_size);
 	out->id_len = qcow2_be16(&d->id_str_size);
@@ -521,20 +562,22 @@ int qcow2_snapshot_parse(const void *buf, size_t len, unsigned version,
 	out->vm_state_size = qcow2_be32(&d->vm_state_size);
 	out->extra_data_size = qcow2_be32(&d->extra_data_size);
 	if (out->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA)
-		return fail(err, errlen, -EINVAL,
-			    "snapshot extra_data_size %u too large (limit %u)",
-			    out->extra_data_size, QCOW2_MAX_SNAPSHOT_EXTRA);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "snapshot extra_data_size %u too large (limit %u)",
+				    out->extra_data_size, QCOW2_MAX_SNAPSHOT_EXTRA);
 	if (version >= 3 && out->extra_data_size < 16)
-		return fail(err, errlen, -EINVAL,
-			    "snapshot extra_data_size %u too small for a version 3 image (need 16)",
-			    out->extra_data_size);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "snapshot extra_data_size %u too small for a version 3 image (need 16)",
+		    out->extra_data_size);
 	/* the padding after the entry need not exist (see format.h) */
 	total = sizeof(*d) + (uint64_t)out->extra_data_size + out->id_len + out->name_len;
 	if (total > len)
-		return fail(err, errlen, -EINVAL,
-			    "snapshot entry (id length %u, name length %u, extra %u) runs past the "
-			    "snapshot table",
-			    out->id_len, out->name_len, out->extra_data_size);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "snapshot entry (id length %u, name length %u, extra %u) runs past the "
+		    "snapshot table",
+		    out->id_len, out->name_len, out->extra_data_size);
 	if (out->extra_data_size >= 8)
 		out->vm_state_size = qcow2_be64(b + sizeof(*d));
 	if (out->extra_data_size >= 16)
@@ -544,4 +587,22 @@ int qcow2_snapshot_parse(const void *buf, size_t len, unsigned version,
 	out->raw_len = (uint32_t)total;
 	out->entry_len = (uint32_t)((total + 7) & ~7ull);
 	return 0;
+}
+
+char *qcow2_path_relative(const char *image, const char *name)
+{
+	const char *slash;
+	size_t dlen, nlen;
+	char *p;
+
+	if (name[0] == '/' || !(slash = strrchr(image, '/')))
+		return strdup(name);
+	dlen = (size_t)(slash - image) + 1;
+	nlen = strlen(name);
+	p = malloc(dlen + nlen + 1);
+	if (!p)
+		return NULL;
+	memcpy(p, image, dlen);
+	memcpy(p + dlen, name, nlen + 1);
+	return p;
 }

@@ -1,0 +1,159 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2tool/fdio.c — the format code's I/O interface over a plain fd
+ * (pread/pwrite/fdatasync), file probing and sizes, and qcow2_check() on a
+ * path. The only file of the tool library that does positioned I/O for the
+ * format code; create.c and map.c use the full-transfer helpers below.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "qcow2tool.h"
+
+int qcow2_pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+
+	if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+		return -EINVAL;
+	while (len) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0) {
+			memset(p, 0, len); /* past EOF */
+			return 0;
+		}
+		p += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int qcow2_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+	const uint8_t *p = buf;
+
+	if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+		return -EINVAL;
+	while (len) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		p += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int qcow2_fd_size(int fd, uint64_t *size, uint64_t *allocated)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (allocated)
+		*allocated = (uint64_t)st.st_blocks * 512;
+	if (S_ISBLK(st.st_mode)) {
+		uint64_t b;
+		if (ioctl(fd, BLKGETSIZE64, &b) < 0)
+			return -errno;
+		*size = b;
+		return 0;
+	}
+	if (!S_ISREG(st.st_mode))
+		return -EINVAL;
+	*size = (uint64_t)st.st_size;
+	return 0;
+}
+
+int qcow2_probe(int fd)
+{
+	uint8_t m[4];
+	ssize_t n;
+
+	do
+		n = pread(fd, m, sizeof(m), 0);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	return n == 4 && qcow2_be32(m) == QCOW2_MAGIC;
+}
+
+/* ---- struct qcow2_io over an fd (opaque carries the fd) ---- */
+
+static int fd_of(void *opaque)
+{
+	return (int)(intptr_t)opaque;
+}
+
+static int fdio_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return qcow2_pread_full(fd_of(opaque), buf, len, off);
+}
+
+static int fdio_write(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return qcow2_pwrite_full(fd_of(opaque), buf, len, off);
+}
+
+static int fdio_sync(void *opaque)
+{
+	return fdatasync(fd_of(opaque)) < 0 ? -errno : 0;
+}
+
+static int fdio_size(void *opaque, uint64_t *size)
+{
+	return qcow2_fd_size(fd_of(opaque), size, NULL);
+}
+
+struct qcow2_io qcow2_fd_io(int fd)
+{
+	return (struct qcow2_io){
+	    .read = fdio_read,
+	    .write = fdio_write,
+	    .sync = fdio_sync,
+	    .size = fdio_size,
+	    .opaque = (void *)(intptr_t)fd,
+	};
+}
+
+/* ---- check on a path ---- */
+
+int qcow2_check(const char *path, unsigned flags, struct qcow2_check_result *res,
+		const struct qcow2_tool_cb *cb, char *err, size_t errlen)
+{
+	struct qcow2_io io;
+	int fd, ret;
+
+	memset(res, 0, sizeof(*res));
+	fd = open(path, (flags ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		res->check_errors = 1;
+		return qcow2_seterr(err, errlen, ret, "%s", strerror(-ret));
+	}
+	io = qcow2_fd_io(fd);
+	ret = qcow2_check_io(&io, path, flags, res, cb, err, errlen);
+	close(fd);
+	return ret;
+}

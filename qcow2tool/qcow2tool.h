@@ -1,0 +1,167 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2tool/qcow2tool.h — the offline qcow2 tool library behind vqcow-img:
+ * create, info, check/repair, map.
+ *
+ * Depends on the format code (qcow2fmt/) only, never on the online engine
+ * (qcow2/). Everything here is synchronous on plain fds (fdio.c gives the
+ * format code a struct qcow2_io over an fd) and is never called by the
+ * daemon. The checker itself lives in qcow2fmt/check.c, shared with the
+ * engine's repair of a dirty image; see qcow2fmt/image.h for its invariants.
+ *
+ * Image files are hostile input: every table offset, size and entry is
+ * validated before use; a malformed image yields -EINVAL/-EFBIG/-EIO and a
+ * one-line message naming the field, never a crash.
+ *
+ * Semantics follow qemu-img where there is one (create options, check exit
+ * codes and counts, map ranges), so qemu-img can serve as the oracle in tests.
+ */
+#ifndef VQCOW_QCOW2TOOL_H
+#define VQCOW_QCOW2TOOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "image.h"
+
+/* ---- create ---- */
+
+enum qcow2_prealloc {
+	QCOW2_PREALLOC_OFF = 0,
+	QCOW2_PREALLOC_METADATA, /* L1/L2 tables and data clusters reserved, file sparse */
+	QCOW2_PREALLOC_FALLOC,   /* ... and the data clusters fallocate()d */
+	QCOW2_PREALLOC_FULL,     /* ... and zeroes written */
+};
+
+struct qcow2_create_opts {
+	uint64_t size;          /* virtual size in bytes (rounded up to 512); 0 with a backing
+				   file = the backing file's size */
+	bool size_set;          /* size was given (0 is then a valid size) */
+	uint32_t cluster_size;  /* 0 = 65536; power of two in [512, 2 MiB] */
+	unsigned refcount_bits; /* 0 = 16; 1..64, power of two; 16 for version 2 */
+	int version;            /* 2 (compat=0.10) or 3 (compat=1.1); 0 = 3 */
+	bool extended_l2;       /* version 3, cluster_size >= 16 KiB */
+	bool lazy_refcounts;    /* version 3 */
+	enum qcow2_prealloc prealloc;
+	const char *backing_file; /* NULL = none; stored as given */
+	const char *backing_fmt;  /* NULL = probe the backing file ("qcow2" or "raw") */
+};
+
+/*
+ * Create a qcow2 image at @path (which must not exist: O_EXCL). Validates the
+ * option combination first (as qemu-img does) and writes nothing if it is
+ * invalid. Opens the backing file (relative names resolved against @path's
+ * directory) to check it exists and to get its size when opts->size_set is
+ * false. On failure the partial file is removed.
+ * Returns 0 or -errno; on error a one-line message is written to @err.
+ */
+int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
+		 const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/* Create a raw image of @size bytes (prealloc OFF, FALLOC or FULL). 0 or -errno. */
+int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc prealloc,
+		     const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/* ---- info ---- */
+
+struct qcow2_info_snapshot {
+	char *id;
+	char *name;
+	uint64_t vm_state_size;
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t icount;
+	bool has_icount;
+	uint64_t disk_size; /* 0 if not recorded */
+};
+
+struct qcow2_image_info {
+	char format[8]; /* "qcow2" or "raw" */
+	uint64_t virtual_size;
+	uint64_t actual_size; /* allocated bytes on the host (st_blocks * 512) */
+	uint64_t file_size;
+	/* qcow2 only: */
+	uint32_t cluster_size;
+	int version; /* 2 or 3 */
+	unsigned refcount_bits;
+	bool extended_l2;
+	bool lazy_refcounts;
+	bool corrupt;
+	bool dirty;
+	int compression_type;    /* 0 zlib, 1 zstd */
+	char *backing_file;      /* NULL if none */
+	char *backing_fmt;       /* NULL if not recorded */
+	char *full_backing_file; /* backing_file resolved against the image's directory */
+	char *data_file;         /* external data file name, NULL if none */
+	bool data_file_raw;
+	unsigned nb_snapshots;
+	struct qcow2_info_snapshot *snapshots;
+};
+
+/*
+ * Describe the image at @path. @fmt: NULL = probe ("qcow2" if the magic
+ * matches, else "raw"), or "qcow2"/"raw" to force. The header and the tables
+ * needed to describe the image are validated as on open. 0 or -errno (+@err).
+ * Free with qcow2_image_info_free().
+ */
+int qcow2_info(const char *path, const char *fmt, struct qcow2_image_info *info, char *err,
+	       size_t errlen);
+void qcow2_image_info_free(struct qcow2_image_info *info);
+
+/* ---- check / repair ---- */
+
+/*
+ * Check the qcow2 image at @path (qcow2_check_io() over a plain fd, opened
+ * read-write only when a fix is requested). -errno also when @path cannot be
+ * opened.
+ */
+int qcow2_check(const char *path, unsigned flags, struct qcow2_check_result *res,
+		const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/* ---- map ---- */
+
+struct qcow2_map_entry {
+	uint64_t start;
+	uint64_t length;
+	unsigned depth; /* 0 = the image itself, 1 = its backing file, ... */
+	bool present;   /* allocated in some layer of the chain */
+	bool zero;      /* reads as zeroes */
+	bool data;      /* data is read from a host file */
+	bool has_offset;
+	uint64_t offset;      /* host offset in @filename when has_offset */
+	const char *filename; /* the file holding the range (valid during the callback) */
+};
+
+typedef int qcow2_map_fn(void *opaque, const struct qcow2_map_entry *e);
+
+/*
+ * Walk the guest address space of @path (and its backing chain) and call
+ * @fn for each maximal range with the same status, with qemu-img map
+ * semantics (ranges merged when the status and the host offsets continue).
+ * @fmt as for qcow2_info(). Stops early if @fn returns non-zero (that value
+ * is returned). 0 or -errno (+@err).
+ */
+int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
+	      const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/*
+ * ---- the plain-fd side, shared by check, create, info and map (fdio.c);
+ * not for other modules ----
+ */
+
+/* A struct qcow2_io over @fd (pread/pwrite/fdatasync/fstat); the caller keeps @fd. */
+struct qcow2_io qcow2_fd_io(int fd);
+
+/* Full pread/pwrite; a read past EOF fills zeroes. 0 or -errno. */
+int qcow2_pread_full(int fd, void *buf, size_t len, uint64_t off);
+int qcow2_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
+
+/* Size of a regular file or block device (and its allocated bytes if @allocated). */
+int qcow2_fd_size(int fd, uint64_t *size, uint64_t *allocated);
+
+/* Probe a file: 1 qcow2 (magic matches), 0 raw, -errno. */
+int qcow2_probe(int fd);
+
+#endif /* VQCOW_QCOW2TOOL_H */
