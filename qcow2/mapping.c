@@ -129,6 +129,28 @@ static inline bool std_allocated(const struct qcow2 *q, uint64_t e)
 	return (e & QCOW2_L2E_OFFSET_MASK) || (q->ext_data && (e & QCOW2_OFLAG_COPIED));
 }
 
+enum { SC_BACKING = 0, SC_DATA, SC_ZEROES };
+
+/*
+ * What subcluster @sc of a checked, non-compressed entry (e, bm) reads as,
+ * through the format's one classifier: SC_DATA (host data), SC_ZEROES, or
+ * SC_BACKING (unallocated: the backing file or zeroes). Without extended L2
+ * the whole cluster is subcluster 0.
+ */
+static inline int sc_state(const struct qcow2 *q, uint64_t e, uint64_t bm, unsigned sc)
+{
+	switch (qcow2_subcluster_type(e, bm, sc, q->extl2, q->ext_data)) {
+	case QCOW2_SCT_ZERO_ALLOC:
+	case QCOW2_SCT_ZERO_PLAIN:
+		return SC_ZEROES;
+	case QCOW2_SCT_UNALLOC_ALLOC:
+	case QCOW2_SCT_UNALLOC_PLAIN:
+		return SC_BACKING;
+	default:
+		return SC_DATA; /* NORMAL; a checked entry is never INVALID here */
+	}
+}
+
 /*
  * Locate the L2 slice of guest cluster @gc. Returns 1 if the L2 table is not
  * allocated, 0 with *soff and *idx set, or -EIO (corrupt L1 entry).
@@ -228,11 +250,12 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 		return len;
 	}
 	if (!q->extl2) {
+		int state = sc_state(q, e, bm, 0);
 		bool ok;
 
-		if (e & QCOW2_OFLAG_ZERO)
+		if (state == SC_ZEROES)
 			ok = emit(ext, n, max, QCOW2_MAP_ZERO, pos, len, 0);
-		else if (std_allocated(q, e))
+		else if (state == SC_DATA)
 			ok = emit(ext, n, max, QCOW2_MAP_DATA, pos, len, host + co);
 		else
 			ok = emit_unalloc(q, ext, n, max, pos, len);
@@ -242,13 +265,13 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 		uint64_t p = co + done;
 		unsigned sc = (unsigned)(p >> q->sc_bits);
 		uint64_t run_end = ((uint64_t)(sc + 1)) << q->sc_bits;
-		int state = (bm & QCOW2_SC_ALLOC(sc)) ? 1 : (bm & QCOW2_SC_ZERO(sc)) ? 2 : 0;
+		int state = sc_state(q, e, bm, sc);
 		bool ok;
 
 		/* extend over following subclusters in the same state */
 		while (run_end < co + len && run_end < q->cs) {
 			unsigned s2 = (unsigned)(run_end >> q->sc_bits);
-			int st2 = (bm & QCOW2_SC_ALLOC(s2)) ? 1 : (bm & QCOW2_SC_ZERO(s2)) ? 2 : 0;
+			int st2 = sc_state(q, e, bm, s2);
 
 			if (st2 != state)
 				break;
@@ -256,9 +279,9 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 		}
 		if (run_end > co + len)
 			run_end = co + len;
-		if (state == 1)
+		if (state == SC_DATA)
 			ok = emit(ext, n, max, QCOW2_MAP_DATA, pos + done, run_end - p, host + p);
-		else if (state == 2)
+		else if (state == SC_ZEROES)
 			ok = emit(ext, n, max, QCOW2_MAP_ZERO, pos + done, run_end - p, 0);
 		else
 			ok = emit_unalloc(q, ext, n, max, pos + done, run_end - p);
@@ -528,18 +551,12 @@ static bool reads_zero(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t 
 		return true;
 	if (e & QCOW2_OFLAG_COMPRESSED)
 		return false;
-	if (!q->extl2) {
-		if (e & QCOW2_OFLAG_ZERO)
-			return true;
-		return !std_allocated(q, e) && beyond_backing;
-	}
+	/* without extended L2, sc_bits == cluster bits: one "subcluster" */
 	for (uint64_t p = off & (q->cs - 1); p < (off & (q->cs - 1)) + len;
 	     p = ((p >> q->sc_bits) + 1) << q->sc_bits) {
-		unsigned sc = (unsigned)(p >> q->sc_bits);
+		int state = sc_state(q, e, bm, (unsigned)(p >> q->sc_bits));
 
-		if (bm & QCOW2_SC_ALLOC(sc))
-			return false;
-		if (!(bm & QCOW2_SC_ZERO(sc)) && !beyond_backing)
+		if (state == SC_DATA || (state == SC_BACKING && !beyond_backing))
 			return false;
 	}
 	return true;

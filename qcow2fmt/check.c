@@ -401,17 +401,9 @@ static int set_refcount(struct chk *c, uint64_t cluster, uint64_t v)
 
 /* ---- walking the mapping tables ---- */
 
-enum ctype { CT_UNALLOC, CT_ZERO_PLAIN, CT_ZERO_ALLOC, CT_NORMAL, CT_COMPRESSED };
-
-static enum ctype cluster_type(const struct chk *c, uint64_t e)
+static enum qcow2_cluster_type cluster_type(const struct chk *c, uint64_t e)
 {
-	if (e & QCOW2_OFLAG_COMPRESSED)
-		return CT_COMPRESSED;
-	if ((e & QCOW2_OFLAG_ZERO) && !c->h->extended_l2)
-		return (e & QCOW2_L2E_OFFSET_MASK) ? CT_ZERO_ALLOC : CT_ZERO_PLAIN;
-	if (!(e & QCOW2_L2E_OFFSET_MASK))
-		return c->data_file && (e & QCOW2_OFLAG_COPIED) ? CT_NORMAL : CT_UNALLOC;
-	return CT_NORMAL;
+	return qcow2_cluster_type(e, c->h->extended_l2, c->data_file);
 }
 
 static bool fixing(const struct chk *c, unsigned fix)
@@ -515,9 +507,9 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 		uint8_t *p = c->l2buf + (size_t)i * h->l2_entry_size;
 		uint64_t e = qcow2_be64(p);
 		uint64_t bm = h->extended_l2 ? qcow2_be64(p + 8) : 0;
-		enum ctype t = cluster_type(c, e);
+		enum qcow2_cluster_type t = cluster_type(c, e);
 
-		if (t != CT_COMPRESSED && (e & QCOW2_L2E_STD_RESERVED_MASK)) {
+		if (t != QCOW2_CT_COMPRESSED && (e & QCOW2_L2E_STD_RESERVED_MASK)) {
 			MSG(c, QCOW2_MSG_ERROR,
 			    "%s found l2 entry with reserved bits set: %" PRIx64,
 			    fixing(c, fix) ? "Repairing" : "ERROR", e);
@@ -531,7 +523,7 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 			}
 		}
 		switch (t) {
-		case CT_COMPRESSED: {
+		case QCOW2_CT_COMPRESSED: {
 			uint64_t coff, clen;
 
 			if (e & QCOW2_OFLAG_COPIED) {
@@ -591,8 +583,8 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 			}
 			break;
 		}
-		case CT_ZERO_ALLOC:
-		case CT_NORMAL: {
+		case QCOW2_CT_ZERO_ALLOC:
+		case QCOW2_CT_NORMAL: {
 			uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
 			uint32_t alloc = (uint32_t)bm, zero = (uint32_t)(bm >> 32);
 
@@ -682,9 +674,9 @@ static int walk_l2(struct chk *c, uint64_t l2_off, bool frag, unsigned fix)
 			}
 			break;
 		}
-		case CT_ZERO_PLAIN:
+		case QCOW2_CT_ZERO_PLAIN:
 			break;
-		case CT_UNALLOC:
+		case QCOW2_CT_UNALLOCATED:
 			if (bm & QCOW2_SC_ALLOC_MASK) {
 				MSG(c, QCOW2_MSG_ERROR,
 				    "%s: Unallocated cluster has non-zero subcluster allocation "
@@ -1244,9 +1236,9 @@ static int check_copied(struct chk *c, unsigned fix)
 		for (uint32_t j = 0; j < h->l2_entries; j++) {
 			uint8_t *p = c->l2buf + (size_t)j * h->l2_entry_size;
 			uint64_t e = qcow2_be64(p);
-			enum ctype t = cluster_type(c, e);
+			enum qcow2_cluster_type t = cluster_type(c, e);
 
-			if (t != CT_NORMAL && t != CT_ZERO_ALLOC)
+			if (t != QCOW2_CT_NORMAL && t != QCOW2_CT_ZERO_ALLOC)
 				continue;
 			if (c->data_file)
 				r = 1;

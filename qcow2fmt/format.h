@@ -4,8 +4,8 @@
  * big-endian accessors and a pure header parser/validator.
  *
  * Nothing here does I/O: the header parser works on a buffer the caller read
- * (the first cluster of the file), and the entry helpers decode values the
- * caller loaded. Shared by the
+ * (the first cluster of the file), and the entry helpers (the one L2-entry
+ * classifier among them) decode values the caller loaded. Shared by the
  * engine (qcow2/) and the offline tool (qcow2tool/); image.h adds what needs
  * reading, over an I/O interface the caller provides.
  *
@@ -307,6 +307,77 @@ static inline uint64_t qcow2_compressed_entry(uint64_t host_off, uint64_t len,
 static inline uint32_t qcow2_sc_range(unsigned first, unsigned n)
 {
 	return (uint32_t)((n >= 32 ? 0xffffffffull : ((1ull << n) - 1)) << first);
+}
+
+/*
+ * The one L2-entry classifier (shared by the engine's mapping, the checker
+ * and vqcow-img map). It decodes what an entry says, nothing more: whether
+ * the entry is valid (reserved bits, alignment, bounds) is checked by its
+ * user. @data_file: the image has an external data file, where an entry
+ * without an offset but with COPIED set maps the cluster at the same offset.
+ */
+enum qcow2_cluster_type {
+	QCOW2_CT_UNALLOCATED = 0, /* no host cluster: the backing file decides */
+	QCOW2_CT_ZERO_PLAIN,      /* standard entry: reads as zeroes, no host cluster */
+	QCOW2_CT_ZERO_ALLOC,      /* standard entry: reads as zeroes, host cluster kept */
+	QCOW2_CT_NORMAL,          /* a host cluster (with extended L2: see the bitmap) */
+	QCOW2_CT_COMPRESSED,
+};
+
+static inline enum qcow2_cluster_type qcow2_cluster_type(uint64_t e, bool extl2, bool data_file)
+{
+	if (e & QCOW2_OFLAG_COMPRESSED)
+		return QCOW2_CT_COMPRESSED;
+	if ((e & QCOW2_OFLAG_ZERO) && !extl2)
+		return (e & QCOW2_L2E_OFFSET_MASK) ? QCOW2_CT_ZERO_ALLOC : QCOW2_CT_ZERO_PLAIN;
+	if (!(e & QCOW2_L2E_OFFSET_MASK))
+		return data_file && (e & QCOW2_OFLAG_COPIED) ? QCOW2_CT_NORMAL
+							     : QCOW2_CT_UNALLOCATED;
+	return QCOW2_CT_NORMAL;
+}
+
+/* What one subcluster (the whole cluster without extended L2) reads as. */
+enum qcow2_subcluster_type {
+	QCOW2_SCT_NORMAL = 0,    /* data at the host offset */
+	QCOW2_SCT_ZERO_ALLOC,    /* zeroes; the cluster has a host offset */
+	QCOW2_SCT_UNALLOC_ALLOC, /* backing file; the cluster has a host offset (extended L2) */
+	QCOW2_SCT_ZERO_PLAIN,    /* zeroes; no host offset */
+	QCOW2_SCT_UNALLOC_PLAIN, /* backing file; no host offset */
+	QCOW2_SCT_COMPRESSED,    /* the whole cluster is compressed */
+	QCOW2_SCT_INVALID,       /* the bitmap contradicts itself or the entry */
+};
+
+/* Subcluster @sc (< 32; ignored without extended L2) of entry @e with bitmap @bm. */
+static inline enum qcow2_subcluster_type qcow2_subcluster_type(uint64_t e, uint64_t bm, unsigned sc,
+							       bool extl2, bool data_file)
+{
+	switch (qcow2_cluster_type(e, extl2, data_file)) {
+	case QCOW2_CT_COMPRESSED:
+		return QCOW2_SCT_COMPRESSED;
+	case QCOW2_CT_ZERO_PLAIN:
+		return QCOW2_SCT_ZERO_PLAIN;
+	case QCOW2_CT_ZERO_ALLOC:
+		return QCOW2_SCT_ZERO_ALLOC;
+	case QCOW2_CT_NORMAL:
+		if (!extl2)
+			return QCOW2_SCT_NORMAL;
+		if ((bm >> 32) & bm & QCOW2_SC_ALLOC_MASK)
+			return QCOW2_SCT_INVALID;
+		if (bm & QCOW2_SC_ZERO(sc))
+			return QCOW2_SCT_ZERO_ALLOC;
+		if (bm & QCOW2_SC_ALLOC(sc))
+			return QCOW2_SCT_NORMAL;
+		return QCOW2_SCT_UNALLOC_ALLOC;
+	case QCOW2_CT_UNALLOCATED:
+		break;
+	}
+	if (!extl2)
+		return QCOW2_SCT_UNALLOC_PLAIN;
+	if (bm & QCOW2_SC_ALLOC_MASK)
+		return QCOW2_SCT_INVALID;
+	if (bm & QCOW2_SC_ZERO(sc))
+		return QCOW2_SCT_ZERO_PLAIN;
+	return QCOW2_SCT_UNALLOC_PLAIN;
 }
 
 /* ---- refcounts ---- */

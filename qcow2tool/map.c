@@ -275,50 +275,18 @@ static int detect_prealloc(struct layer *L)
 	return count >= threshold;
 }
 
-enum sctype {
-	SC_NORMAL,
-	SC_ZERO_ALLOC,
-	SC_UNALLOC_ALLOC,
-	SC_ZERO_PLAIN,
-	SC_UNALLOC_PLAIN,
-	SC_COMPRESSED,
-	SC_INVALID
-};
-
-static enum sctype sc_type(const struct layer *L, uint64_t e, uint64_t bm, unsigned sc)
+static enum qcow2_subcluster_type sc_type(const struct layer *L, uint64_t e, uint64_t bm,
+					  unsigned sc)
 {
 	const struct qcow2_header_info *h = &L->im.h;
-	bool data_file = (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) != 0;
-	uint64_t host = e & QCOW2_L2E_OFFSET_MASK;
 
-	if (e & QCOW2_OFLAG_COMPRESSED)
-		return SC_COMPRESSED;
-	if (!h->extended_l2) {
-		if (e & QCOW2_OFLAG_ZERO)
-			return host ? SC_ZERO_ALLOC : SC_ZERO_PLAIN;
-		if (!host)
-			return data_file && (e & QCOW2_OFLAG_COPIED) ? SC_NORMAL : SC_UNALLOC_PLAIN;
-		return SC_NORMAL;
-	}
-	if (host || (data_file && (e & QCOW2_OFLAG_COPIED))) {
-		if ((bm >> 32) & bm & 0xffffffffull)
-			return SC_INVALID;
-		if (bm & QCOW2_SC_ZERO(sc))
-			return SC_ZERO_ALLOC;
-		if (bm & QCOW2_SC_ALLOC(sc))
-			return SC_NORMAL;
-		return SC_UNALLOC_ALLOC;
-	}
-	if (bm & QCOW2_SC_ALLOC_MASK)
-		return SC_INVALID;
-	if (bm & QCOW2_SC_ZERO(sc))
-		return SC_ZERO_PLAIN;
-	return SC_UNALLOC_PLAIN;
+	return qcow2_subcluster_type(e, bm, sc, h->extended_l2,
+				     (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) != 0);
 }
 
-static bool has_host(enum sctype t)
+static bool has_host(enum qcow2_subcluster_type t)
 {
-	return t == SC_NORMAL || t == SC_ZERO_ALLOC || t == SC_UNALLOC_ALLOC;
+	return t == QCOW2_SCT_NORMAL || t == QCOW2_SCT_ZERO_ALLOC || t == QCOW2_SCT_UNALLOC_ALLOC;
 }
 
 /* Status of [off, off + len) in one qcow2 layer (off < size). */
@@ -331,7 +299,7 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		 l2_end = l2_start + l2_cover;
 	unsigned scbits = h->subcluster_bits;
 	uint64_t l2_off, pos, host0 = 0;
-	enum sctype t0;
+	enum qcow2_subcluster_type t0;
 	int ret;
 
 	memset(st, 0, sizeof(*st));
@@ -366,7 +334,7 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 
 	/* the first (sub)cluster decides the type; extend while it stays the same */
 	pos = off;
-	t0 = SC_INVALID;
+	t0 = QCOW2_SCT_INVALID;
 	while (pos < l2_end) {
 		uint64_t idx = (pos - l2_start) >> h->cluster_bits;
 		const uint8_t *p = L->l2 + idx * h->l2_entry_size;
@@ -376,9 +344,9 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		uint64_t next = h->extended_l2 && !(e & QCOW2_OFLAG_COMPRESSED)
 				    ? ((pos >> scbits) + 1) << scbits
 				    : ((pos >> h->cluster_bits) + 1) << h->cluster_bits;
-		enum sctype t = sc_type(L, e, bm, sc);
+		enum qcow2_subcluster_type t = sc_type(L, e, bm, sc);
 
-		if (t == SC_INVALID) {
+		if (t == QCOW2_SCT_INVALID) {
 			if (pos == off) {
 				qcow2_seterr(
 				    err, errlen, 0,
@@ -390,7 +358,7 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 			}
 			break;
 		}
-		if (t == SC_NORMAL && (e & QCOW2_L2E_OFFSET_MASK & (cs - 1))) {
+		if (t == QCOW2_SCT_NORMAL && (e & QCOW2_L2E_OFFSET_MASK & (cs - 1))) {
 			if (pos == off) {
 				qcow2_seterr(
 				    err, errlen, 0,
@@ -405,33 +373,33 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		if (pos == off) {
 			t0 = t;
 			host0 = host + (pos & ((1ull << scbits) - 1));
-			if (t == SC_COMPRESSED)
+			if (t == QCOW2_SCT_COMPRESSED)
 				host0 = 0;
 		} else {
 			if (t != t0)
 				break;
 			if (has_host(t) && host != host0 + (pos - off))
 				break;
-			if (t == SC_COMPRESSED)
+			if (t == QCOW2_SCT_COMPRESSED)
 				break; /* each compressed cluster on its own */
 		}
 		pos = next < l2_end ? next : l2_end;
 	}
 	st->pnum = pos - off;
 	switch (t0) {
-	case SC_NORMAL:
+	case QCOW2_SCT_NORMAL:
 		st->flags = ST_DATA | ST_OFFSET;
 		break;
-	case SC_ZERO_ALLOC:
+	case QCOW2_SCT_ZERO_ALLOC:
 		st->flags = ST_ZERO | ST_OFFSET;
 		break;
-	case SC_UNALLOC_ALLOC:
+	case QCOW2_SCT_UNALLOC_ALLOC:
 		st->flags = ST_OFFSET;
 		break;
-	case SC_ZERO_PLAIN:
+	case QCOW2_SCT_ZERO_PLAIN:
 		st->flags = ST_ZERO;
 		break;
-	case SC_COMPRESSED:
+	case QCOW2_SCT_COMPRESSED:
 		st->flags = ST_DATA;
 		break;
 	default:
