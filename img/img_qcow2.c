@@ -29,7 +29,7 @@
  * handle that reads zeroes past EOF (fresh clusters may lie beyond the end of
  * the file until written), or through the external data file. Backing images
  * are opened read-only through img_open() (raw or qcow2, relative names
- * against the image's directory, up to Q2_MAX_DEPTH levels: a loop is refused).
+ * against the image's directory, up to QCOW2_MAX_CHAIN_DEPTH levels: a loop is refused).
  *
  * Completion: every request ends in exactly one io->done(), always from the
  * loop: a request starts from a zero-length read that io/ completes on the
@@ -39,7 +39,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,7 +48,6 @@
 #include "qcow2.h"
 
 #define Q2_MAX_EXT    16
-#define Q2_MAX_DEPTH  16
 #define ZERO_BUF_SIZE (64u * 1024)
 
 struct q2img;
@@ -1071,26 +1069,6 @@ static const struct img_ops q2_ops = {
     .describe = q2_describe,
 };
 
-/* @name relative to the directory of @image (malloc'd), or a copy if absolute. */
-static char *relative_to(const char *image, const char *name)
-{
-	char *dup, *dir, *out;
-	size_t n;
-
-	if (name[0] == '/')
-		return strdup(name);
-	dup = strdup(image);
-	if (!dup)
-		return NULL;
-	dir = dirname(dup);
-	n = strlen(dir) + strlen(name) + 2;
-	out = malloc(n);
-	if (out)
-		snprintf(out, n, "%s/%s", dir, name);
-	free(dup);
-	return out;
-}
-
 static __thread int open_depth;
 
 int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
@@ -1135,7 +1113,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->cs = h->cluster_size;
 
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
-		name = relative_to(path, h->data_file);
+		name = qcow2_path_relative(path, h->data_file);
 		if (!name) {
 			ret = -ENOMEM;
 			goto close_q;
@@ -1173,12 +1151,12 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		struct img_opts bo = {0};
 		char berr[512];
 
-		if (open_depth >= Q2_MAX_DEPTH) {
+		if (open_depth >= (int)QCOW2_MAX_CHAIN_DEPTH) {
 			ret = -ELOOP;
 			if (err)
 				snprintf(err, errlen,
-					 "%s: backing chain deeper than %d images (a loop?)", path,
-					 Q2_MAX_DEPTH);
+					 "%s: backing chain deeper than %u backing files (a loop?)",
+					 path, QCOW2_MAX_CHAIN_DEPTH);
 			goto close_dfile;
 		}
 		if (h->has_backing_fmt && strcmp(h->backing_fmt, "raw") != 0 &&
@@ -1191,7 +1169,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 					 path, h->backing_file, h->backing_fmt);
 			goto close_dfile;
 		}
-		name = relative_to(path, h->backing_file);
+		name = qcow2_path_relative(path, h->backing_file);
 		if (!name) {
 			ret = -ENOMEM;
 			goto close_dfile;

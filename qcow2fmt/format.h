@@ -626,6 +626,12 @@ static inline uint64_t qcow2_l1_entries_for(uint64_t size, unsigned cluster_bits
 /* ---- helpers shared by the engine and the tool ---- */
 
 /*
+ * The longest backing chain opened or walked (the image itself plus up to
+ * this many backing files); deeper chains, and loops, are refused.
+ */
+#define QCOW2_MAX_CHAIN_DEPTH 16u
+
+/*
  * The one error formatter: printf @fmt into @err (@errlen bytes; nothing if
  * @err is NULL or @errlen 0) and return @ret, so a failure reads
  * "return qcow2_seterr(err, errlen, -EINVAL, ...)".

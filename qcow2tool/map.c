@@ -34,8 +34,6 @@
 
 #include "qcow2tool.h"
 
-#define MAP_MAX_DEPTH 32
-
 enum {
 	ST_DATA = 1u << 0,
 	ST_ZERO = 1u << 1,
@@ -93,9 +91,10 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 	int ret, q;
 
 	*out = NULL;
-	if (depth >= MAP_MAX_DEPTH)
+	if (depth > QCOW2_MAX_CHAIN_DEPTH) /* @depth: backing files above this one */
 		return qcow2_seterr(err, errlen, -ELOOP,
-				    "backing chain longer than %u images (a loop?)", MAP_MAX_DEPTH);
+				    "backing chain deeper than %u backing files (a loop?)",
+				    QCOW2_MAX_CHAIN_DEPTH);
 	L = calloc(1, sizeof(*L));
 	if (!L)
 		return -ENOMEM;

@@ -904,6 +904,35 @@ static void test_dirty_repair(void)
 	free(want);
 }
 
+/*
+ * The backing chain limit (QCOW2_MAX_CHAIN_DEPTH = 16, shared with
+ * vqcow-img map): an image with 16 backing files below it opens, one with 17
+ * is refused (-ELOOP) with a message.
+ */
+static void test_chain_depth(void)
+{
+	struct img_opts o = {.direct = true, .read_only = true};
+	struct img *img = NULL;
+	char err[512] = "";
+
+	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 %s 1M", P("chain0.qcow2")), 0);
+	for (int i = 1; i <= 17; i++) {
+		char below[32];
+
+		snprintf(below, sizeof(below), "chain%d.qcow2", i - 1);
+		CU_ASSERT_EQUAL_FATAL(sh("cd %s && qemu-img create -q -f qcow2 -b %s -F qcow2 "
+					 "chain%d.qcow2",
+					 g_dir, below, i),
+				      0);
+	}
+	img = open_img(P("chain16.qcow2"), true);
+	img_close(img);
+	img = NULL;
+	CU_ASSERT_EQUAL(img_open(&img, g_loop, P("chain17.qcow2"), &o, err, sizeof(err)), -ELOOP);
+	CU_ASSERT_PTR_NULL(img);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "backing file")); /* the nested reason is cut short */
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -943,6 +972,7 @@ int main(void)
 	CU_add_test(s, "refcount table growth", test_reftable_growth);
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
+	CU_add_test(s, "backing chain depth limit", test_chain_depth);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();

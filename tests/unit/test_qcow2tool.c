@@ -364,6 +364,37 @@ static void test_map(void)
 	CU_ASSERT_EQUAL(a.e[0].offset % 65536, 0);
 }
 
+/*
+ * The backing chain limit (QCOW2_MAX_CHAIN_DEPTH, the daemon's too): an
+ * image with that many backing files below it maps, one more is refused.
+ */
+static void test_map_chain_depth(void)
+{
+	struct qcow2_create_opts o;
+	struct map_acc a;
+	char name[32], below[32];
+
+	CU_ASSERT_EQUAL_FATAL(
+	    make("chain0.qcow2", 1 << 20, 65536, 16, 3, false, QCOW2_PREALLOC_OFF), 0);
+	for (unsigned i = 1; i <= QCOW2_MAX_CHAIN_DEPTH + 1; i++) {
+		snprintf(name, sizeof(name), "chain%u.qcow2", i);
+		snprintf(below, sizeof(below), "chain%u.qcow2", i - 1);
+		memset(&o, 0, sizeof(o));
+		o.backing_file = below;
+		unlink(tpath(name));
+		CU_ASSERT_EQUAL_FATAL(qcow2_create(tpath(name), &o, NULL, g_err, sizeof(g_err)), 0);
+	}
+	snprintf(name, sizeof(name), "chain%u.qcow2", QCOW2_MAX_CHAIN_DEPTH);
+	memset(&a, 0, sizeof(a));
+	CU_ASSERT_EQUAL(qcow2_map(tpath(name), NULL, map_cb, &a, NULL, g_err, sizeof(g_err)), 0);
+	CU_ASSERT_EQUAL(a.n, 1);
+	snprintf(name, sizeof(name), "chain%u.qcow2", QCOW2_MAX_CHAIN_DEPTH + 1);
+	memset(&a, 0, sizeof(a));
+	CU_ASSERT_EQUAL(qcow2_map(tpath(name), NULL, map_cb, &a, NULL, g_err, sizeof(g_err)),
+			-ELOOP);
+	CU_ASSERT_PTR_NOT_NULL(strstr(g_err, "backing chain"));
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -380,6 +411,7 @@ int main(void)
 	CU_add_test(s, "dirty bit cleared by repair", test_check_dirty);
 	CU_add_test(s, "malformed headers refused", test_malformed);
 	CU_add_test(s, "map", test_map);
+	CU_add_test(s, "map: backing chain depth limit", test_map_chain_depth);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	fails = CU_get_number_of_failures();
