@@ -21,6 +21,7 @@
 #include "img.h"
 #include "io.h"
 #include "io_inject.h"
+#include "testutil.h"
 
 #define IMG_SIZE (4u << 20)
 #define MAX_ITER 100000
@@ -61,23 +62,9 @@ static void run_until(const int *calls, int want)
 	CU_ASSERT_EQUAL(*calls, want);
 }
 
-static bool on_tmpfs(const char *dir)
-{
-	struct statfs s;
-
-	return statfs(dir, &s) == 0 && s.f_type == TMPFS_MAGIC;
-}
-
 static void pick_dir(void)
 {
-	const char *env = getenv("VQCOW_TEST_DIR");
-
-	if (env && *env)
-		snprintf(g_dir, sizeof(g_dir), "%s", env);
-	else if (!on_tmpfs("."))
-		snprintf(g_dir, sizeof(g_dir), ".");
-	else
-		snprintf(g_dir, sizeof(g_dir), "/var/tmp");
+	snprintf(g_dir, sizeof(g_dir), "%s", tu_test_dir());
 }
 
 static uint8_t pat(uint64_t off)

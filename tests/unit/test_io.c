@@ -22,6 +22,7 @@
 
 #include "io.h"
 #include "io_inject.h"
+#include "testutil.h"
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 #define MAX_ITER              100000
@@ -71,23 +72,9 @@ static void run_all(struct io_loop *loop)
 	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
 }
 
-static bool on_tmpfs(const char *dir)
-{
-	struct statfs sf;
-
-	return statfs(dir, &sf) == 0 && sf.f_type == TMPFS_MAGIC;
-}
-
 static void pick_dir(void)
 {
-	const char *env = getenv("VQCOW_TEST_DIR");
-
-	if (env && *env)
-		snprintf(g_dir, sizeof(g_dir), "%s", env);
-	else if (!on_tmpfs("."))
-		snprintf(g_dir, sizeof(g_dir), ".");
-	else
-		snprintf(g_dir, sizeof(g_dir), "/var/tmp");
+	snprintf(g_dir, sizeof(g_dir), "%s", tu_test_dir());
 }
 
 /* Create an empty temp file, open it with @flags and unlink it. */
@@ -217,7 +204,7 @@ static void test_open_tmpfs_fallback(void)
 	struct io_file f;
 	char buf[512], out[512];
 
-	if (!on_tmpfs("/dev/shm")) {
+	if (!tu_on_tmpfs("/dev/shm")) {
 		fprintf(stderr, "note: /dev/shm is not tmpfs, fallback not exercised\n");
 		return;
 	}

@@ -40,6 +40,7 @@
 #include "fake_io.h"
 #include "internal.h"
 #include "qcow2.h"
+#include "testutil.h"
 
 static struct io_loop *g_loop;
 static char g_dir[700];
@@ -47,34 +48,12 @@ static unsigned g_seed = 777;
 
 static unsigned rnd(void)
 {
-	g_seed = g_seed * 1103515245u + 12345u;
-	return g_seed >> 8;
-}
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int st;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	st = system(cmd);
-	if (st == -1 || !WIFEXITED(st))
-		return -1;
-	return WEXITSTATUS(st);
+	return tu_lcg(&g_seed);
 }
 
 static char *P(const char *name)
 {
-	static char bufs[4][1024];
-	static int k;
-	char *b = bufs[k++ % 4];
-
-	snprintf(b, 1024, "%s/%s", g_dir, name);
-	return b;
+	return tu_path(g_dir, name);
 }
 
 static void run(void)
@@ -115,8 +94,8 @@ static void eng_create(struct eng *e, const char *opts, uint64_t size, const str
 	char name[64];
 
 	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", opts, P(name),
-				 (unsigned long long)size),
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", opts, P(name),
+				    (unsigned long long)size),
 			      0);
 	eng_open_path(e, P(name), o);
 	fake_log_reset();
@@ -135,9 +114,9 @@ static int eng_qemu_check(struct eng *e)
 	int ret;
 
 	CU_ASSERT_EQUAL(fake_file_save(e->id, e->path), 0);
-	ret = sh("qemu-img check -q %s", e->path);
+	ret = tu_sh("qemu-img check -q %s", e->path);
 	if (ret != 0)
-		sh("qemu-img check %s >&2", e->path);
+		tu_sh("qemu-img check %s >&2", e->path);
 	fake_file_drop(e->id);
 	return ret;
 }
@@ -1082,9 +1061,9 @@ static char *pf_image(uint64_t size)
 
 	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
 	path = P(name);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o "
-				 "cluster_size=4096,preallocation=metadata %s %llu",
-				 path, (unsigned long long)size),
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o "
+				    "cluster_size=4096,preallocation=metadata %s %llu",
+				    path, (unsigned long long)size),
 			      0);
 	return path;
 }
@@ -1769,13 +1748,13 @@ static void bitmap_case(bool fail_sync)
 	int ret;
 
 	snprintf(name, sizeof(name), "img%d.qcow2", g_nimg++);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o cluster_size=4096 %s %llu && "
-				 "qemu-io -c 'write 0 64k' %s >/dev/null && "
-				 "qemu-img bitmap --add -g 4096 %s on && "
-				 "qemu-img bitmap --add %s off && qemu-io -c 'write 1M 4k' %s "
-				 ">/dev/null && qemu-img bitmap --disable %s off",
-				 P(name), (unsigned long long)size, P(name), P(name), P(name),
-				 P(name), P(name)),
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=4096 %s %llu && "
+				    "qemu-io -c 'write 0 64k' %s >/dev/null && "
+				    "qemu-img bitmap --add -g 4096 %s on && "
+				    "qemu-img bitmap --add %s off && qemu-io -c 'write 1M 4k' %s "
+				    ">/dev/null && qemu-img bitmap --disable %s off",
+				    P(name), (unsigned long long)size, P(name), P(name), P(name),
+				    P(name), P(name)),
 			      0);
 	fake_log_reset();
 	eng_open_path(&e, P(name), NULL);
@@ -1824,9 +1803,9 @@ static void bitmap_case(bool fail_sync)
 		}
 	}
 	CU_ASSERT_EQUAL(fake_file_save(e.id, e.path), 0);
-	ret = sh("qemu-img check -q %s", e.path);
+	ret = tu_sh("qemu-img check -q %s", e.path);
 	CU_ASSERT(ret == 0 || (fail_sync && ret == 3));
-	ret = sh("qemu-img info --output=json %s | grep -q '\"in-use\"'", e.path);
+	ret = tu_sh("qemu-img info --output=json %s | grep -q '\"in-use\"'", e.path);
 	CU_ASSERT_EQUAL(ret, fail_sync ? 0 : 1); /* grep: 0 found, 1 not found */
 out:
 	fake_file_drop(e.id);
@@ -1845,24 +1824,15 @@ static void test_bitmaps_store_sync_failure(void)
 
 int main(void)
 {
-	struct statfs s;
 	CU_pSuite suite;
 	unsigned fails;
-	char tmpl[700];
 
-	if (sh("qemu-img --version >/dev/null 2>&1") != 0) {
+	if (tu_sh("qemu-img --version >/dev/null 2>&1") != 0) {
 		fprintf(stderr, "qemu-img not found: skipping\n");
 		return 77;
 	}
-	if (getenv("VQCOW_TEST_DIR"))
-		snprintf(tmpl, sizeof(tmpl), "%s/q2eng.XXXXXX", getenv("VQCOW_TEST_DIR"));
-	else if (statfs(".", &s) == 0 && s.f_type != TMPFS_MAGIC)
-		snprintf(tmpl, sizeof(tmpl), "./q2eng.XXXXXX");
-	else
-		snprintf(tmpl, sizeof(tmpl), "/var/tmp/q2eng.XXXXXX");
-	if (!mkdtemp(tmpl))
+	if (tu_mkdtemp(g_dir, sizeof(g_dir), "q2eng") < 0)
 		return 1;
-	snprintf(g_dir, sizeof(g_dir), "%s", tmpl);
 	io_loop_init(&g_loop, 64);
 	if (CU_initialize_registry() != CUE_SUCCESS)
 		return 1;
@@ -1901,6 +1871,6 @@ int main(void)
 	CU_cleanup_registry();
 	io_loop_exit(g_loop);
 	if (!fails)
-		sh("rm -rf %s", g_dir);
+		tu_sh("rm -rf %s", g_dir);
 	return fails ? 1 : 0;
 }

@@ -26,6 +26,7 @@
 
 #include "img.h"
 #include "io.h"
+#include "testutil.h"
 
 #define MAX_ITER 10000000
 
@@ -51,8 +52,7 @@ static void tio_done(struct img_io *io, int res)
 
 static unsigned rnd(void)
 {
-	g_seed = g_seed * 1103515245u + 12345u;
-	return g_seed >> 8;
+	return tu_lcg(&g_seed);
 }
 
 static void run_until_all(struct tio *t, int n)
@@ -70,49 +70,20 @@ static void run_until_all(struct tio *t, int n)
 		CU_ASSERT_EQUAL(t[i].calls, 1);
 }
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-	char cmd[4096];
-	va_list ap;
-	int st;
-
-	va_start(ap, fmt);
-	vsnprintf(cmd, sizeof(cmd), fmt, ap);
-	va_end(ap);
-	st = system(cmd);
-	if (st == -1 || !WIFEXITED(st))
-		return -1;
-	return WEXITSTATUS(st);
-}
-
 static void pick_dir(void)
 {
-	const char *env = getenv("VQCOW_TEST_DIR");
-	struct statfs s;
-	char tmpl[600];
+	int ret = tu_mkdtemp(g_dir, sizeof(g_dir), "q2img");
 
-	if (env && *env)
-		snprintf(tmpl, sizeof(tmpl), "%s/q2img.XXXXXX", env);
-	else if (statfs(".", &s) == 0 && s.f_type != TMPFS_MAGIC)
-		snprintf(tmpl, sizeof(tmpl), "./q2img.XXXXXX");
-	else
-		snprintf(tmpl, sizeof(tmpl), "/var/tmp/q2img.XXXXXX");
-	if (!mkdtemp(tmpl)) {
+	if (ret < 0) {
+		errno = -ret;
 		perror("mkdtemp");
 		exit(1);
 	}
-	snprintf(g_dir, sizeof(g_dir), "%s", tmpl);
 }
 
 static char *P(const char *name)
 {
-	static char bufs[4][1024];
-	static int k;
-	char *b = bufs[k++ % 4];
-
-	snprintf(b, 1024, "%s/%s", g_dir, name);
-	return b;
+	return tu_path(g_dir, name);
 }
 
 /* ---- a workload against a model ---- */
@@ -404,66 +375,68 @@ static void run_wl(const struct wl *w0)
 	struct img *img;
 	int ret;
 
-	sh("rm -f %s/*", g_dir);
+	tu_sh("rm -f %s/*", g_dir);
 	g_model = calloc(1, w->size);
 	CU_ASSERT_FATAL(g_model != NULL);
 	if (w->backing_raw) {
 		char *b = P("base.raw");
 
-		CU_ASSERT_EQUAL_FATAL(
-		    sh("qemu-img create -q -f raw %s %llu", b, (unsigned long long)(w->size / 2)),
-		    0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f raw -c 'write -P 0x6b 0 %llu' -c 'write -P "
-					 "0x6c %llu 64k' %s >/dev/null",
-					 (unsigned long long)(w->size / 2 - 65536),
-					 (unsigned long long)(w->size / 2 - 65536), b),
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f raw %s %llu", b,
+					    (unsigned long long)(w->size / 2)),
+				      0);
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-io -f raw -c 'write -P 0x6b 0 %llu' -c 'write -P "
+					    "0x6c %llu 64k' %s >/dev/null",
+					    (unsigned long long)(w->size / 2 - 65536),
+					    (unsigned long long)(w->size / 2 - 65536), b),
 				      0);
 		CU_ASSERT_EQUAL_FATAL(
-		    sh("qemu-img create -q -f qcow2 -o %s -b base.raw -F raw %s %llu", w->create,
-		       img_path, (unsigned long long)w->size),
+		    tu_sh("qemu-img create -q -f qcow2 -o %s -b base.raw -F raw %s %llu", w->create,
+			  img_path, (unsigned long long)w->size),
 		    0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
 		load_file(raw, w->size);
 	} else if (w->backing) {
 		char *b = P("base.qcow2");
 
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create, b,
-					 (unsigned long long)w->size),
-				      0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f qcow2 -c 'write -P 0x5a 0 %llu' -c 'write -P "
-					 "0x33 %llu %llu' %s >/dev/null",
-					 (unsigned long long)(w->size / 2),
-					 (unsigned long long)(w->size / 4),
-					 (unsigned long long)(w->size / 8), b),
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create,
+					    b, (unsigned long long)w->size),
 				      0);
 		CU_ASSERT_EQUAL_FATAL(
-		    sh("qemu-img create -q -f qcow2 -o %s -b base.qcow2 -F qcow2 %s", w->create,
-		       img_path),
+		    tu_sh("qemu-io -f qcow2 -c 'write -P 0x5a 0 %llu' -c 'write -P "
+			  "0x33 %llu %llu' %s >/dev/null",
+			  (unsigned long long)(w->size / 2), (unsigned long long)(w->size / 4),
+			  (unsigned long long)(w->size / 8), b),
 		    0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		CU_ASSERT_EQUAL_FATAL(
+		    tu_sh("qemu-img create -q -f qcow2 -o %s -b base.qcow2 -F qcow2 %s", w->create,
+			  img_path),
+		    0);
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
 		load_file(raw, w->size);
 	} else if (w->compressed) {
 		char *src = P("src.qcow2");
 
 		CU_ASSERT_EQUAL_FATAL(
-		    sh("qemu-img create -q -f qcow2 %s %llu", src, (unsigned long long)w->size), 0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f qcow2 -c 'write -P 0x71 0 %llu' -c 'write -P "
-					 "0x72 %llu 4k' %s >/dev/null",
-					 (unsigned long long)(w->size / 2),
-					 (unsigned long long)(w->size / 2 + 12288), src),
-				      0);
+		    tu_sh("qemu-img create -q -f qcow2 %s %llu", src, (unsigned long long)w->size),
+		    0);
 		CU_ASSERT_EQUAL_FATAL(
-		    sh("qemu-img convert -c -O qcow2 -o %s %s %s", w->create, src, img_path), 0);
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+		    tu_sh("qemu-io -f qcow2 -c 'write -P 0x71 0 %llu' -c 'write -P "
+			  "0x72 %llu 4k' %s >/dev/null",
+			  (unsigned long long)(w->size / 2),
+			  (unsigned long long)(w->size / 2 + 12288), src),
+		    0);
+		CU_ASSERT_EQUAL_FATAL(
+		    tu_sh("qemu-img convert -c -O qcow2 -o %s %s %s", w->create, src, img_path), 0);
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
 		load_file(raw, w->size);
 	} else if (w->datafile) {
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s,data_file=%s %s %llu",
-					 w->create, P("t.data"), img_path,
-					 (unsigned long long)w->size),
-				      0);
+		CU_ASSERT_EQUAL_FATAL(
+		    tu_sh("qemu-img create -q -f qcow2 -o %s,data_file=%s %s %llu", w->create,
+			  P("t.data"), img_path, (unsigned long long)w->size),
+		    0);
 	} else {
-		CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create,
-					 img_path, (unsigned long long)w->size),
+		CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o %s %s %llu", w->create,
+					    img_path, (unsigned long long)w->size),
 				      0);
 	}
 
@@ -472,7 +445,7 @@ static void run_wl(const struct wl *w0)
 	workload(img, w, cs, w->ops / 2);
 	if (w->snapshot) {
 		img_close(img);
-		CU_ASSERT_EQUAL(sh("qemu-img snapshot -c snap1 %s", img_path), 0);
+		CU_ASSERT_EQUAL(tu_sh("qemu-img snapshot -c snap1 %s", img_path), 0);
 		save_model(P("snap.raw"), w->size);
 		img = open_img(img_path, false);
 	}
@@ -487,20 +460,20 @@ static void run_wl(const struct wl *w0)
 	img_close(img);
 
 	save_model(raw, w->size);
-	ret = sh("qemu-img check -q %s", img_path);
+	ret = tu_sh("qemu-img check -q %s", img_path);
 	if (ret != 0)
-		sh("qemu-img check %s >&2", img_path);
+		tu_sh("qemu-img check %s >&2", img_path);
 	CU_ASSERT_EQUAL(ret, 0);
-	ret = sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
+	ret = tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
 	if (ret != 0)
-		sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
+		tu_sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
 	CU_ASSERT_EQUAL(ret, 0);
 	if (w->snapshot) {
 		/* the snapshot still holds what it held */
-		CU_ASSERT_EQUAL(sh("qemu-img convert -l snapshot.name=snap1 -O raw %s %s", img_path,
-				   P("snapout.raw")),
+		CU_ASSERT_EQUAL(tu_sh("qemu-img convert -l snapshot.name=snap1 -O raw %s %s",
+				      img_path, P("snapout.raw")),
 				0);
-		CU_ASSERT_EQUAL(sh("cmp -s %s %s", P("snap.raw"), P("snapout.raw")), 0);
+		CU_ASSERT_EQUAL(tu_sh("cmp -s %s %s", P("snap.raw"), P("snapout.raw")), 0);
 	}
 	free(g_model);
 	g_model = NULL;
@@ -765,18 +738,19 @@ static void tail_case(const char *create, const char *bfmt, uint64_t size, uint6
 	int ret;
 
 	CU_ASSERT_FATAL(buf && rd);
-	sh("rm -f %s/*", g_dir);
+	tu_sh("rm -f %s/*", g_dir);
 	g_model = calloc(1, size);
 	CU_ASSERT_FATAL(g_model != NULL);
 	CU_ASSERT_EQUAL_FATAL(
-	    sh("qemu-img create -q -f %s %s %llu", bfmt, P("base"), (unsigned long long)bsize), 0);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-io -f %s -c 'write -P 0x6b 0 %llu' %s >/dev/null", bfmt,
-				 (unsigned long long)bsize, P("base")),
+	    tu_sh("qemu-img create -q -f %s %s %llu", bfmt, P("base"), (unsigned long long)bsize),
+	    0);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-io -f %s -c 'write -P 0x6b 0 %llu' %s >/dev/null", bfmt,
+				    (unsigned long long)bsize, P("base")),
 			      0);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o %s -b base -F %s %s %llu", create,
-				 bfmt, img_path, (unsigned long long)size),
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o %s -b base -F %s %s %llu",
+				    create, bfmt, img_path, (unsigned long long)size),
 			      0);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -O raw %s %s", img_path, raw), 0);
 	load_file(raw, size);
 
 	img = open_img(img_path, false);
@@ -806,21 +780,21 @@ static void tail_case(const char *create, const char *bfmt, uint64_t size, uint6
 	img_close(img);
 
 	save_model(raw, size);
-	ret = sh("qemu-img check -q %s", img_path);
+	ret = tu_sh("qemu-img check -q %s", img_path);
 	if (ret != 0)
-		sh("qemu-img check %s >&2", img_path);
+		tu_sh("qemu-img check %s >&2", img_path);
 	CU_ASSERT_EQUAL(ret, 0);
-	ret = sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
+	ret = tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
 	if (ret != 0)
-		sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
+		tu_sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
 	CU_ASSERT_EQUAL(ret, 0);
 	/* qemu-io sees each written sector as written (each is one byte value) */
-	CU_ASSERT_EQUAL(sh("out=$(qemu-io -f qcow2 -c 'read -P %u %llu 512' -c 'read -P %u %llu "
-			   "512' -c 'read -P %u %llu 512' %s 2>&1) && ! echo \"$out\" | grep -q "
-			   "Pattern && [ $(echo \"$out\" | grep -c '^read 512/512') = 3 ]",
-			   g_model[size - 512], (unsigned long long)(size - 512),
-			   g_model[last - 512], (unsigned long long)(last - 512), g_model[last],
-			   (unsigned long long)last, img_path),
+	CU_ASSERT_EQUAL(tu_sh("out=$(qemu-io -f qcow2 -c 'read -P %u %llu 512' -c 'read -P %u %llu "
+			      "512' -c 'read -P %u %llu 512' %s 2>&1) && ! echo \"$out\" | grep -q "
+			      "Pattern && [ $(echo \"$out\" | grep -c '^read 512/512') = 3 ]",
+			      g_model[size - 512], (unsigned long long)(size - 512),
+			      g_model[last - 512], (unsigned long long)(last - 512), g_model[last],
+			      (unsigned long long)last, img_path),
 			0);
 	free(g_model);
 	g_model = NULL;
@@ -870,14 +844,14 @@ static void test_dirty_repair(void)
 	FILE *f;
 
 	CU_ASSERT_FATAL(buf && want);
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on %s %llu",
-				 img_path, (unsigned long long)size),
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on %s %llu",
+				    img_path, (unsigned long long)size),
 			      0);
 	/* qemu-io dies of SIGABRT: no exit status to look at */
-	sh("qemu-io -c 'write -q -P 0x5a 0 1M' -c 'write -q -P 0x33 8M 64k' -c abort %s "
-	   ">/dev/null 2>&1",
-	   img_path);
-	CU_ASSERT_NOT_EQUAL_FATAL(sh("qemu-img check -q %s >/dev/null 2>&1", img_path), 0);
+	tu_sh("qemu-io -c 'write -q -P 0x5a 0 1M' -c 'write -q -P 0x33 8M 64k' -c abort %s "
+	      ">/dev/null 2>&1",
+	      img_path);
+	CU_ASSERT_NOT_EQUAL_FATAL(tu_sh("qemu-img check -q %s >/dev/null 2>&1", img_path), 0);
 
 	img = open_img(img_path, true); /* read-only: no repair, data served */
 	CU_ASSERT_EQUAL(do_io(img, IMG_OP_READ, buf, 0, len, 0), 0);
@@ -893,7 +867,7 @@ static void test_dirty_repair(void)
 	CU_ASSERT(memcmp(buf, want, 65536) == 0);
 	img_close(img);
 
-	CU_ASSERT_EQUAL(sh("qemu-img check -q %s", img_path), 0);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img_path), 0);
 	f = fopen(img_path, "rb");
 	CU_ASSERT_PTR_NOT_NULL_FATAL(f);
 	CU_ASSERT_EQUAL(fseek(f, 72, SEEK_SET), 0);
@@ -915,14 +889,14 @@ static void test_chain_depth(void)
 	struct img *img = NULL;
 	char err[512] = "";
 
-	CU_ASSERT_EQUAL_FATAL(sh("qemu-img create -q -f qcow2 %s 1M", P("chain0.qcow2")), 0);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 1M", P("chain0.qcow2")), 0);
 	for (int i = 1; i <= 17; i++) {
 		char below[32];
 
 		snprintf(below, sizeof(below), "chain%d.qcow2", i - 1);
-		CU_ASSERT_EQUAL_FATAL(sh("cd %s && qemu-img create -q -f qcow2 -b %s -F qcow2 "
-					 "chain%d.qcow2",
-					 g_dir, below, i),
+		CU_ASSERT_EQUAL_FATAL(tu_sh("cd %s && qemu-img create -q -f qcow2 -b %s -F qcow2 "
+					    "chain%d.qcow2",
+					    g_dir, below, i),
 				      0);
 	}
 	img = open_img(P("chain16.qcow2"), true);
@@ -938,8 +912,8 @@ int main(void)
 	CU_pSuite s;
 	unsigned fails;
 
-	if (sh("qemu-img --version >/dev/null 2>&1") != 0 ||
-	    sh("qemu-io --version >/dev/null 2>&1") != 0) {
+	if (tu_sh("qemu-img --version >/dev/null 2>&1") != 0 ||
+	    tu_sh("qemu-io --version >/dev/null 2>&1") != 0) {
 		fprintf(stderr, "qemu-img/qemu-io not found: skipping\n");
 		return 77;
 	}
@@ -979,6 +953,6 @@ int main(void)
 	CU_cleanup_registry();
 	io_loop_exit(g_loop);
 	if (!fails)
-		sh("rm -rf %s", g_dir);
+		tu_sh("rm -rf %s", g_dir);
 	return fails ? 1 : 0;
 }

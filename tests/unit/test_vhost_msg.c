@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "vhost.h"
+#include "testutil.h"
 #include "vlog.h"
 
 /* vhost-user constants (vhost-user.rst), spelled out independently of vhost/. */
@@ -1081,10 +1082,7 @@ static uint64_t g_rng = 0x2545f4914f6cdd1dull;
 
 static uint64_t rnd(void)
 {
-	g_rng ^= g_rng << 13;
-	g_rng ^= g_rng >> 7;
-	g_rng ^= g_rng << 17;
-	return g_rng;
+	return tu_xorshift64(&g_rng);
 }
 
 /* Random but mostly well-formed messages: the server must neither crash, nor

@@ -22,6 +22,7 @@
 
 #include "vhost.h"
 #include "vhost_test.h"
+#include "testutil.h"
 
 #define MEM_SIZE   (4u << 20)
 #define REGION     (2u << 20)
@@ -798,10 +799,7 @@ static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
 static uint64_t rnd(void)
 {
-	g_rng ^= g_rng << 13;
-	g_rng ^= g_rng >> 7;
-	g_rng ^= g_rng << 17;
-	return g_rng;
+	return tu_xorshift64(&g_rng);
 }
 
 /* A guest address: mostly plausible, sometimes hostile. */

@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: MIT */
+/* tests/common/testutil.c — helpers shared by the unit tests (testutil.h). */
+#include <errno.h>
+#include <linux/magic.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/vfs.h>
+#include <sys/wait.h>
+
+#include "testutil.h"
+
+bool tu_on_tmpfs(const char *dir)
+{
+	struct statfs s;
+
+	return statfs(dir, &s) == 0 && s.f_type == TMPFS_MAGIC;
+}
+
+const char *tu_test_dir(void)
+{
+	const char *env = getenv("VQCOW_TEST_DIR");
+
+	if (env && *env)
+		return env;
+	return tu_on_tmpfs(".") ? "/var/tmp" : ".";
+}
+
+int tu_mkdtemp(char *buf, size_t len, const char *prefix)
+{
+	if ((size_t)snprintf(buf, len, "%s/%s.XXXXXX", tu_test_dir(), prefix) >= len)
+		return -ENAMETOOLONG;
+	return mkdtemp(buf) ? 0 : -errno;
+}
+
+int tu_sh(const char *fmt, ...)
+{
+	char cmd[4096];
+	va_list ap;
+	int st;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	st = system(cmd);
+	if (st == -1 || !WIFEXITED(st))
+		return -1;
+	return WEXITSTATUS(st);
+}
+
+char *tu_path(const char *dir, const char *name)
+{
+	static char bufs[4][1024];
+	static int k;
+	char *b = bufs[k++ % 4];
+
+	snprintf(b, sizeof(bufs[0]), "%s/%s", dir, name);
+	return b;
+}
+
+uint64_t tu_xorshift64(uint64_t *state)
+{
+	uint64_t x = *state;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*state = x;
+	return x;
+}
+
+unsigned tu_lcg(unsigned *state)
+{
+	*state = *state * 1103515245u + 12345u;
+	return *state >> 8;
+}

@@ -1,0 +1,39 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tests/common/testutil.h — helpers shared by the unit tests (library
+ * vqcow_test_util; depends on nothing of ours). Names start with tu_.
+ */
+#ifndef VQCOW_TESTS_TESTUTIL_H
+#define VQCOW_TESTS_TESTUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Is @dir on tmpfs (which refuses O_DIRECT)? */
+bool tu_on_tmpfs(const char *dir);
+
+/*
+ * The directory for test files that need O_DIRECT: $VQCOW_TEST_DIR if set
+ * and not empty, else "." unless it is on tmpfs, else /var/tmp.
+ */
+const char *tu_test_dir(void);
+
+/*
+ * A fresh directory "<tu_test_dir()>/<prefix>.XXXXXX" (mkdtemp), its path in
+ * @buf (@len bytes). 0 or -errno.
+ */
+int tu_mkdtemp(char *buf, size_t len, const char *prefix);
+
+/* Run a shell command built like printf: its exit status, -1 if it did not exit. */
+int tu_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* "@dir/@name" in one of four rotating static buffers (valid for four calls). */
+char *tu_path(const char *dir, const char *name);
+
+/* Deterministic pseudo-random numbers: a 64-bit xorshift and a 32-bit LCG
+ * (>> 8), each advancing the caller's state. */
+uint64_t tu_xorshift64(uint64_t *state);
+unsigned tu_lcg(unsigned *state);
+
+#endif /* VQCOW_TESTS_TESTUTIL_H */
