@@ -548,173 +548,69 @@ static void same_cluster_rounds(struct img *img, const struct wl *w, uint64_t cs
 
 #define SZ (16ull << 20)
 
-static void test_default(void)
+/* The workloads, one CUnit test each (named by .label), in this order. */
+static const struct {
+	const char *label;
+	struct wl w;
+} workloads[] = {
+    {"default",
+     {"default", "cluster_size=65536", SZ, .ops = 300, .max_io = 256 << 10, .zeroes = true}},
+    {"small clusters",
+     {"c512", "cluster_size=512", 4ull << 20, .ops = 300, .max_io = 16 << 10, .zeroes = true}},
+    {"4k refcount 1",
+     {"c4k-rc1", "cluster_size=4096,refcount_bits=1", SZ, .ops = 300, .max_io = 64 << 10,
+      .zeroes = true}},
+    {"refcount 64",
+     {"rc64", "cluster_size=65536,refcount_bits=64", SZ, .ops = 200, .max_io = 256 << 10,
+      .zeroes = true}},
+    {"2M clusters",
+     {"c2m", "cluster_size=2M", 32ull << 20, .ops = 150, .max_io = 1 << 20, .zeroes = true}},
+    {"version 2",
+     {"v2", "compat=0.10,cluster_size=65536", SZ, .ops = 300, .max_io = 256 << 10, .zeroes = true}},
+    {"extended L2",
+     {"extl2", "extended_l2=on,cluster_size=65536", SZ, .ops = 300, .max_io = 128 << 10,
+      .zeroes = true}},
+    {"extended L2 + backing",
+     {"extl2-backing", "extended_l2=on,cluster_size=32768", SZ, .backing = true, .ops = 300,
+      .max_io = 128 << 10, .zeroes = true}},
+    {"backing",
+     {"backing", "cluster_size=65536", SZ, .backing = true, .ops = 300, .max_io = 256 << 10,
+      .zeroes = true}},
+    {"v2 + backing",
+     {"v2-backing", "compat=0.10,cluster_size=4096", SZ, .backing = true,
+      .v2_backing_discard_noop = true, .ops = 300, .max_io = 64 << 10, .zeroes = true}},
+    {"short raw backing",
+     {"raw-backing-short", "cluster_size=65536", SZ, .backing_raw = true, .ops = 300,
+      .max_io = 256 << 10, .zeroes = true}},
+    {"extended L2 + short raw backing",
+     {"extl2-raw-backing-short", "cluster_size=65536,extended_l2=on", SZ, .backing_raw = true,
+      .ops = 300, .max_io = 128 << 10, .zeroes = true}},
+    {"compressed",
+     {"compressed", "cluster_size=65536", SZ, .compressed = true, .ops = 300, .max_io = 256 << 10,
+      .zeroes = true}},
+    {"compressed zstd",
+     {"compressed-zstd", "cluster_size=65536,compression_type=zstd", SZ, .compressed = true,
+      .ops = 200, .max_io = 256 << 10, .zeroes = true}},
+    {"snapshot",
+     {"snapshot", "cluster_size=65536", SZ, .snapshot = true, .ops = 300, .max_io = 256 << 10,
+      .zeroes = true}},
+    {"external data file",
+     {"datafile", "cluster_size=65536", SZ, .datafile = true, .ops = 300, .max_io = 256 << 10,
+      .zeroes = true}},
+    /* 512-byte clusters, 64-bit refcounts: a refcount block covers 64 clusters
+     * and a refcount table cluster 64 blocks: the table must grow. */
+    {"refcount table growth",
+     {"reftable-growth", "cluster_size=512,refcount_bits=64", 8ull << 20, .ops = 200,
+      .max_io = 256 << 10, .zeroes = false}},
+};
+
+/* CUnit passes no argument: each call runs the next row (tests run in the
+ * order they were added, one per row). */
+static size_t g_next_workload;
+
+static void test_workload(void)
 {
-	struct wl w = {"default",  "cluster_size=65536", SZ,
-		       .ops = 300, .max_io = 256 << 10,  .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_small_clusters(void)
-{
-	struct wl w = {"c512",     "cluster_size=512", 4ull << 20,
-		       .ops = 300, .max_io = 16 << 10, .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_4k_refcount1(void)
-{
-	struct wl w = {
-	    "c4k-rc1",     "cluster_size=4096,refcount_bits=1", SZ, .ops = 300, .max_io = 64 << 10,
-	    .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_refcount64(void)
-{
-	struct wl w = {"rc64",
-		       "cluster_size=65536,refcount_bits=64",
-		       SZ,
-		       .ops = 200,
-		       .max_io = 256 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_2m(void)
-{
-	struct wl w = {"c2m",      "cluster_size=2M", 32ull << 20,
-		       .ops = 150, .max_io = 1 << 20, .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_v2(void)
-{
-	struct wl w = {
-	    "v2",          "compat=0.10,cluster_size=65536", SZ, .ops = 300, .max_io = 256 << 10,
-	    .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_extl2(void)
-{
-	struct wl w = {
-	    "extl2",       "extended_l2=on,cluster_size=65536", SZ, .ops = 300, .max_io = 128 << 10,
-	    .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_extl2_backing(void)
-{
-	struct wl w = {"extl2-backing",
-		       "extended_l2=on,cluster_size=32768",
-		       SZ,
-		       .backing = true,
-		       .ops = 300,
-		       .max_io = 128 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_backing(void)
-{
-	struct wl w = {"backing",           "cluster_size=65536", SZ, .backing = true, .ops = 300,
-		       .max_io = 256 << 10, .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_raw_backing_short(void)
-{
-	struct wl w = {"raw-backing-short", "cluster_size=65536", SZ,
-		       .backing_raw = true, .ops = 300,           .max_io = 256 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_extl2_raw_backing_short(void)
-{
-	struct wl w = {"extl2-raw-backing-short",
-		       "cluster_size=65536,extended_l2=on",
-		       SZ,
-		       .backing_raw = true,
-		       .ops = 300,
-		       .max_io = 128 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_v2_backing(void)
-{
-	struct wl w = {"v2-backing",
-		       "compat=0.10,cluster_size=4096",
-		       SZ,
-		       .backing = true,
-		       .v2_backing_discard_noop = true,
-		       .ops = 300,
-		       .max_io = 64 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_compressed(void)
-{
-	struct wl w = {"compressed",       "cluster_size=65536", SZ,
-		       .compressed = true, .ops = 300,           .max_io = 256 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_compressed_zstd(void)
-{
-	struct wl w = {"compressed-zstd",
-		       "cluster_size=65536,compression_type=zstd",
-		       SZ,
-		       .compressed = true,
-		       .ops = 200,
-		       .max_io = 256 << 10,
-		       .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_snapshot(void)
-{
-	struct wl w = {"snapshot",          "cluster_size=65536", SZ, .snapshot = true, .ops = 300,
-		       .max_io = 256 << 10, .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_datafile(void)
-{
-	struct wl w = {"datafile",          "cluster_size=65536", SZ, .datafile = true, .ops = 300,
-		       .max_io = 256 << 10, .zeroes = true};
-
-	run_wl(&w);
-}
-
-static void test_reftable_growth(void)
-{
-	/* 512-byte clusters, 64-bit refcounts: a refcount block covers 64 clusters
-	 * and a refcount table cluster 64 blocks: the table must grow. */
-	struct wl w = {"reftable-growth",   "cluster_size=512,refcount_bits=64",
-		       8ull << 20,          .ops = 200,
-		       .max_io = 256 << 10, .zeroes = false};
-
-	run_wl(&w);
+	run_wl(&workloads[g_next_workload++].w);
 }
 
 /*
@@ -927,23 +823,8 @@ int main(void)
 	if (CU_initialize_registry() != CUE_SUCCESS)
 		return 1;
 	s = CU_add_suite("qcow2_img", NULL, NULL);
-	CU_add_test(s, "default", test_default);
-	CU_add_test(s, "small clusters", test_small_clusters);
-	CU_add_test(s, "4k refcount 1", test_4k_refcount1);
-	CU_add_test(s, "refcount 64", test_refcount64);
-	CU_add_test(s, "2M clusters", test_2m);
-	CU_add_test(s, "version 2", test_v2);
-	CU_add_test(s, "extended L2", test_extl2);
-	CU_add_test(s, "extended L2 + backing", test_extl2_backing);
-	CU_add_test(s, "backing", test_backing);
-	CU_add_test(s, "v2 + backing", test_v2_backing);
-	CU_add_test(s, "short raw backing", test_raw_backing_short);
-	CU_add_test(s, "extended L2 + short raw backing", test_extl2_raw_backing_short);
-	CU_add_test(s, "compressed", test_compressed);
-	CU_add_test(s, "compressed zstd", test_compressed_zstd);
-	CU_add_test(s, "snapshot", test_snapshot);
-	CU_add_test(s, "external data file", test_datafile);
-	CU_add_test(s, "refcount table growth", test_reftable_growth);
+	for (size_t i = 0; i < sizeof(workloads) / sizeof(workloads[0]); i++)
+		CU_add_test(s, workloads[i].label, test_workload);
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
