@@ -104,89 +104,49 @@ static struct qcow2_io file_io(struct io_file *f)
 	};
 }
 
-/* Read and check the snapshot table; add its clusters and the snapshot L1 tables to @m. */
+/*
+ * Read the snapshot table (the format's reader) and check each snapshot's
+ * L1 table placement; add the table's clusters and the snapshot L1 tables
+ * to @m.
+ */
 static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, char *err,
 			  size_t errlen)
 {
 	const struct qcow2_header_info *h = &q->h;
-	size_t cap = (size_t)h->nb_snapshots * 64 + 4096, pos = 0, end = 0;
+	struct qcow2_io fio = file_io(q->file);
+	struct qcow2_snapshot_info *sn = NULL;
 	uint8_t *buf = NULL;
-	int ret = 0;
+	uint64_t used;
+	char msg[300];
+	int ret;
 
-	if (!h->nb_snapshots)
-		return 0;
-	for (;;) {
-		uint8_t *nb;
-
-		if (cap > QCOW2_MAX_SNAPSHOTS_BYTES)
-			cap = QCOW2_MAX_SNAPSHOTS_BYTES;
-		nb = realloc(buf, cap);
-		if (!nb) {
+	ret = qcow2_snapshots_read(&fio, h, fsize, &buf, &used, &sn, msg, sizeof(msg));
+	if (ret < 0)
+		return qcow2_seterr(err, errlen, ret, "%s: %s", q->path, msg);
+	for (uint32_t i = 0; i < h->nb_snapshots && ret == 0; i++) {
+		if (sn[i].l1_table_offset & (q->cs - 1) || !sn[i].l1_table_offset)
+			ret = qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "%s: snapshot %u: L1 table offset 0x%llx not cluster aligned", q->path,
+			    i, (unsigned long long)sn[i].l1_table_offset);
+		else if (sn[i].l1_size > QCOW2_MAX_L1_ENTRIES)
+			ret = qcow2_seterr(err, errlen, -EINVAL,
+					   "%s: snapshot %u: L1 size %u too large", q->path, i,
+					   sn[i].l1_size);
+		else if (sn[i].l1_table_offset > fsize ||
+			 (uint64_t)sn[i].l1_size * 8 > fsize - sn[i].l1_table_offset)
+			ret = qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "%s: snapshot %u: L1 table extends past the end of the file", q->path,
+			    i);
+		else if (meta_push_range(m, sn[i].l1_table_offset, (uint64_t)sn[i].l1_size * 8,
+					 q->cb) < 0)
 			ret = -ENOMEM;
-			goto out;
-		}
-		buf = nb;
-		ret = io_file_pread_sync(q->file, buf, cap, h->snapshots_offset);
-		if (ret < 0) {
-			ret = qcow2_seterr(err, errlen, ret, "%s: reading the snapshot table: %s",
-					   q->path, strerror(-ret));
-			goto out;
-		}
-		pos = 0;
-		ret = 0;
-		for (uint32_t i = 0; i < h->nb_snapshots; i++) {
-			struct qcow2_snapshot_info sn;
-			char msg[160];
-			uint64_t avail = fsize > h->snapshots_offset + pos
-					     ? fsize - h->snapshots_offset - pos
-					     : 0;
-			/* pos may pass cap by the previous entry's padding */
-			size_t room = cap > pos ? cap - pos : 0, len = room;
-
-			if (len > avail)
-				len = (size_t)avail;
-			ret = qcow2_snapshot_parse(buf + (pos < cap ? pos : cap), len, h->version,
-						   &sn, msg, sizeof(msg));
-			if (ret < 0) {
-				if (len == room && cap < QCOW2_MAX_SNAPSHOTS_BYTES && avail > len)
-					break; /* read more */
-				ret = qcow2_seterr(err, errlen, -EINVAL, "%s: snapshot %u: %s",
-						   q->path, i, msg);
-				goto out;
-			}
-			if (sn.l1_table_offset & (q->cs - 1) || !sn.l1_table_offset)
-				ret = qcow2_seterr(
-				    err, errlen, -EINVAL,
-				    "%s: snapshot %u: L1 table offset 0x%llx not cluster aligned",
-				    q->path, i, (unsigned long long)sn.l1_table_offset);
-			else if (sn.l1_size > QCOW2_MAX_L1_ENTRIES)
-				ret = qcow2_seterr(err, errlen, -EINVAL,
-						   "%s: snapshot %u: L1 size %u too large", q->path,
-						   i, sn.l1_size);
-			else if (sn.l1_table_offset > fsize ||
-				 (uint64_t)sn.l1_size * 8 > fsize - sn.l1_table_offset)
-				ret = qcow2_seterr(
-				    err, errlen, -EINVAL,
-				    "%s: snapshot %u: L1 table extends past the end of the file",
-				    q->path, i);
-			if (ret < 0)
-				goto out;
-			if (meta_push_range(m, sn.l1_table_offset, (uint64_t)sn.l1_size * 8,
-					    q->cb) < 0) {
-				ret = -ENOMEM;
-				goto out;
-			}
-			/* the last entry's padding is neither written nor allocated */
-			end = pos + sn.raw_len;
-			pos += sn.entry_len;
-		}
-		if (ret == 0)
-			break;
-		cap *= 2;
 	}
-	ret = meta_push_range(m, h->snapshots_offset, end, q->cb);
-out:
+	if (ret == 0)
+		ret = meta_push_range(m, h->snapshots_offset, used, q->cb);
 	free(buf);
+	free(sn);
 	return ret;
 }
 

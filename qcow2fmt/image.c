@@ -52,30 +52,38 @@ int qcow2_read_table(const struct qcow2_io *io, uint64_t off, uint64_t n, uint64
  * Snapshot table: variable-length entries; read what each one says it needs,
  * never more than QCOW2_MAX_SNAPSHOTS_BYTES in total or past the end of file.
  */
-static int load_snapshots(struct qcow2_oimg *im, char *err, size_t errlen)
+int qcow2_snapshots_read(const struct qcow2_io *io, const struct qcow2_header_info *h,
+			 uint64_t file_size, uint8_t **bufp, uint64_t *usedp,
+			 struct qcow2_snapshot_info **snapsp, char *err, size_t errlen)
 {
-	const struct qcow2_header_info *h = &im->h;
+	struct qcow2_snapshot_info *snaps = NULL;
 	uint64_t avail, cap, used = 0, end = 0;
+	uint8_t *buf = NULL;
 	int ret;
 
+	*bufp = NULL;
+	*usedp = 0;
+	*snapsp = NULL;
 	if (!h->nb_snapshots)
 		return 0;
-	avail = im->file_size > h->snapshots_offset ? im->file_size - h->snapshots_offset : 0;
+	avail = file_size > h->snapshots_offset ? file_size - h->snapshots_offset : 0;
 	if (avail > QCOW2_MAX_SNAPSHOTS_BYTES)
 		avail = QCOW2_MAX_SNAPSHOTS_BYTES;
-	im->snaps = calloc(h->nb_snapshots, sizeof(*im->snaps));
+	snaps = calloc(h->nb_snapshots, sizeof(*snaps));
 	cap = avail < 65536 ? avail : 65536;
-	im->snapbuf = malloc(cap ? cap : 1);
-	if (!im->snaps || !im->snapbuf)
-		return -ENOMEM;
-	ret = qcow2_io_read(&im->io, im->snapbuf, cap, h->snapshots_offset);
+	buf = malloc(cap ? cap : 1);
+	if (!snaps || !buf) {
+		ret = qcow2_seterr(err, errlen, -ENOMEM, "snapshot table: out of memory");
+		goto fail;
+	}
+	ret = qcow2_io_read(io, buf, cap, h->snapshots_offset);
 	if (ret < 0)
-		return ret;
+		goto fail_read;
 	for (uint32_t i = 0; i < h->nb_snapshots; i++) {
 		uint64_t need = used + sizeof(struct qcow2_snapshot_disk);
 
 		if (need <= cap) {
-			const struct qcow2_snapshot_disk *d = (const void *)(im->snapbuf + used);
+			const struct qcow2_snapshot_disk *d = (const void *)(buf + used);
 
 			/* no padding: the file may end right after the last entry */
 			need += (uint64_t)qcow2_be32(&d->extra_data_size) +
@@ -88,40 +96,51 @@ static int load_snapshots(struct qcow2_oimg *im, char *err, size_t errlen)
 			if (ncap > avail)
 				ncap = avail;
 			if (need > ncap) {
-				qcow2_seterr(
+				ret = qcow2_seterr(
 				    err, errlen, -EINVAL,
 				    "snapshot table: entry %u (at 0x%llx) runs past the %s", i,
 				    (unsigned long long)(h->snapshots_offset + used),
 				    avail == QCOW2_MAX_SNAPSHOTS_BYTES ? "snapshot table size limit"
 								       : "end of the file");
-				return -EINVAL;
+				goto fail;
 			}
-			nb = realloc(im->snapbuf, ncap);
-			if (!nb)
-				return -ENOMEM;
-			im->snapbuf = nb;
-			ret =
-			    qcow2_io_read(&im->io, nb + cap, ncap - cap, h->snapshots_offset + cap);
+			nb = realloc(buf, ncap);
+			if (!nb) {
+				ret = qcow2_seterr(err, errlen, -ENOMEM,
+						   "snapshot table: out of memory");
+				goto fail;
+			}
+			buf = nb;
+			ret = qcow2_io_read(io, nb + cap, ncap - cap, h->snapshots_offset + cap);
 			if (ret < 0)
-				return ret;
+				goto fail_read;
 			cap = ncap;
 			i--; /* re-examine the entry with the bigger buffer */
 			continue;
 		}
-		ret = qcow2_snapshot_parse(im->snapbuf + used, cap - used, h->version,
-					   &im->snaps[i], err, errlen);
+		ret = qcow2_snapshot_parse(buf + used, cap - used, h->version, &snaps[i], err,
+					   errlen);
 		if (ret < 0) {
 			char tmp[256];
 
 			snprintf(tmp, sizeof(tmp), "%s", err ? err : "");
 			qcow2_seterr(err, errlen, -EINVAL, "snapshot %u: %s", i, tmp);
-			return ret;
+			goto fail;
 		}
-		end = used + im->snaps[i].raw_len;
-		used += im->snaps[i].entry_len;
+		end = used + snaps[i].raw_len;
+		used += snaps[i].entry_len;
 	}
-	im->snapbuf_len = end;
+	*bufp = buf;
+	*usedp = end;
+	*snapsp = snaps;
 	return 0;
+
+fail_read:
+	qcow2_seterr(err, errlen, ret, "reading the snapshot table: %s", strerror(-ret));
+fail:
+	free(buf);
+	free(snaps);
+	return ret;
 }
 
 int qcow2_oimg_open(struct qcow2_oimg *im, const struct qcow2_io *io, const char *name,
@@ -168,7 +187,8 @@ int qcow2_oimg_open(struct qcow2_oimg *im, const struct qcow2_io *io, const char
 	if (ret < 0)
 		return qcow2_seterr(err, errlen, ret, "cannot read the refcount table: %s",
 				    strerror(-ret));
-	ret = load_snapshots(im, err, errlen);
+	ret = qcow2_snapshots_read(io, &im->h, im->file_size, &im->snapbuf, &im->snapbuf_len,
+				   &im->snaps, err, errlen);
 	if (ret < 0)
 		return ret;
 	return 0;

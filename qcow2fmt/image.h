@@ -93,6 +93,20 @@ void qcow2_tool_msg(const struct qcow2_tool_cb *cb, enum qcow2_msg_level level, 
 int qcow2_read_table(const struct qcow2_io *io, uint64_t off, uint64_t n, uint64_t **out);
 
 /*
+ * The one snapshot table reader: read and decode the table @h describes in
+ * a file of @file_size bytes. Every entry is checked by
+ * qcow2_snapshot_parse(); nothing is read past the end of the file or past
+ * QCOW2_MAX_SNAPSHOTS_BYTES. Snapshot L1 tables are not looked at. On
+ * success *buf is the raw table (malloc'd), *used the bytes up to the end of
+ * the last entry (its padding need not exist), *snaps h->nb_snapshots
+ * decoded entries pointing into *buf (malloc'd; all NULL/0 without
+ * snapshots). 0 or -errno with @err set.
+ */
+int qcow2_snapshots_read(const struct qcow2_io *io, const struct qcow2_header_info *h,
+			 uint64_t file_size, uint8_t **buf, uint64_t *used,
+			 struct qcow2_snapshot_info **snaps, char *err, size_t errlen);
+
+/*
  * An image opened synchronously: the validated header, the active L1 table
  * and the refcount table in host byte order, and the decoded snapshot
  * table. Opening validates what qcow2_header_parse() validates plus the
