@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: install dependencies, build twice (release with
-# -Werror, and ASan+UBSan), run every test through ctest in both builds.
+# -Werror, and ASan+UBSan), run every test through ctest in both builds; then
+# build the libFuzzer targets with clang (build-fuzz) and run each for a short
+# bounded time (VQCOW_FUZZ_SECONDS, default 20) after replaying its corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/deps.sh
@@ -16,4 +18,9 @@ echo "=== ctest (release build)"
 (cd build && ctest --output-on-failure -j"$jobs" "$@") || rc=1
 echo "=== ctest (ASan+UBSan build)"
 (cd build-asan && ctest --output-on-failure -j"$jobs" -LE slow "$@") || rc=1
+echo "=== fuzz targets (clang, libFuzzer + ASan + UBSan)"
+cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	-DVQCOW_WERROR=ON -DVQCOW_FUZZ=ON -DVQCOW_FUZZ_SECONDS="${VQCOW_FUZZ_SECONDS:-20}" >/dev/null
+cmake --build build-fuzz -j"$jobs" --target fuzz
+(cd build-fuzz && ctest --output-on-failure -j"$jobs" -L fuzz "$@") || rc=1
 exit $rc
