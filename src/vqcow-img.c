@@ -577,28 +577,52 @@ static const struct option common_lopts[] = {
     {NULL, 0, NULL, 0},
 };
 
-static int cmd_info(int argc, char **argv)
-{
-	enum output_fmt out = OUT_HUMAN;
-	const char *fmt = NULL, *file;
-	struct qcow2_image_info info;
-	char err[ERRLEN] = "";
-	int c, r;
+/* What info, check and map take: [-f FMT] [--output=FMT] [-U] FILE (check: -r, -q too). */
+struct file_args {
+	const char *fmt, *file;
+	enum output_fmt out;
+	unsigned check_flags; /* -r */
+	bool quiet;           /* -q */
+};
 
-	while ((c = getopt_long(argc, argv, "+f:hU", common_lopts, NULL)) != -1) {
+/*
+ * Parse the options in @shortopts (a subset of "+f:r:qhU") and one file name.
+ * 0 = go on, 1 = an error was printed (exit 1), -1 = help was printed (exit 0).
+ */
+static int parse_file_args(int argc, char **argv, const char *shortopts, struct file_args *a)
+{
+	int c;
+
+	*a = (struct file_args){.out = OUT_HUMAN};
+	while ((c = getopt_long(argc, argv, shortopts, common_lopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
-			fmt = optarg;
+			a->fmt = optarg;
+			break;
+		case 'r':
+			if (!strcmp(optarg, "leaks"))
+				a->check_flags = QCOW2_CHECK_FIX_LEAKS;
+			else if (!strcmp(optarg, "all"))
+				a->check_flags = QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS;
+			else {
+				errorf(
+				    "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
+				    optarg);
+				return 1;
+			}
+			break;
+		case 'q':
+			a->quiet = true;
 			break;
 		case 'O':
-			if (parse_output(optarg, &out))
+			if (parse_output(optarg, &a->out))
 				return 1;
 			break;
 		case 'U':
 			break;
 		case 'h':
 			usage(stdout);
-			return 0;
+			return -1;
 		default:
 			usage(stderr);
 			return 1;
@@ -608,7 +632,25 @@ static int cmd_info(int argc, char **argv)
 		errorf("Expecting one image file name");
 		return 1;
 	}
-	file = argv[optind];
+	a->file = argv[optind];
+	return 0;
+}
+
+static int cmd_info(int argc, char **argv)
+{
+	struct qcow2_image_info info;
+	char err[ERRLEN] = "";
+	struct file_args a;
+	const char *fmt, *file;
+	enum output_fmt out;
+	int r;
+
+	r = parse_file_args(argc, argv, "+f:hU", &a);
+	if (r)
+		return r < 0 ? 0 : 1;
+	fmt = a.fmt;
+	file = a.file;
+	out = a.out;
 	r = qcow2_info(file, fmt, &info, err, sizeof(err));
 	if (r < 0) {
 		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
@@ -653,55 +695,25 @@ static void check_progress_cb(void *opaque, double f)
 
 static int cmd_check(int argc, char **argv)
 {
-	enum output_fmt out = OUT_HUMAN;
-	const char *fmt = NULL, *file;
-	unsigned flags = 0;
-	bool quiet = false;
 	struct qcow2_check_result res;
 	struct check_ui ui;
 	struct qcow2_tool_cb cb;
 	char err[ERRLEN] = "";
-	int c, r;
+	struct file_args a;
+	const char *fmt, *file;
+	enum output_fmt out;
+	unsigned flags;
+	bool quiet;
+	int r;
 
-	while ((c = getopt_long(argc, argv, "+f:r:qhU", common_lopts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmt = optarg;
-			break;
-		case 'r':
-			if (!strcmp(optarg, "leaks"))
-				flags = QCOW2_CHECK_FIX_LEAKS;
-			else if (!strcmp(optarg, "all"))
-				flags = QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS;
-			else {
-				errorf(
-				    "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
-				    optarg);
-				return 1;
-			}
-			break;
-		case 'q':
-			quiet = true;
-			break;
-		case 'O':
-			if (parse_output(optarg, &out))
-				return 1;
-			break;
-		case 'U':
-			break;
-		case 'h':
-			usage(stdout);
-			return 0;
-		default:
-			usage(stderr);
-			return 1;
-		}
-	}
-	if (optind + 1 != argc) {
-		errorf("Expecting one image file name");
-		return 1;
-	}
-	file = argv[optind];
+	r = parse_file_args(argc, argv, "+f:r:qhU", &a);
+	if (r)
+		return r < 0 ? 0 : 1;
+	fmt = a.fmt;
+	file = a.file;
+	out = a.out;
+	flags = a.check_flags;
+	quiet = a.quiet;
 	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
 		errorf("Unknown or unsupported format '%s'", fmt);
 		return 1;
@@ -838,38 +850,21 @@ static int map_cb(void *opaque, const struct qcow2_map_entry *e)
 
 static int cmd_map(int argc, char **argv)
 {
-	enum output_fmt out = OUT_HUMAN;
-	const char *fmt = NULL, *file;
 	struct map_state s;
 	struct progress prog_state;
 	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
 	char err[ERRLEN] = "";
-	int c, r;
+	struct file_args a;
+	const char *fmt, *file;
+	enum output_fmt out;
+	int r;
 
-	while ((c = getopt_long(argc, argv, "+f:hU", common_lopts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmt = optarg;
-			break;
-		case 'O':
-			if (parse_output(optarg, &out))
-				return 1;
-			break;
-		case 'U':
-			break;
-		case 'h':
-			usage(stdout);
-			return 0;
-		default:
-			usage(stderr);
-			return 1;
-		}
-	}
-	if (optind + 1 != argc) {
-		errorf("Expecting one image file name");
-		return 1;
-	}
-	file = argv[optind];
+	r = parse_file_args(argc, argv, "+f:hU", &a);
+	if (r)
+		return r < 0 ? 0 : 1;
+	fmt = a.fmt;
+	file = a.file;
+	out = a.out;
 	s.out = out;
 	s.first = true;
 	progress_init(&prog_state, false);
