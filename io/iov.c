@@ -67,11 +67,14 @@ void io_iov_memset(const struct iovec *iov, unsigned iovcnt, size_t skip, int c,
 	}
 }
 
-size_t io_iov_to_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, void *buf, size_t len)
+/* Copy between [@skip, @skip + @len) of @iov and @buf, in the direction @to_iov says. */
+static size_t iov_copy(const struct iovec *iov, unsigned iovcnt, size_t skip, char *buf, size_t len,
+		       bool to_iov)
 {
 	size_t done = 0;
 
 	for (unsigned i = 0; i < iovcnt && done < len; i++) {
+		char *base = iov[i].iov_base;
 		size_t chunk;
 
 		if (skip >= iov[i].iov_len) {
@@ -81,33 +84,25 @@ size_t io_iov_to_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, void
 		chunk = iov[i].iov_len - skip;
 		if (chunk > len - done)
 			chunk = len - done;
-		memcpy((char *)buf + done, (const char *)iov[i].iov_base + skip, chunk);
+		if (to_iov)
+			memcpy(base + skip, buf + done, chunk);
+		else
+			memcpy(buf + done, base + skip, chunk);
 		done += chunk;
 		skip = 0;
 	}
 	return done;
 }
 
+size_t io_iov_to_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, void *buf, size_t len)
+{
+	return iov_copy(iov, iovcnt, skip, buf, len, false);
+}
+
 size_t io_iov_from_buf(const struct iovec *iov, unsigned iovcnt, size_t skip, const void *buf,
 		       size_t len)
 {
-	size_t done = 0;
-
-	for (unsigned i = 0; i < iovcnt && done < len; i++) {
-		size_t chunk;
-
-		if (skip >= iov[i].iov_len) {
-			skip -= iov[i].iov_len;
-			continue;
-		}
-		chunk = iov[i].iov_len - skip;
-		if (chunk > len - done)
-			chunk = len - done;
-		memcpy((char *)iov[i].iov_base + skip, (const char *)buf + done, chunk);
-		done += chunk;
-		skip = 0;
-	}
-	return done;
+	return iov_copy(iov, iovcnt, skip, (char *)buf, len, true);
 }
 
 void *io_alloc_align(size_t len, size_t align)
