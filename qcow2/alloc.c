@@ -28,6 +28,7 @@
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/vfs.h>
 
 #include "internal.h"
 
@@ -90,25 +91,30 @@ struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host)
 	return q2_cache_peek(&q->rcc, l.slice);
 }
 
-static void prealloc_done(struct io_cmd *cmd, int res)
+/*
+ * Preallocation and backing.
+ *
+ * Fresh space is preallocated (fallocate mode 0) in chunks ahead of the
+ * allocation front, so data writes rarely allocate blocks and never-written
+ * parts of fresh clusters read as zeroes. Metadata clusters (L2 tables,
+ * refcount blocks, refcount tables) are handed out only where a fallocate
+ * succeeded (below prealloc_ok): their write-back happens after the guest
+ * saw its writes complete, and must not then fail for want of space. An
+ * allocation that needs backing parks until a fallocate covering it ends.
+ *
+ * Near a full file system a fallocate fails part-way and ext4 keeps what it
+ * got. So: optional chunks are sized from the free space (at most half of
+ * it), a failed chunk is given back (punched) beyond the allocation front,
+ * and after a failure the next fallocate asks only for what is needed; if
+ * that fails too, the allocations waiting for it fail with the error (the
+ * guest sees a failed write, not a lost one). While the punch runs, no
+ * cluster is handed out at the front (a write there could land before it).
+ */
+
+static uint64_t chunk_default(const struct qcow2 *q)
 {
-	struct qcow2 *q = cmd->priv;
+	uint64_t chunk = q->size / 16;
 
-	q->prealloc_busy = false;
-	if (res < 0) {
-		if (res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS)
-			Q2_LOG(q, "preallocating space failed (%s); going on without",
-			       strerror(-res));
-		q->no_prealloc = true;
-	}
-}
-
-static void prealloc_maybe(struct qcow2 *q)
-{
-	uint64_t chunk = q->size / 16, front = q->cursor << q->cb, start;
-
-	if (q->no_prealloc || q->prealloc_busy || q->read_only || q->ext_data)
-		return;
 	/*
 	 * Large chunks: a fallocate waits for in-flight direct I/O on some file
 	 * systems (ext4), so fewer of them keep the write pipeline full.
@@ -119,15 +125,140 @@ static void prealloc_maybe(struct qcow2 *q)
 		chunk = 4ull << 20;
 	if (chunk < 4 * q->cs)
 		chunk = 4 * q->cs;
-	if (front + chunk / 2 <= q->prealloc_end)
+	return chunk;
+}
+
+/* Bytes an unprivileged user may still allocate on the image's file system. */
+static uint64_t fs_avail(const struct qcow2 *q)
+{
+	struct statfs st;
+
+	if (fstatfs(q->file->fd, &st) < 0)
+		return UINT64_MAX; /* unknown: do not limit */
+	return (uint64_t)st.f_bavail * (uint64_t)st.f_bsize;
+}
+
+static void prealloc_wake(struct qcow2 *q, int err)
+{
+	q->prealloc_busy = false;
+	q->prealloc_punching = false;
+	q2_wake_list_later(q, &q->space_waiters, err);
+}
+
+static void prealloc_punched(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	if (res < 0 && res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS)
+		Q2_LOG(q, "giving back preallocated space failed: %s", strerror(-res));
+	prealloc_wake(q, q->prealloc_need_only ? q->prealloc_err : 0);
+}
+
+static void prealloc_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+	uint64_t start = q->prealloc_start, end = start + q->prealloc_len, front;
+
+	if (res == 0) {
+		q->prealloc_fails = 0;
+		if (end > q->prealloc_ok)
+			q->prealloc_ok = end;
+		prealloc_wake(q, 0);
 		return;
-	start = q->prealloc_end > front ? q->prealloc_end : front;
+	}
+	if (res == -EOPNOTSUPP || res == -ENOTSUP || res == -ENOSYS) {
+		/* no fallocate here: go on without preallocation and backing */
+		q->no_prealloc = true;
+		q->no_backing = true;
+		q->prealloc_end = q->prealloc_ok;
+		prealloc_wake(q, 0);
+		return;
+	}
+	q->prealloc_err = res;
+	if (!q->prealloc_fails++)
+		Q2_LOG(
+		    q, "preallocating %llu bytes at 0x%llx failed (%s); giving back what it took",
+		    (unsigned long long)q->prealloc_len, (unsigned long long)start, strerror(-res));
+	/* what is past the front was never handed out: give it back */
+	front = q->cursor << q->cb;
+	if (front < start)
+		front = start;
+	q->prealloc_end = q->prealloc_ok > front ? q->prealloc_ok : front;
+	if (front >= end || q->no_punch) {
+		prealloc_wake(q, q->prealloc_need_only ? res : 0);
+		return;
+	}
+	q->prealloc_punching = true;
+	q->prealloc_cmd.done = prealloc_punched;
+	io_fallocate(q->loop, &q->prealloc_cmd, q->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		     front, end - front);
+}
+
+/*
+ * Start a fallocate from prealloc_ok: an optional chunk sized from the free
+ * space, and at least up to @need (bytes, 0 = nothing needed).
+ */
+static void prealloc_submit(struct qcow2 *q, uint64_t need)
+{
+	uint64_t start = q->prealloc_ok, chunk = 0, end, avail;
+
+	if (!q->no_prealloc && !q->prealloc_fails) {
+		chunk = chunk_default(q);
+		avail = fs_avail(q);
+		if (chunk > avail / 2)
+			chunk = avail / 2 & ~(q->cs - 1); /* leave the rest to others */
+		if (chunk < 4 * q->cs)
+			chunk = 0;
+	}
+	end = (q->cursor << q->cb) + chunk;
+	if (end < need)
+		end = need;
+	if (end <= start)
+		return;
 	q->prealloc_busy = true;
+	q->prealloc_need_only = end == need;
+	q->prealloc_start = start;
+	q->prealloc_len = end - start;
 	q->prealloc_cmd.done = prealloc_done;
 	q->prealloc_cmd.priv = q;
-	/* Counted as done at submission: writes may go there meanwhile anyway. */
-	q->prealloc_end = start + chunk;
-	io_fallocate(q->loop, &q->prealloc_cmd, q->file, 0, start, chunk);
+	/* Data may go to the optional part meanwhile; metadata waits for the result. */
+	if (end > q->prealloc_end)
+		q->prealloc_end = end;
+	io_fallocate(q->loop, &q->prealloc_cmd, q->file, 0, start, end - start);
+}
+
+static void prealloc_maybe(struct qcow2 *q)
+{
+	uint64_t front = q->cursor << q->cb;
+
+	if (q->no_prealloc || q->prealloc_busy || q->read_only || q->ext_data)
+		return;
+	if (front + chunk_default(q) / 2 <= q->prealloc_ok)
+		return;
+	prealloc_submit(q, 0);
+}
+
+static void park(struct qcow2 *q, struct qcow2_waiter *w)
+{
+	w->next = q->space_waiters;
+	q->space_waiters = w;
+}
+
+/*
+ * Metadata clusters [c, c + n) are about to be handed out: 0 if their space
+ * is allocated (or that is not our concern), -EAGAIN with @w parked until a
+ * fallocate covering them ends.
+ */
+static int backing(struct qcow2 *q, uint64_t c, uint64_t n, struct qcow2_waiter *w)
+{
+	uint64_t end = (c + n) << q->cb;
+
+	if (q->no_backing || end <= q->prealloc_ok)
+		return 0;
+	park(q, w);
+	if (!q->prealloc_busy)
+		prealloc_submit(q, end);
+	return -EAGAIN;
 }
 
 /* Create refcount block for table index @rti at cluster @c (all slices new, dirty). */
@@ -167,7 +298,7 @@ static int rc_set(struct qcow2 *q, uint64_t c, uint64_t v)
  * refcount blocks and the new table at the cursor (whose own index is past
  * the old table, so every block needed there is new and nothing is loaded).
  */
-static int grow_reftable(struct qcow2 *q, uint64_t need)
+static int grow_reftable(struct qcow2 *q, uint64_t need, struct qcow2_waiter *w)
 {
 	uint64_t old = q->rt_entries, a = q->cursor, per_cl = q->cs / 8;
 	uint64_t new_entries, t, b = 0, *nrt;
@@ -197,6 +328,9 @@ static int grow_reftable(struct qcow2 *q, uint64_t need)
 		return -ENOSPC; /* cannot happen with sane geometry */
 	if (a + b + t > q->host_limit)
 		return -ENOSPC;
+	ret = backing(q, a, b + t, w);
+	if (ret < 0)
+		return ret;
 	nrt = calloc(new_entries, sizeof(*nrt));
 	ndirty = calloc(new_entries * 8 / 512 / 8 + 1, 1);
 	if (!nrt || !ndirty) {
@@ -285,16 +419,24 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 
 		if (c >= q->host_limit)
 			return -ENOSPC;
+		if (q->prealloc_punching) {
+			/* space past the front is being given back: wait for it */
+			park(q, w);
+			return -EAGAIN;
+		}
 		ret = rc_locate(q, c, &l);
 		if (ret < 0)
 			return ret;
 		if (l.rti >= q->rt_entries) {
-			ret = grow_reftable(q, l.rti);
+			ret = grow_reftable(q, l.rti, w);
 			if (ret < 0)
 				return ret;
 			continue;
 		}
 		if (!l.block) {
+			ret = backing(q, c, 1, w);
+			if (ret < 0)
+				return ret;
 			ret = new_refblock(q, l.rti, c, q->rt);
 			if (ret < 0)
 				return ret;
@@ -322,6 +464,11 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 			q2_corrupt(q, "cluster 0x%llx with refcount 0 holds metadata",
 				   (unsigned long long)(c << q->cb));
 			return -EIO;
+		}
+		if (meta) {
+			ret = backing(q, c, k, w);
+			if (ret < 0)
+				return ret;
 		}
 		for (uint64_t i = 0; i < k; i++)
 			qcow2_refcount_set(s->buf, l.idx + i, q->rc_order, 1);

@@ -206,9 +206,22 @@ struct qcow2 {
 	bool punch_busy, no_punch;
 	uint64_t punch_c, punch_n;
 	struct io_cmd punch_cmd;
-	uint64_t prealloc_end; /* bytes */
+	/*
+	 * Preallocation and backing (alloc.c): fresh space below prealloc_ok has
+	 * blocks (a fallocate covering it succeeded); metadata clusters are only
+	 * handed out there. prealloc_end: end of what was asked for (>= ok).
+	 */
+	uint64_t prealloc_end;                 /* bytes */
+	uint64_t prealloc_ok;                  /* bytes */
+	uint64_t prealloc_start, prealloc_len; /* the fallocate in flight */
 	bool prealloc_busy;
-	bool no_prealloc;
+	bool prealloc_punching;  /* giving back what a failed fallocate took */
+	bool prealloc_need_only; /* the one in flight asked for no more than needed */
+	unsigned prealloc_fails; /* failures since the last success */
+	int prealloc_err;        /* the last failure */
+	bool no_prealloc;        /* no optional chunks (unsupported, block device, ...) */
+	bool no_backing;         /* fallocate unsupported: metadata goes to holes */
+	struct qcow2_waiter *space_waiters; /* parked until the fallocate/punch ends */
 	struct io_cmd prealloc_cmd;
 
 	struct qcow2_alloc *tokens; /* active allocations */

@@ -480,6 +480,7 @@ reread:
 		q->host_limit = fsize >> q->cb;
 		q->fresh_start = q->host_limit; /* device contents are unknown */
 		q->no_prealloc = true;
+		q->no_backing = true; /* a device has all its space */
 	}
 	if (!q->read_only) {
 		ret = scan_highest_used(q, &used);
@@ -493,6 +494,7 @@ reread:
 			q->cursor = used;
 	}
 	q->prealloc_end = fsize;
+	q->prealloc_ok = q->fresh_start << q->cb;
 
 	/* A writer must clear the autoclear bits it does not maintain. */
 	if (!q->read_only && q->h.version >= 3) {
