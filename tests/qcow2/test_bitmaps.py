@@ -73,6 +73,20 @@ def header_autoclear(img):
 def start(img, sock, extra=()):
     d = qlib.Daemon(A.vqcowd, img, sock, extra=list(extra))
     check(d.start(), "vqcowd did not start on %s\n%s" % (img, d.log()))
+    # the path appears at bind(), before listen(): wait until it accepts
+    import socket
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(sock)
+            break
+        except OSError:
+            check(d.alive() and time.monotonic() < deadline,
+                  "vqcowd never accepted on %s\n%s" % (sock, d.log()))
+            time.sleep(0.01)
+        finally:
+            s.close()
     return d
 
 
