@@ -94,7 +94,11 @@ static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const cha
 	}
 	if (!host || q->ext_data)
 		return E_OK;
-	if (host + q->cs > q2_host_end(q)) {
+	/* Only the start must be inside the file, as for qemu-img check: with
+	 * extended L2 entries QEMU writes just the allocated subclusters of a new
+	 * cluster, so the file may end inside the last one; data reads past the
+	 * end of the file return zeroes (the data handle has IO_FILE_ZERO_EOF). */
+	if (host >= q2_host_end(q)) {
 		*why = "cluster offset past the end of the file";
 		return E_BAD;
 	}

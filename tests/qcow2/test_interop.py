@@ -5,7 +5,8 @@ written through the test frontend (vqcow-fe), checked with qemu-img.
 
 For each image of the --group:
   1. reference = qemu-img convert -O raw (and hashes of snapshots/backing files)
-  2. vqcowd serves it; every byte is read through vqcow-fe and compared
+  2. vqcowd serves it read-only: every byte is read through vqcow-fe and compared,
+     and the image file is unchanged afterwards; then read-write, read again
   3. seeded random writes through vqcow-fe, mirrored into the raw reference;
      flush; the whole disk is read back and compared
   4. SIGTERM: vqcowd must exit 0
@@ -65,7 +66,11 @@ def corpus(group):
     if group == "extl2":
         return [("extl2-64k", qcreate("e64.qcow2", "extended_l2=on,cluster_size=65536"), []),
                 ("extl2-16k", qcreate("e16.qcow2", "extended_l2=on,cluster_size=16384"), []),
-                ("extl2-2m", qcreate("e2m.qcow2", "extended_l2=on,cluster_size=2M"), [])]
+                ("extl2-2m", qcreate("e2m.qcow2", "extended_l2=on,cluster_size=2M"), []),
+                # QEMU writes only the allocated subclusters: the file ends inside
+                # the last cluster (qemu-img check: no errors)
+                ("extl2-eof", qcreate("eeof.qcow2", "extended_l2=on,cluster_size=16384",
+                                      writes=("write -P 0x11 0 2k",)), [])]
     if group == "compressed":
         out = []
         for cs in (65536, 4096):
@@ -136,9 +141,9 @@ def snapshot_state(img):
     return snaps, hashes
 
 
-def serve_and_read(img, ref, what):
+def serve_and_read(img, ref, what, extra=()):
     sock = W("vqcowd.sock")
-    d = qlib.Daemon(A.vqcowd, img, sock)
+    d = qlib.Daemon(A.vqcowd, img, sock, extra)
     if not d.start():
         fail("%s: vqcowd refused to serve the image (exit %s)\n%s" % (what, d.rc, d.log()))
     return d, qlib.Frontend(A.fe, sock)
@@ -152,6 +157,22 @@ def run_image(name, img, keep_files, rng):
     snaps = snapshot_state(img)
     kept = {p: qlib.sha256_file(p) for p in keep_files}
     check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check of the fresh image is not clean" % what)
+
+    # a read-only export first: it reads the same and leaves the file untouched
+    # (it allocates nothing, so nothing covers clusters that end past EOF)
+    before = qlib.sha256_file(img)
+    d, fe = serve_and_read(img, ref, what + " (read-only)", ["--read-only"])
+    try:
+        got = W(name + ".ro.raw")
+        fe.read_to_file(0, size, got)
+        qlib.compare_files(ref, got, "%s: read through a read-only export" % what)
+        os.unlink(got)
+    except BaseException:
+        d.kill()
+        log("vqcowd log:\n" + d.log())
+        raise
+    d.assert_clean_stop()
+    check(qlib.sha256_file(img) == before, "%s: a read-only export changed the image" % what)
 
     d, fe = serve_and_read(img, ref, what)
     try:
