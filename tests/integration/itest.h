@@ -97,4 +97,31 @@ const char *itest_vqcowd_only(const char *why);
  */
 int itest_run(const char *name, void (*add_suites)(void));
 
+/* ---- shorthands for the test files ---- */
+
+#define MiB (1024ull * 1024)
+
+/* Start a back-end with the given itest_opts fields or fail the test. */
+#define START(d, ...)                                                                              \
+	struct itest_daemon d;                                                                     \
+	do {                                                                                       \
+		struct itest_opts o_ = {__VA_ARGS__};                                              \
+		if (itest_start(&d, &o_) < 0)                                                      \
+			CU_FAIL_FATAL("back-end did not start");                                   \
+	} while (0)
+
+/* Connect with @opts (NULL: defaults) or dump the log, stop and fail the test. */
+#define CONNECT(fe, d, opts)                                                                       \
+	struct vqfe *fe = itest_connect(&(d), opts);                                               \
+	do {                                                                                       \
+		if (!fe) {                                                                         \
+			itest_dump_log(&(d));                                                      \
+			itest_stop(&(d));                                                          \
+			CU_FAIL_FATAL("cannot connect to the back-end");                           \
+		}                                                                                  \
+	} while (0)
+
+/* Stop it, asserting a clean exit. */
+#define STOP(d) CU_ASSERT_EQUAL(itest_stop(&(d)), 0)
+
 #endif /* TESTS_INTEGRATION_ITEST_H */

@@ -27,28 +27,6 @@
 
 #include "itest.h"
 
-#define MiB (1024ull * 1024)
-
-#define START(d, ...)                                                                              \
-	struct itest_daemon d;                                                                     \
-	do {                                                                                       \
-		struct itest_opts o_ = {__VA_ARGS__};                                              \
-		if (itest_start(&d, &o_) < 0)                                                      \
-			CU_FAIL_FATAL("back-end did not start");                                   \
-	} while (0)
-
-#define CONNECT(fe, d, opts)                                                                       \
-	struct vqfe *fe = itest_connect(&(d), opts);                                               \
-	do {                                                                                       \
-		if (!fe) {                                                                         \
-			itest_dump_log(&(d));                                                      \
-			itest_stop(&(d));                                                          \
-			CU_FAIL_FATAL("cannot connect to the back-end");                           \
-		}                                                                                  \
-	} while (0)
-
-#define STOP(d) CU_ASSERT_EQUAL(itest_stop(&(d)), 0)
-
 /* One write + read-back through a fresh connection: the daemon still serves. */
 static bool serves(struct itest_daemon *d, uint64_t seed)
 {

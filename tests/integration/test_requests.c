@@ -22,29 +22,6 @@
 
 #include "itest.h"
 
-#define MiB (1024ull * 1024)
-
-/* Start a back-end with the given itest_opts fields or fail the test. */
-#define START(d, ...)                                                                              \
-	struct itest_daemon d;                                                                     \
-	do {                                                                                       \
-		struct itest_opts o_ = {__VA_ARGS__};                                              \
-		if (itest_start(&d, &o_) < 0)                                                      \
-			CU_FAIL_FATAL("back-end did not start");                                   \
-	} while (0)
-
-#define CONNECT(fe, d, opts)                                                                       \
-	struct vqfe *fe = itest_connect(&(d), opts);                                               \
-	do {                                                                                       \
-		if (!fe) {                                                                         \
-			itest_dump_log(&(d));                                                      \
-			itest_stop(&(d));                                                          \
-			CU_FAIL_FATAL("cannot connect to the back-end");                           \
-		}                                                                                  \
-	} while (0)
-
-#define STOP(d) CU_ASSERT_EQUAL(itest_stop(&(d)), 0)
-
 static uint8_t *xmalloc(size_t n)
 {
 	uint8_t *p = malloc(n);
