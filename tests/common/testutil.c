@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* tests/common/testutil.c — helpers shared by the unit tests (testutil.h). */
+#include <dirent.h>
 #include <errno.h>
 #include <linux/magic.h>
 #include <stdarg.h>
@@ -46,6 +47,20 @@ int tu_sh(const char *fmt, ...)
 	if (st == -1 || !WIFEXITED(st))
 		return -1;
 	return WEXITSTATUS(st);
+}
+
+int tu_count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	if (!d)
+		return -1;
+	while ((e = readdir(d)))
+		n++;
+	closedir(d);
+	return n;
 }
 
 char *tu_path(const char *dir, const char *name)

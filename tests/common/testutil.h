@@ -28,6 +28,10 @@ int tu_mkdtemp(char *buf, size_t len, const char *prefix);
 /* Run a shell command built like printf: its exit status, -1 if it did not exit. */
 int tu_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Entries of /proc/self/fd (a baseline to compare with: it counts the
+ * directory's own fd too), -1 if it cannot be read. */
+int tu_count_fds(void);
+
 /* "@dir/@name" in one of four rotating static buffers (valid for four calls). */
 char *tu_path(const char *dir, const char *name);
 

@@ -260,20 +260,6 @@ static char g_dir[64];
 static char g_path[128];
 static int g_fds_base;
 
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	if (!d)
-		return -1;
-	while ((e = readdir(d)))
-		n++;
-	closedir(d);
-	return n;
-}
-
 static void reset_counters(void)
 {
 	g_kicks = g_started = g_stopped = g_disconnected = g_features_set = 0;
@@ -286,7 +272,7 @@ static void reset_counters(void)
 static void server_up(void)
 {
 	reset_counters();
-	g_fds_base = count_fds();
+	g_fds_base = tu_count_fds();
 	CU_ASSERT_EQUAL_FATAL(vhost_server_init(&g_srv, g_path, -1, &g_ops, NULL), 0);
 }
 
@@ -296,7 +282,7 @@ static void server_down(void)
 	g_srv = NULL;
 	for (unsigned i = 0; i < MAX_WATCH; i++)
 		CU_ASSERT_FALSE(g_w[i].active);
-	CU_ASSERT_EQUAL(count_fds(), g_fds_base);
+	CU_ASSERT_EQUAL(tu_count_fds(), g_fds_base);
 }
 
 static int fe_connect(void)
@@ -567,7 +553,7 @@ static void test_bad_messages(void)
 	CU_ASSERT_TRUE(dropped(fd));
 	close(fd);
 	run(3);
-	CU_ASSERT_EQUAL(count_fds(), g_fds_base + 2); /* listen socket + wake eventfd */
+	CU_ASSERT_EQUAL(tu_count_fds(), g_fds_base + 2); /* listen socket + wake eventfd */
 
 	/* Unknown and unsupported types: refused, connection kept, fds closed. */
 	fd = fe_connect();
@@ -578,7 +564,7 @@ static void test_bad_messages(void)
 	CU_ASSERT_EQUAL(send_msg(fd, 1000, F_VERSION, &v, 8, NULL, 0), 0);
 	CU_ASSERT_TRUE(quiet(fd));
 	CU_ASSERT_EQUAL(get_u64(fd, GET_QUEUE_NUM), 2);
-	CU_ASSERT_EQUAL(count_fds(), g_fds_base + 3 + 1); /* + both ends of the connection */
+	CU_ASSERT_EQUAL(tu_count_fds(), g_fds_base + 3 + 1); /* + both ends of the connection */
 	/* Bad ring index. */
 	{
 		uint32_t st[2] = {7, 8};
@@ -921,7 +907,7 @@ static void test_backend_channel(void)
 static void test_inherited_fd_and_stale_path(void)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	int lfd, fd, base = count_fds();
+	int lfd, fd, base = tu_count_fds();
 
 	/* A stale socket file at the path is replaced. */
 	lfd = socket(AF_UNIX, SOCK_STREAM, 0);
@@ -986,7 +972,7 @@ static void test_inherited_fd_and_stale_path(void)
 	vhost_server_exit(g_srv);
 	g_srv = NULL;
 	unlink(g_path);
-	CU_ASSERT_EQUAL(count_fds(), base);
+	CU_ASSERT_EQUAL(tu_count_fds(), base);
 }
 
 /* Number of mappings of memfds named "guest" in this process. */

@@ -74,20 +74,6 @@ static const struct vhost_dev_ops g_ops = {
     .queue_kick = t_kick,
 };
 
-static int count_fds(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	int n = 0;
-
-	if (!d)
-		return -1;
-	while ((e = readdir(d)))
-		n++;
-	closedir(d);
-	return n;
-}
-
 static struct vring_desc *desc_tab(void)
 {
 	return (struct vring_desc *)(g_mem + DESC_GPA);
@@ -124,7 +110,7 @@ static void setup(uint64_t features)
 {
 	int kick, call;
 
-	g_fds_before = count_fds();
+	g_fds_before = tu_count_fds();
 	kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	call = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	memset(g_mem, 0, MEM_SIZE);
@@ -153,7 +139,7 @@ static void teardown(void)
 	g_dev = NULL;
 	close(g_callfd);
 	g_callfd = -1;
-	CU_ASSERT_EQUAL(count_fds(), g_fds_before);
+	CU_ASSERT_EQUAL(tu_count_fds(), g_fds_before);
 }
 
 static uint64_t calls(void)
@@ -577,7 +563,7 @@ static void test_zero_length_desc(void)
 static void test_bad_ring_setup(void)
 {
 	struct vhost_dev *dev;
-	int before = count_fds();
+	int before = tu_count_fds();
 
 	dev = vhost_test_dev_new(&g_ops, NULL);
 	CU_ASSERT_FATAL(dev != NULL);
@@ -606,7 +592,7 @@ static void test_bad_ring_setup(void)
 	    vhost_test_add_region(dev, dup(g_memfd), REGION, MEM_SIZE, UVA + REGION, REGION), 0);
 	CU_ASSERT_NOT_EQUAL(vhost_test_add_region(dev, eventfd(0, 0), REGION, 4096, UVA, 0), 0);
 	vhost_test_dev_free(dev);
-	CU_ASSERT_EQUAL(count_fds(), before);
+	CU_ASSERT_EQUAL(tu_count_fds(), before);
 }
 
 static void test_event_idx_notify(void)
