@@ -170,6 +170,40 @@ def assert_sane_exit(r, what):
     check(not sanitizer_report(r.err), "%s: sanitizer report\n%s" % (what, r.describe()))
 
 
+# ---------------------------------------------------------------- our tool
+
+def vqcow_img(binary, *args, timeout=120):
+    """Run vqcow-img (@binary) with @args; it must exit sanely (any exit code)."""
+    r = run([binary] + [str(a) for a in args], timeout=timeout)
+    assert_sane_exit(r, "vqcow-img " + " ".join(str(a) for a in args))
+    return r
+
+
+def vqcow_img_json(binary, *args):
+    """Run vqcow-img; it must succeed and print JSON, which is returned parsed."""
+    r = vqcow_img(binary, *args)
+    check(r.rc == 0, "vqcow-img failed:\n" + r.describe())
+    try:
+        return json.loads(r.text)
+    except ValueError as e:
+        fail("vqcow-img printed invalid JSON (%s):\n%s" % (e, r.describe()))
+
+
+def run_cases(cases, fn):
+    """Call fn(*case) for each case (a tuple whose first item is its name);
+    log PASS or FAIL for each and return the names of the failed ones."""
+    failures = []
+    for case in cases:
+        name = case[0]
+        try:
+            fn(*case)
+            log("PASS %s" % name)
+        except TestFailure as e:
+            log("FAIL %s: %s" % (name, e))
+            failures.append(name)
+    return failures
+
+
 # ---------------------------------------------------------------- qemu-img oracle
 
 def qemu_img(*args, timeout=120, check_rc=0):

@@ -29,18 +29,11 @@ W = None
 
 
 def vimg(*args, timeout=120):
-    r = qlib.run([A.img] + [str(a) for a in args], timeout=timeout)
-    qlib.assert_sane_exit(r, "vqcow-img " + " ".join(str(a) for a in args))
-    return r
+    return qlib.vqcow_img(A.img, *args, timeout=timeout)
 
 
 def vimg_json(*args):
-    r = vimg(*args)
-    check(r.rc == 0, "vqcow-img failed:\n" + r.describe())
-    try:
-        return json.loads(r.text)
-    except ValueError as e:
-        fail("vqcow-img printed invalid JSON (%s):\n%s" % (e, r.describe()))
+    return qlib.vqcow_img_json(A.img, *args)
 
 
 # ------------------------------------------------------------------ create

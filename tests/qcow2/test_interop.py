@@ -246,13 +246,8 @@ def main():
     failures = []
     try:
         rng = random.Random(A.seed)
-        for name, img, keep in corpus(A.group):
-            try:
-                run_image(name, img, keep, rng)
-                log("PASS %s" % name)
-            except qlib.TestFailure as e:
-                log("FAIL %s: %s" % (name, e))
-                failures.append(name)
+        failures = qlib.run_cases(corpus(A.group),
+                                  lambda name, img, keep: run_image(name, img, keep, rng))
         ok = not failures
     finally:
         wd.cleanup(ok)

@@ -39,18 +39,11 @@ SIZE = 8 << 20
 
 
 def vimg(*args, timeout=120):
-    r = qlib.run([A.img] + [str(a) for a in args], timeout=timeout)
-    qlib.assert_sane_exit(r, "vqcow-img " + " ".join(str(a) for a in args))
-    return r
+    return qlib.vqcow_img(A.img, *args, timeout=timeout)
 
 
 def vimg_json(*args):
-    r = vimg(*args)
-    check(r.rc == 0, "vqcow-img failed:\n" + r.describe())
-    try:
-        return json.loads(r.text)
-    except ValueError as e:
-        fail("vqcow-img printed invalid JSON (%s):\n%s" % (e, r.describe()))
+    return qlib.vqcow_img_json(A.img, *args)
 
 
 def table_end(img):
@@ -237,13 +230,7 @@ def main():
     failures = []
     try:
         rng = random.Random(A.seed)
-        for name, img in corpus():
-            try:
-                run_image(name, img, rng)
-                log("PASS %s" % name)
-            except qlib.TestFailure as e:
-                log("FAIL %s: %s" % (name, e))
-                failures.append(name)
+        failures = qlib.run_cases(corpus(), lambda name, img: run_image(name, img, rng))
         ok = not failures
     finally:
         wd.cleanup(ok)
