@@ -41,6 +41,7 @@ from qlib import check, fail, log  # noqa: E402
 A = None
 W = None
 MB = 1 << 20
+DAEMONS = []  # killed at exit, also when a check fails
 
 
 def fe_run(sock, *args, ok=True):
@@ -72,6 +73,7 @@ def header_autoclear(img):
 
 def start(img, sock, extra=()):
     d = qlib.Daemon(A.vqcowd, img, sock, extra=list(extra))
+    DAEMONS.append(d)
     check(d.start(), "vqcowd did not start on %s\n%s" % (img, d.log()))
     # the path appears at bind(), before listen(): wait until it accepts
     import socket
@@ -468,6 +470,7 @@ def part_invalid(wd):
             f.write(b)
         before = qlib.sha256_file(img)
         d = qlib.Daemon(A.vqcowd, img, sock)
+        DAEMONS.append(d)
         t0 = time.monotonic()
         started = d.start()
         if started:
@@ -507,6 +510,8 @@ def main():
         ok = True
         return rc
     finally:
+        for d in DAEMONS:
+            d.kill()
         W.cleanup(ok)
 
 
