@@ -66,7 +66,6 @@
  *    always zero (the spec's tail bits).
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,19 +126,6 @@ struct q2_bitmaps {
 	uint32_t n, ntracked;
 	struct q2_bm *bm;
 };
-
-__attribute__((format(printf, 4, 5))) static int bm_fail(char *err, size_t errlen, int ret,
-							 const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return ret;
-}
 
 static uint64_t div_up(uint64_t a, uint64_t b)
 {
@@ -218,9 +204,9 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 	const char *path = q->path;
 
 	if (left < BM_DIR_ENTRY_LEN)
-		return bm_fail(err, errlen, -EINVAL,
-			       "%s: bitmap directory: entry %u truncated (%llu bytes left)", path,
-			       idx, (unsigned long long)left);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "%s: bitmap directory: entry %u truncated (%llu bytes left)",
+				    path, idx, (unsigned long long)left);
 	bm->pos = (uint32_t)pos;
 	bm->table_off = qcow2_be64(e + offsetof(struct bm_dir_disk, table_offset));
 	bm->table_size = qcow2_be32(e + offsetof(struct bm_dir_disk, table_size));
@@ -230,11 +216,11 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 	extra = qcow2_be32(e + offsetof(struct bm_dir_disk, extra_data_size));
 	len = ((uint64_t)BM_DIR_ENTRY_LEN + extra + name_size + 7) & ~7ull;
 	if (name_size == 0 || name_size > BM_MAX_NAME)
-		return bm_fail(err, errlen, -EINVAL,
-			       "%s: bitmap directory: entry %u has name_size %u (1..%u)", path, idx,
-			       name_size, BM_MAX_NAME);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "%s: bitmap directory: entry %u has name_size %u (1..%u)", path,
+				    idx, name_size, BM_MAX_NAME);
 	if (len > left)
-		return bm_fail(
+		return qcow2_seterr(
 		    err, errlen, -EINVAL,
 		    "%s: bitmap directory: entry %u (%llu bytes) runs past the directory "
 		    "(%llu bytes left)",
@@ -250,58 +236,62 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 	}
 	for (uint64_t i = BM_DIR_ENTRY_LEN + extra + name_size; i < len; i++)
 		if (e[i])
-			return bm_fail(err, errlen, -EINVAL,
-				       "%s: bitmap '%s': non-zero padding in the directory entry",
-				       path, bm->name);
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "%s: bitmap '%s': non-zero padding in the directory entry", path,
+			    bm->name);
 	*entry_len = len;
 	if (bm->flags & ~BM_FLAGS_KNOWN)
-		return bm_fail(err, errlen, -ENOTSUP,
-			       "%s: bitmap '%s' has unknown flags 0x%x: writing the image could "
-			       "corrupt it (open it read-only)",
-			       path, bm->name, bm->flags & ~BM_FLAGS_KNOWN);
+		return qcow2_seterr(
+		    err, errlen, -ENOTSUP,
+		    "%s: bitmap '%s' has unknown flags 0x%x: writing the image could "
+		    "corrupt it (open it read-only)",
+		    path, bm->name, bm->flags & ~BM_FLAGS_KNOWN);
 	if (e[offsetof(struct bm_dir_disk, type)] != BM_TYPE_DIRTY)
-		return bm_fail(err, errlen, -ENOTSUP,
-			       "%s: bitmap '%s' has unknown type %u (open it read-only)", path,
-			       bm->name, e[offsetof(struct bm_dir_disk, type)]);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "%s: bitmap '%s' has unknown type %u (open it read-only)", path,
+				    bm->name, e[offsetof(struct bm_dir_disk, type)]);
 	if (extra)
-		return bm_fail(err, errlen, -ENOTSUP,
-			       "%s: bitmap '%s' has %u bytes of extra data, which is not "
-			       "supported (open it read-only)",
-			       path, bm->name, extra);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "%s: bitmap '%s' has %u bytes of extra data, which is not "
+				    "supported (open it read-only)",
+				    path, bm->name, extra);
 	if (bm->gbits < BM_MIN_GRAN_BITS || bm->gbits > BM_MAX_GRAN_BITS)
-		return bm_fail(err, errlen, -ENOTSUP,
-			       "%s: bitmap '%s' has granularity_bits %u (supported: %u..%u)", path,
-			       bm->name, bm->gbits, BM_MIN_GRAN_BITS, BM_MAX_GRAN_BITS);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "%s: bitmap '%s' has granularity_bits %u (supported: %u..%u)",
+				    path, bm->name, bm->gbits, BM_MIN_GRAN_BITS, BM_MAX_GRAN_BITS);
 	if (!bm->table_off || (bm->table_off & (q->cs - 1)) ||
 	    bm->table_off >= QCOW2_MAX_HOST_OFFSET)
-		return bm_fail(err, errlen, -EINVAL,
-			       "%s: bitmap '%s': bitmap table offset 0x%llx is not a valid cluster "
-			       "offset",
-			       path, bm->name, (unsigned long long)bm->table_off);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "%s: bitmap '%s': bitmap table offset 0x%llx is not a valid cluster "
+		    "offset",
+		    path, bm->name, (unsigned long long)bm->table_off);
 	if (bm->table_size == 0 || bm->table_size > BM_MAX_TABLE ||
 	    (uint64_t)bm->table_size * q->cs > BM_MAX_PHYS)
-		return bm_fail(err, errlen, -EINVAL,
-			       "%s: bitmap '%s': bitmap table size %u out of range", path, bm->name,
-			       bm->table_size);
+		return qcow2_seterr(err, errlen, -EINVAL,
+				    "%s: bitmap '%s': bitmap table size %u out of range", path,
+				    bm->name, bm->table_size);
 	if (bm->table_off > fsize || (uint64_t)bm->table_size * 8 > fsize - bm->table_off)
-		return bm_fail(
+		return qcow2_seterr(
 		    err, errlen, -EINVAL,
 		    "%s: bitmap '%s': bitmap table (0x%llx, %u entries) extends past the "
 		    "end of the file",
 		    path, bm->name, (unsigned long long)bm->table_off, bm->table_size);
 	if (q2_meta_overlaps(q, bm->table_off, (uint64_t)bm->table_size * 8))
-		return bm_fail(err, errlen, -EINVAL,
-			       "%s: bitmap '%s': bitmap table (0x%llx) overlaps other metadata",
-			       path, bm->name, (unsigned long long)bm->table_off);
+		return qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "%s: bitmap '%s': bitmap table (0x%llx) overlaps other metadata", path,
+		    bm->name, (unsigned long long)bm->table_off);
 	/* names must be unique */
 	for (uint32_t j = 0; j < idx; j++) {
 		const uint8_t *o = b->dir + b->bm[j].pos;
 
 		if (qcow2_be16(o + offsetof(struct bm_dir_disk, name_size)) == name_size &&
 		    !memcmp(o + BM_DIR_ENTRY_LEN, e + BM_DIR_ENTRY_LEN + extra, name_size))
-			return bm_fail(err, errlen, -EINVAL,
-				       "%s: bitmap name '%s' appears twice in the directory", path,
-				       bm->name);
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "%s: bitmap name '%s' appears twice in the directory",
+					    path, bm->name);
 	}
 	/* an enabled, consistent bitmap must cover the whole disk */
 	if (!(bm->flags & BM_FLAG_IN_USE)) {
@@ -309,7 +299,7 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 		uint64_t need = div_up(div_up(nbits, 8), q->cs);
 
 		if (bm->table_size < need)
-			return bm_fail(
+			return qcow2_seterr(
 			    err, errlen, -EINVAL,
 			    "%s: bitmap '%s': bitmap table has %u entries, the disk size "
 			    "needs %llu",
@@ -332,8 +322,8 @@ static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, ch
 		return -ENOMEM;
 	ret = io_file_pread_sync(q->file, t, (size_t)bm->table_size * 8, bm->table_off);
 	if (ret < 0) {
-		bm_fail(err, errlen, ret, "%s: bitmap '%s': reading the bitmap table: %s", q->path,
-			bm->name, strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: bitmap '%s': reading the bitmap table: %s",
+			     q->path, bm->name, strerror(-ret));
 		goto out;
 	}
 	ret = push_range(clu, bm->table_off, (uint64_t)bm->table_size * 8, q->cb);
@@ -343,9 +333,10 @@ static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, ch
 		t[i] = e;
 		if ((e & BM_TE_RESERVED_MASK) || (off && (e & BM_TE_ALL_ONES)) ||
 		    (off & (q->cs - 1)) || off >= fsize) {
-			ret = bm_fail(err, errlen, -EINVAL,
-				      "%s: bitmap '%s': invalid bitmap table entry %u (0x%llx)",
-				      q->path, bm->name, i, (unsigned long long)e);
+			ret =
+			    qcow2_seterr(err, errlen, -EINVAL,
+					 "%s: bitmap '%s': invalid bitmap table entry %u (0x%llx)",
+					 q->path, bm->name, i, (unsigned long long)e);
 			break;
 		}
 		if (off)
@@ -398,9 +389,9 @@ static int load_bits(struct qcow2 *q, struct q2_bm *bm, char *err, size_t errlen
 		} else {
 			ret = io_file_pread_sync(q->file, c, q->cs, off);
 			if (ret < 0)
-				return bm_fail(err, errlen, ret,
-					       "%s: bitmap '%s': reading bitmap data: %s", q->path,
-					       bm->name, strerror(-ret));
+				return qcow2_seterr(err, errlen, ret,
+						    "%s: bitmap '%s': reading bitmap data: %s",
+						    q->path, bm->name, strerror(-ret));
 		}
 		clear_tail(q, bm, k, c);
 	}
@@ -417,10 +408,11 @@ static int merge_meta(struct qcow2 *q, struct q2_u64v *clu, char *err, size_t er
 		uint64_t c = clu->v[i];
 
 		if ((i && clu->v[i - 1] == c) || q2_meta_overlaps(q, c << q->cb, q->cs))
-			return bm_fail(err, errlen, -EINVAL,
-				       "%s: bitmaps: cluster 0x%llx is used twice (by a bitmap and "
-				       "other metadata or another bitmap)",
-				       q->path, (unsigned long long)(c << q->cb));
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "%s: bitmaps: cluster 0x%llx is used twice (by a bitmap and "
+			    "other metadata or another bitmap)",
+			    q->path, (unsigned long long)(c << q->cb));
 	}
 	for (size_t i = 0; i < clu->n; i++)
 		if (q2_u64v_push(&q->meta, clu->v[i]) < 0)
@@ -453,14 +445,14 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 	if (!b->bm || !b->dir)
 		goto fail;
 	if (!b->ext_data_off) {
-		ret = bm_fail(err, errlen, -EINVAL, "%s: bitmaps header extension not found",
-			      q->path);
+		ret = qcow2_seterr(err, errlen, -EINVAL, "%s: bitmaps header extension not found",
+				   q->path);
 		goto fail;
 	}
 	ret = io_file_pread_sync(q->file, b->dir, b->dir_size, b->dir_off);
 	if (ret < 0) {
-		bm_fail(err, errlen, ret, "%s: reading the bitmap directory: %s", q->path,
-			strerror(-ret));
+		qcow2_seterr(err, errlen, ret, "%s: reading the bitmap directory: %s", q->path,
+			     strerror(-ret));
 		goto fail;
 	}
 	ret = push_range(&clu, b->dir_off, b->dir_size, q->cb);
@@ -475,9 +467,9 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		pos += len;
 		table_bytes += (uint64_t)bm->table_size * 8;
 		if (table_bytes > BM_MAX_TABLES) {
-			ret = bm_fail(err, errlen, -EINVAL,
-				      "%s: bitmap tables larger than %u MiB in total", q->path,
-				      BM_MAX_TABLES >> 20);
+			ret = qcow2_seterr(err, errlen, -EINVAL,
+					   "%s: bitmap tables larger than %u MiB in total", q->path,
+					   BM_MAX_TABLES >> 20);
 			break;
 		}
 		/* (a disk smaller than one sector has nothing to track) */
@@ -490,11 +482,12 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		}
 	}
 	if (ret == 0 && pos != b->dir_size)
-		ret = bm_fail(err, errlen, -EINVAL,
-			      "%s: bitmap directory size %llu does not match its %u entries (%llu "
-			      "bytes)",
-			      q->path, (unsigned long long)b->dir_size, h->nb_bitmaps,
-			      (unsigned long long)pos);
+		ret = qcow2_seterr(
+		    err, errlen, -EINVAL,
+		    "%s: bitmap directory size %llu does not match its %u entries (%llu "
+		    "bytes)",
+		    q->path, (unsigned long long)b->dir_size, h->nb_bitmaps,
+		    (unsigned long long)pos);
 	if (ret == 0)
 		ret = merge_meta(q, &clu, err, errlen);
 	if (ret < 0)
@@ -509,7 +502,7 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 
 fail:
 	if (ret == -ENOMEM && err && !err[0])
-		bm_fail(err, errlen, ret, "%s: out of memory loading the bitmaps", q->path);
+		qcow2_seterr(err, errlen, ret, "%s: out of memory loading the bitmaps", q->path);
 	free(clu.v);
 	bm_free(b);
 	return ret;
@@ -551,8 +544,8 @@ int q2_bitmap_start(struct qcow2 *q, char *err, size_t errlen)
 			ret = write_autoclear(q, ac);
 	}
 	if (ret < 0)
-		return bm_fail(err, errlen, ret, "%s: marking the dirty bitmaps in use: %s",
-			       q->path, strerror(-ret));
+		return qcow2_seterr(err, errlen, ret, "%s: marking the dirty bitmaps in use: %s",
+				    q->path, strerror(-ret));
 	return 0;
 }
 
