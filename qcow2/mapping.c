@@ -546,6 +546,26 @@ static int l2_writable(struct qcow2 *q, uint64_t gc, uint64_t *soff, uint32_t *i
 	return 0;
 }
 
+/*
+ * The L2 slice of guest cluster @gc, ready for a metadata change: no
+ * allocation in flight on @gc, the L2 table the image's own (copied if it
+ * was shared), the slice cached. 0 with *sp and *idx set, -EAGAIN (@w
+ * parked) or -errno.
+ */
+static int l2_slice_for_change(struct qcow2 *q, uint64_t gc, struct q2_slice **sp, uint32_t *idx,
+			       struct qcow2_waiter *w)
+{
+	uint64_t soff;
+	int ret;
+
+	if (lock_wait(q, gc, gc + 1, w))
+		return -EAGAIN;
+	ret = l2_writable(q, gc, &soff, idx, w);
+	if (ret < 0)
+		return ret;
+	return q2_cache_get(&q->l2c, soff, sp, w);
+}
+
 /* Does the old content of guest range [off, off + len) inside cluster (e, bm) read as zeroes? */
 static bool reads_zero(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t off, uint64_t len)
 {
@@ -691,12 +711,7 @@ again:
 	}
 
 	/* ---- slow path: metadata changes ---- */
-	if (lock_wait(q, gc, gc + 1, w))
-		return -EAGAIN;
-	ret = l2_writable(q, gc, &soff, &idx, w);
-	if (ret < 0)
-		return ret;
-	ret = q2_cache_get(&q->l2c, soff, &s, w);
+	ret = l2_slice_for_change(q, gc, &s, &idx, w);
 	if (ret < 0)
 		return ret;
 	e = q2_l2_entry(s, idx, &bm, q->extl2);
@@ -939,12 +954,7 @@ int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool
 		*done_len = (tend < stop ? tend : stop) - off;
 		return QCOW2_Z_SKIP;
 	}
-	if (lock_wait(q, gc, gc + 1, w))
-		return -EAGAIN;
-	ret = l2_writable(q, gc, &soff, &idx, w);
-	if (ret < 0)
-		return ret;
-	ret = q2_cache_get(&q->l2c, soff, &s, w);
+	ret = l2_slice_for_change(q, gc, &s, &idx, w);
 	if (ret < 0)
 		return ret;
 	if (n > per_slice - idx)
