@@ -73,26 +73,34 @@ static int write_zeroes(int fd, uint64_t off, uint64_t len, const struct qcow2_t
 	return ret;
 }
 
-static int preallocate_data(int fd, enum qcow2_prealloc mode, uint64_t off, uint64_t len,
-			    const struct qcow2_tool_cb *cb, char *err, size_t errlen)
+/*
+ * Preallocate the data range [off, off + len) as @mode says (FALLOC:
+ * fallocate, FULL: write zeroes), then make everything written so far
+ * durable. 0 or -errno with @err set.
+ */
+static int preallocate_and_sync(int fd, enum qcow2_prealloc mode, uint64_t off, uint64_t len,
+				const struct qcow2_tool_cb *cb, char *err, size_t errlen)
 {
 	uint64_t done = 0;
 	int ret;
 
-	if (!len || mode == QCOW2_PREALLOC_OFF || mode == QCOW2_PREALLOC_METADATA)
-		return 0;
-	if (mode == QCOW2_PREALLOC_FALLOC) {
+	if (len && mode == QCOW2_PREALLOC_FALLOC) {
 		if (fallocate(fd, 0, (off_t)off, (off_t)len) < 0) {
 			ret = -errno;
-			qcow2_seterr(err, errlen, 0, "fallocate failed: %s", strerror(-ret));
-			return ret;
+			return qcow2_seterr(err, errlen, ret, "fallocate failed: %s",
+					    strerror(-ret));
 		}
-		return 0;
+	} else if (len && mode == QCOW2_PREALLOC_FULL) {
+		ret = write_zeroes(fd, off, len, cb, &done, len);
+		if (ret < 0)
+			return qcow2_seterr(err, errlen, ret, "writing zeroes failed: %s",
+					    strerror(-ret));
 	}
-	ret = write_zeroes(fd, off, len, cb, &done, len);
-	if (ret < 0)
-		qcow2_seterr(err, errlen, 0, "writing zeroes failed: %s", strerror(-ret));
-	return ret;
+	if (fdatasync(fd) < 0) {
+		ret = -errno;
+		return qcow2_seterr(err, errlen, ret, "fdatasync failed: %s", strerror(-ret));
+	}
+	return 0;
 }
 
 int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc prealloc,
@@ -120,14 +128,9 @@ int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc preall
 		qcow2_seterr(err, errlen, 0, "cannot set the size: %s", strerror(-ret));
 		goto out_unlink;
 	}
-	ret = preallocate_data(fd, prealloc, 0, size, cb, err, errlen);
+	ret = preallocate_and_sync(fd, prealloc, 0, size, cb, err, errlen);
 	if (ret < 0)
 		goto out_unlink;
-	if (fdatasync(fd) < 0) {
-		ret = -errno;
-		qcow2_seterr(err, errlen, 0, "fdatasync failed: %s", strerror(-ret));
-		goto out_unlink;
-	}
 	close(fd);
 	return 0;
 out_unlink:
@@ -492,14 +495,9 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 	ret = write_metadata(fd, &L, o->extended_l2, err, errlen);
 	if (ret < 0)
 		goto out_unlink;
-	ret = preallocate_data(fd, o->prealloc, L.data_off, L.ndata * L.cs, cb, err, errlen);
+	ret = preallocate_and_sync(fd, o->prealloc, L.data_off, L.ndata * L.cs, cb, err, errlen);
 	if (ret < 0)
 		goto out_unlink;
-	if (fdatasync(fd) < 0) {
-		ret = -errno;
-		qcow2_seterr(err, errlen, 0, "fdatasync failed: %s", strerror(-ret));
-		goto out_unlink;
-	}
 	/* the header last: until here the file is not a qcow2 image */
 	ret = qcow2_pwrite_full(fd, hdr, cs, 0);
 	if (ret == 0 && fdatasync(fd) < 0)
