@@ -6,6 +6,7 @@
 #ifndef VQCOW_TESTS_TESTUTIL_H
 #define VQCOW_TESTS_TESTUTIL_H
 
+#include <CUnit/CUnit.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -39,5 +40,17 @@ char *tu_path(const char *dir, const char *name);
  * (>> 8), each advancing the caller's state. */
 uint64_t tu_xorshift64(uint64_t *state);
 unsigned tu_lcg(unsigned *state);
+
+/*
+ * Visible skips for CUnit, which has none per test (and counts a test that
+ * returns early as passed, so a test must never skip itself). Register with
+ * @skip = NULL to run the test, or with the reason it cannot run here (no
+ * root, no loop device...): it is then registered inactive (not run, listed
+ * in CUnit's "Inactive" column, not a failure) and tu_report_skips() names
+ * it. Decide at registration, from a cheap probe.
+ */
+CU_pTest tu_add_test(CU_pSuite s, const char *name, CU_TestFunc fn, const char *skip);
+/* Print "SKIP: test: reason" for each skipped test (call after the run). Returns how many. */
+unsigned tu_report_skips(void);
 
 #endif /* VQCOW_TESTS_TESTUTIL_H */

@@ -25,6 +25,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testutil.h"
+
 static char g_vqcowd[4096];
 static char g_dir[64];
 static char g_img[512];
@@ -308,10 +310,6 @@ static void test_user_switch(void)
 	FILE *f;
 	struct stat st;
 
-	if (geteuid() != 0) {
-		fprintf(stderr, "(not root: --user not tested) ");
-		return;
-	}
 	start(&d, args, -1);
 	CU_ASSERT_FATAL(wait_log(&d, "serving"));
 	CU_ASSERT(log_has(&d, "switched to uid 65534 gid 65534"));
@@ -379,9 +377,11 @@ int main(void)
 	CU_add_test(s, "bad options", test_bad_options);
 	CU_add_test(s, "socket life cycle", test_socket_lifecycle);
 	CU_add_test(s, "listening fd", test_listen_fd);
-	CU_add_test(s, "user switch", test_user_switch);
+	tu_add_test(s, "user switch", test_user_switch,
+		    geteuid() != 0 ? "--user needs root to switch users" : NULL);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
+	tu_report_skips();
 	failed = (int)CU_get_number_of_failures();
 	CU_cleanup_registry();
 	unlink(g_img);

@@ -204,10 +204,6 @@ static void test_open_tmpfs_fallback(void)
 	struct io_file f;
 	char buf[512], out[512];
 
-	if (!tu_on_tmpfs("/dev/shm")) {
-		fprintf(stderr, "note: /dev/shm is not tmpfs, fallback not exercised\n");
-		return;
-	}
 	CU_ASSERT_EQUAL_FATAL(tmp_open(&f, IO_FILE_DIRECT, "/dev/shm"), 0);
 	memset(buf, 0x5a, sizeof(buf));
 	CU_ASSERT_EQUAL(io_file_pwrite_sync(&f, buf, sizeof(buf), 0), 0);
@@ -1367,7 +1363,8 @@ int main(void)
 	s = CU_add_suite("io", NULL, NULL);
 	CU_add_test(s, "iov helpers", test_iov_helpers);
 	CU_add_test(s, "open O_DIRECT", test_open_direct);
-	CU_add_test(s, "open tmpfs fallback", test_open_tmpfs_fallback);
+	tu_add_test(s, "open tmpfs fallback", test_open_tmpfs_fallback,
+		    tu_on_tmpfs("/dev/shm") ? NULL : "/dev/shm is not tmpfs");
 	CU_add_test(s, "from fd", test_from_fd);
 	CU_add_test(s, "sync helpers", test_sync_helpers);
 	CU_add_test(s, "round trip O_DIRECT", test_roundtrip_direct);
@@ -1394,6 +1391,7 @@ int main(void)
 	CU_add_test(s, "bad arguments", test_bad_args);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
+	tu_report_skips();
 	failed = (int)CU_get_number_of_failures();
 	CU_cleanup_registry();
 	return failed ? 1 : 0;
