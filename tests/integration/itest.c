@@ -16,6 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "testutil.h"
+
 static const char *vqcowd_path;
 static bool use_qsd;
 
@@ -492,27 +494,6 @@ void itest_teardown(void)
 	reap_leftovers();
 }
 
-/* Tests registered inactive by itest_add_test, reported by itest_run. */
-#define MAX_SKIPS 64
-static struct {
-	const char *name, *why;
-} skips[MAX_SKIPS];
-static unsigned nskips;
-
-void itest_add_test(CU_pSuite s, const char *name, CU_TestFunc fn, const char *skip)
-{
-	CU_pTest t = CU_add_test(s, name, fn);
-
-	if (!t || !skip)
-		return;
-	CU_set_test_active(t, CU_FALSE);
-	if (nskips < MAX_SKIPS) {
-		skips[nskips].name = name;
-		skips[nskips].why = skip;
-	}
-	nskips++;
-}
-
 const char *itest_vqcowd_only(const char *why)
 {
 	return use_qsd ? why : NULL;
@@ -520,21 +501,18 @@ const char *itest_vqcowd_only(const char *why)
 
 int itest_run(const char *name, void (*add_suites)(void))
 {
-	unsigned failed, ran;
+	unsigned failed, ran, nskips;
 
 	if (CU_initialize_registry() != CUE_SUCCESS)
 		return 1;
 	atexit(reap_leftovers);
 	add_suites();
-	/* an inactive test is a skip (named below), not a failure */
-	CU_set_fail_on_inactive(CU_FALSE);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = CU_get_number_of_failures() + CU_get_number_of_suites_failed() +
 		 CU_get_number_of_tests_failed();
 	ran = CU_get_number_of_tests_run();
-	for (unsigned i = 0; i < nskips && i < MAX_SKIPS; i++)
-		fprintf(stderr, "SKIP: %s: %s\n", skips[i].name, skips[i].why);
+	nskips = tu_report_skips();
 	fprintf(stderr, "%s (%s): %u tests run, %u failures, %u skipped\n", name,
 		use_qsd ? "qemu-storage-daemon" : "vqcowd", ran, CU_get_number_of_failures(),
 		nskips);

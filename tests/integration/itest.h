@@ -80,20 +80,15 @@ void itest_fill(void *buf, size_t len, uint64_t seed);
  * the test's own itest_stop). */
 void itest_teardown(void);
 
-/*
- * Register a test. With @skip non-NULL the test cannot run here (e.g. it
- * checks vqcowd-specific behaviour and the back-end is qemu-storage-daemon):
- * it is registered inactive, so CUnit does not run it and lists it in the
- * "Inactive" column, and itest_run names it as SKIP with @skip as the reason.
- */
-void itest_add_test(CU_pSuite s, const char *name, CU_TestFunc fn, const char *skip);
-/* @why with qemu-storage-daemon as the back-end, NULL with vqcowd. */
+/* @why with qemu-storage-daemon as the back-end, NULL with vqcowd: the skip
+ * reason for tu_add_test() (tests/common/testutil.h) of a test that checks
+ * vqcowd-specific behaviour. */
 const char *itest_vqcowd_only(const char *why);
 
 /*
  * Run a CUnit registry built by @add_suites; returns the process exit code:
- * 1 on any failure, 77 when every test was skipped, else 0. Skipped tests are
- * named and counted in the closing line.
+ * 1 on any failure, 77 when every test was skipped, else 0. Skipped tests
+ * (tu_add_test) are named and counted in the closing line.
  */
 int itest_run(const char *name, void (*add_suites)(void));
 

@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "itest.h"
+#include "testutil.h"
 
 /* One write + read-back through a fresh connection: the daemon still serves. */
 static bool serves(struct itest_daemon *d, uint64_t seed)
@@ -882,17 +883,17 @@ static void add_suites(void)
 	CU_add_test(s, "disconnect_inflight", t_disconnect_inflight);
 	/* qemu-storage-daemon 7.2 aborts here at random: "vhost_user_server_ref:
 	 * Assertion `!server->wait_idle' failed" (util/vhost-user-server.c) */
-	itest_add_test(s, "kill_frontend_mid_io", t_kill_frontend_mid_io,
-		       itest_vqcowd_only("qemu-storage-daemon 7.2 aborts (known bug)"));
+	tu_add_test(s, "kill_frontend_mid_io", t_kill_frontend_mid_io,
+		    itest_vqcowd_only("qemu-storage-daemon 7.2 aborts (known bug)"));
 	CU_add_test(s, "one_at_a_time", t_one_at_a_time);
 	CU_add_test(s, "malformed_messages", t_malformed_messages);
 	CU_add_test(s, "hostile_descriptors", t_hostile_descriptors);
 	CU_add_test(s, "fd_leak", t_fd_leak);
-	itest_add_test(s, "sigterm_inflight", t_sigterm_inflight,
-		       itest_vqcowd_only("qemu-storage-daemon 7.2 drops in-flight requests on "
-					 "SIGTERM"));
-	itest_add_test(s, "resize_config_change", t_resize_config_change,
-		       itest_vqcowd_only("resize on SIGHUP is vqcowd's own"));
+	tu_add_test(s, "sigterm_inflight", t_sigterm_inflight,
+		    itest_vqcowd_only("qemu-storage-daemon 7.2 drops in-flight requests on "
+				      "SIGTERM"));
+	tu_add_test(s, "resize_config_change", t_resize_config_change,
+		    itest_vqcowd_only("resize on SIGHUP is vqcowd's own"));
 }
 
 int main(int argc, char **argv)
