@@ -108,8 +108,15 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 
 int io_file_open(struct io_file *f, const char *path, unsigned flags)
 {
-	int oflags = O_CLOEXEC | ((flags & IO_FILE_RDONLY) ? O_RDONLY : O_RDWR);
-	int fd, ret;
+	/*
+	 * O_NONBLOCK: a FIFO (or a device that waits for a carrier) named by a
+	 * hostile image must not hang the open; anything that is not a regular
+	 * file or block device is refused right after (file_setup). O_NOCTTY:
+	 * never acquire a terminal.
+	 */
+	int oflags =
+	    O_CLOEXEC | O_NONBLOCK | O_NOCTTY | ((flags & IO_FILE_RDONLY) ? O_RDONLY : O_RDWR);
+	int fd, fl, ret;
 
 	f->fd = -1;
 	f->bfd = -1;
@@ -124,6 +131,11 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	ret = file_setup(f, fd, flags, path);
 	if (ret < 0)
 		goto err_close;
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+		ret = -errno;
+		goto err_close;
+	}
 	return 0;
 
 err_close:

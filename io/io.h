@@ -232,7 +232,9 @@ uint64_t io_loop_fixed_buffer_uses(const struct io_loop *loop);
  * Open @path for I/O. @flags: IO_FILE_RDONLY, IO_FILE_DIRECT (O_DIRECT; falls
  * back to buffered I/O with a logged warning only if the filesystem refuses
  * O_DIRECT with -EINVAL), IO_FILE_ZERO_EOF. Fills *f (fd, alignment, size).
- * 0 or -errno.
+ * Only regular files and block devices: anything else is -EINVAL (opened
+ * non-blocking first, so a FIFO cannot hang it; never a controlling tty).
+ * No locks are taken (io_file_lock). 0 or -errno.
  */
 int io_file_open(struct io_file *f, const char *path, unsigned flags);
 
