@@ -72,6 +72,7 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 	f->bfd = -1;
 	f->fixed_index = -1;
 	f->fixed_loop = NULL;
+	memset(&f->lock, 0, sizeof(f->lock));
 	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
 	f->align = 1;
 	f->size = 0;
@@ -158,6 +159,7 @@ int io_file_from_fd(struct io_file *f, int fd, unsigned flags)
 void io_file_close(struct io_file *f)
 {
 	io_loop_file_closing(f);
+	io_lock_release(f->fd, &f->lock);
 	if (f->bfd > 0)
 		close(f->bfd);
 	if (f->fd >= 0)

@@ -65,6 +65,12 @@ enum io_op {
 	IO_OP_CANCEL,
 };
 
+/* OFD lock bytes held on a file (io_lock_set); zero = none. */
+struct io_lock {
+	uint8_t perm;     /* IO_PERM_* whose "use" byte (100 + i) is held */
+	uint8_t unshared; /* IO_PERM_* whose "not shared" byte (200 + i) is held */
+};
+
 struct io_file {
 	int fd;
 	unsigned align;  /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
@@ -72,7 +78,8 @@ struct io_file {
 	int fixed_index; /* registered-file slot or -1 (private to io/) */
 	struct io_loop *fixed_loop; /* private: the loop that tried to register it */
 	uint64_t size;              /* size at open time (bytes) */
-	int bfd; /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	int bfd;             /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	struct io_lock lock; /* image locks held through fd (io_file_lock) */
 };
 
 enum {
@@ -258,6 +265,47 @@ int io_file_get_size(struct io_file *f, uint64_t *size);
 int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off);
 int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t off);
 int io_file_sync(struct io_file *f);
+
+/* ---- image locks (QEMU-compatible; io/lock.c) ---- */
+
+/*
+ * Permissions as QEMU's block layer names them (the same bit numbers). A user
+ * of a file holds OFD read locks on byte 100 + i for each permission i it
+ * uses and on byte 200 + i for each permission it does not share; QEMU,
+ * qemu-img, qemu-io, qemu-storage-daemon and vqcow's tools all refuse each
+ * other by these bytes. See io/lock.c for the protocol.
+ */
+enum {
+	IO_PERM_CONSISTENT_READ = 1u << 0,
+	IO_PERM_WRITE = 1u << 1,
+	IO_PERM_WRITE_UNCHANGED = 1u << 2,
+	IO_PERM_RESIZE = 1u << 3,
+	IO_PERM_ALL = 0xfu,
+};
+
+/*
+ * Change the locks @fd holds (recorded in *@l, zero-initialised = none) to
+ * "uses @perm, shares @shared" (IO_PERM_* masks), checking that no other
+ * open file description conflicts. Can be called again at any time to take
+ * or give up permissions (e.g. the write permission around a migration);
+ * giving up never fails. Locks vanish when the fd is closed.
+ * Returns 0; -EAGAIN when another process holds a conflicting lock (@err:
+ * 'Failed to get "write" lock: locked by another process' or 'Failed to get
+ * shared "write" lock: ...', QEMU's words); another -errno when the file
+ * system refuses the lock calls (@err names the byte and the error). On
+ * failure the locks held before the call are kept.
+ */
+int io_lock_set(int fd, struct io_lock *l, unsigned perm, unsigned shared, char *err,
+		size_t errlen);
+
+/* Drop every lock byte recorded in *@l (@fd < 0: just forget them). */
+void io_lock_release(int fd, struct io_lock *l);
+
+/* io_lock_set() on an io_file's fd (io_file_close() releases them). */
+int io_file_lock(struct io_file *f, unsigned perm, unsigned shared, char *err, size_t errlen);
+
+/* "consistent read", "write", "write unchanged", "resize" for one IO_PERM_* bit. */
+const char *io_perm_name(unsigned perm);
 
 /* ---- asynchronous commands ---- */
 

@@ -1346,6 +1346,83 @@ static void test_bad_args(void)
 	env_exit(&e);
 }
 
+/* Is byte @off locked by an open file description other than @fd's? */
+static bool byte_held(int fd, int off)
+{
+	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
+
+	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
+	return fl.l_type != F_UNLCK;
+}
+
+/*
+ * QEMU's lock protocol between two open file descriptions of one file:
+ * bytes 100 + perm and 200 + perm, conflicts both ways, rollback on refusal,
+ * giving up and taking back permissions, FIFOs refused without hanging.
+ */
+static void test_locks(void)
+{
+	const unsigned cr = IO_PERM_CONSISTENT_READ, w = IO_PERM_WRITE, rs = IO_PERM_RESIZE;
+	struct io_file a, b;
+	char path[600], err[256];
+	int fd, probe;
+
+	snprintf(path, sizeof(path), "%s/test_lock.XXXXXX", g_dir);
+	fd = mkstemp(path);
+	CU_ASSERT_FATAL(fd >= 0);
+	close(fd);
+	CU_ASSERT_FATAL(io_file_open(&a, path, 0) == 0);
+	CU_ASSERT_FATAL(io_file_open(&b, path, IO_FILE_RDONLY) == 0);
+	probe = open(path, O_RDONLY | O_CLOEXEC);
+	CU_ASSERT_FATAL(probe >= 0);
+
+	/* a: a qcow2 writer (uses read, write, resize; shares neither write nor resize) */
+	CU_ASSERT_EQUAL(io_file_lock(&a, cr | w | rs, IO_PERM_ALL & ~(w | rs), err, sizeof(err)),
+			0);
+	CU_ASSERT(byte_held(probe, 100) && byte_held(probe, 101) && !byte_held(probe, 102) &&
+		  byte_held(probe, 103));
+	CU_ASSERT(!byte_held(probe, 200) && byte_held(probe, 201) && !byte_held(probe, 202) &&
+		  byte_held(probe, 203));
+	/* b: a reader that does not share write: refused, and holds nothing after */
+	CU_ASSERT_EQUAL(io_file_lock(&b, cr, IO_PERM_ALL & ~(w | rs), err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_STRING_EQUAL(err,
+			       "Failed to get shared \"write\" lock: locked by another process");
+	CU_ASSERT(b.lock.perm == 0 && b.lock.unshared == 0);
+	/* b: a writer: refused on a's "not shared" byte first */
+	CU_ASSERT_EQUAL(io_file_lock(&b, cr | w, IO_PERM_ALL, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_STRING_EQUAL(err, "Failed to get \"write\" lock: locked by another process");
+	/* b: force-share reader: fine */
+	CU_ASSERT_EQUAL(io_file_lock(&b, cr, IO_PERM_ALL, err, sizeof(err)), 0);
+	/* a gives up write (keeps read, still not sharing write): b cannot write yet */
+	CU_ASSERT_EQUAL(io_file_lock(&a, cr, IO_PERM_ALL & ~(w | rs), err, sizeof(err)), 0);
+	CU_ASSERT(!byte_held(probe, 101) && !byte_held(probe, 103) && byte_held(probe, 201));
+	/* a gives up everything (an inactive image): b may take write */
+	CU_ASSERT_EQUAL(io_file_lock(&a, 0, IO_PERM_ALL, err, sizeof(err)), 0);
+	CU_ASSERT(a.lock.perm == 0 && a.lock.unshared == 0);
+	/* b was opened read-only: a read lock on a write byte is still fine (announcement only) */
+	CU_ASSERT_EQUAL(io_file_lock(&b, cr | w, IO_PERM_ALL & ~w, err, sizeof(err)), 0);
+	/* now a cannot take write back, and keeps holding nothing */
+	CU_ASSERT_EQUAL(io_file_lock(&a, cr | w | rs, IO_PERM_ALL & ~(w | rs), err, sizeof(err)),
+			-EAGAIN);
+	CU_ASSERT(a.lock.perm == 0 && a.lock.unshared == 0);
+	/* closing b drops its locks */
+	io_file_close(&b);
+	CU_ASSERT(!byte_held(probe, 101) && !byte_held(probe, 201));
+	CU_ASSERT_EQUAL(io_file_lock(&a, cr | w | rs, IO_PERM_ALL & ~(w | rs), err, sizeof(err)),
+			0);
+	io_file_close(&a);
+	CU_ASSERT(!byte_held(probe, 100) && !byte_held(probe, 201));
+	close(probe);
+	unlink(path);
+
+	/* a FIFO is refused at once, not waited on */
+	CU_ASSERT_FATAL(mkfifo(path, 0600) == 0);
+	CU_ASSERT_EQUAL(io_file_open(&a, path, IO_FILE_RDONLY), -EINVAL);
+	CU_ASSERT_EQUAL(io_file_open(&a, path, 0), -EINVAL);
+	unlink(path);
+	CU_ASSERT_EQUAL(io_file_open(&a, "/dev/null", IO_FILE_RDONLY), -EINVAL);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -1389,6 +1466,7 @@ int main(void)
 	CU_add_test(s, "registered files", test_fixed_files);
 	CU_add_test(s, "registered buffers", test_fixed_buffers);
 	CU_add_test(s, "bad arguments", test_bad_args);
+	CU_add_test(s, "QEMU-compatible locks", test_locks);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	tu_report_skips();
