@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "img.h"
@@ -63,6 +64,71 @@ int img_open(struct img **imgp, struct io_loop *loop, const char *path, const st
 	if (qcow2)
 		return img_qcow2_open(imgp, loop, path, opts, err, errlen);
 	return img_raw_open(imgp, loop, path, opts, err, errlen);
+}
+
+int img_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
+{
+	if (err && errlen)
+		err[0] = '\0';
+	if (perm == img->perm)
+		return 0;
+	if (perm == IMG_PERM_WRITE && img->read_only)
+		return -EROFS;
+	if (!img->ops->set_perm)
+		return -ENOTSUP;
+	return img->ops->set_perm(img, perm, err, errlen);
+}
+
+int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, enum img_perm perm,
+		  bool force_share, char *err, size_t errlen)
+{
+	const unsigned cr = IO_PERM_CONSISTENT_READ, w = IO_PERM_WRITE, rs = IO_PERM_RESIZE;
+	unsigned use = 0, shared = IO_PERM_ALL;
+	char msg[256];
+	int ret;
+
+	if (force_share && perm == IMG_PERM_WRITE) {
+		if (err)
+			snprintf(err, errlen,
+				 "%s: force-share can only be used with read-only images", path);
+		return -EINVAL;
+	}
+	if (perm == IMG_PERM_NONE) {
+		/* nothing */
+	} else if (force_share) {
+		use = cr;
+	} else if (role == IMG_FILE_BACKING) {
+		use = cr;
+		shared = IO_PERM_ALL & ~(w | rs);
+	} else if (role == IMG_FILE_RAW) {
+		/* A guest device shares resize (an outside resize is picked up on SIGHUP). */
+		use = perm == IMG_PERM_WRITE ? cr | w : cr;
+		shared = IO_PERM_ALL & ~w;
+	} else {
+		/* qcow2 grows its file, and its metadata must not change under it. */
+		use = perm == IMG_PERM_WRITE ? cr | w | rs : cr;
+		shared = IO_PERM_ALL & ~(w | rs);
+	}
+	ret = io_file_lock(f, use, shared, msg, sizeof(msg));
+	if (ret < 0 && err)
+		snprintf(err, errlen, "%s: %s", path, msg[0] ? msg : strerror(-ret));
+	return ret;
+}
+
+int img_file_open(struct io_file *f, const char *path, unsigned flags, char *err, size_t errlen)
+{
+	struct stat st;
+	int ret;
+
+	ret = io_file_open(f, path, flags);
+	if (ret < 0 && err) {
+		if (ret == -EINVAL && stat(path, &st) == 0 && !S_ISREG(st.st_mode) &&
+		    !S_ISBLK(st.st_mode))
+			snprintf(err, errlen, "%s: not a regular file or block device", path);
+		else
+			snprintf(err, errlen, "%s: %s", path, strerror(-ret));
+	}
+	return ret;
 }
 
 void img_close(struct img *img)

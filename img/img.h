@@ -17,6 +17,22 @@
  * Ranges are in bytes; the caller (blk/) has already checked they are within
  * img->size and aligned to 512 bytes. Read-only images refuse writes with
  * -EROFS (blk/ checks earlier too).
+ *
+ * Locks: every file of an open image (the image, a qcow2 external data file,
+ * each backing file) holds QEMU-compatible OFD locks (io_lock_set), taken
+ * before anything is read from it, so vqcowd, QEMU, qemu-img, qemu-io and
+ * qemu-storage-daemon refuse each other as two QEMU processes would. What
+ * each file takes (use / does not share), as a QEMU guest device
+ * (share-rw=off) takes it:
+ *   raw image        read: consistent read / write
+ *                    write: consistent read, write / write
+ *   qcow2 image and  read: consistent read / write, resize
+ *   its data file    write: consistent read, write, resize / write, resize
+ *   backing files    consistent read / write, resize (any format, any depth)
+ * opts->force_share (read-only opens only; qemu's -U / force-share=on): only
+ * consistent read, sharing everything. An image writes only while it holds
+ * the write permission (img->perm == IMG_PERM_WRITE): otherwise writes,
+ * discards and write-zeroes fail with -EROFS.
  */
 #ifndef VQCOW_IMG_H
 #define VQCOW_IMG_H
@@ -64,6 +80,14 @@ struct img_io {
 	struct img_io *next; /* implementation's wait lists */
 };
 
+/* What an open image may do, and therefore which locks it holds. */
+enum img_perm {
+	IMG_PERM_NONE = 0, /* no locks at all (inactive image, e.g. handed over in a
+			      migration): no writes */
+	IMG_PERM_READ,     /* read; nobody else may write */
+	IMG_PERM_WRITE,    /* read and write; nobody else may write */
+};
+
 struct img_ops {
 	const char *format; /* "raw", "qcow2" */
 	void (*submit)(struct img *img, struct img_io *io);
@@ -74,6 +98,8 @@ struct img_ops {
 	/* Optional: re-read the virtual size (the file or device was resized
 	 * outside); update img->size. 0 or -errno. */
 	int (*refresh_size)(struct img *img);
+	/* Optional: change the locks of every file of the image (img_set_perm). */
+	int (*set_perm)(struct img *img, enum img_perm perm, char *err, size_t errlen);
 };
 
 struct img_opts {
@@ -84,6 +110,8 @@ struct img_opts {
 	uint32_t cache_entry_size; /* qcow2: slice bytes, 0 = default */
 	bool allow_corrupt_ro;     /* qcow2: open an image with the corrupt bit read-only */
 	bool no_l2_prefetch;       /* qcow2: no background read of the L2 tables after open */
+	bool force_share;          /* read-only only: share every permission (qemu -U) */
+	bool backing;              /* opened as a backing file (read-only; backing locks) */
 };
 
 struct img {
@@ -97,6 +125,9 @@ struct img {
 	bool supports_write_zeroes;
 	unsigned discard_granularity; /* bytes */
 	uint32_t opt_io;              /* preferred I/O size in bytes (0 = not reported) */
+	enum img_perm perm;           /* what the locks held allow */
+	bool force_share;
+	bool backing;
 };
 
 /*
@@ -110,6 +141,27 @@ int img_open(struct img **imgp, struct io_loop *loop, const char *path, const st
 	     char *err, size_t errlen);
 /* Close an image (all its img_io must have completed). NULL is fine. */
 void img_close(struct img *img);
+
+/*
+ * Take or give up permissions on an open image at run time (enum img_perm),
+ * for every file of the image: the locks are changed first (QEMU's order:
+ * take the new bytes, check, then drop the old), and the image writes only
+ * while it holds IMG_PERM_WRITE. Backing files hold READ while the image
+ * holds READ or WRITE, nothing while it holds NONE.
+ * 0; -EAGAIN (another process holds a conflicting lock; @err: "FILE: Failed
+ * to get "write" lock: locked by another process"); -EROFS (WRITE on an
+ * image opened read-only); -ENOTSUP (the format cannot: a read-write qcow2
+ * image cannot give up the write permission while its engine may still
+ * write metadata); or another -errno. On failure the image keeps the
+ * permission it had.
+ */
+int img_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen);
+
+/* True if the image may be written now (opened read-write and holding the write lock). */
+static inline bool img_may_write(const struct img *img)
+{
+	return !img->read_only && img->perm == IMG_PERM_WRITE;
+}
 
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);
@@ -141,6 +193,29 @@ void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t
  * -EPERM, a write that would put the qcow2 magic at offset 0.
  * qcow2: img/img_qcow2.c.
  */
+/* ---- for the implementations ---- */
+
+enum img_file_role {
+	IMG_FILE_RAW,     /* a raw image */
+	IMG_FILE_QCOW2,   /* a qcow2 image file or its external data file */
+	IMG_FILE_BACKING, /* any file of a backing image */
+};
+
+/*
+ * Set the locks of @f (named @path in messages) for a file of @role when the
+ * image holds @perm (see the table at the top). 0 or -errno with @err set
+ * ("PATH: Failed to get ... lock: locked by another process").
+ */
+int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, enum img_perm perm,
+		  bool force_share, char *err, size_t errlen);
+
+/*
+ * Open @path for an image (io_file_open) with a message in @err on failure
+ * that names the file ("not a regular file or block device" for FIFOs,
+ * character devices, directories...). 0 or -errno.
+ */
+int img_file_open(struct io_file *f, const char *path, unsigned flags, char *err, size_t errlen);
+
 int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 const struct img_opts *opts, char *err, size_t errlen);
 int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,

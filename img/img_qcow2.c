@@ -154,8 +154,9 @@ struct q2img {
 	struct img img;
 	struct io_file file;
 	struct io_file dfile;
-	bool has_dfile; /* external data file (in dfile) */
-	bool own_dfile; /* dfile is open: the external data file, or the image again for data */
+	bool has_dfile;   /* external data file (in dfile) */
+	char *dfile_name; /* its path (messages) */
+	bool own_dfile;   /* dfile is open: the external data file, or the image again for data */
 	bool data_raw;
 	struct qcow2 *q;
 	struct img *backing;
@@ -1014,7 +1015,7 @@ static void q2_submit(struct img *img, struct img_io *io)
 	r->w.priv = r;
 	r->start_err = 0;
 	io->impl = r;
-	if (write && img->read_only)
+	if (write && !img_may_write(img))
 		r->start_err = -EROFS;
 	else if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off))
 		r->start_err = -EINVAL;
@@ -1042,6 +1043,7 @@ static void q2_close(struct img *img)
 	if (m->own_dfile)
 		io_file_close(&m->dfile);
 	req_free_all(m);
+	free(m->dfile_name);
 	io_free_aligned(m->dbuf);
 	io_free_aligned(m->zero_buf);
 	free(img->path);
@@ -1062,11 +1064,53 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	}
 }
 
+/*
+ * Locks of the image file and its external data file (same role), then the
+ * backing image: READ while we hold READ or WRITE, nothing while NONE.
+ * Leaving WRITE is refused while the engine is open read-write: it may still
+ * write metadata back (dropping it cleanly comes with live migration).
+ */
+static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	enum img_file_role role = img->backing ? IMG_FILE_BACKING : IMG_FILE_QCOW2;
+	enum img_perm old = img->perm;
+	int ret;
+
+	if (m->q && !img->read_only && old == IMG_PERM_WRITE && perm != IMG_PERM_WRITE)
+		return -ENOTSUP;
+	ret = img_file_lock(&m->file, img->path, role, perm, img->force_share, err, errlen);
+	if (ret < 0)
+		return ret;
+	if (m->has_dfile) {
+		ret = img_file_lock(&m->dfile, m->dfile_name, role, perm, img->force_share, err,
+				    errlen);
+		if (ret < 0)
+			goto undo_file;
+	}
+	if (m->backing) {
+		ret = img_set_perm(
+		    m->backing, perm == IMG_PERM_NONE ? IMG_PERM_NONE : IMG_PERM_READ, err, errlen);
+		if (ret < 0)
+			goto undo_dfile;
+	}
+	img->perm = perm;
+	return 0;
+
+undo_dfile:
+	if (m->has_dfile)
+		img_file_lock(&m->dfile, m->dfile_name, role, old, img->force_share, NULL, 0);
+undo_file:
+	img_file_lock(&m->file, img->path, role, old, img->force_share, NULL, 0);
+	return ret;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
     .close = q2_close,
     .describe = q2_describe,
+    .set_perm = q2_set_perm,
 };
 
 static __thread int open_depth;
@@ -1081,6 +1125,8 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	bool direct = opts ? opts->direct : true;
 	unsigned flags = (read_only ? IO_FILE_RDONLY : 0) | (direct ? IO_FILE_DIRECT : 0);
 	char *name = NULL;
+	enum img_file_role role;
+	enum img_perm perm;
 	int ret;
 
 	if (err && errlen)
@@ -1093,12 +1139,18 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		ret = -ENOMEM;
 		goto free_m;
 	}
-	ret = io_file_open(&m->file, path, flags);
-	if (ret < 0) {
-		if (err)
-			snprintf(err, errlen, "%s: %s", path, strerror(-ret));
+	ret = img_file_open(&m->file, path, flags, err, errlen);
+	if (ret < 0)
 		goto free_path;
-	}
+	/* Locks before the first read: open may write (autoclear bits). */
+	m->img.backing = opts && opts->backing;
+	m->img.force_share = opts && opts->force_share;
+	m->img.read_only = read_only;
+	role = m->img.backing ? IMG_FILE_BACKING : IMG_FILE_QCOW2;
+	perm = read_only ? IMG_PERM_READ : IMG_PERM_WRITE;
+	ret = img_file_lock(&m->file, path, role, perm, m->img.force_share, err, errlen);
+	if (ret < 0)
+		goto close_file;
 	qo.read_only = read_only;
 	if (opts) {
 		qo.allow_corrupt_ro = opts->allow_corrupt_ro;
@@ -1130,15 +1182,20 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		if (ret < 0) {
 			if (err)
 				snprintf(err, errlen, "%s: external data file %s: %s", path, name,
-					 strerror(-ret));
+					 ret == -EINVAL ? "not a regular file or block device"
+							: strerror(-ret));
 			goto close_q;
 		}
 		m->has_dfile = true;
 		m->own_dfile = true;
+		m->dfile_name = name;
+		name = NULL;
+		ret = img_file_lock(&m->dfile, m->dfile_name, role, perm, m->img.force_share, err,
+				    errlen);
+		if (ret < 0)
+			goto close_dfile;
 		m->data_raw = (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0;
 		qcow2_set_data_file(m->q, &m->dfile);
-		free(name);
-		name = NULL;
 	} else if (io_file_open(&m->dfile, path, flags | IO_FILE_ZERO_EOF) == 0) {
 		/*
 		 * Data goes through a second handle that reads zeroes past the end
@@ -1176,6 +1233,8 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		}
 		bo.format = h->has_backing_fmt ? h->backing_fmt : NULL;
 		bo.read_only = true;
+		bo.backing = true;
+		bo.force_share = m->img.force_share;
 		bo.direct = direct;
 		if (opts) {
 			bo.l2_cache_size = opts->l2_cache_size;
@@ -1203,7 +1262,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.ops = &q2_ops;
 	m->img.loop = loop;
 	m->img.size = qcow2_size(m->q);
-	m->img.read_only = read_only;
+	m->img.perm = perm;
 	m->img.align = m->file.align > 512 ? m->file.align : 512;
 	if (m->own_dfile && m->dfile.align > m->img.align)
 		m->img.align = m->dfile.align;
@@ -1227,6 +1286,7 @@ free_path:
 	free(m->img.path);
 free_m:
 	free(name);
+	free(m->dfile_name);
 	free(m);
 	if (err && !err[0])
 		snprintf(err, errlen, "%s: %s", path, strerror(-ret));

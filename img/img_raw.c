@@ -215,7 +215,7 @@ static void raw_submit(struct img *img, struct img_io *io)
 	io->impl = r;
 	io->cmd.done = raw_cmd_done;
 	io->cmd.priv = io;
-	if (write && img->read_only) {
+	if (write && !img_may_write(img)) {
 		raw_fail_later(r, io, -EROFS);
 		return;
 	}
@@ -271,12 +271,25 @@ static int raw_refresh_size(struct img *img)
 	return 0;
 }
 
+static int raw_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
+{
+	struct raw_img *r = to_raw(img);
+	int ret;
+
+	ret = img_file_lock(&r->file, img->path, img->backing ? IMG_FILE_BACKING : IMG_FILE_RAW,
+			    perm, img->force_share, err, errlen);
+	if (ret == 0)
+		img->perm = perm;
+	return ret;
+}
+
 static const struct img_ops raw_ops = {
     .format = "raw",
     .submit = raw_submit,
     .close = raw_close,
     .describe = raw_describe,
     .refresh_size = raw_refresh_size,
+    .set_perm = raw_set_perm,
 };
 
 /* Block device discard granularity from sysfs; 0 = no discard. */
@@ -324,7 +337,7 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		flags |= IO_FILE_RDONLY;
 	if (direct)
 		flags |= IO_FILE_DIRECT;
-	ret = io_file_open(&r->file, path, flags);
+	ret = img_file_open(&r->file, path, flags, err, errlen);
 	if (ret < 0)
 		goto free_path;
 	if (fstat(r->file.fd, &st) < 0) {
@@ -337,6 +350,11 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 			snprintf(err, errlen, "%s: not a regular file or block device", path);
 		goto close_file;
 	}
+	r->img.backing = opts && opts->backing;
+	r->img.force_share = opts && opts->force_share;
+	ret = raw_set_perm(&r->img, read_only ? IMG_PERM_READ : IMG_PERM_WRITE, err, errlen);
+	if (ret < 0)
+		goto close_file;
 	r->blockdev = S_ISBLK(st.st_mode);
 	r->probed = !opts || !opts->format;
 	ret = io_file_get_size(&r->file, &size);

@@ -74,6 +74,7 @@ struct options {
 	const char *blk_file;
 	const char *format;
 	bool read_only;
+	bool force_share;
 	unsigned num_queues;
 	unsigned queue_size;
 	const char *serial;
@@ -101,6 +102,8 @@ static void usage(FILE *f)
 	      "  --blk-file FILE             the image: raw file, block device or qcow2\n"
 	      "  --format raw|qcow2          do not probe the format\n"
 	      "  --read-only                 export read-only\n"
+	      "  --force-share               with --read-only: share the image with writers\n"
+	      "                              (no lock against them; qemu-img's -U)\n"
 	      "  --num-queues N              number of virtqueues offered (default and max 64)\n"
 	      "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	      "1024)\n"
@@ -156,6 +159,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_BLK_FILE,
 		OPT_FORMAT,
 		OPT_RO,
+		OPT_FORCE_SHARE,
 		OPT_NQ,
 		OPT_QSIZE,
 		OPT_SERIAL,
@@ -181,6 +185,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"blk-file", required_argument, NULL, OPT_BLK_FILE},
 	    {"format", required_argument, NULL, OPT_FORMAT},
 	    {"read-only", no_argument, NULL, OPT_RO},
+	    {"force-share", no_argument, NULL, OPT_FORCE_SHARE},
 	    {"num-queues", required_argument, NULL, OPT_NQ},
 	    {"queue-size", required_argument, NULL, OPT_QSIZE},
 	    {"serial", required_argument, NULL, OPT_SERIAL},
@@ -244,6 +249,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_RO:
 			o->read_only = true;
+			break;
+		case OPT_FORCE_SHARE:
+			o->force_share = true;
 			break;
 		case OPT_NQ:
 			if (parse_u64(optarg, &v, false) < 0 || v < 1 || v > MAX_QUEUES)
@@ -346,6 +354,10 @@ static int parse_args(int argc, char **argv, struct options *o)
 	}
 	if (!o->blk_file) {
 		fprintf(stderr, "vqcowd: --blk-file is required\n");
+		return 2;
+	}
+	if (o->force_share && !o->read_only) {
+		fprintf(stderr, "vqcowd: --force-share can only be used with --read-only\n");
 		return 2;
 	}
 	return -1;
@@ -870,6 +882,7 @@ int main(int argc, char **argv)
 	memset(&iopts, 0, sizeof(iopts));
 	iopts.format = o.format;
 	iopts.read_only = o.read_only;
+	iopts.force_share = o.force_share;
 	iopts.direct = true;
 	iopts.l2_cache_size = o.l2_cache_size;
 	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
