@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "image.h"
+#include "io.h"
 
 /* ---- create ---- */
 
@@ -145,6 +146,37 @@ typedef int qcow2_map_fn(void *opaque, const struct qcow2_map_entry *e);
  */
 int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
 	      const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/* ---- image locks (QEMU-compatible; lock.c) ---- */
+
+enum qcow2_lock_mode {
+	QCOW2_LOCK_INFO,  /* qemu-img info: the image only, no read permission */
+	QCOW2_LOCK_READ,  /* qemu-img check / map: the whole chain, reading */
+	QCOW2_LOCK_WRITE, /* qemu-img check -r: the image read-write, the chain reading */
+};
+
+struct qcow2_lock_fd {
+	int fd;
+	struct io_lock lock;
+};
+
+struct qcow2_locks {
+	struct qcow2_lock_fd *files;
+	unsigned n;
+};
+
+/*
+ * Take the locks qemu-img takes for @mode on the image at @path (@fmt NULL =
+ * probe), its external data file and its backing chain (@force_share: -U).
+ * 0; -EAGAIN when another process conflicts (@err: "FILE: Failed to get
+ * "write" lock: locked by another process"); -EINVAL for force_share with
+ * QCOW2_LOCK_WRITE; another -errno. Files that cannot be opened are skipped
+ * (the tool reports them). Release with qcow2_unlock_image() (also after a
+ * failure: nothing is held then).
+ */
+int qcow2_lock_image(struct qcow2_locks *lk, const char *path, const char *fmt,
+		     enum qcow2_lock_mode mode, bool force_share, char *err, size_t errlen);
+void qcow2_unlock_image(struct qcow2_locks *lk);
 
 /*
  * ---- the plain-fd side, shared by check, create, info and map (fdio.c);

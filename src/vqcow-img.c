@@ -45,11 +45,13 @@ static void usage(FILE *f)
 	    "      compat=0.10|1.1|v2|v3, lazy_refcounts=on|off, size=\n"
 	    "      SIZE accepts the suffixes K, M, G, T, P, E (powers of 1024); without SIZE\n"
 	    "      the backing file's size is used.\n"
-	    "  info [-f FMT] [--output=human|json] FILE\n"
-	    "  check [-f FMT] [-r leaks|all] [--output=human|json] [-q] FILE\n"
+	    "  info [-f FMT] [-U] [--output=human|json] FILE\n"
+	    "  check [-f FMT] [-U] [-r leaks|all] [--output=human|json] [-q] FILE\n"
 	    "      exit status: 0 no errors, 1 check not completed, 2 corruptions,\n"
 	    "      3 leaked clusters only, 63 format without consistency checks\n"
-	    "  map [-f FMT] [--output=human|json] FILE\n"
+	    "  map [-f FMT] [-U] [--output=human|json] FILE\n"
+	    "      -U, --force-share: open even if another process writes the image\n"
+	    "      (read-only commands only; otherwise the image is locked as qemu-img locks it)\n"
 	    "\n"
 	    "  --help, --version\n",
 	    prog);
@@ -583,6 +585,7 @@ struct file_args {
 	enum output_fmt out;
 	unsigned check_flags; /* -r */
 	bool quiet;           /* -q */
+	bool force_share;     /* -U */
 };
 
 /*
@@ -619,6 +622,7 @@ static int parse_file_args(int argc, char **argv, const char *shortopts, struct 
 				return 1;
 			break;
 		case 'U':
+			a->force_share = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -639,6 +643,7 @@ static int parse_file_args(int argc, char **argv, const char *shortopts, struct 
 static int cmd_info(int argc, char **argv)
 {
 	struct qcow2_image_info info;
+	struct qcow2_locks locks;
 	char err[ERRLEN] = "";
 	struct file_args a;
 	const char *fmt, *file;
@@ -651,7 +656,13 @@ static int cmd_info(int argc, char **argv)
 	fmt = a.fmt;
 	file = a.file;
 	out = a.out;
+	r = qcow2_lock_image(&locks, file, fmt, QCOW2_LOCK_INFO, a.force_share, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		return 1;
+	}
 	r = qcow2_info(file, fmt, &info, err, sizeof(err));
+	qcow2_unlock_image(&locks);
 	if (r < 0) {
 		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
 		return 1;
@@ -693,31 +704,47 @@ static void check_progress_cb(void *opaque, double f)
 	progress_cb(&ui->prog, f);
 }
 
+static int check_locked(const struct file_args *a);
+
 static int cmd_check(int argc, char **argv)
 {
-	struct qcow2_check_result res;
-	struct check_ui ui;
-	struct qcow2_tool_cb cb;
+	struct qcow2_locks locks;
 	char err[ERRLEN] = "";
 	struct file_args a;
-	const char *fmt, *file;
-	enum output_fmt out;
-	unsigned flags;
-	bool quiet;
 	int r;
 
 	r = parse_file_args(argc, argv, "+f:r:qhU", &a);
 	if (r)
 		return r < 0 ? 0 : 1;
-	fmt = a.fmt;
-	file = a.file;
-	out = a.out;
-	flags = a.check_flags;
-	quiet = a.quiet;
-	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
-		errorf("Unknown or unsupported format '%s'", fmt);
+	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s'", a.fmt);
 		return 1;
 	}
+	r = qcow2_lock_image(&locks, a.file, a.fmt,
+			     a.check_flags ? QCOW2_LOCK_WRITE : QCOW2_LOCK_READ, a.force_share, err,
+			     sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		return 1;
+	}
+	r = check_locked(&a);
+	qcow2_unlock_image(&locks);
+	return r;
+}
+
+/* check with the locks held. */
+static int check_locked(const struct file_args *a)
+{
+	struct qcow2_check_result res;
+	struct check_ui ui;
+	struct qcow2_tool_cb cb;
+	char err[ERRLEN] = "";
+	const char *fmt = a->fmt, *file = a->file;
+	enum output_fmt out = a->out;
+	unsigned flags = a->check_flags;
+	bool quiet = a->quiet;
+	int r;
+
 	{
 		/* open it as info does: raw has no checks; a broken qcow2 fails here */
 		struct qcow2_image_info info;
@@ -850,6 +877,7 @@ static int map_cb(void *opaque, const struct qcow2_map_entry *e)
 
 static int cmd_map(int argc, char **argv)
 {
+	struct qcow2_locks locks;
 	struct map_state s;
 	struct progress prog_state;
 	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
@@ -865,11 +893,17 @@ static int cmd_map(int argc, char **argv)
 	fmt = a.fmt;
 	file = a.file;
 	out = a.out;
+	r = qcow2_lock_image(&locks, file, fmt, QCOW2_LOCK_READ, a.force_share, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		return 1;
+	}
 	s.out = out;
 	s.first = true;
 	progress_init(&prog_state, false);
 	r = qcow2_map(file, fmt, map_cb, &s, &cb, err, sizeof(err));
 	progress_end(&prog_state);
+	qcow2_unlock_image(&locks);
 	if (r < 0) {
 		if (!s.first)
 			printf("\n");
