@@ -314,6 +314,12 @@ interrupt() {
 		qemu_pid=""
 		vm_log "interrupt: backend killed with I/O in flight"
 		if [ "$format" = qcow2 ]; then
+			# The kernel drops a killed daemon's image locks once its io_uring is
+			# torn down (tens of ms): until then qemu-img is refused.
+			for _ in $(seq 200); do
+				qemu-img info "$img" >/dev/null 2>&1 && break
+				sleep 0.05
+			done
 			qemu-img check "$img" >"$work/check-after-kill.log" 2>&1
 			st=$?
 			cat "$work/check-after-kill.log" >&2

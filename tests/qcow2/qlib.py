@@ -10,6 +10,7 @@ a failure, not a skip.
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -312,6 +314,36 @@ def parse_size(s):
     return int(s)
 
 
+# ---------------------------------------------------------------- image locks
+
+F_OFD_GETLK = 36
+
+
+def image_locked(path):
+    """True if any process holds one of QEMU's lock bytes (100-103, 200-203)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 100, 104, 0)
+        got = fcntl.fcntl(fd, F_OFD_GETLK, req)
+        return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def wait_unlocked(path, timeout=10.0):
+    """After kill -9 the kernel drops the dead daemon's image locks only once
+    it has torn down its io_uring (tens of milliseconds, the time in-flight
+    I/O needs): wait for that before the next process opens the image."""
+    deadline = time.monotonic() + timeout
+    while image_locked(path):
+        if time.monotonic() > deadline:
+            fail("%s: still locked %.0fs after its daemon died" % (path, timeout))
+        time.sleep(0.01)
+
+
 # ---------------------------------------------------------------- vqcowd
 
 class Daemon:
@@ -319,6 +351,7 @@ class Daemon:
 
     def __init__(self, vqcowd, img, sock, extra=(), logpath=None):
         self.argv = [vqcowd, "--socket-path", sock, "--blk-file", img] + list(extra)
+        self.img = img
         self.sock = sock
         self.logpath = logpath or (sock + ".log")
         self.p = None
@@ -382,6 +415,8 @@ class Daemon:
                 self.logf.close()
             except Exception:
                 pass
+            if self.rc is not None and self.rc < 0:
+                wait_unlocked(self.img)
 
     def assert_clean_stop(self):
         rc = self.stop()
