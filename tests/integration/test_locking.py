@@ -25,7 +25,7 @@ Exits 77 (SKIP) without qemu-img / qemu-io / qemu-storage-daemon.
 """
 
 import os
-import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +92,17 @@ def start_daemon(img, name, extra=()):
     if not d.start():
         qlib.fail("vqcowd %s %s did not start (rc %s)\n%s" % (img, " ".join(extra), d.rc,
                                                                d.log()))
-    return d
+    # The socket file appears at bind(); wait for listen() too.
+    for _ in range(500):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            try:
+                c.connect(d.sock)
+                return d
+            except ConnectionRefusedError:
+                pass
+        time.sleep(0.01)
+    d.kill()
+    qlib.fail("vqcowd on %s never listened\n%s" % (img, d.log()))
 
 
 class Qsd:
