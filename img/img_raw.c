@@ -258,6 +258,16 @@ static void raw_describe(struct img *img, char *buf, size_t len)
 		 img->read_only ? ", read-only" : "");
 }
 
+/*
+ * The disk size of a raw file: its length rounded up to 512 bytes, as QEMU's
+ * file driver does. The partial last sector reads what the file has, then
+ * zeroes (IO_FILE_ZERO_EOF); writing it extends the file.
+ */
+static uint64_t raw_size(uint64_t file_size)
+{
+	return (file_size + 511) & ~511ull;
+}
+
 static int raw_refresh_size(struct img *img)
 {
 	struct raw_img *r = to_raw(img);
@@ -267,7 +277,7 @@ static int raw_refresh_size(struct img *img)
 	ret = io_file_get_size(&r->file, &size);
 	if (ret < 0)
 		return ret;
-	img->size = size;
+	img->size = raw_size(size);
 	return 0;
 }
 
@@ -337,7 +347,7 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		flags |= IO_FILE_RDONLY;
 	if (direct)
 		flags |= IO_FILE_DIRECT;
-	ret = img_file_open(&r->file, path, flags, err, errlen);
+	ret = img_file_open(&r->file, path, flags | IO_FILE_ZERO_EOF, err, errlen);
 	if (ret < 0)
 		goto free_path;
 	if (fstat(r->file.fd, &st) < 0) {
@@ -371,7 +381,7 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 
 	r->img.ops = &raw_ops;
 	r->img.loop = loop;
-	r->img.size = size;
+	r->img.size = raw_size(size);
 	r->img.read_only = read_only;
 	r->img.align = r->file.align > 512 ? r->file.align : 512;
 	if (r->blockdev) {

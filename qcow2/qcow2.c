@@ -378,7 +378,8 @@ reread:
 	q->sc_bits = q->h.subcluster_bits;
 	q->rc_order = q->h.refcount_order;
 	q->rb_bits = q->h.refcount_block_bits;
-	q->size = (q->h.size + 511) & ~511ull;
+	/* QEMU counts whole sectors of a qcow2 image: a partial last one is not there */
+	q->size = q->h.size & ~511ull;
 	q->l1_size = q->h.l1_size;
 
 	q->slice_size = opts->cache_entry_size ? opts->cache_entry_size : 4096;

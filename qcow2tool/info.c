@@ -56,7 +56,7 @@ static int info_qcow2(const char *path, int fd, struct qcow2_image_info *in, cha
 		goto out_close;
 	h = &im.h;
 	snprintf(in->format, sizeof(in->format), "qcow2");
-	in->virtual_size = h->size;
+	in->virtual_size = h->size & ~511ull; /* whole sectors, as QEMU counts them */
 	in->cluster_size = h->cluster_size;
 	in->version = (int)h->version;
 	in->refcount_bits = h->refcount_bits;
@@ -182,7 +182,8 @@ int qcow2_info(const char *path, const char *fmt, struct qcow2_image_info *info,
 	}
 	if (!q) {
 		snprintf(info->format, sizeof(info->format), "raw");
-		info->virtual_size = info->file_size;
+		/* QEMU's file driver rounds a raw file up to whole sectors */
+		info->virtual_size = (info->file_size + 511) & ~511ull;
 		ret = 0;
 		goto out_fd;
 	}

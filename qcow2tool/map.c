@@ -134,7 +134,8 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 	L->data_fd = L->fd;
 	L->data_size = L->file_size;
 	if (!q) {
-		L->size = L->file_size;
+		/* QEMU's file driver rounds a raw file up to whole sectors */
+		L->size = (L->file_size + 511) & ~511ull;
 		*out = L;
 		return 0;
 	}
@@ -149,7 +150,7 @@ static int layer_open(struct layer **out, const char *path, const char *fmt, uns
 			goto fail;
 		}
 	}
-	L->size = L->im.h.size;
+	L->size = L->im.h.size & ~511ull; /* whole sectors, as QEMU counts them */
 	L->l2 = malloc(L->im.h.cluster_size);
 	if (!L->l2) {
 		ret = -ENOMEM;
@@ -425,6 +426,11 @@ static int layer_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		if (len > L->size - off)
 			len = L->size - off;
 		file_status(L->fd, L->file_size, off, len, st);
+		if (off >= L->file_size) {
+			/* the rest of a partial last sector reads as zeroes */
+			st->flags = ST_ZERO | ST_OFFSET | ST_ALLOC | ST_EOF;
+			st->pnum = len;
+		}
 		st->file = L;
 		return 0;
 	}
