@@ -22,6 +22,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "vhost_int.h"
 
@@ -249,10 +250,19 @@ void vhost_vq_update_running(struct vhost_vq *vq)
 int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 {
 	struct vhost_dev *dev = vq->dev;
+	struct stat st;
 	int fl;
 
 	if (!vq->desc) {
 		vhost_warn("vring %u: kick before the ring was set up", vq->idx);
+		close(kick_fd);
+		return -EINVAL;
+	}
+	/* vhost-user.rst: the kick is an eventfd, an anonymous inode (no file
+	 * type). A file or device that always polls readable and reads 8 bytes
+	 * (a memfd, /dev/zero) would make the loop spin on it forever. */
+	if (fstat(kick_fd, &st) < 0 || (st.st_mode & S_IFMT) != 0) {
+		vhost_warn("vring %u: the kick fd is not an eventfd", vq->idx);
 		close(kick_fd);
 		return -EINVAL;
 	}

@@ -773,6 +773,36 @@ static void test_get_vring_base_drain(void)
 	server_down();
 }
 
+/* A kick fd must be an eventfd: a file or device that always polls readable
+ * and reads 8 bytes (/dev/zero, a memfd) would make the daemon spin on it. */
+static void test_kick_not_eventfd(void)
+{
+	struct ring r;
+	uint64_t v = 0;
+	int bad[2];
+
+	server_up();
+	g_hold = true;
+	ring_setup(&r, 0);
+	bad[0] = open("/dev/zero", O_RDONLY | O_CLOEXEC);
+	bad[1] = memfd_create("kick", MFD_CLOEXEC);
+	for (int i = 0; i < 2; i++) {
+		CU_ASSERT_FATAL(bad[i] >= 0);
+		CU_ASSERT_NOT_EQUAL(acked(r.fd, SET_VRING_KICK, &v, 8, &bad[i], 1), 0);
+		close(bad[i]);
+	}
+	/* refused, connection kept, the ring still runs on its eventfd */
+	ring_post(&r, 2);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	ring_free(&r);
+	run(5);
+	server_down();
+}
+
 static void test_disconnect_inflight(void)
 {
 	struct ring r;
@@ -1331,6 +1361,7 @@ int main(void)
 	CU_add_test(s, "config space", test_config);
 	CU_add_test(s, "bad messages", test_bad_messages);
 	CU_add_test(s, "ring states and kicks", test_ring_states);
+	CU_add_test(s, "kick fd must be an eventfd", test_kick_not_eventfd);
 	CU_add_test(s, "GET_VRING_BASE waits for the drain", test_get_vring_base_drain);
 	CU_add_test(s, "disconnect with requests in flight", test_disconnect_inflight);
 	CU_add_test(s, "device marks the connection broken", test_set_broken_by_device);
