@@ -483,9 +483,32 @@ static int socket_is_live(const struct sockaddr_un *sa)
 	}
 }
 
+/*
+ * The temporary name the socket is bound and made listening under, in the
+ * same directory as @path (rename() then publishes it there atomically).
+ * -ENAMETOOLONG if it does not fit a socket address.
+ */
+static int temp_sock_name(const char *path, char *tmp, size_t size)
+{
+	const char *slash = strrchr(path, '/');
+	int dirlen = slash ? (int)(slash - path) + 1 : 0;
+	int n = snprintf(tmp, size, "%.*s.vqcowd-%ld.tmp", dirlen, path, (long)getpid());
+
+	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+/*
+ * Create the listening socket at @path. The path appears only once the socket
+ * listens: it is bound, chmod'ed and put into listen() under a temporary name
+ * in the same directory, then renamed over @path, so a client that connects
+ * as soon as it sees the path (QEMU with reconnect=, a test polling for the
+ * file) is never refused. A stale socket at @path is unlinked first and the
+ * rename does not replace anything that appeared meanwhile (-EADDRINUSE).
+ */
 static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct sockaddr_un tsa = {.sun_family = AF_UNIX};
 	size_t len = strlen(path);
 	struct stat st;
 	int fd, ret;
@@ -493,6 +516,9 @@ static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 	if (len >= sizeof(sa.sun_path))
 		return -ENAMETOOLONG;
 	memcpy(sa.sun_path, path, len + 1);
+	ret = temp_sock_name(path, tsa.sun_path, sizeof(tsa.sun_path));
+	if (ret < 0)
+		return ret;
 	if (lstat(path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode)) {
 			vhost_err("%s exists and is not a socket", path);
@@ -516,24 +542,37 @@ static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
+	unlink(tsa.sun_path); /* left by an earlier process with our pid */
 	/* Linux creates the socket inode with the socket's mode & ~umask:
 	 * restrict it before bind so it is never reachable by others. */
-	if (fchmod(fd, 0600) < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	if (fchmod(fd, 0600) < 0 || bind(fd, (struct sockaddr *)&tsa, sizeof(tsa)) < 0) {
 		ret = -errno;
 		goto close_fd;
 	}
 	/* Remember which inode is ours: at exit the path is unlinked only if it
 	 * still names it (another back-end may have replaced it since). */
-	if (lstat(path, &st) < 0 || chmod(path, 0600) < 0 || listen(fd, 16) < 0) {
+	if (lstat(tsa.sun_path, &st) < 0 || chmod(tsa.sun_path, 0600) < 0 || listen(fd, 16) < 0) {
 		ret = -errno;
-		goto unlink_path;
+		goto unlink_tmp;
+	}
+	/* Publish: never over a socket someone created since the check above. */
+	if (renameat2(AT_FDCWD, tsa.sun_path, AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
+		ret = -errno;
+		if (ret == -EINVAL || ret == -ENOSYS) {
+			/* File system without RENAME_NOREPLACE: plain rename. */
+			ret = rename(tsa.sun_path, path) < 0 ? -errno : 0;
+		}
+		if (ret == -EEXIST)
+			ret = -EADDRINUSE; /* someone took the path meanwhile */
+		if (ret < 0)
+			goto unlink_tmp;
 	}
 	*devp = st.st_dev;
 	*inop = st.st_ino;
 	return fd;
 
-unlink_path:
-	unlink(path);
+unlink_tmp:
+	unlink(tsa.sun_path);
 close_fd:
 	close(fd);
 	return ret;

@@ -29,6 +29,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "vhost.h"
@@ -1005,6 +1006,52 @@ static void test_inherited_fd_and_stale_path(void)
 	CU_ASSERT_EQUAL(tu_count_fds(), base);
 }
 
+/*
+ * The socket path appears only when it listens: a client connecting the
+ * moment it sees the path is never refused (QEMU's reconnect= and scripts
+ * polling for the file do exactly that). No temporary name is left behind.
+ */
+static void test_path_appears_listening(void)
+{
+	for (int round = 0; round < 20; round++) {
+		pid_t pid = fork();
+		int status = -1;
+
+		CU_ASSERT_FATAL(pid >= 0);
+		if (pid == 0) {
+			struct sockaddr_un sa = {.sun_family = AF_UNIX};
+			struct stat st;
+			int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+
+			strcpy(sa.sun_path, g_path);
+			for (long i = 0; i < 50000000 && lstat(g_path, &st) < 0; i++)
+				;
+			if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+				_exit(errno == ECONNREFUSED ? 3 : 4);
+			_exit(0);
+		}
+		usleep(1000);
+		server_up();
+		CU_ASSERT_EQUAL(waitpid(pid, &status, 0), pid);
+		CU_ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+		{
+			DIR *d = opendir(g_dir);
+			struct dirent *e;
+			int n = 0;
+
+			while (d && (e = readdir(d)))
+				n += e->d_name[0] != '.' || strstr(e->d_name, "vqcowd");
+			if (d)
+				closedir(d);
+			CU_ASSERT_EQUAL(n, 1); /* just "sock" */
+		}
+		run(5);
+		server_down();
+		for (int i = 0; i < 10; i++)
+			run(1);
+	}
+}
+
 /* Number of mappings of memfds named "guest" in this process. */
 static int guest_mappings(void)
 {
@@ -1371,6 +1418,7 @@ int main(void)
 	CU_add_test(s, "random messages", test_random_messages);
 	CU_add_test(s, "inherited fd, stale/live path", test_inherited_fd_and_stale_path);
 	CU_add_test(s, "unsupported messages that expect a reply", test_unsupported_with_reply);
+	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
 	failed = (int)CU_get_number_of_failures();
