@@ -351,6 +351,16 @@ static int h_set_vring_call(struct vhost_dev *dev, struct vu_msg *msg)
 	}
 	vhost_close_fd(&vq->call_fd);
 	vq->call_fd = fd;
+	/* Signal the new fd once, as libvhost-user does: completions pushed
+	 * while there was no call fd (or one the front-end had already stopped
+	 * listening to, around a reconnect) must not stay unseen by the driver.
+	 * A spurious interrupt only makes it look at an unchanged used ring. */
+	if (fd >= 0) {
+		uint64_t one = 1;
+		ssize_t n = write(fd, &one, sizeof(one));
+
+		(void)n; /* EAGAIN: the counter is saturated, a signal is pending anyway */
+	}
 	return 0;
 }
 

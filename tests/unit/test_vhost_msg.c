@@ -630,6 +630,11 @@ static void ring_setup(struct ring *r, uint64_t features)
 	r->call = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	v = 0;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_CALL, &v, 8, &r->call, 1), 0);
+	/* Installing the call fd signals it once (completions pushed around a
+	 * reconnect must not stay unseen). */
+	CU_ASSERT_EQUAL(read(r->call, &v, 8), 8);
+	CU_ASSERT_EQUAL(v, 1);
+	v = 0;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_KICK, &v, 8, &r->kick, 1), 0);
 }
 
