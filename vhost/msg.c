@@ -53,8 +53,9 @@ uint64_t vhost_offered_features(const struct vhost_dev *dev)
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
 {
 	return dev->ops->protocol_features | (1ull << VU_PROTO_F_MQ) |
-	       (1ull << VU_PROTO_F_REPLY_ACK) | (1ull << VU_PROTO_F_BACKEND_REQ) |
-	       (1ull << VU_PROTO_F_CONFIG) | (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+	       (1ull << VU_PROTO_F_RESET_DEVICE) | (1ull << VU_PROTO_F_REPLY_ACK) |
+	       (1ull << VU_PROTO_F_BACKEND_REQ) | (1ull << VU_PROTO_F_CONFIG) |
+	       (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
 }
 
 void vhost_msg_close_fds(struct vu_msg *msg)
@@ -161,7 +162,15 @@ static int h_set_owner(struct vhost_dev *dev, struct vu_msg *msg)
 	return 0;
 }
 
-/* RESET_OWNER (deprecated) / RESET_DEVICE: stop every ring, forget features. */
+/*
+ * RESET_OWNER (deprecated) / RESET_DEVICE: "disable all rings and reset all
+ * internal device state to the initial state, ready to be reinitialized; the
+ * back-end retains ownership" (vhost-user.rst). Rings stop at once (nothing
+ * more is popped); the state is reset only once every popped element has
+ * been pushed, so no completion lands in a ring the front-end set up anew:
+ * like GET_VRING_BASE, the socket pauses until then and a REPLY_ACK ack is
+ * sent after the reset (vhost_dev_reset_finish).
+ */
 static int h_reset(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	for (unsigned i = 0; i < dev->nvqs && !dev->dead; i++) {
@@ -169,10 +178,59 @@ static int h_reset(struct vhost_dev *dev, struct vu_msg *msg)
 
 		vhost_vq_stop(vq);
 		vq->enabled = false;
+		vhost_vq_update_running(vq);
+	}
+	if (dev->dead)
+		return -EIO;
+	if (dev->inflight) {
+		dev->reset_pending = true;
+		dev->reset_ack = msg->hdr.flags & VU_FLAG_NEED_REPLY;
+		dev->reset_request = msg->hdr.request;
+		vhost_dev_pause(dev);
+		return VU_DEFERRED;
+	}
+	vhost_dev_reset_state(dev);
+	return 0;
+}
+
+/* Forget every ring's and the device's negotiated state (nothing in flight). */
+void vhost_dev_reset_state(struct vhost_dev *dev)
+{
+	for (unsigned i = 0; i < dev->nvqs; i++) {
+		struct vhost_vq *vq = &dev->vqs[i];
+
+		vhost_vq_stop(vq);
+		vhost_vq_release_fds(vq);
+		vq->enabled = false;
+		vq->num = 0;
+		vq->addr_set = false;
+		vq->desc = NULL;
+		vq->avail = NULL;
+		vq->used = NULL;
+		vq->used_push = NULL;
 		vq->last_avail = 0;
+		vq->used_idx = 0;
+		vq->signalled_used = 0;
+		vq->signalled_valid = false;
+		vq->pushed = false;
+		vq->notify_disabled = false;
+		vq->drain_pending = false;
 	}
 	dev->features = 0;
-	return 0;
+}
+
+/* A deferred reset whose rings have drained: reset, then ack if asked to. */
+void vhost_dev_reset_finish(struct vhost_dev *dev)
+{
+	struct vu_hdr hdr = {.request = dev->reset_request,
+			     .flags = VU_VERSION | VU_FLAG_REPLY,
+			     .size = sizeof(uint64_t)};
+	uint64_t zero = 0;
+
+	dev->reset_pending = false;
+	vhost_dev_reset_state(dev);
+	if (dev->reset_ack)
+		vhost_dev_send(dev, &hdr, &zero);
 }
 
 /* Tell the device model, before any ring runs on the new table. */

@@ -339,6 +339,12 @@ void vhost_dev_process_deferred(struct vhost_dev *dev)
 		hdr.size = sizeof(st);
 		vhost_dev_send(dev, &hdr, &st);
 	}
+	if (dev->reset_pending && !dev->dead) {
+		if (dev->inflight)
+			waiting = true;
+		else
+			vhost_dev_reset_finish(dev);
+	}
 	if (dev->dead || waiting || !dev->paused)
 		return;
 	dev->paused = false;

@@ -120,6 +120,7 @@ enum {
 #define VU_PROTO_F_REPLY_ACK           3
 #define VU_PROTO_F_BACKEND_REQ         5
 #define VU_PROTO_F_CONFIG              9
+#define VU_PROTO_F_RESET_DEVICE        13
 #define VU_PROTO_F_CONFIGURE_MEM_SLOTS 15
 
 /* A vring state description: SET_VRING_NUM/BASE, GET_VRING_BASE, SET_VRING_ENABLE. */
@@ -294,6 +295,9 @@ struct vhost_dev {
 	bool paused; /* GET_VRING_BASE waiting for a drain */
 	bool dead;   /* connection gone; waiting for inflight == 0 */
 	bool broken;
+	bool reset_pending; /* RESET_DEVICE waiting for a drain */
+	bool reset_ack;     /* ... and the front-end asked for an ack */
+	uint32_t reset_request;
 	unsigned busy; /* nesting depth of vhost/'s own callbacks */
 
 	uint64_t features;       /* acked virtio features */
@@ -349,6 +353,8 @@ int vhost_msg_validate_hdr(const struct vu_hdr *hdr);
 void vhost_msg_close_fds(struct vu_msg *msg);
 uint64_t vhost_offered_features(const struct vhost_dev *dev);
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev);
+void vhost_dev_reset_state(struct vhost_dev *dev);
+void vhost_dev_reset_finish(struct vhost_dev *dev);
 
 /* mem.c */
 int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd);

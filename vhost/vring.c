@@ -579,7 +579,7 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 	vq->inflight--;
 	dev->inflight--;
 	if ((vq->drain_pending && vq->inflight == 0) ||
-	    (dev->inflight == 0 && (dev->dead || dev->mem.nretired)))
+	    (dev->inflight == 0 && (dev->dead || dev->mem.nretired || dev->reset_pending)))
 		vhost_dev_wake(dev);
 }
 

@@ -57,6 +57,7 @@ enum {
 	GET_CONFIG = 24,
 	SET_CONFIG = 25,
 	GET_INFLIGHT_FD = 31,
+	RESET_DEVICE = 34,
 	GET_MAX_MEM_SLOTS = 36,
 	ADD_MEM_REG = 37,
 	REM_MEM_REG = 38,
@@ -427,7 +428,8 @@ static void test_negotiation(void)
 	CU_ASSERT_TRUE((f & (1ull << 1)) != 0);
 	CU_ASSERT_FALSE((f & (1ull << 26)) != 0); /* VHOST_F_LOG_ALL not offered */
 	pf = get_u64(fd, GET_PROTOCOL_FEATURES);
-	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 3) | (1ull << 5) | (1ull << 9) | (1ull << 15));
+	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 3) | (1ull << 5) | (1ull << 9) | (1ull << 13) |
+				(1ull << 15));
 	CU_ASSERT_EQUAL(acked(fd, SET_PROTOCOL_FEATURES, &pf, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(fd, SET_OWNER, NULL, 0, NULL, 0), 0);
 	CU_ASSERT_EQUAL(get_u64(fd, GET_QUEUE_NUM), 2);
@@ -1012,6 +1014,101 @@ static void test_inherited_fd_and_stale_path(void)
 }
 
 /*
+ * RESET_DEVICE (offered: protocol bit 13) stops every ring at once, waits for
+ * the elements in flight like GET_VRING_BASE (socket paused, ack after the
+ * reset), and leaves a device that can be set up again from scratch.
+ */
+static void test_reset_device(void)
+{
+	struct ring r;
+	struct hdr h;
+	uint64_t v;
+
+	server_up();
+	g_hold = true;
+	ring_setup(&r, 0);
+	ring_post(&r, 0);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	CU_ASSERT_EQUAL(send_msg(r.fd, RESET_DEVICE, F_VERSION | F_NEED_REPLY, NULL, 0, NULL, 0),
+			0);
+	CU_ASSERT_EQUAL(send_msg(r.fd, GET_QUEUE_NUM, F_VERSION, NULL, 0, NULL, 0), 0);
+	CU_ASSERT_TRUE(quiet(r.fd)); /* held until the element is pushed */
+	CU_ASSERT_EQUAL(g_stopped, 1);
+	ring_post(&r, 1);
+	run(5);
+	CU_ASSERT_EQUAL(g_nheld, 1); /* nothing popped from a reset ring */
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(recv_reply(r.fd, &h, &v, sizeof(v)), 8);
+	CU_ASSERT_EQUAL(h.request, RESET_DEVICE);
+	CU_ASSERT_EQUAL(v, 0);
+	CU_ASSERT_EQUAL(recv_reply(r.fd, &h, &v, sizeof(v)), 8);
+	CU_ASSERT_EQUAL(h.request, GET_QUEUE_NUM);
+	CU_ASSERT_EQUAL(vhost_dev_features(vhost_server_dev(g_srv)), 0);
+	/* A kick on the old fd does nothing: the ring forgot it. */
+	ring_post(&r, 2);
+	run(5);
+	CU_ASSERT_EQUAL(g_nheld, 0);
+	/* Set up again from scratch on the same connection: the ring restarts
+	 * at index 0 (the base is reset) and serves. */
+	{
+		struct {
+			uint32_t index, flags;
+			uint64_t desc, used, avail, log;
+		} addr = {0, 0, UVA + DESC_GPA, UVA + USED_GPA, UVA + AVAIL_GPA, 0};
+		uint32_t st[2] = {0, NUM};
+		int kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+
+		memset(r.mem + AVAIL_GPA, 0, 0x1000);
+		memset(r.mem + USED_GPA, 0, 0x1000);
+		r.avail = 0;
+		v = 1ull << 32;
+		CU_ASSERT_EQUAL(acked(r.fd, SET_FEATURES, &v, 8, NULL, 0), 0);
+		CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_NUM, st, 8, NULL, 0), 0);
+		CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_ADDR, &addr, sizeof(addr), NULL, 0), 0);
+		v = 0;
+		CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_KICK, &v, 8, &kick, 1), 0);
+		close(r.kick);
+		r.kick = kick;
+	}
+	ring_post(&r, 5);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	CU_ASSERT_EQUAL(g_held[0]->head, 5);
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	/* Without elements in flight the reset is immediate. */
+	CU_ASSERT_EQUAL(acked(r.fd, RESET_DEVICE, NULL, 0, NULL, 0), 0);
+	ring_free(&r);
+	run(5);
+	server_down();
+}
+
+/*
+ * SET_VRING_CALL signals the new call fd once: a completion pushed while the
+ * front-end was away (or before it installed its fd) reaches the driver.
+ */
+static void test_call_signalled_on_install(void)
+{
+	struct ring r;
+	uint64_t v = 0;
+	int call;
+
+	server_up();
+	call = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	ring_setup(&r, 0); /* asserts the signal of the first call fd */
+	CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_CALL, &v, 8, &call, 1), 0);
+	CU_ASSERT_EQUAL(read(call, &v, 8), 8);
+	CU_ASSERT_EQUAL(v, 1);
+	close(call);
+	ring_free(&r);
+	run(5);
+	server_down();
+}
+
+/*
  * The socket path appears only when it listens: a client connecting the
  * moment it sees the path is never refused (QEMU's reconnect= and scripts
  * polling for the file do exactly that). No temporary name is left behind.
@@ -1423,6 +1520,8 @@ int main(void)
 	CU_add_test(s, "random messages", test_random_messages);
 	CU_add_test(s, "inherited fd, stale/live path", test_inherited_fd_and_stale_path);
 	CU_add_test(s, "unsupported messages that expect a reply", test_unsupported_with_reply);
+	CU_add_test(s, "RESET_DEVICE", test_reset_device);
+	CU_add_test(s, "SET_VRING_CALL signals the new fd", test_call_signalled_on_install);
 	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
 	CU_basic_set_mode(CU_BRM_VERBOSE);
 	CU_basic_run_tests();
