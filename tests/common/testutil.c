@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /* tests/common/testutil.c — helpers shared by the unit tests (testutil.h). */
+#include <CUnit/Basic.h>
 #include <dirent.h>
 #include <errno.h>
 #include <linux/magic.h>
@@ -117,4 +118,16 @@ unsigned tu_report_skips(void)
 	for (unsigned i = 0; i < nskips && i < MAX_SKIPS; i++)
 		fprintf(stderr, "SKIP: %s: %s\n", skips[i].name, skips[i].why);
 	return nskips;
+}
+
+unsigned tu_cunit_run(void)
+{
+	unsigned failed;
+
+	CU_basic_set_mode(CU_BRM_VERBOSE);
+	CU_basic_run_tests();
+	tu_report_skips();
+	failed = CU_get_number_of_failures() + CU_get_number_of_suites_failed();
+	CU_cleanup_registry();
+	return failed;
 }

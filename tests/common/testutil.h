@@ -53,4 +53,11 @@ CU_pTest tu_add_test(CU_pSuite s, const char *name, CU_TestFunc fn, const char *
 /* Print "SKIP: test: reason" for each skipped test (call after the run). Returns how many. */
 unsigned tu_report_skips(void);
 
+/*
+ * Run the CUnit registry the caller built (verbose), name the skipped tests
+ * (tu_report_skips), clean up and return the number of failed assertions
+ * plus failed suite set-ups: 0 = all passed.
+ */
+unsigned tu_cunit_run(void);
+
 #endif /* VQCOW_TESTS_TESTUTIL_H */

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "vqfe.h"
+#include "testutil.h"
 
 static char sock_path[108];
 static int lsock = -1;
@@ -311,9 +312,6 @@ int main(void)
 	CU_add_test(s, "bad_used", t_bad_used);
 	CU_add_test(s, "kick_suppression", t_kick_suppression);
 	CU_add_test(s, "memory", t_memory);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	failed = CU_get_number_of_failures() + CU_get_number_of_suites_failed();
-	CU_cleanup_registry();
+	failed = tu_cunit_run();
 	return failed ? 1 : 0;
 }

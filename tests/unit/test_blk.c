@@ -17,6 +17,7 @@
 #include <linux/virtio_blk.h>
 
 #include "blk.h"
+#include "testutil.h"
 
 #define DISK_SECTORS 2048 /* 1 MiB */
 #define DISK_SIZE    (DISK_SECTORS * 512)
@@ -1111,9 +1112,6 @@ int main(void)
 	CU_add_test(s, "image errors", test_image_errors);
 	CU_add_test(s, "random layouts", test_random_layouts);
 	CU_add_test(s, "status from errno", test_status_from_errno);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	return failed ? 1 : 0;
 }

@@ -379,11 +379,7 @@ int main(void)
 	CU_add_test(s, "listening fd", test_listen_fd);
 	tu_add_test(s, "user switch", test_user_switch,
 		    geteuid() != 0 ? "--user needs root to switch users" : NULL);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	tu_report_skips();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	unlink(g_img);
 	unlink(g_sock);
 	{

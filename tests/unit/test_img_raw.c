@@ -567,11 +567,7 @@ int main(void)
 	CU_add_test(s, "refresh size", test_refresh_size);
 	tu_add_test(s, "block device", test_blockdev, no_loop_device());
 	CU_add_test(s, "probed raw: no qcow2 header in sector 0", test_probed_magic_guard);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	tu_report_skips();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	io_loop_exit(g_loop);
 	return failed ? 1 : 0;
 }

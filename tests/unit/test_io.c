@@ -1467,10 +1467,6 @@ int main(void)
 	CU_add_test(s, "registered buffers", test_fixed_buffers);
 	CU_add_test(s, "bad arguments", test_bad_args);
 	CU_add_test(s, "QEMU-compatible locks", test_locks);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	tu_report_skips();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	return failed ? 1 : 0;
 }

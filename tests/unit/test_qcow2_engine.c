@@ -1865,10 +1865,7 @@ int main(void)
 	CU_add_test(suite, "dirty bitmaps: stored at close, every crash point", test_bitmaps_store);
 	CU_add_test(suite, "dirty bitmaps: fdatasync failure at close",
 		    test_bitmaps_store_sync_failure);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	fails = CU_get_number_of_failures();
-	CU_cleanup_registry();
+	fails = tu_cunit_run();
 	io_loop_exit(g_loop);
 	if (!fails)
 		tu_sh("rm -rf %s", g_dir);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "format.h"
+#include "testutil.h"
 
 #define CS    65536u
 #define FSIZE (0x40000u)
@@ -441,9 +442,6 @@ int main(void)
 	CU_add_test(s, "refcount widths", test_refcounts);
 	CU_add_test(s, "compressed descriptors", test_compressed_desc);
 	CU_add_test(s, "random damage", test_fuzz);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	fails = CU_get_number_of_failures();
-	CU_cleanup_registry();
+	fails = tu_cunit_run();
 	return fails ? 1 : 0;
 }

@@ -828,10 +828,7 @@ int main(void)
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	fails = CU_get_number_of_failures();
-	CU_cleanup_registry();
+	fails = tu_cunit_run();
 	io_loop_exit(g_loop);
 	if (!fails)
 		tu_sh("rm -rf %s", g_dir);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "qcow2tool.h"
+#include "testutil.h"
 
 static char g_dir[512];
 static char g_err[512];
@@ -412,9 +413,6 @@ int main(void)
 	CU_add_test(s, "malformed headers refused", test_malformed);
 	CU_add_test(s, "map", test_map);
 	CU_add_test(s, "map: backing chain depth limit", test_map_chain_depth);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	fails = CU_get_number_of_failures();
-	CU_cleanup_registry();
+	fails = tu_cunit_run();
 	return fails ? 1 : 0;
 }

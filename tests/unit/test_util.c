@@ -17,6 +17,7 @@
 #include <stdio.h>
 
 #include "util.h"
+#include "testutil.h"
 
 static const struct {
 	const char *in;
@@ -157,9 +158,6 @@ int main(void)
 	s = CU_add_suite("util", NULL, NULL);
 	CU_add_test(s, "size parser (qemu-img's syntax)", test_parse_size);
 	CU_add_test(s, "plain numbers", test_parse_uint);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	fails = CU_get_number_of_failures();
-	CU_cleanup_registry();
+	fails = tu_cunit_run();
 	return fails ? 1 : 0;
 }

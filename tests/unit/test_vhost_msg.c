@@ -1523,10 +1523,7 @@ int main(void)
 	CU_add_test(s, "RESET_DEVICE", test_reset_device);
 	CU_add_test(s, "SET_VRING_CALL signals the new fd", test_call_signalled_on_install);
 	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	unlink(g_path);
 	rmdir(g_dir);
 	return failed ? 1 : 0;

@@ -982,9 +982,6 @@ int main(void)
 	CU_add_test(s, "NO_INTERRUPT / NO_NOTIFY", test_no_interrupt);
 	CU_add_test(s, "index wraparound", test_wraparound);
 	CU_add_test(s, "randomized hostile rings", test_random_rings);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	return failed ? 1 : 0;
 }

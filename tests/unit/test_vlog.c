@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "vlog.h"
+#include "testutil.h"
 
 static char g_buf[65536];
 static size_t g_len;
@@ -199,9 +200,6 @@ int main(void)
 	CU_add_test(s, "levels", test_levels);
 	CU_add_test(s, "rate limit", test_rate_limit);
 	CU_add_test(s, "journal and timestamps", test_output_forms);
-	CU_basic_set_mode(CU_BRM_VERBOSE);
-	CU_basic_run_tests();
-	failed = (int)CU_get_number_of_failures();
-	CU_cleanup_registry();
+	failed = (int)tu_cunit_run();
 	return failed ? 1 : 0;
 }
