@@ -346,6 +346,24 @@ def wait_unlocked(path, timeout=10.0):
 
 # ---------------------------------------------------------------- vqcowd
 
+class killed_on_error:
+    """`with killed_on_error(d):` -- if the block raises, kill the daemon @d and
+    log its output before the exception goes on (the test's own checks
+    inside the block decide what failed)."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def __enter__(self):
+        return self.d
+
+    def __exit__(self, etype, e, tb):
+        if etype is not None:
+            self.d.kill()
+            log("vqcowd log:\n" + self.d.log())
+        return False
+
+
 class Daemon:
     """vqcowd on one image. start() waits until the socket accepts."""
 

@@ -132,7 +132,7 @@ def run_vqcowd(fs, opts, vsize, flush_each, what):
         fail("%s: vqcowd did not start\n%s" % (what, d.log()))
     fe = qlib.Frontend(A.fe, sock)
     acked = 0
-    try:
+    with qlib.killed_on_error(d):
         for i in range(FS_MB):
             r = fe.write(i << 20, piece(i))
             if r.rc != 0:
@@ -146,25 +146,17 @@ def run_vqcowd(fs, opts, vsize, flush_each, what):
         else:
             fail("%s: no write failed on a %d MiB file system" % (what, FS_MB))
         check(d.alive(), "%s: vqcowd died\n%s" % (what, d.log()))
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     qlib.assert_qemu_check_clean(img, what)
     d = qlib.Daemon(A.vqcowd, img, sock, logpath=os.path.join(A.workdir, "enospc-vqcowd2.log"))
     if not d.start():
         fail("%s: vqcowd cannot reopen the image\n%s" % (what, d.log()))
-    try:
+    with qlib.killed_on_error(d):
         fe = qlib.Frontend(A.fe, sock)
         for i in range(acked):
             got = fe.read_ok(i << 20, 1 << 20)
             check(got == piece(i), "%s: acknowledged write %d (1 MiB at %d MiB) did not survive"
                   % (what, i, i))
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     return acked
 

@@ -162,20 +162,16 @@ def run_image(name, img, keep_files, rng):
     # (it allocates nothing, so nothing covers clusters that end past EOF)
     before = qlib.sha256_file(img)
     d, fe = serve_and_read(img, ref, what + " (read-only)", ["--read-only"])
-    try:
+    with qlib.killed_on_error(d):
         got = W(name + ".ro.raw")
         fe.read_to_file(0, size, got)
         qlib.compare_files(ref, got, "%s: read through a read-only export" % what)
         os.unlink(got)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     check(qlib.sha256_file(img) == before, "%s: a read-only export changed the image" % what)
 
     d, fe = serve_and_read(img, ref, what)
-    try:
+    with qlib.killed_on_error(d):
         got = W(name + ".read.raw")
         fe.read_to_file(0, size, got)
         qlib.compare_files(ref, got, "%s: initial read through vqcowd vs qemu-img convert" % what)
@@ -200,10 +196,6 @@ def run_image(name, img, keep_files, rng):
         fe.read_to_file(0, size, got)
         qlib.compare_files(ref, got, "%s: read back after writes" % what)
         os.unlink(got)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
 
     rc, js, r = qlib.qemu_check(img)
@@ -217,15 +209,11 @@ def run_image(name, img, keep_files, rng):
 
     # reopen: vqcowd reads its own metadata back
     d, fe = serve_and_read(img, ref, what + " (reopened)")
-    try:
+    with qlib.killed_on_error(d):
         got = W(name + ".read3.raw")
         fe.read_to_file(0, size, got)
         qlib.compare_files(ref, got, "%s: read after reopening" % what)
         os.unlink(got)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check after reopen not clean" % what)
     os.unlink(ref)

@@ -334,7 +334,7 @@ def run_case(name, img, expect, pat, goff, qemu_opened_before):
     need_binary_fe()
     fe = qlib.Frontend(A.fe, sock, timeout=TIMEOUT)
     outcome = "served"
-    try:
+    with qlib.killed_on_error(d):
         r = fe.read(goff, CS)
         if expect == "ioerr":
             # vqcow-fe exits 3 when the device answers with a non-OK status (IOERR)
@@ -350,10 +350,6 @@ def run_case(name, img, expect, pat, goff, qemu_opened_before):
         # the rest of the disk: whatever the result, no crash or hang
         fe.read(0, SIZE)
         check(d.alive(), "%s: vqcowd died on a full read\n%s" % (what, d.log()))
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     rc = d.stop(timeout=10)
     check(rc is not None and rc >= 0, "%s: vqcowd died of signal %s at SIGTERM\n%s" % (what, rc, d.log()))
     check(not qlib.sanitizer_report(d.log()), "%s: vqcowd sanitizer report\n%s" % (what, d.log()))

@@ -120,7 +120,7 @@ def run_qcow2(n):
     if want is None:
         want = vsize
     d, fe, sock = serve(img, "qcow2")
-    try:
+    with qlib.killed_on_error(d):
         got = capacity(sock)
         check(got == want, "%s: vqcowd offers %d bytes, QEMU %d" % (what, got, want))
         last = whole - 512
@@ -132,10 +132,6 @@ def run_qcow2(n):
         r = fe.write(whole, b"\x72" * 512)
         check(r.rc == 3, "%s: writing the partial sector at %d: want IOERR\n%s" % (what, whole, r.describe()))
         fe.flush_ok()
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     qlib.assert_qemu_check_clean(img, what)
     # QEMU itself cannot reach the partial sector either: restore the size to read it
@@ -161,7 +157,7 @@ def run_raw(n):
     ref = W("odd-ref.raw")
     shutil.copyfile(img, ref)
     d, fe, sock = serve(img, "raw")
-    try:
+    with qlib.killed_on_error(d):
         got = capacity(sock)
         check(got == want, "%s: vqcowd offers %d bytes, QEMU %d" % (what, got, want))
         tail = up - 512
@@ -171,10 +167,6 @@ def run_raw(n):
         fe.write_ok(tail, b"\x5c" * 512)
         fe.flush_ok()
         check(fe.read_ok(tail, 512) == b"\x5c" * 512, "%s: partial sector write not read back" % what)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     qlib.qemu_io(ref, "write -P 0x5c %d 512" % tail, fmt="raw")
     check(os.path.getsize(img) == os.path.getsize(ref),

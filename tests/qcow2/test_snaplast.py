@@ -167,7 +167,7 @@ def run_image(name, img, rng):
     tools(name, img, snaps)
 
     d, fe = serve(img, name)
-    try:
+    with qlib.killed_on_error(d):
         got = W(name + ".read.raw")
         fe.read_to_file(0, SIZE, got)
         qlib.compare_files(ref, got, "%s: read through vqcowd vs qemu-img convert" % name)
@@ -186,10 +186,6 @@ def run_image(name, img, rng):
         fe.read_to_file(0, SIZE, got)
         qlib.compare_files(ref, got, "%s: read back after writes" % name)
         os.unlink(got)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
 
     qlib.assert_qemu_check_clean(img, "%s after vqcowd writes" % name)
@@ -202,15 +198,11 @@ def run_image(name, img, rng):
     check(r.rc == 0, "%s: active layer differs from the reference\n%s" % (name, r.describe()))
 
     d, fe = serve(img, name + " (reopened)")
-    try:
+    with qlib.killed_on_error(d):
         got = W(name + ".read3.raw")
         fe.read_to_file(0, SIZE, got)
         qlib.compare_files(ref, got, "%s: read after reopening" % name)
         os.unlink(got)
-    except BaseException:
-        d.kill()
-        log("vqcowd log:\n" + d.log())
-        raise
     d.assert_clean_stop()
     qlib.assert_qemu_check_clean(img, "%s after reopening" % name)
     tools(name + " (after vqcowd)", img, snaps)
