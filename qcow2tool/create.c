@@ -453,6 +453,19 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 		ret = probe_backing(path, o, bfmt, sizeof(bfmt), &bsize, err, errlen);
 		if (ret < 0)
 			return ret;
+		if (!o->backing_fmt) {
+			/*
+			 * As qemu-img (since 6.1): never record a probed format. A
+			 * guest may have written a qcow2 header into its raw disk;
+			 * recorded as qcow2, that header's backing file name would
+			 * then reach any file on the host. Same message, and the
+			 * same hint, as qemu-img.
+			 */
+			return qcow2_seterr(err, errlen, -EINVAL,
+					    "Backing file specified without backing format\n"
+					    "Detected format of %s.",
+					    bfmt);
+		}
 		if (!o->size_set)
 			size = bsize;
 	} else if (!o->size_set) {

@@ -46,7 +46,7 @@ struct qcow2_create_opts {
 	bool lazy_refcounts;    /* version 3 */
 	enum qcow2_prealloc prealloc;
 	const char *backing_file; /* NULL = none; stored as given */
-	const char *backing_fmt;  /* NULL = probe the backing file ("qcow2" or "raw") */
+	const char *backing_fmt;  /* required with a backing file ("qcow2" or "raw"), as qemu-img */
 };
 
 /*
@@ -54,7 +54,10 @@ struct qcow2_create_opts {
  * option combination first (as qemu-img does) and writes nothing if it is
  * invalid. Opens the backing file (relative names resolved against @path's
  * directory) to check it exists and to get its size when opts->size_set is
- * false. On failure the partial file is removed.
+ * false; a backing file without opts->backing_fmt is refused after that
+ * (-EINVAL, "Backing file specified without backing format", then qemu-img's
+ * hint line "Detected format of FMT." in @err): a probed format is never
+ * recorded. On failure the partial file is removed.
  * Returns 0 or -errno; on error a one-line message is written to @err.
  */
 int qcow2_create(const char *path, const struct qcow2_create_opts *opts,

@@ -213,6 +213,12 @@ static void test_backing_size(void)
 	memset(&o, 0, sizeof(o));
 	o.backing_file = "base.qcow2"; /* relative to the new image's directory */
 	unlink(tpath("top.qcow2"));
+	/* as qemu-img: no backing file without its format (a probe is never recorded) */
+	CU_ASSERT_EQUAL(qcow2_create(tpath("top.qcow2"), &o, NULL, g_err, sizeof(g_err)), -EINVAL);
+	CU_ASSERT_PTR_NOT_NULL(strstr(g_err, "Backing file specified without backing format"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(g_err, "Detected format of qcow2."));
+	CU_ASSERT_EQUAL(access(tpath("top.qcow2"), F_OK), -1);
+	o.backing_fmt = "qcow2";
 	CU_ASSERT_EQUAL_FATAL(qcow2_create(tpath("top.qcow2"), &o, NULL, g_err, sizeof(g_err)), 0);
 	CU_ASSERT_EQUAL_FATAL(qcow2_info(tpath("top.qcow2"), NULL, &info, g_err, sizeof(g_err)), 0);
 	CU_ASSERT_EQUAL(info.virtual_size, 5 << 20);
@@ -382,6 +388,7 @@ static void test_map_chain_depth(void)
 		snprintf(below, sizeof(below), "chain%u.qcow2", i - 1);
 		memset(&o, 0, sizeof(o));
 		o.backing_file = below;
+		o.backing_fmt = "qcow2";
 		unlink(tpath(name));
 		CU_ASSERT_EQUAL_FATAL(qcow2_create(tpath(name), &o, NULL, g_err, sizeof(g_err)), 0);
 	}
