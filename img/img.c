@@ -17,12 +17,18 @@ static const uint8_t qcow2_magic[4] = {'Q', 'F', 'I', 0xfb};
 static int probe(const char *path, bool *qcow2)
 {
 	uint8_t buf[sizeof(qcow2_magic)];
+	struct stat st;
 	ssize_t n;
 	int fd;
 
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	/* A FIFO must not hang us; only files and block devices are images. */
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 	if (fd < 0)
 		return -errno;
+	if (fstat(fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
+		close(fd);
+		return -EINVAL;
+	}
 	do {
 		n = pread(fd, buf, sizeof(buf), 0);
 	} while (n < 0 && errno == EINTR);
@@ -58,8 +64,26 @@ int img_open(struct img **imgp, struct io_loop *loop, const char *path, const st
 	ret = probe(path, &qcow2);
 	if (ret < 0) {
 		if (err)
-			snprintf(err, errlen, "%s: %s", path, strerror(-ret));
+			snprintf(err, errlen, "%s: %s", path,
+				 ret == -EINVAL ? "not a regular file or block device"
+						: strerror(-ret));
 		return ret;
+	}
+	if (qcow2 && opts && opts->backing) {
+		/*
+		 * A backing file whose format the image does not record is
+		 * probed (as QEMU does) but never into qcow2: a guest can write
+		 * a qcow2 header into a raw disk that later becomes a backing
+		 * file, and that header's backing file name could reach any
+		 * file on the host (vqcowd opens chains before dropping root).
+		 */
+		if (err)
+			snprintf(err, errlen,
+				 "%s: has a qcow2 header but its format is not recorded; vqcowd "
+				 "does not probe a backing file as qcow2 (record it: qemu-img "
+				 "rebase -u -b BACKING -F qcow2 IMAGE)",
+				 path);
+		return -EPERM;
 	}
 	if (qcow2)
 		return img_qcow2_open(imgp, loop, path, opts, err, errlen);

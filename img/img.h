@@ -102,6 +102,19 @@ struct img_ops {
 	int (*set_perm)(struct img *img, enum img_perm perm, char *err, size_t errlen);
 };
 
+/*
+ * Wraps the opening of files named inside an image (backing files and
+ * external data files, and everything they name in turn): vqcowd uses it to
+ * open them with the file-system identity of --user, so a hostile image
+ * reaches no file that user could not open. enter() returns 0 or -errno (the
+ * open then fails with it); leave() undoes it.
+ */
+struct img_name_guard {
+	int (*enter)(void *priv);
+	void (*leave)(void *priv);
+	void *priv;
+};
+
 struct img_opts {
 	const char *format; /* NULL = probe, "raw", "qcow2" */
 	bool read_only;
@@ -112,6 +125,7 @@ struct img_opts {
 	bool no_l2_prefetch;       /* qcow2: no background read of the L2 tables after open */
 	bool force_share;          /* read-only only: share every permission (qemu -U) */
 	bool backing;              /* opened as a backing file (read-only; backing locks) */
+	const struct img_name_guard *name_guard; /* NULL = open named files as we are */
 };
 
 struct img {
@@ -132,7 +146,10 @@ struct img {
 
 /*
  * Open @path, probing the format unless opts->format is set: a file starting
- * with the qcow2 magic "QFI\xfb" is qcow2, anything else raw. @opts may be
+ * with the qcow2 magic "QFI\xfb" is qcow2, anything else raw. A backing file
+ * (opts->backing) is never probed into qcow2 (-EPERM): its header may have
+ * been written by a guest into a raw disk, and its backing file name would
+ * reach any host file; its format must come from the image that uses it. @opts may be
  * NULL (probe, read-write, O_DIRECT). On failure
  * returns -errno and, if @err is not NULL, writes a one-line message naming
  * the file and the problem into @err (@errlen bytes).

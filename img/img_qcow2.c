@@ -1115,6 +1115,17 @@ static const struct img_ops q2_ops = {
 
 static __thread int open_depth;
 
+static int guard_enter(const struct img_name_guard *g)
+{
+	return g && g->enter ? g->enter(g->priv) : 0;
+}
+
+static void guard_leave(const struct img_name_guard *g)
+{
+	if (g && g->leave)
+		g->leave(g->priv);
+}
+
 int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		   const struct img_opts *opts, char *err, size_t errlen)
 {
@@ -1125,6 +1136,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	bool direct = opts ? opts->direct : true;
 	unsigned flags = (read_only ? IO_FILE_RDONLY : 0) | (direct ? IO_FILE_DIRECT : 0);
 	char *name = NULL;
+	const struct img_name_guard *guard = opts ? opts->name_guard : NULL;
 	enum img_file_role role;
 	enum img_perm perm;
 	int ret;
@@ -1170,14 +1182,19 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			ret = -ENOMEM;
 			goto close_q;
 		}
-		ret = io_file_open(&m->dfile, name, flags | IO_FILE_ZERO_EOF);
-		if (ret == -ENOENT && h->data_file[0] != '/') {
-			/* qemu-img resolves it against the working directory */
-			ret = io_file_open(&m->dfile, h->data_file, flags | IO_FILE_ZERO_EOF);
-			if (ret == 0) {
-				free(name);
-				name = strdup(h->data_file);
+		ret = guard_enter(guard);
+		if (ret == 0) {
+			ret = io_file_open(&m->dfile, name, flags | IO_FILE_ZERO_EOF);
+			if (ret == -ENOENT && h->data_file[0] != '/') {
+				/* qemu-img resolves it against the working directory */
+				ret =
+				    io_file_open(&m->dfile, h->data_file, flags | IO_FILE_ZERO_EOF);
+				if (ret == 0) {
+					free(name);
+					name = strdup(h->data_file);
+				}
 			}
+			guard_leave(guard);
 		}
 		if (ret < 0) {
 			if (err)
@@ -1241,14 +1258,25 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			bo.cache_entry_size = opts->cache_entry_size;
 			bo.no_l2_prefetch = opts->no_l2_prefetch;
 		}
-		open_depth++;
-		ret = img_open(&m->backing, loop, name, &bo, berr, sizeof(berr));
-		open_depth--;
+		/* Deeper files of the chain open inside this guard: theirs is NULL. */
+		ret = guard_enter(guard);
+		if (ret == 0) {
+			open_depth++;
+			ret = img_open(&m->backing, loop, name, &bo, berr, sizeof(berr));
+			open_depth--;
+			guard_leave(guard);
+		} else {
+			snprintf(berr, sizeof(berr), "%s: %s", name, strerror(-ret));
+		}
 		if (ret < 0) {
 			if (err)
 				snprintf(err, errlen, "%s: backing file: %s", path, berr);
 			goto close_dfile;
 		}
+		if (!h->has_backing_fmt)
+			fprintf(stderr,
+				"vqcow: %s: backing file %s has no recorded format: probed as %s\n",
+				path, name, m->backing->ops->format);
 		qcow2_set_backing_size(m->q, m->backing->size);
 		free(name);
 		name = NULL;

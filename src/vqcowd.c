@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -824,6 +825,56 @@ static int drop_privileges(const struct options *o, uid_t uid, gid_t gid)
 	return 0;
 }
 
+/*
+ * Files named inside the image (backing and data files) are opened with the
+ * file-system identity --user will have (uid, gid, no supplementary groups),
+ * so a hostile image cannot make root open /etc/shadow for its guest to read.
+ * A non-zero fsuid also clears the file-system capabilities (DAC override).
+ */
+struct name_ids {
+	uid_t uid;
+	gid_t gid;
+	gid_t *groups; /* saved supplementary groups */
+	int ngroups;
+};
+
+static int name_enter(void *priv)
+{
+	struct name_ids *n = priv;
+
+	n->ngroups = getgroups(0, NULL);
+	if (n->ngroups < 0)
+		return -errno;
+	n->groups = calloc((size_t)n->ngroups + 1, sizeof(gid_t));
+	if (!n->groups)
+		return -ENOMEM;
+	if (getgroups(n->ngroups, n->groups) < 0 || setgroups(0, NULL) < 0)
+		goto fail;
+	setfsgid(n->gid);
+	setfsuid(n->uid);
+	if ((uid_t)setfsuid((uid_t)-1) != n->uid || (gid_t)setfsgid((gid_t)-1) != n->gid) {
+		errno = EPERM;
+		goto fail;
+	}
+	return 0;
+fail:
+	free(n->groups);
+	n->groups = NULL;
+	return -errno;
+}
+
+static void name_leave(void *priv)
+{
+	struct name_ids *n = priv;
+
+	setfsuid(geteuid());
+	setfsgid(getegid());
+	if (setgroups((size_t)n->ngroups, n->groups) < 0)
+		log_warn("cannot restore the supplementary groups: %s", strerror(errno));
+	free(n->groups);
+	n->groups = NULL;
+}
+
 /* ---- main ---- */
 
 int main(int argc, char **argv)
@@ -831,6 +882,8 @@ int main(int argc, char **argv)
 	struct options o;
 	struct daemon d;
 	struct img_opts iopts;
+	struct name_ids nids = {0};
+	struct img_name_guard name_guard = {name_enter, name_leave, &nids};
 	struct blk_opts bopts;
 	char err[512], desc[512];
 	sigset_t mask;
@@ -883,6 +936,10 @@ int main(int argc, char **argv)
 	iopts.format = o.format;
 	iopts.read_only = o.read_only;
 	iopts.force_share = o.force_share;
+	nids.uid = uid;
+	nids.gid = gid;
+	if ((o.user || o.group) && uid != 0 && geteuid() == 0)
+		iopts.name_guard = &name_guard;
 	iopts.direct = true;
 	iopts.l2_cache_size = o.l2_cache_size;
 	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
