@@ -63,6 +63,7 @@ enum io_op {
 	IO_OP_POLL,
 	IO_OP_TIMEOUT,
 	IO_OP_CANCEL,
+	IO_OP_POST,
 };
 
 /* OFD lock bytes held on a file (io_lock_set); zero = none. */
@@ -342,6 +343,23 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns);
  * internal command for the cancel request itself.
  */
 void io_cancel(struct io_loop *loop, struct io_cmd *target);
+
+/*
+ * Post: complete @cmd with done(cmd, 0) from the loop, without the kernel and
+ * without a file. For work that must go on "from the loop": a request that
+ * may not complete inside its own submitter, or a long run of steps that
+ * needs no I/O and should let other commands run in between.
+ *
+ * Contract (that of every command): exactly one done() per io_post(), never
+ * from inside io_post() itself, counted by io_loop_inflight() until then.
+ * Posts complete in the order they were made, in the same loop iteration as
+ * the completions reaped before them (a post made outside the loop runs on
+ * the next iteration, which does not sleep while a post waits); a post made
+ * by a done() that itself ran as a post waits for the next iteration, so a
+ * command that re-posts itself cannot keep the loop from reaping.
+ * res is always 0: the fault hook (below) is not consulted for posts.
+ */
+void io_post(struct io_loop *loop, struct io_cmd *cmd);
 
 /* ---- fault hook ---- */
 

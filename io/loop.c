@@ -9,7 +9,7 @@
  *   IDLE --submit--> PENDING  no SQE free / CQ budget used up: on loop->pend_*
  *   IDLE --submit--> LOCAL    completes without the kernel (error found at
  *                             submit time, zero length, failure from the
- *                             fault hook)
+ *                             fault hook, io_post())
  *   PENDING --next iteration--> KERNEL
  *   KERNEL --CQE--> KERNEL|PENDING  short transfer, -EAGAIN, -EINTR, poll re-arm
  *   KERNEL --CQE--> IDLE             done() called (poll: with F_MORE, done()
@@ -851,6 +851,12 @@ void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
 		return;
 	}
 	arm(loop, cmd);
+}
+
+void io_post(struct io_loop *loop, struct io_cmd *cmd)
+{
+	cmd_start(loop, cmd, IO_OP_POST, NULL);
+	local_push(loop, cmd, 0);
 }
 
 void io_cancel(struct io_loop *loop, struct io_cmd *target)

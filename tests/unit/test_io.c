@@ -18,6 +18,7 @@
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io.h"
@@ -950,6 +951,105 @@ static void test_defer_first_order(void)
 	io_loop_exit(loop);
 }
 
+/* ---- io_post ---- */
+
+struct reposter {
+	struct io_cmd cmd;
+	int n, stop_at;
+};
+
+static void repost_done(struct io_cmd *c, int res)
+{
+	struct reposter *p = container_of(c, struct reposter, cmd);
+
+	CU_ASSERT_FALSE(g_in_submit);
+	CU_ASSERT_EQUAL(res, 0);
+	if (++p->n < p->stop_at) {
+		g_in_submit = true;
+		io_post(c->loop, c);
+		g_in_submit = false;
+	}
+}
+
+static int g_post_faults;
+
+static int post_fault(void *opaque, struct io_loop *loop, enum io_op op)
+{
+	(void)opaque;
+	(void)loop;
+	(void)op;
+	g_post_faults++;
+	return -EIO;
+}
+
+static void test_post(void)
+{
+	struct io_loop *loop;
+	struct tcmd t[3], timer;
+	struct reposter p = {.cmd.done = repost_done, .stop_at = 4};
+	struct timespec a, b;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	/* exactly one done() each, in order, never inside io_post() */
+	g_in_submit = true;
+	for (int i = 0; i < 3; i++) {
+		tinit(&t[i]);
+		io_post(loop, &t[i].cmd);
+	}
+	g_in_submit = false;
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 3);
+	for (int i = 0; i < 3; i++)
+		CU_ASSERT_EQUAL(t[i].calls, 0);
+	CU_ASSERT_EQUAL(io_loop_run_once(loop, true), 3);
+	for (int i = 0; i < 3; i++) {
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+		CU_ASSERT_EQUAL(t[i].res, 0);
+	}
+	CU_ASSERT(t[0].seq < t[1].seq && t[1].seq < t[2].seq);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+	CU_ASSERT_EQUAL(io_loop_run_once(loop, true), 0);
+	for (int i = 0; i < 3; i++)
+		CU_ASSERT_EQUAL(t[i].calls, 1);
+
+	/* a post made by a post's done() waits for the next iteration */
+	io_post(loop, &p.cmd);
+	for (int i = 1; i <= 4; i++) {
+		CU_ASSERT_EQUAL(io_loop_run_once(loop, true), 1);
+		CU_ASSERT_EQUAL(p.n, i);
+	}
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+	p.n = 0;
+	io_post(loop, &p.cmd);
+	CU_ASSERT_EQUAL(io_loop_run(loop), 0); /* runs them all, then nothing is left */
+	CU_ASSERT_EQUAL(p.n, 4);
+
+	/* a waiting post keeps the loop from sleeping on a command in the kernel */
+	tinit(&timer);
+	io_timeout(loop, &timer.cmd, 10ull * 1000 * 1000 * 1000);
+	CU_ASSERT(io_loop_run_once(loop, false) >= 0);
+	tinit(&t[0]);
+	io_post(loop, &t[0].cmd);
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	CU_ASSERT(io_loop_run_once(loop, true) >= 1);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	CU_ASSERT_EQUAL(t[0].calls, 1);
+	CU_ASSERT_EQUAL(timer.calls, 0);
+	CU_ASSERT(b.tv_sec - a.tv_sec < 5);
+	io_cancel(loop, &timer.cmd);
+	run_until(loop, &timer.calls, 1);
+	CU_ASSERT_EQUAL(timer.res, -ECANCELED);
+
+	/* the fault hook is not consulted for posts */
+	io_loop_set_fault_hook(loop, post_fault, NULL);
+	tinit(&t[0]);
+	io_post(loop, &t[0].cmd);
+	run_until(loop, &t[0].calls, 1);
+	CU_ASSERT_EQUAL(t[0].res, 0);
+	CU_ASSERT_EQUAL(g_post_faults, 0);
+	io_loop_set_fault_hook(loop, NULL, NULL);
+	io_loop_exit(loop);
+}
+
 struct stopper {
 	struct io_cmd cmd;
 	int n, stop_at;
@@ -1456,6 +1556,7 @@ int main(void)
 	CU_add_test(s, "EOF buffered", test_eof_buffered);
 	CU_add_test(s, "fallocate + fdatasync", test_fallocate_fdatasync);
 	CU_add_test(s, "multishot poll", test_poll_multishot);
+	CU_add_test(s, "post", test_post);
 	CU_add_test(s, "timeouts", test_timeouts);
 	CU_add_test(s, "deferred hooks", test_defer);
 	CU_add_test(s, "deferred hook order", test_defer_first_order);
