@@ -190,10 +190,8 @@ static void io_setup(struct img_io *io, uint8_t op, unsigned flags, struct iovec
 	io->off = off;
 	io->len = len;
 	io->err = 0;
-	io->pending = 0;
 	io->stage = 0;
 	io->pos = 0;
-	io->next = NULL;
 }
 
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

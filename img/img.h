@@ -71,13 +71,11 @@ struct img_io {
 	uint64_t len;
 
 	/* Private to the implementation. */
-	struct io_cmd cmd;   /* enough for a single-extent request */
-	void *impl;          /* implementation's per-request context, if it needs more */
-	int err;             /* first error of a split request */
-	unsigned pending;    /* sub-commands in flight */
-	uint8_t stage;       /* implementation's state for multi-step operations */
-	uint64_t pos;        /* implementation's progress (bytes done) */
-	struct img_io *next; /* implementation's wait lists */
+	struct io_cmd cmd; /* enough for a single-extent request */
+	void *impl;        /* implementation's per-request context, if it needs more */
+	int err;           /* a result to report later */
+	uint8_t stage;     /* implementation's state for multi-step operations */
+	uint64_t pos;      /* implementation's progress (bytes done) */
 };
 
 /* What an open image may do, and therefore which locks it holds. */

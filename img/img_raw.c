@@ -15,7 +15,7 @@
  *                  punch -> zero range -> writing a zero buffer in chunks
  *
  * Errors found at submit time (writes on a read-only image) are reported
- * through a zero-length timer so done() still runs from the loop.
+ * through io_post() so done() still runs from the loop.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -66,7 +66,7 @@ static void raw_fail_later(struct raw_img *r, struct img_io *io, int err)
 {
 	io->err = err;
 	io->stage = RAW_ST_ERROR;
-	io_timeout(r->img.loop, &io->cmd, 0);
+	io_post(r->img.loop, &io->cmd);
 }
 
 static void raw_write_zero_chunk(struct raw_img *r, struct img_io *io)
