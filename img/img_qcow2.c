@@ -9,18 +9,20 @@
  * read-only), and COMPRESSED extents read then inflated.
  *
  * One pooled context (struct q2req) per request in flight, kept on a free
- * list: no malloc per I/O once warm. A request runs as a loop of steps: map
- * a prefix of what is left, issue the I/O for it, continue when that I/O is
- * done. A step that has to wait for metadata parks the context's waiter and
- * re-runs from the map when woken (mapping steps are idempotent).
+ * list: no malloc per I/O once warm. A request is a state machine (enum
+ * rq_state, the table above step()): map a prefix of what is left, issue the
+ * I/O for it, continue when that I/O is done. A step that has to wait for
+ * metadata parks the context's waiter and re-runs from the map when woken
+ * (mapping steps are idempotent).
  *
  * Writes: INPLACE extents are written where they are. ALLOC (a token from
  * qcow2_map_write) runs: read the COW head/tail's old content (through the
- * read machinery, which still sees the old mapping) unless it is known to be
- * zero -> zero the host range if it is not fresh and some part must read
- * zero (fallocate ZERO_RANGE; never written zero buffers unless the file
- * system supports neither ZERO_RANGE nor PUNCH_HOLE) -> one write of head +
- * data + tail -> qcow2_alloc_finish(). Write-zeroes and discard go through
+ * same read steps as a guest read, which still see the old mapping) unless
+ * it is known to be zero (or lies past the disk's end) -> zero the host
+ * range if it is not fresh and some part must read zero (fallocate
+ * ZERO_RANGE; never written zero buffers unless the file system supports
+ * neither ZERO_RANGE nor PUNCH_HOLE) -> one write of head + data + tail ->
+ * qcow2_alloc_finish(). Write-zeroes and discard go through
  * qcow2_zero_step(); parts it cannot do in metadata become writes without a
  * data buffer (zero data).
  *
@@ -31,11 +33,10 @@
  * are opened read-only through img_open() (raw or qcow2, relative names
  * against the image's directory, up to QCOW2_MAX_CHAIN_DEPTH levels: a loop is refused).
  *
- * Completion: every request ends in exactly one io->done(), always from the
- * loop: a request starts from a zero-length read that io/ completes on the
- * next loop iteration (such "no-op reads" also continue steps that needed no
- * I/O, so long runs never recurse; note they count as READV commands for
- * io_loop_inject()).
+ * Completion: every request ends in exactly one io->done(), from complete(),
+ * always from the loop: a request starts from an io_post(), and a run of
+ * steps that need no I/O is posted again after MAX_TURNS steps, so long
+ * metadata-only ranges let other requests run and never recurse.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -49,19 +50,29 @@
 
 #define Q2_MAX_EXT    16
 #define ZERO_BUF_SIZE (64u * 1024)
+#define MAX_TURNS     64 /* steps without I/O before a request lets others run */
+
+/* What a request waits for: the transition table is above step(). */
+enum rq_state {
+	RQ_IDLE = 0, /* on the free list */
+	RQ_START,
+	RQ_READ_MAP,
+	RQ_READ_IO,
+	RQ_WRITE_MAP,
+	RQ_INPLACE,
+	RQ_COW_MAP,
+	RQ_COW_IO,
+	RQ_ZEROING,
+	RQ_WRITING,
+	RQ_ZERO_MAP,
+	RQ_PUNCH,
+	RQ_FLUSH,
+};
 
 struct q2img;
 struct q2req;
 
-typedef void q2_cont_fn(struct q2req *r, int err);
-
-enum sub_kind {
-	SUB_NONE = 0,
-	SUB_DATA,
-	SUB_BACKING,
-	SUB_COMPRESSED,
-};
-
+/* One I/O part of a read: a data, backing or compressed extent in flight. */
 struct q2sub {
 	struct q2req *r;
 	struct io_cmd cmd;
@@ -69,85 +80,56 @@ struct q2sub {
 	struct iovec *iov;
 	unsigned iov_cap;
 	unsigned iovcnt;
-	uint8_t kind;
-	void *cbuf; /* compressed bytes */
+	void *cbuf; /* compressed bytes (a compressed extent), else NULL */
 	uint32_t clen, coff;
 	uint64_t len;
-	uint64_t skip; /* offset of this extent in the read job's iovec */
+	uint64_t skip; /* offset of this extent in the read's iovec */
 };
 
-enum req_stage {
-	RS_READ = 1, /* guest read: a read job on io->iov */
-	RS_WRITE,    /* guest write: a write job */
-	RS_ZERO,     /* write zeroes / discard loop (zero-data write jobs inside) */
-	RS_FLUSH,
-};
-
-enum wait_kind {
-	W_NONE = 0,
-	W_READ, /* read job: re-run rd_step */
-	W_WMAP, /* write job: re-run wr_step */
-	W_ZERO, /* zero loop: re-run z_step */
-};
-
-enum wr_state {
-	WS_MAP = 0,
-	WS_INPLACE,  /* data (or zeroing) of an in-place extent in flight */
-	WS_COW_HEAD, /* reading the COW head (or head and tail together) */
-	WS_COW_TAIL, /* reading the COW tail */
-	WS_ZEROING,  /* zeroing the host range of an allocation */
-	WS_WRITING,  /* writing head + data + tail */
-	WS_PUNCH,    /* zero loop: punching the external data file */
+/* A range of old content to read for copy-on-write, into the bounce buffer. */
+struct cow_range {
+	uint64_t off;
+	struct iovec iov;
 };
 
 struct q2req {
 	struct q2img *m;
 	struct img_io *io;
 	struct q2req *next_free;
+	uint8_t state; /* enum rq_state */
 	struct qcow2_waiter w;
 	struct qcow2_flush flush;
-	struct io_cmd nop;  /* deferral */
-	struct io_cmd cmd;  /* writes, fallocate */
-	struct io_cmd cmd2; /* second write (zero-data tail) */
-	uint8_t stage;
-	uint8_t wait;
-	int start_err;
+	struct io_cmd cmd;  /* post, writes, fallocate */
+	struct io_cmd cmd2; /* second write (head and tail of zero data) */
+	unsigned pending;   /* I/O parts in flight */
+	int err;            /* their first error */
+	unsigned turns;     /* steps since the last I/O */
 
-	/* read job */
+	/* read: [rd_off, rd_off + rd_len) into rd_iov (the guest's, or a COW range) */
 	uint64_t rd_off, rd_len, rd_done;
 	struct iovec *rd_iov;
 	unsigned rd_iovcnt;
-	uint64_t rd_skip;
-	q2_cont_fn *rd_cont;
-	unsigned rd_pending;
 	unsigned rd_ticket;
-	int rd_err;
 	struct qcow2_extent ext[Q2_MAX_EXT];
 	struct q2sub sub[Q2_MAX_EXT];
-	struct iovec rd_one;
 
-	/* write job */
+	/* write: [wr_off, wr_off + wr_len) from wr_iov (NULL: zero data) */
 	uint64_t wr_off, wr_len, wr_done;
-	struct iovec *wr_iov; /* NULL = zero data */
+	struct iovec *wr_iov;
 	unsigned wr_iovcnt;
-	q2_cont_fn *wr_cont;
-	uint8_t wstate;
 	unsigned wr_ticket;
-	bool wr_has_ticket;
-	bool wr_token;
-	struct qcow2_alloc a;
-	void *bounce;   /* COW head at 0, tail at cluster size (or both at once) */
-	bool cow_joint; /* head and tail read together into bounce */
+	struct qcow2_alloc a;    /* the mapped prefix being written */
+	void *bounce;            /* COW head at 0, tail at cluster size (or both at once) */
+	uint8_t *tail_buf;       /* where the COW tail is in bounce */
+	struct cow_range cow[2]; /* COW ranges to read into bounce */
+	unsigned cow_n, cow_i;
 	struct iovec *wiov;
 	unsigned wiov_cap;
-	unsigned wr_pending;
-	int wr_err;
 	uint64_t zr_off, zr_len; /* zeroing in progress */
 	uint8_t zr_mode;         /* 0 ZERO_RANGE, 1 PUNCH_HOLE, 2 zero writes */
 
-	/* zero / discard loop */
-	uint64_t z_done;
-	uint64_t z_step_len;
+	/* write zeroes / discard */
+	uint64_t z_done, z_len;
 };
 
 struct q2img {
@@ -171,9 +153,7 @@ struct q2img {
 	uint64_t cs;
 };
 
-static void rd_step(struct q2req *r);
-static void wr_step(struct q2req *r);
-static void z_step(struct q2req *r);
+static void step(struct q2req *r, int res);
 
 static struct io_file *data_file(struct q2img *m)
 {
@@ -234,6 +214,7 @@ static void req_put(struct q2img *m, struct q2req *r)
 	bounce_put(m, r->bounce);
 	r->bounce = NULL;
 	r->io = NULL;
+	r->state = RQ_IDLE;
 	r->next_free = m->free_reqs;
 	m->free_reqs = r;
 }
@@ -256,9 +237,10 @@ static void req_free_all(struct q2img *m)
 	m->nbounce = 0;
 }
 
-/* ---- completion and waiting ---- */
+/* ---- what step() waits for: completions ---- */
 
-static void req_complete(struct q2req *r, int err)
+/* The one exit of a request: io->done() exactly once, always from the loop. */
+static void complete(struct q2req *r, int err)
 {
 	struct q2img *m = r->m;
 	struct img_io *io = r->io;
@@ -268,53 +250,38 @@ static void req_complete(struct q2req *r, int err)
 	io->done(io, err < 0 ? err : 0);
 }
 
-static void engine_wake(struct qcow2_waiter *w)
+/* One I/O part of a step ended; the last one moves the request on. */
+static void part_done(struct q2req *r, int res)
 {
-	struct q2req *r = w->priv;
-	uint8_t wait = r->wait;
+	int err;
 
-	r->wait = W_NONE;
-	switch (wait) {
-	case W_READ:
-		if (w->err < 0)
-			r->rd_cont(r, w->err);
-		else
-			rd_step(r);
+	if (res < 0 && !r->err)
+		r->err = res;
+	if (--r->pending)
 		return;
-	case W_WMAP:
-		if (w->err < 0)
-			r->wr_cont(r, w->err);
-		else
-			wr_step(r);
-		return;
-	case W_ZERO:
-		if (w->err < 0)
-			req_complete(r, w->err);
-		else
-			z_step(r);
-		return;
-	default:
-		req_complete(r, -EIO);
-		return;
-	}
+	err = r->err;
+	r->err = 0;
+	step(r, err);
 }
 
-/* ---- read job: guest range -> iovec, any extent types ---- */
-
-static void rd_continue(struct q2req *r)
+static void cmd_done(struct io_cmd *cmd, int res)
 {
-	struct qcow2 *q = r->m->q;
+	part_done(cmd->priv, res);
+}
 
-	qcow2_io_end(q, r->rd_ticket);
-	if (r->rd_err) {
-		r->rd_cont(r, r->rd_err);
-		return;
-	}
-	if (r->rd_done < r->rd_len) {
-		rd_step(r);
-		return;
-	}
-	r->rd_cont(r, 0);
+static void posted(struct io_cmd *cmd, int res)
+{
+	step(cmd->priv, res);
+}
+
+static void engine_wake(struct qcow2_waiter *w)
+{
+	step(w->priv, w->err);
+}
+
+static void flush_done(struct qcow2_flush *f, int res)
+{
+	step(f->priv, res);
 }
 
 static void sub_done(struct q2sub *sub, int res)
@@ -322,26 +289,21 @@ static void sub_done(struct q2sub *sub, int res)
 	struct q2req *r = sub->r;
 	struct q2img *m = r->m;
 
-	if (res < 0 && !r->rd_err)
-		r->rd_err = res;
-	if (sub->kind == SUB_COMPRESSED && res >= 0 && !r->rd_err) {
+	if (sub->cbuf && res >= 0 && !r->err) {
 		int ret = qcow2_decompress(m->q, sub->cbuf, sub->clen, m->dbuf, m->cs);
 
 		if (ret < 0) {
 			fprintf(stderr, "vqcow: %s: compressed cluster data is corrupt\n",
 				m->img.path);
-			r->rd_err = ret;
+			res = ret;
 		} else {
-			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)(r->rd_skip + sub->skip),
+			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip,
 					(uint8_t *)m->dbuf + sub->coff, (size_t)sub->len);
 		}
 	}
-	if (sub->cbuf) {
-		bounce_put(m, sub->cbuf);
-		sub->cbuf = NULL;
-	}
-	if (--r->rd_pending == 0)
-		rd_continue(r);
+	bounce_put(m, sub->cbuf);
+	sub->cbuf = NULL;
+	part_done(r, res);
 }
 
 static void sub_cmd_done(struct io_cmd *cmd, int res)
@@ -354,636 +316,638 @@ static void sub_bio_done(struct img_io *io, int res)
 	sub_done(io->priv, res);
 }
 
-/* Slice the read job's iovec for [rel, rel + len) into sub->iov. */
+/* ---- what step() issues ---- */
+
+static void post(struct q2req *r)
+{
+	r->turns = 0;
+	r->cmd.done = posted;
+	r->cmd.priv = r;
+	io_post(r->m->img.loop, &r->cmd);
+}
+
+static int iov_reserve(struct iovec **iov, unsigned *cap, unsigned n)
+{
+	if (*cap < n) {
+		struct iovec *ni = realloc(*iov, n * sizeof(*ni));
+
+		if (!ni)
+			return -ENOMEM;
+		*iov = ni;
+		*cap = n;
+	}
+	return 0;
+}
+
+/* Slice the read's iovec for [rel, rel + len) into sub->iov. */
 static int sub_slice(struct q2req *r, struct q2sub *sub, uint64_t rel, uint64_t len)
 {
 	int n;
 
-	if (sub->iov_cap < r->rd_iovcnt) {
-		struct iovec *ni = realloc(sub->iov, r->rd_iovcnt * sizeof(*ni));
-
-		if (!ni)
-			return -ENOMEM;
-		sub->iov = ni;
-		sub->iov_cap = r->rd_iovcnt;
-	}
-	n = io_iov_slice(sub->iov, sub->iov_cap, r->rd_iov, r->rd_iovcnt,
-			 (size_t)(r->rd_skip + rel), (size_t)len);
+	if (iov_reserve(&sub->iov, &sub->iov_cap, r->rd_iovcnt) < 0)
+		return -ENOMEM;
+	n = io_iov_slice(sub->iov, sub->iov_cap, r->rd_iov, r->rd_iovcnt, (size_t)rel, (size_t)len);
 	if (n < 0)
 		return n;
 	sub->iovcnt = (unsigned)n;
 	return 0;
 }
 
-/* Map a prefix of what is left and issue its I/O. Always called from the loop. */
-static void rd_step(struct q2req *r)
+/* Issue the read of one extent at @rel in the read's iovec (zero extents: filled here). */
+static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2sub *sub,
+		       uint64_t rel)
 {
 	struct q2img *m = r->m;
-	struct qcow2 *q = m->q;
+	int ret;
 
-	for (;;) {
-		uint64_t rel = r->rd_done;
-		int n;
-
-		r->rd_ticket = qcow2_io_begin(q);
-		n = qcow2_map_read(q, r->rd_off + rel, r->rd_len - rel, r->ext, Q2_MAX_EXT, &r->w);
-		if (n == -EAGAIN) {
-			qcow2_io_end(q, r->rd_ticket);
-			r->wait = W_READ;
-			return;
-		}
-		if (n < 0) {
-			qcow2_io_end(q, r->rd_ticket);
-			r->rd_cont(r, n);
-			return;
-		}
-		r->rd_err = 0;
-		r->rd_pending = 1; /* held while issuing */
-		for (int i = 0; i < n; i++) {
-			struct qcow2_extent *x = &r->ext[i];
-			struct q2sub *sub = &r->sub[i];
-			int ret = 0;
-
-			sub->len = x->len;
-			sub->skip = rel;
-			sub->kind = SUB_NONE;
-			if (x->type == QCOW2_MAP_ZERO ||
-			    (x->type == QCOW2_MAP_UNALLOC && !m->backing)) {
-				io_iov_memset(r->rd_iov, r->rd_iovcnt, (size_t)(r->rd_skip + rel),
-					      0, (size_t)x->len);
-			} else if (x->type == QCOW2_MAP_DATA) {
-				ret = sub_slice(r, sub, rel, x->len);
-				if (ret == 0) {
-					sub->kind = SUB_DATA;
-					sub->cmd.done = sub_cmd_done;
-					sub->cmd.priv = sub;
-					r->rd_pending++;
-					io_readv(m->img.loop, &sub->cmd, data_file(m), sub->iov,
-						 sub->iovcnt, x->host);
-				}
-			} else if (x->type == QCOW2_MAP_UNALLOC) {
-				ret = sub_slice(r, sub, rel, x->len);
-				if (ret == 0) {
-					sub->kind = SUB_BACKING;
-					sub->bio.done = sub_bio_done;
-					sub->bio.priv = sub;
-					r->rd_pending++;
-					img_readv(m->backing, &sub->bio, sub->iov, sub->iovcnt,
-						  x->off, x->len);
-				}
-			} else if (x->type == QCOW2_MAP_COMPRESSED) {
-				sub->cbuf = bounce_get(m);
-				if (!sub->cbuf || x->clen > 2 * m->cs) {
-					ret = sub->cbuf ? -EIO : -ENOMEM;
-				} else {
-					sub->kind = SUB_COMPRESSED;
-					sub->clen = x->clen;
-					sub->coff = x->coff;
-					sub->cmd.done = sub_cmd_done;
-					sub->cmd.priv = sub;
-					r->rd_pending++;
-					io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf,
-						x->clen, x->host);
-				}
-			} else {
-				ret = -EIO;
-			}
-			if (ret < 0 && !r->rd_err)
-				r->rd_err = ret;
-			rel += x->len;
-		}
-		r->rd_done = rel;
-		if (--r->rd_pending)
-			return; /* sub_done() continues */
-		/* everything was zero-filled here */
-		qcow2_io_end(q, r->rd_ticket);
-		if (r->rd_err) {
-			r->rd_cont(r, r->rd_err);
-			return;
-		}
-		if (r->rd_done >= r->rd_len) {
-			r->rd_cont(r, 0);
-			return;
-		}
+	sub->len = x->len;
+	sub->skip = rel;
+	if (x->type == QCOW2_MAP_ZERO || (x->type == QCOW2_MAP_UNALLOC && !m->backing)) {
+		io_iov_memset(r->rd_iov, r->rd_iovcnt, (size_t)rel, 0, (size_t)x->len);
+		return 0;
 	}
+	if (x->type == QCOW2_MAP_COMPRESSED) {
+		if (x->clen > 2 * m->cs)
+			return -EIO;
+		sub->cbuf = bounce_get(m);
+		if (!sub->cbuf)
+			return -ENOMEM;
+		sub->clen = x->clen;
+		sub->coff = x->coff;
+		sub->cmd.done = sub_cmd_done;
+		sub->cmd.priv = sub;
+		r->pending++;
+		io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, x->clen, x->host);
+		return 0;
+	}
+	if (x->type != QCOW2_MAP_DATA && x->type != QCOW2_MAP_UNALLOC)
+		return -EIO;
+	ret = sub_slice(r, sub, rel, x->len);
+	if (ret < 0)
+		return ret;
+	r->pending++;
+	if (x->type == QCOW2_MAP_DATA) {
+		sub->cmd.done = sub_cmd_done;
+		sub->cmd.priv = sub;
+		io_readv(m->img.loop, &sub->cmd, data_file(m), sub->iov, sub->iovcnt, x->host);
+	} else {
+		sub->bio.done = sub_bio_done;
+		sub->bio.priv = sub;
+		img_readv(m->backing, &sub->bio, sub->iov, sub->iovcnt, x->off, x->len);
+	}
+	return 0;
 }
 
-static void rd_start(struct q2req *r, uint64_t off, uint64_t len, struct iovec *iov,
-		     unsigned iovcnt, uint64_t skip, q2_cont_fn *cont)
+/*
+ * Map a prefix of what is left of the read and issue its extents. Returns
+ * the I/O parts in flight (r->rd_ticket held; r->err may hold an error to
+ * report when they are done), 0 if it was all filled here, -EAGAIN (parked)
+ * or -errno.
+ */
+static int read_map(struct q2req *r)
 {
-	uint64_t size = r->m->img.size;
+	struct qcow2 *q = r->m->q;
+	uint64_t rel = r->rd_done;
+	int n, ret = 0;
 
-	if (off + len > size) {
-		/*
-		 * Copy-on-write of the last cluster of a disk whose size is not a
-		 * multiple of the cluster size: what lies past the disk's end is
-		 * never seen by the guest and reads as zeroes.
-		 */
-		uint64_t in = off < size ? size - off : 0;
-
-		io_iov_memset(iov, iovcnt, (size_t)(skip + in), 0, (size_t)(len - in));
-		len = in;
-		if (!len) {
-			cont(r, 0);
-			return;
-		}
+	r->rd_ticket = qcow2_io_begin(q);
+	n = qcow2_map_read(q, r->rd_off + rel, r->rd_len - rel, r->ext, Q2_MAX_EXT, &r->w);
+	r->pending = 0;
+	r->err = 0;
+	for (int i = 0; i < n && ret == 0; i++) {
+		ret = read_extent(r, &r->ext[i], &r->sub[i], rel);
+		rel += r->ext[i].len;
 	}
+	r->rd_done = rel;
+	if (n >= 0 && r->pending) {
+		r->err = ret;
+		return (int)r->pending;
+	}
+	qcow2_io_end(q, r->rd_ticket);
+	return n < 0 ? n : ret;
+}
+
+static void read_range(struct q2req *r, uint64_t off, uint64_t len, struct iovec *iov,
+		       unsigned iovcnt)
+{
 	r->rd_off = off;
 	r->rd_len = len;
 	r->rd_done = 0;
 	r->rd_iov = iov;
 	r->rd_iovcnt = iovcnt;
-	r->rd_skip = skip;
-	r->rd_cont = cont;
-	rd_step(r);
-}
-
-/* ---- write job ---- */
-
-static void wr_io_done(struct io_cmd *cmd, int res);
-
-static void wr_end_ticket(struct q2req *r)
-{
-	if (r->wr_has_ticket) {
-		qcow2_io_end(r->m->q, r->wr_ticket);
-		r->wr_has_ticket = false;
-	}
 }
 
 /* Zero [zr_off, zr_off + zr_len) of the data file: ZERO_RANGE, PUNCH_HOLE, zero writes. */
-static void zr_issue(struct q2req *r)
+static int zero_issue(struct q2req *r)
 {
 	struct q2img *m = r->m;
 	struct io_file *f = data_file(m);
 
-	r->cmd.done = wr_io_done;
-	r->cmd.priv = r;
-	r->wr_pending = 1;
-	if (!m->no_zero_range) {
-		r->zr_mode = 0;
-		io_fallocate(m->img.loop, &r->cmd, f, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-			     r->zr_off, r->zr_len);
-		return;
-	}
-	if (!m->no_punch) {
-		r->zr_mode = 1;
-		io_fallocate(m->img.loop, &r->cmd, f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-			     r->zr_off, r->zr_len);
-		return;
-	}
-	r->zr_mode = 2;
-	if (!m->zero_buf) {
+	r->zr_mode = m->no_zero_range ? (m->no_punch ? 2 : 1) : 0;
+	if (r->zr_mode == 2 && !m->zero_buf) {
 		m->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
-		if (!m->zero_buf) {
-			io_readv(m->img.loop, &r->cmd, f, NULL, 0, 0);
-			r->wr_err = -ENOMEM;
-			return;
-		}
+		if (!m->zero_buf)
+			return -ENOMEM;
 		memset(m->zero_buf, 0, ZERO_BUF_SIZE);
 	}
-	io_write(m->img.loop, &r->cmd, f, m->zero_buf,
-		 r->zr_len < ZERO_BUF_SIZE ? (size_t)r->zr_len : ZERO_BUF_SIZE, r->zr_off);
+	r->cmd.done = cmd_done;
+	r->cmd.priv = r;
+	r->pending = 1;
+	if (r->zr_mode < 2)
+		io_fallocate(m->img.loop, &r->cmd, f,
+			     (r->zr_mode ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) |
+				 FALLOC_FL_KEEP_SIZE,
+			     r->zr_off, r->zr_len);
+	else
+		io_write(m->img.loop, &r->cmd, f, m->zero_buf,
+			 r->zr_len < ZERO_BUF_SIZE ? (size_t)r->zr_len : ZERO_BUF_SIZE, r->zr_off);
+	return 0;
 }
 
-/* A zeroing command ended: true if the zeroing goes on (fallback or next chunk). */
-static bool zr_again(struct q2req *r, int res)
+/*
+ * A zeroing command ended with @res: 1 if the zeroing goes on (the file
+ * system cannot do this method: the next one; or the next chunk of zero
+ * writes), 0 if it is complete, or -errno.
+ */
+static int zero_more(struct q2req *r, int res)
 {
 	struct q2img *m = r->m;
+	int ret;
 
 	if ((res == -EOPNOTSUPP || res == -ENOTSUP || res == -ENOSYS) && r->zr_mode < 2) {
 		if (r->zr_mode == 0)
 			m->no_zero_range = true;
 		else
 			m->no_punch = true;
-		zr_issue(r);
-		return true;
+		ret = zero_issue(r);
+		return ret < 0 ? ret : 1;
 	}
-	if (res > 0 && r->zr_mode == 2 && (uint64_t)res < r->zr_len) {
-		r->zr_off += (uint64_t)res;
-		r->zr_len -= (uint64_t)res;
-		zr_issue(r);
-		return true;
+	if (res < 0)
+		return res;
+	if (r->zr_mode == 2 && r->zr_len > ZERO_BUF_SIZE) {
+		r->zr_off += ZERO_BUF_SIZE;
+		r->zr_len -= ZERO_BUF_SIZE;
+		ret = zero_issue(r);
+		return ret < 0 ? ret : 1;
 	}
-	return false;
-}
-
-static void wr_finish(struct q2req *r, int err)
-{
-	struct q2img *m = r->m;
-
-	if (r->wr_token) {
-		qcow2_alloc_finish(m->q, &r->a, err);
-		r->wr_token = false;
-	}
-	wr_end_ticket(r);
-	bounce_put(m, r->bounce);
-	r->bounce = NULL;
-	if (err < 0) {
-		r->wr_cont(r, err);
-		return;
-	}
-	r->wr_done += r->a.len;
-	wr_step(r);
-}
-
-static int wiov_reserve(struct q2req *r, unsigned n)
-{
-	if (r->wiov_cap < n) {
-		struct iovec *ni = realloc(r->wiov, n * sizeof(*ni));
-
-		if (!ni)
-			return -ENOMEM;
-		r->wiov = ni;
-		r->wiov_cap = n;
-	}
+	r->zr_len = 0;
 	return 0;
 }
 
-/* Head + data + tail of an allocation, as one writev (two without data). */
-static void wr_alloc_write(struct q2req *r)
+/* Write an in-place prefix: its data, or zeroes. */
+static int inplace_issue(struct q2req *r)
 {
 	struct q2img *m = r->m;
 	struct qcow2_alloc *a = &r->a;
-	struct io_file *f = data_file(m);
-	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
-	uint64_t hhost = a->host - head, rel = a->off - r->wr_off;
-	bool whead = head && !a->head_zero, wtail = tail && !a->tail_zero;
-	uint8_t *tbuf = r->bounce ? (uint8_t *)r->bounce + m->cs : NULL;
-	unsigned k = 0;
 	int n;
 
-	if (r->cow_joint)
-		tbuf = (uint8_t *)r->bounce + (a->off + a->len - a->cow_start);
-	r->wstate = WS_WRITING;
-	r->wr_err = 0;
-	r->cmd.done = wr_io_done;
-	r->cmd.priv = r;
-	r->cmd2.done = wr_io_done;
-	r->cmd2.priv = r;
-	if (wiov_reserve(r, r->wr_iovcnt + 2) < 0) {
-		wr_finish(r, -ENOMEM);
-		return;
-	}
 	if (!r->wr_iov) {
-		/* zero data: zeroed or fresh already; head and tail are apart */
-		r->wr_pending = 0;
-		if (whead) {
-			r->wr_pending++;
-			r->wiov[0] = (struct iovec){r->bounce, head};
-			io_writev(m->img.loop, &r->cmd, f, &r->wiov[0], 1, hhost);
-		}
-		if (wtail) {
-			r->wr_pending++;
-			r->wiov[1] = (struct iovec){tbuf, tail};
-			io_writev(m->img.loop, &r->cmd2, f, &r->wiov[1], 1, a->host + a->len);
-		}
-		if (!r->wr_pending) {
-			/* nothing to write (fresh space): continue from the loop, not deeper */
-			r->wr_pending = 1;
-			io_readv(m->img.loop, &r->cmd, f, NULL, 0, 0);
-		}
-		return;
+		r->zr_off = a->host;
+		r->zr_len = a->len;
+		return zero_issue(r);
 	}
-	if (whead)
-		r->wiov[k++] = (struct iovec){r->bounce, head};
-	n = io_iov_slice(r->wiov + k, r->wiov_cap - k, r->wr_iov, r->wr_iovcnt, (size_t)rel,
-			 (size_t)a->len);
-	if (n < 0) {
-		wr_finish(r, n);
-		return;
-	}
-	k += (unsigned)n;
-	if (wtail)
-		r->wiov[k++] = (struct iovec){tbuf, tail};
-	r->wr_pending = 1;
-	io_writev(m->img.loop, &r->cmd, f, r->wiov, k, whead ? hhost : a->host);
+	r->zr_len = 0;
+	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt) < 0)
+		return -ENOMEM;
+	n = io_iov_slice(r->wiov, r->wiov_cap, r->wr_iov, r->wr_iovcnt,
+			 (size_t)(a->off - r->wr_off), (size_t)a->len);
+	if (n < 0)
+		return n;
+	r->cmd.done = cmd_done;
+	r->cmd.priv = r;
+	r->pending = 1;
+	if ((unsigned)n == r->wr_iovcnt && a->len == r->wr_len)
+		io_writev(m->img.loop, &r->cmd, data_file(m), r->wr_iov, r->wr_iovcnt, a->host);
+	else
+		io_writev(m->img.loop, &r->cmd, data_file(m), r->wiov, (unsigned)n, a->host);
+	return 0;
 }
 
-/* Zero the host range if some of it must read as zeroes and it is not fresh. */
-static void wr_alloc_zero(struct q2req *r)
+/* Add a COW range to read; what lies past the disk's end is zeroes, not read. */
+static void cow_add(struct q2req *r, uint64_t off, uint64_t len, uint8_t *buf)
 {
-	struct qcow2_alloc *a = &r->a;
-	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
-	bool need = (head && a->head_zero) || (tail && a->tail_zero) || !r->wr_iov;
+	uint64_t size = r->m->img.size;
 
-	if (a->fresh || !need) {
-		wr_alloc_write(r);
-		return;
+	if (off + len > size) {
+		/*
+		 * The last cluster of a disk whose size is not a multiple of
+		 * the cluster size: the guest never sees the part past the end.
+		 */
+		uint64_t in = off < size ? size - off : 0;
+
+		memset(buf + in, 0, (size_t)(len - in));
+		len = in;
 	}
-	r->wstate = WS_ZEROING;
-	r->wr_err = 0;
-	r->zr_off = a->host - head;
-	r->zr_len = a->cow_end - a->cow_start;
-	zr_issue(r);
+	if (len)
+		r->cow[r->cow_n++] = (struct cow_range){off, {buf, (size_t)len}};
 }
 
-static void wr_cow_tail_done(struct q2req *r, int err)
-{
-	if (err < 0) {
-		wr_finish(r, err);
-		return;
-	}
-	wr_alloc_zero(r);
-}
-
-static void wr_cow_head_done(struct q2req *r, int err)
-{
-	struct qcow2_alloc *a = &r->a;
-	uint64_t tail = a->cow_end - (a->off + a->len);
-
-	if (err < 0) {
-		wr_finish(r, err);
-		return;
-	}
-	if (tail && !a->tail_zero && !r->cow_joint) {
-		r->wstate = WS_COW_TAIL;
-		r->rd_one = (struct iovec){(uint8_t *)r->bounce + r->m->cs, tail};
-		rd_start(r, a->off + a->len, tail, &r->rd_one, 1, 0, wr_cow_tail_done);
-		return;
-	}
-	wr_alloc_zero(r);
-}
-
-static void wr_alloc(struct q2req *r)
+/* Plan the COW reads of a new allocation: none, head and/or tail, or both in one. */
+static int cow_plan(struct q2req *r)
 {
 	struct q2img *m = r->m;
 	struct qcow2_alloc *a = &r->a;
 	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
 	bool rhead = head && !a->head_zero, rtail = tail && !a->tail_zero;
 
-	r->cow_joint = false;
-	if (rhead || rtail) {
-		r->bounce = bounce_get(m);
-		if (!r->bounce) {
-			wr_finish(r, -ENOMEM);
-			return;
-		}
-	}
+	r->cow_n = r->cow_i = 0;
+	r->rd_done = r->rd_len = 0; /* COW_MAP starts with the first range */
+	if (!rhead && !rtail)
+		return 0;
+	r->bounce = bounce_get(m);
+	if (!r->bounce)
+		return -ENOMEM;
+	r->tail_buf = (uint8_t *)r->bounce + m->cs;
 	if (rhead && rtail && a->cow_end - a->cow_start <= m->cs) {
 		/* one read for both (the data part in between is overwritten) */
-		r->cow_joint = true;
-		r->wstate = WS_COW_HEAD;
-		r->rd_one = (struct iovec){r->bounce, a->cow_end - a->cow_start};
-		rd_start(r, a->cow_start, a->cow_end - a->cow_start, &r->rd_one, 1, 0,
-			 wr_cow_head_done);
-		return;
+		r->tail_buf = (uint8_t *)r->bounce + (a->off + a->len - a->cow_start);
+		cow_add(r, a->cow_start, a->cow_end - a->cow_start, r->bounce);
+		return 0;
 	}
-	if (rhead) {
-		r->wstate = WS_COW_HEAD;
-		r->rd_one = (struct iovec){r->bounce, head};
-		rd_start(r, a->cow_start, head, &r->rd_one, 1, 0, wr_cow_head_done);
-		return;
-	}
-	wr_cow_head_done(r, 0);
+	if (rhead)
+		cow_add(r, a->cow_start, head, r->bounce);
+	if (rtail)
+		cow_add(r, a->off + a->len, tail, r->tail_buf);
+	return 0;
 }
 
-static void wr_io_done(struct io_cmd *cmd, int res)
-{
-	struct q2req *r = cmd->priv;
-
-	switch (r->wstate) {
-	case WS_INPLACE:
-	case WS_ZEROING:
-		if (r->zr_len && zr_again(r, res))
-			return;
-		break;
-	default:
-		break;
-	}
-	if (res < 0 && !r->wr_err)
-		r->wr_err = res;
-	if (--r->wr_pending)
-		return;
-	res = r->wr_err;
-	r->wr_err = 0;
-	r->zr_len = 0;
-	switch (r->wstate) {
-	case WS_INPLACE:
-	case WS_WRITING:
-		wr_finish(r, res);
-		return;
-	case WS_ZEROING:
-		if (res < 0) {
-			wr_finish(r, res);
-			return;
-		}
-		wr_alloc_write(r);
-		return;
-	default:
-		wr_finish(r, -EIO);
-		return;
-	}
-}
-
-/* Map a prefix of what is left of the write job and start its I/O. From the loop only. */
-static void wr_step(struct q2req *r)
+/*
+ * Write an allocation: head + data + tail as one writev (zero data: head and
+ * tail apart, if they hold anything). Returns the commands issued (0: none
+ * needed, fresh space) or -errno.
+ */
+static int alloc_write(struct q2req *r)
 {
 	struct q2img *m = r->m;
-	struct qcow2 *q = m->q;
 	struct qcow2_alloc *a = &r->a;
-	uint64_t off = r->wr_off + r->wr_done;
-	int ret;
+	struct io_file *f = data_file(m);
+	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
+	uint64_t hhost = a->host - head;
+	bool whead = head && !a->head_zero, wtail = tail && !a->tail_zero;
+	unsigned k = 0;
+	int n;
 
-	if (r->wr_done >= r->wr_len) {
-		r->wr_cont(r, 0);
-		return;
-	}
-	r->wstate = WS_MAP;
-	r->wr_ticket = qcow2_io_begin(q);
-	r->wr_has_ticket = true;
-	ret = qcow2_map_write(q, off, r->wr_len - r->wr_done, a, &r->w);
-	if (ret == -EAGAIN) {
-		wr_end_ticket(r);
-		r->wait = W_WMAP;
-		return;
-	}
-	if (ret < 0) {
-		wr_end_ticket(r);
-		r->wr_cont(r, ret);
-		return;
-	}
-	r->wr_token = ret == QCOW2_WRITE_ALLOC;
-	if (ret == QCOW2_WRITE_ALLOC) {
-		wr_alloc(r);
-		return;
-	}
-	/* in place */
-	r->wstate = WS_INPLACE;
-	r->wr_err = 0;
-	r->zr_len = 0;
-	if (!r->wr_iov) {
-		r->zr_off = a->host;
-		r->zr_len = a->len;
-		zr_issue(r);
-		return;
-	}
-	if (wiov_reserve(r, r->wr_iovcnt) < 0) {
-		wr_finish(r, -ENOMEM);
-		return;
-	}
-	ret = io_iov_slice(r->wiov, r->wiov_cap, r->wr_iov, r->wr_iovcnt, (size_t)(off - r->wr_off),
-			   (size_t)a->len);
-	if (ret < 0) {
-		wr_finish(r, ret);
-		return;
-	}
-	r->cmd.done = wr_io_done;
+	r->cmd.done = cmd_done;
 	r->cmd.priv = r;
-	r->wr_pending = 1;
-	if ((unsigned)ret == r->wr_iovcnt && a->len == r->wr_len)
-		io_writev(m->img.loop, &r->cmd, data_file(m), r->wr_iov, r->wr_iovcnt, a->host);
-	else
-		io_writev(m->img.loop, &r->cmd, data_file(m), r->wiov, (unsigned)ret, a->host);
+	r->cmd2.done = cmd_done;
+	r->cmd2.priv = r;
+	r->pending = 0;
+	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt + 2) < 0)
+		return -ENOMEM;
+	if (!r->wr_iov) {
+		/* zero data: zeroed or fresh already */
+		if (whead) {
+			r->pending++;
+			r->wiov[0] = (struct iovec){r->bounce, head};
+			io_writev(m->img.loop, &r->cmd, f, &r->wiov[0], 1, hhost);
+		}
+		if (wtail) {
+			r->pending++;
+			r->wiov[1] = (struct iovec){r->tail_buf, tail};
+			io_writev(m->img.loop, &r->cmd2, f, &r->wiov[1], 1, a->host + a->len);
+		}
+		return (int)r->pending;
+	}
+	if (whead)
+		r->wiov[k++] = (struct iovec){r->bounce, head};
+	n = io_iov_slice(r->wiov + k, r->wiov_cap - k, r->wr_iov, r->wr_iovcnt,
+			 (size_t)(a->off - r->wr_off), (size_t)a->len);
+	if (n < 0)
+		return n;
+	k += (unsigned)n;
+	if (wtail)
+		r->wiov[k++] = (struct iovec){r->tail_buf, tail};
+	r->pending = 1;
+	io_writev(m->img.loop, &r->cmd, f, r->wiov, k, whead ? hhost : a->host);
+	return 1;
 }
 
-static void wr_start(struct q2req *r, uint64_t off, uint64_t len, struct iovec *iov,
-		     unsigned iovcnt, q2_cont_fn *cont)
+/* The COW data is in: zero the host range first if some of it must read as zeroes. */
+static int alloc_fill(struct q2req *r)
+{
+	struct qcow2_alloc *a = &r->a;
+	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
+	bool need = (head && a->head_zero) || (tail && a->tail_zero) || !r->wr_iov;
+	int ret;
+
+	if (a->fresh || !need) {
+		r->state = RQ_WRITING;
+		return alloc_write(r);
+	}
+	r->state = RQ_ZEROING;
+	r->zr_off = a->host - head;
+	r->zr_len = a->cow_end - a->cow_start;
+	ret = zero_issue(r);
+	return ret < 0 ? ret : 1;
+}
+
+/* A mapped write prefix ends: link (or undo) its allocation, give back its ticket. */
+static void write_end(struct q2req *r, int err)
+{
+	struct q2img *m = r->m;
+
+	if (r->state != RQ_INPLACE)
+		qcow2_alloc_finish(m->q, &r->a, err);
+	qcow2_io_end(m->q, r->wr_ticket);
+	bounce_put(m, r->bounce);
+	r->bounce = NULL;
+	if (err >= 0)
+		r->wr_done += r->a.len;
+}
+
+static void write_range(struct q2req *r, uint64_t off, uint64_t len, struct iovec *iov,
+			unsigned iovcnt)
 {
 	r->wr_off = off;
 	r->wr_len = len;
 	r->wr_done = 0;
 	r->wr_iov = iov;
 	r->wr_iovcnt = iovcnt;
-	r->wr_cont = cont;
-	r->wr_token = false;
-	r->wr_has_ticket = false;
-	r->bounce = NULL;
-	wr_step(r);
 }
 
-/* ---- write zeroes / discard ---- */
+/* ---- the step function ---- */
 
-static void z_write_done(struct q2req *r, int err)
+static bool holds_write(uint8_t state)
 {
-	if (err < 0) {
-		req_complete(r, err);
-		return;
-	}
-	r->z_done += r->z_step_len;
-	z_step(r);
+	return state == RQ_INPLACE || state == RQ_COW_MAP || state == RQ_COW_IO ||
+	       state == RQ_ZEROING || state == RQ_WRITING;
 }
 
-static void z_punch_done(struct io_cmd *cmd, int res)
-{
-	struct q2req *r = cmd->priv;
-
-	/* a discard is a hint; a data file that cannot punch is fine */
-	if (res < 0 && res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS) {
-		req_complete(r, res);
-		return;
-	}
-	r->z_done += r->z_step_len;
-	z_step(r);
-}
-
-static void z_resume(struct io_cmd *cmd, int res)
-{
-	(void)res;
-	z_step(cmd->priv);
-}
-
-static void z_step(struct q2req *r)
+/*
+ * The request driver: one struct q2req per request in flight, moved by one
+ * function, step(r, res). Each state names what the request waits for;
+ * whatever it waited for (an io/ command or all parts of a split one, a
+ * read of the backing image, a metadata load, a flush, a post) calls step()
+ * with the result (0 or -errno). step() then issues the next I/O and returns,
+ * parks on the engine's waiter (a *_MAP state stays and is re-run when
+ * woken: mapping is idempotent), or moves on at once.
+ *
+ *   START     --posted-->        READ_MAP | WRITE_MAP | ZERO_MAP | FLUSH,
+ *                                or done (-EROFS, -EINVAL, nothing to do)
+ *   READ_MAP  --mapped-->        READ_IO (parts issued) | READ_MAP (all
+ *                                zero-filled here, more left) | done
+ *   READ_IO   --parts done-->    READ_MAP
+ *   WRITE_MAP --in place-->      INPLACE
+ *             --allocated-->     COW_MAP (the token's head and tail)
+ *             --range written--> done (write) | ZERO_MAP (zeroes, discard)
+ *   INPLACE   --written-->       WRITE_MAP
+ *   COW_MAP   --mapped-->        COW_IO | COW_MAP (as READ_MAP, on the old
+ *                                content of the head and tail, unless zero)
+ *             --all copied-->    ZEROING (some of it must read as zeroes) |
+ *                                WRITING
+ *   COW_IO    --parts done-->    COW_MAP
+ *   ZEROING   --zeroed-->        WRITING
+ *   WRITING   --written-->       WRITE_MAP (qcow2_alloc_finish links it;
+ *                                fresh zero data: nothing to write)
+ *   ZERO_MAP  --zero step-->     WRITE_MAP (zeroes to write) | PUNCH |
+ *                                ZERO_MAP | done
+ *   PUNCH     --punched-->       ZERO_MAP
+ *   FLUSH     --flushed-->       done
+ *
+ *   *_MAP     --metadata miss--> the same state, parked on r->w
+ *   *_MAP     --MAX_TURNS steps without I/O--> the same state, posted
+ *   INPLACE, ZEROING --method unsupported / next chunk--> the same state
+ *   any       --error-->         done (an allocation in progress is undone)
+ *
+ * A mapped write prefix (INPLACE, COW_MAP, COW_IO, ZEROING, WRITING) holds the
+ * engine's ticket r->wr_ticket from its mapping to its end; an allocating
+ * one (all but INPLACE) also holds the token r->a. READ_IO and COW_IO hold
+ * r->rd_ticket while their parts are in flight.
+ */
+static void step(struct q2req *r, int res)
 {
 	struct q2img *m = r->m;
 	struct img_io *io = r->io;
-	bool zero = io->op == IMG_OP_WRITE_ZEROES;
+	uint64_t dl = 0;
+	int ret;
 
-	for (unsigned steps = 0;; steps++) {
-		uint64_t off = io->off + r->z_done, dl = 0;
-		int ret;
+	for (;;) {
+		switch (r->state) {
+		case RQ_START:
+			res = res < 0 ? res : r->err;
+			if (res < 0)
+				goto fail;
+			if (io->op != IMG_OP_FLUSH && io->len == 0)
+				goto done;
+			switch (io->op) {
+			case IMG_OP_READ:
+				read_range(r, io->off, io->len, io->iov, io->iovcnt);
+				r->state = RQ_READ_MAP;
+				continue;
+			case IMG_OP_WRITE:
+				write_range(r, io->off, io->len, io->iov, io->iovcnt);
+				r->state = RQ_WRITE_MAP;
+				continue;
+			case IMG_OP_DISCARD:
+			case IMG_OP_WRITE_ZEROES:
+				r->z_done = 0;
+				r->state = RQ_ZERO_MAP;
+				continue;
+			case IMG_OP_FLUSH:
+				r->state = RQ_FLUSH;
+				r->flush.done = flush_done;
+				r->flush.priv = r;
+				qcow2_flush(m->q, &r->flush);
+				return;
+			default:
+				res = -EINVAL;
+				goto fail;
+			}
 
-		if (r->z_done >= io->len) {
-			req_complete(r, 0);
-			return;
+		case RQ_READ_MAP:
+		case RQ_COW_MAP:
+			if (res < 0)
+				goto fail;
+			if (r->rd_done >= r->rd_len) {
+				if (r->state == RQ_READ_MAP)
+					goto done;
+				if (r->cow_i < r->cow_n) {
+					struct cow_range *c = &r->cow[r->cow_i++];
+
+					read_range(r, c->off, c->iov.iov_len, &c->iov, 1);
+					continue;
+				}
+				ret = alloc_fill(r); /* -> ZEROING or WRITING */
+				if (ret < 0) {
+					res = ret;
+					goto fail;
+				}
+				if (ret > 0)
+					return;
+				continue; /* nothing to write: fresh space */
+			}
+			if (++r->turns > MAX_TURNS) {
+				post(r);
+				return;
+			}
+			ret = read_map(r);
+			if (ret == -EAGAIN)
+				return;
+			if (ret < 0) {
+				res = ret;
+				goto fail;
+			}
+			if (ret > 0) {
+				r->turns = 0;
+				r->state = r->state == RQ_READ_MAP ? RQ_READ_IO : RQ_COW_IO;
+				return;
+			}
+			continue; /* all zero-filled: map the rest */
+
+		case RQ_READ_IO:
+		case RQ_COW_IO:
+			if (res < 0)
+				goto fail;
+			qcow2_io_end(m->q, r->rd_ticket);
+			r->state = r->state == RQ_READ_IO ? RQ_READ_MAP : RQ_COW_MAP;
+			continue;
+
+		case RQ_WRITE_MAP:
+			if (res < 0)
+				goto fail;
+			if (r->wr_done >= r->wr_len) {
+				if (io->op == IMG_OP_WRITE)
+					goto done;
+				r->z_done += r->wr_len;
+				r->state = RQ_ZERO_MAP;
+				continue;
+			}
+			if (++r->turns > MAX_TURNS) {
+				post(r);
+				return;
+			}
+			r->wr_ticket = qcow2_io_begin(m->q);
+			ret = qcow2_map_write(m->q, r->wr_off + r->wr_done, r->wr_len - r->wr_done,
+					      &r->a, &r->w);
+			if (ret < 0) {
+				qcow2_io_end(m->q, r->wr_ticket);
+				if (ret == -EAGAIN)
+					return;
+				res = ret;
+				goto fail;
+			}
+			r->turns = 0;
+			if (ret == QCOW2_WRITE_INPLACE) {
+				r->state = RQ_INPLACE;
+				ret = inplace_issue(r);
+				if (ret < 0) {
+					res = ret;
+					goto fail;
+				}
+				return;
+			}
+			r->state = RQ_COW_MAP;
+			ret = cow_plan(r);
+			if (ret < 0) {
+				res = ret;
+				goto fail;
+			}
+			continue;
+
+		case RQ_INPLACE:
+		case RQ_ZEROING:
+			if (r->zr_len) {
+				/* zeroing: the next method or chunk, or done */
+				res = zero_more(r, res);
+				if (res > 0)
+					return;
+			}
+			if (res < 0)
+				goto fail;
+			if (r->state == RQ_INPLACE) {
+				write_end(r, 0);
+				r->state = RQ_WRITE_MAP;
+				continue;
+			}
+			r->state = RQ_WRITING;
+			ret = alloc_write(r);
+			if (ret < 0) {
+				res = ret;
+				goto fail;
+			}
+			if (ret > 0)
+				return;
+			continue; /* nothing to write: fresh space */
+
+		case RQ_WRITING:
+			if (res < 0)
+				goto fail;
+			write_end(r, 0);
+			r->state = RQ_WRITE_MAP;
+			continue;
+
+		case RQ_ZERO_MAP:
+			if (res < 0)
+				goto fail;
+			if (r->z_done >= io->len)
+				goto done;
+			if (++r->turns > MAX_TURNS) {
+				post(r);
+				return;
+			}
+			ret = qcow2_zero_step(m->q, io->off + r->z_done, io->len - r->z_done,
+					      io->op == IMG_OP_WRITE_ZEROES,
+					      (io->flags & IMG_IO_UNMAP) != 0, &dl, &r->w);
+			if (ret == -EAGAIN)
+				return;
+			if (ret < 0) {
+				res = ret;
+				goto fail;
+			}
+			if (ret == QCOW2_Z_WRITE) {
+				write_range(r, io->off + r->z_done, dl, NULL, 0);
+				r->state = RQ_WRITE_MAP;
+				continue;
+			}
+			if (ret == QCOW2_Z_DONE && m->has_dfile &&
+			    (io->op == IMG_OP_DISCARD || m->data_raw)) {
+				/* external data file: give the space back, keep a raw one raw */
+				bool zr =
+				    io->op == IMG_OP_WRITE_ZEROES && !(io->flags & IMG_IO_UNMAP);
+
+				r->z_len = dl;
+				r->state = RQ_PUNCH;
+				r->turns = 0;
+				r->cmd.done = cmd_done;
+				r->cmd.priv = r;
+				r->pending = 1;
+				io_fallocate(m->img.loop, &r->cmd, &m->dfile,
+					     (zr ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) |
+						 FALLOC_FL_KEEP_SIZE,
+					     io->off + r->z_done, dl);
+				return;
+			}
+			r->z_done += dl;
+			continue;
+
+		case RQ_PUNCH:
+			/* a discard is a hint; a data file that cannot punch is fine */
+			if (res < 0 && res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS)
+				goto fail;
+			res = 0;
+			r->z_done += r->z_len;
+			r->state = RQ_ZERO_MAP;
+			continue;
+
+		case RQ_FLUSH:
+			goto done;
+
+		default:
+			res = -EIO;
+			goto fail;
 		}
-		if (steps == 64) {
-			/* a long metadata-only range: let other requests run meanwhile */
-			r->nop.done = z_resume;
-			r->nop.priv = r;
-			io_readv(m->img.loop, &r->nop, &m->file, NULL, 0, 0);
-			return;
-		}
-		ret = qcow2_zero_step(m->q, off, io->len - r->z_done, zero,
-				      (io->flags & IMG_IO_UNMAP) != 0, &dl, &r->w);
-		if (ret == -EAGAIN) {
-			r->wait = W_ZERO;
-			return;
-		}
-		if (ret < 0) {
-			req_complete(r, ret);
-			return;
-		}
-		r->z_step_len = dl;
-		if (ret == QCOW2_Z_WRITE) {
-			wr_start(r, off, dl, NULL, 0, z_write_done);
-			return;
-		}
-		if (ret == QCOW2_Z_DONE && m->has_dfile && (!zero || m->data_raw)) {
-			/* external data file: give the space back (and keep a raw file raw) */
-			r->cmd.done = z_punch_done;
-			r->cmd.priv = r;
-			io_fallocate(m->img.loop, &r->cmd, &m->dfile,
-				     (zero && !(io->flags & IMG_IO_UNMAP) ? FALLOC_FL_ZERO_RANGE
-									  : FALLOC_FL_PUNCH_HOLE) |
-					 FALLOC_FL_KEEP_SIZE,
-				     off, dl);
-			return;
-		}
-		r->z_done += dl;
 	}
+
+fail:
+	if (r->state == RQ_READ_IO || r->state == RQ_COW_IO)
+		qcow2_io_end(m->q, r->rd_ticket);
+	if (holds_write(r->state))
+		write_end(r, res);
+done:
+	complete(r, res);
 }
 
 /* ---- request entry ---- */
-
-static void rw_done(struct q2req *r, int err)
-{
-	req_complete(r, err);
-}
-
-static void flush_done(struct qcow2_flush *f, int res)
-{
-	req_complete(f->priv, res);
-}
-
-static void start(struct io_cmd *cmd, int res)
-{
-	struct q2req *r = cmd->priv;
-	struct img_io *io = r->io;
-
-	if (res < 0 || r->start_err) {
-		req_complete(r, res < 0 ? res : r->start_err);
-		return;
-	}
-	if (io->op != IMG_OP_FLUSH && io->len == 0) {
-		req_complete(r, 0);
-		return;
-	}
-	switch (io->op) {
-	case IMG_OP_READ:
-		r->stage = RS_READ;
-		rd_start(r, io->off, io->len, io->iov, io->iovcnt, 0, rw_done);
-		return;
-	case IMG_OP_WRITE:
-		r->stage = RS_WRITE;
-		wr_start(r, io->off, io->len, io->iov, io->iovcnt, rw_done);
-		return;
-	case IMG_OP_DISCARD:
-	case IMG_OP_WRITE_ZEROES:
-		r->stage = RS_ZERO;
-		r->z_done = 0;
-		z_step(r);
-		return;
-	case IMG_OP_FLUSH:
-		r->stage = RS_FLUSH;
-		r->flush.done = flush_done;
-		r->flush.priv = r;
-		qcow2_flush(r->m->q, &r->flush);
-		return;
-	default:
-		req_complete(r, -EINVAL);
-		return;
-	}
-}
 
 static void nomem_done(struct io_cmd *cmd, int res)
 {
@@ -1004,27 +968,26 @@ static void q2_submit(struct img *img, struct img_io *io)
 		/* no context: fail through the io's own command, still from the loop */
 		io->cmd.done = nomem_done;
 		io->cmd.priv = io;
-		io_readv(img->loop, &io->cmd, &m->file, NULL, 0, 0);
+		io_post(img->loop, &io->cmd);
 		return;
 	}
 	m->inflight++;
 	r->io = io;
-	r->stage = 0;
-	r->wait = W_NONE;
+	r->state = RQ_START;
 	r->w.wake = engine_wake;
 	r->w.priv = r;
-	r->start_err = 0;
+	r->pending = 0;
+	r->err = 0;
 	io->impl = r;
+	/* the one entry of write-type requests (write, write-zeroes, discard) */
 	if (write && !img_may_write(img))
-		r->start_err = -EROFS;
+		r->err = -EROFS;
 	else if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off))
-		r->start_err = -EINVAL;
+		r->err = -EINVAL;
 	else if (write)
 		qcow2_bitmap_mark(m->q, io->off, io->len);
 	/* always start from the loop: done() must never run inside submit */
-	r->nop.done = start;
-	r->nop.priv = r;
-	io_readv(img->loop, &r->nop, &m->file, NULL, 0, 0);
+	post(r);
 }
 
 /* ---- open / close ---- */
