@@ -352,6 +352,79 @@ static void test_read_only(void)
 	io_free_aligned(buf);
 }
 
+/* Is any of QEMU's lock bytes 100..203 held by another open file description? */
+static bool lock_bytes_held(int off)
+{
+	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
+	int fd = open(g_path, O_RDONLY | O_CLOEXEC);
+	bool held;
+
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
+	held = fl.l_type != F_UNLCK;
+	close(fd);
+	return held;
+}
+
+/*
+ * Image locks and img_set_perm(): a read-write raw image holds bytes 100,
+ * 101 and 201 (uses read and write, does not share write), a second
+ * read-write open is refused, and the permission can be given up and taken
+ * back at run time; without WRITE nothing is written (-EROFS).
+ */
+static void test_perm(void)
+{
+	struct img_opts o = {.direct = true};
+	struct img *img, *other = NULL;
+	uint8_t *buf = io_alloc_aligned(4096);
+	char err[256];
+
+	make_file(NULL, 0);
+	img = open_img(false);
+	CU_ASSERT_EQUAL(img->perm, IMG_PERM_WRITE);
+	CU_ASSERT(lock_bytes_held(100) && lock_bytes_held(101) && lock_bytes_held(201));
+	CU_ASSERT(!lock_bytes_held(102) && !lock_bytes_held(103) && !lock_bytes_held(200) &&
+		  !lock_bytes_held(203));
+	CU_ASSERT_EQUAL(img_open(&other, g_loop, g_path, &o, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "Failed to get \"write\" lock"));
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, g_path));
+	o.read_only = true;
+	CU_ASSERT_EQUAL(img_open(&other, g_loop, g_path, &o, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_PTR_NOT_NULL(strstr(err, "Failed to get shared \"write\" lock"));
+	o.force_share = true;
+	CU_ASSERT_EQUAL_FATAL(img_open(&other, g_loop, g_path, &o, err, sizeof(err)), 0);
+	img_close(other);
+
+	/* give up write: writes fail, the bytes go, a reader may join */
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), 0);
+	CU_ASSERT(!lock_bytes_held(101) && lock_bytes_held(100) && lock_bytes_held(201));
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_rw(img, false, buf, 4096, 0), 0);
+	/* nothing at all (an inactive image): a writer may open it meanwhile */
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_NONE, err, sizeof(err)), 0);
+	CU_ASSERT(!lock_bytes_held(100) && !lock_bytes_held(201));
+	o.read_only = false;
+	o.force_share = false;
+	CU_ASSERT_EQUAL_FATAL(img_open(&other, g_loop, g_path, &o, err, sizeof(err)), 0);
+	/* ... and then we cannot take write back */
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_EQUAL(img->perm, IMG_PERM_NONE);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), -EROFS);
+	img_close(other);
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), 0);
+	memset(buf, 0x5a, 4096);
+	CU_ASSERT_EQUAL(do_rw(img, true, buf, 4096, 0), 0);
+	img_close(img);
+	CU_ASSERT(!lock_bytes_held(100) && !lock_bytes_held(101) && !lock_bytes_held(201));
+
+	/* read-only: no write permission to take */
+	img = open_img(true);
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), -EROFS);
+	img_close(img);
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
 static void test_refresh_size(void)
 {
 	struct img *img;
@@ -563,6 +636,7 @@ int main(void)
 	CU_add_test(s, "discard and write zeroes", test_discard_zeroes);
 	CU_add_test(s, "injected errors", test_injected_errors);
 	CU_add_test(s, "read-only", test_read_only);
+	CU_add_test(s, "locks and img_set_perm", test_perm);
 	CU_add_test(s, "blk over raw", test_blk_over_raw);
 	CU_add_test(s, "refresh size", test_refresh_size);
 	tu_add_test(s, "block device", test_blockdev, no_loop_device());
