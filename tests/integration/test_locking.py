@@ -19,6 +19,8 @@ file and a second overlay with an external data file):
   * the reverse: qemu-storage-daemon or qemu-io holding the image blocks
     vqcowd; vqcowd --read-only --force-share still starts.
   * --force-share without --read-only is refused.
+  * a raw block device (a loop device; skipped visibly where none can be
+    made) is locked the same way, both directions.
 
 Usage: test_locking.py --vqcowd PATH --img PATH --fe PATH --workdir DIR
 Exits 77 (SKIP) without qemu-img / qemu-io / qemu-storage-daemon.
@@ -26,6 +28,7 @@ Exits 77 (SKIP) without qemu-img / qemu-io / qemu-storage-daemon.
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -111,8 +114,9 @@ class Qsd:
     def __init__(self, img, fmt, writable, name):
         self.sock = W(name + ".qsd.sock")
         ro = "" if writable else ",read-only=on"
+        proto = "host_device" if stat.S_ISBLK(os.stat(img).st_mode) else "file"
         self.argv = ["qemu-storage-daemon",
-                     "--blockdev", "driver=file,filename=%s,node-name=f%s" % (img, ro),
+                     "--blockdev", "driver=%s,filename=%s,node-name=f%s" % (proto, img, ro),
                      "--blockdev", "driver=%s,file=f,node-name=n%s" % (fmt, ro),
                      "--export", "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,"
                      "addr.path=%s,writable=%s" % (self.sock, "on" if writable else "off")]
@@ -295,6 +299,36 @@ def test_reverse(name, img, fmt):
         io.stop()
 
 
+def test_blockdev():
+    """The same locks on a block device node (a loop device), if we can make one."""
+    log("== raw block device")
+    back = W("loop.img")
+    with open(back, "wb") as f:
+        f.truncate(64 << 20)
+    r = qlib.run(["losetup", "-f", "--show", back])
+    dev = r.text.strip()
+    if r.rc != 0 or not dev.startswith("/dev/"):
+        log("SKIP (part): no loop device here (%s)" % r.errtext.strip())
+        return
+    try:
+        d = start_daemon(dev, "blockdev")
+        try:
+            refused(qemu_io_write(dev, "raw"), 'Failed to get "write" lock',
+                    "qemu-io write to the block device")
+            vqcowd_refused(dev, 'Failed to get shared "write" lock',
+                           "second vqcowd read-only on the block device", ["--read-only"])
+        finally:
+            d.assert_clean_stop()
+        q = Qsd(dev, "raw", True, "blockdev")
+        q.start()
+        try:
+            vqcowd_refused(dev, "lock", "vqcowd vs qemu-storage-daemon on the block device")
+        finally:
+            q.stop()
+    finally:
+        qlib.run(["losetup", "-d", dev])
+
+
 def main():
     global A, W
     A = qlib.parse_args()
@@ -315,6 +349,7 @@ def main():
             test_readers(name, img, fmt, others)
         for name in ("raw", "qcow2"):
             test_reverse(name, imgs[name][0], imgs[name][1])
+        test_blockdev()
         ok = True
     finally:
         W.cleanup(ok)
