@@ -314,23 +314,19 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, char *err,
 		      size_t errlen)
 {
+	struct qcow2_io fio = q2_file_io(q->file);
 	uint64_t *t, fsize = q->file->size;
 	int ret;
 
-	t = malloc((size_t)bm->table_size * 8);
-	if (!t)
-		return -ENOMEM;
-	ret = io_file_pread_sync(q->file, t, (size_t)bm->table_size * 8, bm->table_off);
-	if (ret < 0) {
-		qcow2_seterr(err, errlen, ret, "%s: bitmap '%s': reading the bitmap table: %s",
-			     q->path, bm->name, strerror(-ret));
-		goto out;
-	}
+	ret = qcow2_read_table(&fio, bm->table_off, bm->table_size, &t);
+	if (ret < 0)
+		return qcow2_seterr(err, errlen, ret,
+				    "%s: bitmap '%s': reading the bitmap table: %s", q->path,
+				    bm->name, strerror(-ret));
 	ret = push_range(clu, bm->table_off, (uint64_t)bm->table_size * 8, q->cb);
 	for (uint32_t i = 0; ret == 0 && i < bm->table_size; i++) {
-		uint64_t e = qcow2_be64(&t[i]), off = e & BM_TE_OFFSET_MASK;
+		uint64_t e = t[i], off = e & BM_TE_OFFSET_MASK;
 
-		t[i] = e;
 		if ((e & BM_TE_RESERVED_MASK) || (off && (e & BM_TE_ALL_ONES)) ||
 		    (off & (q->cs - 1)) || off >= fsize) {
 			ret =
@@ -346,7 +342,6 @@ static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, ch
 		bm->table = t;
 		t = NULL;
 	}
-out:
 	free(t);
 	return ret;
 }

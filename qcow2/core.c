@@ -2,8 +2,9 @@
 /*
  * qcow2/core.c — engine state every part of the engine uses: the set of
  * metadata clusters (overlap checks), the sticky corruption state, the
- * allocation frontier seen by entry checks, the L1 entry check, and
- * deferred wake-ups. It calls nothing of the engine above it.
+ * allocation frontier seen by entry checks, the L1 entry check, deferred
+ * wake-ups, and the format code's I/O interface over the engine's file. It calls nothing of the
+ * engine above it.
  *
  * Invariants:
  *  - q->meta is sorted and holds no duplicates; every cluster holding the
@@ -216,6 +217,44 @@ void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err)
 		q2_wake_later(q, rev, err);
 		rev = next;
 	}
+}
+
+/* ---- the format code's I/O interface ---- */
+
+/*
+ * The format code's I/O interface over the engine's file: the same
+ * synchronous io/ calls the rest of open uses (open time only, never on the
+ * request path).
+ */
+static int file_read(void *opaque, void *buf, size_t len, uint64_t off)
+{
+	return io_file_pread_sync(opaque, buf, len, off);
+}
+
+static int file_write(void *opaque, const void *buf, size_t len, uint64_t off)
+{
+	return io_file_pwrite_sync(opaque, buf, len, off);
+}
+
+static int file_sync(void *opaque)
+{
+	return io_file_sync(opaque);
+}
+
+static int file_size(void *opaque, uint64_t *size)
+{
+	return io_file_get_size(opaque, size);
+}
+
+struct qcow2_io q2_file_io(struct io_file *f)
+{
+	return (struct qcow2_io){
+	    .read = file_read,
+	    .write = file_write,
+	    .sync = file_sync,
+	    .size = file_size,
+	    .opaque = f,
+	};
 }
 
 /* ---- L1 entries ---- */

@@ -15,7 +15,7 @@
  *   cache.c      L2 and refcount slice caches (load, evict, dirty lists);
  *                a plain cache: what it needs from the engine comes as hooks
  *   core.c       metadata set (overlap checks), corruption state, L1 entry
- *                check, deferred wake-ups
+ *                check, deferred wake-ups, qcow2_io over the engine's file
  *
  * Slice cache invariants:
  *  - A slice is in the hash while LOADING or READY; its buffer holds the
@@ -34,6 +34,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "image.h"
 #include "qcow2.h"
 
 enum q2_slice_state {
@@ -288,6 +289,12 @@ void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err);
 void q2_wake_list_later(struct qcow2 *q, struct qcow2_waiter **list, int err);
 /* Largest host offset we accept in an entry (file end or allocation frontier). */
 uint64_t q2_host_end(const struct qcow2 *q);
+/*
+ * The format code's I/O interface (qcow2fmt/image.h) over @f: io/'s
+ * synchronous calls (io_file_pread_sync & co). Open time only (open, the
+ * dirty-image repair, bitmap loading), never on the request path.
+ */
+struct qcow2_io q2_file_io(struct io_file *f);
 /*
  * Check L1 entry @i (< l1_size): NULL with *off = its L2 table's host offset
  * (0 = no table), or what is wrong with it.

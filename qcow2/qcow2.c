@@ -69,42 +69,6 @@ static void cache_pressure(void *opaque)
 /* ---- open ---- */
 
 /*
- * The format code's I/O interface over the engine's file: the same
- * synchronous io/ calls the rest of open uses (open time only, never on the
- * request path).
- */
-static int file_read(void *opaque, void *buf, size_t len, uint64_t off)
-{
-	return io_file_pread_sync(opaque, buf, len, off);
-}
-
-static int file_write(void *opaque, const void *buf, size_t len, uint64_t off)
-{
-	return io_file_pwrite_sync(opaque, buf, len, off);
-}
-
-static int file_sync(void *opaque)
-{
-	return io_file_sync(opaque);
-}
-
-static int file_size(void *opaque, uint64_t *size)
-{
-	return io_file_get_size(opaque, size);
-}
-
-static struct qcow2_io file_io(struct io_file *f)
-{
-	return (struct qcow2_io){
-	    .read = file_read,
-	    .write = file_write,
-	    .sync = file_sync,
-	    .size = file_size,
-	    .opaque = f,
-	};
-}
-
-/*
  * Read the snapshot table (the format's reader) and check each snapshot's
  * L1 table placement; add the table's clusters and the snapshot L1 tables
  * to @m.
@@ -113,7 +77,7 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 			  size_t errlen)
 {
 	const struct qcow2_header_info *h = &q->h;
-	struct qcow2_io fio = file_io(q->file);
+	struct qcow2_io fio = q2_file_io(q->file);
 	struct qcow2_snapshot_info *sn = NULL;
 	uint8_t *buf = NULL;
 	uint64_t used;
@@ -262,7 +226,7 @@ int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, co
 	       const struct qcow2_opts *opts, char *err, size_t errlen)
 {
 	struct qcow2_opts defaults = {0};
-	struct qcow2_io fio = file_io(file);
+	struct qcow2_io fio = q2_file_io(file);
 	struct qcow2 *q;
 	uint8_t *hbuf = NULL;
 	uint64_t fsize, hlen, l2_bytes, rc_bytes, used;

@@ -83,13 +83,18 @@ struct qcow2_opts {
 /*
  * Open the engine on @file (an open image file; the engine does not own it).
  * Reads and validates the header, extensions, L1 table, refcount table and
- * snapshot table synchronously. When the L2 cache can hold every L2 table the
+ * snapshot table synchronously, with the format code's readers
+ * (qcow2fmt/image.h) over @file through io/'s synchronous calls. A
+ * read-write open of an image whose dirty bit is set (lazy refcounts)
+ * first repairs it with the format's checker (qcow2fmt/check.c, as
+ * `vqcow-img check -r all` does) over the same @file; a read-only open
+ * serves it as it is. When the L2 cache can hold every L2 table the
  * L1 table references (and not opts->no_l2_prefetch), it then starts reading
  * them into the cache in the background (large reads on @loop; open does not
  * wait; qcow2_close waits for them). Refuses (with a message naming @path and the
  * problem in @err): invalid headers, encryption, unknown incompatible
- * features, the corrupt bit (unless allow_corrupt_ro and read-only), the dirty
- * bit (lazy refcounts; repair with `vqcow-img check -r all`), zstd without
+ * features, the corrupt bit (unless allow_corrupt_ro and read-only), a dirty
+ * image the repair could not make clean, zstd without
  * zstd support. A read-write open clears autoclear bits we do not maintain;
  * it keeps the bitmaps bit: persistent dirty bitmaps are loaded and
  * validated (refusing the open when they are invalid or use features we do
