@@ -53,9 +53,9 @@ uint64_t vhost_offered_features(const struct vhost_dev *dev)
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
 {
 	return dev->ops->protocol_features | (1ull << VU_PROTO_F_MQ) |
-	       (1ull << VU_PROTO_F_RESET_DEVICE) | (1ull << VU_PROTO_F_REPLY_ACK) |
-	       (1ull << VU_PROTO_F_BACKEND_REQ) | (1ull << VU_PROTO_F_CONFIG) |
-	       (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+	       (1ull << VU_PROTO_F_RESET_DEVICE) | (1ull << VU_PROTO_F_INFLIGHT_SHMFD) |
+	       (1ull << VU_PROTO_F_REPLY_ACK) | (1ull << VU_PROTO_F_BACKEND_REQ) |
+	       (1ull << VU_PROTO_F_CONFIG) | (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
 }
 
 void vhost_msg_close_fds(struct vu_msg *msg)
@@ -217,6 +217,8 @@ void vhost_dev_reset_state(struct vhost_dev *dev)
 		vq->drain_pending = false;
 	}
 	dev->features = 0;
+	/* QEMU drops its inflight buffer on a device reset and gets a new one. */
+	vhost_inflight_unmap(dev);
 }
 
 /* A deferred reset whose rings have drained: reset, then ack if asked to. */
@@ -494,6 +496,26 @@ static int h_set_backend_req_fd(struct vhost_dev *dev, struct vu_msg *msg)
 	return 0;
 }
 
+/* GET_INFLIGHT_FD: a fresh shared region; the reply carries its fd. */
+static int h_get_inflight_fd(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int fd, ret = vhost_inflight_get(dev, &msg->p.inflight, &fd);
+
+	if (ret < 0)
+		return ret;
+	msg->p.inflight.pad = 0;
+	msg->hdr.flags = VU_VERSION | VU_FLAG_REPLY;
+	msg->hdr.size = sizeof(msg->p.inflight);
+	vhost_dev_send_fd(dev, &msg->hdr, &msg->p, fd);
+	close(fd);          /* the mapping keeps the region; the front-end has its copy */
+	return VU_DEFERRED; /* replied */
+}
+
+static int h_set_inflight_fd(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	return vhost_inflight_set(dev, &msg->p.inflight, msg->fds[0]);
+}
+
 #define U64   sizeof(uint64_t)
 #define STATE sizeof(struct vu_vring_state)
 static const struct msg_spec msg_table[VU_MSG_MAX] = {
@@ -528,6 +550,10 @@ static const struct msg_spec msg_table[VU_MSG_MAX] = {
 			1, 1, false, h_add_mem_reg},
     [VU_REM_MEM_REG] = {"REM_MEM_REG", sizeof(struct vu_mem_reg_msg), sizeof(struct vu_mem_reg_msg),
 			0, 1, false, h_rem_mem_reg},
+    [VU_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", VU_INFLIGHT_MSG_MIN, sizeof(struct vu_inflight_msg),
+			    0, 0, true, h_get_inflight_fd},
+    [VU_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", VU_INFLIGHT_MSG_MIN, sizeof(struct vu_inflight_msg),
+			    1, 1, false, h_set_inflight_fd},
     /* Known but not implemented (no handler): named for the log; those the
      * front-end expects an explicit reply to close the connection. */
     /* SET_LOG_BASE is replied to only with LOG_SHMFD, which we never offer */
@@ -542,8 +568,6 @@ static const struct msg_spec msg_table[VU_MSG_MAX] = {
     [VU_POSTCOPY_ADVISE] = {"POSTCOPY_ADVISE", 0, 0, 0, 0, true, NULL},
     [VU_POSTCOPY_LISTEN] = {"POSTCOPY_LISTEN", 0, 0, 0, 0, false, NULL},
     [VU_POSTCOPY_END] = {"POSTCOPY_END", 0, 0, 0, 0, false, NULL},
-    [VU_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", 0, 0, 0, 0, true, NULL},
-    [VU_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", 0, 0, 0, 0, false, NULL},
     [VU_GPU_SET_SOCKET] = {"GPU_SET_SOCKET", 0, 0, 0, 0, false, NULL},
     [VU_VRING_KICK] = {"VRING_KICK", 0, 0, 0, 0, false, NULL},
     [VU_SET_STATUS] = {"SET_STATUS", 0, 0, 0, 0, false, NULL},

@@ -70,6 +70,7 @@ void vhost_dev_free(struct vhost_dev *dev)
 {
 	for (unsigned i = 0; i < dev->nvqs; i++)
 		vhost_vq_free(&dev->vqs[i]);
+	vhost_inflight_unmap(dev);
 	free(dev->vqs);
 	vhost_mem_free(dev);
 	if (dev->sock_watched)
@@ -173,6 +174,42 @@ int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *
 
 	if (dev->dead || dev->sock < 0)
 		return -ENOTCONN;
+	do {
+		n = sendmsg(dev->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+	} while (n < 0 && errno == EINTR);
+	if (n != (ssize_t)(sizeof(*hdr) + hdr->size)) {
+		vhost_dev_set_broken(dev, n < 0 ? "cannot send a reply" : "short reply write");
+		return -EIO;
+	}
+	return 0;
+}
+
+/* A reply that carries one fd (GET_INFLIGHT_FD). 0 or -errno (connection broken). */
+int vhost_dev_send_fd(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload, int fd)
+{
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} cbuf;
+	struct iovec iov[2] = {
+	    {.iov_base = (void *)hdr, .iov_len = sizeof(*hdr)},
+	    {.iov_base = (void *)payload, .iov_len = hdr->size},
+	};
+	struct msghdr mh = {.msg_iov = iov,
+			    .msg_iovlen = hdr->size ? 2 : 1,
+			    .msg_control = cbuf.buf,
+			    .msg_controllen = sizeof(cbuf.buf)};
+	struct cmsghdr *c;
+	ssize_t n;
+
+	if (dev->dead || dev->sock < 0)
+		return -ENOTCONN;
+	memset(&cbuf, 0, sizeof(cbuf));
+	c = CMSG_FIRSTHDR(&mh);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &fd, sizeof(int));
 	do {
 		n = sendmsg(dev->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 	} while (n < 0 && errno == EINTR);

@@ -120,6 +120,7 @@ enum {
 #define VU_PROTO_F_REPLY_ACK           3
 #define VU_PROTO_F_BACKEND_REQ         5
 #define VU_PROTO_F_CONFIG              9
+#define VU_PROTO_F_INFLIGHT_SHMFD      12
 #define VU_PROTO_F_RESET_DEVICE        13
 #define VU_PROTO_F_CONFIGURE_MEM_SLOTS 15
 
@@ -182,6 +183,45 @@ _Static_assert(sizeof(struct vu_config) == VU_CONFIG_HDR_SIZE + VU_CONFIG_MAX, "
 #define VU_VRING_IDX_MASK  0xffu
 #define VU_VRING_NOFD_MASK (1u << 8)
 
+/*
+ * GET_INFLIGHT_FD / SET_INFLIGHT_FD payload (vhost-user.rst "Inflight
+ * description"): u64 mmap_size, u64 mmap_offset, u16 num_queues, u16
+ * queue_size. QEMU sends it as a C struct (24 bytes with tail padding).
+ */
+struct vu_inflight_msg {
+	uint64_t mmap_size;
+	uint64_t mmap_offset;
+	uint16_t num_queues;
+	uint16_t queue_size;
+	uint32_t pad;
+};
+_Static_assert(sizeof(struct vu_inflight_msg) == 24, "inflight description");
+#define VU_INFLIGHT_MSG_MIN 20
+
+/*
+ * Shared inflight region, split rings (vhost-user.rst "Inflight I/O
+ * tracking"), one per queue:
+ *   struct DescStateSplit { u8 inflight; u8 padding[5]; u16 next; u64 counter; };
+ *   struct QueueRegionSplit { u64 features; u16 version; u16 desc_num;
+ *                             u16 last_batch_head; u16 used_idx; DescStateSplit desc[]; };
+ */
+struct vu_inflight_desc {
+	uint8_t inflight;
+	uint8_t padding[5];
+	uint16_t next;
+	uint64_t counter;
+};
+_Static_assert(sizeof(struct vu_inflight_desc) == 16, "DescStateSplit is 16 bytes");
+struct vu_inflight_queue {
+	uint64_t features;
+	uint16_t version;
+	uint16_t desc_num;
+	uint16_t last_batch_head;
+	uint16_t used_idx;
+	struct vu_inflight_desc desc[];
+};
+_Static_assert(sizeof(struct vu_inflight_queue) == 16, "QueueRegionSplit header is 16 bytes");
+
 /* Largest payload accepted at all (bigger => malformed, disconnect). */
 #define VU_MAX_PAYLOAD 512
 /* Most fds accepted in one message (SET_MEM_TABLE). */
@@ -194,6 +234,7 @@ union vu_payload {
 	struct vu_mem_table mem;
 	struct vu_mem_reg_msg memreg;
 	struct vu_config config;
+	struct vu_inflight_msg inflight;
 	uint8_t bytes[VU_MAX_PAYLOAD];
 };
 
@@ -276,6 +317,15 @@ struct vhost_vq {
 	struct iovec *iovs; /* VQ_MAX_IOV per slot */
 	size_t iovs_len;    /* bytes mapped for iovs */
 	unsigned inflight;
+
+	/* Inflight I/O tracking (inflight.c). inflight_q: this ring's region in
+	 * the shared mapping (SET/GET_INFLIGHT_FD); track: the same once the
+	 * ring started with it (kept up to date on pop and push). */
+	struct vu_inflight_queue *inflight_q;
+	struct vu_inflight_queue *track;
+	uint64_t counter;   /* next fetch counter */
+	uint16_t *resubmit; /* heads left in flight, in fetch order */
+	uint16_t resubmit_n, resubmit_pos;
 };
 
 /* ---- connection ---- */
@@ -306,7 +356,9 @@ struct vhost_dev {
 	int backend_fd;
 
 	struct vhost_mem mem;
-	unsigned inflight; /* all rings */
+	unsigned inflight;  /* all rings */
+	void *inflight_map; /* shared inflight region (INFLIGHT_SHMFD) */
+	size_t inflight_len;
 
 	/* Receive state machine. */
 	enum vu_rx_state rx_state;
@@ -355,6 +407,17 @@ uint64_t vhost_offered_features(const struct vhost_dev *dev);
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev);
 void vhost_dev_reset_state(struct vhost_dev *dev);
 void vhost_dev_reset_finish(struct vhost_dev *dev);
+
+/* inflight.c */
+size_t vhost_inflight_queue_size(uint16_t queue_size);
+int vhost_inflight_get(struct vhost_dev *dev, struct vu_inflight_msg *m, int *fdp);
+int vhost_inflight_set(struct vhost_dev *dev, const struct vu_inflight_msg *m, int fd);
+void vhost_inflight_unmap(struct vhost_dev *dev);
+int vhost_inflight_start(struct vhost_vq *vq);
+void vhost_inflight_pop(struct vhost_vq *vq, uint16_t head);
+void vhost_inflight_push_begin(struct vhost_vq *vq, uint16_t head);
+void vhost_inflight_push_end(struct vhost_vq *vq, uint16_t head, uint16_t used_idx);
+int vhost_dev_send_fd(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload, int fd);
 
 /* mem.c */
 int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd);

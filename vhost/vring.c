@@ -278,9 +278,15 @@ int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 	vhost_close_fd(&vq->kick_fd);
 	vq->kick_fd = kick_fd;
 	if (!vq->started) {
-		vq->started = true;
-		/* Resume where the used ring stands; SET_VRING_BASE gave last_avail. */
+		int ret;
+
+		/* Resume where the used ring stands; SET_VRING_BASE gave last_avail
+		 * (with inflight tracking: used->idx + the requests left in flight). */
 		vq->used_idx = le16toh(LOAD16(&vq->used->idx));
+		ret = vhost_inflight_start(vq);
+		if (ret < 0)
+			return ret;
+		vq->started = true;
 		vq->signalled_valid = false;
 		vq->pushed = false;
 		vhost_vq_update_running(vq);
@@ -484,12 +490,26 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 	struct chain c;
 	uint16_t avail_idx, head;
 	unsigned out_iov;
+	bool resubmit = false;
 	int ret;
 
 	if (dev->broken || dev->dead)
 		return -EIO;
 	if (!vq_usable(vq))
 		return -EAGAIN;
+	if (vq->resubmit_pos < vq->resubmit_n) {
+		/* Left in flight by a back-end that died: handed out again first,
+		 * in fetch order; already marked in the region and counted in
+		 * last_avail. */
+		head = vq->resubmit[vq->resubmit_pos++];
+		resubmit = true;
+		if (vq->busy[head]) {
+			why = "resubmitted head index already in flight";
+			ret = -EINVAL;
+			goto broken;
+		}
+		goto walk;
+	}
 	avail_idx = avail_idx_load(vq);
 	if (avail_idx == vq->last_avail) {
 		if (!event_idx || vq->notify_disabled)
@@ -522,6 +542,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 		ret = -EINVAL;
 		goto broken;
 	}
+walk:
 	c.iov = vq->iovs + (size_t)head * VQ_MAX_IOV;
 	c.niov = 0;
 	c.out = 0;
@@ -540,7 +561,15 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 	vq->busy[head] = true;
 	vq->inflight++;
 	dev->inflight++;
+	if (resubmit) {
+		*elemp = elem;
+		return 0;
+	}
 	vq->last_avail++;
+	/* Marked in flight before the element is handed out (and before the
+	 * next pop): a kill from here on resubmits it. */
+	if (vq->track)
+		vhost_inflight_pop(vq, head);
 	if (event_idx && !vq->notify_disabled)
 		STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
 	*elemp = elem;
@@ -566,11 +595,15 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 		struct vring_used *used = vq->used_push;
 		struct vring_used_elem *u = &used->ring[vq->used_idx & (vq->num - 1)];
 
+		if (vq->track)
+			vhost_inflight_push_begin(vq, head);
 		__atomic_store_n(&u->id, htole32(head), __ATOMIC_RELAXED);
 		__atomic_store_n(&u->len, htole32(len), __ATOMIC_RELAXED);
 		vq->used_idx++;
 		/* The entry must be visible before the index that publishes it. */
 		__atomic_store_n(&used->idx, htole16(vq->used_idx), __ATOMIC_RELEASE);
+		if (vq->track)
+			vhost_inflight_push_end(vq, head, vq->used_idx);
 		vq->pushed = true;
 	}
 	/* Only now may the mappings written above go (they are unmapped at the

@@ -63,7 +63,7 @@ while time.time() < end:
     s.settimeout(2)
     s.connect(sys.argv[1])
     # an unsupported message that expects a reply, then hang up
-    s.sendall((31).to_bytes(4, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+    s.sendall((40).to_bytes(4, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
     try:
         s.recv(16)  # a reply or EOF, never silence
     except socket.timeout:
@@ -78,12 +78,12 @@ PY
 	stop
 	lines=$(($(wc -l <"$dir/storm.log") - before))
 	echo "reconnect storm: $cycles connections, $lines log lines"
-	[ "$cycles" != silence ] || fail "GET_INFLIGHT_FD got neither a reply nor a close"
+	[ "$cycles" != silence ] || fail "GET_STATUS got neither a reply nor a close"
 	[ "$cycles" != silence ] && [ "$cycles" -ge 200 ] || fail "only $cycles connections in 3 s: no storm"
 	[ "$lines" -le 150 ] || fail "$lines log lines for $cycles reconnects: not rate-limited"
 	grep -q "similar messages suppressed" "$dir/storm.log" ||
 		fail "no count of suppressed lines: $(tail -5 "$dir/storm.log")"
-	grep -q "GET_INFLIGHT_FD (31) not supported" "$dir/storm.log" ||
+	grep -q "GET_STATUS (40) not supported" "$dir/storm.log" ||
 		fail "the reason for closing is not logged"
 fi
 

@@ -57,6 +57,7 @@ enum {
 	GET_CONFIG = 24,
 	SET_CONFIG = 25,
 	GET_INFLIGHT_FD = 31,
+	SET_INFLIGHT_FD = 32,
 	RESET_DEVICE = 34,
 	GET_MAX_MEM_SLOTS = 36,
 	ADD_MEM_REG = 37,
@@ -428,8 +429,8 @@ static void test_negotiation(void)
 	CU_ASSERT_TRUE((f & (1ull << 1)) != 0);
 	CU_ASSERT_FALSE((f & (1ull << 26)) != 0); /* VHOST_F_LOG_ALL not offered */
 	pf = get_u64(fd, GET_PROTOCOL_FEATURES);
-	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 3) | (1ull << 5) | (1ull << 9) | (1ull << 13) |
-				(1ull << 15));
+	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 3) | (1ull << 5) | (1ull << 9) | (1ull << 12) |
+				(1ull << 13) | (1ull << 15));
 	CU_ASSERT_EQUAL(acked(fd, SET_PROTOCOL_FEATURES, &pf, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(fd, SET_OWNER, NULL, 0, NULL, 0), 0);
 	CU_ASSERT_EQUAL(get_u64(fd, GET_QUEUE_NUM), 2);
@@ -599,9 +600,18 @@ struct ring {
 	uint8_t *mem;
 	int kick, call;
 	uint16_t avail;
+	uint64_t features;
 };
 
-static void ring_setup(struct ring *r, uint64_t features)
+/* Inflight region to pass with SET_INFLIGHT_FD before the kick (-1: none). */
+static int g_ifd = -1;
+static uint64_t g_isize;
+static uint32_t g_base;
+
+static bool g_kick_acked = true; /* ring_setup_on ends with the kick */
+
+/* Set ring 0 up over a new connection on guest memory @memfd (mapped at r->mem). */
+static void ring_setup_on(struct ring *r, int memfd)
 {
 	struct {
 		uint32_t n, pad;
@@ -612,22 +622,26 @@ static void ring_setup(struct ring *r, uint64_t features)
 		uint64_t desc, used, avail, log;
 	} addr = {0, 0, UVA + DESC_GPA, UVA + USED_GPA, UVA + AVAIL_GPA, 0};
 	uint32_t st[2] = {0, NUM};
-	int memfd = memfd_create("guest", MFD_CLOEXEC);
 	uint64_t v;
 
-	r->avail = 0;
-	CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, MEM_SIZE) == 0);
-	r->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-	CU_ASSERT_FATAL(r->mem != MAP_FAILED);
 	r->fd = fe_connect();
-	v = features | (1ull << 32);
+	v = r->features | (1ull << 32);
 	CU_ASSERT_EQUAL(acked(r->fd, SET_FEATURES, &v, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(r->fd, SET_MEM_TABLE, &mt, 8 + 32, &memfd, 1), 0);
 	r->memfd = memfd;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_NUM, st, 8, NULL, 0), 0);
-	st[1] = 0;
+	st[1] = g_base;
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_BASE, st, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_ADDR, &addr, sizeof(addr), NULL, 0), 0);
+	if (g_ifd >= 0) {
+		struct {
+			uint64_t size, off;
+			uint16_t nq, qs;
+			uint32_t pad;
+		} im = {g_isize, 0, 2, NUM, 0};
+
+		CU_ASSERT_EQUAL(acked(r->fd, SET_INFLIGHT_FD, &im, sizeof(im), &g_ifd, 1), 0);
+	}
 	r->kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	r->call = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	v = 0;
@@ -637,7 +651,20 @@ static void ring_setup(struct ring *r, uint64_t features)
 	CU_ASSERT_EQUAL(read(r->call, &v, 8), 8);
 	CU_ASSERT_EQUAL(v, 1);
 	v = 0;
-	CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_KICK, &v, 8, &r->kick, 1), 0);
+	if (g_kick_acked)
+		CU_ASSERT_EQUAL(acked(r->fd, SET_VRING_KICK, &v, 8, &r->kick, 1), 0);
+}
+
+static void ring_setup(struct ring *r, uint64_t features)
+{
+	int memfd = memfd_create("guest", MFD_CLOEXEC);
+
+	r->avail = 0;
+	r->features = features;
+	CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, MEM_SIZE) == 0);
+	r->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+	CU_ASSERT_FATAL(r->mem != MAP_FAILED);
+	ring_setup_on(r, memfd);
 }
 
 static void ring_enable(struct ring *r)
@@ -1108,6 +1135,279 @@ static void test_call_signalled_on_install(void)
 	server_down();
 }
 
+/* ---- inflight I/O tracking (vhost-user.rst "Inflight I/O tracking") ---- */
+
+struct idesc {
+	uint8_t inflight, pad[5];
+	uint16_t next;
+	uint64_t counter;
+};
+struct iqueue {
+	uint64_t features;
+	uint16_t version, desc_num, last_batch_head, used_idx;
+	struct idesc desc[NUM];
+};
+#define IQ_SIZE 192 /* 16 + 16 * NUM, aligned to 64 */
+
+/* GET_INFLIGHT_FD for 2 queues of NUM: the fd and the size, or -1. */
+static int get_inflight(uint64_t *size)
+{
+	struct {
+		uint64_t size, off;
+		uint16_t nq, qs;
+		uint32_t pad;
+	} im = {0, 0, 2, NUM, 0};
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr a;
+	} cbuf;
+	struct {
+		struct hdr h;
+		uint8_t p[24];
+	} rep;
+	struct iovec iov = {.iov_base = &rep, .iov_len = sizeof(rep)};
+	struct msghdr mh = {.msg_iov = &iov,
+			    .msg_iovlen = 1,
+			    .msg_control = cbuf.b,
+			    .msg_controllen = sizeof(cbuf)};
+	struct cmsghdr *c;
+	int fd = fe_connect(), ifd = -1;
+
+	if (fd < 0 || send_msg(fd, GET_INFLIGHT_FD, F_VERSION, &im, sizeof(im), NULL, 0) < 0)
+		return -1;
+	run(5);
+	if (recvmsg(fd, &mh, MSG_DONTWAIT) != (ssize_t)sizeof(rep) || rep.h.size != 24)
+		goto out;
+	c = CMSG_FIRSTHDR(&mh);
+	if (c && c->cmsg_type == SCM_RIGHTS)
+		memcpy(&ifd, CMSG_DATA(c), sizeof(int));
+	memcpy(&im, rep.p, sizeof(im));
+	*size = im.size;
+	CU_ASSERT_EQUAL(im.off, 0);
+out:
+	close(fd);
+	run(5);
+	return ifd;
+}
+
+static uint32_t used_id(struct ring *r, unsigned i)
+{
+	return le32toh(((struct vring_used *)(r->mem + USED_GPA))->ring[i % NUM].id);
+}
+
+/*
+ * A back-end that dies with requests in flight: the next connection with the
+ * same region resubmits them first, in fetch order, then goes on with the
+ * avail ring; completed ones are not resubmitted.
+ */
+static void test_inflight_reconnect(void)
+{
+	struct ring r;
+	struct iqueue *q;
+	struct hdr h;
+	uint32_t st[2] = {0, 0}, rep[2];
+
+	server_up();
+	g_hold = true;
+	g_ifd = get_inflight(&g_isize);
+	CU_ASSERT_FATAL(g_ifd >= 0);
+	CU_ASSERT_EQUAL(g_isize, 2 * IQ_SIZE);
+	q = mmap(NULL, g_isize, PROT_READ | PROT_WRITE, MAP_SHARED, g_ifd, 0);
+	CU_ASSERT_FATAL(q != MAP_FAILED);
+	CU_ASSERT_EQUAL(q->desc_num, NUM);
+	CU_ASSERT_EQUAL(q->version, 0);
+	CU_ASSERT_EQUAL(((struct iqueue *)((uint8_t *)q + IQ_SIZE))->desc_num, NUM);
+
+	g_base = 0;
+	ring_setup(&r, 0);
+	CU_ASSERT_EQUAL(q->version, 1); /* initialised at ring start */
+	ring_post(&r, 3);
+	ring_post(&r, 1);
+	ring_post(&r, 5);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 3);
+	CU_ASSERT_EQUAL(q->desc[3].inflight, 1);
+	CU_ASSERT_EQUAL(q->desc[1].inflight, 1);
+	CU_ASSERT_EQUAL(q->desc[5].inflight, 1);
+	CU_ASSERT_TRUE(q->desc[3].counter < q->desc[1].counter);
+	CU_ASSERT_TRUE(q->desc[1].counter < q->desc[5].counter);
+	/* Completing head 1: in the used ring, cleared, used_idx follows. */
+	vq_push(g_held[1]->vq, g_held[1], 1);
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	CU_ASSERT_EQUAL(q->desc[1].inflight, 0);
+	CU_ASSERT_EQUAL(q->used_idx, 1);
+	CU_ASSERT_EQUAL(q->last_batch_head, 1);
+	/* The back-end "dies": its connection goes, the two others never reach
+	 * the used ring (pushes into a dead connection touch neither the ring
+	 * nor the region, exactly what a kill leaves). */
+	close(r.fd);
+	r.fd = -1;
+	run(5);
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	vq_push(g_held[2]->vq, g_held[2], 1);
+	g_nheld = 0;
+	run(5);
+	CU_ASSERT_EQUAL(q->desc[3].inflight, 1);
+	CU_ASSERT_EQUAL(q->desc[5].inflight, 1);
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+
+	/* QEMU reconnects: SET_VRING_BASE = used->idx, the same region. */
+	{
+		struct ring r2;
+		uint16_t avail = r.avail;
+
+		g_base = 1;
+		munmap(r.mem, MEM_SIZE);
+		r2 = r;
+		r2.mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, r.memfd, 0);
+		close(r.kick);
+		close(r.call);
+		/* The driver made one more buffer available meanwhile. */
+		ring_setup_on(&r2, r.memfd);
+		r2.avail = avail;
+		ring_post(&r2, 6);
+		run(5);
+		CU_ASSERT_EQUAL_FATAL(g_nheld, 3);
+		CU_ASSERT_EQUAL(g_held[0]->head, 3);
+		CU_ASSERT_EQUAL(g_held[1]->head, 5);
+		CU_ASSERT_EQUAL(g_held[2]->head, 6);
+		for (unsigned i = 0; i < 3; i++)
+			vq_push(g_held[i]->vq, g_held[i], 1);
+		g_nheld = 0;
+		CU_ASSERT_EQUAL(ring_used_idx(&r2), 4);
+		CU_ASSERT_EQUAL(used_id(&r2, 1), 3);
+		CU_ASSERT_EQUAL(used_id(&r2, 2), 5);
+		CU_ASSERT_EQUAL(used_id(&r2, 3), 6);
+		for (unsigned i = 0; i < NUM; i++)
+			CU_ASSERT_EQUAL(q->desc[i].inflight, 0);
+		CU_ASSERT_EQUAL(q->used_idx, 4);
+		CU_ASSERT_EQUAL(send_msg(r2.fd, GET_VRING_BASE, F_VERSION, st, 8, NULL, 0), 0);
+		CU_ASSERT_EQUAL(recv_reply(r2.fd, &h, rep, sizeof(rep)), 8);
+		CU_ASSERT_EQUAL(rep[1], 4); /* 1 + 2 resubmitted + 1 new */
+		ring_free(&r2);
+	}
+	munmap(q, g_isize);
+	close(g_ifd);
+	g_ifd = -1;
+	g_base = 0;
+	run(5);
+	server_down();
+}
+
+/*
+ * Regions in the states a kill at the worst moments leaves, built by hand:
+ * avail ring 0 1 2 4 3 5 (6 fetched), used ring 0 1 2 (idx 3).
+ *  - the batch 1, 2 reached the used ring but the kill came before their
+ *    inflight flags were cleared (used_idx 1, list 2 -> 1): not resubmitted;
+ *  - 4 then 3 were fetched and marked: resubmitted in that order;
+ *  - 5 was fetched but the kill came before it was marked: fetched again
+ *    from the avail ring, once.
+ * Then a region with a bad flag is refused at the ring start.
+ */
+static void test_inflight_kill_states(void)
+{
+	static const uint16_t heads[] = {0, 1, 2, 4, 3, 5};
+	struct vring_avail *a;
+	struct vring_used *u;
+	struct iqueue *q;
+	struct ring r;
+	int ifd;
+
+	server_up();
+	g_hold = true;
+	ifd = memfd_create("inflight", MFD_CLOEXEC);
+	CU_ASSERT_FATAL(ifd >= 0 && ftruncate(ifd, 2 * IQ_SIZE) == 0);
+	q = mmap(NULL, 2 * IQ_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, ifd, 0);
+	CU_ASSERT_FATAL(q != MAP_FAILED);
+	q->version = 1;
+	q->desc_num = NUM;
+	((struct iqueue *)((uint8_t *)q + IQ_SIZE))->desc_num = NUM;
+	q->used_idx = 1;
+	q->last_batch_head = 2;
+	q->desc[2] = (struct idesc){.inflight = 1, .next = 1, .counter = 12};
+	q->desc[1] = (struct idesc){.inflight = 1, .next = 0, .counter = 11};
+	q->desc[4] = (struct idesc){.inflight = 1, .counter = 13};
+	q->desc[3] = (struct idesc){.inflight = 1, .counter = 14};
+
+	{
+		int memfd = memfd_create("guest", MFD_CLOEXEC);
+
+		CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, MEM_SIZE) == 0);
+		r.mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+		CU_ASSERT_FATAL(r.mem != MAP_FAILED);
+		a = (struct vring_avail *)(r.mem + AVAIL_GPA);
+		u = (struct vring_used *)(r.mem + USED_GPA);
+		for (unsigned i = 0; i < 6; i++) {
+			struct vring_desc *d = (struct vring_desc *)(r.mem + DESC_GPA);
+
+			d[heads[i]].addr = htole64(0x10000 + heads[i] * 0x100);
+			d[heads[i]].len = htole32(0x100);
+			d[heads[i]].flags = htole16(VRING_DESC_F_WRITE);
+			a->ring[i] = htole16(heads[i]);
+		}
+		a->idx = htole16(6);
+		for (unsigned i = 0; i < 3; i++) {
+			u->ring[i].id = htole32(i);
+			u->ring[i].len = htole32(1);
+		}
+		u->idx = htole16(3);
+		g_ifd = ifd;
+		g_isize = 2 * IQ_SIZE;
+		g_base = 3; /* QEMU's base after a back-end death: used->idx */
+		r.features = 0;
+		ring_setup_on(&r, memfd);
+		r.avail = 6;
+	}
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 3);
+	CU_ASSERT_EQUAL(g_held[0]->head, 4);
+	CU_ASSERT_EQUAL(g_held[1]->head, 3);
+	CU_ASSERT_EQUAL(g_held[2]->head, 5);
+	CU_ASSERT_EQUAL(q->desc[1].inflight, 0);
+	CU_ASSERT_EQUAL(q->desc[2].inflight, 0);
+	CU_ASSERT_EQUAL(q->used_idx, 3);
+	CU_ASSERT_EQUAL(q->desc[5].inflight, 1);
+	CU_ASSERT_TRUE(q->desc[5].counter > 14);
+	for (unsigned i = 0; i < 3; i++)
+		vq_push(g_held[i]->vq, g_held[i], 1);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(le16toh(u->idx), 6);
+	CU_ASSERT_EQUAL(used_id(&r, 3), 4);
+	CU_ASSERT_EQUAL(used_id(&r, 4), 3);
+	CU_ASSERT_EQUAL(used_id(&r, 5), 5);
+	ring_free(&r);
+	run(5);
+
+	/* A region no back-end could have written: refused at the kick. */
+	{
+		int memfd = memfd_create("guest", MFD_CLOEXEC);
+		uint64_t v = 0;
+		int kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+
+		memset(q, 0, 2 * IQ_SIZE);
+		q->version = 1;
+		q->desc_num = NUM;
+		q->desc[0].inflight = 2;
+		CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, MEM_SIZE) == 0);
+		r.mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+		g_base = 0;
+		r.features = 0;
+		g_kick_acked = false;
+		ring_setup_on(&r, memfd);
+		CU_ASSERT_NOT_EQUAL(acked(r.fd, SET_VRING_KICK, &v, 8, &kick, 1), 0);
+		close(kick);
+		g_kick_acked = true;
+		CU_ASSERT_EQUAL(g_nheld, 0);
+		ring_free(&r);
+	}
+	munmap(q, 2 * IQ_SIZE);
+	close(ifd);
+	g_ifd = -1;
+	g_base = 0;
+	run(5);
+	server_down();
+}
+
 /*
  * The socket path appears only when it listens: a client connecting the
  * moment it sees the path is never refused (QEMU's reconnect= and scripts
@@ -1435,15 +1735,16 @@ static void test_unsupported_with_reply(void)
 	g_log_len = 0;
 	g_log[0] = 0;
 
-	/* GET_INFLIGHT_FD without INFLIGHT_SHMFD: a reply is expected but we have
-	 * none to give, so the connection is closed, with a reason. */
+	/* GET_INFLIGHT_FD for zero queues: a reply is expected but we have none
+	 * to give, so the connection is closed, with a reason. */
 	fd = fe_connect();
 	CU_ASSERT_EQUAL(get_u64(fd, GET_FEATURES) >> PROTO_F_BIT & 1, 1);
 	CU_ASSERT_EQUAL(
 	    send_msg(fd, GET_INFLIGHT_FD, F_VERSION, inflight, sizeof(inflight), NULL, 0), 0);
 	CU_ASSERT_TRUE(dropped(fd));
 	close(fd);
-	CU_ASSERT_TRUE(logged("GET_INFLIGHT_FD (31) not supported and it expects a reply"));
+	CU_ASSERT_TRUE(logged("GET_INFLIGHT_FD: 0 queues of size 0"));
+	CU_ASSERT_TRUE(logged("GET_INFLIGHT_FD failed: Invalid argument: closing the connection"));
 
 	/* GET_STATUS the same (even with need_reply: REPLY_ACK does not apply). */
 	fd = fe_connect();
@@ -1523,6 +1824,8 @@ int main(void)
 	CU_add_test(s, "RESET_DEVICE", test_reset_device);
 	CU_add_test(s, "SET_VRING_CALL signals the new fd", test_call_signalled_on_install);
 	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
+	CU_add_test(s, "inflight tracking across a reconnect", test_inflight_reconnect);
+	CU_add_test(s, "inflight regions left by kills", test_inflight_kill_states);
 	failed = (int)tu_cunit_run();
 	unlink(g_path);
 	rmdir(g_dir);
