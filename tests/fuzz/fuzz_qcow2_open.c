@@ -21,7 +21,8 @@
  * always comes with a message; a header that parsed has sane derived values;
  * a repair that reports success leaves an image the check finds clean;
  * mapped extents are contiguous, non-empty and inside the disk; a parked map
- * is woken; nothing is left in flight after close.
+ * is woken; nothing is left in flight after close; the read-only open leaves
+ * the file byte for byte as it was.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -29,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "format.h"
@@ -282,6 +284,27 @@ static void engine_open(void)
 	io_file_close(&f);
 }
 
+/* A read-only open must leave the file exactly as it was. */
+static void check_unchanged(const uint8_t *data, size_t size)
+{
+	static uint8_t buf[1u << 20];
+	struct stat st;
+	size_t off = 0;
+
+	if (fstat(g_fd, &st) < 0 || (uint64_t)st.st_size != size)
+		die("the read-only open changed the file size to %lld (was %zu)",
+		    (long long)st.st_size, size);
+	while (off < size) {
+		size_t n = size - off < sizeof(buf) ? size - off : sizeof(buf);
+
+		if (pread(g_fd, buf, n, (off_t)off) != (ssize_t)n)
+			die("pread of the memfd failed");
+		if (memcmp(buf, data + off, n) != 0)
+			die("the read-only open wrote into the image near offset %zu", off);
+		off += n;
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (ftruncate(g_fd, 0) < 0 || pwrite(g_fd, data, size, 0) != (ssize_t)size)
@@ -289,5 +312,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	parse_header(data, size);
 	offline(data, size);
 	engine_open();
+	check_unchanged(data, size);
 	return 0;
 }
