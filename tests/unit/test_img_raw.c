@@ -19,6 +19,7 @@
 
 #include "blk.h"
 #include "img.h"
+#include "img_tio.h"
 #include "io.h"
 #include "io_inject.h"
 #include "testutil.h"
@@ -29,29 +30,6 @@
 static char g_dir[512];
 static char g_path[600];
 static struct io_loop *g_loop;
-static bool g_in_submit;
-
-struct tio {
-	struct img_io io;
-	int calls;
-	int res;
-};
-
-static void tio_done(struct img_io *io, int res)
-{
-	struct tio *t = (struct tio *)io;
-
-	CU_ASSERT_FALSE(g_in_submit); /* never from inside the submitter */
-	t->calls++;
-	t->res = res;
-}
-
-static void tio_init(struct tio *t)
-{
-	memset(t, 0, sizeof(*t));
-	t->io.done = tio_done;
-}
-
 static void run_until(const int *calls, int want)
 {
 	for (int i = 0; i < MAX_ITER && *calls < want; i++) {

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "img.h"
+#include "img_tio.h"
 #include "io.h"
 #include "testutil.h"
 
@@ -32,23 +33,7 @@
 
 static char g_dir[700];
 static struct io_loop *g_loop;
-static bool g_in_submit;
 static unsigned g_seed = 12345;
-
-struct tio {
-	struct img_io io;
-	int calls;
-	int res;
-};
-
-static void tio_done(struct img_io *io, int res)
-{
-	struct tio *t = (struct tio *)io;
-
-	CU_ASSERT_FALSE(g_in_submit);
-	t->calls++;
-	t->res = res;
-}
 
 static unsigned rnd(void)
 {
@@ -135,8 +120,7 @@ static int do_io(struct img *img, int op, uint8_t *buf, uint64_t off, uint64_t l
 	struct iovec iov[3];
 	unsigned n = 0;
 
-	memset(&t, 0, sizeof(t));
-	t.io.done = tio_done;
+	tio_init(&t);
 	if (buf) {
 		/* split the buffer into up to 3 iovecs on 512-byte boundaries */
 		uint64_t a = len > 1024 ? (rnd() % (len / 512)) * 512 : len, rest = len - a;
@@ -212,8 +196,7 @@ static void batch_ops(struct img *img, const struct wl *w, uint64_t cs)
 		bufs[n] = io_alloc_aligned(len);
 		if (wr[n])
 			fill(bufs[n], len);
-		memset(&t[n], 0, sizeof(t[n]));
-		t[n].io.done = tio_done;
+		tio_init(&t[n]);
 		iov[n] = (struct iovec){bufs[n], len};
 		n++;
 	}
@@ -516,8 +499,7 @@ static void same_cluster_rounds(struct img *img, const struct wl *w, uint64_t cs
 			bufs[n] = io_alloc_aligned(len);
 			if (kind[n] < 2)
 				fill(bufs[n], len);
-			memset(&t[n], 0, sizeof(t[n]));
-			t[n].io.done = tio_done;
+			tio_init(&t[n]);
 			iov[n] = (struct iovec){bufs[n], len};
 			n++;
 		}
