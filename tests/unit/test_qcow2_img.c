@@ -785,6 +785,62 @@ static void test_chain_depth(void)
 	CU_ASSERT_PTR_NOT_NULL(strstr(err, "backing file")); /* the nested reason is cut short */
 }
 
+/* Does another open file description hold lock byte @off of @path? */
+static bool held(const char *path, int off)
+{
+	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	bool h;
+
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
+	h = fl.l_type != F_UNLCK;
+	close(fd);
+	return h;
+}
+
+/*
+ * qcow2 locks: the image file uses read, write, resize and shares neither
+ * write nor resize (100, 101, 103, 201, 203); its backing file uses read
+ * and shares neither (100, 201, 203). img_set_perm on a read-only image
+ * drops and retakes them along the chain; a read-write image refuses to
+ * give up write (-ENOTSUP) while its engine may still write metadata.
+ */
+static void test_locks(void)
+{
+	char err[512] = "";
+	struct img *img;
+
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f raw %s 1M", P("lk-base.raw")), 0);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("cd %s && qemu-img create -q -f qcow2 -b lk-base.raw -F raw "
+				    "lk-top.qcow2",
+				    g_dir),
+			      0);
+	img = open_img(P("lk-top.qcow2"), false);
+	CU_ASSERT(held(P("lk-top.qcow2"), 100) && held(P("lk-top.qcow2"), 101) &&
+		  !held(P("lk-top.qcow2"), 102) && held(P("lk-top.qcow2"), 103));
+	CU_ASSERT(!held(P("lk-top.qcow2"), 200) && held(P("lk-top.qcow2"), 201) &&
+		  !held(P("lk-top.qcow2"), 202) && held(P("lk-top.qcow2"), 203));
+	CU_ASSERT(held(P("lk-base.raw"), 100) && !held(P("lk-base.raw"), 101) &&
+		  held(P("lk-base.raw"), 201) && held(P("lk-base.raw"), 203));
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), -ENOTSUP);
+	CU_ASSERT_EQUAL(img->perm, IMG_PERM_WRITE);
+	CU_ASSERT(held(P("lk-top.qcow2"), 101));
+	img_close(img);
+	CU_ASSERT(!held(P("lk-top.qcow2"), 100) && !held(P("lk-base.raw"), 100));
+
+	img = open_img(P("lk-top.qcow2"), true);
+	CU_ASSERT(held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 101) &&
+		  !held(P("lk-top.qcow2"), 103) && held(P("lk-top.qcow2"), 201));
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_NONE, err, sizeof(err)), 0);
+	CU_ASSERT(!held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 201) &&
+		  !held(P("lk-base.raw"), 100) && !held(P("lk-base.raw"), 201));
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), 0);
+	CU_ASSERT(held(P("lk-top.qcow2"), 100) && held(P("lk-base.raw"), 201));
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), -EROFS);
+	img_close(img);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -810,6 +866,7 @@ int main(void)
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
+	CU_add_test(s, "locks and img_set_perm", test_locks);
 	fails = tu_cunit_run();
 	io_loop_exit(g_loop);
 	if (!fails)
