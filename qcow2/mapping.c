@@ -618,6 +618,18 @@ static uint32_t sc_mask(unsigned first, unsigned last)
 	return qcow2_sc_range(first, last - first + 1);
 }
 
+/* May [off, off + len) be written or zeroed? 0, -EROFS, -EIO (corrupt) or -EINVAL. */
+static int write_check(const struct qcow2 *q, uint64_t off, uint64_t len)
+{
+	if (q->read_only)
+		return -EROFS;
+	if (q->corrupt)
+		return -EIO;
+	if (!len || off >= q->size || len > q->size - off)
+		return -EINVAL;
+	return 0;
+}
+
 int qcow2_map_write(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_alloc *a,
 		    struct qcow2_waiter *w)
 {
@@ -629,12 +641,9 @@ int qcow2_map_write(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_al
 	bool fresh;
 	int ret;
 
-	if (q->read_only)
-		return -EROFS;
-	if (q->corrupt)
-		return -EIO;
-	if (!len || off >= q->size || len > q->size - off)
-		return -EINVAL;
+	ret = write_check(q, off, len);
+	if (ret < 0)
+		return ret;
 
 again:
 	ret = l2_locate(q, gc, &soff, &idx);
@@ -926,12 +935,9 @@ int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool
 	bool changed = false;
 	int ret;
 
-	if (q->read_only)
-		return -EROFS;
-	if (q->corrupt)
-		return -EIO;
-	if (!len || off >= q->size || len > q->size - off)
-		return -EINVAL;
+	ret = write_check(q, off, len);
+	if (ret < 0)
+		return ret;
 	*done_len = 0;
 	if (co || len < q->cs) {
 		uint64_t piece = co ? q->cs - co : len;
