@@ -54,6 +54,8 @@
 #include "vhost.h"
 #include "vlog.h"
 
+#include "sandbox.h"
+
 #define MAX_QUEUES      64
 #define MEM_REGIONS_MAX 64 /* guest memory regions registered as io_uring buffers */
 
@@ -88,6 +90,7 @@ struct options {
 	bool no_l2_prefetch;
 	bool fixed_buffers;
 	bool no_fixed_files;
+	bool no_seccomp;
 	const char *user;
 	const char *group;
 	int log_level; /* enum vlog_level, -1 = not given */
@@ -122,6 +125,7 @@ static void usage(FILE *f)
 	      "                              it; not with balloon, virtio-mem or postcopy)\n"
 	      "  --no-fixed-files            do not register the image files with io_uring\n"
 	      "  --user U, --group G         switch to this user/group after opening\n"
+	      "  --no-seccomp                do not install the system call filter\n"
 	      "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
 	      "                              vhost-user message received)\n"
 	      "  --print-capabilities        print capabilities as JSON and exit\n"
@@ -173,6 +177,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_NOPREFETCH,
 		OPT_FIXBUF,
 		OPT_NOFIXFILE,
+		OPT_NOSECCOMP,
 		OPT_USER,
 		OPT_GROUP,
 		OPT_LOGLEVEL,
@@ -199,6 +204,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"fixed-buffers", no_argument, NULL, OPT_FIXBUF},
 	    {"no-fixed-files", no_argument, NULL, OPT_NOFIXFILE},
+	    {"no-seccomp", no_argument, NULL, OPT_NOSECCOMP},
 	    {"user", required_argument, NULL, OPT_USER},
 	    {"group", required_argument, NULL, OPT_GROUP},
 	    {"log-level", required_argument, NULL, OPT_LOGLEVEL},
@@ -310,6 +316,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_NOFIXFILE:
 			o->no_fixed_files = true;
+			break;
+		case OPT_NOSECCOMP:
+			o->no_seccomp = true;
 			break;
 		case OPT_USER:
 			o->user = optarg;
@@ -1018,6 +1027,26 @@ int main(int argc, char **argv)
 	if (drop_privileges(&o, uid, gid) < 0) {
 		ret = -EPERM;
 		goto exit_srv;
+	}
+	if (geteuid() == 0 && !o.user)
+		log_warn("running as root (uid 0): pass --user (and --group) to serve as an "
+			 "unprivileged user once the image and the socket are open");
+	if (o.no_seccomp) {
+		logmsg("system call filter off (--no-seccomp)");
+	} else {
+		ret = sandbox_install(err, sizeof(err));
+		if (ret < 0) {
+			log_err("%s; --no-seccomp runs without it", err);
+			goto exit_srv;
+		}
+		logmsg("system call filter installed (seccomp allow-list)");
+	}
+	if (getenv("VQCOWD_TEST_FORBIDDEN_CALL")) {
+		/* Test hook (integration.seccomp): a call the filter must stop. */
+		char *const args[] = {"true", NULL};
+
+		execve("/nonexistent/vqcowd-seccomp-test", args, environ);
+		log_err("test hook: execve was not stopped: %s", strerror(errno));
 	}
 	logmsg("serving %s on %s (%u queue%s of up to %u, %s)", o.blk_file,
 	       o.socket_path ? o.socket_path : "the given fd", o.num_queues,

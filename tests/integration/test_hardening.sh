@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Integration: running without privileges (issue 9, item 9).
+# - As root without --user, vqcowd warns; with --user it switches and does not.
+# - The seccomp allow-list is on once it serves (/proc/PID/status Seccomp: 2)
+#   and stops a forbidden call: the test hook VQCOWD_TEST_FORBIDDEN_CALL makes
+#   the daemon call execve after start-up; it must end with status 159 and a
+#   line naming system call 59. With --no-seccomp the call is not stopped.
+# - contrib/systemd/vqcowd@.service names a non-root User=, passes
+#   systemd-analyze verify, and its ExecStart runs as an unprivileged user
+#   under systemd-socket-activate (fd 3) and serves, filter on.
+# The rest of the integration suite runs with the filter on (the default).
+# Usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR
+set -uo pipefail
+vqcowd=${1:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
+fe=${2:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
+src=${3:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
+vqcowd=$(realpath "$vqcowd")
+if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
+	echo "SKIP: checks of vqcowd's own privileges"
+	exit 77
+fi
+if [ "$(id -u)" != 0 ]; then
+	echo "SKIP: needs root (switching users)"
+	exit 77
+fi
+dir=$(mktemp -d)
+chmod 755 "$dir"
+pid=
+cleanup() {
+	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
+	rm -rf "$dir"
+}
+trap cleanup EXIT
+failures=0
+fail() {
+	echo "FAIL: $*" >&2
+	failures=$((failures + 1))
+}
+truncate -s 16M "$dir/img"
+sock=$dir/sock
+
+start() { # LOG ARGS...: start in the background, wait until it serves
+	local log=$1
+	shift
+	rm -f "$sock"
+	"$@" 2>>"$log" &
+	pid=$!
+	for _ in $(seq 200); do
+		[ -S "$sock" ] && "$fe" info "$sock" >/dev/null 2>&1 && return 0
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.05
+	done
+	fail "did not start: $*: $(cat "$log")"
+	return 1
+}
+stop() {
+	kill -TERM "$pid"
+	wait "$pid"
+	local rc=$?
+	pid=
+	[ $rc -eq 0 ] || fail "exit status $rc after SIGTERM"
+}
+seccomp_mode() { awk '/^Seccomp:/ {print $2}' "/proc/$1/status"; }
+
+# ---- root: warned; --user: switched, no warning; the filter is on ----
+if start "$dir/root.log" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img"; then
+	[ "$(seccomp_mode "$pid")" = 2 ] || fail "no seccomp filter while serving"
+	"$fe" verify "$sock" --size 1M --seed 3 >/dev/null || fail "verify with the filter on"
+	kill -HUP "$pid" # resize check: fstat/ioctl under the filter
+	sleep 0.2
+	stop
+fi
+grep -q "warn: running as root (uid 0)" "$dir/root.log" || fail "no warning when running as root"
+grep -q "forbidden system call" "$dir/root.log" && fail "filter stopped a call: $(cat "$dir/root.log")"
+if start "$dir/user.log" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img" --user nobody; then
+	[ "$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")" = "$(id -u nobody)" ] ||
+		fail "--user nobody: not running as nobody"
+	"$fe" verify "$sock" --size 1M --seed 4 >/dev/null || fail "verify as nobody"
+	stop
+fi
+grep -q "running as root" "$dir/user.log" && fail "root warning with --user"
+
+# ---- a forbidden call is stopped ----
+VQCOWD_TEST_FORBIDDEN_CALL=1 timeout -s KILL 20 "$vqcowd" --socket-path "$sock" \
+	--blk-file "$dir/img" >"$dir/out" 2>"$dir/forbidden.log"
+rc=$?
+[ $rc -eq 159 ] || fail "forbidden execve: exit status $rc, want 159: $(cat "$dir/forbidden.log")"
+grep -q "seccomp: forbidden system call 59 stopped" "$dir/forbidden.log" ||
+	fail "the stopped call is not logged: $(cat "$dir/forbidden.log")"
+grep -q "was not stopped" "$dir/forbidden.log" && fail "execve returned under the filter"
+# --no-seccomp: the same call goes through (and fails: no such file)
+if VQCOWD_TEST_FORBIDDEN_CALL=1 start "$dir/off.log" "$vqcowd" --socket-path "$sock" \
+	--blk-file "$dir/img" --no-seccomp; then
+	[ "$(seccomp_mode "$pid")" = 0 ] || fail "--no-seccomp: a filter is installed"
+	stop
+fi
+grep -q "execve was not stopped" "$dir/off.log" || fail "--no-seccomp: the test hook did not run"
+
+# ---- the systemd unit ----
+unit=$src/contrib/systemd/vqcowd@.service
+user=$(sed -n 's/^User=//p' "$unit")
+[ -n "$user" ] && [ "$user" != root ] && [ "$user" != 0 ] || fail "the unit has no non-root User="
+grep -q "^u $user " "$src/contrib/systemd/vqcow.sysusers.conf" ||
+	fail "vqcow.sysusers.conf does not create $user"
+if command -v systemd-analyze >/dev/null; then
+	mkdir -p "$dir/units"
+	sed "s#/usr/local/bin/vqcowd#$vqcowd#" "$unit" >"$dir/units/vqcowd@vm1.service"
+	cp "$src/contrib/systemd/vqcowd@.socket" "$dir/units/vqcowd@vm1.socket"
+	(cd "$dir/units" && systemd-analyze verify ./vqcowd@vm1.service) >"$dir/verify" 2>&1 ||
+		fail "systemd-analyze verify: $(cat "$dir/verify")"
+fi
+if command -v systemd-socket-activate >/dev/null && command -v setpriv >/dev/null; then
+	# ExecStart as written, run the way the unit runs it: the dedicated
+	# user (nobody stands in for it), the socket passed as fd 3.
+	exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+	VQCOW_IMAGE=$dir/img
+	VQCOWD_OPTS=
+	eval "set -- ${exec_start//\$\{VQCOW_IMAGE\}/\$VQCOW_IMAGE}"
+	shift
+	chown nobody "$dir/img"
+	if start "$dir/unit.log" systemd-socket-activate -l "$sock" \
+		setpriv --reuid=nobody --regid=nogroup --clear-groups "$vqcowd" "$@"; then
+		"$fe" verify "$sock" --size 1M --seed 5 >/dev/null || fail "verify (socket-activated)"
+		"$fe" info "$sock" >/dev/null
+		vq=$(pgrep -P "$pid" -x vqcowd || echo "$pid")
+		[ "$(seccomp_mode "$vq")" = 2 ] || fail "socket-activated: no seccomp filter"
+		stop
+	fi
+	grep -q "running as root" "$dir/unit.log" && fail "root warning as the unit's user"
+	grep -q "serving" "$dir/unit.log" || fail "the unit's command line did not serve: $(cat "$dir/unit.log")"
+else
+	echo "note: systemd-socket-activate or setpriv missing: unit command line not run"
+fi
+
+if [ $failures -gt 0 ]; then
+	echo "$failures failure(s)"
+	exit 1
+fi
+echo "PASS"
