@@ -6,7 +6,8 @@
  *  - image I/O: io_uring_enter/register (and _setup for later rings), plus
  *    the synchronous calls io/ and the formats use: read/write and their
  *    positioned and vector forms, fallocate, fsync/fdatasync, ftruncate,
- *    lseek, fstat/newfstatat/statx, fcntl (flags, OFD locks), flock,
+ *    lseek, fstat/newfstatat/statx, fstatfs (file system type), fcntl (flags,
+ *    OFD locks), flock,
  *    fadvise64, close, unlink (our socket at exit); ioctl only BLKGETSIZE64/BLKSSZGET/BLKPBSZGET
  * (block device sizes on SIGHUP) and TCGETS (isatty);
  *  - reopening files (openat: images re-opened for migration and snapshots);
@@ -64,6 +65,8 @@ static const char *const allowed[] = {
     "open",
     "fstat",
     "newfstatat",
+    "fstatfs",
+    "statfs",
     "statx",
     "fcntl",
     "flock",
