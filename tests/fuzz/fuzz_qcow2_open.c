@@ -22,7 +22,9 @@
  * a repair that reports success leaves an image the check finds clean;
  * mapped extents are contiguous, non-empty and inside the disk; a parked map
  * is woken; nothing is left in flight after close; the read-only open leaves
- * the file byte for byte as it was.
+ * the file byte for byte as it was; and the engine maps every range of an
+ * image the checker finds free of corruption (the checker and the engine
+ * must agree; one known difference is left out, see offline()).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -157,7 +159,8 @@ static int mem_size(void *opaque, uint64_t *size)
 	return 0;
 }
 
-static void offline(const uint8_t *data, size_t size)
+/* Returns true when the check ran and found no corruption (leaks allowed). */
+static bool offline(const uint8_t *data, size_t size)
 {
 	struct memfile m = {.buf = malloc(size ? size : 1), .len = size, .cap = size ? size : 1};
 	struct qcow2_io ro = {.read = mem_read, .size = mem_size, .opaque = &m};
@@ -166,6 +169,7 @@ static void offline(const uint8_t *data, size_t size)
 	struct qcow2_check_result res;
 	struct qcow2_oimg im;
 	char err[512] = "";
+	bool clean = false, partial_l2 = false;
 	int ret;
 
 	if (!m.buf)
@@ -175,6 +179,19 @@ static void offline(const uint8_t *data, size_t size)
 	ret = qcow2_oimg_open(&im, &ro, "fuzz.qcow2", false, err, sizeof(err));
 	if (ret < 0 && ret != -ENOTSUP && !err[0])
 		die("qcow2_oimg_open: %d without a message", ret);
+	/*
+	 * A known difference: an L2 table that starts inside the file but ends
+	 * past it is fine for the checker (as for qemu-img check; reads past
+	 * the end give zeroes) while the engine refuses it (its metadata reads
+	 * fail past the end of the file). Such images are left out of the
+	 * checker-vs-engine comparison below until the two agree.
+	 */
+	for (uint32_t i = 0; ret == 0 && i < im.h.l1_size; i++) {
+		uint64_t l2 = im.l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+		if (l2 && l2 < size && l2 + im.h.cluster_size > size)
+			partial_l2 = true;
+	}
 	qcow2_oimg_close(&im);
 
 	memset(&res, 0, sizeof(res));
@@ -182,6 +199,7 @@ static void offline(const uint8_t *data, size_t size)
 	ret = qcow2_check_io(&ro, "fuzz.qcow2", 0, &res, &cb, err, sizeof(err));
 	if (ret < 0 && ret != -ENOTSUP && !err[0])
 		die("qcow2_check_io: %d without a message", ret);
+	clean = ret == 0 && !res.check_errors && !res.corruptions && !partial_l2;
 	if (ret < 0 || (!res.corruptions && !res.leaks))
 		goto out;
 
@@ -205,6 +223,7 @@ static void offline(const uint8_t *data, size_t size)
 	}
 out:
 	free(m.buf);
+	return clean;
 }
 
 static void woken(struct qcow2_waiter *w)
@@ -225,7 +244,7 @@ static bool run_until(bool *flag)
 }
 
 /* Map the start of the disk as a read would: the L2 tables are loaded and checked. */
-static void map_some(struct qcow2 *q)
+static void map_some(struct qcow2 *q, bool clean)
 {
 	uint64_t size = qcow2_size(q), off = 0;
 
@@ -241,6 +260,9 @@ static void map_some(struct qcow2 *q)
 				    (unsigned long long)off);
 			continue;
 		}
+		if (n < 0 && clean)
+			die("the checker finds no corruption but mapping offset %llu fails: %d",
+			    (unsigned long long)off, n);
 		if (n < 0)
 			return; /* -EIO: this range is corrupt; the engine said so */
 		if (n == 0 || n > 16)
@@ -256,7 +278,7 @@ static void map_some(struct qcow2 *q)
 	}
 }
 
-static void engine_open(void)
+static void engine_open(bool clean)
 {
 	struct qcow2_opts o = {.read_only = true, .l2_cache_size = 1u << 20};
 	struct io_file f;
@@ -276,7 +298,7 @@ static void engine_open(void)
 			die("qcow2_open: %d without a message", ret);
 	} else {
 		run_until(&never); /* let the background L2 prefetch read what it wants */
-		map_some(q);
+		map_some(q, clean);
 		qcow2_close(q);
 	}
 	if (io_loop_inflight(g_loop))
@@ -307,11 +329,13 @@ static void check_unchanged(const uint8_t *data, size_t size)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+	bool clean;
+
 	if (ftruncate(g_fd, 0) < 0 || pwrite(g_fd, data, size, 0) != (ssize_t)size)
 		die("memfd write failed");
 	parse_header(data, size);
-	offline(data, size);
-	engine_open();
+	clean = offline(data, size);
+	engine_open(clean);
 	check_unchanged(data, size);
 	return 0;
 }
