@@ -39,7 +39,11 @@ static void seterr(char *err, size_t errlen, const char *fmt, const char *a, con
 		snprintf(err, errlen, fmt, a, b);
 }
 
-/* Lock @fd (named @path) and keep it in @lk. 0 or -errno (+@err); @fd is owned either way. */
+/*
+ * Lock @fd (named @path in messages; NULL for the image itself, which the
+ * tool's message already names) and keep it in @lk. 0 or -errno (+@err);
+ * @fd is owned either way.
+ */
 static int keep_locked(struct qcow2_locks *lk, int fd, const char *path, unsigned use,
 		       unsigned shared, char *err, size_t errlen)
 {
@@ -58,8 +62,10 @@ static int keep_locked(struct qcow2_locks *lk, int fd, const char *path, unsigne
 	n->fd = fd;
 	lk->n++;
 	ret = io_lock_set(fd, &n->lock, use, shared, msg, sizeof(msg));
-	if (ret < 0)
+	if (ret < 0 && path)
 		seterr(err, errlen, "%s: %s", path, msg);
+	else if (ret < 0)
+		seterr(err, errlen, "%s%s", msg, "");
 	return ret;
 }
 
@@ -151,7 +157,7 @@ static int lock_one(struct qcow2_locks *lk, const char *path, const char *fmt, u
 		shared = IO_PERM_ALL & ~(w | rs);
 	}
 	if (use || shared != IO_PERM_ALL)
-		ret = keep_locked(lk, fd, path, use, shared, err, errlen);
+		ret = keep_locked(lk, fd, depth ? path : NULL, use, shared, err, errlen);
 	else {
 		close(fd);
 		ret = 0;
