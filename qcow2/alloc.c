@@ -104,12 +104,15 @@ struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host)
  *
  * Near a full file system a fallocate fails part-way and ext4 keeps what it
  * got. So: optional chunks are sized from the free space (at most half of
- * it), a failed chunk is given back (punched) beyond the allocation front,
- * and after a failure the next fallocate asks only for what is needed; if
- * that fails too, the allocations waiting for it fail with the error (the
- * guest sees a failed write, not a lost one). While the punch runs, no
- * cluster is handed out at the front (a write there could land before it).
+ * what exceeds PREALLOC_RESERVE), a failed chunk is given back (punched) beyond the allocation
+ * front, and after a failure the next fallocate asks only for what is needed; if that fails too,
+ * the allocations waiting for it fail with the error (the guest sees a failed write, not a lost
+ * one). While the punch runs, no cluster is handed out at the front (a write there could land
+ * before it).
  */
+
+/* Free space optional chunks never take (metadata fallocates still may). */
+#define PREALLOC_RESERVE (32ull << 20)
 
 static uint64_t chunk_default(const struct qcow2 *q)
 {
@@ -205,6 +208,7 @@ static void prealloc_submit(struct qcow2 *q, uint64_t need)
 	if (!q->no_prealloc && !q->prealloc_fails) {
 		chunk = chunk_default(q);
 		avail = fs_avail(q);
+		avail = avail > PREALLOC_RESERVE ? avail - PREALLOC_RESERVE : 0;
 		if (chunk > avail / 2)
 			chunk = avail / 2 & ~(q->cs - 1); /* leave the rest to others */
 		if (chunk < 4 * q->cs)

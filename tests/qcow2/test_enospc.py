@@ -3,7 +3,8 @@
 """A full file system must not lose acknowledged writes (issue 9, item 8).
 
 On a small ext4 file system (a loop-mounted file in a private mount
-namespace, reserved blocks off), filled up to a few MiB, for each case:
+namespace, reserved blocks off; one case on XFS, where available), filled up
+to a few MiB, for each case:
   1. vqcowd serves a fresh qcow2 image; 1 MiB writes with distinct patterns
      go to consecutive offsets until one fails (ENOSPC); in the "flush" mode
      every acknowledged write is followed by a FLUSH, which must succeed
@@ -34,6 +35,7 @@ from qlib import check, fail, log  # noqa: E402
 
 A = None
 FS_MB = 128
+XFS_MB = 320  # mkfs.xfs's minimum
 NS_ENV = "VQCOW_ENOSPC_NS"
 
 
@@ -60,9 +62,10 @@ def enter_namespace():
 
 
 class SmallFs:
-    """A fresh ext4 file system of FS_MB MiB, mounted at self.mnt."""
+    """A fresh ext4 (or XFS) file system of FS_MB (XFS_MB) MiB, mounted at self.mnt."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, fstype="ext4"):
+        self.fstype = fstype
         self.img = os.path.join(workdir, "fs.img")
         self.mnt = None
         self.loop = None
@@ -71,14 +74,17 @@ class SmallFs:
     def __enter__(self):
         try:
             with open(self.img, "wb") as f:
-                f.truncate(FS_MB << 20)
-            qlib.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", self.img], check_rc=0)
+                f.truncate((XFS_MB if self.fstype == "xfs" else FS_MB) << 20)
+            if self.fstype == "xfs":
+                qlib.run(["mkfs.xfs", "-q", "-f", self.img], check_rc=0)
+            else:
+                qlib.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", self.img], check_rc=0)
             r = qlib.run(["losetup", "-f", "--show", self.img])
             if r.rc != 0:
                 skip("no loop device available: %s" % r.errtext.strip())
             self.loop = r.text.strip()
             self.mnt = tempfile.mkdtemp(prefix="vqen.", dir="/tmp")
-            r = qlib.run(["mount", "-t", "ext4", self.loop, self.mnt])
+            r = qlib.run(["mount", "-t", self.fstype, self.loop, self.mnt])
             if r.rc != 0:
                 skip("mounting %s failed: %s" % (self.loop, r.errtext.strip()))
             self.mounted = True
@@ -133,7 +139,7 @@ def run_vqcowd(fs, opts, vsize, flush_each, what):
     fe = qlib.Frontend(A.fe, sock)
     acked = 0
     with qlib.killed_on_error(d):
-        for i in range(FS_MB):
+        for i in range(XFS_MB):
             r = fe.write(i << 20, piece(i))
             if r.rc != 0:
                 check(r.rc == 3, "%s: write %d: want IOERR, got\n%s" % (what, i, r.describe()))
@@ -144,7 +150,7 @@ def run_vqcowd(fs, opts, vsize, flush_each, what):
                 check(r.rc == 0, "%s: FLUSH after acknowledged write %d failed\n%s\n%s"
                       % (what, i, r.describe(), d.log()))
         else:
-            fail("%s: no write failed on a %d MiB file system" % (what, FS_MB))
+            fail("%s: no write failed on a small file system" % what)
         check(d.alive(), "%s: vqcowd died\n%s" % (what, d.log()))
     d.assert_clean_stop()
     qlib.assert_qemu_check_clean(img, what)
@@ -165,7 +171,7 @@ def run_qemu_io(fs, opts, vsize):
     img = os.path.join(fs.mnt, "q.qcow2")
     qlib.qemu_img("create", "-f", "qcow2", "-o", opts, img, vsize)
     acked = 0
-    for i in range(FS_MB):
+    for i in range(XFS_MB):
         r = qlib.run(["qemu-io", "-t", "none", "-c", "write -P %d %d 1M" % ((i % 250) + 1, i << 20),
                       img])
         if r.rc != 0 or "error" in r.text.lower() or "failed" in r.text.lower():
@@ -175,13 +181,23 @@ def run_qemu_io(fs, opts, vsize):
 
 
 CASES = [
-    # (name, create options, virtual size, free space left, flush after each write)
-    ("64k-2.5M-flush", "cluster_size=65536", "1G", 2560 << 10, True),
-    ("64k-8M-flush", "cluster_size=65536", "1G", 8 << 20, True),
-    ("64k-8M-noflush", "cluster_size=65536", "1G", 8 << 20, False),
-    ("4k-6M-flush", "cluster_size=4096", "4G", 6 << 20, True),
-    ("extl2-6M-flush", "cluster_size=65536,extended_l2=on", "1G", 6 << 20, True),
+    # (name, file system, create options, virtual size, free space left, flush after each write)
+    ("64k-2.5M-flush", "ext4", "cluster_size=65536", "1G", 2560 << 10, True),
+    ("64k-8M-flush", "ext4", "cluster_size=65536", "1G", 8 << 20, True),
+    ("64k-8M-noflush", "ext4", "cluster_size=65536", "1G", 8 << 20, False),
+    ("4k-6M-flush", "ext4", "cluster_size=4096", "4G", 6 << 20, True),
+    ("extl2-6M-flush", "ext4", "cluster_size=65536,extended_l2=on", "1G", 6 << 20, True),
+    ("xfs-64k-4M-flush", "xfs", "cluster_size=65536", "1G", 4 << 20, True),
 ]
+
+
+def have_xfs():
+    if shutil.which("mkfs.xfs") is None:
+        return False
+    with open("/proc/filesystems") as f:
+        if "xfs" in f.read().split():
+            return True
+    return qlib.run(["modprobe", "xfs"]).rc == 0
 
 
 def main():
@@ -195,11 +211,14 @@ def main():
     work = tempfile.mkdtemp(prefix="enospc-", dir=A.workdir)
     results = []
     try:
-        for name, opts, vsize, leave, flush_each in CASES:
-            with SmallFs(work) as fs:
+        for name, fstype, opts, vsize, leave, flush_each in CASES:
+            if fstype == "xfs" and not have_xfs():
+                log("SKIP %s: no XFS here (mkfs.xfs or the kernel module missing)" % name)
+                continue
+            with SmallFs(work, fstype) as fs:
                 fs.fill(leave)
                 ours = run_vqcowd(fs, opts, vsize, flush_each, name)
-            with SmallFs(work) as fs:
+            with SmallFs(work, fstype) as fs:
                 fs.fill(leave)
                 theirs = run_qemu_io(fs, opts, vsize)
             log("%s: vqcowd wrote %d MiB, qemu-io %d MiB (%d KiB free at the start)"

@@ -678,6 +678,44 @@ static void test_sync_failures(void)
 		fail_case(IO_OP_FDATASYNC, n);
 }
 
+/*
+ * A full file system: the fallocate that backs a new L2 table fails. The
+ * write must fail (not be acknowledged and lost at write-back); a failed
+ * optional chunk is retried for what the metadata needs only.
+ */
+static void test_prealloc_enospc(void)
+{
+	const uint64_t size = 64ull << 20;
+	uint8_t data[4096], buf[4096];
+	struct eng e;
+
+	memset(data, 0x5a, sizeof(data));
+	eng_create(&e, "cluster_size=4096", size, NULL);
+	/* every fallocate fails: chunk, punch, the L2 table alone: the write fails */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -ENOSPC), 0);
+	CU_ASSERT_EQUAL(eng_write(&e, 0, 4096, data), -ENOSPC);
+	io_loop_inject_clear(g_loop);
+	/* space again: the same write works and survives */
+	CU_ASSERT_EQUAL(eng_write(&e, 0, 4096, data), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	CU_ASSERT_EQUAL(eng_read(&e, 0, 4096, buf), 0);
+	CU_ASSERT(memcmp(buf, data, 4096) == 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+
+	/* only the first (chunk) fallocate fails: retried for the L2 table, the write works */
+	eng_create(&e, "cluster_size=4096", size, NULL);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -ENOSPC), 0);
+	CU_ASSERT_EQUAL(eng_write(&e, 8ull << 20, 4096, data), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(eng_read(&e, 8ull << 20, 4096, buf), 0);
+	CU_ASSERT(memcmp(buf, data, 4096) == 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
 static void test_read_failure(void)
 {
 	const uint64_t size = 64ull << 20;
@@ -1843,6 +1881,7 @@ int main(void)
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
+	CU_add_test(suite, "full file system: metadata backing", test_prealloc_enospc);
 	CU_add_test(suite, "slice cache eviction", test_cache_eviction);
 	CU_add_test(suite, "covering cache: no early write-back", test_dirty_covering);
 	CU_add_test(suite, "bounded cache: early write-back", test_dirty_bounded);
