@@ -14,7 +14,7 @@
  *  - connections: accept4, recvmsg/sendmsg, sendto/recvfrom, shutdown,
  *    getsockopt (no socket(), connect() or bind(): nothing new is reached);
  *  - guest memory tables: mmap/munmap/mremap/mprotect/madvise of the memfds
- *    received, brk (malloc);
+ *    received, brk (malloc), memfd_create (the inflight area, GET_INFLIGHT_FD);
  *  - eventfds (eventfd2), signals (the signalfd is read; rt_sigreturn for
  *    our own handler, rt_sigprocmask), futex, clock_gettime/nanosleep,
  *    getrandom, getpid/gettid, tgkill on ourselves (abort), exit/exit_group.
@@ -91,6 +91,7 @@ static const char *const allowed[] = {
     "getsockopt",
     /* memory */
     "mmap",
+    "memfd_create",
     "munmap",
     "mremap",
     "mprotect",

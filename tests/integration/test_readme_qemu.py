@@ -139,7 +139,8 @@ def main():
             if f is None:
                 out = p.communicate(timeout=10)[0] if p.poll() is not None else "(no QMP)"
                 p.kill()
-                fail("QEMU (-smp %d) did not start: %s\n%s" % (smp_n, " ".join(args), out))
+                fail("QEMU (-smp %d) did not start: %s\n%s\nvqcowd log:\n%s"
+                     % (smp_n, " ".join(args), out, open(log).read()))
             r = qmp(f, "qom-get", path="/machine/peripheral-anon/device[0]/virtio-backend",
                     property="num-queues")
             if r.get("return") != smp_n:
