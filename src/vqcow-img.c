@@ -640,6 +640,20 @@ static int parse_file_args(int argc, char **argv, const char *shortopts, struct 
 	return 0;
 }
 
+/* Take qemu-img's locks for @mode on @a's image; 0, or 1 after printing why not. */
+static int lock_file(struct qcow2_locks *locks, const struct file_args *a,
+		     enum qcow2_lock_mode mode)
+{
+	char err[ERRLEN] = "";
+	int r = qcow2_lock_image(locks, a->file, a->fmt, mode, a->force_share, err, sizeof(err));
+
+	if (r < 0) {
+		errorf("Could not open '%s': %s", a->file, err[0] ? err : strerror(-r));
+		return 1;
+	}
+	return 0;
+}
+
 static int cmd_info(int argc, char **argv)
 {
 	struct qcow2_image_info info;
@@ -656,11 +670,8 @@ static int cmd_info(int argc, char **argv)
 	fmt = a.fmt;
 	file = a.file;
 	out = a.out;
-	r = qcow2_lock_image(&locks, file, fmt, QCOW2_LOCK_INFO, a.force_share, err, sizeof(err));
-	if (r < 0) {
-		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+	if (lock_file(&locks, &a, QCOW2_LOCK_INFO))
 		return 1;
-	}
 	r = qcow2_info(file, fmt, &info, err, sizeof(err));
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
@@ -709,7 +720,6 @@ static int check_locked(const struct file_args *a);
 static int cmd_check(int argc, char **argv)
 {
 	struct qcow2_locks locks;
-	char err[ERRLEN] = "";
 	struct file_args a;
 	int r;
 
@@ -720,13 +730,8 @@ static int cmd_check(int argc, char **argv)
 		errorf("Unknown or unsupported format '%s'", a.fmt);
 		return 1;
 	}
-	r = qcow2_lock_image(&locks, a.file, a.fmt,
-			     a.check_flags ? QCOW2_LOCK_WRITE : QCOW2_LOCK_READ, a.force_share, err,
-			     sizeof(err));
-	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+	if (lock_file(&locks, &a, a.check_flags ? QCOW2_LOCK_WRITE : QCOW2_LOCK_READ))
 		return 1;
-	}
 	r = check_locked(&a);
 	qcow2_unlock_image(&locks);
 	return r;
@@ -893,11 +898,8 @@ static int cmd_map(int argc, char **argv)
 	fmt = a.fmt;
 	file = a.file;
 	out = a.out;
-	r = qcow2_lock_image(&locks, file, fmt, QCOW2_LOCK_READ, a.force_share, err, sizeof(err));
-	if (r < 0) {
-		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+	if (lock_file(&locks, &a, QCOW2_LOCK_READ))
 		return 1;
-	}
 	s.out = out;
 	s.first = true;
 	progress_init(&prog_state, false);
