@@ -42,6 +42,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "vhost_int.h"
 
@@ -139,6 +140,7 @@ fail : {
 int vhost_inflight_set(struct vhost_dev *dev, const struct vu_inflight_msg *m, int fd)
 {
 	uint16_t nq = m->num_queues, qs = m->queue_size;
+	struct stat st;
 	size_t need;
 	void *p;
 
@@ -160,6 +162,14 @@ int vhost_inflight_set(struct vhost_dev *dev, const struct vu_inflight_msg *m, i
 			vhost_warn("SET_INFLIGHT_FD while ring %u is started", i);
 			return -EBUSY;
 		}
+	}
+	/* A MAP_SHARED page past the end of the file raises SIGBUS when touched
+	 * (as in mem.c): only a regular file that covers the region will do. */
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+	    (uint64_t)st.st_size < m->mmap_offset + m->mmap_size) {
+		vhost_warn("SET_INFLIGHT_FD: the fd is not a file covering %llu bytes at %llu",
+			   (unsigned long long)m->mmap_size, (unsigned long long)m->mmap_offset);
+		return -EINVAL;
 	}
 	p = mmap(NULL, m->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)m->mmap_offset);
 	if (p == MAP_FAILED) {

@@ -1304,6 +1304,33 @@ static void test_inflight_reconnect(void)
  *    from the avail ring, once.
  * Then a region with a bad flag is refused at the ring start.
  */
+/* SET_INFLIGHT_FD with a file that does not cover the region is refused:
+ * touching a shared page past the end of its file raises SIGBUS. */
+static void test_inflight_short_file(void)
+{
+	struct {
+		uint64_t size, off;
+		uint16_t nq, qs;
+		uint32_t pad;
+	} im = {2 * IQ_SIZE, 0, 2, NUM, 0};
+	int fd, mfd;
+
+	server_up();
+	fd = fe_connect();
+	mfd = memfd_create("short", MFD_CLOEXEC);
+	CU_ASSERT_FATAL(mfd >= 0 && ftruncate(mfd, IQ_SIZE) == 0); /* half of it */
+	CU_ASSERT_NOT_EQUAL(acked(fd, SET_INFLIGHT_FD, &im, sizeof(im), &mfd, 1), 0);
+	CU_ASSERT_EQUAL(ftruncate(mfd, 4096), 0);
+	im.off = 4096; /* all of it past the end */
+	CU_ASSERT_NOT_EQUAL(acked(fd, SET_INFLIGHT_FD, &im, sizeof(im), &mfd, 1), 0);
+	im.off = 0; /* covered: accepted */
+	CU_ASSERT_EQUAL(acked(fd, SET_INFLIGHT_FD, &im, sizeof(im), &mfd, 1), 0);
+	close(mfd);
+	close(fd);
+	run(5);
+	server_down();
+}
+
 static void test_inflight_kill_states(void)
 {
 	static const uint16_t heads[] = {0, 1, 2, 4, 3, 5};
@@ -1826,6 +1853,7 @@ int main(void)
 	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
 	CU_add_test(s, "inflight tracking across a reconnect", test_inflight_reconnect);
 	CU_add_test(s, "inflight regions left by kills", test_inflight_kill_states);
+	CU_add_test(s, "inflight region not covered by its file", test_inflight_short_file);
 	failed = (int)tu_cunit_run();
 	unlink(g_path);
 	rmdir(g_dir);
