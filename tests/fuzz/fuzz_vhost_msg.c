@@ -293,7 +293,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 	return 0;
 }
 
-/* Read and drop whatever the back-end sent (replies carry no fds, but close any). */
+/* Read and drop whatever the back-end sent, closing the fds that came with it. */
 static void drain_replies(int cfd)
 {
 	union {
@@ -312,9 +312,18 @@ static void drain_replies(int cfd)
 
 		if (n <= 0)
 			return;
+		/* GET_INFLIGHT_FD's reply carries the shared region's fd */
 		for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-				die("the back-end sent fds in a reply");
+			size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+
+			if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+				continue;
+			for (size_t i = 0; i < nfd; i++) {
+				int fd;
+
+				memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(fd));
+				close(fd);
+			}
 		}
 	}
 }

@@ -27,6 +27,7 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 SET_BACKEND_REQ_FD, GET_CONFIG, SET_CONFIG, RESET_DEVICE = 21, 24, 25, 34
+GET_INFLIGHT_FD, SET_INFLIGHT_FD = 31, 32
 GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG = 36, 37, 38
 F_VERSION, F_NEED_REPLY = 0x1, 0x8
 
@@ -134,6 +135,12 @@ def vhost_msg_seeds():
         ring_in_memory(heads=(0,)) + ring_setup() + \
         ring_in_memory(heads=(2,), desc_gpa=0x21000, avail_gpa=0x22000, data_gpa=0x30000) + \
         ring_setup(idx=1, desc_gpa=0x21000, avail_gpa=0x22000, used_gpa=0x23000) + action(PUSH_ALL)
+    inflight = struct.pack("<QQHHI", 0, 0, 2, 8, 0)
+    s["inflight"] = negotiate(proto=PROTO | (1 << 12)) + msg(GET_INFLIGHT_FD, inflight) + \
+        msg(SET_INFLIGHT_FD, struct.pack("<QQHHI", 4096, 0, 2, 8, 0), nfds=1, kind=FD_MEMFD) + \
+        mem_table([(0, MEM, UVA, 0)]) + ring_in_memory(heads=(0, 3)) + ring_setup() + \
+        action(RECONNECT) + negotiate(proto=PROTO | (1 << 12)) + \
+        msg(SET_INFLIGHT_FD, struct.pack("<QQHHI", 4096, 0, 2, 8, 0), nfds=1, kind=FD_MEMFD)
     return s
 
 
