@@ -42,6 +42,7 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cap-ng.h>
@@ -129,7 +130,7 @@ static void usage(FILE *f)
 	      "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
 	      "                              vhost-user message received)\n"
 	      "  --print-capabilities        print capabilities as JSON and exit\n"
-	      "  --help, --version\n",
+	      "  -h, --help, --version\n",
 	      f);
 }
 
@@ -230,7 +231,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->lbs = 512;
 	opterr = 0;
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+	/* ":" first: a missing value returns ':' (not '?'), so the two errors
+	 * can be told apart; -h is --help. */
+	while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
 		switch (c) {
 		case OPT_SOCKET:
 			if (!*optarg)
@@ -344,11 +347,16 @@ static int parse_args(int argc, char **argv, struct options *o)
 		case OPT_VERSION:
 			printf("vqcowd %s\n", VQCOW_VERSION);
 			return 0;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case ':':
+			fprintf(stderr, "vqcowd: option %s needs a value\n", argv[optind - 1]);
+			return 2;
 		case '?':
 		default:
-			if (optopt)
-				fprintf(stderr, "vqcowd: option %s needs a value\n",
-					argv[optind - 1]);
+			if (optopt && optopt < 256)
+				fprintf(stderr, "vqcowd: unknown option: -%c\n", optopt);
 			else
 				fprintf(stderr, "vqcowd: unknown option: %s\n", argv[optind - 1]);
 			return 2;
@@ -705,6 +713,12 @@ static void check_resize(struct daemon *d)
 	struct vhost_dev *dev;
 	int ret = img_refresh_size(d->img);
 
+	if (ret == -ENOTSUP) {
+		log_warn("SIGHUP: online resize works for raw images only; this image is %s (qcow2 "
+			 "resize comes with the control socket)",
+			 d->img->ops->format);
+		return;
+	}
 	if (ret < 0) {
 		log_warn("SIGHUP: cannot re-read the image size: %s", strerror(-ret));
 		return;
@@ -884,6 +898,39 @@ static void name_leave(void *priv)
 	n->groups = NULL;
 }
 
+/*
+ * Cheap checks before the (possibly slow) image open: the socket's directory
+ * must exist and the path fit a sockaddr_un. 0 or -1 (message logged).
+ */
+static int check_socket_path(const char *path)
+{
+	struct sockaddr_un sa;
+	char dir[PATH_MAX];
+	const char *slash;
+	struct stat st;
+
+	if (!path)
+		return 0;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		log_err("cannot listen on %s: path longer than %zu bytes", path,
+			sizeof(sa.sun_path) - 1);
+		return -1;
+	}
+	slash = strrchr(path, '/');
+	if (!slash)
+		return 0; /* the current directory */
+	snprintf(dir, sizeof(dir), "%.*s", slash == path ? 1 : (int)(slash - path), path);
+	if (stat(dir, &st) < 0) {
+		log_err("cannot listen on %s: directory %s: %s", path, dir, strerror(errno));
+		return -1;
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		log_err("cannot listen on %s: %s is not a directory", path, dir);
+		return -1;
+	}
+	return 0;
+}
+
 /* ---- main ---- */
 
 int main(int argc, char **argv)
@@ -904,6 +951,8 @@ int main(int argc, char **argv)
 	if (ret >= 0)
 		return ret;
 	vlog_init("vqcowd");
+	if (check_socket_path(o.socket_path) < 0)
+		return 1;
 	if (o.log_level >= 0) {
 		vlog_set_level((enum vlog_level)o.log_level);
 	} else {
@@ -955,7 +1004,12 @@ int main(int argc, char **argv)
 	iopts.no_l2_prefetch = o.no_l2_prefetch;
 	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
 	if (ret < 0) {
-		log_err("%s", err[0] ? err : strerror(-ret));
+		/* A file we may read but not write: say how to serve it anyway. */
+		bool hint = (ret == -EACCES || ret == -EPERM || ret == -EROFS) && !o.read_only &&
+			    access(o.blk_file, R_OK) == 0;
+
+		log_err("%s%s", err[0] ? err : strerror(-ret),
+			hint ? "; to export it read-only, pass --read-only" : "");
 		goto exit_loop;
 	}
 	img_describe(d.img, desc, sizeof(desc));
