@@ -3,6 +3,7 @@
  * img/img.c — format probing and the img_* submitters.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -178,6 +179,38 @@ int img_refresh_size(struct img *img)
 	if (!img->ops->refresh_size)
 		return -ENOTSUP;
 	return img->ops->refresh_size(img);
+}
+
+struct img *img_backing(struct img *img)
+{
+	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;
+}
+
+int img_grow(struct img *img, uint64_t size, char *err, size_t errlen)
+{
+	if (size % 512) {
+		snprintf(err, errlen, "%s: the new size must be a multiple of 512 bytes",
+			 img->path);
+		return -EINVAL;
+	}
+	if (size < img->size) {
+		snprintf(err, errlen,
+			 "%s: shrinking is not supported (%" PRIu64 " < %" PRIu64 " bytes)",
+			 img->path, size, img->size);
+		return -EINVAL;
+	}
+	if (img->read_only) {
+		snprintf(err, errlen, "%s: the image is read-only", img->path);
+		return -EROFS;
+	}
+	if (!img->ops->grow) {
+		snprintf(err, errlen, "%s: online resize of a %s image is not supported yet",
+			 img->path, img->ops->format);
+		return -ENOTSUP;
+	}
+	if (size == img->size)
+		return 0;
+	return img->ops->grow(img, size, err, errlen);
 }
 
 static void io_setup(struct img_io *io, uint8_t op, unsigned flags, struct iovec *iov,

@@ -98,6 +98,10 @@ struct img_ops {
 	int (*refresh_size)(struct img *img);
 	/* Optional: change the locks of every file of the image (img_set_perm). */
 	int (*set_perm)(struct img *img, enum img_perm perm, char *err, size_t errlen);
+	/* Optional: the image unallocated ranges are read from (NULL = none). */
+	struct img *(*backing_of)(struct img *img);
+	/* Optional: grow the virtual size to @size bytes (online resize). */
+	int (*grow)(struct img *img, uint64_t size, char *err, size_t errlen);
 };
 
 /*
@@ -187,6 +191,16 @@ void img_describe(struct img *img, char *buf, size_t len);
  * -errno.
  */
 int img_refresh_size(struct img *img);
+
+/* The backing image of @img, NULL if none (the chain, for control queries). */
+struct img *img_backing(struct img *img);
+
+/*
+ * Grow the image online to @size bytes (a multiple of 512): a raw file is
+ * extended, a raw block device must have been grown already. Shrinking is
+ * -EINVAL, formats without it -ENOTSUP; @err says why. 0 or -errno.
+ */
+int img_grow(struct img *img, uint64_t size, char *err, size_t errlen);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

@@ -1068,12 +1068,18 @@ undo_file:
 	return ret;
 }
 
+static struct img *q2_backing_of(struct img *img)
+{
+	return ((struct q2img *)img)->backing;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
     .close = q2_close,
     .describe = q2_describe,
     .set_perm = q2_set_perm,
+    .backing_of = q2_backing_of,
 };
 
 static __thread int open_depth;

@@ -18,6 +18,7 @@
  * through io_post() so done() still runs from the loop.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <stdio.h>
@@ -281,6 +282,31 @@ static int raw_refresh_size(struct img *img)
 	return 0;
 }
 
+static int raw_grow(struct img *img, uint64_t size, char *err, size_t errlen)
+{
+	struct raw_img *r = to_raw(img);
+	int ret;
+
+	if (r->blockdev) {
+		/* A device is grown outside (lvextend...): take what it has now. */
+		ret = raw_refresh_size(img);
+		if (ret == 0 && img->size < size) {
+			snprintf(err, errlen,
+				 "%s: the block device has %" PRIu64 " bytes; grow it first",
+				 img->path, img->size);
+			return -EINVAL;
+		}
+		return ret;
+	}
+	if (ftruncate(r->file.fd, (off_t)size) < 0) {
+		ret = -errno;
+		snprintf(err, errlen, "%s: cannot grow the file to %" PRIu64 " bytes: %s",
+			 img->path, size, strerror(errno));
+		return ret;
+	}
+	return raw_refresh_size(img);
+}
+
 static int raw_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
 {
 	struct raw_img *r = to_raw(img);
@@ -299,6 +325,7 @@ static const struct img_ops raw_ops = {
     .close = raw_close,
     .describe = raw_describe,
     .refresh_size = raw_refresh_size,
+    .grow = raw_grow,
     .set_perm = raw_set_perm,
 };
 
