@@ -55,6 +55,7 @@
 #include "vhost.h"
 #include "vlog.h"
 
+#include "control.h"
 #include "sandbox.h"
 
 #define MAX_QUEUES      64
@@ -94,6 +95,8 @@ struct options {
 	bool no_seccomp;
 	const char *user;
 	const char *group;
+	const char *qmp_path;
+	const char *node_name;
 	int log_level; /* enum vlog_level, -1 = not given */
 };
 
@@ -127,6 +130,8 @@ static void usage(FILE *f)
 	      "  --no-fixed-files            do not register the image files with io_uring\n"
 	      "  --user U, --group G         switch to this user/group after opening\n"
 	      "  --no-seccomp                do not install the system call filter\n"
+	      "  --qmp PATH                  serve QMP commands on this UNIX socket (mode 0600)\n"
+	      "  --node-name NAME            the image's node name in QMP commands (disk0)\n"
 	      "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
 	      "                              vhost-user message received)\n"
 	      "  --print-capabilities        print capabilities as JSON and exit\n"
@@ -182,6 +187,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_USER,
 		OPT_GROUP,
 		OPT_LOGLEVEL,
+		OPT_QMP,
+		OPT_NODE,
 		OPT_CAPS,
 		OPT_HELP,
 		OPT_VERSION,
@@ -209,6 +216,8 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"user", required_argument, NULL, OPT_USER},
 	    {"group", required_argument, NULL, OPT_GROUP},
 	    {"log-level", required_argument, NULL, OPT_LOGLEVEL},
+	    {"qmp", required_argument, NULL, OPT_QMP},
+	    {"node-name", required_argument, NULL, OPT_NODE},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {"version", no_argument, NULL, OPT_VERSION},
@@ -229,6 +238,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->submit_batch = 2;
 	o->poll_ns = 50000;
 	o->lbs = 512;
+	o->node_name = "disk0";
 	opterr = 0;
 	optind = 1;
 	/* ":" first: a missing value returns ':' (not '?'), so the two errors
@@ -338,6 +348,16 @@ static int parse_args(int argc, char **argv, struct options *o)
 			o->log_level = (int)l;
 			break;
 		}
+		case OPT_QMP:
+			if (!*optarg)
+				return bad_value("qmp", optarg, "empty path");
+			o->qmp_path = optarg;
+			break;
+		case OPT_NODE:
+			if (!*optarg || strlen(optarg) > 127)
+				return bad_value("node-name", optarg, "expected 1..127 characters");
+			o->node_name = optarg;
+			break;
 		case OPT_CAPS:
 			print_capabilities();
 			return 0;
@@ -396,7 +416,7 @@ struct watch {
 	struct daemon *d;
 	int fd;
 	bool cancelled;
-	vhost_watch_cb *cb;
+	void (*cb)(void *arg);
 	void *arg;
 	struct watch *next;
 };
@@ -424,6 +444,7 @@ struct daemon {
 	bool flushing;
 	struct img_io flush_io;
 	int exit_code;
+	struct ctl ctl; /* --qmp */
 };
 
 /* -- fd watches -- */
@@ -455,7 +476,7 @@ static void watch_done(struct io_cmd *cmd, int res)
 	free(w);
 }
 
-static int d_watch(void *opaque, int fd, vhost_watch_cb *cb, void *arg)
+static int watch_events(void *opaque, int fd, unsigned events, void (*cb)(void *arg), void *arg)
 {
 	struct daemon *d = opaque;
 	struct watch *w;
@@ -470,8 +491,13 @@ static int d_watch(void *opaque, int fd, vhost_watch_cb *cb, void *arg)
 	w->cmd.done = watch_done;
 	w->next = d->watches;
 	d->watches = w;
-	io_poll(d->loop, &w->cmd, fd, POLLIN);
+	io_poll(d->loop, &w->cmd, fd, events);
 	return 0;
+}
+
+static int d_watch(void *opaque, int fd, vhost_watch_cb *cb, void *arg)
+{
+	return watch_events(opaque, fd, POLLIN, cb, arg);
 }
 
 static void d_unwatch(void *opaque, int fd)
@@ -707,10 +733,30 @@ static void flush_done(struct img_io *io, int res)
 	io_loop_stop(d->loop);
 }
 
+/* The image size changed (@why: SIGHUP, QMP): tell the driver. */
+static void size_changed(struct daemon *d, const char *why)
+{
+	struct vhost_dev *dev;
+	int ret;
+
+	if (!blk_dev_update_capacity(d->blk)) {
+		logmsg("%s: image size unchanged (%" PRIu64 " bytes)", why, d->img->size);
+		return;
+	}
+	logmsg("%s: image size is now %" PRIu64 " bytes", why, d->img->size);
+	dev = vhost_server_dev(d->srv);
+	if (dev) {
+		ret = vhost_dev_config_changed(dev);
+		if (ret < 0)
+			log_warn("cannot send a config-change notice: %s", strerror(-ret));
+		else
+			logmsg("config-change notice sent to the frontend");
+	}
+}
+
 /* SIGHUP: the image may have been resized outside; tell the driver. */
 static void check_resize(struct daemon *d)
 {
-	struct vhost_dev *dev;
 	int ret = img_refresh_size(d->img);
 
 	if (ret == -ENOTSUP) {
@@ -723,19 +769,27 @@ static void check_resize(struct daemon *d)
 		log_warn("SIGHUP: cannot re-read the image size: %s", strerror(-ret));
 		return;
 	}
-	if (!blk_dev_update_capacity(d->blk)) {
-		logmsg("SIGHUP: image size unchanged (%" PRIu64 " bytes)", d->img->size);
-		return;
-	}
-	logmsg("SIGHUP: image size is now %" PRIu64 " bytes", d->img->size);
-	dev = vhost_server_dev(d->srv);
-	if (dev) {
-		ret = vhost_dev_config_changed(dev);
-		if (ret < 0)
-			log_warn("cannot send a config-change notice: %s", strerror(-ret));
-		else
-			logmsg("config-change notice sent to the frontend");
-	}
+	size_changed(d, "SIGHUP");
+}
+
+static void ctl_resized(void *opaque)
+{
+	size_changed(opaque, "block_resize");
+}
+
+/* Stop taking requests; the defer hook flushes and ends the loop. */
+static void start_stopping(struct daemon *d)
+{
+	d->stopping = true;
+	vhost_server_stop_accepting(d->srv);
+}
+
+static void ctl_quit(void *opaque)
+{
+	struct daemon *d = opaque;
+
+	if (!d->stopping)
+		start_stopping(d);
 }
 
 static void sig_done(struct io_cmd *cmd, int res)
@@ -757,8 +811,7 @@ static void sig_done(struct io_cmd *cmd, int res)
 		}
 		logmsg("signal %u: stopping (in flight: %u)", si.ssi_signo,
 		       blk_dev_inflight(d->blk));
-		d->stopping = true;
-		vhost_server_stop_accepting(d->srv);
+		start_stopping(d);
 	}
 }
 
@@ -1078,6 +1131,31 @@ int main(int argc, char **argv)
 		if (chown(o.socket_path, uid, gid) < 0)
 			log_warn("chown %s: %s", o.socket_path, strerror(errno));
 	}
+	if (o.qmp_path) {
+		d.ctl.node_name = o.node_name;
+		d.ctl.file = o.blk_file;
+		d.ctl.img = d.img;
+		d.ctl.blk = d.blk;
+		d.ctl.stopping = &d.stopping;
+		d.ctl.quit = ctl_quit;
+		d.ctl.resized = ctl_resized;
+		d.ctl.opaque = &d;
+		d.ctl.loop.watch = watch_events;
+		d.ctl.loop.unwatch = d_unwatch;
+		d.ctl.loop.opaque = &d;
+		ret = ctl_start(&d.ctl, o.qmp_path);
+		if (ret < 0) {
+			log_err("cannot listen on %s (--qmp): %s", o.qmp_path,
+				ret == -EADDRINUSE ? "another process is listening on it"
+						   : strerror(-ret));
+			goto exit_srv;
+		}
+		if (o.user || o.group) {
+			if (chown(o.qmp_path, uid, gid) < 0)
+				log_warn("chown %s: %s", o.qmp_path, strerror(errno));
+		}
+		logmsg("QMP on %s (node %s)", o.qmp_path, o.node_name);
+	}
 	if (drop_privileges(&o, uid, gid) < 0) {
 		ret = -EPERM;
 		goto exit_srv;
@@ -1119,6 +1197,7 @@ int main(int argc, char **argv)
 	ret = d.exit_code ? -EIO : 0;
 
 exit_srv:
+	ctl_stop(&d.ctl);
 	vhost_server_exit(d.srv);
 del_defer:
 	io_defer_del(d.loop, &d.defer);

@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qmp/ — a QMP (QEMU Machine Protocol) server on a UNIX socket.
+ *
+ * Knows nothing of vhost, blk, images or io_uring: the program gives it a
+ * way to watch fds (its event loop), a table of commands and their
+ * handlers, and the version object of the greeting. JSON is parsed and
+ * written with jansson.
+ *
+ * Protocol, as QEMU speaks it:
+ *  - on connect the server sends {"QMP": {"version": V, "capabilities": []}};
+ *  - until the client sent {"execute": "qmp_capabilities"}, every other
+ *    command gets a CommandNotFound error;
+ *  - {"execute": NAME, "arguments": {...}, "id": ANY} gets
+ *    {"return": R, "id": ANY} or {"error": {"class": C, "desc": TEXT}, "id": ANY};
+ *  - replies are written in order, one JSON object per line ("\r\n").
+ * Input is a byte stream of JSON objects (no framing beyond JSON itself).
+ * Malformed JSON, a non-object, unknown members, unknown commands and
+ * arguments of the wrong type get a GenericError/CommandNotFound reply; a
+ * message over QMP_MAX_MSG bytes gets an error and the connection is closed;
+ * so is a client that lets more than QMP_MAX_OUT bytes of replies pile up.
+ * Every socket is non-blocking: nothing here ever waits.
+ *
+ * Threading: one thread, the one whose loop the watch hooks belong to.
+ */
+#ifndef VQCOW_QMP_H
+#define VQCOW_QMP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <jansson.h>
+
+#define QMP_MAX_MSG     (64 * 1024)   /* largest input message (bytes) */
+#define QMP_MAX_OUT     (1024 * 1024) /* largest backlog of unsent replies */
+#define QMP_MAX_CLIENTS 32            /* connections at once; more are closed */
+#define QMP_MAX_ARGS    8
+
+typedef void qmp_watch_cb(void *arg);
+
+/* The event loop: call @cb(@arg) whenever @fd is ready for @events (POLLIN or POLLOUT). */
+struct qmp_loop_ops {
+	int (*watch)(void *opaque, int fd, unsigned events, qmp_watch_cb *cb, void *arg);
+	/* Stop watching @fd; @cb is never called again for that watch. */
+	void (*unwatch)(void *opaque, int fd);
+	void *opaque;
+};
+
+enum qmp_type {
+	QMP_STR = 1,
+	QMP_INT, /* a JSON integer */
+	QMP_BOOL,
+};
+
+struct qmp_arg {
+	const char *name; /* NULL ends the list */
+	enum qmp_type type;
+	bool optional;
+};
+
+/*
+ * A command handler. @args is the (type-checked) arguments object, never
+ * NULL. Returns 0 and sets *@ret to a new reference (NULL = {}), or -errno
+ * with a message in @err (sent as a GenericError).
+ */
+typedef int qmp_handler_fn(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen);
+
+struct qmp_command {
+	const char *name; /* NULL ends the table */
+	struct qmp_arg args[QMP_MAX_ARGS + 1];
+	qmp_handler_fn *handler;
+};
+
+struct qmp_server;
+
+/*
+ * Listen on @path (a UNIX socket created with mode 0600; a stale socket left
+ * by a dead process is replaced, a live one is -EADDRINUSE). @cmds and
+ * @version (borrowed: the server takes its own reference) must outlive the
+ * server; @opaque goes to the handlers, @loop->opaque to the loop hooks. 0 or -errno.
+ */
+int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_loop_ops *loop,
+		    const struct qmp_command *cmds, json_t *version, void *opaque);
+
+/* Close every connection and the listening socket, unlink @path if it is still ours. */
+void qmp_server_exit(struct qmp_server *s);
+
+/* Connections open now (tests, logs). */
+unsigned qmp_server_clients(const struct qmp_server *s);
+
+#endif /* VQCOW_QMP_H */

@@ -1,0 +1,531 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The QMP server: listening socket, connections, framing, dispatch (qmp.h).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "qmp.h"
+#include "vlog.h"
+
+struct client {
+	struct qmp_server *s;
+	int fd;
+	bool negotiated;
+	bool closing;         /* close once the output is sent */
+	unsigned watching;    /* events watched now (0 = none) */
+	char in[QMP_MAX_MSG]; /* unparsed input */
+	size_t in_len;
+	char *out; /* unsent replies */
+	size_t out_len, out_cap;
+	struct client *next;
+};
+
+struct qmp_server {
+	int fd;
+	char *path;
+	dev_t dev;
+	ino_t ino;
+	const struct qmp_loop_ops *loop;
+	const struct qmp_command *cmds;
+	json_t *version;
+	void *opaque;
+	struct client *clients;
+	unsigned nclients;
+};
+
+static void client_close(struct client *c)
+{
+	struct qmp_server *s = c->s;
+
+	if (c->watching)
+		s->loop->unwatch(s->loop->opaque, c->fd);
+	close(c->fd);
+	for (struct client **p = &s->clients; *p; p = &(*p)->next) {
+		if (*p == c) {
+			*p = c->next;
+			break;
+		}
+	}
+	s->nclients--;
+	free(c->out);
+	free(c);
+}
+
+static void client_ready(void *arg);
+
+/* Watch for input when nothing waits to be sent, else for room to send. */
+static int client_rewatch(struct client *c)
+{
+	unsigned want = c->out_len ? POLLOUT : POLLIN;
+
+	if (c->watching == want)
+		return 0;
+	if (c->watching)
+		c->s->loop->unwatch(c->s->loop->opaque, c->fd);
+	c->watching = 0;
+	if (c->s->loop->watch(c->s->loop->opaque, c->fd, want, client_ready, c) < 0)
+		return -ENOMEM;
+	c->watching = want;
+	return 0;
+}
+
+/* Send what is queued; -errno when the connection is dead. */
+static int client_flush(struct client *c)
+{
+	while (c->out_len) {
+		ssize_t n = send(c->fd, c->out, c->out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			return -errno;
+		}
+		memmove(c->out, c->out + n, c->out_len - (size_t)n);
+		c->out_len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Queue one reply (consumes @msg). */
+static void client_send(struct client *c, json_t *msg)
+{
+	char *text = json_dumps(msg, 0);
+	size_t len;
+
+	json_decref(msg);
+	if (!text) {
+		c->closing = true;
+		return;
+	}
+	len = strlen(text);
+	if (c->out_len + len + 2 > QMP_MAX_OUT) {
+		vlog(VLOG_WARN, NULL, "qmp: client does not read its replies; closing it");
+		c->closing = true;
+		c->out_len = 0;
+		free(text);
+		return;
+	}
+	if (c->out_len + len + 2 > c->out_cap) {
+		size_t cap = c->out_cap ? c->out_cap : 4096;
+		char *p;
+
+		while (cap < c->out_len + len + 2)
+			cap *= 2;
+		p = realloc(c->out, cap);
+		if (!p) {
+			c->closing = true;
+			free(text);
+			return;
+		}
+		c->out = p;
+		c->out_cap = cap;
+	}
+	memcpy(c->out + c->out_len, text, len);
+	memcpy(c->out + c->out_len + len, "\r\n", 2);
+	c->out_len += len + 2;
+	free(text);
+}
+
+static void send_error(struct client *c, json_t *id, const char *cls, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void send_error(struct client *c, json_t *id, const char *cls, const char *fmt, ...)
+{
+	char desc[512];
+	va_list ap;
+	json_t *msg;
+
+	va_start(ap, fmt);
+	vsnprintf(desc, sizeof(desc), fmt, ap);
+	va_end(ap);
+	msg = json_pack("{s:{s:s,s:s}}", "error", "class", cls, "desc", desc);
+	if (msg && id)
+		json_object_set(msg, "id", id);
+	if (msg)
+		client_send(c, msg);
+}
+
+static const char *type_name(enum qmp_type t)
+{
+	switch (t) {
+	case QMP_STR:
+		return "string";
+	case QMP_INT:
+		return "integer";
+	case QMP_BOOL:
+		return "boolean";
+	}
+	return "?";
+}
+
+static bool type_ok(enum qmp_type t, json_t *v)
+{
+	switch (t) {
+	case QMP_STR:
+		return json_is_string(v);
+	case QMP_INT:
+		return json_is_integer(v);
+	case QMP_BOOL:
+		return json_is_boolean(v);
+	}
+	return false;
+}
+
+/* Check @args against the schema of @cmd, as QEMU words it. */
+static bool args_ok(struct client *c, json_t *id, const struct qmp_command *cmd, json_t *args)
+{
+	const char *key;
+	json_t *v;
+
+	json_object_foreach(args, key, v)
+	{
+		const struct qmp_arg *a = cmd->args;
+
+		while (a->name && strcmp(a->name, key) != 0)
+			a++;
+		if (!a->name) {
+			send_error(c, id, "GenericError", "Parameter '%s' is unexpected", key);
+			return false;
+		}
+		if (!type_ok(a->type, v)) {
+			send_error(c, id, "GenericError",
+				   "Invalid parameter type for '%s', expected: %s", key,
+				   type_name(a->type));
+			return false;
+		}
+	}
+	for (const struct qmp_arg *a = cmd->args; a->name; a++) {
+		if (!a->optional && !json_object_get(args, a->name)) {
+			send_error(c, id, "GenericError", "Parameter '%s' is missing", a->name);
+			return false;
+		}
+	}
+	return true;
+}
+
+/* One complete JSON value from the client. */
+static void dispatch(struct client *c, json_t *req)
+{
+	struct qmp_server *s = c->s;
+	const struct qmp_command *cmd;
+	json_t *id, *exec, *args, *v, *ret = NULL, *msg;
+	const char *key, *name;
+	char err[512];
+	int r;
+
+	if (!json_is_object(req)) {
+		send_error(c, NULL, "GenericError", "QMP input must be a JSON object");
+		return;
+	}
+	id = json_object_get(req, "id");
+	json_object_foreach(req, key, v)
+	{
+		if (strcmp(key, "execute") != 0 && strcmp(key, "arguments") != 0 &&
+		    strcmp(key, "id") != 0) {
+			send_error(c, id, "GenericError", "QMP input member '%s' is unexpected",
+				   key);
+			return;
+		}
+	}
+	exec = json_object_get(req, "execute");
+	if (!exec) {
+		send_error(c, id, "GenericError", "QMP input lacks member 'execute'");
+		return;
+	}
+	if (!json_is_string(exec)) {
+		send_error(c, id, "GenericError", "QMP input member 'execute' must be a string");
+		return;
+	}
+	args = json_object_get(req, "arguments");
+	if (args && !json_is_object(args)) {
+		send_error(c, id, "GenericError", "QMP input member 'arguments' must be an object");
+		return;
+	}
+	name = json_string_value(exec);
+	if (strcmp(name, "qmp_capabilities") == 0) {
+		if (c->negotiated) {
+			send_error(c, id, "CommandNotFound",
+				   "Capabilities negotiation is already complete, command ignored");
+			return;
+		}
+		if (args && json_object_size(args)) {
+			/* "enable": [] is the only form we accept (no capabilities). */
+			json_t *en = json_object_get(args, "enable");
+
+			if (!en || json_object_size(args) != 1 || !json_is_array(en) ||
+			    json_array_size(en)) {
+				send_error(c, id, "GenericError",
+					   "Capability negotiation: no capabilities offered");
+				return;
+			}
+		}
+		c->negotiated = true;
+		ret = json_object();
+		goto reply;
+	}
+	if (!c->negotiated) {
+		send_error(c, id, "CommandNotFound",
+			   "Expecting capabilities negotiation with 'qmp_capabilities'");
+		return;
+	}
+	for (cmd = s->cmds; cmd->name; cmd++) {
+		if (strcmp(cmd->name, name) == 0)
+			break;
+	}
+	if (!cmd->name) {
+		send_error(c, id, "CommandNotFound", "The command %.200s has not been found", name);
+		return;
+	}
+	if (!args) {
+		args = json_object();
+		if (!args)
+			return;
+	} else {
+		json_incref(args);
+	}
+	if (!args_ok(c, id, cmd, args)) {
+		json_decref(args);
+		return;
+	}
+	err[0] = '\0';
+	r = cmd->handler(s->opaque, args, &ret, err, sizeof(err));
+	json_decref(args);
+	if (r < 0) {
+		json_decref(ret);
+		send_error(c, id, "GenericError", "%s", err[0] ? err : strerror(-r));
+		return;
+	}
+	if (!ret)
+		ret = json_object();
+reply:
+	msg = json_object();
+	if (!msg || !ret || json_object_set_new(msg, "return", ret) < 0) {
+		json_decref(msg);
+		return;
+	}
+	if (id)
+		json_object_set(msg, "id", id);
+	client_send(c, msg);
+}
+
+static bool is_space(char ch)
+{
+	return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
+}
+
+/* Parse and run every complete message in the input buffer. */
+static void client_parse(struct client *c)
+{
+	size_t pos = 0;
+
+	while (!c->closing) {
+		json_error_t e;
+		json_t *req;
+
+		while (pos < c->in_len && is_space(c->in[pos]))
+			pos++;
+		if (pos == c->in_len)
+			break;
+		req = json_loadb(c->in + pos, c->in_len - pos, JSON_DISABLE_EOF_CHECK, &e);
+		if (req) {
+			pos += (size_t)e.position;
+			dispatch(c, req);
+			json_decref(req);
+			continue;
+		}
+		if (json_error_code(&e) == json_error_premature_end_of_input)
+			break; /* wait for the rest */
+		send_error(c, NULL, "GenericError", "JSON parse error, %s", e.text);
+		/* Start again after the line that failed (or drop it all). */
+		{
+			const char *nl = memchr(c->in + pos, '\n', c->in_len - pos);
+
+			pos = nl ? (size_t)(nl - c->in) + 1 : c->in_len;
+		}
+	}
+	memmove(c->in, c->in + pos, c->in_len - pos);
+	c->in_len -= pos;
+	if (c->in_len == sizeof(c->in) && !c->closing) {
+		send_error(c, NULL, "GenericError", "QMP message too large (over %d bytes)",
+			   QMP_MAX_MSG);
+		c->closing = true;
+	}
+}
+
+static void client_ready(void *arg)
+{
+	struct client *c = arg;
+	bool eof = false;
+
+	if (c->out_len && client_flush(c) < 0)
+		goto close;
+	while (!c->out_len && !c->closing && c->in_len < sizeof(c->in)) {
+		ssize_t n = recv(c->fd, c->in + c->in_len, sizeof(c->in) - c->in_len, MSG_DONTWAIT);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (n <= 0) {
+			eof = true; /* a half-sent message is dropped with the connection */
+			break;
+		}
+		c->in_len += (size_t)n;
+		client_parse(c);
+		if (client_flush(c) < 0)
+			goto close;
+	}
+	if (eof || (c->closing && !c->out_len))
+		goto close;
+	if (client_rewatch(c) < 0)
+		goto close;
+	return;
+close:
+	client_close(c);
+}
+
+static void accept_ready(void *arg)
+{
+	struct qmp_server *s = arg;
+
+	for (;;) {
+		int fd = accept4(s->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		struct client *c;
+		json_t *greet;
+
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				vlog(VLOG_WARN, NULL, "qmp: accept: %s", strerror(errno));
+			return;
+		}
+		if (s->nclients >= QMP_MAX_CLIENTS) {
+			vlog(VLOG_WARN, NULL, "qmp: %d connections open already; closing a new one",
+			     QMP_MAX_CLIENTS);
+			close(fd);
+			continue;
+		}
+		c = calloc(1, sizeof(*c));
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->s = s;
+		c->fd = fd;
+		c->next = s->clients;
+		s->clients = c;
+		s->nclients++;
+		greet = json_pack("{s:{s:O,s:[]}}", "QMP", "version", s->version, "capabilities");
+		if (greet)
+			client_send(c, greet);
+		if (!greet || client_flush(c) < 0 || client_rewatch(c) < 0)
+			client_close(c);
+	}
+}
+
+/* Is a process listening on @path? */
+static bool socket_alive(const struct sockaddr_un *sa)
+{
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	bool alive;
+
+	if (fd < 0)
+		return false;
+	alive = connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0;
+	close(fd);
+	return alive;
+}
+
+int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_loop_ops *loop,
+		    const struct qmp_command *cmds, json_t *version, void *opaque)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct qmp_server *s;
+	struct stat st;
+	mode_t old;
+	int ret;
+
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->loop = loop;
+	s->cmds = cmds;
+	s->opaque = opaque;
+	s->version = json_incref(version);
+	s->path = strdup(path);
+	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (!s->path || s->fd < 0) {
+		ret = s->path ? -errno : -ENOMEM;
+		goto fail;
+	}
+	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+		if (socket_alive(&sa)) {
+			ret = -EADDRINUSE;
+			goto fail;
+		}
+		unlink(path); /* stale: its process is gone */
+	}
+	old = umask(0177);
+	ret = bind(s->fd, (struct sockaddr *)&sa, sizeof(sa));
+	umask(old);
+	if (ret < 0 || listen(s->fd, 16) < 0 || stat(path, &st) < 0) {
+		ret = -errno;
+		goto fail;
+	}
+	s->dev = st.st_dev;
+	s->ino = st.st_ino;
+	ret = loop->watch(loop->opaque, s->fd, POLLIN, accept_ready, s);
+	if (ret < 0) {
+		unlink(path);
+		goto fail;
+	}
+	*sp = s;
+	return 0;
+fail:
+	if (s->fd >= 0)
+		close(s->fd);
+	json_decref(s->version);
+	free(s->path);
+	free(s);
+	return ret;
+}
+
+void qmp_server_exit(struct qmp_server *s)
+{
+	struct stat st;
+
+	if (!s)
+		return;
+	while (s->clients) {
+		client_flush(s->clients); /* a last reply (quit) if the socket takes it */
+		client_close(s->clients);
+	}
+	s->loop->unwatch(s->loop->opaque, s->fd);
+	close(s->fd);
+	if (stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
+		unlink(s->path);
+	json_decref(s->version);
+	free(s->path);
+	free(s);
+}
+
+unsigned qmp_server_clients(const struct qmp_server *s)
+{
+	return s ? s->nclients : 0;
+}

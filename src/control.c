@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The QMP commands of vqcowd (control.h), with QEMU's names, arguments and
+ * result shapes (qapi/block-core.json, qapi/block-export.json, qapi/misc.json)
+ * wherever the meaning is the same.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blk.h"
+#include "control.h"
+#include "img.h"
+#include "vlog.h"
+
+static int find_node(struct ctl *c, json_t *args, char *err, size_t errlen)
+{
+	json_t *n = json_object_get(args, "node-name");
+	json_t *dev = json_object_get(args, "device");
+	const char *name = n ? json_string_value(n) : dev ? json_string_value(dev) : NULL;
+
+	if (name && strcmp(name, c->node_name) == 0)
+		return 0;
+	snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'",
+		 dev ? json_string_value(dev) : "", n ? json_string_value(n) : "");
+	return -ENOENT;
+}
+
+static int cmd_version(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+
+	*ret = json_deep_copy(c->version);
+	return *ret ? 0 : -ENOMEM;
+}
+
+static int cmd_exports(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+
+	*ret = json_pack("[{s:s,s:s,s:s,s:b}]", "id", "export0", "type", "vhost-user-blk",
+			 "node-name", c->node_name, "shutting-down", *c->stopping);
+	return *ret ? 0 : -ENOMEM;
+}
+
+/* ImageInfo of @img and, nested as backing-image, of its chain. */
+static json_t *image_info(struct img *img)
+{
+	struct img *b = img_backing(img);
+	json_t *o =
+	    json_pack("{s:s,s:s,s:I,s:b}", "filename", img->path, "format", img->ops->format,
+		      "virtual-size", (json_int_t)img->size, "dirty-flag", 0);
+
+	if (o && b) {
+		json_object_set_new(o, "backing-filename", json_string(b->path));
+		json_object_set_new(o, "backing-filename-format", json_string(b->ops->format));
+		json_object_set_new(o, "backing-image", image_info(b));
+	}
+	return o;
+}
+
+/* BlockDeviceInfo of one node. */
+static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsigned depth)
+{
+	unsigned bdepth = 0;
+	json_t *o;
+
+	for (struct img *b = img_backing(img); b; b = img_backing(b))
+		bdepth++;
+	o = json_pack("{s:s,s:s,s:b,s:s,s:i,s:b,s:s,s:{s:b,s:b,s:b},s:o,"
+		      "s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+		      "file", img->path, "node-name", name, "ro", img->read_only, "drv",
+		      img->ops->format, "backing_file_depth", bdepth, "encrypted", 0,
+		      "detect_zeroes", "off", "cache", "writeback",
+		      depth == 0 ? blk_dev_get_wce(c->blk) : 1, "direct", 1, "no-flush", 0, "image",
+		      image_info(img), "bps", 0, "bps_rd", 0, "bps_wr", 0, "iops", 0, "iops_rd", 0,
+		      "iops_wr", 0, "write_threshold", 0);
+	if (o && img_backing(img))
+		json_object_set_new(o, "backing_file", json_string(img_backing(img)->path));
+	return o;
+}
+
+static int cmd_nodes(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	json_t *a = json_array();
+	unsigned depth = 0;
+	char name[256];
+
+	if (!a)
+		return -ENOMEM;
+	for (struct img *i = c->img; i; i = img_backing(i), depth++) {
+		/* Backing nodes have no name of their own: NAME-backing1, ... */
+		if (depth)
+			snprintf(name, sizeof(name), "%s-backing%u", c->node_name, depth);
+		json_array_append_new(a, node_info(c, i, depth ? name : c->node_name, depth));
+	}
+	*ret = a;
+	return 0;
+}
+
+static int cmd_quit(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+
+	vlog(VLOG_INFO, NULL, "qmp: quit");
+	c->quit(c->opaque);
+	return 0;
+}
+
+static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	json_int_t size = json_integer_value(json_object_get(args, "size"));
+	int r;
+
+	r = find_node(c, args, err, errlen);
+	if (r < 0)
+		return r;
+	if (size < 0) {
+		snprintf(err, errlen, "Parameter 'size' expects a >0 size");
+		return -EINVAL;
+	}
+	r = img_grow(c->img, (uint64_t)size, err, errlen);
+	if (r < 0)
+		return r;
+	vlog(VLOG_INFO, NULL, "qmp: block_resize %s to %" PRIu64 " bytes", c->node_name,
+	     (uint64_t)size);
+	c->resized(c->opaque);
+	return 0;
+}
+
+static const struct qmp_command commands[] = {
+    {"query-version", {{NULL}}, cmd_version},
+    {"query-block-exports", {{NULL}}, cmd_exports},
+    {"query-named-block-nodes", {{"flat", QMP_BOOL, true}, {NULL}}, cmd_nodes},
+    {"block_resize",
+     {{"device", QMP_STR, true}, {"node-name", QMP_STR, true}, {"size", QMP_INT, false}, {NULL}},
+     cmd_resize},
+    {"quit", {{NULL}}, cmd_quit},
+    {NULL},
+};
+
+int ctl_start(struct ctl *c, const char *path)
+{
+	unsigned maj = 0, min = 0, mic = 0;
+	int ret;
+
+	sscanf(VQCOW_VERSION, "%u.%u.%u", &maj, &min, &mic);
+	/* QEMU's VersionInfo shape: our version in "qemu", our name in "package". */
+	c->version = json_pack("{s:{s:i,s:i,s:i},s:s}", "qemu", "major", maj, "minor", min, "micro",
+			       mic, "package", "vqcowd " VQCOW_VERSION);
+	if (!c->version)
+		return -ENOMEM;
+	ret = qmp_server_init(&c->qmp, path, &c->loop, commands, c->version, c);
+	if (ret < 0) {
+		json_decref(c->version);
+		c->version = NULL;
+	}
+	return ret;
+}
+
+void ctl_stop(struct ctl *c)
+{
+	qmp_server_exit(c->qmp);
+	c->qmp = NULL;
+	json_decref(c->version);
+	c->version = NULL;
+}
