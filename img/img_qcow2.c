@@ -708,6 +708,7 @@ static bool holds_write(uint8_t state)
  *   *_MAP     --MAX_TURNS steps without I/O--> the same state, posted
  *   INPLACE, ZEROING --method unsupported / next chunk--> the same state
  *   any       --error-->         done (an allocation in progress is undone)
+ *   IDLE      (on the free list: a step here is a bug, logged and ignored)
  *
  * A mapped write prefix (INPLACE, COW_MAP, COW_IO, ZEROING, WRITING) holds the
  * engine's ticket r->wr_ticket from its mapping to its end; an allocating
@@ -932,9 +933,16 @@ static void step(struct q2req *r, int res)
 		case RQ_FLUSH:
 			goto done;
 
+		case RQ_IDLE:
 		default:
-			res = -EIO;
-			goto fail;
+			/*
+			 * A completion for a context on the free list (or a state
+			 * that does not exist): a bug. Its img_io is gone; say so
+			 * and leave it alone rather than complete someone else's.
+			 */
+			fprintf(stderr, "vqcow: %s: request driver stepped in state %u (res %d)\n",
+				m->img.path, r->state, res);
+			return;
 		}
 	}
 
