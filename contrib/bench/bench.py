@@ -56,29 +56,6 @@ def _num(v):
     return None
 
 
-def _unit_scale_to_us(name, default):
-    """Scale factor to microseconds implied by a key name's unit suffix."""
-    n = name.lower()
-    if n.endswith("ns") or "_ns" in n or "nsec" in n:
-        return 1e-3
-    if n.endswith("us") or "_us" in n or "usec" in n:
-        return 1.0
-    if n.endswith("ms") or "_ms" in n or "msec" in n:
-        return 1e3
-    if n.endswith("_s") or n.endswith("sec"):
-        return 1e6
-    return default
-
-
-def _pick(d, names):
-    for n in names:
-        if isinstance(d, dict) and n in d:
-            v = _num(d[n])
-            if v is not None:
-                return v, n
-    return None, None
-
-
 def _percentile(obj, pct):
     """pct of a latency object: keys like p50, 50, 50.0, 50.000000, or a
     nested 'percentile'/'percentiles' object."""
@@ -96,52 +73,6 @@ def _percentile(obj, pct):
                 return _num(v)
         except ValueError:
             continue
-    return None
-
-
-def _latency(d):
-    """(mean, p50, p99) in microseconds from a frontend result object.
-
-    Accepted shapes (unit taken from the key name, microseconds if none):
-      {"lat_ns": {"mean": .., "p50": .., "p99": ..}}   (also lat_us, latency_ns,
-      clat_ns, "lat": {...,"unit":"ns"}; percentiles may sit in "percentile")
-      {"lat_mean_us": .., "lat_p50_us": .., "lat_p99_us": ..} (flat keys)
-    """
-    for key in ("lat_ns", "lat_us", "latency_ns", "latency_us", "lat_ms",
-                "latency_ms", "clat_ns", "clat_us", "lat", "latency"):
-        obj = d.get(key)
-        if isinstance(obj, dict):
-            unit = obj.get("unit") or obj.get("units")
-            scale = _unit_scale_to_us("_" + unit if isinstance(unit, str) else key, 1.0)
-            mean, _ = _pick(obj, ("mean", "avg", "average"))
-            p50 = _percentile(obj, 50.0)
-            p99 = _percentile(obj, 99.0)
-            if mean is None and p50 is None and p99 is None:
-                continue
-            f = lambda x: None if x is None else x * scale  # noqa: E731
-            return f(mean), f(p50), f(p99)
-    # flat keys
-    out = []
-    for what in ("mean", "p50", "p99"):
-        val = None
-        for k, v in d.items():
-            kl = str(k).lower()
-            if not ("lat" in kl and (what in kl or (what == "mean" and "avg" in kl))):
-                continue
-            x = _num(v)
-            if x is not None:
-                val = x * _unit_scale_to_us(kl, 1.0)
-                break
-        out.append(val)
-    return tuple(out)
-
-
-def _runtime_s(d):
-    for k in ("runtime_s", "elapsed_s", "duration_s", "runtime_ms", "elapsed_ms",
-              "runtime_ns", "elapsed_ns", "runtime_us", "runtime", "elapsed", "duration"):
-        v = _num(d.get(k))
-        if v is not None and v > 0:
-            return v * _unit_scale_to_us(k, 1e6) / 1e6
     return None
 
 
@@ -173,64 +104,20 @@ def _load_json_doc(text):
 
 
 def parse_fe(text):
-    """Normalise the output of `vqcow-fe bench ... --json`.
-
-    The frontend's JSON schema was written in parallel with this harness; the
-    parser therefore accepts the documented assumption (README.md, section
-    "Frontend output") and reasonable variants of it: totals at the top level
-    or under "total"/"result"/"job"; or per-direction "read"/"write" objects
-    that are summed.
-    """
+    """The output of `vqcow-fe bench ... --json` (README.md, "Frontend output"):
+    runtime_s at the top level, and the "total" object's ios, iops, mib_s,
+    errors and lat_us (mean, p50, p99)."""
     doc = _load_json_doc(text)
-    d = doc
-    for k in ("total", "result", "results", "job", "bench", "mixed"):
-        if isinstance(d.get(k), dict):
-            d = d[k]
-            break
-    if isinstance(d, list) and d:
-        d = d[0]
-    runtime = _runtime_s(d) or _runtime_s(doc)
-    ios, _ = _pick(d, ("ios", "total_ios", "io_count", "ios_completed", "completed",
-                       "requests", "ops", "n"))
-    iops, _ = _pick(d, ("iops",))
-    bw_b, _ = _pick(d, ("bw_bytes", "bytes_per_s", "bps"))
-    mib, _ = _pick(d, ("mib_s", "bw_mib_s", "MiB_s", "mibps", "bw_mib"))
-    nbytes, _ = _pick(d, ("bytes", "io_bytes", "total_bytes"))
-    mean, p50, p99 = _latency(d)
-    dirs = [d[k] for k in ("read", "write") if isinstance(d.get(k), dict)]
-    if dirs and (ios is None or iops is None):
-        s_ios = [_pick(x, ("ios", "total_ios", "io_count", "completed"))[0] for x in dirs]
-        s_iops = [_pick(x, ("iops",))[0] for x in dirs]
-        s_bytes = [_pick(x, ("bytes", "io_bytes"))[0] for x in dirs]
-        if ios is None and all(v is not None for v in s_ios):
-            ios = sum(s_ios)
-        if iops is None and all(v is not None for v in s_iops):
-            iops = sum(s_iops)
-        if nbytes is None and all(v is not None for v in s_bytes):
-            nbytes = sum(s_bytes)
-        if mean is None:
-            # weighted mean only; percentiles cannot be merged
-            lats = [(_latency(x), _pick(x, ("ios", "total_ios", "io_count", "completed"))[0])
-                    for x in dirs]
-            if all(l[0][0] is not None and l[1] for l in lats):
-                tot = sum(l[1] for l in lats)
-                mean = sum(l[0][0] * l[1] for l in lats) / tot if tot else None
-    if iops is None and ios is not None and runtime:
-        iops = ios / runtime
-    if ios is None and iops is not None and runtime:
-        ios = iops * runtime
-    if mib is None:
-        if bw_b is not None:
-            mib = bw_b / MIB
-        elif nbytes is not None and runtime:
-            mib = nbytes / runtime / MIB
-    if iops is None:
-        raise ValueError("frontend output has no iops / ios+runtime: %r" % (list(d.keys()),))
-    errs, _ = _pick(d, ("errors", "io_errors", "failed"))
+    t = doc.get("total")
+    if not isinstance(t, dict) or _num(t.get("iops")) is None:
+        raise ValueError("frontend output has no total.iops: %r" % (list(doc.keys()),))
+    lat = t.get("lat_us") if isinstance(t.get("lat_us"), dict) else {}
     return {
-        "ios": ios, "runtime_s": runtime, "iops": iops, "mib_s": mib,
-        "lat_mean_us": mean, "lat_p50_us": p50, "lat_p99_us": p99,
-        "errors": errs or 0,
+        "ios": _num(t.get("ios")), "runtime_s": _num(doc.get("runtime_s")),
+        "iops": _num(t.get("iops")), "mib_s": _num(t.get("mib_s")),
+        "lat_mean_us": _num(lat.get("mean")), "lat_p50_us": _num(lat.get("p50")),
+        "lat_p99_us": _num(lat.get("p99")),
+        "errors": _num(t.get("errors")) or 0,
     }
 
 
