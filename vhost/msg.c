@@ -38,24 +38,26 @@ struct msg_spec {
 };
 
 /* Transport bits the device model may not offer through us: NOTIFY_ON_EMPTY (24),
- * VHOST_F_LOG_ALL (26), ACCESS_PLATFORM (33), RING_PACKED (34), IN_ORDER (35),
- * NOTIFICATION_DATA (38) — none is implemented here. */
+ * ACCESS_PLATFORM (33), RING_PACKED (34), IN_ORDER (35), NOTIFICATION_DATA
+ * (38) — none is implemented here. VHOST_F_LOG_ALL (26) is vhost/'s own. */
 #define VHOST_UNSUPPORTED_FEATURES                                                                 \
-	((1ull << 24) | (1ull << 26) | (1ull << 33) | (1ull << 34) | (1ull << 35) | (1ull << 38))
+	((1ull << 24) | (1ull << 33) | (1ull << 34) | (1ull << 35) | (1ull << 38))
 
 uint64_t vhost_offered_features(const struct vhost_dev *dev)
 {
 	return (dev->ops->features & ~VHOST_UNSUPPORTED_FEATURES) |
 	       (1ull << VHOST_USER_F_PROTOCOL_FEATURES) | (1ull << 32 /* VIRTIO_F_VERSION_1 */) |
-	       (1ull << VIRTIO_RING_F_INDIRECT_DESC) | (1ull << VIRTIO_RING_F_EVENT_IDX);
+	       (1ull << VHOST_F_LOG_ALL) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
+	       (1ull << VIRTIO_RING_F_EVENT_IDX);
 }
 
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
 {
 	return dev->ops->protocol_features | (1ull << VU_PROTO_F_MQ) |
-	       (1ull << VU_PROTO_F_RESET_DEVICE) | (1ull << VU_PROTO_F_INFLIGHT_SHMFD) |
-	       (1ull << VU_PROTO_F_REPLY_ACK) | (1ull << VU_PROTO_F_BACKEND_REQ) |
-	       (1ull << VU_PROTO_F_CONFIG) | (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+	       (1ull << VU_PROTO_F_LOG_SHMFD) | (1ull << VU_PROTO_F_RESET_DEVICE) |
+	       (1ull << VU_PROTO_F_INFLIGHT_SHMFD) | (1ull << VU_PROTO_F_REPLY_ACK) |
+	       (1ull << VU_PROTO_F_BACKEND_REQ) | (1ull << VU_PROTO_F_CONFIG) |
+	       (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
 }
 
 void vhost_msg_close_fds(struct vu_msg *msg)
@@ -127,6 +129,7 @@ static int h_set_features(struct vhost_dev *dev, struct vu_msg *msg)
 		return -EINVAL;
 	}
 	dev->features = f;
+	vhost_log_update(dev); /* VHOST_F_LOG_ALL: dirty logging on or off */
 	/* vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES rings are
 	 * enabled as soon as they start; with it they wait for SET_VRING_ENABLE. */
 	if (!(f & (1ull << VHOST_USER_F_PROTOCOL_FEATURES))) {
@@ -217,6 +220,7 @@ void vhost_dev_reset_state(struct vhost_dev *dev)
 		vq->drain_pending = false;
 	}
 	dev->features = 0;
+	vhost_log_free(dev);
 	/* QEMU drops its inflight buffer on a device reset and gets a new one. */
 	vhost_inflight_unmap(dev);
 }
@@ -314,13 +318,8 @@ static int h_set_vring_addr(struct vhost_dev *dev, struct vu_msg *msg)
 
 	if (!vq)
 		return -EINVAL;
-	if (a->flags & VU_VRING_F_LOG) {
-		/* VHOST_VRING_F_LOG asks for dirty logging of the used ring, which
-		 * needs VHOST_F_LOG_ALL; we never offer it, so logging is never on:
-		 * ignore the flag (as libvhost-user does) rather than refuse a ring
-		 * front-ends set up this way. */
-		vhost_dbg("vring %u: log flag ignored (dirty logging not negotiated)", a->index);
-	}
+	/* VHOST_VRING_F_LOG: used-ring writes are logged at log (log_guest_addr)
+	 * while VHOST_F_LOG_ALL is on (log.c). */
 	vq->addr = *a;
 	vq->addr_set = true;
 	if (vhost_vq_map(vq) < 0) {
@@ -511,6 +510,22 @@ static int h_get_inflight_fd(struct vhost_dev *dev, struct vu_msg *msg)
 	return VU_DEFERRED; /* replied */
 }
 
+/* SET_LOG_BASE (LOG_SHMFD): map the log; the reply tells the front-end it is in use. */
+static int h_set_log_base(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	int ret = vhost_log_set_base(dev, &msg->p.log, msg->fds[0]);
+
+	if (ret < 0)
+		return ret;
+	reply_u64(msg, 0);
+	return 0;
+}
+
+static int h_set_log_fd(struct vhost_dev *dev, struct vu_msg *msg)
+{
+	return vhost_log_set_fd(dev, take_fd(msg, 0));
+}
+
 static int h_set_inflight_fd(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	return vhost_inflight_set(dev, &msg->p.inflight, msg->fds[0]);
@@ -552,13 +567,14 @@ static const struct msg_spec msg_table[VU_MSG_MAX] = {
 			0, 1, false, h_rem_mem_reg},
     [VU_GET_INFLIGHT_FD] = {"GET_INFLIGHT_FD", VU_INFLIGHT_MSG_MIN, sizeof(struct vu_inflight_msg),
 			    0, 0, true, h_get_inflight_fd},
+    /* With LOG_SHMFD (the only form we offer) QEMU waits for a reply. */
+    [VU_SET_LOG_BASE] = {"SET_LOG_BASE", sizeof(struct vu_log_msg), sizeof(struct vu_log_msg), 1, 1,
+			 true, h_set_log_base},
+    [VU_SET_LOG_FD] = {"SET_LOG_FD", 0, 0, 1, 1, false, h_set_log_fd},
     [VU_SET_INFLIGHT_FD] = {"SET_INFLIGHT_FD", VU_INFLIGHT_MSG_MIN, sizeof(struct vu_inflight_msg),
 			    1, 1, false, h_set_inflight_fd},
     /* Known but not implemented (no handler): named for the log; those the
      * front-end expects an explicit reply to close the connection. */
-    /* SET_LOG_BASE is replied to only with LOG_SHMFD, which we never offer */
-    [VU_SET_LOG_BASE] = {"SET_LOG_BASE", 0, 0, 0, 0, false, NULL},
-    [VU_SET_LOG_FD] = {"SET_LOG_FD", 0, 0, 0, 0, false, NULL},
     [VU_SEND_RARP] = {"SEND_RARP", 0, 0, 0, 0, false, NULL},
     [VU_NET_SET_MTU] = {"NET_SET_MTU", 0, 0, 0, 0, false, NULL},
     [VU_IOTLB_MSG] = {"IOTLB_MSG", 0, 0, 0, 0, false, NULL},

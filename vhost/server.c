@@ -61,6 +61,7 @@ struct vhost_dev *vhost_dev_new(struct vhost_server *srv, const struct vhost_dev
 	dev->opaque = opaque;
 	dev->sock = sock;
 	dev->backend_fd = -1;
+	dev->log_fd = -1;
 	dev->rx_state = VU_RX_HDR;
 	return dev;
 }
@@ -71,6 +72,7 @@ void vhost_dev_free(struct vhost_dev *dev)
 	for (unsigned i = 0; i < dev->nvqs; i++)
 		vhost_vq_free(&dev->vqs[i]);
 	vhost_inflight_unmap(dev);
+	vhost_log_free(dev);
 	free(dev->vqs);
 	vhost_mem_free(dev);
 	if (dev->sock_watched)
@@ -137,6 +139,7 @@ void vhost_dev_kill(struct vhost_dev *dev)
 	}
 	vhost_close_fd(&dev->sock);
 	vhost_close_fd(&dev->backend_fd);
+	vhost_close_fd(&dev->log_fd);
 	vhost_msg_close_fds(&dev->rx);
 	for (unsigned i = 0; i < dev->nvqs; i++) {
 		struct vhost_vq *vq = &dev->vqs[i];

@@ -93,7 +93,8 @@ struct vhost_dev_ops {
 	 * RING_EVENT_IDX itself. */
 	uint64_t features;
 	/* Protocol features offered on top of those vhost/ implements itself
-	 * (vhost/ offers MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, BACKEND_REQ). */
+	 * (vhost/ offers MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, BACKEND_REQ,
+	 * LOG_SHMFD; and VHOST_F_LOG_ALL: dirty logging for migration, log.c). */
 	uint64_t protocol_features;
 	uint16_t num_queues;     /* reported by GET_QUEUE_NUM */
 	uint16_t max_queue_size; /* largest SET_VRING_NUM accepted (<= VQ_MAX_SIZE) */

@@ -116,7 +116,9 @@ enum {
 
 /* Feature bits. */
 #define VHOST_USER_F_PROTOCOL_FEATURES 30
+#define VHOST_F_LOG_ALL                26
 #define VU_PROTO_F_MQ                  0
+#define VU_PROTO_F_LOG_SHMFD           1
 #define VU_PROTO_F_REPLY_ACK           3
 #define VU_PROTO_F_BACKEND_REQ         5
 #define VU_PROTO_F_CONFIG              9
@@ -142,6 +144,17 @@ struct vu_vring_addr {
 };
 _Static_assert(sizeof(struct vu_vring_addr) == 40, "vring address is 40 bytes");
 #define VU_VRING_F_LOG 1u
+
+/* SET_LOG_BASE with LOG_SHMFD: u64 mmap_size, u64 mmap_offset; one fd. */
+struct vu_log_msg {
+	uint64_t mmap_size;
+	uint64_t mmap_offset;
+};
+_Static_assert(sizeof(struct vu_log_msg) == 16, "log description is 16 bytes");
+/* Dirty log granularity (vhost-user.rst "Migration"): one bit per 4 KiB page. */
+#define VHOST_LOG_PAGE_SHIFT 12
+/* Largest log accepted: covers 2^(30+3+12) bytes = 32 TiB of guest memory. */
+#define VHOST_LOG_MAX_SIZE (1ull << 30)
 
 /* Memory region description (SET_MEM_TABLE entries; ADD/REM_MEM_REG). */
 struct vu_mem_region {
@@ -235,6 +248,7 @@ union vu_payload {
 	struct vu_mem_reg_msg memreg;
 	struct vu_config config;
 	struct vu_inflight_msg inflight;
+	struct vu_log_msg log;
 	uint8_t bytes[VU_MAX_PAYLOAD];
 };
 
@@ -367,6 +381,18 @@ struct vhost_dev {
 
 	unsigned nvqs;
 	struct vhost_vq *vqs;
+
+	/* Dirty page log (log.c): the bitmap of SET_LOG_BASE, the eventfd of
+	 * SET_LOG_FD. log_on: VHOST_F_LOG_ALL negotiated and a log mapped; the
+	 * only thing the push/notify paths test when logging is off. */
+	bool log_on;
+	bool log_kick_pending; /* bits set since the last SET_LOG_FD signal */
+	bool log_warned;       /* an address beyond the log was reported */
+	uint8_t *log;          /* log[0] covers guest pages 0..7 */
+	uint64_t log_size;     /* bytes of bitmap */
+	void *log_map;
+	size_t log_map_len;
+	int log_fd; /* SET_LOG_FD eventfd, -1 if none */
 };
 
 struct vhost_server {
@@ -418,6 +444,17 @@ void vhost_inflight_pop(struct vhost_vq *vq, uint16_t head);
 void vhost_inflight_push_begin(struct vhost_vq *vq, uint16_t head);
 void vhost_inflight_push_end(struct vhost_vq *vq, uint16_t head, uint16_t used_idx);
 int vhost_dev_send_fd(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload, int fd);
+
+/* log.c */
+int vhost_log_set_base(struct vhost_dev *dev, const struct vu_log_msg *m, int fd);
+int vhost_log_set_fd(struct vhost_dev *dev, int fd);
+void vhost_log_update(struct vhost_dev *dev);
+void vhost_log_free(struct vhost_dev *dev);
+/* Mark the device-writable buffers of @elem dirty (logging on). */
+void vhost_log_elem(struct vhost_vq *vq, const struct vq_elem *elem);
+/* Mark @len bytes written at @p in the used ring whose start is @base (logging on). */
+void vhost_log_used(struct vhost_vq *vq, const void *base, const void *p, size_t len);
+void vhost_log_kick(struct vhost_dev *dev);
 
 /* mem.c */
 int vhost_mem_add(struct vhost_dev *dev, const struct vu_mem_region *reg, int fd);

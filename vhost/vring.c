@@ -42,6 +42,26 @@ static uint16_t *avail_event_ptr(struct vhost_vq *vq)
 	return (uint16_t *)&vq->used->ring[vq->num];
 }
 
+/* Dirty-log a write into the used ring at @p (ring mapped at @base). One
+ * predictable branch while logging is off. */
+static inline void used_written(struct vhost_vq *vq, const void *base, const void *p, size_t len)
+{
+	if (__builtin_expect(vq->dev->log_on, 0))
+		vhost_log_used(vq, base, p, len);
+}
+
+static void avail_event_store(struct vhost_vq *vq)
+{
+	STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
+	used_written(vq, vq->used, avail_event_ptr(vq), sizeof(uint16_t));
+}
+
+static void used_flags_store(struct vhost_vq *vq, uint16_t f)
+{
+	STORE16(&vq->used->flags, htole16(f));
+	used_written(vq, vq->used, &vq->used->flags, sizeof(uint16_t));
+}
+
 static uint16_t *used_event_ptr(struct vhost_vq *vq)
 {
 	/* used_event sits right after avail->ring[num]. */
@@ -226,7 +246,7 @@ void vhost_vq_update_running(struct vhost_vq *vq)
 		vq->running = true;
 		vq->notify_disabled = false;
 		if (has_feature(dev, VIRTIO_RING_F_EVENT_IDX))
-			STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
+			avail_event_store(vq);
 		if (ops->queue_started)
 			ops->queue_started(dev->opaque, vq);
 		/* Buffers may already be waiting (reconnect, enable after kick). */
@@ -517,7 +537,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 		/* Ask for a kick at the next buffer, then look again so a buffer
 		 * added meanwhile (the driver saw the old avail_event) is not
 		 * left without a kick. */
-		STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
+		avail_event_store(vq);
 		atomic_thread_fence(memory_order_seq_cst);
 		avail_idx = avail_idx_load(vq);
 		if (avail_idx == vq->last_avail)
@@ -571,7 +591,7 @@ walk:
 	if (vq->track)
 		vhost_inflight_pop(vq, head);
 	if (event_idx && !vq->notify_disabled)
-		STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
+		avail_event_store(vq);
 	*elemp = elem;
 	return 0;
 
@@ -594,14 +614,23 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 	if (!dev->dead && vq->used_push) {
 		struct vring_used *used = vq->used_push;
 		struct vring_used_elem *u = &used->ring[vq->used_idx & (vq->num - 1)];
+		bool log = dev->log_on;
 
 		if (vq->track)
 			vhost_inflight_push_begin(vq, head);
+		/* Migration: the buffers the device wrote are dirty before the
+		 * used entry handing them back exists (log.c). */
+		if (__builtin_expect(log, 0))
+			vhost_log_elem(vq, elem);
 		__atomic_store_n(&u->id, htole32(head), __ATOMIC_RELAXED);
 		__atomic_store_n(&u->len, htole32(len), __ATOMIC_RELAXED);
+		if (__builtin_expect(log, 0))
+			vhost_log_used(vq, used, u, sizeof(*u));
 		vq->used_idx++;
 		/* The entry must be visible before the index that publishes it. */
 		__atomic_store_n(&used->idx, htole16(vq->used_idx), __ATOMIC_RELEASE);
+		if (__builtin_expect(log, 0))
+			vhost_log_used(vq, used, &used->idx, sizeof(used->idx));
 		if (vq->track)
 			vhost_inflight_push_end(vq, head, vq->used_idx);
 		vq->pushed = true;
@@ -624,6 +653,8 @@ void vhost_vq_signal(struct vhost_vq *vq)
 
 	if (!vq->pushed || dev->dead || !vq->avail)
 		return;
+	if (__builtin_expect(dev->log_kick_pending, 0))
+		vhost_log_kick(dev); /* SET_LOG_FD: the log changed */
 	if (vq->call_fd < 0)
 		return; /* keep `pushed`: a call fd may come (interrupt unmasked) */
 	/* Our used->idx store must be visible before we read the driver's
@@ -664,7 +695,7 @@ void vq_disable_notify(struct vhost_vq *vq)
 	if (!has_feature(dev, VIRTIO_RING_F_EVENT_IDX)) {
 		uint16_t f = le16toh(LOAD16(&vq->used->flags));
 
-		STORE16(&vq->used->flags, htole16(f | VRING_USED_F_NO_NOTIFY));
+		used_flags_store(vq, f | VRING_USED_F_NO_NOTIFY);
 	}
 }
 
@@ -677,11 +708,11 @@ bool vq_enable_notify(struct vhost_vq *vq)
 		return false;
 	vq->notify_disabled = false;
 	if (has_feature(dev, VIRTIO_RING_F_EVENT_IDX)) {
-		STORE16(avail_event_ptr(vq), htole16(vq->last_avail));
+		avail_event_store(vq);
 	} else {
 		uint16_t f = le16toh(LOAD16(&vq->used->flags));
 
-		STORE16(&vq->used->flags, htole16(f & ~VRING_USED_F_NO_NOTIFY));
+		used_flags_store(vq, f & ~VRING_USED_F_NO_NOTIFY);
 	}
 	/* The driver reads our suppression state after publishing avail->idx;
 	 * we read avail->idx after publishing it: full barrier in between. */

@@ -12,7 +12,8 @@
  * connection at a time, memory slots, backend channel, inherited listen fd,
  * socket ownership (a stale socket is replaced, a live one refused, exit
  * unlinks only our own inode), unsupported messages that expect a reply
- * (closed with a logged reason, never silence), SET_VRING_ADDR's log flag.
+ * (closed with a logged reason, never silence), SET_VRING_ADDR's log flag,
+ * dirty page logging (SET_LOG_BASE, SET_LOG_FD, marks on push).
  */
 #include <CUnit/Basic.h>
 #include <dirent.h>
@@ -427,16 +428,16 @@ static void test_negotiation(void)
 	CU_ASSERT_TRUE((f & (1ull << VIRTIO_RING_F_INDIRECT_DESC)) != 0);
 	CU_ASSERT_TRUE((f & (1ull << VIRTIO_RING_F_EVENT_IDX)) != 0);
 	CU_ASSERT_TRUE((f & (1ull << 1)) != 0);
-	CU_ASSERT_FALSE((f & (1ull << 26)) != 0); /* VHOST_F_LOG_ALL not offered */
+	CU_ASSERT_TRUE((f & (1ull << 26)) != 0); /* VHOST_F_LOG_ALL (migration) */
 	pf = get_u64(fd, GET_PROTOCOL_FEATURES);
-	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 3) | (1ull << 5) | (1ull << 9) | (1ull << 12) |
-				(1ull << 13) | (1ull << 15));
+	CU_ASSERT_EQUAL(pf, (1ull << 0) | (1ull << 1) | (1ull << 3) | (1ull << 5) | (1ull << 9) |
+				(1ull << 12) | (1ull << 13) | (1ull << 15));
 	CU_ASSERT_EQUAL(acked(fd, SET_PROTOCOL_FEATURES, &pf, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(acked(fd, SET_OWNER, NULL, 0, NULL, 0), 0);
 	CU_ASSERT_EQUAL(get_u64(fd, GET_QUEUE_NUM), 2);
 	CU_ASSERT_EQUAL(get_u64(fd, GET_MAX_MEM_SLOTS), 32);
 	/* Features not offered are refused; offered ones accepted and reported. */
-	v = f | (1ull << 26);
+	v = f | (1ull << 24); /* NOTIFY_ON_EMPTY */
 	CU_ASSERT_NOT_EQUAL(acked(fd, SET_FEATURES, &v, 8, NULL, 0), 0);
 	CU_ASSERT_EQUAL(g_features_set, 0);
 	CU_ASSERT_EQUAL(acked(fd, SET_FEATURES, &f, 8, NULL, 0), 0);
@@ -563,7 +564,7 @@ static void test_bad_messages(void)
 	fd = fe_connect();
 	efd = eventfd(0, EFD_CLOEXEC);
 	CU_ASSERT_NOT_EQUAL(acked(fd, 99, NULL, 0, NULL, 0), 0);
-	CU_ASSERT_NOT_EQUAL(acked(fd, SET_LOG_BASE, &v, 8, &efd, 1), 0);
+	CU_ASSERT_NOT_EQUAL(acked(fd, 23 /* SET_VRING_ENDIAN */, &v, 8, &efd, 1), 0);
 	close(efd);
 	CU_ASSERT_EQUAL(send_msg(fd, 1000, F_VERSION, &v, 8, NULL, 0), 0);
 	CU_ASSERT_TRUE(quiet(fd));
@@ -1785,7 +1786,8 @@ static void test_unsupported_with_reply(void)
 	CU_ASSERT_TRUE(logged("SET_VRING_ENDIAN (23) not supported: refused"));
 
 	/* SET_VRING_ADDR with VHOST_VRING_F_LOG while logging is not negotiated:
-	 * the flag is ignored, the ring address accepted, the connection kept. */
+	 * the ring address is accepted, the connection kept (nothing is logged
+	 * until VHOST_F_LOG_ALL and a log). */
 	{
 		uint8_t a[40] = {0};
 		uint32_t flags = 1;
@@ -1820,6 +1822,117 @@ static void test_unsupported_with_reply(void)
 	server_down();
 }
 
+/* Is the dirty bit of guest page @page set in @log? */
+static bool log_bit(const uint8_t *log, unsigned page)
+{
+	return (log[page / 8] >> (page % 8)) & 1;
+}
+
+static unsigned log_bits(const uint8_t *log, size_t len)
+{
+	unsigned n = 0;
+
+	for (size_t i = 0; i < len; i++)
+		n += (unsigned)__builtin_popcount(log[i]);
+	return n;
+}
+
+/*
+ * Dirty page logging (VHOST_F_LOG_ALL + LOG_SHMFD): SET_LOG_BASE maps the log
+ * (at an unaligned offset) and is replied to; a push marks the writable
+ * buffers (one spanning two pages) and the used ring (entry + idx, at
+ * log_guest_addr); SET_LOG_FD is signalled; nothing is marked with
+ * VHOST_F_LOG_ALL off; a log larger than its fd is refused (connection
+ * dropped: the reply has no failure form).
+ */
+static void test_dirty_log(void)
+{
+	enum { LOG_OFF = 100, LOG_LEN = MEM_SIZE / 4096 / 8 };
+	struct {
+		uint32_t index, flags;
+		uint64_t desc, used, avail, log;
+	} addr = {0, 1, UVA + DESC_GPA, UVA + USED_GPA, UVA + AVAIL_GPA, USED_GPA};
+	struct vring_desc *d;
+	struct ring r;
+	struct hdr h;
+	uint64_t lm[2] = {LOG_LEN, LOG_OFF}, v;
+	int logfd = memfd_create("log", MFD_CLOEXEC), efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	uint8_t *map, *log;
+
+	CU_ASSERT_FATAL(logfd >= 0 && ftruncate(logfd, 4096) == 0 && efd >= 0);
+	map = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, logfd, 0);
+	CU_ASSERT_FATAL(map != MAP_FAILED);
+	log = map + LOG_OFF;
+	server_up();
+	g_hold = true;
+	ring_setup(&r, 1ull << 26);
+	CU_ASSERT_EQUAL(send_msg(r.fd, SET_LOG_BASE, F_VERSION, lm, sizeof(lm), &logfd, 1), 0);
+	CU_ASSERT_EQUAL(recv_reply(r.fd, &h, &v, sizeof(v)), 8);
+	CU_ASSERT_EQUAL(h.request, SET_LOG_BASE);
+	CU_ASSERT_EQUAL(h.flags, F_VERSION | F_REPLY);
+	CU_ASSERT_EQUAL(v, 0);
+	CU_ASSERT_EQUAL(acked(r.fd, 7 /* SET_LOG_FD */, NULL, 0, &efd, 1), 0);
+	CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_ADDR, &addr, sizeof(addr), NULL, 0), 0);
+
+	/* Head 2: a writable buffer crossing from page 0x20 into 0x21. */
+	ring_post(&r, 2);
+	d = (struct vring_desc *)(r.mem + DESC_GPA);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	memset(log, 0, LOG_LEN); /* the front-end syncs: bits so far are gone */
+	d[3].addr = 0;           /* (unused) */
+	{
+		/* Re-post head 3 by hand with a two-page buffer. */
+		struct vring_avail *a = (struct vring_avail *)(r.mem + AVAIL_GPA);
+		uint64_t one = 1;
+
+		d[3].addr = htole64(0x20f00);
+		d[3].len = htole32(0x200);
+		d[3].flags = htole16(VRING_DESC_F_WRITE);
+		a->ring[r.avail % NUM] = htole16(3);
+		r.avail++;
+		__atomic_store_n(&a->idx, htole16(r.avail), __ATOMIC_RELEASE);
+		CU_ASSERT_EQUAL(write(r.kick, &one, 8), 8);
+	}
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 2);
+	CU_ASSERT_EQUAL(log_bits(log, LOG_LEN), 0); /* nothing written yet */
+	vq_push(g_held[0]->vq, g_held[0], 0x100);
+	CU_ASSERT_TRUE(log_bit(log, 0x10)); /* head 2's buffer at 0x10200 */
+	CU_ASSERT_TRUE(log_bit(log, USED_GPA / 4096));
+	CU_ASSERT_EQUAL(log_bits(log, LOG_LEN), 2);
+	vq_push(g_held[1]->vq, g_held[1], 0x200);
+	g_nheld = 0;
+	CU_ASSERT_TRUE(log_bit(log, 0x20));
+	CU_ASSERT_TRUE(log_bit(log, 0x21));
+	CU_ASSERT_EQUAL(log_bits(log, LOG_LEN), 4);
+	vq_notify(vhost_dev_vq(vhost_server_dev(g_srv), 0));
+	CU_ASSERT_EQUAL(read(efd, &v, 8), 8); /* SET_LOG_FD signalled */
+
+	/* VHOST_F_LOG_ALL off: nothing more is marked. */
+	memset(log, 0, LOG_LEN);
+	v = 1ull << 32;
+	CU_ASSERT_EQUAL(acked(r.fd, SET_FEATURES, &v, 8, NULL, 0), 0);
+	ring_post(&r, 5);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	vq_push(g_held[0]->vq, g_held[0], 0x100);
+	g_nheld = 0;
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 3);
+	CU_ASSERT_EQUAL(log_bits(log, LOG_LEN), 0);
+
+	/* A log that does not fit in its fd: refused, the connection dropped. */
+	lm[0] = 8192;
+	CU_ASSERT_EQUAL(send_msg(r.fd, SET_LOG_BASE, F_VERSION, lm, sizeof(lm), &logfd, 1), 0);
+	CU_ASSERT_TRUE(dropped(r.fd));
+	ring_free(&r);
+	run(5);
+	server_down();
+	close(efd);
+	munmap(map, 4096);
+	close(logfd);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -1849,6 +1962,7 @@ int main(void)
 	CU_add_test(s, "inherited fd, stale/live path", test_inherited_fd_and_stale_path);
 	CU_add_test(s, "unsupported messages that expect a reply", test_unsupported_with_reply);
 	CU_add_test(s, "RESET_DEVICE", test_reset_device);
+	CU_add_test(s, "dirty page log", test_dirty_log);
 	CU_add_test(s, "SET_VRING_CALL signals the new fd", test_call_signalled_on_install);
 	CU_add_test(s, "socket path appears listening", test_path_appears_listening);
 	CU_add_test(s, "inflight tracking across a reconnect", test_inflight_reconnect);
