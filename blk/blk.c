@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <linux/virtio_blk.h>
 
@@ -78,7 +79,59 @@ struct blk_dev {
 	bool wce_pending;  /* the next negotiation with CONFIG_WCE sets wce_config */
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
 	unsigned inflight;
+	struct blk_stats stats;
 };
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void account(struct blk_dev *dev, struct blk_req *req, int err)
+{
+	int k;
+
+	switch (req->type) {
+	case VIRTIO_BLK_T_IN:
+		k = BLK_STAT_READ;
+		break;
+	case VIRTIO_BLK_T_OUT:
+	case VIRTIO_BLK_T_WRITE_ZEROES:
+		k = BLK_STAT_WRITE;
+		break;
+	case VIRTIO_BLK_T_FLUSH:
+		k = BLK_STAT_FLUSH;
+		break;
+	case VIRTIO_BLK_T_DISCARD:
+		k = BLK_STAT_DISCARD;
+		break;
+	default:
+		return;
+	}
+	if (err < 0 && req->state == BLK_REQ_IDLE) {
+		dev->stats.op[k].invalid++; /* refused before any I/O */
+		return;
+	}
+	if (err < 0) {
+		dev->stats.op[k].failed++;
+		return;
+	}
+	dev->stats.last_done_ns = now_ns();
+	dev->stats.op[k].ops++;
+	dev->stats.op[k].bytes += req->data_len;
+	dev->stats.op[k].total_ns += dev->stats.last_done_ns - req->t0;
+	if (req->type == VIRTIO_BLK_T_OUT && req->data_len &&
+	    (req->sector << SECTOR_SHIFT) + req->data_len > dev->stats.wr_highest_offset)
+		dev->stats.wr_highest_offset = (req->sector << SECTOR_SHIFT) + req->data_len;
+}
+
+const struct blk_stats *blk_dev_stats(const struct blk_dev *dev)
+{
+	return &dev->stats;
+}
 
 /* ---- status ---- */
 
@@ -102,6 +155,7 @@ static void req_finish(struct blk_req *req, int err)
 {
 	struct blk_dev *dev = req->dev;
 
+	account(dev, req, err);
 	*req->status = blk_status_from_errno(err);
 	req->state = BLK_REQ_IDLE;
 	dev->inflight--;
@@ -258,6 +312,7 @@ static int submit_discard_wz(struct blk_dev *dev, struct blk_req *req, struct io
 		req_finish(req, 0);
 		return 0;
 	}
+	req->data_len = (uint64_t)nsec << SECTOR_SHIFT; /* for the statistics */
 	req->state = BLK_REQ_IO;
 	if (wz)
 		img_write_zeroes(dev->img, &req->io, sector << SECTOR_SHIFT,
@@ -285,6 +340,7 @@ void blk_req_submit(struct blk_dev *dev, struct blk_req *req)
 	req->status = NULL;
 	req->io.done = req_io_done;
 	req->io.priv = req;
+	req->t0 = now_ns();
 
 	if (!req_parse(req, &hdr, &out_iov, &out_cnt, &in_iov, &in_cnt)) {
 		req->complete(req, BLK_REQ_MALFORMED);

@@ -86,6 +86,7 @@ struct blk_req {
 	struct iovec *data_iov; /* data part of iov (header/status stripped) */
 	unsigned data_cnt;
 	struct img_io io;
+	uint64_t t0; /* submission time (CLOCK_MONOTONIC ns), for the statistics */
 };
 
 struct blk_opts {
@@ -149,6 +150,25 @@ void blk_req_submit(struct blk_dev *dev, struct blk_req *req);
 
 /* Requests submitted but not yet completed. */
 unsigned blk_dev_inflight(const struct blk_dev *dev);
+
+/*
+ * Request statistics, counted where requests complete, with the meaning of
+ * QEMU's BlockDeviceStats: a request that ends with success counts in
+ * operations, bytes and total_ns (submission to completion); one that failed
+ * in the image I/O in failed; one refused before any I/O (out of range,
+ * read-only, malformed segment, unsupported flag) in invalid. Write-zeroes
+ * counts as a write, discard as unmap (as QEMU's virtio-blk accounts them).
+ * GET_ID and unknown types are not counted.
+ */
+enum { BLK_STAT_READ, BLK_STAT_WRITE, BLK_STAT_FLUSH, BLK_STAT_DISCARD, BLK_STAT_N };
+struct blk_stats {
+	struct {
+		uint64_t ops, bytes, total_ns, failed, invalid;
+	} op[BLK_STAT_N];
+	uint64_t wr_highest_offset; /* end of the highest successful write (bytes) */
+	uint64_t last_done_ns;      /* CLOCK_MONOTONIC of the last counted completion (0 = none) */
+};
+const struct blk_stats *blk_dev_stats(const struct blk_dev *dev);
 
 /* Translate -errno to a virtio-blk status byte (the one place that does). */
 uint8_t blk_status_from_errno(int err);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "blk.h"
 #include "control.h"
@@ -101,6 +102,75 @@ static int cmd_nodes(void *opaque, json_t *args, json_t **ret, char *err, size_t
 	return 0;
 }
 
+static json_t *stats_json(const struct blk_stats *st)
+{
+	static const char *const pfx[BLK_STAT_N] = {"rd", "wr", "flush", "unmap"};
+	json_t *o = json_object();
+	char k[64];
+
+	if (!o)
+		return NULL;
+	for (int i = 0; i < BLK_STAT_N; i++) {
+		snprintf(k, sizeof(k), "%s_operations", pfx[i]);
+		json_object_set_new(o, k, json_integer((json_int_t)st->op[i].ops));
+		snprintf(k, sizeof(k), "%s_total_time_ns", pfx[i]);
+		json_object_set_new(o, k, json_integer((json_int_t)st->op[i].total_ns));
+		snprintf(k, sizeof(k), "failed_%s_operations", pfx[i]);
+		json_object_set_new(o, k, json_integer((json_int_t)st->op[i].failed));
+		snprintf(k, sizeof(k), "invalid_%s_operations", pfx[i]);
+		json_object_set_new(o, k, json_integer((json_int_t)st->op[i].invalid));
+		if (i != BLK_STAT_FLUSH) {
+			snprintf(k, sizeof(k), "%s_bytes", pfx[i]);
+			json_object_set_new(o, k, json_integer((json_int_t)st->op[i].bytes));
+			snprintf(k, sizeof(k), "%s_merged", pfx[i]);
+			json_object_set_new(o, k, json_integer(0)); /* we never merge */
+		}
+	}
+	json_object_set_new(o, "wr_highest_offset",
+			    json_integer((json_int_t)st->wr_highest_offset));
+	if (st->last_done_ns) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		json_object_set_new(
+		    o, "idle_time_ns",
+		    json_integer((json_int_t)((uint64_t)ts.tv_sec * 1000000000ull +
+					      (uint64_t)ts.tv_nsec - st->last_done_ns)));
+	}
+	json_object_set_new(o, "account_invalid", json_true());
+	json_object_set_new(o, "account_failed", json_true());
+	json_object_set_new(o, "timed_stats", json_array());
+	return o;
+}
+
+static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	json_t *queues = json_array(), *e;
+
+	if (!queues)
+		return -ENOMEM;
+	for (unsigned i = 0; i < c->nqueues; i++) {
+		const struct ctl_qstat *q = &c->qstats[i];
+
+		if (!q->requests)
+			continue; /* 64 queues are offered; list those that worked */
+		json_array_append_new(queues, json_pack("{s:i,s:I,s:I,s:I}", "queue", (int)i,
+							"requests", (json_int_t)q->requests,
+							"bytes", (json_int_t)q->bytes, "errors",
+							(json_int_t)q->errors));
+	}
+	/* One BlockStats for the export's node, whatever query-nodes says:
+	 * the node is both the device and the node here. */
+	e = json_pack("{s:s,s:s,s:o,s:{s:i,s:o}}", "device", "", "node-name", c->node_name, "stats",
+		      stats_json(blk_dev_stats(c->blk)), "vqcowd", "in-flight",
+		      (int)blk_dev_inflight(c->blk), "queues", queues);
+	if (!e)
+		return -ENOMEM;
+	*ret = json_pack("[o]", e);
+	return *ret ? 0 : -ENOMEM;
+}
+
 static int cmd_quit(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
 {
 	struct ctl *c = opaque;
@@ -136,6 +206,7 @@ static const struct qmp_command commands[] = {
     {"query-version", {{NULL}}, cmd_version},
     {"query-block-exports", {{NULL}}, cmd_exports},
     {"query-named-block-nodes", {{"flat", QMP_BOOL, true}, {NULL}}, cmd_nodes},
+    {"query-blockstats", {{"query-nodes", QMP_BOOL, true}, {NULL}}, cmd_blockstats},
     {"block_resize",
      {{"device", QMP_STR, true}, {"node-name", QMP_STR, true}, {"size", QMP_INT, false}, {NULL}},
      cmd_resize},

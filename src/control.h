@@ -11,8 +11,17 @@
 
 #include "qmp.h"
 
+#include <stdint.h>
+
 struct img;
 struct blk_dev;
+
+/* Per-virtqueue counters the daemon keeps (query-blockstats "vqcowd" section). */
+struct ctl_qstat {
+	uint64_t requests; /* completed requests of any type */
+	uint64_t bytes;    /* data bytes of completed reads and writes */
+	uint64_t errors;   /* completed with a status other than OK */
+};
 
 struct ctl {
 	/* Filled by vqcowd.c before ctl_start(). */
@@ -21,6 +30,8 @@ struct ctl {
 	struct img *img;
 	struct blk_dev *blk;
 	const bool *stopping;
+	const struct ctl_qstat *qstats; /* [nqueues] */
+	unsigned nqueues;
 	/* Stop the daemon as SIGTERM does. */
 	void (*quit)(void *opaque);
 	/* The image size changed: update the device and tell the frontend. */

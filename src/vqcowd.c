@@ -445,6 +445,7 @@ struct daemon {
 	struct img_io flush_io;
 	int exit_code;
 	struct ctl ctl; /* --qmp */
+	struct ctl_qstat qstat[MAX_QUEUES];
 };
 
 /* -- fd watches -- */
@@ -530,6 +531,14 @@ static void req_complete(struct blk_req *breq, uint32_t used_len)
 	}
 	vq_push(vq, &r->elem, used_len);
 	if (idx < MAX_QUEUES) {
+		/* Statistics only: the status byte is in guest memory. */
+		bool ok = used_len && breq->status && *breq->status == VIRTIO_BLK_S_OK;
+
+		d->qstat[idx].requests++;
+		if (!ok)
+			d->qstat[idx].errors++;
+		else if (breq->type == VIRTIO_BLK_T_IN || breq->type == VIRTIO_BLK_T_OUT)
+			d->qstat[idx].bytes += breq->data_len;
 		/* The vq stays valid until disconnected(), which vhost/ calls
 		 * only after every popped element was pushed. */
 		d->q[idx].vq = vq;
@@ -1137,6 +1146,8 @@ int main(int argc, char **argv)
 		d.ctl.img = d.img;
 		d.ctl.blk = d.blk;
 		d.ctl.stopping = &d.stopping;
+		d.ctl.qstats = d.qstat;
+		d.ctl.nqueues = o.num_queues;
 		d.ctl.quit = ctl_quit;
 		d.ctl.resized = ctl_resized;
 		d.ctl.opaque = &d;

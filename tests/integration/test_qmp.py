@@ -371,6 +371,13 @@ def test_qsd(work, vqcowd_q):
         check(NODE_KEYS <= set(na), "QEMU's node keys changed? %s" % (NODE_KEYS - set(na)))
         log("ok: query-named-block-nodes: keys QEMU has and we do not: %s"
             % (sorted(missing) or "none"))
+        sa = a.ret("query-blockstats", {"query-nodes": True})
+        sa = {s["node-name"]: s for s in sa}["disk0"]
+        sb = b.ret("query-blockstats")
+        sb = {s["node-name"]: s for s in sb}["disk0"]
+        miss = set(sa["stats"]) - set(sb["stats"])
+        check(not miss, "query-blockstats: stats keys QEMU has and we do not: %s" % sorted(miss))
+        log("ok: query-blockstats stats keys are QEMU's")
         a.close()
         b.close()
     finally:
@@ -423,8 +430,55 @@ def main():
     return 0
 
 
+STATS_KEYS = {"rd_operations", "wr_operations", "flush_operations", "unmap_operations",
+              "rd_bytes", "wr_bytes", "unmap_bytes", "rd_total_time_ns", "wr_total_time_ns",
+              "flush_total_time_ns", "unmap_total_time_ns", "failed_rd_operations",
+              "failed_wr_operations", "failed_flush_operations", "failed_unmap_operations",
+              "invalid_rd_operations", "invalid_wr_operations", "invalid_flush_operations",
+              "invalid_unmap_operations", "wr_highest_offset"}
+
+
+def blockstats(q):
+    r = q.ret("query-blockstats")
+    check(len(r) == 1 and r[0]["node-name"] == "disk0", "query-blockstats %r" % r)
+    check(STATS_KEYS <= set(r[0]["stats"]), "stats keys missing: %s"
+          % (STATS_KEYS - set(r[0]["stats"])))
+    return r[0]
+
+
 def test_stats(q, fe_bin, d):
-    pass
+    b0 = blockstats(q)
+    s0 = b0["stats"]
+    check(all(s0[k] == 0 for k in STATS_KEYS), "counters not zero at start: %r" % s0)
+    check(b0["vqcowd"]["queues"] == [], "queues at start %r" % b0["vqcowd"])
+    fe(fe_bin, "write", d.vsock, 1 << 20, 65536, stdin=os.urandom(65536))
+    fe(fe_bin, "read", d.vsock, 0, 4096)
+    fe(fe_bin, "--queues", "2", "--queue", "1", "read", d.vsock, 8192, 8192)
+    fe(fe_bin, "flush", d.vsock)
+    fe(fe_bin, "discard", d.vsock, 2 << 20, 1 << 20)
+    r = subprocess.run([fe_bin, "read", d.vsock, str(1 << 30), "4096"], capture_output=True,
+                       timeout=60)  # beyond the end: refused, counted as invalid
+    check(r.returncode != 0, "read beyond the end succeeded")
+    b = blockstats(q)
+    s = b["stats"]
+    want = {"wr_operations": 1, "wr_bytes": 65536, "rd_operations": 2, "rd_bytes": 12288,
+            "flush_operations": 1, "unmap_operations": 1, "unmap_bytes": 1 << 20,
+            "invalid_rd_operations": 1, "failed_rd_operations": 0,
+            "wr_highest_offset": (1 << 20) + 65536}
+    for k, v in want.items():
+        check(s[k] == v, "%s = %r, want %r (all: %r)" % (k, s[k], v, s))
+    for k in ("rd_total_time_ns", "wr_total_time_ns", "flush_total_time_ns"):
+        check(s[k] > 0, "%s did not move: %r" % (k, s))
+    check("idle_time_ns" in s, "no idle_time_ns after I/O")
+    qs = {x["queue"]: x for x in b["vqcowd"]["queues"]}
+    check(set(qs) == {0, 1}, "queues %r" % b["vqcowd"])
+    check(qs[1]["requests"] == 1 and qs[1]["bytes"] == 8192 and qs[1]["errors"] == 0,
+          "queue 1 %r" % qs[1])
+    check(qs[0]["requests"] == 5 and qs[0]["errors"] == 1 and qs[0]["bytes"] == 65536 + 4096,
+          "queue 0 %r" % qs[0])
+    check(b["vqcowd"]["in-flight"] == 0, "in-flight %r" % b["vqcowd"])
+    log("ok: query-blockstats counters after vqcow-fe requests: %s" % json.dumps(
+        {k: s[k] for k in sorted(want)}))
 
 
 def test_qcow2(vqcowd, fe_bin, work):
