@@ -480,6 +480,13 @@ class Frontend:
         r = self.flush()
         check(r.rc == 0, "flush failed\n" + r.describe())
 
+    def assert_reads_as(self, ref, length, tmp, what):
+        """Read [0, length) into the file @tmp, which must equal the file @ref
+        (compare_files names the first difference), then remove @tmp."""
+        self.read_to_file(0, length, tmp)
+        compare_files(ref, tmp, what)
+        os.unlink(tmp)
+
     def read_to_file(self, off, length, path, chunk=16 << 20):
         """Read [off, off+length) in chunks into a file (bounded memory)."""
         with open(path, "wb") as f:

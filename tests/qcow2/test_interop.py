@@ -163,19 +163,15 @@ def run_image(name, img, keep_files, rng):
     before = qlib.sha256_file(img)
     d, fe = serve_and_read(img, ref, what + " (read-only)", ["--read-only"])
     with qlib.killed_on_error(d):
-        got = W(name + ".ro.raw")
-        fe.read_to_file(0, size, got)
-        qlib.compare_files(ref, got, "%s: read through a read-only export" % what)
-        os.unlink(got)
+        fe.assert_reads_as(ref, size, W(name + ".ro.raw"),
+                           "%s: read through a read-only export" % what)
     d.assert_clean_stop()
     check(qlib.sha256_file(img) == before, "%s: a read-only export changed the image" % what)
 
     d, fe = serve_and_read(img, ref, what)
     with qlib.killed_on_error(d):
-        got = W(name + ".read.raw")
-        fe.read_to_file(0, size, got)
-        qlib.compare_files(ref, got, "%s: initial read through vqcowd vs qemu-img convert" % what)
-        os.unlink(got)
+        fe.assert_reads_as(ref, size, W(name + ".read.raw"),
+                           "%s: initial read through vqcowd vs qemu-img convert" % what)
         # random writes, mirrored into the reference
         ops = qlib.random_writes(rng, size, 24)
         # plus writes chosen for the corpus: cluster boundaries, the last sector,
@@ -192,10 +188,7 @@ def run_image(name, img, keep_files, rng):
                 got_b = fe.read_ok(off, ln)
                 check(got_b == data, "%s: read-after-write mismatch at %d+%d" % (what, off, ln))
         fe.flush_ok()
-        got = W(name + ".read2.raw")
-        fe.read_to_file(0, size, got)
-        qlib.compare_files(ref, got, "%s: read back after writes" % what)
-        os.unlink(got)
+        fe.assert_reads_as(ref, size, W(name + ".read2.raw"), "%s: read back after writes" % what)
     d.assert_clean_stop()
 
     rc, js, r = qlib.qemu_check(img)
@@ -210,10 +203,7 @@ def run_image(name, img, keep_files, rng):
     # reopen: vqcowd reads its own metadata back
     d, fe = serve_and_read(img, ref, what + " (reopened)")
     with qlib.killed_on_error(d):
-        got = W(name + ".read3.raw")
-        fe.read_to_file(0, size, got)
-        qlib.compare_files(ref, got, "%s: read after reopening" % what)
-        os.unlink(got)
+        fe.assert_reads_as(ref, size, W(name + ".read3.raw"), "%s: read after reopening" % what)
     d.assert_clean_stop()
     check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check after reopen not clean" % what)
     os.unlink(ref)

@@ -168,10 +168,8 @@ def run_image(name, img, rng):
 
     d, fe = serve(img, name)
     with qlib.killed_on_error(d):
-        got = W(name + ".read.raw")
-        fe.read_to_file(0, SIZE, got)
-        qlib.compare_files(ref, got, "%s: read through vqcowd vs qemu-img convert" % name)
-        os.unlink(got)
+        fe.assert_reads_as(ref, SIZE, W(name + ".read.raw"),
+                           "%s: read through vqcowd vs qemu-img convert" % name)
         # into clusters shared with the snapshots, next to them, fresh ones, the last sector
         ops = [(0, 4096), (72 << 10, 512), (3 << 20, 65536), (SIZE - 512, 512),
                (600 << 10, 8192), (5 << 20, 128 << 10)] + qlib.random_writes(rng, SIZE, 10)
@@ -182,10 +180,7 @@ def run_image(name, img, rng):
             if i % 4 == 3:
                 fe.flush_ok()
         fe.flush_ok()
-        got = W(name + ".read2.raw")
-        fe.read_to_file(0, SIZE, got)
-        qlib.compare_files(ref, got, "%s: read back after writes" % name)
-        os.unlink(got)
+        fe.assert_reads_as(ref, SIZE, W(name + ".read2.raw"), "%s: read back after writes" % name)
     d.assert_clean_stop()
 
     qlib.assert_qemu_check_clean(img, "%s after vqcowd writes" % name)
@@ -199,10 +194,7 @@ def run_image(name, img, rng):
 
     d, fe = serve(img, name + " (reopened)")
     with qlib.killed_on_error(d):
-        got = W(name + ".read3.raw")
-        fe.read_to_file(0, SIZE, got)
-        qlib.compare_files(ref, got, "%s: read after reopening" % name)
-        os.unlink(got)
+        fe.assert_reads_as(ref, SIZE, W(name + ".read3.raw"), "%s: read after reopening" % name)
     d.assert_clean_stop()
     qlib.assert_qemu_check_clean(img, "%s after reopening" % name)
     tools(name + " (after vqcowd)", img, snaps)
