@@ -20,7 +20,10 @@
     shares: the same error classes and texts, and our result objects carry
     the keys QEMU's do (skipped visibly without qemu-storage-daemon).
 
-Usage: test_qmp.py VQCOWD VQCOW-FE WORKDIR
+  * vqcowctl: version, stats, resize SIZE (seen by the frontend), raw,
+    quit, --json, --help, and its exit statuses (1 refused, 2 no daemon).
+
+Usage: test_qmp.py VQCOWD VQCOW-FE VQCOWCTL WORKDIR
 """
 
 import json
@@ -387,10 +390,10 @@ def test_qsd(work, vqcowd_q):
 
 
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 5:
         print(__doc__)
         return 2
-    vqcowd, fe_bin, work = sys.argv[1:]
+    vqcowd, fe_bin, ctl, work = sys.argv[1:]
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     image = os.path.join(work, "disk.raw")
@@ -410,6 +413,7 @@ def main():
         test_queries(q, image, size)
         test_stats(q, fe_bin, d)
         size = test_resize(q, fe_bin, d, size)
+        size = test_ctl(ctl, fe_bin, d, q, size)
         qsd_ran = test_qsd(work, d.qsock)
         check(d.p.poll() is None, "daemon died")
         fe(fe_bin, "verify", d.vsock, "--size", "1M")
@@ -422,7 +426,7 @@ def main():
         sys.stdout.write("---- vqcowd log ----\n" + d.log())
         raise
     d.stop()
-    test_qcow2(vqcowd, fe_bin, work)
+    test_qcow2(vqcowd, fe_bin, ctl, work)
     if not qsd_ran:
         log("SKIP: the qemu-storage-daemon comparison did not run")
         return SKIP
@@ -481,7 +485,44 @@ def test_stats(q, fe_bin, d):
         {k: s[k] for k in sorted(want)}))
 
 
-def test_qcow2(vqcowd, fe_bin, work):
+def run_ctl(ctl, *args):
+    r = subprocess.run([ctl] + [str(a) for a in args], capture_output=True, timeout=60)
+    return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+
+def test_ctl(ctl, fe_bin, d, q, size):
+    rc, out, err = run_ctl(ctl, "--help")
+    check(rc == 0 and all(w in out for w in ("stats", "resize", "version", "quit", "raw",
+                                             "--json")), "vqcowctl --help: %d %s" % (rc, out))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "version")
+    check(rc == 0 and out.startswith("vqcowd "), "vqcowctl version: %d %r %r" % (rc, out, err))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "--json", "version")
+    check(rc == 0 and json.loads(out) == q.ret("query-version"), "version --json %r" % out)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "--json", "stats")
+    st = json.loads(out)
+    check(rc == 0 and st[0]["stats"]["wr_operations"] ==
+          q.ret("query-blockstats")[0]["stats"]["wr_operations"], "stats --json %r" % out)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "stats")
+    check(rc == 0 and "read" in out and "queue" in out, "stats: %r" % out)
+    new = size + (16 << 20)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "resize", "%dM" % (new >> 20))
+    check(rc == 0, "vqcowctl resize: %d %r" % (rc, err))
+    check(fe_capacity(fe_bin, d.vsock) == new, "vqcowctl resize not seen by the frontend")
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "resize", "1M")
+    check(rc == 1 and "shrinking is not supported" in err, "shrink: %d %r" % (rc, err))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "resize", "12Q")
+    check(rc == 2, "bad size: %d" % rc)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "raw", '{"execute": "query-block-exports"}')
+    check(rc == 0 and json.loads(out)[0]["node-name"] == "disk0", "raw: %r" % out)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "raw", '{"execute": "nope"}')
+    check(rc == 1 and "CommandNotFound" in err, "raw unknown: %d %r" % (rc, err))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock + ".missing", "version")
+    check(rc == 2 and "cannot connect" in err, "no daemon: %d %r" % (rc, err))
+    log("ok: vqcowctl version, stats, resize, raw, --json, exit statuses")
+    return new
+
+
+def test_qcow2(vqcowd, fe_bin, ctl, work):
     qemu_img = shutil.which("qemu-img")
     if not qemu_img:
         log("SKIP (visible): qemu-img not installed: no qcow2 chain check")
@@ -509,6 +550,11 @@ def test_qcow2(vqcowd, fe_bin, work):
         check(e[0]["node-name"] == "vm1", "exports %r" % e)
         log("ok: qcow2 chain in query-named-block-nodes, --node-name")
         q.close()
+        rc, out, err = run_ctl(ctl, "-s", d.qsock, "quit")
+        check(rc == 0, "vqcowctl quit: %d %r" % (rc, err))
+        d.p.wait(10)
+        check(d.p.returncode == 0, "exit after vqcowctl quit: %d" % d.p.returncode)
+        log("ok: vqcowctl quit")
     except Exception:
         d.stop()
         sys.stdout.write("---- vqcowd log ----\n" + d.log())

@@ -1,0 +1,414 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vqcowctl — a small QMP client for vqcowd's control socket (--qmp).
+ *
+ *   vqcowctl -s PATH [--json] version | stats | resize SIZE | quit | raw JSON
+ *
+ * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
+ * works against qemu-storage-daemon for the commands they share. Exit status:
+ * 0 success, 1 the command failed (the error is printed), 2 usage or
+ * connection problems.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "util.h"
+
+#define MAX_REPLY (16u << 20)
+
+static bool opt_json;
+
+static void usage(FILE *f)
+{
+	fputs(
+	    "Usage: vqcowctl -s PATH [--json] COMMAND [ARGS]\n"
+	    "Talk to vqcowd's QMP control socket (vqcowd --qmp PATH).\n"
+	    "\n"
+	    "Commands:\n"
+	    "  version              the daemon's version (query-version)\n"
+	    "  stats                I/O statistics per request type and per queue\n"
+	    "                       (query-blockstats)\n"
+	    "  resize SIZE          grow the image online to SIZE (block_resize; a number with\n"
+	    "                       an optional suffix K, M, G, T, P, E, as qemu-img); the guest\n"
+	    "                       is told the new size\n"
+	    "  quit                 stop the daemon as SIGTERM does (quit)\n"
+	    "  raw JSON             send one QMP command as written, e.g.\n"
+	    "                       vqcowctl -s /run/vm1.qmp raw '{\"execute\": "
+	    "\"query-named-block-nodes\"}'\n"
+	    "\n"
+	    "Options:\n"
+	    "  -s, --socket PATH    the QMP socket (required)\n"
+	    "  --node NAME          node for resize (default: the exported node)\n"
+	    "  --json               print the command's JSON result (scripts)\n"
+	    "  --timeout SEC        wait at most SEC seconds for a reply (default 30)\n"
+	    "  -h, --help, --version\n"
+	    "\n"
+	    "Exit status: 0 done, 1 the daemon returned an error, 2 usage or connection error.\n",
+	    f);
+}
+
+struct conn {
+	int fd;
+	char *buf;
+	size_t len, cap;
+};
+
+/* Read one JSON object (one line) from the daemon; events are skipped. */
+static json_t *conn_read(struct conn *c)
+{
+	for (;;) {
+		char *nl = memchr(c->buf, '\n', c->len);
+		ssize_t n;
+
+		if (nl) {
+			json_error_t e;
+			size_t linelen = (size_t)(nl - c->buf) + 1;
+			json_t *j = json_loadb(c->buf, linelen, 0, &e);
+
+			memmove(c->buf, c->buf + linelen, c->len - linelen);
+			c->len -= linelen;
+			if (!j) {
+				fprintf(stderr, "vqcowctl: bad JSON from the daemon: %s\n", e.text);
+				return NULL;
+			}
+			if (json_object_get(j, "event")) {
+				json_decref(j);
+				continue;
+			}
+			return j;
+		}
+		if (c->len + 4096 > c->cap) {
+			size_t cap = c->cap ? c->cap * 2 : 65536;
+			char *p;
+
+			if (cap > MAX_REPLY) {
+				fprintf(stderr, "vqcowctl: reply larger than %u bytes\n",
+					MAX_REPLY);
+				return NULL;
+			}
+			p = realloc(c->buf, cap);
+			if (!p)
+				return NULL;
+			c->buf = p;
+			c->cap = cap;
+		}
+		n = recv(c->fd, c->buf + c->len, c->cap - c->len, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			fprintf(stderr, "vqcowctl: %s\n",
+				n == 0            ? "connection closed by the daemon"
+				: errno == EAGAIN ? "timed out waiting for the daemon"
+						  : strerror(errno));
+			return NULL;
+		}
+		c->len += (size_t)n;
+	}
+}
+
+static int conn_send(struct conn *c, const char *text)
+{
+	size_t len = strlen(text), off = 0;
+
+	while (off < len) {
+		ssize_t n = send(c->fd, text + off, len - off, MSG_NOSIGNAL);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			fprintf(stderr, "vqcowctl: send: %s\n", strerror(errno));
+			return -1;
+		}
+		off += (size_t)n;
+	}
+	return send(c->fd, "\n", 1, MSG_NOSIGNAL) == 1 ? 0 : -1;
+}
+
+/*
+ * Run one command (@text, a JSON object). Returns the reply's "return" value
+ * (new reference), or NULL: an error was printed, *@failed says whether the
+ * daemon refused (1) or the connection failed (2).
+ */
+static json_t *execute(struct conn *c, const char *text, int *failed)
+{
+	json_t *r = NULL, *ret, *err;
+
+	*failed = 2;
+	if (conn_send(c, text) < 0 || !(r = conn_read(c)))
+		return NULL;
+	err = json_object_get(r, "error");
+	if (err) {
+		fprintf(stderr, "vqcowctl: error: %s (%s)\n",
+			json_string_value(json_object_get(err, "desc")),
+			json_string_value(json_object_get(err, "class")));
+		json_decref(r);
+		*failed = 1;
+		return NULL;
+	}
+	ret = json_object_get(r, "return");
+	if (!ret) {
+		fprintf(stderr, "vqcowctl: reply without return or error\n");
+		json_decref(r);
+		return NULL;
+	}
+	json_incref(ret);
+	json_decref(r);
+	return ret;
+}
+
+static json_t *execute_cmd(struct conn *c, json_t *cmd, int *failed)
+{
+	char *text = json_dumps(cmd, JSON_COMPACT);
+	json_t *r;
+
+	json_decref(cmd);
+	if (!text) {
+		*failed = 2;
+		return NULL;
+	}
+	r = execute(c, text, failed);
+	free(text);
+	return r;
+}
+
+static void print_json(json_t *j)
+{
+	char *t = json_dumps(j, JSON_INDENT(2) | JSON_ENCODE_ANY);
+
+	if (t)
+		printf("%s\n", t);
+	free(t);
+}
+
+static uint64_t num(json_t *o, const char *key)
+{
+	json_int_t v = json_integer_value(json_object_get(o, key));
+
+	return v > 0 ? (uint64_t)v : 0;
+}
+
+static void print_stats(json_t *ret)
+{
+	static const char *const types[] = {"rd", "wr", "flush", "unmap"};
+	static const char *const names[] = {"read", "write", "flush", "discard"};
+	size_t i;
+	json_t *e;
+
+	json_array_foreach(ret, i, e)
+	{
+		json_t *s = json_object_get(e, "stats");
+		json_t *v = json_object_get(e, "vqcowd");
+		json_t *q;
+		size_t j;
+
+		printf("node %s\n", json_string_value(json_object_get(e, "node-name")));
+		printf("  %-8s %12s %16s %12s %8s %8s\n", "type", "operations", "bytes",
+		       "avg lat us", "failed", "invalid");
+		for (j = 0; j < 4; j++) {
+			char k[64];
+			uint64_t ops, bytes = 0, ns, failed, invalid;
+
+			snprintf(k, sizeof(k), "%s_operations", types[j]);
+			ops = num(s, k);
+			snprintf(k, sizeof(k), "%s_bytes", types[j]);
+			bytes = num(s, k);
+			snprintf(k, sizeof(k), "%s_total_time_ns", types[j]);
+			ns = num(s, k);
+			snprintf(k, sizeof(k), "failed_%s_operations", types[j]);
+			failed = num(s, k);
+			snprintf(k, sizeof(k), "invalid_%s_operations", types[j]);
+			invalid = num(s, k);
+			printf("  %-8s %12" PRIu64 " %16" PRIu64 " %12.1f %8" PRIu64 " %8" PRIu64
+			       "\n",
+			       names[j], ops, bytes, ops ? (double)ns / (double)ops / 1000.0 : 0.0,
+			       failed, invalid);
+		}
+		if (!v)
+			continue;
+		printf("  in flight: %" PRIu64 "\n", num(v, "in-flight"));
+		json_array_foreach(json_object_get(v, "queues"), j, q)
+		{
+			printf("  queue %3" PRIu64 ": %12" PRIu64 " requests %16" PRIu64
+			       " bytes %8" PRIu64 " errors\n",
+			       num(q, "queue"), num(q, "requests"), num(q, "bytes"),
+			       num(q, "errors"));
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	enum { OPT_JSON = 256, OPT_NODE, OPT_TIMEOUT, OPT_VERSION };
+	static const struct option longopts[] = {
+	    {"socket", required_argument, NULL, 's'},
+	    {"json", no_argument, NULL, OPT_JSON},
+	    {"node", required_argument, NULL, OPT_NODE},
+	    {"timeout", required_argument, NULL, OPT_TIMEOUT},
+	    {"help", no_argument, NULL, 'h'},
+	    {"version", no_argument, NULL, OPT_VERSION},
+	    {NULL, 0, NULL, 0},
+	};
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct conn c = {.fd = -1};
+	const char *path = NULL, *node = NULL, *cmd;
+	uint64_t timeout = 30, size = 0;
+	json_t *r = NULL;
+	int opt, failed = 2, status = 2;
+
+	while ((opt = getopt_long(argc, argv, "+s:h", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 's':
+			path = optarg;
+			break;
+		case OPT_JSON:
+			opt_json = true;
+			break;
+		case OPT_NODE:
+			node = optarg;
+			break;
+		case OPT_TIMEOUT:
+			if (util_parse_uint(optarg, &timeout) < 0 || timeout == 0 ||
+			    timeout > 86400) {
+				fprintf(stderr, "vqcowctl: invalid --timeout '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		case OPT_VERSION:
+			printf("vqcowctl %s\n", VQCOW_VERSION);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (!path || optind >= argc) {
+		fprintf(stderr, "vqcowctl: %s\n", !path ? "-s PATH is required" : "no command");
+		usage(stderr);
+		return 2;
+	}
+	cmd = argv[optind++];
+	if (strcmp(cmd, "resize") == 0) {
+		if (optind + 1 != argc || util_parse_size(argv[optind], &size) < 0 ||
+		    size > INT64_MAX) {
+			fprintf(stderr, "vqcowctl: resize needs one SIZE (e.g. 20G)\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "raw") == 0) {
+		if (optind + 1 != argc) {
+			fprintf(stderr, "vqcowctl: raw needs one JSON argument\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "stats") == 0 ||
+		   strcmp(cmd, "quit") == 0) {
+		if (optind != argc) {
+			fprintf(stderr, "vqcowctl: %s takes no arguments\n", cmd);
+			return 2;
+		}
+	} else {
+		fprintf(stderr, "vqcowctl: unknown command '%s' (see --help)\n", cmd);
+		return 2;
+	}
+
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		fprintf(stderr, "vqcowctl: socket path too long: %s\n", path);
+		return 2;
+	}
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	c.fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c.fd < 0 || connect(c.fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		fprintf(stderr, "vqcowctl: cannot connect to %s: %s\n", path, strerror(errno));
+		goto out;
+	}
+	{
+		struct timeval tv = {.tv_sec = (time_t)timeout};
+
+		setsockopt(c.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		setsockopt(c.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	}
+	r = conn_read(&c); /* the greeting */
+	if (!r || !json_object_get(r, "QMP")) {
+		fprintf(stderr, "vqcowctl: %s does not greet as a QMP server\n", path);
+		goto out;
+	}
+	json_decref(r);
+	r = execute(&c, "{\"execute\": \"qmp_capabilities\"}", &failed);
+	if (!r)
+		goto out;
+	json_decref(r);
+
+	if (strcmp(cmd, "version") == 0) {
+		r = execute(&c, "{\"execute\": \"query-version\"}", &failed);
+	} else if (strcmp(cmd, "stats") == 0) {
+		r = execute(&c, "{\"execute\": \"query-blockstats\"}", &failed);
+	} else if (strcmp(cmd, "quit") == 0) {
+		r = execute(&c, "{\"execute\": \"quit\"}", &failed);
+	} else if (strcmp(cmd, "raw") == 0) {
+		r = execute(&c, argv[optind], &failed);
+	} else { /* resize */
+		if (!node) {
+			json_t *e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
+			const char *n =
+			    json_string_value(json_object_get(json_array_get(e, 0), "node-name"));
+
+			if (!n) {
+				if (e)
+					fprintf(stderr,
+						"vqcowctl: no export to resize; use --node\n");
+				json_decref(e);
+				goto out;
+			}
+			r = execute_cmd(&c,
+					json_pack("{s:s,s:{s:s,s:I}}", "execute", "block_resize",
+						  "arguments", "node-name", n, "size",
+						  (json_int_t)size),
+					&failed);
+			json_decref(e);
+		} else {
+			r = execute_cmd(&c,
+					json_pack("{s:s,s:{s:s,s:I}}", "execute", "block_resize",
+						  "arguments", "node-name", node, "size",
+						  (json_int_t)size),
+					&failed);
+		}
+	}
+	if (!r) {
+		status = failed;
+		goto out;
+	}
+	status = 0;
+	if (opt_json) {
+		print_json(r);
+	} else if (strcmp(cmd, "version") == 0) {
+		json_t *q = json_object_get(r, "qemu");
+
+		printf("%s (%" PRIu64 ".%" PRIu64 ".%" PRIu64 ")\n",
+		       json_string_value(json_object_get(r, "package")), num(q, "major"),
+		       num(q, "minor"), num(q, "micro"));
+	} else if (strcmp(cmd, "stats") == 0) {
+		print_stats(r);
+	} else if (strcmp(cmd, "resize") == 0) {
+		printf("resized to %" PRIu64 " bytes\n", size);
+	} else if (strcmp(cmd, "raw") == 0) {
+		print_json(r);
+	}
+out:
+	json_decref(r);
+	if (c.fd >= 0)
+		close(c.fd);
+	free(c.buf);
+	return status;
+}
