@@ -193,8 +193,7 @@ void q2_wake_later(struct qcow2 *q, struct qcow2_waiter *w, int err)
 		q->wake_armed = true;
 		q->wake_cmd.done = wake_cmd_done;
 		q->wake_cmd.priv = q;
-		/* a zero-length read completes on the next loop iteration */
-		io_readv(q->loop, &q->wake_cmd, q->file, NULL, 0, 0);
+		io_post(q->loop, &q->wake_cmd);
 	}
 }
 

@@ -423,6 +423,7 @@ static int execute(struct io_cmd *c)
 		}
 		return 0;
 	case IO_OP_TIMEOUT:
+	case IO_OP_POST:
 		return 0;
 	default:
 		return -EINVAL;
@@ -539,7 +540,8 @@ static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct 
 	cmd->file = f;
 	cmd->loop = loop;
 	cmd->next = NULL;
-	cmd->res = inject_apply(loop, op);
+	/* as in io/loop.c, posts never consult the fault hook */
+	cmd->res = op == IO_OP_POST ? 0 : inject_apply(loop, op);
 	loop->inflight++;
 	if (op == IO_OP_TIMEOUT) {
 		cmd->next = loop->timers;
@@ -551,6 +553,11 @@ static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct 
 	else
 		loop->head = cmd;
 	loop->tail = cmd;
+}
+
+void io_post(struct io_loop *loop, struct io_cmd *cmd)
+{
+	submit(loop, cmd, IO_OP_POST, NULL);
 }
 
 void io_readv(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, struct iovec *iov,
