@@ -546,15 +546,21 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	return true;
 }
 
-static void pend_push(struct io_loop *loop, struct io_cmd *cmd)
+/* Append @cmd to the FIFO list (*@head, *@tail). */
+static void fifo_push(struct io_cmd **head, struct io_cmd **tail, struct io_cmd *cmd)
 {
 	cmd->next = NULL;
-	cmd->state = CMD_PENDING;
-	if (loop->pend_tail)
-		loop->pend_tail->next = cmd;
+	if (*tail)
+		(*tail)->next = cmd;
 	else
-		loop->pend_head = cmd;
-	loop->pend_tail = cmd;
+		*head = cmd;
+	*tail = cmd;
+}
+
+static void pend_push(struct io_loop *loop, struct io_cmd *cmd)
+{
+	cmd->state = CMD_PENDING;
+	fifo_push(&loop->pend_head, &loop->pend_tail, cmd);
 }
 
 static void pend_unlink(struct io_loop *loop, struct io_cmd *cmd)
@@ -597,13 +603,8 @@ static void flush_pending(struct io_loop *loop)
 static void local_push(struct io_loop *loop, struct io_cmd *cmd, int res)
 {
 	cmd->res = res;
-	cmd->next = NULL;
 	cmd->state = CMD_LOCAL;
-	if (loop->local_tail)
-		loop->local_tail->next = cmd;
-	else
-		loop->local_head = cmd;
-	loop->local_tail = cmd;
+	fifo_push(&loop->local_head, &loop->local_tail, cmd);
 }
 
 static void cmd_start(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f)
