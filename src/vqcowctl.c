@@ -68,7 +68,7 @@ struct conn {
 static json_t *conn_read(struct conn *c)
 {
 	for (;;) {
-		char *nl = memchr(c->buf, '\n', c->len);
+		char *nl = c->len ? memchr(c->buf, '\n', c->len) : NULL;
 		ssize_t n;
 
 		if (nl) {
