@@ -102,21 +102,33 @@ def main_wrapper(fn):
 
 
 class Workdir:
-    """A fresh directory under the build tree (ext4/xfs, so O_DIRECT works)."""
+    """A fresh directory under the build tree (ext4/xfs, so O_DIRECT works).
+
+    Names ending in ".sock" live in a short directory under /tmp instead: a
+    UNIX socket path must fit sun_path (108 bytes), and a clone's build tree
+    can be deep enough to pass that."""
 
     def __init__(self, base, keep=False):
         os.makedirs(base, exist_ok=True)
         self.path = tempfile.mkdtemp(prefix="w-", dir=base)
+        self.sockdir = None
         self.keep = keep
 
     def __call__(self, name):
+        if name.endswith(".sock"):
+            if self.sockdir is None:
+                self.sockdir = tempfile.mkdtemp(prefix="vq-", dir="/tmp")
+            return os.path.join(self.sockdir, name)
         return os.path.join(self.path, name)
 
     def cleanup(self, ok):
         if ok and not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
+            if self.sockdir is not None:
+                shutil.rmtree(self.sockdir, ignore_errors=True)
         else:
-            log("work directory kept: %s" % self.path)
+            log("work directory kept: %s%s" % (self.path, "" if self.sockdir is None
+                                               else " (sockets and daemon logs: %s)" % self.sockdir))
 
 
 # ---------------------------------------------------------------- processes
