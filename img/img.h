@@ -127,6 +127,8 @@ struct img_opts {
 	bool no_l2_prefetch;       /* qcow2: no background read of the L2 tables after open */
 	bool force_share;          /* read-only only: share every permission (qemu -U) */
 	bool backing;              /* opened as a backing file (read-only; backing locks) */
+	bool inactive; /* incoming migration: take no lock and keep no metadata; the image
+			* serves nothing (reads -EIO, writes -EROFS) until img_set_perm(WRITE) */
 	const struct img_name_guard *name_guard; /* NULL = open named files as we are */
 };
 
@@ -169,10 +171,13 @@ void img_close(struct img *img);
  * holds READ or WRITE, nothing while it holds NONE.
  * 0; -EAGAIN (another process holds a conflicting lock; @err: "FILE: Failed
  * to get "write" lock: locked by another process"); -EROFS (WRITE on an
- * image opened read-only); -ENOTSUP (the format cannot: a read-write qcow2
- * image cannot give up the write permission while its engine may still
- * write metadata); or another -errno. On failure the image keeps the
- * permission it had.
+ * image opened read-only); -EBUSY (a read-write qcow2 image gives WRITE up
+ * only with no request in flight); -ENOTSUP (the format cannot); or another
+ * -errno. On failure the image keeps the permission it had.
+ * qcow2 (the handoff of live migration on shared storage): giving WRITE up
+ * writes all metadata back and drops it (the image is inactive: reads -EIO,
+ * flushes succeed); taking WRITE again re-reads header, L1 and refcounts.
+ * That drives the loop: never call it from inside a loop callback.
  */
 int img_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen);
 

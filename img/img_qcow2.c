@@ -140,7 +140,8 @@ struct q2img {
 	char *dfile_name; /* its path (messages) */
 	bool own_dfile;   /* dfile is open: the external data file, or the image again for data */
 	bool data_raw;
-	struct qcow2 *q;
+	struct qcow2 *q;      /* NULL while inactive (no write lock: nothing cached) */
+	struct qcow2_opts qo; /* engine options, for re-opening it on activation */
 	struct img *backing;
 	struct q2req *free_reqs;
 	unsigned nreqs;
@@ -726,6 +727,13 @@ static void step(struct q2req *r, int res)
 		switch (r->state) {
 		case RQ_START:
 			res = res < 0 ? res : r->err;
+			if (res == 0 && !m->q) {
+				/* Inactive (handed over): the metadata is another
+				 * process's; everything was flushed when we let go. */
+				if (io->op == IMG_OP_FLUSH)
+					goto done;
+				res = -EIO;
+			}
 			if (res < 0)
 				goto fail;
 			if (io->op != IMG_OP_FLUSH && io->len == 0)
@@ -1026,7 +1034,10 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	struct q2img *m = (struct q2img *)img;
 	size_t n;
 
-	qcow2_describe(m->q, buf, len);
+	if (m->q)
+		qcow2_describe(m->q, buf, len);
+	else
+		snprintf(buf, len, "qcow2 (inactive: no lock held, no metadata cached)");
 	n = strlen(buf);
 	if (m->backing && n + 16 < len) {
 		snprintf(buf + n, len - n, ", backing: ");
@@ -1035,21 +1046,14 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	}
 }
 
-/*
- * Locks of the image file and its external data file (same role), then the
- * backing image: READ while we hold READ or WRITE, nothing while NONE.
- * Leaving WRITE is refused while the engine is open read-write: it may still
- * write metadata back (dropping it cleanly comes with live migration).
- */
-static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
+/* Locks of every file of the image for @perm (see q2_set_perm); undone on failure. */
+static int lock_all(struct q2img *m, enum img_perm perm, enum img_perm old, char *err,
+		    size_t errlen)
 {
-	struct q2img *m = (struct q2img *)img;
+	struct img *img = &m->img;
 	enum img_file_role role = img->backing ? IMG_FILE_BACKING : IMG_FILE_QCOW2;
-	enum img_perm old = img->perm;
 	int ret;
 
-	if (m->q && !img->read_only && old == IMG_PERM_WRITE && perm != IMG_PERM_WRITE)
-		return -ENOTSUP;
 	ret = img_file_lock(&m->file, img->path, role, perm, img->force_share, err, errlen);
 	if (ret < 0)
 		return ret;
@@ -1065,7 +1069,6 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 		if (ret < 0)
 			goto undo_dfile;
 	}
-	img->perm = perm;
 	return 0;
 
 undo_dfile:
@@ -1074,6 +1077,90 @@ undo_dfile:
 undo_file:
 	img_file_lock(&m->file, img->path, role, old, img->force_share, NULL, 0);
 	return ret;
+}
+
+/*
+ * Open the engine afresh: header, L1, refcount and snapshot tables, bitmaps
+ * are read again from the file (another process may have changed them while
+ * we did not hold the write lock).
+ */
+static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen)
+{
+	struct qcow2_opts qo = m->qo;
+	int ret;
+
+	qo.read_only = read_only;
+	ret = qcow2_open(&m->q, m->img.loop, &m->file, m->img.path, &qo, err, errlen);
+	if (ret < 0) {
+		m->q = NULL;
+		return ret;
+	}
+	if (m->has_dfile)
+		qcow2_set_data_file(m->q, &m->dfile);
+	if (m->backing)
+		qcow2_set_backing_size(m->q, m->backing->size);
+	m->img.size = qcow2_size(m->q);
+	return 0;
+}
+
+/*
+ * Locks of the image file and its external data file (same role), then the
+ * backing image: READ while we hold READ or WRITE, nothing while NONE.
+ *
+ * Live migration on shared storage hands the image from one process to
+ * another. Giving up WRITE (a read-write image): every request must have
+ * ended (-EBUSY otherwise); the engine writes all dirty metadata back and
+ * stores its bitmaps (qcow2_close) and is released, so nothing of the
+ * image's metadata stays cached; then the locks go. The image is then
+ * inactive: reads fail (-EIO), writes -EROFS, flushes succeed (nothing is
+ * unwritten). Taking WRITE again: the locks first, then the engine is
+ * opened afresh (header, L1, refcounts re-read). READ on an inactive image
+ * only takes the locks (the engine stays closed until WRITE). The engine
+ * drives the loop while it closes/opens: never call this from inside a loop
+ * callback.
+ */
+static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	enum img_perm old = img->perm;
+	bool release = m->q && !img->read_only && old == IMG_PERM_WRITE && perm != IMG_PERM_WRITE;
+	bool take = !m->q && perm == IMG_PERM_WRITE;
+	int ret;
+
+	if (release) {
+		if (m->inflight) {
+			if (err)
+				snprintf(err, errlen, "%s: %u request(s) still in flight",
+					 img->path, m->inflight);
+			return -EBUSY;
+		}
+		ret = qcow2_close(m->q);
+		m->q = NULL;
+		if (ret < 0) {
+			if (err)
+				snprintf(err, errlen, "%s: writing metadata back failed: %s",
+					 img->path, strerror(-ret));
+			/* Still ours: keep serving it as before. */
+			engine_open(m, false, NULL, 0);
+			return ret;
+		}
+	}
+	ret = lock_all(m, perm, old, err, errlen);
+	if (ret < 0) {
+		if (release)
+			engine_open(m, false, NULL, 0);
+		return ret;
+	}
+	img->perm = perm;
+	if (take) {
+		ret = engine_open(m, img->read_only, err, errlen);
+		if (ret < 0) {
+			lock_all(m, old, perm, NULL, 0);
+			img->perm = old;
+			return ret;
+		}
+	}
+	return 0;
 }
 
 static struct img *q2_backing_of(struct img *img)
@@ -1137,16 +1224,24 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.read_only = read_only;
 	role = m->img.backing ? IMG_FILE_BACKING : IMG_FILE_QCOW2;
 	perm = read_only ? IMG_PERM_READ : IMG_PERM_WRITE;
+	if (opts && opts->inactive)
+		perm = IMG_PERM_NONE; /* incoming migration: the source holds the locks */
 	ret = img_file_lock(&m->file, path, role, perm, m->img.force_share, err, errlen);
 	if (ret < 0)
 		goto close_file;
-	qo.read_only = read_only;
+	/* Inactive: look at the image (geometry, data file, backing file) without
+	 * writing anything; the engine is opened for real on activation. */
+	qo.read_only = read_only || perm == IMG_PERM_NONE;
 	if (opts) {
 		qo.allow_corrupt_ro = opts->allow_corrupt_ro;
 		qo.l2_cache_size = opts->l2_cache_size;
 		qo.cache_entry_size = opts->cache_entry_size;
 		qo.no_l2_prefetch = opts->no_l2_prefetch;
 	}
+	m->qo = qo;
+	m->qo.read_only = read_only;
+	if (perm == IMG_PERM_NONE)
+		qo.no_l2_prefetch = true;
 	ret = qcow2_open(&m->q, loop, &m->file, path, &qo, err, errlen);
 	if (ret < 0)
 		goto close_file;
@@ -1268,6 +1363,13 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.loop = loop;
 	m->img.size = qcow2_size(m->q);
 	m->img.perm = perm;
+	if (perm == IMG_PERM_NONE) {
+		if (m->backing)
+			img_set_perm(m->backing, IMG_PERM_NONE, NULL, 0);
+		/* Nothing of the metadata is kept: it is re-read on activation. */
+		qcow2_close(m->q);
+		m->q = NULL;
+	}
 	m->img.align = m->file.align > 512 ? m->file.align : 512;
 	if (m->own_dfile && m->dfile.align > m->img.align)
 		m->img.align = m->dfile.align;

@@ -389,7 +389,11 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 	}
 	r->img.backing = opts && opts->backing;
 	r->img.force_share = opts && opts->force_share;
-	ret = raw_set_perm(&r->img, read_only ? IMG_PERM_READ : IMG_PERM_WRITE, err, errlen);
+	ret = raw_set_perm(&r->img,
+			   opts && opts->inactive ? IMG_PERM_NONE
+			   : read_only            ? IMG_PERM_READ
+						  : IMG_PERM_WRITE,
+			   err, errlen);
 	if (ret < 0)
 		goto close_file;
 	r->blockdev = S_ISBLK(st.st_mode);

@@ -803,8 +803,8 @@ static bool held(const char *path, int off)
  * qcow2 locks: the image file uses read, write, resize and shares neither
  * write nor resize (100, 101, 103, 201, 203); its backing file uses read
  * and shares neither (100, 201, 203). img_set_perm on a read-only image
- * drops and retakes them along the chain; a read-write image refuses to
- * give up write (-ENOTSUP) while its engine may still write metadata.
+ * drops and retakes them along the chain; a read-write image gives write
+ * up (its metadata written back and dropped) and takes it back.
  */
 static void test_locks(void)
 {
@@ -823,7 +823,10 @@ static void test_locks(void)
 		  !held(P("lk-top.qcow2"), 202) && held(P("lk-top.qcow2"), 203));
 	CU_ASSERT(held(P("lk-base.raw"), 100) && !held(P("lk-base.raw"), 101) &&
 		  held(P("lk-base.raw"), 201) && held(P("lk-base.raw"), 203));
-	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), -ENOTSUP);
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(img->perm, IMG_PERM_READ);
+	CU_ASSERT(held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 101));
+	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL(img->perm, IMG_PERM_WRITE);
 	CU_ASSERT(held(P("lk-top.qcow2"), 101));
 	img_close(img);
@@ -839,6 +842,110 @@ static void test_locks(void)
 	CU_ASSERT(held(P("lk-top.qcow2"), 100) && held(P("lk-base.raw"), 201));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), -EROFS);
 	img_close(img);
+}
+
+static bool same(const uint8_t *a, uint8_t v, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (a[i] != v)
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Live migration on shared storage: two opens of one image (two daemons).
+ * The destination opens it inactive (no lock, nothing served: reads -EIO,
+ * writes -EROFS, flush 0) while the source writes; the source gives up
+ * write (metadata written back, dropped, locks released, `qemu-img check`
+ * clean); the destination takes it (fresh metadata: sees the source's new
+ * clusters) and allocates; the source cannot take it back while the
+ * destination holds it, and after the destination lets go it sees the
+ * destination's clusters (its own old cache was dropped). Both sides' data
+ * verified with qemu-io afterwards; the image is clean; with a backing file.
+ */
+static void test_handoff(void)
+{
+	struct img_opts io = {.direct = true, .inactive = true};
+	char err[512] = "";
+	struct img *src, *dst = NULL;
+	uint8_t *buf = io_alloc_aligned(65536);
+	int ret;
+
+	CU_ASSERT_FATAL(buf != NULL);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f raw %s 4M", P("ho-base.raw")), 0);
+	CU_ASSERT_EQUAL_FATAL(
+	    tu_sh("qemu-io -f raw -c 'write -P 0x11 0 4M' %s >/dev/null", P("ho-base.raw")), 0);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("cd %s && qemu-img create -q -f qcow2 -o cluster_size=65536 "
+				    "-b ho-base.raw -F raw ho.qcow2",
+				    g_dir),
+			      0);
+	src = open_img(P("ho.qcow2"), false);
+	memset(buf, 0xa1, 65536);
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 0, 65536, 0), 0);
+
+	ret = img_open(&dst, g_loop, P("ho.qcow2"), &io, err, sizeof(err));
+	if (ret < 0)
+		fprintf(stderr, "inactive open: %s\n", err);
+	CU_ASSERT_EQUAL_FATAL(ret, 0);
+	CU_ASSERT_EQUAL(dst->perm, IMG_PERM_NONE);
+	CU_ASSERT_EQUAL(dst->size, src->size);
+	CU_ASSERT(held(P("ho.qcow2"), 101)); /* still the source's */
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 0, 65536, 0), -EIO);
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_WRITE, buf, 65536, 65536, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_FLUSH, NULL, 0, 0, 0), 0);
+	/* The destination cannot take it while the source holds it. */
+	CU_ASSERT_EQUAL(img_set_perm(dst, IMG_PERM_WRITE, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_EQUAL(dst->perm, IMG_PERM_NONE);
+
+	/* Source: allocate another cluster (cached L2/refcounts), then let go. */
+	memset(buf, 0xa2, 65536);
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 3 * 65536, 65536, 0), 0);
+	CU_ASSERT_EQUAL(img_set_perm(src, IMG_PERM_NONE, err, sizeof(err)), 0);
+	CU_ASSERT(!held(P("ho.qcow2"), 100) && !held(P("ho.qcow2"), 101) &&
+		  !held(P("ho-base.raw"), 100));
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 0, 65536, 0), -EROFS);
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_READ, buf, 0, 65536, 0), -EIO);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", P("ho.qcow2")), 0);
+
+	/* Destination: take it, see the source's data, allocate. */
+	CU_ASSERT_EQUAL(img_set_perm(dst, IMG_PERM_WRITE, err, sizeof(err)), 0);
+	CU_ASSERT(held(P("ho.qcow2"), 101) && held(P("ho-base.raw"), 100));
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 0, 65536, 0), 0);
+	CU_ASSERT(same(buf, 0xa1, 65536));
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 3 * 65536, 65536, 0), 0);
+	CU_ASSERT(same(buf, 0xa2, 65536));
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 5 * 65536, 65536, 0), 0);
+	CU_ASSERT(same(buf, 0x11, 65536)); /* backing */
+	memset(buf, 0xb1, 65536);
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_WRITE, buf, 7 * 65536, 65536, 0), 0);
+	memset(buf, 0xb2, 4096);
+	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_WRITE, buf, 0, 4096, 0), 0);
+	CU_ASSERT_EQUAL(img_set_perm(src, IMG_PERM_WRITE, err, sizeof(err)), -EAGAIN);
+	CU_ASSERT_EQUAL(src->perm, IMG_PERM_NONE);
+
+	/* Back to the source (a failed migration resumes there). */
+	CU_ASSERT_EQUAL(img_set_perm(dst, IMG_PERM_NONE, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(img_set_perm(src, IMG_PERM_WRITE, err, sizeof(err)), 0);
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_READ, buf, 7 * 65536, 65536, 0), 0);
+	CU_ASSERT(same(buf, 0xb1, 65536));
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_READ, buf, 0, 4096, 0), 0);
+	CU_ASSERT(same(buf, 0xb2, 4096));
+	memset(buf, 0xc1, 65536);
+	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 9 * 65536, 65536, 0), 0);
+	img_close(dst);
+	img_close(src);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", P("ho.qcow2")), 0);
+	/* Every read succeeds (6 lines) and none fails verification. */
+	CU_ASSERT_EQUAL(
+	    tu_sh("out=$(qemu-io -f qcow2 -c 'read -P 0xb2 0 4k' -c 'read -P 0xa1 4k 60k' "
+		  "-c 'read -P 0xa2 192k 64k' -c 'read -P 0xb1 448k 64k' "
+		  "-c 'read -P 0xc1 576k 64k' -c 'read -P 0x11 640k 64k' %s) && "
+		  "! echo \"$out\" | grep -q Pattern && "
+		  "test $(echo \"$out\" | grep -c '^read ') -eq 6",
+		  P("ho.qcow2")),
+	    0);
+	io_free_aligned(buf);
 }
 
 int main(void)
@@ -867,6 +974,7 @@ int main(void)
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
 	CU_add_test(s, "locks and img_set_perm", test_locks);
+	CU_add_test(s, "image handoff (migration)", test_handoff);
 	fails = tu_cunit_run();
 	io_loop_exit(g_loop);
 	if (!fails)
