@@ -181,6 +181,13 @@ int img_refresh_size(struct img *img)
 	return img->ops->refresh_size(img);
 }
 
+int img_cache_stats(struct img *img, struct img_cache_stats *st)
+{
+	if (!img->ops->cache_stats)
+		return -ENOTSUP;
+	return img->ops->cache_stats(img, st);
+}
+
 struct img *img_backing(struct img *img)
 {
 	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;

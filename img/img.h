@@ -86,6 +86,14 @@ enum img_perm {
 	IMG_PERM_WRITE,    /* read and write; nobody else may write */
 };
 
+/* Metadata cache numbers of a format that has caches (qcow2): sizes in bytes. */
+struct img_cache_stats {
+	uint64_t l2_cache_size, l2_cache_used, refcount_cache_size, refcount_cache_used;
+	uint64_t cache_entry_size;
+	uint64_t l2_hits, l2_misses, l2_evictions, refcount_hits, refcount_misses,
+	    refcount_evictions, l2_prefetched;
+};
+
 struct img_ops {
 	const char *format; /* "raw", "qcow2" */
 	void (*submit)(struct img *img, struct img_io *io);
@@ -102,6 +110,8 @@ struct img_ops {
 	struct img *(*backing_of)(struct img *img);
 	/* Optional: grow the virtual size to @size bytes (online resize). */
 	int (*grow)(struct img *img, uint64_t size, char *err, size_t errlen);
+	/* Optional: metadata cache numbers (img_cache_stats). */
+	int (*cache_stats)(struct img *img, struct img_cache_stats *st);
 };
 
 /*
@@ -196,6 +206,9 @@ void img_describe(struct img *img, char *buf, size_t len);
  * -errno.
  */
 int img_refresh_size(struct img *img);
+
+/* Metadata cache numbers; -ENOTSUP for formats without caches (raw). */
+int img_cache_stats(struct img *img, struct img_cache_stats *st);
 
 /* The backing image of @img, NULL if none (the chain, for control queries). */
 struct img *img_backing(struct img *img);

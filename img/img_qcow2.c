@@ -1168,6 +1168,26 @@ static struct img *q2_backing_of(struct img *img)
 	return ((struct q2img *)img)->backing;
 }
 
+static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
+{
+	struct qcow2_cache_stats c;
+
+	qcow2_cache_stats(((struct q2img *)img)->q, &c);
+	st->cache_entry_size = c.entry_size;
+	st->l2_cache_size = c.l2_max * c.entry_size;
+	st->l2_cache_used = c.l2_used * c.entry_size;
+	st->refcount_cache_size = c.rc_max * c.entry_size;
+	st->refcount_cache_used = c.rc_used * c.entry_size;
+	st->l2_hits = c.l2_hits;
+	st->l2_misses = c.l2_misses;
+	st->l2_evictions = c.l2_evictions;
+	st->refcount_hits = c.rc_hits;
+	st->refcount_misses = c.rc_misses;
+	st->refcount_evictions = c.rc_evictions;
+	st->l2_prefetched = c.l2_prefetched;
+	return 0;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
@@ -1175,6 +1195,7 @@ static const struct img_ops q2_ops = {
     .describe = q2_describe,
     .set_perm = q2_set_perm,
     .backing_of = q2_backing_of,
+    .cache_stats = q2_cache_stats,
 };
 
 static __thread int open_depth;

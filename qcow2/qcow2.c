@@ -552,6 +552,22 @@ void qcow2_set_backing_size(struct qcow2 *q, uint64_t size)
 	q->backing_size = size;
 }
 
+void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
+{
+	st->entry_size = q->slice_size;
+	st->l2_max = q->l2c.soft_max;
+	st->l2_used = q->l2c.count;
+	st->l2_hits = q->l2c.hits;
+	st->l2_misses = q->l2c.misses;
+	st->l2_evictions = q->l2c.evictions;
+	st->rc_max = q->rcc.soft_max;
+	st->rc_used = q->rcc.count;
+	st->rc_hits = q->rcc.hits;
+	st->rc_misses = q->rcc.misses;
+	st->rc_evictions = q->rcc.evictions;
+	st->l2_prefetched = q->n_l2_prefetched;
+}
+
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
 {
 	uint64_t l2h = q->l2c.hits, l2m = q->l2c.misses;

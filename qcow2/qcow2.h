@@ -134,6 +134,17 @@ bool qcow2_is_corrupt(const struct qcow2 *q);
 /* One line: geometry, cache sizes and hit rates. */
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len);
 
+/* The metadata caches, as numbers (control queries). */
+struct qcow2_cache_stats {
+	uint64_t entry_size;      /* slice bytes */
+	uint64_t l2_max, l2_used; /* slices: budget, held now */
+	uint64_t l2_hits, l2_misses, l2_evictions;
+	uint64_t rc_max, rc_used; /* refcount slices: budget, held now */
+	uint64_t rc_hits, rc_misses, rc_evictions;
+	uint64_t l2_prefetched; /* L2 slices read by the background prefetch */
+};
+void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
+
 /* ---- data I/O tickets ---- */
 
 /* Start of a data I/O that will map host clusters; returns a ticket for qcow2_io_end(). */

@@ -65,6 +65,7 @@ static json_t *image_info(struct img *img)
 /* BlockDeviceInfo of one node. */
 static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsigned depth)
 {
+	struct img_cache_stats cs;
 	unsigned bdepth = 0;
 	json_t *o;
 
@@ -80,6 +81,23 @@ static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsig
 		      "iops_wr", 0, "write_threshold", 0);
 	if (o && img_backing(img))
 		json_object_set_new(o, "backing_file", json_string(img_backing(img)->path));
+	if (o && img_cache_stats(img, &cs) == 0) {
+		/* Ours, beside QEMU's keys: the qcow2 metadata caches. */
+		json_object_set_new(
+		    o, "vqcowd",
+		    json_pack("{s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "cache",
+			      "l2-cache-size", (json_int_t)cs.l2_cache_size, "l2-cache-used",
+			      (json_int_t)cs.l2_cache_used, "refcount-cache-size",
+			      (json_int_t)cs.refcount_cache_size, "refcount-cache-used",
+			      (json_int_t)cs.refcount_cache_used, "cache-entry-size",
+			      (json_int_t)cs.cache_entry_size, "l2-hits", (json_int_t)cs.l2_hits,
+			      "l2-misses", (json_int_t)cs.l2_misses, "l2-evictions",
+			      (json_int_t)cs.l2_evictions, "refcount-hits",
+			      (json_int_t)cs.refcount_hits, "refcount-misses",
+			      (json_int_t)cs.refcount_misses, "refcount-evictions",
+			      (json_int_t)cs.refcount_evictions, "l2-prefetched",
+			      (json_int_t)cs.l2_prefetched));
+	}
 	return o;
 }
 

@@ -650,6 +650,15 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         img = nodes[0]["image"]
         check(img["backing-filename"] == base and img["backing-image"]["filename"] == base and
               img["backing-image"]["virtual-size"] == 32 << 20, "image %r" % img)
+        c = nodes[0]["vqcowd"]["cache"]
+        check(c["l2-cache-size"] > 0 and c["cache-entry-size"] > 0 and
+              c["refcount-cache-size"] > 0, "cache %r" % c)
+        fe(fe_bin, "write", d.vsock, 0, 65536, stdin=os.urandom(65536))
+        fe(fe_bin, "read", d.vsock, 0, 65536)
+        c2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]
+        check(c2["l2-cache-used"] > c["l2-cache-used"] and c2["refcount-cache-used"] > 0,
+              "the caches did not fill after a write: %r" % c2)
+        log("ok: qcow2 cache numbers in query-named-block-nodes: %s" % json.dumps(c2))
         expect_error(q.cmd("block_resize", {"node-name": "vm1", "size": 64 << 20}),
                      "GenericError", "not supported yet", "qcow2 online resize")
         expect_error(q.cmd("block_resize", {"node-name": "disk0", "size": 64 << 20}),
