@@ -3,7 +3,7 @@
 # Idempotent; skips apt when all packages are already present.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config clang-format
-      liburing-dev libcap-ng-dev libseccomp-dev libcunit1-dev zlib1g-dev libzstd-dev libjansson-dev
+      liburing-dev libcap-ng-dev libseccomp-dev libcunit1-dev zlib1g-dev libzstd-dev libjansson-dev libdeflate-dev
       qemu-system-x86 qemu-utils qemu-block-extra fio busybox-static cpio libnbd-bin
       e2fsprogs gnuplot-nox python3 util-linux procps kmod systemd
       xfsprogs clang libclang-rt-14-dev llvm)
