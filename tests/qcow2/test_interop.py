@@ -89,6 +89,25 @@ def corpus(group):
             check(os.path.getsize(last) % 512, "%s: the file ends on a sector boundary: the "
                   "test would not cover the case" % last)
             out.append(("compressed-last-%d" % cs, last, []))
+        # data as a guest has it (words: dynamic Huffman blocks and back
+        # references; an incompressible part that stays uncompressed; zeroes),
+        # deflate (inflated by libdeflate, zlib if it refuses) and zstd
+        src = W("text.raw")
+        rnd = random.Random(7)
+        words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+                 for _ in range(500)]
+        with open(src, "wb") as f:
+            text = b" ".join(rnd.choice(words) for _ in range(1100000))
+            f.write(text[:5 << 20])
+            f.write(rnd.randbytes(1 << 20))
+            f.truncate(SIZE)
+        for ctype, cs in (("zlib", 65536), ("zstd", 65536), ("zlib", 2 << 20),
+                          ("zstd", 4096)):
+            c = W("text-%s-%d.qcow2" % (ctype, cs))
+            qlib.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                          "cluster_size=%d,compression_type=%s" % (cs, ctype), src, c)
+            out.append(("compressed-text-%s-%d" % (ctype, cs), c, []))
+        os.unlink(src)
         return out
     if group == "backing":
         base = W("base.raw")
