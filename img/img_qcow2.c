@@ -8,6 +8,18 @@
  * extents from the backing image (any format, opened with img_open(),
  * read-only), and COMPRESSED extents read then inflated.
  *
+ * Inflated clusters: a read of a compressed cluster inflates all of it, so
+ * the last few inflated clusters are kept (struct zc_ent, LRU, at most
+ * ZC_BUDGET bytes and ZC_MAX clusters, at least 2) and a sequential read in
+ * 4K steps inflates each cluster once. An entry is keyed by the compressed
+ * data's host range (offset and length): those bytes never change while an L2
+ * entry points at them (a write to a compressed cluster allocates a new one
+ * and the old one is freed only once no read is in flight on it), and every
+ * data write or zeroing that touches a cached range drops the entry anyway, so
+ * space freed and reused can never be served from the cache. The check is
+ * made when a read is mapped (a hit needs no I/O) and again when its
+ * compressed bytes arrive (another read may have inflated the cluster since).
+ *
  * One pooled context (struct q2req) per request in flight, kept on a free
  * list: no malloc per I/O once warm. A request is a state machine (enum
  * rq_state, the table above step()): map a prefix of what is left, issue the
@@ -50,7 +62,9 @@
 
 #define Q2_MAX_EXT    16
 #define ZERO_BUF_SIZE (64u * 1024)
-#define MAX_TURNS     64 /* steps without I/O before a request lets others run */
+#define MAX_TURNS     64         /* steps without I/O before a request lets others run */
+#define ZC_MAX        16         /* inflated clusters kept, at most */
+#define ZC_BUDGET     (1u << 20) /* bytes of inflated clusters kept (at least 2 clusters) */
 
 /* What a request waits for: the transition table is above step(). */
 enum rq_state {
@@ -81,6 +95,7 @@ struct q2sub {
 	unsigned iov_cap;
 	unsigned iovcnt;
 	void *cbuf; /* compressed bytes (a compressed extent), else NULL */
+	uint64_t chost;
 	uint32_t clen, coff;
 	uint64_t len;
 	uint64_t skip; /* offset of this extent in the read's iovec */
@@ -132,6 +147,15 @@ struct q2req {
 	uint64_t z_done, z_len;
 };
 
+/* One inflated cluster: the compressed bytes at [host, host + clen) inflate to buf. */
+struct zc_ent {
+	uint64_t host;
+	uint64_t last; /* LRU tick */
+	uint32_t clen;
+	bool valid;
+	void *buf; /* one cluster, allocated on first use */
+};
+
 struct q2img {
 	struct img img;
 	struct io_file file;
@@ -148,13 +172,63 @@ struct q2img {
 	unsigned inflight;
 	void **bounce_free; /* 2 * cluster-sized aligned buffers */
 	unsigned nbounce, bounce_cap;
-	void *dbuf;     /* one decompressed cluster */
-	void *zero_buf; /* last-resort zero writes */
+	struct zc_ent zc[ZC_MAX]; /* inflated clusters */
+	unsigned zc_n;            /* entries used: ZC_BUDGET / cluster size, 2..ZC_MAX */
+	uint64_t zc_tick;
+	uint64_t n_inflated, n_zc_hits; /* clusters inflated, reads served by zc */
+	void *zero_buf;                 /* last-resort zero writes */
 	bool no_zero_range, no_punch;
 	uint64_t cs;
 };
 
 static void step(struct q2req *r, int res);
+
+/* ---- inflated clusters ---- */
+
+static void *zc_find(struct q2img *m, uint64_t host, uint32_t clen)
+{
+	for (unsigned i = 0; i < m->zc_n; i++) {
+		struct zc_ent *e = &m->zc[i];
+
+		if (e->valid && e->host == host && e->clen == clen) {
+			e->last = ++m->zc_tick;
+			return e->buf;
+		}
+	}
+	return NULL;
+}
+
+/* The entry to inflate into: a free one, else the least recently used. NULL: no memory. */
+static struct zc_ent *zc_victim(struct q2img *m)
+{
+	struct zc_ent *v = NULL;
+
+	for (unsigned i = 0; i < m->zc_n; i++) {
+		struct zc_ent *e = &m->zc[i];
+
+		if (!e->valid) {
+			v = e;
+			break;
+		}
+		if (!v || e->last < v->last)
+			v = e;
+	}
+	v->valid = false;
+	if (!v->buf)
+		v->buf = io_alloc_aligned(m->cs);
+	return v->buf ? v : NULL;
+}
+
+/* Host range [off, off + len) of the image is about to be written: drop what it overlaps. */
+static void zc_drop(struct q2img *m, uint64_t off, uint64_t len)
+{
+	for (unsigned i = 0; i < m->zc_n; i++) {
+		struct zc_ent *e = &m->zc[i];
+
+		if (e->valid && off < e->host + e->clen && e->host < off + len)
+			e->valid = false;
+	}
+}
 
 static struct io_file *data_file(struct q2img *m)
 {
@@ -291,16 +365,31 @@ static void sub_done(struct q2sub *sub, int res)
 	struct q2img *m = r->m;
 
 	if (sub->cbuf && res >= 0 && !r->err) {
-		int ret = qcow2_decompress(m->q, sub->cbuf, sub->clen, m->dbuf, m->cs);
+		uint8_t *buf = zc_find(m, sub->chost, sub->clen);
+		struct zc_ent *e;
+		int ret = 0;
 
-		if (ret < 0) {
-			fprintf(stderr, "vqcow: %s: compressed cluster data is corrupt\n",
-				m->img.path);
-			res = ret;
+		if (buf) {
+			m->n_zc_hits++;
+		} else if (!(e = zc_victim(m))) {
+			ret = -ENOMEM;
 		} else {
-			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip,
-					(uint8_t *)m->dbuf + sub->coff, (size_t)sub->len);
+			ret = qcow2_decompress(m->q, sub->cbuf, sub->clen, e->buf, m->cs);
+			if (ret < 0) {
+				fprintf(stderr, "vqcow: %s: compressed cluster data is corrupt\n",
+					m->img.path);
+			} else {
+				*e = (struct zc_ent){sub->chost, ++m->zc_tick, sub->clen, true,
+						     e->buf};
+				m->n_inflated++;
+				buf = e->buf;
+			}
 		}
+		if (ret < 0)
+			res = ret;
+		else
+			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip, buf + sub->coff,
+					(size_t)sub->len);
 	}
 	bounce_put(m, sub->cbuf);
 	sub->cbuf = NULL;
@@ -368,11 +457,20 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 		return 0;
 	}
 	if (x->type == QCOW2_MAP_COMPRESSED) {
+		uint8_t *buf = zc_find(m, x->host, x->clen);
+
+		if (buf) {
+			m->n_zc_hits++;
+			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)rel, buf + x->coff,
+					(size_t)x->len);
+			return 0;
+		}
 		if (x->clen > 2 * m->cs)
 			return -EIO;
 		sub->cbuf = bounce_get(m);
 		if (!sub->cbuf)
 			return -ENOMEM;
+		sub->chost = x->host;
 		sub->clen = x->clen;
 		sub->coff = x->coff;
 		sub->cmd.done = sub_cmd_done;
@@ -444,6 +542,7 @@ static int zero_issue(struct q2req *r)
 	struct q2img *m = r->m;
 	struct io_file *f = data_file(m);
 
+	zc_drop(m, r->zr_off, r->zr_len);
 	r->zr_mode = m->no_zero_range ? (m->no_punch ? 2 : 1) : 0;
 	if (r->zr_mode == 2 && !m->zero_buf) {
 		m->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
@@ -508,6 +607,7 @@ static int inplace_issue(struct q2req *r)
 		return zero_issue(r);
 	}
 	r->zr_len = 0;
+	zc_drop(m, a->host, a->len);
 	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt) < 0)
 		return -ENOMEM;
 	n = io_iov_slice(r->wiov, r->wiov_cap, r->wr_iov, r->wr_iovcnt,
@@ -593,6 +693,7 @@ static int alloc_write(struct q2req *r)
 	r->cmd2.done = cmd_done;
 	r->cmd2.priv = r;
 	r->pending = 0;
+	zc_drop(m, hhost, head + a->len + tail);
 	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt + 2) < 0)
 		return -ENOMEM;
 	if (!r->wr_iov) {
@@ -1023,7 +1124,8 @@ static void q2_close(struct img *img)
 		io_file_close(&m->dfile);
 	req_free_all(m);
 	free(m->dfile_name);
-	io_free_aligned(m->dbuf);
+	for (unsigned i = 0; i < ZC_MAX; i++)
+		io_free_aligned(m->zc[i].buf);
 	io_free_aligned(m->zero_buf);
 	free(img->path);
 	free(m);
@@ -1039,6 +1141,12 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	else
 		snprintf(buf, len, "qcow2 (inactive: no lock held, no metadata cached)");
 	n = strlen(buf);
+	if ((m->n_inflated || m->n_zc_hits) && n + 1 < len) {
+		snprintf(buf + n, len - n,
+			 ", %llu compressed clusters inflated, %llu reads from them",
+			 (unsigned long long)m->n_inflated, (unsigned long long)m->n_zc_hits);
+		n = strlen(buf);
+	}
 	if (m->backing && n + 16 < len) {
 		snprintf(buf + n, len - n, ", backing: ");
 		n = strlen(buf);
@@ -1374,11 +1482,8 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		free(name);
 		name = NULL;
 	}
-	m->dbuf = io_alloc_aligned(m->cs);
-	if (!m->dbuf) {
-		ret = -ENOMEM;
-		goto close_backing;
-	}
+	m->zc_n = (unsigned)(ZC_BUDGET / m->cs);
+	m->zc_n = m->zc_n < 2 ? 2 : m->zc_n > ZC_MAX ? ZC_MAX : m->zc_n;
 
 	m->img.ops = &q2_ops;
 	m->img.loop = loop;
@@ -1401,8 +1506,6 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	*imgp = &m->img;
 	return 0;
 
-close_backing:
-	img_close(m->backing);
 close_dfile:
 	if (m->own_dfile)
 		io_file_close(&m->dfile);

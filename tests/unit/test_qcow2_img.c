@@ -705,6 +705,115 @@ static void test_partial_last_cluster(void)
 	}
 }
 
+/* Clusters inflated so far by @img, as its describe line says (0 when it says nothing). */
+static unsigned long long inflated(struct img *img)
+{
+	char d[2048];
+	const char *p;
+
+	img_describe(img, d, sizeof(d));
+	p = strstr(d, " compressed clusters inflated");
+	if (!p)
+		return 0;
+	while (p > d && p[-1] >= '0' && p[-1] <= '9')
+		p--;
+	return strtoull(p, NULL, 10);
+}
+
+#define ZC_SIZE (1u << 20) /* 16 clusters of 64 KiB: as many as the inflate cache keeps */
+
+/* Read [off, off + len) in @n parallel 4K reads and compare with @want. */
+static void zc_read(struct img *img, uint8_t *buf, const uint8_t *want, uint64_t off, unsigned n)
+{
+	struct tio t[64];
+	struct iovec iov[64];
+
+	CU_ASSERT_FATAL(n <= 64);
+	g_in_submit = true;
+	for (unsigned i = 0; i < n; i++) {
+		tio_init(&t[i]);
+		iov[i] = (struct iovec){buf + i * 4096, 4096};
+		img_readv(img, &t[i].io, &iov[i], 1, off + i * 4096ull, 4096);
+	}
+	g_in_submit = false;
+	run_until_all(t, (int)n);
+	for (unsigned i = 0; i < n; i++)
+		CU_ASSERT_EQUAL(t[i].res, 0);
+	CU_ASSERT(memcmp(buf, want + off, n * 4096ull) == 0);
+}
+
+/*
+ * The inflate cache: a sequential 4K read of a compressed image inflates each
+ * cluster once, and so do 16 parallel reads of one cluster; a write into a
+ * compressed cluster (its COW head and tail read through the cache) and
+ * writes over every cluster leave the data right (qemu-img compare).
+ */
+static void inflate_case(const char *create)
+{
+	char *src = P("zc-src.raw"), *img_path = P("zc.qcow2"), *want_path = P("zc-want.raw");
+	uint8_t *want = aligned_alloc(4096, ZC_SIZE), *buf = aligned_alloc(4096, 64 * 4096);
+	struct img *img;
+	int fd;
+
+	CU_ASSERT_FATAL(want && buf);
+	tu_sh("rm -f %s/*", g_dir);
+	for (unsigned c = 0; c < ZC_SIZE / 65536; c++) {
+		memset(want + c * 65536, 0x10 + c, 65536);
+		fill(want + c * 65536 + (c % 16) * 4096, 4096);
+	}
+	fd = open(src, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_EQUAL(write(fd, want, ZC_SIZE), (ssize_t)ZC_SIZE);
+	close(fd);
+	CU_ASSERT_EQUAL_FATAL(
+	    tu_sh("qemu-img convert -c -f raw -O qcow2 -o %s %s %s", create, src, img_path), 0);
+
+	img = open_img(img_path, false);
+	CU_ASSERT_EQUAL(inflated(img), 0);
+	/* every cluster is compressed (qemu-img convert -c keeps a cluster that
+	 * does not shrink as it is): the first pass inflates 16 */
+	for (uint64_t off = 0; off < ZC_SIZE; off += 4096)
+		zc_read(img, buf, want, off, 1);
+	CU_ASSERT_EQUAL(inflated(img), ZC_SIZE / 65536);
+	img_close(img);
+
+	/* 64 reads in flight over 4 clusters: each cluster inflated once */
+	img = open_img(img_path, false);
+	zc_read(img, buf, want, 5 * 65536, 64);
+	CU_ASSERT_EQUAL(inflated(img), 4);
+
+	/* a 4K write into compressed cluster 3: its COW reads come from the cache */
+	fill(want + 3 * 65536 + 8192, 4096);
+	CU_ASSERT_EQUAL(
+	    do_io(img, IMG_OP_WRITE, want + 3 * 65536 + 8192, 3 * 65536 + 8192, 4096, 0), 0);
+	zc_read(img, buf, want, 3 * 65536, 16);
+	/* every cluster rewritten in part, then read back */
+	for (unsigned c = 0; c < ZC_SIZE / 65536; c++) {
+		uint64_t off = c * 65536ull + (c * 7 % 16) * 4096;
+
+		fill(want + off, 4096);
+		CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE, want + off, off, 4096, 0), 0);
+	}
+	for (uint64_t off = 0; off < ZC_SIZE; off += 64 * 4096)
+		zc_read(img, buf, want, off, 64);
+	img_close(img);
+
+	fd = open(want_path, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_EQUAL(write(fd, want, ZC_SIZE), (ssize_t)ZC_SIZE);
+	close(fd);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img_path), 0);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, want_path), 0);
+	free(want);
+	free(buf);
+}
+
+static void test_inflate_cache(void)
+{
+	inflate_case("cluster_size=65536");
+	inflate_case("cluster_size=65536,compression_type=zstd");
+}
+
 /*
  * A dirty image (lazy refcounts, qemu-io aborted after writing: refcounts
  * stale, dirty bit set) is repaired when opened read-write, through the
@@ -972,6 +1081,7 @@ int main(void)
 		CU_add_test(s, workloads[i].label, test_workload);
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
+	CU_add_test(s, "inflate cache (zlib, zstd)", test_inflate_cache);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
 	CU_add_test(s, "locks and img_set_perm", test_locks);
 	CU_add_test(s, "image handoff (migration)", test_handoff);
