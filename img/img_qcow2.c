@@ -16,7 +16,8 @@
  * entry points at them (a write to a compressed cluster allocates a new one
  * and the old one is freed only once no read is in flight on it), and every
  * data write or zeroing that touches a cached range drops the entry anyway, so
- * space freed and reused can never be served from the cache. The check is
+ * space freed and reused can never be served from the cache; all are dropped
+ * when the engine is opened again after a handoff. The check is
  * made when a read is mapped (a hit needs no I/O) and again when its
  * compressed bytes arrive (another read may have inflated the cluster since).
  *
@@ -1208,6 +1209,8 @@ static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen
 	if (m->backing)
 		qcow2_set_backing_size(m->q, m->backing->size);
 	m->img.size = qcow2_size(m->q);
+	/* another process may have rewritten the file meanwhile */
+	zc_drop(m, 0, UINT64_MAX);
 	return 0;
 }
 
