@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -39,6 +40,10 @@ static void usage(FILE *f)
 	    "  version              the daemon's version (query-version)\n"
 	    "  stats                I/O statistics per request type and per queue\n"
 	    "                       (query-blockstats)\n"
+	    "  stats --watch [--interval SEC] [--count N]\n"
+	    "                       every SEC seconds (default 1), like iostat: reads and\n"
+	    "                       writes per second, MiB/s, average latency (ms), flushes\n"
+	    "                       and discards per second; --json: one object per line\n"
 	    "  resize SIZE          grow the image online to SIZE (block_resize; a number with\n"
 	    "                       an optional suffix K, M, G, T, P, E, as qemu-img); the guest\n"
 	    "                       is told the new size\n"
@@ -247,14 +252,107 @@ static void print_stats(json_t *ret)
 	}
 }
 
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The first node's counters: ops, bytes, total ns for rd, wr, flush, unmap. */
+static int sample(struct conn *c, uint64_t v[4][3], int *failed)
+{
+	static const char *const types[] = {"rd", "wr", "flush", "unmap"};
+	json_t *r = execute(c, "{\"execute\": \"query-blockstats\"}", failed);
+	json_t *s = json_object_get(json_array_get(r, 0), "stats");
+	char k[64];
+
+	if (!s) {
+		if (r)
+			fprintf(stderr, "vqcowctl: no statistics in the reply\n");
+		json_decref(r);
+		return -1;
+	}
+	for (int i = 0; i < 4; i++) {
+		snprintf(k, sizeof(k), "%s_operations", types[i]);
+		v[i][0] = num(s, k);
+		snprintf(k, sizeof(k), "%s_bytes", types[i]);
+		v[i][1] = num(s, k);
+		snprintf(k, sizeof(k), "%s_total_time_ns", types[i]);
+		v[i][2] = num(s, k);
+	}
+	json_decref(r);
+	return 0;
+}
+
+/* stats --watch: per-interval rates from the counters' differences. */
+static int watch_stats(struct conn *c, uint64_t interval, uint64_t count)
+{
+	uint64_t a[4][3], b[4][3];
+	double ta, tb;
+	int failed = 2;
+
+	if (sample(c, a, &failed) < 0)
+		return failed;
+	ta = now_s();
+	for (uint64_t n = 0; !count || n < count; n++) {
+		double dt, rate[4], mib[2] = {0, 0}, lat[4];
+
+		sleep((unsigned)interval);
+		if (sample(c, b, &failed) < 0)
+			return failed;
+		tb = now_s();
+		dt = tb - ta > 0 ? tb - ta : 1;
+		for (int i = 0; i < 4; i++) {
+			uint64_t ops = b[i][0] - a[i][0];
+
+			rate[i] = (double)ops / dt;
+			lat[i] = ops ? (double)(b[i][2] - a[i][2]) / (double)ops / 1e6 : 0;
+			if (i < 2)
+				mib[i] = (double)(b[i][1] - a[i][1]) / dt / 1048576.0;
+		}
+		if (opt_json) {
+			printf("{\"interval_s\": %.3f, \"read\": {\"iops\": %.1f, \"mib_s\": %.2f, "
+			       "\"lat_ms\": %.3f}, \"write\": {\"iops\": %.1f, \"mib_s\": %.2f, "
+			       "\"lat_ms\": %.3f}, \"flush\": {\"iops\": %.1f, \"lat_ms\": %.3f}, "
+			       "\"discard\": {\"iops\": %.1f, \"lat_ms\": %.3f}}\n",
+			       dt, rate[0], mib[0], lat[0], rate[1], mib[1], lat[1], rate[2],
+			       lat[2], rate[3], lat[3]);
+		} else {
+			if (n % 20 == 0)
+				printf("%9s %9s %9s %9s %9s %9s %9s %9s %9s\n", "r/s", "rMiB/s",
+				       "r_await", "w/s", "wMiB/s", "w_await", "flush/s", "f_await",
+				       "discard/s");
+			printf("%9.1f %9.2f %9.3f %9.1f %9.2f %9.3f %9.1f %9.3f %9.1f\n", rate[0],
+			       mib[0], lat[0], rate[1], mib[1], lat[1], rate[2], lat[2], rate[3]);
+		}
+		fflush(stdout);
+		memcpy(a, b, sizeof(a));
+		ta = tb;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
-	enum { OPT_JSON = 256, OPT_NODE, OPT_TIMEOUT, OPT_VERSION };
+	enum {
+		OPT_JSON = 256,
+		OPT_NODE,
+		OPT_TIMEOUT,
+		OPT_VERSION,
+		OPT_WATCH,
+		OPT_INTERVAL,
+		OPT_COUNT
+	};
 	static const struct option longopts[] = {
 	    {"socket", required_argument, NULL, 's'},
 	    {"json", no_argument, NULL, OPT_JSON},
 	    {"node", required_argument, NULL, OPT_NODE},
 	    {"timeout", required_argument, NULL, OPT_TIMEOUT},
+	    {"watch", no_argument, NULL, OPT_WATCH},
+	    {"interval", required_argument, NULL, OPT_INTERVAL},
+	    {"count", required_argument, NULL, OPT_COUNT},
 	    {"help", no_argument, NULL, 'h'},
 	    {"version", no_argument, NULL, OPT_VERSION},
 	    {NULL, 0, NULL, 0},
@@ -262,11 +360,12 @@ int main(int argc, char **argv)
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct conn c = {.fd = -1};
 	const char *path = NULL, *node = NULL, *cmd;
-	uint64_t timeout = 30, size = 0;
+	uint64_t timeout = 30, size = 0, interval = 1, count = 0;
+	bool watch = false;
 	json_t *r = NULL;
 	int opt, failed = 2, status = 2;
 
-	while ((opt = getopt_long(argc, argv, "+s:h", longopts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "s:h", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
 			path = optarg;
@@ -276,6 +375,23 @@ int main(int argc, char **argv)
 			break;
 		case OPT_NODE:
 			node = optarg;
+			break;
+		case OPT_WATCH:
+			watch = true;
+			break;
+		case OPT_INTERVAL:
+			if (util_parse_uint(optarg, &interval) < 0 || interval == 0 ||
+			    interval > 3600) {
+				fprintf(stderr, "vqcowctl: invalid --interval '%s' (1..3600)\n",
+					optarg);
+				return 2;
+			}
+			break;
+		case OPT_COUNT:
+			if (util_parse_uint(optarg, &count) < 0 || count == 0) {
+				fprintf(stderr, "vqcowctl: invalid --count '%s'\n", optarg);
+				return 2;
+			}
 			break;
 		case OPT_TIMEOUT:
 			if (util_parse_uint(optarg, &timeout) < 0 || timeout == 0 ||
@@ -350,6 +466,14 @@ int main(int argc, char **argv)
 		goto out;
 	json_decref(r);
 
+	if (watch && strcmp(cmd, "stats") != 0) {
+		fprintf(stderr, "vqcowctl: --watch goes with stats\n");
+		goto out;
+	}
+	if (watch) {
+		status = watch_stats(&c, interval, count);
+		goto out;
+	}
 	if (strcmp(cmd, "version") == 0) {
 		r = execute(&c, "{\"execute\": \"query-version\"}", &failed);
 	} else if (strcmp(cmd, "stats") == 0) {

@@ -612,6 +612,18 @@ def test_ctl(ctl, fe_bin, d, q, size):
           q.ret("query-blockstats")[0]["stats"]["wr_operations"], "stats --json %r" % out)
     rc, out, err = run_ctl(ctl, "-s", d.qsock, "stats")
     check(rc == 0 and "read" in out and "queue" in out, "stats: %r" % out)
+    bench = subprocess.Popen([fe_bin, "bench", d.vsock, "--rw", "randwrite", "--bs", "4k",
+                              "--iodepth", "4", "--runtime", "3"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "--json", "stats", "--watch", "--count", "2")
+    bench.wait(30)
+    lines = [json.loads(x) for x in out.splitlines()]
+    check(rc == 0 and len(lines) == 2, "stats --watch: %d %r %r" % (rc, out, err))
+    check(any(x["write"]["iops"] > 0 and x["write"]["lat_ms"] > 0 for x in lines),
+          "stats --watch saw no writes under a bench: %r" % lines)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "stats", "--watch", "--count", "1")
+    check(rc == 0 and "r/s" in out and len(out.splitlines()) == 2, "watch table %r" % out)
+    log("ok: vqcowctl stats --watch: %s" % json.dumps(lines[-1]))
     new = size + (16 << 20)
     rc, out, err = run_ctl(ctl, "-s", d.qsock, "resize", "%dM" % (new >> 20))
     check(rc == 0, "vqcowctl resize: %d %r" % (rc, err))
