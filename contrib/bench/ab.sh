@@ -14,6 +14,8 @@
 # With VQCOWD_B="ARGS" set, the second backend is vqcowd again with ARGS
 # instead of VQCOWD ARGS (A/B of two vqcowd configurations), labelled vqcowd-b;
 # VQCOWD_B_BIN=PATH runs another vqcowd binary as B (A/B of two builds).
+# QSD=PATH runs another qemu-storage-daemon (e.g. 10.0 from qsd10.sh), labelled
+# QSD_LABEL (default qsd); QSD_IOTHREAD=1 gives its export an iothread.
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 4,12p "$0" >&2; exit 2; }
 img=$1 fmt=$2 feargs=$3 reps=$4
@@ -29,6 +31,11 @@ bpid=
 cleanup() { [ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
+qsd_obj= qsd_iot=
+if [ "${QSD_IOTHREAD:-0}" = 1 ]; then
+	qsd_obj="--object iothread,id=iot0" qsd_iot=",iothread=iot0"
+fi
+
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 run() {
@@ -42,10 +49,11 @@ run() {
 		"${VQCOWD_B_BIN:-$vqcowd}" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
 			$VQCOWD_B >"$tmp/$kind.log" 2>&1 &
 	else
-		qemu-storage-daemon \
+		# shellcheck disable=SC2086
+		"${QSD:-qemu-storage-daemon}" $qsd_obj \
 			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
 			--blockdev "driver=$fmt,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
+			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1$qsd_iot" \
 			>"$tmp/$kind.log" 2>&1 &
 	fi
 	bpid=$!
@@ -69,5 +77,5 @@ print("%-8s IOPS %9.0f  lat mean %7.1f p99 %7.1f us  cpu %.2f us/IO" % (kind, d[
 
 for _ in $(seq "$reps"); do
 	run vqcowd
-	if [ -n "${VQCOWD_B+x}" ]; then run vqcowd-b; else run qsd; fi
+	if [ -n "${VQCOWD_B+x}" ]; then run vqcowd-b; else run "${QSD_LABEL:-qsd}"; fi
 done
