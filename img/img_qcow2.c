@@ -120,6 +120,7 @@ struct q2req {
 	unsigned pending;   /* I/O parts in flight */
 	int err;            /* their first error */
 	unsigned turns;     /* steps since the last I/O */
+	uint64_t link_gen;  /* qcow2_meta_gen() after this request's last L2 change */
 
 	/* read: [rd_off, rd_off + rd_len) into rd_iov (the guest's, or a COW range) */
 	uint64_t rd_off, rd_len, rd_done;
@@ -315,8 +316,7 @@ static void req_free_all(struct q2img *m)
 
 /* ---- what step() waits for: completions ---- */
 
-/* The one exit of a request: io->done() exactly once, always from the loop. */
-static void complete(struct q2req *r, int err)
+static void complete_now(struct q2req *r, int err)
 {
 	struct q2img *m = r->m;
 	struct img_io *io = r->io;
@@ -324,6 +324,28 @@ static void complete(struct q2req *r, int err)
 	m->inflight--;
 	req_put(m, r);
 	io->done(io, err < 0 ? err : 0);
+}
+
+static void link_done(struct qcow2_flush *f, int res)
+{
+	complete_now(f->priv, res);
+}
+
+/*
+ * The one exit of a request: io->done() exactly once, always from the loop.
+ * A write, write-zeroes or discard that changed L2 entries completes only
+ * once those are written (qcow2_link): a guest that saw it complete must
+ * read it back after a process death of ours (kill -9, crash, restart).
+ */
+static void complete(struct q2req *r, int err)
+{
+	if (err >= 0 && r->link_gen) {
+		r->flush.done = link_done;
+		r->flush.priv = r;
+		if (qcow2_link(r->m->q, r->link_gen, &r->flush))
+			return;
+	}
+	complete_now(r, err);
 }
 
 /* One I/O part of a step ended; the last one moves the request on. */
@@ -749,8 +771,11 @@ static void write_end(struct q2req *r, int err)
 {
 	struct q2img *m = r->m;
 
-	if (r->state != RQ_INPLACE)
+	if (r->state != RQ_INPLACE) {
 		qcow2_alloc_finish(m->q, &r->a, err);
+		if (err >= 0)
+			r->link_gen = qcow2_meta_gen(m->q);
+	}
 	qcow2_io_end(m->q, r->wr_ticket);
 	bounce_put(m, r->bounce);
 	r->bounce = NULL;
@@ -1005,6 +1030,8 @@ static void step(struct q2req *r, int res)
 				res = ret;
 				goto fail;
 			}
+			if (ret == QCOW2_Z_DONE)
+				r->link_gen = qcow2_meta_gen(m->q);
 			if (ret == QCOW2_Z_WRITE) {
 				write_range(r, io->off + r->z_done, dl, NULL, 0);
 				r->state = RQ_WRITE_MAP;
@@ -1096,6 +1123,7 @@ static void q2_submit(struct img *img, struct img_io *io)
 	r->w.priv = r;
 	r->pending = 0;
 	r->err = 0;
+	r->link_gen = 0;
 	io->impl = r;
 	/* the one entry of write-type requests (write, write-zeroes, discard) */
 	if (write && !img_may_write(img))

@@ -380,6 +380,57 @@ undo:
 	return ret;
 }
 
+/* Data clusters reserved ahead at a time (see alloc_data). */
+#define RESV_CLUSTERS 256
+
+static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
+			struct qcow2_waiter *w);
+
+/*
+ * Data clusters at the end of the file come from a reserve: RESV_CLUSTERS
+ * at a time get their refcount raised (in the cache) before any of them is
+ * handed out, so one write-back batch makes the refcounts of the whole
+ * reserve durable (one fdatasync), and linking each cluster afterwards is a
+ * single L2 write that is safe on its own (qcow2_link(): nothing on disk ever
+ * points at a cluster whose refcount is 0 on disk). A crash leaks what is
+ * left of the reserve; a clean close gives it back (q2_resv_release).
+ */
+static int alloc_data(struct qcow2 *q, uint32_t n, uint64_t *host, bool *fresh,
+		      struct qcow2_waiter *w)
+{
+	uint64_t k;
+
+	if (q->resv_next >= q->resv_end) {
+		uint64_t h;
+		bool f;
+		int ret = alloc_cursor(q, n > RESV_CLUSTERS ? n : RESV_CLUSTERS, false, &h, &f, w);
+
+		if (ret < 0)
+			return ret;
+		q->resv_next = h >> q->cb;
+		q->resv_end = q->resv_next + (uint64_t)ret;
+		/* The next batch writes these refcounts; the first link batch that
+		 * needs them syncs them (one fdatasync for the whole reserve). */
+		q->resv_seq = q->rc_seq + 1;
+	}
+	k = q->resv_end - q->resv_next;
+	if (k > n)
+		k = n;
+	*host = q->resv_next << q->cb;
+	*fresh = q->resv_next >= q->fresh_start;
+	q->resv_next += k;
+	if (q->resv_seq > q->link_need)
+		q->link_need = q->resv_seq;
+	return (int)k;
+}
+
+void q2_resv_release(struct qcow2 *q)
+{
+	if (q->resv_next < q->resv_end)
+		q2_alloc_release(q, q->resv_next << q->cb, (uint32_t)(q->resv_end - q->resv_next));
+	q->resv_next = q->resv_end = 0;
+}
+
 int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
 		      struct qcow2_waiter *w)
 {
@@ -416,8 +467,25 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		*host = c << q->cb;
 		*fresh = (v & FREE_ZERO) != 0;
 		q->n_alloc++;
+		q->link_need = q->rc_seq + 1; /* linking it needs the next batch's sync */
 		return 1;
 	}
+	if (!meta)
+		return alloc_data(q, n, host, fresh, w);
+	ret = alloc_cursor(q, n, meta, host, fresh, w);
+	if (ret > 0)
+		q->link_need = q->rc_seq + 1;
+	return ret;
+}
+
+/* Clusters at the allocation cursor (refcounts raised in the cache). */
+static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
+			struct qcow2_waiter *w)
+{
+	struct q2_slice *s;
+	struct rc_loc l;
+	int ret;
+
 	for (;;) {
 		uint64_t c = q->cursor, k;
 

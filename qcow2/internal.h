@@ -202,7 +202,17 @@ struct qcow2 {
 	uint64_t cursor;      /* next candidate cluster at the end */
 	uint64_t host_limit;  /* clusters available (block devices), else max */
 	struct q2_u64v freelist; /* freed cluster indices (bit 63: known zero) */
-	struct q2_u64v punchq;   /* freed clusters waiting for their hole punch */
+	/*
+	 * Clusters reserved ahead for data (alloc.c): refcount already 1 in the
+	 * cache, raised by write-back batch number resv_seq; handed out from
+	 * resv_next up to resv_end. Once that batch synced its refcounts
+	 * (rc_durable >= resv_seq), linking one needs no refcount sync.
+	 */
+	uint64_t resv_next, resv_end, resv_seq;
+	uint64_t rc_seq;       /* number of the last write-back batch built */
+	uint64_t rc_durable;   /* refcount raises of batches up to here are durable */
+	uint64_t link_need;    /* batch whose refcount raises the linked entries need */
+	struct q2_u64v punchq; /* freed clusters waiting for their hole punch */
 	size_t punchq_pos;
 	bool punch_busy, no_punch;
 	uint64_t punch_c, punch_n;
@@ -245,6 +255,9 @@ struct qcow2 {
 	struct q2_batch *batch;         /* NULL when idle */
 	struct q2_batch *batch_spare;   /* reused allocation */
 	struct qcow2_flush *flush_next; /* waiting for the next batch */
+	struct qcow2_flush *link_next;  /* qcow2_link(): waiting for the next batch */
+	uint64_t meta_gen;              /* bumped by every L2/L1 change a request made */
+	uint64_t meta_written_gen;      /* changes up to here are written (completed) */
 	bool wb_wanted;                 /* start another batch when this one ends */
 	uint64_t batches;
 	struct io_cmd timer_cmd;
@@ -359,6 +372,8 @@ void q2_l2_prefetch_exit(struct qcow2 *q);
  */
 int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
 		      struct qcow2_waiter *w);
+/* Give the clusters reserved ahead and never handed out back (close). */
+void q2_resv_release(struct qcow2 *q);
 /* Undo a reservation that was never linked (refcount back to 0 now). */
 void q2_alloc_release(struct qcow2 *q, uint64_t host, uint32_t n);
 /* The cached refcount slice holding @host's refcount, or NULL. */

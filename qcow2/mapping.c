@@ -851,6 +851,8 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	uint64_t host0 = (a->host - (a->off & (q->cs - 1))) & ~(q->cs - 1);
 	uint32_t idx0 = (uint32_t)(a->first_cluster & ((1ull << q->sl2_bits) - 1));
 
+	if (res >= 0)
+		q->meta_gen++; /* L2 entries linked: see qcow2_link() */
 	for (struct qcow2_alloc **pp = &q->tokens; *pp; pp = &(*pp)->next) {
 		if (*pp == a) {
 			*pp = a->next;
@@ -926,8 +928,21 @@ static int zero_partial(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, 
 	return x[0].type == QCOW2_MAP_ZERO ? QCOW2_Z_SKIP : QCOW2_Z_WRITE;
 }
 
+static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
+		     uint64_t *done_len, struct qcow2_waiter *w);
+
 int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
 		    uint64_t *done_len, struct qcow2_waiter *w)
+{
+	int ret = zero_step(q, off, len, zero, unmap, done_len, w);
+
+	if (ret == QCOW2_Z_DONE)
+		q->meta_gen++; /* L2 entries changed: see qcow2_link() */
+	return ret;
+}
+
+static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
+		     uint64_t *done_len, struct qcow2_waiter *w)
 {
 	uint64_t gc = off >> q->cb, co = off & (q->cs - 1), n, soff;
 	uint32_t idx, per_slice = 1u << q->sl2_bits;

@@ -513,6 +513,8 @@ int qcow2_close(struct qcow2 *q)
 		return 0;
 	q2_l2_prefetch_stop(q);
 	bret = q2_bitmap_store(q);
+	if (!q->read_only)
+		q2_resv_release(q);
 	ret = q2_wb_close(q);
 	if (!ret)
 		ret = bret;

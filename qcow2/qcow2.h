@@ -277,4 +277,25 @@ struct qcow2_flush {
  */
 void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f);
 
+/*
+ * Process death (vqcowd killed, the guest keeps running and reconnects):
+ * every write the guest saw complete must read back afterwards, so the
+ * metadata that reaches it must have been WRITTEN (a completed pwrite; the
+ * page cache keeps it through a process death) before the guest's
+ * completion; no fdatasync is needed for that.
+ *
+ * qcow2_meta_gen() is a counter bumped whenever a request changes L2/L1
+ * entries (qcow2_alloc_finish() with res >= 0, qcow2_zero_step() returning
+ * QCOW2_Z_DONE); read it after the request's last such step.
+ * qcow2_link(@gen) returns 0 if every change up to @gen is written already,
+ * else 1: @f is queued and @f->done runs (from the loop) once a write-back
+ * batch wrote them, or with -errno. That batch keeps the power-loss order
+ * (refcounts written and fdatasync'ed before any L2 entry pointing at their
+ * clusters is written, L2 tables synced before the L1 entries linking them)
+ * but skips the syncs a process death does not need: the final ones. What
+ * it wrote becomes durable at the next qcow2_flush().
+ */
+uint64_t qcow2_meta_gen(const struct qcow2 *q);
+int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
+
 #endif /* VQCOW_QCOW2_H */

@@ -88,6 +88,13 @@ struct q2_batch {
 	struct io_cmd sync_cmd[2];
 	struct q2_u64v decs;
 	struct qcow2_flush *flushes;
+	struct qcow2_flush *links; /* qcow2_link() waiters */
+	bool link_mode;            /* only links wait: skip the final syncs */
+	bool rc_nosync;            /* link mode, refcounts it links to already durable */
+	bool incomplete;           /* some dirty metadata could not be taken */
+	bool rc_synced;            /* its refcount phases were synced */
+	uint64_t gen;              /* q->meta_gen when the snapshot was taken */
+	uint64_t rc_seq;           /* its number (q->rc_seq) */
 };
 
 static void phase_run(struct q2_batch *b);
@@ -125,7 +132,7 @@ void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx)
 static bool has_work(const struct qcow2 *q)
 {
 	return q->l2c.ndirty || q->rcc.ndirty || q->l1_ndirty || q->rt_ndirty || q->rt_relocated ||
-	       q->dec_pending.n || q->flush_next;
+	       q->dec_pending.n || q->flush_next || q->link_next;
 }
 
 /* ---- building a batch ---- */
@@ -194,6 +201,7 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 		if (s->dirty) {
 			it = item_add(b, IT_SLICE, s->off, c->slice_size);
 			if (!it) {
+				b->incomplete = true;
 				/* keep it dirty for the next try */
 				q2_slice_dirty(s);
 				s = next;
@@ -320,6 +328,8 @@ static void phase_next(struct q2_batch *b)
 	}
 	b->phase++;
 	b->syncing = false;
+	if (b->phase == PH_P2 && b->rc_synced && !b->incomplete && b->rc_seq > b->q->rc_durable)
+		b->q->rc_durable = b->rc_seq;
 	if (b->phase >= PH_N) {
 		finish(b);
 		return;
@@ -371,6 +381,19 @@ static void write_done(struct io_cmd *cmd, int res)
 		finish(b);
 		return;
 	}
+	/* Link mode: L2 slices need a sync only to order L1 entries after the
+	 * L2 tables they link (power loss); the last phase needs none (a
+	 * process death keeps every completed write); refcounts need none when
+	 * every cluster the L2 entries link was reserved by a batch that
+	 * synced them already (and no new refcount block is being linked). */
+	if (b->link_mode &&
+	    (b->phase == PH_P3 || (b->phase == PH_P2 && b->ph_first[PH_P3] == b->ph_first[PH_N]) ||
+	     (b->phase == PH_P1 && b->rc_nosync))) {
+		phase_next(b);
+		return;
+	}
+	if (b->phase == PH_P1)
+		b->rc_synced = true;
 	sync_start(b);
 }
 
@@ -402,10 +425,14 @@ static void phase_run(struct q2_batch *b)
 	size_t first = b->ph_first[b->phase], last = b->ph_first[b->phase + 1], nruns = 0;
 
 	if (first == last) {
-		if (b->phase == PH_P1)
-			sync_start(b); /* always: data written in place must become durable */
-		else
+		if (b->phase == PH_P1 && (!b->link_mode || !b->rc_nosync)) {
+			/* always: data written in place must become durable (or, in
+			 * link mode, refcounts an earlier link batch wrote unsynced) */
+			b->rc_synced = true;
+			sync_start(b);
+		} else {
 			phase_next(b);
+		}
 		return;
 	}
 	if (ensure_runs(b, last - first) < 0) {
@@ -451,7 +478,7 @@ static void timer_arm(struct qcow2 *q);
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
-	struct qcow2_flush *f = b->flushes;
+	struct qcow2_flush *f = b->flushes, *l = b->links;
 	int err = b->err;
 
 	if (err) {
@@ -486,9 +513,19 @@ static void finish(struct q2_batch *b)
 	} else {
 		q->wb_err = 0;
 		q->batches++;
-		q2_dec_durable(q, &b->decs);
+		if (b->gen > q->meta_written_gen && !b->incomplete)
+			q->meta_written_gen = b->gen;
+		if (b->link_mode) {
+			/* the pointer removals are written, not durable yet */
+			for (size_t i = 0; i < b->decs.n; i++)
+				q2_u64v_push(&q->dec_pending, b->decs.v[i]);
+			b->decs.n = 0;
+		} else {
+			q2_dec_durable(q, &b->decs);
+		}
 	}
 	b->flushes = NULL;
+	b->links = NULL;
 	q->batch = NULL;
 	q->batch_spare = b;
 	while (f) {
@@ -498,9 +535,16 @@ static void finish(struct q2_batch *b)
 		f->done(f, err);
 		f = next;
 	}
-	if (q->wb_wanted || q->flush_next) {
+	while (l) {
+		struct qcow2_flush *next = l->next;
+
+		l->next = NULL;
+		l->done(l, err);
+		l = next;
+	}
+	if (q->wb_wanted || q->flush_next || q->link_next) {
 		q->wb_wanted = false;
-		if (!err || q->flush_next)
+		if (!err || q->flush_next || q->link_next)
 			q2_wb_kick(q);
 	}
 	q2_cache_trim(&q->l2c);
@@ -517,7 +561,7 @@ static void wb_start(struct qcow2 *q)
 		q->wb_wanted = true;
 		return;
 	}
-	if (q->read_only && !q->flush_next)
+	if (q->read_only && !q->flush_next && !q->link_next)
 		return;
 	b = q->batch_spare;
 	if (!b) {
@@ -535,6 +579,14 @@ static void wb_start(struct qcow2 *q)
 	b->syncing = false;
 	b->flushes = q->flush_next;
 	q->flush_next = NULL;
+	b->links = q->link_next;
+	q->link_next = NULL;
+	/* Durable unless only qcow2_link() waiters asked for this batch. */
+	b->link_mode = b->links && !b->flushes;
+	b->gen = q->meta_gen;
+	b->rc_seq = ++q->rc_seq;
+	b->incomplete = false;
+	b->rc_synced = false;
 	/* the decrements whose pointer removal this batch makes durable */
 	{
 		struct q2_u64v t = b->decs;
@@ -550,6 +602,10 @@ static void wb_start(struct qcow2 *q)
 	} else {
 		build(b);
 	}
+	/* Link mode may skip the refcount sync when what it links needs only
+	 * refcounts an earlier batch synced, and no refcount block is linked. */
+	b->rc_nosync = b->link_mode && q->link_need <= q->rc_durable &&
+		       b->ph_first[PH_P1B] == b->ph_first[PH_P2];
 	phase_run(b);
 }
 
@@ -638,6 +694,28 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f)
 		q->wb_wanted = true;
 	else
 		wb_start(q);
+}
+
+uint64_t qcow2_meta_gen(const struct qcow2 *q)
+{
+	return q->meta_gen;
+}
+
+int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f)
+{
+	struct qcow2_flush **pp = &q->link_next;
+
+	if (gen <= q->meta_written_gen)
+		return 0;
+	while (*pp)
+		pp = &(*pp)->next;
+	f->next = NULL;
+	*pp = f;
+	if (q->batch)
+		q->wb_wanted = true;
+	else
+		wb_start(q);
+	return 1;
 }
 
 static bool busy(const struct qcow2 *q)

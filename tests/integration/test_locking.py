@@ -61,10 +61,10 @@ def refused(argv, want, what):
     return r
 
 
-def accepted(argv, what):
+def accepted(argv, what, ok_rcs=(0,)):
     r, _ = timed(argv, timeout=60)
     qlib.assert_sane_exit(r, what)
-    check(r.rc == 0, "%s: refused\n%s" % (what, r.describe()))
+    check(r.rc in ok_rcs, "%s: refused\n%s" % (what, r.describe()))
     log("ok: %s works" % what)
     return r
 
@@ -211,7 +211,10 @@ def test_writer(name, img, fmt, others):
             for cmd in ("info", "check", "map"):
                 refused([A.img, cmd, img], 'Failed to get shared "write" lock',
                         "vqcow-img " + cmd)
-                accepted([A.img, cmd, "-U", img], "vqcow-img %s -U" % cmd)
+                # check of an image in use: clusters the writer reserved ahead
+                # (refcount raised, not linked yet) show as leaks (exit 3)
+                accepted([A.img, cmd, "-U", img], "vqcow-img %s -U" % cmd,
+                         (0, 3) if cmd == "check" else (0,))
             refused([A.img, "check", "-r", "leaks", img], "Failed to get", "vqcow-img check -r")
         else:
             accepted([A.img, "info", img], "vqcow-img info (raw: as qemu-img, no lock)")

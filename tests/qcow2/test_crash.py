@@ -9,6 +9,13 @@ After each kill:
   - every write acknowledged before a completed FLUSH must read back, unless a
     later write to the same sector was issued (then either version is fine)
 
+--kind procdeath is the other kind of crash (DESIGN.md "Two kinds of
+crash"): only the process dies, the host's page cache stays, so EVERY
+acknowledged write must read back, flush or not. Writes go mostly to fresh
+clusters and vqcowd is killed right after a completion (or at a random
+moment); at the end vqcow-img check -r leaks repairs the leaks and
+qemu-img check must then be clean.
+
 Every 512-byte sector written carries a tag (magic, write id, sector number,
 filler derived from both), so the content read back names the write it came
 from; zeroes (or the backing file's id-0 tags) mean "never written".
@@ -29,6 +36,7 @@ A = None
 W = None
 SECTOR = 512
 SIZE = 32 << 20
+PD_SIZE = 64 << 20  # procdeath: room for many fresh clusters
 MAGIC = b"VQCWTEST"
 
 
@@ -67,9 +75,14 @@ class Model:
         for s in range(off // SECTOR, (off + ln) // SECTOR):
             self.pending.setdefault(s, set()).add(wid)
 
-    def write_acked(self, wid, off, ln):
+    def write_acked(self, wid, off, ln, durable=False):
         for s in range(off // SECTOR, (off + ln) // SECTOR):
             self.latest[s] = wid
+            if durable:
+                # a process death keeps it: nothing older is acceptable
+                self.durable[s] = wid
+                self.pending.get(s, set()).discard(wid)
+                self.pending[s] = {i for i in self.pending.get(s, set()) if i > wid}
 
     def flushed(self):
         # all writes issued so far were acknowledged (the driver is sequential)
@@ -105,6 +118,9 @@ def make_image(kind):
     if kind == "fresh":
         qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, SIZE)
         return img, None
+    if kind == "procdeath":
+        qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, PD_SIZE)
+        return img, None
     if kind == "lazy":
         qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on", img,
                       SIZE)
@@ -131,7 +147,11 @@ def one_round(rnd, img, model, rng, next_id):
     if not d.start():
         fail("round %d: vqcowd refused the image (exit %s)\n%s" % (rnd, d.rc, d.log()))
     fe = qlib.Frontend(A.fe, sock, timeout=30)
+    pdeath = A.kind == "procdeath"
+    size = PD_SIZE if pdeath else SIZE
     delay = rng.uniform(0.2, 2.5)
+    # procdeath: in most rounds, kill right after the completion of a write
+    kill_after = rng.randrange(1, 60) if pdeath and rnd % 4 != 3 else None
     killed = threading.Event()
 
     def killer():
@@ -145,7 +165,7 @@ def one_round(rnd, img, model, rng, next_id):
     ops = acked = flushes = 0
     try:
         while not killed.is_set() and ops < 400:
-            if rng.random() < 0.25:
+            if not pdeath and rng.random() < 0.25:
                 r = fe.flush()
                 if r.rc != 0:
                     time.sleep(0.05)
@@ -156,13 +176,19 @@ def one_round(rnd, img, model, rng, next_id):
                 flushes += 1
                 continue
             kind = rng.random()
-            if kind < 0.6:
+            if pdeath:
+                # mostly small writes into clusters nobody wrote yet
+                ln = rng.randrange(1, 17) * SECTOR if kind < 0.9 else 65536
+                off = rng.randrange(0, size // 65536) * 65536 + rng.randrange(0, 64) * 1024
+                off = min(off, size - ln) // SECTOR * SECTOR
+            elif kind < 0.6:
                 ln = rng.randrange(1, 17) * SECTOR
             elif kind < 0.9:
                 ln = rng.randrange(1, 257) * SECTOR
             else:
                 ln = 65536 * rng.randrange(1, 3)
-            off = rng.randrange(0, (SIZE - ln) // SECTOR + 1) * SECTOR
+            if not pdeath:
+                off = rng.randrange(0, (SIZE - ln) // SECTOR + 1) * SECTOR
             wid = next_id[0]
             next_id[0] += 1
             model.write_issued(wid, off, ln)
@@ -174,11 +200,15 @@ def one_round(rnd, img, model, rng, next_id):
                       "round %d: write %d+%d failed while vqcowd was alive\n%s"
                       % (rnd, off, ln, r.describe()))
                 break
-            model.write_acked(wid, off, ln)
+            model.write_acked(wid, off, ln, durable=pdeath)
             acked += 1
+            if kill_after is not None and acked == kill_after:
+                d.p.kill()  # right after the guest saw the completion
+                break
     finally:
         t.join()
         d.kill()
+    killed.set()
     check(d.rc == -9 or d.rc is not None, "round %d: vqcowd status %s" % (rnd, d.rc))
     if d.rc != -9:
         log("round %d: vqcowd ended with status %s before the kill\n%s" % (rnd, d.rc, d.log()))
@@ -208,25 +238,35 @@ def main():
     global A, W
 
     def extra(p):
-        p.add_argument("--kind", choices=["fresh", "backing", "lazy"], required=True)
+        p.add_argument("--kind", choices=["fresh", "backing", "lazy", "procdeath"], required=True)
         p.add_argument("--rounds", type=int, default=6)
     A = qlib.parse_args(extra)
     qlib.need_qemu_tools()
     qlib.need_binary(A.vqcowd, "vqcowd")
     qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
-    if A.kind == "lazy":
+    if A.kind in ("lazy", "procdeath"):
         qlib.need_binary(A.img, "vqcow-img")
     wd = qlib.Workdir(os.path.join(A.workdir, "crash-" + A.kind), A.keep)
     W = wd
     ok = False
     try:
-        rng = random.Random(A.seed + ["fresh", "backing", "lazy"].index(A.kind))
+        rng = random.Random(A.seed + ["fresh", "backing", "lazy", "procdeath"].index(A.kind))
         img, base = make_image(A.kind)
         base_hash = qlib.sha256_file(base) if base else None
-        model = Model(SIZE // SECTOR)
+        size = PD_SIZE if A.kind == "procdeath" else SIZE
+        model = Model(size // SECTOR)
         next_id = [1]
-        for rnd in range(A.rounds):
+        rounds = A.rounds * 2 if A.kind == "procdeath" else A.rounds
+        for rnd in range(rounds):
             one_round(rnd, img, model, rng, next_id)
+        if A.kind == "procdeath":
+            # leaks (clusters a killed vqcowd allocated but never linked) are
+            # repaired by vqcow-img; then the image is clean for qemu-img
+            r = qlib.run([A.img, "check", "-r", "leaks", img], timeout=120)
+            qlib.assert_sane_exit(r, "vqcow-img check -r leaks")
+            check(r.rc == 0, "vqcow-img check -r leaks: rc %s\n%s" % (r.rc, r.describe()))
+            rc, js, r = qlib.qemu_check(img)
+            check(rc == 0, "qemu-img check after the leak repair: rc %s\n%s" % (rc, r.describe()))
         if base:
             check(qlib.sha256_file(base) == base_hash, "the backing file was modified")
         # finally: vqcowd must open the crashed image and read what qemu reads
@@ -237,7 +277,7 @@ def main():
         try:
             fe = qlib.Frontend(A.fe, sock)
             got = W("final.raw")
-            fe.read_to_file(0, SIZE, got)
+            fe.read_to_file(0, size, got)
             model.verify(got)
         finally:
             if d.alive():
