@@ -117,6 +117,7 @@ static void account(struct blk_dev *dev, struct blk_req *req, int err)
 	}
 	if (err < 0) {
 		dev->stats.op[k].failed++;
+		dev->stats.last_failed_err = err;
 		return;
 	}
 	dev->stats.last_done_ns = now_ns();

@@ -167,6 +167,7 @@ struct blk_stats {
 	} op[BLK_STAT_N];
 	uint64_t wr_highest_offset; /* end of the highest successful write (bytes) */
 	uint64_t last_done_ns;      /* CLOCK_MONOTONIC of the last counted completion (0 = none) */
+	int last_failed_err;        /* -errno of the last failed request (0 = none yet) */
 };
 const struct blk_stats *blk_dev_stats(const struct blk_dev *dev);
 

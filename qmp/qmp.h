@@ -85,6 +85,14 @@ int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_l
 /* Close every connection and the listening socket, unlink @path if it is still ours. */
 void qmp_server_exit(struct qmp_server *s);
 
+/*
+ * Send an event to every client past capabilities negotiation:
+ * {"timestamp": {"seconds", "microseconds"}, "event": @name, "data": @data}
+ * (@data consumed; NULL = no data member). Never blocks: a client that does
+ * not read gets it queued (within QMP_MAX_OUT).
+ */
+void qmp_server_event(struct qmp_server *s, const char *name, json_t *data);
+
 /* Connections open now (tests, logs). */
 unsigned qmp_server_clients(const struct qmp_server *s);
 

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -523,6 +524,34 @@ void qmp_server_exit(struct qmp_server *s)
 	json_decref(s->version);
 	free(s->path);
 	free(s);
+}
+
+void qmp_server_event(struct qmp_server *s, const char *name, json_t *data)
+{
+	struct timeval tv;
+	json_t *ev;
+
+	if (!s) {
+		json_decref(data);
+		return;
+	}
+	gettimeofday(&tv, NULL);
+	ev = json_pack("{s:{s:I,s:I},s:s}", "timestamp", "seconds", (json_int_t)tv.tv_sec,
+		       "microseconds", (json_int_t)tv.tv_usec, "event", name);
+	if (ev && data)
+		json_object_set(ev, "data", data);
+	json_decref(data);
+	if (!ev)
+		return;
+	for (struct client *c = s->clients, *next; c; c = next) {
+		next = c->next;
+		if (!c->negotiated || c->closing)
+			continue;
+		client_send(c, json_incref(ev));
+		if (client_flush(c) < 0 || (c->closing && !c->out_len) || client_rewatch(c) < 0)
+			client_close(c);
+	}
+	json_decref(ev);
 }
 
 unsigned qmp_server_clients(const struct qmp_server *s)

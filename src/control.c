@@ -232,6 +232,45 @@ static const struct qmp_command commands[] = {
     {NULL},
 };
 
+void ctl_shutdown_event(struct ctl *c, const char *reason)
+{
+	if (c->qmp)
+		qmp_server_event(c->qmp, "SHUTDOWN",
+				 json_pack("{s:b,s:s}", "guest", 0, "reason", reason));
+}
+
+void ctl_tick(struct ctl *c)
+{
+	static const char *const opname[BLK_STAT_N] = {"read", "write", "write", "write"};
+	const struct blk_stats *st;
+	struct timespec ts;
+	uint64_t now;
+	int k = -1;
+
+	if (!c->qmp)
+		return;
+	st = blk_dev_stats(c->blk);
+	for (int i = 0; i < BLK_STAT_N; i++) {
+		if (st->op[i].failed != c->failed_seen[i])
+			k = i;
+	}
+	if (k < 0)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	if (c->last_event_ns && now - c->last_event_ns < 1000000000ull)
+		return; /* reported later, summed up, when the second is over */
+	c->last_event_ns = now;
+	for (int i = 0; i < BLK_STAT_N; i++)
+		c->failed_seen[i] = st->op[i].failed;
+	/* QEMU's BLOCK_IO_ERROR; the error was reported to the guest. */
+	qmp_server_event(c->qmp, "BLOCK_IO_ERROR",
+			 json_pack("{s:s,s:s,s:s,s:s,s:b,s:s}", "device", "", "node-name",
+				   c->node_name, "operation", opname[k], "action", "report",
+				   "nospace", st->last_failed_err == -ENOSPC, "reason",
+				   strerror(-st->last_failed_err)));
+}
+
 int ctl_start(struct ctl *c, const char *path)
 {
 	unsigned maj = 0, min = 0, mic = 0;

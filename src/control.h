@@ -42,7 +42,19 @@ struct ctl {
 	/* Private. */
 	struct qmp_server *qmp;
 	json_t *version;
+	uint64_t failed_seen[4]; /* failed counters already reported */
+	uint64_t last_event_ns;
 };
+
+/* The daemon stops (@reason: QEMU's ShutdownCause, e.g. "host-qmp-quit"): SHUTDOWN event. */
+void ctl_shutdown_event(struct ctl *c, const char *reason);
+
+/*
+ * Once per loop iteration: a BLOCK_IO_ERROR event when requests failed since
+ * the last call, at most one per second (a guest can make requests fail at
+ * will; the events it causes must not flood the clients).
+ */
+void ctl_tick(struct ctl *c);
 
 /* Listen on @path. 0 or -errno (-EADDRINUSE: a live socket is there). */
 int ctl_start(struct ctl *c, const char *path);

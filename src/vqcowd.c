@@ -620,6 +620,7 @@ static void d_defer(struct io_defer *def)
 	if (d->o->poll_ns)
 		io_loop_set_poll_ns(
 		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
+	ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
 	if (d->stopping && !d->flushing && blk_dev_inflight(d->blk) == 0) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
@@ -798,8 +799,10 @@ static void ctl_quit(void *opaque)
 {
 	struct daemon *d = opaque;
 
-	if (!d->stopping)
+	if (!d->stopping) {
 		start_stopping(d);
+		ctl_shutdown_event(&d->ctl, "host-qmp-quit");
+	}
 }
 
 static void sig_done(struct io_cmd *cmd, int res)
@@ -822,6 +825,7 @@ static void sig_done(struct io_cmd *cmd, int res)
 		logmsg("signal %u: stopping (in flight: %u)", si.ssi_signo,
 		       blk_dev_inflight(d->blk));
 		start_stopping(d);
+		ctl_shutdown_event(&d->ctl, "host-signal");
 	}
 }
 

@@ -25,6 +25,9 @@
     several clients at once, plus a client that sends thousands of commands
     and never reads a reply; the bench must run without errors and without a
     stall (no request slower than 1 s) and the daemon must still answer;
+  * events: SHUTDOWN to the other clients on quit; BLOCK_IO_ERROR (nospace)
+    when a guest write hits ENOSPC on a 1 MiB tmpfs (skipped visibly where
+    no tmpfs can be mounted);
   * vqcowctl: version, stats, resize SIZE (seen by the frontend), raw,
     quit, --json, --help, and its exit statuses (1 refused, 2 no daemon).
 
@@ -303,7 +306,13 @@ def test_resize(q, fe_bin, d, size):
 
 def test_quit(d):
     q = Qmp(d.qsock)
+    other = Qmp(d.qsock)
     check(q.cmd("quit") == {"return": {}}, "quit")
+    ev = other.recv()
+    check(ev.get("event") == "SHUTDOWN" and ev.get("data") == {"guest": False,
+                                                             "reason": "host-qmp-quit"}
+          and set(ev["timestamp"]) == {"seconds", "microseconds"}, "SHUTDOWN event %r" % ev)
+    log("ok: SHUTDOWN event to the other client: %s" % json.dumps(ev))
     d.p.wait(10)
     check(d.p.returncode == 0, "exit status after quit: %d" % d.p.returncode)
     check(not os.path.exists(d.qsock), "QMP socket left behind")
@@ -433,8 +442,10 @@ def main():
         raise
     d.stop()
     test_qcow2(vqcowd, fe_bin, ctl, work)
+    if not test_enospc(vqcowd, fe_bin, work):
+        qsd_ran = False
     if not qsd_ran:
-        log("SKIP: the qemu-storage-daemon comparison did not run")
+        log("SKIP: the qemu-storage-daemon comparison or the ENOSPC check did not run")
         return SKIP
     log("PASS")
     return 0
@@ -591,6 +602,46 @@ def test_fuzz(path, fe_bin, d, seconds=6):
     q.close()
     log("ok: fuzz: %d messages from 3 clients + a client that never reads, while a bench "
         "ran (%s); the daemon answers and serves" % (sent[0], out.decode().strip()[:200]))
+
+
+def test_enospc(vqcowd, fe_bin, work):
+    mnt = os.path.join(work, "small")
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
+                       capture_output=True)
+    if r.returncode != 0:
+        log("SKIP (visible): cannot mount a 1 MiB tmpfs (%s): no BLOCK_IO_ERROR check"
+            % r.stderr.decode(errors="replace").strip())
+        return False
+    d = None
+    try:
+        image = os.path.join(mnt, "full.raw")
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        d = Daemon(vqcowd, work, image, "nospc", ["--format", "raw"])
+        q = Qmp(d.qsock)
+        r = subprocess.run([fe_bin, "write", d.vsock, "0", str(4 << 20)],
+                           input=os.urandom(4 << 20), capture_output=True, timeout=60)
+        check(r.returncode != 0, "a 4 MiB write into a 1 MiB file system succeeded")
+        ev = q.recv()
+        check(ev.get("event") == "BLOCK_IO_ERROR", "expected BLOCK_IO_ERROR, got %r" % ev)
+        check(ev["data"] == {"device": "", "node-name": "disk0", "operation": "write",
+                             "action": "report", "nospace": True,
+                             "reason": "No space left on device"}, "event data %r" % ev)
+        st = q.ret("query-blockstats")[0]["stats"]
+        check(st["failed_wr_operations"] >= 1, "failed writes not counted: %r" % st)
+        log("ok: ENOSPC: %s; failed_wr_operations %d" % (json.dumps(ev),
+                                                        st["failed_wr_operations"]))
+        q.close()
+    except Exception:
+        if d:
+            sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        raise
+    finally:
+        if d:
+            d.stop()
+        subprocess.run(["umount", mnt])
+    return True
 
 
 def run_ctl(ctl, *args):
