@@ -1263,7 +1263,8 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 	struct q2img *m = (struct q2img *)img;
 	enum img_perm old = img->perm;
 	bool release = m->q && !img->read_only && old == IMG_PERM_WRITE && perm != IMG_PERM_WRITE;
-	bool take = !m->q && perm == IMG_PERM_WRITE;
+	/* A read-only image opened inactive gets its (read-only) engine with READ. */
+	bool take = !m->q && (perm == IMG_PERM_WRITE || (img->read_only && perm == IMG_PERM_READ));
 	int ret;
 
 	if (release) {

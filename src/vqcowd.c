@@ -80,6 +80,7 @@ struct options {
 	const char *format;
 	bool read_only;
 	bool force_share;
+	bool incoming; /* destination of a live migration: start without the image's locks */
 	unsigned num_queues;
 	unsigned queue_size;
 	const char *serial;
@@ -102,41 +103,44 @@ struct options {
 
 static void usage(FILE *f)
 {
-	fputs("Usage: vqcowd (--socket-path PATH | --fd N) --blk-file FILE [options]\n"
-	      "Serve a disk image (raw or qcow2) over vhost-user-blk.\n"
-	      "\n"
-	      "  --socket-path PATH          listen on this UNIX socket (mode 0600)\n"
-	      "  --fd N                      use this already-listening socket fd\n"
-	      "  --blk-file FILE             the image: raw file, block device or qcow2\n"
-	      "  --format raw|qcow2          do not probe the format\n"
-	      "  --read-only                 export read-only\n"
-	      "  --force-share               with --read-only: share the image with writers\n"
-	      "                              (no lock against them; qemu-img's -U)\n"
-	      "  --num-queues N              number of virtqueues offered (default and max 64)\n"
-	      "  --queue-size Q              largest queue size (power of 2, default 256, max "
-	      "1024)\n"
-	      "  --serial STR                GET_ID serial (at most 20 bytes)\n"
-	      "  --logical-block-size 512|4096\n"
-	      "  --writethrough              start with the write cache disabled\n"
-	      "  --l2-cache-size BYTES       qcow2 L2 cache budget (suffixes K, M, G)\n"
-	      "  --cache-entry-size BYTES    qcow2 metadata cache slice size\n"
-	      "  --no-l2-prefetch            qcow2: do not read the L2 tables in the background\n"
-	      "  --poll-ns NS                busy-poll up to NS ns before sleeping while at most\n"
-	      "                              4 requests are in flight (default 50000; 0 = off)\n"
-	      "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
-	      "                              0 = once per loop iteration)\n"
-	      "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
-	      "                              it; not with balloon, virtio-mem or postcopy)\n"
-	      "  --no-fixed-files            do not register the image files with io_uring\n"
-	      "  --user U, --group G         switch to this user/group after opening\n"
-	      "  --no-seccomp                do not install the system call filter\n"
-	      "  --qmp PATH                  serve QMP commands on this UNIX socket (mode 0600)\n"
-	      "  --node-name NAME            the image's node name in QMP commands (disk0)\n"
-	      "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
-	      "                              vhost-user message received)\n"
-	      "  --print-capabilities        print capabilities as JSON and exit\n"
-	      "  -h, --help, --version\n",
-	      f);
+	fputs(
+	    "Usage: vqcowd (--socket-path PATH | --fd N) --blk-file FILE [options]\n"
+	    "Serve a disk image (raw or qcow2) over vhost-user-blk.\n"
+	    "\n"
+	    "  --socket-path PATH          listen on this UNIX socket (mode 0600)\n"
+	    "  --fd N                      use this already-listening socket fd\n"
+	    "  --blk-file FILE             the image: raw file, block device or qcow2\n"
+	    "  --format raw|qcow2          do not probe the format\n"
+	    "  --read-only                 export read-only\n"
+	    "  --force-share               with --read-only: share the image with writers\n"
+	    "                              (no lock against them; qemu-img's -U)\n"
+	    "  --incoming                  live-migration destination: open the image without\n"
+	    "                              its locks and metadata; take them when the rings start\n"
+	    "  --num-queues N              number of virtqueues offered (default and max 64)\n"
+	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
+	    "1024)\n"
+	    "  --serial STR                GET_ID serial (at most 20 bytes)\n"
+	    "  --logical-block-size 512|4096\n"
+	    "  --writethrough              start with the write cache disabled\n"
+	    "  --l2-cache-size BYTES       qcow2 L2 cache budget (suffixes K, M, G)\n"
+	    "  --cache-entry-size BYTES    qcow2 metadata cache slice size\n"
+	    "  --no-l2-prefetch            qcow2: do not read the L2 tables in the background\n"
+	    "  --poll-ns NS                busy-poll up to NS ns before sleeping while at most\n"
+	    "                              4 requests are in flight (default 50000; 0 = off)\n"
+	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
+	    "                              0 = once per loop iteration)\n"
+	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
+	    "                              it; not with balloon, virtio-mem or postcopy)\n"
+	    "  --no-fixed-files            do not register the image files with io_uring\n"
+	    "  --user U, --group G         switch to this user/group after opening\n"
+	    "  --no-seccomp                do not install the system call filter\n"
+	    "  --qmp PATH                  serve QMP commands on this UNIX socket (mode 0600)\n"
+	    "  --node-name NAME            the image's node name in QMP commands (disk0)\n"
+	    "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
+	    "                              vhost-user message received)\n"
+	    "  --print-capabilities        print capabilities as JSON and exit\n"
+	    "  -h, --help, --version\n",
+	    f);
 }
 
 /* A plain number, or with @suffixes a size as qemu-img writes it (util.h). */
@@ -190,6 +194,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_QMP,
 		OPT_NODE,
 		OPT_CAPS,
+		OPT_INCOMING,
 		OPT_HELP,
 		OPT_VERSION,
 	};
@@ -219,6 +224,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"qmp", required_argument, NULL, OPT_QMP},
 	    {"node-name", required_argument, NULL, OPT_NODE},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
+	    {"incoming", no_argument, NULL, OPT_INCOMING},
 	    {"help", no_argument, NULL, OPT_HELP},
 	    {"version", no_argument, NULL, OPT_VERSION},
 	    {NULL, 0, NULL, 0},
@@ -272,6 +278,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_FORCE_SHARE:
 			o->force_share = true;
+			break;
+		case OPT_INCOMING:
+			o->incoming = true;
 			break;
 		case OPT_NQ:
 			if (parse_u64(optarg, &v, false) < 0 || v < 1 || v > MAX_QUEUES)
@@ -446,6 +455,11 @@ struct daemon {
 	int exit_code;
 	struct ctl ctl; /* --qmp */
 	struct ctl_qstat qstat[MAX_QUEUES];
+
+	/* Image handoff (live migration on shared storage), see handoff(). */
+	bool parked;          /* rings are not popped: the image is not ours yet */
+	bool release_pending; /* all rings stopped during a migration: let go once drained */
+	enum { HO_NONE, HO_RELEASE, HO_TAKE } handoff; /* asked of main() (loop stopped) */
 };
 
 /* -- fd watches -- */
@@ -573,8 +587,8 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 {
 	struct daemon *d = opaque;
 
-	if (d->stopping)
-		return;
+	if (d->stopping || d->parked)
+		return; /* parked: popped once the image is ours (handoff) */
 	do {
 		vq_disable_notify(vq);
 		if (pop_all(d, vq) != -EAGAIN)
@@ -596,7 +610,7 @@ static void d_defer(struct io_defer *def)
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
-	if (d->o->poll_ns && !d->stopping) {
+	if (d->o->poll_ns && !d->stopping && !d->parked) {
 		for (unsigned i = 0; i < nq; i++) {
 			/* A cheap look first: pop_all() ends with re-arming the
 			 * kick, a full barrier, on every call. */
@@ -621,6 +635,11 @@ static void d_defer(struct io_defer *def)
 		io_loop_set_poll_ns(
 		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
 	ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
+	if (d->release_pending && !d->stopping && blk_dev_inflight(d->blk) == 0) {
+		d->release_pending = false;
+		d->handoff = HO_RELEASE;
+		io_loop_stop(d->loop);
+	}
 	if (d->stopping && !d->flushing && blk_dev_inflight(d->blk) == 0) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
@@ -667,12 +686,32 @@ static void d_queue_started(void *opaque, struct vhost_vq *vq)
 		if (idx >= d->nq_seen)
 			d->nq_seen = idx + 1;
 	}
+	d->release_pending = false; /* the guest runs here (again) */
+	if (d->parked && d->handoff == HO_NONE && !d->stopping) {
+		/* The image must be ours before a request is popped: main()
+		 * takes its locks outside the loop, then pops what waits. */
+		d->handoff = HO_TAKE;
+		io_loop_stop(d->loop);
+	}
+}
+
+/* Every ring of the connection stopped (no ring is running). */
+static bool all_rings_stopped(struct vhost_dev *dev)
+{
+	for (unsigned i = 0; i < vhost_dev_num_queues(dev); i++) {
+		struct vhost_vq *vq = vhost_dev_vq(dev, i);
+
+		if (vq && vq_is_running(vq))
+			return false;
+	}
+	return true;
 }
 
 static void d_queue_stopped(void *opaque, struct vhost_vq *vq)
 {
 	struct daemon *d = opaque;
 	unsigned idx = vq_index(vq);
+	struct vhost_dev *dev = vq_dev(vq);
 
 	if (idx < MAX_QUEUES && d->q[idx].vq == vq) {
 		if (d->q[idx].dirty)
@@ -680,6 +719,15 @@ static void d_queue_stopped(void *opaque, struct vhost_vq *vq)
 		d->q[idx].dirty = false;
 		d->q[idx].vq = NULL;
 	}
+	/*
+	 * The end of a live migration: with dirty logging on (VHOST_F_LOG_ALL
+	 * and a log: only while QEMU migrates) every ring stopped means the
+	 * source VM stopped for the switchover. Let the image go once the
+	 * requests in flight have ended, so the destination can take it.
+	 */
+	if (!vhost_dev_is_broken(dev) && vhost_dev_logging(dev) && all_rings_stopped(dev) &&
+	    !d->parked && img_may_write(d->img))
+		d->release_pending = true;
 }
 
 /*
@@ -1000,6 +1048,69 @@ static int check_socket_path(const char *path)
 
 /* ---- main ---- */
 
+/*
+ * Image handoff between two daemons on one image (live migration on shared
+ * storage). States: active (image locked for writing, metadata cached,
+ * rings popped) and parked (no lock, nothing cached, rings not popped).
+ *   --incoming: parked from the start (the source holds the locks).
+ *   active -> parked: every ring stopped while VHOST_F_LOG_ALL is on (the
+ *     source's switchover) and no request in flight: the metadata is
+ *     written back and dropped, the locks released (HO_RELEASE).
+ *   parked -> active: a ring starts (the destination's VM runs, or the
+ *     source's resumes after a failed migration): the locks are taken and
+ *     header, L1 and refcounts re-read, then the waiting requests popped
+ *     (HO_TAKE). The source may still be letting go: a lock conflict is
+ *     retried for up to 10 s; if it still fails the requests are served and
+ *     fail (never written without the lock).
+ * img_set_perm drives the loop, so this runs in main() with the loop stopped.
+ */
+static void handoff(struct daemon *d)
+{
+	enum img_perm want = d->o->read_only ? IMG_PERM_READ : IMG_PERM_WRITE;
+	struct vhost_dev *dev = vhost_server_dev(d->srv);
+	char err[512] = "";
+	int ret, tries = 0;
+
+	if (d->handoff == HO_RELEASE) {
+		d->handoff = HO_NONE;
+		if (!dev || !all_rings_stopped(dev) || blk_dev_inflight(d->blk))
+			return; /* the guest runs here again */
+		ret = img_set_perm(d->img, IMG_PERM_NONE, err, sizeof(err));
+		if (ret < 0) {
+			log_err("migration: cannot let the image go: %s",
+				err[0] ? err : strerror(-ret));
+			return;
+		}
+		d->parked = true;
+		logmsg("migration: rings stopped; image flushed, metadata dropped, locks released");
+		return;
+	}
+	d->handoff = HO_NONE;
+	for (;;) {
+		ret = img_set_perm(d->img, want, err, sizeof(err));
+		if (ret != -EAGAIN || ++tries > 100)
+			break;
+		if (tries == 1)
+			logmsg("migration: %s; waiting for the other side to let the image go",
+			       err);
+		usleep(100 * 1000);
+	}
+	d->parked = false;
+	if (ret < 0) {
+		log_err("migration: cannot take the image: %s; requests will fail",
+			err[0] ? err : strerror(-ret));
+	} else {
+		logmsg("image active: locks taken, metadata read afresh");
+	}
+	dev = vhost_server_dev(d->srv);
+	for (unsigned i = 0; dev && i < vhost_dev_num_queues(dev); i++) {
+		struct vhost_vq *vq = vhost_dev_vq(dev, i);
+
+		if (vq && vq_is_running(vq))
+			d_queue_kick(d, vq); /* requests waiting since the ring started */
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct options o;
@@ -1061,6 +1172,7 @@ int main(int argc, char **argv)
 	iopts.format = o.format;
 	iopts.read_only = o.read_only;
 	iopts.force_share = o.force_share;
+	iopts.inactive = o.incoming;
 	nids.uid = uid;
 	nids.gid = gid;
 	if ((o.user || o.group) && uid != 0 && geteuid() == 0)
@@ -1202,7 +1314,15 @@ int main(int argc, char **argv)
 	       o.read_only || d.img->read_only ? "read-only" : "read-write");
 
 	d.exit_code = 0;
-	ret = io_loop_run(d.loop);
+	d.parked = o.incoming;
+	if (o.incoming)
+		logmsg("incoming migration: the image stays unlocked until the rings start");
+	for (;;) {
+		ret = io_loop_run(d.loop);
+		if (ret < 0 || d.handoff == HO_NONE)
+			break;
+		handoff(&d);
+	}
 	if (ret < 0) {
 		log_err("event loop failed: %s", strerror(-ret));
 		d.exit_code = 1;

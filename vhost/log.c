@@ -46,6 +46,11 @@ void vhost_log_update(struct vhost_dev *dev)
 	dev->log_on = dev->log && ((dev->features >> VHOST_F_LOG_ALL) & 1);
 }
 
+bool vhost_dev_logging(const struct vhost_dev *dev)
+{
+	return dev->log_on;
+}
+
 int vhost_log_set_base(struct vhost_dev *dev, const struct vu_log_msg *m, int fd)
 {
 	long pagesz = sysconf(_SC_PAGESIZE);

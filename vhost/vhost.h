@@ -188,6 +188,10 @@ bool vhost_dev_is_broken(const struct vhost_dev *dev);
  */
 unsigned vhost_dev_mem_regions(const struct vhost_dev *dev, struct iovec *iov, unsigned max);
 
+/* Dirty page logging is on: VHOST_F_LOG_ALL negotiated and a log mapped
+ * (SET_LOG_BASE) — what QEMU sets up only while it migrates the guest. */
+bool vhost_dev_logging(const struct vhost_dev *dev);
+
 /* Number of popped-but-not-pushed elements across all rings. */
 unsigned vhost_dev_inflight(const struct vhost_dev *dev);
 
