@@ -465,6 +465,7 @@ int main(int argc, char **argv)
 	if (!r)
 		goto out;
 	json_decref(r);
+	r = NULL;
 
 	if (watch && strcmp(cmd, "stats") != 0) {
 		fprintf(stderr, "vqcowctl: --watch goes with stats\n");
