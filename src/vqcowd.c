@@ -157,9 +157,18 @@ static int bad_value(const char *opt, const char *val, const char *what)
 
 static void print_capabilities(void)
 {
-	/* docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock */
+	/* docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock; then
+	 * (outside that schema, which front-ends that read it ignore) the
+	 * vhost-user protocol features vhost/ offers (vhost_offered_proto_features)
+	 * and VHOST_F_LOG_ALL: reconnect (inflight-shmfd) and live migration
+	 * (log-shmfd + log-all). */
 	printf("{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n"
-	       "    \"blk-file\"\n  ]\n}\n");
+	       "    \"blk-file\"\n  ],\n"
+	       "  \"vhost-user-protocol-features\": [\n    \"mq\",\n    \"log-shmfd\",\n"
+	       "    \"reply-ack\",\n    \"backend-req\",\n    \"config\",\n"
+	       "    \"inflight-shmfd\",\n    \"reset-device\",\n"
+	       "    \"configure-mem-slots\"\n  ],\n"
+	       "  \"vhost-features\": [\n    \"log-all\"\n  ]\n}\n");
 }
 
 /*

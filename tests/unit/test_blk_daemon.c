@@ -103,6 +103,10 @@ static void test_info_options(void)
 	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"type\": \"block\""));
 	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"read-only\""));
 	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"blk-file\""));
+	/* reconnect and live migration */
+	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"inflight-shmfd\""));
+	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"log-shmfd\""));
+	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"log-all\""));
 	CU_ASSERT_EQUAL(run(ver, out, sizeof(out), err, sizeof(err)), 0);
 	CU_ASSERT(strncmp(out, "vqcowd ", 7) == 0);
 	CU_ASSERT_EQUAL(run(help, out, sizeof(out), err, sizeof(err)), 0);
