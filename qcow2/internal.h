@@ -258,6 +258,7 @@ struct qcow2 {
 	struct qcow2_flush *link_next;  /* qcow2_link(): waiting for the next batch */
 	uint64_t meta_gen;              /* bumped by every L2/L1 change a request made */
 	uint64_t meta_written_gen;      /* changes up to here are written (completed) */
+	bool wb_durable_wanted;         /* the next batch syncs fully (timer) */
 	bool wb_wanted;                 /* start another batch when this one ends */
 	uint64_t batches;
 	struct io_cmd timer_cmd;

@@ -581,8 +581,12 @@ static void wb_start(struct qcow2 *q)
 	q->flush_next = NULL;
 	b->links = q->link_next;
 	q->link_next = NULL;
-	/* Durable unless only qcow2_link() waiters asked for this batch. */
-	b->link_mode = b->links && !b->flushes;
+	/* Durable unless only qcow2_link() waiters asked for this batch; the
+	 * timer and a pile of decrements (freed clusters are reused only once
+	 * their pointer removal is durable) make it durable anyway, so a
+	 * guest that never flushes still gets both. */
+	b->link_mode = b->links && !b->flushes && !q->wb_durable_wanted && q->dec_pending.n < 4096;
+	q->wb_durable_wanted = false;
 	b->gen = q->meta_gen;
 	b->rc_seq = ++q->rc_seq;
 	b->incomplete = false;
@@ -626,6 +630,7 @@ static void timer_done(struct io_cmd *cmd, int res)
 	q->timer_armed = false;
 	if (res == -ECANCELED || q->closing)
 		return;
+	q->wb_durable_wanted = true;
 	q2_wb_kick(q);
 	timer_arm(q);
 }
