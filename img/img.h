@@ -92,6 +92,8 @@ struct img_cache_stats {
 	uint64_t cache_entry_size;
 	uint64_t l2_hits, l2_misses, l2_evictions, refcount_hits, refcount_misses,
 	    refcount_evictions, l2_prefetched;
+	/* compressed clusters inflated, reads served from inflated clusters kept */
+	uint64_t compressed_inflated, compressed_cache_hits;
 };
 
 struct img_ops {

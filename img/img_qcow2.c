@@ -1310,9 +1310,12 @@ static struct img *q2_backing_of(struct img *img)
 
 static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 {
+	struct q2img *m = (struct q2img *)img;
 	struct qcow2_cache_stats c;
 
-	qcow2_cache_stats(((struct q2img *)img)->q, &c);
+	if (!m->q)
+		return -EAGAIN; /* inactive (handed over): nothing cached */
+	qcow2_cache_stats(m->q, &c);
 	st->cache_entry_size = c.entry_size;
 	st->l2_cache_size = c.l2_max * c.entry_size;
 	st->l2_cache_used = c.l2_used * c.entry_size;
@@ -1325,6 +1328,8 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->refcount_misses = c.rc_misses;
 	st->refcount_evictions = c.rc_evictions;
 	st->l2_prefetched = c.l2_prefetched;
+	st->compressed_inflated = m->n_inflated;
+	st->compressed_cache_hits = m->n_zc_hits;
 	return 0;
 }
 

@@ -85,9 +85,9 @@ static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsig
 		/* Ours, beside QEMU's keys: the qcow2 metadata caches. */
 		json_object_set_new(
 		    o, "vqcowd",
-		    json_pack("{s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}", "cache",
-			      "l2-cache-size", (json_int_t)cs.l2_cache_size, "l2-cache-used",
-			      (json_int_t)cs.l2_cache_used, "refcount-cache-size",
+		    json_pack("{s:{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}}",
+			      "cache", "l2-cache-size", (json_int_t)cs.l2_cache_size,
+			      "l2-cache-used", (json_int_t)cs.l2_cache_used, "refcount-cache-size",
 			      (json_int_t)cs.refcount_cache_size, "refcount-cache-used",
 			      (json_int_t)cs.refcount_cache_used, "cache-entry-size",
 			      (json_int_t)cs.cache_entry_size, "l2-hits", (json_int_t)cs.l2_hits,
@@ -96,7 +96,9 @@ static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsig
 			      (json_int_t)cs.refcount_hits, "refcount-misses",
 			      (json_int_t)cs.refcount_misses, "refcount-evictions",
 			      (json_int_t)cs.refcount_evictions, "l2-prefetched",
-			      (json_int_t)cs.l2_prefetched));
+			      (json_int_t)cs.l2_prefetched, "compressed-inflated",
+			      (json_int_t)cs.compressed_inflated, "compressed-cache-hits",
+			      (json_int_t)cs.compressed_cache_hits));
 	}
 	return o;
 }

@@ -716,6 +716,8 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         c = nodes[0]["vqcowd"]["cache"]
         check(c["l2-cache-size"] > 0 and c["cache-entry-size"] > 0 and
               c["refcount-cache-size"] > 0, "cache %r" % c)
+        check(c["compressed-inflated"] == 0 and c["compressed-cache-hits"] == 0,
+              "inflate counters of an image without compressed clusters: %r" % c)
         fe(fe_bin, "write", d.vsock, 0, 65536, stdin=os.urandom(65536))
         fe(fe_bin, "read", d.vsock, 0, 65536)
         c2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]

@@ -752,6 +752,7 @@ static void inflate_case(const char *create)
 {
 	char *src = P("zc-src.raw"), *img_path = P("zc.qcow2"), *want_path = P("zc-want.raw");
 	uint8_t *want = aligned_alloc(4096, ZC_SIZE), *buf = aligned_alloc(4096, 64 * 4096);
+	struct img_cache_stats st;
 	struct img *img;
 	int fd;
 
@@ -775,6 +776,10 @@ static void inflate_case(const char *create)
 	for (uint64_t off = 0; off < ZC_SIZE; off += 4096)
 		zc_read(img, buf, want, off, 1);
 	CU_ASSERT_EQUAL(inflated(img), ZC_SIZE / 65536);
+	/* the same numbers for the control socket (query-named-block-nodes) */
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st), 0);
+	CU_ASSERT_EQUAL(st.compressed_inflated, ZC_SIZE / 65536);
+	CU_ASSERT_EQUAL(st.compressed_cache_hits, ZC_SIZE / 4096 - ZC_SIZE / 65536);
 	img_close(img);
 
 	/* 64 reads in flight over 4 clusters: each cluster inflated once */
