@@ -18,9 +18,11 @@ For each image of the --group:
 import os
 import random
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qlib  # noqa: E402
+import qcow2edit as Q  # noqa: E402
 from qlib import check, fail, log  # noqa: E402
 
 A = None
@@ -33,6 +35,33 @@ STD_WRITES = ("write -P 0x11 0 8k", "write -P 0x22 70k 100k", "write -z 1M 128k"
               "write -P 0x33 3M 1k", "write -P 0 4M 64k", "write -P 0x44 5M 1M",
               "write -P 0x45 8188k 4k")
 SIZE = 8 << 20
+
+
+def restream(path, guest_off, data):
+    """Point the compressed cluster at guest_off at a new deflate stream of
+    data, appended at the end of the file (refcounts moved along), as a
+    writer other than QEMU could have made it: with data longer than a
+    cluster the stream goes on past the cluster. QEMU reads its first
+    cluster; libdeflate refuses it, so vqcowd must fall back to zlib."""
+    with Q.Image(path) as im:
+        cs = im.cluster_size
+        x = 62 - (im.cluster_bits - 8)
+        e = im.l2_entry(guest_off)
+        check(e is not None and e & Q.OFLAG_COMPRESSED, "%s: cluster at %d is not compressed"
+              % (path, guest_off))
+        # the old stream's sectors: every host cluster they touch loses a reference
+        old = (e & ((1 << x) - 1)) & ~511
+        old_end = old + (((e >> x) & ((1 << (62 - x)) - 1)) + 1) * 512
+        co = zlib.compressobj(6, zlib.DEFLATED, -12)
+        stream = co.compress(data) + co.flush()
+        host = (im.file_size() + cs - 1) // cs * cs
+        check(len(stream) <= cs, "restream: the stream is longer than a cluster")
+        im.pwrite(host, stream)
+        im.set_l2_entry(guest_off, Q.OFLAG_COMPRESSED | (((len(stream) + 511) // 512 - 1) << x)
+                        | host)
+        im.set_refcount(host, 1)
+        for hc in range(old // cs, (old_end - 1) // cs + 1):
+            im.set_refcount(hc * cs, im.refcount(hc * cs) - 1)
 
 
 def qcreate(name, opts="", size=SIZE, writes=STD_WRITES, backing=None, bfmt=None):
@@ -107,6 +136,12 @@ def corpus(group):
             qlib.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
                           "cluster_size=%d,compression_type=%s" % (cs, ctype), src, c)
             out.append(("compressed-text-%s-%d" % (ctype, cs), c, []))
+        # a stream libdeflate refuses and QEMU (zlib) reads: it goes on past the cluster
+        c = W("text-zlib-odd.qcow2")
+        qlib.qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536",
+                      src, c)
+        restream(c, 3 << 16, text[200000:200000 + 65536 + 4096])
+        out.append(("compressed-long-stream", c, []))
         os.unlink(src)
         return out
     if group == "backing":
