@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# End-to-end live migration on shared storage: two QEMU processes on this
+# machine, each with its own vqcowd on the same qcow2 image (the destination
+# vqcowd and QEMU started with --incoming / -incoming), migrated over QMP.
+#
+#   run-migration.sh --vqcowd PATH --guest-dir DIR [--work-dir DIR] [--backing]
+#
+# 1. A failed migration: the destination QEMU is killed while the migration
+#    runs; the source guest must go on and finish its job (fio randwrite
+#    with crc32c verify, ext4 files) with PASS.
+# 2. A migration in the middle of fio (job e2e): the guest must finish on the
+#    destination with PASS and no I/O error on its console; the source vqcowd
+#    must have let the image go, the destination taken it.
+# Then `qemu-img check` must be clean. --backing puts the image on a backing
+# file (an overlay). Exits 77 only when QEMU or qemu-img is not installed.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+top=$(cd "$here/../.." && pwd)
+# shellcheck source=../../contrib/guest/vm-lib.sh
+. "$top/contrib/guest/vm-lib.sh"
+VM_LOG_TAG=migration
+
+vqcowd="" guest="" work="" backing=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--vqcowd) vqcowd=$2; shift 2 ;;
+	--guest-dir) guest=$2; shift 2 ;;
+	--work-dir) work=$2; shift 2 ;;
+	--backing) backing=1; shift ;;
+	*) echo "usage: $0 --vqcowd PATH --guest-dir DIR [--work-dir DIR] [--backing]" >&2; exit 2 ;;
+	esac
+done
+for t in qemu-system-x86_64 qemu-img; do
+	command -v $t >/dev/null 2>&1 || { echo "SKIP: $t not installed" >&2; exit 77; }
+done
+[ -x "$vqcowd" ] && [ -n "$guest" ] || { echo "need --vqcowd and --guest-dir" >&2; exit 2; }
+[ -n "$work" ] || work=$(mktemp -d /tmp/vqcow-mig.XXXXXX)
+rm -rf "$work" && mkdir -p "$work" || exit 1
+vm_guest_build "$guest" || { vm_log "guest build failed"; exit 1; }
+accel=$(vm_pick_accel "$guest")
+vm_log "accel $accel, work dir $work"
+
+pids=()
+cleanup() {
+	local p
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+	wait 2>/dev/null
+}
+trap cleanup EXIT
+fail() {
+	vm_log "FAIL: $*"
+	for f in "$work"/*.log; do echo "== $f"; tail -n 30 "$f"; done >&2
+	exit 1
+}
+
+img=$work/disk.qcow2
+if [ $backing = 1 ]; then
+	qemu-img create -q -f qcow2 "$work/base.qcow2" 2G || exit 1
+	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$img" || exit 1
+else
+	qemu-img create -q -f qcow2 "$img" 2G || exit 1
+fi
+
+# qmp SOCK CMD [URI]: a command over QMP (migrate waits for the end).
+qmp() {
+	python3 - "$@" <<'PY'
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+for i in range(100):
+    try:
+        s.connect(sys.argv[1]); break
+    except OSError:
+        time.sleep(0.1)
+f = s.makefile('rw')
+f.readline()
+def cmd(name, **args):
+    f.write(json.dumps({'execute': name, 'arguments': args}) + '\n'); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if 'return' in r or 'error' in r:
+            return r
+cmd('qmp_capabilities')
+if sys.argv[2] == 'migrate':
+    # argv[4]: a pid to SIGKILL once RAM is being transferred (a failed migration)
+    victim = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    r = cmd('migrate', uri=sys.argv[3])
+    if 'error' in r:
+        print('error', r['error']['desc']); sys.exit(0)
+    for i in range(3000):
+        r = cmd('query-migrate')['return']
+        if victim and r.get('status') == 'active' and r.get('ram', {}).get('transferred', 0) > 1 << 20:
+            import os, signal
+            os.kill(victim, signal.SIGKILL)
+            print('killed the destination after', r['ram']['transferred'], 'bytes;', end=' ')
+            victim = 0
+        if r.get('status') in ('completed', 'failed', 'cancelled'):
+            print(r.get('status'), r.get('total-time', '-'), 'ms, downtime', r.get('downtime', '-'), r.get('error-desc', ''))
+            break
+        time.sleep(0.1)
+else:
+    r = cmd(sys.argv[2])
+    print(r.get('return', {}).get('status', r))
+PY
+}
+
+# daemon NAME [ARGS]: a vqcowd on $img at $work/NAME.sock
+daemon() {
+	local n=$1; shift
+	"$vqcowd" --socket-path "$work/$n.sock" --blk-file "$img" --num-queues 2 "$@" \
+		>"$work/$n.log" 2>&1 &
+	pids+=($!)
+	eval "pid_$n=$!"
+	vm_wait_socket "$work/$n.sock" "$!" 10 || fail "vqcowd $n did not start"
+}
+
+# guest NAME DAEMON [QEMU ARGS]: a QEMU on the daemon's socket, console in NAME.log
+guest() {
+	local n=$1 d=$2; shift 2
+	vm_qemu_base "$accel"
+	"${VM_QEMU[@]}" -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
+		-append "console=ttyS0 quiet panic=-1 vqcow.job=e2e vqcow.fiosize=$FIOSIZE" \
+		-chardev "socket,id=c0,path=$work/$d.sock" \
+		-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+		-qmp "unix:$work/$n.qmp,server=on,wait=off" "$@" </dev/null >"$work/$n.log" 2>&1 &
+	pids+=($!)
+	eval "pid_$n=$!"
+}
+
+# wait_for FILE PATTERN SECONDS
+wait_for() {
+	local i
+	for ((i = 0; i < $3 * 10; i++)); do
+		grep -q "$2" "$1" 2>/dev/null && return 0
+		sleep 0.1
+	done
+	return 1
+}
+
+port=$((20000 + RANDOM % 20000))
+daemon src
+daemon dst --incoming
+
+# ---- 1. a failed migration: the destination dies mid-way ----
+FIOSIZE=128M
+guest qsrc src
+guest qdst dst -incoming "tcp:127.0.0.1:$port"
+wait_for "$work/qsrc.log" "STEP find-disk ok" 300 || fail "source guest did not find its disk"
+res=$(qmp "$work/qsrc.qmp" migrate "tcp:127.0.0.1:$port" "$pid_qdst")
+vm_log "migration with the destination killed: $res"
+case "$res" in killed*failed*) ;; *) fail "want a migration failed by the kill: $res" ;; esac
+st=$(qmp "$work/qsrc.qmp" query-status)
+vm_log "source guest: $st"
+[ "$st" = running ] || fail "the source guest is not running after the failed migration ($st)"
+wait_for "$work/qsrc.log" "VQCOW-GUEST: \(PASS\|FAIL\)" 900 || fail "source guest did not finish"
+grep -q "VQCOW-GUEST: PASS" "$work/qsrc.log" || fail "source guest failed after the failed migration"
+kill "$pid_qsrc" 2>/dev/null
+wait "$pid_qsrc" 2>/dev/null
+vm_log "failed migration: the source guest finished its job (PASS)"
+
+# ---- 2. a migration under fio ----
+FIOSIZE=300M
+guest qsrc2 src
+guest qdst2 dst -incoming "tcp:127.0.0.1:$((port + 1))"
+wait_for "$work/qsrc2.log" "STEP find-disk ok" 300 || fail "source guest did not find its disk"
+sleep 2 # fio randwrite + verify under way
+res=$(qmp "$work/qsrc2.qmp" migrate "tcp:127.0.0.1:$((port + 1))")
+vm_log "migration: $res"
+case "$res" in completed*) ;; *) fail "migration did not complete: $res" ;; esac
+grep -q "VQCOW-GUEST: STEP fio-verify" "$work/qsrc2.log" &&
+	vm_log "note: fio had already finished on the source"
+wait_for "$work/qdst2.log" "VQCOW-GUEST: \(PASS\|FAIL\)" 900 || fail "migrated guest did not finish"
+grep -q "VQCOW-GUEST: PASS" "$work/qdst2.log" || fail "migrated guest failed"
+grep -qi "I/O error\|blk_update_request\|critical medium" "$work/qdst2.log" &&
+	fail "I/O errors in the migrated guest's kernel log"
+grep -q "locks released" "$work/src.log" || fail "the source vqcowd did not let the image go"
+grep -q "image active" "$work/dst.log" || fail "the destination vqcowd did not take the image"
+vm_log "migrated guest finished its job on the destination (PASS)"
+kill "$pid_qsrc2" "$pid_qdst2" 2>/dev/null
+wait "$pid_qsrc2" "$pid_qdst2" 2>/dev/null
+kill "$pid_src" "$pid_dst"
+wait "$pid_src" || fail "source vqcowd exit status"
+wait "$pid_dst" || fail "destination vqcowd exit status"
+qemu-img check "$img" >"$work/check.log" 2>&1 || fail "qemu-img check: $(cat "$work/check.log")"
+vm_log "qemu-img check clean; PASS"
+trap - EXIT
+rm -rf "$work"
+exit 0
