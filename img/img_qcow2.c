@@ -60,6 +60,7 @@
 
 #include "img.h"
 #include "qcow2.h"
+#include "vlog.h"
 
 #define Q2_MAX_EXT    16
 #define ZERO_BUF_SIZE (64u * 1024)
@@ -399,8 +400,7 @@ static void sub_done(struct q2sub *sub, int res)
 		} else {
 			ret = qcow2_decompress(m->q, sub->cbuf, sub->clen, e->buf, m->cs);
 			if (ret < 0) {
-				fprintf(stderr, "vqcow: %s: compressed cluster data is corrupt\n",
-					m->img.path);
+				vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
 			} else {
 				*e = (struct zc_ent){sub->chost, ++m->zc_tick, sub->clen, true,
 						     e->buf};
@@ -1077,8 +1077,8 @@ static void step(struct q2req *r, int res)
 			 * that does not exist): a bug. Its img_io is gone; say so
 			 * and leave it alone rather than complete someone else's.
 			 */
-			fprintf(stderr, "vqcow: %s: request driver stepped in state %u (res %d)\n",
-				m->img.path, r->state, res);
+			vlog(VLOG_ERROR, m->img.path, "request driver stepped in state %u (res %d)",
+			     r->state, res);
 			return;
 		}
 	}
@@ -1145,8 +1145,8 @@ static void q2_close(struct img *img)
 
 	ret = qcow2_close(m->q);
 	if (ret < 0)
-		fprintf(stderr, "vqcow: %s: writing metadata back at close failed: %s\n", img->path,
-			strerror(-ret));
+		vlog(VLOG_ERROR, img->path, "writing metadata back at close failed: %s",
+		     strerror(-ret));
 	img_close(m->backing);
 	io_file_close(&m->file);
 	if (m->own_dfile)
@@ -1512,9 +1512,9 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			goto close_dfile;
 		}
 		if (!h->has_backing_fmt)
-			fprintf(stderr,
-				"vqcow: %s: backing file %s has no recorded format: probed as %s\n",
-				path, name, m->backing->ops->format);
+			vlog(VLOG_WARN, path,
+			     "backing file %s has no recorded format: probed as %s", name,
+			     m->backing->ops->format);
 		qcow2_set_backing_size(m->q, m->backing->size);
 		free(name);
 		name = NULL;

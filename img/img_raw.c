@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "img.h"
+#include "vlog.h"
 
 #define ZERO_BUF_SIZE (256u * 1024)
 
@@ -226,10 +227,10 @@ static void raw_submit(struct img *img, struct img_io *io)
 	}
 	if (writes_format_magic(r, io)) {
 		if (!r->warned_magic) {
-			fprintf(stderr,
-				"vqcow: %s: refused a write of a qcow2 header to the first sector "
-				"of a probed raw image (use --format raw to allow it)\n",
-				img->path);
+			vlog(
+			    VLOG_WARN, img->path,
+			    "refused a write of a qcow2 header to the first sector of a probed raw "
+			    "image (use --format raw to allow it)");
 			r->warned_magic = true;
 		}
 		raw_fail_later(r, io, -EPERM);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "io_internal.h"
+#include "vlog.h"
 
 /* glibc 2.36 predates the direct-I/O alignment fields of struct statx. */
 #ifndef STATX_DIOALIGN
@@ -95,8 +96,8 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 			f->flags |= IO_FILE_DIRECT;
 			f->align = align;
 		} else if (fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0) {
-			fprintf(stderr,
-				"vqcow: io: %s: no direct I/O support, using buffered I/O\n", name);
+			vlog(VLOG_WARN, "io", "%s: no direct I/O support, using buffered I/O",
+			     name);
 		} else {
 			return -errno;
 		}
@@ -123,8 +124,7 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	f->bfd = -1;
 	fd = open(path, oflags | ((flags & IO_FILE_DIRECT) ? O_DIRECT : 0));
 	if (fd < 0 && errno == EINVAL && (flags & IO_FILE_DIRECT)) {
-		fprintf(stderr, "vqcow: io: %s: O_DIRECT refused (EINVAL), using buffered I/O\n",
-			path);
+		vlog(VLOG_WARN, "io", "%s: O_DIRECT refused (EINVAL), using buffered I/O", path);
 		fd = open(path, oflags);
 	}
 	if (fd < 0)

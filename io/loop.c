@@ -35,6 +35,7 @@
 #include <time.h>
 
 #include "io_internal.h"
+#include "vlog.h"
 
 enum cmd_state {
 	CMD_IDLE = 0,
@@ -611,7 +612,7 @@ static void cmd_start(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, stru
 {
 	if (cmd->loop == loop && cmd->state != CMD_IDLE) {
 		/* A programming error that would corrupt the loop's lists. */
-		fprintf(stderr, "vqcow: io: command %p submitted while in flight\n", (void *)cmd);
+		vlog(VLOG_ERROR, "io", "command %p submitted while in flight", (void *)cmd);
 		abort(); /* check:allow-abort: a caller's bug, never input */
 	}
 	cmd->next = NULL;
@@ -877,7 +878,7 @@ void io_cancel(struct io_loop *loop, struct io_cmd *target)
 			return;
 		c = icmd_get(loop);
 		if (!c) {
-			fprintf(stderr, "vqcow: io: out of memory for a cancel request\n");
+			vlog(VLOG_ERROR, "io", "out of memory for a cancel request");
 			return;
 		}
 		target->flags |= CMD_F_CANCEL;

@@ -153,7 +153,7 @@ static void prealloc_punched(struct io_cmd *cmd, int res)
 	struct qcow2 *q = cmd->priv;
 
 	if (res < 0 && res != -EOPNOTSUPP && res != -ENOTSUP && res != -ENOSYS)
-		Q2_LOG(q, "giving back preallocated space failed: %s", strerror(-res));
+		Q2_LOG(q, WARN, "giving back preallocated space failed: %s", strerror(-res));
 	prealloc_wake(q, q->prealloc_need_only ? q->prealloc_err : 0);
 }
 
@@ -179,9 +179,10 @@ static void prealloc_done(struct io_cmd *cmd, int res)
 	}
 	q->prealloc_err = res;
 	if (!q->prealloc_fails++)
-		Q2_LOG(
-		    q, "preallocating %llu bytes at 0x%llx failed (%s); giving back what it took",
-		    (unsigned long long)q->prealloc_len, (unsigned long long)start, strerror(-res));
+		Q2_LOG(q, WARN,
+		       "preallocating %llu bytes at 0x%llx failed (%s); giving back what it took",
+		       (unsigned long long)q->prealloc_len, (unsigned long long)start,
+		       strerror(-res));
 	/* what is past the front was never handed out: give it back */
 	front = q->cursor << q->cb;
 	if (front < start)
@@ -314,7 +315,7 @@ static int grow_reftable(struct qcow2 *q, uint64_t need, struct qcow2_waiter *w)
 	if ((t << q->cb) > QCOW2_MAX_REFTABLE_BYTES) {
 		t = QCOW2_MAX_REFTABLE_BYTES >> q->cb;
 		if (t * per_cl <= need) {
-			Q2_LOG(q, "refcount table would exceed %u bytes: image full",
+			Q2_LOG(q, ERROR, "refcount table would exceed %u bytes: image full",
 			       QCOW2_MAX_REFTABLE_BYTES);
 			return -ENOSPC;
 		}
@@ -371,8 +372,8 @@ static int grow_reftable(struct qcow2 *q, uint64_t need, struct qcow2_waiter *w)
 		}
 		q2_dec_range(q, ooff, ocl << q->cb);
 	}
-	Q2_LOG(q, "refcount table grown to %llu entries at 0x%llx", (unsigned long long)new_entries,
-	       (unsigned long long)q->rt_offset);
+	Q2_LOG(q, INFO, "refcount table grown to %llu entries at 0x%llx",
+	       (unsigned long long)new_entries, (unsigned long long)q->rt_offset);
 	return 0;
 undo:
 	free(nrt);
@@ -574,7 +575,7 @@ void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len)
 		return;
 	for (uint64_t c = host >> q->cb; c <= (host + len - 1) >> q->cb; c++)
 		if (q2_u64v_push(&q->dec_pending, c) < 0)
-			Q2_LOG(q, "out of memory: cluster 0x%llx leaks",
+			Q2_LOG(q, WARN, "out of memory: cluster 0x%llx leaks",
 			       (unsigned long long)(c << q->cb));
 	if (q->dec_pending.n >= 4096)
 		q2_wb_kick(q);
@@ -648,7 +649,8 @@ static void dec_wake(struct qcow2_waiter *w)
 	q->dec_running = false;
 	if (w->err < 0) {
 		/* could not read a refcount block: these clusters leak */
-		Q2_LOG(q, "cannot lower a refcount (%s): cluster 0x%llx leaks", strerror(-w->err),
+		Q2_LOG(q, WARN, "cannot lower a refcount (%s): cluster 0x%llx leaks",
+		       strerror(-w->err),
 		       (unsigned long long)(q->dec_apply.v[q->dec_apply_pos] << q->cb));
 		q->dec_apply_pos++;
 	}

@@ -489,7 +489,7 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		goto fail;
 	free(clu.v);
 	q->bms = b;
-	Q2_LOG(q,
+	Q2_LOG(q, INFO,
 	       "%u persistent dirty bitmap(s), %u enabled and tracked (the others are left as they "
 	       "are)",
 	       b->n, b->ntracked);
@@ -594,7 +594,7 @@ void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len)
 				if (!bm->chunks[k]) {
 					bm->lost = true;
 					Q2_LOG(
-					    q,
+					    q, ERROR,
 					    "out of memory: bitmap '%s' cannot record writes; it "
 					    "stays marked in use (inconsistent)",
 					    bm->name);
@@ -788,7 +788,7 @@ int q2_bitmap_store(struct qcow2 *q)
 	if (!b || !b->ntracked || q->read_only)
 		return 0;
 	if (q->corrupt) {
-		Q2_LOG(q, "image is corrupt: dirty bitmaps not stored (they stay in use)");
+		Q2_LOG(q, ERROR, "image is corrupt: dirty bitmaps not stored (they stay in use)");
 		return 0;
 	}
 	dir = malloc(b->dir_size);
@@ -831,7 +831,8 @@ int q2_bitmap_store(struct qcow2 *q)
 		ret = io_file_sync(q->file);
 	if (ret < 0) {
 		/* unknown whether it landed: keep old and new clusters (a leak at worst) */
-		Q2_LOG(q, "storing the dirty bitmaps failed (header update: %s)", strerror(-ret));
+		Q2_LOG(q, ERROR, "storing the dirty bitmaps failed (header update: %s)",
+		       strerror(-ret));
 		goto out;
 	}
 	/* 4. release what the old directory referenced */
@@ -853,7 +854,8 @@ int q2_bitmap_store(struct qcow2 *q)
 	goto out;
 
 fail:
-	Q2_LOG(q, "storing the dirty bitmaps failed (%s): they stay marked in use (inconsistent)",
+	Q2_LOG(q, ERROR,
+	       "storing the dirty bitmaps failed (%s): they stay marked in use (inconsistent)",
 	       strerror(-ret));
 	for (size_t i = 0; i < st.n; i++)
 		q2_alloc_release(q, st.v[i].host, st.v[i].n);

@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "vlog.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -448,9 +449,9 @@ static void load_done(struct io_cmd *cmd, int res)
 	l->next = c->loads;
 	c->loads = l;
 	if (res < 0) {
-		fprintf(stderr, "vqcow: %s: reading %s slice at 0x%llx failed: %s\n", c->hooks.name,
-			c->type == Q2_CACHE_L2 ? "L2" : "refcount", (unsigned long long)s->off,
-			strerror(-res));
+		vlog(VLOG_ERROR, c->hooks.name, "reading %s slice at 0x%llx failed: %s",
+		     c->type == Q2_CACHE_L2 ? "L2" : "refcount", (unsigned long long)s->off,
+		     strerror(-res));
 		c->hooks.wake(c->hooks.opaque, &s->waiters, res);
 		release(c, s);
 		return;

@@ -114,7 +114,7 @@ static void corrupt_hdr_done(struct io_cmd *cmd, int res)
 	struct qcow2 *q = cmd->priv;
 
 	if (res < 0)
-		Q2_LOG(q, "could not set the corrupt bit in the header: %s", strerror(-res));
+		Q2_LOG(q, ERROR, "could not set the corrupt bit in the header: %s", strerror(-res));
 	if (q->corrupt_hdr_busy == 1 && res >= 0) {
 		q->corrupt_hdr_busy = 2;
 		io_fdatasync(q->loop, &q->corrupt_cmd, q->file);
@@ -134,7 +134,7 @@ void q2_corrupt(struct qcow2 *q, const char *fmt, ...)
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
 	q->corrupt = true;
-	Q2_LOG(q,
+	Q2_LOG(q, ERROR,
 	       "image is corrupt: %s; further writes fail (repair offline: vqcow-img check -r all)",
 	       msg);
 	if (q->read_only || q->h.version < 3 || q->closing)

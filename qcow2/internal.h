@@ -36,6 +36,7 @@
 
 #include "image.h"
 #include "qcow2.h"
+#include "vlog.h"
 
 enum q2_slice_state {
 	Q2_SL_LOADING = 1,
@@ -443,6 +444,7 @@ static inline void q2_l2_set(struct q2_slice *s, uint32_t i, uint64_t e, uint64_
 		qcow2_put_be64(b + 8, bitmap);
 }
 
-#define Q2_LOG(q, fmt, ...) fprintf(stderr, "vqcow: %s: " fmt "\n", (q)->path, ##__VA_ARGS__)
+/* One log line tagged with the image path; lvl is ERROR, WARN, INFO or DEBUG. */
+#define Q2_LOG(q, lvl, fmt, ...) vlog(VLOG_##lvl, (q)->path, fmt, ##__VA_ARGS__)
 
 #endif /* VQCOW_QCOW2_INTERNAL_H */

@@ -473,7 +473,7 @@ static int l2_cow(struct qcow2 *q, uint32_t l1i, struct qcow2_waiter *w)
 	}
 	if (c->err) {
 		ret = c->err;
-		Q2_LOG(q, "reading the shared L2 table at 0x%llx failed: %s",
+		Q2_LOG(q, ERROR, "reading the shared L2 table at 0x%llx failed: %s",
 		       (unsigned long long)old, strerror(-ret));
 		goto out;
 	}

@@ -121,7 +121,7 @@ static void pf_issue(struct q2_pf *pf)
 			pf->tab[first].off);
 	}
 	if (!pf->inflight && (pf->stop || pf->next >= pf->ntab)) {
-		Q2_LOG(q, "L2 prefetch %s: %llu slices from %zu tables in %llu ms",
+		Q2_LOG(q, INFO, "L2 prefetch %s: %llu slices from %zu tables in %llu ms",
 		       pf->next >= pf->ntab && !pf->stop ? "done" : "stopped",
 		       (unsigned long long)q->n_l2_prefetched, pf->next,
 		       (unsigned long long)((pf_now_ns() - pf->t0_ns) / 1000000u));
@@ -165,7 +165,8 @@ static void pf_done(struct io_cmd *cmd, int res)
 	pf->inflight--;
 	if (res < 0 || (uint64_t)res != len) {
 		if (!pf->logged)
-			Q2_LOG(q, "prefetching L2 tables at 0x%llx failed: %s (loading on demand)",
+			Q2_LOG(q, WARN,
+			       "prefetching L2 tables at 0x%llx failed: %s (loading on demand)",
 			       (unsigned long long)pf->tab[rd->first].off,
 			       res < 0 ? strerror(-res) : "short read");
 		pf->logged = true;

@@ -20,6 +20,7 @@
 
 #include "image.h"
 #include "internal.h"
+#include "vlog.h"
 
 static int cmp_u64(const void *a, const void *b)
 {
@@ -295,10 +296,9 @@ reread:
 			struct qcow2_check_result res;
 
 			memset(&res, 0, sizeof(res));
-			fprintf(stderr,
-				"vqcow: %s: dirty bit set (lazy refcounts): repairing refcounts as "
-				"'vqcow-img check -r all' does\n",
-				path);
+			vlog(VLOG_WARN, path,
+			     "dirty bit set (lazy refcounts): repairing refcounts as "
+			     "'vqcow-img check -r all' does");
 			ret = qcow2_check_io(&fio, path,
 					     QCOW2_CHECK_FIX_LEAKS | QCOW2_CHECK_FIX_ERRORS, &res,
 					     NULL, msg, sizeof(msg));
@@ -493,7 +493,7 @@ reread:
 	io_free_aligned(hbuf);
 	/* Background reads of every L2 table when the cache holds them all (optional). */
 	if (!opts->no_l2_prefetch && q2_l2_prefetch_start(q) < 0)
-		Q2_LOG(q, "out of memory for the L2 prefetch: loading L2 slices on demand");
+		Q2_LOG(q, WARN, "out of memory for the L2 prefetch: loading L2 slices on demand");
 	*qp = q;
 	return 0;
 

@@ -508,7 +508,8 @@ static void finish(struct q2_batch *b)
 			q2_u64v_push(&q->dec_pending, b->decs.v[i]);
 		b->decs.n = 0;
 		if (q->wb_err != err)
-			Q2_LOG(q, "metadata write-back failed: %s (will retry)", strerror(-err));
+			Q2_LOG(q, ERROR, "metadata write-back failed: %s (will retry)",
+			       strerror(-err));
 		q->wb_err = err;
 	} else {
 		q->wb_err = 0;
@@ -567,7 +568,7 @@ static void wb_start(struct qcow2 *q)
 	if (!b) {
 		b = calloc(1, sizeof(*b));
 		if (!b) {
-			Q2_LOG(q, "out of memory for metadata write-back");
+			Q2_LOG(q, ERROR, "out of memory for metadata write-back");
 			return;
 		}
 		b->q = q;
