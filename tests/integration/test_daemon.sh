@@ -7,23 +7,9 @@
 set -uo pipefail
 vqcowd=${1:?usage: test_daemon.sh VQCOWD VQCOW-FE}
 fe=${2:?usage: test_daemon.sh VQCOWD VQCOW-FE}
-if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
-	echo "SKIP: checks of vqcowd's own command line and signals"
-	exit 77
-fi
+. "$(dirname "$0")/lib.sh"
+it_setup "checks of vqcowd's own command line and signals"
 command -v python3 >/dev/null || { echo "SKIP: python3 missing"; exit 77; }
-dir=$(mktemp -d)
-pid=
-cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-	rm -rf "$dir"
-}
-trap cleanup EXIT
-failures=0
-fail() {
-	echo "FAIL: $*" >&2
-	failures=$((failures + 1))
-}
 
 truncate -s 16M "$dir/img"
 
@@ -73,14 +59,7 @@ start() {
 	rm -f "$dir/sock"
 	"$vqcowd" --socket-path "$dir/sock" --blk-file "$dir/img" "$@" 2>>"$dir/log" &
 	pid=$!
-	# the socket file appears at bind(), listen() follows: wait for info to work
-	for _ in $(seq 200); do
-		[ -S "$dir/sock" ] && "$fe" info "$dir/sock" >/dev/null 2>&1 && return 0
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.05
-	done
-	fail "vqcowd did not start: $(cat "$dir/log")"
-	return 1
+	it_wait_serving "$pid" "$dir/sock" "$dir/log" vqcowd
 }
 # wait for $pid up to $1 seconds; sets rc to its exit status (or "timeout")
 wait_exit() {
@@ -148,9 +127,4 @@ if start --num-queues 2 --serial itest-serial; then
 	[ "$rc" = 0 ] || fail "exit after the CLI round trip: $rc"
 fi
 
-if [ $failures -ne 0 ]; then
-	echo "--- vqcowd log"
-	cat "$dir/log"
-	exit 1
-fi
-echo PASS
+it_finish "$dir/log"

@@ -15,27 +15,13 @@ vqcowd=${1:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
 fe=${2:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
 src=${3:?usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR}
 vqcowd=$(realpath "$vqcowd")
-if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
-	echo "SKIP: checks of vqcowd's own privileges"
-	exit 77
-fi
-if [ "$(id -u)" != 0 ]; then
+. "$(dirname "$0")/lib.sh"
+if [ "$(id -u)" != 0 ] && [ "${VQCOW_TEST_BACKEND:-}" != qsd ]; then
 	echo "SKIP: needs root (switching users)"
 	exit 77
 fi
-dir=$(mktemp -d)
+it_setup "checks of vqcowd's own privileges"
 chmod 755 "$dir"
-pid=
-cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-	rm -rf "$dir"
-}
-trap cleanup EXIT
-failures=0
-fail() {
-	echo "FAIL: $*" >&2
-	failures=$((failures + 1))
-}
 truncate -s 16M "$dir/img"
 sock=$dir/sock
 
@@ -45,20 +31,7 @@ start() { # LOG ARGS...: start in the background, wait until it serves
 	rm -f "$sock"
 	"$@" 2>>"$log" &
 	pid=$!
-	for _ in $(seq 200); do
-		[ -S "$sock" ] && "$fe" info "$sock" >/dev/null 2>&1 && return 0
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.05
-	done
-	fail "did not start: $*: $(cat "$log")"
-	return 1
-}
-stop() {
-	kill -TERM "$pid"
-	wait "$pid"
-	local rc=$?
-	pid=
-	[ $rc -eq 0 ] || fail "exit status $rc after SIGTERM"
+	it_wait_serving "$pid" "$sock" "$log" "$*"
 }
 seccomp_mode() { awk '/^Seccomp:/ {print $2}' "/proc/$1/status"; }
 
@@ -68,7 +41,7 @@ if start "$dir/root.log" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img"; 
 	"$fe" verify "$sock" --size 1M --seed 3 >/dev/null || fail "verify with the filter on"
 	kill -HUP "$pid" # resize check: fstat/ioctl under the filter
 	sleep 0.2
-	stop
+	it_stop
 fi
 grep -q "warn: running as root (uid 0)" "$dir/root.log" || fail "no warning when running as root"
 grep -q "forbidden system call" "$dir/root.log" && fail "filter stopped a call: $(cat "$dir/root.log")"
@@ -76,7 +49,7 @@ if start "$dir/user.log" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img" -
 	[ "$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")" = "$(id -u nobody)" ] ||
 		fail "--user nobody: not running as nobody"
 	"$fe" verify "$sock" --size 1M --seed 4 >/dev/null || fail "verify as nobody"
-	stop
+	it_stop
 fi
 grep -q "running as root" "$dir/user.log" && fail "root warning with --user"
 
@@ -92,7 +65,7 @@ grep -q "was not stopped" "$dir/forbidden.log" && fail "execve returned under th
 if VQCOWD_TEST_FORBIDDEN_CALL=1 start "$dir/off.log" "$vqcowd" --socket-path "$sock" \
 	--blk-file "$dir/img" --no-seccomp; then
 	[ "$(seccomp_mode "$pid")" = 0 ] || fail "--no-seccomp: a filter is installed"
-	stop
+	it_stop
 fi
 grep -q "execve was not stopped" "$dir/off.log" || fail "--no-seccomp: the test hook did not run"
 
@@ -124,7 +97,7 @@ if command -v systemd-socket-activate >/dev/null && command -v setpriv >/dev/nul
 		"$fe" info "$sock" >/dev/null
 		vq=$(pgrep -P "$pid" -x vqcowd || echo "$pid")
 		[ "$(seccomp_mode "$vq")" = 2 ] || fail "socket-activated: no seccomp filter"
-		stop
+		it_stop
 	fi
 	grep -q "running as root" "$dir/unit.log" && fail "root warning as the unit's user"
 	grep -q "serving" "$dir/unit.log" || fail "the unit's command line did not serve: $(cat "$dir/unit.log")"
@@ -132,8 +105,4 @@ else
 	echo "note: systemd-socket-activate or setpriv missing: unit command line not run"
 fi
 
-if [ $failures -gt 0 ]; then
-	echo "$failures failure(s)"
-	exit 1
-fi
-echo "PASS"
+it_finish

@@ -9,23 +9,9 @@
 set -uo pipefail
 vqcowd=${1:?usage: test_logging.sh VQCOWD VQCOW-FE}
 fe=${2:?usage: test_logging.sh VQCOWD VQCOW-FE}
-if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
-	echo "SKIP: checks of vqcowd's own log"
-	exit 77
-fi
+. "$(dirname "$0")/lib.sh"
+it_setup "checks of vqcowd's own log"
 command -v python3 >/dev/null || { echo "SKIP: python3 missing"; exit 77; }
-dir=$(mktemp -d)
-pid=
-cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-	rm -rf "$dir"
-}
-trap cleanup EXIT
-failures=0
-fail() {
-	echo "FAIL: $*" >&2
-	failures=$((failures + 1))
-}
 truncate -s 16M "$dir/img"
 sock=$dir/sock
 
@@ -36,20 +22,7 @@ start() {
 	rm -f "$sock"
 	"$vqcowd" --socket-path "$sock" --blk-file "$dir/img" "$@" 2>>"$log" &
 	pid=$!
-	for _ in $(seq 200); do
-		[ -S "$sock" ] && "$fe" info "$sock" >/dev/null 2>&1 && return 0
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.05
-	done
-	fail "vqcowd did not start: $(cat "$log")"
-	return 1
-}
-stop() {
-	kill -TERM "$pid"
-	wait "$pid"
-	local rc=$?
-	pid=
-	[ $rc -eq 0 ] || fail "exit status $rc after SIGTERM"
+	it_wait_serving "$pid" "$sock" "$log" vqcowd
 }
 
 # ---- reconnect storm ----
@@ -75,7 +48,7 @@ print(n)
 PY
 )
 	"$fe" info "$sock" >/dev/null || fail "not serving after the storm"
-	stop
+	it_stop
 	lines=$(($(wc -l <"$dir/storm.log") - before))
 	echo "reconnect storm: $cycles connections, $lines log lines"
 	[ "$cycles" != silence ] || fail "GET_STATUS got neither a reply nor a close"
@@ -96,7 +69,7 @@ grep -Eq "$ts" "$dir/storm.log" || fail "no timestamped info line: $(head -3 "$d
 jstream=$(stat -c '%d:%i' "$dir/journal.log")
 export JOURNAL_STREAM=$jstream
 if start "$dir/journal.log"; then
-	stop
+	it_stop
 fi
 unset JOURNAL_STREAM
 grep -q '^<6>vqcowd: serving ' "$dir/journal.log" ||
@@ -106,16 +79,16 @@ grep -Eq '^[0-9]{4}-' "$dir/journal.log" && fail "timestamps in journal lines"
 # ---- --log-level ----
 if start "$dir/error.log" --log-level error; then
 	"$fe" info "$sock" >/dev/null
-	stop
+	it_stop
 fi
 grep -q "info:" "$dir/error.log" && fail "--log-level error logs info lines: $(cat "$dir/error.log")"
 if start "$dir/debug.log" --log-level debug; then
-	stop
+	it_stop
 fi
 grep -q "debug: vhost: <- GET_FEATURES (1)" "$dir/debug.log" ||
 	fail "--log-level debug does not trace messages"
 if VQCOW_VHOST_DEBUG=1 start "$dir/envdebug.log"; then
-	stop
+	it_stop
 fi
 grep -q "<- GET_FEATURES (1)" "$dir/envdebug.log" || fail "VQCOW_VHOST_DEBUG=1 does not trace"
 grep -q "deprecated" "$dir/envdebug.log" || fail "VQCOW_VHOST_DEBUG=1 is not flagged deprecated"
@@ -124,8 +97,4 @@ rc=$?
 [ $rc -eq 2 ] || fail "--log-level verbose: exit $rc"
 [ "$(wc -l <"$dir/err")" -eq 1 ] || fail "--log-level verbose: not a one-line error"
 
-if [ $failures -gt 0 ]; then
-	echo "$failures failure(s)"
-	exit 1
-fi
-echo "PASS"
+it_finish

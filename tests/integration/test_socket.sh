@@ -8,23 +8,9 @@
 set -uo pipefail
 vqcowd=${1:?usage: test_socket.sh VQCOWD VQCOW-FE}
 fe=${2:?usage: test_socket.sh VQCOWD VQCOW-FE}
-if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
-	echo "SKIP: checks of vqcowd's own socket handling"
-	exit 77
-fi
+. "$(dirname "$0")/lib.sh"
+it_setup "checks of vqcowd's own socket handling"
 command -v python3 >/dev/null || { echo "SKIP: python3 missing"; exit 77; }
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
-	rm -rf "$dir"
-}
-trap cleanup EXIT
-failures=0
-fail() {
-	echo "FAIL: $*" >&2
-	failures=$((failures + 1))
-}
 truncate -s 16M "$dir/img1" "$dir/img2"
 sock=$dir/sock
 
@@ -35,13 +21,7 @@ start() {
 	p=$!
 	pids+=("$p")
 	eval "$name=$p"
-	for _ in $(seq 200); do
-		[ -S "$sock" ] && "$fe" info "$sock" >/dev/null 2>&1 && return 0
-		kill -0 "$p" 2>/dev/null || break
-		sleep 0.05
-	done
-	fail "$name did not start: $(cat "$dir/$name.log")"
-	return 1
+	it_wait_serving "$p" "$sock" "$dir/$name.log" "$name"
 }
 served_img() {
 	# write a marker through the socket, flush, see which image got it
@@ -101,8 +81,4 @@ kill -TERM "$fourth"
 wait "$fourth"
 [ -e "$sock" ] && fail "the owner did not remove its socket at exit"
 
-if [ $failures -gt 0 ]; then
-	echo "$failures failure(s)"
-	exit 1
-fi
-echo "PASS"
+it_finish

@@ -9,23 +9,9 @@
 set -uo pipefail
 vqcowd=${1:?usage: test_startup.sh VQCOWD VQCOW-IMG}
 img_tool=${2:?usage: test_startup.sh VQCOWD VQCOW-IMG}
-if [ "${VQCOW_TEST_BACKEND:-}" = qsd ]; then
-	echo "SKIP: checks of vqcowd's own command line"
-	exit 77
-fi
-dir=$(mktemp -d)
+. "$(dirname "$0")/lib.sh"
+it_setup "checks of vqcowd's own command line"
 chmod 755 "$dir"
-pid=
-cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
-	rm -rf "$dir"
-}
-trap cleanup EXIT
-failures=0
-fail() {
-	echo "FAIL: $*" >&2
-	failures=$((failures + 1))
-}
 truncate -s 16M "$dir/img"
 
 # ---- -h ----
@@ -81,8 +67,4 @@ rc=$?
 pid=
 [ $rc -eq 0 ] || fail "exit $rc"
 
-if [ $failures -gt 0 ]; then
-	echo "$failures failure(s)"
-	exit 1
-fi
-echo "PASS"
+it_finish
