@@ -166,8 +166,16 @@ bool vhost_dev_is_broken(const struct vhost_dev *dev)
 	return dev->broken;
 }
 
-int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload)
+/*
+ * Send one reply: the header, its payload and, when @fd >= 0, that fd
+ * (SCM_RIGHTS). 0 or -errno; a failed or short send breaks the connection.
+ */
+static int send_reply(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload, int fd)
 {
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} cbuf;
 	struct iovec iov[2] = {
 	    {.iov_base = (void *)hdr, .iov_len = sizeof(*hdr)},
 	    {.iov_base = (void *)payload, .iov_len = hdr->size},
@@ -177,6 +185,18 @@ int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *
 
 	if (dev->dead || dev->sock < 0)
 		return -ENOTCONN;
+	if (fd >= 0) {
+		struct cmsghdr *c;
+
+		memset(&cbuf, 0, sizeof(cbuf));
+		mh.msg_control = cbuf.buf;
+		mh.msg_controllen = sizeof(cbuf.buf);
+		c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+	}
 	do {
 		n = sendmsg(dev->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 	} while (n < 0 && errno == EINTR);
@@ -187,40 +207,15 @@ int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *
 	return 0;
 }
 
+int vhost_dev_send(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload)
+{
+	return send_reply(dev, hdr, payload, -1);
+}
+
 /* A reply that carries one fd (GET_INFLIGHT_FD). 0 or -errno (connection broken). */
 int vhost_dev_send_fd(struct vhost_dev *dev, const struct vu_hdr *hdr, const void *payload, int fd)
 {
-	union {
-		char buf[CMSG_SPACE(sizeof(int))];
-		struct cmsghdr align;
-	} cbuf;
-	struct iovec iov[2] = {
-	    {.iov_base = (void *)hdr, .iov_len = sizeof(*hdr)},
-	    {.iov_base = (void *)payload, .iov_len = hdr->size},
-	};
-	struct msghdr mh = {.msg_iov = iov,
-			    .msg_iovlen = hdr->size ? 2 : 1,
-			    .msg_control = cbuf.buf,
-			    .msg_controllen = sizeof(cbuf.buf)};
-	struct cmsghdr *c;
-	ssize_t n;
-
-	if (dev->dead || dev->sock < 0)
-		return -ENOTCONN;
-	memset(&cbuf, 0, sizeof(cbuf));
-	c = CMSG_FIRSTHDR(&mh);
-	c->cmsg_level = SOL_SOCKET;
-	c->cmsg_type = SCM_RIGHTS;
-	c->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(c), &fd, sizeof(int));
-	do {
-		n = sendmsg(dev->sock, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-	} while (n < 0 && errno == EINTR);
-	if (n != (ssize_t)(sizeof(*hdr) + hdr->size)) {
-		vhost_dev_set_broken(dev, n < 0 ? "cannot send a reply" : "short reply write");
-		return -EIO;
-	}
-	return 0;
+	return send_reply(dev, hdr, payload, fd);
 }
 
 /* Append the fds of every SCM_RIGHTS message; extra ones are closed. -EPROTO on excess. */
