@@ -296,6 +296,19 @@ def snapshot_list(img):
     return [(s["id"], s["name"], s.get("vm-state-size", 0)) for s in js.get("snapshots", [])]
 
 
+def snapshot_state(wd, img):
+    """(snapshot_list(img), {name: sha256 of that snapshot's guest view}),
+    using a scratch file of the Workdir wd."""
+    snaps = snapshot_list(img)
+    hashes = {}
+    for _sid, name, _ in snaps:
+        out = wd("snapdump.raw")
+        qemu_to_raw(img, out, snapshot=name)
+        hashes[name] = sha256_file(out)
+        os.unlink(out)
+    return snaps, hashes
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

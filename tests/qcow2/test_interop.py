@@ -184,17 +184,6 @@ def corpus(group):
     fail("unknown group " + group)
 
 
-def snapshot_state(img):
-    snaps = qlib.snapshot_list(img)
-    hashes = {}
-    for sid, name, _ in snaps:
-        out = W("snapdump.raw")
-        qlib.qemu_to_raw(img, out, snapshot=name)
-        hashes[name] = qlib.sha256_file(out)
-        os.unlink(out)
-    return snaps, hashes
-
-
 def serve_and_read(img, ref, what, extra=()):
     sock = W("vqcowd.sock")
     d = qlib.Daemon(A.vqcowd, img, sock, extra)
@@ -208,7 +197,7 @@ def run_image(name, img, keep_files, rng):
     ref = W(name + ".ref.raw")
     qlib.qemu_to_raw(img, ref)
     size = os.path.getsize(ref)
-    snaps = snapshot_state(img)
+    snaps = qlib.snapshot_state(W, img)
     kept = {p: qlib.sha256_file(p) for p in keep_files}
     check(qlib.qemu_check(img)[0] == 0, "%s: qemu-img check of the fresh image is not clean" % what)
 
@@ -249,7 +238,7 @@ def run_image(name, img, keep_files, rng):
     check(rc == 0, "%s: qemu-img check after vqcowd writes: rc %s\n%s" % (what, rc, r.describe()))
     r = qlib.qemu_compare(ref, img, fmt_a="raw", fmt_b="qcow2")
     check(r.rc == 0, "%s: qemu-img compare with the raw reference: %s" % (what, r.describe()))
-    after = snapshot_state(img)
+    after = qlib.snapshot_state(W, img)
     check(after == snaps, "%s: snapshots changed: before %r, after %r" % (what, snaps, after))
     for p, h in kept.items():
         check(qlib.sha256_file(p) == h, "%s: backing file %s was modified" % (what, p))

@@ -103,17 +103,6 @@ def corpus():
     return out
 
 
-def snapshot_state(img):
-    snaps = qlib.snapshot_list(img)
-    hashes = {}
-    for _sid, name, _ in snaps:
-        out = W("snapdump.raw")
-        qlib.qemu_to_raw(img, out, snapshot=name)
-        hashes[name] = qlib.sha256_file(out)
-        os.unlink(out)
-    return snaps, hashes
-
-
 def tools(name, img, snaps):
     # info
     q = qlib.qemu_info(img)
@@ -147,7 +136,7 @@ def tools(name, img, snaps):
         r = vimg("check", "-r", mode, c)
         check(r.rc == 0, "%s: vqcow-img check -r %s: rc %s\n%s" % (name, mode, r.rc, r.describe()))
         qlib.assert_qemu_check_clean(c, "%s after vqcow-img check -r %s" % (name, mode))
-        check(snapshot_state(c) == snaps, "%s: snapshots changed by check -r %s" % (name, mode))
+        check(qlib.snapshot_state(W, c) == snaps, "%s: snapshots changed by check -r %s" % (name, mode))
         os.unlink(c)
 
 
@@ -162,7 +151,7 @@ def serve(img, what):
 def run_image(name, img, rng):
     ref = W(name + ".ref.raw")
     qlib.qemu_to_raw(img, ref)
-    snaps = snapshot_state(img)
+    snaps = qlib.snapshot_state(W, img)
     check(len(snaps[0]) >= 1, "%s: qemu-img lists no snapshot" % name)
     tools(name, img, snaps)
 
@@ -184,7 +173,7 @@ def run_image(name, img, rng):
     d.assert_clean_stop()
 
     qlib.assert_qemu_check_clean(img, "%s after vqcowd writes" % name)
-    after = snapshot_state(img)
+    after = qlib.snapshot_state(W, img)
     check(after == snaps, "%s: snapshots changed: before %r, after %r" % (name, snaps, after))
     r = qlib.qemu_img("snapshot", "-l", img)
     for _sid, sname, _ in snaps[0]:
