@@ -22,7 +22,8 @@
  *    it changed, sends a config-change notice to the frontend.
  *
  * Backend program conventions (vhost-user.rst): --socket-path or --fd,
- * --print-capabilities prints {"type": "block", "features": [...]}.
+ * --print-capabilities prints {"type": "block", "features": [...]} and the
+ * protocol features a connection is offered (print_capabilities).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -155,20 +156,45 @@ static int bad_value(const char *opt, const char *val, const char *what)
 	return 2;
 }
 
+/* Protocol features the glue adds to those vhost/ implements (none). */
+#define DAEMON_PROTOCOL_FEATURES 0
+
+/* One JSON array member per line: @first says whether a comma goes before. */
+static void caps_item(const char *name, bool *first)
+{
+	printf("%s\n    \"%s\"", *first ? "" : ",", name);
+	*first = false;
+}
+
 static void print_capabilities(void)
 {
-	/* docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock; then
-	 * (outside that schema, which front-ends that read it ignore) the
-	 * vhost-user protocol features vhost/ offers (vhost_offered_proto_features)
-	 * and VHOST_F_LOG_ALL: reconnect (inflight-shmfd) and live migration
-	 * (log-shmfd + log-all). */
-	printf("{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n"
-	       "    \"blk-file\"\n  ],\n"
-	       "  \"vhost-user-protocol-features\": [\n    \"mq\",\n    \"log-shmfd\",\n"
-	       "    \"reply-ack\",\n    \"backend-req\",\n    \"config\",\n"
-	       "    \"inflight-shmfd\",\n    \"reset-device\",\n"
-	       "    \"configure-mem-slots\"\n  ],\n"
-	       "  \"vhost-features\": [\n    \"log-all\"\n  ]\n}\n");
+	/* docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock
+	 * ("type", "features": the --read-only and --blk-file conventions);
+	 * then, outside that schema (front-ends that read it ignore unknown
+	 * members), what a connection is really offered: the protocol features
+	 * and vhost/'s own feature bits, from the masks GET_PROTOCOL_FEATURES
+	 * and GET_FEATURES answer with (reconnect: inflight-shmfd; live
+	 * migration: log-shmfd + log-all). */
+	struct vhost_dev_ops ops = {.protocol_features = DAEMON_PROTOCOL_FEATURES};
+	uint64_t proto = vhost_ops_protocol_features(&ops);
+	bool first = true;
+
+	printf("{\n  \"type\": \"block\",\n  \"features\": [");
+	caps_item("read-only", &first);
+	caps_item("blk-file", &first);
+	printf("\n  ],\n  \"vhost-user-protocol-features\": [");
+	first = true;
+	for (unsigned b = 0; b < 64; b++) {
+		const char *n = vhost_protocol_feature_name(b);
+
+		if ((proto >> b) & 1)
+			caps_item(n ? n : "unknown", &first);
+	}
+	printf("\n  ],\n  \"vhost-features\": [");
+	first = true;
+	if ((vhost_ops_features(&ops) >> VHOST_FEATURE_LOG_ALL) & 1)
+		caps_item("log-all", &first);
+	printf("\n  ]\n}\n");
 }
 
 /*
@@ -1221,7 +1247,7 @@ int main(int argc, char **argv)
 	d.flush_io.priv = &d;
 
 	d.ops.features = blk_dev_features(d.blk);
-	d.ops.protocol_features = 0;
+	d.ops.protocol_features = DAEMON_PROTOCOL_FEATURES;
 	d.ops.num_queues = (uint16_t)o.num_queues;
 	d.ops.max_queue_size = (uint16_t)o.queue_size;
 	d.ops.elem_size = sizeof(struct dreq);

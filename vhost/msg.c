@@ -43,21 +43,60 @@ struct msg_spec {
 #define VHOST_UNSUPPORTED_FEATURES                                                                 \
 	((1ull << 24) | (1ull << 33) | (1ull << 34) | (1ull << 35) | (1ull << 38))
 
-uint64_t vhost_offered_features(const struct vhost_dev *dev)
+uint64_t vhost_ops_features(const struct vhost_dev_ops *ops)
 {
-	return (dev->ops->features & ~VHOST_UNSUPPORTED_FEATURES) |
+	return (ops->features & ~VHOST_UNSUPPORTED_FEATURES) |
 	       (1ull << VHOST_USER_F_PROTOCOL_FEATURES) | (1ull << 32 /* VIRTIO_F_VERSION_1 */) |
 	       (1ull << VHOST_F_LOG_ALL) | (1ull << VIRTIO_RING_F_INDIRECT_DESC) |
 	       (1ull << VIRTIO_RING_F_EVENT_IDX);
 }
 
+uint64_t vhost_ops_protocol_features(const struct vhost_dev_ops *ops)
+{
+	return ops->protocol_features | (1ull << VU_PROTO_F_MQ) | (1ull << VU_PROTO_F_LOG_SHMFD) |
+	       (1ull << VU_PROTO_F_RESET_DEVICE) | (1ull << VU_PROTO_F_INFLIGHT_SHMFD) |
+	       (1ull << VU_PROTO_F_REPLY_ACK) | (1ull << VU_PROTO_F_BACKEND_REQ) |
+	       (1ull << VU_PROTO_F_CONFIG) | (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+}
+
+const char *vhost_protocol_feature_name(unsigned bit)
+{
+	/* vhost-user.rst "Protocol features", lower case with dashes (the
+	 * names vhost-user.json uses for its enums). */
+	static const char *const names[] = {
+	    "mq",
+	    "log-shmfd",
+	    "rarp",
+	    "reply-ack",
+	    "net-mtu",
+	    "backend-req",
+	    "cross-endian",
+	    "crypto-session",
+	    "pagefault",
+	    "config",
+	    "backend-send-fd",
+	    "host-notifier",
+	    "inflight-shmfd",
+	    "reset-device",
+	    "inband-notifications",
+	    "configure-mem-slots",
+	    "status",
+	    "xen-mmap",
+	    "shared-object",
+	    "device-state",
+	};
+
+	return bit < sizeof(names) / sizeof(names[0]) ? names[bit] : NULL;
+}
+
+uint64_t vhost_offered_features(const struct vhost_dev *dev)
+{
+	return vhost_ops_features(dev->ops);
+}
+
 uint64_t vhost_offered_proto_features(const struct vhost_dev *dev)
 {
-	return dev->ops->protocol_features | (1ull << VU_PROTO_F_MQ) |
-	       (1ull << VU_PROTO_F_LOG_SHMFD) | (1ull << VU_PROTO_F_RESET_DEVICE) |
-	       (1ull << VU_PROTO_F_INFLIGHT_SHMFD) | (1ull << VU_PROTO_F_REPLY_ACK) |
-	       (1ull << VU_PROTO_F_BACKEND_REQ) | (1ull << VU_PROTO_F_CONFIG) |
-	       (1ull << VU_PROTO_F_CONFIGURE_MEM_SLOTS);
+	return vhost_ops_protocol_features(dev->ops);
 }
 
 void vhost_msg_close_fds(struct vu_msg *msg)

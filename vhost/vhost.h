@@ -131,6 +131,18 @@ struct vhost_dev_ops {
 	void (*mem_changed)(void *opaque, struct vhost_dev *dev);
 };
 
+/* The virtio feature bits (device bits of @ops and vhost/'s own transport
+ * bits, VHOST_F_LOG_ALL included) and the vhost-user protocol feature bits a
+ * connection with @ops is offered: exactly what GET_FEATURES and
+ * GET_PROTOCOL_FEATURES answer. */
+uint64_t vhost_ops_features(const struct vhost_dev_ops *ops);
+uint64_t vhost_ops_protocol_features(const struct vhost_dev_ops *ops);
+/* The name of protocol feature @bit as vhost-user.rst spells it, lower case
+ * with dashes ("inflight-shmfd"), or NULL for a bit it does not define. */
+const char *vhost_protocol_feature_name(unsigned bit);
+/* VHOST_F_LOG_ALL: the virtio feature bit vhost-user uses for dirty logging. */
+#define VHOST_FEATURE_LOG_ALL 26
+
 /* ---- server ---- */
 
 /*

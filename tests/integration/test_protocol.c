@@ -871,6 +871,75 @@ static void t_resize_config_change(void)
 	STOP(d);
 }
 
+/*
+ * --print-capabilities lists exactly the protocol features a connection is
+ * offered (GET_PROTOCOL_FEATURES) and "log-all" exactly when GET_FEATURES
+ * offers VHOST_F_LOG_ALL. Names from vhost-user.rst "Protocol features".
+ */
+static void t_print_capabilities(void)
+{
+	static const char *const names[] = {
+	    "mq",
+	    "log-shmfd",
+	    "rarp",
+	    "reply-ack",
+	    "net-mtu",
+	    "backend-req",
+	    "cross-endian",
+	    "crypto-session",
+	    "pagefault",
+	    "config",
+	    "backend-send-fd",
+	    "host-notifier",
+	    "inflight-shmfd",
+	    "reset-device",
+	    "inband-notifications",
+	    "configure-mem-slots",
+	    "status",
+	    "xen-mmap",
+	    "shared-object",
+	    "device-state",
+	};
+	char cmd[512], out[4096], quoted[64];
+	size_t n = 0;
+	FILE *p;
+
+	snprintf(cmd, sizeof(cmd), "'%s' --print-capabilities", itest_vqcowd_path());
+	p = popen(cmd, "r");
+	CU_ASSERT_FATAL(p != NULL);
+	while (n < sizeof(out) - 1) {
+		size_t k = fread(out + n, 1, sizeof(out) - 1 - n, p);
+
+		if (!k)
+			break;
+		n += k;
+	}
+	out[n] = 0;
+	CU_ASSERT_EQUAL(pclose(p), 0);
+	CU_ASSERT_EQUAL(
+	    tu_sh("printf '%%s' '%s' | python3 -c 'import json,sys; json.load(sys.stdin)'", out),
+	    0);
+	START(d);
+	CONNECT(fe, d, NULL);
+	for (unsigned b = 0; b < sizeof(names) / sizeof(names[0]); b++) {
+		bool offered = (vqfe_dev_protocol_features(fe) >> b) & 1;
+
+		snprintf(quoted, sizeof(quoted), "\"%s\"", names[b]);
+		if (offered != (strstr(out, quoted) != NULL)) {
+			fprintf(stderr, "protocol feature %s: offered %d, listed %d\n", names[b],
+				offered, !offered);
+			CU_FAIL("--print-capabilities protocol features");
+		}
+	}
+	CU_ASSERT_EQUAL(vqfe_dev_protocol_features(fe) >> 20, 0); /* no bit we cannot name */
+	CU_ASSERT_EQUAL(((vqfe_dev_features(fe) >> 26) & 1) != 0,
+			strstr(out, "\"log-all\"") != NULL);
+	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"inflight-shmfd\""));
+	CU_ASSERT_PTR_NOT_NULL(strstr(out, "\"log-shmfd\""));
+	vqfe_close(fe);
+	STOP(d);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -892,6 +961,8 @@ static void add_suites(void)
 	tu_add_test(s, "sigterm_inflight", t_sigterm_inflight,
 		    itest_vqcowd_only("qemu-storage-daemon 7.2 drops in-flight requests on "
 				      "SIGTERM"));
+	tu_add_test(s, "print_capabilities", t_print_capabilities,
+		    itest_vqcowd_only("--print-capabilities of vqcowd"));
 	tu_add_test(s, "resize_config_change", t_resize_config_change,
 		    itest_vqcowd_only("resize on SIGHUP is vqcowd's own"));
 }
