@@ -8,6 +8,13 @@
 # 1. A failed migration: the destination QEMU is killed while the migration
 #    runs; the source guest must go on and finish its job (fio randwrite
 #    with crc32c verify, ext4 files) with PASS.
+# 1b. A migration that fails after the switchover began: with QEMU's
+#    pause-before-switchover capability the source stops the guest and its
+#    rings (its vqcowd writes everything back, drops its metadata and
+#    releases its locks) and waits; the destination QEMU is killed there and
+#    the migration continued, so it fails and the source guest resumes: the
+#    source vqcowd must take the image back (locks, metadata read afresh)
+#    and the guest finish its job with PASS.
 # 2. A migration in the middle of fio (job e2e): the guest must finish on the
 #    destination with PASS and no I/O error on its console; the source vqcowd
 #    must have let the image go, the destination taken it.
@@ -81,7 +88,44 @@ def cmd(name, **args):
         if 'return' in r or 'error' in r:
             return r
 cmd('qmp_capabilities')
-if sys.argv[2] == 'migrate':
+if sys.argv[2] == 'migrate-pause':
+    # argv[4]: the destination QEMU's pid, argv[5]: the source vqcowd's log.
+    # Kill the destination once the source stopped its rings and let the
+    # image go, then let the migration go on: it must fail.
+    import os, signal
+    r = cmd('migrate-set-capabilities',
+            capabilities=[{'capability': 'pause-before-switchover', 'state': True}])
+    assert 'return' in r, r
+    r = cmd('migrate', uri=sys.argv[3])
+    if 'error' in r:
+        print('error', r['error']['desc']); sys.exit(0)
+    st = ''
+    for i in range(3000):
+        st = cmd('query-migrate')['return'].get('status')
+        if st in ('pre-switchover', 'completed', 'failed', 'cancelled'):
+            break
+        time.sleep(0.1)
+    if st != 'pre-switchover':
+        print('no pre-switchover state:', st); sys.exit(0)
+    released = False
+    for i in range(300):
+        if 'locks released' in open(sys.argv[5]).read():
+            released = True
+            break
+        time.sleep(0.1)
+    print('pre-switchover, source image', 'released;' if released else 'NOT released;', end=' ')
+    os.kill(int(sys.argv[4]), signal.SIGKILL)
+    time.sleep(0.5)
+    r = cmd('migrate-continue', state='pre-switchover')
+    for i in range(3000):
+        r = cmd('query-migrate')['return']
+        if r.get('status') in ('completed', 'failed', 'cancelled'):
+            print(r.get('status'), r.get('error-desc', ''))
+            break
+        time.sleep(0.1)
+    cmd('migrate-set-capabilities',
+        capabilities=[{'capability': 'pause-before-switchover', 'state': False}])
+elif sys.argv[2] == 'migrate':
     # argv[4]: a pid to SIGKILL once RAM is being transferred (a failed migration)
     victim = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     r = cmd('migrate', uri=sys.argv[3])
@@ -157,6 +201,35 @@ grep -q "VQCOW-GUEST: PASS" "$work/qsrc.log" || fail "source guest failed after 
 kill "$pid_qsrc" 2>/dev/null
 wait "$pid_qsrc" 2>/dev/null
 vm_log "failed migration: the source guest finished its job (PASS)"
+
+# ---- 1b. a failed migration after the source's rings stopped ----
+guest qsrc1 src
+guest qdst1 dst -incoming "tcp:127.0.0.1:$((port + 2))"
+wait_for "$work/qsrc1.log" "STEP find-disk ok" 300 || fail "source guest did not find its disk"
+sleep 2 # fio under way
+nact=$(grep -c "image active" "$work/src.log")
+res=$(qmp "$work/qsrc1.qmp" migrate-pause "tcp:127.0.0.1:$((port + 2))" "$pid_qdst1" "$work/src.log")
+vm_log "migration failed at the switchover: $res"
+case "$res" in "pre-switchover, source image released; failed"*) ;;
+*) fail "want the source's image released, then a failed migration: $res" ;; esac
+st=$(qmp "$work/qsrc1.qmp" query-status)
+vm_log "source guest: $st"
+[ "$st" = running ] || fail "the source guest is not running after the failed migration ($st)"
+for ((i = 0; i < 100; i++)); do
+	[ "$(grep -c "image active" "$work/src.log")" -gt "$nact" ] && break
+	sleep 0.1
+done
+[ "$(grep -c "image active" "$work/src.log")" -gt "$nact" ] ||
+	fail "the source vqcowd did not take the image back"
+wait_for "$work/qsrc1.log" "VQCOW-GUEST: \(PASS\|FAIL\)" 900 || fail "source guest did not finish"
+grep -q "VQCOW-GUEST: PASS" "$work/qsrc1.log" ||
+	fail "source guest failed after the migration failed at the switchover"
+grep -qi "I/O error\|blk_update_request\|critical medium" "$work/qsrc1.log" &&
+	fail "I/O errors in the source guest's kernel log"
+grep -q "image active" "$work/dst.log" && fail "the destination vqcowd took the image"
+kill "$pid_qsrc1" 2>/dev/null
+wait "$pid_qsrc1" 2>/dev/null
+vm_log "failed switchover: the source took its image back; the guest finished its job (PASS)"
 
 # ---- 2. a migration under fio ----
 FIOSIZE=300M
