@@ -13,7 +13,11 @@
  *    command gets a CommandNotFound error;
  *  - {"execute": NAME, "arguments": {...}, "id": ANY} gets
  *    {"return": R, "id": ANY} or {"error": {"class": C, "desc": TEXT}, "id": ANY};
- *  - replies are written in order, one JSON object per line ("\r\n").
+ *  - replies are written in order, one JSON object per line ("\r\n");
+ *  - a slow command may answer later (qmp_server_defer, below): until it has,
+ *    that client's next commands wait unread and unparsed, so its replies
+ *    keep the order of its commands (QEMU answers a monitor in order);
+ *    other clients and events are not held up.
  * Input is a byte stream of JSON objects (no framing beyond JSON itself).
  * Malformed JSON, a non-object, unknown members, unknown commands and
  * arguments of the wrong type get a GenericError/CommandNotFound reply; a
@@ -65,6 +69,15 @@ struct qmp_arg {
  */
 typedef int qmp_handler_fn(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen);
 
+/*
+ * The reply a slow command owes its client, from qmp_server_defer() until
+ * qmp_pending_return() or qmp_pending_error(), which free it.
+ */
+struct qmp_pending;
+
+/* What a handler returns when it took its reply with qmp_server_defer(). */
+#define QMP_PENDING 1
+
 struct qmp_command {
 	const char *name; /* NULL ends the table */
 	struct qmp_arg args[QMP_MAX_ARGS + 1];
@@ -72,6 +85,33 @@ struct qmp_command {
 };
 
 struct qmp_server;
+
+/*
+ * Slow commands (quiesce an image, flush, write tables): a handler that
+ * cannot answer now calls qmp_server_defer() and returns QMP_PENDING, then
+ * replies exactly once, later, from the loop's thread, with
+ * qmp_pending_return() or qmp_pending_error() (it may also do so before it
+ * returns). NULL: out of memory, or not called from a handler (then return
+ * -ENOMEM). A handler that defers and still returns 0 or -errno has that
+ * sent at once and must forget the handle.
+ *
+ * Until the reply, the client's later commands wait (they are not even read)
+ * so its replies keep its commands' order; events are still sent to it, and
+ * other clients go on. A client that disconnects, or a server that exits,
+ * meanwhile leaves the handle valid: the command runs to its end and its
+ * reply is dropped (QEMU finishes a command whose monitor went away, too).
+ */
+struct qmp_pending *qmp_server_defer(struct qmp_server *s);
+
+/* Reply {"return": @ret} (consumed; NULL = {}) and free @p. */
+void qmp_pending_return(struct qmp_pending *p, json_t *ret);
+
+/* Reply a GenericError with the message and free @p. */
+void qmp_pending_error(struct qmp_pending *p, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Is the client still there to read the reply? (Work may go on regardless.) */
+bool qmp_pending_connected(const struct qmp_pending *p);
 
 /*
  * Listen on @path (a UNIX socket created with mode 0600; a stale socket left

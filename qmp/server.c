@@ -23,13 +23,20 @@ struct client {
 	struct qmp_server *s;
 	int fd;
 	bool negotiated;
-	bool closing;         /* close once the output is sent */
-	unsigned watching;    /* events watched now (0 = none) */
-	char in[QMP_MAX_MSG]; /* unparsed input */
+	bool closing;                /* close once the output is sent */
+	unsigned watching;           /* events watched now (0 = none) */
+	bool busy;                   /* inside client_ready: it rewatches or closes at its end */
+	struct qmp_pending *pending; /* a reply owed by a slow command: input waits */
+	char in[QMP_MAX_MSG];        /* unparsed input */
 	size_t in_len;
 	char *out; /* unsent replies */
 	size_t out_len, out_cap;
 	struct client *next;
+};
+
+struct qmp_pending {
+	struct client *c; /* NULL once the client is gone */
+	json_t *id;
 };
 
 struct qmp_server {
@@ -43,6 +50,11 @@ struct qmp_server {
 	void *opaque;
 	struct client *clients;
 	unsigned nclients;
+	/* While a handler runs: its client, the command's id, the reply it deferred. */
+	struct client *cur;
+	json_t *cur_id;
+	struct qmp_pending *deferred;
+	bool replied; /* ...and answered it already */
 };
 
 static void client_close(struct client *c)
@@ -51,6 +63,8 @@ static void client_close(struct client *c)
 
 	if (c->watching)
 		s->loop->unwatch(s->loop->opaque, c->fd);
+	if (c->pending)
+		c->pending->c = NULL; /* its owner replies into the void */
 	close(c->fd);
 	for (struct client **p = &s->clients; *p; p = &(*p)->next) {
 		if (*p == c) {
@@ -65,16 +79,21 @@ static void client_close(struct client *c)
 
 static void client_ready(void *arg);
 
-/* Watch for input when nothing waits to be sent, else for room to send. */
+/*
+ * Watch for room to send when replies wait, else for input unless a reply is
+ * pending (the client's next commands wait in the socket meanwhile).
+ */
 static int client_rewatch(struct client *c)
 {
-	unsigned want = c->out_len ? POLLOUT : POLLIN;
+	unsigned want = c->out_len ? POLLOUT : c->pending ? 0 : POLLIN;
 
 	if (c->watching == want)
 		return 0;
 	if (c->watching)
 		c->s->loop->unwatch(c->s->loop->opaque, c->fd);
 	c->watching = 0;
+	if (!want)
+		return 0;
 	if (c->s->loop->watch(c->s->loop->opaque, c->fd, want, client_ready, c) < 0)
 		return -ENOMEM;
 	c->watching = want;
@@ -301,8 +320,32 @@ static void dispatch(struct client *c, json_t *req)
 		return;
 	}
 	err[0] = '\0';
+	s->cur = c;
+	s->cur_id = id;
+	s->deferred = NULL;
+	s->replied = false;
 	r = cmd->handler(s->opaque, args, &ret, err, sizeof(err));
 	json_decref(args);
+	s->cur = NULL;
+	if (s->replied) {
+		json_decref(ret); /* deferred and answered already */
+		return;
+	}
+	if (s->deferred) {
+		struct qmp_pending *p = s->deferred;
+
+		s->deferred = NULL;
+		if (r == QMP_PENDING)
+			return; /* p belongs to the handler now, and may be gone */
+		/* Deferred, then answered at once after all: that answer now. */
+		c->pending = NULL;
+		p->c = NULL;
+		json_decref(p->id);
+		free(p);
+	} else if (r == QMP_PENDING) {
+		vlog(VLOG_ERROR, NULL, "qmp: %s: pending without a deferred reply", name);
+		r = -EIO;
+	}
 	if (r < 0) {
 		json_decref(ret);
 		send_error(c, id, "GenericError", "%s", err[0] ? err : strerror(-r));
@@ -331,7 +374,7 @@ static void client_parse(struct client *c)
 {
 	size_t pos = 0;
 
-	while (!c->closing) {
+	while (!c->closing && !c->pending) {
 		json_error_t e;
 		json_t *req;
 
@@ -358,7 +401,7 @@ static void client_parse(struct client *c)
 	}
 	memmove(c->in, c->in + pos, c->in_len - pos);
 	c->in_len -= pos;
-	if (c->in_len == sizeof(c->in) && !c->closing) {
+	if (c->in_len == sizeof(c->in) && !c->closing && !c->pending) {
 		send_error(c, NULL, "GenericError", "QMP message too large (over %d bytes)",
 			   QMP_MAX_MSG);
 		c->closing = true;
@@ -370,9 +413,16 @@ static void client_ready(void *arg)
 	struct client *c = arg;
 	bool eof = false;
 
+	c->busy = true;
 	if (c->out_len && client_flush(c) < 0)
 		goto close;
-	while (!c->out_len && !c->closing && c->in_len < sizeof(c->in)) {
+	if (!c->out_len && !c->pending && c->in_len) {
+		/* Commands that waited for a pending reply. */
+		client_parse(c);
+		if (client_flush(c) < 0)
+			goto close;
+	}
+	while (!c->out_len && !c->closing && !c->pending && c->in_len < sizeof(c->in)) {
 		ssize_t n = recv(c->fd, c->in + c->in_len, sizeof(c->in) - c->in_len, MSG_DONTWAIT);
 
 		if (n < 0 && errno == EINTR)
@@ -392,9 +442,94 @@ static void client_ready(void *arg)
 		goto close;
 	if (client_rewatch(c) < 0)
 		goto close;
+	c->busy = false;
 	return;
 close:
 	client_close(c);
+}
+
+/* The reply of a slow command (consumes @msg; NULL: out of memory). */
+static void pending_finish(struct qmp_pending *p, json_t *msg)
+{
+	struct client *c = p->c;
+
+	if (c && c->s->deferred == p) { /* inside its handler still */
+		c->s->deferred = NULL;
+		c->s->replied = true;
+	}
+	if (!c) {
+		json_decref(msg);
+		goto out;
+	}
+	c->pending = NULL;
+	if (!msg || c->closing) {
+		json_decref(msg);
+		if (!msg)
+			c->closing = true; /* a reply is lost: the client cannot go on */
+	} else {
+		if (p->id)
+			json_object_set(msg, "id", p->id);
+		client_send(c, msg);
+	}
+	/* Not sent from here: the watch for room to send runs client_ready,
+	 * which sends it and then the commands that waited, in order, from
+	 * the loop rather than from inside whoever completed us. */
+	if (!c->busy && ((c->closing && !c->out_len) || client_rewatch(c) < 0))
+		client_close(c);
+out:
+	json_decref(p->id);
+	free(p);
+}
+
+void qmp_pending_return(struct qmp_pending *p, json_t *ret)
+{
+	json_t *msg = json_object();
+
+	if (!msg) {
+		json_decref(ret);
+		pending_finish(p, NULL);
+		return;
+	}
+	if (!ret)
+		ret = json_object();
+	if (json_object_set_new(msg, "return", ret) < 0) { /* consumes ret */
+		json_decref(msg);
+		msg = NULL;
+	}
+	pending_finish(p, msg);
+}
+
+void qmp_pending_error(struct qmp_pending *p, const char *fmt, ...)
+{
+	char desc[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(desc, sizeof(desc), fmt, ap);
+	va_end(ap);
+	pending_finish(p,
+		       json_pack("{s:{s:s,s:s}}", "error", "class", "GenericError", "desc", desc));
+}
+
+struct qmp_pending *qmp_server_defer(struct qmp_server *s)
+{
+	struct qmp_pending *p;
+
+	if (!s->cur || s->deferred)
+		return NULL;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return NULL;
+	p->c = s->cur;
+	p->id = json_incref(s->cur_id);
+	s->cur->pending = p;
+	s->deferred = p;
+	return p;
+}
+
+bool qmp_pending_connected(const struct qmp_pending *p)
+{
+	return p->c && !p->c->closing;
 }
 
 static void accept_ready(void *arg)
@@ -548,6 +683,11 @@ void qmp_server_event(struct qmp_server *s, const char *name, json_t *data)
 		if (!c->negotiated || c->closing)
 			continue;
 		client_send(c, json_incref(ev));
+		if (c->busy) {
+			/* Sent from inside its own client_ready (a handler's
+			 * event): that one sends it and closes if need be. */
+			continue;
+		}
 		if (client_flush(c) < 0 || (c->closing && !c->out_len) || client_rewatch(c) < 0)
 			client_close(c);
 	}

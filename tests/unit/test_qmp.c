@@ -4,7 +4,8 @@
  * with a fake event loop (poll(2) over the fds the server asked to watch).
  * Protocol and error texts as QEMU's (checked against qemu-storage-daemon by
  * integration.qmp); hostile input: garbage, huge and split messages, a
- * client that never reads; events; socket ownership; no fd leaks.
+ * client that never reads; events; socket ownership; no fd leaks; slow
+ * commands (qmp_server_defer): replies in order, clients that leave meanwhile.
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
@@ -96,14 +97,52 @@ static int h_fail(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	return -EIO;
 }
 
+/* Slow commands: "slow" keeps its reply in held[] for the test to give. */
+static struct qmp_pending *held[4];
+static int nheld;
+
+static struct qmp_server *srv;
+
+static int a_slow(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	CU_ASSERT_FATAL(nheld < 4);
+	held[nheld] = qmp_server_defer(srv);
+	CU_ASSERT_FATAL(held[nheld] != NULL);
+	CU_ASSERT(qmp_server_defer(srv) == NULL); /* once */
+	nheld++;
+	return QMP_PENDING;
+}
+
+/* A handler that deferred may still answer at once, with a value or an error... */
+static int a_now(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	CU_ASSERT(qmp_server_defer(srv) != NULL);
+	if (json_object_get(args, "why")) {
+		snprintf(err, errlen, "refused: %s",
+			 json_string_value(json_object_get(args, "why")));
+		return -EBUSY;
+	}
+	*ret = json_pack("{s:s}", "now", "yes");
+	return 0;
+}
+
+/* ...or complete its qmp_pending before it returns QMP_PENDING. */
+static int a_inline(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	qmp_pending_return(qmp_server_defer(srv), json_pack("{s:s}", "inline", "yes"));
+	return QMP_PENDING;
+}
+
 static const struct qmp_command cmds[] = {
     {"echo", {{"s", QMP_STR, false}, {"i", QMP_INT, true}, {"b", QMP_BOOL, true}, {NULL}}, h_echo},
     {"fail", {{"why", QMP_STR, false}, {NULL}}, h_fail},
+    {"slow", {{NULL}}, a_slow},
+    {"now", {{"why", QMP_STR, true}, {NULL}}, a_now},
+    {"inline", {{NULL}}, a_inline},
     {NULL},
 };
 
 static char dir[256], path[300];
-static struct qmp_server *srv;
 
 static void start(void)
 {
@@ -372,6 +411,124 @@ static void test_events_and_socket(void)
 	}
 }
 
+/* Nothing to read from @fd now (pumping the server meanwhile). */
+static bool silent(int fd)
+{
+	char ch;
+
+	pump(5);
+	return recv(fd, &ch, 1, MSG_DONTWAIT | MSG_PEEK) < 0 && errno == EAGAIN;
+}
+
+static json_int_t reply_id(json_t *r)
+{
+	json_int_t id = json_integer_value(json_object_get(r, "id"));
+
+	json_decref(r);
+	return id;
+}
+
+static void test_async(void)
+{
+	int base = tu_count_fds(), a, b;
+	json_t *r;
+
+	start();
+	nheld = 0;
+	a = negotiated();
+	b = negotiated();
+	/* A slow command holds a's later commands, not b's, nor the events. */
+	put(a, "{\"execute\": \"slow\", \"id\": 1}"
+	       "{\"execute\": \"echo\", \"arguments\": {\"s\": \"x\"}, \"id\": 2}");
+	CU_ASSERT(silent(a));
+	CU_ASSERT_FATAL(nheld == 1);
+	CU_ASSERT(qmp_pending_connected(held[0]));
+	put(a, "{\"execute\": \"echo\", \"arguments\": {\"s\": \"y\"}, \"id\": 3}");
+	CU_ASSERT(silent(a));
+	put(b, "{\"execute\": \"echo\", \"arguments\": {\"s\": \"z\"}, \"id\": 7}");
+	CU_ASSERT(reply_id(get(b)) == 7);
+	qmp_server_event(srv, "JOB_STATUS_CHANGE", json_pack("{s:s}", "id", "j"));
+	r = get(a);
+	CU_ASSERT_STRING_EQUAL(json_string_value(json_object_get(r, "event")), "JOB_STATUS_CHANGE");
+	json_decref(r);
+	json_decref(get(b));
+	CU_ASSERT(silent(a));
+	/* The reply, then the held commands' replies, in order. */
+	qmp_pending_return(held[0], json_pack("{s:i}", "done", 1));
+	r = get(a);
+	CU_ASSERT(json_integer_value(json_object_get(json_object_get(r, "return"), "done")) == 1);
+	CU_ASSERT(reply_id(r) == 1);
+	CU_ASSERT(reply_id(get(a)) == 2);
+	CU_ASSERT(reply_id(get(a)) == 3);
+
+	/* An error later; a slow command behind a slow command. */
+	nheld = 0;
+	put(a, "{\"execute\": \"slow\", \"id\": 10}{\"execute\": \"slow\", \"id\": 11}"
+	       "{\"execute\": \"now\", \"id\": 12}");
+	CU_ASSERT(silent(a));
+	CU_ASSERT_FATAL(nheld == 1);
+	qmp_pending_error(held[0], "Snapshot with name '%s' already exists", "s1");
+	r = get(a);
+	CU_ASSERT_STRING_EQUAL(
+	    json_string_value(json_object_get(json_object_get(r, "error"), "desc")),
+	    "Snapshot with name 's1' already exists");
+	CU_ASSERT(reply_id(r) == 10);
+	CU_ASSERT(silent(a));
+	CU_ASSERT_FATAL(nheld == 2);
+	qmp_pending_return(held[1], NULL);
+	r = get(a);
+	CU_ASSERT(json_is_object(json_object_get(r, "return")));
+	CU_ASSERT(reply_id(r) == 11);
+	r = get(a);
+	CU_ASSERT_STRING_EQUAL(
+	    json_string_value(json_object_get(json_object_get(r, "return"), "now")), "yes");
+	CU_ASSERT(reply_id(r) == 12);
+
+	/* Answered at once: a value, an error, completed inside the handler. */
+	put(a, "{\"execute\": \"now\", \"arguments\": {\"why\": \"busy\"}, \"id\": 20}"
+	       "{\"execute\": \"inline\", \"id\": 21}"
+	       "{\"execute\": \"echo\", \"arguments\": {\"s\": \"x\"}, \"id\": 22}");
+	r = get(a);
+	CU_ASSERT_STRING_EQUAL(
+	    json_string_value(json_object_get(json_object_get(r, "error"), "desc")),
+	    "refused: busy");
+	CU_ASSERT(reply_id(r) == 20);
+	r = get(a);
+	CU_ASSERT_STRING_EQUAL(
+	    json_string_value(json_object_get(json_object_get(r, "return"), "inline")), "yes");
+	CU_ASSERT(reply_id(r) == 21);
+	CU_ASSERT(reply_id(get(a)) == 22);
+
+	/* The client leaves while its reply is pending: the reply goes
+	 * nowhere (ASan would see a use after free), the others go on. */
+	nheld = 0;
+	put(a, "{\"execute\": \"slow\", \"id\": 30}{\"execute\": \"echo\", \"arguments\": "
+	       "{\"s\": \"x\"}, \"id\": 31}");
+	CU_ASSERT(silent(a));
+	CU_ASSERT_FATAL(nheld == 1);
+	close(a);
+	pump(5);
+	/* Not watched while pending: the close is seen when the reply is sent. */
+	qmp_pending_return(held[0], json_pack("{s:s}", "late", "yes"));
+	pump(5);
+	CU_ASSERT(qmp_server_clients(srv) == 1);
+	put(b, "{\"execute\": \"echo\", \"arguments\": {\"s\": \"z\"}, \"id\": 8}");
+	CU_ASSERT(reply_id(get(b)) == 8);
+
+	/* Deferring outside a handler is refused. */
+	CU_ASSERT(qmp_server_defer(srv) == NULL);
+	/* The server exits with a reply pending: the handle stays valid. */
+	nheld = 0;
+	put(b, "{\"execute\": \"slow\", \"id\": 40}");
+	CU_ASSERT(silent(b));
+	CU_ASSERT_FATAL(nheld == 1);
+	qmp_server_exit(srv);
+	CU_ASSERT(!qmp_pending_connected(held[0]));
+	qmp_pending_error(held[0], "too late");
+	close(b);
+	CU_ASSERT(tu_count_fds() == base);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -385,6 +542,7 @@ int main(void)
 	CU_add_test(s, "protocol, schema checks, framing", test_protocol);
 	CU_add_test(s, "hostile clients: garbage, oversized, not reading", test_hostile);
 	CU_add_test(s, "events, socket ownership and mode", test_events_and_socket);
+	CU_add_test(s, "slow commands: pending replies, order, leaving clients", test_async);
 	fails = tu_cunit_run();
 	rmdir(dir);
 	return fails ? 1 : 0;
