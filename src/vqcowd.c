@@ -156,6 +156,54 @@ static int bad_value(const char *opt, const char *val, const char *what)
 	return 2;
 }
 
+/*
+ * Test seam (VQCOWD_TEST_CRASH=POINT:N): SIGKILL ourselves the N-th time
+ * vhost/ passes crash point POINT (vhost_crash_point_name()), so that tests
+ * kill a real daemon at an exact instant of inflight tracking, which no
+ * signal sent from outside can hit. Unset (always outside tests), no hook is
+ * installed and the points cost a predicted branch each.
+ */
+static enum vhost_crash_point crash_point;
+static unsigned long crash_left;
+
+static void crash_hook(enum vhost_crash_point p)
+{
+	if (p != crash_point || --crash_left)
+		return;
+	log_warn("VQCOWD_TEST_CRASH: killed at %s", vhost_crash_point_name(p));
+	raise(SIGKILL);
+}
+
+/* 0 (armed or not asked for) or -1 after printing why the value is bad. */
+static int crash_setup(void)
+{
+	const char *e = getenv("VQCOWD_TEST_CRASH"), *colon;
+	char *end;
+
+	if (!e || !*e)
+		return 0;
+	colon = strchr(e, ':');
+	for (unsigned p = 0; colon && p < VHOST_CRASH_NPOINTS; p++) {
+		const char *n = vhost_crash_point_name((enum vhost_crash_point)p);
+
+		if (strlen(n) != (size_t)(colon - e) || strncmp(e, n, strlen(n)) != 0)
+			continue;
+		errno = 0;
+		crash_left = strtoul(colon + 1, &end, 10);
+		if (errno || *end || !crash_left)
+			break;
+		crash_point = (enum vhost_crash_point)p;
+		vhost_set_crash_hook(crash_hook);
+		log_warn("VQCOWD_TEST_CRASH: armed at %s:%lu (a test seam)", n, crash_left);
+		return 0;
+	}
+	fprintf(stderr,
+		"vqcowd: VQCOWD_TEST_CRASH=%s: expected POINT:N, POINT one of "
+		"pop-fetched, pop-marked, push-linked, push-used, push-done\n",
+		e);
+	return -1;
+}
+
 /* Protocol features the glue adds to those vhost/ implements (none). */
 #define DAEMON_PROTOCOL_FEATURES 0
 
@@ -1166,6 +1214,8 @@ int main(int argc, char **argv)
 	vlog_init("vqcowd");
 	if (check_socket_path(o.socket_path) < 0)
 		return 1;
+	if (crash_setup() < 0)
+		return 2;
 	if (o.log_level >= 0) {
 		vlog_set_level((enum vlog_level)o.log_level);
 	} else {

@@ -54,6 +54,24 @@
 /* Per-queue regions are aligned like QEMU's/libvhost-user's. */
 #define INFLIGHT_ALIGN 64
 
+vhost_crash_fn *vhost_crash_hook;
+
+void vhost_set_crash_hook(vhost_crash_fn *fn)
+{
+	vhost_crash_hook = fn;
+}
+
+const char *vhost_crash_point_name(enum vhost_crash_point point)
+{
+	static const char *const names[VHOST_CRASH_NPOINTS] = {
+	    [VHOST_CRASH_POP_FETCHED] = "pop-fetched", [VHOST_CRASH_POP_MARKED] = "pop-marked",
+	    [VHOST_CRASH_PUSH_LINKED] = "push-linked", [VHOST_CRASH_PUSH_USED] = "push-used",
+	    [VHOST_CRASH_PUSH_DONE] = "push-done",
+	};
+
+	return (unsigned)point < VHOST_CRASH_NPOINTS ? names[point] : NULL;
+}
+
 size_t vhost_inflight_queue_size(uint16_t queue_size)
 {
 	size_t n = sizeof(struct vu_inflight_queue) + sizeof(struct vu_inflight_desc) * queue_size;
@@ -276,6 +294,10 @@ int vhost_inflight_start(struct vhost_vq *vq)
 		}
 		qsort_r(vq->resubmit, n, sizeof(uint16_t), cmp_counter, q);
 		vhost_info("vring %u: resubmitting %u request(s) left in flight", vq->idx, n);
+		for (uint16_t k = 0; k < n; k++)
+			vhost_dbg("vring %u: resubmit head %u (fetched as #%llu)", vq->idx,
+				  vq->resubmit[k],
+				  (unsigned long long)LOAD(&q->desc[vq->resubmit[k]].counter));
 	}
 	vq->resubmit_n = n;
 	vq->counter = maxc;

@@ -143,6 +143,27 @@ const char *vhost_protocol_feature_name(unsigned bit);
 /* VHOST_F_LOG_ALL: the virtio feature bit vhost-user uses for dirty logging. */
 #define VHOST_FEATURE_LOG_ALL 26
 
+/*
+ * Test seam: the instants of inflight tracking (vhost-user.rst "Inflight I/O
+ * tracking") at which a kill is the hardest on a restarted back-end. Only
+ * rings with an inflight region pass through them. With no hook installed
+ * (always, outside tests) each costs one load and a branch predicted not
+ * taken; vqcowd installs one only when VQCOWD_TEST_CRASH asks for it.
+ */
+enum vhost_crash_point {
+	VHOST_CRASH_POP_FETCHED, /* head taken from the avail ring, not marked in flight yet */
+	VHOST_CRASH_POP_MARKED,  /* marked in flight, not handed to the device model yet */
+	VHOST_CRASH_PUSH_LINKED, /* on the batch list, used element not written yet */
+	VHOST_CRASH_PUSH_USED,   /* used->idx published, in-flight flag not cleared yet */
+	VHOST_CRASH_PUSH_DONE,   /* in-flight flag cleared, region used_idx updated */
+	VHOST_CRASH_NPOINTS
+};
+typedef void vhost_crash_fn(enum vhost_crash_point point);
+/* Install @fn (NULL: none), called at every crash point passed. */
+void vhost_set_crash_hook(vhost_crash_fn *fn);
+/* "pop-fetched", "pop-marked", "push-linked", "push-used", "push-done". */
+const char *vhost_crash_point_name(enum vhost_crash_point point);
+
 /* ---- server ---- */
 
 /*

@@ -435,6 +435,12 @@ void vhost_dev_reset_state(struct vhost_dev *dev);
 void vhost_dev_reset_finish(struct vhost_dev *dev);
 
 /* inflight.c */
+extern vhost_crash_fn *vhost_crash_hook;
+#define VHOST_CRASH_POINT(p)                                                                       \
+	do {                                                                                       \
+		if (__builtin_expect(vhost_crash_hook != NULL, 0))                                 \
+			vhost_crash_hook(p);                                                       \
+	} while (0)
 size_t vhost_inflight_queue_size(uint16_t queue_size);
 int vhost_inflight_get(struct vhost_dev *dev, struct vu_inflight_msg *m, int *fdp);
 int vhost_inflight_set(struct vhost_dev *dev, const struct vu_inflight_msg *m, int fd);

@@ -588,8 +588,11 @@ walk:
 	vq->last_avail++;
 	/* Marked in flight before the element is handed out (and before the
 	 * next pop): a kill from here on resubmits it. */
-	if (vq->track)
+	if (vq->track) {
+		VHOST_CRASH_POINT(VHOST_CRASH_POP_FETCHED);
 		vhost_inflight_pop(vq, head);
+		VHOST_CRASH_POINT(VHOST_CRASH_POP_MARKED);
+	}
 	if (event_idx && !vq->notify_disabled)
 		avail_event_store(vq);
 	*elemp = elem;
@@ -616,8 +619,10 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 		struct vring_used_elem *u = &used->ring[vq->used_idx & (vq->num - 1)];
 		bool log = dev->log_on;
 
-		if (vq->track)
+		if (vq->track) {
 			vhost_inflight_push_begin(vq, head);
+			VHOST_CRASH_POINT(VHOST_CRASH_PUSH_LINKED);
+		}
 		/* Migration: the buffers the device wrote are dirty before the
 		 * used entry handing them back exists (log.c). */
 		if (__builtin_expect(log, 0))
@@ -631,8 +636,11 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 		__atomic_store_n(&used->idx, htole16(vq->used_idx), __ATOMIC_RELEASE);
 		if (__builtin_expect(log, 0))
 			vhost_log_used(vq, used, &used->idx, sizeof(used->idx));
-		if (vq->track)
+		if (vq->track) {
+			VHOST_CRASH_POINT(VHOST_CRASH_PUSH_USED);
 			vhost_inflight_push_end(vq, head, vq->used_idx);
+			VHOST_CRASH_POINT(VHOST_CRASH_PUSH_DONE);
+		}
 		vq->pushed = true;
 	}
 	/* Only now may the mappings written above go (they are unmapped at the

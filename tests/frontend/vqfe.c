@@ -112,6 +112,12 @@ struct vqfe {
 	uint64_t scratch_gpa;
 	size_t scratch_size;
 	struct vqfe_vq vq[VQFE_MAX_QUEUES];
+	/* INFLIGHT_SHMFD: the region the back-end gave us (kept across reconnects) */
+	int inflight_fd;
+	void *inflight_map;
+	uint64_t inflight_size;
+	bool keep_fd; /* recv_exact: keep the first fd received in got_fd */
+	int got_fd;
 	char err[256];
 };
 
@@ -587,8 +593,12 @@ static int recv_exact(struct vqfe *fe, int sock, void *buf, size_t len, int time
 				int fds[VQFE_MAX_FDS];
 
 				memcpy(fds, CMSG_DATA(c), nf * sizeof(int));
-				for (size_t i = 0; i < nf && i < VQFE_MAX_FDS; i++)
-					close(fds[i]);
+				for (size_t i = 0; i < nf && i < VQFE_MAX_FDS; i++) {
+					if (fe->keep_fd && fe->got_fd < 0)
+						fe->got_fd = fds[i];
+					else
+						close(fds[i]);
+				}
 			}
 		}
 		if (n == 0) {
@@ -800,6 +810,8 @@ int vqfe_negotiate(struct vqfe *fe)
 			return rc;
 		want = (1ull << VHOST_USER_PROTOCOL_F_CONFIG) |
 		       (1ull << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS);
+		if (o->inflight)
+			want |= 1ull << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD;
 		if (!o->no_mq)
 			want |= 1ull << VHOST_USER_PROTOCOL_F_MQ;
 		if (!o->no_reply_ack)
@@ -1018,9 +1030,110 @@ int vqfe_vq_setup(struct vqfe *fe, unsigned q)
 	return vq_send_rings(fe, vq, vq->avail_idx);
 }
 
+/*
+ * INFLIGHT_SHMFD (vhost-user.rst "Inflight I/O tracking"), as QEMU does it
+ * before the memory table and the rings: the first time, GET_INFLIGHT_FD
+ * for our queues and keep the region; every time (after a reconnect too),
+ * SET_INFLIGHT_FD with that same region.
+ */
+static int inflight_setup(struct vqfe *fe)
+{
+	struct {
+		uint64_t mmap_size, mmap_offset;
+		uint16_t num_queues, queue_size;
+		uint32_t pad;
+	} m = {0, 0, (uint16_t)fe->o.num_queues, (uint16_t)fe->o.queue_size, 0};
+	int rc;
+
+	_Static_assert(sizeof(m) == 24, "inflight description is 24 bytes");
+	if (!((fe->proto >> VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) & 1))
+		return 0;
+	if (fe->inflight_fd < 0) {
+		fe->keep_fd = true;
+		fe->got_fd = -1;
+		rc = vqfe_call(fe, VHOST_USER_GET_INFLIGHT_FD, &m, sizeof(m), NULL, 0, false, &m,
+			       sizeof(m));
+		fe->keep_fd = false;
+		if (rc >= 0 && (rc != (int)sizeof(m) || fe->got_fd < 0 || !m.mmap_size))
+			rc =
+			    seterr(fe, -EPROTO, "GET_INFLIGHT_FD reply: %d bytes, fd %d, size %llu",
+				   rc, fe->got_fd, (unsigned long long)m.mmap_size);
+		if (rc < 0) {
+			if (fe->got_fd >= 0)
+				close(fe->got_fd);
+			return rc;
+		}
+		fe->inflight_map = mmap(NULL, m.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+					fe->got_fd, (off_t)m.mmap_offset);
+		if (fe->inflight_map == MAP_FAILED) {
+			fe->inflight_map = NULL;
+			close(fe->got_fd);
+			return seterr(fe, -errno, "mmap inflight region: %s", strerror(errno));
+		}
+		fe->inflight_fd = fe->got_fd;
+		fe->inflight_size = m.mmap_size;
+		/* the region is ours now: offset 0 from here on */
+		if (m.mmap_offset) {
+			munmap(fe->inflight_map, m.mmap_size);
+			fe->inflight_map = NULL;
+			return seterr(fe, -ENOTSUP, "inflight region at offset %llu",
+				      (unsigned long long)m.mmap_offset);
+		}
+	}
+	m.mmap_size = fe->inflight_size;
+	m.mmap_offset = 0;
+	m.num_queues = (uint16_t)fe->o.num_queues;
+	m.queue_size = (uint16_t)fe->o.queue_size;
+	rc = vqfe_call(fe, VHOST_USER_SET_INFLIGHT_FD, &m, sizeof(m), &fe->inflight_fd, 1, true,
+		       NULL, 0);
+	return rc < 0 ? rc : 0;
+}
+
+void *vqfe_inflight_region(const struct vqfe *fe, uint64_t *size)
+{
+	if (size)
+		*size = fe->inflight_size;
+	return fe->inflight_map;
+}
+
+int vqfe_reconnect(struct vqfe *fe, const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int rc;
+
+	if (fe->sock >= 0)
+		close(fe->sock);
+	if (fe->backend >= 0)
+		close(fe->backend);
+	fe->sock = fe->backend = -1;
+	fe->disconnected = false;
+	fe->proto = fe->dev_proto = 0;
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return seterr(fe, -ENAMETOOLONG, "socket path too long");
+	strcpy(sa.sun_path, path);
+	fe->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fe->sock < 0)
+		return seterr(fe, -errno, "socket: %s", strerror(errno));
+	if (connect(fe->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return seterr(fe, -errno, "connect %s: %s", path, strerror(errno));
+	rc = vqfe_negotiate(fe);
+	if (rc < 0)
+		return rc;
+	rc = inflight_setup(fe);
+	if (rc == 0)
+		rc = vqfe_set_mem(fe);
+	/* as QEMU after a back-end death: the rings restart at the used index */
+	for (unsigned q = 0; rc == 0 && q < fe->o.num_queues; q++)
+		rc = vq_send_rings(fe, &fe->vq[q], le16toh(fe->vq[q].used->idx));
+	return rc;
+}
+
 int vqfe_start(struct vqfe *fe)
 {
-	int rc = vqfe_set_mem(fe);
+	int rc = inflight_setup(fe);
+
+	if (rc == 0)
+		rc = vqfe_set_mem(fe);
 
 	for (unsigned q = 0; rc == 0 && q < fe->o.num_queues; q++)
 		rc = vqfe_vq_setup(fe, q);
@@ -1778,6 +1891,7 @@ int vqfe_open(struct vqfe **fep, const char *path, const struct vqfe_opts *opts)
 	else
 		vqfe_opts_init(&fe->o);
 	fe->sock = fe->backend = -1;
+	fe->inflight_fd = fe->got_fd = -1;
 	for (unsigned i = 0; i < VQFE_MAX_REGIONS; i++)
 		fe->reg[i].fd = -1;
 	for (unsigned q = 0; q < VQFE_MAX_QUEUES; q++)
@@ -1850,6 +1964,10 @@ void vqfe_close(struct vqfe *fe)
 		close(fe->backend);
 	for (unsigned q = 0; q < VQFE_MAX_QUEUES; q++)
 		vq_free(&fe->vq[q]);
+	if (fe->inflight_map)
+		munmap(fe->inflight_map, fe->inflight_size);
+	if (fe->inflight_fd >= 0)
+		close(fe->inflight_fd);
 	mem_destroy(fe);
 	free(fe);
 }

@@ -94,6 +94,7 @@ enum vqfe_msg_type {
 #define VHOST_USER_PROTOCOL_F_REPLY_ACK           3
 #define VHOST_USER_PROTOCOL_F_BACKEND_REQ         5
 #define VHOST_USER_PROTOCOL_F_CONFIG              9
+#define VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD      12
 #define VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS 15
 
 /* Bit 8 of the SET_VRING_KICK/CALL payload: no fd follows. */
@@ -158,6 +159,7 @@ struct vqfe_opts {
 	bool manual;             /* connect only: the caller drives the protocol */
 	bool quiet;              /* vqfe_open: do not print the error to stderr */
 	uint16_t ring_base;      /* initial avail/used index of every ring (test index wrap) */
+	bool inflight; /* negotiate INFLIGHT_SHMFD: GET/SET_INFLIGHT_FD before the rings */
 };
 
 /* Fill @o with defaults. */
@@ -244,6 +246,16 @@ int vqfe_vq_setup(struct vqfe *fe, unsigned q); /* NUM, BASE, ADDR, KICK, CALL (
 int vqfe_vq_enable(struct vqfe *fe, unsigned q, bool on);
 /* Run vqfe_set_mem and vqfe_vq_setup for all queues. */
 int vqfe_start(struct vqfe *fe);
+/*
+ * After the back-end died (or closed the connection): connect to @path again
+ * and set everything up again with the same guest memory, rings, requests in
+ * flight and (INFLIGHT_SHMFD) the same inflight region, each ring restarting
+ * at its used index as QEMU does after a back-end death. Requests not yet
+ * completed stay in flight: a back-end that tracks them completes them.
+ */
+int vqfe_reconnect(struct vqfe *fe, const char *path);
+/* The inflight region (NULL if INFLIGHT_SHMFD is not in use) and its size. */
+void *vqfe_inflight_region(const struct vqfe *fe, uint64_t *size);
 
 /* Negotiated state. */
 uint64_t vqfe_features(const struct vqfe *fe);          /* virtio features acked */

@@ -219,14 +219,12 @@ static bool sock_ready(const char *path)
 	return stat(path, &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
+static int spawn(struct itest_daemon *d, const struct itest_opts *o, bool append);
+
 int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 {
 	struct itest_opts def = {0};
-	char *argv[40];
-	char nq[32], lbs[64], qsd_file[PATH_MAX + 128], qsd_export[PATH_MAX + 256];
 	const char *tmp = getenv("TMPDIR");
-	int argc = 0;
-	uint64_t deadline;
 
 	if (!o)
 		o = &def;
@@ -245,6 +243,41 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 		perror("itest: image");
 		return -1;
 	}
+	return spawn(d, o, false);
+}
+
+int itest_restart(struct itest_daemon *d, const struct itest_opts *o)
+{
+	struct itest_opts def = {0};
+
+	if (d->pid > 0) {
+		fprintf(stderr, "itest: restart while the back-end still runs\n");
+		return -1;
+	}
+	/* the dead one's socket file: the new one's must be waited for */
+	unlink(d->sock);
+	/* After a SIGKILL the kernel keeps the dead daemon's image locks until
+	 * its io_uring is torn down: a start in that window is refused (exit 1
+	 * before listening) and is simply retried, as a supervisor would. */
+	for (int tries = 0; tries < 100; tries++) {
+		if (spawn(d, o ? o : &def, true) == 0)
+			return 0;
+		if (d->pid > 0)
+			return -1; /* it did not exit: a real failure */
+		usleep(50000);
+	}
+	itest_dump_log(d);
+	return -1;
+}
+
+/* Start the back-end on d's socket and image, its output to d->log. */
+static int spawn(struct itest_daemon *d, const struct itest_opts *o, bool append)
+{
+	char *argv[40];
+	char nq[32], lbs[64], qsd_file[PATH_MAX + 128], qsd_export[PATH_MAX + 256];
+	int argc = 0;
+	uint64_t deadline;
+
 	snprintf(nq, sizeof(nq), "%u", o->num_queues ? o->num_queues : 1);
 	if (use_qsd) {
 		argv[argc++] = "qemu-storage-daemon";
@@ -296,7 +329,7 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 	if (d->pid > 0)
 		live_set(d);
 	if (d->pid == 0) {
-		int fd = open(d->log, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+		int fd = open(d->log, O_CREAT | O_WRONLY | (append ? O_APPEND : O_TRUNC), 0600);
 
 		if (fd >= 0) {
 			dup2(fd, 1);
@@ -318,7 +351,8 @@ int itest_start(struct itest_daemon *d, const struct itest_opts *o)
 				st);
 			d->pid = -1;
 			live_set(d);
-			itest_dump_log(d);
+			if (!append) /* itest_restart retries */
+				itest_dump_log(d);
 			return -1;
 		}
 		usleep(10000);
@@ -346,6 +380,24 @@ bool itest_alive(struct itest_daemon *d)
 		return false;
 	}
 	return true;
+}
+
+int itest_wait_exit(struct itest_daemon *d, int timeout_ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)timeout_ms;
+	int st;
+
+	if (d->pid <= 0)
+		return -1;
+	while (now_ms() < deadline) {
+		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+			d->pid = -1;
+			live_set(d);
+			return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+		}
+		usleep(2000);
+	}
+	return -1;
 }
 
 int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms)

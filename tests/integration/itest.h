@@ -53,10 +53,17 @@ const char *itest_vqcowd_path(void);
  * 0 or -1 (message on stderr, and the daemon's log is printed).
  */
 int itest_start(struct itest_daemon *d, const struct itest_opts *o);
+/* Start a new back-end on the socket and image of @d, whose back-end is gone
+ * (e.g. killed and reaped by itest_alive()); its log is appended to d->log.
+ * 0 or -1 as itest_start. */
+int itest_restart(struct itest_daemon *d, const struct itest_opts *o);
 /* Send @sig and wait up to @timeout_ms. Returns the exit status (0..255),
  * 128+signal if killed by one, or -1 on timeout (it is then SIGKILLed). */
 int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms);
 /* SIGTERM + wait, then remove the temp dir. Returns the exit status. */
+/* Wait up to @timeout_ms for the back-end to end by itself: its exit status
+ * (128 + N after signal N), or -1 if it still runs (it is left running). */
+int itest_wait_exit(struct itest_daemon *d, int timeout_ms);
 int itest_stop(struct itest_daemon *d);
 /* Is the daemon still running? */
 bool itest_alive(struct itest_daemon *d);
