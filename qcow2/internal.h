@@ -238,7 +238,7 @@ struct qcow2 {
 
 	struct qcow2_alloc *tokens; /* active allocations */
 	struct q2_l2cow *l2cow;     /* copy of a shared L2 table in progress */
-	struct q2_zctx *zctx;       /* decompressor (compress.c) */
+	struct qcow2_zctx *zctx;    /* decompressor (compress.c over qcow2fmt/compress.c) */
 
 	/* Refcount decrements, by stage */
 	struct q2_u64v dec_pending; /* pointer removed in memory */
