@@ -286,8 +286,8 @@ static const struct {
 
 /* Build cluster 0 in @buf (cs bytes, zeroed). 0 or -EINVAL if it does not fit. */
 static int build_header(uint8_t *buf, const struct layout *L, uint64_t size, int version,
-			bool extl2, bool lazy, const char *backing, const char *backing_fmt,
-			char *err, size_t errlen)
+			bool extl2, bool lazy, int ctype, const char *backing,
+			const char *backing_fmt, char *err, size_t errlen)
 {
 	struct qcow2_header_disk *h = (void *)buf;
 	uint32_t hlen = version >= 3 ? QCOW2_HEADER_V3_LEN : QCOW2_HEADER_V2_LEN;
@@ -318,7 +318,10 @@ static int build_header(uint8_t *buf, const struct layout *L, uint64_t size, int
 	qcow2_put_be64(&h->refcount_table_offset, L->rt_off);
 	qcow2_put_be32(&h->refcount_table_clusters, (uint32_t)L->nrt);
 	if (version >= 3) {
-		qcow2_put_be64(&h->incompatible_features, extl2 ? QCOW2_INCOMPAT_EXTL2 : 0);
+		qcow2_put_be64(&h->incompatible_features,
+			       (extl2 ? QCOW2_INCOMPAT_EXTL2 : 0) |
+				   (ctype ? QCOW2_INCOMPAT_COMPRESSION : 0));
+		h->compression_type = (uint8_t)ctype;
 		qcow2_put_be64(&h->compatible_features, lazy ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0);
 		qcow2_put_be32(&h->refcount_order, L->refcount_order);
 		qcow2_put_be32(&h->header_length, hlen);
@@ -431,6 +434,16 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 		    1u << QCOW2_MIN_CLUSTER_BITS_EXTL2);
 		return -EINVAL;
 	}
+	if (o->compression_type != QCOW2_COMPRESSION_ZLIB &&
+	    o->compression_type != QCOW2_COMPRESSION_ZSTD) {
+		qcow2_seterr(err, errlen, 0, "unknown compression type %d", o->compression_type);
+		return -EINVAL;
+	}
+	if (version == 2 && o->compression_type != QCOW2_COMPRESSION_ZLIB) {
+		qcow2_seterr(err, errlen, 0,
+			     "Compression type 'zstd' requires compatibility level 1.1");
+		return -EINVAL;
+	}
 	if (o->backing_fmt && !o->backing_file) {
 		qcow2_seterr(err, errlen, 0, "a backing format was given without a backing file");
 		return -EINVAL;
@@ -489,18 +502,19 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 	if (!hdr)
 		return -ENOMEM;
 	ret = build_header(hdr, &L, size, version, o->extended_l2, o->lazy_refcounts,
-			   o->backing_file, o->backing_file ? bfmt : NULL, err, errlen);
+			   o->compression_type, o->backing_file, o->backing_file ? bfmt : NULL, err,
+			   errlen);
 	if (ret < 0)
 		goto out_free;
 
 	/* ---- write ---- */
-	fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | (o->overwrite ? 0 : O_EXCL), 0644);
 	if (fd < 0) {
 		ret = -errno;
 		qcow2_seterr(err, errlen, 0, "cannot create: %s", strerror(-ret));
 		goto out_free;
 	}
-	if (ftruncate(fd, (off_t)L.end) < 0) {
+	if ((o->overwrite && ftruncate(fd, 0) < 0) || ftruncate(fd, (off_t)L.end) < 0) {
 		ret = -errno;
 		qcow2_seterr(err, errlen, 0, "cannot set the file size: %s", strerror(-ret));
 		goto out_unlink;

@@ -32,6 +32,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "compress.h"
 #include "qcow2tool.h"
 
 enum {
@@ -64,6 +65,7 @@ struct status {
 	uint64_t pnum;
 	uint64_t map;
 	const struct layer *file; /* the layer whose file holds the data */
+	uint64_t l2e;             /* a compressed cluster's L2 entry (DATA without OFFSET) */
 };
 
 static void layer_free(struct layer *L)
@@ -373,8 +375,10 @@ static int qcow2_status(struct layer *L, uint64_t off, uint64_t len, struct stat
 		if (pos == off) {
 			t0 = t;
 			host0 = host + (pos & ((1ull << scbits) - 1));
-			if (t == QCOW2_SCT_COMPRESSED)
+			if (t == QCOW2_SCT_COMPRESSED) {
 				host0 = 0;
+				st->l2e = e;
+			}
 		} else {
 			if (t != t0)
 				break;
@@ -537,4 +541,187 @@ int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
 out:
 	layer_free(top);
 	return ret;
+}
+
+/* ---- reading guest data through the chain (vqcow-img convert) ---- */
+
+struct qcow2_reader {
+	struct layer *top;
+	struct qcow2_zctx *z;
+	uint8_t *cbuf; /* compressed bytes */
+	size_t cbuf_len;
+	uint8_t *dbuf; /* the last cluster decompressed */
+	size_t dbuf_len;
+	const struct layer *dlayer; /* ... from this layer */
+	uint64_t dl2e;              /* ... and this L2 entry (0 = none) */
+};
+
+int qcow2_reader_open(struct qcow2_reader **out, const char *path, const char *fmt, char *err,
+		      size_t errlen)
+{
+	struct qcow2_reader *r;
+	int ret;
+
+	if (err && errlen)
+		err[0] = 0;
+	*out = NULL;
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	ret = layer_open(&r->top, path, fmt, 0, err, errlen);
+	if (ret < 0) {
+		free(r);
+		return ret;
+	}
+	*out = r;
+	return 0;
+}
+
+void qcow2_reader_close(struct qcow2_reader *r)
+{
+	if (!r)
+		return;
+	layer_free(r->top);
+	qcow2_zctx_free(r->z);
+	free(r->cbuf);
+	free(r->dbuf);
+	free(r);
+}
+
+uint64_t qcow2_reader_size(const struct qcow2_reader *r)
+{
+	return r->top->size;
+}
+
+/* Walk down the chain for @off: the status and the layer that answered. */
+static int chain_status(struct qcow2_reader *r, uint64_t off, uint64_t len, struct status *st,
+			struct layer **which, char *err, size_t errlen)
+{
+	struct layer *L = r->top;
+	int ret;
+
+	if (len > r->top->size - off)
+		len = r->top->size - off;
+	for (;;) {
+		ret = layer_status(L, off, len, st, err, errlen);
+		if (ret < 0)
+			return ret;
+		if (!st->pnum)
+			return qcow2_seterr(err, errlen, -EIO,
+					    "'%s': internal error: no progress at 0x%llx", L->path,
+					    (unsigned long long)off);
+		len = st->pnum;
+		if ((st->flags & (ST_ZERO | ST_DATA)) || !L->backing)
+			break;
+		L = L->backing;
+	}
+	*which = L;
+	return 0;
+}
+
+int qcow2_reader_status(struct qcow2_reader *r, uint64_t off, uint64_t len, uint64_t *pnum,
+			bool *zero, char *err, size_t errlen)
+{
+	struct layer *L;
+	struct status st;
+	int ret;
+
+	if (off >= r->top->size || !len)
+		return -EINVAL;
+	ret = chain_status(r, off, len, &st, &L, err, errlen);
+	if (ret < 0)
+		return ret;
+	*pnum = st.pnum;
+	*zero = (st.flags & ST_ZERO) || !(st.flags & ST_DATA);
+	return 0;
+}
+
+/* Decompress the cluster of @L whose L2 entry is @l2e into r->dbuf. */
+static int read_compressed(struct qcow2_reader *r, const struct layer *L, uint64_t l2e, char *err,
+			   size_t errlen)
+{
+	const struct qcow2_header_info *h = &L->im.h;
+	uint64_t host = qcow2_compressed_offset(l2e, h->cluster_bits);
+	uint64_t clen = qcow2_compressed_len(l2e, h->cluster_bits);
+	int ret;
+
+	if (r->dlayer == L && r->dl2e == l2e)
+		return 0;
+	if (!r->z && !(r->z = qcow2_zctx_new()))
+		return -ENOMEM;
+	if (r->cbuf_len < clen) {
+		free(r->cbuf);
+		r->cbuf_len = 0;
+		if (!(r->cbuf = malloc(clen)))
+			return -ENOMEM;
+		r->cbuf_len = clen;
+	}
+	if (r->dbuf_len < h->cluster_size) {
+		free(r->dbuf);
+		r->dbuf_len = 0;
+		if (!(r->dbuf = malloc(h->cluster_size)))
+			return -ENOMEM;
+		r->dbuf_len = h->cluster_size;
+	}
+	r->dlayer = NULL;
+	if (host >= L->file_size)
+		return qcow2_seterr(
+		    err, errlen, -EIO,
+		    "'%s': compressed cluster at 0x%llx is past the end of the file", L->path,
+		    (unsigned long long)host);
+	ret = qcow2_pread_full(L->fd, r->cbuf, clen, host);
+	if (ret < 0)
+		return qcow2_seterr(err, errlen, ret, "'%s': reading a compressed cluster: %s",
+				    L->path, strerror(-ret));
+	ret = qcow2_zinflate(r->z, h->compression_type, r->cbuf, clen, r->dbuf, h->cluster_size);
+	if (ret < 0)
+		return qcow2_seterr(err, errlen, ret, "'%s': compressed cluster at 0x%llx: %s",
+				    L->path, (unsigned long long)host,
+				    ret == -ENOTSUP ? "compression type not supported by this build"
+						    : "cannot decompress (corrupt data)");
+	r->dlayer = L;
+	r->dl2e = l2e;
+	return 0;
+}
+
+int qcow2_reader_read(struct qcow2_reader *r, uint64_t off, uint64_t len, void *buf, char *err,
+		      size_t errlen)
+{
+	uint8_t *p = buf;
+	int ret;
+
+	if (off > r->top->size || len > r->top->size - off)
+		return -EINVAL;
+	while (len) {
+		struct layer *L;
+		struct status st;
+		uint64_t n;
+
+		ret = chain_status(r, off, len, &st, &L, err, errlen);
+		if (ret < 0)
+			return ret;
+		n = st.pnum;
+		if ((st.flags & ST_ZERO) || !(st.flags & ST_DATA)) {
+			memset(p, 0, n);
+		} else if (st.flags & ST_OFFSET) {
+			ret = qcow2_pread_full(st.file->data_fd, p, n, st.map);
+			if (ret < 0)
+				return qcow2_seterr(err, errlen, ret, "'%s': read error: %s",
+						    st.file->path, strerror(-ret));
+		} else {
+			/* a compressed cluster of L */
+			uint64_t cs = L->im.h.cluster_size, coff = off & (cs - 1);
+
+			ret = read_compressed(r, L, st.l2e, err, errlen);
+			if (ret < 0)
+				return ret;
+			if (n > cs - coff)
+				n = cs - coff;
+			memcpy(p, r->dbuf + coff, n);
+		}
+		p += n;
+		off += n;
+		len -= n;
+	}
+	return 0;
 }

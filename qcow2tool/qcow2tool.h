@@ -47,6 +47,9 @@ struct qcow2_create_opts {
 	enum qcow2_prealloc prealloc;
 	const char *backing_file; /* NULL = none; stored as given */
 	const char *backing_fmt;  /* required with a backing file ("qcow2" or "raw"), as qemu-img */
+	int compression_type;     /* QCOW2_COMPRESSION_*; zstd needs version 3 */
+	bool overwrite; /* truncate an existing file instead of O_EXCL (convert); the caller
+			   holds its write lock. On failure the file is still removed. */
 };
 
 /*
@@ -149,6 +152,52 @@ typedef int qcow2_map_fn(void *opaque, const struct qcow2_map_entry *e);
  */
 int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
 	      const struct qcow2_tool_cb *cb, char *err, size_t errlen);
+
+/* ---- reading guest data through the backing chain (map.c) ---- */
+
+/* An image and its backing chain open for reading (what convert reads). */
+struct qcow2_reader;
+
+/*
+ * Open @path (@fmt as for qcow2_info()) and its backing chain read-only.
+ * 0 or -errno (+@err). The caller takes the locks (qcow2_lock_image).
+ */
+int qcow2_reader_open(struct qcow2_reader **r, const char *path, const char *fmt, char *err,
+		      size_t errlen);
+void qcow2_reader_close(struct qcow2_reader *r);
+/* The guest size in bytes (whole sectors, as QEMU counts them). */
+uint64_t qcow2_reader_size(const struct qcow2_reader *r);
+/*
+ * The status of [@off, @off + @len) (@off < size): *@pnum bytes from @off
+ * (> 0) that read as zeroes through the chain without reading any data
+ * (*@zero true), or that are data somewhere in the chain (*@zero false; they
+ * may still contain zeroes). 0 or -errno (+@err).
+ */
+int qcow2_reader_status(struct qcow2_reader *r, uint64_t off, uint64_t len, uint64_t *pnum,
+			bool *zero, char *err, size_t errlen);
+/* Read guest bytes through the chain (compressed clusters inflated). 0 or -errno (+@err). */
+int qcow2_reader_read(struct qcow2_reader *r, uint64_t off, uint64_t len, void *buf, char *err,
+		      size_t errlen);
+
+/* ---- convert (convert.c) ---- */
+
+struct qcow2_convert_opts {
+	const char *src, *src_fmt;       /* src_fmt NULL = probe */
+	const char *dst, *dst_fmt;       /* "qcow2" or "raw"; an existing file is overwritten */
+	struct qcow2_create_opts create; /* qcow2 output: -o as create (size: the source's) */
+	bool compress;                   /* -c: compressed clusters (qcow2 output) */
+	uint64_t min_sparse; /* -S: zeroes in runs of this many bytes (a multiple of 512;
+				qcow2: whole clusters) are not written; 0 = write all */
+};
+
+/*
+ * Copy the guest view of o->src (through its backing chain) into a new image
+ * o->dst, as qemu-img convert without -B. The caller holds the source's read
+ * locks; the destination is written under its write lock, taken here.
+ * Progress through @cb. 0 or -errno (+@err).
+ */
+int qcow2_convert(const struct qcow2_convert_opts *o, const struct qcow2_tool_cb *cb, char *err,
+		  size_t errlen);
 
 /* ---- image locks (QEMU-compatible; lock.c) ---- */
 

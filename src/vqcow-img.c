@@ -1,16 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * vqcow-img — offline image tool: create, info, check, map.
+ * vqcow-img — offline image tool: create, info, check, map, convert.
  *
  * Command line and output follow qemu-img (so either tool can check the
  * other): `create [-f qcow2|raw] [-o opts] [-b backing] [-F fmt] FILE [SIZE]`,
  * `info [-f fmt] [--output=human|json] FILE`, `check [-f fmt] [-r leaks|all]
- * [--output=human|json] [-q] FILE`, `map [-f fmt] [--output=human|json] FILE`.
+ * [--output=human|json] [-q] FILE`, `map [-f fmt] [--output=human|json] FILE`,
+ * `convert [-f fmt] [-O fmt] [-o opts] [-c] [-p] [-S size] SRC DST`.
  * check exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks
  * only, 63 format without consistency checks.
  *
  * The work is done by qcow2tool/qcow2tool.h; this file parses arguments, prints
- * results and shows progress on stderr when it is a terminal.
+ * results and progress (-p: qemu-img's progress lines, one printer: progress_*).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -38,20 +39,28 @@ static void usage(FILE *f)
 	    f,
 	    "usage: %s COMMAND [options]\n"
 	    "\n"
-	    "  create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-q] FILE [SIZE]\n"
+	    "  create [-f qcow2|raw] [-o OPTIONS] [-b BACKING] [-F BACKING_FMT] [-q] [-p] FILE "
+	    "[SIZE]\n"
 	    "      OPTIONS (comma separated): cluster_size=, "
 	    "preallocation=off|metadata|falloc|full,\n"
 	    "      extended_l2=on|off, refcount_bits=, backing_file=, backing_fmt=,\n"
-	    "      compat=0.10|1.1|v2|v3, lazy_refcounts=on|off, size=\n"
+	    "      compat=0.10|1.1|v2|v3, lazy_refcounts=on|off, compression_type=zlib|zstd, "
+	    "size=\n"
 	    "      SIZE accepts the suffixes K, M, G, T, P, E (powers of 1024); without SIZE\n"
 	    "      the backing file's size is used.\n"
 	    "  info [-f FMT] [-U] [--output=human|json] FILE\n"
-	    "  check [-f FMT] [-U] [-r leaks|all] [--output=human|json] [-q] FILE\n"
+	    "  check [-f FMT] [-U] [-r leaks|all] [--output=human|json] [-q] [-p] FILE\n"
 	    "      exit status: 0 no errors, 1 check not completed, 2 corruptions,\n"
 	    "      3 leaked clusters only, 63 format without consistency checks\n"
 	    "  map [-f FMT] [-U] [--output=human|json] FILE\n"
 	    "      -U, --force-share: open even if another process writes the image\n"
 	    "      (read-only commands only; otherwise the image is locked as qemu-img locks it)\n"
+	    "  convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-U] SRC DST\n"
+	    "      copy SRC (through its backing chain) into a new image DST (overwritten);\n"
+	    "      -O output format (default raw), -o create's OPTIONS (not size, backing),\n"
+	    "      -c compressed clusters (qcow2; -o compression_type=zlib|zstd),\n"
+	    "      -S zero runs of SIZE bytes (default 4k) become holes, 0 writes every byte\n"
+	    "  -p: show progress (create, check, convert), -q: quiet\n"
 	    "\n"
 	    "  --help, --version\n",
 	    prog);
@@ -69,42 +78,57 @@ static void errorf(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
-/* ---- progress on a terminal ---- */
+/*
+ * ---- progress (-p), the one printer of every long command ----
+ * qemu-img's format on stdout: "    (12.34/100%)" ended by '\r', printed at the
+ * start, each time it moved by at least 1% and at 100%, then a newline.
+ * A command passes progress_cb/&state as its qcow2_tool_cb progress.
+ */
 
 struct progress {
 	bool on;
-	int last; /* last printed per-mille */
+	double last; /* last percentage printed, -1 = none */
 };
+
+static void progress_print(struct progress *p, double pct)
+{
+	printf("    (%3.2f/100%%)\r", pct);
+	fflush(stdout);
+	p->last = pct;
+}
 
 static void progress_cb(void *opaque, double fraction)
 {
 	struct progress *p = opaque;
-	int pm;
+	double pct;
 
 	if (!p || !p->on)
 		return;
-	if (fraction < 0)
-		fraction = 0;
-	if (fraction > 1)
-		fraction = 1;
-	pm = (int)(fraction * 1000);
-	if (pm == p->last)
+	pct = (fraction < 0 ? 0 : fraction > 1 ? 1 : fraction) * 100;
+	if (pct == p->last || (pct < p->last + 1 && pct < 100))
 		return;
-	p->last = pm;
-	fprintf(stderr, "\r    (%5.1f/100%%)", pm / 10.0);
-	fflush(stderr);
+	progress_print(p, pct);
 }
 
-static void progress_end(struct progress *p)
+/* Start showing progress if @on (-p and not -q). */
+static void progress_init(struct progress *p, bool on)
 {
-	if (p->on && p->last >= 0)
-		fprintf(stderr, "\r                  \r");
-}
-
-static void progress_init(struct progress *p, bool quiet)
-{
-	p->on = !quiet && isatty(STDERR_FILENO);
+	p->on = on;
 	p->last = -1;
+	if (on)
+		progress_print(p, 0);
+}
+
+/* End the progress line (@ok: the command completed, so it shows 100%). */
+static void progress_end(struct progress *p, bool ok)
+{
+	if (!p->on)
+		return;
+	if (ok && p->last < 100)
+		progress_print(p, 100);
+	printf("\n");
+	fflush(stdout);
+	p->on = false;
 }
 
 /* qemu's size_to_str(): three significant digits and a binary unit. */
@@ -167,7 +191,7 @@ static int parse_onoff(const char *key, const char *v, bool *out)
 struct create_args {
 	struct qcow2_create_opts o;
 	bool raw;
-	bool cluster_set, ext_set, refbits_set, compat_set, lazy_set;
+	bool cluster_set, ext_set, refbits_set, compat_set, lazy_set, ctype_set;
 	char *strings[8]; /* owned copies (backing names) */
 	unsigned nstrings;
 };
@@ -245,6 +269,16 @@ static int create_opt(struct create_args *ca, const char *key, const char *val)
 			return -EINVAL;
 		}
 		ca->compat_set = true;
+	} else if (!strcmp(key, "compression_type")) {
+		if (!strcmp(val, "zlib"))
+			ca->o.compression_type = QCOW2_COMPRESSION_ZLIB;
+		else if (!strcmp(val, "zstd"))
+			ca->o.compression_type = QCOW2_COMPRESSION_ZSTD;
+		else {
+			errorf("Invalid compression_type: '%s' (zlib or zstd)", val);
+			return -EINVAL;
+		}
+		ca->ctype_set = true;
 	} else if (!strcmp(key, "backing_file")) {
 		if (!(ca->o.backing_file = keep_str(ca, val)))
 			return -ENOMEM;
@@ -314,12 +348,12 @@ static int cmd_create(int argc, char **argv)
 	struct progress prog_state;
 	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
 	char err[ERRLEN] = "";
-	bool quiet = false;
+	bool quiet = false, show_progress = false;
 	int c, ret = 1, r;
 	unsigned i;
 
 	memset(&ca, 0, sizeof(ca));
-	while ((c = getopt_long(argc, argv, "+f:o:b:F:qh", lopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "+f:o:b:F:qph", lopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			fmt = optarg;
@@ -343,6 +377,9 @@ static int cmd_create(int argc, char **argv)
 			break;
 		case 'q':
 			quiet = true;
+			break;
+		case 'p':
+			show_progress = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -374,11 +411,9 @@ static int cmd_create(int argc, char **argv)
 		errorf("Unexpected argument: '%s'", argv[optind]);
 		goto out_strings;
 	}
-	progress_init(&prog_state, quiet);
-
 	if (!strcmp(fmt, "raw")) {
 		if (ca.cluster_set || ca.ext_set || ca.refbits_set || ca.compat_set ||
-		    ca.lazy_set || ca.o.backing_file || ca.o.backing_fmt) {
+		    ca.lazy_set || ca.ctype_set || ca.o.backing_file || ca.o.backing_fmt) {
 			errorf("raw images only support the preallocation and size options");
 			goto out_strings;
 		}
@@ -386,14 +421,16 @@ static int cmd_create(int argc, char **argv)
 			errorf("Image creation needs a size parameter");
 			goto out_strings;
 		}
+		progress_init(&prog_state, show_progress && !quiet);
 		r = qcow2_create_raw(file, ca.o.size, ca.o.prealloc, &cb, err, sizeof(err));
 	} else if (!strcmp(fmt, "qcow2")) {
+		progress_init(&prog_state, show_progress && !quiet);
 		r = qcow2_create(file, &ca.o, &cb, err, sizeof(err));
 	} else {
 		errorf("Unknown or unsupported format '%s' (qcow2 or raw)", fmt);
 		goto out_strings;
 	}
-	progress_end(&prog_state);
+	progress_end(&prog_state, r >= 0);
 	if (r < 0) {
 		errorf("%s: %s", file, err[0] ? err : strerror(-r));
 		goto out_strings;
@@ -586,10 +623,11 @@ struct file_args {
 	unsigned check_flags; /* -r */
 	bool quiet;           /* -q */
 	bool force_share;     /* -U */
+	bool progress;        /* -p */
 };
 
 /*
- * Parse the options in @shortopts (a subset of "+f:r:qhU") and one file name.
+ * Parse the options in @shortopts (a subset of "+f:r:qhUp") and one file name.
  * 0 = go on, 1 = an error was printed (exit 1), -1 = help was printed (exit 0).
  */
 static int parse_file_args(int argc, char **argv, const char *shortopts, struct file_args *a)
@@ -623,6 +661,9 @@ static int parse_file_args(int argc, char **argv, const char *shortopts, struct 
 			break;
 		case 'U':
 			a->force_share = true;
+			break;
+		case 'p':
+			a->progress = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -700,10 +741,6 @@ static void check_msg_cb(void *opaque, enum qcow2_msg_level level, const char *l
 	(void)level;
 	if (ui->quiet)
 		return;
-	if (ui->prog.on && ui->prog.last >= 0) {
-		fprintf(stderr, "\r                  \r");
-		ui->prog.last = -1;
-	}
 	/* As qemu-img: findings go to stderr; the summary to stdout. */
 	fprintf(stderr, "%s\n", line);
 }
@@ -723,7 +760,7 @@ static int cmd_check(int argc, char **argv)
 	struct file_args a;
 	int r;
 
-	r = parse_file_args(argc, argv, "+f:r:qhU", &a);
+	r = parse_file_args(argc, argv, "+f:r:qhUp", &a);
 	if (r)
 		return r < 0 ? 0 : 1;
 	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
@@ -769,13 +806,13 @@ static int check_locked(const struct file_args *a)
 		}
 	}
 	ui.quiet = quiet;
-	progress_init(&ui.prog, quiet || out == OUT_JSON);
+	progress_init(&ui.prog, a->progress && !quiet && out == OUT_HUMAN);
 	cb.msg = check_msg_cb;
 	cb.progress = check_progress_cb;
 	cb.opaque = &ui;
 	memset(&res, 0, sizeof(res));
 	r = qcow2_check(file, flags, &res, &cb, err, sizeof(err));
-	progress_end(&ui.prog);
+	progress_end(&ui.prog, r >= 0);
 	if (r < 0) {
 		errorf("Check failed: %s: %s", file, err[0] ? err : strerror(-r));
 		return 1;
@@ -902,9 +939,10 @@ static int cmd_map(int argc, char **argv)
 		return 1;
 	s.out = out;
 	s.first = true;
+	/* no -p: the map itself is on stdout (qemu-img map has none either) */
 	progress_init(&prog_state, false);
 	r = qcow2_map(file, fmt, map_cb, &s, &cb, err, sizeof(err));
-	progress_end(&prog_state);
+	progress_end(&prog_state, r >= 0);
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
 		if (!s.first)
@@ -917,6 +955,122 @@ static int cmd_map(int argc, char **argv)
 	else if (s.first)
 		printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
 	return 0;
+}
+
+/* ---- convert ---- */
+
+static int cmd_convert(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+	    {"help", no_argument, NULL, 'h'},
+	    {"force-share", no_argument, NULL, 'U'},
+	    {NULL, 0, NULL, 0},
+	};
+	struct qcow2_convert_opts co;
+	struct create_args ca;
+	struct qcow2_locks locks;
+	struct file_args src;
+	struct progress prog_state;
+	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
+	char err[ERRLEN] = "";
+	const char *out_fmt = "raw";
+	bool quiet = false, show_progress = false, force_share = false;
+	uint64_t sparse = 4096;
+	int c, ret = 1, r;
+	unsigned i;
+
+	memset(&ca, 0, sizeof(ca));
+	memset(&co, 0, sizeof(co));
+	while ((c = getopt_long(argc, argv, "f:O:o:cpqS:Uh", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			co.src_fmt = optarg;
+			break;
+		case 'O':
+			out_fmt = optarg;
+			break;
+		case 'o':
+			r = create_opts_parse(&ca, optarg);
+			if (r == -ECANCELED) {
+				ret = 0;
+				goto out;
+			}
+			if (r)
+				goto out;
+			break;
+		case 'c':
+			co.compress = true;
+			break;
+		case 'p':
+			show_progress = true;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'S':
+			if (util_parse_size(optarg, &sparse) || sparse % 512 ||
+			    sparse > (1ull << 30)) {
+				errorf("Invalid buffer size for sparse output specified: '%s' (a "
+				       "multiple of 512 up to 1G)",
+				       optarg);
+				goto out;
+			}
+			break;
+		case 'U':
+			force_share = true;
+			break;
+		case 'h':
+			usage(stdout);
+			ret = 0;
+			goto out;
+		default:
+			usage(stderr);
+			goto out;
+		}
+	}
+	if (argc - optind != 2) {
+		errorf("Expecting one source and one destination file name");
+		goto out;
+	}
+	if (strcmp(out_fmt, "raw") && strcmp(out_fmt, "qcow2")) {
+		errorf("Unknown or unsupported output format '%s' (qcow2 or raw)", out_fmt);
+		goto out;
+	}
+	if (!strcmp(out_fmt, "raw") && (ca.cluster_set || ca.ext_set || ca.refbits_set ||
+					ca.compat_set || ca.lazy_set || ca.ctype_set)) {
+		errorf("raw images only support the preallocation and size options");
+		goto out;
+	}
+	if (co.src_fmt && strcmp(co.src_fmt, "qcow2") && strcmp(co.src_fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s' (qcow2 or raw)", co.src_fmt);
+		goto out;
+	}
+	if (ca.o.size_set) {
+		errorf("convert takes the size of the source: no size option");
+		goto out;
+	}
+	co.src = argv[optind];
+	co.dst = argv[optind + 1];
+	co.dst_fmt = out_fmt;
+	co.create = ca.o;
+	co.min_sparse = sparse;
+	/* the source as qemu-img convert holds it: read, nobody else writing (-U: shared) */
+	src = (struct file_args){.fmt = co.src_fmt, .file = co.src, .force_share = force_share};
+	if (lock_file(&locks, &src, QCOW2_LOCK_READ))
+		goto out;
+	progress_init(&prog_state, show_progress && !quiet);
+	r = qcow2_convert(&co, &cb, err, sizeof(err));
+	progress_end(&prog_state, r >= 0);
+	qcow2_unlock_image(&locks);
+	if (r < 0) {
+		errorf("%s", err[0] ? err : strerror(-r));
+		goto out;
+	}
+	ret = 0;
+out:
+	for (i = 0; i < ca.nstrings; i++)
+		free(ca.strings[i]);
+	return ret;
 }
 
 int main(int argc, char **argv)
@@ -948,6 +1102,8 @@ int main(int argc, char **argv)
 		return cmd_check(argc, argv);
 	if (!strcmp(cmd, "map"))
 		return cmd_map(argc, argv);
+	if (!strcmp(cmd, "convert"))
+		return cmd_convert(argc, argv);
 	errorf("Command not found: %s", cmd);
 	usage(stderr);
 	return 1;
