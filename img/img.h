@@ -94,6 +94,9 @@ struct img_cache_stats {
 	    refcount_evictions, l2_prefetched;
 	/* compressed clusters inflated, reads served from inflated clusters kept */
 	uint64_t compressed_inflated, compressed_cache_hits;
+	/* the engine's activity since open (struct qcow2_cache_stats) */
+	uint64_t clusters_allocated, cow, l2_cow, l2_tables_allocated, refcount_blocks_allocated;
+	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;
 };
 
 struct img_ops {

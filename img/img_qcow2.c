@@ -1330,6 +1330,14 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->l2_prefetched = c.l2_prefetched;
 	st->compressed_inflated = m->n_inflated;
 	st->compressed_cache_hits = m->n_zc_hits;
+	st->clusters_allocated = c.clusters_alloc;
+	st->cow = c.cow;
+	st->l2_cow = c.l2_cow;
+	st->l2_tables_allocated = c.l2_new;
+	st->refcount_blocks_allocated = c.rb_new;
+	st->metadata_writes = c.meta_writes;
+	st->metadata_write_bytes = c.meta_write_bytes;
+	st->writeback_batches = c.wb_batches;
 	return 0;
 }
 

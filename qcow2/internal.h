@@ -286,8 +286,10 @@ struct qcow2 {
 	/* Persistent dirty bitmaps (bitmap.c); NULL when none are maintained */
 	struct q2_bitmaps *bms;
 
-	/* Per-type counters (describe) */
+	/* Per-type counters (describe, qcow2_cache_stats) */
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
+	uint64_t n_data_cow;                  /* allocations that copy a head or tail */
+	uint64_t n_meta_writes, n_meta_bytes; /* write-back writes (writevs) and bytes */
 };
 
 /* ---- core.c ---- */

@@ -586,6 +586,14 @@ static bool reads_zero(const struct qcow2 *q, uint64_t e, uint64_t bm, uint64_t 
 	return true;
 }
 
+/* Statistics: an allocation whose head or tail keeps old content to copy. */
+static void count_cow(struct qcow2 *q, const struct qcow2_alloc *a)
+{
+	if ((a->cow_start < a->off && !a->head_zero) ||
+	    (a->cow_end > a->off + a->len && !a->tail_zero))
+		q->n_data_cow++;
+}
+
 static void token_pin(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *l2s, uint64_t host)
 {
 	a->l2_slice = l2s;
@@ -774,6 +782,7 @@ again:
 			a->fresh = false;
 		}
 		a->new_host = false;
+		count_cow(q, a);
 		token_pin(q, a, s, 0);
 		return QCOW2_WRITE_ALLOC;
 	}
@@ -841,6 +850,7 @@ again:
 		a->head_zero = reads_zero(q, e, bm, a->cow_start, off - a->cow_start);
 		a->tail_zero = reads_zero(q, le, lbm, dend, a->cow_end - dend);
 	}
+	count_cow(q, a);
 	token_pin(q, a, s, host);
 	return QCOW2_WRITE_ALLOC;
 }

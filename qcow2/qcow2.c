@@ -568,6 +568,14 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->rc_misses = q->rcc.misses;
 	st->rc_evictions = q->rcc.evictions;
 	st->l2_prefetched = q->n_l2_prefetched;
+	st->clusters_alloc = q->n_alloc;
+	st->cow = q->n_data_cow;
+	st->l2_cow = q->n_cow;
+	st->l2_new = q->n_l2_new;
+	st->rb_new = q->n_rb_new;
+	st->meta_writes = q->n_meta_writes;
+	st->meta_write_bytes = q->n_meta_bytes;
+	st->wb_batches = q->batches;
 }
 
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)

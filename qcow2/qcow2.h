@@ -142,6 +142,14 @@ struct qcow2_cache_stats {
 	uint64_t rc_max, rc_used; /* refcount slices: budget, held now */
 	uint64_t rc_hits, rc_misses, rc_evictions;
 	uint64_t l2_prefetched; /* L2 slices read by the background prefetch */
+	/* Activity since open. */
+	uint64_t clusters_alloc;   /* clusters allocated (refcount 0 -> 1), data and metadata */
+	uint64_t cow;              /* allocating writes that read old content for a head or tail */
+	uint64_t l2_cow;           /* L2 tables shared with a snapshot, copied before a write */
+	uint64_t l2_new, rb_new;   /* L2 tables and refcount blocks allocated */
+	uint64_t meta_writes;      /* metadata writes of the write-back (one per writev) */
+	uint64_t meta_write_bytes; /* and their bytes */
+	uint64_t wb_batches;       /* write-back batches completed */
 };
 void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
 

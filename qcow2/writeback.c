@@ -469,6 +469,9 @@ static void phase_run(struct q2_batch *b)
 
 		r->cmd.done = write_done;
 		r->cmd.priv = r;
+		q->n_meta_writes++;
+		for (unsigned j = 0; j < r->iovcnt; j++)
+			q->n_meta_bytes += b->iov[r->iov_first + j].iov_len;
 		io_writev(q->loop, &r->cmd, q->file, &b->iov[r->iov_first], r->iovcnt, r->off);
 	}
 }
