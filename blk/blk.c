@@ -80,6 +80,13 @@ struct blk_dev {
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
 	unsigned inflight;
 	struct blk_stats stats;
+	uint64_t failures; /* blk_dev_failures(): atomic, touched only on the failure path */
+	struct {
+		bool on;
+		uint32_t n; /* boundaries: n + 1 bins */
+		uint32_t gen;
+		uint64_t bound[BLK_HIST_MAX];
+	} hist[BLK_STAT_N];
 };
 
 static uint64_t now_ns(void)
@@ -92,6 +99,8 @@ static uint64_t now_ns(void)
 
 static void account(struct blk_dev *dev, struct blk_req *req, int err)
 {
+	struct blk_stats *st;
+	uint64_t lat;
 	int k;
 
 	switch (req->type) {
@@ -111,22 +120,96 @@ static void account(struct blk_dev *dev, struct blk_req *req, int err)
 	default:
 		return;
 	}
+	st = req->stats ? req->stats : &dev->stats;
 	if (err < 0 && req->state == BLK_REQ_IDLE) {
-		dev->stats.op[k].invalid++; /* refused before any I/O */
+		st->op[k].invalid++; /* refused before any I/O */
 		return;
 	}
 	if (err < 0) {
-		dev->stats.op[k].failed++;
-		dev->stats.last_failed_err = err;
+		st->op[k].failed++;
+		st->last_failed_err = err;
+		__atomic_fetch_add(&dev->failures, 1, __ATOMIC_RELAXED);
 		return;
 	}
-	dev->stats.last_done_ns = now_ns();
-	dev->stats.op[k].ops++;
-	dev->stats.op[k].bytes += req->data_len;
-	dev->stats.op[k].total_ns += dev->stats.last_done_ns - req->t0;
+	st->last_done_ns = now_ns();
+	lat = st->last_done_ns - req->t0;
+	st->op[k].ops++;
+	st->op[k].bytes += req->data_len;
+	st->op[k].total_ns += lat;
+	if (dev->hist[k].on) {
+		/* the bin: how many boundaries are <= lat (binary search) */
+		uint32_t lo = 0, hi = dev->hist[k].n;
+
+		if (st->hist_gen[k] != dev->hist[k].gen) {
+			memset(st->op[k].bins, 0, sizeof(st->op[k].bins));
+			st->hist_gen[k] = dev->hist[k].gen;
+		}
+		while (lo < hi) {
+			uint32_t mid = (lo + hi) / 2;
+
+			if (dev->hist[k].bound[mid] <= lat)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		st->op[k].bins[lo]++;
+	}
 	if (req->type == VIRTIO_BLK_T_OUT && req->data_len &&
-	    (req->sector << SECTOR_SHIFT) + req->data_len > dev->stats.wr_highest_offset)
-		dev->stats.wr_highest_offset = (req->sector << SECTOR_SHIFT) + req->data_len;
+	    (req->sector << SECTOR_SHIFT) + req->data_len > st->wr_highest_offset)
+		st->wr_highest_offset = (req->sector << SECTOR_SHIFT) + req->data_len;
+}
+
+int blk_dev_set_histogram(struct blk_dev *dev, int type, const uint64_t *bounds, unsigned n)
+{
+	if (type < 0 || type >= BLK_STAT_N || n > BLK_HIST_MAX)
+		return -EINVAL;
+	for (unsigned i = 0; i < n; i++) {
+		if (bounds[i] <= (i ? bounds[i - 1] : 0))
+			return -EINVAL;
+	}
+	if (n)
+		memcpy(dev->hist[type].bound, bounds, n * sizeof(*bounds));
+	dev->hist[type].on = bounds != NULL;
+	dev->hist[type].n = bounds ? n : 0;
+	dev->hist[type].gen++;
+	memset(dev->stats.op[type].bins, 0, sizeof(dev->stats.op[type].bins));
+	dev->stats.hist_gen[type] = dev->hist[type].gen;
+	return 0;
+}
+
+uint64_t blk_dev_failures(const struct blk_dev *dev)
+{
+	return __atomic_load_n(&dev->failures, __ATOMIC_RELAXED);
+}
+
+int blk_dev_histogram(const struct blk_dev *dev, int type, const uint64_t **bounds)
+{
+	if (type < 0 || type >= BLK_STAT_N || !dev->hist[type].on)
+		return -1;
+	*bounds = dev->hist[type].bound;
+	return (int)dev->hist[type].n;
+}
+
+void blk_stats_add(const struct blk_dev *dev, struct blk_stats *sum, const struct blk_stats *s)
+{
+	for (int k = 0; k < BLK_STAT_N; k++) {
+		sum->op[k].ops += s->op[k].ops;
+		sum->op[k].bytes += s->op[k].bytes;
+		sum->op[k].total_ns += s->op[k].total_ns;
+		sum->op[k].failed += s->op[k].failed;
+		sum->op[k].invalid += s->op[k].invalid;
+		if (s->hist_gen[k] == dev->hist[k].gen) {
+			for (uint32_t i = 0; i <= dev->hist[k].n; i++)
+				sum->op[k].bins[i] += s->op[k].bins[i];
+		}
+		sum->hist_gen[k] = dev->hist[k].gen;
+	}
+	if (s->wr_highest_offset > sum->wr_highest_offset)
+		sum->wr_highest_offset = s->wr_highest_offset;
+	if (s->last_done_ns > sum->last_done_ns)
+		sum->last_done_ns = s->last_done_ns;
+	if (s->last_failed_err)
+		sum->last_failed_err = s->last_failed_err;
 }
 
 const struct blk_stats *blk_dev_stats(const struct blk_dev *dev)
@@ -327,12 +410,18 @@ static int submit_discard_wz(struct blk_dev *dev, struct blk_req *req, struct io
 
 void blk_req_submit(struct blk_dev *dev, struct blk_req *req)
 {
+	blk_req_submit_stats(dev, req, NULL);
+}
+
+void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_stats *stats)
+{
 	struct virtio_blk_outhdr hdr;
 	struct iovec *out_iov = NULL, *in_iov = NULL;
 	unsigned out_cnt = 0, in_cnt = 0;
 	int ret;
 
 	req->dev = dev;
+	req->stats = stats;
 	req->state = BLK_REQ_IDLE;
 	req->in_len = 0;
 	req->data_len = 0;

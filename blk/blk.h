@@ -86,7 +86,8 @@ struct blk_req {
 	struct iovec *data_iov; /* data part of iov (header/status stripped) */
 	unsigned data_cnt;
 	struct img_io io;
-	uint64_t t0; /* submission time (CLOCK_MONOTONIC ns), for the statistics */
+	uint64_t t0;             /* submission time (CLOCK_MONOTONIC ns), for the statistics */
+	struct blk_stats *stats; /* where it is counted (blk_req_submit_stats) */
 };
 
 struct blk_opts {
@@ -147,6 +148,13 @@ bool blk_dev_update_capacity(struct blk_dev *dev);
 
 /* Start processing one request. Completion as described above. */
 void blk_req_submit(struct blk_dev *dev, struct blk_req *req);
+/*
+ * The same, counted in @stats instead of the device's own counters (NULL =
+ * the device's). A program that completes requests on several threads gives
+ * each queue's thread its own blk_stats, so the hot path needs no atomics,
+ * and sums them with blk_stats_add() when asked.
+ */
+void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_stats *stats);
 
 /* Requests submitted but not yet completed. */
 unsigned blk_dev_inflight(const struct blk_dev *dev);
@@ -161,15 +169,44 @@ unsigned blk_dev_inflight(const struct blk_dev *dev);
  * GET_ID and unknown types are not counted.
  */
 enum { BLK_STAT_READ, BLK_STAT_WRITE, BLK_STAT_FLUSH, BLK_STAT_DISCARD, BLK_STAT_N };
+/*
+ * Latency histograms (QEMU's block-latency-histogram-set): per request type,
+ * up to BLK_HIST_MAX strictly ascending boundaries b0 < b1 < ... (ns) make
+ * the bins [0, b0), [b0, b1), ..., [bN-1, inf). Successful requests only,
+ * with the latency total_ns adds up (no extra clock read).
+ */
+#define BLK_HIST_MAX 64
 struct blk_stats {
 	struct {
 		uint64_t ops, bytes, total_ns, failed, invalid;
+		uint64_t bins[BLK_HIST_MAX + 1];
 	} op[BLK_STAT_N];
 	uint64_t wr_highest_offset; /* end of the highest successful write (bytes) */
 	uint64_t last_done_ns;      /* CLOCK_MONOTONIC of the last counted completion (0 = none) */
 	int last_failed_err;        /* -errno of the last failed request (0 = none yet) */
+	uint32_t hist_gen[BLK_STAT_N]; /* blk_dev_set_histogram() generation the bins count for */
 };
 const struct blk_stats *blk_dev_stats(const struct blk_dev *dev);
+
+/*
+ * Set the latency histogram of request type @type (BLK_STAT_*) to @n
+ * boundaries (@n = 0: one bin; @bounds NULL: no histogram); its bins start empty in every blk_stats
+ * (each notices the new generation at its next request, and sums skip it).
+ * Called on the thread that completes requests, or with them quiesced.
+ * 0, or -EINVAL (not ascending, a zero boundary, more than BLK_HIST_MAX).
+ */
+int blk_dev_set_histogram(struct blk_dev *dev, int type, const uint64_t *bounds, unsigned n);
+/* The boundaries of @type's histogram: their number, *@bounds set; -1 = no histogram. */
+int blk_dev_histogram(const struct blk_dev *dev, int type, const uint64_t **bounds);
+
+/*
+ * Requests that failed in the image I/O so far, whichever blk_stats counted
+ * them: a cheap test for a once-per-loop-iteration check (error events).
+ */
+uint64_t blk_dev_failures(const struct blk_dev *dev);
+
+/* @sum += @s (bins only if @s counts for the device's current histograms). */
+void blk_stats_add(const struct blk_dev *dev, struct blk_stats *sum, const struct blk_stats *s);
 
 /* Translate -errno to a virtio-blk status byte (the one place that does). */
 uint8_t blk_status_from_errno(int err);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <linux/virtio_blk.h>
 
@@ -1078,6 +1079,77 @@ static void test_random_layouts(void)
 	blk_dev_exit(devs[1]);
 }
 
+/*
+ * Latency histograms: requests of a known latency class (the fake image
+ * completes them when told: at once, or after 30 ms) land in their bins,
+ * counted in the blk_stats they were submitted with; sums see them all;
+ * a new set empties the bins; bad boundaries are refused.
+ */
+static void read_after(struct blk_dev *dev, struct blk_stats *st, long ms)
+{
+	struct treq t;
+
+	treq_init(&t, VIRTIO_BLK_T_IN, 0);
+	add_in(&t, g_buf[0], 512);
+	add_status(&t);
+	blk_req_submit_stats(dev, &t.req, st);
+	if (ms)
+		nanosleep(&(struct timespec){.tv_nsec = ms * 1000000}, NULL);
+	fake_complete_all();
+	CU_ASSERT_EQUAL(g_status, VIRTIO_BLK_S_OK);
+}
+
+static void test_histograms(void)
+{
+	static const uint64_t b[2] = {20000000, 10000000000ull}; /* 20 ms, 10 s */
+	static const uint64_t bad[][2] = {{0, 5}, {5, 5}, {6, 5}};
+	static struct blk_stats q1, sum;
+	const uint64_t *got;
+	struct blk_dev *dev;
+
+	fake_reset(false);
+	dev = dev_new(false, 512, true);
+	CU_ASSERT_EQUAL(blk_dev_histogram(dev, BLK_STAT_READ, &got), -1);
+	CU_ASSERT_EQUAL(blk_dev_set_histogram(dev, BLK_STAT_READ, b, 2), 0);
+	CU_ASSERT_EQUAL(blk_dev_histogram(dev, BLK_STAT_READ, &got), 2);
+	CU_ASSERT_EQUAL(got[1], b[1]);
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+		CU_ASSERT_EQUAL(blk_dev_set_histogram(dev, BLK_STAT_WRITE, bad[i], 2), -EINVAL);
+	CU_ASSERT_EQUAL(blk_dev_set_histogram(dev, BLK_STAT_WRITE, b, BLK_HIST_MAX + 1), -EINVAL);
+	CU_ASSERT_EQUAL(blk_dev_histogram(dev, BLK_STAT_WRITE, &got), -1);
+
+	read_after(dev, NULL, 0);
+	read_after(dev, &q1, 0);
+	read_after(dev, &q1, 30);
+	CU_ASSERT_EQUAL(blk_dev_stats(dev)->op[BLK_STAT_READ].bins[0], 1);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].ops, 2);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].bins[0], 1);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].bins[1], 1);
+	CU_ASSERT(q1.op[BLK_STAT_READ].total_ns >= 30000000);
+	memset(&sum, 0, sizeof(sum));
+	blk_stats_add(dev, &sum, blk_dev_stats(dev));
+	blk_stats_add(dev, &sum, &q1);
+	CU_ASSERT_EQUAL(sum.op[BLK_STAT_READ].ops, 3);
+	CU_ASSERT_EQUAL(sum.op[BLK_STAT_READ].bins[0], 2);
+	CU_ASSERT_EQUAL(sum.op[BLK_STAT_READ].bins[1], 1);
+	CU_ASSERT_EQUAL(sum.op[BLK_STAT_READ].bins[2], 0);
+
+	/* A new set: old bins no longer count, anywhere. */
+	CU_ASSERT_EQUAL(blk_dev_set_histogram(dev, BLK_STAT_READ, b, 1), 0);
+	memset(&sum, 0, sizeof(sum));
+	blk_stats_add(dev, &sum, &q1);
+	CU_ASSERT_EQUAL(sum.op[BLK_STAT_READ].bins[0] + sum.op[BLK_STAT_READ].bins[1], 0);
+	read_after(dev, &q1, 0);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].bins[0], 1);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].bins[1], 0);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].ops, 3); /* the counters themselves go on */
+	/* Removed: nothing binned. */
+	CU_ASSERT_EQUAL(blk_dev_set_histogram(dev, BLK_STAT_READ, NULL, 0), 0);
+	read_after(dev, &q1, 0);
+	CU_ASSERT_EQUAL(q1.op[BLK_STAT_READ].bins[0], 1);
+	blk_dev_exit(dev);
+}
+
 static void test_status_from_errno(void)
 {
 	CU_ASSERT_EQUAL(blk_status_from_errno(0), VIRTIO_BLK_S_OK);
@@ -1112,6 +1184,7 @@ int main(void)
 	CU_add_test(s, "image errors", test_image_errors);
 	CU_add_test(s, "random layouts", test_random_layouts);
 	CU_add_test(s, "status from errno", test_status_from_errno);
+	CU_add_test(s, "latency histograms, per-queue stats", test_histograms);
 	failed = (int)tu_cunit_run();
 	return failed ? 1 : 0;
 }
