@@ -54,6 +54,7 @@ enum qmp_type {
 	QMP_STR = 1,
 	QMP_INT, /* a JSON integer */
 	QMP_BOOL,
+	QMP_INT_LIST, /* a JSON array of integers (QAPI ['uint64'], ['int']) */
 };
 
 struct qmp_arg {

@@ -186,6 +186,8 @@ static const char *type_name(enum qmp_type t)
 		return "integer";
 	case QMP_BOOL:
 		return "boolean";
+	case QMP_INT_LIST:
+		return "array";
 	}
 	return "?";
 }
@@ -199,6 +201,8 @@ static bool type_ok(enum qmp_type t, json_t *v)
 		return json_is_integer(v);
 	case QMP_BOOL:
 		return json_is_boolean(v);
+	case QMP_INT_LIST:
+		return json_is_array(v);
 	}
 	return false;
 }
@@ -224,6 +228,15 @@ static bool args_ok(struct client *c, json_t *id, const struct qmp_command *cmd,
 				   "Invalid parameter type for '%s', expected: %s", key,
 				   type_name(a->type));
 			return false;
+		}
+		for (size_t i = 0; a->type == QMP_INT_LIST && i < json_array_size(v); i++) {
+			if (!json_is_integer(json_array_get(v, i))) {
+				send_error(
+				    c, id, "GenericError",
+				    "Invalid parameter type for '%s[%zu]', expected: integer", key,
+				    i);
+				return false;
+			}
 		}
 	}
 	for (const struct qmp_arg *a = cmd->args; a->name; a++) {

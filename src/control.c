@@ -122,7 +122,34 @@ static int cmd_nodes(void *opaque, json_t *args, json_t **ret, char *err, size_t
 	return 0;
 }
 
-static json_t *stats_json(const struct blk_stats *st)
+/* The device's counters and every queue's, summed now. */
+static void stats_sum(struct ctl *c, struct blk_stats *sum)
+{
+	memset(sum, 0, sizeof(*sum));
+	blk_stats_add(c->blk, sum, blk_dev_stats(c->blk));
+	for (unsigned i = 0; i < c->nqueues; i++)
+		blk_stats_add(c->blk, sum, &c->qstats[i].blk);
+}
+
+/* QEMU's BlockLatencyHistogramInfo, or NULL when @type has no histogram. */
+static json_t *histogram_json(struct ctl *c, const struct blk_stats *st, int type)
+{
+	const uint64_t *b;
+	int n = blk_dev_histogram(c->blk, type, &b);
+	json_t *bounds, *bins;
+
+	if (n < 0)
+		return NULL;
+	bounds = json_array();
+	bins = json_array();
+	for (int i = 0; i < n; i++)
+		json_array_append_new(bounds, json_integer((json_int_t)b[i]));
+	for (int i = 0; i <= n; i++)
+		json_array_append_new(bins, json_integer((json_int_t)st->op[type].bins[i]));
+	return json_pack("{s:o,s:o}", "boundaries", bounds, "bins", bins);
+}
+
+static json_t *stats_json(struct ctl *c, const struct blk_stats *st)
 {
 	static const char *const pfx[BLK_STAT_N] = {"rd", "wr", "flush", "unmap"};
 	json_t *o = json_object();
@@ -131,6 +158,8 @@ static json_t *stats_json(const struct blk_stats *st)
 	if (!o)
 		return NULL;
 	for (int i = 0; i < BLK_STAT_N; i++) {
+		json_t *h;
+
 		snprintf(k, sizeof(k), "%s_operations", pfx[i]);
 		json_object_set_new(o, k, json_integer((json_int_t)st->op[i].ops));
 		snprintf(k, sizeof(k), "%s_total_time_ns", pfx[i]);
@@ -144,6 +173,11 @@ static json_t *stats_json(const struct blk_stats *st)
 			json_object_set_new(o, k, json_integer((json_int_t)st->op[i].bytes));
 			snprintf(k, sizeof(k), "%s_merged", pfx[i]);
 			json_object_set_new(o, k, json_integer(0)); /* we never merge */
+		}
+		/* QEMU 7.2 has rd_, wr_ and flush_latency_histogram (no unmap) */
+		if (i != BLK_STAT_DISCARD && (h = histogram_json(c, st, i))) {
+			snprintf(k, sizeof(k), "%s_latency_histogram", pfx[i]);
+			json_object_set_new(o, k, h);
 		}
 	}
 	json_object_set_new(o, "wr_highest_offset",
@@ -163,32 +197,142 @@ static json_t *stats_json(const struct blk_stats *st)
 	return o;
 }
 
+/* The qcow2 engine's numbers (caches and activity), or NULL for raw. */
+static json_t *engine_json(struct img *img)
+{
+	struct img_cache_stats cs;
+
+	if (img_cache_stats(img, &cs) < 0)
+		return NULL;
+	return json_pack(
+	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "l2-hits",
+	    (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses, "l2-evictions",
+	    (json_int_t)cs.l2_evictions, "refcount-hits", (json_int_t)cs.refcount_hits,
+	    "refcount-misses", (json_int_t)cs.refcount_misses, "refcount-evictions",
+	    (json_int_t)cs.refcount_evictions, "l2-prefetched", (json_int_t)cs.l2_prefetched,
+	    "clusters-allocated", (json_int_t)cs.clusters_allocated, "cow-operations",
+	    (json_int_t)cs.cow, "l2-table-copies", (json_int_t)cs.l2_cow, "l2-tables-allocated",
+	    (json_int_t)cs.l2_tables_allocated, "refcount-blocks-allocated",
+	    (json_int_t)cs.refcount_blocks_allocated, "metadata-writes",
+	    (json_int_t)cs.metadata_writes, "metadata-write-bytes",
+	    (json_int_t)cs.metadata_write_bytes, "writeback-batches",
+	    (json_int_t)cs.writeback_batches, "compressed-inflated",
+	    (json_int_t)cs.compressed_inflated);
+}
+
 static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
 {
 	struct ctl *c = opaque;
-	json_t *queues = json_array(), *e;
+	json_t *queues = json_array(), *e, *v, *eng;
+	struct blk_stats *sum = malloc(sizeof(*sum));
 
-	if (!queues)
+	if (!queues || !sum) {
+		json_decref(queues);
+		free(sum);
 		return -ENOMEM;
+	}
 	for (unsigned i = 0; i < c->nqueues; i++) {
 		const struct ctl_qstat *q = &c->qstats[i];
 
 		if (!q->requests)
 			continue; /* 64 queues are offered; list those that worked */
-		json_array_append_new(queues, json_pack("{s:i,s:I,s:I,s:I}", "queue", (int)i,
-							"requests", (json_int_t)q->requests,
-							"bytes", (json_int_t)q->bytes, "errors",
-							(json_int_t)q->errors));
+		json_array_append_new(
+		    queues,
+		    json_pack("{s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "queue", (int)i, "requests",
+			      (json_int_t)q->requests, "bytes", (json_int_t)q->bytes, "errors",
+			      (json_int_t)q->errors, "rd_operations", (json_int_t)q->blk.op[0].ops,
+			      "wr_operations", (json_int_t)q->blk.op[1].ops, "flush_operations",
+			      (json_int_t)q->blk.op[2].ops, "unmap_operations",
+			      (json_int_t)q->blk.op[3].ops));
 	}
+	stats_sum(c, sum);
+	v = json_pack("{s:i,s:o}", "in-flight", (int)blk_dev_inflight(c->blk), "queues", queues);
+	eng = engine_json(c->img);
+	if (v && eng)
+		json_object_set_new(v, "qcow2", eng);
+	else
+		json_decref(eng);
 	/* One BlockStats for the export's node, whatever query-nodes says:
 	 * the node is both the device and the node here. */
-	e = json_pack("{s:s,s:s,s:o,s:{s:i,s:o}}", "device", "", "node-name", c->node_name, "stats",
-		      stats_json(blk_dev_stats(c->blk)), "vqcowd", "in-flight",
-		      (int)blk_dev_inflight(c->blk), "queues", queues);
+	e = json_pack("{s:s,s:s,s:o,s:o}", "device", "", "node-name", c->node_name, "stats",
+		      stats_json(c, sum), "vqcowd", v);
+	free(sum);
 	if (!e)
 		return -ENOMEM;
 	*ret = json_pack("[o]", e);
 	return *ret ? 0 : -ENOMEM;
+}
+
+/* Read @key (a list of integers) into @b; false when absent. */
+static bool bounds_arg(json_t *args, const char *key, uint64_t *b, unsigned *n)
+{
+	json_t *a = json_object_get(args, key);
+	size_t i;
+	json_t *x;
+
+	if (!a)
+		return false;
+	*n = 0;
+	json_array_foreach(a, i, x)
+	{
+		if (i < BLK_HIST_MAX)
+			b[i] = (uint64_t)json_integer_value(x); /* QEMU casts negatives too */
+		(*n)++;
+	}
+	return true;
+}
+
+/*
+ * QEMU's block-latency-histogram-set (qapi/block.json): only @id removes
+ * every histogram; @boundaries resets read, write and flush; the
+ * per-type lists take precedence for their type.
+ */
+static int cmd_histogram(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	static const char *const key[] = {"boundaries-read", "boundaries-write",
+					  "boundaries-flush"};
+	static const char *const what[] = {"read ", "write ", "flush "};
+	struct ctl *c = opaque;
+	json_t *jid = json_object_get(args, "id");
+	json_t *jnode = json_object_get(args, "node-name");
+	const char *id = jid ? json_string_value(jid) : jnode ? json_string_value(jnode) : "";
+	uint64_t all[BLK_HIST_MAX], one[BLK_HIST_MAX];
+	unsigned nall = 0, n;
+	bool has_all, any = false;
+
+	if (!jid && !jnode) {
+		snprintf(err, errlen, "Parameter 'id' is missing");
+		return -EINVAL;
+	}
+	if (strcmp(id, c->node_name) != 0 && strcmp(id, "export0") != 0) {
+		snprintf(err, errlen, "Device '%s' not found", id);
+		return -ENOENT;
+	}
+	has_all = bounds_arg(args, "boundaries", all, &nall);
+	for (int t = 0; t < 3; t++) {
+		const uint64_t *b = all;
+		const char *w = "";
+
+		n = nall;
+		if (bounds_arg(args, key[t], one, &n)) {
+			b = one;
+			w = what[t];
+		} else if (!has_all) {
+			continue;
+		}
+		any = true;
+		if (n > BLK_HIST_MAX || blk_dev_set_histogram(c->blk, t, b, n) < 0) {
+			snprintf(err, errlen, "Device '%s' set %sboundaries fail%s", id, w,
+				 n > BLK_HIST_MAX ? " (at most 64 boundaries)"
+						  : " (they must be ascending and above 0)");
+			return -EINVAL;
+		}
+	}
+	if (!any) {
+		for (int t = 0; t < BLK_STAT_N; t++)
+			blk_dev_set_histogram(c->blk, t, NULL, 0);
+	}
+	return 0;
 }
 
 static int cmd_quit(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
@@ -227,6 +371,15 @@ static const struct qmp_command commands[] = {
     {"query-block-exports", {{NULL}}, cmd_exports},
     {"query-named-block-nodes", {{"flat", QMP_BOOL, true}, {NULL}}, cmd_nodes},
     {"query-blockstats", {{"query-nodes", QMP_BOOL, true}, {NULL}}, cmd_blockstats},
+    {"block-latency-histogram-set",
+     {{"id", QMP_STR, true},
+      {"node-name", QMP_STR, true},
+      {"boundaries", QMP_INT_LIST, true},
+      {"boundaries-read", QMP_INT_LIST, true},
+      {"boundaries-write", QMP_INT_LIST, true},
+      {"boundaries-flush", QMP_INT_LIST, true},
+      {NULL}},
+     cmd_histogram},
     {"block_resize",
      {{"device", QMP_STR, true}, {"node-name", QMP_STR, true}, {"size", QMP_INT, false}, {NULL}},
      cmd_resize},
@@ -244,33 +397,40 @@ void ctl_shutdown_event(struct ctl *c, const char *reason)
 void ctl_tick(struct ctl *c)
 {
 	static const char *const opname[BLK_STAT_N] = {"read", "write", "write", "write"};
-	const struct blk_stats *st;
+	struct blk_stats *st;
 	struct timespec ts;
-	uint64_t now;
+	uint64_t now, failures;
 	int k = -1;
 
 	if (!c->qmp)
 		return;
-	st = blk_dev_stats(c->blk);
-	for (int i = 0; i < BLK_STAT_N; i++) {
-		if (st->op[i].failed != c->failed_seen[i])
-			k = i;
-	}
-	if (k < 0)
+	failures = blk_dev_failures(c->blk); /* the cheap test, every iteration */
+	if (failures == c->failures_seen)
 		return;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 	if (c->last_event_ns && now - c->last_event_ns < 1000000000ull)
 		return; /* reported later, summed up, when the second is over */
+	st = malloc(sizeof(*st));
+	if (!st)
+		return;
+	stats_sum(c, st);
+	for (int i = 0; i < BLK_STAT_N; i++) {
+		if (st->op[i].failed != c->failed_seen[i])
+			k = i;
+	}
 	c->last_event_ns = now;
+	c->failures_seen = failures;
 	for (int i = 0; i < BLK_STAT_N; i++)
 		c->failed_seen[i] = st->op[i].failed;
 	/* QEMU's BLOCK_IO_ERROR; the error was reported to the guest. */
-	qmp_server_event(c->qmp, "BLOCK_IO_ERROR",
-			 json_pack("{s:s,s:s,s:s,s:s,s:b,s:s}", "device", "", "node-name",
-				   c->node_name, "operation", opname[k], "action", "report",
-				   "nospace", st->last_failed_err == -ENOSPC, "reason",
-				   strerror(-st->last_failed_err)));
+	if (k >= 0)
+		qmp_server_event(c->qmp, "BLOCK_IO_ERROR",
+				 json_pack("{s:s,s:s,s:s,s:s,s:b,s:s}", "device", "", "node-name",
+					   c->node_name, "operation", opname[k], "action", "report",
+					   "nospace", st->last_failed_err == -ENOSPC, "reason",
+					   strerror(-st->last_failed_err)));
+	free(st);
 }
 
 int ctl_start(struct ctl *c, const char *path)

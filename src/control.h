@@ -9,18 +9,19 @@
 
 #include <stdbool.h>
 
+#include "blk.h"
 #include "qmp.h"
 
 #include <stdint.h>
 
 struct img;
-struct blk_dev;
 
 /* Per-virtqueue counters the daemon keeps (query-blockstats "vqcowd" section). */
 struct ctl_qstat {
-	uint64_t requests; /* completed requests of any type */
-	uint64_t bytes;    /* data bytes of completed reads and writes */
-	uint64_t errors;   /* completed with a status other than OK */
+	uint64_t requests;    /* completed requests of any type */
+	uint64_t bytes;       /* data bytes of completed reads and writes */
+	uint64_t errors;      /* completed with a status other than OK */
+	struct blk_stats blk; /* blk_req_submit_stats(): this queue's requests */
 };
 
 struct ctl {
@@ -43,6 +44,7 @@ struct ctl {
 	struct qmp_server *qmp;
 	json_t *version;
 	uint64_t failed_seen[4]; /* failed counters already reported */
+	uint64_t failures_seen;  /* blk_dev_failures() already reported */
 	uint64_t last_event_ns;
 };
 

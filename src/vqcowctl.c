@@ -2,7 +2,8 @@
 /*
  * vqcowctl — a small QMP client for vqcowd's control socket (--qmp).
  *
- *   vqcowctl -s PATH [--json] version | stats | resize SIZE | quit | raw JSON
+ *   vqcowctl -s PATH [--json] version | stats [--watch [SEC]] | histogram [US...] |
+ *                             resize SIZE | quit | raw JSON
  *
  * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
  * works against qemu-storage-daemon for the commands they share. Exit status:
@@ -12,6 +13,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +31,13 @@
 #define MAX_REPLY (16u << 20)
 
 static bool opt_json;
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
 
 static void usage(FILE *f)
 {
@@ -40,10 +49,17 @@ static void usage(FILE *f)
 	    "  version              the daemon's version (query-version)\n"
 	    "  stats                I/O statistics per request type and per queue\n"
 	    "                       (query-blockstats)\n"
-	    "  stats --watch [--interval SEC] [--count N]\n"
+	    "  stats --watch [SEC] [--interval SEC] [--count N]\n"
 	    "                       every SEC seconds (default 1), like iostat: reads and\n"
 	    "                       writes per second, MiB/s, average latency (ms), flushes\n"
-	    "                       and discards per second; --json: one object per line\n"
+	    "                       and discards per second; --json: one object per line;\n"
+	    "                       ends after N lines, on Ctrl-C (status 0) or when the\n"
+	    "                       daemon goes away (status 2)\n"
+	    "  histogram [BOUNDARY...]\n"
+	    "                       latency histograms for reads, writes and flushes with\n"
+	    "                       bins between these boundaries (microseconds, ascending;\n"
+	    "                       block-latency-histogram-set); none: remove them. stats\n"
+	    "                       shows the bins\n"
 	    "  resize SIZE          grow the image online to SIZE (block_resize; a number with\n"
 	    "                       an optional suffix K, M, G, T, P, E, as qemu-img); the guest\n"
 	    "                       is told the new size\n"
@@ -54,7 +70,7 @@ static void usage(FILE *f)
 	    "\n"
 	    "Options:\n"
 	    "  -s, --socket PATH    the QMP socket (required)\n"
-	    "  --node NAME          node for resize (default: the exported node)\n"
+	    "  --node NAME          node for resize and histogram (default: the exported node)\n"
 	    "  --json               print the command's JSON result (scripts)\n"
 	    "  --timeout SEC        wait at most SEC seconds for a reply (default 30)\n"
 	    "  -h, --help, --version\n"
@@ -132,7 +148,10 @@ static int conn_send(struct conn *c, const char *text)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			fprintf(stderr, "vqcowctl: send: %s\n", strerror(errno));
+			fprintf(stderr, "vqcowctl: send: %s\n",
+				errno == EPIPE || errno == ECONNRESET
+				    ? "connection closed by the daemon"
+				    : strerror(errno));
 			return -1;
 		}
 		off += (size_t)n;
@@ -203,6 +222,13 @@ static uint64_t num(json_t *o, const char *key)
 	return v > 0 ? (uint64_t)v : 0;
 }
 
+static uint64_t num_at(json_t *a, size_t i)
+{
+	json_int_t v = json_integer_value(json_array_get(a, i));
+
+	return v > 0 ? (uint64_t)v : 0;
+}
+
 static void print_stats(json_t *ret)
 {
 	static const char *const types[] = {"rd", "wr", "flush", "unmap"};
@@ -239,6 +265,31 @@ static void print_stats(json_t *ret)
 			       names[j], ops, bytes, ops ? (double)ns / (double)ops / 1000.0 : 0.0,
 			       failed, invalid);
 		}
+		for (j = 0; j < 3; j++) {
+			char k[64];
+			json_t *h, *b, *x;
+			size_t n;
+
+			snprintf(k, sizeof(k), "%s_latency_histogram", types[j]);
+			h = json_object_get(s, k);
+			if (!h)
+				continue;
+			b = json_object_get(h, "boundaries");
+			printf("  %s latency (us):", names[j]);
+			json_array_foreach(json_object_get(h, "bins"), n, x)
+			{
+				double lo = n ? (double)num_at(b, n - 1) / 1000.0 : 0;
+
+				if (n < json_array_size(b))
+					printf(" [%g,%g): %" PRIu64, lo,
+					       (double)num_at(b, n) / 1000.0,
+					       (uint64_t)json_integer_value(x));
+				else
+					printf(" [%g,inf): %" PRIu64, lo,
+					       (uint64_t)json_integer_value(x));
+			}
+			printf("\n");
+		}
 		if (!v)
 			continue;
 		printf("  in flight: %" PRIu64 "\n", num(v, "in-flight"));
@@ -248,6 +299,19 @@ static void print_stats(json_t *ret)
 			       " bytes %8" PRIu64 " errors\n",
 			       num(q, "queue"), num(q, "requests"), num(q, "bytes"),
 			       num(q, "errors"));
+		}
+		if ((q = json_object_get(v, "qcow2"))) {
+			const char *key;
+			json_t *x;
+			int col = 0;
+
+			printf("  qcow2:");
+			json_object_foreach(q, key, x)
+			{
+				printf("%s%s %" PRIu64, col++ % 4 ? ", " : "\n    ", key,
+				       (uint64_t)json_integer_value(x));
+			}
+			printf("\n");
 		}
 	}
 }
@@ -293,15 +357,22 @@ static int watch_stats(struct conn *c, uint64_t interval, uint64_t count)
 	double ta, tb;
 	int failed = 2;
 
+	struct sigaction sa = {.sa_handler = on_sigint}; /* no SA_RESTART: sleep ends */
+
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
 	if (sample(c, a, &failed) < 0)
 		return failed;
 	ta = now_s();
 	for (uint64_t n = 0; !count || n < count; n++) {
 		double dt, rate[4], mib[2] = {0, 0}, lat[4];
 
-		sleep((unsigned)interval);
+		for (unsigned left = (unsigned)interval; left && !interrupted;)
+			left = sleep(left);
+		if (interrupted)
+			return 0;
 		if (sample(c, b, &failed) < 0)
-			return failed;
+			return interrupted ? 0 : failed;
 		tb = now_s();
 		dt = tb - ta > 0 ? tb - ta : 1;
 		for (int i = 0; i < 4; i++) {
@@ -428,6 +499,25 @@ int main(int argc, char **argv)
 			fprintf(stderr, "vqcowctl: raw needs one JSON argument\n");
 			return 2;
 		}
+	} else if (strcmp(cmd, "stats") == 0 && watch && optind + 1 == argc) {
+		/* stats --watch INTERVAL, as iostat takes it */
+		if (util_parse_uint(argv[optind], &interval) < 0 || interval == 0 ||
+		    interval > 3600) {
+			fprintf(stderr, "vqcowctl: invalid interval '%s' (1..3600)\n",
+				argv[optind]);
+			return 2;
+		}
+	} else if (strcmp(cmd, "histogram") == 0) {
+		for (int i = optind; i < argc; i++) {
+			uint64_t us;
+
+			if (util_parse_uint(argv[i], &us) < 0 || us == 0 ||
+			    us > UINT64_MAX / 1000) {
+				fprintf(stderr, "vqcowctl: invalid boundary '%s' (microseconds)\n",
+					argv[i]);
+				return 2;
+			}
+		}
 	} else if (strcmp(cmd, "version") == 0 || strcmp(cmd, "stats") == 0 ||
 		   strcmp(cmd, "quit") == 0) {
 		if (optind != argc) {
@@ -483,6 +573,27 @@ int main(int argc, char **argv)
 		r = execute(&c, "{\"execute\": \"quit\"}", &failed);
 	} else if (strcmp(cmd, "raw") == 0) {
 		r = execute(&c, argv[optind], &failed);
+	} else if (strcmp(cmd, "histogram") == 0) {
+		json_t *e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
+		const char *n =
+		    node ? node
+			 : json_string_value(json_object_get(json_array_get(e, 0), "node-name"));
+		json_t *b = json_array(), *m;
+
+		for (int i = optind; i < argc; i++) {
+			uint64_t us = 0;
+
+			util_parse_uint(argv[i], &us);
+			json_array_append_new(b, json_integer((json_int_t)(us * 1000)));
+		}
+		m = json_pack("{s:s,s:{s:s}}", "execute", "block-latency-histogram-set",
+			      "arguments", "id", n ? n : "");
+		if (optind < argc)
+			json_object_set_new(json_object_get(m, "arguments"), "boundaries", b);
+		else
+			json_decref(b);
+		r = execute_cmd(&c, m, &failed);
+		json_decref(e);
 	} else { /* resize */
 		if (!node) {
 			json_t *e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
@@ -527,6 +638,8 @@ int main(int argc, char **argv)
 		print_stats(r);
 	} else if (strcmp(cmd, "resize") == 0) {
 		printf("resized to %" PRIu64 " bytes\n", size);
+	} else if (strcmp(cmd, "histogram") == 0) {
+		printf(optind < argc ? "latency histograms set\n" : "latency histograms removed\n");
 	} else if (strcmp(cmd, "raw") == 0) {
 		print_json(r);
 	}

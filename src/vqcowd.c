@@ -659,7 +659,10 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		r->blk.in_num = elem->in_num;
 		r->blk.complete = req_complete;
 		r->blk.priv = d;
-		blk_req_submit(d->blk, &r->blk);
+		/* counted per queue: the queue's thread owns its counters */
+		blk_req_submit_stats(d->blk, &r->blk,
+				     vq_index(vq) < MAX_QUEUES ? &d->qstat[vq_index(vq)].blk
+							       : NULL);
 		if (vhost_dev_is_broken(vq_dev(vq)))
 			return -EPIPE;
 	}

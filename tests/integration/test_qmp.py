@@ -426,6 +426,7 @@ def main():
         test_clients(d.qsock)
         test_queries(q, image, size)
         test_stats(q, fe_bin, d)
+        test_histograms(q, fe_bin, d)
         test_fuzz(d.qsock, fe_bin, d)
         size = test_resize(q, fe_bin, d, size)
         size = test_ctl(ctl, fe_bin, d, q, size)
@@ -500,6 +501,83 @@ def test_stats(q, fe_bin, d):
     check(b["vqcowd"]["in-flight"] == 0, "in-flight %r" % b["vqcowd"])
     log("ok: query-blockstats counters after vqcow-fe requests: %s" % json.dumps(
         {k: s[k] for k in sorted(want)}))
+
+
+def hist_sum(st, key):
+    h = st[key]
+    check(len(h["bins"]) == len(h["boundaries"]) + 1, "%s: %r" % (key, h))
+    return sum(h["bins"])
+
+
+def test_histograms(q, fe_bin, d):
+    """block-latency-histogram-set with QEMU's semantics (qapi/block.json 7.2)."""
+    s = blockstats(q)["stats"]
+    check(not any(k.endswith("_latency_histogram") for k in s), "histograms before set: %r" % s)
+    # Every latency is >= 1 ns and below 100 s: all requests land in bin 1.
+    check(q.cmd("block-latency-histogram-set",
+                {"id": "disk0", "boundaries": [1, 100 * 10 ** 9]}) == {"return": {}}, "set")
+    s0 = blockstats(q)["stats"]
+    for k in ("rd", "wr", "flush"):
+        h = s0["%s_latency_histogram" % k]
+        check(h == {"boundaries": [1, 100 * 10 ** 9], "bins": [0, 0, 0]},
+              "%s histogram not empty after set: %r" % (k, h))
+    check("unmap_latency_histogram" not in s0, "QEMU 7.2 has no unmap histogram")
+    fe(fe_bin, "verify", d.vsock, "--size", "1M", "--bs", "64k")
+    fe(fe_bin, "--queues", "2", "--queue", "1", "read", d.vsock, 0, 4096)
+    fe(fe_bin, "flush", d.vsock)
+    s1 = blockstats(q)["stats"]
+    for k in ("rd", "wr", "flush"):
+        ops = s1["%s_operations" % k] - s0["%s_operations" % k]
+        h = s1["%s_latency_histogram" % k]
+        check(ops > 0 and h["bins"] == [0, ops, 0],
+              "%s: %d requests, histogram %r" % (k, ops, h))
+    log("ok: histograms: bins sum to the requests since set (rd %d, wr %d, flush %d), "
+        "each in its latency class" % tuple(hist_sum(s1, "%s_latency_histogram" % k)
+                                           for k in ("rd", "wr", "flush")))
+    # A per-type list wins over boundaries; the others are reset too.
+    check("return" in q.cmd("block-latency-histogram-set",
+                            {"id": "disk0", "boundaries": [10 ** 12],
+                             "boundaries-write": [1, 2, 3]}), "set write")
+    fe(fe_bin, "write", d.vsock, 0, 4096, stdin=os.urandom(4096))
+    fe(fe_bin, "read", d.vsock, 0, 4096)
+    s2 = blockstats(q)["stats"]
+    check(s2["wr_latency_histogram"] == {"boundaries": [1, 2, 3], "bins": [0, 0, 0, 1]},
+          "write histogram %r" % s2["wr_latency_histogram"])
+    check(s2["rd_latency_histogram"] == {"boundaries": [10 ** 12], "bins": [1, 0]},
+          "read histogram %r" % s2["rd_latency_histogram"])
+    check(s2["flush_latency_histogram"]["bins"] == [0, 0], "flush %r" % s2)
+    # Only one type: the others keep counting.
+    check("return" in q.cmd("block-latency-histogram-set",
+                            {"id": "disk0", "boundaries-flush": []}), "set flush")
+    fe(fe_bin, "flush", d.vsock)
+    fe(fe_bin, "read", d.vsock, 0, 4096)
+    s3 = blockstats(q)["stats"]
+    check(s3["flush_latency_histogram"] == {"boundaries": [], "bins": [1]}, "flush %r" % s3)
+    check(s3["rd_latency_histogram"]["bins"] == [2, 0], "read kept counting: %r" % s3)
+    # Errors, as QEMU words them, and nothing changed by a refused list.
+    expect_error(q.cmd("block-latency-histogram-set", {"id": "nodev", "boundaries": [1]}),
+                 "GenericError", "Device 'nodev' not found", "histogram: unknown device")
+    expect_error(q.cmd("block-latency-histogram-set", {"id": "disk0",
+                                                       "boundaries-read": [5, 5]}),
+                 "GenericError", "Device 'disk0' set read boundaries fail",
+                 "histogram: not ascending")
+    expect_error(q.cmd("block-latency-histogram-set", {"id": "disk0", "boundaries": [0, 5]}),
+                 "GenericError", "Device 'disk0' set boundaries fail", "histogram: zero")
+    expect_error(q.cmd("block-latency-histogram-set", {"id": "disk0", "boundaries": 5}),
+                 "GenericError", "Invalid parameter type for 'boundaries', expected: array",
+                 "histogram: not a list")
+    expect_error(q.cmd("block-latency-histogram-set", {"id": "disk0",
+                                                       "boundaries": [1, "x"]}),
+                 "GenericError", "Invalid parameter type for 'boundaries[1]', expected: integer",
+                 "histogram: not an integer")
+    expect_error(q.cmd("block-latency-histogram-set",
+                       {"id": "disk0", "boundaries": list(range(1, 100))}),
+                 "GenericError", "at most 64", "histogram: too many boundaries")
+    # Only the id: every histogram removed.
+    check("return" in q.cmd("block-latency-histogram-set", {"node-name": "disk0"}), "remove")
+    s4 = blockstats(q)["stats"]
+    check(not any(k.endswith("_latency_histogram") for k in s4), "not removed: %r" % s4)
+    log("ok: block-latency-histogram-set: per-type lists, reset, removal, errors")
 
 
 def fuzz_messages(rng, n):
@@ -675,6 +753,27 @@ def test_ctl(ctl, fe_bin, d, q, size):
     rc, out, err = run_ctl(ctl, "-s", d.qsock, "stats", "--watch", "--count", "1")
     check(rc == 0 and "r/s" in out and len(out.splitlines()) == 2, "watch table %r" % out)
     log("ok: vqcowctl stats --watch: %s" % json.dumps(lines[-1]))
+    # Ctrl-C ends a watch cleanly, with status 0, after its lines so far.
+    w = subprocess.Popen([ctl, "-s", d.qsock, "stats", "--watch", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    w.send_signal(2)
+    out, err = w.communicate(timeout=10)
+    check(w.returncode == 0 and b"r/s" in out and not err, "watch after SIGINT: %d %r %r"
+          % (w.returncode, out, err))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "histogram", "100", "1000000")
+    check(rc == 0, "vqcowctl histogram: %d %r" % (rc, err))
+    check(q.ret("query-blockstats")[0]["stats"]["rd_latency_histogram"]["boundaries"] ==
+          [100000, 1000000000], "histogram boundaries from vqcowctl (us -> ns)")
+    fe(fe_bin, "read", d.vsock, 0, 4096)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "stats")
+    check(rc == 0 and "read latency (us): [0,100): " in out, "stats with histograms %r" % out)
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "histogram")
+    check(rc == 0 and "rd_latency_histogram" not in q.ret("query-blockstats")[0]["stats"],
+          "vqcowctl histogram (remove): %d %r" % (rc, err))
+    rc, out, err = run_ctl(ctl, "-s", d.qsock, "histogram", "5", "x")
+    check(rc == 2, "bad boundary: %d" % rc)
+    log("ok: vqcowctl stats --watch ends on SIGINT with 0; histogram set, shown, removed")
     new = size + (16 << 20)
     rc, out, err = run_ctl(ctl, "-s", d.qsock, "resize", "%dM" % (new >> 20))
     check(rc == 0, "vqcowctl resize: %d %r" % (rc, err))
@@ -701,6 +800,8 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
     base = os.path.join(work, "base.qcow2")
     top = os.path.join(work, "top.qcow2")
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", base, "32M"], check=True)
+    subprocess.run([shutil.which("qemu-io") or "qemu-io", "-f", "qcow2", "-c",
+                    "write -P 7 4M 64k", base], check=True, capture_output=True)
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top],
                    check=True)
     d = Daemon(vqcowd, work, top, "q2", ["--node-name", "vm1"])
@@ -718,12 +819,35 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
               c["refcount-cache-size"] > 0, "cache %r" % c)
         check(c["compressed-inflated"] == 0 and c["compressed-cache-hits"] == 0,
               "inflate counters of an image without compressed clusters: %r" % c)
+        e0 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(e0["clusters-allocated"] == 0 and e0["cow-operations"] == 0, "engine %r" % e0)
         fe(fe_bin, "write", d.vsock, 0, 65536, stdin=os.urandom(65536))
         fe(fe_bin, "read", d.vsock, 0, 65536)
         c2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]
         check(c2["l2-cache-used"] > c["l2-cache-used"] and c2["refcount-cache-used"] > 0,
               "the caches did not fill after a write: %r" % c2)
         log("ok: qcow2 cache numbers in query-named-block-nodes: %s" % json.dumps(c2))
+        e1 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(e1["clusters-allocated"] >= 2 and e1["l2-tables-allocated"] >= 1 and
+              e1["l2-misses"] + e1["l2-hits"] > 0, "engine after a write %r" % e1)
+        fe(fe_bin, "write", d.vsock, (1 << 20) + 4096, 4096, stdin=os.urandom(4096))
+        fe(fe_bin, "flush", d.vsock)
+        e2 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        # A 4 KiB write into an unallocated cluster of an image with a
+        # backing file: the allocation copies the head and tail from it.
+        check(e2["cow-operations"] == e1["cow-operations"] + 1 and
+              e2["clusters-allocated"] >= e1["clusters-allocated"],
+              "a partial write over a backing file is a COW: %r / %r" % (e1, e2))
+        # Again where the backing file holds data.
+        fe(fe_bin, "write", d.vsock, (4 << 20) + 4096, 4096, stdin=os.urandom(4096))
+        e3 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(e3["cow-operations"] == e2["cow-operations"] + 1, "COW not counted: %r" % e3)
+        fe(fe_bin, "write", d.vsock, 8 << 20, 65536, stdin=os.urandom(65536))
+        e4 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(e4["cow-operations"] == e3["cow-operations"], "a whole cluster is no COW: %r" % e4)
+        check(e2["metadata-writes"] > e1["metadata-writes"] and e2["writeback-batches"] > 0 and
+              e2["metadata-write-bytes"] >= 512 * e2["metadata-writes"], "flush %r" % e2)
+        log("ok: qcow2 engine counters: %s" % json.dumps(e4))
         expect_error(q.cmd("block_resize", {"node-name": "vm1", "size": 64 << 20}),
                      "GenericError", "not supported yet", "qcow2 online resize")
         expect_error(q.cmd("block_resize", {"node-name": "disk0", "size": 64 << 20}),
@@ -732,8 +856,15 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         check(e[0]["node-name"] == "vm1", "exports %r" % e)
         log("ok: qcow2 chain in query-named-block-nodes, --node-name")
         q.close()
+        w = subprocess.Popen([ctl, "-s", d.qsock, "stats", "--watch", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.5)
         rc, out, err = run_ctl(ctl, "-s", d.qsock, "quit")
         check(rc == 0, "vqcowctl quit: %d %r" % (rc, err))
+        out, err = w.communicate(timeout=10)
+        check(w.returncode == 2 and b"connection closed by the daemon" in err,
+              "watch when the daemon quits: %d %r" % (w.returncode, err))
+        log("ok: stats --watch ends with status 2 when the daemon goes away")
         d.p.wait(10)
         check(d.p.returncode == 0, "exit after vqcowctl quit: %d" % d.p.returncode)
         log("ok: vqcowctl quit")
