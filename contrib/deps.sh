@@ -6,7 +6,8 @@ pkgs=(build-essential cmake pkg-config clang-format
       liburing-dev libcap-ng-dev libseccomp-dev libcunit1-dev zlib1g-dev libzstd-dev libjansson-dev libdeflate-dev
       qemu-system-x86 qemu-utils qemu-block-extra fio busybox-static cpio libnbd-bin
       e2fsprogs gnuplot-nox python3 util-linux procps kmod systemd
-      xfsprogs clang libclang-rt-14-dev llvm)
+      xfsprogs clang libclang-rt-14-dev llvm
+      scdoc mandoc)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
