@@ -70,15 +70,18 @@ fi
 grep -q "execve was not stopped" "$dir/off.log" || fail "--no-seccomp: the test hook did not run"
 
 # ---- the systemd unit ----
-unit=$src/contrib/systemd/vqcowd@.service
+unit=$src/contrib/systemd/vqcowd@.service.in
 user=$(sed -n 's/^User=//p' "$unit")
 [ -n "$user" ] && [ "$user" != root ] && [ "$user" != 0 ] || fail "the unit has no non-root User="
 grep -q "^u $user " "$src/contrib/systemd/vqcow.sysusers.conf" ||
 	fail "vqcow.sysusers.conf does not create $user"
 if command -v systemd-analyze >/dev/null; then
 	mkdir -p "$dir/units"
-	sed "s#/usr/local/bin/vqcowd#$vqcowd#" "$unit" >"$dir/units/vqcowd@vm1.service"
-	cp "$src/contrib/systemd/vqcowd@.socket" "$dir/units/vqcowd@vm1.socket"
+	# the source templates, with what the build substitutes (the man page
+	# is not installed here: install.tree verifies the installed units)
+	subst="s#@bindir@/vqcowd#$vqcowd#; s#@docdir@#/usr/share/doc/vqcow#; s#man:vqcowd(8) ##"
+	sed "$subst" "$unit" >"$dir/units/vqcowd@vm1.service"
+	sed "$subst" "$src/contrib/systemd/vqcowd@.socket.in" >"$dir/units/vqcowd@vm1.socket"
 	(cd "$dir/units" && systemd-analyze verify ./vqcowd@vm1.service) >"$dir/verify" 2>&1 ||
 		fail "systemd-analyze verify: $(cat "$dir/verify")"
 fi
