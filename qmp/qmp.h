@@ -123,6 +123,15 @@ bool qmp_pending_connected(const struct qmp_pending *p);
 int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_loop_ops *loop,
 		    const struct qmp_command *cmds, json_t *version, void *opaque);
 
+/*
+ * The same over @fd, a socket already listening (systemd socket activation,
+ * vqcowd --qmp-fd): made non-blocking and close-on-exec, closed by
+ * qmp_server_exit() (which unlinks nothing). 0, -ENOTCONN (not a listening
+ * stream socket) or -errno; on error @fd stays the caller's.
+ */
+int qmp_server_init_fd(struct qmp_server **sp, int fd, const struct qmp_loop_ops *loop,
+		       const struct qmp_command *cmds, json_t *version, void *opaque);
+
 /* Close every connection and the listening socket, unlink @path if it is still ours. */
 void qmp_server_exit(struct qmp_server *s);
 

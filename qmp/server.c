@@ -655,6 +655,44 @@ fail:
 	return ret;
 }
 
+int qmp_server_init_fd(struct qmp_server **sp, int fd, const struct qmp_loop_ops *loop,
+		       const struct qmp_command *cmds, json_t *version, void *opaque)
+{
+	int acc = 0, type = 0, fl, ret;
+	socklen_t len = sizeof(acc);
+	struct qmp_server *s;
+
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0)
+		return errno == ENOTSOCK ? -ENOTCONN : -errno;
+	len = sizeof(type);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+		return errno == ENOTSOCK ? -ENOTCONN : -errno;
+	if (!acc || type != SOCK_STREAM)
+		return -ENOTCONN; /* not a listening stream socket */
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		return -errno;
+	fl = fcntl(fd, F_GETFD);
+	if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0)
+		return -errno;
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->loop = loop;
+	s->cmds = cmds;
+	s->opaque = opaque;
+	s->version = json_incref(version);
+	s->fd = fd;
+	ret = loop->watch(loop->opaque, s->fd, POLLIN, accept_ready, s);
+	if (ret < 0) {
+		json_decref(s->version);
+		free(s);
+		return ret;
+	}
+	*sp = s;
+	return 0;
+}
+
 void qmp_server_exit(struct qmp_server *s)
 {
 	struct stat st;
@@ -667,7 +705,7 @@ void qmp_server_exit(struct qmp_server *s)
 	}
 	s->loop->unwatch(s->loop->opaque, s->fd);
 	close(s->fd);
-	if (stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
+	if (s->path && stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
 		unlink(s->path);
 	json_decref(s->version);
 	free(s->path);

@@ -433,7 +433,7 @@ void ctl_tick(struct ctl *c)
 	free(st);
 }
 
-int ctl_start(struct ctl *c, const char *path)
+int ctl_start(struct ctl *c, const char *path, int fd)
 {
 	unsigned maj = 0, min = 0, mic = 0;
 	int ret;
@@ -444,7 +444,10 @@ int ctl_start(struct ctl *c, const char *path)
 			       mic, "package", "vqcowd " VQCOW_VERSION);
 	if (!c->version)
 		return -ENOMEM;
-	ret = qmp_server_init(&c->qmp, path, &c->loop, commands, c->version, c);
+	if (fd >= 0)
+		ret = qmp_server_init_fd(&c->qmp, fd, &c->loop, commands, c->version, c);
+	else
+		ret = qmp_server_init(&c->qmp, path, &c->loop, commands, c->version, c);
 	if (ret < 0) {
 		json_decref(c->version);
 		c->version = NULL;

@@ -58,8 +58,12 @@ void ctl_shutdown_event(struct ctl *c, const char *reason);
  */
 void ctl_tick(struct ctl *c);
 
-/* Listen on @path. 0 or -errno (-EADDRINUSE: a live socket is there). */
-int ctl_start(struct ctl *c, const char *path);
+/*
+ * Listen on @path, or serve @fd when >= 0 (a listening socket passed in).
+ * 0 or -errno (-EADDRINUSE: a live socket is at @path; -ENOTCONN: @fd is
+ * not a listening stream socket).
+ */
+int ctl_start(struct ctl *c, const char *path, int fd);
 void ctl_stop(struct ctl *c);
 
 #endif /* VQCOWD_CONTROL_H */

@@ -98,6 +98,7 @@ struct options {
 	const char *user;
 	const char *group;
 	const char *qmp_path;
+	int qmp_fd; /* --qmp-fd, -1 = none */
 	const char *node_name;
 	int log_level; /* enum vlog_level, -1 = not given */
 };
@@ -136,6 +137,8 @@ static void usage(FILE *f)
 	    "  --user U, --group G         switch to this user/group after opening\n"
 	    "  --no-seccomp                do not install the system call filter\n"
 	    "  --qmp PATH                  serve QMP commands on this UNIX socket (mode 0600)\n"
+	    "  --qmp-fd N                  serve QMP on this already-listening socket fd\n"
+	    "                              (systemd socket activation)\n"
 	    "  --node-name NAME            the image's node name in QMP commands (disk0)\n"
 	    "  --log-level LEVEL           error, warn, info (default) or debug (every\n"
 	    "                              vhost-user message received)\n"
@@ -275,6 +278,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_GROUP,
 		OPT_LOGLEVEL,
 		OPT_QMP,
+		OPT_QMP_FD,
 		OPT_NODE,
 		OPT_CAPS,
 		OPT_INCOMING,
@@ -305,6 +309,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"group", required_argument, NULL, OPT_GROUP},
 	    {"log-level", required_argument, NULL, OPT_LOGLEVEL},
 	    {"qmp", required_argument, NULL, OPT_QMP},
+	    {"qmp-fd", required_argument, NULL, OPT_QMP_FD},
 	    {"node-name", required_argument, NULL, OPT_NODE},
 	    {"print-capabilities", no_argument, NULL, OPT_CAPS},
 	    {"incoming", no_argument, NULL, OPT_INCOMING},
@@ -317,6 +322,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 
 	memset(o, 0, sizeof(*o));
 	o->fd = -1;
+	o->qmp_fd = -1;
 	o->log_level = -1;
 	/* QEMU's vhost-user-blk asks for one queue per vCPU unless num-queues
 	 * is set on the device, and refuses a back-end offering fewer: offer
@@ -445,6 +451,13 @@ static int parse_args(int argc, char **argv, struct options *o)
 				return bad_value("qmp", optarg, "empty path");
 			o->qmp_path = optarg;
 			break;
+		case OPT_QMP_FD:
+			if (parse_u64(optarg, &v, false) < 0 || v > INT_MAX)
+				return bad_value("qmp-fd", optarg, "not a file descriptor number");
+			if (fcntl((int)v, F_GETFD) < 0)
+				return bad_value("qmp-fd", optarg, "not an open file descriptor");
+			o->qmp_fd = (int)v;
+			break;
 		case OPT_NODE:
 			if (!*optarg || strlen(optarg) > 127)
 				return bad_value("node-name", optarg, "expected 1..127 characters");
@@ -480,6 +493,14 @@ static int parse_args(int argc, char **argv, struct options *o)
 	}
 	if ((o->socket_path != NULL) == (o->fd >= 0)) {
 		fprintf(stderr, "vqcowd: exactly one of --socket-path and --fd is required\n");
+		return 2;
+	}
+	if (o->qmp_path && o->qmp_fd >= 0) {
+		fprintf(stderr, "vqcowd: --qmp and --qmp-fd exclude each other\n");
+		return 2;
+	}
+	if (o->qmp_fd >= 0 && o->qmp_fd == o->fd) {
+		fprintf(stderr, "vqcowd: --qmp-fd and --fd name the same descriptor\n");
 		return 2;
 	}
 	if (!o->blk_file) {
@@ -1345,7 +1366,7 @@ int main(int argc, char **argv)
 		if (chown(o.socket_path, uid, gid) < 0)
 			log_warn("chown %s: %s", o.socket_path, strerror(errno));
 	}
-	if (o.qmp_path) {
+	if (o.qmp_path || o.qmp_fd >= 0) {
 		d.ctl.node_name = o.node_name;
 		d.ctl.file = o.blk_file;
 		d.ctl.img = d.img;
@@ -1359,18 +1380,27 @@ int main(int argc, char **argv)
 		d.ctl.loop.watch = watch_events;
 		d.ctl.loop.unwatch = d_unwatch;
 		d.ctl.loop.opaque = &d;
-		ret = ctl_start(&d.ctl, o.qmp_path);
+		ret = ctl_start(&d.ctl, o.qmp_path, o.qmp_fd);
+		if (ret < 0 && o.qmp_fd >= 0) {
+			log_err("--qmp-fd %d: %s", o.qmp_fd,
+				ret == -ENOTCONN ? "not a listening stream socket"
+						 : strerror(-ret));
+			goto exit_srv;
+		}
 		if (ret < 0) {
 			log_err("cannot listen on %s (--qmp): %s", o.qmp_path,
 				ret == -EADDRINUSE ? "another process is listening on it"
 						   : strerror(-ret));
 			goto exit_srv;
 		}
-		if (o.user || o.group) {
+		if (o.qmp_path && (o.user || o.group)) {
 			if (chown(o.qmp_path, uid, gid) < 0)
 				log_warn("chown %s: %s", o.qmp_path, strerror(errno));
 		}
-		logmsg("QMP on %s (node %s)", o.qmp_path, o.node_name);
+		if (o.qmp_path)
+			logmsg("QMP on %s (node %s)", o.qmp_path, o.node_name);
+		else
+			logmsg("QMP on fd %d (node %s)", o.qmp_fd, o.node_name);
 	}
 	if (drop_privileges(&o, uid, gid) < 0) {
 		ret = -EPERM;

@@ -7,7 +7,8 @@
 #   line naming system call 59. With --no-seccomp the call is not stopped.
 # - contrib/systemd/vqcowd@.service names a non-root User=, passes
 #   systemd-analyze verify, and its ExecStart runs as an unprivileged user
-#   under systemd-socket-activate (fd 3) and serves, filter on.
+#   under systemd-socket-activate (the sockets of vqcowd@.socket: vhost-user
+#   as fd 3, QMP as fd 4) and serves both, filter on.
 # The rest of the integration suite runs with the filter on (the default).
 # Usage: test_hardening.sh VQCOWD VQCOW-FE SOURCE_DIR
 set -uo pipefail
@@ -87,17 +88,32 @@ if command -v systemd-analyze >/dev/null; then
 fi
 if command -v systemd-socket-activate >/dev/null && command -v setpriv >/dev/null; then
 	# ExecStart as written, run the way the unit runs it: the dedicated
-	# user (nobody stands in for it), the socket passed as fd 3.
+	# user (nobody stands in for it), the sockets passed as fds 3 and 4.
 	exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
 	VQCOW_IMAGE=$dir/img
 	VQCOWD_OPTS=
 	eval "set -- ${exec_start//\$\{VQCOW_IMAGE\}/\$VQCOW_IMAGE}"
 	shift
 	chown nobody "$dir/img"
-	if start "$dir/unit.log" systemd-socket-activate -l "$sock" \
+	[ "$(grep -c '^ListenStream=' "$src/contrib/systemd/vqcowd@.socket.in")" = 2 ] ||
+		fail "vqcowd@.socket: expected two ListenStream= (vhost-user, QMP)"
+	if start "$dir/unit.log" systemd-socket-activate -l "$sock" -l "$dir/qmp" \
 		setpriv --reuid=nobody --regid=nogroup --clear-groups "$vqcowd" "$@"; then
 		"$fe" verify "$sock" --size 1M --seed 5 >/dev/null || fail "verify (socket-activated)"
 		"$fe" info "$sock" >/dev/null
+		python3 - "$dir/qmp" <<'PY' || fail "QMP on the socket-activated fd 4"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+assert "QMP" in json.loads(f.readline())
+f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "query-blockstats"}\n')
+f.flush()
+assert json.loads(f.readline()) == {"return": {}}
+r = json.loads(f.readline())["return"]
+assert r[0]["stats"]["wr_operations"] > 0, r
+PY
 		vq=$(pgrep -P "$pid" -x vqcowd || echo "$pid")
 		[ "$(seccomp_mode "$vq")" = 2 ] || fail "socket-activated: no seccomp filter"
 		it_stop

@@ -443,6 +443,7 @@ def main():
         raise
     d.stop()
     test_qcow2(vqcowd, fe_bin, ctl, work)
+    test_qmp_fd(vqcowd, fe_bin, work)
     if not test_enospc(vqcowd, fe_bin, work):
         qsd_ran = False
     if not qsd_ran:
@@ -680,6 +681,61 @@ def test_fuzz(path, fe_bin, d, seconds=6):
     q.close()
     log("ok: fuzz: %d messages from 3 clients + a client that never reads, while a bench "
         "ran (%s); the daemon answers and serves" % (sent[0], out.decode().strip()[:200]))
+
+
+def test_qmp_fd(vqcowd, fe_bin, work):
+    """--qmp-fd N: QMP on a socket that is already listening (socket activation)."""
+    image = os.path.join(work, "fd.raw")
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    qpath = os.path.join(work, "fd.qmp")
+    vsock = os.path.join(work, "fd.vsock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(qpath)
+    ls.listen(4)
+    fd = ls.fileno()
+    logf = os.path.join(work, "fd.log")
+    p = subprocess.Popen([vqcowd, "--socket-path", vsock, "--blk-file", image, "--format", "raw",
+                          "--qmp-fd", str(fd)], pass_fds=[fd], stdout=open(logf, "w"),
+                         stderr=subprocess.STDOUT)
+    ls.close()
+    try:
+        wait_path(vsock, p)
+        q = Qmp(qpath)  # a connection queued before the daemon accepts is served too
+        fe(fe_bin, "write", vsock, 0, 4096, stdin=os.urandom(4096))
+        check(q.ret("query-blockstats")[0]["stats"]["wr_operations"] == 1, "stats over --qmp-fd")
+        q2 = Qmp(qpath)
+        check("return" in q2.cmd("query-version"), "second client over --qmp-fd")
+        q2.close()
+        check(q.cmd("quit") == {"return": {}}, "quit over --qmp-fd")
+        p.wait(10)
+        check(p.returncode == 0, "exit after quit: %d" % p.returncode)
+        check(os.path.exists(qpath), "the passed socket's path is not ours to unlink")
+        check("QMP on fd %d" % fd in open(logf).read(), "log line %r" % open(logf).read())
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    # Not a listening socket; both options; not an open fd.
+    r, w = os.pipe()
+    try:
+        rr = subprocess.run([vqcowd, "--socket-path", vsock, "--blk-file", image, "--format",
+                             "raw", "--qmp-fd", str(r)], pass_fds=[r], capture_output=True,
+                            timeout=30)
+        check(rr.returncode != 0 and b"--qmp-fd %d: not a listening stream socket" % r
+              in rr.stderr, "--qmp-fd on a pipe: %d %r" % (rr.returncode, rr.stderr))
+    finally:
+        os.close(r)
+        os.close(w)
+    rr = subprocess.run([vqcowd, "--socket-path", vsock, "--blk-file", image, "--qmp", qpath,
+                         "--qmp-fd", "0"], capture_output=True, timeout=30)
+    check(rr.returncode == 2 and b"exclude each other" in rr.stderr, "both: %r" % rr.stderr)
+    rr = subprocess.run([vqcowd, "--socket-path", vsock, "--blk-file", image, "--qmp-fd", "987"],
+                        capture_output=True, timeout=30)
+    check(rr.returncode == 2 and b"not an open file descriptor" in rr.stderr,
+          "closed fd: %r" % rr.stderr)
+    log("ok: --qmp-fd: served (queued connection, two clients, quit), refused on a pipe, "
+        "with --qmp, on a closed fd")
 
 
 def test_enospc(vqcowd, fe_bin, work):
