@@ -666,7 +666,7 @@ int qcow2_convert(const struct qcow2_convert_opts *o, const struct qcow2_tool_cb
 	if (same_file(o->src, o->dst))
 		return qcow2_seterr(err, errlen, -EINVAL,
 				    "'%s': source and destination are the same file", o->dst);
-	ret = qcow2_reader_open(&r, o->src, o->src_fmt, err, errlen);
+	ret = qcow2_reader_open(&r, o->src, o->src_fmt, o->snapshot, err, errlen);
 	if (ret < 0)
 		return ret;
 	size = qcow2_reader_size(r);

@@ -158,12 +158,21 @@ int qcow2_map(const char *path, const char *fmt, qcow2_map_fn *fn, void *opaque,
 /* An image and its backing chain open for reading (what convert reads). */
 struct qcow2_reader;
 
+/* An internal snapshot (qemu-img -l): by ID or name (ID first), or by both. */
+struct qcow2_snap_sel {
+	const char *id_or_name; /* -l NAME */
+	const char *id;         /* -l snapshot.id=ID */
+	const char *name;       /* -l snapshot.name=NAME */
+};
+
 /*
- * Open @path (@fmt as for qcow2_info()) and its backing chain read-only.
- * 0 or -errno (+@err). The caller takes the locks (qcow2_lock_image).
+ * Open @path (@fmt as for qcow2_info()) and its backing chain read-only;
+ * with @snap, the image's internal snapshot instead of its current state
+ * (-ENOENT if there is none such). 0 or -errno (+@err). The caller takes the
+ * locks (qcow2_lock_image).
  */
-int qcow2_reader_open(struct qcow2_reader **r, const char *path, const char *fmt, char *err,
-		      size_t errlen);
+int qcow2_reader_open(struct qcow2_reader **r, const char *path, const char *fmt,
+		      const struct qcow2_snap_sel *snap, char *err, size_t errlen);
 void qcow2_reader_close(struct qcow2_reader *r);
 /* The guest size in bytes (whole sectors, as QEMU counts them). */
 uint64_t qcow2_reader_size(const struct qcow2_reader *r);
@@ -182,7 +191,8 @@ int qcow2_reader_read(struct qcow2_reader *r, uint64_t off, uint64_t len, void *
 /* ---- convert (convert.c) ---- */
 
 struct qcow2_convert_opts {
-	const char *src, *src_fmt;       /* src_fmt NULL = probe */
+	const char *src, *src_fmt;             /* src_fmt NULL = probe */
+	const struct qcow2_snap_sel *snapshot; /* -l: this snapshot of src, NULL = none */
 	const char *dst, *dst_fmt;       /* "qcow2" or "raw"; an existing file is overwritten */
 	struct qcow2_create_opts create; /* qcow2 output: -o as create (size: the source's) */
 	bool compress;                   /* -c: compressed clusters (qcow2 output) */

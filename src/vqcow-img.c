@@ -55,8 +55,10 @@ static void usage(FILE *f)
 	    "  map [-f FMT] [-U] [--output=human|json] FILE\n"
 	    "      -U, --force-share: open even if another process writes the image\n"
 	    "      (read-only commands only; otherwise the image is locked as qemu-img locks it)\n"
-	    "  convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-U] SRC DST\n"
+	    "  convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-U]\n"
+	    "          [-l snapshot.id=ID,snapshot.name=NAME | -l ID_OR_NAME] SRC DST\n"
 	    "      copy SRC (through its backing chain) into a new image DST (overwritten);\n"
+	    "      -l copies that internal snapshot of SRC instead of its current state,\n"
 	    "      -O output format (default raw), -o create's OPTIONS (not size, backing),\n"
 	    "      -c compressed clusters (qcow2; -o compression_type=zlib|zstd),\n"
 	    "      -S zero runs of SIZE bytes (default 4k) become holes, 0 writes every byte\n"
@@ -959,6 +961,40 @@ static int cmd_map(int argc, char **argv)
 
 /* ---- convert ---- */
 
+/*
+ * -l as qemu-img: "snapshot.id=ID,snapshot.name=NAME" (either or both), or a
+ * plain ID or name. The strings point into *@buf (freed by the caller).
+ */
+static int parse_snapshot_opt(const char *arg, struct qcow2_snap_sel *sel, char **buf)
+{
+	char *p, *item, *save = NULL;
+
+	*sel = (struct qcow2_snap_sel){0};
+	free(*buf);
+	*buf = strdup(arg);
+	if (!*buf)
+		return -ENOMEM;
+	if (strncmp(arg, "snapshot.", 9)) {
+		sel->id_or_name = *buf;
+		return 0;
+	}
+	for (p = *buf; (item = strtok_r(p, ",", &save)); p = NULL) {
+		if (!strncmp(item, "snapshot.id=", 12))
+			sel->id = item + 12;
+		else if (!strncmp(item, "snapshot.name=", 14))
+			sel->name = item + 14;
+		else {
+			errorf("Failed in parsing snapshot param '%s'", arg);
+			return -EINVAL;
+		}
+	}
+	if (!sel->id && !sel->name) {
+		errorf("Failed in parsing snapshot param '%s'", arg);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 static int cmd_convert(int argc, char **argv)
 {
 	static const struct option lopts[] = {
@@ -967,6 +1003,8 @@ static int cmd_convert(int argc, char **argv)
 	    {NULL, 0, NULL, 0},
 	};
 	struct qcow2_convert_opts co;
+	struct qcow2_snap_sel snap = {0};
+	char *snap_buf = NULL;
 	struct create_args ca;
 	struct qcow2_locks locks;
 	struct file_args src;
@@ -981,7 +1019,7 @@ static int cmd_convert(int argc, char **argv)
 
 	memset(&ca, 0, sizeof(ca));
 	memset(&co, 0, sizeof(co));
-	while ((c = getopt_long(argc, argv, "f:O:o:cpqS:Uh", lopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "f:O:o:cpqS:Ul:h", lopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			co.src_fmt = optarg;
@@ -1018,6 +1056,11 @@ static int cmd_convert(int argc, char **argv)
 			break;
 		case 'U':
 			force_share = true;
+			break;
+		case 'l':
+			if (parse_snapshot_opt(optarg, &snap, &snap_buf))
+				goto out;
+			co.snapshot = &snap;
 			break;
 		case 'h':
 			usage(stdout);
@@ -1070,6 +1113,7 @@ static int cmd_convert(int argc, char **argv)
 out:
 	for (i = 0; i < ca.nstrings; i++)
 		free(ca.strings[i]);
+	free(snap_buf);
 	return ret;
 }
 

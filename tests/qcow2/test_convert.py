@@ -14,7 +14,7 @@ cannot share a host cluster):
     convert's output with the same options agree on which ranges are data
     (zero detection), and qemu-img info agrees on the format fields;
   - raw output: no more blocks allocated than qemu-img's own output.
-Then -p prints qemu-img's "    (NN.NN/100%)" lines (and -q nothing), the
+-l converts an internal snapshot as qemu-img -l does. Then -p prints qemu-img's "    (NN.NN/100%)" lines (and -q nothing), the
 source's lock is respected (-U overrides it), a locked destination is refused,
 -S 0 allocates everything, and invalid invocations fail with a message.
 """
@@ -257,6 +257,31 @@ def part_cli():
     log("PASS cli: -p, -q, -S 0, errors, locks")
 
 
+def part_snapshot():
+    """-l: an internal snapshot instead of the current state, as qemu-img -l."""
+    img = W("snap.qcow2")
+    qlib.qemu_img("create", "-f", "qcow2", img, "16M")
+    qlib.qemu_io(img, "write -P 1 0 2M", fmt="qcow2")
+    qlib.qemu_img("snapshot", "-c", "s1", img)
+    qlib.qemu_io(img, "write -P 2 1M 2M", "write -P 3 10M 64k", fmt="qcow2")
+    qlib.qemu_img("snapshot", "-c", "s2", img)
+    qlib.qemu_io(img, "write -z 0 4M", "write -P 4 12M 1M", fmt="qcow2")
+    for sel in ("s1", "1", "snapshot.name=s2", "snapshot.id=2,snapshot.name=s2", "snapshot.id=1"):
+        theirs = W("snap-q.raw")
+        qlib.qemu_img("convert", "-l", sel, "-O", "raw", img, theirs)
+        for ofmt in ("raw", "qcow2"):
+            ours = W("snap-v." + ofmt)
+            vimg_ok("convert", "-l", sel, "-O", ofmt, img, ours)
+            r = qlib.qemu_compare(theirs, ours, "raw", ofmt)
+            check(r.rc == 0, "-l %s -O %s differs from qemu-img -l\n%s" % (sel, ofmt, r.describe()))
+    for sel in ("nosuch", "snapshot.id=1,snapshot.name=s2", "snapshot.foo=1"):
+        r = vimg("convert", "-l", sel, img, W("x.raw"))
+        check(r.rc == 1 and r.errtext.strip(), "-l %s: rc %s\n%s" % (sel, r.rc, r.describe()))
+    r = vimg("convert", "-l", "s1", W("src.raw"), W("x.raw"))
+    check(r.rc == 1, "-l on a raw source: rc %s" % r.rc)
+    log("PASS -l: snapshots by name, id and both, as qemu-img -l")
+
+
 def main():
     global A, W
     A = qlib.parse_args()
@@ -269,6 +294,7 @@ def main():
         part_matrix()
         part_compressible()
         part_cli()
+        part_snapshot()
         ok = True
     finally:
         wd.cleanup(ok)
