@@ -11,6 +11,13 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON >/dev/nu
 cmake --build build -j"$jobs"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DVQCOW_WERROR=ON -DVQCOW_SANITIZE=ON >/dev/null
 cmake --build build-asan -j"$jobs"
+# QEMU's qos-test and a qemu-system-x86_64 with the qtest accelerator, from
+# Debian's qemu source (ctest qtest.vhost_user_blk); cached after the first
+# build. Its output goes to a log file (the tail is printed on failure); if the
+# build is not possible the test is skipped, visibly.
+echo "=== QEMU qtest binaries (tests/qtest/build-qemu.sh: first build 3-10 min, then cached)"
+bash tests/qtest/build-qemu.sh >/dev/null ||
+	echo "=== QEMU qtest binaries not built: qtest.vhost_user_blk will be skipped"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 rc=0
