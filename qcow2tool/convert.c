@@ -35,6 +35,13 @@
 #include "compress.h"
 #include "qcow2tool.h"
 
+static bool all_zero_4k(const uint8_t *p)
+{
+	static const uint8_t z[4096];
+
+	return !memcmp(p, z, sizeof(z));
+}
+
 #define CHUNK                                                                                      \
 	(2u << 20) /* bytes read at a time (qemu-img's buffer): a multiple of every cluster size   \
 		    */
@@ -102,6 +109,20 @@ static int alloc_cluster(struct qw *w, uint64_t *off)
 	return 0;
 }
 
+/*
+ * Write a metadata cluster without its trailing zeroes: the file is new, so
+ * they read back as zeroes from the hole (a 2 MiB L2 table mostly empty
+ * costs no 2 MiB of disk).
+ */
+static int write_meta(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+	uint64_t end = len;
+
+	while (end >= 4096 && end % 4096 == 0 && all_zero_4k(buf + end - 4096))
+		end -= 4096;
+	return end ? qcow2_pwrite_full(fd, buf, end, off) : 0;
+}
+
 static int l2_flush(struct qw *w)
 {
 	uint64_t off;
@@ -112,7 +133,7 @@ static int l2_flush(struct qw *w)
 	ret = alloc_cluster(w, &off);
 	if (ret < 0)
 		return ret;
-	ret = qcow2_pwrite_full(w->fd, w->l2, w->cs, off);
+	ret = write_meta(w->fd, w->l2, w->cs, off);
 	if (ret < 0)
 		return ret;
 	w->l1[w->l2_idx] = off | QCOW2_OFLAG_COPIED;
@@ -142,17 +163,34 @@ static int l2_set(struct qw *w, uint64_t guest, uint64_t e, uint64_t bm)
 	return 0;
 }
 
-/* One whole data cluster at guest offset @guest (@bm: extended L2's allocation bitmap). */
-static int write_cluster(struct qw *w, uint64_t guest, const void *buf, uint64_t bm)
+/* A data cluster at guest offset @guest (@bm: extended L2's allocation bitmap). */
+static int write_cluster(struct qw *w, uint64_t guest, const uint8_t *buf, uint64_t bm,
+			 const uint8_t *mask)
 {
-	uint64_t off;
+	uint64_t off, ns = w->cs / 512;
 	int ret = alloc_cluster(w, &off);
 
 	if (ret < 0)
 		return ret;
-	ret = qcow2_pwrite_full(w->fd, buf, w->cs, off);
-	if (ret < 0)
-		return ret;
+	/*
+	 * Only the sectors in @mask (NULL: all): the file is new, so what is
+	 * not written is a hole and reads as the zeroes it holds (qemu-img's
+	 * output is as sparse: QEMU writes no zeroes into a new cluster either).
+	 */
+	for (uint64_t i = 0; i < ns;) {
+		uint64_t e = i;
+
+		if (mask && !mask[i]) {
+			i++;
+			continue;
+		}
+		while (e < ns && (!mask || mask[e]))
+			e++;
+		ret = qcow2_pwrite_full(w->fd, buf + i * 512, (e - i) * 512, off + i * 512);
+		if (ret < 0)
+			return ret;
+		i = e;
+	}
 	return l2_set(w, guest, off | QCOW2_OFLAG_COPIED, bm);
 }
 
@@ -166,7 +204,7 @@ static bool fits_refcounts(const struct qw *w, uint64_t pos, uint64_t len)
 }
 
 /* One cluster compressed (or stored plain if it does not shrink), as QEMU does. */
-static int write_compressed(struct qw *w, uint64_t guest, const void *buf)
+static int write_compressed(struct qw *w, uint64_t guest, const uint8_t *buf)
 {
 	ssize_t len;
 	uint64_t pos, last;
@@ -175,7 +213,7 @@ static int write_compressed(struct qw *w, uint64_t guest, const void *buf)
 	/* QEMU stores it plain unless it fits in cluster_size - 1 bytes */
 	len = qcow2_zdeflate(w->z, w->ctype, buf, w->cs, w->zbuf, w->cs - 1);
 	if (len == -ENOSPC)
-		return write_cluster(w, guest, buf, 0xffffffffull);
+		return write_cluster(w, guest, buf, 0xffffffffull, NULL);
 	if (len < 0)
 		return (int)len;
 	pos = w->cpos;
@@ -295,8 +333,8 @@ out:
 static int qw_finish(struct qw *w, char *err, size_t errlen)
 {
 	uint64_t rb_entries = w->cs * 8 >> w->rorder;
-	uint64_t rt_cap = w->rt_clusters * w->cs / 8, rt_off = w->rt_off,
-		 rt_clusters = w->rt_clusters;
+	const uint64_t rt_cap0 = w->rt_clusters * w->cs / 8; /* create's table */
+	uint64_t rt_cap = rt_cap0, rt_off = w->rt_off, rt_clusters = w->rt_clusters;
 	uint64_t *rt = NULL, nblocks, prev = UINT64_MAX;
 	uint8_t *buf = NULL;
 	int ret;
@@ -359,7 +397,9 @@ static int qw_finish(struct qw *w, char *err, size_t errlen)
 		memset(buf, 0, w->cs);
 		for (uint64_t j = 0; j < rb_entries && i * rb_entries + j < w->next; j++)
 			qcow2_refcount_set(buf, j, w->rorder, w->ref[i * rb_entries + j]);
-		ret = qcow2_pwrite_full(w->fd, buf, w->cs, rt[i]);
+		/* a block create wrote is rewritten whole: it held other values */
+		ret = i < rt_cap0 && w->rt[i] ? qcow2_pwrite_full(w->fd, buf, w->cs, rt[i])
+					      : write_meta(w->fd, buf, w->cs, rt[i]);
 		if (ret < 0)
 			goto fail;
 	}
@@ -549,7 +589,8 @@ static int write_qcow2(struct qw *w, const struct qcow2_convert_opts *o, uint64_
 				continue;
 			ret = write_compressed(w, off + c * w->cs, p);
 		} else {
-			ret = write_cluster(w, off + c * w->cs, p, w->extl2 ? bm : 0);
+			ret = write_cluster(w, off + c * w->cs, p, w->extl2 ? bm : 0,
+					    len < w->cs ? NULL : m);
 		}
 		if (ret < 0)
 			return ret;

@@ -97,6 +97,8 @@ OUTPUTS = [
     ("qcow2", "qcow2", []),
     ("qcow2-4k-rb1-extl2", "qcow2", ["-o", "cluster_size=16384,refcount_bits=1,extended_l2=on"]),
     ("qcow2-v2-512", "qcow2", ["-o", "compat=0.10,cluster_size=512"]),
+    # a refcount table that must grow past the one create wrote (64 blocks of 64 clusters)
+    ("qcow2-512-rb64", "qcow2", ["-o", "cluster_size=512,refcount_bits=64"]),
     ("zlib", "qcow2", ["-c"]),
     ("zstd", "qcow2", ["-c", "-o", "compression_type=zstd"]),
     ("zlib-rb1-4k", "qcow2", ["-c", "-o", "refcount_bits=1,cluster_size=4096"]),
