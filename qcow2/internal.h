@@ -11,6 +11,7 @@
  *   mapping.c    map_read, map_write, alloc_finish, zero_step, L2 validation
  *   alloc.c      cluster allocation, refcount updates, deferred decrements
  *   writeback.c  batched metadata write-back in durability order, flush
+ *   resize.c     online growth: new L1 table, size switch (qcow2_grow)
  *   compress.c   decompression of compressed clusters
  *   cache.c      L2 and refcount slice caches (load, evict, dirty lists);
  *                a plain cache: what it needs from the engine comes as hooks
@@ -286,6 +287,19 @@ struct qcow2 {
 	/* Persistent dirty bitmaps (bitmap.c); NULL when none are maintained */
 	struct q2_bitmaps *bms;
 
+	/*
+	 * Online growth (resize.c): the switch happened in memory; the batch
+	 * that writes the whole L1 table at h.l1_table_offset (l1_relocated)
+	 * and then the header's size and L1 fields (hdr_dirty) makes it
+	 * durable; the old L1 clusters are released after it.
+	 */
+	bool l1_relocated;
+	bool hdr_dirty;
+	uint64_t l1_old_off, l1_old_len; /* old L1 clusters to release (bytes) */
+	uint64_t grow_size;
+	struct qcow2_flush *grow_f; /* the caller's completion; NULL when idle */
+	struct qcow2_waiter grow_w;
+
 	/* Per-type counters (describe, qcow2_cache_stats) */
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 	uint64_t n_data_cow;                  /* allocations that copy a head or tail */
@@ -397,6 +411,12 @@ void q2_wb_mark_l1(struct qcow2 *q, uint32_t idx);
 void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx);
 int q2_wb_close(struct qcow2 *q);
 void q2_wb_exit(struct qcow2 *q);
+
+/* ---- resize.c ---- */
+/* A batch that carried the header's new size and L1 fields finished with @err (0: durable). */
+void q2_grow_done(struct qcow2 *q, int err);
+/* That batch succeeded: queue the release of the old L1 clusters. */
+void q2_grow_written(struct qcow2 *q);
 
 /* ---- mapping.c ---- */
 /* Validate an L2 slice after loading: sets s->suspect. */

@@ -62,6 +62,7 @@
 #include "io.h"
 
 struct qcow2;
+struct qcow2_flush;
 
 struct qcow2_waiter {
 	void (*wake)(struct qcow2_waiter *w); /* set by the caller */
@@ -152,6 +153,21 @@ struct qcow2_cache_stats {
 	uint64_t wb_batches;       /* write-back batches completed */
 };
 void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
+
+/*
+ * Grow the virtual size to @size bytes (a multiple of 512) while requests
+ * run (resize.c has the order of the writes). The new size and L1 table are
+ * in effect, for every request mapped from then on, when @f->done runs
+ * (from the loop) with 0: they are durable then. @f->done < 0: writing them
+ * failed; the new size stays in effect in memory and later write-back
+ * batches retry. Returns 0 (@size is the size already), 1 (@f->done comes
+ * later), or -errno with a message naming the file in @err, without
+ * changing anything: -EINVAL (not a multiple of 512), -ENOTSUP (shrinking,
+ * a v2 image with snapshots, persistent dirty bitmaps), -EROFS, -EIO
+ * (corrupt), -EBUSY (a resize is still being written), -EFBIG (L1 table too
+ * large), -ENOSPC, -ENOMEM.
+ */
+int qcow2_grow(struct qcow2 *q, uint64_t size, struct qcow2_flush *f, char *err, size_t errlen);
 
 /* ---- data I/O tickets ---- */
 

@@ -12,7 +12,10 @@
  *   P1B  dirty refcount table sectors, or the header's refcount table
  *        pointer after a relocation                 -> fdatasync
  *   P2   L2 slices                                  -> fdatasync
- *   P3   L1 sectors                                 -> fdatasync
+ *   P3   L1 sectors, or after an online grow the whole new L1 table at
+ *        its new place                              -> fdatasync
+ *   P4   after an online grow: the header's size, l1_size and
+ *        l1_table_offset (one sector)               -> fdatasync
  *
  * Why it is safe: an L2 entry is set (alloc_finish) only after its data write
  * completed and after its cluster's refcount was raised in the cache, i.e.
@@ -21,7 +24,10 @@
  * linked from L1 in P3. A refcount block is linked from the table (P1B) only
  * after P1 wrote it. Decrements taken by the batch are applied only after P3
  * (alloc.c). Empty phases are skipped, except P1's fdatasync (a flush needs it
- * for in-place data writes).
+ * for in-place data writes). A grow's header (P4) is written only in the
+ * batch that wrote its new L1 table (P3), and such a batch never runs in link
+ * mode (every phase is synced); the old L1 clusters are released after it
+ * (resize.c).
  *
  * Entries changed after the snapshot stay dirty for the next batch. Slices
  * being written are not evicted (a reload could read the old bytes). A failed
@@ -43,13 +49,19 @@ enum item_kind {
 	IT_RT_SECTOR,
 	IT_HDR_RT,
 	IT_L1_SECTOR,
+	IT_L1_FULL,
+	IT_HDR_L1,
 };
+
+/* A grow's header write: size, crypt_method, l1_size, l1_table_offset. */
+_Static_assert(QCOW2_OFF_L1_TABLE_OFFSET == QCOW2_OFF_SIZE + 16, "header field order");
 
 enum phase {
 	PH_P1 = 0,
 	PH_P1B,
 	PH_P2,
 	PH_P3,
+	PH_P4,
 	PH_N,
 };
 
@@ -95,6 +107,7 @@ struct q2_batch {
 	bool rc_synced;            /* its refcount phases were synced */
 	uint64_t gen;              /* q->meta_gen when the snapshot was taken */
 	uint64_t rc_seq;           /* its number (q->rc_seq) */
+	bool grow_hdr;             /* it carries a grow's header write (P4) */
 };
 
 static void phase_run(struct q2_batch *b);
@@ -132,7 +145,7 @@ void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx)
 static bool has_work(const struct qcow2 *q)
 {
 	return q->l2c.ndirty || q->rcc.ndirty || q->l1_ndirty || q->rt_ndirty || q->rt_relocated ||
-	       q->dec_pending.n || q->flush_next || q->link_next;
+	       q->l1_relocated || q->hdr_dirty || q->dec_pending.n || q->flush_next || q->link_next;
 }
 
 /* ---- building a batch ---- */
@@ -294,10 +307,24 @@ static void build(struct q2_batch *b)
 	take_slices(b, &q->l2c);
 	sort_items(b, b->ph_first[PH_P2]);
 
-	/* P3: L1 sectors */
+	/* P3: L1 sectors, or the whole table after a grow moved it */
 	b->ph_first[PH_P3] = b->nitems;
+	if (q->l1_relocated) {
+		uint64_t len = (((uint64_t)q->l1_size * 8 + q->cs - 1) >> q->cb) << q->cb;
+		struct wb_item *it = item_add(b, IT_L1_FULL, q->h.l1_table_offset, len);
+
+		if (it) {
+			memset(b->stage + it->stage_off, 0, (size_t)len);
+			put_table_be(b->stage + it->stage_off, q->l1, q->l1_size);
+			q->l1_relocated = false;
+			memset(q->l1_dirty, 0, ((uint64_t)q->l1_size * 8 + 511) / 512 / 8 + 1);
+			q->l1_ndirty = 0;
+		} else {
+			b->incomplete = true;
+		}
+	}
 	nsec = ((uint64_t)q->l1_size * 8 + 511) / 512;
-	for (uint64_t sec = 0; q->l1_ndirty && sec < nsec; sec++) {
+	for (uint64_t sec = 0; !q->l1_relocated && q->l1_ndirty && sec < nsec; sec++) {
 		uint64_t first = sec * 64, n = q->l1_size - first;
 		struct wb_item *it;
 
@@ -312,6 +339,25 @@ static void build(struct q2_batch *b)
 		put_table_be(b->stage + it->stage_off, q->l1 + first, n);
 		q->l1_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
 		q->l1_ndirty--;
+	}
+
+	/* P4: a grow's header fields, once its L1 table is in this batch or on disk */
+	b->ph_first[PH_P4] = b->nitems;
+	if (q->hdr_dirty && !q->l1_relocated) {
+		struct wb_item *it = item_add(b, IT_HDR_L1, QCOW2_OFF_SIZE, 24);
+
+		if (it) {
+			uint8_t *p = b->stage + it->stage_off;
+
+			qcow2_put_be64(p, q->h.size);
+			qcow2_put_be32(p + 8, q->h.crypt_method);
+			qcow2_put_be32(p + 12, q->l1_size);
+			qcow2_put_be64(p + 16, q->h.l1_table_offset);
+			q->hdr_dirty = false;
+			b->grow_hdr = true;
+		} else {
+			b->incomplete = true;
+		}
 	}
 	b->ph_first[PH_N] = b->nitems;
 }
@@ -503,7 +549,14 @@ static void finish(struct q2_batch *b)
 					q2_wb_mark_rt(q, it->index * 64);
 				break;
 			case IT_L1_SECTOR:
-				q2_wb_mark_l1(q, (uint32_t)(it->index * 64));
+				if (it->index * 64 < q->l1_size)
+					q2_wb_mark_l1(q, (uint32_t)(it->index * 64));
+				break;
+			case IT_L1_FULL:
+				q->l1_relocated = true;
+				break;
+			case IT_HDR_L1:
+				q->hdr_dirty = true;
 				break;
 			}
 		}
@@ -527,6 +580,12 @@ static void finish(struct q2_batch *b)
 		} else {
 			q2_dec_durable(q, &b->decs);
 		}
+	}
+	if (b->grow_hdr) {
+		b->grow_hdr = false;
+		if (!err)
+			q2_grow_written(q);
+		q2_grow_done(q, err);
 	}
 	b->flushes = NULL;
 	b->links = NULL;
@@ -589,12 +648,14 @@ static void wb_start(struct qcow2 *q)
 	 * timer and a pile of decrements (freed clusters are reused only once
 	 * their pointer removal is durable) make it durable anyway, so a
 	 * guest that never flushes still gets both. */
-	b->link_mode = b->links && !b->flushes && !q->wb_durable_wanted && q->dec_pending.n < 4096;
+	b->link_mode = b->links && !b->flushes && !q->wb_durable_wanted &&
+		       q->dec_pending.n < 4096 && !q->l1_relocated && !q->hdr_dirty;
 	q->wb_durable_wanted = false;
 	b->gen = q->meta_gen;
 	b->rc_seq = ++q->rc_seq;
 	b->incomplete = false;
 	b->rc_synced = false;
+	b->grow_hdr = false;
 	/* the decrements whose pointer removal this batch makes durable */
 	{
 		struct q2_u64v t = b->decs;
@@ -604,8 +665,7 @@ static void wb_start(struct qcow2 *q)
 		q->dec_pending.n = 0;
 	}
 	if (q->read_only) {
-		b->ph_first[0] = b->ph_first[1] = b->ph_first[2] = b->ph_first[3] = b->ph_first[4] =
-		    0;
+		memset(b->ph_first, 0, sizeof(b->ph_first));
 		b->nitems = 0;
 	} else {
 		build(b);

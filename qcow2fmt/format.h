@@ -180,6 +180,7 @@ _Static_assert(offsetof(struct qcow2_header_disk, compression_type) == QCOW2_HEA
 	       "qcow2 v3 minimal header size");
 
 /* Byte offsets of header fields, for single-field updates (e.g. the corrupt bit). */
+#define QCOW2_OFF_SIZE                  offsetof(struct qcow2_header_disk, size)
 #define QCOW2_OFF_L1_SIZE               offsetof(struct qcow2_header_disk, l1_size)
 #define QCOW2_OFF_L1_TABLE_OFFSET       offsetof(struct qcow2_header_disk, l1_table_offset)
 #define QCOW2_OFF_REFCOUNT_TABLE_OFFSET offsetof(struct qcow2_header_disk, refcount_table_offset)
