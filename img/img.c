@@ -193,13 +193,17 @@ struct img *img_backing(struct img *img)
 	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;
 }
 
-int img_grow(struct img *img, uint64_t size, char *err, size_t errlen)
+int img_grow(struct img *img, uint64_t size, struct img_grow *g)
 {
+	char *err = g->err;
+	size_t errlen = sizeof(g->err);
+
 	if (size % 512) {
 		snprintf(err, errlen, "%s: the new size must be a multiple of 512 bytes",
 			 img->path);
 		return -EINVAL;
 	}
+	err[0] = '\0';
 	if (size < img->size) {
 		snprintf(err, errlen,
 			 "%s: shrinking is not supported (%" PRIu64 " < %" PRIu64 " bytes)",
@@ -217,7 +221,7 @@ int img_grow(struct img *img, uint64_t size, char *err, size_t errlen)
 	}
 	if (size == img->size)
 		return 0;
-	return img->ops->grow(img, size, err, errlen);
+	return img->ops->grow(img, size, g);
 }
 
 static void io_setup(struct img_io *io, uint8_t op, unsigned flags, struct iovec *iov,

@@ -99,6 +99,8 @@ struct img_cache_stats {
 	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;
 };
 
+struct img_grow;
+
 struct img_ops {
 	const char *format; /* "raw", "qcow2" */
 	void (*submit)(struct img *img, struct img_io *io);
@@ -113,8 +115,9 @@ struct img_ops {
 	int (*set_perm)(struct img *img, enum img_perm perm, char *err, size_t errlen);
 	/* Optional: the image unallocated ranges are read from (NULL = none). */
 	struct img *(*backing_of)(struct img *img);
-	/* Optional: grow the virtual size to @size bytes (online resize). */
-	int (*grow)(struct img *img, uint64_t size, char *err, size_t errlen);
+	/* Optional: grow the virtual size to @size bytes (online resize; img_grow
+	 * has the contract; called with @size > img->size). */
+	int (*grow)(struct img *img, uint64_t size, struct img_grow *g);
 	/* Optional: metadata cache numbers (img_cache_stats). */
 	int (*cache_stats)(struct img *img, struct img_cache_stats *st);
 };
@@ -218,12 +221,23 @@ int img_cache_stats(struct img *img, struct img_cache_stats *st);
 /* The backing image of @img, NULL if none (the chain, for control queries). */
 struct img *img_backing(struct img *img);
 
+/* An online resize (img_grow): the caller's, alive until done() ran. */
+struct img_grow {
+	void (*done)(struct img_grow *g, int res); /* set by the caller */
+	void *priv;                                /* the caller's */
+	char err[512];                             /* why, when it failed */
+};
+
 /*
  * Grow the image online to @size bytes (a multiple of 512): a raw file is
- * extended, a raw block device must have been grown already. Shrinking is
- * -EINVAL, formats without it -ENOTSUP; @err says why. 0 or -errno.
+ * extended, a raw block device must have been grown already, a qcow2 image
+ * gets a larger L1 table and header size (qcow2_grow) while requests run.
+ * Returns 0 (done now: img->size is @size), 1 (in progress: @g->done runs
+ * later from the loop with 0, img->size then being @size, or -errno with a
+ * message in @g->err), or -errno with a message in @g->err: shrinking
+ * -EINVAL, read-only -EROFS, formats without it -ENOTSUP.
  */
-int img_grow(struct img *img, uint64_t size, char *err, size_t errlen);
+int img_grow(struct img *img, uint64_t size, struct img_grow *g);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

@@ -57,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "img.h"
 #include "qcow2.h"
@@ -1341,6 +1342,69 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	return 0;
 }
 
+/* ---- online grow ---- */
+
+struct q2grow {
+	struct qcow2_flush f;
+	struct q2img *m;
+	struct img_grow *g;
+	uint64_t size;
+};
+
+static void grow_done(struct qcow2_flush *f, int res)
+{
+	struct q2grow *x = f->priv;
+	struct img_grow *g = x->g;
+
+	if (res == 0)
+		x->m->img.size = x->size;
+	else
+		snprintf(g->err, sizeof(g->err), "%s: writing the new size failed: %s",
+			 x->m->img.path, strerror(-res));
+	free(x);
+	g->done(g, res);
+}
+
+static int q2_grow(struct img *img, uint64_t size, struct img_grow *g)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct q2grow *x;
+	uint64_t dsize;
+	int ret;
+
+	if (!m->q) {
+		snprintf(g->err, sizeof(g->err), "%s: the image is inactive (no write lock held)",
+			 img->path);
+		return -EROFS;
+	}
+	/* An external data file grows with the image, as QEMU grows it. */
+	if (m->has_dfile && m->own_dfile && io_file_get_size(&m->dfile, &dsize) == 0 &&
+	    dsize < size && !(m->dfile.flags & IO_FILE_BLOCKDEV) &&
+	    ftruncate(m->dfile.fd, (off_t)size) < 0) {
+		ret = -errno;
+		snprintf(g->err, sizeof(g->err), "%s: cannot grow the data file %s: %s", img->path,
+			 m->dfile_name ? m->dfile_name : "?", strerror(errno));
+		return ret;
+	}
+	x = calloc(1, sizeof(*x));
+	if (!x) {
+		snprintf(g->err, sizeof(g->err), "%s: out of memory", img->path);
+		return -ENOMEM;
+	}
+	x->f.done = grow_done;
+	x->f.priv = x;
+	x->m = m;
+	x->g = g;
+	x->size = size;
+	ret = qcow2_grow(m->q, size, &x->f, g->err, sizeof(g->err));
+	if (ret != 1) {
+		free(x);
+		if (ret == 0)
+			img->size = size;
+	}
+	return ret;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
@@ -1349,6 +1413,7 @@ static const struct img_ops q2_ops = {
     .set_perm = q2_set_perm,
     .backing_of = q2_backing_of,
     .cache_stats = q2_cache_stats,
+    .grow = q2_grow,
 };
 
 static __thread int open_depth;

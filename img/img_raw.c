@@ -283,9 +283,11 @@ static int raw_refresh_size(struct img *img)
 	return 0;
 }
 
-static int raw_grow(struct img *img, uint64_t size, char *err, size_t errlen)
+static int raw_grow(struct img *img, uint64_t size, struct img_grow *g)
 {
 	struct raw_img *r = to_raw(img);
+	char *err = g->err;
+	size_t errlen = sizeof(g->err);
 	int ret;
 
 	if (r->blockdev) {
