@@ -344,10 +344,51 @@ static int cmd_quit(void *opaque, json_t *args, json_t **ret, char *err, size_t 
 	return 0;
 }
 
+/* A block_resize whose qcow2 metadata is being written (img_grow returned 1). */
+struct resize_op {
+	struct img_grow g;
+	struct ctl *c;
+	struct qmp_pending *p;
+	uint64_t size;
+};
+
+static void resized(struct ctl *c, uint64_t size)
+{
+	vlog(VLOG_INFO, NULL, "qmp: block_resize %s to %" PRIu64 " bytes", c->node_name, size);
+	c->resized(c->opaque);
+}
+
+/* The new size is durable (or failed): tell the guest, then the client, as QEMU does. */
+static void resize_done(struct img_grow *g, int res)
+{
+	struct resize_op *op = g->priv;
+
+	if (res == 0) {
+		resized(op->c, op->size);
+		qmp_pending_return(op->p, NULL);
+	} else {
+		vlog(VLOG_ERROR, NULL, "qmp: block_resize %s: %s", op->c->node_name, g->err);
+		qmp_pending_error(op->p, "%s", g->err);
+	}
+	free(op);
+}
+
+static void resize_done_quiet(struct img_grow *g, int res)
+{
+	struct resize_op *op = g->priv;
+
+	if (res == 0)
+		resized(op->c, op->size);
+	else
+		vlog(VLOG_ERROR, NULL, "qmp: block_resize %s: %s", op->c->node_name, g->err);
+	free(op);
+}
+
 static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
 {
 	struct ctl *c = opaque;
 	json_int_t size = json_integer_value(json_object_get(args, "size"));
+	struct resize_op *op;
 	int r;
 
 	r = find_node(c, args, err, errlen);
@@ -357,13 +398,28 @@ static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_
 		snprintf(err, errlen, "Parameter 'size' expects a >0 size");
 		return -EINVAL;
 	}
-	r = img_grow(c->img, (uint64_t)size, err, errlen);
+	op = calloc(1, sizeof(*op));
+	if (!op)
+		return -ENOMEM;
+	op->g.done = resize_done;
+	op->g.priv = op;
+	op->c = c;
+	op->size = (uint64_t)size;
+	r = img_grow(c->img, (uint64_t)size, &op->g);
+	if (r == 1) {
+		op->p = qmp_server_defer(c->qmp);
+		if (op->p)
+			return QMP_PENDING; /* resize_done() replies */
+		/* no memory for the handle: the grow goes on, the reply is now */
+		op->g.done = resize_done_quiet;
+		return 0;
+	}
 	if (r < 0)
-		return r;
-	vlog(VLOG_INFO, NULL, "qmp: block_resize %s to %" PRIu64 " bytes", c->node_name,
-	     (uint64_t)size);
-	c->resized(c->opaque);
-	return 0;
+		snprintf(err, errlen, "%s", op->g.err);
+	else
+		resized(c, (uint64_t)size);
+	free(op);
+	return r;
 }
 
 static const struct qmp_command commands[] = {

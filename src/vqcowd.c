@@ -925,10 +925,9 @@ static void check_resize(struct daemon *d)
 	int ret = img_refresh_size(d->img);
 
 	if (ret == -ENOTSUP) {
-		log_warn(
-		    "SIGHUP: online resize works for raw images only; this image is %s (online "
-		    "resize of qcow2 is not supported yet)",
-		    d->img->ops->format);
+		log_warn("SIGHUP: online resize works for raw images only; this image is %s (its "
+			 "size is in its header: grow it with QMP block_resize)",
+			 d->img->ops->format);
 		return;
 	}
 	if (ret < 0) {

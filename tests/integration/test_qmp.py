@@ -8,7 +8,8 @@
     query-named-block-nodes (raw, and a qcow2 with a backing chain),
     query-blockstats (counters move after requests made by vqcow-fe),
     block_resize (raw: the frontend sees the new capacity in the config
-    space; shrink, bad node and qcow2 refused with a clear error), quit
+    space; shrink and bad node refused with a clear error; a qcow2 top of a
+    chain grows, integration.resize tests qcow2 in depth), quit
     (the daemon exits 0 and removes the socket);
   * errors: malformed JSON, non-object, unknown members, unknown command,
     wrong argument types, missing and unexpected arguments, an oversized
@@ -904,8 +905,9 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         check(e2["metadata-writes"] > e1["metadata-writes"] and e2["writeback-batches"] > 0 and
               e2["metadata-write-bytes"] >= 512 * e2["metadata-writes"], "flush %r" % e2)
         log("ok: qcow2 engine counters: %s" % json.dumps(e4))
-        expect_error(q.cmd("block_resize", {"node-name": "vm1", "size": 64 << 20}),
-                     "GenericError", "not supported yet", "qcow2 online resize")
+        check(q.cmd("block_resize", {"node-name": "vm1", "size": 64 << 20}) == {"return": {}},
+              "qcow2 online resize over a backing chain")
+        check(fe_capacity(fe_bin, d.vsock) == 64 << 20, "qcow2 resize not seen by the frontend")
         expect_error(q.cmd("block_resize", {"node-name": "disk0", "size": 64 << 20}),
                      "GenericError", "Cannot find", "default node name replaced")
         e = q.ret("query-block-exports")
