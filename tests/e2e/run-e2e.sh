@@ -32,6 +32,11 @@
 #                            the guest must finish its job (fio verify, file
 #                            system checks) with no I/O error in its kernel log
 #     --read-only            export read-only (implies --job readcheck)
+#     --resize SIZE          (vqcowd) job resize: once the guest wrote its
+#                            first MiB, grow the disk to SIZE with QMP
+#                            block_resize (vqcowctl); the guest must see SIZE
+#                            without a reboot and write/verify the new area;
+#                            then qemu-img check and info (size) on the host
 #     --socket-activation    start vqcowd through systemd-socket-activate, which
 #                            passes the listening socket as fd 3 (vqcowd --fd 3)
 #     --keep                 keep the work dir even when the test passes
@@ -68,6 +73,8 @@ kill_frontend=0
 kill_backend=0
 kill_under_guest=0
 read_only=0
+resize=""
+resized=0
 extra=()
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -88,9 +95,10 @@ while [ $# -gt 0 ]; do
 	--kill-backend) kill_backend=1; shift ;;
 	--kill-under-guest) kill_under_guest=${2:?}; shift 2 ;;
 	--read-only) read_only=1; shift ;;
+	--resize) resize=$2; shift 2 ;;
 	--socket-activation) activation=1; shift ;;
 	--) shift; extra=("$@"); break ;;
-	-h | --help) sed -n '2,39p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,44p' "$0"; exit 0 ;;
 	*) echo "run-e2e: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -195,6 +203,16 @@ if [ "$job" = readcheck ]; then
 	vm_log "readcheck: image filled, sha256 $content_sum"
 fi
 [ $read_only = 1 ] && export VM_READONLY=1
+qmp_sock=$sockdir/qmp.sock
+if [ -n "$resize" ]; then
+	[ "$backend" = vqcowd ] || { echo "run-e2e: --resize needs --backend vqcowd" >&2; exit 2; }
+	vqctl=$(dirname "$vqcowd")/vqcowctl
+	[ -x "$vqctl" ] || { echo "run-e2e: $vqctl not found" >&2; exit 1; }
+	resize_bytes=$(numfmt --from=iec "$resize") || exit 2
+	job=resize
+	job_args="vqcow.newsize=$resize_bytes"
+	extra+=(--qmp "$qmp_sock")
+fi
 
 vm_log "starting $backend on $img ($format, $size)"
 if [ $activation = 1 ]; then
@@ -259,6 +277,14 @@ boot_guest() {
 	qemu_pid=$!
 	backend_died=""
 	while kill -0 "$qemu_pid" 2>/dev/null; do
+		if [ -n "$resize" ] && [ $resized = 0 ] && grep -q 'VQCOW-GUEST: STEP resize-ready' "$con"; then
+			resized=1
+			if "$vqctl" -s "$qmp_sock" resize "$resize_bytes" >"$work/resize.log" 2>&1; then
+				vm_log "block_resize to $resize_bytes bytes with the guest running: $(cat "$work/resize.log")"
+			else
+				fail "block_resize failed: $(cat "$work/resize.log")"
+			fi
+		fi
 		if [ "$kills" -lt "$kill_under_guest" ] && [ -n "$backend_pid" ]; then
 			if [ -z "$next_kill" ] && grep -q 'VQCOW-GUEST: STEP find-disk ok' "$con"; then
 				next_kill=$(($(date +%s) + ${VQCOW_E2E_KILL_DELAY:-1}))
@@ -542,6 +568,22 @@ if [ "$job" = e2e ] && [ $result = 0 ]; then
 		else
 			vm_log "host check: e2fsck clean, $n files match the guest's checksums"
 		fi
+	fi
+fi
+
+if [ "$job" = resize ] && [ $result = 0 ]; then
+	[ $resized = 1 ] || fail "the guest never asked for the resize"
+	if [ "$format" = qcow2 ]; then
+		qemu-img check "$img" >"$work/qemu-img-check.log" 2>&1 ||
+			{ cat "$work/qemu-img-check.log" >&2; fail "qemu-img check after the online resize"; }
+		got=$(qemu-img info --output=json "$img" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
+	else
+		got=$(stat -c %s "$img")
+	fi
+	if [ "$got" != "$resize_bytes" ]; then
+		fail "image size after the resize: $got, expected $resize_bytes"
+	else
+		vm_log "host check: the image is $got bytes and clean"
 	fi
 fi
 
