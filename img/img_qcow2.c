@@ -567,7 +567,9 @@ static int zero_issue(struct q2req *r)
 	struct io_file *f = data_file(m);
 
 	zc_drop(m, r->zr_off, r->zr_len);
-	r->zr_mode = m->no_zero_range ? (m->no_punch ? 2 : 1) : 0;
+	/* IO_FILE_NO_ZERO_RANGE: FUSE, where ZERO_RANGE may not zero */
+	r->zr_mode =
+	    m->no_zero_range || (f->flags & IO_FILE_NO_ZERO_RANGE) ? (m->no_punch ? 2 : 1) : 0;
 	if (r->zr_mode == 2 && !m->zero_buf) {
 		m->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
 		if (!m->zero_buf)
@@ -1041,8 +1043,9 @@ static void step(struct q2req *r, int res)
 			if (ret == QCOW2_Z_DONE && m->has_dfile &&
 			    (io->op == IMG_OP_DISCARD || m->data_raw)) {
 				/* external data file: give the space back, keep a raw one raw */
-				bool zr =
-				    io->op == IMG_OP_WRITE_ZEROES && !(io->flags & IMG_IO_UNMAP);
+				bool zr = io->op == IMG_OP_WRITE_ZEROES &&
+					  !(io->flags & IMG_IO_UNMAP) &&
+					  !(m->dfile.flags & IO_FILE_NO_ZERO_RANGE);
 
 				r->z_len = dl;
 				r->state = RQ_PUNCH;

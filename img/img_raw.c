@@ -90,7 +90,8 @@ static void raw_write_zeroes(struct raw_img *r, struct img_io *io)
 			     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->off, io->len);
 		return;
 	}
-	if (!r->no_zero_range && io->stage < RAW_ST_WZ_ZERO_RANGE) {
+	if (!r->no_zero_range && !(r->file.flags & IO_FILE_NO_ZERO_RANGE) &&
+	    io->stage < RAW_ST_WZ_ZERO_RANGE) {
 		io->stage = RAW_ST_WZ_ZERO_RANGE;
 		io_fallocate(r->img.loop, &io->cmd, &r->file,
 			     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, io->off, io->len);

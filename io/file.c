@@ -12,10 +12,16 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "io_internal.h"
 #include "vlog.h"
+
+/* statfs(2) f_type of FUSE mounts (linux/magic.h) */
+#ifndef FUSE_SUPER_MAGIC
+#define FUSE_SUPER_MAGIC 0x65735546
+#endif
 
 /* glibc 2.36 predates the direct-I/O alignment fields of struct statx. */
 #ifndef STATX_DIOALIGN
@@ -100,6 +106,16 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 			     name);
 		} else {
 			return -errno;
+		}
+	}
+	if (!(f->flags & IO_FILE_BLOCKDEV)) {
+		struct statfs sfs;
+
+		if (fstatfs(fd, &sfs) == 0 && sfs.f_type == FUSE_SUPER_MAGIC) {
+			f->flags |= IO_FILE_NO_ZERO_RANGE;
+			vlog(VLOG_INFO, "io",
+			     "%s: on a FUSE file system: zeroing without FALLOC_FL_ZERO_RANGE",
+			     name);
 		}
 	}
 	ret = io_file_get_size(f, &f->size);

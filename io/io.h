@@ -88,6 +88,11 @@ enum {
 	IO_FILE_DIRECT = 1u << 1,   /* opened with O_DIRECT */
 	IO_FILE_ZERO_EOF = 1u << 2, /* reads past EOF return zeroes (e.g. backing files) */
 	IO_FILE_BLOCKDEV = 1u << 3,
+	/* Do not use fallocate(FALLOC_FL_ZERO_RANGE): the file is on a FUSE
+	 * file system, where the kernel passes the mode on and the server may
+	 * ignore it (GlusterFS 10.3 allocates and answers 0 without zeroing).
+	 * Callers zero another way (PUNCH_HOLE, or writing zeroes). */
+	IO_FILE_NO_ZERO_RANGE = 1u << 4,
 };
 
 struct io_cmd {
