@@ -121,6 +121,12 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 	ret = io_file_get_size(f, &f->size);
 	if (ret < 0)
 		return ret;
+	/* The buffered twin is opened by path (/proc/self/fd): open it now,
+	 * while we may (vqcowd drops to --user after opening its files, and
+	 * that user need not have access to the image itself). Failing here
+	 * is not fatal: the first unaligned write tries again. */
+	if ((f->flags & (IO_FILE_DIRECT | IO_FILE_RDONLY)) == IO_FILE_DIRECT)
+		io_file_open_buffered(f);
 	return 0;
 }
 
@@ -156,6 +162,9 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	return 0;
 
 err_close:
+	if (f->bfd > 0)
+		close(f->bfd);
+	f->bfd = -1;
 	close(fd);
 	f->fd = -1;
 	return ret;
