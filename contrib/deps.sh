@@ -10,7 +10,8 @@ pkgs=(build-essential cmake pkg-config clang-format
       e2fsprogs gnuplot-nox python3 util-linux procps kmod systemd
       xfsprogs clang libclang-rt-14-dev llvm
       scdoc mandoc
-      dpkg-dev meson ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev)
+      dpkg-dev meson ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev
+      glusterfs-server glusterfs-client) # e2e_migration_gluster: shared storage for real
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@
 # vqcowd and QEMU started with --incoming / -incoming), migrated over QMP.
 #
 #   run-migration.sh --vqcowd PATH --guest-dir DIR [--work-dir DIR] [--backing]
+#                    [--img-dirs DIR_SRC,DIR_DST]
 #
 # 1. A failed migration: the destination QEMU is killed while the migration
 #    runs; the source guest must go on and finish its job (fio randwrite
@@ -19,7 +20,11 @@
 #    destination with PASS and no I/O error on its console; the source vqcowd
 #    must have let the image go, the destination taken it.
 # Then `qemu-img check` must be clean. --backing puts the image on a backing
-# file (an overlay). Exits 77 only when QEMU or qemu-img is not installed.
+# file (an overlay). --img-dirs puts the image in DIR_SRC, which the source
+# vqcowd opens there, while the destination vqcowd opens it through DIR_DST,
+# another mount of the same shared directory (run-migration-gluster.sh: two
+# FUSE mounts of one GlusterFS volume standing for two hosts). Exits 77 only
+# when QEMU or qemu-img is not installed.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,14 +33,16 @@ top=$(cd "$here/../.." && pwd)
 . "$top/contrib/guest/vm-lib.sh"
 VM_LOG_TAG=migration
 
-vqcowd="" guest="" work="" backing=0
+vqcowd="" guest="" work="" backing=0 imgdirs=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--vqcowd) vqcowd=$2; shift 2 ;;
 	--guest-dir) guest=$2; shift 2 ;;
 	--work-dir) work=$2; shift 2 ;;
 	--backing) backing=1; shift ;;
-	*) echo "usage: $0 --vqcowd PATH --guest-dir DIR [--work-dir DIR] [--backing]" >&2; exit 2 ;;
+	--img-dirs) imgdirs=$2; shift 2 ;;
+	*) echo "usage: $0 --vqcowd PATH --guest-dir DIR [--work-dir DIR] [--backing]" \
+		"[--img-dirs DIR_SRC,DIR_DST]" >&2; exit 2 ;;
 	esac
 done
 for t in qemu-system-x86_64 qemu-img; do
@@ -61,9 +68,14 @@ fail() {
 	exit 1
 }
 
-img=$work/disk.qcow2
+img=$work/disk.qcow2 img_dst=$work/disk.qcow2 base=$work/base.qcow2
+if [ -n "$imgdirs" ]; then
+	img=${imgdirs%%,*}/disk.qcow2 img_dst=${imgdirs#*,}/disk.qcow2 base=${imgdirs%%,*}/base.qcow2
+	rm -f "$img" "$base"
+	vm_log "image $img, the destination's view $img_dst"
+fi
 if [ $backing = 1 ]; then
-	qemu-img create -q -f qcow2 "$work/base.qcow2" 2G || exit 1
+	qemu-img create -q -f qcow2 "$base" 2G || exit 1
 	qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$img" || exit 1
 else
 	qemu-img create -q -f qcow2 "$img" 2G || exit 1
@@ -151,7 +163,9 @@ PY
 # daemon NAME [ARGS]: a vqcowd on $img at $work/NAME.sock
 daemon() {
 	local n=$1; shift
-	"$vqcowd" --socket-path "$work/$n.sock" --blk-file "$img" --num-queues 2 "$@" \
+	local file=$img
+	[ "$n" = dst ] && file=$img_dst
+	"$vqcowd" --socket-path "$work/$n.sock" --blk-file "$file" --num-queues 2 "$@" \
 		>"$work/$n.log" 2>&1 &
 	pids+=($!)
 	eval "pid_$n=$!"
@@ -257,5 +271,6 @@ wait "$pid_dst" || fail "destination vqcowd exit status"
 qemu-img check "$img" >"$work/check.log" 2>&1 || fail "qemu-img check: $(cat "$work/check.log")"
 vm_log "qemu-img check clean; PASS"
 trap - EXIT
+[ -n "$imgdirs" ] && rm -f "$img" "$base"
 rm -rf "$work"
 exit 0
