@@ -11,7 +11,8 @@ pkgs=(build-essential cmake pkg-config clang-format
       xfsprogs clang libclang-rt-14-dev llvm
       scdoc mandoc
       dpkg-dev meson ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev
-      glusterfs-server glusterfs-client) # e2e_migration_gluster: shared storage for real
+      glusterfs-server glusterfs-client   # e2e_migration_gluster: shared storage for real
+      libvirt-daemon-system libvirt-clients) # e2e_libvirt: the libvirt example run by libvirtd
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
