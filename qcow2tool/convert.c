@@ -14,8 +14,9 @@
  * create's header and options) and then filled append-only, in guest order:
  * data clusters (or compressed clusters, packed at byte granularity as QEMU
  * packs them, several per host cluster), each L2 table when the copy moves
- * past its range. Refcounts are counted in memory. At the end, in this
- * order: the refcount blocks and table (growing the table if it must),
+ * past its range. Refcounts are counted in memory. With -c the clusters of
+ * each 2 MiB chunk are compressed on up to 4 threads, then placed in order.
+ * At the end, in this order: the refcount blocks and table (growing the table if it must),
  * fdatasync, the header if the table moved, fdatasync, the L1 table,
  * fdatasync. Until the L1 table is written nothing on disk points at the new
  * clusters, so a crash leaves an empty image with leaked clusters, never an
@@ -25,6 +26,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +44,7 @@ static bool all_zero_4k(const uint8_t *p)
 	return !memcmp(p, z, sizeof(z));
 }
 
+#define ZTHREADS 4 /* compression threads at most (QEMU's qcow2 uses 4 too) */
 #define CHUNK                                                                                      \
 	(2u << 20) /* bytes read at a time (qemu-img's buffer): a multiple of every cluster size   \
 		    */
@@ -67,8 +70,11 @@ struct qw {
 	uint64_t nref;
 	uint64_t rt_off, rt_clusters; /* the refcount table create wrote */
 	uint64_t *rt;                 /* its entries */
-	struct qcow2_zctx *z;
-	uint8_t *zbuf;
+	/* -c: clusters of a chunk are compressed by up to ZTHREADS threads at once */
+	unsigned nz;                    /* threads (and codec states) */
+	struct qcow2_zctx *z[ZTHREADS]; /* one per thread */
+	uint8_t *zout;                  /* compressed clusters of the chunk (cs bytes each) */
+	ssize_t *zlen;                  /* their lengths, -ENOSPC: stored plain, 0: none */
 };
 
 static uint64_t div_up(uint64_t a, uint64_t b)
@@ -203,15 +209,17 @@ static bool fits_refcounts(const struct qw *w, uint64_t pos, uint64_t len)
 	return true;
 }
 
-/* One cluster compressed (or stored plain if it does not shrink), as QEMU does. */
-static int write_compressed(struct qw *w, uint64_t guest, const uint8_t *buf)
+/*
+ * One cluster, compressed by compress_chunk() into @z (@len bytes), or
+ * stored plain (@len -ENOSPC: it did not fit in cluster_size - 1 bytes, QEMU's
+ * rule), at guest offset @guest.
+ */
+static int write_compressed(struct qw *w, uint64_t guest, const uint8_t *buf, const uint8_t *z,
+			    ssize_t len)
 {
-	ssize_t len;
 	uint64_t pos, last;
 	int ret;
 
-	/* QEMU stores it plain unless it fits in cluster_size - 1 bytes */
-	len = qcow2_zdeflate(w->z, w->ctype, buf, w->cs, w->zbuf, w->cs - 1);
 	if (len == -ENOSPC)
 		return write_cluster(w, guest, buf, 0xffffffffull, NULL);
 	if (len < 0)
@@ -236,11 +244,55 @@ static int write_compressed(struct qw *w, uint64_t guest, const uint8_t *buf)
 		w->ref[c]++;
 	if (w->cend >= QCOW2_MAX_HOST_OFFSET)
 		return -EFBIG;
-	ret = qcow2_pwrite_full(w->fd, w->zbuf, (size_t)len, pos);
+	ret = qcow2_pwrite_full(w->fd, z, (size_t)len, pos);
 	if (ret < 0)
 		return ret;
 	w->cpos = pos + (uint64_t)len;
 	return l2_set(w, guest, qcow2_compressed_entry(pos, (uint64_t)len, w->cbits), 0);
+}
+
+struct zjob {
+	struct qw *w;
+	const uint8_t *buf; /* the chunk */
+	uint64_t nclusters;
+	unsigned t; /* this thread's index: clusters t, t + nz, ... */
+};
+
+static void *zjob_run(void *opaque)
+{
+	struct zjob *j = opaque;
+	struct qw *w = j->w;
+
+	for (uint64_t c = j->t; c < j->nclusters; c += w->nz)
+		if (w->zlen[c])
+			w->zlen[c] = qcow2_zdeflate(w->z[j->t], w->ctype, j->buf + c * w->cs, w->cs,
+						    w->zout + c * w->cs, w->cs - 1);
+	return NULL;
+}
+
+/*
+ * Compress the clusters of a chunk whose w->zlen is non-zero, spread over
+ * the threads (each cluster is independent; the placement stays sequential).
+ */
+static void compress_chunk(struct qw *w, const uint8_t *buf, uint64_t nclusters)
+{
+	struct zjob jobs[ZTHREADS];
+	pthread_t tid[ZTHREADS];
+	bool started[ZTHREADS] = {false};
+
+	for (unsigned t = 0; t < w->nz; t++) {
+		jobs[t] = (struct zjob){.w = w, .buf = buf, .nclusters = nclusters, .t = t};
+		/* thread 0 is this one; a thread that cannot start is done here too */
+		if (t && nclusters > 1)
+			started[t] = pthread_create(&tid[t], NULL, zjob_run, &jobs[t]) == 0;
+	}
+	zjob_run(&jobs[0]);
+	for (unsigned t = 1; t < w->nz; t++) {
+		if (started[t])
+			pthread_join(tid[t], NULL);
+		else
+			zjob_run(&jobs[t]);
+	}
 }
 
 static void qw_free(struct qw *w)
@@ -249,8 +301,10 @@ static void qw_free(struct qw *w)
 	free(w->l2);
 	free(w->ref);
 	free(w->rt);
-	free(w->zbuf);
-	qcow2_zctx_free(w->z);
+	free(w->zout);
+	free(w->zlen);
+	for (unsigned t = 0; t < w->nz; t++)
+		qcow2_zctx_free(w->z[t]);
 }
 
 /* Load the empty image create wrote: its geometry, L1 and refcounts. */
@@ -297,9 +351,17 @@ static int qw_open(struct qw *w, int fd, const char *path, bool compress, char *
 		goto out;
 	}
 	if (compress) {
-		w->z = qcow2_zctx_new();
-		w->zbuf = malloc(w->cs);
-		if (!w->z || !w->zbuf) {
+		long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+
+		w->nz = ncpu < 1 ? 1 : ncpu > ZTHREADS ? ZTHREADS : (unsigned)ncpu;
+		for (unsigned t = 0; t < w->nz; t++)
+			if (!(w->z[t] = qcow2_zctx_new())) {
+				ret = -ENOMEM;
+				goto out;
+			}
+		w->zout = malloc(CHUNK);
+		w->zlen = calloc(CHUNK / w->cs, sizeof(ssize_t));
+		if (!w->zout || !w->zlen) {
 			ret = -ENOMEM;
 			goto out;
 		}
@@ -570,12 +632,37 @@ static int write_qcow2(struct qw *w, const struct qcow2_convert_opts *o, uint64_
 {
 	uint64_t spc = w->cs / 512; /* sectors per cluster */
 	uint64_t sps = w->extl2 ? spc / 32 : spc;
+	uint64_t nc = (n + w->cs - 1) / w->cs;
+	int ret;
 
-	for (uint64_t c = 0; c * w->cs < n; c++) {
+	/* -c: which clusters to write (not all zeroes), compressed in parallel first */
+	if (o->compress) {
+		for (uint64_t c = 0; c < nc; c++) {
+			uint64_t len = n - c * w->cs < w->cs ? n - c * w->cs : w->cs;
+			uint8_t *p = buf + c * w->cs;
+			bool any = false;
+
+			for (uint64_t s = 0; s < len / 512 && !any; s++)
+				any = wmask[c * spc + s];
+			if (any && len < w->cs) /* the last, partial cluster */
+				memset(p + len, 0, w->cs - len);
+			w->zlen[c] = any && !all_zero(p, w->cs) ? 1 : 0;
+		}
+		compress_chunk(w, buf, nc);
+		for (uint64_t c = 0; c < nc; c++) {
+			if (!w->zlen[c])
+				continue;
+			ret = write_compressed(w, off + c * w->cs, buf + c * w->cs,
+					       w->zout + c * w->cs, w->zlen[c]);
+			if (ret < 0)
+				return ret;
+		}
+		return 0;
+	}
+	for (uint64_t c = 0; c < nc; c++) {
 		uint64_t len = n - c * w->cs < w->cs ? n - c * w->cs : w->cs, bm = 0;
 		uint8_t *p = buf + c * w->cs;
 		const uint8_t *m = wmask + c * spc;
-		int ret;
 
 		for (uint64_t s = 0; s < len / 512; s++)
 			if (m[s])
@@ -584,14 +671,8 @@ static int write_qcow2(struct qw *w, const struct qcow2_convert_opts *o, uint64_
 			continue;
 		if (len < w->cs) /* the last, partial cluster */
 			memset(p + len, 0, w->cs - len);
-		if (o->compress) {
-			if (all_zero(p, w->cs))
-				continue;
-			ret = write_compressed(w, off + c * w->cs, p);
-		} else {
-			ret = write_cluster(w, off + c * w->cs, p, w->extl2 ? bm : 0,
-					    len < w->cs ? NULL : m);
-		}
+		ret =
+		    write_cluster(w, off + c * w->cs, p, w->extl2 ? bm : 0, len < w->cs ? NULL : m);
 		if (ret < 0)
 			return ret;
 	}
