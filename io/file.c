@@ -198,8 +198,13 @@ int io_file_open_buffered(struct io_file *f)
 	char path[64];
 	int fd;
 
-	/* bfd 0 counts as "not open": a zeroed struct must not write to stdin. */
-	if (f->bfd > 0)
+	int cur;
+
+	/* bfd 0 counts as "not open": a zeroed struct must not write to stdin.
+	 * I/O threads of a raw image may get here at once: the first to
+	 * publish its fd wins, the others close theirs. */
+	cur = __atomic_load_n(&f->bfd, __ATOMIC_ACQUIRE);
+	if (cur > 0)
 		return 0;
 	if (f->flags & IO_FILE_RDONLY)
 		return -EBADF;
@@ -215,7 +220,9 @@ int io_file_open_buffered(struct io_file *f)
 			return -errno;
 		fd = fd2;
 	}
-	f->bfd = fd;
+	if (!__atomic_compare_exchange_n(&f->bfd, &cur, fd, false, __ATOMIC_ACQ_REL,
+					 __ATOMIC_ACQUIRE))
+		close(fd);
 	return 0;
 }
 

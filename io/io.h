@@ -39,7 +39,9 @@
  * Limits: one command moves at most INT_MAX bytes and at most 65535 iovecs
  * (-EINVAL otherwise); more than 1024 iovecs go through a bounce buffer.
  *
- * Threading: a loop and everything submitted on it belong to one thread.
+ * Threading: a loop and everything submitted on it belong to one thread. The
+ * one exception is io_post_remote(): any thread may post a command to a loop
+ * that enabled it, and the command's done() then runs on the loop's thread.
  */
 #ifndef VQCOW_IO_H
 #define VQCOW_IO_H
@@ -365,6 +367,25 @@ void io_cancel(struct io_loop *loop, struct io_cmd *target);
  * res is always 0: the fault hook (below) is not consulted for posts.
  */
 void io_post(struct io_loop *loop, struct io_cmd *cmd);
+
+/*
+ * Cross-thread posts (vqcowd's I/O threads hand requests to each other with
+ * them). io_loop_enable_remote(), called once on @loop's own thread, creates
+ * an eventfd the loop polls (a multishot poll that io_loop_inflight() counts
+ * as one command; it keeps io_loop_run() from returning for lack of work).
+ * 0 or -errno.
+ *
+ * io_post_remote() may then be called from ANY thread: @cmd->done(@cmd, 0)
+ * runs on @loop's thread, from its loop, in the order the posts were made
+ * (per posting thread; posts from several threads interleave in the order
+ * they took the loop's lock). Everything the posting thread wrote before the
+ * call is visible to done() (a mutex orders them). The command belongs to
+ * @loop from the call until done() runs; it must not be in flight anywhere
+ * else. The target is woken only when its list goes from empty to
+ * non-empty: one eventfd write per batch of posts.
+ */
+int io_loop_enable_remote(struct io_loop *loop);
+void io_post_remote(struct io_loop *loop, struct io_cmd *cmd);
 
 /* ---- fault hook ---- */
 

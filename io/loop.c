@@ -29,6 +29,10 @@
 #include <errno.h>
 #include <limits.h>
 #include <liburing.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +95,12 @@ struct io_loop {
 		size_t len;
 	} bufs[IO_FIXED_BUFS];
 	uint64_t buf_uses;
+	/* Cross-thread posts (io_post_remote): a list other threads append to
+	 * under rmtx, and an eventfd the loop polls (wake_cmd) to take it. */
+	pthread_mutex_t rmtx;
+	struct io_cmd *rhead, *rtail; /* under rmtx */
+	int wake_fd;                  /* -1 until io_loop_enable_remote() */
+	struct io_cmd wake_cmd;
 };
 
 /* ---- life cycle ---- */
@@ -125,6 +135,8 @@ int io_loop_init(struct io_loop **loopp, unsigned entries)
 	if (ret < 0)
 		goto err_free;
 	loop->klimit = loop->ring.cq.ring_entries;
+	loop->wake_fd = -1;
+	pthread_mutex_init(&loop->rmtx, NULL);
 	*loopp = loop;
 	return 0;
 
@@ -146,6 +158,9 @@ void io_loop_exit(struct io_loop *loop)
 		}
 	}
 	io_uring_queue_exit(&loop->ring);
+	if (loop->wake_fd >= 0)
+		close(loop->wake_fd);
+	pthread_mutex_destroy(&loop->rmtx);
 	for (ic = loop->icmd_all; ic; ic = next) {
 		next = ic->all_next;
 		free(ic);
@@ -685,7 +700,7 @@ static int rw_setup(struct io_loop *loop, struct io_cmd *cmd)
 		ret = io_file_open_buffered(f);
 		if (ret < 0)
 			return ret;
-		cmd->fd = f->bfd;
+		cmd->fd = __atomic_load_n(&f->bfd, __ATOMIC_ACQUIRE);
 		cmd->flags |= CMD_F_BUFFERED;
 		mask = 0;
 		range_ok = true;
@@ -859,6 +874,81 @@ void io_post(struct io_loop *loop, struct io_cmd *cmd)
 {
 	cmd_start(loop, cmd, IO_OP_POST, NULL);
 	local_push(loop, cmd, 0);
+}
+
+/* ---- cross-thread posts ---- */
+
+/* The wake eventfd is readable: take what other threads posted, run it this iteration. */
+static void remote_take(struct io_cmd *wc, int res)
+{
+	struct io_loop *loop = wc->priv;
+	struct io_cmd *cmd;
+	uint64_t v;
+	ssize_t n;
+
+	if (res < 0)
+		return; /* final call: the loop is going away */
+	n = read(loop->wake_fd, &v, sizeof(v));
+	(void)n; /* EAGAIN: drained by an earlier wake-up */
+	pthread_mutex_lock(&loop->rmtx);
+	cmd = loop->rhead;
+	loop->rhead = NULL;
+	loop->rtail = NULL;
+	pthread_mutex_unlock(&loop->rmtx);
+	while (cmd) {
+		struct io_cmd *next = cmd->next;
+
+		loop->inflight++;
+		local_push(loop, cmd, 0);
+		cmd = next;
+	}
+}
+
+int io_loop_enable_remote(struct io_loop *loop)
+{
+	if (loop->wake_fd >= 0)
+		return 0;
+	loop->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (loop->wake_fd < 0)
+		return -errno;
+	loop->wake_cmd.done = remote_take;
+	loop->wake_cmd.priv = loop;
+	/* Not through io_poll(): the fault hook must not fail the wake-up. */
+	cmd_start(loop, &loop->wake_cmd, IO_OP_POLL, NULL);
+	loop->wake_cmd.fd = loop->wake_fd;
+	loop->wake_cmd.poll_events = POLLIN;
+	arm(loop, &loop->wake_cmd);
+	return 0;
+}
+
+void io_post_remote(struct io_loop *loop, struct io_cmd *cmd)
+{
+	bool was_empty;
+
+	/* Only the fields the target thread reads; it counts the command in
+	 * its inflight when it takes it (remote_take), on its own thread. */
+	cmd->next = NULL;
+	cmd->loop = loop;
+	cmd->file = NULL;
+	cmd->fd = -1;
+	cmd->op = IO_OP_POST;
+	cmd->flags = 0;
+	cmd->bounce = NULL;
+	cmd->bclass = -1;
+	pthread_mutex_lock(&loop->rmtx);
+	was_empty = !loop->rhead;
+	if (loop->rtail)
+		loop->rtail->next = cmd;
+	else
+		loop->rhead = cmd;
+	loop->rtail = cmd;
+	pthread_mutex_unlock(&loop->rmtx);
+	if (was_empty) {
+		uint64_t one = 1;
+		ssize_t n = write(loop->wake_fd, &one, sizeof(one));
+
+		(void)n; /* EAGAIN: the counter is saturated, a wake-up is pending */
+	}
 }
 
 void io_cancel(struct io_loop *loop, struct io_cmd *target)

@@ -7,6 +7,8 @@
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/magic.h>
@@ -1523,6 +1525,96 @@ static void test_locks(void)
 	CU_ASSERT_EQUAL(io_file_open(&a, "/dev/null", IO_FILE_RDONLY), -EINVAL);
 }
 
+/* ---- cross-thread posts ---- */
+
+#define RP_THREADS 3
+#define RP_PER     2000
+
+struct rpost {
+	struct io_cmd cmd;
+	unsigned from, seq;
+	unsigned calls;
+	pthread_t ran_on;
+};
+
+struct rposter {
+	struct io_loop *loop;
+	struct rpost *p;
+	unsigned id;
+};
+
+static unsigned rp_last[RP_THREADS];
+static unsigned rp_done, rp_order_bad;
+
+static void rpost_done(struct io_cmd *cmd, int res)
+{
+	struct rpost *p = container_of(cmd, struct rpost, cmd);
+
+	CU_ASSERT_EQUAL(res, 0);
+	p->calls++;
+	p->ran_on = pthread_self();
+	/* In order per posting thread. */
+	if (p->seq && rp_last[p->from] != p->seq - 1)
+		rp_order_bad++;
+	rp_last[p->from] = p->seq;
+	rp_done++;
+}
+
+static void *rposter_main(void *arg)
+{
+	struct rposter *r = arg;
+
+	for (unsigned i = 0; i < RP_PER; i++) {
+		r->p[i].cmd.done = rpost_done;
+		r->p[i].from = r->id;
+		r->p[i].seq = i;
+		io_post_remote(r->loop, &r->p[i].cmd);
+		if (i % 64 == 0)
+			sched_yield();
+	}
+	return NULL;
+}
+
+static void test_post_remote(void)
+{
+	struct io_loop *loop;
+	struct rposter r[RP_THREADS];
+	pthread_t tid[RP_THREADS];
+	unsigned bad = 0;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	CU_ASSERT_EQUAL_FATAL(io_loop_enable_remote(loop), 0);
+	CU_ASSERT_EQUAL(io_loop_enable_remote(loop), 0); /* idempotent */
+	rp_done = 0;
+	rp_order_bad = 0;
+	for (unsigned i = 0; i < RP_THREADS; i++) {
+		r[i].loop = loop;
+		r[i].id = i;
+		r[i].p = calloc(RP_PER, sizeof(struct rpost));
+		CU_ASSERT_FATAL(r[i].p != NULL);
+		CU_ASSERT_EQUAL_FATAL(pthread_create(&tid[i], NULL, rposter_main, &r[i]), 0);
+	}
+	/* The loop sleeps in the kernel until a post wakes it. */
+	for (int it = 0; it < 100000 && rp_done < RP_THREADS * RP_PER; it++)
+		CU_ASSERT(io_loop_run_once(loop, true) >= 0);
+	for (unsigned i = 0; i < RP_THREADS; i++)
+		pthread_join(tid[i], NULL);
+	CU_ASSERT_EQUAL(rp_done, RP_THREADS * RP_PER);
+	CU_ASSERT_EQUAL(rp_order_bad, 0);
+	for (unsigned i = 0; i < RP_THREADS; i++) {
+		for (unsigned k = 0; k < RP_PER; k++) {
+			if (r[i].p[k].calls != 1 ||
+			    !pthread_equal(r[i].p[k].ran_on, pthread_self()))
+				bad++;
+		}
+		free(r[i].p);
+	}
+	CU_ASSERT_EQUAL(bad, 0); /* exactly once each, on the loop's thread */
+	/* Only the wake-up poll is left in flight. */
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 1);
+	io_loop_exit(loop);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -1557,6 +1649,7 @@ int main(void)
 	CU_add_test(s, "fallocate + fdatasync", test_fallocate_fdatasync);
 	CU_add_test(s, "multishot poll", test_poll_multishot);
 	CU_add_test(s, "post", test_post);
+	CU_add_test(s, "cross-thread posts", test_post_remote);
 	CU_add_test(s, "timeouts", test_timeouts);
 	CU_add_test(s, "deferred hooks", test_defer);
 	CU_add_test(s, "deferred hook order", test_defer_first_order);
