@@ -118,18 +118,17 @@ static void log_range(struct vhost_dev *dev, uint64_t gpa, uint64_t len)
 	if (gpa + (len - 1) < gpa || (last >> 3) >= dev->log_size) {
 		/* The front-end sizes the log to cover all guest memory; a
 		 * write beyond it cannot be reported (say so once per log). */
-		if (!dev->log_warned)
+		if (!__atomic_exchange_n(&dev->log_warned, true, __ATOMIC_RELAXED))
 			vhost_warn("dirty log of %llu bytes does not cover guest address 0x%llx",
 				   (unsigned long long)dev->log_size,
 				   (unsigned long long)(gpa + len - 1));
-		dev->log_warned = true;
 		if (gpa + (len - 1) < gpa || (first >> 3) >= dev->log_size)
 			return;
 		last = (dev->log_size << 3) - 1;
 	}
 	for (uint64_t pg = first; pg <= last; pg++)
 		__atomic_fetch_or(&dev->log[pg >> 3], (uint8_t)(1u << (pg & 7)), __ATOMIC_SEQ_CST);
-	dev->log_kick_pending = true;
+	__atomic_store_n(&dev->log_kick_pending, true, __ATOMIC_RELAXED);
 }
 
 /* Everything dirty: the fallback when a written buffer's address is unknown. */
@@ -137,7 +136,7 @@ static void log_all(struct vhost_dev *dev)
 {
 	for (uint64_t i = 0; i < dev->log_size; i++)
 		__atomic_fetch_or(&dev->log[i], (uint8_t)0xff, __ATOMIC_SEQ_CST);
-	dev->log_kick_pending = true;
+	__atomic_store_n(&dev->log_kick_pending, true, __ATOMIC_RELAXED);
 }
 
 /* Guest-physical address of our address @p (in the current memory table). */
@@ -189,7 +188,9 @@ void vhost_log_used(struct vhost_vq *vq, const void *base, const void *p, size_t
 
 void vhost_log_kick(struct vhost_dev *dev)
 {
-	dev->log_kick_pending = false;
+	/* Several data threads may notify at once: one of them kicks. */
+	if (!__atomic_exchange_n(&dev->log_kick_pending, false, __ATOMIC_RELAXED))
+		return;
 	if (dev->log_fd >= 0) {
 		uint64_t one = 1;
 		ssize_t n = write(dev->log_fd, &one, sizeof(one));

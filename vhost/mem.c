@@ -24,7 +24,7 @@ static int mem_retire(struct vhost_dev *dev, void *addr, size_t len)
 {
 	struct vhost_mem *m = &dev->mem;
 
-	if (dev->inflight == 0) {
+	if (DEV_INFLIGHT(dev) == 0) {
 		munmap(addr, len);
 		return 0;
 	}
@@ -50,7 +50,7 @@ static int mem_reserve_retired(struct vhost_dev *dev, unsigned n)
 	struct vhost_mem_retired *r;
 	unsigned cap;
 
-	if (dev->inflight == 0 || m->nretired + n <= m->retired_cap)
+	if (DEV_INFLIGHT(dev) == 0 || m->nretired + n <= m->retired_cap)
 		return 0;
 	cap = m->nretired + n + 16;
 	r = realloc(m->retired, cap * sizeof(*r));

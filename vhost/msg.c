@@ -224,7 +224,7 @@ static int h_reset(struct vhost_dev *dev, struct vu_msg *msg)
 	}
 	if (dev->dead)
 		return -EIO;
-	if (dev->inflight) {
+	if (DEV_INFLIGHT(dev)) {
 		dev->reset_pending = true;
 		dev->reset_ack = msg->hdr.flags & VU_FLAG_NEED_REPLY;
 		dev->reset_request = msg->hdr.request;

@@ -112,12 +112,13 @@ static void dev_reap(struct vhost_dev *dev)
 
 void vhost_dev_enter(struct vhost_dev *dev)
 {
-	dev->busy++;
+	__atomic_fetch_add(&dev->busy, 1, __ATOMIC_ACQ_REL);
 }
 
 void vhost_dev_leave(struct vhost_dev *dev)
 {
-	if (--dev->busy == 0 && dev->dead && dev->inflight == 0 && dev->srv)
+	if (__atomic_sub_fetch(&dev->busy, 1, __ATOMIC_ACQ_REL) == 0 && dev->dead &&
+	    DEV_INFLIGHT(dev) == 0 && dev->srv)
 		dev_reap(dev);
 }
 
@@ -149,12 +150,23 @@ void vhost_dev_kill(struct vhost_dev *dev)
 		vhost_vq_update_running(vq);
 		vhost_vq_release_fds(vq);
 	}
-	if (dev->inflight == 0)
+	if (DEV_INFLIGHT(dev) == 0)
 		vhost_dev_wake(dev); /* reap at the next safe point */
 }
 
 void vhost_dev_set_broken(struct vhost_dev *dev, const char *why)
 {
+	if (dev->srv && !pthread_equal(pthread_self(), dev->srv->owner)) {
+		/* A data thread (vq_pop, a malformed request): the socket and
+		 * the watches belong to the owner thread, which drops the
+		 * connection from wake_cb. Pops stop at once. */
+		const char *none = NULL;
+
+		__atomic_compare_exchange_n(&dev->remote_broken, &none, why ? why : "broken", false,
+					    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+		vhost_dev_wake(dev);
+		return;
+	}
 	if (dev->dead)
 		return;
 	vhost_warn("dropping the connection: %s", why ? why : "broken");
@@ -163,7 +175,7 @@ void vhost_dev_set_broken(struct vhost_dev *dev, const char *why)
 
 bool vhost_dev_is_broken(const struct vhost_dev *dev)
 {
-	return dev->broken;
+	return dev->broken || __atomic_load_n(&dev->remote_broken, __ATOMIC_ACQUIRE);
 }
 
 /*
@@ -375,7 +387,7 @@ void vhost_dev_process_deferred(struct vhost_dev *dev)
 		vhost_dev_send(dev, &hdr, &st);
 	}
 	if (dev->reset_pending && !dev->dead) {
-		if (dev->inflight)
+		if (DEV_INFLIGHT(dev))
 			waiting = true;
 		else
 			vhost_dev_reset_finish(dev);
@@ -472,7 +484,10 @@ static void wake_cb(void *arg)
 	if (!dev)
 		return;
 	vhost_dev_enter(dev);
-	if (dev->inflight == 0)
+	if (__atomic_load_n(&dev->remote_broken, __ATOMIC_ACQUIRE))
+		vhost_dev_set_broken(
+		    dev, __atomic_exchange_n(&dev->remote_broken, NULL, __ATOMIC_ACQ_REL));
+	if (DEV_INFLIGHT(dev) == 0)
 		vhost_mem_release_retired(dev);
 	vhost_dev_process_deferred(dev);
 	vhost_dev_leave(dev); /* reaps a dead, drained connection */
@@ -670,6 +685,7 @@ int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_f
 	srv->ops = ops;
 	srv->opaque = opaque;
 	srv->listen_fd = -1;
+	srv->owner = pthread_self();
 	srv->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (srv->wake_fd < 0) {
 		ret = -errno;
@@ -728,8 +744,8 @@ void vhost_server_exit(struct vhost_server *srv)
 		struct vhost_dev *dev = srv->dev;
 
 		vhost_dev_kill(dev);
-		if (dev->inflight)
-			vhost_warn("exiting with %u request(s) still in flight", dev->inflight);
+		if (DEV_INFLIGHT(dev))
+			vhost_warn("exiting with %u request(s) still in flight", DEV_INFLIGHT(dev));
 		dev->srv = NULL;
 		srv->dev = NULL;
 		if (dev->ops->disconnected)
@@ -783,7 +799,7 @@ struct vhost_vq *vhost_dev_vq(struct vhost_dev *dev, unsigned idx)
 
 unsigned vhost_dev_inflight(const struct vhost_dev *dev)
 {
-	return dev->inflight;
+	return DEV_INFLIGHT(dev);
 }
 
 int vhost_dev_config_changed(struct vhost_dev *dev)

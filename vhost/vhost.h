@@ -33,8 +33,19 @@
  * Ring addresses, descriptor addresses and lengths are translated and clamped
  * to the memory regions they fall in; chains are bounded and loops detected.
  *
- * Threading: single-threaded. Every function here and every callback runs on
- * the thread of the glue's event loop.
+ * Threading: one owner thread (the one that called vhost_server_init) runs the
+ * socket, every message handler and every callback except those of a ring's
+ * data path. A ring may be served by another thread (a data thread): vq_pop,
+ * vq_push, vq_notify, vq_avail_pending, vq_disable_notify/vq_enable_notify and
+ * the kick callback (watch_kick) of that ring run there, one thread per ring.
+ * The connection-wide counters they share (in-flight elements, the callback
+ * depth, the dirty log and its kick) are atomic; vhost_dev_set_broken() on a
+ * data thread only records the reason and wakes the owner, which drops the
+ * connection (pops fail at once). Everything else a data thread reads
+ * (ring addresses, memory table, features, call fd, log) changes only on the
+ * owner thread while no data thread runs: the glue must park its data
+ * threads around every owner-thread callback into vhost/ (socket, wake-up)
+ * and around every call into vhost/ from outside its data path.
  *
  * Watches: vhost/ drains each watched fd (reads until EAGAIN) in its callback,
  * so edge- or level-triggered watches both work. ops->unwatch may be called
@@ -106,6 +117,10 @@ struct vhost_dev_ops {
 	int (*watch)(void *opaque, int fd, vhost_watch_cb *cb, void *arg);
 	/* Stop watching @fd. vhost/ may close @fd right after this returns. */
 	void (*unwatch)(void *opaque, int fd);
+	/* Optional: watch the kick eventfd of ring @vq (else watch() is used), so
+	 * that the glue can poll it on the thread that serves the ring. unwatch()
+	 * ends it like any other watch. */
+	int (*watch_kick)(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_cb *cb, void *arg);
 
 	/* GET_CONFIG: fill @len bytes of config space starting at @off. 0 or -errno. */
 	int (*get_config)(void *opaque, uint8_t *buf, uint32_t off, uint32_t len);

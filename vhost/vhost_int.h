@@ -21,6 +21,7 @@
 #ifndef VHOST_VHOST_INT_H
 #define VHOST_VHOST_INT_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -362,7 +363,10 @@ struct vhost_dev {
 	bool reset_pending; /* RESET_DEVICE waiting for a drain */
 	bool reset_ack;     /* ... and the front-end asked for an ack */
 	uint32_t reset_request;
-	unsigned busy; /* nesting depth of vhost/'s own callbacks */
+	unsigned busy; /* nesting depth of vhost/'s own callbacks (atomic: data threads) */
+	/* vhost_dev_set_broken() called on a data thread: the reason, for the
+	 * owner thread to act on (wake_cb); NULL = none. Atomic. */
+	const char *remote_broken;
 
 	uint64_t features;       /* acked virtio features */
 	uint64_t proto_features; /* acked protocol features */
@@ -404,10 +408,14 @@ struct vhost_server {
 	int listen_fd;
 	bool listen_watched;
 	bool accepting;
-	int wake_fd; /* eventfd: deferred work (drain replies, reaping) */
+	int wake_fd;     /* eventfd: deferred work (drain replies, reaping) */
+	pthread_t owner; /* the thread that runs the socket (vhost_server_init's) */
 	bool wake_watched;
 	struct vhost_dev *dev;
 };
+
+/* In-flight elements of the connection: data threads change it (atomic). */
+#define DEV_INFLIGHT(dev) __atomic_load_n(&(dev)->inflight, __ATOMIC_ACQUIRE)
 
 /* ---- internal functions ---- */
 

@@ -237,7 +237,9 @@ void vhost_vq_update_running(struct vhost_vq *vq)
 		return;
 	if (want) {
 		if (!vq->kick_watched && vq->kick_fd >= 0) {
-			if (ops->watch(dev->opaque, vq->kick_fd, kick_cb, vq) < 0) {
+			if ((ops->watch_kick
+				 ? ops->watch_kick(dev->opaque, vq, vq->kick_fd, kick_cb, vq)
+				 : ops->watch(dev->opaque, vq->kick_fd, kick_cb, vq)) < 0) {
 				vhost_dev_set_broken(dev, "cannot watch the kick fd");
 				return;
 			}
@@ -513,7 +515,7 @@ int vq_pop(struct vhost_vq *vq, struct vq_elem **elemp)
 	bool resubmit = false;
 	int ret;
 
-	if (dev->broken || dev->dead)
+	if (dev->broken || dev->dead || __atomic_load_n(&dev->remote_broken, __ATOMIC_ACQUIRE))
 		return -EIO;
 	if (!vq_usable(vq))
 		return -EAGAIN;
@@ -580,7 +582,7 @@ walk:
 	elem->iov = c.iov;
 	vq->busy[head] = true;
 	vq->inflight++;
-	dev->inflight++;
+	__atomic_fetch_add(&dev->inflight, 1, __ATOMIC_ACQ_REL);
 	if (resubmit) {
 		*elemp = elem;
 		return 0;
@@ -608,6 +610,7 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 {
 	struct vhost_dev *dev = vq->dev;
 	uint16_t head = elem->head;
+	unsigned left;
 
 	if (elem->vq != vq || head >= vq->slots_num || !vq->busy[head] ||
 	    (uint8_t *)elem != vq->slots + (size_t)head * vq->stride) {
@@ -647,9 +650,9 @@ void vq_push(struct vhost_vq *vq, struct vq_elem *elem, uint32_t len)
 	 * next safe point once nothing is in flight). */
 	vq->busy[head] = false;
 	vq->inflight--;
-	dev->inflight--;
+	left = __atomic_sub_fetch(&dev->inflight, 1, __ATOMIC_ACQ_REL);
 	if ((vq->drain_pending && vq->inflight == 0) ||
-	    (dev->inflight == 0 && (dev->dead || dev->mem.nretired || dev->reset_pending)))
+	    (left == 0 && (dev->dead || dev->mem.nretired || dev->reset_pending)))
 		vhost_dev_wake(dev);
 }
 
@@ -661,7 +664,7 @@ void vhost_vq_signal(struct vhost_vq *vq)
 
 	if (!vq->pushed || dev->dead || !vq->avail)
 		return;
-	if (__builtin_expect(dev->log_kick_pending, 0))
+	if (__builtin_expect(__atomic_load_n(&dev->log_kick_pending, __ATOMIC_RELAXED), 0))
 		vhost_log_kick(dev); /* SET_LOG_FD: the log changed */
 	if (vq->call_fd < 0)
 		return; /* keep `pushed`: a call fd may come (interrupt unmasked) */
