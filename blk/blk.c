@@ -78,7 +78,7 @@ struct blk_dev {
 	bool wce_config;   /* the configured mode (blk_opts.writeback) */
 	bool wce_pending;  /* the next negotiation with CONFIG_WCE sets wce_config */
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
-	unsigned inflight;
+	unsigned inflight; /* atomic: requests of every thread */
 	struct blk_stats stats;
 	uint64_t failures; /* blk_dev_failures(): atomic, touched only on the failure path */
 	struct {
@@ -242,7 +242,7 @@ static void req_finish(struct blk_req *req, int err)
 	account(dev, req, err);
 	*req->status = blk_status_from_errno(err);
 	req->state = BLK_REQ_IDLE;
-	dev->inflight--;
+	__atomic_fetch_sub(&dev->inflight, 1, __ATOMIC_RELAXED);
 	req->complete(req, req->in_len + 1);
 }
 
@@ -430,13 +430,14 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 	req->status = NULL;
 	req->io.done = req_io_done;
 	req->io.priv = req;
+	req->io.loop = req->loop;
 	req->t0 = now_ns();
 
 	if (!req_parse(req, &hdr, &out_iov, &out_cnt, &in_iov, &in_cnt)) {
 		req->complete(req, BLK_REQ_MALFORMED);
 		return;
 	}
-	dev->inflight++;
+	__atomic_fetch_add(&dev->inflight, 1, __ATOMIC_RELAXED);
 	req->type = le32toh(hdr.type);
 	req->sector = le64toh(hdr.sector);
 
@@ -469,7 +470,12 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 
 unsigned blk_dev_inflight(const struct blk_dev *dev)
 {
-	return dev->inflight;
+	return __atomic_load_n(&dev->inflight, __ATOMIC_RELAXED);
+}
+
+bool blk_dev_any_thread(const struct blk_dev *dev)
+{
+	return dev->img->any_loop;
 }
 
 /* ---- device ---- */

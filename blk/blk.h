@@ -74,6 +74,9 @@ struct blk_req {
 	unsigned in_num;
 	blk_complete_fn *complete;
 	void *priv;
+	/* The loop (thread) the request runs on; NULL = the image's. Another
+	 * loop only if the image allows it (img->any_loop): blk_dev_any_thread(). */
+	struct io_loop *loop;
 
 	/* Private to blk/. */
 	struct blk_dev *dev;
@@ -158,6 +161,19 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 
 /* Requests submitted but not yet completed. */
 unsigned blk_dev_inflight(const struct blk_dev *dev);
+
+/*
+ * Threads: blk_req_submit() may be called from several threads at once (each
+ * request with its own req->loop) when this is true, i.e. when the image
+ * takes operations on any loop (img->any_loop). The in-flight count is then
+ * atomic, and each thread counts its requests in its own blk_stats
+ * (blk_req_submit_stats: one per queue, owned by the queue's thread);
+ * everything else (config, WCE, capacity, features, histograms) changes
+ * only while no other thread runs requests (the caller's job: vqcowd parks
+ * its I/O threads around every control-path call). Otherwise all of blk/
+ * runs on the image's thread.
+ */
+bool blk_dev_any_thread(const struct blk_dev *dev);
 
 /*
  * Request statistics, counted where requests complete, with the meaning of

@@ -62,6 +62,10 @@ struct img_io {
 	img_done_fn *done; /* set by the caller */
 	void *priv;        /* the caller's */
 
+	/* The caller's, optional: the loop (thread) this operation runs on. NULL
+	 * = the image's loop. Another loop only for images with img->any_loop. */
+	struct io_loop *loop;
+
 	/* Set by the submitters; the implementation may read them. */
 	uint8_t op;
 	unsigned flags;
@@ -164,6 +168,13 @@ struct img {
 	enum img_perm perm;           /* what the locks held allow */
 	bool force_share;
 	bool backing;
+	/* Operations may be submitted from any thread, each on its own loop
+	 * (img_io.loop): every I/O of the operation goes to that loop and done()
+	 * runs on its thread. Raw images can (no shared state on the data
+	 * path); qcow2 cannot (its engine has one owner thread, the image's
+	 * loop). Open, close, refresh_size, set_perm and grow stay on the
+	 * image's thread with no operation submitted elsewhere running. */
+	bool any_loop;
 };
 
 /*

@@ -59,6 +59,16 @@ static struct raw_img *to_raw(struct img *img)
 	return (struct raw_img *)img;
 }
 
+/* The loop of @io: its own (any_loop: raw images serve every I/O thread), else the image's. */
+static struct io_loop *loop_of(struct raw_img *r, struct img_io *io)
+{
+	return io->loop ? io->loop : r->img.loop;
+}
+
+/* The "known unsupported" flags are set by whichever thread found out. */
+#define FLAG_GET(p) __atomic_load_n(&(p), __ATOMIC_RELAXED)
+#define FLAG_SET(p) __atomic_store_n(&(p), true, __ATOMIC_RELAXED)
+
 static bool is_unsupported(int res)
 {
 	return res == -EOPNOTSUPP || res == -ENOTSUP || res == -ENOSYS;
@@ -68,7 +78,7 @@ static void raw_fail_later(struct raw_img *r, struct img_io *io, int err)
 {
 	io->err = err;
 	io->stage = RAW_ST_ERROR;
-	io_post(r->img.loop, &io->cmd);
+	io_post(loop_of(r, io), &io->cmd);
 }
 
 static void raw_write_zero_chunk(struct raw_img *r, struct img_io *io)
@@ -78,22 +88,23 @@ static void raw_write_zero_chunk(struct raw_img *r, struct img_io *io)
 	if (n > ZERO_BUF_SIZE)
 		n = ZERO_BUF_SIZE;
 	io->stage = RAW_ST_WZ_WRITE;
-	io_write(r->img.loop, &io->cmd, &r->file, r->zero_buf, (size_t)n, io->off + io->pos);
+	io_write(loop_of(r, io), &io->cmd, &r->file, r->zero_buf, (size_t)n, io->off + io->pos);
 }
 
 /* Start the best write-zeroes method not yet known to fail. */
 static void raw_write_zeroes(struct raw_img *r, struct img_io *io)
 {
-	if ((io->flags & IMG_IO_UNMAP) && !r->no_punch_hole && io->stage < RAW_ST_WZ_PUNCH) {
+	if ((io->flags & IMG_IO_UNMAP) && !FLAG_GET(r->no_punch_hole) &&
+	    io->stage < RAW_ST_WZ_PUNCH) {
 		io->stage = RAW_ST_WZ_PUNCH;
-		io_fallocate(r->img.loop, &io->cmd, &r->file,
+		io_fallocate(loop_of(r, io), &io->cmd, &r->file,
 			     FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->off, io->len);
 		return;
 	}
-	if (!r->no_zero_range && !(r->file.flags & IO_FILE_NO_ZERO_RANGE) &&
+	if (!FLAG_GET(r->no_zero_range) && !(r->file.flags & IO_FILE_NO_ZERO_RANGE) &&
 	    io->stage < RAW_ST_WZ_ZERO_RANGE) {
 		io->stage = RAW_ST_WZ_ZERO_RANGE;
-		io_fallocate(r->img.loop, &io->cmd, &r->file,
+		io_fallocate(loop_of(r, io), &io->cmd, &r->file,
 			     FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, io->off, io->len);
 		return;
 	}
@@ -112,20 +123,20 @@ static void raw_cmd_done(struct io_cmd *cmd, int res)
 		break;
 	case RAW_ST_DISCARD:
 		if (is_unsupported(res)) {
-			r->no_punch_hole = true;
+			FLAG_SET(r->no_punch_hole);
 			res = 0;
 		}
 		break;
 	case RAW_ST_WZ_PUNCH:
 		if (is_unsupported(res)) {
-			r->no_punch_hole = true;
+			FLAG_SET(r->no_punch_hole);
 			raw_write_zeroes(r, io);
 			return;
 		}
 		break;
 	case RAW_ST_WZ_ZERO_RANGE:
 		if (is_unsupported(res)) {
-			r->no_zero_range = true;
+			FLAG_SET(r->no_zero_range);
 			raw_write_zeroes(r, io);
 			return;
 		}
@@ -147,7 +158,7 @@ static void raw_cmd_done(struct io_cmd *cmd, int res)
 
 static void raw_step(struct raw_img *r, struct img_io *io)
 {
-	struct io_loop *loop = r->img.loop;
+	struct io_loop *loop = loop_of(r, io);
 
 	switch (io->op) {
 	case IMG_OP_READ:
@@ -163,7 +174,7 @@ static void raw_step(struct raw_img *r, struct img_io *io)
 		io_fdatasync(loop, &io->cmd, &r->file);
 		return;
 	case IMG_OP_DISCARD:
-		if (r->no_punch_hole) {
+		if (FLAG_GET(r->no_punch_hole)) {
 			/* Known unsupported: complete as a no-op (still from the loop). */
 			raw_fail_later(r, io, 0);
 			return;
@@ -416,6 +427,7 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 
 	r->img.ops = &raw_ops;
 	r->img.loop = loop;
+	r->img.any_loop = true;
 	r->img.size = raw_size(size);
 	r->img.read_only = read_only;
 	r->img.align = r->file.align > 512 ? r->file.align : 512;
