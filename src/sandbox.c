@@ -16,8 +16,12 @@
  *  - guest memory tables: mmap/munmap/mremap/mprotect/madvise of the memfds
  *    received, brk (malloc), memfd_create (the inflight area, GET_INFLIGHT_FD);
  *  - eventfds (eventfd2), signals (the signalfd is read; rt_sigreturn for
- *    our own handler, rt_sigprocmask), futex, clock_gettime/nanosleep,
+ *    our own handler, rt_sigprocmask), futex (also the I/O threads' mutex
+ *    and condition variable), clock_gettime/nanosleep,
  *    getrandom, getpid/gettid, tgkill on ourselves (abort), exit/exit_group.
+ * The I/O threads (--io-threads) are started before the filter, which is
+ * installed on all threads at once (TSYNC): no thread is created after it,
+ * and a thread's exit (munmap/madvise of its stack, exit) is on the list.
  * Not allowed, among everything else: execve, ptrace, fork/clone, kill,
  * socket/connect/bind, mount, setuid and friends, rt_sigaction (nobody can
  * replace the SIGSYS handler), prctl, personality, process_vm_*.
@@ -234,6 +238,13 @@ int sandbox_install(char *err, unsigned errlen)
 #ifdef VQCOW_SANITIZE
 	seccomp_attr_set(ctx, SCMP_FLTATR_CTL_LOG, 1);
 #endif
+	/* On every thread at once: the I/O threads (--io-threads) are
+	 * started before the filter, so it needs no clone. */
+	ret = seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1);
+	if (ret < 0) {
+		snprintf(err, errlen, "seccomp: thread sync: %s", strerror(-ret));
+		goto release;
+	}
 	ret = seccomp_load(ctx);
 	if (ret < 0)
 		snprintf(err, errlen, "seccomp: cannot load the filter: %s", strerror(-ret));

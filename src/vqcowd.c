@@ -32,6 +32,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stddef.h>
@@ -60,7 +61,8 @@
 #include "sandbox.h"
 
 #define MAX_QUEUES      64
-#define MEM_REGIONS_MAX 64 /* guest memory regions registered as io_uring buffers */
+#define MAX_IO_THREADS  MAX_QUEUES /* more threads than queues would idle */
+#define MEM_REGIONS_MAX 64         /* guest memory regions registered as io_uring buffers */
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 
@@ -83,6 +85,7 @@ struct options {
 	bool force_share;
 	bool incoming; /* destination of a live migration: start without the image's locks */
 	unsigned num_queues;
+	unsigned io_threads; /* 0 = not given */
 	unsigned queue_size;
 	const char *serial;
 	unsigned lbs;
@@ -119,6 +122,8 @@ static void usage(FILE *f)
 	    "  --incoming                  live-migration destination: open the image without\n"
 	    "                              its locks and metadata; take them when the rings start\n"
 	    "  --num-queues N              number of virtqueues offered (default and max 64)\n"
+	    "  --io-threads N              threads serving the queues (queue i on thread\n"
+	    "                              i mod N; default 1; max 64)\n"
 	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	    "1024)\n"
 	    "  --serial STR                GET_ID serial (at most 20 bytes)\n"
@@ -262,6 +267,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_RO,
 		OPT_FORCE_SHARE,
 		OPT_NQ,
+		OPT_IOTHREADS,
 		OPT_QSIZE,
 		OPT_SERIAL,
 		OPT_LBS,
@@ -293,6 +299,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"read-only", no_argument, NULL, OPT_RO},
 	    {"force-share", no_argument, NULL, OPT_FORCE_SHARE},
 	    {"num-queues", required_argument, NULL, OPT_NQ},
+	    {"io-threads", required_argument, NULL, OPT_IOTHREADS},
 	    {"queue-size", required_argument, NULL, OPT_QSIZE},
 	    {"serial", required_argument, NULL, OPT_SERIAL},
 	    {"logical-block-size", required_argument, NULL, OPT_LBS},
@@ -375,6 +382,11 @@ static int parse_args(int argc, char **argv, struct options *o)
 			if (parse_u64(optarg, &v, false) < 0 || v < 1 || v > MAX_QUEUES)
 				return bad_value("num-queues", optarg, "expected 1..64");
 			o->num_queues = (unsigned)v;
+			break;
+		case OPT_IOTHREADS:
+			if (parse_u64(optarg, &v, false) < 0 || v < 1 || v > MAX_IO_THREADS)
+				return bad_value("io-threads", optarg, "expected 1..64");
+			o->io_threads = (unsigned)v;
 			break;
 		case OPT_QSIZE:
 			if (parse_u64(optarg, &v, false) < 0 || v < 2 || v > VQ_MAX_SIZE ||
@@ -519,14 +531,21 @@ static int parse_args(int argc, char **argv, struct options *o)
 /* --poll-ns polls only while at most this many requests are in flight. */
 #define POLL_INFLIGHT_MAX 4
 
+struct iothread;
+
 struct dreq {
 	struct vq_elem elem; /* first: vhost/ hands these out */
 	struct blk_req blk;
+	/* --io-threads > 1 */
+	struct iothread *t; /* the thread that popped it (and pushes it) */
+	struct io_cmd hop;  /* to the image's thread and back (owner_hop) */
+	uint32_t used_len;  /* the result, carried back to t */
 };
 
 struct watch {
 	struct io_cmd cmd; /* multishot poll */
 	struct daemon *d;
+	struct iothread *t; /* a kick watch on an I/O thread's loop; NULL: the main loop */
 	int fd;
 	bool cancelled;
 	void (*cb)(void *arg);
@@ -537,6 +556,31 @@ struct watch {
 struct dqueue {
 	struct vhost_vq *vq; /* NULL when not started */
 	bool dirty;          /* pushed since the last notify */
+	/* --io-threads > 1: a kick seen on the main thread (a ring started,
+	 * the image handed over), passed to the queue's thread. */
+	struct io_cmd kick_cmd;
+	bool kick_posted; /* atomic: kick_cmd is on its way */
+};
+
+/*
+ * An I/O thread (--io-threads N > 1): its own io_uring loop, serving queues
+ * t->id, t->id + N, t->id + 2N... Everything of those queues' data path runs
+ * here: the kick poll, vq_pop, the request (a raw image's I/O too), vq_push,
+ * the call. Parked (pause_all) whenever the main thread calls into vhost/ or
+ * blk/ outside the data path.
+ */
+struct iothread {
+	struct daemon *d;
+	unsigned id;
+	pthread_t tid;
+	bool running;
+	struct io_loop *loop;
+	struct io_defer defer;
+	struct io_cmd pause_cmd, quit_cmd;
+	bool pause_posted, parked; /* under d->mt_lock */
+	struct watch *watches;     /* kick watches on this loop */
+	unsigned nq_seen;          /* queues below this may be ours and in use */
+	unsigned inflight;         /* popped here, not pushed yet */
 };
 
 struct daemon {
@@ -550,6 +594,16 @@ struct daemon {
 	struct dqueue q[MAX_QUEUES];
 	unsigned nq_seen; /* queues 0..nq_seen-1 may be in use (started this connection) */
 	struct io_defer defer;
+
+	/* --io-threads: N > 1 threads serve the queues; the main thread keeps
+	 * the sockets, signals, the control path and (hop) the image. */
+	unsigned nthreads;
+	struct iothread *threads;
+	bool hop; /* the image runs on the main thread only (qcow2): requests hop there */
+	pthread_mutex_t mt_lock;
+	pthread_cond_t mt_cond;
+	bool pausing;         /* under mt_lock */
+	unsigned pause_depth; /* main thread only */
 
 	int sigfd;
 	struct io_cmd sig_cmd;
@@ -566,11 +620,85 @@ struct daemon {
 	enum { HO_NONE, HO_RELEASE, HO_TAKE } handoff; /* asked of main() (loop stopped) */
 };
 
+/* -- I/O threads: parking and hops -- */
+
+/* The I/O thread this code runs on; NULL on the main thread. */
+static __thread struct iothread *cur_thread;
+
+static struct iothread *thread_of(struct daemon *d, unsigned idx)
+{
+	return &d->threads[idx % d->nthreads];
+}
+
+/* On an I/O thread, posted by pause_all(): stay parked until resume_all(). */
+static void pause_done(struct io_cmd *cmd, int res)
+{
+	struct iothread *t = container_of(cmd, struct iothread, pause_cmd);
+	struct daemon *d = t->d;
+
+	(void)res;
+	pthread_mutex_lock(&d->mt_lock);
+	t->pause_posted = false;
+	t->parked = true;
+	pthread_cond_broadcast(&d->mt_cond);
+	while (d->pausing)
+		pthread_cond_wait(&d->mt_cond, &d->mt_lock);
+	t->parked = false;
+	pthread_mutex_unlock(&d->mt_lock);
+}
+
+/*
+ * Park every I/O thread between two of its loop iterations (nothing of
+ * theirs runs, their in-flight I/O stays in the kernel) and return when all
+ * are parked: from then until resume_all() the main thread may touch
+ * anything they own (rings, watches on their loops, blk/ config). The mutex
+ * orders their earlier writes before, and ours before their next steps.
+ * Nests; no-op with one thread.
+ */
+static void pause_all(struct daemon *d)
+{
+	bool all;
+
+	if (d->nthreads <= 1 || d->pause_depth++ > 0)
+		return;
+	pthread_mutex_lock(&d->mt_lock);
+	d->pausing = true;
+	for (unsigned i = 0; i < d->nthreads; i++) {
+		struct iothread *t = &d->threads[i];
+
+		if (t->running && !t->pause_posted && !t->parked) {
+			t->pause_posted = true;
+			t->pause_cmd.done = pause_done;
+			io_post_remote(t->loop, &t->pause_cmd);
+		}
+	}
+	do {
+		all = true;
+		for (unsigned i = 0; i < d->nthreads; i++) {
+			if (d->threads[i].running && !d->threads[i].parked)
+				all = false;
+		}
+		if (!all)
+			pthread_cond_wait(&d->mt_cond, &d->mt_lock);
+	} while (!all);
+	pthread_mutex_unlock(&d->mt_lock);
+}
+
+static void resume_all(struct daemon *d)
+{
+	if (d->nthreads <= 1 || --d->pause_depth > 0)
+		return;
+	pthread_mutex_lock(&d->mt_lock);
+	d->pausing = false;
+	pthread_cond_broadcast(&d->mt_cond);
+	pthread_mutex_unlock(&d->mt_lock);
+}
+
 /* -- fd watches -- */
 
-static void watch_unlink(struct daemon *d, struct watch *w)
+static void watch_unlink(struct watch **head, struct watch *w)
 {
-	for (struct watch **p = &d->watches; *p; p = &(*p)->next) {
+	for (struct watch **p = head; *p; p = &(*p)->next) {
 		if (*p == w) {
 			*p = w->next;
 			return;
@@ -584,30 +712,49 @@ static void watch_done(struct io_cmd *cmd, int res)
 	struct daemon *d = w->d;
 
 	if (res >= 0) {
-		if (!w->cancelled)
-			w->cb(w->arg); /* may unwatch (even this fd) */
+		if (w->cancelled)
+			return;
+		if (w->t) {
+			w->cb(w->arg); /* a kick, on the queue's thread */
+			return;
+		}
+		/* Main thread: vhost/ (socket, wake-ups) or QMP; the I/O
+		 * threads are parked meanwhile. */
+		pause_all(d);
+		w->cb(w->arg); /* may unwatch (even this fd) */
+		resume_all(d);
 		return;
 	}
 	/* Final completion of the multishot poll. */
 	if (!w->cancelled)
 		log_warn("poll on fd %d ended: %s", w->fd, strerror(-res));
-	watch_unlink(d, w);
+	watch_unlink(w->t ? &w->t->watches : &d->watches, w);
 	free(w);
+}
+
+static struct watch *watch_new(struct daemon *d, struct iothread *t, int fd, void (*cb)(void *arg),
+			       void *arg)
+{
+	struct watch *w = calloc(1, sizeof(*w));
+
+	if (!w)
+		return NULL;
+	w->d = d;
+	w->t = t;
+	w->fd = fd;
+	w->cb = cb;
+	w->arg = arg;
+	w->cmd.done = watch_done;
+	return w;
 }
 
 static int watch_events(void *opaque, int fd, unsigned events, void (*cb)(void *arg), void *arg)
 {
 	struct daemon *d = opaque;
-	struct watch *w;
+	struct watch *w = watch_new(d, NULL, fd, cb, arg);
 
-	w = calloc(1, sizeof(*w));
 	if (!w)
 		return -ENOMEM;
-	w->d = d;
-	w->fd = fd;
-	w->cb = cb;
-	w->arg = arg;
-	w->cmd.done = watch_done;
 	w->next = d->watches;
 	d->watches = w;
 	io_poll(d->loop, &w->cmd, fd, events);
@@ -619,26 +766,60 @@ static int d_watch(void *opaque, int fd, vhost_watch_cb *cb, void *arg)
 	return watch_events(opaque, fd, POLLIN, cb, arg);
 }
 
+/* A ring's kick fd: polled by the thread that serves the ring (called with the threads parked). */
+static int d_watch_kick(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_cb *cb, void *arg)
+{
+	struct daemon *d = opaque;
+	struct iothread *t;
+	struct watch *w;
+
+	if (d->nthreads <= 1)
+		return watch_events(opaque, fd, POLLIN, cb, arg);
+	t = thread_of(d, vq_index(vq));
+	w = watch_new(d, t, fd, cb, arg);
+	if (!w)
+		return -ENOMEM;
+	w->next = t->watches;
+	t->watches = w;
+	io_poll(t->loop, &w->cmd, fd, POLLIN);
+	return 0;
+}
+
+static bool unwatch_in(struct watch *head, struct io_loop *loop, int fd)
+{
+	for (struct watch *w = head; w; w = w->next) {
+		if (w->fd == fd && !w->cancelled) {
+			w->cancelled = true;
+			io_cancel(loop, &w->cmd);
+			return true;
+		}
+	}
+	return false;
+}
+
 static void d_unwatch(void *opaque, int fd)
 {
 	struct daemon *d = opaque;
 
-	for (struct watch *w = d->watches; w; w = w->next) {
-		if (w->fd == fd && !w->cancelled) {
-			w->cancelled = true;
-			io_cancel(d->loop, &w->cmd);
+	if (unwatch_in(d->watches, d->loop, fd))
+		return;
+	/* Main thread with the I/O threads parked (or gone, at exit). */
+	for (unsigned i = 0; i < d->nthreads && d->threads; i++) {
+		if (unwatch_in(d->threads[i].watches, d->threads[i].loop, fd))
 			return;
-		}
 	}
 }
 
 /* -- requests -- */
 
-static void req_complete(struct blk_req *breq, uint32_t used_len)
+/*
+ * The used ring, the statistics, the call: on the thread that popped the
+ * request (with one thread, the main thread).
+ */
+static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 {
-	struct dreq *r = container_of(breq, struct dreq, blk);
+	struct blk_req *breq = &r->blk;
 	struct vhost_vq *vq = r->elem.vq;
-	struct daemon *d = breq->priv;
 	unsigned idx = vq_index(vq);
 
 	if (used_len == BLK_REQ_MALFORMED) {
@@ -661,9 +842,58 @@ static void req_complete(struct blk_req *breq, uint32_t used_len)
 		 * only after every popped element was pushed. */
 		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
-		if (idx >= d->nq_seen)
+		if (d->nthreads > 1) {
+			r->t->inflight--;
+			if (idx >= r->t->nq_seen)
+				r->t->nq_seen = idx + 1;
+		} else if (idx >= d->nq_seen) {
 			d->nq_seen = idx + 1;
+		}
 	}
+}
+
+/* Back on the popping thread after the image's thread completed the request. */
+static void hop_back(struct io_cmd *cmd, int res)
+{
+	struct dreq *r = container_of(cmd, struct dreq, hop);
+
+	(void)res;
+	req_push(r->blk.priv, r, r->used_len);
+}
+
+static void req_complete(struct blk_req *breq, uint32_t used_len)
+{
+	struct dreq *r = container_of(breq, struct dreq, blk);
+	struct daemon *d = breq->priv;
+
+	if (d->nthreads > 1 && d->hop) {
+		/* On the main thread: the ring is the popping thread's. */
+		r->used_len = used_len;
+		r->hop.done = hop_back;
+		io_post_remote(r->t->loop, &r->hop);
+		return;
+	}
+	req_push(d, r, used_len);
+}
+
+/* Where a queue's requests are counted (blk_req_submit_stats). */
+static struct blk_stats *queue_stats(struct daemon *d, struct vhost_vq *vq)
+{
+	return vq_index(vq) < MAX_QUEUES ? &d->qstat[vq_index(vq)].blk : NULL;
+}
+
+/*
+ * On the main thread: a request of an I/O thread for an image that runs
+ * here. Its blk/ counters are then only ever written here (the popping
+ * thread writes the queue's other counters, in req_push).
+ */
+static void owner_hop(struct io_cmd *cmd, int res)
+{
+	struct dreq *r = container_of(cmd, struct dreq, hop);
+	struct daemon *d = r->blk.priv;
+
+	(void)res;
+	blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, r->elem.vq));
 }
 
 /* Pop and submit every available element. -EAGAIN when the ring is empty. */
@@ -680,15 +910,27 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		r->blk.in_num = elem->in_num;
 		r->blk.complete = req_complete;
 		r->blk.priv = d;
+		r->blk.loop = NULL;
+		if (d->nthreads > 1) {
+			r->t = cur_thread;
+			r->t->inflight++;
+			if (d->hop) {
+				/* qcow2: the engine has one owner thread. */
+				r->hop.done = owner_hop;
+				io_post_remote(d->loop, &r->hop);
+				continue;
+			}
+			r->blk.loop = r->t->loop; /* raw: the I/O goes out from here */
+		}
 		/* counted per queue: the queue's thread owns its counters */
-		blk_req_submit_stats(d->blk, &r->blk,
-				     vq_index(vq) < MAX_QUEUES ? &d->qstat[vq_index(vq)].blk
-							       : NULL);
+		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
 		if (vhost_dev_is_broken(vq_dev(vq)))
 			return -EPIPE;
 	}
 	return ret;
 }
+
+static void kick_posted(struct io_cmd *cmd, int res);
 
 static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 {
@@ -696,11 +938,55 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 
 	if (d->stopping || d->parked)
 		return; /* parked: popped once the image is ours (handoff) */
+	if (d->nthreads > 1) {
+		unsigned idx = vq_index(vq);
+		struct iothread *t = thread_of(d, idx);
+
+		if (cur_thread != t) {
+			/* The main thread (ring started, image handed over):
+			 * the queue's thread pops. */
+			struct dqueue *q = &d->q[idx];
+
+			if (!__atomic_exchange_n(&q->kick_posted, true, __ATOMIC_ACQ_REL)) {
+				q->kick_cmd.done = kick_posted;
+				q->kick_cmd.priv = d;
+				io_post_remote(t->loop, &q->kick_cmd);
+			}
+			return;
+		}
+	}
 	do {
 		vq_disable_notify(vq);
 		if (pop_all(d, vq) != -EAGAIN)
 			return; /* ring or connection broken: vhost/ drops it */
 	} while (vq_enable_notify(vq));
+}
+
+static void kick_posted(struct io_cmd *cmd, int res)
+{
+	struct dqueue *q = container_of(cmd, struct dqueue, kick_cmd);
+	struct daemon *d = cmd->priv;
+
+	(void)res;
+	__atomic_store_n(&q->kick_posted, false, __ATOMIC_RELEASE);
+	if (q->vq && vq_is_running(q->vq)) {
+		unsigned idx = vq_index(q->vq);
+
+		if (idx >= cur_thread->nq_seen)
+			cur_thread->nq_seen = idx + 1;
+		d_queue_kick(d, q->vq);
+	}
+}
+
+/* Requests popped and not yet pushed, on every thread. */
+static unsigned d_inflight(struct daemon *d)
+{
+	struct vhost_dev *dev;
+
+	if (d->nthreads <= 1)
+		return blk_dev_inflight(d->blk);
+	dev = vhost_server_dev(d->srv);
+	return (dev ? vhost_dev_inflight(dev) : 0) + blk_dev_inflight(d->blk);
 }
 
 /*
@@ -712,8 +998,8 @@ static void d_defer(struct io_defer *def)
 	struct daemon *d = def->priv;
 	/* Offered queues cost nothing until the front-end starts them: look
 	 * only at those started on this connection (64 are offered by
-	 * default, a 2-vCPU guest uses 2). */
-	unsigned nq = d->nq_seen;
+	 * default, a 2-vCPU guest uses 2). With I/O threads, they look. */
+	unsigned nq = d->nthreads > 1 ? 0 : d->nq_seen;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
@@ -741,17 +1027,164 @@ static void d_defer(struct io_defer *def)
 	if (d->o->poll_ns)
 		io_loop_set_poll_ns(
 		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
-	ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
-	if (d->release_pending && !d->stopping && blk_dev_inflight(d->blk) == 0) {
+	if (d->nthreads > 1 && d->ctl.qmp && blk_dev_failures(d->blk) != d->ctl.failures_seen) {
+		/* It sums the per-queue counters the I/O threads write. */
+		pause_all(d);
+		ctl_tick(&d->ctl);
+		resume_all(d);
+	} else {
+		ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
+	}
+	if (d->release_pending && !d->stopping && d_inflight(d) == 0) {
 		d->release_pending = false;
 		d->handoff = HO_RELEASE;
 		io_loop_stop(d->loop);
 	}
-	if (d->stopping && !d->flushing && blk_dev_inflight(d->blk) == 0) {
+	if (d->stopping && !d->flushing && d_inflight(d) == 0) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
 		img_flush(d->img, &d->flush_io);
 	}
+}
+
+/* The same for an I/O thread's queues. */
+static void t_defer(struct io_defer *def)
+{
+	struct iothread *t = def->priv;
+	struct daemon *d = t->d;
+	unsigned n = d->nthreads;
+
+	if (d->o->poll_ns && !d->stopping && !d->parked) {
+		for (unsigned i = t->id; i < t->nq_seen; i += n) {
+			if (d->q[i].vq && vq_avail_pending(d->q[i].vq))
+				pop_all(d, d->q[i].vq);
+		}
+	}
+	for (unsigned i = t->id; i < t->nq_seen; i += n) {
+		if (d->q[i].dirty) {
+			d->q[i].dirty = false;
+			if (d->q[i].vq)
+				vq_notify(d->q[i].vq);
+		}
+	}
+	if (d->o->poll_ns)
+		io_loop_set_poll_ns(t->loop, t->inflight <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
+}
+
+static void quit_done(struct io_cmd *cmd, int res)
+{
+	struct iothread *t = container_of(cmd, struct iothread, quit_cmd);
+
+	(void)res;
+	io_loop_stop(t->loop);
+}
+
+static void *thread_main(void *arg)
+{
+	struct iothread *t = arg;
+	int ret;
+
+	cur_thread = t;
+	/* Tell threads_start() we are past the C library's thread set-up
+	 * (set_robust_list, rseq...): the filter may go on now. */
+	pthread_mutex_lock(&t->d->mt_lock);
+	t->running = true;
+	pthread_cond_broadcast(&t->d->mt_cond);
+	pthread_mutex_unlock(&t->d->mt_lock);
+	ret = io_loop_run(t->loop);
+	if (ret < 0)
+		log_err("I/O thread %u: event loop failed: %s", t->id, strerror(-ret));
+	return NULL;
+}
+
+/* Create the loops of the I/O threads (before the image is served). 0 or -errno. */
+static int threads_init(struct daemon *d)
+{
+	int ret;
+
+	pthread_mutex_init(&d->mt_lock, NULL);
+	pthread_cond_init(&d->mt_cond, NULL);
+	if (d->nthreads <= 1)
+		return 0;
+	ret = io_loop_enable_remote(d->loop);
+	if (ret < 0)
+		return ret;
+	d->threads = calloc(d->nthreads, sizeof(*d->threads));
+	if (!d->threads)
+		return -ENOMEM;
+	for (unsigned i = 0; i < d->nthreads; i++) {
+		struct iothread *t = &d->threads[i];
+
+		t->d = d;
+		t->id = i;
+		ret = io_loop_init(&t->loop, 256);
+		if (ret < 0)
+			return ret;
+		io_loop_set_poll_ns(t->loop, d->o->poll_ns);
+		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
+		/* A file is registered with one loop only; a raw image's
+		 * file is used by every thread. */
+		io_loop_set_fixed_files(t->loop, false);
+		ret = io_loop_enable_remote(t->loop);
+		if (ret < 0)
+			return ret;
+		t->defer.fn = t_defer;
+		t->defer.priv = t;
+		io_defer_add(t->loop, &t->defer);
+	}
+	return 0;
+}
+
+/* Start them (after privileges are dropped, before the system call filter). 0 or -errno. */
+static int threads_start(struct daemon *d)
+{
+	for (unsigned i = 0; i < d->nthreads && d->threads; i++) {
+		struct iothread *t = &d->threads[i];
+		int ret = pthread_create(&t->tid, NULL, thread_main, t);
+
+		if (ret)
+			return -ret;
+		pthread_mutex_lock(&d->mt_lock);
+		while (!t->running)
+			pthread_cond_wait(&d->mt_cond, &d->mt_lock);
+		pthread_mutex_unlock(&d->mt_lock);
+	}
+	return 0;
+}
+
+/* Stop and join them (nothing in flight any more). */
+static void threads_stop(struct daemon *d)
+{
+	for (unsigned i = 0; i < d->nthreads && d->threads; i++) {
+		struct iothread *t = &d->threads[i];
+
+		if (!t->running)
+			continue;
+		t->quit_cmd.done = quit_done;
+		io_post_remote(t->loop, &t->quit_cmd);
+		pthread_join(t->tid, NULL);
+		t->running = false;
+	}
+}
+
+/* Free the loops (after vhost/ let go of the kick watches). */
+static void threads_exit(struct daemon *d)
+{
+	for (unsigned i = 0; i < d->nthreads && d->threads; i++) {
+		struct iothread *t = &d->threads[i];
+
+		if (t->loop)
+			io_defer_del(t->loop, &t->defer);
+		io_loop_exit(t->loop);
+		for (struct watch *w = t->watches, *n; w; w = n) {
+			n = w->next;
+			free(w);
+		}
+	}
+	free(d->threads);
+	d->threads = NULL;
+	pthread_cond_destroy(&d->mt_cond);
+	pthread_mutex_destroy(&d->mt_lock);
 }
 
 /* -- vhost hooks -- */
@@ -792,6 +1225,8 @@ static void d_queue_started(void *opaque, struct vhost_vq *vq)
 		d->q[idx].vq = vq;
 		if (idx >= d->nq_seen)
 			d->nq_seen = idx + 1;
+		if (d->nthreads > 1 && idx >= thread_of(d, idx)->nq_seen)
+			thread_of(d, idx)->nq_seen = idx + 1; /* its thread is parked */
 	}
 	d->release_pending = false; /* the guest runs here (again) */
 	if (d->parked && d->handoff == HO_NONE && !d->stopping) {
@@ -856,8 +1291,13 @@ static void d_mem_changed(void *opaque, struct vhost_dev *dev)
 		ret = -E2BIG;
 	else
 		ret = io_loop_register_buffers(d->loop, iov, n);
+	/* Every loop that moves guest data (the I/O threads are parked). */
+	for (unsigned i = 0; ret >= 0 && i < d->nthreads && d->threads; i++)
+		ret = io_loop_register_buffers(d->threads[i].loop, iov, n);
 	if (ret < 0) {
 		io_loop_register_buffers(d->loop, NULL, 0);
+		for (unsigned i = 0; i < d->nthreads && d->threads; i++)
+			io_loop_register_buffers(d->threads[i].loop, NULL, 0);
 		log_warn("cannot register the guest memory (%u regions) as io_uring buffers: %s; "
 			 "requests use it by address",
 			 n, strerror(-ret));
@@ -872,14 +1312,19 @@ static void d_disconnected(void *opaque, struct vhost_dev *dev)
 	struct daemon *d = opaque;
 
 	(void)dev;
-	if (d->o->fixed_buffers)
+	if (d->o->fixed_buffers) {
 		io_loop_register_buffers(d->loop, NULL, 0);
+		for (unsigned i = 0; i < d->nthreads && d->threads; i++)
+			io_loop_register_buffers(d->threads[i].loop, NULL, 0);
+	}
 	blk_dev_driver_gone(d->blk);
 	for (unsigned i = 0; i < MAX_QUEUES; i++) {
 		d->q[i].vq = NULL;
 		d->q[i].dirty = false;
 	}
 	d->nq_seen = 0;
+	for (unsigned i = 0; i < d->nthreads && d->threads; i++)
+		d->threads[i].nq_seen = 0;
 	logmsg("frontend disconnected%s", d->stopping ? "" : "; waiting for the next one");
 }
 
@@ -967,6 +1412,7 @@ static void sig_done(struct io_cmd *cmd, int res)
 
 	if (res < 0)
 		return; /* final call (cancelled at exit) */
+	pause_all(d);   /* resize, stop: blk/ and vhost/ outside the data path */
 	while ((n = read(d->sigfd, &si, sizeof(si))) == (ssize_t)sizeof(si)) {
 		if (si.ssi_signo == SIGHUP) {
 			check_resize(d);
@@ -976,11 +1422,11 @@ static void sig_done(struct io_cmd *cmd, int res)
 			logmsg("signal %u: already shutting down", si.ssi_signo);
 			continue;
 		}
-		logmsg("signal %u: stopping (in flight: %u)", si.ssi_signo,
-		       blk_dev_inflight(d->blk));
+		logmsg("signal %u: stopping (in flight: %u)", si.ssi_signo, d_inflight(d));
 		start_stopping(d);
 		ctl_shutdown_event(&d->ctl, "host-signal");
 	}
+	resume_all(d);
 }
 
 /* -- privileges -- */
@@ -1170,7 +1616,7 @@ static int check_socket_path(const char *path)
  *     fail (never written without the lock).
  * img_set_perm drives the loop, so this runs in main() with the loop stopped.
  */
-static void handoff(struct daemon *d)
+static void handoff_parked(struct daemon *d)
 {
 	enum img_perm want = d->o->read_only ? IMG_PERM_READ : IMG_PERM_WRITE;
 	struct vhost_dev *dev = vhost_server_dev(d->srv);
@@ -1179,7 +1625,7 @@ static void handoff(struct daemon *d)
 
 	if (d->handoff == HO_RELEASE) {
 		d->handoff = HO_NONE;
-		if (!dev || !all_rings_stopped(dev) || blk_dev_inflight(d->blk))
+		if (!dev || !all_rings_stopped(dev) || d_inflight(d))
 			return; /* the guest runs here again */
 		ret = img_set_perm(d->img, IMG_PERM_NONE, err, sizeof(err));
 		if (ret < 0) {
@@ -1215,6 +1661,13 @@ static void handoff(struct daemon *d)
 		if (vq && vq_is_running(vq))
 			d_queue_kick(d, vq); /* requests waiting since the ring started */
 	}
+}
+
+static void handoff(struct daemon *d)
+{
+	pause_all(d);
+	handoff_parked(d);
+	resume_all(d);
 }
 
 int main(int argc, char **argv)
@@ -1255,6 +1708,9 @@ int main(int argc, char **argv)
 	memset(&d, 0, sizeof(d));
 	d.o = &o;
 	d.sigfd = -1;
+	d.nthreads = o.io_threads ? o.io_threads : 1;
+	if (d.nthreads > o.num_queues)
+		d.nthreads = o.num_queues; /* a thread without a queue would idle */
 
 	/* Signals go to a signalfd on the loop; nothing else may see them. */
 	sigemptyset(&mask);
@@ -1301,6 +1757,14 @@ int main(int argc, char **argv)
 	}
 	img_describe(d.img, desc, sizeof(desc));
 	logmsg("image: %s", desc);
+	d.hop = !d.img->any_loop;
+	if (d.nthreads > 1 && !d.hop)
+		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
+	ret = threads_init(&d);
+	if (ret < 0) {
+		log_err("cannot set up %u I/O threads: %s", d.nthreads, strerror(-ret));
+		goto exit_threads;
+	}
 	if (!o.format)
 		logmsg("format probed as %s; pass --format to skip probing", d.img->ops->format);
 
@@ -1314,7 +1778,7 @@ int main(int argc, char **argv)
 	ret = blk_dev_init(&d.blk, d.img, &bopts);
 	if (ret < 0) {
 		log_err("cannot set up the virtio-blk device: %s", strerror(-ret));
-		goto close_img;
+		goto exit_threads;
 	}
 	d.flush_io.done = flush_done;
 	d.flush_io.priv = &d;
@@ -1325,6 +1789,7 @@ int main(int argc, char **argv)
 	d.ops.max_queue_size = (uint16_t)o.queue_size;
 	d.ops.elem_size = sizeof(struct dreq);
 	d.ops.watch = d_watch;
+	d.ops.watch_kick = d_watch_kick;
 	d.ops.unwatch = d_unwatch;
 	d.ops.get_config = d_get_config;
 	d.ops.set_config = d_set_config;
@@ -1408,6 +1873,13 @@ int main(int argc, char **argv)
 	if (geteuid() == 0 && !o.user)
 		log_warn("running as root (uid 0): pass --user (and --group) to serve as an "
 			 "unprivileged user once the image and the socket are open");
+	/* After the privileges are gone (capabilities are per thread), before
+	 * the filter (installed on every thread at once; no clone after it). */
+	ret = threads_start(&d);
+	if (ret < 0) {
+		log_err("cannot start the I/O threads: %s", strerror(-ret));
+		goto exit_srv;
+	}
 	if (o.no_seccomp) {
 		logmsg("system call filter off (--no-seccomp)");
 	} else {
@@ -1429,6 +1901,10 @@ int main(int argc, char **argv)
 	       o.socket_path ? o.socket_path : "the given fd", o.num_queues,
 	       o.num_queues > 1 ? "s" : "", o.queue_size,
 	       o.read_only || d.img->read_only ? "read-only" : "read-write");
+	if (d.nthreads > 1)
+		logmsg("%u I/O threads (queue i on thread i mod %u); %s", d.nthreads, d.nthreads,
+		       d.hop ? "the image's metadata and I/O stay on the main thread"
+			     : "each thread does its queues' image I/O");
 
 	d.exit_code = 0;
 	d.parked = o.incoming;
@@ -1450,6 +1926,7 @@ int main(int argc, char **argv)
 	ret = d.exit_code ? -EIO : 0;
 
 exit_srv:
+	threads_stop(&d);
 	ctl_stop(&d.ctl);
 	vhost_server_exit(d.srv);
 del_defer:
@@ -1457,7 +1934,8 @@ del_defer:
 	io_cancel(d.loop, &d.sig_cmd);
 exit_blk:
 	blk_dev_exit(d.blk);
-close_img:
+exit_threads:
+	threads_exit(&d);
 	img_close(d.img);
 exit_loop:
 	/* Remaining polls (cancelled or not) are abandoned with the loop. */
