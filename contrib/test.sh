@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: install dependencies, build twice (release with
-# -Werror, and ASan+UBSan), run every test through ctest in both builds; then
+# -Werror, and ASan+UBSan), run every test through ctest in both builds, the
+# concurrency tests once more in a ThreadSanitizer build (build-tsan); then
 # build the libFuzzer targets with clang (build-fuzz) and run each for a short
 # bounded time (VQCOW_FUZZ_SECONDS, default 20) after replaying its corpus.
 set -euo pipefail
@@ -25,6 +26,15 @@ echo "=== ctest (release build)"
 (cd build && ctest --output-on-failure -j"$jobs" "$@") || rc=1
 echo "=== ctest (ASan+UBSan build)"
 (cd build-asan && ctest --output-on-failure -j"$jobs" -LE slow "$@") || rc=1
+echo "=== concurrency tests (ThreadSanitizer build: --io-threads)"
+# Only what runs several threads: the daemon under integration.mt and io/'s
+# cross-thread posts. halt_on_error: a race report ends the process, and
+# the test fails.
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON -DVQCOW_TSAN=ON \
+	>/dev/null
+cmake --build build-tsan -j"$jobs" --target vqcowd vqcow-fe vqfe-stress test_io
+(cd build-tsan && TSAN_OPTIONS=halt_on_error=1:exitcode=66 VQCOW_MT_ROUNDS=6 \
+	ctest --output-on-failure -R '^(integration\.mt|unit\.test_io)$' "$@") || rc=1
 echo "=== fuzz targets (clang, libFuzzer + ASan + UBSan)"
 cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	-DVQCOW_WERROR=ON -DVQCOW_FUZZ=ON -DVQCOW_FUZZ_SECONDS="${VQCOW_FUZZ_SECONDS:-20}" >/dev/null
