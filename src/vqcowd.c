@@ -21,6 +21,14 @@
  *    image, exit 0. SIGHUP re-reads the image size (outside resize) and, if
  *    it changed, sends a config-change notice to the frontend.
  *
+ *  - --io-threads N > 1: queue i is served by I/O thread i mod N (struct
+ *    iothread, its own io_loop): kick poll, pop, submit, push, call. A raw
+ *    image's I/O goes out from that thread; a qcow2 request hops to the main
+ *    thread (the engine's only owner) and back. The main thread keeps the
+ *    sockets, signals and the control path, and parks the I/O threads
+ *    (pause_all) around each of its calls into vhost/ and blk/. HACKING.md,
+ *    "I/O threads", has the table and the rules.
+ *
  * Backend program conventions (vhost-user.rst): --socket-path or --fd,
  * --print-capabilities prints {"type": "block", "features": [...]} and the
  * protocol features a connection is offered (print_capabilities).
