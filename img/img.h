@@ -62,8 +62,12 @@ struct img_io {
 	img_done_fn *done; /* set by the caller */
 	void *priv;        /* the caller's */
 
-	/* The caller's, optional: the loop (thread) this operation runs on. NULL
-	 * = the image's loop. Another loop only for images with img->any_loop. */
+	/* The caller's, optional: the loop (thread) of the submitter. NULL = the
+	 * image's loop. With img->any_loop the operation runs there (every I/O,
+	 * and done()). Otherwise the operation is submitted on the image's
+	 * thread and completes there, and the image may only run CPU work of
+	 * the request on @loop's thread (qcow2 inflates compressed clusters
+	 * there); @loop must then accept io_post_remote(). */
 	struct io_loop *loop;
 
 	/* Set by the submitters; the implementation may read them. */

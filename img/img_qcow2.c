@@ -97,7 +97,10 @@ struct q2sub {
 	struct iovec *iov;
 	unsigned iov_cap;
 	unsigned iovcnt;
-	void *cbuf; /* compressed bytes (a compressed extent), else NULL */
+	void *cbuf;    /* compressed bytes (a compressed extent), else NULL */
+	void *ibuf;    /* inflated on the requester's thread (remote inflate), else NULL */
+	int ires;      /* its result */
+	uint8_t ctype; /* compression type, for the requester's thread */
 	uint64_t chost;
 	uint32_t clen, coff;
 	uint64_t len;
@@ -219,7 +222,7 @@ static struct zc_ent *zc_victim(struct q2img *m)
 	}
 	v->valid = false;
 	if (!v->buf)
-		v->buf = io_alloc_aligned(m->cs);
+		v->buf = io_alloc_aligned(2 * m->cs); /* a bounce-sized buffer: see inflate_back */
 	return v->buf ? v : NULL;
 }
 
@@ -384,6 +387,59 @@ static void flush_done(struct qcow2_flush *f, int res)
 	step(f->priv, res);
 }
 
+/*
+ * Remote inflate. A request submitted from another thread (img_io.loop set:
+ * vqcowd's I/O threads hand qcow2 requests to the image's thread) has the
+ * CPU work of a compressed cluster done back on that thread: the compressed
+ * bytes read here go there (inflate_remote), are inflated into a bounce
+ * buffer and copied into the request's buffers, and come back here
+ * (inflate_back), where the inflated cluster joins the cache of inflated
+ * clusters by swapping buffers (no copy). The engine is not touched there,
+ * and the host range stays valid meanwhile: the request still holds its
+ * ticket (qcow2_io_begin), so the cluster is not freed and reused.
+ */
+static void inflate_back(struct io_cmd *cmd, int res)
+{
+	struct q2sub *sub = cmd->priv;
+	struct q2req *r = sub->r;
+	struct q2img *m = r->m;
+	struct zc_ent *e;
+
+	(void)res;
+	res = sub->ires;
+	if (res < 0) {
+		vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
+	} else {
+		m->n_inflated++;
+		if (!zc_find(m, sub->chost, sub->clen) && (e = zc_victim(m))) {
+			void *old = e->buf;
+
+			*e = (struct zc_ent){sub->chost, ++m->zc_tick, sub->clen, true, sub->ibuf};
+			sub->ibuf = old;
+		}
+	}
+	bounce_put(m, sub->ibuf);
+	sub->ibuf = NULL;
+	bounce_put(m, sub->cbuf);
+	sub->cbuf = NULL;
+	part_done(r, res);
+}
+
+static void inflate_remote(struct io_cmd *cmd, int res)
+{
+	struct q2sub *sub = cmd->priv;
+	struct q2req *r = sub->r;
+	uint64_t cs = r->m->cs;
+
+	(void)res;
+	sub->ires = qcow2_decompress_type(sub->ctype, sub->cbuf, sub->clen, sub->ibuf, cs);
+	if (sub->ires == 0)
+		io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip,
+				(uint8_t *)sub->ibuf + sub->coff, (size_t)sub->len);
+	cmd->done = inflate_back;
+	io_post_remote(r->m->img.loop, cmd);
+}
+
 static void sub_done(struct q2sub *sub, int res)
 {
 	struct q2req *r = sub->r;
@@ -394,6 +450,15 @@ static void sub_done(struct q2sub *sub, int res)
 		struct zc_ent *e;
 		int ret = 0;
 
+		if (!buf && r->io->loop && r->io->loop != m->img.loop &&
+		    (sub->ibuf = bounce_get(m))) {
+			sub->ctype = (uint8_t)qcow2_header(m->q)->compression_type;
+			sub->ires = 0;
+			sub->cmd.done = inflate_remote;
+			sub->cmd.priv = sub;
+			io_post_remote(r->io->loop, &sub->cmd);
+			return;
+		}
 		if (buf) {
 			m->n_zc_hits++;
 		} else if (!(e = zc_victim(m))) {
@@ -516,6 +581,9 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 	} else {
 		sub->bio.done = sub_bio_done;
 		sub->bio.priv = sub;
+		/* A qcow2 backing file inflates on the requester's thread too; a
+		 * raw one would move its I/O there, so not that. */
+		sub->bio.loop = m->backing->any_loop ? NULL : r->io->loop;
 		img_readv(m->backing, &sub->bio, sub->iov, sub->iovcnt, x->off, x->len);
 	}
 	return 0;

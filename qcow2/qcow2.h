@@ -286,6 +286,15 @@ void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len);
  */
 int qcow2_decompress(struct qcow2 *q, const void *src, size_t srclen, void *dst, size_t dstlen);
 
+/*
+ * The same on any thread, without the engine: @type is the image's
+ * compression type (qcow2_header(q)->compression_type, read on the engine's
+ * thread). Each thread gets its own decompressor, freed when it ends. For
+ * callers that inflate on the thread that asked for the data (vqcowd's I/O
+ * threads); the engine's state is not touched.
+ */
+int qcow2_decompress_type(int type, const void *src, size_t srclen, void *dst, size_t dstlen);
+
 /* ---- flush ---- */
 
 struct qcow2_flush {

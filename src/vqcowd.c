@@ -922,13 +922,15 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		if (d->nthreads > 1) {
 			r->t = cur_thread;
 			r->t->inflight++;
+			/* raw: the I/O goes out from here; qcow2: CPU work
+			 * (inflate) is done here */
+			r->blk.loop = r->t->loop;
 			if (d->hop) {
 				/* qcow2: the engine has one owner thread. */
 				r->hop.done = owner_hop;
 				io_post_remote(d->loop, &r->hop);
 				continue;
 			}
-			r->blk.loop = r->t->loop; /* raw: the I/O goes out from here */
 		}
 		/* counted per queue: the queue's thread owns its counters */
 		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
