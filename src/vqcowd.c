@@ -1885,6 +1885,8 @@ int main(int argc, char **argv)
 			 "unprivileged user once the image and the socket are open");
 	/* After the privileges are gone (capabilities are per thread), before
 	 * the filter (installed on every thread at once; no clone after it). */
+	d.exit_code = 0;
+	d.parked = o.incoming; /* before the I/O threads read it */
 	ret = threads_start(&d);
 	if (ret < 0) {
 		log_err("cannot start the I/O threads: %s", strerror(-ret));
@@ -1916,8 +1918,6 @@ int main(int argc, char **argv)
 		       d.hop ? "the image's metadata and I/O stay on the main thread"
 			     : "each thread does its queues' image I/O");
 
-	d.exit_code = 0;
-	d.parked = o.incoming;
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");
 	for (;;) {
