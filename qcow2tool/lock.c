@@ -150,10 +150,12 @@ static int lock_one(struct qcow2_locks *lk, const char *path, const char *fmt, u
 		use = cr;
 		shared = IO_PERM_ALL;
 	} else if (!qcow2) {
-		use = mode == QCOW2_LOCK_WRITE && depth == 0 ? cr | w : cr;
+		use = mode == QCOW2_LOCK_RESIZE && depth == 0  ? cr | w | rs
+		      : mode == QCOW2_LOCK_WRITE && depth == 0 ? cr | w
+							       : cr;
 		shared = IO_PERM_ALL;
 	} else {
-		use = mode == QCOW2_LOCK_WRITE && depth == 0 ? cr | w | rs : cr;
+		use = mode >= QCOW2_LOCK_WRITE && depth == 0 ? cr | w | rs : cr;
 		shared = IO_PERM_ALL & ~(w | rs);
 	}
 	if (use || shared != IO_PERM_ALL)
@@ -185,7 +187,7 @@ static int lock_one(struct qcow2_locks *lk, const char *path, const char *fmt, u
 			else
 				ret = keep_locked(
 				    lk, fd, df,
-				    mode == QCOW2_LOCK_WRITE && depth == 0 ? cr | w | rs : cr,
+				    mode >= QCOW2_LOCK_WRITE && depth == 0 ? cr | w | rs : cr,
 				    IO_PERM_ALL & ~rs, err, errlen);
 		}
 		free(df);
@@ -218,7 +220,7 @@ int qcow2_lock_image(struct qcow2_locks *lk, const char *path, const char *fmt,
 	memset(lk, 0, sizeof(*lk));
 	if (err && errlen)
 		err[0] = '\0';
-	if (force_share && mode == QCOW2_LOCK_WRITE) {
+	if (force_share && mode >= QCOW2_LOCK_WRITE) {
 		seterr(err, errlen, "%s: force-share can only be used with read-only images%s",
 		       path, "");
 		return -EINVAL;

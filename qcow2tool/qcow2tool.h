@@ -209,12 +209,26 @@ struct qcow2_convert_opts {
 int qcow2_convert(const struct qcow2_convert_opts *o, const struct qcow2_tool_cb *cb, char *err,
 		  size_t errlen);
 
+/* ---- resize (resize.c) ---- */
+
+/*
+ * Grow the image at @path (@fmt as for qcow2_info()) to @size bytes, as
+ * qemu-img resize does without --shrink and --preallocation: a raw file is
+ * extended; a qcow2 image gets the new size in its header and, when its L1
+ * table cannot map it, a new L1 table (resize.c has the order of the
+ * writes). The caller holds the locks (QCOW2_LOCK_RESIZE) and has checked
+ * that @size is not smaller (shrinking is -ENOTSUP here too). 0 or -errno
+ * (+@err, a message without the tool's name).
+ */
+int qcow2_resize(const char *path, const char *fmt, uint64_t size, char *err, size_t errlen);
+
 /* ---- image locks (QEMU-compatible; lock.c) ---- */
 
 enum qcow2_lock_mode {
-	QCOW2_LOCK_INFO,  /* qemu-img info: the image only, no read permission */
-	QCOW2_LOCK_READ,  /* qemu-img check / map: the whole chain, reading */
-	QCOW2_LOCK_WRITE, /* qemu-img check -r: the image read-write, the chain reading */
+	QCOW2_LOCK_INFO,   /* qemu-img info: the image only, no read permission */
+	QCOW2_LOCK_READ,   /* qemu-img check / map: the whole chain, reading */
+	QCOW2_LOCK_WRITE,  /* qemu-img check -r: the image read-write, the chain reading */
+	QCOW2_LOCK_RESIZE, /* qemu-img resize: as WRITE, and a raw image also takes resize */
 };
 
 struct qcow2_lock_fd {

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * vqcow-img — offline image tool: create, info, check, map, convert.
+ * vqcow-img — offline image tool: create, info, check, map, convert, resize.
  *
  * Command line and output follow qemu-img (so either tool can check the
  * other): `create [-f qcow2|raw] [-o opts] [-b backing] [-F fmt] FILE [SIZE]`,
@@ -62,6 +62,8 @@ static void usage(FILE *f)
 	    "      -O output format (default raw), -o create's OPTIONS (not size, backing),\n"
 	    "      -c compressed clusters (qcow2; -o compression_type=zlib|zstd),\n"
 	    "      -S zero runs of SIZE bytes (default 4k) become holes, 0 writes every byte\n"
+	    "  resize [-f FMT] [-q] [--shrink] [--preallocation=off] FILE [+|-]SIZE\n"
+	    "      grow the image to SIZE (or by +SIZE); shrinking is refused\n"
 	    "  -p: show progress (create, check, convert), -q: quiet\n"
 	    "\n"
 	    "  --help, --version\n",
@@ -1117,6 +1119,130 @@ out:
 	return ret;
 }
 
+/*
+ * resize [-f FMT] [-q] [--shrink] [--preallocation=off] FILE [+|-]SIZE, as
+ * qemu-img resize: the last argument is the size (so "-1G" is not an
+ * option), relative with + or -; growing only (shrinking is refused, with
+ * qemu-img's message when --shrink is missing); qemu-img's locks.
+ */
+static int cmd_resize(int argc, char **argv)
+{
+	enum { OPT_SHRINK = 256, OPT_PREALLOC };
+	static const struct option lopts[] = {
+	    {"help", no_argument, NULL, 'h'},
+	    {"shrink", no_argument, NULL, OPT_SHRINK},
+	    {"preallocation", required_argument, NULL, OPT_PREALLOC},
+	    {NULL, 0, NULL, 0},
+	};
+	struct qcow2_image_info info;
+	struct qcow2_locks locks;
+	struct file_args a;
+	char err[ERRLEN] = "";
+	const char *sz;
+	bool shrink = false;
+	uint64_t n, total, cur;
+	int c, rel = 0, r;
+
+	memset(&a, 0, sizeof(a));
+	if (argc < 3) {
+		errorf("Not enough arguments");
+		fprintf(stderr, "Try '%s --help' for more information\n", prog);
+		return 1;
+	}
+	sz = argv[--argc];
+	while ((c = getopt_long(argc, argv, "f:qh", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			a.fmt = optarg;
+			break;
+		case 'q':
+			a.quiet = true;
+			break;
+		case OPT_SHRINK:
+			shrink = true;
+			break;
+		case OPT_PREALLOC:
+			if (strcmp(optarg, "off")) {
+				errorf("--preallocation=%s is not supported (only off)", optarg);
+				return 1;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind != argc - 1) {
+		errorf("Expecting image file name");
+		return 1;
+	}
+	a.file = argv[optind];
+	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s'", a.fmt);
+		return 1;
+	}
+	if (sz[0] == '+' || sz[0] == '-')
+		rel = *sz++ == '+' ? 1 : -1;
+	if (util_parse_size(sz, &n) < 0) {
+		errorf("Parameter 'size' expects a non-negative number below 2^64");
+		fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+				"tera-, peta-\nand exabytes, respectively.\n");
+		return 1;
+	}
+	if (lock_file(&locks, &a, QCOW2_LOCK_RESIZE))
+		return 1;
+	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		goto fail;
+	}
+	cur = info.virtual_size;
+	qcow2_image_info_free(&info);
+	if (rel > 0 && n > UINT64_MAX - cur) {
+		errorf("Parameter 'size' expects a non-negative number below 2^64");
+		goto fail;
+	}
+	if (rel < 0 && n >= cur) {
+		errorf("New image size must be positive");
+		goto fail;
+	}
+	total = rel > 0 ? cur + n : rel < 0 ? cur - n : n;
+	if (!total) {
+		errorf("New image size must be positive");
+		goto fail;
+	}
+	if (total < cur) {
+		if (!shrink) {
+			errorf("Use the --shrink option to perform a shrink operation.");
+			fprintf(stderr,
+				"%s: warning: Shrinking an image will delete all data beyond the "
+				"shrunken image's end. Before performing such an operation, make "
+				"sure there is no important data there.\n",
+				prog);
+		} else {
+			errorf("shrinking is not supported (the image has %" PRIu64
+			       " bytes, %" PRIu64 " asked)",
+			       cur, total);
+		}
+		goto fail;
+	}
+	r = qcow2_resize(a.file, a.fmt, total, err, sizeof(err));
+	qcow2_unlock_image(&locks);
+	if (r < 0) {
+		errorf("%s", err[0] ? err : strerror(-r));
+		return 1;
+	}
+	if (!a.quiet)
+		printf("Image resized.\n");
+	return 0;
+fail:
+	qcow2_unlock_image(&locks);
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd;
@@ -1148,6 +1274,8 @@ int main(int argc, char **argv)
 		return cmd_map(argc, argv);
 	if (!strcmp(cmd, "convert"))
 		return cmd_convert(argc, argv);
+	if (!strcmp(cmd, "resize"))
+		return cmd_resize(argc, argv);
 	errorf("Command not found: %s", cmd);
 	usage(stderr);
 	return 1;
