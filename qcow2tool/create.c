@@ -441,7 +441,8 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o,
 	}
 	if (version == 2 && o->compression_type != QCOW2_COMPRESSION_ZLIB) {
 		qcow2_seterr(err, errlen, 0,
-			     "Compression type 'zstd' requires compatibility level 1.1");
+			     "Non-zlib compression type is only supported with compatibility "
+			     "level 1.1 and above (use version=v3 or greater)");
 		return -EINVAL;
 	}
 	if (o->backing_fmt && !o->backing_file) {

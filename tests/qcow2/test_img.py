@@ -221,6 +221,18 @@ def part_create():
     r = vimg("create", "-f", "qcow2", "-b", b, "-F", "qcow2", img)
     check(r.rc == 0, "create -b -F failed\n" + r.describe())
     verify_created(img, 5 << 20, 65536, "off", False, 16, "1.1", False, b, "qcow2", "create -b -F")
+    # compression_type: the header field and its incompatible bit, as qemu-img writes them
+    for ct in ("zlib", "zstd"):
+        img = W("ct-%s.qcow2" % ct)
+        r = vimg("create", "-f", "qcow2", "-o", "compression_type=" + ct, img, "4M")
+        check(r.rc == 0, "create compression_type=%s failed\n%s" % (ct, r.describe()))
+        info = qlib.qemu_info(img)
+        check(info["format-specific"]["data"]["compression-type"] == ct,
+              "compression_type=%s: qemu-img info says %r" % (ct, info["format-specific"]))
+        qlib.assert_qemu_check_clean(img, "(compression_type=%s)" % ct)
+        qlib.qemu_io(img, "write -c -P 0x5c 0 64k", fmt="qcow2")
+        qlib.assert_qemu_check_clean(img, "(compression_type=%s, a compressed write)" % ct)
+        n += 1
     # 4) raw
     for pre in ("off", "falloc", "full"):
         img = W("r.raw")
@@ -239,6 +251,8 @@ def part_create():
         (["-o", "compat=0.10,extended_l2=on"], "16M"),
         (["-o", "compat=0.10,refcount_bits=8"], "16M"),
         (["-o", "compat=0.10,lazy_refcounts=on"], "16M"),
+        (["-o", "compat=0.10,compression_type=zstd"], "16M"),
+        (["-o", "compression_type=lz4"], "16M"),
         (["-o", "cluster_size=3000"], "16M"),
         (["-o", "cluster_size=256"], "16M"),
         (["-o", "cluster_size=4M"], "16M"),
