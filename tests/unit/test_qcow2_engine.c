@@ -426,6 +426,12 @@ static int check_image(const uint8_t *b, uint64_t size, char *why, size_t wlen)
 			snprintf(why, wlen, "refcount table has refcount 0");
 			bad = 1;
 		}
+	for (uint64_t o = 0; o < (uint64_t)c.h.l1_size * 8 && !bad; o += cs)
+		if (refcount(&c, c.h.l1_table_offset + o) == 0) {
+			snprintf(why, wlen, "L1 table cluster 0x%llx has refcount 0",
+				 (unsigned long long)(c.h.l1_table_offset + o));
+			bad = 1;
+		}
 	for (uint32_t i = 0; i < c.h.l1_size && !bad; i++) {
 		uint64_t l2 = rd64(&c, c.h.l1_table_offset + i * 8ull) & QCOW2_L1E_OFFSET_MASK;
 
@@ -642,6 +648,60 @@ static void test_order_extl2(void)
 {
 	order_case("cluster_size=16384,extended_l2=on,refcount_bits=4", 8ull << 20, 150, 48 << 10,
 		   7);
+}
+
+/*
+ * Online grow (qcow2_grow) under writes: data written before, during and
+ * after reads back, every crash image on the way is consistent (the new L1
+ * table and its refcounts are durable before the header points at it, the
+ * old table is released only after), and qemu-img check is clean.
+ */
+static void grow_case(const char *opts, uint64_t size, uint64_t size2, unsigned shuffle)
+{
+	uint8_t *model = calloc(1, size2);
+	struct flushf f;
+	struct eng e;
+	char err[256];
+	int ret;
+
+	fake_set_shuffle(shuffle);
+	eng_create(&e, opts, size, NULL);
+	workload(&e, model, size, 60, 16 << 10, false);
+	memset(&f, 0, sizeof(f));
+	f.f.done = flush_done;
+	ret = qcow2_grow(e.q, size2, &f.f, err, sizeof(err));
+	CU_ASSERT_EQUAL(ret, 1);
+	CU_ASSERT_EQUAL(f.done, 0); /* never inside the call */
+	/* requests while the new table and header are being written */
+	workload(&e, model, size, 20, 16 << 10, false);
+	for (int i = 0; i < 100000 && !f.done; i++)
+		run();
+	CU_ASSERT_EQUAL(f.done, 1);
+	CU_ASSERT_EQUAL(f.res, 0);
+	CU_ASSERT_EQUAL(qcow2_size(e.q), size2);
+	CU_ASSERT_EQUAL(qcow2_grow(e.q, size2 - 512, &f.f, err, sizeof(err)), -ENOTSUP);
+	CU_ASSERT_EQUAL(qcow2_grow(e.q, size2 + 100, &f.f, err, sizeof(err)), -EINVAL);
+	workload(&e, model, size2, 120, 16 << 10, false);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	verify(&e, model, size2);
+	check_crash_images(&e, 2);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	fake_set_shuffle(0);
+	free(model);
+}
+
+static void test_grow_l1(void)
+{
+	/* 512-byte clusters: a 1 MiB disk has a 32-entry L1; 8 MiB needs 256 (4 clusters) */
+	grow_case("cluster_size=512,refcount_bits=16", 1ull << 20, 8ull << 20, 0);
+	grow_case("cluster_size=512,refcount_bits=64", 1ull << 20, 8ull << 20, 31);
+}
+
+static void test_grow_header_only(void)
+{
+	/* 64 KiB clusters: one L1 entry maps 512 MiB, only the header changes */
+	grow_case("cluster_size=65536", 4ull << 20, 12ull << 20, 5);
 }
 
 static void fail_case(enum io_op op, unsigned nth)
@@ -1878,6 +1938,8 @@ int main(void)
 	CU_add_test(suite, "durability order, 64k clusters", test_order_64k);
 	CU_add_test(suite, "durability order, 512 B clusters, shuffled", test_order_small_shuffled);
 	CU_add_test(suite, "durability order, extended L2", test_order_extl2);
+	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
+	CU_add_test(suite, "online grow: header only", test_grow_header_only);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
