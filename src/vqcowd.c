@@ -21,10 +21,11 @@
  *    image, exit 0. SIGHUP re-reads the image size (outside resize) and, if
  *    it changed, sends a config-change notice to the frontend.
  *
- *  - --io-threads N > 1: queue i is served by I/O thread i mod N (struct
- *    iothread, its own io_loop): kick poll, pop, submit, push, call. A raw
- *    image's I/O goes out from that thread; a qcow2 request hops to the main
- *    thread (the engine's only owner) and back. The main thread keeps the
+ *  - --io-threads N > 1 (struct iothread, each its own io_loop). A raw
+ *    image: queue i is served by I/O thread i mod N: kick poll, pop, submit,
+ *    image I/O, push, call. A qcow2 image: the rings and the requests stay
+ *    on the main thread (the engine's only owner) and the I/O threads
+ *    inflate compressed clusters (img_io.loop). The main thread keeps the
  *    sockets, signals and the control path, and parks the I/O threads
  *    (pause_all) around each of its calls into vhost/ and blk/. HACKING.md,
  *    "I/O threads", has the table and the rules.
@@ -546,14 +547,13 @@ struct dreq {
 	struct blk_req blk;
 	/* --io-threads > 1 */
 	struct iothread *t; /* the thread that popped it (and pushes it) */
-	struct io_cmd hop;  /* to the image's thread and back (owner_hop) */
-	uint32_t used_len;  /* the result, carried back to t */
 };
 
 struct watch {
 	struct io_cmd cmd; /* multishot poll */
 	struct daemon *d;
 	struct iothread *t; /* a kick watch on an I/O thread's loop; NULL: the main loop */
+	bool kick;          /* a kick watch on the main loop */
 	int fd;
 	bool cancelled;
 	void (*cb)(void *arg);
@@ -607,7 +607,8 @@ struct daemon {
 	 * the sockets, signals, the control path and (hop) the image. */
 	unsigned nthreads;
 	struct iothread *threads;
-	bool hop; /* the image runs on the main thread only (qcow2): requests hop there */
+	bool hop;      /* the image runs on the main thread only (qcow2) */
+	bool rings_mt; /* the I/O threads serve the rings (N > 1 and !hop) */
 	pthread_mutex_t mt_lock;
 	pthread_cond_t mt_cond;
 	bool pausing;         /* under mt_lock */
@@ -722,8 +723,8 @@ static void watch_done(struct io_cmd *cmd, int res)
 	if (res >= 0) {
 		if (w->cancelled)
 			return;
-		if (w->t) {
-			w->cb(w->arg); /* a kick, on the queue's thread */
+		if (w->t || w->kick) {
+			w->cb(w->arg); /* a kick, on the thread that serves the ring */
 			return;
 		}
 		/* Main thread: vhost/ (socket, wake-ups) or QMP; the I/O
@@ -780,9 +781,15 @@ static int d_watch_kick(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_c
 	struct daemon *d = opaque;
 	struct iothread *t;
 	struct watch *w;
+	int ret;
 
-	if (d->nthreads <= 1)
-		return watch_events(opaque, fd, POLLIN, cb, arg);
+	if (!d->rings_mt) {
+		/* The main thread serves the ring: a kick needs no parking. */
+		ret = watch_events(opaque, fd, POLLIN, cb, arg);
+		if (ret == 0)
+			d->watches->kick = true;
+		return ret;
+	}
 	t = thread_of(d, vq_index(vq));
 	w = watch_new(d, t, fd, cb, arg);
 	if (!w)
@@ -850,7 +857,7 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 		 * only after every popped element was pushed. */
 		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
-		if (d->nthreads > 1) {
+		if (d->rings_mt) {
 			r->t->inflight--;
 			if (idx >= r->t->nq_seen)
 				r->t->nq_seen = idx + 1;
@@ -860,48 +867,15 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 	}
 }
 
-/* Back on the popping thread after the image's thread completed the request. */
-static void hop_back(struct io_cmd *cmd, int res)
-{
-	struct dreq *r = container_of(cmd, struct dreq, hop);
-
-	(void)res;
-	req_push(r->blk.priv, r, r->used_len);
-}
-
 static void req_complete(struct blk_req *breq, uint32_t used_len)
 {
-	struct dreq *r = container_of(breq, struct dreq, blk);
-	struct daemon *d = breq->priv;
-
-	if (d->nthreads > 1 && d->hop) {
-		/* On the main thread: the ring is the popping thread's. */
-		r->used_len = used_len;
-		r->hop.done = hop_back;
-		io_post_remote(r->t->loop, &r->hop);
-		return;
-	}
-	req_push(d, r, used_len);
+	req_push(breq->priv, container_of(breq, struct dreq, blk), used_len);
 }
 
 /* Where a queue's requests are counted (blk_req_submit_stats). */
 static struct blk_stats *queue_stats(struct daemon *d, struct vhost_vq *vq)
 {
 	return vq_index(vq) < MAX_QUEUES ? &d->qstat[vq_index(vq)].blk : NULL;
-}
-
-/*
- * On the main thread: a request of an I/O thread for an image that runs
- * here. Its blk/ counters are then only ever written here (the popping
- * thread writes the queue's other counters, in req_push).
- */
-static void owner_hop(struct io_cmd *cmd, int res)
-{
-	struct dreq *r = container_of(cmd, struct dreq, hop);
-	struct daemon *d = r->blk.priv;
-
-	(void)res;
-	blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, r->elem.vq));
 }
 
 /* Pop and submit every available element. -EAGAIN when the ring is empty. */
@@ -919,18 +893,16 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		r->blk.complete = req_complete;
 		r->blk.priv = d;
 		r->blk.loop = NULL;
-		if (d->nthreads > 1) {
+		if (d->rings_mt) {
+			/* raw: the I/O goes out from this thread */
 			r->t = cur_thread;
 			r->t->inflight++;
-			/* raw: the I/O goes out from here; qcow2: CPU work
-			 * (inflate) is done here */
 			r->blk.loop = r->t->loop;
-			if (d->hop) {
-				/* qcow2: the engine has one owner thread. */
-				r->hop.done = owner_hop;
-				io_post_remote(d->loop, &r->hop);
-				continue;
-			}
+		} else if (d->nthreads > 1) {
+			/* qcow2: popped and run on the main thread (the engine's
+			 * only owner); the CPU work of the request (inflate)
+			 * goes to the queue's I/O thread */
+			r->blk.loop = thread_of(d, vq_index(vq))->loop;
 		}
 		/* counted per queue: the queue's thread owns its counters */
 		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
@@ -948,7 +920,7 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 
 	if (d->stopping || d->parked)
 		return; /* parked: popped once the image is ours (handoff) */
-	if (d->nthreads > 1) {
+	if (d->rings_mt) {
 		unsigned idx = vq_index(vq);
 		struct iothread *t = thread_of(d, idx);
 
@@ -1009,7 +981,7 @@ static void d_defer(struct io_defer *def)
 	/* Offered queues cost nothing until the front-end starts them: look
 	 * only at those started on this connection (64 are offered by
 	 * default, a 2-vCPU guest uses 2). With I/O threads, they look. */
-	unsigned nq = d->nthreads > 1 ? 0 : d->nq_seen;
+	unsigned nq = d->rings_mt ? 0 : d->nq_seen;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
@@ -1037,7 +1009,7 @@ static void d_defer(struct io_defer *def)
 	if (d->o->poll_ns)
 		io_loop_set_poll_ns(
 		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
-	if (d->nthreads > 1 && d->ctl.qmp && blk_dev_failures(d->blk) != d->ctl.failures_seen) {
+	if (d->rings_mt && d->ctl.qmp && blk_dev_failures(d->blk) != d->ctl.failures_seen) {
 		/* It sums the per-queue counters the I/O threads write. */
 		pause_all(d);
 		ctl_tick(&d->ctl);
@@ -1235,7 +1207,7 @@ static void d_queue_started(void *opaque, struct vhost_vq *vq)
 		d->q[idx].vq = vq;
 		if (idx >= d->nq_seen)
 			d->nq_seen = idx + 1;
-		if (d->nthreads > 1 && idx >= thread_of(d, idx)->nq_seen)
+		if (d->rings_mt && idx >= thread_of(d, idx)->nq_seen)
 			thread_of(d, idx)->nq_seen = idx + 1; /* its thread is parked */
 	}
 	d->release_pending = false; /* the guest runs here (again) */
@@ -1768,6 +1740,7 @@ int main(int argc, char **argv)
 	img_describe(d.img, desc, sizeof(desc));
 	logmsg("image: %s", desc);
 	d.hop = !d.img->any_loop;
+	d.rings_mt = d.nthreads > 1 && !d.hop;
 	if (d.nthreads > 1 && !d.hop)
 		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
 	ret = threads_init(&d);
@@ -1914,9 +1887,10 @@ int main(int argc, char **argv)
 	       o.num_queues > 1 ? "s" : "", o.queue_size,
 	       o.read_only || d.img->read_only ? "read-only" : "read-write");
 	if (d.nthreads > 1)
-		logmsg("%u I/O threads (queue i on thread i mod %u); %s", d.nthreads, d.nthreads,
-		       d.hop ? "the image's metadata and I/O stay on the main thread"
-			     : "each thread does its queues' image I/O");
+		logmsg(
+		    "%u I/O threads (queue i on thread i mod %u); %s", d.nthreads, d.nthreads,
+		    d.hop ? "rings, metadata and I/O on the main thread, inflate on the I/O threads"
+			  : "each thread serves its queues' rings and image I/O");
 
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");
