@@ -183,4 +183,48 @@ int qcow2_check_io(const struct qcow2_io *io, const char *name, unsigned flags,
 		   struct qcow2_check_result *res, const struct qcow2_tool_cb *cb, char *err,
 		   size_t errlen);
 
+/* ---- internal snapshots (snapshot.c) ---- */
+
+/* One snapshot, decoded (list, delete) or to create. */
+struct qcow2_snap_desc {
+	char id[128];   /* create: "" = QEMU's choice (largest numeric ID + 1), set on return */
+	char name[256]; /* create: the name (QEMU's limit: 255 bytes) */
+	uint64_t vm_state_size;
+	uint32_t date_sec, date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t disk_size; /* virtual size when taken (0: not recorded) */
+	int64_t icount;     /* -1: not recorded */
+};
+
+/*
+ * Snapshot operations on an image nothing else uses meanwhile (the offline
+ * tool with the write lock, or the engine closed: see qcow2_snapshot_file in
+ * qcow2/qcow2.h), synchronous over @io, in an order that makes a crash at
+ * any point leak clusters at most (snapshot.c's header comment). @name names
+ * the image in messages. Error messages follow QEMU's ("Snapshot with name
+ * 'x' already exists", "Snapshot with id 'x' and name 'y' does not exist").
+ * Internal snapshots are refused with an external data file (as QEMU does)
+ * and on dirty or corrupt images. 0 or -errno with @err set.
+ *
+ * create: a new snapshot of the active L1 table, named @sn->name, with
+ *         @sn's date, VM clock and icount; @sn->id is set. With
+ *         QCOW2_SNAP_UNIQUE_NAME (QMP's rule) an empty or existing name is
+ *         refused; without it (qemu-img's) both are allowed.
+ * delete: the snapshot with ID @id and/or name @sname (either may be NULL);
+ *         @out (may be NULL) receives what it was.
+ * apply:  make the snapshot with ID or name @id_or_name the active state
+ *         (qemu-img snapshot -a); refused across a resize.
+ * list:   *@out (malloc'd) gets the *@n snapshots, table order.
+ */
+#define QCOW2_SNAP_UNIQUE_NAME 1u
+int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
+			     struct qcow2_snap_desc *sn, unsigned flags, char *err, size_t errlen);
+int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const char *id,
+			     const char *sname, struct qcow2_snap_desc *out, char *err,
+			     size_t errlen);
+int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const char *id_or_name,
+			    char *err, size_t errlen);
+int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
+			   struct qcow2_snap_desc **out, uint32_t *n, char *err, size_t errlen);
+
 #endif /* VQCOW_QCOW2FMT_IMAGE_H */

@@ -1,0 +1,775 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Internal snapshots (image.h): create, delete and revert to, synchronously,
+ * over the caller's struct qcow2_io, with nothing else using the image.
+ *
+ * Refcount semantics (the qcow2 spec, and what every checker counts): a
+ * cluster's refcount is the number of L1 walks (the active table and each
+ * snapshot's) that reach it, so a snapshot raises by one the refcount of
+ * every L2 table its L1 table names and of every cluster those L2 tables
+ * name, even where L2 tables are shared. COPIED (bit 63) in the active
+ * tables says "refcount exactly 1: write in place".
+ *
+ * Crash safety (a kill or power loss at any point leaks at most):
+ *  - refcount raises are durable (refcount blocks, then the refcount table
+ *    for new blocks, each followed by a sync) before anything that needs them
+ *    is written: the L1 copy, the new snapshot table, the header;
+ *  - create clears COPIED in the active tables (synced) before the header
+ *    names the new snapshot, so no writer can overwrite what it shares;
+ *  - delete first commits the table without the snapshot (header synced),
+ *    then sets COPIED where the refcount will be 1 (synced: harmless while
+ *    the refcount is still higher, the snapshot being gone), then lowers the
+ *    refcounts;
+ *  - the header's snapshot count and table offset are one 12-byte write
+ *    inside one sector.
+ * A crash can leave clusters whose refcount is too high (leaks) and COPIED
+ * flags that disagree with such a refcount; `qemu-img check -r all` (or
+ * `-r leaks`, for most windows) repairs both; no refcount is ever too low.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "image.h"
+
+struct sctx {
+	struct qcow2_oimg *im;
+	const struct qcow2_io *io;
+	uint64_t cs;
+	unsigned cb, order, rbb;
+	uint64_t nrb;      /* refcount table entries */
+	uint8_t **rb;      /* refcount blocks read or created, by table index */
+	uint8_t *rb_dirty; /* by table index */
+	bool rt_dirty;
+	uint64_t next; /* allocation cursor (cluster index) */
+	char *err;
+	size_t errlen;
+};
+
+#define FAIL(c, ret, ...) qcow2_seterr((c)->err, (c)->errlen, ret, __VA_ARGS__)
+
+static int ctx_init(struct sctx *c, struct qcow2_oimg *im, char *err, size_t errlen)
+{
+	memset(c, 0, sizeof(*c));
+	c->im = im;
+	c->io = &im->io;
+	c->cb = im->h.cluster_bits;
+	c->cs = 1ull << c->cb;
+	c->order = im->h.refcount_order;
+	c->rbb = im->h.refcount_block_bits;
+	c->nrb = im->h.refcount_table_entries;
+	c->err = err;
+	c->errlen = errlen;
+	c->next = (im->file_size + c->cs - 1) >> c->cb;
+	c->rb = calloc(c->nrb ? c->nrb : 1, sizeof(*c->rb));
+	c->rb_dirty = calloc(c->nrb ? c->nrb : 1, 1);
+	if (!c->rb || !c->rb_dirty)
+		return -ENOMEM;
+	return 0;
+}
+
+static void ctx_free(struct sctx *c)
+{
+	for (uint64_t i = 0; c->rb && i < c->nrb; i++)
+		free(c->rb[i]);
+	free(c->rb);
+	free(c->rb_dirty);
+}
+
+/* The refcount block of table index @idx (NULL: none there). */
+static int rblock(struct sctx *c, uint64_t idx, uint8_t **out)
+{
+	uint64_t off;
+	int ret;
+
+	*out = NULL;
+	if (idx >= c->nrb)
+		return 0;
+	if (c->rb[idx]) {
+		*out = c->rb[idx];
+		return 0;
+	}
+	off = c->im->rt[idx] & QCOW2_RTE_OFFSET_MASK;
+	if (!off)
+		return 0;
+	if ((off & (c->cs - 1)) || (c->im->rt[idx] & QCOW2_RTE_RESERVED_MASK))
+		return FAIL(c, -EIO, "refcount table entry %" PRIu64 " is invalid", idx);
+	c->rb[idx] = malloc(c->cs);
+	if (!c->rb[idx])
+		return -ENOMEM;
+	ret = qcow2_io_read(c->io, c->rb[idx], c->cs, off);
+	if (ret < 0) {
+		free(c->rb[idx]);
+		c->rb[idx] = NULL;
+		return FAIL(c, ret, "reading the refcount block at 0x%" PRIx64 ": %s", off,
+			    strerror(-ret));
+	}
+	*out = c->rb[idx];
+	return 0;
+}
+
+static int rc_get(struct sctx *c, uint64_t cl, uint64_t *v)
+{
+	uint8_t *b;
+	int ret = rblock(c, cl >> c->rbb, &b);
+
+	*v = 0;
+	if (ret < 0 || !b)
+		return ret;
+	*v = qcow2_refcount_get(b, cl & ((1ull << c->rbb) - 1), c->order);
+	return 0;
+}
+
+static int rc_add(struct sctx *c, uint64_t cl, int delta)
+{
+	uint64_t idx = cl >> c->rbb, v;
+	uint8_t *b;
+	int ret = rblock(c, idx, &b);
+
+	if (ret < 0)
+		return ret;
+	if (!b)
+		return FAIL(c, -EIO, "cluster %" PRIu64 " is in use but has no refcount block", cl);
+	v = qcow2_refcount_get(b, cl & ((1ull << c->rbb) - 1), c->order);
+	if (delta < 0 && v == 0)
+		return FAIL(c, -EIO,
+			    "cluster %" PRIu64 " is in use but its refcount is 0 (run 'qemu-img "
+			    "check -r all')",
+			    cl);
+	if (delta > 0 && v >= qcow2_refcount_max(c->order))
+		return FAIL(c, -EOVERFLOW,
+			    "refcount of cluster %" PRIu64 " would overflow (refcount_bits=%u)", cl,
+			    1u << c->order);
+	qcow2_refcount_set(b, cl & ((1ull << c->rbb) - 1), c->order, delta < 0 ? v - 1 : v + 1);
+	c->rb_dirty[idx] = 1;
+	return 0;
+}
+
+static int rc_add_range(struct sctx *c, uint64_t off, uint64_t len, int delta)
+{
+	if (!len)
+		return 0;
+	for (uint64_t k = off >> c->cb; k <= (off + len - 1) >> c->cb; k++) {
+		int ret = rc_add(c, k, delta);
+
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/*
+ * Reserve @n contiguous free clusters past the end of everything (refcount 1
+ * in memory; durable at the next rc_flush). A missing refcount block is
+ * created in the first cluster it is needed for, describing itself.
+ */
+static int alloc(struct sctx *c, uint64_t n, uint64_t *off)
+{
+	for (;;) {
+		uint64_t s = c->next, k;
+
+		for (k = s; k < s + n; k++) {
+			uint64_t idx = k >> c->rbb, v;
+			uint8_t *b;
+			int ret;
+
+			if (idx >= c->nrb)
+				return FAIL(c, -ENOSPC,
+					    "the refcount table is full (it cannot grow offline "
+					    "yet); 'qemu-img convert' the image to a new one");
+			ret = rblock(c, idx, &b);
+			if (ret < 0)
+				return ret;
+			if (!b) {
+				b = calloc(1, c->cs);
+				if (!b)
+					return -ENOMEM;
+				c->rb[idx] = b;
+				c->rb_dirty[idx] = 1;
+				c->im->rt[idx] = k << c->cb;
+				c->rt_dirty = true;
+				qcow2_refcount_set(b, k & ((1ull << c->rbb) - 1), c->order, 1);
+				c->next = k + 1;
+				break;
+			}
+			ret = rc_get(c, k, &v);
+			if (ret < 0)
+				return ret;
+			if (v) {
+				c->next = k + 1;
+				break;
+			}
+		}
+		if (k < s + n)
+			continue;
+		for (k = s; k < s + n; k++) {
+			int ret = rc_add(c, k, 1);
+
+			if (ret < 0)
+				return ret;
+		}
+		c->next = s + n;
+		*off = s << c->cb;
+		return 0;
+	}
+}
+
+static int sync_io(struct sctx *c)
+{
+	int ret = qcow2_io_sync(c->io);
+
+	return ret < 0 ? FAIL(c, ret, "sync: %s", strerror(-ret)) : 0;
+}
+
+/* Write the changed refcount blocks, sync, then the refcount table if it changed, sync. */
+static int rc_flush(struct sctx *c)
+{
+	bool any = false;
+	int ret;
+
+	for (uint64_t i = 0; i < c->nrb; i++) {
+		if (!c->rb_dirty[i])
+			continue;
+		ret = qcow2_io_write(c->io, c->rb[i], c->cs, c->im->rt[i] & QCOW2_RTE_OFFSET_MASK);
+		if (ret < 0)
+			return FAIL(c, ret, "writing a refcount block: %s", strerror(-ret));
+		c->rb_dirty[i] = 0;
+		any = true;
+	}
+	if (any && (ret = sync_io(c)) < 0)
+		return ret;
+	if (!c->rt_dirty)
+		return 0;
+	{
+		size_t len = (size_t)c->nrb * 8;
+		uint8_t *t = malloc(len ? len : 1);
+
+		if (!t)
+			return -ENOMEM;
+		for (uint64_t i = 0; i < c->nrb; i++)
+			qcow2_put_be64(t + i * 8, c->im->rt[i]);
+		ret = qcow2_io_write(c->io, t, len, c->im->h.refcount_table_offset);
+		free(t);
+		if (ret < 0)
+			return FAIL(c, ret, "writing the refcount table: %s", strerror(-ret));
+	}
+	c->rt_dirty = false;
+	return sync_io(c);
+}
+
+static bool l2_ok(struct sctx *c, uint64_t l2)
+{
+	return !(l2 & (c->cs - 1)) && l2 < c->im->file_size;
+}
+
+/*
+ * Change by @delta, in memory, the refcount of every L2 table the L1 table
+ * @l1 (@n entries) names and of every cluster those tables name.
+ */
+static int walk_refs(struct sctx *c, const uint64_t *l1, uint32_t n, int delta)
+{
+	const struct qcow2_header_info *h = &c->im->h;
+	uint8_t *l2 = malloc(c->cs);
+	int ret = 0;
+
+	if (!l2)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < n && ret == 0; i++) {
+		uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK;
+
+		if (!off)
+			continue;
+		if (!l2_ok(c, off)) {
+			ret = FAIL(c, -EIO, "L1 entry %u: invalid L2 table offset 0x%" PRIx64, i,
+				   off);
+			break;
+		}
+		ret = qcow2_io_read(c->io, l2, c->cs, off);
+		if (ret < 0) {
+			ret = FAIL(c, ret, "reading the L2 table at 0x%" PRIx64 ": %s", off,
+				   strerror(-ret));
+			break;
+		}
+		for (uint64_t j = 0; j < c->cs / h->l2_entry_size && ret == 0; j++) {
+			uint64_t e = qcow2_be64(l2 + j * h->l2_entry_size);
+
+			switch (qcow2_cluster_type(e, h->extended_l2, false)) {
+			case QCOW2_CT_COMPRESSED:
+				ret = rc_add_range(c, qcow2_compressed_offset(e, c->cb),
+						   qcow2_compressed_len(e, c->cb), delta);
+				break;
+			case QCOW2_CT_NORMAL:
+			case QCOW2_CT_ZERO_ALLOC:
+				if (e & QCOW2_L2E_OFFSET_MASK)
+					ret =
+					    rc_add(c, (e & QCOW2_L2E_OFFSET_MASK) >> c->cb, delta);
+				break;
+			default:
+				break;
+			}
+		}
+		if (ret == 0)
+			ret = rc_add(c, off >> c->cb, delta);
+	}
+	free(l2);
+	return ret;
+}
+
+/*
+ * Make COPIED in the active tables (@l1, @n entries, stored at @l1_off) say
+ * what the refcounts in memory say; write the L2 tables that change, then
+ * the L1 table if it changed (or @force), then sync.
+ */
+static int fix_copied(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off, bool force)
+{
+	const struct qcow2_header_info *h = &c->im->h;
+	uint8_t *l2 = malloc(c->cs);
+	bool l1_changed = force;
+	int ret = 0;
+
+	if (!l2)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < n && ret == 0; i++) {
+		uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, v, ne;
+		bool changed = false;
+
+		if (!off)
+			continue;
+		ret = qcow2_io_read(c->io, l2, c->cs, off);
+		if (ret < 0) {
+			ret = FAIL(c, ret, "reading the L2 table at 0x%" PRIx64 ": %s", off,
+				   strerror(-ret));
+			break;
+		}
+		for (uint64_t j = 0; j < c->cs / h->l2_entry_size && ret == 0; j++) {
+			uint8_t *p = l2 + j * h->l2_entry_size;
+			uint64_t e = qcow2_be64(p);
+			enum qcow2_cluster_type t = qcow2_cluster_type(e, h->extended_l2, false);
+
+			if ((t != QCOW2_CT_NORMAL && t != QCOW2_CT_ZERO_ALLOC) ||
+			    !(e & QCOW2_L2E_OFFSET_MASK))
+				continue;
+			ret = rc_get(c, (e & QCOW2_L2E_OFFSET_MASK) >> c->cb, &v);
+			ne = v == 1 ? e | QCOW2_OFLAG_COPIED : e & ~QCOW2_OFLAG_COPIED;
+			if (ret == 0 && ne != e) {
+				qcow2_put_be64(p, ne);
+				changed = true;
+			}
+		}
+		if (ret == 0 && changed) {
+			ret = qcow2_io_write(c->io, l2, c->cs, off);
+			if (ret < 0)
+				ret = FAIL(c, ret, "writing the L2 table at 0x%" PRIx64 ": %s", off,
+					   strerror(-ret));
+		}
+		if (ret == 0)
+			ret = rc_get(c, off >> c->cb, &v);
+		ne = v == 1 ? l1[i] | QCOW2_OFLAG_COPIED : l1[i] & ~QCOW2_OFLAG_COPIED;
+		if (ret == 0 && ne != l1[i]) {
+			l1[i] = ne;
+			l1_changed = true;
+		}
+	}
+	free(l2);
+	if (ret == 0 && l1_changed) {
+		uint8_t *t = malloc((size_t)n * 8 + 1);
+
+		if (!t)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < n; i++)
+			qcow2_put_be64(t + (size_t)i * 8, l1[i]);
+		ret = qcow2_io_write(c->io, t, (size_t)n * 8, l1_off);
+		free(t);
+		if (ret < 0)
+			ret = FAIL(c, ret, "writing the L1 table: %s", strerror(-ret));
+	}
+	return ret < 0 ? ret : sync_io(c);
+}
+
+static bool same(const char *s, size_t len, const char *want)
+{
+	return want && strlen(want) == len && memcmp(s, want, len) == 0;
+}
+
+/* QEMU's lookup: both given, both must match; else the one given. -1: none. */
+static int find(const struct qcow2_oimg *im, const char *id, const char *name)
+{
+	for (uint32_t i = 0; i < im->h.nb_snapshots; i++) {
+		const struct qcow2_snapshot_info *s = &im->snaps[i];
+
+		if (id && !same(s->id, s->id_len, id))
+			continue;
+		if (name && !same(s->name, s->name_len, name))
+			continue;
+		if (id || name)
+			return (int)i;
+	}
+	return -1;
+}
+
+static void describe(const struct qcow2_snapshot_info *s, struct qcow2_snap_desc *d)
+{
+	memset(d, 0, sizeof(*d));
+	snprintf(d->id, sizeof(d->id), "%.*s", (int)s->id_len, s->id);
+	snprintf(d->name, sizeof(d->name), "%.*s", (int)s->name_len, s->name);
+	d->vm_state_size = s->vm_state_size;
+	d->date_sec = s->date_sec;
+	d->date_nsec = s->date_nsec;
+	d->vm_clock_nsec = s->vm_clock_nsec;
+	d->disk_size = s->disk_size;
+	d->icount = -1;
+	if (s->extra_data_size >= 24) {
+		const uint8_t *x = (const uint8_t *)s->id - s->extra_data_size;
+
+		d->icount = (int64_t)qcow2_be64(x + 16);
+	}
+}
+
+/* Serialize the table without entry @skip (-1: none) plus @add (NULL: none). */
+static int build_table(struct sctx *c, int skip, const struct qcow2_snap_desc *add, uint32_t add_l1,
+		       uint64_t add_l1_off, uint8_t **out, uint64_t *len, uint32_t *count)
+{
+	const struct qcow2_oimg *im = c->im;
+	uint64_t n = 0, cap = im->snapbuf_len + 512;
+	uint8_t *b;
+	uint32_t cnt = 0;
+
+	if (add)
+		cap += 40 + 24 + strlen(add->id) + strlen(add->name) + 8;
+	b = calloc(1, cap);
+	if (!b)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < im->h.nb_snapshots; i++) {
+		const struct qcow2_snapshot_info *s = &im->snaps[i];
+		const uint8_t *start = (const uint8_t *)s->id - s->extra_data_size - 40;
+
+		if ((int)i == skip)
+			continue;
+		memcpy(b + n, start, s->raw_len);
+		n += s->entry_len;
+		cnt++;
+	}
+	if (add) {
+		uint8_t *e = b + n;
+		size_t il = strlen(add->id), nl = strlen(add->name);
+
+		qcow2_put_be64(e, add_l1_off);
+		qcow2_put_be32(e + 8, add_l1);
+		qcow2_put_be16(e + 12, (uint16_t)il);
+		qcow2_put_be16(e + 14, (uint16_t)nl);
+		qcow2_put_be32(e + 16, add->date_sec);
+		qcow2_put_be32(e + 20, add->date_nsec);
+		qcow2_put_be64(e + 24, add->vm_clock_nsec);
+		qcow2_put_be32(e + 32, 0); /* vm_state_size: no VM state */
+		qcow2_put_be32(e + 36, 24);
+		qcow2_put_be64(e + 40, 0); /* vm_state_size_large */
+		qcow2_put_be64(e + 48, im->h.size);
+		qcow2_put_be64(e + 56, (uint64_t)add->icount);
+		memcpy(e + 64, add->id, il);
+		memcpy(e + 64 + il, add->name, nl);
+		n += (64 + il + nl + 7) & ~7ull;
+		cnt++;
+	}
+	*out = b;
+	*len = n;
+	*count = cnt;
+	return 0;
+}
+
+/*
+ * Write @tab (@len bytes, @count entries) to new clusters and make the
+ * header name it. Refcount raises in memory become durable first.
+ */
+static int commit_table(struct sctx *c, const uint8_t *tab, uint64_t len, uint32_t count)
+{
+	uint64_t off = 0;
+	uint8_t hdr[12];
+	int ret;
+
+	if (len) {
+		ret = alloc(c, (len + c->cs - 1) >> c->cb, &off);
+		if (ret < 0)
+			return ret;
+	}
+	ret = rc_flush(c);
+	if (ret < 0)
+		return ret;
+	if (len) {
+		ret = qcow2_io_write(c->io, tab, len, off);
+		if (ret < 0)
+			return FAIL(c, ret, "writing the snapshot table: %s", strerror(-ret));
+		ret = sync_io(c);
+		if (ret < 0)
+			return ret;
+	}
+	qcow2_put_be32(hdr, count);
+	qcow2_put_be64(hdr + 4, off);
+	ret = qcow2_io_write(c->io, hdr, sizeof(hdr),
+			     offsetof(struct qcow2_header_disk, nb_snapshots));
+	if (ret < 0)
+		return FAIL(c, ret, "writing the header: %s", strerror(-ret));
+	return sync_io(c);
+}
+
+static int open_rw(struct qcow2_oimg *im, const struct qcow2_io *io, const char *name, char *err,
+		   size_t errlen)
+{
+	int ret = qcow2_oimg_open(im, io, name, true, err, errlen);
+
+	if (ret < 0)
+		return ret == -ENOTSUP ? qcow2_seterr(err, errlen, ret, "not a qcow2 image") : ret;
+	if (im->h.incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "internal snapshots are not supported with an external data "
+				    "file");
+	if (im->h.incompatible_features & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT))
+		return qcow2_seterr(err, errlen, -EUCLEAN,
+				    "the image is dirty or marked corrupt; repair it first "
+				    "('qemu-img check -r all')");
+	return 0;
+}
+
+int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
+			   struct qcow2_snap_desc **out, uint32_t *n, char *err, size_t errlen)
+{
+	struct qcow2_oimg im;
+	int ret = qcow2_oimg_open(&im, io, name, false, err, errlen);
+
+	*out = NULL;
+	*n = 0;
+	if (ret == 0 && im.h.nb_snapshots) {
+		*out = calloc(im.h.nb_snapshots, sizeof(**out));
+		if (!*out)
+			ret = -ENOMEM;
+		for (uint32_t i = 0; ret == 0 && i < im.h.nb_snapshots; i++)
+			describe(&im.snaps[i], &(*out)[i]);
+		if (ret == 0)
+			*n = im.h.nb_snapshots;
+	}
+	qcow2_oimg_close(&im);
+	return ret;
+}
+
+int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
+			     struct qcow2_snap_desc *sn, unsigned flags, char *err, size_t errlen)
+{
+	struct qcow2_oimg im;
+	struct sctx c = {0};
+	uint64_t l1_off = 0, l1_bytes, tlen, old_off, old_len, max_id = 0;
+	uint8_t *tab = NULL, *l1c = NULL;
+	uint32_t cnt;
+	int ret;
+
+	ret = open_rw(&im, io, name, err, errlen);
+	if (ret < 0)
+		goto out;
+	if ((flags & QCOW2_SNAP_UNIQUE_NAME) && !sn->name[0]) {
+		ret = qcow2_seterr(err, errlen, -EINVAL, "Name is empty");
+		goto out;
+	}
+	if ((flags & QCOW2_SNAP_UNIQUE_NAME) && find(&im, NULL, sn->name) >= 0) {
+		ret = qcow2_seterr(err, errlen, -EEXIST, "Snapshot with name '%s' already exists",
+				   sn->name);
+		goto out;
+	}
+	if (im.h.nb_snapshots >= QCOW2_MAX_SNAPSHOTS) {
+		ret = qcow2_seterr(err, errlen, -EFBIG, "Too many snapshots");
+		goto out;
+	}
+	/* QEMU's ID: one more than the largest numeric ID. */
+	for (uint32_t i = 0; i < im.h.nb_snapshots; i++) {
+		char idb[32];
+		uint64_t v;
+
+		snprintf(idb, sizeof(idb), "%.*s", (int)im.snaps[i].id_len, im.snaps[i].id);
+		v = strtoull(idb, NULL, 10);
+		if (v > max_id)
+			max_id = v;
+	}
+	if (!sn->id[0])
+		snprintf(sn->id, sizeof(sn->id), "%" PRIu64, max_id + 1);
+	sn->disk_size = im.h.size;
+	ret = ctx_init(&c, &im, err, errlen);
+	if (ret < 0)
+		goto out;
+	/* 1. The L1 copy's clusters, and every raise the snapshot brings. */
+	l1_bytes = (uint64_t)im.h.l1_size * 8;
+	if (l1_bytes) {
+		ret = alloc(&c, (l1_bytes + c.cs - 1) >> c.cb, &l1_off);
+		if (ret < 0)
+			goto out;
+	}
+	ret = walk_refs(&c, im.l1, im.h.l1_size, 1);
+	if (ret < 0)
+		goto out;
+	/* 2. The L1 copy (COPIED means nothing outside the active table). */
+	l1c = malloc(l1_bytes + 1);
+	if (!l1c) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	for (uint32_t i = 0; i < im.h.l1_size; i++)
+		qcow2_put_be64(l1c + (size_t)i * 8, im.l1[i] & ~QCOW2_OFLAG_COPIED);
+	ret = rc_flush(&c); /* raises durable before anything uses them */
+	if (ret < 0)
+		goto out;
+	if (l1_bytes) {
+		ret = qcow2_io_write(io, l1c, l1_bytes, l1_off);
+		if (ret < 0) {
+			ret = qcow2_seterr(err, errlen, ret, "writing the snapshot's L1 table: %s",
+					   strerror(-ret));
+			goto out;
+		}
+	}
+	/* 3. Writes to anything shared must copy from now on. */
+	ret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset, false);
+	if (ret < 0)
+		goto out;
+	/* 4. The table with the new entry, then the header naming it. */
+	ret = build_table(&c, -1, sn, im.h.l1_size, l1_off, &tab, &tlen, &cnt);
+	if (ret < 0)
+		goto out;
+	old_off = im.h.snapshots_offset;
+	old_len = im.h.nb_snapshots ? im.snapbuf_len : 0;
+	ret = commit_table(&c, tab, tlen, cnt);
+	if (ret < 0)
+		goto out;
+	/* 5. The old table is free. */
+	ret = rc_add_range(&c, old_off, old_len, -1);
+	if (ret == 0)
+		ret = rc_flush(&c);
+out:
+	free(tab);
+	free(l1c);
+	ctx_free(&c);
+	qcow2_oimg_close(&im);
+	return ret;
+}
+
+int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const char *id,
+			     const char *sname, struct qcow2_snap_desc *out, char *err,
+			     size_t errlen)
+{
+	struct qcow2_oimg im;
+	struct sctx c = {0};
+	uint64_t tlen, old_off, old_len, *sl1 = NULL;
+	const struct qcow2_snapshot_info *s;
+	uint8_t *tab = NULL;
+	uint32_t cnt;
+	int ret, i;
+
+	ret = open_rw(&im, io, name, err, errlen);
+	if (ret < 0)
+		goto out;
+	i = find(&im, id, sname);
+	if (i < 0) {
+		ret = qcow2_seterr(err, errlen, -ENOENT,
+				   "Snapshot with id '%s' and name '%s' does not exist",
+				   id ? id : "(null)", sname ? sname : "(null)");
+		goto out;
+	}
+	s = &im.snaps[i];
+	if (out)
+		describe(s, out);
+	ret = ctx_init(&c, &im, err, errlen);
+	if (ret < 0)
+		goto out;
+	ret = qcow2_read_table(io, s->l1_table_offset, s->l1_size, &sl1);
+	if (ret < 0) {
+		ret = qcow2_seterr(err, errlen, ret, "reading the snapshot's L1 table: %s",
+				   strerror(-ret));
+		goto out;
+	}
+	/* 1. The table without it, and the header: the snapshot is gone. */
+	ret = build_table(&c, i, NULL, 0, 0, &tab, &tlen, &cnt);
+	if (ret < 0)
+		goto out;
+	old_off = im.h.snapshots_offset;
+	old_len = im.snapbuf_len;
+	ret = commit_table(&c, tab, tlen, cnt);
+	if (ret < 0)
+		goto out;
+	/* 2. What it held, its L1 table and the old table: lowered in memory. */
+	ret = walk_refs(&c, sl1, s->l1_size, -1);
+	if (ret == 0)
+		ret = rc_add_range(&c, s->l1_table_offset, (uint64_t)s->l1_size * 8, -1);
+	if (ret == 0)
+		ret = rc_add_range(&c, old_off, old_len, -1);
+	/* 3. COPIED where the active table is the only user now, then the refcounts. */
+	if (ret == 0)
+		ret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset, false);
+	if (ret == 0)
+		ret = rc_flush(&c);
+out:
+	free(tab);
+	free(sl1);
+	ctx_free(&c);
+	qcow2_oimg_close(&im);
+	return ret;
+}
+
+int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const char *id_or_name,
+			    char *err, size_t errlen)
+{
+	struct qcow2_oimg im;
+	struct sctx c = {0};
+	uint64_t *sl1 = NULL, *nl1 = NULL;
+	const struct qcow2_snapshot_info *s;
+	int ret, i;
+
+	ret = open_rw(&im, io, name, err, errlen);
+	if (ret < 0)
+		goto out;
+	i = find(&im, id_or_name, NULL);
+	if (i < 0)
+		i = find(&im, NULL, id_or_name);
+	if (i < 0) {
+		ret = qcow2_seterr(err, errlen, -ENOENT, "Can't find snapshot");
+		goto out;
+	}
+	s = &im.snaps[i];
+	if (s->l1_size > im.h.l1_size || (s->disk_size && s->disk_size != im.h.size)) {
+		ret = qcow2_seterr(err, errlen, -ENOTSUP,
+				   "the snapshot has another disk size than the image; reverting "
+				   "across a resize is not supported");
+		goto out;
+	}
+	ret = ctx_init(&c, &im, err, errlen);
+	if (ret < 0)
+		goto out;
+	ret = qcow2_read_table(io, s->l1_table_offset, s->l1_size, &sl1);
+	if (ret < 0) {
+		ret = qcow2_seterr(err, errlen, ret, "reading the snapshot's L1 table: %s",
+				   strerror(-ret));
+		goto out;
+	}
+	nl1 = calloc((size_t)im.h.l1_size + 1, 8);
+	if (!nl1) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	for (uint32_t k = 0; k < s->l1_size; k++)
+		nl1[k] = sl1[k] & ~QCOW2_OFLAG_COPIED;
+	/* 1. Raise what the snapshot names (durable), 2. lower what the
+	 * active table named (in memory), 3. the new active table with its
+	 * COPIED flags, 4. the lowered refcounts. */
+	ret = walk_refs(&c, sl1, s->l1_size, 1);
+	if (ret == 0)
+		ret = rc_flush(&c);
+	if (ret == 0)
+		ret = walk_refs(&c, im.l1, im.h.l1_size, -1);
+	if (ret == 0)
+		ret = fix_copied(&c, nl1, im.h.l1_size, im.h.l1_table_offset, true);
+	if (ret == 0)
+		ret = rc_flush(&c);
+out:
+	free(sl1);
+	free(nl1);
+	ctx_free(&c);
+	qcow2_oimg_close(&im);
+	return ret;
+}
