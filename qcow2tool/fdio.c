@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "qcow2tool.h"
@@ -154,6 +155,54 @@ int qcow2_check(const char *path, unsigned flags, struct qcow2_check_result *res
 	}
 	io = qcow2_fd_io(fd);
 	ret = qcow2_check_io(&io, path, flags, res, cb, err, errlen);
+	close(fd);
+	return ret;
+}
+
+int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2_snap_desc **list,
+			uint32_t *n, char *err, size_t errlen)
+{
+	struct qcow2_snap_desc sn;
+	struct qcow2_io io;
+	struct timespec ts;
+	int fd, ret;
+
+	fd = open(path, (op == 'l' ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		return qcow2_seterr(err, errlen, ret, "%s", strerror(-ret));
+	}
+	if (qcow2_probe(fd) != 1) {
+		close(fd);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "this image format does not support "
+				    "snapshots");
+	}
+	io = qcow2_fd_io(fd);
+	switch (op) {
+	case 'l':
+		ret = qcow2_snapshot_list_io(&io, path, list, n, err, errlen);
+		break;
+	case 'c':
+		memset(&sn, 0, sizeof(sn));
+		snprintf(sn.name, sizeof(sn.name), "%s", arg);
+		clock_gettime(CLOCK_REALTIME, &ts);
+		sn.date_sec = (uint32_t)ts.tv_sec;
+		sn.date_nsec = (uint32_t)(ts.tv_nsec / 1000 * 1000); /* QEMU: microseconds */
+		sn.icount = 0;                                       /* what qemu-img records */
+		ret = qcow2_snapshot_create_io(&io, path, &sn, 0, err, errlen);
+		break;
+	case 'd':
+		ret = qcow2_snapshot_delete_io(&io, path, NULL, arg, NULL, err, errlen);
+		if (ret == -ENOENT)
+			qcow2_seterr(err, errlen, ret, "snapshot not found");
+		break;
+	case 'a':
+		ret = qcow2_snapshot_apply_io(&io, path, arg, err, errlen);
+		break;
+	default:
+		ret = qcow2_seterr(err, errlen, -EINVAL, "unknown snapshot operation");
+	}
 	close(fd);
 	return ret;
 }

@@ -222,6 +222,18 @@ int qcow2_convert(const struct qcow2_convert_opts *o, const struct qcow2_tool_cb
  */
 int qcow2_resize(const char *path, const char *fmt, uint64_t size, char *err, size_t errlen);
 
+/* ---- internal snapshots (fdio.c, over qcow2fmt/snapshot.c) ---- */
+
+/*
+ * qemu-img snapshot on the image at @path (the caller holds the locks):
+ * @op 'l' lists (*@list, *@n, malloc'd), 'c' creates @arg (duplicate and
+ * empty names allowed, as qemu-img does), 'd' deletes the snapshot NAMED
+ * @arg, 'a' reverts to the snapshot with ID or name @arg. 0 or -errno with
+ * @err set (-ENOENT: "snapshot not found" for 'd').
+ */
+int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2_snap_desc **list,
+			uint32_t *n, char *err, size_t errlen);
+
 /* ---- image locks (QEMU-compatible; lock.c) ---- */
 
 enum qcow2_lock_mode {

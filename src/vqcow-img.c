@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,9 @@ static void usage(FILE *f)
 	    "      exit status: 0 no errors, 1 check not completed, 2 corruptions,\n"
 	    "      3 leaked clusters only, 63 format without consistency checks\n"
 	    "  map [-f FMT] [-U] [--output=human|json] FILE\n"
+	    "  snapshot [-U] [-q] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE\n"
+	    "      internal snapshots of a qcow2 image: list, apply (revert to, by ID or\n"
+	    "      name), create, delete (by name), as qemu-img snapshot does\n"
 	    "      -U, --force-share: open even if another process writes the image\n"
 	    "      (read-only commands only; otherwise the image is locked as qemu-img locks it)\n"
 	    "  convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-U]\n"
@@ -890,6 +894,115 @@ static int check_locked(const struct file_args *a)
 	return 0;
 }
 
+/* ---- snapshot ---- */
+
+/* qemu's size_to_str(): three significant digits and a binary unit. */
+static void snap_size_str(uint64_t v, char *buf, size_t len)
+{
+	static const char *const sfx[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+	int e;
+	unsigned i;
+
+	frexp((double)v / (1000.0 / 1024.0), &e);
+	i = e > 0 ? (unsigned)(e - 1) / 10 : 0;
+	if (i > 6)
+		i = 6;
+	snprintf(buf, len, "%0.3g %sB", (double)v / (double)(1ull << (i * 10)), sfx[i]);
+}
+
+/* The table of qemu-img snapshot -l (and of info). */
+static void snap_list_print(const struct qcow2_snap_desc *s, uint32_t n)
+{
+	printf("Snapshot list:\n");
+	printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+	for (uint32_t i = 0; i < n; i++) {
+		char size[32], date[32] = "", clk[48], ic[32] = "";
+		time_t t = (time_t)s[i].date_sec;
+		struct tm tm;
+		uint64_t secs = s[i].vm_clock_nsec / 1000000000ull;
+
+		snap_size_str(s[i].vm_state_size, size, sizeof(size));
+		if (localtime_r(&t, &tm))
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+		snprintf(clk, sizeof(clk), "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+			 (int)((secs / 60) % 60), (int)(secs % 60),
+			 (int)((s[i].vm_clock_nsec / 1000000) % 1000));
+		if (s[i].icount != -1)
+			snprintf(ic, sizeof(ic), "%" PRId64, s[i].icount);
+		printf("%-9s %-16s %8s%20s%13s%11s\n", s[i].id, s[i].name, size, date, clk, ic);
+	}
+}
+
+static int cmd_snapshot(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+	    {"help", no_argument, NULL, 'h'},
+	    {"force-share", no_argument, NULL, 'U'},
+	    {NULL, 0, NULL, 0},
+	};
+	struct file_args a = {.out = OUT_HUMAN};
+	struct qcow2_locks locks;
+	struct qcow2_snap_desc *list = NULL;
+	const char *arg = NULL;
+	char err[ERRLEN] = "", op = 0;
+	uint32_t n = 0;
+	int c, r;
+
+	while ((c = getopt_long(argc, argv, "+la:c:d:qhU", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'l':
+		case 'a':
+		case 'c':
+		case 'd':
+			if (op) {
+				errorf("Cannot mix '-l', '-a', '-c', '-d'");
+				return 1;
+			}
+			op = (char)c;
+			arg = optarg;
+			break;
+		case 'q':
+			a.quiet = true;
+			break;
+		case 'U':
+			a.force_share = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind + 1 != argc) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	a.file = argv[optind];
+	if (!op)
+		return 0; /* as qemu-img: nothing asked, nothing done */
+	if (lock_file(&locks, &a, op == 'l' ? QCOW2_LOCK_READ : QCOW2_LOCK_WRITE))
+		return 1;
+	r = qcow2_snapshot_tool(a.file, op, arg, &list, &n, err, sizeof(err));
+	qcow2_unlock_image(&locks);
+	if (r < 0) {
+		static const char *const verb[] = {
+		    ['a'] = "apply", ['c'] = "create", ['d'] = "delete", ['l'] = "list"};
+
+		if (op == 'l')
+			errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		else
+			errorf("Could not %s snapshot '%s': %s", verb[(unsigned char)op], arg,
+			       err[0] ? err : strerror(-r));
+		return 1;
+	}
+	if (op == 'l' && n)
+		snap_list_print(list, n);
+	free(list);
+	return 0;
+}
+
 /* ---- map ---- */
 
 struct map_state {
@@ -1270,6 +1383,8 @@ int main(int argc, char **argv)
 		return cmd_info(argc, argv);
 	if (!strcmp(cmd, "check"))
 		return cmd_check(argc, argv);
+	if (!strcmp(cmd, "snapshot"))
+		return cmd_snapshot(argc, argv);
 	if (!strcmp(cmd, "map"))
 		return cmd_map(argc, argv);
 	if (!strcmp(cmd, "convert"))
