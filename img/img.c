@@ -193,6 +193,29 @@ struct img *img_backing(struct img *img)
 	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;
 }
 
+int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigned *n)
+{
+	*list = NULL;
+	*n = 0;
+	return img->ops->snapshot_list ? img->ops->snapshot_list(img, list, n) : -ENOTSUP;
+}
+
+int img_snapshot(struct img *img, bool create, const char *id, const char *name,
+		 struct img_snapshot *out, char *err, size_t errlen)
+{
+	memset(out, 0, sizeof(*out));
+	if (!img->ops->snapshot) {
+		snprintf(err, errlen, "%s: the %s format does not support internal snapshots",
+			 img->path, img->ops->format);
+		return -ENOTSUP;
+	}
+	if (!img_may_write(img)) {
+		snprintf(err, errlen, "%s: the image is read-only", img->path);
+		return -EROFS;
+	}
+	return img->ops->snapshot(img, create, id, name, out, err, errlen);
+}
+
 int img_grow(struct img *img, uint64_t size, struct img_grow *g)
 {
 	char *err = g->err;

@@ -108,6 +108,15 @@ struct img_cache_stats {
 };
 
 struct img_grow;
+/* An internal snapshot, as QEMU's SnapshotInfo describes it. */
+struct img_snapshot {
+	char id[128];
+	char name[256];
+	uint64_t vm_state_size;
+	uint32_t date_sec, date_nsec;
+	uint64_t vm_clock_nsec;
+	int64_t icount; /* -1: not recorded */
+};
 
 struct img_ops {
 	const char *format; /* "raw", "qcow2" */
@@ -128,6 +137,11 @@ struct img_ops {
 	int (*grow)(struct img *img, uint64_t size, struct img_grow *g);
 	/* Optional: metadata cache numbers (img_cache_stats). */
 	int (*cache_stats)(struct img *img, struct img_cache_stats *st);
+	/* Optional: the internal snapshots (img_snapshot_list). */
+	int (*snapshot_list)(struct img *img, const struct img_snapshot **list, unsigned *n);
+	/* Optional: internal snapshots (img_snapshot). */
+	int (*snapshot)(struct img *img, bool create, const char *id, const char *name,
+			struct img_snapshot *out, char *err, size_t errlen);
 };
 
 /*
@@ -253,6 +267,26 @@ struct img_grow {
  * -EINVAL, read-only -EROFS, formats without it -ENOTSUP.
  */
 int img_grow(struct img *img, uint64_t size, struct img_grow *g);
+
+/*
+ * Create (@create: named @name) or delete (by @id and/or @name) an internal
+ * snapshot; @out describes it. Consistent with respect to completed writes:
+ * every request must have ended (-EBUSY otherwise; the caller holds new
+ * ones back), then the engine writes all metadata back and closes, the
+ * snapshot is written in the crash-safe order, and the engine is opened
+ * afresh. Drives the loop: never call it from inside a loop callback.
+ * -ENOTSUP for formats without snapshots, -EROFS read-only, -EEXIST /
+ * -ENOENT / -EINVAL with QEMU's message in @err. 0 or -errno.
+ */
+int img_snapshot(struct img *img, bool create, const char *id, const char *name,
+		 struct img_snapshot *out, char *err, size_t errlen);
+
+/*
+ * The image's internal snapshots (table order), as read at the last open or
+ * snapshot operation (no I/O). *@list stays valid until the next snapshot
+ * operation or reopen. 0 (*@n may be 0), -ENOTSUP for formats without them.
+ */
+int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigned *n);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

@@ -58,6 +58,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 
 #include "img.h"
 #include "qcow2.h"
@@ -183,7 +184,9 @@ struct q2img {
 	unsigned zc_n;            /* entries used: ZC_BUDGET / cluster size, 2..ZC_MAX */
 	uint64_t zc_tick;
 	uint64_t n_inflated, n_zc_hits; /* clusters inflated, reads served by zc */
-	void *zero_buf;                 /* last-resort zero writes */
+	struct img_snapshot *snaps;     /* the snapshot table, as of the last (re)open */
+	unsigned nsnaps;
+	void *zero_buf; /* last-resort zero writes */
 	bool no_zero_range, no_punch;
 	uint64_t cs;
 };
@@ -1228,6 +1231,7 @@ static void q2_close(struct img *img)
 	for (unsigned i = 0; i < ZC_MAX; i++)
 		io_free_aligned(m->zc[i].buf);
 	io_free_aligned(m->zero_buf);
+	free(m->snaps);
 	free(img->path);
 	free(m);
 }
@@ -1288,6 +1292,47 @@ undo_file:
 	return ret;
 }
 
+static void snap_copy(struct img_snapshot *o, const struct qcow2_snap_desc *s)
+{
+	snprintf(o->id, sizeof(o->id), "%s", s->id);
+	snprintf(o->name, sizeof(o->name), "%s", s->name);
+	o->vm_state_size = s->vm_state_size;
+	o->date_sec = s->date_sec;
+	o->date_nsec = s->date_nsec;
+	o->vm_clock_nsec = s->vm_clock_nsec;
+	o->icount = s->icount;
+}
+
+/* Read the snapshot table (after an engine open: synchronous I/O, outside the loop). */
+static void snaps_reload(struct q2img *m)
+{
+	struct qcow2_snap_desc *l = NULL;
+	uint32_t n = 0;
+
+	free(m->snaps);
+	m->snaps = NULL;
+	m->nsnaps = 0;
+	if (!m->q || qcow2_snapshot_list(m->q, &l, &n) < 0 || !n) {
+		free(l);
+		return;
+	}
+	m->snaps = calloc(n, sizeof(*m->snaps));
+	for (uint32_t i = 0; m->snaps && i < n; i++)
+		snap_copy(&m->snaps[i], &l[i]);
+	if (m->snaps)
+		m->nsnaps = n;
+	free(l);
+}
+
+static int q2_snapshot_list(struct img *img, const struct img_snapshot **list, unsigned *n)
+{
+	struct q2img *m = (struct q2img *)img;
+
+	*list = m->snaps;
+	*n = m->nsnaps;
+	return 0;
+}
+
 /*
  * Open the engine afresh: header, L1, refcount and snapshot tables, bitmaps
  * are read again from the file (another process may have changed them while
@@ -1311,6 +1356,7 @@ static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen
 	m->img.size = qcow2_size(m->q);
 	/* another process may have rewritten the file meanwhile */
 	zc_drop(m, 0, UINT64_MAX);
+	snaps_reload(m);
 	return 0;
 }
 
@@ -1373,6 +1419,63 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 		}
 	}
 	return 0;
+}
+
+/*
+ * Internal snapshot (img_snapshot): with no request in flight, the engine
+ * writes everything back and closes (as a flush would make it durable), the
+ * snapshot is written on the file (qcow2_snapshot_file), and the engine is
+ * opened afresh on the result (tables, caches, bitmaps read again).
+ */
+static int q2_snapshot(struct img *img, bool create, const char *id, const char *name,
+		       struct img_snapshot *out, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct qcow2_snap_desc sn;
+	char rerr[300] = "";
+	int ret, r2;
+
+	if (!m->q) {
+		snprintf(err, errlen, "%s: the image is inactive", img->path);
+		return -EIO;
+	}
+	if (m->inflight) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+		return -EBUSY;
+	}
+	memset(&sn, 0, sizeof(sn));
+	if (create) {
+		struct timespec ts;
+
+		snprintf(sn.name, sizeof(sn.name), "%s", name);
+		clock_gettime(CLOCK_REALTIME, &ts);
+		sn.date_sec = (uint32_t)ts.tv_sec;
+		sn.date_nsec = (uint32_t)(ts.tv_nsec / 1000 * 1000); /* QEMU: microseconds */
+		sn.icount = -1;
+		/* qemu-storage-daemon records its virtual clock, which without a
+		 * guest is the host's: the same instant as the date. */
+		sn.vm_clock_nsec = (uint64_t)sn.date_sec * 1000000000ull + sn.date_nsec;
+	}
+	ret = qcow2_close(m->q);
+	m->q = NULL;
+	if (ret < 0) {
+		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
+			 strerror(-ret));
+	} else {
+		ret = qcow2_snapshot_file(&m->file, img->path, create ? 'c' : 'd', &sn, id, name,
+					  err, errlen);
+	}
+	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	if (r2 < 0) {
+		vlog(VLOG_ERROR, img->path, "reopening the image after a snapshot failed: %s",
+		     rerr);
+		if (ret == 0) {
+			snprintf(err, errlen, "%s", rerr);
+			ret = r2;
+		}
+	}
+	snap_copy(out, &sn);
+	return ret;
 }
 
 static struct img *q2_backing_of(struct img *img)
@@ -1485,6 +1588,8 @@ static const struct img_ops q2_ops = {
     .backing_of = q2_backing_of,
     .cache_stats = q2_cache_stats,
     .grow = q2_grow,
+    .snapshot = q2_snapshot,
+    .snapshot_list = q2_snapshot_list,
 };
 
 static __thread int open_depth;
@@ -1684,6 +1789,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.supports_write_zeroes = true;
 	m->img.discard_granularity = (unsigned)m->cs;
 	m->img.opt_io = m->cs <= (1u << 20) ? (uint32_t)m->cs : 0;
+	snaps_reload(m);
 	*imgp = &m->img;
 	return 0;
 

@@ -591,3 +591,30 @@ void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
 		 (unsigned long long)q->n_l2_prefetched, q->rcc.count, q->rcc.soft_max,
 		 q->read_only ? ", read-only" : "", q->corrupt ? ", CORRUPT" : "");
 }
+
+int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct qcow2_snap_desc *sn,
+			const char *id, const char *name, char *err, size_t errlen)
+{
+	struct qcow2_io fio = q2_file_io(file);
+	char msg[300] = "";
+	int ret;
+
+	if (op == 'c')
+		ret = qcow2_snapshot_create_io(&fio, path, sn, QCOW2_SNAP_UNIQUE_NAME, msg,
+					       sizeof(msg));
+	else
+		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, msg, sizeof(msg));
+	if (ret < 0)
+		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
+	else if (io_file_get_size(file, &file->size) < 0)
+		file->size = 0; /* re-read at the next open anyway */
+	return ret;
+}
+
+int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t *n)
+{
+	struct qcow2_io fio = q2_file_io(q->file);
+	char msg[300];
+
+	return qcow2_snapshot_list_io(&fio, q->path, out, n, msg, sizeof(msg));
+}

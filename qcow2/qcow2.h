@@ -59,6 +59,7 @@
 #include <stdint.h>
 
 #include "format.h"
+#include "image.h"
 #include "io.h"
 
 struct qcow2;
@@ -330,5 +331,26 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f);
  */
 uint64_t qcow2_meta_gen(const struct qcow2 *q);
 int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
+
+/* ---- internal snapshots ---- */
+
+/*
+ * Create (@op 'c', @sn->name; @sn->id set on return) or delete (@op 'd', by
+ * @id and/or @name; @sn receives what it was) an internal snapshot of the
+ * image in @file, synchronously through io/'s sync calls. No engine may be
+ * open on @file: the caller closes it (qcow2_close writes everything back),
+ * calls this, and opens it again, so that the engine's tables, caches and
+ * bitmaps are read afresh. Names must be unique and non-empty (QMP's rule).
+ * The on-disk order makes a crash at any point leak at most
+ * (qcow2fmt/snapshot.c). 0 or -errno with @err set.
+ */
+int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct qcow2_snap_desc *sn,
+			const char *id, const char *name, char *err, size_t errlen);
+
+/*
+ * The snapshot table as on disk now (read synchronously through io/: open
+ * time only, like qcow2_open). *@out (malloc'd) gets *@n entries. 0 or -errno.
+ */
+int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t *n);
 
 #endif /* VQCOW_QCOW2_H */

@@ -46,14 +46,38 @@ static int cmd_exports(void *opaque, json_t *args, json_t **ret, char *err, size
 	return *ret ? 0 : -ENOMEM;
 }
 
+/* QEMU's SnapshotInfo. */
+static json_t *snap_info(const struct img_snapshot *sn)
+{
+	json_t *o = json_pack("{s:s,s:s,s:I,s:I,s:I,s:I,s:I}", "id", sn->id, "name", sn->name,
+			      "vm-state-size", (json_int_t)sn->vm_state_size, "date-sec",
+			      (json_int_t)sn->date_sec, "date-nsec", (json_int_t)sn->date_nsec,
+			      "vm-clock-sec", (json_int_t)(sn->vm_clock_nsec / 1000000000ull),
+			      "vm-clock-nsec", (json_int_t)(sn->vm_clock_nsec % 1000000000ull));
+
+	if (o && sn->icount != -1)
+		json_object_set_new(o, "icount", json_integer(sn->icount));
+	return o;
+}
+
 /* ImageInfo of @img and, nested as backing-image, of its chain. */
 static json_t *image_info(struct img *img)
 {
 	struct img *b = img_backing(img);
+	const struct img_snapshot *sn;
+	unsigned n;
 	json_t *o =
 	    json_pack("{s:s,s:s,s:I,s:b}", "filename", img->path, "format", img->ops->format,
 		      "virtual-size", (json_int_t)img->size, "dirty-flag", 0);
 
+	if (o && img_snapshot_list(img, &sn, &n) == 0 && n) {
+		json_t *arr = json_array();
+
+		/* QEMU's "snapshots": a list of SnapshotInfo, only when there are some. */
+		for (unsigned i = 0; arr && i < n; i++)
+			json_array_append_new(arr, snap_info(&sn[i]));
+		json_object_set_new(o, "snapshots", arr);
+	}
 	if (o && b) {
 		json_object_set_new(o, "backing-filename", json_string(b->path));
 		json_object_set_new(o, "backing-filename-format", json_string(b->ops->format));
@@ -422,6 +446,145 @@ static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_
 	return r;
 }
 
+/*
+ * Internal snapshots. QEMU drains the node, then writes the snapshot: here
+ * the handler checks what needs no I/O and replies at once on error;
+ * otherwise it queues the operation, asks the daemon to hold new requests
+ * back (ctl->hold) and defers its reply. Once the requests in flight ended,
+ * the daemon calls ctl_held() outside the loop, which writes the snapshot
+ * (img_snapshot: metadata written back, snapshot, engine reopened) and
+ * replies. So the snapshot holds exactly the writes completed before it.
+ */
+struct ctl_op {
+	struct ctl_op *next;
+	bool create;
+	char *device, *id, *name;
+	struct qmp_pending *p;
+};
+
+static void op_free(struct ctl_op *op)
+{
+	free(op->device);
+	free(op->id);
+	free(op->name);
+	free(op);
+}
+
+static const char *str_arg(json_t *args, const char *key)
+{
+	return json_string_value(json_object_get(args, key));
+}
+
+static int snap_start(struct ctl *c, json_t *args, bool create, char *err, size_t errlen)
+{
+	const char *dev = str_arg(args, "device"), *id = str_arg(args, "id");
+	const char *name = str_arg(args, "name");
+	struct ctl_op *op, **tail;
+
+	if (strcmp(dev, c->node_name) != 0) {
+		snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", dev, dev);
+		return -ENOENT;
+	}
+	if (!create && !id && !name) {
+		snprintf(err, errlen, "Name or id must be provided");
+		return -EINVAL;
+	}
+	if (create && !img_may_write(c->img)) {
+		snprintf(err, errlen, "Device '%s' is read only", dev);
+		return -EROFS;
+	}
+	if (create && strcmp(c->img->ops->format, "qcow2") != 0) {
+		snprintf(err, errlen,
+			 "Block format '%s' used by device '%s' does not support internal "
+			 "snapshots",
+			 c->img->ops->format, dev);
+		return -ENOTSUP;
+	}
+	if (create && !name[0]) {
+		snprintf(err, errlen, "Name is empty");
+		return -EINVAL;
+	}
+	op = calloc(1, sizeof(*op));
+	if (!op)
+		return -ENOMEM;
+	op->create = create;
+	op->device = strdup(dev);
+	op->id = id ? strdup(id) : NULL;
+	op->name = name ? strdup(name) : NULL;
+	op->p = qmp_server_defer(c->qmp);
+	if (!op->device || (id && !op->id) || (name && !op->name) || !op->p) {
+		struct qmp_pending *p = op->p;
+
+		op_free(op);
+		if (!p)
+			return -ENOMEM;
+		qmp_pending_error(p, "out of memory");
+		return QMP_PENDING;
+	}
+	for (tail = &c->ops; *tail; tail = &(*tail)->next)
+		;
+	*tail = op;
+	vlog(VLOG_INFO, NULL, "qmp: %s internal snapshot %s%s%s: holding requests back",
+	     create ? "creating" : "deleting", name ? name : "", name && id ? " id " : "",
+	     id ? id : "");
+	c->hold(c->opaque);
+	return QMP_PENDING;
+}
+
+static int cmd_snap_create(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return snap_start(opaque, args, true, err, errlen);
+}
+
+static int cmd_snap_delete(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return snap_start(opaque, args, false, err, errlen);
+}
+
+static void snap_run(struct ctl *c, struct ctl_op *op)
+{
+	struct img_snapshot sn;
+	char err[512] = "";
+	int r;
+
+	r = img_snapshot(c->img, op->create, op->id, op->name, &sn, err, sizeof(err));
+	if (r == -EEXIST) {
+		qmp_pending_error(op->p, "Snapshot with name '%s' already exists on device '%s'",
+				  op->name, op->device);
+	} else if (r == -ENOENT && !op->create) {
+		qmp_pending_error(op->p,
+				  "Snapshot with id '%s' and name '%s' does not exist on device "
+				  "'%s'",
+				  op->id ? op->id : "null", op->name ? op->name : "null",
+				  op->device);
+	} else if (r < 0) {
+		qmp_pending_error(op->p, "Failed to %s snapshot '%s' on device '%s': %s",
+				  op->create ? "create" : "delete", op->name ? op->name : op->id,
+				  op->device, err[0] ? err : strerror(-r));
+	} else if (op->create) {
+		vlog(VLOG_INFO, NULL, "qmp: internal snapshot '%s' (id %s) created", sn.name,
+		     sn.id);
+		qmp_pending_return(op->p, NULL);
+	} else {
+		json_t *o = snap_info(&sn);
+
+		vlog(VLOG_INFO, NULL, "qmp: internal snapshot '%s' (id %s) deleted", sn.name,
+		     sn.id);
+		qmp_pending_return(op->p, o);
+	}
+}
+
+void ctl_held(struct ctl *c)
+{
+	while (c->ops) {
+		struct ctl_op *op = c->ops;
+
+		c->ops = op->next;
+		snap_run(c, op);
+		op_free(op);
+	}
+}
+
 static const struct qmp_command commands[] = {
     {"query-version", {{NULL}}, cmd_version},
     {"query-block-exports", {{NULL}}, cmd_exports},
@@ -439,6 +602,12 @@ static const struct qmp_command commands[] = {
     {"block_resize",
      {{"device", QMP_STR, true}, {"node-name", QMP_STR, true}, {"size", QMP_INT, false}, {NULL}},
      cmd_resize},
+    {"blockdev-snapshot-internal-sync",
+     {{"device", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
+     cmd_snap_create},
+    {"blockdev-snapshot-delete-internal-sync",
+     {{"device", QMP_STR, false}, {"id", QMP_STR, true}, {"name", QMP_STR, true}, {NULL}},
+     cmd_snap_delete},
     {"quit", {{NULL}}, cmd_quit},
     {NULL},
 };
@@ -513,6 +682,13 @@ int ctl_start(struct ctl *c, const char *path, int fd)
 
 void ctl_stop(struct ctl *c)
 {
+	while (c->ops) {
+		struct ctl_op *op = c->ops;
+
+		c->ops = op->next;
+		qmp_pending_error(op->p, "vqcowd is shutting down");
+		op_free(op);
+	}
 	qmp_server_exit(c->qmp);
 	c->qmp = NULL;
 	json_decref(c->version);

@@ -37,6 +37,11 @@ struct ctl {
 	void (*quit)(void *opaque);
 	/* The image size changed: update the device and tell the frontend. */
 	void (*resized)(void *opaque);
+	/*
+	 * Hold new requests back; once none is in flight, stop the loop and call
+	 * ctl_held() from outside it (snapshots: the image is quiesced there).
+	 */
+	void (*hold)(void *opaque);
 	void *opaque;
 	struct qmp_loop_ops loop;
 
@@ -45,6 +50,7 @@ struct ctl {
 	json_t *version;
 	uint64_t failed_seen[4]; /* failed counters already reported */
 	uint64_t failures_seen;  /* blk_dev_failures() already reported */
+	struct ctl_op *ops;      /* snapshot operations waiting for ctl_held() */
 	uint64_t last_event_ns;
 };
 
@@ -57,6 +63,13 @@ void ctl_shutdown_event(struct ctl *c, const char *reason);
  * will; the events it causes must not flood the clients).
  */
 void ctl_tick(struct ctl *c);
+
+/*
+ * Called by the daemon after hold(), outside the loop, with no request in
+ * flight: run the operations waiting (internal snapshots) and reply to them.
+ * The daemon then pops requests again.
+ */
+void ctl_held(struct ctl *c);
 
 /*
  * Listen on @path, or serve @fd when >= 0 (a listening socket passed in).

@@ -4,6 +4,7 @@
  *
  *   vqcowctl -s PATH [--json] version | stats [--watch [SEC]] | histogram [US...] |
  *                             resize SIZE | quit | raw JSON
+ *                             | snapshot create|delete NAME | snapshot list
  *
  * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
  * works against qemu-storage-daemon for the commands they share. Exit status:
@@ -63,6 +64,11 @@ static void usage(FILE *f)
 	    "  resize SIZE          grow the image online to SIZE (block_resize; a number with\n"
 	    "                       an optional suffix K, M, G, T, P, E, as qemu-img); the guest\n"
 	    "                       is told the new size\n"
+	    "  snapshot create NAME take an internal snapshot of a qcow2 image online\n"
+	    "                       (blockdev-snapshot-internal-sync): it holds every write\n"
+	    "                       completed before it\n"
+	    "  snapshot delete NAME delete it (blockdev-snapshot-delete-internal-sync)\n"
+	    "  snapshot list        the internal snapshots (query-named-block-nodes)\n"
 	    "  quit                 stop the daemon as SIGTERM does (quit)\n"
 	    "  raw JSON             send one QMP command as written, e.g.\n"
 	    "                       vqcowctl -s /run/vm1.qmp raw '{\"execute\": "
@@ -70,7 +76,8 @@ static void usage(FILE *f)
 	    "\n"
 	    "Options:\n"
 	    "  -s, --socket PATH    the QMP socket (required)\n"
-	    "  --node NAME          node for resize and histogram (default: the exported node)\n"
+	    "  --node NAME          node for resize, histogram and snapshot (default: the exported "
+	    "node)\n"
 	    "  --json               print the command's JSON result (scripts)\n"
 	    "  --timeout SEC        wait at most SEC seconds for a reply (default 30)\n"
 	    "  -h, --help, --version\n"
@@ -494,6 +501,13 @@ int main(int argc, char **argv)
 			fprintf(stderr, "vqcowctl: resize needs one SIZE (e.g. 20G)\n");
 			return 2;
 		}
+	} else if (strcmp(cmd, "snapshot") == 0) {
+		if (!(optind + 1 == argc && strcmp(argv[optind], "list") == 0) &&
+		    !(optind + 2 == argc && (strcmp(argv[optind], "create") == 0 ||
+					     strcmp(argv[optind], "delete") == 0))) {
+			fprintf(stderr, "vqcowctl: snapshot create NAME | delete NAME | list\n");
+			return 2;
+		}
 	} else if (strcmp(cmd, "raw") == 0) {
 		if (optind + 1 != argc) {
 			fprintf(stderr, "vqcowctl: raw needs one JSON argument\n");
@@ -594,6 +608,51 @@ int main(int argc, char **argv)
 			json_decref(b);
 		r = execute_cmd(&c, m, &failed);
 		json_decref(e);
+	} else if (strcmp(cmd, "snapshot") == 0) {
+		json_t *e = NULL;
+		const char *n = node;
+
+		if (!n) {
+			e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
+			n = json_string_value(json_object_get(json_array_get(e, 0), "node-name"));
+			if (!n) {
+				if (e)
+					fprintf(stderr, "vqcowctl: no export; use --node\n");
+				json_decref(e);
+				goto out;
+			}
+		}
+		if (strcmp(argv[optind], "list") == 0) {
+			json_t *l =
+			    execute(&c, "{\"execute\": \"query-named-block-nodes\"}", &failed);
+			size_t i;
+			json_t *v;
+
+			json_array_foreach(l, i, v)
+			{
+				const char *nn = json_string_value(json_object_get(v, "node-name"));
+
+				if (nn && strcmp(nn, n) == 0) {
+					r = json_object_get(json_object_get(v, "image"),
+							    "snapshots");
+					r = r ? json_incref(r) : json_array();
+				}
+			}
+			if (l && !r)
+				fprintf(stderr, "vqcowctl: no node '%s'\n", n);
+			json_decref(l);
+		} else {
+			bool create = strcmp(argv[optind], "create") == 0;
+
+			r = execute_cmd(&c,
+					json_pack("{s:s,s:{s:s,s:s}}", "execute",
+						  create ? "blockdev-snapshot-internal-sync"
+							 : "blockdev-snapshot-delete-internal-sync",
+						  "arguments", "device", n, "name",
+						  argv[optind + 1]),
+					&failed);
+		}
+		json_decref(e);
 	} else { /* resize */
 		if (!node) {
 			json_t *e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
@@ -642,6 +701,25 @@ int main(int argc, char **argv)
 		printf(optind < argc ? "latency histograms set\n" : "latency histograms removed\n");
 	} else if (strcmp(cmd, "raw") == 0) {
 		print_json(r);
+	} else if (strcmp(cmd, "snapshot") == 0 && strcmp(argv[optind], "list") == 0) {
+		size_t i;
+		json_t *v;
+
+		printf("%-10s%-17s%20s\n", "ID", "TAG", "DATE");
+		json_array_foreach(r, i, v)
+		{
+			time_t t = (time_t)num(v, "date-sec");
+			char date[32] = "";
+			struct tm tm;
+
+			if (localtime_r(&t, &tm))
+				strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+			printf("%-9s %-16s %20s\n", json_string_value(json_object_get(v, "id")),
+			       json_string_value(json_object_get(v, "name")), date);
+		}
+	} else if (strcmp(cmd, "snapshot") == 0) {
+		printf("snapshot '%s' %s\n", argv[optind + 1],
+		       strcmp(argv[optind], "create") == 0 ? "created" : "deleted");
 	}
 out:
 	json_decref(r);

@@ -626,7 +626,8 @@ struct daemon {
 	/* Image handoff (live migration on shared storage), see handoff(). */
 	bool parked;          /* rings are not popped: the image is not ours yet */
 	bool release_pending; /* all rings stopped during a migration: let go once drained */
-	enum { HO_NONE, HO_RELEASE, HO_TAKE } handoff; /* asked of main() (loop stopped) */
+	enum { HO_NONE, HO_RELEASE, HO_TAKE, HO_CTL } handoff; /* asked of main() (loop stopped) */
+	bool ctl_hold; /* --qmp: requests held back for a snapshot (ctl_held) */
 };
 
 /* -- I/O threads: parking and hops -- */
@@ -918,8 +919,8 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 {
 	struct daemon *d = opaque;
 
-	if (d->stopping || d->parked)
-		return; /* parked: popped once the image is ours (handoff) */
+	if (d->stopping || d->parked || __atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE))
+		return; /* parked: popped once the image is ours (handoff); held: after ctl_held */
 	if (d->rings_mt) {
 		unsigned idx = vq_index(vq);
 		struct iothread *t = thread_of(d, idx);
@@ -985,7 +986,7 @@ static void d_defer(struct io_defer *def)
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
-	if (d->o->poll_ns && !d->stopping && !d->parked) {
+	if (d->o->poll_ns && !d->stopping && !d->parked && !d->ctl_hold) {
 		for (unsigned i = 0; i < nq; i++) {
 			/* A cheap look first: pop_all() ends with re-arming the
 			 * kick, a full barrier, on every call. */
@@ -1022,6 +1023,10 @@ static void d_defer(struct io_defer *def)
 		d->handoff = HO_RELEASE;
 		io_loop_stop(d->loop);
 	}
+	if (d->ctl_hold && d->handoff == HO_NONE && !d->stopping && d_inflight(d) == 0) {
+		d->handoff = HO_CTL; /* quiesced: main() runs the snapshot */
+		io_loop_stop(d->loop);
+	}
 	if (d->stopping && !d->flushing && d_inflight(d) == 0) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
@@ -1036,7 +1041,8 @@ static void t_defer(struct io_defer *def)
 	struct daemon *d = t->d;
 	unsigned n = d->nthreads;
 
-	if (d->o->poll_ns && !d->stopping && !d->parked) {
+	if (d->o->poll_ns && !d->stopping && !d->parked &&
+	    !__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE)) {
 		for (unsigned i = t->id; i < t->nq_seen; i += n) {
 			if (d->q[i].vq && vq_avail_pending(d->q[i].vq))
 				pop_all(d, d->q[i].vq);
@@ -1376,6 +1382,12 @@ static void start_stopping(struct daemon *d)
 	vhost_server_stop_accepting(d->srv);
 }
 
+static void ctl_hold_cb(void *opaque)
+{
+	/* d_defer stops the loop once drained; I/O threads read it in d_queue_kick */
+	__atomic_store_n(&((struct daemon *)opaque)->ctl_hold, true, __ATOMIC_RELEASE);
+}
+
 static void ctl_quit(void *opaque)
 {
 	struct daemon *d = opaque;
@@ -1598,12 +1610,33 @@ static int check_socket_path(const char *path)
  *     fail (never written without the lock).
  * img_set_perm drives the loop, so this runs in main() with the loop stopped.
  */
+static void kick_running(struct daemon *d)
+{
+	struct vhost_dev *dev = vhost_server_dev(d->srv);
+
+	for (unsigned i = 0; dev && i < vhost_dev_num_queues(dev); i++) {
+		struct vhost_vq *vq = vhost_dev_vq(dev, i);
+
+		if (vq && vq_is_running(vq))
+			d_queue_kick(d, vq); /* requests waiting since the ring started */
+	}
+}
+
 static void handoff_parked(struct daemon *d)
 {
 	enum img_perm want = d->o->read_only ? IMG_PERM_READ : IMG_PERM_WRITE;
 	struct vhost_dev *dev = vhost_server_dev(d->srv);
 	char err[512] = "";
 	int ret, tries = 0;
+
+	if (d->handoff == HO_CTL) {
+		/* --qmp snapshot: no request in flight, new ones held back. */
+		d->handoff = HO_NONE;
+		ctl_held(&d->ctl);
+		__atomic_store_n(&d->ctl_hold, false, __ATOMIC_RELEASE);
+		kick_running(d);
+		return;
+	}
 
 	if (d->handoff == HO_RELEASE) {
 		d->handoff = HO_NONE;
@@ -1636,13 +1669,7 @@ static void handoff_parked(struct daemon *d)
 	} else {
 		logmsg("image active: locks taken, metadata read afresh");
 	}
-	dev = vhost_server_dev(d->srv);
-	for (unsigned i = 0; dev && i < vhost_dev_num_queues(dev); i++) {
-		struct vhost_vq *vq = vhost_dev_vq(dev, i);
-
-		if (vq && vq_is_running(vq))
-			d_queue_kick(d, vq); /* requests waiting since the ring started */
-	}
+	kick_running(d);
 }
 
 static void handoff(struct daemon *d)
@@ -1823,6 +1850,7 @@ int main(int argc, char **argv)
 		d.ctl.nqueues = o.num_queues;
 		d.ctl.quit = ctl_quit;
 		d.ctl.resized = ctl_resized;
+		d.ctl.hold = ctl_hold_cb;
 		d.ctl.opaque = &d;
 		d.ctl.loop.watch = watch_events;
 		d.ctl.loop.unwatch = d_unwatch;
