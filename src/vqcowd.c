@@ -627,7 +627,9 @@ struct daemon {
 	bool parked;          /* rings are not popped: the image is not ours yet */
 	bool release_pending; /* all rings stopped during a migration: let go once drained */
 	enum { HO_NONE, HO_RELEASE, HO_TAKE, HO_CTL } handoff; /* asked of main() (loop stopped) */
-	bool ctl_hold; /* --qmp: requests held back for a snapshot (ctl_held) */
+	bool ctl_hold;          /* --qmp: requests held back for a snapshot (ctl_held) */
+	bool hold_armed;        /* hold_cmd in flight */
+	struct io_cmd hold_cmd; /* wakes the main loop while held (I/O threads complete) */
 };
 
 /* -- I/O threads: parking and hops -- */
@@ -1382,10 +1384,34 @@ static void start_stopping(struct daemon *d)
 	vhost_server_stop_accepting(d->srv);
 }
 
+/*
+ * While requests are held back for a snapshot, wake the main loop every
+ * millisecond so that d_defer sees the last one end: with I/O threads the
+ * completions do not run on the main loop.
+ */
+static void hold_tick(struct io_cmd *cmd, int res)
+{
+	struct daemon *d = container_of(cmd, struct daemon, hold_cmd);
+
+	(void)res;
+	d->hold_armed = false;
+	if (__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE) && !d->stopping) {
+		d->hold_armed = true;
+		io_timeout(d->loop, &d->hold_cmd, 1000000);
+	}
+}
+
 static void ctl_hold_cb(void *opaque)
 {
+	struct daemon *d = opaque;
+
 	/* d_defer stops the loop once drained; I/O threads read it in d_queue_kick */
-	__atomic_store_n(&((struct daemon *)opaque)->ctl_hold, true, __ATOMIC_RELEASE);
+	__atomic_store_n(&d->ctl_hold, true, __ATOMIC_RELEASE);
+	if (!d->hold_armed) {
+		d->hold_cmd.done = hold_tick;
+		d->hold_armed = true;
+		io_timeout(d->loop, &d->hold_cmd, 1000000);
+	}
 }
 
 static void ctl_quit(void *opaque)
@@ -1944,6 +1970,8 @@ exit_srv:
 del_defer:
 	io_defer_del(d.loop, &d.defer);
 	io_cancel(d.loop, &d.sig_cmd);
+	if (d.hold_armed)
+		io_cancel(d.loop, &d.hold_cmd);
 exit_blk:
 	blk_dev_exit(d.blk);
 exit_threads:

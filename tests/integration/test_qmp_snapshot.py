@@ -14,7 +14,8 @@ qemu-img as the oracle.
   * the same conversation (errors, return shapes) against
     qemu-storage-daemon on a qcow2 (skipped visibly without it);
   * under load: snapshots taken and deleted while vqcow-fe writes at random
-    (no request fails), then check clean and every snapshot readable;
+    (no request fails, none waits 3 s), with one thread and with two I/O
+    threads, then check clean and every snapshot readable;
   * kill -9 during snapshot create / delete under load, many times at random
     moments: qemu-img check finds no refcount too low (only leaks, and
     COPIED flags disagreeing with a too-high refcount), after `-r leaks` no
@@ -229,21 +230,22 @@ def test_qsd(vqcowd, work):
     return True
 
 
-def bench(fe_bin, vsock, seconds, offset=0):
+def bench(fe_bin, vsock, seconds, offset=0, jobs=1):
     return subprocess.Popen([fe_bin, "bench", vsock, "--rw", "randwrite", "--bs", "4K",
                              "--iodepth", "8", "--size", "32M", "--offset", str(offset),
-                             "--runtime", str(seconds)],
+                             "--numjobs", str(jobs), "--runtime", str(seconds)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_load(vqcowd, fe_bin, work):
+def test_load(vqcowd, fe_bin, work, threads=0):
     img = os.path.join(work, "load.qcow2")
     qimg("create", "-q", "-f", "qcow2", img, "64M")
-    d = Daemon(vqcowd, work, img, "load")
+    extra = ["--io-threads", str(threads), "--num-queues", str(threads)] if threads else []
+    d = Daemon(vqcowd, work, img, "load", extra)
     try:
         q = Qmp(d.qsock)
         fe(fe_bin, "write", d.vsock, 40 * MiB, MiB, stdin=b"P" * MiB)
-        b = bench(fe_bin, d.vsock, 4)
+        b = bench(fe_bin, d.vsock, 4, jobs=max(threads, 1))
         time.sleep(0.5)
         lat = []
         for i in range(6):
@@ -256,8 +258,12 @@ def test_load(vqcowd, fe_bin, work):
             time.sleep(0.2)
         out, err = b.communicate(timeout=60)
         check(b.returncode == 0, "bench under snapshots: rc %d\n%s%s" % (b.returncode, out, err))
-        log("ok: 6 snapshots and 3 deletes under random writes; bench without errors; "
-            "snapshot latency %.1f..%.1f ms" % (min(lat) * 1000, max(lat) * 1000))
+        m = re.search(r"^total .* max ([0-9.]+) \(", out, re.M)
+        check(m and float(m.group(1)) < 3e6, "a request waited over 3 s: %s" % out)
+        log("ok: %s: 6 snapshots and 3 deletes under random writes; bench without errors; "
+            "snapshot latency %.1f..%.1f ms; slowest request %.0f ms"
+            % ("%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
+               max(lat) * 1000, float(m.group(1)) / 1000))
         q.cmd("quit")
         d.p.wait(10)
         check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
@@ -352,6 +358,7 @@ def main():
     test_data(vqcowd, fe_bin, ctl, vimg, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)
+    test_load(vqcowd, fe_bin, work, threads=2)
     test_kill(vqcowd, fe_bin, work, int(os.environ.get("VQCOW_SNAP_KILL_ROUNDS", "12")))
     if not qsd_ran:
         log("SKIP: the qemu-storage-daemon comparison did not run")
