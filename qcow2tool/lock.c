@@ -14,6 +14,10 @@
  *          sharing everything), its data file as above.
  *   check -r (WRITE)
  *          image: + write, resize; data file: + write, resize; backing as READ.
+ *   convert's source (CONVERT): as READ, but a raw image too keeps writers
+ *          out (consistent read / write, resize); its destination holds write
+ *          and shares everything (a qcow2 reader, which refuses writers, is
+ *          refused; a raw one is not), as WRITE on a raw image.
  *   -U (force share, read-only modes only): consistent read (READ) or nothing
  *          (INFO), sharing everything, on every file.
  *
@@ -153,7 +157,9 @@ static int lock_one(struct qcow2_locks *lk, const char *path, const char *fmt, u
 		use = mode == QCOW2_LOCK_RESIZE && depth == 0  ? cr | w | rs
 		      : mode == QCOW2_LOCK_WRITE && depth == 0 ? cr | w
 							       : cr;
-		shared = IO_PERM_ALL;
+		/* qemu-img convert refuses writers of a raw source; check and map do not */
+		shared = mode == QCOW2_LOCK_CONVERT && depth == 0 ? IO_PERM_ALL & ~(w | rs)
+								  : IO_PERM_ALL;
 	} else {
 		use = mode >= QCOW2_LOCK_WRITE && depth == 0 ? cr | w | rs : cr;
 		shared = IO_PERM_ALL & ~(w | rs);

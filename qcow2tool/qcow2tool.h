@@ -237,10 +237,12 @@ int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2
 /* ---- image locks (QEMU-compatible; lock.c) ---- */
 
 enum qcow2_lock_mode {
-	QCOW2_LOCK_INFO,   /* qemu-img info: the image only, no read permission */
-	QCOW2_LOCK_READ,   /* qemu-img check / map: the whole chain, reading */
-	QCOW2_LOCK_WRITE,  /* qemu-img check -r: the image read-write, the chain reading */
-	QCOW2_LOCK_RESIZE, /* qemu-img resize: as WRITE, and a raw image also takes resize */
+	QCOW2_LOCK_INFO,    /* qemu-img info: the image only, no read permission */
+	QCOW2_LOCK_READ,    /* qemu-img check / map: the whole chain, reading */
+	QCOW2_LOCK_CONVERT, /* qemu-img convert's source: as READ, and a raw image keeps
+			       writers out too */
+	QCOW2_LOCK_WRITE,   /* qemu-img check -r: the image read-write, the chain reading */
+	QCOW2_LOCK_RESIZE,  /* qemu-img resize: as WRITE, and a raw image also takes resize */
 };
 
 struct qcow2_lock_fd {

@@ -1214,7 +1214,7 @@ static int cmd_convert(int argc, char **argv)
 	co.min_sparse = sparse;
 	/* the source as qemu-img convert holds it: read, nobody else writing (-U: shared) */
 	src = (struct file_args){.fmt = co.src_fmt, .file = co.src, .force_share = force_share};
-	if (lock_file(&locks, &src, QCOW2_LOCK_READ))
+	if (lock_file(&locks, &src, QCOW2_LOCK_CONVERT))
 		goto out;
 	progress_init(&prog_state, show_progress && !quiet);
 	r = qcow2_convert(&co, &cb, err, sizeof(err));

@@ -256,7 +256,32 @@ def part_cli():
         p.stdin.close()
         p.wait(10)
     check(qlib.qemu_compare(src, out, "qcow2", "raw").rc == 0, "-U output differs")
-    log("PASS cli: -p, -q, -S 0, errors, locks")
+    # while a convert runs: the source refuses a writer, the destination is locked
+    big = W("big.raw")
+    with open(big, "wb") as f:
+        f.write(os.urandom(48 * MiB))
+    dst = W("big.qcow2")
+    p = subprocess.Popen([A.img, "convert", "-c", "-O", "qcow2", big, dst],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(dst) and qlib.image_locked(dst)):
+            check(p.poll() is None, "convert ended before its locks could be seen")
+            check(time.monotonic() < deadline, "the destination was never locked")
+            time.sleep(0.005)
+        r = qlib.run(["qemu-io", "-f", "raw", "-c", "write 0 512", big])
+        busy = p.poll() is None
+        check(not busy or (r.rc != 0 or "lock" in (r.text + r.errtext)),
+              "qemu-io wrote the source while convert read it:\n" + r.describe())
+        r2 = qlib.run(["qemu-io", "-f", "qcow2", "-c", "read 0 512", dst])
+        check(not busy or p.poll() is not None or "lock" in (r2.text + r2.errtext),
+              "qemu-io opened the destination while convert wrote it:\n" + r2.describe())
+    finally:
+        _, err = p.communicate(timeout=300)
+    check(p.returncode == 0, "convert -c of 48 MiB failed: %s" % err.decode(errors="replace"))
+    check(qlib.qemu_compare(big, dst, "raw", "qcow2").rc == 0, "48 MiB -c output differs")
+    log("PASS cli: -p, -q, -S 0, errors, locks (also while convert runs: %s)"
+        % ("seen" if busy else "convert was too fast to see them"))
 
 
 def part_snapshot():
