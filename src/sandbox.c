@@ -18,7 +18,9 @@
  *  - eventfds (eventfd2), signals (the signalfd is read; rt_sigreturn for
  *    our own handler, rt_sigprocmask), futex (also the I/O threads' mutex
  *    and condition variable), clock_gettime/nanosleep,
- *    getrandom, getpid/gettid, tgkill on ourselves (abort), exit/exit_group.
+ *    getrandom, getpid/gettid, tgkill on ourselves (abort), exit/exit_group;
+ *  - sysinfo: glibc's qsort (write-back sorts its batch, prefetch its tables)
+ *    calls sysconf(_SC_PHYS_PAGES) the first time it sorts more than 1 KiB.
  * The I/O threads (--io-threads) are started before the filter, which is
  * installed on all threads at once (TSYNC): no thread is created after it,
  * and a thread's exit (munmap/madvise of its stack, exit) is on the list.
@@ -120,6 +122,8 @@ static const char *const allowed[] = {
     "gettid",
     "exit",
     "exit_group",
+    /* glibc's qsort asks sysconf(_SC_PHYS_PAGES) once, for arrays > 1 KiB */
+    "sysinfo",
 #ifdef VQCOW_SANITIZE
     /* the ASan/LSan/UBSan runtime: reports, leak check at exit */
     "clone",
@@ -143,7 +147,6 @@ static const char *const allowed[] = {
     "set_robust_list",
     "rseq",
     "uname",
-    "sysinfo",
     "getrlimit",
     "prlimit64",
     "setrlimit",
