@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 """The man pages cannot drift from the programs: every option (long and short)
 and every command that a program's --help prints must appear in its man page
-source (man/NAME.SECTION.scd) as a bold *--option* / *-x* / *command*.
+source (man/NAME.SECTION.scd) as a bold *--option* / *-x* / *command* (or
+*command subcommand*).
 A failure names the page to edit."""
 
 import argparse
@@ -58,7 +59,8 @@ def main():
                                % (name, opt, src, opt))
         for c in sorted(cmds):
             total += 1
-            if not re.search(r"\*%s\*" % re.escape(c), man):
+            # bold, alone or as the first word of a bold span (*snapshot create*)
+            if not re.search(r"\*%s[* ]" % re.escape(c), man):
                 missing.append("%s --help lists the command %s, %s does not document it"
                                % (name, c, src))
         print("%s: %d long options, %d short options, %d commands in --help"
