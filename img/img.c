@@ -188,6 +188,11 @@ int img_cache_stats(struct img *img, struct img_cache_stats *st)
 	return img->ops->cache_stats(img, st);
 }
 
+int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
+{
+	return img->ops->bitmaps ? img->ops->bitmaps(img, out, max) : 0;
+}
+
 struct img *img_backing(struct img *img)
 {
 	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;

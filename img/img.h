@@ -108,6 +108,7 @@ struct img_cache_stats {
 };
 
 struct img_grow;
+
 /* An internal snapshot, as QEMU's SnapshotInfo describes it. */
 struct img_snapshot {
 	char id[128];
@@ -117,6 +118,8 @@ struct img_snapshot {
 	uint64_t vm_clock_nsec;
 	int64_t icount; /* -1: not recorded */
 };
+
+struct img_bitmap;
 
 struct img_ops {
 	const char *format; /* "raw", "qcow2" */
@@ -135,6 +138,8 @@ struct img_ops {
 	/* Optional: grow the virtual size to @size bytes (online resize; img_grow
 	 * has the contract; called with @size > img->size). */
 	int (*grow)(struct img *img, uint64_t size, struct img_grow *g);
+	/* Optional: persistent dirty bitmaps (img_bitmaps). */
+	int (*bitmaps)(struct img *img, struct img_bitmap *out, unsigned max);
 	/* Optional: metadata cache numbers (img_cache_stats). */
 	int (*cache_stats)(struct img *img, struct img_cache_stats *st);
 	/* Optional: the internal snapshots (img_snapshot_list). */
@@ -249,6 +254,22 @@ int img_cache_stats(struct img *img, struct img_cache_stats *st);
 
 /* The backing image of @img, NULL if none (the chain, for control queries). */
 struct img *img_backing(struct img *img);
+
+/* A persistent dirty bitmap (QMP's BlockDirtyInfo). */
+struct img_bitmap {
+	char name[1024];
+	uint64_t granularity; /* bytes */
+	uint64_t count;       /* dirty bytes */
+	bool recording;       /* enabled: it follows guest writes */
+	bool inconsistent;    /* left in use by a crash: not usable */
+};
+
+/*
+ * The image's persistent dirty bitmaps (qcow2 opened read-write; none
+ * otherwise), in QEMU's order: fills up to @max of @out, returns how many
+ * there are.
+ */
+int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max);
 
 /* An online resize (img_grow): the caller's, alive until done() ran. */
 struct img_grow {

@@ -1516,6 +1516,34 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	return 0;
 }
 
+/* ---- persistent dirty bitmaps ---- */
+
+static int q2_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct qcow2_bitmap_info *all;
+	int n;
+
+	if (!m->q)
+		return 0;
+	n = qcow2_bitmaps(m->q, NULL, 0);
+	if (n <= 0 || !max)
+		return n;
+	all = calloc((size_t)n, sizeof(*all));
+	if (!all)
+		return -ENOMEM;
+	qcow2_bitmaps(m->q, all, (unsigned)n);
+	for (unsigned i = 0; i < (unsigned)n && i < max; i++) {
+		snprintf(out[i].name, sizeof(out[i].name), "%s", all[i].name);
+		out[i].granularity = all[i].granularity;
+		out[i].count = all[i].count;
+		out[i].recording = all[i].recording;
+		out[i].inconsistent = all[i].inconsistent;
+	}
+	free(all);
+	return n;
+}
+
 /* ---- online grow ---- */
 
 struct q2grow {
@@ -1590,6 +1618,7 @@ static const struct img_ops q2_ops = {
     .grow = q2_grow,
     .snapshot = q2_snapshot,
     .snapshot_list = q2_snapshot_list,
+    .bitmaps = q2_bitmaps,
 };
 
 static __thread int open_depth;

@@ -117,6 +117,7 @@ struct q2_bm {
 	uint64_t nbits;   /* tracked: bits covering the virtual size */
 	uint32_t nchunks; /* tracked: table entries needed (chunks of cluster size) */
 	uint8_t **chunks; /* tracked: NULL = all zero */
+	uint64_t ones;    /* consistent, not tracked: bits set on disk (counted at open) */
 };
 
 struct q2_bitmaps {
@@ -310,6 +311,9 @@ static int parse_entry(struct qcow2 *q, struct q2_bitmaps *b, uint32_t idx, uint
 	return 0;
 }
 
+static int count_ones(struct qcow2 *q, struct q2_bm *bm, const uint64_t *t, char *err,
+		      size_t errlen);
+
 /* Read and check @bm's table; add its clusters to @clu. Keeps the table if tracked. */
 static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, char *err,
 		      size_t errlen)
@@ -341,8 +345,53 @@ static int load_table(struct qcow2 *q, struct q2_bm *bm, struct q2_u64v *clu, ch
 	if (ret == 0 && bm->tracked) {
 		bm->table = t;
 		t = NULL;
+	} else if (ret == 0 && !(bm->flags & BM_FLAG_IN_USE)) {
+		ret = count_ones(q, bm, t, err, errlen);
 	}
 	free(t);
+	return ret;
+}
+
+static uint64_t popcount(const uint8_t *c, size_t len)
+{
+	uint64_t n = 0;
+
+	for (size_t i = 0; i < len; i++)
+		n += (uint64_t)__builtin_popcount(c[i]);
+	return n;
+}
+
+static void clear_tail(const struct qcow2 *q, const struct q2_bm *bm, uint32_t k, uint8_t *chunk);
+
+/* A consistent bitmap we leave alone (disabled): count its bits once, at open. */
+static int count_ones(struct qcow2 *q, struct q2_bm *bm, const uint64_t *t, char *err,
+		      size_t errlen)
+{
+	uint8_t *c = malloc(q->cs);
+	int ret = 0;
+
+	if (!c)
+		return -ENOMEM;
+	for (uint32_t k = 0; k < bm->nchunks; k++) {
+		uint64_t e = t[k], off = e & BM_TE_OFFSET_MASK;
+
+		if (!off && !(e & BM_TE_ALL_ONES))
+			continue;
+		if (!off) {
+			memset(c, 0xff, q->cs);
+		} else {
+			ret = io_file_pread_sync(q->file, c, q->cs, off);
+			if (ret < 0) {
+				qcow2_seterr(err, errlen, ret,
+					     "%s: bitmap '%s': reading bitmap data: %s", q->path,
+					     bm->name, strerror(-ret));
+				break;
+			}
+		}
+		clear_tail(q, bm, k, c);
+		bm->ones += popcount(c, q->cs);
+	}
+	free(c);
 	return ret;
 }
 
@@ -864,4 +913,45 @@ out:
 	free(st.v);
 	free(dir);
 	return ret;
+}
+
+/* ---- listing ---- */
+
+int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned max)
+{
+	const struct q2_bitmaps *b = q->bms;
+	unsigned n = 0;
+
+	if (!b)
+		return 0;
+	/* QEMU lists the last one of the directory first */
+	for (uint32_t i = b->n; i-- > 0; n++) {
+		const struct q2_bm *bm = &b->bm[i];
+		const uint8_t *e = b->dir + bm->pos;
+		struct qcow2_bitmap_info *o = &out[n];
+		uint32_t extra, name_size;
+		uint64_t ones = 0;
+
+		if (n >= max)
+			continue;
+		extra = qcow2_be32(e + offsetof(struct bm_dir_disk, extra_data_size));
+		name_size = qcow2_be16(e + offsetof(struct bm_dir_disk, name_size));
+		if (name_size >= sizeof(o->name))
+			name_size = sizeof(o->name) - 1;
+		memcpy(o->name, e + BM_DIR_ENTRY_LEN + extra, name_size);
+		o->name[name_size] = '\0';
+		o->granularity = 1ull << bm->gbits;
+		o->recording = bm->tracked;
+		o->inconsistent = !bm->tracked && (bm->flags & BM_FLAG_IN_USE);
+		if (bm->tracked) {
+			for (uint32_t k = 0; k < bm->nchunks; k++)
+				if (bm->chunks[k])
+					ones += popcount(bm->chunks[k], q->cs);
+		} else {
+			ones = bm->ones;
+		}
+		/* dirty bytes: set bits times the granularity, as QEMU counts */
+		o->count = ones << bm->gbits;
+	}
+	return (int)n;
 }

@@ -170,6 +170,22 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
  */
 int qcow2_grow(struct qcow2 *q, uint64_t size, struct qcow2_flush *f, char *err, size_t errlen);
 
+/* A persistent dirty bitmap, as QMP's BlockDirtyInfo shows it. */
+struct qcow2_bitmap_info {
+	char name[1024];
+	uint64_t granularity; /* bytes */
+	uint64_t count;       /* dirty bytes */
+	bool recording;       /* enabled: it follows guest writes */
+	bool inconsistent;    /* in use on disk when opened (left by a crash): not usable */
+};
+
+/*
+ * The image's persistent dirty bitmaps (read-write opens; none read-only),
+ * the last of the directory first as QEMU lists them: fills up to @max of
+ * @out and returns how many there are.
+ */
+int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned max);
+
 /* ---- data I/O tickets ---- */
 
 /* Start of a data I/O that will map host clusters; returns a ticket for qcow2_io_end(). */

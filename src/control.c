@@ -86,6 +86,36 @@ static json_t *image_info(struct img *img)
 	return o;
 }
 
+/* QEMU's "dirty-bitmaps" (BlockDirtyInfo list), only when the node has bitmaps. */
+static void add_bitmaps(json_t *o, struct img *img)
+{
+	struct img_bitmap *bm;
+	json_t *a;
+	int n = img_bitmaps(img, NULL, 0);
+
+	if (n <= 0)
+		return;
+	bm = calloc((size_t)n, sizeof(*bm));
+	a = json_array();
+	if (!bm || !a || img_bitmaps(img, bm, (unsigned)n) != n) {
+		free(bm);
+		json_decref(a);
+		return;
+	}
+	for (int i = 0; i < n; i++) {
+		json_t *e =
+		    json_pack("{s:s,s:b,s:b,s:b,s:I,s:I}", "name", bm[i].name, "recording",
+			      bm[i].recording, "persistent", 1, "busy", 0, "granularity",
+			      (json_int_t)bm[i].granularity, "count", (json_int_t)bm[i].count);
+
+		if (e && bm[i].inconsistent)
+			json_object_set_new(e, "inconsistent", json_true());
+		json_array_append_new(a, e);
+	}
+	json_object_set_new(o, "dirty-bitmaps", a);
+	free(bm);
+}
+
 /* BlockDeviceInfo of one node. */
 static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsigned depth)
 {
@@ -105,6 +135,8 @@ static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsig
 		      "iops_wr", 0, "write_threshold", 0);
 	if (o && img_backing(img))
 		json_object_set_new(o, "backing_file", json_string(img_backing(img)->path));
+	if (o)
+		add_bitmaps(o, img);
 	if (o && img_cache_stats(img, &cs) == 0) {
 		/* Ours, beside QEMU's keys: the qcow2 metadata caches. */
 		json_object_set_new(
