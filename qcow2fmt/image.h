@@ -213,7 +213,8 @@ struct qcow2_snap_desc {
  * delete: the snapshot with ID @id and/or name @sname (either may be NULL);
  *         @out (may be NULL) receives what it was.
  * apply:  make the snapshot with ID or name @id_or_name the active state
- *         (qemu-img snapshot -a); refused across a resize.
+ *         (qemu-img snapshot -a); refused across a resize and, as QEMU
+ *         refuses it, on an image with persistent dirty bitmaps.
  * list:   *@out (malloc'd) gets the *@n snapshots, table order.
  */
 #define QCOW2_SNAP_UNIQUE_NAME 1u

@@ -732,6 +732,12 @@ int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const c
 		goto out;
 	}
 	s = &im.snaps[i];
+	if (im.h.has_bitmaps && im.h.nb_bitmaps) {
+		/* QEMU 7.2 refuses it too, even for disabled bitmaps: they would
+		 * not describe the reverted content. */
+		ret = qcow2_seterr(err, errlen, -EBUSY, "Device has active dirty bitmaps");
+		goto out;
+	}
 	if (s->l1_size > im.h.l1_size || (s->disk_size && s->disk_size != im.h.size)) {
 		ret = qcow2_seterr(err, errlen, -ENOTSUP,
 				   "the snapshot has another disk size than the image; reverting "

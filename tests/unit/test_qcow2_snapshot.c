@@ -259,6 +259,35 @@ static void test_apply_crash(void)
 	crash_every_write('a');
 }
 
+/* As qemu-img: no revert on an image with persistent bitmaps (enabled or not). */
+static void test_apply_bitmaps(void)
+{
+	char img[300], q[300];
+
+	snprintf(img, sizeof(img), "%s/bm.qcow2", dir);
+	snprintf(q, sizeof(q), "%s/bmq.qcow2", dir);
+	CU_ASSERT_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 8M && qemu-img snapshot -c s %s && "
+			      "qemu-img bitmap --add %s b0 && qemu-img bitmap --disable %s b0 && "
+			      "cp %s %s && cp %s %s.orig",
+			      img, img, img, img, img, q, img, img) == 0);
+	CU_ASSERT(tu_sh("qemu-img snapshot -a s %s 2>&1 | grep -q 'Device has active dirty "
+			"bitmaps'",
+			q) == 0);
+	{
+		struct cio c = {.budget = -1};
+		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+		char err[300] = "";
+
+		c.fd = open(img, O_RDWR);
+		CU_ASSERT_FATAL(c.fd >= 0);
+		CU_ASSERT(qcow2_snapshot_apply_io(&io, img, "s", err, sizeof(err)) == -EBUSY);
+		CU_ASSERT_STRING_EQUAL(err, "Device has active dirty bitmaps");
+		CU_ASSERT(c.writes == 0);
+		close(c.fd);
+	}
+	CU_ASSERT(tu_sh("cmp %s %s.orig", img, img) == 0); /* untouched */
+}
+
 int main(void)
 {
 	const char *skip = NULL;
@@ -275,6 +304,8 @@ int main(void)
 	tu_add_test(s, "create: crash after every write", test_create_crash, skip);
 	tu_add_test(s, "delete: crash after every write", test_delete_crash, skip);
 	tu_add_test(s, "apply: crash after every write", test_apply_crash, skip);
+	tu_add_test(s, "apply: refused with persistent bitmaps, as qemu-img", test_apply_bitmaps,
+		    skip);
 	fails = tu_cunit_run();
 	tu_sh("rm -rf %s", dir);
 	if (skip && !fails)
