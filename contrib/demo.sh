@@ -114,7 +114,7 @@ if [ "$accel" = auto ]; then
 	accel=$(vm_pick_accel "$build/guest")
 fi
 vm_qemu_base "$accel"
-append="console=ttyS0 quiet panic=-1 vqcow.job=$job vqcow.runtime=$runtime"
+append="console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=$job vqcow.runtime=$runtime"
 qemu_args=("${VM_QEMU[@]}" -chardev "socket,id=c0,path=$sock"
 	-device vhost-user-blk-pci,chardev=c0,num-queues=2
 	-kernel "$build/guest/vmlinuz" -initrd "$build/guest/initrd.img" -append "$append")

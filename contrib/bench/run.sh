@@ -718,7 +718,7 @@ run_guest_part() {
 					python3 "$BENCHPY" guest --console /dev/null --csv "$guest_csv" --image "$gimg" --job "$gjob" --backend "$kind" || true
 					continue
 				fi
-				local append="console=ttyS0 quiet panic=-1 vqcow.job=bench vqcow.rw=$rw vqcow.bs=$bs vqcow.iodepth=$qd vqcow.runtime=$guest_runtime"
+				local append="console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=bench vqcow.rw=$rw vqcow.bs=$bs vqcow.iodepth=$qd vqcow.runtime=$guest_runtime"
 				[ "$mix" = - ] || append="$append vqcow.mix=$mix"
 				rc=0
 				timeout -k 5 "$tmo" "$QEMU" -machine q35,accel="$accel" -cpu "$cpu" -smp 1 -m 512 \

@@ -57,7 +57,7 @@ vm_pick_accel() {
 		out=$(mktemp)
 		vm_qemu_base kvm
 		"${VM_QEMU[@]}" -kernel "$dir/vmlinuz" -initrd "$dir/initrd.img" \
-			-append "console=ttyS0 quiet panic=-1 vqcow.job=probe" </dev/null >"$out" 2>&1 &
+			-append "console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=probe" </dev/null >"$out" 2>&1 &
 		pid=$!
 		for ((i = 0; i < ${VQCOW_KVM_PROBE_SECONDS:-25} * 4; i++)); do
 			if grep -q 'VQCOW-GUEST: INIT' "$out"; then

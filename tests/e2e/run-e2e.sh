@@ -266,7 +266,7 @@ boot_guest() {
 	local chardev="socket,id=c0,path=$sock" kills=0 next_kill=""
 	[ "$kill_under_guest" -gt 0 ] && chardev="$chardev,reconnect=1"
 	vm_qemu_base "$accel"
-	append="console=ttyS0 quiet panic=-1 vqcow.job=$gjob vqcow.fiosize=$fio_size $job_args"
+	append="console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=$gjob vqcow.fiosize=$fio_size $job_args"
 	vm_log "booting the guest (job $gjob)"
 	start=$(date +%s)
 	timeout --kill-after=10 "$timeout_s" "${VM_QEMU[@]}" \
@@ -356,7 +356,7 @@ interrupt() {
 		-chardev "socket,id=c0,path=$sock" \
 		-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
 		-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
-		-append "console=ttyS0 quiet panic=-1 vqcow.job=stress vqcow.runtime=$timeout_s" \
+		-append "console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=stress vqcow.runtime=$timeout_s" \
 		</dev/null >"$con" 2>&1 &
 	qemu_pid=$!
 	for ((i = 0; i < timeout_s * 2; i++)); do

@@ -120,7 +120,7 @@ if accel != 'kvm':
     d.remove(d.find('cpu'))  # host-passthrough needs KVM
 os_ = d.find('os')
 for tag, text in (('kernel', work + '/vmlinuz'), ('initrd', work + '/initrd.img'),
-                  ('cmdline', 'console=ttyS0 quiet panic=-1 vqcow.job=e2e vqcow.fiosize=64M')):
+                  ('cmdline', 'console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=e2e vqcow.fiosize=64M')):
     ET.SubElement(os_, tag).text = text
 dev = d.find('devices')
 for e in list(dev):

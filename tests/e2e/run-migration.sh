@@ -177,7 +177,7 @@ guest() {
 	local n=$1 d=$2; shift 2
 	vm_qemu_base "$accel"
 	"${VM_QEMU[@]}" -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
-		-append "console=ttyS0 quiet panic=-1 vqcow.job=e2e vqcow.fiosize=$FIOSIZE" \
+		-append "console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=e2e vqcow.fiosize=$FIOSIZE" \
 		-chardev "socket,id=c0,path=$work/$d.sock" \
 		-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
 		-qmp "unix:$work/$n.qmp,server=on,wait=off" "$@" </dev/null >"$work/$n.log" 2>&1 &

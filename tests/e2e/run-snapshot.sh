@@ -75,7 +75,7 @@ vm_qemu_base "$accel"
 "${VM_QEMU[@]}" -chardev "socket,id=c0,path=$sock" \
 	-device vhost-user-blk-pci,chardev=c0,num-queues=2 \
 	-kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
-	-append "console=ttyS0 quiet panic=-1 vqcow.job=snapseq vqcow.seq=$seq" \
+	-append "console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=snapseq vqcow.seq=$seq" \
 	</dev/null >"$con" 2>&1 &
 qemu_pid=$!
 
