@@ -156,6 +156,36 @@ int img_file_open(struct io_file *f, const char *path, unsigned flags, char *err
 	return ret;
 }
 
+int img_set_writable(struct img *img, bool writable, char *err, size_t errlen)
+{
+	if (!img->ops->set_writable) {
+		if (err)
+			snprintf(err, errlen, "%s: format %s cannot change to %s", img->path,
+				 img->ops->format, writable ? "read-write" : "read-only");
+		return -ENOTSUP;
+	}
+	return img->ops->set_writable(img, writable, err, errlen);
+}
+
+int img_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
+		     struct img_wait *w)
+{
+	if (off >= img->size)
+		return -EINVAL;
+	if (len > img->size - off)
+		len = img->size - off;
+	if (!img->ops->block_status) {
+		*pnum = len;
+		return 1;
+	}
+	return img->ops->block_status(img, off, len, pnum, w);
+}
+
+struct img *img_take_backing(struct img *img)
+{
+	return img->ops->take_backing ? img->ops->take_backing(img) : NULL;
+}
+
 void img_close(struct img *img)
 {
 	if (img)

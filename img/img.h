@@ -46,6 +46,15 @@
 struct img;
 struct img_io;
 
+/*
+ * A caller parked by an operation that returned -EAGAIN (img_block_status):
+ * @wake(@w) runs later from the loop (never inside the call); call again.
+ */
+struct img_wait {
+	void (*wake)(struct img_wait *w); /* set by the caller */
+	void *priv;                       /* the caller's */
+};
+
 typedef void img_done_fn(struct img_io *io, int res);
 
 enum img_op {
@@ -147,6 +156,13 @@ struct img_ops {
 	/* Optional: internal snapshots (img_snapshot). */
 	int (*snapshot)(struct img *img, bool create, const char *id, const char *name,
 			struct img_snapshot *out, char *err, size_t errlen);
+	/* Optional: become a read-only backing file, or writable again (img_set_writable). */
+	int (*set_writable)(struct img *img, bool writable, char *err, size_t errlen);
+	/* Optional: allocation status in this layer (img_block_status); NULL = all allocated. */
+	int (*block_status)(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
+			    struct img_wait *w);
+	/* Optional: hand the backing image over to the caller (img_take_backing). */
+	struct img *(*take_backing)(struct img *img);
 };
 
 /*
@@ -175,6 +191,11 @@ struct img_opts {
 	bool inactive; /* incoming migration: take no lock and keep no metadata; the image
 			* serves nothing (reads -EIO, writes -EROFS) until img_set_perm(WRITE) */
 	const struct img_name_guard *name_guard; /* NULL = open named files as we are */
+	/* qcow2: the image's backing file is this already open image (the caller
+	 * guarantees it is the file the header names), owned by the new image from a
+	 * successful open on; NULL = open what the header names. Used to put a new
+	 * overlay over the active image (blockdev-snapshot-sync). */
+	struct img *backing_img;
 };
 
 struct img {
@@ -308,6 +329,41 @@ int img_snapshot(struct img *img, bool create, const char *id, const char *name,
  * operation or reopen. 0 (*@n may be 0), -ENOTSUP for formats without them.
  */
 int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigned *n);
+
+/*
+ * Change the role of an open image between the active layer and a backing
+ * file, in place (same file descriptions, cached metadata kept), for
+ * external snapshots and block-commit.
+ * @writable false: the image becomes a read-only backing file: it writes
+ * nothing more and holds a backing file's locks (QEMU's read-only set:
+ * consistent read, sharing everything but write and resize). No request
+ * may be in flight (-EBUSY) and every write must have been flushed: a qcow2
+ * image with metadata left to write back returns -EAGAIN (flush, call
+ * again); -ENOTSUP while it tracks enabled persistent dirty bitmaps.
+ * @writable true: the image takes a writer's locks (the write permission;
+ * -EAGAIN with QEMU's message if another process holds a conflicting lock)
+ * and writes again; only an image opened read-write (-EROFS otherwise).
+ * On failure nothing changed. Never drives the loop. 0 or -errno.
+ */
+int img_set_writable(struct img *img, bool writable, char *err, size_t errlen);
+
+/*
+ * Is a prefix of [@off, @off + @len) allocated in @img itself (data or
+ * zeroes written here: 1), or read from its backing file (0)? *@pnum gets
+ * the prefix length. -EAGAIN: metadata must be read first; @w->wake(@w)
+ * runs from the loop once it was (or failed), then call again (one parked
+ * caller per image at a time). -errno on corrupt or unreadable metadata.
+ * Formats without layers (raw) are allocated everywhere.
+ */
+int img_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
+		     struct img_wait *w);
+
+/*
+ * Detach and return @img's backing image (the caller owns it from now on;
+ * NULL if none). @img must serve no more requests: only closing it is left
+ * (the pivot of block-commit closes the overlay and keeps its base).
+ */
+struct img *img_take_backing(struct img *img);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

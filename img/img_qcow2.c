@@ -189,6 +189,8 @@ struct q2img {
 	void *zero_buf; /* last-resort zero writes */
 	bool no_zero_range, no_punch;
 	uint64_t cs;
+	struct qcow2_waiter st_w; /* img_block_status's parked caller */
+	struct img_wait *st_user;
 };
 
 static void step(struct q2req *r, int res);
@@ -1478,6 +1480,135 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 	return ret;
 }
 
+/*
+ * The external snapshot's old active layer becomes a backing file (and
+ * block-commit's base a writer again) without closing anything: the same
+ * file descriptions change their locks, the engine stops or resumes
+ * writing. Locks first when taking the write permission (nothing changes
+ * if another process holds a conflicting lock), the engine first when
+ * giving it up (nothing is written once the lock is gone).
+ */
+static int q2_set_writable(struct img *img, bool writable, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	bool was_backing = img->backing, was_ro = img->read_only;
+	int ret;
+
+	if (writable == !img->read_only && img->backing == !writable)
+		return 0;
+	if (!m->q || img->perm == IMG_PERM_NONE) {
+		if (err)
+			snprintf(err, errlen, "%s: image is inactive", img->path);
+		return -EBUSY;
+	}
+	if (writable) {
+		if (m->file.flags & IO_FILE_RDONLY) {
+			if (err)
+				snprintf(
+				    err, errlen,
+				    "%s: opened read-only (reopening a backing file read-write "
+				    "is not supported)",
+				    img->path);
+			return -EROFS;
+		}
+		img->backing = false;
+		ret = lock_all(m, IMG_PERM_WRITE, img->perm, err, errlen);
+		if (ret == 0)
+			ret = qcow2_set_read_only(m->q, false);
+		if (ret < 0) {
+			img->backing = was_backing;
+			lock_all(m, img->perm, IMG_PERM_WRITE, NULL, 0);
+			if (err && ret == -EROFS)
+				snprintf(err, errlen, "%s: the engine was opened read-only",
+					 img->path);
+			return ret;
+		}
+		img->perm = IMG_PERM_WRITE;
+		img->read_only = false;
+		return 0;
+	}
+	if (m->inflight) {
+		if (err)
+			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+				 m->inflight);
+		return -EBUSY;
+	}
+	ret = qcow2_set_read_only(m->q, true);
+	if (ret < 0) {
+		if (err && ret == -ENOTSUP)
+			snprintf(err, errlen,
+				 "%s: enabled persistent dirty bitmaps cannot be kept on a layer "
+				 "that becomes read-only",
+				 img->path);
+		else if (err && ret == -EAGAIN)
+			snprintf(err, errlen, "%s: metadata left to write back (flush first)",
+				 img->path);
+		return ret;
+	}
+	img->read_only = true;
+	img->backing = true;
+	ret = lock_all(m, IMG_PERM_READ, img->perm, err, errlen);
+	if (ret < 0) {
+		/* cannot happen when only giving permissions up; stay a writer */
+		img->read_only = was_ro;
+		img->backing = was_backing;
+		qcow2_set_read_only(m->q, false);
+		return ret;
+	}
+	img->perm = IMG_PERM_READ;
+	return 0;
+}
+
+static void st_wake(struct qcow2_waiter *w)
+{
+	struct q2img *m = w->priv;
+	struct img_wait *u = m->st_user;
+
+	m->st_user = NULL;
+	if (u)
+		u->wake(u);
+}
+
+static int q2_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
+			   struct img_wait *w)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct qcow2_extent x[8];
+	int n;
+
+	if (!m->q)
+		return -EIO;
+	if (m->st_user)
+		return -EBUSY;
+	m->st_w.wake = st_wake;
+	m->st_w.priv = m;
+	n = qcow2_map_read(m->q, off, len, x, 8, &m->st_w);
+	if (n == -EAGAIN) {
+		m->st_user = w;
+		return n;
+	}
+	if (n < 0)
+		return n;
+	{
+		bool alloc = x[0].type != QCOW2_MAP_UNALLOC;
+		uint64_t end = x[0].off + x[0].len;
+
+		for (int i = 1; i < n && (x[i].type != QCOW2_MAP_UNALLOC) == alloc; i++)
+			end = x[i].off + x[i].len;
+		*pnum = end - off;
+		return alloc;
+	}
+}
+
+static struct img *q2_take_backing(struct img *img)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct img *b = m->backing;
+
+	m->backing = NULL;
+	return b;
+}
+
 static struct img *q2_backing_of(struct img *img)
 {
 	return ((struct q2img *)img)->backing;
@@ -1619,6 +1750,9 @@ static const struct img_ops q2_ops = {
     .snapshot = q2_snapshot,
     .snapshot_list = q2_snapshot_list,
     .bitmaps = q2_bitmaps,
+    .set_writable = q2_set_writable,
+    .block_status = q2_block_status,
+    .take_backing = q2_take_backing,
 };
 
 static __thread int open_depth;
@@ -1737,7 +1871,10 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 */
 		m->own_dfile = true;
 	}
-	if (h->backing_file[0]) {
+	if (h->backing_file[0] && opts && opts->backing_img) {
+		m->backing = opts->backing_img;
+		qcow2_set_backing_size(m->q, m->backing->size);
+	} else if (h->backing_file[0]) {
 		struct img_opts bo = {0};
 		char berr[512];
 

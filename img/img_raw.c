@@ -334,6 +334,40 @@ static int raw_set_perm(struct img *img, enum img_perm perm, char *err, size_t e
 	return ret;
 }
 
+/* See img_set_writable: a raw file only changes its locks (and gets its zero buffer). */
+static int raw_set_writable(struct img *img, bool writable, char *err, size_t errlen)
+{
+	struct raw_img *r = to_raw(img);
+	bool was_backing = img->backing;
+	enum img_perm perm = writable ? IMG_PERM_WRITE : IMG_PERM_READ;
+	int ret;
+
+	if (writable && (r->file.flags & IO_FILE_RDONLY)) {
+		if (err)
+			snprintf(err, errlen,
+				 "%s: opened read-only (reopening a backing file read-write is "
+				 "not supported)",
+				 img->path);
+		return -EROFS;
+	}
+	if (writable && !r->zero_buf) {
+		r->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
+		if (!r->zero_buf)
+			return -ENOMEM;
+		memset(r->zero_buf, 0, ZERO_BUF_SIZE);
+	}
+	img->backing = !writable;
+	ret = img_file_lock(&r->file, img->path, img->backing ? IMG_FILE_BACKING : IMG_FILE_RAW,
+			    perm, img->force_share, err, errlen);
+	if (ret < 0) {
+		img->backing = was_backing;
+		return ret;
+	}
+	img->perm = perm;
+	img->read_only = !writable;
+	return 0;
+}
+
 static const struct img_ops raw_ops = {
     .format = "raw",
     .submit = raw_submit,
@@ -342,6 +376,7 @@ static const struct img_ops raw_ops = {
     .refresh_size = raw_refresh_size,
     .grow = raw_grow,
     .set_perm = raw_set_perm,
+    .set_writable = raw_set_writable,
 };
 
 /* Block device discard granularity from sysfs; 0 = no discard. */

@@ -955,3 +955,8 @@ int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned
 	}
 	return (int)n;
 }
+
+bool q2_bitmap_tracking(const struct qcow2 *q)
+{
+	return q->bms && q->bms->ntracked;
+}

@@ -162,6 +162,7 @@ struct qcow2 {
 	char *path;
 	struct qcow2_header_info h;
 	bool read_only;
+	bool rw_open; /* opened read-write: qcow2_set_read_only(false) may return to it */
 	bool extl2;
 	bool ext_data; /* external data file */
 	bool data_raw; /* autoclear raw external data bit kept */
@@ -441,6 +442,8 @@ int q2_bitmap_start(struct qcow2 *q, char *err, size_t errlen);
  */
 int q2_bitmap_store(struct qcow2 *q);
 void q2_bitmap_exit(struct qcow2 *q);
+/* Enabled bitmaps follow guest writes (they must be stored before writing stops). */
+bool q2_bitmap_tracking(const struct qcow2 *q);
 
 /* ---- compress.c ---- */
 void q2_compress_exit(struct qcow2 *q);

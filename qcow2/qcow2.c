@@ -246,6 +246,7 @@ int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, co
 	q->file = file;
 	q->data_file = file;
 	q->read_only = opts->read_only || (file->flags & IO_FILE_RDONLY);
+	q->rw_open = !q->read_only;
 	q->backing_size = UINT64_MAX;
 	q->writeback_ms = opts->writeback_ms ? opts->writeback_ms : 5000;
 	q->path = strdup(path);

@@ -369,4 +369,18 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
  */
 int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t *n);
 
+/*
+ * Stop or resume writing (the external snapshot's old active layer becomes
+ * a read-only backing file; block-commit writes into it again). Going
+ * read-only needs a quiet engine: no request in flight (the caller's
+ * duty), nothing left to write back. It gives back the clusters reserved
+ * ahead and returns -EAGAIN while anything is left: the caller flushes
+ * (qcow2_flush) and calls again. -ENOTSUP while enabled persistent dirty
+ * bitmaps are tracked (they would have to be stored: only qcow2_close
+ * does that). Going read-write again: only an engine opened read-write
+ * (-EROFS otherwise); its allocation state is the one it left. The locks
+ * are the caller's (img/). 0 or -errno.
+ */
+int qcow2_set_read_only(struct qcow2 *q, bool read_only);
+
 #endif /* VQCOW_QCOW2_H */

@@ -845,3 +845,26 @@ void q2_wb_exit(struct qcow2 *q)
 		q->batch_spare = NULL;
 	}
 }
+
+int qcow2_set_read_only(struct qcow2 *q, bool read_only)
+{
+	if (!read_only) {
+		if (!q->rw_open)
+			return -EROFS;
+		q->read_only = false;
+		return 0;
+	}
+	if (q->read_only)
+		return 0;
+	if (q2_bitmap_tracking(q))
+		return -ENOTSUP;
+	/* Reserved clusters go back first; their refcounts are then written back. */
+	if (q->resv_next < q->resv_end) {
+		q2_resv_release(q);
+		return -EAGAIN;
+	}
+	if (q->tokens || has_work(q) || busy(q))
+		return -EAGAIN;
+	q->read_only = true;
+	return 0;
+}
