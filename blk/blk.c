@@ -87,6 +87,10 @@ struct blk_dev {
 		uint32_t gen;
 		uint64_t bound[BLK_HIST_MAX];
 	} hist[BLK_STAT_N];
+	unsigned paused;                   /* blk_dev_pause depth */
+	struct blk_req *held, **held_tail; /* requests that arrived while paused */
+	blk_write_hook_fn *wr_hook;
+	void *wr_hook_priv;
 };
 
 static uint64_t now_ns(void)
@@ -256,6 +260,9 @@ static void req_io_done(struct img_io *io, int res)
 	struct blk_req *req = io->priv;
 	struct blk_dev *dev = req->dev;
 
+	if (dev->wr_hook && req->state == BLK_REQ_IO &&
+	    (io->op == IMG_OP_WRITE || io->op == IMG_OP_WRITE_ZEROES || io->op == IMG_OP_DISCARD))
+		dev->wr_hook(dev->wr_hook_priv, io->off, io->len);
 	if (res == 0 && req->state == BLK_REQ_IO && is_write_type(req->type) && !dev->wce) {
 		/* Writethrough: the write is not complete until it is stable. */
 		req->state = BLK_REQ_WT_FLUSH;
@@ -420,6 +427,12 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 	unsigned out_cnt = 0, in_cnt = 0;
 	int ret;
 
+	if (dev->paused) {
+		req->held_next = NULL;
+		*dev->held_tail = req;
+		dev->held_tail = &req->held_next;
+		return;
+	}
 	req->dev = dev;
 	req->stats = stats;
 	req->state = BLK_REQ_IDLE;
@@ -476,6 +489,47 @@ unsigned blk_dev_inflight(const struct blk_dev *dev)
 bool blk_dev_any_thread(const struct blk_dev *dev)
 {
 	return dev->img->any_loop;
+}
+
+void blk_dev_pause(struct blk_dev *dev)
+{
+	if (!dev->paused++) {
+		dev->held = NULL;
+		dev->held_tail = &dev->held;
+	}
+}
+
+void blk_dev_resume(struct blk_dev *dev)
+{
+	struct blk_req *r;
+
+	if (!dev->paused || --dev->paused)
+		return;
+	r = dev->held;
+	dev->held = NULL;
+	dev->held_tail = &dev->held;
+	while (r) {
+		struct blk_req *next = r->held_next;
+
+		blk_req_submit(dev, r);
+		r = next;
+	}
+}
+
+void blk_dev_set_img(struct blk_dev *dev, struct img *img)
+{
+	dev->img = img;
+}
+
+struct img *blk_dev_img(const struct blk_dev *dev)
+{
+	return dev->img;
+}
+
+void blk_dev_set_write_hook(struct blk_dev *dev, blk_write_hook_fn *fn, void *priv)
+{
+	dev->wr_hook = fn;
+	dev->wr_hook_priv = priv;
 }
 
 /* ---- device ---- */

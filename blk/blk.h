@@ -89,8 +89,9 @@ struct blk_req {
 	struct iovec *data_iov; /* data part of iov (header/status stripped) */
 	unsigned data_cnt;
 	struct img_io io;
-	uint64_t t0;             /* submission time (CLOCK_MONOTONIC ns), for the statistics */
-	struct blk_stats *stats; /* where it is counted (blk_req_submit_stats) */
+	uint64_t t0;               /* submission time (CLOCK_MONOTONIC ns), for the statistics */
+	struct blk_stats *stats;   /* where it is counted (blk_req_submit_stats) */
+	struct blk_req *held_next; /* held while the device is paused */
 };
 
 struct blk_opts {
@@ -159,7 +160,7 @@ void blk_req_submit(struct blk_dev *dev, struct blk_req *req);
  */
 void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_stats *stats);
 
-/* Requests submitted but not yet completed. */
+/* Requests submitted but not yet completed (held ones not counted). */
 unsigned blk_dev_inflight(const struct blk_dev *dev);
 
 /*
@@ -174,6 +175,33 @@ unsigned blk_dev_inflight(const struct blk_dev *dev);
  * runs on the image's thread.
  */
 bool blk_dev_any_thread(const struct blk_dev *dev);
+
+/*
+ * Changing the image under a running guest (external snapshot, the pivot of
+ * block-commit). While paused, blk_req_submit() holds new requests (they
+ * are not started, and not counted in blk_dev_inflight()) until
+ * blk_dev_resume() starts them in arrival order; the requests already in
+ * flight go on. Pauses nest: the device runs again after the last resume.
+ * blk_dev_set_img() puts @img under the device (capacity unchanged: the
+ * caller's images have the same size); requests still in flight finish on
+ * the image they started on, so swap only with none in flight (paused and
+ * drained). Single-threaded: blk_req_submit() and these run on one thread
+ * (not for an image served from several threads, blk_dev_any_thread()).
+ * The write hook below likewise.
+ */
+void blk_dev_pause(struct blk_dev *dev);
+void blk_dev_resume(struct blk_dev *dev);
+void blk_dev_set_img(struct blk_dev *dev, struct img *img);
+struct img *blk_dev_img(const struct blk_dev *dev);
+
+/*
+ * Called each time a write, write-zeroes or discard of [@off, @off + @len)
+ * ended on the image (successfully or not: a failed write may have changed
+ * part of the range), before the guest learns of it: block-commit copies
+ * what changed in the top image while it runs. NULL @fn = none.
+ */
+typedef void blk_write_hook_fn(void *priv, uint64_t off, uint64_t len);
+void blk_dev_set_write_hook(struct blk_dev *dev, blk_write_hook_fn *fn, void *priv);
 
 /*
  * Request statistics, counted where requests complete, with the meaning of
