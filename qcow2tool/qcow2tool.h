@@ -5,8 +5,9 @@
  *
  * Depends on the format code (qcow2fmt/) only, never on the online engine
  * (qcow2/). Everything here is synchronous on plain fds (fdio.c gives the
- * format code a struct qcow2_io over an fd) and is never called by the
- * daemon. The checker itself lives in qcow2fmt/check.c, shared with the
+ * format code a struct qcow2_io over an fd). The daemon calls only
+ * qcow2_create (the overlay of an external snapshot, a new file nobody
+ * else uses yet). The checker itself lives in qcow2fmt/check.c, shared with the
  * engine's repair of a dirty image; see qcow2fmt/image.h for its invariants.
  *
  * Image files are hostile input: every table offset, size and entry is

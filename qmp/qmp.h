@@ -38,7 +38,7 @@
 #define QMP_MAX_MSG     (64 * 1024)   /* largest input message (bytes) */
 #define QMP_MAX_OUT     (1024 * 1024) /* largest backlog of unsent replies */
 #define QMP_MAX_CLIENTS 32            /* connections at once; more are closed */
-#define QMP_MAX_ARGS    8
+#define QMP_MAX_ARGS    16
 
 typedef void qmp_watch_cb(void *arg);
 

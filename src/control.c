@@ -14,7 +14,13 @@
 #include "blk.h"
 #include "control.h"
 #include "img.h"
+#include "layers.h"
 #include "vlog.h"
+
+#define JOB_DEV                                                                                    \
+	{                                                                                          \
+		"device", QMP_STR, false                                                           \
+	}
 
 static int find_node(struct ctl *c, json_t *args, char *err, size_t errlen)
 {
@@ -169,10 +175,9 @@ static int cmd_nodes(void *opaque, json_t *args, json_t **ret, char *err, size_t
 	if (!a)
 		return -ENOMEM;
 	for (struct img *i = c->img; i; i = img_backing(i), depth++) {
-		/* Backing nodes have no name of their own: NAME-backing1, ... */
-		if (depth)
-			snprintf(name, sizeof(name), "%s-backing%u", c->node_name, depth);
-		json_array_append_new(a, node_info(c, i, depth ? name : c->node_name, depth));
+		/* Backing nodes opened from their overlay's header: NAME-backing1, ... */
+		json_array_append_new(
+		    a, node_info(c, i, layers_node_name(c, i, depth, name, sizeof(name)), depth));
 	}
 	*ret = a;
 	return 0;
@@ -640,6 +645,36 @@ static const struct qmp_command commands[] = {
     {"blockdev-snapshot-delete-internal-sync",
      {{"device", QMP_STR, false}, {"id", QMP_STR, true}, {"name", QMP_STR, true}, {NULL}},
      cmd_snap_delete},
+    {"blockdev-snapshot-sync",
+     {{"device", QMP_STR, true},
+      {"node-name", QMP_STR, true},
+      {"snapshot-file", QMP_STR, false},
+      {"snapshot-node-name", QMP_STR, true},
+      {"format", QMP_STR, true},
+      {"mode", QMP_STR, true},
+      {NULL}},
+     layers_snapshot_sync},
+    {"block-commit",
+     {{"job-id", QMP_STR, true},
+      {"device", QMP_STR, false},
+      {"base-node", QMP_STR, true},
+      {"base", QMP_STR, true},
+      {"top-node", QMP_STR, true},
+      {"top", QMP_STR, true},
+      {"backing-file", QMP_STR, true},
+      {"speed", QMP_INT, true},
+      {"on-error", QMP_STR, true},
+      {"filter-node-name", QMP_STR, true},
+      {"auto-finalize", QMP_BOOL, true},
+      {"auto-dismiss", QMP_BOOL, true},
+      {NULL}},
+     layers_commit},
+    {"query-block-jobs", {{NULL}}, layers_query_jobs},
+    {"block-job-complete", {JOB_DEV, {NULL}}, layers_job_complete},
+    {"block-job-cancel", {JOB_DEV, {"force", QMP_BOOL, true}, {NULL}}, layers_job_cancel},
+    {"block-job-set-speed", {JOB_DEV, {"speed", QMP_INT, false}, {NULL}}, layers_job_set_speed},
+    {"block-job-pause", {JOB_DEV, {NULL}}, layers_job_pause},
+    {"block-job-resume", {JOB_DEV, {NULL}}, layers_job_resume},
     {"quit", {{NULL}}, cmd_quit},
     {NULL},
 };
@@ -661,6 +696,7 @@ void ctl_tick(struct ctl *c)
 
 	if (!c->qmp)
 		return;
+	layers_tick(c);
 	failures = blk_dev_failures(c->blk); /* the cheap test, every iteration */
 	if (failures == c->failures_seen)
 		return;
@@ -712,6 +748,11 @@ int ctl_start(struct ctl *c, const char *path, int fd)
 	return ret;
 }
 
+bool ctl_busy(struct ctl *c)
+{
+	return layers_stop(c);
+}
+
 void ctl_stop(struct ctl *c)
 {
 	while (c->ops) {
@@ -723,6 +764,7 @@ void ctl_stop(struct ctl *c)
 	}
 	qmp_server_exit(c->qmp);
 	c->qmp = NULL;
+	layers_exit(c);
 	json_decref(c->version);
 	c->version = NULL;
 }

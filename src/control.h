@@ -15,6 +15,8 @@
 #include <stdint.h>
 
 struct img;
+struct img_opts;
+struct layers;
 
 /* Per-virtqueue counters the daemon keeps (query-blockstats "vqcowd" section). */
 struct ctl_qstat {
@@ -42,6 +44,20 @@ struct ctl {
 	 * ctl_held() from outside it (snapshots: the image is quiesced there).
 	 */
 	void (*hold)(void *opaque);
+	/* --io-threads: with more than one, requests of an image that takes I/O on
+	 * any thread (raw) are run on the queues' threads: such an image cannot
+	 * be swapped under the device (layers.c refuses). */
+	unsigned io_threads;
+	/* The working directory at start-up (relative image names), NULL if unknown. */
+	const char *cwd;
+	/* How the daemon opened its image (external snapshots open overlays alike). */
+	const struct img_opts *img_opts;
+	/* @img is the active layer now (external snapshot, commit pivot). */
+	void (*set_active)(void *opaque, struct img *img);
+	/* Close @img (and its chain) soon, from main(): closing drives the loop. */
+	void (*retire)(void *opaque, struct img *img);
+	/* The device resumed: pop what the rings hold. */
+	void (*kick)(void *opaque);
 	void *opaque;
 	struct qmp_loop_ops loop;
 
@@ -52,6 +68,7 @@ struct ctl {
 	uint64_t failures_seen;  /* blk_dev_failures() already reported */
 	struct ctl_op *ops;      /* snapshot operations waiting for ctl_held() */
 	uint64_t last_event_ns;
+	struct layers *layers; /* layers.c: node names, snapshot in progress, the job */
 };
 
 /* The daemon stops (@reason: QEMU's ShutdownCause, e.g. "host-qmp-quit"): SHUTDOWN event. */
@@ -70,6 +87,12 @@ void ctl_tick(struct ctl *c);
  * The daemon then pops requests again.
  */
 void ctl_held(struct ctl *c);
+
+/*
+ * The daemon stops: background work (a commit job) stops. True while its
+ * I/O is in flight or the device is paused for it: keep the loop running.
+ */
+bool ctl_busy(struct ctl *c);
 
 /*
  * Listen on @path, or serve @fd when >= 0 (a listening socket passed in).

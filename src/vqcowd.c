@@ -630,6 +630,11 @@ struct daemon {
 	bool ctl_hold;          /* --qmp: requests held back for a snapshot (ctl_held) */
 	bool hold_armed;        /* hold_cmd in flight */
 	struct io_cmd hold_cmd; /* wakes the main loop while held (I/O threads complete) */
+
+	/* Layers let go of by an external snapshot or commit, closed from main(). */
+	struct img *retired[16];
+	unsigned nretired;
+	bool flushed; /* the final flush ended: the loop stopped for good */
 };
 
 /* -- I/O threads: parking and hops -- */
@@ -1029,7 +1034,7 @@ static void d_defer(struct io_defer *def)
 		d->handoff = HO_CTL; /* quiesced: main() runs the snapshot */
 		io_loop_stop(d->loop);
 	}
-	if (d->stopping && !d->flushing && d_inflight(d) == 0) {
+	if (d->stopping && !d->flushing && d_inflight(d) == 0 && !ctl_busy(&d->ctl)) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
 		img_flush(d->img, &d->flush_io);
@@ -1330,6 +1335,7 @@ static void flush_done(struct img_io *io, int res)
 	} else {
 		logmsg("image flushed; exiting");
 	}
+	d->flushed = true;
 	io_loop_stop(d->loop);
 }
 
@@ -1375,6 +1381,49 @@ static void check_resize(struct daemon *d)
 static void ctl_resized(void *opaque)
 {
 	size_changed(opaque, "block_resize");
+}
+
+static void ctl_set_active(void *opaque, struct img *img)
+{
+	struct daemon *d = opaque;
+
+	d->img = img;
+}
+
+static void ctl_retire(void *opaque, struct img *img)
+{
+	struct daemon *d = opaque;
+
+	if (d->nretired < sizeof(d->retired) / sizeof(d->retired[0])) {
+		d->retired[d->nretired++] = img;
+		io_loop_stop(d->loop);
+	} else {
+		log_warn("too many layers to close at once: %s stays open", img->path);
+	}
+}
+
+static void ctl_kick(void *opaque)
+{
+	struct daemon *d = opaque;
+	struct vhost_dev *dev = vhost_server_dev(d->srv);
+
+	for (unsigned i = 0; dev && !d->parked && i < vhost_dev_num_queues(dev); i++) {
+		struct vhost_vq *vq = vhost_dev_vq(dev, i);
+
+		if (vq && vq_is_running(vq))
+			d_queue_kick(d, vq);
+	}
+}
+
+/* Close the layers an external snapshot or commit let go of (the loop is stopped). */
+static void close_retired(struct daemon *d)
+{
+	while (d->nretired) {
+		struct img *img = d->retired[--d->nretired];
+
+		logmsg("closing %s (no longer in the chain)", img->path);
+		img_close(img);
+	}
 }
 
 /* Stop taking requests; the defer hook flushes and ends the loop. */
@@ -1710,6 +1759,7 @@ int main(int argc, char **argv)
 	struct options o;
 	struct daemon d;
 	struct img_opts iopts;
+	char cwd[4096];
 	struct name_ids nids = {0};
 	struct img_name_guard name_guard = {name_enter, name_leave, &nids};
 	struct blk_opts bopts;
@@ -1877,6 +1927,12 @@ int main(int argc, char **argv)
 		d.ctl.quit = ctl_quit;
 		d.ctl.resized = ctl_resized;
 		d.ctl.hold = ctl_hold_cb;
+		d.ctl.img_opts = &iopts;
+		d.ctl.io_threads = d.nthreads;
+		d.ctl.cwd = getcwd(cwd, sizeof(cwd));
+		d.ctl.set_active = ctl_set_active;
+		d.ctl.retire = ctl_retire;
+		d.ctl.kick = ctl_kick;
 		d.ctl.opaque = &d;
 		d.ctl.loop.watch = watch_events;
 		d.ctl.loop.unwatch = d_unwatch;
@@ -1950,6 +2006,11 @@ int main(int argc, char **argv)
 		logmsg("incoming migration: the image stays unlocked until the rings start");
 	for (;;) {
 		ret = io_loop_run(d.loop);
+		if (ret >= 0 && d.nretired) {
+			close_retired(&d);
+			if (d.handoff == HO_NONE && !d.flushed)
+				continue;
+		}
 		if (ret < 0 || d.handoff == HO_NONE)
 			break;
 		handoff(&d);

@@ -1,0 +1,1230 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * src/layers.c — external snapshots and the active-layer commit job.
+ *
+ * blockdev-snapshot-sync: the device is paused (new requests are held, not
+ * refused: blk_dev_pause), the requests in flight finish on the old layer,
+ * the old layer is flushed and becomes a read-only backing file in place
+ * (img_set_writable: its write lock goes, QEMU's read-only lock set stays),
+ * the new overlay is opened over it (img_opts.backing_img: the very same
+ * open image is its backing) and put under the device, and the held requests
+ * start on it. The guest sees a pause of a drain and a flush.
+ *
+ * block-commit of the active layer (QEMU's mirror-style "active commit"):
+ * the base takes the write permission again (img_set_writable), every
+ * chunk allocated above the base (img_block_status of each layer) is marked
+ * dirty, and so is every range a guest write, write-zeroes or discard
+ * touched once it ended (blk_dev_set_write_hook, from the job's start on).
+ * One copy at a time (so two copies of a chunk never race) takes the next
+ * dirty run, clears it, reads it through the chain from the active layer and
+ * writes it into the base. With nothing dirty left the job is READY (event
+ * BLOCK_JOB_READY) and keeps following the guest's writes. block-job-complete
+ * pauses the device, copies what is still dirty, flushes the base and puts
+ * it under the device (writable, holding the write lock); the layers above
+ * it are closed. block-job-cancel (and a failed copy) pauses, lets the copy
+ * in flight end, flushes the base and makes it a read-only backing file
+ * again.
+ *
+ * Crash safety: the job never writes the layers above the base, and writes
+ * the base only through the qcow2 engine (its durability order), with data
+ * the layers above hold too: a kill -9 at any point leaves every file
+ * consistent and the chain reading what the guest wrote.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "blk.h"
+#include "control.h"
+#include "img.h"
+#include "layers.h"
+#include "qcow2tool.h"
+#include "vlog.h"
+
+#define NAMES_MAX   64
+#define GRAN        (64u * 1024)   /* dirty tracking granularity */
+#define COPY_MAX    (1024u * 1024) /* bytes per copy */
+#define DRAIN_NS    30000000000ull /* give up a pause after 30 s */
+#define SCAN_BATCH  512            /* status calls before yielding to the loop */
+#define MAX_FLUSHES 20
+#define RL_SLICE_NS 100000000ull /* rate limit slice: 100 ms */
+
+enum jstat {
+	JS_CREATED,
+	JS_RUNNING,
+	JS_PAUSED,
+	JS_READY,
+	JS_STANDBY,
+	JS_WAITING,
+	JS_PENDING,
+	JS_ABORTING,
+	JS_CONCLUDED,
+	JS_NULL,
+};
+
+static const char *const jstat_name[] = {"created", "running", "paused",   "ready",     "standby",
+					 "waiting", "pending", "aborting", "concluded", "null"};
+
+struct node_name {
+	struct img *img;
+	char *name;
+};
+
+/* blockdev-snapshot-sync in progress (the device is paused). */
+struct snap {
+	struct qmp_pending *reply;
+	struct img *old;
+	char *file, *name;
+	bool created;
+	bool flushing;
+	unsigned flushes;
+	uint64_t t0;
+	struct img_io fio;
+	int flush_res;
+	struct io_cmd post;
+	struct ctl *c;
+};
+
+enum jend { END_NONE, END_PIVOT, END_CANCEL, END_FAIL, END_STOP };
+
+struct cjob {
+	struct ctl *c;
+	char *id;
+	struct img *top, *base;
+	uint64_t size;
+	uint8_t *dirty;
+	uint64_t nchunks, ndirty, cursor;
+	uint64_t offset; /* bytes copied */
+	uint64_t speed;  /* bytes/s, 0 = unlimited */
+	enum jstat status;
+	bool scanning;
+	bool was_ready; /* BLOCK_JOB_READY sent: in sync from then on (QEMU's "ready") */
+	uint64_t scan_off;
+	bool busy; /* a copy in flight */
+	bool user_paused;
+	bool posted, timer_armed;
+	bool paused_dev;   /* we paused the device (ending) */
+	bool cancel_ready; /* cancelled while ready without force: ends as completed */
+	enum jend end;
+	int end_stage; /* 0 draining, 1 flushing, 2 done */
+	unsigned flushes;
+	uint64_t end_t0;
+	int error;
+	char errmsg[256];
+	/* the copy in flight */
+	uint64_t c_off, c_len;
+	void *buf;
+	struct iovec iov;
+	struct img_io io;
+	bool c_writing;
+	/* rate limit: bytes copied since rl_t0 */
+	uint64_t rl_t0, rl_bytes;
+	struct img_wait w;
+	struct io_cmd post, timer, fpost;
+	struct img_io fio;
+	int flush_res;
+};
+
+struct layers {
+	struct node_name names[NAMES_MAX];
+	unsigned nnames;
+	unsigned auto_seq;
+	struct snap *snap;
+	struct cjob *job;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The chain as it was at start-up gets its names the first time we look. */
+static struct layers *get(struct ctl *c)
+{
+	struct layers *L = c->layers;
+	unsigned depth = 0;
+
+	if (L)
+		return L;
+	L = calloc(1, sizeof(*L));
+	if (!L)
+		return NULL;
+	for (struct img *i = c->img; i && L->nnames < NAMES_MAX; i = img_backing(i), depth++) {
+		char buf[300];
+
+		if (depth)
+			snprintf(buf, sizeof(buf), "%s-backing%u", c->node_name, depth);
+		L->names[L->nnames].img = i;
+		L->names[L->nnames].name = strdup(depth ? buf : c->node_name);
+		if (!L->names[L->nnames].name)
+			break;
+		L->nnames++;
+	}
+	c->layers = L;
+	return L;
+}
+
+static const char *name_of(struct layers *L, struct img *img)
+{
+	for (unsigned i = 0; i < L->nnames; i++)
+		if (L->names[i].img == img)
+			return L->names[i].name;
+	return NULL;
+}
+
+static struct img *find_name(struct ctl *c, struct layers *L, const char *name)
+{
+	for (struct img *i = c->img; i; i = img_backing(i)) {
+		const char *n = name_of(L, i);
+
+		if (n && strcmp(n, name) == 0)
+			return i;
+	}
+	return NULL;
+}
+
+static void name_drop(struct layers *L, struct img *img)
+{
+	for (unsigned i = 0; i < L->nnames; i++) {
+		if (L->names[i].img == img) {
+			free(L->names[i].name);
+			L->names[i] = L->names[--L->nnames];
+			return;
+		}
+	}
+}
+
+const char *layers_node_name(struct ctl *c, struct img *img, unsigned depth, char *buf, size_t len)
+{
+	struct layers *L = get(c);
+	const char *n = L ? name_of(L, img) : NULL;
+
+	if (n)
+		return n;
+	if (!depth)
+		return c->node_name;
+	snprintf(buf, len, "%s-backing%u", c->node_name, depth);
+	return buf;
+}
+
+static const char *sarg(json_t *args, const char *k)
+{
+	return json_string_value(json_object_get(args, k));
+}
+
+/* QEMU's rule for node names: a letter, then letters, digits, '-', '.', '_'; < 32 bytes. */
+static bool valid_node_name(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n == 0 || n > 31 || !((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= 'A' && s[0] <= 'Z')))
+		return false;
+	for (size_t i = 1; i < n; i++) {
+		char ch = s[i];
+
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+		      (ch >= '0' && ch <= '9') || ch == '-' || ch == '.' || ch == '_'))
+			return false;
+	}
+	return true;
+}
+
+static void resume_dev(struct ctl *c)
+{
+	blk_dev_resume(c->blk);
+	c->kick(c->opaque); /* requests held meanwhile, and rings that waited */
+}
+
+/* ---- blockdev-snapshot-sync ---- */
+
+static void snap_end(struct ctl *c, int ret, const char *msg)
+{
+	struct layers *L = c->layers;
+	struct snap *s = L->snap;
+
+	L->snap = NULL;
+	if (ret < 0) {
+		vlog(VLOG_WARN, NULL, "qmp: blockdev-snapshot-sync %s failed: %s", s->file, msg);
+		if (s->created)
+			unlink(s->file);
+		if (s->reply)
+			qmp_pending_error(s->reply, "%s", msg);
+	} else if (s->reply) {
+		qmp_pending_return(s->reply, NULL);
+	}
+	resume_dev(c);
+	free(s->file);
+	free(s->name);
+	free(s);
+}
+
+static void snap_flushed(struct img_io *io, int res);
+
+static void snap_flush(struct snap *s)
+{
+	s->flushing = true;
+	s->flushes++;
+	s->fio.done = snap_flushed;
+	s->fio.priv = s;
+	img_flush(s->old, &s->fio);
+}
+
+static void snap_after_flush(struct io_cmd *cmd, int res);
+
+/* The flush request itself still counts as in flight until its done() returned. */
+static void snap_flushed(struct img_io *io, int res)
+{
+	struct snap *s = io->priv;
+
+	s->flush_res = res;
+	s->post.done = snap_after_flush;
+	s->post.priv = s;
+	io_post(s->old->loop, &s->post);
+}
+
+static void snap_after_flush(struct io_cmd *cmd, int unused)
+{
+	struct snap *s = cmd->priv;
+	struct ctl *c = s->c;
+	int res = s->flush_res;
+	struct img_opts o;
+	struct img *ov;
+	char err[512] = "", msg[600];
+	int ret;
+
+	s->flushing = false;
+	if (res < 0) {
+		snprintf(msg, sizeof(msg), "%s: flush failed: %s", s->old->path, strerror(-res));
+		snap_end(c, res, msg);
+		return;
+	}
+	ret = img_set_writable(s->old, false, err, sizeof(err));
+	/* -EBUSY: a request's completion ran before the image let go of it */
+	if ((ret == -EAGAIN || ret == -EBUSY) && s->flushes < MAX_FLUSHES) {
+		snap_flush(s);
+		return;
+	}
+	if (ret < 0) {
+		snap_end(c, ret, err[0] ? err : strerror(-ret));
+		return;
+	}
+	o = *c->img_opts;
+	o.format = "qcow2";
+	o.read_only = false;
+	o.backing = false;
+	o.inactive = false;
+	o.force_share = false;
+	o.backing_img = s->old;
+	ret = img_open(&ov, s->old->loop, s->file, &o, err, sizeof(err));
+	if (ret == 0 && ov->size != s->old->size) {
+		snprintf(err, sizeof(err),
+			 "%s: virtual size %" PRIu64 " differs from %s's (%" PRIu64 ")", s->file,
+			 ov->size, s->old->path, s->old->size);
+		img_take_backing(ov);
+		c->retire(c->opaque, ov);
+		ret = -EINVAL;
+	}
+	if (ret < 0) {
+		char e2[512];
+
+		if (img_set_writable(s->old, true, e2, sizeof(e2)) < 0)
+			vlog(VLOG_ERROR, NULL, "qmp: %s stays read-only: %s", s->old->path, e2);
+		snap_end(c, ret, err[0] ? err : strerror(-ret));
+		return;
+	}
+	c->layers->names[c->layers->nnames].img = ov;
+	c->layers->names[c->layers->nnames].name = s->name;
+	c->layers->nnames++;
+	c->node_name = s->name;
+	s->name = NULL;
+	blk_dev_set_img(c->blk, ov);
+	c->img = ov;
+	c->set_active(c->opaque, ov);
+	vlog(VLOG_INFO, NULL, "qmp: external snapshot: %s (node %s) is the active layer over %s",
+	     ov->path, c->node_name, s->old->path);
+	s->created = false;
+	snap_end(c, 0, NULL);
+}
+
+static void snap_tick(struct ctl *c, struct snap *s)
+{
+	if (s->flushing)
+		return;
+	if (blk_dev_inflight(c->blk)) {
+		if (now_ns() - s->t0 > DRAIN_NS)
+			snap_end(c, -ETIMEDOUT, "requests in flight did not end within 30 s");
+		return;
+	}
+	snap_flush(s);
+}
+
+int layers_snapshot_sync(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct layers *L = get(c);
+	const char *dev = sarg(args, "device"), *node = sarg(args, "node-name");
+	const char *file = sarg(args, "snapshot-file"), *sname = sarg(args, "snapshot-node-name");
+	const char *fmt = sarg(args, "format"), *mode = sarg(args, "mode");
+	const char *want = node ? node : dev;
+	struct img *img;
+	struct snap *s;
+	bool existing;
+	char autoname[32];
+	int r;
+
+	if (!L)
+		return -ENOMEM;
+	img = want ? find_name(c, L, want) : NULL;
+	if (!img) {
+		snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", dev ? dev : "",
+			 node ? node : "");
+		return -ENOENT;
+	}
+	if (img != c->img) {
+		const char *above = c->node_name;
+
+		for (struct img *i = c->img; i; i = img_backing(i)) {
+			if (img_backing(i) == img) {
+				above = name_of(L, i) ? name_of(L, i) : c->node_name;
+				break;
+			}
+		}
+		snprintf(err, errlen, "Node '%s' is busy: node is used as backing hd of '%s'", want,
+			 above);
+		return -EBUSY;
+	}
+	if (L->snap || L->job) {
+		snprintf(err, errlen, "Node '%s' is busy: block device is in use by block job: %s",
+			 want, L->job ? "commit" : "snapshot");
+		return -EBUSY;
+	}
+	if (fmt && strcmp(fmt, "qcow2") != 0) {
+		snprintf(err, errlen, "Format '%s' is not supported for the overlay (only qcow2)",
+			 fmt);
+		return -ENOTSUP;
+	}
+	if (mode && strcmp(mode, "existing") != 0 && strcmp(mode, "absolute-paths") != 0) {
+		snprintf(err, errlen, "Parameter 'mode' does not accept value '%s'", mode);
+		return -EINVAL;
+	}
+	existing = mode && strcmp(mode, "existing") == 0;
+	if (!existing && strcmp(file, img->path) == 0) {
+		snprintf(err, errlen,
+			 "Error: Trying to create an image with the same filename as the backing "
+			 "file");
+		return -EINVAL;
+	}
+	if (node && !sname) {
+		snprintf(err, errlen, "New overlay node-name missing");
+		return -EINVAL;
+	}
+	if (sname && !valid_node_name(sname)) {
+		snprintf(err, errlen, "Invalid node-name: '%s'", sname);
+		return -EINVAL;
+	}
+	if (sname && find_name(c, L, sname)) {
+		snprintf(err, errlen, "Duplicate nodes with node-name='%s'", sname);
+		return -EEXIST;
+	}
+	if (L->nnames >= NAMES_MAX) {
+		snprintf(err, errlen, "Too many layers (%u)", NAMES_MAX);
+		return -ENOSPC;
+	}
+	if (!img_may_write(img)) {
+		snprintf(err, errlen, "Node '%s' is read-only", want);
+		return -EROFS;
+	}
+	if (c->io_threads > 1 && img->any_loop) {
+		snprintf(
+		    err, errlen,
+		    "Node '%s' is a %s image served by %u I/O threads: external snapshots need "
+		    "--io-threads 1",
+		    want, img->ops->format, c->io_threads);
+		return -ENOTSUP;
+	}
+	if (!sname) {
+		/* QEMU names anonymous nodes "#blockN" */
+		snprintf(autoname, sizeof(autoname), "#block%u", 100 + L->auto_seq++);
+		sname = autoname;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->c = c;
+	s->old = img;
+	s->file = strdup(file);
+	s->name = strdup(sname);
+	if (!s->file || !s->name) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	if (!existing) {
+		struct qcow2_create_opts co = {0};
+		char *abs = NULL;
+
+		/* mode absolute-paths: the backing file name is absolute (no
+		 * realpath: readlink is not on the seccomp list; cwd was taken
+		 * at start-up) */
+		if (img->path[0] != '/' && c->cwd && asprintf(&abs, "%s/%s", c->cwd, img->path) < 0)
+			abs = NULL;
+
+		co.size = img->size;
+		co.size_set = true;
+		co.backing_file = abs ? abs : img->path;
+		co.backing_fmt = img->ops->format;
+		r = qcow2_create(file, &co, NULL, err, errlen);
+		free(abs);
+		if (r < 0)
+			goto fail;
+		s->created = true;
+	}
+	s->reply = qmp_server_defer(c->qmp);
+	if (!s->reply) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	s->t0 = now_ns();
+	L->snap = s;
+	blk_dev_pause(c->blk);
+	vlog(VLOG_INFO, NULL, "qmp: blockdev-snapshot-sync %s over %s: draining", file, img->path);
+	snap_tick(c, s);
+	return QMP_PENDING;
+
+fail:
+	if (s->created)
+		unlink(file);
+	free(s->file);
+	free(s->name);
+	free(s);
+	if (r == -ENOMEM && !err[0])
+		snprintf(err, errlen, "out of memory");
+	return r;
+}
+
+/* ---- the commit job ---- */
+
+static json_t *job_event_data(struct cjob *j)
+{
+	uint64_t len = j->offset + j->ndirty * (uint64_t)GRAN + (j->busy ? j->c_len : 0);
+
+	if (j->scanning)
+		len += j->size - j->scan_off;
+	return json_pack("{s:s,s:s,s:I,s:I,s:I}", "type", "commit", "device", j->id, "len",
+			 (json_int_t)len, "offset", (json_int_t)j->offset, "speed",
+			 (json_int_t)j->speed);
+}
+
+static void set_status(struct cjob *j, enum jstat st)
+{
+	if (j->status == st)
+		return;
+	j->status = st;
+	if (j->c->qmp)
+		qmp_server_event(j->c->qmp, "JOB_STATUS_CHANGE",
+				 json_pack("{s:s,s:s}", "id", j->id, "status", jstat_name[st]));
+}
+
+static void job_free(struct cjob *j)
+{
+	free(j->dirty);
+	io_free_aligned(j->buf);
+	free(j->id);
+	free(j);
+}
+
+static void job_run(struct cjob *j);
+
+static void post_done(struct io_cmd *cmd, int res)
+{
+	struct cjob *j = cmd->priv;
+
+	(void)res;
+	j->posted = false;
+	job_run(j);
+}
+
+static void job_kick(struct cjob *j)
+{
+	if (j->posted || j->busy || j->timer_armed)
+		return;
+	j->posted = true;
+	j->post.done = post_done;
+	j->post.priv = j;
+	io_post(j->top->loop, &j->post);
+}
+
+static void timer_done(struct io_cmd *cmd, int res)
+{
+	struct cjob *j = cmd->priv;
+
+	(void)res;
+	j->timer_armed = false;
+	job_run(j);
+}
+
+static void wait_wake(struct img_wait *w)
+{
+	job_kick(w->priv);
+}
+
+static void mark(struct cjob *j, uint64_t off, uint64_t len)
+{
+	uint64_t first, last;
+
+	if (!len || off >= j->size)
+		return;
+	if (len > j->size - off)
+		len = j->size - off;
+	first = off / GRAN;
+	last = (off + len - 1) / GRAN;
+	for (uint64_t i = first; i <= last; i++) {
+		if (!(j->dirty[i >> 3] & (1u << (i & 7)))) {
+			j->dirty[i >> 3] |= (uint8_t)(1u << (i & 7));
+			j->ndirty++;
+		}
+	}
+}
+
+static void write_hook(void *priv, uint64_t off, uint64_t len)
+{
+	struct cjob *j = priv;
+
+	mark(j, off, len);
+	job_kick(j);
+}
+
+/* The next dirty chunk at or after the cursor (wrapping), or UINT64_MAX. */
+static uint64_t next_dirty(struct cjob *j)
+{
+	uint64_t nbytes = (j->nchunks + 7) / 8, b = (j->cursor / 8) % nbytes;
+
+	if (!j->ndirty)
+		return UINT64_MAX;
+	for (uint64_t n = 0; n < nbytes; n++, b = (b + 1) % nbytes) {
+		if (!j->dirty[b])
+			continue;
+		for (unsigned k = 0; k < 8; k++)
+			if (j->dirty[b] & (1u << k))
+				return b * 8 + k;
+	}
+	return UINT64_MAX;
+}
+
+static void job_end_step(struct cjob *j);
+
+static void job_fail(struct cjob *j, int err, const char *what)
+{
+	if (!j->error) {
+		j->error = err;
+		snprintf(j->errmsg, sizeof(j->errmsg), "%s", what);
+		vlog(VLOG_WARN, NULL, "qmp: job %s: %s", j->id, what);
+	}
+	if (!j->end || j->end == END_PIVOT) {
+		j->end = END_FAIL;
+		j->end_t0 = now_ns();
+		if (!j->paused_dev) {
+			blk_dev_pause(j->c->blk);
+			j->paused_dev = true;
+		}
+	}
+}
+
+static bool all_zero(const void *buf, size_t len)
+{
+	const uint64_t *p = buf;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+static void copy_done(struct img_io *io, int res)
+{
+	struct cjob *j = io->priv;
+	char msg[300];
+
+	if (res < 0) {
+		j->busy = false;
+		mark(j, j->c_off, j->c_len); /* not copied */
+		snprintf(msg, sizeof(msg), "%s %s at %" PRIu64 ": %s",
+			 j->c_writing ? "writing" : "reading",
+			 j->c_writing ? j->base->path : j->top->path, j->c_off, strerror(-res));
+		job_fail(j, res, msg);
+		job_run(j);
+		return;
+	}
+	if (!j->c_writing) {
+		j->c_writing = true;
+		if (all_zero(j->buf, j->c_len))
+			img_write_zeroes(j->base, &j->io, j->c_off, j->c_len, 0);
+		else
+			img_writev(j->base, &j->io, &j->iov, 1, j->c_off, j->c_len);
+		return;
+	}
+	j->busy = false;
+	j->offset += j->c_len;
+	j->rl_bytes += j->c_len;
+	job_run(j);
+}
+
+/* Scan the layers above the base: mark what they hold. 1 done, 0 parked/yielded, <0 error. */
+static int scan(struct cjob *j)
+{
+	for (unsigned n = 0; j->scan_off < j->size; n++) {
+		uint64_t step = j->size - j->scan_off;
+		bool alloc = false;
+
+		if (n >= SCAN_BATCH) {
+			job_kick(j);
+			return 0;
+		}
+		for (struct img *l = j->top; l && l != j->base; l = img_backing(l)) {
+			uint64_t pnum = 0;
+			int r = img_block_status(l, j->scan_off, step, &pnum, &j->w);
+
+			if (r == -EAGAIN)
+				return 0;
+			if (r < 0)
+				return r;
+			if (pnum && pnum < step)
+				step = pnum;
+			if (r == 1)
+				alloc = true;
+		}
+		if (alloc)
+			mark(j, j->scan_off, step);
+		j->scan_off += step;
+	}
+	j->scanning = false;
+	return 1;
+}
+
+static void job_run(struct cjob *j)
+{
+	struct ctl *c = j->c;
+	uint64_t i, n, now;
+	int r;
+
+	if (j->busy || j->posted || j->timer_armed)
+		return;
+	if (j->end == END_CANCEL || j->end == END_FAIL || j->end == END_STOP) {
+		job_end_step(j);
+		return;
+	}
+	if (j->user_paused && !j->end) {
+		set_status(j, JS_PAUSED);
+		return;
+	}
+	if (j->status == JS_PAUSED || j->status == JS_CREATED)
+		set_status(j, j->was_ready ? JS_READY : JS_RUNNING);
+	if (j->scanning) {
+		r = scan(j);
+		if (r < 0) {
+			char msg[300];
+
+			snprintf(msg, sizeof(msg), "reading the allocation map: %s", strerror(-r));
+			job_fail(j, r, msg);
+			job_end_step(j);
+			return;
+		}
+		if (r == 0)
+			return;
+	}
+	i = next_dirty(j);
+	if (i == UINT64_MAX) {
+		if (!j->was_ready) {
+			set_status(j, JS_READY);
+			j->was_ready = true;
+			vlog(VLOG_INFO, NULL, "qmp: job %s ready (%" PRIu64 " bytes copied)", j->id,
+			     j->offset);
+			if (c->qmp)
+				qmp_server_event(c->qmp, "BLOCK_JOB_READY", job_event_data(j));
+		}
+		if (j->end == END_PIVOT)
+			job_end_step(j);
+		return;
+	}
+	if (j->speed && !j->end) {
+		/* QEMU's way: a quota per 100 ms slice; what a copy took beyond it
+		 * is paid from the next slices */
+		uint64_t quota = j->speed / 10 ? j->speed / 10 : 1;
+
+		now = now_ns();
+		if (now - j->rl_t0 >= RL_SLICE_NS) {
+			uint64_t slices = (now - j->rl_t0) / RL_SLICE_NS;
+			uint64_t paid = slices * quota;
+
+			j->rl_bytes = j->rl_bytes > paid ? j->rl_bytes - paid : 0;
+			j->rl_t0 += slices * RL_SLICE_NS;
+		}
+		if (j->rl_bytes >= quota) {
+			j->timer_armed = true;
+			j->timer.done = timer_done;
+			j->timer.priv = j;
+			io_timeout(j->top->loop, &j->timer, j->rl_t0 + RL_SLICE_NS - now);
+			return;
+		}
+	}
+	/* a run of dirty chunks from i */
+	for (n = 0; i + n < j->nchunks && n < COPY_MAX / GRAN &&
+		    (j->dirty[(i + n) >> 3] & (1u << ((i + n) & 7)));
+	     n++) {
+		j->dirty[(i + n) >> 3] &= (uint8_t) ~(1u << ((i + n) & 7));
+		j->ndirty--;
+	}
+	j->cursor = i + n;
+	j->c_off = i * GRAN;
+	j->c_len = n * GRAN;
+	if (j->c_len > j->size - j->c_off)
+		j->c_len = j->size - j->c_off;
+	j->busy = true;
+	j->c_writing = false;
+	j->iov.iov_base = j->buf;
+	j->iov.iov_len = j->c_len;
+	j->io.done = copy_done;
+	j->io.priv = j;
+	img_readv(j->top, &j->io, &j->iov, 1, j->c_off, j->c_len);
+}
+
+/* The end of a job as QEMU 7.2 reports it (JOB_STATUS_CHANGE, then the block job event). */
+static void job_events_end(struct cjob *j, bool cancelled)
+{
+	struct ctl *c = j->c;
+	json_t *d = job_event_data(j);
+
+	if (j->end == END_PIVOT)
+		set_status(j, JS_WAITING);
+	set_status(j, cancelled || j->end == END_FAIL ? JS_ABORTING : JS_PENDING);
+	if (d && j->end == END_FAIL)
+		json_object_set_new(d, "error", json_string(j->errmsg));
+	if (c->qmp)
+		qmp_server_event(c->qmp, cancelled ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED",
+				 d);
+	else
+		json_decref(d);
+	set_status(j, JS_CONCLUDED);
+	set_status(j, JS_NULL);
+}
+
+static void end_after_flush(struct io_cmd *cmd, int unused);
+
+/* The flush request itself still counts as in flight until its done() returned. */
+static void end_flushed(struct img_io *io, int res)
+{
+	struct cjob *j = io->priv;
+
+	j->flush_res = res;
+	j->fpost.done = end_after_flush;
+	j->fpost.priv = j;
+	io_post(j->top->loop, &j->fpost);
+}
+
+static void end_after_flush(struct io_cmd *cmd, int unused)
+{
+	struct cjob *j = cmd->priv;
+	struct ctl *c = j->c;
+	int res = j->flush_res;
+	char err[512] = "";
+	int r;
+
+	if (res < 0 && j->end == END_PIVOT) {
+		char msg[300];
+
+		snprintf(msg, sizeof(msg), "flushing %s: %s", j->base->path, strerror(-res));
+		j->end_stage = 0;
+		job_fail(j, res, msg);
+		job_end_step(j);
+		return;
+	}
+	if (j->end == END_PIVOT) {
+		struct img *top = j->top, *above = top;
+
+		while (img_backing(above) != j->base)
+			above = img_backing(above);
+		blk_dev_set_write_hook(c->blk, NULL, NULL);
+		img_take_backing(above);
+		for (struct img *l = top; l; l = img_backing(l))
+			name_drop(c->layers, l);
+		blk_dev_set_img(c->blk, j->base);
+		c->img = j->base;
+		c->set_active(c->opaque, j->base);
+		c->node_name = name_of(c->layers, j->base);
+		if (!c->node_name)
+			c->node_name = "disk0";
+		c->retire(c->opaque, top);
+		vlog(VLOG_INFO, NULL, "qmp: job %s completed: %s is the active layer again", j->id,
+		     j->base->path);
+		j->end_stage = 2;
+		c->layers->job = NULL;
+		job_events_end(j, false);
+		resume_dev(c);
+		job_free(j);
+		return;
+	}
+	/* cancelled, failed or stopping: the base becomes a read-only backing file again */
+	r = img_set_writable(j->base, false, err, sizeof(err));
+	if ((r == -EAGAIN || r == -EBUSY) && ++j->flushes < MAX_FLUSHES) {
+		img_flush(j->base, &j->fio);
+		return;
+	}
+	if (r < 0)
+		vlog(VLOG_ERROR, NULL, "qmp: job %s: %s stays writable: %s", j->id, j->base->path,
+		     err);
+	blk_dev_set_write_hook(c->blk, NULL, NULL);
+	c->layers->job = NULL;
+	if (j->end != END_STOP) {
+		vlog(VLOG_INFO, NULL, "qmp: job %s %s", j->id,
+		     j->end == END_FAIL ? "failed" : "cancelled");
+		job_events_end(j, j->end == END_CANCEL && !j->cancel_ready);
+	}
+	if (j->paused_dev)
+		resume_dev(c);
+	job_free(j);
+}
+
+/* Ending: wait for the device to drain and the copy in flight, then flush the base. */
+static void job_end_step(struct cjob *j)
+{
+	struct ctl *c = j->c;
+
+	if (j->end_stage || j->busy)
+		return;
+	if (blk_dev_inflight(c->blk)) {
+		if (now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
+			j->end = END_NONE;
+			blk_dev_resume(c->blk);
+			j->paused_dev = false;
+			vlog(VLOG_WARN, NULL,
+			     "qmp: job %s: requests did not drain in 30 s; not completed", j->id);
+		}
+		return; /* layers_tick calls again */
+	}
+	if (j->end == END_PIVOT && (j->ndirty || j->scanning)) {
+		job_run(j);
+		return;
+	}
+	j->end_stage = 1;
+	j->fio.done = end_flushed;
+	j->fio.priv = j;
+	img_flush(j->base, &j->fio);
+}
+
+static struct cjob *find_job(struct ctl *c, json_t *args, char *err, size_t errlen)
+{
+	struct layers *L = get(c);
+	const char *id = sarg(args, "device");
+
+	if (L && L->job && id && strcmp(L->job->id, id) == 0)
+		return L->job;
+	snprintf(err, errlen, "Block job '%s' not found", id ? id : "");
+	return NULL;
+}
+
+static int verb_error(struct cjob *j, const char *verb, char *err, size_t errlen)
+{
+	snprintf(err, errlen, "Job '%s' in state '%s' cannot accept command verb '%s'", j->id,
+		 jstat_name[j->status], verb);
+	return -EBUSY;
+}
+
+int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct layers *L = get(c);
+	const char *dev = sarg(args, "device"), *id = sarg(args, "job-id");
+	const char *topn = sarg(args, "top-node"), *basen = sarg(args, "base-node");
+	const char *topf = sarg(args, "top"), *basef = sarg(args, "base");
+	const char *onerr = sarg(args, "on-error");
+	json_t *speed = json_object_get(args, "speed");
+	json_t *af = json_object_get(args, "auto-finalize"),
+	       *ad = json_object_get(args, "auto-dismiss");
+	struct img *top, *base = NULL;
+	struct cjob *j;
+	int r;
+
+	if (!L)
+		return -ENOMEM;
+	top = dev ? find_name(c, L, dev) : NULL;
+	if (top && top != c->img) {
+		snprintf(err, errlen, "Need a root block node");
+		return -EINVAL;
+	}
+	if (!top) {
+		snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", dev ? dev : "",
+			 dev ? dev : "");
+		return -ENOENT;
+	}
+	if ((topn && find_name(c, L, topn) != top) || (topf && strcmp(topf, top->path) != 0)) {
+		snprintf(err, errlen,
+			 "Only the active layer can be committed (top must be '%s'): intermediate "
+			 "commit is not supported",
+			 name_of(L, top));
+		return -ENOTSUP;
+	}
+	if (basen && basef) {
+		snprintf(err, errlen,
+			 "'base' and 'base-node' cannot be specified at the same time");
+		return -EINVAL;
+	}
+	for (struct img *l = img_backing(top); l; l = img_backing(l)) {
+		const char *n = name_of(L, l);
+
+		if (basen   ? (n && strcmp(n, basen) == 0)
+		    : basef ? strcmp(l->path, basef) == 0
+			    : !img_backing(l)) {
+			base = l;
+			break;
+		}
+	}
+	if (!img_backing(top)) {
+		snprintf(err, errlen, "Top image file %s has no backing file", top->path);
+		return -EINVAL;
+	}
+	if (!base) {
+		if (basen)
+			snprintf(err, errlen, "Cannot find device='' nor node-name='%s'", basen);
+		else
+			snprintf(err, errlen, "Can't find '%s' in the backing chain", basef);
+		return -ENOENT;
+	}
+	if (json_object_get(args, "backing-file")) {
+		snprintf(err, errlen,
+			 "backing-file cannot be used with an active layer commit (nothing above "
+			 "the base remains)");
+		return -EINVAL;
+	}
+	if (onerr && strcmp(onerr, "report") != 0) {
+		snprintf(err, errlen, "on-error '%s' is not supported (only 'report')", onerr);
+		return -ENOTSUP;
+	}
+	if ((af && !json_is_true(af)) || (ad && !json_is_true(ad))) {
+		snprintf(err, errlen, "auto-finalize and auto-dismiss must be true");
+		return -ENOTSUP;
+	}
+	if (speed && json_integer_value(speed) < 0) {
+		snprintf(err, errlen, "Parameter 'speed' expects a non-negative value");
+		return -EINVAL;
+	}
+	if (!id)
+		id = name_of(L, top);
+	if (L->job || L->snap) {
+		snprintf(err, errlen, "Node '%s' is busy: block device is in use by block job: %s",
+			 name_of(L, top), L->job ? "commit" : "snapshot");
+		return -EBUSY;
+	}
+	j = calloc(1, sizeof(*j));
+	if (!j)
+		return -ENOMEM;
+	j->c = c;
+	j->top = top;
+	j->base = base;
+	j->size = top->size;
+	j->nchunks = (j->size + GRAN - 1) / GRAN;
+	j->dirty = calloc((j->nchunks + 7) / 8 + 1, 1);
+	j->buf = io_alloc_aligned(COPY_MAX);
+	j->id = strdup(id);
+	if (!j->dirty || !j->buf || !j->id) {
+		job_free(j);
+		return -ENOMEM;
+	}
+	if (c->io_threads > 1 && base->any_loop) {
+		snprintf(err, errlen,
+			 "%s is a %s image: it cannot become the active layer of a device served "
+			 "by %u I/O threads (--io-threads 1)",
+			 base->path, base->ops->format, c->io_threads);
+		job_free(j);
+		return -ENOTSUP;
+	}
+	if (base->size < j->size) {
+		snprintf(err, errlen, "%s is smaller than %s: resize it first", base->path,
+			 top->path);
+		job_free(j);
+		return -EINVAL;
+	}
+	r = img_set_writable(base, true, err, errlen);
+	if (r < 0) {
+		job_free(j);
+		return r;
+	}
+	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
+	j->rl_t0 = now_ns();
+	j->w.wake = wait_wake;
+	j->w.priv = j;
+	j->scanning = true;
+	j->status = JS_NULL;
+	L->job = j;
+	blk_dev_set_write_hook(c->blk, write_hook, j);
+	set_status(j, JS_CREATED);
+	set_status(j, JS_RUNNING);
+	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, top->path, base->path);
+	job_kick(j);
+	return 0;
+}
+
+int layers_query_jobs(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct layers *L = get(c);
+	struct cjob *j = L ? L->job : NULL;
+	json_t *a = json_array(), *o;
+
+	if (!a)
+		return -ENOMEM;
+	if (j) {
+		o = job_event_data(j);
+		if (o) {
+			json_object_set_new(o, "busy", json_boolean(j->busy));
+			json_object_set_new(o, "paused", json_boolean(j->status == JS_PAUSED));
+			json_object_set_new(o, "io-status", json_string("ok"));
+			json_object_set_new(o, "ready", json_boolean(j->was_ready));
+			json_object_set_new(o, "status", json_string(jstat_name[j->status]));
+			json_object_set_new(o, "auto-finalize", json_true());
+			json_object_set_new(o, "auto-dismiss", json_true());
+			json_array_append_new(a, o);
+		}
+	}
+	*ret = a;
+	return 0;
+}
+
+int layers_job_complete(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct cjob *j = find_job(c, args, err, errlen);
+
+	if (!j)
+		return -ENOENT;
+	if (j->end || !j->was_ready || j->user_paused)
+		return verb_error(j, "complete", err, errlen);
+	j->end = END_PIVOT;
+	j->end_t0 = now_ns();
+	blk_dev_pause(c->blk);
+	j->paused_dev = true;
+	vlog(VLOG_INFO, NULL, "qmp: job %s: completing (pivot to %s)", j->id, j->base->path);
+	job_end_step(j);
+	return 0;
+}
+
+int layers_job_cancel(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct cjob *j = find_job(c, args, err, errlen);
+	json_t *force = json_object_get(args, "force");
+
+	if (!j)
+		return -ENOENT;
+	if (j->end)
+		return 0; /* already ending (QEMU ignores a second cancel) */
+	/* QEMU's mirror: cancelling a job in sync without force ends it as completed,
+	 * the target holding a point-in-time copy (here: the base, not pivoted). */
+	j->cancel_ready = j->was_ready && !(force && json_is_true(force));
+	j->end = END_CANCEL;
+	j->end_t0 = now_ns();
+	blk_dev_pause(c->blk);
+	j->paused_dev = true;
+	job_end_step(j);
+	return 0;
+}
+
+int layers_job_set_speed(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct cjob *j = find_job(c, args, err, errlen);
+	json_int_t sp = json_integer_value(json_object_get(args, "speed"));
+
+	if (!j)
+		return -ENOENT;
+	if (sp < 0) {
+		snprintf(err, errlen, "Parameter 'speed' expects a non-negative value");
+		return -EINVAL;
+	}
+	j->speed = (uint64_t)sp;
+	j->rl_t0 = now_ns();
+	j->rl_bytes = 0;
+	return 0;
+}
+
+int layers_job_pause(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct cjob *j = find_job(c, args, err, errlen);
+
+	if (!j)
+		return -ENOENT;
+	if (j->user_paused) {
+		snprintf(err, errlen, "Job is already paused");
+		return -EBUSY;
+	}
+	if (j->end)
+		return verb_error(j, "pause", err, errlen);
+	j->user_paused = true;
+	set_status(j, JS_PAUSED); /* the copy in flight ends, no other starts */
+	return 0;
+}
+
+int layers_job_resume(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	struct ctl *c = opaque;
+	struct cjob *j = find_job(c, args, err, errlen);
+
+	if (!j)
+		return -ENOENT;
+	if (!j->user_paused) {
+		snprintf(err, errlen, "Can't resume a job that was not paused");
+		return -EINVAL;
+	}
+	j->user_paused = false;
+	set_status(j, j->was_ready ? JS_READY : JS_RUNNING);
+	job_kick(j);
+	return 0;
+}
+
+void layers_tick(struct ctl *c)
+{
+	struct layers *L = c->layers;
+
+	if (!L)
+		return;
+	if (L->snap)
+		snap_tick(c, L->snap);
+	if (L->job && L->job->end && !L->job->end_stage)
+		job_end_step(L->job);
+}
+
+bool layers_stop(struct ctl *c)
+{
+	struct layers *L = c->layers;
+	struct cjob *j;
+
+	if (!L)
+		return false;
+	j = L->job;
+	if (j && !j->end) {
+		j->end = END_STOP;
+		j->end_t0 = now_ns();
+		blk_dev_set_write_hook(c->blk, NULL, NULL);
+	}
+	return L->snap || L->job;
+}
+
+void layers_exit(struct ctl *c)
+{
+	struct layers *L = c->layers;
+
+	if (!L)
+		return;
+	for (unsigned i = 0; i < L->nnames; i++)
+		free(L->names[i].name);
+	if (L->job)
+		job_free(L->job);
+	free(L);
+	c->layers = NULL;
+}
