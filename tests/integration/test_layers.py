@@ -23,6 +23,9 @@
   * kill -9 of the daemon at several points of a commit (scanning, copying,
     ready, completing): both files pass qemu-img check and the chain reads
     what the writer wrote (qemu-img compare against the shadow copy);
+  * the backup recipe, contrib/vqcow-backup.py, with the writer running: the
+    backup holds the disk as of the snapshot, the image is the active layer
+    again, the overlay is gone, every byte reads back;
   * the same QMP conversation against qemu-storage-daemon 7.2 (when
     present): the field names of query-block-jobs and the events match ours.
 
@@ -552,6 +555,62 @@ def test_kill(vqcowd, fe, work):
             verify_file(ov, w.shadow, work, "kill -9 during %s" % point)
 
 
+def test_backup(vqcowd, fe, work):
+    """contrib/vqcow-backup.py end to end with a writer running."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "contrib",
+                          "vqcow-backup.py")
+    size = 32 * MiB
+    base = new_disk(work, "bk.qcow2", size)
+    out = os.path.join(work, "bk-backup.qcow2")
+    if os.path.exists(out):
+        os.unlink(out)
+    d = Daemon(vqcowd, work, base, "bk")
+    try:
+        q = Qmp(d.qsock)
+        w = Writer(fe, d.vsock, size, 7)
+        w.fill()
+        w.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        p = subprocess.Popen([sys.executable, script, "-s", d.qsock, "-o", out],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        t1, lines = None, []
+        for line in p.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("snapshot:") and t1 is None:
+                t1 = time.monotonic()
+        rc = p.wait(300)
+        w.stop()
+        check(rc == 0 and t1, "vqcow-backup.py: rc %d\n%s" % (rc, "\n".join(lines)))
+        log("vqcow-backup.py said:\n  " + "\n  ".join(lines))
+        check(not os.path.exists(base + ".backup-overlay.qcow2"), "the overlay was left")
+        check(nodes(q) == [("disk0", base, False)], "chain after the backup: %r" % nodes(q))
+        check(q.ret("query-block-jobs") == [], "a job is left")
+        w.verify_fe("after the backup")
+        q.close()
+    finally:
+        d.stop()
+    qcheck(base, "after the backup")
+    qcheck(out, "the backup")
+    frozen, unsure = w.state_at(t0, t1)
+    cp = os.path.join(work, "bk.raw")
+    run("qemu-img", "convert", "-O", "raw", out, cp)
+    got = bytearray(open(cp, "rb").read())
+    os.unlink(cp)
+    for off, n in unsure:
+        got[off:off + n] = frozen[off:off + n]
+    check(got == frozen, "the backup differs from the disk at the snapshot (first difference "
+          "at %d)" % first_diff(got, frozen))
+    log("ok: the backup holds the disk as of the snapshot (%d writes ran meanwhile, %d "
+        "across the snapshot); the image is the active layer again and reads as written" %
+        (w.n, len(unsure)))
+    r = run(sys.executable, script, "--help")
+    check("Usage: vqcow-backup.py" in r.stdout.decode(), "--help")
+    r = run(sys.executable, script, "-s", os.path.join(work, "nope.qmp"), "-o", out, ok=False)
+    check(r.returncode == 2, "vqcow-backup.py without a daemon: rc %d" % r.returncode)
+    log("ok: vqcow-backup.py --help, and exit 2 without a daemon")
+
+
 def qsd_conversation(q, fe, vsock, base, ov, work, what):
     """The same conversation against vqcowd and qemu-storage-daemon: returns what to compare."""
     out = {}
@@ -698,6 +757,8 @@ def main():
             test_cancel_speed(vqcowd, fe, work)
         if not only or only == "kill":
             test_kill(vqcowd, fe, work)
+        if not only or only == "backup":
+            test_backup(vqcowd, fe, work)
         if not only or only == "qsd":
             test_qsd(vqcowd, fe, work)
     except Fail as e:
