@@ -199,6 +199,9 @@ int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2
 		break;
 	case 'a':
 		ret = qcow2_snapshot_apply_io(&io, path, arg, err, errlen);
+		if (ret == -ENOENT) /* qemu-img's words */
+			qcow2_seterr(err, errlen, ret,
+				     "Failed to load snapshot: No such file or directory");
 		break;
 	default:
 		ret = qcow2_seterr(err, errlen, -EINVAL, "unknown snapshot operation");

@@ -8,7 +8,8 @@ qemu-img as the oracle.
     snapshot is listed in query-named-block-nodes (image.snapshots) and by
     qemu-img snapshot -l; delete returns QEMU's SnapshotInfo; after quit
     qemu-img check finds no error and no leak; vqcow-img snapshot -l prints
-    what qemu-img snapshot -l prints;
+    what qemu-img snapshot -l prints; vqcow-img snapshot -l/-c/-d/-a against
+    qemu-img snapshot on twin images (output, messages, exit codes);
   * order: a slow command and the commands behind it answered in order;
   * vqcowctl snapshot create / list / delete;
   * the same conversation (errors, return shapes) against
@@ -159,6 +160,30 @@ def test_data(vqcowd, fe_bin, ctl, vimg, work):
     raw = snapshot_raw(img, "s2", work)
     qio(raw, "read -P 0x42 0 512k", "read -P 0x41 512k 512k", fmt="raw")
     log("ok: qemu-img check clean, qemu-img and vqcow-img list the same snapshots")
+
+
+def test_img_cli(vimg, work):
+    """vqcow-img snapshot against qemu-img snapshot: output, messages, exit codes."""
+    imgs = {}
+    for n in ("qemu-img", "vqcow-img"):
+        imgs[n] = os.path.join(work, "cli-%s.qcow2" % n)
+        qimg("create", "-q", "-f", "qcow2", imgs[n], "16M")
+    tools = {"qemu-img": "qemu-img", "vqcow-img": vimg}
+    steps = [["-l"], ["-c", "a"], ["-c", "a"], ["-c", ""], ["-l"], ["-d", "nope"], ["-d", "2"],
+             ["-a", "nope"], ["-a", "1"], ["-l", "-c", "x"], ["-d", "a"], ["-l"], []]
+    for st in steps:
+        res = {}
+        for n, t in tools.items():
+            r = subprocess.run([t, "snapshot"] + st + [imgs[n]], capture_output=True, text=True)
+            out = [ln.split()[:2] for ln in r.stdout.splitlines()]  # ID and TAG; dates differ
+            err = r.stderr.split(": ", 1)[-1].splitlines()[:1]
+            res[n] = (r.returncode, out, err)
+        check(res["qemu-img"] == res["vqcow-img"], "snapshot %s:\n qemu-img  %r\n vqcow-img %r"
+              % (st, res["qemu-img"], res["vqcow-img"]))
+    for n in imgs:
+        check_clean(imgs[n], "after the CLI steps (%s)" % n)
+    log("ok: vqcow-img snapshot: %d invocations with qemu-img's output, messages and exit codes"
+        % len(steps))
 
 
 def test_qsd(vqcowd, work):
@@ -356,6 +381,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     test_data(vqcowd, fe_bin, ctl, vimg, work)
+    test_img_cli(vimg, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)
     test_load(vqcowd, fe_bin, work, threads=2)
