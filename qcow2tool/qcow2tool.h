@@ -71,6 +71,17 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *opts,
 int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc prealloc,
 		     const struct qcow2_tool_cb *cb, char *err, size_t errlen);
 
+/* ---- rebase ---- */
+
+/*
+ * qemu-img rebase -u: record @backing (NULL = none) with the format
+ * @backing_fmt (NULL = not recorded) in the header of the qcow2 image at
+ * @path, keeping every other header extension. The data is not looked at.
+ * The caller holds the write lock. 0 or -errno (+@err).
+ */
+int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backing_fmt, char *err,
+			size_t errlen);
+
 /* ---- info ---- */
 
 struct qcow2_info_snapshot {

@@ -68,6 +68,9 @@ static void usage(FILE *f)
 	    "      -S zero runs of SIZE bytes (default 4k) become holes, 0 writes every byte\n"
 	    "  resize [-f FMT] [-q] [--shrink] [--preallocation=off] FILE [+|-]SIZE\n"
 	    "      grow the image to SIZE (or by +SIZE); shrinking is refused\n"
+	    "  rebase -u [-f FMT] [-b BACKING] [-F BACKING_FMT] [-q] FILE\n"
+	    "      change the backing file recorded in FILE's header (-b \"\" or none: no\n"
+	    "      backing file); only unsafe mode (-u): the data is not looked at\n"
 	    "  -p: show progress (create, check, convert), -q: quiet\n"
 	    "\n"
 	    "  --help, --version\n",
@@ -1356,6 +1359,109 @@ fail:
 	return 1;
 }
 
+/*
+ * rebase -u [-f FMT] [-b BACKING] [-F BACKING_FMT] [-q] FILE, as qemu-img
+ * rebase -u: only the header changes. Without -u (the safe mode, which
+ * compares the old and new backing chains) it is refused.
+ */
+static int cmd_rebase(int argc, char **argv)
+{
+	static const struct option lopts[] = {{"help", no_argument, NULL, 'h'},
+					      {"force-share", no_argument, NULL, 'U'},
+					      {NULL, 0, NULL, 0}};
+	struct qcow2_image_info info;
+	struct qcow2_locks locks;
+	struct file_args a;
+	const char *backing = NULL, *bfmt = NULL;
+	bool unsafe = false;
+	char err[ERRLEN] = "";
+	int c, r;
+
+	memset(&a, 0, sizeof(a));
+	while ((c = getopt_long(argc, argv, "f:b:F:uqpUt:T:h", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			a.fmt = optarg;
+			break;
+		case 'b':
+			backing = optarg;
+			break;
+		case 'F':
+			bfmt = optarg;
+			break;
+		case 'u':
+			unsafe = true;
+			break;
+		case 'q':
+			a.quiet = true;
+			break;
+		case 'p':
+		case 't':
+		case 'T':
+			break; /* nothing long to show; the cache modes do not apply */
+		case 'U':
+			errorf("force-share cannot be used with rebase (it writes)");
+			return 1;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind != argc - 1) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	a.file = argv[optind];
+	if (!unsafe) {
+		errorf("only unsafe rebase (-u) is supported: the safe mode copies data between "
+		       "backing chains");
+		return 1;
+	}
+	if (backing && !backing[0])
+		backing = NULL;
+	if (backing && !bfmt) {
+		errorf("Could not change the backing file to '%s': backing format must be "
+		       "specified",
+		       backing);
+		return 1;
+	}
+	if (bfmt && strcmp(bfmt, "qcow2") && strcmp(bfmt, "raw")) {
+		errorf("Unknown or unsupported format '%s' (qcow2 or raw)", bfmt);
+		return 1;
+	}
+	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s'", a.fmt);
+		return 1;
+	}
+	if (lock_file(&locks, &a, QCOW2_LOCK_WRITE))
+		return 1;
+	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		goto fail;
+	}
+	r = strcmp(info.format, "qcow2") ? -ENOTSUP : 0;
+	qcow2_image_info_free(&info);
+	if (r == 0)
+		r = qcow2_rebase_unsafe(a.file, backing, backing ? bfmt : NULL, err, sizeof(err));
+	if (r < 0) {
+		errorf("Could not change the backing file to '%s': %s", backing ? backing : "",
+		       r == -ENOTSUP ? "Operation not supported"
+		       : err[0]      ? err
+				     : strerror(-r));
+		goto fail;
+	}
+	qcow2_unlock_image(&locks);
+	return 0;
+
+fail:
+	qcow2_unlock_image(&locks);
+	return 1;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd;
@@ -1389,6 +1495,8 @@ int main(int argc, char **argv)
 		return cmd_map(argc, argv);
 	if (!strcmp(cmd, "convert"))
 		return cmd_convert(argc, argv);
+	if (!strcmp(cmd, "rebase"))
+		return cmd_rebase(argc, argv);
 	if (!strcmp(cmd, "resize"))
 		return cmd_resize(argc, argv);
 	errorf("Command not found: %s", cmd);
