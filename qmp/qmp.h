@@ -18,7 +18,9 @@
  *    that client's next commands wait unread and unparsed, so its replies
  *    keep the order of its commands (QEMU answers a monitor in order);
  *    other clients and events are not held up.
- * Input is a byte stream of JSON objects (no framing beyond JSON itself).
+ * Input is a byte stream of JSON objects (no framing beyond JSON itself);
+ * where each ends is found incrementally (every byte scanned once), so a
+ * message that arrives a byte at a time costs no more than one that does not.
  * Malformed JSON, a non-object, unknown members, unknown commands and
  * arguments of the wrong type get a GenericError/CommandNotFound reply; a
  * message over QMP_MAX_MSG bytes gets an error and the connection is closed;

@@ -19,6 +19,18 @@
 #include "qmp.h"
 #include "vlog.h"
 
+/*
+ * Where the next message in the input ends, found incrementally: each byte
+ * is looked at once however the message arrives (a message sent one byte at
+ * a time must not be parsed again from its start at every byte: that is
+ * quadratic, and the loop that serves the guest would pay for it).
+ */
+struct scan {
+	size_t pos;     /* bytes of the current message scanned */
+	unsigned depth; /* open { and [ outside strings */
+	bool in_str, esc, tok;
+};
+
 struct client {
 	struct qmp_server *s;
 	int fd;
@@ -29,7 +41,8 @@ struct client {
 	struct qmp_pending *pending; /* a reply owed by a slow command: input waits */
 	char in[QMP_MAX_MSG];        /* unparsed input */
 	size_t in_len;
-	char *out; /* unsent replies */
+	struct scan scan; /* how far in[] is known to hold no complete message */
+	char *out;        /* unsent replies */
 	size_t out_len, out_cap;
 	struct client *next;
 };
@@ -382,6 +395,62 @@ static bool is_space(char ch)
 	return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
 }
 
+/*
+ * Scan @c's input from @start (a message's first byte) for the end of that
+ * JSON value: an object or array whose brackets close (outside strings), a
+ * string's closing quote, or a bare token's end (whitespace or a structural
+ * character). Returns the offset just past it, or 0: not there yet. A byte
+ * that cannot be JSON there ends it early, so that the parser reports the
+ * error at once (as QEMU's lexer does) instead of waiting for more input.
+ */
+static size_t scan_end(struct client *c, size_t start)
+{
+	struct scan *sc = &c->scan;
+
+	for (size_t i = start + sc->pos; i < c->in_len; i++, sc->pos++) {
+		char ch = c->in[i];
+
+		if (sc->in_str) {
+			if ((unsigned char)ch < 0x20)
+				return i + 1; /* not allowed in a string: the parser says so now */
+			if (sc->esc) {
+				sc->esc = false;
+			} else if (ch == '\\') {
+				sc->esc = true;
+			} else if (ch == '"') {
+				sc->in_str = false;
+				if (!sc->depth)
+					return i + 1;
+			}
+			continue;
+		}
+		if (sc->tok && !sc->depth &&
+		    (is_space(ch) || ch == '{' || ch == '[' || ch == '}' || ch == ']' || ch == '"'))
+			return i;
+		switch (ch) {
+		case '"':
+			sc->in_str = true;
+			break;
+		case '{':
+		case '[':
+			sc->depth++;
+			break;
+		case '}':
+		case ']':
+			if (sc->depth <= 1)
+				return i + 1; /* closed, or a stray closer: the parser says which */
+			sc->depth--;
+			break;
+		default:
+			if (!is_space(ch) && (!ch || !strchr(",:0123456789+-.eEtrufalsn", ch)))
+				return i + 1; /* no JSON has it here: the parser says so now */
+			if (!sc->depth && !is_space(ch))
+				sc->tok = true;
+		}
+	}
+	return 0;
+}
+
 /* Parse and run every complete message in the input buffer. */
 static void client_parse(struct client *c)
 {
@@ -390,20 +459,25 @@ static void client_parse(struct client *c)
 	while (!c->closing && !c->pending) {
 		json_error_t e;
 		json_t *req;
+		size_t end;
 
-		while (pos < c->in_len && is_space(c->in[pos]))
-			pos++;
+		if (!c->scan.pos) {
+			while (pos < c->in_len && is_space(c->in[pos]))
+				pos++;
+		}
 		if (pos == c->in_len)
 			break;
-		req = json_loadb(c->in + pos, c->in_len - pos, JSON_DISABLE_EOF_CHECK, &e);
+		end = scan_end(c, pos);
+		if (!end)
+			break; /* wait for the rest; what was scanned stays scanned */
+		c->scan = (struct scan){0};
+		req = json_loadb(c->in + pos, end - pos, JSON_DISABLE_EOF_CHECK, &e);
 		if (req) {
 			pos += (size_t)e.position;
 			dispatch(c, req);
 			json_decref(req);
 			continue;
 		}
-		if (json_error_code(&e) == json_error_premature_end_of_input)
-			break; /* wait for the rest */
 		send_error(c, NULL, "GenericError", "JSON parse error, %s", e.text);
 		/* Start again after the line that failed (or drop it all). */
 		{

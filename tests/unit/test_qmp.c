@@ -428,6 +428,57 @@ static json_int_t reply_id(json_t *r)
 	return id;
 }
 
+/*
+ * Message boundaries are found incrementally: brackets and quotes inside
+ * strings (and escaped quotes) do not end a message; one sent a byte at a
+ * time is answered once complete; a byte that cannot be JSON gets its error
+ * at once, without waiting for more input; an unclosed nesting deeper than
+ * the buffer is "too large".
+ */
+static void test_boundaries(void)
+{
+	const char *m = "{\"execute\": \"echo\", \"arguments\": {\"s\": \"}]\\\"{[\"}, "
+			"\"id\": [1, {\"a\": \"]\"}]}";
+	int fd;
+	json_t *r;
+	char *deep;
+
+	start();
+	fd = negotiated();
+	for (const char *p = m; *p; p++) {
+		CU_ASSERT_FATAL(send(fd, p, 1, MSG_NOSIGNAL) == 1);
+		pump(1);
+		if (p[1] && (p - m) % 16 == 0)
+			CU_ASSERT(silent(fd)); /* nothing answered before the end */
+	}
+	r = get(fd);
+	CU_ASSERT(json_object_get(r, "return") != NULL);
+	CU_ASSERT(json_is_array(json_object_get(r, "id")));
+	json_decref(r);
+
+	put(fd, "{bad json"); /* no newline, no closing brace: answered anyway */
+	expect_err(fd, "GenericError", "JSON parse error");
+	put(fd, "\n{\"execute\": \"echo\", \"arguments\": {\"s\": \"a\x01");
+	expect_err(fd, "GenericError", "JSON parse error");
+	put(fd, "\n123 \n{\"execute\": \"echo\", \"arguments\": {\"s\": \"x\"}, \"id\": 5}");
+	expect_err(fd, "GenericError", "JSON parse error");
+	r = get(fd);
+	CU_ASSERT_EQUAL(json_integer_value(json_object_get(r, "id")), 5);
+	json_decref(r);
+
+	deep = malloc(QMP_MAX_MSG + 16);
+	CU_ASSERT_FATAL(deep != NULL);
+	memset(deep, '[', QMP_MAX_MSG + 15);
+	deep[QMP_MAX_MSG + 15] = '\0';
+	send(fd, deep, QMP_MAX_MSG + 15, MSG_NOSIGNAL | MSG_DONTWAIT);
+	expect_err(fd, "GenericError", "too large");
+	CU_ASSERT(get(fd) == NULL); /* closed */
+	free(deep);
+	close(fd);
+	qmp_server_exit(srv);
+	srv = NULL;
+}
+
 static void test_async(void)
 {
 	int base = tu_count_fds(), a, b;
@@ -543,6 +594,7 @@ int main(void)
 	CU_add_test(s, "hostile clients: garbage, oversized, not reading", test_hostile);
 	CU_add_test(s, "events, socket ownership and mode", test_events_and_socket);
 	CU_add_test(s, "slow commands: pending replies, order, leaving clients", test_async);
+	CU_add_test(s, "message boundaries found incrementally", test_boundaries);
 	fails = tu_cunit_run();
 	rmdir(dir);
 	return fails ? 1 : 0;
