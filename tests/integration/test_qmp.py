@@ -21,11 +21,7 @@
     shares: the same error classes and texts, and our result objects carry
     the keys QEMU's do (skipped visibly without qemu-storage-daemon).
 
-  * a fuzz run while guest I/O runs (vqcow-fe bench): random bytes, mangled
-    and truncated valid messages, random JSON values and argument types, from
-    several clients at once, plus a client that sends thousands of commands
-    and never reads a reply; the bench must run without errors and without a
-    stall (no request slower than 1 s) and the daemon must still answer;
+  * (the fuzz run is test_qmp_fuzz.py, integration.qmp_fuzz)
   * events: SHUTDOWN to the other clients on quit; BLOCK_IO_ERROR (nospace)
     when a guest write hits ENOSPC on a 1 MiB tmpfs (skipped visibly where
     no tmpfs can be mounted);
@@ -428,7 +424,6 @@ def main():
         test_queries(q, image, size)
         test_stats(q, fe_bin, d)
         test_histograms(q, fe_bin, d)
-        test_fuzz(d.qsock, fe_bin, d)
         size = test_resize(q, fe_bin, d, size)
         size = test_ctl(ctl, fe_bin, d, q, size)
         qsd_ran = test_qsd(work, d.qsock)
@@ -580,108 +575,6 @@ def test_histograms(q, fe_bin, d):
     s4 = blockstats(q)["stats"]
     check(not any(k.endswith("_latency_histogram") for k in s4), "not removed: %r" % s4)
     log("ok: block-latency-histogram-set: per-type lists, reset, removal, errors")
-
-
-def fuzz_messages(rng, n):
-    cmds = ["query-version", "query-block-exports", "query-named-block-nodes",
-            "query-blockstats", "block_resize", "qmp_capabilities", "nope", ""]
-    vals = [None, True, False, 0, -1, 2 ** 63, 2 ** 64, 1.5, "", "disk0", "x" * 300, [], {},
-            [1, [2, [3]]], {"a": {"b": None}}]
-    out = []
-    for _ in range(n):
-        k = rng.randrange(6)
-        if k == 0:
-            out.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
-            continue
-        m = {"execute": rng.choice(cmds + vals)}
-        if rng.random() < 0.7:
-            m["arguments"] = {rng.choice(["node-name", "device", "size", "flat", "x",
-                                          "query-nodes"]): rng.choice(vals)
-                              for _ in range(rng.randrange(4))}
-            if rng.random() < 0.1:
-                m["arguments"] = rng.choice(vals)
-        if rng.random() < 0.3:
-            m["id"] = rng.choice(vals)
-        if rng.random() < 0.1:
-            m[rng.choice(["foo", "exec", "oob"])] = 1
-        t = json.dumps(m).encode()
-        if k == 1:
-            t = t[:rng.randrange(len(t))]  # truncated
-        elif k == 2:
-            i = rng.randrange(len(t))
-            t = t[:i] + bytes([rng.randrange(256)]) + t[i + 1:]  # one byte mangled
-        elif k == 3:
-            t = b"[" * rng.randrange(1, 3000) + t
-        if "block_resize" in m.get("execute", "") if isinstance(m.get("execute"), str) else False:
-            continue  # never actually resize the disk under the bench
-        out.append(t + rng.choice([b"\n", b"", b" ", b"\r\n"]))
-    return out
-
-
-def test_fuzz(path, fe_bin, d, seconds=6):
-    import random
-    import threading
-    rng = random.Random(int(os.environ.get("VQCOW_QMP_SEED", "11")))
-    log("fuzz: seed %s" % os.environ.get("VQCOW_QMP_SEED", "11"))
-    bench = subprocess.Popen([fe_bin, "bench", d.vsock, "--rw", "randrw", "--bs", "4k",
-                              "--iodepth", "8", "--runtime", str(seconds + 2), "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stop = time.monotonic() + seconds
-    sent = [0]
-
-    def hog():
-        # Never reads: the daemon stops reading it once replies pile up.
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
-        s.setblocking(False)
-        msg = b'{"execute": "qmp_capabilities"}' + \
-            b'{"execute": "query-named-block-nodes"}' * 1000
-        while time.monotonic() < stop:
-            try:
-                s.send(msg)
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                time.sleep(0.05)
-        s.close()
-
-    def fuzzer(seed):
-        r = random.Random(seed)
-        while time.monotonic() < stop:
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(path)
-            try:
-                if r.random() < 0.8:
-                    s.sendall(b'{"execute": "qmp_capabilities"}\n')
-                for m in fuzz_messages(r, r.randrange(1, 40)):
-                    s.sendall(m)
-                    sent[0] += 1
-                s.shutdown(socket.SHUT_WR)
-                while s.recv(65536):  # read replies until the daemon closes
-                    pass
-            except (BrokenPipeError, ConnectionResetError, socket.timeout):
-                pass
-            s.close()
-
-    ts = [threading.Thread(target=hog)] + [threading.Thread(target=fuzzer, args=(rng.random(),))
-                                           for _ in range(3)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out, err = bench.communicate(timeout=60)
-    check(bench.returncode == 0, "bench under the QMP fuzz failed: %d %s" % (
-        bench.returncode, err.decode(errors="replace")))
-    check(d.p.poll() is None, "vqcowd died under the QMP fuzz")
-    res = json.loads(out)
-    for k in ("read", "write"):
-        check(res[k]["ios"] > 0 and res[k]["errors"] == 0, "bench %s: %r" % (k, res[k]))
-        check(res[k]["lat_us"]["max"] < 1e6, "guest I/O stalled under the QMP fuzz: %s max "
-              "latency %.0f us" % (k, res[k]["lat_us"]["max"]))
-    q = Qmp(path)
-    check("return" in q.cmd("query-version"), "no QMP service after the fuzz")
-    q.close()
-    log("ok: fuzz: %d messages from 3 clients + a client that never reads, while a bench "
-        "ran (%s); the daemon answers and serves" % (sent[0], out.decode().strip()[:200]))
 
 
 def test_qmp_fd(vqcowd, fe_bin, work):
