@@ -1062,7 +1062,7 @@ static void t_defer(struct io_defer *def)
 				vq_notify(d->q[i].vq);
 		}
 	}
-	if (d->o->poll_ns)
+	if (d->o->poll_ns && d->rings_mt)
 		io_loop_set_poll_ns(t->loop, t->inflight <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
 }
 
@@ -1115,7 +1115,9 @@ static int threads_init(struct daemon *d)
 		ret = io_loop_init(&t->loop, 256);
 		if (ret < 0)
 			return ret;
-		io_loop_set_poll_ns(t->loop, d->o->poll_ns);
+		/* Threads that only inflate (qcow2) never busy-poll: they
+		 * would take the CPU the main thread needs. */
+		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
 		/* A file is registered with one loop only; a raw image's
 		 * file is used by every thread. */
