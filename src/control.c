@@ -526,6 +526,11 @@ static int snap_start(struct ctl *c, json_t *args, bool create, char *err, size_
 		snprintf(err, errlen, "Name or id must be provided");
 		return -EINVAL;
 	}
+	if (layers_busy(c)) {
+		/* QEMU's op blocker: the engine is closed and reopened below */
+		snprintf(err, errlen, "Node '%s' is busy: %s", dev, layers_busy(c));
+		return -EBUSY;
+	}
 	if (create && !img_may_write(c->img)) {
 		snprintf(err, errlen, "Device '%s' is read only", dev);
 		return -EROFS;

@@ -387,6 +387,11 @@ int layers_snapshot_sync(void *opaque, json_t *args, json_t **ret, char *err, si
 			 node ? node : "");
 		return -ENOENT;
 	}
+	if (c->ops) { /* an internal snapshot waits for the device to drain */
+		snprintf(err, errlen, "Node '%s' is busy: an internal snapshot is being taken",
+			 want);
+		return -EBUSY;
+	}
 	if (img != c->img) {
 		const char *above = c->node_name;
 
@@ -962,6 +967,11 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			 dev ? dev : "");
 		return -ENOENT;
 	}
+	if (c->ops) { /* an internal snapshot waits for the device to drain */
+		snprintf(err, errlen, "Node '%s' is busy: an internal snapshot is being taken",
+			 dev);
+		return -EBUSY;
+	}
 	if ((topn && find_name(c, L, topn) != top) || (topf && strcmp(topf, top->path) != 0)) {
 		snprintf(err, errlen,
 			 "Only the active layer can be committed (top must be '%s'): intermediate "
@@ -1067,6 +1077,17 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, top->path, base->path);
 	job_kick(j);
 	return 0;
+}
+
+const char *layers_busy(struct ctl *c)
+{
+	struct layers *L = c->layers;
+
+	if (L && L->job)
+		return "block device is in use by block job: commit";
+	if (L && L->snap)
+		return "an external snapshot is being taken";
+	return NULL;
 }
 
 int layers_query_jobs(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)

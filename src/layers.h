@@ -32,6 +32,13 @@ int layers_job_resume(void *opaque, json_t *args, json_t **ret, char *err, size_
  */
 const char *layers_node_name(struct ctl *c, struct img *img, unsigned depth, char *buf, size_t len);
 
+/*
+ * Why the chain must not change under another operation now (an internal
+ * snapshot): QEMU's op-blocker reason while a commit job runs, or an
+ * external snapshot in progress; NULL when nothing is.
+ */
+const char *layers_busy(struct ctl *c);
+
 /* Once per loop iteration (from ctl_tick): drive what waits for the device to drain. */
 void layers_tick(struct ctl *c);
 

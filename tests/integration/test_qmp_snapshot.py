@@ -186,6 +186,38 @@ def test_img_cli(vimg, work):
         % len(steps))
 
 
+def test_busy(vqcowd, work):
+    """No internal snapshot under a commit job (QEMU's op blocker), and after it ends."""
+    img = os.path.join(work, "busy.qcow2")
+    ov = os.path.join(work, "busy-ov.qcow2")
+    qimg("create", "-q", "-f", "qcow2", img, "16M")
+    d = Daemon(vqcowd, work, img, "busy")
+    try:
+        q = Qmp(d.qsock)
+        q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
+                                         "snapshot-node-name": "ov", "format": "qcow2"})
+        q.ret("block-commit", {"job-id": "j1", "device": "ov", "speed": 1})
+        expect_error(q.cmd("blockdev-snapshot-internal-sync", {"device": "ov", "name": "x"}),
+                     "GenericError", "Node 'ov' is busy: block device is in use by block job: "
+                     "commit", "internal snapshot during a commit job")
+        q.ret("block-job-cancel", {"device": "j1"})
+        for _ in range(100):
+            if not q.ret("query-block-jobs"):
+                break
+            time.sleep(0.05)
+        q.ret("blockdev-snapshot-internal-sync", {"device": "ov", "name": "x"})
+        q.cmd("quit")
+        d.p.wait(10)
+        no_sanitizer(d)
+    except Exception:
+        d.stop()
+        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        raise
+    check_clean(ov, "overlay after a snapshot once the job was cancelled")
+    check(" x " in qimg("snapshot", "-l", ov).stdout, "snapshot x on the overlay")
+    log("ok: refused while a commit job runs, taken on the new active layer once it ended")
+
+
 def test_qsd(vqcowd, work):
     qsd = shutil.which("qemu-storage-daemon")
     if not qsd:
@@ -382,6 +414,7 @@ def main():
     os.makedirs(work)
     test_data(vqcowd, fe_bin, ctl, vimg, work)
     test_img_cli(vimg, work)
+    test_busy(vqcowd, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)
     test_load(vqcowd, fe_bin, work, threads=2)
