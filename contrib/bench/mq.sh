@@ -18,7 +18,7 @@
 # and a median table (IOPS, and the backend's CPU time per I/O from
 # /proc/PID/stat). QSD10=PATH names qemu-storage-daemon 10 (default: what
 # contrib/bench/qsd10.sh prints, fetched if needed); 10.0 is skipped when it
-# cannot be had.
+# cannot be had. CELLS="..." and KINDS="..." run a subset.
 set -euo pipefail
 reps=${1:-3}
 secs=${2:-5}
@@ -112,7 +112,8 @@ print("%s %s %.0f %.2f" % (cell, kind, d["iops"], dt / hz * 1e6 / max(d["ios"], 
 
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
 [ -n "$qsd10" ] && kinds="$kinds qsd-10"
-cells="read-full read-zlib read-prealloc write-empty write-overlay"
+kinds=${KINDS:-$kinds}
+cells=${CELLS:-"read-full read-zlib read-prealloc write-empty write-overlay"}
 for _ in $(seq "$reps"); do
 	# The 1-queue reference of the compressed cell (one job, QD32).
 	run vqcowd-1 read-zlib-1q
