@@ -425,7 +425,10 @@ static void resize_done(struct img_grow *g, int res)
 	struct resize_op *op = g->priv;
 
 	if (res == 0) {
-		resized(op->c, op->size);
+		/* A grow that ends in the final write-back of img_close() comes
+		 * after ctl_stop(): the device is gone, no notice then. */
+		if (op->c->qmp)
+			resized(op->c, op->size);
 		qmp_pending_return(op->p, NULL);
 	} else {
 		vlog(VLOG_ERROR, NULL, "qmp: block_resize %s: %s", op->c->node_name, g->err);
@@ -438,9 +441,9 @@ static void resize_done_quiet(struct img_grow *g, int res)
 {
 	struct resize_op *op = g->priv;
 
-	if (res == 0)
+	if (res == 0 && op->c->qmp)
 		resized(op->c, op->size);
-	else
+	else if (res)
 		vlog(VLOG_ERROR, NULL, "qmp: block_resize %s: %s", op->c->node_name, g->err);
 	free(op);
 }
