@@ -69,6 +69,14 @@ static void usage(FILE *f)
 	    "                       completed before it\n"
 	    "  snapshot delete NAME delete it (blockdev-snapshot-delete-internal-sync)\n"
 	    "  snapshot list        the internal snapshots (query-named-block-nodes)\n"
+	    "  snapshot external FILE [NAME]\n"
+	    "                       external snapshot (blockdev-snapshot-sync): a new qcow2\n"
+	    "                       overlay FILE (node NAME) becomes the active layer, the\n"
+	    "                       image a read-only backing file (copy it: a backup)\n"
+	    "  commit [SPEED]       fold the active layer into its base (block-commit, SPEED\n"
+	    "                       bytes/s, default unlimited), wait until it is in sync,\n"
+	    "                       then pivot (block-job-complete): the base is active again\n"
+	    "  jobs                 the block jobs (query-block-jobs)\n"
 	    "  quit                 stop the daemon as SIGTERM does (quit)\n"
 	    "  raw JSON             send one QMP command as written, e.g.\n"
 	    "                       vqcowctl -s /run/vm1.qmp raw '{\"execute\": "
@@ -412,6 +420,93 @@ static int watch_stats(struct conn *c, uint64_t interval, uint64_t count)
 	return 0;
 }
 
+/* The job "commit" in query-block-jobs' answer @jobs, NULL if none. */
+static json_t *find_commit_job(json_t *jobs)
+{
+	size_t i;
+	json_t *v;
+
+	json_array_foreach(jobs, i, v)
+	{
+		const char *id = json_string_value(json_object_get(v, "device"));
+
+		if (id && strcmp(id, "vqcowctl-commit") == 0)
+			return v;
+	}
+	return NULL;
+}
+
+/*
+ * commit: block-commit of the exported node, wait until the job is ready,
+ * block-job-complete, wait until it is gone. Returns query-block-exports'
+ * first entry (the active node now), or NULL with *@failed set.
+ */
+static json_t *do_commit(struct conn *c, const char *node, uint64_t speed, int *failed)
+{
+	json_t *e = NULL, *r, *j;
+	const char *n = node;
+	bool completing = false;
+
+	if (!n) {
+		e = execute(c, "{\"execute\": \"query-block-exports\"}", failed);
+		n = json_string_value(json_object_get(json_array_get(e, 0), "node-name"));
+		if (!n) {
+			if (e)
+				fprintf(stderr, "vqcowctl: no export; use --node\n");
+			json_decref(e);
+			return NULL;
+		}
+	}
+	r = execute_cmd(c,
+			json_pack("{s:s,s:{s:s,s:s,s:I}}", "execute", "block-commit", "arguments",
+				  "device", n, "job-id", "vqcowctl-commit", "speed",
+				  (json_int_t)speed),
+			failed);
+	json_decref(e);
+	if (!r)
+		return NULL;
+	json_decref(r);
+	for (;;) {
+		usleep(200 * 1000);
+		r = execute(c, "{\"execute\": \"query-block-jobs\"}", failed);
+		if (!r)
+			return NULL;
+		j = find_commit_job(r);
+		if (!j && completing) {
+			json_decref(r);
+			break;
+		}
+		if (!j) {
+			fprintf(stderr, "vqcowctl: the commit job ended before it was in sync "
+					"(cancelled or failed: see the daemon's log)\n");
+			json_decref(r);
+			*failed = 1;
+			return NULL;
+		}
+		if (!completing && json_is_true(json_object_get(j, "ready"))) {
+			json_t *x;
+
+			json_decref(r);
+			x = execute(c,
+				    "{\"execute\": \"block-job-complete\", \"arguments\": "
+				    "{\"device\": \"vqcowctl-commit\"}}",
+				    failed);
+			if (!x)
+				return NULL;
+			json_decref(x);
+			completing = true;
+			continue;
+		}
+		json_decref(r);
+	}
+	r = execute(c, "{\"execute\": \"query-block-exports\"}", failed);
+	j = r ? json_incref(json_array_get(r, 0)) : NULL;
+	json_decref(r);
+	if (!j)
+		*failed = 2;
+	return j;
+}
+
 int main(int argc, char **argv)
 {
 	enum {
@@ -499,6 +594,24 @@ int main(int argc, char **argv)
 		if (optind + 1 != argc || util_parse_size(argv[optind], &size) < 0 ||
 		    size > INT64_MAX) {
 			fprintf(stderr, "vqcowctl: resize needs one SIZE (e.g. 20G)\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "commit") == 0) {
+		if (optind + 1 < argc ||
+		    (optind + 1 == argc &&
+		     (util_parse_size(argv[optind], &size) < 0 || size > INT64_MAX))) {
+			fprintf(stderr, "vqcowctl: commit [SPEED]\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "jobs") == 0) {
+		if (optind != argc) {
+			fprintf(stderr, "vqcowctl: jobs takes no argument\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "snapshot") == 0 && optind < argc &&
+		   strcmp(argv[optind], "external") == 0) {
+		if (optind + 2 != argc && optind + 3 != argc) {
+			fprintf(stderr, "vqcowctl: snapshot external FILE [NAME]\n");
 			return 2;
 		}
 	} else if (strcmp(cmd, "snapshot") == 0) {
@@ -607,6 +720,37 @@ int main(int argc, char **argv)
 		else
 			json_decref(b);
 		r = execute_cmd(&c, m, &failed);
+		json_decref(e);
+	} else if (strcmp(cmd, "jobs") == 0) {
+		r = execute(&c, "{\"execute\": \"query-block-jobs\"}", &failed);
+	} else if (strcmp(cmd, "commit") == 0) {
+		r = do_commit(&c, node, size, &failed);
+	} else if (strcmp(cmd, "snapshot") == 0 && strcmp(argv[optind], "external") == 0) {
+		json_t *e = NULL, *a;
+		const char *n = node;
+
+		if (!n) {
+			e = execute(&c, "{\"execute\": \"query-block-exports\"}", &failed);
+			n = json_string_value(json_object_get(json_array_get(e, 0), "node-name"));
+		}
+		if (n) {
+			/* without NAME the overlay gets QEMU's anonymous "#blockN" (device form) */
+			a = json_pack("{s:s,s:s,s:s}",
+				      n == node || optind + 3 == argc ? "node-name" : "device", n,
+				      "snapshot-file", argv[optind + 1], "format", "qcow2");
+			if (optind + 3 == argc)
+				json_object_set_new(a, "snapshot-node-name",
+						    json_string(argv[optind + 2]));
+			else if (n == node)
+				json_object_set_new(a, "snapshot-node-name",
+						    json_string("overlay"));
+			r = execute_cmd(&c,
+					json_pack("{s:s,s:o}", "execute", "blockdev-snapshot-sync",
+						  "arguments", a),
+					&failed);
+		} else if (e) {
+			fprintf(stderr, "vqcowctl: no export; use --node\n");
+		}
 		json_decref(e);
 	} else if (strcmp(cmd, "snapshot") == 0) {
 		json_t *e = NULL;
@@ -717,6 +861,29 @@ int main(int argc, char **argv)
 			printf("%-9s %-16s %20s\n", json_string_value(json_object_get(v, "id")),
 			       json_string_value(json_object_get(v, "name")), date);
 		}
+	} else if (strcmp(cmd, "jobs") == 0) {
+		size_t i;
+		json_t *v;
+
+		printf("%-16s%-8s%-11s%22s%12s%6s\n", "ID", "TYPE", "STATUS", "OFFSET/LEN", "SPEED",
+		       "READY");
+		json_array_foreach(r, i, v)
+		{
+			char ol[48];
+
+			snprintf(ol, sizeof(ol), "%" PRIu64 "/%" PRIu64, num(v, "offset"),
+				 num(v, "len"));
+			printf("%-15s %-7s %-10s %21s %11" PRIu64 " %5s\n",
+			       json_string_value(json_object_get(v, "device")),
+			       json_string_value(json_object_get(v, "type")),
+			       json_string_value(json_object_get(v, "status")), ol, num(v, "speed"),
+			       json_is_true(json_object_get(v, "ready")) ? "yes" : "no");
+		}
+	} else if (strcmp(cmd, "commit") == 0) {
+		printf("committed: %s is the active layer again\n",
+		       json_string_value(json_object_get(r, "node-name")));
+	} else if (strcmp(cmd, "snapshot") == 0 && strcmp(argv[optind], "external") == 0) {
+		printf("external snapshot: %s is the active layer\n", argv[optind + 1]);
 	} else if (strcmp(cmd, "snapshot") == 0) {
 		printf("snapshot '%s' %s\n", argv[optind + 1],
 		       strcmp(argv[optind], "create") == 0 ? "created" : "deleted");

@@ -23,13 +23,14 @@
   * kill -9 of the daemon at several points of a commit (scanning, copying,
     ready, completing): both files pass qemu-img check and the chain reads
     what the writer wrote (qemu-img compare against the shadow copy);
+  * vqcowctl snapshot external, jobs and commit SPEED under the writer;
   * the backup recipe, contrib/vqcow-backup.py, with the writer running: the
     backup holds the disk as of the snapshot, the image is the active layer
     again, the overlay is gone, every byte reads back;
   * the same QMP conversation against qemu-storage-daemon 7.2 (when
     present): the field names of query-block-jobs and the events match ours.
 
-Usage: test_layers.py VQCOWD VQCOW-FE WORKDIR
+Usage: test_layers.py VQCOWD VQCOW-FE WORKDIR [VQCOWCTL]
 """
 
 import json
@@ -611,6 +612,46 @@ def test_backup(vqcowd, fe, work):
     log("ok: vqcow-backup.py --help, and exit 2 without a daemon")
 
 
+def test_ctl(vqcowd, fe, ctl, work):
+    """vqcowctl snapshot external / jobs / commit under a writer."""
+    size = 16 * MiB
+    base = new_disk(work, "ctl.qcow2", size)
+    ov = os.path.join(work, "ctl-ov.qcow2")
+    if os.path.exists(ov):
+        os.unlink(ov)
+    d = Daemon(vqcowd, work, base, "ctl")
+    try:
+        q = Qmp(d.qsock)
+        w = Writer(fe, d.vsock, size, 9)
+        w.fill()
+        r = run(ctl, "-s", d.qsock, "snapshot", "external", ov, "top")
+        check(r.stdout.decode().strip() == "external snapshot: %s is the active layer" % ov,
+              "vqcowctl snapshot external: %r" % r.stdout)
+        check(nodes(q) == [("top", ov, False), ("disk0", base, True)], "chain: %r" % nodes(q))
+        w.fill()
+        w.start()
+        r = run(ctl, "-s", d.qsock, "jobs")
+        check(r.stdout.decode().split() == ["ID", "TYPE", "STATUS", "OFFSET/LEN", "SPEED",
+                                            "READY"], "vqcowctl jobs: %r" % r.stdout)
+        r = run(ctl, "-s", d.qsock, "commit", "64M")
+        check(r.stdout.decode().strip() == "committed: disk0 is the active layer again",
+              "vqcowctl commit: %r" % r.stdout)
+        w.stop()
+        check(nodes(q) == [("disk0", base, False)], "chain after commit: %r" % nodes(q))
+        r = run(ctl, "-s", d.qsock, "commit", ok=False)
+        check(r.returncode == 1 and "has no backing file" in r.stderr.decode(),
+              "vqcowctl commit without a backing file: %r" % r.stderr)
+        r = run(ctl, "-s", d.qsock, "snapshot", "external", ok=False)
+        check(r.returncode == 2, "vqcowctl snapshot external without FILE: rc %d" % r.returncode)
+        w.verify_fe("after vqcowctl commit")
+        q.close()
+    finally:
+        d.stop()
+    qcheck(base, "after vqcowctl commit")
+    log("ok: vqcowctl snapshot external, jobs, commit SPEED (waits for ready, pivots), "
+        "exit statuses")
+
+
 def qsd_conversation(q, fe, vsock, base, ov, work, what):
     """The same conversation against vqcowd and qemu-storage-daemon: returns what to compare."""
     out = {}
@@ -740,10 +781,11 @@ DIFFERENT = {
 
 
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         print(__doc__)
         return 2
-    vqcowd, fe, work = sys.argv[1:]
+    vqcowd, fe, work = sys.argv[1:4]
+    ctl = sys.argv[4] if len(sys.argv) == 5 else None
     for tool in ("qemu-img", "qemu-io"):
         if not shutil.which(tool):
             log("SKIP: %s not found" % tool)
@@ -757,6 +799,8 @@ def main():
             test_cancel_speed(vqcowd, fe, work)
         if not only or only == "kill":
             test_kill(vqcowd, fe, work)
+        if (not only or only == "ctl") and ctl:
+            test_ctl(vqcowd, fe, ctl, work)
         if not only or only == "backup":
             test_backup(vqcowd, fe, work)
         if not only or only == "qsd":
