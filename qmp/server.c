@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "qmp.h"
+#include "util.h"
 #include "vlog.h"
 
 /*
@@ -55,8 +56,7 @@ struct qmp_pending {
 struct qmp_server {
 	int fd;
 	char *path;
-	dev_t dev;
-	ino_t ino;
+	struct util_sock sock; /* unlinked at exit only while the path names it */
 	const struct qmp_loop_ops *loop;
 	const struct qmp_command *cmds;
 	json_t *version;
@@ -659,31 +659,12 @@ static void accept_ready(void *arg)
 	}
 }
 
-/* Is a process listening on @path? */
-static bool socket_alive(const struct sockaddr_un *sa)
-{
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool alive;
-
-	if (fd < 0)
-		return false;
-	alive = connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0;
-	close(fd);
-	return alive;
-}
-
 int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_loop_ops *loop,
 		    const struct qmp_command *cmds, json_t *version, void *opaque)
 {
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct qmp_server *s;
-	struct stat st;
-	mode_t old;
 	int ret;
 
-	if (strlen(path) >= sizeof(sa.sun_path))
-		return -ENAMETOOLONG;
-	memcpy(sa.sun_path, path, strlen(path) + 1);
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
@@ -692,30 +673,20 @@ int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_l
 	s->opaque = opaque;
 	s->version = json_incref(version);
 	s->path = strdup(path);
-	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (!s->path || s->fd < 0) {
-		ret = s->path ? -errno : -ENOMEM;
+	s->fd = -1;
+	if (!s->path) {
+		ret = -ENOMEM;
 		goto fail;
 	}
-	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
-		if (socket_alive(&sa)) {
-			ret = -EADDRINUSE;
-			goto fail;
-		}
-		unlink(path); /* stale: its process is gone */
-	}
-	old = umask(0177);
-	ret = bind(s->fd, (struct sockaddr *)&sa, sizeof(sa));
-	umask(old);
-	if (ret < 0 || listen(s->fd, 16) < 0 || stat(path, &st) < 0) {
-		ret = -errno;
+	/* Bound and listening before the path appears: a client that connects
+	 * as soon as it sees the file is never refused. */
+	ret = util_unix_listen(path, &s->sock);
+	if (ret < 0)
 		goto fail;
-	}
-	s->dev = st.st_dev;
-	s->ino = st.st_ino;
+	s->fd = ret;
 	ret = loop->watch(loop->opaque, s->fd, POLLIN, accept_ready, s);
 	if (ret < 0) {
-		unlink(path);
+		util_unix_unlink_own(path, &s->sock);
 		goto fail;
 	}
 	*sp = s;
@@ -732,23 +703,12 @@ fail:
 int qmp_server_init_fd(struct qmp_server **sp, int fd, const struct qmp_loop_ops *loop,
 		       const struct qmp_command *cmds, json_t *version, void *opaque)
 {
-	int acc = 0, type = 0, fl, ret;
-	socklen_t len = sizeof(acc);
 	struct qmp_server *s;
+	int ret;
 
-	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0)
-		return errno == ENOTSOCK ? -ENOTCONN : -errno;
-	len = sizeof(type);
-	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
-		return errno == ENOTSOCK ? -ENOTCONN : -errno;
-	if (!acc || type != SOCK_STREAM)
-		return -ENOTCONN; /* not a listening stream socket */
-	fl = fcntl(fd, F_GETFL);
-	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
-		return -errno;
-	fl = fcntl(fd, F_GETFD);
-	if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0)
-		return -errno;
+	ret = util_adopt_listener(fd);
+	if (ret < 0)
+		return ret;
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
@@ -769,8 +729,6 @@ int qmp_server_init_fd(struct qmp_server **sp, int fd, const struct qmp_loop_ops
 
 void qmp_server_exit(struct qmp_server *s)
 {
-	struct stat st;
-
 	if (!s)
 		return;
 	while (s->clients) {
@@ -779,8 +737,8 @@ void qmp_server_exit(struct qmp_server *s)
 	}
 	s->loop->unwatch(s->loop->opaque, s->fd);
 	close(s->fd);
-	if (s->path && stat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
-		unlink(s->path);
+	if (s->path)
+		util_unix_unlink_own(s->path, &s->sock);
 	json_decref(s->version);
 	free(s->path);
 	free(s);

@@ -493,182 +493,26 @@ static void wake_cb(void *arg)
 	vhost_dev_leave(dev); /* reaps a dead, drained connection */
 }
 
-/*
- * Is something listening on the socket at @path? Connect to it: a live
- * listener accepts the connection (or has a full backlog: EAGAIN); a socket
- * file left by a process that died without unlinking it (kill -9) refuses
- * with ECONNREFUSED. 1 live, 0 stale, -errno when we cannot tell.
- */
-static int connect_probe(const struct sockaddr_un *sa)
+/* Create the listening socket at @path (util_unix_listen), naming the path
+ * in what we log. */
+static int listen_unix(struct vhost_server *srv, const char *path)
 {
-	int fd, ret;
+	int ret = util_unix_listen(path, &srv->sock);
 
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	if (connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0)
-		ret = 1;
-	else if (errno == EAGAIN || errno == EINPROGRESS)
-		ret = 1;
-	else if (errno == ECONNREFUSED)
-		ret = 0;
-	else
-		ret = -errno;
-	close(fd);
-	return ret;
-}
-
-/*
- * A process killed with SIGKILL keeps accepting connections for a few
- * milliseconds: io_uring tears its requests down (and drops their file
- * references, the listening socket's among them) asynchronously after the
- * exit. So "live" must hold for about a second before we believe it; a few
- * probes only, each one is a connection the live owner will accept and see
- * closed at once.
- */
-static int socket_is_live(const struct sockaddr_un *sa)
-{
-	unsigned wait_ms = 10;
-	int ret;
-
-	for (int i = 0;; i++, wait_ms *= 2) {
-		ret = connect_probe(sa);
-		if (ret <= 0 || i == 6)
-			return ret;
-		usleep(wait_ms * 1000); /* 10 ms .. 640 ms: 1.27 s in all */
-	}
-}
-
-/*
- * The temporary name the socket is bound and made listening under, in the
- * same directory as @path (rename() then publishes it there atomically).
- * -ENAMETOOLONG if it does not fit a socket address.
- */
-static int temp_sock_name(const char *path, char *tmp, size_t size)
-{
-	const char *slash = strrchr(path, '/');
-	int dirlen = slash ? (int)(slash - path) + 1 : 0;
-	int n = snprintf(tmp, size, "%.*s.vqcowd-%ld.tmp", dirlen, path, (long)getpid());
-
-	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
-}
-
-/*
- * Create the listening socket at @path. The path appears only once the socket
- * listens: it is bound, chmod'ed and put into listen() under a temporary name
- * in the same directory, then renamed over @path, so a client that connects
- * as soon as it sees the path (QEMU with reconnect=, a test polling for the
- * file) is never refused. A stale socket at @path is unlinked first and the
- * rename does not replace anything that appeared meanwhile (-EADDRINUSE).
- */
-static int listen_unix(const char *path, dev_t *devp, ino_t *inop)
-{
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct sockaddr_un tsa = {.sun_family = AF_UNIX};
-	size_t len = strlen(path);
-	struct stat st;
-	int fd, ret;
-
-	if (len >= sizeof(sa.sun_path))
-		return -ENAMETOOLONG;
-	memcpy(sa.sun_path, path, len + 1);
-	ret = temp_sock_name(path, tsa.sun_path, sizeof(tsa.sun_path));
-	if (ret < 0)
-		return ret;
-	if (lstat(path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode)) {
-			vhost_err("%s exists and is not a socket", path);
-			return -EEXIST;
-		}
-		/* Never take over a socket another back-end still serves: its
-		 * front-ends would reach us or nobody, and its exit would
-		 * unlink our socket. Replace only a stale one. */
-		ret = socket_is_live(&sa);
-		if (ret > 0)
-			return -EADDRINUSE; /* the caller names the path */
-		if (ret < 0) {
-			vhost_warn("%s: cannot tell whether the socket is in use: %s", path,
-				   strerror(-ret));
-			return ret;
-		}
-		vhost_info("%s: replacing a stale socket (nobody listens on it)", path);
-		if (unlink(path) < 0 && errno != ENOENT)
-			return -errno;
-	}
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	unlink(tsa.sun_path); /* left by an earlier process with our pid */
-	/* Linux creates the socket inode with the socket's mode & ~umask:
-	 * restrict it before bind so it is never reachable by others. */
-	if (fchmod(fd, 0600) < 0 || bind(fd, (struct sockaddr *)&tsa, sizeof(tsa)) < 0) {
-		ret = -errno;
-		goto close_fd;
-	}
-	/* Remember which inode is ours: at exit the path is unlinked only if it
-	 * still names it (another back-end may have replaced it since). */
-	if (lstat(tsa.sun_path, &st) < 0 || chmod(tsa.sun_path, 0600) < 0 || listen(fd, 16) < 0) {
-		ret = -errno;
-		goto unlink_tmp;
-	}
-	/* Publish: never over a socket someone created since the check above. */
-	if (renameat2(AT_FDCWD, tsa.sun_path, AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
-		ret = -errno;
-		if (ret == -EINVAL || ret == -ENOSYS) {
-			/* File system without RENAME_NOREPLACE: plain rename. */
-			ret = rename(tsa.sun_path, path) < 0 ? -errno : 0;
-		}
-		if (ret == -EEXIST)
-			ret = -EADDRINUSE; /* someone took the path meanwhile */
-		if (ret < 0)
-			goto unlink_tmp;
-	}
-	*devp = st.st_dev;
-	*inop = st.st_ino;
-	return fd;
-
-unlink_tmp:
-	unlink(tsa.sun_path);
-close_fd:
-	close(fd);
+	if (ret == -EEXIST)
+		vhost_err("%s exists and is not a socket", path);
+	else if (ret < 0 && ret != -EADDRINUSE) /* the caller names EADDRINUSE */
+		vhost_warn("%s: cannot listen: %s", path, strerror(-ret));
+	else if (ret >= 0 && srv->sock.replaced_stale)
+		vhost_info("%s: replaced a stale socket (nobody listened on it)", path);
 	return ret;
 }
 
 /* Unlink the server's socket file if it is still the one we bound. */
 static void unlink_own_socket(const struct vhost_server *srv)
 {
-	struct stat st;
-
-	if (lstat(srv->path, &st) < 0)
-		return;
-	if (!S_ISSOCK(st.st_mode) || st.st_dev != srv->sock_dev || st.st_ino != srv->sock_ino) {
+	if (util_unix_unlink_own(srv->path, &srv->sock) == -ESTALE)
 		vhost_warn("%s is no longer our socket; leaving it in place", srv->path);
-		return;
-	}
-	unlink(srv->path);
-}
-
-static int adopt_listen_fd(int fd)
-{
-	int acc = 0, type = 0, fl;
-	socklen_t len = sizeof(acc);
-
-	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0)
-		return -errno;
-	len = sizeof(type);
-	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
-		return -errno;
-	if (!acc || type != SOCK_STREAM) {
-		vhost_err("fd %d is not a listening stream socket", fd);
-		return -EINVAL;
-	}
-	fl = fcntl(fd, F_GETFL);
-	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
-		return -errno;
-	fl = fcntl(fd, F_GETFD);
-	if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) < 0)
-		return -errno;
-	return 0;
 }
 
 int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_fd,
@@ -692,9 +536,13 @@ int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_f
 		goto free_srv;
 	}
 	if (listen_fd >= 0) {
-		ret = adopt_listen_fd(listen_fd);
-		if (ret < 0)
+		ret = util_adopt_listener(listen_fd);
+		if (ret < 0) {
+			if (ret == -ENOTCONN)
+				vhost_err("fd %d is not a listening stream socket", listen_fd);
+			ret = ret == -ENOTCONN ? -EINVAL : ret;
 			goto close_wake;
+		}
 		srv->listen_fd = listen_fd;
 	} else {
 		srv->path = strdup(path);
@@ -702,7 +550,7 @@ int vhost_server_init(struct vhost_server **srvp, const char *path, int listen_f
 			ret = -ENOMEM;
 			goto close_wake;
 		}
-		ret = listen_unix(path, &srv->sock_dev, &srv->sock_ino);
+		ret = listen_unix(srv, path);
 		if (ret < 0)
 			goto free_path;
 		srv->listen_fd = ret;

@@ -30,6 +30,7 @@
 #include <linux/virtio_ring.h>
 
 #include "vhost.h"
+#include "util.h"
 #include "vlog.h"
 
 /*
@@ -403,8 +404,8 @@ struct vhost_server {
 	const struct vhost_dev_ops *ops;
 	void *opaque;
 	char *path;
-	dev_t sock_dev; /* the socket file we bound at path (unlinked at exit only if */
-	ino_t sock_ino; /* the path still names it) */
+	struct util_sock sock; /* the socket file we bound at path (unlinked at exit
+				only if the path still names it) */
 	int listen_fd;
 	bool listen_watched;
 	bool accepting;
