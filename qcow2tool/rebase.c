@@ -122,7 +122,8 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
 	pos += 8;
 	qcow2_put_be64(out + OFF_BACKING_OFFSET, blen ? pos : 0);
 	qcow2_put_be32(out + OFF_BACKING_SIZE, (uint32_t)blen);
-	memcpy(out + pos, backing, blen);
+	if (blen)
+		memcpy(out + pos, backing, blen);
 	pos += blen;
 	/* what the old header used up to, so stale bytes of a longer old name go too */
 	if (h.backing_file_offset && h.backing_file_offset + h.backing_file_size > pos &&
