@@ -82,6 +82,20 @@ bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len)
 	return i < q->meta.n && q->meta.v[i] <= c1;
 }
 
+bool q2_meta_overlaps_cluster(const struct qcow2 *q, uint64_t cluster, struct q2_meta_gap *gap)
+{
+	size_t i;
+
+	if (cluster >= gap->lo && cluster < gap->hi)
+		return false;
+	i = lower(&q->meta, cluster);
+	if (i < q->meta.n && q->meta.v[i] == cluster)
+		return true;
+	gap->lo = i ? q->meta.v[i - 1] + 1 : 0;
+	gap->hi = i < q->meta.n ? q->meta.v[i] : UINT64_MAX;
+	return false;
+}
+
 int q2_meta_add(struct qcow2 *q, uint64_t cluster)
 {
 	size_t i = lower(&q->meta, cluster);

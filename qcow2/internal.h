@@ -310,6 +310,16 @@ struct qcow2 {
 /* ---- core.c ---- */
 __attribute__((format(printf, 2, 3))) void q2_corrupt(struct qcow2 *q, const char *fmt, ...);
 bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len);
+/*
+ * Clusters [lo, hi) known to hold no metadata, from the last lookup: an L2
+ * slice's entries mostly point into one such run (preallocated images: all
+ * of them), so checking them one after another skips the binary search.
+ * Valid only while the metadata set does not change (one q2_l2_validate).
+ */
+struct q2_meta_gap {
+	uint64_t lo, hi;
+};
+bool q2_meta_overlaps_cluster(const struct qcow2 *q, uint64_t cluster, struct q2_meta_gap *gap);
 int q2_meta_add(struct qcow2 *q, uint64_t cluster);
 void q2_meta_del(struct qcow2 *q, uint64_t cluster);
 int q2_u64v_push(struct q2_u64v *v, uint64_t x);

@@ -46,8 +46,12 @@ static inline uint32_t slice_lg(const struct qcow2 *q)
 	return (uint32_t)__builtin_ctz(q->slice_size);
 }
 
-/* Check one L2 entry. *why names the problem. */
-static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const char **why)
+/*
+ * Check one L2 entry. *why names the problem. @gap, when not NULL, carries
+ * the metadata-free run of the previous entry's check (q2_l2_validate).
+ */
+static int entry_check_gap(const struct qcow2 *q, uint64_t e, uint64_t bm, const char **why,
+			   struct q2_meta_gap *gap)
 {
 	uint64_t host;
 
@@ -102,16 +106,23 @@ static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const cha
 		*why = "cluster offset past the end of the file";
 		return E_BAD;
 	}
-	if (q2_meta_overlaps(q, host, q->cs)) {
+	if (gap ? q2_meta_overlaps_cluster(q, host >> q->cb, gap)
+		: q2_meta_overlaps(q, host, q->cs)) {
 		*why = "data cluster overlaps metadata";
 		return E_META;
 	}
 	return E_OK;
 }
 
+static int entry_check(const struct qcow2 *q, uint64_t e, uint64_t bm, const char **why)
+{
+	return entry_check_gap(q, e, bm, why, NULL);
+}
+
 void q2_l2_validate(struct qcow2 *q, struct q2_slice *s)
 {
 	uint32_t n = q->slice_size / q->l2e_size;
+	struct q2_meta_gap gap = {1, 0}; /* empty: the first check searches */
 	const char *why;
 
 	s->suspect = false;
@@ -120,7 +131,7 @@ void q2_l2_validate(struct qcow2 *q, struct q2_slice *s)
 
 		if (!e && !bm)
 			continue;
-		if (entry_check(q, e, bm, &why) != E_OK) {
+		if (entry_check_gap(q, e, bm, &why, &gap) != E_OK) {
 			s->suspect = true;
 			return;
 		}
