@@ -301,10 +301,14 @@ static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, s
 		    queues,
 		    json_pack("{s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "queue", (int)i, "requests",
 			      (json_int_t)q->requests, "bytes", (json_int_t)q->bytes, "errors",
-			      (json_int_t)q->errors, "rd_operations", (json_int_t)q->blk.op[0].ops,
-			      "wr_operations", (json_int_t)q->blk.op[1].ops, "flush_operations",
-			      (json_int_t)q->blk.op[2].ops, "unmap_operations",
-			      (json_int_t)q->blk.op[3].ops));
+			      (json_int_t)q->errors, "rd_operations",
+			      (json_int_t)__atomic_load_n(&q->blk.op[0].ops, __ATOMIC_RELAXED),
+			      "wr_operations",
+			      (json_int_t)__atomic_load_n(&q->blk.op[1].ops, __ATOMIC_RELAXED),
+			      "flush_operations",
+			      (json_int_t)__atomic_load_n(&q->blk.op[2].ops, __ATOMIC_RELAXED),
+			      "unmap_operations",
+			      (json_int_t)__atomic_load_n(&q->blk.op[3].ops, __ATOMIC_RELAXED)));
 	}
 	stats_sum(c, sum);
 	v = json_pack("{s:i,s:o}", "in-flight", (int)blk_dev_inflight(c->blk), "queues", queues);
