@@ -107,8 +107,10 @@ struct cjob {
 	bool busy; /* a copy in flight */
 	bool user_paused;
 	bool posted, timer_armed;
-	bool paused_dev;   /* we paused the device (ending) */
-	bool cancel_ready; /* cancelled while ready without force: ends as completed */
+	bool timer_cancelled; /* io_cancel sent for the rate-limit timer */
+	bool st_parked;       /* img_block_status parked us in the top image's engine */
+	bool paused_dev;      /* we paused the device (ending) */
+	bool cancel_ready;    /* cancelled while ready without force: ends as completed */
 	enum jend end;
 	int end_stage; /* 0 draining, 1 flushing, 2 done */
 	unsigned flushes;
@@ -571,12 +573,16 @@ static void timer_done(struct io_cmd *cmd, int res)
 
 	(void)res;
 	j->timer_armed = false;
+	j->timer_cancelled = false;
 	job_run(j);
 }
 
 static void wait_wake(struct img_wait *w)
 {
-	job_kick(w->priv);
+	struct cjob *j = w->priv;
+
+	j->st_parked = false;
+	job_kick(j);
 }
 
 static void mark(struct cjob *j, uint64_t off, uint64_t len)
@@ -695,8 +701,10 @@ static int scan(struct cjob *j)
 			uint64_t pnum = 0;
 			int r = img_block_status(l, j->scan_off, step, &pnum, &j->w);
 
-			if (r == -EAGAIN)
+			if (r == -EAGAIN) {
+				j->st_parked = true; /* wait_wake() kicks us */
 				return 0;
+			}
 			if (r < 0)
 				return r;
 			if (pnum && pnum < step)
@@ -900,8 +908,16 @@ static void job_end_step(struct cjob *j)
 {
 	struct ctl *c = j->c;
 
-	if (j->end_stage || j->busy)
+	/* nothing of ours may be pending in io/ or the engine when the job is freed */
+	if (j->end_stage || j->busy || j->posted || j->st_parked)
 		return;
+	if (j->timer_armed) {
+		if (!j->timer_cancelled) {
+			j->timer_cancelled = true;
+			io_cancel(j->top->loop, &j->timer); /* timer_done() comes back here */
+		}
+		return;
+	}
 	if (blk_dev_inflight(c->blk)) {
 		if (now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
 			j->end = END_NONE;
