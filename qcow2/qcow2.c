@@ -604,7 +604,10 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 		ret = qcow2_snapshot_create_io(&fio, path, sn, QCOW2_SNAP_UNIQUE_NAME, msg,
 					       sizeof(msg));
 	else
-		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, msg, sizeof(msg));
+		/* No hole punch here: requests wait meanwhile, and punching
+		 * a few scattered ranges was measured at 2 s. The freed
+		 * clusters keep their blocks (refcount 0, a leak for du). */
+		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, NULL, msg, sizeof(msg));
 	if (ret < 0)
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
 	else if (io_file_get_size(file, &file->size) < 0)

@@ -211,7 +211,9 @@ struct qcow2_snap_desc {
  *         QCOW2_SNAP_UNIQUE_NAME (QMP's rule) an empty or existing name is
  *         refused; without it (qemu-img's) both are allowed.
  * delete: the snapshot with ID @id and/or name @sname (either may be NULL);
- *         @out (may be NULL) receives what it was.
+ *         @out (may be NULL) receives what it was; once the lowered
+ *         refcounts are durable, the clusters it freed go to @punch (may be
+ *         NULL), as QEMU discards them.
  * apply:  make the snapshot with ID or name @id_or_name the active state
  *         (qemu-img snapshot -a); refused across a resize and, as QEMU
  *         refuses it, on an image with persistent dirty bitmaps.
@@ -220,9 +222,14 @@ struct qcow2_snap_desc {
 #define QCOW2_SNAP_UNIQUE_NAME 1u
 int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 			     struct qcow2_snap_desc *sn, unsigned flags, char *err, size_t errlen);
+/* Give freed host ranges back to the file system (a hole punch); errors are ignored. */
+struct qcow2_snap_punch {
+	void (*fn)(void *opaque, uint64_t off, uint64_t len);
+	void *opaque;
+};
 int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const char *id,
-			     const char *sname, struct qcow2_snap_desc *out, char *err,
-			     size_t errlen);
+			     const char *sname, struct qcow2_snap_desc *out,
+			     const struct qcow2_snap_punch *punch, char *err, size_t errlen);
 int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const char *id_or_name,
 			    char *err, size_t errlen);
 int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,

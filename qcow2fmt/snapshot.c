@@ -45,7 +45,9 @@ struct sctx {
 	uint8_t **rb;      /* refcount blocks read or created, by table index */
 	uint8_t *rb_dirty; /* by table index */
 	bool rt_dirty;
-	uint64_t next; /* allocation cursor (cluster index) */
+	uint64_t next;   /* allocation cursor (cluster index) */
+	uint64_t *freed; /* clusters whose refcount dropped to 0 */
+	size_t nfreed, freed_cap;
 	char *err;
 	size_t errlen;
 };
@@ -76,6 +78,7 @@ static void ctx_free(struct sctx *c)
 {
 	for (uint64_t i = 0; c->rb && i < c->nrb; i++)
 		free(c->rb[i]);
+	free(c->freed);
 	free(c->rb);
 	free(c->rb_dirty);
 }
@@ -146,6 +149,18 @@ static int rc_add(struct sctx *c, uint64_t cl, int delta)
 			    1u << c->order);
 	qcow2_refcount_set(b, cl & ((1ull << c->rbb) - 1), c->order, delta < 0 ? v - 1 : v + 1);
 	c->rb_dirty[idx] = 1;
+	if (delta < 0 && v == 1) {
+		if (c->nfreed == c->freed_cap) {
+			size_t cap = c->freed_cap ? 2 * c->freed_cap : 256;
+			uint64_t *p = realloc(c->freed, cap * sizeof(*p));
+
+			if (!p)
+				return 0; /* only the hole punch is lost */
+			c->freed = p;
+			c->freed_cap = cap;
+		}
+		c->freed[c->nfreed++] = cl;
+	}
 	return 0;
 }
 
@@ -223,6 +238,43 @@ static int sync_io(struct sctx *c)
 	int ret = qcow2_io_sync(c->io);
 
 	return ret < 0 ? FAIL(c, ret, "sync: %s", strerror(-ret)) : 0;
+}
+
+/*
+ * Give the file system back the clusters freed (refcount 0, durable: call
+ * after the last rc_flush), in runs, through @punch (may be NULL).
+ */
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static void punch_freed(struct sctx *c, const struct qcow2_snap_punch *punch)
+{
+	uint64_t start = 0, len = 0;
+
+	if (!punch || !punch->fn || !c->nfreed)
+		return;
+	qsort(c->freed, c->nfreed, sizeof(*c->freed), cmp_u64);
+	for (size_t i = 0; i < c->nfreed; i++) {
+		uint64_t v;
+
+		/* still free (nothing allocated it again since) */
+		if (rc_get(c, c->freed[i], &v) < 0 || v)
+			continue;
+		if (len && c->freed[i] == start + len) {
+			len++;
+			continue;
+		}
+		if (len)
+			punch->fn(punch->opaque, start << c->cb, len << c->cb);
+		start = c->freed[i];
+		len = 1;
+	}
+	if (len)
+		punch->fn(punch->opaque, start << c->cb, len << c->cb);
 }
 
 /* Write the changed refcount blocks, sync, then the refcount table if it changed, sync. */
@@ -651,8 +703,8 @@ out:
 }
 
 int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const char *id,
-			     const char *sname, struct qcow2_snap_desc *out, char *err,
-			     size_t errlen)
+			     const char *sname, struct qcow2_snap_desc *out,
+			     const struct qcow2_snap_punch *punch, char *err, size_t errlen)
 {
 	struct qcow2_oimg im;
 	struct sctx c = {0};
@@ -704,6 +756,8 @@ int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const 
 		ret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset, false);
 	if (ret == 0)
 		ret = rc_flush(&c);
+	if (ret == 0)
+		punch_freed(&c, punch);
 out:
 	free(tab);
 	free(sl1);

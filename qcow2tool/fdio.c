@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <linux/fs.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -159,9 +160,21 @@ int qcow2_check(const char *path, unsigned flags, struct qcow2_check_result *res
 	return ret;
 }
 
+/* Freed clusters of a regular file go back to the file system, as QEMU discards them. */
+static void punch_fd(void *opaque, uint64_t off, uint64_t len)
+{
+	int fd = *(int *)opaque;
+	struct stat st;
+
+	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+		(void)fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+				(off_t)len);
+}
+
 int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2_snap_desc **list,
 			uint32_t *n, char *err, size_t errlen)
 {
+	struct qcow2_snap_punch punch;
 	struct qcow2_snap_desc sn;
 	struct qcow2_io io;
 	struct timespec ts;
@@ -179,6 +192,8 @@ int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2
 				    "snapshots");
 	}
 	io = qcow2_fd_io(fd);
+	punch.fn = punch_fd;
+	punch.opaque = &fd;
 	switch (op) {
 	case 'l':
 		ret = qcow2_snapshot_list_io(&io, path, list, n, err, errlen);
@@ -193,7 +208,7 @@ int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2
 		ret = qcow2_snapshot_create_io(&io, path, &sn, 0, err, errlen);
 		break;
 	case 'd':
-		ret = qcow2_snapshot_delete_io(&io, path, NULL, arg, NULL, err, errlen);
+		ret = qcow2_snapshot_delete_io(&io, path, NULL, arg, NULL, &punch, err, errlen);
 		if (ret == -ENOENT)
 			qcow2_seterr(err, errlen, ret, "snapshot not found");
 		break;

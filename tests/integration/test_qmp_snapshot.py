@@ -15,8 +15,8 @@ qemu-img as the oracle.
   * the same conversation (errors, return shapes) against
     qemu-storage-daemon on a qcow2 (skipped visibly without it);
   * under load: snapshots taken and deleted while vqcow-fe writes at random
-    (no request fails, none waits 3 s), with one thread and with two I/O
-    threads, then check clean and every snapshot readable;
+    (no request fails, requests held under 2 s per snapshot), with one thread
+    and with two I/O threads, then check clean and every snapshot readable;
   * kill -9 during snapshot create / delete under load, many times at random
     moments: qemu-img check finds no refcount too low (only leaks, and
     COPIED flags disagreeing with a too-high refcount), after `-r leaks` no
@@ -186,6 +186,24 @@ def test_img_cli(vimg, work):
         % len(steps))
 
 
+def test_punch(vimg, work):
+    """vqcow-img snapshot -d gives the freed clusters back to the file system."""
+    img = os.path.join(work, "punch.qcow2")
+    qimg("create", "-q", "-f", "qcow2", img, "64M")
+    subprocess.run(["qemu-io", "-c", "write -P 1 0 8M", img], check=True, capture_output=True)
+    qimg("snapshot", "-c", "s", img)
+    subprocess.run(["qemu-io", "-c", "write -P 2 0 8M", img], check=True, capture_output=True)
+    before = os.stat(img).st_blocks * 512
+    r = subprocess.run([vimg, "snapshot", "-d", "s", img], capture_output=True, text=True)
+    check(r.returncode == 0, "vqcow-img snapshot -d: %s" % r.stderr)
+    after = os.stat(img).st_blocks * 512
+    check(before - after >= 7 * MiB, "only %d bytes given back" % (before - after))
+    check_clean(img, "after a delete that punched")
+    qio(img, "read -P 2 0 8M")
+    log("ok: vqcow-img snapshot -d gave back %d KiB of the snapshot's clusters"
+        % ((before - after) // 1024))
+
+
 def test_busy(vqcowd, work):
     """No internal snapshot under a commit job (QEMU's op blocker), and after it ends."""
     img = os.path.join(work, "busy.qcow2")
@@ -316,11 +334,24 @@ def test_load(vqcowd, fe_bin, work, threads=0):
         out, err = b.communicate(timeout=60)
         check(b.returncode == 0, "bench under snapshots: rc %d\n%s%s" % (b.returncode, out, err))
         m = re.search(r"^total .* max ([0-9.]+) \(", out, re.M)
-        check(m and float(m.group(1)) < 3e6, "a request waited over 3 s: %s" % out)
+        check(m and float(m.group(1)) < 10e6, "a request waited over 10 s: %s" % out)
+        # How long requests were held back for each snapshot: from the hold to
+        # the end of the operation (a main loop that sleeps through the
+        # drain once held a snapshot for 4.5 s).
+        holds, t0 = [], None
+        for ln in d.log().splitlines():
+            ts = ln[11:23]
+            if "holding requests back" in ln:
+                t0 = ts
+            elif t0 and re.search(r"internal snapshot '.*' \(id .*\) (created|deleted)", ln):
+                h0, h1 = (int(x[:2]) * 3600 + int(x[3:5]) * 60 + float(x[6:]) for x in (t0, ts))
+                holds.append(h1 - h0)
+                t0 = None
+        check(len(holds) == 9 and max(holds) < 2, "holds %r" % holds)
         log("ok: %s: 6 snapshots and 3 deletes under random writes; bench without errors; "
-            "snapshot latency %.1f..%.1f ms; slowest request %.0f ms"
-            % ("%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
-               max(lat) * 1000, float(m.group(1)) / 1000))
+            "snapshot latency %.1f..%.1f ms; requests held %.0f ms at most; slowest request "
+            "%.0f ms" % ("%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
+                         max(lat) * 1000, max(holds) * 1000, float(m.group(1)) / 1000))
         q.cmd("quit")
         d.p.wait(10)
         check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
@@ -414,6 +445,7 @@ def main():
     os.makedirs(work)
     test_data(vqcowd, fe_bin, ctl, vimg, work)
     test_img_cli(vimg, work)
+    test_punch(vimg, work)
     test_busy(vqcowd, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)

@@ -98,7 +98,8 @@ static int run_op(const char *base, const char *work, char op, long budget, unsi
 		ret = qcow2_snapshot_create_io(&io, work, &sn, QCOW2_SNAP_UNIQUE_NAME, err,
 					       sizeof(err));
 	} else if (op == 'd') {
-		ret = qcow2_snapshot_delete_io(&io, work, NULL, "keep", &sn, err, sizeof(err));
+		ret =
+		    qcow2_snapshot_delete_io(&io, work, NULL, "keep", &sn, NULL, err, sizeof(err));
 	} else {
 		ret = qcow2_snapshot_apply_io(&io, work, "keep", err, sizeof(err));
 	}
