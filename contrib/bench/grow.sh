@@ -1,0 +1,173 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+#
+# The single-queue growing-image cells of issue 12, side by side:
+#
+#   bash contrib/bench/grow.sh [--dir DIR] [--size 4G] [--reps 3] [--runtime 5] [--perf]
+#
+# Per round, in an order rotated between rounds, 4K random writes at QD32
+# (vqcow-fe bench, one queue) into:
+#   vqcowd-empty  a fresh empty qcow2 (64 KiB clusters) through vqcowd
+#   qsd-empty     the same through qemu-storage-daemon ($QSD; io_uring,
+#                 cache.direct, an iothread)
+#   vqcowd-xl2    a fresh empty extended_l2=on qcow2 through vqcowd
+#   vqcowd-full   a fully allocated qcow2 (qemu-img convert of a fio-written
+#                 raw file, made once: contrib/bench/layout.sh's image)
+# and prints per cell IOPS, CPU µs per I/O, and the share of data writes
+# io_uring had to hand to its worker threads (io-wq) because the file system
+# could not take them without blocking (from the io_uring tracepoints, when
+# perf can read them), then the per-round ratios vqcowd-empty/qsd-empty
+# (issue target 3x) and vqcowd-xl2/vqcowd-full (target 0.8x), median (range).
+# --perf also records `perf record -g` of vqcowd in the first round's
+# vqcowd-empty and vqcowd-xl2 runs (DIR/grow-*.perf.data).
+# Fresh images get new names (DIR/grow-ROUND-CELL.qcow2) and are deleted only at the
+# end, all at once: on a disk mounted with `discard`, deleting a grown image
+# takes about 20 s per GiB here, which must not fall between two runs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=${BUILD:-$repo/build}
+dir=$build/bench-images size=4G reps=3 runtime=5 perf=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--dir) dir=$2; shift 2 ;;
+	--size) size=$2; shift 2 ;;
+	--reps) reps=$2; shift 2 ;;
+	--runtime) runtime=$2; shift 2 ;;
+	--perf) perf=1; shift ;;
+	*) sed -n 4,30p "$0" >&2; exit 2 ;;
+	esac
+done
+vqcowd=${VQCOWD:-$build/src/vqcowd}
+fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
+qsd=${QSD:-qemu-storage-daemon}
+for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd"; do
+	command -v "$t" >/dev/null || { echo "grow.sh: $t not found" >&2; exit 77; }
+done
+mkdir -p "$dir"
+bytes=$(numfmt --from=iec "$size")
+raw=$dir/layout-raw.img full=$dir/layout-full.qcow2
+tmp=$(mktemp -d)
+bpid="" ppid=""
+made=()
+cleanup() {
+	[ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true
+	rm -rf "$tmp"
+	[ ${#made[@]} = 0 ] || rm -f "${made[@]}"
+}
+trap cleanup EXIT
+hz=$(getconf CLK_TCK)
+tp=0
+[ "$(perf list 2>/dev/null | grep -c io_uring:io_uring_queue_async_work || true)" = 0 ] || tp=1
+
+if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$bytes" ]; then
+	rm -f "$raw" "$full"
+	fio --name=fill --filename="$raw" --size="$bytes" --rw=write --bs=1M --iodepth=8 \
+		--ioengine=io_uring --direct=1 --output=/dev/null >/dev/null
+fi
+[ -f "$full" ] || qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$raw" "$full"
+sync "$full"
+
+# run CELL FILE: prints "iops cpu_us punted_share"
+run() {
+	local cell=$1 f=$2 kind=vqcowd sock=$tmp/sock t0 t1 out pf=
+	case $cell in
+	vqcowd-full) ;;
+	*)
+		if [ "$cell" = vqcowd-xl2 ]; then
+			qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on "$f" "$size"
+		else
+			qemu-img create -q -f qcow2 -o cluster_size=65536 "$f" "$size"
+		fi
+		;;
+	esac
+	[ "$cell" != qsd-empty ] || kind=qsd
+	rm -f "$sock"
+	if [ $kind = vqcowd ]; then
+		"$vqcowd" --socket-path "$sock" --blk-file "$f" --format qcow2 >"$tmp/d.log" 2>&1 &
+	else
+		"$qsd" --object iothread,id=iot0 \
+			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
+			--blockdev "driver=qcow2,node-name=d,file=f" \
+			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=iot0" \
+			>"$tmp/d.log" 2>&1 &
+	fi
+	bpid=$!
+	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+	[ -S "$sock" ] || { echo "$cell did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
+	if [ $tp = 1 ]; then
+		perf stat -x, -e io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req \
+			-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
+		ppid=$!
+	fi
+	if [ $perf = 1 ] && [ "$REP" = 1 ] && [ $kind = vqcowd ] && [ "$cell" != vqcowd-full ]; then
+		perf record -q -g -o "$dir/grow-$cell.perf.data" -p "$bpid" -- sleep "$runtime" \
+			>/dev/null 2>&1 &
+		pf=$!
+	fi
+	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	out=$("$fe" bench "$sock" --rw randwrite --bs 4k --iodepth 32 --runtime "$runtime" --json)
+	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	[ -z "$pf" ] || wait "$pf" || true
+	[ -z "$ppid" ] || wait "$ppid" || true
+	ppid=
+	kill "$bpid"
+	wait "$bpid" 2>/dev/null || true
+	bpid=
+	echo "$out" | python3 -c '
+import json, os, sys
+d = json.load(sys.stdin)["total"]
+share = -1
+if os.path.exists(sys.argv[3]):
+    c = {}
+    for l in open(sys.argv[3]):
+        p = l.strip().split(",")
+        if len(p) > 2 and p[0].replace(".", "").isdigit():
+            c[p[2]] = float(p[0])
+    sub = c.get("io_uring:io_uring_submit_req", 0)
+    if sub:
+        share = c.get("io_uring:io_uring_queue_async_work", 0) / sub
+print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(d["ios"], 1), 2), round(share, 3))' \
+		$((t1 - t0)) "$hz" "$tmp/stat"
+	rm -f "$tmp/stat"
+}
+
+cells=(vqcowd-empty qsd-empty vqcowd-xl2 vqcowd-full)
+res=$tmp/res
+: >"$res"
+for REP in $(seq "$reps"); do
+	for ((i = 0; i < ${#cells[@]}; i++)); do
+		c=${cells[$(((i + REP - 1) % ${#cells[@]}))]}
+		f=$full
+		if [ "$c" != vqcowd-full ]; then
+			f=$dir/grow-$REP-$c.qcow2
+			made+=("$f")
+			[ ! -f "$f" ] || { echo "grow.sh: $f exists (a previous run's; delete it)" >&2; exit 1; }
+		fi
+		v=$(run "$c" "$f")
+		echo "round $REP $c: IOPS cpu_us/IO punted = $v" >&2
+		echo "$REP $c $v" >>"$res"
+	done
+done
+echo "## 4K random write QD32, one queue, $runtime s per run, $reps rounds"
+echo "(load at the end: $(cut -d' ' -f1-3 /proc/loadavg); qsd: $("$qsd" --version | head -1))"
+python3 - "$res" <<'EOF'
+import statistics as st, sys
+d = {}
+for l in open(sys.argv[1]):
+    r, c, iops, cpu, sh = l.split()
+    d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh))
+print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq |")
+print("|---|---:|---:|---:|")
+for c, v in d.items():
+    x = [t[0] for t in v.values()]
+    sh = st.median([t[2] for t in v.values()])
+    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s |" % (c, st.median(x), min(x), max(x),
+          st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a"))
+def ratio(a, b, what):
+    q = [d[a][r][0] / d[b][r][0] for r in d[a] if r in d[b]]
+    print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
+print()
+ratio("vqcowd-empty", "qsd-empty", "growing image, vqcowd/qsd (target 3x)")
+ratio("vqcowd-xl2", "vqcowd-full", "extended L2 growing / full image, vqcowd (target 0.8x)")
+EOF
