@@ -235,6 +235,21 @@ int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigne
 	return img->ops->snapshot_list ? img->ops->snapshot_list(img, list, n) : -ENOTSUP;
 }
 
+int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity, bool disabled,
+		    char *err, size_t errlen)
+{
+	if (!img->ops->bitmap_edit) {
+		snprintf(err, errlen, "Block format '%s' does not support persistent bitmaps",
+			 img->ops->format);
+		return -ENOTSUP;
+	}
+	if (!img_may_write(img)) {
+		snprintf(err, errlen, "%s: the image is read-only", img->path);
+		return -EROFS;
+	}
+	return img->ops->bitmap_edit(img, op, name, granularity, disabled, err, errlen);
+}
+
 int img_snapshot(struct img *img, bool create, const char *id, const char *name,
 		 struct img_snapshot *out, char *err, size_t errlen)
 {

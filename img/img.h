@@ -156,6 +156,9 @@ struct img_ops {
 	/* Optional: internal snapshots (img_snapshot). */
 	int (*snapshot)(struct img *img, bool create, const char *id, const char *name,
 			struct img_snapshot *out, char *err, size_t errlen);
+	/* Optional: persistent dirty bitmaps changed (img_bitmap_edit). */
+	int (*bitmap_edit)(struct img *img, char op, const char *name, uint32_t granularity,
+			   bool disabled, char *err, size_t errlen);
 	/* Optional: become a read-only backing file, or writable again (img_set_writable). */
 	int (*set_writable)(struct img *img, bool writable, char *err, size_t errlen);
 	/* Optional: allocation status in this layer (img_block_status); NULL = all allocated. */
@@ -322,6 +325,19 @@ int img_grow(struct img *img, uint64_t size, struct img_grow *g);
  */
 int img_snapshot(struct img *img, bool create, const char *id, const char *name,
 		 struct img_snapshot *out, char *err, size_t errlen);
+
+/*
+ * Add ('a': @granularity, 0 for QEMU's default; @disabled), remove ('r'),
+ * clear ('c'), enable ('e') or disable ('d') the persistent dirty bitmap
+ * @name, the way img_snapshot changes snapshots: every request must have
+ * ended (-EBUSY otherwise), the engine stores its bitmaps and closes, the
+ * file is changed in the crash-safe order (qcow2fmt/snapshot.c), and the
+ * engine opens afresh (an enabled bitmap records writes from then on).
+ * Drives the loop: never call it from inside a loop callback. -ENOTSUP for
+ * formats without bitmaps, -EROFS read-only, QEMU's messages in @err.
+ */
+int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity, bool disabled,
+		    char *err, size_t errlen);
 
 /*
  * The image's internal snapshots (table order), as read at the last open or

@@ -1480,6 +1480,42 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 	return ret;
 }
 
+/* Persistent dirty bitmaps changed the way q2_snapshot changes snapshots. */
+static int q2_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity,
+			  bool disabled, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	char rerr[300] = "";
+	int ret, r2;
+
+	if (!m->q) {
+		snprintf(err, errlen, "%s: the image is inactive", img->path);
+		return -EIO;
+	}
+	if (m->inflight) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+		return -EBUSY;
+	}
+	ret = qcow2_close(m->q);
+	m->q = NULL;
+	if (ret < 0)
+		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
+			 strerror(-ret));
+	else
+		ret = qcow2_bitmap_file(&m->file, img->path, op, name, granularity, disabled, err,
+					errlen);
+	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	if (r2 < 0) {
+		vlog(VLOG_ERROR, img->path, "reopening the image after a bitmap change failed: %s",
+		     rerr);
+		if (ret == 0) {
+			snprintf(err, errlen, "%s", rerr);
+			ret = r2;
+		}
+	}
+	return ret;
+}
+
 /*
  * The external snapshot's old active layer becomes a backing file (and
  * block-commit's base a writer again) without closing anything: the same
@@ -1748,6 +1784,7 @@ static const struct img_ops q2_ops = {
     .cache_stats = q2_cache_stats,
     .grow = q2_grow,
     .snapshot = q2_snapshot,
+    .bitmap_edit = q2_bitmap_edit,
     .snapshot_list = q2_snapshot_list,
     .bitmaps = q2_bitmaps,
     .set_writable = q2_set_writable,

@@ -615,6 +615,21 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 	return ret;
 }
 
+int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const char *name,
+		      uint32_t granularity, bool disabled, char *err, size_t errlen)
+{
+	struct qcow2_io fio = q2_file_io(file);
+	char msg[300] = "";
+	int ret;
+
+	ret = qcow2_bitmap_edit_io(&fio, path, op, name, granularity, disabled, msg, sizeof(msg));
+	if (ret < 0)
+		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
+	else if (io_file_get_size(file, &file->size) < 0)
+		file->size = 0; /* re-read at the next open anyway */
+	return ret;
+}
+
 int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t *n)
 {
 	struct qcow2_io fio = q2_file_io(q->file);

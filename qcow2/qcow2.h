@@ -364,6 +364,14 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 			const char *id, const char *name, char *err, size_t errlen);
 
 /*
+ * Edit the persistent dirty bitmaps of the image in @file (qcow2fmt/image.h,
+ * qcow2_bitmap_edit_io: @op 'a', 'r', 'c', 'e', 'd'), under the same rules as
+ * qcow2_snapshot_file: no engine open on @file meanwhile. 0 or -errno.
+ */
+int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const char *name,
+		      uint32_t granularity, bool disabled, char *err, size_t errlen);
+
+/*
  * The snapshot table as on disk now (read synchronously through io/: open
  * time only, like qcow2_open). *@out (malloc'd) gets *@n entries. 0 or -errno.
  */

@@ -235,4 +235,20 @@ int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const c
 int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
 			   struct qcow2_snap_desc **out, uint32_t *n, char *err, size_t errlen);
 
+/*
+ * Persistent dirty bitmaps on an image nothing else uses meanwhile (same
+ * rules as the snapshot operations above), in QEMU's on-disk form. @op:
+ * 'a' add @bname (granularity @granularity, 0: QEMU's default, the cluster
+ * size within 4 KiB..64 KiB; enabled unless @disabled: it records writes
+ * once an engine opens the image), 'r' remove, 'c' clear (all bits zero),
+ * 'e' enable, 'd' disable. Adding to an image without a bitmaps extension
+ * creates it (and sets autoclear bit 0); removing the last one removes it.
+ * The crash-safe order is in snapshot.c. Errors with QEMU's messages:
+ * -EEXIST "Bitmap already exists: x", -ENOENT "Dirty bitmap 'x' not found",
+ * -EUCLEAN (clear/enable/disable an in-use, i.e. inconsistent, bitmap),
+ * -EINVAL (name, granularity). 0 or -errno with @err set.
+ */
+int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
+			 uint32_t granularity, bool disabled, char *err, size_t errlen);
+
 #endif /* VQCOW_QCOW2FMT_IMAGE_H */

@@ -833,3 +833,358 @@ out:
 	qcow2_oimg_close(&im);
 	return ret;
 }
+
+/*
+ * ---- persistent dirty bitmaps, offline (qcow2_bitmap_edit_io) ----
+ *
+ * The same allocator and refcount write-back as the snapshots above, and
+ * the same shape: everything new goes to new clusters (a new, all-zero
+ * bitmap table for a bitmap added or cleared; a new directory for every
+ * change), the refcount raises are made durable first, then the new
+ * clusters are written and synced, then the first cluster is rewritten
+ * with the bitmaps extension naming the new directory (or without it, and
+ * with autoclear bit 0 clear, once the last bitmap is gone) and synced; only
+ * then are the old directory and what the change dropped released. A crash
+ * at any point leaves the old or the new directory, and leaks at most.
+ */
+#define BMD_LEN      24u
+#define BMD_IN_USE   1u
+#define BMD_AUTO     2u
+#define BMD_MAX_DIR  (64ull << 20) /* QEMU's limit on the directory size */
+#define BMD_MAX_N    65535u
+#define BMD_MAX_NAME 1023u
+#define BMD_TE_MASK  0x00fffffffffffe00ull
+
+static uint64_t bmd_entry_len(const uint8_t *e)
+{
+	return (BMD_LEN + qcow2_be32(e + 20) + qcow2_be16(e + 18) + 7) & ~7ull;
+}
+
+/* The directory as on disk, checked entry by entry (NULL, 0 without bitmaps). */
+static int bmd_read(struct sctx *c, uint8_t **dir, uint64_t *len)
+{
+	const struct qcow2_header_info *h = &c->im->h;
+	uint64_t pos = 0;
+	uint32_t i;
+	int ret;
+
+	*dir = NULL;
+	*len = 0;
+	if (h->version < 3 || !h->has_bitmaps || !(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+		return 0;
+	if (!h->bitmap_directory_size || h->bitmap_directory_size > BMD_MAX_DIR ||
+	    h->bitmap_directory_offset > c->im->file_size ||
+	    h->bitmap_directory_size > c->im->file_size - h->bitmap_directory_offset)
+		return FAIL(c, -EINVAL,
+			    "the bitmap directory (0x%" PRIx64 ", %" PRIu64 " bytes) is invalid",
+			    h->bitmap_directory_offset, h->bitmap_directory_size);
+	*dir = malloc(h->bitmap_directory_size);
+	if (!*dir)
+		return -ENOMEM;
+	ret = qcow2_io_read(c->io, *dir, h->bitmap_directory_size, h->bitmap_directory_offset);
+	if (ret < 0)
+		return FAIL(c, ret, "reading the bitmap directory: %s", strerror(-ret));
+	for (i = 0; i < h->nb_bitmaps; i++) {
+		const uint8_t *e = *dir + pos;
+
+		if (h->bitmap_directory_size - pos < BMD_LEN || !qcow2_be16(e + 18) ||
+		    bmd_entry_len(e) > h->bitmap_directory_size - pos)
+			return FAIL(c, -EINVAL, "bitmap directory entry %u is invalid", i);
+		pos += bmd_entry_len(e);
+	}
+	if (pos != h->bitmap_directory_size)
+		return FAIL(c, -EINVAL, "the bitmap directory size does not match its entries");
+	*len = pos;
+	return 0;
+}
+
+/* Byte offset of the entry named @name in @dir, or -1. */
+static int64_t bmd_find(const uint8_t *dir, uint64_t len, const char *name)
+{
+	size_t nl = strlen(name);
+
+	for (uint64_t pos = 0; pos < len; pos += bmd_entry_len(dir + pos)) {
+		const uint8_t *e = dir + pos;
+
+		if (qcow2_be16(e + 18) == nl && !memcmp(e + BMD_LEN + qcow2_be32(e + 20), name, nl))
+			return (int64_t)pos;
+	}
+	return -1;
+}
+
+static uint32_t bmd_count(const uint8_t *dir, uint64_t len)
+{
+	uint32_t n = 0;
+
+	for (uint64_t pos = 0; pos < len; pos += bmd_entry_len(dir + pos))
+		n++;
+	return n;
+}
+
+/* A new all-zero bitmap table for granularity 2^@gbits; its offset and size into @e. */
+static int bmd_new_table(struct sctx *c, unsigned gbits, uint8_t *e)
+{
+	uint64_t bits = ((c->im->h.size & ~511ull) + (1ull << gbits) - 1) >> gbits;
+	uint64_t n = ((bits + 7) / 8 + c->cs - 1) >> c->cb, off;
+	uint8_t *z;
+	int ret;
+
+	if (!n)
+		n = 1;
+	ret = alloc(c, (n * 8 + c->cs - 1) >> c->cb, &off);
+	if (ret < 0)
+		return ret;
+	z = calloc(1, n * 8);
+	if (!z)
+		return -ENOMEM;
+	ret = qcow2_io_write(c->io, z, n * 8, off);
+	free(z);
+	if (ret < 0)
+		return FAIL(c, ret, "writing a bitmap table: %s", strerror(-ret));
+	qcow2_put_be64(e, off);
+	qcow2_put_be32(e + 8, (uint32_t)n);
+	return 0;
+}
+
+/* Release a bitmap's table and data clusters (after the commit: errors only leak). */
+static void bmd_release(struct sctx *c, const uint8_t *e)
+{
+	uint64_t off = qcow2_be64(e), *t = NULL;
+	uint32_t n = qcow2_be32(e + 8);
+	char *err = c->err;
+
+	c->err = NULL;
+	if (off && !(off & (c->cs - 1)) && n && (uint64_t)n * 8 <= BMD_MAX_DIR &&
+	    qcow2_read_table(c->io, off, n, &t) == 0) {
+		for (uint32_t i = 0; i < n; i++) {
+			uint64_t d = t[i] & BMD_TE_MASK;
+
+			if (d && !(d & (c->cs - 1)) && d < c->im->file_size)
+				rc_add_range(c, d, c->cs, -1);
+		}
+		rc_add_range(c, off, (uint64_t)n * 8, -1);
+	}
+	free(t);
+	c->err = err;
+}
+
+/*
+ * Rewrite the first cluster: the header, every extension but the bitmaps
+ * one (byte for byte), the bitmaps extension for @n entries at @doff (none
+ * when @n is 0), the end marker, the backing file name; autoclear bit 0 set
+ * with bitmaps, clear without. One write of the bytes that change, synced.
+ */
+static int bmd_header(struct sctx *c, uint32_t n, uint64_t dsize, uint64_t doff)
+{
+	const struct qcow2_header_info *h = &c->im->h;
+	const uint8_t *hb = c->im->hbuf;
+	size_t hl = c->im->hlen, in = h->header_length, pos = h->header_length, old_end;
+	uint64_t ac;
+	uint8_t *buf;
+	int ret;
+
+	buf = calloc(1, c->cs);
+	if (!buf)
+		return -ENOMEM;
+	memcpy(buf, hb, h->header_length);
+	ret = FAIL(c, -ENOSPC, "the header extensions do not fit in the first cluster");
+	while (in + 8 <= hl) {
+		uint32_t type = qcow2_be32(hb + in), len = qcow2_be32(hb + in + 4);
+		size_t sz = 8 + (((size_t)len + 7) & ~(size_t)7);
+
+		if (type == QCOW2_EXT_END)
+			break;
+		if (sz > hl - in)
+			goto out;
+		if (type != QCOW2_EXT_BITMAPS) {
+			if (pos + sz > c->cs)
+				goto out;
+			memcpy(buf + pos, hb + in, sz);
+			pos += sz;
+		}
+		in += sz;
+	}
+	old_end = in + 8;
+	if (n) {
+		if (pos + 32 > c->cs)
+			goto out;
+		qcow2_put_be32(buf + pos, QCOW2_EXT_BITMAPS);
+		qcow2_put_be32(buf + pos + 4, 24);
+		qcow2_put_be32(buf + pos + 8, n);
+		qcow2_put_be64(buf + pos + 16, dsize);
+		qcow2_put_be64(buf + pos + 24, doff);
+		pos += 32;
+	}
+	pos += 8; /* end marker (zeroes) */
+	if (h->backing_file_offset) {
+		if (h->backing_file_offset + h->backing_file_size > hl) {
+			ret =
+			    FAIL(c, -ENOTSUP, "the backing file name is not in the first cluster");
+			goto out;
+		}
+		if (h->backing_file_offset + h->backing_file_size > old_end)
+			old_end = h->backing_file_offset + h->backing_file_size;
+		if (pos + h->backing_file_size > c->cs)
+			goto out;
+		memcpy(buf + pos, hb + h->backing_file_offset, h->backing_file_size);
+		qcow2_put_be64(buf + offsetof(struct qcow2_header_disk, backing_file_offset), pos);
+		pos += h->backing_file_size;
+	}
+	ac = h->autoclear_features;
+	ac = n ? ac | QCOW2_AUTOCLEAR_BITMAPS : ac & ~(uint64_t)QCOW2_AUTOCLEAR_BITMAPS;
+	qcow2_put_be64(buf + QCOW2_OFF_AUTOCLEAR, ac);
+	ret = qcow2_io_write(c->io, buf, pos > old_end ? pos : old_end, 0);
+	if (ret < 0)
+		ret = FAIL(c, ret, "writing the header: %s", strerror(-ret));
+	else
+		ret = sync_io(c);
+out:
+	free(buf);
+	return ret;
+}
+
+int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
+			 uint32_t granularity, bool disabled, char *err, size_t errlen)
+{
+	struct qcow2_oimg im;
+	struct sctx c = {0};
+	uint8_t *dir = NULL, *nd = NULL, *drop = NULL, ne[BMD_LEN];
+	uint64_t len = 0, nlen = 0, doff = 0, old_off, old_len;
+	size_t bl = strlen(bname);
+	int64_t at;
+	int ret;
+
+	ret = open_rw(&im, io, name, err, errlen);
+	if (ret < 0)
+		goto out;
+	ret = ctx_init(&c, &im, err, errlen);
+	if (ret == 0)
+		ret = bmd_read(&c, &dir, &len);
+	if (ret < 0)
+		goto out;
+	old_off = im.h.bitmap_directory_offset;
+	old_len = len;
+	at = bmd_find(dir, len, bname);
+	nd = malloc(len + BMD_LEN + bl + 8);
+	if (!nd) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	if (op == 'a') {
+		unsigned gbits = 0;
+
+		if (!granularity) /* QEMU's default: the cluster size within 4 KiB..64 KiB */
+			granularity = c.cs < 4096 ? 4096 : c.cs > 65536 ? 65536 : (uint32_t)c.cs;
+		while ((1ull << gbits) < granularity)
+			gbits++;
+		if (at >= 0) {
+			ret =
+			    qcow2_seterr(err, errlen, -EEXIST, "Bitmap already exists: %s", bname);
+			goto out;
+		}
+		if (im.h.version < 3) {
+			ret = qcow2_seterr(err, errlen, -ENOTSUP,
+					   "Cannot store dirty bitmaps in qcow2 v2 files");
+			goto out;
+		}
+		if (!bl || bl > BMD_MAX_NAME) {
+			ret = qcow2_seterr(err, errlen, -EINVAL,
+					   "Bitmap name must be 1..%u bytes long", BMD_MAX_NAME);
+			goto out;
+		}
+		if ((1ull << gbits) != granularity || gbits < 9 || gbits > 31) {
+			ret = qcow2_seterr(err, errlen, -EINVAL,
+					   "Granularity must be power of 2 and at least 512");
+			goto out;
+		}
+		if (bmd_count(dir, len) >= BMD_MAX_N) {
+			ret = qcow2_seterr(err, errlen, -ENOSPC,
+					   "Maximum number of persistent bitmaps is already "
+					   "reached");
+			goto out;
+		}
+		memcpy(nd, dir, len);
+		memset(ne, 0, sizeof(ne));
+		ret = bmd_new_table(&c, gbits, ne);
+		if (ret < 0)
+			goto out;
+		qcow2_put_be32(ne + 12, disabled ? 0 : BMD_AUTO);
+		ne[16] = 1; /* dirty tracking bitmap */
+		ne[17] = (uint8_t)gbits;
+		qcow2_put_be16(ne + 18, (uint16_t)bl);
+		memcpy(nd + len, ne, BMD_LEN);
+		memcpy(nd + len + BMD_LEN, bname, bl);
+		nlen = len + ((BMD_LEN + bl + 7) & ~(size_t)7);
+		memset(nd + len + BMD_LEN + bl, 0, nlen - len - BMD_LEN - bl);
+	} else {
+		uint8_t *e;
+		uint64_t el;
+
+		if (at < 0) {
+			ret = qcow2_seterr(err, errlen, -ENOENT, "Dirty bitmap '%s' not found",
+					   bname);
+			goto out;
+		}
+		e = dir + at;
+		el = bmd_entry_len(e);
+		if (op != 'r' && (qcow2_be32(e + 12) & BMD_IN_USE)) {
+			ret = qcow2_seterr(err, errlen, -EUCLEAN,
+					   "Bitmap '%s' is inconsistent and cannot be used", bname);
+			goto out;
+		}
+		memcpy(nd, dir, len);
+		nlen = len;
+		e = nd + at;
+		if (op == 'r') {
+			drop = dir + at;
+			memmove(e, e + el, len - at - el);
+			nlen = len - el;
+		} else if (op == 'c') {
+			drop = dir + at;
+			ret = bmd_new_table(&c, e[17], e);
+			if (ret < 0)
+				goto out;
+		} else if (op == 'e' || op == 'd') {
+			uint32_t f = qcow2_be32(e + 12);
+
+			qcow2_put_be32(e + 12, op == 'e' ? f | BMD_AUTO : f & ~BMD_AUTO);
+		} else {
+			ret = qcow2_seterr(err, errlen, -EINVAL, "unknown bitmap operation");
+			goto out;
+		}
+	}
+	if (nlen) {
+		ret = alloc(&c, (nlen + c.cs - 1) >> c.cb, &doff);
+		if (ret < 0)
+			goto out;
+	}
+	ret = rc_flush(&c); /* raises durable before anything names the new clusters */
+	if (ret == 0 && nlen) {
+		ret = qcow2_io_write(io, nd, nlen, doff);
+		if (ret < 0)
+			ret = FAIL(&c, ret, "writing the bitmap directory: %s", strerror(-ret));
+	}
+	if (ret == 0)
+		ret = sync_io(&c);
+	if (ret == 0)
+		ret = bmd_header(&c, bmd_count(nd, nlen), nlen, doff);
+	if (ret < 0)
+		goto out;
+	/* committed: release the old directory and what the change dropped */
+	if (old_len) {
+		char *e2 = c.err;
+
+		c.err = NULL;
+		rc_add_range(&c, old_off, old_len, -1);
+		c.err = e2;
+	}
+	if (drop)
+		bmd_release(&c, drop);
+	ret = rc_flush(&c);
+out:
+	free(dir);
+	free(nd);
+	ctx_free(&c);
+	qcow2_oimg_close(&im);
+	return ret;
+}
