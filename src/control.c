@@ -504,6 +504,9 @@ struct ctl_op {
 	bool create;
 	char *device, *id, *name;
 	struct qmp_pending *p;
+	char bmop; /* persistent dirty bitmaps (bm_start): 'a', 'r', 'c', 'e', 'd'; 0: snapshot */
+	uint32_t granularity;
+	bool disabled;
 };
 
 static void op_free(struct ctl_op *op)
@@ -590,6 +593,155 @@ static int cmd_snap_delete(void *opaque, json_t *args, json_t **ret, char *err, 
 	return snap_start(opaque, args, false, err, errlen);
 }
 
+/*
+ * Persistent dirty bitmaps, QEMU's block-dirty-bitmap-* commands. They take
+ * the snapshots' path (hold requests, then ctl_held outside the loop):
+ * img_bitmap_edit stores the bitmaps, closes the engine, changes the file
+ * and opens it again, so the on-disk directory is always the crash-safe
+ * truth and the engine's bitmap set never changes while it is open.
+ * What needs no I/O is checked here, in QEMU's order and with its messages.
+ */
+static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t errlen)
+{
+	const char *node = str_arg(args, "node"), *name = str_arg(args, "name");
+	json_t *g = json_object_get(args, "granularity");
+	json_t *pers = json_object_get(args, "persistent");
+	struct img_bitmap *bms = NULL;
+	struct ctl_op *op, **tail;
+	bool found = false;
+	int n;
+
+	if (bmop == 'a' && !name[0]) {
+		snprintf(err, errlen, "Bitmap name cannot be empty");
+		return -EINVAL;
+	}
+	if (strcmp(node, c->node_name) != 0) {
+		if (bmop == 'a')
+			snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", node,
+				 node);
+		else
+			snprintf(err, errlen, "Node '%s' not found", node);
+		return -ENOENT;
+	}
+	if (bmop == 'a' && g &&
+	    (json_integer_value(g) < 512 || json_integer_value(g) > 0x80000000ll ||
+	     (json_integer_value(g) & (json_integer_value(g) - 1)))) {
+		snprintf(err, errlen, "Granularity must be power of 2 and at least 512");
+		return -EINVAL;
+	}
+	n = img_bitmaps(c->img, NULL, 0);
+	if (n > 0) {
+		bms = calloc((size_t)n, sizeof(*bms));
+		if (!bms)
+			return -ENOMEM;
+		n = img_bitmaps(c->img, bms, (unsigned)n);
+		for (int i = 0; i < n; i++)
+			found = found || strcmp(bms[i].name, name) == 0;
+		free(bms);
+	}
+	if (bmop != 'a' && !found) {
+		snprintf(err, errlen, "Dirty bitmap '%s' not found", name);
+		return -ENOENT;
+	}
+	if (bmop == 'a' && !(pers && json_is_true(pers))) {
+		snprintf(err, errlen,
+			 "vqcowd keeps persistent dirty bitmaps only: add '%s' with "
+			 "\"persistent\": true",
+			 name);
+		return -ENOTSUP;
+	}
+	if (bmop == 'a' && found) {
+		snprintf(err, errlen, "Bitmap already exists: %s", name);
+		return -EEXIST;
+	}
+	if (layers_busy(c)) {
+		snprintf(err, errlen, "Node '%s' is busy: %s", node, layers_busy(c));
+		return -EBUSY;
+	}
+	if (!img_may_write(c->img) || strcmp(c->img->ops->format, "qcow2") != 0) {
+		snprintf(err, errlen, "Can't make bitmap '%s' persistent in '%s': %s", name, node,
+			 img_may_write(c->img) ? "Block format does not support persistent "
+						 "bitmaps"
+					       : "the image is read-only");
+		return -ENOTSUP;
+	}
+	op = calloc(1, sizeof(*op));
+	if (!op)
+		return -ENOMEM;
+	op->bmop = bmop;
+	op->granularity = g ? (uint32_t)json_integer_value(g) : 0;
+	op->disabled = json_is_true(json_object_get(args, "disabled"));
+	op->device = strdup(node);
+	op->name = strdup(name);
+	op->p = qmp_server_defer(c->qmp);
+	if (!op->device || !op->name || !op->p) {
+		struct qmp_pending *p = op->p;
+
+		op_free(op);
+		if (!p)
+			return -ENOMEM;
+		qmp_pending_error(p, "out of memory");
+		return QMP_PENDING;
+	}
+	for (tail = &c->ops; *tail; tail = &(*tail)->next)
+		;
+	*tail = op;
+	vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' (%c): holding requests back", name, bmop);
+	c->hold(c->opaque);
+	return QMP_PENDING;
+}
+
+static int cmd_bm_add(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return bm_start(opaque, args, 'a', err, errlen);
+}
+
+static int cmd_bm_remove(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return bm_start(opaque, args, 'r', err, errlen);
+}
+
+static int cmd_bm_clear(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return bm_start(opaque, args, 'c', err, errlen);
+}
+
+static int cmd_bm_enable(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return bm_start(opaque, args, 'e', err, errlen);
+}
+
+static int cmd_bm_disable(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
+{
+	return bm_start(opaque, args, 'd', err, errlen);
+}
+
+static void bm_run(struct ctl *c, struct ctl_op *op)
+{
+	char err[512] = "";
+	int r;
+
+	r = img_bitmap_edit(c->img, op->bmop, op->name, op->granularity, op->disabled, err,
+			    sizeof(err));
+	if (r == -EEXIST || r == -ENOENT || r == -EUCLEAN) {
+		qmp_pending_error(op->p, "%s", err);
+	} else if (r < 0 && op->bmop == 'a') {
+		qmp_pending_error(op->p, "Can't make bitmap '%s' persistent in '%s': %s", op->name,
+				  op->device, err[0] ? err : strerror(-r));
+	} else if (r < 0) {
+		qmp_pending_error(op->p, "Failed to change bitmap '%s' on '%s': %s", op->name,
+				  op->device, err[0] ? err : strerror(-r));
+	} else {
+		vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' %s", op->name,
+		     op->bmop == 'a'   ? "added"
+		     : op->bmop == 'r' ? "removed"
+		     : op->bmop == 'c' ? "cleared"
+		     : op->bmop == 'e' ? "enabled"
+				       : "disabled");
+		qmp_pending_return(op->p, NULL);
+	}
+}
+
 static void snap_run(struct ctl *c, struct ctl_op *op)
 {
 	struct img_snapshot sn;
@@ -629,7 +781,10 @@ void ctl_held(struct ctl *c)
 		struct ctl_op *op = c->ops;
 
 		c->ops = op->next;
-		snap_run(c, op);
+		if (op->bmop)
+			bm_run(c, op);
+		else
+			snap_run(c, op);
 		op_free(op);
 	}
 }
@@ -651,6 +806,26 @@ static const struct qmp_command commands[] = {
     {"block_resize",
      {{"device", QMP_STR, true}, {"node-name", QMP_STR, true}, {"size", QMP_INT, false}, {NULL}},
      cmd_resize},
+    {"block-dirty-bitmap-add",
+     {{"node", QMP_STR, false},
+      {"name", QMP_STR, false},
+      {"granularity", QMP_INT, true},
+      {"persistent", QMP_BOOL, true},
+      {"disabled", QMP_BOOL, true},
+      {NULL}},
+     cmd_bm_add},
+    {"block-dirty-bitmap-remove",
+     {{"node", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
+     cmd_bm_remove},
+    {"block-dirty-bitmap-clear",
+     {{"node", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
+     cmd_bm_clear},
+    {"block-dirty-bitmap-enable",
+     {{"node", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
+     cmd_bm_enable},
+    {"block-dirty-bitmap-disable",
+     {{"node", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
+     cmd_bm_disable},
     {"blockdev-snapshot-internal-sync",
      {{"device", QMP_STR, false}, {"name", QMP_STR, false}, {NULL}},
      cmd_snap_create},
