@@ -585,6 +585,8 @@ struct iothread {
 	struct io_loop *loop;
 	struct io_defer defer;
 	struct io_cmd pause_cmd, quit_cmd;
+	struct io_cmd wake_cmd;    /* to the main thread: this thread drained (main_wake) */
+	bool wake_posted;          /* atomic: wake_cmd is on its way */
 	bool pause_posted, parked; /* under d->mt_lock */
 	struct watch *watches;     /* kick watches on this loop */
 	unsigned nq_seen;          /* queues below this may be ours and in use */
@@ -835,6 +837,28 @@ static void d_unwatch(void *opaque, int fd)
 
 /* -- requests -- */
 
+static void main_woken(struct io_cmd *cmd, int res)
+{
+	struct iothread *t = container_of(cmd, struct iothread, wake_cmd);
+
+	(void)res;
+	__atomic_store_n(&t->wake_posted, false, __ATOMIC_RELEASE);
+	/* Nothing else: the main loop's iteration runs d_defer, which looks. */
+}
+
+/*
+ * An I/O thread drained its requests while the main thread waits for all to
+ * end (shutdown): wake it, its loop sees no completion of these requests.
+ * (A migration handoff waits on GET_VRING_BASE, which vhost/ wakes.)
+ */
+static void main_wake(struct daemon *d, struct iothread *t)
+{
+	if (!__atomic_exchange_n(&t->wake_posted, true, __ATOMIC_ACQ_REL)) {
+		t->wake_cmd.done = main_woken;
+		io_post_remote(d->loop, &t->wake_cmd);
+	}
+}
+
 /*
  * The used ring, the statistics, the call: on the thread that popped the
  * request (with one thread, the main thread).
@@ -869,6 +893,8 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 			r->t->inflight--;
 			if (idx >= r->t->nq_seen)
 				r->t->nq_seen = idx + 1;
+			if (!r->t->inflight && d->stopping)
+				main_wake(d, r->t);
 		} else if (idx >= d->nq_seen) {
 			d->nq_seen = idx + 1;
 		}
