@@ -132,7 +132,8 @@ static void usage(FILE *f)
 	    "                              its locks and metadata; take them when the rings start\n"
 	    "  --num-queues N              number of virtqueues offered (default and max 64)\n"
 	    "  --io-threads N              threads serving the queues (queue i on thread\n"
-	    "                              i mod N; default 1; max 64)\n"
+	    "                              i mod N; default: one per queue up to the\n"
+	    "                              host's CPUs; max 64)\n"
 	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	    "1024)\n"
 	    "  --serial STR                GET_ID serial (at most 20 bytes)\n"
@@ -1821,7 +1822,15 @@ int main(int argc, char **argv)
 	memset(&d, 0, sizeof(d));
 	d.o = &o;
 	d.sigfd = -1;
-	d.nthreads = o.io_threads ? o.io_threads : 1;
+	if (o.io_threads) {
+		d.nthreads = o.io_threads;
+	} else {
+		/* Default: one thread per queue, up to the host's CPUs. */
+		long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+		d.nthreads =
+		    cpus > 1 ? (unsigned)(cpus < MAX_IO_THREADS ? cpus : MAX_IO_THREADS) : 1;
+	}
 	if (d.nthreads > o.num_queues)
 		d.nthreads = o.num_queues; /* a thread without a queue would idle */
 
