@@ -34,7 +34,7 @@ cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON -DV
 	>/dev/null
 cmake --build build-tsan -j"$jobs" --target vqcowd vqcow-fe vqfe-stress test_io
 (cd build-tsan && TSAN_OPTIONS=halt_on_error=1:exitcode=66 VQCOW_MT_ROUNDS=6 \
-	ctest --output-on-failure -R '^(integration\.mt|unit\.test_io)$' "$@") || rc=1
+	ctest --output-on-failure -R '^(integration\.mt|integration\.daemon|unit\.test_io)$' "$@") || rc=1
 echo "=== fuzz targets (clang, libFuzzer + ASan + UBSan)"
 cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	-DVQCOW_WERROR=ON -DVQCOW_FUZZ=ON -DVQCOW_FUZZ_SECONDS="${VQCOW_FUZZ_SECONDS:-20}" >/dev/null
