@@ -5,6 +5,7 @@
  *   vqcowctl -s PATH [--json] version | stats [--watch [SEC]] | histogram [US...] |
  *                             resize SIZE | quit | raw JSON
  *                             | snapshot create|delete NAME | snapshot list
+ *                             | bitmap add|remove|clear|enable|disable NAME
  *
  * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
  * works against qemu-storage-daemon for the commands they share. Exit status:
@@ -73,6 +74,12 @@ static void usage(FILE *f)
 	    "                       external snapshot (blockdev-snapshot-sync): a new qcow2\n"
 	    "                       overlay FILE (node NAME) becomes the active layer, the\n"
 	    "                       image a read-only backing file (copy it: a backup)\n"
+	    "  bitmap add|remove|clear|enable|disable NAME [--granularity N] [--persistent]\n"
+	    "         [--disabled]  a dirty bitmap (block-dirty-bitmap-add, -remove, -clear,\n"
+	    "                       -enable, -disable); add: --granularity in bytes (a power\n"
+	    "                       of two >= 512, suffixes as SIZE), --persistent (stored in\n"
+	    "                       the qcow2 file; vqcowd keeps persistent bitmaps only),\n"
+	    "                       --disabled (not recording)\n"
 	    "  commit [SPEED]       fold the active layer into its base (block-commit, SPEED\n"
 	    "                       bytes/s, default unlimited), wait until it is in sync,\n"
 	    "                       then pivot (block-job-complete): the base is active again\n"
@@ -84,8 +91,8 @@ static void usage(FILE *f)
 	    "\n"
 	    "Options:\n"
 	    "  -s, --socket PATH    the QMP socket (required)\n"
-	    "  --node NAME          node for resize, histogram and snapshot (default: the exported "
-	    "node)\n"
+	    "  --node NAME          node for resize, histogram, snapshot and bitmap (default: the "
+	    "exported node)\n"
 	    "  --json               print the command's JSON result (scripts)\n"
 	    "  --timeout SEC        wait at most SEC seconds for a reply (default 30)\n"
 	    "  -h, --help, --version\n"
@@ -516,7 +523,10 @@ int main(int argc, char **argv)
 		OPT_VERSION,
 		OPT_WATCH,
 		OPT_INTERVAL,
-		OPT_COUNT
+		OPT_COUNT,
+		OPT_GRAN,
+		OPT_PERSISTENT,
+		OPT_DISABLED
 	};
 	static const struct option longopts[] = {
 	    {"socket", required_argument, NULL, 's'},
@@ -526,6 +536,9 @@ int main(int argc, char **argv)
 	    {"watch", no_argument, NULL, OPT_WATCH},
 	    {"interval", required_argument, NULL, OPT_INTERVAL},
 	    {"count", required_argument, NULL, OPT_COUNT},
+	    {"granularity", required_argument, NULL, OPT_GRAN},
+	    {"persistent", no_argument, NULL, OPT_PERSISTENT},
+	    {"disabled", no_argument, NULL, OPT_DISABLED},
 	    {"help", no_argument, NULL, 'h'},
 	    {"version", no_argument, NULL, OPT_VERSION},
 	    {NULL, 0, NULL, 0},
@@ -534,7 +547,8 @@ int main(int argc, char **argv)
 	struct conn c = {.fd = -1};
 	const char *path = NULL, *node = NULL, *cmd;
 	uint64_t timeout = 30, size = 0, interval = 1, count = 0;
-	bool watch = false;
+	bool watch = false, persistent = false, disabled = false;
+	uint64_t granularity = 0;
 	json_t *r = NULL;
 	int opt, failed = 2, status = 2;
 
@@ -572,6 +586,19 @@ int main(int argc, char **argv)
 				fprintf(stderr, "vqcowctl: invalid --timeout '%s'\n", optarg);
 				return 2;
 			}
+			break;
+		case OPT_GRAN:
+			if (util_parse_size(optarg, &granularity) < 0 || granularity == 0 ||
+			    granularity > UINT32_MAX) {
+				fprintf(stderr, "vqcowctl: invalid --granularity '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case OPT_PERSISTENT:
+			persistent = true;
+			break;
+		case OPT_DISABLED:
+			disabled = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -619,6 +646,21 @@ int main(int argc, char **argv)
 		    !(optind + 2 == argc && (strcmp(argv[optind], "create") == 0 ||
 					     strcmp(argv[optind], "delete") == 0))) {
 			fprintf(stderr, "vqcowctl: snapshot create NAME | delete NAME | list\n");
+			return 2;
+		}
+	} else if (strcmp(cmd, "bitmap") == 0) {
+		static const char *const ops[] = {"add", "remove", "clear", "enable", "disable"};
+		bool known = false;
+
+		for (size_t i = 0; optind + 2 == argc && i < sizeof(ops) / sizeof(ops[0]); i++)
+			known = known || strcmp(argv[optind], ops[i]) == 0;
+		if (!known) {
+			fprintf(stderr, "vqcowctl: bitmap add|remove|clear|enable|disable NAME\n");
+			return 2;
+		}
+		if (strcmp(argv[optind], "add") != 0 && (granularity || persistent || disabled)) {
+			fprintf(stderr, "vqcowctl: --granularity, --persistent and --disabled are "
+					"for bitmap add\n");
 			return 2;
 		}
 	} else if (strcmp(cmd, "raw") == 0) {
@@ -752,7 +794,7 @@ int main(int argc, char **argv)
 			fprintf(stderr, "vqcowctl: no export; use --node\n");
 		}
 		json_decref(e);
-	} else if (strcmp(cmd, "snapshot") == 0) {
+	} else if (strcmp(cmd, "snapshot") == 0 || strcmp(cmd, "bitmap") == 0) {
 		json_t *e = NULL;
 		const char *n = node;
 
@@ -766,7 +808,21 @@ int main(int argc, char **argv)
 				goto out;
 			}
 		}
-		if (strcmp(argv[optind], "list") == 0) {
+		if (strcmp(cmd, "bitmap") == 0) {
+			char name[40];
+			json_t *a = json_pack("{s:s,s:s}", "node", n, "name", argv[optind + 1]);
+
+			snprintf(name, sizeof(name), "block-dirty-bitmap-%s", argv[optind]);
+			if (a && granularity)
+				json_object_set_new(a, "granularity",
+						    json_integer((json_int_t)granularity));
+			if (a && persistent)
+				json_object_set_new(a, "persistent", json_true());
+			if (a && disabled)
+				json_object_set_new(a, "disabled", json_true());
+			r = execute_cmd(&c, json_pack("{s:s,s:o}", "execute", name, "arguments", a),
+					&failed);
+		} else if (strcmp(argv[optind], "list") == 0) {
 			json_t *l =
 			    execute(&c, "{\"execute\": \"query-named-block-nodes\"}", &failed);
 			size_t i;
@@ -884,6 +940,15 @@ int main(int argc, char **argv)
 		       json_string_value(json_object_get(r, "node-name")));
 	} else if (strcmp(cmd, "snapshot") == 0 && strcmp(argv[optind], "external") == 0) {
 		printf("external snapshot: %s is the active layer\n", argv[optind + 1]);
+	} else if (strcmp(cmd, "bitmap") == 0) {
+		const char *op = argv[optind];
+
+		printf("bitmap '%s' %s\n", argv[optind + 1],
+		       strcmp(op, "add") == 0      ? "added"
+		       : strcmp(op, "remove") == 0 ? "removed"
+		       : strcmp(op, "clear") == 0  ? "cleared"
+		       : strcmp(op, "enable") == 0 ? "enabled"
+						   : "disabled");
 	} else if (strcmp(cmd, "snapshot") == 0) {
 		printf("snapshot '%s' %s\n", argv[optind + 1],
 		       strcmp(argv[optind], "create") == 0 ? "created" : "deleted");

@@ -20,7 +20,11 @@ vqcowd against qemu-storage-daemon 7.2, results read back by QEMU's tools.
     `qemu-img check` never reports corruption (leaks at most) and the image
     opens again in vqcowd.
 
-Usage: test_qmp_bitmap_cmds.py VQCOWD VQCOW-FE WORKDIR
+  * vqcowctl bitmap add|disable|enable|clear|remove drive the same
+    commands (--granularity, --persistent, --disabled): listing and
+    qemu-img info as expected, usage errors exit 2, daemon errors exit 1.
+
+Usage: test_qmp_bitmap_cmds.py VQCOWD VQCOW-FE VQCOWCTL WORKDIR
 """
 
 import json
@@ -259,11 +263,55 @@ def test_kill(vqcowd, work, rounds=6):
         d.stop()
 
 
+def ctl(ctl_bin, d, *args):
+    r = subprocess.run([ctl_bin, "-s", d.qsock] + [str(a) for a in args], capture_output=True,
+                       timeout=60)
+    return r.returncode, r.stdout.decode() + r.stderr.decode()
+
+
+def test_ctl(vqcowd, ctl_bin, work):
+    img = os.path.join(work, "ctl.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
+    d = Daemon(vqcowd, work, img, "ctl")
+    try:
+        rc, out = ctl(ctl_bin, d, "bitmap", "add", "c1", "--persistent", "--granularity",
+                      "128K", "--disabled")
+        check(rc == 0 and "bitmap 'c1' added" in out, "ctl add: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "add", "c2", "--persistent")
+        check(rc == 0, "ctl add c2: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "add", "c2", "--persistent")
+        check(rc == 1 and "Bitmap already exists: c2" in out, "ctl add again: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "frob", "c2")
+        check(rc == 2, "ctl bitmap frob: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "remove", "c2", "--disabled")
+        check(rc == 2, "ctl remove --disabled: %d %s" % (rc, out))
+        for op in ("enable", "clear", "disable", "enable"):
+            rc, out = ctl(ctl_bin, d, "bitmap", op, "c1")
+            check(rc == 0, "ctl %s: %d %s" % (op, rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "remove", "c2")
+        check(rc == 0 and "bitmap 'c2' removed" in out, "ctl remove: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "--json", "raw",
+                      '{"execute": "query-named-block-nodes"}')
+        bms = json.loads(out)[0]["dirty-bitmaps"]
+        check([(b["name"], b["granularity"], b["recording"]) for b in bms] ==
+              [("c1", 131072, True)], "listing after vqcowctl: %r" % bms)
+        stop(d)
+    except Exception:
+        d.stop()
+        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        raise
+    d.stop()
+    bms = info_bitmaps(img)
+    check(bms == [{"flags": ["auto"], "name": "c1", "granularity": 131072}],
+          "qemu-img info after vqcowctl: %r" % bms)
+    log("ok: vqcowctl bitmap add/enable/clear/disable/remove; usage errors 2, errors 1")
+
+
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) != 5:
         print(__doc__)
         return 2
-    vqcowd, fe_bin, work = sys.argv[1:]
+    vqcowd, fe_bin, ctl_bin, work = sys.argv[1:]
     if not QSD or not shutil.which("qemu-img") or not shutil.which("qemu-nbd"):
         log("SKIP: qemu-storage-daemon, qemu-img or qemu-nbd not installed")
         return SKIP
@@ -271,6 +319,7 @@ def main():
     os.makedirs(work)
     test_vs_qsd(vqcowd, work)
     test_data(vqcowd, fe_bin, work)
+    test_ctl(vqcowd, ctl_bin, work)
     test_kill(vqcowd, work)
     log("PASS")
     return 0
