@@ -1077,19 +1077,9 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 			granularity = c.cs < 4096 ? 4096 : c.cs > 65536 ? 65536 : (uint32_t)c.cs;
 		while ((1ull << gbits) < granularity)
 			gbits++;
-		if (at >= 0) {
-			ret =
-			    qcow2_seterr(err, errlen, -EEXIST, "Bitmap already exists: %s", bname);
-			goto out;
-		}
-		if (im.h.version < 3) {
-			ret = qcow2_seterr(err, errlen, -ENOTSUP,
-					   "Cannot store dirty bitmaps in qcow2 v2 files");
-			goto out;
-		}
-		if (!bl || bl > BMD_MAX_NAME) {
-			ret = qcow2_seterr(err, errlen, -EINVAL,
-					   "Bitmap name must be 1..%u bytes long", BMD_MAX_NAME);
+		/* QEMU's order: name, granularity, what the format can store, existence */
+		if (!bl) {
+			ret = qcow2_seterr(err, errlen, -EINVAL, "Bitmap name cannot be empty");
 			goto out;
 		}
 		if ((1ull << gbits) != granularity || gbits < 9 || gbits > 31) {
@@ -1097,10 +1087,26 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 					   "Granularity must be power of 2 and at least 512");
 			goto out;
 		}
+		if (bl > BMD_MAX_NAME) {
+			ret = qcow2_seterr(err, errlen, -EINVAL,
+					   "Name length exceeds maximum (%u characters)",
+					   BMD_MAX_NAME);
+			goto out;
+		}
+		if (im.h.version < 3) {
+			ret = qcow2_seterr(err, errlen, -ENOTSUP,
+					   "Cannot store dirty bitmaps in qcow2 v2 files");
+			goto out;
+		}
 		if (bmd_count(dir, len) >= BMD_MAX_N) {
-			ret = qcow2_seterr(err, errlen, -ENOSPC,
-					   "Maximum number of persistent bitmaps is already "
-					   "reached");
+			ret =
+			    qcow2_seterr(err, errlen, -ENOSPC,
+					 "Maximum number of persistent bitmaps is already reached");
+			goto out;
+		}
+		if (at >= 0) {
+			ret =
+			    qcow2_seterr(err, errlen, -EEXIST, "Bitmap already exists: %s", bname);
 			goto out;
 		}
 		memcpy(nd, dir, len);

@@ -224,3 +224,30 @@ int qcow2_snapshot_tool(const char *path, char op, const char *arg, struct qcow2
 	close(fd);
 	return ret;
 }
+
+int qcow2_bitmap_tool(const char *path, char op, const char *name, uint32_t granularity, char *err,
+		      size_t errlen)
+{
+	struct qcow2_io io;
+	int fd, ret;
+
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		return qcow2_seterr(err, errlen, ret, "%s", strerror(-ret));
+	}
+	if (qcow2_probe(fd) != 1) {
+		close(fd);
+		if (op != 'a')
+			return qcow2_seterr(err, errlen, -ENOENT, "Dirty bitmap '%s' not found",
+					    name);
+		return qcow2_seterr(err, errlen, -ENOTSUP,
+				    "Can't store persistent bitmaps to %s: Operation not supported",
+				    path);
+	}
+	io = qcow2_fd_io(fd);
+	ret = qcow2_bitmap_edit_io(&io, path, op, name, granularity, false, err, errlen);
+	if (close(fd) < 0 && ret == 0)
+		ret = qcow2_seterr(err, errlen, -errno, "%s", strerror(errno));
+	return ret;
+}

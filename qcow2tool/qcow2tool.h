@@ -237,6 +237,16 @@ int qcow2_resize(const char *path, const char *fmt, uint64_t size, char *err, si
 /* ---- internal snapshots (fdio.c, over qcow2fmt/snapshot.c) ---- */
 
 /*
+ * One operation of qemu-img bitmap on the qcow2 image at @path (the caller
+ * holds the write lock): @op 'a' add @name (@granularity, 0: QEMU's
+ * default), 'r' remove, 'c' clear, 'e' enable, 'd' disable; the crash-safe
+ * order and QEMU's messages of qcow2_bitmap_edit_io (qcow2fmt/image.h).
+ * 0 or -errno with @err set.
+ */
+int qcow2_bitmap_tool(const char *path, char op, const char *name, uint32_t granularity, char *err,
+		      size_t errlen);
+
+/*
  * qemu-img snapshot on the image at @path (the caller holds the locks):
  * @op 'l' lists (*@list, *@n, malloc'd), 'c' creates @arg (duplicate and
  * empty names allowed, as qemu-img does), 'd' deletes the snapshot NAMED

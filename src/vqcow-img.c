@@ -59,6 +59,12 @@ static void usage(FILE *f)
 	    "      name), create, delete (by name), as qemu-img snapshot does\n"
 	    "      -U, --force-share: open even if another process writes the image\n"
 	    "      (read-only commands only; otherwise the image is locked as qemu-img locks it)\n"
+	    "  bitmap (--add | --remove | --clear | --enable | --disable)... [-g GRANULARITY]\n"
+	    "         [-f qcow2] FILE BITMAP\n"
+	    "      persistent dirty bitmaps of a qcow2 image, as qemu-img bitmap: the\n"
+	    "      operations in the order given; -g (bytes, a power of two >= 512, suffixes\n"
+	    "      as SIZE) with --add only (default: the cluster size within 4K..64K);\n"
+	    "      --merge is not supported\n"
 	    "  convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-p] [-q] [-S SIZE] [-U]\n"
 	    "          [-l snapshot.id=ID,snapshot.name=NAME | -l ID_OR_NAME] SRC DST\n"
 	    "      copy SRC (through its backing chain) into a new image DST (overwritten);\n"
@@ -1006,6 +1012,112 @@ static int cmd_snapshot(int argc, char **argv)
 	return 0;
 }
 
+/* ---- bitmap ---- */
+
+static int cmd_bitmap(int argc, char **argv)
+{
+	enum { O_ADD = 256, O_REMOVE, O_CLEAR, O_ENABLE, O_DISABLE, O_MERGE };
+	static const struct option lopts[] = {
+	    {"help", no_argument, NULL, 'h'},
+	    {"add", no_argument, NULL, O_ADD},
+	    {"remove", no_argument, NULL, O_REMOVE},
+	    {"clear", no_argument, NULL, O_CLEAR},
+	    {"enable", no_argument, NULL, O_ENABLE},
+	    {"disable", no_argument, NULL, O_DISABLE},
+	    {"merge", required_argument, NULL, O_MERGE},
+	    {NULL, 0, NULL, 0},
+	};
+	static const char *const verb[] = {
+	    ['a'] = "add", ['r'] = "remove", ['c'] = "clear", ['e'] = "enable", ['d'] = "disable"};
+	struct file_args a = {.out = OUT_HUMAN};
+	struct qcow2_locks locks;
+	char ops[64], err[ERRLEN] = "";
+	const char *name;
+	size_t nops = 0;
+	uint64_t gran = 0;
+	bool add = false, has_g = false;
+	int c, r = 0;
+
+	while ((c = getopt_long(argc, argv, "+g:f:h", lopts, NULL)) != -1) {
+		switch (c) {
+		case O_ADD:
+		case O_REMOVE:
+		case O_CLEAR:
+		case O_ENABLE:
+		case O_DISABLE:
+			if (nops == sizeof(ops)) {
+				errorf("too many operations");
+				return 1;
+			}
+			ops[nops++] = "arced"[c - O_ADD];
+			add = add || c == O_ADD;
+			break;
+		case O_MERGE:
+			errorf(
+			    "--merge is not supported by vqcow-img (use qemu-img bitmap --merge)");
+			return 1;
+		case 'g':
+			if (util_parse_size(optarg, &gran) || gran > UINT32_MAX) {
+				errorf(
+				    "Invalid granularity specified. You may use k, M, G, T, P or E "
+				    "suffixes for");
+				errorf("kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+				       "exabytes.");
+				return 1;
+			}
+			has_g = true;
+			break;
+		case 'f':
+			a.fmt = optarg;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (!nops) {
+		errorf("Need at least one of --add, --remove, --clear, --enable, --disable, or "
+		       "--merge");
+		return 1;
+	}
+	if (has_g && !add) {
+		errorf("granularity only supported with --add");
+		return 1;
+	}
+	if (optind + 2 != argc) {
+		errorf("Expecting filename and bitmap name");
+		return 1;
+	}
+	a.file = argv[optind];
+	name = argv[optind + 1];
+	if (a.fmt && strcmp(a.fmt, "qcow2") != 0 && strcmp(a.fmt, "raw") != 0) {
+		errorf("Unknown driver '%s'", a.fmt);
+		return 1;
+	}
+	if (lock_file(&locks, &a, QCOW2_LOCK_WRITE))
+		return 1;
+	for (size_t i = 0; i < nops && r == 0; i++) {
+		if (a.fmt && strcmp(a.fmt, "raw") == 0)
+			r = ops[i] == 'a' ? qcow2_seterr(err, sizeof(err), -ENOTSUP,
+							 "Can't store persistent bitmaps to %s: "
+							 "Operation not supported",
+							 a.file)
+					  : qcow2_seterr(err, sizeof(err), -ENOENT,
+							 "Dirty bitmap '%s' not found", name);
+		else
+			r = qcow2_bitmap_tool(a.file, ops[i], name, (uint32_t)gran, err,
+					      sizeof(err));
+		if (r < 0)
+			errorf("Operation %s on bitmap %s failed: %s", verb[(unsigned char)ops[i]],
+			       name, err[0] ? err : strerror(-r));
+	}
+	qcow2_unlock_image(&locks);
+	return r < 0;
+}
+
 /* ---- map ---- */
 
 struct map_state {
@@ -1493,6 +1605,8 @@ int main(int argc, char **argv)
 		return cmd_snapshot(argc, argv);
 	if (!strcmp(cmd, "map"))
 		return cmd_map(argc, argv);
+	if (!strcmp(cmd, "bitmap"))
+		return cmd_bitmap(argc, argv);
 	if (!strcmp(cmd, "convert"))
 		return cmd_convert(argc, argv);
 	if (!strcmp(cmd, "rebase"))
