@@ -840,8 +840,9 @@ out:
  * The same allocator and refcount write-back as the snapshots above, and
  * the same shape: everything new goes to new clusters (a new, all-zero
  * bitmap table for a bitmap added or cleared; a new directory for every
- * change), the refcount raises are made durable first, then the new
- * clusters are written and synced, then the first cluster is rewritten
+ * change), written before their refcount raises (nothing names them yet,
+ * and a crash then never leaves a refcount past the end of the file), then
+ * the raises are made durable and synced, then the first cluster is rewritten
  * with the bitmaps extension naming the new directory (or without it, and
  * with autoclear bit 0 clear, once the last bitmap is gone) and synced; only
  * then are the old directory and what the change dropped released. A crash
@@ -1164,12 +1165,19 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 		if (ret < 0)
 			goto out;
 	}
-	ret = rc_flush(&c); /* raises durable before anything names the new clusters */
-	if (ret == 0 && nlen) {
+	/*
+	 * New clusters first (nothing names them yet; written before their
+	 * refcounts, so a crash never leaves a refcount past the end of the
+	 * file, a leak qemu-img check does not see), then the raises.
+	 */
+	if (nlen) {
 		ret = qcow2_io_write(io, nd, nlen, doff);
-		if (ret < 0)
+		if (ret < 0) {
 			ret = FAIL(&c, ret, "writing the bitmap directory: %s", strerror(-ret));
+			goto out;
+		}
 	}
+	ret = rc_flush(&c); /* raises durable before anything names the new clusters */
 	if (ret == 0)
 		ret = sync_io(&c);
 	if (ret == 0)

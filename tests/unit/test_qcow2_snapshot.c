@@ -13,6 +13,8 @@
  * COPIED flag set on a shared cluster (only missing ones, harmless); be
  * clean after `qemu-img check -r all`; and read back: the active image's data, the old
  * snapshot's data and, if it was committed, the new snapshot's data.
+ * Persistent bitmap changes likewise: leaks at most, the old or the new
+ * bitmaps in qemu-img info, the data intact.
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
@@ -289,6 +291,101 @@ static void test_apply_bitmaps(void)
 	CU_ASSERT(tu_sh("cmp %s %s.orig", img, img) == 0); /* untouched */
 }
 
+/*
+ * Persistent bitmap changes (qcow2_bitmap_edit_io), crash after every write:
+ * qemu-img check finds leaks at most (clean after -r leaks), qemu-img info
+ * opens the image without a warning and lists either the old or the new
+ * bitmaps, and the data is intact. @with_bm: the base has bitmap b0 (bits
+ * set); otherwise no bitmaps extension at all.
+ */
+static void bitmap_crash(bool with_bm, char op, const char *name)
+{
+	char base[300], work[300], old[300], new[300], cur[300];
+	unsigned total = 0;
+	const char *list = "qemu-img info %s | sed -n '/bitmaps:/,/refcount bits/p' >%s";
+
+	snprintf(base, sizeof(base), "%s/bmbase.qcow2", dir);
+	snprintf(work, sizeof(work), "%s/bmwork.qcow2", dir);
+	snprintf(old, sizeof(old), "%s/bm.old", dir);
+	snprintf(new, sizeof(new), "%s/bm.new", dir);
+	snprintf(cur, sizeof(cur), "%s/bm.cur", dir);
+	CU_ASSERT_FATAL(tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o cluster_size=4096 %s 8M",
+			      base, base) == 0);
+	if (with_bm)
+		CU_ASSERT_FATAL(tu_sh("qemu-img bitmap --add %s b0", base) == 0);
+	CU_ASSERT_FATAL(tu_sh("qemu-io -c 'write -P 0x41 0 1M' %s >/dev/null", base) == 0);
+	CU_ASSERT_FATAL(tu_sh(list, base, old) == 0);
+	for (long n = -1; n <= (long)total; n++) {
+		struct cio c = {.budget = n};
+		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+		char err[300] = "";
+		int ret;
+
+		CU_ASSERT_FATAL(tu_sh("cp %s %s", base, work) == 0);
+		c.fd = open(work, O_RDWR);
+		CU_ASSERT_FATAL(c.fd >= 0);
+		ret = qcow2_bitmap_edit_io(&io, work, op, name, 0, false, err, sizeof(err));
+		close(c.fd);
+		if (ret < 0 && !c.crashed)
+			fprintf(stderr, "bitmap op %c failed without a crash: %s\n", op, err);
+		CU_ASSERT(ret == 0 || c.crashed);
+		if (n < 0) {
+			total = c.writes;
+			CU_ASSERT_FATAL(tu_sh(list, work, new) == 0);
+			if (op != 'c') /* clear changes the bits only */
+				CU_ASSERT(tu_sh("cmp -s %s %s", old, new) != 0);
+			CU_ASSERT(tu_sh("qemu-img check %s >/dev/null 2>&1", work) == 0);
+		}
+		if (tu_sh("qemu-img check %s 2>&1 | grep -q '^ERROR'", work) == 0) {
+			fprintf(stderr, "bitmap op %c, crash after %ld writes: check errors\n", op,
+				n);
+			CU_FAIL("errors after a crash");
+		}
+		CU_ASSERT(tu_sh("qemu-img info %s 2>&1 >/dev/null | grep -q .", work) != 0);
+		CU_ASSERT(tu_sh(list, work, cur) == 0);
+		CU_ASSERT(tu_sh("cmp -s %s %s || cmp -s %s %s", cur, old, cur, new) == 0);
+		if (ret == 0)
+			CU_ASSERT(tu_sh("cmp -s %s %s", cur, new) == 0);
+		if (tu_sh("qemu-img check -r leaks %s >/dev/null 2>&1 && "
+			  "qemu-img check %s >/dev/null 2>&1",
+			  work, work) != 0) {
+			fprintf(stderr, "bitmap op %c, crash after %ld writes: not repaired\n", op,
+				n);
+			tu_sh("qemu-img check %s >&2", work);
+			CU_FAIL("not repaired by qemu-img check -r leaks");
+		}
+		CU_ASSERT(reads(work, "qcow2", "0x41", "0 1M"));
+	}
+	fprintf(stderr,
+		"bitmap op %c %s: crashed after each of %u writes: old or new, leaks at most\n", op,
+		name, total);
+}
+
+static void test_bitmap_add_first(void)
+{
+	bitmap_crash(false, 'a', "n1");
+}
+
+static void test_bitmap_add(void)
+{
+	bitmap_crash(true, 'a', "n1");
+}
+
+static void test_bitmap_clear(void)
+{
+	bitmap_crash(true, 'c', "b0");
+}
+
+static void test_bitmap_disable(void)
+{
+	bitmap_crash(true, 'd', "b0");
+}
+
+static void test_bitmap_remove_last(void)
+{
+	bitmap_crash(true, 'r', "b0");
+}
+
 int main(void)
 {
 	const char *skip = NULL;
@@ -305,6 +402,13 @@ int main(void)
 	tu_add_test(s, "create: crash after every write", test_create_crash, skip);
 	tu_add_test(s, "delete: crash after every write", test_delete_crash, skip);
 	tu_add_test(s, "apply: crash after every write", test_apply_crash, skip);
+	tu_add_test(s, "bitmap add (new extension): crash after every write", test_bitmap_add_first,
+		    skip);
+	tu_add_test(s, "bitmap add: crash after every write", test_bitmap_add, skip);
+	tu_add_test(s, "bitmap clear: crash after every write", test_bitmap_clear, skip);
+	tu_add_test(s, "bitmap disable: crash after every write", test_bitmap_disable, skip);
+	tu_add_test(s, "bitmap remove (the last): crash after every write", test_bitmap_remove_last,
+		    skip);
 	tu_add_test(s, "apply: refused with persistent bitmaps, as qemu-img", test_apply_bitmaps,
 		    skip);
 	fails = tu_cunit_run();
