@@ -1110,7 +1110,8 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 			    qcow2_seterr(err, errlen, -EEXIST, "Bitmap already exists: %s", bname);
 			goto out;
 		}
-		memcpy(nd, dir, len);
+		if (len) /* (without a directory yet dir is NULL) */
+			memcpy(nd, dir, len);
 		memset(ne, 0, sizeof(ne));
 		ret = bmd_new_table(&c, gbits, ne);
 		if (ret < 0)
