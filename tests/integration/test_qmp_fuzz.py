@@ -48,9 +48,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_qmp import Daemon, Fail, Qmp, check, log  # noqa: E402
 
 CMDS = ["query-version", "query-block-exports", "query-named-block-nodes", "query-blockstats",
-        "block-latency-histogram-set", "qmp_capabilities", "nope", ""]
+        "block-latency-histogram-set", "qmp_capabilities", "nope", "",
+        "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"]
 ARGS = ["node-name", "device", "id", "size", "flat", "x", "query-nodes", "boundaries",
-        "boundaries-read", "boundaries-write", "boundaries-flush"]
+        "boundaries-read", "boundaries-write", "boundaries-flush", "node", "name",
+        "granularity", "persistent", "disabled"]
 VALS = [None, True, False, 0, -1, 1, 2 ** 63, 2 ** 64, -2 ** 63, 1.5, "", "disk0", "export0",
         "x" * 300, "\u00e9\u0000", [], {}, [1, 2, 3], [3, 2], [0], [1, "x"], [[1]],
         list(range(1, 70)), {"a": {"b": None}}]
