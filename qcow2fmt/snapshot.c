@@ -1055,7 +1055,16 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 	int64_t at;
 	int ret;
 
-	ret = open_rw(&im, io, name, err, errlen);
+	/* (open_rw's checks but the snapshots' one: bitmaps live in the image file,
+	 * so an external data file is no obstacle, as in QEMU) */
+	ret = qcow2_oimg_open(&im, io, name, true, err, errlen);
+	if (ret == -ENOTSUP)
+		ret = qcow2_seterr(err, errlen, ret, "not a qcow2 image");
+	else if (ret == 0 &&
+		 (im.h.incompatible_features & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT)))
+		ret = qcow2_seterr(err, errlen, -EUCLEAN,
+				   "the image is dirty or marked corrupt; repair it first "
+				   "('qemu-img check -r all')");
 	if (ret < 0)
 		goto out;
 	ret = ctx_init(&c, &im, err, errlen);

@@ -10,7 +10,7 @@ Steps: add with the default granularity (64 KiB clusters and 512-byte
 clusters: QEMU's clamp to 4 KiB), with -g 128k, added disabled (--add
 --disable in one command), enable, disable, clear, remove, the last one
 removed (no extension left), an image with a backing file (the name moved
-in the first cluster), and the refusals: an existing name, an unknown
+in the first cluster), one with an external data file, and the refusals: an existing name, an unknown
 bitmap, an empty name, a bad granularity, -g without --add, no operation,
 a missing bitmap name. Then bits: a bitmap with bits set by qemu-io is
 cleared by vqcow-img and qemu-nbd -B then reports nothing dirty (nbdinfo;
@@ -107,6 +107,16 @@ def test_steps():
     step(pq, ["--remove", "@", "o"], "remove on an overlay")
     r = qlib.run(["qemu-img", "info", "--output=json", pq[0]], check_rc=0)
     check(json.loads(r.text).get("backing-filename") == base, "backing name lost:\n" + r.text)
+    pq = []
+    for who in ("ours", "qemu"):
+        p, d = W("df." + who + ".qcow2"), W("df." + who + ".raw")
+        for f in (p, d):
+            if os.path.exists(f):
+                os.unlink(f)
+        qlib.qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=" + d, p, "16M")
+        pq.append(p)
+    step(pq, ["--add", "@", "d"], "add with an external data file")
+    step(pq, ["--remove", "@", "d"], "remove with an external data file")
 
 
 def nbd_dirty(p):
