@@ -37,127 +37,32 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-SKIP = 77
+import qmplib
+from qmplib import SKIP, Fail, check, log, wait_path
+
 MiB = 1024 * 1024
 
 
-def log(msg):
-    print(msg, flush=True)
+class Qmp(qmplib.Qmp):
+    """60 s for every reply (jobs run under I/O load here), not 10."""
 
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
-
-
-class Qmp:
     def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(60)
-        self.s.connect(path)
-        self.buf = b""
-        self.events = []
-        self.recv()
-        check(self.cmd("qmp_capabilities") == {"return": {}}, "qmp_capabilities")
-
-    def recv(self):
-        while b"\n" not in self.buf:
-            d = self.s.recv(65536)
-            if not d:
-                raise EOFError("connection closed")
-            self.buf += d
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, args=None):
-        m = {"execute": name}
-        if args is not None:
-            m["arguments"] = args
-        self.s.sendall((json.dumps(m) + "\n").encode())
-        while True:
-            r = self.recv()
-            if "event" in r:
-                self.events.append(r)
-                continue
-            return r
-
-    def ret(self, name, args=None):
-        r = self.cmd(name, args)
-        check("return" in r, "%s %r: %r" % (name, args, r))
-        return r["return"]
-
-    def err(self, name, args, part, what):
-        r = self.cmd(name, args)
-        check("error" in r, "%s: expected an error, got %r" % (what, r))
-        check(part in r["error"]["desc"], "%s: %r lacks %r" % (what, r["error"]["desc"], part))
-        log("ok: %s -> %s" % (what, r["error"]["desc"]))
-
-    def wait_event(self, name, timeout=60):
-        t = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    return self.events.pop(i)
-            check(time.monotonic() < t, "no %s event within %d s (have %r)" %
-                  (name, timeout, [e["event"] for e in self.events]))
-            self.s.settimeout(max(0.1, t - time.monotonic()))
-            try:
-                self.events.append(self.recv())
-            except socket.timeout:
-                pass
-            self.s.settimeout(60)
-
-    def close(self):
-        self.s.close()
+        super().__init__(path, timeout=60)
 
 
-def wait_path(path, proc, timeout=10):
-    t = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise Fail("daemon exited (%d) before creating %s" % (proc.returncode, path))
-        check(time.monotonic() < t, "%s not created" % path)
-        time.sleep(0.02)
+class Daemon(qmplib.Daemon):
+    """Names are reused across runs: stale sockets go first; stop() wants exit 0."""
 
-
-class Daemon:
     def __init__(self, vqcowd, work, image, name, extra=()):
-        self.vsock = os.path.join(work, name + ".vsock")
-        self.qsock = os.path.join(work, name + ".qmp")
-        self.logf = os.path.join(work, name + ".log")
-        for p in (self.vsock, self.qsock):
-            if os.path.exists(p):
-                os.unlink(p)
-        self.p = subprocess.Popen([vqcowd, "--socket-path", self.vsock, "--blk-file", image,
-                                   "--qmp", self.qsock] + list(extra),
-                                  stdout=open(self.logf, "w"), stderr=subprocess.STDOUT)
-        wait_path(self.vsock, self.p)
-        wait_path(self.qsock, self.p)
-
-    def log(self):
-        return open(self.logf).read()
+        super().__init__(vqcowd, work, image, name, extra, unlink_stale=True)
 
     def stop(self):
-        if self.p.poll() is None:
-            self.p.terminate()
-            self.p.wait(30)
-        check(self.p.returncode == 0, "vqcowd exited %d:\n%s" % (self.p.returncode, self.log()))
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGKILL)
-            self.p.wait(10)
+        super().stop(timeout=30, check_exit=True)
 
 
 def run(*args, ok=True, stdin=None):

@@ -40,125 +40,8 @@ import subprocess
 import sys
 import time
 
-SKIP = 77
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
-
-
-class Qmp:
-    def __init__(self, path, negotiate=True):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(10)
-        self.s.connect(path)
-        self.buf = b""
-        self.greeting = self.recv()
-        self.events = []
-        if negotiate:
-            r = self.cmd("qmp_capabilities")
-            check(r == {"return": {}}, "qmp_capabilities: %r" % r)
-
-    def recv(self):
-        while b"\n" not in self.buf:
-            d = self.s.recv(65536)
-            if not d:
-                raise EOFError("connection closed")
-            self.buf += d
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def reply(self):
-        while True:
-            m = self.recv()
-            if "event" in m:  # qemu-storage-daemon sends some
-                self.events.append(m)
-                continue
-            return m
-
-    def send_raw(self, data):
-        self.s.sendall(data if isinstance(data, bytes) else data.encode())
-
-    def raw(self, text):
-        self.send_raw(text + "\n")
-        return self.reply()
-
-    def cmd(self, name, args=None, **kw):
-        m = {"execute": name}
-        if args is not None:
-            m["arguments"] = args
-        m.update(kw)
-        return self.raw(json.dumps(m))
-
-    def ret(self, name, args=None):
-        r = self.cmd(name, args)
-        check("return" in r, "%s %r: %r" % (name, args, r))
-        return r["return"]
-
-    def close(self):
-        self.s.close()
-
-
-def expect_error(r, cls, desc_part, what):
-    check("error" in r, "%s: expected an error, got %r" % (what, r))
-    check(r["error"]["class"] == cls, "%s: class %r, want %r" % (what, r["error"]["class"], cls))
-    check(desc_part in r["error"]["desc"], "%s: desc %r lacks %r" % (what, r["error"]["desc"],
-                                                                     desc_part))
-    log("ok: %s -> %s: %s" % (what, cls, r["error"]["desc"]))
-
-
-def wait_path(path, proc, timeout=10):
-    t = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise Fail("daemon exited (%d) before creating %s" % (proc.returncode, path))
-        if time.monotonic() > t:
-            raise Fail("%s not created" % path)
-        time.sleep(0.02)
-
-
-class Daemon:
-    def __init__(self, vqcowd, work, image, name, extra=()):
-        self.vsock = os.path.join(work, name + ".vsock")
-        self.qsock = os.path.join(work, name + ".qmp")
-        self.logf = os.path.join(work, name + ".log")
-        self.p = subprocess.Popen([vqcowd, "--socket-path", self.vsock, "--blk-file", image,
-                                   "--qmp", self.qsock] + list(extra),
-                                  stdout=open(self.logf, "w"), stderr=subprocess.STDOUT)
-        wait_path(self.vsock, self.p)
-        wait_path(self.qsock, self.p)
-
-    def log(self):
-        return open(self.logf).read()
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.terminate()
-            self.p.wait(10)
-
-
-def fe(fe_bin, *args, stdin=None):
-    r = subprocess.run([fe_bin] + [str(a) for a in args], input=stdin, capture_output=True,
-                       timeout=60)
-    check(r.returncode == 0, "vqcow-fe %s: rc %d\n%s" % (args, r.returncode,
-                                                       r.stderr.decode(errors="replace")))
-    return r.stdout.decode(errors="replace")
-
-
-def fe_capacity(fe_bin, vsock):
-    for line in fe(fe_bin, "info", vsock).splitlines():
-        if line.startswith("capacity:"):
-            return int(line.split("(")[1].split()[0])
-    raise Fail("no capacity line")
+from qmplib import (SKIP, Daemon, Fail, Qmp, check, expect_error, fe, fe_capacity, log,
+                    run_ctl, run_main, wait_path)
 
 
 def test_protocol(q, path):
@@ -672,11 +555,6 @@ def test_enospc(vqcowd, fe_bin, work):
     return True
 
 
-def run_ctl(ctl, *args):
-    r = subprocess.run([ctl] + [str(a) for a in args], capture_output=True, timeout=60)
-    return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
-
-
 def test_ctl(ctl, fe_bin, d, q, size):
     rc, out, err = run_ctl(ctl, "--help")
     check(rc == 0 and all(w in out for w in ("stats", "resize", "version", "quit", "raw",
@@ -827,8 +705,4 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

@@ -37,10 +37,9 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_qmp import Daemon, Fail, Qmp, check, fe, log, wait_path  # noqa: E402
+from qmplib import (SKIP, Daemon, Qmp, check, fe, log, qsd_running, quit_daemon, run_main,
+                    wait_path)
 
-SKIP = 77
 QSD = shutil.which("qemu-storage-daemon")
 M = 1 << 20
 N = "disk0"
@@ -102,30 +101,12 @@ def check_clean(img, what, leaks_ok=False):
 
 def qsd_run(work, img):
     qs = os.path.join(work, "qsd.qmp")
-    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0" % img,
-                          "--blockdev", "driver=qcow2,file=file0,node-name=%s" % N],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        time.sleep(0.2)
+    with qsd_running(QSD, qs, img, N) as p:
         q = Qmp(qs)
         out = run_seq(q)
         q.cmd("quit")
         p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     return out
-
-
-def stop(d):
-    q = Qmp(d.qsock)
-    q.cmd("quit")
-    d.p.wait(30)
-    check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
 
 
 def test_vs_qsd(vqcowd, work):
@@ -139,7 +120,7 @@ def test_vs_qsd(vqcowd, work):
         q = Qmp(d.qsock)
         got = run_seq(q)
         q.close()
-        stop(d)
+        quit_daemon(d, 30)
     except Exception:
         d.stop()
         sys.stdout.write("---- vqcowd log ----\n" + d.log())
@@ -174,7 +155,7 @@ def test_data(vqcowd, fe_bin, work):
         n = q.ret("query-named-block-nodes")[0]["dirty-bitmaps"]
         check([(b["name"], b["count"]) for b in n] == [("bk", 65536)], "listing %r" % n)
         q.close()
-        stop(d)
+        quit_daemon(d, 30)
     except Exception:
         d.stop()
         sys.stdout.write("---- vqcowd log ----\n" + d.log())
@@ -209,7 +190,7 @@ def test_data(vqcowd, fe_bin, work):
         q = Qmp(d.qsock)
         q.ret("block-dirty-bitmap-remove", {"node": N, "name": "bk"})
         q.close()
-        stop(d)
+        quit_daemon(d, 30)
     finally:
         d.stop()
     check(info_bitmaps(img) is None, "bitmaps left: %r" % info_bitmaps(img))
@@ -258,7 +239,7 @@ def test_kill(vqcowd, work, rounds=6):
         "finds corruption" % (rounds, done[0]))
     d = Daemon(vqcowd, work, img, "killafter")
     try:
-        stop(d)
+        quit_daemon(d, 30)
     finally:
         d.stop()
 
@@ -295,7 +276,7 @@ def test_ctl(vqcowd, ctl_bin, work):
         bms = json.loads(out)[0]["dirty-bitmaps"]
         check([(b["name"], b["granularity"], b["recording"]) for b in bms] ==
               [("c1", 131072, True)], "listing after vqcowctl: %r" % bms)
-        stop(d)
+        quit_daemon(d, 30)
     except Exception:
         d.stop()
         sys.stdout.write("---- vqcowd log ----\n" + d.log())
@@ -326,8 +307,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

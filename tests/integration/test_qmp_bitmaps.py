@@ -24,10 +24,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_qmp import Daemon, Fail, Qmp, check, fe, log, wait_path  # noqa: E402
+from qmplib import SKIP, Daemon, Qmp, check, fe, log, qsd_running, quit_daemon, run_main
 
-SKIP = 77
 QSD = shutil.which("qemu-storage-daemon")
 M = 1 << 20
 
@@ -38,22 +36,11 @@ def sh(*args):
 
 def qsd_bitmaps(work, image):
     qs = os.path.join(work, "qsd.qmp")
-    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0" % image,
-                          "--blockdev", "driver=qcow2,file=file0,node-name=disk0"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        time.sleep(0.2)
+    with qsd_running(QSD, qs, image) as p:
         q = Qmp(qs)
         n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == "disk0"][0]
         q.cmd("quit")
         p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     return n.get("dirty-bitmaps")
 
 
@@ -62,13 +49,6 @@ def ours(d):
     n = q.ret("query-named-block-nodes")[0]
     q.close()
     return n.get("dirty-bitmaps")
-
-
-def stop(d):
-    q = Qmp(d.qsock)
-    q.cmd("quit")
-    d.p.wait(20)
-    check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
 
 
 def main():
@@ -87,7 +67,7 @@ def main():
     d = Daemon(vqcowd, work, plain, "plain")
     try:
         check(ours(d) is None, "dirty-bitmaps on an image without bitmaps")
-        stop(d)
+        quit_daemon(d, 20)
     finally:
         d.stop()
     check(qsd_bitmaps(work, plain) is None, "qsd: dirty-bitmaps without bitmaps")
@@ -114,7 +94,7 @@ def main():
         check(got2["en"]["count"] == en0 + 3 * 65536, "en after a guest write: %r" % got2)
         check(got2["dis"] == [b for b in got if b["name"] == "dis"][0],
               "the disabled bitmap changed: %r" % got2)
-        stop(d)
+        quit_daemon(d, 20)
     except Exception:
         d.stop()
         sys.stdout.write("---- vqcowd log ----\n" + d.log())
@@ -140,7 +120,7 @@ def main():
     d = Daemon(vqcowd, work, img, "bmafter")
     try:
         got = ours(d)
-        stop(d)
+        quit_daemon(d, 20)
     finally:
         d.stop()
     check(got == want, "after kill -9: ours %r, qemu-storage-daemon %r" % (got, want))
@@ -151,8 +131,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

@@ -44,8 +44,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_qmp import Daemon, Fail, Qmp, check, log  # noqa: E402
+from qmplib import Daemon, Qmp, check, log, run_main
 
 CMDS = ["query-version", "query-block-exports", "query-named-block-nodes", "query-blockstats",
         "block-latency-histogram-set", "qmp_capabilities", "nope", "",
@@ -386,8 +385,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

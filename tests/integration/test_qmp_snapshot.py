@@ -36,8 +36,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_qmp import SKIP, Daemon, Fail, Qmp, check, expect_error, fe, log, run_ctl, wait_path  # noqa: E402
+from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qsd_popen, run_ctl,
+                    run_main, wait_path)
 
 MiB = 1 << 20
 
@@ -246,11 +246,7 @@ def test_qsd(vqcowd, work):
         imgs[n] = os.path.join(work, "cmp-%s.qcow2" % n)
         qimg("create", "-q", "-f", "qcow2", imgs[n], "16M")
     qs = os.path.join(work, "cmp-qsd.qmp")
-    p = subprocess.Popen([qsd, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0" % imgs["qsd"],
-                          "--blockdev", "driver=qcow2,file=file0,node-name=disk0"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = qsd_popen(qsd, qs, imgs["qsd"])
     d = Daemon(vqcowd, work, imgs["ours"], "cmp")
     try:
         wait_path(qs, p)
@@ -459,8 +455,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

@@ -37,10 +37,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_qmp import Daemon, Fail, Qmp, check, expect_error, fe, fe_capacity, log, wait_path  # noqa: E402
+from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, fe_capacity, log, qsd_running,
+                    run_main)
 
-SKIP = 77
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
@@ -315,14 +314,7 @@ def test_qsd(work):
     path = os.path.join(work, "qsd.qcow2")
     img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, 1 * m)
     qs = os.path.join(work, "qsd.qmp")
-    p = subprocess.Popen([qsd, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0" % path,
-                          "--blockdev", "driver=qcow2,file=file0,node-name=disk0"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        time.sleep(0.2)
+    with qsd_running(qsd, qs, path) as p:
         a = Qmp(qs)
         r = a.cmd("block_resize", {"node-name": "disk0", "size": 32 * m})
         check(r == {"return": {}}, "qsd block_resize: %r" % r)
@@ -332,10 +324,6 @@ def test_qsd(work):
                      "GenericError", "", "qsd unaligned")
         a.cmd("quit")
         p.wait(10)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
     check_clean(path, "qsd")
     log("ok: qemu-storage-daemon: the same reply and size for the same grow")
     return True
@@ -363,8 +351,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Fail as e:
-        log("FAIL: %s" % e)
-        sys.exit(1)
+    run_main(main)

@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: MIT
+"""Shared helpers of the QMP integration tests (test_qmp*.py, test_layers.py,
+test_resize.py): a QMP client, a vqcowd starter, a qemu-storage-daemon
+starter, check/Fail/log and the exit-status convention (0 pass, 1 fail,
+77 skip). The tests run as `python3 SRCDIR/test_X.py`, so this module is
+found next to them without any PYTHONPATH."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+SKIP = 77
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Fail(msg)
+
+
+class Qmp:
+    """A QMP client on a unix socket; events are queued in .events."""
+
+    def __init__(self, path, negotiate=True, timeout=10):
+        self.timeout = timeout
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.buf = b""
+        self.greeting = self.recv()
+        self.events = []
+        if negotiate:
+            r = self.cmd("qmp_capabilities")
+            check(r == {"return": {}}, "qmp_capabilities: %r" % r)
+
+    def recv(self):
+        while b"\n" not in self.buf:
+            d = self.s.recv(65536)
+            if not d:
+                raise EOFError("connection closed")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def reply(self):
+        while True:
+            m = self.recv()
+            if "event" in m:  # qemu-storage-daemon sends some
+                self.events.append(m)
+                continue
+            return m
+
+    def send_raw(self, data):
+        self.s.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def raw(self, text):
+        self.send_raw(text + "\n")
+        return self.reply()
+
+    def cmd(self, name, args=None, **kw):
+        m = {"execute": name}
+        if args is not None:
+            m["arguments"] = args
+        m.update(kw)
+        return self.raw(json.dumps(m))
+
+    def ret(self, name, args=None):
+        r = self.cmd(name, args)
+        check("return" in r, "%s %r: %r" % (name, args, r))
+        return r["return"]
+
+    def err(self, name, args, part, what):
+        r = self.cmd(name, args)
+        check("error" in r, "%s: expected an error, got %r" % (what, r))
+        check(part in r["error"]["desc"], "%s: %r lacks %r" % (what, r["error"]["desc"], part))
+        log("ok: %s -> %s" % (what, r["error"]["desc"]))
+
+    def wait_event(self, name, timeout=60):
+        t = time.monotonic() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name:
+                    return self.events.pop(i)
+            check(time.monotonic() < t, "no %s event within %d s (have %r)" %
+                  (name, timeout, [e["event"] for e in self.events]))
+            self.s.settimeout(max(0.1, t - time.monotonic()))
+            try:
+                self.events.append(self.recv())
+            except socket.timeout:
+                pass
+            self.s.settimeout(self.timeout)
+
+    def close(self):
+        self.s.close()
+
+
+def expect_error(r, cls, desc_part, what):
+    check("error" in r, "%s: expected an error, got %r" % (what, r))
+    check(r["error"]["class"] == cls, "%s: class %r, want %r" % (what, r["error"]["class"], cls))
+    check(desc_part in r["error"]["desc"], "%s: desc %r lacks %r" % (what, r["error"]["desc"],
+                                                                     desc_part))
+    log("ok: %s -> %s: %s" % (what, cls, r["error"]["desc"]))
+
+
+def wait_path(path, proc, timeout=10):
+    t = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise Fail("daemon exited (%d) before creating %s" % (proc.returncode, path))
+        if time.monotonic() > t:
+            raise Fail("%s not created" % path)
+        time.sleep(0.02)
+
+
+class Daemon:
+    """vqcowd serving IMAGE on WORK/NAME.vsock with QMP on WORK/NAME.qmp.
+    unlink_stale: remove sockets left by an earlier run first, so that
+    waiting for them really waits for this daemon."""
+
+    def __init__(self, vqcowd, work, image, name, extra=(), unlink_stale=False):
+        self.vsock = os.path.join(work, name + ".vsock")
+        self.qsock = os.path.join(work, name + ".qmp")
+        self.logf = os.path.join(work, name + ".log")
+        if unlink_stale:
+            for p in (self.vsock, self.qsock):
+                if os.path.exists(p):
+                    os.unlink(p)
+        self.p = subprocess.Popen([vqcowd, "--socket-path", self.vsock, "--blk-file", image,
+                                   "--qmp", self.qsock] + list(extra),
+                                  stdout=open(self.logf, "w"), stderr=subprocess.STDOUT)
+        wait_path(self.vsock, self.p)
+        wait_path(self.qsock, self.p)
+
+    def log(self):
+        return open(self.logf).read()
+
+    def stop(self, timeout=10, check_exit=False):
+        """SIGTERM if still running; check_exit: it must then have exited 0."""
+        if self.p.poll() is None:
+            self.p.terminate()
+            self.p.wait(timeout)
+        if check_exit:
+            check(self.p.returncode == 0, "vqcowd exited %d:\n%s" % (self.p.returncode,
+                                                                     self.log()))
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+            self.p.wait(10)
+
+
+def quit_daemon(d, timeout):
+    """Stop vqcowd D with QMP quit; it must exit 0 within TIMEOUT seconds."""
+    q = Qmp(d.qsock)
+    q.cmd("quit")
+    d.p.wait(timeout)
+    check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
+
+
+def qsd_popen(qsd, qs, image, node="disk0"):
+    """qemu-storage-daemon with QMP on QS and IMAGE (qcow2) as node NODE."""
+    return subprocess.Popen([qsd, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
+                             "--monitor", "chardev=c",
+                             "--blockdev", "driver=file,filename=%s,node-name=file0" % image,
+                             "--blockdev", "driver=qcow2,file=file0,node-name=%s" % node],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reap(p):
+    """Kill P if it still runs (the teardown of a helper daemon)."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+@contextlib.contextmanager
+def qsd_running(qsd, qs, image, node="disk0"):
+    """qsd_popen, its QMP socket waited for; killed on the way out."""
+    p = qsd_popen(qsd, qs, image, node)
+    try:
+        wait_path(qs, p)
+        time.sleep(0.2)
+        yield p
+    finally:
+        reap(p)
+
+
+def fe(fe_bin, *args, stdin=None):
+    r = subprocess.run([fe_bin] + [str(a) for a in args], input=stdin, capture_output=True,
+                       timeout=60)
+    check(r.returncode == 0, "vqcow-fe %s: rc %d\n%s" % (args, r.returncode,
+                                                       r.stderr.decode(errors="replace")))
+    return r.stdout.decode(errors="replace")
+
+
+def fe_capacity(fe_bin, vsock):
+    for line in fe(fe_bin, "info", vsock).splitlines():
+        if line.startswith("capacity:"):
+            return int(line.split("(")[1].split()[0])
+    raise Fail("no capacity line")
+
+
+def run_ctl(ctl, *args):
+    r = subprocess.run([ctl] + [str(a) for a in args], capture_output=True, timeout=60)
+    return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+
+def run_main(main):
+    """Exit with main()'s status; a Fail escaping it is logged and is status 1."""
+    try:
+        sys.exit(main())
+    except Fail as e:
+        log("FAIL: %s" % e)
+        sys.exit(1)
