@@ -193,6 +193,33 @@ def vqcow_img(binary, *args, timeout=120):
     return r
 
 
+def tool_error(r):
+    """The first line of @r's error text after the program's name ("prog: ")."""
+    t = r.errtext.strip().splitlines()
+    return t[0].split(": ", 1)[1] if t and ": " in t[0] else ""
+
+
+def vqcow_img_test(g, subdir, *parts):
+    """The main() of a test of one vqcow-img command against qemu-img: parse
+    the arguments, skip without qemu-img/qemu-io, need vqcow-img, set the
+    test module's globals A (the arguments) and W (the work directory,
+    WORKDIR/@subdir; @g is its globals()), run @parts in order and clean
+    the work directory up when they all passed."""
+    g["A"] = a = parse_args()
+    need_qemu_tools("qemu-io")
+    need_binary(a.img, "vqcow-img")
+    g["W"] = wd = Workdir(os.path.join(a.workdir, subdir), a.keep)
+    ok = False
+    try:
+        for part in parts:
+            part()
+        ok = True
+    finally:
+        wd.cleanup(ok)
+    log("PASS")
+    return 0
+
+
 def vqcow_img_json(binary, *args):
     """Run vqcow-img; it must succeed and print JSON, which is returned parsed."""
     r = vqcow_img(binary, *args)

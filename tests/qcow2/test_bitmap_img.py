@@ -150,21 +150,7 @@ def test_bits():
 
 
 def main():
-    global A, W
-    A = qlib.parse_args()
-    qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.img, "vqcow-img")
-    wd = qlib.Workdir(os.path.join(A.workdir, "bitmap"), A.keep)
-    W = wd
-    ok = False
-    try:
-        test_steps()
-        test_bits()
-        ok = True
-    finally:
-        wd.cleanup(ok)
-    log("PASS")
-    return 0
+    return qlib.vqcow_img_test(globals(), "bitmap", test_steps, test_bits)
 
 
 if __name__ == "__main__":

@@ -310,21 +310,8 @@ def part_snapshot():
 
 
 def main():
-    global A, W
-    A = qlib.parse_args()
-    qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.img, "vqcow-img")
-    wd = qlib.Workdir(os.path.join(A.workdir, "convert"), A.keep)
-    W = wd
-    ok = False
-    try:
-        part_matrix()
-        part_compressible()
-        part_cli()
-        part_snapshot()
-        ok = True
-    finally:
-        wd.cleanup(ok)
+    return qlib.vqcow_img_test(globals(), "convert", part_matrix, part_compressible,
+                               part_cli, part_snapshot)
 
 
 if __name__ == "__main__":

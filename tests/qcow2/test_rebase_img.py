@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qlib  # noqa: E402
-from qlib import check, log  # noqa: E402
+from qlib import check, log, tool_error as msg  # noqa: E402
 
 A = None
 W = None
@@ -40,11 +40,6 @@ def vimg(*args):
 
 def qimg(*args):
     return qlib.run(["qemu-img", "rebase"] + [str(a) for a in args], timeout=120)
-
-
-def msg(r):
-    t = r.errtext.strip().splitlines()
-    return t[0].split(": ", 1)[1] if t and ": " in t[0] else ""
 
 
 def overlay(name, backing, opts="", extra=()):
@@ -159,21 +154,7 @@ def test_refusals():
 
 
 def main():
-    global A, W
-    A = qlib.parse_args()
-    qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.img, "vqcow-img")
-    wd = qlib.Workdir(os.path.join(A.workdir, "rebase"), A.keep)
-    W = wd
-    ok = False
-    try:
-        test_cases()
-        test_refusals()
-        ok = True
-    finally:
-        wd.cleanup(ok)
-    log("PASS")
-    return 0
+    return qlib.vqcow_img_test(globals(), "rebase", test_cases, test_refusals)
 
 
 if __name__ == "__main__":

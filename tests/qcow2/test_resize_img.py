@@ -25,14 +25,13 @@ both go on) alike.
 """
 
 import fcntl
-import json
 import os
 import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qlib  # noqa: E402
-from qlib import check, log  # noqa: E402
+from qlib import check, log, tool_error as msg  # noqa: E402
 
 A = None
 W = None
@@ -45,12 +44,6 @@ def vimg(*args):
 
 def qimg(*args):
     return qlib.run(["qemu-img", "resize"] + [str(a) for a in args], timeout=120)
-
-
-def msg(r):
-    """The error text after the program's name."""
-    t = r.errtext.strip().splitlines()
-    return t[0].split(": ", 1)[1] if t and ": " in t[0] else ""
 
 
 def create(path, fmt, size, opts=None):
@@ -195,22 +188,7 @@ def part_locks():
 
 
 def main():
-    global A, W
-    A = qlib.parse_args()
-    qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.img, "vqcow-img")
-    wd = qlib.Workdir(os.path.join(A.workdir, "resize"), A.keep)
-    W = wd
-    ok = False
-    try:
-        part_grow()
-        part_refusals()
-        part_locks()
-        ok = True
-    finally:
-        wd.cleanup(ok)
-    log("PASS")
-    return 0
+    return qlib.vqcow_img_test(globals(), "resize", part_grow, part_refusals, part_locks)
 
 
 if __name__ == "__main__":
