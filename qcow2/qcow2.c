@@ -17,6 +17,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "image.h"
 #include "internal.h"
@@ -622,10 +623,23 @@ int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const cha
 	char msg[300] = "";
 	int ret;
 
+	uint64_t end = 0, size = 0;
+
 	ret = qcow2_bitmap_edit_io(&fio, path, op, name, granularity, disabled, msg, sizeof(msg));
-	if (ret < 0)
+	if (ret < 0) {
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
-	else if (io_file_get_size(file, &file->size) < 0)
+		return ret;
+	}
+	/*
+	 * Give back the tail the engine preallocated and did not use: each
+	 * command closes and reopens the engine, whose allocation front would
+	 * otherwise start past that tail every time (the file grew by a
+	 * preallocation chunk per command). Nothing past @end is referenced.
+	 */
+	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) == 0 && end &&
+	    io_file_get_size(file, &size) == 0 && size > end && ftruncate(file->fd, (off_t)end) < 0)
+		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
+	if (io_file_get_size(file, &file->size) < 0)
 		file->size = 0; /* re-read at the next open anyway */
 	return ret;
 }

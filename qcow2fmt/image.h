@@ -251,4 +251,13 @@ int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
 int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
 			 uint32_t granularity, bool disabled, char *err, size_t errlen);
 
+/*
+ * *@end: the byte offset one past the last cluster with a non-zero refcount
+ * (everything after it is free). A writer that closed the image may cut the
+ * file there: vqcowd preallocates ahead of what it uses, and its online
+ * bitmap commands close and reopen the image each time. 0 or -errno.
+ */
+int qcow2_used_end_io(const struct qcow2_io *io, const char *name, uint64_t *end, char *err,
+		      size_t errlen);
+
 #endif /* VQCOW_QCOW2FMT_IMAGE_H */

@@ -1044,6 +1044,34 @@ out:
 	return ret;
 }
 
+/*
+ * One past the last cluster with a refcount: where the bitmap edit starts
+ * allocating. Not the end of the file: vqcowd preallocates ahead of its
+ * allocation front (fallocate, so the file is longer than what it uses),
+ * and an edit after every online command would otherwise leave that tail
+ * unused each time. Everything past this cluster is free by definition
+ * (nothing may point at a cluster whose refcount is 0).
+ */
+static int bmd_front(struct sctx *c, uint64_t *front)
+{
+	*front = 0;
+	for (uint64_t idx = c->nrb; idx-- > 0;) {
+		uint8_t *b;
+		int ret = rblock(c, idx, &b);
+
+		if (ret < 0)
+			return ret;
+		if (!b)
+			continue;
+		for (uint64_t e = 1ull << c->rbb; e-- > 0;)
+			if (qcow2_refcount_get(b, e, c->order)) {
+				*front = (idx << c->rbb) + e + 1;
+				return 0;
+			}
+	}
+	return 0;
+}
+
 int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
 			 uint32_t granularity, bool disabled, char *err, size_t errlen)
 {
@@ -1068,6 +1096,8 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 	if (ret < 0)
 		goto out;
 	ret = ctx_init(&c, &im, err, errlen);
+	if (ret == 0)
+		ret = bmd_front(&c, &c.next);
 	if (ret == 0)
 		ret = bmd_read(&c, &dir, &len);
 	if (ret < 0)
@@ -1208,6 +1238,27 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 out:
 	free(dir);
 	free(nd);
+	ctx_free(&c);
+	qcow2_oimg_close(&im);
+	return ret;
+}
+
+int qcow2_used_end_io(const struct qcow2_io *io, const char *name, uint64_t *end, char *err,
+		      size_t errlen)
+{
+	struct qcow2_oimg im;
+	struct sctx c = {0};
+	uint64_t front = 0;
+	int ret;
+
+	*end = 0;
+	ret = qcow2_oimg_open(&im, io, name, false, err, errlen);
+	if (ret == 0)
+		ret = ctx_init(&c, &im, err, errlen);
+	if (ret == 0)
+		ret = bmd_front(&c, &front);
+	if (ret == 0)
+		*end = front << c.cb;
 	ctx_free(&c);
 	qcow2_oimg_close(&im);
 	return ret;

@@ -247,6 +247,7 @@ int qcow2_bitmap_tool(const char *path, char op, const char *name, uint32_t gran
 	}
 	io = qcow2_fd_io(fd);
 	ret = qcow2_bitmap_edit_io(&io, path, op, name, granularity, false, err, errlen);
+	/* (no tail cut here: qemu-img leaves the file length alone offline too) */
 	if (close(fd) < 0 && ret == 0)
 		ret = qcow2_seterr(err, errlen, -errno, "%s", strerror(errno));
 	return ret;
