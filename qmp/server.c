@@ -659,21 +659,40 @@ static void accept_ready(void *arg)
 	}
 }
 
+/* A server with no listening socket yet (fd -1, no path). */
+static struct qmp_server *server_new(const struct qmp_loop_ops *loop,
+				     const struct qmp_command *cmds, json_t *version, void *opaque)
+{
+	struct qmp_server *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return NULL;
+	s->loop = loop;
+	s->cmds = cmds;
+	s->opaque = opaque;
+	s->version = json_incref(version);
+	s->fd = -1;
+	return s;
+}
+
+/* Frees what server_new and the path took; the socket is the caller's. */
+static void server_free(struct qmp_server *s)
+{
+	json_decref(s->version);
+	free(s->path);
+	free(s);
+}
+
 int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_loop_ops *loop,
 		    const struct qmp_command *cmds, json_t *version, void *opaque)
 {
 	struct qmp_server *s;
 	int ret;
 
-	s = calloc(1, sizeof(*s));
+	s = server_new(loop, cmds, version, opaque);
 	if (!s)
 		return -ENOMEM;
-	s->loop = loop;
-	s->cmds = cmds;
-	s->opaque = opaque;
-	s->version = json_incref(version);
 	s->path = strdup(path);
-	s->fd = -1;
 	if (!s->path) {
 		ret = -ENOMEM;
 		goto fail;
@@ -694,9 +713,7 @@ int qmp_server_init(struct qmp_server **sp, const char *path, const struct qmp_l
 fail:
 	if (s->fd >= 0)
 		close(s->fd);
-	json_decref(s->version);
-	free(s->path);
-	free(s);
+	server_free(s);
 	return ret;
 }
 
@@ -709,18 +726,13 @@ int qmp_server_init_fd(struct qmp_server **sp, int fd, const struct qmp_loop_ops
 	ret = util_adopt_listener(fd);
 	if (ret < 0)
 		return ret;
-	s = calloc(1, sizeof(*s));
+	s = server_new(loop, cmds, version, opaque);
 	if (!s)
 		return -ENOMEM;
-	s->loop = loop;
-	s->cmds = cmds;
-	s->opaque = opaque;
-	s->version = json_incref(version);
 	s->fd = fd;
 	ret = loop->watch(loop->opaque, s->fd, POLLIN, accept_ready, s);
 	if (ret < 0) {
-		json_decref(s->version);
-		free(s);
+		server_free(s);
 		return ret;
 	}
 	*sp = s;
@@ -739,9 +751,7 @@ void qmp_server_exit(struct qmp_server *s)
 	close(s->fd);
 	if (s->path)
 		util_unix_unlink_own(s->path, &s->sock);
-	json_decref(s->version);
-	free(s->path);
-	free(s);
+	server_free(s);
 }
 
 void qmp_server_event(struct qmp_server *s, const char *name, json_t *data)
