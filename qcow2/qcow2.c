@@ -594,6 +594,27 @@ void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
 		 q->read_only ? ", read-only" : "", q->corrupt ? ", CORRUPT" : "");
 }
 
+/*
+ * Around an edit of the closed image (internal snapshot, bitmap): give back
+ * the tail the engine preallocated and did not use. Each such command closes
+ * and reopens the engine; the edit appends its new clusters at the end of the
+ * file and the reopened engine allocates past that, so without this the file
+ * grew by a preallocation chunk per command. Nothing past the last cluster
+ * with a refcount is referenced. Then re-read the size.
+ */
+static void give_back_tail(struct io_file *file, const char *path)
+{
+	struct qcow2_io fio = q2_file_io(file);
+	uint64_t end = 0, size = 0;
+	char msg[300] = "";
+
+	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) == 0 && end &&
+	    io_file_get_size(file, &size) == 0 && size > end && ftruncate(file->fd, (off_t)end) < 0)
+		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
+	if (io_file_get_size(file, &file->size) < 0)
+		file->size = 0; /* re-read at the next open anyway */
+}
+
 int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct qcow2_snap_desc *sn,
 			const char *id, const char *name, char *err, size_t errlen)
 {
@@ -601,6 +622,7 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 	char msg[300] = "";
 	int ret;
 
+	give_back_tail(file, path);
 	if (op == 'c')
 		ret = qcow2_snapshot_create_io(&fio, path, sn, QCOW2_SNAP_UNIQUE_NAME, msg,
 					       sizeof(msg));
@@ -611,8 +633,8 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, NULL, msg, sizeof(msg));
 	if (ret < 0)
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
-	else if (io_file_get_size(file, &file->size) < 0)
-		file->size = 0; /* re-read at the next open anyway */
+	else
+		give_back_tail(file, path);
 	return ret;
 }
 
@@ -623,24 +645,13 @@ int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const cha
 	char msg[300] = "";
 	int ret;
 
-	uint64_t end = 0, size = 0;
-
+	give_back_tail(file, path);
 	ret = qcow2_bitmap_edit_io(&fio, path, op, name, granularity, disabled, msg, sizeof(msg));
 	if (ret < 0) {
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
 		return ret;
 	}
-	/*
-	 * Give back the tail the engine preallocated and did not use: each
-	 * command closes and reopens the engine, whose allocation front would
-	 * otherwise start past that tail every time (the file grew by a
-	 * preallocation chunk per command). Nothing past @end is referenced.
-	 */
-	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) == 0 && end &&
-	    io_file_get_size(file, &size) == 0 && size > end && ftruncate(file->fd, (off_t)end) < 0)
-		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
-	if (io_file_get_size(file, &file->size) < 0)
-		file->size = 0; /* re-read at the next open anyway */
+	give_back_tail(file, path);
 	return ret;
 }
 

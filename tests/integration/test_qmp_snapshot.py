@@ -137,6 +137,21 @@ def test_data(vqcowd, fe_bin, ctl, vimg, work):
         rc, o, e = run_ctl(ctl, "-s", d.qsock, "snapshot", "delete", "s3")
         check(rc == 0, "vqcowctl snapshot delete: %d %r" % (rc, e))
         log("ok: vqcowctl snapshot create, list, delete")
+        # Each command closes and reopens the engine: the file must not grow
+        # by a preallocation chunk per command (the reopened engine used to
+        # allocate past the old preallocated tail and the snapshot's clusters).
+        sizes = []
+        for i in range(5):
+            fe(fe_bin, "write", d.vsock, (16 + 2 * i) * MiB, 65536, stdin=b"G" * 65536)
+            check(q.cmd("blockdev-snapshot-internal-sync",
+                        {"device": "disk0", "name": "g%d" % i}) == {"return": {}}, "create g%d" % i)
+            check(q.cmd("blockdev-snapshot-delete-internal-sync",
+                        {"device": "disk0", "name": "g%d" % i}).get("return") is not None,
+                  "delete g%d" % i)
+            sizes.append(os.path.getsize(img))
+        check(sizes[-1] <= sizes[0] + 4 * MiB,
+              "the file grew with each snapshot command: %r" % sizes)
+        log("ok: snapshot commands give back the unused tail: sizes %r" % sizes)
         r = q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "s1"})
         check(r["id"] == "1" and r["name"] == "s1" and r["vm-state-size"] == 0, "delete %r" % r)
         expect_error(q.cmd("blockdev-snapshot-delete-internal-sync",
