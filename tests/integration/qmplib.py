@@ -160,6 +160,16 @@ class Daemon:
             self.p.send_signal(signal.SIGKILL)
             self.p.wait(10)
 
+    def stop_showing_log(self, tail=None):
+        """On the way out of a failed test: stop it, print its log (the last
+        TAIL characters) into the test's output."""
+        Daemon.stop(self)
+        text = self.log()
+        if tail is None:
+            sys.stdout.write("---- vqcowd log ----\n" + text)
+        else:
+            sys.stdout.write("---- vqcowd log (tail) ----\n" + text[-tail:])
+
 
 def quit_daemon(d, timeout):
     """Stop vqcowd D with QMP quit; it must exit 0 within TIMEOUT seconds."""

@@ -317,8 +317,7 @@ def main():
         check("AddressSanitizer" not in d.log() and "runtime error" not in d.log(),
               "sanitizer report:\n" + d.log())
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
     test_qcow2(vqcowd, fe_bin, ctl, work)
@@ -698,8 +697,7 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         check(d.p.returncode == 0, "exit after vqcowctl quit: %d" % d.p.returncode)
         log("ok: vqcowctl quit")
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
 

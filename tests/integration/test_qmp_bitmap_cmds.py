@@ -123,8 +123,7 @@ def test_vs_qsd(vqcowd, work):
         q.close()
         quit_daemon(d, 30)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
     for (cmd, w), (_, g), (_, args) in zip(want, got, SEQ):
@@ -158,8 +157,7 @@ def test_data(vqcowd, fe_bin, work):
         q.close()
         quit_daemon(d, 30)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
     bms = info_bitmaps(img)
@@ -279,8 +277,7 @@ def test_ctl(vqcowd, ctl_bin, work):
               [("c1", 131072, True)], "listing after vqcowctl: %r" % bms)
         quit_daemon(d, 30)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
     bms = info_bitmaps(img)

@@ -96,8 +96,7 @@ def main():
               "the disabled bitmap changed: %r" % got2)
         quit_daemon(d, 20)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     d.stop()
     after = {b["name"]: b for b in qsd_bitmaps(work, img)}

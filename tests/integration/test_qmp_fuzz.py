@@ -376,8 +376,7 @@ def main():
             check(bad not in text, "%s in the log:\n%s" % (bad, text[-4000:]))
         log("ok: the daemon answered, served, and quit cleanly (exit 0, no sanitizer report)")
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log (tail) ----\n" + d.log()[-8000:])
+        d.stop_showing_log(tail=8000)
         raise
     d.stop()
     log("PASS")

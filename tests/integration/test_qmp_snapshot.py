@@ -164,8 +164,7 @@ def test_data(vqcowd, fe_bin, ctl, vimg, work):
         check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
         no_sanitizer(d)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     check_clean(img, "after create/delete online")
     a = qimg("snapshot", "-l", img).stdout
@@ -243,8 +242,7 @@ def test_busy(vqcowd, work):
         d.p.wait(10)
         no_sanitizer(d)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     check_clean(ov, "overlay after a snapshot once the job was cancelled")
     check(" x " in qimg("snapshot", "-l", ov).stdout, "snapshot x on the overlay")
@@ -303,8 +301,7 @@ def test_qsd(vqcowd, work):
         a.cmd("quit")
         p.wait(10)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     finally:
         if p.poll() is None:
@@ -368,8 +365,7 @@ def test_load(vqcowd, fe_bin, work, threads=0):
         check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
         no_sanitizer(d)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     check_clean(img, "after snapshots under load")
     names = [ln.split()[1] for ln in qimg("snapshot", "-l", img).stdout.splitlines()[2:]]

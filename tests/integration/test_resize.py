@@ -127,8 +127,7 @@ def grow_and_check(vqcowd, fe_bin, work, name, create_opts, size, new, extra=(),
         d.p.wait(20)
         check(d.p.returncode == 0, "%s: vqcowd exit %d" % (name, d.p.returncode))
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     check_clean(path, name)
     check(info(path)["virtual-size"] == new, "%s: qemu-img info after close" % name)
@@ -245,8 +244,7 @@ def test_under_io(vqcowd, fe_bin, work):
         d.p.wait(20)
         check(d.p.returncode == 0, "exit %d" % d.p.returncode)
     except Exception:
-        d.stop()
-        sys.stdout.write("---- vqcowd log ----\n" + d.log())
+        d.stop_showing_log()
         raise
     check_clean(path, "under I/O")
     check(info(path)["virtual-size"] == new, "size after resizes under I/O")
