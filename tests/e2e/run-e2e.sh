@@ -239,6 +239,11 @@ kill_restart_backend() {
 	backend_pid=""
 	vm_log "killed the daemon under the running guest (its last step: $(tr -d '\r' <"$con" | grep -o 'STEP [a-z-]* [a-zA-Z]*' | tail -n1))"
 	[ -f "$backend_log" ] && cat "$backend_log" >>"$backend_log.killed"
+	# The dead daemon's socket file stays; a new daemon replaces it, but
+	# vm_wait_socket would take the stale file for the new socket and miss a
+	# daemon that exits at once (its image still locked by the dead one).
+	# Without the file, the path appears only when a new daemon listens.
+	rm -f "$sock"
 	for n in $(seq 40); do
 		vm_backend_start "$backend" "$sock" "$img" "$format" "$backend_log" "$vqcowd" "${extra[@]}" || return 1
 		backend_pid=$VM_BACKEND_PID

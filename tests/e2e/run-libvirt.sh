@@ -102,11 +102,16 @@ accel=$(vm_pick_accel "$guest")
 cp "$guest/vmlinuz" "$guest/initrd.img" "$work/" || exit 1
 qemu-img create -q -f qcow2 "$work/disk.qcow2" 1G || exit 1
 sock=$work/vm.sock
+# daemon: start vqcowd; 0 once it listens on $sock, 1 if it exited (e.g. the
+# image still locked by a daemon killed a moment ago)
 daemon() {
 	"$vqcowd" --socket-path "$sock" --blk-file "$work/disk.qcow2" --format qcow2 \
 		--num-queues 2 --user libvirt-qemu --group kvm >>"$work/vqcowd.log" 2>&1 &
 	vpid=$!
-	vm_wait_socket "$sock" "$vpid" 10 || fail "vqcowd did not start"
+	vm_wait_socket "$sock" "$vpid" 10 && return 0
+	wait "$vpid" 2>/dev/null
+	vpid=""
+	return 1
 }
 python3 - "$example" "$work" "$name" "$accel" "$sock" >"$work/domain.xml" <<'PY' || fail "domain XML"
 import sys, xml.etree.ElementTree as ET
@@ -135,7 +140,7 @@ d.find('on_reboot').text = 'destroy'
 print(ET.tostring(d, encoding='unicode'))
 PY
 virt-xml-validate "$work/domain.xml" domain >/dev/null 2>&1 || fail "the derived domain does not validate"
-daemon
+daemon || fail "vqcowd did not start"
 V define "$work/domain.xml" >/dev/null || fail "virsh define"
 V start "$name" >"$work/start.log" 2>&1 || fail "virsh start: $(cat "$work/start.log")"
 vm_log "domain $name started (accel $accel)"
@@ -151,10 +156,15 @@ vm_log "$(grep -o 'STEP find-disk ok.*' "$work/console.log")"
 sleep 3
 kill -9 "$vpid"
 wait "$vpid" 2>/dev/null
+vpid=""
+# The dead daemon's socket file stays; without it the path appears only once
+# a new daemon listens, so vm_wait_socket cannot take the stale file for it.
+rm -f "$sock"
 for ((i = 0; i < 50; i++)); do
 	daemon && break
 	sleep 0.2 # the dead daemon's image locks linger for a moment
 done
+[ -n "$vpid" ] || fail "no new vqcowd came up after the kill"
 vm_log "vqcowd killed with SIGKILL and restarted on $sock"
 for ((i = 0; i < 6000; i++)); do
 	grep -q "VQCOW-GUEST: \(PASS\|FAIL\)" "$work/console.log" && break
