@@ -75,6 +75,7 @@ struct vqfe_vq {
 	uint16_t *used_event;  /* avail->ring[num], written by us */
 	uint16_t *avail_event; /* after used->ring[num], written by the device */
 	uint16_t avail_idx;    /* shadow of avail->idx */
+	bool hold;             /* publish fills the ring only; vqfe_vq_hold(false) stores idx */
 	uint16_t kicked_idx;   /* avail_idx at the last kick decision */
 	uint16_t last_used;
 	uint16_t free_head;
@@ -1305,7 +1306,15 @@ void vqfe_vq_publish(struct vqfe_vq *vq, uint16_t head)
 	vq->avail->ring[vq->avail_idx & (vq->num - 1)] = htole16(head);
 	vq->avail_idx++;
 	/* virtio 2.7.13: the ring entry must be visible before the index */
-	__atomic_store_n(&vq->avail->idx, htole16(vq->avail_idx), __ATOMIC_RELEASE);
+	if (!vq->hold)
+		__atomic_store_n(&vq->avail->idx, htole16(vq->avail_idx), __ATOMIC_RELEASE);
+}
+
+void vqfe_vq_hold(struct vqfe_vq *vq, bool hold)
+{
+	vq->hold = hold;
+	if (!hold)
+		__atomic_store_n(&vq->avail->idx, htole16(vq->avail_idx), __ATOMIC_RELEASE);
 }
 
 void vqfe_vq_set_avail_idx(struct vqfe_vq *vq, uint16_t idx)

@@ -356,6 +356,11 @@ void vqfe_vq_put_desc(struct vqfe_vq *vq, unsigned n, const uint16_t *ids);
 void vqfe_vq_publish(struct vqfe_vq *vq, uint16_t head);
 /* Hostile: set avail->idx to @idx directly. */
 void vqfe_vq_set_avail_idx(struct vqfe_vq *vq, uint16_t idx);
+/* Hold publication: while held, submitted requests fill the avail ring but
+ * avail->idx stays put, so the back-end sees none of them; releasing the
+ * hold publishes them all with one index store (a batch a polling back-end
+ * cannot see half of). */
+void vqfe_vq_hold(struct vqfe_vq *vq, bool hold);
 /* Kick if the device wants it (EVENT_IDX / NO_NOTIFY), or always if @force. */
 int vqfe_vq_kick(struct vqfe_vq *vq, bool force);
 /*

@@ -137,8 +137,10 @@ static void run_case(const struct kcase *kc)
 	for (unsigned i = 0; i < PRE; i++)
 		CU_ASSERT_EQUAL_FATAL(vqfe_write(fe, 0, off_of(i), buf[i], BLK), 0);
 
-	/* the batch: published together, one kick */
+	/* the batch: published together (one avail->idx store: a polling
+	 * daemon must not see half of it), one kick */
 	memset(req, 0, sizeof(req));
+	vqfe_vq_hold(vqfe_vq(fe, 0), true);
 	for (unsigned i = 0; i < BATCH; i++) {
 		req[i].type = VIRTIO_BLK_T_OUT;
 		req[i].sector = off_of(PRE + i) / 512;
@@ -146,6 +148,7 @@ static void run_case(const struct kcase *kc)
 		req[i].len = BLK;
 		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
 	}
+	vqfe_vq_hold(vqfe_vq(fe, 0), false);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, 0), true), 0);
 
 	st = itest_wait_exit(&d, 10000);

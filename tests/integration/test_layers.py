@@ -167,11 +167,16 @@ def verify_file(path, shadow, work, what):
     log("ok: %s: %s reads through its chain as written" % (what, path))
 
 
-def qcheck(path, what):
+def qcheck(path, what, leaks_ok=False):
+    """qemu-img check: clean; after a kill -9 (@leaks_ok) leaked clusters are
+    allowed too (rc 3: the refcounts vqcowd raised ahead of need for a file it
+    was writing), never an error or a corruption (rc 2)."""
     r = run("qemu-img", "check", "-U", path, ok=False)
-    check(r.returncode == 0, "%s: qemu-img check %s: rc %d\n%s" %
-          (what, path, r.returncode, r.stdout.decode(errors="replace")))
-    log("ok: %s: qemu-img check %s clean" % (what, path))
+    out = r.stdout.decode(errors="replace")
+    check(r.returncode == 0 or (leaks_ok and r.returncode == 3),
+          "%s: qemu-img check %s: rc %d\n%s" % (what, path, r.returncode, out))
+    log("ok: %s: qemu-img check %s %s" % (what, path, "clean" if r.returncode == 0 else
+                                           "consistent (leaked clusters only)"))
 
 
 def info(path):
@@ -453,8 +458,8 @@ def test_kill(vqcowd, fe, work):
         finally:
             d.kill()
         log("killed during %s" % point)
-        qcheck(base, "kill -9 during %s" % point)
-        qcheck(ov, "kill -9 during %s" % point)
+        qcheck(base, "kill -9 during %s" % point, leaks_ok=True)
+        qcheck(ov, "kill -9 during %s" % point, leaks_ok=True)
         if point == "complete":
             # either the pivot happened (the base alone holds the data) or not (the chain)
             try:
