@@ -236,8 +236,10 @@ const struct blk_stats *blk_dev_stats(const struct blk_dev *dev);
  * Set the latency histogram of request type @type (BLK_STAT_*) to @n
  * boundaries (@n = 0: one bin; @bounds NULL: no histogram); its bins start empty in every blk_stats
  * (each notices the new generation at its next request, and sums skip it).
- * Called on the main thread; with I/O threads a request completing at that
- * instant may be binned with the old boundaries (a counting slip, no more).
+ * Like every change of the device's configuration, only while no other
+ * thread completes requests (blk_dev_any_thread(): vqcowd runs every QMP
+ * command with its I/O threads parked), since the threads read the
+ * boundaries unlocked to bin each request.
  * 0, or -EINVAL (not ascending, a zero boundary, more than BLK_HIST_MAX).
  */
 int blk_dev_set_histogram(struct blk_dev *dev, int type, const uint64_t *bounds, unsigned n);

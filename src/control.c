@@ -350,7 +350,10 @@ static bool bounds_arg(json_t *args, const char *key, uint64_t *b, unsigned *n)
 /*
  * QEMU's block-latency-histogram-set (qapi/block.json): only @id removes
  * every histogram; @boundaries resets read, write and flush; the
- * per-type lists take precedence for their type.
+ * per-type lists take precedence for their type. The I/O threads bin their
+ * requests with these boundaries: like every command, this one runs with
+ * them parked (watch_done in vqcowd.c; integration.mt sets boundaries under
+ * load in the ThreadSanitizer build).
  */
 static int cmd_histogram(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
 {

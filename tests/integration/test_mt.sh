@@ -10,7 +10,8 @@
 # zeroes, and every untouched block still the backing file's (or the
 # original) content. Images: raw; a fresh qcow2; a qcow2 overlay on a raw
 # backing file; the same with extended L2 (subclusters); an overlay on a
-# zlib-compressed qcow2 backing file. Last, the crash test: kill -9 with the
+# zlib-compressed qcow2 backing file. Then latency histograms set over QMP
+# while the threads count requests. Last, the crash test: kill -9 with the
 # four queues busy, then `qemu-img check` (leaked clusters allowed, nothing
 # else) and a second run on the same image.
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning.
@@ -108,6 +109,58 @@ run "extended L2 overlay" "$dir/ovx.qcow2" qcow2 "$dir/base.raw" 14
 qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" "$dir/zbase.qcow2"
 qemu-img create -q -f qcow2 -b "$dir/zbase.qcow2" -F qcow2 "$dir/ovz.qcow2" $size
 run "overlay on compressed" "$dir/ovz.qcow2" qcow2 "$dir/base.raw" 15
+
+# Statistics changed under load: block-latency-histogram-set and
+# query-blockstats over QMP while four queues complete requests on four I/O
+# threads (a raw image: its rings, and the per-queue histograms, live on the
+# I/O threads), so a race between the boundaries and the binning is seen by
+# ThreadSanitizer (contrib/test.sh runs this test in build-tsan). Every
+# histogram read back must have the boundaries just set and bins that add up
+# to at most the operations counted.
+echo "== histograms set while four I/O threads count"
+cp "$dir/base.raw" "$dir/hist.raw"
+"$vqcowd" --socket-path "$sock" --blk-file "$dir/hist.raw" --format raw --num-queues 4 \
+	--io-threads "$threads" --qmp "$dir/mt.qmp" 2>"$log" &
+pid=$!
+if it_wait_serving "$pid" "$sock" "$log" "vqcowd (histograms)"; then
+	"$stress" "$sock" --size $size --queues 4 --seed 17 --mix --forever >/dev/null &
+	spid=$!
+	python3 - "$dir/mt.qmp" "$(dirname "$0")" <<'EOF2' || fail "histograms under load"
+import sys
+import time
+sys.path.insert(0, sys.argv[2])
+from qmplib import Qmp, check
+q = Qmp(sys.argv[1])
+rounds = 0
+for i in range(150):
+    b = [1000 * (i % 7 + 1), 100000, 10000000 + i]
+    q.ret("block-latency-histogram-set", {"id": "disk0", "boundaries": b,
+                                          "boundaries-write": b[1:]})
+    st = q.ret("query-blockstats")[0]["stats"]
+    for k, want in (("rd", b), ("wr", b[1:]), ("flush", b)):
+        h = st["%s_latency_histogram" % k]
+        check(h["boundaries"] == want, "%s boundaries %r, set %r" % (k, h["boundaries"], want))
+        check(len(h["bins"]) == len(want) + 1 and sum(h["bins"]) <= st["%s_operations" % k],
+              "%s bins %r for %d operations" % (k, h["bins"], st["%s_operations" % k]))
+    rounds += st["rd_operations"] > 0
+    if i % 50 == 25:
+        q.ret("block-latency-histogram-set", {"id": "disk0"})  # all removed
+        st = q.ret("query-blockstats")[0]["stats"]
+        check("rd_latency_histogram" not in st, "histogram left after removal")
+for _ in range(100):  # the last boundaries count what completes next
+    time.sleep(0.05)
+    st = q.ret("query-blockstats")[0]["stats"]
+    binned = sum(sum(st[k + "_latency_histogram"]["bins"]) for k in ("rd", "wr", "flush"))
+    if binned:
+        break
+check(binned > 0, "no request binned: %r" % st)
+print("150 histogram changes under load, %d with reads counted" % rounds)
+EOF2
+	kill "$spid" 2>/dev/null
+	wait "$spid" 2>/dev/null
+	it_stop
+	grep -a -q 'ThreadSanitizer' "$log" && fail "ThreadSanitizer: $(cat "$log")"
+fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
 echo "== kill -9 under four busy queues"
