@@ -104,14 +104,14 @@ int img_set_perm(struct img *img, enum img_perm perm, char *err, size_t errlen)
 	return img->ops->set_perm(img, perm, err, errlen);
 }
 
-int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, enum img_perm perm,
-		  bool force_share, char *err, size_t errlen)
+/* The lock bytes a file of @role uses and shares when the image holds @perm. */
+static int lock_bits(const char *path, enum img_file_role role, enum img_perm perm,
+		     bool force_share, unsigned *use, unsigned *shared, char *err, size_t errlen)
 {
 	const unsigned cr = IO_PERM_CONSISTENT_READ, w = IO_PERM_WRITE, rs = IO_PERM_RESIZE;
-	unsigned use = 0, shared = IO_PERM_ALL;
-	char msg[256];
-	int ret;
 
+	*use = 0;
+	*shared = IO_PERM_ALL;
 	if (force_share && perm == IMG_PERM_WRITE) {
 		if (err)
 			snprintf(err, errlen,
@@ -121,20 +121,49 @@ int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, 
 	if (perm == IMG_PERM_NONE) {
 		/* nothing */
 	} else if (force_share) {
-		use = cr;
+		*use = cr;
 	} else if (role == IMG_FILE_BACKING) {
-		use = cr;
-		shared = IO_PERM_ALL & ~(w | rs);
+		*use = cr;
+		*shared = IO_PERM_ALL & ~(w | rs);
 	} else if (role == IMG_FILE_RAW) {
 		/* A guest device shares resize (an outside resize is picked up on SIGHUP). */
-		use = perm == IMG_PERM_WRITE ? cr | w : cr;
-		shared = IO_PERM_ALL & ~w;
+		*use = perm == IMG_PERM_WRITE ? cr | w : cr;
+		*shared = IO_PERM_ALL & ~w;
 	} else {
 		/* qcow2 grows its file, and its metadata must not change under it. */
-		use = perm == IMG_PERM_WRITE ? cr | w | rs : cr;
-		shared = IO_PERM_ALL & ~(w | rs);
+		*use = perm == IMG_PERM_WRITE ? cr | w | rs : cr;
+		*shared = IO_PERM_ALL & ~(w | rs);
 	}
+	return 0;
+}
+
+int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, enum img_perm perm,
+		  bool force_share, char *err, size_t errlen)
+{
+	unsigned use, shared;
+	char msg[256];
+	int ret;
+
+	ret = lock_bits(path, role, perm, force_share, &use, &shared, err, errlen);
+	if (ret < 0)
+		return ret;
 	ret = io_file_lock(f, use, shared, msg, sizeof(msg));
+	if (ret < 0 && err)
+		snprintf(err, errlen, "%s: %s", path, msg[0] ? msg : strerror(-ret));
+	return ret;
+}
+
+int img_file_reopen_rw(struct io_file *f, const char *path, enum img_file_role role, char *err,
+		       size_t errlen)
+{
+	unsigned use, shared;
+	char msg[256];
+	int ret;
+
+	ret = lock_bits(path, role, IMG_PERM_WRITE, false, &use, &shared, err, errlen);
+	if (ret < 0)
+		return ret;
+	ret = io_file_reopen_rw(f, path, use, shared, msg, sizeof(msg));
 	if (ret < 0 && err)
 		snprintf(err, errlen, "%s: %s", path, msg[0] ? msg : strerror(-ret));
 	return ret;
@@ -179,6 +208,13 @@ int img_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum
 		return 1;
 	}
 	return img->ops->block_status(img, off, len, pnum, w);
+}
+
+int img_reopen_rw(struct img *img, char *err, size_t errlen)
+{
+	if (!img->ops->reopen_rw)
+		return img_set_writable(img, true, err, errlen);
+	return img->ops->reopen_rw(img, err, errlen);
 }
 
 struct img *img_take_backing(struct img *img)

@@ -161,6 +161,8 @@ struct img_ops {
 			   bool disabled, char *err, size_t errlen);
 	/* Optional: become a read-only backing file, or writable again (img_set_writable). */
 	int (*set_writable)(struct img *img, bool writable, char *err, size_t errlen);
+	/* Optional: img_set_writable(true) of an image opened read-only (img_reopen_rw). */
+	int (*reopen_rw)(struct img *img, char *err, size_t errlen);
 	/* Optional: allocation status in this layer (img_block_status); NULL = all allocated. */
 	int (*block_status)(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
 			    struct img_wait *w);
@@ -364,6 +366,20 @@ int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigne
 int img_set_writable(struct img *img, bool writable, char *err, size_t errlen);
 
 /*
+ * img_set_writable(@img, true) for an image whose file was opened read-only
+ * (a backing file of the chain at start-up; block-commit into it, as QEMU
+ * reopens its base read-write): the file is opened again read-write in place
+ * (io_file_reopen_rw: the writer's locks, -EAGAIN with QEMU's message if
+ * another process holds a conflicting one) and a qcow2 engine is opened
+ * afresh read-write (header, refcounts, bitmaps read again). No request may
+ * be in flight on it (-EBUSY). An image with an external data file:
+ * -ENOTSUP. Going back is img_set_writable(false): the locks of a backing
+ * file, the descriptor stays read-write. Drives the loop: never call it from
+ * a loop callback. On failure the image is as before. 0 or -errno.
+ */
+int img_reopen_rw(struct img *img, char *err, size_t errlen);
+
+/*
  * Is a prefix of [@off, @off + @len) allocated in @img itself (data or
  * zeroes written here: 1), or read from its backing file (0)? *@pnum gets
  * the prefix length. -EAGAIN: metadata must be read first; @w->wake(@w)
@@ -423,6 +439,10 @@ int img_file_lock(struct io_file *f, const char *path, enum img_file_role role, 
  * character devices, directories...). 0 or -errno.
  */
 int img_file_open(struct io_file *f, const char *path, unsigned flags, char *err, size_t errlen);
+
+/* io_file_reopen_rw() with the locks of a writer of @role; @err names @path. */
+int img_file_reopen_rw(struct io_file *f, const char *path, enum img_file_role role, char *err,
+		       size_t errlen);
 
 int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 const struct img_opts *opts, char *err, size_t errlen);

@@ -1774,6 +1774,81 @@ static int q2_grow(struct img *img, uint64_t size, struct img_grow *g)
 	return ret;
 }
 
+/*
+ * See img_reopen_rw. The read-only engine (nothing to write back) closes,
+ * the file is opened again read-write with a writer's locks, and the engine
+ * opens afresh read-write; on failure the read-only engine comes back.
+ */
+static int q2_reopen_rw(struct img *img, char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	bool was_backing = img->backing;
+	char rerr[300] = "";
+	int ret;
+
+	if (!(m->file.flags & IO_FILE_RDONLY))
+		return q2_set_writable(img, true, err, errlen);
+	if (!m->q || img->perm == IMG_PERM_NONE) {
+		if (err)
+			snprintf(err, errlen, "%s: image is inactive", img->path);
+		return -EBUSY;
+	}
+	if (m->has_dfile) {
+		if (err)
+			snprintf(err, errlen,
+				 "%s: reopening an image with an external data file read-write is "
+				 "not supported",
+				 img->path);
+		return -ENOTSUP;
+	}
+	if (img->force_share) {
+		if (err)
+			snprintf(err, errlen,
+				 "%s: force-share can only be used with read-only images",
+				 img->path);
+		return -EINVAL;
+	}
+	if (m->inflight) {
+		if (err)
+			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+				 m->inflight);
+		return -EBUSY;
+	}
+	img->backing = false;
+	ret = img_file_reopen_rw(&m->file, img->path, IMG_FILE_QCOW2, err, errlen);
+	if (ret < 0) {
+		img->backing = was_backing;
+		return ret;
+	}
+	/* the second handle on the same file that data goes through (no locks) */
+	if (m->own_dfile) {
+		ret = io_file_reopen_rw(&m->dfile, img->path, 0, IO_PERM_ALL, NULL, 0);
+		if (ret < 0) {
+			if (err)
+				snprintf(err, errlen, "%s: Could not reopen file: %s", img->path,
+					 strerror(-ret));
+			img->backing = was_backing;
+			lock_all(m, IMG_PERM_READ, IMG_PERM_WRITE, NULL, 0);
+			return ret;
+		}
+	}
+	ret = qcow2_close(m->q);
+	m->q = NULL;
+	if (ret == 0)
+		ret = engine_open(m, false, err, errlen);
+	if (ret < 0) {
+		/* back to what it was: a read-only backing file */
+		img->backing = was_backing;
+		lock_all(m, IMG_PERM_READ, IMG_PERM_WRITE, NULL, 0);
+		if (!m->q && engine_open(m, true, rerr, sizeof(rerr)) < 0)
+			vlog(VLOG_ERROR, img->path, "reopening read-only failed: %s", rerr);
+		return ret;
+	}
+	img->perm = IMG_PERM_WRITE;
+	img->read_only = false;
+	return 0;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
@@ -1788,6 +1863,7 @@ static const struct img_ops q2_ops = {
     .snapshot_list = q2_snapshot_list,
     .bitmaps = q2_bitmaps,
     .set_writable = q2_set_writable,
+    .reopen_rw = q2_reopen_rw,
     .block_status = q2_block_status,
     .take_backing = q2_take_backing,
 };

@@ -368,6 +368,39 @@ static int raw_set_writable(struct img *img, bool writable, char *err, size_t er
 	return 0;
 }
 
+/* See img_reopen_rw: the file opened read-write in place, with a writer's locks. */
+static int raw_reopen_rw(struct img *img, char *err, size_t errlen)
+{
+	struct raw_img *r = to_raw(img);
+	bool was_backing = img->backing;
+	int ret;
+
+	if (!(r->file.flags & IO_FILE_RDONLY))
+		return raw_set_writable(img, true, err, errlen);
+	if (img->force_share) {
+		if (err)
+			snprintf(err, errlen,
+				 "%s: force-share can only be used with read-only images",
+				 img->path);
+		return -EINVAL;
+	}
+	if (!r->zero_buf) {
+		r->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
+		if (!r->zero_buf)
+			return -ENOMEM;
+		memset(r->zero_buf, 0, ZERO_BUF_SIZE);
+	}
+	img->backing = false;
+	ret = img_file_reopen_rw(&r->file, img->path, IMG_FILE_RAW, err, errlen);
+	if (ret < 0) {
+		img->backing = was_backing;
+		return ret;
+	}
+	img->perm = IMG_PERM_WRITE;
+	img->read_only = false;
+	return 0;
+}
+
 static const struct img_ops raw_ops = {
     .format = "raw",
     .submit = raw_submit,
@@ -377,6 +410,7 @@ static const struct img_ops raw_ops = {
     .grow = raw_grow,
     .set_perm = raw_set_perm,
     .set_writable = raw_set_writable,
+    .reopen_rw = raw_reopen_rw,
 };
 
 /* Block device discard granularity from sysfs; 0 = no discard. */

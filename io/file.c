@@ -193,6 +193,61 @@ void io_file_close(struct io_file *f)
 	f->fd = -1;
 }
 
+int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsigned shared,
+		      char *err, size_t errlen)
+{
+	struct io_lock nl = {0}, old = f->lock;
+	struct stat a, b;
+	int fd, fl, ret;
+
+	if (err && errlen)
+		err[0] = '\0';
+	if (!(f->flags & IO_FILE_RDONLY))
+		return io_file_lock(f, perm, shared, err, errlen);
+	fd = open(path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK |
+			    ((f->flags & IO_FILE_DIRECT) ? O_DIRECT : 0));
+	if (fd < 0) {
+		ret = -errno;
+		if (err)
+			snprintf(err, errlen, "Could not reopen file: %s", strerror(-ret));
+		return ret;
+	}
+	if (fstat(fd, &a) < 0 || fstat(f->fd, &b) < 0 || a.st_dev != b.st_dev ||
+	    a.st_ino != b.st_ino) {
+		if (err)
+			snprintf(err, errlen, "Could not reopen file: it was replaced");
+		close(fd);
+		return -ESTALE;
+	}
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+		ret = -errno;
+		close(fd);
+		return ret;
+	}
+	/* our own old description must not look like another user: it shares
+	 * everything while the new one checks and takes its locks */
+	io_lock_set(f->fd, &f->lock, old.perm, IO_PERM_ALL, NULL, 0);
+	ret = io_lock_set(fd, &nl, perm, shared, err, errlen);
+	if (ret < 0) {
+		close(fd);
+		if (io_lock_set(f->fd, &f->lock, old.perm, IO_PERM_ALL & ~old.unshared, NULL, 0) <
+		    0)
+			vlog(VLOG_WARN, "io", "%s: could not restore the read-only locks", path);
+		return ret;
+	}
+	/* the old description, and its locks, go */
+	io_loop_file_closing(f);
+	io_lock_release(f->fd, &f->lock);
+	close(f->fd);
+	f->fd = fd;
+	f->lock = nl;
+	f->flags &= ~IO_FILE_RDONLY;
+	if (f->flags & IO_FILE_DIRECT)
+		io_file_open_buffered(f);
+	return 0;
+}
+
 int io_file_open_buffered(struct io_file *f)
 {
 	char path[64];

@@ -262,6 +262,19 @@ int io_file_from_fd(struct io_file *f, int fd, unsigned flags);
 
 void io_file_close(struct io_file *f);
 
+/*
+ * A file opened read-only (IO_FILE_RDONLY) becomes read-write in place: the
+ * same file (device and inode) is opened again O_RDWR, the new description
+ * takes the locks "uses @perm, shares @shared" (io_lock_set: our old
+ * description is not counted against it), and replaces the old one, whose
+ * locks go with it (f->fd changes: no command may be in flight or queued on
+ * @f, and it is unregistered from its loop's fixed files). On failure (-EAGAIN: a conflicting lock,
+ * @err in QEMU's words; -ESTALE: the path names another file now) the file stays read-only with its
+ * locks. A file already read-write only changes its locks.
+ */
+int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsigned shared,
+		      char *err, size_t errlen);
+
 /* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
 int io_file_get_size(struct io_file *f, uint64_t *size);
 

@@ -780,6 +780,7 @@ static void snap_run(struct ctl *c, struct ctl_op *op)
 
 void ctl_held(struct ctl *c)
 {
+	layers_held(c);
 	while (c->ops) {
 		struct ctl_op *op = c->ops;
 

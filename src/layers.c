@@ -11,7 +11,9 @@
  * start on it. The guest sees a pause of a drain and a flush.
  *
  * block-commit of the active layer (QEMU's mirror-style "active commit"):
- * the base takes the write permission again (img_set_writable), every
+ * the base takes the write permission again (img_set_writable; a base
+ * opened read-only at start-up is reopened read-write first, with the
+ * device held, from layers_held: img_reopen_rw), every
  * chunk allocated above the base (img_block_status of each layer) is marked
  * dirty, and so is every range a guest write, write-zeroes or discard
  * touched once it ended (blk_dev_set_write_hook, from the job's start on).
@@ -107,10 +109,11 @@ struct cjob {
 	bool busy; /* a copy in flight */
 	bool user_paused;
 	bool posted, timer_armed;
-	bool timer_cancelled; /* io_cancel sent for the rate-limit timer */
-	bool st_parked;       /* img_block_status parked us in the top image's engine */
-	bool paused_dev;      /* we paused the device (ending) */
-	bool cancel_ready;    /* cancelled while ready without force: ends as completed */
+	bool timer_cancelled;       /* io_cancel sent for the rate-limit timer */
+	bool st_parked;             /* img_block_status parked us in the top image's engine */
+	bool paused_dev;            /* we paused the device (ending) */
+	bool cancel_ready;          /* cancelled while ready without force: ends as completed */
+	struct qmp_pending *reopen; /* the reply, while the base is reopened (layers_held) */
 	enum jend end;
 	int end_stage; /* 0 draining, 1 flushing, 2 done */
 	unsigned flushes;
@@ -943,7 +946,7 @@ static struct cjob *find_job(struct ctl *c, json_t *args, char *err, size_t errl
 	struct layers *L = get(c);
 	const char *id = sarg(args, "device");
 
-	if (L && L->job && id && strcmp(L->job->id, id) == 0)
+	if (L && L->job && !L->job->reopen && id && strcmp(L->job->id, id) == 0)
 		return L->job;
 	snprintf(err, errlen, "Block job '%s' not found", id ? id : "");
 	return NULL;
@@ -954,6 +957,23 @@ static int verb_error(struct cjob *j, const char *verb, char *err, size_t errlen
 	snprintf(err, errlen, "Job '%s' in state '%s' cannot accept command verb '%s'", j->id,
 		 jstat_name[j->status], verb);
 	return -EBUSY;
+}
+
+/* The base is writable: the job is created and starts. */
+static void job_start(struct cjob *j)
+{
+	struct ctl *c = j->c;
+
+	j->rl_t0 = now_ns();
+	j->w.wake = wait_wake;
+	j->w.priv = j;
+	j->scanning = true;
+	blk_dev_set_write_hook(c->blk, write_hook, j);
+	set_status(j, JS_CREATED);
+	set_status(j, JS_RUNNING);
+	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, j->top->path,
+	     j->base->path);
+	job_kick(j);
 }
 
 int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
@@ -1075,24 +1095,56 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 		job_free(j);
 		return -EINVAL;
 	}
+	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
+	j->status = JS_NULL;
 	r = img_set_writable(base, true, err, errlen);
+	if (r == -EROFS) {
+		/* Opened read-only (a backing file at start-up): QEMU reopens the
+		 * base read-write for the job. That reopens its engine, which
+		 * drives the loop: with the device held, from layers_held(). */
+		err[0] = '\0';
+		j->reopen = qmp_server_defer(c->qmp);
+		if (!j->reopen) {
+			job_free(j);
+			return -ENOMEM;
+		}
+		L->job = j;
+		vlog(VLOG_INFO, NULL, "qmp: job %s: reopening %s read-write: holding requests back",
+		     j->id, base->path);
+		c->hold(c->opaque);
+		return QMP_PENDING;
+	}
 	if (r < 0) {
 		job_free(j);
 		return r;
 	}
-	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
-	j->rl_t0 = now_ns();
-	j->w.wake = wait_wake;
-	j->w.priv = j;
-	j->scanning = true;
-	j->status = JS_NULL;
 	L->job = j;
-	blk_dev_set_write_hook(c->blk, write_hook, j);
-	set_status(j, JS_CREATED);
-	set_status(j, JS_RUNNING);
-	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, top->path, base->path);
-	job_kick(j);
+	job_start(j);
 	return 0;
+}
+
+void layers_held(struct ctl *c)
+{
+	struct layers *L = c->layers;
+	struct cjob *j = L ? L->job : NULL;
+	struct qmp_pending *p;
+	char err[512] = "";
+	int r;
+
+	if (!j || !j->reopen)
+		return;
+	p = j->reopen;
+	j->reopen = NULL;
+	r = img_reopen_rw(j->base, err, sizeof(err));
+	if (r < 0) {
+		vlog(VLOG_WARN, NULL, "qmp: job %s: %s", j->id, err[0] ? err : strerror(-r));
+		L->job = NULL;
+		job_free(j);
+		qmp_pending_error(p, "%s", err[0] ? err : strerror(-r));
+		return;
+	}
+	job_start(j);
+	qmp_pending_return(p, NULL);
 }
 
 const char *layers_busy(struct ctl *c)
@@ -1115,7 +1167,7 @@ int layers_query_jobs(void *opaque, json_t *args, json_t **ret, char *err, size_
 
 	if (!a)
 		return -ENOMEM;
-	if (j) {
+	if (j && !j->reopen) {
 		o = job_event_data(j);
 		if (o) {
 			json_object_set_new(o, "busy", json_boolean(j->busy));
@@ -1244,6 +1296,13 @@ bool layers_stop(struct ctl *c)
 	if (!L)
 		return false;
 	j = L->job;
+	if (j && j->reopen) {
+		/* not started yet: the base was not reopened */
+		qmp_pending_error(j->reopen, "the daemon is stopping");
+		L->job = NULL;
+		job_free(j);
+		j = NULL;
+	}
 	if (j && !j->end) {
 		j->end = END_STOP;
 		j->end_t0 = now_ns();
@@ -1260,6 +1319,8 @@ void layers_exit(struct ctl *c)
 		return;
 	for (unsigned i = 0; i < L->nnames; i++)
 		free(L->names[i].name);
+	if (L->job && L->job->reopen)
+		qmp_pending_error(L->job->reopen, "the daemon is stopping");
 	if (L->job)
 		job_free(L->job);
 	free(L);

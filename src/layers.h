@@ -42,6 +42,10 @@ const char *layers_busy(struct ctl *c);
 /* Once per loop iteration (from ctl_tick): drive what waits for the device to drain. */
 void layers_tick(struct ctl *c);
 
+/* From ctl_held() (no request in flight, outside the loop): a block-commit
+ * whose base was opened read-only reopens it read-write and starts. */
+void layers_held(struct ctl *c);
+
 /*
  * The daemon stops: the job stops copying (the base keeps what it got: the
  * chain reads the same). True while I/O of ours is still in flight or the
