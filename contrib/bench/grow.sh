@@ -8,7 +8,8 @@
 # Per round, in an order rotated between rounds, 4K random writes at QD32
 # (vqcow-fe bench, one queue) into:
 #   vqcowd-empty  a fresh empty qcow2 (64 KiB clusters) through vqcowd
-#   qsd-empty     the same through qemu-storage-daemon ($QSD; io_uring,
+#   qsd-empty     the same through qemu-storage-daemon ($QSD, default 10.0
+#                 from qsd10.sh, else the system's; io_uring,
 #                 cache.direct, an iothread)
 #   vqcowd-xl2    a fresh empty extended_l2=on qcow2 through vqcowd
 #   vqcowd-full   a fully allocated qcow2 (qemu-img convert of a fio-written
@@ -35,12 +36,15 @@ while [ $# -gt 0 ]; do
 	--reps) reps=$2; shift 2 ;;
 	--runtime) runtime=$2; shift 2 ;;
 	--perf) perf=1; shift ;;
-	*) sed -n 4,30p "$0" >&2; exit 2 ;;
+	-h | --help) sed -n '4,/^set /{/^#/p}' "$0"; exit 0 ;;
+	*) sed -n '4,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
 	esac
 done
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
-qsd=${QSD:-qemu-storage-daemon}
+qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
+. "$repo/contrib/bench/need-build.sh"
+bench_need_build "$repo" "$build" vqcowd vqcow-fe
 for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd"; do
 	command -v "$t" >/dev/null || { echo "grow.sh: $t not found" >&2; exit 77; }
 done
@@ -133,6 +137,7 @@ print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(
 }
 
 cells=(vqcowd-empty qsd-empty vqcowd-xl2 vqcowd-full)
+echo "grow.sh: $reps round(s) of $runtime s, $size images; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 res=$tmp/res
 : >"$res"
 for REP in $(seq "$reps"); do
@@ -144,9 +149,11 @@ for REP in $(seq "$reps"); do
 			made+=("$f")
 			[ ! -f "$f" ] || { echo "grow.sh: $f exists (a previous run's; delete it)" >&2; exit 1; }
 		fi
+		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
-		echo "round $REP $c: IOPS cpu_us/IO punted = $v" >&2
-		echo "$REP $c $v" >>"$res"
+		la=$(cut -d' ' -f1 /proc/loadavg)
+		echo "round $REP $c: IOPS cpu_us/IO punted = $v; load1 $lb -> $la" >&2
+		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
 echo "## 4K random write QD32, one queue, $runtime s per run, $reps rounds"
@@ -155,15 +162,17 @@ python3 - "$res" <<'EOF'
 import statistics as st, sys
 d = {}
 for l in open(sys.argv[1]):
-    r, c, iops, cpu, sh = l.split()
-    d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh))
-print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq |")
-print("|---|---:|---:|---:|")
+    r, c, iops, cpu, sh, lb, la = l.split()
+    d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la))
+print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | load1 before-after (range) |")
+print("|---|---:|---:|---:|---|")
 for c, v in d.items():
     x = [t[0] for t in v.values()]
     sh = st.median([t[2] for t in v.values()])
-    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s |" % (c, st.median(x), min(x), max(x),
-          st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a"))
+    ld = [t[i] for t in v.values() for i in (3, 4)]
+    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
+          st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a",
+          min(ld), max(ld)))
 def ratio(a, b, what):
     q = [d[a][r][0] / d[b][r][0] for r in d[a] if r in d[b]]
     print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))

@@ -13,8 +13,10 @@
 # alternating between rounds; for each run it prints IOPS, the daemon's CPU
 # time per I/O (utime+stime of all its threads over the frontend's I/Os) and
 # its peak RSS (VmHWM at the end of the run, after a fresh start). Then the
-# medians, and the per-round ratio vqcowd/qsd as median (range).
-# qsd is $QSD (e.g. 10.0 from qsd10.sh) with io_uring, cache.direct and an
+# medians, and the per-round ratio vqcowd/qsd as median (range). Every run's
+# line and the table give the host's 1-minute load average before and after
+# the run, so a reader can judge the noise.
+# qsd is $QSD (default 10.0 from qsd10.sh, else the system's) with io_uring, cache.direct and an
 # iothread, and no cache options: its defaults (l2-cache-size 32 MiB on Linux,
 # enough for 256 GiB). vqcowd runs with its defaults (L2 cache up to 256 MiB,
 # enough for 2 TiB; beyond that slices are loaded on demand).
@@ -37,12 +39,15 @@ while [ $# -gt 0 ]; do
 	--runtime) runtime=$2; shift 2 ;;
 	--jobs) jobs=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
-	*) sed -n 4,25p "$0" >&2; exit 2 ;;
+	-h | --help) sed -n '4,/^set /{/^#/p}' "$0"; exit 0 ;;
+	*) sed -n '4,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
 	esac
 done
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
-qsd=${QSD:-qemu-storage-daemon}
+qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
+. "$repo/contrib/bench/need-build.sh"
+bench_need_build "$repo" "$build" vqcowd vqcow-fe
 for t in qemu-img python3 "$vqcowd" "$fe" "$qsd"; do
 	command -v "$t" >/dev/null || { echo "scale.sh: $t not found" >&2; exit 77; }
 done
@@ -101,6 +106,7 @@ print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(
 		$((t1 - t0)) "$hz" "$rss"
 }
 
+echo "scale.sh: $reps round(s) of $runtime s, sizes $sizes; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 res=$tmp/res
 : >"$res"
 for r in $(seq "$reps"); do
@@ -110,9 +116,11 @@ for r in $(seq "$reps"); do
 			order="vqcowd qsd"
 			[ $((r % 2)) = 1 ] || order="qsd vqcowd"
 			for k in $order; do
+				lb=$(cut -d' ' -f1 /proc/loadavg)
 				v=$(run "$k" "$f" "${j#qd}")
-				echo "round $r $s randread-4k-$j $k: IOPS cpu_us/IO rss_KiB = $v" >&2
-				echo "$r $s $j $k $v" >>"$res"
+				la=$(cut -d' ' -f1 /proc/loadavg)
+				echo "round $r $s randread-4k-$j $k: IOPS cpu_us/IO rss_KiB = $v; load1 $lb -> $la" >&2
+				echo "$r $s $j $k $v $lb $la" >>"$res"
 			done
 		done
 	done
@@ -123,15 +131,16 @@ python3 - "$res" <<'EOF'
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 d = {}
-for r, s, j, k, iops, cpu, rss in rows:
-    d.setdefault((s, j), {}).setdefault(k, {})[r] = (float(iops), float(cpu), int(rss))
-print("| image | job | vqcowd IOPS | qsd IOPS | IOPS vqcowd/qsd median (range) | CPU µs/IO vqcowd / qsd | peak RSS MiB vqcowd / qsd |")
-print("|---|---|---:|---:|---:|---:|---:|")
+for r, s, j, k, iops, cpu, rss, lb, la in rows:
+    d.setdefault((s, j), {}).setdefault(k, {})[r] = (float(iops), float(cpu), int(rss), float(lb), float(la))
+print("| image | job | vqcowd IOPS | qsd IOPS | IOPS vqcowd/qsd median (range) | CPU µs/IO vqcowd / qsd | peak RSS MiB vqcowd / qsd | load1 before-after (range) |")
+print("|---|---|---:|---:|---:|---:|---:|---|")
 for (s, j), b in d.items():
     v, q = b.get("vqcowd", {}), b.get("qsd", {})
     med = lambda x, i: st.median([t[i] for t in x.values()])
     ratio = [v[r][0] / q[r][0] for r in v if r in q and q[r][0] > 0]
-    print("| %s | randread-4k-%s | %.0f | %.0f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.0f / %.0f |" % (
+    ld = [t[i] for x in (v, q) for t in x.values() for i in (3, 4)]
+    print("| %s | randread-4k-%s | %.0f | %.0f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.0f / %.0f | %.1f-%.1f |" % (
         s, j, med(v, 0), med(q, 0), st.median(ratio), min(ratio), max(ratio),
-        med(v, 1), med(q, 1), med(v, 2) / 1024, med(q, 2) / 1024))
+        med(v, 1), med(q, 1), med(v, 2) / 1024, med(q, 2) / 1024, min(ld), max(ld)))
 EOF
