@@ -9,25 +9,52 @@
 # compare runs made minutes apart at most on a noisy machine.
 #
 #   bash contrib/bench/mq.sh [REPS] [SECONDS]      (defaults 3 and 5)
+#   bash contrib/bench/mq.sh [--reps N] [--runtime S] [--guest | --guest-only]
+#                            [--guest-reps N] [--guest-runtime S] [--prepare]
 #
 # Cells: read-zlib-1q is the compressed image with one queue (vqcowd
-# single-threaded: the reference for the 2-queue scaling); then randread of a full qcow2 (random data), of a zlib-compressed qcow2,
-# of a preallocation=metadata qcow2; randwrite into an empty qcow2 and into
-# an overlay over the full image (fresh copies for every run). Images are
-# 1 GiB under $BENCH_DIR (default build/bench-mq). Prints one line per run
-# and a median table (IOPS, and the backend's CPU time per I/O from
-# /proc/PID/stat). QSD10=PATH names qemu-storage-daemon 10 (default: what
+# single-threaded: the reference for the 2-queue scaling); then randread of
+# a full qcow2 (random data), of a zlib-compressed qcow2, of a
+# preallocation=metadata qcow2; randwrite into an empty qcow2 and into an
+# overlay over the full image (fresh copies for every run). Images are
+# 1 GiB under $BENCH_DIR (default build/bench-mq; --prepare only makes them).
+# Prints one line per run (IOPS, the backend's CPU time per I/O from
+# /proc/PID/stat, and the host's 1-minute load average before and after the
+# run, so a reader can judge the noise) and a median table with the range of
+# the load. QSD10=PATH names qemu-storage-daemon 10 (default: what
 # contrib/bench/qsd10.sh prints, fetched if needed); 10.0 is skipped when it
 # cannot be had. CELLS="..." and KINDS="..." run a subset.
+# --guest also runs the in-guest cell afterwards (guest-mq.sh: a QEMU guest
+# with 2 vCPUs running fio numjobs=2 against the same backends, on the full
+# and the compressed image; --guest-reps, --guest-runtime: its repetitions
+# and seconds per job, default 2 and 10); --guest-only runs only that.
 set -euo pipefail
-reps=${1:-3}
-secs=${2:-5}
+reps=3 secs=5 guest=0 greps=2 gsecs=10 prepare=0
+usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
+pos=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--reps) reps=$2; shift 2 ;;
+	--runtime) secs=$2; shift 2 ;;
+	--guest) guest=1; shift ;;
+	--guest-only) guest=2; shift ;;
+	--guest-reps) greps=$2; shift 2 ;;
+	--guest-runtime) gsecs=$2; shift 2 ;;
+	--prepare) prepare=1; shift ;;
+	-h | --help) usage; exit 0 ;;
+	[0-9]*)
+		case $pos in 0) reps=$1 ;; 1) secs=$1 ;; *) usage >&2; exit 2 ;; esac
+		pos=$((pos + 1))
+		shift
+		;;
+	*) usage >&2; exit 2 ;;
+	esac
+done
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BUILD:-$repo/build}
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 dir=${BENCH_DIR:-$build/bench-mq}
-qsd10=${QSD10:-$(bash "$repo/contrib/bench/qsd10.sh" 2>/dev/null || true)}
 mkdir -p "$dir"
 tmp=$(mktemp -d)
 sock=$tmp/sock
@@ -37,7 +64,8 @@ trap cleanup EXIT
 size=1G
 
 # -- images (made once) --
-if [ ! -f "$dir/full.qcow2" ]; then
+if [ ! -f "$dir/full.qcow2" ] || [ ! -f "$dir/zlib.qcow2" ] || [ ! -f "$dir/prealloc.qcow2" ]; then
+	rm -f "$dir/full.qcow2" "$dir/zlib.qcow2" "$dir/prealloc.qcow2"
 	head -c 1G /dev/urandom >"$dir/src.raw"
 	qemu-img convert -f raw -O qcow2 "$dir/src.raw" "$dir/full.qcow2"
 	# Compressible like a typical system disk (about 1:3), so zlib has work.
@@ -52,6 +80,18 @@ EOF
 	rm -f "$dir/src.raw"
 	qemu-img create -q -f qcow2 -o preallocation=metadata "$dir/prealloc.qcow2" $size
 fi
+[ $prepare = 0 ] || exit 0
+if [ $guest = 2 ]; then
+	BENCH_DIR=$dir bash "$repo/contrib/bench/guest-mq.sh" --reps "$greps" --runtime "$gsecs"
+	exit
+fi
+. "$repo/contrib/bench/need-build.sh"
+bench_need_build "$repo" "$build" vqcowd vqcow-fe
+for t in qemu-storage-daemon python3 "$vqcowd" "$fe"; do
+	command -v "$t" >/dev/null || { echo "mq.sh: $t not found" >&2; exit 77; }
+done
+qsd10=${QSD10:-$(bash "$repo/contrib/bench/qsd10.sh" 2>/dev/null || true)}
+echo "mq.sh: $reps repetition(s) of $secs s; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -78,8 +118,10 @@ start() { # KIND IMAGE
 	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/log" >&2; exit 1; }
 }
 
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
 run() { # KIND CELL
-	local kind=$1 cell=$2 img rw t0 t1 out nq=2
+	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb
 	case $cell in
 	read-zlib-1q) img=$dir/zlib.qcow2 rw=randread nq=1 ;;
 	read-full) img=$dir/full.qcow2 rw=randread ;;
@@ -94,6 +136,7 @@ run() { # KIND CELL
 		qemu-img create -q -f qcow2 -b "$dir/full.qcow2" -F qcow2 "$img"
 		;;
 	esac
+	lb=$(load1)
 	start "$kind" "$img"
 	t0=$(ticks "$bpid")
 	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth 32 --numjobs $nq \
@@ -106,8 +149,9 @@ run() { # KIND CELL
 import json, sys
 d = json.load(sys.stdin)["total"]
 kind, cell, dt, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-print("%s %s %.0f %.2f" % (cell, kind, d["iops"], dt / hz * 1e6 / max(d["ios"], 1)))' \
-		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" | tee -a "$tmp/results"
+print("%s %s %.0f %.2f %s %s" % (cell, kind, d["iops"], dt / hz * 1e6 / max(d["ios"], 1),
+      sys.argv[5], sys.argv[6]))' \
+		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" | tee -a "$tmp/results"
 }
 
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
@@ -125,8 +169,8 @@ python3 - "$tmp/results" "$kinds" <<'EOF'
 import sys, statistics, collections
 res = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    cell, kind, iops, cpu = line.split()
-    res[(cell, kind)].append((float(iops), float(cpu)))
+    cell, kind, iops, cpu, lb, la = line.split()
+    res[(cell, kind)].append((float(iops), float(cpu), float(lb), float(la)))
 kinds = sys.argv[2].split()
 cells = []
 for cell, _ in res:
@@ -136,14 +180,36 @@ def med(cell, kind, i):
     v = res.get((cell, kind))
     return statistics.median(x[i] for x in v) if v else float("nan")
 print()
+def ratio(c, a, b):
+    # per repetition (the n-th run of a against the n-th run of b), then the median
+    x, y = res.get((c, a), []), res.get((c, b), [])
+    q = [p[0] / r[0] for p, r in zip(x, y) if r[0] > 0]
+    if not q:
+        return "–"
+    return "%.2fx (%.2f-%.2f)" % (statistics.median(q), min(q), max(q))
 print("| cell (2 queues, QD32 each, 4K) | " + " | ".join(kinds) +
-      " | vqcowd-2 / vqcowd-1 | vqcowd-2 / qsd-10 |")
-print("|---" * (len(kinds) + 3) + "|")
+      " | vqcowd-2 / vqcowd-1 | vqcowd-2 / qsd-10 | vqcowd-2 / qsd-7.2 | load1 |")
+print("|---" * (len(kinds) + 5) + "|")
 for c in cells:
-    row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) for k in kinds]
-    r1 = med(c, "vqcowd-2", 0) / med(c, "vqcowd-1", 0)
-    r2 = med(c, "vqcowd-2", 0) / med(c, "qsd-10", 0) if "qsd-10" in kinds else float("nan")
-    print("| %s | %s | %.2fx | %.2fx |" % (c, " | ".join(row), r1, r2))
+    row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) if (c, k) in res else "–"
+           for k in kinds]
+    loads = [x for k in kinds for r in res.get((c, k), []) for x in r[2:]]
+    print("| %s | %s | %s | %s | %s | %.1f-%.1f |" % (
+        c, " | ".join(row), ratio(c, "vqcowd-2", "vqcowd-1"), ratio(c, "vqcowd-2", "qsd-10"),
+        ratio(c, "vqcowd-2", "qsd-7.2"), min(loads), max(loads)))
+z1 = res.get(("read-zlib-1q", "vqcowd-1"), [])
+z2 = res.get(("read-zlib", "vqcowd-2"), [])
+q = [b[0] / a[0] for a, b in zip(z1, z2) if a[0] > 0]
+if q:
+    print()
+    print("read-zlib vqcowd-2 (2 queues) / read-zlib-1q vqcowd-1 (1 queue): %.2fx (%.2f-%.2f)" % (
+        statistics.median(q), min(q), max(q)))
 print()
-print("IOPS median of the repetitions (backend CPU time per I/O).")
+print("IOPS median of the repetitions (backend CPU time per I/O); ratios per repetition,")
+print("median (range); load1: the 1-minute load average before and after each run, range.")
 EOF
+echo "mq.sh: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ $guest = 1 ]; then
+	echo
+	BENCH_DIR=$dir bash "$repo/contrib/bench/guest-mq.sh" --reps "$greps" --runtime "$gsecs"
+fi
