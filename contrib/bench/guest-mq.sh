@@ -100,7 +100,7 @@ esac
 cpu=max
 [ "$accel" = kvm ] && cpu=host
 note="$accel, 2 vCPUs, 1 GiB RAM"
-[ "$accel" = kvm ] || note="$note (KVM not usable here: TCG, the figures measure the emulator as much as the backend)"
+[ "$accel" = kvm ] || note="$note; KVM not usable here, so TCG: the figures measure the emulator as much as the backend"
 echo "guest-mq.sh: accel: $note" >&2
 
 tmp=$(mktemp -d)
