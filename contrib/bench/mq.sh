@@ -180,23 +180,25 @@ def med(cell, kind, i):
     v = res.get((cell, kind))
     return statistics.median(x[i] for x in v) if v else float("nan")
 print()
-def ratio(c, a, b):
+def ratio(c, a, b, i=0):
     # per repetition (the n-th run of a against the n-th run of b), then the median
     x, y = res.get((c, a), []), res.get((c, b), [])
-    q = [p[0] / r[0] for p, r in zip(x, y) if r[0] > 0]
+    q = [p[i] / r[i] for p, r in zip(x, y) if r[i] > 0]
     if not q:
         return "–"
     return "%.2fx (%.2f-%.2f)" % (statistics.median(q), min(q), max(q))
 print("| cell (2 queues, QD32 each, 4K) | " + " | ".join(kinds) +
-      " | vqcowd-2 / vqcowd-1 | vqcowd-2 / qsd-10 | vqcowd-2 / qsd-7.2 | load1 |")
-print("|---" * (len(kinds) + 5) + "|")
+      " | vqcowd-2 / vqcowd-1 | vqcowd-2 / qsd-10 | vqcowd-2 / qsd-7.2 |" +
+      " CPU/IO vqcowd-2 / vqcowd-1 | load1 |")
+print("|---" * (len(kinds) + 6) + "|")
 for c in cells:
     row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) if (c, k) in res else "–"
            for k in kinds]
     loads = [x for k in kinds for r in res.get((c, k), []) for x in r[2:]]
-    print("| %s | %s | %s | %s | %s | %.1f-%.1f |" % (
+    print("| %s | %s | %s | %s | %s | %s | %.1f-%.1f |" % (
         c, " | ".join(row), ratio(c, "vqcowd-2", "vqcowd-1"), ratio(c, "vqcowd-2", "qsd-10"),
-        ratio(c, "vqcowd-2", "qsd-7.2"), min(loads), max(loads)))
+        ratio(c, "vqcowd-2", "qsd-7.2"), ratio(c, "vqcowd-2", "vqcowd-1", 1),
+        min(loads), max(loads)))
 z1 = res.get(("read-zlib-1q", "vqcowd-1"), [])
 z2 = res.get(("read-zlib", "vqcowd-2"), [])
 q = [b[0] / a[0] for a, b in zip(z1, z2) if a[0] > 0]
@@ -205,8 +207,9 @@ if q:
     print("read-zlib vqcowd-2 (2 queues) / read-zlib-1q vqcowd-1 (1 queue): %.2fx (%.2f-%.2f)" % (
         statistics.median(q), min(q), max(q)))
 print()
-print("IOPS median of the repetitions (backend CPU time per I/O); ratios per repetition,")
-print("median (range); load1: the 1-minute load average before and after each run, range.")
+print("IOPS median of the repetitions (backend CPU time per I/O); ratios of IOPS (and of")
+print("the CPU time per I/O) per repetition, median (range); load1: the 1-minute load average")
+print("before and after each run, range.")
 EOF
 echo "mq.sh: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ $guest = 1 ]; then
