@@ -217,6 +217,18 @@ int img_reopen_rw(struct img *img, char *err, size_t errlen)
 	return img->ops->reopen_rw(img, err, errlen);
 }
 
+int img_change_backing(struct img *img, struct img *backing, const char *name, const char *fmt,
+		       char *err, size_t errlen)
+{
+	if (!img->ops->change_backing) {
+		if (err)
+			snprintf(err, errlen, "%s: format %s has no backing file", img->path,
+				 img->ops->format);
+		return -ENOTSUP;
+	}
+	return img->ops->change_backing(img, backing, name, fmt, err, errlen);
+}
+
 struct img *img_take_backing(struct img *img)
 {
 	return img->ops->take_backing ? img->ops->take_backing(img) : NULL;

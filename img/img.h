@@ -163,6 +163,9 @@ struct img_ops {
 	int (*set_writable)(struct img *img, bool writable, char *err, size_t errlen);
 	/* Optional: img_set_writable(true) of an image opened read-only (img_reopen_rw). */
 	int (*reopen_rw)(struct img *img, char *err, size_t errlen);
+	/* Optional: another backing image, recorded in the file (img_change_backing). */
+	int (*change_backing)(struct img *img, struct img *backing, const char *name,
+			      const char *fmt, char *err, size_t errlen);
 	/* Optional: allocation status in this layer (img_block_status); NULL = all allocated. */
 	int (*block_status)(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
 			    struct img_wait *w);
@@ -396,6 +399,19 @@ int img_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum
  * (the pivot of block-commit closes the overlay and keeps its base).
  */
 struct img *img_take_backing(struct img *img);
+
+/*
+ * The end of an intermediate block-commit: @img (writable, no request in
+ * flight) gets @backing, an image already open, as its backing image, and
+ * its file records it as @name with format @fmt (the header rewritten as
+ * rebase -u does, made durable before anything else changes). The old
+ * backing image is no longer @img's: the caller closes it (after taking
+ * the base back from it with img_take_backing). A qcow2 engine is closed and opened afresh around
+ * it: drives the loop, never call it from a loop callback. -ENOTSUP for formats without a backing
+ * file. On failure the file and @img are as before.
+ */
+int img_change_backing(struct img *img, struct img *backing, const char *name, const char *fmt,
+		       char *err, size_t errlen);
 
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,

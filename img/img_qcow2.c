@@ -1849,6 +1849,90 @@ static int q2_reopen_rw(struct img *img, char *err, size_t errlen)
 	return 0;
 }
 
+/*
+ * See img_change_backing. The engine writes everything back and closes (as
+ * for an internal snapshot), the first cluster is read and rewritten with
+ * the new name and format (qcow2_header_set_backing: every other extension
+ * kept) and made durable, then the engine opens afresh over the new backing.
+ */
+static int q2_change_backing(struct img *img, struct img *nb, const char *name, const char *fmt,
+			     char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	struct qcow2_header_info h;
+	uint8_t *buf = NULL, *out = NULL;
+	char rerr[300] = "";
+	uint64_t fsize = 0;
+	size_t hlen, len, outlen = 0;
+	int ret, r2;
+
+	if (!m->q || !img_may_write(img)) {
+		if (err)
+			snprintf(err, errlen, "%s: not writable", img->path);
+		return -EROFS;
+	}
+	if (m->inflight) {
+		if (err)
+			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+				 m->inflight);
+		return -EBUSY;
+	}
+	ret = qcow2_close(m->q);
+	m->q = NULL;
+	if (ret < 0) {
+		if (err)
+			snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
+				 strerror(-ret));
+		goto reopen;
+	}
+	ret = io_file_get_size(&m->file, &fsize);
+	hlen = fsize < QCOW2_MAX_CLUSTER_SIZE ? (size_t)fsize : QCOW2_MAX_CLUSTER_SIZE;
+	hlen = (hlen + 4095) & ~(size_t)4095;
+	buf = ret == 0 ? io_alloc_aligned(hlen) : NULL;
+	out = ret == 0 ? io_alloc_aligned(hlen) : NULL;
+	if (ret == 0 && (!buf || !out))
+		ret = -ENOMEM;
+	if (ret == 0)
+		ret = io_file_pread_sync(&m->file, buf, hlen, 0);
+	if (ret < 0) {
+		if (err)
+			snprintf(err, errlen, "%s: reading the header: %s", img->path,
+				 strerror(-ret));
+		goto reopen;
+	}
+	ret = qcow2_header_parse(buf, hlen, fsize, &h, err, errlen);
+	if (ret < 0)
+		goto reopen;
+	len = h.cluster_size < hlen ? h.cluster_size : hlen;
+	ret =
+	    qcow2_header_set_backing(buf, len, &h, name, fmt, out, &outlen, img->path, err, errlen);
+	if (ret < 0)
+		goto reopen;
+	ret = io_file_pwrite_sync(&m->file, out, outlen, 0);
+	if (ret == 0)
+		ret = io_file_sync(&m->file);
+	if (ret < 0) {
+		if (err)
+			snprintf(err, errlen, "%s: writing the header: %s", img->path,
+				 strerror(-ret));
+		goto reopen;
+	}
+	m->backing = nb;
+reopen:
+	io_free_aligned(buf);
+	io_free_aligned(out);
+	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	if (r2 < 0) {
+		vlog(VLOG_ERROR, img->path, "reopening after changing the backing file: %s", rerr);
+		if (ret == 0) {
+			if (err)
+				snprintf(err, errlen, "%s", rerr);
+			ret = r2;
+		}
+	}
+	return ret;
+}
+
 static const struct img_ops q2_ops = {
     .format = "qcow2",
     .submit = q2_submit,
@@ -1864,6 +1948,7 @@ static const struct img_ops q2_ops = {
     .bitmaps = q2_bitmaps,
     .set_writable = q2_set_writable,
     .reopen_rw = q2_reopen_rw,
+    .change_backing = q2_change_backing,
     .block_status = q2_block_status,
     .take_backing = q2_take_backing,
 };

@@ -606,3 +606,74 @@ char *qcow2_path_relative(const char *image, const char *name)
 	memcpy(p + dlen, name, nlen + 1);
 	return p;
 }
+
+static size_t ext_align8(size_t n)
+{
+	return (n + 7) & ~(size_t)7;
+}
+
+int qcow2_header_set_backing(const uint8_t *buf, size_t len, const struct qcow2_header_info *h,
+			     const char *backing, const char *backing_fmt, uint8_t *out,
+			     size_t *outlen, const char *path, char *err, size_t errlen)
+{
+	size_t pos, ext, blen = backing ? strlen(backing) : 0;
+	size_t flen = backing_fmt ? strlen(backing_fmt) : 0;
+
+	if (blen > QCOW2_MAX_BACKING_NAME)
+		return qcow2_seterr(err, errlen, -EINVAL, "%s: backing file name too long", path);
+	if (flen > QCOW2_MAX_BACKING_FMT)
+		return qcow2_seterr(err, errlen, -EINVAL, "%s: backing format name too long", path);
+	if (h->header_length > len)
+		return qcow2_seterr(err, errlen, -EINVAL, "%s: header longer than the buffer",
+				    path);
+	memset(out, 0, len);
+	memcpy(out, buf, h->header_length);
+	pos = h->header_length;
+	if (blen && flen) {
+		if (pos + 8 + ext_align8(flen) > len)
+			goto toobig;
+		qcow2_put_be32(out + pos, QCOW2_EXT_BACKING_FORMAT);
+		qcow2_put_be32(out + pos + 4, (uint32_t)flen);
+		memcpy(out + pos + 8, backing_fmt, flen);
+		pos += 8 + ext_align8(flen);
+	}
+	/* keep every other extension as it is */
+	for (ext = h->header_length; ext + 8 <= len;) {
+		uint32_t type = qcow2_be32(buf + ext), elen = qcow2_be32(buf + ext + 4);
+
+		if (type == QCOW2_EXT_END)
+			break;
+		if (ext + 8 + ext_align8(elen) > len)
+			return qcow2_seterr(
+			    err, errlen, -EINVAL,
+			    "%s: header extension 0x%08x runs past the first cluster", path, type);
+		if (type != QCOW2_EXT_BACKING_FORMAT) {
+			if (pos + 8 + ext_align8(elen) > len)
+				goto toobig;
+			memcpy(out + pos, buf + ext, 8 + ext_align8(elen));
+			pos += 8 + ext_align8(elen);
+		}
+		ext += 8 + ext_align8(elen);
+	}
+	if (pos + 8 + blen > len)
+		goto toobig;
+	qcow2_put_be32(out + pos, QCOW2_EXT_END);
+	qcow2_put_be32(out + pos + 4, 0);
+	pos += 8;
+	qcow2_put_be64(out + 8, blen ? pos : 0);  /* backing_file_offset */
+	qcow2_put_be32(out + 16, (uint32_t)blen); /* backing_file_size */
+	if (blen)
+		memcpy(out + pos, backing, blen);
+	pos += blen;
+	if (h->backing_file_offset && h->backing_file_offset + h->backing_file_size > pos &&
+	    h->backing_file_offset + h->backing_file_size <= len)
+		pos = h->backing_file_offset + h->backing_file_size;
+	if (h->ext_end > pos && h->ext_end <= len)
+		pos = h->ext_end;
+	*outlen = pos;
+	return 0;
+
+toobig:
+	return qcow2_seterr(err, errlen, -ENOSPC,
+			    "%s: the header does not fit in the first cluster", path);
+}

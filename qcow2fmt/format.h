@@ -594,6 +594,23 @@ int qcow2_header_parse(const void *buf, size_t len, uint64_t file_size,
 		       struct qcow2_header_info *out, char *err, size_t errlen);
 
 /*
+ * The first cluster with another backing file name and format (qemu-img
+ * rebase -u, and the end of an intermediate block-commit). @buf holds the
+ * first @len bytes of the image (@len <= the cluster size, enough for the
+ * header and its extensions), @h its parse; @backing NULL or "" removes the
+ * backing file, @backing_fmt NULL omits the format extension. Every other
+ * extension is kept byte for byte (unknown ones too, as the spec asks), the
+ * backing format extension goes first, then the end marker and the name.
+ * Fills @out (@len bytes) and *@outlen: the bytes to write at offset 0 (at
+ * least as far as the old header used, so stale bytes of a longer old name
+ * go too). 0, -EINVAL (names too long, an extension running past @len) or
+ * -ENOSPC (does not fit in the first cluster), with a message naming @path.
+ */
+int qcow2_header_set_backing(const uint8_t *buf, size_t len, const struct qcow2_header_info *h,
+			     const char *backing, const char *backing_fmt, uint8_t *out,
+			     size_t *outlen, const char *path, char *err, size_t errlen);
+
+/*
  * Look up a feature's name in the feature name table of the header buffer
  * @buf that @info was parsed from (or our built-in names for the known
  * bits). Writes a NUL-terminated name into @name (@namelen bytes). Returns

@@ -5,7 +5,8 @@
  *
  * The header, its extensions and the backing file name live in the first
  * cluster (the spec puts the name there, and so does every writer). The
- * extensions area is rebuilt: every extension but the backing format is
+ * extensions area is rebuilt (qcow2_header_set_backing in qcow2fmt/, shared
+ * with the end of vqcowd's intermediate commit): every extension but the backing format is
  * kept byte for byte (unknown ones too, as the spec asks of a writer that
  * keeps them), the new backing format extension goes first, then the end
  * marker and the name. Written with one pwrite of the sectors that change,
@@ -23,21 +24,13 @@
 #include "format.h"
 #include "qcow2tool.h"
 
-#define OFF_BACKING_OFFSET 8
-#define OFF_BACKING_SIZE   16
-
-static size_t align8(size_t n)
-{
-	return (n + 7) & ~(size_t)7;
-}
-
 int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backing_fmt, char *err,
 			size_t errlen)
 {
 	struct qcow2_header_info h;
 	struct stat st;
 	uint8_t *buf = NULL, *out = NULL;
-	size_t len = 65536, pos, ext, blen = backing ? strlen(backing) : 0;
+	size_t len = 65536, pos, blen = backing ? strlen(backing) : 0;
 	size_t flen = backing_fmt ? strlen(backing_fmt) : 0;
 	ssize_t n;
 	int fd, ret;
@@ -83,54 +76,10 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
 		ret = -ENOMEM;
 		goto out;
 	}
-	memcpy(out, buf, h.header_length);
-	pos = h.header_length;
-	if (blen && flen) {
-		qcow2_put_be32(out + pos, QCOW2_EXT_BACKING_FORMAT);
-		qcow2_put_be32(out + pos + 4, (uint32_t)flen);
-		memcpy(out + pos + 8, backing_fmt, flen);
-		pos += 8 + align8(flen);
-	}
-	/* keep every other extension as it is */
-	for (ext = h.header_length; ext + 8 <= len;) {
-		uint32_t type = qcow2_be32(buf + ext), elen = qcow2_be32(buf + ext + 4);
-
-		if (type == QCOW2_EXT_END)
-			break;
-		if (ext + 8 + align8(elen) > len) {
-			ret = qcow2_seterr(
-			    err, errlen, -EINVAL,
-			    "%s: header extension 0x%08x runs past the first cluster", path, type);
-			goto out;
-		}
-		if (type != QCOW2_EXT_BACKING_FORMAT) {
-			if (pos + 8 + align8(elen) > len) {
-				ret = -ENOSPC;
-				goto toobig;
-			}
-			memcpy(out + pos, buf + ext, 8 + align8(elen));
-			pos += 8 + align8(elen);
-		}
-		ext += 8 + align8(elen);
-	}
-	if (pos + 8 + blen > len) {
-		ret = -ENOSPC;
-		goto toobig;
-	}
-	qcow2_put_be32(out + pos, QCOW2_EXT_END);
-	qcow2_put_be32(out + pos + 4, 0);
-	pos += 8;
-	qcow2_put_be64(out + OFF_BACKING_OFFSET, blen ? pos : 0);
-	qcow2_put_be32(out + OFF_BACKING_SIZE, (uint32_t)blen);
-	if (blen)
-		memcpy(out + pos, backing, blen);
-	pos += blen;
-	/* what the old header used up to, so stale bytes of a longer old name go too */
-	if (h.backing_file_offset && h.backing_file_offset + h.backing_file_size > pos &&
-	    h.backing_file_offset + h.backing_file_size <= len)
-		pos = h.backing_file_offset + h.backing_file_size;
-	if (h.ext_end > pos)
-		pos = h.ext_end;
+	ret = qcow2_header_set_backing(buf, len, &h, backing, backing_fmt, out, &pos, path, err,
+				       errlen);
+	if (ret < 0)
+		goto out;
 	n = pwrite(fd, out, pos, 0);
 	if (n != (ssize_t)pos) {
 		ret = qcow2_seterr(err, errlen, n < 0 ? -errno : -EIO, "%s: writing the header: %s",
@@ -142,10 +91,6 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
 		goto out;
 	}
 	ret = 0;
-	goto out;
-
-toobig:
-	qcow2_seterr(err, errlen, ret, "%s: the header does not fit in the first cluster", path);
 out:
 	free(buf);
 	free(out);

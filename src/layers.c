@@ -27,7 +27,16 @@
  * in flight end, flushes the base and makes it a read-only backing file
  * again.
  *
- * Crash safety: the job never writes the layers above the base, and writes
+ * Intermediate commit (top below the active layer): the same copy, from
+ * top, of what top and the layers down to the base hold (no write hook:
+ * the guest writes above top); no READY: with nothing left the base is
+ * flushed and, with the device held (layers_held -> drop_top), the layer
+ * above top records the base as its backing file (img_change_backing: the
+ * header rewritten and synced, the in-memory chain relinked), top leaves
+ * the chain and is closed, the base becomes read-only again.
+ *
+ * Crash safety: the job never writes the layers above the base (but the
+ * header of the layer above top, last, in an intermediate commit), and writes
  * the base only through the qcow2 engine (its durability order), with data
  * the layers above hold too: a kill -9 at any point leaves every file
  * consistent and the chain reading what the guest wrote.
@@ -91,7 +100,8 @@ struct snap {
 	struct ctl *c;
 };
 
-enum jend { END_NONE, END_PIVOT, END_CANCEL, END_FAIL, END_STOP };
+/* END_DROP: an intermediate commit copied everything (layers_held drops top) */
+enum jend { END_NONE, END_PIVOT, END_CANCEL, END_FAIL, END_STOP, END_DROP };
 
 struct cjob {
 	struct ctl *c;
@@ -114,6 +124,10 @@ struct cjob {
 	bool paused_dev;            /* we paused the device (ending) */
 	bool cancel_ready;          /* cancelled while ready without force: ends as completed */
 	struct qmp_pending *reopen; /* the reply, while the base is reopened (layers_held) */
+	bool inter;                 /* intermediate commit: top is below the active layer */
+	bool drop_held;             /* END_DROP: waiting for layers_held */
+	struct img *above;          /* inter: the layer whose backing file is top */
+	char *backing_name;         /* inter: the base's name written into above's header */
 	enum jend end;
 	int end_stage; /* 0 draining, 1 flushing, 2 done */
 	unsigned flushes;
@@ -523,12 +537,19 @@ fail:
 static json_t *job_event_data(struct cjob *j)
 {
 	uint64_t len = j->offset + j->ndirty * (uint64_t)GRAN + (j->busy ? j->c_len : 0);
+	uint64_t off = j->offset;
 
 	if (j->scanning)
 		len += j->size - j->scan_off;
+	if (j->inter) {
+		/* QEMU's commit job counts the whole image, allocated or not */
+		uint64_t left = len - j->offset;
+
+		len = j->size;
+		off = left < len ? len - left : 0;
+	}
 	return json_pack("{s:s,s:s,s:I,s:I,s:I}", "type", "commit", "device", j->id, "len",
-			 (json_int_t)len, "offset", (json_int_t)j->offset, "speed",
-			 (json_int_t)j->speed);
+			 (json_int_t)len, "offset", (json_int_t)off, "speed", (json_int_t)j->speed);
 }
 
 static void set_status(struct cjob *j, enum jstat st)
@@ -546,6 +567,7 @@ static void job_free(struct cjob *j)
 	free(j->dirty);
 	io_free_aligned(j->buf);
 	free(j->id);
+	free(j->backing_name);
 	free(j);
 }
 
@@ -640,7 +662,7 @@ static void job_fail(struct cjob *j, int err, const char *what)
 		snprintf(j->errmsg, sizeof(j->errmsg), "%s", what);
 		vlog(VLOG_WARN, NULL, "qmp: job %s: %s", j->id, what);
 	}
-	if (!j->end || j->end == END_PIVOT) {
+	if (!j->end || j->end == END_PIVOT || j->end == END_DROP) {
 		j->end = END_FAIL;
 		j->end_t0 = now_ns();
 		if (!j->paused_dev) {
@@ -755,6 +777,15 @@ static void job_run(struct cjob *j)
 			return;
 	}
 	i = next_dirty(j);
+	if (i == UINT64_MAX && j->inter) {
+		/* no READY: an intermediate commit completes by itself */
+		if (!j->end) {
+			j->end = END_DROP;
+			j->end_t0 = now_ns();
+		}
+		job_end_step(j);
+		return;
+	}
 	if (i == UINT64_MAX) {
 		if (!j->was_ready) {
 			set_status(j, JS_READY);
@@ -816,7 +847,7 @@ static void job_events_end(struct cjob *j, bool cancelled)
 	struct ctl *c = j->c;
 	json_t *d = job_event_data(j);
 
-	if (j->end == END_PIVOT)
+	if (j->end == END_PIVOT || j->end == END_DROP)
 		set_status(j, JS_WAITING);
 	set_status(j, cancelled || j->end == END_FAIL ? JS_ABORTING : JS_PENDING);
 	if (d && j->end == END_FAIL)
@@ -851,13 +882,19 @@ static void end_after_flush(struct io_cmd *cmd, int unused)
 	char err[512] = "";
 	int r;
 
-	if (res < 0 && j->end == END_PIVOT) {
+	if (res < 0 && (j->end == END_PIVOT || j->end == END_DROP)) {
 		char msg[300];
 
 		snprintf(msg, sizeof(msg), "flushing %s: %s", j->base->path, strerror(-res));
 		j->end_stage = 0;
 		job_fail(j, res, msg);
 		job_end_step(j);
+		return;
+	}
+	if (j->end == END_DROP) {
+		/* the base holds what top held: drop top, outside the loop */
+		j->drop_held = true;
+		c->hold(c->opaque);
 		return;
 	}
 	if (j->end == END_PIVOT) {
@@ -921,7 +958,7 @@ static void job_end_step(struct cjob *j)
 		}
 		return;
 	}
-	if (blk_dev_inflight(c->blk)) {
+	if (j->end != END_DROP && blk_dev_inflight(c->blk)) {
 		if (now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
 			j->end = END_NONE;
 			blk_dev_resume(c->blk);
@@ -968,7 +1005,8 @@ static void job_start(struct cjob *j)
 	j->w.wake = wait_wake;
 	j->w.priv = j;
 	j->scanning = true;
-	blk_dev_set_write_hook(c->blk, write_hook, j);
+	if (!j->inter) /* guest writes do not reach the layers below the active one */
+		blk_dev_set_write_hook(c->blk, write_hook, j);
 	set_status(j, JS_CREATED);
 	set_status(j, JS_RUNNING);
 	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, j->top->path,
@@ -987,7 +1025,8 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	json_t *speed = json_object_get(args, "speed");
 	json_t *af = json_object_get(args, "auto-finalize"),
 	       *ad = json_object_get(args, "auto-dismiss");
-	struct img *top, *base = NULL;
+	const char *bfile = sarg(args, "backing-file");
+	struct img *top, *base = NULL, *above = NULL;
 	struct cjob *j;
 	int r;
 
@@ -1008,12 +1047,33 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			 dev);
 		return -EBUSY;
 	}
-	if ((topn && find_name(c, L, topn) != top) || (topf && strcmp(topf, top->path) != 0)) {
-		snprintf(err, errlen,
-			 "Only the active layer can be committed (top must be '%s'): intermediate "
-			 "commit is not supported",
-			 name_of(L, top));
-		return -ENOTSUP;
+	if (topn && topf) {
+		snprintf(err, errlen, "'top-node' and 'top' are mutually exclusive");
+		return -EINVAL;
+	}
+	if (topn || topf) {
+		/* top below the active layer: an intermediate commit */
+		struct img *t = NULL;
+
+		for (struct img *l = c->img; l; above = l, l = img_backing(l)) {
+			const char *n = name_of(L, l);
+
+			if (topn ? (n && strcmp(n, topn) == 0) : strcmp(l->path, topf) == 0) {
+				t = l;
+				break;
+			}
+		}
+		if (!t && topn) {
+			snprintf(err, errlen, "'%s' is not in this backing file chain", topn);
+			return -ENOENT;
+		}
+		if (!t) {
+			snprintf(err, errlen, "Top image file %s not found", topf);
+			return -ENOENT;
+		}
+		top = t;
+		if (top == c->img)
+			above = NULL;
 	}
 	if (basen && basef) {
 		snprintf(err, errlen,
@@ -1041,7 +1101,7 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			snprintf(err, errlen, "Can't find '%s' in the backing chain", basef);
 		return -ENOENT;
 	}
-	if (json_object_get(args, "backing-file")) {
+	if (bfile && !above) {
 		snprintf(err, errlen,
 			 "backing-file cannot be used with an active layer commit (nothing above "
 			 "the base remains)");
@@ -1060,10 +1120,10 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 		return -EINVAL;
 	}
 	if (!id)
-		id = name_of(L, top);
+		id = name_of(L, c->img);
 	if (L->job || L->snap) {
 		snprintf(err, errlen, "Node '%s' is busy: block device is in use by block job: %s",
-			 name_of(L, top), L->job ? "commit" : "snapshot");
+			 name_of(L, c->img), L->job ? "commit" : "snapshot");
 		return -EBUSY;
 	}
 	j = calloc(1, sizeof(*j));
@@ -1081,7 +1141,24 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 		job_free(j);
 		return -ENOMEM;
 	}
-	if (c->io_threads > 1 && base->any_loop) {
+	if (above) {
+		j->inter = true;
+		j->above = above;
+		/* as QEMU: the base's file name unless backing-file says otherwise;
+		 * made absolute (the header must not depend on our cwd) */
+		if (bfile)
+			j->backing_name = strdup(bfile);
+		else if (base->path[0] != '/' && c->cwd &&
+			 asprintf(&j->backing_name, "%s/%s", c->cwd, base->path) < 0)
+			j->backing_name = NULL;
+		else if (base->path[0] == '/' || !c->cwd)
+			j->backing_name = strdup(base->path);
+		if (!j->backing_name) {
+			job_free(j);
+			return -ENOMEM;
+		}
+	}
+	if (!above && c->io_threads > 1 && base->any_loop) {
 		snprintf(err, errlen,
 			 "%s is a %s image: it cannot become the active layer of a device served "
 			 "by %u I/O threads (--io-threads 1)",
@@ -1123,6 +1200,60 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	return 0;
 }
 
+/*
+ * The end of an intermediate commit, with the device held and no request in
+ * flight: the layer above top records the base as its backing file (header
+ * rewritten and made durable first: a crash before leaves the old chain,
+ * which reads the same, after it the new one), then top (and the layers
+ * between it and the base) leave the chain and are closed.
+ */
+static void drop_top(struct cjob *j)
+{
+	struct ctl *c = j->c;
+	struct img *above = j->above, *top = j->top, *below = top;
+	bool above_ro = !img_may_write(above);
+	char err[512] = "", e2[512] = "";
+	int r = 0;
+
+	j->drop_held = false;
+	while (img_backing(below) != j->base)
+		below = img_backing(below);
+	if (above_ro)
+		r = img_reopen_rw(above, err, sizeof(err));
+	if (r == 0)
+		r = img_change_backing(above, j->base, j->backing_name, j->base->ops->format, err,
+				       sizeof(err));
+	if (above_ro && img_set_writable(above, false, e2, sizeof(e2)) < 0)
+		vlog(VLOG_ERROR, NULL, "qmp: job %s: %s stays writable: %s", j->id, above->path,
+		     e2);
+	if (r < 0) {
+		char msg[600];
+
+		snprintf(msg, sizeof(msg), "changing the backing file of %s: %s", above->path,
+			 err[0] ? err : strerror(-r));
+		job_fail(j, r, msg);
+		/* the base becomes read-only again from end_after_flush */
+		j->end_stage = 1;
+		j->fio.done = end_flushed;
+		j->fio.priv = j;
+		img_flush(j->base, &j->fio);
+		return;
+	}
+	img_take_backing(below);
+	for (struct img *l = top; l; l = img_backing(l))
+		name_drop(c->layers, l);
+	c->retire(c->opaque, top);
+	if (img_set_writable(j->base, false, e2, sizeof(e2)) < 0)
+		vlog(VLOG_ERROR, NULL, "qmp: job %s: %s stays writable: %s", j->id, j->base->path,
+		     e2);
+	vlog(VLOG_INFO, NULL, "qmp: job %s completed: %s is the backing file of %s", j->id,
+	     j->base->path, above->path);
+	j->end_stage = 2;
+	c->layers->job = NULL;
+	job_events_end(j, false);
+	job_free(j);
+}
+
 void layers_held(struct ctl *c)
 {
 	struct layers *L = c->layers;
@@ -1131,6 +1262,10 @@ void layers_held(struct ctl *c)
 	char err[512] = "";
 	int r;
 
+	if (j && j->drop_held) {
+		drop_top(j);
+		return;
+	}
 	if (!j || !j->reopen)
 		return;
 	p = j->reopen;
@@ -1302,6 +1437,15 @@ bool layers_stop(struct ctl *c)
 		L->job = NULL;
 		job_free(j);
 		j = NULL;
+	}
+	if (j && j->drop_held) {
+		/* stopping before top was dropped: the chain stays as it was */
+		j->drop_held = false;
+		j->end = END_STOP;
+		j->end_stage = 1;
+		j->fio.done = end_flushed;
+		j->fio.priv = j;
+		img_flush(j->base, &j->fio);
 	}
 	if (j && !j->end) {
 		j->end = END_STOP;
