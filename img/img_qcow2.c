@@ -1433,6 +1433,7 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 		       struct img_snapshot *out, char *err, size_t errlen)
 {
 	struct q2img *m = (struct q2img *)img;
+	struct qcow2_freed *freed = NULL;
 	struct qcow2_snap_desc sn;
 	char rerr[300] = "";
 	int ret, r2;
@@ -1465,9 +1466,10 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 			 strerror(-ret));
 	} else {
 		ret = qcow2_snapshot_file(&m->file, img->path, create ? 'c' : 'd', &sn, id, name,
-					  err, errlen);
+					  &freed, err, errlen);
 	}
 	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	qcow2_adopt_freed(m->q, freed); /* punched and reused in the background */
 	if (r2 < 0) {
 		vlog(VLOG_ERROR, img->path, "reopening the image after a snapshot failed: %s",
 		     rerr);

@@ -721,6 +721,25 @@ static void freed(struct qcow2 *q, uint64_t c)
 		q2_u64v_push(&q->punchq, c);
 }
 
+uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n)
+{
+	uint64_t taken = 0;
+
+	if (q->read_only)
+		return 0;
+	for (uint64_t k = c; k < c + n && k < q->cursor; k++) {
+		if (q2_meta_overlaps(q, k << q->cb, q->cs))
+			continue;
+		if (q2_u64v_push((q->no_punch || (q->file->flags & IO_FILE_BLOCKDEV)) ? &q->freelist
+										      : &q->punchq,
+				 k) < 0)
+			break;
+		taken++;
+	}
+	punch_next(q);
+	return taken;
+}
+
 static void run_apply(struct qcow2 *q)
 {
 	if (q->dec_running)

@@ -414,6 +414,13 @@ void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len);
 /* Called by write-back when a batch (that took @decs) is durable. */
 void q2_dec_durable(struct qcow2 *q, struct q2_u64v *decs);
 void q2_alloc_exit(struct qcow2 *q);
+/*
+ * Clusters @c .. @c + @n - 1 were freed while the engine was closed
+ * (refcount 0, durable): punch them, then reuse them like clusters freed
+ * here. Those at or past the cursor (handed out from there anyway) or on
+ * metadata are skipped. Returns how many were taken.
+ */
+uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n);
 
 /* ---- writeback.c ---- */
 void q2_wb_kick(struct qcow2 *q);  /* start a batch soon if there is work */

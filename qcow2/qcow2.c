@@ -615,27 +615,93 @@ static void give_back_tail(struct io_file *file, const char *path)
 		file->size = 0; /* re-read at the next open anyway */
 }
 
+/* The runs of clusters a delete freed, for the reopened engine. */
+struct qcow2_freed {
+	unsigned cb;
+	size_t n, cap;
+	uint64_t *run; /* pairs: first cluster, count */
+};
+
+/* qcow2_snapshot_delete_io's punch hook: note the run (the engine punches it later). */
+static void note_freed(void *opaque, uint64_t off, uint64_t len)
+{
+	struct qcow2_freed *f = opaque;
+
+	if (f->n == f->cap) {
+		size_t cap = f->cap ? 2 * f->cap : 64;
+		uint64_t *p = realloc(f->run, cap * 2 * sizeof(*p));
+
+		if (!p)
+			return; /* not punched, not reused: refcount 0, no harm */
+		f->run = p;
+		f->cap = cap;
+	}
+	f->run[2 * f->n] = off >> f->cb;
+	f->run[2 * f->n + 1] = len >> f->cb;
+	f->n++;
+}
+
 int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct qcow2_snap_desc *sn,
-			const char *id, const char *name, char *err, size_t errlen)
+			const char *id, const char *name, struct qcow2_freed **freed, char *err,
+			size_t errlen)
 {
 	struct qcow2_io fio = q2_file_io(file);
+	struct qcow2_snap_punch punch = {note_freed, NULL};
+	struct qcow2_freed *f = NULL;
 	char msg[300] = "";
 	int ret;
 
+	*freed = NULL;
 	give_back_tail(file, path);
-	if (op == 'c')
+	if (op == 'c') {
 		ret = qcow2_snapshot_create_io(&fio, path, sn, QCOW2_SNAP_UNIQUE_NAME, msg,
 					       sizeof(msg));
-	else
-		/* No hole punch here: requests wait meanwhile, and punching
-		 * a few scattered ranges was measured at 2 s. The freed
-		 * clusters keep their blocks (refcount 0, a leak for du). */
-		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, NULL, msg, sizeof(msg));
+	} else {
+		/*
+		 * The freed clusters are not punched here, while the guest's
+		 * requests wait: the reopened engine punches them in the
+		 * background and reuses them (qcow2_adopt_freed).
+		 */
+		f = calloc(1, sizeof(*f));
+		if (f) {
+			uint8_t b[4];
+
+			/* cluster_bits, read back by the delete anyway */
+			if (fio.read(fio.opaque, b, 4, 20) == 0 && qcow2_be32(b) >= 9 &&
+			    qcow2_be32(b) <= 21)
+				f->cb = qcow2_be32(b);
+			punch.opaque = f;
+		}
+		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, f && f->cb ? &punch : NULL,
+					       msg, sizeof(msg));
+	}
 	if (ret < 0)
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
 	else
 		give_back_tail(file, path);
+	if (f && f->n) {
+		*freed = f;
+		f = NULL;
+	}
+	qcow2_adopt_freed(NULL, f);
 	return ret;
+}
+
+void qcow2_adopt_freed(struct qcow2 *q, struct qcow2_freed *f)
+{
+	uint64_t total = 0;
+
+	if (!f)
+		return;
+	for (size_t i = 0; q && i < f->n; i++) {
+		if (f->cb == q->cb)
+			total += q2_alloc_adopt(q, f->run[2 * i], f->run[2 * i + 1]);
+	}
+	if (total)
+		Q2_LOG(q, DEBUG, "%llu clusters freed while closed: punched, then reused",
+		       (unsigned long long)total);
+	free(f->run);
+	free(f);
 }
 
 int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const char *name,

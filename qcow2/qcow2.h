@@ -360,8 +360,21 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
  * The on-disk order makes a crash at any point leak at most
  * (qcow2fmt/snapshot.c). 0 or -errno with @err set.
  */
+struct qcow2_freed;
 int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct qcow2_snap_desc *sn,
-			const char *id, const char *name, char *err, size_t errlen);
+			const char *id, const char *name, struct qcow2_freed **freed, char *err,
+			size_t errlen);
+
+/*
+ * What a delete freed (*@freed of qcow2_snapshot_file, NULL when nothing:
+ * clusters whose refcount is 0, durably) handed to the engine opened again
+ * on the file: it punches them (a hole, when the file system can), in the
+ * background on its loop, and then allocates data from them as from the
+ * clusters it frees itself. The guest's requests are not held for it.
+ * Takes @freed (frees it); @q may be NULL (the reopen failed: the clusters
+ * stay allocated in the file, refcount 0, which no checker counts).
+ */
+void qcow2_adopt_freed(struct qcow2 *q, struct qcow2_freed *freed);
 
 /*
  * Edit the persistent dirty bitmaps of the image in @file (qcow2fmt/image.h,

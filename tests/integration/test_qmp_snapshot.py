@@ -6,7 +6,13 @@ qemu-img as the oracle.
   * data: write A, blockdev-snapshot-internal-sync, write B: the snapshot
     (qemu-img convert -l snapshot.name=) holds A, the active image B; the
     snapshot is listed in query-named-block-nodes (image.snapshots) and by
-    qemu-img snapshot -l; delete returns QEMU's SnapshotInfo; after quit
+    qemu-img snapshot -l; delete returns QEMU's SnapshotInfo and gives the
+    clusters only the snapshot held back to the file system (st_blocks drops
+    as much as after qemu-img snapshot -d on a twin), where new writes then
+    land;
+  * a create whose new clusters lie past the refcount table's reach grows
+    the table, online and with vqcow-img snapshot -c: check clean, snapshot
+    -l and convert -l read it as they read qemu-img snapshot -c's result; after quit
     qemu-img check finds no error and no leak; vqcow-img snapshot -l prints
     what qemu-img snapshot -l prints; vqcow-img snapshot -l/-c/-d/-a against
     qemu-img snapshot on twin images (output, messages, exit codes);
@@ -27,6 +33,7 @@ qemu-img as the oracle.
 Usage: test_qmp_snapshot.py VQCOWD VQCOW-FE VQCOWCTL VQCOW-IMG WORKDIR
 """
 
+import json
 import os
 import random
 import re
@@ -216,6 +223,63 @@ def test_punch(vimg, work):
     qio(img, "read -P 2 0 8M")
     log("ok: vqcow-img snapshot -d gave back %d KiB of the snapshot's clusters"
         % ((before - after) // 1024))
+
+
+def test_online_punch(vqcowd, fe_bin, work):
+    """blockdev-snapshot-delete-internal-sync gives the clusters only the
+    snapshot held back to the file system (as qemu-img snapshot -d does on
+    a twin image), and the engine writes new data into them."""
+    img = os.path.join(work, "opunch.qcow2")
+    twin = os.path.join(work, "opunch-twin.qcow2")
+    qimg("create", "-q", "-f", "qcow2", img, "64M")
+    # s holds P1 alone; keep holds P2 (shared with the active layer) and P3.
+    subprocess.run(["qemu-io", "-c", "write -P 1 0 16M", img], check=True, capture_output=True)
+    qimg("snapshot", "-c", "s", img)
+    subprocess.run(["qemu-io", "-c", "write -P 2 0 16M", "-c", "write -P 3 32M 4M", img],
+                   check=True, capture_output=True)
+    qimg("snapshot", "-c", "keep", img)
+    subprocess.run(["qemu-io", "-c", "write -P 4 32M 4M", img], check=True, capture_output=True)
+    shutil.copyfile(img, twin)
+    end = os.path.getsize(img)
+    tb = os.stat(twin).st_blocks * 512
+    qimg("snapshot", "-d", "s", twin)
+    qemu_freed = tb - os.stat(twin).st_blocks * 512
+    d = Daemon(vqcowd, work, img, "opunch")
+    try:
+        q = Qmp(d.qsock)
+        before = os.stat(img).st_blocks * 512
+        t = time.monotonic()
+        q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "s"})
+        took = time.monotonic() - t
+        for _ in range(100):  # the punch runs in the background, after the reply
+            freed = before - os.stat(img).st_blocks * 512
+            if freed >= qemu_freed:
+                break
+            time.sleep(0.05)
+        check(freed >= 15 * MiB and freed >= qemu_freed - MiB,
+              "online delete gave back %d bytes, qemu-img snapshot -d %d" % (freed, qemu_freed))
+        # New data goes into the freed clusters, not past the end of the file.
+        fe(fe_bin, "write", d.vsock, 48 * MiB, 8 * MiB, stdin=b"\x05" * (8 * MiB))
+        q.cmd("quit")
+        d.p.wait(10)
+        check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
+        no_sanitizer(d)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    check_clean(img, "after an online delete that punched")
+    m = json.loads(qimg("map", "--output=json", img).stdout)
+    new = [e for e in m if e["data"] and 48 * MiB <= e["start"] < 56 * MiB]
+    check(sum(e["length"] for e in new) == 8 * MiB and
+          all(e["offset"] + e["length"] <= end for e in new),
+          "new data not in the freed clusters (file end was %d): %r" % (end, new))
+    qio(img, "read -P 2 0 16M", "read -P 4 32M 4M", "read -P 5 48M 8M")
+    raw = snapshot_raw(img, "keep", work)
+    qio(raw, "read -P 2 0 16M", "read -P 3 32M 4M", "read -P 0 48M 8M", fmt="raw")
+    os.unlink(raw)
+    log("ok: online delete gave back %d KiB (qemu-img snapshot -d: %d KiB) in %.0f ms; new "
+        "data reused them; check clean, keep and the active layer intact"
+        % (freed // 1024, qemu_freed // 1024, took * 1000))
 
 
 def test_busy(vqcowd, work):
@@ -453,6 +517,7 @@ def main():
     test_data(vqcowd, fe_bin, ctl, vimg, work)
     test_img_cli(vimg, work)
     test_punch(vimg, work)
+    test_online_punch(vqcowd, fe_bin, work)
     test_busy(vqcowd, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)
