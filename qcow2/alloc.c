@@ -305,32 +305,18 @@ static int rc_set(struct qcow2 *q, uint64_t c, uint64_t v)
  */
 static int grow_reftable(struct qcow2 *q, uint64_t need, struct qcow2_waiter *w)
 {
-	uint64_t old = q->rt_entries, a = q->cursor, per_cl = q->cs / 8;
-	uint64_t new_entries, t, b = 0, *nrt;
+	uint64_t old = q->rt_entries, a = q->cursor;
+	uint64_t new_entries, t, b, *nrt;
 	uint8_t *ndirty;
 	int ret;
 
-	new_entries = old * 2 > need + 1 ? old * 2 : need + 1;
-	t = (new_entries + per_cl - 1) / per_cl;
-	if ((t << q->cb) > QCOW2_MAX_REFTABLE_BYTES) {
-		t = QCOW2_MAX_REFTABLE_BYTES >> q->cb;
-		if (t * per_cl <= need) {
-			Q2_LOG(q, ERROR, "refcount table would exceed %u bytes: image full",
-			       QCOW2_MAX_REFTABLE_BYTES);
-			return -ENOSPC;
-		}
+	/* the layout the offline edits use too (qcow2fmt/snapshot.c) */
+	ret = qcow2_reftable_layout(q->cb, q->rb_bits, old, need, a, &new_entries, &b, &t);
+	if (ret < 0) {
+		Q2_LOG(q, ERROR, "refcount table would exceed %u bytes: image full",
+		       QCOW2_MAX_REFTABLE_BYTES);
+		return ret;
 	}
-	new_entries = t * per_cl;
-	for (;;) {
-		uint64_t end = a + b + t;
-		uint64_t nb = ((end - 1) >> q->rb_bits) - (a >> q->rb_bits) + 1;
-
-		if (nb == b)
-			break;
-		b = nb;
-	}
-	if ((a >> q->rb_bits) < old || ((a + b + t - 1) >> q->rb_bits) >= new_entries)
-		return -ENOSPC; /* cannot happen with sane geometry */
 	if (a + b + t > q->host_limit)
 		return -ENOSPC;
 	ret = backing(q, a, b + t, w);

@@ -677,3 +677,38 @@ toobig:
 	return qcow2_seterr(err, errlen, -ENOSPC,
 			    "%s: the header does not fit in the first cluster", path);
 }
+
+int qcow2_reftable_layout(unsigned cluster_bits, unsigned rbb, uint64_t old, uint64_t need,
+			  uint64_t a, uint64_t *entries, uint64_t *nb, uint64_t *nt)
+{
+	uint64_t per_cl = (1ull << cluster_bits) / 8,
+		 max_t = QCOW2_MAX_REFTABLE_BYTES >> cluster_bits;
+	uint64_t ne = old * 2 > need + 1 ? old * 2 : need + 1, t, b, last;
+
+	if ((a >> rbb) < old)
+		return -ENOSPC;
+	for (;;) {
+		t = (ne + per_cl - 1) / per_cl;
+		if (t > max_t)
+			t = max_t;
+		ne = t * per_cl;
+		/* blocks for the new area, themselves and the table included */
+		for (b = 0;;) {
+			uint64_t x = ((a + b + t - 1) >> rbb) - (a >> rbb) + 1;
+
+			if (x == b)
+				break;
+			b = x;
+		}
+		last = (a + b + t - 1) >> rbb;
+		if (last < ne && need < ne)
+			break;
+		if (t == max_t)
+			return -ENOSPC;
+		ne = (last > need ? last : need) + 1;
+	}
+	*entries = ne;
+	*nb = b;
+	*nt = t;
+	return 0;
+}

@@ -450,6 +450,21 @@ static inline uint64_t qcow2_refcount_max(unsigned order)
 	return order >= 6 ? UINT64_MAX : (1ull << (1u << order)) - 1;
 }
 
+/*
+ * Where a grown refcount table goes, for the engine (qcow2/alloc.c) and the
+ * offline edits (snapshot.c) alike. @a is the first free cluster past
+ * everything in use, and its refcount block index (@a >> @rbb) is past the
+ * old table's @old entries, so every block the new area needs is new. The
+ * new table has at least twice the old entries and covers index @need,
+ * rounded up to whole clusters (at most QCOW2_MAX_REFTABLE_BYTES); the new
+ * area is *@nb refcount blocks at @a, @a + 1, ... (describing the whole new
+ * area, themselves included), then the table's *@nt clusters; *@entries is
+ * the new table's entry count. 0, or -ENOSPC (the table would exceed its
+ * limit, or @a is not past the old reach).
+ */
+int qcow2_reftable_layout(unsigned cluster_bits, unsigned rbb, uint64_t old, uint64_t need,
+			  uint64_t a, uint64_t *entries, uint64_t *nb, uint64_t *nt);
+
 /* ---- snapshot table ---- */
 
 /*

@@ -21,7 +21,16 @@
  *    the refcount is still higher, the snapshot being gone), then lowers the
  *    refcounts;
  *  - the header's snapshot count and table offset are one 12-byte write
- *    inside one sector.
+ *    inside one sector;
+ *  - when new clusters lie past the refcount table's reach, the table grows
+ *    as the engine grows it (qcow2_reftable_layout, qcow2/alloc.c): new
+ *    refcount blocks at the end of everything, describing themselves and
+ *    the new table after them; the blocks written and synced, then the whole
+ *    new table, synced, then the header's table offset and size (one 12-byte
+ *    write inside one sector), synced; only then is the old table's
+ *    refcount lowered. A crash before the header write leaves the old table
+ *    and clusters past the end of what it describes (nothing counts them, or
+ *    a leak); after it, the old table's clusters leaked at most.
  * A crash can leave clusters whose refcount is too high (leaks) and COPIED
  * flags that disagree with such a refcount; `qemu-img check -r all` (or
  * `-r leaks`, for most windows) repairs both; no refcount is ever too low.
@@ -45,8 +54,10 @@ struct sctx {
 	uint8_t **rb;      /* refcount blocks read or created, by table index */
 	uint8_t *rb_dirty; /* by table index */
 	bool rt_dirty;
-	uint64_t next;   /* allocation cursor (cluster index) */
-	uint64_t *freed; /* clusters whose refcount dropped to 0 */
+	uint64_t rt_new_off; /* a grown table not yet named by the header (0: none) */
+	uint64_t rt_new_cl;  /* its clusters */
+	uint64_t next;       /* allocation cursor (cluster index) */
+	uint64_t *freed;     /* clusters whose refcount dropped to 0 */
 	size_t nfreed, freed_cap;
 	char *err;
 	size_t errlen;
@@ -178,6 +189,64 @@ static int rc_add_range(struct sctx *c, uint64_t off, uint64_t len, int delta)
 }
 
 /*
+ * Grow the refcount table in memory so that table index @need is covered:
+ * new refcount blocks at cluster @a (the cursor, past the old reach) and
+ * the new table after them, all with refcount 1 in those new blocks (see
+ * the header comment for the order rc_flush writes them in). A table grown
+ * before and not yet written is given up (its clusters back to 0).
+ */
+static int rt_grow(struct sctx *c, uint64_t a, uint64_t need)
+{
+	uint64_t entries, nb, nt, *rt;
+	uint8_t **rb, *rbd;
+	int ret;
+
+	ret = qcow2_reftable_layout(c->cb, c->rbb, c->nrb, need, a, &entries, &nb, &nt);
+	if (ret < 0)
+		return FAIL(c, ret, "the refcount table would exceed %u bytes",
+			    QCOW2_MAX_REFTABLE_BYTES);
+	rt = realloc(c->im->rt, entries * sizeof(*rt));
+	if (!rt)
+		return -ENOMEM;
+	c->im->rt = rt;
+	rb = realloc(c->rb, entries * sizeof(*rb));
+	if (!rb)
+		return -ENOMEM;
+	c->rb = rb;
+	rbd = realloc(c->rb_dirty, entries);
+	if (!rbd)
+		return -ENOMEM;
+	c->rb_dirty = rbd;
+	for (uint64_t i = c->nrb; i < entries; i++) {
+		rt[i] = 0;
+		rb[i] = NULL;
+		rbd[i] = 0;
+	}
+	c->nrb = entries;
+	for (uint64_t k = 0; k < nb; k++) {
+		uint64_t idx = (a >> c->rbb) + k;
+
+		rb[idx] = calloc(1, c->cs);
+		if (!rb[idx])
+			return -ENOMEM;
+		rbd[idx] = 1;
+		rt[idx] = (a + k) << c->cb;
+	}
+	for (uint64_t k = a; k < a + nb + nt; k++)
+		qcow2_refcount_set(rb[k >> c->rbb], k & ((1ull << c->rbb) - 1), c->order, 1);
+	if (c->rt_new_cl) {
+		ret = rc_add_range(c, c->rt_new_off, c->rt_new_cl << c->cb, -1);
+		if (ret < 0)
+			return ret;
+	}
+	c->rt_new_off = (a + nb) << c->cb;
+	c->rt_new_cl = nt;
+	c->rt_dirty = true;
+	c->next = a + nb + nt;
+	return 0;
+}
+
+/*
  * Reserve @n contiguous free clusters past the end of everything (refcount 1
  * in memory; durable at the next rc_flush). A missing refcount block is
  * created in the first cluster it is needed for, describing itself.
@@ -192,10 +261,12 @@ static int alloc(struct sctx *c, uint64_t n, uint64_t *off)
 			uint8_t *b;
 			int ret;
 
-			if (idx >= c->nrb)
-				return FAIL(c, -ENOSPC,
-					    "the refcount table is full (it cannot grow offline "
-					    "yet); 'qemu-img convert' the image to a new one");
+			if (idx >= c->nrb) {
+				ret = rt_grow(c, k, idx);
+				if (ret < 0)
+					return ret;
+				break; /* the cursor moved past the new area */
+			}
 			ret = rblock(c, idx, &b);
 			if (ret < 0)
 				return ret;
@@ -277,8 +348,8 @@ static void punch_freed(struct sctx *c, const struct qcow2_snap_punch *punch)
 		punch->fn(punch->opaque, start << c->cb, len << c->cb);
 }
 
-/* Write the changed refcount blocks, sync, then the refcount table if it changed, sync. */
-static int rc_flush(struct sctx *c)
+/* Write the changed refcount blocks, then sync. */
+static int rb_flush(struct sctx *c)
 {
 	bool any = false;
 	int ret;
@@ -292,8 +363,66 @@ static int rc_flush(struct sctx *c)
 		c->rb_dirty[i] = 0;
 		any = true;
 	}
-	if (any && (ret = sync_io(c)) < 0)
+	return any ? sync_io(c) : 0;
+}
+
+/*
+ * A grown table (rt_grow): the whole table at its new place, sync, then the
+ * header names it (offset and clusters: 12 bytes in one sector), sync; then
+ * the old table's clusters are lowered (in memory: the caller writes them).
+ */
+static int rt_switch(struct sctx *c)
+{
+	uint64_t len = c->rt_new_cl << c->cb, old_off = c->im->h.refcount_table_offset;
+	uint64_t old_len = (uint64_t)c->im->h.refcount_table_clusters << c->cb;
+	uint8_t *t = calloc(1, len), hdr[12];
+	int ret;
+
+	if (!t)
+		return -ENOMEM;
+	for (uint64_t i = 0; i < c->nrb; i++)
+		qcow2_put_be64(t + i * 8, c->im->rt[i]);
+	ret = qcow2_io_write(c->io, t, len, c->rt_new_off);
+	free(t);
+	if (ret < 0)
+		return FAIL(c, ret, "writing the new refcount table: %s", strerror(-ret));
+	ret = sync_io(c);
+	if (ret < 0)
 		return ret;
+	qcow2_put_be64(hdr, c->rt_new_off);
+	qcow2_put_be32(hdr + 8, (uint32_t)c->rt_new_cl);
+	ret = qcow2_io_write(c->io, hdr, sizeof(hdr), QCOW2_OFF_REFCOUNT_TABLE_OFFSET);
+	if (ret < 0)
+		return FAIL(c, ret, "writing the header: %s", strerror(-ret));
+	ret = sync_io(c);
+	if (ret < 0)
+		return ret;
+	/* the header as the image has it now (a bitmap edit rewrites it from hbuf) */
+	if (c->im->hlen >= QCOW2_OFF_REFCOUNT_TABLE_OFFSET + sizeof(hdr))
+		memcpy(c->im->hbuf + QCOW2_OFF_REFCOUNT_TABLE_OFFSET, hdr, sizeof(hdr));
+	c->im->h.refcount_table_offset = c->rt_new_off;
+	c->im->h.refcount_table_clusters = (uint32_t)c->rt_new_cl;
+	c->im->h.refcount_table_entries = c->nrb;
+	c->rt_new_off = c->rt_new_cl = 0;
+	c->rt_dirty = false;
+	return rc_add_range(c, old_off, old_len, -1);
+}
+
+/*
+ * Write the changed refcount blocks, sync; then a grown table and the header
+ * (rt_switch) and the old table's release, or the changed table entries in
+ * place, sync.
+ */
+static int rc_flush(struct sctx *c)
+{
+	int ret = rb_flush(c);
+
+	if (ret < 0)
+		return ret;
+	if (c->rt_new_cl) {
+		ret = rt_switch(c);
+		return ret < 0 ? ret : rb_flush(c);
+	}
 	if (!c->rt_dirty)
 		return 0;
 	{

@@ -282,6 +282,60 @@ def test_online_punch(vqcowd, fe_bin, work):
         % (freed // 1024, qemu_freed // 1024, took * 1000))
 
 
+def rt_offset(img):
+    with open(img, "rb") as f:
+        f.seek(48)
+        return int.from_bytes(f.read(8), "big")
+
+
+def test_grow(vqcowd, fe_bin, vimg, work):
+    """Snapshot create whose new clusters lie past the refcount table's
+    reach grows the table (online and with vqcow-img snapshot -c; vqcowd
+    allocates at the end, qemu-img reuses holes first): 512-byte clusters
+    with 64-bit refcounts, the used end 3 clusters short of the 2-cluster
+    table's 2 MiB reach. The results read as qemu-img snapshot -c's does."""
+    base = os.path.join(work, "grow-base.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", base, "8M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x41 0 2M", "-c", "write -P 0x44 2M 1888k", base],
+                   check=True, capture_output=True)
+    before = rt_offset(base)
+    for how in ("qemu-img", "vqcow-img", "online"):
+        img = os.path.join(work, "grow-%s.qcow2" % how)
+        shutil.copyfile(base, img)
+        if how == "qemu-img":
+            qimg("snapshot", "-c", "s", img)
+        elif how == "vqcow-img":
+            r = subprocess.run([vimg, "snapshot", "-c", "s", img], capture_output=True,
+                               text=True)
+            check(r.returncode == 0, "vqcow-img snapshot -c: %s" % r.stderr)
+        else:
+            d = Daemon(vqcowd, work, img, "grow")
+            try:
+                q = Qmp(d.qsock)
+                q.ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s"})
+                # the engine goes on with the new table: more data past the old reach
+                fe(fe_bin, "write", d.vsock, 4 * MiB, MiB, stdin=b"\x45" * MiB)
+                q.cmd("quit")
+                d.p.wait(10)
+                check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
+                no_sanitizer(d)
+            except Exception:
+                d.stop_showing_log()
+                raise
+        # (qemu-img fills free clusters inside the file first: no growth needed there)
+        check(how == "qemu-img" or rt_offset(img) != before,
+              "%s: the refcount table did not move" % how)
+        check_clean(img, "%s: after a create that grew the refcount table" % how)
+        check(" s " in qimg("snapshot", "-l", img).stdout, "%s: snapshot s not listed" % how)
+        raw = snapshot_raw(img, "s", work)
+        qio(raw, "read -P 0x41 0 2M", "read -P 0x44 2M 1888k", "read -P 0 4M 1M", fmt="raw")
+        os.unlink(raw)
+        qio(img, "read -P 0x41 0 2M", "read -P 0x44 2M 1888k",
+            "read -P %s 4M 1M" % ("0x45" if how == "online" else "0"))
+    log("ok: snapshot create grew the refcount table (vqcow-img, online; qemu-img reused holes): check "
+        "clean, snapshot -l and convert -l read it, the active layer intact")
+
+
 def test_busy(vqcowd, work):
     """No internal snapshot under a commit job (QEMU's op blocker), and after it ends."""
     img = os.path.join(work, "busy.qcow2")
@@ -518,6 +572,7 @@ def main():
     test_img_cli(vimg, work)
     test_punch(vimg, work)
     test_online_punch(vqcowd, fe_bin, work)
+    test_grow(vqcowd, fe_bin, vimg, work)
     test_busy(vqcowd, work)
     qsd_ran = test_qsd(vqcowd, work)
     test_load(vqcowd, fe_bin, work)

@@ -14,7 +14,8 @@
  * clean after `qemu-img check -r all`; and read back: the active image's data, the old
  * snapshot's data and, if it was committed, the new snapshot's data.
  * Persistent bitmap changes likewise: leaks at most, the old or the new
- * bitmaps in qemu-img info, the data intact.
+ * bitmaps in qemu-img info, the data intact. Create also on an image whose
+ * refcount table must grow for it (512-byte clusters, 64-bit refcounts).
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
@@ -29,6 +30,7 @@
 #include "testutil.h"
 
 static char dir[256];
+static unsigned cbits = 12; /* cluster bits of the image under test */
 
 struct cio {
 	int fd;
@@ -184,7 +186,7 @@ static void verify(const char *work, char op, long n, bool done)
 	/* COPIED set on a cluster whose refcount is over 1 is harmless only
 	 * while the cluster is in fact used once (a leak): a write would
 	 * otherwise overwrite what a snapshot holds. */
-	r = shared_copied(out, 12);
+	r = shared_copied(out, cbits);
 	if (r)
 		fprintf(stderr, "op %c, crash after %ld writes: COPIED set on a shared cluster\n",
 			op, n);
@@ -222,22 +224,42 @@ static void verify(const char *work, char op, long n, bool done)
 		CU_ASSERT(tu_sh("qemu-img snapshot -l %s | grep -q ' new '", work) == 0);
 }
 
-static void crash_every_write(char op)
+/* The refcount table's offset in the header of @path (0 on error). */
+static uint64_t rt_offset(const char *path)
+{
+	uint8_t b[8];
+	int fd = open(path, O_RDONLY);
+	ssize_t n = fd < 0 ? -1 : pread(fd, b, 8, QCOW2_OFF_REFCOUNT_TABLE_OFFSET);
+
+	if (fd >= 0)
+		close(fd);
+	return n == 8 ? qcow2_be64(b) : 0;
+}
+
+/*
+ * @opts: qemu-img create options; @fill: a qemu-io command run last (the
+ * filler that brings the used end near the refcount table's reach), or
+ * NULL; @grows: the operation must grow the refcount table.
+ */
+static void crash_every_write_on(char op, const char *opts, const char *fill, bool grows)
 {
 	char base[300], work[300];
 	unsigned total = 0, w;
 	long n;
 
+	cbits = strstr(opts, "cluster_size=512") ? 9 : 12;
 	snprintf(base, sizeof(base), "%s/base.qcow2", dir);
 	snprintf(work, sizeof(work), "%s/work.qcow2", dir);
-	/* 4 KiB clusters: several L2 tables, refcount blocks shared by both */
-	CU_ASSERT_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=4096 %s 8M && "
+	CU_ASSERT_FATAL(tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o %s %s 8M && "
 			      "qemu-io -c 'write -P 0x41 0 2M' -c 'write -P 0x43 6M 64k' %s "
 			      ">/dev/null && qemu-img snapshot -c keep %s && "
 			      "qemu-io -c 'write -P 0x42 0 1M' -c 'write -z 6M 64k' %s >/dev/null",
-			      base, base, base, base) == 0);
+			      base, opts, base, base, base, base) == 0);
+	if (fill)
+		CU_ASSERT_FATAL(tu_sh("qemu-io -c '%s' %s >/dev/null", fill, base) == 0);
 	CU_ASSERT_FATAL(run_op(base, work, op, -1, &total) == 0);
 	verify(work, op, -1, true);
+	CU_ASSERT((rt_offset(work) != rt_offset(base)) == grows);
 	for (n = 0; n <= (long)total; n++) {
 		int ret = run_op(base, work, op, n, &w);
 
@@ -245,6 +267,12 @@ static void crash_every_write(char op)
 	}
 	fprintf(stderr, "op %c: crashed after each of %u writes: all repairable, data intact\n", op,
 		total);
+}
+
+/* 4 KiB clusters: several L2 tables, refcount blocks shared by both. */
+static void crash_every_write(char op)
+{
+	crash_every_write_on(op, "cluster_size=4096", NULL, false);
 }
 
 static void test_create_crash(void)
@@ -260,6 +288,19 @@ static void test_delete_crash(void)
 static void test_apply_crash(void)
 {
 	crash_every_write('a');
+}
+
+/*
+ * Create where the new clusters (the L1 copy, the snapshot table) lie past
+ * the refcount table's reach: 512-byte clusters with 64-bit refcounts (a
+ * refcount block covers 64 clusters, a table cluster 64 blocks: 2 MiB), and
+ * the used end 3 clusters short of the 2-cluster table's reach (measured
+ * with QEMU 7.2's qemu-img/qemu-io; the test checks the table did move).
+ */
+static void test_create_grow_crash(void)
+{
+	crash_every_write_on('c', "cluster_size=512,refcount_bits=64", "write -P 0x44 2M 800k",
+			     true);
 }
 
 /* As qemu-img: no revert on an image with persistent bitmaps (enabled or not). */
@@ -402,6 +443,8 @@ int main(void)
 	tu_add_test(s, "create: crash after every write", test_create_crash, skip);
 	tu_add_test(s, "delete: crash after every write", test_delete_crash, skip);
 	tu_add_test(s, "apply: crash after every write", test_apply_crash, skip);
+	tu_add_test(s, "create growing the refcount table: crash after every write",
+		    test_create_grow_crash, skip);
 	tu_add_test(s, "bitmap add (new extension): crash after every write", test_bitmap_add_first,
 		    skip);
 	tu_add_test(s, "bitmap add: crash after every write", test_bitmap_add, skip);
