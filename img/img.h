@@ -413,6 +413,58 @@ struct img *img_take_backing(struct img *img);
 int img_change_backing(struct img *img, struct img *backing, const char *name, const char *fmt,
 		       char *err, size_t errlen);
 
+/* ---- the copy loop of block-commit (img/copy.c) ---- */
+
+#define IMG_COPY_GRAN (64u * 1024)   /* dirty tracking granularity */
+#define IMG_COPY_MAX  (1024u * 1024) /* bytes per copy at most */
+
+/*
+ * Copies what the layers from @top down to (not including) @base hold into
+ * @base, plus what the caller marks dirty, one run at a time: see
+ * img/copy.c. The caller sets wake (and priv) after img_copy_init; wake is
+ * called from the loop when a copy ended (@copy_ended; c_res 0 or -errno
+ * with errmsg set; c_len its length) or a parked scan may go on: call
+ * img_copy_scan/img_copy_next again then (better posted than from inside
+ * wake: the engine may be in the middle of something).
+ */
+struct img_copy {
+	struct img *top, *base;
+	uint64_t size;
+	void (*wake)(struct img_copy *k, bool copy_ended);
+	void *priv;
+	/* state, read-only for the caller */
+	uint8_t *dirty;
+	uint64_t nchunks, ndirty, cursor;
+	bool scanning; /* the allocation map is still being read */
+	uint64_t scan_off;
+	bool parked;           /* img_block_status parked the scan: wake comes */
+	bool busy;             /* a copy in flight */
+	uint64_t copied;       /* bytes copied so far */
+	uint64_t c_off, c_len; /* the copy in flight, or the last one */
+	int c_res;             /* the last copy's result */
+	bool c_writing;
+	char errmsg[300];
+	void *buf;
+	struct iovec iov;
+	struct img_io io;
+	struct img_wait w;
+};
+
+/* Allocate the dirty map (@size bytes) and the buffer. 0 or -ENOMEM. */
+int img_copy_init(struct img_copy *k, struct img *top, struct img *base, uint64_t size);
+/* Free them (no copy may be in flight, no scan parked). */
+void img_copy_free(struct img_copy *k);
+/* Mark [@off, @off + @len) to be copied (again). */
+void img_copy_mark(struct img_copy *k, uint64_t off, uint64_t len);
+/* Bytes still to copy: dirty, in flight, not scanned yet. */
+uint64_t img_copy_remaining(const struct img_copy *k);
+/* Read the allocation map on: 1 done, 0 not yet (k->parked: wake comes;
+ * else call again from the loop), -errno (errmsg set). */
+int img_copy_scan(struct img_copy *k);
+/* Start copying the next dirty run of at most @max bytes; false if nothing
+ * is dirty or a copy is in flight. */
+bool img_copy_next(struct img_copy *k, uint64_t max);
+
 /* Submitters: fill @io's request fields and call img->ops->submit(). */
 void img_readv(struct img *img, struct img_io *io, struct iovec *iov, unsigned iovcnt, uint64_t off,
 	       uint64_t len);

@@ -57,10 +57,7 @@
 #include "vlog.h"
 
 #define NAMES_MAX   64
-#define GRAN        (64u * 1024)   /* dirty tracking granularity */
-#define COPY_MAX    (1024u * 1024) /* bytes per copy */
 #define DRAIN_NS    30000000000ull /* give up a pause after 30 s */
-#define SCAN_BATCH  512            /* status calls before yielding to the loop */
 #define MAX_FLUSHES 20
 #define RL_SLICE_NS 100000000ull /* rate limit slice: 100 ms */
 
@@ -108,19 +105,13 @@ struct cjob {
 	char *id;
 	struct img *top, *base;
 	uint64_t size;
-	uint8_t *dirty;
-	uint64_t nchunks, ndirty, cursor;
-	uint64_t offset; /* bytes copied */
-	uint64_t speed;  /* bytes/s, 0 = unlimited */
+	struct img_copy k; /* the copy loop (img/copy.c) */
+	uint64_t speed;    /* bytes/s, 0 = unlimited */
 	enum jstat status;
-	bool scanning;
 	bool was_ready; /* BLOCK_JOB_READY sent: in sync from then on (QEMU's "ready") */
-	uint64_t scan_off;
-	bool busy; /* a copy in flight */
 	bool user_paused;
 	bool posted, timer_armed;
 	bool timer_cancelled;       /* io_cancel sent for the rate-limit timer */
-	bool st_parked;             /* img_block_status parked us in the top image's engine */
 	bool paused_dev;            /* we paused the device (ending) */
 	bool cancel_ready;          /* cancelled while ready without force: ends as completed */
 	struct qmp_pending *reopen; /* the reply, while the base is reopened (layers_held) */
@@ -134,15 +125,8 @@ struct cjob {
 	uint64_t end_t0;
 	int error;
 	char errmsg[256];
-	/* the copy in flight */
-	uint64_t c_off, c_len;
-	void *buf;
-	struct iovec iov;
-	struct img_io io;
-	bool c_writing;
 	/* rate limit: bytes copied since rl_t0 */
 	uint64_t rl_t0, rl_bytes;
-	struct img_wait w;
 	struct io_cmd post, timer, fpost;
 	struct img_io fio;
 	int flush_res;
@@ -536,14 +520,12 @@ fail:
 
 static json_t *job_event_data(struct cjob *j)
 {
-	uint64_t len = j->offset + j->ndirty * (uint64_t)GRAN + (j->busy ? j->c_len : 0);
-	uint64_t off = j->offset;
+	uint64_t len = j->k.copied + img_copy_remaining(&j->k);
+	uint64_t off = j->k.copied;
 
-	if (j->scanning)
-		len += j->size - j->scan_off;
 	if (j->inter) {
 		/* QEMU's commit job counts the whole image, allocated or not */
-		uint64_t left = len - j->offset;
+		uint64_t left = len - j->k.copied;
 
 		len = j->size;
 		off = left < len ? len - left : 0;
@@ -564,8 +546,7 @@ static void set_status(struct cjob *j, enum jstat st)
 
 static void job_free(struct cjob *j)
 {
-	free(j->dirty);
-	io_free_aligned(j->buf);
+	img_copy_free(&j->k);
 	free(j->id);
 	free(j->backing_name);
 	free(j);
@@ -584,7 +565,7 @@ static void post_done(struct io_cmd *cmd, int res)
 
 static void job_kick(struct cjob *j)
 {
-	if (j->posted || j->busy || j->timer_armed)
+	if (j->posted || j->k.busy || j->timer_armed)
 		return;
 	j->posted = true;
 	j->post.done = post_done;
@@ -602,55 +583,12 @@ static void timer_done(struct io_cmd *cmd, int res)
 	job_run(j);
 }
 
-static void wait_wake(struct img_wait *w)
-{
-	struct cjob *j = w->priv;
-
-	j->st_parked = false;
-	job_kick(j);
-}
-
-static void mark(struct cjob *j, uint64_t off, uint64_t len)
-{
-	uint64_t first, last;
-
-	if (!len || off >= j->size)
-		return;
-	if (len > j->size - off)
-		len = j->size - off;
-	first = off / GRAN;
-	last = (off + len - 1) / GRAN;
-	for (uint64_t i = first; i <= last; i++) {
-		if (!(j->dirty[i >> 3] & (1u << (i & 7)))) {
-			j->dirty[i >> 3] |= (uint8_t)(1u << (i & 7));
-			j->ndirty++;
-		}
-	}
-}
-
 static void write_hook(void *priv, uint64_t off, uint64_t len)
 {
 	struct cjob *j = priv;
 
-	mark(j, off, len);
+	img_copy_mark(&j->k, off, len);
 	job_kick(j);
-}
-
-/* The next dirty chunk at or after the cursor (wrapping), or UINT64_MAX. */
-static uint64_t next_dirty(struct cjob *j)
-{
-	uint64_t nbytes = (j->nchunks + 7) / 8, b = (j->cursor / 8) % nbytes;
-
-	if (!j->ndirty)
-		return UINT64_MAX;
-	for (uint64_t n = 0; n < nbytes; n++, b = (b + 1) % nbytes) {
-		if (!j->dirty[b])
-			continue;
-		for (unsigned k = 0; k < 8; k++)
-			if (j->dirty[b] & (1u << k))
-				return b * 8 + k;
-	}
-	return UINT64_MAX;
 }
 
 static void job_end_step(struct cjob *j);
@@ -672,86 +610,25 @@ static void job_fail(struct cjob *j, int err, const char *what)
 	}
 }
 
-static bool all_zero(const void *buf, size_t len)
+/* From img/copy.c: a copy ended (c_res), or the parked scan may go on. */
+static void copy_wake(struct img_copy *k, bool copy_ended)
 {
-	const uint64_t *p = buf;
+	struct cjob *j = k->priv;
 
-	for (size_t i = 0; i < len / 8; i++)
-		if (p[i])
-			return false;
-	return true;
-}
-
-static void copy_done(struct img_io *io, int res)
-{
-	struct cjob *j = io->priv;
-	char msg[300];
-
-	if (res < 0) {
-		j->busy = false;
-		mark(j, j->c_off, j->c_len); /* not copied */
-		snprintf(msg, sizeof(msg), "%s %s at %" PRIu64 ": %s",
-			 j->c_writing ? "writing" : "reading",
-			 j->c_writing ? j->base->path : j->top->path, j->c_off, strerror(-res));
-		job_fail(j, res, msg);
-		job_run(j);
-		return;
-	}
-	if (!j->c_writing) {
-		j->c_writing = true;
-		if (all_zero(j->buf, j->c_len))
-			img_write_zeroes(j->base, &j->io, j->c_off, j->c_len, 0);
-		else
-			img_writev(j->base, &j->io, &j->iov, 1, j->c_off, j->c_len);
-		return;
-	}
-	j->busy = false;
-	j->offset += j->c_len;
-	j->rl_bytes += j->c_len;
-	job_run(j);
-}
-
-/* Scan the layers above the base: mark what they hold. 1 done, 0 parked/yielded, <0 error. */
-static int scan(struct cjob *j)
-{
-	for (unsigned n = 0; j->scan_off < j->size; n++) {
-		uint64_t step = j->size - j->scan_off;
-		bool alloc = false;
-
-		if (n >= SCAN_BATCH) {
-			job_kick(j);
-			return 0;
-		}
-		for (struct img *l = j->top; l && l != j->base; l = img_backing(l)) {
-			uint64_t pnum = 0;
-			int r = img_block_status(l, j->scan_off, step, &pnum, &j->w);
-
-			if (r == -EAGAIN) {
-				j->st_parked = true; /* wait_wake() kicks us */
-				return 0;
-			}
-			if (r < 0)
-				return r;
-			if (pnum && pnum < step)
-				step = pnum;
-			if (r == 1)
-				alloc = true;
-		}
-		if (alloc)
-			mark(j, j->scan_off, step);
-		j->scan_off += step;
-	}
-	j->scanning = false;
-	return 1;
+	if (copy_ended && k->c_res < 0)
+		job_fail(j, k->c_res, k->errmsg);
+	else if (copy_ended)
+		j->rl_bytes += k->c_len;
+	job_kick(j);
 }
 
 static void job_run(struct cjob *j)
 {
 	struct ctl *c = j->c;
-	uint64_t i, n, now;
+	uint64_t now;
 	int r;
 
-	if (j->busy || j->posted || j->timer_armed)
+	if (j->k.busy || j->posted || j->timer_armed)
 		return;
 	if (j->end == END_CANCEL || j->end == END_FAIL || j->end == END_STOP) {
 		job_end_step(j);
@@ -763,21 +640,20 @@ static void job_run(struct cjob *j)
 	}
 	if (j->status == JS_PAUSED || j->status == JS_CREATED)
 		set_status(j, j->was_ready ? JS_READY : JS_RUNNING);
-	if (j->scanning) {
-		r = scan(j);
+	if (j->k.scanning) {
+		r = img_copy_scan(&j->k);
 		if (r < 0) {
-			char msg[300];
-
-			snprintf(msg, sizeof(msg), "reading the allocation map: %s", strerror(-r));
-			job_fail(j, r, msg);
+			job_fail(j, r, j->k.errmsg);
 			job_end_step(j);
 			return;
 		}
-		if (r == 0)
+		if (r == 0) {
+			if (!j->k.parked)
+				job_kick(j); /* a batch done: let the loop breathe */
 			return;
+		}
 	}
-	i = next_dirty(j);
-	if (i == UINT64_MAX && j->inter) {
+	if (!j->k.ndirty && j->inter) {
 		/* no READY: an intermediate commit completes by itself */
 		if (!j->end) {
 			j->end = END_DROP;
@@ -786,12 +662,12 @@ static void job_run(struct cjob *j)
 		job_end_step(j);
 		return;
 	}
-	if (i == UINT64_MAX) {
+	if (!j->k.ndirty) {
 		if (!j->was_ready) {
 			set_status(j, JS_READY);
 			j->was_ready = true;
 			vlog(VLOG_INFO, NULL, "qmp: job %s ready (%" PRIu64 " bytes copied)", j->id,
-			     j->offset);
+			     j->k.copied);
 			if (c->qmp)
 				qmp_server_event(c->qmp, "BLOCK_JOB_READY", job_event_data(j));
 		}
@@ -820,25 +696,7 @@ static void job_run(struct cjob *j)
 			return;
 		}
 	}
-	/* a run of dirty chunks from i */
-	for (n = 0; i + n < j->nchunks && n < COPY_MAX / GRAN &&
-		    (j->dirty[(i + n) >> 3] & (1u << ((i + n) & 7)));
-	     n++) {
-		j->dirty[(i + n) >> 3] &= (uint8_t) ~(1u << ((i + n) & 7));
-		j->ndirty--;
-	}
-	j->cursor = i + n;
-	j->c_off = i * GRAN;
-	j->c_len = n * GRAN;
-	if (j->c_len > j->size - j->c_off)
-		j->c_len = j->size - j->c_off;
-	j->busy = true;
-	j->c_writing = false;
-	j->iov.iov_base = j->buf;
-	j->iov.iov_len = j->c_len;
-	j->io.done = copy_done;
-	j->io.priv = j;
-	img_readv(j->top, &j->io, &j->iov, 1, j->c_off, j->c_len);
+	img_copy_next(&j->k, IMG_COPY_MAX);
 }
 
 /* The end of a job as QEMU 7.2 reports it (JOB_STATUS_CHANGE, then the block job event). */
@@ -949,7 +807,7 @@ static void job_end_step(struct cjob *j)
 	struct ctl *c = j->c;
 
 	/* nothing of ours may be pending in io/ or the engine when the job is freed */
-	if (j->end_stage || j->busy || j->posted || j->st_parked)
+	if (j->end_stage || j->k.busy || j->posted || j->k.parked)
 		return;
 	if (j->timer_armed) {
 		if (!j->timer_cancelled) {
@@ -968,7 +826,7 @@ static void job_end_step(struct cjob *j)
 		}
 		return; /* layers_tick calls again */
 	}
-	if (j->end == END_PIVOT && (j->ndirty || j->scanning)) {
+	if (j->end == END_PIVOT && (j->k.ndirty || j->k.scanning)) {
 		job_run(j);
 		return;
 	}
@@ -1002,9 +860,6 @@ static void job_start(struct cjob *j)
 	struct ctl *c = j->c;
 
 	j->rl_t0 = now_ns();
-	j->w.wake = wait_wake;
-	j->w.priv = j;
-	j->scanning = true;
 	if (!j->inter) /* guest writes do not reach the layers below the active one */
 		blk_dev_set_write_hook(c->blk, write_hook, j);
 	set_status(j, JS_CREATED);
@@ -1133,14 +988,13 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	j->top = top;
 	j->base = base;
 	j->size = top->size;
-	j->nchunks = (j->size + GRAN - 1) / GRAN;
-	j->dirty = calloc((j->nchunks + 7) / 8 + 1, 1);
-	j->buf = io_alloc_aligned(COPY_MAX);
 	j->id = strdup(id);
-	if (!j->dirty || !j->buf || !j->id) {
+	if (img_copy_init(&j->k, top, base, j->size) < 0 || !j->id) {
 		job_free(j);
 		return -ENOMEM;
 	}
+	j->k.wake = copy_wake;
+	j->k.priv = j;
 	if (above) {
 		j->inter = true;
 		j->above = above;
@@ -1305,7 +1159,7 @@ int layers_query_jobs(void *opaque, json_t *args, json_t **ret, char *err, size_
 	if (j && !j->reopen) {
 		o = job_event_data(j);
 		if (o) {
-			json_object_set_new(o, "busy", json_boolean(j->busy));
+			json_object_set_new(o, "busy", json_boolean(j->k.busy));
 			json_object_set_new(o, "paused", json_boolean(j->status == JS_PAUSED));
 			json_object_set_new(o, "io-status", json_string("ok"));
 			json_object_set_new(o, "ready", json_boolean(j->was_ready));

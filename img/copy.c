@@ -1,0 +1,211 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * img/copy.c — the copy loop of block-commit, shared by vqcowd's commit job
+ * (src/layers.c) and vqcow-img commit.
+ *
+ * What the layers from top down to (not including) the base hold is marked
+ * dirty in 64 KiB chunks (img_copy_scan: img_block_status of each layer),
+ * and so is whatever the caller marks (img_copy_mark: the guest's writes
+ * during an active commit). img_copy_next takes the next dirty run (from a
+ * cursor, wrapping, up to a limit), clears it, reads it through top's chain
+ * and writes it into the base (an all-zero run as write-zeroes). One copy at
+ * a time, so two copies of a chunk never race; a copy that fails marks its
+ * run dirty again. Everything ends in the caller's wake(), from the loop.
+ * Policy (rate limits, events, when to stop) is the caller's.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "img.h"
+
+#define SCAN_BATCH 512 /* status calls before yielding to the loop */
+
+static void copy_done(struct img_io *io, int res);
+
+static void parked_wake(struct img_wait *w)
+{
+	struct img_copy *k = w->priv;
+
+	k->parked = false;
+	k->wake(k, false);
+}
+
+int img_copy_init(struct img_copy *k, struct img *top, struct img *base, uint64_t size)
+{
+	k->top = top;
+	k->base = base;
+	k->size = size;
+	k->nchunks = (size + IMG_COPY_GRAN - 1) / IMG_COPY_GRAN;
+	k->dirty = calloc((k->nchunks + 7) / 8 + 1, 1);
+	k->buf = io_alloc_aligned(IMG_COPY_MAX);
+	if (!k->dirty || !k->buf) {
+		img_copy_free(k);
+		return -ENOMEM;
+	}
+	k->scanning = true;
+	k->w.wake = parked_wake;
+	k->w.priv = k;
+	return 0;
+}
+
+void img_copy_free(struct img_copy *k)
+{
+	free(k->dirty);
+	io_free_aligned(k->buf);
+	k->dirty = NULL;
+	k->buf = NULL;
+}
+
+void img_copy_mark(struct img_copy *k, uint64_t off, uint64_t len)
+{
+	uint64_t first, last;
+
+	if (!len || off >= k->size)
+		return;
+	if (len > k->size - off)
+		len = k->size - off;
+	first = off / IMG_COPY_GRAN;
+	last = (off + len - 1) / IMG_COPY_GRAN;
+	for (uint64_t i = first; i <= last; i++) {
+		if (!(k->dirty[i >> 3] & (1u << (i & 7)))) {
+			k->dirty[i >> 3] |= (uint8_t)(1u << (i & 7));
+			k->ndirty++;
+		}
+	}
+}
+
+uint64_t img_copy_remaining(const struct img_copy *k)
+{
+	uint64_t n = k->ndirty * (uint64_t)IMG_COPY_GRAN + (k->busy ? k->c_len : 0);
+
+	if (k->scanning)
+		n += k->size - k->scan_off;
+	return n;
+}
+
+int img_copy_scan(struct img_copy *k)
+{
+	if (k->parked)
+		return 0;
+	for (unsigned n = 0; k->scanning && k->scan_off < k->size; n++) {
+		uint64_t step = k->size - k->scan_off;
+		bool alloc = false;
+
+		if (n >= SCAN_BATCH)
+			return 0;
+		for (struct img *l = k->top; l && l != k->base; l = img_backing(l)) {
+			uint64_t pnum = 0;
+			int r = img_block_status(l, k->scan_off, step, &pnum, &k->w);
+
+			if (r == -EAGAIN) {
+				k->parked = true; /* wake() comes */
+				return 0;
+			}
+			if (r < 0) {
+				snprintf(k->errmsg, sizeof(k->errmsg),
+					 "reading the allocation map of %s: %s", l->path,
+					 strerror(-r));
+				return r;
+			}
+			if (pnum && pnum < step)
+				step = pnum;
+			if (r == 1)
+				alloc = true;
+		}
+		if (alloc)
+			img_copy_mark(k, k->scan_off, step);
+		k->scan_off += step;
+	}
+	k->scanning = false;
+	return 1;
+}
+
+/* The next dirty chunk at or after the cursor (wrapping), or UINT64_MAX. */
+static uint64_t next_dirty(const struct img_copy *k)
+{
+	uint64_t nbytes = (k->nchunks + 7) / 8, b = (k->cursor / 8) % nbytes;
+
+	if (!k->ndirty)
+		return UINT64_MAX;
+	for (uint64_t n = 0; n < nbytes; n++, b = (b + 1) % nbytes) {
+		if (!k->dirty[b])
+			continue;
+		for (unsigned i = 0; i < 8; i++)
+			if (k->dirty[b] & (1u << i))
+				return b * 8 + i;
+	}
+	return UINT64_MAX;
+}
+
+bool img_copy_next(struct img_copy *k, uint64_t max)
+{
+	uint64_t i = next_dirty(k), n, lim;
+
+	if (i == UINT64_MAX || k->busy)
+		return false;
+	lim = max / IMG_COPY_GRAN;
+	if (lim < 1)
+		lim = 1;
+	if (lim > IMG_COPY_MAX / IMG_COPY_GRAN)
+		lim = IMG_COPY_MAX / IMG_COPY_GRAN;
+	for (n = 0;
+	     i + n < k->nchunks && n < lim && (k->dirty[(i + n) >> 3] & (1u << ((i + n) & 7)));
+	     n++) {
+		k->dirty[(i + n) >> 3] &= (uint8_t) ~(1u << ((i + n) & 7));
+		k->ndirty--;
+	}
+	k->cursor = i + n;
+	k->c_off = i * IMG_COPY_GRAN;
+	k->c_len = n * IMG_COPY_GRAN;
+	if (k->c_len > k->size - k->c_off)
+		k->c_len = k->size - k->c_off;
+	k->busy = true;
+	k->c_writing = false;
+	k->c_res = 0;
+	k->iov.iov_base = k->buf;
+	k->iov.iov_len = k->c_len;
+	k->io.done = copy_done;
+	k->io.priv = k;
+	img_readv(k->top, &k->io, &k->iov, 1, k->c_off, k->c_len);
+	return true;
+}
+
+static bool all_zero(const void *buf, size_t len)
+{
+	const uint64_t *p = buf;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+static void copy_done(struct img_io *io, int res)
+{
+	struct img_copy *k = io->priv;
+
+	if (res < 0) {
+		k->busy = false;
+		k->c_res = res;
+		img_copy_mark(k, k->c_off, k->c_len); /* not copied */
+		snprintf(k->errmsg, sizeof(k->errmsg), "%s %s at %" PRIu64 ": %s",
+			 k->c_writing ? "writing" : "reading",
+			 k->c_writing ? k->base->path : k->top->path, k->c_off, strerror(-res));
+		k->wake(k, true);
+		return;
+	}
+	if (!k->c_writing) {
+		k->c_writing = true;
+		if (all_zero(k->buf, k->c_len))
+			img_write_zeroes(k->base, &k->io, k->c_off, k->c_len, 0);
+		else
+			img_writev(k->base, &k->io, &k->iov, 1, k->c_off, k->c_len);
+		return;
+	}
+	k->busy = false;
+	k->copied += k->c_len;
+	k->wake(k, true);
+}
