@@ -115,13 +115,19 @@ start() { # KIND IMAGE
 	esac
 	bpid=$!
 	for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/log" >&2; exit 1; }
+	[ -S "$sock" ] && return 0
+	echo "mq.sh: $kind did not start (run left out):" >&2
+	cat "$tmp/log" >&2
+	kill "$bpid" 2>/dev/null || true
+	wait "$bpid" 2>/dev/null || true
+	bpid=
+	return 1
 }
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
 run() { # KIND CELL
-	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb
+	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb rc=0 st=0
 	case $cell in
 	read-zlib-1q) img=$dir/zlib.qcow2 rw=randread nq=1 ;;
 	read-full) img=$dir/full.qcow2 rw=randread ;;
@@ -137,28 +143,35 @@ run() { # KIND CELL
 		;;
 	esac
 	lb=$(load1)
-	start "$kind" "$img"
+	start "$kind" "$img" || return 0
 	t0=$(ticks "$bpid")
 	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth 32 --numjobs $nq \
-		--runtime "$secs" --json)
+		--runtime "$secs" --json 2>"$tmp/fe.log") || rc=$?
 	t1=$(ticks "$bpid")
 	kill "$bpid"
-	wait "$bpid" 2>/dev/null || true
+	wait "$bpid" 2>/dev/null || st=$?
 	bpid=
+	[ $st = 0 ] || echo "mq.sh: $kind exited with status $st after SIGTERM ($cell)" >&2
+	if [ $rc != 0 ]; then
+		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind, run left out:" >&2
+		cat "$tmp/fe.log" "$tmp/log" >&2
+		return 0
+	fi
 	echo "$out" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)["total"]
 kind, cell, dt, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-print("%s %s %.0f %.2f %s %s" % (cell, kind, d["iops"], dt / hz * 1e6 / max(d["ios"], 1),
-      sys.argv[5], sys.argv[6]))' \
-		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" | tee -a "$tmp/results"
+print("%s %s %s %.0f %.2f %s %s" % (sys.argv[7], cell, kind, d["iops"],
+      dt / hz * 1e6 / max(d["ios"], 1), sys.argv[5], sys.argv[6]))' \
+		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" "$REP" | tee -a "$tmp/results"
 }
 
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
 [ -n "$qsd10" ] && kinds="$kinds qsd-10"
 kinds=${KINDS:-$kinds}
 cells=${CELLS:-"read-full read-zlib read-prealloc write-empty write-overlay"}
-for _ in $(seq "$reps"); do
+touch "$tmp/results"
+for REP in $(seq "$reps"); do
 	# The 1-queue reference of the compressed cell (one job, QD32).
 	run vqcowd-1 read-zlib-1q
 	for cell in $cells; do
@@ -167,10 +180,10 @@ for _ in $(seq "$reps"); do
 done
 python3 - "$tmp/results" "$kinds" <<'EOF'
 import sys, statistics, collections
-res = collections.defaultdict(list)
+res = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
-    cell, kind, iops, cpu, lb, la = line.split()
-    res[(cell, kind)].append((float(iops), float(cpu), float(lb), float(la)))
+    rep, cell, kind, iops, cpu, lb, la = line.split()
+    res[(cell, kind)][rep] = (float(iops), float(cpu), float(lb), float(la))
 kinds = sys.argv[2].split()
 cells = []
 for cell, _ in res:
@@ -178,12 +191,12 @@ for cell, _ in res:
         cells.append(cell)
 def med(cell, kind, i):
     v = res.get((cell, kind))
-    return statistics.median(x[i] for x in v) if v else float("nan")
+    return statistics.median(x[i] for x in v.values()) if v else float("nan")
 print()
 def ratio(c, a, b, i=0):
-    # per repetition (the n-th run of a against the n-th run of b), then the median
-    x, y = res.get((c, a), []), res.get((c, b), [])
-    q = [p[i] / r[i] for p, r in zip(x, y) if r[i] > 0]
+    # per repetition (the runs of a and b in the same repetition), then the median
+    x, y = res.get((c, a), {}), res.get((c, b), {})
+    q = [x[r][i] / y[r][i] for r in x if r in y and y[r][i] > 0]
     if not q:
         return "–"
     return "%.2fx (%.2f-%.2f)" % (statistics.median(q), min(q), max(q))
@@ -194,14 +207,14 @@ print("|---" * (len(kinds) + 6) + "|")
 for c in cells:
     row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) if (c, k) in res else "–"
            for k in kinds]
-    loads = [x for k in kinds for r in res.get((c, k), []) for x in r[2:]]
+    loads = [x for k in kinds for r in res.get((c, k), {}).values() for x in r[2:]]
     print("| %s | %s | %s | %s | %s | %s | %.1f-%.1f |" % (
         c, " | ".join(row), ratio(c, "vqcowd-2", "vqcowd-1"), ratio(c, "vqcowd-2", "qsd-10"),
         ratio(c, "vqcowd-2", "qsd-7.2"), ratio(c, "vqcowd-2", "vqcowd-1", 1),
         min(loads), max(loads)))
-z1 = res.get(("read-zlib-1q", "vqcowd-1"), [])
-z2 = res.get(("read-zlib", "vqcowd-2"), [])
-q = [b[0] / a[0] for a, b in zip(z1, z2) if a[0] > 0]
+z1 = res.get(("read-zlib-1q", "vqcowd-1"), {})
+z2 = res.get(("read-zlib", "vqcowd-2"), {})
+q = [z2[r][0] / z1[r][0] for r in z1 if r in z2 and z1[r][0] > 0]
 if q:
     print()
     print("read-zlib vqcowd-2 (2 queues) / read-zlib-1q vqcowd-1 (1 queue): %.2fx (%.2f-%.2f)" % (
