@@ -305,6 +305,7 @@ struct qcow2 {
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 	uint64_t n_data_cow;                  /* allocations that copy a head or tail */
 	uint64_t n_meta_writes, n_meta_bytes; /* write-back writes (writevs) and bytes */
+	uint64_t n_wb_fill; /* clean cached slices written to bridge gaps (writeback.c) */
 };
 
 /* ---- core.c ---- */

@@ -29,6 +29,21 @@
  * mode (every phase is synced); the old L1 clusters are released after it
  * (resize.c).
  *
+ * Gaps bridged: within one phase, the gap between two dirty slices of the
+ * same cluster (one L2 table, one refcount block) is filled with copies of
+ * the clean cached slices in between, when every slice of the gap is cached,
+ * READY, clean, not suspect and not under write-back, so the two runs merge
+ * into one write: a batch costs one write per table it touches instead of
+ * one per dirty slice (random writes into a growing image dirty one slice per
+ * request). A clean READY slice holds exactly the bytes on disk (every change
+ * to a slice's buffer marks it dirty in the same step, and a slice leaves
+ * the dirty state only when a batch takes its copy), so a filler rewrites
+ * what is there already: it links nothing new and needs no order of its own.
+ * A filler changed after the snapshot is dirty and goes out with the next
+ * batch; one evicted and reloaded while its write is in flight reads the
+ * same bytes either way. A failed batch marks its cached fillers dirty too
+ * (a failed write may have left anything in their place).
+ *
  * Entries changed after the snapshot stay dirty for the next batch. Slices
  * being written are not evicted (a reload could read the old bytes). A failed
  * batch re-marks everything it took as dirty, puts its decrements back and
@@ -51,7 +66,11 @@ enum item_kind {
 	IT_L1_SECTOR,
 	IT_L1_FULL,
 	IT_HDR_L1,
+	IT_FILL, /* a clean cached slice bridging a gap between dirty ones */
 };
+
+/* Largest gap bridged, in bytes: the write grows by at most this much. */
+#define FILL_MAX (64u << 10)
 
 /* A grow's header write: size, crypt_method, l1_size, l1_table_offset. */
 _Static_assert(QCOW2_OFF_L1_TABLE_OFFSET == QCOW2_OFF_SIZE + 16, "header field order");
@@ -70,7 +89,8 @@ struct wb_item {
 	uint64_t len;
 	size_t stage_off; /* copy in the stage buffer */
 	struct q2_slice *slice;
-	uint64_t index; /* sector index */
+	struct q2_cache *cache; /* IT_FILL: the cache its slice came from */
+	uint64_t index;         /* sector index */
 	uint8_t kind;
 };
 
@@ -249,6 +269,52 @@ static void sort_items(struct q2_batch *b, size_t first)
 		qsort(b->items + first, b->nitems - first, sizeof(*b->items), cmp_item);
 }
 
+/* A cached slice whose buffer equals the bytes on disk at its offset. */
+static bool fillable(const struct q2_slice *s)
+{
+	return s && !s->dirty && !s->wb && !s->suspect && s->state == Q2_SL_READY;
+}
+
+/*
+ * Bridge the gaps between the sorted dirty slices of @c in items [@first,
+ * nitems) with copies of clean cached slices (see the header comment), then
+ * sort again. Only gaps inside one cluster, of at most FILL_MAX bytes, with
+ * every slice fillable.
+ */
+static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
+{
+	struct qcow2 *q = b->q;
+	size_t last = b->nitems;
+	bool added = false;
+
+	for (size_t i = first; i + 1 < last; i++) {
+		uint64_t end = b->items[i].off + b->items[i].len, next = b->items[i + 1].off, o;
+
+		if (b->items[i].kind != IT_SLICE || b->items[i + 1].kind != IT_SLICE ||
+		    end >= next || next - end > FILL_MAX ||
+		    (b->items[i].off >> q->cb) != (next >> q->cb))
+			continue;
+		for (o = end; o < next; o += c->slice_size)
+			if (!fillable(q2_cache_peek(c, o)))
+				break;
+		if (o < next)
+			continue;
+		for (o = end; o < next; o += c->slice_size) {
+			struct q2_slice *s = q2_cache_peek(c, o);
+			struct wb_item *it = item_add(b, IT_FILL, o, c->slice_size);
+
+			if (!it)
+				break; /* no memory: the gap stays, both runs still go out */
+			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
+			it->cache = c;
+			q->n_wb_fill++;
+			added = true;
+		}
+	}
+	if (added)
+		sort_items(b, first);
+}
+
 static void build(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -260,6 +326,8 @@ static void build(struct q2_batch *b)
 	/* P1: refcount slices, relocated refcount table */
 	b->ph_first[PH_P1] = 0;
 	take_slices(b, &q->rcc);
+	sort_items(b, b->ph_first[PH_P1]);
+	bridge(b, &q->rcc, b->ph_first[PH_P1]);
 	if (q->rt_relocated) {
 		struct wb_item *it =
 		    item_add(b, IT_RT_FULL, q->rt_offset, (uint64_t)q->rt_clusters << q->cb);
@@ -306,6 +374,7 @@ static void build(struct q2_batch *b)
 	b->ph_first[PH_P2] = b->nitems;
 	take_slices(b, &q->l2c);
 	sort_items(b, b->ph_first[PH_P2]);
+	bridge(b, &q->l2c, b->ph_first[PH_P2]);
 
 	/* P3: L1 sectors, or the whole table after a grow moved it */
 	b->ph_first[PH_P3] = b->nitems;
@@ -558,6 +627,13 @@ static void finish(struct q2_batch *b)
 			case IT_HDR_L1:
 				q->hdr_dirty = true;
 				break;
+			case IT_FILL: {
+				struct q2_slice *s = q2_cache_peek(it->cache, it->off);
+
+				if (s)
+					q2_slice_dirty(s);
+				break;
+			}
 			}
 		}
 		for (size_t i = 0; i < b->decs.n; i++)
