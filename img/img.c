@@ -236,8 +236,10 @@ struct img *img_take_backing(struct img *img)
 
 void img_close(struct img *img)
 {
-	if (img)
-		img->ops->close(img);
+	if (!img)
+		return;
+	img_dbm_free_all(img);
+	img->ops->close(img);
 }
 
 void img_describe(struct img *img, char *buf, size_t len)
@@ -254,9 +256,14 @@ void img_describe(struct img *img, char *buf, size_t len)
 
 int img_refresh_size(struct img *img)
 {
+	int r;
+
 	if (!img->ops->refresh_size)
 		return -ENOTSUP;
-	return img->ops->refresh_size(img);
+	r = img->ops->refresh_size(img);
+	if (r == 0)
+		r = img_dbm_resize(img, img->size);
+	return r;
 }
 
 int img_cache_stats(struct img *img, struct img_cache_stats *st)
@@ -268,7 +275,17 @@ int img_cache_stats(struct img *img, struct img_cache_stats *st)
 
 int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
 {
-	return img->ops->bitmaps ? img->ops->bitmaps(img, out, max) : 0;
+	int n = img_dbm_list(img, out, max), p;
+
+	if (!img->ops->bitmaps)
+		return n;
+	p = img->ops->bitmaps(img, (unsigned)n < max ? out + n : NULL,
+			      (unsigned)n < max ? max - (unsigned)n : 0);
+	if (p < 0)
+		return p;
+	for (int i = n; i < n + p && (unsigned)i < max; i++)
+		out[i].persistent = true;
+	return n + p;
 }
 
 struct img *img_backing(struct img *img)
@@ -342,6 +359,11 @@ int img_grow(struct img *img, uint64_t size, struct img_grow *g)
 	}
 	if (size == img->size)
 		return 0;
+	/* the bitmaps first: marks past the old end start once the size changed */
+	if (img_dbm_resize(img, size) < 0) {
+		snprintf(err, errlen, "%s: out of memory growing the dirty bitmaps", img->path);
+		return -ENOMEM;
+	}
 	return img->ops->grow(img, size, g);
 }
 
@@ -370,6 +392,8 @@ void img_writev(struct img *img, struct img_io *io, struct iovec *iov, unsigned 
 		uint64_t off, uint64_t len)
 {
 	io_setup(io, IMG_OP_WRITE, 0, iov, iovcnt, off, len);
+	if (__atomic_load_n(&img->dbm_enabled, __ATOMIC_RELAXED))
+		img_dbm_mark(img, off, len);
 	img->ops->submit(img, io);
 }
 
@@ -382,6 +406,8 @@ void img_flush(struct img *img, struct img_io *io)
 void img_discard(struct img *img, struct img_io *io, uint64_t off, uint64_t len)
 {
 	io_setup(io, IMG_OP_DISCARD, 0, NULL, 0, off, len);
+	if (__atomic_load_n(&img->dbm_enabled, __ATOMIC_RELAXED))
+		img_dbm_mark(img, off, len);
 	img->ops->submit(img, io);
 }
 
@@ -389,5 +415,7 @@ void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t
 		      unsigned flags)
 {
 	io_setup(io, IMG_OP_WRITE_ZEROES, flags, NULL, 0, off, len);
+	if (__atomic_load_n(&img->dbm_enabled, __ATOMIC_RELAXED))
+		img_dbm_mark(img, off, len);
 	img->ops->submit(img, io);
 }

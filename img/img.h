@@ -227,6 +227,11 @@ struct img {
 	 * loop). Open, close, refresh_size, set_perm and grow stay on the
 	 * image's thread with no operation submitted elsewhere running. */
 	bool any_loop;
+	uint32_t cluster_size; /* the format's cluster size, 0 without clusters (raw) */
+	/* Non-persistent dirty bitmaps (img/dirty.c), newest first, and how many
+	 * of them are enabled (read by submitters on any thread). */
+	struct img_dbm *dbms;
+	unsigned dbm_enabled;
 };
 
 /*
@@ -291,14 +296,50 @@ struct img_bitmap {
 	uint64_t count;       /* dirty bytes */
 	bool recording;       /* enabled: it follows guest writes */
 	bool inconsistent;    /* left in use by a crash: not usable */
+	bool persistent;      /* stored in the image (qcow2), else in memory only */
 };
 
 /*
- * The image's persistent dirty bitmaps (qcow2 opened read-write; none
- * otherwise), in QEMU's order: fills up to @max of @out, returns how many
- * there are.
+ * The image's dirty bitmaps: the non-persistent ones (newest first), then the
+ * persistent ones (qcow2 opened read-write; none otherwise) in QEMU's order:
+ * fills up to @max of @out, returns how many there are.
  */
 int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max);
+
+/*
+ * Non-persistent dirty bitmaps (img/dirty.c has the rules): in memory on
+ * @img, following every write, write-zeroes and discard submitted to it
+ * while enabled, never written to the file, freed by img_close.
+ * Changes (add, remove, enable, resize) only on the image's thread with
+ * no other submitter running (vqcowd: QMP, its threads parked).
+ */
+struct img_dbm;
+/* QEMU's default granularity for @img: its cluster size within 4..64 KiB, else 64 KiB. */
+uint32_t img_dbm_default_granularity(const struct img *img);
+/* Add @name (@granularity 0: the default; a power of 2, 512..2^31): 0, -EINVAL, -EEXIST, -ENOMEM.
+ */
+int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled);
+/* 0 or -ENOENT. */
+int img_dbm_remove(struct img *img, const char *name);
+/* NULL if @img has no non-persistent bitmap @name. */
+struct img_dbm *img_dbm_find(struct img *img, const char *name);
+void img_dbm_set_enabled(struct img *img, struct img_dbm *b, bool enabled);
+void img_dbm_clear(struct img_dbm *b);
+/* Mark [@off, @off + @len) in every enabled bitmap of @img (any thread). */
+void img_dbm_mark(struct img *img, uint64_t off, uint64_t len);
+/* Set the granules of [@off, @off + @len) in @b, enabled or not (merge). */
+void img_dbm_set(struct img_dbm *b, uint64_t off, uint64_t len);
+/* Call @fn for each run of dirty granules, in bytes (the last may reach past the end); stops at
+ * the first negative return, which it returns. */
+int img_dbm_ranges(const struct img_dbm *b, int (*fn)(void *opaque, uint64_t off, uint64_t len),
+		   void *opaque);
+/* The node grew to @size: bitmaps cover it, the new part clean. 0 or -ENOMEM. */
+int img_dbm_resize(struct img *img, uint64_t size);
+/* Fill up to @max of @out (persistent = false); returns how many there are. */
+int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max);
+uint64_t img_dbm_granularity(const struct img_dbm *b);
+bool img_dbm_enabled(const struct img_dbm *b);
+void img_dbm_free_all(struct img *img);
 
 /* An online resize (img_grow): the caller's, alive until done() ran. */
 struct img_grow {

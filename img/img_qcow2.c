@@ -2155,6 +2155,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	m->img.supports_write_zeroes = true;
 	m->img.discard_granularity = (unsigned)m->cs;
 	m->img.opt_io = m->cs <= (1u << 20) ? (uint32_t)m->cs : 0;
+	m->img.cluster_size = (uint32_t)m->cs;
 	snaps_reload(m);
 	*imgp = &m->img;
 	return 0;

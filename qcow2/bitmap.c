@@ -960,3 +960,8 @@ bool q2_bitmap_tracking(const struct qcow2 *q)
 {
 	return q->bms && q->bms->ntracked;
 }
+
+bool qcow2_has_enabled_bitmaps(const struct qcow2 *q)
+{
+	return q->bms && q->bms->ntracked;
+}

@@ -297,6 +297,16 @@ int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool
 void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len);
 
 /*
+ * True while the engine records writes in a dirty bitmap (an enabled
+ * persistent one: qcow2_bitmap_mark must see every write, on the engine's
+ * thread). Cheap (a load), for a caller deciding whether a write may bypass
+ * the engine's request path. Non-persistent bitmaps are not the engine's:
+ * img/ marks them (img_dbm_mark) in img_writev and friends before the
+ * format sees the request, on any thread, so they never need the engine.
+ */
+bool qcow2_has_enabled_bitmaps(const struct qcow2 *q);
+
+/*
  * Decompress one compressed cluster: @src/@srclen the compressed bytes as
  * read (trailing garbage allowed), @dst/@dstlen the cluster (cluster size).
  * Synchronous CPU work. 0, -EIO (corrupt data) or -ENOMEM.

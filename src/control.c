@@ -109,10 +109,10 @@ static void add_bitmaps(json_t *o, struct img *img)
 		return;
 	}
 	for (int i = 0; i < n; i++) {
-		json_t *e =
-		    json_pack("{s:s,s:b,s:b,s:b,s:I,s:I}", "name", bm[i].name, "recording",
-			      bm[i].recording, "persistent", 1, "busy", 0, "granularity",
-			      (json_int_t)bm[i].granularity, "count", (json_int_t)bm[i].count);
+		json_t *e = json_pack("{s:s,s:b,s:b,s:b,s:I,s:I}", "name", bm[i].name, "recording",
+				      bm[i].recording, "persistent", bm[i].persistent, "busy", 0,
+				      "granularity", (json_int_t)bm[i].granularity, "count",
+				      (json_int_t)bm[i].count);
 
 		if (e && bm[i].inconsistent)
 			json_object_set_new(e, "inconsistent", json_true());
@@ -604,6 +604,51 @@ static int cmd_snap_delete(void *opaque, json_t *args, json_t **ret, char *err, 
  * truth and the engine's bitmap set never changes while it is open.
  * What needs no I/O is checked here, in QEMU's order and with its messages.
  */
+/*
+ * Non-persistent bitmaps (img/dirty.c) live in memory on the node: every
+ * command acts at once, with the I/O threads parked (QMP runs so), without
+ * holding requests or touching the file.
+ */
+static int dbm_add(struct ctl *c, const char *name, uint32_t granularity, bool disabled, char *err,
+		   size_t errlen)
+{
+	int r = img_dbm_add(c->img, name, granularity, disabled);
+
+	if (r == -EEXIST)
+		snprintf(err, errlen, "Bitmap already exists: %s", name);
+	else if (r < 0)
+		snprintf(err, errlen, "Cannot create dirty bitmap '%s': %s", name, strerror(-r));
+	else
+		vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' added (non-persistent, %u bytes%s)",
+		     name, granularity ? granularity : img_dbm_default_granularity(c->img),
+		     disabled ? ", disabled" : "");
+	return r;
+}
+
+static int dbm_op(struct ctl *c, char bmop, const char *name)
+{
+	struct img_dbm *b = img_dbm_find(c->img, name);
+
+	switch (bmop) {
+	case 'r':
+		img_dbm_remove(c->img, name);
+		break;
+	case 'c':
+		img_dbm_clear(b);
+		break;
+	case 'e':
+	case 'd':
+		img_dbm_set_enabled(c->img, b, bmop == 'e');
+		break;
+	}
+	vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' %s (non-persistent)", name,
+	     bmop == 'r'   ? "removed"
+	     : bmop == 'c' ? "cleared"
+	     : bmop == 'e' ? "enabled"
+			   : "disabled");
+	return 0;
+}
+
 static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t errlen)
 {
 	const char *node = str_arg(args, "node"), *name = str_arg(args, "name");
@@ -646,17 +691,15 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 		snprintf(err, errlen, "Dirty bitmap '%s' not found", name);
 		return -ENOENT;
 	}
-	if (bmop == 'a' && !(pers && json_is_true(pers))) {
-		snprintf(err, errlen,
-			 "vqcowd keeps persistent dirty bitmaps only: add '%s' with "
-			 "\"persistent\": true",
-			 name);
-		return -ENOTSUP;
-	}
 	if (bmop == 'a' && found) {
 		snprintf(err, errlen, "Bitmap already exists: %s", name);
 		return -EEXIST;
 	}
+	if (bmop == 'a' && !(pers && json_is_true(pers)))
+		return dbm_add(c, name, g ? (uint32_t)json_integer_value(g) : 0,
+			       json_is_true(json_object_get(args, "disabled")), err, errlen);
+	if (bmop != 'a' && img_dbm_find(c->img, name))
+		return dbm_op(c, bmop, name);
 	if (layers_busy(c)) {
 		snprintf(err, errlen, "Node '%s' is busy: %s", node, layers_busy(c));
 		return -EBUSY;
