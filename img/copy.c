@@ -46,6 +46,7 @@ int img_copy_init(struct img_copy *k, struct img *top, struct img *base, uint64_
 		return -ENOMEM;
 	}
 	k->scanning = true;
+	k->zero_from = UINT64_MAX;
 	k->w.wake = parked_wake;
 	k->w.priv = k;
 	return 0;
@@ -199,9 +200,14 @@ static void copy_done(struct img_io *io, int res)
 	}
 	if (!k->c_writing) {
 		k->c_writing = true;
-		if (all_zero(k->buf, k->c_len))
-			img_write_zeroes(k->base, &k->io, k->c_off, k->c_len, 0);
-		else
+		if (all_zero(k->buf, k->c_len) && k->c_off >= k->zero_from) {
+			k->busy = false; /* reads as zeroes in the base already */
+			k->copied += k->c_len;
+			k->wake(k, true);
+		} else if (all_zero(k->buf, k->c_len)) {
+			/* as QEMU's mirror: zeroes may give the base's clusters back */
+			img_write_zeroes(k->base, &k->io, k->c_off, k->c_len, IMG_IO_UNMAP);
+		} else
 			img_writev(k->base, &k->io, &k->iov, 1, k->c_off, k->c_len);
 		return;
 	}

@@ -473,6 +473,9 @@ struct img_copy {
 	uint64_t size;
 	void (*wake)(struct img_copy *k, bool copy_ended);
 	void *priv;
+	/* from here on the base reads as zeroes (a grown base): zeroes are not
+	 * written there (default: nowhere) */
+	uint64_t zero_from;
 	/* state, read-only for the caller */
 	uint8_t *dirty;
 	uint64_t nchunks, ndirty, cursor;

@@ -82,6 +82,15 @@ int qcow2_create_raw(const char *path, uint64_t size, enum qcow2_prealloc preall
 int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backing_fmt, char *err,
 			size_t errlen);
 
+/*
+ * qemu-img commit's last step (without -d): empty the qcow2 image at @path
+ * (every cluster unallocated) the way QEMU 7.2 does, byte for byte: see
+ * qcow2tool/empty.c. -ENOTSUP for images QEMU empties cluster by cluster
+ * (snapshots, bitmaps, an external data file, version 2). The caller holds
+ * the write lock. 0 or -errno (+@err).
+ */
+int qcow2_make_empty(const char *path, char *err, size_t errlen);
+
 /* ---- info ---- */
 
 struct qcow2_info_snapshot {

@@ -6,7 +6,8 @@
  * other): `create [-f qcow2|raw] [-o opts] [-b backing] [-F fmt] FILE [SIZE]`,
  * `info [-f fmt] [--output=human|json] FILE`, `check [-f fmt] [-r leaks|all]
  * [--output=human|json] [-q] FILE`, `map [-f fmt] [--output=human|json] FILE`,
- * `convert [-f fmt] [-O fmt] [-o opts] [-c] [-p] [-S size] SRC DST`.
+ * `convert [-f fmt] [-O fmt] [-o opts] [-c] [-p] [-S size] SRC DST`,
+ * `commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] [-r rate] FILE` (...).
  * check exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks
  * only, 63 format without consistency checks.
  *
@@ -16,8 +17,10 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,8 +28,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "img.h"
 #include "qcow2tool.h"
 #include "util.h"
+#include "vlog.h"
 
 #define ERRLEN 512
 
@@ -74,6 +79,10 @@ static void usage(FILE *f)
 	    "      -S zero runs of SIZE bytes (default 4k) become holes, 0 writes every byte\n"
 	    "  resize [-f FMT] [-q] [--shrink] [--preallocation=off] FILE [+|-]SIZE\n"
 	    "      grow the image to SIZE (or by +SIZE); shrinking is refused\n"
+	    "  commit [-q] [-f FMT] [-t CACHE] [-b BASE] [-d] [-p] [-r RATE_LIMIT] FILE\n"
+	    "      copy what FILE (and its backing files above BASE) hold into BASE (default:\n"
+	    "      FILE's backing file; grown to FILE's size if smaller), then empty FILE;\n"
+	    "      -d keeps FILE as it is (-b implies -d), -r bytes per second\n"
 	    "  rebase -u [-f FMT] [-b BACKING] [-F BACKING_FMT] [-q] FILE\n"
 	    "      change the backing file recorded in FILE's header (-b \"\" or none: no\n"
 	    "      backing file); only unsafe mode (-u): the data is not looked at\n"
@@ -1574,6 +1583,312 @@ fail:
 	return 1;
 }
 
+/*
+ * commit: qemu-img commit. The images are opened through img/ (the engine,
+ * on an io_loop of our own): top read-write with its chain, the base
+ * reopened read-write (img_reopen_rw: its write lock), grown to top's size
+ * if smaller, then img/copy.c copies what the layers above the base hold,
+ * exactly as vqcowd's block-commit job does; the base is flushed and
+ * everything closed. Without -d (and without -b, which implies it) top is
+ * then emptied as QEMU empties a qcow2 image (qcow2_make_empty).
+ */
+struct commit_state {
+	int io_res; /* 1 while an img_io or a grow is pending */
+	bool woke;
+};
+
+static void commit_wake(struct img_copy *k, bool copy_ended)
+{
+	struct commit_state *st = k->priv;
+
+	(void)copy_ended;
+	st->woke = true;
+}
+
+static void commit_io_done(struct img_io *io, int res)
+{
+	((struct commit_state *)io->priv)->io_res = res;
+}
+
+static void commit_grow_done(struct img_grow *g, int res)
+{
+	((struct commit_state *)g->priv)->io_res = res;
+}
+
+static int commit_wait(struct io_loop *loop, int *res)
+{
+	while (*res == 1)
+		if (io_loop_run_once(loop, true) < 0)
+			return -EIO;
+	return *res;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* qemu-img's -b: the name as given, or relative to the top image's directory. */
+static bool same_file(const char *path, const char *name, const char *top)
+{
+	char a[PATH_MAX], b[PATH_MAX], rel[PATH_MAX];
+	const char *slash = strrchr(top, '/');
+
+	if (!strcmp(path, name))
+		return true;
+	if (!realpath(path, a))
+		return false;
+	if (realpath(name, b) && !strcmp(a, b))
+		return true;
+	if (name[0] == '/' || !slash)
+		return false;
+	snprintf(rel, sizeof(rel), "%.*s/%s", (int)(slash - top), top, name);
+	return realpath(rel, b) && !strcmp(a, b);
+}
+
+static bool lock_error(int r, const char *msg)
+{
+	return r == -EAGAIN && strstr(msg, "Failed to get");
+}
+
+static int cmd_commit(int argc, char **argv)
+{
+	static const struct option lopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	const char *fmt = NULL, *base_name = NULL, *cache = NULL, *file;
+	bool quiet = false, show = false, drop = false;
+	uint64_t rate = 0, t0, base_size;
+	struct commit_state st = {0};
+	struct io_loop *loop = NULL;
+	struct img *top = NULL, *base = NULL;
+	struct img_copy k;
+	struct img_opts o;
+	struct img_io io;
+	struct img_grow g;
+	struct progress p = {0};
+	struct qcow2_locks locks;
+	char err[ERRLEN] = "";
+	int c, r, rc = 1;
+
+	memset(&k, 0, sizeof(k));
+	memset(&io, 0, sizeof(io));
+	memset(&g, 0, sizeof(g));
+	while ((c = getopt_long(argc, argv, "f:t:b:dpqr:h", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmt = optarg;
+			break;
+		case 't':
+			cache = optarg;
+			break;
+		case 'b':
+			base_name = optarg;
+			drop = true; /* -b implies -d: the images between stay valid */
+			break;
+		case 'd':
+			drop = true;
+			break;
+		case 'p':
+			show = true;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'r':
+			if (util_parse_size(optarg, &rate) < 0) {
+				errorf("Invalid rate limit specified");
+				return 1;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 1;
+		}
+	}
+	if (optind != argc - 1) {
+		errorf("Expecting one image file name");
+		return 1;
+	}
+	file = argv[optind];
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		errorf("Unknown file format '%s'", fmt);
+		return 1;
+	}
+	if (cache && strcmp(cache, "none") && strcmp(cache, "writeback") &&
+	    strcmp(cache, "writethrough") && strcmp(cache, "directsync") &&
+	    strcmp(cache, "unsafe")) {
+		errorf("Invalid cache option: %s", cache);
+		return 1;
+	}
+	/* the engine's life-cycle lines are not qemu-img's output; warnings stay */
+	vlog_init("vqcow-img");
+	vlog_set_level(VLOG_WARN);
+	r = io_loop_init(&loop, 64);
+	if (r < 0) {
+		errorf("io_uring: %s", strerror(-r));
+		return 1;
+	}
+	memset(&o, 0, sizeof(o));
+	o.format = fmt;
+	o.direct = cache && (!strcmp(cache, "none") || !strcmp(cache, "directsync"));
+	o.no_l2_prefetch = true;
+	r = img_open(&top, loop, file, &o, err, sizeof(err));
+	if (r < 0) {
+		const char *bf = strstr(err, ": backing file: ");
+		const char *lk = strstr(err, ": Failed to get ");
+
+		if (lock_error(r, err) && bf && lk > bf) {
+			/* "TOP: backing file: BASE: Failed to get shared "write" lock: ..." */
+			const char *what = lk + 2, *end = strstr(what, ": locked by");
+
+			errorf("Could not open '%s': Could not open backing file: %.*s\n"
+			       "Is another process using the image [%.*s]?",
+			       file, (int)(end ? end - what : (ptrdiff_t)strlen(what)), what,
+			       (int)(lk - (bf + 16)), bf + 16);
+		} else if (lock_error(r, err))
+			errorf("Could not open '%s': Failed to get \"write\" lock\n"
+			       "Is another process using the image [%s]?",
+			       file, file);
+		else
+			errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		top = NULL;
+		goto out;
+	}
+	if (!img_backing(top)) {
+		errorf("Image does not have a backing file");
+		goto out;
+	}
+	for (struct img *l = img_backing(top); l && !base; l = img_backing(l))
+		if (!base_name || same_file(l->path, base_name, file))
+			base = l;
+	if (!base) {
+		errorf("Did not find '%s' in the backing chain of '%s'", base_name, file);
+		goto out;
+	}
+	r = img_reopen_rw(base, err, sizeof(err));
+	if (r < 0) {
+		if (lock_error(r, err))
+			errorf("Failed to get \"write\" lock\nIs another process using the image "
+			       "[%s]?",
+			       base->path);
+		else
+			errorf("%s", err[0] ? err : strerror(-r));
+		goto out;
+	}
+	base_size = base->size;
+	if (base->size < top->size) {
+		/* as qemu-img: the base grows to the top's size (never shrinks) */
+		st.io_res = 1;
+		g.done = commit_grow_done;
+		g.priv = &st;
+		r = img_grow(base, top->size, &g);
+		if (r == 1)
+			r = commit_wait(loop, &st.io_res);
+		if (r < 0) {
+			errorf("Could not resize '%s': %s", base->path,
+			       g.err[0] ? g.err : strerror(-r));
+			goto out;
+		}
+	}
+	r = img_copy_init(&k, top, base, top->size);
+	if (r < 0) {
+		errorf("%s", strerror(-r));
+		goto out;
+	}
+	k.wake = commit_wake;
+	k.priv = &st;
+	k.zero_from = base_size;
+	progress_init(&p, show && !quiet);
+	t0 = mono_ns();
+	for (;;) {
+		uint64_t left;
+
+		if (k.scanning) {
+			r = img_copy_scan(&k);
+			if (r < 0) {
+				progress_end(&p, false);
+				errorf("%s", k.errmsg);
+				goto out;
+			}
+			if (r == 0) {
+				st.woke = false;
+				if (io_loop_run_once(loop, k.parked) < 0)
+					goto out;
+				continue;
+			}
+		}
+		if (!img_copy_next(&k, IMG_COPY_MAX))
+			break;
+		while (k.busy)
+			if (io_loop_run_once(loop, true) < 0)
+				goto out;
+		if (k.c_res < 0) {
+			progress_end(&p, false);
+			errorf("%s", k.errmsg);
+			goto out;
+		}
+		left = img_copy_remaining(&k);
+		progress_cb(&p, (double)k.copied / (double)(k.copied + left));
+		if (rate) {
+			/* qemu-img's -r: bytes per second over the whole run */
+			uint64_t due = t0 + (uint64_t)((double)k.copied * 1e9 / (double)rate);
+			uint64_t now = mono_ns();
+
+			if (due > now) {
+				struct timespec ts = {(time_t)((due - now) / 1000000000ull),
+						      (long)((due - now) % 1000000000ull)};
+
+				nanosleep(&ts, NULL);
+			}
+		}
+	}
+	st.io_res = 1;
+	io.done = commit_io_done;
+	io.priv = &st;
+	img_flush(base, &io);
+	r = commit_wait(loop, &st.io_res);
+	if (r < 0) {
+		progress_end(&p, false);
+		errorf("flushing '%s': %s", base->path, strerror(-r));
+		goto out;
+	}
+	img_copy_free(&k);
+	img_close(top);
+	top = NULL;
+	if (!drop) {
+		struct file_args a = {0};
+
+		a.file = file;
+		a.fmt = "qcow2";
+		if (lock_file(&locks, &a, QCOW2_LOCK_WRITE)) {
+			progress_end(&p, false);
+			goto out;
+		}
+		r = qcow2_make_empty(file, err, sizeof(err));
+		qcow2_unlock_image(&locks);
+		if (r < 0) {
+			progress_end(&p, false);
+			errorf("Could not empty %s: %s", file, err[0] ? err : strerror(-r));
+			goto out;
+		}
+	}
+	progress_end(&p, true);
+	if (!quiet)
+		printf("Image committed.\n");
+	rc = 0;
+out:
+	img_copy_free(&k);
+	img_close(top);
+	if (loop)
+		io_loop_exit(loop);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd;
@@ -1611,6 +1926,8 @@ int main(int argc, char **argv)
 		return cmd_convert(argc, argv);
 	if (!strcmp(cmd, "rebase"))
 		return cmd_rebase(argc, argv);
+	if (!strcmp(cmd, "commit"))
+		return cmd_commit(argc, argv);
 	if (!strcmp(cmd, "resize"))
 		return cmd_resize(argc, argv);
 	errorf("Command not found: %s", cmd);

@@ -1,0 +1,157 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2tool/empty.c — empty a qcow2 image after qemu-img commit: every
+ * cluster unallocated, reads fall through to the backing file.
+ *
+ * QEMU 7.2 (qcow2_make_empty -> make_completely_empty) rebuilds the
+ * metadata from scratch when the image is v3 with no snapshot, no bitmap,
+ * no encryption, no external data file, and the header, the refcount
+ * table, one refcount block and the L1 table fit under one refcount block:
+ * the dirty bit is set (the refcounts are about to be wrong), the L1 table
+ * and clusters 1 .. 2 + L1 clusters are zeroed, the header points at a
+ * one-cluster refcount table at cluster 1 and an empty L1 table at cluster
+ * 3, the table's first entry at the refcount block at cluster 2, which
+ * counts clusters 0 .. 2 + L1 clusters once each; then the dirty bit goes
+ * and the file is cut after the L1 table. We do the same, in the same
+ * order, so the result is byte for byte qemu-img's; a crash in between
+ * leaves the dirty bit set, and opening read-write rebuilds the refcounts
+ * (QEMU and vqcow alike) of an image that is empty or still whole. The
+ * other images (QEMU discards cluster by cluster there) are refused with
+ * -ENOTSUP.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "format.h"
+#include "qcow2tool.h"
+
+static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+	const uint8_t *p = buf;
+
+	while (len) {
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int sync_fd(int fd)
+{
+	return fdatasync(fd) < 0 ? -errno : 0;
+}
+
+int qcow2_make_empty(const char *path, char *err, size_t errlen)
+{
+	struct qcow2_header_info h;
+	struct stat st;
+	uint8_t *buf = NULL, *zero = NULL, b8[20];
+	size_t len = 65536;
+	uint64_t c, l1_clusters, n, incompat;
+	ssize_t got;
+	int fd, ret;
+
+	if (err && errlen)
+		err[0] = '\0';
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+		goto out;
+	}
+	for (;;) {
+		free(buf);
+		buf = calloc(1, len);
+		if (!buf) {
+			ret = -ENOMEM;
+			goto out;
+		}
+		got = pread(fd, buf, len, 0);
+		if (got < 0) {
+			ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+			goto out;
+		}
+		ret = qcow2_header_parse(buf, (size_t)got, (uint64_t)st.st_size, &h, err, errlen);
+		if (ret == -ENOBUFS && h.cluster_size > len) {
+			len = h.cluster_size;
+			continue;
+		}
+		if (ret < 0)
+			goto out;
+		break;
+	}
+	c = h.cluster_size;
+	l1_clusters = ((uint64_t)h.l1_size * 8 + c - 1) / c;
+	if (h.version < 3 || h.nb_snapshots || (h.has_bitmaps && h.nb_bitmaps) || h.has_crypto ||
+	    h.has_data_file || 3 + l1_clusters > (c * 8) >> h.refcount_order) {
+		ret =
+		    qcow2_seterr(err, errlen, -ENOTSUP,
+				 "%s: emptying an image with snapshots, bitmaps, an external data "
+				 "file or in version 2 is not supported (use -d)",
+				 path);
+		goto out;
+	}
+	zero = calloc(1, c);
+	if (!zero) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	incompat = h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
+	/* the refcounts are about to be wrong */
+	qcow2_put_be64(b8, incompat | QCOW2_INCOMPAT_DIRTY);
+	ret = pwrite_all(fd, b8, 8, QCOW2_OFF_INCOMPAT);
+	if (ret == 0)
+		ret = sync_fd(fd);
+	for (n = 0; ret == 0 && n < l1_clusters; n++)
+		ret = pwrite_all(fd, zero, c, h.l1_table_offset + n * c);
+	for (n = 1; ret == 0 && n < 3 + l1_clusters; n++)
+		ret = pwrite_all(fd, zero, c, n * c);
+	/* the L1 table at cluster 3, a one-cluster refcount table at cluster 1 */
+	qcow2_put_be64(b8, 3 * c);
+	qcow2_put_be64(b8 + 8, c);
+	qcow2_put_be32(b8 + 16, 1);
+	if (ret == 0)
+		ret = pwrite_all(fd, b8, 20, QCOW2_OFF_L1_TABLE_OFFSET);
+	if (ret == 0)
+		ret = sync_fd(fd);
+	/* its first entry: the refcount block at cluster 2 */
+	qcow2_put_be64(b8, 2 * c);
+	if (ret == 0)
+		ret = pwrite_all(fd, b8, 8, c);
+	if (ret == 0)
+		ret = sync_fd(fd);
+	/* header, refcount table and block, L1 table: one reference each */
+	for (n = 0; n < 3 + l1_clusters; n++)
+		qcow2_refcount_set(zero, n, h.refcount_order, 1);
+	if (ret == 0)
+		ret = pwrite_all(fd, zero, c, 2 * c);
+	if (ret == 0)
+		ret = sync_fd(fd);
+	qcow2_put_be64(b8, incompat);
+	if (ret == 0)
+		ret = pwrite_all(fd, b8, 8, QCOW2_OFF_INCOMPAT);
+	if (ret == 0)
+		ret = sync_fd(fd);
+	if (ret == 0 && ftruncate(fd, (off_t)((3 + l1_clusters) * c)) < 0)
+		ret = -errno;
+	if (ret < 0 && !err[0])
+		qcow2_seterr(err, errlen, ret, "%s: %s", path, strerror(-ret));
+out:
+	free(buf);
+	free(zero);
+	close(fd);
+	return ret;
+}
