@@ -163,6 +163,10 @@ int io_loop_run_once(struct io_loop *loop, bool wait);
 /* Make io_loop_run() return after the current iteration. Callable from done(). */
 void io_loop_stop(struct io_loop *loop);
 
+/* The loop whose io_loop_run_once() runs on the calling thread (its callbacks
+ * run there), or NULL outside any. */
+struct io_loop *io_loop_current(void);
+
 /* Number of submitted commands that have not yet completed. */
 unsigned io_loop_inflight(const struct io_loop *loop);
 

@@ -1256,14 +1256,24 @@ static bool busy_poll(struct io_loop *loop)
 	return false;
 }
 
+/* The loop running on this thread (io_loop_current). */
+static __thread struct io_loop *cur_loop;
+
+struct io_loop *io_loop_current(void)
+{
+	return cur_loop;
+}
+
 int io_loop_run_once(struct io_loop *loop, bool wait)
 {
+	struct io_loop *prev = cur_loop;
 	bool block;
 	int ret, n;
 
 	if (loop->running)
 		return -EBUSY;
 	loop->running = true;
+	cur_loop = loop;
 	flush_pending(loop);
 	block = wait && !loop->local_head && loop->kinflight > 0;
 	if (block && loop->poll_ns && busy_poll(loop))
@@ -1271,6 +1281,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		loop->running = false;
+		cur_loop = prev;
 		return ret;
 	}
 	if (!block && taskrun_pending(loop))
@@ -1279,6 +1290,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	n += run_local(loop);
 	run_defers(loop);
 	loop->running = false;
+	cur_loop = prev;
 	return n;
 }
 

@@ -314,6 +314,11 @@ void io_loop_stop(struct io_loop *loop)
 	loop->stop = true;
 }
 
+struct io_loop *io_loop_current(void)
+{
+	return NULL; /* one thread: nothing is submitted from another loop */
+}
+
 void io_defer_add(struct io_loop *loop, struct io_defer *d)
 {
 	(void)loop;
