@@ -17,7 +17,8 @@
  *   dec_pending  the removal exists in memory only
  *   dec_grace    the removal is durable (its write-back batch completed);
  *                waiting until data I/O that started before it has ended
- *                (two-generation counter of qcow2_io_begin/end tickets)
+ *                (two-generation counter of qcow2_io_begin/end tickets,
+ *                and of other threads' tickets through qcow2_ext_io)
  *   dec_apply    refcounts are lowered in the cache; a cluster reaching 0 is
  *                punched (hole, when the file system supports it) and then
  *                joins the free list.
@@ -603,7 +604,8 @@ static void start_grace(struct qcow2 *q)
 	append(&q->dec_wait, &q->dec_grace);
 	old = q->gen & 1;
 	q->gen++;
-	if (q->active[old] == 0)
+	q->ext_busy = q->ext.flip && !q->ext.flip(q->ext.priv);
+	if (q->active[old] == 0 && !q->ext_busy)
 		grace_done(q);
 }
 
@@ -618,7 +620,21 @@ unsigned qcow2_io_begin(struct qcow2 *q)
 void qcow2_io_end(struct qcow2 *q, unsigned t)
 {
 	q->active[t & 1]--;
-	if (q->grace_running && (t & 1) != (q->gen & 1) && q->active[t & 1] == 0)
+	if (q->grace_running && (t & 1) != (q->gen & 1) && q->active[t & 1] == 0 && !q->ext_busy)
+		grace_done(q);
+}
+
+void qcow2_set_ext_io(struct qcow2 *q, const struct qcow2_ext_io *x)
+{
+	q->ext = x ? *x : (struct qcow2_ext_io){0};
+}
+
+void qcow2_ext_io_idle(struct qcow2 *q)
+{
+	if (!q->grace_running || !q->ext_busy)
+		return;
+	q->ext_busy = false;
+	if (q->active[(q->gen & 1) ^ 1] == 0)
 		grace_done(q);
 }
 

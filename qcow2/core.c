@@ -82,6 +82,11 @@ bool q2_meta_overlaps(const struct qcow2 *q, uint64_t host, uint64_t len)
 	return i < q->meta.n && q->meta.v[i] <= c1;
 }
 
+bool qcow2_is_metadata(const struct qcow2 *q, uint64_t host, uint64_t len)
+{
+	return q2_meta_overlaps(q, host, len);
+}
+
 bool q2_meta_overlaps_cluster(const struct qcow2 *q, uint64_t cluster, struct q2_meta_gap *gap)
 {
 	size_t i;

@@ -252,6 +252,8 @@ struct qcow2 {
 	unsigned gen;
 	unsigned active[2];
 	bool grace_running;
+	struct qcow2_ext_io ext; /* other threads' data I/O (qcow2_set_ext_io) */
+	bool ext_busy;           /* the running grace period waits for it too */
 	struct q2_u64v dec_wait; /* in the running grace period */
 
 	/* Write-back */

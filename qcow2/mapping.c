@@ -196,13 +196,13 @@ static int l2_locate(struct qcow2 *q, uint64_t gc, uint64_t *soff, uint32_t *idx
 /* ---- read mapping ---- */
 
 /* Append an extent, merging with the previous one. false if @max is reached. */
-static bool emit(struct qcow2_extent *ext, unsigned *n, unsigned max, uint8_t type, uint64_t off,
-		 uint64_t len, uint64_t host)
+static bool emit_f(struct qcow2_extent *ext, unsigned *n, unsigned max, uint8_t type, uint64_t off,
+		   uint64_t len, uint64_t host, uint8_t flags)
 {
 	if (*n) {
 		struct qcow2_extent *p = &ext[*n - 1];
 
-		if (p->type == type && p->off + p->len == off &&
+		if (p->type == type && p->off + p->len == off && p->flags == flags &&
 		    (type == QCOW2_MAP_ZERO || type == QCOW2_MAP_UNALLOC ||
 		     (type == QCOW2_MAP_DATA && p->host + p->len == host))) {
 			p->len += len;
@@ -211,10 +211,19 @@ static bool emit(struct qcow2_extent *ext, unsigned *n, unsigned max, uint8_t ty
 	}
 	if (*n >= max)
 		return false;
-	ext[*n] = (struct qcow2_extent){.type = type, .off = off, .len = len, .host = host};
+	ext[*n] = (struct qcow2_extent){
+	    .type = type, .off = off, .len = len, .host = host, .flags = flags};
 	(*n)++;
 	return true;
 }
+
+static bool emit(struct qcow2_extent *ext, unsigned *n, unsigned max, uint8_t type, uint64_t off,
+		 uint64_t len, uint64_t host)
+{
+	return emit_f(ext, n, max, type, off, len, host, 0);
+}
+
+static bool writable_in_place(const struct qcow2 *q, uint64_t e);
 
 /* Unallocated range: backing data up to the backing file's size, zeroes after. */
 static bool emit_unalloc(const struct qcow2 *q, struct qcow2_extent *ext, unsigned *n, unsigned max,
@@ -271,7 +280,8 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 		if (state == SC_ZEROES)
 			ok = emit(ext, n, max, QCOW2_MAP_ZERO, pos, len, 0);
 		else if (state == SC_DATA)
-			ok = emit(ext, n, max, QCOW2_MAP_DATA, pos, len, host + co);
+			ok = emit_f(ext, n, max, QCOW2_MAP_DATA, pos, len, host + co,
+				    writable_in_place(q, e) ? QCOW2_EXT_INPLACE : 0);
 		else
 			ok = emit_unalloc(q, ext, n, max, pos, len);
 		return ok ? len : 0;

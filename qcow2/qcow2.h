@@ -192,6 +192,22 @@ int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned
 unsigned qcow2_io_begin(struct qcow2 *q);
 void qcow2_io_end(struct qcow2 *q, unsigned ticket);
 
+/*
+ * Data I/O the engine does not see: other threads reading and writing
+ * clusters they mapped without it (img/img_qcow2.c's fast path, with its own
+ * tickets). A grace period waits for that too: when one starts, the engine
+ * calls @flip(@priv) on its loop, which moves the caller's tickets to a new
+ * generation and returns true if none of the previous one is in flight;
+ * otherwise the caller calls qcow2_ext_io_idle() on the engine's loop once
+ * the last of them ended. NULL @x: none.
+ */
+struct qcow2_ext_io {
+	bool (*flip)(void *priv);
+	void *priv;
+};
+void qcow2_set_ext_io(struct qcow2 *q, const struct qcow2_ext_io *x);
+void qcow2_ext_io_idle(struct qcow2 *q);
+
 /* ---- mapping ---- */
 
 enum qcow2_map_type {
@@ -208,7 +224,17 @@ struct qcow2_extent {
 	uint64_t host; /* DATA: host offset of @off; COMPRESSED: offset of the compressed data */
 	uint32_t clen; /* COMPRESSED: bytes of compressed data to read (clamped to the file) */
 	uint32_t coff; /* COMPRESSED: offset of @off inside the decompressed cluster */
+	uint8_t flags; /* QCOW2_EXT_* */
 };
+
+/* A DATA extent of whole clusters (no extended L2) whose L2 entries allow a
+ * write in place (COPIED, or an external data file). qcow2_map_write() also
+ * refuses a cluster that overlaps metadata (a corrupt entry): check
+ * qcow2_is_metadata() before writing there. */
+#define QCOW2_EXT_INPLACE 1u
+
+/* Does [@host, @host + @len) of the image file overlap the engine's metadata? */
+bool qcow2_is_metadata(const struct qcow2 *q, uint64_t host, uint64_t len);
 
 /*
  * Map [@off, @off + @len) (inside the virtual size) for reading. Fills up to
