@@ -114,6 +114,9 @@ struct img_cache_stats {
 	/* the engine's activity since open (struct qcow2_cache_stats) */
 	uint64_t clusters_allocated, cow, l2_cow, l2_tables_allocated, refcount_blocks_allocated;
 	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;
+	/* requests submitted on other threads (mt_submit): served there (a
+	 * cached, allocated mapping) or handed to the image's thread */
+	uint64_t fast_hits, fast_hops;
 };
 
 struct img_grow;
@@ -232,6 +235,15 @@ struct img {
 	 * of them are enabled (read by submitters on any thread). */
 	struct img_dbm *dbms;
 	unsigned dbm_enabled;
+	/* Operations may be submitted on another loop's thread (from inside
+	 * that loop: io_loop_current() == img_io.loop, which must accept
+	 * io_post_remote()); done() then runs on that thread. The image serves
+	 * what it can there and hands the rest to its own loop and back
+	 * (qcow2: cached, allocated clusters are read and written on the
+	 * submitter's thread; everything else goes to the engine's owner).
+	 * A submission from the image's own thread keeps the img_io.loop
+	 * meaning above. Same limits as any_loop for the other operations. */
+	bool mt_submit;
 };
 
 /*
@@ -272,6 +284,14 @@ static inline bool img_may_write(const struct img *img)
 {
 	return !img->read_only && img->perm == IMG_PERM_WRITE;
 }
+
+/*
+ * Test seam (vqcowd's VQCOWD_TEST_FAST_DELAY): qcow2 holds every 4th write
+ * it serves on a submitter's thread @ms milliseconds after it mapped it, so
+ * a test sees the cluster freed and reused under it if the grace period
+ * did not wait for it. 0 (the default): off.
+ */
+void img_test_fast_delay(unsigned ms);
 
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);

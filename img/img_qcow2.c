@@ -50,6 +50,13 @@
  * always from the loop: a request starts from an io_post(), and a run of
  * steps that need no I/O is posted again after MAX_TURNS steps, so long
  * metadata-only ranges let other requests run and never recurse.
+ *
+ * Threads (img.mt_submit): a request submitted on another loop's thread
+ * (vqcowd's I/O threads) is served there when the fast table knows its
+ * clusters (fast_try: no lock, no hop; see struct fslot for the table, the
+ * tickets and why a freed cluster is never reused under such a request),
+ * otherwise handed to this image's loop, the engine's one owner (hop_in),
+ * run as above, and its done() posted back (hop_back).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -153,7 +160,90 @@ struct q2req {
 
 	/* write zeroes / discard */
 	uint64_t z_done, z_len;
+
+	/* --io-threads: submitted on another thread (its done() runs there) */
+	bool remote;
+	struct q2req *mut_next, **mut_pprev; /* on m->muts: a write-type request in flight */
+	bool mut;
 };
+
+/*
+ * The fast path (requests submitted on other threads, img.mt_submit).
+ *
+ * The owner (the image's loop, which runs the engine) publishes what it
+ * learnt from mapping in a table indexed by guest cluster (m->ft: pages of
+ * 512 entries, allocated by the owner on first use, kept until close; at
+ * most ft_maxpages, the L2 cache's budget): a normal data cluster (FE_DATA,
+ * FE_RW if it is written in place: COPIED, or an external data file) or a
+ * compressed one (FE_COMP: offset and length of its compressed bytes). A
+ * thread reads an entry with one atomic load and, on a hit, does the read,
+ * the inflate or the in-place write itself. Anything else goes to the owner
+ * (hop_in) and comes back (hop_back).
+ *
+ * An entry is only ever true or absent: the owner clears the range of every
+ * write-type request (write, write-zeroes, discard: the only operations
+ * that change mappings while the engine is open) when it starts, before
+ * the engine changes an L2 entry, and publishes nothing inside the range of
+ * another such request in flight (m->muts); everything is cleared before
+ * the engine closes (snapshots, bitmaps, handoff, close). A cluster freed
+ * by such a change is reused only after a grace period (qcow2/alloc.c),
+ * which also waits for the fast tickets (struct fslot.active): a thread
+ * takes its ticket before it loads an entry (fast_ticket: generation,
+ * increment, generation again, all sequentially consistent), the owner
+ * clears entries before it starts the grace period (fast_flip: new
+ * generation, then the counters), so either the thread sees the entry
+ * cleared or the owner sees its ticket. The thread that ends the last
+ * ticket of the old generation wakes the owner (fast_wake).
+ */
+#define FT_BITS         9 /* entries per page */
+#define FT_MAX_CLUSTERS (1ull << 27)
+#define FSLOTS          64 /* threads with a fast path, per image */
+#define FBUFS           4  /* cluster buffers kept per thread */
+#define FE_DATA         (1ull << 63)
+#define FE_RW           (1ull << 62)
+#define FE_COMP         (1ull << 61)
+#define FE_HOST_MASK    ((1ull << 56) - 1)
+#define FE_CHOST_BITS   41
+#define FE_CLEN_MAX     (1ull << 20)
+
+enum { FM_READ = 1, FM_WRITE = 2 };
+
+struct fslot;
+
+/* A request served on its submitter's thread. */
+struct q2fast {
+	struct io_cmd cmd;
+	struct fslot *s;
+	struct img_io *io;
+	struct q2fast *next;
+	void *cbuf, *ibuf; /* compressed: its bytes, inflated */
+	uint32_t coff;
+	unsigned ticket;
+	uint64_t host; /* a delayed write (test seam) */
+};
+
+/* One submitting thread (claimed by its loop on its first request). */
+struct fslot {
+	struct io_loop *loop; /* atomic: set once by its thread */
+	struct q2img *m;
+	unsigned active[2];      /* atomic: fast requests in flight, by generation */
+	uint64_t n_fast, n_hops; /* atomic (relaxed): statistics */
+	bool wake_posted;        /* atomic: wake_cmd on its way to the owner */
+	struct io_cmd wake_cmd;
+	/* this thread's only */
+	struct q2fast *free;
+	void *bufs[FBUFS];
+	unsigned nbufs;
+	unsigned nwrites; /* fast writes (test seam) */
+} __attribute__((aligned(64)));
+
+/* Test seam (img_test_fast_delay): hold every 4th fast write this long. */
+static unsigned test_delay_ms;
+
+void img_test_fast_delay(unsigned ms)
+{
+	__atomic_store_n(&test_delay_ms, ms, __ATOMIC_RELAXED);
+}
 
 /* One inflated cluster: the compressed bytes at [host, host + clen) inflate to buf. */
 struct zc_ent {
@@ -191,6 +281,22 @@ struct q2img {
 	uint64_t cs;
 	struct qcow2_waiter st_w; /* img_block_status's parked caller */
 	struct img_wait *st_user;
+
+	/* the fast path (see struct fslot) */
+	uint64_t **ft; /* atomic: pages of atomic entries (owner allocates) */
+	uint64_t ft_n; /* guest clusters covered */
+	size_t ft_npages, ft_maxpages;
+	unsigned fmode;           /* atomic: FM_READ, FM_WRITE */
+	unsigned fgen;            /* atomic: generation of the fast tickets */
+	bool ext_wait;            /* atomic: the engine's grace period waits for them */
+	uint8_t ctype;            /* atomic: compression type, for the threads */
+	unsigned cb;              /* cluster bits */
+	bool extl2;               /* extended L2 entries: no fast path */
+	unsigned remote_inflight; /* atomic: submitted on other threads, not done */
+	unsigned nclaimed;        /* atomic: slots claimed (0: nothing to publish for) */
+	struct fslot *slots;      /* FSLOTS */
+	struct q2req *muts;       /* write-type requests in flight (owner) */
+	struct qcow2_ext_io ext;
 };
 
 static void step(struct q2req *r, int res);
@@ -245,6 +351,300 @@ static void zc_drop(struct q2img *m, uint64_t off, uint64_t len)
 static struct io_file *data_file(struct q2img *m)
 {
 	return m->own_dfile ? &m->dfile : &m->file;
+}
+
+/* ---- the fast path: the owner's side ---- */
+
+static uint64_t *ft_page(struct q2img *m, uint64_t gc)
+{
+	uint64_t **ft = __atomic_load_n(&m->ft, __ATOMIC_ACQUIRE);
+
+	return ft && gc < m->ft_n ? __atomic_load_n(&ft[gc >> FT_BITS], __ATOMIC_ACQUIRE) : NULL;
+}
+
+/* Owner: publish entry @e of guest cluster @gc (dropped if out of budget). */
+static void ft_store(struct q2img *m, uint64_t gc, uint64_t e)
+{
+	uint64_t *pg;
+
+	if (gc >= m->ft_n)
+		return;
+	if (!m->ft) {
+		uint64_t **ft = calloc((size_t)((m->ft_n >> FT_BITS) + 1), sizeof(*ft));
+
+		if (!ft)
+			return;
+		__atomic_store_n(&m->ft, ft, __ATOMIC_RELEASE);
+	}
+	pg = m->ft[gc >> FT_BITS];
+	if (!pg) {
+		if (m->ft_npages >= m->ft_maxpages)
+			return;
+		pg = calloc(1u << FT_BITS, sizeof(*pg));
+		if (!pg)
+			return;
+		m->ft_npages++;
+		__atomic_store_n(&m->ft[gc >> FT_BITS], pg, __ATOMIC_RELEASE);
+	}
+	__atomic_store_n(&pg[gc & ((1u << FT_BITS) - 1)], e, __ATOMIC_SEQ_CST);
+}
+
+/* Owner: forget the guest clusters [off, off + len) touches. */
+static void ft_clear(struct q2img *m, uint64_t off, uint64_t len)
+{
+	uint64_t gc, end;
+
+	if (!m->ft || !len)
+		return;
+	gc = off >> m->cb;
+	end = ((off + len - 1) >> m->cb) + 1;
+	if (end > m->ft_n)
+		end = m->ft_n;
+	while (gc < end) {
+		uint64_t *pg = m->ft[gc >> FT_BITS];
+		uint64_t pend = ((gc >> FT_BITS) + 1) << FT_BITS;
+
+		if (pend > end)
+			pend = end;
+		for (; pg && gc < pend; gc++)
+			__atomic_store_n(&pg[gc & ((1u << FT_BITS) - 1)], 0, __ATOMIC_SEQ_CST);
+		gc = pend;
+	}
+}
+
+static void ft_clear_all(struct q2img *m)
+{
+	ft_clear(m, 0, m->ft_n << m->cb);
+}
+
+/* Owner: does a write-type request other than @self cover a cluster of [off, off + len)? */
+static bool mut_overlaps(struct q2img *m, uint64_t off, uint64_t len, const struct q2req *self)
+{
+	uint64_t a = off >> m->cb, b = (off + len - 1) >> m->cb;
+
+	for (struct q2req *o = m->muts; o; o = o->mut_next) {
+		if (o != self && o->io->len && a <= (o->io->off + o->io->len - 1) >> m->cb &&
+		    o->io->off >> m->cb <= b)
+			return true;
+	}
+	return false;
+}
+
+static bool bitmaps_recording(struct q2img *m)
+{
+	struct qcow2_bitmap_info *all;
+	bool rec = false;
+	int n = qcow2_bitmaps(m->q, NULL, 0);
+
+	if (n <= 0)
+		return false;
+	all = calloc((size_t)n, sizeof(*all));
+	if (!all)
+		return true;
+	qcow2_bitmaps(m->q, all, (unsigned)n);
+	for (int i = 0; i < n; i++)
+		rec = rec || all[i].recording;
+	free(all);
+	return rec;
+}
+
+/*
+ * Owner: what the threads may do. Reads while the engine is open (not with
+ * extended L2 entries: a cluster's subclusters may differ); in-place writes
+ * also need the write permission, a sound image and no recording dirty
+ * bitmap (a fast write would not mark it).
+ */
+static void fast_mode_update(struct q2img *m)
+{
+	unsigned mode = 0;
+
+	if (m->q && !m->extl2 && !qcow2_is_corrupt(m->q)) {
+		mode = FM_READ;
+		if (img_may_write(&m->img) && !bitmaps_recording(m))
+			mode |= FM_WRITE;
+	}
+	__atomic_store_n(&m->fmode, mode, __ATOMIC_SEQ_CST);
+}
+
+/* Owner, before the engine closes or the image changes hands: nothing is fast. */
+static void fast_off(struct q2img *m)
+{
+	__atomic_store_n(&m->fmode, 0, __ATOMIC_SEQ_CST);
+	ft_clear_all(m);
+}
+
+/* At close, every thread done with the image: what the fast path allocated. */
+static void fast_free(struct q2img *m)
+{
+	for (unsigned i = 0; m->slots && i < FSLOTS; i++) {
+		struct fslot *s = &m->slots[i];
+
+		/* a wake-up still on its way to our loop */
+		while (__atomic_load_n(&s->wake_posted, __ATOMIC_SEQ_CST) &&
+		       io_loop_run_once(m->img.loop, true) >= 0)
+			;
+		while (s->free) {
+			struct q2fast *f = s->free;
+
+			s->free = f->next;
+			free(f);
+		}
+		for (unsigned k = 0; k < s->nbufs; k++)
+			io_free_aligned(s->bufs[k]);
+	}
+	free(m->slots);
+	if (m->ft) {
+		for (uint64_t p = 0; p <= m->ft_n >> FT_BITS; p++)
+			free(m->ft[p]);
+		free(m->ft);
+	}
+}
+
+/* Requests other threads served themselves, and those they handed to the owner. */
+static void fast_counts(struct q2img *m, uint64_t *hits, uint64_t *hops)
+{
+	*hits = *hops = 0;
+	for (unsigned i = 0; m->slots && i < FSLOTS; i++) {
+		*hits += __atomic_load_n(&m->slots[i].n_fast, __ATOMIC_RELAXED);
+		*hops += __atomic_load_n(&m->slots[i].n_hops, __ATOMIC_RELAXED);
+	}
+}
+
+/* Requests in flight: the owner's and those of other threads. */
+static unsigned busy_count(struct q2img *m)
+{
+	return m->inflight + __atomic_load_n(&m->remote_inflight, __ATOMIC_ACQUIRE);
+}
+
+static bool fast_flip(void *priv);
+
+/* At open: the slots, the table's reach and budget. */
+static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
+{
+	struct qcow2_cache_stats c;
+
+	m->slots = aligned_alloc(64, FSLOTS * sizeof(*m->slots));
+	if (!m->slots)
+		return -ENOMEM;
+	memset(m->slots, 0, FSLOTS * sizeof(*m->slots));
+	for (unsigned i = 0; i < FSLOTS; i++)
+		m->slots[i].m = m;
+	m->cb = h->cluster_bits;
+	m->extl2 = (h->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0;
+	m->ft_n = (qcow2_size(m->q) + m->cs - 1) >> m->cb;
+	if (m->ft_n > FT_MAX_CLUSTERS)
+		m->ft_n = FT_MAX_CLUSTERS;
+	qcow2_cache_stats(m->q, &c);
+	/* as many entries as the L2 cache holds, at least 512 pages (2 MiB) */
+	m->ft_maxpages = (size_t)(c.l2_max * c.entry_size / 4096);
+	if (m->ft_maxpages < 512)
+		m->ft_maxpages = 512;
+	m->ext.flip = fast_flip;
+	m->ext.priv = m;
+	return 0;
+}
+
+/* Owner: a new engine (open, reopen): nothing known yet, its ticket hook set. */
+static void fast_engine(struct q2img *m)
+{
+	ft_clear_all(m);
+	__atomic_store_n(&m->ext_wait, false, __ATOMIC_SEQ_CST);
+	if (m->q) {
+		__atomic_store_n(&m->ctype, (uint8_t)qcow2_header(m->q)->compression_type,
+				 __ATOMIC_RELAXED);
+		qcow2_set_ext_io(m->q, &m->ext);
+	}
+	fast_mode_update(m);
+}
+
+/* Owner: publish what a read mapped (DATA and COMPRESSED extents). */
+static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
+{
+	for (int i = 0; i < n; i++, x++) {
+		uint64_t gc = x->off >> m->cb, last = (x->off + x->len - 1) >> m->cb;
+
+		if (x->type == QCOW2_MAP_DATA && !mut_overlaps(m, x->off, x->len, NULL)) {
+			for (; gc <= last; gc++) {
+				uint64_t host = x->host + (gc << m->cb) - x->off;
+				uint64_t *pg = ft_page(m, gc);
+				uint64_t cur = pg ? __atomic_load_n(&pg[gc & ((1u << FT_BITS) - 1)],
+								    __ATOMIC_RELAXED)
+						  : 0;
+
+				/* in place as qcow2_map_write() would allow it: not over metadata
+				 */
+				bool rw = (x->flags & QCOW2_EXT_INPLACE) &&
+					  (m->has_dfile || !qcow2_is_metadata(m->q, host, m->cs));
+				uint64_t e = FE_DATA | host | (rw ? FE_RW : 0);
+
+				if ((host & (m->cs - 1)) || host > FE_HOST_MASK)
+					break;
+				if (cur != e)
+					ft_store(m, gc, e);
+			}
+		} else if (x->type == QCOW2_MAP_COMPRESSED && gc == last &&
+			   x->host < (1ull << FE_CHOST_BITS) && x->clen < FE_CLEN_MAX &&
+			   !mut_overlaps(m, x->off, x->len, NULL)) {
+			ft_store(m, gc, FE_COMP | x->host | ((uint64_t)x->clen << FE_CHOST_BITS));
+		}
+	}
+}
+
+/* Owner: publish an in-place write mapping of @r (its own range excepted). */
+static void publish_inplace(struct q2img *m, struct q2req *r)
+{
+	const struct qcow2_alloc *a = &r->a;
+	uint64_t gc = a->off >> m->cb, last = (a->off + a->len - 1) >> m->cb;
+
+	if (!__atomic_load_n(&m->fmode, __ATOMIC_RELAXED) || mut_overlaps(m, a->off, a->len, r))
+		return;
+	for (; gc <= last; gc++) {
+		uint64_t host = a->host + (gc << m->cb) - a->off;
+
+		if ((host & (m->cs - 1)) || host > FE_HOST_MASK)
+			return;
+		ft_store(m, gc, FE_DATA | FE_RW | host);
+	}
+}
+
+/*
+ * Owner, a grace period starts (qcow2_ext_io.flip): fast tickets count in a
+ * new generation from now on; true if none of the old one is in flight.
+ */
+static bool fast_flip(void *priv)
+{
+	struct q2img *m = priv;
+	unsigned old = __atomic_load_n(&m->fgen, __ATOMIC_RELAXED) & 1;
+
+	__atomic_store_n(&m->fgen, __atomic_load_n(&m->fgen, __ATOMIC_RELAXED) + 1,
+			 __ATOMIC_SEQ_CST);
+	__atomic_store_n(&m->ext_wait, true, __ATOMIC_SEQ_CST);
+	for (unsigned i = 0; i < FSLOTS; i++) {
+		if (__atomic_load_n(&m->slots[i].active[old], __ATOMIC_SEQ_CST))
+			return false;
+	}
+	__atomic_store_n(&m->ext_wait, false, __ATOMIC_SEQ_CST);
+	return true;
+}
+
+/* Owner: a thread ended the last fast ticket of the old generation it saw. */
+static void fast_wake(struct io_cmd *cmd, int res)
+{
+	struct fslot *s = cmd->priv;
+	struct q2img *m = s->m;
+	unsigned old = (__atomic_load_n(&m->fgen, __ATOMIC_RELAXED) & 1) ^ 1;
+
+	(void)res;
+	__atomic_store_n(&s->wake_posted, false, __ATOMIC_SEQ_CST);
+	if (!__atomic_load_n(&m->ext_wait, __ATOMIC_SEQ_CST))
+		return;
+	for (unsigned i = 0; i < FSLOTS; i++) {
+		if (__atomic_load_n(&m->slots[i].active[old], __ATOMIC_SEQ_CST))
+			return;
+	}
+	__atomic_store_n(&m->ext_wait, false, __ATOMIC_SEQ_CST);
+	if (m->q)
+		qcow2_ext_io_idle(m->q);
 }
 
 /* ---- pools ---- */
@@ -326,14 +726,48 @@ static void req_free_all(struct q2img *m)
 
 /* ---- what step() waits for: completions ---- */
 
+/* On the submitter's thread: a request handed to the owner is done. */
+static void hop_back(struct io_cmd *cmd, int res)
+{
+	struct img_io *io = cmd->priv;
+	struct q2img *m = io->impl;
+
+	(void)res;
+	__atomic_fetch_sub(&m->remote_inflight, 1, __ATOMIC_RELEASE);
+	io->done(io, io->err);
+}
+
+/* The end of a request on the owner: done() here, or back on its submitter's thread. */
+static void io_finish(struct q2img *m, struct img_io *io, bool remote, int err)
+{
+	if (!remote) {
+		io->done(io, err < 0 ? err : 0);
+		return;
+	}
+	io->err = err < 0 ? err : 0;
+	io->impl = m;
+	io->cmd.done = hop_back;
+	io->cmd.priv = io;
+	io_post_remote(io->loop, &io->cmd);
+}
+
 static void complete_now(struct q2req *r, int err)
 {
 	struct q2img *m = r->m;
 	struct img_io *io = r->io;
+	bool remote = r->remote;
 
+	if (r->mut) {
+		*r->mut_pprev = r->mut_next;
+		if (r->mut_next)
+			r->mut_next->mut_pprev = r->mut_pprev;
+		r->mut = false;
+	}
+	if (err == -EIO && m->q && qcow2_is_corrupt(m->q))
+		fast_mode_update(m); /* no more fast writes */
 	m->inflight--;
 	req_put(m, r);
-	io->done(io, err < 0 ? err : 0);
+	io_finish(m, io, remote, err);
 }
 
 static void link_done(struct qcow2_flush *f, int res)
@@ -608,6 +1042,10 @@ static int read_map(struct q2req *r)
 
 	r->rd_ticket = qcow2_io_begin(q);
 	n = qcow2_map_read(q, r->rd_off + rel, r->rd_len - rel, r->ext, Q2_MAX_EXT, &r->w);
+	if (n > 0 && r->state == RQ_READ_MAP &&
+	    __atomic_load_n(&r->m->nclaimed, __ATOMIC_RELAXED) &&
+	    (__atomic_load_n(&r->m->fmode, __ATOMIC_RELAXED) & FM_READ))
+		publish_read(r->m, r->ext, n);
 	r->pending = 0;
 	r->err = 0;
 	for (int i = 0; i < n && ret == 0; i++) {
@@ -1040,6 +1478,8 @@ static void step(struct q2req *r, int res)
 			}
 			r->turns = 0;
 			if (ret == QCOW2_WRITE_INPLACE) {
+				if (r->remote)
+					publish_inplace(m, r);
 				r->state = RQ_INPLACE;
 				ret = inplace_issue(r);
 				if (ret < 0) {
@@ -1179,22 +1619,273 @@ static void nomem_done(struct io_cmd *cmd, int res)
 	io->done(io, -ENOMEM);
 }
 
+static void submit_owner(struct q2img *m, struct img_io *io, bool remote);
+
+/* ---- the fast path: the submitter's side ---- */
+
+/* This thread's slot (claimed on its first request), or NULL: all taken. */
+static struct fslot *slot_of(struct q2img *m, struct io_loop *loop)
+{
+	for (unsigned i = 0; i < FSLOTS; i++) {
+		struct fslot *s = &m->slots[i];
+		struct io_loop *l = __atomic_load_n(&s->loop, __ATOMIC_ACQUIRE);
+
+		if (l == loop)
+			return s;
+		if (!l && __atomic_compare_exchange_n(&s->loop, &l, loop, false, __ATOMIC_ACQ_REL,
+						      __ATOMIC_ACQUIRE)) {
+			__atomic_fetch_add(&m->nclaimed, 1, __ATOMIC_RELAXED);
+			return s;
+		}
+		if (l == loop)
+			return s;
+	}
+	return NULL;
+}
+
+/* A fast ticket of the current generation (see struct fslot). */
+static unsigned fast_ticket(struct q2img *m, struct fslot *s)
+{
+	for (;;) {
+		unsigned g = __atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST);
+
+		__atomic_fetch_add(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST) == g)
+			return g & 1;
+		__atomic_fetch_sub(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
+	}
+}
+
+static void fast_ticket_end(struct q2img *m, struct fslot *s, unsigned t)
+{
+	if (__atomic_sub_fetch(&s->active[t], 1, __ATOMIC_SEQ_CST) == 0 &&
+	    (__atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST) & 1) != t &&
+	    __atomic_load_n(&m->ext_wait, __ATOMIC_SEQ_CST) &&
+	    !__atomic_exchange_n(&s->wake_posted, true, __ATOMIC_SEQ_CST)) {
+		s->wake_cmd.done = fast_wake;
+		s->wake_cmd.priv = s;
+		io_post_remote(m->img.loop, &s->wake_cmd);
+	}
+}
+
+static uint64_t ft_load(struct q2img *m, uint64_t gc)
+{
+	uint64_t *pg = ft_page(m, gc);
+
+	return pg ? __atomic_load_n(&pg[gc & ((1u << FT_BITS) - 1)], __ATOMIC_SEQ_CST) : 0;
+}
+
+static void *fbuf_get(struct q2img *m, struct fslot *s)
+{
+	return s->nbufs ? s->bufs[--s->nbufs] : io_alloc_aligned(2 * m->cs);
+}
+
+static void fbuf_put(struct fslot *s, void *b)
+{
+	if (!b)
+		return;
+	if (s->nbufs < FBUFS)
+		s->bufs[s->nbufs++] = b;
+	else
+		io_free_aligned(b);
+}
+
+static void fast_done(struct io_cmd *cmd, int res)
+{
+	struct q2fast *f = cmd->priv;
+	struct fslot *s = f->s;
+	struct q2img *m = s->m;
+	struct img_io *io = f->io;
+
+	if (res >= 0 && f->cbuf) {
+		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
+					    (size_t)res, f->ibuf, m->cs);
+		if (res < 0)
+			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
+		else
+			io_iov_from_buf(io->iov, io->iovcnt, 0, (uint8_t *)f->ibuf + f->coff,
+					(size_t)io->len);
+	}
+	fast_ticket_end(m, s, f->ticket);
+	fbuf_put(s, f->cbuf);
+	fbuf_put(s, f->ibuf);
+	f->cbuf = f->ibuf = NULL;
+	f->next = s->free;
+	s->free = f;
+	__atomic_fetch_sub(&m->remote_inflight, 1, __ATOMIC_RELEASE);
+	io->done(io, res < 0 ? res : 0);
+}
+
+/* Test seam: a fast write held back with its ticket, now issued. */
+static void fast_delayed(struct io_cmd *cmd, int res)
+{
+	struct q2fast *f = cmd->priv;
+	struct img_io *io = f->io;
+
+	(void)res;
+	f->cmd.done = fast_done;
+	io_writev(io->loop, &f->cmd, data_file(f->s->m), io->iov, io->iovcnt, f->host);
+}
+
+/*
+ * A read or write whose clusters are all in the table (host-contiguous; a
+ * write only to clusters written in place; a compressed one read within its
+ * cluster): issue it here. False: the owner must do it.
+ */
+static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
+{
+	unsigned mode = __atomic_load_n(&m->fmode, __ATOMIC_ACQUIRE);
+	uint64_t first, last, e0, host;
+	struct q2fast *f;
+	unsigned t;
+
+	if (!(mode & FM_READ) || !io->len ||
+	    (io->op != IMG_OP_READ && (io->op != IMG_OP_WRITE || !(mode & FM_WRITE))))
+		return false;
+	first = io->off >> m->cb;
+	last = (io->off + io->len - 1) >> m->cb;
+	if (last - first >= 16 || last >= m->ft_n)
+		return false;
+	f = s->free;
+	if (!f) {
+		f = calloc(1, sizeof(*f));
+		if (!f)
+			return false;
+		f->s = s;
+	} else {
+		s->free = f->next;
+	}
+	t = fast_ticket(m, s);
+	e0 = ft_load(m, first);
+	if (e0 & FE_COMP) {
+		uint64_t chost = e0 & ((1ull << FE_CHOST_BITS) - 1);
+		uint32_t clen = (uint32_t)((e0 >> FE_CHOST_BITS) & (FE_CLEN_MAX - 1));
+
+		if (io->op != IMG_OP_READ || first != last || clen > 2 * m->cs)
+			goto miss;
+		f->cbuf = fbuf_get(m, s);
+		f->ibuf = fbuf_get(m, s);
+		if (!f->cbuf || !f->ibuf)
+			goto miss;
+		f->coff = (uint32_t)(io->off & (m->cs - 1));
+		f->ticket = t;
+		f->io = io;
+		f->cmd.done = fast_done;
+		f->cmd.priv = f;
+		io_read(io->loop, &f->cmd, &m->file, f->cbuf, clen, chost);
+		return true;
+	}
+	if (!(e0 & FE_DATA) || (io->op == IMG_OP_WRITE && !(e0 & FE_RW)))
+		goto miss;
+	host = e0 & FE_HOST_MASK;
+	for (uint64_t gc = first + 1; gc <= last; gc++) {
+		uint64_t e = ft_load(m, gc);
+
+		if (!(e & FE_DATA) || (io->op == IMG_OP_WRITE && !(e & FE_RW)) ||
+		    (e & FE_HOST_MASK) != host + ((gc - first) << m->cb))
+			goto miss;
+	}
+	host += io->off & (m->cs - 1);
+	f->ticket = t;
+	f->io = io;
+	f->cmd.done = fast_done;
+	f->cmd.priv = f;
+	if (io->op == IMG_OP_READ) {
+		io_readv(io->loop, &f->cmd, data_file(m), io->iov, io->iovcnt, host);
+	} else if (__atomic_load_n(&test_delay_ms, __ATOMIC_RELAXED) && ++s->nwrites % 4 == 0) {
+		f->host = host;
+		f->cmd.done = fast_delayed;
+		io_timeout(io->loop, &f->cmd,
+			   __atomic_load_n(&test_delay_ms, __ATOMIC_RELAXED) * 1000000ull);
+	} else {
+		io_writev(io->loop, &f->cmd, data_file(m), io->iov, io->iovcnt, host);
+	}
+	return true;
+
+miss:
+	fast_ticket_end(m, s, t);
+	fbuf_put(s, f->cbuf);
+	fbuf_put(s, f->ibuf);
+	f->cbuf = f->ibuf = NULL;
+	f->next = s->free;
+	s->free = f;
+	return false;
+}
+
+/* On the owner: a request submitted on another thread arrives. */
+static void hop_in(struct io_cmd *cmd, int res)
+{
+	struct img_io *io = cmd->priv;
+
+	(void)res;
+	submit_owner(io->impl, io, true);
+}
+
 static void q2_submit(struct img *img, struct img_io *io)
 {
 	struct q2img *m = (struct q2img *)img;
+	struct fslot *s;
+
+	if (!io->loop || io->loop == img->loop || io_loop_current() != io->loop) {
+		submit_owner(m, io, false);
+		return;
+	}
+	/* On another loop's thread: serve it here if the table knows its clusters. */
+	__atomic_fetch_add(&m->remote_inflight, 1, __ATOMIC_ACQUIRE);
+	s = slot_of(m, io->loop);
+	if (s && fast_try(m, s, io)) {
+		__atomic_store_n(&s->n_fast, s->n_fast + 1, __ATOMIC_RELAXED);
+		return;
+	}
+	if (s)
+		__atomic_store_n(&s->n_hops, s->n_hops + 1, __ATOMIC_RELAXED);
+	io->impl = m;
+	io->cmd.done = hop_in;
+	io->cmd.priv = io;
+	io_post_remote(img->loop, &io->cmd);
+}
+
+static void nomem_finish(struct io_cmd *cmd, int res)
+{
+	struct img_io *io = cmd->priv;
+
+	(void)res;
+	io_finish(io->impl, io, true, -ENOMEM);
+}
+
+/*
+ * The engine's path, on the owner. @remote: submitted on another thread
+ * (hop_in, already from the loop), which gets done() back (io_finish).
+ */
+static void submit_owner(struct q2img *m, struct img_io *io, bool remote)
+{
+	struct img *img = &m->img;
 	struct q2req *r = req_get(m);
 	bool write =
 	    io->op == IMG_OP_WRITE || io->op == IMG_OP_DISCARD || io->op == IMG_OP_WRITE_ZEROES;
 
 	if (!r) {
 		/* no context: fail through the io's own command, still from the loop */
-		io->cmd.done = nomem_done;
+		io->cmd.done = remote ? nomem_finish : nomem_done;
 		io->cmd.priv = io;
+		io->impl = m;
 		io_post(img->loop, &io->cmd);
 		return;
 	}
 	m->inflight++;
 	r->io = io;
+	r->remote = remote;
+	r->mut = false;
+	if (write) {
+		/* It may change mappings: its clusters are not fast until it ends. */
+		ft_clear(m, io->off, io->len);
+		r->mut = true;
+		r->mut_next = m->muts;
+		r->mut_pprev = &m->muts;
+		if (m->muts)
+			m->muts->mut_pprev = &r->mut_next;
+		m->muts = r;
+	}
 	r->state = RQ_START;
 	r->w.wake = engine_wake;
 	r->w.priv = r;
@@ -1210,6 +1901,11 @@ static void q2_submit(struct img *img, struct img_io *io)
 	else if (write)
 		qcow2_bitmap_mark(m->q, io->off, io->len);
 	/* always start from the loop: done() must never run inside submit */
+	if (remote) {
+		r->turns = 0;
+		step(r, 0); /* from hop_in: the loop already */
+		return;
+	}
 	post(r);
 }
 
@@ -1220,6 +1916,7 @@ static void q2_close(struct img *img)
 	struct q2img *m = (struct q2img *)img;
 	int ret;
 
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	if (ret < 0)
 		vlog(VLOG_ERROR, img->path, "writing metadata back at close failed: %s",
@@ -1233,6 +1930,7 @@ static void q2_close(struct img *img)
 	for (unsigned i = 0; i < ZC_MAX; i++)
 		io_free_aligned(m->zc[i].buf);
 	io_free_aligned(m->zero_buf);
+	fast_free(m);
 	free(m->snaps);
 	free(img->path);
 	free(m);
@@ -1241,6 +1939,7 @@ static void q2_close(struct img *img)
 static void q2_describe(struct img *img, char *buf, size_t len)
 {
 	struct q2img *m = (struct q2img *)img;
+	uint64_t hits, hops;
 	size_t n;
 
 	if (m->q)
@@ -1252,6 +1951,12 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 		snprintf(buf + n, len - n,
 			 ", %llu compressed clusters inflated, %llu reads from them",
 			 (unsigned long long)m->n_inflated, (unsigned long long)m->n_zc_hits);
+		n = strlen(buf);
+	}
+	fast_counts(m, &hits, &hops);
+	if ((hits || hops) && n + 1 < len) {
+		snprintf(buf + n, len - n, ", fast path: %llu hits, %llu hops",
+			 (unsigned long long)hits, (unsigned long long)hops);
 		n = strlen(buf);
 	}
 	if (m->backing && n + 16 < len) {
@@ -1359,6 +2064,7 @@ static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen
 	/* another process may have rewritten the file meanwhile */
 	zc_drop(m, 0, UINT64_MAX);
 	snaps_reload(m);
+	fast_engine(m);
 	return 0;
 }
 
@@ -1388,12 +2094,13 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 	int ret;
 
 	if (release) {
-		if (m->inflight) {
+		if (busy_count(m)) {
 			if (err)
 				snprintf(err, errlen, "%s: %u request(s) still in flight",
-					 img->path, m->inflight);
+					 img->path, busy_count(m));
 			return -EBUSY;
 		}
+		fast_off(m);
 		ret = qcow2_close(m->q);
 		m->q = NULL;
 		if (ret < 0) {
@@ -1420,6 +2127,7 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 			return ret;
 		}
 	}
+	fast_mode_update(m);
 	return 0;
 }
 
@@ -1442,8 +2150,9 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (m->inflight) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+	if (busy_count(m)) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+			 busy_count(m));
 		return -EBUSY;
 	}
 	memset(&sn, 0, sizeof(sn));
@@ -1459,6 +2168,7 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 		 * guest is the host's: the same instant as the date. */
 		sn.vm_clock_nsec = (uint64_t)sn.date_sec * 1000000000ull + sn.date_nsec;
 	}
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	m->q = NULL;
 	if (ret < 0) {
@@ -1494,10 +2204,12 @@ static int q2_bitmap_edit(struct img *img, char op, const char *name, uint32_t g
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (m->inflight) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+	if (busy_count(m)) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+			 busy_count(m));
 		return -EBUSY;
 	}
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	m->q = NULL;
 	if (ret < 0)
@@ -1563,16 +2275,20 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 		}
 		img->perm = IMG_PERM_WRITE;
 		img->read_only = false;
+		fast_mode_update(m);
 		return 0;
 	}
-	if (m->inflight) {
+	if (busy_count(m)) {
 		if (err)
 			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 m->inflight);
+				 busy_count(m));
 		return -EBUSY;
 	}
+	__atomic_store_n(&m->fmode, __atomic_load_n(&m->fmode, __ATOMIC_RELAXED) & ~FM_WRITE,
+			 __ATOMIC_SEQ_CST);
 	ret = qcow2_set_read_only(m->q, true);
 	if (ret < 0) {
+		fast_mode_update(m);
 		if (err && ret == -ENOTSUP)
 			snprintf(err, errlen,
 				 "%s: enabled persistent dirty bitmaps cannot be kept on a layer "
@@ -1591,9 +2307,11 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 		img->read_only = was_ro;
 		img->backing = was_backing;
 		qcow2_set_read_only(m->q, false);
+		fast_mode_update(m);
 		return ret;
 	}
 	img->perm = IMG_PERM_READ;
+	fast_mode_update(m);
 	return 0;
 }
 
@@ -1682,6 +2400,7 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->metadata_writes = c.meta_writes;
 	st->metadata_write_bytes = c.meta_write_bytes;
 	st->writeback_batches = c.wb_batches;
+	fast_counts(m, &st->fast_hits, &st->fast_hops);
 	return 0;
 }
 
@@ -2136,6 +2855,9 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	}
 	m->zc_n = (unsigned)(ZC_BUDGET / m->cs);
 	m->zc_n = m->zc_n < 2 ? 2 : m->zc_n > ZC_MAX ? ZC_MAX : m->zc_n;
+	ret = fast_init(m, h);
+	if (ret < 0)
+		goto close_dfile;
 
 	m->img.ops = &q2_ops;
 	m->img.loop = loop;
@@ -2148,6 +2870,8 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		qcow2_close(m->q);
 		m->q = NULL;
 	}
+	fast_engine(m);
+	m->img.mt_submit = true;
 	m->img.align = m->file.align > 512 ? m->file.align : 512;
 	if (m->own_dfile && m->dfile.align > m->img.align)
 		m->img.align = m->dfile.align;

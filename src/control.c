@@ -266,7 +266,7 @@ static json_t *engine_json(struct img *img)
 	if (img_cache_stats(img, &cs) < 0)
 		return NULL;
 	return json_pack(
-	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "l2-hits",
+	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "l2-hits",
 	    (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses, "l2-evictions",
 	    (json_int_t)cs.l2_evictions, "refcount-hits", (json_int_t)cs.refcount_hits,
 	    "refcount-misses", (json_int_t)cs.refcount_misses, "refcount-evictions",
@@ -278,7 +278,8 @@ static json_t *engine_json(struct img *img)
 	    (json_int_t)cs.metadata_writes, "metadata-write-bytes",
 	    (json_int_t)cs.metadata_write_bytes, "writeback-batches",
 	    (json_int_t)cs.writeback_batches, "compressed-inflated",
-	    (json_int_t)cs.compressed_inflated);
+	    (json_int_t)cs.compressed_inflated, "fast-path-hits", (json_int_t)cs.fast_hits,
+	    "fast-path-hops", (json_int_t)cs.fast_hops);
 }
 
 static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)

@@ -23,8 +23,12 @@
  *
  *  - --io-threads N > 1 (struct iothread, each its own io_loop). A raw
  *    image: queue i is served by I/O thread i mod N: kick poll, pop, submit,
- *    image I/O, push, call. A qcow2 image: the rings and the requests stay
- *    on the main thread (the engine's only owner) and the I/O threads
+ *    image I/O, push, call. A qcow2 image (img.mt_submit) the same, without
+ *    --qmp: the thread serves cached, allocated clusters itself and hands
+ *    the rest to the main thread, the engine's only owner, and back
+ *    (img/img_qcow2.c). With --qmp (external snapshots and block-commit
+ *    swap the image under blk/, which is not thread-safe there) a qcow2
+ *    image's rings and requests stay on the main thread and the I/O threads
  *    inflate compressed clusters (img_io.loop). The main thread keeps the
  *    sockets, signals and the control path, and parks the I/O threads
  *    (pause_all) around each of its calls into vhost/ and blk/. HACKING.md,
@@ -1362,7 +1366,10 @@ static void flush_done(struct img_io *io, int res)
 		log_err("final flush failed: %s", strerror(-res));
 		d->exit_code = 1;
 	} else {
-		logmsg("image flushed; exiting");
+		char desc[512];
+
+		img_describe(d->img, desc, sizeof(desc));
+		logmsg("image flushed; exiting (%s)", desc);
 	}
 	d->flushed = true;
 	io_loop_stop(d->loop);
@@ -1879,10 +1886,18 @@ int main(int argc, char **argv)
 	}
 	img_describe(d.img, desc, sizeof(desc));
 	logmsg("image: %s", desc);
-	d.hop = !d.img->any_loop;
+	/* qcow2 on the I/O threads only without --qmp: the image swaps of
+	 * src/layers.c (blk_dev_pause/resume/set_img, the commit's write hook)
+	 * are not safe beside requests on other threads. */
+	d.hop = !d.img->any_loop && !(d.img->mt_submit && !o.qmp_path && o.qmp_fd < 0);
 	d.rings_mt = d.nthreads > 1 && !d.hop;
 	if (d.nthreads > 1 && !d.hop)
 		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
+	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
+		/* a test seam: see img_test_fast_delay() */
+		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
+		log_warn("VQCOWD_TEST_FAST_DELAY: fast-path writes held back (a test seam)");
+	}
 	ret = threads_init(&d);
 	if (ret < 0) {
 		log_err("cannot set up %u I/O threads: %s", d.nthreads, strerror(-ret));
@@ -2037,7 +2052,10 @@ int main(int argc, char **argv)
 		logmsg(
 		    "%u I/O threads (queue i on thread i mod %u); %s", d.nthreads, d.nthreads,
 		    d.hop ? "rings, metadata and I/O on the main thread, inflate on the I/O threads"
-			  : "each thread serves its queues' rings and image I/O");
+		    : d.img->any_loop
+			? "each thread serves its queues' rings and image I/O"
+			: "each thread serves its queues' rings and cached clusters; the main "
+			  "thread owns the metadata");
 
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");
