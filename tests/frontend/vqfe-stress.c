@@ -7,7 +7,7 @@
  * or corrupts what a backing file shows through.
  *
  *   vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S]
- *               [--depth D] [--mix] [--map FILE] [--forever]
+ *               [--depth D] [--mix] [--churn CLUSTER] [--map FILE] [--forever]
  *
  * Block b (4 KiB) belongs to queue b % Q, so the 16 blocks of a 64 KiB
  * cluster are written by every queue at the same time; every queue keeps D
@@ -19,6 +19,17 @@
  * unknown until written again). After each round a FLUSH (on a queue
  * chosen by round), and every other round (and at the end) every block is
  * read back, spread over all queues, and compared with what it must hold.
+ *
+ * --churn CLUSTER (bytes, a multiple of 4 KiB): each round, one cluster in
+ * four (by a hash of round and cluster) is DISCARDed whole, by the queue of
+ * its first block, while the other queues write its other blocks: the
+ * back-end frees the cluster with writes to it in flight, and the next
+ * allocations reuse it (a FLUSH follows each such discard, so that the
+ * back-end may free it at once; and the clusters discarded in the round
+ * before are discarded again before the round, with nothing in flight, so
+ * that the round allocates them anew). Those blocks are unknown until written again; a
+ * freed cluster reused while a write to it was still in flight shows up as
+ * a wrong block elsewhere.
  *
  * --map FILE: one line per block at the end: "U" untouched, "Z" zeroes,
  * "D" discarded (unknown), "W <round>" written in that round (the pattern
@@ -82,6 +93,7 @@ struct job {
 	uint8_t *buf[MAXDEP];
 	struct virtio_blk_discard_write_zeroes seg[MAXDEP];
 	unsigned inflight;
+	bool flush_due; /* --churn: a FLUSH right after a discard */
 };
 
 struct ctx {
@@ -89,6 +101,7 @@ struct ctx {
 	unsigned nq, depth;
 	uint64_t nblk, seed;
 	bool mix;
+	uint64_t cpb; /* --churn: blocks per cluster (0: off) */
 	struct blk *map;
 	uint8_t *orig; /* content of untouched blocks at the start */
 	struct job job[MAXQ];
@@ -150,6 +163,14 @@ static bool next_block(struct ctx *c, struct job *j, bool all, uint64_t *b)
 	}
 }
 
+/* --churn: is the cluster of block @b discarded whole in @round? */
+static bool churned(const struct ctx *c, uint32_t round, uint64_t b)
+{
+	return c->cpb &&
+	       mix64((c->seed << 24) ^ ((uint64_t)round << 44) ^ (b / c->cpb) ^ 0x5bd1e995u) % 4 ==
+		   0;
+}
+
 static int write_round(struct ctx *c, uint32_t round)
 {
 	unsigned inflight = 0;
@@ -157,6 +178,25 @@ static int write_round(struct ctx *c, uint32_t round)
 
 	for (unsigned q = 0; q < c->nq; q++)
 		c->job[q].next = 0;
+	/* a cluster discarded whole: nothing of it is known afterwards */
+	for (uint64_t b = 0; c->cpb && b < c->nblk; b++)
+		if (churned(c, round, b) && c->map[b].st == ST_UNTOUCHED)
+			c->map[b].st = ST_DISCARDED;
+	/* Last round's discarded clusters, discarded again (nothing in flight):
+	 * this round allocates them anew, while clusters it discards are freed. */
+	for (uint64_t b = 0; c->cpb && round > 1 && b < c->nblk; b += c->cpb) {
+		uint64_t n = b + c->cpb > c->nblk ? c->nblk - b : c->cpb;
+
+		if (!churned(c, round - 1, b))
+			continue;
+		if (vqfe_discard_wz(c->fe, 0, VIRTIO_BLK_T_DISCARD, b * BS, n * BS, 0) !=
+		    VIRTIO_BLK_S_OK)
+			return fail(c, "discard");
+		for (uint64_t k = b; k < b + n; k++)
+			c->map[k].st = ST_DISCARDED;
+	}
+	if (c->cpb && round > 1 && vqfe_flush(c->fe, 0) != VIRTIO_BLK_S_OK)
+		return fail(c, "flush");
 	while (more || inflight) {
 		more = false;
 		for (unsigned q = 0; q < c->nq; q++) {
@@ -175,12 +215,39 @@ static int write_round(struct ctx *c, uint32_t round)
 						break;
 					}
 				}
+				if (r && j->flush_due) {
+					/* the discard made durable at once: the back-end
+					 * may free the cluster while writes to it run */
+					memset(r, 0, sizeof(*r));
+					r->type = VIRTIO_BLK_T_FLUSH;
+					r->user = j;
+					j->flush_due = false;
+					if (vqfe_submit(c->fe, q, r) < 0)
+						return fail(c, "submit");
+					j->inflight++;
+					inflight++;
+					kicked = true;
+					continue;
+				}
 				if (!r || !next_block(c, j, false, &b))
 					break;
 				more = true;
 				memset(r, 0, sizeof(*r));
 				h = mix64((c->seed << 20) ^ ((uint64_t)round << 40) ^ b);
-				if (c->mix && h % 16 == 1) {
+				if (churned(c, round, b) && b % c->cpb == 0) {
+					uint64_t n = c->cpb;
+
+					if (b + n > c->nblk)
+						n = c->nblk - b;
+					j->seg[slot] = (struct virtio_blk_discard_write_zeroes){
+					    htole64(b * (BS / 512)),
+					    htole32((uint32_t)(n * (BS / 512))), 0};
+					r->type = VIRTIO_BLK_T_DISCARD;
+					r->buf = &j->seg[slot];
+					r->len = sizeof(j->seg[slot]);
+					c->map[b].st = ST_DISCARDED;
+					j->flush_due = true;
+				} else if (c->mix && h % 16 == 1) {
 					j->seg[slot] = (struct virtio_blk_discard_write_zeroes){
 					    htole64(b * (BS / 512)), htole32(BS / 512), 0};
 					r->type = (h >> 8) % 2 ? VIRTIO_BLK_T_WRITE_ZEROES
@@ -198,6 +265,8 @@ static int write_round(struct ctx *c, uint32_t round)
 					r->sector = b * (BS / 512);
 					c->map[b] = (struct blk){ST_WRITTEN, round};
 				}
+				if (churned(c, round, b))
+					c->map[b].st = ST_DISCARDED; /* races the discard */
 				r->user = j;
 				if (vqfe_submit(c->fe, q, r) < 0)
 					return fail(c, "submit");
@@ -341,22 +410,18 @@ static int write_map(struct ctx *c, const char *path)
 static void usage(void)
 {
 	fputs("usage: vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S] [--depth D]\n"
-	      "                   [--mix] [--map FILE] [--forever]\n",
+	      "                   [--mix] [--churn CLUSTER] [--map FILE] [--forever]\n",
 	      stderr);
 }
 
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
-	    {"size", required_argument, NULL, 's'},
-	    {"queues", required_argument, NULL, 'q'},
-	    {"rounds", required_argument, NULL, 'r'},
-	    {"seed", required_argument, NULL, 'S'},
-	    {"depth", required_argument, NULL, 'd'},
-	    {"mix", no_argument, NULL, 'm'},
-	    {"map", required_argument, NULL, 'M'},
-	    {"forever", no_argument, NULL, 'F'},
-	    {NULL, 0, NULL, 0},
+	    {"size", required_argument, NULL, 's'},   {"queues", required_argument, NULL, 'q'},
+	    {"rounds", required_argument, NULL, 'r'}, {"seed", required_argument, NULL, 'S'},
+	    {"depth", required_argument, NULL, 'd'},  {"mix", no_argument, NULL, 'm'},
+	    {"churn", required_argument, NULL, 'C'},  {"map", required_argument, NULL, 'M'},
+	    {"forever", no_argument, NULL, 'F'},      {NULL, 0, NULL, 0},
 	};
 	struct ctx c = {.nq = 4, .depth = 8, .seed = 1};
 	struct vqfe_opts o;
@@ -385,6 +450,9 @@ int main(int argc, char **argv)
 			break;
 		case 'm':
 			c.mix = true;
+			break;
+		case 'C':
+			c.cpb = strtoull(optarg, NULL, 0) / BS;
 			break;
 		case 'M':
 			map = optarg;
@@ -437,7 +505,7 @@ int main(int argc, char **argv)
 			fail(&c, "flush");
 			goto out;
 		}
-		if ((r % 2 == 0 || r == rounds) && verify_all(&c) < 0)
+		if ((r % 2 == 0 || r == rounds || c.cpb) && verify_all(&c) < 0)
 			goto out;
 		if (c.errors)
 			break;

@@ -14,6 +14,14 @@
 # while the threads count requests. Last, the crash test: kill -9 with the
 # four queues busy, then `qemu-img check` (leaked clusters allowed, nothing
 # else) and a second run on the same image.
+#
+# qcow2 requests on allocated clusters are served on the queues' threads (the
+# fast path, img/img_qcow2.c): each qcow2 run must show fast-path hits in the
+# daemon's exit line (none with extended L2, where it is off). The churn runs
+# discard whole clusters while other queues write them (--churn), with every
+# 4th fast-path write held 20 ms after it was mapped (VQCOWD_TEST_FAST_DELAY,
+# a test seam), so a cluster freed and reused while such a write is in flight
+# shows up as a wrong block of the cluster that reused it.
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning.
 set -u
 vqcowd=$1
@@ -63,18 +71,34 @@ sys.exit(1 if bad else 0)
 EOF
 }
 
-# run NAME IMAGE FORMAT ORIGINAL_RAW SEED: serve IMAGE, stress it, check it.
+# run NAME IMAGE FORMAT ORIGINAL_RAW SEED [FAST]: serve IMAGE, stress it, check it.
+# FAST (qcow2): "yes" the fast path must have served requests, "no" it must
+# not have. $RUN_ENV: environment for vqcowd; $RUN_ARGS: more vqfe-stress
+# arguments; $RUN_SIZE, $RUN_ROUNDS: instead of $size and $rounds.
 run() {
-	local name=$1 img=$2 fmt=$3 orig=$4 seed=$5
+	local name=$1 img=$2 fmt=$3 orig=$4 seed=$5 fast=${6:-}
+	local hits
 	echo "== $name"
-	"$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" --num-queues 4 \
-		--io-threads "$threads" 2>"$log" &
+	# shellcheck disable=SC2086
+	env ${RUN_ENV:-} "$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
+		--num-queues 4 --io-threads "$threads" 2>"$log" &
 	pid=$!
 	it_wait_serving "$pid" "$sock" "$log" "vqcowd ($name)" || return
-	"$stress" "$sock" --size $size --queues 4 --rounds "$rounds" --seed "$seed" --mix \
-		--map "$dir/map" || fail "$name: vqfe-stress found errors"
+	# shellcheck disable=SC2086
+	"$stress" "$sock" --size "${RUN_SIZE:-$size}" --queues 4 --rounds "${RUN_ROUNDS:-$rounds}" \
+		--seed "$seed" --mix ${RUN_ARGS:-} --map "$dir/map" ||
+		fail "$name: vqfe-stress found errors"
 	it_stop
 	grep -a -q 'I/O threads' "$log" || [ "$threads" = 1 ] || fail "$name: no I/O threads in the log"
+	if [ -n "$fast" ] && [ "$threads" != 1 ]; then
+		hits=$(grep -a -o 'fast path: [0-9]* hits' "$log" | grep -o '[0-9]*' | tail -1)
+		echo "fast path hits: ${hits:-0}"
+		if [ "$fast" = yes ] && [ "${hits:-0}" -eq 0 ]; then
+			fail "$name: no request took the fast path"
+		elif [ "$fast" = no ] && [ "${hits:-0}" -ne 0 ]; then
+			fail "$name: the fast path served requests"
+		fi
+	fi
 	if [ "$fmt" = qcow2 ]; then
 		qemu-img check "$img" >"$dir/check" 2>&1 || {
 			fail "$name: qemu-img check"
@@ -97,18 +121,34 @@ cp "$dir/base.raw" "$dir/img.raw"
 run raw "$dir/img.raw" raw "$dir/base.raw" 11
 
 qemu-img create -q -f qcow2 "$dir/fresh.qcow2" $size
-run "fresh qcow2" "$dir/fresh.qcow2" qcow2 "$dir/zero.raw" 12
+run "fresh qcow2" "$dir/fresh.qcow2" qcow2 "$dir/zero.raw" 12 yes
 
 qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/ov.qcow2" $size
-run "overlay on raw" "$dir/ov.qcow2" qcow2 "$dir/base.raw" 13
+run "overlay on raw" "$dir/ov.qcow2" qcow2 "$dir/base.raw" 13 yes
 
 qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k -b "$dir/base.raw" -F raw \
 	"$dir/ovx.qcow2" $size
-run "extended L2 overlay" "$dir/ovx.qcow2" qcow2 "$dir/base.raw" 14
+run "extended L2 overlay" "$dir/ovx.qcow2" qcow2 "$dir/base.raw" 14 no
 
 qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" "$dir/zbase.qcow2"
 qemu-img create -q -f qcow2 -b "$dir/zbase.qcow2" -F qcow2 "$dir/ovz.qcow2" $size
-run "overlay on compressed" "$dir/ovz.qcow2" qcow2 "$dir/base.raw" 15
+run "overlay on compressed" "$dir/ovz.qcow2" qcow2 "$dir/base.raw" 15 yes
+
+# A compressed image: reads inflate on the queues' threads.
+qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" "$dir/z.qcow2"
+run "compressed image" "$dir/z.qcow2" qcow2 "$dir/base.raw" 17 yes
+
+# Clusters freed (whole-cluster discards) and reused with fast-path writes to
+# them held in flight: every block of the clusters that reuse them verified.
+small=$((2 << 20))
+truncate -s $small "$dir/zero2.raw"
+head -c $small "$dir/base.raw" >"$dir/base2.raw"
+qemu-img create -q -f qcow2 "$dir/churn.qcow2" $small
+RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536" RUN_SIZE=$small RUN_ROUNDS=30 \
+	run "churn: fresh qcow2" "$dir/churn.qcow2" qcow2 "$dir/zero2.raw" 18 yes
+qemu-img create -q -f qcow2 -b "$dir/base2.raw" -F raw "$dir/churnov.qcow2" $small
+RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536" RUN_SIZE=$small RUN_ROUNDS=30 \
+	run "churn: overlay" "$dir/churnov.qcow2" qcow2 "$dir/base2.raw" 19 yes
 
 # Statistics changed under load: block-latency-histogram-set and
 # query-blockstats over QMP while four queues complete requests on four I/O
