@@ -1072,7 +1072,16 @@ static void drop_top(struct cjob *j)
 	j->drop_held = false;
 	while (img_backing(below) != j->base)
 		below = img_backing(below);
-	if (above_ro)
+	/* the base is a backing file again first: a layer's locks reach its
+	 * backing image (READ), which must then not be the writer it is now */
+	r = img_set_writable(j->base, false, err, sizeof(err));
+	if ((r == -EAGAIN || r == -EBUSY) && ++j->flushes < MAX_FLUSHES) {
+		/* metadata left to write back: flush again, then come back here */
+		j->end_stage = 0;
+		job_end_step(j);
+		return;
+	}
+	if (r == 0 && above_ro)
 		r = img_reopen_rw(above, err, sizeof(err));
 	if (r == 0)
 		r = img_change_backing(above, j->base, j->backing_name, j->base->ops->format, err,
@@ -1097,9 +1106,6 @@ static void drop_top(struct cjob *j)
 	for (struct img *l = top; l; l = img_backing(l))
 		name_drop(c->layers, l);
 	c->retire(c->opaque, top);
-	if (img_set_writable(j->base, false, e2, sizeof(e2)) < 0)
-		vlog(VLOG_ERROR, NULL, "qmp: job %s: %s stays writable: %s", j->id, j->base->path,
-		     e2);
 	vlog(VLOG_INFO, NULL, "qmp: job %s completed: %s is the backing file of %s", j->id,
 	     j->base->path, above->path);
 	j->end_stage = 2;

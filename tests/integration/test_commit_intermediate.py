@@ -18,6 +18,9 @@ vqcowd (every byte remembered), then vqcowd on the active layer:
     through the device and, after the daemon stopped, through the new chain
     with qemu-img; the base alone holds what mid and base held; qemu-img
     check clean on every file;
+  * a 4-layer chain, the third layer committed: the layer above it is a
+    read-only backing file, reopened read-write for its header and
+    read-only again (the base too), every byte read back;
   * kill -9 while copying (rate-limited) and around the end of an unlimited
     job: every file passes qemu-img check and the chain (old or new, as
     recorded in the active layer's header) reads what the writer wrote;
@@ -139,6 +142,41 @@ def test_commit(vqcowd, fe, work):
     verify_file(alone(base), mid_state, work, "the base alone (mid committed into it)")
 
 
+def test_four(vqcowd, fe, work):
+    """active -> a -> top -> base: the layer above top is a read-only backing file,
+    reopened read-write for its header and read-only again after."""
+    base, mid, act, w, mid_state = build_chain(vqcowd, fe, work, "f", 24)
+    a = os.path.join(work, "f-a.qcow2")
+    if os.path.exists(a):
+        os.unlink(a)
+    os.rename(act, a)
+    run("qemu-img", "rebase", "-u", "-b", mid, "-F", "qcow2", a)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", a, "-F", "qcow2", act)
+    d = Daemon(vqcowd, work, act, "f")
+    try:
+        q = Qmp(d.qsock)
+        w.vsock = d.vsock
+        w.start()
+        q.events = []
+        q.ret("block-commit", {"device": "disk0", "job-id": "c", "top-node": "disk0-backing2"})
+        seq = statuses(q, "c")
+        check(seq[-1] == "null" and any(isinstance(x, tuple) and x[0] == "BLOCK_JOB_COMPLETED"
+                                        for x in seq), "events: %r" % (seq,))
+        n = nodes(q)
+        check(n == [("disk0", act, False), ("disk0-backing1", a, True),
+                    ("disk0-backing3", base, True)], "nodes after: %r" % n)
+        check(info(a).get("backing-filename") == base, "a's header: %r" % info(a))
+        time.sleep(0.3)
+        w.stop()
+        w.verify_fe("after committing the third layer of four")
+    finally:
+        d.stop()
+    for p in (base, mid, a, act):
+        qcheck(p, "after the 4-layer intermediate commit")
+    verify_file(act, w.shadow, work, "the new 3-layer chain")
+    verify_file(alone(base), mid_state, work, "the base alone (four layers)")
+
+
 def test_kill(vqcowd, fe, work):
     for point, speed, delay in (("copy", 4 * MiB, 1.5), ("end", 0, 0.02), ("end2", 0, 0.1)):
         base, mid, act, w, mid_state = build_chain(vqcowd, fe, work, "k", 22)
@@ -225,6 +263,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         test_commit(vqcowd, fe, work)
+        test_four(vqcowd, fe, work)
         test_kill(vqcowd, fe, work)
         test_qsd(vqcowd, fe, work)
     except Fail as e:

@@ -15,6 +15,8 @@ when the job ends:
     from the base alone; qemu-img check clean on both files;
   * block-job-cancel before ready: the base holds a backing file's locks
     again (qemu-io -r opens it, a writer cannot), the chain reads as written;
+  * a raw base: reopened read-write, committed into and pivoted to (raw
+    images need --io-threads 1 to become the active layer), byte for byte;
   * kill -9 while the job copies into the reopened base: qemu-img check
     passes on both files and the chain reads what the writer wrote.
 
@@ -134,6 +136,36 @@ def test_cancel(vqcowd, fe, work):
     verify_file(alone(base), w.shadow, work, "base after cancel and commit")
 
 
+def test_raw_base(vqcowd, fe, work):
+    """A raw base opened read-only: reopened read-write, committed into, pivoted to."""
+    size = 16 * MiB
+    base = os.path.join(work, "rraw.img")
+    ov = os.path.join(work, "rrawov.qcow2")
+    for p in (base, ov):
+        if os.path.exists(p):
+            os.unlink(p)
+    run("qemu-img", "create", "-q", "-f", "raw", base, size)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ov)
+    d = Daemon(vqcowd, work, ov, "r4", extra=("--io-threads", "1"))
+    try:
+        q = Qmp(d.qsock)
+        w = Writer(fe, d.vsock, size, 14)
+        w.fill()
+        q.ret("block-commit", {"device": "disk0", "job-id": "c"})
+        q.wait_event("BLOCK_JOB_READY")
+        q.ret("block-job-complete", {"device": "c"})
+        q.wait_event("BLOCK_JOB_COMPLETED")
+        n = nodes(q)
+        check(n == [("disk0-backing1", base, False)], "nodes after the pivot: %r" % n)
+        w.write(MiB, b"\x3c" * 65536)
+        w.verify_fe("raw base after the pivot")
+    finally:
+        d.stop()
+    got = open(base, "rb").read()
+    check(got == bytes(w.shadow), "the raw base differs from what was written")
+    log("ok: a raw base opened read-only: reopened, committed into, byte for byte as written")
+
+
 def test_kill(vqcowd, fe, work):
     size = 32 * MiB
     base, ov = chain(work, size)
@@ -169,6 +201,7 @@ def main():
     try:
         test_complete(vqcowd, fe, work)
         test_cancel(vqcowd, fe, work)
+        test_raw_base(vqcowd, fe, work)
         test_kill(vqcowd, fe, work)
     except Fail as e:
         log("FAIL: %s" % e)
