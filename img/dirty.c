@@ -269,6 +269,36 @@ int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max)
 	return (int)n;
 }
 
+struct img_dbm *img_dbm_new(uint64_t size, uint32_t granularity)
+{
+	struct img_dbm *b = calloc(1, sizeof(*b));
+
+	if (!b)
+		return NULL;
+	while ((1ull << b->gbits) < granularity)
+		b->gbits++;
+	b->nbits = bits_for(size, b->gbits);
+	b->words = calloc(nwords(b->nbits) ? nwords(b->nbits) : 1, 8);
+	if (!b->words) {
+		free(b);
+		return NULL;
+	}
+	return b;
+}
+
+void img_dbm_free(struct img_dbm *b)
+{
+	dbm_free(b);
+}
+
+const uint8_t *img_dbm_bytes(const struct img_dbm *b, uint64_t *nbytes)
+{
+	_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+		       "the words' bytes are the on-disk bit order only on little-endian hosts");
+	*nbytes = (b->nbits + 7) / 8;
+	return (const uint8_t *)b->words;
+}
+
 uint64_t img_dbm_granularity(const struct img_dbm *b)
 {
 	return 1ull << b->gbits;

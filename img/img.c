@@ -288,6 +288,28 @@ int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
 	return n + p;
 }
 
+int img_bitmap_ranges(struct img *img, const char *name,
+		      int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque)
+{
+	return img->ops->bitmap_ranges ? img->ops->bitmap_ranges(img, name, fn, opaque) : -ENOTSUP;
+}
+
+int img_bitmap_set(struct img *img, const char *name, uint64_t off, uint64_t len)
+{
+	return img->ops->bitmap_set ? img->ops->bitmap_set(img, name, off, len) : -ENOTSUP;
+}
+
+int img_bitmap_merge(struct img *img, const char *name, const uint8_t *bits, uint64_t nbytes,
+		     char *err, size_t errlen)
+{
+	if (!img->ops->bitmap_merge) {
+		snprintf(err, errlen, "Block format '%s' does not support persistent bitmaps",
+			 img->ops->format);
+		return -ENOTSUP;
+	}
+	return img->ops->bitmap_merge(img, name, bits, nbytes, err, errlen);
+}
+
 struct img *img_backing(struct img *img)
 {
 	return img->ops->backing_of ? img->ops->backing_of(img) : NULL;

@@ -162,6 +162,13 @@ struct img_ops {
 	/* Optional: persistent dirty bitmaps changed (img_bitmap_edit). */
 	int (*bitmap_edit)(struct img *img, char op, const char *name, uint32_t granularity,
 			   bool disabled, char *err, size_t errlen);
+	/* Optional: persistent bitmaps' bits (img_bitmap_ranges, img_bitmap_set,
+	 * img_bitmap_merge). */
+	int (*bitmap_ranges)(struct img *img, const char *name,
+			     int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque);
+	int (*bitmap_set)(struct img *img, const char *name, uint64_t off, uint64_t len);
+	int (*bitmap_merge)(struct img *img, const char *name, const uint8_t *bits, uint64_t nbytes,
+			    char *err, size_t errlen);
 	/* Optional: become a read-only backing file, or writable again (img_set_writable). */
 	int (*set_writable)(struct img *img, bool writable, char *err, size_t errlen);
 	/* Optional: img_set_writable(true) of an image opened read-only (img_reopen_rw). */
@@ -360,6 +367,29 @@ int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max);
 uint64_t img_dbm_granularity(const struct img_dbm *b);
 bool img_dbm_enabled(const struct img_dbm *b);
 void img_dbm_free_all(struct img *img);
+/* A bitmap on no image (block-dirty-bitmap-merge's scratch), for @size bytes; NULL: no memory. */
+struct img_dbm *img_dbm_new(uint64_t size, uint32_t granularity);
+void img_dbm_free(struct img_dbm *b);
+/* The bits (bit i of byte j = granule 8j + i, the qcow2 on-disk order) and their bytes. */
+const uint8_t *img_dbm_bytes(const struct img_dbm *b, uint64_t *nbytes);
+
+/*
+ * A persistent bitmap's dirty granules as byte ranges (img_dbm_ranges'
+ * contract); a disabled one is read from the file synchronously, so call it
+ * where blocking is allowed (vqcowd: ctl_held). -ENOENT, -EUCLEAN
+ * (inconsistent), -ENOTSUP without persistent bitmaps.
+ */
+int img_bitmap_ranges(struct img *img, const char *name,
+		      int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque);
+/* Set [@off, +@len) in the enabled persistent bitmap @name (in memory); -EBUSY when disabled. */
+int img_bitmap_set(struct img *img, const char *name, uint64_t off, uint64_t len);
+/*
+ * OR @bits (img_dbm_bytes' form at @name's granularity) into the persistent
+ * bitmap @name in the file, the way img_bitmap_edit changes it (no request
+ * in flight; engine closed, file changed crash-safely, engine reopened).
+ */
+int img_bitmap_merge(struct img *img, const char *name, const uint8_t *bits, uint64_t nbytes,
+		     char *err, size_t errlen);
 
 /* An online resize (img_grow): the caller's, alive until done() ran. */
 struct img_grow {

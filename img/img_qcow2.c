@@ -2230,6 +2230,41 @@ static int q2_bitmap_edit(struct img *img, char op, const char *name, uint32_t g
 	return ret;
 }
 
+/* A merge into a disabled persistent bitmap: the same path with the bits. */
+static int q2_bitmap_merge(struct img *img, const char *name, const uint8_t *bits, uint64_t nbytes,
+			   char *err, size_t errlen)
+{
+	struct q2img *m = (struct q2img *)img;
+	char rerr[300] = "";
+	int ret, r2;
+
+	if (!m->q) {
+		snprintf(err, errlen, "%s: the image is inactive", img->path);
+		return -EIO;
+	}
+	if (m->inflight) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+		return -EBUSY;
+	}
+	ret = qcow2_close(m->q);
+	m->q = NULL;
+	if (ret < 0)
+		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
+			 strerror(-ret));
+	else
+		ret = qcow2_bitmap_merge_file(&m->file, img->path, name, bits, nbytes, err, errlen);
+	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	if (r2 < 0) {
+		vlog(VLOG_ERROR, img->path, "reopening the image after a bitmap merge failed: %s",
+		     rerr);
+		if (ret == 0) {
+			snprintf(err, errlen, "%s", rerr);
+			ret = r2;
+		}
+	}
+	return ret;
+}
+
 /*
  * The external snapshot's old active layer becomes a backing file (and
  * block-commit's base a writer again) without closing anything: the same
@@ -2430,6 +2465,21 @@ static int q2_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
 	}
 	free(all);
 	return n;
+}
+
+static int q2_bitmap_ranges(struct img *img, const char *name,
+			    int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque)
+{
+	struct q2img *m = (struct q2img *)img;
+
+	return m->q ? qcow2_bitmap_ranges(m->q, name, fn, opaque) : -ENOENT;
+}
+
+static int q2_bitmap_set(struct img *img, const char *name, uint64_t off, uint64_t len)
+{
+	struct q2img *m = (struct q2img *)img;
+
+	return m->q ? qcow2_bitmap_set(m->q, name, off, len) : -ENOENT;
 }
 
 /* ---- online grow ---- */
@@ -2667,6 +2717,9 @@ static const struct img_ops q2_ops = {
     .bitmap_edit = q2_bitmap_edit,
     .snapshot_list = q2_snapshot_list,
     .bitmaps = q2_bitmaps,
+    .bitmap_ranges = q2_bitmap_ranges,
+    .bitmap_set = q2_bitmap_set,
+    .bitmap_merge = q2_bitmap_merge,
     .set_writable = q2_set_writable,
     .reopen_rw = q2_reopen_rw,
     .change_backing = q2_change_backing,

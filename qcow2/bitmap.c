@@ -961,6 +961,131 @@ bool q2_bitmap_tracking(const struct qcow2 *q)
 	return q->bms && q->bms->ntracked;
 }
 
+/* The bitmap named @name (full name, from the directory), or NULL. */
+static struct q2_bm *bm_by_name(const struct qcow2 *q, const char *name)
+{
+	const struct q2_bitmaps *b = q->bms;
+	size_t nl = strlen(name);
+
+	for (uint32_t i = 0; b && i < b->n; i++) {
+		const uint8_t *e = b->dir + b->bm[i].pos;
+
+		if (qcow2_be16(e + offsetof(struct bm_dir_disk, name_size)) == nl &&
+		    !memcmp(e + BM_DIR_ENTRY_LEN, name, nl))
+			return &b->bm[i];
+	}
+	return NULL;
+}
+
+/* Report the runs of set bits of one chunk (index @k) through @fn; *@run_start carries a run. */
+static int chunk_runs(const struct qcow2 *q, const struct q2_bm *bm, uint32_t k, const uint8_t *c,
+		      bool last, uint64_t *run_start, bool *in,
+		      int (*fn)(void *, uint64_t, uint64_t), void *opaque)
+{
+	uint64_t bits_per = q->cs * 8, base = (uint64_t)k * bits_per;
+
+	for (uint64_t i = 0; i < bits_per && base + i < bm->nbits; i++) {
+		bool set = c && ((c[i / 8] >> (i % 8)) & 1);
+
+		if (set && !*in) {
+			*run_start = base + i;
+			*in = true;
+		} else if (!set && *in) {
+			int r = fn(opaque, *run_start << bm->gbits,
+				   (base + i - *run_start) << bm->gbits);
+
+			*in = false;
+			if (r < 0)
+				return r;
+		}
+	}
+	if (last && *in) {
+		*in = false;
+		return fn(opaque, *run_start << bm->gbits, (bm->nbits - *run_start) << bm->gbits);
+	}
+	return 0;
+}
+
+int qcow2_bitmap_ranges(struct qcow2 *q, const char *name,
+			int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque)
+{
+	struct q2_bm *bm = bm_by_name(q, name);
+	struct qcow2_io fio = q2_file_io(q->file);
+	uint64_t *t = NULL, run = 0;
+	uint8_t *c = NULL;
+	bool in = false;
+	int ret = 0;
+
+	if (!bm)
+		return -ENOENT;
+	if (!bm->tracked && (bm->flags & BM_FLAG_IN_USE))
+		return -EUCLEAN;
+	if (bm->tracked) {
+		for (uint32_t k = 0; ret == 0 && k < bm->nchunks; k++)
+			ret = chunk_runs(q, bm, k, bm->chunks[k], k + 1 == bm->nchunks, &run, &in,
+					 fn, opaque);
+		return ret;
+	}
+	ret = qcow2_read_table(&fio, bm->table_off, bm->table_size, &t);
+	if (ret < 0)
+		return ret;
+	c = malloc(q->cs);
+	if (!c) {
+		free(t);
+		return -ENOMEM;
+	}
+	for (uint32_t k = 0; ret == 0 && k < bm->nchunks; k++) {
+		uint64_t e = t[k], off = e & BM_TE_OFFSET_MASK;
+		const uint8_t *p = NULL;
+
+		if (off) {
+			ret = io_file_pread_sync(q->file, c, q->cs, off);
+			p = c;
+		} else if (e & BM_TE_ALL_ONES) {
+			memset(c, 0xff, q->cs);
+			p = c;
+		}
+		if (ret == 0)
+			ret = chunk_runs(q, bm, k, p, k + 1 == bm->nchunks, &run, &in, fn, opaque);
+	}
+	free(c);
+	free(t);
+	return ret;
+}
+
+int qcow2_bitmap_set(struct qcow2 *q, const char *name, uint64_t off, uint64_t len)
+{
+	struct q2_bm *bm = bm_by_name(q, name);
+	uint64_t bits_per = q->cs * 8, first, last;
+
+	if (!bm)
+		return -ENOENT;
+	if (!bm->tracked || bm->lost)
+		return -EBUSY;
+	if (!len)
+		return 0;
+	first = off >> bm->gbits;
+	last = (off + len - 1) >> bm->gbits;
+	if (first >= bm->nbits)
+		return 0;
+	if (last >= bm->nbits)
+		last = bm->nbits - 1;
+	while (first <= last) {
+		uint32_t k = (uint32_t)(first / bits_per);
+		uint64_t base = (uint64_t)k * bits_per;
+		uint64_t end = last < base + bits_per - 1 ? last : base + bits_per - 1;
+
+		if (!bm->chunks[k]) {
+			bm->chunks[k] = calloc(1, q->cs);
+			if (!bm->chunks[k])
+				return -ENOMEM;
+		}
+		set_bits(bm->chunks[k], first - base, end - base);
+		first = end + 1;
+	}
+	return 0;
+}
+
 bool qcow2_has_enabled_bitmaps(const struct qcow2 *q)
 {
 	return q->bms && q->bms->ntracked;

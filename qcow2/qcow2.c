@@ -721,6 +721,23 @@ int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const cha
 	return ret;
 }
 
+int qcow2_bitmap_merge_file(struct io_file *file, const char *path, const char *name,
+			    const uint8_t *bits, uint64_t nbytes, char *err, size_t errlen)
+{
+	struct qcow2_io fio = q2_file_io(file);
+	char msg[300] = "";
+	int ret;
+
+	give_back_tail(file, path);
+	ret = qcow2_bitmap_merge_io(&fio, path, name, bits, nbytes, msg, sizeof(msg));
+	if (ret < 0) {
+		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
+		return ret;
+	}
+	give_back_tail(file, path);
+	return ret;
+}
+
 int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t *n)
 {
 	struct qcow2_io fio = q2_file_io(q->file);

@@ -421,6 +421,34 @@ int qcow2_bitmap_file(struct io_file *file, const char *path, char op, const cha
 		      uint32_t granularity, bool disabled, char *err, size_t errlen);
 
 /*
+ * Merge @bits (@nbytes bytes, one bit per granule of the bitmap's
+ * granularity, on-disk bit order) into the persistent bitmap @name of the
+ * image in @file (qcow2fmt/image.h, qcow2_bitmap_merge_io), under the same
+ * rules as qcow2_bitmap_file: no engine open on @file meanwhile. 0 or -errno.
+ */
+int qcow2_bitmap_merge_file(struct io_file *file, const char *path, const char *name,
+			    const uint8_t *bits, uint64_t nbytes, char *err, size_t errlen);
+
+/*
+ * The dirty granules of the persistent bitmap @name, as byte ranges in
+ * order (the last may reach past the end), passed to @fn until it returns
+ * < 0 (returned). An enabled bitmap's bits come from memory; a disabled
+ * one's are read from the file, synchronously (call it where blocking I/O
+ * is allowed: vqcowd's held-requests path). -ENOENT, -EUCLEAN (in use on
+ * disk: inconsistent), -EIO, -ENOMEM.
+ */
+int qcow2_bitmap_ranges(struct qcow2 *q, const char *name,
+			int (*fn)(void *opaque, uint64_t off, uint64_t len), void *opaque);
+
+/*
+ * Set the granules of [@off, @off + @len) in the enabled persistent bitmap
+ * @name (merge into it; stored with its other bits at close). -ENOENT, or
+ * -EBUSY when @name is not one the engine holds in memory (disabled: use
+ * qcow2_bitmap_merge_file with the engine closed).
+ */
+int qcow2_bitmap_set(struct qcow2 *q, const char *name, uint64_t off, uint64_t len);
+
+/*
  * The snapshot table as on disk now (read synchronously through io/: open
  * time only, like qcow2_open). *@out (malloc'd) gets *@n entries. 0 or -errno.
  */

@@ -252,6 +252,17 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 			 uint32_t granularity, bool disabled, char *err, size_t errlen);
 
 /*
+ * Merge into the persistent bitmap @bname (QMP block-dirty-bitmap-merge with
+ * this target): @bits (@nbytes bytes, one bit per granule of @bname's
+ * granularity, bit i of byte j = granule 8j + i, as on disk) are ORed into
+ * its bits, written copy-on-write in the order of qcow2_bitmap_edit_io (new
+ * data clusters and table, new directory, one header write, old ones
+ * released). -ENOENT, -EUCLEAN (in use) as there. 0 or -errno with @err set.
+ */
+int qcow2_bitmap_merge_io(const struct qcow2_io *io, const char *name, const char *bname,
+			  const uint8_t *bits, uint64_t nbytes, char *err, size_t errlen);
+
+/*
  * *@end: the byte offset one past the last cluster with a non-zero refcount
  * (everything after it is free). A writer that closed the image may cut the
  * file there: vqcowd preallocates ahead of what it uses, and its online

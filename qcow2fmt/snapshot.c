@@ -1146,6 +1146,81 @@ static int bmd_new_table(struct sctx *c, unsigned gbits, uint8_t *e)
 	return 0;
 }
 
+/*
+ * Merge (op 'm'): a new table and new data clusters for the entry @e (its
+ * old table still named there): each chunk is the old bits (read, or all
+ * ones) ORed with @bits (@nbytes bytes, one bit per granule of the entry's
+ * granularity, as on disk), the bits past the disk cleared; all-zero chunks
+ * get no cluster. Written before their refcounts, like every new cluster.
+ */
+static int bmd_merge_table(struct sctx *c, uint8_t *e, const uint8_t *bits, uint64_t nbytes)
+{
+	unsigned gbits = e[17];
+	uint64_t dbits = ((c->im->h.size & ~511ull) + (1ull << gbits) - 1) >> gbits;
+	uint64_t n = ((dbits + 7) / 8 + c->cs - 1) >> c->cb, toff;
+	uint64_t old_off = qcow2_be64(e), *t = NULL, *nt = NULL;
+	uint32_t old_n = qcow2_be32(e + 8);
+	uint8_t *buf = NULL;
+	int ret;
+
+	if (!n)
+		n = 1;
+	ret = qcow2_read_table(c->io, old_off, old_n, &t);
+	if (ret < 0)
+		return FAIL(c, ret, "reading a bitmap table: %s", strerror(-ret));
+	buf = malloc(c->cs);
+	nt = calloc(n, 8);
+	ret = -ENOMEM;
+	if (!buf || !nt)
+		goto out;
+	for (uint64_t k = 0; k < n; k++) {
+		uint64_t te = k < old_n ? t[k] : 0, d = te & BMD_TE_MASK, base = k << c->cb;
+		bool any = false;
+
+		memset(buf, (!d && (te & 1)) ? 0xff : 0, c->cs);
+		if (d) {
+			ret = qcow2_io_read(c->io, buf, c->cs, d);
+			if (ret < 0) {
+				ret = FAIL(c, ret, "reading bitmap data: %s", strerror(-ret));
+				goto out;
+			}
+		}
+		for (uint64_t i = 0; i < c->cs && base + i < nbytes; i++)
+			buf[i] |= bits[base + i];
+		for (uint64_t b = 0; b < c->cs * 8; b++) /* tail bits past the disk */
+			if (base * 8 + b >= dbits)
+				buf[b / 8] &= (uint8_t) ~(1u << (b % 8));
+		for (uint64_t i = 0; i < c->cs && !any; i++)
+			any = buf[i] != 0;
+		if (!any)
+			continue;
+		ret = alloc(c, 1, &d);
+		if (ret == 0) {
+			ret = qcow2_io_write(c->io, buf, c->cs, d);
+			if (ret < 0)
+				ret = FAIL(c, ret, "writing bitmap data: %s", strerror(-ret));
+		}
+		if (ret < 0)
+			goto out;
+		qcow2_put_be64(&nt[k], d);
+	}
+	ret = alloc(c, (n * 8 + c->cs - 1) >> c->cb, &toff);
+	if (ret == 0) {
+		ret = qcow2_io_write(c->io, nt, n * 8, toff);
+		if (ret < 0)
+			ret = FAIL(c, ret, "writing a bitmap table: %s", strerror(-ret));
+	}
+	if (ret < 0)
+		goto out;
+	qcow2_put_be64(e, toff);
+	qcow2_put_be32(e + 8, (uint32_t)n);
+out:
+	free(t);
+	free(nt);
+	free(buf);
+	return ret;
+}
+
 /* Release a bitmap's table and data clusters (after the commit: errors only leak). */
 static void bmd_release(struct sctx *c, const uint8_t *e)
 {
@@ -1271,8 +1346,9 @@ static int bmd_front(struct sctx *c, uint64_t *front)
 	return 0;
 }
 
-int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
-			 uint32_t granularity, bool disabled, char *err, size_t errlen)
+static int bmd_edit(const struct qcow2_io *io, const char *name, char op, const char *bname,
+		    uint32_t granularity, bool disabled, const uint8_t *bits, uint64_t nbytes,
+		    char *err, size_t errlen)
 {
 	struct qcow2_oimg im;
 	struct sctx c = {0};
@@ -1390,6 +1466,11 @@ int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, c
 			ret = bmd_new_table(&c, e[17], e);
 			if (ret < 0)
 				goto out;
+		} else if (op == 'm') {
+			drop = dir + at;
+			ret = bmd_merge_table(&c, e, bits, nbytes);
+			if (ret < 0)
+				goto out;
 		} else if (op == 'e' || op == 'd') {
 			uint32_t f = qcow2_be32(e + 12);
 
@@ -1440,6 +1521,20 @@ out:
 	ctx_free(&c);
 	qcow2_oimg_close(&im);
 	return ret;
+}
+
+int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
+			 uint32_t granularity, bool disabled, char *err, size_t errlen)
+{
+	if (op == 'm')
+		return qcow2_seterr(err, errlen, -EINVAL, "unknown bitmap operation");
+	return bmd_edit(io, name, op, bname, granularity, disabled, NULL, 0, err, errlen);
+}
+
+int qcow2_bitmap_merge_io(const struct qcow2_io *io, const char *name, const char *bname,
+			  const uint8_t *bits, uint64_t nbytes, char *err, size_t errlen)
+{
+	return bmd_edit(io, name, 'm', bname, 0, false, bits, nbytes, err, errlen);
 }
 
 int qcow2_used_end_io(const struct qcow2_io *io, const char *name, uint64_t *end, char *err,

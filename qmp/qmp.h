@@ -57,6 +57,7 @@ enum qmp_type {
 	QMP_INT, /* a JSON integer */
 	QMP_BOOL,
 	QMP_INT_LIST, /* a JSON array of integers (QAPI ['uint64'], ['int']) */
+	QMP_LIST,     /* a JSON array; the handler checks its elements */
 };
 
 struct qmp_arg {

@@ -200,6 +200,7 @@ static const char *type_name(enum qmp_type t)
 	case QMP_BOOL:
 		return "boolean";
 	case QMP_INT_LIST:
+	case QMP_LIST:
 		return "array";
 	}
 	return "?";
@@ -215,6 +216,7 @@ static bool type_ok(enum qmp_type t, json_t *v)
 	case QMP_BOOL:
 		return json_is_boolean(v);
 	case QMP_INT_LIST:
+	case QMP_LIST:
 		return json_is_array(v);
 	}
 	return false;

@@ -49,13 +49,14 @@ from qmplib import Daemon, Qmp, check, log, run_main
 CMDS = ["query-version", "query-block-exports", "query-named-block-nodes", "query-blockstats",
         "block-latency-histogram-set", "qmp_capabilities", "nope", "",
         "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
-        "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"]
+        "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"]
 ARGS = ["node-name", "device", "id", "size", "flat", "x", "query-nodes", "boundaries",
         "boundaries-read", "boundaries-write", "boundaries-flush", "node", "name",
-        "granularity", "persistent", "disabled"]
+        "granularity", "persistent", "disabled", "target", "bitmaps"]
 VALS = [None, True, False, 0, -1, 1, 2 ** 63, 2 ** 64, -2 ** 63, 1.5, "", "disk0", "export0",
         "x" * 300, "\u00e9\u0000", [], {}, [1, 2, 3], [3, 2], [0], [1, "x"], [[1]],
-        list(range(1, 70)), {"a": {"b": None}}]
+        list(range(1, 70)), {"a": {"b": None}}, ["x", {"node": "disk0", "name": "x"}],
+        [{"node": "disk0"}, None], ["x", 1]]
 
 
 def messages(rng, n):

@@ -365,7 +365,15 @@ static void bitmap_crash(bool with_bm, char op, const char *name)
 		CU_ASSERT_FATAL(tu_sh("cp %s %s", base, work) == 0);
 		c.fd = open(work, O_RDWR);
 		CU_ASSERT_FATAL(c.fd >= 0);
-		ret = qcow2_bitmap_edit_io(&io, work, op, name, 0, false, err, sizeof(err));
+		if (op == 'm') {
+			/* merge: granules 0..3, 9 and the last bit of a 64-byte run */
+			static const uint8_t bits[64] = {0x0f, 0x02, [63] = 0x80};
+
+			ret = qcow2_bitmap_merge_io(&io, work, name, bits, sizeof(bits), err,
+						    sizeof(err));
+		} else {
+			ret = qcow2_bitmap_edit_io(&io, work, op, name, 0, false, err, sizeof(err));
+		}
 		close(c.fd);
 		if (ret < 0 && !c.crashed)
 			fprintf(stderr, "bitmap op %c failed without a crash: %s\n", op, err);
@@ -373,7 +381,7 @@ static void bitmap_crash(bool with_bm, char op, const char *name)
 		if (n < 0) {
 			total = c.writes;
 			CU_ASSERT_FATAL(tu_sh(list, work, new) == 0);
-			if (op != 'c') /* clear changes the bits only */
+			if (op != 'c' && op != 'm') /* clear and merge change the bits only */
 				CU_ASSERT(tu_sh("cmp -s %s %s", old, new) != 0);
 			CU_ASSERT(tu_sh("qemu-img check %s >/dev/null 2>&1", work) == 0);
 		}
@@ -417,6 +425,11 @@ static void test_bitmap_clear(void)
 	bitmap_crash(true, 'c', "b0");
 }
 
+static void test_bitmap_merge(void)
+{
+	bitmap_crash(true, 'm', "b0");
+}
+
 static void test_bitmap_disable(void)
 {
 	bitmap_crash(true, 'd', "b0");
@@ -449,6 +462,7 @@ int main(void)
 		    skip);
 	tu_add_test(s, "bitmap add: crash after every write", test_bitmap_add, skip);
 	tu_add_test(s, "bitmap clear: crash after every write", test_bitmap_clear, skip);
+	tu_add_test(s, "bitmap merge: crash after every write", test_bitmap_merge, skip);
 	tu_add_test(s, "bitmap disable: crash after every write", test_bitmap_disable, skip);
 	tu_add_test(s, "bitmap remove (the last): crash after every write", test_bitmap_remove_last,
 		    skip);
