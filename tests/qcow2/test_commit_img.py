@@ -18,7 +18,7 @@ qemu-img, with the same arguments:
 Cases: qcow2 base; raw base; compressed, zero, partial and unallocated
 clusters in the top; extended L2 (subclusters) in both; a top larger than
 its base; -d; -b with a 3-layer chain (implies -d; the middle layer
-unchanged); -r; -t none.
+unchanged); -r (and that -r 2M takes about 2 s for 4 MiB); -t none.
 Refusals as qemu-img's: no backing file, -b not in the chain, the top or
 the base locked by a running qemu-io (qemu's lock message), and by a
 running vqcowd serving the top or the base.
@@ -179,6 +179,13 @@ def test_cases():
         same(name, dirs, args, base_fmt, top_kept="-d" in args)
         log("ok: commit %s %s: as qemu-img (top byte for byte, base compared)" %
             (name, " ".join(args)))
+    # -r: bytes per second; 4 MiB to copy at 2 MiB/s take about 2 s (1 MiB may go at once)
+    dirs = build("rate-slow", writes=("write -P 0x12 0 4M",))
+    t0 = time.monotonic()
+    r = commit("ours", dirs[0], ["-r", "2M"])
+    took = time.monotonic() - t0
+    check(r.rc == 0 and 1.2 < took < 20, "-r 2M: rc %d, %.2f s\n%s" % (r.rc, took, r.describe()))
+    log("ok: commit -r 2M of 4 MiB took %.2f s" % took)
     # -b: three layers, into the deepest; implies -d; the middle layer unchanged
     dirs = build("three", writes=TOP_WRITES, base_writes=BASE_WRITES, mid=True)
     mids = [open(os.path.join(d, "m.qcow2"), "rb").read() for d in dirs]
