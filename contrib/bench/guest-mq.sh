@@ -222,6 +222,7 @@ boot() {
 	vm_stop "$bpid" 20
 	bpid=
 	[ "$VM_STOP_STATUS" = 0 ] || echo "guest-mq.sh: $kind exited with status $VM_STOP_STATUS" >&2
+	grep -ho 'fast path: [0-9]* hits, [0-9]* hops' "$tmp/$kind.log" | sed "s/^/  $kind $image: /" >&2 || true
 	la=$(load1)
 	if ! grep -qa 'VQCOW-GUEST: PASS mqbench' "$con"; then
 		echo "guest-mq.sh: guest job failed ($kind $image); console:" >&2

@@ -152,6 +152,9 @@ run() { # KIND CELL
 	wait "$bpid" 2>/dev/null || st=$?
 	bpid=
 	[ $st = 0 ] || echo "mq.sh: $kind exited with status $st after SIGTERM ($cell)" >&2
+	# vqcowd's exit line counts requests served on the queue threads (fast path hits)
+	# and those handed to the image's owner thread (hops)
+	grep -ho 'fast path: [0-9]* hits, [0-9]* hops' "$tmp/log" | sed "s/^/mq.sh: $cell $kind: /" >&2 || true
 	if [ $rc != 0 ]; then
 		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind, run left out:" >&2
 		cat "$tmp/fe.log" "$tmp/log" >&2
