@@ -2169,7 +2169,7 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 		sn.vm_clock_nsec = (uint64_t)sn.date_sec * 1000000000ull + sn.date_nsec;
 	}
 	fast_off(m);
-	ret = qcow2_close(m->q);
+	ret = qcow2_close_free(m->q, &freed); /* free clusters: to the next engine */
 	m->q = NULL;
 	if (ret < 0) {
 		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,

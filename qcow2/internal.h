@@ -218,6 +218,7 @@ struct qcow2 {
 	struct q2_u64v punchq; /* freed clusters waiting for their hole punch */
 	size_t punchq_pos;
 	bool punch_busy, no_punch;
+	bool punch_hold; /* closing for an edit: no new punch (qcow2_close_free) */
 	uint64_t punch_c, punch_n;
 	struct io_cmd punch_cmd;
 	/*
@@ -424,6 +425,11 @@ void q2_alloc_exit(struct qcow2 *q);
  * metadata are skipped. Returns how many were taken.
  */
 uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n);
+/*
+ * Move the free clusters below the cursor (waiting for their punch, or on
+ * the free list) to @out: the engine forgets them (they stay free).
+ */
+int q2_alloc_take_free(struct qcow2 *q, struct q2_u64v *out);
 
 /* ---- writeback.c ---- */
 void q2_wb_kick(struct qcow2 *q);  /* start a batch soon if there is work */

@@ -507,13 +507,16 @@ fail:
 	return ret;
 }
 
-int qcow2_close(struct qcow2 *q)
+static struct qcow2_freed *take_free(struct qcow2 *q);
+
+static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 {
 	int ret, bret;
 
 	if (!q)
 		return 0;
 	q2_l2_prefetch_stop(q);
+	q->punch_hold = freed != NULL;
 	bret = q2_bitmap_store(q);
 	if (!q->read_only)
 		q2_resv_release(q);
@@ -527,6 +530,8 @@ int qcow2_close(struct qcow2 *q)
 		if (io_loop_run_once(q->loop, true) < 0)
 			break;
 	}
+	if (freed)
+		*freed = take_free(q);
 	q2_l2_prefetch_exit(q);
 	q2_wb_exit(q);
 	q2_mapping_exit(q);
@@ -534,6 +539,17 @@ int qcow2_close(struct qcow2 *q)
 	q2_alloc_exit(q);
 	free_engine(q);
 	return ret;
+}
+
+int qcow2_close(struct qcow2 *q)
+{
+	return close_engine(q, NULL);
+}
+
+int qcow2_close_free(struct qcow2 *q, struct qcow2_freed **freed)
+{
+	*freed = NULL;
+	return close_engine(q, freed);
 }
 
 const struct qcow2_header_info *qcow2_header(const struct qcow2 *q)
@@ -602,17 +618,20 @@ void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)
  * grew by a preallocation chunk per command. Nothing past the last cluster
  * with a refcount is referenced. Then re-read the size.
  */
-static void give_back_tail(struct io_file *file, const char *path)
+static uint64_t give_back_tail(struct io_file *file, const char *path)
 {
 	struct qcow2_io fio = q2_file_io(file);
 	uint64_t end = 0, size = 0;
 	char msg[300] = "";
 
-	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) == 0 && end &&
-	    io_file_get_size(file, &size) == 0 && size > end && ftruncate(file->fd, (off_t)end) < 0)
+	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) < 0)
+		end = 0;
+	if (end && io_file_get_size(file, &size) == 0 && size > end &&
+	    ftruncate(file->fd, (off_t)end) < 0)
 		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
 	if (io_file_get_size(file, &file->size) < 0)
 		file->size = 0; /* re-read at the next open anyway */
+	return end;             /* 0: unknown */
 }
 
 /* The runs of clusters a delete freed, for the reopened engine. */
@@ -647,12 +666,29 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 {
 	struct qcow2_io fio = q2_file_io(file);
 	struct qcow2_snap_punch punch = {note_freed, NULL};
-	struct qcow2_freed *f = NULL;
+	struct qcow2_freed *f = *freed;
+	uint64_t end;
 	char msg[300] = "";
 	int ret;
 
 	*freed = NULL;
-	give_back_tail(file, path);
+	end = give_back_tail(file, path);
+	if (f) {
+		/* carried from the closed engine: keep what lies below the end of
+		 * what is in use (the edit allocates only past it) */
+		size_t k = 0;
+
+		for (size_t i = 0; i < f->n; i++) {
+			uint64_t c = f->run[2 * i], n = f->run[2 * i + 1], e = end >> f->cb;
+
+			if (c >= e)
+				continue;
+			f->run[2 * k] = c;
+			f->run[2 * k + 1] = c + n > e ? e - c : n;
+			k++;
+		}
+		f->n = k;
+	}
 	if (op == 'c') {
 		ret = qcow2_snapshot_create_io(&fio, path, sn, QCOW2_SNAP_UNIQUE_NAME, msg,
 					       sizeof(msg));
@@ -662,16 +698,18 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 		 * requests wait: the reopened engine punches them in the
 		 * background and reuses them (qcow2_adopt_freed).
 		 */
-		f = calloc(1, sizeof(*f));
-		if (f) {
+		if (!f)
+			f = calloc(1, sizeof(*f));
+		if (f && !f->cb) {
 			uint8_t b[4];
 
 			/* cluster_bits, read back by the delete anyway */
 			if (fio.read(fio.opaque, b, 4, 20) == 0 && qcow2_be32(b) >= 9 &&
 			    qcow2_be32(b) <= 21)
 				f->cb = qcow2_be32(b);
-			punch.opaque = f;
 		}
+		if (f)
+			punch.opaque = f;
 		ret = qcow2_snapshot_delete_io(&fio, path, id, name, sn, f && f->cb ? &punch : NULL,
 					       msg, sizeof(msg));
 	}
@@ -687,6 +725,29 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 	return ret;
 }
 
+/* The free clusters below the cursor, punched or not, for the next engine. */
+static struct qcow2_freed *take_free(struct qcow2 *q)
+{
+	struct q2_u64v v = {0};
+	struct qcow2_freed *f = NULL;
+
+	if (q2_alloc_take_free(q, &v) < 0 || !v.n)
+		goto out;
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		goto out;
+	f->cb = q->cb;
+	for (size_t i = 0; i < v.n; i++) {
+		if (f->n && f->run[2 * (f->n - 1)] + f->run[2 * (f->n - 1) + 1] == v.v[i])
+			f->run[2 * (f->n - 1) + 1]++;
+		else
+			note_freed(f, v.v[i] << q->cb, q->cs);
+	}
+out:
+	q2_u64v_free(&v);
+	return f;
+}
+
 void qcow2_adopt_freed(struct qcow2 *q, struct qcow2_freed *f)
 {
 	uint64_t total = 0;
@@ -697,9 +758,10 @@ void qcow2_adopt_freed(struct qcow2 *q, struct qcow2_freed *f)
 		if (f->cb == q->cb)
 			total += q2_alloc_adopt(q, f->run[2 * i], f->run[2 * i + 1]);
 	}
-	if (total)
-		Q2_LOG(q, DEBUG, "%llu clusters freed while closed: punched, then reused",
-		       (unsigned long long)total);
+	if (q)
+		Q2_LOG(q, DEBUG,
+		       "%llu clusters freed while closed (%zu runs): punched, then reused",
+		       (unsigned long long)total, f->n);
 	free(f->run);
 	free(f);
 }

@@ -508,10 +508,19 @@ static int l2_read(struct sctx *c, uint8_t *buf, uint64_t off)
 	return 0;
 }
 
-/* Write an L2 table, and the kept copy with it. */
-static int l2_write(struct sctx *c, const uint8_t *buf, uint64_t off)
+/*
+ * Write bytes [@lo, @hi) of the L2 table @buf at @off, in whole sectors (a
+ * table QEMU wrote slice by slice keeps its holes), and the kept copy.
+ */
+static int l2_write(struct sctx *c, const uint8_t *buf, uint64_t off, uint64_t lo, uint64_t hi)
 {
-	int i = l2_find(c, off), ret = qcow2_io_write(c->io, buf, c->cs, off);
+	int i = l2_find(c, off), ret;
+
+	lo &= ~511ull;
+	hi = (hi + 511) & ~511ull;
+	if (hi > c->cs)
+		hi = c->cs;
+	ret = qcow2_io_write(c->io, buf + lo, hi - lo, off + lo);
 
 	if (ret < 0) {
 		if (i >= 0) { /* unknown content now: forget it */
@@ -591,8 +600,7 @@ static int fix_copied(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off,
 	if (!l2)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < n && ret == 0; i++) {
-		uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, v, ne;
-		bool changed = false;
+		uint64_t off = l1[i] & QCOW2_L1E_OFFSET_MASK, v, ne, lo = c->cs, hi = 0;
 
 		if (!off)
 			continue;
@@ -611,11 +619,13 @@ static int fix_copied(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off,
 			ne = v == 1 ? e | QCOW2_OFLAG_COPIED : e & ~QCOW2_OFLAG_COPIED;
 			if (ret == 0 && ne != e) {
 				qcow2_put_be64(p, ne);
-				changed = true;
+				if (lo > j * h->l2_entry_size)
+					lo = j * h->l2_entry_size;
+				hi = (j + 1) * h->l2_entry_size;
 			}
 		}
-		if (ret == 0 && changed)
-			ret = l2_write(c, l2, off);
+		if (ret == 0 && hi)
+			ret = l2_write(c, l2, off, lo, hi);
 		if (ret == 0)
 			ret = rc_get(c, off >> c->cb, &v);
 		ne = v == 1 ? l1[i] | QCOW2_OFLAG_COPIED : l1[i] & ~QCOW2_OFLAG_COPIED;

@@ -251,6 +251,10 @@ def test_online_punch(vqcowd, fe_bin, work):
         t = time.monotonic()
         q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "s"})
         took = time.monotonic() - t
+        # At once another create and delete: the close before them does not
+        # wait for the punches, what is left unpunched goes on to the next engine.
+        q.ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "t"})
+        q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "t"})
         for _ in range(100):  # the punch runs in the background, after the reply
             freed = before - os.stat(img).st_blocks * 512
             if freed >= qemu_freed:
@@ -270,8 +274,9 @@ def test_online_punch(vqcowd, fe_bin, work):
     check_clean(img, "after an online delete that punched")
     m = json.loads(qimg("map", "--output=json", img).stdout)
     new = [e for e in m if e["data"] and 48 * MiB <= e["start"] < 56 * MiB]
-    check(sum(e["length"] for e in new) == 8 * MiB and
-          all(e["offset"] + e["length"] <= end for e in new),
+    # (a few may reuse what deleting t freed, just past the old end)
+    below = sum(e["length"] for e in new if e["offset"] + e["length"] <= end)
+    check(sum(e["length"] for e in new) == 8 * MiB and below >= 7 * MiB,
           "new data not in the freed clusters (file end was %d): %r" % (end, new))
     qio(img, "read -P 2 0 16M", "read -P 4 32M 4M", "read -P 5 48M 8M")
     raw = snapshot_raw(img, "keep", work)
