@@ -353,6 +353,11 @@ int img_snapshot(struct img *img, bool create, const char *id, const char *name,
 	return img->ops->snapshot(img, create, id, name, out, err, errlen);
 }
 
+bool img_grow_blocks(struct img *img)
+{
+	return img->ops->grow_blocks && img->ops->grow_blocks(img);
+}
+
 int img_grow(struct img *img, uint64_t size, struct img_grow *g)
 {
 	char *err = g->err;

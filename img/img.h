@@ -150,6 +150,8 @@ struct img_ops {
 	/* Optional: grow the virtual size to @size bytes (online resize; img_grow
 	 * has the contract; called with @size > img->size). */
 	int (*grow)(struct img *img, uint64_t size, struct img_grow *g);
+	/* Optional: img_grow_blocks. */
+	bool (*grow_blocks)(struct img *img);
 	/* Optional: persistent dirty bitmaps (img_bitmaps). */
 	int (*bitmaps)(struct img *img, struct img_bitmap *out, unsigned max);
 	/* Optional: metadata cache numbers (img_cache_stats). */
@@ -408,6 +410,14 @@ struct img_grow {
  * -EINVAL, read-only -EROFS, formats without it -ENOTSUP.
  */
 int img_grow(struct img *img, uint64_t size, struct img_grow *g);
+
+/*
+ * True when img_grow would block on synchronous I/O first (a qcow2 image
+ * with disabled persistent dirty bitmaps, which must be loaded and marked in
+ * use before they can grow): call it from outside the loop then (vqcowd:
+ * the held-requests path).
+ */
+bool img_grow_blocks(struct img *img);
 
 /*
  * Create (@create: named @name) or delete (by @id and/or @name) an internal

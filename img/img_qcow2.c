@@ -2505,6 +2505,13 @@ static void grow_done(struct qcow2_flush *f, int res)
 	g->done(g, res);
 }
 
+static bool q2_grow_blocks(struct img *img)
+{
+	struct q2img *m = (struct q2img *)img;
+
+	return m->q && qcow2_grow_blocks(m->q);
+}
+
 static int q2_grow(struct img *img, uint64_t size, struct img_grow *g)
 {
 	struct q2img *m = (struct q2img *)img;
@@ -2717,6 +2724,7 @@ static const struct img_ops q2_ops = {
     .bitmap_edit = q2_bitmap_edit,
     .snapshot_list = q2_snapshot_list,
     .bitmaps = q2_bitmaps,
+    .grow_blocks = q2_grow_blocks,
     .bitmap_ranges = q2_bitmap_ranges,
     .bitmap_set = q2_bitmap_set,
     .bitmap_merge = q2_bitmap_merge,

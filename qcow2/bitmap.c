@@ -110,7 +110,8 @@ struct q2_bm {
 	uint32_t table_size;
 	uint32_t flags;
 	uint8_t gbits;
-	bool tracked;
+	bool tracked;     /* bits in memory, in_use on disk, stored at close */
+	bool recording;   /* tracked and enabled: follows guest writes */
 	bool lost;        /* tracked, but a bit could not be recorded (ENOMEM) */
 	char name[64];    /* for messages (truncated) */
 	uint64_t *table;  /* tracked only: the old table, host order */
@@ -124,7 +125,7 @@ struct q2_bitmaps {
 	uint8_t *dir; /* the directory as on disk */
 	uint64_t dir_off, dir_size;
 	uint32_t ext_data_off; /* byte offset of the extension's data in the header */
-	uint32_t n, ntracked;
+	uint32_t n, ntracked, nrecording;
 	struct q2_bm *bm;
 };
 
@@ -522,7 +523,9 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		ret = load_table(q, bm, &clu, err, errlen);
 		if (ret == 0 && bm->tracked) {
 			ret = load_bits(q, bm, err, errlen);
+			bm->recording = true;
 			b->ntracked++;
+			b->nrecording++;
 		}
 	}
 	if (ret == 0 && pos != b->dir_size)
@@ -618,14 +621,14 @@ void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len)
 	struct q2_bitmaps *b = q->bms;
 	uint64_t bits_per;
 
-	if (!b || !b->ntracked || !len)
+	if (!b || !b->nrecording || !len)
 		return;
 	bits_per = q->cs * 8;
 	for (uint32_t i = 0; i < b->n; i++) {
 		struct q2_bm *bm = &b->bm[i];
 		uint64_t first, last;
 
-		if (!bm->tracked || bm->lost)
+		if (!bm->recording || bm->lost)
 			continue;
 		first = off >> bm->gbits;
 		last = (off + len - 1) >> bm->gbits;
@@ -941,7 +944,7 @@ int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned
 		memcpy(o->name, e + BM_DIR_ENTRY_LEN + extra, name_size);
 		o->name[name_size] = '\0';
 		o->granularity = 1ull << bm->gbits;
-		o->recording = bm->tracked;
+		o->recording = bm->recording;
 		o->inconsistent = !bm->tracked && (bm->flags & BM_FLAG_IN_USE);
 		if (bm->tracked) {
 			for (uint32_t k = 0; k < bm->nchunks; k++)
@@ -1088,5 +1091,158 @@ int qcow2_bitmap_set(struct qcow2 *q, const char *name, uint64_t off, uint64_t l
 
 bool qcow2_has_enabled_bitmaps(const struct qcow2 *q)
 {
-	return q->bms && q->bms->ntracked;
+	return q->bms && q->bms->nrecording;
+}
+
+/*
+ * ---- growing the disk (qcow2_grow) ----
+ *
+ * A bitmap table must cover the disk exactly (QEMU refuses to load one
+ * that does not) unless the bitmap is in_use. So before the size changes
+ * every consistent bitmap is held in memory and in_use on disk: the
+ * enabled ones already are; a disabled one is loaded now (its table and
+ * bits read, then marked in_use with q2_bitmap_start's autoclear order,
+ * synchronously: the caller runs where blocking is allowed). Its bits then
+ * grow with the disk (the new part clean, as QEMU's) and it is stored at
+ * close with a table for the new size, its flags (auto clear) kept. A crash
+ * before the store leaves it in_use, i.e. inconsistent, as QEMU leaves every
+ * bitmap of an image it had open: never a wrong one. An inconsistent bitmap
+ * refuses the resize, as in QEMU.
+ */
+static int load_one(struct qcow2 *q, struct q2_bm *bm, char *err, size_t errlen)
+{
+	struct q2_bitmaps *b = q->bms;
+	struct qcow2_io fio = q2_file_io(q->file);
+	uint64_t ac = q->h.autoclear_features;
+	int ret;
+
+	ret = qcow2_read_table(&fio, bm->table_off, bm->table_size, &bm->table);
+	if (ret == 0)
+		ret = load_bits(q, bm, err, errlen);
+	if (ret < 0)
+		goto fail;
+	qcow2_put_be32(b->dir + bm->pos + offsetof(struct bm_dir_disk, flags),
+		       bm->flags | BM_FLAG_IN_USE);
+	ret = write_autoclear(q, ac & ~QCOW2_AUTOCLEAR_BITMAPS);
+	if (ret == 0)
+		ret = io_file_pwrite_sync(q->file, b->dir, b->dir_size, b->dir_off);
+	if (ret == 0)
+		ret = io_file_sync(q->file);
+	if (ret == 0)
+		ret = write_autoclear(q, ac);
+	if (ret < 0) {
+		/* unknown what landed: the directory may say in_use; keep it in memory, tracked */
+		qcow2_seterr(err, errlen, ret, "%s: marking bitmap '%s' in use: %s", q->path,
+			     bm->name, strerror(-ret));
+		bm->tracked = true;
+		b->ntracked++;
+		return ret;
+	}
+	bm->tracked = true;
+	b->ntracked++;
+	return 0;
+fail:
+	qcow2_put_be32(b->dir + bm->pos + offsetof(struct bm_dir_disk, flags), bm->flags);
+	if (bm->chunks)
+		for (uint32_t k = 0; k < bm->nchunks; k++)
+			free(bm->chunks[k]);
+	free(bm->chunks);
+	bm->chunks = NULL;
+	free(bm->table);
+	bm->table = NULL;
+	if (!err || !err[0])
+		qcow2_seterr(err, errlen, ret, "%s: loading bitmap '%s': %s", q->path, bm->name,
+			     strerror(-ret));
+	return ret;
+}
+
+int q2_bitmap_grow_check(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
+{
+	struct q2_bitmaps *b = q->bms;
+
+	for (uint32_t i = 0; b && i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+		uint64_t nbits = div_up(size & ~511ull, 1ull << bm->gbits);
+
+		if (!bm->tracked && (bm->flags & BM_FLAG_IN_USE))
+			return qcow2_seterr(err, errlen, -EBUSY,
+					    "Bitmap '%s' is inconsistent and cannot be used",
+					    bm->name);
+		if (div_up(div_up(nbits, 8), q->cs) * q->cs > BM_MAX_PHYS)
+			return qcow2_seterr(err, errlen, -EFBIG,
+					    "%s: bitmap '%s' would need more than %u MiB at %llu "
+					    "bytes of granularity",
+					    q->path, bm->name, BM_MAX_PHYS >> 20,
+					    (unsigned long long)(1ull << bm->gbits));
+	}
+	return 0;
+}
+
+bool qcow2_grow_blocks(const struct qcow2 *q)
+{
+	return q2_bitmap_need_load(q);
+}
+
+bool q2_bitmap_need_load(const struct qcow2 *q)
+{
+	const struct q2_bitmaps *b = q->bms;
+
+	for (uint32_t i = 0; b && i < b->n; i++)
+		if (!b->bm[i].tracked && !(b->bm[i].flags & BM_FLAG_IN_USE) && b->bm[i].nchunks)
+			return true;
+	return false;
+}
+
+int q2_bitmap_grow(struct qcow2 *q, uint64_t size, char *err, size_t errlen)
+{
+	struct q2_bitmaps *b = q->bms;
+	uint8_t ***nc;
+	int ret;
+
+	if (!b)
+		return 0;
+	ret = q2_bitmap_grow_check(q, size, err, errlen);
+	for (uint32_t i = 0; ret == 0 && i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+
+		if (!bm->tracked && !(bm->flags & BM_FLAG_IN_USE) && bm->nchunks)
+			ret = load_one(q, bm, err, errlen);
+	}
+	if (ret < 0)
+		return ret;
+	/* the new chunk arrays first, so that nothing changes on failure */
+	nc = calloc(b->n, sizeof(*nc));
+	if (!nc)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+		uint64_t nbits = div_up(size & ~511ull, 1ull << bm->gbits);
+		uint64_t need = div_up(div_up(nbits, 8), q->cs);
+
+		if (!bm->tracked || need <= bm->nchunks)
+			continue;
+		nc[i] = calloc(need, sizeof(**nc));
+		if (!nc[i]) {
+			while (i--)
+				free(nc[i]);
+			free(nc);
+			return qcow2_seterr(err, errlen, -ENOMEM, "%s: out of memory", q->path);
+		}
+	}
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+
+		if (!bm->tracked)
+			continue;
+		bm->nbits = div_up(size & ~511ull, 1ull << bm->gbits);
+		if (nc[i]) {
+			if (bm->nchunks)
+				memcpy(nc[i], bm->chunks, bm->nchunks * sizeof(**nc));
+			free(bm->chunks);
+			bm->chunks = nc[i];
+			bm->nchunks = (uint32_t)div_up(div_up(bm->nbits, 8), q->cs);
+		}
+	}
+	free(nc);
+	return 0;
 }

@@ -468,6 +468,17 @@ int q2_bitmap_start(struct qcow2 *q, char *err, size_t errlen);
  */
 int q2_bitmap_store(struct qcow2 *q);
 void q2_bitmap_exit(struct qcow2 *q);
+/*
+ * Growing the disk to @size (resize.c, before the switch): _check refuses
+ * what cannot grow (an inconsistent bitmap: -EBUSY with QEMU's message; a
+ * bitmap too large: -EFBIG) without I/O; _need_load tells whether
+ * q2_bitmap_grow will do synchronous I/O (a disabled bitmap to load and
+ * mark in use); q2_bitmap_grow makes every consistent bitmap cover @size in
+ * memory (stored at close). 0 or -errno with @err set.
+ */
+int q2_bitmap_grow_check(struct qcow2 *q, uint64_t size, char *err, size_t errlen);
+bool q2_bitmap_need_load(const struct qcow2 *q);
+int q2_bitmap_grow(struct qcow2 *q, uint64_t size, char *err, size_t errlen);
 /* Enabled bitmaps follow guest writes (they must be stored before writing stops). */
 bool q2_bitmap_tracking(const struct qcow2 *q);
 

@@ -164,11 +164,18 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
  * batches retry. Returns 0 (@size is the size already), 1 (@f->done comes
  * later), or -errno with a message naming the file in @err, without
  * changing anything: -EINVAL (not a multiple of 512), -ENOTSUP (shrinking,
- * a v2 image with snapshots, persistent dirty bitmaps), -EROFS, -EIO
- * (corrupt), -EBUSY (a resize is still being written), -EFBIG (L1 table too
- * large), -ENOSPC, -ENOMEM.
+ * a v2 image with snapshots), -EROFS, -EIO (corrupt), -EBUSY (a resize is
+ * still being written; an inconsistent persistent dirty bitmap), -EFBIG (L1
+ * table or a bitmap too large), -ENOSPC, -ENOMEM.
+ * Persistent dirty bitmaps grow with the disk (new part clean): held in
+ * memory and in use on disk until qcow2_close stores them for the new size.
+ * A disabled one is loaded and marked in use first, with synchronous I/O:
+ * when qcow2_grow_blocks() says so, call it where blocking is allowed.
  */
 int qcow2_grow(struct qcow2 *q, uint64_t size, struct qcow2_flush *f, char *err, size_t errlen);
+
+/* True when qcow2_grow would do synchronous I/O first (disabled persistent bitmaps to load). */
+bool qcow2_grow_blocks(const struct qcow2 *q);
 
 /* A persistent dirty bitmap, as QMP's BlockDirtyInfo shows it. */
 struct qcow2_bitmap_info {

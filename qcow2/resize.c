@@ -31,10 +31,10 @@
  * Without L1 growth (the old table already covers the new size) only step 4
  * runs. Refused: shrinking, read-only or corrupt images, a grow already in
  * progress, v2 images with internal snapshots (QEMU refuses them too), an L1
- * table past QEMU's 32 MiB limit, and images with persistent dirty bitmaps
- * (the engine tracks only the enabled ones in memory; growing the others'
- * tables is not done yet, and a bitmap table smaller than the disk makes the
- * image's bitmaps invalid).
+ * table past QEMU's 32 MiB limit, and an inconsistent persistent dirty
+ * bitmap (as QEMU). Persistent bitmaps grow with the disk in memory before
+ * the switch (q2_bitmap_grow: a disabled one is loaded and marked in use
+ * first, synchronously) and are stored for the new size at close.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -191,12 +191,9 @@ int qcow2_grow(struct qcow2 *q, uint64_t size, struct qcow2_flush *f, char *err,
 	if (q->h.version < 3 && q->h.nb_snapshots)
 		return qcow2_seterr(err, errlen, -ENOTSUP,
 				    "%s: Can't resize a v2 image which has snapshots", q->path);
-	if (q->h.has_bitmaps && (q->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) &&
-	    q->h.nb_bitmaps)
-		return qcow2_seterr(err, errlen, -ENOTSUP,
-				    "%s: cannot resize an image with persistent dirty bitmaps "
-				    "online yet (qemu-img resize can, with the image stopped)",
-				    q->path);
+	ret = q2_bitmap_grow_check(q, size, err, errlen);
+	if (ret < 0)
+		return ret;
 	need = size_to_l1(q, size);
 	if (need > QCOW2_MAX_L1_ENTRIES || (need << (q->cb + q->l2_bits)) < size)
 		return qcow2_seterr(err, errlen, -EFBIG,
@@ -209,6 +206,10 @@ int qcow2_grow(struct qcow2 *q, uint64_t size, struct qcow2_flush *f, char *err,
 				    q->path, (unsigned long long)(1ull << q->src_bits));
 	if (size == q->size)
 		return 0;
+	/* the bitmaps cover the new size before it is in effect (bitmap.c) */
+	ret = q2_bitmap_grow(q, size, err, errlen);
+	if (ret < 0)
+		return ret;
 	q->grow_f = f;
 	if (need <= q->l1_size) {
 		set_size(q, size);

@@ -456,6 +456,8 @@ static void resize_done_quiet(struct img_grow *g, int res)
 	free(op);
 }
 
+static int resize_hold(struct ctl *c, uint64_t size);
+
 static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
 {
 	struct ctl *c = opaque;
@@ -470,6 +472,8 @@ static int cmd_resize(void *opaque, json_t *args, json_t **ret, char *err, size_
 		snprintf(err, errlen, "Parameter 'size' expects a >0 size");
 		return -EINVAL;
 	}
+	if ((uint64_t)size > c->img->size && img_grow_blocks(c->img))
+		return resize_hold(c, (uint64_t)size);
 	op = calloc(1, sizeof(*op));
 	if (!op)
 		return -ENOMEM;
@@ -514,6 +518,7 @@ struct ctl_op {
 	bool disabled;
 	char **srcs;
 	unsigned nsrcs;
+	uint64_t size; /* 'z': block_resize that has to load bitmaps first (resize_held) */
 };
 
 static void op_free(struct ctl_op *op)
@@ -985,6 +990,60 @@ out:
 	return r;
 }
 
+/*
+ * block_resize of a qcow2 image with disabled persistent bitmaps: they are
+ * loaded and marked in use (synchronous I/O) before the grow, so the grow
+ * starts from ctl_held, outside the loop; it then completes as any other
+ * (resize_done replies).
+ */
+static int resize_hold(struct ctl *c, uint64_t size)
+{
+	struct ctl_op *op = calloc(1, sizeof(*op)), **tail;
+
+	if (!op)
+		return -ENOMEM;
+	op->bmop = 'z';
+	op->size = size;
+	op->p = qmp_server_defer(c->qmp);
+	if (!op->p) {
+		free(op);
+		return -ENOMEM;
+	}
+	for (tail = &c->ops; *tail; tail = &(*tail)->next)
+		;
+	*tail = op;
+	vlog(VLOG_INFO, NULL,
+	     "qmp: block_resize with disabled dirty bitmaps: holding requests back");
+	c->hold(c->opaque);
+	return QMP_PENDING;
+}
+
+static void resize_held(struct ctl *c, struct ctl_op *op)
+{
+	struct resize_op *r = calloc(1, sizeof(*r));
+	int ret;
+
+	if (!r) {
+		qmp_pending_error(op->p, "out of memory");
+		return;
+	}
+	r->g.done = resize_done;
+	r->g.priv = r;
+	r->c = c;
+	r->size = op->size;
+	r->p = op->p;
+	ret = img_grow(c->img, op->size, &r->g);
+	if (ret == 1)
+		return; /* resize_done() replies */
+	if (ret < 0) {
+		qmp_pending_error(op->p, "%s", r->g.err);
+	} else {
+		resized(c, op->size);
+		qmp_pending_return(op->p, NULL);
+	}
+	free(r);
+}
+
 /* A merge that involves a persistent bitmap, from ctl_held (no request in flight). */
 static void bm_merge(struct ctl *c, struct ctl_op *op)
 {
@@ -1090,6 +1149,8 @@ void ctl_held(struct ctl *c)
 		c->ops = op->next;
 		if (op->bmop == 'm')
 			bm_merge(c, op);
+		else if (op->bmop == 'z')
+			resize_held(c, op);
 		else if (op->bmop)
 			bm_run(c, op);
 		else

@@ -97,7 +97,7 @@ def test_steps():
         step(pq, args, what)
     check(bitmaps(pq[0]) == [], "bitmaps left")
     hdr = qlib.run(["qemu-img", "info", pq[0]], check_rc=0).text
-    check("bitmaps" not in hdr, "a bitmaps extension is left:\n" + hdr)
+    check("bitmaps:" not in hdr, "a bitmaps extension is left:\n" + hdr)
     pq = pair("small", "cluster_size=512")
     step(pq, ["--add", "@", "s"], "add on 512-byte clusters (granularity 4 KiB)")
     base = W("base.qcow2")
