@@ -852,10 +852,76 @@ static void bridge_case(const char *opts)
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
+/*
+ * A bridged write that fails: its fillers are marked dirty as well as the
+ * dirty slices it carried (the failed write may have left anything in their
+ * place), and the next batch writes all of them.
+ */
+static void bridge_fail_case(const char *opts)
+{
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	const struct fake_log *w[16];
+	uint8_t buf[4096];
+	struct waitf wf;
+	struct eng e;
+	uint64_t ss, span, tbl, cs, dl;
+	int n;
+
+	eng_create(&e, opts, 1ull << 30, &o);
+	ss = e.q->slice_size;
+	cs = e.q->cs;
+	CU_ASSERT_EQUAL_FATAL(cs / ss, 16);
+	span = (ss / e.q->l2e_size) << e.q->cb;
+	for (unsigned k = 0; k < 16; k++) {
+		memset(buf, 'a' + k, sizeof(buf));
+		CU_ASSERT_EQUAL(eng_write(&e, k * span, sizeof(buf), buf), 0);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	tbl = e.q->l1[0] & QCOW2_L1E_OFFSET_MASK;
+	for (unsigned k = 1; k <= 4; k += 3) {
+		dl = 0;
+		wait_init(&wf);
+		CU_ASSERT_EQUAL(qcow2_zero_step(e.q, k * span, cs, true, false, &dl, &wf.w),
+				QCOW2_Z_DONE);
+	}
+	CU_ASSERT_EQUAL(e.q->l2c.ndirty, 2);
+	fake_log_reset();
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_WRITEV, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), -EIO);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(e.q->l2c.ndirty, 4);
+	for (unsigned k = 1; k <= 4; k++) {
+		struct q2_slice *s = q2_cache_peek(&e.q->l2c, tbl + k * ss);
+
+		CU_ASSERT_FATAL(s != NULL);
+		CU_ASSERT_TRUE(s->dirty);
+	}
+	fake_log_reset();
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(e.q->l2c.ndirty, 0);
+	n = (int)table_writes(&e, tbl, cs, w, 16);
+	CU_ASSERT_EQUAL_FATAL(n, 1);
+	CU_ASSERT_EQUAL(w[0]->off, tbl + ss);
+	CU_ASSERT_EQUAL(w[0]->len, 4 * ss);
+	for (unsigned k = 1; k <= 4; k++)
+		CU_ASSERT(memcmp(w[0]->data + (k - 1) * ss,
+				 q2_cache_peek(&e.q->l2c, tbl + k * ss)->buf, ss) == 0);
+	for (unsigned k = 0; k < 16; k++) {
+		bool zeroed = k == 1 || k == 4;
+
+		CU_ASSERT_EQUAL(eng_read(&e, k * span, sizeof(buf), buf), 0);
+		CU_ASSERT_EQUAL(buf[0], zeroed ? 0 : 'a' + k);
+	}
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
 static void test_bridge_shapes(void)
 {
 	bridge_case("cluster_size=65536");
 	bridge_case("cluster_size=65536,extended_l2=on");
+	bridge_fail_case("cluster_size=65536");
+	bridge_fail_case("cluster_size=65536,extended_l2=on");
 }
 
 /*
