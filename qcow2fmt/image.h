@@ -247,6 +247,9 @@ int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
  * -EEXIST "Bitmap already exists: x", -ENOENT "Dirty bitmap 'x' not found",
  * -EUCLEAN (clear/enable/disable an in-use, i.e. inconsistent, bitmap),
  * -EINVAL (name, granularity). 0 or -errno with @err set.
+ * For an offline resize, @bname ignored: 'U' marks every bitmap in use
+ * (-EUCLEAN if one already is), 'F' gives every in-use bitmap a table for
+ * the header's size and clears in_use (snapshot.c has the order).
  */
 int qcow2_bitmap_edit_io(const struct qcow2_io *io, const char *name, char op, const char *bname,
 			 uint32_t granularity, bool disabled, char *err, size_t errlen);

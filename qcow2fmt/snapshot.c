@@ -1231,6 +1231,96 @@ out:
 	return ret;
 }
 
+/*
+ * Offline resize (qcow2tool/resize.c) keeps the bitmaps valid around the
+ * header's size change, since a consistent bitmap's table must match the
+ * disk size: 'U' marks every bitmap in use (a new directory; refused if one
+ * already is: an inconsistent bitmap cannot be resized, as in QEMU), then
+ * the size changes, then 'F' gives every in-use bitmap a table for the
+ * header's size (the old entries, the new part clean; the data clusters
+ * stay, now named by the new table) and clears in_use (a new directory
+ * again); the old tables are released after the switch. A crash in between
+ * leaves the bitmaps in use (inconsistent), as qemu-img resize does, never
+ * wrong.
+ */
+struct bmd_old {
+	struct {
+		uint64_t off, len;
+	} * v;
+	size_t n;
+};
+
+static int bmd_all_in_use(struct sctx *c, uint8_t *nd, uint64_t len)
+{
+	for (uint64_t pos = 0; pos < len; pos += bmd_entry_len(nd + pos)) {
+		uint8_t *e = nd + pos;
+		uint32_t f = qcow2_be32(e + 12);
+
+		if (f & BMD_IN_USE) {
+			uint16_t nl = qcow2_be16(e + 18);
+
+			return FAIL(c, -EUCLEAN, "Bitmap '%.*s' is inconsistent and cannot be used",
+				    nl < 256 ? nl : 256,
+				    (const char *)e + BMD_LEN + qcow2_be32(e + 20));
+		}
+		qcow2_put_be32(e + 12, f | BMD_IN_USE);
+	}
+	return 0;
+}
+
+static int bmd_fit_all(struct sctx *c, uint8_t *nd, uint64_t len, struct bmd_old *old)
+{
+	for (uint64_t pos = 0; pos < len; pos += bmd_entry_len(nd + pos)) {
+		uint8_t *e = nd + pos;
+		uint32_t f = qcow2_be32(e + 12), old_n = qcow2_be32(e + 8);
+		unsigned gbits = e[17];
+		uint64_t bits = ((c->im->h.size & ~511ull) + (1ull << gbits) - 1) >> gbits;
+		uint64_t n = ((bits + 7) / 8 + c->cs - 1) >> c->cb, toff, old_off = qcow2_be64(e);
+		uint64_t *t = NULL;
+		uint8_t *nt;
+		void *v;
+		int ret;
+
+		if (!(f & BMD_IN_USE))
+			continue;
+		if (!n)
+			n = 1;
+		qcow2_put_be32(e + 12, f & ~BMD_IN_USE);
+		if (n == old_n)
+			continue;
+		ret = qcow2_read_table(c->io, old_off, old_n, &t);
+		if (ret < 0)
+			return FAIL(c, ret, "reading a bitmap table: %s", strerror(-ret));
+		nt = calloc(n, 8);
+		if (!nt) {
+			free(t);
+			return -ENOMEM;
+		}
+		for (uint64_t k = 0; k < n && k < old_n; k++)
+			qcow2_put_be64(nt + k * 8, t[k]);
+		free(t);
+		ret = alloc(c, (n * 8 + c->cs - 1) >> c->cb, &toff);
+		if (ret == 0) {
+			ret = qcow2_io_write(c->io, nt, n * 8, toff);
+			if (ret < 0)
+				ret = FAIL(c, ret, "writing a bitmap table: %s", strerror(-ret));
+		}
+		free(nt);
+		if (ret < 0)
+			return ret;
+		v = realloc(old->v, (old->n + 1) * sizeof(*old->v));
+		if (!v)
+			return -ENOMEM;
+		old->v = v;
+		old->v[old->n].off = old_off;
+		old->v[old->n].len = (uint64_t)old_n * 8;
+		old->n++;
+		qcow2_put_be64(e, toff);
+		qcow2_put_be32(e + 8, (uint32_t)n);
+	}
+	return 0;
+}
+
 /* Release a bitmap's table and data clusters (after the commit: errors only leak). */
 static void bmd_release(struct sctx *c, const uint8_t *e)
 {
@@ -1363,6 +1453,7 @@ static int bmd_edit(const struct qcow2_io *io, const char *name, char op, const 
 	struct qcow2_oimg im;
 	struct sctx c = {0};
 	uint8_t *dir = NULL, *nd = NULL, *drop = NULL, ne[BMD_LEN];
+	struct bmd_old fit = {0};
 	uint64_t len = 0, nlen = 0, doff = 0, old_off, old_len;
 	size_t bl = strlen(bname);
 	int64_t at;
@@ -1395,7 +1486,17 @@ static int bmd_edit(const struct qcow2_io *io, const char *name, char op, const 
 		ret = -ENOMEM;
 		goto out;
 	}
-	if (op == 'a') {
+	if (op == 'U' || op == 'F') {
+		if (!len) {
+			ret = 0;
+			goto out;
+		}
+		memcpy(nd, dir, len);
+		nlen = len;
+		ret = op == 'U' ? bmd_all_in_use(&c, nd, nlen) : bmd_fit_all(&c, nd, nlen, &fit);
+		if (ret < 0)
+			goto out;
+	} else if (op == 'a') {
 		unsigned gbits = 0;
 
 		if (!granularity) /* QEMU's default: the cluster size within 4 KiB..64 KiB */
@@ -1524,8 +1625,16 @@ static int bmd_edit(const struct qcow2_io *io, const char *name, char op, const 
 	}
 	if (drop)
 		bmd_release(&c, drop);
+	for (size_t i = 0; i < fit.n; i++) {
+		char *e2 = c.err;
+
+		c.err = NULL;
+		rc_add_range(&c, fit.v[i].off, fit.v[i].len, -1);
+		c.err = e2;
+	}
 	ret = rc_flush(&c);
 out:
+	free(fit.v);
 	free(dir);
 	free(nd);
 	ctx_free(&c);

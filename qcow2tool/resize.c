@@ -22,8 +22,10 @@
  * An external data file is grown to the new size first (as QEMU does).
  * Refused (nothing written): shrinking, sizes that are not a multiple of
  * 512, a v2 image with internal snapshots (QEMU's text), an image with the
- * corrupt or dirty bit, an image with persistent dirty bitmaps (QEMU
- * resizes their tables; we do not yet), an L1 table past 32 MiB.
+ * corrupt or dirty bit, an L1 table past 32 MiB, an inconsistent (in use)
+ * persistent dirty bitmap. Persistent bitmaps: marked in use before the grow,
+ * their tables fitted to the new size (new part clean) and in_use cleared
+ * after it (grow_with_bitmaps), as qemu-img resize leaves them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -258,7 +260,8 @@ static uint8_t *table_be(const uint64_t *t, uint64_t n, uint64_t bytes)
 	return b;
 }
 
-static int grow_qcow2(int fd, const char *path, uint64_t size, char *err, size_t errlen)
+static int grow_qcow2(int fd, const char *path, uint64_t size, bool bm_ready, char *err,
+		      size_t errlen)
 {
 	struct qcow2_oimg im;
 	struct rz z;
@@ -315,11 +318,9 @@ static int grow_qcow2(int fd, const char *path, uint64_t size, char *err, size_t
 				   path);
 		goto out;
 	}
-	if (h->has_bitmaps && (h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) && h->nb_bitmaps) {
-		qcow2_seterr(err, errlen, 0,
-			     "%s: resizing an image with persistent dirty bitmaps is not "
-			     "supported yet (qemu-img resize does it)",
-			     path);
+	if (h->has_bitmaps && (h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS) && h->nb_bitmaps &&
+	    !bm_ready) {
+		ret = 1; /* the caller marks them in use first (grow_with_bitmaps) */
 		goto out;
 	}
 	need = (size + (1ull << (z.cb + h->l2_bits)) - 1) >> (z.cb + h->l2_bits);
@@ -455,6 +456,31 @@ out:
 	return ret;
 }
 
+/*
+ * An image with persistent dirty bitmaps: every bitmap marked in use, the
+ * grow, then every bitmap given a table for the size the header has now
+ * and in_use cleared (qcow2fmt/snapshot.c, ops 'U' and 'F': each a new
+ * directory switched by one header write). The last step runs whether the
+ * grow succeeded or not, so a refused grow leaves the bitmaps as they were.
+ */
+static int grow_with_bitmaps(int fd, const char *path, uint64_t size, char *err, size_t errlen)
+{
+	struct qcow2_io io = qcow2_fd_io(fd);
+	char e2[300] = "";
+	int ret, r2;
+
+	ret = qcow2_bitmap_edit_io(&io, path, 'U', "", 0, false, err, errlen);
+	if (ret < 0)
+		return ret;
+	ret = grow_qcow2(fd, path, size, true, err, errlen);
+	r2 = qcow2_bitmap_edit_io(&io, path, 'F', "", 0, false, e2, sizeof(e2));
+	if (r2 < 0 && ret >= 0) {
+		qcow2_seterr(err, errlen, r2, "%s: storing the resized bitmaps: %s", path, e2);
+		ret = r2;
+	}
+	return ret;
+}
+
 int qcow2_resize(const char *path, const char *fmt, uint64_t size, char *err, size_t errlen)
 {
 	struct stat st;
@@ -484,7 +510,9 @@ int qcow2_resize(const char *path, const char *fmt, uint64_t size, char *err, si
 		goto out;
 	}
 	if (q) {
-		ret = grow_qcow2(fd, path, size, err, errlen);
+		ret = grow_qcow2(fd, path, size, false, err, errlen);
+		if (ret == 1)
+			ret = grow_with_bitmaps(fd, path, size, err, errlen);
 		goto out;
 	}
 	if (!S_ISREG(st.st_mode)) {

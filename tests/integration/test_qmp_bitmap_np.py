@@ -317,6 +317,13 @@ def test_resize(vqcowd, fe_bin, work):
         log("SKIP part: nbdinfo or qemu-nbd not installed")
 
 
+def wait_more(counter, start, timeout=20):
+    """Until COUNTER[0] moved past START (slow builds: ASan), at most TIMEOUT s."""
+    t = time.monotonic() + timeout
+    while counter[0] <= start and time.monotonic() < t:
+        time.sleep(0.01)
+
+
 def test_resize_kill(vqcowd, fe_bin, work, rounds=5):
     """kill -9 while block_resize grows an image with persistent bitmaps under writes."""
     img = os.path.join(work, "rk.qcow2")
@@ -342,8 +349,10 @@ def test_resize_kill(vqcowd, fe_bin, work, rounds=5):
             except Exception:
                 pass
         t = threading.Thread(target=churn)
+        start = grows[0]
         t.start()
-        time.sleep(rng.uniform(0.1, 0.5))
+        wait_more(grows, start)
+        time.sleep(rng.uniform(0, 0.3))
         d.kill()
         stop.append(1)
         t.join(10)
@@ -411,8 +420,10 @@ def test_merge_kill(vqcowd, fe_bin, work, rounds=5):
             except Exception:
                 pass
         t = threading.Thread(target=churn)
+        start = merges[0]
         t.start()
-        time.sleep(rng.uniform(0.1, 0.5))
+        wait_more(merges, start)
+        time.sleep(rng.uniform(0, 0.3))
         d.kill()
         stop.append(1)
         t.join(10)

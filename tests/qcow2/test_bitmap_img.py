@@ -119,12 +119,13 @@ def test_steps():
     step(pq, ["--remove", "@", "d"], "remove with an external data file")
 
 
-def nbd_dirty(p):
+def nbd_dirty(p, name="x"):
     sock = W("nbd.sock")
-    r = qlib.run(["sh", "-c", "qemu-nbd -r -f qcow2 -B x -k %s %s & p=$!; "
+    r = qlib.run(["sh", "-c", "qemu-nbd -r -f qcow2 -B %s -k %s %s & p=$!; "
                   "for i in $(seq 100); do [ -S %s ] && break; sleep 0.05; done; "
-                  "nbdinfo --map=qemu:dirty-bitmap:x nbd+unix:///?socket=%s; rc=$?; "
-                  "kill $p; wait $p; exit $rc" % (sock, p, sock, sock)], timeout=60)
+                  "nbdinfo --map=qemu:dirty-bitmap:%s nbd+unix:///?socket=%s; rc=$?; "
+                  "kill $p; wait $p; exit $rc" % (name, sock, p, sock, name, sock)],
+                 timeout=60)
     check(r.rc == 0, r.describe())
     return [ln.split()[:2] for ln in r.text.splitlines()
             if len(ln.split()) >= 3 and ln.split()[2] == "1"]
@@ -149,8 +150,53 @@ def test_bits():
     log("ok: qemu-nbd -B: [1 MiB, +64 KiB) dirty, nothing after --clear")
 
 
+def test_resize():
+    """vqcow-img resize of an image with bitmaps, against qemu-img resize."""
+    pq = pair("resize")
+    for p in pq:
+        qlib.qemu_img("bitmap", "--add", p, "x")
+        qlib.qemu_img("bitmap", "--add", "--disable", "-g", "128k", p, "y")
+        qlib.qemu_io(p, "write 1M 4k", fmt="qcow2")
+        qlib.qemu_io(p, "write 16776704 512", fmt="qcow2")
+        qlib.qemu_img("bitmap", "--merge", "x", p, "y")
+    ra = qlib.vqcow_img(A.img, "resize", pq[0], "40M")
+    rb = qlib.run(["qemu-img", "resize", pq[1], "40M"], timeout=120)
+    check(ra.rc == rb.rc == 0 and ra.text == rb.text, "resize: %s\n%s" % (ra.describe(),
+                                                                         rb.describe()))
+    for p in pq:
+        qlib.qemu_io(p, "write 30M 4k", fmt="qcow2")
+    ba, bb = bitmaps(pq[0]), bitmaps(pq[1])
+    check(ba == bb and len(ba) == 2, "bitmaps after resize %r, qemu-img %r" % (ba, bb))
+    r = qlib.run(["qemu-img", "check", pq[0]])
+    check(r.rc == 0, "qemu-img check after resize\n%s" % r.describe())
+    log("ok: vqcow-img resize 16M -> 40M with an enabled and a disabled bitmap: the same "
+        "output, bitmaps and a clean check as qemu-img resize")
+    if not shutil.which("nbdinfo"):
+        log("SKIP part: nbdinfo not installed")
+        return
+    for name in ("x", "y"):
+        da, db = nbd_dirty(pq[0], name), nbd_dirty(pq[1], name)
+        check(da == db and da, "%s dirty: ours %r, qemu-img's %r" % (name, da, db))
+    log("ok: qemu-nbd -B reads the same dirty ranges of both bitmaps (%r)" % da)
+    # an in-use (inconsistent) bitmap refuses the resize, and nothing changes
+    p = W("inuse.qcow2")
+    qlib.qemu_img("create", "-q", "-f", "qcow2", p, "16M")
+    qlib.qemu_img("bitmap", "--add", p, "x")
+    with open(p, "r+b") as f:
+        hdr = f.read(65536)
+        off = int.from_bytes(hdr[hdr.index(b"\x23\x85\x28\x75") + 24:][:8], "big")
+        f.seek(off + 12)
+        f.write((3).to_bytes(4, "big"))
+    before = open(p, "rb").read()
+    r = qlib.vqcow_img(A.img, "resize", p, "32M")
+    check(r.rc != 0 and "Bitmap 'x' is inconsistent and cannot be used" in r.errtext,
+          "resize with an in-use bitmap: %s" % r.describe())
+    check(open(p, "rb").read() == before, "a refused resize changed the image")
+    log("ok: an inconsistent bitmap refuses vqcow-img resize (%s)" % msg(r)[0])
+
+
 def main():
-    return qlib.vqcow_img_test(globals(), "bitmap", test_steps, test_bits)
+    return qlib.vqcow_img_test(globals(), "bitmap", test_steps, test_bits, test_resize)
 
 
 if __name__ == "__main__":

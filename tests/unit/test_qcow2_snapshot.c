@@ -430,6 +430,12 @@ static void test_bitmap_merge(void)
 	bitmap_crash(true, 'm', "b0");
 }
 
+/* vqcow-img resize's first step: every bitmap marked in use */
+static void test_bitmap_all_in_use(void)
+{
+	bitmap_crash(true, 'U', "");
+}
+
 static void test_bitmap_disable(void)
 {
 	bitmap_crash(true, 'd', "b0");
@@ -463,6 +469,8 @@ int main(void)
 	tu_add_test(s, "bitmap add: crash after every write", test_bitmap_add, skip);
 	tu_add_test(s, "bitmap clear: crash after every write", test_bitmap_clear, skip);
 	tu_add_test(s, "bitmap merge: crash after every write", test_bitmap_merge, skip);
+	tu_add_test(s, "bitmaps in use (resize): crash after every write", test_bitmap_all_in_use,
+		    skip);
 	tu_add_test(s, "bitmap disable: crash after every write", test_bitmap_disable, skip);
 	tu_add_test(s, "bitmap remove (the last): crash after every write", test_bitmap_remove_last,
 		    skip);
