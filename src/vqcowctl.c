@@ -6,6 +6,7 @@
  *                             resize SIZE | quit | raw JSON
  *                             | snapshot create|delete NAME | snapshot list
  *                             | bitmap add|remove|clear|enable|disable NAME
+ *                             | bitmap merge TARGET SOURCE...
  *
  * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
  * works against qemu-storage-daemon for the commands they share. Exit status:
@@ -80,6 +81,9 @@ static void usage(FILE *f)
 	    "                       of two >= 512, suffixes as SIZE), --persistent (stored in\n"
 	    "                       the qcow2 file; without it the bitmap lives in vqcowd's\n"
 	    "                       memory until it exits), --disabled (not recording)\n"
+	    "  bitmap merge TARGET SOURCE...\n"
+	    "                       OR the SOURCE bitmaps into TARGET\n"
+	    "                       (block-dirty-bitmap-merge)\n"
 	    "  commit [SPEED]       fold the active layer into its base (block-commit, SPEED\n"
 	    "                       bytes/s, default unlimited), wait until it is in sync,\n"
 	    "                       then pivot (block-job-complete): the base is active again\n"
@@ -654,8 +658,11 @@ int main(int argc, char **argv)
 
 		for (size_t i = 0; optind + 2 == argc && i < sizeof(ops) / sizeof(ops[0]); i++)
 			known = known || strcmp(argv[optind], ops[i]) == 0;
+		if (optind + 3 <= argc && strcmp(argv[optind], "merge") == 0)
+			known = true;
 		if (!known) {
-			fprintf(stderr, "vqcowctl: bitmap add|remove|clear|enable|disable NAME\n");
+			fprintf(stderr, "vqcowctl: bitmap add|remove|clear|enable|disable NAME | "
+					"merge TARGET SOURCE...\n");
 			return 2;
 		}
 		if (strcmp(argv[optind], "add") != 0 && (granularity || persistent || disabled)) {
@@ -813,6 +820,15 @@ int main(int argc, char **argv)
 			json_t *a = json_pack("{s:s,s:s}", "node", n, "name", argv[optind + 1]);
 
 			snprintf(name, sizeof(name), "block-dirty-bitmap-%s", argv[optind]);
+			if (a && strcmp(argv[optind], "merge") == 0) {
+				json_t *l = json_array();
+
+				json_object_del(a, "name");
+				json_object_set_new(a, "target", json_string(argv[optind + 1]));
+				for (int i = optind + 2; l && i < argc; i++)
+					json_array_append_new(l, json_string(argv[i]));
+				json_object_set_new(a, "bitmaps", l);
+			}
 			if (a && granularity)
 				json_object_set_new(a, "granularity",
 						    json_integer((json_int_t)granularity));
@@ -943,12 +959,15 @@ int main(int argc, char **argv)
 	} else if (strcmp(cmd, "bitmap") == 0) {
 		const char *op = argv[optind];
 
-		printf("bitmap '%s' %s\n", argv[optind + 1],
-		       strcmp(op, "add") == 0      ? "added"
-		       : strcmp(op, "remove") == 0 ? "removed"
-		       : strcmp(op, "clear") == 0  ? "cleared"
-		       : strcmp(op, "enable") == 0 ? "enabled"
-						   : "disabled");
+		if (strcmp(op, "merge") == 0)
+			printf("bitmaps merged into '%s'\n", argv[optind + 1]);
+		else
+			printf("bitmap '%s' %s\n", argv[optind + 1],
+			       strcmp(op, "add") == 0      ? "added"
+			       : strcmp(op, "remove") == 0 ? "removed"
+			       : strcmp(op, "clear") == 0  ? "cleared"
+			       : strcmp(op, "enable") == 0 ? "enabled"
+							   : "disabled");
 	} else if (strcmp(cmd, "snapshot") == 0) {
 		printf("snapshot '%s' %s\n", argv[optind + 1],
 		       strcmp(argv[optind], "create") == 0 ? "created" : "deleted");

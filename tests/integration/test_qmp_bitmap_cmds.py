@@ -20,7 +20,7 @@ vqcowd against qemu-storage-daemon 7.2, results read back by QEMU's tools.
     `qemu-img check` never reports corruption (leaks at most) and the image
     opens again in vqcowd.
 
-  * vqcowctl bitmap add|disable|enable|clear|remove drive the same
+  * vqcowctl bitmap add|disable|enable|clear|remove|merge drive the same
     commands (--granularity, --persistent, --disabled): listing and
     qemu-img info as expected, usage errors exit 2, daemon errors exit 1;
     the file does not grow by a preallocation chunk per command.
@@ -270,6 +270,16 @@ def test_ctl(vqcowd, ctl_bin, work):
             check(rc == 0, "ctl %s: %d %s" % (op, rc, out))
         rc, out = ctl(ctl_bin, d, "bitmap", "remove", "c2")
         check(rc == 0 and "bitmap 'c2' removed" in out, "ctl remove: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "add", "n1")
+        check(rc == 0, "ctl add n1 (non-persistent): %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "merge", "c1", "n1", "c1")
+        check(rc == 0 and "bitmaps merged into 'c1'" in out, "ctl merge: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "merge", "c1")
+        check(rc == 2, "ctl merge without a source: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "merge", "c1", "zz")
+        check(rc == 1 and "Dirty bitmap 'zz' not found" in out, "ctl merge zz: %d %s" % (rc, out))
+        rc, out = ctl(ctl_bin, d, "bitmap", "remove", "n1")
+        check(rc == 0, "ctl remove n1: %d %s" % (rc, out))
         rc, out = ctl(ctl_bin, d, "--json", "raw",
                       '{"execute": "query-named-block-nodes"}')
         bms = json.loads(out)[0]["dirty-bitmaps"]
