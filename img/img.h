@@ -461,7 +461,7 @@ int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigne
  * consistent read, sharing everything but write and resize). No request
  * may be in flight (-EBUSY) and every write must have been flushed: a qcow2
  * image with metadata left to write back returns -EAGAIN (flush, call
- * again); -ENOTSUP while it tracks enabled persistent dirty bitmaps.
+ * again); -ENOTSUP while it holds persistent dirty bitmaps in memory.
  * @writable true: the image takes a writer's locks (the write permission;
  * -EAGAIN with QEMU's message if another process holds a conflicting lock)
  * and writes again; only an image opened read-write (-EROFS otherwise).

@@ -2325,10 +2325,11 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 	if (ret < 0) {
 		fast_mode_update(m);
 		if (err && ret == -ENOTSUP)
-			snprintf(err, errlen,
-				 "%s: enabled persistent dirty bitmaps cannot be kept on a layer "
-				 "that becomes read-only",
-				 img->path);
+			snprintf(
+			    err, errlen,
+			    "%s: persistent dirty bitmaps held in memory (enabled ones, or any "
+			    "after a resize) cannot be kept on a layer that becomes read-only",
+			    img->path);
 		else if (err && ret == -EAGAIN)
 			snprintf(err, errlen, "%s: metadata left to write back (flush first)",
 				 img->path);
