@@ -2242,10 +2242,12 @@ static int q2_bitmap_merge(struct img *img, const char *name, const uint8_t *bit
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (m->inflight) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path, m->inflight);
+	if (busy_count(m)) {
+		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
+			 busy_count(m));
 		return -EBUSY;
 	}
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	m->q = NULL;
 	if (ret < 0)
