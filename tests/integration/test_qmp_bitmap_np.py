@@ -16,7 +16,10 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
     qemu-img info lists only the persistent one, check is clean, and the
     image's bytes did not change across adding/removing non-persistent ones
     (the engine is not closed and reopened for them);
-  * a raw image takes them too (default granularity 64 KiB).
+  * a raw image takes them too (default granularity 64 KiB);
+  * a qcow2 image with two I/O threads: writes into allocated clusters and
+    2 s of random writes are all counted (the fast-path hits are logged);
+  * merge, resize (online and kill -9) as their functions say.
 
 Usage: test_qmp_bitmap_np.py VQCOWD VQCOW-FE WORKDIR
 """
@@ -455,6 +458,42 @@ def test_merge_kill(vqcowd, fe_bin, work, rounds=5):
     log("ok: merging an empty list returns {} (qemu-storage-daemon 7.2 dies on it)")
 
 
+def test_fast_path(vqcowd, fe_bin, work):
+    """Writes the queue threads serve without the engine (allocated clusters)
+    still reach a non-persistent bitmap: img_writev marks it on any thread."""
+    img = os.path.join(work, "fp.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
+    sh("qemu-io", "-c", "write 0 8M", img)
+    d = Daemon(vqcowd, work, img, "fp", extra=["--io-threads", "2", "--num-queues", "2"])
+    try:
+        q = Qmp(d.qsock)
+        q.ret("block-dirty-bitmap-add", {"node": N, "name": "f"})
+        for i in range(8):
+            fe(fe_bin, "write", d.vsock, i * M + 4096, 4096, stdin=os.urandom(4096))
+        n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
+        bms = n["dirty-bitmaps"]
+        check([(b["name"], b["count"]) for b in bms] == [("f", 8 * 65536)],
+              "listing %r" % bms)
+        # then many random writes over the first 8 MiB from two queues: every
+        # 64 KiB granule of it dirty, whichever thread served the write
+        q.ret("block-dirty-bitmap-clear", {"node": N, "name": "f"})
+        fe(fe_bin, "bench", d.vsock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
+           "--size", "8M", "--runtime", "2")
+        n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
+        bms = n["dirty-bitmaps"]
+        st = q.ret("query-blockstats")[0]
+        hits = st.get("vqcowd", {}).get("qcow2", {}).get("fast-path-hits")
+        check([(b["name"], b["count"]) for b in bms] == [("f", 8 * M)], "after bench %r" % bms)
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+    log("ok: 8 writes into allocated clusters, then 2 s of random writes, with 2 I/O threads "
+        "(fast-path hits %s): the non-persistent bitmap counts every granule" % hits)
+
+
 def test_raw(vqcowd, fe_bin, work):
     img = os.path.join(work, "r.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", img, 16 * M)
@@ -492,6 +531,7 @@ def main():
     test_vs_qsd(vqcowd, fe_bin, work)
     test_no_file_change(vqcowd, work)
     test_raw(vqcowd, fe_bin, work)
+    test_fast_path(vqcowd, fe_bin, work)
     test_merge_kill(vqcowd, fe_bin, work)
     test_resize(vqcowd, fe_bin, work)
     test_resize_kill(vqcowd, fe_bin, work)
