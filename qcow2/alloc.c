@@ -368,14 +368,35 @@ undo:
 	return ret;
 }
 
-/* Data clusters reserved ahead at a time (see alloc_data). */
-#define RESV_CLUSTERS 256
+/*
+ * Data clusters reserved ahead at a time (see alloc_data): 64 MiB worth,
+ * between 256 and 4096 clusters, where the file system has room for four
+ * times that beyond PREALLOC_RESERVE; else 256. Each reserve costs the link
+ * batch that first needs it an fdatasync, which every write waiting on that
+ * batch waits for: with 256 clusters of 64 KiB, 35-54 a second of 1.3-3.7 ms
+ * each on a growing image at QD32 (contrib/bench/RESULTS.md). Metadata
+ * clusters go past the reserve and need preallocated space there, hence the
+ * room check.
+ */
+static uint32_t resv_clusters(const struct qcow2 *q)
+{
+	uint64_t n = (64ull << 20) >> q->cb, avail;
+
+	if (n <= 256)
+		return 256;
+	if (n > 4096)
+		n = 4096;
+	avail = fs_avail(q);
+	if (avail < PREALLOC_RESERVE || avail - PREALLOC_RESERVE < 4 * (n << q->cb))
+		return 256;
+	return (uint32_t)n;
+}
 
 static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bool *fresh,
 			struct qcow2_waiter *w);
 
 /*
- * Data clusters at the end of the file come from a reserve: RESV_CLUSTERS
+ * Data clusters at the end of the file come from a reserve: resv_clusters()
  * at a time get their refcount raised (in the cache) before any of them is
  * handed out, so one write-back batch makes the refcounts of the whole
  * reserve durable (one fdatasync), and linking each cluster afterwards is a
@@ -391,7 +412,8 @@ static int alloc_data(struct qcow2 *q, uint32_t n, uint64_t *host, bool *fresh,
 	if (q->resv_next >= q->resv_end) {
 		uint64_t h;
 		bool f;
-		int ret = alloc_cursor(q, n > RESV_CLUSTERS ? n : RESV_CLUSTERS, false, &h, &f, w);
+		uint32_t r = resv_clusters(q);
+		int ret = alloc_cursor(q, n > r ? n : r, false, &h, &f, w);
 
 		if (ret < 0)
 			return ret;
