@@ -30,24 +30,6 @@
 #include "format.h"
 #include "qcow2tool.h"
 
-static int pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
-{
-	const uint8_t *p = buf;
-
-	while (len) {
-		ssize_t n = pwrite(fd, p, len, (off_t)off);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		p += n;
-		len -= (size_t)n;
-		off += (uint64_t)n;
-	}
-	return 0;
-}
-
 static int sync_fd(int fd)
 {
 	return fdatasync(fd) < 0 ? -errno : 0;
@@ -56,43 +38,16 @@ static int sync_fd(int fd)
 int qcow2_make_empty(const char *path, char *err, size_t errlen)
 {
 	struct qcow2_header_info h;
-	struct stat st;
 	uint8_t *buf = NULL, *zero = NULL, b8[20];
-	size_t len = 65536;
+	size_t len;
 	uint64_t c, l1_clusters, n, incompat;
-	ssize_t got;
 	int fd, ret;
 
 	if (err && errlen)
 		err[0] = '\0';
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0) {
-		ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-		goto out;
-	}
-	for (;;) {
-		free(buf);
-		buf = calloc(1, len);
-		if (!buf) {
-			ret = -ENOMEM;
-			goto out;
-		}
-		got = pread(fd, buf, len, 0);
-		if (got < 0) {
-			ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-			goto out;
-		}
-		ret = qcow2_header_parse(buf, (size_t)got, (uint64_t)st.st_size, &h, err, errlen);
-		if (ret == -ENOBUFS && h.cluster_size > len) {
-			len = h.cluster_size;
-			continue;
-		}
-		if (ret < 0)
-			goto out;
-		break;
-	}
+	ret = qcow2_fd_open_header(path, &fd, &buf, &len, &h, err, errlen);
+	if (ret < 0)
+		return ret;
 	c = h.cluster_size;
 	l1_clusters = ((uint64_t)h.l1_size * 8 + c - 1) / c;
 	if (h.version < 3 || h.nb_snapshots || (h.has_bitmaps && h.nb_bitmaps) || h.has_crypto ||
@@ -112,37 +67,37 @@ int qcow2_make_empty(const char *path, char *err, size_t errlen)
 	incompat = h.incompatible_features & ~QCOW2_INCOMPAT_DIRTY;
 	/* the refcounts are about to be wrong */
 	qcow2_put_be64(b8, incompat | QCOW2_INCOMPAT_DIRTY);
-	ret = pwrite_all(fd, b8, 8, QCOW2_OFF_INCOMPAT);
+	ret = qcow2_pwrite_full(fd, b8, 8, QCOW2_OFF_INCOMPAT);
 	if (ret == 0)
 		ret = sync_fd(fd);
 	for (n = 0; ret == 0 && n < l1_clusters; n++)
-		ret = pwrite_all(fd, zero, c, h.l1_table_offset + n * c);
+		ret = qcow2_pwrite_full(fd, zero, c, h.l1_table_offset + n * c);
 	for (n = 1; ret == 0 && n < 3 + l1_clusters; n++)
-		ret = pwrite_all(fd, zero, c, n * c);
+		ret = qcow2_pwrite_full(fd, zero, c, n * c);
 	/* the L1 table at cluster 3, a one-cluster refcount table at cluster 1 */
 	qcow2_put_be64(b8, 3 * c);
 	qcow2_put_be64(b8 + 8, c);
 	qcow2_put_be32(b8 + 16, 1);
 	if (ret == 0)
-		ret = pwrite_all(fd, b8, 20, QCOW2_OFF_L1_TABLE_OFFSET);
+		ret = qcow2_pwrite_full(fd, b8, 20, QCOW2_OFF_L1_TABLE_OFFSET);
 	if (ret == 0)
 		ret = sync_fd(fd);
 	/* its first entry: the refcount block at cluster 2 */
 	qcow2_put_be64(b8, 2 * c);
 	if (ret == 0)
-		ret = pwrite_all(fd, b8, 8, c);
+		ret = qcow2_pwrite_full(fd, b8, 8, c);
 	if (ret == 0)
 		ret = sync_fd(fd);
 	/* header, refcount table and block, L1 table: one reference each */
 	for (n = 0; n < 3 + l1_clusters; n++)
 		qcow2_refcount_set(zero, n, h.refcount_order, 1);
 	if (ret == 0)
-		ret = pwrite_all(fd, zero, c, 2 * c);
+		ret = qcow2_pwrite_full(fd, zero, c, 2 * c);
 	if (ret == 0)
 		ret = sync_fd(fd);
 	qcow2_put_be64(b8, incompat);
 	if (ret == 0)
-		ret = pwrite_all(fd, b8, 8, QCOW2_OFF_INCOMPAT);
+		ret = qcow2_pwrite_full(fd, b8, 8, QCOW2_OFF_INCOMPAT);
 	if (ret == 0)
 		ret = sync_fd(fd);
 	if (ret == 0 && ftruncate(fd, (off_t)((3 + l1_clusters) * c)) < 0)

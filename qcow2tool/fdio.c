@@ -2,7 +2,8 @@
 /*
  * qcow2tool/fdio.c — the format code's I/O interface over a plain fd
  * (pread/pwrite/fdatasync), file probing and sizes, and qcow2_check() on a
- * path. The only file of the tool library that does positioned I/O for the
+ * path, and opening an image with its header parsed (rebase, empty). The
+ * only file of the tool library that does positioned I/O for the
  * format code; create.c and map.c use the full-transfer helpers below.
  */
 #include <errno.h>
@@ -11,6 +12,7 @@
 #include <linux/fs.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -250,5 +252,52 @@ int qcow2_bitmap_tool(const char *path, char op, const char *name, uint32_t gran
 	/* (no tail cut here: qemu-img leaves the file length alone offline too) */
 	if (close(fd) < 0 && ret == 0)
 		ret = qcow2_seterr(err, errlen, -errno, "%s", strerror(errno));
+	return ret;
+}
+
+int qcow2_fd_open_header(const char *path, int *fdp, uint8_t **bufp, size_t *lenp,
+			 struct qcow2_header_info *h, char *err, size_t errlen)
+{
+	uint8_t *buf = NULL;
+	size_t len = 65536;
+	struct stat st;
+	ssize_t n;
+	int fd, ret;
+
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0) {
+		ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+		goto fail;
+	}
+	for (;;) {
+		free(buf);
+		buf = calloc(1, len);
+		if (!buf) {
+			ret = -ENOMEM;
+			goto fail;
+		}
+		n = pread(fd, buf, len, 0);
+		if (n < 0) {
+			ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
+			goto fail;
+		}
+		ret = qcow2_header_parse(buf, (size_t)n, (uint64_t)st.st_size, h, err, errlen);
+		if (ret == -ENOBUFS && h->cluster_size > len) {
+			len = h->cluster_size;
+			continue;
+		}
+		if (ret < 0)
+			goto fail;
+		break;
+	}
+	*fdp = fd;
+	*bufp = buf;
+	*lenp = len;
+	return 0;
+fail:
+	free(buf);
+	close(fd);
 	return ret;
 }

@@ -317,4 +317,13 @@ int qcow2_fd_size(int fd, uint64_t *size, uint64_t *allocated);
 /* Probe a file: 1 qcow2 (magic matches), 0 raw, -errno. */
 int qcow2_probe(int fd);
 
+/*
+ * Open @path read-write and parse its qcow2 header from the first cluster:
+ * *@fdp, and *@bufp (calloc'ed, *@lenp bytes: at least 64 KiB or the whole
+ * cluster) for the caller to close and free. -errno with @err set (naming
+ * @path) and nothing left open.
+ */
+int qcow2_fd_open_header(const char *path, int *fdp, uint8_t **bufp, size_t *lenp,
+			 struct qcow2_header_info *h, char *err, size_t errlen);
+
 #endif /* VQCOW_QCOW2TOOL_H */

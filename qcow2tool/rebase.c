@@ -28,9 +28,8 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
 			size_t errlen)
 {
 	struct qcow2_header_info h;
-	struct stat st;
 	uint8_t *buf = NULL, *out = NULL;
-	size_t len = 65536, pos, blen = backing ? strlen(backing) : 0;
+	size_t len, pos, blen = backing ? strlen(backing) : 0;
 	size_t flen = backing_fmt ? strlen(backing_fmt) : 0;
 	ssize_t n;
 	int fd, ret;
@@ -41,34 +40,9 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
 		return qcow2_seterr(err, errlen, -EINVAL, "%s: backing file name too long", path);
 	if (flen > QCOW2_MAX_BACKING_FMT)
 		return qcow2_seterr(err, errlen, -EINVAL, "%s: backing format name too long", path);
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-	if (fstat(fd, &st) < 0) {
-		ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-		goto out;
-	}
-	for (;;) {
-		free(buf);
-		buf = calloc(1, len);
-		if (!buf) {
-			ret = -ENOMEM;
-			goto out;
-		}
-		n = pread(fd, buf, len, 0);
-		if (n < 0) {
-			ret = qcow2_seterr(err, errlen, -errno, "%s: %s", path, strerror(errno));
-			goto out;
-		}
-		ret = qcow2_header_parse(buf, (size_t)n, (uint64_t)st.st_size, &h, err, errlen);
-		if (ret == -ENOBUFS && h.cluster_size > len) {
-			len = h.cluster_size;
-			continue;
-		}
-		if (ret < 0)
-			goto out;
-		break;
-	}
+	ret = qcow2_fd_open_header(path, &fd, &buf, &len, &h, err, errlen);
+	if (ret < 0)
+		return ret;
 	if (h.cluster_size < len)
 		len = h.cluster_size;
 	out = calloc(1, len);
