@@ -2589,10 +2589,10 @@ static int q2_reopen_rw(struct img *img, char *err, size_t errlen)
 				 img->path);
 		return -EINVAL;
 	}
-	if (m->inflight) {
+	if (busy_count(m)) {
 		if (err)
 			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 m->inflight);
+				 busy_count(m));
 		return -EBUSY;
 	}
 	img->backing = false;
@@ -2613,6 +2613,7 @@ static int q2_reopen_rw(struct img *img, char *err, size_t errlen)
 			return ret;
 		}
 	}
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	m->q = NULL;
 	if (ret == 0)
@@ -2652,12 +2653,13 @@ static int q2_change_backing(struct img *img, struct img *nb, const char *name, 
 			snprintf(err, errlen, "%s: not writable", img->path);
 		return -EROFS;
 	}
-	if (m->inflight) {
+	if (busy_count(m)) {
 		if (err)
 			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 m->inflight);
+				 busy_count(m));
 		return -EBUSY;
 	}
+	fast_off(m);
 	ret = qcow2_close(m->q);
 	m->q = NULL;
 	if (ret < 0) {
