@@ -2068,6 +2068,55 @@ static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen
 	return 0;
 }
 
+/* -EBUSY, saying how many requests are still in flight. */
+static int busy_err(struct q2img *m, char *err, size_t errlen)
+{
+	if (err)
+		snprintf(err, errlen, "%s: %u request(s) still in flight", m->img.path,
+			 busy_count(m));
+	return -EBUSY;
+}
+
+/*
+ * With nothing in flight: the fast path off, the engine written back and
+ * closed (its free clusters in *@freed if not NULL, for the next engine).
+ * -errno with @err set if the write-back failed; closed either way.
+ */
+static int engine_stop(struct q2img *m, struct qcow2_freed **freed, char *err, size_t errlen)
+{
+	int ret;
+
+	fast_off(m);
+	ret = freed ? qcow2_close_free(m->q, freed) : qcow2_close(m->q);
+	m->q = NULL;
+	if (ret < 0 && err)
+		snprintf(err, errlen, "%s: writing metadata back failed: %s", m->img.path,
+			 strerror(-ret));
+	return ret;
+}
+
+/*
+ * After an edit of the closed image (@ret its result): the engine opened
+ * again read-write. A failure to reopen is logged, and is the result if
+ * the edit itself succeeded.
+ */
+static int engine_restart(struct q2img *m, int ret, const char *what, char *err, size_t errlen)
+{
+	char rerr[300] = "";
+	int r2 = engine_open(m, false, rerr, sizeof(rerr));
+
+	if (r2 < 0) {
+		vlog(VLOG_ERROR, m->img.path, "reopening the image after %s failed: %s", what,
+		     rerr);
+		if (ret == 0) {
+			if (err)
+				snprintf(err, errlen, "%s", rerr);
+			ret = r2;
+		}
+	}
+	return ret;
+}
+
 /*
  * Locks of the image file and its external data file (same role), then the
  * backing image: READ while we hold READ or WRITE, nothing while NONE.
@@ -2094,19 +2143,10 @@ static int q2_set_perm(struct img *img, enum img_perm perm, char *err, size_t er
 	int ret;
 
 	if (release) {
-		if (busy_count(m)) {
-			if (err)
-				snprintf(err, errlen, "%s: %u request(s) still in flight",
-					 img->path, busy_count(m));
-			return -EBUSY;
-		}
-		fast_off(m);
-		ret = qcow2_close(m->q);
-		m->q = NULL;
+		if (busy_count(m))
+			return busy_err(m, err, errlen);
+		ret = engine_stop(m, NULL, err, errlen);
 		if (ret < 0) {
-			if (err)
-				snprintf(err, errlen, "%s: writing metadata back failed: %s",
-					 img->path, strerror(-ret));
 			/* Still ours: keep serving it as before. */
 			engine_open(m, false, NULL, 0);
 			return ret;
@@ -2143,18 +2183,14 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 	struct q2img *m = (struct q2img *)img;
 	struct qcow2_freed *freed = NULL;
 	struct qcow2_snap_desc sn;
-	char rerr[300] = "";
-	int ret, r2;
+	int ret;
 
 	if (!m->q) {
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (busy_count(m)) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-			 busy_count(m));
-		return -EBUSY;
-	}
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
 	memset(&sn, 0, sizeof(sn));
 	if (create) {
 		struct timespec ts;
@@ -2168,26 +2204,12 @@ static int q2_snapshot(struct img *img, bool create, const char *id, const char 
 		 * guest is the host's: the same instant as the date. */
 		sn.vm_clock_nsec = (uint64_t)sn.date_sec * 1000000000ull + sn.date_nsec;
 	}
-	fast_off(m);
-	ret = qcow2_close_free(m->q, &freed); /* free clusters: to the next engine */
-	m->q = NULL;
-	if (ret < 0) {
-		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
-			 strerror(-ret));
-	} else {
+	ret = engine_stop(m, &freed, err, errlen); /* free clusters: to the next engine */
+	if (ret == 0)
 		ret = qcow2_snapshot_file(&m->file, img->path, create ? 'c' : 'd', &sn, id, name,
 					  &freed, err, errlen);
-	}
-	r2 = engine_open(m, false, rerr, sizeof(rerr));
+	ret = engine_restart(m, ret, "a snapshot", err, errlen);
 	qcow2_adopt_freed(m->q, freed); /* punched and reused in the background */
-	if (r2 < 0) {
-		vlog(VLOG_ERROR, img->path, "reopening the image after a snapshot failed: %s",
-		     rerr);
-		if (ret == 0) {
-			snprintf(err, errlen, "%s", rerr);
-			ret = r2;
-		}
-	}
 	snap_copy(out, &sn);
 	return ret;
 }
@@ -2197,37 +2219,19 @@ static int q2_bitmap_edit(struct img *img, char op, const char *name, uint32_t g
 			  bool disabled, char *err, size_t errlen)
 {
 	struct q2img *m = (struct q2img *)img;
-	char rerr[300] = "";
-	int ret, r2;
+	int ret;
 
 	if (!m->q) {
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (busy_count(m)) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-			 busy_count(m));
-		return -EBUSY;
-	}
-	fast_off(m);
-	ret = qcow2_close(m->q);
-	m->q = NULL;
-	if (ret < 0)
-		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
-			 strerror(-ret));
-	else
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
+	ret = engine_stop(m, NULL, err, errlen);
+	if (ret == 0)
 		ret = qcow2_bitmap_file(&m->file, img->path, op, name, granularity, disabled, err,
 					errlen);
-	r2 = engine_open(m, false, rerr, sizeof(rerr));
-	if (r2 < 0) {
-		vlog(VLOG_ERROR, img->path, "reopening the image after a bitmap change failed: %s",
-		     rerr);
-		if (ret == 0) {
-			snprintf(err, errlen, "%s", rerr);
-			ret = r2;
-		}
-	}
-	return ret;
+	return engine_restart(m, ret, "a bitmap change", err, errlen);
 }
 
 /* A merge into a disabled persistent bitmap: the same path with the bits. */
@@ -2235,36 +2239,18 @@ static int q2_bitmap_merge(struct img *img, const char *name, const uint8_t *bit
 			   char *err, size_t errlen)
 {
 	struct q2img *m = (struct q2img *)img;
-	char rerr[300] = "";
-	int ret, r2;
+	int ret;
 
 	if (!m->q) {
 		snprintf(err, errlen, "%s: the image is inactive", img->path);
 		return -EIO;
 	}
-	if (busy_count(m)) {
-		snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-			 busy_count(m));
-		return -EBUSY;
-	}
-	fast_off(m);
-	ret = qcow2_close(m->q);
-	m->q = NULL;
-	if (ret < 0)
-		snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
-			 strerror(-ret));
-	else
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
+	ret = engine_stop(m, NULL, err, errlen);
+	if (ret == 0)
 		ret = qcow2_bitmap_merge_file(&m->file, img->path, name, bits, nbytes, err, errlen);
-	r2 = engine_open(m, false, rerr, sizeof(rerr));
-	if (r2 < 0) {
-		vlog(VLOG_ERROR, img->path, "reopening the image after a bitmap merge failed: %s",
-		     rerr);
-		if (ret == 0) {
-			snprintf(err, errlen, "%s", rerr);
-			ret = r2;
-		}
-	}
-	return ret;
+	return engine_restart(m, ret, "a bitmap merge", err, errlen);
 }
 
 /*
@@ -2315,12 +2301,8 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 		fast_mode_update(m);
 		return 0;
 	}
-	if (busy_count(m)) {
-		if (err)
-			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 busy_count(m));
-		return -EBUSY;
-	}
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
 	__atomic_store_n(&m->fmode, __atomic_load_n(&m->fmode, __ATOMIC_RELAXED) & ~FM_WRITE,
 			 __ATOMIC_SEQ_CST);
 	ret = qcow2_set_read_only(m->q, true);
@@ -2589,12 +2571,8 @@ static int q2_reopen_rw(struct img *img, char *err, size_t errlen)
 				 img->path);
 		return -EINVAL;
 	}
-	if (busy_count(m)) {
-		if (err)
-			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 busy_count(m));
-		return -EBUSY;
-	}
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
 	img->backing = false;
 	ret = img_file_reopen_rw(&m->file, img->path, IMG_FILE_QCOW2, err, errlen);
 	if (ret < 0) {
@@ -2643,31 +2621,20 @@ static int q2_change_backing(struct img *img, struct img *nb, const char *name, 
 	struct q2img *m = (struct q2img *)img;
 	struct qcow2_header_info h;
 	uint8_t *buf = NULL, *out = NULL;
-	char rerr[300] = "";
 	uint64_t fsize = 0;
 	size_t hlen, len, outlen = 0;
-	int ret, r2;
+	int ret;
 
 	if (!m->q || !img_may_write(img)) {
 		if (err)
 			snprintf(err, errlen, "%s: not writable", img->path);
 		return -EROFS;
 	}
-	if (busy_count(m)) {
-		if (err)
-			snprintf(err, errlen, "%s: %u request(s) still in flight", img->path,
-				 busy_count(m));
-		return -EBUSY;
-	}
-	fast_off(m);
-	ret = qcow2_close(m->q);
-	m->q = NULL;
-	if (ret < 0) {
-		if (err)
-			snprintf(err, errlen, "%s: writing metadata back failed: %s", img->path,
-				 strerror(-ret));
+	if (busy_count(m))
+		return busy_err(m, err, errlen);
+	ret = engine_stop(m, NULL, err, errlen);
+	if (ret < 0)
 		goto reopen;
-	}
 	ret = io_file_get_size(&m->file, &fsize);
 	hlen = fsize < QCOW2_MAX_CLUSTER_SIZE ? (size_t)fsize : QCOW2_MAX_CLUSTER_SIZE;
 	hlen = (hlen + 4095) & ~(size_t)4095;
@@ -2704,16 +2671,7 @@ static int q2_change_backing(struct img *img, struct img *nb, const char *name, 
 reopen:
 	io_free_aligned(buf);
 	io_free_aligned(out);
-	r2 = engine_open(m, false, rerr, sizeof(rerr));
-	if (r2 < 0) {
-		vlog(VLOG_ERROR, img->path, "reopening after changing the backing file: %s", rerr);
-		if (ret == 0) {
-			if (err)
-				snprintf(err, errlen, "%s", rerr);
-			ret = r2;
-		}
-	}
-	return ret;
+	return engine_restart(m, ret, "changing the backing file", err, errlen);
 }
 
 static const struct img_ops q2_ops = {
