@@ -616,45 +616,52 @@ static void set_bits(uint8_t *c, uint64_t first, uint64_t last)
 	}
 }
 
+/* Set the bits of @bm covering guest bytes [off, off + len). -ENOMEM: not all of them. */
+static int bm_set_range(const struct qcow2 *q, struct q2_bm *bm, uint64_t off, uint64_t len)
+{
+	uint64_t bits_per = q->cs * 8, first, last;
+
+	if (!len)
+		return 0;
+	first = off >> bm->gbits;
+	last = (off + len - 1) >> bm->gbits;
+	if (first >= bm->nbits)
+		return 0;
+	if (last >= bm->nbits)
+		last = bm->nbits - 1;
+	while (first <= last) {
+		uint32_t k = (uint32_t)(first / bits_per);
+		uint64_t base = (uint64_t)k * bits_per;
+		uint64_t end = last < base + bits_per - 1 ? last : base + bits_per - 1;
+
+		if (!bm->chunks[k]) {
+			bm->chunks[k] = calloc(1, q->cs);
+			if (!bm->chunks[k])
+				return -ENOMEM;
+		}
+		set_bits(bm->chunks[k], first - base, end - base);
+		first = end + 1;
+	}
+	return 0;
+}
+
 void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len)
 {
 	struct q2_bitmaps *b = q->bms;
-	uint64_t bits_per;
 
 	if (!b || !b->nrecording || !len)
 		return;
-	bits_per = q->cs * 8;
 	for (uint32_t i = 0; i < b->n; i++) {
 		struct q2_bm *bm = &b->bm[i];
-		uint64_t first, last;
 
 		if (!bm->recording || bm->lost)
 			continue;
-		first = off >> bm->gbits;
-		last = (off + len - 1) >> bm->gbits;
-		if (first >= bm->nbits)
-			continue;
-		if (last >= bm->nbits)
-			last = bm->nbits - 1;
-		while (first <= last) {
-			uint32_t k = (uint32_t)(first / bits_per);
-			uint64_t base = (uint64_t)k * bits_per;
-			uint64_t end = last < base + bits_per - 1 ? last : base + bits_per - 1;
-
-			if (!bm->chunks[k]) {
-				bm->chunks[k] = calloc(1, q->cs);
-				if (!bm->chunks[k]) {
-					bm->lost = true;
-					Q2_LOG(
-					    q, ERROR,
-					    "out of memory: bitmap '%s' cannot record writes; it "
-					    "stays marked in use (inconsistent)",
-					    bm->name);
-					break;
-				}
-			}
-			set_bits(bm->chunks[k], first - base, end - base);
-			first = end + 1;
+		if (bm_set_range(q, bm, off, len) < 0) {
+			bm->lost = true;
+			Q2_LOG(q, ERROR,
+			       "out of memory: bitmap '%s' cannot record writes; it stays marked "
+			       "in use (inconsistent)",
+			       bm->name);
 		}
 	}
 }
@@ -1059,34 +1066,12 @@ int qcow2_bitmap_ranges(struct qcow2 *q, const char *name,
 int qcow2_bitmap_set(struct qcow2 *q, const char *name, uint64_t off, uint64_t len)
 {
 	struct q2_bm *bm = bm_by_name(q, name);
-	uint64_t bits_per = q->cs * 8, first, last;
 
 	if (!bm)
 		return -ENOENT;
 	if (!bm->tracked || bm->lost)
 		return -EBUSY;
-	if (!len)
-		return 0;
-	first = off >> bm->gbits;
-	last = (off + len - 1) >> bm->gbits;
-	if (first >= bm->nbits)
-		return 0;
-	if (last >= bm->nbits)
-		last = bm->nbits - 1;
-	while (first <= last) {
-		uint32_t k = (uint32_t)(first / bits_per);
-		uint64_t base = (uint64_t)k * bits_per;
-		uint64_t end = last < base + bits_per - 1 ? last : base + bits_per - 1;
-
-		if (!bm->chunks[k]) {
-			bm->chunks[k] = calloc(1, q->cs);
-			if (!bm->chunks[k])
-				return -ENOMEM;
-		}
-		set_bits(bm->chunks[k], first - base, end - base);
-		first = end + 1;
-	}
-	return 0;
+	return bm_set_range(q, bm, off, len);
 }
 
 bool qcow2_has_enabled_bitmaps(const struct qcow2 *q)
