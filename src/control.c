@@ -537,11 +537,23 @@ static const char *str_arg(json_t *args, const char *key)
 	return json_string_value(json_object_get(args, key));
 }
 
+/* Queue @op (its reply deferred already) and hold the device's requests:
+ * ctl_held runs the queued operations once nothing is in flight. */
+static void op_queue_hold(struct ctl *c, struct ctl_op *op)
+{
+	struct ctl_op **tail;
+
+	for (tail = &c->ops; *tail; tail = &(*tail)->next)
+		;
+	*tail = op;
+	c->hold(c->opaque);
+}
+
 static int snap_start(struct ctl *c, json_t *args, bool create, char *err, size_t errlen)
 {
 	const char *dev = str_arg(args, "device"), *id = str_arg(args, "id");
 	const char *name = str_arg(args, "name");
-	struct ctl_op *op, **tail;
+	struct ctl_op *op;
 
 	if (strcmp(dev, c->node_name) != 0) {
 		snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", dev, dev);
@@ -588,13 +600,10 @@ static int snap_start(struct ctl *c, json_t *args, bool create, char *err, size_
 		qmp_pending_error(p, "out of memory");
 		return QMP_PENDING;
 	}
-	for (tail = &c->ops; *tail; tail = &(*tail)->next)
-		;
-	*tail = op;
 	vlog(VLOG_INFO, NULL, "qmp: %s internal snapshot %s%s%s: holding requests back",
 	     create ? "creating" : "deleting", name ? name : "", name && id ? " id " : "",
 	     id ? id : "");
-	c->hold(c->opaque);
+	op_queue_hold(c, op);
 	return QMP_PENDING;
 }
 
@@ -667,7 +676,7 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 	json_t *g = json_object_get(args, "granularity");
 	json_t *pers = json_object_get(args, "persistent");
 	struct img_bitmap *bms = NULL;
-	struct ctl_op *op, **tail;
+	struct ctl_op *op;
 	bool found = false;
 	int n;
 
@@ -741,11 +750,8 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 		qmp_pending_error(p, "out of memory");
 		return QMP_PENDING;
 	}
-	for (tail = &c->ops; *tail; tail = &(*tail)->next)
-		;
-	*tail = op;
 	vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' (%c): holding requests back", name, bmop);
-	c->hold(c->opaque);
+	op_queue_hold(c, op);
 	return QMP_PENDING;
 }
 
@@ -838,7 +844,7 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 	json_t *list = json_object_get(args, "bitmaps");
 	struct img_bitmap *bms = NULL;
 	const struct img_bitmap *tb;
-	struct ctl_op *op = NULL, **tail;
+	struct ctl_op *op = NULL;
 	bool persistent;
 	size_t n = json_array_size(list);
 	char **srcs = NULL;
@@ -975,12 +981,9 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 	op->p = qmp_server_defer(c->qmp);
 	if (!op->p)
 		goto out;
-	for (tail = &c->ops; *tail; tail = &(*tail)->next)
-		;
-	*tail = op;
-	op = NULL;
 	vlog(VLOG_INFO, NULL, "qmp: merging into dirty bitmap '%s': holding requests back", target);
-	c->hold(c->opaque);
+	op_queue_hold(c, op);
+	op = NULL;
 	r = QMP_PENDING;
 out:
 	if (op)
@@ -998,7 +1001,7 @@ out:
  */
 static int resize_hold(struct ctl *c, uint64_t size)
 {
-	struct ctl_op *op = calloc(1, sizeof(*op)), **tail;
+	struct ctl_op *op = calloc(1, sizeof(*op));
 
 	if (!op)
 		return -ENOMEM;
@@ -1009,12 +1012,9 @@ static int resize_hold(struct ctl *c, uint64_t size)
 		free(op);
 		return -ENOMEM;
 	}
-	for (tail = &c->ops; *tail; tail = &(*tail)->next)
-		;
-	*tail = op;
 	vlog(VLOG_INFO, NULL,
 	     "qmp: block_resize with disabled dirty bitmaps: holding requests back");
-	c->hold(c->opaque);
+	op_queue_hold(c, op);
 	return QMP_PENDING;
 }
 
