@@ -14,10 +14,22 @@
  *    it takes the image back and sees the destination's writes (its own
  *    cached metadata was dropped);
  *  - `qemu-img check` is clean and qemu-io reads every pattern afterwards.
+ *
+ * "threads": the same source with --io-threads 2, where the queues' threads
+ * pop, complete and push, and serve allocated clusters themselves (the qcow2
+ * fast path) or hand a request to the main thread and back (a hop):
+ *  - with the log on, every page of every buffer a read filled, on the fast
+ *    path or through a hop, has its bit set when the request is in the used
+ *    ring (the front-end syncs the log after it saw the completion);
+ *  - GET_VRING_BASE of a ring whose fast-path writes are held back in the
+ *    daemon (VQCOWD_TEST_FAST_DELAY) replies only once they are in the used
+ *    ring, and its base counts exactly them (a completion after the reply
+ *    would land in guest memory the front-end already migrated).
  */
 #include <CUnit/CUnit.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -150,6 +162,160 @@ static void t_handoff(void)
 	tu_sh("rm -rf %s", dir);
 }
 
+/* Every page of [gpa, gpa + len) marked in @log? */
+static bool logged(const uint8_t *log, uint64_t logsz, uint64_t gpa, uint64_t len)
+{
+	for (uint64_t pg = gpa / 4096; pg <= (gpa + len - 1) / 4096; pg++) {
+		if (pg / 8 >= logsz || !(log[pg / 8] & (1u << (pg % 8))))
+			return false;
+	}
+	return true;
+}
+
+static void t_threads(void)
+{
+	enum { NR = 8, NW = 8, LEN = 16384 };
+	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64], line[512];
+	struct vqfe_req req[NR > NW ? NR : NW];
+	static uint8_t wbuf[NW][LEN], pat[CHUNK];
+	uint64_t maxgpa = 0, gpa, size, v, logsz, sgpa, hits = 0;
+	size_t ssize;
+	struct vqfe_opts fo;
+	struct vqfe_msg_hdr h;
+	uint32_t base = 0;
+	uint8_t *log;
+	FILE *f;
+	int logfd;
+
+	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
+	snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 64M", img), 0);
+	/* every 4th fast-path write held 300 ms with its ticket */
+	setenv("VQCOWD_TEST_FAST_DELAY", "300", 1);
+	START(a, .num_queues = 2,
+	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", "2"});
+	unsetenv("VQCOWD_TEST_FAST_DELAY");
+	itest_fe_opts(&fo);
+	fo.num_queues = 2;
+	CONNECT(fa, a, &fo);
+
+	/* Allocated on the main thread (hops), then read once there: the
+	 * clusters' mappings are published, later requests stay on queue 1's
+	 * thread. */
+	for (unsigned i = 0; i < 16; i++)
+		CU_ASSERT_EQUAL(write_pattern(fa, (uint64_t)i * CHUNK, 10 + i), 0);
+	CU_ASSERT_TRUE(check_pattern(fa, 0, 10));
+	for (unsigned i = 0; i < 16; i++) {
+		static uint8_t got[CHUNK];
+
+		CU_ASSERT_EQUAL(vqfe_read(fa, 1, (uint64_t)i * CHUNK, got, CHUNK), 0);
+	}
+
+	/* Migration starts: a dirty log, then VHOST_F_LOG_ALL. */
+	for (unsigned i = 0; vqfe_region(fa, i, &gpa, &size) == 0; i++)
+		if (gpa + size > maxgpa)
+			maxgpa = gpa + size;
+	logsz = (maxgpa / 4096 + 7) / 8;
+	logfd = memfd_create("log", MFD_CLOEXEC);
+	CU_ASSERT_FATAL(logfd >= 0 && ftruncate(logfd, (off_t)logsz) == 0);
+	log = mmap(NULL, logsz, PROT_READ | PROT_WRITE, MAP_SHARED, logfd, 0);
+	CU_ASSERT_FATAL(log != MAP_FAILED);
+	{
+		uint64_t lm[2] = {logsz, 0};
+
+		CU_ASSERT_EQUAL(vqfe_send_msg(fa, VHOST_USER_SET_LOG_BASE, VHOST_USER_VERSION, lm,
+					      sizeof(lm), &logfd, 1),
+				0);
+		CU_ASSERT_EQUAL(vqfe_recv_msg(fa, &h, &v, sizeof(v), 5000), 8);
+	}
+	v = vqfe_features(fa) | (1ull << 26);
+	CU_ASSERT_EQUAL(vqfe_call(fa, VHOST_USER_SET_FEATURES, &v, 8, NULL, 0, true, NULL, 0), 0);
+
+	/* Reads into scratch pages: fast on queue 1 (clusters 0-15), and
+	 * through a hop (unallocated clusters, zeroes, and a range across two
+	 * clusters that are not host-contiguous is not guaranteed to be fast). */
+	vqfe_scratch(fa, &sgpa, &ssize);
+	CU_ASSERT_FATAL(ssize >= (size_t)NR * LEN + 4096);
+	for (unsigned round = 0; round < 2; round++) {
+		memset(log, 0, logsz);
+		memset(vqfe_gpa(fa, sgpa, (size_t)NR * LEN), 0xa5, (size_t)NR * LEN);
+		for (unsigned i = 0; i < NR; i++) {
+			uint64_t off = round ? 32 * MiB + (uint64_t)i * LEN : (uint64_t)i * LEN;
+
+			req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_IN,
+						   .sector = off / 512,
+						   .len = LEN,
+						   .data_gpa = sgpa + (uint64_t)i * LEN};
+			CU_ASSERT_EQUAL_FATAL(vqfe_submit(fa, 1, &req[i]), 0);
+		}
+		CU_ASSERT_EQUAL(vqfe_drain(fa, 1), 0);
+		for (unsigned i = 0; i < NR; i++) {
+			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+			CU_ASSERT_TRUE(logged(log, logsz, sgpa + (uint64_t)i * LEN, LEN));
+		}
+		if (!round) {
+			/* the data really came from the image */
+			itest_fill(pat, sizeof(pat), 10);
+			CU_ASSERT_EQUAL(memcmp(vqfe_gpa(fa, sgpa, LEN), pat, LEN), 0);
+		}
+	}
+
+	/* Fast writes in place, one of each four held 300 ms in the daemon;
+	 * GET_VRING_BASE right after the kick. */
+	for (unsigned i = 0; i < NW; i++) {
+		itest_fill(wbuf[i], LEN, 100 + i);
+		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+					   .sector = (uint64_t)i * LEN / 512,
+					   .buf = wbuf[i],
+					   .len = LEN};
+		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fa, 1, &req[i]), 0);
+	}
+	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fa, 1), true), 0);
+	{
+		uint16_t before = le16toh(vqfe_vq_used(vqfe_vq(fa, 1))->idx);
+		uint64_t t0 = vqfe_now_ns();
+
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_stop(fa, 1, &base), 0);
+		/* the reply waited for the held writes, which are all in the
+		 * used ring now: nothing completes after it */
+		CU_ASSERT(vqfe_now_ns() - t0 >= 200000000ull);
+		CU_ASSERT_EQUAL((uint16_t)(le16toh(vqfe_vq_used(vqfe_vq(fa, 1))->idx) - before),
+				NW);
+		CU_ASSERT_EQUAL((uint16_t)base, le16toh(vqfe_vq_used(vqfe_vq(fa, 1))->idx));
+		CU_ASSERT_EQUAL(vqfe_reap(fa, 1, NULL, ~0u), NW);
+		for (unsigned i = 0; i < NW; i++)
+			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+	}
+	/* The ring resumes at that base; the writes read back. */
+	CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fa, 1, base), 0);
+	for (unsigned i = 0; i < NW; i++) {
+		static uint8_t got[LEN];
+
+		CU_ASSERT_EQUAL(vqfe_read(fa, 1, (uint64_t)i * LEN, got, LEN), 0);
+		CU_ASSERT_EQUAL(memcmp(got, wbuf[i], LEN), 0);
+	}
+	vqfe_close(fa);
+	CU_ASSERT_EQUAL(itest_signal_wait(&a, SIGTERM, 20000), 0);
+	/* The threads served the reads and writes above themselves. */
+	f = fopen(a.log, "r");
+	CU_ASSERT_FATAL(f != NULL);
+	while (fgets(line, sizeof(line), f)) {
+		const char *p = strstr(line, "fast path: ");
+
+		if (p)
+			hits = strtoull(p + strlen("fast path: "), NULL, 10);
+	}
+	fclose(f);
+	CU_ASSERT(hits >= NR + NW);
+	if (hits < NR + NW)
+		itest_dump_log(&a);
+	STOP(a);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
+	munmap(log, logsz);
+	close(logfd);
+	tu_sh("rm -rf %s", dir);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -159,6 +325,7 @@ static void add_suites(void)
 	if (!skip && tu_sh("qemu-img --version >/dev/null 2>&1") != 0)
 		skip = "qemu-img not installed";
 	tu_add_test(s, "handoff", t_handoff, skip);
+	tu_add_test(s, "threads", t_threads, skip);
 }
 
 int main(int argc, char **argv)
