@@ -19,6 +19,7 @@
 
 #include "blk.h"
 #include "io.h" /* iovec helpers */
+#include "vlog.h"
 
 #define SECTOR_SHIFT 9
 #define SECTOR_SIZE  512u
@@ -283,6 +284,16 @@ static void req_io_done(struct img_io *io, int res)
 	}
 	if (res == 0 && req->type == VIRTIO_BLK_T_IN)
 		req->in_len = (uint32_t)req->data_len;
+	if (res < 0 && res != -EROFS && res != -ENOTSUP && res != -EOPNOTSUPP) {
+		/* The guest sees only IOERR: say here what failed and why
+		 * (rate-limited per call site by vlog). */
+		static const char *const ops[] = {"?",     "read",    "write",
+						  "flush", "discard", "write-zeroes"};
+
+		vlog(VLOG_ERROR, "blk", "%s of %llu bytes at offset %llu failed: %s",
+		     io->op < sizeof(ops) / sizeof(ops[0]) ? ops[io->op] : "?",
+		     (unsigned long long)io->len, (unsigned long long)io->off, strerror(-res));
+	}
 	req_finish(req, res);
 }
 
