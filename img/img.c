@@ -438,6 +438,12 @@ void img_discard(struct img *img, struct img_io *io, uint64_t off, uint64_t len)
 	img->ops->submit(img, io);
 }
 
+void img_discard_full(struct img *img, struct img_io *io, uint64_t off, uint64_t len)
+{
+	io_setup(io, IMG_OP_DISCARD, IMG_IO_FULL, NULL, 0, off, len);
+	img->ops->submit(img, io);
+}
+
 void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t len,
 		      unsigned flags)
 {

@@ -65,7 +65,10 @@ enum img_op {
 	IMG_OP_WRITE_ZEROES,
 };
 
-enum { IMG_IO_UNMAP = 1u << 0 }; /* write_zeroes may deallocate */
+enum {
+	IMG_IO_UNMAP = 1u << 0, /* write_zeroes may deallocate */
+	IMG_IO_FULL = 1u << 1,  /* discard: img_discard_full */
+};
 
 struct img_io {
 	img_done_fn *done; /* set by the caller */
@@ -578,6 +581,14 @@ void img_flush(struct img *img, struct img_io *io);
 void img_discard(struct img *img, struct img_io *io, uint64_t off, uint64_t len);
 void img_write_zeroes(struct img *img, struct img_io *io, uint64_t off, uint64_t len,
 		      unsigned flags);
+/*
+ * Empty [@off, @off + @len) of a qcow2 image as qemu-img commit does when it
+ * cannot rebuild the image (QEMU's full discard): the clusters become
+ * unallocated, so they read from the backing file again (in a version 2
+ * image too), and no dirty bitmap records it. The last, partial cluster of
+ * the image goes with a range reaching the end. Other formats: a discard.
+ */
+void img_discard_full(struct img *img, struct img_io *io, uint64_t off, uint64_t len);
 
 /*
  * Implementations' constructors (used by img_open). Same contract as img_open.

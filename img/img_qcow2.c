@@ -1537,9 +1537,14 @@ static void step(struct q2req *r, int res)
 				post(r);
 				return;
 			}
-			ret = qcow2_zero_step(m->q, io->off + r->z_done, io->len - r->z_done,
-					      io->op == IMG_OP_WRITE_ZEROES,
-					      (io->flags & IMG_IO_UNMAP) != 0, &dl, &r->w);
+			if (io->flags & IMG_IO_FULL)
+				ret = qcow2_discard_full_step(m->q, io->off + r->z_done,
+							      io->len - r->z_done, &dl, &r->w);
+			else
+				ret =
+				    qcow2_zero_step(m->q, io->off + r->z_done, io->len - r->z_done,
+						    io->op == IMG_OP_WRITE_ZEROES,
+						    (io->flags & IMG_IO_UNMAP) != 0, &dl, &r->w);
 			if (ret == -EAGAIN)
 				return;
 			if (ret < 0) {
@@ -1898,7 +1903,7 @@ static void submit_owner(struct q2img *m, struct img_io *io, bool remote)
 		r->err = -EROFS;
 	else if (io->op != IMG_OP_FLUSH && (io->off > img->size || io->len > img->size - io->off))
 		r->err = -EINVAL;
-	else if (write)
+	else if (write && !(io->flags & IMG_IO_FULL))
 		qcow2_bitmap_mark(m->q, io->off, io->len);
 	/* always start from the loop: done() must never run inside submit */
 	if (remote) {

@@ -959,20 +959,32 @@ static int zero_partial(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, 
 	return x[0].type == QCOW2_MAP_ZERO ? QCOW2_Z_SKIP : QCOW2_Z_WRITE;
 }
 
-static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
+static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap, bool full,
 		     uint64_t *done_len, struct qcow2_waiter *w);
 
 int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
 		    uint64_t *done_len, struct qcow2_waiter *w)
 {
-	int ret = zero_step(q, off, len, zero, unmap, done_len, w);
+	int ret = zero_step(q, off, len, zero, unmap, false, done_len, w);
 
 	if (ret == QCOW2_Z_DONE)
 		q->meta_gen++; /* L2 entries changed: see qcow2_link() */
 	return ret;
 }
 
-static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap,
+int qcow2_discard_full_step(struct qcow2 *q, uint64_t off, uint64_t len, uint64_t *done_len,
+			    struct qcow2_waiter *w)
+{
+	int ret = zero_step(q, off, len, false, true, true, done_len, w);
+
+	if (ret >= 0 && *done_len > len)
+		*done_len = len; /* the last, partial cluster */
+	if (ret == QCOW2_Z_DONE)
+		q->meta_gen++;
+	return ret;
+}
+
+static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool unmap, bool full,
 		     uint64_t *done_len, struct qcow2_waiter *w)
 {
 	uint64_t gc = off >> q->cb, co = off & (q->cs - 1), n, soff;
@@ -985,6 +997,8 @@ static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, boo
 	if (ret < 0)
 		return ret;
 	*done_len = 0;
+	if (full && !co && len < q->cs && off + len == q->size)
+		len = q->cs; /* the image's last, partial cluster: all of it, as QEMU */
 	if (co || len < q->cs) {
 		uint64_t piece = co ? q->cs - co : len;
 
@@ -1029,7 +1043,10 @@ static int zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, boo
 			n = i;
 			break;
 		}
-		if (!zero) {
+		if (full) {
+			/* unallocated: reads fall through to the backing file again */
+			ne = nbm = 0;
+		} else if (!zero) {
 			bool is_zero = q->extl2 ? (bm & QCOW2_SC_ZERO_MASK) == QCOW2_SC_ZERO_MASK
 						: (e & QCOW2_OFLAG_ZERO) != 0;
 

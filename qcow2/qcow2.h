@@ -322,6 +322,20 @@ int qcow2_zero_step(struct qcow2 *q, uint64_t off, uint64_t len, bool zero, bool
 		    uint64_t *done_len, struct qcow2_waiter *w);
 
 /*
+ * Full discard of a prefix of [@off, @off + @len) (QEMU's full_discard, as
+ * qemu-img commit empties a top image it cannot rebuild): every cluster
+ * becomes unallocated, whatever the image version, so reads fall through to
+ * the backing file again; refcounts are dropped (a cluster an internal
+ * snapshot shares keeps its copy; a shared L2 table is copied first). The
+ * image's last, partial cluster goes too. Returns as qcow2_zero_step (never
+ * QCOW2_Z_WRITE); with an external data file, QCOW2_Z_DONE means the caller
+ * may punch the range there. Not recorded in dirty bitmaps: the caller does
+ * not call qcow2_bitmap_mark for it.
+ */
+int qcow2_discard_full_step(struct qcow2 *q, uint64_t off, uint64_t len, uint64_t *done_len,
+			    struct qcow2_waiter *w);
+
+/*
  * Record a guest write, write-zeroes or discard of [@off, @off + @len) in
  * every enabled persistent dirty bitmap (every granule the range touches).
  * Call it once per such request, before its I/O starts. Cheap; never fails

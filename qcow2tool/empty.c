@@ -16,8 +16,10 @@
  * order, so the result is byte for byte qemu-img's; a crash in between
  * leaves the dirty bit set, and opening read-write rebuilds the refcounts
  * (QEMU and vqcow alike) of an image that is empty or still whole. The
- * other images (QEMU discards cluster by cluster there) are refused with
- * -ENOTSUP.
+ * other images QEMU empties cluster by cluster, with a full discard (every
+ * L2 entry cleared, refcounts dropped, snapshots keep theirs): that is the
+ * engine's work (img_discard_full), so qcow2_make_empty refuses them with
+ * -ENOTSUP and qcow2_make_empty_rebuilds tells the caller beforehand.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -35,6 +37,34 @@ static int sync_fd(int fd)
 	return fdatasync(fd) < 0 ? -errno : 0;
 }
 
+/* QEMU's condition for make_completely_empty */
+static bool rebuildable(const struct qcow2_header_info *h)
+{
+	uint64_t c = h->cluster_size, l1_clusters = ((uint64_t)h->l1_size * 8 + c - 1) / c;
+
+	return h->version >= 3 && !h->nb_snapshots && !(h->has_bitmaps && h->nb_bitmaps) &&
+	       !h->has_crypto && !h->has_data_file &&
+	       3 + l1_clusters <= (c * 8) >> h->refcount_order;
+}
+
+int qcow2_make_empty_rebuilds(const char *path, char *err, size_t errlen)
+{
+	struct qcow2_header_info h;
+	uint8_t *buf = NULL;
+	size_t len;
+	int fd, ret;
+
+	if (err && errlen)
+		err[0] = '\0';
+	ret = qcow2_fd_open_header(path, &fd, &buf, &len, &h, err, errlen);
+	if (ret < 0)
+		return ret;
+	ret = rebuildable(&h);
+	free(buf);
+	close(fd);
+	return ret;
+}
+
 int qcow2_make_empty(const char *path, char *err, size_t errlen)
 {
 	struct qcow2_header_info h;
@@ -50,13 +80,11 @@ int qcow2_make_empty(const char *path, char *err, size_t errlen)
 		return ret;
 	c = h.cluster_size;
 	l1_clusters = ((uint64_t)h.l1_size * 8 + c - 1) / c;
-	if (h.version < 3 || h.nb_snapshots || (h.has_bitmaps && h.nb_bitmaps) || h.has_crypto ||
-	    h.has_data_file || 3 + l1_clusters > (c * 8) >> h.refcount_order) {
-		ret =
-		    qcow2_seterr(err, errlen, -ENOTSUP,
-				 "%s: emptying an image with snapshots, bitmaps, an external data "
-				 "file or in version 2 is not supported (use -d)",
-				 path);
+	if (!rebuildable(&h)) {
+		ret = qcow2_seterr(err, errlen, -ENOTSUP,
+				   "%s: an image with snapshots, bitmaps, an external data file or "
+				   "in version 2 is emptied by a full discard, not rebuilt",
+				   path);
 		goto out;
 	}
 	zero = calloc(1, c);

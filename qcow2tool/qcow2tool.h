@@ -86,10 +86,14 @@ int qcow2_rebase_unsafe(const char *path, const char *backing, const char *backi
  * qemu-img commit's last step (without -d): empty the qcow2 image at @path
  * (every cluster unallocated) the way QEMU 7.2 does, byte for byte: see
  * qcow2tool/empty.c. -ENOTSUP for images QEMU empties cluster by cluster
- * (snapshots, bitmaps, an external data file, version 2). The caller holds
- * the write lock. 0 or -errno (+@err).
+ * (snapshots, bitmaps, an external data file, version 2: img_discard_full).
+ * The caller holds the write lock. 0 or -errno (+@err).
  */
 int qcow2_make_empty(const char *path, char *err, size_t errlen);
+
+/* 1 if qcow2_make_empty can empty @path (QEMU rebuilds it), 0 if QEMU
+ * discards cluster by cluster there, -errno (+@err). */
+int qcow2_make_empty_rebuilds(const char *path, char *err, size_t errlen);
 
 /* ---- info ---- */
 

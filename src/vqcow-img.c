@@ -1590,7 +1590,9 @@ fail:
  * if smaller, then img/copy.c copies what the layers above the base hold,
  * exactly as vqcowd's block-commit job does; the base is flushed and
  * everything closed. Without -d (and without -b, which implies it) top is
- * then emptied as QEMU empties a qcow2 image (qcow2_make_empty).
+ * then emptied as QEMU empties a qcow2 image: rebuilt (qcow2_make_empty)
+ * or, with snapshots, bitmaps, a data file or in version 2, every cluster
+ * discarded through the engine before it closes (img_discard_full).
  */
 struct commit_state {
 	int io_res; /* 1 while an img_io or a grow is pending */
@@ -1658,7 +1660,7 @@ static int cmd_commit(int argc, char **argv)
 {
 	static const struct option lopts[] = {{"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
 	const char *fmt = NULL, *base_name = NULL, *cache = NULL, *file;
-	bool quiet = false, show = false, drop = false;
+	bool quiet = false, show = false, drop = false, emptied = false;
 	uint64_t rate = 0, t0, base_size;
 	struct commit_state st = {0};
 	struct io_loop *loop = NULL;
@@ -1858,9 +1860,37 @@ static int cmd_commit(int argc, char **argv)
 		goto out;
 	}
 	img_copy_free(&k);
+	if (!drop && strcmp(top->ops->format, "qcow2") == 0) {
+		r = qcow2_make_empty_rebuilds(file, err, sizeof(err));
+		if (r == 0) {
+			/*
+			 * Snapshots, bitmaps, a data file or version 2: QEMU
+			 * discards every cluster (full discard), through the
+			 * engine that still holds the top's write lock.
+			 */
+			st.io_res = 1;
+			img_discard_full(top, &io, 0, top->size);
+			r = commit_wait(loop, &st.io_res);
+			if (r == 0) {
+				st.io_res = 1;
+				img_flush(top, &io);
+				r = commit_wait(loop, &st.io_res);
+			}
+			if (r < 0) {
+				progress_end(&p, false);
+				errorf("Could not empty %s: %s", file, strerror(-r));
+				goto out;
+			}
+			emptied = true;
+		} else if (r < 0) {
+			progress_end(&p, false);
+			errorf("Could not empty %s: %s", file, err[0] ? err : strerror(-r));
+			goto out;
+		}
+	}
 	img_close(top);
 	top = NULL;
-	if (!drop) {
+	if (!drop && !emptied) {
 		struct file_args a = {0};
 
 		a.file = file;

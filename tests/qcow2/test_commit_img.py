@@ -19,6 +19,14 @@ Cases: qcow2 base; raw base; compressed, zero, partial and unallocated
 clusters in the top; extended L2 (subclusters) in both; a top larger than
 its base; -d; -b with a 3-layer chain (implies -d; the middle layer
 unchanged); -r (and that -r 2M takes about 2 s for 4 MiB); -t none.
+Tops QEMU cannot rebuild (internal snapshots, also with 4 KiB clusters and
+several L2 tables; persistent bitmaps, one enabled and one disabled; an
+external data file; version 2) are emptied by a full discard, as QEMU's
+qcow2_make_empty falls back to: the top's map the same as qemu-img's and
+all from the base, top and base check clean, chains, bases and top vs base
+compared identical, the snapshots still there and reading as qemu-img's
+(convert -l), the bitmaps listed the same with the same dirty bits
+(qemu-nbd -B) as before the commit.
 Refusals as qemu-img's: no backing file, -b not in the chain, the top or
 the base locked by a running qemu-io (qemu's lock message), and by a
 running vqcowd serving the top or the base.
@@ -195,6 +203,118 @@ def test_cases():
     log("ok: commit -b into the deepest of three layers, as qemu-img (implies -d)")
 
 
+def nbd_dirty(p, name):
+    """The dirty ranges of bitmap @name as qemu-nbd -B serves them (nbdinfo)."""
+    sock = W("nbd.sock")
+    r = qlib.run(["sh", "-c", "qemu-nbd -r -f qcow2 -B %s -k %s %s & p=$!; "
+                  "for i in $(seq 100); do [ -S %s ] && break; sleep 0.05; done; "
+                  "nbdinfo --map=qemu:dirty-bitmap:%s nbd+unix:///?socket=%s; rc=$?; "
+                  "kill $p; wait $p; exit $rc" % (name, sock, p, sock, name, sock)],
+                 timeout=60)
+    check(r.rc == 0, r.describe())
+    return [ln.split()[:2] for ln in r.text.splitlines()
+            if len(ln.split()) >= 3 and ln.split()[2] == "1"]
+
+
+def info(p):
+    r = qlib.run(["qemu-img", "info", "-U", "--output=json", p], check_rc=0)
+    return json.loads(r.text)
+
+
+def build_full(name, kind):
+    """A chain whose top QEMU cannot rebuild: (dir ours, dir qemu)."""
+    dirs = []
+    for who in ("ours", "qemu"):
+        d = W(os.path.join("full-" + name, who))
+        if os.path.exists(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        b, t = os.path.join(d, "b.qcow2"), os.path.join(d, "t.qcow2")
+        bo = ["-o", "compat=0.10"] if kind == "v2" else []
+        to = {"v2": ["-o", "compat=0.10"], "dfile": ["-o", "data_file=" +
+                                                      os.path.join(d, "t.data")],
+              "snap4k": ["-o", "cluster_size=4096"]}.get(kind, [])
+        qlib.qemu_img("create", "-q", "-f", "qcow2", *bo, b, "8M")
+        qlib.qemu_io(b, "write -P 0x01 0 2M", fmt="qcow2")
+        qlib.qemu_io(b, "write -c -P 0x07 6M 64k", fmt="qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *to, "-b", "b.qcow2",
+                        "-F", "qcow2", t], cwd=d, check=True)
+        # zeroes written with -z in a v2 image are data (no zero flag); QEMU's
+        # commit copies them as data, ours as zeroes: left out there
+        for wr in ("write -P 0x02 512k 1M", "write -P 0x03 3M 64k", "write -P 0x0a 7M 1M") + \
+                (() if kind == "v2" else ("write -z 4M 128k",)) + \
+                (() if kind == "dfile" else ("write -c -P 0x09 5M 64k",)):
+            qlib.qemu_io(t, wr, fmt="qcow2")
+        if kind in ("snap", "snap4k"):
+            qlib.qemu_img("snapshot", "-c", "s1", t)
+            qlib.qemu_io(t, "write -P 0x04 0 64k", fmt="qcow2")
+            qlib.qemu_io(t, "write -P 0x04 7M 64k", fmt="qcow2")
+            qlib.qemu_img("snapshot", "-c", "s2", t)
+            qlib.qemu_io(t, "write -P 0x05 3M 4k", fmt="qcow2")
+        if kind == "bitmap":
+            qlib.qemu_img("bitmap", "--add", t, "b1")
+            qlib.qemu_io(t, "write -P 0x05 2M 64k", fmt="qcow2")
+            qlib.qemu_img("bitmap", "--add", "--disable", t, "b2")
+            qlib.qemu_io(t, "write -P 0x06 5M 4k", fmt="qcow2")
+        dirs.append(d)
+    return dirs
+
+
+def test_full_discard():
+    """Tops QEMU empties by discarding every cluster: snapshots, bitmaps, an
+    external data file, version 2 (qcow2_make_empty's fallback)."""
+    have_nbd = shutil.which("nbdinfo") and shutil.which("qemu-nbd")
+    if not have_nbd:
+        log("SKIP part: nbdinfo or qemu-nbd not installed (bitmap bits not compared)")
+    for kind in ("snap", "snap4k", "bitmap", "dfile", "v2"):
+        dirs = build_full(kind, kind)
+        tops = [os.path.join(d, "t.qcow2") for d in dirs]
+        snaps = [s[1] for s in qlib.snapshot_list(tops[0])] if "snap" in kind else []
+        bms = info(tops[0])["format-specific"]["data"].get("bitmaps") or []
+        dirty = {b["name"]: nbd_dirty(tops[0], b["name"]) for b in bms} if have_nbd else {}
+        ro, rq = commit("ours", dirs[0], []), commit("qemu", dirs[1], [])
+        check(ro.rc == rq.rc == 0 and ro.out == rq.out,
+              "full %s: %s\n%s" % (kind, ro.describe(), rq.describe()))
+        mo, mq = qmap(tops[0]), qmap(tops[1])
+        check(mo == mq, "full %s: top maps differ:\n%r\n%r" % (kind, mo, mq))
+        check(all(e["depth"] >= 1 for e in mo), "full %s: the top still holds data: %r" %
+              (kind, mo))
+        for d in dirs:
+            qlib.assert_qemu_check_clean(os.path.join(d, "t.qcow2"), "full %s top" % kind)
+            qlib.assert_qemu_check_clean(os.path.join(d, "b.qcow2"), "full %s base" % kind)
+        for a, b, what in ((tops[0], tops[1], "the chains"),
+                           (os.path.join(dirs[0], "b.qcow2"), os.path.join(dirs[1], "b.qcow2"),
+                            "the bases"),
+                           (tops[0], os.path.join(dirs[0], "b.qcow2"), "top and base")):
+            c = qlib.run(["qemu-img", "compare", "-U", a, b])
+            check(c.rc == 0, "full %s: %s differ: %s" % (kind, what, c.text))
+        check(qmap(os.path.join(dirs[0], "b.qcow2")) == qmap(os.path.join(dirs[1], "b.qcow2")),
+              "full %s: base maps differ" % kind)
+        io_, iq = info(tops[0]), info(tops[1])
+        fo, fq = io_["format-specific"]["data"], iq["format-specific"]["data"]
+        dfq = fq.get("data-file")
+        check(fo.get("compat") == fq.get("compat") and fo.get("bitmaps") == fq.get("bitmaps") and
+              fo.get("data-file") == (dfq.replace(dirs[1], dirs[0]) if dfq else None),
+              "full %s: info differs:\n%r\n%r" % (kind, fo, fq))
+        so = [s[1] for s in qlib.snapshot_list(tops[0])]
+        sq = [s[1] for s in qlib.snapshot_list(tops[1])]
+        check(so == sq == snaps, "full %s: snapshots %r, qemu-img %r" % (kind, so, sq))
+        for sn in snaps:
+            # what the snapshot does not hold reads from the base, which
+            # the commit changed: the same as after qemu-img's commit
+            after = [W("full-%s-%s.%s.raw" % (kind, sn, w)) for w in ("ours", "qemu")]
+            for t, out in zip(tops, after):
+                qlib.qemu_to_raw(t, out, snapshot=sn)
+            qlib.compare_files(after[0], after[1], "full %s: snapshot %s" % (kind, sn))
+        for name, want in dirty.items():
+            do, dq = nbd_dirty(tops[0], name), nbd_dirty(tops[1], name)
+            check(do == dq == want, "full %s: bitmap %s dirty %r, qemu-img's %r, before %r" %
+                  (kind, name, do, dq, want))
+        log("ok: commit, %s top emptied as qemu-img's (map, check, compare%s%s)" %
+            (kind, ", snapshots %s" % snaps if snaps else "",
+             ", bitmaps %s" % sorted(dirty) if dirty else ""))
+
+
 def test_refusals():
     dirs = build("refuse", writes=("write -P 1 0 64k",))
     r = same("not in chain", dirs, ["-b", "nope.qcow2"])
@@ -262,8 +382,8 @@ def test_vqcowd():
 
 
 def main():
-    return qlib.vqcow_img_test(globals(), "commit-img", test_cases, test_refusals,
-                               test_vqcowd)
+    return qlib.vqcow_img_test(globals(), "commit-img", test_cases, test_full_discard,
+                               test_refusals, test_vqcowd)
 
 
 if __name__ == "__main__":
