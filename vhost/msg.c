@@ -399,6 +399,7 @@ static int h_get_vring_base(struct vhost_dev *dev, struct vu_msg *msg)
 		return VU_DEFERRED;
 	}
 	vhost_vq_signal(vq);
+	vhost_vq_log_stop(vq);
 	msg->p.state.num = vq->last_avail;
 	msg->hdr.size = sizeof(msg->p.state);
 	return 0;

@@ -379,6 +379,7 @@ void vhost_dev_process_deferred(struct vhost_dev *dev)
 		vq->drain_pending = false;
 		/* The completions must reach the driver before the ring is handed back. */
 		vhost_vq_signal(vq);
+		vhost_vq_log_stop(vq);
 		st.index = vq->idx;
 		st.num = vq->last_avail;
 		hdr.request = VU_GET_VRING_BASE;

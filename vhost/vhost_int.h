@@ -494,6 +494,7 @@ int vhost_vq_map(struct vhost_vq *vq);
 void vhost_vq_remap_all(struct vhost_dev *dev);
 int vhost_vq_start(struct vhost_vq *vq, int kick_fd);
 void vhost_vq_stop(struct vhost_vq *vq);
+void vhost_vq_log_stop(struct vhost_vq *vq);
 void vhost_vq_update_running(struct vhost_vq *vq);
 void vhost_vq_release_fds(struct vhost_vq *vq);
 void vhost_vq_signal(struct vhost_vq *vq);

@@ -308,6 +308,11 @@ int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 		ret = vhost_inflight_start(vq);
 		if (ret < 0)
 			return ret;
+		/* Where the ring resumes (a migration's destination: what the
+		 * source's GET_VRING_BASE answered) is worth a line: a wrong
+		 * index runs guest requests twice or never. */
+		vhost_info("vring %u starts: next avail index %u, used index %u%s", vq->idx,
+			   vq->last_avail, vq->used_idx, vq->resubmit_n ? " (resubmitting)" : "");
 		vq->started = true;
 		vq->signalled_valid = false;
 		vq->pushed = false;
@@ -332,6 +337,14 @@ void vhost_vq_stop(struct vhost_vq *vq)
 		vq->kick_watched = false;
 	}
 	vhost_close_fd(&vq->kick_fd);
+}
+
+/* GET_VRING_BASE answered: say where the ring stopped (its counterpart is
+ * the "starts" line of the next vhost_vq_start, on this or another daemon). */
+void vhost_vq_log_stop(struct vhost_vq *vq)
+{
+	vhost_info("vring %u stopped: next avail index %u, used index %u", vq->idx, vq->last_avail,
+		   vq->used_idx);
 }
 
 /* ---- descriptor chains ---- */

@@ -67,8 +67,26 @@ cleanup() {
 	wait 2>/dev/null
 }
 trap cleanup EXIT
+# rings_handed_over: each ring's index where the source stopped it last and
+# where the destination started it last (its log lines), one line per ring;
+# status 1 if they differ (the destination would run requests twice or skip
+# some).
+rings_handed_over() {
+	local q s d rc=0
+	for q in 0 1; do
+		s=$(grep -o "vring $q stopped: next avail index [0-9]*" "$work/src.log" 2>/dev/null |
+			tail -n 1 | grep -o '[0-9]*$')
+		d=$(grep -o "vring $q starts: next avail index [0-9]*" "$work/dst.log" 2>/dev/null |
+			tail -n 1 | grep -o '[0-9]*$')
+		echo "ring $q: source stopped at avail ${s:-?}, destination started at ${d:-?}"
+		[ "${s:-x}" = "${d:-y}" ] || rc=1
+	done
+	return $rc
+}
+
 fail() {
 	vm_log "FAIL: $*"
+	rings_handed_over >&2
 	for f in "$work"/*.log; do echo "== $f"; tail -n 60 "$f"; done >&2
 	exit 1
 }
@@ -276,6 +294,7 @@ grep -q "VQCOW-GUEST: STEP fio-verify" "$work/qsrc2.log" &&
 	vm_log "note: fio had already finished on the source"
 wait_for "$work/qdst2.log" "VQCOW-GUEST: \(PASS\|FAIL\)" 900 || fail "migrated guest did not finish"
 grep -q "VQCOW-GUEST: PASS" "$work/qdst2.log" || fail "migrated guest failed"
+rings_handed_over >/dev/null || fail "the destination did not resume the rings where the source stopped"
 grep -qi "I/O error\|blk_update_request\|critical medium" "$work/qdst2.log" &&
 	fail "I/O errors in the migrated guest's kernel log"
 grep -q "locks released" "$work/src.log" || fail "the source vqcowd did not let the image go"
