@@ -40,7 +40,12 @@ for t in qemu-system-x86_64 qemu-img python3; do
 done
 [ -c /dev/fuse ] || skip "no /dev/fuse (FUSE unavailable here)"
 
-vol=vqcow-e2e
+# One volume per work directory: glusterd is shared by everything on the
+# host, and two runs on one volume name (two build trees, a CI run beside a
+# developer's) stopped and deleted each other's volume mid-run, which the
+# guest saw as I/O errors. The same work directory keeps its name, so a run
+# still cleans up what a killed run of that tree left.
+vol=vqcow-e2e-$(printf '%s' "$work" | md5sum | cut -c1-10)
 host=$(hostname) # glusterd refuses localhost and 127.0.0.1 as brick hosts
 mnt_a=$work/host-a mnt_b=$work/host-b brick=$work/brick
 gpid=""
