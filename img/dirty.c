@@ -58,6 +58,78 @@ static void dbm_free(struct img_dbm *b)
 	free(b);
 }
 
+struct img_bmage {
+	struct img_bmage *next;
+	char *name;
+	uint64_t seq;
+};
+
+static struct img_bmage *age_find(const struct img *img, const char *name)
+{
+	for (struct img_bmage *a = img->bm_ages; a; a = a->next)
+		if (strcmp(a->name, name) == 0)
+			return a;
+	return NULL;
+}
+
+int img_bm_born(struct img *img, const char *name)
+{
+	struct img_bmage *a = age_find(img, name);
+
+	if (!a) {
+		a = calloc(1, sizeof(*a));
+		if (!a || !(a->name = strdup(name))) {
+			free(a);
+			return -ENOMEM;
+		}
+		a->next = img->bm_ages;
+		img->bm_ages = a;
+	}
+	a->seq = ++img->bm_clock;
+	return 0;
+}
+
+void img_bm_gone(struct img *img, const char *name)
+{
+	for (struct img_bmage **p = &img->bm_ages; *p; p = &(*p)->next) {
+		struct img_bmage *a = *p;
+
+		if (strcmp(a->name, name) == 0) {
+			*p = a->next;
+			free(a->name);
+			free(a);
+			return;
+		}
+	}
+}
+
+void img_bm_order(const struct img *img, struct img_bitmap *a, unsigned n)
+{
+	uint64_t *seq = calloc(n ? n : 1, sizeof(*seq));
+
+	if (!seq)
+		return; /* the kinds' own orders */
+	for (unsigned i = 0; i < n; i++) {
+		const struct img_bmage *g = age_find(img, a[i].name);
+
+		seq[i] = g ? g->seq : 0;
+	}
+	/* stable insertion sort, newest first: few bitmaps per node */
+	for (unsigned i = 1; i < n; i++) {
+		struct img_bitmap t = a[i];
+		uint64_t s = seq[i];
+		unsigned j = i;
+
+		for (; j > 0 && seq[j - 1] < s; j--) {
+			a[j] = a[j - 1];
+			seq[j] = seq[j - 1];
+		}
+		a[j] = t;
+		seq[j] = s;
+	}
+	free(seq);
+}
+
 struct img_dbm *img_dbm_find(struct img *img, const char *name)
 {
 	for (struct img_dbm *b = img->dbms; b; b = b->next)
@@ -97,7 +169,7 @@ int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool di
 	b->enabled = !disabled;
 	b->nbits = bits_for(img->size, gbits);
 	b->words = calloc(nwords(b->nbits) ? nwords(b->nbits) : 1, 8);
-	if (!b->name || !b->words) {
+	if (!b->name || !b->words || img_bm_born(img, name) < 0) {
 		dbm_free(b);
 		return -ENOMEM;
 	}
@@ -120,6 +192,7 @@ int img_dbm_remove(struct img *img, const char *name)
 		*p = b->next;
 		if (b->enabled)
 			__atomic_sub_fetch(&img->dbm_enabled, 1, __ATOMIC_RELAXED);
+		img_bm_gone(img, name);
 		dbm_free(b);
 		return 0;
 	}
@@ -151,6 +224,13 @@ void img_dbm_free_all(struct img *img)
 		dbm_free(b);
 	}
 	img->dbm_enabled = 0;
+	while (img->bm_ages) {
+		struct img_bmage *a = img->bm_ages;
+
+		img->bm_ages = a->next;
+		free(a->name);
+		free(a);
+	}
 }
 
 /* Set bits [first, last] of @w atomically. */

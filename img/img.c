@@ -6,6 +6,7 @@
 #include <inttypes.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -275,16 +276,31 @@ int img_cache_stats(struct img *img, struct img_cache_stats *st)
 
 int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max)
 {
-	int n = img_dbm_list(img, out, max), p;
+	int n = img_dbm_list(img, NULL, 0), p = 0;
+	struct img_bitmap *all;
 
-	if (!img->ops->bitmaps)
-		return n;
-	p = img->ops->bitmaps(img, (unsigned)n < max ? out + n : NULL,
-			      (unsigned)n < max ? max - (unsigned)n : 0);
+	if (img->ops->bitmaps)
+		p = img->ops->bitmaps(img, NULL, 0);
 	if (p < 0)
 		return p;
-	for (int i = n; i < n + p && (unsigned)i < max; i++)
-		out[i].persistent = true;
+	if (!max || n + p == 0)
+		return n + p;
+	/* both kinds, then QEMU's order over them */
+	all = calloc((size_t)(n + p), sizeof(*all));
+	if (!all)
+		return -ENOMEM;
+	n = img_dbm_list(img, all, (unsigned)n);
+	if (p)
+		p = img->ops->bitmaps(img, all + n, (unsigned)p);
+	if (p < 0) {
+		free(all);
+		return p;
+	}
+	for (int i = n; i < n + p; i++)
+		all[i].persistent = true;
+	img_bm_order(img, all, (unsigned)(n + p));
+	memcpy(out, all, sizeof(*all) * ((unsigned)(n + p) < max ? (unsigned)(n + p) : max));
+	free(all);
 	return n + p;
 }
 
@@ -325,6 +341,8 @@ int img_snapshot_list(struct img *img, const struct img_snapshot **list, unsigne
 int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity, bool disabled,
 		    char *err, size_t errlen)
 {
+	int r;
+
 	if (!img->ops->bitmap_edit) {
 		snprintf(err, errlen, "Block format '%s' does not support persistent bitmaps",
 			 img->ops->format);
@@ -334,7 +352,12 @@ int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granula
 		snprintf(err, errlen, "%s: the image is read-only", img->path);
 		return -EROFS;
 	}
-	return img->ops->bitmap_edit(img, op, name, granularity, disabled, err, errlen);
+	r = img->ops->bitmap_edit(img, op, name, granularity, disabled, err, errlen);
+	if (r == 0 && op == 'a')
+		img_bm_born(img, name); /* (out of memory: listed as if found at open) */
+	else if (r == 0 && op == 'r')
+		img_bm_gone(img, name);
+	return r;
 }
 
 int img_snapshot(struct img *img, bool create, const char *id, const char *name,

@@ -247,6 +247,10 @@ struct img {
 	 * of them are enabled (read by submitters on any thread). */
 	struct img_dbm *dbms;
 	unsigned dbm_enabled;
+	/* When each bitmap of either kind was added (img_bm_born), for QEMU's
+	 * listing order; persistent ones found at open have none (oldest). */
+	struct img_bmage *bm_ages;
+	uint64_t bm_clock;
 	/* Operations may be submitted on another loop's thread (from inside
 	 * that loop: io_loop_current() == img_io.loop, which must accept
 	 * io_post_remote()); done() then runs on that thread. The image serves
@@ -332,9 +336,10 @@ struct img_bitmap {
 };
 
 /*
- * The image's dirty bitmaps: the non-persistent ones (newest first), then the
- * persistent ones (qcow2 opened read-write; none otherwise) in QEMU's order:
- * fills up to @max of @out, returns how many there are.
+ * The image's dirty bitmaps in QEMU's order (newest first, of either kind;
+ * the persistent ones found at open last): the non-persistent ones and the
+ * persistent ones (qcow2 opened read-write; none otherwise). Fills up to
+ * @max of @out, returns how many there are.
  */
 int img_bitmaps(struct img *img, struct img_bitmap *out, unsigned max);
 
@@ -372,6 +377,16 @@ int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max);
 uint64_t img_dbm_granularity(const struct img_dbm *b);
 bool img_dbm_enabled(const struct img_dbm *b);
 void img_dbm_free_all(struct img *img);
+/*
+ * QEMU lists a node's bitmaps newest first, persistent or not, those loaded
+ * from the image at open last (in the format's order). img_bm_born records
+ * that bitmap @name (either kind) was added now, img_bm_gone that it went;
+ * img_bm_order sorts a listing of @img's bitmaps so.
+ */
+struct img_bmage;
+int img_bm_born(struct img *img, const char *name);
+void img_bm_gone(struct img *img, const char *name);
+void img_bm_order(const struct img *img, struct img_bitmap *a, unsigned n);
 /* A bitmap on no image (block-dirty-bitmap-merge's scratch), for @size bytes; NULL: no memory. */
 struct img_dbm *img_dbm_new(uint64_t size, uint32_t granularity);
 void img_dbm_free(struct img_dbm *b);

@@ -11,7 +11,11 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
     through vqcow-fe over vhost-user, disable/enable/clear/remove, listings
     (name, recording, persistent, busy, granularity, count) after each
     step: every reply and listing must be equal, so the counts prove the
-    same granules were marked;
+    same granules were marked, and in the same order (QEMU's: newest
+    first, of either kind);
+  * the order again with persistent bitmaps in the image at open (listed
+    last, the directory's last first), a name removed and added again as
+    the other kind, enable/disable/merge (which do not reorder);
   * the file is never touched by a non-persistent bitmap: after quit,
     qemu-img info lists only the persistent one, check is clean, and the
     image's bytes did not change across adding/removing non-persistent ones
@@ -134,9 +138,8 @@ def run_seq(q, fe_bin, vsock, seq):
     for cmd, args in seq:
         if cmd == "query":
             n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
-            # (sorted: QEMU lists by age across both kinds, vqcowd the
-            # non-persistent ones first)
-            out.append(("query", sorted(n.get("dirty-bitmaps"), key=lambda b: b["name"])))
+            # in the daemon's order: QEMU lists them newest first, of either kind
+            out.append(("query", n.get("dirty-bitmaps")))
             continue
         if cmd == "write":
             fe(fe_bin, "write", vsock, args[0], args[1], stdin=os.urandom(args[1]))
@@ -251,6 +254,52 @@ def nbd_dirty(work, img, name):
         if len(f) >= 3 and f[2] == "1":
             dirty.append((int(f[0]), int(f[1])))
     return dirty
+
+
+# QEMU lists a node's bitmaps newest first, persistent or not, the ones
+# found in the image at open last (the directory's last first)
+SEQO = [
+    ("query", None),
+    ("block-dirty-bitmap-add", {"node": N, "name": "n"}),
+    ("block-dirty-bitmap-add", {"node": N, "name": "q", "persistent": True}),
+    ("query", None),
+    ("block-dirty-bitmap-add", {"node": N, "name": "m", "disabled": True}),
+    ("block-dirty-bitmap-add", {"node": N, "name": "r", "persistent": True,
+                                "disabled": True}),
+    ("write", (M, 4096)),
+    ("query", None),
+    ("block-dirty-bitmap-remove", {"node": N, "name": "n"}),
+    ("block-dirty-bitmap-add", {"node": N, "name": "n", "persistent": True}),
+    ("block-dirty-bitmap-remove", {"node": N, "name": "x1"}),
+    ("block-dirty-bitmap-add", {"node": N, "name": "x1"}),
+    ("block-dirty-bitmap-disable", {"node": N, "name": "x2"}),
+    ("block-dirty-bitmap-merge", {"node": N, "target": "m", "bitmaps": ["x2"]}),
+    ("query", None),
+]
+
+
+def test_order_vs_qsd(vqcowd, fe_bin, work):
+    """The listing order of both kinds, with bitmaps in the image at open."""
+    a = os.path.join(work, "oqsd.qcow2")
+    b = os.path.join(work, "oours.qcow2")
+    for f in (a, b):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", f, 64 * M)
+        for x in ("x1", "x3", "x2"):
+            sh("qemu-img", "bitmap", "--add", f, x)
+    want = qsd_run(work, a, fe_bin, SEQO)
+    d = Daemon(vqcowd, work, b, "order")
+    try:
+        q = Qmp(d.qsock)
+        got = run_seq(q, fe_bin, d.vsock, SEQO)
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+    compare(want, got, SEQO)
+    log("ok: bitmaps listed in qemu-storage-daemon's order: %s" %
+        " / ".join(",".join(x["name"] for x in g) for c, g in got if c == "query"))
 
 
 def test_no_file_change(vqcowd, work):
@@ -529,6 +578,7 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     test_vs_qsd(vqcowd, fe_bin, work)
+    test_order_vs_qsd(vqcowd, fe_bin, work)
     test_no_file_change(vqcowd, work)
     test_raw(vqcowd, fe_bin, work)
     test_fast_path(vqcowd, fe_bin, work)
