@@ -20,6 +20,11 @@
  * bits are set with atomic ORs and read with atomic loads; clear and merge
  * run with submitters parked or no request in flight.
  *
+ * A persistent bitmap added to a read-only node (a backing file) is one of
+ * these too, flagged persistent: QEMU 7.2 accepts it there, lists it as
+ * persistent and loses it when the node closes, with a warning; so do we
+ * (img_dbm_free_all).
+ *
  * Bits: one per granule of the node's size, in 64-bit words; the last granule
  * may reach past the end, and counts whole, as QEMU counts it.
  */
@@ -29,12 +34,14 @@
 #include <string.h>
 
 #include "img.h"
+#include "vlog.h"
 
 struct img_dbm {
 	struct img_dbm *next;
 	char *name;
 	uint32_t gbits;
 	bool enabled;
+	bool persistent; /* asked for on a read-only node: never stored (QEMU's loss) */
 	uint64_t nbits;
 	uint64_t *words;
 };
@@ -148,7 +155,8 @@ uint32_t img_dbm_default_granularity(const struct img *img)
 					   : img->cluster_size;
 }
 
-int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled)
+int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled,
+		bool persistent)
 {
 	struct img_dbm *b, **tail;
 	uint32_t gbits = 0;
@@ -167,6 +175,7 @@ int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool di
 	b->name = strdup(name);
 	b->gbits = gbits;
 	b->enabled = !disabled;
+	b->persistent = persistent;
 	b->nbits = bits_for(img->size, gbits);
 	b->words = calloc(nwords(b->nbits) ? nwords(b->nbits) : 1, 8);
 	if (!b->name || !b->words || img_bm_born(img, name) < 0) {
@@ -217,6 +226,13 @@ void img_dbm_clear(struct img_dbm *b)
 
 void img_dbm_free_all(struct img *img)
 {
+	for (struct img_dbm *b = img->dbms; b; b = b->next)
+		if (b->persistent)
+			/* QEMU 7.2 drops them so, with this warning */
+			vlog(VLOG_WARN, img->path,
+			     "Lost persistent bitmaps during inactivation of node: No write access "
+			     "('%s' was added to a read-only node)",
+			     b->name);
 	while (img->dbms) {
 		struct img_dbm *b = img->dbms;
 
@@ -344,7 +360,7 @@ int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max)
 		out[n].count = ones << b->gbits;
 		out[n].recording = b->enabled;
 		out[n].inconsistent = false;
-		out[n].persistent = false;
+		out[n].persistent = b->persistent;
 	}
 	return (int)n;
 }

@@ -354,8 +354,9 @@ struct img_dbm;
 /* QEMU's default granularity for @img: its cluster size within 4..64 KiB, else 64 KiB. */
 uint32_t img_dbm_default_granularity(const struct img *img);
 /* Add @name (@granularity 0: the default; a power of 2, 512..2^31): 0, -EINVAL, -EEXIST, -ENOMEM.
- */
-int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled);
+ * @persistent: asked persistent on a read-only node, listed so, lost at close as QEMU loses it. */
+int img_dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled,
+		bool persistent);
 /* 0 or -ENOENT. */
 int img_dbm_remove(struct img *img, const char *name);
 /* NULL if @img has no non-persistent bitmap @name. */
@@ -372,7 +373,7 @@ int img_dbm_ranges(const struct img_dbm *b, int (*fn)(void *opaque, uint64_t off
 		   void *opaque);
 /* The node grew to @size: bitmaps cover it, the new part clean. 0 or -ENOMEM. */
 int img_dbm_resize(struct img *img, uint64_t size);
-/* Fill up to @max of @out (persistent = false); returns how many there are. */
+/* Fill up to @max of @out (persistent only as img_dbm_add's); returns how many there are. */
 int img_dbm_list(struct img *img, struct img_bitmap *out, unsigned max);
 uint64_t img_dbm_granularity(const struct img_dbm *b);
 bool img_dbm_enabled(const struct img_dbm *b);

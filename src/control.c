@@ -516,16 +516,19 @@ struct ctl_op {
 		    * 'm': block-dirty-bitmap-merge into @name from @srcs (bm_merge) */
 	uint32_t granularity;
 	bool disabled;
-	char **srcs;
+	char **srcs, **snodes; /* 'm': the sources' names and nodes */
 	unsigned nsrcs;
 	uint64_t size; /* 'z': block_resize that has to load bitmaps first (resize_held) */
 };
 
 static void op_free(struct ctl_op *op)
 {
-	for (unsigned i = 0; i < op->nsrcs; i++)
+	for (unsigned i = 0; i < op->nsrcs; i++) {
 		free(op->srcs[i]);
+		free(op->snodes[i]);
+	}
 	free(op->srcs);
+	free(op->snodes);
 	free(op->device);
 	free(op->id);
 	free(op->name);
@@ -535,6 +538,21 @@ static void op_free(struct ctl_op *op)
 static const char *str_arg(json_t *args, const char *key)
 {
 	return json_string_value(json_object_get(args, key));
+}
+
+/*
+ * The image of node @name anywhere in the chain (the bitmap commands take
+ * any node's name, as QEMU's do: a backing file's too), or NULL.
+ */
+static struct img *bm_node(struct ctl *c, const char *name)
+{
+	unsigned depth = 0;
+	char buf[256];
+
+	for (struct img *i = c->img; i; i = img_backing(i), depth++)
+		if (strcmp(layers_node_name(c, i, depth, buf, sizeof(buf)), name) == 0)
+			return i;
+	return NULL;
 }
 
 /* Queue @op (its reply deferred already) and hold the device's requests:
@@ -630,39 +648,41 @@ static int cmd_snap_delete(void *opaque, json_t *args, json_t **ret, char *err, 
  * command acts at once, with the I/O threads parked (QMP runs so), without
  * holding requests or touching the file.
  */
-static int dbm_add(struct ctl *c, const char *name, uint32_t granularity, bool disabled, char *err,
-		   size_t errlen)
+static int dbm_add(struct img *img, const char *name, uint32_t granularity, bool disabled,
+		   bool persistent, char *err, size_t errlen)
 {
-	int r = img_dbm_add(c->img, name, granularity, disabled);
+	int r = img_dbm_add(img, name, granularity, disabled, persistent);
 
 	if (r == -EEXIST)
 		snprintf(err, errlen, "Bitmap already exists: %s", name);
 	else if (r < 0)
 		snprintf(err, errlen, "Cannot create dirty bitmap '%s': %s", name, strerror(-r));
 	else
-		vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' added (non-persistent, %u bytes%s)",
-		     name, granularity ? granularity : img_dbm_default_granularity(c->img),
+		vlog(VLOG_INFO, img->path, "qmp: dirty bitmap '%s' added (%s, %u bytes%s)", name,
+		     persistent ? "persistent on a read-only node: in memory only"
+				: "non-persistent",
+		     granularity ? granularity : img_dbm_default_granularity(img),
 		     disabled ? ", disabled" : "");
 	return r;
 }
 
-static int dbm_op(struct ctl *c, char bmop, const char *name)
+static int dbm_op(struct img *img, char bmop, const char *name)
 {
-	struct img_dbm *b = img_dbm_find(c->img, name);
+	struct img_dbm *b = img_dbm_find(img, name);
 
 	switch (bmop) {
 	case 'r':
-		img_dbm_remove(c->img, name);
+		img_dbm_remove(img, name);
 		break;
 	case 'c':
 		img_dbm_clear(b);
 		break;
 	case 'e':
 	case 'd':
-		img_dbm_set_enabled(c->img, b, bmop == 'e');
+		img_dbm_set_enabled(img, b, bmop == 'e');
 		break;
 	}
-	vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' %s (non-persistent)", name,
+	vlog(VLOG_INFO, img->path, "qmp: dirty bitmap '%s' %s (in memory)", name,
 	     bmop == 'r'   ? "removed"
 	     : bmop == 'c' ? "cleared"
 	     : bmop == 'e' ? "enabled"
@@ -677,6 +697,7 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 	json_t *pers = json_object_get(args, "persistent");
 	struct img_bitmap *bms = NULL;
 	struct ctl_op *op;
+	struct img *img;
 	bool found = false;
 	int n;
 
@@ -684,7 +705,8 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 		snprintf(err, errlen, "Bitmap name cannot be empty");
 		return -EINVAL;
 	}
-	if (strcmp(node, c->node_name) != 0) {
+	img = bm_node(c, node);
+	if (!img) {
 		if (bmop == 'a')
 			snprintf(err, errlen, "Cannot find device='%s' nor node-name='%s'", node,
 				 node);
@@ -698,12 +720,12 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 		snprintf(err, errlen, "Granularity must be power of 2 and at least 512");
 		return -EINVAL;
 	}
-	n = img_bitmaps(c->img, NULL, 0);
+	n = img_bitmaps(img, NULL, 0);
 	if (n > 0) {
 		bms = calloc((size_t)n, sizeof(*bms));
 		if (!bms)
 			return -ENOMEM;
-		n = img_bitmaps(c->img, bms, (unsigned)n);
+		n = img_bitmaps(img, bms, (unsigned)n);
 		for (int i = 0; i < n; i++)
 			found = found || strcmp(bms[i].name, name) == 0;
 		free(bms);
@@ -716,20 +738,24 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 		snprintf(err, errlen, "Bitmap already exists: %s", name);
 		return -EEXIST;
 	}
-	if (bmop == 'a' && !(pers && json_is_true(pers)))
-		return dbm_add(c, name, g ? (uint32_t)json_integer_value(g) : 0,
-			       json_is_true(json_object_get(args, "disabled")), err, errlen);
-	if (bmop != 'a' && img_dbm_find(c->img, name))
-		return dbm_op(c, bmop, name);
-	if (layers_busy(c)) {
-		snprintf(err, errlen, "Node '%s' is busy: %s", node, layers_busy(c));
+	if (bmop == 'a' && (!(pers && json_is_true(pers)) ||
+			    (!img_may_write(img) && strcmp(img->ops->format, "qcow2") == 0)))
+		/* non-persistent; or persistent on a read-only node, which
+		 * QEMU 7.2 accepts, keeps in memory and loses at close */
+		return dbm_add(img, name, g ? (uint32_t)json_integer_value(g) : 0,
+			       json_is_true(json_object_get(args, "disabled")),
+			       pers && json_is_true(pers), err, errlen);
+	if (bmop != 'a' && img_dbm_find(img, name))
+		return dbm_op(img, bmop, name);
+	if (layers_busy(c) || img != c->img) {
+		/* (a backing node writable: the base of a running commit) */
+		snprintf(err, errlen, "Node '%s' is busy: %s", node,
+			 layers_busy(c) ? layers_busy(c) : "block-commit");
 		return -EBUSY;
 	}
-	if (!img_may_write(c->img) || strcmp(c->img->ops->format, "qcow2") != 0) {
+	if (!img_may_write(img) || strcmp(img->ops->format, "qcow2") != 0) {
 		snprintf(err, errlen, "Can't make bitmap '%s' persistent in '%s': %s", name, node,
-			 img_may_write(c->img) ? "Block format does not support persistent "
-						 "bitmaps"
-					       : "the image is read-only");
+			 "Block format does not support persistent bitmaps");
 		return -ENOTSUP;
 	}
 	op = calloc(1, sizeof(*op));
@@ -791,12 +817,25 @@ static int cmd_bm_disable(void *opaque, json_t *args, json_t **ret, char *err, s
  * persistent target is rewritten crash-safely (img_bitmap_merge). Merging
  * nothing returns {} (qsd 7.2 dies on an empty list).
  */
-static const struct img_bitmap *bm_lookup(const struct img_bitmap *bms, int n, const char *name)
+/* Bitmap @name of @img into *@out: 0, -ENOENT, -ENOMEM. */
+static int bm_get(struct img *img, const char *name, struct img_bitmap *out)
 {
-	for (int i = 0; i < n; i++)
-		if (strcmp(bms[i].name, name) == 0)
-			return &bms[i];
-	return NULL;
+	int n = img_bitmaps(img, NULL, 0), r = -ENOENT;
+	struct img_bitmap *bms;
+
+	if (n <= 0)
+		return n < 0 ? n : -ENOENT;
+	bms = calloc((size_t)n, sizeof(*bms));
+	if (!bms)
+		return -ENOMEM;
+	n = img_bitmaps(img, bms, (unsigned)n);
+	for (int i = 0; i < n && r; i++)
+		if (strcmp(bms[i].name, name) == 0) {
+			*out = bms[i];
+			r = 0;
+		}
+	free(bms);
+	return r;
 }
 
 static int merge_set(void *opaque, uint64_t off, uint64_t len)
@@ -817,18 +856,19 @@ static int merge_set_persistent(void *opaque, uint64_t off, uint64_t len)
 	return img_bitmap_set(t->img, t->name, off, len);
 }
 
-/* The sources ORed into a scratch bitmap at the target's granularity (NULL: -errno in *@ret). */
-static struct img_dbm *merge_sources(struct ctl *c, uint64_t gran, char **srcs, unsigned n,
-				     int *ret)
+/* The sources (@srcs[i] on @simgs[i]) ORed into a scratch bitmap of @size bytes at the
+ * target's granularity (NULL: -errno in *@ret). */
+static struct img_dbm *merge_sources(uint64_t size, uint64_t gran, char **srcs, struct img **simgs,
+				     unsigned n, int *ret)
 {
-	struct img_dbm *tmp = img_dbm_new(c->img->size, (uint32_t)gran);
+	struct img_dbm *tmp = img_dbm_new(size, (uint32_t)gran);
 
 	*ret = tmp ? 0 : -ENOMEM;
 	for (unsigned i = 0; tmp && *ret == 0 && i < n; i++) {
-		struct img_dbm *s = img_dbm_find(c->img, srcs[i]);
+		struct img_dbm *s = img_dbm_find(simgs[i], srcs[i]);
 
 		*ret = s ? img_dbm_ranges(s, merge_set, tmp)
-			 : img_bitmap_ranges(c->img, srcs[i], merge_set, tmp);
+			 : img_bitmap_ranges(simgs[i], srcs[i], merge_set, tmp);
 	}
 	if (*ret < 0) {
 		img_dbm_free(tmp);
@@ -843,12 +883,13 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 	const char *node = str_arg(args, "node"), *target = str_arg(args, "target");
 	json_t *list = json_object_get(args, "bitmaps");
 	struct img_bitmap *bms = NULL;
-	const struct img_bitmap *tb;
+	struct img_bitmap tb;
 	struct ctl_op *op = NULL;
-	bool persistent;
+	struct img *timg, **simgs = NULL;
+	bool engine; /* a persistent bitmap of the engine's takes part */
 	size_t n = json_array_size(list);
 	char **srcs = NULL;
-	int nb, r = -EINVAL;
+	int r = -EINVAL;
 
 	(void)ret;
 	for (size_t i = 0; i < n; i++) {
@@ -887,68 +928,74 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 			}
 		}
 	}
-	if (strcmp(node, c->node_name) != 0) {
+	timg = bm_node(c, node);
+	if (!timg) {
 		snprintf(err, errlen, "Node '%s' not found", node);
 		return -ENOENT;
 	}
-	nb = img_bitmaps(c->img, NULL, 0);
-	if (nb > 0) {
-		bms = calloc((size_t)nb, sizeof(*bms));
-		if (!bms)
-			return -ENOMEM;
-		nb = img_bitmaps(c->img, bms, (unsigned)nb);
-	}
-	tb = bm_lookup(bms, nb, target);
-	if (!tb) {
-		snprintf(err, errlen, "Dirty bitmap '%s' not found", target);
-		r = -ENOENT;
+	r = bm_get(timg, target, &tb);
+	if (r < 0) {
+		if (r == -ENOENT)
+			snprintf(err, errlen, "Dirty bitmap '%s' not found", target);
 		goto out;
 	}
-	if (tb->inconsistent) {
+	r = -EINVAL;
+	if (tb.inconsistent) {
 		snprintf(err, errlen, "Bitmap '%s' is inconsistent and cannot be used", target);
 		goto out;
 	}
-	persistent = tb->persistent;
+	engine = tb.persistent && !img_dbm_find(timg, target);
 	srcs = calloc(n + 1, sizeof(*srcs));
-	if (!srcs) {
+	simgs = calloc(n + 1, sizeof(*simgs));
+	if (!srcs || !simgs) {
 		r = -ENOMEM;
 		goto out;
 	}
 	for (size_t i = 0; i < n; i++) {
 		json_t *e = json_array_get(list, i);
 		const char *name = json_is_string(e) ? json_string_value(e) : str_arg(e, "name");
-		const struct img_bitmap *sb;
+		struct img_bitmap sb;
 
-		if (!json_is_string(e) && strcmp(str_arg(e, "node"), c->node_name) != 0) {
+		simgs[i] = json_is_string(e) ? timg : bm_node(c, str_arg(e, "node"));
+		if (!simgs[i]) {
 			snprintf(err, errlen, "Node '%s' not found", str_arg(e, "node"));
 			r = -ENOENT;
 			goto out;
 		}
-		sb = bm_lookup(bms, nb, name);
-		if (!sb) {
-			snprintf(err, errlen, "Dirty bitmap '%s' not found", name);
-			r = -ENOENT;
+		r = bm_get(simgs[i], name, &sb);
+		if (r < 0) {
+			if (r == -ENOENT)
+				snprintf(err, errlen, "Dirty bitmap '%s' not found", name);
 			goto out;
 		}
-		if (sb->inconsistent) {
+		r = -EINVAL;
+		if (sb.inconsistent) {
 			snprintf(err, errlen, "Bitmap '%s' is inconsistent and cannot be used",
 				 name);
 			goto out;
 		}
-		persistent = persistent || sb->persistent;
+		if (simgs[i]->size != timg->size) {
+			snprintf(err, errlen,
+				 "Bitmaps are of different sizes (destination size is %" PRIu64
+				 ", source size is %" PRIu64 ") and can't be merged",
+				 timg->size, simgs[i]->size);
+			goto out;
+		}
+		engine = engine || (sb.persistent && !img_dbm_find(simgs[i], name));
 		srcs[i] = (char *)name; /* (borrowed until we copy them below) */
 	}
 	if (!n) {
 		r = 0;
 		goto out;
 	}
-	if (!persistent) {
-		struct img_dbm *tmp = merge_sources(c, tb->granularity, srcs, (unsigned)n, &r);
+	if (!engine) {
+		struct img_dbm *tmp =
+		    merge_sources(timg->size, tb.granularity, srcs, simgs, (unsigned)n, &r);
 
 		if (tmp) {
-			r = img_dbm_ranges(tmp, merge_set, img_dbm_find(c->img, target));
+			r = img_dbm_ranges(tmp, merge_set, img_dbm_find(timg, target));
 			img_dbm_free(tmp);
-			vlog(VLOG_INFO, NULL, "qmp: %zu dirty bitmap(s) merged into '%s'", n,
+			vlog(VLOG_INFO, timg->path, "qmp: %zu dirty bitmap(s) merged into '%s'", n,
 			     target);
 		}
 		if (r < 0)
@@ -967,15 +1014,21 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 	op->bmop = 'm';
 	op->name = strdup(target);
 	op->device = strdup(node);
-	op->granularity = (uint32_t)tb->granularity;
-	op->disabled = !tb->recording;
+	op->granularity = (uint32_t)tb.granularity;
+	op->disabled = !tb.recording;
 	op->srcs = calloc(n, sizeof(*op->srcs));
-	if (!op->name || !op->device || !op->srcs)
+	op->snodes = calloc(n, sizeof(*op->snodes));
+	if (!op->name || !op->device || !op->srcs || !op->snodes)
 		goto out;
 	for (size_t i = 0; i < n; i++) {
+		json_t *e = json_array_get(list, i);
+
 		op->srcs[i] = strdup(srcs[i]);
-		if (!op->srcs[i])
+		op->snodes[i] = strdup(json_is_string(e) ? node : str_arg(e, "node"));
+		if (!op->srcs[i] || !op->snodes[i]) {
+			op->nsrcs++;
 			goto out;
+		}
 		op->nsrcs++;
 	}
 	op->p = qmp_server_defer(c->qmp);
@@ -989,6 +1042,7 @@ out:
 	if (op)
 		op_free(op);
 	free(srcs);
+	free(simgs);
 	free(bms);
 	return r;
 }
@@ -1047,11 +1101,29 @@ static void resize_held(struct ctl *c, struct ctl_op *op)
 /* A merge that involves a persistent bitmap, from ctl_held (no request in flight). */
 static void bm_merge(struct ctl *c, struct ctl_op *op)
 {
-	struct img_dbm *tmp, *t = img_dbm_find(c->img, op->name);
+	struct img *timg = bm_node(c, op->device), **simgs = calloc(op->nsrcs + 1, sizeof(*simgs));
+	struct img_dbm *tmp = NULL, *t;
 	char err[512] = "";
-	int r;
+	int r = simgs ? 0 : -ENOMEM;
 
-	tmp = merge_sources(c, op->granularity, op->srcs, op->nsrcs, &r);
+	/* the nodes again: the chain may have changed while requests drained */
+	if (!timg)
+		r = -ENOENT;
+	for (unsigned i = 0; r == 0 && i < op->nsrcs; i++)
+		if (!(simgs[i] = bm_node(c, op->snodes[i])) || simgs[i]->size != timg->size)
+			r = -ENOENT;
+	t = r == 0 ? img_dbm_find(timg, op->name) : NULL;
+	if (r == 0 && !t && timg != c->img)
+		r = -ENOENT; /* a persistent target is the engine's: the active node's */
+	if (r < 0) {
+		free(simgs);
+		qmp_pending_error(op->p, "%s",
+				  r == -ENOMEM ? "out of memory"
+					       : "a node of the merge changed meanwhile");
+		return;
+	}
+	tmp = merge_sources(timg->size, op->granularity, op->srcs, simgs, op->nsrcs, &r);
+	free(simgs);
 	if (tmp && t) {
 		r = img_dbm_ranges(tmp, merge_set, t);
 	} else if (tmp && !op->disabled) {

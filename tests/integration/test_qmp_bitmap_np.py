@@ -13,6 +13,10 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
     step: every reply and listing must be equal, so the counts prove the
     same granules were marked, and in the same order (QEMU's: newest
     first, of either kind);
+  * on a backing node (after blockdev-snapshot-sync): adds of both kinds
+    (persistent ones accepted on the read-only node, in memory, lost at
+    exit with QEMU's warning), merges across nodes, enable/disable/clear/
+    remove, errors, listings of both nodes;
   * the order again with persistent bitmaps in the image at open (listed
     last, the directory's last first), a name removed and added again as
     the other kind, enable/disable/merge (which do not reorder);
@@ -133,14 +137,17 @@ def sh(*args):
                           timeout=120).stdout.decode()
 
 
-def run_seq(q, fe_bin, vsock, seq):
+def run_seq(q, fe_bin, vsock, seq, subst=None):
     out = []
     for cmd, args in seq:
         if cmd == "query":
-            n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
+            nodes = {x["node-name"]: x for x in q.ret("query-named-block-nodes")}
             # in the daemon's order: QEMU lists them newest first, of either kind
-            out.append(("query", n.get("dirty-bitmaps")))
+            out.append(("query", [(n, nodes[n].get("dirty-bitmaps")) for n in args] if args
+                        else nodes[N].get("dirty-bitmaps")))
             continue
+        if subst and isinstance(args, dict):
+            args = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
         if cmd == "write":
             fe(fe_bin, "write", vsock, args[0], args[1], stdin=os.urandom(args[1]))
             continue
@@ -155,7 +162,7 @@ def run_seq(q, fe_bin, vsock, seq):
     return out
 
 
-def qsd_run(work, img, fe_bin, seq):
+def qsd_run(work, img, fe_bin, seq, subst=None):
     qs = os.path.join(work, "qsd.qmp")
     vs = os.path.join(work, "qsd.vsock")
     for p in (qs, vs):
@@ -174,7 +181,7 @@ def qsd_run(work, img, fe_bin, seq):
         wait_path(vs, p)
         time.sleep(0.2)
         q = Qmp(qs)
-        out = run_seq(q, fe_bin, vs, seq)
+        out = run_seq(q, fe_bin, vs, seq, subst)
         q.cmd("quit")
         p.wait(10)
     finally:
@@ -300,6 +307,90 @@ def test_order_vs_qsd(vqcowd, fe_bin, work):
     compare(want, got, SEQO)
     log("ok: bitmaps listed in qemu-storage-daemon's order: %s" %
         " / ".join(",".join(x["name"] for x in g) for c, g in got if c == "query"))
+
+
+# Bitmaps on a backing node (QEMU takes any node's name): after
+# blockdev-snapshot-sync the old active layer "disk0" is a read-only backing
+# node under "top". QEMU 7.2 accepts non-persistent bitmaps there, and
+# persistent ones too, kept in memory only (lost when the node closes);
+# merges may take sources from other nodes.
+B = "disk0"
+SEQB = [
+    ("block-dirty-bitmap-add", {"node": B, "name": "n0"}),
+    ("write", (M, 4096)),
+    ("blockdev-snapshot-sync", {"node-name": B, "snapshot-file": "@TOP@",
+                                "snapshot-node-name": "top", "format": "qcow2"}),
+    ("query", ["top", B]),
+    ("block-dirty-bitmap-add", {"node": B, "name": "n1", "granularity": 4096}),
+    ("block-dirty-bitmap-add", {"node": B, "name": "p1", "persistent": True}),
+    ("block-dirty-bitmap-add", {"node": B, "name": "p2", "persistent": True,
+                                "disabled": True}),
+    ("block-dirty-bitmap-add", {"node": B, "name": "n0"}),
+    ("block-dirty-bitmap-add", {"node": "top", "name": "tn"}),
+    ("block-dirty-bitmap-add", {"node": "top", "name": "tp", "persistent": True}),
+    ("block-dirty-bitmap-add", {"node": "nope", "name": "x"}),
+    ("write", (3 * M, 4096)),
+    ("query", ["top", B]),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "n1", "bitmaps": ["n0"]}),
+    ("block-dirty-bitmap-merge", {"node": "top", "target": "tn",
+                                  "bitmaps": [{"node": B, "name": "n0"}, "tp"]}),
+    ("block-dirty-bitmap-merge", {"node": "top", "target": "tp",
+                                  "bitmaps": [{"node": B, "name": "n1"}]}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "p1",
+                                  "bitmaps": [{"node": "top", "name": "tn"}]}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "nope", "bitmaps": ["n0"]}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "n1",
+                                  "bitmaps": [{"node": "nope", "name": "tn"}]}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "n1",
+                                  "bitmaps": [{"node": "top", "name": "nope"}]}),
+    ("query", ["top", B]),
+    ("block-dirty-bitmap-disable", {"node": B, "name": "p1"}),
+    ("block-dirty-bitmap-enable", {"node": B, "name": "p2"}),
+    ("block-dirty-bitmap-clear", {"node": B, "name": "n0"}),
+    ("block-dirty-bitmap-disable", {"node": B, "name": "n1"}),
+    ("query", ["top", B]),
+    ("block-dirty-bitmap-remove", {"node": B, "name": "n1"}),
+    ("block-dirty-bitmap-remove", {"node": B, "name": "p2"}),
+    ("block-dirty-bitmap-remove", {"node": B, "name": "nope"}),
+    ("block-dirty-bitmap-clear", {"node": B, "name": "nope"}),
+    ("write", (5 * M, 4096)),
+    ("query", ["top", B]),
+]
+
+
+def test_backing_vs_qsd(vqcowd, fe_bin, work):
+    """Bitmap commands on a backing node, against qsd 7.2."""
+    dirs = {}
+    for who in ("qsd", "ours"):
+        dirs[who] = os.path.join(work, "bk-" + who)
+        shutil.rmtree(dirs[who], ignore_errors=True)
+        os.makedirs(dirs[who])
+        sh("qemu-img", "create", "-q", "-f", "qcow2", os.path.join(dirs[who], "b.qcow2"),
+           64 * M)
+    want = qsd_run(dirs["qsd"], os.path.join(dirs["qsd"], "b.qcow2"), fe_bin, SEQB,
+                   {"@TOP@": os.path.join(dirs["qsd"], "t.qcow2")})
+    d = Daemon(vqcowd, dirs["ours"], os.path.join(dirs["ours"], "b.qcow2"), "bk")
+    try:
+        q = Qmp(d.qsock)
+        got = run_seq(q, fe_bin, d.vsock, SEQB, {"@TOP@": os.path.join(dirs["ours"],
+                                                                       "t.qcow2")})
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+    compare(want, got, SEQB)
+    check("Lost persistent bitmaps" in d.log() and "'p1'" in d.log(),
+          "no warning about the lost bitmap p1 in the log:\n%s" % d.log()[-2000:])
+    for who in ("qsd", "ours"):
+        bb = info_bitmaps(os.path.join(dirs[who], "b.qcow2"))
+        tb = info_bitmaps(os.path.join(dirs[who], "t.qcow2"))
+        check(not bb and [x["name"] for x in tb or []] == ["tp"],
+              "%s: bitmaps in the files: base %r, top %r" % (who, bb, tb))
+    log("ok: %d bitmap commands and listings on a backing node as qemu-storage-daemon's; "
+        "the read-only node's persistent bitmap p1 lost at exit as there (final: %r)" %
+        (len(got), got[-1][1]))
 
 
 def test_no_file_change(vqcowd, work):
@@ -579,6 +670,7 @@ def main():
     os.makedirs(work)
     test_vs_qsd(vqcowd, fe_bin, work)
     test_order_vs_qsd(vqcowd, fe_bin, work)
+    test_backing_vs_qsd(vqcowd, fe_bin, work)
     test_no_file_change(vqcowd, work)
     test_raw(vqcowd, fe_bin, work)
     test_fast_path(vqcowd, fe_bin, work)
