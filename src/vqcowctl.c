@@ -7,6 +7,7 @@
  *                             | snapshot create|delete NAME | snapshot list
  *                             | bitmap add|remove|clear|enable|disable NAME
  *                             | bitmap merge TARGET SOURCE...
+ *                             | commit [SPEED] [--top NODE] [--base NODE]
  *
  * Speaks plain QMP (greeting, qmp_capabilities, one command), so it also
  * works against qemu-storage-daemon for the commands they share. Exit status:
@@ -84,9 +85,13 @@ static void usage(FILE *f)
 	    "  bitmap merge TARGET SOURCE...\n"
 	    "                       OR the SOURCE bitmaps into TARGET\n"
 	    "                       (block-dirty-bitmap-merge)\n"
-	    "  commit [SPEED]       fold the active layer into its base (block-commit, SPEED\n"
+	    "  commit [SPEED] [--top NODE] [--base NODE]\n"
+	    "                       fold the active layer into its base (block-commit, SPEED\n"
 	    "                       bytes/s, default unlimited), wait until it is in sync,\n"
-	    "                       then pivot (block-job-complete): the base is active again\n"
+	    "                       then pivot (block-job-complete): the base is active again.\n"
+	    "                       --top NODE below the active layer: an intermediate commit\n"
+	    "                       (top-node) of NODE into --base NODE (base-node; default:\n"
+	    "                       its backing file), waited for until NODE left the chain\n"
 	    "  jobs                 the block jobs (query-block-jobs)\n"
 	    "  quit                 stop the daemon as SIGTERM does (quit)\n"
 	    "  raw JSON             send one QMP command as written, e.g.\n"
@@ -95,8 +100,10 @@ static void usage(FILE *f)
 	    "\n"
 	    "Options:\n"
 	    "  -s, --socket PATH    the QMP socket (required)\n"
-	    "  --node NAME          node for resize, histogram, snapshot and bitmap (default: the "
-	    "exported node)\n"
+	    "  --node NAME          node for resize, histogram, snapshot, bitmap and commit\n"
+	    "                       (default: the exported node)\n"
+	    "  --top NODE, --base NODE\n"
+	    "                       for commit\n"
 	    "  --json               print the command's JSON result (scripts)\n"
 	    "  --timeout SEC        wait at most SEC seconds for a reply (default 30)\n"
 	    "  -h, --help, --version\n"
@@ -452,11 +459,32 @@ static json_t *find_commit_job(json_t *jobs)
  * block-job-complete, wait until it is gone. Returns query-block-exports'
  * first entry (the active node now), or NULL with *@failed set.
  */
-static json_t *do_commit(struct conn *c, const char *node, uint64_t speed, int *failed)
+/* Is node @name in query-named-block-nodes' answer? 1, 0, or -1 (*@failed set). */
+static int node_exists(struct conn *c, const char *name, int *failed)
 {
-	json_t *e = NULL, *r, *j;
+	json_t *r = execute(c, "{\"execute\": \"query-named-block-nodes\"}", failed), *v;
+	size_t i;
+	int found = 0;
+
+	if (!r)
+		return -1;
+	json_array_foreach(r, i, v)
+	{
+		const char *n = json_string_value(json_object_get(v, "node-name"));
+
+		if (n && strcmp(n, name) == 0)
+			found = 1;
+	}
+	json_decref(r);
+	return found;
+}
+
+static json_t *do_commit(struct conn *c, const char *node, uint64_t speed, const char *top,
+			 const char *base, int *failed)
+{
+	json_t *e = NULL, *r, *j, *args;
 	const char *n = node;
-	bool completing = false;
+	bool completing = false, intermediate;
 
 	if (!n) {
 		e = execute(c, "{\"execute\": \"query-block-exports\"}", failed);
@@ -468,10 +496,15 @@ static json_t *do_commit(struct conn *c, const char *node, uint64_t speed, int *
 			return NULL;
 		}
 	}
-	r = execute_cmd(c,
-			json_pack("{s:s,s:{s:s,s:s,s:I}}", "execute", "block-commit", "arguments",
-				  "device", n, "job-id", "vqcowctl-commit", "speed",
-				  (json_int_t)speed),
+	/* a top below the active layer: QEMU's intermediate commit, no READY */
+	intermediate = top && strcmp(top, n) != 0;
+	args = json_pack("{s:s,s:s,s:I}", "device", n, "job-id", "vqcowctl-commit", "speed",
+			 (json_int_t)speed);
+	if (args && top)
+		json_object_set_new(args, "top-node", json_string(top));
+	if (args && base)
+		json_object_set_new(args, "base-node", json_string(base));
+	r = execute_cmd(c, json_pack("{s:s,s:o}", "execute", "block-commit", "arguments", args),
 			failed);
 	json_decref(e);
 	if (!r)
@@ -485,6 +518,23 @@ static json_t *do_commit(struct conn *c, const char *node, uint64_t speed, int *
 		j = find_commit_job(r);
 		if (!j && completing) {
 			json_decref(r);
+			break;
+		}
+		if (!j && intermediate) {
+			/* it ended by itself: done if top left the chain */
+			int there = node_exists(c, top, failed);
+
+			json_decref(r);
+			if (there < 0)
+				return NULL;
+			if (there) {
+				fprintf(stderr,
+					"vqcowctl: the commit job ended and %s is still in "
+					"the chain (cancelled or failed: see the daemon's log)\n",
+					top);
+				*failed = 1;
+				return NULL;
+			}
 			break;
 		}
 		if (!j) {
@@ -530,7 +580,9 @@ int main(int argc, char **argv)
 		OPT_COUNT,
 		OPT_GRAN,
 		OPT_PERSISTENT,
-		OPT_DISABLED
+		OPT_DISABLED,
+		OPT_TOP,
+		OPT_BASE
 	};
 	static const struct option longopts[] = {
 	    {"socket", required_argument, NULL, 's'},
@@ -543,13 +595,15 @@ int main(int argc, char **argv)
 	    {"granularity", required_argument, NULL, OPT_GRAN},
 	    {"persistent", no_argument, NULL, OPT_PERSISTENT},
 	    {"disabled", no_argument, NULL, OPT_DISABLED},
+	    {"top", required_argument, NULL, OPT_TOP},
+	    {"base", required_argument, NULL, OPT_BASE},
 	    {"help", no_argument, NULL, 'h'},
 	    {"version", no_argument, NULL, OPT_VERSION},
 	    {NULL, 0, NULL, 0},
 	};
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct conn c = {.fd = -1};
-	const char *path = NULL, *node = NULL, *cmd;
+	const char *path = NULL, *node = NULL, *cmd, *top = NULL, *base = NULL;
 	uint64_t timeout = 30, size = 0, interval = 1, count = 0;
 	bool watch = false, persistent = false, disabled = false;
 	uint64_t granularity = 0;
@@ -566,6 +620,12 @@ int main(int argc, char **argv)
 			break;
 		case OPT_NODE:
 			node = optarg;
+			break;
+		case OPT_TOP:
+			top = optarg;
+			break;
+		case OPT_BASE:
+			base = optarg;
 			break;
 		case OPT_WATCH:
 			watch = true;
@@ -631,9 +691,12 @@ int main(int argc, char **argv)
 		if (optind + 1 < argc ||
 		    (optind + 1 == argc &&
 		     (util_parse_size(argv[optind], &size) < 0 || size > INT64_MAX))) {
-			fprintf(stderr, "vqcowctl: commit [SPEED]\n");
+			fprintf(stderr, "vqcowctl: commit [SPEED] [--top NODE] [--base NODE]\n");
 			return 2;
 		}
+	} else if (top || base) {
+		fprintf(stderr, "vqcowctl: --top and --base are for commit\n");
+		return 2;
 	} else if (strcmp(cmd, "jobs") == 0) {
 		if (optind != argc) {
 			fprintf(stderr, "vqcowctl: jobs takes no argument\n");
@@ -773,7 +836,7 @@ int main(int argc, char **argv)
 	} else if (strcmp(cmd, "jobs") == 0) {
 		r = execute(&c, "{\"execute\": \"query-block-jobs\"}", &failed);
 	} else if (strcmp(cmd, "commit") == 0) {
-		r = do_commit(&c, node, size, &failed);
+		r = do_commit(&c, node, size, top, base, &failed);
 	} else if (strcmp(cmd, "snapshot") == 0 && strcmp(argv[optind], "external") == 0) {
 		json_t *e = NULL, *a;
 		const char *n = node;
@@ -951,6 +1014,11 @@ int main(int argc, char **argv)
 			       json_string_value(json_object_get(v, "status")), ol, num(v, "speed"),
 			       json_is_true(json_object_get(v, "ready")) ? "yes" : "no");
 		}
+	} else if (strcmp(cmd, "commit") == 0 && top &&
+		   json_string_value(json_object_get(r, "node-name")) &&
+		   strcmp(top, json_string_value(json_object_get(r, "node-name"))) != 0) {
+		printf("committed: %s left the chain; %s is the active layer\n", top,
+		       json_string_value(json_object_get(r, "node-name")));
 	} else if (strcmp(cmd, "commit") == 0) {
 		printf("committed: %s is the active layer again\n",
 		       json_string_value(json_object_get(r, "node-name")));

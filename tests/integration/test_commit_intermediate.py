@@ -24,10 +24,13 @@ vqcowd (every byte remembered), then vqcowd on the active layer:
   * kill -9 while copying (rate-limited) and around the end of an unlimited
     job: every file passes qemu-img check and the chain (old or new, as
     recorded in the active layer's header) reads what the writer wrote;
+  * vqcowctl commit --top NODE --base NODE under a writer: its line, the
+    chain after, every byte; QEMU's error for an unknown top; --top with
+    another command is a usage error;
   * the same commit against qemu-storage-daemon 7.2: the same status
     sequence and event keys.
 
-Usage: test_commit_intermediate.py VQCOWD VQCOW-FE WORKDIR
+Usage: test_commit_intermediate.py VQCOWD VQCOW-FE WORKDIR [VQCOWCTL]
 """
 
 import os
@@ -177,6 +180,41 @@ def test_four(vqcowd, fe, work):
     verify_file(alone(base), mid_state, work, "the base alone (four layers)")
 
 
+def test_ctl(vqcowd, fe, ctl, work):
+    """vqcowctl commit --top NODE: an intermediate commit from the command line."""
+    base, mid, act, w, mid_state = build_chain(vqcowd, fe, work, "v", 27)
+    d = Daemon(vqcowd, work, act, "v")
+    try:
+        w.vsock = d.vsock
+        rc, out, err = qmplib.run_ctl(ctl, "-s", d.qsock, "commit", "--top", "nope")
+        check(rc == 1 and "'nope' is not in this backing file chain" in err,
+              "commit --top nope: rc %d %r %r" % (rc, out, err))
+        rc, out, err = qmplib.run_ctl(ctl, "-s", d.qsock, "jobs", "--top", "x")
+        check(rc == 2 and "--top and --base are for commit" in err,
+              "jobs --top: rc %d %r" % (rc, err))
+        w.start()
+        time.sleep(0.3)
+        rc, out, err = qmplib.run_ctl(ctl, "-s", d.qsock, "commit", "4M", "--top",
+                                      "disk0-backing1", "--base", "disk0-backing2")
+        check(rc == 0 and out == "committed: disk0-backing1 left the chain; disk0 is the "
+              "active layer\n", "vqcowctl commit --top: rc %d %r %r" % (rc, out, err))
+        q = Qmp(d.qsock)
+        n = nodes(q)
+        check(n == [("disk0", act, False), ("disk0-backing2", base, True)],
+              "nodes after: %r" % n)
+        time.sleep(0.3)
+        w.stop()
+        w.verify_fe("after vqcowctl commit --top")
+    finally:
+        d.stop()
+    for p in (base, mid, act):
+        qcheck(p, "after vqcowctl commit --top")
+    verify_file(act, w.shadow, work, "the new chain (vqcowctl)")
+    verify_file(alone(base), mid_state, work, "the base alone (vqcowctl)")
+    log("ok: vqcowctl commit --top disk0-backing1 --base disk0-backing2 (4 MiB/s, a writer "
+        "running): %r" % out.strip())
+
+
 def test_kill(vqcowd, fe, work):
     for point, speed, delay in (("copy", 4 * MiB, 1.5), ("end", 0, 0.02), ("end2", 0, 0.1)):
         base, mid, act, w, mid_state = build_chain(vqcowd, fe, work, "k", 22)
@@ -252,10 +290,11 @@ def test_qsd(vqcowd, fe, work):
 
 
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         print(__doc__)
         return 2
     vqcowd, fe, work = sys.argv[1:4]
+    ctl = sys.argv[4] if len(sys.argv) == 5 else None
     for tool in ("qemu-img", "qemu-io"):
         if not shutil.which(tool):
             log("SKIP: %s not found" % tool)
@@ -264,6 +303,10 @@ def main():
     try:
         test_commit(vqcowd, fe, work)
         test_four(vqcowd, fe, work)
+        if ctl:
+            test_ctl(vqcowd, fe, ctl, work)
+        else:
+            log("SKIP part: no vqcowctl given")
         test_kill(vqcowd, fe, work)
         test_qsd(vqcowd, fe, work)
     except Fail as e:
