@@ -88,8 +88,8 @@ struct blk_dev {
 		uint32_t gen;
 		uint64_t bound[BLK_HIST_MAX];
 	} hist[BLK_STAT_N];
-	unsigned paused;                   /* blk_dev_pause depth */
-	struct blk_req *held, **held_tail; /* requests that arrived while paused */
+	unsigned paused;      /* blk_dev_pause depth (changes with no other thread running) */
+	struct blk_req *held; /* atomic: requests that arrived while paused, newest first */
 	blk_write_hook_fn *wr_hook;
 	void *wr_hook_priv;
 };
@@ -259,7 +259,9 @@ static void req_finish(struct blk_req *req, int err)
 	account(dev, req, err);
 	*req->status = blk_status_from_errno(err);
 	req->state = BLK_REQ_IDLE;
-	__atomic_fetch_sub(&dev->inflight, 1, __ATOMIC_RELAXED);
+	/* release: what the request did (the write hook) comes before the
+	 * count a drain waits on (blk_dev_inflight) */
+	__atomic_fetch_sub(&dev->inflight, 1, __ATOMIC_RELEASE);
 	req->complete(req, req->in_len + 1);
 }
 
@@ -438,6 +440,22 @@ static int submit_discard_wz(struct blk_dev *dev, struct blk_req *req, struct io
 	return 0;
 }
 
+/*
+ * Paused: keep @req (submitted on this thread's loop, if any) for
+ * blk_dev_resume. Several threads may hold requests at once: a lock-free
+ * push; the list is newest first.
+ */
+static void hold(struct blk_dev *dev, struct blk_req *req)
+{
+	struct blk_req *head = __atomic_load_n(&dev->held, __ATOMIC_RELAXED);
+
+	req->held_loop = io_loop_current();
+	do {
+		req->held_next = head;
+	} while (!__atomic_compare_exchange_n(&dev->held, &head, req, true, __ATOMIC_RELEASE,
+					      __ATOMIC_RELAXED));
+}
+
 void blk_req_submit(struct blk_dev *dev, struct blk_req *req)
 {
 	blk_req_submit_stats(dev, req, NULL);
@@ -450,14 +468,12 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 	unsigned out_cnt = 0, in_cnt = 0;
 	int ret;
 
+	req->stats = stats;
 	if (dev->paused) {
-		req->held_next = NULL;
-		*dev->held_tail = req;
-		dev->held_tail = &req->held_next;
+		hold(dev, req);
 		return;
 	}
 	req->dev = dev;
-	req->stats = stats;
 	req->state = BLK_REQ_IDLE;
 	req->in_len = 0;
 	req->data_len = 0;
@@ -506,7 +522,7 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 
 unsigned blk_dev_inflight(const struct blk_dev *dev)
 {
-	return __atomic_load_n(&dev->inflight, __ATOMIC_RELAXED);
+	return __atomic_load_n(&dev->inflight, __ATOMIC_ACQUIRE);
 }
 
 bool blk_dev_any_thread(const struct blk_dev *dev)
@@ -516,26 +532,45 @@ bool blk_dev_any_thread(const struct blk_dev *dev)
 
 void blk_dev_pause(struct blk_dev *dev)
 {
-	if (!dev->paused++) {
-		dev->held = NULL;
-		dev->held_tail = &dev->held;
-	}
+	dev->paused++;
+}
+
+/* On the thread that held it: the request starts (or is held again). */
+static void held_resubmit(struct io_cmd *cmd, int res)
+{
+	struct blk_req *req = cmd->priv;
+
+	(void)res;
+	blk_req_submit_stats(req->dev, req, req->stats);
 }
 
 void blk_dev_resume(struct blk_dev *dev)
 {
-	struct blk_req *r;
+	struct blk_req *r, *fifo = NULL;
+	struct io_loop *here = io_loop_current();
 
 	if (!dev->paused || --dev->paused)
 		return;
-	r = dev->held;
-	dev->held = NULL;
-	dev->held_tail = &dev->held;
+	/* arrival order: the list is newest first */
+	r = __atomic_exchange_n(&dev->held, NULL, __ATOMIC_ACQUIRE);
 	while (r) {
 		struct blk_req *next = r->held_next;
 
-		blk_req_submit(dev, r);
+		r->held_next = fifo;
+		fifo = r;
 		r = next;
+	}
+	for (r = fifo; r; r = fifo) {
+		fifo = r->held_next;
+		if (r->held_loop && r->held_loop != here) {
+			/* its queue's thread: the request starts and ends there */
+			r->dev = dev;
+			r->held_cmd.done = held_resubmit;
+			r->held_cmd.priv = r;
+			io_post_remote(r->held_loop, &r->held_cmd);
+		} else {
+			blk_req_submit_stats(dev, r, r->stats);
+		}
 	}
 }
 

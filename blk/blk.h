@@ -92,6 +92,8 @@ struct blk_req {
 	uint64_t t0;               /* submission time (CLOCK_MONOTONIC ns), for the statistics */
 	struct blk_stats *stats;   /* where it is counted (blk_req_submit_stats) */
 	struct blk_req *held_next; /* held while the device is paused */
+	struct io_loop *held_loop; /* the loop it was submitted on (io_loop_current()) */
+	struct io_cmd held_cmd;    /* blk_dev_resume: resubmitted on that loop's thread */
 };
 
 struct blk_opts {
@@ -185,8 +187,18 @@ bool blk_dev_any_thread(const struct blk_dev *dev);
  * blk_dev_set_img() puts @img under the device (capacity unchanged: the
  * caller's images have the same size); requests still in flight finish on
  * the image they started on, so swap only with none in flight (paused and
- * drained). Single-threaded: blk_req_submit() and these run on one thread
- * (not for an image served from several threads, blk_dev_any_thread()).
+ * drained: blk_dev_inflight() loads with acquire order, so once it reads 0
+ * everything those requests did, the write hook included, is visible).
+ *
+ * Threads: requests may be held on several threads at once (each submits
+ * on its own loop, blk_dev_any_thread() or not); each is started again on
+ * the thread whose loop it was submitted on (io_loop_current() then): at
+ * once if that is the thread calling blk_dev_resume(), else posted there
+ * (io_post_remote), so a request popped by a queue's thread starts, ends
+ * and is pushed on that thread. blk_dev_resume() therefore runs inside a
+ * loop callback (or on the one thread of a single-threaded program). The
+ * calls below, like every change of the device, run while no other thread
+ * submits or completes requests (vqcowd parks its I/O threads around them).
  * The write hook below likewise.
  */
 void blk_dev_pause(struct blk_dev *dev);
@@ -198,7 +210,9 @@ struct img *blk_dev_img(const struct blk_dev *dev);
  * Called each time a write, write-zeroes or discard of [@off, @off + @len)
  * ended on the image (successfully or not: a failed write may have changed
  * part of the range), before the guest learns of it: block-commit copies
- * what changed in the top image while it runs. NULL @fn = none.
+ * what changed in the top image while it runs. NULL @fn = none. @fn runs
+ * on the thread that completes the request (any of them): it must be
+ * thread-safe when requests run on several threads.
  */
 typedef void blk_write_hook_fn(void *priv, uint64_t off, uint64_t len);
 void blk_dev_set_write_hook(struct blk_dev *dev, blk_write_hook_fn *fn, void *priv);

@@ -9,6 +9,7 @@
 #include <CUnit/Basic.h>
 #include <endian.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,7 @@ struct fake_img {
 	uint8_t log[32]; /* op order */
 	unsigned nlog;
 	bool in_submit;
+	pthread_t submit_tid; /* the thread of the last submission */
 };
 
 static struct fake_img g_fake;
@@ -46,6 +48,7 @@ static void fake_submit(struct img *img, struct img_io *io)
 	CU_ASSERT_FATAL(f->nq < MAXQ);
 	CU_ASSERT(io->op >= IMG_OP_READ && io->op <= IMG_OP_WRITE_ZEROES);
 	f->q[f->nq++] = io;
+	f->submit_tid = pthread_self();
 	f->ops[io->op]++;
 	if (f->nlog < sizeof(f->log))
 		f->log[f->nlog++] = io->op;
@@ -345,6 +348,85 @@ static void test_pause_swap_hook(void)
 	CU_ASSERT_EQUAL(g_hooks, 2);
 	CU_ASSERT_EQUAL(blk_dev_inflight(dev), 0);
 	blk_dev_exit(dev);
+}
+
+/*
+ * A request held on another thread's loop (an I/O thread that popped it)
+ * starts again on that thread when the device resumes, not on the caller's.
+ */
+struct xthread {
+	struct io_loop *loop;
+	struct blk_dev *dev;
+	struct treq *t;
+	struct io_cmd submit, quit;
+	pthread_t tid;
+	int ready; /* atomic */
+};
+
+static void xt_submit(struct io_cmd *cmd, int res)
+{
+	struct xthread *x = cmd->priv;
+
+	(void)res;
+	blk_req_submit(x->dev, &x->t->req); /* paused: held, on this loop */
+	__atomic_store_n(&x->ready, 2, __ATOMIC_RELEASE);
+}
+
+static void xt_quit(struct io_cmd *cmd, int res)
+{
+	struct xthread *x = cmd->priv;
+
+	(void)res;
+	io_loop_stop(x->loop);
+}
+
+static void *xt_main(void *arg)
+{
+	struct xthread *x = arg;
+
+	CU_ASSERT_EQUAL(io_loop_enable_remote(x->loop), 0);
+	__atomic_store_n(&x->ready, 1, __ATOMIC_RELEASE);
+	io_loop_run(x->loop);
+	return NULL;
+}
+
+static void test_resume_on_thread(void)
+{
+	struct xthread x = {0};
+	struct treq a;
+
+	fake_reset(false);
+	x.dev = dev_new(false, 512, true);
+	x.t = &a;
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&x.loop, 8), 0);
+	CU_ASSERT_EQUAL_FATAL(pthread_create(&x.tid, NULL, xt_main, &x), 0);
+	while (__atomic_load_n(&x.ready, __ATOMIC_ACQUIRE) < 1)
+		;
+	blk_dev_pause(x.dev);
+	treq_init(&a, VIRTIO_BLK_T_OUT, 8);
+	add_out(&a, g_buf[0], 4096);
+	add_status(&a);
+	x.submit.done = xt_submit;
+	x.submit.priv = &x;
+	io_post_remote(x.loop, &x.submit);
+	while (__atomic_load_n(&x.ready, __ATOMIC_ACQUIRE) < 2)
+		;
+	CU_ASSERT_EQUAL(g_fake.nq, 0);
+	CU_ASSERT_EQUAL(blk_dev_inflight(x.dev), 0);
+	blk_dev_resume(x.dev); /* from this thread: posted to the holder's */
+	x.quit.done = xt_quit;
+	x.quit.priv = &x;
+	io_post_remote(x.loop, &x.quit); /* after the resubmission */
+	pthread_join(x.tid, NULL);
+	CU_ASSERT_EQUAL_FATAL(g_fake.nq, 1);
+	CU_ASSERT(pthread_equal(g_fake.submit_tid, x.tid));
+	CU_ASSERT_EQUAL(g_fake.q[0]->off, 8 * 512);
+	CU_ASSERT_EQUAL(blk_dev_inflight(x.dev), 1);
+	fake_complete_one(0);
+	CU_ASSERT_EQUAL(a.calls, 1);
+	CU_ASSERT_EQUAL(blk_dev_inflight(x.dev), 0);
+	io_loop_exit(x.loop);
+	blk_dev_exit(x.dev);
 }
 
 static void test_write_ok(void)
@@ -1257,6 +1339,7 @@ int main(void)
 	CU_add_test(s, "read ok", test_read_ok);
 	CU_add_test(s, "write ok", test_write_ok);
 	CU_add_test(s, "pause, swap, write hook", test_pause_swap_hook);
+	CU_add_test(s, "held requests resume on their thread", test_resume_on_thread);
 	CU_add_test(s, "split header and shared buffers", test_split_header);
 	CU_add_test(s, "malformed requests", test_malformed);
 	CU_add_test(s, "read/write IOERR rows", test_rw_ioerr);
