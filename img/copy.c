@@ -12,6 +12,12 @@
  * a time, so two copies of a chunk never race; a copy that fails marks its
  * run dirty again. Everything ends in the caller's wake(), from the loop.
  * Policy (rate limits, events, when to stop) is the caller's.
+ *
+ * Threads: the caller may mark from any thread (vqcowd completes guest
+ * writes on its I/O threads), so the dirty bits and their count are
+ * atomic; everything else runs on the loop. A chunk marked after a copy
+ * took it is copied again; the caller's last word (the pivot) comes after
+ * every write it must cover has ended and marked.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -60,6 +66,13 @@ void img_copy_free(struct img_copy *k)
 	k->buf = NULL;
 }
 
+/*
+ * Any thread (the commit job's write hook runs where a guest write ended);
+ * the bits and the count are atomic. The count goes up before the bit is
+ * set (and back down if it was set already), so it never reads below the
+ * bits set: the one clearer (img_copy_next, on the loop) only takes back
+ * what a bit it saw counted.
+ */
 void img_copy_mark(struct img_copy *k, uint64_t off, uint64_t len)
 {
 	uint64_t first, last;
@@ -71,16 +84,24 @@ void img_copy_mark(struct img_copy *k, uint64_t off, uint64_t len)
 	first = off / IMG_COPY_GRAN;
 	last = (off + len - 1) / IMG_COPY_GRAN;
 	for (uint64_t i = first; i <= last; i++) {
-		if (!(k->dirty[i >> 3] & (1u << (i & 7)))) {
-			k->dirty[i >> 3] |= (uint8_t)(1u << (i & 7));
-			k->ndirty++;
-		}
+		uint8_t bit = (uint8_t)(1u << (i & 7));
+
+		if (__atomic_load_n(&k->dirty[i >> 3], __ATOMIC_RELAXED) & bit)
+			continue;
+		__atomic_fetch_add(&k->ndirty, 1, __ATOMIC_RELAXED);
+		if (__atomic_fetch_or(&k->dirty[i >> 3], bit, __ATOMIC_RELAXED) & bit)
+			__atomic_fetch_sub(&k->ndirty, 1, __ATOMIC_RELAXED);
 	}
+}
+
+uint64_t img_copy_ndirty(const struct img_copy *k)
+{
+	return __atomic_load_n(&k->ndirty, __ATOMIC_RELAXED);
 }
 
 uint64_t img_copy_remaining(const struct img_copy *k)
 {
-	uint64_t n = k->ndirty * (uint64_t)IMG_COPY_GRAN + (k->busy ? k->c_len : 0);
+	uint64_t n = img_copy_ndirty(k) * (uint64_t)IMG_COPY_GRAN + (k->busy ? k->c_len : 0);
 
 	if (k->scanning)
 		n += k->size - k->scan_off;
@@ -129,13 +150,15 @@ static uint64_t next_dirty(const struct img_copy *k)
 {
 	uint64_t nbytes = (k->nchunks + 7) / 8, b = (k->cursor / 8) % nbytes;
 
-	if (!k->ndirty)
+	if (!img_copy_ndirty(k))
 		return UINT64_MAX;
 	for (uint64_t n = 0; n < nbytes; n++, b = (b + 1) % nbytes) {
-		if (!k->dirty[b])
+		uint8_t v = __atomic_load_n(&k->dirty[b], __ATOMIC_RELAXED);
+
+		if (!v)
 			continue;
 		for (unsigned i = 0; i < 8; i++)
-			if (k->dirty[b] & (1u << i))
+			if (v & (1u << i))
 				return b * 8 + i;
 	}
 	return UINT64_MAX;
@@ -152,11 +175,14 @@ bool img_copy_next(struct img_copy *k, uint64_t max)
 		lim = 1;
 	if (lim > IMG_COPY_MAX / IMG_COPY_GRAN)
 		lim = IMG_COPY_MAX / IMG_COPY_GRAN;
+	/* only this loop clears bits: one seen set stays set until cleared here */
 	for (n = 0;
-	     i + n < k->nchunks && n < lim && (k->dirty[(i + n) >> 3] & (1u << ((i + n) & 7)));
+	     i + n < k->nchunks && n < lim &&
+	     (__atomic_load_n(&k->dirty[(i + n) >> 3], __ATOMIC_RELAXED) & (1u << ((i + n) & 7)));
 	     n++) {
-		k->dirty[(i + n) >> 3] &= (uint8_t) ~(1u << ((i + n) & 7));
-		k->ndirty--;
+		__atomic_fetch_and(&k->dirty[(i + n) >> 3], (uint8_t) ~(1u << ((i + n) & 7)),
+				   __ATOMIC_RELAXED);
+		__atomic_fetch_sub(&k->ndirty, 1, __ATOMIC_RELAXED);
 	}
 	k->cursor = i + n;
 	k->c_off = i * IMG_COPY_GRAN;

@@ -556,8 +556,9 @@ struct img_copy {
 	 * written there (default: nowhere) */
 	uint64_t zero_from;
 	/* state, read-only for the caller */
-	uint8_t *dirty;
-	uint64_t nchunks, ndirty, cursor;
+	uint8_t *dirty;  /* atomic bits: img_copy_mark may run on any thread */
+	uint64_t ndirty; /* atomic: img_copy_ndirty() */
+	uint64_t nchunks, cursor;
 	bool scanning; /* the allocation map is still being read */
 	uint64_t scan_off;
 	bool parked;           /* img_block_status parked the scan: wake comes */
@@ -577,8 +578,10 @@ struct img_copy {
 int img_copy_init(struct img_copy *k, struct img *top, struct img *base, uint64_t size);
 /* Free them (no copy may be in flight, no scan parked). */
 void img_copy_free(struct img_copy *k);
-/* Mark [@off, @off + @len) to be copied (again). */
+/* Mark [@off, @off + @len) to be copied (again): from any thread. */
 void img_copy_mark(struct img_copy *k, uint64_t off, uint64_t len);
+/* Chunks marked and not taken by a copy yet (ndirty, loaded atomically). */
+uint64_t img_copy_ndirty(const struct img_copy *k);
 /* Bytes still to copy: dirty, in flight, not scanned yet. */
 uint64_t img_copy_remaining(const struct img_copy *k);
 /* Read the allocation map on: 1 done, 0 not yet (k->parked: wake comes;

@@ -653,7 +653,7 @@ static void job_run(struct cjob *j)
 			return;
 		}
 	}
-	if (!j->k.ndirty && j->inter) {
+	if (!img_copy_ndirty(&j->k) && j->inter) {
 		/* no READY: an intermediate commit completes by itself */
 		if (!j->end) {
 			j->end = END_DROP;
@@ -662,7 +662,7 @@ static void job_run(struct cjob *j)
 		job_end_step(j);
 		return;
 	}
-	if (!j->k.ndirty) {
+	if (!img_copy_ndirty(&j->k)) {
 		if (!j->was_ready) {
 			set_status(j, JS_READY);
 			j->was_ready = true;
@@ -826,7 +826,7 @@ static void job_end_step(struct cjob *j)
 		}
 		return; /* layers_tick calls again */
 	}
-	if (j->end == END_PIVOT && (j->k.ndirty || j->k.scanning)) {
+	if (j->end == END_PIVOT && (img_copy_ndirty(&j->k) || j->k.scanning)) {
 		job_run(j);
 		return;
 	}
