@@ -1380,6 +1380,11 @@ int ctl_start(struct ctl *c, const char *path, int fd)
 	return ret;
 }
 
+bool ctl_waiting(struct ctl *c)
+{
+	return layers_waiting(c);
+}
+
 bool ctl_busy(struct ctl *c)
 {
 	return layers_stop(c);

@@ -44,10 +44,18 @@ struct ctl {
 	 * ctl_held() from outside it (snapshots: the image is quiesced there).
 	 */
 	void (*hold)(void *opaque);
-	/* --io-threads: with more than one, requests of an image that takes I/O on
-	 * any thread (raw) are run on the queues' threads: such an image cannot
-	 * be swapped under the device (layers.c refuses). */
+	/* --io-threads: with more than one, requests run on the queues' threads;
+	 * a raw image (I/O on any thread, no owner) is not swapped under the
+	 * device there (layers.c refuses external snapshots of it and pivots to
+	 * it), a qcow2 image is (with the threads parked, park below). */
 	unsigned io_threads;
+	/*
+	 * Park (@on) or resume the I/O threads: between the two, no request is
+	 * popped, submitted or completed on another thread, so blk/'s device
+	 * (pause, resume, image, write hook, capacity) may change. Nests; QMP
+	 * handlers and ctl_held() run parked already. NULL: one thread.
+	 */
+	void (*park)(void *opaque, bool on);
 	/* The working directory at start-up (relative image names), NULL if unknown. */
 	const char *cwd;
 	/* How the daemon opened its image (external snapshots open overlays alike). */
@@ -87,6 +95,13 @@ void ctl_tick(struct ctl *c);
  * The daemon then pops requests again.
  */
 void ctl_held(struct ctl *c);
+
+/*
+ * Work waits for requests on other threads to drain (an external snapshot,
+ * the end of a commit job): the daemon wakes the loop every millisecond
+ * meanwhile, since those completions do not run on it.
+ */
+bool ctl_waiting(struct ctl *c);
 
 /*
  * The daemon stops: background work (a commit job) stops. True while its

@@ -35,6 +35,15 @@
  * header rewritten and synced, the in-memory chain relinked), top leaves
  * the chain and is closed, the base becomes read-only again.
  *
+ * Threads (vqcowd --io-threads, the rings on the queues' threads): every
+ * change of blk/'s device (pause, resume, the image under it, the write
+ * hook) is made with the I/O threads parked (c->park); requests held while
+ * paused start again on the thread that popped them (blk_dev_resume); the
+ * write hook runs on the thread that completed the write, marks the dirty
+ * map atomically (img_copy_mark) and wakes the job with one post; drains are
+ * polled from ctl_tick, which the daemon runs every millisecond while
+ * layers_waiting() says one is awaited.
+ *
  * Crash safety: the job never writes the layers above the base (but the
  * header of the layer above top, last, in an intermediate commit), and writes
  * the base only through the qcow2 engine (its durability order), with data
@@ -138,6 +147,10 @@ struct layers {
 	unsigned auto_seq;
 	struct snap *snap;
 	struct cjob *job;
+	/* the write hook on another thread: job_kick posted to the job's loop */
+	struct io_loop *hook_loop;
+	struct io_cmd hook_cmd;
+	bool hook_posted; /* atomic */
 };
 
 static uint64_t now_ns(void)
@@ -239,9 +252,57 @@ static bool valid_node_name(const char *s)
 	return true;
 }
 
+/*
+ * The device (blk/) changes only with the I/O threads parked (c->park):
+ * they pop, submit and complete requests and run the write hook. A held
+ * request starts again on its queue's thread (blk_dev_resume).
+ */
+static void park(struct ctl *c)
+{
+	if (c->park)
+		c->park(c->opaque, true);
+}
+
+static void unpark(struct ctl *c)
+{
+	if (c->park)
+		c->park(c->opaque, false);
+}
+
+static void dev_pause(struct ctl *c)
+{
+	park(c);
+	blk_dev_pause(c->blk);
+	unpark(c);
+}
+
+static void dev_resume(struct ctl *c)
+{
+	park(c);
+	blk_dev_resume(c->blk);
+	unpark(c);
+}
+
+static void set_hook(struct ctl *c, blk_write_hook_fn *fn, void *priv)
+{
+	park(c);
+	blk_dev_set_write_hook(c->blk, fn, priv);
+	unpark(c);
+}
+
+/* @img under the device, the active layer (no request in flight: paused, drained). */
+static void set_active(struct ctl *c, struct img *img)
+{
+	park(c);
+	blk_dev_set_img(c->blk, img);
+	c->img = img;
+	c->set_active(c->opaque, img);
+	unpark(c);
+}
+
 static void resume_dev(struct ctl *c)
 {
-	blk_dev_resume(c->blk);
+	dev_resume(c);
 	c->kick(c->opaque); /* requests held meanwhile, and rings that waited */
 }
 
@@ -347,9 +408,7 @@ static void snap_after_flush(struct io_cmd *cmd, int unused)
 	c->layers->nnames++;
 	c->node_name = s->name;
 	s->name = NULL;
-	blk_dev_set_img(c->blk, ov);
-	c->img = ov;
-	c->set_active(c->opaque, ov);
+	set_active(c, ov);
 	vlog(VLOG_INFO, NULL, "qmp: external snapshot: %s (node %s) is the active layer over %s",
 	     ov->path, c->node_name, s->old->path);
 	s->created = false;
@@ -500,7 +559,7 @@ int layers_snapshot_sync(void *opaque, json_t *args, json_t **ret, char *err, si
 	}
 	s->t0 = now_ns();
 	L->snap = s;
-	blk_dev_pause(c->blk);
+	dev_pause(c);
 	vlog(VLOG_INFO, NULL, "qmp: blockdev-snapshot-sync %s over %s: draining", file, img->path);
 	snap_tick(c, s);
 	return QMP_PENDING;
@@ -583,12 +642,40 @@ static void timer_done(struct io_cmd *cmd, int res)
 	job_run(j);
 }
 
+/* On the job's loop: a guest write ended on another thread (write_hook). */
+static void hook_kicked(struct io_cmd *cmd, int res)
+{
+	struct layers *L = cmd->priv;
+
+	(void)res;
+	__atomic_store_n(&L->hook_posted, false, __ATOMIC_RELEASE);
+	/* the job that posted may be gone: whichever runs now looks */
+	if (L->job && !L->job->reopen)
+		job_kick(L->job);
+}
+
+/*
+ * blk/'s write hook: a guest write, write-zeroes or discard ended, on the
+ * thread that completed it (an I/O thread's, or the job's loop). The mark
+ * is atomic (img_copy_mark); the job runs on its loop, woken by one post
+ * at a time. Never called once set_hook(NULL) returned (the threads were
+ * parked), so @j is alive here; the post outlives it (L's).
+ */
 static void write_hook(void *priv, uint64_t off, uint64_t len)
 {
 	struct cjob *j = priv;
+	struct layers *L = j->c->layers;
 
 	img_copy_mark(&j->k, off, len);
-	job_kick(j);
+	if (io_loop_current() == j->top->loop) {
+		job_kick(j);
+		return;
+	}
+	if (!__atomic_exchange_n(&L->hook_posted, true, __ATOMIC_ACQ_REL)) {
+		L->hook_cmd.done = hook_kicked;
+		L->hook_cmd.priv = L;
+		io_post_remote(L->hook_loop, &L->hook_cmd);
+	}
 }
 
 static void job_end_step(struct cjob *j);
@@ -604,7 +691,7 @@ static void job_fail(struct cjob *j, int err, const char *what)
 		j->end = END_FAIL;
 		j->end_t0 = now_ns();
 		if (!j->paused_dev) {
-			blk_dev_pause(j->c->blk);
+			dev_pause(j->c);
 			j->paused_dev = true;
 		}
 	}
@@ -760,13 +847,11 @@ static void end_after_flush(struct io_cmd *cmd, int unused)
 
 		while (img_backing(above) != j->base)
 			above = img_backing(above);
-		blk_dev_set_write_hook(c->blk, NULL, NULL);
+		set_hook(c, NULL, NULL);
 		img_take_backing(above);
 		for (struct img *l = top; l; l = img_backing(l))
 			name_drop(c->layers, l);
-		blk_dev_set_img(c->blk, j->base);
-		c->img = j->base;
-		c->set_active(c->opaque, j->base);
+		set_active(c, j->base);
 		c->node_name = name_of(c->layers, j->base);
 		if (!c->node_name)
 			c->node_name = "disk0";
@@ -789,7 +874,7 @@ static void end_after_flush(struct io_cmd *cmd, int unused)
 	if (r < 0)
 		vlog(VLOG_ERROR, NULL, "qmp: job %s: %s stays writable: %s", j->id, j->base->path,
 		     err);
-	blk_dev_set_write_hook(c->blk, NULL, NULL);
+	set_hook(c, NULL, NULL);
 	c->layers->job = NULL;
 	if (j->end != END_STOP) {
 		vlog(VLOG_INFO, NULL, "qmp: job %s %s", j->id,
@@ -819,7 +904,7 @@ static void job_end_step(struct cjob *j)
 	if (j->end != END_DROP && blk_dev_inflight(c->blk)) {
 		if (now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
 			j->end = END_NONE;
-			blk_dev_resume(c->blk);
+			dev_resume(c);
 			j->paused_dev = false;
 			vlog(VLOG_WARN, NULL,
 			     "qmp: job %s: requests did not drain in 30 s; not completed", j->id);
@@ -860,8 +945,10 @@ static void job_start(struct cjob *j)
 	struct ctl *c = j->c;
 
 	j->rl_t0 = now_ns();
-	if (!j->inter) /* guest writes do not reach the layers below the active one */
-		blk_dev_set_write_hook(c->blk, write_hook, j);
+	if (!j->inter) { /* guest writes do not reach the layers below the active one */
+		c->layers->hook_loop = j->top->loop;
+		set_hook(c, write_hook, j);
+	}
 	set_status(j, JS_CREATED);
 	set_status(j, JS_RUNNING);
 	vlog(VLOG_INFO, NULL, "qmp: job %s: committing %s into %s", j->id, j->top->path,
@@ -1142,6 +1229,13 @@ void layers_held(struct ctl *c)
 	qmp_pending_return(p, NULL);
 }
 
+bool layers_waiting(struct ctl *c)
+{
+	struct layers *L = c->layers;
+
+	return L && (L->snap || (L->job && L->job->end && !L->job->end_stage));
+}
+
 const char *layers_busy(struct ctl *c)
 {
 	struct layers *L = c->layers;
@@ -1190,7 +1284,7 @@ int layers_job_complete(void *opaque, json_t *args, json_t **ret, char *err, siz
 		return verb_error(j, "complete", err, errlen);
 	j->end = END_PIVOT;
 	j->end_t0 = now_ns();
-	blk_dev_pause(c->blk);
+	dev_pause(c);
 	j->paused_dev = true;
 	vlog(VLOG_INFO, NULL, "qmp: job %s: completing (pivot to %s)", j->id, j->base->path);
 	job_end_step(j);
@@ -1212,7 +1306,7 @@ int layers_job_cancel(void *opaque, json_t *args, json_t **ret, char *err, size_
 	j->cancel_ready = j->was_ready && !(force && json_is_true(force));
 	j->end = END_CANCEL;
 	j->end_t0 = now_ns();
-	blk_dev_pause(c->blk);
+	dev_pause(c);
 	j->paused_dev = true;
 	job_end_step(j);
 	return 0;
@@ -1310,7 +1404,7 @@ bool layers_stop(struct ctl *c)
 	if (j && !j->end) {
 		j->end = END_STOP;
 		j->end_t0 = now_ns();
-		blk_dev_set_write_hook(c->blk, NULL, NULL);
+		set_hook(c, NULL, NULL);
 	}
 	return L->snap || L->job;
 }

@@ -39,6 +39,9 @@ const char *layers_node_name(struct ctl *c, struct img *img, unsigned depth, cha
  */
 const char *layers_busy(struct ctl *c);
 
+/* Something waits for the device to drain (ctl_waiting): an external snapshot, a job ending. */
+bool layers_waiting(struct ctl *c);
+
 /* Once per loop iteration (from ctl_tick): drive what waits for the device to drain. */
 void layers_tick(struct ctl *c);
 

@@ -23,15 +23,14 @@
  *
  *  - --io-threads N > 1 (struct iothread, each its own io_loop). A raw
  *    image: queue i is served by I/O thread i mod N: kick poll, pop, submit,
- *    image I/O, push, call. A qcow2 image (img.mt_submit) the same, without
- *    --qmp: the thread serves cached, allocated clusters itself and hands
- *    the rest to the main thread, the engine's only owner, and back
- *    (img/img_qcow2.c). With --qmp (external snapshots and block-commit
- *    swap the image under blk/, which is not thread-safe there) a qcow2
- *    image's rings and requests stay on the main thread and the I/O threads
- *    inflate compressed clusters (img_io.loop). The main thread keeps the
- *    sockets, signals and the control path, and parks the I/O threads
- *    (pause_all) around each of its calls into vhost/ and blk/. HACKING.md,
+ *    image I/O, push, call. A qcow2 image (img.mt_submit) the same, with or
+ *    without --qmp: the thread serves cached, allocated clusters itself and
+ *    hands the rest to the main thread, the engine's only owner, and back
+ *    (img/img_qcow2.c). The main thread keeps the sockets, signals and the
+ *    control path, and parks the I/O threads (pause_all) around each of its
+ *    calls into vhost/ and blk/; QMP operations that swap the image under
+ *    blk/ or hook its writes (src/layers.c) park them too (ctl.park), and a
+ *    request held meanwhile starts again on its queue's thread. HACKING.md,
  *    "I/O threads", has the table and the rules.
  *
  * Backend program conventions (vhost-user.rst): --socket-path or --fd,
@@ -1010,6 +1009,8 @@ static unsigned d_inflight(struct daemon *d)
 	return (dev ? vhost_dev_inflight(dev) : 0) + blk_dev_inflight(d->blk);
 }
 
+static void hold_arm(struct daemon *d);
+
 /*
  * Once per loop iteration (and repeatedly while busy-polling): poll rings if
  * asked, one notification per dirty queue, shutdown progress.
@@ -1056,6 +1057,8 @@ static void d_defer(struct io_defer *def)
 	} else {
 		ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
 	}
+	if (d->nthreads > 1 && !d->hold_armed && !d->flushed && ctl_waiting(&d->ctl))
+		hold_arm(d); /* the device drains on the I/O threads */
 	if (d->release_pending && !d->stopping && d_inflight(d) == 0) {
 		d->release_pending = false;
 		d->handoff = HO_RELEASE;
@@ -1416,7 +1419,23 @@ static void check_resize(struct daemon *d)
 
 static void ctl_resized(void *opaque)
 {
-	size_changed(opaque, "block_resize");
+	struct daemon *d = opaque;
+
+	/* the capacity the I/O threads check, a config change: parked (a
+	 * qcow2 grow ends in a completion on the loop, not in the handler) */
+	pause_all(d);
+	size_changed(d, "block_resize");
+	resume_all(d);
+}
+
+static void ctl_park(void *opaque, bool on)
+{
+	struct daemon *d = opaque;
+
+	if (on)
+		pause_all(d);
+	else
+		resume_all(d);
 }
 
 static void ctl_set_active(void *opaque, struct img *img)
@@ -1470,17 +1489,33 @@ static void start_stopping(struct daemon *d)
 }
 
 /*
- * While requests are held back for a snapshot, wake the main loop every
- * millisecond so that d_defer sees the last one end: with I/O threads the
- * completions do not run on the main loop.
+ * While requests are held back for a snapshot, or the device drains for an
+ * external snapshot or the end of a commit job (ctl_waiting), wake the
+ * main loop every millisecond so that d_defer sees the last one end: with
+ * I/O threads the completions do not run on the main loop.
  */
+static bool hold_waits(struct daemon *d)
+{
+	return (__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE) && !d->stopping) ||
+	       (d->nthreads > 1 && ctl_waiting(&d->ctl));
+}
+
 static void hold_tick(struct io_cmd *cmd, int res)
 {
 	struct daemon *d = container_of(cmd, struct daemon, hold_cmd);
 
 	(void)res;
 	d->hold_armed = false;
-	if (__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE) && !d->stopping) {
+	if (hold_waits(d) && !d->flushed) {
+		d->hold_armed = true;
+		io_timeout(d->loop, &d->hold_cmd, 1000000);
+	}
+}
+
+static void hold_arm(struct daemon *d)
+{
+	if (!d->hold_armed) {
+		d->hold_cmd.done = hold_tick;
 		d->hold_armed = true;
 		io_timeout(d->loop, &d->hold_cmd, 1000000);
 	}
@@ -1490,13 +1525,12 @@ static void ctl_hold_cb(void *opaque)
 {
 	struct daemon *d = opaque;
 
-	/* d_defer stops the loop once drained; I/O threads read it in d_queue_kick */
+	/* d_defer stops the loop once drained; I/O threads read it in
+	 * d_queue_kick, set while they are parked: none is popping then */
+	pause_all(d);
 	__atomic_store_n(&d->ctl_hold, true, __ATOMIC_RELEASE);
-	if (!d->hold_armed) {
-		d->hold_cmd.done = hold_tick;
-		d->hold_armed = true;
-		io_timeout(d->loop, &d->hold_cmd, 1000000);
-	}
+	resume_all(d);
+	hold_arm(d);
 }
 
 static void ctl_quit(void *opaque)
@@ -1886,10 +1920,11 @@ int main(int argc, char **argv)
 	}
 	img_describe(d.img, desc, sizeof(desc));
 	logmsg("image: %s", desc);
-	/* qcow2 on the I/O threads only without --qmp: the image swaps of
-	 * src/layers.c (blk_dev_pause/resume/set_img, the commit's write hook)
-	 * are not safe beside requests on other threads. */
-	d.hop = !d.img->any_loop && !(d.img->mt_submit && !o.qmp_path && o.qmp_fd < 0);
+	/* Rings on the I/O threads for every image that takes requests there
+	 * (raw: any loop; qcow2: submitted anywhere, the owner behind), with
+	 * or without --qmp: the control path parks the threads around every
+	 * change of the device (src/layers.c, ctl_park). */
+	d.hop = !d.img->any_loop && !d.img->mt_submit;
 	d.rings_mt = d.nthreads > 1 && !d.hop;
 	if (d.nthreads > 1 && !d.hop)
 		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
@@ -1981,6 +2016,7 @@ int main(int argc, char **argv)
 		d.ctl.hold = ctl_hold_cb;
 		d.ctl.img_opts = &iopts;
 		d.ctl.io_threads = d.nthreads;
+		d.ctl.park = ctl_park;
 		d.ctl.cwd = getcwd(cwd, sizeof(cwd));
 		d.ctl.set_active = ctl_set_active;
 		d.ctl.retire = ctl_retire;
