@@ -27,14 +27,17 @@ echo "=== ctest (release build)"
 echo "=== ctest (ASan+UBSan build)"
 (cd build-asan && ctest --output-on-failure -j"$jobs" -LE slow "$@") || rc=1
 echo "=== concurrency tests (ThreadSanitizer build: --io-threads)"
-# Only what runs several threads: the daemon under integration.mt and io/'s
-# cross-thread posts. halt_on_error: a race report ends the process, and
-# the test fails.
+# Only what runs several threads: the daemon under integration.mt and
+# integration.qmp_mt (QMP operations while the I/O threads serve a qcow2
+# image), io/'s cross-thread posts and blk/'s held requests resumed on their
+# thread. halt_on_error: a race report ends the process, and the test fails.
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON -DVQCOW_TSAN=ON \
 	>/dev/null
-cmake --build build-tsan -j"$jobs" --target vqcowd vqcow-fe vqfe-stress test_io
+cmake --build build-tsan -j"$jobs" --target vqcowd vqcow-fe vqfe-stress test_io test_blk
 (cd build-tsan && TSAN_OPTIONS=halt_on_error=1:exitcode=66 VQCOW_MT_ROUNDS=6 \
-	ctest --output-on-failure -R '^(integration\.mt|integration\.daemon|unit\.test_io)$' "$@") || rc=1
+	ctest --output-on-failure \
+	-R '^(integration\.mt|integration\.qmp_mt|integration\.daemon|unit\.test_io|unit\.test_blk)$' \
+	"$@") || rc=1
 echo "=== fuzz targets (clang, libFuzzer + ASan + UBSan)"
 cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	-DVQCOW_WERROR=ON -DVQCOW_FUZZ=ON -DVQCOW_FUZZ_SECONDS="${VQCOW_FUZZ_SECONDS:-20}" >/dev/null

@@ -8,6 +8,7 @@
  *
  *   vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S]
  *               [--depth D] [--mix] [--churn CLUSTER] [--map FILE] [--forever]
+ *               [--until FILE]
  *
  * Block b (4 KiB) belongs to queue b % Q, so the 16 blocks of a 64 KiB
  * cluster are written by every queue at the same time; every queue keeps D
@@ -36,7 +37,10 @@
  * is below, pattern()), so a script can compare the image file itself
  * (after qemu-img convert) block by block. --forever: keep writing until
  * the connection breaks or a signal (the crash test kills the daemon under
- * it); then exit 0 if the failure is a lost connection.
+ * it); then exit 0 if the failure is a lost connection. --until FILE: keep
+ * going, round after round, until FILE exists (a test's QMP operations
+ * ran meanwhile), then end as after the last round: every block read back
+ * and verified, the map written.
  *
  * Exit: 0 all good, 1 a mismatch or an error, 2 usage.
  */
@@ -47,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "vqfe.h"
 
@@ -410,22 +415,29 @@ static int write_map(struct ctx *c, const char *path)
 static void usage(void)
 {
 	fputs("usage: vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S] [--depth D]\n"
-	      "                   [--mix] [--churn CLUSTER] [--map FILE] [--forever]\n",
+	      "                   [--mix] [--churn CLUSTER] [--map FILE] [--forever]\n"
+	      "                   [--until FILE]\n",
 	      stderr);
 }
 
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
-	    {"size", required_argument, NULL, 's'},   {"queues", required_argument, NULL, 'q'},
-	    {"rounds", required_argument, NULL, 'r'}, {"seed", required_argument, NULL, 'S'},
-	    {"depth", required_argument, NULL, 'd'},  {"mix", no_argument, NULL, 'm'},
-	    {"churn", required_argument, NULL, 'C'},  {"map", required_argument, NULL, 'M'},
-	    {"forever", no_argument, NULL, 'F'},      {NULL, 0, NULL, 0},
+	    {"size", required_argument, NULL, 's'},
+	    {"queues", required_argument, NULL, 'q'},
+	    {"rounds", required_argument, NULL, 'r'},
+	    {"seed", required_argument, NULL, 'S'},
+	    {"depth", required_argument, NULL, 'd'},
+	    {"mix", no_argument, NULL, 'm'},
+	    {"churn", required_argument, NULL, 'C'},
+	    {"map", required_argument, NULL, 'M'},
+	    {"forever", no_argument, NULL, 'F'},
+	    {"until", required_argument, NULL, 'U'},
+	    {NULL, 0, NULL, 0},
 	};
 	struct ctx c = {.nq = 4, .depth = 8, .seed = 1};
 	struct vqfe_opts o;
-	const char *map = NULL;
+	const char *map = NULL, *until = NULL;
 	uint64_t size = 0;
 	unsigned rounds = 6;
 	bool forever = false;
@@ -459,6 +471,9 @@ int main(int argc, char **argv)
 			break;
 		case 'F':
 			forever = true;
+			break;
+		case 'U':
+			until = optarg;
 			break;
 		default:
 			usage();
@@ -498,17 +513,23 @@ int main(int argc, char **argv)
 		goto out;
 	for (uint64_t b = 0; b < c.nblk; b++)
 		c.map[b].st = untouched(c.seed, b) ? ST_UNTOUCHED : ST_UNKNOWN;
-	for (uint32_t r = 1; forever || r <= rounds; r++) {
+	for (uint32_t r = 1; forever || until || r <= rounds; r++) {
+		bool last = until ? access(until, F_OK) == 0 : r == rounds;
+
 		if (write_round(&c, r) < 0)
 			goto out;
 		if (vqfe_flush(c.fe, r % c.nq) != VIRTIO_BLK_S_OK) {
 			fail(&c, "flush");
 			goto out;
 		}
-		if ((r % 2 == 0 || r == rounds || c.cpb) && verify_all(&c) < 0)
+		if ((r % 2 == 0 || last || c.cpb) && verify_all(&c) < 0)
 			goto out;
 		if (c.errors)
 			break;
+		if (until && last) {
+			rounds = r;
+			break;
+		}
 	}
 	if (map && write_map(&c, map) < 0)
 		goto out;

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""QMP operations on a qcow2 image served by several I/O threads (--qmp with
+--io-threads 2 and four queues): the operations that change which image the
+device serves, or hook its writes, while four queues write and read back.
+
+vqfe-stress writes interleaved 4 KiB blocks of the same clusters from four
+queues (two I/O threads), with write-zeroes and discards mixed in, flushes,
+and reads every block back through another queue and verifies it, round
+after round, until the QMP part is done (--until). Meanwhile, twice:
+
+  * block_resize (grow, a config-change notice while the threads run);
+  * blockdev-snapshot-internal-sync and -delete-sync (requests held back,
+    the engine closed and reopened, the threads' fast path rebuilt);
+  * a persistent dirty bitmap added and removed (fast writes off while it
+    records: the threads hand writes to the owner);
+  * blockdev-snapshot-sync (device paused, requests held on the queue
+    threads, the new overlay put under the device, the held requests started
+    again on their threads);
+  * block-commit of the active layer into the image (the write hook marks
+    guest writes completed on any thread), BLOCK_JOB_READY, block-job-complete
+    (the pivot back to the image, the overlay closed).
+
+Before the first operation, on the overlay, and after each pivot,
+query-blockstats must show fast-path hits (reads and writes the queue
+threads served themselves), and the daemon's log must say the threads serve
+the rings. At the end: vqfe-stress verified every block, the daemon exits 0
+on QMP quit, qemu-img check is clean, and the image file holds exactly what
+vqfe-stress's map says (written blocks their last pattern, zeroed blocks
+zeroes, untouched blocks the backing file's bytes). Runs in the release, ASan
+and ThreadSanitizer builds (contrib/test.sh): a sanitizer report in the log
+fails it.
+
+Usage: test_qmp_mt.py VQCOWD VQFE_STRESS WORKDIR
+"""
+
+import array
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import qmplib
+from qmplib import SKIP, Fail, check, log
+
+MiB = 1024 * 1024
+SIZE = 8 * MiB
+BS = 4096
+SEED = 21
+
+
+def run(*args):
+    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=300)
+    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
+                                                r.stdout.decode(errors="replace")[-2000:],
+                                                r.stderr.decode(errors="replace")[-2000:]))
+    return r.stdout.decode(errors="replace")
+
+
+def qcow2_stats(q):
+    st = q.ret("query-blockstats")
+    return st[0]["vqcowd"].get("qcow2", {})
+
+
+def wait_fast(q, d, what, above=0, timeout=60):
+    """query-blockstats must show fast-path hits on the active layer (more than ABOVE)."""
+    t = time.monotonic() + timeout
+    while True:
+        s = qcow2_stats(q)
+        hits = s.get("fast-path-hits", 0)
+        if hits > above:
+            log("ok: %s: %d fast-path hits, %d hops" % (what, hits, s.get("fast-path-hops", 0)))
+            return hits
+        check(d.p.poll() is None, "%s: vqcowd exited" % what)
+        check(time.monotonic() < t, "%s: no fast-path hit within %d s: %r" % (what, timeout, s))
+        time.sleep(0.1)
+
+
+def sanitizer_clean(text):
+    for word in ("ThreadSanitizer", "AddressSanitizer", "LeakSanitizer", "runtime error"):
+        check(word not in text, "%s report in the daemon's log:\n%s" % (word, text[-6000:]))
+
+
+def compare(img, base, mapf):
+    out = img + ".out.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+    M = (1 << 64) - 1
+    bad = n = 0
+    with open(out, "rb") as fo, open(base, "rb") as fb, open(mapf) as fm:
+        for b, line in enumerate(fm):
+            got, orig = fo.read(BS), fb.read(BS)
+            st = line.split()
+            if st[0] == "U":
+                want = orig
+            elif st[0] == "Z":
+                want = bytes(BS)
+            elif st[0] == "W":
+                r = int(st[1])
+                want = array.array("Q", [((SEED << 48) ^ (r << 32) ^ (b << 9) ^ i) & M
+                                         for i in range(BS // 8)]).tobytes()
+            else:
+                continue
+            n += 1
+            if got != want:
+                bad += 1
+                if bad <= 5:
+                    log("block %d (%s): wrong content in the image file" % (b, st[0]))
+    os.unlink(out)
+    check(bad == 0, "%d of %d blocks differ from the map" % (bad, n))
+    log("ok: %d blocks of the image file as the map says" % n)
+
+
+def cycle(q, d, work, img, i, size):
+    # grow: the capacity the queue threads check changes under them
+    size += MiB
+    q.ret("block_resize", {"node-name": "disk0", "size": size})
+    log("ok: block_resize to %d" % size)
+    # internal snapshot: requests held back, engine closed and reopened
+    hits = qcow2_stats(q).get("fast-path-hits", 0)
+    q.ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s%d" % i})
+    wait_fast(q, d, "after snapshot s%d" % i, hits)
+    q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "s%d" % i})
+    log("ok: internal snapshot s%d created and deleted" % i)
+    # a recording persistent bitmap: fast writes off while it exists
+    q.ret("block-dirty-bitmap-add", {"node": "disk0", "name": "b%d" % i, "persistent": True})
+    time.sleep(0.3)
+    q.ret("block-dirty-bitmap-remove", {"node": "disk0", "name": "b%d" % i})
+    log("ok: persistent bitmap b%d added and removed" % i)
+    # external snapshot: the device paused, held requests restarted on their threads
+    ov = os.path.join(work, "ov%d.qcow2" % i)
+    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
+                                     "snapshot-node-name": "ov%d" % i, "format": "qcow2"})
+    log("ok: blockdev-snapshot-sync: ov%d is the active layer" % i)
+    wait_fast(q, d, "overlay ov%d" % i)
+    # commit the active layer back, with the guest's writes hooked on every thread
+    q.ret("block-commit", {"device": "ov%d" % i, "job-id": "j%d" % i, "base-node": "disk0"})
+    e = q.wait_event("BLOCK_JOB_READY", 120)
+    log("ok: BLOCK_JOB_READY (%d bytes)" % e["data"]["offset"])
+    time.sleep(0.3)  # the job follows the guest's writes a while
+    q.ret("block-job-complete", {"device": "j%d" % i})
+    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
+    check("error" not in e["data"], "commit failed: %r" % e)
+    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    check(nodes[0] == "disk0", "after the pivot: %r" % nodes)
+    log("ok: block-commit j%d pivoted back to disk0" % i)
+    wait_fast(q, d, "after the pivot %d" % i)
+    check(qcow2_stats(q).get("fast-path-hits", 0) > 0, "no fast-path hit on disk0")
+    os.unlink(ov)
+    return size
+
+
+def main():
+    if len(sys.argv) != 4:
+        print(__doc__)
+        return 2
+    vqcowd, stress, work = sys.argv[1:4]
+    if not shutil.which("qemu-img"):
+        log("SKIP: qemu-img not installed")
+        return SKIP
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    base = os.path.join(work, "base.raw")
+    img = os.path.join(work, "disk.qcow2")
+    until = os.path.join(work, "until")
+    mapf = os.path.join(work, "map")
+    with open(base, "wb") as f:
+        for b in range(SIZE // BS):
+            f.write(bytes([(b * 7 + 13) & 0xff]) * 2048 + bytes([(b * 3 + 1) & 0xff]) * 2048)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img, SIZE)
+    d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", "qcow2", "--num-queues", "4",
+                                                      "--io-threads", "2"])
+    sp = None
+    try:
+        t = time.monotonic() + 10
+        want = "each thread serves its queues' rings and cached clusters"
+        while want not in d.log() and time.monotonic() < t:
+            time.sleep(0.05)
+        check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
+        log("ok: --qmp, qcow2: the I/O threads serve the rings")
+        sp = subprocess.Popen([stress, d.vsock, "--size", str(SIZE), "--queues", "4",
+                               "--seed", str(SEED), "--mix", "--until", until, "--map", mapf],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        q = qmplib.Qmp(d.qsock, timeout=120)
+        wait_fast(q, d, "before the operations")
+        size = SIZE
+        for i in range(2):
+            size = cycle(q, d, work, img, i, size)
+            if sp.poll() is not None:
+                raise Fail("vqfe-stress ended early: %s" %
+                           sp.stdout.read().decode(errors="replace"))
+        open(until, "w").close()
+        out, _ = sp.communicate(timeout=300)
+        out = out.decode(errors="replace")
+        log(out.strip())
+        check(sp.returncode == 0, "vqfe-stress: rc %d" % sp.returncode)
+        s = qcow2_stats(q)
+        log("fast path at the end: %d hits, %d hops" % (s.get("fast-path-hits", 0),
+                                                       s.get("fast-path-hops", 0)))
+        q.cmd("quit")
+        d.p.wait(60)
+        sanitizer_clean(d.log())
+        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, d.log()[-4000:]))
+        log("ok: quit, exit 0")
+        log(run("qemu-img", "check", img).strip())
+        compare(img, base, mapf)
+    except Fail:
+        if sp and sp.poll() is None:
+            sp.kill()
+        d.stop_showing_log(tail=8000)
+        raise
+    finally:
+        if sp and sp.poll() is None:
+            sp.kill()
+        if d.p.poll() is None:
+            d.kill()
+    log("PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    qmplib.run_main(main)
