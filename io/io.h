@@ -187,7 +187,8 @@ void io_defer_del(struct io_loop *loop, struct io_defer *d);
 /*
  * Adaptive busy polling before sleeping, bounded by @max_ns per iteration (0 =
  * off, the default). While polling, the loop re-runs the deferred hooks, which
- * may return work by submitting commands.
+ * may return work by submitting commands. A poll that finds nothing makes the
+ * next 1, 2, 4 ... 64 sleeps go without polling (reset by a poll that finds work).
  */
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
 

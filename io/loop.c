@@ -77,6 +77,8 @@ struct io_loop {
 	struct io_defer *defers;
 	struct io_defer *defer_cursor; /* next hook while running hooks */
 	uint64_t poll_ns;
+	unsigned poll_skip;    /* sleeps left before the next busy poll (backoff) */
+	unsigned poll_backoff; /* sleeps to skip after the next failed poll */
 	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
 	io_fault_fn fault_fn;  /* io_loop_set_fault_hook() */
 	void *fault_opaque;
@@ -1256,6 +1258,31 @@ static bool busy_poll(struct io_loop *loop)
 	return false;
 }
 
+/*
+ * Busy-poll only while it pays: a poll that found nothing burnt up to
+ * poll_ns for nothing, and on a machine with no idle CPU it delays the very
+ * thread it waits for (the front-end's, the kernel's I/O), so after each
+ * failed poll the next 1, 2, 4, ... 64 sleeps go without one; a poll that
+ * finds work ends the backoff.
+ */
+#define POLL_BACKOFF_MAX 64
+static bool poll_adaptive(struct io_loop *loop)
+{
+	if (loop->poll_skip) {
+		loop->poll_skip--;
+		return false;
+	}
+	if (busy_poll(loop)) {
+		loop->poll_backoff = 0;
+		return true;
+	}
+	loop->poll_backoff = loop->poll_backoff ? loop->poll_backoff * 2 : 1;
+	if (loop->poll_backoff > POLL_BACKOFF_MAX)
+		loop->poll_backoff = POLL_BACKOFF_MAX;
+	loop->poll_skip = loop->poll_backoff;
+	return false;
+}
+
 /* The loop running on this thread (io_loop_current). */
 static __thread struct io_loop *cur_loop;
 
@@ -1276,8 +1303,8 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	cur_loop = loop;
 	flush_pending(loop);
 	block = wait && !loop->local_head && loop->kinflight > 0;
-	if (block && loop->poll_ns && busy_poll(loop))
-		block = false;
+	if (block && loop->poll_ns)
+		block = !poll_adaptive(loop);
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		loop->running = false;
