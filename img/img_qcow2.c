@@ -165,6 +165,7 @@ struct q2req {
 	bool remote;
 	struct q2req *mut_next, **mut_pprev; /* on m->muts: a write-type request in flight */
 	bool mut;
+	uint64_t pub_off, pub_len, pub_host; /* new clusters it wrote, published at its end */
 };
 
 /*
@@ -227,6 +228,7 @@ struct fslot {
 	struct io_loop *loop; /* atomic: set once by its thread */
 	struct q2img *m;
 	unsigned active[2];      /* atomic: fast requests in flight, by generation */
+	unsigned inflight;       /* atomic: submitted here, not done (fast or hopped) */
 	uint64_t n_fast, n_hops; /* atomic (relaxed): statistics */
 	bool wake_posted;        /* atomic: wake_cmd on its way to the owner */
 	struct io_cmd wake_cmd;
@@ -292,7 +294,7 @@ struct q2img {
 	uint8_t ctype;            /* atomic: compression type, for the threads */
 	unsigned cb;              /* cluster bits */
 	bool extl2;               /* extended L2 entries: no fast path */
-	unsigned remote_inflight; /* atomic: submitted on other threads, not done */
+	unsigned remote_inflight; /* atomic: submitted on threads without a slot, not done */
 	unsigned nclaimed;        /* atomic: slots claimed (0: nothing to publish for) */
 	struct fslot *slots;      /* FSLOTS */
 	struct q2req *muts;       /* write-type requests in flight (owner) */
@@ -513,7 +515,35 @@ static void fast_counts(struct q2img *m, uint64_t *hits, uint64_t *hops)
 /* Requests in flight: the owner's and those of other threads. */
 static unsigned busy_count(struct q2img *m)
 {
-	return m->inflight + __atomic_load_n(&m->remote_inflight, __ATOMIC_ACQUIRE);
+	unsigned n = m->inflight + __atomic_load_n(&m->remote_inflight, __ATOMIC_ACQUIRE);
+
+	for (unsigned i = 0; m->slots && i < FSLOTS; i++)
+		n += __atomic_load_n(&m->slots[i].inflight, __ATOMIC_ACQUIRE);
+	return n;
+}
+
+/* The slot of the thread of @loop, if it claimed one (see slot_of). */
+static struct fslot *slot_find(struct q2img *m, struct io_loop *loop)
+{
+	for (unsigned i = 0; i < FSLOTS; i++) {
+		struct io_loop *l = __atomic_load_n(&m->slots[i].loop, __ATOMIC_ACQUIRE);
+
+		if (l == loop)
+			return &m->slots[i];
+		if (!l)
+			break;
+	}
+	return NULL;
+}
+
+/*
+ * A request submitted on another thread ends (on that thread). Counted in
+ * its slot's own cache line: a shared counter would bounce between the
+ * threads' CPUs twice per request.
+ */
+static void remote_end(struct q2img *m, struct fslot *s)
+{
+	__atomic_fetch_sub(s ? &s->inflight : &m->remote_inflight, 1, __ATOMIC_RELEASE);
 }
 
 static bool fast_flip(void *priv);
@@ -590,16 +620,20 @@ static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
 	}
 }
 
-/* Owner: publish an in-place write mapping of @r (its own range excepted). */
-static void publish_inplace(struct q2img *m, struct q2req *r)
+/*
+ * Owner: publish guest [off, off + len) as written in place at @host: an
+ * in-place write mapping of @r (its own range excepted), or the new clusters
+ * it allocated and linked (qcow2_link), at its end.
+ */
+static void publish_inplace(struct q2img *m, struct q2req *r, uint64_t off, uint64_t len,
+			    uint64_t host0)
 {
-	const struct qcow2_alloc *a = &r->a;
-	uint64_t gc = a->off >> m->cb, last = (a->off + a->len - 1) >> m->cb;
+	uint64_t gc = off >> m->cb, last = (off + len - 1) >> m->cb;
 
-	if (!__atomic_load_n(&m->fmode, __ATOMIC_RELAXED) || mut_overlaps(m, a->off, a->len, r))
+	if (!len || !__atomic_load_n(&m->fmode, __ATOMIC_RELAXED) || mut_overlaps(m, off, len, r))
 		return;
 	for (; gc <= last; gc++) {
-		uint64_t host = a->host + (gc << m->cb) - a->off;
+		uint64_t host = host0 + (gc << m->cb) - off;
 
 		if ((host & (m->cs - 1)) || host > FE_HOST_MASK)
 			return;
@@ -733,7 +767,7 @@ static void hop_back(struct io_cmd *cmd, int res)
 	struct q2img *m = io->impl;
 
 	(void)res;
-	__atomic_fetch_sub(&m->remote_inflight, 1, __ATOMIC_RELEASE);
+	remote_end(m, slot_find(m, io->loop));
 	io->done(io, io->err);
 }
 
@@ -762,6 +796,11 @@ static void complete_now(struct q2req *r, int err)
 		if (r->mut_next)
 			r->mut_next->mut_pprev = r->mut_pprev;
 		r->mut = false;
+		/* Its new clusters are linked (complete() waited for qcow2_link):
+		 * the threads may write them in place, as qcow2_map_write() would
+		 * now map them, without a second hop per cluster. */
+		if (err >= 0 && r->pub_len)
+			publish_inplace(m, NULL, r->pub_off, r->pub_len, r->pub_host);
 	}
 	if (err == -EIO && m->q && qcow2_is_corrupt(m->q))
 		fast_mode_update(m); /* no more fast writes */
@@ -1286,6 +1325,12 @@ static void write_end(struct q2req *r, int err)
 	struct q2img *m = r->m;
 
 	if (r->state != RQ_INPLACE) {
+		if (err >= 0 && r->remote && r->a.new_host) {
+			/* whole new clusters, written in place from now on */
+			r->pub_off = r->a.cow_start;
+			r->pub_len = r->a.cow_end - r->a.cow_start;
+			r->pub_host = r->a.host - (r->a.off - r->a.cow_start);
+		}
 		qcow2_alloc_finish(m->q, &r->a, err);
 		if (err >= 0)
 			r->link_gen = qcow2_meta_gen(m->q);
@@ -1479,7 +1524,7 @@ static void step(struct q2req *r, int res)
 			r->turns = 0;
 			if (ret == QCOW2_WRITE_INPLACE) {
 				if (r->remote)
-					publish_inplace(m, r);
+					publish_inplace(m, r, r->a.off, r->a.len, r->a.host);
 				r->state = RQ_INPLACE;
 				ret = inplace_issue(r);
 				if (ret < 0) {
@@ -1717,7 +1762,7 @@ static void fast_done(struct io_cmd *cmd, int res)
 	f->cbuf = f->ibuf = NULL;
 	f->next = s->free;
 	s->free = f;
-	__atomic_fetch_sub(&m->remote_inflight, 1, __ATOMIC_RELEASE);
+	remote_end(m, s);
 	io->done(io, res < 0 ? res : 0);
 }
 
@@ -1836,8 +1881,8 @@ static void q2_submit(struct img *img, struct img_io *io)
 		return;
 	}
 	/* On another loop's thread: serve it here if the table knows its clusters. */
-	__atomic_fetch_add(&m->remote_inflight, 1, __ATOMIC_ACQUIRE);
 	s = slot_of(m, io->loop);
+	__atomic_fetch_add(s ? &s->inflight : &m->remote_inflight, 1, __ATOMIC_SEQ_CST);
 	if (s && fast_try(m, s, io)) {
 		__atomic_store_n(&s->n_fast, s->n_fast + 1, __ATOMIC_RELAXED);
 		return;
@@ -1897,6 +1942,7 @@ static void submit_owner(struct q2img *m, struct img_io *io, bool remote)
 	r->pending = 0;
 	r->err = 0;
 	r->link_gen = 0;
+	r->pub_len = 0;
 	io->impl = r;
 	/* the one entry of write-type requests (write, write-zeroes, discard) */
 	if (write && !img_may_write(img))
