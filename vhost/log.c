@@ -11,7 +11,11 @@
  * What the device writes, and where it is marked:
  *  - the device-writable buffers of a request (read data, written by io_uring
  *    before the completion; the status byte): vq_push, before the used entry
- *    that hands them back is written. Their guest-physical addresses come from
+ *    that hands them back is written. The buffers are the element's writable
+ *    iovecs as vq_pop made them (vq->wiovs), not elem->iov: its consumer
+ *    changes those (blk/ strips the status byte off the last one, io/
+ *    advances over a short transfer), and a page written before such a change
+ *    would otherwise go unmarked. Their guest-physical addresses come from
  *    the memory table (reverse lookup of each iovec's host address; an iovec
  *    into a replaced table that can no longer be found marks the whole log);
  *  - the used ring (entries, idx, flags, avail_event) when the ring's
@@ -159,13 +163,17 @@ static bool host_to_gpa(const struct vhost_dev *dev, const void *p, size_t len, 
 void vhost_log_elem(struct vhost_vq *vq, const struct vq_elem *elem)
 {
 	struct vhost_dev *dev = vq->dev;
+	/* The device-writable iovecs as vq_pop handed them out, not elem->iov,
+	 * which the consumer may have changed (a stripped status byte, an
+	 * advance over a short read): every byte the device may have written. */
+	const struct iovec *w = vq->wiovs + (size_t)elem->head * VQ_MAX_IOV;
 
-	for (unsigned i = elem->out_num; i < (unsigned)elem->out_num + elem->in_num; i++) {
+	for (unsigned i = 0; i < elem->in_num; i++) {
 		uint64_t gpa;
 
-		if (!elem->iov[i].iov_len)
+		if (!w[i].iov_len)
 			continue;
-		if (!host_to_gpa(dev, elem->iov[i].iov_base, elem->iov[i].iov_len, &gpa)) {
+		if (!host_to_gpa(dev, w[i].iov_base, w[i].iov_len, &gpa)) {
 			/* The buffer belongs to a memory table replaced while the
 			 * request was in flight: mark everything rather than lose it. */
 			vhost_warn("vring %u: written buffer no longer in the memory table: "
@@ -174,7 +182,7 @@ void vhost_log_elem(struct vhost_vq *vq, const struct vq_elem *elem)
 			log_all(dev);
 			return;
 		}
-		log_range(dev, gpa, elem->iov[i].iov_len);
+		log_range(dev, gpa, w[i].iov_len);
 	}
 }
 

@@ -331,7 +331,13 @@ struct vhost_vq {
 	uint16_t slots_num; /* slots allocated for this queue size */
 	bool *busy;         /* busy[head]: element in flight */
 	struct iovec *iovs; /* VQ_MAX_IOV per slot */
-	size_t iovs_len;    /* bytes mapped for iovs */
+	/* VQ_MAX_IOV per slot, in the same mapping: a copy of the element's
+	 * device-writable iovecs, made at pop, which the dirty log marks at
+	 * push. The consumer may change the iovecs it was handed (blk/ strips
+	 * the status byte, io/ advances over a short transfer); the pages the
+	 * device may have written are still these. */
+	struct iovec *wiovs;
+	size_t iovs_len; /* bytes mapped for iovs and wiovs */
 	unsigned inflight;
 
 	/* Inflight I/O tracking (inflight.c). inflight_q: this ring's region in

@@ -87,6 +87,7 @@ static void vq_free_slots(struct vhost_vq *vq)
 	vq->slots = NULL;
 	vq->busy = NULL;
 	vq->iovs = NULL;
+	vq->wiovs = NULL;
 	vq->iovs_len = 0;
 	vq->slots_num = 0;
 }
@@ -136,8 +137,9 @@ int vhost_vq_set_num(struct vhost_vq *vq, uint32_t num)
 		stride = (stride + 15) & ~(size_t)15;
 		vq->slots = calloc(num, stride);
 		vq->busy = calloc(num, sizeof(bool));
-		/* VQ_MAX_IOV iovecs per slot: reserved address space, touched lazily. */
-		iovs_len = (size_t)num * VQ_MAX_IOV * sizeof(struct iovec);
+		/* 2 x VQ_MAX_IOV iovecs per slot (iovs, then wiovs): reserved
+		 * address space, touched lazily. */
+		iovs_len = 2 * (size_t)num * VQ_MAX_IOV * sizeof(struct iovec);
 		iovs = mmap(NULL, iovs_len, PROT_READ | PROT_WRITE,
 			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 		if (!vq->slots || !vq->busy || iovs == MAP_FAILED) {
@@ -147,6 +149,7 @@ int vhost_vq_set_num(struct vhost_vq *vq, uint32_t num)
 			return -ENOMEM;
 		}
 		vq->iovs = iovs;
+		vq->wiovs = vq->iovs + (size_t)num * VQ_MAX_IOV;
 		vq->iovs_len = iovs_len;
 		vq->stride = stride;
 		vq->slots_num = (uint16_t)num;
@@ -593,6 +596,10 @@ walk:
 	elem->pad = 0;
 	elem->vq = vq;
 	elem->iov = c.iov;
+	/* What the device may write, kept for the dirty log (vhost_log_elem)
+	 * whatever the consumer does to elem->iov meanwhile. */
+	memcpy(vq->wiovs + (size_t)head * VQ_MAX_IOV, c.iov + out_iov,
+	       (size_t)elem->in_num * sizeof(struct iovec));
 	vq->busy[head] = true;
 	vq->inflight++;
 	__atomic_fetch_add(&dev->inflight, 1, __ATOMIC_ACQ_REL);

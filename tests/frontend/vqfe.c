@@ -1741,6 +1741,13 @@ static void complete_one(struct vqfe *fe, struct vqfe_vq *vq, uint16_t head, uin
 	r->t_done = vqfe_now_ns();
 }
 
+uint64_t vqfe_req_status_gpa(const struct vqfe *fe, const struct vqfe_req *r)
+{
+	if (r->q >= fe->o.num_queues || r->slot >= fe->vq[r->q].nslots)
+		return 0;
+	return fe->vq[r->q].slots[r->slot].status_gpa;
+}
+
 int vqfe_reap(struct vqfe *fe, unsigned q, struct vqfe_req **done, unsigned max)
 {
 	struct vqfe_vq *vq = &fe->vq[q];

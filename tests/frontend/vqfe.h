@@ -399,6 +399,9 @@ int vqfe_submit(struct vqfe *fe, unsigned q, struct vqfe_req *r);
  * Returns the count or -errno (-EPROTO: a bad used element, see fe invariants).
  */
 int vqfe_reap(struct vqfe *fe, unsigned q, struct vqfe_req **done, unsigned max);
+/* Guest-physical address of @r's status byte (valid from vqfe_submit until
+ * its slot is reused by a later submit). */
+uint64_t vqfe_req_status_gpa(const struct vqfe *fe, const struct vqfe_req *r);
 /* Kick, then wait until every request in flight on queue @q is reaped. */
 int vqfe_drain(struct vqfe *fe, unsigned q);
 /* Submit, kick, wait for @r. 0 (look at r->status) or -errno. */

@@ -19,8 +19,9 @@
  * pop, complete and push, and serve allocated clusters themselves (the qcow2
  * fast path) or hand a request to the main thread and back (a hop):
  *  - with the log on, every page of every buffer a read filled, on the fast
- *    path or through a hop, has its bit set when the request is in the used
- *    ring (the front-end syncs the log after it saw the completion);
+ *    path or through a hop, and the page of its status byte, has its bit set
+ *    when the request is in the used ring (the front-end syncs the log after
+ *    it saw the completion);
  *  - GET_VRING_BASE of a ring whose fast-path writes are held back in the
  *    daemon (VQCOWD_TEST_FAST_DELAY) replies only once they are in the used
  *    ring, and its base counts exactly them (a completion after the reply
@@ -253,6 +254,9 @@ static void t_threads(void)
 		for (unsigned i = 0; i < NR; i++) {
 			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
 			CU_ASSERT_TRUE(logged(log, logsz, sgpa + (uint64_t)i * LEN, LEN));
+			/* the status byte, in a descriptor of its own, as Linux
+			 * lays requests out */
+			CU_ASSERT_TRUE(logged(log, logsz, vqfe_req_status_gpa(fa, &req[i]), 1));
 		}
 		if (!round) {
 			/* the data really came from the image */
