@@ -14,12 +14,16 @@ after round, until the QMP part is done (--until). Meanwhile, twice:
     the engine closed and reopened, the threads' fast path rebuilt);
   * a persistent dirty bitmap added and removed (fast writes off while it
     records: the threads hand writes to the owner);
-  * blockdev-snapshot-sync (device paused, requests held on the queue
-    threads, the new overlay put under the device, the held requests started
-    again on their threads);
-  * block-commit of the active layer into the image (the write hook marks
-    guest writes completed on any thread), BLOCK_JOB_READY, block-job-complete
-    (the pivot back to the image, the overlay closed).
+  * blockdev-snapshot-sync, twice (device paused, requests held on the
+    queue threads, the new overlay put under the device, the held requests
+    started again on their threads);
+  * an intermediate block-commit of the first overlay into the image (the
+    second overlay's backing file changed with the requests held);
+  * block-commit of the active layer into the image, BLOCK_JOB_READY,
+    block-job-cancel (no pivot, the write hook removed under load);
+  * block-commit again (the write hook marks guest writes completed on any
+    thread), BLOCK_JOB_READY, block-job-complete (the pivot back to the
+    image, the overlay closed).
 
 Before the first operation, on the overlay, and after each pivot,
 query-blockstats must show fast-path hits (reads and writes the queue
@@ -127,14 +131,34 @@ def cycle(q, d, work, img, i, size):
     time.sleep(0.3)
     q.ret("block-dirty-bitmap-remove", {"node": "disk0", "name": "b%d" % i})
     log("ok: persistent bitmap b%d added and removed" % i)
-    # external snapshot: the device paused, held requests restarted on their threads
-    ov = os.path.join(work, "ov%d.qcow2" % i)
-    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
-                                     "snapshot-node-name": "ov%d" % i, "format": "qcow2"})
-    log("ok: blockdev-snapshot-sync: ov%d is the active layer" % i)
-    wait_fast(q, d, "overlay ov%d" % i)
+    # external snapshots: the device paused, held requests restarted on their threads
+    ova, ovb = os.path.join(work, "ov%da.qcow2" % i), os.path.join(work, "ov%db.qcow2" % i)
+    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ova,
+                                     "snapshot-node-name": "ov%da" % i, "format": "qcow2"})
+    log("ok: blockdev-snapshot-sync: ov%da is the active layer" % i)
+    wait_fast(q, d, "overlay ov%da" % i)
+    q.ret("blockdev-snapshot-sync", {"node-name": "ov%da" % i, "snapshot-file": ovb,
+                                     "snapshot-node-name": "ov%db" % i, "format": "qcow2"})
+    log("ok: blockdev-snapshot-sync: ov%db is the active layer" % i)
+    # intermediate commit: ov_a into disk0, ov_b's header then names disk0
+    q.ret("block-commit", {"device": "ov%db" % i, "job-id": "m%d" % i,
+                           "top-node": "ov%da" % i, "base-node": "disk0"})
+    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
+    check("error" not in e["data"], "intermediate commit failed: %r" % e)
+    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    check(nodes == ["ov%db" % i, "disk0", "disk0-backing1"], "after m%d: %r" % (i, nodes))
+    log("ok: intermediate commit m%d: ov%db over disk0" % (i, i))
+    wait_fast(q, d, "overlay ov%db" % i)
+    # active commit cancelled once ready: no pivot, the hook removed under load
+    q.ret("block-commit", {"device": "ov%db" % i, "job-id": "x%d" % i, "base-node": "disk0"})
+    q.wait_event("BLOCK_JOB_READY", 120)
+    q.ret("block-job-cancel", {"device": "x%d" % i, "force": True})
+    q.wait_event("BLOCK_JOB_CANCELLED", 120)
+    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    check(nodes[0] == "ov%db" % i, "after the cancel: %r" % nodes)
+    log("ok: block-job-cancel x%d: ov%db stays the active layer" % (i, i))
     # commit the active layer back, with the guest's writes hooked on every thread
-    q.ret("block-commit", {"device": "ov%d" % i, "job-id": "j%d" % i, "base-node": "disk0"})
+    q.ret("block-commit", {"device": "ov%db" % i, "job-id": "j%d" % i, "base-node": "disk0"})
     e = q.wait_event("BLOCK_JOB_READY", 120)
     log("ok: BLOCK_JOB_READY (%d bytes)" % e["data"]["offset"])
     time.sleep(0.3)  # the job follows the guest's writes a while
@@ -146,7 +170,8 @@ def cycle(q, d, work, img, i, size):
     log("ok: block-commit j%d pivoted back to disk0" % i)
     wait_fast(q, d, "after the pivot %d" % i)
     check(qcow2_stats(q).get("fast-path-hits", 0) > 0, "no fast-path hit on disk0")
-    os.unlink(ov)
+    for f in (ova, ovb):
+        os.unlink(f)
     return size
 
 
