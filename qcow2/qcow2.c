@@ -508,6 +508,7 @@ fail:
 }
 
 static struct qcow2_freed *take_free(struct qcow2 *q);
+static uint64_t give_back_tail(struct io_file *file, const char *path);
 
 static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 {
@@ -543,7 +544,18 @@ static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 
 int qcow2_close(struct qcow2 *q)
 {
-	return close_engine(q, NULL);
+	/* A writer gives back the tail it preallocated and did not use
+	 * (reserves of up to 64 MiB, alloc.c): nothing past the last cluster
+	 * with a refcount is referenced, and the file ends where QEMU's would. */
+	bool trim = q && !q->read_only && !q->corrupt;
+	struct io_file *file = q ? q->file : NULL;
+	char *path = trim ? strdup(q->path) : NULL;
+	int ret = close_engine(q, NULL);
+
+	if (ret == 0 && path)
+		give_back_tail(file, path);
+	free(path);
+	return ret;
 }
 
 int qcow2_close_free(struct qcow2 *q, struct qcow2_freed **freed)

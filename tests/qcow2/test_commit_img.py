@@ -14,7 +14,8 @@ qemu-img, with the same arguments:
     qemu-img map of it the same (everything from the backing file);
   - the base: qemu-img compare identical to qemu-img's, qemu-img map the
     same but for host offsets (a raw base: byte for byte identical), grown
-    like qemu-img's when the top is larger, qemu-img check clean.
+    like qemu-img's when the top is larger, qemu-img check clean, its file
+    at most 1 MiB larger than qemu-img's (no unused preallocated tail).
 Cases: qcow2 base; raw base; compressed, zero, partial and unallocated
 clusters in the top; extended L2 (subclusters) in both; a top larger than
 its base; -d; -b with a 3-layer chain (implies -d; the middle layer
@@ -144,6 +145,10 @@ def same(name, dirs, args, base_fmt="qcow2", top_kept=False):
               "%s: the raw bases are not byte for byte identical" % name)
     else:
         qlib.assert_qemu_check_clean(bo, name + " base")
+        # the engine's unused preallocation is given back at close
+        check(os.path.getsize(bo) <= os.path.getsize(bq) + MiB,
+              "%s: our base is %d bytes, qemu-img's %d" % (name, os.path.getsize(bo),
+                                                          os.path.getsize(bq)))
         check(qmap(bo) == qmap(bq), "%s: base maps differ:\n%r\n%r" % (name, qmap(bo),
                                                                      qmap(bq)))
     check(qmap(os.path.join(do, "t.qcow2")) == qmap(os.path.join(dq, "t.qcow2")),
@@ -290,6 +295,9 @@ def test_full_discard():
             check(c.rc == 0, "full %s: %s differ: %s" % (kind, what, c.text))
         check(qmap(os.path.join(dirs[0], "b.qcow2")) == qmap(os.path.join(dirs[1], "b.qcow2")),
               "full %s: base maps differ" % kind)
+        bs = [os.path.getsize(os.path.join(d, "b.qcow2")) for d in dirs]
+        check(bs[0] <= bs[1] + MiB, "full %s: our base is %d bytes, qemu-img's %d" % (
+            kind, bs[0], bs[1]))
         io_, iq = info(tops[0]), info(tops[1])
         fo, fq = io_["format-specific"]["data"], iq["format-specific"]["data"]
         dfq = fq.get("data-file")
