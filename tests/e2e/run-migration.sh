@@ -294,7 +294,7 @@ grep -q "VQCOW-GUEST: STEP fio-verify" "$work/qsrc2.log" &&
 	vm_log "note: fio had already finished on the source"
 wait_for "$work/qdst2.log" "VQCOW-GUEST: \(PASS\|FAIL\)" 900 || fail "migrated guest did not finish"
 grep -q "VQCOW-GUEST: PASS" "$work/qdst2.log" || fail "migrated guest failed"
-rings_handed_over >/dev/null || fail "the destination did not resume the rings where the source stopped"
+rings_handed_over >&2 || fail "the destination did not resume the rings where the source stopped"
 grep -qi "I/O error\|blk_update_request\|critical medium" "$work/qdst2.log" &&
 	fail "I/O errors in the migrated guest's kernel log"
 grep -q "locks released" "$work/src.log" || fail "the source vqcowd did not let the image go"
