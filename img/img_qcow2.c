@@ -285,8 +285,9 @@ struct q2img {
 	struct img_wait *st_user;
 
 	/* the fast path (see struct fslot) */
-	uint64_t **ft; /* atomic: pages of atomic entries (owner allocates) */
-	uint64_t ft_n; /* guest clusters covered */
+	uint64_t **ft;     /* atomic: pages of atomic entries (owner allocates) */
+	uint64_t ft_n;     /* guest clusters covered */
+	uint64_t slice_cl; /* guest clusters per L2 slice (publish_slice) */
 	size_t ft_npages, ft_maxpages;
 	unsigned fmode;           /* atomic: FM_READ, FM_WRITE */
 	unsigned fgen;            /* atomic: generation of the fast tickets */
@@ -567,6 +568,7 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 	qcow2_cache_stats(m->q, &c);
 	/* as many entries as the L2 cache holds, at least 512 pages (2 MiB) */
 	m->ft_maxpages = (size_t)(c.l2_max * c.entry_size / 4096);
+	m->slice_cl = c.entry_size / sizeof(uint64_t);
 	if (m->ft_maxpages < 512)
 		m->ft_maxpages = 512;
 	m->ext.flip = fast_flip;
@@ -617,6 +619,32 @@ static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
 			   !mut_overlaps(m, x->off, x->len, NULL)) {
 			ft_store(m, gc, FE_COMP | x->host | ((uint64_t)x->clen << FE_CHOST_BITS));
 		}
+	}
+}
+
+/*
+ * Owner, after a read mapped guest @off for a thread: publish the rest of its
+ * L2 slice too (what the engine knows without waiting), so the threads' next
+ * reads nearby (a sequential read, the first touches of a random one) need
+ * no hop of their own. Not once the table is out of budget (every miss
+ * would map the slice again).
+ */
+static void publish_slice(struct q2img *m, uint64_t off)
+{
+	struct qcow2_extent x[32];
+	uint64_t span = m->slice_cl << m->cb, pos = off & ~(span - 1), end = pos + span;
+
+	if (!m->slice_cl || m->ft_npages >= m->ft_maxpages)
+		return;
+	if (end > qcow2_size(m->q))
+		end = qcow2_size(m->q);
+	while (pos < end) {
+		int n = qcow2_map_read_cached(m->q, pos, end - pos, x, 32);
+
+		if (n <= 0)
+			break;
+		publish_read(m, x, n);
+		pos = x[n - 1].off + x[n - 1].len;
 	}
 }
 
@@ -1083,8 +1111,10 @@ static int read_map(struct q2req *r)
 	n = qcow2_map_read(q, r->rd_off + rel, r->rd_len - rel, r->ext, Q2_MAX_EXT, &r->w);
 	if (n > 0 && r->state == RQ_READ_MAP &&
 	    __atomic_load_n(&r->m->nclaimed, __ATOMIC_RELAXED) &&
-	    (__atomic_load_n(&r->m->fmode, __ATOMIC_RELAXED) & FM_READ))
+	    (__atomic_load_n(&r->m->fmode, __ATOMIC_RELAXED) & FM_READ)) {
 		publish_read(r->m, r->ext, n);
+		publish_slice(r->m, r->rd_off + rel);
+	}
 	r->pending = 0;
 	r->err = 0;
 	for (int i = 0; i < n && ret == 0; i++) {

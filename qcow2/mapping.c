@@ -317,8 +317,9 @@ static uint64_t map_cluster(const struct qcow2 *q, uint64_t e, uint64_t bm, uint
 	return done;
 }
 
-int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
-		   unsigned max, struct qcow2_waiter *w)
+/* @w NULL (peek): the first slice only, if cached and sound; never waits, never flags. */
+static int map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
+		    unsigned max, struct qcow2_waiter *w)
 {
 	uint64_t pos = off, end = off + len;
 	unsigned n = 0;
@@ -345,6 +346,8 @@ int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_ext
 			continue;
 		}
 		s = q2_cache_peek(&q->l2c, soff);
+		if (!w && (!s || s->suspect))
+			break;
 		if (!s) {
 			if (n)
 				break;
@@ -379,10 +382,25 @@ int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_ext
 			if (idx >= (1u << q->sl2_bits))
 				break;
 		}
+		if (!w)
+			break;
 	}
 	return (int)n;
 }
 
+int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
+		   unsigned max, struct qcow2_waiter *w)
+{
+	return map_read(q, off, len, ext, max, w);
+}
+
+int qcow2_map_read_cached(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
+			  unsigned max)
+{
+	if (!len || !max || off >= q->size || len > q->size - off)
+		return 0;
+	return map_read(q, off, len, ext, max, NULL);
+}
 /* ---- locks and tokens ---- */
 
 static struct qcow2_alloc *lock_find(struct qcow2 *q, uint64_t c0, uint64_t c1)

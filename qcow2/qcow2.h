@@ -253,6 +253,14 @@ bool qcow2_is_metadata(const struct qcow2 *q, uint64_t host, uint64_t len);
 int qcow2_map_read(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
 		   unsigned max, struct qcow2_waiter *w);
 
+/*
+ * The same for what is known without waiting: only the L2 slice of @off, and
+ * only if it is cached and has no bad entry (nothing is flagged corrupt, no
+ * I/O). Returns the number of extents (0: nothing known).
+ */
+int qcow2_map_read_cached(struct qcow2 *q, uint64_t off, uint64_t len, struct qcow2_extent *ext,
+			  unsigned max);
+
 enum qcow2_wmap {
 	QCOW2_WRITE_INPLACE = 1, /* write the data at a->host; nothing else to do */
 	QCOW2_WRITE_ALLOC,       /* token held: COW, write, qcow2_alloc_finish() */
