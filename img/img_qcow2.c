@@ -20,6 +20,8 @@
  * when the engine is opened again after a handoff. The check is
  * made when a read is mapped (a hit needs no I/O) and again when its
  * compressed bytes arrive (another read may have inflated the cluster since).
+ * The queues' threads keep their own (struct fzc_ent: the fast path's
+ * compressed reads), keyed also by the fast ticket's generation.
  *
  * One pooled context (struct q2req) per request in flight, kept on a free
  * list: no malloc per I/O once warm. A request is a state machine (enum
@@ -211,16 +213,55 @@ enum { FM_READ = 1, FM_WRITE = 2 };
 
 struct fslot;
 
+struct fzc_ent;
+
 /* A request served on its submitter's thread. */
 struct q2fast {
 	struct io_cmd cmd;
 	struct fslot *s;
 	struct img_io *io;
-	struct q2fast *next;
-	void *cbuf, *ibuf; /* compressed: its bytes, inflated */
+	struct q2fast *next; /* free list; or the waiters of a cluster being inflated */
+	void *cbuf, *ibuf;   /* compressed: its bytes, inflated */
+	struct fzc_ent *ze;  /* compressed: the cache entry it fills */
 	uint32_t coff;
 	unsigned ticket;
 	uint64_t host; /* a delayed write (test seam) */
+};
+
+/*
+ * A thread's inflated clusters (struct fslot.zc, LRU, as many as the owner
+ * keeps): a sequential read of a compressed image served on the threads
+ * inflates each cluster once per thread, not 16 times, and the reads of a
+ * cluster whose bytes are already on their way wait for them (waiters)
+ * instead of reading them again. The thread's own, no lock.
+ *
+ * Why an entry never serves a freed and reused host range: it is keyed by
+ * the compressed bytes' host range (offset, length) and by the generation of
+ * the fast ticket it was read under (fgen) and the engine's epoch (fepoch,
+ * bumped when the engine opens: a handoff, a snapshot), and only an exact
+ * match serves. Those bytes never change while an L2 entry points at them
+ * (a write to the cluster allocates a new one). For them to be reused, the
+ * owner clears the table entry that names them, then (fast_flip) moves to a
+ * new generation, and waits for the old one's tickets before the cluster
+ * is freed: the thread that read them held a ticket of generation g and
+ * loaded the entry after taking it, so the flip that guards their reuse
+ * comes after, and from then on the thread's tickets are of another
+ * generation, which no entry of g matches. A flip (any write that frees
+ * clusters) thus empties the caches of every thread, which is cheap:
+ * read-mostly images rarely flip. (A corrupt image whose data cluster
+ * overlaps compressed bytes may be served the bytes from before a write to
+ * that overlap; the owner's cache, zc_drop, is no better with a thread.)
+ */
+enum { FZ_EMPTY = 0, FZ_FILLING, FZ_VALID };
+
+struct fzc_ent {
+	uint64_t host;
+	uint32_t clen;
+	uint8_t state;
+	unsigned gen, epoch;
+	uint64_t last;          /* LRU tick */
+	void *buf;              /* one cluster, allocated on first use */
+	struct q2fast *waiters; /* FZ_FILLING: served when it is inflated */
 };
 
 /* One submitting thread (claimed by its loop on its first request). */
@@ -232,11 +273,14 @@ struct fslot {
 	uint64_t n_fast, n_hops; /* atomic (relaxed): statistics */
 	bool wake_posted;        /* atomic: wake_cmd on its way to the owner */
 	struct io_cmd wake_cmd;
+	uint64_t n_inflated, n_zc_hits; /* atomic (relaxed): compressed clusters, reads of them */
 	/* this thread's only */
 	struct q2fast *free;
 	void *bufs[FBUFS];
 	unsigned nbufs;
-	unsigned nwrites; /* fast writes (test seam) */
+	unsigned nwrites;   /* fast writes (test seam) */
+	struct fzc_ent *zc; /* inflated clusters (zc_n), allocated on first use */
+	uint64_t zc_tick;
 } __attribute__((aligned(64)));
 
 /* Test seam (img_test_fast_delay): hold every 4th fast write this long. */
@@ -291,6 +335,7 @@ struct q2img {
 	size_t ft_npages, ft_maxpages;
 	unsigned fmode;           /* atomic: FM_READ, FM_WRITE */
 	unsigned fgen;            /* atomic: generation of the fast tickets */
+	unsigned fepoch;          /* atomic: engine (re)opened: the threads' zc is stale */
 	bool ext_wait;            /* atomic: the engine's grace period waits for them */
 	uint8_t ctype;            /* atomic: compression type, for the threads */
 	unsigned cb;              /* cluster bits */
@@ -494,12 +539,26 @@ static void fast_free(struct q2img *m)
 		}
 		for (unsigned k = 0; k < s->nbufs; k++)
 			io_free_aligned(s->bufs[k]);
+		for (unsigned k = 0; s->zc && k < m->zc_n; k++)
+			io_free_aligned(s->zc[k].buf);
+		free(s->zc);
 	}
 	free(m->slots);
 	if (m->ft) {
 		for (uint64_t p = 0; p <= m->ft_n >> FT_BITS; p++)
 			free(m->ft[p]);
 		free(m->ft);
+	}
+}
+
+/* Compressed clusters inflated and reads served from inflated clusters, all threads. */
+static void zc_counts(struct q2img *m, uint64_t *inflated, uint64_t *hits)
+{
+	*inflated = m->n_inflated;
+	*hits = m->n_zc_hits;
+	for (unsigned i = 0; m->slots && i < FSLOTS; i++) {
+		*inflated += __atomic_load_n(&m->slots[i].n_inflated, __ATOMIC_RELAXED);
+		*hits += __atomic_load_n(&m->slots[i].n_zc_hits, __ATOMIC_RELAXED);
 	}
 }
 
@@ -580,6 +639,7 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 static void fast_engine(struct q2img *m)
 {
 	ft_clear_all(m);
+	__atomic_add_fetch(&m->fepoch, 1, __ATOMIC_SEQ_CST);
 	__atomic_store_n(&m->ext_wait, false, __ATOMIC_SEQ_CST);
 	if (m->q) {
 		__atomic_store_n(&m->ctype, (uint8_t)qcow2_header(m->q)->compression_type,
@@ -1723,15 +1783,17 @@ static struct fslot *slot_of(struct q2img *m, struct io_loop *loop)
 	return NULL;
 }
 
-/* A fast ticket of the current generation (see struct fslot). */
-static unsigned fast_ticket(struct q2img *m, struct fslot *s)
+/* A fast ticket of the current generation (see struct fslot), which is *gen. */
+static unsigned fast_ticket(struct q2img *m, struct fslot *s, unsigned *gen)
 {
 	for (;;) {
 		unsigned g = __atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST);
 
 		__atomic_fetch_add(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
-		if (__atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST) == g)
+		if (__atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST) == g) {
+			*gen = g;
 			return g & 1;
+		}
 		__atomic_fetch_sub(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
 	}
 }
@@ -1770,22 +1832,13 @@ static void fbuf_put(struct fslot *s, void *b)
 		io_free_aligned(b);
 }
 
-static void fast_done(struct io_cmd *cmd, int res)
+/* The one end of a fast request. */
+static void fast_end(struct q2fast *f, int res)
 {
-	struct q2fast *f = cmd->priv;
 	struct fslot *s = f->s;
 	struct q2img *m = s->m;
 	struct img_io *io = f->io;
 
-	if (res >= 0 && f->cbuf) {
-		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
-					    (size_t)res, f->ibuf, m->cs);
-		if (res < 0)
-			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-		else
-			io_iov_from_buf(io->iov, io->iovcnt, 0, (uint8_t *)f->ibuf + f->coff,
-					(size_t)io->len);
-	}
 	fast_ticket_end(m, s, f->ticket);
 	fbuf_put(s, f->cbuf);
 	fbuf_put(s, f->ibuf);
@@ -1794,6 +1847,120 @@ static void fast_done(struct io_cmd *cmd, int res)
 	s->free = f;
 	remote_end(m, s);
 	io->done(io, res < 0 ? res : 0);
+}
+
+static void fast_done(struct io_cmd *cmd, int res)
+{
+	struct q2fast *f = cmd->priv;
+	struct fslot *s = f->s;
+	struct q2img *m = s->m;
+
+	if (res >= 0 && f->cbuf) {
+		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
+					    (size_t)res, f->ibuf, m->cs);
+		if (res < 0) {
+			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
+		} else {
+			__atomic_store_n(&s->n_inflated, s->n_inflated + 1, __ATOMIC_RELAXED);
+			io_iov_from_buf(f->io->iov, f->io->iovcnt, 0, (uint8_t *)f->ibuf + f->coff,
+					(size_t)f->io->len);
+		}
+	}
+	fast_end(f, res);
+}
+
+/* A read served from an inflated cluster (copied at submission) ends. */
+static void fast_hit_done(struct io_cmd *cmd, int res)
+{
+	(void)res;
+	fast_end(cmd->priv, 0);
+}
+
+/* The compressed bytes of a cache entry arrived: inflate, serve its readers. */
+static void fzc_filled(struct io_cmd *cmd, int res)
+{
+	struct q2fast *f = cmd->priv, *w;
+	struct fslot *s = f->s;
+	struct q2img *m = s->m;
+	struct fzc_ent *e = f->ze;
+
+	if (res >= 0) {
+		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
+					    (size_t)res, e->buf, m->cs);
+		if (res < 0)
+			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
+		else
+			__atomic_store_n(&s->n_inflated, s->n_inflated + 1, __ATOMIC_RELAXED);
+	}
+	fbuf_put(s, f->cbuf);
+	f->cbuf = NULL;
+	f->ze = NULL;
+	e->state = res < 0 ? FZ_EMPTY : FZ_VALID;
+	w = e->waiters;
+	e->waiters = NULL;
+	f->next = w;
+	/* done() of one may submit more, never inflate more here: e stays put */
+	for (w = f; w;) {
+		struct q2fast *next = w->next;
+
+		if (res >= 0)
+			io_iov_from_buf(w->io->iov, w->io->iovcnt, 0, (uint8_t *)e->buf + w->coff,
+					(size_t)w->io->len);
+		fast_end(w, res);
+		w = next;
+	}
+}
+
+/*
+ * A 4K read of compressed cluster [host, host + clen) with a ticket of
+ * generation @gen: served from the thread's inflated clusters, or waiting
+ * for the same bytes already on their way, or reading them into a new
+ * entry. False: no entry free (all being filled), read it uncached.
+ */
+static bool fzc_try(struct q2img *m, struct fslot *s, struct q2fast *f, uint64_t host,
+		    uint32_t clen, unsigned gen)
+{
+	unsigned epoch = __atomic_load_n(&m->fepoch, __ATOMIC_ACQUIRE);
+	struct img_io *io = f->io;
+	struct fzc_ent *v = NULL;
+
+	if (!s->zc && !(s->zc = calloc(m->zc_n, sizeof(*s->zc))))
+		return false;
+	for (unsigned i = 0; i < m->zc_n; i++) {
+		struct fzc_ent *e = &s->zc[i];
+		bool live = e->state != FZ_EMPTY && e->gen == gen && e->epoch == epoch;
+
+		if (live && e->host == host && e->clen == clen) {
+			__atomic_store_n(&s->n_zc_hits, s->n_zc_hits + 1, __ATOMIC_RELAXED);
+			e->last = ++s->zc_tick;
+			if (e->state == FZ_FILLING) {
+				f->next = e->waiters;
+				e->waiters = f;
+				return true;
+			}
+			io_iov_from_buf(io->iov, io->iovcnt, 0, (uint8_t *)e->buf + f->coff,
+					(size_t)io->len);
+			f->cmd.done = fast_hit_done;
+			f->cmd.priv = f;
+			io_post(io->loop, &f->cmd); /* done() never inside submit */
+			return true;
+		}
+		if (e->state == FZ_FILLING)
+			continue;
+		/* a victim: empty or stale first, then the least recently used */
+		if (!live)
+			e->last = 0;
+		if (!v || e->last < v->last)
+			v = e;
+	}
+	if (!v || (!v->buf && !(v->buf = io_alloc_aligned(m->cs))) || !(f->cbuf = fbuf_get(m, s)))
+		return false;
+	*v = (struct fzc_ent){host, clen, FZ_FILLING, gen, epoch, ++s->zc_tick, v->buf, NULL};
+	f->ze = v;
+	f->cmd.done = fzc_filled;
+	f->cmd.priv = f;
+	io_read(io->loop, &f->cmd, &m->file, f->cbuf, clen, host);
+	return true;
 }
 
 /* Test seam: a fast write held back with its ticket, now issued. */
@@ -1817,7 +1984,7 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 	unsigned mode = __atomic_load_n(&m->fmode, __ATOMIC_ACQUIRE);
 	uint64_t first, last, e0, host;
 	struct q2fast *f;
-	unsigned t;
+	unsigned t, gen;
 
 	if (!(mode & FM_READ) || !io->len ||
 	    (io->op != IMG_OP_READ && (io->op != IMG_OP_WRITE || !(mode & FM_WRITE))))
@@ -1835,7 +2002,7 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 	} else {
 		s->free = f->next;
 	}
-	t = fast_ticket(m, s);
+	t = fast_ticket(m, s, &gen);
 	e0 = ft_load(m, first);
 	if (e0 & FE_COMP) {
 		uint64_t chost = e0 & ((1ull << FE_CHOST_BITS) - 1);
@@ -1843,6 +2010,11 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 
 		if (io->op != IMG_OP_READ || first != last || clen > 2 * m->cs)
 			goto miss;
+		f->coff = (uint32_t)(io->off & (m->cs - 1));
+		f->ticket = t;
+		f->io = io;
+		if (fzc_try(m, s, f, chost, clen, gen))
+			return true;
 		f->cbuf = fbuf_get(m, s);
 		f->ibuf = fbuf_get(m, s);
 		if (!f->cbuf || !f->ibuf)
@@ -2020,7 +2192,7 @@ static void q2_close(struct img *img)
 static void q2_describe(struct img *img, char *buf, size_t len)
 {
 	struct q2img *m = (struct q2img *)img;
-	uint64_t hits, hops;
+	uint64_t hits, hops, inf, zhits;
 	size_t n;
 
 	if (m->q)
@@ -2028,10 +2200,11 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	else
 		snprintf(buf, len, "qcow2 (inactive: no lock held, no metadata cached)");
 	n = strlen(buf);
-	if ((m->n_inflated || m->n_zc_hits) && n + 1 < len) {
+	zc_counts(m, &inf, &zhits);
+	if ((inf || zhits) && n + 1 < len) {
 		snprintf(buf + n, len - n,
 			 ", %llu compressed clusters inflated, %llu reads from them",
-			 (unsigned long long)m->n_inflated, (unsigned long long)m->n_zc_hits);
+			 (unsigned long long)inf, (unsigned long long)zhits);
 		n = strlen(buf);
 	}
 	fast_counts(m, &hits, &hops);
@@ -2491,8 +2664,7 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->refcount_misses = c.rc_misses;
 	st->refcount_evictions = c.rc_evictions;
 	st->l2_prefetched = c.l2_prefetched;
-	st->compressed_inflated = m->n_inflated;
-	st->compressed_cache_hits = m->n_zc_hits;
+	zc_counts(m, &st->compressed_inflated, &st->compressed_cache_hits);
 	st->clusters_allocated = c.clusters_alloc;
 	st->cow = c.cow;
 	st->l2_cow = c.l2_cow;

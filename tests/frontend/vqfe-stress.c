@@ -7,7 +7,8 @@
  * or corrupts what a backing file shows through.
  *
  *   vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S]
- *               [--depth D] [--mix] [--churn CLUSTER] [--map FILE] [--forever]
+ *               [--depth D] [--mix] [--churn CLUSTER] [--read-untouched]
+ *               [--map FILE] [--forever]
  *               [--until FILE]
  *
  * Block b (4 KiB) belongs to queue b % Q, so the 16 blocks of a 64 KiB
@@ -31,6 +32,13 @@
  * that the round allocates them anew). Those blocks are unknown until written again; a
  * freed cluster reused while a write to it was still in flight shows up as
  * a wrong block elsewhere.
+ *
+ * --read-untouched: the write rounds also read the untouched blocks (each
+ * by its queue, beside the writes to the rest of its cluster) and check
+ * them: a compressed cluster is then read, inflated and kept by the queues'
+ * threads while other blocks of it are written (copied-on-write elsewhere)
+ * or the cluster discarded whole, and must never read back anything but the
+ * original content.
  *
  * --map FILE: one line per block at the end: "U" untouched, "Z" zeroes,
  * "D" discarded (unknown), "W <round>" written in that round (the pattern
@@ -107,6 +115,7 @@ struct ctx {
 	uint64_t nblk, seed;
 	bool mix;
 	uint64_t cpb; /* --churn: blocks per cluster (0: off) */
+	bool rdu;     /* --read-untouched */
 	struct blk *map;
 	uint8_t *orig; /* content of untouched blocks at the start */
 	struct job job[MAXQ];
@@ -176,6 +185,17 @@ static bool churned(const struct ctx *c, uint32_t round, uint64_t b)
 		   0;
 }
 
+static int check_block(struct ctx *c, uint64_t b, const uint8_t *got);
+
+/* A request of a write round done: a read (--read-untouched) is checked. */
+static int round_done(struct ctx *c, struct job *j, struct vqfe_req *r)
+{
+	(void)j;
+	if (r->type == VIRTIO_BLK_T_IN)
+		check_block(c, r->sector / (BS / 512), r->buf);
+	return 0;
+}
+
 static int write_round(struct ctx *c, uint32_t round)
 {
 	unsigned inflight = 0;
@@ -234,10 +254,24 @@ static int write_round(struct ctx *c, uint32_t round)
 					kicked = true;
 					continue;
 				}
-				if (!r || !next_block(c, j, false, &b))
+				if (!r || !next_block(c, j, c->rdu, &b))
 					break;
 				more = true;
 				memset(r, 0, sizeof(*r));
+				if (c->map[b].st == ST_UNTOUCHED) {
+					/* --read-untouched: checked in round_done */
+					r->type = VIRTIO_BLK_T_IN;
+					r->buf = j->buf[slot];
+					r->len = BS;
+					r->sector = b * (BS / 512);
+					r->user = j;
+					if (vqfe_submit(c->fe, q, r) < 0)
+						return fail(c, "submit");
+					j->inflight++;
+					inflight++;
+					kicked = true;
+					continue;
+				}
 				h = mix64((c->seed << 20) ^ ((uint64_t)round << 40) ^ b);
 				if (churned(c, round, b) && b % c->cpb == 0) {
 					uint64_t n = c->cpb;
@@ -284,7 +318,7 @@ static int write_round(struct ctx *c, uint32_t round)
 			else if (j->next * c->nq + j->q < c->nblk)
 				more = true;
 		}
-		if (inflight && reap_all(c, NULL, &inflight) < 0)
+		if (inflight && reap_all(c, round_done, &inflight) < 0)
 			return -1;
 		for (unsigned q = 0; q < c->nq; q++) {
 			for (unsigned s = 0; s < c->depth; s++) {
@@ -415,7 +449,8 @@ static int write_map(struct ctx *c, const char *path)
 static void usage(void)
 {
 	fputs("usage: vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S] [--depth D]\n"
-	      "                   [--mix] [--churn CLUSTER] [--map FILE] [--forever]\n"
+	      "                   [--mix] [--churn CLUSTER] [--read-untouched] [--map FILE]\n"
+	      "                   [--forever]\n"
 	      "                   [--until FILE]\n",
 	      stderr);
 }
@@ -423,17 +458,12 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
-	    {"size", required_argument, NULL, 's'},
-	    {"queues", required_argument, NULL, 'q'},
-	    {"rounds", required_argument, NULL, 'r'},
-	    {"seed", required_argument, NULL, 'S'},
-	    {"depth", required_argument, NULL, 'd'},
-	    {"mix", no_argument, NULL, 'm'},
-	    {"churn", required_argument, NULL, 'C'},
-	    {"map", required_argument, NULL, 'M'},
-	    {"forever", no_argument, NULL, 'F'},
-	    {"until", required_argument, NULL, 'U'},
-	    {NULL, 0, NULL, 0},
+	    {"size", required_argument, NULL, 's'},   {"queues", required_argument, NULL, 'q'},
+	    {"rounds", required_argument, NULL, 'r'}, {"seed", required_argument, NULL, 'S'},
+	    {"depth", required_argument, NULL, 'd'},  {"mix", no_argument, NULL, 'm'},
+	    {"churn", required_argument, NULL, 'C'},  {"read-untouched", no_argument, NULL, 'R'},
+	    {"map", required_argument, NULL, 'M'},    {"forever", no_argument, NULL, 'F'},
+	    {"until", required_argument, NULL, 'U'},  {NULL, 0, NULL, 0},
 	};
 	struct ctx c = {.nq = 4, .depth = 8, .seed = 1};
 	struct vqfe_opts o;
@@ -465,6 +495,9 @@ int main(int argc, char **argv)
 			break;
 		case 'C':
 			c.cpb = strtoull(optarg, NULL, 0) / BS;
+			break;
+		case 'R':
+			c.rdu = true;
 			break;
 		case 'M':
 			map = optarg;

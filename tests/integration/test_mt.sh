@@ -134,9 +134,33 @@ qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" 
 qemu-img create -q -f qcow2 -b "$dir/zbase.qcow2" -F qcow2 "$dir/ovz.qcow2" $size
 run "overlay on compressed" "$dir/ovz.qcow2" qcow2 "$dir/base.raw" 15 yes
 
-# A compressed image: reads inflate on the queues' threads.
+# A compressed image: reads inflate on the queues' threads (and keep the
+# clusters they inflated); the untouched blocks are read beside the writes.
 qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" "$dir/z.qcow2"
-run "compressed image" "$dir/z.qcow2" qcow2 "$dir/base.raw" 17 yes
+cp "$dir/z.qcow2" "$dir/zseq.qcow2"
+RUN_ARGS="--read-untouched" run "compressed image" "$dir/z.qcow2" qcow2 "$dir/base.raw" 17 yes
+
+# Sequential 4K reads of a compressed image on two I/O threads: each thread
+# inflates a cluster once per pass over it, not once per read (the threads'
+# caches of inflated clusters, img/img_qcow2.c fzc_try): at most 1/16 of the
+# reads, with slack for the first touches (the owner's) and pass boundaries.
+echo "== sequential reads of a compressed image"
+"$vqcowd" --socket-path "$sock" --blk-file "$dir/zseq.qcow2" --format qcow2 --num-queues 2 \
+	--io-threads 2 2>"$log" &
+pid=$!
+if it_wait_serving "$pid" "$sock" "$log" "vqcowd (sequential compressed)"; then
+	out=$("$fe" --queues 2 bench "$sock" --rw read --bs 4096 --iodepth 16 --numjobs 2 \
+		--runtime 1 --json) || fail "sequential compressed: vqcow-fe bench failed"
+	it_stop
+	ios=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["ios"])')
+	inflated=$(grep -a -o '[0-9]* compressed clusters inflated' "$log" | grep -o '^[0-9]*' | tail -1)
+	echo "$ios reads, ${inflated:-0} clusters inflated"
+	if [ "${ios:-0}" -lt 1000 ] || [ "${inflated:-0}" -eq 0 ]; then
+		fail "sequential compressed: ${ios:-0} reads, ${inflated:-0} inflated"
+	elif [ $((inflated * 16)) -gt $((ios * 5 / 4 + 4096)) ]; then
+		fail "sequential compressed: $inflated clusters inflated for $ios 4K reads"
+	fi
+fi
 
 # Clusters freed (whole-cluster discards) and reused with fast-path writes to
 # them held in flight: every block of the clusters that reuse them verified.
@@ -149,6 +173,14 @@ RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536" RUN_SIZE=$small RUN_R
 qemu-img create -q -f qcow2 -b "$dir/base2.raw" -F raw "$dir/churnov.qcow2" $small
 RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536" RUN_SIZE=$small RUN_ROUNDS=30 \
 	run "churn: overlay" "$dir/churnov.qcow2" qcow2 "$dir/base2.raw" 19 yes
+
+# Compressed clusters read, inflated and kept by the threads while other
+# blocks of them are written (copied elsewhere) and whole clusters discarded,
+# freed and reused under held fast writes: their untouched blocks, read
+# beside it all, must never show anything but the original content.
+qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base2.raw" "$dir/zchurn.qcow2"
+RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536 --read-untouched" RUN_SIZE=$small \
+	RUN_ROUNDS=30 run "churn: compressed image" "$dir/zchurn.qcow2" qcow2 "$dir/base2.raw" 20 yes
 
 # Statistics changed under load: block-latency-histogram-set and
 # query-blockstats over QMP while four queues complete requests on four I/O
