@@ -15,15 +15,21 @@
 # Cells: read-zlib-1q is the compressed image with one queue (vqcowd
 # single-threaded: the reference for the 2-queue scaling); then randread of
 # a full qcow2 (random data), of a zlib-compressed qcow2, of a
-# preallocation=metadata qcow2; randwrite into an empty qcow2 and into an
-# overlay over the full image (fresh copies for every run). Images are
+# preallocation=metadata qcow2; sequential 4K read of the zlib-compressed
+# qcow2 (seqread-zlib: each queue reads its half in order, so 16 reads fall
+# in each cluster: the inflated-cluster caches); randwrite into an empty
+# qcow2 and into an overlay over the full image (fresh copies for every
+# run). Images are
 # 1 GiB under $BENCH_DIR (default build/bench-mq; --prepare only makes them).
 # Prints one line per run (IOPS, the backend's CPU time per I/O from
 # /proc/PID/stat, and the host's 1-minute load average before and after the
 # run, so a reader can judge the noise) and a median table with the range of
 # the load. QSD10=PATH names qemu-storage-daemon 10 (default: what
 # contrib/bench/qsd10.sh prints, fetched if needed); 10.0 is skipped when it
-# cannot be had. CELLS="..." and KINDS="..." run a subset.
+# cannot be had. CELLS="..." and KINDS="..." run a subset. PERF_DIR=DIR
+# records each vqcowd run with `perf record -g` into DIR/CELL-KIND-REP.data
+# and `perf stat` into .stat (profiles: their overhead counts in the CPU
+# time of those runs, so keep them out of the measured repetitions).
 # --guest also runs the in-guest cell afterwards (guest-mq.sh: a QEMU guest
 # with 2 vCPUs running fio numjobs=2 against the same backends, on the full
 # and the compressed image; --guest-reps, --guest-runtime: its repetitions
@@ -133,6 +139,7 @@ run() { # KIND CELL
 	read-full) img=$dir/full.qcow2 rw=randread ;;
 	read-zlib) img=$dir/zlib.qcow2 rw=randread ;;
 	read-prealloc) img=$dir/prealloc.qcow2 rw=randread ;;
+	seqread-zlib) img=$dir/zlib.qcow2 rw=read ;;
 	write-empty)
 		img=$tmp/empty.qcow2 rw=randwrite
 		qemu-img create -q -f qcow2 "$img" $size
@@ -145,16 +152,28 @@ run() { # KIND CELL
 	lb=$(load1)
 	start "$kind" "$img" || return 0
 	t0=$(ticks "$bpid")
+	local ppid= spid=
+	if [ -n "${PERF_DIR:-}" ] && [ "${kind#vqcowd}" != "$kind" ]; then
+		mkdir -p "$PERF_DIR"
+		perf record -q -g -p "$bpid" -o "$PERF_DIR/$cell-$kind-$REP.data" -- sleep "$secs" \
+			>/dev/null 2>&1 &
+		ppid=$!
+		perf stat -e task-clock,context-switches,cpu-migrations -p "$bpid" \
+			-o "$PERF_DIR/$cell-$kind-$REP.stat" -- sleep "$secs" >/dev/null 2>&1 &
+		spid=$!
+	fi
 	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth 32 --numjobs $nq \
 		--runtime "$secs" --json 2>"$tmp/fe.log") || rc=$?
 	t1=$(ticks "$bpid")
+	[ -z "$ppid" ] || wait "$ppid" "$spid" || true
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || st=$?
 	bpid=
 	[ $st = 0 ] || echo "mq.sh: $kind exited with status $st after SIGTERM ($cell)" >&2
 	# vqcowd's exit line counts requests served on the queue threads (fast path hits)
 	# and those handed to the image's owner thread (hops)
-	grep -ho 'fast path: [0-9]* hits, [0-9]* hops' "$tmp/log" | sed "s/^/mq.sh: $cell $kind: /" >&2 || true
+	grep -ho '[0-9]* compressed clusters inflated, [0-9]* reads from them\|fast path: [0-9]* hits, [0-9]* hops' \
+		"$tmp/log" | sed "s/^/mq.sh: $cell $kind: /" >&2 || true
 	if [ $rc != 0 ]; then
 		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind, run left out:" >&2
 		cat "$tmp/fe.log" "$tmp/log" >&2
@@ -172,7 +191,7 @@ print("%s %s %s %.0f %.2f %s %s" % (sys.argv[7], cell, kind, d["iops"],
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
 [ -n "$qsd10" ] && kinds="$kinds qsd-10"
 kinds=${KINDS:-$kinds}
-cells=${CELLS:-"read-full read-zlib read-prealloc write-empty write-overlay"}
+cells=${CELLS:-"read-full read-zlib read-prealloc seqread-zlib write-empty write-overlay"}
 touch "$tmp/results"
 for REP in $(seq "$reps"); do
 	# The 1-queue reference of the compressed cell (one job, QD32).
