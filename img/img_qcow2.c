@@ -200,8 +200,9 @@ struct q2req {
  */
 #define FT_BITS         9 /* entries per page */
 #define FT_MAX_CLUSTERS (1ull << 27)
-#define FSLOTS          64 /* threads with a fast path, per image */
-#define FBUFS           4  /* cluster buffers kept per thread */
+#define FSLOTS          64         /* threads with a fast path, per image */
+#define FBUFS           64         /* cluster buffers kept per thread, at most ... */
+#define FBUF_BUDGET     (8u << 20) /* ... and at most this many bytes (at least 4) */
 #define FE_DATA         (1ull << 63)
 #define FE_RW           (1ull << 62)
 #define FE_COMP         (1ull << 61)
@@ -224,6 +225,7 @@ struct q2fast {
 	void *cbuf, *ibuf;   /* compressed: its bytes, inflated */
 	struct fzc_ent *ze;  /* compressed: the cache entry it fills */
 	uint32_t coff;
+	uint32_t cskip, clen; /* compressed: where its bytes start in cbuf, how many */
 	unsigned ticket;
 	uint64_t host; /* a delayed write (test seam) */
 };
@@ -1822,14 +1824,54 @@ static void *fbuf_get(struct q2img *m, struct fslot *s)
 	return s->nbufs ? s->bufs[--s->nbufs] : io_alloc_aligned(2 * m->cs);
 }
 
-static void fbuf_put(struct fslot *s, void *b)
+/*
+ * Kept for the next requests, as many as a queue depth of compressed reads
+ * uses at once (a bytes buffer and an inflate buffer each; freeing and
+ * allocating them per read costs page faults), within FBUF_BUDGET.
+ */
+static void fbuf_put(struct q2img *m, struct fslot *s, void *b)
 {
 	if (!b)
 		return;
-	if (s->nbufs < FBUFS)
+	if (s->nbufs < FBUFS && (s->nbufs < 4 || (s->nbufs + 1) * 2 * m->cs <= FBUF_BUDGET))
 		s->bufs[s->nbufs++] = b;
 	else
 		io_free_aligned(b);
+}
+
+/*
+ * Read the compressed bytes [host, host + clen) into @f->cbuf (2 clusters):
+ * widened to the file's O_DIRECT alignment when it stays inside the file
+ * and the buffer, so io/ needs no bounce buffer and no copy (f->cskip:
+ * where the bytes start in cbuf).
+ */
+static void comp_read(struct q2img *m, struct q2fast *f, uint64_t host, uint32_t clen)
+{
+	uint64_t a = m->file.align > 1 ? m->file.align : 1;
+	uint64_t start = host & ~(a - 1), end = (host + clen + a - 1) & ~(a - 1);
+
+	f->clen = clen;
+	f->cskip = 0;
+	if (a > 1 && end - start <= 2 * m->cs && end <= m->file.size) {
+		f->cskip = (uint32_t)(host - start);
+		io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, (size_t)(end - start), start);
+	} else {
+		io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, clen, host);
+	}
+}
+
+/* Inflate what comp_read() read (@res: its result) into @out. */
+static int comp_inflate(struct q2img *m, struct q2fast *f, int res, void *out)
+{
+	size_t n;
+
+	if (res < 0)
+		return res;
+	n = (size_t)res > f->cskip ? (size_t)res - f->cskip : 0;
+	if (n > f->clen)
+		n = f->clen;
+	return qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED),
+				     (uint8_t *)f->cbuf + f->cskip, n, out, m->cs);
 }
 
 /* The one end of a fast request. */
@@ -1840,8 +1882,8 @@ static void fast_end(struct q2fast *f, int res)
 	struct img_io *io = f->io;
 
 	fast_ticket_end(m, s, f->ticket);
-	fbuf_put(s, f->cbuf);
-	fbuf_put(s, f->ibuf);
+	fbuf_put(m, s, f->cbuf);
+	fbuf_put(m, s, f->ibuf);
 	f->cbuf = f->ibuf = NULL;
 	f->next = s->free;
 	s->free = f;
@@ -1856,8 +1898,7 @@ static void fast_done(struct io_cmd *cmd, int res)
 	struct q2img *m = s->m;
 
 	if (res >= 0 && f->cbuf) {
-		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
-					    (size_t)res, f->ibuf, m->cs);
+		res = comp_inflate(m, f, res, f->ibuf);
 		if (res < 0) {
 			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
 		} else {
@@ -1885,14 +1926,13 @@ static void fzc_filled(struct io_cmd *cmd, int res)
 	struct fzc_ent *e = f->ze;
 
 	if (res >= 0) {
-		res = qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED), f->cbuf,
-					    (size_t)res, e->buf, m->cs);
+		res = comp_inflate(m, f, res, e->buf);
 		if (res < 0)
 			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
 		else
 			__atomic_store_n(&s->n_inflated, s->n_inflated + 1, __ATOMIC_RELAXED);
 	}
-	fbuf_put(s, f->cbuf);
+	fbuf_put(m, s, f->cbuf);
 	f->cbuf = NULL;
 	f->ze = NULL;
 	e->state = res < 0 ? FZ_EMPTY : FZ_VALID;
@@ -1959,7 +1999,7 @@ static bool fzc_try(struct q2img *m, struct fslot *s, struct q2fast *f, uint64_t
 	f->ze = v;
 	f->cmd.done = fzc_filled;
 	f->cmd.priv = f;
-	io_read(io->loop, &f->cmd, &m->file, f->cbuf, clen, host);
+	comp_read(m, f, host, clen);
 	return true;
 }
 
@@ -2024,7 +2064,7 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 		f->io = io;
 		f->cmd.done = fast_done;
 		f->cmd.priv = f;
-		io_read(io->loop, &f->cmd, &m->file, f->cbuf, clen, chost);
+		comp_read(m, f, chost, clen);
 		return true;
 	}
 	if (!(e0 & FE_DATA) || (io->op == IMG_OP_WRITE && !(e0 & FE_RW)))
@@ -2056,8 +2096,8 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 
 miss:
 	fast_ticket_end(m, s, t);
-	fbuf_put(s, f->cbuf);
-	fbuf_put(s, f->ibuf);
+	fbuf_put(m, s, f->cbuf);
+	fbuf_put(m, s, f->ibuf);
 	f->cbuf = f->ibuf = NULL;
 	f->next = s->free;
 	s->free = f;
