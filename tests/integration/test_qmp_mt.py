@@ -25,7 +25,10 @@ after round, until the QMP part is done (--until). Meanwhile, twice:
     thread), BLOCK_JOB_READY, block-job-complete (the pivot back to the
     image, the overlay closed).
 
-Before the first operation, on the overlay, and after each pivot,
+All of it on an overlay over a raw backing file, then on a zlib-compressed
+image (compressed clusters read and inflated on the queue threads, and
+replaced by the queues' writes). Before the first operation, on the overlay,
+and after each pivot,
 query-blockstats must show fast-path hits (reads and writes the queue
 threads served themselves), and the daemon's log must say the threads serve
 the rings. At the end: vqfe-stress verified every block, the daemon exits 0
@@ -146,7 +149,7 @@ def cycle(q, d, work, img, i, size):
     e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
     check("error" not in e["data"], "intermediate commit failed: %r" % e)
     nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
-    check(nodes == ["ov%db" % i, "disk0", "disk0-backing1"], "after m%d: %r" % (i, nodes))
+    check(nodes[:2] == ["ov%db" % i, "disk0"], "after m%d: %r" % (i, nodes))
     log("ok: intermediate commit m%d: ov%db over disk0" % (i, i))
     wait_fast(q, d, "overlay ov%db" % i)
     # active commit cancelled once ready: no pivot, the hook removed under load
@@ -175,26 +178,16 @@ def cycle(q, d, work, img, i, size):
     return size
 
 
-def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, stress, work = sys.argv[1:4]
-    if not shutil.which("qemu-img"):
-        log("SKIP: qemu-img not installed")
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    base = os.path.join(work, "base.raw")
-    img = os.path.join(work, "disk.qcow2")
+def one_image(vqcowd, stress, work, base, img, name):
+    """Serve IMG, run the cycles under vqfe-stress, check the result."""
     until = os.path.join(work, "until")
     mapf = os.path.join(work, "map")
-    with open(base, "wb") as f:
-        for b in range(SIZE // BS):
-            f.write(bytes([(b * 7 + 13) & 0xff]) * 2048 + bytes([(b * 3 + 1) & 0xff]) * 2048)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img, SIZE)
+    for p in (until, mapf):
+        if os.path.exists(p):
+            os.unlink(p)
+    log("== %s" % name)
     d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", "qcow2", "--num-queues", "4",
-                                                      "--io-threads", "2"])
+                                                      "--io-threads", "2"], unlink_stale=True)
     sp = None
     try:
         t = time.monotonic() + 10
@@ -239,6 +232,30 @@ def main():
             sp.kill()
         if d.p.poll() is None:
             d.kill()
+
+
+def main():
+    if len(sys.argv) != 4:
+        print(__doc__)
+        return 2
+    vqcowd, stress, work = sys.argv[1:4]
+    if not shutil.which("qemu-img"):
+        log("SKIP: qemu-img not installed")
+        return SKIP
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    base = os.path.join(work, "base.raw")
+    with open(base, "wb") as f:
+        for b in range(SIZE // BS):
+            f.write(bytes([(b * 7 + 13) & 0xff]) * 2048 + bytes([(b * 3 + 1) & 0xff]) * 2048)
+    img = os.path.join(work, "disk.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img, SIZE)
+    one_image(vqcowd, stress, work, base, img, "an overlay on a raw backing file")
+    # compressed clusters: read and inflated on the threads, replaced by writes
+    zimg = os.path.join(work, "z.qcow2")
+    run("qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
+        "compression_type=zlib", base, zimg)
+    one_image(vqcowd, stress, work, base, zimg, "a zlib-compressed image")
     log("PASS")
     return 0
 
