@@ -348,7 +348,7 @@ int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granula
 			 img->ops->format);
 		return -ENOTSUP;
 	}
-	if (!img_may_write(img)) {
+	if (!img_may_write(img) && op != 'E' && op != 'D') {
 		snprintf(err, errlen, "%s: the image is read-only", img->path);
 		return -EROFS;
 	}

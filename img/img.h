@@ -460,6 +460,10 @@ int img_snapshot(struct img *img, bool create, const char *id, const char *name,
  * engine opens afresh (an enabled bitmap records writes from then on).
  * Drives the loop: never call it from inside a loop callback. -ENOTSUP for
  * formats without bitmaps, -EROFS read-only, QEMU's messages in @err.
+ * 'S' stores the enabled ones now and keeps them listed, read-only, with
+ * the engine open: the node is about to become a backing file
+ * (blockdev-snapshot-sync), and cannot become a writer again. 'E'/'D'
+ * enable/disable a read-only node's bitmap in memory (QEMU allows that).
  */
 int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity, bool disabled,
 		    char *err, size_t errlen);

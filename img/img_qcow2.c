@@ -2521,6 +2521,20 @@ static int q2_bitmap_edit(struct img *img, char op, const char *name, uint32_t g
 	}
 	if (busy_count(m))
 		return busy_err(m, err, errlen);
+	if (op == 'E' || op == 'D') { /* a read-only node's, in memory */
+		ret = qcow2_bitmap_ro_enable(m->q, name, op == 'E');
+		if (ret < 0)
+			snprintf(err, errlen, "%s: bitmap '%s': %s", img->path, name,
+				 strerror(-ret));
+		return ret;
+	}
+	if (op == 'S') { /* store the tracked ones now: the node becomes read-only */
+		ret = qcow2_bitmap_freeze(m->q);
+		if (ret < 0)
+			snprintf(err, errlen, "%s: storing the persistent dirty bitmaps: %s",
+				 img->path, strerror(-ret));
+		return ret;
+	}
 	ret = engine_stop(m, NULL, err, errlen);
 	if (ret == 0)
 		ret = qcow2_bitmap_file(&m->file, img->path, op, name, granularity, disabled, err,
@@ -2588,6 +2602,13 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 			if (err && ret == -EROFS)
 				snprintf(err, errlen, "%s: the engine was opened read-only",
 					 img->path);
+			else if (err && ret == -EPERM)
+				snprintf(
+				    err, errlen,
+				    "%s: its persistent dirty bitmaps were stored when it became "
+				    "read-only (taking the write permission back is not "
+				    "supported)",
+				    img->path);
 			return ret;
 		}
 		img->perm = IMG_PERM_WRITE;

@@ -113,6 +113,7 @@ struct q2_bm {
 	bool tracked;     /* bits in memory, in_use on disk, stored at close */
 	bool recording;   /* tracked and enabled: follows guest writes */
 	bool lost;        /* tracked, but a bit could not be recorded (ENOMEM) */
+	bool frozen;      /* tracked, then stored by qcow2_bitmap_freeze: read-only now */
 	char name[64];    /* for messages (truncated) */
 	uint64_t *table;  /* tracked only: the old table, host order */
 	uint64_t nbits;   /* tracked: bits covering the virtual size */
@@ -126,6 +127,7 @@ struct q2_bitmaps {
 	uint64_t dir_off, dir_size;
 	uint32_t ext_data_off; /* byte offset of the extension's data in the header */
 	uint32_t n, ntracked, nrecording;
+	uint32_t nfrozen; /* stored by qcow2_bitmap_freeze: the bits stay, listed */
 	struct q2_bm *bm;
 };
 
@@ -654,7 +656,7 @@ void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len)
 	for (uint32_t i = 0; i < b->n; i++) {
 		struct q2_bm *bm = &b->bm[i];
 
-		if (!bm->recording || bm->lost)
+		if (!bm->recording || bm->lost || !bm->tracked || bm->frozen)
 			continue;
 		if (bm_set_range(q, bm, off, len) < 0) {
 			bm->lost = true;
@@ -925,6 +927,71 @@ out:
 	return ret;
 }
 
+static struct q2_bm *bm_by_name(const struct qcow2 *q, const char *name);
+
+/*
+ * The node becomes a read-only backing file (blockdev-snapshot-sync) while
+ * it tracks bitmaps: they are stored now, as at close (QEMU stores them when
+ * it reopens the node read-only), and stay listed with their bits, read-only
+ * (qcow2_bitmap_set refuses them). A frozen bitmap is never tracked again in
+ * this engine: its bits in memory no longer describe tables on disk (the
+ * store released those), so going back to read-write is refused
+ * (qcow2_set_read_only). Synchronous: drives the loop, outside its callbacks.
+ */
+int qcow2_bitmap_freeze(struct qcow2 *q)
+{
+	struct q2_bitmaps *b = q->bms;
+	int ret;
+
+	if (!b || !b->ntracked)
+		return 0;
+	if (q->read_only)
+		return -EROFS;
+	for (uint32_t i = 0; i < b->n; i++)
+		if (b->bm[i].tracked && b->bm[i].lost)
+			return -ENOMEM; /* it could not be stored: leave it in use */
+	ret = q2_bitmap_store(q);
+	if (ret == 0) { /* the old clusters' decrements written back too */
+		struct sync_wait s = {0};
+
+		s.f.done = sync_flush_done;
+		s.f.priv = &s;
+		qcow2_flush(q, &s.f);
+		ret = run_until(q, &s);
+	}
+	if (ret < 0)
+		return ret;
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+
+		if (bm->tracked && !bm->frozen) {
+			bm->frozen = true;
+			b->nfrozen++;
+		}
+	}
+	b->ntracked = 0;
+	b->nrecording = 0; /* (listed as recording still: QEMU's "enabled") */
+	Q2_LOG(q, INFO, "%u persistent dirty bitmap(s) stored: read-only from now on", b->nfrozen);
+	return 0;
+}
+
+int qcow2_bitmap_ro_enable(struct qcow2 *q, const char *name, bool enable)
+{
+	struct q2_bm *bm = bm_by_name(q, name);
+
+	if (!bm)
+		return -ENOENT;
+	if (!q->read_only || (bm->tracked && !bm->frozen))
+		return -EBUSY;
+	bm->recording = enable; /* (nothing is written: no bit changes) */
+	return 0;
+}
+
+bool q2_bitmap_frozen(const struct qcow2 *q)
+{
+	return q->bms && q->bms->nfrozen;
+}
+
 /* ---- listing ---- */
 
 int qcow2_bitmaps(const struct qcow2 *q, struct qcow2_bitmap_info *out, unsigned max)
@@ -1069,7 +1136,7 @@ int qcow2_bitmap_set(struct qcow2 *q, const char *name, uint64_t off, uint64_t l
 
 	if (!bm)
 		return -ENOENT;
-	if (!bm->tracked || bm->lost)
+	if (!bm->tracked || bm->lost || bm->frozen)
 		return -EBUSY;
 	return bm_set_range(q, bm, off, len);
 }

@@ -360,6 +360,12 @@ void qcow2_bitmap_mark(struct qcow2 *q, uint64_t off, uint64_t len);
  * format sees the request, on any thread, so they never need the engine.
  */
 bool qcow2_has_enabled_bitmaps(const struct qcow2 *q);
+/* Store the tracked bitmaps now and keep them listed, read-only (a node
+ * becoming a backing file); synchronous, outside the loop's callbacks. */
+int qcow2_bitmap_freeze(struct qcow2 *q);
+/* A read-only node's bitmap enabled or disabled in memory (QEMU allows it:
+ * nothing is recorded or stored); -EBUSY on a writer. */
+int qcow2_bitmap_ro_enable(struct qcow2 *q, const char *name, bool enable);
 
 /*
  * Decompress one compressed cluster: @src/@srclen the compressed bytes as

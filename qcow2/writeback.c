@@ -927,6 +927,8 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 	if (!read_only) {
 		if (!q->rw_open)
 			return -EROFS;
+		if (q2_bitmap_frozen(q))
+			return -EPERM; /* its bitmaps were stored for a read-only node */
 		q->read_only = false;
 		return 0;
 	}

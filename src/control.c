@@ -747,6 +747,14 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 			       pers && json_is_true(pers), err, errlen);
 	if (bmop != 'a' && img_dbm_find(img, name))
 		return dbm_op(img, bmop, name);
+	if (bmop != 'a' && !img_may_write(img)) {
+		/* one in the file of a backing node: QEMU's read-only bitmap */
+		if (bmop == 'e' || bmop == 'd')
+			return img_bitmap_edit(img, bmop == 'e' ? 'E' : 'D', name, 0, false, err,
+					       errlen);
+		snprintf(err, errlen, "Bitmap '%s' is readonly and cannot be modified", name);
+		return -EPERM;
+	}
 	if (layers_busy(c) || img != c->img) {
 		/* (a backing node writable: the base of a running commit) */
 		snprintf(err, errlen, "Node '%s' is busy: %s", node,
@@ -940,11 +948,16 @@ static int cmd_bm_merge(void *opaque, json_t *args, json_t **ret, char *err, siz
 		goto out;
 	}
 	r = -EINVAL;
+	engine = tb.persistent && !img_dbm_find(timg, target);
+	if (engine && !img_may_write(timg)) {
+		snprintf(err, errlen, "Bitmap '%s' is readonly and cannot be modified", target);
+		r = -EPERM;
+		goto out;
+	}
 	if (tb.inconsistent) {
 		snprintf(err, errlen, "Bitmap '%s' is inconsistent and cannot be used", target);
 		goto out;
 	}
-	engine = tb.persistent && !img_dbm_find(timg, target);
 	srcs = calloc(n + 1, sizeof(*srcs));
 	simgs = calloc(n + 1, sizeof(*simgs));
 	if (!srcs || !simgs) {

@@ -8,7 +8,10 @@
  * (img_set_writable: its write lock goes, QEMU's read-only lock set stays),
  * the new overlay is opened over it (img_opts.backing_img: the very same
  * open image is its backing) and put under the device, and the held requests
- * start on it. The guest sees a pause of a drain and a flush.
+ * start on it. The guest sees a pause of a drain and a flush. Persistent
+ * dirty bitmaps the old layer tracks are stored into its file first, as
+ * QEMU stores them at its read-only reopen (held path, layers_held ->
+ * img_bitmap_edit 'S'), and stay listed there, read-only.
  *
  * block-commit of the active layer (QEMU's mirror-style "active commit"):
  * the base takes the write permission again (img_set_writable; a base
@@ -98,6 +101,8 @@ struct snap {
 	char *file, *name;
 	bool created;
 	bool flushing;
+	bool store_held; /* enabled persistent bitmaps to store from layers_held */
+	bool stored;
 	unsigned flushes;
 	uint64_t t0;
 	struct img_io fio;
@@ -375,6 +380,13 @@ static void snap_after_flush(struct io_cmd *cmd, int unused)
 		snap_flush(s);
 		return;
 	}
+	if (ret == -ENOTSUP && !s->stored) {
+		/* enabled persistent bitmaps: stored into the file first, as QEMU
+		 * does at the read-only reopen, outside the loop (layers_held) */
+		s->store_held = true;
+		c->hold(c->opaque);
+		return;
+	}
 	if (ret < 0) {
 		snap_end(c, ret, err[0] ? err : strerror(-ret));
 		return;
@@ -417,7 +429,7 @@ static void snap_after_flush(struct io_cmd *cmd, int unused)
 
 static void snap_tick(struct ctl *c, struct snap *s)
 {
-	if (s->flushing)
+	if (s->flushing || s->store_held)
 		return;
 	if (blk_dev_inflight(c->blk)) {
 		if (now_ns() - s->t0 > DRAIN_NS)
@@ -1209,6 +1221,22 @@ void layers_held(struct ctl *c)
 	char err[512] = "";
 	int r;
 
+	if (L && L->snap && L->snap->store_held) {
+		struct snap *s = L->snap;
+
+		/* (store_held stays set while the store drives the loop: snap_tick waits) */
+		r = img_bitmap_edit(s->old, 'S', NULL, 0, false, err, sizeof(err));
+		s->store_held = false;
+		s->stored = true;
+		if (r < 0)
+			snap_end(c, r, err[0] ? err : strerror(-r));
+		else { /* nothing in flight, written back: on with the snapshot */
+			s->flush_res = 0;
+			s->post.priv = s;
+			snap_after_flush(&s->post, 0);
+		}
+		return;
+	}
 	if (j && j->drop_held) {
 		drop_top(j);
 		return;

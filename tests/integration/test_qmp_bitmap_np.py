@@ -17,6 +17,10 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
     (persistent ones accepted on the read-only node, in memory, lost at
     exit with QEMU's warning), merges across nodes, enable/disable/clear/
     remove, errors, listings of both nodes;
+  * an external snapshot of a node with persistent bitmaps (enabled and
+    disabled): stored into the base as it becomes read-only, listed there
+    read-only (clear/remove/merge-into refused, enable/disable in memory),
+    qemu-img info/check and qemu-nbd -B of the base as qsd's;
   * the order again with persistent bitmaps in the image at open (listed
     last, the directory's last first), a name removed and added again as
     the other kind, enable/disable/merge (which do not reorder);
@@ -393,6 +397,85 @@ def test_backing_vs_qsd(vqcowd, fe_bin, work):
         (len(got), got[-1][1]))
 
 
+# An external snapshot of a node with persistent bitmaps (incremental backup:
+# snapshot, then read the base's bitmap). QEMU 7.2 stores the enabled ones
+# into the file when the node becomes read-only and keeps all of them listed
+# there, read-only: clear, remove and merge into them are refused ("is
+# readonly"), enable/disable change only the listing; nothing more reaches
+# the file.
+SEQS = [
+    ("block-dirty-bitmap-add", {"node": B, "name": "p", "persistent": True}),
+    ("block-dirty-bitmap-add", {"node": B, "name": "pd", "persistent": True,
+                                "disabled": True}),
+    ("write", (M, 4096)),
+    ("write", (9 * M + 512, 8192)),
+    ("blockdev-snapshot-sync", {"node-name": B, "snapshot-file": "@TOP@",
+                                "snapshot-node-name": "top", "format": "qcow2"}),
+    ("query", ["top", B]),
+    ("write", (3 * M, 4096)),
+    ("query", ["top", B]),
+    ("block-dirty-bitmap-clear", {"node": B, "name": "p"}),
+    ("block-dirty-bitmap-remove", {"node": B, "name": "p"}),
+    ("block-dirty-bitmap-add", {"node": B, "name": "n"}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "p", "bitmaps": ["n"]}),
+    ("block-dirty-bitmap-merge", {"node": B, "target": "n", "bitmaps": ["p"]}),
+    ("block-dirty-bitmap-merge", {"node": "top", "target": "n",
+                                  "bitmaps": [{"node": B, "name": "pd"}]}),
+    ("block-dirty-bitmap-disable", {"node": B, "name": "p"}),
+    ("block-dirty-bitmap-enable", {"node": B, "name": "pd"}),
+    ("block-dirty-bitmap-clear", {"node": B, "name": "pd"}),
+    ("block-dirty-bitmap-remove", {"node": B, "name": "pd"}),
+    ("write", (5 * M, 4096)),
+    ("query", ["top", B]),
+]
+
+
+def test_snapshot_vs_qsd(vqcowd, fe_bin, work):
+    """blockdev-snapshot-sync of a node with persistent bitmaps, against qsd 7.2."""
+    dirs = {}
+    for who in ("qsd", "ours"):
+        dirs[who] = os.path.join(work, "sn-" + who)
+        shutil.rmtree(dirs[who], ignore_errors=True)
+        os.makedirs(dirs[who])
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+           os.path.join(dirs[who], "b.qcow2"), 64 * M)
+    want = qsd_run(dirs["qsd"], os.path.join(dirs["qsd"], "b.qcow2"), fe_bin, SEQS,
+                   {"@TOP@": os.path.join(dirs["qsd"], "t.qcow2")})
+    d = Daemon(vqcowd, dirs["ours"], os.path.join(dirs["ours"], "b.qcow2"), "sn")
+    try:
+        q = Qmp(d.qsock)
+        got = run_seq(q, fe_bin, d.vsock, SEQS, {"@TOP@": os.path.join(dirs["ours"],
+                                                                       "t.qcow2")})
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+    compare(want, got, SEQS)
+    for who in ("qsd", "ours"):
+        bb = sorted(info_bitmaps(os.path.join(dirs[who], "b.qcow2")) or [],
+                    key=lambda x: x["name"])
+        tb = info_bitmaps(os.path.join(dirs[who], "t.qcow2"))
+        check(bb == [{"flags": ["auto"], "name": "p", "granularity": 4096},
+                     {"flags": [], "name": "pd", "granularity": 4096}] and not tb,
+              "%s: bitmaps in the files: base %r, top %r" % (who, bb, tb))
+        for f in ("b.qcow2", "t.qcow2"):
+            r = subprocess.run(["qemu-img", "check", os.path.join(dirs[who], f)],
+                               capture_output=True, timeout=60)
+            check(r.returncode == 0, "%s: qemu-img check %s: %s" % (who, f, r.stdout.decode()))
+    log("ok: snapshot of a node with persistent bitmaps as qemu-storage-daemon's: %d replies "
+        "and listings equal (final: %r); stored in the base (p auto, pd disabled), not in "
+        "use; both files check clean" % (len(got), got[-1][1]))
+    if not shutil.which("nbdinfo") or not shutil.which("qemu-nbd"):
+        log("SKIP part: nbdinfo or qemu-nbd not installed, stored bits not read back")
+        return
+    ra = nbd_dirty(work, os.path.join(dirs["qsd"], "b.qcow2"), "p")
+    rb = nbd_dirty(work, os.path.join(dirs["ours"], "b.qcow2"), "p")
+    check(ra == rb and ra, "qemu-nbd -B p: qsd's base %r, ours %r" % (ra, rb))
+    log("ok: qemu-nbd -B p reads the same %d dirty ranges in both bases" % len(ra))
+
+
 def test_no_file_change(vqcowd, work):
     img = os.path.join(work, "still.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
@@ -671,6 +754,7 @@ def main():
     test_vs_qsd(vqcowd, fe_bin, work)
     test_order_vs_qsd(vqcowd, fe_bin, work)
     test_backing_vs_qsd(vqcowd, fe_bin, work)
+    test_snapshot_vs_qsd(vqcowd, fe_bin, work)
     test_no_file_change(vqcowd, work)
     test_raw(vqcowd, fe_bin, work)
     test_fast_path(vqcowd, fe_bin, work)
