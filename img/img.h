@@ -462,7 +462,7 @@ int img_snapshot(struct img *img, bool create, const char *id, const char *name,
  * formats without bitmaps, -EROFS read-only, QEMU's messages in @err.
  * 'S' stores the enabled ones now and keeps them listed, read-only, with
  * the engine open: the node is about to become a backing file
- * (blockdev-snapshot-sync), and cannot become a writer again. 'E'/'D'
+ * (blockdev-snapshot-sync; a writer again, they record again). 'E'/'D'
  * enable/disable a read-only node's bitmap in memory (QEMU allows that).
  */
 int img_bitmap_edit(struct img *img, char op, const char *name, uint32_t granularity, bool disabled,

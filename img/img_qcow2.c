@@ -2602,13 +2602,6 @@ static int q2_set_writable(struct img *img, bool writable, char *err, size_t err
 			if (err && ret == -EROFS)
 				snprintf(err, errlen, "%s: the engine was opened read-only",
 					 img->path);
-			else if (err && ret == -EPERM)
-				snprintf(
-				    err, errlen,
-				    "%s: its persistent dirty bitmaps were stored when it became "
-				    "read-only (taking the write permission back is not "
-				    "supported)",
-				    img->path);
 			return ret;
 		}
 		img->perm = IMG_PERM_WRITE;

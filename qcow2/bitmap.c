@@ -116,6 +116,8 @@ struct q2_bm {
 	bool frozen;      /* tracked, then stored by qcow2_bitmap_freeze: read-only now */
 	char name[64];    /* for messages (truncated) */
 	uint64_t *table;  /* tracked only: the old table, host order */
+	uint64_t *ntable; /* store_one: the new table (big-endian), until the switch */
+	uint64_t ntable_off;
 	uint64_t nbits;   /* tracked: bits covering the virtual size */
 	uint32_t nchunks; /* tracked: table entries needed (chunks of cluster size) */
 	uint8_t **chunks; /* tracked: NULL = all zero */
@@ -186,6 +188,7 @@ static void bm_free(struct q2_bitmaps *b)
 				free(bm->chunks[k]);
 		free(bm->chunks);
 		free(bm->table);
+		free(bm->ntable);
 	}
 	free(b->bm);
 	free(b->dir);
@@ -831,6 +834,10 @@ static int store_one(struct qcow2 *q, struct store *st, struct q2_bm *bm, uint8_
 	qcow2_put_be32(dir + bm->pos + offsetof(struct bm_dir_disk, table_size), bm->nchunks);
 	qcow2_put_be32(dir + bm->pos + offsetof(struct bm_dir_disk, flags),
 		       bm->flags & ~BM_FLAG_IN_USE);
+	free(bm->ntable);
+	bm->ntable = tab; /* (kept by q2_bitmap_store for a frozen engine) */
+	bm->ntable_off = thost;
+	tab = NULL;
 out:
 	free(tab);
 	return ret;
@@ -910,8 +917,26 @@ int q2_bitmap_store(struct qcow2 *q)
 				q2_dec_range(q, off, q->cs);
 		}
 		q2_dec_range(q, bm->table_off, (uint64_t)bm->table_size * 8);
+		/* the engine may go on (qcow2_bitmap_freeze): the new table is the truth */
+		for (uint32_t k = 0; k < bm->nchunks; k++)
+			bm->ntable[k] = qcow2_be64(&bm->ntable[k]);
+		free(bm->table);
+		bm->table = bm->ntable;
+		bm->ntable = NULL;
+		bm->table_off = bm->ntable_off;
+		bm->table_size = bm->nchunks;
 	}
+	for (size_t i = 0; i < st.n; i++)
+		for (uint32_t k = 0; k < st.v[i].n; k++)
+			q2_meta_add(q, (st.v[i].host >> q->cb) + k); /* (ENOMEM: less checking) */
 	b->dir_off = dhost;
+	for (uint32_t i = 0; i < b->n; i++) /* the directory as now on disk */
+		if (b->bm[i].tracked && !b->bm[i].lost)
+			qcow2_put_be32(dir + b->bm[i].pos + offsetof(struct bm_dir_disk, flags),
+				       b->bm[i].flags & ~BM_FLAG_IN_USE);
+	free(b->dir);
+	b->dir = dir;
+	dir = NULL;
 	goto out;
 
 fail:
@@ -933,10 +958,9 @@ static struct q2_bm *bm_by_name(const struct qcow2 *q, const char *name);
  * The node becomes a read-only backing file (blockdev-snapshot-sync) while
  * it tracks bitmaps: they are stored now, as at close (QEMU stores them when
  * it reopens the node read-only), and stay listed with their bits, read-only
- * (qcow2_bitmap_set refuses them). A frozen bitmap is never tracked again in
- * this engine: its bits in memory no longer describe tables on disk (the
- * store released those), so going back to read-write is refused
- * (qcow2_set_read_only). Synchronous: drives the loop, outside its callbacks.
+ * (qcow2_bitmap_set refuses them). The store left the new tables and
+ * directory in memory, so qcow2_set_read_only(false) can thaw them
+ * (q2_bitmap_thaw). Synchronous: drives the loop, outside its callbacks.
  */
 int qcow2_bitmap_freeze(struct qcow2 *q)
 {
@@ -984,6 +1008,41 @@ int qcow2_bitmap_ro_enable(struct qcow2 *q, const char *name, bool enable)
 	if (!q->read_only || (bm->tracked && !bm->frozen))
 		return -EBUSY;
 	bm->recording = enable; /* (nothing is written: no bit changes) */
+	return 0;
+}
+
+/*
+ * The frozen bitmaps' node becomes a writer again (block-commit into it):
+ * QEMU marks them in use in the file and records the writes; so do we,
+ * with q2_bitmap_start's order. Their tables, directory and bits in
+ * memory are the ones the freeze stored.
+ */
+int q2_bitmap_thaw(struct qcow2 *q)
+{
+	struct q2_bitmaps *b = q->bms;
+	int ret;
+
+	if (!b || !b->nfrozen)
+		return 0;
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct q2_bm *bm = &b->bm[i];
+
+		if (!bm->frozen)
+			continue;
+		bm->frozen = false;
+		b->ntracked++;
+		if (bm->recording)
+			b->nrecording++;
+	}
+	b->nfrozen = 0;
+	ret = q2_bitmap_start(q, NULL, 0);
+	if (ret < 0) {
+		/* unknown what landed: stay tracked (stored at close, or in use) */
+		Q2_LOG(q, ERROR, "marking the dirty bitmaps in use failed: %s", strerror(-ret));
+		return ret;
+	}
+	Q2_LOG(q, INFO, "%u persistent dirty bitmap(s) in use again, recording (writable)",
+	       b->ntracked);
 	return 0;
 }
 

@@ -482,6 +482,7 @@ int q2_bitmap_grow(struct qcow2 *q, uint64_t size, char *err, size_t errlen);
 /* Enabled bitmaps follow guest writes (they must be stored before writing stops). */
 bool q2_bitmap_tracking(const struct qcow2 *q);
 bool q2_bitmap_frozen(const struct qcow2 *q);
+int q2_bitmap_thaw(struct qcow2 *q);
 
 /* ---- compress.c ---- */
 void q2_compress_exit(struct qcow2 *q);

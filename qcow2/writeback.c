@@ -927,9 +927,15 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 	if (!read_only) {
 		if (!q->rw_open)
 			return -EROFS;
-		if (q2_bitmap_frozen(q))
-			return -EPERM; /* its bitmaps were stored for a read-only node */
 		q->read_only = false;
+		if (q2_bitmap_frozen(q)) { /* its bitmaps stored for a read-only node */
+			int ret = q2_bitmap_thaw(q);
+
+			if (ret < 0) {
+				q->read_only = true;
+				return ret;
+			}
+		}
 		return 0;
 	}
 	if (q->read_only)

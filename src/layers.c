@@ -11,7 +11,8 @@
  * start on it. The guest sees a pause of a drain and a flush. Persistent
  * dirty bitmaps the old layer tracks are stored into its file first, as
  * QEMU stores them at its read-only reopen (held path, layers_held ->
- * img_bitmap_edit 'S'), and stay listed there, read-only.
+ * img_bitmap_edit 'S'), and stay listed there, read-only (writable and
+ * recording again if a block-commit makes the node a writer).
  *
  * block-commit of the active layer (QEMU's mirror-style "active commit"):
  * the base takes the write permission again (img_set_writable; a base
