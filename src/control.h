@@ -44,11 +44,6 @@ struct ctl {
 	 * ctl_held() from outside it (snapshots: the image is quiesced there).
 	 */
 	void (*hold)(void *opaque);
-	/* --io-threads: with more than one, requests run on the queues' threads;
-	 * a raw image (I/O on any thread, no owner) is not swapped under the
-	 * device there (layers.c refuses external snapshots of it and pivots to
-	 * it), a qcow2 image is (with the threads parked, park below). */
-	unsigned io_threads;
 	/*
 	 * Park (@on) or resume the I/O threads: between the two, no request is
 	 * popped, submitted or completed on another thread, so blk/'s device

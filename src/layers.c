@@ -521,14 +521,6 @@ int layers_snapshot_sync(void *opaque, json_t *args, json_t **ret, char *err, si
 		snprintf(err, errlen, "Node '%s' is read-only", want);
 		return -EROFS;
 	}
-	if (c->io_threads > 1 && img->any_loop) {
-		snprintf(
-		    err, errlen,
-		    "Node '%s' is a %s image served by %u I/O threads: external snapshots need "
-		    "--io-threads 1",
-		    want, img->ops->format, c->io_threads);
-		return -ENOTSUP;
-	}
 	if (!sname) {
 		/* QEMU names anonymous nodes "#blockN" */
 		snprintf(autoname, sizeof(autoname), "#block%u", 100 + L->auto_seq++);
@@ -1111,14 +1103,6 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			job_free(j);
 			return -ENOMEM;
 		}
-	}
-	if (!above && c->io_threads > 1 && base->any_loop) {
-		snprintf(err, errlen,
-			 "%s is a %s image: it cannot become the active layer of a device served "
-			 "by %u I/O threads (--io-threads 1)",
-			 base->path, base->ops->format, c->io_threads);
-		job_free(j);
-		return -ENOTSUP;
 	}
 	if (base->size < j->size) {
 		snprintf(err, errlen, "%s is smaller than %s: resize it first", base->path,

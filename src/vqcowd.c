@@ -2015,7 +2015,6 @@ int main(int argc, char **argv)
 		d.ctl.resized = ctl_resized;
 		d.ctl.hold = ctl_hold_cb;
 		d.ctl.img_opts = &iopts;
-		d.ctl.io_threads = d.nthreads;
 		d.ctl.park = ctl_park;
 		d.ctl.cwd = getcwd(cwd, sizeof(cwd));
 		d.ctl.set_active = ctl_set_active;

@@ -16,7 +16,7 @@ when the job ends:
   * block-job-cancel before ready: the base holds a backing file's locks
     again (qemu-io -r opens it, a writer cannot), the chain reads as written;
   * a raw base: reopened read-write, committed into and pivoted to (raw
-    images need --io-threads 1 to become the active layer), byte for byte;
+    served by two I/O threads, as a qcow2 one), byte for byte;
   * kill -9 while the job copies into the reopened base: qemu-img check
     passes on both files and the chain reads what the writer wrote.
 
@@ -146,7 +146,7 @@ def test_raw_base(vqcowd, fe, work):
             os.unlink(p)
     run("qemu-img", "create", "-q", "-f", "raw", base, size)
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", ov)
-    d = Daemon(vqcowd, work, ov, "r4", extra=("--io-threads", "1"))
+    d = Daemon(vqcowd, work, ov, "r4", extra=("--num-queues", "2", "--io-threads", "2"))
     try:
         q = Qmp(d.qsock)
         w = Writer(fe, d.vsock, size, 14)

@@ -34,7 +34,14 @@ threads served themselves), and the daemon's log must say the threads serve
 the rings. At the end: vqfe-stress verified every block, the daemon exits 0
 on QMP quit, qemu-img check is clean, and the image file holds exactly what
 vqfe-stress's map says (written blocks their last pattern, zeroed blocks
-zeroes, untouched blocks the backing file's bytes). Runs in the release, ASan
+zeroes, untouched blocks the backing file's bytes).
+
+Then a raw image (--format raw, the rings and the I/O on the threads) under
+the same load, twice: blockdev-snapshot-sync over it (the raw layer becomes
+the qcow2 overlay's backing file; fast-path hits on the overlay), a second
+one, an active block-commit back into the raw image with BLOCK_JOB_READY and
+block-job-complete (the pivot to raw), the queues' writes going on into it;
+qemu-img check of every overlay, and the raw file against the map. Runs in the release, ASan
 and ThreadSanitizer builds (contrib/test.sh): a sanitizer report in the log
 fails it.
 
@@ -89,9 +96,9 @@ def sanitizer_clean(text):
         check(word not in text, "%s report in the daemon's log:\n%s" % (word, text[-6000:]))
 
 
-def compare(img, base, mapf):
+def compare(img, base, mapf, fmt="qcow2"):
     out = img + ".out.raw"
-    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+    run("qemu-img", "convert", "-f", fmt, "-O", "raw", img, out)
     M = (1 << 64) - 1
     bad = n = 0
     with open(out, "rb") as fo, open(base, "rb") as fb, open(mapf) as fm:
@@ -234,6 +241,102 @@ def one_image(vqcowd, stress, work, base, img, name):
             d.kill()
 
 
+def raw_cycle(q, d, sp, work, i):
+    """The raw image under the device swapped with qcow2 overlays and back."""
+    ova, ovb = os.path.join(work, "rov%da.qcow2" % i), os.path.join(work, "rov%db.qcow2" % i)
+    # raw -> qcow2: the raw layer becomes the overlay's backing file (read by the owner)
+    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ova,
+                                     "snapshot-node-name": "rov%da" % i, "format": "qcow2"})
+    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    check(nodes[:2] == ["rov%da" % i, "disk0"], "after the snapshot: %r" % nodes)
+    log("ok: blockdev-snapshot-sync of the raw image: rov%da is the active layer" % i)
+    wait_fast(q, d, "overlay rov%da over raw" % i)
+    q.ret("blockdev-snapshot-sync", {"node-name": "rov%da" % i, "snapshot-file": ovb,
+                                     "snapshot-node-name": "rov%db" % i, "format": "qcow2"})
+    log("ok: blockdev-snapshot-sync: rov%db is the active layer" % i)
+    wait_fast(q, d, "overlay rov%db" % i)
+    # qcow2 -> raw: active commit into the raw image, then the pivot to it
+    q.ret("block-commit", {"device": "rov%db" % i, "job-id": "r%d" % i, "base-node": "disk0"})
+    e = q.wait_event("BLOCK_JOB_READY", 120)
+    log("ok: BLOCK_JOB_READY (%d bytes) into the raw image" % e["data"]["offset"])
+    time.sleep(0.3)  # the job follows the guest's writes a while
+    q.ret("block-job-complete", {"device": "r%d" % i})
+    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
+    check("error" not in e["data"], "commit into raw failed: %r" % e)
+    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    check(nodes == ["disk0"], "after the pivot to raw: %r" % nodes)
+    st = q.ret("query-blockstats")[0]
+    check("qcow2" not in st["vqcowd"], "raw active layer with qcow2 stats: %r" % st)
+    log("ok: block-commit r%d pivoted back to the raw image" % i)
+    # the queue threads go on writing and verifying the raw image a while
+    before = st["stats"]["wr_operations"]
+    t = time.monotonic() + 30
+    while q.ret("query-blockstats")[0]["stats"]["wr_operations"] < before + 200:
+        check(sp.poll() is None, "vqfe-stress ended early after the pivot")
+        check(time.monotonic() < t, "no writes to the raw image after the pivot")
+        time.sleep(0.05)
+    log("ok: writes go on into the raw image")
+    # the overlays were closed at the pivot: QEMU's checker takes them
+    for f in (ova, ovb):
+        log(run("qemu-img", "check", f).strip())
+    for f in (ova, ovb):
+        os.unlink(f)
+
+
+def raw_image(vqcowd, stress, work, base):
+    """A raw image served by the I/O threads, swapped with overlays and back."""
+    img = os.path.join(work, "disk.raw")
+    shutil.copyfile(base, img)
+    until = os.path.join(work, "until")
+    mapf = os.path.join(work, "map")
+    for p in (until, mapf):
+        if os.path.exists(p):
+            os.unlink(p)
+    log("== a raw image")
+    d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", "raw", "--num-queues", "4",
+                                                      "--io-threads", "2"], unlink_stale=True)
+    sp = None
+    try:
+        t = time.monotonic() + 10
+        want = "each thread serves its queues' rings and image I/O"
+        while want not in d.log() and time.monotonic() < t:
+            time.sleep(0.05)
+        check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
+        log("ok: --qmp, raw: the I/O threads serve the rings")
+        sp = subprocess.Popen([stress, d.vsock, "--size", str(SIZE), "--queues", "4",
+                               "--seed", str(SEED), "--mix", "--until", until, "--map", mapf],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        q = qmplib.Qmp(d.qsock, timeout=120)
+        t = time.monotonic() + 30
+        while q.ret("query-blockstats")[0]["stats"]["wr_operations"] < 200:
+            check(sp.poll() is None, "vqfe-stress ended early")
+            check(time.monotonic() < t, "no writes to the raw image")
+            time.sleep(0.05)
+        for i in range(2):
+            raw_cycle(q, d, sp, work, i)
+        open(until, "w").close()
+        out, _ = sp.communicate(timeout=300)
+        out = out.decode(errors="replace")
+        log(out.strip())
+        check(sp.returncode == 0, "vqfe-stress: rc %d" % sp.returncode)
+        q.cmd("quit")
+        d.p.wait(60)
+        sanitizer_clean(d.log())
+        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, d.log()[-4000:]))
+        log("ok: quit, exit 0")
+        compare(img, base, mapf, "raw")
+    except Fail:
+        if sp and sp.poll() is None:
+            sp.kill()
+        d.stop_showing_log(tail=8000)
+        raise
+    finally:
+        if sp and sp.poll() is None:
+            sp.kill()
+        if d.p.poll() is None:
+            d.kill()
+
+
 def main():
     if len(sys.argv) != 4:
         print(__doc__)
@@ -256,6 +359,8 @@ def main():
     run("qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
         "compression_type=zlib", base, zimg)
     one_image(vqcowd, stress, work, base, zimg, "a zlib-compressed image")
+    # a raw image: external snapshots of it and pivots back to it
+    raw_image(vqcowd, stress, work, base)
     log("PASS")
     return 0
 
