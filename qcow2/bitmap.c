@@ -3,8 +3,9 @@
  * qcow2/bitmap.c — persistent dirty bitmaps (qcow2.txt "Bitmaps extension",
  * "Bitmap directory", "Bitmap table", "Dirty tracking bitmaps").
  *
- * What the engine does with them (read-write opens only; a read-only open
- * never looks at them and never writes anything):
+ * What the engine does with them (a read-only open validates and lists
+ * them the same way, tracks none and never writes anything; a directory it
+ * cannot handle is then only a warning: the open works, nothing listed):
  *
  *  open    The bitmaps extension counts only while autoclear bit 0 is set
  *          (otherwise a program without bitmap support wrote the image: the
@@ -480,8 +481,7 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 	uint64_t pos = 0, table_bytes = 0;
 	int ret;
 
-	if (q->read_only || h->version < 3 || !h->has_bitmaps ||
-	    !(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+	if (h->version < 3 || !h->has_bitmaps || !(h->autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
 		return 0;
 	b = calloc(1, sizeof(*b));
 	if (!b)
@@ -524,7 +524,11 @@ int q2_bitmap_open(struct qcow2 *q, const void *hbuf, size_t hlen, char *err, si
 		}
 		/* (a disk smaller than one sector has nothing to track) */
 		bm->tracked = (bm->flags & (BM_FLAG_AUTO | BM_FLAG_IN_USE)) == BM_FLAG_AUTO &&
-			      bm->nchunks > 0;
+			      bm->nchunks > 0 && !q->read_only;
+		/* read-only: listed as QEMU lists them (an "auto" one as recording), never
+		 * tracked (counted from the file), never written */
+		bm->recording =
+		    q->read_only && (bm->flags & (BM_FLAG_AUTO | BM_FLAG_IN_USE)) == BM_FLAG_AUTO;
 		ret = load_table(q, bm, &clu, err, errlen);
 		if (ret == 0 && bm->tracked) {
 			ret = load_bits(q, bm, err, errlen);
@@ -557,6 +561,13 @@ fail:
 		qcow2_seterr(err, errlen, ret, "%s: out of memory loading the bitmaps", q->path);
 	free(clu.v);
 	bm_free(b);
+	if (q->read_only) { /* a read-only open still works, without listing them */
+		Q2_LOG(q, WARN, "persistent dirty bitmaps not listed: %s",
+		       err && err[0] ? err : strerror(-ret));
+		if (err && errlen)
+			err[0] = '\0';
+		return 0;
+	}
 	return ret;
 }
 

@@ -490,6 +490,10 @@ reread:
 		ret = q2_bitmap_start(q, err, errlen);
 		if (ret < 0)
 			goto fail;
+	} else if (q->h.version >= 3 && q2_bitmap_open(q, hbuf, hlen, err, errlen) < 0) {
+		/* read-only: listed, never tracked nor written; only a warning if invalid */
+		if (err && errlen)
+			err[0] = '\0';
 	}
 	q->sc_bits = q->extl2 ? q->cb - 5 : q->cb;
 	io_free_aligned(hbuf);

@@ -25,6 +25,8 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
     commit's and the guest's writes, stored at exit (listings but counts,
     which follow each program's copy chunks; qemu-nbd -B covers every
     guest write);
+  * a backing file with persistent bitmaps opened read-only at start-up:
+    listed, refused and toggled as by qsd, the file unchanged;
   * the order again with persistent bitmaps in the image at open (listed
     last, the directory's last first), a name removed and added again as
     the other kind, enable/disable/merge (which do not reorder);
@@ -589,6 +591,82 @@ def test_commit_thaw_vs_qsd(vqcowd, fe_bin, work):
     log("ok: qemu-nbd -B p of both bases covers all four guest writes")
 
 
+# Bitmaps stored in a backing file opened read-only at start-up: QEMU 7.2
+# lists them on the backing node (an enabled one as recording), refuses
+# clear/remove/merge-into ("is readonly"), takes enable/disable in memory
+# and merges from them; the file is never written.
+BK = "disk0-backing1"
+SEQRO = [
+    ("query", ["disk0", BK]),
+    ("block-dirty-bitmap-clear", {"node": BK, "name": "p"}),
+    ("block-dirty-bitmap-remove", {"node": BK, "name": "pd"}),
+    ("block-dirty-bitmap-add", {"node": BK, "name": "n"}),
+    ("block-dirty-bitmap-merge", {"node": BK, "target": "p", "bitmaps": ["n"]}),
+    ("block-dirty-bitmap-merge", {"node": BK, "target": "n", "bitmaps": ["p"]}),
+    ("block-dirty-bitmap-disable", {"node": BK, "name": "p"}),
+    ("block-dirty-bitmap-enable", {"node": BK, "name": "pd"}),
+    ("write", (5 * M, 4096)),
+    ("query", ["disk0", BK]),
+]
+
+
+def test_ro_open_vs_qsd(vqcowd, fe_bin, work):
+    """Persistent bitmaps of a backing file opened read-only, against qsd 7.2."""
+    files = {}
+    for who in ("qsd", "ours"):
+        dd = os.path.join(work, "ro-" + who)
+        shutil.rmtree(dd, ignore_errors=True)
+        os.makedirs(dd)
+        b, t = os.path.join(dd, "b.qcow2"), os.path.join(dd, "t.qcow2")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", b, 64 * M)
+        sh("qemu-img", "bitmap", "--add", b, "p")
+        sh("qemu-io", "-c", "write 1M 8k", "-c", "write 9M 512", b)
+        sh("qemu-img", "bitmap", "--add", "--disable", b, "pd")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t)
+        files[who] = (dd, b, t, open(b, "rb").read())
+    dd, b, t, _ = files["qsd"]
+    qs, vs = os.path.join(dd, "qsd.qmp"), os.path.join(dd, "qsd.vsock")
+    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
+                          "--monitor", "chardev=c",
+                          "--blockdev", "driver=qcow2,node-name=%s,read-only=on,"
+                          "file.driver=file,file.filename=%s" % (BK, b),
+                          "--blockdev", "driver=qcow2,node-name=%s,backing=%s,"
+                          "file.driver=file,file.filename=%s" % (N, BK, t),
+                          "--export", "type=vhost-user-blk,id=e,node-name=%s,addr.type=unix,"
+                          "addr.path=%s,writable=on" % (N, vs)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_path(qs, p)
+        wait_path(vs, p)
+        time.sleep(0.2)
+        q = Qmp(qs)
+        want = run_seq(q, fe_bin, vs, SEQRO)
+        q.cmd("quit")
+        p.wait(10)
+    finally:
+        reap(p)
+    dd, b, t, before = files["ours"]
+    d = Daemon(vqcowd, dd, t, "ro")
+    try:
+        q = Qmp(d.qsock)
+        got = run_seq(q, fe_bin, d.vsock, SEQRO)
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+    compare(want, got, SEQRO)
+    check(open(b, "rb").read() == before, "the read-only backing file changed")
+    for who in ("qsd", "ours"):
+        bb = sorted(info_bitmaps(files[who][1]) or [], key=lambda x: x["name"])
+        check(bb == [{"flags": ["auto"], "name": "p", "granularity": 4096},
+                     {"flags": [], "name": "pd", "granularity": 4096}],
+              "%s: bitmaps in the backing file %r" % (who, bb))
+    log("ok: bitmaps of a read-only backing file listed and refused as qemu-storage-daemon's "
+        "(%d replies and listings; final %r); the file unchanged" % (len(got), got[-1][1]))
+
+
 def test_no_file_change(vqcowd, work):
     img = os.path.join(work, "still.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
@@ -869,6 +947,7 @@ def main():
     test_backing_vs_qsd(vqcowd, fe_bin, work)
     test_snapshot_vs_qsd(vqcowd, fe_bin, work)
     test_commit_thaw_vs_qsd(vqcowd, fe_bin, work)
+    test_ro_open_vs_qsd(vqcowd, fe_bin, work)
     test_no_file_change(vqcowd, work)
     test_raw(vqcowd, fe_bin, work)
     test_fast_path(vqcowd, fe_bin, work)
