@@ -1398,6 +1398,11 @@ bool ctl_waiting(struct ctl *c)
 	return layers_waiting(c);
 }
 
+void ctl_retired(struct ctl *c)
+{
+	layers_retired(c);
+}
+
 bool ctl_busy(struct ctl *c)
 {
 	return layers_stop(c);

@@ -57,8 +57,12 @@ struct ctl {
 	const struct img_opts *img_opts;
 	/* @img is the active layer now (external snapshot, commit pivot). */
 	void (*set_active)(void *opaque, struct img *img);
-	/* Close @img (and its chain) soon, from main(): closing drives the loop. */
-	void (*retire)(void *opaque, struct img *img);
+	/*
+	 * Close @img (and its chain) soon, from main(): closing drives the loop.
+	 * True: it will be, and main() calls ctl_retired() once it is; false:
+	 * it stays open (too many at once).
+	 */
+	bool (*retire)(void *opaque, struct img *img);
 	/* The device resumed: pop what the rings hold. */
 	void (*kick)(void *opaque);
 	void *opaque;
@@ -97,6 +101,9 @@ void ctl_held(struct ctl *c);
  * meanwhile, since those completions do not run on it.
  */
 bool ctl_waiting(struct ctl *c);
+
+/* From main(), after closing what retire() was given: the job that let it go ends. */
+void ctl_retired(struct ctl *c);
 
 /*
  * The daemon stops: background work (a commit job) stops. True while its

@@ -117,6 +117,7 @@ enum jend { END_NONE, END_PIVOT, END_CANCEL, END_FAIL, END_STOP, END_DROP };
 
 struct cjob {
 	struct ctl *c;
+	struct cjob *next_ended; /* struct layers' ended list */
 	char *id;
 	struct img *top, *base;
 	uint64_t size;
@@ -157,6 +158,8 @@ struct layers {
 	struct io_loop *hook_loop;
 	struct io_cmd hook_cmd;
 	bool hook_posted; /* atomic */
+	/* finished jobs whose dropped layers are still open: reported once closed */
+	struct cjob *ended;
 };
 
 static uint64_t now_ns(void)
@@ -811,6 +814,38 @@ static void job_events_end(struct cjob *j, bool cancelled)
 	set_status(j, JS_NULL);
 }
 
+/*
+ * A job that let go of @top ends: QEMU closes the nodes it dropped before it
+ * sends BLOCK_JOB_COMPLETED, so a client that sees the event may take their
+ * locks. The daemon closes them from main(); the events go out then
+ * (layers_retired), or now if they stay open.
+ */
+static void job_end_retiring(struct cjob *j, struct img *top)
+{
+	struct ctl *c = j->c;
+
+	if (c->retire(c->opaque, top)) {
+		j->next_ended = c->layers->ended;
+		c->layers->ended = j;
+		return;
+	}
+	job_events_end(j, false);
+	job_free(j);
+}
+
+void layers_retired(struct ctl *c)
+{
+	struct layers *L = c->layers;
+
+	while (L && L->ended) {
+		struct cjob *j = L->ended;
+
+		L->ended = j->next_ended;
+		job_events_end(j, false);
+		job_free(j);
+	}
+}
+
 static void end_after_flush(struct io_cmd *cmd, int unused);
 
 /* The flush request itself still counts as in flight until its done() returned. */
@@ -860,14 +895,12 @@ static void end_after_flush(struct io_cmd *cmd, int unused)
 		c->node_name = name_of(c->layers, j->base);
 		if (!c->node_name)
 			c->node_name = "disk0";
-		c->retire(c->opaque, top);
 		vlog(VLOG_INFO, NULL, "qmp: job %s completed: %s is the active layer again", j->id,
 		     j->base->path);
 		j->end_stage = 2;
 		c->layers->job = NULL;
-		job_events_end(j, false);
 		resume_dev(c);
-		job_free(j);
+		job_end_retiring(j, top);
 		return;
 	}
 	/* cancelled, failed or stopping: the base becomes a read-only backing file again */
@@ -1189,13 +1222,11 @@ static void drop_top(struct cjob *j)
 	img_take_backing(below);
 	for (struct img *l = top; l; l = img_backing(l))
 		name_drop(c->layers, l);
-	c->retire(c->opaque, top);
 	vlog(VLOG_INFO, NULL, "qmp: job %s completed: %s is the backing file of %s", j->id,
 	     j->base->path, above->path);
 	j->end_stage = 2;
 	c->layers->job = NULL;
-	job_events_end(j, false);
-	job_free(j);
+	job_end_retiring(j, top);
 }
 
 void layers_held(struct ctl *c)
@@ -1434,6 +1465,12 @@ void layers_exit(struct ctl *c)
 		qmp_pending_error(L->job->reopen, "the daemon is stopping");
 	if (L->job)
 		job_free(L->job);
+	while (L->ended) {
+		struct cjob *j = L->ended;
+
+		L->ended = j->next_ended;
+		job_free(j);
+	}
 	free(L);
 	c->layers = NULL;
 }

@@ -42,6 +42,12 @@ const char *layers_busy(struct ctl *c);
 /* Something waits for the device to drain (ctl_waiting): an external snapshot, a job ending. */
 bool layers_waiting(struct ctl *c);
 
+/*
+ * The layers a finished job let go of are closed (their locks given up):
+ * now its end is reported, as QEMU reports it after the nodes went.
+ */
+void layers_retired(struct ctl *c);
+
 /* Once per loop iteration (from ctl_tick): drive what waits for the device to drain. */
 void layers_tick(struct ctl *c);
 

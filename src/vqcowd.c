@@ -1445,16 +1445,17 @@ static void ctl_set_active(void *opaque, struct img *img)
 	d->img = img;
 }
 
-static void ctl_retire(void *opaque, struct img *img)
+static bool ctl_retire(void *opaque, struct img *img)
 {
 	struct daemon *d = opaque;
 
 	if (d->nretired < sizeof(d->retired) / sizeof(d->retired[0])) {
 		d->retired[d->nretired++] = img;
 		io_loop_stop(d->loop);
-	} else {
-		log_warn("too many layers to close at once: %s stays open", img->path);
+		return true;
 	}
+	log_warn("too many layers to close at once: %s stays open", img->path);
+	return false;
 }
 
 static void ctl_kick(void *opaque)
@@ -1479,6 +1480,7 @@ static void close_retired(struct daemon *d)
 		logmsg("closing %s (no longer in the chain)", img->path);
 		img_close(img);
 	}
+	ctl_retired(&d->ctl);
 }
 
 /* Stop taking requests; the defer hook flushes and ends the loop. */
