@@ -718,6 +718,17 @@ static int run_until(struct qcow2 *q, struct sync_wait *s)
 	return s->err;
 }
 
+/* qcow2_flush and wait for it (outside any loop callback). */
+static int flush_sync(struct qcow2 *q)
+{
+	struct sync_wait s = {0};
+
+	s.f.done = sync_flush_done;
+	s.f.priv = &s;
+	qcow2_flush(q, &s.f);
+	return run_until(q, &s);
+}
+
 /* New clusters reserved by the store (released again if it fails). */
 struct newc {
 	uint64_t host;
@@ -858,7 +869,6 @@ int q2_bitmap_store(struct qcow2 *q)
 {
 	struct q2_bitmaps *b = q->bms;
 	struct store st = {0};
-	struct sync_wait s = {0};
 	uint8_t *dir = NULL, ext_off[8];
 	uint64_t dhost;
 	uint32_t stored = 0;
@@ -895,10 +905,7 @@ int q2_bitmap_store(struct qcow2 *q)
 	if (ret < 0)
 		goto fail;
 	/* 2. refcounts (and the writes above) durable */
-	s.f.done = sync_flush_done;
-	s.f.priv = &s;
-	qcow2_flush(q, &s.f);
-	ret = run_until(q, &s);
+	ret = flush_sync(q);
 	if (ret < 0)
 		goto fail;
 	/* 3. switch the directory: one aligned 8-byte write */
@@ -986,14 +993,8 @@ int qcow2_bitmap_freeze(struct qcow2 *q)
 		if (b->bm[i].tracked && b->bm[i].lost)
 			return -ENOMEM; /* it could not be stored: leave it in use */
 	ret = q2_bitmap_store(q);
-	if (ret == 0) { /* the old clusters' decrements written back too */
-		struct sync_wait s = {0};
-
-		s.f.done = sync_flush_done;
-		s.f.priv = &s;
-		qcow2_flush(q, &s.f);
-		ret = run_until(q, &s);
-	}
+	if (ret == 0) /* the old clusters' decrements written back too */
+		ret = flush_sync(q);
 	if (ret < 0)
 		return ret;
 	for (uint32_t i = 0; i < b->n; i++) {
