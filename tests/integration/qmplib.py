@@ -179,6 +179,24 @@ def quit_daemon(d, timeout):
     check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
 
 
+@contextlib.contextmanager
+def vqcowd_session(vqcowd, work, image, name, extra=()):
+    """A Daemon and a Qmp client on it, yielded as (d, q); when the block
+    ends, the client closed and vqcowd stopped with quit (exit 0 within
+    30 s, quit_daemon); when it raises, vqcowd stopped with its log shown.
+    Either way vqcowd is stopped after the block (d stays usable: d.log())."""
+    d = Daemon(vqcowd, work, image, name, extra)
+    try:
+        q = Qmp(d.qsock)
+        yield d, q
+        q.close()
+        quit_daemon(d, 30)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    d.stop()
+
+
 def qsd_popen(qsd, qs, image, node="disk0"):
     """qemu-storage-daemon with QMP on QS and IMAGE (qcow2) as node NODE."""
     return subprocess.Popen([qsd, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,

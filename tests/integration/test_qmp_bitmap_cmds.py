@@ -38,12 +38,10 @@ import sys
 import threading
 import time
 
+from bitmaplib import (QSD, M, N, check_clean, compare, info_bitmaps, nbd_dirty, ours_run,
+                       run_seq, sh, sorted_bitmaps, wait_unlocked)
 from qmplib import (SKIP, Daemon, Qmp, check, fe, log, qsd_running, quit_daemon, run_main,
-                    wait_path)
-
-QSD = shutil.which("qemu-storage-daemon")
-M = 1 << 20
-N = "disk0"
+                    vqcowd_session)
 
 SEQ = [
     ("block-dirty-bitmap-add", {"node": N, "name": ""}),
@@ -71,40 +69,11 @@ SEQ = [
 ]
 
 
-def sh(*args):
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          timeout=120).stdout.decode()
-
-
-def run_seq(q):
-    out = []
-    for cmd, args in SEQ:
-        if cmd == "query":
-            n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
-            out.append(("query", n.get("dirty-bitmaps")))
-            continue
-        r = q.cmd(cmd, args)
-        out.append((cmd, r.get("return", r.get("error"))))
-    return out
-
-
-def info_bitmaps(img):
-    i = json.loads(sh("qemu-img", "info", "--output=json", img))
-    return i.get("format-specific", {}).get("data", {}).get("bitmaps")
-
-
-def check_clean(img, what, leaks_ok=False):
-    r = subprocess.run(["qemu-img", "check", img], capture_output=True, timeout=120)
-    ok = r.returncode == 0 or (leaks_ok and r.returncode == 3)
-    check(ok, "%s: qemu-img check rc %d:\n%s" % (what, r.returncode,
-                                                   r.stdout.decode() + r.stderr.decode()))
-
-
 def qsd_run(work, img):
     qs = os.path.join(work, "qsd.qmp")
     with qsd_running(QSD, qs, img, N) as p:
         q = Qmp(qs)
-        out = run_seq(q)
+        out = run_seq(q, None, None, SEQ)
         q.cmd("quit")
         p.wait(10)
     return out
@@ -116,27 +85,12 @@ def test_vs_qsd(vqcowd, work):
     for f in (a, b):
         sh("qemu-img", "create", "-q", "-f", "qcow2", f, 64 * M)
     want = qsd_run(work, a)
-    d = Daemon(vqcowd, work, b, "seq")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
-    for (cmd, w), (_, g), (_, args) in zip(want, got, SEQ):
-        if isinstance(w, dict) and "desc" in w:
-            check(isinstance(g, dict) and g.get("desc") == w["desc"],
-                  "%s %r: qsd %r, vqcowd %r" % (cmd, args, w, g))
-        else:
-            check(g == w, "%s %r: qsd %r, vqcowd %r" % (cmd, args, w, g))
+    got, _ = ours_run(vqcowd, work, b, "seq", None, SEQ)
+    compare(want, got, SEQ)
     log("ok: %d replies and listings as qemu-storage-daemon's" % len(SEQ))
     # (the directory order differs: QEMU writes a session's new bitmaps newest
     # first at exit, we append each at its command; both list the same)
-    ia = sorted(info_bitmaps(a), key=lambda x: x["name"])
-    ib = sorted(info_bitmaps(b), key=lambda x: x["name"])
+    ia, ib = sorted_bitmaps(a), sorted_bitmaps(b)
     check(ia == ib and ia, "qemu-img info bitmaps: qsd %r, vqcowd %r" % (ia, ib))
     check_clean(b, "after the sequence")
     log("ok: qemu-img info lists the same bitmaps: %r; check clean" % ib)
@@ -145,21 +99,13 @@ def test_vs_qsd(vqcowd, work):
 def test_data(vqcowd, fe_bin, work):
     img = os.path.join(work, "data.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
-    d = Daemon(vqcowd, work, img, "data")
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "data") as (d, q):
         q.ret("block-dirty-bitmap-add", {"node": N, "name": "bk", "persistent": True})
         q.ret("block-dirty-bitmap-add", {"node": N, "name": "gone", "persistent": True})
         fe(fe_bin, "write", d.vsock, 3 * M + 4096, 4096, stdin=os.urandom(4096))
         q.ret("block-dirty-bitmap-remove", {"node": N, "name": "gone"})
         n = q.ret("query-named-block-nodes")[0]["dirty-bitmaps"]
         check([(b["name"], b["count"]) for b in n] == [("bk", 65536)], "listing %r" % n)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
     bms = info_bitmaps(img)
     check(bms == [{"flags": ["auto"], "name": "bk", "granularity": 65536}],
           "qemu-img info: %r" % bms)
@@ -168,30 +114,11 @@ def test_data(vqcowd, fe_bin, work):
     if not shutil.which("nbdinfo"):
         log("SKIP part: nbdinfo not installed, dirty ranges not read through qemu-nbd")
     else:
-        sock = os.path.join(work, "nbd.sock")
-        p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", "bk", "-k", sock, img],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_path(sock, p)
-            out = sh("nbdinfo", "--map=qemu:dirty-bitmap:bk", "nbd+unix:///?socket=" + sock)
-        finally:
-            p.terminate()
-            p.wait(10)
-        dirty = []
-        for line in out.splitlines():
-            f = line.split()
-            if len(f) >= 3 and f[2] == "1":
-                dirty.append((int(f[0]), int(f[1])))
-        check(dirty == [(3 * M, 65536)], "qemu-nbd dirty ranges %r\n%s" % (dirty, out))
+        dirty = nbd_dirty(work, img, "bk")
+        check(dirty == [(3 * M, 65536)], "qemu-nbd dirty ranges %r" % dirty)
         log("ok: qemu-nbd -B bk: dirty exactly [3 MiB, +64 KiB)")
-    d = Daemon(vqcowd, work, img, "data2")
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "data2") as (d, q):
         q.ret("block-dirty-bitmap-remove", {"node": N, "name": "bk"})
-        q.close()
-        quit_daemon(d, 30)
-    finally:
-        d.stop()
     check(info_bitmaps(img) is None, "bitmaps left: %r" % info_bitmaps(img))
     check_clean(img, "after removing the last bitmap")
     log("ok: removing the last bitmap removes the extension; check clean")
@@ -228,10 +155,7 @@ def test_kill(vqcowd, work, rounds=6):
         d.p.wait(10)
         stopflag.append(1)
         t.join(10)
-        for _ in range(200):  # the dead daemon's io_uring drops its locks a little later
-            if subprocess.run(["qemu-img", "info", img], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
+        wait_unlocked(img)
         check_clean(img, "kill -9 round %d" % r, leaks_ok=True)
     check(done[0] >= rounds, "only %d add/clear rounds ran before the kills" % done[0])
     log("ok: %d kill -9 rounds during %d add/clear/remove rounds: qemu-img check never "

@@ -42,20 +42,17 @@ QEMU's default), vqcowd against qemu-storage-daemon 7.2 (issue 11).
 Usage: test_qmp_bitmap_np.py VQCOWD VQCOW-FE WORKDIR
 """
 
-import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import threading
 import time
 
-from qmplib import SKIP, Daemon, Qmp, check, fe, log, quit_daemon, reap, run_main, wait_path
-
-QSD = shutil.which("qemu-storage-daemon")
-M = 1 << 20
-N = "disk0"
+from bitmaplib import (QSD, M, N, both_run, check_clean, compare, have_nbd, info_bitmaps,
+                       nbd_dirty, node_info, ours_run, pair_dirs, qsd_run, same_dirty, sh,
+                       sorted_bitmaps, wait_unlocked)
+from qmplib import SKIP, Daemon, Qmp, check, fe, log, run_main, vqcowd_session
 
 SEQ = [
     ("block-dirty-bitmap-add", {"node": N, "name": "p", "persistent": True}),
@@ -142,135 +139,27 @@ SEQR = [
 ]
 
 
-def sh(*args):
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
-                          timeout=120).stdout.decode()
-
-
-def run_seq(q, fe_bin, vsock, seq, subst=None):
-    out = []
-    for cmd, args in seq:
-        if cmd == "query":
-            nodes = {x["node-name"]: x for x in q.ret("query-named-block-nodes")}
-            # in the daemon's order: QEMU lists them newest first, of either kind
-            out.append(("query", [(n, nodes[n].get("dirty-bitmaps")) for n in args] if args
-                        else nodes[N].get("dirty-bitmaps")))
-            continue
-        if subst and isinstance(args, dict):
-            args = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
-        if cmd == "write":
-            fe(fe_bin, "write", vsock, args[0], args[1], stdin=os.urandom(args[1]))
-            continue
-        if cmd == "zero":
-            fe(fe_bin, "write-zeroes", vsock, args[0], args[1])
-            continue
-        if cmd == "discard":
-            fe(fe_bin, "discard", vsock, args[0], args[1])
-            continue
-        r = q.cmd(cmd, args)
-        out.append((cmd, r.get("return", r.get("error"))))
-    return out
-
-
-def qsd_run(work, img, fe_bin, seq, subst=None):
-    qs = os.path.join(work, "qsd.qmp")
-    vs = os.path.join(work, "qsd.vsock")
-    for p in (qs, vs):
-        if os.path.exists(p):
-            os.unlink(p)
-    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0,"
-                          "cache.direct=on,discard=unmap" % img,
-                          "--blockdev", "driver=qcow2,file=file0,node-name=%s,discard=unmap" % N,
-                          "--export", "type=vhost-user-blk,id=e,node-name=%s,addr.type=unix,"
-                          "addr.path=%s,writable=on" % (N, vs)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        wait_path(vs, p)
-        time.sleep(0.2)
-        q = Qmp(qs)
-        out = run_seq(q, fe_bin, vs, seq, subst)
-        q.cmd("quit")
-        p.wait(10)
-    finally:
-        reap(p)
-    return out
-
-
-def compare(want, got, seq):
-    steps = [(c, a) for c, a in seq if c not in ("write", "zero", "discard")]
-    for (cmd, w), (_, g), (_, args) in zip(want, got, steps):
-        if isinstance(w, dict) and "desc" in w:
-            check(isinstance(g, dict) and g.get("desc") == w["desc"],
-                  "%s %r: qsd %r, vqcowd %r" % (cmd, args, w, g))
-        else:
-            check(g == w, "%s %r:\n  qsd    %r\n  vqcowd %r" % (cmd, args, w, g))
-    check(len(want) == len(got) == len(steps), "lengths %d %d" % (len(want), len(got)))
-
-
-def info_bitmaps(img):
-    i = json.loads(sh("qemu-img", "info", "--output=json", img))
-    return i.get("format-specific", {}).get("data", {}).get("bitmaps")
-
-
 def test_vs_qsd(vqcowd, fe_bin, work):
-    a = os.path.join(work, "qsd.qcow2")
-    b = os.path.join(work, "ours.qcow2")
-    for f in (a, b):
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", f, 64 * M)
-    want = qsd_run(work, a, fe_bin, SEQ)
-    d = Daemon(vqcowd, work, b, "seq")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQ)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+    dirs = pair_dirs(work, "sq-", "-o", "cluster_size=4096", 64 * M)
+    a, b = (os.path.join(dirs[who], "b.qcow2") for who in ("qsd", "ours"))
+    want, got, _ = both_run(vqcowd, fe_bin, dirs, "seq", SEQ)
     compare(want, got, SEQ)
     last = got[-1][1]
     log("ok: %d replies and listings as qemu-storage-daemon's (final: %r)" %
         (len(got), [(x["name"], x["count"]) for x in last]))
-    ia = sorted(info_bitmaps(a), key=lambda x: x["name"])
-    ib = sorted(info_bitmaps(b), key=lambda x: x["name"])
+    ia, ib = sorted_bitmaps(a), sorted_bitmaps(b)
     check(ia == ib == [{"flags": ["auto"], "name": "p", "granularity": 4096},
                        {"flags": [], "name": "pd", "granularity": 65536}],
           "qemu-img info bitmaps: qsd %r, vqcowd %r" % (ia, ib))
-    r = subprocess.run(["qemu-img", "check", b], capture_output=True, timeout=60)
-    check(r.returncode == 0, "qemu-img check: %s" % r.stdout.decode())
+    check_clean(b, "after the sequence")
     log("ok: only the persistent bitmaps reached the files; check clean")
-    if not shutil.which("nbdinfo") or not shutil.which("qemu-nbd"):
+    if not have_nbd():
         log("SKIP part: nbdinfo or qemu-nbd not installed, merged bits not read back")
         return
     for name in ("p", "pd"):
-        ra, rb = nbd_dirty(work, a, name), nbd_dirty(work, b, name)
-        check(ra == rb and ra, "qemu-nbd -B %s: qsd's file %r, ours %r" % (name, ra, rb))
+        ra = same_dirty(work, a, b, name, "")
         log("ok: qemu-nbd -B %s reads the same %d dirty ranges in both files" %
             (name, len(ra)))
-
-
-def nbd_dirty(work, img, name):
-    sock = os.path.join(work, "nbd.sock")
-    if os.path.exists(sock):
-        os.unlink(sock)
-    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", sock, img],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(sock, p)
-        out = sh("nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + sock)
-    finally:
-        p.terminate()
-        p.wait(10)
-    dirty = []
-    for line in out.splitlines():
-        f = line.split()
-        if len(f) >= 3 and f[2] == "1":
-            dirty.append((int(f[0]), int(f[1])))
-    return dirty
 
 
 # QEMU lists a node's bitmaps newest first, persistent or not, the ones
@@ -297,23 +186,11 @@ SEQO = [
 
 def test_order_vs_qsd(vqcowd, fe_bin, work):
     """The listing order of both kinds, with bitmaps in the image at open."""
-    a = os.path.join(work, "oqsd.qcow2")
-    b = os.path.join(work, "oours.qcow2")
-    for f in (a, b):
-        sh("qemu-img", "create", "-q", "-f", "qcow2", f, 64 * M)
+    dirs = pair_dirs(work, "or-", 64 * M)
+    for dd in dirs.values():
         for x in ("x1", "x3", "x2"):
-            sh("qemu-img", "bitmap", "--add", f, x)
-    want = qsd_run(work, a, fe_bin, SEQO)
-    d = Daemon(vqcowd, work, b, "order")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQO)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+            sh("qemu-img", "bitmap", "--add", os.path.join(dd, "b.qcow2"), x)
+    want, got, _ = both_run(vqcowd, fe_bin, dirs, "order", SEQO)
     compare(want, got, SEQO)
     log("ok: bitmaps listed in qemu-storage-daemon's order: %s" %
         " / ".join(",".join(x["name"] for x in g) for c, g in got if c == "query"))
@@ -370,26 +247,8 @@ SEQB = [
 
 def test_backing_vs_qsd(vqcowd, fe_bin, work):
     """Bitmap commands on a backing node, against qsd 7.2."""
-    dirs = {}
-    for who in ("qsd", "ours"):
-        dirs[who] = os.path.join(work, "bk-" + who)
-        shutil.rmtree(dirs[who], ignore_errors=True)
-        os.makedirs(dirs[who])
-        sh("qemu-img", "create", "-q", "-f", "qcow2", os.path.join(dirs[who], "b.qcow2"),
-           64 * M)
-    want = qsd_run(dirs["qsd"], os.path.join(dirs["qsd"], "b.qcow2"), fe_bin, SEQB,
-                   {"@TOP@": os.path.join(dirs["qsd"], "t.qcow2")})
-    d = Daemon(vqcowd, dirs["ours"], os.path.join(dirs["ours"], "b.qcow2"), "bk")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQB, {"@TOP@": os.path.join(dirs["ours"],
-                                                                       "t.qcow2")})
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+    dirs = pair_dirs(work, "bk-", 64 * M)
+    want, got, d = both_run(vqcowd, fe_bin, dirs, "bk", SEQB)
     compare(want, got, SEQB)
     check("Lost persistent bitmaps" in d.log() and "'p1'" in d.log(),
           "no warning about the lost bitmap p1 in the log:\n%s" % d.log()[-2000:])
@@ -438,47 +297,25 @@ SEQS = [
 
 def test_snapshot_vs_qsd(vqcowd, fe_bin, work):
     """blockdev-snapshot-sync of a node with persistent bitmaps, against qsd 7.2."""
-    dirs = {}
-    for who in ("qsd", "ours"):
-        dirs[who] = os.path.join(work, "sn-" + who)
-        shutil.rmtree(dirs[who], ignore_errors=True)
-        os.makedirs(dirs[who])
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
-           os.path.join(dirs[who], "b.qcow2"), 64 * M)
-    want = qsd_run(dirs["qsd"], os.path.join(dirs["qsd"], "b.qcow2"), fe_bin, SEQS,
-                   {"@TOP@": os.path.join(dirs["qsd"], "t.qcow2")})
-    d = Daemon(vqcowd, dirs["ours"], os.path.join(dirs["ours"], "b.qcow2"), "sn")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQS, {"@TOP@": os.path.join(dirs["ours"],
-                                                                       "t.qcow2")})
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+    dirs = pair_dirs(work, "sn-", "-o", "cluster_size=4096", 64 * M)
+    want, got, _ = both_run(vqcowd, fe_bin, dirs, "sn", SEQS)
     compare(want, got, SEQS)
     for who in ("qsd", "ours"):
-        bb = sorted(info_bitmaps(os.path.join(dirs[who], "b.qcow2")) or [],
-                    key=lambda x: x["name"])
+        bb = sorted_bitmaps(os.path.join(dirs[who], "b.qcow2"))
         tb = info_bitmaps(os.path.join(dirs[who], "t.qcow2"))
         check(bb == [{"flags": ["auto"], "name": "p", "granularity": 4096},
                      {"flags": [], "name": "pd", "granularity": 4096}] and not tb,
               "%s: bitmaps in the files: base %r, top %r" % (who, bb, tb))
         for f in ("b.qcow2", "t.qcow2"):
-            r = subprocess.run(["qemu-img", "check", os.path.join(dirs[who], f)],
-                               capture_output=True, timeout=60)
-            check(r.returncode == 0, "%s: qemu-img check %s: %s" % (who, f, r.stdout.decode()))
+            check_clean(os.path.join(dirs[who], f), "%s: %s" % (who, f))
     log("ok: snapshot of a node with persistent bitmaps as qemu-storage-daemon's: %d replies "
         "and listings equal (final: %r); stored in the base (p auto, pd disabled), not in "
         "use; both files check clean" % (len(got), got[-1][1]))
-    if not shutil.which("nbdinfo") or not shutil.which("qemu-nbd"):
+    if not have_nbd():
         log("SKIP part: nbdinfo or qemu-nbd not installed, stored bits not read back")
         return
-    ra = nbd_dirty(work, os.path.join(dirs["qsd"], "b.qcow2"), "p")
-    rb = nbd_dirty(work, os.path.join(dirs["ours"], "b.qcow2"), "p")
-    check(ra == rb and ra, "qemu-nbd -B p: qsd's base %r, ours %r" % (ra, rb))
+    ra = same_dirty(work, os.path.join(dirs["qsd"], "b.qcow2"),
+                    os.path.join(dirs["ours"], "b.qcow2"), "p", "bases: ")
     log("ok: qemu-nbd -B p reads the same %d dirty ranges in both bases" % len(ra))
 
 
@@ -504,83 +341,26 @@ SEQC = [
 ]
 
 
-def run_seqc(q, fe_bin, vsock, subst):
-    out = []
-    for cmd, args in SEQC:
-        if cmd in ("ready", "gone"):
-            for _ in range(300):
-                j = q.ret("query-block-jobs")
-                if (cmd == "ready" and j and j[0]["status"] == "ready") or \
-                   (cmd == "gone" and not j):
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("job not %s: %r" % (cmd, j))
-            continue
-        out += run_seq(q, fe_bin, vsock, [(cmd, args)], subst)
-    return out
-
-
 def test_commit_thaw_vs_qsd(vqcowd, fe_bin, work):
     """block-commit into a base holding the bitmaps a snapshot stored."""
-    dirs, outs = {}, {}
-    for who in ("qsd", "ours"):
-        dirs[who] = os.path.join(work, "ct-" + who)
-        shutil.rmtree(dirs[who], ignore_errors=True)
-        os.makedirs(dirs[who])
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
-           os.path.join(dirs[who], "b.qcow2"), 64 * M)
-    subst = {"@TOP@": os.path.join(dirs["qsd"], "t.qcow2")}
-    # qsd: the same steps, with its job polled the same way
-    qs = os.path.join(dirs["qsd"], "qsd.qmp")
-    vs = os.path.join(dirs["qsd"], "qsd.vsock")
-    img = os.path.join(dirs["qsd"], "b.qcow2")
-    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=file,filename=%s,node-name=file0,"
-                          "cache.direct=on,discard=unmap" % img,
-                          "--blockdev", "driver=qcow2,file=file0,node-name=%s,discard=unmap" % N,
-                          "--export", "type=vhost-user-blk,id=e,node-name=%s,addr.type=unix,"
-                          "addr.path=%s,writable=on" % (N, vs)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        wait_path(vs, p)
-        time.sleep(0.2)
-        q = Qmp(qs)
-        outs["qsd"] = run_seqc(q, fe_bin, vs, subst)
-        q.cmd("quit")
-        p.wait(10)
-    finally:
-        reap(p)
-    d = Daemon(vqcowd, dirs["ours"], os.path.join(dirs["ours"], "b.qcow2"), "ct")
-    try:
-        q = Qmp(d.qsock)
-        outs["ours"] = run_seqc(q, fe_bin, d.vsock,
-                                {"@TOP@": os.path.join(dirs["ours"], "t.qcow2")})
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
-    strip = [(c, [(n, [{k: v for k, v in b.items() if k != "count"} for b in bl or []])
-                  for n, bl in r] if c == "query" else r) for c, r in outs["ours"]]
-    stripq = [(c, [(n, [{k: v for k, v in b.items() if k != "count"} for b in bl or []])
-                   for n, bl in r] if c == "query" else r) for c, r in outs["qsd"]]
-    check(strip == stripq, "commit into a base with stored bitmaps:\n  qsd    %r\n  vqcowd %r"
+    # the job polled the same way in both ("ready", "gone" in run_seq)
+    dirs = pair_dirs(work, "ct-", "-o", "cluster_size=4096", 64 * M)
+    outs = {}
+    outs["qsd"], outs["ours"], _ = both_run(vqcowd, fe_bin, dirs, "ct", SEQC)
+    def no_counts(out):
+        return [(c, [(n, [{k: v for k, v in b.items() if k != "count"} for b in bl or []])
+                     for n, bl in r] if c == "query" else r) for c, r in out]
+    check(no_counts(outs["ours"]) == no_counts(outs["qsd"]), "commit into a base with stored bitmaps:\n  qsd    %r\n  vqcowd %r"
           % (outs["qsd"], outs["ours"]))
     for who in ("qsd", "ours"):
         bb = info_bitmaps(os.path.join(dirs[who], "b.qcow2"))
         check(bb == [{"flags": ["auto"], "name": "p", "granularity": 4096}],
               "%s: base bitmaps after the commit %r" % (who, bb))
-        r = subprocess.run(["qemu-img", "check", os.path.join(dirs[who], "b.qcow2")],
-                           capture_output=True, timeout=60)
-        check(r.returncode == 0, "%s: qemu-img check: %s" % (who, r.stdout.decode()))
+        check_clean(os.path.join(dirs[who], "b.qcow2"), who)
     log("ok: block-commit into a base with stored bitmaps as qemu-storage-daemon's "
         "(replies, listings but counts; qsd %r, ours %r); base stored, check clean" %
         (outs["qsd"][-1][1], outs["ours"][-1][1]))
-    if not shutil.which("nbdinfo") or not shutil.which("qemu-nbd"):
+    if not have_nbd():
         log("SKIP part: nbdinfo or qemu-nbd not installed, stored bits not read back")
         return
     for who in ("qsd", "ours"):
@@ -612,54 +392,25 @@ SEQRO = [
 
 def test_ro_open_vs_qsd(vqcowd, fe_bin, work):
     """Persistent bitmaps of a backing file opened read-only, against qsd 7.2."""
+    dirs = pair_dirs(work, "ro-", "-o", "cluster_size=4096", 64 * M)
     files = {}
-    for who in ("qsd", "ours"):
-        dd = os.path.join(work, "ro-" + who)
-        shutil.rmtree(dd, ignore_errors=True)
-        os.makedirs(dd)
+    for who, dd in dirs.items():
         b, t = os.path.join(dd, "b.qcow2"), os.path.join(dd, "t.qcow2")
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", b, 64 * M)
         sh("qemu-img", "bitmap", "--add", b, "p")
         sh("qemu-io", "-c", "write 1M 8k", "-c", "write 9M 512", b)
         sh("qemu-img", "bitmap", "--add", "--disable", b, "pd")
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t)
         files[who] = (dd, b, t, open(b, "rb").read())
     dd, b, t, _ = files["qsd"]
-    qs, vs = os.path.join(dd, "qsd.qmp"), os.path.join(dd, "qsd.vsock")
-    p = subprocess.Popen([QSD, "--chardev", "socket,path=%s,server=on,wait=off,id=c" % qs,
-                          "--monitor", "chardev=c",
-                          "--blockdev", "driver=qcow2,node-name=%s,read-only=on,"
-                          "file.driver=file,file.filename=%s" % (BK, b),
-                          "--blockdev", "driver=qcow2,node-name=%s,backing=%s,"
-                          "file.driver=file,file.filename=%s" % (N, BK, t),
-                          "--export", "type=vhost-user-blk,id=e,node-name=%s,addr.type=unix,"
-                          "addr.path=%s,writable=on" % (N, vs)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_path(qs, p)
-        wait_path(vs, p)
-        time.sleep(0.2)
-        q = Qmp(qs)
-        want = run_seq(q, fe_bin, vs, SEQRO)
-        q.cmd("quit")
-        p.wait(10)
-    finally:
-        reap(p)
+    want = qsd_run(dd, None, fe_bin, SEQRO, blockdevs=[
+        "driver=qcow2,node-name=%s,read-only=on,file.driver=file,file.filename=%s" % (BK, b),
+        "driver=qcow2,node-name=%s,backing=%s,file.driver=file,file.filename=%s" % (N, BK, t)])
     dd, b, t, before = files["ours"]
-    d = Daemon(vqcowd, dd, t, "ro")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQRO)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+    got, _ = ours_run(vqcowd, dd, t, "ro", fe_bin, SEQRO)
     compare(want, got, SEQRO)
     check(open(b, "rb").read() == before, "the read-only backing file changed")
     for who in ("qsd", "ours"):
-        bb = sorted(info_bitmaps(files[who][1]) or [], key=lambda x: x["name"])
+        bb = sorted_bitmaps(files[who][1])
         check(bb == [{"flags": ["auto"], "name": "p", "granularity": 4096},
                      {"flags": [], "name": "pd", "granularity": 4096}],
               "%s: bitmaps in the backing file %r" % (who, bb))
@@ -670,9 +421,7 @@ def test_ro_open_vs_qsd(vqcowd, fe_bin, work):
 def test_no_file_change(vqcowd, work):
     img = os.path.join(work, "still.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
-    d = Daemon(vqcowd, work, img, "still")
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "still") as (d, q):
         q.ret("query-named-block-nodes")
         before = open(img, "rb").read()
         mtime = os.stat(img).st_mtime_ns
@@ -687,47 +436,27 @@ def test_no_file_change(vqcowd, work):
         check("reopen" not in d.log() and "holding requests" not in d.log(),
               "non-persistent bitmap commands held requests or reopened the engine:\n" +
               d.log())
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
     check(info_bitmaps(img) is None, "bitmaps in the file: %r" % info_bitmaps(img))
     log("ok: 80 non-persistent bitmap commands left the image's bytes untouched")
 
 
 def test_resize(vqcowd, fe_bin, work):
     """block_resize with persistent (enabled, disabled) and non-persistent bitmaps."""
-    a = os.path.join(work, "rqsd.qcow2")
-    b = os.path.join(work, "rours.qcow2")
+    dirs = pair_dirs(work, "rs-", 64 * M)
+    a, b = (os.path.join(dirs[who], "b.qcow2") for who in ("qsd", "ours"))
     for f in (a, b):
-        sh("qemu-img", "create", "-q", "-f", "qcow2", f, 64 * M)
         sh("qemu-img", "bitmap", "--add", "-g", "128K", f, "pd")
         sh("qemu-io", "-c", "write 1M 4K", f)
-    want = qsd_run(work, a, fe_bin, SEQR)
-    d = Daemon(vqcowd, work, b, "rseq")
-    try:
-        q = Qmp(d.qsock)
-        got = run_seq(q, fe_bin, d.vsock, SEQR)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
+    want, got, _ = both_run(vqcowd, fe_bin, dirs, "rseq", SEQR)
     compare(want, got, SEQR)
     log("ok: block_resize with bitmaps: %d replies and listings as qemu-storage-daemon's "
         "(final %r)" % (len(got), [(x["name"], x["count"]) for x in got[-1][1]]))
-    ia = sorted(info_bitmaps(a), key=lambda x: x["name"])
-    ib = sorted(info_bitmaps(b), key=lambda x: x["name"])
-    check(ia == ib, "qemu-img info bitmaps: qsd %r, vqcowd %r" % (ia, ib))
-    r = subprocess.run(["qemu-img", "check", b], capture_output=True, timeout=60)
-    check(r.returncode == 0, "qemu-img check: %s" % r.stdout.decode())
-    if shutil.which("nbdinfo") and shutil.which("qemu-nbd"):
+    ia, ib = sorted_bitmaps(a), sorted_bitmaps(b)
+    check(ia == ib and ia, "qemu-img info bitmaps: qsd %r, vqcowd %r" % (ia, ib))
+    check_clean(b, "after the resizes")
+    if have_nbd():
         for name in ("p", "pd"):
-            ra, rb = nbd_dirty(work, a, name), nbd_dirty(work, b, name)
-            check(ra == rb and ra, "qemu-nbd -B %s: qsd's %r, ours %r" % (name, ra, rb))
+            rb = same_dirty(work, a, b, name, "")
         log("ok: after the resizes qemu-nbd -B reads the same dirty ranges of p and pd "
             "from both files (%r)" % rb)
     else:
@@ -741,45 +470,49 @@ def wait_more(counter, start, timeout=20):
         time.sleep(0.01)
 
 
+def kill_rounds(vqcowd, work, img, name, rounds, seed, counter, churn, after):
+    """ROUNDS times: vqcowd on IMG, CHURN(d, stop, r) on a thread until STOP
+    is set, counting in COUNTER[0]; once it moved, kill -9 at a random moment
+    within 0.3 s; qemu-img check then finds no corruption (leaks at most) and
+    AFTER(r) checks the file."""
+    rng = random.Random(seed)
+    for r in range(rounds):
+        d = Daemon(vqcowd, work, img, "%s%d" % (name, r))
+        stop = []
+        t = threading.Thread(target=churn, args=(d, stop, r))
+        start = counter[0]
+        t.start()
+        wait_more(counter, start)
+        time.sleep(rng.uniform(0, 0.3))
+        d.kill()
+        stop.append(1)
+        t.join(10)
+        wait_unlocked(img)
+        check_clean(img, "kill -9 round %d" % r, leaks_ok=True)
+        after(r)
+
+
 def test_resize_kill(vqcowd, fe_bin, work, rounds=5):
     """kill -9 while block_resize grows an image with persistent bitmaps under writes."""
     img = os.path.join(work, "rk.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
     sh("qemu-img", "bitmap", "--add", img, "p")
     sh("qemu-img", "bitmap", "--add", "--disable", img, "pd")
-    rng = random.Random(5)
     grows = [0]
-    for r in range(rounds):
-        d = Daemon(vqcowd, work, img, "rk%d" % r)
-        stop = []
 
-        def churn():
-            try:
-                q = Qmp(d.qsock)
-                size = [x for x in q.ret("query-named-block-nodes")
-                        if x["node-name"] == N][0]["image"]["virtual-size"]
-                while not stop:
-                    fe(fe_bin, "write", d.vsock, size - 4096, 4096, stdin=bytes(4096))
-                    size += M
-                    if "return" in q.cmd("block_resize", {"node-name": N, "size": size}):
-                        grows[0] += 1
-            except Exception:
-                pass
-        t = threading.Thread(target=churn)
-        start = grows[0]
-        t.start()
-        wait_more(grows, start)
-        time.sleep(rng.uniform(0, 0.3))
-        d.kill()
-        stop.append(1)
-        t.join(10)
-        for _ in range(200):
-            if subprocess.run(["qemu-img", "info", img], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
-        c = subprocess.run(["qemu-img", "check", img], capture_output=True, timeout=60)
-        check(c.returncode in (0, 3), "kill -9 round %d: qemu-img check rc %d\n%s" %
-              (r, c.returncode, c.stdout.decode()))
+    def churn(d, stop, r):
+        try:
+            q = Qmp(d.qsock)
+            size = node_info(q)["image"]["virtual-size"]
+            while not stop:
+                fe(fe_bin, "write", d.vsock, size - 4096, 4096, stdin=bytes(4096))
+                size += M
+                if "return" in q.cmd("block_resize", {"node-name": N, "size": size}):
+                    grows[0] += 1
+        except Exception:
+            pass
+
+    def after(r):
         names = sorted(x["name"] for x in info_bitmaps(img))
         check(names == ["p", "pd"], "round %d: bitmaps %r" % (r, info_bitmaps(img)))
         # in use (inconsistent) after a kill, as QEMU leaves them: drop and re-add
@@ -788,19 +521,12 @@ def test_resize_kill(vqcowd, fe_bin, work, rounds=5):
             sh("qemu-img", "bitmap", "--remove", img, n)
         sh("qemu-img", "bitmap", "--add", img, "p")
         sh("qemu-img", "bitmap", "--add", "--disable", img, "pd")
+    kill_rounds(vqcowd, work, img, "rk", rounds, 5, grows, churn, after)
     check(grows[0] >= rounds, "only %d grows before the kills" % grows[0])
-    d = Daemon(vqcowd, work, img, "rkafter")
-    try:
-        q = Qmp(d.qsock)
-        size = [x for x in q.ret("query-named-block-nodes")
-                if x["node-name"] == N][0]["image"]["virtual-size"]
+    with vqcowd_session(vqcowd, work, img, "rkafter") as (d, q):
+        size = node_info(q)["image"]["virtual-size"]
         q.ret("block_resize", {"node-name": N, "size": size + M})
-        q.close()
-        quit_daemon(d, 30)
-    finally:
-        d.stop()
-    r = subprocess.run(["qemu-img", "check", img], capture_output=True, timeout=60)
-    check(r.returncode in (0, 3), "after: qemu-img check rc %d" % r.returncode)
+    check_clean(img, "after", leaks_ok=True)
     bms = sorted(info_bitmaps(img), key=lambda x: x["name"])
     check([(x["name"], x["flags"]) for x in bms] == [("p", ["auto"]), ("pd", [])],
           "after a clean exit: %r" % bms)
@@ -816,59 +542,37 @@ def test_merge_kill(vqcowd, fe_bin, work, rounds=5):
     img = os.path.join(work, "mk.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 32 * M)
     sh("qemu-img", "bitmap", "--add", "--disable", "-g", "64K", img, "pd")
-    rng = random.Random(7)
     merges = [0]
-    for r in range(rounds):
-        d = Daemon(vqcowd, work, img, "mk%d" % r)
-        stop = []
 
-        def churn():
-            try:
-                q = Qmp(d.qsock)
-                q.cmd("block-dirty-bitmap-add", {"node": N, "name": "n"})
-                i = 0
-                while not stop:
-                    fe(fe_bin, "write", d.vsock, (i % 30) * M + r * 65536, 4096,
-                       stdin=bytes(4096))
-                    if "return" in q.cmd("block-dirty-bitmap-merge",
-                                         {"node": N, "target": "pd", "bitmaps": ["n"]}):
-                        merges[0] += 1
-                    i += 1
-            except Exception:
-                pass
-        t = threading.Thread(target=churn)
-        start = merges[0]
-        t.start()
-        wait_more(merges, start)
-        time.sleep(rng.uniform(0, 0.3))
-        d.kill()
-        stop.append(1)
-        t.join(10)
-        for _ in range(200):
-            if subprocess.run(["qemu-img", "info", img], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
-        c = subprocess.run(["qemu-img", "check", img], capture_output=True, timeout=60)
-        check(c.returncode in (0, 3), "kill -9 round %d: qemu-img check rc %d\n%s" %
-              (r, c.returncode, c.stdout.decode()))
+    def churn(d, stop, r):
+        try:
+            q = Qmp(d.qsock)
+            q.cmd("block-dirty-bitmap-add", {"node": N, "name": "n"})
+            i = 0
+            while not stop:
+                fe(fe_bin, "write", d.vsock, (i % 30) * M + r * 65536, 4096,
+                   stdin=bytes(4096))
+                if "return" in q.cmd("block-dirty-bitmap-merge",
+                                     {"node": N, "target": "pd", "bitmaps": ["n"]}):
+                    merges[0] += 1
+                i += 1
+        except Exception:
+            pass
+
+    def after(r):
         bms = info_bitmaps(img)
         check(bms == [{"flags": [], "name": "pd", "granularity": 65536}],
               "round %d: bitmaps %r" % (r, bms))
+    kill_rounds(vqcowd, work, img, "mk", rounds, 7, merges, churn, after)
     check(merges[0] >= rounds, "only %d merges before the kills" % merges[0])
     dirty = nbd_dirty(work, img, "pd") if shutil.which("nbdinfo") else None
     check(dirty is None or dirty, "no dirty range read back from 'pd'")
     log("ok: %d kill -9 rounds during %d merges into a disabled persistent bitmap: "
         "check never finds corruption, 'pd' stays consistent (%s dirty ranges)" %
         (rounds, merges[0], "?" if dirty is None else len(dirty)))
-    d = Daemon(vqcowd, work, img, "mkafter")
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "mkafter") as (d, q):
         r = q.cmd("block-dirty-bitmap-merge", {"node": N, "target": "pd", "bitmaps": []})
         check(r.get("return") == {}, "an empty merge: %r" % r)
-        q.close()
-        quit_daemon(d, 30)
-    finally:
-        d.stop()
     log("ok: merging an empty list returns {} (qemu-storage-daemon 7.2 dies on it)")
 
 
@@ -878,13 +582,12 @@ def test_fast_path(vqcowd, fe_bin, work):
     img = os.path.join(work, "fp.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, 16 * M)
     sh("qemu-io", "-c", "write 0 8M", img)
-    d = Daemon(vqcowd, work, img, "fp", extra=["--io-threads", "2", "--num-queues", "2"])
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "fp",
+                        extra=["--io-threads", "2", "--num-queues", "2"]) as (d, q):
         q.ret("block-dirty-bitmap-add", {"node": N, "name": "f"})
         for i in range(8):
             fe(fe_bin, "write", d.vsock, i * M + 4096, 4096, stdin=os.urandom(4096))
-        n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
+        n = node_info(q)
         bms = n["dirty-bitmaps"]
         check([(b["name"], b["count"]) for b in bms] == [("f", 8 * 65536)],
               "listing %r" % bms)
@@ -893,17 +596,11 @@ def test_fast_path(vqcowd, fe_bin, work):
         q.ret("block-dirty-bitmap-clear", {"node": N, "name": "f"})
         fe(fe_bin, "bench", d.vsock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
            "--size", "8M", "--runtime", "2")
-        n = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0]
+        n = node_info(q)
         bms = n["dirty-bitmaps"]
         st = q.ret("query-blockstats")[0]
         hits = st.get("vqcowd", {}).get("qcow2", {}).get("fast-path-hits")
         check([(b["name"], b["count"]) for b in bms] == [("f", 8 * M)], "after bench %r" % bms)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
     log("ok: 8 writes into allocated clusters, then 2 s of random writes, with 2 I/O threads "
         "(fast-path hits %s): the non-persistent bitmap counts every granule" % hits)
 
@@ -911,24 +608,16 @@ def test_fast_path(vqcowd, fe_bin, work):
 def test_raw(vqcowd, fe_bin, work):
     img = os.path.join(work, "r.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", img, 16 * M)
-    d = Daemon(vqcowd, work, img, "raw", extra=["--io-threads", "2", "--num-queues", "2"])
-    try:
-        q = Qmp(d.qsock)
+    with vqcowd_session(vqcowd, work, img, "raw",
+                        extra=["--io-threads", "2", "--num-queues", "2"]) as (d, q):
         q.ret("block-dirty-bitmap-add", {"node": N, "name": "r"})
         fe(fe_bin, "write", d.vsock, M + 512, 512, stdin=os.urandom(512))
         fe(fe_bin, "write", d.vsock, 15 * M, M, stdin=os.urandom(M))
-        bms = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == N][0][
-            "dirty-bitmaps"]
+        bms = node_info(q)["dirty-bitmaps"]
         check(bms == [{"name": "r", "recording": True, "persistent": False, "busy": False,
                        "granularity": 65536, "count": 65536 + M}], "raw listing %r" % bms)
         e = q.cmd("block-dirty-bitmap-add", {"node": N, "name": "rp", "persistent": True})
         check("error" in e, "persistent on raw: %r" % e)
-        q.close()
-        quit_daemon(d, 30)
-    except Exception:
-        d.stop_showing_log()
-        raise
-    d.stop()
     log("ok: raw image: a non-persistent bitmap (64 KiB) counts the written granules")
 
 
