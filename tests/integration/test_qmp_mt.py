@@ -125,6 +125,26 @@ def compare(img, base, mapf, fmt="qcow2"):
     log("ok: %d blocks of the image file as the map says" % n)
 
 
+def snapshot_sync(q, node, ov, new):
+    """blockdev-snapshot-sync of NODE into OV, node NEW the active layer."""
+    q.ret("blockdev-snapshot-sync", {"node-name": node, "snapshot-file": ov,
+                                     "snapshot-node-name": new, "format": "qcow2"})
+    log("ok: blockdev-snapshot-sync: %s is the active layer" % new)
+
+
+def commit_pivot(q, top, job, into=""):
+    """block-commit of the active layer TOP into disk0, BLOCK_JOB_READY,
+    block-job-complete: the pivot back to disk0; its node list."""
+    q.ret("block-commit", {"device": top, "job-id": job, "base-node": "disk0"})
+    e = q.wait_event("BLOCK_JOB_READY", 120)
+    log("ok: BLOCK_JOB_READY (%d bytes)%s" % (e["data"]["offset"], into and " " + into))
+    time.sleep(0.3)  # the job follows the guest's writes a while
+    q.ret("block-job-complete", {"device": job})
+    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
+    check("error" not in e["data"], "commit %sfailed: %r" % (into and into + " ", e))
+    return [n["node-name"] for n in q.ret("query-named-block-nodes")]
+
+
 def cycle(q, d, work, img, i, size):
     # grow: the capacity the queue threads check changes under them
     size += MiB
@@ -143,13 +163,9 @@ def cycle(q, d, work, img, i, size):
     log("ok: persistent bitmap b%d added and removed" % i)
     # external snapshots: the device paused, held requests restarted on their threads
     ova, ovb = os.path.join(work, "ov%da.qcow2" % i), os.path.join(work, "ov%db.qcow2" % i)
-    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ova,
-                                     "snapshot-node-name": "ov%da" % i, "format": "qcow2"})
-    log("ok: blockdev-snapshot-sync: ov%da is the active layer" % i)
+    snapshot_sync(q, "disk0", ova, "ov%da" % i)
     wait_fast(q, d, "overlay ov%da" % i)
-    q.ret("blockdev-snapshot-sync", {"node-name": "ov%da" % i, "snapshot-file": ovb,
-                                     "snapshot-node-name": "ov%db" % i, "format": "qcow2"})
-    log("ok: blockdev-snapshot-sync: ov%db is the active layer" % i)
+    snapshot_sync(q, "ov%da" % i, ovb, "ov%db" % i)
     # intermediate commit: ov_a into disk0, ov_b's header then names disk0
     q.ret("block-commit", {"device": "ov%db" % i, "job-id": "m%d" % i,
                            "top-node": "ov%da" % i, "base-node": "disk0"})
@@ -168,14 +184,7 @@ def cycle(q, d, work, img, i, size):
     check(nodes[0] == "ov%db" % i, "after the cancel: %r" % nodes)
     log("ok: block-job-cancel x%d: ov%db stays the active layer" % (i, i))
     # commit the active layer back, with the guest's writes hooked on every thread
-    q.ret("block-commit", {"device": "ov%db" % i, "job-id": "j%d" % i, "base-node": "disk0"})
-    e = q.wait_event("BLOCK_JOB_READY", 120)
-    log("ok: BLOCK_JOB_READY (%d bytes)" % e["data"]["offset"])
-    time.sleep(0.3)  # the job follows the guest's writes a while
-    q.ret("block-job-complete", {"device": "j%d" % i})
-    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
-    check("error" not in e["data"], "commit failed: %r" % e)
-    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    nodes = commit_pivot(q, "ov%db" % i, "j%d" % i)
     check(nodes[0] == "disk0", "after the pivot: %r" % nodes)
     log("ok: block-commit j%d pivoted back to disk0" % i)
     wait_fast(q, d, "after the pivot %d" % i)
@@ -185,50 +194,47 @@ def cycle(q, d, work, img, i, size):
     return size
 
 
-def one_image(vqcowd, stress, work, base, img, name):
-    """Serve IMG, run the cycles under vqfe-stress, check the result."""
+def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
+    """Serve IMG (FMT) with four queues on two I/O threads, the log saying
+    the threads serve the rings (SERVES: and what else); OPS(q, d, sp), the
+    QMP part, while vqfe-stress writes and verifies; then vqfe-stress must
+    have verified every block, quit must end vqcowd with exit 0 and no
+    sanitizer report, and VERIFY(mapf) checks the file."""
     until = os.path.join(work, "until")
     mapf = os.path.join(work, "map")
     for p in (until, mapf):
         if os.path.exists(p):
             os.unlink(p)
-    log("== %s" % name)
-    d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", "qcow2", "--num-queues", "4",
+    d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", fmt, "--num-queues", "4",
                                                       "--io-threads", "2"], unlink_stale=True)
     sp = None
     try:
         t = time.monotonic() + 10
-        want = "each thread serves its queues' rings and cached clusters"
+        want = "each thread serves its queues' rings and " + serves
         while want not in d.log() and time.monotonic() < t:
             time.sleep(0.05)
         check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
-        log("ok: --qmp, qcow2: the I/O threads serve the rings")
+        log("ok: --qmp, %s: the I/O threads serve the rings" % fmt)
         sp = subprocess.Popen([stress, d.vsock, "--size", str(SIZE), "--queues", "4",
                                "--seed", str(SEED), "--mix", "--until", until, "--map", mapf],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         q = qmplib.Qmp(d.qsock, timeout=120)
-        wait_fast(q, d, "before the operations")
-        size = SIZE
-        for i in range(2):
-            size = cycle(q, d, work, img, i, size)
-            if sp.poll() is not None:
-                raise Fail("vqfe-stress ended early: %s" %
-                           sp.stdout.read().decode(errors="replace"))
+        ops(q, d, sp)
         open(until, "w").close()
         out, _ = sp.communicate(timeout=300)
         out = out.decode(errors="replace")
         log(out.strip())
         check(sp.returncode == 0, "vqfe-stress: rc %d" % sp.returncode)
-        s = qcow2_stats(q)
-        log("fast path at the end: %d hits, %d hops" % (s.get("fast-path-hits", 0),
-                                                       s.get("fast-path-hops", 0)))
+        if fmt == "qcow2":
+            s = qcow2_stats(q)
+            log("fast path at the end: %d hits, %d hops" % (s.get("fast-path-hits", 0),
+                                                           s.get("fast-path-hops", 0)))
         q.cmd("quit")
         d.p.wait(60)
         sanitizer_clean(d.log())
         check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, d.log()[-4000:]))
         log("ok: quit, exit 0")
-        log(run("qemu-img", "check", img).strip())
-        compare(img, base, mapf)
+        verify(mapf)
     except Fail:
         if sp and sp.poll() is None:
             sp.kill()
@@ -239,6 +245,34 @@ def one_image(vqcowd, stress, work, base, img, name):
             sp.kill()
         if d.p.poll() is None:
             d.kill()
+
+
+def one_image(vqcowd, stress, work, base, img, name):
+    """Serve IMG, run the cycles under vqfe-stress, check the result."""
+    log("== %s" % name)
+
+    def ops(q, d, sp):
+        wait_fast(q, d, "before the operations")
+        size = SIZE
+        for i in range(2):
+            size = cycle(q, d, work, img, i, size)
+            if sp.poll() is not None:
+                raise Fail("vqfe-stress ended early: %s" %
+                           sp.stdout.read().decode(errors="replace"))
+
+    def verify(mapf):
+        log(run("qemu-img", "check", img).strip())
+        compare(img, base, mapf)
+    under_stress(vqcowd, stress, work, img, "qcow2", "cached clusters", ops, verify)
+
+
+def wait_writes(q, sp, above, after):
+    """query-blockstats counts more than ABOVE + 200 writes within 30 s."""
+    t = time.monotonic() + 30
+    while q.ret("query-blockstats")[0]["stats"]["wr_operations"] < above + 200:
+        check(sp.poll() is None, "vqfe-stress ended early%s" % after)
+        check(time.monotonic() < t, "no writes to the raw image%s" % after)
+        time.sleep(0.05)
 
 
 def raw_cycle(q, d, sp, work, i):
@@ -251,30 +285,16 @@ def raw_cycle(q, d, sp, work, i):
     check(nodes[:2] == ["rov%da" % i, "disk0"], "after the snapshot: %r" % nodes)
     log("ok: blockdev-snapshot-sync of the raw image: rov%da is the active layer" % i)
     wait_fast(q, d, "overlay rov%da over raw" % i)
-    q.ret("blockdev-snapshot-sync", {"node-name": "rov%da" % i, "snapshot-file": ovb,
-                                     "snapshot-node-name": "rov%db" % i, "format": "qcow2"})
-    log("ok: blockdev-snapshot-sync: rov%db is the active layer" % i)
+    snapshot_sync(q, "rov%da" % i, ovb, "rov%db" % i)
     wait_fast(q, d, "overlay rov%db" % i)
     # qcow2 -> raw: active commit into the raw image, then the pivot to it
-    q.ret("block-commit", {"device": "rov%db" % i, "job-id": "r%d" % i, "base-node": "disk0"})
-    e = q.wait_event("BLOCK_JOB_READY", 120)
-    log("ok: BLOCK_JOB_READY (%d bytes) into the raw image" % e["data"]["offset"])
-    time.sleep(0.3)  # the job follows the guest's writes a while
-    q.ret("block-job-complete", {"device": "r%d" % i})
-    e = q.wait_event("BLOCK_JOB_COMPLETED", 120)
-    check("error" not in e["data"], "commit into raw failed: %r" % e)
-    nodes = [n["node-name"] for n in q.ret("query-named-block-nodes")]
+    nodes = commit_pivot(q, "rov%db" % i, "r%d" % i, "into the raw image")
     check(nodes == ["disk0"], "after the pivot to raw: %r" % nodes)
     st = q.ret("query-blockstats")[0]
     check("qcow2" not in st["vqcowd"], "raw active layer with qcow2 stats: %r" % st)
     log("ok: block-commit r%d pivoted back to the raw image" % i)
     # the queue threads go on writing and verifying the raw image a while
-    before = st["stats"]["wr_operations"]
-    t = time.monotonic() + 30
-    while q.ret("query-blockstats")[0]["stats"]["wr_operations"] < before + 200:
-        check(sp.poll() is None, "vqfe-stress ended early after the pivot")
-        check(time.monotonic() < t, "no writes to the raw image after the pivot")
-        time.sleep(0.05)
+    wait_writes(q, sp, st["stats"]["wr_operations"], " after the pivot")
     log("ok: writes go on into the raw image")
     # the overlays were closed at the pivot: QEMU's checker takes them
     for f in (ova, ovb):
@@ -287,54 +307,14 @@ def raw_image(vqcowd, stress, work, base):
     """A raw image served by the I/O threads, swapped with overlays and back."""
     img = os.path.join(work, "disk.raw")
     shutil.copyfile(base, img)
-    until = os.path.join(work, "until")
-    mapf = os.path.join(work, "map")
-    for p in (until, mapf):
-        if os.path.exists(p):
-            os.unlink(p)
     log("== a raw image")
-    d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", "raw", "--num-queues", "4",
-                                                      "--io-threads", "2"], unlink_stale=True)
-    sp = None
-    try:
-        t = time.monotonic() + 10
-        want = "each thread serves its queues' rings and image I/O"
-        while want not in d.log() and time.monotonic() < t:
-            time.sleep(0.05)
-        check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
-        log("ok: --qmp, raw: the I/O threads serve the rings")
-        sp = subprocess.Popen([stress, d.vsock, "--size", str(SIZE), "--queues", "4",
-                               "--seed", str(SEED), "--mix", "--until", until, "--map", mapf],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        q = qmplib.Qmp(d.qsock, timeout=120)
-        t = time.monotonic() + 30
-        while q.ret("query-blockstats")[0]["stats"]["wr_operations"] < 200:
-            check(sp.poll() is None, "vqfe-stress ended early")
-            check(time.monotonic() < t, "no writes to the raw image")
-            time.sleep(0.05)
+
+    def ops(q, d, sp):
+        wait_writes(q, sp, 0, "")
         for i in range(2):
             raw_cycle(q, d, sp, work, i)
-        open(until, "w").close()
-        out, _ = sp.communicate(timeout=300)
-        out = out.decode(errors="replace")
-        log(out.strip())
-        check(sp.returncode == 0, "vqfe-stress: rc %d" % sp.returncode)
-        q.cmd("quit")
-        d.p.wait(60)
-        sanitizer_clean(d.log())
-        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, d.log()[-4000:]))
-        log("ok: quit, exit 0")
-        compare(img, base, mapf, "raw")
-    except Fail:
-        if sp and sp.poll() is None:
-            sp.kill()
-        d.stop_showing_log(tail=8000)
-        raise
-    finally:
-        if sp and sp.poll() is None:
-            sp.kill()
-        if d.p.poll() is None:
-            d.kill()
+    under_stress(vqcowd, stress, work, img, "raw", "image I/O", ops,
+                 lambda mapf: compare(img, base, mapf, "raw"))
 
 
 def main():
