@@ -176,7 +176,8 @@ struct q2req {
  * The owner (the image's loop, which runs the engine) publishes what it
  * learnt from mapping in a table indexed by guest cluster (m->ft: pages of
  * 512 entries, allocated by the owner on first use, kept until close; at
- * most ft_maxpages, the L2 cache's budget): a normal data cluster (FE_DATA,
+ * most ft_maxpages, the L2 cache's budget; its reach, ft_n, follows an
+ * online grow: ft_grow): a normal data cluster (FE_DATA,
  * FE_RW if it is written in place: COPIED, or an external data file) or a
  * compressed one (FE_COMP: offset and length of its compressed bytes). A
  * thread reads an entry with one atomic load and, on a hit, does the read,
@@ -331,8 +332,11 @@ struct q2img {
 	struct img_wait *st_user;
 
 	/* the fast path (see struct fslot) */
-	uint64_t **ft;     /* atomic: pages of atomic entries (owner allocates) */
-	uint64_t ft_n;     /* guest clusters covered */
+	uint64_t **ft;      /* atomic: pages of atomic entries (owner allocates) */
+	uint64_t ft_n;      /* atomic: guest clusters covered (grows with the disk: ft_grow) */
+	uint64_t ft_len;    /* page pointers in m->ft */
+	uint64_t ***ft_old; /* m->ft arrays replaced by a grow, kept until close */
+	unsigned ft_nold;
 	uint64_t slice_cl; /* guest clusters per L2 slice (publish_slice) */
 	size_t ft_npages, ft_maxpages;
 	unsigned fmode;           /* atomic: FM_READ, FM_WRITE */
@@ -405,11 +409,19 @@ static struct io_file *data_file(struct q2img *m)
 
 /* ---- the fast path: the owner's side ---- */
 
+/*
+ * Any thread. The reach first, then the array: ft_grow() publishes a larger
+ * array before the larger reach, so a thread that sees the new reach sees
+ * an array that long (an older array serves the old reach).
+ */
 static uint64_t *ft_page(struct q2img *m, uint64_t gc)
 {
-	uint64_t **ft = __atomic_load_n(&m->ft, __ATOMIC_ACQUIRE);
+	uint64_t **ft;
 
-	return ft && gc < m->ft_n ? __atomic_load_n(&ft[gc >> FT_BITS], __ATOMIC_ACQUIRE) : NULL;
+	if (gc >= __atomic_load_n(&m->ft_n, __ATOMIC_ACQUIRE))
+		return NULL;
+	ft = __atomic_load_n(&m->ft, __ATOMIC_ACQUIRE);
+	return ft ? __atomic_load_n(&ft[gc >> FT_BITS], __ATOMIC_ACQUIRE) : NULL;
 }
 
 /* Owner: publish entry @e of guest cluster @gc (dropped if out of budget). */
@@ -424,6 +436,7 @@ static void ft_store(struct q2img *m, uint64_t gc, uint64_t e)
 
 		if (!ft)
 			return;
+		m->ft_len = (m->ft_n >> FT_BITS) + 1;
 		__atomic_store_n(&m->ft, ft, __ATOMIC_RELEASE);
 	}
 	pg = m->ft[gc >> FT_BITS];
@@ -547,10 +560,13 @@ static void fast_free(struct q2img *m)
 	}
 	free(m->slots);
 	if (m->ft) {
-		for (uint64_t p = 0; p <= m->ft_n >> FT_BITS; p++)
+		for (uint64_t p = 0; p < m->ft_len; p++)
 			free(m->ft[p]);
 		free(m->ft);
 	}
+	for (unsigned i = 0; i < m->ft_nold; i++)
+		free(m->ft_old[i]); /* their pages are m->ft's */
+	free(m->ft_old);
 }
 
 /* Compressed clusters inflated and reads served from inflated clusters, all threads. */
@@ -635,6 +651,44 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 	m->ext.flip = fast_flip;
 	m->ext.priv = m;
 	return 0;
+}
+
+/*
+ * Owner, the disk grew to @size (its new size is durable, and the guest
+ * learns it next): the table reaches it too, so the threads serve the new
+ * range as the old. No need to park them: the pages stay where they are
+ * (the owner clears an entry in the one page every array shares), a longer
+ * array of page pointers is published before the longer reach (ft_page),
+ * and the array it replaces is kept until close, as a thread may still be
+ * reading it (it serves the old reach, and a page added since is absent
+ * there, which is a miss). Tickets and the grace period are untouched: no
+ * entry changes. Out of memory: the old reach stays (the new range hops).
+ */
+static void ft_grow(struct q2img *m, uint64_t size)
+{
+	uint64_t n = (size + m->cs - 1) >> m->cb, len;
+
+	if (n > FT_MAX_CLUSTERS)
+		n = FT_MAX_CLUSTERS;
+	if (n <= m->ft_n)
+		return;
+	len = (n >> FT_BITS) + 1;
+	if (m->ft && len > m->ft_len) {
+		uint64_t **ft = calloc((size_t)len, sizeof(*ft));
+		uint64_t ***old = realloc(m->ft_old, (m->ft_nold + 1) * sizeof(*old));
+
+		if (old)
+			m->ft_old = old;
+		if (!ft || !old) {
+			free(ft);
+			return;
+		}
+		memcpy(ft, m->ft, (size_t)m->ft_len * sizeof(*ft));
+		m->ft_old[m->ft_nold++] = m->ft;
+		m->ft_len = len;
+		__atomic_store_n(&m->ft, ft, __ATOMIC_RELEASE);
+	}
+	__atomic_store_n(&m->ft_n, n, __ATOMIC_RELEASE);
 }
 
 /* Owner: a new engine (open, reopen): nothing known yet, its ticket hook set. */
@@ -2031,7 +2085,7 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 		return false;
 	first = io->off >> m->cb;
 	last = (io->off + io->len - 1) >> m->cb;
-	if (last - first >= 16 || last >= m->ft_n)
+	if (last - first >= 16 || last >= __atomic_load_n(&m->ft_n, __ATOMIC_ACQUIRE))
 		return false;
 	f = s->free;
 	if (!f) {
@@ -2788,9 +2842,10 @@ static void grow_done(struct qcow2_flush *f, int res)
 	struct q2grow *x = f->priv;
 	struct img_grow *g = x->g;
 
-	if (res == 0)
+	if (res == 0) {
 		x->m->img.size = x->size;
-	else
+		ft_grow(x->m, x->size);
+	} else
 		snprintf(g->err, sizeof(g->err), "%s: writing the new size failed: %s",
 			 x->m->img.path, strerror(-res));
 	free(x);
@@ -2838,8 +2893,10 @@ static int q2_grow(struct img *img, uint64_t size, struct img_grow *g)
 	ret = qcow2_grow(m->q, size, &x->f, g->err, sizeof(g->err));
 	if (ret != 1) {
 		free(x);
-		if (ret == 0)
+		if (ret == 0) {
 			img->size = size;
+			ft_grow(m, size);
+		}
 	}
 	return ret;
 }

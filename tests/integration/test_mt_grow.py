@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""The queue threads' fast path after an online grow (--qmp, --io-threads 2,
+two queues): the range a block_resize added is served on the threads like
+the rest of the disk, not handed to the owner until the image is reopened.
+
+A fresh 8 MiB qcow2 image; vqfe-stress writes, discards and verifies its
+first 8 MiB from both queues while QMP grows the disk twice: to 16 MiB
+(the fast table's array of pages still long enough) and to 40 MiB (a
+longer array published under the running threads, img/img_qcow2.c
+ft_grow). Then, through the device:
+
+  * vqcow-fe verify on queue 1 over [8, 16) MiB and on queue 0 over
+    [30, 40) MiB (across the table's first 32 MiB page), 4 KiB blocks: a
+    seeded pattern written, flushed, read back and compared; the first
+    write of each cluster allocates it (a hop to the owner), every later
+    write and every read of it must be a fast-path hit (query-blockstats'
+    fast-path-hits and -hops, counted per request);
+  * 4 KiB random reads on both queues (both threads) over [30, 40) MiB:
+    at least 95 % of them fast-path hits.
+
+At the end: QMP quit, exit 0, no sanitizer report in the log (it runs in
+the ASan and ThreadSanitizer builds too), qemu-img check clean, and the
+image file holds the pattern in both ranges (sampled: the first and last
+64 bytes of every block).
+
+Usage: test_mt_grow.py VQCOWD VQCOW_FE VQFE_STRESS WORKDIR
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import qmplib
+from qmplib import SKIP, check, log
+
+MiB = 1024 * 1024
+BS = 4096
+CLUSTER = 65536
+M64 = (1 << 64) - 1
+
+
+def run(*args, timeout=300):
+    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
+    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
+                                                r.stdout.decode(errors="replace")[-2000:],
+                                                r.stderr.decode(errors="replace")[-2000:]))
+    return r.stdout.decode(errors="replace")
+
+
+def stats(q):
+    s = q.ret("query-blockstats")[0]["vqcowd"].get("qcow2", {})
+    return s.get("fast-path-hits", 0), s.get("fast-path-hops", 0)
+
+
+def word(seed, off):
+    """vqcow-fe verify's pattern: the 8-byte word at byte offset OFF."""
+    z = ((seed ^ ((off * 0x9e3779b97f4a7c15) & M64)) + 0x9e3779b97f4a7c15) & M64
+    z = ((z ^ (z >> 30)) * 0xbf58476d1ce4e5b9) & M64
+    z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M64
+    return z ^ (z >> 31)
+
+
+def verify_range(fe, d, q, queue, off, size, seed):
+    """vqcow-fe verify of [OFF, OFF + SIZE) on QUEUE: mostly fast-path hits."""
+    h0, p0 = stats(q)
+    log(run(fe, "--queues", 2, "--queue", queue, "verify", d.vsock, "--offset", off, "--size",
+            size, "--bs", BS, "--seed", seed).strip())
+    h1, p1 = stats(q)
+    reqs = 2 * size // BS
+    clusters = size // CLUSTER
+    log("[%d, %d) MiB on queue %d: %d requests, %d fast-path hits, %d hops" %
+        (off // MiB, (off + size) // MiB, queue, reqs, h1 - h0, p1 - p0))
+    # one allocating write per cluster goes to the owner; the rest is the threads'
+    check(h1 - h0 >= reqs - clusters - reqs // 20,
+          "the grown range is not served on the threads: %d hits, %d hops of %d requests" %
+          (h1 - h0, p1 - p0, reqs))
+    check(p1 - p0 <= clusters + reqs // 20, "%d hops for %d clusters" % (p1 - p0, clusters))
+
+
+def check_file(img, ranges, work):
+    out = os.path.join(work, "out.raw")
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+    bad = n = 0
+    with open(out, "rb") as f:
+        for off, size, seed in ranges:
+            for b in range(off, off + size, BS):
+                for at in (b, b + BS - 64):
+                    f.seek(at)
+                    got = struct.unpack("<8Q", f.read(64))
+                    want = tuple(word(seed, at + 8 * i) for i in range(8))
+                    n += 1
+                    if got != want:
+                        bad += 1
+                        if bad <= 5:
+                            log("byte %d: not the pattern of seed %d" % (at, seed))
+    os.unlink(out)
+    check(bad == 0, "%d of %d samples of the grown range differ" % (bad, n))
+    log("ok: %d samples of the grown range hold the pattern" % n)
+
+
+def main():
+    if len(sys.argv) != 5:
+        print(__doc__)
+        return 2
+    vqcowd, fe, stress, work = sys.argv[1:5]
+    if not shutil.which("qemu-img"):
+        log("SKIP: qemu-img not installed")
+        return SKIP
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    img = os.path.join(work, "disk.qcow2")
+    until = os.path.join(work, "until")
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, 8 * MiB)
+    d = qmplib.Daemon(vqcowd, work, img, "grow", extra=["--format", "qcow2", "--num-queues", "2",
+                                                        "--io-threads", "2"], unlink_stale=True)
+    sp = None
+    try:
+        want = "each thread serves its queues' rings and cached clusters"
+        t = time.monotonic() + 10
+        while want not in d.log() and time.monotonic() < t:
+            time.sleep(0.05)
+        check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
+        q = qmplib.Qmp(d.qsock, timeout=120)
+        # the grows happen while both threads serve the old range
+        sp = subprocess.Popen([stress, d.vsock, "--size", str(8 * MiB), "--queues", "2",
+                               "--seed", "31", "--mix", "--until", until],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        t = time.monotonic() + 60
+        while stats(q)[0] == 0:
+            check(sp.poll() is None and d.p.poll() is None, "vqfe-stress or vqcowd ended")
+            check(time.monotonic() < t, "no fast-path hit before the grow")
+            time.sleep(0.05)
+        for size in (16 * MiB, 40 * MiB):
+            q.ret("block_resize", {"node-name": "disk0", "size": size})
+            log("ok: block_resize to %d MiB under load" % (size // MiB))
+            time.sleep(0.3)
+        open(until, "w").close()
+        out, _ = sp.communicate(timeout=300)
+        log(out.decode(errors="replace").strip())
+        check(sp.returncode == 0, "vqfe-stress: rc %d" % sp.returncode)
+        log("ok: vqfe-stress verified the first 8 MiB across both grows")
+
+        ranges = [(8 * MiB, 8 * MiB, 41), (30 * MiB, 10 * MiB, 42)]
+        verify_range(fe, d, q, 1, *ranges[0])
+        verify_range(fe, d, q, 0, *ranges[1])
+        h0, p0 = stats(q)
+        out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", BS,
+                  "--iodepth", 8, "--numjobs", 2, "--offset", 30 * MiB, "--size", 10 * MiB,
+                  "--number-ios", 4000, "--json")
+        ios = json.loads(out)["total"]["ios"]
+        h1, p1 = stats(q)
+        log("random reads of [30, 40) MiB on both threads: %d reads, %d hits, %d hops" %
+            (ios, h1 - h0, p1 - p0))
+        check(ios >= 4000 and h1 - h0 >= ios * 95 // 100,
+              "random reads of the grown range: %d hits of %d" % (h1 - h0, ios))
+        q.cmd("quit")
+        d.p.wait(60)
+        text = d.log()
+        for w in ("ThreadSanitizer", "AddressSanitizer", "LeakSanitizer", "runtime error"):
+            check(w not in text, "%s report in the daemon's log:\n%s" % (w, text[-6000:]))
+        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, text[-4000:]))
+        log("ok: quit, exit 0")
+        log(run("qemu-img", "check", img).strip())
+        check_file(img, ranges, work)
+    except BaseException:
+        if sp and sp.poll() is None:
+            sp.kill()
+        d.stop_showing_log(tail=8000)
+        raise
+    finally:
+        if sp and sp.poll() is None:
+            sp.kill()
+        if d.p.poll() is None:
+            d.kill()
+    log("PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    qmplib.run_main(main)
