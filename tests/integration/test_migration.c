@@ -80,19 +80,66 @@ static unsigned bits(const uint8_t *p, size_t n)
 	return c;
 }
 
+/* A fresh 64 MiB qcow2 image @img (DIR/disk.qcow2) in a new directory @dir
+ * ("/tmp/vqcow-mig.XXXXXX", filled in). */
+static void new_image(char *dir, char *img, size_t imgsz)
+{
+	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
+	snprintf(img, imgsz, "%s/disk.qcow2", dir);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 64M", img), 0);
+}
+
+/* The dirty log of a migration, as QEMU sets it up: shared memory with a bit
+ * per page of the front-end's memory regions (SET_LOG_BASE), then
+ * VHOST_F_LOG_ALL in SET_FEATURES. */
+struct dirty_log {
+	uint8_t *map;
+	uint64_t size;
+	int fd;
+};
+
+static void log_start(struct vqfe *fe, struct dirty_log *dl)
+{
+	uint64_t maxgpa = 0, gpa, size, v;
+	struct vqfe_msg_hdr h;
+
+	for (unsigned i = 0; vqfe_region(fe, i, &gpa, &size) == 0; i++)
+		if (gpa + size > maxgpa)
+			maxgpa = gpa + size;
+	dl->size = (maxgpa / 4096 + 7) / 8;
+	dl->fd = memfd_create("log", MFD_CLOEXEC);
+	CU_ASSERT_FATAL(dl->fd >= 0 && ftruncate(dl->fd, (off_t)dl->size) == 0);
+	dl->map = mmap(NULL, dl->size, PROT_READ | PROT_WRITE, MAP_SHARED, dl->fd, 0);
+	CU_ASSERT_FATAL(dl->map != MAP_FAILED);
+	{
+		uint64_t lm[2] = {dl->size, 0};
+
+		CU_ASSERT_EQUAL(vqfe_send_msg(fe, VHOST_USER_SET_LOG_BASE, VHOST_USER_VERSION, lm,
+					      sizeof(lm), &dl->fd, 1),
+				0);
+		CU_ASSERT_EQUAL(vqfe_recv_msg(fe, &h, &v, sizeof(v), 5000), 8);
+		CU_ASSERT_EQUAL(h.request, VHOST_USER_SET_LOG_BASE);
+	}
+	v = vqfe_features(fe) | (1ull << 26);
+	CU_ASSERT_EQUAL(vqfe_call(fe, VHOST_USER_SET_FEATURES, &v, 8, NULL, 0, true, NULL, 0), 0);
+}
+
+/* After the daemons stopped: the image checks clean; the log and @dir go. */
+static void finish(const char *dir, const char *img, struct dirty_log *dl)
+{
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
+	munmap(dl->map, dl->size);
+	close(dl->fd);
+	tu_sh("rm -rf %s", dir);
+}
+
 static void t_handoff(void)
 {
 	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64];
-	struct vqfe_msg_hdr h;
-	uint64_t maxgpa = 0, gpa, size, v, logsz;
+	struct dirty_log dl;
 	uint32_t base = 0;
-	uint8_t *log;
-	int logfd;
 
-	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
-	snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
-	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 64M", img), 0);
-
+	new_image(dir, img, sizeof(img));
 	START(a, .extra = {"--format", "qcow2", "--blk-file", img});
 	START(b, .extra = {"--format", "qcow2", "--blk-file", img, "--incoming"});
 	CONNECT(fa, a, NULL);
@@ -101,29 +148,11 @@ static void t_handoff(void)
 	CU_ASSERT(lock_held(img, 101)); /* the source's write lock */
 
 	/* Migration starts: a dirty log, then VHOST_F_LOG_ALL. */
-	for (unsigned i = 0; vqfe_region(fa, i, &gpa, &size) == 0; i++)
-		if (gpa + size > maxgpa)
-			maxgpa = gpa + size;
-	logsz = (maxgpa / 4096 + 7) / 8;
-	logfd = memfd_create("log", MFD_CLOEXEC);
-	CU_ASSERT_FATAL(logfd >= 0 && ftruncate(logfd, (off_t)logsz) == 0);
-	log = mmap(NULL, logsz, PROT_READ | PROT_WRITE, MAP_SHARED, logfd, 0);
-	CU_ASSERT_FATAL(log != MAP_FAILED);
-	{
-		uint64_t lm[2] = {logsz, 0};
-
-		CU_ASSERT_EQUAL(vqfe_send_msg(fa, VHOST_USER_SET_LOG_BASE, VHOST_USER_VERSION, lm,
-					      sizeof(lm), &logfd, 1),
-				0);
-		CU_ASSERT_EQUAL(vqfe_recv_msg(fa, &h, &v, sizeof(v), 5000), 8);
-		CU_ASSERT_EQUAL(h.request, VHOST_USER_SET_LOG_BASE);
-	}
-	v = vqfe_features(fa) | (1ull << 26);
-	CU_ASSERT_EQUAL(vqfe_call(fa, VHOST_USER_SET_FEATURES, &v, 8, NULL, 0, true, NULL, 0), 0);
-	CU_ASSERT_EQUAL(bits(log, logsz), 0);
+	log_start(fa, &dl);
+	CU_ASSERT_EQUAL(bits(dl.map, dl.size), 0);
 	CU_ASSERT_EQUAL(write_pattern(fa, 2 * MiB, 3), 0);
 	CU_ASSERT_TRUE(check_pattern(fa, 0, 1));
-	CU_ASSERT(bits(log, logsz) >= 2); /* read data, status bytes, used ring */
+	CU_ASSERT(bits(dl.map, dl.size) >= 2); /* read data, status bytes, used ring */
 
 	/* Switchover: the source's ring stops; it lets the image go. */
 	CU_ASSERT_EQUAL(vqfe_vq_stop(fa, 0, &base), 0);
@@ -157,10 +186,7 @@ static void t_handoff(void)
 	CU_ASSERT(lock_held(img, 101));
 	vqfe_close(fa);
 	STOP(a);
-	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
-	munmap(log, logsz);
-	close(logfd);
-	tu_sh("rm -rf %s", dir);
+	finish(dir, img, &dl);
 }
 
 /* Every page of [gpa, gpa + len) marked in @log? */
@@ -179,19 +205,15 @@ static void t_threads(void)
 	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64], line[512];
 	struct vqfe_req req[NR > NW ? NR : NW];
 	static uint8_t wbuf[NW][LEN], pat[CHUNK];
-	uint64_t maxgpa = 0, gpa, size, v, logsz, sgpa, hits = 0;
+	uint64_t sgpa, hits = 0;
 	size_t ssize;
 	struct vqfe_opts fo;
-	struct vqfe_msg_hdr h;
+	struct dirty_log dl;
 	uint32_t base = 0;
 	uint16_t before;
-	uint8_t *log;
 	FILE *f;
-	int logfd;
 
-	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
-	snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
-	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 64M", img), 0);
+	new_image(dir, img, sizeof(img));
 	/* every 4th fast-path write held 500 ms with its ticket */
 	setenv("VQCOWD_TEST_FAST_DELAY", "500", 1);
 	START(a, .num_queues = 2,
@@ -214,24 +236,7 @@ static void t_threads(void)
 	}
 
 	/* Migration starts: a dirty log, then VHOST_F_LOG_ALL. */
-	for (unsigned i = 0; vqfe_region(fa, i, &gpa, &size) == 0; i++)
-		if (gpa + size > maxgpa)
-			maxgpa = gpa + size;
-	logsz = (maxgpa / 4096 + 7) / 8;
-	logfd = memfd_create("log", MFD_CLOEXEC);
-	CU_ASSERT_FATAL(logfd >= 0 && ftruncate(logfd, (off_t)logsz) == 0);
-	log = mmap(NULL, logsz, PROT_READ | PROT_WRITE, MAP_SHARED, logfd, 0);
-	CU_ASSERT_FATAL(log != MAP_FAILED);
-	{
-		uint64_t lm[2] = {logsz, 0};
-
-		CU_ASSERT_EQUAL(vqfe_send_msg(fa, VHOST_USER_SET_LOG_BASE, VHOST_USER_VERSION, lm,
-					      sizeof(lm), &logfd, 1),
-				0);
-		CU_ASSERT_EQUAL(vqfe_recv_msg(fa, &h, &v, sizeof(v), 5000), 8);
-	}
-	v = vqfe_features(fa) | (1ull << 26);
-	CU_ASSERT_EQUAL(vqfe_call(fa, VHOST_USER_SET_FEATURES, &v, 8, NULL, 0, true, NULL, 0), 0);
+	log_start(fa, &dl);
 
 	/* Reads into scratch pages: fast on queue 1 (clusters 0-15), and
 	 * through a hop (unallocated clusters, zeroes, and a range across two
@@ -239,7 +244,7 @@ static void t_threads(void)
 	vqfe_scratch(fa, &sgpa, &ssize);
 	CU_ASSERT_FATAL(ssize >= (size_t)NR * LEN + 4096);
 	for (unsigned round = 0; round < 2; round++) {
-		memset(log, 0, logsz);
+		memset(dl.map, 0, dl.size);
 		memset(vqfe_gpa(fa, sgpa, (size_t)NR * LEN), 0xa5, (size_t)NR * LEN);
 		for (unsigned i = 0; i < NR; i++) {
 			uint64_t off = round ? 32 * MiB + (uint64_t)i * LEN : (uint64_t)i * LEN;
@@ -253,10 +258,11 @@ static void t_threads(void)
 		CU_ASSERT_EQUAL(vqfe_drain(fa, 1), 0);
 		for (unsigned i = 0; i < NR; i++) {
 			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
-			CU_ASSERT_TRUE(logged(log, logsz, sgpa + (uint64_t)i * LEN, LEN));
+			CU_ASSERT_TRUE(logged(dl.map, dl.size, sgpa + (uint64_t)i * LEN, LEN));
 			/* the status byte, in a descriptor of its own, as Linux
 			 * lays requests out */
-			CU_ASSERT_TRUE(logged(log, logsz, vqfe_req_status_gpa(fa, &req[i]), 1));
+			CU_ASSERT_TRUE(
+			    logged(dl.map, dl.size, vqfe_req_status_gpa(fa, &req[i]), 1));
 		}
 		if (!round) {
 			/* the data really came from the image */
@@ -315,10 +321,7 @@ static void t_threads(void)
 	if (hits < NR + NW)
 		itest_dump_log(&a);
 	STOP(a);
-	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
-	munmap(log, logsz);
-	close(logfd);
-	tu_sh("rm -rf %s", dir);
+	finish(dir, img, &dl);
 }
 
 static void add_suites(void)
