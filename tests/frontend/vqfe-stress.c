@@ -128,6 +128,27 @@ static int fail(struct ctx *c, const char *what)
 	return -1;
 }
 
+/* Submit @r (a slot of @j's) on queue @q, counted in flight there and in
+ * @inflight. */
+static int submit(struct ctx *c, struct job *j, unsigned q, struct vqfe_req *r, unsigned *inflight)
+{
+	r->user = j;
+	if (vqfe_submit(c->fe, q, r) < 0)
+		return fail(c, "submit");
+	c->job[q].inflight++;
+	(*inflight)++;
+	return 0;
+}
+
+/* @r: a read of block @b into @buf. */
+static void read_req(struct vqfe_req *r, uint8_t *buf, uint64_t b)
+{
+	r->type = VIRTIO_BLK_T_IN;
+	r->buf = buf;
+	r->len = BS;
+	r->sector = b * (BS / 512);
+}
+
 /* Reap everything done on every queue; call @fn for each. */
 typedef int done_fn(struct ctx *c, struct job *j, struct vqfe_req *r);
 
@@ -245,12 +266,9 @@ static int write_round(struct ctx *c, uint32_t round)
 					 * may free the cluster while writes to it run */
 					memset(r, 0, sizeof(*r));
 					r->type = VIRTIO_BLK_T_FLUSH;
-					r->user = j;
 					j->flush_due = false;
-					if (vqfe_submit(c->fe, q, r) < 0)
-						return fail(c, "submit");
-					j->inflight++;
-					inflight++;
+					if (submit(c, j, q, r, &inflight) < 0)
+						return -1;
 					kicked = true;
 					continue;
 				}
@@ -260,15 +278,9 @@ static int write_round(struct ctx *c, uint32_t round)
 				memset(r, 0, sizeof(*r));
 				if (c->map[b].st == ST_UNTOUCHED) {
 					/* --read-untouched: checked in round_done */
-					r->type = VIRTIO_BLK_T_IN;
-					r->buf = j->buf[slot];
-					r->len = BS;
-					r->sector = b * (BS / 512);
-					r->user = j;
-					if (vqfe_submit(c->fe, q, r) < 0)
-						return fail(c, "submit");
-					j->inflight++;
-					inflight++;
+					read_req(r, j->buf[slot], b);
+					if (submit(c, j, q, r, &inflight) < 0)
+						return -1;
 					kicked = true;
 					continue;
 				}
@@ -306,11 +318,8 @@ static int write_round(struct ctx *c, uint32_t round)
 				}
 				if (churned(c, round, b))
 					c->map[b].st = ST_DISCARDED; /* races the discard */
-				r->user = j;
-				if (vqfe_submit(c->fe, q, r) < 0)
-					return fail(c, "submit");
-				j->inflight++;
-				inflight++;
+				if (submit(c, j, q, r, &inflight) < 0)
+					return -1;
 				kicked = true;
 			}
 			if (kicked)
@@ -397,15 +406,9 @@ static int verify_all(struct ctx *c)
 					break;
 				more = true;
 				memset(r, 0, sizeof(*r));
-				r->type = VIRTIO_BLK_T_IN;
-				r->buf = j->buf[slot];
-				r->len = BS;
-				r->sector = b * (BS / 512);
-				r->user = j;
-				if (vqfe_submit(c->fe, (q + 1) % c->nq, r) < 0)
-					return fail(c, "submit");
-				c->job[(q + 1) % c->nq].inflight++;
-				inflight++;
+				read_req(r, j->buf[slot], b);
+				if (submit(c, j, (q + 1) % c->nq, r, &inflight) < 0)
+					return -1;
 				kicked = true;
 			}
 			if (kicked)
