@@ -33,6 +33,7 @@ qemu-img as the oracle.
 Usage: test_qmp_snapshot.py VQCOWD VQCOW-FE VQCOWCTL VQCOW-IMG WORKDIR
 """
 
+import contextlib
 import json
 import os
 import random
@@ -44,7 +45,7 @@ import sys
 import time
 
 from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qsd_popen, run_ctl,
-                    run_main, wait_path)
+                    run_main, vqcowd_session, wait_path)
 
 MiB = 1 << 20
 
@@ -78,6 +79,16 @@ def no_sanitizer(d):
           "sanitizer report:\n" + d.log())
 
 
+@contextlib.contextmanager
+def serving(vqcowd, work, img, name, extra=()):
+    """vqcowd on IMG and a QMP client, (d, q); quit at the end of the block
+    must end it with exit 0 and no sanitizer report in its log (qmplib's
+    vqcowd_session: its log shown on a failure)."""
+    with vqcowd_session(vqcowd, work, img, name, extra) as (d, q):
+        yield d, q
+    no_sanitizer(d)
+
+
 def shared_copied(out, cb):
     leaked = set()
     for ln in out.splitlines():
@@ -104,9 +115,7 @@ def check_clean(img, what):
 def test_data(vqcowd, fe_bin, ctl, vimg, work):
     img = os.path.join(work, "data.qcow2")
     qimg("create", "-q", "-f", "qcow2", img, "64M")
-    d = Daemon(vqcowd, work, img, "data")
-    try:
-        q = Qmp(d.qsock)
+    with serving(vqcowd, work, img, "data") as (d, q):
         fe(fe_bin, "write", d.vsock, 0, MiB, stdin=b"A" * MiB)
         fe(fe_bin, "write", d.vsock, 8 * MiB, 65536, stdin=b"Z" * 65536)
         check(q.cmd("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s1"}) ==
@@ -166,13 +175,6 @@ def test_data(vqcowd, fe_bin, ctl, vimg, work):
                      "Snapshot with id 'null' and name 's1' does not exist on device 'disk0'",
                      "delete again")
         fe(fe_bin, "verify", d.vsock, "--size", "2M", "--offset", "16M")
-        q.cmd("quit")
-        d.p.wait(10)
-        check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
-        no_sanitizer(d)
-    except Exception:
-        d.stop_showing_log()
-        raise
     check_clean(img, "after create/delete online")
     a = qimg("snapshot", "-l", img).stdout
     b = subprocess.run([vimg, "snapshot", "-l", img], capture_output=True, text=True).stdout
@@ -244,9 +246,7 @@ def test_online_punch(vqcowd, fe_bin, work):
     tb = os.stat(twin).st_blocks * 512
     qimg("snapshot", "-d", "s", twin)
     qemu_freed = tb - os.stat(twin).st_blocks * 512
-    d = Daemon(vqcowd, work, img, "opunch")
-    try:
-        q = Qmp(d.qsock)
+    with serving(vqcowd, work, img, "opunch") as (d, q):
         before = os.stat(img).st_blocks * 512
         t = time.monotonic()
         q.ret("blockdev-snapshot-delete-internal-sync", {"device": "disk0", "name": "s"})
@@ -264,13 +264,6 @@ def test_online_punch(vqcowd, fe_bin, work):
               "online delete gave back %d bytes, qemu-img snapshot -d %d" % (freed, qemu_freed))
         # New data goes into the freed clusters, not past the end of the file.
         fe(fe_bin, "write", d.vsock, 48 * MiB, 8 * MiB, stdin=b"\x05" * (8 * MiB))
-        q.cmd("quit")
-        d.p.wait(10)
-        check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
-        no_sanitizer(d)
-    except Exception:
-        d.stop_showing_log()
-        raise
     check_clean(img, "after an online delete that punched")
     m = json.loads(qimg("map", "--output=json", img).stdout)
     new = [e for e in m if e["data"] and 48 * MiB <= e["start"] < 56 * MiB]
@@ -314,19 +307,10 @@ def test_grow(vqcowd, fe_bin, vimg, work):
                                text=True)
             check(r.returncode == 0, "vqcow-img snapshot -c: %s" % r.stderr)
         else:
-            d = Daemon(vqcowd, work, img, "grow")
-            try:
-                q = Qmp(d.qsock)
+            with serving(vqcowd, work, img, "grow") as (d, q):
                 q.ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s"})
                 # the engine goes on with the new table: more data past the old reach
                 fe(fe_bin, "write", d.vsock, 4 * MiB, MiB, stdin=b"\x45" * MiB)
-                q.cmd("quit")
-                d.p.wait(10)
-                check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
-                no_sanitizer(d)
-            except Exception:
-                d.stop_showing_log()
-                raise
         # (qemu-img fills free clusters inside the file first: no growth needed there)
         check(how == "qemu-img" or rt_offset(img) != before,
               "%s: the refcount table did not move" % how)
@@ -346,9 +330,7 @@ def test_busy(vqcowd, work):
     img = os.path.join(work, "busy.qcow2")
     ov = os.path.join(work, "busy-ov.qcow2")
     qimg("create", "-q", "-f", "qcow2", img, "16M")
-    d = Daemon(vqcowd, work, img, "busy")
-    try:
-        q = Qmp(d.qsock)
+    with serving(vqcowd, work, img, "busy") as (d, q):
         q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
                                          "snapshot-node-name": "ov", "format": "qcow2"})
         q.ret("block-commit", {"job-id": "j1", "device": "ov", "speed": 1})
@@ -361,12 +343,6 @@ def test_busy(vqcowd, work):
                 break
             time.sleep(0.05)
         q.ret("blockdev-snapshot-internal-sync", {"device": "ov", "name": "x"})
-        q.cmd("quit")
-        d.p.wait(10)
-        no_sanitizer(d)
-    except Exception:
-        d.stop_showing_log()
-        raise
     check_clean(ov, "overlay after a snapshot once the job was cancelled")
     check(" x " in qimg("snapshot", "-l", ov).stdout, "snapshot x on the overlay")
     log("ok: refused while a commit job runs, taken on the new active layer once it ended")
@@ -447,9 +423,7 @@ def test_load(vqcowd, fe_bin, work, threads=0):
     img = os.path.join(work, "load.qcow2")
     qimg("create", "-q", "-f", "qcow2", img, "64M")
     extra = ["--io-threads", str(threads), "--num-queues", str(threads)] if threads else []
-    d = Daemon(vqcowd, work, img, "load", extra)
-    try:
-        q = Qmp(d.qsock)
+    with serving(vqcowd, work, img, "load", extra) as (d, q):
         fe(fe_bin, "write", d.vsock, 40 * MiB, MiB, stdin=b"P" * MiB)
         b = bench(fe_bin, d.vsock, 4, jobs=max(threads, 1))
         time.sleep(0.5)
@@ -483,13 +457,6 @@ def test_load(vqcowd, fe_bin, work, threads=0):
             "snapshot latency %.1f..%.1f ms; requests held %.0f ms at most; slowest request "
             "%.0f ms" % ("%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
                          max(lat) * 1000, max(holds) * 1000, float(m.group(1)) / 1000))
-        q.cmd("quit")
-        d.p.wait(10)
-        check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
-        no_sanitizer(d)
-    except Exception:
-        d.stop_showing_log()
-        raise
     check_clean(img, "after snapshots under load")
     names = [ln.split()[1] for ln in qimg("snapshot", "-l", img).stdout.splitlines()[2:]]
     check(names == ["l1", "l3", "l5"], "snapshots %r" % names)
