@@ -8,6 +8,7 @@ found next to them without any PYTHONPATH."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -243,6 +244,15 @@ def fe_capacity(fe_bin, vsock):
 def run_ctl(ctl, *args):
     r = subprocess.run([ctl] + [str(a) for a in args], capture_output=True, timeout=60)
     return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+
+
+def missing_tool(*tools):
+    """True (and a visible skip logged) if one of TOOLS is not on PATH."""
+    for tool in tools:
+        if not shutil.which(tool):
+            log("SKIP: %s not found" % tool)
+            return True
+    return False
 
 
 def run_main(main):

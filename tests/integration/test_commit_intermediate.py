@@ -35,12 +35,11 @@ Usage: test_commit_intermediate.py VQCOWD VQCOW-FE WORKDIR [VQCOWCTL]
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import qmplib
-from qmplib import SKIP, Fail, check, log, wait_path
+from qmplib import SKIP, check, log, missing_tool, wait_path
 from test_layers import (MiB, Daemon, Qmp, Writer, alone, info, new_disk, nodes, qcheck, run,
                          verify_file)
 
@@ -295,26 +294,20 @@ def main():
         return 2
     vqcowd, fe, work = sys.argv[1:4]
     ctl = sys.argv[4] if len(sys.argv) == 5 else None
-    for tool in ("qemu-img", "qemu-io"):
-        if not shutil.which(tool):
-            log("SKIP: %s not found" % tool)
-            return SKIP
+    if missing_tool("qemu-img", "qemu-io"):
+        return SKIP
     os.makedirs(work, exist_ok=True)
-    try:
-        test_commit(vqcowd, fe, work)
-        test_four(vqcowd, fe, work)
-        if ctl:
-            test_ctl(vqcowd, fe, ctl, work)
-        else:
-            log("SKIP part: no vqcowctl given")
-        test_kill(vqcowd, fe, work)
-        test_qsd(vqcowd, fe, work)
-    except Fail as e:
-        log("FAIL: %s" % e)
-        return 1
+    test_commit(vqcowd, fe, work)
+    test_four(vqcowd, fe, work)
+    if ctl:
+        test_ctl(vqcowd, fe, ctl, work)
+    else:
+        log("SKIP part: no vqcowctl given")
+    test_kill(vqcowd, fe, work)
+    test_qsd(vqcowd, fe, work)
     log("PASS")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    qmplib.run_main(main)

@@ -24,12 +24,11 @@ Usage: test_commit_reopen.py VQCOWD VQCOW-FE WORKDIR
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
-from qmplib import SKIP, Fail, check, log
+from qmplib import SKIP, check, log, missing_tool, run_main
 from test_layers import (MiB, Daemon, Qmp, Writer, alone, can_read_lock, can_write_lock,
                          new_disk, nodes, qcheck, run, verify_file)
 
@@ -193,22 +192,16 @@ def main():
         print(__doc__)
         return 2
     vqcowd, fe, work = sys.argv[1:4]
-    for tool in ("qemu-img", "qemu-io"):
-        if not shutil.which(tool):
-            log("SKIP: %s not found" % tool)
-            return SKIP
+    if missing_tool("qemu-img", "qemu-io"):
+        return SKIP
     os.makedirs(work, exist_ok=True)
-    try:
-        test_complete(vqcowd, fe, work)
-        test_cancel(vqcowd, fe, work)
-        test_raw_base(vqcowd, fe, work)
-        test_kill(vqcowd, fe, work)
-    except Fail as e:
-        log("FAIL: %s" % e)
-        return 1
+    test_complete(vqcowd, fe, work)
+    test_cancel(vqcowd, fe, work)
+    test_raw_base(vqcowd, fe, work)
+    test_kill(vqcowd, fe, work)
     log("PASS")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -43,7 +43,7 @@ import threading
 import time
 
 import qmplib
-from qmplib import SKIP, Fail, check, log, wait_path
+from qmplib import SKIP, Fail, check, log, missing_tool, wait_path
 
 MiB = 1024 * 1024
 
@@ -700,31 +700,25 @@ def main():
         return 2
     vqcowd, fe, work = sys.argv[1:4]
     ctl = sys.argv[4] if len(sys.argv) == 5 else None
-    for tool in ("qemu-img", "qemu-io"):
-        if not shutil.which(tool):
-            log("SKIP: %s not found" % tool)
-            return SKIP
+    if missing_tool("qemu-img", "qemu-io"):
+        return SKIP
     os.makedirs(work, exist_ok=True)
     only = os.environ.get("LAYERS_ONLY")
-    try:
-        if not only or only == "sc":
-            test_snapshot_and_commit(vqcowd, fe, work)
-        if not only or only == "cancel":
-            test_cancel_speed(vqcowd, fe, work)
-        if not only or only == "kill":
-            test_kill(vqcowd, fe, work)
-        if (not only or only == "ctl") and ctl:
-            test_ctl(vqcowd, fe, ctl, work)
-        if not only or only == "backup":
-            test_backup(vqcowd, fe, work)
-        if not only or only == "qsd":
-            test_qsd(vqcowd, fe, work)
-    except Fail as e:
-        log("FAIL: %s" % e)
-        return 1
+    if not only or only == "sc":
+        test_snapshot_and_commit(vqcowd, fe, work)
+    if not only or only == "cancel":
+        test_cancel_speed(vqcowd, fe, work)
+    if not only or only == "kill":
+        test_kill(vqcowd, fe, work)
+    if (not only or only == "ctl") and ctl:
+        test_ctl(vqcowd, fe, ctl, work)
+    if not only or only == "backup":
+        test_backup(vqcowd, fe, work)
+    if not only or only == "qsd":
+        test_qsd(vqcowd, fe, work)
     log("PASS")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    qmplib.run_main(main)
