@@ -107,10 +107,11 @@ struct q2sub {
 	struct iovec *iov;
 	unsigned iov_cap;
 	unsigned iovcnt;
-	void *cbuf;    /* compressed bytes (a compressed extent), else NULL */
-	void *ibuf;    /* inflated on the requester's thread (remote inflate), else NULL */
-	int ires;      /* its result */
-	uint8_t ctype; /* compression type, for the requester's thread */
+	void *cbuf;             /* compressed bytes (a compressed extent), else NULL */
+	uint32_t cskip, cavail; /* where they start in cbuf (comp_span), how many arrived */
+	void *ibuf;             /* inflated on the requester's thread (remote inflate), else NULL */
+	int ires;               /* its result */
+	uint8_t ctype;          /* compression type, for the requester's thread */
 	uint64_t chost;
 	uint32_t clen, coff;
 	uint64_t len;
@@ -825,6 +826,37 @@ static void fast_wake(struct io_cmd *cmd, int res)
 		qcow2_ext_io_idle(m->q);
 }
 
+/*
+ * Where to read the compressed bytes [host, host + clen) from, into a
+ * buffer of 2 clusters: widened to the file's O_DIRECT alignment when that
+ * stays inside the file and the buffer, so io/ reads them straight into it
+ * (no bounce buffer, no copy); *skip is where they start in the buffer.
+ * Returns the length to read from *start.
+ */
+static size_t comp_span(struct q2img *m, uint64_t host, uint32_t clen, uint64_t *start,
+			uint32_t *skip)
+{
+	uint64_t a = m->file.align > 1 ? m->file.align : 1;
+	uint64_t s = host & ~(a - 1), end = (host + clen + a - 1) & ~(a - 1);
+
+	if (a > 1 && end - s <= 2 * m->cs && end <= m->file.size) {
+		*start = s;
+		*skip = (uint32_t)(host - s);
+		return (size_t)(end - s);
+	}
+	*start = host;
+	*skip = 0;
+	return clen;
+}
+
+/* How many of the compressed bytes a read of comp_span() (@res: its result) brought. */
+static size_t comp_avail(int res, uint32_t skip, uint32_t clen)
+{
+	size_t n = res > 0 && (size_t)res > skip ? (size_t)res - skip : 0;
+
+	return n < clen ? n : clen;
+}
+
 /* ---- pools ---- */
 
 static void *bounce_get(struct q2img *m)
@@ -1054,7 +1086,8 @@ static void inflate_remote(struct io_cmd *cmd, int res)
 	uint64_t cs = r->m->cs;
 
 	(void)res;
-	sub->ires = qcow2_decompress_type(sub->ctype, sub->cbuf, sub->clen, sub->ibuf, cs);
+	sub->ires = qcow2_decompress_type(sub->ctype, (uint8_t *)sub->cbuf + sub->cskip,
+					  sub->cavail, sub->ibuf, cs);
 	if (sub->ires == 0)
 		io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip,
 				(uint8_t *)sub->ibuf + sub->coff, (size_t)sub->len);
@@ -1072,6 +1105,7 @@ static void sub_done(struct q2sub *sub, int res)
 		struct zc_ent *e;
 		int ret = 0;
 
+		sub->cavail = (uint32_t)comp_avail(res, sub->cskip, sub->clen);
 		if (!buf && r->io->loop && r->io->loop != m->img.loop &&
 		    (sub->ibuf = bounce_get(m))) {
 			sub->ctype = (uint8_t)qcow2_header(m->q)->compression_type;
@@ -1086,7 +1120,8 @@ static void sub_done(struct q2sub *sub, int res)
 		} else if (!(e = zc_victim(m))) {
 			ret = -ENOMEM;
 		} else {
-			ret = qcow2_decompress(m->q, sub->cbuf, sub->clen, e->buf, m->cs);
+			ret = qcow2_decompress(m->q, (uint8_t *)sub->cbuf + sub->cskip, sub->cavail,
+					       e->buf, m->cs);
 			if (ret < 0) {
 				vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
 			} else {
@@ -1159,6 +1194,8 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 		       uint64_t rel)
 {
 	struct q2img *m = r->m;
+	uint64_t start;
+	size_t rlen;
 	int ret;
 
 	sub->len = x->len;
@@ -1187,7 +1224,8 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 		sub->cmd.done = sub_cmd_done;
 		sub->cmd.priv = sub;
 		r->pending++;
-		io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, x->clen, x->host);
+		rlen = comp_span(m, x->host, x->clen, &start, &sub->cskip);
+		io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, rlen, start);
 		return 0;
 	}
 	if (x->type != QCOW2_MAP_DATA && x->type != QCOW2_MAP_UNALLOC)
@@ -1893,39 +1931,24 @@ static void fbuf_put(struct q2img *m, struct fslot *s, void *b)
 		io_free_aligned(b);
 }
 
-/*
- * Read the compressed bytes [host, host + clen) into @f->cbuf (2 clusters):
- * widened to the file's O_DIRECT alignment when it stays inside the file
- * and the buffer, so io/ needs no bounce buffer and no copy (f->cskip:
- * where the bytes start in cbuf).
- */
+/* Read the compressed bytes [host, host + clen) into @f->cbuf (comp_span). */
 static void comp_read(struct q2img *m, struct q2fast *f, uint64_t host, uint32_t clen)
 {
-	uint64_t a = m->file.align > 1 ? m->file.align : 1;
-	uint64_t start = host & ~(a - 1), end = (host + clen + a - 1) & ~(a - 1);
+	uint64_t start;
+	size_t len = comp_span(m, host, clen, &start, &f->cskip);
 
 	f->clen = clen;
-	f->cskip = 0;
-	if (a > 1 && end - start <= 2 * m->cs && end <= m->file.size) {
-		f->cskip = (uint32_t)(host - start);
-		io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, (size_t)(end - start), start);
-	} else {
-		io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, clen, host);
-	}
+	io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, len, start);
 }
 
 /* Inflate what comp_read() read (@res: its result) into @out. */
 static int comp_inflate(struct q2img *m, struct q2fast *f, int res, void *out)
 {
-	size_t n;
-
 	if (res < 0)
 		return res;
-	n = (size_t)res > f->cskip ? (size_t)res - f->cskip : 0;
-	if (n > f->clen)
-		n = f->clen;
 	return qcow2_decompress_type(__atomic_load_n(&m->ctype, __ATOMIC_RELAXED),
-				     (uint8_t *)f->cbuf + f->cskip, n, out, m->cs);
+				     (uint8_t *)f->cbuf + f->cskip,
+				     comp_avail(res, f->cskip, f->clen), out, m->cs);
 }
 
 /* The one end of a fast request. */
