@@ -3,12 +3,14 @@
 #include <CUnit/Basic.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/magic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "testutil.h"
 
@@ -48,6 +50,19 @@ int tu_sh(const char *fmt, ...)
 	if (st == -1 || !WIFEXITED(st))
 		return -1;
 	return WEXITSTATUS(st);
+}
+
+bool tu_lock_held(const char *path, int off)
+{
+	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	bool held;
+
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
+	held = fl.l_type != F_UNLCK;
+	close(fd);
+	return held;
 }
 
 int tu_count_fds(void)

@@ -33,6 +33,13 @@ int tu_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * directory's own fd too), -1 if it cannot be read. */
 int tu_count_fds(void);
 
+/*
+ * Does another open file description hold byte @off of @path locked (QEMU's
+ * image locks: 100 + perm used, 200 + perm not shared)? Probed from a new
+ * read-only one with F_OFD_GETLK; a failed probe fails the test (fatal).
+ */
+bool tu_lock_held(const char *path, int off);
+
 /* "@dir/@name" in one of four rotating static buffers (valid for four calls). */
 char *tu_path(const char *dir, const char *name);
 

@@ -42,19 +42,6 @@
 
 #define CHUNK 65536u
 
-static bool lock_held(const char *path, off_t off)
-{
-	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	bool held;
-
-	if (fd < 0)
-		return false;
-	held = fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
-	close(fd);
-	return held;
-}
-
 static int write_pattern(struct vqfe *fe, uint64_t off, uint64_t seed)
 {
 	static uint8_t buf[CHUNK];
@@ -145,7 +132,7 @@ static void t_handoff(void)
 	CONNECT(fa, a, NULL);
 	CU_ASSERT_EQUAL(write_pattern(fa, 0, 1), 0);
 	CU_ASSERT_EQUAL(write_pattern(fa, 1 * MiB, 2), 0);
-	CU_ASSERT(lock_held(img, 101)); /* the source's write lock */
+	CU_ASSERT(tu_lock_held(img, 101)); /* the source's write lock */
 
 	/* Migration starts: a dirty log, then VHOST_F_LOG_ALL. */
 	log_start(fa, &dl);
@@ -156,9 +143,9 @@ static void t_handoff(void)
 
 	/* Switchover: the source's ring stops; it lets the image go. */
 	CU_ASSERT_EQUAL(vqfe_vq_stop(fa, 0, &base), 0);
-	for (int i = 0; i < 500 && lock_held(img, 101); i++)
+	for (int i = 0; i < 500 && tu_lock_held(img, 101); i++)
 		usleep(10000);
-	CU_ASSERT(!lock_held(img, 100) && !lock_held(img, 101));
+	CU_ASSERT(!tu_lock_held(img, 100) && !tu_lock_held(img, 101));
 	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
 
 	/* The destination's ring starts: it takes the image. */
@@ -166,7 +153,7 @@ static void t_handoff(void)
 		CONNECT(fb, b, NULL);
 		/* (taken as the ring starts, before the first request is popped) */
 		CU_ASSERT_TRUE(check_pattern(fb, 0, 1));
-		CU_ASSERT(lock_held(img, 101));
+		CU_ASSERT(tu_lock_held(img, 101));
 		CU_ASSERT_TRUE(check_pattern(fb, 1 * MiB, 2));
 		CU_ASSERT_TRUE(check_pattern(fb, 2 * MiB, 3));
 		CU_ASSERT_EQUAL(write_pattern(fb, 3 * MiB, 4), 0);
@@ -175,7 +162,7 @@ static void t_handoff(void)
 		vqfe_close(fb);
 	}
 	STOP(b);
-	CU_ASSERT(!lock_held(img, 101));
+	CU_ASSERT(!tu_lock_held(img, 101));
 
 	/* The source's guest resumes: it takes the image back, afresh. */
 	CU_ASSERT_EQUAL(vqfe_vq_restart(fa, 0, base), 0);
@@ -183,7 +170,7 @@ static void t_handoff(void)
 	CU_ASSERT_TRUE(check_pattern(fa, 0, 5));
 	CU_ASSERT_TRUE(check_pattern(fa, 2 * MiB, 3));
 	CU_ASSERT_EQUAL(write_pattern(fa, 4 * MiB, 6), 0);
-	CU_ASSERT(lock_held(img, 101));
+	CU_ASSERT(tu_lock_held(img, 101));
 	vqfe_close(fa);
 	STOP(a);
 	finish(dir, img, &dl);

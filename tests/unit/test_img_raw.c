@@ -330,18 +330,10 @@ static void test_read_only(void)
 	io_free_aligned(buf);
 }
 
-/* Is any of QEMU's lock bytes 100..203 held by another open file description? */
+/* Is QEMU's lock byte @off (100..203) of the image held by another open file description? */
 static bool lock_bytes_held(int off)
 {
-	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
-	int fd = open(g_path, O_RDONLY | O_CLOEXEC);
-	bool held;
-
-	CU_ASSERT_FATAL(fd >= 0);
-	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
-	held = fl.l_type != F_UNLCK;
-	close(fd);
-	return held;
+	return tu_lock_held(g_path, off);
 }
 
 /*

@@ -899,20 +899,6 @@ static void test_chain_depth(void)
 	CU_ASSERT_PTR_NOT_NULL(strstr(err, "backing file")); /* the nested reason is cut short */
 }
 
-/* Does another open file description hold lock byte @off of @path? */
-static bool held(const char *path, int off)
-{
-	struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1};
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	bool h;
-
-	CU_ASSERT_FATAL(fd >= 0);
-	CU_ASSERT_FATAL(fcntl(fd, F_OFD_GETLK, &fl) == 0);
-	h = fl.l_type != F_UNLCK;
-	close(fd);
-	return h;
-}
-
 /*
  * qcow2 locks: the image file uses read, write, resize and shares neither
  * write nor resize (100, 101, 103, 201, 203); its backing file uses read
@@ -931,29 +917,29 @@ static void test_locks(void)
 				    g_dir),
 			      0);
 	img = open_img(P("lk-top.qcow2"), false);
-	CU_ASSERT(held(P("lk-top.qcow2"), 100) && held(P("lk-top.qcow2"), 101) &&
-		  !held(P("lk-top.qcow2"), 102) && held(P("lk-top.qcow2"), 103));
-	CU_ASSERT(!held(P("lk-top.qcow2"), 200) && held(P("lk-top.qcow2"), 201) &&
-		  !held(P("lk-top.qcow2"), 202) && held(P("lk-top.qcow2"), 203));
-	CU_ASSERT(held(P("lk-base.raw"), 100) && !held(P("lk-base.raw"), 101) &&
-		  held(P("lk-base.raw"), 201) && held(P("lk-base.raw"), 203));
+	CU_ASSERT(tu_lock_held(P("lk-top.qcow2"), 100) && tu_lock_held(P("lk-top.qcow2"), 101) &&
+		  !tu_lock_held(P("lk-top.qcow2"), 102) && tu_lock_held(P("lk-top.qcow2"), 103));
+	CU_ASSERT(!tu_lock_held(P("lk-top.qcow2"), 200) && tu_lock_held(P("lk-top.qcow2"), 201) &&
+		  !tu_lock_held(P("lk-top.qcow2"), 202) && tu_lock_held(P("lk-top.qcow2"), 203));
+	CU_ASSERT(tu_lock_held(P("lk-base.raw"), 100) && !tu_lock_held(P("lk-base.raw"), 101) &&
+		  tu_lock_held(P("lk-base.raw"), 201) && tu_lock_held(P("lk-base.raw"), 203));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL(img->perm, IMG_PERM_READ);
-	CU_ASSERT(held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 101));
+	CU_ASSERT(tu_lock_held(P("lk-top.qcow2"), 100) && !tu_lock_held(P("lk-top.qcow2"), 101));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), 0);
 	CU_ASSERT_EQUAL(img->perm, IMG_PERM_WRITE);
-	CU_ASSERT(held(P("lk-top.qcow2"), 101));
+	CU_ASSERT(tu_lock_held(P("lk-top.qcow2"), 101));
 	img_close(img);
-	CU_ASSERT(!held(P("lk-top.qcow2"), 100) && !held(P("lk-base.raw"), 100));
+	CU_ASSERT(!tu_lock_held(P("lk-top.qcow2"), 100) && !tu_lock_held(P("lk-base.raw"), 100));
 
 	img = open_img(P("lk-top.qcow2"), true);
-	CU_ASSERT(held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 101) &&
-		  !held(P("lk-top.qcow2"), 103) && held(P("lk-top.qcow2"), 201));
+	CU_ASSERT(tu_lock_held(P("lk-top.qcow2"), 100) && !tu_lock_held(P("lk-top.qcow2"), 101) &&
+		  !tu_lock_held(P("lk-top.qcow2"), 103) && tu_lock_held(P("lk-top.qcow2"), 201));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_NONE, err, sizeof(err)), 0);
-	CU_ASSERT(!held(P("lk-top.qcow2"), 100) && !held(P("lk-top.qcow2"), 201) &&
-		  !held(P("lk-base.raw"), 100) && !held(P("lk-base.raw"), 201));
+	CU_ASSERT(!tu_lock_held(P("lk-top.qcow2"), 100) && !tu_lock_held(P("lk-top.qcow2"), 201) &&
+		  !tu_lock_held(P("lk-base.raw"), 100) && !tu_lock_held(P("lk-base.raw"), 201));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_READ, err, sizeof(err)), 0);
-	CU_ASSERT(held(P("lk-top.qcow2"), 100) && held(P("lk-base.raw"), 201));
+	CU_ASSERT(tu_lock_held(P("lk-top.qcow2"), 100) && tu_lock_held(P("lk-base.raw"), 201));
 	CU_ASSERT_EQUAL(img_set_perm(img, IMG_PERM_WRITE, err, sizeof(err)), -EROFS);
 	img_close(img);
 }
@@ -1004,7 +990,7 @@ static void test_handoff(void)
 	CU_ASSERT_EQUAL_FATAL(ret, 0);
 	CU_ASSERT_EQUAL(dst->perm, IMG_PERM_NONE);
 	CU_ASSERT_EQUAL(dst->size, src->size);
-	CU_ASSERT(held(P("ho.qcow2"), 101)); /* still the source's */
+	CU_ASSERT(tu_lock_held(P("ho.qcow2"), 101)); /* still the source's */
 	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 0, 65536, 0), -EIO);
 	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_WRITE, buf, 65536, 65536, 0), -EROFS);
 	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_FLUSH, NULL, 0, 0, 0), 0);
@@ -1016,15 +1002,15 @@ static void test_handoff(void)
 	memset(buf, 0xa2, 65536);
 	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 3 * 65536, 65536, 0), 0);
 	CU_ASSERT_EQUAL(img_set_perm(src, IMG_PERM_NONE, err, sizeof(err)), 0);
-	CU_ASSERT(!held(P("ho.qcow2"), 100) && !held(P("ho.qcow2"), 101) &&
-		  !held(P("ho-base.raw"), 100));
+	CU_ASSERT(!tu_lock_held(P("ho.qcow2"), 100) && !tu_lock_held(P("ho.qcow2"), 101) &&
+		  !tu_lock_held(P("ho-base.raw"), 100));
 	CU_ASSERT_EQUAL(do_io(src, IMG_OP_WRITE, buf, 0, 65536, 0), -EROFS);
 	CU_ASSERT_EQUAL(do_io(src, IMG_OP_READ, buf, 0, 65536, 0), -EIO);
 	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", P("ho.qcow2")), 0);
 
 	/* Destination: take it, see the source's data, allocate. */
 	CU_ASSERT_EQUAL(img_set_perm(dst, IMG_PERM_WRITE, err, sizeof(err)), 0);
-	CU_ASSERT(held(P("ho.qcow2"), 101) && held(P("ho-base.raw"), 100));
+	CU_ASSERT(tu_lock_held(P("ho.qcow2"), 101) && tu_lock_held(P("ho-base.raw"), 100));
 	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 0, 65536, 0), 0);
 	CU_ASSERT(same(buf, 0xa1, 65536));
 	CU_ASSERT_EQUAL(do_io(dst, IMG_OP_READ, buf, 3 * 65536, 65536, 0), 0);
