@@ -33,13 +33,19 @@
  * Writes: INPLACE extents are written where they are. ALLOC (a token from
  * qcow2_map_write) runs: read the COW head/tail's old content (through the
  * same read steps as a guest read, which still see the old mapping) unless
- * it is known to be zero (or lies past the disk's end) -> zero the host
- * range if it is not fresh and some part must read zero (fallocate
- * ZERO_RANGE; never written zero buffers unless the file system supports
- * neither ZERO_RANGE nor PUNCH_HOLE) -> one write of head + data + tail ->
- * qcow2_alloc_finish(). Write-zeroes and discard go through
- * qcow2_zero_step(); parts it cannot do in metadata become writes without a
- * data buffer (zero data).
+ * it is known to be zero (or lies past the disk's end) -> one write of head
+ * + data + tail, where a head or tail that must read as zero is written from
+ * a zero buffer, and a new host cluster is written whole (fresh space too;
+ * with extended L2 also its subclusters outside the token: see alloc_write)
+ * -> qcow2_alloc_finish(). So every data cluster is written blocks in the
+ * file system, never unwritten (fallocated) extents that each later 4K write
+ * would convert. Clusters over PAD_MAX keep the old way: nothing written
+ * where fresh space reads zero, a ZERO_RANGE first where it is not. Zero
+ * data (write-zeroes and discard go through qcow2_zero_step(); parts it
+ * cannot do in metadata become writes without a data buffer) zeroes the host
+ * range if it is not fresh (fallocate ZERO_RANGE; written zero buffers only
+ * if the file system supports neither ZERO_RANGE nor PUNCH_HOLE), then
+ * writes a COW head/tail that holds old content.
  *
  * Files: metadata I/O goes through the engine's handle of the image (reads
  * past EOF fail: a truncated table is an error); data I/O through a second
@@ -75,9 +81,10 @@
 
 #define Q2_MAX_EXT    16
 #define ZERO_BUF_SIZE (64u * 1024)
-#define MAX_TURNS     64         /* steps without I/O before a request lets others run */
-#define ZC_MAX        16         /* inflated clusters kept, at most */
-#define ZC_BUDGET     (1u << 20) /* bytes of inflated clusters kept (at least 2 clusters) */
+#define PAD_MAX       (256u * 1024) /* clusters up to this size are written whole (pad) */
+#define MAX_TURNS     64            /* steps without I/O before a request lets others run */
+#define ZC_MAX        16            /* inflated clusters kept, at most */
+#define ZC_BUDGET     (1u << 20)    /* bytes of inflated clusters kept (at least 2 clusters) */
 
 /* What a request waits for: the transition table is above step(). */
 enum rq_state {
@@ -326,8 +333,9 @@ struct q2img {
 	uint64_t n_inflated, n_zc_hits; /* clusters inflated, reads served by zc */
 	struct img_snapshot *snaps;     /* the snapshot table, as of the last (re)open */
 	unsigned nsnaps;
-	void *zero_buf; /* last-resort zero writes */
+	void *zero_buf; /* zero writes: max(cs, ZERO_BUF_SIZE) bytes (zero_buf_get) */
 	bool no_zero_range, no_punch;
+	bool pad; /* allocating writes carry their zeroes, new clusters whole (alloc_write) */
 	uint64_t cs;
 	struct qcow2_waiter st_w; /* img_block_status's parked caller */
 	struct img_wait *st_user;
@@ -1294,6 +1302,19 @@ static void read_range(struct q2req *r, uint64_t off, uint64_t len, struct iovec
 	r->rd_iovcnt = iovcnt;
 }
 
+/* The image's zero buffer: max(cluster size, ZERO_BUF_SIZE) aligned zero bytes, or NULL. */
+static void *zero_buf_get(struct q2img *m)
+{
+	size_t len = m->cs > ZERO_BUF_SIZE ? (size_t)m->cs : ZERO_BUF_SIZE;
+
+	if (!m->zero_buf) {
+		m->zero_buf = io_alloc_aligned(len);
+		if (m->zero_buf)
+			memset(m->zero_buf, 0, len);
+	}
+	return m->zero_buf;
+}
+
 /* Zero [zr_off, zr_off + zr_len) of the data file: ZERO_RANGE, PUNCH_HOLE, zero writes. */
 static int zero_issue(struct q2req *r)
 {
@@ -1304,12 +1325,8 @@ static int zero_issue(struct q2req *r)
 	/* IO_FILE_NO_ZERO_RANGE: FUSE, where ZERO_RANGE may not zero */
 	r->zr_mode =
 	    m->no_zero_range || (f->flags & IO_FILE_NO_ZERO_RANGE) ? (m->no_punch ? 2 : 1) : 0;
-	if (r->zr_mode == 2 && !m->zero_buf) {
-		m->zero_buf = io_alloc_aligned(ZERO_BUF_SIZE);
-		if (!m->zero_buf)
-			return -ENOMEM;
-		memset(m->zero_buf, 0, ZERO_BUF_SIZE);
-	}
+	if (r->zr_mode == 2 && !zero_buf_get(m))
+		return -ENOMEM;
 	r->cmd.done = cmd_done;
 	r->cmd.priv = r;
 	r->pending = 1;
@@ -1433,9 +1450,19 @@ static int cow_plan(struct q2req *r)
 }
 
 /*
- * Write an allocation: head + data + tail as one writev (zero data: head and
- * tail apart, if they hold anything). Returns the commands issued (0: none
- * needed, fresh space) or -errno.
+ * Write an allocation. Zero data: the head and tail apart, if they hold
+ * anything (the range was zeroed, or is fresh). Data: one writev of head +
+ * data + tail, where a head or tail that must read as zeroes is written from
+ * the zero buffer (one write instead of a ZERO_RANGE and a write), and, with
+ * m->pad, a new host cluster is written whole: the head and tail of fresh
+ * space as zeroes too, and with extended L2 the subclusters outside the
+ * token's range as well (they stay unallocated in the L2 entry, so their host
+ * bytes are never read; the token locks the whole guest cluster, whose entry
+ * is linked only when this write ends, so nothing else writes that host
+ * cluster meanwhile). A written cluster is one written extent: later writes
+ * into it are overwrites, not conversions of unwritten (fallocated) extents,
+ * which cost ext4 half its 4K random-write throughput.
+ * Returns the commands issued (0: none needed, fresh space) or -errno.
  */
 static int alloc_write(struct q2req *r)
 {
@@ -1443,9 +1470,10 @@ static int alloc_write(struct q2req *r)
 	struct qcow2_alloc *a = &r->a;
 	struct io_file *f = data_file(m);
 	uint64_t head = a->off - a->cow_start, tail = a->cow_end - (a->off + a->len);
-	uint64_t hhost = a->host - head;
+	uint64_t hhost = a->host - head, pre = 0, post = 0, zh = 0, zt = 0;
 	bool whead = head && !a->head_zero, wtail = tail && !a->tail_zero;
 	unsigned k = 0;
+	void *zb = NULL;
 	int n;
 
 	r->cmd.done = cmd_done;
@@ -1453,11 +1481,11 @@ static int alloc_write(struct q2req *r)
 	r->cmd2.done = cmd_done;
 	r->cmd2.priv = r;
 	r->pending = 0;
-	zc_drop(m, hhost, head + a->len + tail);
-	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt + 2) < 0)
+	if (iov_reserve(&r->wiov, &r->wiov_cap, r->wr_iovcnt + 4) < 0)
 		return -ENOMEM;
 	if (!r->wr_iov) {
 		/* zero data: zeroed or fresh already */
+		zc_drop(m, hhost, head + a->len + tail);
 		if (whead) {
 			r->pending++;
 			r->wiov[0] = (struct iovec){r->bounce, head};
@@ -1470,8 +1498,27 @@ static int alloc_write(struct q2req *r)
 		}
 		return (int)r->pending;
 	}
+	if (m->pad) {
+		zh = whead ? 0 : head;
+		zt = wtail ? 0 : tail;
+		if (a->new_host) {
+			pre = a->cow_start & (m->cs - 1);
+			post = (m->cs - (a->cow_end & (m->cs - 1))) & (m->cs - 1);
+		}
+	}
+	if (pre + zh || zt + post) {
+		zb = zero_buf_get(m);
+		if (!zb)
+			return -ENOMEM;
+	}
+	zc_drop(m, hhost - pre, pre + head + a->len + tail + post);
+	/* pre + head < cs and tail + post < cs: the zero buffer covers either */
+	if (pre && whead)
+		r->wiov[k++] = (struct iovec){zb, pre};
 	if (whead)
 		r->wiov[k++] = (struct iovec){r->bounce, head};
+	else if (pre + zh)
+		r->wiov[k++] = (struct iovec){zb, pre + zh};
 	n = io_iov_slice(r->wiov + k, r->wiov_cap - k, r->wr_iov, r->wr_iovcnt,
 			 (size_t)(a->off - r->wr_off), (size_t)a->len);
 	if (n < 0)
@@ -1479,12 +1526,17 @@ static int alloc_write(struct q2req *r)
 	k += (unsigned)n;
 	if (wtail)
 		r->wiov[k++] = (struct iovec){r->tail_buf, tail};
+	if (zt + post)
+		r->wiov[k++] = (struct iovec){zb, wtail ? post : zt + post};
 	r->pending = 1;
-	io_writev(m->img.loop, &r->cmd, f, r->wiov, k, whead ? hhost : a->host);
+	io_writev(m->img.loop, &r->cmd, f, r->wiov, k, (whead || zh ? hhost : a->host) - pre);
 	return 1;
 }
 
-/* The COW data is in: zero the host range first if some of it must read as zeroes. */
+/*
+ * The COW data is in: zero the host range first if some of it must read as
+ * zeroes and it is not fresh, unless the write carries its zeroes (m->pad).
+ */
 static int alloc_fill(struct q2req *r)
 {
 	struct qcow2_alloc *a = &r->a;
@@ -1492,7 +1544,7 @@ static int alloc_fill(struct q2req *r)
 	bool need = (head && a->head_zero) || (tail && a->tail_zero) || !r->wr_iov;
 	int ret;
 
-	if (a->fresh || !need) {
+	if (a->fresh || !need || (r->wr_iov && r->m->pad)) {
 		r->state = RQ_WRITING;
 		return alloc_write(r);
 	}
@@ -3155,6 +3207,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		goto close_file;
 	h = qcow2_header(m->q);
 	m->cs = h->cluster_size;
+	m->pad = m->cs <= PAD_MAX;
 
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
 		name = qcow2_path_relative(path, h->data_file);

@@ -6,7 +6,10 @@
  * clusters at the allocation cursor (contiguous runs within one refcount
  * slice). Metadata clusters always come from the cursor. Clusters at or after
  * fresh_start that were never handed out read as zeroes (holes or space we
- * preallocated with fallocate), which spares zeroing COW regions.
+ * preallocated with fallocate: qcow2_alloc.fresh), which spares zeroing COW
+ * regions before a write of zero data; a data write still fills a new
+ * cluster whole with its zeroes (img/img_qcow2.c, alloc_write), so that the
+ * file system holds written blocks there rather than unwritten extents.
  * A cursor cluster without a refcount block gets a new, self-describing block
  * placed at that very cluster; a cursor past the refcount table's reach grows
  * the table: new blocks and the new table are laid out at the cursor, the
@@ -97,7 +100,8 @@ struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host)
  *
  * Fresh space is preallocated (fallocate mode 0) in chunks ahead of the
  * allocation front, so data writes rarely allocate blocks and never-written
- * parts of fresh clusters read as zeroes. Metadata clusters (L2 tables,
+ * parts of fresh clusters read as zeroes (unwritten extents, which the data
+ * path converts with one whole-cluster write per new cluster). Metadata clusters (L2 tables,
  * refcount blocks, refcount tables) are handed out only where a fallocate
  * succeeded (below prealloc_ok): their write-back happens after the guest
  * saw its writes complete, and must not then fail for want of space. An

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Growing writes fill their new clusters whole (img/img_qcow2.c alloc_write).
+
+vqcowd writes the first write of a new data cluster together with zeroes for
+the rest of the cluster (clusters up to 256 KiB), so that the file system
+holds the cluster as written blocks and later writes into it are overwrites,
+not conversions of the unwritten extents that preallocation (fallocate) left.
+With extended L2 entries the zeroes also cover the subclusters the write did
+not touch: those stay unallocated in the L2 entry (they read from the backing
+file or as zeroes whatever the host bytes are), exactly as QEMU leaves them.
+
+For each image kind (64 KiB clusters, extended L2 with 2 KiB and 8 KiB
+subclusters, both over a backing file, 512 KiB clusters that are not padded),
+vqfe-stress writes 4 KiB blocks at queue depth 16 from two queues (every
+cluster's blocks written by both queues at once, one block in eight never
+written), through a fresh vqcowd, then:
+  1. qemu-img check is clean;
+  2. the image reads (qemu-img convert) exactly as vqfe-stress's map says:
+     the pattern of each written block, the backing file (or zeroes) for the
+     untouched ones;
+  3. qemu-img map --output=json equals the map of the same writes done by
+     qemu-io on a copy of the fresh image (host offsets left out: the two
+     programs place clusters differently);
+  4. filefrag -v: no unwritten extent inside any host cluster that holds
+     data (clusters of 256 KiB or less). A file system without FIEMAP
+     (tmpfs: one run there) skips this step visibly, and only this step.
+A run with --mix (write-zeroes and discards; clusters freed and reused, which
+are then not fresh) checks 1 and 2.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qlib  # noqa: E402
+from qlib import check, fail, log  # noqa: E402
+
+A = None
+W = None
+BS = 4096
+SIZE = 8 << 20
+PAD_MAX = 256 << 10
+skipped = []
+
+
+def stress(sock, seed, extra=()):
+    r = qlib.run([A.stress, sock, "--size", str(SIZE), "--queues", "2", "--depth", "16",
+                  "--rounds", "2", "--seed", str(seed), "--map", W("map")] + list(extra),
+                 timeout=300)
+    qlib.assert_sane_exit(r, "vqfe-stress")
+    check(r.rc == 0, "vqfe-stress failed\n" + r.describe())
+    with open(W("map")) as f:
+        return [line.split() for line in f]
+
+
+def expected_block(st, b, seed, base):
+    if st[0] == "U":
+        return base
+    if st[0] == "Z":
+        return bytes(BS)
+    if st[0] == "W":
+        r = int(st[1])
+        m = (1 << 64) - 1
+        return b"".join((((seed << 48) ^ (r << 32) ^ (b << 9) ^ i) & m).to_bytes(8, "little")
+                        for i in range(BS // 8))
+    return None  # discarded: unknown
+
+
+def check_content(img, mp, seed, backing_raw, what):
+    out = W("out.raw")
+    qlib.qemu_img("convert", "-f", "qcow2", "-O", "raw", img, out)
+    bad = 0
+    with open(out, "rb") as fo:
+        fb = open(backing_raw, "rb") if backing_raw else None
+        for b, st in enumerate(mp):
+            got = fo.read(BS)
+            base = fb.read(BS) if fb else bytes(BS)
+            want = expected_block(st, b, seed, base)
+            if want is not None and got != want:
+                bad += 1
+                if bad <= 5:
+                    log("%s: block %d (%s) reads wrong" % (what, b, " ".join(st)))
+        if fb:
+            fb.close()
+    os.unlink(out)
+    check(bad == 0, "%s: %d blocks read wrong" % (what, bad))
+
+
+def norm_map(img):
+    """qemu-img map without host offsets, adjacent equal entries merged."""
+    js = json.loads(qlib.qemu_img("map", "--output=json", "-f", "qcow2", img).text)
+    out = []
+    for e in js:
+        e = {k: v for k, v in e.items() if k != "offset"}
+        if out and all(out[-1][k] == e[k] for k in e if k not in ("start", "length")) \
+                and out[-1]["start"] + out[-1]["length"] == e["start"]:
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out
+
+
+def qemu_replay(img, mp):
+    """The written blocks of @mp written by qemu-io, runs coalesced."""
+    cmds = []
+    b = 0
+    while b < len(mp):
+        if mp[b][0] != "W":
+            b += 1
+            continue
+        e = b
+        while e < len(mp) and mp[e][0] == "W":
+            e += 1
+        cmds.append("write -P 0x5a %d %d" % (b * BS, (e - b) * BS))
+        b = e
+    for i in range(0, len(cmds), 200):
+        args = []
+        for c in cmds[i:i + 200]:
+            args += ["-c", c]
+        r = qlib.run(["qemu-io", "-f", "qcow2", "-t", "none"] + args + [img], timeout=120)
+        check(r.rc == 0 and "error" not in r.text.lower(), "qemu-io replay failed\n" + r.describe())
+
+
+def extents(path):
+    """(block size, [(first byte, end byte, unwritten)]) from filefrag -v, or None."""
+    r = qlib.run(["filefrag", "-v", path])
+    if r.rc != 0 or "extents found" not in r.text and "extent found" not in r.text:
+        return None
+    bsz = None
+    ext = []
+    for line in r.text.splitlines():
+        if "blocks of" in line:
+            bsz = int(line.split("blocks of")[1].split()[0])
+        p = line.split(":")
+        if len(p) >= 4 and p[0].strip().isdigit():
+            lo, hi = (int(x.strip()) for x in p[1].split(".."))
+            ext.append((lo, hi + 1, "unwritten" in line))
+    check(bsz is not None, "filefrag -v printed no block size\n" + r.text)
+    return [(lo * bsz, hi * bsz, u) for lo, hi, u in ext]
+
+
+def check_extents(img, cs, what):
+    ext = extents(img)
+    if ext is None:
+        fs = qlib.run(["stat", "-f", "-c", "%T", img]).text.strip()
+        msg = "%s: extent check skipped: filefrag -v does not work on %s" % (what, fs)
+        log("SKIP (part): " + msg)
+        skipped.append(msg)
+        return
+    clusters = set()
+    for e in json.loads(qlib.qemu_img("map", "--output=json", "-f", "qcow2", img).text):
+        if e.get("data") and e.get("depth") == 0 and "offset" in e:
+            c = e["offset"] // cs * cs
+            while c < e["offset"] + e["length"]:
+                clusters.add(c)
+                c += cs
+    check(clusters, "%s: no data cluster in the map" % what)
+    bad = [c for c in sorted(clusters)
+           if any(u and lo < c + cs and c < hi for lo, hi, u in ext)]
+    log("%s: %d data clusters, %d extents (%d unwritten), %d data clusters with unwritten "
+        "blocks" % (what, len(clusters), len(ext), sum(1 for e in ext if e[2]), len(bad)))
+    check(not bad, "%s: %d data clusters hold unwritten extents (first at host 0x%x): their "
+          "first write did not fill them" % (what, len(bad), bad[0] if bad else 0))
+
+
+def one(name, opts, backing, seed, mix=False, workdir=None):
+    wd = workdir or W.path
+    img = os.path.join(wd, name + ".qcow2")
+    cs = int(dict(o.split("=") for o in opts.split(",") if "=" in o).get("cluster_size", 65536))
+    create = ["create", "-q", "-f", "qcow2", "-o", opts]
+    if backing:
+        create += ["-b", backing, "-F", "raw"]
+    qlib.qemu_img(*(create + [img, str(SIZE)]))
+    fresh = img + ".qemu"
+    subprocess.run(["cp", img, fresh], check=True)
+    sock = W(name + ".sock")
+    d = qlib.Daemon(A.vqcowd, img, sock, ["--format", "qcow2", "--num-queues", "2"])
+    check(d.start(), "vqcowd did not start\n" + d.log())
+    with qlib.killed_on_error(d):
+        mp = stress(sock, seed, ["--mix"] if mix else [])
+        d.assert_clean_stop()
+    what = name + (" (--mix)" if mix else "")
+    qlib.assert_qemu_check_clean(img, what)
+    check_content(img, mp, seed, backing, what)
+    if not mix:
+        qemu_replay(fresh, mp)
+        a, b = norm_map(img), norm_map(fresh)
+        if a != b:
+            fail("%s: qemu-img map differs from QEMU's for the same writes\nvqcowd: %s\nqemu:   %s"
+                 % (what, json.dumps(a)[:3000], json.dumps(b)[:3000]))
+        log("%s: qemu-img map equals QEMU's (%d entries)" % (what, len(a)))
+        if cs <= PAD_MAX:
+            check_extents(img, cs, what)
+    os.unlink(fresh)
+    os.unlink(img)
+
+
+def main():
+    global A, W
+    A = qlib.parse_args(lambda p: p.add_argument("--stress", default=""))
+    qlib.need_qemu_tools("qemu-io")
+    qlib.need_binary(A.vqcowd, "vqcowd")
+    qlib.need_binary(A.stress, "vqfe-stress")
+    W = qlib.Workdir(A.workdir, A.keep)
+    ok = False
+    try:
+        base = W("base.raw")
+        with open(base, "wb") as f:
+            for b in range(SIZE // BS):
+                f.write(bytes([(b * 7 + 13) & 0xff]) * 2048 + bytes([(b * 3 + 1) & 0xff]) * 2048)
+        one("std64k", "cluster_size=65536", None, 21)
+        one("xl2-64k", "cluster_size=65536,extended_l2=on", None, 22)
+        one("xl2-256k", "cluster_size=262144,extended_l2=on", None, 23)
+        one("std64k-backing", "cluster_size=65536", base, 24)
+        one("xl2-64k-backing", "cluster_size=65536,extended_l2=on", base, 25)
+        one("xl2-256k-backing", "cluster_size=262144,extended_l2=on", base, 26)
+        one("std512k", "cluster_size=524288", None, 27)
+        one("std64k", "cluster_size=65536", base, 28, mix=True)
+        one("xl2-64k", "cluster_size=65536,extended_l2=on", base, 29, mix=True)
+        # a file system without unwritten extents (nor FIEMAP): tmpfs
+        shm = "/dev/shm"
+        if os.path.isdir(shm) and os.access(shm, os.W_OK) and \
+                qlib.run(["stat", "-f", "-c", "%T", shm]).text.strip() == "tmpfs":
+            tdir = os.path.join(shm, "vqcow-growfill-%d" % os.getpid())
+            os.makedirs(tdir)
+            try:
+                one("xl2-64k-tmpfs", "cluster_size=65536,extended_l2=on", base, 30,
+                    workdir=tdir)
+            finally:
+                subprocess.run(["rm", "-rf", tdir])
+        else:
+            msg = "no writable tmpfs at /dev/shm: the run on tmpfs is skipped"
+            log("SKIP (part): " + msg)
+            skipped.append(msg)
+        for s in skipped:
+            log("skipped: " + s)
+        ok = True
+    finally:
+        W.cleanup(ok)
+
+
+if __name__ == "__main__":
+    qlib.main_wrapper(main)
