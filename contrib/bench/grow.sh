@@ -4,9 +4,10 @@
 # The single-queue growing-image cells of issue 12, side by side:
 #
 #   bash contrib/bench/grow.sh [--dir DIR] [--size 4G] [--reps 3] [--runtime 5] [--perf]
+#                              [--rw randwrite|write] [--bs 4k] [--base VQCOWD] [--cells LIST]
 #
 # Per round, in an order rotated between rounds, 4K random writes at QD32
-# (vqcow-fe bench, one queue) into:
+# (vqcow-fe bench, one queue; --rw and --bs change the job) into:
 #   vqcowd-empty  a fresh empty qcow2 (64 KiB clusters) through vqcowd
 #   qsd-empty     the same through qemu-storage-daemon ($QSD, default 10.0
 #                 from qsd10.sh, else the system's; io_uring,
@@ -14,6 +15,11 @@
 #   vqcowd-xl2    a fresh empty extended_l2=on qcow2 through vqcowd
 #   vqcowd-full   a fully allocated qcow2 (qemu-img convert of a fio-written
 #                 raw file, made once: contrib/bench/layout.sh's image)
+# --base BIN adds base-empty, base-xl2 and base-full: the same cells through
+# another vqcowd binary (an A/B in one run: say main's build), and prints the
+# per-round ratios of each cell to its base cell. --cells a,b keeps only those.
+# After each run on a fresh image, the file's extents (filefrag -v: all, and
+# those still unwritten) are printed, when filefrag works on that file system.
 # and prints per cell IOPS, CPU µs per I/O, and the share of data writes
 # io_uring had to hand to its worker threads (io-wq) because the file system
 # could not take them without blocking (from the io_uring tracepoints, when
@@ -28,7 +34,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
-dir=$build/bench-images size=4G reps=3 runtime=5 perf=0
+dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" only=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift 2 ;;
@@ -36,6 +42,10 @@ while [ $# -gt 0 ]; do
 	--reps) reps=$2; shift 2 ;;
 	--runtime) runtime=$2; shift 2 ;;
 	--perf) perf=1; shift ;;
+	--rw) rw=$2; shift 2 ;;
+	--bs) bs=$2; shift 2 ;;
+	--base) base=$2; shift 2 ;;
+	--cells) only=$2; shift 2 ;;
 	-h | --help) sed -n '4,/^set /{/^#/p}' "$0"; exit 0 ;;
 	*) sed -n '4,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
 	esac
@@ -45,7 +55,7 @@ fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
 . "$repo/contrib/bench/need-build.sh"
 bench_need_build "$repo" "$build" vqcowd vqcow-fe
-for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd"; do
+for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd" ${base:+"$base"}; do
 	command -v "$t" >/dev/null || { echo "grow.sh: $t not found" >&2; exit 77; }
 done
 mkdir -p "$dir"
@@ -72,13 +82,24 @@ fi
 [ -f "$full" ] || qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$raw" "$full"
 sync "$full"
 
-# run CELL FILE: prints "iops cpu_us punted_share"
+# extents FILE: prints "extents unwritten" (filefrag -v), or "-1 -1"
+extents() {
+	filefrag -v "$1" 2>/dev/null | awk '
+		/^ *[0-9]+:/ { n++; if ($0 ~ /unwritten/) u++ }
+		/extents? found/ { ok = 1 }
+		END { if (ok) print n + 0, u + 0; else print -1, -1 }' || echo "-1 -1"
+}
+
+# run CELL FILE: prints "iops cpu_us punted_share extents unwritten"
 run() {
-	local cell=$1 f=$2 kind=vqcowd sock=$tmp/sock t0 t1 out pf=
+	local cell=$1 f=$2 kind=vqcowd sock=$tmp/sock t0 t1 out pf= bin=$vqcowd ext="-1 -1"
 	case $cell in
-	vqcowd-full) ;;
+	base-*) bin=$base ;;
+	esac
+	case $cell in
+	*-full) ;;
 	*)
-		if [ "$cell" = vqcowd-xl2 ]; then
+		if [ "${cell#*-}" = xl2 ]; then
 			qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on "$f" "$size"
 		else
 			qemu-img create -q -f qcow2 -o cluster_size=65536 "$f" "$size"
@@ -88,7 +109,7 @@ run() {
 	[ "$cell" != qsd-empty ] || kind=qsd
 	rm -f "$sock"
 	if [ $kind = vqcowd ]; then
-		"$vqcowd" --socket-path "$sock" --blk-file "$f" --format qcow2 >"$tmp/d.log" 2>&1 &
+		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 >"$tmp/d.log" 2>&1 &
 	else
 		"$qsd" --object iothread,id=iot0 \
 			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
@@ -104,13 +125,13 @@ run() {
 			-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
 		ppid=$!
 	fi
-	if [ $perf = 1 ] && [ "$REP" = 1 ] && [ $kind = vqcowd ] && [ "$cell" != vqcowd-full ]; then
+	if [ $perf = 1 ] && [ "$REP" = 1 ] && [ $kind = vqcowd ] && [ "${cell#*-}" != full ]; then
 		perf record -q -g -o "$dir/grow-$cell.perf.data" -p "$bpid" -- sleep "$runtime" \
 			>/dev/null 2>&1 &
 		pf=$!
 	fi
 	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
-	out=$("$fe" bench "$sock" --rw randwrite --bs 4k --iodepth 32 --runtime "$runtime" --json)
+	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
 	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
 	[ -z "$pf" ] || wait "$pf" || true
 	[ -z "$ppid" ] || wait "$ppid" || true
@@ -118,6 +139,7 @@ run() {
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || true
 	bpid=
+	[ "${cell#*-}" = full ] || ext=$(extents "$f")
 	echo "$out" | python3 -c '
 import json, os, sys
 d = json.load(sys.stdin)["total"]
@@ -131,12 +153,21 @@ if os.path.exists(sys.argv[3]):
     sub = c.get("io_uring:io_uring_submit_req", 0)
     if sub:
         share = c.get("io_uring:io_uring_queue_async_work", 0) / sub
-print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(d["ios"], 1), 2), round(share, 3))' \
-		$((t1 - t0)) "$hz" "$tmp/stat"
+print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(d["ios"], 1), 2), round(share, 3), sys.argv[4])' \
+		$((t1 - t0)) "$hz" "$tmp/stat" "$ext"
 	rm -f "$tmp/stat"
 }
 
 cells=(vqcowd-empty qsd-empty vqcowd-xl2 vqcowd-full)
+[ -z "$base" ] || cells+=(base-empty base-xl2 base-full)
+if [ -n "$only" ]; then
+	keep=()
+	for c in "${cells[@]}"; do
+		case ",$only," in *",$c,"*) keep+=("$c") ;; esac
+	done
+	cells=("${keep[@]}")
+	[ ${#cells[@]} -gt 0 ] || { echo "grow.sh: no cell left by --cells $only" >&2; exit 2; }
+fi
 echo "grow.sh: $reps round(s) of $runtime s, $size images; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 res=$tmp/res
 : >"$res"
@@ -144,7 +175,7 @@ for REP in $(seq "$reps"); do
 	for ((i = 0; i < ${#cells[@]}; i++)); do
 		c=${cells[$(((i + REP - 1) % ${#cells[@]}))]}
 		f=$full
-		if [ "$c" != vqcowd-full ]; then
+		if [ "${c#*-}" != full ]; then
 			f=$dir/grow-$REP-$c.qcow2
 			made+=("$f")
 			[ ! -f "$f" ] || { echo "grow.sh: $f exists (a previous run's; delete it)" >&2; exit 1; }
@@ -152,31 +183,41 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
-echo "## 4K random write QD32, one queue, $runtime s per run, $reps rounds"
+echo "## $rw, bs $bs, QD32, one queue, $runtime s per run, $reps rounds"
 echo "(load at the end: $(cut -d' ' -f1-3 /proc/loadavg); qsd: $("$qsd" --version | head -1))"
 python3 - "$res" <<'EOF'
 import statistics as st, sys
 d = {}
 for l in open(sys.argv[1]):
-    r, c, iops, cpu, sh, lb, la = l.split()
-    d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la))
-print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | load1 before-after (range) |")
-print("|---|---:|---:|---:|---|")
+    r, c, iops, cpu, sh, ex, un, lb, la = l.split()
+    d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la),
+                              int(ex), int(un))
+print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | load1 before-after (range) |")
+print("|---|---:|---:|---:|---:|---|")
 for c, v in d.items():
     x = [t[0] for t in v.values()]
     sh = st.median([t[2] for t in v.values()])
     ld = [t[i] for t in v.values() for i in (3, 4)]
-    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
+    ex = [t[5] for t in v.values() if t[5] >= 0]
+    un = [t[6] for t in v.values() if t[6] >= 0]
+    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
           st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a",
-          min(ld), max(ld)))
+          "%d (%d)" % (st.median(ex), st.median(un)) if ex else "-", min(ld), max(ld)))
 def ratio(a, b, what):
+    if a not in d or b not in d:
+        return
     q = [d[a][r][0] / d[b][r][0] for r in d[a] if r in d[b]]
-    print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
+    if q:
+        print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
 print()
 ratio("vqcowd-empty", "qsd-empty", "growing image, vqcowd/qsd (target 3x)")
 ratio("vqcowd-xl2", "vqcowd-full", "extended L2 growing / full image, vqcowd (target 0.8x)")
+ratio("base-empty", "qsd-empty", "growing image, base/qsd")
+ratio("base-xl2", "base-full", "extended L2 growing / full image, base")
+for c in ("empty", "xl2", "full"):
+    ratio("vqcowd-" + c, "base-" + c, "%s: vqcowd/base" % c)
 EOF
