@@ -169,57 +169,91 @@ static void apply_discard(const struct wl *w, uint64_t cs, uint64_t off, uint64_
 		memset(g_model + s, 0, e - s);
 }
 
+/* Requests in flight at once on disjoint ranges, checked against g_model. */
+enum { B_WRITE, B_READ, B_ZERO };
+#define BATCH_MAX 48
+
+struct batch {
+	int n;
+	struct tio t[BATCH_MAX];
+	uint8_t *bufs[BATCH_MAX];
+	struct iovec iov[BATCH_MAX];
+	uint64_t offs[BATCH_MAX], lens[BATCH_MAX];
+	int kind[BATCH_MAX];
+};
+
+/* Does [off, off + len) overlap a request of @b? */
+static bool batch_clash(const struct batch *b, uint64_t off, uint64_t len)
+{
+	for (int j = 0; j < b->n; j++)
+		if (off < b->offs[j] + b->lens[j] && b->offs[j] < off + len)
+			return true;
+	return false;
+}
+
+/* Add a request of @kind on [off, off + len) to @b (a write's data filled in). */
+static void batch_add(struct batch *b, uint64_t off, uint64_t len, int kind)
+{
+	int n = b->n++;
+
+	b->offs[n] = off;
+	b->lens[n] = len;
+	b->kind[n] = kind;
+	b->bufs[n] = io_alloc_aligned(len);
+	if (kind == B_WRITE)
+		fill(b->bufs[n], len);
+	tio_init(&b->t[n]);
+	b->iov[n] = (struct iovec){b->bufs[n], len};
+}
+
+/*
+ * Submit every request of @b at once (write zeroes with or without UNMAP, at
+ * random) and run them all to completion: each must succeed; writes and
+ * write zeroes go into g_model, reads must match it.
+ */
+static void batch_run(struct img *img, struct batch *b, const char *name, const char *what)
+{
+	g_in_submit = true;
+	for (int i = 0; i < b->n; i++) {
+		if (b->kind[i] == B_WRITE)
+			img_writev(img, &b->t[i].io, &b->iov[i], 1, b->offs[i], b->lens[i]);
+		else if (b->kind[i] == B_READ)
+			img_readv(img, &b->t[i].io, &b->iov[i], 1, b->offs[i], b->lens[i]);
+		else
+			img_write_zeroes(img, &b->t[i].io, b->offs[i], b->lens[i],
+					 rnd() % 2 ? IMG_IO_UNMAP : 0);
+	}
+	g_in_submit = false;
+	run_until_all(b->t, b->n);
+	for (int i = 0; i < b->n; i++) {
+		CU_ASSERT_EQUAL(b->t[i].res, 0);
+		if (b->kind[i] == B_WRITE)
+			memcpy(g_model + b->offs[i], b->bufs[i], b->lens[i]);
+		else if (b->kind[i] == B_ZERO)
+			memset(g_model + b->offs[i], 0, b->lens[i]);
+		else if (memcmp(b->bufs[i], g_model + b->offs[i], b->lens[i]) != 0) {
+			fprintf(stderr, "%s: %s read mismatch at %llu+%llu\n", name, what,
+				(unsigned long long)b->offs[i], (unsigned long long)b->lens[i]);
+			CU_FAIL("read mismatch");
+		}
+		io_free_aligned(b->bufs[i]);
+	}
+}
+
 /* Several requests in flight at once (overlap-free writes and reads). */
 static void batch_ops(struct img *img, const struct wl *w, uint64_t cs)
 {
-	enum { N = 8 };
-	struct tio t[N];
-	uint8_t *bufs[N];
-	struct iovec iov[N];
-	uint64_t offs[N], lens[N];
-	bool wr[N];
-	int n = 0;
+	struct batch b = {0};
 
-	for (int i = 0; i < N; i++) {
+	for (int i = 0; i < 8; i++) {
 		uint64_t len = ((rnd() % (w->max_io / 512)) + 1) * 512;
 		uint64_t off = (rnd() % ((w->size - len) / 512 + 1)) * 512;
-		bool clash = false;
 
-		for (int j = 0; j < n; j++)
-			if (off < offs[j] + lens[j] && offs[j] < off + len)
-				clash = true;
-		if (clash)
+		if (batch_clash(&b, off, len))
 			continue;
-		offs[n] = off;
-		lens[n] = len;
-		wr[n] = rnd() % 3 != 0;
-		bufs[n] = io_alloc_aligned(len);
-		if (wr[n])
-			fill(bufs[n], len);
-		tio_init(&t[n]);
-		iov[n] = (struct iovec){bufs[n], len};
-		n++;
+		batch_add(&b, off, len, rnd() % 3 != 0 ? B_WRITE : B_READ);
 	}
-	g_in_submit = true;
-	for (int i = 0; i < n; i++) {
-		if (wr[i])
-			img_writev(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
-		else
-			img_readv(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
-	}
-	g_in_submit = false;
-	run_until_all(t, n);
-	for (int i = 0; i < n; i++) {
-		CU_ASSERT_EQUAL(t[i].res, 0);
-		if (wr[i])
-			memcpy(g_model + offs[i], bufs[i], lens[i]);
-		else if (memcmp(bufs[i], g_model + offs[i], lens[i]) != 0) {
-			fprintf(stderr, "%s: concurrent read mismatch at %llu+%llu\n", w->name,
-				(unsigned long long)offs[i], (unsigned long long)lens[i]);
-			CU_FAIL("read mismatch");
-		}
-		io_free_aligned(bufs[i]);
-	}
+	batch_run(img, &b, w->name, "concurrent");
 	(void)cs;
 }
 
@@ -477,54 +511,19 @@ static void same_cluster_rounds(struct img *img, const struct wl *w, uint64_t cs
 
 	for (int round = 0; round < rounds; round++) {
 		uint64_t base = (rnd() % (w->size / window)) * window;
-		struct tio t[N];
-		uint8_t *bufs[N];
-		struct iovec iov[N];
-		uint64_t offs[N], lens[N];
-		int kind[N], n = 0;
+		/* 0,1 write, 2 read, 3 write zeroes */
+		static const int kinds[4] = {B_WRITE, B_WRITE, B_READ, B_ZERO};
+		struct batch b = {0};
 
-		for (int i = 0; i < N * 4 && n < N; i++) {
+		for (int i = 0; i < N * 4 && b.n < N; i++) {
 			uint64_t len = ((rnd() % 8) + 1) * 512;
 			uint64_t off = base + (rnd() % ((window - len) / 512 + 1)) * 512;
-			bool clash = false;
 
-			for (int j = 0; j < n; j++)
-				if (off < offs[j] + lens[j] && offs[j] < off + len)
-					clash = true;
-			if (clash)
+			if (batch_clash(&b, off, len))
 				continue;
-			offs[n] = off;
-			lens[n] = len;
-			kind[n] = rnd() % 4; /* 0,1 write, 2 read, 3 write zeroes */
-			bufs[n] = io_alloc_aligned(len);
-			if (kind[n] < 2)
-				fill(bufs[n], len);
-			tio_init(&t[n]);
-			iov[n] = (struct iovec){bufs[n], len};
-			n++;
+			batch_add(&b, off, len, kinds[rnd() % 4]);
 		}
-		g_in_submit = true;
-		for (int i = 0; i < n; i++) {
-			if (kind[i] < 2)
-				img_writev(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
-			else if (kind[i] == 2)
-				img_readv(img, &t[i].io, &iov[i], 1, offs[i], lens[i]);
-			else
-				img_write_zeroes(img, &t[i].io, offs[i], lens[i],
-						 rnd() % 2 ? IMG_IO_UNMAP : 0);
-		}
-		g_in_submit = false;
-		run_until_all(t, n);
-		for (int i = 0; i < n; i++) {
-			CU_ASSERT_EQUAL(t[i].res, 0);
-			if (kind[i] < 2)
-				memcpy(g_model + offs[i], bufs[i], lens[i]);
-			else if (kind[i] == 3)
-				memset(g_model + offs[i], 0, lens[i]);
-			else if (memcmp(bufs[i], g_model + offs[i], lens[i]) != 0)
-				CU_FAIL("same-cluster read mismatch");
-			io_free_aligned(bufs[i]);
-		}
+		batch_run(img, &b, w->name, "same-cluster");
 	}
 }
 
