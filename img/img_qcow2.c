@@ -635,6 +635,17 @@ static void remote_end(struct q2img *m, struct fslot *s)
 
 static bool fast_flip(void *priv);
 
+/* The table's budget: as many entries as the L2 cache holds, at least 512 pages (2 MiB). */
+static size_t ft_budget(struct q2img *m)
+{
+	struct qcow2_cache_stats c;
+	size_t n;
+
+	qcow2_cache_stats(m->q, &c);
+	n = (size_t)(c.l2_max * c.entry_size / 4096);
+	return n < 512 ? 512 : n;
+}
+
 /* At open: the slots, the table's reach and budget. */
 static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 {
@@ -652,11 +663,8 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 	if (m->ft_n > FT_MAX_CLUSTERS)
 		m->ft_n = FT_MAX_CLUSTERS;
 	qcow2_cache_stats(m->q, &c);
-	/* as many entries as the L2 cache holds, at least 512 pages (2 MiB) */
-	m->ft_maxpages = (size_t)(c.l2_max * c.entry_size / 4096);
+	m->ft_maxpages = ft_budget(m);
 	m->slice_cl = c.entry_size / sizeof(uint64_t);
-	if (m->ft_maxpages < 512)
-		m->ft_maxpages = 512;
 	m->ext.flip = fast_flip;
 	m->ext.priv = m;
 	return 0;
@@ -672,11 +680,15 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
  * reading it (it serves the old reach, and a page added since is absent
  * there, which is a miss). Tickets and the grace period are untouched: no
  * entry changes. Out of memory: the old reach stays (the new range hops).
+ * Its budget follows the L2 cache's, which grows too when it was sized by
+ * default (q2_cache_defaults).
  */
 static void ft_grow(struct q2img *m, uint64_t size)
 {
 	uint64_t n = (size + m->cs - 1) >> m->cb, len;
 
+	if (m->q && ft_budget(m) > m->ft_maxpages)
+		m->ft_maxpages = ft_budget(m); /* the L2 cache grew with the disk */
 	if (n > FT_MAX_CLUSTERS)
 		n = FT_MAX_CLUSTERS;
 	if (n <= m->ft_n)

@@ -196,6 +196,7 @@ struct qcow2 {
 	uint64_t rt_bad_n; /* entries covered by rt_bad */
 
 	struct q2_cache l2c, rcc;
+	bool l2c_auto, rcc_auto; /* sized by default (q2_cache_defaults): they follow a grow */
 
 	/* Metadata clusters (sorted cluster indices) for overlap checks. */
 	struct q2_u64v meta;
@@ -442,6 +443,9 @@ void q2_wb_exit(struct qcow2 *q);
 /* ---- resize.c ---- */
 /* A batch that carried the header's new size and L1 fields finished with @err (0: durable). */
 void q2_grow_done(struct qcow2 *q, int err);
+/* The default cache budgets (bytes) for a disk of @size: see qcow2_open. */
+void q2_cache_defaults(const struct qcow2 *q, uint64_t size, uint64_t *l2_bytes,
+		       uint64_t *rc_bytes);
 /* That batch succeeded: queue the release of the old L1 clusters. */
 void q2_grow_written(struct qcow2 *q);
 

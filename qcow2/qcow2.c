@@ -224,6 +224,36 @@ static void free_engine(struct qcow2 *q)
 	free(q);
 }
 
+/* The refcount cache for an L2 cache of @l2_bytes: a quarter of it, 256 KiB..32 MiB. */
+static uint64_t rc_default(const struct qcow2 *q, uint64_t l2_bytes)
+{
+	uint64_t rc = l2_bytes / 4;
+
+	if (rc > (32ull << 20))
+		rc = 32ull << 20;
+	if (rc < (256u << 10))
+		rc = 256u << 10;
+	return rc < 16ull * q->slice_size ? 16ull * q->slice_size : rc;
+}
+
+/*
+ * By default the L2 cache covers the whole disk's L2 tables, up to 256 MiB
+ * (entries are allocated on demand: small images stay small), and the
+ * refcount cache is rc_default()'s; an online grow raises both
+ * (qcow2/resize.c set_size), as if the image had been opened at its new size.
+ */
+void q2_cache_defaults(const struct qcow2 *q, uint64_t size, uint64_t *l2_bytes, uint64_t *rc_bytes)
+{
+	uint64_t clusters = (size + q->cs - 1) >> q->cb, l2 = clusters * q->l2e_size;
+
+	if (l2 > (256ull << 20))
+		l2 = 256ull << 20;
+	if (l2 < 16ull * q->slice_size)
+		l2 = 16ull * q->slice_size;
+	*l2_bytes = l2;
+	*rc_bytes = rc_default(q, l2);
+}
+
 int qcow2_open(struct qcow2 **qp, struct io_loop *loop, struct io_file *file, const char *path,
 	       const struct qcow2_opts *opts, char *err, size_t errlen)
 {
@@ -395,30 +425,21 @@ reread:
 		goto fail;
 	}
 
-	/*
-	 * Caches: by default the whole image's L2 tables, up to 256 MiB (entries
-	 * are allocated on demand: small images stay small).
-	 */
-	l2_bytes = opts->l2_cache_size;
-	if (!l2_bytes) {
-		uint64_t clusters = (q->size + q->cs - 1) >> q->cb;
-
-		l2_bytes = clusters * q->l2e_size;
-		if (l2_bytes > (256ull << 20))
-			l2_bytes = 256ull << 20;
+	/* Caches: the options' sizes, or q2_cache_defaults' (which follow a grow). */
+	q->l2c_auto = !opts->l2_cache_size;
+	q->rcc_auto = !opts->refcount_cache_size;
+	q2_cache_defaults(q, q->size, &l2_bytes, &rc_bytes);
+	if (opts->l2_cache_size) {
+		l2_bytes = opts->l2_cache_size;
+		if (l2_bytes < 16ull * q->slice_size)
+			l2_bytes = 16ull * q->slice_size;
+		rc_bytes = rc_default(q, l2_bytes);
 	}
-	if (l2_bytes < 16ull * q->slice_size)
-		l2_bytes = 16ull * q->slice_size;
-	rc_bytes = opts->refcount_cache_size;
-	if (!rc_bytes) {
-		rc_bytes = l2_bytes / 4;
-		if (rc_bytes > (32ull << 20))
-			rc_bytes = 32ull << 20;
-		if (rc_bytes < (256u << 10))
-			rc_bytes = 256u << 10;
+	if (opts->refcount_cache_size) {
+		rc_bytes = opts->refcount_cache_size;
+		if (rc_bytes < 16ull * q->slice_size)
+			rc_bytes = 16ull * q->slice_size;
 	}
-	if (rc_bytes < 16ull * q->slice_size)
-		rc_bytes = 16ull * q->slice_size;
 	{
 		struct q2_cache_hooks hooks = {
 		    .loop = q->loop,

@@ -81,9 +81,19 @@ void q2_grow_written(struct qcow2 *q)
 	}
 }
 
-/* Set the new size in memory; the header is written by the next batch. */
+/*
+ * Set the new size in memory; the header is written by the next batch.
+ * Caches sized by default grow to cover it (entries come on demand).
+ */
 static void set_size(struct qcow2 *q, uint64_t size)
 {
+	uint64_t l2, rc;
+
+	q2_cache_defaults(q, size, &l2, &rc);
+	if (q->l2c_auto && l2 / q->slice_size > q->l2c.soft_max)
+		q->l2c.soft_max = l2 / q->slice_size;
+	if (q->rcc_auto && rc / q->slice_size > q->rcc.soft_max)
+		q->rcc.soft_max = rc / q->slice_size;
 	q->size = size;
 	q->h.size = size;
 	q->h.l1_needed = size_to_l1(q, size);

@@ -17,7 +17,10 @@ ft_grow). Then, through the device:
     write and every read of it must be a fast-path hit (query-blockstats'
     fast-path-hits and -hops, counted per request);
   * 4 KiB random reads on both queues (both threads) over [30, 40) MiB:
-    at least 95 % of them fast-path hits.
+    at least 95 % of them fast-path hits;
+  * a grow to 2 GiB: the L2 cache, sized by default for the whole disk
+    (64 KiB at 40 MiB), covers the new size (256 KiB), and so does the fast
+    table's budget, which follows it.
 
 At the end: QMP quit, exit 0, no sanitizer report in the log (it runs in
 the ASan and ThreadSanitizer builds too), qemu-img check clean, and the
@@ -158,6 +161,13 @@ def main():
             (ios, h1 - h0, p1 - p0))
         check(ios >= 4000 and h1 - h0 >= ios * 95 // 100,
               "random reads of the grown range: %d hits of %d" % (h1 - h0, ios))
+        # a default-sized L2 cache (the whole disk's tables) follows the grow
+        l2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]["l2-cache-size"]
+        q.ret("block_resize", {"node-name": "disk0", "size": 2048 * MiB})
+        l2b = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]["l2-cache-size"]
+        log("L2 cache %d bytes at 40 MiB, %d at 2 GiB" % (l2, l2b))
+        check(l2b == 2048 * MiB // CLUSTER * 8,
+              "the L2 cache does not cover the grown disk: %d bytes" % l2b)
         q.cmd("quit")
         d.p.wait(60)
         text = d.log()
