@@ -366,6 +366,21 @@ def parse_size(s):
     return int(s)
 
 
+def nbd_dirty(wd, img, name):
+    """The dirty ranges of bitmap NAME of IMG (qcow2) as qemu-nbd -B serves
+    them and nbdinfo --map reads them: [[offset, length]] (strings); the
+    socket is wd("nbd.sock")."""
+    sock = wd("nbd.sock")
+    r = run(["sh", "-c", "qemu-nbd -r -f qcow2 -B %s -k %s %s & p=$!; "
+             "for i in $(seq 100); do [ -S %s ] && break; sleep 0.05; done; "
+             "nbdinfo --map=qemu:dirty-bitmap:%s nbd+unix:///?socket=%s; rc=$?; "
+             "kill $p; wait $p; exit $rc" % (name, sock, img, sock, name, sock)],
+            timeout=60)
+    check(r.rc == 0, r.describe())
+    return [ln.split()[:2] for ln in r.text.splitlines()
+            if len(ln.split()) >= 3 and ln.split()[2] == "1"]
+
+
 # ---------------------------------------------------------------- image locks
 
 F_OFD_GETLK = 36

@@ -120,15 +120,7 @@ def test_steps():
 
 
 def nbd_dirty(p, name="x"):
-    sock = W("nbd.sock")
-    r = qlib.run(["sh", "-c", "qemu-nbd -r -f qcow2 -B %s -k %s %s & p=$!; "
-                  "for i in $(seq 100); do [ -S %s ] && break; sleep 0.05; done; "
-                  "nbdinfo --map=qemu:dirty-bitmap:%s nbd+unix:///?socket=%s; rc=$?; "
-                  "kill $p; wait $p; exit $rc" % (name, sock, p, sock, name, sock)],
-                 timeout=60)
-    check(r.rc == 0, r.describe())
-    return [ln.split()[:2] for ln in r.text.splitlines()
-            if len(ln.split()) >= 3 and ln.split()[2] == "1"]
+    return qlib.nbd_dirty(W, p, name)
 
 
 def test_bits():

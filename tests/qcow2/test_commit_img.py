@@ -208,19 +208,6 @@ def test_cases():
     log("ok: commit -b into the deepest of three layers, as qemu-img (implies -d)")
 
 
-def nbd_dirty(p, name):
-    """The dirty ranges of bitmap @name as qemu-nbd -B serves them (nbdinfo)."""
-    sock = W("nbd.sock")
-    r = qlib.run(["sh", "-c", "qemu-nbd -r -f qcow2 -B %s -k %s %s & p=$!; "
-                  "for i in $(seq 100); do [ -S %s ] && break; sleep 0.05; done; "
-                  "nbdinfo --map=qemu:dirty-bitmap:%s nbd+unix:///?socket=%s; rc=$?; "
-                  "kill $p; wait $p; exit $rc" % (name, sock, p, sock, name, sock)],
-                 timeout=60)
-    check(r.rc == 0, r.describe())
-    return [ln.split()[:2] for ln in r.text.splitlines()
-            if len(ln.split()) >= 3 and ln.split()[2] == "1"]
-
-
 def info(p):
     r = qlib.run(["qemu-img", "info", "-U", "--output=json", p], check_rc=0)
     return json.loads(r.text)
@@ -276,7 +263,7 @@ def test_full_discard():
         tops = [os.path.join(d, "t.qcow2") for d in dirs]
         snaps = [s[1] for s in qlib.snapshot_list(tops[0])] if "snap" in kind else []
         bms = info(tops[0])["format-specific"]["data"].get("bitmaps") or []
-        dirty = {b["name"]: nbd_dirty(tops[0], b["name"]) for b in bms} if have_nbd else {}
+        dirty = {b["name"]: qlib.nbd_dirty(W, tops[0], b["name"]) for b in bms} if have_nbd else {}
         ro, rq = commit("ours", dirs[0], []), commit("qemu", dirs[1], [])
         check(ro.rc == rq.rc == 0 and ro.out == rq.out,
               "full %s: %s\n%s" % (kind, ro.describe(), rq.describe()))
@@ -315,7 +302,7 @@ def test_full_discard():
                 qlib.qemu_to_raw(t, out, snapshot=sn)
             qlib.compare_files(after[0], after[1], "full %s: snapshot %s" % (kind, sn))
         for name, want in dirty.items():
-            do, dq = nbd_dirty(tops[0], name), nbd_dirty(tops[1], name)
+            do, dq = qlib.nbd_dirty(W, tops[0], name), qlib.nbd_dirty(W, tops[1], name)
             check(do == dq == want, "full %s: bitmap %s dirty %r, qemu-img's %r, before %r" %
                   (kind, name, do, dq, want))
         log("ok: commit, %s top emptied as qemu-img's (map, check, compare%s%s)" %
