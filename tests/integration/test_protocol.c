@@ -75,6 +75,20 @@ static int fds_stable(const struct itest_daemon *d)
 	return a;
 }
 
+/* Put @n writes of @len bytes each in queue 0 (not kicked), back to back from
+ * offset 0, the data from @w; each submission must succeed. */
+static void submit_writes(struct vqfe *fe, struct vqfe_req *req, uint8_t *w, unsigned n,
+			  uint32_t len)
+{
+	for (unsigned i = 0; i < n; i++) {
+		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+					   .sector = (uint64_t)i * len / 512,
+					   .buf = w + (size_t)i * len,
+					   .len = len};
+		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
+	}
+}
+
 /* ---- GET_VRING_BASE, ring states ---- */
 
 static void t_get_vring_base(void)
@@ -92,13 +106,7 @@ static void t_get_vring_base(void)
 	struct vqfe_vq *vq = vqfe_vq(fe, 0);
 
 	itest_fill(w, N * LEN, 5);
-	for (unsigned i = 0; i < N; i++) {
-		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
-					   .sector = (uint64_t)i * LEN / 512,
-					   .buf = w + (size_t)i * LEN,
-					   .len = LEN};
-		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
-	}
+	submit_writes(fe, req, w, N, LEN);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vq, true), 0);
 	if (itest_is_qsd()) /* libvhost-user answers at once: stop an idle ring there */
 		CU_ASSERT_EQUAL(vqfe_drain(fe, 0), 0);
@@ -812,13 +820,7 @@ static void t_sigterm_inflight(void)
 
 	CU_ASSERT(vqfe_has_feature(fe, VIRTIO_RING_F_EVENT_IDX));
 	itest_fill(w, sizeof(w), 8);
-	for (unsigned i = 0; i < N; i++) {
-		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
-					   .sector = (uint64_t)i * LEN / 512,
-					   .buf = w + (size_t)i * LEN,
-					   .len = LEN};
-		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &req[i]), 0);
-	}
+	submit_writes(fe, req, w, N, LEN);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vq, true), 0);
 	/* wait until the daemon has taken all of them (EVENT_IDX: avail_event) */
 	for (int i = 0; i < 2000 && le16toh(__atomic_load_n(avail_event, __ATOMIC_ACQUIRE)) != N;
