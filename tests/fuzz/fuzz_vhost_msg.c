@@ -34,6 +34,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "fuzz_elem.h"
 #include "fuzz_vhost_msg.h"
 #include "vhost.h"
 #include "vlog.h"
@@ -138,33 +139,16 @@ static void check_elem(struct vhost_vq *vq, const struct vq_elem *e)
 {
 	struct iovec regs[64];
 	unsigned nr = vhost_dev_mem_regions(vq_dev(vq), regs, 64);
+	int bad;
 
 	if (nr > 64)
 		nr = 64;
 	if ((unsigned)e->out_num + e->in_num > VQ_MAX_IOV)
 		die("element with %u + %u iovecs", e->out_num, e->in_num);
-	for (unsigned i = 0; i < (unsigned)e->out_num + e->in_num; i++) {
-		uintptr_t b = (uintptr_t)e->iov[i].iov_base, len = e->iov[i].iov_len;
-		bool in = false;
-
-		for (unsigned k = 0; k < nr && !in; k++) {
-			uintptr_t rb = (uintptr_t)regs[k].iov_base;
-
-			in = b >= rb && len <= regs[k].iov_len && b - rb <= regs[k].iov_len - len;
-		}
-		if (!in)
-			die("iovec %u (%p + %zu) outside every memory region", i,
-			    e->iov[i].iov_base, e->iov[i].iov_len);
-		if (len) {
-			/* touch both ends: a bad translation faults here */
-			volatile uint8_t *p = e->iov[i].iov_base;
-
-			(void)p[0];
-			(void)p[len - 1];
-			if (i >= e->out_num)
-				p[0] = 0x5a;
-		}
-	}
+	bad = fuzz_elem_outside(e, regs, nr, true);
+	if (bad >= 0)
+		die("iovec %d (%p + %zu) outside every memory region", bad, e->iov[bad].iov_base,
+		    e->iov[bad].iov_len);
 }
 
 static void push_held(unsigned i, uint32_t len)

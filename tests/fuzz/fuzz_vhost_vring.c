@@ -36,6 +36,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "fuzz_elem.h"
 #include "vhost.h"
 #include "vlog.h"
 #include "vhost_test.h"
@@ -86,6 +87,7 @@ static void check_elem(struct vhost_vq *vq, const struct vq_elem *e)
 {
 	struct iovec regs[8];
 	unsigned nr = vhost_dev_mem_regions(vq_dev(vq), regs, 8);
+	int bad;
 
 	if ((unsigned)e->out_num + e->in_num > VQ_MAX_IOV)
 		die("element with %u + %u iovecs", e->out_num, e->in_num);
@@ -94,25 +96,10 @@ static void check_elem(struct vhost_vq *vq, const struct vq_elem *e)
 	for (unsigned i = 0; i < nheld; i++)
 		if (held[i]->head == e->head)
 			die("head %u handed out twice", e->head);
-	for (unsigned i = 0; i < (unsigned)e->out_num + e->in_num; i++) {
-		uintptr_t b = (uintptr_t)e->iov[i].iov_base, len = e->iov[i].iov_len;
-		bool in = false;
-
-		for (unsigned k = 0; k < nr && k < 8 && !in; k++) {
-			uintptr_t rb = (uintptr_t)regs[k].iov_base;
-
-			in = b >= rb && len <= regs[k].iov_len && b - rb <= regs[k].iov_len - len;
-		}
-		if (!in)
-			die("iovec %u (%p + %zu) outside every memory region", i,
-			    e->iov[i].iov_base, e->iov[i].iov_len);
-		if (len) {
-			volatile uint8_t *p = e->iov[i].iov_base;
-
-			(void)p[0];
-			(void)p[len - 1];
-		}
-	}
+	bad = fuzz_elem_outside(e, regs, nr < 8 ? nr : 8, false);
+	if (bad >= 0)
+		die("iovec %d (%p + %zu) outside every memory region", bad, e->iov[bad].iov_base,
+		    e->iov[bad].iov_len);
 }
 
 static void push(struct vhost_vq *vq, struct vq_elem *e)
