@@ -74,13 +74,18 @@ hz=$(getconf CLK_TCK)
 tp=0
 [ "$(perf list 2>/dev/null | grep -c io_uring:io_uring_queue_async_work || true)" = 0 ] || tp=1
 
-if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$bytes" ]; then
-	rm -f "$raw" "$full"
-	fio --name=fill --filename="$raw" --size="$bytes" --rw=write --bs=1M --iodepth=8 \
-		--ioengine=io_uring --direct=1 --output=/dev/null >/dev/null
+need_full() {
+	[ -z "$only" ] || case ",$only," in *-full,*) ;; *) return 1 ;; esac
+}
+if need_full; then
+	if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$bytes" ]; then
+		rm -f "$raw" "$full"
+		fio --name=fill --filename="$raw" --size="$bytes" --rw=write --bs=1M --iodepth=8 \
+			--ioengine=io_uring --direct=1 --output=/dev/null >/dev/null
+	fi
+	[ -f "$full" ] || qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$raw" "$full"
+	sync "$full"
 fi
-[ -f "$full" ] || qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$raw" "$full"
-sync "$full"
 
 # extents FILE: prints "extents unwritten" (filefrag -v), or "-1 -1"
 extents() {
