@@ -3219,7 +3219,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		goto close_file;
 	h = qcow2_header(m->q);
 	m->cs = h->cluster_size;
-	m->pad = m->cs <= PAD_MAX;
+	m->pad = m->cs <= PAD_MAX && !(opts && opts->no_cluster_fill);
 
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
 		name = qcow2_path_relative(path, h->data_file);
@@ -3305,6 +3305,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			bo.l2_cache_size = opts->l2_cache_size;
 			bo.cache_entry_size = opts->cache_entry_size;
 			bo.no_l2_prefetch = opts->no_l2_prefetch;
+			bo.no_cluster_fill = opts->no_cluster_fill;
 		}
 		/* Deeper files of the chain open inside this guard: theirs is NULL. */
 		ret = guard_enter(guard);

@@ -107,6 +107,7 @@ struct options {
 	uint64_t poll_ns;
 	uint64_t submit_batch;
 	bool no_l2_prefetch;
+	bool no_cluster_fill;
 	bool fixed_buffers;
 	bool no_fixed_files;
 	bool no_seccomp;
@@ -145,6 +146,8 @@ static void usage(FILE *f)
 	    "  --l2-cache-size BYTES       qcow2 L2 cache budget (suffixes K, M, G)\n"
 	    "  --cache-entry-size BYTES    qcow2 metadata cache slice size\n"
 	    "  --no-l2-prefetch            qcow2: do not read the L2 tables in the background\n"
+	    "  --no-cluster-fill           qcow2: write only the data into a new cluster, not\n"
+	    "                              the whole cluster with zeroes\n"
 	    "  --poll-ns NS                busy-poll up to NS ns before sleeping while at most\n"
 	    "                              4 requests are in flight (default 50000; 0 = off)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
@@ -290,6 +293,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_POLL,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
+		OPT_NOFILL,
 		OPT_FIXBUF,
 		OPT_NOFIXFILE,
 		OPT_NOSECCOMP,
@@ -322,6 +326,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
+	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
 	    {"fixed-buffers", no_argument, NULL, OPT_FIXBUF},
 	    {"no-fixed-files", no_argument, NULL, OPT_NOFIXFILE},
 	    {"no-seccomp", no_argument, NULL, OPT_NOSECCOMP},
@@ -446,6 +451,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_NOPREFETCH:
 			o->no_l2_prefetch = true;
+			break;
+		case OPT_NOFILL:
+			o->no_cluster_fill = true;
 			break;
 		case OPT_FIXBUF:
 			o->fixed_buffers = true;
@@ -1910,6 +1918,7 @@ int main(int argc, char **argv)
 	iopts.l2_cache_size = o.l2_cache_size;
 	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
 	iopts.no_l2_prefetch = o.no_l2_prefetch;
+	iopts.no_cluster_fill = o.no_cluster_fill;
 	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
 	if (ret < 0) {
 		/* A file we may read but not write: say how to serve it anyway. */
