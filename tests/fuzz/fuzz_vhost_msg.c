@@ -34,7 +34,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "fuzz_elem.h"
+#include "fuzz_vhost.h"
 #include "fuzz_vhost_msg.h"
 #include "vhost.h"
 #include "vlog.h"
@@ -238,25 +238,11 @@ static int count_fds(void)
 	return n;
 }
 
-/* Logs cost time and say nothing a crash report does not: dropped, unless
- * FUZZ_LOG is set (then everything, at debug level, on stderr). */
-static void drop_line(enum vlog_level level, const char *line, void *opaque)
-{
-}
-
-static void quiet_logs(void)
-{
-	if (getenv("FUZZ_LOG"))
-		vlog_set_level(VLOG_DEBUG);
-	else
-		vlog_set_sink(drop_line, NULL);
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	int lfd;
 
-	quiet_logs();
+	fuzz_quiet_logs();
 	g_memfd = memfd_create("fuzz-guest", MFD_CLOEXEC);
 	if (g_memfd < 0 || ftruncate(g_memfd, FVM_MEM_SIZE) < 0)
 		die("memfd: %s", strerror(errno));

@@ -36,7 +36,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "fuzz_elem.h"
+#include "fuzz_vhost.h"
 #include "vhost.h"
 #include "vlog.h"
 #include "vhost_test.h"
@@ -141,23 +141,9 @@ static const struct vhost_dev_ops f_ops = {
     .queue_kick = f_kick,
 };
 
-/* Logs cost time and say nothing a crash report does not: dropped, unless
- * FUZZ_LOG is set (then everything, at debug level, on stderr). */
-static void drop_line(enum vlog_level level, const char *line, void *opaque)
-{
-}
-
-static void quiet_logs(void)
-{
-	if (getenv("FUZZ_LOG"))
-		vlog_set_level(VLOG_DEBUG);
-	else
-		vlog_set_sink(drop_line, NULL);
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-	quiet_logs();
+	fuzz_quiet_logs();
 	g_memfd = memfd_create("fuzz-vring", MFD_CLOEXEC);
 	if (g_memfd < 0 || ftruncate(g_memfd, FVM_GUEST) < 0)
 		die("memfd: %s", strerror(errno));

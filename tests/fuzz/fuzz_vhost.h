@@ -1,16 +1,33 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * tests/fuzz/fuzz_elem.h — the check the vhost fuzz targets make of every
- * element the ring code hands out (fuzz_vhost_msg.c, fuzz_vhost_vring.c).
+ * tests/fuzz/fuzz_vhost.h — what the vhost fuzz targets (fuzz_vhost_msg.c,
+ * fuzz_vhost_vring.c) share: quiet logs, and the check of every element the
+ * ring code hands out.
  */
-#ifndef VQCOW_FUZZ_ELEM_H
-#define VQCOW_FUZZ_ELEM_H
+#ifndef VQCOW_FUZZ_VHOST_H
+#define VQCOW_FUZZ_VHOST_H
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/uio.h>
 
 #include "vhost.h"
+#include "vlog.h"
+
+static inline void fuzz_drop_line(enum vlog_level level, const char *line, void *opaque)
+{
+}
+
+/* Logs cost time and say nothing a crash report does not: dropped, unless
+ * FUZZ_LOG is set (then everything, at debug level, on stderr). */
+static inline void fuzz_quiet_logs(void)
+{
+	if (getenv("FUZZ_LOG"))
+		vlog_set_level(VLOG_DEBUG);
+	else
+		vlog_set_sink(fuzz_drop_line, NULL);
+}
 
 /*
  * Every iovec of @e must lie inside one of the @nr regions @regs, and is
@@ -44,4 +61,4 @@ static inline int fuzz_elem_outside(const struct vq_elem *e, const struct iovec 
 	return -1;
 }
 
-#endif /* VQCOW_FUZZ_ELEM_H */
+#endif /* VQCOW_FUZZ_VHOST_H */
