@@ -187,7 +187,9 @@ struct q2req {
  * most ft_maxpages, the L2 cache's budget; its reach, ft_n, follows an
  * online grow: ft_grow): a normal data cluster (FE_DATA,
  * FE_RW if it is written in place: COPIED, or an external data file) or a
- * compressed one (FE_COMP: offset and length of its compressed bytes). A
+ * compressed one (FE_COMP: offset and length of its compressed bytes) or
+ * one that reads as zeroes (FE_ZERO: a zero cluster, or an unallocated one
+ * without a backing file; reads only, filled on the thread). A
  * thread reads an entry with one atomic load and, on a hit, does the read,
  * the inflate or the in-place write itself. Anything else goes to the owner
  * (hop_in) and comes back (hop_back).
@@ -215,6 +217,7 @@ struct q2req {
 #define FE_DATA         (1ull << 63)
 #define FE_RW           (1ull << 62)
 #define FE_COMP         (1ull << 61)
+#define FE_ZERO         (1ull << 60) /* alone: the cluster reads as zeroes */
 #define FE_HOST_MASK    ((1ull << 56) - 1)
 #define FE_CHOST_BITS   41
 #define FE_CLEN_MAX     (1ull << 20)
@@ -726,7 +729,7 @@ static void fast_engine(struct q2img *m)
 	fast_mode_update(m);
 }
 
-/* Owner: publish what a read mapped (DATA and COMPRESSED extents). */
+/* Owner: publish what a read mapped (DATA, COMPRESSED and zero extents). */
 static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
 {
 	for (int i = 0; i < n; i++, x++) {
@@ -750,6 +753,17 @@ static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
 					break;
 				if (cur != e)
 					ft_store(m, gc, e);
+			}
+		} else if ((x->type == QCOW2_MAP_ZERO ||
+			    (x->type == QCOW2_MAP_UNALLOC && !m->backing)) &&
+			   !mut_overlaps(m, x->off, x->len, NULL)) {
+			/* as read_extent() fills them */
+			for (; gc <= last; gc++) {
+				uint64_t *pg = ft_page(m, gc);
+
+				if (!pg || __atomic_load_n(&pg[gc & ((1u << FT_BITS) - 1)],
+							   __ATOMIC_RELAXED) != FE_ZERO)
+					ft_store(m, gc, FE_ZERO);
 			}
 		} else if (x->type == QCOW2_MAP_COMPRESSED && gc == last &&
 			   x->host < (1ull << FE_CHOST_BITS) && x->clen < FE_CLEN_MAX &&
@@ -2206,6 +2220,21 @@ static bool fast_try(struct q2img *m, struct fslot *s, struct img_io *io)
 		f->cmd.done = fast_done;
 		f->cmd.priv = f;
 		comp_read(m, f, chost, clen);
+		return true;
+	}
+	if (e0 == FE_ZERO) {
+		/* every cluster reads as zeroes: no I/O, done from the loop */
+		if (io->op != IMG_OP_READ)
+			goto miss;
+		for (uint64_t gc = first + 1; gc <= last; gc++)
+			if (ft_load(m, gc) != FE_ZERO)
+				goto miss;
+		io_iov_memset(io->iov, io->iovcnt, 0, 0, (size_t)io->len);
+		f->ticket = t;
+		f->io = io;
+		f->cmd.done = fast_hit_done;
+		f->cmd.priv = f;
+		io_post(io->loop, &f->cmd);
 		return true;
 	}
 	if (!(e0 & FE_DATA) || (io->op == IMG_OP_WRITE && !(e0 & FE_RW)))

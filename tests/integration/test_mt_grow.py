@@ -17,7 +17,9 @@ ft_grow). Then, through the device:
     write and every read of it must be a fast-path hit (query-blockstats'
     fast-path-hits and -hops, counted per request);
   * 4 KiB random reads on both queues (both threads) over [30, 40) MiB:
-    at least 95 % of them fast-path hits;
+    at least 95 % of them fast-path hits; and over the never-written
+    [16, 30) MiB (zero clusters: filled on the threads, no I/O), at least
+    90 %, reading zeroes;
   * a grow to 2 GiB: the L2 cache, sized by default for the whole disk
     (64 KiB at 40 MiB), covers the new size (256 KiB), and so does the fast
     table's budget, which follows it.
@@ -161,6 +163,24 @@ def main():
             (ios, h1 - h0, p1 - p0))
         check(ios >= 4000 and h1 - h0 >= ios * 95 // 100,
               "random reads of the grown range: %d hits of %d" % (h1 - h0, ios))
+        # never written: zero clusters, read on the threads without I/O
+        h0, p0 = stats(q)
+        out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", BS,
+                  "--iodepth", 8, "--numjobs", 2, "--offset", 16 * MiB, "--size", 14 * MiB,
+                  "--number-ios", 4000, "--json")
+        ios = json.loads(out)["total"]["ios"]
+        h1, p1 = stats(q)
+        log("random reads of unwritten [16, 30) MiB: %d reads, %d hits, %d hops" %
+            (ios, h1 - h0, p1 - p0))
+        check(ios >= 4000 and h1 - h0 >= ios * 9 // 10,
+              "reads of the unwritten grown range: %d hits of %d" % (h1 - h0, ios))
+        for i in range(8):
+            off = 16 * MiB + i * 1781 * BS % (14 * MiB)
+            r = subprocess.run([fe, "--queues", "2", "--queue", str(i % 2), "read", d.vsock,
+                                str(off), str(4 * BS)], capture_output=True, timeout=60)
+            check(r.returncode == 0 and r.stdout == bytes(4 * BS),
+                  "unwritten range at %d: rc %d, not zeroes" % (off, r.returncode))
+        log("ok: the unwritten grown range reads as zeroes")
         # a default-sized L2 cache (the whole disk's tables) follows the grow
         l2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]["l2-cache-size"]
         q.ret("block_resize", {"node-name": "disk0", "size": 2048 * MiB})
