@@ -349,6 +349,23 @@ static void save_model(const char *path, uint64_t size)
 	close(fd);
 }
 
+/* qemu-img check finds @img_path clean, and compare finds it equal to the
+ * model (saved to @raw); their reports go to stderr when they do not. */
+static void check_vs_model(const char *img_path, const char *raw, uint64_t size)
+{
+	int ret;
+
+	save_model(raw, size);
+	ret = tu_sh("qemu-img check -q %s", img_path);
+	if (ret != 0)
+		tu_sh("qemu-img check %s >&2", img_path);
+	CU_ASSERT_EQUAL(ret, 0);
+	ret = tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
+	if (ret != 0)
+		tu_sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
+	CU_ASSERT_EQUAL(ret, 0);
+}
+
 static void load_file(const char *path, uint64_t size)
 {
 	int fd = open(path, O_RDONLY);
@@ -390,7 +407,6 @@ static void run_wl(const struct wl *w0)
 	char *img_path = P("t.qcow2"), *raw = P("t.raw");
 	uint64_t cs = cluster_of(w->create);
 	struct img *img;
-	int ret;
 
 	tu_sh("rm -f %s/*", g_dir);
 	g_model = calloc(1, w->size);
@@ -476,15 +492,7 @@ static void run_wl(const struct wl *w0)
 	verify_all(img, w);
 	img_close(img);
 
-	save_model(raw, w->size);
-	ret = tu_sh("qemu-img check -q %s", img_path);
-	if (ret != 0)
-		tu_sh("qemu-img check %s >&2", img_path);
-	CU_ASSERT_EQUAL(ret, 0);
-	ret = tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
-	if (ret != 0)
-		tu_sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
-	CU_ASSERT_EQUAL(ret, 0);
+	check_vs_model(img_path, raw, w->size);
 	if (w->snapshot) {
 		/* the snapshot still holds what it held */
 		CU_ASSERT_EQUAL(tu_sh("qemu-img convert -l snapshot.name=snap1 -O raw %s %s",
@@ -612,7 +620,6 @@ static void tail_case(const char *create, const char *bfmt, uint64_t size, uint6
 	uint64_t cs = cluster_of(create), last = size / cs * cs;
 	uint8_t *buf = io_alloc_aligned(4096), *rd = io_alloc_aligned(size);
 	struct img *img;
-	int ret;
 
 	CU_ASSERT_FATAL(buf && rd);
 	tu_sh("rm -f %s/*", g_dir);
@@ -656,15 +663,7 @@ static void tail_case(const char *create, const char *bfmt, uint64_t size, uint6
 	CU_ASSERT(memcmp(rd, g_model, size) == 0);
 	img_close(img);
 
-	save_model(raw, size);
-	ret = tu_sh("qemu-img check -q %s", img_path);
-	if (ret != 0)
-		tu_sh("qemu-img check %s >&2", img_path);
-	CU_ASSERT_EQUAL(ret, 0);
-	ret = tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, raw);
-	if (ret != 0)
-		tu_sh("qemu-img compare -f qcow2 -F raw %s %s >&2", img_path, raw);
-	CU_ASSERT_EQUAL(ret, 0);
+	check_vs_model(img_path, raw, size);
 	/* qemu-io sees each written sector as written (each is one byte value) */
 	CU_ASSERT_EQUAL(tu_sh("out=$(qemu-io -f qcow2 -c 'read -P %u %llu 512' -c 'read -P %u %llu "
 			      "512' -c 'read -P %u %llu 512' %s 2>&1) && ! echo \"$out\" | grep -q "
