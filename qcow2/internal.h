@@ -443,11 +443,13 @@ void q2_wb_exit(struct qcow2 *q);
 /* ---- resize.c ---- */
 /* A batch that carried the header's new size and L1 fields finished with @err (0: durable). */
 void q2_grow_done(struct qcow2 *q, int err);
-/* The default cache budgets (bytes) for a disk of @size: see qcow2_open. */
-void q2_cache_defaults(const struct qcow2 *q, uint64_t size, uint64_t *l2_bytes,
-		       uint64_t *rc_bytes);
 /* That batch succeeded: queue the release of the old L1 clusters. */
 void q2_grow_written(struct qcow2 *q);
+
+/* ---- qcow2.c ---- */
+/* The default cache budgets (bytes) for a disk of @size (qcow2_open, set_size). */
+void q2_cache_defaults(const struct qcow2 *q, uint64_t size, uint64_t *l2_bytes,
+		       uint64_t *rc_bytes);
 
 /* ---- mapping.c ---- */
 /* Validate an L2 slice after loading: sets s->suspect. */

@@ -427,7 +427,7 @@ reread:
 
 	/* Caches: the options' sizes, or q2_cache_defaults' (which follow a grow). */
 	q->l2c_auto = !opts->l2_cache_size;
-	q->rcc_auto = !opts->refcount_cache_size;
+	q->rcc_auto = !opts->refcount_cache_size && !opts->l2_cache_size; /* else l2's quarter */
 	q2_cache_defaults(q, q->size, &l2_bytes, &rc_bytes);
 	if (opts->l2_cache_size) {
 		l2_bytes = opts->l2_cache_size;
