@@ -336,9 +336,7 @@ def main():
     global A, W
     A = qlib.parse_args()
     qlib.need_qemu_tools("qemu-io", "qemu-storage-daemon")
-    qlib.need_binary(A.vqcowd, "vqcowd")
-    qlib.need_binary(A.img, "vqcow-img")
-    qlib.need_binary(A.fe, "vqcow-fe")
+    qlib.need_binaries(A, "vqcowd", "img", "fe")
     W = qlib.Workdir(A.workdir, A.keep)
     ok = False
     try:

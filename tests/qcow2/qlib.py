@@ -85,6 +85,16 @@ def need_binary(path, what):
         fail("%s is not built (%r): this test needs it" % (what, path))
 
 
+# the programs a test may need, by their parse_args option
+BINARIES = {"vqcowd": "vqcowd", "img": "vqcow-img", "fe": "vqcow-fe (tests/frontend)"}
+
+
+def need_binaries(args, *names):
+    """need_binary for each of NAMES ("vqcowd", "img", "fe") as given in ARGS."""
+    for n in names:
+        need_binary(getattr(args, n), BINARIES[n])
+
+
 def main_wrapper(fn):
     """Run fn(); map TestFailure/exception to exit 1, keep 77 for skips."""
     try:
@@ -228,6 +238,20 @@ def vqcow_img_json(binary, *args):
         return json.loads(r.text)
     except ValueError as e:
         fail("vqcow-img printed invalid JSON (%s):\n%s" % (e, r.describe()))
+
+
+def run_corpus(wd, make_cases, fn):
+    """run_cases over make_cases(), the Workdir WD cleaned up after (kept if
+    anything failed), then a failure naming the failed cases."""
+    ok = False
+    failures = []
+    try:
+        failures = run_cases(make_cases(), fn)
+        ok = not failures
+    finally:
+        wd.cleanup(ok)
+    if failures:
+        fail("failed images: " + ", ".join(failures))
 
 
 def run_cases(cases, fn):

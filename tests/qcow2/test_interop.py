@@ -263,17 +263,9 @@ def main():
     qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
     wd = qlib.Workdir(os.path.join(A.workdir, "interop-" + A.group), A.keep)
     W = wd
-    ok = False
-    failures = []
-    try:
-        rng = random.Random(A.seed)
-        failures = qlib.run_cases(corpus(A.group),
-                                  lambda name, img, keep: run_image(name, img, keep, rng))
-        ok = not failures
-    finally:
-        wd.cleanup(ok)
-    if failures:
-        fail("failed images: " + ", ".join(failures))
+    rng = random.Random(A.seed)
+    qlib.run_corpus(wd, lambda: corpus(A.group),
+                    lambda name, img, keep: run_image(name, img, keep, rng))
 
 
 if __name__ == "__main__":

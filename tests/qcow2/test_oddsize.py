@@ -179,9 +179,7 @@ def main():
     global A, W
     A = qlib.parse_args()
     qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.vqcowd, "vqcowd")
-    qlib.need_binary(A.img, "vqcow-img")
-    qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
+    qlib.need_binaries(A, "vqcowd", "img", "fe")
     wd = qlib.Workdir(os.path.join(A.workdir, "oddsize"), A.keep)
     W = wd
     ok = False

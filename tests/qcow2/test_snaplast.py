@@ -194,21 +194,11 @@ def main():
     global A, W
     A = qlib.parse_args()
     qlib.need_qemu_tools("qemu-io")
-    qlib.need_binary(A.vqcowd, "vqcowd")
-    qlib.need_binary(A.img, "vqcow-img")
-    qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
+    qlib.need_binaries(A, "vqcowd", "img", "fe")
     wd = qlib.Workdir(os.path.join(A.workdir, "snaplast"), A.keep)
     W = wd
-    ok = False
-    failures = []
-    try:
-        rng = random.Random(A.seed)
-        failures = qlib.run_cases(corpus(), lambda name, img: run_image(name, img, rng))
-        ok = not failures
-    finally:
-        wd.cleanup(ok)
-    if failures:
-        fail("failed images: " + ", ".join(failures))
+    rng = random.Random(A.seed)
+    qlib.run_corpus(wd, corpus, lambda name, img: run_image(name, img, rng))
 
 
 if __name__ == "__main__":
