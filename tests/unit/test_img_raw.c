@@ -529,54 +529,52 @@ static void breq_done(struct blk_req *req, uint32_t used)
 	b->used = used;
 }
 
+/* One request through blk_req_submit, run to its completion on the loop:
+ * the header (@type, @sector), @len bytes of @data (device-readable for
+ * VIRTIO_BLK_T_OUT, else writable), the status byte @st; b->used: the used
+ * length. */
+static void blk_do(struct blk_dev *dev, struct breq *b, uint32_t type, uint64_t sector,
+		   uint8_t *data, size_t len, uint8_t *st)
+{
+	uint8_t hdr[16] = {0};
+	uint32_t t = htole32(type);
+	uint64_t s = htole64(sector);
+	bool out = type == VIRTIO_BLK_T_OUT;
+
+	memcpy(hdr, &t, 4);
+	memcpy(hdr + 8, &s, 8);
+	memset(b, 0, sizeof(*b));
+	*st = 0xff;
+	b->iov[0] = (struct iovec){hdr, 16};
+	b->iov[1] = (struct iovec){data, len};
+	b->iov[2] = (struct iovec){st, 1};
+	b->req.iov = b->iov;
+	b->req.out_num = out ? 2 : 1;
+	b->req.in_num = out ? 1 : 2;
+	b->req.complete = breq_done;
+	blk_req_submit(dev, &b->req);
+	run_until(&b->calls, 1);
+}
+
 static void test_blk_over_raw(void)
 {
 	struct img *img;
 	struct blk_dev *dev;
 	struct blk_opts o = {.logical_block_size = 512, .queue_size = 128, .writeback = false};
 	uint8_t *data = io_alloc_aligned(8192);
-	uint8_t hdr[16] = {0}, st = 0xff;
+	uint8_t st = 0xff;
 	struct breq b;
-	uint32_t t;
-	uint64_t s;
 
 	make_file(NULL, 0);
 	img = open_img(false);
 	CU_ASSERT_EQUAL_FATAL(blk_dev_init(&dev, img, &o), 0);
 	memset(data, 0xc3, 8192);
-	t = htole32(VIRTIO_BLK_T_OUT);
-	s = htole64(16);
-	memcpy(hdr, &t, 4);
-	memcpy(hdr + 8, &s, 8);
-	memset(&b, 0, sizeof(b));
-	b.iov[0] = (struct iovec){hdr, 16};
-	b.iov[1] = (struct iovec){data, 8192};
-	b.iov[2] = (struct iovec){&st, 1};
-	b.req.iov = b.iov;
-	b.req.out_num = 2;
-	b.req.in_num = 1;
-	b.req.complete = breq_done;
-	blk_req_submit(dev, &b.req);
-	run_until(&b.calls, 1);
+	blk_do(dev, &b, VIRTIO_BLK_T_OUT, 16, data, 8192, &st);
 	CU_ASSERT_EQUAL(st, VIRTIO_BLK_S_OK);
 	CU_ASSERT_EQUAL(b.used, 1);
 
 	memset(data, 0, 8192);
-	t = htole32(VIRTIO_BLK_T_IN);
-	s = htole64(15);
-	memcpy(hdr, &t, 4);
-	memcpy(hdr + 8, &s, 8);
-	memset(&b, 0, sizeof(b));
-	st = 0xff;
-	b.iov[0] = (struct iovec){hdr, 16};
-	b.iov[1] = (struct iovec){data, 1024};
-	b.iov[2] = (struct iovec){&st, 1};
-	b.req.iov = b.iov;
-	b.req.out_num = 1;
-	b.req.in_num = 2;
-	b.req.complete = breq_done;
-	blk_req_submit(dev, &b.req);
-	run_until(&b.calls, 1);
+	blk_do(dev, &b, VIRTIO_BLK_T_IN, 15, data, 1024, &st);
 	CU_ASSERT_EQUAL(st, VIRTIO_BLK_S_OK);
 	CU_ASSERT_EQUAL(b.used, 1025);
 	CU_ASSERT(is_pattern(data, 512, 15 * 512));
