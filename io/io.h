@@ -193,6 +193,25 @@ void io_defer_del(struct io_loop *loop, struct io_defer *d);
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
 
 /*
+ * Loops on several threads that busy-poll share CPUs: a poll holds one, and
+ * a thread that polls while the thread it waits for (a front-end, another
+ * loop) has no CPU to run on only delays it. A group lets at most @max of
+ * its loops poll at a time; a loop that finds the group full sleeps at once
+ * (no backoff: the next sleep tries again). @max 0: none polls. The struct
+ * is the caller's and must outlive the loops that use it.
+ */
+struct io_poll_group {
+	unsigned max;
+	unsigned active; /* atomic: loops polling now */
+};
+void io_poll_group_init(struct io_poll_group *g, unsigned max);
+void io_loop_set_poll_group(struct io_loop *loop, struct io_poll_group *g);
+/* Take a place in the group (false: full) and give it back: what a loop does
+ * around each poll; public for tests. */
+bool io_poll_group_enter(struct io_poll_group *g);
+void io_poll_group_leave(struct io_poll_group *g);
+
+/*
  * Early submission: hand prepared SQEs to the kernel as soon as @n of them
  * are waiting, instead of all at once when the iteration ends (0, the
  * default). With n = 2 no submission is large enough for the kernel to plug

@@ -77,10 +77,11 @@ struct io_loop {
 	struct io_defer *defers;
 	struct io_defer *defer_cursor; /* next hook while running hooks */
 	uint64_t poll_ns;
-	unsigned poll_skip;    /* sleeps left before the next busy poll (backoff) */
-	unsigned poll_backoff; /* sleeps to skip after the next failed poll */
-	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
-	io_fault_fn fault_fn;  /* io_loop_set_fault_hook() */
+	unsigned poll_skip;               /* sleeps left before the next busy poll (backoff) */
+	unsigned poll_backoff;            /* sleeps to skip after the next failed poll */
+	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
+	unsigned submit_batch;            /* submit once this many SQEs wait (0 = per iteration) */
+	io_fault_fn fault_fn;             /* io_loop_set_fault_hook() */
 	void *fault_opaque;
 	void *bfree[IO_BOUNCE_CLASSES];
 	unsigned bfree_n[IO_BOUNCE_CLASSES];
@@ -191,6 +192,34 @@ unsigned io_loop_inflight(const struct io_loop *loop)
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
 {
 	loop->poll_ns = max_ns;
+}
+
+void io_poll_group_init(struct io_poll_group *g, unsigned max)
+{
+	g->max = max;
+	__atomic_store_n(&g->active, 0, __ATOMIC_RELAXED);
+}
+
+void io_loop_set_poll_group(struct io_loop *loop, struct io_poll_group *g)
+{
+	loop->poll_group = g;
+}
+
+bool io_poll_group_enter(struct io_poll_group *g)
+{
+	unsigned a = __atomic_load_n(&g->active, __ATOMIC_RELAXED);
+
+	while (a < g->max) {
+		if (__atomic_compare_exchange_n(&g->active, &a, a + 1, true, __ATOMIC_RELAXED,
+						__ATOMIC_RELAXED))
+			return true;
+	}
+	return false;
+}
+
+void io_poll_group_leave(struct io_poll_group *g)
+{
+	__atomic_fetch_sub(&g->active, 1, __ATOMIC_RELAXED);
 }
 
 void io_loop_set_submit_batch(struct io_loop *loop, unsigned n)
@@ -1268,11 +1297,19 @@ static bool busy_poll(struct io_loop *loop)
 #define POLL_BACKOFF_MAX 64
 static bool poll_adaptive(struct io_loop *loop)
 {
+	bool found;
+
 	if (loop->poll_skip) {
 		loop->poll_skip--;
 		return false;
 	}
-	if (busy_poll(loop)) {
+	/* Its group full: others hold the CPUs a poll would take. Sleep. */
+	if (loop->poll_group && !io_poll_group_enter(loop->poll_group))
+		return false;
+	found = busy_poll(loop);
+	if (loop->poll_group)
+		io_poll_group_leave(loop->poll_group);
+	if (found) {
 		loop->poll_backoff = 0;
 		return true;
 	}

@@ -46,6 +46,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <pwd.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -109,6 +110,7 @@ struct options {
 	bool no_l2_prefetch;
 	bool no_cluster_fill;
 	bool fixed_buffers;
+	bool poll_spare; /* --poll-spare-cpus */
 	bool no_fixed_files;
 	bool no_seccomp;
 	const char *user;
@@ -150,6 +152,8 @@ static void usage(FILE *f)
 	    "                              the whole cluster with zeroes\n"
 	    "  --poll-ns NS                busy-poll up to NS ns before sleeping while at most\n"
 	    "                              4 requests are in flight (default 50000; 0 = off)\n"
+	    "  --poll-spare-cpus           I/O threads busy-poll only on the CPUs they leave\n"
+	    "                              spare (of the daemon's affinity mask)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	    "                              0 = once per loop iteration)\n"
 	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
@@ -291,6 +295,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_L2,
 		OPT_CES,
 		OPT_POLL,
+		OPT_POLL_SPARE,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
 		OPT_NOFILL,
@@ -324,6 +329,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"l2-cache-size", required_argument, NULL, OPT_L2},
 	    {"cache-entry-size", required_argument, NULL, OPT_CES},
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
+	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
@@ -457,6 +463,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_FIXBUF:
 			o->fixed_buffers = true;
+			break;
+		case OPT_POLL_SPARE:
+			o->poll_spare = true;
 			break;
 		case OPT_NOFIXFILE:
 			o->no_fixed_files = true;
@@ -621,8 +630,9 @@ struct daemon {
 	 * the sockets, signals, the control path and (hop) the image. */
 	unsigned nthreads;
 	struct iothread *threads;
-	bool hop;      /* the image runs on the main thread only (qcow2) */
-	bool rings_mt; /* the I/O threads serve the rings (N > 1 and !hop) */
+	bool hop;                        /* the image runs on the main thread only (qcow2) */
+	bool rings_mt;                   /* the I/O threads serve the rings (N > 1 and !hop) */
+	struct io_poll_group poll_group; /* the I/O threads' busy polls (threads_init) */
 	pthread_mutex_t mt_lock;
 	pthread_cond_t mt_cond;
 	bool pausing;         /* under mt_lock */
@@ -1134,9 +1144,22 @@ static void *thread_main(void *arg)
 	return NULL;
 }
 
+/* The CPUs this process may run on (at least 1). */
+static unsigned poll_cpus(void)
+{
+	cpu_set_t set;
+	int n;
+
+	if (sched_getaffinity(0, sizeof(set), &set) == 0 && (n = CPU_COUNT(&set)) > 0)
+		return (unsigned)n;
+	n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+	return n > 0 ? (unsigned)n : 1;
+}
+
 /* Create the loops of the I/O threads (before the image is served). 0 or -errno. */
 static int threads_init(struct daemon *d)
 {
+	unsigned cpus;
 	int ret;
 
 	pthread_mutex_init(&d->mt_lock, NULL);
@@ -1149,6 +1172,23 @@ static int threads_init(struct daemon *d)
 	d->threads = calloc(d->nthreads, sizeof(*d->threads));
 	if (!d->threads)
 		return -ENOMEM;
+	/*
+	 * --poll-spare-cpus: the I/O threads busy-poll only on the CPUs they
+	 * leave spare (of those we may run on: the affinity mask, i.e. taskset
+	 * or libvirt's pinning), at most one thread per spare CPU at a time.
+	 * A poll holds a CPU while the front-end that would end it may wait
+	 * for one: 2 threads on 2 CPUs polling cost 1.7x the CPU per 4K QD1
+	 * read of not polling, for the same IOPS; not the default, since at
+	 * QD32 polling won IOPS on a quiet machine (contrib/bench/RESULTS.md,
+	 * "cpuio").
+	 */
+	cpus = poll_cpus();
+	io_poll_group_init(&d->poll_group, cpus > d->nthreads ? cpus - d->nthreads : 0);
+	if (d->rings_mt && d->o->poll_ns && d->o->poll_spare)
+		logmsg(
+		    "busy polling: at most %u of the %u I/O threads at a time (CPUs to run on: %u)",
+		    d->poll_group.max < d->nthreads ? d->poll_group.max : d->nthreads, d->nthreads,
+		    cpus);
 	for (unsigned i = 0; i < d->nthreads; i++) {
 		struct iothread *t = &d->threads[i];
 
@@ -1160,6 +1200,8 @@ static int threads_init(struct daemon *d)
 		/* Threads that only inflate (qcow2) never busy-poll: they
 		 * would take the CPU the main thread needs. */
 		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
+		if (d->o->poll_spare && d->poll_group.max < d->nthreads)
+			io_loop_set_poll_group(t->loop, &d->poll_group);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
 		/* A file is registered with one loop only; a raw image's
 		 * file is used by every thread. */

@@ -73,17 +73,20 @@ EOF
 
 # run NAME IMAGE FORMAT ORIGINAL_RAW SEED [FAST]: serve IMAGE, stress it, check it.
 # FAST (qcow2): "yes" the fast path must have served requests, "no" it must
-# not have. $RUN_ENV: environment for vqcowd; $RUN_ARGS: more vqfe-stress
+# not have. $RUN_ENV: environment for vqcowd; $RUN_WRAP: a command to run it
+# with (taskset); $RUN_VQ_ARGS: more vqcowd options; $RUN_ARGS: more vqfe-stress
 # arguments; $RUN_SIZE, $RUN_ROUNDS: instead of $size and $rounds.
 run() {
 	local name=$1 img=$2 fmt=$3 orig=$4 seed=$5 fast=${6:-}
 	local hits
 	echo "== $name"
 	# shellcheck disable=SC2086
-	env ${RUN_ENV:-} "$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
-		--num-queues 4 --io-threads "$threads" 2>"$log" &
+	env ${RUN_ENV:-} ${RUN_WRAP:-} "$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
+		--num-queues 4 --io-threads "$threads" ${RUN_VQ_ARGS:-} 2>"$log" &
 	pid=$!
 	it_wait_serving "$pid" "$sock" "$log" "vqcowd ($name)" || return
+	[ -n "${RUN_VQ_ARGS:-}" ] || ! grep -a -q 'busy polling: at most' "$log" ||
+		fail "$name: busy polling limited without --poll-spare-cpus"
 	# shellcheck disable=SC2086
 	"$stress" "$sock" --size "${RUN_SIZE:-$size}" --queues 4 --rounds "${RUN_ROUNDS:-$rounds}" \
 		--seed "$seed" --mix ${RUN_ARGS:-} --map "$dir/map" ||
@@ -232,6 +235,26 @@ EOF2
 	wait "$spid" 2>/dev/null
 	it_stop
 	grep -a -q 'ThreadSanitizer' "$log" && fail "ThreadSanitizer: $(cat "$log")"
+fi
+
+# --poll-spare-cpus (busy polling, on by default, with I/O threads): at most
+# one thread per CPU the threads leave spare polls at a time, by the daemon's
+# CPU affinity. On one CPU none polls; on all of them, what nproc allows.
+# Both serve the stress correctly (the threads then sleep in io_uring).
+if [ "$threads" -gt 1 ] && command -v taskset >/dev/null; then
+	cp "$dir/base.raw" "$dir/img.raw"
+	RUN_WRAP="taskset -c 0" RUN_VQ_ARGS=--poll-spare-cpus RUN_ROUNDS=2 run "raw on one CPU" "$dir/img.raw" raw "$dir/base.raw" 17
+	grep -a -q "busy polling: at most 0 of the $threads I/O threads at a time (CPUs to run on: 1)" \
+		"$log" || fail "one CPU: the threads may poll: $(grep -a 'busy polling' "$log")"
+	cpus=$(nproc)
+	want=$((cpus > threads ? cpus - threads : 0))
+	[ $want -le "$threads" ] || want=$threads
+	cp "$dir/base.raw" "$dir/img.raw"
+	RUN_VQ_ARGS=--poll-spare-cpus RUN_ROUNDS=2 run "raw on $cpus CPUs" "$dir/img.raw" raw "$dir/base.raw" 18
+	grep -a -q "busy polling: at most $want of the $threads I/O threads at a time (CPUs to run on: $cpus)" \
+		"$log" || fail "$cpus CPUs: not $want pollers: $(grep -a 'busy polling' "$log")"
+else
+	echo "SKIP: busy polling by CPU placement (no taskset or one thread)"
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.

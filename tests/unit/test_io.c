@@ -1192,6 +1192,55 @@ static void test_busy_poll(void)
 	env_exit(&e);
 }
 
+/* A poll group: a loop polls only with a place in it. */
+static void test_poll_group(void)
+{
+	struct io_loop *loop;
+	struct io_poll_group g;
+	struct io_defer d = {.fn = poll_hook};
+	struct tcmd t;
+
+	io_poll_group_init(&g, 1);
+	CU_ASSERT_TRUE(io_poll_group_enter(&g));
+	CU_ASSERT_FALSE(io_poll_group_enter(&g)); /* full */
+	io_poll_group_leave(&g);
+	CU_ASSERT_TRUE(io_poll_group_enter(&g));
+	CU_ASSERT_FALSE(io_poll_group_enter(&g));
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	g_poll_submit = false;
+	io_loop_set_poll_ns(loop, 2000000); /* 2 ms */
+	io_loop_set_poll_group(loop, &g);
+	io_defer_add(loop, &d);
+	/* The place is taken (another thread polls): sleep, no poll. A poll
+	 * would re-run the hook thousands of times in 2 ms. */
+	g_poll_hook_runs = 0;
+	tinit(&t);
+	io_timeout(loop, &t.cmd, 5 * 1000000ull);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	CU_ASSERT(g_poll_hook_runs <= 4);
+	/* Given back: the next sleep polls again (no backoff was taken). */
+	io_poll_group_leave(&g);
+	g_poll_hook_runs = 0;
+	tinit(&t);
+	io_timeout(loop, &t.cmd, 5 * 1000000ull);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	CU_ASSERT(g_poll_hook_runs > 100);
+	CU_ASSERT_EQUAL(__atomic_load_n(&g.active, __ATOMIC_RELAXED), 0); /* given back */
+	/* A group of none never polls. */
+	io_poll_group_init(&g, 0);
+	CU_ASSERT_FALSE(io_poll_group_enter(&g));
+	g_poll_hook_runs = 0;
+	tinit(&t);
+	io_timeout(loop, &t.cmd, 5 * 1000000ull);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT(g_poll_hook_runs <= 4);
+	io_defer_del(loop, &d);
+	io_loop_exit(loop);
+}
+
 /* ---- early submission ---- */
 
 static void test_submit_batch(void)
@@ -1656,6 +1705,7 @@ int main(void)
 	CU_add_test(s, "run/stop", test_run_stop);
 	CU_add_test(s, "SQ full backpressure", test_sq_full);
 	CU_add_test(s, "busy polling", test_busy_poll);
+	CU_add_test(s, "busy polling group", test_poll_group);
 	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "registered files", test_fixed_files);
 	CU_add_test(s, "registered buffers", test_fixed_buffers);
