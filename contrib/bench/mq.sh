@@ -26,7 +26,13 @@
 # run, so a reader can judge the noise) and a median table with the range of
 # the load. QSD10=PATH names qemu-storage-daemon 10 (default: what
 # contrib/bench/qsd10.sh prints, fetched if needed); 10.0 is skipped when it
-# cannot be had. CELLS="..." and KINDS="..." run a subset. PERF_DIR=DIR
+# cannot be had. CELLS="..." and KINDS="..." run a subset (read-zlib-1q runs
+# only with read-zlib). read-full-qd1 (not in the default cells): the full
+# image, 2 queues x QD1, for the latency of a lightly loaded daemon (each
+# run's line ends with the mean and p99 latency in us). VQCOWD_ARGS="..."
+# adds options to both vqcowd kinds; an A/B of two builds or options: the
+# kinds alt-1 and alt-2 run VQCOWD_ALT (default: the same binary) with
+# VQCOWD_ALT_ARGS, and the table gains their ratios. PERF_DIR=DIR
 # records each vqcowd run with `perf record -g` into DIR/CELL-KIND-REP.data
 # and `perf stat` into .stat (profiles: their overhead counts in the CPU
 # time of those runs, so keep them out of the measured repetitions).
@@ -96,7 +102,10 @@ bench_need_build "$repo" "$build" vqcowd vqcow-fe
 for t in qemu-storage-daemon python3 "$vqcowd" "$fe"; do
 	command -v "$t" >/dev/null || { echo "mq.sh: $t not found" >&2; exit 77; }
 done
-qsd10=${QSD10:-$(bash "$repo/contrib/bench/qsd10.sh" 2>/dev/null || true)}
+qsd10=
+case " ${KINDS:-qsd-10} " in
+*" qsd-10 "*) qsd10=${QSD10:-$(bash "$repo/contrib/bench/qsd10.sh" 2>/dev/null || true)} ;;
+esac
 echo "mq.sh: $reps repetition(s) of $secs s; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -106,8 +115,14 @@ start() { # KIND IMAGE
 	rm -f "$sock"
 	case $kind in
 	vqcowd-1 | vqcowd-2)
+		# shellcheck disable=SC2086
 		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format qcow2 --num-queues 2 \
-			--io-threads "${kind#vqcowd-}" >"$tmp/log" 2>&1 &
+			--io-threads "${kind#vqcowd-}" ${VQCOWD_ARGS:-} >"$tmp/log" 2>&1 &
+		;;
+	alt-1 | alt-2)
+		# shellcheck disable=SC2086
+		"${VQCOWD_ALT:-$vqcowd}" --socket-path "$sock" --blk-file "$img" --format qcow2 \
+			--num-queues 2 --io-threads "${kind#alt-}" ${VQCOWD_ALT_ARGS:-} >"$tmp/log" 2>&1 &
 		;;
 	qsd-7.2 | qsd-10)
 		q=qemu-storage-daemon
@@ -133,10 +148,11 @@ start() { # KIND IMAGE
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
 run() { # KIND CELL
-	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb rc=0 st=0
+	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb rc=0 st=0 qd=32
 	case $cell in
 	read-zlib-1q) img=$dir/zlib.qcow2 rw=randread nq=1 ;;
 	read-full) img=$dir/full.qcow2 rw=randread ;;
+	read-full-qd1) img=$dir/full.qcow2 rw=randread qd=1 ;;
 	read-zlib) img=$dir/zlib.qcow2 rw=randread ;;
 	read-prealloc) img=$dir/prealloc.qcow2 rw=randread ;;
 	seqread-zlib) img=$dir/zlib.qcow2 rw=read ;;
@@ -153,7 +169,7 @@ run() { # KIND CELL
 	start "$kind" "$img" || return 0
 	t0=$(ticks "$bpid")
 	local ppid= spid=
-	if [ -n "${PERF_DIR:-}" ] && [ "${kind#vqcowd}" != "$kind" ]; then
+	if [ -n "${PERF_DIR:-}" ] && [ "${kind#qsd}" = "$kind" ]; then
 		mkdir -p "$PERF_DIR"
 		perf record -q -g -p "$bpid" -o "$PERF_DIR/$cell-$kind-$REP.data" -- sleep "$secs" \
 			>/dev/null 2>&1 &
@@ -162,7 +178,7 @@ run() { # KIND CELL
 			-o "$PERF_DIR/$cell-$kind-$REP.stat" -- sleep "$secs" >/dev/null 2>&1 &
 		spid=$!
 	fi
-	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth 32 --numjobs $nq \
+	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth $qd --numjobs $nq \
 		--runtime "$secs" --json 2>"$tmp/fe.log") || rc=$?
 	t1=$(ticks "$bpid")
 	[ -z "$ppid" ] || wait "$ppid" "$spid" || true
@@ -183,8 +199,9 @@ run() { # KIND CELL
 import json, sys
 d = json.load(sys.stdin)["total"]
 kind, cell, dt, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-print("%s %s %s %.0f %.2f %s %s" % (sys.argv[7], cell, kind, d["iops"],
-      dt / hz * 1e6 / max(d["ios"], 1), sys.argv[5], sys.argv[6]))' \
+print("%s %s %s %.0f %.2f %s %s %.1f %.1f" % (sys.argv[7], cell, kind, d["iops"],
+      dt / hz * 1e6 / max(d["ios"], 1), sys.argv[5], sys.argv[6], d["lat_us"]["mean"],
+      d["lat_us"]["p99"]))' \
 		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" "$REP" | tee -a "$tmp/results"
 }
 
@@ -195,7 +212,7 @@ cells=${CELLS:-"read-full read-zlib read-prealloc seqread-zlib write-empty write
 touch "$tmp/results"
 for REP in $(seq "$reps"); do
 	# The 1-queue reference of the compressed cell (one job, QD32).
-	run vqcowd-1 read-zlib-1q
+	case " $cells " in *" read-zlib "*) run vqcowd-1 read-zlib-1q ;; esac
 	for cell in $cells; do
 		for kind in $kinds; do run "$kind" "$cell"; done
 	done
@@ -204,8 +221,9 @@ python3 - "$tmp/results" "$kinds" <<'EOF'
 import sys, statistics, collections
 res = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
-    rep, cell, kind, iops, cpu, lb, la = line.split()
-    res[(cell, kind)][rep] = (float(iops), float(cpu), float(lb), float(la))
+    rep, cell, kind, iops, cpu, lb, la, lat, p99 = line.split()
+    res[(cell, kind)][rep] = (float(iops), float(cpu), float(lb), float(la), float(lat),
+                              float(p99))
 kinds = sys.argv[2].split()
 cells = []
 for cell, _ in res:
@@ -229,11 +247,21 @@ print("|---" * (len(kinds) + 6) + "|")
 for c in cells:
     row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) if (c, k) in res else "–"
            for k in kinds]
-    loads = [x for k in kinds for r in res.get((c, k), {}).values() for x in r[2:]]
+    loads = [x for k in kinds for r in res.get((c, k), {}).values() for x in r[2:4]]
     print("| %s | %s | %s | %s | %s | %s | %.1f-%.1f |" % (
         c, " | ".join(row), ratio(c, "vqcowd-2", "vqcowd-1"), ratio(c, "vqcowd-2", "qsd-10"),
         ratio(c, "vqcowd-2", "qsd-7.2"), ratio(c, "vqcowd-2", "vqcowd-1", 1),
         min(loads), max(loads)))
+if "alt-2" in kinds:
+    print()
+    print("| cell | alt-2 / vqcowd-2 IOPS | alt-2 / vqcowd-2 CPU/IO | CPU/IO alt-2 / alt-1 |"
+          " CPU/IO vqcowd-2 / vqcowd-1 | mean lat us vqcowd-1, vqcowd-2, alt-1, alt-2 |")
+    print("|---" * 6 + "|")
+    for c in cells:
+        print("| %s | %s | %s | %s | %s | %s |" % (
+            c, ratio(c, "alt-2", "vqcowd-2"), ratio(c, "alt-2", "vqcowd-2", 1),
+            ratio(c, "alt-2", "alt-1", 1), ratio(c, "vqcowd-2", "vqcowd-1", 1),
+            ", ".join("%.1f" % med(c, k, 4) for k in ("vqcowd-1", "vqcowd-2", "alt-1", "alt-2"))))
 z1 = res.get(("read-zlib-1q", "vqcowd-1"), {})
 z2 = res.get(("read-zlib", "vqcowd-2"), {})
 q = [z2[r][0] / z1[r][0] for r in z1 if r in z2 and z1[r][0] > 0]
