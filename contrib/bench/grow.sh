@@ -4,7 +4,8 @@
 # The single-queue growing-image cells of issue 12, side by side:
 #
 #   bash contrib/bench/grow.sh [--dir DIR] [--size 4G] [--reps 3] [--runtime 5] [--perf]
-#                              [--rw randwrite|write] [--bs 4k] [--base VQCOWD] [--cells LIST]
+#                              [--rw randwrite|write] [--bs 4k] [--base VQCOWD]
+#                              [--base-opts "OPTS"] [--cells LIST]
 #
 # Per round, in an order rotated between rounds, 4K random writes at QD32
 # (vqcow-fe bench, one queue; --rw and --bs change the job) into:
@@ -15,18 +16,20 @@
 #   vqcowd-xl2    a fresh empty extended_l2=on qcow2 through vqcowd
 #   vqcowd-full   a fully allocated qcow2 (qemu-img convert of a fio-written
 #                 raw file, made once: contrib/bench/layout.sh's image)
-# --base BIN adds base-empty, base-xl2 and base-full: the same cells through
-# another vqcowd binary (an A/B in one run: say main's build), and prints the
-# per-round ratios of each cell to its base cell. --cells a,b keeps only those.
-# After each run on a fresh image, the file's extents (filefrag -v: all, and
-# those still unwritten) are printed, when filefrag works on that file system.
 # and prints per cell IOPS, CPU µs per I/O, and the share of data writes
 # io_uring had to hand to its worker threads (io-wq) because the file system
 # could not take them without blocking (from the io_uring tracepoints, when
 # perf can read them), then the per-round ratios vqcowd-empty/qsd-empty
 # (issue target 3x) and vqcowd-xl2/vqcowd-full (target 0.8x), median (range).
+# --base BIN adds base-empty, base-xl2 and base-full: the same cells through
+# another vqcowd binary (an A/B in one run: say main's build), and prints the
+# per-round ratios of each cell to its base cell; --base-opts adds vqcowd options
+# to the base cells (--base-opts --no-cluster-fill alone: the same binary
+# without the whole-cluster first write). --cells a,b keeps only those.
+# After each run on a fresh image, the file's extents (filefrag -v: all, and
+# those still unwritten) are printed, when filefrag works on that file system.
 # --perf also records `perf record -g` of vqcowd in the first round's
-# vqcowd-empty and vqcowd-xl2 runs (DIR/grow-*.perf.data).
+# growing runs (DIR/grow-CELL.perf.data; qsd's not).
 # Fresh images get new names (DIR/grow-ROUND-CELL.qcow2) and are deleted only at the
 # end, all at once: on a disk mounted with `discard`, deleting a grown image
 # takes about 20 s per GiB here, which must not fall between two runs.
@@ -34,7 +37,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
-dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" only=""
+dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" base_opts="" only=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) dir=$2; shift 2 ;;
@@ -45,6 +48,7 @@ while [ $# -gt 0 ]; do
 	--rw) rw=$2; shift 2 ;;
 	--bs) bs=$2; shift 2 ;;
 	--base) base=$2; shift 2 ;;
+	--base-opts) base_opts=$2; shift 2 ;;
 	--cells) only=$2; shift 2 ;;
 	-h | --help) sed -n '4,/^set /{/^#/p}' "$0"; exit 0 ;;
 	*) sed -n '4,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
@@ -55,6 +59,7 @@ fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
 . "$repo/contrib/bench/need-build.sh"
 bench_need_build "$repo" "$build" vqcowd vqcow-fe
+[ -z "$base_opts" ] || [ -n "$base" ] || base=$vqcowd
 for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd" ${base:+"$base"}; do
 	command -v "$t" >/dev/null || { echo "grow.sh: $t not found" >&2; exit 77; }
 done
@@ -98,8 +103,9 @@ extents() {
 # run CELL FILE: prints "iops cpu_us punted_share extents unwritten"
 run() {
 	local cell=$1 f=$2 kind=vqcowd sock=$tmp/sock t0 t1 out pf= bin=$vqcowd ext="-1 -1"
+	local opts=()
 	case $cell in
-	base-*) bin=$base ;;
+	base-*) bin=$base; read -r -a opts <<<"$base_opts" ;;
 	esac
 	case $cell in
 	*-full) ;;
@@ -114,7 +120,8 @@ run() {
 	[ "$cell" != qsd-empty ] || kind=qsd
 	rm -f "$sock"
 	if [ $kind = vqcowd ]; then
-		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 >"$tmp/d.log" 2>&1 &
+		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 "${opts[@]}" \
+			>"$tmp/d.log" 2>&1 &
 	else
 		"$qsd" --object iothread,id=iot0 \
 			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
