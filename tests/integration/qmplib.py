@@ -38,7 +38,17 @@ class Qmp:
         self.timeout = timeout
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.s.settimeout(timeout)
-        self.s.connect(path)
+        # qemu-storage-daemon binds its socket before it listens: a connect
+        # in between is refused, so retry until the timeout.
+        t = time.monotonic() + timeout
+        while True:
+            try:
+                self.s.connect(path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > t:
+                    raise
+                time.sleep(0.02)
         self.buf = b""
         self.greeting = self.recv()
         self.events = []
