@@ -373,9 +373,8 @@ static int grow_qcow2(int fd, const char *path, uint64_t size, bool bm_ready, ch
 		ret = write_blocks(&z);
 		if (ret < 0)
 			goto out;
-		if (z.rt_moved) {
-			uint8_t ptr[12];
-
+		/* The refcount table, then (if it moved) the header pointing at it. */
+		if (z.rt_moved || z.rt_changed) {
 			buf = table_be(z.rt, z.rt_entries, (uint64_t)z.rt_clusters << z.cb);
 			if (!buf) {
 				ret = -ENOMEM;
@@ -387,22 +386,14 @@ static int grow_qcow2(int fd, const char *path, uint64_t size, bool bm_ready, ch
 			buf = NULL;
 			if (ret < 0)
 				goto out;
+		}
+		if (z.rt_moved) {
+			uint8_t ptr[12];
+
 			qcow2_put_be64(ptr, z.rt_off);
 			qcow2_put_be32(ptr + 8, z.rt_clusters);
 			ret = write_sync(&z, ptr, sizeof(ptr), QCOW2_OFF_REFCOUNT_TABLE_OFFSET,
 					 "the header");
-			if (ret < 0)
-				goto out;
-		} else if (z.rt_changed) {
-			buf = table_be(z.rt, z.rt_entries, (uint64_t)z.rt_clusters << z.cb);
-			if (!buf) {
-				ret = -ENOMEM;
-				goto out;
-			}
-			ret = write_sync(&z, buf, (size_t)z.rt_clusters << z.cb, z.rt_off,
-					 "the refcount table");
-			free(buf);
-			buf = NULL;
 			if (ret < 0)
 				goto out;
 		}
