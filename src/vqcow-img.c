@@ -104,6 +104,22 @@ static void errorf(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
+/* The message a tool function left in @err, else the text of its -errno @r. */
+static const char *reason(const char *err, int r)
+{
+	return err[0] ? err : strerror(-r);
+}
+
+/* -f FMT, if given, must be qcow2 or raw: true after printing why not. */
+static bool bad_fmt(const char *fmt)
+{
+	if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+		errorf("Unknown or unsupported format '%s'", fmt);
+		return true;
+	}
+	return false;
+}
+
 /*
  * ---- progress (-p), the one printer of every long command ----
  * qemu-img's format on stdout: "    (12.34/100%)" ended by '\r', printed at the
@@ -458,7 +474,7 @@ static int cmd_create(int argc, char **argv)
 	}
 	progress_end(&prog_state, r >= 0);
 	if (r < 0) {
-		errorf("%s: %s", file, err[0] ? err : strerror(-r));
+		errorf("%s: %s", file, reason(err, r));
 		goto out_strings;
 	}
 	if (!quiet) {
@@ -715,7 +731,7 @@ static int lock_file(struct qcow2_locks *locks, const struct file_args *a,
 	int r = qcow2_lock_image(locks, a->file, a->fmt, mode, a->force_share, err, sizeof(err));
 
 	if (r < 0) {
-		errorf("Could not open '%s': %s", a->file, err[0] ? err : strerror(-r));
+		errorf("Could not open '%s': %s", a->file, reason(err, r));
 		return 1;
 	}
 	return 0;
@@ -727,28 +743,23 @@ static int cmd_info(int argc, char **argv)
 	struct qcow2_locks locks;
 	char err[ERRLEN] = "";
 	struct file_args a;
-	const char *fmt, *file;
-	enum output_fmt out;
 	int r;
 
 	r = parse_file_args(argc, argv, "+f:hU", &a);
 	if (r)
 		return r < 0 ? 0 : 1;
-	fmt = a.fmt;
-	file = a.file;
-	out = a.out;
 	if (lock_file(&locks, &a, QCOW2_LOCK_INFO))
 		return 1;
-	r = qcow2_info(file, fmt, &info, err, sizeof(err));
+	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
-		errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+		errorf("Could not open '%s': %s", a.file, reason(err, r));
 		return 1;
 	}
-	if (out == OUT_JSON)
-		info_json(file, &info);
+	if (a.out == OUT_JSON)
+		info_json(a.file, &info);
 	else
-		info_human(file, &info);
+		info_human(a.file, &info);
 	qcow2_image_info_free(&info);
 	return 0;
 }
@@ -789,10 +800,8 @@ static int cmd_check(int argc, char **argv)
 	r = parse_file_args(argc, argv, "+f:r:qhUp", &a);
 	if (r)
 		return r < 0 ? 0 : 1;
-	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
-		errorf("Unknown or unsupported format '%s'", a.fmt);
+	if (bad_fmt(a.fmt))
 		return 1;
-	}
 	if (lock_file(&locks, &a, a.check_flags ? QCOW2_LOCK_WRITE : QCOW2_LOCK_READ))
 		return 1;
 	r = check_locked(&a);
@@ -821,7 +830,7 @@ static int check_locked(const struct file_args *a)
 
 		r = qcow2_info(file, fmt, &info, perr, sizeof(perr));
 		if (r < 0) {
-			errorf("Could not open '%s': %s", file, perr[0] ? perr : strerror(-r));
+			errorf("Could not open '%s': %s", file, reason(perr, r));
 			return 1;
 		}
 		raw = !strcmp(info.format, "raw");
@@ -840,7 +849,7 @@ static int check_locked(const struct file_args *a)
 	r = qcow2_check(file, flags, &res, &cb, err, sizeof(err));
 	progress_end(&ui.prog, r >= 0);
 	if (r < 0) {
-		errorf("Check failed: %s: %s", file, err[0] ? err : strerror(-r));
+		errorf("Check failed: %s: %s", file, reason(err, r));
 		return 1;
 	}
 	if (out == OUT_JSON) {
@@ -1009,10 +1018,10 @@ static int cmd_snapshot(int argc, char **argv)
 		    ['a'] = "apply", ['c'] = "create", ['d'] = "delete", ['l'] = "list"};
 
 		if (op == 'l')
-			errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+			errorf("Could not open '%s': %s", a.file, reason(err, r));
 		else
 			errorf("Could not %s snapshot '%s': %s", verb[(unsigned char)op], arg,
-			       err[0] ? err : strerror(-r));
+			       reason(err, r));
 		return 1;
 	}
 	if (op == 'l' && n)
@@ -1121,7 +1130,7 @@ static int cmd_bitmap(int argc, char **argv)
 					      sizeof(err));
 		if (r < 0)
 			errorf("Operation %s on bitmap %s failed: %s", verb[(unsigned char)ops[i]],
-			       name, err[0] ? err : strerror(-r));
+			       name, reason(err, r));
 	}
 	qcow2_unlock_image(&locks);
 	return r < 0;
@@ -1166,32 +1175,27 @@ static int cmd_map(int argc, char **argv)
 	struct qcow2_tool_cb cb = {.progress = progress_cb, .opaque = &prog_state};
 	char err[ERRLEN] = "";
 	struct file_args a;
-	const char *fmt, *file;
-	enum output_fmt out;
 	int r;
 
 	r = parse_file_args(argc, argv, "+f:hU", &a);
 	if (r)
 		return r < 0 ? 0 : 1;
-	fmt = a.fmt;
-	file = a.file;
-	out = a.out;
 	if (lock_file(&locks, &a, QCOW2_LOCK_READ))
 		return 1;
-	s.out = out;
+	s.out = a.out;
 	s.first = true;
 	/* no -p: the map itself is on stdout (qemu-img map has none either) */
 	progress_init(&prog_state, false);
-	r = qcow2_map(file, fmt, map_cb, &s, &cb, err, sizeof(err));
+	r = qcow2_map(a.file, a.fmt, map_cb, &s, &cb, err, sizeof(err));
 	progress_end(&prog_state, r >= 0);
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
 		if (!s.first)
 			printf("\n");
-		errorf("%s: %s", file, err[0] ? err : strerror(-r));
+		errorf("%s: %s", a.file, reason(err, r));
 		return 1;
 	}
-	if (out == OUT_JSON)
+	if (a.out == OUT_JSON)
 		printf(s.first ? "[]\n" : "]\n");
 	else if (s.first)
 		printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
@@ -1345,7 +1349,7 @@ static int cmd_convert(int argc, char **argv)
 	progress_end(&prog_state, r >= 0);
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
-		errorf("%s", err[0] ? err : strerror(-r));
+		errorf("%s", reason(err, r));
 		goto out;
 	}
 	ret = 0;
@@ -1417,10 +1421,8 @@ static int cmd_resize(int argc, char **argv)
 		return 1;
 	}
 	a.file = argv[optind];
-	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
-		errorf("Unknown or unsupported format '%s'", a.fmt);
+	if (bad_fmt(a.fmt))
 		return 1;
-	}
 	if (sz[0] == '+' || sz[0] == '-')
 		rel = *sz++ == '+' ? 1 : -1;
 	if (util_parse_size(sz, &n) < 0) {
@@ -1433,7 +1435,7 @@ static int cmd_resize(int argc, char **argv)
 		return 1;
 	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
 	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		errorf("Could not open '%s': %s", a.file, reason(err, r));
 		goto fail;
 	}
 	cur = info.virtual_size;
@@ -1469,7 +1471,7 @@ static int cmd_resize(int argc, char **argv)
 	r = qcow2_resize(a.file, a.fmt, total, err, sizeof(err));
 	qcow2_unlock_image(&locks);
 	if (r < 0) {
-		errorf("%s", err[0] ? err : strerror(-r));
+		errorf("%s", reason(err, r));
 		return 1;
 	}
 	if (!a.quiet)
@@ -1553,15 +1555,13 @@ static int cmd_rebase(int argc, char **argv)
 		errorf("Unknown or unsupported format '%s' (qcow2 or raw)", bfmt);
 		return 1;
 	}
-	if (a.fmt && strcmp(a.fmt, "qcow2") && strcmp(a.fmt, "raw")) {
-		errorf("Unknown or unsupported format '%s'", a.fmt);
+	if (bad_fmt(a.fmt))
 		return 1;
-	}
 	if (lock_file(&locks, &a, QCOW2_LOCK_WRITE))
 		return 1;
 	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
 	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, err[0] ? err : strerror(-r));
+		errorf("Could not open '%s': %s", a.file, reason(err, r));
 		goto fail;
 	}
 	r = strcmp(info.format, "qcow2") ? -ENOTSUP : 0;
@@ -1570,9 +1570,7 @@ static int cmd_rebase(int argc, char **argv)
 		r = qcow2_rebase_unsafe(a.file, backing, backing ? bfmt : NULL, err, sizeof(err));
 	if (r < 0) {
 		errorf("Could not change the backing file to '%s': %s", backing ? backing : "",
-		       r == -ENOTSUP ? "Operation not supported"
-		       : err[0]      ? err
-				     : strerror(-r));
+		       r == -ENOTSUP ? "Operation not supported" : reason(err, r));
 		goto fail;
 	}
 	qcow2_unlock_image(&locks);
@@ -1757,7 +1755,7 @@ static int cmd_commit(int argc, char **argv)
 			       "Is another process using the image [%s]?",
 			       file, file);
 		else
-			errorf("Could not open '%s': %s", file, err[0] ? err : strerror(-r));
+			errorf("Could not open '%s': %s", file, reason(err, r));
 		top = NULL;
 		goto out;
 	}
@@ -1779,7 +1777,7 @@ static int cmd_commit(int argc, char **argv)
 			       "[%s]?",
 			       base->path);
 		else
-			errorf("%s", err[0] ? err : strerror(-r));
+			errorf("%s", reason(err, r));
 		goto out;
 	}
 	base_size = base->size;
@@ -1792,8 +1790,7 @@ static int cmd_commit(int argc, char **argv)
 		if (r == 1)
 			r = commit_wait(loop, &st.io_res);
 		if (r < 0) {
-			errorf("Could not resize '%s': %s", base->path,
-			       g.err[0] ? g.err : strerror(-r));
+			errorf("Could not resize '%s': %s", base->path, reason(g.err, r));
 			goto out;
 		}
 	}
@@ -1884,7 +1881,7 @@ static int cmd_commit(int argc, char **argv)
 			emptied = true;
 		} else if (r < 0) {
 			progress_end(&p, false);
-			errorf("Could not empty %s: %s", file, err[0] ? err : strerror(-r));
+			errorf("Could not empty %s: %s", file, reason(err, r));
 			goto out;
 		}
 	}
@@ -1903,7 +1900,7 @@ static int cmd_commit(int argc, char **argv)
 		qcow2_unlock_image(&locks);
 		if (r < 0) {
 			progress_end(&p, false);
-			errorf("Could not empty %s: %s", file, err[0] ? err : strerror(-r));
+			errorf("Could not empty %s: %s", file, reason(err, r));
 			goto out;
 		}
 	}
