@@ -535,6 +535,21 @@ static void op_free(struct ctl_op *op)
 	free(op);
 }
 
+/*
+ * A held operation whose set-up ran out of memory: freed, and the error
+ * replied through its pending handle, or -ENOMEM when there is none yet.
+ */
+static int op_oom(struct ctl_op *op)
+{
+	struct qmp_pending *p = op->p;
+
+	op_free(op);
+	if (!p)
+		return -ENOMEM;
+	qmp_pending_error(p, "out of memory");
+	return QMP_PENDING;
+}
+
 static const char *str_arg(json_t *args, const char *key)
 {
 	return json_string_value(json_object_get(args, key));
@@ -609,15 +624,8 @@ static int snap_start(struct ctl *c, json_t *args, bool create, char *err, size_
 	op->id = id ? strdup(id) : NULL;
 	op->name = name ? strdup(name) : NULL;
 	op->p = qmp_server_defer(c->qmp);
-	if (!op->device || (id && !op->id) || (name && !op->name) || !op->p) {
-		struct qmp_pending *p = op->p;
-
-		op_free(op);
-		if (!p)
-			return -ENOMEM;
-		qmp_pending_error(p, "out of memory");
-		return QMP_PENDING;
-	}
+	if (!op->device || (id && !op->id) || (name && !op->name) || !op->p)
+		return op_oom(op);
 	vlog(VLOG_INFO, NULL, "qmp: %s internal snapshot %s%s%s: holding requests back",
 	     create ? "creating" : "deleting", name ? name : "", name && id ? " id " : "",
 	     id ? id : "");
@@ -775,15 +783,8 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 	op->device = strdup(node);
 	op->name = strdup(name);
 	op->p = qmp_server_defer(c->qmp);
-	if (!op->device || !op->name || !op->p) {
-		struct qmp_pending *p = op->p;
-
-		op_free(op);
-		if (!p)
-			return -ENOMEM;
-		qmp_pending_error(p, "out of memory");
-		return QMP_PENDING;
-	}
+	if (!op->device || !op->name || !op->p)
+		return op_oom(op);
 	vlog(VLOG_INFO, NULL, "qmp: dirty bitmap '%s' (%c): holding requests back", name, bmop);
 	op_queue_hold(c, op);
 	return QMP_PENDING;
