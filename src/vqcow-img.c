@@ -737,11 +737,23 @@ static int lock_file(struct qcow2_locks *locks, const struct file_args *a,
 	return 0;
 }
 
+/* qcow2_info on @a's image: 0, or 1 after printing qemu-img's "Could not open". */
+static int open_info(const struct file_args *a, struct qcow2_image_info *info)
+{
+	char err[ERRLEN] = "";
+	int r = qcow2_info(a->file, a->fmt, info, err, sizeof(err));
+
+	if (r < 0) {
+		errorf("Could not open '%s': %s", a->file, reason(err, r));
+		return 1;
+	}
+	return 0;
+}
+
 static int cmd_info(int argc, char **argv)
 {
 	struct qcow2_image_info info;
 	struct qcow2_locks locks;
-	char err[ERRLEN] = "";
 	struct file_args a;
 	int r;
 
@@ -750,12 +762,10 @@ static int cmd_info(int argc, char **argv)
 		return r < 0 ? 0 : 1;
 	if (lock_file(&locks, &a, QCOW2_LOCK_INFO))
 		return 1;
-	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
+	r = open_info(&a, &info);
 	qcow2_unlock_image(&locks);
-	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, reason(err, r));
+	if (r)
 		return 1;
-	}
 	if (a.out == OUT_JSON)
 		info_json(a.file, &info);
 	else
@@ -816,7 +826,7 @@ static int check_locked(const struct file_args *a)
 	struct check_ui ui;
 	struct qcow2_tool_cb cb;
 	char err[ERRLEN] = "";
-	const char *fmt = a->fmt, *file = a->file;
+	const char *file = a->file;
 	enum output_fmt out = a->out;
 	unsigned flags = a->check_flags;
 	bool quiet = a->quiet;
@@ -825,14 +835,10 @@ static int check_locked(const struct file_args *a)
 	{
 		/* open it as info does: raw has no checks; a broken qcow2 fails here */
 		struct qcow2_image_info info;
-		char perr[ERRLEN] = "";
 		bool raw;
 
-		r = qcow2_info(file, fmt, &info, perr, sizeof(perr));
-		if (r < 0) {
-			errorf("Could not open '%s': %s", file, reason(perr, r));
+		if (open_info(a, &info))
 			return 1;
-		}
 		raw = !strcmp(info.format, "raw");
 		qcow2_image_info_free(&info);
 		if (raw) {
@@ -1433,11 +1439,8 @@ static int cmd_resize(int argc, char **argv)
 	}
 	if (lock_file(&locks, &a, QCOW2_LOCK_RESIZE))
 		return 1;
-	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
-	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, reason(err, r));
+	if (open_info(&a, &info))
 		goto fail;
-	}
 	cur = info.virtual_size;
 	qcow2_image_info_free(&info);
 	if (rel > 0 && n > UINT64_MAX - cur) {
@@ -1559,11 +1562,8 @@ static int cmd_rebase(int argc, char **argv)
 		return 1;
 	if (lock_file(&locks, &a, QCOW2_LOCK_WRITE))
 		return 1;
-	r = qcow2_info(a.file, a.fmt, &info, err, sizeof(err));
-	if (r < 0) {
-		errorf("Could not open '%s': %s", a.file, reason(err, r));
+	if (open_info(&a, &info))
 		goto fail;
-	}
 	r = strcmp(info.format, "qcow2") ? -ENOTSUP : 0;
 	qcow2_image_info_free(&info);
 	if (r == 0)
