@@ -405,11 +405,15 @@ static int h_get_vring_base(struct vhost_dev *dev, struct vu_msg *msg)
 	return 0;
 }
 
-/* Parse the u64 of SET_VRING_KICK/CALL/ERR; *fd = the fd or -1 with the no-fd flag. */
+/*
+ * Parse the u64 of SET_VRING_KICK/CALL/ERR; *fd = the fd or -1 with the no-fd
+ * flag. NULL for a bad payload or ring, with the fd (if any) closed.
+ */
 static struct vhost_vq *vring_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, int *fd)
 {
 	uint64_t v = msg->p.u64;
 	bool nofd = v & VU_VRING_NOFD_MASK;
+	struct vhost_vq *vq;
 
 	*fd = -1;
 	if ((v & ~(uint64_t)(VU_VRING_IDX_MASK | VU_VRING_NOFD_MASK)) ||
@@ -420,7 +424,10 @@ static struct vhost_vq *vring_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, 
 	}
 	if (!nofd)
 		*fd = take_fd(msg, 0);
-	return msg_vq(dev, v & VU_VRING_IDX_MASK);
+	vq = msg_vq(dev, v & VU_VRING_IDX_MASK);
+	if (!vq)
+		vhost_close_fd(fd);
+	return vq;
 }
 
 static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
@@ -428,10 +435,8 @@ static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
 	int fd;
 	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
 
-	if (!vq) {
-		vhost_close_fd(&fd);
+	if (!vq)
 		return -EINVAL;
-	}
 	if (fd < 0) {
 		vhost_warn("vring %u: polling mode (no kick fd) not supported", vq->idx);
 		return -ENOTSUP;
@@ -444,10 +449,8 @@ static int h_set_vring_call(struct vhost_dev *dev, struct vu_msg *msg)
 	int fd;
 	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
 
-	if (!vq) {
-		vhost_close_fd(&fd);
+	if (!vq)
 		return -EINVAL;
-	}
 	vhost_close_fd(&vq->call_fd);
 	vq->call_fd = fd;
 	/* Signal the new fd once, as libvhost-user does: completions pushed
@@ -468,10 +471,8 @@ static int h_set_vring_err(struct vhost_dev *dev, struct vu_msg *msg)
 	int fd;
 	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
 
-	if (!vq) {
-		vhost_close_fd(&fd);
+	if (!vq)
 		return -EINVAL;
-	}
 	vhost_close_fd(&vq->err_fd);
 	vq->err_fd = fd;
 	return 0;
