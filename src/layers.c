@@ -17,7 +17,9 @@
  * block-commit of the active layer (QEMU's mirror-style "active commit"):
  * the base takes the write permission again (img_set_writable; a base
  * opened read-only at start-up is reopened read-write first, with the
- * device held, from layers_held: img_reopen_rw), every
+ * device held, from layers_held: img_reopen_rw); a base smaller than top
+ * (block_resize while an overlay was active) is grown to top's size first,
+ * as QEMU's commit and mirror jobs do (job_grow, img_grow); every
  * chunk allocated above the base (img_block_status of each layer) is marked
  * dirty, and so is every range a guest write, write-zeroes or discard
  * touched once it ended (blk_dev_set_write_hook, from the job's start on).
@@ -146,6 +148,10 @@ struct cjob {
 	struct io_cmd post, timer, fpost;
 	struct img_io fio;
 	int flush_res;
+	/* the base grown to top's size first, as QEMU's commit and mirror do
+	 * (k.busy while the grow is in flight: every end path waits for it) */
+	struct img_grow grow;
+	bool grown;
 };
 
 struct layers {
@@ -717,6 +723,57 @@ static void copy_wake(struct img_copy *k, bool copy_ended)
 	job_kick(j);
 }
 
+/* On the job's loop: the base's grow ended (its new size durable, or failed). */
+static void grow_done(struct img_grow *g, int res)
+{
+	struct cjob *j = g->priv;
+
+	j->k.busy = false;
+	if (res < 0) {
+		char msg[600];
+
+		snprintf(msg, sizeof(msg), "growing %s to %" PRIu64 " bytes: %s", j->base->path,
+			 j->size, g->err[0] ? g->err : strerror(-res));
+		job_fail(j, res, msg);
+	} else
+		vlog(VLOG_INFO, NULL, "qmp: job %s: %s grown to %" PRIu64 " bytes", j->id,
+		     j->base->path, j->size);
+	job_kick(j);
+}
+
+/*
+ * The job's first step: a base smaller than top (the disk grown online while
+ * an overlay was active) grows to top's size, as QEMU's commit and mirror
+ * jobs truncate their target; the new range reads zeroes in the base
+ * already, so the copy skips top's zeroes there (zero_from). Returns true
+ * when the copy may go on.
+ */
+static bool job_grow(struct cjob *j)
+{
+	int r;
+
+	if (j->grown)
+		return true;
+	j->grown = true;
+	if (j->base->size >= j->size)
+		return true;
+	j->k.zero_from = j->base->size;
+	j->grow.done = grow_done;
+	j->grow.priv = j;
+	j->k.busy = true;
+	r = img_grow(j->base, j->size, &j->grow);
+	if (r == 1)
+		return false; /* grow_done() goes on */
+	j->k.busy = false;
+	if (r < 0) {
+		grow_done(&j->grow, r);
+		return false;
+	}
+	vlog(VLOG_INFO, NULL, "qmp: job %s: %s grown to %" PRIu64 " bytes", j->id, j->base->path,
+	     j->size);
+	return true;
+}
+
 static void job_run(struct cjob *j)
 {
 	struct ctl *c = j->c;
@@ -735,6 +792,8 @@ static void job_run(struct cjob *j)
 	}
 	if (j->status == JS_PAUSED || j->status == JS_CREATED)
 		set_status(j, j->was_ready ? JS_READY : JS_RUNNING);
+	if (!job_grow(j))
+		return;
 	if (j->k.scanning) {
 		r = img_copy_scan(&j->k);
 		if (r < 0) {
@@ -1137,11 +1196,14 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			return -ENOMEM;
 		}
 	}
-	if (base->size < j->size) {
-		snprintf(err, errlen, "%s is smaller than %s: resize it first", base->path,
-			 top->path);
+	if (base->size < j->size && img_grow_blocks(base)) {
+		/* its grow loads the bitmaps with synchronous I/O: not on the job's loop */
+		snprintf(err, errlen,
+			 "%s is smaller than %s and has disabled persistent dirty bitmaps: "
+			 "resize it first",
+			 base->path, top->path);
 		job_free(j);
-		return -EINVAL;
+		return -ENOTSUP;
 	}
 	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
 	j->status = JS_NULL;

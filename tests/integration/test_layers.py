@@ -687,6 +687,111 @@ def test_qsd(vqcowd, fe, work):
     return True
 
 
+def grow_conversation(q, fe, vsock, base, work, mode):
+    """The disk grown online (block_resize) while an overlay is active, data
+    written into the new range, then committed into the smaller base: active
+    (job-complete) or intermediate (a second overlay above). Returns the
+    events' lengths that matter and the expected disk."""
+    ov, ov2 = base + ".ov.qcow2", base + ".ov2.qcow2"
+    shadow = bytearray(24 * MiB)
+    rng = random.Random(41)
+
+    def write(off, n):
+        data = rng.randbytes(n)
+        run(fe, "write", vsock, off, n, stdin=data)
+        shadow[off:off + n] = data
+
+    write(0, 4 * MiB)
+    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
+                                     "snapshot-node-name": "ov1", "format": "qcow2"})
+    q.ret("block_resize", {"node-name": "ov1", "size": 24 * MiB})
+    write(MiB, MiB)
+    write(17 * MiB, 2 * MiB + 65536)  # the new range
+    write(16 * MiB - 4096, 8192)        # across the old end
+    q.events = []
+    if mode == "inter":
+        q.ret("blockdev-snapshot-sync", {"node-name": "ov1", "snapshot-file": ov2,
+                                         "snapshot-node-name": "ov2", "format": "qcow2"})
+        write(8 * MiB, MiB)  # in ov2: not committed
+        expect = bytes(shadow[:8 * MiB]) + bytes(MiB) + bytes(shadow[9 * MiB:])
+        q.ret("block-commit", {"device": "ov2", "job-id": "g", "top-node": "ov1",
+                               "base-node": "disk0"})
+    else:
+        expect = bytes(shadow)
+        q.ret("block-commit", {"device": "ov1", "job-id": "g"})
+        q.wait_event("BLOCK_JOB_READY")
+        q.ret("block-job-complete", {"device": "g"})
+    e = q.wait_event("BLOCK_JOB_COMPLETED")
+    check("error" not in e["data"], "%s commit into a smaller base: %r" % (mode, e))
+    got = run(fe, "read", vsock, 0, 24 * MiB).stdout
+    check(got == bytes(shadow), "%s: the device after the commit (first difference at %d)" %
+          (mode, first_diff(got, shadow)))
+    return {"len": e["data"]["len"] if mode == "inter" else None,
+            "export": q.ret("query-block-exports")[0]["node-name"]}, expect
+
+
+def test_grow_commit(vqcowd, fe, work):
+    """block-commit into a base smaller than top (block_resize while an overlay
+    was active): the base grows to top's size, as qemu-storage-daemon 7.2's
+    commit and mirror jobs do (qcow2 and raw bases)."""
+    qsd = shutil.which("qemu-storage-daemon")
+    if not qsd:
+        log("SKIP: qemu-storage-daemon not found: commit into a smaller base not compared")
+        return
+    for mode, fmt in (("active", "qcow2"), ("active", "raw"), ("inter", "qcow2"),
+                      ("inter", "raw")):
+        res = {}
+        for who in ("qsd", "vqcowd"):
+            base = os.path.join(work, "g-%s-%s-%s.%s" % (who, mode, fmt, fmt))
+            for f in (base, base + ".ov.qcow2", base + ".ov2.qcow2"):
+                if os.path.exists(f):
+                    os.unlink(f)
+            run("qemu-img", "create", "-q", "-f", fmt, base, 16 * MiB)
+            vs = os.path.join(work, who + "-g.vsock")
+            qs = os.path.join(work, who + "-g.qmp")
+            for f in (vs, qs):
+                if os.path.exists(f):
+                    os.unlink(f)
+            if who == "qsd":
+                p = subprocess.Popen(
+                    [qsd, "--blockdev", "driver=file,filename=%s,node-name=f0" % base,
+                     "--blockdev", "driver=%s,file=f0,node-name=disk0" % fmt,
+                     "--export", "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,"
+                     "addr.path=%s,writable=on" % vs,
+                     "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs,
+                     "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                wait_path(qs, p)
+                wait_path(vs, p)
+                stop = p.terminate
+            else:
+                d = Daemon(vqcowd, work, base, "vqg")
+                vs, qs, stop = d.vsock, d.qsock, d.stop
+            try:
+                q = Qmp(qs)
+                out, expect = grow_conversation(q, fe, vs, base, work, mode)
+                q.close()
+            finally:
+                stop()
+                if who == "qsd":
+                    p.wait(10)
+            i = info(base)
+            out["size"] = i["virtual-size"]
+            if fmt == "qcow2":
+                qcheck(base, "%s: the base after a %s commit that grew it" % (who, mode))
+                verify_file(alone(base), expect, work, "%s: the grown base alone" % who)
+            else:
+                got = open(base, "rb").read()
+                check(got == expect, "%s: the grown raw base differs (first at %d)" %
+                      (who, first_diff(got, expect)))
+            res[who] = out
+        check(res["qsd"] == res["vqcowd"], "%s commit into a smaller %s base: "
+              "qemu-storage-daemon %r, vqcowd %r" % (mode, fmt, res["qsd"], res["vqcowd"]))
+        check(res["vqcowd"]["size"] == 24 * MiB, "the base's size: %r" % res)
+        log("ok: %s commit into a smaller %s base: grown to 24 MiB, the new range's data in "
+            "it, as qemu-storage-daemon 7.2: %r" % (mode, fmt, res["vqcowd"]))
+
+
 # Deliberate differences from qemu-storage-daemon (README, "External snapshots and commit").
 DIFFERENT = {
     # QEMU creates the file, then refuses the name (and leaves the file); we check first
@@ -716,6 +821,8 @@ def main():
         test_backup(vqcowd, fe, work)
     if not only or only == "qsd":
         test_qsd(vqcowd, fe, work)
+    if not only or only == "grow":
+        test_grow_commit(vqcowd, fe, work)
     log("PASS")
     return 0
 
