@@ -792,6 +792,87 @@ def test_grow_commit(vqcowd, fe, work):
             "it, as qemu-storage-daemon 7.2: %r" % (mode, fmt, res["vqcowd"]))
 
 
+def blockdev_commit_events(q, ov):
+    """Active commit into a 16 MiB raw block device under a 24 MiB overlay."""
+    q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
+                                     "snapshot-node-name": "ov1", "format": "qcow2"})
+    q.ret("block_resize", {"node-name": "ov1", "size": 24 * MiB})
+    q.events = []
+    q.ret("block-commit", {"device": "ov1", "job-id": "g"})
+    seq, err = [], None
+    t = time.monotonic() + 30
+    while not seq or seq[-1] != "null":
+        check(time.monotonic() < t, "no end of the job: %r" % seq)
+        while q.events:
+            e = q.events.pop(0)
+            if e["event"] == "JOB_STATUS_CHANGE":
+                seq.append(e["data"]["status"])
+            elif e["event"].startswith("BLOCK_JOB_"):
+                seq.append(e["event"])
+                err = e["data"].get("error")
+        if not seq or seq[-1] != "null":
+            q.events.append(q.recv())
+    return seq, err
+
+
+def test_grow_blockdev(vqcowd, work):
+    """A base that cannot grow (a block device smaller than top): the job
+    fails as in qemu-storage-daemon 7.2 (aborting, BLOCK_JOB_COMPLETED with an
+    error); the device keeps its size and the overlay stays the active layer."""
+    qsd = shutil.which("qemu-storage-daemon")
+    backing = os.path.join(work, "g-blk.img")
+    with open(backing, "wb") as f:
+        f.truncate(16 * MiB)
+    r = run("losetup", "-f", "--show", backing, ok=False)
+    if not qsd or r.returncode != 0:
+        log("SKIP part: %s: commit into a block device too small not compared" %
+            ("no qemu-storage-daemon" if not qsd else "no loop device (losetup: %s)" %
+             r.stderr.decode(errors="replace").strip()))
+        return
+    dev = r.stdout.decode().strip()
+    res = {}
+    try:
+        for who in ("qsd", "vqcowd"):
+            ov = os.path.join(work, "g-blk-%s.qcow2" % who)
+            qs = os.path.join(work, who + "-gb.qmp")
+            vs = os.path.join(work, who + "-gb.vsock")
+            for f in (ov, qs, vs):
+                if os.path.exists(f):
+                    os.unlink(f)
+            if who == "qsd":
+                p = subprocess.Popen(
+                    [qsd, "--blockdev", "driver=host_device,filename=%s,node-name=f0" % dev,
+                     "--blockdev", "driver=raw,file=f0,node-name=disk0",
+                     "--export", "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,"
+                     "addr.path=%s,writable=on" % vs,
+                     "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs,
+                     "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                wait_path(qs, p)
+                stop = p.terminate
+            else:
+                d = Daemon(vqcowd, work, dev, "vqgb")
+                qs, stop = d.qsock, d.stop
+            try:
+                q = Qmp(qs)
+                res[who] = blockdev_commit_events(q, ov)
+                res[who] += (q.ret("query-block-exports")[0]["node-name"],)
+                q.close()
+            finally:
+                stop()
+                if who == "qsd":
+                    p.wait(10)
+    finally:
+        run("losetup", "-d", dev, ok=False)
+    (sq, eq, xq), (sv, ev, xv) = res["qsd"], res["vqcowd"]
+    check(sq == sv and xq == xv and eq and ev, "a base that cannot grow: qemu-storage-daemon "
+          "%r, vqcowd %r" % (res["qsd"], res["vqcowd"]))
+    # QEMU says "Invalid argument"; we name the device and the sizes
+    check(dev in ev and "16777216" in ev, "the job's error: %r" % ev)
+    log("ok: commit into a block device smaller than top fails as in qemu-storage-daemon "
+        "7.2: %r, error %r (QEMU: %r)" % (sv, ev, eq))
+
+
 # Deliberate differences from qemu-storage-daemon (README, "External snapshots and commit").
 DIFFERENT = {
     # QEMU creates the file, then refuses the name (and leaves the file); we check first
@@ -823,6 +904,7 @@ def main():
         test_qsd(vqcowd, fe, work)
     if not only or only == "grow":
         test_grow_commit(vqcowd, fe, work)
+        test_grow_blockdev(vqcowd, work)
     log("PASS")
     return 0
 
