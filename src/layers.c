@@ -152,6 +152,7 @@ struct cjob {
 	 * (k.busy while the grow is in flight: every end path waits for it) */
 	struct img_grow grow;
 	bool grown;
+	bool held_grow; /* the grow blocks (img_grow_blocks): from layers_held */
 };
 
 struct layers {
@@ -1196,11 +1197,12 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			return -ENOMEM;
 		}
 	}
-	if (base->size < j->size && img_grow_blocks(base)) {
-		/* its grow loads the bitmaps with synchronous I/O: not on the job's loop */
+	if (j->inter && base->size < j->size && img_bitmaps(base, NULL, 0) > 0) {
+		/* its bitmaps would be held in memory after the grow, and a layer
+		 * holding them cannot become a read-only backing file (drop_top) */
 		snprintf(err, errlen,
-			 "%s is smaller than %s and has disabled persistent dirty bitmaps: "
-			 "resize it first",
+			 "%s is smaller than %s and has persistent dirty bitmaps: growing it in "
+			 "an intermediate commit is not supported yet",
 			 base->path, top->path);
 		job_free(j);
 		return -ENOTSUP;
@@ -1208,6 +1210,12 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
 	j->status = JS_NULL;
 	r = img_set_writable(base, true, err, errlen);
+	if (r == 0 && base->size < j->size && img_grow_blocks(base)) {
+		/* its grow loads disabled bitmaps with synchronous I/O: not on
+		 * the job's loop but from layers_held(), as block_resize does */
+		j->held_grow = true;
+		r = -EROFS;
+	}
 	if (r == -EROFS) {
 		/* Opened read-only (a backing file at start-up): QEMU reopens the
 		 * base read-write for the job. That reopens its engine, which
@@ -1219,8 +1227,8 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			return -ENOMEM;
 		}
 		L->job = j;
-		vlog(VLOG_INFO, NULL, "qmp: job %s: reopening %s read-write: holding requests back",
-		     j->id, base->path);
+		vlog(VLOG_INFO, NULL, "qmp: job %s: %s %s: holding requests back", j->id,
+		     j->held_grow ? "growing" : "reopening read-write", base->path);
 		c->hold(c->opaque);
 		return QMP_PENDING;
 	}
@@ -1323,7 +1331,7 @@ void layers_held(struct ctl *c)
 		return;
 	p = j->reopen;
 	j->reopen = NULL;
-	r = img_reopen_rw(j->base, err, sizeof(err));
+	r = j->held_grow ? 0 : img_reopen_rw(j->base, err, sizeof(err));
 	if (r < 0) {
 		vlog(VLOG_WARN, NULL, "qmp: job %s: %s", j->id, err[0] ? err : strerror(-r));
 		L->job = NULL;
@@ -1331,7 +1339,20 @@ void layers_held(struct ctl *c)
 		qmp_pending_error(p, "%s", err[0] ? err : strerror(-r));
 		return;
 	}
-	job_start(j);
+	if (j->base->size < j->size && img_grow_blocks(j->base)) {
+		/* the grow's first step blocks (disabled bitmaps loaded): here,
+		 * outside the loop; job_run waits for grow_done (k.busy) */
+		j->grown = true;
+		j->k.zero_from = j->base->size;
+		j->grow.done = grow_done;
+		j->grow.priv = j;
+		j->k.busy = true;
+		job_start(j);
+		r = img_grow(j->base, j->size, &j->grow);
+		if (r < 1)
+			grow_done(&j->grow, r);
+	} else
+		job_start(j);
 	qmp_pending_return(p, NULL);
 }
 
