@@ -190,6 +190,22 @@ def quit_daemon(d, timeout):
     check(d.p.returncode == 0, "vqcowd exit %d" % d.p.returncode)
 
 
+def sanitizer_clean(text):
+    """No sanitizer report in a daemon's log TEXT."""
+    for word in ("ThreadSanitizer", "AddressSanitizer", "LeakSanitizer", "runtime error"):
+        check(word not in text, "%s report in the daemon's log:\n%s" % (word, text[-6000:]))
+
+
+def quit_clean(d, q, timeout=60):
+    """QMP quit on Q; vqcowd D must exit 0 within TIMEOUT s with a clean log."""
+    q.cmd("quit")
+    d.p.wait(timeout)
+    text = d.log()
+    sanitizer_clean(text)
+    check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, text[-4000:]))
+    log("ok: quit, exit 0")
+
+
 @contextlib.contextmanager
 def vqcowd_session(vqcowd, work, image, name, extra=()):
     """A Daemon and a Qmp client on it, yielded as (d, q); when the block
@@ -215,6 +231,22 @@ def qsd_popen(qsd, qs, image, node="disk0"):
                              "--blockdev", "driver=file,filename=%s,node-name=file0" % image,
                              "--blockdev", "driver=qcow2,file=file0,node-name=%s" % node],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def qsd_vhost_popen(qsd, blockdevs, vs, qs, node="disk0"):
+    """qemu-storage-daemon with the BLOCKDEVS (--blockdev arguments), NODE
+    exported writable over vhost-user-blk on VS and QMP on QS; returned once
+    both sockets exist."""
+    args = [qsd]
+    for b in blockdevs:
+        args += ["--blockdev", b]
+    args += ["--export", "type=vhost-user-blk,id=e0,node-name=%s,addr.type=unix,"
+             "addr.path=%s,writable=on" % (node, vs),
+             "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs, "--monitor", "chardev=m"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_path(qs, p)
+    wait_path(vs, p)
+    return p
 
 
 def reap(p):

@@ -33,6 +33,7 @@
 Usage: test_layers.py VQCOWD VQCOW-FE WORKDIR [VQCOWCTL]
 """
 
+import contextlib
 import json
 import os
 import random
@@ -43,7 +44,7 @@ import threading
 import time
 
 import qmplib
-from qmplib import SKIP, Fail, check, log, missing_tool, wait_path
+from qmplib import SKIP, Fail, check, log, missing_tool
 
 MiB = 1024 * 1024
 
@@ -630,6 +631,35 @@ def qsd_conversation(q, fe, vsock, base, ov, work, what):
     return out
 
 
+@contextlib.contextmanager
+def serving(who, qsd, vqcowd, work, image, fmt, name, proto="file"):
+    """IMAGE (format FMT, on protocol driver PROTO) served by WHO, "qsd" (node
+    disk0 exported over vhost-user-blk on WORK/NAME.vsock, QMP on
+    WORK/NAME.qmp) or "vqcowd" (Daemon NAME); yields (Qmp client, vhost-user
+    socket) and stops the daemon when the block ends."""
+    if who == "qsd":
+        vs = os.path.join(work, name + ".vsock")
+        qs = os.path.join(work, name + ".qmp")
+        for f in (vs, qs):
+            if os.path.exists(f):
+                os.unlink(f)
+        p = qmplib.qsd_vhost_popen(
+            qsd, ["driver=%s,filename=%s,node-name=f0" % (proto, image),
+                  "driver=%s,file=f0,node-name=disk0" % fmt], vs, qs)
+        stop = p.terminate
+    else:
+        d = Daemon(vqcowd, work, image, name)
+        vs, qs, stop = d.vsock, d.qsock, d.stop
+    try:
+        q = Qmp(qs)
+        yield q, vs
+        q.close()
+    finally:
+        stop()
+        if who == "qsd":
+            p.wait(10)
+
+
 def test_qsd(vqcowd, fe, work):
     qsd = shutil.which("qemu-storage-daemon")
     if not qsd:
@@ -642,31 +672,8 @@ def test_qsd(vqcowd, fe, work):
         for f in (ov, ov + "x", ov + "y"):
             if os.path.exists(f):
                 os.unlink(f)
-        vs = os.path.join(work, who + ".vsock")
-        qs = os.path.join(work, who + ".qmp")
-        for f in (vs, qs):
-            if os.path.exists(f):
-                os.unlink(f)
-        if who == "qsd":
-            p = subprocess.Popen(
-                [qsd, "--blockdev", "driver=file,filename=%s,node-name=f0" % base,
-                 "--blockdev", "driver=qcow2,file=f0,node-name=disk0",
-                 "--export", "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,"
-                 "addr.path=%s,writable=on" % vs,
-                 "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs,
-                 "--monitor", "chardev=m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_path(qs, p)
-            wait_path(vs, p)
-            stop = p.terminate
-        else:
-            d = Daemon(vqcowd, work, base, "vq")
-            vs, qs, stop = d.vsock, d.qsock, d.stop
-        try:
-            q = Qmp(qs)
+        with serving(who, qsd, vqcowd, work, base, "qcow2", who) as (q, vs):
             res[who] = qsd_conversation(q, fe, vs, base, ov, work, who)
-            q.close()
-        finally:
-            stop()
     a, b = res["qsd"], res["vqcowd"]
     same = []
     for k in a:
@@ -758,34 +765,9 @@ def test_grow_commit(vqcowd, fe, work):
             run("qemu-img", "create", "-q", "-f", fmt, base, 16 * MiB)
             if bitmap:
                 run("qemu-img", "bitmap", "--add", "--disable", base, "b0")
-            vs = os.path.join(work, who + "-g.vsock")
-            qs = os.path.join(work, who + "-g.qmp")
-            for f in (vs, qs):
-                if os.path.exists(f):
-                    os.unlink(f)
-            if who == "qsd":
-                p = subprocess.Popen(
-                    [qsd, "--blockdev", "driver=file,filename=%s,node-name=f0" % base,
-                     "--blockdev", "driver=%s,file=f0,node-name=disk0" % fmt,
-                     "--export", "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,"
-                     "addr.path=%s,writable=on" % vs,
-                     "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs,
-                     "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
-                wait_path(qs, p)
-                wait_path(vs, p)
-                stop = p.terminate
-            else:
-                d = Daemon(vqcowd, work, base, "vqg")
-                vs, qs, stop = d.vsock, d.qsock, d.stop
-            try:
-                q = Qmp(qs)
+            name = who + "-g" if who == "qsd" else "vqg"
+            with serving(who, qsd, vqcowd, work, base, fmt, name) as (q, vs):
                 out, expect = grow_conversation(q, fe, vs, base, work, mode, refuse)
-                q.close()
-            finally:
-                stop()
-                if who == "qsd":
-                    p.wait(10)
             if refuse:
                 break
             i = info(base)
@@ -852,34 +834,12 @@ def test_grow_blockdev(vqcowd, work):
     try:
         for who in ("qsd", "vqcowd"):
             ov = os.path.join(work, "g-blk-%s.qcow2" % who)
-            qs = os.path.join(work, who + "-gb.qmp")
-            vs = os.path.join(work, who + "-gb.vsock")
-            for f in (ov, qs, vs):
-                if os.path.exists(f):
-                    os.unlink(f)
-            if who == "qsd":
-                p = subprocess.Popen(
-                    [qsd, "--blockdev", "driver=host_device,filename=%s,node-name=f0" % dev,
-                     "--blockdev", "driver=raw,file=f0,node-name=disk0",
-                     "--export", "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,"
-                     "addr.path=%s,writable=on" % vs,
-                     "--chardev", "socket,id=m,path=%s,server=on,wait=off" % qs,
-                     "--monitor", "chardev=m"], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
-                wait_path(qs, p)
-                stop = p.terminate
-            else:
-                d = Daemon(vqcowd, work, dev, "vqgb")
-                qs, stop = d.qsock, d.stop
-            try:
-                q = Qmp(qs)
+            if os.path.exists(ov):
+                os.unlink(ov)
+            name = who + "-gb" if who == "qsd" else "vqgb"
+            with serving(who, qsd, vqcowd, work, dev, "raw", name, "host_device") as (q, vs):
                 res[who] = blockdev_commit_events(q, ov)
                 res[who] += (q.ret("query-block-exports")[0]["node-name"],)
-                q.close()
-            finally:
-                stop()
-                if who == "qsd":
-                    p.wait(10)
     finally:
         run("losetup", "-d", dev, ok=False)
     (sq, eq, xq), (sv, ev, xv) = res["qsd"], res["vqcowd"]

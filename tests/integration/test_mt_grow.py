@@ -70,6 +70,18 @@ def word(seed, off):
     return z ^ (z >> 31)
 
 
+def random_reads(fe, d, q, off, size, what):
+    """4000 random 4K reads of [OFF, OFF + SIZE) from both queues: (reads, fast-path hits)."""
+    h0, p0 = stats(q)
+    out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", BS,
+              "--iodepth", 8, "--numjobs", 2, "--offset", off, "--size", size,
+              "--number-ios", 4000, "--json")
+    ios = json.loads(out)["total"]["ios"]
+    h1, p1 = stats(q)
+    log("random reads of %s: %d reads, %d hits, %d hops" % (what, ios, h1 - h0, p1 - p0))
+    return ios, h1 - h0
+
+
 def verify_range(fe, d, q, queue, off, size, seed):
     """vqcow-fe verify of [OFF, OFF + SIZE) on QUEUE: mostly fast-path hits."""
     h0, p0 = stats(q)
@@ -153,27 +165,13 @@ def main():
         ranges = [(8 * MiB, 8 * MiB, 41), (30 * MiB, 10 * MiB, 42)]
         verify_range(fe, d, q, 1, *ranges[0])
         verify_range(fe, d, q, 0, *ranges[1])
-        h0, p0 = stats(q)
-        out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", BS,
-                  "--iodepth", 8, "--numjobs", 2, "--offset", 30 * MiB, "--size", 10 * MiB,
-                  "--number-ios", 4000, "--json")
-        ios = json.loads(out)["total"]["ios"]
-        h1, p1 = stats(q)
-        log("random reads of [30, 40) MiB on both threads: %d reads, %d hits, %d hops" %
-            (ios, h1 - h0, p1 - p0))
-        check(ios >= 4000 and h1 - h0 >= ios * 95 // 100,
-              "random reads of the grown range: %d hits of %d" % (h1 - h0, ios))
+        ios, hits = random_reads(fe, d, q, 30 * MiB, 10 * MiB, "[30, 40) MiB on both threads")
+        check(ios >= 4000 and hits >= ios * 95 // 100,
+              "random reads of the grown range: %d hits of %d" % (hits, ios))
         # never written: zero clusters, read on the threads without I/O
-        h0, p0 = stats(q)
-        out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", BS,
-                  "--iodepth", 8, "--numjobs", 2, "--offset", 16 * MiB, "--size", 14 * MiB,
-                  "--number-ios", 4000, "--json")
-        ios = json.loads(out)["total"]["ios"]
-        h1, p1 = stats(q)
-        log("random reads of unwritten [16, 30) MiB: %d reads, %d hits, %d hops" %
-            (ios, h1 - h0, p1 - p0))
-        check(ios >= 4000 and h1 - h0 >= ios * 9 // 10,
-              "reads of the unwritten grown range: %d hits of %d" % (h1 - h0, ios))
+        ios, hits = random_reads(fe, d, q, 16 * MiB, 14 * MiB, "unwritten [16, 30) MiB")
+        check(ios >= 4000 and hits >= ios * 9 // 10,
+              "reads of the unwritten grown range: %d hits of %d" % (hits, ios))
         for i in range(8):
             off = 16 * MiB + i * 1781 * BS % (14 * MiB)
             r = subprocess.run([fe, "--queues", "2", "--queue", str(i % 2), "read", d.vsock,
@@ -188,13 +186,7 @@ def main():
         log("L2 cache %d bytes at 40 MiB, %d at 2 GiB" % (l2, l2b))
         check(l2b == 2048 * MiB // CLUSTER * 8,
               "the L2 cache does not cover the grown disk: %d bytes" % l2b)
-        q.cmd("quit")
-        d.p.wait(60)
-        text = d.log()
-        for w in ("ThreadSanitizer", "AddressSanitizer", "LeakSanitizer", "runtime error"):
-            check(w not in text, "%s report in the daemon's log:\n%s" % (w, text[-6000:]))
-        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, text[-4000:]))
-        log("ok: quit, exit 0")
+        qmplib.quit_clean(d, q)
         log(run("qemu-img", "check", img).strip())
         check_file(img, ranges, work)
     except BaseException:

@@ -91,11 +91,6 @@ def wait_fast(q, d, what, above=0, timeout=60):
         time.sleep(0.1)
 
 
-def sanitizer_clean(text):
-    for word in ("ThreadSanitizer", "AddressSanitizer", "LeakSanitizer", "runtime error"):
-        check(word not in text, "%s report in the daemon's log:\n%s" % (word, text[-6000:]))
-
-
 def compare(img, base, mapf, fmt="qcow2"):
     out = img + ".out.raw"
     run("qemu-img", "convert", "-f", fmt, "-O", "raw", img, out)
@@ -229,11 +224,7 @@ def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
             s = qcow2_stats(q)
             log("fast path at the end: %d hits, %d hops" % (s.get("fast-path-hits", 0),
                                                            s.get("fast-path-hops", 0)))
-        q.cmd("quit")
-        d.p.wait(60)
-        sanitizer_clean(d.log())
-        check(d.p.returncode == 0, "vqcowd exit %d:\n%s" % (d.p.returncode, d.log()[-4000:]))
-        log("ok: quit, exit 0")
+        qmplib.quit_clean(d, q)
         verify(mapf)
     except Fail:
         if sp and sp.poll() is None:
