@@ -145,8 +145,12 @@ def same(name, dirs, args, base_fmt="qcow2", top_kept=False):
               "%s: the raw bases are not byte for byte identical" % name)
     else:
         qlib.assert_qemu_check_clean(bo, name + " base")
-        # the engine's unused preallocation is given back at close
-        check(os.path.getsize(bo) <= os.path.getsize(bq) + MiB,
+        # The engine's unused preallocation (up to 64 MiB) is given back at
+        # close. The slack: qemu-img reuses the base clusters the top's
+        # zeroed 1M frees at once (and not always: its size varies by a
+        # cluster between runs); the engine reuses freed clusters only once
+        # their release is durable, so ours ends up to 1 MiB + 1 cluster on.
+        check(os.path.getsize(bo) <= os.path.getsize(bq) + 2 * MiB,
               "%s: our base is %d bytes, qemu-img's %d" % (name, os.path.getsize(bo),
                                                           os.path.getsize(bq)))
         check(qmap(bo) == qmap(bq), "%s: base maps differ:\n%r\n%r" % (name, qmap(bo),
