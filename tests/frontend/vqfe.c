@@ -93,6 +93,7 @@ struct vqfe_vq {
 	uint64_t kicks;
 	uint64_t calls;
 	bool setup;
+	char err[256]; /* the last error of this queue's operations (vqfe_vq_strerror) */
 };
 
 struct vqfe {
@@ -119,6 +120,7 @@ struct vqfe {
 	uint64_t inflight_size;
 	bool keep_fd; /* recv_exact: keep the first fd received in got_fd */
 	int got_fd;
+	bool threaded; /* vqfe_set_threaded: each queue on its own thread */
 	char err[256];
 };
 
@@ -133,6 +135,35 @@ __attribute__((format(printf, 3, 4))) static int seterr(struct vqfe *fe, int rc,
 	vsnprintf(fe->err, sizeof(fe->err), fmt, ap);
 	va_end(ap);
 	return rc;
+}
+
+/*
+ * An error of an operation on queue @vq: its text goes to vq->err and,
+ * unless the queues run on their own threads (vqfe_set_threaded), to fe->err
+ * as every other error, so that single-threaded users keep vqfe_strerror.
+ */
+__attribute__((format(printf, 4, 5))) static int qerr(struct vqfe *fe, struct vqfe_vq *vq, int rc,
+						      const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(vq->err, sizeof(vq->err), fmt, ap);
+	va_end(ap);
+	if (!fe->threaded)
+		snprintf(fe->err, sizeof(fe->err), "%s", vq->err);
+	return rc;
+}
+
+/* The connection's end, seen by the queues' threads too (vqfe_set_threaded). */
+static void set_gone(struct vqfe *fe, bool gone)
+{
+	__atomic_store_n(&fe->disconnected, gone, __ATOMIC_RELAXED);
+}
+
+static bool is_gone(const struct vqfe *fe)
+{
+	return __atomic_load_n(&fe->disconnected, __ATOMIC_RELAXED);
 }
 
 uint64_t vqfe_now_ns(void)
@@ -173,6 +204,16 @@ const char *vqfe_strerror(const struct vqfe *fe)
 	if (!fe)
 		return open_err[0] ? open_err : "no error";
 	return fe->err[0] ? fe->err : "no error";
+}
+
+const char *vqfe_vq_strerror(const struct vqfe_vq *vq)
+{
+	return vq->err[0] ? vq->err : "no error";
+}
+
+void vqfe_set_threaded(struct vqfe *fe, bool on)
+{
+	fe->threaded = on;
 }
 
 int vqfe_sock(const struct vqfe *fe)
@@ -242,7 +283,7 @@ unsigned vqfe_config_changes(const struct vqfe *fe)
 
 bool vqfe_is_disconnected(const struct vqfe *fe)
 {
-	return fe->disconnected;
+	return is_gone(fe);
 }
 
 /* ---- guest memory ---- */
@@ -511,7 +552,7 @@ static int send_all(struct vqfe *fe, int sock, const void *buf, size_t len, cons
 			if (errno == EINTR)
 				continue;
 			if (errno == EPIPE || errno == ECONNRESET) {
-				fe->disconnected = true;
+				set_gone(fe, true);
 				return seterr(fe, -ECONNRESET, "send: peer closed the connection");
 			}
 			return seterr(fe, -errno, "send: %s", strerror(errno));
@@ -583,7 +624,7 @@ static int recv_exact(struct vqfe *fe, int sock, void *buf, size_t len, int time
 				continue;
 			if (errno == ECONNRESET) {
 				if (sock == fe->sock)
-					fe->disconnected = true;
+					set_gone(fe, true);
 				return seterr(fe, -ECONNRESET, "connection reset by the back-end");
 			}
 			return seterr(fe, -errno, "recv: %s", strerror(errno));
@@ -604,7 +645,7 @@ static int recv_exact(struct vqfe *fe, int sock, void *buf, size_t len, int time
 		}
 		if (n == 0) {
 			if (sock == fe->sock)
-				fe->disconnected = true;
+				set_gone(fe, true);
 			return seterr(fe, -ECONNRESET, "the back-end closed the connection");
 		}
 		p += n;
@@ -732,7 +773,7 @@ int vqfe_wait_disconnect(struct vqfe *fe, int timeout_ms)
 {
 	uint64_t deadline = vqfe_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 
-	if (fe->disconnected)
+	if (is_gone(fe))
 		return 0;
 	for (;;) {
 		uint8_t buf[512];
@@ -749,7 +790,7 @@ int vqfe_wait_disconnect(struct vqfe *fe, int timeout_ms)
 			return rc;
 		n = recv(fe->sock, buf, sizeof(buf), MSG_DONTWAIT);
 		if (n == 0 || (n < 0 && errno == ECONNRESET)) {
-			fe->disconnected = true;
+			set_gone(fe, true);
 			return 0;
 		}
 		if (n < 0 && errno != EAGAIN && errno != EINTR)
@@ -1107,7 +1148,7 @@ int vqfe_reconnect(struct vqfe *fe, const char *path)
 	if (fe->backend >= 0)
 		close(fe->backend);
 	fe->sock = fe->backend = -1;
-	fe->disconnected = false;
+	set_gone(fe, false);
 	fe->proto = fe->dev_proto = 0;
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return seterr(fe, -ENAMETOOLONG, "socket path too long");
@@ -1346,7 +1387,7 @@ int vqfe_vq_kick(struct vqfe_vq *vq, bool force)
 	if (!need)
 		return 0;
 	if (write(vq->kick_fd, &one, sizeof(one)) != sizeof(one))
-		return seterr(vq->fe, -errno, "kick: %s", strerror(errno));
+		return qerr(vq->fe, vq, -errno, "kick: %s", strerror(errno));
 	vq->kicks++;
 	return 0;
 }
@@ -1386,44 +1427,55 @@ uint64_t vqfe_vq_calls(struct vqfe *fe, unsigned q)
 	return fe->vq[q].calls;
 }
 
-/* Has the socket been closed by the peer? (non-blocking check) */
+/*
+ * Has the socket been closed by the peer? (non-blocking check) With the
+ * queues on their own threads it looks for the hang-up only, never at the
+ * data: the socket's messages are the set-up thread's.
+ */
 static bool sock_gone(struct vqfe *fe)
 {
-	struct pollfd p = {fe->sock, POLLIN | POLLRDHUP, 0};
+	struct pollfd p = {fe->sock, fe->threaded ? POLLRDHUP : POLLIN | POLLRDHUP, 0};
 	char c;
 
-	if (fe->disconnected)
+	if (is_gone(fe))
 		return true;
 	if (poll(&p, 1, 0) <= 0)
 		return false;
 	if (p.revents & (POLLHUP | POLLRDHUP | POLLERR)) {
-		fe->disconnected = true;
+		set_gone(fe, true);
 		return true;
 	}
 	if (p.revents & POLLIN) {
 		ssize_t n = recv(fe->sock, &c, 1, MSG_PEEK | MSG_DONTWAIT);
 
 		if (n == 0 || (n < 0 && errno == ECONNRESET)) {
-			fe->disconnected = true;
+			set_gone(fe, true);
 			return true;
 		}
 	}
 	return false;
 }
 
-/* Wait until a queue in @mask has used elements (see vqfe_wait_any). */
+/*
+ * Wait until a queue in @mask has used elements (see vqfe_wait_any). Errors
+ * are the first queue's (qerr). With the queues on their own threads, the
+ * socket is watched for a hang-up only and the backend channel not at all:
+ * both belong to the set-up thread then.
+ */
 static int wait_queues(struct vqfe *fe, uint64_t mask, int timeout_ms)
 {
 	uint64_t deadline = vqfe_now_ns() + (uint64_t)timeout_ms * 1000000ull;
 	struct pollfd p[VQFE_MAX_QUEUES + 2];
 	unsigned qs[VQFE_MAX_QUEUES];
 	unsigned nq = 0, spins = 0;
+	struct vqfe_vq *vq0;
 
 	for (unsigned q = 0; q < fe->o.num_queues; q++)
 		if ((mask >> q) & 1)
 			qs[nq++] = q;
 	if (!nq)
 		return seterr(fe, -EINVAL, "no queue to wait on");
+	vq0 = &fe->vq[qs[0]];
 	for (;;) {
 		int64_t left;
 		int n = 0, rc;
@@ -1443,11 +1495,11 @@ static int wait_queues(struct vqfe *fe, uint64_t mask, int timeout_ms)
 		if (fe->o.poll) {
 			if ((++spins & 0x3ff) == 0) {
 				if (sock_gone(fe))
-					return seterr(fe, -ECONNRESET,
-						      "the back-end closed the connection");
+					return qerr(fe, vq0, -ECONNRESET,
+						    "the back-end closed the connection");
 				if ((int64_t)(deadline - vqfe_now_ns()) <= 0)
-					return seterr(fe, -ETIMEDOUT, "no completion within %d ms",
-						      timeout_ms);
+					return qerr(fe, vq0, -ETIMEDOUT,
+						    "no completion within %d ms", timeout_ms);
 			}
 #if defined(__x86_64__) || defined(__i386__)
 			__builtin_ia32_pause();
@@ -1455,31 +1507,29 @@ static int wait_queues(struct vqfe *fe, uint64_t mask, int timeout_ms)
 			continue;
 		}
 		left = (int64_t)(deadline - vqfe_now_ns());
-		if (left <= 0) {
-			struct vqfe_vq *vq = &fe->vq[qs[0]];
-
-			return seterr(fe, -ETIMEDOUT,
-				      "no completion within %d ms (queue %u: avail %u, used %u, "
-				      "reaped %u, in flight %u, kicks %llu, calls %llu)",
-				      timeout_ms, qs[0], vq->avail_idx, le16toh(vq->used->idx),
-				      vq->last_used, vq->inflight, (unsigned long long)vq->kicks,
-				      (unsigned long long)vq->calls);
-		}
+		if (left <= 0)
+			return qerr(fe, vq0, -ETIMEDOUT,
+				    "no completion within %d ms (queue %u: avail %u, used %u, "
+				    "reaped %u, in flight %u, kicks %llu, calls %llu)",
+				    timeout_ms, qs[0], vq0->avail_idx, le16toh(vq0->used->idx),
+				    vq0->last_used, vq0->inflight, (unsigned long long)vq0->kicks,
+				    (unsigned long long)vq0->calls);
 		for (unsigned i = 0; i < nq; i++)
 			p[n++] = (struct pollfd){fe->vq[qs[i]].call_fd, POLLIN, 0};
-		p[n++] = (struct pollfd){fe->sock, POLLIN | POLLRDHUP, 0};
-		if (fe->backend >= 0)
+		p[n++] =
+		    (struct pollfd){fe->sock, fe->threaded ? POLLRDHUP : POLLIN | POLLRDHUP, 0};
+		if (!fe->threaded && fe->backend >= 0)
 			p[n++] = (struct pollfd){fe->backend, POLLIN, 0};
 		rc = poll(p, (nfds_t)n, (int)(left / 1000000) + 1);
 		if (rc < 0 && errno != EINTR)
-			return seterr(fe, -errno, "poll: %s", strerror(errno));
+			return qerr(fe, vq0, -errno, "poll: %s", strerror(errno));
 		if (rc <= 0)
 			continue;
 		for (unsigned i = 0; i < nq; i++)
 			if (p[i].revents)
 				drain_call(&fe->vq[qs[i]]);
 		if (p[nq].revents && sock_gone(fe))
-			return seterr(fe, -ECONNRESET, "the back-end closed the connection");
+			return qerr(fe, vq0, -ECONNRESET, "the back-end closed the connection");
 		if (p[nq].revents & POLLIN) {
 			/* an unsolicited message: read and drop it */
 			struct vqfe_msg_hdr h;
@@ -1489,7 +1539,7 @@ static int wait_queues(struct vqfe *fe, uint64_t mask, int timeout_ms)
 			if (rc == -ECONNRESET)
 				return rc;
 		}
-		if (fe->backend >= 0 && p[nq + 1].revents) {
+		if (!fe->threaded && fe->backend >= 0 && p[nq + 1].revents) {
 			rc = vqfe_backend_poll(fe, 0);
 			if (rc < 0) {
 				/* backend channel closed: stop watching it */
@@ -1557,7 +1607,8 @@ static enum vqfe_dir req_dir(const struct vqfe_req *r)
 	}
 }
 
-static int build_chain(struct vqfe *fe, struct slot *sl, struct vqfe_req *r, struct chain *c)
+static int build_chain(struct vqfe *fe, struct vqfe_vq *vq, struct slot *sl, struct vqfe_req *r,
+		       struct chain *c)
 {
 	struct virtio_blk_outhdr h = {htole32(r->type), htole32(r->ioprio), htole64(r->sector)};
 	enum vqfe_dir dir = req_dir(r);
@@ -1571,17 +1622,17 @@ static int build_chain(struct vqfe *fe, struct slot *sl, struct vqfe_req *r, str
 	if (dir == VQFE_DIR_NONE || r->len == 0)
 		segs = 0;
 	if (!r->data_gpa && r->len > fe->o.data_size)
-		return seterr(fe, -EINVAL, "request of %u bytes > slot data size %zu", r->len,
-			      fe->o.data_size);
+		return qerr(fe, vq, -EINVAL, "request of %u bytes > slot data size %zu", r->len,
+			    fe->o.data_size);
 	if (segs > r->len)
 		segs = r->len;
 	if (merge && r->data_gpa)
-		return seterr(fe, -EINVAL, "VQFE_L_MERGE needs slot data");
+		return qerr(fe, vq, -EINVAL, "VQFE_L_MERGE needs slot data");
 	sl->data_gpa = dgpa;
 	if (r->len && dir != VQFE_DIR_NONE && r->buf && !r->nocopy && dir == VQFE_DIR_OUT) {
 		rc = vqfe_mem_write(fe, dgpa, r->buf, r->len);
 		if (rc < 0)
-			return seterr(fe, rc, "data outside guest memory");
+			return qerr(fe, vq, rc, "data outside guest memory");
 	}
 	/* header */
 	if (merge && dir == VQFE_DIR_OUT && segs) {
@@ -1631,7 +1682,7 @@ static int build_chain(struct vqfe *fe, struct slot *sl, struct vqfe_req *r, str
 	}
 done:
 	if (rc)
-		return seterr(fe, -EINVAL, "chain longer than %zu descriptors", MAX_CHAIN);
+		return qerr(fe, vq, -EINVAL, "chain longer than %zu descriptors", MAX_CHAIN);
 	return 0;
 }
 
@@ -1653,7 +1704,7 @@ int vqfe_submit(struct vqfe *fe, unsigned q, struct vqfe_req *r)
 	sl = &vq->slots[s];
 	c.n = 0;
 	c.wlen = 0;
-	rc = build_chain(fe, sl, r, &c);
+	rc = build_chain(fe, vq, sl, r, &c);
 	if (rc < 0)
 		return rc;
 	if (r->layout & VQFE_L_INDIRECT) {
@@ -1721,7 +1772,7 @@ static void complete_one(struct vqfe *fe, struct vqfe_vq *vq, uint16_t head, uin
 	r->used_len = len;
 	r->status = *(volatile uint8_t *)vqfe_gpa(fe, sl->status_gpa, 1);
 	if (len > r->expect_len) {
-		fe->proto_errors++;
+		__atomic_fetch_add(&fe->proto_errors, 1, __ATOMIC_RELAXED);
 		r->err = -EPROTO;
 	}
 	if (r->len && r->buf && !r->nocopy && req_dir(r) == VQFE_DIR_IN)
@@ -1755,9 +1806,9 @@ int vqfe_reap(struct vqfe *fe, unsigned q, struct vqfe_req **done, unsigned max)
 	unsigned n = 0;
 
 	if ((uint16_t)(idx - vq->last_used) > vq->num) {
-		fe->proto_errors++;
-		return seterr(fe, -EPROTO, "queue %u: used idx jumped from %u to %u", q,
-			      vq->last_used, idx);
+		__atomic_fetch_add(&fe->proto_errors, 1, __ATOMIC_RELAXED);
+		return qerr(fe, vq, -EPROTO, "queue %u: used idx jumped from %u to %u", q,
+			    vq->last_used, idx);
 	}
 	while (n < max && idx != vq->last_used) {
 		struct vring_used_elem *e = &vq->used->ring[vq->last_used & (vq->num - 1)];
@@ -1765,9 +1816,10 @@ int vqfe_reap(struct vqfe *fe, unsigned q, struct vqfe_req **done, unsigned max)
 		struct vqfe_req *r;
 
 		if (id >= vq->num || !vq->head_slot[id]) {
-			fe->proto_errors++;
+			__atomic_fetch_add(&fe->proto_errors, 1, __ATOMIC_RELAXED);
 			vq->last_used++;
-			return seterr(fe, -EPROTO, "queue %u: used id %u is not in flight", q, id);
+			return qerr(fe, vq, -EPROTO, "queue %u: used id %u is not in flight", q,
+				    id);
 		}
 		r = vq->head_slot[id]->req;
 		complete_one(fe, vq, (uint16_t)id, len);

@@ -34,7 +34,16 @@
  * chain's writable bytes, is counted in fe->proto_errors and reported as
  * -EPROTO; it never frees anything.
  *
- * Threading: none. One struct vqfe is used by one thread.
+ * Threading: one struct vqfe is used by one thread, except that after the
+ * set-up the queues may be driven each by its own thread, as a guest's vCPUs
+ * drive theirs: the set-up thread calls vqfe_set_threaded(fe, true) before it
+ * starts them, and from then on a queue's thread alone calls vqfe_submit,
+ * vqfe_reap, vqfe_vq_kick and vqfe_vq_wait on its queue (its errors are in
+ * vqfe_vq_strerror, not vqfe_strerror), while the set-up thread may serve
+ * the backend channel (vqfe_backend_poll) and nothing else; the queues'
+ * waits then watch the socket for a hang-up only. After joining them, the
+ * set-up thread clears the mode and has the whole struct again (e.g. to stop
+ * the rings with vqfe_vq_stop).
  *
  * Return contract: functions returning int give 0 (or a count) on success
  * and -errno on failure; vqfe_strerror(fe) then has a one-line explanation.
@@ -232,6 +241,8 @@ void vqfe_close(struct vqfe *fe);
 
 /* Last error text; vqfe_strerror(NULL): why the last vqfe_open failed. */
 const char *vqfe_strerror(const struct vqfe *fe);
+/* Queues on their own threads from now on (@on) or no more (see "Threading"). */
+void vqfe_set_threaded(struct vqfe *fe, bool on);
 
 /* Socket fd (for raw tricks) and backend-channel fd (-1 if none). */
 int vqfe_sock(const struct vqfe *fe);
@@ -344,6 +355,9 @@ uint16_t vqfe_vq_size(const struct vqfe_vq *vq);
 void vqfe_vq_addrs(const struct vqfe_vq *vq, uint64_t *desc, uint64_t *avail, uint64_t *used);
 /* Requests submitted and not yet reaped. */
 unsigned vqfe_vq_inflight(const struct vqfe_vq *vq);
+/* Last error of an operation on this queue (the only error text of a queue's
+ * own thread in threaded mode; "no error" if none). */
+const char *vqfe_vq_strerror(const struct vqfe_vq *vq);
 
 /*
  * Hostile/raw: take @n descriptors off the free list (their indices in @ids),
