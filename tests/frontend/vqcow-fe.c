@@ -13,6 +13,14 @@
  *   vqcow-fe [options] verify SOCK --size N [--seed S] [--offset O] [--bs B]
  *   vqcow-fe [options] bench SOCK --rw MODE [--bs B] [--iodepth D] [--numjobs J]
  *            [--runtime S] [--size N] [--offset O] [--rwmixread P] [--json] [--poll]
+ *            [--threads per-queue|one] [--verify [--seed S]]
+ *
+ * bench drives each of its --numjobs queues from a thread of its own by
+ * default (--threads per-queue), as a guest whose vCPUs each drive their own
+ * queue (num-queues = vCPUs, fio numjobs = vCPUs); the main thread sets up
+ * the connection, serves the backend channel meanwhile and stops the rings
+ * (GET_VRING_BASE) once every thread has ended. --threads one drives all
+ * queues from the main thread.
  *
  * Exit status: 0 success, 1 error (message on stderr), 2 usage error,
  * 3 the device answered a request with a non-OK status.
@@ -25,11 +33,15 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 struct cli {
@@ -49,6 +61,8 @@ struct cli {
 	unsigned numjobs;
 	double runtime;
 	uint64_t number_ios;
+	bool one_thread; /* bench --threads one: one thread drives every queue */
+	bool verify;     /* bench --verify */
 };
 
 static const char *prog = "vqcow-fe";
@@ -68,7 +82,11 @@ static void usage(FILE *f)
 		"                                 write a pattern, read it back and compare\n"
 		"  bench SOCK --rw read|write|randread|randwrite|rw|randrw [--rwmixread P]\n"
 		"        [--bs B] [--iodepth D] [--numjobs J] [--runtime SEC] [--number-ios N]\n"
-		"        [--size N] [--offset O] [--json] [--poll]\n"
+		"        [--size N] [--offset O] [--json] [--poll] [--threads per-queue|one]\n"
+		"        [--verify [--seed S]]\n"
+		"        --threads per-queue (default): a thread per queue, as a guest's vCPUs\n"
+		"        each drive their own queue; one: the main thread drives all queues\n"
+		"        --verify: writes carry verify's pattern (--seed), reads must return it\n"
 		"Options:\n"
 		"  --queues N        virtqueues to set up (default 1; bench: --numjobs)\n"
 		"  --queue Q         queue used by single requests (default 0)\n"
@@ -549,12 +567,43 @@ struct job {
 	uint64_t rng;
 };
 
-static volatile sig_atomic_t stop_flag;
+/* Per queue: what completed on it (its share of the totals). */
+struct qstat {
+	uint64_t reads, writes, errors, mismatches;
+};
+
+/*
+ * One driver of queues [q0, q0 + nq): with --threads one, a single one on
+ * the main thread drives every queue (waiting on all of them at once); with
+ * per-queue (the default, as a guest whose vCPUs each drive their own queue),
+ * one thread per queue, each owning its ring, kick and call eventfds,
+ * requests, counters and share of --number-ios.
+ */
+struct worker {
+	struct vqfe *fe;
+	const struct cli *c;
+	unsigned q0, nq;
+	bool threaded;
+	uint64_t nblocks, t_end;
+	uint64_t limit; /* requests to issue at most (UINT64_MAX: no limit) */
+	struct vqfe_req *reqs;
+	struct job *jobs;
+	struct qstat *qs;
+	uint8_t *bufs;   /* --verify: a data buffer per request */
+	uint8_t *expect; /* --verify: the pattern a read must return */
+	struct stats rd, wr;
+	uint64_t t_done;
+	int ret;
+	int done_fd; /* threads: written once at the end */
+};
+
+static int stop_flag;   /* a signal: stop issuing */
+static int failed_flag; /* a worker failed: the others stop issuing too */
 
 static void on_signal(int sig)
 {
 	(void)sig;
-	stop_flag = 1;
+	__atomic_store_n(&stop_flag, 1, __ATOMIC_RELAXED);
 }
 
 static bool is_read_op(const struct cli *c, struct job *j)
@@ -579,6 +628,190 @@ static void next_op(const struct cli *c, struct job *j, struct vqfe_req *r, uint
 	}
 	r->type = is_read_op(c, j) ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT;
 	r->sector = (c->offset + blk * c->bs) / 512;
+}
+
+/* The error text of an operation on queue @q of @w. */
+static const char *werr(const struct worker *w, unsigned q)
+{
+	return w->threaded ? vqfe_vq_strerror(vqfe_vq(w->fe, q)) : vqfe_strerror(w->fe);
+}
+
+static int wfail(struct worker *w, const char *what, unsigned q)
+{
+	fprintf(stderr, "%s: %s%s\n", prog, what, werr(w, q));
+	__atomic_store_n(&failed_flag, 1, __ATOMIC_RELAXED);
+	w->ret = 1;
+	return 1;
+}
+
+/* Pick @r's next operation on queue @q; --verify: a write carries the
+ * pattern of its offset, a read gets a buffer to compare. */
+static void prepare(struct worker *w, unsigned q, struct vqfe_req *r)
+{
+	next_op(w->c, &w->jobs[q - w->q0], r, w->nblocks);
+	if (w->bufs && r->type == VIRTIO_BLK_T_OUT)
+		pattern(r->buf, r->len, r->sector * 512, w->c->seed);
+}
+
+static void complete(struct worker *w, unsigned q, struct vqfe_req *r)
+{
+	struct qstat *qs = &w->qs[q - w->q0];
+	bool rd = r->type == VIRTIO_BLK_T_IN;
+	struct stats *s = rd ? &w->rd : &w->wr;
+
+	if (rd)
+		qs->reads++;
+	else
+		qs->writes++;
+	if (r->status != VIRTIO_BLK_S_OK || r->err || r->used_len != (rd ? r->len + 1 : 1)) {
+		s->errors++;
+		qs->errors++;
+		if (qs->errors == 1)
+			fprintf(stderr, "%s: request at sector %llu: status %u, used len %u\n",
+				prog, (unsigned long long)r->sector, r->status, r->used_len);
+		return;
+	}
+	stats_add(s, r->t_done - r->t_submit, r->len);
+	if (w->bufs && rd) {
+		pattern(w->expect, r->len, r->sector * 512, w->c->seed);
+		if (memcmp(w->expect, r->buf, r->len)) {
+			size_t i = 0;
+
+			while (w->expect[i] == ((uint8_t *)r->buf)[i])
+				i++;
+			if (!qs->mismatches)
+				fprintf(stderr, "%s: verify: queue %u: mismatch at byte %llu\n",
+					prog, q, (unsigned long long)(r->sector * 512 + i));
+			qs->mismatches++;
+		}
+	}
+}
+
+static bool stop_now(const struct worker *w, uint64_t issued)
+{
+	return vqfe_now_ns() >= w->t_end || __atomic_load_n(&stop_flag, __ATOMIC_RELAXED) ||
+	       __atomic_load_n(&failed_flag, __ATOMIC_RELAXED) || issued >= w->limit;
+}
+
+/* Keep the queues of @w full until the runtime (or the limit) is over,
+ * then reap what is in flight. 0 or 1 (the message printed). */
+static int run_worker(struct worker *w)
+{
+	const struct cli *c = w->c;
+	unsigned depth = c->iodepth, inflight = 0;
+	struct vqfe *fe = w->fe;
+	struct vqfe_req *done[256];
+	uint64_t issued = 0;
+	bool stopping = false;
+	int rc;
+
+	/* fill every queue to the requested depth, one kick per queue */
+	for (unsigned q = w->q0; q < w->q0 + w->nq; q++) {
+		for (unsigned i = 0; i < depth && issued < w->limit; i++) {
+			struct vqfe_req *r = &w->reqs[(q - w->q0) * depth + i];
+
+			r->len = c->bs;
+			r->layout = c->layout;
+			r->segs = c->segs;
+			if (w->bufs)
+				r->buf = w->bufs + (size_t)((q - w->q0) * depth + i) * c->bs;
+			else
+				r->nocopy = true;
+			prepare(w, q, r);
+			rc = vqfe_submit(fe, q, r);
+			if (rc == -EAGAIN) {
+				fprintf(stderr, "%s: queue %u full at depth %u\n", prog, q, i);
+				break;
+			}
+			if (rc < 0) {
+				wfail(w, "submit: ", q);
+				goto out;
+			}
+			inflight++;
+			issued++;
+		}
+		vqfe_vq_kick(vqfe_vq(fe, q), false);
+	}
+	while (inflight) {
+		unsigned got = 0;
+
+		if (!stopping && stop_now(w, issued))
+			stopping = true;
+		for (unsigned q = w->q0; q < w->q0 + w->nq; q++) {
+			unsigned resubmitted = 0;
+			int n = vqfe_reap(fe, q, done, sizeof(done) / sizeof(done[0]));
+
+			if (n < 0) {
+				wfail(w, "", q);
+				goto out;
+			}
+			got += (unsigned)n;
+			for (int i = 0; i < n; i++) {
+				struct vqfe_req *r = done[i];
+
+				inflight--;
+				complete(w, q, r);
+				if (stopping || issued >= w->limit)
+					continue;
+				prepare(w, q, r);
+				rc = vqfe_submit(fe, q, r);
+				if (rc < 0) {
+					wfail(w, "resubmit: ", q);
+					goto out;
+				}
+				inflight++;
+				issued++;
+				resubmitted++;
+			}
+			if (resubmitted)
+				vqfe_vq_kick(vqfe_vq(fe, q), false);
+		}
+		if (!got && inflight) {
+			int to = vqfe_get_opts(fe)->timeout_ms;
+
+			rc = w->threaded ? vqfe_vq_wait(fe, w->q0, to) : vqfe_wait_any(fe, to);
+			if (rc < 0) {
+				wfail(w, "", w->q0);
+				goto out;
+			}
+		}
+	}
+out:
+	w->t_done = vqfe_now_ns();
+	return w->ret;
+}
+
+static void *worker_thread(void *arg)
+{
+	struct worker *w = arg;
+	uint64_t one = 1;
+
+	run_worker(w);
+	if (write(w->done_fd, &one, sizeof(one)) != sizeof(one))
+		abort(); /* an eventfd write cannot fail here */
+	return NULL;
+}
+
+/*
+ * The main thread while the queues' threads run: serve the backend channel
+ * (config changes are acked, as QEMU's main loop does) until all are done.
+ */
+static void serve_backend(struct vqfe *fe, int done_fd, unsigned nthreads)
+{
+	bool backend = vqfe_backend_fd(fe) >= 0;
+	uint64_t ended = 0;
+
+	while (ended < nthreads) {
+		struct pollfd p[2] = {{done_fd, POLLIN, 0}, {vqfe_backend_fd(fe), POLLIN, 0}};
+		uint64_t v;
+
+		if (poll(p, backend ? 2 : 1, -1) < 0)
+			continue; /* EINTR: the signal handler set stop_flag */
+		if ((p[0].revents & POLLIN) && read(done_fd, &v, sizeof(v)) == sizeof(v))
+			ended += v;
+		if (backend && p[1].revents && vqfe_backend_poll(fe, 0) < 0)
+			backend = false; /* closed: the queues' threads see the socket go */
+	}
 }
 
 static void print_stats_json(const char *name, const struct stats *s, double secs, bool comma)
@@ -606,28 +839,78 @@ static void print_stats_text(const char *name, const struct stats *s, double sec
 	       s->errors);
 }
 
+/* CPU time of this process (all its threads) so far, in seconds. */
+static double cpu_seconds(void)
+{
+	struct rusage ru;
+
+	if (getrusage(RUSAGE_SELF, &ru))
+		return 0;
+	return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+	       (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+/*
+ * GET_VRING_BASE on every queue once the drivers have stopped, as QEMU does
+ * when a guest stops: the back-end must have taken exactly what we made
+ * available. 0 or 1.
+ */
+static int stop_rings(struct vqfe *fe, unsigned nq)
+{
+	for (unsigned q = 0; q < nq; q++) {
+		struct vqfe_vq *vq = vqfe_vq(fe, q);
+		uint16_t avail = le16toh(vqfe_vq_avail(vq)->idx);
+		uint32_t base;
+
+		if (vqfe_vq_stop(fe, q, &base) < 0) {
+			fprintf(stderr, "%s: stopping queue %u: %s\n", prog, q, vqfe_strerror(fe));
+			return 1;
+		}
+		if ((uint16_t)base != avail) {
+			fprintf(stderr,
+				"%s: queue %u stopped at avail index %u, but %u were made "
+				"available\n",
+				prog, q, base, avail);
+			return 1;
+		}
+	}
+	return 0;
+}
+
 static int cmd_bench(struct vqfe *fe, struct cli *c)
 {
 	static const char *modes[] = {"read", "write", "randread", "randwrite", "rw", "randrw"};
 	unsigned nq = c->numjobs, depth = c->iodepth;
-	uint64_t cap = vqfe_capacity(fe) * 512, size, nblocks, t0, t_end, now, issued = 0;
+	bool threads = !c->one_thread && nq > 1;
+	unsigned nw = threads ? nq : 1;
+	uint64_t cap = vqfe_capacity(fe) * 512, size, nblocks, t0, t_last;
+	struct worker *ws = calloc(nw, sizeof(*ws));
 	struct vqfe_req *reqs = calloc((size_t)nq * depth, sizeof(*reqs));
 	struct job *jobs = calloc(nq, sizeof(*jobs));
+	struct qstat *qs = calloc(nq, sizeof(*qs));
 	struct stats *rd = calloc(1, sizeof(*rd)), *wr = calloc(1, sizeof(*wr));
 	struct stats *all = calloc(1, sizeof(*all));
-	struct vqfe_req *done[256];
-	bool stopping = false, known = false;
-	unsigned inflight = 0;
-	double secs;
-	int ret = 0, rc;
+	uint8_t *bufs = NULL, *expect = NULL;
+	pthread_t *tids = calloc(nw, sizeof(*tids));
+	uint64_t mismatches = 0;
+	unsigned started = 0;
+	bool known = false;
+	int ret = 0, done_fd = -1;
+	double secs, cpu0;
 
 	for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
 		known |= !strcmp(c->rw, modes[i]);
 	if (!known)
 		die_usage("unknown --rw '%s'", c->rw);
-	if (!reqs || !jobs || !rd || !wr || !all) {
+	if (c->verify) {
+		bufs = malloc((size_t)nq * depth * c->bs);
+		expect = malloc((size_t)nw * c->bs);
+	}
+	if (!ws || !reqs || !jobs || !qs || !rd || !wr || !all || !tids ||
+	    (c->verify && (!bufs || !expect))) {
 		fprintf(stderr, "%s: out of memory\n", prog);
-		return 1;
+		ret = 1;
+		goto out;
 	}
 	if (c->offset >= cap)
 		die_usage("--offset beyond the device (%" PRIu64 " bytes)", cap);
@@ -643,114 +926,122 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 		jobs[q].rng = c->seed * 0x100000001b3ull + q + 1;
 		jobs[q].cursor = nblocks / nq * q;
 	}
+	cpu0 = cpu_seconds();
 	t0 = vqfe_now_ns();
-	t_end = t0 + (uint64_t)(c->runtime * 1e9);
-	/* fill every queue to the requested depth, one kick per queue */
-	for (unsigned q = 0; q < nq; q++) {
-		for (unsigned i = 0; i < depth; i++) {
-			struct vqfe_req *r = &reqs[q * depth + i];
+	for (unsigned i = 0; i < nw; i++) {
+		struct worker *w = &ws[i];
 
-			r->len = c->bs;
-			r->nocopy = true;
-			r->layout = c->layout;
-			r->segs = c->segs;
-			next_op(c, &jobs[q], r, nblocks);
-			rc = vqfe_submit(fe, q, r);
-			if (rc == -EAGAIN) {
-				fprintf(stderr, "%s: queue %u full at depth %u\n", prog, q, i);
+		w->fe = fe;
+		w->c = c;
+		w->threaded = threads;
+		w->q0 = threads ? i : 0;
+		w->nq = threads ? 1 : nq;
+		w->nblocks = nblocks;
+		w->t_end = t0 + (uint64_t)(c->runtime * 1e9);
+		w->limit = UINT64_MAX;
+		if (c->number_ios)
+			w->limit =
+			    threads ? c->number_ios / nq + (i < c->number_ios % nq) : c->number_ios;
+		w->reqs = reqs + (size_t)w->q0 * depth;
+		w->jobs = jobs + w->q0;
+		w->qs = qs + w->q0;
+		if (bufs) {
+			w->bufs = bufs + (size_t)w->q0 * depth * c->bs;
+			w->expect = expect + (size_t)i * c->bs;
+		}
+	}
+	if (!threads) {
+		run_worker(&ws[0]);
+	} else {
+		done_fd = eventfd(0, EFD_CLOEXEC);
+		if (done_fd < 0) {
+			fprintf(stderr, "%s: eventfd: %s\n", prog, strerror(errno));
+			ret = 1;
+			goto out;
+		}
+		vqfe_set_threaded(fe, true);
+		for (; started < nw; started++) {
+			int err;
+
+			ws[started].done_fd = done_fd;
+			err = pthread_create(&tids[started], NULL, worker_thread, &ws[started]);
+			if (err) {
+				fprintf(stderr, "%s: pthread_create: %s\n", prog, strerror(err));
+				__atomic_store_n(&failed_flag, 1, __ATOMIC_RELAXED);
+				ret = 1;
 				break;
 			}
-			if (rc < 0) {
-				fprintf(stderr, "%s: submit: %s\n", prog, vqfe_strerror(fe));
-				return 1;
-			}
-			inflight++;
-			issued++;
 		}
-		vqfe_vq_kick(vqfe_vq(fe, q), false);
+		serve_backend(fe, done_fd, started);
+		for (unsigned i = 0; i < started; i++)
+			pthread_join(tids[i], NULL);
+		vqfe_set_threaded(fe, false);
 	}
-	while (inflight) {
-		unsigned got = 0;
-
-		now = vqfe_now_ns();
-		if (!stopping &&
-		    (now >= t_end || stop_flag || (c->number_ios && issued >= c->number_ios)))
-			stopping = true;
-		for (unsigned q = 0; q < nq; q++) {
-			unsigned resubmitted = 0;
-
-			int n = vqfe_reap(fe, q, done, sizeof(done) / sizeof(done[0]));
-
-			if (n < 0) {
-				fprintf(stderr, "%s: %s\n", prog, vqfe_strerror(fe));
-				return 1;
-			}
-			got += (unsigned)n;
-			for (int i = 0; i < n; i++) {
-				struct vqfe_req *r = done[i];
-				uint64_t lat = r->t_done - r->t_submit;
-				struct stats *s = r->type == VIRTIO_BLK_T_IN ? rd : wr;
-
-				inflight--;
-				if (r->status != VIRTIO_BLK_S_OK || r->err ||
-				    r->used_len != (r->type == VIRTIO_BLK_T_IN ? r->len + 1 : 1)) {
-					s->errors++;
-					if (s->errors == 1)
-						fprintf(
-						    stderr,
-						    "%s: request at sector %llu: status %u, used "
-						    "len %u\n",
-						    prog, (unsigned long long)r->sector, r->status,
-						    r->used_len);
-				} else {
-					stats_add(s, lat, r->len);
-				}
-				if (stopping || (c->number_ios && issued >= c->number_ios))
-					continue;
-				next_op(c, &jobs[q], r, nblocks);
-				rc = vqfe_submit(fe, q, r);
-				if (rc < 0) {
-					fprintf(stderr, "%s: resubmit: %s\n", prog,
-						vqfe_strerror(fe));
-					return 1;
-				}
-				inflight++;
-				issued++;
-				resubmitted++;
-			}
-			if (resubmitted)
-				vqfe_vq_kick(vqfe_vq(fe, q), false);
-		}
-		if (!got && inflight) {
-			rc = vqfe_wait_any(fe, vqfe_get_opts(fe)->timeout_ms);
-			if (rc < 0) {
-				fprintf(stderr, "%s: %s\n", prog, vqfe_strerror(fe));
-				return 1;
-			}
-		}
+	t_last = t0;
+	for (unsigned i = 0; i < nw; i++) {
+		if (ws[i].t_done > t_last)
+			t_last = ws[i].t_done;
+		stats_merge(rd, &ws[i].rd);
+		stats_merge(wr, &ws[i].wr);
+		ret |= ws[i].ret;
 	}
-	secs = (double)(vqfe_now_ns() - t0) / 1e9;
+	secs = (double)(t_last - t0) / 1e9;
+	if (secs <= 0)
+		secs = 1e-9;
+	for (unsigned q = 0; q < nq; q++)
+		mismatches += qs[q].mismatches;
 	stats_merge(all, rd);
 	stats_merge(all, wr);
+	/* the rings stop only after every driver has: none is left running */
+	if (!ret)
+		ret = stop_rings(fe, nq);
 	if (c->json) {
 		printf("{\"rw\": \"%s\", \"bs\": %u, \"iodepth\": %u, \"numjobs\": %u, "
-		       "\"runtime_s\": %.3f, \"poll\": %s, ",
-		       c->rw, c->bs, depth, nq, secs, vqfe_get_opts(fe)->poll ? "true" : "false");
+		       "\"runtime_s\": %.3f, \"poll\": %s, \"threads\": \"%s\", \"verify\": %s, "
+		       "\"mismatches\": %" PRIu64 ", \"fe_cpu_s\": %.3f, \"config_changes\": %u, "
+		       "\"queues\": [",
+		       c->rw, c->bs, depth, nq, secs, vqfe_get_opts(fe)->poll ? "true" : "false",
+		       c->one_thread ? "one" : "per-queue", c->verify ? "true" : "false",
+		       mismatches, cpu_seconds() - cpu0, vqfe_config_changes(fe));
+		for (unsigned q = 0; q < nq; q++)
+			printf("{\"queue\": %u, \"reads\": %" PRIu64 ", \"writes\": %" PRIu64
+			       ", \"errors\": %" PRIu64 ", \"mismatches\": %" PRIu64
+			       ", \"kicks\": %" PRIu64 ", \"calls\": %" PRIu64 "}%s",
+			       q, qs[q].reads, qs[q].writes, qs[q].errors, qs[q].mismatches,
+			       vqfe_vq_kicks(vqfe_vq(fe, q)), vqfe_vq_calls(fe, q),
+			       q + 1 < nq ? ", " : "], ");
 		print_stats_json("read", rd, secs, true);
 		print_stats_json("write", wr, secs, true);
 		print_stats_json("total", all, secs, false);
 		printf("}\n");
 	} else {
-		printf("%s bs=%u iodepth=%u numjobs=%u runtime=%.2fs\n", c->rw, c->bs, depth, nq,
-		       secs);
+		printf("%s bs=%u iodepth=%u numjobs=%u runtime=%.2fs threads=%s\n", c->rw, c->bs,
+		       depth, nq, secs, c->one_thread ? "one" : "per-queue");
 		print_stats_text("read", rd, secs);
 		print_stats_text("write", wr, secs);
 		print_stats_text("total", all, secs);
+		for (unsigned q = 0; nq > 1 && q < nq; q++)
+			printf("queue %u: %" PRIu64 " reads, %" PRIu64 " writes, %" PRIu64
+			       " errors, %" PRIu64 " kicks, %" PRIu64 " calls\n",
+			       q, qs[q].reads, qs[q].writes, qs[q].errors,
+			       vqfe_vq_kicks(vqfe_vq(fe, q)), vqfe_vq_calls(fe, q));
+		if (c->verify)
+			printf("verify: %" PRIu64 " mismatches\n", mismatches);
 	}
-	if (all->errors)
+	if (!ret && all->errors)
 		ret = 3;
+	if (!ret && mismatches)
+		ret = 1;
+out:
+	if (done_fd >= 0)
+		close(done_fd);
+	free(ws);
+	free(tids);
 	free(reqs);
 	free(jobs);
+	free(qs);
+	free(bufs);
+	free(expect);
 	free(rd);
 	free(wr);
 	free(all);
@@ -786,6 +1077,8 @@ enum {
 	O_NUMJOBS,
 	O_RUNTIME,
 	O_NUMBER_IOS,
+	O_THREADS,
+	O_VERIFY,
 	O_HELP,
 };
 
@@ -816,6 +1109,8 @@ static const struct option longopts[] = {
     {"numjobs", required_argument, NULL, O_NUMJOBS},
     {"runtime", required_argument, NULL, O_RUNTIME},
     {"number-ios", required_argument, NULL, O_NUMBER_IOS},
+    {"threads", required_argument, NULL, O_THREADS},
+    {"verify", no_argument, NULL, O_VERIFY},
     {"help", no_argument, NULL, O_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -933,6 +1228,17 @@ int main(int argc, char **argv)
 		}
 		case O_NUMBER_IOS:
 			c.number_ios = parse_size(optarg, "--number-ios");
+			break;
+		case O_THREADS:
+			if (!strcmp(optarg, "one"))
+				c.one_thread = true;
+			else if (!strcmp(optarg, "per-queue"))
+				c.one_thread = false;
+			else
+				die_usage("--threads takes per-queue or one, not '%s'", optarg);
+			break;
+		case O_VERIFY:
+			c.verify = true;
 			break;
 		case 'h':
 		case O_HELP:
