@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 #
 # Multi-queue cells (issue 12): 2 queues x QD32 4K jobs from one vqcow-fe
-# (two queues driven from one host thread), against vqcowd --io-threads 1
+# (each queue driven by a host thread of its own, as a guest's vCPUs drive
+# theirs; FE_THREADS below), against vqcowd --io-threads 1
 # and 2, qemu-storage-daemon 10.0 and the system's 7.2 (both in their best
 # configuration: aio=io_uring, cache.direct=on, an iothread, num-queues=2),
 # alternating backend by backend within each repetition, so the ratios
@@ -40,6 +41,12 @@
 # with 2 vCPUs running fio numjobs=2 against the same backends, on the full
 # and the compressed image; --guest-reps, --guest-runtime: its repetitions
 # and seconds per job, default 2 and 10); --guest-only runs only that.
+# FE_THREADS="per-queue" (default) or "one" picks vqcow-fe bench's client
+# mode (--threads: a thread per queue, or one thread driving both queues);
+# a list ("per-queue one") runs every backend with each mode in turn (the
+# order flips every repetition), each run's line names its mode, and the
+# tables come per mode, with the modes' ratios after them. Each run's line
+# also gives the client's own CPU time per I/O (fe=).
 set -euo pipefail
 reps=3 secs=5 guest=0 greps=2 gsecs=10 prepare=0
 usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
@@ -106,7 +113,15 @@ qsd10=
 case " ${KINDS:-qsd-10} " in
 *" qsd-10 "*) qsd10=${QSD10:-$(bash "$repo/contrib/bench/qsd10.sh" 2>/dev/null || true)} ;;
 esac
-echo "mq.sh: $reps repetition(s) of $secs s; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+fe_modes=${FE_THREADS:-per-queue}
+for m in $fe_modes; do
+	case $m in
+	per-queue | one) ;;
+	*) echo "mq.sh: FE_THREADS takes per-queue and/or one, not '$m'" >&2; exit 2 ;;
+	esac
+done
+echo "mq.sh: $reps repetition(s) of $secs s; client: vqcow-fe bench --threads $fe_modes;" \
+	"load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -147,8 +162,8 @@ start() { # KIND IMAGE
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
-run() { # KIND CELL
-	local kind=$1 cell=$2 img rw t0 t1 out nq=2 lb rc=0 st=0 qd=32
+run() { # KIND CELL FE-MODE
+	local kind=$1 cell=$2 mode=$3 img rw t0 t1 out nq=2 lb rc=0 st=0 qd=32 tag
 	case $cell in
 	read-zlib-1q) img=$dir/zlib.qcow2 rw=randread nq=1 ;;
 	read-full) img=$dir/full.qcow2 rw=randread ;;
@@ -165,21 +180,23 @@ run() { # KIND CELL
 		qemu-img create -q -f qcow2 -b "$dir/full.qcow2" -F qcow2 "$img"
 		;;
 	esac
+	tag=$cell-$kind
+	[ "$fe_modes" = "$mode" ] || tag=$tag-$mode
 	lb=$(load1)
 	start "$kind" "$img" || return 0
 	t0=$(ticks "$bpid")
 	local ppid= spid=
 	if [ -n "${PERF_DIR:-}" ] && [ "${kind#qsd}" = "$kind" ]; then
 		mkdir -p "$PERF_DIR"
-		perf record -q -g -p "$bpid" -o "$PERF_DIR/$cell-$kind-$REP.data" -- sleep "$secs" \
+		perf record -q -g -p "$bpid" -o "$PERF_DIR/$tag-$REP.data" -- sleep "$secs" \
 			>/dev/null 2>&1 &
 		ppid=$!
 		perf stat -e task-clock,context-switches,cpu-migrations -p "$bpid" \
-			-o "$PERF_DIR/$cell-$kind-$REP.stat" -- sleep "$secs" >/dev/null 2>&1 &
+			-o "$PERF_DIR/$tag-$REP.stat" -- sleep "$secs" >/dev/null 2>&1 &
 		spid=$!
 	fi
 	out=$("$fe" --queues $nq bench "$sock" --rw $rw --bs 4096 --iodepth $qd --numjobs $nq \
-		--runtime "$secs" --json 2>"$tmp/fe.log") || rc=$?
+		--threads "$mode" --runtime "$secs" --json 2>"$tmp/fe.log") || rc=$?
 	t1=$(ticks "$bpid")
 	[ -z "$ppid" ] || wait "$ppid" "$spid" || true
 	kill "$bpid"
@@ -189,20 +206,23 @@ run() { # KIND CELL
 	# vqcowd's exit line counts requests served on the queue threads (fast path hits)
 	# and those handed to the image's owner thread (hops)
 	grep -ho '[0-9]* compressed clusters inflated, [0-9]* reads from them\|fast path: [0-9]* hits, [0-9]* hops' \
-		"$tmp/log" | sed "s/^/mq.sh: $cell $kind: /" >&2 || true
+		"$tmp/log" | sed "s/^/mq.sh: $cell $kind $mode: /" >&2 || true
 	if [ $rc != 0 ]; then
-		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind, run left out:" >&2
+		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind $mode, run left out:" >&2
 		cat "$tmp/fe.log" "$tmp/log" >&2
 		return 0
 	fi
+	# REP CELL KIND MODE IOPS CPU-US/IO LOAD-BEFORE LOAD-AFTER LAT-MEAN LAT-P99 fe=CLIENT-CPU-US/IO
 	echo "$out" | python3 -c '
 import json, sys
-d = json.load(sys.stdin)["total"]
+j = json.load(sys.stdin)
+d = j["total"]
 kind, cell, dt, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-print("%s %s %s %.0f %.2f %s %s %.1f %.1f" % (sys.argv[7], cell, kind, d["iops"],
-      dt / hz * 1e6 / max(d["ios"], 1), sys.argv[5], sys.argv[6], d["lat_us"]["mean"],
-      d["lat_us"]["p99"]))' \
-		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" "$REP" | tee -a "$tmp/results"
+print("%s %s %s %s %.0f %.2f %s %s %.1f %.1f fe=%.2f" % (sys.argv[7], cell, kind, sys.argv[8],
+      d["iops"], dt / hz * 1e6 / max(d["ios"], 1), sys.argv[5], sys.argv[6],
+      d["lat_us"]["mean"], d["lat_us"]["p99"], j.get("fe_cpu_s", 0) * 1e6 / max(d["ios"], 1)))' \
+		"$kind" "$cell" $((t1 - t0)) "$(getconf CLK_TCK)" "$lb" "$(load1)" "$REP" "$mode" |
+		tee -a "$tmp/results"
 }
 
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
@@ -211,19 +231,30 @@ kinds=${KINDS:-$kinds}
 cells=${CELLS:-"read-full read-zlib read-prealloc seqread-zlib write-empty write-overlay"}
 touch "$tmp/results"
 for REP in $(seq "$reps"); do
-	# The 1-queue reference of the compressed cell (one job, QD32).
-	case " $cells " in *" read-zlib "*) run vqcowd-1 read-zlib-1q ;; esac
+	# the client modes' order flips every repetition
+	modes=$fe_modes
+	[ $((REP % 2)) = 1 ] || modes=$(echo $fe_modes | tr ' ' '\n' | tac | tr '\n' ' ')
+	# The 1-queue reference of the compressed cell (one job, QD32; with one
+	# queue both client modes are the same single thread).
+	case " $cells " in *" read-zlib "*) run vqcowd-1 read-zlib-1q "${fe_modes%% *}" ;; esac
 	for cell in $cells; do
-		for kind in $kinds; do run "$kind" "$cell"; done
+		for kind in $kinds; do
+			for mode in $modes; do run "$kind" "$cell" "$mode"; done
+		done
 	done
 done
-python3 - "$tmp/results" "$kinds" <<'EOF'
+for mode in $fe_modes; do
+	[ "$fe_modes" = "$mode" ] || printf '\n### client: vqcow-fe bench --threads %s\n' "$mode"
+	python3 - "$tmp/results" "$kinds" "$mode" <<'EOF'
 import sys, statistics, collections
 res = collections.defaultdict(dict)
+want = sys.argv[3]
 for line in open(sys.argv[1]):
-    rep, cell, kind, iops, cpu, lb, la, lat, p99 = line.split()
+    rep, cell, kind, mode, iops, cpu, lb, la, lat, p99, fecpu = line.split()
+    if mode != want and cell != "read-zlib-1q":
+        continue
     res[(cell, kind)][rep] = (float(iops), float(cpu), float(lb), float(la), float(lat),
-                              float(p99))
+                              float(p99), float(fecpu[3:]))
 kinds = sys.argv[2].split()
 cells = []
 for cell, _ in res:
@@ -272,8 +303,50 @@ if q:
 print()
 print("IOPS median of the repetitions (backend CPU time per I/O); ratios of IOPS (and of")
 print("the CPU time per I/O) per repetition, median (range); load1: the 1-minute load average")
-print("before and after each run, range.")
+print("before and after each run, range. Client: vqcow-fe bench --threads %s; its own CPU" % want)
+print("time per I/O, median: " + ", ".join(
+    "%s %s %.2f us" % (c, k, med(c, k, 6)) for c in cells for k in kinds if (c, k) in res) + ".")
 EOF
+done
+if [ "$fe_modes" != "${fe_modes%% *}" ]; then
+	printf '\n### client modes compared (per-queue / one, per repetition)\n\n'
+	python3 - "$tmp/results" "$kinds" <<'EOF'
+import sys, statistics, collections
+res = collections.defaultdict(dict)
+for line in open(sys.argv[1]):
+    rep, cell, kind, mode, iops, cpu, lb, la, lat, p99, fecpu = line.split()
+    res[(cell, kind, mode)][rep] = (float(iops), float(cpu), float(fecpu[3:]))
+kinds = sys.argv[2].split()
+cells = []
+for cell, _, _ in res:
+    if cell not in cells and cell != "read-zlib-1q":
+        cells.append(cell)
+def q(c, ka, ma, kb, mb, i):
+    # the runs of the same repetition, then the median (range)
+    x, y = res.get((c, ka, ma), {}), res.get((c, kb, mb), {})
+    return [x[r][i] / y[r][i] for r in x if r in y and y[r][i] > 0]
+def fmt(v):
+    return "%.2fx (%.2f-%.2f)" % (statistics.median(v), min(v), max(v)) if v else "–"
+print("| cell | backend | IOPS per-queue / one | CPU/IO per-queue / one |"
+      " client CPU/IO per-queue / one |")
+print("|---" * 5 + "|")
+for c in cells:
+    for k in kinds:
+        print("| %s | %s | %s | %s | %s |" % (c, k, fmt(q(c, k, "per-queue", k, "one", 0)),
+              fmt(q(c, k, "per-queue", k, "one", 1)), fmt(q(c, k, "per-queue", k, "one", 2))))
+if "vqcowd-1" in kinds and "vqcowd-2" in kinds:
+    print()
+    print("| cell | IOPS vqcowd-2 / vqcowd-1, per-queue | one |"
+          " CPU/IO vqcowd-2 / vqcowd-1, per-queue | one |")
+    print("|---" * 5 + "|")
+    for c in cells:
+        print("| %s | %s | %s | %s | %s |" % (c,
+              fmt(q(c, "vqcowd-2", "per-queue", "vqcowd-1", "per-queue", 0)),
+              fmt(q(c, "vqcowd-2", "one", "vqcowd-1", "one", 0)),
+              fmt(q(c, "vqcowd-2", "per-queue", "vqcowd-1", "per-queue", 1)),
+              fmt(q(c, "vqcowd-2", "one", "vqcowd-1", "one", 1))))
+EOF
+fi
 echo "mq.sh: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ $guest = 1 ]; then
 	echo
