@@ -21,12 +21,17 @@
  *    image, exit 0. SIGHUP re-reads the image size (outside resize) and, if
  *    it changed, sends a config-change notice to the frontend.
  *
- *  - --io-threads N > 1 (struct iothread, each its own io_loop). A raw
- *    image: queue i is served by I/O thread i mod N: kick poll, pop, submit,
- *    image I/O, push, call. A qcow2 image (img.mt_submit) the same, with or
- *    without --qmp: the thread serves cached, allocated clusters itself and
- *    hands the rest to the main thread, the engine's only owner, and back
- *    (img/img_qcow2.c). The main thread keeps the sockets, signals and the
+ *  - --io-threads N > 1: N threads serve the queues, queue i on thread
+ *    i mod N: thread 0 is the main thread, threads 1..N-1 are I/O threads
+ *    (struct iothread, each its own io_loop). A raw image: the queue's
+ *    thread does its kick poll, pop, submit, image I/O, push, call. A qcow2
+ *    image (img.mt_submit) the same, with or without --qmp: an I/O thread
+ *    serves cached, allocated clusters itself and hands the rest to the main
+ *    thread, the engine's only owner, and back (img/img_qcow2.c); the main
+ *    thread's own queues take the owner's path as with one thread (no hop,
+ *    nothing published), so a device that uses one queue runs as with
+ *    --io-threads 1, and 2 queues on 2 CPUs keep 2 threads busy, not 3. The
+ *    main thread keeps the sockets, signals and the
  *    control path, and parks the I/O threads (pause_all) around each of its
  *    calls into vhost/ and blk/; QMP operations that swap the image under
  *    blk/ or hook its writes (src/layers.c) park them too (ctl.park), and a
@@ -137,8 +142,9 @@ static void usage(FILE *f)
 	    "  --incoming                  live-migration destination: open the image without\n"
 	    "                              its locks and metadata; take them when the rings start\n"
 	    "  --num-queues N              number of virtqueues offered (default and max 64)\n"
-	    "  --io-threads N              threads serving the queues (queue i on thread\n"
-	    "                              i mod N; default: one per queue up to the\n"
+	    "  --io-threads N              threads serving the queues, the main thread\n"
+	    "                              included (queue i on thread i mod N, thread 0\n"
+	    "                              the main one; default: one per queue up to the\n"
 	    "                              host's CPUs; max 64)\n"
 	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	    "1024)\n"
@@ -567,7 +573,7 @@ struct dreq {
 	struct vq_elem elem; /* first: vhost/ hands these out */
 	struct blk_req blk;
 	/* --io-threads > 1 */
-	struct iothread *t; /* the thread that popped it (and pushes it) */
+	struct iothread *t; /* the I/O thread that popped it (and pushes it); NULL: main */
 };
 
 struct watch {
@@ -592,8 +598,9 @@ struct dqueue {
 };
 
 /*
- * An I/O thread (--io-threads N > 1): its own io_uring loop, serving queues
- * t->id, t->id + N, t->id + 2N... Everything of those queues' data path runs
+ * An I/O thread (--io-threads N > 1; id 1..N-1, the main thread is thread
+ * 0): its own io_uring loop, serving queues t->id, t->id + N, t->id + 2N...
+ * Everything of those queues' data path runs
  * here: the kick poll, vq_pop, the request (a raw image's I/O too), vq_push,
  * the call. Parked (pause_all) whenever the main thread calls into vhost/ or
  * blk/ outside the data path.
@@ -626,12 +633,14 @@ struct daemon {
 	unsigned nq_seen; /* queues 0..nq_seen-1 may be in use (started this connection) */
 	struct io_defer defer;
 
-	/* --io-threads: N > 1 threads serve the queues; the main thread keeps
-	 * the sockets, signals, the control path and (hop) the image. */
-	unsigned nthreads;
-	struct iothread *threads;
-	bool hop;                        /* the image runs on the main thread only (qcow2) */
-	bool rings_mt;                   /* the I/O threads serve the rings (N > 1 and !hop) */
+	/* --io-threads N: N threads serve the queues, the main thread (thread
+	 * 0: queues 0, N, 2N...) and N - 1 I/O threads; the main thread also
+	 * keeps the sockets, signals, the control path and the image's engine. */
+	unsigned nserve;                 /* N */
+	unsigned nthreads;               /* I/O threads: N - 1 */
+	struct iothread *threads;        /* thread k is threads[k - 1] */
+	bool hop;                        /* the rings run on the main thread only */
+	bool rings_mt;                   /* the I/O threads serve rings (N > 1 and !hop) */
 	struct io_poll_group poll_group; /* the I/O threads' busy polls (threads_init) */
 	pthread_mutex_t mt_lock;
 	pthread_cond_t mt_cond;
@@ -666,9 +675,21 @@ struct daemon {
 /* The I/O thread this code runs on; NULL on the main thread. */
 static __thread struct iothread *cur_thread;
 
+/* The I/O thread that serves queue @idx; NULL: the main thread (thread 0). */
 static struct iothread *thread_of(struct daemon *d, unsigned idx)
 {
-	return &d->threads[idx % d->nthreads];
+	unsigned k = d->nserve ? idx % d->nserve : 0;
+
+	return k && d->threads ? &d->threads[k - 1] : NULL;
+}
+
+/* Queue @idx is in use (started, or popped): its thread looks at it from now on. */
+static void queue_seen(struct daemon *d, struct iothread *t, unsigned idx)
+{
+	if (t && idx >= t->nq_seen)
+		t->nq_seen = idx + 1;
+	else if (!t && idx >= d->nq_seen)
+		d->nq_seen = idx + 1;
 }
 
 /* On an I/O thread, posted by pause_all(): stay parked until resume_all(). */
@@ -700,7 +721,7 @@ static void pause_all(struct daemon *d)
 {
 	bool all;
 
-	if (d->nthreads <= 1 || d->pause_depth++ > 0)
+	if (!d->nthreads || d->pause_depth++ > 0)
 		return;
 	pthread_mutex_lock(&d->mt_lock);
 	d->pausing = true;
@@ -727,7 +748,7 @@ static void pause_all(struct daemon *d)
 
 static void resume_all(struct daemon *d)
 {
-	if (d->nthreads <= 1 || --d->pause_depth > 0)
+	if (!d->nthreads || --d->pause_depth > 0)
 		return;
 	pthread_mutex_lock(&d->mt_lock);
 	d->pausing = false;
@@ -815,14 +836,14 @@ static int d_watch_kick(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_c
 	struct watch *w;
 	int ret;
 
-	if (!d->rings_mt) {
+	t = d->rings_mt ? thread_of(d, vq_index(vq)) : NULL;
+	if (!t) {
 		/* The main thread serves the ring: a kick needs no parking. */
 		ret = watch_events(opaque, fd, POLLIN, cb, arg);
 		if (ret == 0)
 			d->watches->kick = true;
 		return ret;
 	}
-	t = thread_of(d, vq_index(vq));
 	w = watch_new(d, t, fd, cb, arg);
 	if (!w)
 		return -ENOMEM;
@@ -911,14 +932,11 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 		 * only after every popped element was pushed. */
 		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
-		if (d->rings_mt) {
+		queue_seen(d, r->t, idx);
+		if (r->t) {
 			r->t->inflight--;
-			if (idx >= r->t->nq_seen)
-				r->t->nq_seen = idx + 1;
 			if (!r->t->inflight && d->stopping)
 				main_wake(d, r->t);
-		} else if (idx >= d->nq_seen) {
-			d->nq_seen = idx + 1;
 		}
 	}
 }
@@ -949,17 +967,21 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		r->blk.complete = req_complete;
 		r->blk.priv = d;
 		r->blk.loop = NULL;
-		if (d->rings_mt) {
-			/* raw: the I/O goes out from this thread */
+		r->t = NULL;
+		if (d->rings_mt && cur_thread) {
+			/* the image I/O goes out from this thread (qcow2: a
+			 * miss hops to the main thread) */
 			r->t = cur_thread;
 			r->t->inflight++;
 			r->blk.loop = r->t->loop;
-		} else if (d->nthreads > 1) {
-			/* qcow2: popped and run on the main thread (the engine's
-			 * only owner); the CPU work of the request (inflate)
-			 * goes to the queue's I/O thread */
+		} else if (!d->rings_mt && thread_of(d, vq_index(vq))) {
+			/* hop: popped and run on the main thread; the CPU work
+			 * of the request (inflate) goes to the queue's thread */
 			r->blk.loop = thread_of(d, vq_index(vq))->loop;
 		}
+		/* (else a queue of the main thread: the image's own loop, as
+		 * with one thread; qcow2: the owner's path, no hop, nothing
+		 * published for it) */
 		/* counted per queue: the queue's thread owns its counters */
 		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
 		if (vhost_dev_is_broken(vq_dev(vq)))
@@ -981,14 +1003,14 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 		struct iothread *t = thread_of(d, idx);
 
 		if (cur_thread != t) {
-			/* The main thread (ring started, image handed over):
-			 * the queue's thread pops. */
+			/* Another thread (the main one: ring started, image
+			 * handed over): the queue's thread pops. */
 			struct dqueue *q = &d->q[idx];
 
 			if (!__atomic_exchange_n(&q->kick_posted, true, __ATOMIC_ACQ_REL)) {
 				q->kick_cmd.done = kick_posted;
 				q->kick_cmd.priv = d;
-				io_post_remote(t->loop, &q->kick_cmd);
+				io_post_remote(t ? t->loop : d->loop, &q->kick_cmd);
 			}
 			return;
 		}
@@ -1008,10 +1030,7 @@ static void kick_posted(struct io_cmd *cmd, int res)
 	(void)res;
 	__atomic_store_n(&q->kick_posted, false, __ATOMIC_RELEASE);
 	if (q->vq && vq_is_running(q->vq)) {
-		unsigned idx = vq_index(q->vq);
-
-		if (idx >= cur_thread->nq_seen)
-			cur_thread->nq_seen = idx + 1;
+		queue_seen(d, cur_thread, vq_index(q->vq));
 		d_queue_kick(d, q->vq);
 	}
 }
@@ -1021,7 +1040,7 @@ static unsigned d_inflight(struct daemon *d)
 {
 	struct vhost_dev *dev;
 
-	if (d->nthreads <= 1)
+	if (!d->nthreads)
 		return blk_dev_inflight(d->blk);
 	dev = vhost_server_dev(d->srv);
 	return (dev ? vhost_dev_inflight(dev) : 0) + blk_dev_inflight(d->blk);
@@ -1038,20 +1057,21 @@ static void d_defer(struct io_defer *def)
 	struct daemon *d = def->priv;
 	/* Offered queues cost nothing until the front-end starts them: look
 	 * only at those started on this connection (64 are offered by
-	 * default, a 2-vCPU guest uses 2). With I/O threads, they look. */
-	unsigned nq = d->rings_mt ? 0 : d->nq_seen;
+	 * default, a 2-vCPU guest uses 2), and with I/O threads at ours only
+	 * (queues 0, N, 2N...): the I/O threads look at theirs. */
+	unsigned nq = d->nq_seen, step = d->rings_mt ? d->nserve : 1;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
 	if (d->o->poll_ns && !d->stopping && !d->parked && !d->ctl_hold) {
-		for (unsigned i = 0; i < nq; i++) {
+		for (unsigned i = 0; i < nq; i += step) {
 			/* A cheap look first: pop_all() ends with re-arming the
 			 * kick, a full barrier, on every call. */
 			if (d->q[i].vq && vq_avail_pending(d->q[i].vq))
 				pop_all(d, d->q[i].vq);
 		}
 	}
-	for (unsigned i = 0; i < nq; i++) {
+	for (unsigned i = 0; i < nq; i += step) {
 		if (d->q[i].dirty) {
 			d->q[i].dirty = false;
 			if (d->q[i].vq)
@@ -1075,7 +1095,7 @@ static void d_defer(struct io_defer *def)
 	} else {
 		ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
 	}
-	if (d->nthreads > 1 && !d->hold_armed && !d->flushed && ctl_waiting(&d->ctl))
+	if (d->nthreads && !d->hold_armed && !d->flushed && ctl_waiting(&d->ctl))
 		hold_arm(d); /* the device drains on the I/O threads */
 	if (d->release_pending && !d->stopping && d_inflight(d) == 0) {
 		d->release_pending = false;
@@ -1098,7 +1118,7 @@ static void t_defer(struct io_defer *def)
 {
 	struct iothread *t = def->priv;
 	struct daemon *d = t->d;
-	unsigned n = d->nthreads;
+	unsigned n = d->nserve;
 
 	if (d->o->poll_ns && !d->stopping && !d->parked &&
 	    !__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE)) {
@@ -1164,7 +1184,7 @@ static int threads_init(struct daemon *d)
 
 	pthread_mutex_init(&d->mt_lock, NULL);
 	pthread_cond_init(&d->mt_cond, NULL);
-	if (d->nthreads <= 1)
+	if (!d->nthreads)
 		return 0;
 	ret = io_loop_enable_remote(d->loop);
 	if (ret < 0)
@@ -1183,24 +1203,28 @@ static int threads_init(struct daemon *d)
 	 * "cpuio").
 	 */
 	cpus = poll_cpus();
-	io_poll_group_init(&d->poll_group, cpus > d->nthreads ? cpus - d->nthreads : 0);
-	if (d->rings_mt && d->o->poll_ns && d->o->poll_spare)
-		logmsg(
-		    "busy polling: at most %u of the %u I/O threads at a time (CPUs to run on: %u)",
-		    d->poll_group.max < d->nthreads ? d->poll_group.max : d->nthreads, d->nthreads,
-		    cpus);
+	io_poll_group_init(&d->poll_group, cpus > d->nserve ? cpus - d->nserve : 0);
+	if (d->rings_mt && d->o->poll_ns && d->o->poll_spare) {
+		/* the main thread serves queues too: it polls in the group */
+		if (d->poll_group.max < d->nserve)
+			io_loop_set_poll_group(d->loop, &d->poll_group);
+		logmsg("busy polling: at most %u of the %u threads serving queues at a time (CPUs "
+		       "to run on: %u)",
+		       d->poll_group.max < d->nserve ? d->poll_group.max : d->nserve, d->nserve,
+		       cpus);
+	}
 	for (unsigned i = 0; i < d->nthreads; i++) {
 		struct iothread *t = &d->threads[i];
 
 		t->d = d;
-		t->id = i;
+		t->id = i + 1; /* thread 0 is the main thread */
 		ret = io_loop_init(&t->loop, 256);
 		if (ret < 0)
 			return ret;
 		/* Threads that only inflate (qcow2) never busy-poll: they
 		 * would take the CPU the main thread needs. */
 		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
-		if (d->o->poll_spare && d->poll_group.max < d->nthreads)
+		if (d->o->poll_spare && d->poll_group.max < d->nserve)
 			io_loop_set_poll_group(t->loop, &d->poll_group);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
 		/* A file is registered with one loop only; a raw image's
@@ -1306,8 +1330,8 @@ static void d_queue_started(void *opaque, struct vhost_vq *vq)
 		d->q[idx].vq = vq;
 		if (idx >= d->nq_seen)
 			d->nq_seen = idx + 1;
-		if (d->rings_mt && idx >= thread_of(d, idx)->nq_seen)
-			thread_of(d, idx)->nq_seen = idx + 1; /* its thread is parked */
+		if (d->rings_mt && thread_of(d, idx))
+			queue_seen(d, thread_of(d, idx), idx); /* its thread is parked */
 	}
 	d->release_pending = false; /* the guest runs here (again) */
 	if (d->parked && d->handoff == HO_NONE && !d->stopping) {
@@ -1549,7 +1573,7 @@ static void start_stopping(struct daemon *d)
 static bool hold_waits(struct daemon *d)
 {
 	return (__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE) && !d->stopping) ||
-	       (d->nthreads > 1 && ctl_waiting(&d->ctl));
+	       (d->nthreads && ctl_waiting(&d->ctl));
 }
 
 static void hold_tick(struct io_cmd *cmd, int res)
@@ -1916,16 +1940,16 @@ int main(int argc, char **argv)
 	d.o = &o;
 	d.sigfd = -1;
 	if (o.io_threads) {
-		d.nthreads = o.io_threads;
+		d.nserve = o.io_threads;
 	} else {
 		/* Default: one thread per queue, up to the host's CPUs. */
 		long cpus = sysconf(_SC_NPROCESSORS_ONLN);
 
-		d.nthreads =
-		    cpus > 1 ? (unsigned)(cpus < MAX_IO_THREADS ? cpus : MAX_IO_THREADS) : 1;
+		d.nserve = cpus > 1 ? (unsigned)(cpus < MAX_IO_THREADS ? cpus : MAX_IO_THREADS) : 1;
 	}
-	if (d.nthreads > o.num_queues)
-		d.nthreads = o.num_queues; /* a thread without a queue would idle */
+	if (d.nserve > o.num_queues)
+		d.nserve = o.num_queues; /* a thread without a queue would idle */
+	d.nthreads = d.nserve - 1;       /* the main thread serves queues 0, N, 2N... */
 
 	/* Signals go to a signalfd on the loop; nothing else may see them. */
 	sigemptyset(&mask);
@@ -1978,8 +2002,8 @@ int main(int argc, char **argv)
 	 * or without --qmp: the control path parks the threads around every
 	 * change of the device (src/layers.c, ctl_park). */
 	d.hop = !d.img->any_loop && !d.img->mt_submit;
-	d.rings_mt = d.nthreads > 1 && !d.hop;
-	if (d.nthreads > 1 && !d.hop)
+	d.rings_mt = d.nthreads && !d.hop;
+	if (d.rings_mt)
 		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
 	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
 		/* a test seam: see img_test_fast_delay() */
@@ -2136,14 +2160,16 @@ int main(int argc, char **argv)
 	       o.socket_path ? o.socket_path : "the given fd", o.num_queues,
 	       o.num_queues > 1 ? "s" : "", o.queue_size,
 	       o.read_only || d.img->read_only ? "read-only" : "read-write");
-	if (d.nthreads > 1)
+	if (d.nthreads)
 		logmsg(
-		    "%u I/O threads (queue i on thread i mod %u); %s", d.nthreads, d.nthreads,
+		    "%u threads serve the queues, the main thread and %u I/O thread%s (queue i on "
+		    "thread i mod %u, thread 0 the main thread); %s",
+		    d.nserve, d.nthreads, d.nthreads > 1 ? "s" : "", d.nserve,
 		    d.hop ? "rings, metadata and I/O on the main thread, inflate on the I/O threads"
 		    : d.img->any_loop
 			? "each thread serves its queues' rings and image I/O"
-			: "each thread serves its queues' rings and cached clusters; the main "
-			  "thread owns the metadata");
+			: "each thread serves its queues' rings; the I/O threads serve cached "
+			  "clusters and hand the rest to the main thread, which owns the metadata");
 
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");

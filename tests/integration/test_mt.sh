@@ -1,6 +1,8 @@
 #!/bin/bash
 # tests/integration/test_mt.sh VQCOWD VQCOW_FE VQFE_STRESS — vqcowd's I/O
-# threads (--io-threads 4, 4 queues) under vqfe-stress: four queues writing
+# threads (--io-threads 4, 4 queues: queue 0 on the main thread, which owns
+# the qcow2 engine, queues 1-3 on three I/O threads) under vqfe-stress: four
+# queues writing
 # interleaved 4 KiB blocks of the same clusters at once (every cluster
 # allocated, and copied-on-write from a backing file, by several threads at
 # once), with DISCARD and WRITE_ZEROES mixed in, flushes, and every block
@@ -92,7 +94,8 @@ run() {
 		--seed "$seed" --mix ${RUN_ARGS:-} --map "$dir/map" ||
 		fail "$name: vqfe-stress found errors"
 	it_stop
-	grep -a -q 'I/O threads' "$log" || [ "$threads" = 1 ] || fail "$name: no I/O threads in the log"
+	grep -a -q "$threads threads serve the queues" "$log" || [ "$threads" = 1 ] ||
+		fail "$name: no I/O threads in the log"
 	if [ -n "$fast" ] && [ "$threads" != 1 ]; then
 		hits=$(grep -a -o 'fast path: [0-9]* hits' "$log" | grep -o '[0-9]*' | tail -1)
 		echo "fast path hits: ${hits:-0}"
@@ -143,16 +146,17 @@ qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" 
 cp "$dir/z.qcow2" "$dir/zseq.qcow2"
 RUN_ARGS="--read-untouched" run "compressed image" "$dir/z.qcow2" qcow2 "$dir/base.raw" 17 yes
 
-# Sequential 4K reads of a compressed image on two I/O threads: each thread
-# inflates a cluster once per pass over it, not once per read (the threads'
-# caches of inflated clusters, img/img_qcow2.c fzc_try): at most 1/16 of the
-# reads, with slack for the first touches (the owner's) and pass boundaries.
+# Sequential 4K reads of a compressed image on two I/O threads and the main
+# thread: each thread inflates a cluster once per pass over it, not once per
+# read (the threads' caches of inflated clusters, img/img_qcow2.c fzc_try; the
+# owner's, zc_find): at most 1/16 of the reads, with slack for the first
+# touches and pass boundaries.
 echo "== sequential reads of a compressed image"
-"$vqcowd" --socket-path "$sock" --blk-file "$dir/zseq.qcow2" --format qcow2 --num-queues 2 \
-	--io-threads 2 2>"$log" &
+"$vqcowd" --socket-path "$sock" --blk-file "$dir/zseq.qcow2" --format qcow2 --num-queues 3 \
+	--io-threads 3 2>"$log" &
 pid=$!
 if it_wait_serving "$pid" "$sock" "$log" "vqcowd (sequential compressed)"; then
-	out=$("$fe" --queues 2 bench "$sock" --rw read --bs 4096 --iodepth 16 --numjobs 2 \
+	out=$("$fe" --queues 3 bench "$sock" --rw read --bs 4096 --iodepth 16 --numjobs 3 \
 		--runtime 1 --json) || fail "sequential compressed: vqcow-fe bench failed"
 	it_stop
 	ios=$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["ios"])')
@@ -244,17 +248,65 @@ fi
 if [ "$threads" -gt 1 ] && command -v taskset >/dev/null; then
 	cp "$dir/base.raw" "$dir/img.raw"
 	RUN_WRAP="taskset -c 0" RUN_VQ_ARGS=--poll-spare-cpus RUN_ROUNDS=2 run "raw on one CPU" "$dir/img.raw" raw "$dir/base.raw" 17
-	grep -a -q "busy polling: at most 0 of the $threads I/O threads at a time (CPUs to run on: 1)" \
+	grep -a -q "busy polling: at most 0 of the $threads threads serving queues at a time (CPUs to run on: 1)" \
 		"$log" || fail "one CPU: the threads may poll: $(grep -a 'busy polling' "$log")"
 	cpus=$(nproc)
 	want=$((cpus > threads ? cpus - threads : 0))
 	[ $want -le "$threads" ] || want=$threads
 	cp "$dir/base.raw" "$dir/img.raw"
 	RUN_VQ_ARGS=--poll-spare-cpus RUN_ROUNDS=2 run "raw on $cpus CPUs" "$dir/img.raw" raw "$dir/base.raw" 18
-	grep -a -q "busy polling: at most $want of the $threads I/O threads at a time (CPUs to run on: $cpus)" \
+	grep -a -q "busy polling: at most $want of the $threads threads serving queues at a time (CPUs to run on: $cpus)" \
 		"$log" || fail "$cpus CPUs: not $want pollers: $(grep -a 'busy polling' "$log")"
 else
 	echo "SKIP: busy polling by CPU placement (no taskset or one thread)"
+fi
+
+# The main thread serves queues too (queue i on thread i mod N, thread 0 the
+# main thread, which owns the qcow2 engine): a device that uses one queue on a
+# daemon with I/O threads runs as with --io-threads 1 (its requests take the
+# owner's path: no hop, no fast-path table, so no "fast path:" in the exit
+# line), and two queues on --io-threads 2 are served by the main thread and
+# one I/O thread (two threads of the process, io_uring's workers aside), the
+# second queue's reads on the fast path.
+# threads_of PID: the process's threads, io_uring's own (iou-*) left out.
+threads_of() {
+	local n=0 c
+	for c in /proc/"$1"/task/*/comm; do
+		case $(cat "$c" 2>/dev/null) in iou-* | "") ;; *) n=$((n + 1)) ;; esac
+	done
+	echo $n
+}
+if [ "$threads" -gt 1 ]; then
+	echo "== one queue, then two, on --io-threads 2: the main thread serves queue 0"
+	qemu-img create -q -f qcow2 "$dir/one.qcow2" $size
+	for nq in 1 2; do
+		"$vqcowd" --socket-path "$sock" --blk-file "$dir/one.qcow2" --format qcow2 \
+			--num-queues 2 --io-threads 2 2>"$log" &
+		pid=$!
+		it_wait_serving "$pid" "$sock" "$log" "vqcowd ($nq queue(s))" || break
+		grep -a -q '2 threads serve the queues, the main thread and 1 I/O thread' "$log" ||
+			fail "$nq queue(s): start line: $(grep -a 'serve the queues' "$log")"
+		n=$(threads_of "$pid")
+		[ "$n" -eq 2 ] || fail "$nq queue(s): $n threads, not the main thread and one I/O thread"
+		if [ $nq = 1 ]; then
+			"$fe" --queues 1 bench "$sock" --rw write --bs 65536 --iodepth 8 --numjobs 1 \
+				--number-ios $((size / 65536)) >/dev/null || fail "one queue: writing failed"
+		fi
+		"$fe" --queues $nq bench "$sock" --rw randread --bs 4096 --iodepth 8 --numjobs $nq \
+			--runtime 1 >/dev/null || fail "$nq queue(s): reading failed"
+		it_stop
+		line=$(grep -a 'image flushed; exiting' "$log")
+		echo "$nq queue(s): $line"
+		hits=$(echo "$line" | grep -o 'fast path: [0-9]* hits' | grep -o '[0-9]*')
+		hops=$(echo "$line" | grep -o 'hits, [0-9]* hops' | grep -o '[0-9]*' | head -1)
+		if [ -z "$line" ]; then
+			fail "$nq queue(s): no exit line"
+		elif [ $nq = 1 ] && [ -n "$hits$hops" ]; then
+			fail "one queue: requests left the main thread (${hits:-0} hits, ${hops:-0} hops)"
+		elif [ $nq = 2 ] && [ "${hits:-0}" -eq 0 ]; then
+			fail "two queues: the I/O thread served no read itself"
+		fi
+	done
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.

@@ -585,8 +585,10 @@ def test_fast_path(vqcowd, fe_bin, work):
     with vqcowd_session(vqcowd, work, img, "fp",
                         extra=["--io-threads", "2", "--num-queues", "2"]) as (d, q):
         q.ret("block-dirty-bitmap-add", {"node": N, "name": "f"})
+        # on queue 1, the I/O thread's (queue 0 is the main thread's)
         for i in range(8):
-            fe(fe_bin, "write", d.vsock, i * M + 4096, 4096, stdin=os.urandom(4096))
+            fe(fe_bin, "--queues", 2, "--queue", 1, "write", d.vsock, i * M + 4096, 4096,
+               stdin=os.urandom(4096))
         n = node_info(q)
         bms = n["dirty-bitmaps"]
         check([(b["name"], b["count"]) for b in bms] == [("f", 8 * 65536)],
@@ -595,12 +597,13 @@ def test_fast_path(vqcowd, fe_bin, work):
         # 64 KiB granule of it dirty, whichever thread served the write
         q.ret("block-dirty-bitmap-clear", {"node": N, "name": "f"})
         fe(fe_bin, "bench", d.vsock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "8",
-           "--size", "8M", "--runtime", "2")
+           "--numjobs", "2", "--size", "8M", "--runtime", "2")
         n = node_info(q)
         bms = n["dirty-bitmaps"]
         st = q.ret("query-blockstats")[0]
         hits = st.get("vqcowd", {}).get("qcow2", {}).get("fast-path-hits")
         check([(b["name"], b["count"]) for b in bms] == [("f", 8 * M)], "after bench %r" % bms)
+        check(hits, "no write served on the I/O thread: %r" % st.get("vqcowd"))
     log("ok: 8 writes into allocated clusters, then 2 s of random writes, with 2 I/O threads "
         "(fast-path hits %s): the non-persistent bitmap counts every granule" % hits)
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """QMP operations on a qcow2 image served by several I/O threads (--qmp with
---io-threads 2 and four queues): the operations that change which image the
-device serves, or hook its writes, while four queues write and read back.
+--io-threads 3 and four queues: queues 0 and 3 on the main thread, the
+engine's owner, queues 1 and 2 on two I/O threads): the operations that
+change which image the device serves, or hook its writes, while four queues
+write and read back.
 
 vqfe-stress writes interleaved 4 KiB blocks of the same clusters from four
-queues (two I/O threads), with write-zeroes and discards mixed in, flushes,
-and reads every block back through another queue and verifies it, round
-after round, until the QMP part is done (--until). Meanwhile, twice:
+queues (the main thread and two I/O threads), with write-zeroes and discards
+mixed in, flushes, and reads every block back through another queue and
+verifies it, round after round, until the QMP part is done (--until).
+Meanwhile, twice:
 
   * block_resize (grow, a config-change notice while the threads run);
   * blockdev-snapshot-internal-sync and -delete-sync (requests held back,
@@ -190,8 +193,8 @@ def cycle(q, d, work, img, i, size):
 
 
 def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
-    """Serve IMG (FMT) with four queues on two I/O threads, the log saying
-    the threads serve the rings (SERVES: and what else); OPS(q, d, sp), the
+    """Serve IMG (FMT) with four queues on the main thread and two I/O
+    threads, the log saying the threads serve the rings (SERVES: how); OPS(q, d, sp), the
     QMP part, while vqfe-stress writes and verifies; then vqfe-stress must
     have verified every block, quit must end vqcowd with exit 0 and no
     sanitizer report, and VERIFY(mapf) checks the file."""
@@ -201,11 +204,11 @@ def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
         if os.path.exists(p):
             os.unlink(p)
     d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", fmt, "--num-queues", "4",
-                                                      "--io-threads", "2"], unlink_stale=True)
+                                                      "--io-threads", "3"], unlink_stale=True)
     sp = None
     try:
         t = time.monotonic() + 10
-        want = "each thread serves its queues' rings and " + serves
+        want = "each thread serves its queues' rings" + serves
         while want not in d.log() and time.monotonic() < t:
             time.sleep(0.05)
         check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
@@ -254,7 +257,8 @@ def one_image(vqcowd, stress, work, base, img, name):
     def verify(mapf):
         log(run("qemu-img", "check", img).strip())
         compare(img, base, mapf)
-    under_stress(vqcowd, stress, work, img, "qcow2", "cached clusters", ops, verify)
+    under_stress(vqcowd, stress, work, img, "qcow2", "; the I/O threads serve cached clusters", ops,
+                 verify)
 
 
 def wait_writes(q, sp, above, after):
@@ -304,7 +308,7 @@ def raw_image(vqcowd, stress, work, base):
         wait_writes(q, sp, 0, "")
         for i in range(2):
             raw_cycle(q, d, sp, work, i)
-    under_stress(vqcowd, stress, work, img, "raw", "image I/O", ops,
+    under_stress(vqcowd, stress, work, img, "raw", " and image I/O", ops,
                  lambda mapf: compare(img, base, mapf, "raw"))
 
 
