@@ -185,19 +185,44 @@ void io_defer_add(struct io_loop *loop, struct io_defer *d);
 void io_defer_del(struct io_loop *loop, struct io_defer *d);
 
 /*
- * Adaptive busy polling before sleeping, bounded by @max_ns per iteration (0 =
+ * Adaptive busy polling before sleeping, bounded by @max_ns per wait (0 =
  * off, the default). While polling, the loop re-runs the deferred hooks, which
- * may return work by submitting commands. A poll that finds nothing makes the
- * next 1, 2, 4 ... 64 sleeps go without polling (reset by a poll that finds work).
+ * may return work by submitting commands. How long a wait polls is learnt
+ * from the waits themselves, one window per kind of event that ended the
+ * previous wait (io_poll_kind: what comes next depends on it): each wait is
+ * timed from its start to the event that ends it, and its window adapted
+ * by io_poll_window_next. Every window starts at @max_ns when a new bound
+ * is set; setting 0 pauses polling and keeps what was learnt.
  */
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
+
+enum io_poll_kind {
+	IO_POLL_AFTER_OTHER,  /* a hook's work (a guest's request), an fd event, a timer */
+	IO_POLL_AFTER_FILE,   /* a file read, write, fdatasync or fallocate completed */
+	IO_POLL_AFTER_REMOTE, /* an io_post_remote() arrived from another thread */
+	IO_POLL_KINDS
+};
+
+/*
+ * The next window of one kind after a wait of @waited ns under @window
+ * (bound @max): kept if the event came inside it; 0 if it came after @max
+ * (polling for it only burns a CPU, which on a full machine the thread that
+ * produces the event may need); grown if it came in between, to cover
+ * @waited with a margin (at least doubled, at least IO_POLL_WINDOW_MIN_NS,
+ * at most @max). A window of 0 still times its waits, so it grows back
+ * once the events come fast again. Public for tests, as is the getter of a
+ * loop's current window of @kind (bounded by the current @max_ns).
+ */
+#define IO_POLL_WINDOW_MIN_NS 2000
+uint64_t io_poll_window_next(uint64_t window, uint64_t waited, uint64_t max);
+uint64_t io_loop_poll_window(const struct io_loop *loop, enum io_poll_kind kind);
 
 /*
  * Loops on several threads that busy-poll share CPUs: a poll holds one, and
  * a thread that polls while the thread it waits for (a front-end, another
  * loop) has no CPU to run on only delays it. A group lets at most @max of
  * its loops poll at a time; a loop that finds the group full sleeps at once
- * (no backoff: the next sleep tries again). @max 0: none polls. The struct
+ * (its windows unchanged: the next sleep tries again). @max 0: none polls. The struct
  * is the caller's and must outlive the loops that use it.
  */
 struct io_poll_group {

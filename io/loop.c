@@ -76,9 +76,15 @@ struct io_loop {
 	struct io_cmd *local_head, *local_tail;
 	struct io_defer *defers;
 	struct io_defer *defer_cursor; /* next hook while running hooks */
-	uint64_t poll_ns;
-	unsigned poll_skip;               /* sleeps left before the next busy poll (backoff) */
-	unsigned poll_backoff;            /* sleeps to skip after the next failed poll */
+	uint64_t poll_max_set;         /* the last non-zero bound set */
+	uint64_t poll_ns;              /* the bound of every window (io_loop_set_poll_ns) */
+	/* Adaptive busy polling: a window per kind of event that ended the
+	 * last wait (poll_kind), learnt from how long the waits after such an
+	 * event took (io_poll_window_next). poll_await: a wait is being timed
+	 * and its ending event not classified yet (reap does it). */
+	uint64_t poll_win[IO_POLL_KINDS];
+	enum io_poll_kind poll_kind;
+	bool poll_await;
 	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
 	unsigned submit_batch;            /* submit once this many SQEs wait (0 = per iteration) */
 	io_fault_fn fault_fn;             /* io_loop_set_fault_hook() */
@@ -191,7 +197,45 @@ unsigned io_loop_inflight(const struct io_loop *loop)
 
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
 {
+	/* Called on every iteration by hooks that switch polling off and on
+	 * (vqcowd: by requests in flight): the windows learnt stay. A new
+	 * bound starts every window at it; 0 only pauses them. */
+	if (max_ns && max_ns != loop->poll_max_set) {
+		loop->poll_max_set = max_ns;
+		for (int k = 0; k < IO_POLL_KINDS; k++)
+			loop->poll_win[k] = max_ns;
+	}
 	loop->poll_ns = max_ns;
+}
+
+uint64_t io_loop_poll_window(const struct io_loop *loop, enum io_poll_kind kind)
+{
+	uint64_t w = loop->poll_win[kind];
+
+	return w < loop->poll_ns ? w : loop->poll_ns;
+}
+
+uint64_t io_poll_window_next(uint64_t window, uint64_t waited, uint64_t max)
+{
+	uint64_t grown;
+
+	if (window > max)
+		window = max;
+	/* The event came inside the window: the poll paid, keep it. */
+	if (waited <= window)
+		return window;
+	/* Later than any poll may last: polling for it only burns the CPU
+	 * (and on a full machine delays whoever must produce it). */
+	if (waited > max)
+		return 0;
+	/* Just after the window: a longer one would have caught it. Cover
+	 * this wait with a margin, at least doubling, within the bound. */
+	grown = waited + waited / 4;
+	if (grown < 2 * window)
+		grown = 2 * window;
+	if (grown < IO_POLL_WINDOW_MIN_NS)
+		grown = IO_POLL_WINDOW_MIN_NS;
+	return grown < max ? grown : max;
 }
 
 void io_poll_group_init(struct io_poll_group *g, unsigned max)
@@ -1154,6 +1198,21 @@ static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned
 	}
 }
 
+static enum io_poll_kind kind_of(const struct io_loop *loop, const struct io_cmd *cmd)
+{
+	if (cmd == &loop->wake_cmd)
+		return IO_POLL_AFTER_REMOTE;
+	switch (cmd->op) {
+	case IO_OP_READV:
+	case IO_OP_WRITEV:
+	case IO_OP_FDATASYNC:
+	case IO_OP_FALLOCATE:
+		return IO_POLL_AFTER_FILE;
+	default:
+		return IO_POLL_AFTER_OTHER;
+	}
+}
+
 static int reap(struct io_loop *loop)
 {
 	unsigned max = loop->klimit * 2;
@@ -1182,6 +1241,11 @@ static int reap(struct io_loop *loop)
 		io_uring_cq_advance(&loop->ring, 1);
 		if (!cmd)
 			continue;
+		if (loop->poll_await) {
+			/* The event that ended a timed wait: it keys the next. */
+			loop->poll_await = false;
+			loop->poll_kind = kind_of(loop, cmd);
+		}
 		complete(loop, cmd, res, cflags);
 		n++;
 	}
@@ -1263,13 +1327,12 @@ static bool taskrun_pending(const struct io_loop *loop)
 }
 
 /*
- * Busy-poll the CQ for up to poll_ns, re-running the deferred hooks. true if
- * there is something to handle without sleeping.
+ * Busy-poll the CQ until @deadline, re-running the deferred hooks. 0 if
+ * nothing came, 1 if a CQE did, 2 if the hooks or a local completion gave
+ * work without one.
  */
-static bool busy_poll(struct io_loop *loop)
+static int busy_poll(struct io_loop *loop, uint64_t deadline)
 {
-	uint64_t deadline = now_ns() + loop->poll_ns;
-
 	io_uring_submit(&loop->ring);
 	do {
 		/* The clock costs more than a spin: read it every few spins. */
@@ -1277,47 +1340,47 @@ static bool busy_poll(struct io_loop *loop)
 			if (taskrun_pending(loop))
 				io_uring_get_events(&loop->ring);
 			if (io_uring_cq_ready(&loop->ring))
-				return true;
+				return 1;
 			run_defers(loop);
 			flush_pending(loop);
 			if (loop->local_head || io_uring_sq_ready(&loop->ring))
-				return true;
+				return 2;
 		}
 	} while (now_ns() < deadline);
-	return false;
+	return 0;
 }
 
 /*
- * Busy-poll only while it pays: a poll that found nothing burnt up to
- * poll_ns for nothing, and on a machine with no idle CPU it delays the very
- * thread it waits for (the front-end's, the kernel's I/O), so after each
- * failed poll the next 1, 2, 4, ... 64 sleeps go without one; a poll that
- * finds work ends the backoff.
+ * Busy-poll only while it pays, judged by the waits themselves: the window
+ * of this wait is the one learnt after the kind of event that ended the
+ * previous wait (a guest's request found by a hook, a file I/O completion,
+ * a post from another thread), since that event decides what is awaited
+ * now: after a request found, its disk read or its hop to the owner
+ * thread; after a completion, the next request or the next I/O. true if
+ * there is work without sleeping. @adapt: false when the group
+ * kept this wait from polling, which says nothing of the window.
  */
-#define POLL_BACKOFF_MAX 64
-static bool poll_adaptive(struct io_loop *loop)
+static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
 {
-	bool found;
+	uint64_t w = io_loop_poll_window(loop, loop->poll_kind);
+	int found;
 
-	if (loop->poll_skip) {
-		loop->poll_skip--;
+	*adapt = true;
+	if (!w)
+		return false;
+	/* Its group full: others hold the CPUs a poll would take. Sleep. */
+	if (loop->poll_group && !io_poll_group_enter(loop->poll_group)) {
+		*adapt = false;
 		return false;
 	}
-	/* Its group full: others hold the CPUs a poll would take. Sleep. */
-	if (loop->poll_group && !io_poll_group_enter(loop->poll_group))
-		return false;
-	found = busy_poll(loop);
+	found = busy_poll(loop, start + w);
 	if (loop->poll_group)
 		io_poll_group_leave(loop->poll_group);
-	if (found) {
-		loop->poll_backoff = 0;
-		return true;
+	if (found == 2) {
+		loop->poll_await = false;
+		loop->poll_kind = IO_POLL_AFTER_OTHER;
 	}
-	loop->poll_backoff = loop->poll_backoff ? loop->poll_backoff * 2 : 1;
-	if (loop->poll_backoff > POLL_BACKOFF_MAX)
-		loop->poll_backoff = POLL_BACKOFF_MAX;
-	loop->poll_skip = loop->poll_backoff;
-	return false;
+	return found != 0;
 }
 
 /* The loop running on this thread (io_loop_current). */
@@ -1331,7 +1394,9 @@ struct io_loop *io_loop_current(void)
 int io_loop_run_once(struct io_loop *loop, bool wait)
 {
 	struct io_loop *prev = cur_loop;
-	bool block;
+	enum io_poll_kind kind = IO_POLL_AFTER_OTHER;
+	uint64_t start = 0;
+	bool block, adapt = false;
 	int ret, n;
 
 	if (loop->running)
@@ -1340,10 +1405,18 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	cur_loop = loop;
 	flush_pending(loop);
 	block = wait && !loop->local_head && loop->kinflight > 0;
-	if (block && loop->poll_ns)
-		block = !poll_adaptive(loop);
+	if (block && loop->poll_ns) {
+		kind = loop->poll_kind;
+		start = now_ns();
+		loop->poll_await = true;
+		block = !poll_adaptive(loop, start, &adapt);
+	}
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
+	if (adapt)
+		loop->poll_win[kind] =
+		    io_poll_window_next(loop->poll_win[kind], now_ns() - start, loop->poll_ns);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
+		loop->poll_await = false;
 		loop->running = false;
 		cur_loop = prev;
 		return ret;
@@ -1351,6 +1424,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	if (!block && taskrun_pending(loop))
 		io_uring_get_events(&loop->ring);
 	n = reap(loop);
+	loop->poll_await = false; /* ended by no CQE (a signal): the kind stays */
 	n += run_local(loop);
 	run_defers(loop);
 	loop->running = false;

@@ -1220,7 +1220,7 @@ static void test_poll_group(void)
 	run_until(loop, &t.calls, 1);
 	CU_ASSERT_EQUAL(t.res, 0);
 	CU_ASSERT(g_poll_hook_runs <= 4);
-	/* Given back: the next sleep polls again (no backoff was taken). */
+	/* Given back: the next sleep polls again (the window was kept). */
 	io_poll_group_leave(&g);
 	g_poll_hook_runs = 0;
 	tinit(&t);
@@ -1239,6 +1239,130 @@ static void test_poll_group(void)
 	CU_ASSERT(g_poll_hook_runs <= 4);
 	io_defer_del(loop, &d);
 	io_loop_exit(loop);
+}
+
+/* The window rule alone: kept on a hit, 0 past the bound, grown between. */
+static void test_poll_window(void)
+{
+	const uint64_t max = 50000;
+
+	CU_ASSERT_EQUAL(io_poll_window_next(50000, 10000, max), 50000); /* hit */
+	CU_ASSERT_EQUAL(io_poll_window_next(8000, 8000, max), 8000);
+	CU_ASSERT_EQUAL(io_poll_window_next(50000, 50001, max), 0);  /* past the bound */
+	CU_ASSERT_EQUAL(io_poll_window_next(50000, 120000, max), 0); /* a disk read */
+	CU_ASSERT_EQUAL(io_poll_window_next(0, 200000, max), 0);
+	/* Just after: grown to cover the wait with a margin. */
+	CU_ASSERT_EQUAL(io_poll_window_next(0, 12000, max), 15000);
+	CU_ASSERT_EQUAL(io_poll_window_next(10000, 12000, max), 20000); /* at least doubled */
+	CU_ASSERT_EQUAL(io_poll_window_next(0, 100, max), IO_POLL_WINDOW_MIN_NS);
+	CU_ASSERT_EQUAL(io_poll_window_next(30000, 45000, max), max); /* within the bound */
+	CU_ASSERT_EQUAL(io_poll_window_next(0, max, max), max);
+	/* A window above a lowered bound is cut to it first. */
+	CU_ASSERT_EQUAL(io_poll_window_next(80000, 40000, max), max);
+	CU_ASSERT_EQUAL(io_poll_window_next(80000, 60000, max), 0);
+	CU_ASSERT_EQUAL(io_poll_window_next(5000, 1000, 0), 0); /* off */
+	/* Events that alternate with waits past the bound never let it grow. */
+	uint64_t w = max;
+	for (int i = 0; i < 10; i++) {
+		w = io_poll_window_next(w, 200000, max);
+		CU_ASSERT_EQUAL(w, 0);
+		w = io_poll_window_next(w, 200000, max);
+	}
+	CU_ASSERT_EQUAL(w, 0);
+}
+
+/* Run a timer of @ns on @loop and return how often the hook ran meanwhile:
+ * thousands when the wait busy-polled, a few when it slept. */
+static int timed_wait(struct io_loop *loop, uint64_t ns)
+{
+	struct tcmd t;
+
+	g_poll_hook_runs = 0;
+	tinit(&t);
+	io_timeout(loop, &t.cmd, ns);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	return g_poll_hook_runs;
+}
+
+static void nop_done(struct io_cmd *cmd, int res)
+{
+	int *calls = cmd->priv;
+
+	CU_ASSERT_EQUAL(res, 0);
+	(*calls)++;
+}
+
+/* Generous against a loaded machine: a sleep of PA_SHORT must end within
+ * the bound, a poll to the bound must run the hook more than 100 times. */
+#define PA_BOUND 20000000ull /* 20 ms */
+#define PA_LONG  60000000ull
+#define PA_SHORT 1000000ull
+
+/*
+ * The loop learns its windows from its waits, one per kind of the event
+ * that ended the previous wait: a wait past the bound stops polling after
+ * that kind (and only that kind), fast waits bring it back.
+ */
+static void test_poll_adaptive(void)
+{
+	struct env e;
+	struct io_defer d = {.fn = poll_hook};
+	struct io_cmd post = {.done = nop_done};
+	struct tcmd t;
+	int posted = 0;
+
+	env_init(&e, 8, 0);
+	g_poll_submit = false;
+	io_loop_set_poll_ns(e.loop, PA_BOUND);
+	io_defer_add(e.loop, &d);
+	for (int k = 0; k < IO_POLL_KINDS; k++)
+		CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, (enum io_poll_kind)k), PA_BOUND);
+	/* A timer past the bound: the first wait polls to the bound, then sleeps;
+	 * the window after a timer (kind "other") closes, the next sleeps. */
+	CU_ASSERT(timed_wait(e.loop, PA_LONG) > 100);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER), 0);
+	CU_ASSERT(timed_wait(e.loop, PA_LONG) <= 4);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER), 0);
+	/* Other kinds keep theirs. */
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_FILE), PA_BOUND);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_REMOTE), PA_BOUND);
+	/* Fast events again: the first slept (its window was 0) but was timed,
+	 * the window grew to cover it, and the next polls. */
+	CU_ASSERT(timed_wait(e.loop, PA_SHORT) <= 4);
+	CU_ASSERT(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER) >= PA_SHORT);
+	CU_ASSERT(timed_wait(e.loop, PA_SHORT) > 100);
+	CU_ASSERT(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER) >= PA_SHORT);
+	/* After a file completion, the window of that kind decides. */
+	tinit(&t);
+	io_fdatasync(e.loop, &t.cmd, &e.f);
+	run_until(e.loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	CU_ASSERT(timed_wait(e.loop, PA_LONG) > 100);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_FILE), 0);
+	CU_ASSERT(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER) >= PA_SHORT);
+	/* After a post from another thread (here: this one, through the same
+	 * eventfd), that kind's. */
+	CU_ASSERT_EQUAL_FATAL(io_loop_enable_remote(e.loop), 0);
+	post.priv = &posted;
+	io_post_remote(e.loop, &post);
+	run_until(e.loop, &posted, 1);
+	CU_ASSERT(timed_wait(e.loop, PA_LONG) > 100);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_REMOTE), 0);
+	/* Switching polling off and on again (vqcowd does on every iteration)
+	 * keeps what was learnt; a new bound starts over. */
+	io_loop_set_poll_ns(e.loop, 0);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_OTHER), 0);
+	io_loop_set_poll_ns(e.loop, PA_BOUND);
+	CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, IO_POLL_AFTER_FILE), 0);
+	io_loop_set_poll_ns(e.loop, PA_BOUND / 2);
+	for (int k = 0; k < IO_POLL_KINDS; k++)
+		CU_ASSERT_EQUAL(io_loop_poll_window(e.loop, (enum io_poll_kind)k), PA_BOUND / 2);
+	io_defer_del(e.loop, &d);
+	io_loop_set_poll_ns(e.loop, 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(e.loop), 1); /* the remote wake-up's poll */
+	io_file_close(&e.f);
+	io_loop_exit(e.loop);
 }
 
 /* ---- early submission ---- */
@@ -1706,6 +1830,8 @@ int main(void)
 	CU_add_test(s, "SQ full backpressure", test_sq_full);
 	CU_add_test(s, "busy polling", test_busy_poll);
 	CU_add_test(s, "busy polling group", test_poll_group);
+	CU_add_test(s, "busy polling window rule", test_poll_window);
+	CU_add_test(s, "busy polling adapts per kind", test_poll_adaptive);
 	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "registered files", test_fixed_files);
 	CU_add_test(s, "registered buffers", test_fixed_buffers);
