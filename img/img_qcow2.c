@@ -1581,13 +1581,26 @@ static int alloc_fill(struct q2req *r)
 	return ret < 0 ? ret : 1;
 }
 
+/*
+ * Owner: does what @r maps go into the fast table? A thread's request, and
+ * the owner's own once a thread serves the image too (the main thread's
+ * queues beside I/O threads': its writes cleared the entries of their
+ * clusters when they started, and a thread's next write to them would hop).
+ * Not while no thread ever submitted (one thread, or only the main thread's
+ * queues in use: nothing to publish for).
+ */
+static bool publishing(struct q2img *m, const struct q2req *r)
+{
+	return r->remote || __atomic_load_n(&m->nclaimed, __ATOMIC_RELAXED);
+}
+
 /* A mapped write prefix ends: link (or undo) its allocation, give back its ticket. */
 static void write_end(struct q2req *r, int err)
 {
 	struct q2img *m = r->m;
 
 	if (r->state != RQ_INPLACE) {
-		if (err >= 0 && r->remote && r->a.new_host) {
+		if (err >= 0 && r->a.new_host && publishing(m, r)) {
 			/* whole new clusters, written in place from now on */
 			r->pub_off = r->a.cow_start;
 			r->pub_len = r->a.cow_end - r->a.cow_start;
@@ -1785,7 +1798,7 @@ static void step(struct q2req *r, int res)
 			}
 			r->turns = 0;
 			if (ret == QCOW2_WRITE_INPLACE) {
-				if (r->remote)
+				if (publishing(m, r))
 					publish_inplace(m, r, r->a.off, r->a.len, r->a.host);
 				r->state = RQ_INPLACE;
 				ret = inplace_issue(r);
