@@ -839,15 +839,24 @@ static void print_stats_text(const char *name, const struct stats *s, double sec
 	       s->errors);
 }
 
-/* CPU time of this process (all its threads) so far, in seconds. */
-static double cpu_seconds(void)
+/* What this process (all its threads) used so far: CPU seconds, context switches. */
+struct usage {
+	double cpu;
+	uint64_t vcsw, ivcsw;
+};
+
+static struct usage usage_now(void)
 {
+	struct usage u = {0, 0, 0};
 	struct rusage ru;
 
 	if (getrusage(RUSAGE_SELF, &ru))
-		return 0;
-	return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-	       (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+		return u;
+	u.cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+		(double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+	u.vcsw = (uint64_t)ru.ru_nvcsw;
+	u.ivcsw = (uint64_t)ru.ru_nivcsw;
+	return u;
 }
 
 /*
@@ -896,7 +905,8 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 	unsigned started = 0;
 	bool known = false;
 	int ret = 0, done_fd = -1;
-	double secs, cpu0;
+	struct usage u0, u1;
+	double secs;
 
 	for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
 		known |= !strcmp(c->rw, modes[i]);
@@ -926,7 +936,7 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 		jobs[q].rng = c->seed * 0x100000001b3ull + q + 1;
 		jobs[q].cursor = nblocks / nq * q;
 	}
-	cpu0 = cpu_seconds();
+	u0 = usage_now();
 	t0 = vqfe_now_ns();
 	for (unsigned i = 0; i < nw; i++) {
 		struct worker *w = &ws[i];
@@ -995,14 +1005,16 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 	/* the rings stop only after every driver has: none is left running */
 	if (!ret)
 		ret = stop_rings(fe, nq);
+	u1 = usage_now();
 	if (c->json) {
 		printf("{\"rw\": \"%s\", \"bs\": %u, \"iodepth\": %u, \"numjobs\": %u, "
 		       "\"runtime_s\": %.3f, \"poll\": %s, \"threads\": \"%s\", \"verify\": %s, "
-		       "\"mismatches\": %" PRIu64 ", \"fe_cpu_s\": %.3f, \"config_changes\": %u, "
-		       "\"queues\": [",
+		       "\"mismatches\": %" PRIu64 ", \"fe_cpu_s\": %.3f, \"fe_csw\": %" PRIu64
+		       ", \"fe_ivcsw\": %" PRIu64 ", \"config_changes\": %u, \"queues\": [",
 		       c->rw, c->bs, depth, nq, secs, vqfe_get_opts(fe)->poll ? "true" : "false",
 		       c->one_thread ? "one" : "per-queue", c->verify ? "true" : "false",
-		       mismatches, cpu_seconds() - cpu0, vqfe_config_changes(fe));
+		       mismatches, u1.cpu - u0.cpu, u1.vcsw - u0.vcsw, u1.ivcsw - u0.ivcsw,
+		       vqfe_config_changes(fe));
 		for (unsigned q = 0; q < nq; q++)
 			printf("{\"queue\": %u, \"reads\": %" PRIu64 ", \"writes\": %" PRIu64
 			       ", \"errors\": %" PRIu64 ", \"mismatches\": %" PRIu64
