@@ -191,7 +191,7 @@ void io_defer_del(struct io_loop *loop, struct io_defer *d);
  * from the waits themselves, one window per kind of event that ended the
  * previous wait (io_poll_kind: what comes next depends on it): each wait is
  * timed from its start to the event that ends it, and its window adapted
- * by io_poll_window_next. Every window starts at @max_ns when a new bound
+ * by io_poll_window_update. Every window starts at @max_ns when a new bound
  * is set; setting 0 pauses polling and keeps what was learnt.
  */
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns);
@@ -204,17 +204,26 @@ enum io_poll_kind {
 };
 
 /*
- * The next window of one kind after a wait of @waited ns under @window
- * (bound @max): kept if the event came inside it; 0 if it came after @max
- * (polling for it only burns a CPU, which on a full machine the thread that
- * produces the event may need); grown if it came in between, to cover
- * @waited with a margin (at least doubled, at least IO_POLL_WINDOW_MIN_NS,
- * at most @max). A window of 0 still times its waits, so it grows back
- * once the events come fast again. Public for tests, as is the getter of a
- * loop's current window of @kind (bounded by the current @max_ns).
+ * One kind's window, adapted after a wait of @waited ns (bound @max): kept
+ * if the event came inside it; grown if it came later but within @max, to
+ * twice the wait (at least double the window, at least
+ * IO_POLL_WINDOW_MIN_NS, at most @max); closed (0) if it came after @max:
+ * polling for it only burns a CPU, which on a full machine the thread that
+ * produces the event may need. A closed window still times its waits and
+ * reopens on one within @max; and since a sleep's own wake-up can exceed
+ * @max on a busy machine, it probes at @max after 1, 2, 4 ...
+ * IO_POLL_BACKOFF_MAX waits (doubling while probes fail). Public for tests,
+ * as is the getter of a loop's current window of @kind (bounded by the
+ * current @max_ns).
  */
 #define IO_POLL_WINDOW_MIN_NS 2000
-uint64_t io_poll_window_next(uint64_t window, uint64_t waited, uint64_t max);
+#define IO_POLL_BACKOFF_MAX   64
+struct io_poll_window {
+	uint64_t ns;      /* how long the next wait of this kind polls */
+	unsigned skip;    /* closed: waits left before it probes at the bound */
+	unsigned backoff; /* waits to skip after the next failed poll */
+};
+void io_poll_window_update(struct io_poll_window *w, uint64_t waited, uint64_t max);
 uint64_t io_loop_poll_window(const struct io_loop *loop, enum io_poll_kind kind);
 
 /*

@@ -80,11 +80,14 @@ struct io_loop {
 	uint64_t poll_ns;              /* the bound of every window (io_loop_set_poll_ns) */
 	/* Adaptive busy polling: a window per kind of event that ended the
 	 * last wait (poll_kind), learnt from how long the waits after such an
-	 * event took (io_poll_window_next). poll_await: a wait is being timed
+	 * event took (io_poll_window_update). poll_await: a wait is being timed
 	 * and its ending event not classified yet (reap does it). */
-	uint64_t poll_win[IO_POLL_KINDS];
+	struct io_poll_window poll_win[IO_POLL_KINDS];
 	enum io_poll_kind poll_kind;
 	bool poll_await;
+	/* For the debug line at exit: timed waits, those that polled, those
+	 * whose poll caught the event, and the time spent polling. */
+	uint64_t poll_waits, poll_polled, poll_caught, poll_spent_ns;
 	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
 	unsigned submit_batch;            /* submit once this many SQEs wait (0 = per iteration) */
 	io_fault_fn fault_fn;             /* io_loop_set_fault_hook() */
@@ -160,6 +163,16 @@ void io_loop_exit(struct io_loop *loop)
 
 	if (!loop)
 		return;
+	if (loop->poll_waits)
+		vlog(VLOG_DEBUG, "io",
+		     "busy polling: %llu waits timed, %llu polled, %llu caught by the poll, "
+		     "%llu us polled; windows %llu/%llu/%llu ns",
+		     (unsigned long long)loop->poll_waits, (unsigned long long)loop->poll_polled,
+		     (unsigned long long)loop->poll_caught,
+		     (unsigned long long)(loop->poll_spent_ns / 1000),
+		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_OTHER].ns,
+		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_FILE].ns,
+		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_REMOTE].ns);
 	for (unsigned i = 0; i < IO_FIXED_FILES; i++) {
 		if (loop->files[i]) {
 			loop->files[i]->fixed_index = -1;
@@ -203,39 +216,58 @@ void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
 	if (max_ns && max_ns != loop->poll_max_set) {
 		loop->poll_max_set = max_ns;
 		for (int k = 0; k < IO_POLL_KINDS; k++)
-			loop->poll_win[k] = max_ns;
+			loop->poll_win[k] = (struct io_poll_window){.ns = max_ns};
 	}
 	loop->poll_ns = max_ns;
 }
 
 uint64_t io_loop_poll_window(const struct io_loop *loop, enum io_poll_kind kind)
 {
-	uint64_t w = loop->poll_win[kind];
+	uint64_t w = loop->poll_win[kind].ns;
 
 	return w < loop->poll_ns ? w : loop->poll_ns;
 }
 
-uint64_t io_poll_window_next(uint64_t window, uint64_t waited, uint64_t max)
+void io_poll_window_update(struct io_poll_window *w, uint64_t waited, uint64_t max)
 {
 	uint64_t grown;
 
-	if (window > max)
-		window = max;
+	if (w->ns > max)
+		w->ns = max;
 	/* The event came inside the window: the poll paid, keep it. */
-	if (waited <= window)
-		return window;
+	if (waited <= w->ns) {
+		w->backoff = 0;
+		return;
+	}
+	/* Within the bound, after the window (or with none: the sleep's
+	 * wake-up included): a longer one would have caught it. Cover twice
+	 * this wait, at least double the window, within the bound. */
+	if (waited <= max) {
+		grown = 2 * waited;
+		if (grown < 2 * w->ns)
+			grown = 2 * w->ns;
+		if (grown < IO_POLL_WINDOW_MIN_NS)
+			grown = IO_POLL_WINDOW_MIN_NS;
+		w->ns = grown < max ? grown : max;
+		w->backoff = 0;
+		w->skip = 0;
+		return;
+	}
 	/* Later than any poll may last: polling for it only burns the CPU
-	 * (and on a full machine delays whoever must produce it). */
-	if (waited > max)
-		return 0;
-	/* Just after the window: a longer one would have caught it. Cover
-	 * this wait with a margin, at least doubling, within the bound. */
-	grown = waited + waited / 4;
-	if (grown < 2 * window)
-		grown = 2 * window;
-	if (grown < IO_POLL_WINDOW_MIN_NS)
-		grown = IO_POLL_WINDOW_MIN_NS;
-	return grown < max ? grown : max;
+	 * (and on a full machine delays whoever must produce it). Close the
+	 * window for 1, 2, 4 ... IO_POLL_BACKOFF_MAX waits, then probe once
+	 * at the bound: a sleep's own wake-up may exceed the bound on a busy
+	 * machine, so a closed window cannot tell fast events from slow. */
+	if (w->ns) {
+		w->ns = 0;
+		w->backoff = w->backoff ? 2 * w->backoff : 1;
+		if (w->backoff > IO_POLL_BACKOFF_MAX)
+			w->backoff = IO_POLL_BACKOFF_MAX;
+		w->skip = w->backoff;
+		return;
+	}
+	if (w->skip && --w->skip == 0)
+		w->ns = max;
 }
 
 void io_poll_group_init(struct io_poll_group *g, unsigned max)
@@ -1376,6 +1408,9 @@ static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
 	found = busy_poll(loop, start + w);
 	if (loop->poll_group)
 		io_poll_group_leave(loop->poll_group);
+	loop->poll_polled++;
+	loop->poll_caught += found != 0;
+	loop->poll_spent_ns += now_ns() - start;
 	if (found == 2) {
 		loop->poll_await = false;
 		loop->poll_kind = IO_POLL_AFTER_OTHER;
@@ -1408,13 +1443,13 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	if (block && loop->poll_ns) {
 		kind = loop->poll_kind;
 		start = now_ns();
+		loop->poll_waits++;
 		loop->poll_await = true;
 		block = !poll_adaptive(loop, start, &adapt);
 	}
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
 	if (adapt)
-		loop->poll_win[kind] =
-		    io_poll_window_next(loop->poll_win[kind], now_ns() - start, loop->poll_ns);
+		io_poll_window_update(&loop->poll_win[kind], now_ns() - start, loop->poll_ns);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		loop->poll_await = false;
 		loop->running = false;
