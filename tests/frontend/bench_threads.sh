@@ -80,9 +80,20 @@ EOF
 job=(--rw randrw --bs 4k --iodepth 8 --numjobs 3 --size 16M --verify --seed 5 --json)
 # a resize while the queues' threads run: vqcowd sends a config change on
 # the backend channel, which the main thread must serve
-"$fe" bench "$sock" "${job[@]}" --runtime 1.5 >"$dir/pq.json" 2>"$dir/pq.err" &
+# (once the bench's requests arrive: it is connected, its channel set up)
+ops() {
+	"$ctl" -s "$dir/qmp" --json stats | python3 -c '
+import json, sys
+s = json.load(sys.stdin)[0]["stats"]
+print(s["rd_operations"] + s["wr_operations"])'
+}
+ops0=$(ops)
+"$fe" bench "$sock" "${job[@]}" --runtime 2 >"$dir/pq.json" 2>"$dir/pq.err" &
 bench=$!
-sleep 0.5
+for _ in $(seq 100); do
+	[ "$(ops)" -gt "$ops0" ] && break
+	sleep 0.02
+done
 "$ctl" -s "$dir/qmp" resize 32M >/dev/null || fail "resize during the bench"
 wait $bench || fail "per-queue bench: exit $? ($(cat "$dir/pq.err"))"
 check "per-queue, randrw, verify, resize" per-queue "$(cat "$dir/pq.json")"
