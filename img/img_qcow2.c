@@ -184,8 +184,9 @@ struct q2req {
  * The owner (the image's loop, which runs the engine) publishes what it
  * learnt from mapping in a table indexed by guest cluster (m->ft: pages of
  * 512 entries, allocated by the owner on first use, kept until close; at
- * most ft_maxpages, the L2 cache's budget; its reach, ft_n, follows an
- * online grow: ft_grow): a normal data cluster (FE_DATA,
+ * most ft_maxpages, the L2 cache's budget, or an eighth of it when the
+ * disk's tables do not fit the cache: ft_budget; its reach, ft_n, follows
+ * an online grow: ft_grow): a normal data cluster (FE_DATA,
  * FE_RW if it is written in place: COPIED, or an external data file) or a
  * compressed one (FE_COMP: offset and length of its compressed bytes) or
  * one that reads as zeroes (FE_ZERO: a zero cluster, or an unallocated one
@@ -211,8 +212,9 @@ struct q2req {
  */
 #define FT_BITS         9 /* entries per page */
 #define FT_MAX_CLUSTERS (1ull << 27)
-#define FSLOTS          64         /* threads with a fast path, per image */
-#define FBUFS           64         /* cluster buffers kept per thread, at most ... */
+#define FT_MISS_SHARE   8  /* the L2 cache's budget / this, when the disk's tables do not fit it */
+#define FSLOTS          64 /* threads with a fast path, per image */
+#define FBUFS           64 /* cluster buffers kept per thread, at most ... */
 #define FBUF_BUDGET     (8u << 20) /* ... and at most this many bytes (at least 4) */
 #define FE_DATA         (1ull << 63)
 #define FE_RW           (1ull << 62)
@@ -638,14 +640,25 @@ static void remote_end(struct q2img *m, struct fslot *s)
 
 static bool fast_flip(void *priv);
 
-/* The table's budget: as many entries as the L2 cache holds, at least 512 pages (2 MiB). */
-static size_t ft_budget(struct q2img *m)
+/*
+ * The table's budget, in pages of 4 KiB (512 entries, as many as an L2 slice
+ * of 4 KiB holds), for a disk of @nclusters, from the L2 cache's stats @c:
+ * as many entries as the L2 cache holds when the whole disk's L2 entries fit
+ * it, since the threads then hit the table as often as the owner hits the
+ * cache. When they do not fit (a miss-bound image: reads across a disk
+ * whose tables are larger than the cache), the table would only be a second
+ * copy of the slices loaded first, hit as rarely as the cache is (its share
+ * of the tables), and would double the daemon's memory for it: 1/8 of the
+ * L2 cache's budget then, enough for a working set of that size. At least
+ * 512 pages (2 MiB) either way.
+ */
+static size_t ft_budget(uint64_t nclusters, const struct qcow2_cache_stats *c)
 {
-	struct qcow2_cache_stats c;
-	size_t n;
+	uint64_t cache = c->l2_max * c->entry_size;
+	size_t n = (size_t)(cache / 4096);
 
-	qcow2_cache_stats(m->q, &c);
-	n = (size_t)(c.l2_max * c.entry_size / 4096);
+	if (nclusters * sizeof(uint64_t) > cache)
+		n /= FT_MISS_SHARE;
 	return n < 512 ? 512 : n;
 }
 
@@ -666,7 +679,7 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
 	if (m->ft_n > FT_MAX_CLUSTERS)
 		m->ft_n = FT_MAX_CLUSTERS;
 	qcow2_cache_stats(m->q, &c);
-	m->ft_maxpages = ft_budget(m);
+	m->ft_maxpages = ft_budget((qcow2_size(m->q) + m->cs - 1) >> m->cb, &c);
 	m->slice_cl = c.entry_size / sizeof(uint64_t);
 	m->ext.flip = fast_flip;
 	m->ext.priv = m;
@@ -684,14 +697,19 @@ static int fast_init(struct q2img *m, const struct qcow2_header_info *h)
  * there, which is a miss). Tickets and the grace period are untouched: no
  * entry changes. Out of memory: the old reach stays (the new range hops).
  * Its budget follows the L2 cache's, which grows too when it was sized by
- * default (q2_cache_defaults).
+ * default (q2_cache_defaults); a smaller one (the disk's tables no longer
+ * fit a cache sized by the user) keeps the pages it has and adds none.
  */
 static void ft_grow(struct q2img *m, uint64_t size)
 {
 	uint64_t n = (size + m->cs - 1) >> m->cb, len;
 
-	if (m->q && ft_budget(m) > m->ft_maxpages)
-		m->ft_maxpages = ft_budget(m); /* the L2 cache grew with the disk */
+	if (m->q) {
+		struct qcow2_cache_stats c;
+
+		qcow2_cache_stats(m->q, &c);
+		m->ft_maxpages = ft_budget(n, &c); /* the L2 cache grew with the disk */
+	}
 	if (n > FT_MAX_CLUSTERS)
 		n = FT_MAX_CLUSTERS;
 	if (n <= m->ft_n)
