@@ -4,7 +4,9 @@
  * (src/layers.c) and vqcow-img commit.
  *
  * What the layers from top down to (not including) the base hold is marked
- * dirty in 64 KiB chunks (img_copy_scan: img_block_status of each layer),
+ * dirty in 64 KiB chunks (img_copy_scan: img_block_status of each layer;
+ * as in QEMU, the zeroes past a short layer's end count as held by that
+ * layer, past the base's end as the base's: it is grown to top's size),
  * and so is whatever the caller marks (img_copy_mark: the guest's writes
  * during an active commit). img_copy_next takes the next dirty run (from a
  * cursor, wrapping, up to a limit), clears it, reads it through top's chain
@@ -120,7 +122,16 @@ int img_copy_scan(struct img_copy *k)
 			return 0;
 		for (struct img *l = k->top; l && l != k->base; l = img_backing(l)) {
 			uint64_t pnum = 0;
-			int r = img_block_status(l, k->scan_off, step, &pnum, &k->w);
+			int r;
+
+			if (k->scan_off >= l->size) {
+				/* as QEMU: the zeroes read past a short layer's end
+				 * count as allocated there (the base, grown, reads
+				 * zeroes past its old end by itself) */
+				alloc = true;
+				break;
+			}
+			r = img_block_status(l, k->scan_off, step, &pnum, &k->w);
 
 			if (r == -EAGAIN) {
 				k->parked = true; /* wake() comes */

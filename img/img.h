@@ -509,7 +509,9 @@ int img_reopen_rw(struct img *img, char *err, size_t errlen);
 
 /*
  * Is a prefix of [@off, @off + @len) allocated in @img itself (data or
- * zeroes written here: 1), or read from its backing file (0)? *@pnum gets
+ * zeroes written here: 1), or read from its backing file (0; so are the
+ * zeroes read past the backing file's end or without one, as QEMU's block
+ * status says)? *@pnum gets
  * the prefix length. -EAGAIN: metadata must be read first; @w->wake(@w)
  * runs from the loop once it was (or failed), then call again (one parked
  * caller per image at a time). -errno on corrupt or unreadable metadata.
@@ -558,7 +560,8 @@ struct img_copy {
 	void (*wake)(struct img_copy *k, bool copy_ended);
 	void *priv;
 	/* from here on the base reads as zeroes (a grown base): zeroes are not
-	 * written there (default: nowhere) */
+	 * written there (default: nowhere; vqcow-img commit sets it, vqcowd's
+	 * job does not: QEMU's job writes them and the base's bitmaps see it) */
 	uint64_t zero_from;
 	/* state, read-only for the caller */
 	uint8_t *dirty;  /* atomic bits: img_copy_mark may run on any thread */

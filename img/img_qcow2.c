@@ -2859,6 +2859,12 @@ static void st_wake(struct qcow2_waiter *w)
 		u->wake(u);
 }
 
+/* Allocated in this layer (zeroes it synthesizes past its backing file are not). */
+static bool ext_alloc(const struct qcow2_extent *x)
+{
+	return x->type != QCOW2_MAP_UNALLOC && !(x->flags & QCOW2_EXT_UNALLOC);
+}
+
 static int q2_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t *pnum,
 			   struct img_wait *w)
 {
@@ -2880,10 +2886,10 @@ static int q2_block_status(struct img *img, uint64_t off, uint64_t len, uint64_t
 	if (n < 0)
 		return n;
 	{
-		bool alloc = x[0].type != QCOW2_MAP_UNALLOC;
+		bool alloc = ext_alloc(&x[0]);
 		uint64_t end = x[0].off + x[0].len;
 
-		for (int i = 1; i < n && (x[i].type != QCOW2_MAP_UNALLOC) == alloc; i++)
+		for (int i = 1; i < n && ext_alloc(&x[i]) == alloc; i++)
 			end = x[i].off + x[i].len;
 		*pnum = end - off;
 		return alloc;

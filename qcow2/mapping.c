@@ -232,12 +232,12 @@ static bool emit_unalloc(const struct qcow2 *q, struct qcow2_extent *ext, unsign
 	uint64_t bs = q->backing_size;
 
 	if (bs == UINT64_MAX || off >= bs)
-		return emit(ext, n, max, QCOW2_MAP_ZERO, off, len, 0);
+		return emit_f(ext, n, max, QCOW2_MAP_ZERO, off, len, 0, QCOW2_EXT_UNALLOC);
 	if (off + len <= bs)
 		return emit(ext, n, max, QCOW2_MAP_UNALLOC, off, len, 0);
 	if (!emit(ext, n, max, QCOW2_MAP_UNALLOC, off, bs - off, 0))
 		return false;
-	return emit(ext, n, max, QCOW2_MAP_ZERO, bs, off + len - bs, 0);
+	return emit_f(ext, n, max, QCOW2_MAP_ZERO, bs, off + len - bs, 0, QCOW2_EXT_UNALLOC);
 }
 
 /*

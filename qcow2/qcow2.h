@@ -239,6 +239,10 @@ struct qcow2_extent {
  * refuses a cluster that overlaps metadata (a corrupt entry): check
  * qcow2_is_metadata() before writing there. */
 #define QCOW2_EXT_INPLACE 1u
+/* A ZERO extent not allocated in this image: it reads zeroes because the
+ * image has no backing file or the range lies beyond the backing file's
+ * end (block status: not allocated here, as QEMU says). */
+#define QCOW2_EXT_UNALLOC 2u
 
 /* Does [@host, @host + @len) of the image file overlap the engine's metadata? */
 bool qcow2_is_metadata(const struct qcow2 *q, uint64_t host, uint64_t len);

@@ -745,9 +745,10 @@ static void grow_done(struct img_grow *g, int res)
 /*
  * The job's first step: a base smaller than top (the disk grown online while
  * an overlay was active) grows to top's size, as QEMU's commit and mirror
- * jobs truncate their target; the new range reads zeroes in the base
- * already, so the copy skips top's zeroes there (zero_from). Returns true
- * when the copy may go on.
+ * jobs truncate their target. The new range reads zeroes in the base
+ * already, but what the layers above hold there is copied all the same,
+ * zeroes too (as write-zeroes), as QEMU writes them: the base's enabled
+ * bitmaps record them as QEMU's do. Returns true when the copy may go on.
  */
 static bool job_grow(struct cjob *j)
 {
@@ -758,7 +759,6 @@ static bool job_grow(struct cjob *j)
 	j->grown = true;
 	if (j->base->size >= j->size)
 		return true;
-	j->k.zero_from = j->base->size;
 	j->grow.done = grow_done;
 	j->grow.priv = j;
 	j->k.busy = true;
@@ -1343,7 +1343,6 @@ void layers_held(struct ctl *c)
 		/* the grow's first step blocks (disabled bitmaps loaded): here,
 		 * outside the loop; job_run waits for grow_done (k.busy) */
 		j->grown = true;
-		j->k.zero_from = j->base->size;
 		j->grow.done = grow_done;
 		j->grow.priv = j;
 		j->k.busy = true;

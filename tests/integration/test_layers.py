@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 
+import bitmaplib
 import qmplib
 from qmplib import SKIP, Fail, check, log, missing_tool
 
@@ -694,11 +695,38 @@ def test_qsd(vqcowd, fe, work):
     return True
 
 
+def job_sequence(q, complete=False):
+    """The job's JOB_STATUS_CHANGE statuses and BLOCK_JOB_* events, in order,
+    up to status null (block-job-complete sent at BLOCK_JOB_READY when
+    @complete); (sequence, the BLOCK_JOB_COMPLETED/CANCELLED event's data)."""
+    seq, end = [], None
+    t = time.monotonic() + 60
+    while not seq or seq[-1] != "null":
+        check(time.monotonic() < t, "no end of the job: %r" % seq)
+        if not q.events:
+            q.events.append(q.recv())
+            continue
+        e = q.events.pop(0)
+        if e["event"] == "JOB_STATUS_CHANGE":
+            seq.append(e["data"]["status"])
+        elif e["event"].startswith("BLOCK_JOB_"):
+            seq.append(e["event"])
+            if e["event"] == "BLOCK_JOB_READY" and complete:
+                q.ret("block-job-complete", {"device": e["data"]["device"]})
+            elif e["event"] != "BLOCK_JOB_READY":
+                end = e["data"]
+    return seq, end
+
+
 def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
     """The disk grown online (block_resize) while an overlay is active, data
     written into the new range, then committed into the smaller base: active
-    (job-complete) or intermediate (a second overlay above). Returns the
-    events' lengths that matter and the expected disk."""
+    (job-complete) or intermediate (a second overlay above), or "short": the
+    active layer grown over a layer left at the old size, committed into the
+    base (the zeroes read past the short layer's end are copied, as QEMU
+    counts them allocated there). Returns the job's
+    statuses and events, what matters of its end and the base's bitmaps as
+    listed then, and the expected base."""
     ov, ov2 = base + ".ov.qcow2", base + ".ov2.qcow2"
     shadow = bytearray(24 * MiB)
     rng = random.Random(41)
@@ -711,11 +739,15 @@ def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
     write(0, 4 * MiB)
     q.ret("blockdev-snapshot-sync", {"node-name": "disk0", "snapshot-file": ov,
                                      "snapshot-node-name": "ov1", "format": "qcow2"})
-    q.ret("block_resize", {"node-name": "ov1", "size": 24 * MiB})
+    if mode == "short":  # grown above a layer left short: ov2 (24 MiB) over ov1 (16)
+        write(2 * MiB, 65536)
+        q.ret("blockdev-snapshot-sync", {"node-name": "ov1", "snapshot-file": ov2,
+                                         "snapshot-node-name": "ov2", "format": "qcow2"})
+    q.ret("block_resize", {"node-name": "ov2" if mode == "short" else "ov1",
+                           "size": 24 * MiB})
     write(MiB, MiB)
     write(17 * MiB, 2 * MiB + 65536)  # the new range
     write(16 * MiB - 4096, 8192)        # across the old end
-    q.events = []
     if mode == "inter":
         q.ret("blockdev-snapshot-sync", {"node-name": "ov1", "snapshot-file": ov2,
                                          "snapshot-node-name": "ov2", "format": "qcow2"})
@@ -723,37 +755,58 @@ def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
         if refuse:  # (vqcowd, a base with persistent bitmaps: README)
             q.err("block-commit", {"device": "ov2", "job-id": "g", "top-node": "ov1",
                                    "base-node": "disk0"}, "has persistent dirty bitmaps: "
-                  "growing it in an intermediate commit is not supported yet", "an intermediate commit into a smaller base "
-                  "with bitmaps")
+                  "growing it in an intermediate commit is not supported yet",
+                  "an intermediate commit into a smaller base with bitmaps")
             return None, None
         expect = bytes(shadow[:8 * MiB]) + bytes(MiB) + bytes(shadow[9 * MiB:])
+        q.events = []
         q.ret("block-commit", {"device": "ov2", "job-id": "g", "top-node": "ov1",
                                "base-node": "disk0"})
     else:
         expect = bytes(shadow)
-        q.ret("block-commit", {"device": "ov1", "job-id": "g"})
-        q.wait_event("BLOCK_JOB_READY")
-        q.ret("block-job-complete", {"device": "g"})
-    e = q.wait_event("BLOCK_JOB_COMPLETED")
-    check("error" not in e["data"], "%s commit into a smaller base: %r" % (mode, e))
+        q.events = []
+        q.ret("block-commit", {"device": "ov2" if mode == "short" else "ov1", "job-id": "g"})
+    seq, end = job_sequence(q, complete=mode != "inter")
+    check(end and "error" not in end, "%s commit into a smaller base: %r %r" % (mode, seq, end))
     got = run(fe, "read", vsock, 0, 24 * MiB).stdout
     check(got == bytes(shadow), "%s: the device after the commit (first difference at %d)" %
           (mode, first_diff(got, shadow)))
-    return {"len": e["data"]["len"] if mode == "inter" else None,
-            "export": q.ret("query-block-exports")[0]["node-name"]}, expect
+    listed = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == "disk0"]
+    return {"seq": seq, "len": end["len"], "offset": end["offset"],
+            "export": q.ret("query-block-exports")[0]["node-name"],
+            "listed": listed[0].get("dirty-bitmaps") if listed else "no node disk0"}, expect
+
+
+def bitmap_base(base):
+    """Persistent bitmaps in the 16 MiB qcow2 BASE, each with dirty bits, in
+    what grow_conversation writes first (the shadow's first 4 MiB): 'bd',
+    disabled, 64 KiB granules (grown from the held path), and 'be', enabled,
+    256 KiB granules (recording the commit's writes); qemu-io writes them."""
+    run("qemu-img", "bitmap", "--add", base, "bd")
+    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 2M 1M", base)
+    run("qemu-img", "bitmap", "--disable", base, "bd")
+    run("qemu-img", "bitmap", "--add", "-g", "256K", base, "be")
+    run("qemu-io", "-c", "write -P 3 3M 64k", base)
 
 
 def test_grow_commit(vqcowd, fe, work):
     """block-commit into a base smaller than top (block_resize while an overlay
     was active): the base grows to top's size, as qemu-storage-daemon 7.2's
-    commit and mirror jobs do (qcow2 and raw bases)."""
+    commit and mirror jobs do (qcow2 and raw bases; a qcow2 base with an
+    enabled and a disabled persistent bitmap: both grow with it, the enabled
+    one records what the job copies, they are stored at the end of an
+    intermediate commit when the base becomes a backing file again)."""
     qsd = shutil.which("qemu-storage-daemon")
     if not qsd:
         log("SKIP: qemu-storage-daemon not found: commit into a smaller base not compared")
         return
+    nbd = bitmaplib.have_nbd()
+    if not nbd:
+        log("SKIP part: no qemu-nbd/nbdinfo: the bitmaps' dirty bits not compared")
     for mode, fmt in (("active", "qcow2"), ("active", "raw"), ("inter", "qcow2"),
-                      ("inter", "raw"), ("active", "qcow2-bitmap"), ("inter", "qcow2-bitmap")):
-        bitmap = fmt.endswith("-bitmap")  # a disabled persistent bitmap: loaded to grow
+                      ("inter", "raw"), ("active", "qcow2-bitmap"), ("inter", "qcow2-bitmap"),
+                      ("short", "qcow2-bitmap")):
+        bitmap = fmt.endswith("-bitmap")
         fmt = fmt.replace("-bitmap", "")
         refuse = bitmap and mode == "inter"
         res = {}
@@ -764,7 +817,7 @@ def test_grow_commit(vqcowd, fe, work):
                     os.unlink(f)
             run("qemu-img", "create", "-q", "-f", fmt, base, 16 * MiB)
             if bitmap:
-                run("qemu-img", "bitmap", "--add", "--disable", base, "b0")
+                bitmap_base(base)
             name = who + "-g" if who == "qsd" else "vqg"
             with serving(who, qsd, vqcowd, work, base, fmt, name) as (q, vs):
                 out, expect = grow_conversation(q, fe, vs, base, work, mode, refuse)
@@ -774,6 +827,8 @@ def test_grow_commit(vqcowd, fe, work):
             out["size"] = i["virtual-size"]
             if bitmap:
                 out["bitmaps"] = i.get("format-specific", {}).get("data", {}).get("bitmaps")
+                if nbd:
+                    out["dirty"] = {b: bitmaplib.nbd_dirty(work, base, b) for b in ("bd", "be")}
             if fmt == "qcow2":
                 qcheck(base, "%s: the base after a %s commit that grew it" % (who, mode))
                 verify_file(alone(base), expect, work, "%s: the grown base alone" % who)
@@ -784,12 +839,17 @@ def test_grow_commit(vqcowd, fe, work):
             res[who] = out
         if refuse:
             continue
-        check(res["qsd"] == res["vqcowd"], "%s commit into a smaller %s base: "
-              "qemu-storage-daemon %r, vqcowd %r" % (mode, fmt, res["qsd"], res["vqcowd"]))
+        check(res["qsd"] == res["vqcowd"], "%s commit into a smaller %s base%s: "
+              "qemu-storage-daemon %r, vqcowd %r" % (mode, fmt, " with bitmaps" if bitmap
+                                                     else "", res["qsd"], res["vqcowd"]))
         check(res["vqcowd"]["size"] == 24 * MiB, "the base's size: %r" % res)
+        if bitmap:
+            check(len(res["vqcowd"]["bitmaps"]) == 2 and (not nbd or all(
+                res["vqcowd"]["dirty"].values())), "the base's bitmaps: %r" % res["vqcowd"])
         log("ok: %s commit into a smaller %s base%s: grown to 24 MiB, the new range's data "
-            "in it, as qemu-storage-daemon 7.2: %r" % (mode, fmt, " (a disabled bitmap)"
-                                                       if bitmap else "", res["vqcowd"]))
+            "in it, as qemu-storage-daemon 7.2: %r" % (
+                mode, fmt, " (an enabled and a disabled persistent bitmap, grown; statuses, "
+                "events, listing, flags and dirty bits)" if bitmap else "", res["vqcowd"]))
 
 
 def blockdev_commit_events(q, ov):
