@@ -1197,16 +1197,6 @@ int layers_commit(void *opaque, json_t *args, json_t **ret, char *err, size_t er
 			return -ENOMEM;
 		}
 	}
-	if (j->inter && base->size < j->size && img_bitmaps(base, NULL, 0) > 0) {
-		/* its bitmaps would be held in memory after the grow, and a layer
-		 * holding them cannot become a read-only backing file (drop_top) */
-		snprintf(err, errlen,
-			 "%s is smaller than %s and has persistent dirty bitmaps: growing it in "
-			 "an intermediate commit is not supported yet",
-			 base->path, top->path);
-		job_free(j);
-		return -ENOTSUP;
-	}
 	j->speed = speed ? (uint64_t)json_integer_value(speed) : 0;
 	j->status = JS_NULL;
 	r = img_set_writable(base, true, err, errlen);
@@ -1262,6 +1252,16 @@ static void drop_top(struct cjob *j)
 	/* the base is a backing file again first: a layer's locks reach its
 	 * backing image (READ), which must then not be the writer it is now */
 	r = img_set_writable(j->base, false, err, sizeof(err));
+	if (r == -ENOTSUP) {
+		/* persistent bitmaps held in memory (the enabled ones, every one
+		 * after a grow): stored for the base's size first, as QEMU stores
+		 * them at its read-only reopen (copy-on-write: a crash leaves
+		 * them in use or stored, at worst leaked clusters); we are held */
+		err[0] = '\0';
+		r = img_bitmap_edit(j->base, 'S', NULL, 0, false, err, sizeof(err));
+		if (r == 0)
+			r = img_set_writable(j->base, false, err, sizeof(err));
+	}
 	if ((r == -EAGAIN || r == -EBUSY) && ++j->flushes < MAX_FLUSHES) {
 		/* metadata left to write back: flush again, then come back here */
 		j->end_stage = 0;

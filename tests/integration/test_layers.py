@@ -718,13 +718,14 @@ def job_sequence(q, complete=False):
     return seq, end
 
 
-def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
+def grow_conversation(q, fe, vsock, base, work, mode):
     """The disk grown online (block_resize) while an overlay is active, data
     written into the new range, then committed into the smaller base: active
     (job-complete) or intermediate (a second overlay above), or "short": the
     active layer grown over a layer left at the old size, committed into the
     base (the zeroes read past the short layer's end are copied, as QEMU
-    counts them allocated there). Returns the job's
+    counts them allocated there), or "same": an intermediate commit into a
+    base of top's size. Returns the job's
     statuses and events, what matters of its end and the base's bitmaps as
     listed then, and the expected base."""
     ov, ov2 = base + ".ov.qcow2", base + ".ov2.qcow2"
@@ -743,21 +744,18 @@ def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
         write(2 * MiB, 65536)
         q.ret("blockdev-snapshot-sync", {"node-name": "ov1", "snapshot-file": ov2,
                                          "snapshot-node-name": "ov2", "format": "qcow2"})
-    q.ret("block_resize", {"node-name": "ov2" if mode == "short" else "ov1",
-                           "size": 24 * MiB})
+    if mode == "same":  # (no grow: the base's enabled bitmap stored at the end all the same)
+        del shadow[16 * MiB:]
+    else:
+        q.ret("block_resize", {"node-name": "ov2" if mode == "short" else "ov1",
+                               "size": 24 * MiB})
+        write(17 * MiB, 2 * MiB + 65536)  # the new range
+        write(16 * MiB - 4096, 8192)        # across the old end
     write(MiB, MiB)
-    write(17 * MiB, 2 * MiB + 65536)  # the new range
-    write(16 * MiB - 4096, 8192)        # across the old end
-    if mode == "inter":
+    if mode in ("inter", "same"):
         q.ret("blockdev-snapshot-sync", {"node-name": "ov1", "snapshot-file": ov2,
                                          "snapshot-node-name": "ov2", "format": "qcow2"})
         write(8 * MiB, MiB)  # in ov2: not committed
-        if refuse:  # (vqcowd, a base with persistent bitmaps: README)
-            q.err("block-commit", {"device": "ov2", "job-id": "g", "top-node": "ov1",
-                                   "base-node": "disk0"}, "has persistent dirty bitmaps: "
-                  "growing it in an intermediate commit is not supported yet",
-                  "an intermediate commit into a smaller base with bitmaps")
-            return None, None
         expect = bytes(shadow[:8 * MiB]) + bytes(MiB) + bytes(shadow[9 * MiB:])
         q.events = []
         q.ret("block-commit", {"device": "ov2", "job-id": "g", "top-node": "ov1",
@@ -766,9 +764,9 @@ def grow_conversation(q, fe, vsock, base, work, mode, refuse=False):
         expect = bytes(shadow)
         q.events = []
         q.ret("block-commit", {"device": "ov2" if mode == "short" else "ov1", "job-id": "g"})
-    seq, end = job_sequence(q, complete=mode != "inter")
+    seq, end = job_sequence(q, complete=mode not in ("inter", "same"))
     check(end and "error" not in end, "%s commit into a smaller base: %r %r" % (mode, seq, end))
-    got = run(fe, "read", vsock, 0, 24 * MiB).stdout
+    got = run(fe, "read", vsock, 0, len(shadow)).stdout
     check(got == bytes(shadow), "%s: the device after the commit (first difference at %d)" %
           (mode, first_diff(got, shadow)))
     listed = [x for x in q.ret("query-named-block-nodes") if x["node-name"] == "disk0"]
@@ -805,12 +803,11 @@ def test_grow_commit(vqcowd, fe, work):
         log("SKIP part: no qemu-nbd/nbdinfo: the bitmaps' dirty bits not compared")
     for mode, fmt in (("active", "qcow2"), ("active", "raw"), ("inter", "qcow2"),
                       ("inter", "raw"), ("active", "qcow2-bitmap"), ("inter", "qcow2-bitmap"),
-                      ("short", "qcow2-bitmap")):
+                      ("short", "qcow2-bitmap"), ("same", "qcow2-bitmap")):
         bitmap = fmt.endswith("-bitmap")
         fmt = fmt.replace("-bitmap", "")
-        refuse = bitmap and mode == "inter"
         res = {}
-        for who in (("vqcowd",) if refuse else ("qsd", "vqcowd")):
+        for who in ("qsd", "vqcowd"):
             base = os.path.join(work, "g-%s-%s-%s.%s" % (who, mode, fmt, fmt))
             for f in (base, base + ".ov.qcow2", base + ".ov2.qcow2"):
                 if os.path.exists(f):
@@ -820,9 +817,7 @@ def test_grow_commit(vqcowd, fe, work):
                 bitmap_base(base)
             name = who + "-g" if who == "qsd" else "vqg"
             with serving(who, qsd, vqcowd, work, base, fmt, name) as (q, vs):
-                out, expect = grow_conversation(q, fe, vs, base, work, mode, refuse)
-            if refuse:
-                break
+                out, expect = grow_conversation(q, fe, vs, base, work, mode)
             i = info(base)
             out["size"] = i["virtual-size"]
             if bitmap:
@@ -837,19 +832,20 @@ def test_grow_commit(vqcowd, fe, work):
                 check(got == expect, "%s: the grown raw base differs (first at %d)" %
                       (who, first_diff(got, expect)))
             res[who] = out
-        if refuse:
-            continue
         check(res["qsd"] == res["vqcowd"], "%s commit into a smaller %s base%s: "
               "qemu-storage-daemon %r, vqcowd %r" % (mode, fmt, " with bitmaps" if bitmap
                                                      else "", res["qsd"], res["vqcowd"]))
-        check(res["vqcowd"]["size"] == 24 * MiB, "the base's size: %r" % res)
+        check(res["vqcowd"]["size"] == (16 if mode == "same" else 24) * MiB,
+              "the base's size: %r" % res)
         if bitmap:
             check(len(res["vqcowd"]["bitmaps"]) == 2 and (not nbd or all(
                 res["vqcowd"]["dirty"].values())), "the base's bitmaps: %r" % res["vqcowd"])
-        log("ok: %s commit into a smaller %s base%s: grown to 24 MiB, the new range's data "
-            "in it, as qemu-storage-daemon 7.2: %r" % (
-                mode, fmt, " (an enabled and a disabled persistent bitmap, grown; statuses, "
-                "events, listing, flags and dirty bits)" if bitmap else "", res["vqcowd"]))
+        log("ok: %s commit into a %s %s base%s: %d MiB after it, top's data in it, as "
+            "qemu-storage-daemon 7.2: %r" % (
+                mode, "same-sized" if mode == "same" else "smaller", fmt, " (an enabled and a disabled persistent bitmap%s; statuses, events, "
+                "listing, flags and dirty bits)" % ("" if mode == "same" else ", grown")
+                if bitmap else "",
+                res["vqcowd"]["size"] // MiB, res["vqcowd"]))
 
 
 def blockdev_commit_events(q, ov):
