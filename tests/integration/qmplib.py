@@ -182,6 +182,43 @@ class Daemon:
             sys.stdout.write("---- vqcowd log (tail) ----\n" + text[-tail:])
 
 
+class Stress:
+    """The vqfe-stress process of a test (stress_teardown): start() it when
+    the test is ready; kill() leaves nothing running."""
+
+    def __init__(self):
+        self.p = None
+
+    def start(self, args):
+        """Popen ARGS (vqfe-stress and its arguments), its output piped."""
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return self.p
+
+    def kill(self):
+        if self.p and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@contextlib.contextmanager
+def stress_teardown(d, tail=8000):
+    """The end of a test that runs vqfe-stress against Daemon D: yields a
+    Stress for the block to start. When the block raises, vqfe-stress is
+    killed and D stopped with the last TAIL characters of its log shown;
+    either way neither runs any more after the block."""
+    st = Stress()
+    try:
+        yield st
+    except BaseException:
+        st.kill()
+        d.stop_showing_log(tail=tail)
+        raise
+    finally:
+        st.kill()
+        if d.p.poll() is None:
+            d.kill()
+
+
 def quit_daemon(d, timeout):
     """Stop vqcowd D with QMP quit; it must exit 0 within TIMEOUT seconds."""
     q = Qmp(d.qsock)

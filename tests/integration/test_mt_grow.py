@@ -140,8 +140,7 @@ def main():
     run("qemu-img", "create", "-q", "-f", "qcow2", img, 8 * MiB)
     d = qmplib.Daemon(vqcowd, work, img, "grow", extra=["--format", "qcow2", "--num-queues", "3",
                                                         "--io-threads", "3"], unlink_stale=True)
-    sp = None
-    try:
+    with qmplib.stress_teardown(d) as st:
         want = "the I/O threads serve cached clusters"
         t = time.monotonic() + 10
         while want not in d.log() and time.monotonic() < t:
@@ -149,9 +148,8 @@ def main():
         check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
         q = qmplib.Qmp(d.qsock, timeout=120)
         # the grows happen while the threads serve the old range
-        sp = subprocess.Popen([stress, d.vsock, "--size", str(8 * MiB), "--queues", "3",
-                               "--seed", "31", "--mix", "--until", until],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sp = st.start([stress, d.vsock, "--size", str(8 * MiB), "--queues", "3", "--seed", "31",
+                       "--mix", "--until", until])
         t = time.monotonic() + 60
         while stats(q)[0] == 0:
             check(sp.poll() is None and d.p.poll() is None, "vqfe-stress or vqcowd ended")
@@ -197,16 +195,6 @@ def main():
         qmplib.quit_clean(d, q)
         log(run("qemu-img", "check", img).strip())
         check_file(img, ranges, work)
-    except BaseException:
-        if sp and sp.poll() is None:
-            sp.kill()
-        d.stop_showing_log(tail=8000)
-        raise
-    finally:
-        if sp and sp.poll() is None:
-            sp.kill()
-        if d.p.poll() is None:
-            d.kill()
     log("PASS")
     return 0
 

@@ -205,17 +205,15 @@ def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
             os.unlink(p)
     d = qmplib.Daemon(vqcowd, work, img, "mt", extra=["--format", fmt, "--num-queues", "4",
                                                       "--io-threads", "3"], unlink_stale=True)
-    sp = None
-    try:
+    with qmplib.stress_teardown(d) as st:
         t = time.monotonic() + 10
         want = "each thread serves its queues' rings" + serves
         while want not in d.log() and time.monotonic() < t:
             time.sleep(0.05)
         check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
         log("ok: --qmp, %s: the I/O threads serve the rings" % fmt)
-        sp = subprocess.Popen([stress, d.vsock, "--size", str(SIZE), "--queues", "4",
-                               "--seed", str(SEED), "--mix", "--until", until, "--map", mapf],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sp = st.start([stress, d.vsock, "--size", str(SIZE), "--queues", "4", "--seed",
+                       str(SEED), "--mix", "--until", until, "--map", mapf])
         q = qmplib.Qmp(d.qsock, timeout=120)
         ops(q, d, sp)
         open(until, "w").close()
@@ -229,16 +227,6 @@ def under_stress(vqcowd, stress, work, img, fmt, serves, ops, verify):
                                                            s.get("fast-path-hops", 0)))
         qmplib.quit_clean(d, q)
         verify(mapf)
-    except Fail:
-        if sp and sp.poll() is None:
-            sp.kill()
-        d.stop_showing_log(tail=8000)
-        raise
-    finally:
-        if sp and sp.poll() is None:
-            sp.kill()
-        if d.p.poll() is None:
-            d.kill()
 
 
 def one_image(vqcowd, stress, work, base, img, name):
