@@ -718,14 +718,16 @@ def job_sequence(q, complete=False):
     return seq, end
 
 
-def grow_conversation(q, fe, vsock, base, work, mode):
+def grow_conversation(q, fe, vsock, base, work, mode, kill_after=None):
     """The disk grown online (block_resize) while an overlay is active, data
     written into the new range, then committed into the smaller base: active
     (job-complete) or intermediate (a second overlay above), or "short": the
     active layer grown over a layer left at the old size, committed into the
     base (the zeroes read past the short layer's end are copied, as QEMU
     counts them allocated there), or "same": an intermediate commit into a
-    base of top's size. Returns the job's
+    base of top's size. KILL_AFTER: return that many seconds after the
+    block-commit command (the shadow of the device, and the expected base).
+    Returns the job's
     statuses and events, what matters of its end and the base's bitmaps as
     listed then, and the expected base."""
     ov, ov2 = base + ".ov.qcow2", base + ".ov2.qcow2"
@@ -764,6 +766,9 @@ def grow_conversation(q, fe, vsock, base, work, mode):
         expect = bytes(shadow)
         q.events = []
         q.ret("block-commit", {"device": "ov2" if mode == "short" else "ov1", "job-id": "g"})
+    if kill_after is not None:  # (test_grow_kill: the caller kills the daemon now)
+        time.sleep(kill_after)
+        return {"shadow": bytes(shadow)}, expect
     seq, end = job_sequence(q, complete=mode not in ("inter", "same"))
     check(end and "error" not in end, "%s commit into a smaller base: %r %r" % (mode, seq, end))
     got = run(fe, "read", vsock, 0, len(shadow)).stdout
@@ -846,6 +851,47 @@ def test_grow_commit(vqcowd, fe, work):
                 "listing, flags and dirty bits)" % ("" if mode == "same" else ", grown")
                 if bitmap else "",
                 res["vqcowd"]["size"] // MiB, res["vqcowd"]))
+
+
+def test_grow_kill(vqcowd, fe, work):
+    """kill -9 at several points of an intermediate commit into a smaller
+    base with persistent bitmaps (the grow, the copy, the store of the
+    base's bitmaps, the header of the layer above): every file passes
+    qemu-img check (leaked clusters allowed), the base keeps both bitmaps,
+    each stored (then with the job's dirty bits) or in use (inconsistent),
+    never wrong, and the active layer's chain reads what was written."""
+    ends = {"stored": 0, "in use": 0}
+    for delay in (0, 0.002, 0.01, 0.03, 0.1, 0.5):
+        base = os.path.join(work, "gk.qcow2")
+        for f in (base, base + ".ov.qcow2", base + ".ov2.qcow2"):
+            if os.path.exists(f):
+                os.unlink(f)
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, 16 * MiB)
+        bitmap_base(base)
+        d = Daemon(vqcowd, work, base, "vqgk")
+        try:
+            q = Qmp(d.qsock)
+            out, _ = grow_conversation(q, fe, d.vsock, base, work, "inter", kill_after=delay)
+        finally:
+            d.kill()
+        bitmaplib.wait_unlocked(base)
+        what = "kill -9 %g s into an intermediate commit into a smaller base" % delay
+        for f in (base, base + ".ov.qcow2", base + ".ov2.qcow2"):
+            qcheck(f, what, leaks_ok=True)
+        verify_file(base + ".ov2.qcow2", out["shadow"], work, what)
+        bms = {b["name"]: b for b in info(base)["format-specific"]["data"]["bitmaps"]}
+        check(sorted(bms) == ["bd", "be"] and bms["be"]["granularity"] == 262144,
+              "%s: the base's bitmaps %r" % (what, bms))
+        if "in-use" in bms["be"]["flags"]:
+            ends["in use"] += 1
+        elif bitmaplib.have_nbd():
+            dirty = bitmaplib.nbd_dirty(work, base, "be")
+            check(dirty in ([(0, 4 * MiB)], [(0, 4 * MiB), (16515072, 524288),
+                                             (17825792, 2359296)]),
+                  "%s: 'be' stored with %r" % (what, dirty))
+            ends["stored"] += 1
+    log("ok: kill -9 during an intermediate commit into a smaller base with bitmaps: files "
+        "consistent, the chain as written, the bitmaps stored or in use (%r)" % ends)
 
 
 def blockdev_commit_events(q, ov):
@@ -939,6 +985,7 @@ def main():
     if not only or only == "grow":
         test_grow_commit(vqcowd, fe, work)
         test_grow_blockdev(vqcowd, work)
+        test_grow_kill(vqcowd, fe, work)
     log("PASS")
     return 0
 
