@@ -74,7 +74,8 @@
 #define NAMES_MAX   64
 #define DRAIN_NS    30000000000ull /* give up a pause after 30 s */
 #define MAX_FLUSHES 20
-#define RL_SLICE_NS 100000000ull /* rate limit slice: 100 ms */
+#define SETTLE_NS   10000000000ull /* and more flushes for up to 10 s */
+#define RL_SLICE_NS 100000000ull   /* rate limit slice: 100 ms */
 
 enum jstat {
 	JS_CREATED,
@@ -345,6 +346,18 @@ static void snap_end(struct ctl *c, int ret, const char *msg)
 	free(s);
 }
 
+/*
+ * Flush again before a layer becomes read-only (img_set_writable said
+ * -EAGAIN/-EBUSY)? The engine can stay busy in the background after a
+ * flush ended (punching the released data reserve, a preallocation in
+ * flight), longer than MAX_FLUSHES quick flushes on a loaded machine: so
+ * at least MAX_FLUSHES of them, and more until SETTLE_NS after @t0.
+ */
+static bool flush_again(unsigned flushes, uint64_t t0)
+{
+	return flushes < MAX_FLUSHES || now_ns() - t0 < SETTLE_NS;
+}
+
 static void snap_flushed(struct img_io *io, int res);
 
 static void snap_flush(struct snap *s)
@@ -387,7 +400,7 @@ static void snap_after_flush(struct io_cmd *cmd, int unused)
 	}
 	ret = img_set_writable(s->old, false, err, sizeof(err));
 	/* -EBUSY: a request's completion ran before the image let go of it */
-	if ((ret == -EAGAIN || ret == -EBUSY) && s->flushes < MAX_FLUSHES) {
+	if ((ret == -EAGAIN || ret == -EBUSY) && flush_again(s->flushes, s->t0)) {
 		snap_flush(s);
 		return;
 	}
@@ -965,7 +978,7 @@ static void end_after_flush(struct io_cmd *cmd, int unused)
 	}
 	/* cancelled, failed or stopping: the base becomes a read-only backing file again */
 	r = img_set_writable(j->base, false, err, sizeof(err));
-	if ((r == -EAGAIN || r == -EBUSY) && ++j->flushes < MAX_FLUSHES) {
+	if ((r == -EAGAIN || r == -EBUSY) && flush_again(++j->flushes, j->end_t0)) {
 		img_flush(j->base, &j->fio);
 		return;
 	}
@@ -1262,7 +1275,7 @@ static void drop_top(struct cjob *j)
 		if (r == 0)
 			r = img_set_writable(j->base, false, err, sizeof(err));
 	}
-	if ((r == -EAGAIN || r == -EBUSY) && ++j->flushes < MAX_FLUSHES) {
+	if ((r == -EAGAIN || r == -EBUSY) && flush_again(++j->flushes, j->end_t0)) {
 		/* metadata left to write back: flush again, then come back here */
 		j->end_stage = 0;
 		job_end_step(j);
