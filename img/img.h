@@ -310,6 +310,9 @@ static inline bool img_may_write(const struct img *img)
  */
 void img_test_fast_delay(unsigned ms);
 
+/* Test seam (vqcowd's VQCOWD_TEST_LINK_DELAY): qcow2_test_link_delay(). */
+void img_test_link_delay(unsigned ms);
+
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);
 

@@ -307,6 +307,11 @@ void img_test_fast_delay(unsigned ms)
 	__atomic_store_n(&test_delay_ms, ms, __ATOMIC_RELAXED);
 }
 
+void img_test_link_delay(unsigned ms)
+{
+	qcow2_test_link_delay(ms);
+}
+
 /* One inflated cluster: the compressed bytes at [host, host + clen) inflate to buf. */
 struct zc_ent {
 	uint64_t host;
@@ -1553,6 +1558,7 @@ static int alloc_write(struct q2req *r)
 		if (a->new_host) {
 			pre = a->cow_start & (m->cs - 1);
 			post = (m->cs - (a->cow_end & (m->cs - 1))) & (m->cs - 1);
+			a->rest_zero = true; /* the engine's early link relies on it */
 		}
 	}
 	if (pre + zh || zt + post) {
@@ -1630,9 +1636,11 @@ static void write_end(struct q2req *r, int err)
 			r->pub_host = r->a.host - (r->a.off - r->a.cow_start);
 		}
 		qcow2_alloc_finish(m->q, &r->a, err);
-		if (err >= 0)
-			r->link_gen = qcow2_meta_gen(m->q);
 	}
+	/* the L2 entries reaching it (linked by this request, early at map
+	 * time, or by another one whose batch has not written them yet) */
+	if (err >= 0 && r->a.link_gen > r->link_gen)
+		r->link_gen = r->a.link_gen;
 	qcow2_io_end(m->q, r->wr_ticket);
 	bounce_put(m, r->bounce);
 	r->bounce = NULL;

@@ -586,6 +586,7 @@ void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len)
 {
 	if (!len)
 		return;
+	q2_zk_forget(q, host, len);
 	for (uint64_t c = host >> q->cb; c <= (host + len - 1) >> q->cb; c++)
 		if (q2_u64v_push(&q->dec_pending, c) < 0)
 			Q2_LOG(q, WARN, "out of memory: cluster 0x%llx leaks",

@@ -152,6 +152,11 @@ struct q2_u64v {
 };
 
 struct q2_batch;
+
+struct q2_zk {
+	uint64_t c;    /* host cluster index + 1 (0: empty) */
+	uint32_t mask; /* subclusters known to hold zeroes */
+};
 struct q2_pf;
 struct q2_bitmaps;
 
@@ -267,6 +272,18 @@ struct qcow2 {
 	uint64_t meta_written_gen;      /* changes up to here are written (completed) */
 	bool wb_durable_wanted;         /* the next batch syncs fully (timer) */
 	bool wb_wanted;                 /* start another batch when this one ends */
+	bool link_want;                 /* an early-linked write waits: next batch is link mode */
+	bool link_posted;               /* link_cmd posted: start a link batch from the loop */
+	struct io_cmd link_cmd;
+	/*
+	 * Extended L2 without a backing file (mapping.c, "Early link"): host
+	 * clusters this engine allocated whose unallocated subclusters hold
+	 * zeroes in the file (the whole-cluster first write, or fresh space).
+	 * Direct-mapped by host cluster index, lossy (a miss only costs the
+	 * early link); NULL until first needed.
+	 */
+	struct q2_zk *zk;
+	bool no_early_link; /* qcow2_opts.no_early_link (tests: the strict data -> L2 order) */
 	uint64_t batches;
 	struct io_cmd timer_cmd;
 	bool timer_armed;
@@ -309,7 +326,8 @@ struct qcow2 {
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 	uint64_t n_data_cow;                  /* allocations that copy a head or tail */
 	uint64_t n_meta_writes, n_meta_bytes; /* write-back writes (writevs) and bytes */
-	uint64_t n_wb_fill; /* clean cached slices written to bridge gaps (writeback.c) */
+	uint64_t n_wb_fill;     /* clean cached slices written to bridge gaps (writeback.c) */
+	uint64_t n_early_links; /* subcluster allocations linked at map time (mapping.c) */
 };
 
 /* ---- core.c ---- */
@@ -416,6 +434,8 @@ struct q2_slice *q2_rc_slice(struct qcow2 *q, uint64_t host);
 int q2_rc_prepare(struct qcow2 *q, uint64_t host, struct qcow2_waiter *w);
 /* Queue a deferred decrement of every cluster overlapping [host, host + len). */
 void q2_dec_range(struct qcow2 *q, uint64_t host, uint64_t len);
+/* mapping.c: [host, host + len) loses its pointer: forget what q->zk knows. */
+void q2_zk_forget(struct qcow2 *q, uint64_t host, uint64_t len);
 /* Called by write-back when a batch (that took @decs) is durable. */
 void q2_dec_durable(struct qcow2 *q, struct q2_u64v *decs);
 void q2_alloc_exit(struct qcow2 *q);
@@ -433,7 +453,10 @@ uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n);
 int q2_alloc_take_free(struct qcow2 *q, struct q2_u64v *out);
 
 /* ---- writeback.c ---- */
-void q2_wb_kick(struct qcow2 *q);  /* start a batch soon if there is work */
+void q2_wb_kick(struct qcow2 *q);      /* start a batch soon if there is work */
+void q2_wb_link_soon(struct qcow2 *q); /* a link batch from the loop (early link) */
+/* The qcow2_link() generation after which L2 slice @s's entries are written (0: they are). */
+uint64_t q2_wb_slice_gen(const struct qcow2 *q, const struct q2_slice *s);
 void q2_wb_maybe(struct qcow2 *q); /* start one if thresholds are exceeded */
 void q2_wb_mark_l1(struct qcow2 *q, uint32_t idx);
 void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx);

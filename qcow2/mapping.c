@@ -551,6 +551,8 @@ static struct q2_l2cow *l2cow_get(struct qcow2 *q)
 
 void q2_mapping_exit(struct qcow2 *q)
 {
+	free(q->zk);
+	q->zk = NULL;
 	if (q->l2cow) {
 		io_free_aligned(q->l2cow->buf);
 		free(q->l2cow);
@@ -665,6 +667,112 @@ static uint32_t sc_mask(unsigned first, unsigned last)
 	return qcow2_sc_range(first, last - first + 1);
 }
 
+/* ---- early link (extended L2, no backing file) ---- */
+
+#define ZK_BITS 15
+
+static struct q2_zk *zk_slot(const struct qcow2 *q, uint64_t host)
+{
+	uint64_t c = host >> q->cb;
+
+	return &q->zk[(c * 0x9e3779b97f4a7c15ull) >> (64 - ZK_BITS)];
+}
+
+/* Host cluster @host's unallocated subclusters @mask hold zeroes (0: unknown). */
+static void zk_set(struct qcow2 *q, uint64_t host, uint32_t mask)
+{
+	struct q2_zk *z;
+
+	if (!q->zk) {
+		if (!mask || !q->extl2 || q->ext_data || q->backing_size != UINT64_MAX)
+			return;
+		q->zk = calloc(1u << ZK_BITS, sizeof(*q->zk));
+		if (!q->zk)
+			return; /* only the early link is lost */
+	}
+	z = zk_slot(q, host);
+	if (mask) {
+		z->c = (host >> q->cb) + 1;
+		z->mask = mask;
+	} else if (z->c == (host >> q->cb) + 1) {
+		z->c = 0;
+	}
+}
+
+/* Which of @mask is known zero; those bits are forgotten (data goes there). */
+static uint32_t zk_take(struct qcow2 *q, uint64_t host, uint32_t mask)
+{
+	struct q2_zk *z;
+	uint32_t known;
+
+	if (!q->zk)
+		return 0;
+	z = zk_slot(q, host);
+	if (z->c != (host >> q->cb) + 1)
+		return 0;
+	known = z->mask & mask;
+	z->mask &= ~mask;
+	return known;
+}
+
+void q2_zk_forget(struct qcow2 *q, uint64_t host, uint64_t len)
+{
+	if (!q->zk || !len)
+		return;
+	for (uint64_t c = host >> q->cb; c <= (host + len - 1) >> q->cb; c++)
+		zk_set(q, c << q->cb, 0);
+}
+
+/*
+ * A write into unallocated subclusters of an allocated cluster (TK_META_SC):
+ * set their allocation bits now, before the data is written, so that the
+ * write-back batch writing the entry runs beside the data write instead of
+ * after it (the request still completes only once both are written:
+ * a->link_gen). Safe only where the subclusters read exactly the same with
+ * the bits set before the data lands as without them, so that whatever a
+ * process death or a power loss leaves (entry written, data not) reads as
+ * before the write, which was never completed:
+ *  - no backing file: an unallocated subcluster reads zeroes, not the
+ *    backing file's data; no external data file (its clusters are not ours
+ *    to have filled);
+ *  - the host bytes of those subclusters are zeroes in the file: this
+ *    engine wrote the cluster whole at allocation (or took it from fresh
+ *    space) and nothing has written them since (q->zk: set when the
+ *    allocating write ended, forgotten for every subcluster any later
+ *    allocation maps, for a cluster whose pointer is removed, and at
+ *    close). A subcluster that was allocated once and then discarded or
+ *    zeroed keeps its old bytes: it is never known zero again;
+ *  - the write covers whole subclusters (no COW head or tail: nothing of
+ *    the old content is copied, and nothing else writes them meanwhile: the
+ *    token holds the guest cluster, and an in-place write that sees the new
+ *    bits writes only its own guest data, as it may beside any write);
+ *  - the cluster is ours alone (COPIED, in a COPIED L2 table: no snapshot
+ *    shares it); compressed clusters never take this path (TK_NEW_FULL).
+ * A zero subcluster (zero bit) reads zeroes either way; the bits change as
+ * qcow2_alloc_finish() would change them. With a durable batch the P1
+ * fdatasync covers the cluster's zero fill (written before the entry that
+ * linked the cluster), so a power loss cannot expose older bytes either.
+ */
+static void early_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *s, uint32_t idx,
+		       uint64_t host)
+{
+	uint32_t m = a->sc_mask_first;
+	uint32_t known = zk_take(q, host, m);
+	uint64_t bm, e;
+
+	if (known != m || q->no_early_link || q->backing_size != UINT64_MAX || q->ext_data ||
+	    a->cow_start != a->off || a->cow_end != a->off + a->len)
+		return;
+	e = q2_l2_entry(s, idx, &bm, q->extl2);
+	q2_l2_set(s, idx, e, (bm | m) & ~((uint64_t)m << 32), q->extl2);
+	q2_slice_dirty(s);
+	q->meta_gen++;
+	a->link_gen = q->meta_gen;
+	a->early = true;
+	q->n_early_links++;
+	q2_wb_link_soon(q);
+}
+
 /* May [off, off + len) be written or zeroed? 0, -EROFS, -EIO (corrupt) or -EINVAL. */
 static int write_check(const struct qcow2 *q, uint64_t off, uint64_t len)
 {
@@ -753,6 +861,8 @@ again:
 				a->off = off;
 				a->len = pos - off;
 				a->host = h0;
+				/* its entry may be linked but not written yet */
+				a->link_gen = q2_wb_slice_gen(q, s);
 				if (!q->ext_data && q2_meta_overlaps(q, h0, a->len)) {
 					q2_corrupt(q,
 						   "write to guest 0x%llx would overwrite metadata "
@@ -777,6 +887,7 @@ again:
 		return -EIO;
 	}
 	memset(a, 0, offsetof(struct qcow2_alloc, next));
+	a->early = false;
 	a->first_cluster = gc;
 	a->off = off;
 	host = e & QCOW2_L2E_OFFSET_MASK;
@@ -823,6 +934,8 @@ again:
 		a->new_host = false;
 		count_cow(q, a);
 		token_pin(q, a, s, 0);
+		if (a->kind == TK_META_SC)
+			early_link(q, a, s, idx, host);
 		return QCOW2_WRITE_ALLOC;
 	}
 
@@ -900,7 +1013,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	uint64_t host0 = (a->host - (a->off & (q->cs - 1))) & ~(q->cs - 1);
 	uint32_t idx0 = (uint32_t)(a->first_cluster & ((1ull << q->sl2_bits) - 1));
 
-	if (res >= 0)
+	if (res >= 0 && !a->early)
 		q->meta_gen++; /* L2 entries linked: see qcow2_link() */
 	for (struct qcow2_alloc **pp = &q->tokens; *pp; pp = &(*pp)->next) {
 		if (*pp == a) {
@@ -911,8 +1024,12 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	if (res < 0) {
 		if (a->new_host)
 			q2_alloc_release(q, host0, a->nclusters);
+		/* early: its bits stay set (the range of a failed write is
+		 * undefined; the subclusters still read zeroes or some of it) */
 		goto out;
 	}
+	if (a->early)
+		goto out; /* linked at map time: early_link() */
 	for (uint32_t i = 0; i < a->nclusters; i++) {
 		uint64_t bm, e = q2_l2_entry(s, idx0 + i, &bm, q->extl2);
 		uint64_t hc = host0 + ((uint64_t)i << q->cb), ne = e, nbm = bm;
@@ -947,8 +1064,11 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 			break;
 		}
 		q2_l2_set(s, idx0 + i, ne, nbm, q->extl2);
+		if (a->kind == TK_NEW_SC)
+			zk_set(q, hc, (a->fresh || a->rest_zero) ? ~m : 0);
 	}
 	q2_slice_dirty(s);
+	a->link_gen = q->meta_gen;
 out:
 	s->pins--;
 	if (a->rc_slice)

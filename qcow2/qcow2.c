@@ -378,6 +378,7 @@ reread:
 	q->size = q->h.size & ~511ull;
 	q->l1_size = q->h.l1_size;
 
+	q->no_early_link = opts->no_early_link;
 	q->slice_size = opts->cache_entry_size ? opts->cache_entry_size : 4096;
 	if (q->slice_size & (q->slice_size - 1) || q->slice_size < 512) {
 		ret = qcow2_seterr(err, errlen, -EINVAL,

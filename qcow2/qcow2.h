@@ -80,6 +80,7 @@ struct qcow2_opts {
 	uint32_t cache_entry_size;    /* slice bytes (power of two, 512..cluster); 0 = 4 KiB */
 	uint32_t writeback_ms;        /* periodic metadata write-back; 0 = 5000 ms */
 	bool no_l2_prefetch;          /* do not read all L2 tables in the background after open */
+	bool no_early_link;           /* extended L2: link subclusters after their data only */
 };
 
 /*
@@ -283,6 +284,17 @@ struct qcow2_alloc {
 	bool head_zero;     /* the head's old content is zeroes: no need to read it */
 	bool tail_zero;     /* same for the tail */
 	bool fresh;         /* the host range of [cow_start, cow_end) already reads as zeroes */
+	/*
+	 * Set by qcow2_map_write() (and qcow2_alloc_finish()): the request must
+	 * not complete before qcow2_link(link_gen) says the L2 entries reaching
+	 * this range are written (0: nothing to wait for). An in-place write can
+	 * need it too: its entry may have been changed by a request whose batch
+	 * has not written it yet.
+	 */
+	uint64_t link_gen;
+	/* Set by the caller before qcow2_alloc_finish(): the whole new cluster
+	 * was written, zeroes outside [cow_start, cow_end) (extended L2). */
+	bool rest_zero;
 
 	/* Private to the engine. */
 	struct qcow2_alloc *next;
@@ -294,6 +306,7 @@ struct qcow2_alloc {
 	uint32_t sc_mask_first, sc_mask_last; /* extended L2: subclusters written */
 	uint8_t kind;
 	bool new_host; /* clusters were reserved (refcounts raised) */
+	bool early;    /* extended L2: its bits were set at map time (mapping.c) */
 };
 
 /*
@@ -422,6 +435,14 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f);
  */
 uint64_t qcow2_meta_gen(const struct qcow2 *q);
 int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
+
+/*
+ * Test seam (img_test_link_delay): the batch an early link (extended L2,
+ * mapping.c) starts begins @ms milliseconds late, so a request that
+ * completed without waiting for its entry shows as a lost write after a
+ * kill -9. 0 (the default): at once.
+ */
+void qcow2_test_link_delay(unsigned ms);
 
 /* ---- internal snapshots ---- */
 

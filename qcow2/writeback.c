@@ -132,6 +132,9 @@ struct q2_batch {
 
 static void phase_run(struct q2_batch *b);
 
+/* Test seam (qcow2_test_link_delay): early links' batches start this late. */
+static unsigned test_link_delay_ms;
+
 static bool bit_get(const uint8_t *m, uint64_t i)
 {
 	return m[i / 8] & (1u << (i % 8));
@@ -165,7 +168,8 @@ void q2_wb_mark_rt(struct qcow2 *q, uint64_t idx)
 static bool has_work(const struct qcow2 *q)
 {
 	return q->l2c.ndirty || q->rcc.ndirty || q->l1_ndirty || q->rt_ndirty || q->rt_relocated ||
-	       q->l1_relocated || q->hdr_dirty || q->dec_pending.n || q->flush_next || q->link_next;
+	       q->l1_relocated || q->hdr_dirty || q->dec_pending.n || q->flush_next ||
+	       q->link_next || q->link_want;
 }
 
 /* ---- building a batch ---- */
@@ -593,6 +597,12 @@ static void phase_run(struct q2_batch *b)
 
 static void timer_arm(struct qcow2 *q);
 
+/* An early link waits for a batch (and the test seam does not hold it back). */
+static bool link_due(const struct qcow2 *q)
+{
+	return q->link_want && !__atomic_load_n(&test_link_delay_ms, __ATOMIC_RELAXED);
+}
+
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -681,9 +691,9 @@ static void finish(struct q2_batch *b)
 		l->done(l, err);
 		l = next;
 	}
-	if (q->wb_wanted || q->flush_next || q->link_next) {
+	if (q->wb_wanted || q->flush_next || q->link_next || link_due(q)) {
 		q->wb_wanted = false;
-		if (!err || q->flush_next || q->link_next)
+		if (!err || q->flush_next || q->link_next || link_due(q))
 			q2_wb_kick(q);
 	}
 	q2_cache_trim(&q->l2c);
@@ -700,7 +710,7 @@ static void wb_start(struct qcow2 *q)
 		q->wb_wanted = true;
 		return;
 	}
-	if (q->read_only && !q->flush_next && !q->link_next)
+	if (q->read_only && !q->flush_next && !q->link_next && !q->link_want)
 		return;
 	b = q->batch_spare;
 	if (!b) {
@@ -724,9 +734,10 @@ static void wb_start(struct qcow2 *q)
 	 * timer and a pile of decrements (freed clusters are reused only once
 	 * their pointer removal is durable) make it durable anyway, so a
 	 * guest that never flushes still gets both. */
-	b->link_mode = b->links && !b->flushes && !q->wb_durable_wanted &&
+	b->link_mode = (b->links || q->link_want) && !b->flushes && !q->wb_durable_wanted &&
 		       q->dec_pending.n < 4096 && !q->l1_relocated && !q->hdr_dirty;
 	q->wb_durable_wanted = false;
+	q->link_want = false;
 	b->gen = q->meta_gen;
 	b->rc_seq = ++q->rc_seq;
 	b->incomplete = false;
@@ -751,6 +762,46 @@ static void wb_start(struct qcow2 *q)
 	b->rc_nosync = b->link_mode && q->link_need <= q->rc_durable &&
 		       b->ph_first[PH_P1B] == b->ph_first[PH_P2];
 	phase_run(b);
+}
+
+void qcow2_test_link_delay(unsigned ms)
+{
+	__atomic_store_n(&test_link_delay_ms, ms, __ATOMIC_RELAXED);
+}
+
+static void link_post_done(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	(void)res;
+	q->link_posted = false;
+	if (q->link_want)
+		q2_wb_kick(q);
+}
+
+/*
+ * An early link (mapping.c) set L2 entries whose request will wait for them:
+ * start a link batch from the loop (so the requests mapped in this loop
+ * iteration share it), or right after the batch in flight.
+ */
+void q2_wb_link_soon(struct qcow2 *q)
+{
+	unsigned delay = __atomic_load_n(&test_link_delay_ms, __ATOMIC_RELAXED);
+
+	q->link_want = true;
+	if (q->batch && !delay) {
+		q->wb_wanted = true;
+		return;
+	}
+	if (q->link_posted)
+		return;
+	q->link_posted = true;
+	q->link_cmd.done = link_post_done;
+	q->link_cmd.priv = q;
+	if (delay) /* nothing but the timer (or a waiter's qcow2_link) starts it */
+		io_timeout(q->loop, &q->link_cmd, (uint64_t)delay * 1000000ull);
+	else
+		io_post(q->loop, &q->link_cmd);
 }
 
 void q2_wb_kick(struct qcow2 *q)
@@ -841,6 +892,21 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f)
 		wb_start(q);
 }
 
+/*
+ * A dirty slice goes out with the next batch (any batch started from now on
+ * has a generation >= the current one); one only under write-back with the
+ * batch in flight (one batch at a time), whose generation covers every
+ * change it took; any other is on disk as cached.
+ */
+uint64_t q2_wb_slice_gen(const struct qcow2 *q, const struct q2_slice *s)
+{
+	if (s->dirty)
+		return q->meta_gen;
+	if (s->wb && q->batch)
+		return q->batch->gen;
+	return 0;
+}
+
 uint64_t qcow2_meta_gen(const struct qcow2 *q)
 {
 	return q->meta_gen;
@@ -852,6 +918,16 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f)
 
 	if (gen <= q->meta_written_gen)
 		return 0;
+	if (q->batch && q->batch->gen >= gen && !q->batch->incomplete) {
+		/* the batch in flight took it (an early link, or an in-place
+		 * write through an entry it is writing): wait for that one */
+		pp = &q->batch->links;
+		while (*pp)
+			pp = &(*pp)->next;
+		f->next = NULL;
+		*pp = f;
+		return 1;
+	}
 	while (*pp)
 		pp = &(*pp)->next;
 	f->next = NULL;
@@ -865,7 +941,7 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f)
 
 static bool busy(const struct qcow2 *q)
 {
-	return q->batch || q->dec_running || q->grace_running || q->dec_apply.n ||
+	return q->batch || q->link_posted || q->dec_running || q->grace_running || q->dec_apply.n ||
 	       q->prealloc_busy || q->wake_armed || q->corrupt_hdr_busy || q->punch_busy;
 }
 

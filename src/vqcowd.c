@@ -2011,6 +2011,11 @@ int main(int argc, char **argv)
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_FAST_DELAY: fast-path writes held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_LINK_DELAY")) {
+		/* a test seam: see img_test_link_delay() */
+		img_test_link_delay((unsigned)strtoul(getenv("VQCOWD_TEST_LINK_DELAY"), NULL, 10));
+		log_warn("VQCOWD_TEST_LINK_DELAY: early-link batches held back (a test seam)");
+	}
 	ret = threads_init(&d);
 	if (ret < 0) {
 		log_err("cannot set up %u I/O threads: %s", d.nthreads, strerror(-ret));

@@ -9,6 +9,11 @@ After each kill:
   - every write acknowledged before a completed FLUSH must read back, unless a
     later write to the same sector was issued (then either version is fine)
 
+--kind procdeath-xl2 is procdeath on an extended_l2=on image, with writes of
+whole 2 KiB subclusters into a few clusters, so most of them allocate
+subclusters of a cluster already allocated: the early link (qcow2/mapping.c),
+whose L2 write runs beside the data write.
+
 --kind procdeath is the other kind of crash (DESIGN.md "Two kinds of
 crash"): only the process dies, the host's page cache stays, so EVERY
 acknowledged write must read back, flush or not. Writes go mostly to fresh
@@ -38,6 +43,7 @@ SECTOR = 512
 SIZE = 32 << 20
 PD_SIZE = 64 << 20  # procdeath: room for many fresh clusters
 MAGIC = b"VQCWTEST"
+KINDS = ["fresh", "backing", "lazy", "procdeath", "procdeath-xl2"]
 
 
 def sector_data(wid, s):
@@ -121,6 +127,10 @@ def make_image(kind):
     if kind == "procdeath":
         qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536", img, PD_SIZE)
         return img, None
+    if kind == "procdeath-xl2":
+        qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536,extended_l2=on", img,
+                      PD_SIZE)
+        return img, None
     if kind == "lazy":
         qlib.qemu_img("create", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on", img,
                       SIZE)
@@ -147,11 +157,14 @@ def one_round(rnd, img, model, rng, next_id):
     if not d.start():
         fail("round %d: vqcowd refused the image (exit %s)\n%s" % (rnd, d.rc, d.log()))
     fe = qlib.Frontend(A.fe, sock, timeout=30)
-    pdeath = A.kind == "procdeath"
+    pdeath = A.kind.startswith("procdeath")
+    xl2 = A.kind == "procdeath-xl2"
     size = PD_SIZE if pdeath else SIZE
     delay = rng.uniform(0.2, 2.5)
     # procdeath: in most rounds, kill right after the completion of a write
     kill_after = rng.randrange(1, 60) if pdeath and rnd % 4 != 3 else None
+    # xl2 with the early link's batch held back: kill after the first early write past it
+    want_early = xl2 and os.environ.get("VQCOWD_TEST_LINK_DELAY", "0") != "0"
     killed = threading.Event()
 
     def killer():
@@ -176,7 +189,12 @@ def one_round(rnd, img, model, rng, next_id):
                 flushes += 1
                 continue
             kind = rng.random()
-            if pdeath:
+            if xl2:
+                # whole subclusters, mostly of clusters written before
+                ln = rng.randrange(1, 5) * 2048 if kind < 0.95 else 65536
+                off = rng.randrange(0, 48) * 65536 + rng.randrange(0, 32) * 2048
+                off = min(off, size - ln)
+            elif pdeath:
                 # mostly small writes into clusters nobody wrote yet
                 ln = rng.randrange(1, 17) * SECTOR if kind < 0.9 else 65536
                 off = rng.randrange(0, size // 65536) * 65536 + rng.randrange(0, 64) * 1024
@@ -189,6 +207,10 @@ def one_round(rnd, img, model, rng, next_id):
                 ln = 65536 * rng.randrange(1, 3)
             if not pdeath:
                 off = rng.randrange(0, (SIZE - ln) // SECTOR + 1) * SECTOR
+            # xl2: subclusters nobody wrote, of a cluster somebody did: linked early
+            early = xl2 and off // 65536 == (off + ln - 1) // 65536 and \
+                not any(model.latest[off // SECTOR:(off + ln) // SECTOR]) and \
+                any(model.latest[off // 65536 * 128:(off // 65536 + 1) * 128])
             wid = next_id[0]
             next_id[0] += 1
             model.write_issued(wid, off, ln)
@@ -202,7 +224,8 @@ def one_round(rnd, img, model, rng, next_id):
                 break
             model.write_acked(wid, off, ln, durable=pdeath)
             acked += 1
-            if kill_after is not None and acked == kill_after:
+            if kill_after is not None and (acked == kill_after if not want_early
+                                           else acked >= kill_after and early):
                 d.p.kill()  # right after the guest saw the completion
                 break
     finally:
@@ -238,28 +261,34 @@ def main():
     global A, W
 
     def extra(p):
-        p.add_argument("--kind", choices=["fresh", "backing", "lazy", "procdeath"], required=True)
+        p.add_argument("--kind", choices=KINDS, required=True)
         p.add_argument("--rounds", type=int, default=6)
     A = qlib.parse_args(extra)
     qlib.need_qemu_tools()
     qlib.need_binary(A.vqcowd, "vqcowd")
     qlib.need_binary(A.fe, "vqcow-fe (tests/frontend)")
-    if A.kind in ("lazy", "procdeath"):
+    if A.kind in ("lazy", "procdeath", "procdeath-xl2"):
         qlib.need_binary(A.img, "vqcow-img")
     wd = qlib.Workdir(os.path.join(A.workdir, "crash-" + A.kind), A.keep)
     W = wd
     ok = False
     try:
-        rng = random.Random(A.seed + ["fresh", "backing", "lazy", "procdeath"].index(A.kind))
+        rng = random.Random(A.seed + KINDS.index(A.kind))
         img, base = make_image(A.kind)
         base_hash = qlib.sha256_file(base) if base else None
-        size = PD_SIZE if A.kind == "procdeath" else SIZE
+        pdeath = A.kind.startswith("procdeath")
+        size = PD_SIZE if pdeath else SIZE
         model = Model(size // SECTOR)
         next_id = [1]
-        rounds = A.rounds * 2 if A.kind == "procdeath" else A.rounds
+        rounds = A.rounds * 2 if pdeath else A.rounds
         for rnd in range(rounds):
+            if A.kind == "procdeath-xl2":
+                # in every other round the early link's batch starts 100 ms
+                # late: a completion that did not wait for it would be lost
+                os.environ["VQCOWD_TEST_LINK_DELAY"] = "100" if rnd % 2 == 0 else "0"
             one_round(rnd, img, model, rng, next_id)
-        if A.kind == "procdeath":
+        os.environ.pop("VQCOWD_TEST_LINK_DELAY", None)
+        if pdeath:
             # leaks (clusters a killed vqcowd allocated but never linked) are
             # repaired by vqcow-img; then the image is clean for qemu-img
             r = qlib.run([A.img, "check", "-r", "leaks", img], timeout=120)

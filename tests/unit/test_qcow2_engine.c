@@ -501,6 +501,9 @@ static void check_crash_images(struct eng *e, unsigned samples)
  * The explicit order rule: each L2 slice write that links a data cluster is
  * preceded by an fdatasync that comes after the last write of that data
  * cluster and after the last refcount-block write raising its refcount.
+ * With the early link off: it lets allocation bits of a linked extended-L2
+ * cluster go out before the data (test_early_link checks it instead), and
+ * the link batches it starts keep the refcount order, not the data's.
  */
 static void check_l2_order(struct eng *e)
 {
@@ -619,9 +622,11 @@ static void order_case_o(const char *opts, const struct qcow2_opts *o, uint64_t 
 {
 	struct eng e;
 	uint8_t *model = calloc(1, size);
+	struct qcow2_opts strict = o ? *o : (struct qcow2_opts){0};
 
+	strict.no_early_link = true;
 	fake_set_shuffle(shuffle);
-	eng_create(&e, opts, size, o);
+	eng_create(&e, opts, size, &strict);
 	workload(&e, model, size, ops, max_io, false);
 	/* gaps between dirty slices bridged with clean ones (writeback.c) */
 	if (expect_fill)
@@ -672,6 +677,50 @@ static void test_order_bridged(void)
 	order_case_o("cluster_size=16384,refcount_bits=16", &o, 64ull << 20, 200, 16 << 10, 5,
 		     true);
 	order_case_o("cluster_size=16384,extended_l2=on", &o, 64ull << 20, 200, 16 << 10, 11, true);
+}
+
+/*
+ * Extended L2, no backing file: writes into unallocated subclusters of a
+ * cluster this engine wrote whole (or took fresh) set their allocation bits
+ * at map time (mapping.c, early link). Every crash image stays consistent
+ * (refcounts before the entries pointing at their clusters), the data reads
+ * back, qemu-img check is clean; with the option off nothing is linked early.
+ */
+static void test_early_link(void)
+{
+	static const char *const optss[] = {
+	    "cluster_size=16384,extended_l2=on",
+	    "cluster_size=65536,extended_l2=on,refcount_bits=4",
+	};
+
+	for (unsigned k = 0; k < 2; k++) {
+		struct eng e;
+		uint64_t size = 16ull << 20;
+		uint8_t *model = calloc(1, size);
+
+		eng_create(&e, optss[k], size, NULL);
+		workload(&e, model, size, 300, 16 << 10, false);
+		CU_ASSERT(e.q->n_early_links > 0);
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		verify(&e, model, size);
+		check_crash_images(&e, 2);
+		eng_close(&e);
+		CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+		free(model);
+	}
+	{
+		struct eng e;
+		struct qcow2_opts o = {.no_early_link = true};
+		uint64_t size = 8ull << 20;
+		uint8_t *model = calloc(1, size);
+
+		eng_create(&e, "cluster_size=16384,extended_l2=on", size, &o);
+		workload(&e, model, size, 100, 16 << 10, false);
+		CU_ASSERT_EQUAL(e.q->n_early_links, 0);
+		verify(&e, model, size);
+		eng_close(&e);
+		free(model);
+	}
 }
 
 /*
@@ -2213,6 +2262,7 @@ int main(void)
 	CU_add_test(suite, "durability order, 512 B clusters, shuffled", test_order_small_shuffled);
 	CU_add_test(suite, "durability order, extended L2", test_order_extl2);
 	CU_add_test(suite, "durability order, gaps bridged", test_order_bridged);
+	CU_add_test(suite, "early link: extended L2 subclusters", test_early_link);
 	CU_add_test(suite, "write-back: gaps bridged with clean slices", test_bridge_shapes);
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
 	CU_add_test(suite, "online grow: header only", test_grow_header_only);
