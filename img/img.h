@@ -313,6 +313,9 @@ void img_test_fast_delay(unsigned ms);
 /* Test seam (vqcowd's VQCOWD_TEST_LINK_DELAY): qcow2_test_link_delay(). */
 void img_test_link_delay(unsigned ms);
 
+/* For benchmarks (vqcowd's VQCOWD_TEST_WB): qcow2_wb_tune(). */
+void img_wb_tune(uint32_t bridge, bool whole_slices);
+
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);
 

@@ -312,6 +312,11 @@ void img_test_link_delay(unsigned ms)
 	qcow2_test_link_delay(ms);
 }
 
+void img_wb_tune(uint32_t bridge, bool whole_slices)
+{
+	qcow2_wb_tune(bridge, whole_slices);
+}
+
 /* One inflated cluster: the compressed bytes at [host, host + clen) inflate to buf. */
 struct zc_ent {
 	uint64_t host;

@@ -497,6 +497,7 @@ int q2_cache_get(struct q2_cache *c, uint64_t off, struct q2_slice **sp, struct 
 	s->off = off;
 	s->state = Q2_SL_LOADING;
 	s->dirty = false;
+	s->dmask = 0;
 	s->pins = 0;
 	hash_insert(c, s);
 	w->next = NULL;
@@ -543,8 +544,17 @@ struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off)
 
 void q2_slice_dirty(struct q2_slice *s)
 {
-	struct q2_cache *c = s->cache;
+	q2_slice_dirty_range(s, 0, s->cache->slice_size);
+}
 
+void q2_slice_dirty_range(struct q2_slice *s, uint32_t off, uint32_t len)
+{
+	struct q2_cache *c = s->cache;
+	uint32_t g = c->slice_size / 8;
+
+	if (len)
+		s->dmask |=
+		    (uint8_t)(((2u << ((off + len - 1) / g)) - 1) & ~((1u << (off / g)) - 1));
 	s->dirty = true;
 	if (!s->in_dlist) {
 		s->in_dlist = true;
@@ -605,6 +615,7 @@ int q2_cache_insert(struct q2_cache *c, uint64_t off, const void *data)
 		return -ENOMEM;
 	s->off = off;
 	s->dirty = false;
+	s->dmask = 0;
 	s->pins = 0;
 	s->waiters = NULL;
 	memcpy(s->buf, data, c->slice_size);

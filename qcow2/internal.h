@@ -66,6 +66,7 @@ struct q2_slice {
 	uint32_t idx;   /* position in cache->all */
 	uint32_t chunk; /* index in cache->chunks */
 	uint8_t state;
+	uint8_t dmask; /* dirty eighths of buf (q2_slice_dirty_range; all: q2_slice_dirty) */
 	bool dirty : 1;
 	bool in_dlist : 1;
 	bool wb : 1;      /* copied into a write-back batch whose write is in flight */
@@ -386,6 +387,8 @@ struct q2_slice *q2_cache_peek(struct q2_cache *c, uint64_t off);
 /* Create a zero-filled dirty READY slice at @off (no I/O). NULL on ENOMEM. */
 struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off);
 void q2_slice_dirty(struct q2_slice *s);
+/* Only bytes [@off, @off + @len) of the slice's buffer changed (write-back writes less). */
+void q2_slice_dirty_range(struct q2_slice *s, uint32_t off, uint32_t len);
 /* Drop a clean, unpinned slice (e.g. its cluster was freed). */
 void q2_cache_forget(struct q2_cache *c, uint64_t off);
 size_t q2_cache_over(const struct q2_cache *c);

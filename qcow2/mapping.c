@@ -765,7 +765,7 @@ static void early_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *
 		return;
 	e = q2_l2_entry(s, idx, &bm, q->extl2);
 	q2_l2_set(s, idx, e, (bm | m) & ~((uint64_t)m << 32), q->extl2);
-	q2_slice_dirty(s);
+	q2_slice_dirty_range(s, idx * q->l2e_size, q->l2e_size);
 	q->meta_gen++;
 	a->link_gen = q->meta_gen;
 	a->early = true;
@@ -1067,7 +1067,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		if (a->kind == TK_NEW_SC)
 			zk_set(q, hc, (a->fresh || a->rest_zero) ? ~m : 0);
 	}
-	q2_slice_dirty(s);
+	q2_slice_dirty_range(s, idx0 * q->l2e_size, a->nclusters * q->l2e_size);
 	a->link_gen = q->meta_gen;
 out:
 	s->pins--;

@@ -444,6 +444,15 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
  */
 void qcow2_test_link_delay(unsigned ms);
 
+/*
+ * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before
+ * any image opens: the largest gap between two dirty spans of one table a
+ * batch bridges (QCOW2_WB_BRIDGE_DEFAULT), and whether it writes
+ * whole slices instead of their dirty spans.
+ */
+void qcow2_wb_tune(uint32_t bridge, bool whole_slices);
+#define QCOW2_WB_BRIDGE_DEFAULT (64u << 10)
+
 /* ---- internal snapshots ---- */
 
 /*

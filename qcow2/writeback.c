@@ -29,9 +29,18 @@
  * mode (every phase is synced); the old L1 clusters are released after it
  * (resize.c).
  *
- * Gaps bridged: within one phase, the gap between two dirty slices of the
- * same cluster (one L2 table, one refcount block) is filled with copies of
- * the clean cached slices in between, when every slice of the gap is cached,
+ * Dirty spans: a slice whose changes were marked by range
+ * (q2_slice_dirty_range: the entries a request linked, in eighths of the
+ * slice) goes out as the span from its first to its last dirty eighth,
+ * widened to the file's O_DIRECT alignment, not whole: the clean parts of a
+ * slice hold the bytes on disk (the same argument as for clean slices
+ * below), so the span links nothing but what changed. A linked 4K write
+ * then costs one 512-byte sector of L2 table instead of a 4 KiB slice.
+ *
+ * Gaps bridged: within one phase, the gap between two dirty spans of the
+ * same cluster (one L2 table, one refcount block), when at most bridge_max
+ * bytes, is filled with the rest of their slices and copies of the clean
+ * cached slices in between, when every slice of the gap is cached,
  * READY, clean, not suspect and not under write-back, so the two runs merge
  * into one write: a batch costs one write per table it touches instead of
  * one per dirty slice (random writes into a growing image dirty one slice per
@@ -69,8 +78,12 @@ enum item_kind {
 	IT_FILL, /* a clean cached slice bridging a gap between dirty ones */
 };
 
-/* Largest gap bridged, in bytes: the write grows by at most this much. */
-#define FILL_MAX (64u << 10)
+/*
+ * Largest gap bridged, in bytes: the write grows by at most this much.
+ * qcow2_wb_tune() changes it (and turns the dirty spans off) for benchmarks.
+ */
+static uint32_t bridge_max = QCOW2_WB_BRIDGE_DEFAULT;
+static bool wb_span_off;
 
 /* A grow's header write: size, crypt_method, l1_size, l1_table_offset. */
 _Static_assert(QCOW2_OFF_L1_TABLE_OFFSET == QCOW2_OFF_SIZE + 16, "header field order");
@@ -91,6 +104,7 @@ struct wb_item {
 	struct q2_slice *slice;
 	struct q2_cache *cache; /* IT_FILL: the cache its slice came from */
 	uint64_t index;         /* sector index */
+	uint32_t skip;          /* IT_SLICE: bytes of the slice before @off (not written) */
 	uint8_t kind;
 };
 
@@ -223,6 +237,29 @@ static struct wb_item *item_add(struct q2_batch *b, uint8_t kind, uint64_t off, 
 	return it;
 }
 
+/*
+ * The bytes [*lo, *hi) of a slice that hold its dirty eighths (@dmask),
+ * widened to the image file's O_DIRECT alignment: the rest of the slice is
+ * on disk as cached (a clean part of a slice holds the bytes on disk: every
+ * change marks its part dirty in the same step), so a batch writes only what
+ * changed (and the clean parts between, which rewrite what is there).
+ */
+static void dirty_span(const struct qcow2 *q, const struct q2_cache *c, uint8_t dmask, uint32_t *lo,
+		       uint32_t *hi)
+{
+	uint32_t g = c->slice_size / 8, a = q->file->align > g ? q->file->align : g;
+
+	if (!dmask || wb_span_off || a >= c->slice_size) {
+		*lo = 0;
+		*hi = c->slice_size;
+		return;
+	}
+	*lo = (uint32_t)__builtin_ctz(dmask) * g / a * a;
+	*hi = ((8u - (uint32_t)__builtin_clz((uint32_t)dmask << 24)) * g + a - 1) / a * a;
+	if (*hi > c->slice_size)
+		*hi = c->slice_size;
+}
+
 static int take_slices(struct q2_batch *b, struct q2_cache *c)
 {
 	struct q2_slice *s = c->dirty;
@@ -236,6 +273,8 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 		s->dnext = NULL;
 		s->in_dlist = false;
 		if (s->dirty) {
+			uint32_t lo, hi;
+
 			it = item_add(b, IT_SLICE, s->off, c->slice_size);
 			if (!it) {
 				b->incomplete = true;
@@ -246,7 +285,14 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 			}
 			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
 			it->slice = s;
+			/* only the dirty span, at the file's O_DIRECT alignment */
+			dirty_span(b->q, c, s->dmask, &lo, &hi);
+			it->skip = lo;
+			it->stage_off += lo;
+			it->off += lo;
+			it->len = hi - lo;
 			s->dirty = false;
+			s->dmask = 0;
 			s->wb = true;
 		}
 		s = next;
@@ -280,10 +326,12 @@ static bool fillable(const struct q2_slice *s)
 }
 
 /*
- * Bridge the gaps between the sorted dirty slices of @c in items [@first,
- * nitems) with copies of clean cached slices (see the header comment), then
- * sort again. Only gaps inside one cluster, of at most FILL_MAX bytes, with
- * every slice fillable.
+ * Bridge the gaps between the sorted dirty spans of @c in items [@first,
+ * nitems) (see the header comment), then sort again. Only gaps inside one
+ * cluster, of at most bridge_max bytes, with every whole slice between them
+ * fillable: the two spans grow to their slices' edges (their snapshots hold
+ * the whole slices; a clean part is the bytes on disk) and copies of the
+ * clean cached slices between them fill the rest.
  */
 static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
 {
@@ -292,23 +340,33 @@ static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
 	bool added = false;
 
 	for (size_t i = first; i + 1 < last; i++) {
-		uint64_t end = b->items[i].off + b->items[i].len, next = b->items[i + 1].off, o;
+		struct wb_item *x = &b->items[i], *y = &b->items[i + 1];
+		uint64_t end = x->off + x->len, next = y->off, o;
+		uint64_t xend, ystart; /* the end of x's slice, the start of y's */
 
-		if (b->items[i].kind != IT_SLICE || b->items[i + 1].kind != IT_SLICE ||
-		    end >= next || next - end > FILL_MAX ||
-		    (b->items[i].off >> q->cb) != (next >> q->cb))
+		if (x->kind != IT_SLICE || y->kind != IT_SLICE || end >= next ||
+		    next - end > bridge_max || (x->off >> q->cb) != (next >> q->cb))
 			continue;
-		for (o = end; o < next; o += c->slice_size)
+		xend = x->off - x->skip + c->slice_size;
+		ystart = y->off - y->skip;
+		for (o = xend; o < ystart; o += c->slice_size)
 			if (!fillable(q2_cache_peek(c, o)))
 				break;
-		if (o < next)
+		if (o < ystart)
 			continue;
-		for (o = end; o < next; o += c->slice_size) {
+		/* x and y's snapshots hold their whole slices */
+		x->len = xend - x->off;
+		y->stage_off -= y->skip;
+		y->off = ystart;
+		y->len += y->skip;
+		y->skip = 0;
+		for (o = xend; o < ystart; o += c->slice_size) {
 			struct q2_slice *s = q2_cache_peek(c, o);
 			struct wb_item *it = item_add(b, IT_FILL, o, c->slice_size);
 
 			if (!it)
-				break; /* no memory: the gap stays, both runs still go out */
+				break;    /* no memory: the gap stays, both runs still go out */
+			x = &b->items[i]; /* item_add may have moved the array */
 			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
 			it->cache = c;
 			q->n_wb_fill++;
@@ -762,6 +820,12 @@ static void wb_start(struct qcow2 *q)
 	b->rc_nosync = b->link_mode && q->link_need <= q->rc_durable &&
 		       b->ph_first[PH_P1B] == b->ph_first[PH_P2];
 	phase_run(b);
+}
+
+void qcow2_wb_tune(uint32_t bridge, bool whole_slices)
+{
+	bridge_max = bridge;
+	wb_span_off = whole_slices;
 }
 
 void qcow2_test_link_delay(unsigned ms)

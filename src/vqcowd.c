@@ -2016,6 +2016,13 @@ int main(int argc, char **argv)
 		img_test_link_delay((unsigned)strtoul(getenv("VQCOWD_TEST_LINK_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_LINK_DELAY: early-link batches held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_WB")) {
+		/* benchmarks: see img_wb_tune() */
+		const char *v = getenv("VQCOWD_TEST_WB");
+
+		img_wb_tune((uint32_t)strtoul(v, NULL, 10), strstr(v, ",whole") != NULL);
+		log_warn("VQCOWD_TEST_WB=%s: write-back tuned (for benchmarks)", v);
+	}
 	ret = threads_init(&d);
 	if (ret < 0) {
 		log_err("cannot set up %u I/O threads: %s", d.nthreads, strerror(-ret));

@@ -965,6 +965,86 @@ static void bridge_fail_case(const char *opts)
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
+/*
+ * A batch writes only the dirty part of a slice, at the file's O_DIRECT
+ * alignment: new clusters linked in two slices of one table, bridged
+ * (one write from the first span's start to the second's
+ * end, the slices between copied) and with bridging off (two writes of one
+ * alignment unit each, holding the new entries). The file's table then
+ * equals the cache, and the data reads back.
+ */
+static void span_case(const char *opts, uint32_t bridge)
+{
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	const struct fake_log *w[16];
+	uint8_t buf[4096];
+	struct eng e;
+	uint64_t ss, span, tbl, cs, unit, fsize;
+	const uint8_t *img;
+	int n;
+
+	qcow2_wb_tune(bridge, false);
+	eng_create(&e, opts, 1ull << 30, &o);
+	ss = e.q->slice_size;
+	cs = e.q->cs;
+	unit = e.file.align > ss / 8 ? e.file.align : ss / 8;
+	span = (ss / e.q->l2e_size) << e.q->cb;
+	memset(buf, 'x', sizeof(buf));
+	for (unsigned k = 0; k < 16; k++) /* every slice of the table cached */
+		CU_ASSERT_EQUAL(eng_write(&e, k * span, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	tbl = e.q->l1[0] & QCOW2_L1E_OFFSET_MASK;
+	fake_log_reset();
+	/* entry 100 of slice 2 (a new cluster), entry 3 of slice 5 */
+	for (unsigned k = 0; k < 2; k++) {
+		uint64_t g = k ? 5 * span + 3 * cs : 2 * span + 100 * cs;
+
+		memset(buf, 'a' + k, sizeof(buf));
+		CU_ASSERT_EQUAL(eng_write(&e, g, sizeof(buf), buf), 0);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	n = (int)table_writes(&e, tbl, cs, w, 16);
+	{
+		uint64_t a0 = (2 * ss + 100 * e.q->l2e_size) / unit * unit;
+		uint64_t a1 = (5 * ss + 3 * e.q->l2e_size) / unit * unit;
+
+		if (bridge) {
+			CU_ASSERT_EQUAL_FATAL(n, 1);
+			CU_ASSERT_EQUAL(w[0]->off, tbl + a0);
+			CU_ASSERT_EQUAL(w[0]->len, a1 + unit - a0);
+		} else {
+			CU_ASSERT_EQUAL_FATAL(n, 2);
+			CU_ASSERT_EQUAL(w[0]->off, tbl + a0);
+			CU_ASSERT_EQUAL(w[0]->len, unit);
+			CU_ASSERT_EQUAL(w[1]->off, tbl + a1);
+			CU_ASSERT_EQUAL(w[1]->len, unit);
+		}
+	}
+	img = fake_file_data(e.id, &fsize);
+	for (unsigned k = 0; k < 16; k++) {
+		struct q2_slice *s = q2_cache_peek(&e.q->l2c, tbl + k * ss);
+
+		if (s)
+			CU_ASSERT(memcmp(img + tbl + k * ss, s->buf, ss) == 0);
+	}
+	check_every_crash_point(&e);
+	CU_ASSERT_EQUAL(eng_read(&e, 2 * span + 100 * cs, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(buf[0], 'a');
+	CU_ASSERT_EQUAL(eng_read(&e, 5 * span + 3 * cs, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(buf[4095], 'b');
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	qcow2_wb_tune(QCOW2_WB_BRIDGE_DEFAULT, false);
+}
+
+static void test_dirty_spans(void)
+{
+	span_case("cluster_size=65536", 64 << 10);
+	span_case("cluster_size=65536", 0);
+	span_case("cluster_size=65536,extended_l2=on", 64 << 10);
+	span_case("cluster_size=65536,extended_l2=on", 0);
+}
+
 static void test_bridge_shapes(void)
 {
 	bridge_case("cluster_size=65536");
@@ -2264,6 +2344,7 @@ int main(void)
 	CU_add_test(suite, "durability order, gaps bridged", test_order_bridged);
 	CU_add_test(suite, "early link: extended L2 subclusters", test_early_link);
 	CU_add_test(suite, "write-back: gaps bridged with clean slices", test_bridge_shapes);
+	CU_add_test(suite, "write-back: only the dirty span of a slice", test_dirty_spans);
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
 	CU_add_test(suite, "online grow: header only", test_grow_header_only);
 	CU_add_test(suite, "injected write failures", test_write_failures);
