@@ -16,7 +16,9 @@
 #   vqcowd-xl2    a fresh empty extended_l2=on qcow2 through vqcowd
 #   vqcowd-full   a fully allocated qcow2 (qemu-img convert of a fio-written
 #                 raw file, made once: contrib/bench/layout.sh's image)
-# and prints per cell IOPS, CPU µs per I/O, and the share of data writes
+# and prints per cell IOPS, CPU µs per I/O, the engine's metadata writes,
+# their KiB and its write-back batches per guest write (query-blockstats'
+# qcow2 section through vqcowctl, vqcowd cells), and the share of data writes
 # io_uring had to hand to its worker threads (io-wq) because the file system
 # could not take them without blocking (from the io_uring tracepoints, when
 # perf can read them), then the per-round ratios vqcowd-empty/qsd-empty
@@ -56,9 +58,10 @@ while [ $# -gt 0 ]; do
 done
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
+ctl=${VQCOWCTL:-$build/src/vqcowctl}
 qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
 . "$repo/contrib/bench/need-build.sh"
-bench_need_build "$repo" "$build" vqcowd vqcow-fe
+bench_need_build "$repo" "$build" vqcowd vqcow-fe vqcowctl
 [ -z "$base_opts" ] || [ -n "$base" ] || base=$vqcowd
 for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd" ${base:+"$base"}; do
 	command -v "$t" >/dev/null || { echo "grow.sh: $t not found" >&2; exit 77; }
@@ -120,8 +123,9 @@ run() {
 	[ "$cell" != qsd-empty ] || kind=qsd
 	rm -f "$sock"
 	if [ $kind = vqcowd ]; then
-		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 "${opts[@]}" \
-			>"$tmp/d.log" 2>&1 &
+		rm -f "$tmp/qmp"
+		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 --qmp "$tmp/qmp" \
+			"${opts[@]}" >"$tmp/d.log" 2>&1 &
 	else
 		"$qsd" --object iothread,id=iot0 \
 			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
@@ -145,6 +149,7 @@ run() {
 	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
 	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
 	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	[ $kind != vqcowd ] || "$ctl" -s "$tmp/qmp" --json stats >"$tmp/qstats" 2>/dev/null || true
 	[ -z "$pf" ] || wait "$pf" || true
 	[ -z "$ppid" ] || wait "$ppid" || true
 	ppid=
@@ -165,9 +170,28 @@ if os.path.exists(sys.argv[3]):
     sub = c.get("io_uring:io_uring_submit_req", 0)
     if sub:
         share = c.get("io_uring:io_uring_queue_async_work", 0) / sub
-print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / max(d["ios"], 1), 2), round(share, 3), sys.argv[4])' \
-		$((t1 - t0)) "$hz" "$tmp/stat" "$ext"
-	rm -f "$tmp/stat"
+def find(o):
+    if isinstance(o, dict):
+        if "metadata-writes" in o:
+            return o
+        o = list(o.values())
+    if isinstance(o, list):
+        for v in o:
+            r = find(v)
+            if r:
+                return r
+    return None
+q = None
+try:
+    q = find(json.load(open(sys.argv[5])))
+except (OSError, ValueError):
+    pass
+n = max(d["ios"], 1)
+m = "%.3f %.2f %.4f" % (q["metadata-writes"] / n, q["metadata-write-bytes"] / n / 1024,
+                        q["writeback-batches"] / n) if q else "-1 -1 -1"
+print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2), round(share, 3), sys.argv[4], m)' \
+		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats"
+	rm -f "$tmp/stat" "$tmp/qstats"
 }
 
 cells=(vqcowd-empty qsd-empty vqcowd-xl2 vqcowd-full)
@@ -195,7 +219,7 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
@@ -205,20 +229,23 @@ python3 - "$res" <<'EOF'
 import statistics as st, sys
 d = {}
 for l in open(sys.argv[1]):
-    r, c, iops, cpu, sh, ex, un, lb, la = l.split()
+    r, c, iops, cpu, sh, ex, un, mw, mb, wb, lb, la = l.split()
     d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la),
-                              int(ex), int(un))
-print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | load1 before-after (range) |")
-print("|---|---:|---:|---:|---:|---|")
+                              int(ex), int(un), float(mw), float(mb), float(wb))
+print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | metadata writes / KiB / batches per guest write, median | load1 before-after (range) |")
+print("|---|---:|---:|---:|---:|---:|---|")
 for c, v in d.items():
     x = [t[0] for t in v.values()]
     sh = st.median([t[2] for t in v.values()])
     ld = [t[i] for t in v.values() for i in (3, 4)]
     ex = [t[5] for t in v.values() if t[5] >= 0]
     un = [t[6] for t in v.values() if t[6] >= 0]
-    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
+    mq = [t[7:10] for t in v.values() if t[7] >= 0]
+    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %s | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
           st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a",
-          "%d (%d)" % (st.median(ex), st.median(un)) if ex else "-", min(ld), max(ld)))
+          "%d (%d)" % (st.median(ex), st.median(un)) if ex else "-",
+          "%.3f / %.2f / %.4f" % tuple(st.median([m[i] for m in mq]) for i in range(3)) if mq else "-",
+          min(ld), max(ld)))
 def ratio(a, b, what):
     if a not in d or b not in d:
         return
