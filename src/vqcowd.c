@@ -1413,6 +1413,19 @@ static void d_mem_changed(void *opaque, struct vhost_dev *dev)
 	}
 }
 
+/*
+ * vhost/ asks before it drops a connection on the main thread: while the I/O
+ * threads run (not parked: the main thread's own rings, a vq_pop or a
+ * malformed request of its queues), it must wait for the wake-up, which
+ * parks them; within a control callback (parked) it may drop it at once.
+ */
+static bool d_rings_shared(void *opaque)
+{
+	struct daemon *d = opaque;
+
+	return d->rings_mt && d->pause_depth == 0;
+}
+
 static void d_disconnected(void *opaque, struct vhost_dev *dev)
 {
 	struct daemon *d = opaque;
@@ -2062,6 +2075,7 @@ int main(int argc, char **argv)
 	d.ops.queue_kick = d_queue_kick;
 	d.ops.disconnected = d_disconnected;
 	d.ops.mem_changed = d_mem_changed;
+	d.ops.rings_shared = d_rings_shared;
 
 	d.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (d.sigfd < 0) {

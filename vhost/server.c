@@ -156,10 +156,13 @@ void vhost_dev_kill(struct vhost_dev *dev)
 
 void vhost_dev_set_broken(struct vhost_dev *dev, const char *why)
 {
-	if (dev->srv && !pthread_equal(pthread_self(), dev->srv->owner)) {
-		/* A data thread (vq_pop, a malformed request): the socket and
-		 * the watches belong to the owner thread, which drops the
-		 * connection from wake_cb. Pops stop at once. */
+	if (dev->srv && (!pthread_equal(pthread_self(), dev->srv->owner) ||
+			 (dev->ops->rings_shared && dev->ops->rings_shared(dev->opaque)))) {
+		/* A data thread (vq_pop, a malformed request), or the owner's
+		 * own data path while other threads serve rings: the socket
+		 * and the watches belong to the owner thread, which drops the
+		 * connection from wake_cb (with the others parked). Pops stop
+		 * at once. */
 		const char *none = NULL;
 
 		__atomic_compare_exchange_n(&dev->remote_broken, &none, why ? why : "broken", false,

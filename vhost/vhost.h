@@ -144,6 +144,12 @@ struct vhost_dev_ops {
 	 * vhost_dev_mem_regions(). Not called when the connection ends (disconnected
 	 * is, before the memory is unmapped). May be NULL. */
 	void (*mem_changed)(void *opaque, struct vhost_dev *dev);
+	/* On the owner thread: true while other threads may be using the rings
+	 * (the owner serves rings of its own beside them, outside a control
+	 * callback): vhost_dev_set_broken() then only records the reason and
+	 * wakes the owner, which drops the connection from its wake-up, as for
+	 * a data thread. May be NULL (never). */
+	bool (*rings_shared)(void *opaque);
 };
 
 /* The virtio feature bits (device bits of @ops and vhost/'s own transport
