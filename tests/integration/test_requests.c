@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "itest.h"
+#include "testutil.h"
 
 static uint8_t *xmalloc(size_t n)
 {
@@ -959,6 +960,58 @@ static void t_malformed_requests(void)
 	STOP(d);
 }
 
+/*
+ * The main thread serves queue 0 beside an I/O thread (--io-threads 2): a
+ * malformed request on queue 0 while queue 1's writes are in flight on the
+ * I/O thread drops the connection without tearing the rings down under that
+ * thread (vhost/ waits for the main thread's wake-up, which parks it:
+ * ops->rings_shared), every round; then the daemon serves both queues.
+ */
+static void t_malformed_beside_thread(void)
+{
+	enum { DEPTH = 16, LEN = 64 * 1024 };
+	static uint8_t w[DEPTH][LEN];
+	START(d, .img_size = 4 * MiB, .num_queues = 2, .extra = {"--io-threads", "2"});
+	struct vqfe_opts o;
+
+	itest_fe_opts(&o);
+	o.num_queues = 2;
+	o.slots = DEPTH + 1;
+	for (unsigned round = 0; round < 4; round++) {
+		CONNECT(fe, d, &o);
+		struct vqfe_req req[DEPTH],
+		    bad = {.type = VIRTIO_BLK_T_FLUSH, .layout = VQFE_L_SHORT_HDR};
+
+		for (unsigned i = 0; i < DEPTH; i++) {
+			itest_fill(w[i], LEN, 50 + round * DEPTH + i);
+			req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+						   .sector = (uint64_t)i * LEN / 512,
+						   .buf = w[i],
+						   .len = LEN};
+			CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 1, &req[i]), 0);
+		}
+		CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, 1), false), 0);
+		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 0, &bad), 0);
+		CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, 0), true), 0);
+		CU_ASSERT_EQUAL(vqfe_wait_disconnect(fe, 5000), 0);
+		vqfe_close(fe);
+		CU_ASSERT_FATAL(itest_alive(&d));
+	}
+	{
+		CONNECT(fe, d, &o);
+		uint8_t wb[4096], rb[4096];
+
+		for (unsigned q = 0; q < 2; q++) {
+			itest_fill(wb, sizeof(wb), 7 + q);
+			CU_ASSERT_EQUAL(vqfe_write(fe, q, 8192 * q, wb, sizeof(wb)), 0);
+			CU_ASSERT_EQUAL(vqfe_read(fe, 1 - q, 8192 * q, rb, sizeof(rb)), 0);
+			CU_ASSERT_EQUAL(memcmp(wb, rb, sizeof(wb)), 0);
+		}
+		vqfe_close(fe);
+	}
+	STOP(d);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -984,6 +1037,8 @@ static void add_suites(void)
 	CU_add_test(s, "get_id_flush", t_get_id_flush);
 	CU_add_test(s, "wce", t_wce);
 	CU_add_test(s, "malformed_requests", t_malformed_requests);
+	tu_add_test(s, "malformed_beside_thread", t_malformed_beside_thread,
+		    itest_vqcowd_only("the main thread serving a queue beside an I/O thread"));
 }
 
 int main(int argc, char **argv)
