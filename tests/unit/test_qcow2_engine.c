@@ -16,6 +16,8 @@
  *  - slice cache eviction with a tiny cache;
  *  - concurrent allocations of one cluster are serialised;
  *  - freed clusters are not reused while data I/O that mapped them runs;
+ *  - extended L2: a write into the subclusters of a zeroed or reused
+ *    cluster never shows the cluster's old bytes in any crash image;
  *  - persistent dirty bitmaps: marked in use at open, stored at close; every
  *    crash image keeps them reachable only through clusters with a refcount,
  *    the enabled one in use or complete, the disabled one untouched;
@@ -1497,6 +1499,142 @@ static void test_discard_reuse_and_zero(void)
 	free(model);
 }
 
+/*
+ * Every crash image of the record from entry @from on (all writes up to an
+ * fdatasync, then random subsets of the later ones: a superset of what a
+ * process death leaves) is consistent, and guest [off, off + len) reads,
+ * sector by sector, @before (what it read before the write in flight) or
+ * @want (that write): never anything else, in particular not what a
+ * subcluster held before a discard or write-zeroes. The image is read back
+ * through qemu-img, the oracle.
+ */
+static void run_idle(struct eng *e);
+
+static void crash_reads_either(struct eng *e, size_t from, uint64_t off, uint64_t len,
+			       const uint8_t *before, const uint8_t *want)
+{
+	size_t n = fake_log_count();
+	char why[256], *path = P("zo.qcow2"), *raw = P("zo.raw");
+	uint8_t *got = malloc(len);
+	unsigned bad = 0;
+
+	for (size_t i = from; i <= n && !bad; i++) {
+		for (unsigned s = 0; s < 6 && !bad; s++) {
+			uint8_t *img;
+			uint64_t ilen;
+			FILE *f;
+
+			CU_ASSERT_EQUAL_FATAL(
+			    fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &ilen), 0);
+			if (check_image(img, ilen, why, sizeof(why)) < 0) {
+				fprintf(stderr, "crash image after record entry %zu: %s\n", i, why);
+				CU_FAIL("inconsistent crash image");
+			}
+			f = fopen(path, "wb");
+			CU_ASSERT_FATAL(f != NULL);
+			CU_ASSERT_EQUAL(fwrite(img, 1, ilen, f), ilen);
+			fclose(f);
+			free(img);
+			CU_ASSERT_EQUAL_FATAL(
+			    tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
+			f = fopen(raw, "rb");
+			CU_ASSERT_FATAL(f != NULL);
+			CU_ASSERT_FATAL(fseek(f, (long)off, SEEK_SET) == 0);
+			CU_ASSERT_EQUAL(fread(got, 1, len, f), len);
+			fclose(f);
+			for (uint64_t k = 0; k < len; k += 512) {
+				if (!memcmp(got + k, before + k, 512) ||
+				    !memcmp(got + k, want + k, 512))
+					continue;
+				fprintf(stderr,
+					"crash image after record entry %zu (sample %u): guest "
+					"0x%llx reads neither what it read before nor the "
+					"write in flight (0x%02x)\n",
+					i, s, (unsigned long long)(off + k), got[k]);
+				bad++;
+				break;
+			}
+		}
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	unlink(path);
+	unlink(raw);
+	free(got);
+}
+
+/*
+ * Extended L2, no backing file: a cluster zeroed without unmap keeps its
+ * host cluster and old bytes (allocation bits cleared, zero bits set). A
+ * later write into its subclusters must never let their allocation bits
+ * reach the file before their data (an early link may only do that where
+ * the host bytes are known zeroes): every crash image reads what it read
+ * before the write (zeroes) or the write, never the old bytes. Cases: a
+ * partial-cluster discard (a hint: nothing changes, the write goes in
+ * place), a whole cluster zeroed, the same after the engine was reopened,
+ * and a whole cluster freed and its host cluster reused for another guest
+ * cluster.
+ */
+static void stale_case(unsigned variant)
+{
+	const uint64_t size = 4ull << 20, cs = 16384, sc = cs / 32;
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	uint8_t old[2048], neu[2048], before[2048], zero[2048] = {0};
+	uint64_t g = 3 * cs, w = g + 5 * sc; /* guest cluster 3, subclusters 5..8 */
+	struct eng e;
+	size_t from;
+
+	memset(old, 0xa5, sizeof(old));
+	fill(neu, sizeof(neu), 0x31);
+	eng_create(&e, "cluster_size=16384,extended_l2=on", size, &o);
+	/* the cluster: allocated by this engine with subcluster 0, then 5..8 */
+	CU_ASSERT_EQUAL(eng_write(&e, g, sc, neu), 0);
+	CU_ASSERT_EQUAL(eng_write(&e, w, sizeof(old), old), 0);
+	if (variant == 3) {
+		/* the whole cluster freed; its host cluster reused by cluster 7 */
+		CU_ASSERT_EQUAL(eng_zero(&e, g, cs, false, true), 0);
+		for (int i = 0; i < 4; i++) {
+			CU_ASSERT_EQUAL(eng_flush(&e), 0);
+			run_idle(&e);
+		}
+		g = 7 * cs;
+		w = g + 5 * sc;
+		CU_ASSERT_EQUAL(eng_write(&e, g, sc, neu), 0);
+	} else {
+		/* 0: subclusters discarded, 1: the cluster zeroed, 2: and reopened */
+		int zr = variant ? eng_zero(&e, g, cs, true, false)
+				 : eng_zero(&e, w, sizeof(old), false, true);
+
+		CU_ASSERT_EQUAL(zr, 0);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	if (variant == 2) {
+		char path[1024];
+
+		snprintf(path, sizeof(path), "%s", e.path);
+		eng_close(&e);
+		CU_ASSERT_EQUAL_FATAL(fake_file_save(e.id, path), 0);
+		fake_file_drop(e.id);
+		eng_open_path(&e, path, &o);
+		CU_ASSERT_EQUAL(eng_write(&e, g, sc, neu), 0); /* the cluster known again? */
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	}
+	CU_ASSERT_EQUAL(eng_read(&e, w, sizeof(before), before), 0);
+	if (variant)
+		CU_ASSERT(memcmp(before, zero, sizeof(before)) == 0);
+	from = fake_log_count();
+	CU_ASSERT_EQUAL(eng_write(&e, w, sizeof(neu), neu), 0);
+	crash_reads_either(&e, from, w, sizeof(neu), before, neu);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
+static void test_stale_subclusters(void)
+{
+	for (unsigned v = 0; v < 4; v++)
+		stale_case(v);
+}
+
 /* Random damage to L1/L2/refcount structures: errors are fine, crashes,
  * hangs and sanitizer reports are not. */
 static void test_damage(void)
@@ -2359,6 +2497,8 @@ int main(void)
 	CU_add_test(suite, "corruption detection", test_corrupt);
 	CU_add_test(suite, "read-only", test_readonly);
 	CU_add_test(suite, "discard, zero, reuse", test_discard_reuse_and_zero);
+	CU_add_test(suite, "extended L2: discarded subclusters never read old data",
+		    test_stale_subclusters);
 	CU_add_test(suite, "damaged tables", test_damage);
 	CU_add_test(suite, "L2 prefetch: covering cache, read-only", test_prefetch_covering);
 	CU_add_test(suite, "L2 prefetch: slice dirtied during its read",
