@@ -562,6 +562,12 @@ class Frontend:
         r = self.write(off, data)
         check(r.rc == 0, "write %d+%d failed\n%s" % (off, len(data), r.describe()))
 
+    def write_zeroes(self, off, length, unmap=False, timeout=None):
+        argv = [self.fe, "write-zeroes", self.sock, off, length] + (["--unmap"] if unmap else [])
+        r = run(argv, timeout=timeout or self.timeout)
+        assert_sane_exit(r, "vqcow-fe write-zeroes %d+%d" % (off, length))
+        return r
+
     def flush(self, timeout=None):
         r = run([self.fe, "flush", self.sock], timeout=timeout or self.timeout)
         assert_sane_exit(r, "vqcow-fe flush")

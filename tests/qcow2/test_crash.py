@@ -12,7 +12,10 @@ After each kill:
 --kind procdeath-xl2 is procdeath on an extended_l2=on image, with writes of
 whole 2 KiB subclusters into a few clusters, so most of them allocate
 subclusters of a cluster already allocated: the early link (qcow2/mapping.c),
-whose L2 write runs beside the data write.
+whose L2 write runs beside the data write. Some requests zero a whole
+cluster (write-zeroes, with or without unmap): without unmap it keeps its
+host cluster and old bytes behind cleared allocation bits, which a later
+write into its subclusters must never show (they are not known zeroes).
 
 --kind procdeath is the other kind of crash (DESIGN.md "Two kinds of
 crash"): only the process dies, the host's page cache stays, so EVERY
@@ -175,7 +178,7 @@ def one_round(rnd, img, model, rng, next_id):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    ops = acked = flushes = 0
+    ops = acked = flushes = zeroes = 0
     try:
         while not killed.is_set() and ops < 400:
             if not pdeath and rng.random() < 0.25:
@@ -189,6 +192,21 @@ def one_round(rnd, img, model, rng, next_id):
                 flushes += 1
                 continue
             kind = rng.random()
+            if xl2 and kind < 0.06:
+                # a whole cluster zeroed (acknowledged: reads zeroes after a death)
+                off = rng.randrange(0, 48) * 65536
+                model.write_issued(0, off, 65536)  # id 0: zeroes
+                ops += 1
+                r = fe.write_zeroes(off, 65536, unmap=kind < 0.03)
+                if r.rc != 0:
+                    time.sleep(0.05)
+                    check(killed.is_set() or not d.alive(),
+                          "round %d: write-zeroes %d failed while vqcowd was alive\n%s"
+                          % (rnd, off, r.describe()))
+                    break
+                model.write_acked(0, off, 65536, durable=True)
+                zeroes += 1
+                continue
             if xl2:
                 # whole subclusters, mostly of clusters written before
                 ln = rng.randrange(1, 5) * 2048 if kind < 0.95 else 65536
@@ -236,8 +254,8 @@ def one_round(rnd, img, model, rng, next_id):
     if d.rc != -9:
         log("round %d: vqcowd ended with status %s before the kill\n%s" % (rnd, d.rc, d.log()))
         check(d.rc == -9, "round %d: vqcowd exited on its own (status %s)" % (rnd, d.rc))
-    log("round %d: killed after %.2fs: %d writes issued, %d acknowledged, %d flushes"
-        % (rnd, delay, ops, acked, flushes))
+    log("round %d: killed after %.2fs: %d writes issued, %d acknowledged, %d flushes, "
+        "%d clusters zeroed" % (rnd, delay, ops, acked, flushes, zeroes))
     if lazy_dirty(img):
         # lazy refcounts: the refcounts may be stale by design; vqcow-img repairs
         # them (what vqcowd or QEMU would do on the next open)
