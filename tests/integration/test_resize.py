@@ -15,7 +15,9 @@ real QMP client and vqcow-fe as the frontend, qemu-img/qemu-io as the oracle.
   * a resize while a vqcow-fe bench writes (no error, no stall over 1 s; a
     stall's message says whether vqcowd itself held a request that long, from
     its latency histogram, and what the machine did meanwhile: a sleeping
-    thread's worst oversleep, a growing file's worst fdatasync);
+    thread's worst oversleep, a growing file's worst append and fdatasync;
+    a stall while the disk alone took >= 0.1 s runs the part once more on a
+    fresh image, and a second stall fails);
   * refusals with clear errors: shrinking, an unaligned size, a v2 image with
     internal snapshots (QEMU's text), and the image untouched after each; an
     image with a persistent dirty bitmap grows;
@@ -222,6 +224,12 @@ def test_refusals(vqcowd, fe_bin, work):
 
 SLOW_NS = 10 ** 8  # 0.1 s
 STALL_NS = 10 ** 9  # 1 s: a guest request this slow is a stall
+# The shared machine's disk alone was seen to hold a 4 KiB O_DIRECT append
+# for 1.5 s and an fdatasync for 0.7 s; an allocating guest write waits for
+# up to 5 fdatasyncs in a row (7 while a grow is written back), the same on
+# bc716b1, so 0.1 s of the disk's own is enough for a stall: then the part
+# runs once more on a fresh image, and a second stall fails.
+MACHINE_DISK_STALL_S = 0.1
 
 
 class MachineProbe:
@@ -235,6 +243,7 @@ class MachineProbe:
         self.path = os.path.join(work, "probe.dat")
         self.stopping = threading.Event()
         self.oversleep = 0.0
+        self.write = 0.0
         self.sync = 0.0
         self.threads = []
 
@@ -253,11 +262,13 @@ class MachineProbe:
         off = 0
         try:
             while not self.stopping.is_set():
+                t = time.monotonic()
                 os.pwrite(fd, buf, off)
                 off += 4096
-                t = time.monotonic()
+                u = time.monotonic()
                 os.fdatasync(fd)
-                self.sync = max(self.sync, time.monotonic() - t)
+                self.write = max(self.write, u - t)
+                self.sync = max(self.sync, time.monotonic() - u)
                 self.stopping.wait(0.05)
         finally:
             os.close(fd)
@@ -275,16 +286,34 @@ class MachineProbe:
             t.join(10)
         self.threads = []
 
+    def disk_stalled(self):
+        """The disk alone took long: a 4 KiB write or its fdatasync."""
+        return max(self.write, self.sync) >= MACHINE_DISK_STALL_S
+
     def report(self):
-        return ("the machine meanwhile: worst oversleep of a 10 ms sleep %.0f ms, worst "
-                "fdatasync of a growing file %.0f ms" % (self.oversleep * 1000, self.sync * 1000))
+        return ("the machine meanwhile: worst oversleep of a 10 ms sleep %.0f ms, worst 4 KiB "
+                "O_DIRECT append %.0f ms and fdatasync %.0f ms"
+                % (self.oversleep * 1000, self.write * 1000, self.sync * 1000))
 
 
 def test_under_io(vqcowd, fe_bin, work):
+    for attempt in (1, 2):
+        stall, probe = under_io_once(vqcowd, fe_bin, work, attempt)
+        if not stall:
+            log("ok: 4 resizes while a bench ran: no error, no stall, image clean")
+            return
+        check(attempt == 1 and probe.disk_stalled(), stall)
+        log("under I/O: %s; the disk alone stalled meanwhile: once more on a fresh image"
+            % stall.split("; vqcowd's log")[0])
+
+
+def under_io_once(vqcowd, fe_bin, work, attempt):
+    """(None, probe), or (what stalled, probe): the image is checked either way."""
     m = 1 << 20
-    path = os.path.join(work, "io.qcow2")
+    path = os.path.join(work, "io%d.qcow2" % attempt)
     img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, 16 * m)
-    d = Daemon(vqcowd, work, path, "io")
+    d = Daemon(vqcowd, work, path, "io%d" % attempt)
+    stall = None
     probe = MachineProbe(work)
     try:
         q = Qmp(d.qsock)
@@ -312,10 +341,11 @@ def test_under_io(vqcowd, fe_bin, work):
                                                                      ("write", "wr"))}
         for k in ("read", "write"):
             check(res[k]["ios"] > 0 and res[k]["errors"] == 0, "bench %s: %r" % (k, res[k]))
-            check(res[k]["lat_us"]["max"] < STALL_NS / 1000,
-                  "I/O stalled during the resize: %s max %.0f us; vqcowd's own latencies "
-                  "(< 0.1 s, < 1 s, >= 1 s): %r; %s; vqcowd's log:\n%s"
-                  % (k, res[k]["lat_us"]["max"], seen[k], probe.report(), d.log()[-3000:]))
+            if res[k]["lat_us"]["max"] >= STALL_NS / 1000 and not stall:
+                stall = ("I/O stalled during the resize: %s max %.0f us; vqcowd's own "
+                         "latencies (< 0.1 s, < 1 s, >= 1 s): %r; %s; vqcowd's log:\n%s"
+                         % (k, res[k]["lat_us"]["max"], seen[k], probe.report(),
+                            d.log()[-3000:]))
         log("under I/O: bench max read %.0f us, write %.0f us; vqcowd's own latencies "
             "(< 0.1 s, < 1 s, >= 1 s): read %r, write %r; %s"
             % (res["read"]["lat_us"]["max"], res["write"]["lat_us"]["max"], seen["read"],
@@ -331,7 +361,7 @@ def test_under_io(vqcowd, fe_bin, work):
         raise
     check_clean(path, "under I/O")
     check(info(path)["virtual-size"] == new, "size after resizes under I/O")
-    log("ok: 4 resizes while a bench ran: no error, no stall, image clean")
+    return stall, probe
 
 
 def test_kill_after(vqcowd, fe_bin, work):
