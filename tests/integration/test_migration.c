@@ -311,6 +311,389 @@ static void t_threads(void)
 	finish(dir, img, &dl);
 }
 
+/*
+ * "dirty": the detector of device writes that a migration would lose, with
+ * no VM. QEMU copies guest memory while the device runs and trusts the
+ * dirty log for what the device wrote; after GET_VRING_BASE of every ring it
+ * syncs the log one last time and copies the rest. So:
+ *  (1) every page the device changed is marked in the log (read data on the
+ *      fast path, through a hop, from compressed, zero and backing clusters,
+ *      through io/'s bounce buffers; GET_ID; status bytes; the used ring);
+ *  (2) no guest memory changes once GET_VRING_BASE answered for both rings.
+ * Guest memory is compared page by page with a snapshot taken once the
+ * requests are in the rings but not yet published (vqfe_vq_hold): from then
+ * on the front-end itself only writes its avail rings, which are left out.
+ * Both rings are stopped the way QEMU stops them at the switchover (ring 0,
+ * then ring 1), right after the kick or a moment later, while requests of
+ * every kind are in flight on both; then the memory is compared again after
+ * a pause. Default threads (the main thread serves queue 0 on the owner's
+ * path, an I/O thread queue 1 with the fast path), and --io-threads 1, 2, 3.
+ */
+#define DQ      2           /* queues */
+#define DQSIZE  128         /* descriptors and slots per queue */
+#define DBATCH  24          /* requests per queue and round */
+#define DROUNDS 24          /* rounds per daemon */
+#define DMAXLEN (96 * 1024) /* largest request */
+
+struct mem_snap {
+	uint8_t *buf[VQFE_MAX_REGIONS];
+	uint64_t gpa[VQFE_MAX_REGIONS], size[VQFE_MAX_REGIONS];
+	unsigned n;
+};
+
+static void snap_take(struct vqfe *fe, struct mem_snap *s)
+{
+	for (unsigned i = 0; i < s->n; i++)
+		memcpy(s->buf[i], vqfe_gpa(fe, s->gpa[i], s->size[i]), s->size[i]);
+}
+
+static void snap_init(struct vqfe *fe, struct mem_snap *s)
+{
+	memset(s, 0, sizeof(*s));
+	while (s->n < VQFE_MAX_REGIONS &&
+	       vqfe_region(fe, s->n, &s->gpa[s->n], &s->size[s->n]) == 0) {
+		s->buf[s->n] = malloc(s->size[s->n]);
+		CU_ASSERT_FATAL(s->buf[s->n] != NULL);
+		s->n++;
+	}
+}
+
+static void snap_free(struct mem_snap *s)
+{
+	for (unsigned i = 0; i < s->n; i++)
+		free(s->buf[i]);
+}
+
+/* The avail ring pages: written by the front-end while the device runs. */
+static bool fe_page(struct vqfe *fe, uint64_t pg)
+{
+	for (unsigned q = 0; q < DQ; q++) {
+		uint64_t d, a, u, end;
+
+		vqfe_vq_addrs(vqfe_vq(fe, q), &d, &a, &u);
+		end = a + 6 + 2ull * DQSIZE;
+		if (pg >= a / 4096 && pg <= (end - 1) / 4096)
+			return true;
+	}
+	return false;
+}
+
+/* What lies at @gpa, for the failure message. */
+static const char *what_at(struct vqfe *fe, struct vqfe_req *reqs, unsigned nreq, uint64_t pg,
+			   char *buf, size_t len)
+{
+	for (unsigned q = 0; q < DQ; q++) {
+		uint64_t d, a, u;
+
+		vqfe_vq_addrs(vqfe_vq(fe, q), &d, &a, &u);
+		if (pg == u / 4096) {
+			snprintf(buf, len, "ring %u's used ring", q);
+			return buf;
+		}
+	}
+	for (unsigned i = 0; i < nreq; i++) {
+		struct vqfe_req *r = &reqs[i];
+
+		if (vqfe_req_status_gpa(fe, r) / 4096 == pg) {
+			snprintf(buf, len, "status page of request type %u sector %llu queue %u",
+				 r->type, (unsigned long long)r->sector, r->q);
+			return buf;
+		}
+	}
+	snprintf(buf, len, "a data page?");
+	return buf;
+}
+
+/*
+ * Pages that differ between @a and guest memory now (@b NULL) or @b; with
+ * @dl, only those not marked in the log count. Returns the count; the first
+ * few are printed with @what.
+ */
+static unsigned snap_diff(struct vqfe *fe, const struct mem_snap *a, const struct mem_snap *b,
+			  const struct dirty_log *dl, struct vqfe_req *reqs, unsigned nreq,
+			  const char *what, unsigned *changed)
+{
+	unsigned bad = 0;
+	char wbuf[128];
+
+	for (unsigned i = 0; i < a->n; i++) {
+		const uint8_t *now = b ? b->buf[i] : vqfe_gpa(fe, a->gpa[i], a->size[i]);
+
+		for (uint64_t off = 0; off < a->size[i]; off += 4096) {
+			uint64_t gpa = a->gpa[i] + off, pg = gpa / 4096;
+			size_t n = a->size[i] - off < 4096 ? (size_t)(a->size[i] - off) : 4096;
+
+			if (!memcmp(a->buf[i] + off, now + off, n) || fe_page(fe, pg))
+				continue;
+			if (changed)
+				(*changed)++;
+			if (dl && pg / 8 < dl->size && (dl->map[pg / 8] & (1u << (pg % 8))))
+				continue;
+			if (bad++ < 5)
+				fprintf(stderr, "  %s: guest page 0x%llx (%s)\n", what,
+					(unsigned long long)gpa,
+					what_at(fe, reqs, nreq, pg, wbuf, sizeof(wbuf)));
+		}
+	}
+	return bad;
+}
+
+/* SET_VRING_ADDR with VHOST_VRING_F_LOG: QEMU's way of asking for the used
+ * ring's writes in the log once a migration starts. */
+static void log_rings(struct vqfe *fe)
+{
+	for (unsigned q = 0; q < DQ; q++) {
+		struct {
+			uint32_t index, flags;
+			uint64_t desc, used, avail, log;
+		} a;
+		uint64_t d, av, u;
+
+		vqfe_vq_addrs(vqfe_vq(fe, q), &d, &av, &u);
+		a.index = q;
+		a.flags = 1; /* VHOST_VRING_F_LOG */
+		a.desc = vqfe_uaddr(fe, d);
+		a.used = vqfe_uaddr(fe, u);
+		a.avail = vqfe_uaddr(fe, av);
+		a.log = u;
+		CU_ASSERT_EQUAL(
+		    vqfe_call(fe, VHOST_USER_SET_VRING_ADDR, &a, sizeof(a), NULL, 0, true, NULL, 0),
+		    0);
+	}
+}
+
+/* A request of the mix, drawn with @rnd (the image: dirty_image()). */
+static struct vqfe_req mixed_req(uint64_t *rnd)
+{
+	static const uint32_t lens[] = {512, 4096, 8192, 12288, 65536, DMAXLEN, 4096 + 512};
+	struct vqfe_req r = {0};
+	uint64_t x;
+	unsigned k;
+
+	*rnd = *rnd * 6364136223846793005ull + 1442695040888963407ull;
+	x = *rnd >> 16;
+	k = (unsigned)(x % 100);
+	r.len = lens[(x >> 8) % (sizeof(lens) / sizeof(lens[0]))];
+	/* 0-24M: data, compressed, zero, backing data, backing unallocated
+	 * (6 areas of 4M); 32M-48M: written, zeroed, discarded */
+	if (k < 55) {
+		r.type = VIRTIO_BLK_T_IN;
+		r.sector = ((x >> 16) % (24 * MiB - r.len)) / 512;
+	} else if (k < 65) {
+		r.type = VIRTIO_BLK_T_IN;
+		r.sector = (32 * MiB + (x >> 16) % (16 * MiB - r.len)) / 512;
+	} else if (k < 80) {
+		r.type = VIRTIO_BLK_T_OUT;
+		r.sector = (32 * MiB + (x >> 16) % (16 * MiB - r.len)) / 512;
+		if (k < 70) /* into the compressed clusters: COW on the owner */
+			r.sector = (4 * MiB + (x >> 16) % (4 * MiB - r.len)) / 512;
+	} else if (k < 85) {
+		r.type = VIRTIO_BLK_T_WRITE_ZEROES;
+		r.sector = (32 * MiB + (x >> 16) % (16 * MiB - r.len)) / 512;
+	} else if (k < 90) {
+		r.type = VIRTIO_BLK_T_DISCARD;
+		r.sector = (32 * MiB + ((x >> 16) % (16 * MiB - r.len) & ~(65535ull))) / 512;
+	} else if (k < 95) {
+		r.type = VIRTIO_BLK_T_GET_ID;
+		r.len = VIRTIO_BLK_ID_BYTES;
+	} else {
+		r.type = VIRTIO_BLK_T_FLUSH;
+		r.len = 0;
+	}
+	/* odd splits: buffers off the O_DIRECT alignment (io/'s bounce copy) */
+	if (r.len && (x >> 40) % 4 == 0)
+		r.segs = 3;
+	if ((x >> 42) % 2)
+		r.layout = VQFE_L_INDIRECT;
+	if (r.type == VIRTIO_BLK_T_DISCARD || r.type == VIRTIO_BLK_T_WRITE_ZEROES) {
+		r.segs = 0;
+		r.len = 0; /* built below: one segment */
+	}
+	return r;
+}
+
+static void dirty_image(const char *dir, char *img, size_t imgsz)
+{
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s/base.qcow2 64M && "
+				    "qemu-io -f qcow2 -c 'write -P 0x5b 12M 4M' %s/base.qcow2 "
+				    ">/dev/null",
+				    dir, dir),
+			      0);
+	snprintf(img, imgsz, "%s/disk.qcow2", dir);
+	CU_ASSERT_EQUAL_FATAL(
+	    tu_sh("qemu-img create -q -f qcow2 -b %s/base.qcow2 -F qcow2 %s 64M && "
+		  "qemu-io -f qcow2 -c 'write -P 0x11 0 4M' -c 'write -c -P 0x22 4M 4M' "
+		  "-c 'write -z 8M 4M' -c 'write -P 0x33 32M 8M' %s >/dev/null",
+		  dir, img, img),
+	    0);
+}
+
+/* One daemon (@opt @val: one more option, NULL for none; @inflight: the
+ * INFLIGHT_SHMFD region as QEMU's vhost-user-blk uses it): warm up, start
+ * the log, then DROUNDS rounds of (1) and (2). */
+static void dirty_run(const char *img, const char *opt, const char *val, bool inflight)
+{
+	static uint8_t wdata[DMAXLEN], got[DMAXLEN];
+	static struct vqfe_req reqs[DQ * DBATCH];
+	static struct virtio_blk_discard_write_zeroes segs[DQ * DBATCH];
+	struct mem_snap s0, s1, s2;
+	struct vqfe_opts fo;
+	struct dirty_log dl;
+	uint64_t rnd = 12345;
+	unsigned bad1 = 0, bad2 = 0, changed = 0, nreq = 0;
+
+	fprintf(stderr, "dirty: %s %s%s\n", opt ? opt : "default options", val ? val : "",
+		inflight ? ", inflight region" : "");
+	START(a, .num_queues = DQ, .extra = {"--format", "qcow2", "--blk-file", img, opt, val});
+	itest_fe_opts(&fo);
+	fo.inflight = inflight;
+	fo.num_queues = DQ;
+	fo.queue_size = DQSIZE;
+	fo.data_size = DMAXLEN;
+	CONNECT(fa, a, &fo);
+	itest_fill(wdata, sizeof(wdata), 77);
+	/* Warm up: every cluster read on both queues, so queue 1's thread finds
+	 * the mappings published (fast path) where it has one. */
+	for (unsigned q = 0; q < DQ; q++)
+		for (uint64_t off = 0; off < 48 * MiB; off += 65536)
+			CU_ASSERT_EQUAL(vqfe_read(fa, q, off, got, 65536), 0);
+	log_start(fa, &dl);
+	log_rings(fa);
+	snap_init(fa, &s0);
+	snap_init(fa, &s1);
+	snap_init(fa, &s2);
+	for (unsigned round = 0; round < DROUNDS; round++) {
+		bool stop = round % 2;
+		uint32_t base[DQ];
+
+		/* the requests in the rings, not yet published */
+		nreq = 0;
+		for (unsigned q = 0; q < DQ; q++) {
+			vqfe_vq_hold(vqfe_vq(fa, q), true);
+			for (unsigned i = 0; i < DBATCH; i++) {
+				struct vqfe_req *r = &reqs[nreq];
+
+				*r = mixed_req(&rnd);
+				if (r->type == VIRTIO_BLK_T_OUT) {
+					r->buf = wdata;
+				} else if (r->type == VIRTIO_BLK_T_DISCARD ||
+					   r->type == VIRTIO_BLK_T_WRITE_ZEROES) {
+					segs[nreq] = (struct virtio_blk_discard_write_zeroes){
+					    htole64(r->sector), htole32(128),
+					    htole32(r->type == VIRTIO_BLK_T_WRITE_ZEROES &&
+							    (rnd >> 20) % 2
+							? VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+							: 0)};
+					r->sector = 0;
+					r->buf = &segs[nreq];
+					r->len = sizeof(segs[nreq]);
+				}
+				if (vqfe_submit(fa, q, r) < 0) {
+					fprintf(stderr, "dirty: submit: %s\n",
+						vqfe_vq_strerror(vqfe_vq(fa, q)));
+					CU_FAIL_FATAL("submit");
+				}
+				nreq++;
+			}
+		}
+		snap_take(fa, &s0);
+		memset(dl.map, 0, dl.size);
+		for (unsigned q = 0; q < DQ; q++) {
+			vqfe_vq_hold(vqfe_vq(fa, q), false);
+			CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fa, q), true), 0);
+		}
+		if (!stop) {
+			for (unsigned q = 0; q < DQ; q++)
+				CU_ASSERT_EQUAL(vqfe_drain(fa, q), 0);
+			/* (1) */
+			bad1 += snap_diff(fa, &s0, NULL, &dl, reqs, nreq, "changed, not logged",
+					  &changed);
+			continue;
+		}
+		/* The switchover: ring 0, then ring 1, as QEMU stops them; right
+		 * after the kick, or once the threads are busy with the batch. */
+		if (round % 4 == 3)
+			usleep(200 + (unsigned)(rnd >> 30) % 2000);
+		for (unsigned q = 0; q < DQ; q++)
+			CU_ASSERT_EQUAL_FATAL(vqfe_vq_stop(fa, q, &base[q]), 0);
+		snap_take(fa, &s1);
+		/* (1), up to the replies */
+		bad1 += snap_diff(fa, &s0, &s1, &dl, reqs, nreq, "changed, not logged", &changed);
+		/* (2): nothing moves after them */
+		usleep(100000);
+		snap_take(fa, &s2);
+		bad2 +=
+		    snap_diff(fa, &s1, &s2, NULL, reqs, nreq, "changed after GET_VRING_BASE", NULL);
+		for (unsigned q = 0; q < DQ; q++) {
+			/* everything popped is in the used ring */
+			CU_ASSERT_EQUAL((uint16_t)base[q],
+					le16toh(vqfe_vq_used(vqfe_vq(fa, q))->idx));
+			/* the rest runs once the ring is back (a failed migration) */
+			CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fa, q, base[q]), 0);
+		}
+		log_rings(fa);
+		for (unsigned q = 0; q < DQ; q++) {
+			CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fa, q), true), 0);
+			CU_ASSERT_EQUAL(vqfe_drain(fa, q), 0);
+		}
+	}
+	for (unsigned i = 0; i < nreq; i++)
+		CU_ASSERT_EQUAL(reqs[i].status, VIRTIO_BLK_S_OK);
+	fprintf(stderr,
+		"dirty: %u pages changed by the device; %u of them not logged; %u "
+		"changed after GET_VRING_BASE\n",
+		changed, bad1, bad2);
+	CU_ASSERT(changed >= DROUNDS * 8);
+	CU_ASSERT_EQUAL(bad1, 0);
+	CU_ASSERT_EQUAL(bad2, 0);
+	snap_free(&s0);
+	snap_free(&s1);
+	snap_free(&s2);
+	vqfe_close(fa);
+	CU_ASSERT_EQUAL(itest_signal_wait(&a, SIGTERM, 20000), 0);
+	{
+		/* The I/O thread served queue 1 itself and through hops. */
+		unsigned long long hits = 0, hops = 0;
+		char line[512];
+		FILE *f = fopen(a.log, "r");
+
+		CU_ASSERT_FATAL(f != NULL);
+		while (fgets(line, sizeof(line), f)) {
+			const char *p = strstr(line, "fast path: ");
+
+			if (p)
+				sscanf(p, "fast path: %llu hits, %llu hops", &hits, &hops);
+		}
+		fclose(f);
+		fprintf(stderr, "dirty: fast path: %llu hits, %llu hops\n", hits, hops);
+		if (!opt || strcmp(val, "1"))
+			CU_ASSERT(hits > 0 && hops > 0);
+	}
+	STOP(a);
+	munmap(dl.map, dl.size);
+	close(dl.fd);
+}
+
+static void t_dirty(void)
+{
+	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64];
+	static const struct {
+		const char *opt, *val;
+		bool inflight;
+	} runs[] = {{NULL, NULL, true},
+		    {"--io-threads", "1", false},
+		    {"--io-threads", "2", true},
+		    {"--io-threads", "3", false},
+		    {"--poll-ns", "50000", false}};
+
+	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
+	dirty_image(dir, img, sizeof(img));
+	for (unsigned i = 0; i < sizeof(runs) / sizeof(runs[0]); i++)
+		dirty_run(img, runs[i].opt, runs[i].val, runs[i].inflight);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
+	tu_sh("rm -rf %s", dir);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -321,6 +704,7 @@ static void add_suites(void)
 		skip = "qemu-img not installed";
 	tu_add_test(s, "handoff", t_handoff, skip);
 	tu_add_test(s, "threads", t_threads, skip);
+	tu_add_test(s, "dirty", t_dirty, skip);
 }
 
 int main(int argc, char **argv)
