@@ -529,7 +529,8 @@ static void dirty_image(const char *dir, char *img, size_t imgsz)
 }
 
 /* One daemon (@opt @val: one more option, NULL for none; @inflight: the
- * INFLIGHT_SHMFD region as QEMU's vhost-user-blk uses it): warm up, start
+ * INFLIGHT_SHMFD region as QEMU's vhost-user-blk uses it, and two memory
+ * regions): warm up, start
  * the log, then DROUNDS rounds of (1) and (2). */
 static void dirty_run(const char *img, const char *opt, const char *val, bool inflight)
 {
@@ -543,13 +544,20 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 	unsigned bad1 = 0, bad2 = 0, changed = 0, nreq = 0;
 
 	fprintf(stderr, "dirty: %s %s%s\n", opt ? opt : "default options", val ? val : "",
-		inflight ? ", inflight region" : "");
+		inflight ? ", inflight region, two memory regions" : "");
 	START(a, .num_queues = DQ, .extra = {"--format", "qcow2", "--blk-file", img, opt, val});
 	itest_fe_opts(&fo);
 	fo.inflight = inflight;
 	fo.num_queues = DQ;
 	fo.queue_size = DQSIZE;
 	fo.data_size = DMAXLEN;
+	if (inflight) {
+		/* and guest memory in two regions of one memfd with a hole
+		 * between them, as QEMU hands its guest RAM over in several:
+		 * a buffer's page is found by the reverse lookup of its region */
+		fo.num_regions = 2;
+		fo.gpa_hole = 1 * MiB;
+	}
 	CONNECT(fa, a, &fo);
 	itest_fill(wdata, sizeof(wdata), 77);
 	/* Warm up: every cluster read on both queues, so queue 1's thread finds
