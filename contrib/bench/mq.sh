@@ -28,7 +28,8 @@
 # the load. QSD10=PATH names qemu-storage-daemon 10 (default: what
 # contrib/bench/qsd10.sh prints, fetched if needed); 10.0 is skipped when it
 # cannot be had. CELLS="..." and KINDS="..." run a subset (read-zlib-1q runs
-# only with read-zlib). read-full-qd1 (not in the default cells): the full
+# with read-zlib, whatever KINDS holds; the tables, made by mqtable.py from
+# the run lines, leave out the ratios whose kinds did not run). read-full-qd1 (not in the default cells): the full
 # image, 2 queues x QD1, for the latency of a lightly loaded daemon (each
 # run's line ends with the mean and p99 latency in us). VQCOWD_ARGS="..."
 # adds options to both vqcowd kinds; an A/B of two builds or options: the
@@ -228,6 +229,17 @@ print("%s %s %s %s %.0f %.2f %s %s %.1f %.1f fe=%.2f" % (sys.argv[7], cell, kind
 kinds="vqcowd-1 vqcowd-2 qsd-7.2"
 [ -n "$qsd10" ] && kinds="$kinds qsd-10"
 kinds=${KINDS:-$kinds}
+for k in $kinds; do
+	case $k in
+	vqcowd-1 | vqcowd-2 | alt-1 | alt-2 | qsd-7.2) ;;
+	qsd-10)
+		[ -n "$qsd10" ] && continue
+		echo "mq.sh: qemu-storage-daemon 10.0 cannot be had (qsd10.sh, QSD10): qsd-10 left out" >&2
+		kinds=$(echo " $kinds " | sed 's/ qsd-10 / /')
+		;;
+	*) echo "mq.sh: unknown kind '$k' in KINDS (vqcowd-1 vqcowd-2 qsd-7.2 qsd-10 alt-1 alt-2)" >&2; exit 2 ;;
+	esac
+done
 cells=${CELLS:-"read-full read-zlib read-prealloc seqread-zlib write-empty write-overlay"}
 touch "$tmp/results"
 for REP in $(seq "$reps"); do
@@ -245,107 +257,11 @@ for REP in $(seq "$reps"); do
 done
 for mode in $fe_modes; do
 	[ "$fe_modes" = "$mode" ] || printf '\n### client: vqcow-fe bench --threads %s\n' "$mode"
-	python3 - "$tmp/results" "$kinds" "$mode" <<'EOF'
-import sys, statistics, collections
-res = collections.defaultdict(dict)
-want = sys.argv[3]
-for line in open(sys.argv[1]):
-    rep, cell, kind, mode, iops, cpu, lb, la, lat, p99, fecpu = line.split()
-    if mode != want and cell != "read-zlib-1q":
-        continue
-    res[(cell, kind)][rep] = (float(iops), float(cpu), float(lb), float(la), float(lat),
-                              float(p99), float(fecpu[3:]))
-kinds = sys.argv[2].split()
-cells = []
-for cell, _ in res:
-    if cell not in cells:
-        cells.append(cell)
-def med(cell, kind, i):
-    v = res.get((cell, kind))
-    return statistics.median(x[i] for x in v.values()) if v else float("nan")
-print()
-def ratio(c, a, b, i=0):
-    # per repetition (the runs of a and b in the same repetition), then the median
-    x, y = res.get((c, a), {}), res.get((c, b), {})
-    q = [x[r][i] / y[r][i] for r in x if r in y and y[r][i] > 0]
-    if not q:
-        return "–"
-    return "%.2fx (%.2f-%.2f)" % (statistics.median(q), min(q), max(q))
-print("| cell (2 queues, QD32 each, 4K) | " + " | ".join(kinds) +
-      " | vqcowd-2 / vqcowd-1 | vqcowd-2 / qsd-10 | vqcowd-2 / qsd-7.2 |" +
-      " CPU/IO vqcowd-2 / vqcowd-1 | load1 |")
-print("|---" * (len(kinds) + 6) + "|")
-for c in cells:
-    row = ["%.0f (%.1f us)" % (med(c, k, 0), med(c, k, 1)) if (c, k) in res else "–"
-           for k in kinds]
-    loads = [x for k in kinds for r in res.get((c, k), {}).values() for x in r[2:4]]
-    print("| %s | %s | %s | %s | %s | %s | %.1f-%.1f |" % (
-        c, " | ".join(row), ratio(c, "vqcowd-2", "vqcowd-1"), ratio(c, "vqcowd-2", "qsd-10"),
-        ratio(c, "vqcowd-2", "qsd-7.2"), ratio(c, "vqcowd-2", "vqcowd-1", 1),
-        min(loads), max(loads)))
-if "alt-2" in kinds:
-    print()
-    print("| cell | alt-2 / vqcowd-2 IOPS | alt-2 / vqcowd-2 CPU/IO | CPU/IO alt-2 / alt-1 |"
-          " CPU/IO vqcowd-2 / vqcowd-1 | mean lat us vqcowd-1, vqcowd-2, alt-1, alt-2 |")
-    print("|---" * 6 + "|")
-    for c in cells:
-        print("| %s | %s | %s | %s | %s | %s |" % (
-            c, ratio(c, "alt-2", "vqcowd-2"), ratio(c, "alt-2", "vqcowd-2", 1),
-            ratio(c, "alt-2", "alt-1", 1), ratio(c, "vqcowd-2", "vqcowd-1", 1),
-            ", ".join("%.1f" % med(c, k, 4) for k in ("vqcowd-1", "vqcowd-2", "alt-1", "alt-2"))))
-z1 = res.get(("read-zlib-1q", "vqcowd-1"), {})
-z2 = res.get(("read-zlib", "vqcowd-2"), {})
-q = [z2[r][0] / z1[r][0] for r in z1 if r in z2 and z1[r][0] > 0]
-if q:
-    print()
-    print("read-zlib vqcowd-2 (2 queues) / read-zlib-1q vqcowd-1 (1 queue): %.2fx (%.2f-%.2f)" % (
-        statistics.median(q), min(q), max(q)))
-print()
-print("IOPS median of the repetitions (backend CPU time per I/O); ratios of IOPS (and of")
-print("the CPU time per I/O) per repetition, median (range); load1: the 1-minute load average")
-print("before and after each run, range. Client: vqcow-fe bench --threads %s; its own CPU" % want)
-print("time per I/O, median: " + ", ".join(
-    "%s %s %.2f us" % (c, k, med(c, k, 6)) for c in cells for k in kinds if (c, k) in res) + ".")
-EOF
+	python3 "$repo/contrib/bench/mqtable.py" "$tmp/results" "$kinds" "$mode"
 done
 if [ "$fe_modes" != "${fe_modes%% *}" ]; then
 	printf '\n### client modes compared (per-queue / one, per repetition)\n\n'
-	python3 - "$tmp/results" "$kinds" <<'EOF'
-import sys, statistics, collections
-res = collections.defaultdict(dict)
-for line in open(sys.argv[1]):
-    rep, cell, kind, mode, iops, cpu, lb, la, lat, p99, fecpu = line.split()
-    res[(cell, kind, mode)][rep] = (float(iops), float(cpu), float(fecpu[3:]))
-kinds = sys.argv[2].split()
-cells = []
-for cell, _, _ in res:
-    if cell not in cells and cell != "read-zlib-1q":
-        cells.append(cell)
-def q(c, ka, ma, kb, mb, i):
-    # the runs of the same repetition, then the median (range)
-    x, y = res.get((c, ka, ma), {}), res.get((c, kb, mb), {})
-    return [x[r][i] / y[r][i] for r in x if r in y and y[r][i] > 0]
-def fmt(v):
-    return "%.2fx (%.2f-%.2f)" % (statistics.median(v), min(v), max(v)) if v else "–"
-print("| cell | backend | IOPS per-queue / one | CPU/IO per-queue / one |"
-      " client CPU/IO per-queue / one |")
-print("|---" * 5 + "|")
-for c in cells:
-    for k in kinds:
-        print("| %s | %s | %s | %s | %s |" % (c, k, fmt(q(c, k, "per-queue", k, "one", 0)),
-              fmt(q(c, k, "per-queue", k, "one", 1)), fmt(q(c, k, "per-queue", k, "one", 2))))
-if "vqcowd-1" in kinds and "vqcowd-2" in kinds:
-    print()
-    print("| cell | IOPS vqcowd-2 / vqcowd-1, per-queue | one |"
-          " CPU/IO vqcowd-2 / vqcowd-1, per-queue | one |")
-    print("|---" * 5 + "|")
-    for c in cells:
-        print("| %s | %s | %s | %s | %s |" % (c,
-              fmt(q(c, "vqcowd-2", "per-queue", "vqcowd-1", "per-queue", 0)),
-              fmt(q(c, "vqcowd-2", "one", "vqcowd-1", "one", 0)),
-              fmt(q(c, "vqcowd-2", "per-queue", "vqcowd-1", "per-queue", 1)),
-              fmt(q(c, "vqcowd-2", "one", "vqcowd-1", "one", 1))))
-EOF
+	python3 "$repo/contrib/bench/mqtable.py" --modes "$tmp/results" "$kinds"
 fi
 echo "mq.sh: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ $guest = 1 ]; then
