@@ -806,14 +806,16 @@ static void publish_read(struct q2img *m, const struct qcow2_extent *x, int n)
  * L2 slice too (what the engine knows without waiting), so the threads' next
  * reads nearby (a sequential read, the first touches of a random one) need
  * no hop of their own. Not once the table is out of budget (every miss
- * would map the slice again).
+ * would map the slice again), unless the slice's first page is there: the
+ * read's own entries may have taken the last page of the budget (a disk
+ * whose table fits its budget exactly would keep that page sparse).
  */
 static void publish_slice(struct q2img *m, uint64_t off)
 {
 	struct qcow2_extent x[32];
 	uint64_t span = m->slice_cl << m->cb, pos = off & ~(span - 1), end = pos + span;
 
-	if (!m->slice_cl || m->ft_npages >= m->ft_maxpages)
+	if (!m->slice_cl || (m->ft_npages >= m->ft_maxpages && !ft_page(m, pos >> m->cb)))
 		return;
 	if (end > qcow2_size(m->q))
 		end = qcow2_size(m->q);
