@@ -120,6 +120,9 @@ struct img_cache_stats {
 	/* requests submitted on other threads (mt_submit): served there (a
 	 * cached, allocated mapping) or handed to the image's thread */
 	uint64_t fast_hits, fast_hops;
+	/* the fast table the owner publishes for them: bytes of its pages and
+	 * their array, the most its pages may take, entries set */
+	uint64_t fast_table_size, fast_table_budget, fast_table_entries;
 };
 
 struct img_grow;

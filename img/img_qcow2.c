@@ -363,6 +363,7 @@ struct q2img {
 	unsigned ft_nold;
 	uint64_t slice_cl; /* guest clusters per L2 slice (publish_slice) */
 	size_t ft_npages, ft_maxpages;
+	uint64_t ft_entries;      /* entries set (owner; query-blockstats' fast-table-entries) */
 	unsigned fmode;           /* atomic: FM_READ, FM_WRITE */
 	unsigned fgen;            /* atomic: generation of the fast tickets */
 	unsigned fepoch;          /* atomic: engine (re)opened: the threads' zc is stale */
@@ -473,7 +474,8 @@ static void ft_store(struct q2img *m, uint64_t gc, uint64_t e)
 		m->ft_npages++;
 		__atomic_store_n(&m->ft[gc >> FT_BITS], pg, __ATOMIC_RELEASE);
 	}
-	__atomic_store_n(&pg[gc & ((1u << FT_BITS) - 1)], e, __ATOMIC_SEQ_CST);
+	if (!__atomic_exchange_n(&pg[gc & ((1u << FT_BITS) - 1)], e, __ATOMIC_SEQ_CST))
+		m->ft_entries++; /* every entry stored is non-zero */
 }
 
 /* Owner: forget the guest clusters [off, off + len) touches. */
@@ -493,8 +495,11 @@ static void ft_clear(struct q2img *m, uint64_t off, uint64_t len)
 
 		if (pend > end)
 			pend = end;
-		for (; pg && gc < pend; gc++)
-			__atomic_store_n(&pg[gc & ((1u << FT_BITS) - 1)], 0, __ATOMIC_SEQ_CST);
+		for (; pg && gc < pend; gc++) {
+			if (__atomic_exchange_n(&pg[gc & ((1u << FT_BITS) - 1)], 0,
+						__ATOMIC_SEQ_CST))
+				m->ft_entries--;
+		}
 		gc = pend;
 	}
 }
@@ -2955,6 +2960,10 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->metadata_write_bytes = c.meta_write_bytes;
 	st->writeback_batches = c.wb_batches;
 	fast_counts(m, &st->fast_hits, &st->fast_hops);
+	st->fast_table_size = (uint64_t)m->ft_npages * (sizeof(uint64_t) << FT_BITS) +
+			      (m->ft ? m->ft_len * sizeof(*m->ft) : 0);
+	st->fast_table_budget = (uint64_t)m->ft_maxpages * (sizeof(uint64_t) << FT_BITS);
+	st->fast_table_entries = m->ft_entries;
 	return 0;
 }
 

@@ -266,20 +266,22 @@ static json_t *engine_json(struct img *img)
 	if (img_cache_stats(img, &cs) < 0)
 		return NULL;
 	return json_pack(
-	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "l2-hits",
-	    (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses, "l2-evictions",
-	    (json_int_t)cs.l2_evictions, "refcount-hits", (json_int_t)cs.refcount_hits,
-	    "refcount-misses", (json_int_t)cs.refcount_misses, "refcount-evictions",
-	    (json_int_t)cs.refcount_evictions, "l2-prefetched", (json_int_t)cs.l2_prefetched,
-	    "clusters-allocated", (json_int_t)cs.clusters_allocated, "cow-operations",
-	    (json_int_t)cs.cow, "l2-table-copies", (json_int_t)cs.l2_cow, "l2-tables-allocated",
-	    (json_int_t)cs.l2_tables_allocated, "refcount-blocks-allocated",
+	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+	    "l2-hits", (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses,
+	    "l2-evictions", (json_int_t)cs.l2_evictions, "refcount-hits",
+	    (json_int_t)cs.refcount_hits, "refcount-misses", (json_int_t)cs.refcount_misses,
+	    "refcount-evictions", (json_int_t)cs.refcount_evictions, "l2-prefetched",
+	    (json_int_t)cs.l2_prefetched, "clusters-allocated", (json_int_t)cs.clusters_allocated,
+	    "cow-operations", (json_int_t)cs.cow, "l2-table-copies", (json_int_t)cs.l2_cow,
+	    "l2-tables-allocated", (json_int_t)cs.l2_tables_allocated, "refcount-blocks-allocated",
 	    (json_int_t)cs.refcount_blocks_allocated, "metadata-writes",
 	    (json_int_t)cs.metadata_writes, "metadata-write-bytes",
 	    (json_int_t)cs.metadata_write_bytes, "writeback-batches",
 	    (json_int_t)cs.writeback_batches, "compressed-inflated",
 	    (json_int_t)cs.compressed_inflated, "fast-path-hits", (json_int_t)cs.fast_hits,
-	    "fast-path-hops", (json_int_t)cs.fast_hops);
+	    "fast-path-hops", (json_int_t)cs.fast_hops, "fast-table-size",
+	    (json_int_t)cs.fast_table_size, "fast-table-budget", (json_int_t)cs.fast_table_budget,
+	    "fast-table-entries", (json_int_t)cs.fast_table_entries);
 }
 
 static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
