@@ -1430,7 +1430,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 {
 	struct io_loop *prev = cur_loop;
 	enum io_poll_kind kind = IO_POLL_AFTER_OTHER;
-	uint64_t start = 0;
+	uint64_t start = 0, max = 0;
 	bool block, adapt = false;
 	int ret, n;
 
@@ -1442,6 +1442,10 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	block = wait && !loop->local_head && loop->kinflight > 0;
 	if (block && loop->poll_ns) {
 		kind = loop->poll_kind;
+		/* The bound this wait polls under: a hook run by the poll may
+		 * pause polling (io_loop_set_poll_ns(0): requests found), which
+		 * must not read as an event later than any bound. */
+		max = loop->poll_ns;
 		start = now_ns();
 		loop->poll_waits++;
 		loop->poll_await = true;
@@ -1449,7 +1453,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	}
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
 	if (adapt)
-		io_poll_window_update(&loop->poll_win[kind], now_ns() - start, loop->poll_ns);
+		io_poll_window_update(&loop->poll_win[kind], now_ns() - start, max);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		loop->poll_await = false;
 		loop->running = false;

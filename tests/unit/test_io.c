@@ -1403,6 +1403,62 @@ static void test_poll_adaptive(void)
 	io_loop_exit(e.loop);
 }
 
+/*
+ * A hook run by the poll that finds work and pauses polling (vqcowd's: more
+ * than 4 requests in flight sets the bound to 0) ends that wait early, inside
+ * the window: the window is kept. It once read the pause as a bound of 0,
+ * closed the window after every such wait, and the loop slept every other
+ * wait (0.82x the IOPS of one thread on a preallocated image).
+ */
+static struct io_loop *g_pause_loop;
+static struct tcmd g_pause_cmd;
+static int g_pause_at;
+
+static void pause_hook(struct io_defer *d)
+{
+	(void)d;
+	if (g_pause_at && ++g_poll_hook_runs == g_pause_at) {
+		g_pause_at = 0;
+		io_loop_set_poll_ns(g_pause_loop, 0);
+		io_timeout(g_pause_loop, &g_pause_cmd.cmd, 0);
+	}
+}
+
+static void test_poll_paused_by_hook(void)
+{
+	struct io_loop *loop;
+	struct io_defer d = {.fn = pause_hook};
+	struct tcmd t;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	g_pause_loop = loop;
+	io_loop_set_poll_ns(loop, PA_BOUND);
+	io_defer_add(loop, &d);
+	for (int round = 0; round < 3; round++) {
+		/* a timer far away keeps the loop waiting; the hook finds work
+		 * on its 50th run while the wait polls */
+		g_poll_hook_runs = 0;
+		g_pause_at = 50;
+		tinit(&g_pause_cmd);
+		tinit(&t);
+		io_timeout(loop, &t.cmd, PA_LONG);
+		run_until(loop, &g_pause_cmd.calls, 1);
+		CU_ASSERT_EQUAL(g_pause_cmd.res, 0);
+		CU_ASSERT(g_poll_hook_runs >= 50); /* it polled */
+		/* polling on again, same bound: every window as it was */
+		io_loop_set_poll_ns(loop, PA_BOUND);
+		for (int k = 0; k < IO_POLL_KINDS; k++)
+			CU_ASSERT_EQUAL(io_loop_poll_window(loop, (enum io_poll_kind)k), PA_BOUND);
+		g_pause_at = 0;
+		io_loop_set_poll_ns(loop, 0); /* the timer's own wait: no poll */
+		run_until(loop, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 0);
+		io_loop_set_poll_ns(loop, PA_BOUND);
+	}
+	io_defer_del(loop, &d);
+	io_loop_exit(loop);
+}
+
 /* ---- early submission ---- */
 
 static void test_submit_batch(void)
@@ -1869,6 +1925,7 @@ int main(void)
 	CU_add_test(s, "busy polling", test_busy_poll);
 	CU_add_test(s, "busy polling group", test_poll_group);
 	CU_add_test(s, "busy polling window rule", test_poll_window);
+	CU_add_test(s, "busy polling paused by a hook keeps the window", test_poll_paused_by_hook);
 	CU_add_test(s, "busy polling adapts per kind", test_poll_adaptive);
 	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "registered files", test_fixed_files);
