@@ -112,8 +112,10 @@ struct img_cache_stats {
 	uint64_t cache_entry_size;
 	uint64_t l2_hits, l2_misses, l2_evictions, refcount_hits, refcount_misses,
 	    refcount_evictions, l2_prefetched;
-	/* compressed clusters inflated, reads served from inflated clusters kept */
-	uint64_t compressed_inflated, compressed_cache_hits;
+	/* compressed clusters inflated, reads served from inflated clusters kept
+	 * (or by a read of the same compressed bytes in flight: joins); reads of
+	 * compressed bytes from the file, and the reads that joined one instead */
+	uint64_t compressed_inflated, compressed_cache_hits, compressed_reads, compressed_joins;
 	/* the engine's activity since open (struct qcow2_cache_stats) */
 	uint64_t clusters_allocated, cow, l2_cow, l2_tables_allocated, refcount_blocks_allocated;
 	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;

@@ -18,8 +18,9 @@
  * data write or zeroing that touches a cached range drops the entry anyway, so
  * space freed and reused can never be served from the cache; all are dropped
  * when the engine is opened again after a handoff. The check is
- * made when a read is mapped (a hit needs no I/O) and again when its
- * compressed bytes arrive (another read may have inflated the cluster since).
+ * made when a read is mapped (a hit needs no I/O); a read of a cluster whose
+ * compressed bytes are already on their way waits for them (a filling entry,
+ * see comp_issue()) instead of reading them again.
  * The queues' threads keep their own (struct fzc_ent: the fast path's
  * compressed reads), keyed also by the fast ticket's generation.
  *
@@ -105,6 +106,7 @@ enum rq_state {
 
 struct q2img;
 struct q2req;
+struct zc_ent;
 
 /* One I/O part of a read: a data, backing or compressed extent in flight. */
 struct q2sub {
@@ -122,7 +124,9 @@ struct q2sub {
 	uint64_t chost;
 	uint32_t clen, coff;
 	uint64_t len;
-	uint64_t skip; /* offset of this extent in the read's iovec */
+	uint64_t skip;       /* offset of this extent in the read's iovec */
+	struct zc_ent *ze;   /* compressed: the entry its bytes fill (it leads), else NULL */
+	struct q2sub *znext; /* a waiter: the next one of the entry it joined */
 };
 
 /* A range of old content to read for copy-on-write, into the bounce buffer. */
@@ -289,7 +293,8 @@ struct fslot {
 	uint64_t n_fast, n_hops; /* atomic (relaxed): statistics */
 	bool wake_posted;        /* atomic: wake_cmd on its way to the owner */
 	struct io_cmd wake_cmd;
-	uint64_t n_inflated, n_zc_hits; /* atomic (relaxed): compressed clusters, reads of them */
+	uint64_t n_inflated, n_zc_hits;  /* atomic (relaxed): compressed clusters, reads of them */
+	uint64_t n_zc_reads, n_zc_joins; /* atomic (relaxed): of compressed bytes, joined one */
 	/* this thread's only */
 	struct q2fast *free;
 	void *bufs[FBUFS];
@@ -317,13 +322,25 @@ void img_wb_tune(uint32_t bridge, bool whole_slices)
 	qcow2_wb_tune(bridge, whole_slices);
 }
 
-/* One inflated cluster: the compressed bytes at [host, host + clen) inflate to buf. */
+/*
+ * One inflated cluster: the compressed bytes at [host, host + clen) inflate
+ * to buf (ZC_VALID), or are on their way there (ZC_FILLING: the read that
+ * claimed the entry leads, sub->ze; later reads of the same bytes wait on
+ * its waiters, served when it is inflated). A filling entry is never a
+ * victim; zc_drop() on it only marks it dropped: no more waiters, not kept
+ * afterwards, but those already waiting are served (the comment above
+ * comp_issue()).
+ */
+enum { ZC_EMPTY = 0, ZC_FILLING, ZC_VALID };
+
 struct zc_ent {
 	uint64_t host;
 	uint64_t last; /* LRU tick */
 	uint32_t clen;
-	bool valid;
-	void *buf; /* one cluster, allocated on first use */
+	uint8_t state;                  /* ZC_* */
+	bool dropped;                   /* ZC_FILLING: written over meanwhile */
+	void *buf;                      /* one cluster, allocated on first use */
+	struct q2sub *waiters, **wtail; /* ZC_FILLING: reads served when it is inflated */
 };
 
 struct q2img {
@@ -345,8 +362,9 @@ struct q2img {
 	struct zc_ent zc[ZC_MAX]; /* inflated clusters */
 	unsigned zc_n;            /* entries used: ZC_BUDGET / cluster size, 2..ZC_MAX */
 	uint64_t zc_tick;
-	uint64_t n_inflated, n_zc_hits; /* clusters inflated, reads served by zc */
-	struct img_snapshot *snaps;     /* the snapshot table, as of the last (re)open */
+	uint64_t n_inflated, n_zc_hits;  /* clusters inflated, reads served by zc (hits, joins) */
+	uint64_t n_zc_reads, n_zc_joins; /* reads of compressed bytes, reads that joined one */
+	struct img_snapshot *snaps;      /* the snapshot table, as of the last (re)open */
 	unsigned nsnaps;
 	void *zero_buf; /* zero writes: max(cs, ZERO_BUF_SIZE) bytes (zero_buf_get) */
 	bool no_zero_range, no_punch;
@@ -387,7 +405,7 @@ static void *zc_find(struct q2img *m, uint64_t host, uint32_t clen)
 	for (unsigned i = 0; i < m->zc_n; i++) {
 		struct zc_ent *e = &m->zc[i];
 
-		if (e->valid && e->host == host && e->clen == clen) {
+		if (e->state == ZC_VALID && e->host == host && e->clen == clen) {
 			e->last = ++m->zc_tick;
 			return e->buf;
 		}
@@ -395,25 +413,54 @@ static void *zc_find(struct q2img *m, uint64_t host, uint32_t clen)
 	return NULL;
 }
 
-/* The entry to inflate into: a free one, else the least recently used. NULL: no memory. */
-static struct zc_ent *zc_victim(struct q2img *m)
+/* The entry filling with these bytes that a read may still wait on, or NULL. */
+static struct zc_ent *zc_filling(struct q2img *m, uint64_t host, uint32_t clen)
+{
+	for (unsigned i = 0; i < m->zc_n; i++) {
+		struct zc_ent *e = &m->zc[i];
+
+		if (e->state == ZC_FILLING && !e->dropped && e->host == host && e->clen == clen)
+			return e;
+	}
+	return NULL;
+}
+
+/*
+ * Claim an entry to fill with the bytes at [host, host + clen): a free one,
+ * else the least recently used valid one; never one being filled. NULL: all
+ * are being filled, or no memory (the read then goes uncached).
+ */
+static struct zc_ent *zc_claim(struct q2img *m, uint64_t host, uint32_t clen)
 {
 	struct zc_ent *v = NULL;
 
 	for (unsigned i = 0; i < m->zc_n; i++) {
 		struct zc_ent *e = &m->zc[i];
 
-		if (!e->valid) {
+		if (e->state == ZC_FILLING)
+			continue;
+		if (e->state == ZC_EMPTY) {
 			v = e;
 			break;
 		}
 		if (!v || e->last < v->last)
 			v = e;
 	}
-	v->valid = false;
+	if (!v)
+		return NULL;
+	v->state = ZC_EMPTY;
 	if (!v->buf)
-		v->buf = io_alloc_aligned(2 * m->cs); /* a bounce-sized buffer: see inflate_back */
-	return v->buf ? v : NULL;
+		v->buf = io_alloc_aligned(m->cs);
+	if (!v->buf)
+		return NULL;
+	v->host = host;
+	v->clen = clen;
+	v->state = ZC_FILLING;
+	v->dropped = false;
+	v->last = ++m->zc_tick;
+	v->waiters = NULL;
+	v->wtail = &v->waiters;
+	return v;
 }
 
 /* Host range [off, off + len) of the image is about to be written: drop what it overlaps. */
@@ -422,8 +469,12 @@ static void zc_drop(struct q2img *m, uint64_t off, uint64_t len)
 	for (unsigned i = 0; i < m->zc_n; i++) {
 		struct zc_ent *e = &m->zc[i];
 
-		if (e->valid && off < e->host + e->clen && e->host < off + len)
-			e->valid = false;
+		if (e->state == ZC_EMPTY || off >= e->host + e->clen || e->host >= off + len)
+			continue;
+		if (e->state == ZC_FILLING)
+			e->dropped = true; /* its waiters are still served: see comp_issue() */
+		else
+			e->state = ZC_EMPTY;
 	}
 }
 
@@ -598,14 +649,26 @@ static void fast_free(struct q2img *m)
 	free(m->ft_old);
 }
 
-/* Compressed clusters inflated and reads served from inflated clusters, all threads. */
-static void zc_counts(struct q2img *m, uint64_t *inflated, uint64_t *hits)
+/*
+ * Compressed clusters inflated, reads served from inflated clusters (or by
+ * a read of their bytes in flight), reads of compressed bytes and reads that
+ * joined one in flight: all threads (st->), and the owner's alone (@own).
+ */
+struct zc_count {
+	uint64_t inflated, hits, reads, joins;
+};
+
+static void zc_counts(struct q2img *m, struct zc_count *st, struct zc_count *own)
 {
-	*inflated = m->n_inflated;
-	*hits = m->n_zc_hits;
+	*own = (struct zc_count){m->n_inflated, m->n_zc_hits, m->n_zc_reads, m->n_zc_joins};
+	*st = *own;
 	for (unsigned i = 0; m->slots && i < FSLOTS; i++) {
-		*inflated += __atomic_load_n(&m->slots[i].n_inflated, __ATOMIC_RELAXED);
-		*hits += __atomic_load_n(&m->slots[i].n_zc_hits, __ATOMIC_RELAXED);
+		struct fslot *s = &m->slots[i];
+
+		st->inflated += __atomic_load_n(&s->n_inflated, __ATOMIC_RELAXED);
+		st->hits += __atomic_load_n(&s->n_zc_hits, __ATOMIC_RELAXED);
+		st->reads += __atomic_load_n(&s->n_zc_reads, __ATOMIC_RELAXED);
+		st->joins += __atomic_load_n(&s->n_zc_joins, __ATOMIC_RELAXED);
 	}
 }
 
@@ -1111,41 +1174,128 @@ static void flush_done(struct qcow2_flush *f, int res)
 }
 
 /*
+ * Compressed reads on the owner. A read of a compressed cluster that is not
+ * inflated already either waits for the same bytes already on their way
+ * (zc_filling(): it joins the entry's waiters, no I/O of its own) or reads
+ * them itself (comp_issue()), into a cache entry it claims and leads
+ * (sub->ze; uncached when every entry is being filled). When they arrive
+ * they are inflated once (comp_done()), copied into the buffers of the
+ * leader and of every waiter, and all of them complete (comp_end()). So
+ * the 16 4K reads of a cluster read from a sequential 4K stream read its
+ * compressed bytes once, as the threads' fzc_try() does.
+ *
+ * Why a waiter gets the right bytes: it mapped its guest cluster to the
+ * same host range as the leader, and holds its own ticket (qcow2_io_begin),
+ * as the leader does until its bytes arrived: a cluster is freed and reused
+ * only after every ticket taken before the free ended, so those bytes are
+ * the compressed cluster each of them mapped. A request that starts after
+ * a write to the guest cluster completed maps the new cluster, never these
+ * bytes. A data write or zeroing of the host range itself (zc_drop(): only
+ * a corrupt image overlaps compressed bytes with data) marks a filling entry
+ * dropped: nothing joins it any more and it is not kept, and those already
+ * waiting, which started before that write, get what the read brought.
+ *
+ * A failed read or inflate fails the leader with its result; every waiter
+ * then reads the bytes itself (comp_retry(), uncached and unjoinable) and
+ * fails only if its own attempt does.
+ *
  * Remote inflate. A request submitted from another thread (img_io.loop set:
  * vqcowd's I/O threads hand qcow2 requests to the image's thread) has the
  * CPU work of a compressed cluster done back on that thread: the compressed
- * bytes read here go there (inflate_remote), are inflated into a bounce
- * buffer and copied into the request's buffers, and come back here
- * (inflate_back), where the inflated cluster joins the cache of inflated
- * clusters by swapping buffers (no copy). The engine is not touched there,
- * and the host range stays valid meanwhile: the request still holds its
- * ticket (qcow2_io_begin), so the cluster is not freed and reused.
+ * bytes read here go there (inflate_remote), are inflated into the entry's
+ * buffer (untouched here while it is being filled) or a bounce buffer, and
+ * copied into the request's buffers, and come back here (inflate_back),
+ * where the waiters are served. The engine is not touched there.
  */
+static void sub_cmd_done(struct io_cmd *cmd, int res);
+
+/* Read the compressed bytes of @sub; @cache: into an entry it claims (others may join). */
+static int comp_issue(struct q2sub *sub, bool cache)
+{
+	struct q2img *m = sub->r->m;
+	uint64_t start;
+	size_t rlen;
+
+	sub->cbuf = bounce_get(m);
+	if (!sub->cbuf)
+		return -ENOMEM;
+	sub->ze = cache ? zc_claim(m, sub->chost, sub->clen) : NULL;
+	sub->ibuf = NULL;
+	sub->cmd.done = sub_cmd_done;
+	sub->cmd.priv = sub;
+	m->n_zc_reads++;
+	rlen = comp_span(m, sub->chost, sub->clen, &start, &sub->cskip);
+	io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, rlen, start);
+	return 0;
+}
+
+/* A waiter whose leader failed reads the bytes itself (its part is still pending). */
+static void comp_retry(struct q2sub *w)
+{
+	int ret = comp_issue(w, false);
+
+	if (ret < 0)
+		part_done(w->r, ret);
+}
+
+/*
+ * The compressed read @sub led ended: @ret 0 with the cluster inflated at
+ * @buf (already copied into the leader's buffers if @copied), or -errno.
+ * Every copy is made before any request moves on (a done() may claim the
+ * entry again).
+ */
+static void comp_end(struct q2sub *sub, int ret, const uint8_t *buf, bool copied)
+{
+	struct q2req *r = sub->r;
+	struct q2img *m = r->m;
+	struct zc_ent *e = sub->ze;
+	struct q2sub *w = NULL;
+
+	if (e) {
+		w = e->waiters;
+		e->waiters = NULL;
+		e->wtail = &e->waiters;
+		e->state = ret >= 0 && !e->dropped ? ZC_VALID : ZC_EMPTY;
+		e->dropped = false;
+		sub->ze = NULL;
+	}
+	if (ret >= 0) {
+		if (!copied)
+			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip, buf + sub->coff,
+					(size_t)sub->len);
+		for (struct q2sub *x = w; x; x = x->znext)
+			io_iov_from_buf(x->r->rd_iov, x->r->rd_iovcnt, (size_t)x->skip,
+					buf + x->coff, (size_t)x->len);
+	}
+	bounce_put(m, sub->cbuf);
+	sub->cbuf = NULL;
+	if (!e)
+		bounce_put(m, sub->ibuf); /* uncached: a bounce buffer (or NULL) */
+	sub->ibuf = NULL;
+	while (w) {
+		struct q2sub *next = w->znext;
+
+		w->znext = NULL;
+		if (ret >= 0)
+			part_done(w->r, 0);
+		else
+			comp_retry(w);
+		w = next;
+	}
+	part_done(r, ret);
+}
+
 static void inflate_back(struct io_cmd *cmd, int res)
 {
 	struct q2sub *sub = cmd->priv;
-	struct q2req *r = sub->r;
-	struct q2img *m = r->m;
-	struct zc_ent *e;
+	struct q2img *m = sub->r->m;
 
 	(void)res;
-	res = sub->ires;
-	if (res < 0) {
+	if (sub->ires < 0)
 		vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-	} else {
+	else
 		m->n_inflated++;
-		if (!zc_find(m, sub->chost, sub->clen) && (e = zc_victim(m))) {
-			void *old = e->buf;
-
-			*e = (struct zc_ent){sub->chost, ++m->zc_tick, sub->clen, true, sub->ibuf};
-			sub->ibuf = old;
-		}
-	}
-	bounce_put(m, sub->ibuf);
-	sub->ibuf = NULL;
-	bounce_put(m, sub->cbuf);
-	sub->cbuf = NULL;
-	part_done(r, res);
+	comp_end(sub, sub->ires, sub->ibuf, true);
 }
 
 static void inflate_remote(struct io_cmd *cmd, int res)
@@ -1164,51 +1314,53 @@ static void inflate_remote(struct io_cmd *cmd, int res)
 	io_post_remote(r->m->img.loop, cmd);
 }
 
-static void sub_done(struct q2sub *sub, int res)
+/* The compressed bytes of the read @sub leads arrived (@res: the read's result). */
+static void comp_done(struct q2sub *sub, int res)
 {
 	struct q2req *r = sub->r;
 	struct q2img *m = r->m;
+	uint8_t *buf;
+	int ret;
 
-	if (sub->cbuf && res >= 0 && !r->err) {
-		uint8_t *buf = zc_find(m, sub->chost, sub->clen);
-		struct zc_ent *e;
-		int ret = 0;
-
-		sub->cavail = (uint32_t)comp_avail(res, sub->cskip, sub->clen);
-		if (!buf && r->io->loop && r->io->loop != m->img.loop &&
-		    (sub->ibuf = bounce_get(m))) {
-			sub->ctype = (uint8_t)qcow2_header(m->q)->compression_type;
-			sub->ires = 0;
-			sub->cmd.done = inflate_remote;
-			sub->cmd.priv = sub;
-			io_post_remote(r->io->loop, &sub->cmd);
-			return;
-		}
-		if (buf) {
-			m->n_zc_hits++;
-		} else if (!(e = zc_victim(m))) {
-			ret = -ENOMEM;
-		} else {
-			ret = qcow2_decompress(m->q, (uint8_t *)sub->cbuf + sub->cskip, sub->cavail,
-					       e->buf, m->cs);
-			if (ret < 0) {
-				vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-			} else {
-				*e = (struct zc_ent){sub->chost, ++m->zc_tick, sub->clen, true,
-						     e->buf};
-				m->n_inflated++;
-				buf = e->buf;
-			}
-		}
-		if (ret < 0)
-			res = ret;
-		else
-			io_iov_from_buf(r->rd_iov, r->rd_iovcnt, (size_t)sub->skip, buf + sub->coff,
-					(size_t)sub->len);
+	if (res < 0) {
+		comp_end(sub, res, NULL, false);
+		return;
 	}
-	bounce_put(m, sub->cbuf);
-	sub->cbuf = NULL;
-	part_done(r, res);
+	sub->cavail = (uint32_t)comp_avail(res, sub->cskip, sub->clen);
+	/* uncached: another read may have inflated the cluster since */
+	if (!sub->ze && (buf = zc_find(m, sub->chost, sub->clen))) {
+		m->n_zc_hits++;
+		comp_end(sub, 0, buf, false);
+		return;
+	}
+	buf = sub->ze ? sub->ze->buf : (sub->ibuf = bounce_get(m));
+	if (!buf) {
+		comp_end(sub, -ENOMEM, NULL, false);
+		return;
+	}
+	sub->ibuf = buf;
+	if (r->io->loop && r->io->loop != m->img.loop) {
+		sub->ctype = (uint8_t)qcow2_header(m->q)->compression_type;
+		sub->ires = 0;
+		sub->cmd.done = inflate_remote;
+		sub->cmd.priv = sub;
+		io_post_remote(r->io->loop, &sub->cmd);
+		return;
+	}
+	ret = qcow2_decompress(m->q, (uint8_t *)sub->cbuf + sub->cskip, sub->cavail, buf, m->cs);
+	if (ret < 0)
+		vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
+	else
+		m->n_inflated++;
+	comp_end(sub, ret < 0 ? ret : 0, buf, false);
+}
+
+static void sub_done(struct q2sub *sub, int res)
+{
+	if (sub->cbuf)
+		comp_done(sub, res);
+	else
+		part_done(sub->r, res);
 }
 
 static void sub_cmd_done(struct io_cmd *cmd, int res)
@@ -1263,8 +1415,6 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 		       uint64_t rel)
 {
 	struct q2img *m = r->m;
-	uint64_t start;
-	size_t rlen;
 	int ret;
 
 	sub->len = x->len;
@@ -1275,6 +1425,7 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 	}
 	if (x->type == QCOW2_MAP_COMPRESSED) {
 		uint8_t *buf = zc_find(m, x->host, x->clen);
+		struct zc_ent *e;
 
 		if (buf) {
 			m->n_zc_hits++;
@@ -1284,17 +1435,23 @@ static int read_extent(struct q2req *r, const struct qcow2_extent *x, struct q2s
 		}
 		if (x->clen > 2 * m->cs)
 			return -EIO;
-		sub->cbuf = bounce_get(m);
-		if (!sub->cbuf)
-			return -ENOMEM;
 		sub->chost = x->host;
 		sub->clen = x->clen;
 		sub->coff = x->coff;
-		sub->cmd.done = sub_cmd_done;
-		sub->cmd.priv = sub;
+		e = zc_filling(m, x->host, x->clen);
+		if (e) {
+			/* the same bytes are on their way: wait for them */
+			sub->znext = NULL;
+			*e->wtail = sub;
+			e->wtail = &sub->znext;
+			m->n_zc_joins++;
+			m->n_zc_hits++;
+		} else {
+			ret = comp_issue(sub, true);
+			if (ret < 0)
+				return ret;
+		}
 		r->pending++;
-		rlen = comp_span(m, x->host, x->clen, &start, &sub->cskip);
-		io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, rlen, start);
 		return 0;
 	}
 	if (x->type != QCOW2_MAP_DATA && x->type != QCOW2_MAP_UNALLOC)
@@ -2068,9 +2225,11 @@ static void fbuf_put(struct q2img *m, struct fslot *s, void *b)
 /* Read the compressed bytes [host, host + clen) into @f->cbuf (comp_span). */
 static void comp_read(struct q2img *m, struct q2fast *f, uint64_t host, uint32_t clen)
 {
+	struct fslot *s = f->s;
 	uint64_t start;
 	size_t len = comp_span(m, host, clen, &start, &f->cskip);
 
+	__atomic_store_n(&s->n_zc_reads, s->n_zc_reads + 1, __ATOMIC_RELAXED);
 	f->clen = clen;
 	io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, len, start);
 }
@@ -2185,6 +2344,8 @@ static bool fzc_try(struct q2img *m, struct fslot *s, struct q2fast *f, uint64_t
 			__atomic_store_n(&s->n_zc_hits, s->n_zc_hits + 1, __ATOMIC_RELAXED);
 			e->last = ++s->zc_tick;
 			if (e->state == FZ_FILLING) {
+				__atomic_store_n(&s->n_zc_joins, s->n_zc_joins + 1,
+						 __ATOMIC_RELAXED);
 				f->next = e->waiters;
 				e->waiters = f;
 				return true;
@@ -2458,7 +2619,8 @@ static void q2_close(struct img *img)
 static void q2_describe(struct img *img, char *buf, size_t len)
 {
 	struct q2img *m = (struct q2img *)img;
-	uint64_t hits, hops, inf, zhits;
+	struct zc_count zc, zown;
+	uint64_t hits, hops;
 	size_t n;
 
 	if (m->q)
@@ -2466,11 +2628,15 @@ static void q2_describe(struct img *img, char *buf, size_t len)
 	else
 		snprintf(buf, len, "qcow2 (inactive: no lock held, no metadata cached)");
 	n = strlen(buf);
-	zc_counts(m, &inf, &zhits);
-	if ((inf || zhits) && n + 1 < len) {
-		snprintf(buf + n, len - n,
-			 ", %llu compressed clusters inflated, %llu reads from them",
-			 (unsigned long long)inf, (unsigned long long)zhits);
+	zc_counts(m, &zc, &zown);
+	if ((zc.inflated || zc.hits || zc.reads) && n + 1 < len) {
+		snprintf(
+		    buf + n, len - n,
+		    ", %llu compressed clusters inflated, %llu reads from them, %llu compressed "
+		    "reads (owner %llu), %llu joined one in flight (owner %llu)",
+		    (unsigned long long)zc.inflated, (unsigned long long)zc.hits,
+		    (unsigned long long)zc.reads, (unsigned long long)zown.reads,
+		    (unsigned long long)zc.joins, (unsigned long long)zown.joins);
 		n = strlen(buf);
 	}
 	fast_counts(m, &hits, &hops);
@@ -2934,6 +3100,7 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 {
 	struct q2img *m = (struct q2img *)img;
 	struct qcow2_cache_stats c;
+	struct zc_count zc, zown;
 
 	if (!m->q)
 		return -EAGAIN; /* inactive (handed over): nothing cached */
@@ -2950,7 +3117,11 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->refcount_misses = c.rc_misses;
 	st->refcount_evictions = c.rc_evictions;
 	st->l2_prefetched = c.l2_prefetched;
-	zc_counts(m, &st->compressed_inflated, &st->compressed_cache_hits);
+	zc_counts(m, &zc, &zown);
+	st->compressed_inflated = zc.inflated;
+	st->compressed_cache_hits = zc.hits;
+	st->compressed_reads = zc.reads;
+	st->compressed_joins = zc.joins;
 	st->clusters_allocated = c.clusters_alloc;
 	st->cow = c.cow;
 	st->l2_cow = c.l2_cow;

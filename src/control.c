@@ -122,6 +122,16 @@ static void add_bitmaps(json_t *o, struct img *img)
 	free(bm);
 }
 
+/* The reads of compressed bytes and the reads that joined one in flight, into @o (if not NULL). */
+static void add_zc_reads(json_t *o, const struct img_cache_stats *cs)
+{
+	if (!o)
+		return;
+	json_object_set_new(o, "compressed-reads", json_integer((json_int_t)cs->compressed_reads));
+	json_object_set_new(o, "compressed-read-joins",
+			    json_integer((json_int_t)cs->compressed_joins));
+}
+
 /* BlockDeviceInfo of one node. */
 static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsigned depth)
 {
@@ -161,6 +171,7 @@ static json_t *node_info(struct ctl *c, struct img *img, const char *name, unsig
 			      (json_int_t)cs.l2_prefetched, "compressed-inflated",
 			      (json_int_t)cs.compressed_inflated, "compressed-cache-hits",
 			      (json_int_t)cs.compressed_cache_hits));
+		add_zc_reads(json_object_get(json_object_get(o, "vqcowd"), "cache"), &cs);
 	}
 	return o;
 }
@@ -289,6 +300,7 @@ static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, s
 	struct ctl *c = opaque;
 	json_t *queues = json_array(), *e, *v, *eng;
 	struct blk_stats *sum = malloc(sizeof(*sum));
+	struct img_cache_stats cs;
 
 	if (!queues || !sum) {
 		json_decref(queues);
@@ -316,6 +328,8 @@ static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, s
 	stats_sum(c, sum);
 	v = json_pack("{s:i,s:o}", "in-flight", (int)blk_dev_inflight(c->blk), "queues", queues);
 	eng = engine_json(c->img);
+	if (eng && img_cache_stats(c->img, &cs) == 0)
+		add_zc_reads(eng, &cs);
 	if (v && eng)
 		json_object_set_new(v, "qcow2", eng);
 	else

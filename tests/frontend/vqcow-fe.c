@@ -13,7 +13,7 @@
  *   vqcow-fe [options] verify SOCK --size N [--seed S] [--offset O] [--bs B]
  *   vqcow-fe [options] bench SOCK --rw MODE [--bs B] [--iodepth D] [--numjobs J]
  *            [--runtime S] [--size N] [--offset O] [--rwmixread P] [--json] [--poll]
- *            [--threads per-queue|one] [--verify [--seed S]]
+ *            [--threads per-queue|one] [--verify [--seed S]] [--expect FILE]
  *
  * bench drives each of its --numjobs queues from a thread of its own by
  * default (--threads per-queue), as a guest whose vCPUs each drive their own
@@ -40,7 +40,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -61,8 +64,11 @@ struct cli {
 	unsigned numjobs;
 	double runtime;
 	uint64_t number_ios;
-	bool one_thread; /* bench --threads one: one thread drives every queue */
-	bool verify;     /* bench --verify */
+	bool one_thread;           /* bench --threads one: one thread drives every queue */
+	bool verify;               /* bench --verify (or --expect) */
+	const char *expect_path;   /* bench --expect: reads must return this file's bytes */
+	const uint8_t *expect_map; /* ... mapped, expect_len bytes */
+	size_t expect_len;
 };
 
 static const char *prog = "vqcow-fe";
@@ -83,10 +89,12 @@ static void usage(FILE *f)
 		"  bench SOCK --rw read|write|randread|randwrite|rw|randrw [--rwmixread P]\n"
 		"        [--bs B] [--iodepth D] [--numjobs J] [--runtime SEC] [--number-ios N]\n"
 		"        [--size N] [--offset O] [--json] [--poll] [--threads per-queue|one]\n"
-		"        [--verify [--seed S]]\n"
+		"        [--verify [--seed S]] [--expect FILE]\n"
 		"        --threads per-queue (default): a thread per queue, as a guest's vCPUs\n"
 		"        each drive their own queue; one: the main thread drives all queues\n"
 		"        --verify: writes carry verify's pattern (--seed), reads must return it\n"
+		"        --expect FILE (read, randread): reads must return FILE's bytes at\n"
+		"        their offset (e.g. an image converted to raw by qemu-img)\n"
 		"Options:\n"
 		"  --queues N        virtqueues to set up (default 1; bench: --numjobs)\n"
 		"  --queue Q         queue used by single requests (default 0)\n"
@@ -673,11 +681,16 @@ static void complete(struct worker *w, unsigned q, struct vqfe_req *r)
 	}
 	stats_add(s, r->t_done - r->t_submit, r->len);
 	if (w->bufs && rd) {
-		pattern(w->expect, r->len, r->sector * 512, w->c->seed);
-		if (memcmp(w->expect, r->buf, r->len)) {
+		const uint8_t *want = w->expect;
+
+		if (w->c->expect_map)
+			want = w->c->expect_map + r->sector * 512; /* inside: cmd_bench */
+		else
+			pattern(w->expect, r->len, r->sector * 512, w->c->seed);
+		if (memcmp(want, r->buf, r->len)) {
 			size_t i = 0;
 
-			while (w->expect[i] == ((uint8_t *)r->buf)[i])
+			while (want[i] == ((uint8_t *)r->buf)[i])
 				i++;
 			if (!qs->mismatches)
 				fprintf(stderr, "%s: verify: queue %u: mismatch at byte %llu\n",
@@ -930,6 +943,32 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 	nblocks = size / c->bs;
 	if (!nblocks || c->bs % 512 || c->offset % 512)
 		die_usage("--bs must be a multiple of 512 and fit in --size");
+	if (c->expect_path) {
+		struct stat st;
+		int fd;
+
+		if (strcmp(c->rw, "read") && strcmp(c->rw, "randread"))
+			die_usage("--expect takes --rw read or randread");
+		fd = open(c->expect_path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || fstat(fd, &st) < 0) {
+			fprintf(stderr, "%s: %s: %s\n", prog, c->expect_path, strerror(errno));
+			ret = 1;
+			if (fd >= 0)
+				close(fd);
+			goto out;
+		}
+		if ((uint64_t)st.st_size < c->offset + nblocks * c->bs)
+			die_usage("--expect %s is shorter than the range read", c->expect_path);
+		c->expect_len = (size_t)st.st_size;
+		c->expect_map = mmap(NULL, c->expect_len, PROT_READ, MAP_PRIVATE, fd, 0);
+		close(fd);
+		if (c->expect_map == MAP_FAILED) {
+			fprintf(stderr, "%s: mmap %s: %s\n", prog, c->expect_path, strerror(errno));
+			c->expect_map = NULL;
+			ret = 1;
+			goto out;
+		}
+	}
 	signal(SIGINT, on_signal);
 	signal(SIGTERM, on_signal);
 	for (unsigned q = 0; q < nq; q++) {
@@ -1054,6 +1093,8 @@ out:
 	free(qs);
 	free(bufs);
 	free(expect);
+	if (c->expect_map)
+		munmap((void *)c->expect_map, c->expect_len);
 	free(rd);
 	free(wr);
 	free(all);
@@ -1091,6 +1132,7 @@ enum {
 	O_NUMBER_IOS,
 	O_THREADS,
 	O_VERIFY,
+	O_EXPECT,
 	O_HELP,
 };
 
@@ -1123,6 +1165,7 @@ static const struct option longopts[] = {
     {"number-ios", required_argument, NULL, O_NUMBER_IOS},
     {"threads", required_argument, NULL, O_THREADS},
     {"verify", no_argument, NULL, O_VERIFY},
+    {"expect", required_argument, NULL, O_EXPECT},
     {"help", no_argument, NULL, O_HELP},
     {NULL, 0, NULL, 0},
 };
@@ -1251,6 +1294,10 @@ int main(int argc, char **argv)
 			break;
 		case O_VERIFY:
 			c.verify = true;
+			break;
+		case O_EXPECT:
+			c.verify = true;
+			c.expect_path = optarg;
 			break;
 		case 'h':
 		case O_HELP:

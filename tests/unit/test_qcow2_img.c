@@ -27,6 +27,7 @@
 #include "img.h"
 #include "img_tio.h"
 #include "io.h"
+#include "io_inject.h"
 #include "testutil.h"
 
 #define MAX_ITER 10000000
@@ -778,12 +779,19 @@ static void inflate_case(const char *create)
 	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st), 0);
 	CU_ASSERT_EQUAL(st.compressed_inflated, ZC_SIZE / 65536);
 	CU_ASSERT_EQUAL(st.compressed_cache_hits, ZC_SIZE / 4096 - ZC_SIZE / 65536);
+	CU_ASSERT_EQUAL(st.compressed_reads, ZC_SIZE / 65536);
+	CU_ASSERT_EQUAL(st.compressed_joins, 0);
 	img_close(img);
 
-	/* 64 reads in flight over 4 clusters: each cluster inflated once */
+	/* 64 reads in flight over 4 clusters: each cluster inflated once, its
+	 * compressed bytes read once (the other 15 reads wait for them) */
 	img = open_img(img_path, false);
 	zc_read(img, buf, want, 5 * 65536, 64);
 	CU_ASSERT_EQUAL(inflated(img), 4);
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st), 0);
+	CU_ASSERT_EQUAL(st.compressed_reads, 4);
+	CU_ASSERT_EQUAL(st.compressed_joins, 60);
+	CU_ASSERT_EQUAL(st.compressed_cache_hits, 60);
 
 	/* a 4K write into compressed cluster 3: its COW reads come from the cache */
 	fill(want + 3 * 65536 + 8192, 4096);
@@ -815,6 +823,115 @@ static void test_inflate_cache(void)
 {
 	inflate_case("cluster_size=65536");
 	inflate_case("cluster_size=65536,compression_type=zstd");
+}
+
+/* Start @n 4K reads at @offs[i] (into @buf, 4K each) at once, run them to their end. */
+static void zc_burst(struct img *img, struct tio *t, uint8_t *buf, const uint64_t *offs, unsigned n)
+{
+	struct iovec iov[64];
+
+	CU_ASSERT_FATAL(n <= 64);
+	g_in_submit = true;
+	for (unsigned i = 0; i < n; i++) {
+		tio_init(&t[i]);
+		iov[i] = (struct iovec){buf + i * 4096, 4096};
+		img_readv(img, &t[i].io, &iov[i], 1, offs[i], 4096);
+	}
+	g_in_submit = false;
+	run_until_all(t, (int)n);
+}
+
+/*
+ * Reads of a compressed cluster whose bytes are on their way wait for them
+ * (img/img_qcow2.c, comp_issue()); when that read fails, its own request
+ * fails and every waiter reads the bytes itself, failing only if its own
+ * read fails: never all of them for one failed read. Also more clusters in
+ * flight than inflated clusters kept (reads then go uncached).
+ */
+static void test_inflate_join_fail(void)
+{
+	const unsigned ncl = 32;
+	char *src = P("zj-src.raw"), *img_path = P("zj.qcow2");
+	uint8_t *want = aligned_alloc(4096, ncl * 65536ull), *buf = aligned_alloc(4096, 64 * 4096);
+	struct img_cache_stats st0, st;
+	uint64_t offs[64];
+	struct tio t[64];
+	struct img *img;
+	unsigned nfail;
+	int fd;
+
+	CU_ASSERT_FATAL(want && buf);
+	tu_sh("rm -f %s/*", g_dir);
+	for (unsigned c = 0; c < ncl; c++) {
+		memset(want + c * 65536ull, 0x20 + c, 65536);
+		fill(want + c * 65536ull + (c % 16) * 4096, 4096);
+	}
+	fd = open(src, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+	CU_ASSERT_FATAL(fd >= 0);
+	CU_ASSERT_EQUAL(write(fd, want, ncl * 65536ull), (ssize_t)(ncl * 65536ull));
+	close(fd);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -c -f raw -O qcow2 %s %s", src, img_path), 0);
+	img = open_img(img_path, true);
+	/* the L2 slice loaded first: the injections below hit compressed reads only */
+	zc_read(img, buf, want, 0, 1);
+
+	/* the leader's read fails: it fails, its 15 waiters read again and succeed */
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st0), 0);
+	for (unsigned i = 0; i < 16; i++)
+		offs[i] = 65536 + i * 4096ull;
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	zc_burst(img, t, buf, offs, 16);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(t[0].res, -EIO);
+	for (unsigned i = 1; i < 16; i++) {
+		CU_ASSERT_EQUAL(t[i].res, 0);
+		CU_ASSERT(memcmp(buf + i * 4096, want + offs[i], 4096) == 0);
+	}
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st), 0);
+	CU_ASSERT_EQUAL(st.compressed_reads - st0.compressed_reads, 16);
+	CU_ASSERT_EQUAL(st.compressed_joins - st0.compressed_joins, 15);
+	/* nothing kept of the failed read: read whole, right */
+	zc_read(img, buf, want, 65536, 16);
+
+	/* the leader's read and the second waiter's own read fail: those two fail */
+	for (unsigned i = 0; i < 16; i++)
+		offs[i] = 2 * 65536 + i * 4096ull;
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_READV, 3, -EIO), 0);
+	zc_burst(img, t, buf, offs, 16);
+	io_loop_inject_clear(g_loop);
+	nfail = 0;
+	for (unsigned i = 0; i < 16; i++) {
+		if (t[i].res == 0) {
+			CU_ASSERT(memcmp(buf + i * 4096, want + offs[i], 4096) == 0);
+		} else {
+			CU_ASSERT_EQUAL(t[i].res, -EIO);
+		}
+		nfail += t[i].res != 0;
+	}
+	CU_ASSERT_EQUAL(t[0].res, -EIO);
+	CU_ASSERT_EQUAL(nfail, 2);
+
+	/* 64 reads over all 32 clusters: more clusters in flight than entries
+	 * (16 of 64 KiB), so some go uncached; all right, and fewer reads */
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st0), 0);
+	for (unsigned i = 0; i < 64; i++)
+		offs[i] = (i % ncl) * 65536ull + (i / ncl) * 4096ull;
+	zc_burst(img, t, buf, offs, 64);
+	for (unsigned i = 0; i < 64; i++) {
+		CU_ASSERT_EQUAL(t[i].res, 0);
+		CU_ASSERT(memcmp(buf + i * 4096, want + offs[i], 4096) == 0);
+	}
+	CU_ASSERT_EQUAL_FATAL(img_cache_stats(img, &st), 0);
+	CU_ASSERT(st.compressed_joins - st0.compressed_joins >= 15);
+	CU_ASSERT(st.compressed_reads - st0.compressed_reads <= 49);
+	CU_ASSERT_EQUAL(st.compressed_reads - st0.compressed_reads + st.compressed_cache_hits -
+			    st0.compressed_cache_hits,
+			64);
+	img_close(img);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img compare -q -f qcow2 -F raw %s %s", img_path, src), 0);
+	free(want);
+	free(buf);
 }
 
 /*
@@ -1071,6 +1188,7 @@ int main(void)
 	CU_add_test(s, "partial last cluster + backing", test_partial_last_cluster);
 	CU_add_test(s, "dirty image repaired at open", test_dirty_repair);
 	CU_add_test(s, "inflate cache (zlib, zstd)", test_inflate_cache);
+	CU_add_test(s, "inflate: reads join one in flight, its failure", test_inflate_join_fail);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
 	CU_add_test(s, "locks and img_set_perm", test_locks);
 	CU_add_test(s, "image handoff (migration)", test_handoff);

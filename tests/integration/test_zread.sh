@@ -1,0 +1,145 @@
+#!/bin/bash
+# tests/integration/test_zread.sh VQCOWD VQCOW_FE — reads of compressed
+# clusters on the main thread, which owns the qcow2 engine: a read of a
+# cluster whose compressed bytes are already on their way waits for them
+# instead of reading them again (img/img_qcow2.c, comp_issue()), whether it
+# was submitted there or handed over by an I/O thread.
+#  1. --io-threads 1, one queue, 4K reads of the whole image in order at
+#     QD32: about one read of compressed bytes per cluster (the exit line's
+#     "compressed reads (owner N)", at most 1.25 per cluster; before, one per
+#     4K read), every block equal to qemu-img's view of the image
+#     (qemu-img convert -O raw, vqcow-fe bench --expect).
+#  2. Two queues reading the same clusters at once (random 4K reads of 1 MiB,
+#     QD32 each), verified the same way: both on the main thread
+#     (--io-threads 1), one on the main thread and one on an I/O thread
+#     (--io-threads 2), and with extended L2 entries, where the I/O thread
+#     hands every read to the main thread (no fast path): those join and
+#     lead reads in flight too, and are inflated on their own thread.
+#  3. Teardown with reads waiting: the front-end killed (kill -9) under
+#     such a load, then a new connection served and verified; SIGTERM under
+#     load: the daemon exits 0 (the ASan build: no leak, no use after free).
+set -u
+vqcowd=$1
+fe=$2
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+it_setup "vqcowd's compressed reads on the main thread"
+command -v qemu-img >/dev/null || { echo "SKIP: qemu-img not installed"; exit 77; }
+command -v python3 >/dev/null || { echo "SKIP: python3 not installed"; exit 77; }
+size=$((16 << 20))
+clusters=$((size / 65536))
+sock=$dir/z.sock
+log=$dir/vqcowd.log
+
+# Compressible like a system disk (a quarter of each cluster random).
+python3 - "$dir/base.raw" $clusters <<'EOF'
+import os, sys
+with open(sys.argv[1], "wb") as f:
+    for c in range(int(sys.argv[2])):
+        f.write(os.urandom(16384) + bytes((c * 7 + i) & 0xff for i in range(256)) * 192)
+EOF
+qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" "$dir/z.qcow2"
+qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib,extended_l2=on \
+	"$dir/base.raw" "$dir/zx.qcow2"
+for img in z zx; do
+	qemu-img check "$dir/$img.qcow2" >"$dir/check" 2>&1 || fail "$img.qcow2: qemu-img check"
+	grep -q '100.00% compressed clusters' "$dir/check" ||
+		fail "$img.qcow2: not all clusters compressed: $(cat "$dir/check")"
+	# QEMU's view of the image is what every read must return
+	qemu-img convert -f qcow2 -O raw "$dir/$img.qcow2" "$dir/$img.expect"
+	cmp -s "$dir/base.raw" "$dir/$img.expect" || fail "$img.qcow2: qemu-img reads other data"
+done
+
+# serve IMAGE THREADS QUEUES [ENV...]: start vqcowd in the background ($pid).
+serve() {
+	local img=$1 threads=$2 queues=$3
+	shift 3
+	env "$@" "$vqcowd" --socket-path "$sock" --blk-file "$dir/$img.qcow2" --format qcow2 \
+		--num-queues "$queues" --io-threads "$threads" 2>"$log" &
+	pid=$!
+	it_wait_serving "$pid" "$sock" "$log" "vqcowd ($img, --io-threads $threads)"
+}
+
+# bench NAME IMAGE QUEUES ARGS...: vqcow-fe bench verified against IMAGE's raw view.
+bench() {
+	local name=$1 img=$2 queues=$3
+	shift 3
+	"$fe" --queues "$queues" bench "$sock" --bs 4096 --iodepth 32 --numjobs "$queues" \
+		--expect "$dir/$img.expect" --json "$@" >"$dir/out.json" 2>"$dir/fe.log" || {
+		fail "$name: vqcow-fe bench failed: $(cat "$dir/fe.log")"
+		return 1
+	}
+	python3 -c 'import json, sys; j = json.load(open(sys.argv[1]))
+assert j["mismatches"] == 0 and j["total"]["errors"] == 0, j
+print(j["total"]["ios"])' "$dir/out.json" >"$dir/ios" || {
+		fail "$name: mismatches or errors: $(cat "$dir/out.json")"
+		return 1
+	}
+	echo "$name: $(cat "$dir/ios") reads verified"
+}
+
+# owner_count WHAT: the main thread's "compressed reads" or "joined one in
+# flight" from the exit line.
+owner_count() {
+	grep -a -o "[0-9]* $1 (owner [0-9]*)" "$log" | tail -1 | sed 's/.*(owner \([0-9]*\))/\1/'
+}
+
+echo "== 1. sequential 4K reads, --io-threads 1: one read of compressed bytes per cluster"
+if serve z 1 1; then
+	bench "sequential" z 1 --rw read --number-ios $((size / 4096))
+	it_stop
+	reads=$(owner_count "compressed reads")
+	joins=$(owner_count "joined one in flight")
+	echo "$clusters clusters: ${reads:-?} compressed reads, ${joins:-?} joined one in flight"
+	if [ -z "$reads" ] || [ -z "$joins" ]; then
+		fail "sequential: no compressed read counters in the exit line: $(tail -3 "$log")"
+	elif [ $((reads * 4)) -gt $((clusters * 5)) ] || [ "$reads" -lt "$clusters" ]; then
+		fail "sequential: $reads compressed reads for $clusters clusters (at most 1.25 each)"
+	elif [ "$joins" -lt $((size / 4096 - reads * 16 / 10)) ]; then
+		fail "sequential: only $joins reads joined one in flight"
+	fi
+fi
+
+echo "== 2. two queues reading the same clusters"
+for c in "z 1" "z 2" "zx 2"; do
+	set -- $c
+	if serve "$1" "$2" 2; then
+		bench "$1.qcow2 --io-threads $2 random" "$1" 2 --rw randread --size 1M --runtime 1
+		bench "$1.qcow2 --io-threads $2 sequential" "$1" 2 --rw read --runtime 1
+		it_stop
+		joins=$(owner_count "joined one in flight")
+		echo "joined one in flight on the main thread: ${joins:-?}"
+		[ "${joins:-0}" -gt 0 ] || fail "$1.qcow2 --io-threads $2: no read joined one in flight"
+		if [ "$1" = zx ]; then
+			grep -a -q 'fast path: 0 hits, [1-9][0-9]* hops' "$log" ||
+				fail "extended L2: the I/O thread's reads were not handed over: $(tail -1 "$log")"
+		fi
+	fi
+done
+
+echo "== 3. teardown with reads waiting"
+if serve zx 2 2; then
+	"$fe" --queues 2 bench "$sock" --bs 4096 --iodepth 32 --numjobs 2 --rw randread --size 2M \
+		--runtime 30 >/dev/null 2>&1 &
+	fpid=$!
+	sleep 1
+	kill -9 $fpid
+	wait $fpid 2>/dev/null
+	kill -0 "$pid" 2>/dev/null || fail "vqcowd died with the front-end: $(cat "$log")"
+	# the connection is gone and its requests drained: a new one is served
+	bench "after the front-end's kill" zx 2 --rw randread --size 2M --runtime 1
+	"$fe" --queues 2 bench "$sock" --bs 4096 --iodepth 32 --numjobs 2 --rw read \
+		--runtime 30 >/dev/null 2>&1 &
+	fpid=$!
+	sleep 1
+	it_stop # SIGTERM while it reads
+	wait $fpid 2>/dev/null
+fi
+if serve z 1 1; then
+	"$fe" bench "$sock" --bs 4096 --iodepth 32 --rw read --runtime 30 >/dev/null 2>&1 &
+	fpid=$!
+	sleep 1
+	it_stop
+	wait $fpid 2>/dev/null
+fi
+it_finish "$log"
