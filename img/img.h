@@ -315,6 +315,16 @@ static inline bool img_may_write(const struct img *img)
  */
 void img_test_fast_delay(unsigned ms);
 
+/*
+ * Test seam (vqcowd's VQCOWD_TEST_ZREAD_FAIL): qcow2 fails every @n-th read
+ * of compressed bytes (the owner's and the queue threads') with -EIO
+ * without reading: each must fail exactly one request, never the reads
+ * that waited for it. 0 (the default): off. img_test_zread_failed(): how
+ * many it failed so far.
+ */
+void img_test_zread_fail(unsigned n);
+uint64_t img_test_zread_failed(void);
+
 /* Test seam (vqcowd's VQCOWD_TEST_LINK_DELAY): qcow2_test_link_delay(). */
 void img_test_link_delay(unsigned ms);
 

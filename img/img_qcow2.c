@@ -245,7 +245,8 @@ struct q2fast {
 	uint32_t coff;
 	uint32_t cskip, clen; /* compressed: where its bytes start in cbuf, how many */
 	unsigned ticket;
-	uint64_t host; /* a delayed write (test seam) */
+	uint64_t host;                              /* a delayed write (test seam) */
+	void (*zdone)(struct io_cmd *cmd, int res); /* a read failed on purpose (test seam) */
 };
 
 /*
@@ -310,6 +311,31 @@ static unsigned test_delay_ms;
 void img_test_fast_delay(unsigned ms)
 {
 	__atomic_store_n(&test_delay_ms, ms, __ATOMIC_RELAXED);
+}
+
+/* Test seam (img_test_zread_fail): fail every n-th read of compressed bytes. */
+static unsigned test_zfail_n;
+static uint64_t test_zfail_seen, test_zfail_done;
+
+void img_test_zread_fail(unsigned n)
+{
+	__atomic_store_n(&test_zfail_n, n, __ATOMIC_RELAXED);
+}
+
+uint64_t img_test_zread_failed(void)
+{
+	return __atomic_load_n(&test_zfail_done, __ATOMIC_RELAXED);
+}
+
+/* Any thread: is this read of compressed bytes one to fail (img_test_zread_fail)? */
+static bool zread_fails(void)
+{
+	unsigned n = __atomic_load_n(&test_zfail_n, __ATOMIC_RELAXED);
+
+	if (!n || __atomic_add_fetch(&test_zfail_seen, 1, __ATOMIC_RELAXED) % n)
+		return false;
+	__atomic_add_fetch(&test_zfail_done, 1, __ATOMIC_RELAXED);
+	return true;
 }
 
 void img_test_link_delay(unsigned ms)
@@ -1209,6 +1235,13 @@ static void flush_done(struct qcow2_flush *f, int res)
  */
 static void sub_cmd_done(struct io_cmd *cmd, int res);
 
+/* Test seam: a read of compressed bytes failed on purpose (zread_fails()). */
+static void zfail_sub(struct io_cmd *cmd, int res)
+{
+	(void)res;
+	sub_cmd_done(cmd, -EIO);
+}
+
 /* Read the compressed bytes of @sub; @cache: into an entry it claims (others may join). */
 static int comp_issue(struct q2sub *sub, bool cache)
 {
@@ -1225,6 +1258,11 @@ static int comp_issue(struct q2sub *sub, bool cache)
 	sub->cmd.priv = sub;
 	m->n_zc_reads++;
 	rlen = comp_span(m, sub->chost, sub->clen, &start, &sub->cskip);
+	if (zread_fails()) {
+		sub->cmd.done = zfail_sub;
+		io_post(m->img.loop, &sub->cmd);
+		return 0;
+	}
 	io_read(m->img.loop, &sub->cmd, &m->file, sub->cbuf, rlen, start);
 	return 0;
 }
@@ -2222,7 +2260,16 @@ static void fbuf_put(struct q2img *m, struct fslot *s, void *b)
 		io_free_aligned(b);
 }
 
-/* Read the compressed bytes [host, host + clen) into @f->cbuf (comp_span). */
+/* Test seam: a read of compressed bytes failed on purpose (zread_fails()). */
+static void zfail_fast(struct io_cmd *cmd, int res)
+{
+	struct q2fast *f = cmd->priv;
+
+	(void)res;
+	f->zdone(cmd, -EIO);
+}
+
+/* Read the compressed bytes [host, host + clen) into @f->cbuf (comp_span); f->cmd.done set. */
 static void comp_read(struct q2img *m, struct q2fast *f, uint64_t host, uint32_t clen)
 {
 	struct fslot *s = f->s;
@@ -2231,6 +2278,12 @@ static void comp_read(struct q2img *m, struct q2fast *f, uint64_t host, uint32_t
 
 	__atomic_store_n(&s->n_zc_reads, s->n_zc_reads + 1, __ATOMIC_RELAXED);
 	f->clen = clen;
+	if (zread_fails()) {
+		f->zdone = f->cmd.done;
+		f->cmd.done = zfail_fast;
+		io_post(f->io->loop, &f->cmd);
+		return;
+	}
 	io_read(f->io->loop, &f->cmd, &m->file, f->cbuf, len, start);
 }
 
@@ -2287,6 +2340,25 @@ static void fast_hit_done(struct io_cmd *cmd, int res)
 	fast_end(cmd->priv, 0);
 }
 
+/*
+ * A waiter of a cache entry whose read failed (@res) reads the bytes itself,
+ * uncached (it still holds its ticket: they are still the cluster's), and
+ * fails only if that read fails.
+ */
+static void fzc_retry(struct q2img *m, struct fslot *s, struct q2fast *w, uint64_t host,
+		      uint32_t clen, int res)
+{
+	w->cbuf = fbuf_get(m, s);
+	w->ibuf = fbuf_get(m, s);
+	if (!w->cbuf || !w->ibuf) {
+		fast_end(w, res);
+		return;
+	}
+	w->cmd.done = fast_done;
+	w->cmd.priv = w;
+	comp_read(m, w, host, clen);
+}
+
 /* The compressed bytes of a cache entry arrived: inflate, serve its readers. */
 static void fzc_filled(struct io_cmd *cmd, int res)
 {
@@ -2294,6 +2366,8 @@ static void fzc_filled(struct io_cmd *cmd, int res)
 	struct fslot *s = f->s;
 	struct q2img *m = s->m;
 	struct fzc_ent *e = f->ze;
+	uint64_t host = e->host;
+	uint32_t clen = e->clen;
 
 	if (res >= 0) {
 		res = comp_inflate(m, f, res, e->buf);
@@ -2309,14 +2383,18 @@ static void fzc_filled(struct io_cmd *cmd, int res)
 	w = e->waiters;
 	e->waiters = NULL;
 	f->next = w;
-	/* done() of one may submit more, never inflate more here: e stays put */
+	/* done() of one may submit more, never inflate more here: e stays put.
+	 * A failure fails the leader; each waiter tries again (fzc_retry). */
 	for (w = f; w;) {
 		struct q2fast *next = w->next;
 
 		if (res >= 0)
 			io_iov_from_buf(w->io->iov, w->io->iovcnt, 0, (uint8_t *)e->buf + w->coff,
 					(size_t)w->io->len);
-		fast_end(w, res);
+		if (res >= 0 || w == f)
+			fast_end(w, res);
+		else
+			fzc_retry(m, s, w, host, clen, res);
 		w = next;
 	}
 }

@@ -1457,10 +1457,13 @@ static void flush_done(struct img_io *io, int res)
 		log_err("final flush failed: %s", strerror(-res));
 		d->exit_code = 1;
 	} else {
-		char desc[512];
+		char desc[1024];
 
 		img_describe(d->img, desc, sizeof(desc));
 		logmsg("image flushed; exiting (%s)", desc);
+		if (getenv("VQCOWD_TEST_ZREAD_FAIL"))
+			log_warn("VQCOWD_TEST_ZREAD_FAIL: %llu reads of compressed bytes failed",
+				 (unsigned long long)img_test_zread_failed());
 	}
 	d->flushed = true;
 	io_loop_stop(d->loop);
@@ -2023,6 +2026,11 @@ int main(int argc, char **argv)
 		/* a test seam: see img_test_fast_delay() */
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_FAST_DELAY: fast-path writes held back (a test seam)");
+	}
+	if (getenv("VQCOWD_TEST_ZREAD_FAIL")) {
+		/* a test seam: see img_test_zread_fail() */
+		img_test_zread_fail((unsigned)strtoul(getenv("VQCOWD_TEST_ZREAD_FAIL"), NULL, 10));
+		log_warn("VQCOWD_TEST_ZREAD_FAIL: reads of compressed bytes fail (a test seam)");
 	}
 	if (getenv("VQCOWD_TEST_LINK_DELAY")) {
 		/* a test seam: see img_test_link_delay() */

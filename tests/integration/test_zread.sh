@@ -15,7 +15,11 @@
 #     (--io-threads 2), and with extended L2 entries, where the I/O thread
 #     hands every read to the main thread (no fast path): those join and
 #     lead reads in flight too, and are inflated on their own thread.
-#  3. Teardown with reads waiting: the front-end killed (kill -9) under
+#  3. Failed reads of compressed bytes (VQCOWD_TEST_ZREAD_FAIL=N, a test
+#     seam: every N-th fails with EIO without reading) under the loads of 2:
+#     each failure fails exactly one request, the one whose own read it was;
+#     the reads that waited for it read again, and get the right data.
+#  4. Teardown with reads waiting: the front-end killed (kill -9) under
 #     such a load, then a new connection served and verified; SIGTERM under
 #     load: the daemon exits 0 (the ASan build: no leak, no use after free).
 set -u
@@ -117,7 +121,30 @@ for c in "z 1" "z 2" "zx 2"; do
 	fi
 done
 
-echo "== 3. teardown with reads waiting"
+echo "== 3. failed reads of compressed bytes fail one request each"
+for c in "z 1" "z 2" "zx 2"; do
+	set -- $c
+	for rw in read randread; do
+		serve "$1" "$2" 2 VQCOWD_TEST_ZREAD_FAIL=7 || continue
+		rc=0
+		"$fe" --queues 2 bench "$sock" --bs 4096 --iodepth 32 --numjobs 2 --rw $rw --size 4M \
+			--runtime 1 --expect "$dir/$1.expect" --json >"$dir/out.json" 2>"$dir/fe.log" ||
+			rc=$?
+		it_stop
+		failed=$(grep -a -o 'VQCOWD_TEST_ZREAD_FAIL: [0-9]* reads' "$log" | grep -o '[0-9]*' |
+			tail -1)
+		errors=$(python3 -c 'import json, sys; j = json.load(open(sys.argv[1]))
+print(j["total"]["errors"] if j["mismatches"] == 0 else -1)' "$dir/out.json")
+		echo "$1.qcow2 --io-threads $2 $rw: ${failed:-?} reads failed, ${errors:-?} requests failed"
+		if [ "$rc" != 3 ] || [ -z "$failed" ] || [ "${failed:-0}" -eq 0 ]; then
+			fail "$1.qcow2 --io-threads $2 $rw: no failure injected (vqcow-fe exit $rc)"
+		elif [ "${errors:-x}" != "$failed" ]; then
+			fail "$1.qcow2 --io-threads $2 $rw: $failed reads failed, $errors requests (-1: data)"
+		fi
+	done
+done
+
+echo "== 4. teardown with reads waiting"
 if serve zx 2 2; then
 	"$fe" --queues 2 bench "$sock" --bs 4096 --iodepth 32 --numjobs 2 --rw randread --size 2M \
 		--runtime 30 >/dev/null 2>&1 &
