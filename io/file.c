@@ -77,8 +77,7 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 
 	f->fd = fd;
 	f->bfd = -1;
-	f->fixed_index = -1;
-	f->fixed_loop = NULL;
+	memset(f->fixed, 0, sizeof(f->fixed));
 	memset(&f->lock, 0, sizeof(f->lock));
 	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
 	f->align = 1;

@@ -74,14 +74,18 @@ struct io_lock {
 	uint8_t unshared; /* IO_PERM_* whose "not shared" byte (200 + i) is held */
 };
 
+/* Loops that may have files registered at once (more are fine: by fd). */
+#define IO_FIXED_LOOPS 32
+
 struct io_file {
 	int fd;
-	unsigned align;  /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
-	unsigned flags;  /* IO_FILE_* */
-	int fixed_index; /* registered-file slot or -1 (private to io/) */
-	struct io_loop *fixed_loop; /* private: the loop that tried to register it */
-	uint64_t size;              /* size at open time (bytes) */
-	int bfd;             /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	unsigned align; /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
+	unsigned flags; /* IO_FILE_* */
+	uint64_t size;  /* size at open time (bytes) */
+	int bfd;        /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	/* private to io/: per loop (by the loop's fixed-file id), its registered
+	 * slot + 1, 0 = not tried, -1 = the loop's table refused it */
+	int fixed[IO_FIXED_LOOPS];
 	struct io_lock lock; /* image locks held through fd (io_file_lock) */
 };
 
@@ -275,15 +279,21 @@ unsigned io_loop_sq_waiting(struct io_loop *loop);
  * fallocate on a loop registers its fd in the loop's file table (64 slots),
  * and its SQEs then name the slot (IOSQE_FIXED_FILE), which spares the kernel
  * a file-table lookup and reference per request. io_file_close() removes the
- * registration; io_loop_exit() forgets the files still registered. A file is
- * registered with at most one loop (the first that used it); when the kernel
- * or the table refuses, the file is simply used by fd. Turn it off before
- * the first I/O with io_loop_set_fixed_files(loop, false).
+ * registration from every loop; io_loop_exit() forgets the files still
+ * registered with it. Each io_uring has its own table, so a file used by
+ * several loops (threads) is registered with each of them, by the thread
+ * that runs the loop, on its first use there; up to IO_FIXED_LOOPS loops at
+ * a time take part (the others use files by fd). When the kernel or the
+ * table refuses, the file is simply used by fd. io_file_close() and
+ * io_file_reopen_rw() call into every loop holding the file: no loop may be
+ * using the file at that point (the caller's rule anyway). Turn it off
+ * before the first I/O with io_loop_set_fixed_files(loop, false).
  */
 void io_loop_set_fixed_files(struct io_loop *loop, bool on);
 
-/* Is @f registered with @loop (for tests)? */
+/* Is @f registered with @loop, and how many SQEs named a registered file (for tests)? */
 bool io_file_is_fixed(const struct io_file *f, const struct io_loop *loop);
+uint64_t io_loop_fixed_file_uses(const struct io_loop *loop);
 
 /*
  * Registered buffers: pin the memory of @iov[0 .. @n) in the kernel

@@ -97,8 +97,12 @@ struct io_loop {
 	struct icmd *icmd_all;
 	struct io_cmd *icmd_free;
 	/* Registered files: slot -> file; files_state 0 = table not set up yet,
-	 * 1 = set up, -1 = off or refused by the kernel. */
+	 * 1 = set up, -1 = off or refused by the kernel. fid: this loop's index
+	 * in every io_file's fixed[] (and in fixed_loops[]), -1 = none left. The
+	 * slots are written by the loop's thread and by io_file_close's (with
+	 * no I/O on that file anywhere), hence the atomics. */
 	int files_state;
+	int fid;
 	struct io_file *files[IO_FIXED_FILES];
 	/* Registered buffers: piece i is buffer index i. */
 	unsigned nbufs;
@@ -107,6 +111,7 @@ struct io_loop {
 		size_t len;
 	} bufs[IO_FIXED_BUFS];
 	uint64_t buf_uses;
+	uint64_t file_uses; /* SQEs that named a registered file */
 	/* Cross-thread posts (io_post_remote): a list other threads append to
 	 * under rmtx, and an eventfd the loop polls (wake_cmd) to take it. */
 	pthread_mutex_t rmtx;
@@ -116,6 +121,21 @@ struct io_loop {
 };
 
 /* ---- life cycle ---- */
+
+/* The loops by fixed-file id, so that closing a file finds every loop holding it. */
+static struct io_loop *fixed_loops[IO_FIXED_LOOPS];
+
+static int fid_claim(struct io_loop *loop)
+{
+	for (int i = 0; i < IO_FIXED_LOOPS; i++) {
+		struct io_loop *none = NULL;
+
+		if (__atomic_compare_exchange_n(&fixed_loops[i], &none, loop, false,
+						__ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			return i;
+	}
+	return -1;
+}
 
 int io_loop_init(struct io_loop **loopp, unsigned entries)
 {
@@ -148,6 +168,7 @@ int io_loop_init(struct io_loop **loopp, unsigned entries)
 		goto err_free;
 	loop->klimit = loop->ring.cq.ring_entries;
 	loop->wake_fd = -1;
+	loop->fid = fid_claim(loop);
 	pthread_mutex_init(&loop->rmtx, NULL);
 	*loopp = loop;
 	return 0;
@@ -174,12 +195,14 @@ void io_loop_exit(struct io_loop *loop)
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_FILE].ns,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_REMOTE].ns);
 	for (unsigned i = 0; i < IO_FIXED_FILES; i++) {
-		if (loop->files[i]) {
-			loop->files[i]->fixed_index = -1;
-			loop->files[i]->fixed_loop = NULL;
-		}
+		struct io_file *f = __atomic_load_n(&loop->files[i], __ATOMIC_ACQUIRE);
+
+		if (f && loop->fid >= 0)
+			__atomic_store_n(&f->fixed[loop->fid], 0, __ATOMIC_RELEASE);
 	}
 	io_uring_queue_exit(&loop->ring);
+	if (loop->fid >= 0)
+		__atomic_store_n(&fixed_loops[loop->fid], NULL, __ATOMIC_RELEASE);
 	if (loop->wake_fd >= 0)
 		close(loop->wake_fd);
 	pthread_mutex_destroy(&loop->rmtx);
@@ -442,7 +465,7 @@ void io_loop_set_fixed_files(struct io_loop *loop, bool on)
 
 bool io_file_is_fixed(const struct io_file *f, const struct io_loop *loop)
 {
-	return f->fixed_loop == loop && f->fixed_index >= 0;
+	return loop->fid >= 0 && __atomic_load_n(&f->fixed[loop->fid], __ATOMIC_RELAXED) > 0;
 }
 
 /* Register @f with @loop on its first use there; failures leave it used by fd. */
@@ -450,10 +473,10 @@ static void file_fix(struct io_loop *loop, struct io_file *f)
 {
 	unsigned i;
 
-	if (f->fixed_loop || loop->files_state < 0)
+	if (loop->fid < 0 || loop->files_state < 0 ||
+	    __atomic_load_n(&f->fixed[loop->fid], __ATOMIC_RELAXED) != 0)
 		return;
-	f->fixed_loop = loop;
-	f->fixed_index = -1;
+	__atomic_store_n(&f->fixed[loop->fid], -1, __ATOMIC_RELAXED);
 	if (loop->files_state == 0) {
 		if (io_uring_register_files_sparse(&loop->ring, IO_FIXED_FILES) < 0) {
 			loop->files_state = -1;
@@ -461,27 +484,37 @@ static void file_fix(struct io_loop *loop, struct io_file *f)
 		}
 		loop->files_state = 1;
 	}
-	for (i = 0; i < IO_FIXED_FILES && loop->files[i]; i++)
+	for (i = 0; i < IO_FIXED_FILES && __atomic_load_n(&loop->files[i], __ATOMIC_ACQUIRE); i++)
 		;
 	if (i == IO_FIXED_FILES || io_uring_register_files_update(&loop->ring, i, &f->fd, 1) != 1)
 		return;
-	loop->files[i] = f;
-	f->fixed_index = (int)i;
+	__atomic_store_n(&loop->files[i], f, __ATOMIC_RELEASE);
+	__atomic_store_n(&f->fixed[loop->fid], (int)i + 1, __ATOMIC_RELEASE);
 }
 
+uint64_t io_loop_fixed_file_uses(const struct io_loop *loop)
+{
+	return loop->file_uses;
+}
+
+/* Forget @f in every loop's table: on close, or before its fd changes. */
 void io_loop_file_closing(struct io_file *f)
 {
-	struct io_loop *loop = f->fixed_loop;
 	int minus_one = -1;
 
-	if (loop && f->fixed_index >= 0 && f->fixed_index < IO_FIXED_FILES &&
-	    loop->files[f->fixed_index] == f) {
-		io_uring_register_files_update(&loop->ring, (unsigned)f->fixed_index, &minus_one,
-					       1);
-		loop->files[f->fixed_index] = NULL;
+	for (int id = 0; id < IO_FIXED_LOOPS; id++) {
+		int k = __atomic_load_n(&f->fixed[id], __ATOMIC_ACQUIRE);
+		struct io_loop *loop;
+
+		__atomic_store_n(&f->fixed[id], 0, __ATOMIC_RELAXED);
+		if (k <= 0 || k > IO_FIXED_FILES)
+			continue;
+		loop = __atomic_load_n(&fixed_loops[id], __ATOMIC_ACQUIRE);
+		if (!loop || __atomic_load_n(&loop->files[k - 1], __ATOMIC_ACQUIRE) != f)
+			continue;
+		io_uring_register_files_update(&loop->ring, (unsigned)k - 1, &minus_one, 1);
+		__atomic_store_n(&loop->files[k - 1], NULL, __ATOMIC_RELEASE);
 	}
-	f->fixed_index = -1;
-	f->fixed_loop = NULL;
 }
 
 int io_loop_register_buffers(struct io_loop *loop, const struct iovec *iov, unsigned n)
@@ -562,10 +595,12 @@ static unsigned cmd_align(const struct io_cmd *cmd)
 static void sqe_set_file(struct io_uring_sqe *sqe, const struct io_cmd *cmd)
 {
 	const struct io_file *f = cmd->file;
+	int k;
 
-	if (f && f->fixed_index >= 0 && f->fixed_loop == cmd->loop && cmd->fd == f->fd) {
-		sqe->fd = f->fixed_index;
+	if (f && cmd->loop->fid >= 0 && (k = f->fixed[cmd->loop->fid]) > 0 && cmd->fd == f->fd) {
+		sqe->fd = k - 1;
 		sqe->flags |= IOSQE_FIXED_FILE;
+		cmd->loop->file_uses++;
 	}
 }
 

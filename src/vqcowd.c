@@ -1228,9 +1228,9 @@ static int threads_init(struct daemon *d)
 		if (pollers < d->nserve)
 			io_loop_set_poll_group(t->loop, &d->poll_group);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
-		/* A file is registered with one loop only; a raw image's
-		 * file is used by every thread. */
-		io_loop_set_fixed_files(t->loop, false);
+		/* Each loop registers the image files it uses in its own
+		 * io_uring's table (io/: io_loop_set_fixed_files). */
+		io_loop_set_fixed_files(t->loop, !d->o->no_fixed_files);
 		ret = io_loop_enable_remote(t->loop);
 		if (ret < 0)
 			return ret;
@@ -2020,8 +2020,6 @@ int main(int argc, char **argv)
 	 * change of the device (src/layers.c, ctl_park). */
 	d.hop = !d.img->any_loop && !d.img->mt_submit;
 	d.rings_mt = d.nthreads && !d.hop;
-	if (d.rings_mt)
-		io_loop_set_fixed_files(d.loop, false); /* every thread uses the file */
 	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
 		/* a test seam: see img_test_fast_delay() */
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));

@@ -659,7 +659,7 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	f->fd = FAKE_FD_BASE + id;
 	f->align = 1;
 	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
-	f->fixed_index = -1;
+	memset(f->fixed, 0, sizeof(f->fixed));
 	f->size = g_files[id].size;
 	return 0;
 }

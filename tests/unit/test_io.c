@@ -6,6 +6,7 @@
  * can be avoided, since tmpfs may refuse O_DIRECT.
  */
 #include <CUnit/Basic.h>
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -187,7 +188,8 @@ static void test_open_direct(void)
 	int ret = tmp_open(&f, IO_FILE_DIRECT, NULL);
 
 	CU_ASSERT_EQUAL_FATAL(ret, 0);
-	CU_ASSERT_EQUAL(f.fixed_index, -1);
+	for (int i = 0; i < IO_FIXED_LOOPS; i++)
+		CU_ASSERT_EQUAL(f.fixed[i], 0);
 	CU_ASSERT_EQUAL(f.size, 0);
 	if (f.flags & IO_FILE_DIRECT) {
 		CU_ASSERT(f.align >= 1 && (f.align & (f.align - 1)) == 0);
@@ -1619,9 +1621,248 @@ static void test_fixed_files(void)
 	io_loop_exit(loop2);
 	/* A file outliving its loop is forgotten by it, then still closes cleanly. */
 	io_loop_exit(loop);
-	CU_ASSERT_EQUAL(f[0].fixed_index, -1);
-	CU_ASSERT_PTR_NULL(f[0].fixed_loop);
+	for (int i = 0; i < IO_FIXED_LOOPS; i++)
+		CU_ASSERT_EQUAL(f[0].fixed[i], 0);
 	io_file_close(&f[0]);
+	io_free_aligned(buf);
+}
+
+/*
+ * How many slots of this process's io_urings hold a file whose path contains
+ * @name (/proc/self/fdinfo of a ring: "UserFiles:" then one line per slot in
+ * use); -1 when no ring lists its files (an older kernel).
+ */
+static int ring_file_refs(const char *name)
+{
+	DIR *d = opendir("/proc/self/fdinfo");
+	struct dirent *e;
+	int refs = 0;
+	bool listed = false;
+
+	if (!d)
+		return -1;
+	while ((e = readdir(d))) {
+		char path[300], line[1024];
+		bool in = false;
+		FILE *fp;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/self/fdinfo/%s", e->d_name);
+		fp = fopen(path, "r");
+		if (!fp)
+			continue;
+		while (fgets(line, sizeof(line), fp)) {
+			if (strncmp(line, "UserFiles:", 10) == 0) {
+				in = listed = true;
+				continue;
+			}
+			if (in && line[0] != ' ')
+				in = false;
+			if (in && strstr(line, name))
+				refs++;
+		}
+		fclose(fp);
+	}
+	closedir(d);
+	return listed ? refs : -1;
+}
+
+/* Open a new O_DIRECT file named after @tag in g_dir; its name goes to @name. */
+static void named_open(struct io_file *f, const char *tag, char *name, size_t len)
+{
+	char path[600];
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/test_io_%s.XXXXXX", g_dir, tag);
+	fd = mkstemp(path);
+	CU_ASSERT_FATAL(fd >= 0);
+	close(fd);
+	CU_ASSERT_EQUAL_FATAL(io_file_open(f, path, IO_FILE_DIRECT), 0);
+	unlink(path);
+	snprintf(name, len, "%s", strrchr(path, '/') + 1);
+}
+
+struct fx_thread {
+	struct io_loop *loop;
+	struct io_file *f;
+	unsigned id;
+	int bad;
+};
+
+/* A command of fx_thread_main: touches nothing shared (no g_done, no CUnit). */
+struct fx_cmd {
+	struct io_cmd cmd;
+	int calls, res;
+};
+
+static void fx_done(struct io_cmd *c, int res)
+{
+	struct fx_cmd *t = container_of(c, struct fx_cmd, cmd);
+
+	t->calls++;
+	t->res = res;
+}
+
+static int fx_run(struct io_loop *loop, struct fx_cmd *c)
+{
+	for (int k = 0; k < MAX_ITER && !c->calls; k++)
+		if (io_loop_run_once(loop, true) < 0)
+			return -1;
+	return c->calls ? c->res : -1;
+}
+
+static void *fx_thread_main(void *arg)
+{
+	struct fx_thread *t = arg;
+	uint8_t *buf = io_alloc_aligned(4096);
+
+	t->bad += !buf;
+	for (unsigned i = 0; buf && i < 64; i++) {
+		uint64_t off = ((uint64_t)t->id * 64 + i) * 4096;
+		struct fx_cmd c = {.cmd.done = fx_done};
+
+		memset(buf, (int)(t->id * 64 + i), 4096);
+		io_write(t->loop, &c.cmd, t->f, buf, 4096, off);
+		t->bad += fx_run(t->loop, &c) != 4096;
+		memset(buf, 0xee, 4096);
+		c = (struct fx_cmd){.cmd.done = fx_done};
+		io_read(t->loop, &c.cmd, t->f, buf, 4096, off);
+		t->bad += fx_run(t->loop, &c) != 4096 || buf[0] != (uint8_t)(t->id * 64 + i) ||
+			  buf[4095] != (uint8_t)(t->id * 64 + i);
+	}
+	io_free_aligned(buf);
+	return NULL;
+}
+
+/*
+ * Each io_uring has its own table of registered files: a file used by two
+ * loops is registered with both (by the thread running each), under
+ * different slots, its requests name the slot on both, and closing it
+ * empties both slots in the kernel (no ring keeps the file open).
+ */
+static void test_fixed_files_loops(void)
+{
+	enum { NL = IO_FIXED_LOOPS + 2 };
+	struct io_loop *a, *b, *many[NL];
+	static struct io_file f, g, h;
+	char fname[64], gname[64], hname[64];
+	struct fx_thread th[2];
+	pthread_t tid[2];
+	uint64_t ua, ub;
+	uint8_t *buf;
+	int refs, nfixed = 0;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&a, 32), 0);
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&b, 32), 0);
+	buf = io_alloc_aligned(8192);
+	CU_ASSERT_FATAL(buf != NULL);
+	named_open(&f, "fxf", fname, sizeof(fname));
+	named_open(&g, "fxg", gname, sizeof(gname));
+	/* g takes b's first slot, so f's slots differ between a and b */
+	rw_check(b, &g, buf, 4096, 0, 3);
+	CU_ASSERT_TRUE(io_file_is_fixed(&g, b));
+	rw_check(a, &f, buf, 8192, 0, 1);
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, a));
+	CU_ASSERT_FALSE(io_file_is_fixed(&f, b));
+	ua = io_loop_fixed_file_uses(a);
+	ub = io_loop_fixed_file_uses(b);
+	CU_ASSERT_EQUAL(ua, 2);
+	/* b reads what a wrote, through its own slot */
+	{
+		struct tcmd t;
+
+		memset(buf, 0, 8192);
+		tinit(&t);
+		io_read(b, &t.cmd, &f, buf, 8192, 0);
+		run_until(b, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 8192);
+		CU_ASSERT_EQUAL(buf[100], (uint8_t)((100 * 131 + 7) ^ 1));
+	}
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, b));
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, a));
+	CU_ASSERT_EQUAL(io_loop_fixed_file_uses(b), ub + 1);
+	rw_check(b, &f, buf, 4096, 4096, 9);
+	rw_check(a, &f, buf, 4096, 8192, 11);
+	CU_ASSERT_EQUAL(io_loop_fixed_file_uses(a), ua + 2);
+	CU_ASSERT_EQUAL(io_loop_fixed_file_uses(b), ub + 3);
+	/* fdatasync through b's slot too */
+	{
+		struct tcmd t;
+
+		tinit(&t);
+		io_fdatasync(b, &t.cmd, &f);
+		run_until(b, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 0);
+	}
+	refs = ring_file_refs(fname);
+	if (refs < 0)
+		fprintf(stderr, "note: the kernel lists no registered files in fdinfo\n");
+	else
+		CU_ASSERT_EQUAL(refs, 2);
+	/* closing unregisters it from both rings */
+	io_file_close(&f);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f, a));
+	CU_ASSERT_FALSE(io_file_is_fixed(&f, b));
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), 0);
+	/* the freed slots are taken again, g is untouched */
+	named_open(&h, "fxh", hname, sizeof(hname));
+	rw_check(b, &h, buf, 4096, 0, 21);
+	CU_ASSERT_TRUE(io_file_is_fixed(&h, b));
+	rw_check(b, &g, buf, 4096, 4096, 23);
+	CU_ASSERT_TRUE(io_file_is_fixed(&g, b));
+
+	/* Two threads register one file at once, each with its own loop. */
+	named_open(&f, "fxt", fname, sizeof(fname));
+	for (unsigned i = 0; i < 2; i++) {
+		th[i] = (struct fx_thread){.loop = i ? b : a, .f = &f, .id = i};
+		CU_ASSERT_EQUAL_FATAL(pthread_create(&tid[i], NULL, fx_thread_main, &th[i]), 0);
+	}
+	for (unsigned i = 0; i < 2; i++) {
+		pthread_join(tid[i], NULL);
+		CU_ASSERT_EQUAL(th[i].bad, 0);
+	}
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, a));
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, b));
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), 2);
+	/* a loop that ends first forgets the file; the other keeps it, close empties it */
+	io_loop_exit(b);
+	rw_check(a, &f, buf, 4096, 0, 31);
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, a));
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), 1);
+	io_file_close(&f);
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), 0);
+	io_file_close(&h);
+	io_file_close(&g);
+
+	/* More loops than IO_FIXED_LOOPS: the rest use the file by fd, all correctly. */
+	named_open(&f, "fxm", fname, sizeof(fname));
+	for (int i = 0; i < NL; i++) {
+		CU_ASSERT_EQUAL_FATAL(io_loop_init(&many[i], 8), 0);
+		rw_check(many[i], &f, buf, 4096, (uint64_t)i * 4096, (unsigned)i + 40);
+		nfixed += io_file_is_fixed(&f, many[i]);
+	}
+	CU_ASSERT(nfixed > 0 && nfixed < NL);
+	CU_ASSERT_FALSE(io_file_is_fixed(&f, many[NL - 1]));
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), nfixed);
+	io_file_close(&f);
+	if (refs >= 0)
+		CU_ASSERT_EQUAL(ring_file_refs(fname), 0);
+	for (int i = 0; i < NL; i++)
+		io_loop_exit(many[i]);
+	/* their ids are free again: a new loop registers */
+	named_open(&f, "fxn", fname, sizeof(fname));
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&b, 8), 0);
+	rw_check(b, &f, buf, 4096, 0, 51);
+	CU_ASSERT_TRUE(io_file_is_fixed(&f, b));
+	io_file_close(&f);
+	io_loop_exit(b);
+	io_loop_exit(a);
 	io_free_aligned(buf);
 }
 
@@ -1942,6 +2183,7 @@ int main(void)
 	CU_add_test(s, "busy polling adapts per kind", test_poll_adaptive);
 	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "registered files", test_fixed_files);
+	CU_add_test(s, "registered files, several loops", test_fixed_files_loops);
 	CU_add_test(s, "registered buffers", test_fixed_buffers);
 	CU_add_test(s, "bad arguments", test_bad_args);
 	CU_add_test(s, "QEMU-compatible locks", test_locks);
