@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -783,6 +784,60 @@ uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n)
 	}
 	punch_next(q);
 	return taken;
+}
+
+/*
+ * Going read-only (a layer becomes a backing file: the end of a block-commit
+ * that did not pivot to its base, an external snapshot's old layer): the
+ * engine will not allocate again before it is made writable, so the space of
+ * what is free goes back now, not at a close that only a writer does
+ * (qcow2_close): the reserve of data clusters just released (q2_resv_release:
+ * up to 64 MiB, fallocated) and the preallocated tail. The caller made it
+ * quiet and flushed, so every refcount is written back and synced: a cluster
+ * whose refcount on disk is 0 is referenced by nothing, and its release is
+ * durable, the rule for reusing freed clusters (a crash meanwhile leaks no
+ * more than before). The file is cut after the last cluster with a refcount
+ * (read from disk, as at open), and the free clusters below it that were
+ * never punched (the reserve, when metadata landed after it) are punched
+ * through the punch queue. The allocation state follows the cut as an open
+ * would set it, for a later qcow2_set_read_only(false): cursor, fresh space,
+ * preallocation at the new end. Once per read-only transition (gave_back);
+ * -EAGAIN while the punches run (the caller flushes and calls again).
+ */
+int q2_alloc_give_back(struct qcow2 *q)
+{
+	uint64_t used = 0, size = 0;
+	size_t k = 0;
+
+	if (q->gave_back)
+		return q->punch_busy ? -EAGAIN : 0;
+	q->gave_back = true;
+	if (q->ext_data || (q->file->flags & IO_FILE_BLOCKDEV) || q->corrupt ||
+	    q2_scan_highest_used(q, &used) < 0 || used > q->cursor)
+		return 0;
+	if (io_file_get_size(q->file, &size) == 0 && size > (used << q->cb)) {
+		if (ftruncate(q->file->fd, (off_t)(used << q->cb)) < 0) {
+			Q2_LOG(q, WARN, "giving back the unused tail: %s", strerror(errno));
+			return 0;
+		}
+		q->file->size = used << q->cb;
+		q->prealloc_ok = q->prealloc_end = used << q->cb;
+		if (q->fresh_start > used)
+			q->fresh_start = used;
+		q->cursor = used;
+	}
+	/* free clusters past the cut are the cursor's again; those below it are punched */
+	for (size_t i = 0; i < q->freelist.n; i++) {
+		uint64_t v = q->freelist.v[i], c = v & ~FREE_ZERO;
+
+		if (c >= q->cursor)
+			continue;
+		if ((v & FREE_ZERO) || q->no_punch || q2_u64v_push(&q->punchq, c) < 0)
+			q->freelist.v[k++] = v;
+	}
+	q->freelist.n = k;
+	punch_next(q);
+	return q->punch_busy ? -EAGAIN : 0;
 }
 
 static void run_apply(struct qcow2 *q)

@@ -226,6 +226,7 @@ struct qcow2 {
 	size_t punchq_pos;
 	bool punch_busy, no_punch;
 	bool punch_hold; /* closing for an edit: no new punch (qcow2_close_free) */
+	bool gave_back;  /* going read-only: q2_alloc_give_back ran */
 	uint64_t punch_c, punch_n;
 	struct io_cmd punch_cmd;
 	/*
@@ -450,6 +451,12 @@ void q2_alloc_exit(struct qcow2 *q);
  */
 uint64_t q2_alloc_adopt(struct qcow2 *q, uint64_t c, uint64_t n);
 /*
+ * The engine goes read-only, quiet and written back (qcow2_set_read_only):
+ * give the file system back the space of what is free (the reserve just
+ * released, the preallocated tail). -EAGAIN while its punches run.
+ */
+int q2_alloc_give_back(struct qcow2 *q);
+/*
  * Move the free clusters below the cursor (waiting for their punch, or on
  * the free list) to @out: the engine forgets them (they stay free).
  */
@@ -476,6 +483,8 @@ void q2_grow_written(struct qcow2 *q);
 /* The default cache budgets (bytes) for a disk of @size (qcow2_open, set_size). */
 void q2_cache_defaults(const struct qcow2 *q, uint64_t size, uint64_t *l2_bytes,
 		       uint64_t *rc_bytes);
+/* Highest cluster index with a non-zero refcount on disk + 1 (0 if none), via sync reads. */
+int q2_scan_highest_used(struct qcow2 *q, uint64_t *out);
 
 /* ---- mapping.c ---- */
 /* Validate an L2 slice after loading: sets s->suspect. */

@@ -117,7 +117,7 @@ static int load_snapshots(struct qcow2 *q, struct q2_u64v *m, uint64_t fsize, ch
 }
 
 /* Highest cluster index with a non-zero refcount + 1 (0 if none), via sync reads. */
-static int scan_highest_used(struct qcow2 *q, uint64_t *out)
+int q2_scan_highest_used(struct qcow2 *q, uint64_t *out)
 {
 	uint64_t per = 1ull << q->rb_bits;
 	uint8_t *blk;
@@ -472,7 +472,7 @@ reread:
 		q->no_backing = true; /* a device has all its space */
 	}
 	if (!q->read_only) {
-		ret = scan_highest_used(q, &used);
+		ret = q2_scan_highest_used(q, &used);
 		if (ret < 0) {
 			qcow2_seterr(err, errlen, ret, "%s: reading refcount blocks: %s", path,
 				     strerror(-ret));

@@ -541,11 +541,14 @@ int qcow2_snapshot_list(struct qcow2 *q, struct qcow2_snap_desc **out, uint32_t 
  * read-only needs a quiet engine: no request in flight (the caller's
  * duty), nothing left to write back. It gives back the clusters reserved
  * ahead and returns -EAGAIN while anything is left: the caller flushes
- * (qcow2_flush) and calls again. -ENOTSUP while persistent dirty bitmaps
- * are held in memory (enabled ones, or any after qcow2_grow: they would
- * have to be stored, and only qcow2_close does that). Going read-write
- * again: only an engine opened read-write (-EROFS otherwise); its
- * allocation state is the one it left. The locks are the caller's (img/).
+ * (qcow2_flush) and calls again. Then the space of what is free goes back
+ * to the file system (the file cut after its last cluster in use, free
+ * clusters below punched; -EAGAIN while the punches run). -ENOTSUP while
+ * persistent dirty bitmaps are held in memory (enabled ones, or any after
+ * qcow2_grow: they would have to be stored, and only qcow2_close does
+ * that). Going read-write again: only an engine opened read-write (-EROFS
+ * otherwise); its allocation state is the one it left (after the cut).
+ * The locks are the caller's (img/).
  * 0 or -errno.
  */
 int qcow2_set_read_only(struct qcow2 *q, bool read_only);

@@ -1068,6 +1068,7 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 		if (!q->rw_open)
 			return -EROFS;
 		q->read_only = false;
+		q->gave_back = false;
 		if (q2_bitmap_frozen(q)) { /* its bitmaps stored for a read-only node */
 			int ret = q2_bitmap_thaw(q);
 
@@ -1088,6 +1089,9 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 		return -EAGAIN;
 	}
 	if (q->tokens || has_work(q) || busy(q))
+		return -EAGAIN;
+	/* what is free goes back to the file system, while we hold the write lock */
+	if (q2_alloc_give_back(q) < 0)
 		return -EAGAIN;
 	q->read_only = true;
 	return 0;

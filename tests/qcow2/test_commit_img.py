@@ -15,7 +15,8 @@ qemu-img, with the same arguments:
   - the base: qemu-img compare identical to qemu-img's, qemu-img map the
     same but for host offsets (a raw base: byte for byte identical), grown
     like qemu-img's when the top is larger, qemu-img check clean, its file
-    at most 1 MiB larger than qemu-img's (no unused preallocated tail).
+    and its blocks on disk at most 2 MiB larger than qemu-img's (no unused
+    preallocated tail, no reserve left fallocated).
 Cases: qcow2 base; raw base; compressed, zero, partial and unallocated
 clusters in the top; extended L2 (subclusters) in both; a top larger than
 its base; -d; -b with a 3-layer chain (implies -d; the middle layer
@@ -153,6 +154,10 @@ def same(name, dirs, args, base_fmt="qcow2", top_kept=False):
         check(os.path.getsize(bo) <= os.path.getsize(bq) + 2 * MiB,
               "%s: our base is %d bytes, qemu-img's %d" % (name, os.path.getsize(bo),
                                                           os.path.getsize(bq)))
+        # and on disk: no reserve left fallocated below the end either
+        ko, kq = (os.stat(x).st_blocks * 512 for x in (bo, bq))
+        check(ko <= kq + 2 * MiB, "%s: our base takes %d bytes on disk, qemu-img's %d" %
+              (name, ko, kq))
         check(qmap(bo) == qmap(bq), "%s: base maps differ:\n%r\n%r" % (name, qmap(bo),
                                                                      qmap(bq)))
     check(qmap(os.path.join(do, "t.qcow2")) == qmap(os.path.join(dq, "t.qcow2")),
