@@ -32,6 +32,7 @@ qemu-img's (qemu-img compare):
 Usage: test_commit_space.py VQCOWD VQCOW_FE WORKDIR
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -105,6 +106,15 @@ def compare(a, b, what):
     check(r.returncode == 0, "%s: %s and %s differ: %s" % (what, a, b, r.stdout.decode()))
 
 
+@contextlib.contextmanager
+def served(vqcowd, work, img, name):
+    """vqcowd serving IMG with QMP: (daemon, client); quit (exit 0) after the
+    block, no sanitizer report in its log."""
+    with qmplib.vqcowd_session(vqcowd, work, img, name, ["--format", "qcow2"]) as (d, q):
+        yield d, q
+    qmplib.sanitizer_clean(d.log())
+
+
 TOP = ("top.qcow2", ("write -P 0x11 1M 2M", "write -P 0x22 10M 1M"))
 MID = ("mid.qcow2", ("write -P 0x33 2M 1M", "write -P 0x44 30M 2M"))
 
@@ -112,10 +122,7 @@ MID = ("mid.qcow2", ("write -P 0x33 2M 1M", "write -P 0x44 30M 2M"))
 def test_cancel(vqcowd, fe, work):
     (base, top), (qbase, qtop) = twins(work, "cancel", [TOP])
     run("qemu-img", "commit", "-q", "-d", qtop)
-    d = qmplib.Daemon(vqcowd, work, top, "cancel", extra=["--format", "qcow2"],
-                      unlink_stale=True)
-    try:
-        q = qmplib.Qmp(d.qsock)
+    with served(vqcowd, work, top, "cancel") as (d, q):
         q.ret("block-commit", {"device": "disk0", "job-id": "c"})
         q.wait_event("BLOCK_JOB_READY")
         q.ret("block-job-cancel", {"device": "c"})
@@ -129,13 +136,6 @@ def test_cancel(vqcowd, fe, work):
         q.ret("block-job-complete", {"device": "c2"})
         q.wait_event("BLOCK_JOB_COMPLETED")
         run(fe, "write", d.vsock, 40 * MiB, MiB, inp=b"\x5a" * MiB)
-        qmplib.quit_clean(d, q)
-    except BaseException:
-        d.stop_showing_log(tail=6000)
-        raise
-    finally:
-        if d.p.poll() is None:
-            d.kill()
     qio(qbase, "write -P 0x5a 40M 1M")
     qcheck(base, "base after the second commit and a write")
     compare(base, qbase, "base after the second commit and a write")
@@ -146,10 +146,7 @@ def test_cancel(vqcowd, fe, work):
 def test_intermediate(vqcowd, fe, work):
     (base, mid, top), (qbase, qmid, qtop) = twins(work, "inter", [MID, TOP])
     run("qemu-img", "commit", "-q", "-d", qmid)
-    d = qmplib.Daemon(vqcowd, work, top, "inter", extra=["--format", "qcow2"],
-                      unlink_stale=True)
-    try:
-        q = qmplib.Qmp(d.qsock)
+    with served(vqcowd, work, top, "inter") as (d, q):
         q.ret("block-commit", {"device": "disk0", "job-id": "i", "top-node": "disk0-backing1",
                                "base-node": "disk0-backing2"})
         q.wait_event("BLOCK_JOB_COMPLETED")
@@ -157,13 +154,6 @@ def test_intermediate(vqcowd, fe, work):
         qcheck(base, "base after the intermediate commit")
         compare(base, qbase, "base after the intermediate commit")
         compare(top, qtop, "the chain after the intermediate commit")
-        qmplib.quit_clean(d, q)
-    except BaseException:
-        d.stop_showing_log(tail=6000)
-        raise
-    finally:
-        if d.p.poll() is None:
-            d.kill()
     log("ok: the base of an intermediate commit keeps no reserve")
 
 
@@ -171,10 +161,7 @@ def test_snapshot_bitmap(vqcowd, fe, work):
     (base,), _ = twins(work, "snap", [])
     run("qemu-img", "bitmap", "--add", base, "bm0")
     before = disk(base)
-    d = qmplib.Daemon(vqcowd, work, base, "snap", extra=["--format", "qcow2"],
-                      unlink_stale=True)
-    try:
-        q = qmplib.Qmp(d.qsock)
+    with served(vqcowd, work, base, "snap") as (d, q):
         run(fe, "write", d.vsock, 20 * MiB, MiB, inp=b"\x33" * MiB)
         grown = disk(base)
         ov = os.path.join(os.path.dirname(base), "ov.qcow2")
@@ -187,13 +174,6 @@ def test_snapshot_bitmap(vqcowd, fe, work):
         check(after <= before + MiB + SLACK,
               "the old layer takes %d bytes on disk after the snapshot, %d before + 1 MiB "
               "written" % (after, before))
-        qmplib.quit_clean(d, q)
-    except BaseException:
-        d.stop_showing_log(tail=6000)
-        raise
-    finally:
-        if d.p.poll() is None:
-            d.kill()
     qcheck(base, "the old layer after the snapshot")
     out = run("qemu-img", "info", "-U", base)
     check("bm0" in out, "the bitmap is gone:\n%s" % out)

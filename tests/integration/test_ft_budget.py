@@ -23,7 +23,8 @@ reads from both queues across the whole disk:
     4 MiB of L2 tables, all of them): the budget is the cache's, and after
     the reads the table knows every cluster of the disk.
 
-Then QMP quit (exit 0, no sanitizer report) and qemu-img check clean.
+Then QMP quit (exit 0, no sanitizer report in the log) and qemu-img check
+clean.
 
 Usage: test_ft_budget.py VQCOWD VQCOW_FE WORKDIR
 """
@@ -61,16 +62,13 @@ def table(q):
 
 def serve(vqcowd, fe, work, name, img, size, extra, nios, expect):
     """Serve IMG; random reads; EXPECT(l2_cache, size, budget, entries) checks."""
-    d = qmplib.Daemon(vqcowd, work, img, name,
-                      extra=["--format", "qcow2", "--num-queues", "2", "--io-threads", "2"] +
-                      extra, unlink_stale=True)
-    try:
+    args = ["--format", "qcow2", "--num-queues", "2", "--io-threads", "2"] + extra
+    with qmplib.vqcowd_session(vqcowd, work, img, name, args) as (d, q):
         want = "the I/O threads serve cached clusters"
         t = time.monotonic() + 10
         while want not in d.log() and time.monotonic() < t:
             time.sleep(0.05)
         check(want in d.log(), "the I/O threads do not serve the rings:\n%s" % d.log())
-        q = qmplib.Qmp(d.qsock, timeout=120)
         l2 = q.ret("query-named-block-nodes")[0]["vqcowd"]["cache"]["l2-cache-size"]
         s0 = table(q)
         out = run(fe, "--queues", 2, "bench", d.vsock, "--rw", "randread", "--bs", 4096,
@@ -85,13 +83,7 @@ def serve(vqcowd, fe, work, name, img, size, extra, nios, expect):
         check(ios == nios, "%d reads of %d" % (ios, nios))
         check(hops - s0[4] > 0, "no read of the I/O thread reached the owner")
         expect(l2, fsize, budget, entries)
-        qmplib.quit_clean(d, q)
-    except BaseException:
-        d.stop_showing_log(tail=6000)
-        raise
-    finally:
-        if d.p.poll() is None:
-            d.kill()
+    qmplib.sanitizer_clean(d.log())
 
 
 def main():
