@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /* log/vlog.c — levels, journal or timestamped stderr lines, per-site rate limit. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,8 @@ static bool g_journal;
 static unsigned g_burst = VLOG_BURST, g_interval_ms = VLOG_INTERVAL_MS;
 static vlog_sink_fn *g_sink;
 static void *g_sink_opaque;
+/* The rate limit's slots and the lines: vqcowd's I/O threads log too. */
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static struct site {
 	const char *key;     /* format string of the call site */
@@ -190,6 +193,7 @@ void vlogv(enum vlog_level level, const char *tag, const char *fmt, va_list ap)
 
 	if (level > g_level)
 		return;
+	pthread_mutex_lock(&g_lock);
 	if (level < VLOG_DEBUG && g_burst) {
 		uint64_t t = now_ms();
 
@@ -206,6 +210,7 @@ void vlogv(enum vlog_level level, const char *tag, const char *fmt, va_list ap)
 				n = (size_t)snprintf(s->last, sizeof(s->last), "%s: ", tag);
 			if (n < sizeof(s->last))
 				vsnprintf(s->last + n, sizeof(s->last) - n, fmt, ap);
+			pthread_mutex_unlock(&g_lock);
 			return;
 		}
 		s->count++;
@@ -215,6 +220,7 @@ void vlogv(enum vlog_level level, const char *tag, const char *fmt, va_list ap)
 	if (n < sizeof(text))
 		vsnprintf(text + n, sizeof(text) - n, fmt, ap);
 	emit(level, text);
+	pthread_mutex_unlock(&g_lock);
 }
 
 void vlog(enum vlog_level level, const char *tag, const char *fmt, ...)
@@ -228,13 +234,17 @@ void vlog(enum vlog_level level, const char *tag, const char *fmt, ...)
 
 void vlog_set_rate_limit(unsigned burst, unsigned interval_ms)
 {
+	pthread_mutex_lock(&g_lock);
 	g_burst = burst;
 	g_interval_ms = interval_ms;
 	memset(g_sites, 0, sizeof(g_sites));
+	pthread_mutex_unlock(&g_lock);
 }
 
 void vlog_flush(void)
 {
+	pthread_mutex_lock(&g_lock);
 	for (unsigned i = 0; i < SITES; i++)
 		report_suppressed(&g_sites[i]);
+	pthread_mutex_unlock(&g_lock);
 }

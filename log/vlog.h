@@ -16,9 +16,10 @@
  * counted, and the count is reported with the site's next line after the
  * interval, or by vlog_flush(). Debug lines are never limited (asked for).
  *
- * Not thread-safe: call from one thread (the daemon's event loop), or accept
- * that concurrent lines may lose rate-limit counts (lines themselves are
- * written with one write(2) each and never interleave).
+ * Thread-safe: one mutex orders the rate limit's bookkeeping and the lines
+ * (each written with one write(2)); a sink (vlog_set_sink) runs under it and
+ * must not log. The settings (level, sink, journal) are set before threads
+ * start.
  */
 #ifndef LOG_VLOG_H
 #define LOG_VLOG_H
