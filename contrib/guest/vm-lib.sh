@@ -21,11 +21,13 @@ vm_guest_build() {
 
 # vm_qemu_base ACCEL: the machine part of the command line, in VM_QEMU (array).
 # Guest memory is a shared memfd (the backend maps it) on NUMA node 0, as
-# vhost-user requires.
+# vhost-user requires. VM_MEM: its size, MiB or with a QEMU suffix (524280K);
+# VM_SMP: the vCPUs (2).
 vm_qemu_base() {
 	local accel=$1 mem=${VM_MEM:-512}
+	case "$mem" in *[0-9]) mem=${mem}M ;; esac
 	VM_QEMU=(qemu-system-x86_64 -machine "q35,accel=$accel" -m "$mem" -smp "${VM_SMP:-2}"
-		-object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem
+		-object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem
 		-nographic -no-reboot -nic none)
 	if [ "$accel" = kvm ]; then
 		VM_QEMU+=(-cpu host)
