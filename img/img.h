@@ -328,6 +328,9 @@ uint64_t img_test_zread_failed(void);
 /* Test seam (vqcowd's VQCOWD_TEST_LINK_DELAY): qcow2_test_link_delay(). */
 void img_test_link_delay(unsigned ms);
 
+/* Test seam (vqcowd's VQCOWD_TEST_WB_HOLD): qcow2_test_wb_hold(). */
+void img_test_wb_hold(unsigned ms);
+
 /* For benchmarks (vqcowd's VQCOWD_TEST_WB): qcow2_wb_tune(). */
 void img_wb_tune(uint32_t bridge, bool whole_slices);
 

@@ -149,6 +149,9 @@ struct q2req {
 	unsigned turns;     /* steps since the last I/O */
 	uint64_t link_gen;  /* qcow2_meta_gen() after this request's last L2 change */
 
+	/* the one L2 slice those changes are in (0: several, unknown) */
+	uint64_t link_slice;
+
 	/* read: [rd_off, rd_off + rd_len) into rd_iov (the guest's, or a COW range) */
 	uint64_t rd_off, rd_len, rd_done;
 	struct iovec *rd_iov;
@@ -341,6 +344,11 @@ static bool zread_fails(void)
 void img_test_link_delay(unsigned ms)
 {
 	qcow2_test_link_delay(ms);
+}
+
+void img_test_wb_hold(unsigned ms)
+{
+	qcow2_test_wb_hold(ms);
 }
 
 void img_wb_tune(uint32_t bridge, bool whole_slices)
@@ -1159,7 +1167,7 @@ static void complete(struct q2req *r, int err)
 	if (err >= 0 && r->link_gen) {
 		r->flush.done = link_done;
 		r->flush.priv = r;
-		if (qcow2_link(r->m->q, r->link_gen, &r->flush))
+		if (qcow2_link_slice(r->m->q, r->link_gen, r->link_slice, &r->flush))
 			return;
 	}
 	complete_now(r, err);
@@ -1846,8 +1854,12 @@ static void write_end(struct q2req *r, int err)
 	}
 	/* the L2 entries reaching it (linked by this request, early at map
 	 * time, or by another one whose batch has not written them yet) */
-	if (err >= 0 && r->a.link_gen > r->link_gen)
-		r->link_gen = r->a.link_gen;
+	if (err >= 0 && r->a.link_gen) {
+		r->link_slice =
+		    r->link_gen && r->link_slice != r->a.link_slice ? 0 : r->a.link_slice;
+		if (r->a.link_gen > r->link_gen)
+			r->link_gen = r->a.link_gen;
+	}
 	qcow2_io_end(m->q, r->wr_ticket);
 	bounce_put(m, r->bounce);
 	r->bounce = NULL;
@@ -2109,8 +2121,10 @@ static void step(struct q2req *r, int res)
 				res = ret;
 				goto fail;
 			}
-			if (ret == QCOW2_Z_DONE)
+			if (ret == QCOW2_Z_DONE) {
 				r->link_gen = qcow2_meta_gen(m->q);
+				r->link_slice = 0;
+			}
 			if (ret == QCOW2_Z_WRITE) {
 				write_range(r, io->off + r->z_done, dl, NULL, 0);
 				r->state = RQ_WRITE_MAP;
@@ -2649,6 +2663,7 @@ static void submit_owner(struct q2img *m, struct img_io *io, bool remote)
 	r->pending = 0;
 	r->err = 0;
 	r->link_gen = 0;
+	r->link_slice = 0;
 	r->pub_len = 0;
 	io->impl = r;
 	/* the one entry of write-type requests (write, write-zeroes, discard) */

@@ -372,7 +372,8 @@ void q2_cache_exit(struct q2_cache *c)
 
 static bool evictable(const struct q2_slice *s)
 {
-	return s->state == Q2_SL_READY && !s->dirty && !s->wb && !s->pins && !s->waiters;
+	return s->state == Q2_SL_READY && !s->dirty && !s->wb && !s->fill && !s->pins &&
+	       !s->waiters;
 }
 
 static void release(struct q2_cache *c, struct q2_slice *s)
@@ -524,7 +525,7 @@ struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off)
 	c->gen++;
 	if (s) {
 		/* A stale copy of a freed cluster (only ever clean & idle). */
-		if (s->state != Q2_SL_READY || s->pins || s->wb || s->waiters)
+		if (s->state != Q2_SL_READY || s->pins || s->wb || s->fill || s->waiters)
 			return NULL;
 	} else {
 		s = get_entry(c);

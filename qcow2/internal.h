@@ -70,6 +70,8 @@ struct q2_slice {
 	bool dirty : 1;
 	bool in_dlist : 1;
 	bool wb : 1;      /* copied into a write-back batch whose write is in flight */
+	bool wb_side : 1; /* ... that batch being the side batch (writeback.c) */
+	bool fill : 1;    /* copied as a gap filler into a batch whose write is in flight */
 	bool refbit : 1;  /* clock */
 	bool suspect : 1; /* L2: an entry failed load-time validation */
 } __attribute__((aligned(64)));
@@ -266,8 +268,11 @@ struct qcow2 {
 	struct q2_u64v dec_wait; /* in the running grace period */
 
 	/* Write-back */
-	struct q2_batch *batch;         /* NULL when idle */
-	struct q2_batch *batch_spare;   /* reused allocation */
+	struct q2_batch *batch;       /* NULL when idle */
+	struct q2_batch *batch_spare; /* reused allocation */
+	struct q2_batch *side;        /* a link batch beside it (writeback.c), or NULL */
+	struct q2_batch *side_spare;
+	uint64_t side_done_gen;         /* side batches beside this batch wrote all up to here */
 	struct qcow2_flush *flush_next; /* waiting for the next batch */
 	struct qcow2_flush *link_next;  /* qcow2_link(): waiting for the next batch */
 	uint64_t meta_gen;              /* bumped by every L2/L1 change a request made */
@@ -275,8 +280,10 @@ struct qcow2 {
 	bool wb_durable_wanted;         /* the next batch syncs fully (timer) */
 	bool wb_wanted;                 /* start another batch when this one ends */
 	bool link_want;                 /* an early-linked write waits: next batch is link mode */
-	bool link_posted;               /* link_cmd posted: start a link batch from the loop */
+	bool link_posted;               /* link_cmd armed (test delay): start a link batch then */
 	struct io_cmd link_cmd;
+	bool link_deferred; /* link_defer added: start a link batch this iteration */
+	struct io_defer link_defer;
 	/*
 	 * Extended L2 without a backing file (mapping.c, "Early link"): host
 	 * clusters this engine allocated whose unallocated subclusters hold
@@ -328,8 +335,9 @@ struct qcow2 {
 	uint64_t n_alloc, n_cow, n_l2_new, n_rb_new;
 	uint64_t n_data_cow;                  /* allocations that copy a head or tail */
 	uint64_t n_meta_writes, n_meta_bytes; /* write-back writes (writevs) and bytes */
-	uint64_t n_wb_fill;     /* clean cached slices written to bridge gaps (writeback.c) */
-	uint64_t n_early_links; /* subcluster allocations linked at map time (mapping.c) */
+	uint64_t n_wb_fill;      /* clean cached slices written to bridge gaps (writeback.c) */
+	uint64_t n_side_batches; /* side batches started (writeback.c) */
+	uint64_t n_early_links;  /* subcluster allocations linked at map time (mapping.c) */
 };
 
 /* ---- core.c ---- */

@@ -768,6 +768,7 @@ static void early_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *
 	q2_slice_dirty_range(s, idx * q->l2e_size, q->l2e_size);
 	q->meta_gen++;
 	a->link_gen = q->meta_gen;
+	a->link_slice = s->off;
 	a->early = true;
 	q->n_early_links++;
 	q2_wb_link_soon(q);
@@ -863,6 +864,7 @@ again:
 				a->host = h0;
 				/* its entry may be linked but not written yet */
 				a->link_gen = q2_wb_slice_gen(q, s);
+				a->link_slice = s->off;
 				if (!q->ext_data && q2_meta_overlaps(q, h0, a->len)) {
 					q2_corrupt(q,
 						   "write to guest 0x%llx would overwrite metadata "
@@ -1069,6 +1071,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	}
 	q2_slice_dirty_range(s, idx0 * q->l2e_size, a->nclusters * q->l2e_size);
 	a->link_gen = q->meta_gen;
+	a->link_slice = s->off;
 out:
 	s->pins--;
 	if (a->rc_slice)

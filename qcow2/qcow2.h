@@ -292,6 +292,9 @@ struct qcow2_alloc {
 	 * has not written it yet.
 	 */
 	uint64_t link_gen;
+	/* The host offset of the L2 slice holding the one entry link_gen is
+	 * about (set with it), for qcow2_link_slice(). */
+	uint64_t link_slice;
 	/* Set by the caller before qcow2_alloc_finish(): the whole new cluster
 	 * was written, zeroes outside [cow_start, cow_end) (extended L2). */
 	bool rest_zero;
@@ -406,6 +409,7 @@ struct qcow2_flush {
 	void (*done)(struct qcow2_flush *f, int res); /* set by the caller */
 	void *priv;
 	struct qcow2_flush *next; /* private */
+	uint64_t gen, slice;      /* private (qcow2_link) */
 };
 
 /*
@@ -435,6 +439,13 @@ void qcow2_flush(struct qcow2 *q, struct qcow2_flush *f);
  */
 uint64_t qcow2_meta_gen(const struct qcow2 *q);
 int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
+/*
+ * The same, for a request whose changes up to @gen it depends on are all
+ * in the L2 slice at host offset @slice (its qcow2_alloc.link_slice; 0:
+ * unknown, as qcow2_link): it may then complete with a side batch that
+ * wrote that slice (writeback.c) even when other changes are not written.
+ */
+int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2_flush *f);
 
 /*
  * Test seam (img_test_link_delay): the batch an early link (extended L2,
@@ -443,6 +454,13 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f);
  * kill -9. 0 (the default): at once.
  */
 void qcow2_test_link_delay(unsigned ms);
+
+/*
+ * Test seam (img_test_wb_hold): a write-back batch that is not a side batch
+ * (writeback.c) holds its L2 writes back @ms milliseconds, so side batches
+ * run beside it. 0 (the default): no hold.
+ */
+void qcow2_test_wb_hold(unsigned ms);
 
 /*
  * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before

@@ -60,6 +60,11 @@
  *
  * Triggers: qcow2_flush(), many dirty slices or pending decrements (or a
  * cache past its soft limit), and a periodic timer while anything is dirty.
+ *
+ * One batch at a time, but for side batches: a link batch of L2 slices only,
+ * started while a batch is in flight for the slices it is not writing
+ * (side_start: the conditions that keep that safe, and what its waiters
+ * wait for). No batch starts while a side batch runs.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -102,9 +107,8 @@ struct wb_item {
 	uint64_t len;
 	size_t stage_off; /* copy in the stage buffer */
 	struct q2_slice *slice;
-	struct q2_cache *cache; /* IT_FILL: the cache its slice came from */
-	uint64_t index;         /* sector index */
-	uint32_t skip;          /* IT_SLICE: bytes of the slice before @off (not written) */
+	uint64_t index; /* sector index */
+	uint32_t skip;  /* IT_SLICE: bytes of the slice before @off (not written) */
 	uint8_t kind;
 };
 
@@ -140,14 +144,26 @@ struct q2_batch {
 	bool incomplete;           /* some dirty metadata could not be taken */
 	bool rc_synced;            /* its refcount phases were synced */
 	uint64_t gen;              /* q->meta_gen when the snapshot was taken */
-	uint64_t rc_seq;           /* its number (q->rc_seq) */
-	bool grow_hdr;             /* it carries a grow's header write (P4) */
+	bool side;                 /* a side batch: L2 slices only, beside q->batch */
+	bool held;                 /* its L2 writes were held back (test seam) */
+	struct io_cmd hold_cmd;
+	uint64_t base_gen; /* side: the gen of the batch it runs beside */
+	uint64_t rc_seq;   /* its number (q->rc_seq) */
+	bool grow_hdr;     /* it carries a grow's header write (P4) */
 };
 
 static void phase_run(struct q2_batch *b);
 
 /* Test seam (qcow2_test_link_delay): early links' batches start this late. */
 static unsigned test_link_delay_ms;
+/* Test seam (qcow2_test_wb_hold): batches (not side batches) write L2 this late. */
+static unsigned test_wb_hold_ms;
+
+static void hold_done(struct io_cmd *cmd, int res)
+{
+	(void)res;
+	phase_run(cmd->priv);
+}
 
 static bool bit_get(const uint8_t *m, uint64_t i)
 {
@@ -262,7 +278,7 @@ static void dirty_span(const struct qcow2 *q, const struct q2_cache *c, uint8_t 
 
 static int take_slices(struct q2_batch *b, struct q2_cache *c)
 {
-	struct q2_slice *s = c->dirty;
+	struct q2_slice *s = c->dirty, **keep = &c->dirty;
 
 	c->dirty = NULL;
 	c->ndirty = 0;
@@ -271,6 +287,15 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 		struct wb_item *it;
 
 		s->dnext = NULL;
+		if (b->side && (s->wb || s->fill)) {
+			/* written by the batch in flight: left for a later batch */
+			*keep = s;
+			keep = &s->dnext;
+			c->ndirty++;
+			b->incomplete = true;
+			s = next;
+			continue;
+		}
 		s->in_dlist = false;
 		if (s->dirty) {
 			uint32_t lo, hi;
@@ -294,6 +319,7 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 			s->dirty = false;
 			s->dmask = 0;
 			s->wb = true;
+			s->wb_side = b->side;
 		}
 		s = next;
 	}
@@ -322,7 +348,7 @@ static void sort_items(struct q2_batch *b, size_t first)
 /* A cached slice whose buffer equals the bytes on disk at its offset. */
 static bool fillable(const struct q2_slice *s)
 {
-	return s && !s->dirty && !s->wb && !s->suspect && s->state == Q2_SL_READY;
+	return s && !s->dirty && !s->wb && !s->fill && !s->suspect && s->state == Q2_SL_READY;
 }
 
 /*
@@ -368,7 +394,9 @@ static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
 				break;    /* no memory: the gap stays, both runs still go out */
 			x = &b->items[i]; /* item_add may have moved the array */
 			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
-			it->cache = c;
+			it->slice = s; /* kept cached until written (a side batch must not
+					* write it meanwhile: take_slices' caller checks) */
+			s->fill = true;
 			q->n_wb_fill++;
 			added = true;
 		}
@@ -551,9 +579,18 @@ static void write_done(struct io_cmd *cmd, int res)
 	if (--b->pending)
 		return;
 	/* the slices of this phase are on disk (not durable yet, but readable) */
-	for (size_t i = b->ph_first[b->phase]; i < b->ph_first[b->phase + 1]; i++)
-		if (b->items[i].slice && !b->err)
-			b->items[i].slice->wb = false;
+	for (size_t i = b->ph_first[b->phase]; i < b->ph_first[b->phase + 1]; i++) {
+		struct wb_item *it = &b->items[i];
+
+		if (!it->slice || b->err)
+			continue;
+		if (it->kind == IT_FILL) {
+			it->slice->fill = false;
+		} else {
+			it->slice->wb = false;
+			it->slice->wb_side = false;
+		}
+	}
 	if (b->err) {
 		finish(b);
 		return;
@@ -601,6 +638,17 @@ static void phase_run(struct q2_batch *b)
 	struct qcow2 *q = b->q;
 	size_t first = b->ph_first[b->phase], last = b->ph_first[b->phase + 1], nruns = 0;
 
+	if (b->phase == PH_P2 && first < last && !b->side && !b->held) {
+		unsigned hold = __atomic_load_n(&test_wb_hold_ms, __ATOMIC_RELAXED);
+
+		if (hold) {
+			b->held = true;
+			b->hold_cmd.done = hold_done;
+			b->hold_cmd.priv = b;
+			io_timeout(q->loop, &b->hold_cmd, (uint64_t)hold * 1000000ull);
+			return;
+		}
+	}
 	if (first == last) {
 		if (b->phase == PH_P1 && (!b->link_mode || !b->rc_nosync)) {
 			/* always: data written in place must become durable (or, in
@@ -661,9 +709,25 @@ static bool link_due(const struct qcow2 *q)
 	return q->link_want && !__atomic_load_n(&test_link_delay_ms, __ATOMIC_RELAXED);
 }
 
+static void link_defer_arm(struct qcow2 *q);
+
+/* A side batch wrote its slices (side_start: what that covers). */
+static void side_written(struct qcow2 *q, const struct q2_batch *b)
+{
+	if (b->incomplete)
+		return;
+	if (q->batch) { /* the batch it ran beside, still in flight */
+		if (b->gen > q->side_done_gen)
+			q->side_done_gen = b->gen;
+	} else if (q->meta_written_gen >= b->base_gen && b->gen > q->meta_written_gen) {
+		q->meta_written_gen = b->gen;
+	}
+}
+
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
+
 	struct qcow2_flush *f = b->flushes, *l = b->links;
 	int err = b->err;
 
@@ -675,6 +739,7 @@ static void finish(struct q2_batch *b)
 			switch (it->kind) {
 			case IT_SLICE:
 				it->slice->wb = false;
+				it->slice->wb_side = false;
 				q2_slice_dirty(it->slice);
 				break;
 			case IT_RT_FULL:
@@ -695,13 +760,10 @@ static void finish(struct q2_batch *b)
 			case IT_HDR_L1:
 				q->hdr_dirty = true;
 				break;
-			case IT_FILL: {
-				struct q2_slice *s = q2_cache_peek(it->cache, it->off);
-
-				if (s)
-					q2_slice_dirty(s);
+			case IT_FILL:
+				it->slice->fill = false;
+				q2_slice_dirty(it->slice);
 				break;
-			}
 			}
 		}
 		for (size_t i = 0; i < b->decs.n; i++)
@@ -714,8 +776,15 @@ static void finish(struct q2_batch *b)
 	} else {
 		q->wb_err = 0;
 		q->batches++;
-		if (b->gen > q->meta_written_gen && !b->incomplete)
-			q->meta_written_gen = b->gen;
+		if (b->side) {
+			side_written(q, b);
+		} else if (!b->incomplete) {
+			if (b->gen > q->meta_written_gen)
+				q->meta_written_gen = b->gen;
+			/* and the side batches beside it, everything after its snapshot */
+			if (q->side_done_gen > q->meta_written_gen)
+				q->meta_written_gen = q->side_done_gen;
+		}
 		if (b->link_mode) {
 			/* the pointer removals are written, not durable yet */
 			for (size_t i = 0; i < b->decs.n; i++)
@@ -733,8 +802,29 @@ static void finish(struct q2_batch *b)
 	}
 	b->flushes = NULL;
 	b->links = NULL;
-	q->batch = NULL;
-	q->batch_spare = b;
+	if (b->side) {
+		q->side = NULL;
+		q->side_spare = b;
+		if (err)
+			q->side_done_gen = 0;
+		if (l && !err && (q->batch || q->meta_written_gen < b->base_gen)) {
+			/* its waiters may also need what the batch beside it writes:
+			 * they wait for it, or, when it did not write everything
+			 * (it failed), for the next batch */
+			struct qcow2_flush **pp = q->batch ? &q->batch->links : &q->link_next;
+
+			while (*pp)
+				pp = &(*pp)->next;
+			*pp = l;
+			l = NULL;
+			if (!q->batch)
+				q->wb_wanted = true;
+		}
+	} else {
+		q->batch = NULL;
+		q->batch_spare = b;
+		q->side_done_gen = 0;
+	}
 	while (f) {
 		struct qcow2_flush *next = f->next;
 
@@ -754,6 +844,8 @@ static void finish(struct q2_batch *b)
 		if (!err || q->flush_next || q->link_next || link_due(q))
 			q2_wb_kick(q);
 	}
+	if (q->batch && (q->link_want || q->link_next))
+		link_defer_arm(q); /* another side batch, perhaps */
 	q2_cache_trim(&q->l2c);
 	q2_cache_trim(&q->rcc);
 	q2_wb_maybe(q);
@@ -764,7 +856,7 @@ static void wb_start(struct qcow2 *q)
 {
 	struct q2_batch *b;
 
-	if (q->batch) {
+	if (q->batch || q->side) {
 		q->wb_wanted = true;
 		return;
 	}
@@ -781,6 +873,8 @@ static void wb_start(struct qcow2 *q)
 	}
 	q->batch_spare = NULL;
 	q->batch = b;
+	b->side = false;
+	b->held = false;
 	b->err = 0;
 	b->phase = PH_P1;
 	b->syncing = false;
@@ -833,6 +927,11 @@ void qcow2_test_link_delay(unsigned ms)
 	__atomic_store_n(&test_link_delay_ms, ms, __ATOMIC_RELAXED);
 }
 
+void qcow2_test_wb_hold(unsigned ms)
+{
+	__atomic_store_n(&test_wb_hold_ms, ms, __ATOMIC_RELAXED);
+}
+
 static void link_post_done(struct io_cmd *cmd, int res)
 {
 	struct qcow2 *q = cmd->priv;
@@ -844,28 +943,158 @@ static void link_post_done(struct io_cmd *cmd, int res)
 }
 
 /*
+ * A side batch: a link batch that starts while a batch is in flight
+ * (instead of after it), so that an early-linked write waits for about one
+ * metadata write, not for the rest of the batch in flight and then its own.
+ * It takes L2 slices only, in link mode (no sync), and only where that
+ * cannot reorder anything (HACKING.md, "Side batches"):
+ *  - never a slice under write-back or being written as a gap filler by the
+ *    batch in flight (two writes of the same bytes in flight at once could
+ *    land in either order): such a slice stays dirty for a later batch, and
+ *    the side batch is then incomplete. A complete one holds every L2 change
+ *    made after that batch's snapshot (a meta_gen bump since: base_gen <
+ *    gen); an incomplete one only those in the slices it took;
+ *  - no L1 change is dirty or in the batch in flight (P3, P4): every L2
+ *    table it writes is already linked from an L1 entry that was written;
+ *  - every cluster an entry links has a durable refcount (link_need <=
+ *    rc_durable): no refcount write needs to precede it, on any crash;
+ *  - one side batch at a time, and no batch starts while one runs (wb_start):
+ *    a durable batch built after it finds its writes complete, so its
+ *    fdatasync covers them before it releases any cluster whose pointer
+ *    removal the side batch wrote (decrements are never a side batch's).
+ * Its waiters (side_covers: generations in (base_gen, gen], and, when it is
+ * incomplete, only those whose changes are all in one slice it took)
+ * complete when it and the batch beside it have both ended: a request may
+ * also depend on an entry that batch is writing (an in-place part of the
+ * same request); if that batch failed, they wait for the next one.
+ */
+static bool side_covers(struct qcow2 *q, const struct q2_batch *b, uint64_t gen, uint64_t slice)
+{
+	struct q2_slice *s;
+
+	if (gen <= b->base_gen || gen > b->gen)
+		return false;
+	if (!b->incomplete)
+		return true;
+	s = slice ? q2_cache_peek(&q->l2c, slice) : NULL;
+	return s && s->wb && s->wb_side;
+}
+
+static bool side_start(struct qcow2 *q)
+{
+	struct q2_batch *m = q->batch, *b;
+	struct qcow2_flush **pp;
+	struct q2_slice *s;
+
+	if (!m || q->side || q->read_only || q->closing || !q->l2c.ndirty ||
+	    q->meta_gen <= m->gen || q->link_need > q->rc_durable || q->l1_ndirty ||
+	    q->l1_relocated || q->hdr_dirty || m->ph_first[PH_P3] != m->ph_first[PH_N])
+		return false;
+	for (s = q->l2c.dirty; s; s = s->dnext)
+		if (!s->wb && !s->fill)
+			break;
+	if (!s)
+		return false; /* nothing it could take */
+	b = q->side_spare;
+	if (!b) {
+		b = calloc(1, sizeof(*b));
+		if (!b)
+			return false;
+		b->q = q;
+	}
+	q->side_spare = NULL;
+	q->side = b;
+	b->side = true;
+	b->err = 0;
+	b->phase = PH_P2;
+	b->syncing = false;
+	b->flushes = NULL;
+	b->links = NULL;
+	b->link_mode = true;
+	b->rc_nosync = true;
+	b->gen = q->meta_gen;
+	b->base_gen = m->gen;
+	b->rc_seq = 0;
+	b->incomplete = false;
+	b->rc_synced = false;
+	b->grow_hdr = false;
+	b->decs.n = 0;
+	b->nitems = 0;
+	b->stage_used = 0;
+	b->ph_first[PH_P1] = b->ph_first[PH_P1B] = b->ph_first[PH_P2] = 0;
+	take_slices(b, &q->l2c);
+	sort_items(b, 0);
+	bridge(b, &q->l2c, 0);
+	b->ph_first[PH_P3] = b->ph_first[PH_P4] = b->ph_first[PH_N] = b->nitems;
+	if (!b->incomplete)
+		q->link_want = false;
+	/* the waiters it covers */
+	for (pp = &q->link_next; *pp;) {
+		struct qcow2_flush *f = *pp;
+
+		if (side_covers(q, b, f->gen, f->slice)) {
+			*pp = f->next;
+			f->next = b->links;
+			b->links = f;
+		} else {
+			pp = &f->next;
+		}
+	}
+	q->n_side_batches++;
+	phase_run(b);
+	return true;
+}
+
+static void link_defer_run(struct io_defer *d)
+{
+	struct qcow2 *q = d->priv;
+
+	io_defer_del(q->loop, d);
+	q->link_deferred = false;
+	if (!q->link_want && !q->link_next)
+		return;
+	if (!q->batch)
+		q2_wb_kick(q);
+	else if (!side_start(q))
+		q->wb_wanted = true;
+}
+
+static void link_defer_arm(struct qcow2 *q)
+{
+	if (q->link_deferred)
+		return;
+	q->link_deferred = true;
+	q->link_defer.fn = link_defer_run;
+	q->link_defer.priv = q;
+	io_defer_add(q->loop, &q->link_defer);
+}
+
+/*
  * An early link (mapping.c) set L2 entries whose request will wait for them:
- * start a link batch from the loop (so the requests mapped in this loop
- * iteration share it), or right after the batch in flight.
+ * start a link batch at the end of this loop iteration (a deferred hook, so
+ * the requests mapped in this iteration share it, and its writes go to the
+ * kernel in the same io_uring_enter as their data writes: one block plug,
+ * one doorbell, and no extra loop iteration before they start), or right
+ * after the batch in flight.
  */
 void q2_wb_link_soon(struct qcow2 *q)
 {
 	unsigned delay = __atomic_load_n(&test_link_delay_ms, __ATOMIC_RELAXED);
 
 	q->link_want = true;
-	if (q->batch && !delay) {
-		q->wb_wanted = true;
+	if (!delay) {
+		if (q->batch)
+			q->wb_wanted = true; /* unless a side batch takes it */
+		link_defer_arm(q);
 		return;
 	}
 	if (q->link_posted)
 		return;
+	/* test seam: nothing but the timer (or a waiter's qcow2_link) starts it */
 	q->link_posted = true;
 	q->link_cmd.done = link_post_done;
 	q->link_cmd.priv = q;
-	if (delay) /* nothing but the timer (or a waiter's qcow2_link) starts it */
-		io_timeout(q->loop, &q->link_cmd, (uint64_t)delay * 1000000ull);
-	else
-		io_post(q->loop, &q->link_cmd);
+	io_timeout(q->loop, &q->link_cmd, (uint64_t)delay * 1000000ull);
 }
 
 void q2_wb_kick(struct qcow2 *q)
@@ -966,6 +1195,8 @@ uint64_t q2_wb_slice_gen(const struct qcow2 *q, const struct q2_slice *s)
 {
 	if (s->dirty)
 		return q->meta_gen;
+	if (s->wb && s->wb_side && q->side)
+		return q->side->gen;
 	if (s->wb && q->batch)
 		return q->batch->gen;
 	return 0;
@@ -978,10 +1209,17 @@ uint64_t qcow2_meta_gen(const struct qcow2 *q)
 
 int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f)
 {
+	return qcow2_link_slice(q, gen, 0, f);
+}
+
+int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2_flush *f)
+{
 	struct qcow2_flush **pp = &q->link_next;
 
 	if (gen <= q->meta_written_gen)
 		return 0;
+	f->gen = gen;
+	f->slice = slice;
 	if (q->batch && q->batch->gen >= gen && !q->batch->incomplete) {
 		/* the batch in flight took it (an early link, or an in-place
 		 * write through an entry it is writing): wait for that one */
@@ -992,21 +1230,45 @@ int qcow2_link(struct qcow2 *q, uint64_t gen, struct qcow2_flush *f)
 		*pp = f;
 		return 1;
 	}
+	if (q->side && side_covers(q, q->side, gen, slice)) {
+		/* the side batch holds the changes (side_start) */
+		f->next = q->side->links;
+		q->side->links = f;
+		return 1;
+	}
+	if (q->batch && slice && gen > q->batch->gen) {
+		const struct q2_slice *s = q2_cache_peek(&q->l2c, slice);
+
+		if (!s || (!s->dirty && !s->wb)) {
+			/* changed after the snapshot of the batch in flight and
+			 * written since: by a side batch, whose waiters also wait
+			 * for the batch beside it */
+			pp = &q->batch->links;
+			while (*pp)
+				pp = &(*pp)->next;
+			f->next = NULL;
+			*pp = f;
+			return 1;
+		}
+	}
 	while (*pp)
 		pp = &(*pp)->next;
 	f->next = NULL;
 	*pp = f;
-	if (q->batch)
+	if (q->batch) {
 		q->wb_wanted = true;
-	else
+		link_defer_arm(q); /* a side batch may take it */
+	} else {
 		wb_start(q);
+	}
 	return 1;
 }
 
 static bool busy(const struct qcow2 *q)
 {
-	return q->batch || q->link_posted || q->dec_running || q->grace_running || q->dec_apply.n ||
-	       q->prealloc_busy || q->wake_armed || q->corrupt_hdr_busy || q->punch_busy;
+	return q->batch || q->side || q->link_posted || q->link_deferred || q->dec_running ||
+	       q->grace_running || q->dec_apply.n || q->prealloc_busy || q->wake_armed ||
+	       q->corrupt_hdr_busy || q->punch_busy;
 }
 
 int q2_wb_close(struct qcow2 *q)
@@ -1049,17 +1311,23 @@ void q2_wb_exit(struct qcow2 *q)
 {
 	struct q2_batch *b = q->batch_spare;
 
-	if (q->batch) /* abandoned (loop failure): its commands can no longer complete */
+	if (q->link_deferred) {
+		io_defer_del(q->loop, &q->link_defer);
+		q->link_deferred = false;
+	}
+	if (q->batch || q->side) /* abandoned (loop failure): its commands can no longer complete */
 		return;
-	if (b) {
+	for (int i = 0; i < 2; i++, b = q->side_spare) {
+		if (!b)
+			continue;
 		free(b->items);
 		io_free_aligned(b->stage);
 		free(b->runs);
 		free(b->iov);
 		free(b->decs.v);
 		free(b);
-		q->batch_spare = NULL;
 	}
+	q->batch_spare = q->side_spare = NULL;
 }
 
 int qcow2_set_read_only(struct qcow2 *q, bool read_only)

@@ -2035,6 +2035,12 @@ int main(int argc, char **argv)
 		img_test_link_delay((unsigned)strtoul(getenv("VQCOWD_TEST_LINK_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_LINK_DELAY: early-link batches held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_WB_HOLD")) {
+		/* a test seam: see img_test_wb_hold() */
+		img_test_wb_hold((unsigned)strtoul(getenv("VQCOWD_TEST_WB_HOLD"), NULL, 10));
+		log_warn(
+		    "VQCOWD_TEST_WB_HOLD: write-back batches' L2 writes held back (a test seam)");
+	}
 	if (getenv("VQCOWD_TEST_WB")) {
 		/* benchmarks: see img_wb_tune() */
 		const char *v = getenv("VQCOWD_TEST_WB");
