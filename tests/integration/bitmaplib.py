@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 
@@ -46,17 +47,42 @@ def wait_unlocked(img):
         time.sleep(0.05)
 
 
+def wait_listening(sock, p):
+    """qemu-nbd creates its socket file before it listens on it: a client
+    connecting in between is refused (nbdinfo exited 1 once under load).
+    Wait (at most 10 s) until a connection is accepted (qemu-nbd runs with
+    -t, so the probe's disconnect does not end it)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(sock)
+                return
+            except OSError:
+                pass
+        check(p.poll() is None, "qemu-nbd exited (rc %s) before it listened" % p.returncode)
+        time.sleep(0.05)
+    check(False, "qemu-nbd did not listen on %s within 10 s" % sock)
+
+
 def nbd_dirty(work, img, name):
     """The dirty ranges [(offset, length)] of bitmap NAME in IMG, as qemu-nbd
     -B exports them and nbdinfo --map reads them."""
     sock = os.path.join(work, "nbd.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    p = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", sock, img],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errlog = os.path.join(work, "qemu-nbd.err")
+    with open(errlog, "wb") as err:
+        p = subprocess.Popen(["qemu-nbd", "-t", "-r", "-f", "qcow2", "-B", name, "-k", sock, img],
+                             stdout=subprocess.DEVNULL, stderr=err)
     try:
         wait_path(sock, p)
-        out = sh("nbdinfo", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + sock)
+        wait_listening(sock, p)
+        r = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:" + name,
+                            "nbd+unix:///?socket=" + sock], capture_output=True, timeout=120)
+        with open(errlog) as f:
+            check(r.returncode == 0, "nbdinfo --map of %s rc %d: %s; qemu-nbd: %s" %
+                  (name, r.returncode, r.stderr.decode().strip(), f.read().strip()))
+        out = r.stdout.decode()
     finally:
         p.terminate()
         p.wait(10)
