@@ -127,7 +127,11 @@ static void t_get_vring_base(void)
 		usleep(200000);
 		CU_ASSERT_EQUAL(vqfe_reap(fe, 0, NULL, ~0u), 0);
 		/* restart at the back-end's base: the pending request is processed */
-		CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fe, 0, base), 0);
+		int rc = vqfe_vq_restart(fe, 0, base);
+
+		if (rc)
+			fprintf(stderr, "get_vring_base: restart: %s\n", vqfe_strerror(fe));
+		CU_ASSERT_EQUAL_FATAL(rc, 0);
 		CU_ASSERT_EQUAL(vqfe_vq_kick(vq, true), 0);
 		CU_ASSERT_EQUAL(vqfe_drain(fe, 0), 0);
 		CU_ASSERT_EQUAL(x.status, VIRTIO_BLK_S_OK);
