@@ -1880,17 +1880,35 @@ static void handoff_parked(struct daemon *d)
 		d->handoff = HO_NONE;
 		if (!dev || !all_rings_stopped(dev) || d_inflight(d))
 			return; /* the guest runs here again */
+		/*
+		 * Parked from here on: img_set_perm drives the main loop (the
+		 * write-back, the reserve given back), which serves the vhost
+		 * socket and the kicks. A ring started meanwhile (the front-end
+		 * resumes the VM: a failed or cancelled migration) must find the
+		 * daemon parked, so that d_queue_started asks for HO_TAKE, and a
+		 * kick must not pop requests onto an image being let go. Set
+		 * after the release, the ring restarted during it was served by
+		 * a parked daemon: never popped (integration.migration 'dirty').
+		 */
+		d->parked = true;
 		ret = img_set_perm(d->img, IMG_PERM_NONE, err, sizeof(err));
 		if (ret < 0) {
 			log_err("migration: cannot let the image go: %s",
 				err[0] ? err : strerror(-ret));
+			if (d->handoff == HO_TAKE)
+				return; /* a ring started meanwhile: main() takes it */
+			d->parked = false;
+			kick_running(d); /* the kicks ignored meanwhile */
 			return;
 		}
-		d->parked = true;
 		logmsg("migration: rings stopped; image flushed, metadata dropped, locks released");
+		if (d->handoff == HO_TAKE) /* the loop stopped: main() takes it back next */
+			logmsg("migration: a ring started while the image was let go");
 		return;
 	}
 	d->handoff = HO_NONE;
+	if (!dev || all_rings_stopped(dev))
+		return; /* started and stopped again while letting go: stay parked */
 	for (;;) {
 		ret = img_set_perm(d->img, want, err, sizeof(err));
 		if (ret != -EAGAIN || ++tries > 100)

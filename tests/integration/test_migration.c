@@ -438,6 +438,53 @@ static unsigned snap_diff(struct vqfe *fe, const struct mem_snap *a, const struc
 	return bad;
 }
 
+/*
+ * vqfe_drain of ring @q, and on a failure everything there is to know: the
+ * case and round, the front-end's view of the ring, the requests of the round
+ * still in flight (type, sector, length, segments, queue), the threads of the
+ * daemon (gdb, when installed) and its log.
+ */
+static int drain_or_tell(struct vqfe *fe, unsigned q, const struct itest_daemon *d,
+			 const struct vqfe_req *reqs, unsigned nreq, const char *what,
+			 unsigned round)
+{
+	static const char *const names[] = {
+	    [VIRTIO_BLK_T_IN] = "IN",           [VIRTIO_BLK_T_OUT] = "OUT",
+	    [VIRTIO_BLK_T_FLUSH] = "FLUSH",     [VIRTIO_BLK_T_GET_ID] = "GET_ID",
+	    [VIRTIO_BLK_T_DISCARD] = "DISCARD", [VIRTIO_BLK_T_WRITE_ZEROES] = "WRITE_ZEROES"};
+	int rc = vqfe_drain(fe, q);
+
+	if (rc == 0)
+		return 0;
+	fprintf(stderr, "dirty: %s, round %u: ring %u did not drain: %s\n", what, round, q,
+		vqfe_vq_strerror(vqfe_vq(fe, q)));
+	for (unsigned i = 0; i < nreq; i++) {
+		const struct vqfe_req *r = &reqs[i];
+		uint64_t sector = r->sector;
+
+		if (!r->inflight)
+			continue;
+		if (r->type == VIRTIO_BLK_T_DISCARD || r->type == VIRTIO_BLK_T_WRITE_ZEROES)
+			sector = le64toh(
+			    ((const struct virtio_blk_discard_write_zeroes *)r->buf)->sector);
+		fprintf(stderr,
+			"  in flight: queue %u head %u %s sector %llu (offset %llu) len %u segs "
+			"%u layout %#x\n",
+			r->q, r->head,
+			r->type < sizeof(names) / sizeof(names[0]) && names[r->type]
+			    ? names[r->type]
+			    : "?",
+			(unsigned long long)sector, (unsigned long long)sector * 512, r->len,
+			r->segs, r->layout);
+	}
+	if (d->pid > 0)
+		tu_sh("gdb -q -batch -p %d -ex 'thread apply all bt' </dev/null 2>/dev/null | "
+		      "grep -v '^\\[' >&2",
+		      (int)d->pid);
+	itest_dump_log(d);
+	return rc;
+}
+
 /* SET_VRING_ADDR with VHOST_VRING_F_LOG: QEMU's way of asking for the used
  * ring's writes in the log once a migration starts. */
 static void log_rings(struct vqfe *fe)
@@ -543,8 +590,11 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 	uint64_t rnd = 12345;
 	unsigned bad1 = 0, bad2 = 0, changed = 0, nreq = 0;
 
-	fprintf(stderr, "dirty: %s %s%s\n", opt ? opt : "default options", val ? val : "",
-		inflight ? ", inflight region, two memory regions" : "");
+	char what[128];
+
+	snprintf(what, sizeof(what), "%s %s%s", opt ? opt : "default options", val ? val : "",
+		 inflight ? ", inflight region, two memory regions" : "");
+	fprintf(stderr, "dirty: %s\n", what);
 	START(a, .num_queues = DQ, .extra = {"--format", "qcow2", "--blk-file", img, opt, val});
 	itest_fe_opts(&fo);
 	fo.inflight = inflight;
@@ -612,7 +662,8 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 		}
 		if (!stop) {
 			for (unsigned q = 0; q < DQ; q++)
-				CU_ASSERT_EQUAL(vqfe_drain(fa, q), 0);
+				CU_ASSERT_EQUAL(drain_or_tell(fa, q, &a, reqs, nreq, what, round),
+						0);
 			/* (1) */
 			bad1 += snap_diff(fa, &s0, NULL, &dl, reqs, nreq, "changed, not logged",
 					  &changed);
@@ -637,12 +688,17 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 			CU_ASSERT_EQUAL((uint16_t)base[q],
 					le16toh(vqfe_vq_used(vqfe_vq(fa, q))->idx));
 			/* the rest runs once the ring is back (a failed migration) */
-			CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fa, q, base[q]), 0);
+			if (vqfe_vq_restart(fa, q, base[q]) != 0) {
+				fprintf(stderr, "dirty: %s, round %u: ring %u: restart: %s\n", what,
+					round, q, vqfe_strerror(fa));
+				itest_dump_log(&a);
+				CU_FAIL_FATAL("ring restart");
+			}
 		}
 		log_rings(fa);
 		for (unsigned q = 0; q < DQ; q++) {
 			CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fa, q), true), 0);
-			CU_ASSERT_EQUAL(vqfe_drain(fa, q), 0);
+			CU_ASSERT_EQUAL(drain_or_tell(fa, q, &a, reqs, nreq, what, round), 0);
 		}
 	}
 	for (unsigned i = 0; i < nreq; i++)
@@ -702,6 +758,87 @@ static void t_dirty(void)
 	tu_sh("rm -rf %s", dir);
 }
 
+/*
+ * "restart": the switchover called off at once, the way QEMU resumes the
+ * source VM when a migration fails right after it stopped the rings: every
+ * ring stopped with dirty logging on starts the daemon letting the image go
+ * (a write-back, then the locks), and the ring starts again while that runs.
+ * The daemon serves the vhost socket from the loop the write-back drives, so
+ * the restart is seen in the middle of it: the daemon must come out of it
+ * with the image taken back and the ring served (it used to stay parked,
+ * never popping the ring again). Each round writes new clusters first, so the
+ * write-back has work; one thread, then two queues on two threads.
+ */
+static void restart_run(const char *img, bool threads)
+{
+	struct vqfe_opts fo;
+	struct dirty_log dl;
+	unsigned nq = threads ? 2 : 1, taken = 0;
+	char line[512];
+	FILE *f;
+
+	fprintf(stderr, "restart: %s\n", threads ? "--io-threads 2, 2 queues" : "one thread");
+	START(a, .num_queues = nq,
+	      .extra = {"--format", "qcow2", "--blk-file", img, threads ? "--io-threads" : NULL,
+			threads ? "2" : NULL});
+	itest_fe_opts(&fo);
+	fo.num_queues = nq;
+	fo.timeout_ms = 5000;
+	CONNECT(fa, a, &fo);
+	log_start(fa, &dl);
+	for (unsigned round = 0; round < 20; round++) {
+		static uint8_t buf[CHUNK], got[CHUNK];
+		uint32_t base[2];
+		uint64_t off = (uint64_t)(round % 16) * 2 * MiB + (threads ? 32 * MiB : 0);
+		bool ok = true;
+
+		itest_fill(buf, sizeof(buf), round + 1);
+		for (unsigned q = 0; q < nq; q++)
+			CU_ASSERT_EQUAL(vqfe_write(fa, q, off + q * CHUNK, buf, CHUNK), 0);
+		for (unsigned q = 0; q < nq; q++)
+			CU_ASSERT_EQUAL_FATAL(vqfe_vq_stop(fa, q, &base[q]), 0);
+		for (unsigned q = 0; q < nq; q++)
+			CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fa, q, base[q]), 0);
+		for (unsigned q = 0; q < nq && ok; q++) {
+			int rc = vqfe_read(fa, q, off + q * CHUNK, got, CHUNK);
+
+			if (rc != 0 || memcmp(got, buf, CHUNK)) {
+				fprintf(stderr,
+					"restart: round %u: queue %u: read after restart: %s\n",
+					round, q, rc ? vqfe_strerror(fa) : "wrong data");
+				ok = false;
+			}
+		}
+		CU_ASSERT_TRUE(ok);
+		if (!ok) {
+			itest_dump_log(&a);
+			break;
+		}
+	}
+	vqfe_close(fa);
+	f = fopen(a.log, "r");
+	CU_ASSERT_FATAL(f != NULL);
+	while (fgets(line, sizeof(line), f))
+		taken += strstr(line, "a ring started while the image was let go") != NULL;
+	fclose(f);
+	/* how often the race was hit (it needs the write-back to take a while) */
+	fprintf(stderr, "restart: %u of 20 restarts came while the image was let go\n", taken);
+	STOP(a);
+	munmap(dl.map, dl.size);
+	close(dl.fd);
+}
+
+static void t_restart(void)
+{
+	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64];
+
+	new_image(dir, img, sizeof(img));
+	restart_run(img, false);
+	restart_run(img, true);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
+	tu_sh("rm -rf %s", dir);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -713,6 +850,7 @@ static void add_suites(void)
 	tu_add_test(s, "handoff", t_handoff, skip);
 	tu_add_test(s, "threads", t_threads, skip);
 	tu_add_test(s, "dirty", t_dirty, skip);
+	tu_add_test(s, "restart", t_restart, skip);
 }
 
 int main(int argc, char **argv)
