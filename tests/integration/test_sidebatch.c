@@ -54,7 +54,7 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	    tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on %s 32M", img),
 	    0);
 	snprintf(nq, sizeof(nq), "%u", queues);
-	setenv("VQCOWD_TEST_WB_HOLD", "700", 1);
+	setenv("VQCOWD_TEST_WB_HOLD", "1500", 1);
 	setenv("VQCOWD_TEST_CRASH", "push-done:3", 1);
 	START(d, .num_queues = queues,
 	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", nq});
@@ -80,7 +80,7 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	req[0].len = sizeof(a);
 	CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, q, &req[0]), 0);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, q), true), 0);
-	usleep(200000);
+	usleep(400000); /* M started and held (a loaded machine may take a while) */
 	/* R: in place through A's entry, then an early link in Y */
 	req[1].sector = roff / 512;
 	req[1].buf = r;
