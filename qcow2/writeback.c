@@ -276,6 +276,14 @@ static void dirty_span(const struct qcow2 *q, const struct q2_cache *c, uint8_t 
 		*hi = c->slice_size;
 }
 
+/* take_slices(): @s stays in @c's dirty list, appended at **@keep. */
+static void keep_slice(struct q2_cache *c, struct q2_slice *s, struct q2_slice ***keep)
+{
+	**keep = s;
+	*keep = &s->dnext;
+	c->ndirty++;
+}
+
 static int take_slices(struct q2_batch *b, struct q2_cache *c)
 {
 	struct q2_slice *s = c->dirty, **keep = &c->dirty;
@@ -289,9 +297,7 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 		s->dnext = NULL;
 		if (b->side && (s->wb || s->fill)) {
 			/* written by the batch in flight: left for a later batch */
-			*keep = s;
-			keep = &s->dnext;
-			c->ndirty++;
+			keep_slice(c, s, &keep);
 			b->incomplete = true;
 			s = next;
 			continue;
@@ -303,8 +309,11 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 			it = item_add(b, IT_SLICE, s->off, c->slice_size);
 			if (!it) {
 				b->incomplete = true;
-				/* keep it dirty for the next try */
-				q2_slice_dirty(s);
+				/* keep it dirty for the next try, in the kept list (not
+				 * q2_slice_dirty(): at the head, a slice kept after it
+				 * would overwrite it while *keep is still c->dirty) */
+				s->in_dlist = true;
+				keep_slice(c, s, &keep);
 				s = next;
 				continue;
 			}
