@@ -1301,7 +1301,7 @@ int q2_wb_close(struct qcow2 *q)
 		}
 		if (q->wb_err)
 			err = q->wb_err;
-		if (q->wb_err && !q->batch && has_work(q) && round > 3)
+		if (q->wb_err && !q->batch && !q->side && has_work(q) && round > 3)
 			break; /* keeps failing */
 	}
 	q->closing = true;
