@@ -119,6 +119,9 @@ struct img_cache_stats {
 	/* the engine's activity since open (struct qcow2_cache_stats) */
 	uint64_t clusters_allocated, cow, l2_cow, l2_tables_allocated, refcount_blocks_allocated;
 	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;
+	/* write-back fdatasyncs; waits for linked entries (qcow2_link) and the
+	 * fdatasyncs that ended during them, summed and the most in one */
+	uint64_t writeback_syncs, link_waits, link_wait_syncs, link_wait_syncs_max;
 	/* requests submitted on other threads (mt_submit): served there (a
 	 * cached, allocated mapping) or handed to the image's thread */
 	uint64_t fast_hits, fast_hops;
@@ -330,6 +333,8 @@ void img_test_link_delay(unsigned ms);
 
 /* Test seam (vqcowd's VQCOWD_TEST_WB_HOLD): qcow2_test_wb_hold(). */
 void img_test_wb_hold(unsigned ms);
+/* Test seam (vqcowd's VQCOWD_TEST_SYNC_DELAY): qcow2_test_sync_delay(). */
+void img_test_sync_delay(unsigned ms);
 
 /* For benchmarks (vqcowd's VQCOWD_TEST_WB): qcow2_wb_tune(). */
 void img_wb_tune(uint32_t bridge, bool whole_slices);

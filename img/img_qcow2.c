@@ -351,6 +351,11 @@ void img_test_wb_hold(unsigned ms)
 	qcow2_test_wb_hold(ms);
 }
 
+void img_test_sync_delay(unsigned ms)
+{
+	qcow2_test_sync_delay(ms);
+}
+
 void img_wb_tune(uint32_t bridge, bool whole_slices)
 {
 	qcow2_wb_tune(bridge, whole_slices);
@@ -3223,6 +3228,10 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->metadata_writes = c.meta_writes;
 	st->metadata_write_bytes = c.meta_write_bytes;
 	st->writeback_batches = c.wb_batches;
+	st->writeback_syncs = c.wb_syncs;
+	st->link_waits = c.link_waits;
+	st->link_wait_syncs = c.link_wait_syncs;
+	st->link_wait_syncs_max = c.link_wait_syncs_max;
 	fast_counts(m, &st->fast_hits, &st->fast_hops);
 	st->fast_table_size = (uint64_t)m->ft_npages * (sizeof(uint64_t) << FT_BITS) +
 			      (m->ft ? m->ft_len * sizeof(*m->ft) : 0);

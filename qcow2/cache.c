@@ -382,6 +382,7 @@ static void release(struct q2_cache *c, struct q2_slice *s)
 	hash_remove(c, s);
 	s->state = 0;
 	s->suspect = false;
+	s->newtab = false;
 	s->refbit = false;
 	s->next = c->free;
 	c->free = s;
@@ -412,6 +413,7 @@ static struct q2_slice *get_entry(struct q2_cache *c)
 			hash_remove(c, s);
 			s->state = 0;
 			s->suspect = false;
+			s->newtab = false;
 			c->evictions++;
 			c->gen++;
 			return s;
@@ -539,6 +541,7 @@ struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off)
 	s->state = Q2_SL_READY;
 	s->refbit = true;
 	s->suspect = false;
+	s->newtab = false;
 	q2_slice_dirty(s);
 	return s;
 }
@@ -623,6 +626,7 @@ int q2_cache_insert(struct q2_cache *c, uint64_t off, const void *data)
 	s->state = Q2_SL_READY;
 	s->refbit = true;
 	s->suspect = false;
+	s->newtab = false;
 	if (c->hooks.loaded)
 		c->hooks.loaded(c->hooks.opaque, s);
 	hash_insert(c, s);

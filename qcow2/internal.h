@@ -74,6 +74,7 @@ struct q2_slice {
 	bool fill : 1;    /* copied as a gap filler into a batch whose write is in flight */
 	bool refbit : 1;  /* clock */
 	bool suspect : 1; /* L2: an entry failed load-time validation */
+	bool newtab : 1;  /* L2: a new table no batch wrote yet (writeback.c: P1) */
 } __attribute__((aligned(64)));
 
 struct q2_chunk;
@@ -279,8 +280,9 @@ struct qcow2 {
 	uint64_t meta_written_gen;      /* changes up to here are written (completed) */
 	bool wb_durable_wanted;         /* the next batch syncs fully (timer) */
 	bool wb_wanted;                 /* start another batch when this one ends */
-	bool link_want;                 /* an early-linked write waits: next batch is link mode */
-	bool link_posted;               /* link_cmd armed (test delay): start a link batch then */
+	bool wb_strict;   /* a batch failed: L2 tables go in P2, synced before L1 (writeback.c) */
+	bool link_want;   /* an early-linked write waits: next batch is link mode */
+	bool link_posted; /* link_cmd armed (test delay): start a link batch then */
 	struct io_cmd link_cmd;
 	bool link_deferred; /* link_defer added: start a link batch this iteration */
 	struct io_defer link_defer;
@@ -338,6 +340,9 @@ struct qcow2 {
 	uint64_t n_wb_fill;      /* clean cached slices written to bridge gaps (writeback.c) */
 	uint64_t n_side_batches; /* side batches started (writeback.c) */
 	uint64_t n_early_links;  /* subcluster allocations linked at map time (mapping.c) */
+	uint64_t n_syncs;        /* write-back fdatasync steps started (writeback.c) */
+	uint64_t n_syncs_done;   /* and ended */
+	uint64_t n_link_waits, n_link_wait_syncs, n_link_wait_max; /* qcow2_link() waits */
 };
 
 /* ---- core.c ---- */

@@ -467,6 +467,7 @@ static int new_l2_table(struct qcow2 *q, uint32_t l1i, const void *copy_from,
 			memcpy(s->buf, (const uint8_t *)copy_from + o, q->slice_size);
 			q2_l2_validate(q, s);
 		}
+		s->newtab = true; /* no L1 entry on disk reaches it yet */
 	}
 	if (q2_meta_add(q, host >> q->cb) < 0)
 		return -ENOMEM;

@@ -632,6 +632,10 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->meta_writes = q->n_meta_writes;
 	st->meta_write_bytes = q->n_meta_bytes;
 	st->wb_batches = q->batches;
+	st->wb_syncs = q->n_syncs;
+	st->link_waits = q->n_link_waits;
+	st->link_wait_syncs = q->n_link_wait_syncs;
+	st->link_wait_syncs_max = q->n_link_wait_max;
 }
 
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)

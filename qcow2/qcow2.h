@@ -153,6 +153,10 @@ struct qcow2_cache_stats {
 	uint64_t meta_writes;      /* metadata writes of the write-back (one per writev) */
 	uint64_t meta_write_bytes; /* and their bytes */
 	uint64_t wb_batches;       /* write-back batches completed */
+	uint64_t wb_syncs;         /* fdatasync steps of the write-back (both files: one) */
+	/* qcow2_link() calls that had to wait, the fdatasync steps that ended
+	 * while they waited (summed; the most one wait saw) */
+	uint64_t link_waits, link_wait_syncs, link_wait_syncs_max;
 };
 void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
 
@@ -410,6 +414,7 @@ struct qcow2_flush {
 	void *priv;
 	struct qcow2_flush *next; /* private */
 	uint64_t gen, slice;      /* private (qcow2_link) */
+	uint64_t mark;            /* private */
 };
 
 /*
@@ -461,6 +466,13 @@ void qcow2_test_link_delay(unsigned ms);
  * run beside it. 0 (the default): no hold.
  */
 void qcow2_test_wb_hold(unsigned ms);
+
+/*
+ * Test seam (img_test_sync_delay): every fdatasync of the write-back starts
+ * @ms milliseconds late, as on a slow disk, so the number of syncs a write
+ * waits for one after another shows in its latency. 0 (the default): none.
+ */
+void qcow2_test_sync_delay(unsigned ms);
 
 /*
  * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before

@@ -5,28 +5,42 @@
  * THE ordering function of the engine. A batch takes a snapshot (copies) of
  * all dirty metadata when it starts and writes it in phases:
  *
- *   P1   refcount slices (new refcount blocks included) and, after a refcount
- *        table relocation, the whole new table     -> fdatasync (image and
- *        external data file: the data of every acknowledged write is durable
- *        from here on)
+ *   P1   refcount slices (new refcount blocks included), the slices of
+ *        new L2 tables (no L1 entry on disk names them yet) and, after a
+ *        refcount table relocation, the whole new table -> fdatasync (image
+ *        and external data file: the data of every acknowledged write is
+ *        durable from here on)
  *   P1B  dirty refcount table sectors, or the header's refcount table
  *        pointer after a relocation                 -> fdatasync
- *   P2   L2 slices                                  -> fdatasync
+ *   P2   L2 slices of linked tables                 (no sync of its own)
  *   P3   L1 sectors, or after an online grow the whole new L1 table at
- *        its new place                              -> fdatasync
+ *        its new place                              -> fdatasync if P4
  *   P4   after an online grow: the header's size, l1_size and
- *        l1_table_offset (one sector)               -> fdatasync
+ *        l1_table_offset (one sector)
+ *   and the last phase that wrote something        -> fdatasync
+ *
+ * P2 needs no sync before P3: the tables L1 entries newly name were written
+ * in P1, before its sync, and a linked table's entries need only what P1's
+ * sync gave them. After a failed batch (wb_strict, until a durable batch
+ * succeeds) new tables go in P2 again and P2 is synced before P3, since an
+ * L1 entry naming one may be written already. Sequential syncs a batch
+ * costs: P1, (P1B), (P3 of a grow), the last; a link batch (below) skips
+ * the last and often P1.
+ *
+ * The last sync: the batch's links (qcow2_link waiters) are let go when it
+ * starts (their entries are written; a process death keeps them); flushes,
+ * decrements and a grow's end wait for it.
  *
  * Why it is safe: an L2 entry is set (alloc_finish) only after its data write
  * completed and after its cluster's refcount was raised in the cache, i.e.
  * before the snapshot, so P1's copy has the refcount and P1's fdatasync covers
- * the data; P2 then writes the entry. New L2 tables are written in P2 and
- * linked from L1 in P3. A refcount block is linked from the table (P1B) only
- * after P1 wrote it. Decrements taken by the batch are applied only after P3
+ * the data; P2 (or P1 for a new table, unreachable until P3) then writes the
+ * entry. New L2 tables are written in P1 and linked from L1 in P3. A refcount block is linked from
+ * the table (P1B) only after P1 wrote it. Decrements taken by the batch are applied only after P3
  * (alloc.c). Empty phases are skipped, except P1's fdatasync (a flush needs it
  * for in-place data writes). A grow's header (P4) is written only in the
  * batch that wrote its new L1 table (P3), and such a batch never runs in link
- * mode (every phase is synced); the old L1 clusters are released after it
+ * mode (its last phase is synced); the old L1 clusters are released after it
  * (resize.c).
  *
  * Dirty spans: a slice whose changes were marked by range
@@ -107,9 +121,11 @@ struct wb_item {
 	uint64_t len;
 	size_t stage_off; /* copy in the stage buffer */
 	struct q2_slice *slice;
-	uint64_t index; /* sector index */
-	uint32_t skip;  /* IT_SLICE: bytes of the slice before @off (not written) */
+	struct q2_cache *cache; /* IT_FILL, IT_SLICE: the cache its slice came from */
+	uint64_t index;         /* sector index */
+	uint32_t skip;          /* IT_SLICE: bytes of the slice before @off (not written) */
 	uint8_t kind;
+	bool newtab; /* IT_SLICE: a new L2 table's, written in P1 */
 };
 
 struct wb_run {
@@ -136,6 +152,7 @@ struct q2_batch {
 	struct iovec *iov;
 	size_t cap_iov;
 	struct io_cmd sync_cmd[2];
+	struct io_cmd delay_cmd; /* the sync delay seam */
 	struct q2_u64v decs;
 	struct qcow2_flush *flushes;
 	struct qcow2_flush *links; /* qcow2_link() waiters */
@@ -147,12 +164,20 @@ struct q2_batch {
 	bool side;                 /* a side batch: L2 slices only, beside q->batch */
 	bool held;                 /* its L2 writes were held back (test seam) */
 	struct io_cmd hold_cmd;
-	uint64_t base_gen; /* side: the gen of the batch it runs beside */
-	uint64_t rc_seq;   /* its number (q->rc_seq) */
-	bool grow_hdr;     /* it carries a grow's header write (P4) */
+	uint64_t base_gen;  /* side: the gen of the batch it runs beside */
+	uint64_t rc_seq;    /* its number (q->rc_seq) */
+	bool grow_hdr;      /* it carries a grow's header write (P4) */
+	bool strict;        /* L2 tables synced before L1 (after a failure) */
+	unsigned p1_tables; /* new L2 tables' slices in P1 */
 };
 
 static void phase_run(struct q2_batch *b);
+
+/* Nothing written in the phases after the current one. */
+static bool last_phase(const struct q2_batch *b)
+{
+	return b->ph_first[b->phase + 1] == b->ph_first[PH_N];
+}
 
 /* Test seam (qcow2_test_link_delay): early links' batches start this late. */
 static unsigned test_link_delay_ms;
@@ -164,6 +189,9 @@ static void hold_done(struct io_cmd *cmd, int res)
 	(void)res;
 	phase_run(cmd->priv);
 }
+
+/* Test seam (qcow2_test_sync_delay): every fdatasync starts this late. */
+static unsigned test_sync_delay_ms;
 
 static bool bit_get(const uint8_t *m, uint64_t i)
 {
@@ -284,7 +312,10 @@ static void keep_slice(struct q2_cache *c, struct q2_slice *s, struct q2_slice *
 	c->ndirty++;
 }
 
-static int take_slices(struct q2_batch *b, struct q2_cache *c)
+enum take { TAKE_ALL, TAKE_NEW, TAKE_OLD };
+
+/* The dirty slices of @c (TAKE_NEW: only new L2 tables', TAKE_OLD: the others). */
+static int take_slices(struct q2_batch *b, struct q2_cache *c, enum take which)
 {
 	struct q2_slice *s = c->dirty, **keep = &c->dirty;
 
@@ -295,6 +326,12 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 		struct wb_item *it;
 
 		s->dnext = NULL;
+		if (s->dirty && which != TAKE_ALL && s->newtab != (which == TAKE_NEW)) {
+			/* another phase's: stays on the dirty list */
+			keep_slice(c, s, &keep);
+			s = next;
+			continue;
+		}
 		if (b->side && (s->wb || s->fill)) {
 			/* written by the batch in flight: left for a later batch */
 			keep_slice(c, s, &keep);
@@ -319,6 +356,11 @@ static int take_slices(struct q2_batch *b, struct q2_cache *c)
 			}
 			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
 			it->slice = s;
+			it->cache = c;
+			it->newtab = s->newtab;
+			if (s->newtab)
+				b->p1_tables++;
+			s->newtab = false;
 			/* only the dirty span, at the file's O_DIRECT alignment */
 			dirty_span(b->q, c, s->dmask, &lo, &hi);
 			it->skip = lo;
@@ -422,11 +464,17 @@ static void build(struct q2_batch *b)
 	b->nitems = 0;
 	b->stage_used = 0;
 
-	/* P1: refcount slices, relocated refcount table */
+	/* P1: refcount slices, new L2 tables (nothing on disk links them before
+	 * P3, so they need no order of their own: P1's sync orders them before
+	 * the L1 entries, and P2 needs no sync for that), relocated refcount
+	 * table */
 	b->ph_first[PH_P1] = 0;
-	take_slices(b, &q->rcc);
+	b->p1_tables = 0;
+	take_slices(b, &q->rcc, TAKE_ALL);
 	sort_items(b, b->ph_first[PH_P1]);
 	bridge(b, &q->rcc, b->ph_first[PH_P1]);
+	if (!b->strict)
+		take_slices(b, &q->l2c, TAKE_NEW);
 	if (q->rt_relocated) {
 		struct wb_item *it =
 		    item_add(b, IT_RT_FULL, q->rt_offset, (uint64_t)q->rt_clusters << q->cb);
@@ -471,7 +519,7 @@ static void build(struct q2_batch *b)
 
 	/* P2: L2 slices */
 	b->ph_first[PH_P2] = b->nitems;
-	take_slices(b, &q->l2c);
+	take_slices(b, &q->l2c, b->strict ? TAKE_ALL : TAKE_OLD);
 	sort_items(b, b->ph_first[PH_P2]);
 	bridge(b, &q->l2c, b->ph_first[PH_P2]);
 
@@ -557,15 +605,16 @@ static void sync_done(struct io_cmd *cmd, int res)
 
 	if (res < 0 && !b->err)
 		b->err = res;
-	if (--b->pending == 0)
-		phase_next(b);
+	if (--b->pending)
+		return;
+	b->q->n_syncs_done++;
+	phase_next(b);
 }
 
-static void sync_start(struct q2_batch *b)
+static void sync_issue(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
 
-	b->syncing = true;
 	b->pending = 1;
 	b->sync_cmd[0].done = sync_done;
 	b->sync_cmd[0].priv = b;
@@ -576,6 +625,90 @@ static void sync_start(struct q2_batch *b)
 		io_fdatasync(q->loop, &b->sync_cmd[1], q->data_file);
 	}
 	io_fdatasync(q->loop, &b->sync_cmd[0], q->file);
+}
+
+static void sync_delayed(struct io_cmd *cmd, int res)
+{
+	(void)res;
+	sync_issue(cmd->priv);
+}
+
+/* A qcow2_link() waiter is let go: count the syncs it waited for. */
+static void link_release(struct qcow2 *q, struct qcow2_flush *l, int err)
+{
+	uint64_t n = q->n_syncs_done - l->mark;
+
+	q->n_link_waits++;
+	q->n_link_wait_syncs += n;
+	if (n > q->n_link_wait_max)
+		q->n_link_wait_max = n;
+	l->next = NULL;
+	l->done(l, err);
+}
+
+static void sync_start(struct q2_batch *b)
+{
+	struct qcow2 *q = b->q;
+	unsigned delay = __atomic_load_n(&test_sync_delay_ms, __ATOMIC_RELAXED);
+	struct qcow2_flush *l = NULL;
+
+	b->syncing = true;
+	q->n_syncs++;
+	/* The last sync of a batch that wrote something: its links are
+	 * written (what a process death needs), so they go now, not after it. */
+	if (b->nitems && last_phase(b) && !b->side) {
+		l = b->links;
+		b->links = NULL;
+		if (!b->incomplete) {
+			if (b->gen > q->meta_written_gen)
+				q->meta_written_gen = b->gen;
+			/* and the side batches beside it (as finish() does) */
+			if (q->side_done_gen > q->meta_written_gen)
+				q->meta_written_gen = q->side_done_gen;
+		}
+	}
+	if (delay) {
+		b->pending = 1;
+		b->delay_cmd.done = sync_delayed;
+		b->delay_cmd.priv = b;
+		io_timeout(q->loop, &b->delay_cmd, (uint64_t)delay * 1000000ull);
+	} else {
+		sync_issue(b);
+	}
+	while (l) {
+		struct qcow2_flush *next = l->next;
+
+		link_release(q, l, 0);
+		l = next;
+	}
+}
+
+/*
+ * After a phase's writes: is an fdatasync due before the next phase? For
+ * power loss, refcounts (and new L2 tables) before the L2 entries (P1:
+ * none when every cluster the L2 entries link was reserved by a batch that
+ * synced them already, no new refcount block or table is written), the
+ * refcount table before what its new blocks count (P1B), a grow's new L1
+ * table before the header naming it (P3). L2 slices (P2) need none before
+ * L1: the tables L1 entries link are written in P1 (after a failure, in
+ * strict mode, P2 holds them and is synced). The last phase's sync makes a
+ * batch durable; link mode skips it (a process death keeps every
+ * completed write).
+ */
+static bool sync_needed(const struct q2_batch *b)
+{
+	if (b->phase == PH_P1)
+		return !(b->link_mode && b->rc_nosync);
+	if (last_phase(b))
+		return !b->link_mode;
+	switch (b->phase) {
+	case PH_P2:
+		return b->strict;
+	case PH_P3:
+		return true; /* P4 follows: the header names the new L1 table */
+	default:
+		return true;
+	}
 }
 
 static void write_done(struct io_cmd *cmd, int res)
@@ -604,14 +737,7 @@ static void write_done(struct io_cmd *cmd, int res)
 		finish(b);
 		return;
 	}
-	/* Link mode: L2 slices need a sync only to order L1 entries after the
-	 * L2 tables they link (power loss); the last phase needs none (a
-	 * process death keeps every completed write); refcounts need none when
-	 * every cluster the L2 entries link was reserved by a batch that
-	 * synced them already (and no new refcount block is being linked). */
-	if (b->link_mode &&
-	    (b->phase == PH_P3 || (b->phase == PH_P2 && b->ph_first[PH_P3] == b->ph_first[PH_N]) ||
-	     (b->phase == PH_P1 && b->rc_nosync))) {
+	if (!sync_needed(b)) {
 		phase_next(b);
 		return;
 	}
@@ -741,7 +867,10 @@ static void finish(struct q2_batch *b)
 	int err = b->err;
 
 	if (err) {
-		/* put everything back for a later batch */
+		/* Put everything back for a later batch. A new L2 table's slices
+		 * go back as any others: its L1 entry may be written already, so
+		 * until a durable batch succeeds, batches sync L2 before L1. */
+		q->wb_strict = true;
 		for (size_t i = 0; i < b->nitems; i++) {
 			struct wb_item *it = &b->items[i];
 
@@ -785,6 +914,8 @@ static void finish(struct q2_batch *b)
 	} else {
 		q->wb_err = 0;
 		q->batches++;
+		if (!b->side && !b->link_mode && !b->incomplete)
+			q->wb_strict = false;
 		if (b->side) {
 			side_written(q, b);
 		} else if (!b->incomplete) {
@@ -844,11 +975,10 @@ static void finish(struct q2_batch *b)
 	while (l) {
 		struct qcow2_flush *next = l->next;
 
-		l->next = NULL;
-		l->done(l, err);
+		link_release(q, l, err);
 		l = next;
 	}
-	if (q->wb_wanted || q->flush_next || q->link_next || link_due(q)) {
+	if (!q->batch && (q->wb_wanted || q->flush_next || q->link_next || link_due(q))) {
 		q->wb_wanted = false;
 		if (!err || q->flush_next || q->link_next || link_due(q))
 			q2_wb_kick(q);
@@ -904,6 +1034,7 @@ static void wb_start(struct qcow2 *q)
 	b->incomplete = false;
 	b->rc_synced = false;
 	b->grow_hdr = false;
+	b->strict = q->wb_strict;
 	/* the decrements whose pointer removal this batch makes durable */
 	{
 		struct q2_u64v t = b->decs;
@@ -921,7 +1052,7 @@ static void wb_start(struct qcow2 *q)
 	/* Link mode may skip the refcount sync when what it links needs only
 	 * refcounts an earlier batch synced, and no refcount block is linked. */
 	b->rc_nosync = b->link_mode && q->link_need <= q->rc_durable &&
-		       b->ph_first[PH_P1B] == b->ph_first[PH_P2];
+		       b->ph_first[PH_P1B] == b->ph_first[PH_P2] && !b->p1_tables;
 	phase_run(b);
 }
 
@@ -939,6 +1070,11 @@ void qcow2_test_link_delay(unsigned ms)
 void qcow2_test_wb_hold(unsigned ms)
 {
 	__atomic_store_n(&test_wb_hold_ms, ms, __ATOMIC_RELAXED);
+}
+
+void qcow2_test_sync_delay(unsigned ms)
+{
+	__atomic_store_n(&test_sync_delay_ms, ms, __ATOMIC_RELAXED);
 }
 
 static void link_post_done(struct io_cmd *cmd, int res)
@@ -1031,7 +1167,9 @@ static bool side_start(struct qcow2 *q)
 	b->nitems = 0;
 	b->stage_used = 0;
 	b->ph_first[PH_P1] = b->ph_first[PH_P1B] = b->ph_first[PH_P2] = 0;
-	take_slices(b, &q->l2c);
+	b->strict = false;
+	b->p1_tables = 0;
+	take_slices(b, &q->l2c, TAKE_OLD); /* a new table goes with its L1 entry */
 	sort_items(b, 0);
 	bridge(b, &q->l2c, 0);
 	b->ph_first[PH_P3] = b->ph_first[PH_P4] = b->ph_first[PH_N] = b->nitems;
@@ -1229,6 +1367,7 @@ int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2
 		return 0;
 	f->gen = gen;
 	f->slice = slice;
+	f->mark = q->n_syncs_done;
 	if (q->batch && q->batch->gen >= gen && !q->batch->incomplete) {
 		/* the batch in flight took it (an early link, or an in-place
 		 * write through an entry it is writing): wait for that one */

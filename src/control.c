@@ -277,7 +277,9 @@ static json_t *engine_json(struct img *img)
 	if (img_cache_stats(img, &cs) < 0)
 		return NULL;
 	return json_pack(
-	    "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}",
+	    "{"
+	    "s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:"
+	    "I,s:I,s:I,s:I}",
 	    "l2-hits", (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses,
 	    "l2-evictions", (json_int_t)cs.l2_evictions, "refcount-hits",
 	    (json_int_t)cs.refcount_hits, "refcount-misses", (json_int_t)cs.refcount_misses,
@@ -288,7 +290,10 @@ static json_t *engine_json(struct img *img)
 	    (json_int_t)cs.refcount_blocks_allocated, "metadata-writes",
 	    (json_int_t)cs.metadata_writes, "metadata-write-bytes",
 	    (json_int_t)cs.metadata_write_bytes, "writeback-batches",
-	    (json_int_t)cs.writeback_batches, "compressed-inflated",
+	    (json_int_t)cs.writeback_batches, "writeback-syncs", (json_int_t)cs.writeback_syncs,
+	    "link-waits", (json_int_t)cs.link_waits, "link-wait-syncs",
+	    (json_int_t)cs.link_wait_syncs, "link-wait-syncs-max",
+	    (json_int_t)cs.link_wait_syncs_max, "compressed-inflated",
 	    (json_int_t)cs.compressed_inflated, "fast-path-hits", (json_int_t)cs.fast_hits,
 	    "fast-path-hops", (json_int_t)cs.fast_hops, "fast-table-size",
 	    (json_int_t)cs.fast_table_size, "fast-table-budget", (json_int_t)cs.fast_table_budget,

@@ -2059,6 +2059,11 @@ int main(int argc, char **argv)
 		log_warn(
 		    "VQCOWD_TEST_WB_HOLD: write-back batches' L2 writes held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_SYNC_DELAY")) {
+		/* a test seam: see img_test_sync_delay() */
+		img_test_sync_delay((unsigned)strtoul(getenv("VQCOWD_TEST_SYNC_DELAY"), NULL, 10));
+		log_warn("VQCOWD_TEST_SYNC_DELAY: write-back fdatasyncs held back (a test seam)");
+	}
 	if (getenv("VQCOWD_TEST_WB")) {
 		/* benchmarks: see img_wb_tune() */
 		const char *v = getenv("VQCOWD_TEST_WB");

@@ -304,7 +304,11 @@ static int eng_write(struct eng *e, uint64_t off, uint64_t len, const uint8_t *b
 struct flushf {
 	struct qcow2_flush f;
 	int done, res;
+	size_t syncs;    /* fdatasyncs logged when it ended */
+	bool after_sync; /* it ended from an fdatasync's completion */
 };
+
+static size_t fsyncs_logged(void);
 
 static void flush_done(struct qcow2_flush *f, int res)
 {
@@ -312,6 +316,8 @@ static void flush_done(struct qcow2_flush *f, int res)
 
 	x->done++;
 	x->res = res;
+	x->syncs = fsyncs_logged();
+	x->after_sync = fake_log_count() && fake_log_get(fake_log_count() - 1)->type == FAKE_FSYNC;
 }
 
 static int eng_flush(struct eng *e)
@@ -502,7 +508,9 @@ static void check_crash_images(struct eng *e, unsigned samples)
 /*
  * The explicit order rule: each L2 slice write that links a data cluster is
  * preceded by an fdatasync that comes after the last write of that data
- * cluster and after the last refcount-block write raising its refcount.
+ * cluster and after the last refcount-block write raising its refcount; in
+ * a new table, written before the L1 entry naming it (writeback.c's P1),
+ * that fdatasync comes before the L1 entry's write.
  * With the early link off: it lets allocation bits of a linked extended-L2
  * cluster go out before the data (test_early_link checks it instead), and
  * the link batches it starts keep the refcount order, not the data's.
@@ -519,15 +527,32 @@ static void check_l2_order(struct eng *e)
 	for (size_t i = 0; i < n; i++) {
 		const struct fake_log *l = fake_log_get(i);
 		bool is_l2 = false;
+		size_t at = i; /* where the entry becomes reachable on disk */
 
 		if (l->type != FAKE_WRITE || l->file != e->id)
 			continue;
 		/* is it inside an active L2 table (per the final L1)? */
 		for (uint32_t k = 0; k < h->l1_size; k++) {
 			uint64_t t = qcow2_be64(img + l1off + k * 8ull) & QCOW2_L1E_OFFSET_MASK;
+			uint64_t lo = l1off + k * 8ull;
 
-			if (t && l->off >= t && l->off < t + cs)
-				is_l2 = true;
+			if (!t || l->off < t || l->off >= t + cs)
+				continue;
+			is_l2 = true;
+			/* a new table is reached once the L1 entry naming it is
+			 * written, maybe after the table (writeback.c: P1) */
+			at = SIZE_MAX;
+			for (size_t j = 0; j < n && (at == SIZE_MAX || j < i); j++) {
+				const struct fake_log *x = fake_log_get(j);
+
+				if (x->type == FAKE_WRITE && x->file == e->id && x->off <= lo &&
+				    lo + 8 <= x->off + x->len &&
+				    (qcow2_be64(x->data + (lo - x->off)) & QCOW2_L1E_OFFSET_MASK) ==
+					t)
+					at = j;
+			}
+			if (at == SIZE_MAX || at < i)
+				at = i;
 		}
 		if (!is_l2)
 			continue;
@@ -537,12 +562,13 @@ static void check_l2_order(struct eng *e)
 
 			if (!d || (ent & QCOW2_OFLAG_COMPRESSED))
 				continue;
-			for (size_t j = 0; j < i; j++) {
+			for (size_t j = 0; j < at; j++) {
 				const struct fake_log *x = fake_log_get(j);
 
 				if (x->file != e->id)
 					continue;
-				if (x->type == FAKE_WRITE && x->off < d + cs && d < x->off + x->len)
+				if (x->type == FAKE_WRITE && j < i && x->off < d + cs &&
+				    d < x->off + x->len)
 					last_data = j;
 				if (x->type == FAKE_FSYNC)
 					last_sync = j;
@@ -1107,6 +1133,126 @@ static void test_grow_header_only(void)
 {
 	/* 64 KiB clusters: one L1 entry maps 512 MiB, only the header changes */
 	grow_case("cluster_size=65536", 4ull << 20, 12ull << 20, 5);
+}
+
+/* ---- how many fdatasyncs, one after another, a linked write waits for ---- */
+
+static size_t fsyncs_logged(void)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < fake_log_count(); i++)
+		n += fake_log_get(i)->type == FAKE_FSYNC;
+	return n;
+}
+
+/*
+ * The fake completes, per loop iteration, the commands submitted before it,
+ * in order (and logs each before its callback runs): the iterations before
+ * @f's last in which an fdatasync ended, and the last if an fdatasync's
+ * completion ended @f, are the syncs it waited for one after another (a
+ * sync that ends in the last iteration before the write that ends @f ran
+ * beside it).
+ */
+static unsigned wait_chain(struct flushf *f)
+{
+	unsigned chain = 0;
+
+	for (int i = 0; i < 10000 && !f->done; i++) {
+		size_t before = fsyncs_logged();
+
+		run();
+		chain += f->done ? f->after_sync : fsyncs_logged() > before;
+	}
+	CU_ASSERT_EQUAL(f->done, 1);
+	CU_ASSERT_EQUAL(f->res, 0);
+	return chain;
+}
+
+/* Allocate the cluster under guest offset @off and wait for its link. */
+static unsigned write_linked(struct eng *e, uint64_t off)
+{
+	uint8_t buf[4096];
+	struct flushf f;
+
+	memset(buf, (int)(off >> 16) | 1, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(e, off, sizeof(buf), buf), 0);
+	memset(&f, 0, sizeof(f));
+	f.f.done = flush_done;
+	if (!qcow2_link(e->q, qcow2_meta_gen(e->q), &f.f))
+		return 0;
+	return wait_chain(&f);
+}
+
+/*
+ * An allocating write, done, waits (qcow2_link) only until its L2 entry is
+ * written, never for the last fdatasync of the batch that writes it (a
+ * FLUSH's batch, or a grow's, lets its links go when that sync starts), and
+ * a new L2 table costs no sync of its own (written with the refcounts).
+ * Before: 2, 0, 2, 3, 3 syncs in a row in the cases below; now 1, 0, 1, 2,
+ * 3 (the last: a write during a grow still waits for the grow's batch).
+ */
+static void test_link_chain(void)
+{
+	struct flushf fl, g;
+	struct eng e;
+	char err[256];
+	uint64_t c = 65536;
+
+	eng_create(&e, "cluster_size=65536", 64ull << 30, NULL);
+	/* a new L2 table: refcounts synced before the entry, the table before L1 */
+	CU_ASSERT_EQUAL(write_linked(&e, 0), 1);
+	/* the reserve's refcounts are durable: nothing to sync */
+	CU_ASSERT_EQUAL(write_linked(&e, 1 * c), 0);
+
+	/* a FLUSH's batch takes a write's entry: it waits for the refcount
+	 * sync (power-loss order), not for the L2 table's */
+	memset(&fl, 0, sizeof(fl));
+	fl.f.done = flush_done;
+	{
+		uint8_t buf[4096] = {7};
+		struct flushf f;
+
+		CU_ASSERT_EQUAL(eng_write(&e, 2 * c, sizeof(buf), buf), 0);
+		memset(&f, 0, sizeof(f));
+		f.f.done = flush_done;
+		qcow2_flush(e.q, &fl.f);
+		CU_ASSERT_EQUAL(qcow2_link(e.q, qcow2_meta_gen(e.q), &f.f), 1);
+		CU_ASSERT(wait_chain(&f) <= 1);
+	}
+	for (int i = 0; i < 10000 && !fl.done; i++)
+		run();
+	CU_ASSERT_EQUAL(fl.done, 1);
+	/* a write that comes while a FLUSH's batch runs (a new L2 table: P1,
+	 * P3 written) waits for that batch but its last sync */
+	{
+		uint8_t buf[4096] = {9};
+
+		CU_ASSERT_EQUAL(eng_write(&e, 1ull << 30, sizeof(buf), buf), 0);
+	}
+	memset(&fl, 0, sizeof(fl));
+	fl.f.done = flush_done;
+	qcow2_flush(e.q, &fl.f);
+	CU_ASSERT(write_linked(&e, 3 * c) <= 2);
+	for (int i = 0; i < 10000 && !fl.done; i++)
+		run();
+	CU_ASSERT_EQUAL(fl.done, 1);
+
+	/* an online grow: new L1 table, then the header (each synced) */
+	memset(&g, 0, sizeof(g));
+	g.f.done = flush_done;
+	CU_ASSERT_EQUAL(qcow2_grow(e.q, 2048ull << 30, &g.f, err, sizeof(err)), 1);
+	CU_ASSERT(write_linked(&e, 4 * c) <= 3);
+	CU_ASSERT(write_linked(&e, 5 * c) <= 1);
+	for (int i = 0; i < 10000 && !g.done; i++)
+		run();
+	CU_ASSERT_EQUAL(g.done, 1);
+	CU_ASSERT_EQUAL(g.res, 0);
+	CU_ASSERT_EQUAL(write_linked(&e, 6 * c), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	check_crash_images(&e, 3);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
 static void fail_case(enum io_op op, unsigned nth)
@@ -2485,6 +2631,7 @@ int main(void)
 	CU_add_test(suite, "write-back: only the dirty span of a slice", test_dirty_spans);
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
 	CU_add_test(suite, "online grow: header only", test_grow_header_only);
+	CU_add_test(suite, "linked writes: fdatasyncs waited for in a row", test_link_chain);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
