@@ -456,6 +456,21 @@ static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
 		sort_items(b, first);
 }
 
+/*
+ * build(): something of phase @from or before could not be taken (no
+ * memory). Later phases may count on it (an L1 entry on its new table, a
+ * table sector on its new refcount block, L2 entries on their refcounts),
+ * so this batch ends before them; what is left stays dirty for the next.
+ */
+static bool build_cut(struct q2_batch *b, enum phase from)
+{
+	if (!b->incomplete)
+		return false;
+	for (int p = from + 1; p <= PH_N; p++)
+		b->ph_first[p] = b->nitems;
+	return true;
+}
+
 static void build(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -484,9 +499,13 @@ static void build(struct q2_batch *b)
 			q->rt_relocated = false;
 			memset(q->rt_dirty, 0, q->rt_entries * 8 / 512 / 8 + 1);
 			q->rt_ndirty = 0;
+		} else {
+			b->incomplete = true;
 		}
 	}
 	sort_items(b, b->ph_first[PH_P1]);
+	if (build_cut(b, PH_P1))
+		return;
 
 	/* P1B: header pointer after a relocation, else dirty table sectors */
 	b->ph_first[PH_P1B] = b->nitems;
@@ -498,6 +517,10 @@ static void build(struct q2_batch *b)
 			if (it) {
 				qcow2_put_be64(b->stage + it->stage_off, q->rt_offset);
 				qcow2_put_be32(b->stage + it->stage_off + 8, q->rt_clusters);
+			} else {
+				/* the next batch writes the table and its pointer again */
+				q->rt_relocated = true;
+				b->incomplete = true;
 			}
 			break;
 		}
@@ -509,8 +532,10 @@ static void build(struct q2_batch *b)
 		if (!bit_get(q->rt_dirty, sec))
 			continue;
 		it = item_add(b, IT_RT_SECTOR, q->rt_offset + sec * 512, 512);
-		if (!it)
+		if (!it) {
+			b->incomplete = true;
 			break;
+		}
 		it->index = sec;
 		put_table_be(b->stage + it->stage_off, q->rt + sec * 64, 64);
 		q->rt_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
@@ -519,12 +544,16 @@ static void build(struct q2_batch *b)
 
 	/* P2: L2 slices */
 	b->ph_first[PH_P2] = b->nitems;
+	if (build_cut(b, PH_P1B))
+		return;
 	take_slices(b, &q->l2c, b->strict ? TAKE_ALL : TAKE_OLD);
 	sort_items(b, b->ph_first[PH_P2]);
 	bridge(b, &q->l2c, b->ph_first[PH_P2]);
 
 	/* P3: L1 sectors, or the whole table after a grow moved it */
 	b->ph_first[PH_P3] = b->nitems;
+	if (build_cut(b, PH_P2))
+		return;
 	if (q->l1_relocated) {
 		uint64_t len = (((uint64_t)q->l1_size * 8 + q->cs - 1) >> q->cb) << q->cb;
 		struct wb_item *it = item_add(b, IT_L1_FULL, q->h.l1_table_offset, len);
@@ -549,8 +578,10 @@ static void build(struct q2_batch *b)
 		if (n > 64)
 			n = 64;
 		it = item_add(b, IT_L1_SECTOR, q->h.l1_table_offset + sec * 512, n * 8);
-		if (!it)
+		if (!it) {
+			b->incomplete = true;
 			break;
+		}
 		it->index = sec;
 		put_table_be(b->stage + it->stage_off, q->l1 + first, n);
 		q->l1_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
@@ -559,6 +590,8 @@ static void build(struct q2_batch *b)
 
 	/* P4: a grow's header fields, once its L1 table is in this batch or on disk */
 	b->ph_first[PH_P4] = b->nitems;
+	if (build_cut(b, PH_P3))
+		return;
 	if (q->hdr_dirty && !q->l1_relocated) {
 		struct wb_item *it = item_add(b, IT_HDR_L1, QCOW2_OFF_SIZE, 24);
 
