@@ -125,7 +125,8 @@ struct wb_item {
 	uint64_t index;         /* sector index */
 	uint32_t skip;          /* IT_SLICE: bytes of the slice before @off (not written) */
 	uint8_t kind;
-	bool newtab; /* IT_SLICE: a new L2 table's, written in P1 */
+	bool newtab;  /* IT_SLICE: a new L2 table's, written in P1 */
+	bool written; /* IT_SLICE, IT_FILL: written; the slice may be evicted since */
 };
 
 struct wb_run {
@@ -445,6 +446,7 @@ static void bridge(struct q2_batch *b, struct q2_cache *c, size_t first)
 				break;    /* no memory: the gap stays, both runs still go out */
 			x = &b->items[i]; /* item_add may have moved the array */
 			memcpy(b->stage + it->stage_off, s->buf, c->slice_size);
+			it->cache = c;
 			it->slice = s; /* kept cached until written (a side batch must not
 					* write it meanwhile: take_slices' caller checks) */
 			s->fill = true;
@@ -759,6 +761,7 @@ static void write_done(struct io_cmd *cmd, int res)
 
 		if (!it->slice || b->err)
 			continue;
+		it->written = true;
 		if (it->kind == IT_FILL) {
 			it->slice->fill = false;
 		} else {
@@ -892,6 +895,32 @@ static void side_written(struct qcow2 *q, const struct q2_batch *b)
 	}
 }
 
+/*
+ * finish() of a failed batch: the slice of @it is dirty again. One not
+ * written yet is still held by its wb or fill flag, which go; one written
+ * by an earlier phase was let go then and may have been evicted (what was
+ * written is what a read finds) or be held by another batch now, so it is
+ * looked up again by its offset, never through the old pointer.
+ */
+static void slice_back(struct wb_item *it)
+{
+	struct q2_slice *s = it->slice;
+
+	if (it->written) {
+		s = q2_cache_peek(it->cache, it->off - it->skip);
+		if (s)
+			q2_slice_dirty(s);
+		return;
+	}
+	if (it->kind == IT_FILL) {
+		s->fill = false;
+	} else {
+		s->wb = false;
+		s->wb_side = false;
+	}
+	q2_slice_dirty(s);
+}
+
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -909,9 +938,8 @@ static void finish(struct q2_batch *b)
 
 			switch (it->kind) {
 			case IT_SLICE:
-				it->slice->wb = false;
-				it->slice->wb_side = false;
-				q2_slice_dirty(it->slice);
+			case IT_FILL:
+				slice_back(it);
 				break;
 			case IT_RT_FULL:
 			case IT_HDR_RT:
@@ -930,10 +958,6 @@ static void finish(struct q2_batch *b)
 				break;
 			case IT_HDR_L1:
 				q->hdr_dirty = true;
-				break;
-			case IT_FILL:
-				it->slice->fill = false;
-				q2_slice_dirty(it->slice);
 				break;
 			}
 		}
