@@ -118,7 +118,7 @@ struct img_cache_stats {
 	uint64_t compressed_inflated, compressed_cache_hits, compressed_reads, compressed_joins;
 	/* the engine's activity since open (struct qcow2_cache_stats) */
 	uint64_t clusters_allocated, cow, l2_cow, l2_tables_allocated, refcount_blocks_allocated;
-	uint64_t metadata_writes, metadata_write_bytes, writeback_batches;
+	uint64_t metadata_writes, metadata_write_bytes, writeback_batches, writeback_side_batches;
 	/* write-back fdatasyncs; waits for linked entries (qcow2_link) and the
 	 * fdatasyncs that ended during them, summed and the most in one */
 	uint64_t writeback_syncs, link_waits, link_wait_syncs, link_wait_syncs_max;

@@ -3228,6 +3228,7 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->metadata_writes = c.meta_writes;
 	st->metadata_write_bytes = c.meta_write_bytes;
 	st->writeback_batches = c.wb_batches;
+	st->writeback_side_batches = c.wb_side_batches;
 	st->writeback_syncs = c.wb_syncs;
 	st->link_waits = c.link_waits;
 	st->link_wait_syncs = c.link_wait_syncs;

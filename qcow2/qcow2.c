@@ -632,6 +632,7 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->meta_writes = q->n_meta_writes;
 	st->meta_write_bytes = q->n_meta_bytes;
 	st->wb_batches = q->batches;
+	st->wb_side_batches = q->n_side_batches;
 	st->wb_syncs = q->n_syncs;
 	st->link_waits = q->n_link_waits;
 	st->link_wait_syncs = q->n_link_wait_syncs;

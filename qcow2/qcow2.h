@@ -152,7 +152,8 @@ struct qcow2_cache_stats {
 	uint64_t l2_new, rb_new;   /* L2 tables and refcount blocks allocated */
 	uint64_t meta_writes;      /* metadata writes of the write-back (one per writev) */
 	uint64_t meta_write_bytes; /* and their bytes */
-	uint64_t wb_batches;       /* write-back batches completed */
+	uint64_t wb_batches;       /* write-back batches completed (side batches apart) */
+	uint64_t wb_side_batches;  /* side batches started beside one in flight */
 	uint64_t wb_syncs;         /* fdatasync steps of the write-back (both files: one) */
 	/* qcow2_link() calls that had to wait, the fdatasync steps that ended
 	 * while they waited (summed; the most one wait saw) */

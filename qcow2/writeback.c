@@ -970,7 +970,8 @@ static void finish(struct q2_batch *b)
 		q->wb_err = err;
 	} else {
 		q->wb_err = 0;
-		q->batches++;
+		if (!b->side)
+			q->batches++;
 		if (!b->side && !b->link_mode && !b->incomplete)
 			q->wb_strict = false;
 		if (b->side) {
