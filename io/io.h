@@ -250,17 +250,6 @@ bool io_poll_group_enter(struct io_poll_group *g);
 void io_poll_group_leave(struct io_poll_group *g);
 
 /*
- * How many of @pollers threads may busy-poll at a time on @cpus CPUs (the
- * caller's group @max; @pollers or more: no group needed): one per CPU the
- * threads leave spare, and, unless @spare_only, at least one. Two threads
- * on 2 CPUs polling each for its own disk read at queue depth 1 cost 1.23x
- * the CPU per read of one thread for the same IOPS as one of them polling
- * at a time (contrib/bench/RESULTS.md, "cpu"); @spare_only (vqcowd's
- * --poll-spare-cpus) lets none poll when the threads fill the CPUs.
- */
-unsigned io_poll_group_size(unsigned cpus, unsigned pollers, bool spare_only);
-
-/*
  * Early submission: hand prepared SQEs to the kernel as soon as @n of them
  * are waiting, instead of all at once when the iteration ends (0, the
  * default). With n = 2 no submission is large enough for the kernel to plug

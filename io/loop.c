@@ -299,15 +299,6 @@ void io_poll_group_init(struct io_poll_group *g, unsigned max)
 	__atomic_store_n(&g->active, 0, __ATOMIC_RELAXED);
 }
 
-unsigned io_poll_group_size(unsigned cpus, unsigned pollers, bool spare_only)
-{
-	unsigned spare = cpus > pollers ? cpus - pollers : 0;
-
-	if (!spare && !spare_only)
-		spare = 1;
-	return spare < pollers ? spare : pollers;
-}
-
 void io_loop_set_poll_group(struct io_loop *loop, struct io_poll_group *g)
 {
 	loop->poll_group = g;

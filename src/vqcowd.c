@@ -159,9 +159,8 @@ static void usage(FILE *f)
 	    "  --poll-ns NS                busy-poll before sleeping while at most 4 requests\n"
 	    "                              are in flight, as long as events come in time, at\n"
 	    "                              most NS ns (default 50000; 0 = off)\n"
-	    "  --poll-spare-cpus           threads busy-poll only on the CPUs they leave\n"
-	    "                              spare (of the daemon's affinity mask; without it,\n"
-	    "                              at least one may poll)\n"
+	    "  --poll-spare-cpus           I/O threads busy-poll only on the CPUs they leave\n"
+	    "                              spare (of the daemon's affinity mask)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	    "                              0 = once per loop iteration)\n"
 	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
@@ -1181,7 +1180,7 @@ static unsigned poll_cpus(void)
 /* Create the loops of the I/O threads (before the image is served). 0 or -errno. */
 static int threads_init(struct daemon *d)
 {
-	unsigned cpus, pollers;
+	unsigned cpus;
 	int ret;
 
 	pthread_mutex_init(&d->mt_lock, NULL);
@@ -1195,25 +1194,26 @@ static int threads_init(struct daemon *d)
 	if (!d->threads)
 		return -ENOMEM;
 	/*
-	 * Busy polling shares the CPUs with the front-end (a guest's vCPUs):
-	 * a poll holds a CPU while the front-end that would end it may wait
-	 * for one. The threads serving queues (the main one too) poll at most
-	 * one per CPU they leave spare at a time (of those we may run on: the
-	 * affinity mask, i.e. taskset or libvirt's pinning), and at least one:
-	 * 2 threads on 2 CPUs each polling for its own QD1 read cost 1.23x the
-	 * CPU per read of one thread, one of them polling at a time 1.00x at
-	 * the same IOPS, and QD32 did not change (contrib/bench/RESULTS.md,
-	 * "cpu"). --poll-spare-cpus: none when the threads fill the CPUs.
+	 * --poll-spare-cpus: the I/O threads busy-poll only on the CPUs they
+	 * leave spare (of those we may run on: the affinity mask, i.e. taskset
+	 * or libvirt's pinning), at most one thread per spare CPU at a time.
+	 * A poll holds a CPU while the front-end that would end it may wait
+	 * for one: 2 threads on 2 CPUs polling cost 1.7x the CPU per 4K QD1
+	 * read of not polling, for the same IOPS; not the default, since at
+	 * QD32 polling won IOPS on a quiet machine (contrib/bench/RESULTS.md,
+	 * "cpuio").
 	 */
 	cpus = poll_cpus();
-	pollers = io_poll_group_size(cpus, d->nserve, d->o->poll_spare);
-	io_poll_group_init(&d->poll_group, pollers);
-	if (d->rings_mt && d->o->poll_ns && pollers < d->nserve)
-		io_loop_set_poll_group(d->loop, &d->poll_group);
-	if (d->rings_mt && d->o->poll_ns && (d->o->poll_spare || pollers < d->nserve))
+	io_poll_group_init(&d->poll_group, cpus > d->nserve ? cpus - d->nserve : 0);
+	if (d->rings_mt && d->o->poll_ns && d->o->poll_spare) {
+		/* the main thread serves queues too: it polls in the group */
+		if (d->poll_group.max < d->nserve)
+			io_loop_set_poll_group(d->loop, &d->poll_group);
 		logmsg("busy polling: at most %u of the %u threads serving queues at a time (CPUs "
 		       "to run on: %u)",
-		       pollers, d->nserve, cpus);
+		       d->poll_group.max < d->nserve ? d->poll_group.max : d->nserve, d->nserve,
+		       cpus);
+	}
 	for (unsigned i = 0; i < d->nthreads; i++) {
 		struct iothread *t = &d->threads[i];
 
@@ -1225,7 +1225,7 @@ static int threads_init(struct daemon *d)
 		/* Threads that only inflate (qcow2) never busy-poll: they
 		 * would take the CPU the main thread needs. */
 		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
-		if (pollers < d->nserve)
+		if (d->o->poll_spare && d->poll_group.max < d->nserve)
 			io_loop_set_poll_group(t->loop, &d->poll_group);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
 		/* Each loop registers the image files it uses in its own

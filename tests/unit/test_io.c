@@ -1202,19 +1202,6 @@ static void test_poll_group(void)
 	struct io_defer d = {.fn = poll_hook};
 	struct tcmd t;
 
-	/* Its size: one per spare CPU, and at least one unless spare only;
-	 * as many as there are threads: no limit. */
-	CU_ASSERT_EQUAL(io_poll_group_size(2, 2, false), 1);
-	CU_ASSERT_EQUAL(io_poll_group_size(2, 2, true), 0);
-	CU_ASSERT_EQUAL(io_poll_group_size(1, 4, false), 1);
-	CU_ASSERT_EQUAL(io_poll_group_size(1, 4, true), 0);
-	CU_ASSERT_EQUAL(io_poll_group_size(4, 3, false), 1);
-	CU_ASSERT_EQUAL(io_poll_group_size(4, 3, true), 1);
-	CU_ASSERT_EQUAL(io_poll_group_size(8, 3, false), 3);
-	CU_ASSERT_EQUAL(io_poll_group_size(8, 3, true), 3);
-	CU_ASSERT_EQUAL(io_poll_group_size(6, 2, true), 2);
-	CU_ASSERT_EQUAL(io_poll_group_size(64, 64, false), 1);
-
 	io_poll_group_init(&g, 1);
 	CU_ASSERT_TRUE(io_poll_group_enter(&g));
 	CU_ASSERT_FALSE(io_poll_group_enter(&g)); /* full */
