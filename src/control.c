@@ -276,29 +276,47 @@ static json_t *engine_json(struct img *img)
 
 	if (img_cache_stats(img, &cs) < 0)
 		return NULL;
-	return json_pack(
-	    "{"
-	    "s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:"
-	    "I,s:I,s:I,s:I}",
-	    "l2-hits", (json_int_t)cs.l2_hits, "l2-misses", (json_int_t)cs.l2_misses,
-	    "l2-evictions", (json_int_t)cs.l2_evictions, "refcount-hits",
-	    (json_int_t)cs.refcount_hits, "refcount-misses", (json_int_t)cs.refcount_misses,
-	    "refcount-evictions", (json_int_t)cs.refcount_evictions, "l2-prefetched",
-	    (json_int_t)cs.l2_prefetched, "clusters-allocated", (json_int_t)cs.clusters_allocated,
-	    "cow-operations", (json_int_t)cs.cow, "l2-table-copies", (json_int_t)cs.l2_cow,
-	    "l2-tables-allocated", (json_int_t)cs.l2_tables_allocated, "refcount-blocks-allocated",
-	    (json_int_t)cs.refcount_blocks_allocated, "metadata-writes",
-	    (json_int_t)cs.metadata_writes, "metadata-write-bytes",
-	    (json_int_t)cs.metadata_write_bytes, "writeback-batches",
-	    (json_int_t)cs.writeback_batches, "writeback-side-batches",
-	    (json_int_t)cs.writeback_side_batches, "writeback-syncs",
-	    (json_int_t)cs.writeback_syncs, "link-waits", (json_int_t)cs.link_waits,
-	    "link-wait-syncs", (json_int_t)cs.link_wait_syncs, "link-wait-syncs-max",
-	    (json_int_t)cs.link_wait_syncs_max, "compressed-inflated",
-	    (json_int_t)cs.compressed_inflated, "fast-path-hits", (json_int_t)cs.fast_hits,
-	    "fast-path-hops", (json_int_t)cs.fast_hops, "fast-table-size",
-	    (json_int_t)cs.fast_table_size, "fast-table-budget", (json_int_t)cs.fast_table_budget,
-	    "fast-table-entries", (json_int_t)cs.fast_table_entries);
+	const struct {
+		const char *key;
+		uint64_t val;
+	} f[] = {
+	    {"l2-hits", cs.l2_hits},
+	    {"l2-misses", cs.l2_misses},
+	    {"l2-evictions", cs.l2_evictions},
+	    {"refcount-hits", cs.refcount_hits},
+	    {"refcount-misses", cs.refcount_misses},
+	    {"refcount-evictions", cs.refcount_evictions},
+	    {"l2-prefetched", cs.l2_prefetched},
+	    {"clusters-allocated", cs.clusters_allocated},
+	    {"cow-operations", cs.cow},
+	    {"l2-table-copies", cs.l2_cow},
+	    {"l2-tables-allocated", cs.l2_tables_allocated},
+	    {"refcount-blocks-allocated", cs.refcount_blocks_allocated},
+	    {"metadata-writes", cs.metadata_writes},
+	    {"metadata-write-bytes", cs.metadata_write_bytes},
+	    {"writeback-batches", cs.writeback_batches},
+	    {"writeback-side-batches", cs.writeback_side_batches},
+	    {"writeback-syncs", cs.writeback_syncs},
+	    {"link-waits", cs.link_waits},
+	    {"link-wait-syncs", cs.link_wait_syncs},
+	    {"link-wait-syncs-max", cs.link_wait_syncs_max},
+	    {"compressed-inflated", cs.compressed_inflated},
+	    {"fast-path-hits", cs.fast_hits},
+	    {"fast-path-hops", cs.fast_hops},
+	    {"fast-table-size", cs.fast_table_size},
+	    {"fast-table-budget", cs.fast_table_budget},
+	    {"fast-table-entries", cs.fast_table_entries},
+	};
+	json_t *o = json_object();
+
+	/* one table, not a json_pack format whose pairs must be counted by hand */
+	for (size_t i = 0; o && i < sizeof(f) / sizeof(f[0]); i++) {
+		if (json_object_set_new(o, f[i].key, json_integer((json_int_t)f[i].val)) < 0) {
+			json_decref(o);
+			return NULL;
+		}
+	}
+	return o;
 }
 
 static int cmd_blockstats(void *opaque, json_t *args, json_t **ret, char *err, size_t errlen)
