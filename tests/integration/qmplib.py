@@ -125,6 +125,16 @@ def expect_error(r, cls, desc_part, what):
     log("ok: %s -> %s: %s" % (what, cls, r["error"]["desc"]))
 
 
+def run_ok(*args, inp=None, timeout=300):
+    """Run a command (arguments made strings) that must succeed; its stdout.
+    A failure names the command, its exit status and the ends of its output."""
+    r = subprocess.run([str(a) for a in args], capture_output=True, input=inp, timeout=timeout)
+    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
+                                                r.stdout.decode(errors="replace")[-2000:],
+                                                r.stderr.decode(errors="replace")[-2000:]))
+    return r.stdout.decode(errors="replace")
+
+
 def wait_path(path, proc, timeout=10):
     t = time.monotonic() + timeout
     while not os.path.exists(path):

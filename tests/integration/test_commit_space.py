@@ -45,12 +45,7 @@ MiB = 1 << 20
 SLACK = 2 * MiB
 
 
-def run(*args, inp=None):
-    r = subprocess.run([str(a) for a in args], capture_output=True, input=inp, timeout=300)
-    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
-                                                r.stdout.decode(errors="replace")[-2000:],
-                                                r.stderr.decode(errors="replace")[-2000:]))
-    return r.stdout.decode(errors="replace")
+from qmplib import run_ok as run
 
 
 def disk(p):

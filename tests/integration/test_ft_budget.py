@@ -46,12 +46,7 @@ CLUSTER = 64 * KiB
 PAGE = 512 * 8  # a page of the table: 512 entries of 8 bytes
 
 
-def run(*args, timeout=300):
-    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
-    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
-                                                r.stdout.decode(errors="replace")[-2000:],
-                                                r.stderr.decode(errors="replace")[-2000:]))
-    return r.stdout.decode(errors="replace")
+from qmplib import run_ok as run
 
 
 def table(q):

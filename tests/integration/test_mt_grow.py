@@ -53,12 +53,7 @@ CLUSTER = 65536
 M64 = (1 << 64) - 1
 
 
-def run(*args, timeout=300):
-    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
-    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
-                                                r.stdout.decode(errors="replace")[-2000:],
-                                                r.stderr.decode(errors="replace")[-2000:]))
-    return r.stdout.decode(errors="replace")
+from qmplib import run_ok as run
 
 
 def stats(q):

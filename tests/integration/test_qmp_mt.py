@@ -67,12 +67,7 @@ BS = 4096
 SEED = 21
 
 
-def run(*args):
-    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=300)
-    check(r.returncode == 0, "%s: rc %d\n%s%s" % (args, r.returncode,
-                                                r.stdout.decode(errors="replace")[-2000:],
-                                                r.stderr.decode(errors="replace")[-2000:]))
-    return r.stdout.decode(errors="replace")
+from qmplib import run_ok as run
 
 
 def qcow2_stats(q):
