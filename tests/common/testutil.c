@@ -65,6 +65,48 @@ bool tu_lock_held(const char *path, int off)
 	return held;
 }
 
+bool tu_img_check_leaks_ok(const char *img, int wait_ms)
+{
+	int n;
+
+	for (int waited = 0;; waited += 100) {
+		n = tu_sh("qemu-img check -q '%s' >/dev/null 2>&1", img);
+		if (n != 1 || waited >= wait_ms)
+			break;
+		usleep(100000);
+	}
+	if (n == 0 || n == 3)
+		return true;
+	fprintf(stderr, "qemu-img check %s: exit %d\n", img, n);
+	tu_sh("qemu-img check '%s' >&2", img);
+	return false;
+}
+
+int tu_img_read(const char *img, const char *fmt, uint64_t off, void *buf, size_t len)
+{
+	char raw[4096];
+	FILE *f;
+	size_t got = 0;
+
+	snprintf(raw, sizeof(raw), "%s.tu-read", img);
+	if (tu_sh("qemu-img convert -U -f %s -O raw '%s' '%s'", fmt, img, raw) != 0) {
+		fprintf(stderr, "%s: qemu-img convert failed\n", img);
+		return -1;
+	}
+	f = fopen(raw, "rb");
+	if (f && fseeko(f, (off_t)off, SEEK_SET) == 0)
+		got = fread(buf, 1, len, f);
+	if (f)
+		fclose(f);
+	unlink(raw);
+	if (got != len) {
+		fprintf(stderr, "%s: %zu of %zu bytes at %llu read\n", img, got, len,
+			(unsigned long long)off);
+		return -1;
+	}
+	return 0;
+}
+
 int tu_count_fds(void)
 {
 	DIR *d = opendir("/proc/self/fd");

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * tests/common/testutil.h — helpers shared by the unit tests (library
+ * tests/common/testutil.h — helpers shared by the unit and integration tests (library
  * vqcow_test_util; depends on nothing of ours). Names start with tu_.
  */
 #ifndef VQCOW_TESTS_TESTUTIL_H
@@ -28,6 +28,25 @@ int tu_mkdtemp(char *buf, size_t len, const char *prefix);
 
 /* Run a shell command built like printf: its exit status, -1 if it did not exit. */
 int tu_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/*
+ * `qemu-img check -q @img` accepting what a crash may leave: true when it
+ * finds nothing or leaked clusters only (exit 0 or 3). An exit 1 (the check
+ * could not run: most often the image's lock, still held by a killed
+ * process until the kernel has torn down its io_uring, which keeps the
+ * file open a little after the process is reaped) is retried every 100 ms
+ * for up to @wait_ms; anything else (2: corruption) fails at once. When it
+ * returns false, the full `qemu-img check` report went to stderr.
+ */
+bool tu_img_check_leaks_ok(const char *img, int wait_ms);
+
+/*
+ * Read guest bytes [@off, @off + @len) of image @img (format @fmt) as QEMU
+ * sees them: `qemu-img convert -U` to a raw file beside @img
+ * ("<img>.tu-read"), then read and removed. 0, or -1 with a message on
+ * stderr (conversion failed, or the image is shorter).
+ */
+int tu_img_read(const char *img, const char *fmt, uint64_t off, void *buf, size_t len);
 
 /* Entries of /proc/self/fd (a baseline to compare with: it counts the
  * directory's own fd too), -1 if it cannot be read. */

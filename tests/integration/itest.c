@@ -400,6 +400,21 @@ int itest_wait_exit(struct itest_daemon *d, int timeout_ms)
 	return -1;
 }
 
+bool itest_wait_killed(struct itest_daemon *d, int timeout_ms)
+{
+	int st = itest_wait_exit(d, timeout_ms);
+
+	if (st == 128 + SIGKILL)
+		return true;
+	if (st < 0)
+		fprintf(stderr, "itest: back-end still running after %d ms (no kill)\n",
+			timeout_ms);
+	else
+		fprintf(stderr, "itest: back-end ended with status %d, not by SIGKILL\n", st);
+	itest_dump_log(d);
+	return false;
+}
+
 int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms)
 {
 	uint64_t deadline = now_ms() + (uint64_t)timeout_ms;

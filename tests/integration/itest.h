@@ -60,10 +60,16 @@ int itest_restart(struct itest_daemon *d, const struct itest_opts *o);
 /* Send @sig and wait up to @timeout_ms. Returns the exit status (0..255),
  * 128+signal if killed by one, or -1 on timeout (it is then SIGKILLed). */
 int itest_signal_wait(struct itest_daemon *d, int sig, int timeout_ms);
-/* SIGTERM + wait, then remove the temp dir. Returns the exit status. */
 /* Wait up to @timeout_ms for the back-end to end by itself: its exit status
  * (128 + N after signal N), or -1 if it still runs (it is left running). */
 int itest_wait_exit(struct itest_daemon *d, int timeout_ms);
+/* Wait up to @timeout_ms for the back-end to die by SIGKILL (a crash seam
+ * such as VQCOWD_TEST_CRASH, or a kill -9 from elsewhere): true if it did.
+ * Otherwise it says on stderr what happened instead (still running, or its
+ * exit status), prints the daemon's log and returns false; a back-end still
+ * running is left to itest_teardown. */
+bool itest_wait_killed(struct itest_daemon *d, int timeout_ms);
+/* SIGTERM + wait, then remove the temp dir. Returns the exit status. */
 int itest_stop(struct itest_daemon *d);
 /* Is the daemon still running? */
 bool itest_alive(struct itest_daemon *d);
