@@ -89,8 +89,18 @@ struct io_loop {
 	 * whose poll caught the event, and the time spent polling. */
 	uint64_t poll_waits, poll_polled, poll_caught, poll_spent_ns;
 	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
-	unsigned submit_batch;            /* submit once this many SQEs wait (0 = per iteration) */
-	io_fault_fn fault_fn;             /* io_loop_set_fault_hook() */
+	/* Hybrid polling (io_loop_set_poll_hybrid): hyb_pct % of hyb_mean_ns,
+	 * the learnt wait for a file completion, is slept before polling a
+	 * wait begun with file I/O in flight (finflight: file SQEs whose CQE
+	 * is not reaped). For the exit line: sleeps, those a CQE ended, time
+	 * slept. hyb_ok: the kernel takes a wait's timeout (EXT_ARG). */
+	unsigned hyb_pct;
+	bool hyb_ok;
+	unsigned finflight;
+	uint64_t hyb_mean_ns;
+	uint64_t hyb_sleeps, hyb_woken, hyb_woken_file, hyb_slept_ns;
+	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
+	io_fault_fn fault_fn;  /* io_loop_set_fault_hook() */
 	void *fault_opaque;
 	void *bfree[IO_BOUNCE_CLASSES];
 	unsigned bfree_n[IO_BOUNCE_CLASSES];
@@ -167,6 +177,7 @@ int io_loop_init(struct io_loop **loopp, unsigned entries)
 	if (ret < 0)
 		goto err_free;
 	loop->klimit = loop->ring.cq.ring_entries;
+	loop->hyb_ok = loop->ring.features & IORING_FEAT_EXT_ARG;
 	loop->wake_fd = -1;
 	loop->fid = fid_claim(loop);
 	pthread_mutex_init(&loop->rmtx, NULL);
@@ -194,6 +205,15 @@ void io_loop_exit(struct io_loop *loop)
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_OTHER].ns,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_FILE].ns,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_REMOTE].ns);
+	if (loop->hyb_sleeps)
+		vlog(VLOG_DEBUG, "io",
+		     "hybrid polling: %llu sleeps, %llu ended by a CQE (%llu of a file I/O), %llu "
+		     "us "
+		     "slept; file wait learnt %llu ns",
+		     (unsigned long long)loop->hyb_sleeps, (unsigned long long)loop->hyb_woken,
+		     (unsigned long long)loop->hyb_woken_file,
+		     (unsigned long long)(loop->hyb_slept_ns / 1000),
+		     (unsigned long long)loop->hyb_mean_ns);
 	for (unsigned i = 0; i < IO_FIXED_FILES; i++) {
 		struct io_file *f = __atomic_load_n(&loop->files[i], __ATOMIC_ACQUIRE);
 
@@ -291,6 +311,54 @@ void io_poll_window_update(struct io_poll_window *w, uint64_t waited, uint64_t m
 	}
 	if (w->skip && --w->skip == 0)
 		w->ns = max;
+}
+
+int io_loop_set_poll_hybrid(struct io_loop *loop, unsigned pct)
+{
+	if (pct > IO_POLL_HYBRID_PCT_MAX)
+		return -EINVAL;
+	if (pct && !loop->hyb_ok)
+		return -EOPNOTSUPP;
+	loop->hyb_pct = pct;
+	return 0;
+}
+
+void io_poll_hybrid_learn(uint64_t *mean, uint64_t waited)
+{
+	/* A moving mean over ~8 waits: quick to follow the disk, not thrown
+	 * by one slow read. */
+	if (!*mean)
+		*mean = waited;
+	else if (waited >= *mean)
+		*mean += (waited - *mean) / 8;
+	else
+		*mean -= (*mean - waited) / 8;
+}
+
+uint64_t io_poll_hybrid_sleep(uint64_t mean, unsigned pct, uint64_t window)
+{
+	uint64_t s = mean * pct / 100;
+
+	/* Shorter than a wake-up, a sleep costs more CPU than it spares; one
+	 * that outlasts the window would be a plain sleep with a timer. */
+	if (s < IO_POLL_HYBRID_MIN_NS || s >= window)
+		return 0;
+	return s;
+}
+
+uint64_t io_loop_poll_hybrid_mean(const struct io_loop *loop)
+{
+	return loop->hyb_mean_ns;
+}
+
+uint64_t io_loop_poll_hybrid_sleeps(const struct io_loop *loop)
+{
+	return loop->hyb_sleeps;
+}
+
+uint64_t io_loop_poll_hybrid_woken(const struct io_loop *loop)
+{
+	return loop->hyb_woken;
 }
 
 void io_poll_group_init(struct io_poll_group *g, unsigned max)
@@ -654,6 +722,13 @@ static void prep_rw(struct io_uring_sqe *sqe, struct io_cmd *cmd)
 	sqe_set_file(sqe, cmd);
 }
 
+/* Reads, writes, fdatasync, fallocate: what hybrid polling learns the wait of. */
+static bool is_file_op(uint8_t op)
+{
+	return op == IO_OP_READV || op == IO_OP_WRITEV || op == IO_OP_FDATASYNC ||
+	       op == IO_OP_FALLOCATE;
+}
+
 /* Prepare an SQE for @cmd. false if there is no room now (SQ or CQ budget). */
 static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 {
@@ -698,6 +773,7 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	io_uring_sqe_set_data(sqe, cmd);
 	cmd->state = CMD_KERNEL;
 	loop->kinflight++;
+	loop->finflight += is_file_op(cmd->op);
 	/* Errors (e.g. -EBUSY) leave the SQEs queued for the iteration's submit. */
 	if (loop->submit_batch && io_uring_sq_ready(&loop->ring) >= loop->submit_batch)
 		io_uring_submit(&loop->ring);
@@ -1212,6 +1288,7 @@ static void rw_complete(struct io_loop *loop, struct io_cmd *cmd, int res)
 
 static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned cflags)
 {
+	loop->finflight -= is_file_op(cmd->op); /* one CQE per file SQE */
 	if (cmd->flags & CMD_F_TRANSIENT) {
 		/* The NOP of a fault-hook -EAGAIN/-EINTR: take it as that result. */
 		cmd->flags &= (uint8_t)~CMD_F_TRANSIENT;
@@ -1418,6 +1495,47 @@ static int busy_poll(struct io_loop *loop, uint64_t deadline)
 }
 
 /*
+ * Hybrid polling: with file I/O in flight, sleep the first part of the wait
+ * its completion is expected after (io_poll_hybrid_sleep), then let the
+ * caller poll the rest of the window. The sleep is io_uring_enter's own
+ * timed wait (an hrtimer, no timer slack): a CQE still ends it at once.
+ * Hooks do not run meanwhile; a guest's kick is a CQE. 1 if a CQE came
+ * during it, else 0; @slept: the time asleep.
+ */
+static int hybrid_sleep(struct io_loop *loop, uint64_t start, uint64_t w, uint64_t *slept)
+{
+	uint64_t s = io_poll_hybrid_sleep(loop->hyb_mean_ns, loop->hyb_pct, w);
+	struct __kernel_timespec ts;
+	struct io_uring_cqe *cqe;
+
+	if (!s)
+		return 0;
+	/* A CQE already owed (task work: a kick's poll, typically, whose
+	 * request the hooks already found) would end the sleep at once, and
+	 * the wait with it: take it first. */
+	if (taskrun_pending(loop))
+		io_uring_get_events(&loop->ring);
+	if (io_uring_cq_ready(&loop->ring))
+		return 1;
+	ts.tv_sec = 0;
+	ts.tv_nsec = (long long)s;
+	loop->hyb_sleeps++;
+	/* -ETIME (the usual end), -EINTR: either way, look at the CQ. */
+	(void)io_uring_submit_and_wait_timeout(&loop->ring, &cqe, 1, &ts, NULL);
+	*slept = now_ns() - start;
+	loop->hyb_slept_ns += *slept;
+	if (taskrun_pending(loop))
+		io_uring_get_events(&loop->ring);
+	if (io_uring_peek_cqe(&loop->ring, &cqe) != 0 || !cqe)
+		return 0;
+	loop->hyb_woken++;
+	if (io_uring_cqe_get_data(cqe) &&
+	    is_file_op(((struct io_cmd *)io_uring_cqe_get_data(cqe))->op))
+		loop->hyb_woken_file++;
+	return 1;
+}
+
+/*
  * Busy-poll only while it pays, judged by the waits themselves: the window
  * of this wait is the one learnt after the kind of event that ended the
  * previous wait (a guest's request found by a hook, a file I/O completion,
@@ -1429,8 +1547,8 @@ static int busy_poll(struct io_loop *loop, uint64_t deadline)
  */
 static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
 {
-	uint64_t w = io_loop_poll_window(loop, loop->poll_kind);
-	int found;
+	uint64_t w = io_loop_poll_window(loop, loop->poll_kind), slept = 0;
+	int found = 0;
 
 	*adapt = true;
 	if (!w)
@@ -1440,12 +1558,15 @@ static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
 		*adapt = false;
 		return false;
 	}
-	found = busy_poll(loop, start + w);
+	if (loop->hyb_pct && loop->finflight)
+		found = hybrid_sleep(loop, start, w, &slept);
+	if (!found)
+		found = busy_poll(loop, start + w);
 	if (loop->poll_group)
 		io_poll_group_leave(loop->poll_group);
 	loop->poll_polled++;
 	loop->poll_caught += found != 0;
-	loop->poll_spent_ns += now_ns() - start;
+	loop->poll_spent_ns += now_ns() - start - slept;
 	if (found == 2) {
 		loop->poll_await = false;
 		loop->poll_kind = IO_POLL_AFTER_OTHER;
@@ -1465,8 +1586,8 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 {
 	struct io_loop *prev = cur_loop;
 	enum io_poll_kind kind = IO_POLL_AFTER_OTHER;
-	uint64_t start = 0, max = 0;
-	bool block, adapt = false;
+	uint64_t start = 0, max = 0, waited = 0;
+	bool block, adapt = false, timed, hyb = false;
 	int ret, n;
 
 	if (loop->running)
@@ -1484,11 +1605,14 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 		start = now_ns();
 		loop->poll_waits++;
 		loop->poll_await = true;
+		hyb = loop->hyb_pct && loop->finflight;
 		block = !poll_adaptive(loop, start, &adapt);
 	}
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
-	if (adapt)
-		io_poll_window_update(&loop->poll_win[kind], now_ns() - start, max);
+	if (adapt) {
+		waited = now_ns() - start;
+		io_poll_window_update(&loop->poll_win[kind], waited, max);
+	}
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME) {
 		loop->poll_await = false;
 		loop->running = false;
@@ -1497,7 +1621,14 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	}
 	if (!block && taskrun_pending(loop))
 		io_uring_get_events(&loop->ring);
+	timed = loop->poll_await;
 	n = reap(loop);
+	/* Hybrid polling learns how long a wait begun with file I/O in flight
+	 * lasts when a file completion ends it (within the bound: a later one
+	 * is not worth polling for anyway). */
+	if (hyb && adapt && timed && !loop->poll_await && loop->poll_kind == IO_POLL_AFTER_FILE &&
+	    waited <= max)
+		io_poll_hybrid_learn(&loop->hyb_mean_ns, waited);
 	loop->poll_await = false; /* ended by no CQE (a signal): the kind stays */
 	n += run_local(loop);
 	run_defers(loop);

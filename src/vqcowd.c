@@ -115,7 +115,8 @@ struct options {
 	bool no_l2_prefetch;
 	bool no_cluster_fill;
 	bool fixed_buffers;
-	bool poll_spare; /* --poll-spare-cpus */
+	bool poll_spare;      /* --poll-spare-cpus */
+	unsigned poll_hybrid; /* --poll-hybrid PCT, 0 = off */
 	bool no_fixed_files;
 	bool no_seccomp;
 	const char *user;
@@ -161,6 +162,9 @@ static void usage(FILE *f)
 	    "                              most NS ns (default 50000; 0 = off)\n"
 	    "  --poll-spare-cpus           I/O threads busy-poll only on the CPUs they leave\n"
 	    "                              spare (of the daemon's affinity mask)\n"
+	    "  --poll-hybrid PCT           with a file I/O in flight, sleep PCT % of the\n"
+	    "                              learnt wait for its completion before polling\n"
+	    "                              (0..90, default 0 = off)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	    "                              0 = once per loop iteration)\n"
 	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
@@ -303,6 +307,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_CES,
 		OPT_POLL,
 		OPT_POLL_SPARE,
+		OPT_POLL_HYBRID,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
 		OPT_NOFILL,
@@ -337,6 +342,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"cache-entry-size", required_argument, NULL, OPT_CES},
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
+	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
@@ -473,6 +479,11 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_POLL_SPARE:
 			o->poll_spare = true;
+			break;
+		case OPT_POLL_HYBRID:
+			if (parse_u64(optarg, &v, false) < 0 || v > IO_POLL_HYBRID_PCT_MAX)
+				return bad_value("poll-hybrid", optarg, "expected 0..90");
+			o->poll_hybrid = (unsigned)v;
 			break;
 		case OPT_NOFIXFILE:
 			o->no_fixed_files = true;
@@ -1225,6 +1236,7 @@ static int threads_init(struct daemon *d)
 		/* Threads that only inflate (qcow2) never busy-poll: they
 		 * would take the CPU the main thread needs. */
 		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
+		(void)io_loop_set_poll_hybrid(t->loop, d->o->poll_hybrid); /* checked on main's */
 		if (d->o->poll_spare && d->poll_group.max < d->nserve)
 			io_loop_set_poll_group(t->loop, &d->poll_group);
 		io_loop_set_submit_batch(t->loop, (unsigned)d->o->submit_batch);
@@ -2003,6 +2015,9 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	io_loop_set_poll_ns(d.loop, o.poll_ns);
+	if (io_loop_set_poll_hybrid(d.loop, o.poll_hybrid) < 0)
+		log_warn("--poll-hybrid: this kernel's io_uring waits take no timeout; polling as "
+			 "without it");
 	io_loop_set_submit_batch(d.loop, (unsigned)o.submit_batch);
 	io_loop_set_fixed_files(d.loop, !o.no_fixed_files);
 

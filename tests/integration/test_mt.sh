@@ -261,6 +261,14 @@ else
 	echo "SKIP: busy polling by CPU placement (no taskset or one thread)"
 fi
 
+# --poll-hybrid (hybrid polling: a wait with file I/O in flight sleeps part of
+# the learnt wait before polling): the threads serve the stress correctly
+# (vqfe-stress verifies every block, compare() the file); its debug line says
+# how often they slept (how often depends on the disk: not asserted).
+cp "$dir/base.raw" "$dir/img.raw"
+RUN_VQ_ARGS="--poll-hybrid 90 --log-level debug" RUN_ROUNDS=2 run "raw, hybrid polling" "$dir/img.raw" raw "$dir/base.raw" 20
+grep -a -o 'hybrid polling: [0-9]* sleeps' "$log" | head -4
+
 # The main thread serves queues too (queue i on thread i mod N, thread 0 the
 # main thread, which owns the qcow2 engine): a device that uses one queue on a
 # daemon with I/O threads runs as with --io-threads 1 (its requests take the

@@ -134,6 +134,7 @@ static void test_bad_options(void)
 	const char *a14[] = {"--socket-path", s, "--blk-file", i, "stray", NULL};
 	const char *a15[] = {"--fd", "999", "--blk-file", i, NULL};
 	const char *a16[] = {"--socket-path", s, "--blk-file", i, "--num-queues", NULL};
+	const char *a17[] = {"--socket-path", s, "--blk-file", i, "--poll-hybrid", "91", NULL};
 
 	expect_error(a1, "--socket-path");
 	expect_error(a2, "--blk-file");
@@ -151,6 +152,7 @@ static void test_bad_options(void)
 	expect_error(a14, "stray");
 	expect_error(a15, "fd");
 	expect_error(a16, "num-queues");
+	expect_error(a17, "poll-hybrid");
 }
 
 struct daemon_proc {

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <time.h>
@@ -1405,6 +1406,161 @@ static void test_poll_adaptive(void)
 	io_loop_exit(e.loop);
 }
 
+/* Hybrid polling's rules alone: the sleep is a share of the learnt wait,
+ * none under the floor or past the window; the mean moves by an eighth. */
+static void test_poll_hybrid_rules(void)
+{
+	uint64_t m = 0;
+
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(40000, 50, 50000), 20000);
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(40000, 0, 50000), 0);  /* off */
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(0, 50, 50000), 0);     /* nothing learnt */
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(12000, 50, 50000), 0); /* 6 us: under the floor */
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(16000, 50, 50000), IO_POLL_HYBRID_MIN_NS);
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(40000, 50, 20000), 0); /* outlasts the window */
+	CU_ASSERT_EQUAL(io_poll_hybrid_sleep(40000, 90, 50000), 36000);
+	io_poll_hybrid_learn(&m, 40000); /* the first wait sets it */
+	CU_ASSERT_EQUAL(m, 40000);
+	io_poll_hybrid_learn(&m, 48000);
+	CU_ASSERT_EQUAL(m, 41000);
+	io_poll_hybrid_learn(&m, 33000);
+	CU_ASSERT_EQUAL(m, 40000);
+	for (int i = 0; i < 100; i++)
+		io_poll_hybrid_learn(&m, 20000);
+	CU_ASSERT(m >= 20000 && m < 20100); /* follows a faster disk */
+}
+
+/*
+ * Hybrid polling on a loop: a "file" read (a pipe that another thread
+ * writes to after HY_DELAY) is awaited with polling on. The first wait has
+ * nothing learnt and polls; once learnt, each wait with the read in flight
+ * sleeps half of it first (the hook, run only while polling, runs far less),
+ * and a write that comes during the sleep ends it at once. Off (0), never a
+ * sleep. Waits without file I/O in flight (a timer) never sleep.
+ */
+#define HY_BOUND 40000000ull /* 40 ms */
+#define HY_DELAY 8000000ull  /* 8 ms */
+
+struct hy_writer {
+	int fd;
+	uint64_t delay_ns;
+	int rounds;
+};
+
+static void *hy_writer_main(void *arg)
+{
+	struct hy_writer *w = arg;
+
+	for (int i = 0; i < w->rounds; i++) {
+		struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)w->delay_ns};
+		char c = 'x';
+
+		nanosleep(&ts, NULL);
+		if (write(w->fd, &c, 1) != 1)
+			break;
+		/* Wait until the loop read it: each round times one read. */
+		ts.tv_nsec = 200000;
+		for (int j = 0; j < 10000; j++) {
+			int n = 0;
+
+			if (ioctl(w->fd, FIONREAD, &n) == 0 && n == 0)
+				break;
+			nanosleep(&ts, NULL);
+		}
+	}
+	return NULL;
+}
+
+/* Read one byte from @f per round, @rounds times, the writer waiting @delay before each. */
+static void hy_reads(struct io_loop *loop, struct io_file *f, int wfd, uint64_t delay, int rounds,
+		     int *hook_runs)
+{
+	struct hy_writer w = {.fd = wfd, .delay_ns = delay, .rounds = rounds};
+	pthread_t tid;
+	char c;
+
+	*hook_runs = 0;
+	CU_ASSERT_EQUAL_FATAL(pthread_create(&tid, NULL, hy_writer_main, &w), 0);
+	for (int i = 0; i < rounds; i++) {
+		struct tcmd t;
+
+		g_poll_hook_runs = 0;
+		tinit(&t);
+		c = 0;
+		io_read(loop, &t.cmd, f, &c, 1, 0);
+		run_until(loop, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 1);
+		CU_ASSERT_EQUAL(c, 'x');
+		*hook_runs += g_poll_hook_runs;
+	}
+	pthread_join(tid, NULL);
+}
+
+static void test_poll_hybrid(void)
+{
+	struct io_loop *loop;
+	struct io_defer d = {.fn = poll_hook};
+	struct io_file f;
+	int p[2], polled_runs, hyb_runs;
+	uint64_t mean, sleeps;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	CU_ASSERT_EQUAL_FATAL(pipe(p), 0);
+	/* io_file_from_fd takes regular files and devices only: by hand. */
+	memset(&f, 0, sizeof(f));
+	f.fd = p[0];
+	f.bfd = -1;
+	f.align = 1;
+	g_poll_submit = false;
+	io_loop_set_poll_ns(loop, HY_BOUND);
+	io_defer_add(loop, &d);
+	CU_ASSERT_EQUAL(io_loop_set_poll_hybrid(loop, IO_POLL_HYBRID_PCT_MAX + 1), -EINVAL);
+	/* Off: every wait polls (the hook runs thousands of times), nothing is
+	 * learnt, nothing slept. */
+	hy_reads(loop, &f, p[1], HY_DELAY, 2, &polled_runs);
+	CU_ASSERT(polled_runs > 200);
+	CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), 0);
+	CU_ASSERT_EQUAL(io_loop_poll_hybrid_mean(loop), 0);
+	/* On: the first wait learns (no sleep yet), the next ones sleep. */
+	if (io_loop_set_poll_hybrid(loop, 50) == -EOPNOTSUPP) {
+		printf("  (skipped: io_uring_enter takes no timeout here)\n");
+		goto out;
+	}
+	hy_reads(loop, &f, p[1], HY_DELAY, 1, &hyb_runs);
+	CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), 0);
+	mean = io_loop_poll_hybrid_mean(loop);
+	CU_ASSERT(mean >= HY_DELAY / 2 && mean <= HY_BOUND);
+	hy_reads(loop, &f, p[1], HY_DELAY, 4, &hyb_runs);
+	sleeps = io_loop_poll_hybrid_sleeps(loop);
+	CU_ASSERT(sleeps >= 4);
+	/* Half of each wait slept: the hook ran for half the time at most
+	 * (generous: a loaded machine polls unevenly). */
+	CU_ASSERT(hyb_runs < polled_runs * 4 / 2 * 3 / 4);
+	mean = io_loop_poll_hybrid_mean(loop);
+	CU_ASSERT(mean >= HY_DELAY / 2 && mean <= HY_BOUND);
+	/* The disk gets faster: a completion during the sleep ends it (a
+	 * woken sleep), the mean follows. */
+	hy_reads(loop, &f, p[1], HY_DELAY / 8, 6, &hyb_runs);
+	CU_ASSERT(io_loop_poll_hybrid_sleeps(loop) > sleeps);
+	CU_ASSERT(io_loop_poll_hybrid_woken(loop) >= 1);
+	CU_ASSERT(io_loop_poll_hybrid_mean(loop) < mean);
+	/* No file I/O in flight (a timer): no sleep, the wait polls. */
+	sleeps = io_loop_poll_hybrid_sleeps(loop);
+	CU_ASSERT(timed_wait(loop, PA_SHORT) > 100);
+	CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), sleeps);
+	/* Off again: no more sleeps. */
+	CU_ASSERT_EQUAL(io_loop_set_poll_hybrid(loop, 0), 0);
+	hy_reads(loop, &f, p[1], HY_DELAY, 2, &hyb_runs);
+	CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), sleeps);
+out:
+	io_defer_del(loop, &d);
+	io_loop_set_poll_ns(loop, 0);
+	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
+	io_file_close(&f);
+	close(p[1]);
+	io_loop_exit(loop);
+}
+
 /*
  * A hook run by the poll that finds work and pauses polling (vqcowd's: more
  * than 4 requests in flight sets the bound to 0) ends that wait early, inside
@@ -2168,6 +2324,8 @@ int main(void)
 	CU_add_test(s, "busy polling window rule", test_poll_window);
 	CU_add_test(s, "busy polling paused by a hook keeps the window", test_poll_paused_by_hook);
 	CU_add_test(s, "busy polling adapts per kind", test_poll_adaptive);
+	CU_add_test(s, "hybrid polling rules", test_poll_hybrid_rules);
+	CU_add_test(s, "hybrid polling", test_poll_hybrid);
 	CU_add_test(s, "early submission", test_submit_batch);
 	CU_add_test(s, "registered files", test_fixed_files);
 	CU_add_test(s, "registered files, several loops", test_fixed_files_loops);
