@@ -331,6 +331,9 @@ uint64_t img_test_zread_failed(void);
 /* Test seam (vqcowd's VQCOWD_TEST_LINK_DELAY): qcow2_test_link_delay(). */
 void img_test_link_delay(unsigned ms);
 
+/* Test seam (vqcowd's VQCOWD_TEST_SC_LINK): qcow2_test_sc_link(). */
+void img_test_sc_link(bool on);
+
 /* Test seam (vqcowd's VQCOWD_TEST_WB_HOLD): qcow2_test_wb_hold(). */
 void img_test_wb_hold(unsigned ms);
 /* Test seam (vqcowd's VQCOWD_TEST_SYNC_DELAY): qcow2_test_sync_delay(). */

@@ -346,6 +346,11 @@ void img_test_link_delay(unsigned ms)
 	qcow2_test_link_delay(ms);
 }
 
+void img_test_sc_link(bool on)
+{
+	qcow2_test_sc_link(on);
+}
+
 void img_test_wb_hold(unsigned ms)
 {
 	qcow2_test_wb_hold(ms);

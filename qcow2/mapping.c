@@ -670,6 +670,14 @@ static uint32_t sc_mask(unsigned first, unsigned last)
 
 /* ---- early link (extended L2, no backing file) ---- */
 
+/* Test seam: qcow2_test_sc_link(). */
+static bool test_sc_link;
+
+void qcow2_test_sc_link(bool on)
+{
+	__atomic_store_n(&test_sc_link, on, __ATOMIC_RELAXED);
+}
+
 #define ZK_BITS 15
 
 static struct q2_zk *zk_slot(const struct qcow2 *q, uint64_t host)
@@ -1015,6 +1023,19 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	struct q2_slice *s = a->l2_slice;
 	uint64_t host0 = (a->host - (a->off & (q->cs - 1))) & ~(q->cs - 1);
 	uint32_t idx0 = (uint32_t)(a->first_cluster & ((1ull << q->sl2_bits) - 1));
+	/*
+	 * Extended L2, new clusters written whole by the caller (a->rest_zero:
+	 * zeroes outside [cow_start, cow_end), in the same write as the data),
+	 * no backing file, no external data file: every subcluster is linked as
+	 * allocated, not only those written. The others read zeroes either way
+	 * (unallocated: no backing; allocated: the zeroes just written, durable
+	 * before this entry as the data is), and later writes into them are
+	 * plain in-place writes with no metadata to persist. With a backing
+	 * file the bits stay per subcluster (the others read the backing file).
+	 */
+	bool whole = a->kind == TK_NEW_SC && a->rest_zero && a->new_host && !q->ext_data &&
+		     q->backing_size == UINT64_MAX &&
+		     !__atomic_load_n(&test_sc_link, __ATOMIC_RELAXED);
 
 	if (res >= 0 && !a->early)
 		q->meta_gen++; /* L2 entries linked: see qcow2_link() */
@@ -1052,7 +1073,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 					q2_dec_range(q, e & QCOW2_L2E_OFFSET_MASK, q->cs);
 			}
 			ne = hc | QCOW2_OFLAG_COPIED;
-			if (a->kind == TK_NEW_FULL)
+			if (a->kind == TK_NEW_FULL || (a->kind == TK_NEW_SC && whole))
 				nbm = SC_ALL;
 			else if (a->kind == TK_NEW_SC)
 				nbm = (bm | m) & ~((uint64_t)m << 32);
@@ -1068,7 +1089,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		}
 		q2_l2_set(s, idx0 + i, ne, nbm, q->extl2);
 		if (a->kind == TK_NEW_SC)
-			zk_set(q, hc, (a->fresh || a->rest_zero) ? ~m : 0);
+			zk_set(q, hc, !whole && (a->fresh || a->rest_zero) ? ~m : 0);
 	}
 	q2_slice_dirty_range(s, idx0 * q->l2e_size, a->nclusters * q->l2e_size);
 	a->link_gen = q->meta_gen;

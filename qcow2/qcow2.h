@@ -462,6 +462,15 @@ int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2
 void qcow2_test_link_delay(unsigned ms);
 
 /*
+ * Test seam (img_test_sc_link): extended-L2 clusters written whole by their
+ * first write are linked subcluster by subcluster, as with a backing file,
+ * so that later writes into them take the early link (mapping.c) as
+ * clusters of fresh space do with --no-cluster-fill. false (the default):
+ * linked whole.
+ */
+void qcow2_test_sc_link(bool on);
+
+/*
  * Test seam (img_test_wb_hold): a write-back batch that is not a side batch
  * (writeback.c) holds its L2 writes back @ms milliseconds, so side batches
  * run beside it. 0 (the default): no hold.

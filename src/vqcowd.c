@@ -2068,6 +2068,12 @@ int main(int argc, char **argv)
 		img_test_link_delay((unsigned)strtoul(getenv("VQCOWD_TEST_LINK_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_LINK_DELAY: early-link batches held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_SC_LINK")) {
+		/* a test seam: see img_test_sc_link() */
+		img_test_sc_link(true);
+		log_warn("VQCOWD_TEST_SC_LINK: clusters written whole linked per subcluster "
+			 "(a test seam)");
+	}
 	if (getenv("VQCOWD_TEST_WB_HOLD")) {
 		/* a test seam: see img_test_wb_hold() */
 		img_test_wb_hold((unsigned)strtoul(getenv("VQCOWD_TEST_WB_HOLD"), NULL, 10));

@@ -51,10 +51,15 @@ static bool run_round(unsigned queues, unsigned q, unsigned round)
 	snprintf(nq, sizeof(nq), "%u", queues);
 	setenv("VQCOWD_TEST_LINK_DELAY", "1500", 1);
 	setenv("VQCOWD_TEST_CRASH", "push-done:2", 1);
+	/* clusters written whole are linked whole: per subcluster here, so that
+	 * A links early (as in fresh clusters without the fill, where the race
+	 * is too narrow to show a missing wait reliably) */
+	setenv("VQCOWD_TEST_SC_LINK", "1", 1);
 	START(d, .num_queues = queues,
 	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", nq});
 	unsetenv("VQCOWD_TEST_LINK_DELAY");
 	unsetenv("VQCOWD_TEST_CRASH");
+	unsetenv("VQCOWD_TEST_SC_LINK");
 	itest_fe_opts(&fo);
 	fo.num_queues = queues;
 	fo.inflight = true; /* the crash points are those of inflight tracking */

@@ -53,10 +53,13 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	snprintf(nq, sizeof(nq), "%u", queues);
 	setenv("VQCOWD_TEST_WB_HOLD", "1500", 1);
 	setenv("VQCOWD_TEST_CRASH", "push-done:3", 1);
+	/* per-subcluster links for clusters written whole: A and R link early */
+	setenv("VQCOWD_TEST_SC_LINK", "1", 1);
 	START(d, .num_queues = queues,
 	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", nq});
 	unsetenv("VQCOWD_TEST_WB_HOLD");
 	unsetenv("VQCOWD_TEST_CRASH");
+	unsetenv("VQCOWD_TEST_SC_LINK");
 	itest_fe_opts(&fo);
 	fo.num_queues = queues;
 	fo.inflight = true; /* the crash points are those of inflight tracking */

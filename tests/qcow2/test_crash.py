@@ -10,9 +10,13 @@ After each kill:
     later write to the same sector was issued (then either version is fine)
 
 --kind procdeath-xl2 is procdeath on an extended_l2=on image, with writes of
-whole 2 KiB subclusters into a few clusters, so most of them allocate
-subclusters of a cluster already allocated: the early link (qcow2/mapping.c),
-whose L2 write runs beside the data write. Some requests zero a whole
+whole 2 KiB subclusters into a few clusters. A new cluster's first write
+writes it whole, and vqcowd links it whole (every subcluster allocated):
+later writes into it go in place. In every other pair of rounds the seam
+VQCOWD_TEST_SC_LINK links such clusters per subcluster (with their own set of
+clusters), so that most writes allocate subclusters of a cluster already
+allocated: the early link (qcow2/mapping.c), whose L2 write runs beside the
+data write. Some requests zero a whole
 cluster (write-zeroes, with or without unmap): without unmap it keeps its
 host cluster and old bytes behind cleared allocation bits, which a later
 write into its subclusters must never show (they are not known zeroes).
@@ -168,6 +172,10 @@ def one_round(rnd, img, model, rng, next_id):
     kill_after = rng.randrange(1, 60) if pdeath and rnd % 4 != 3 else None
     # xl2 with the early link's batch held back: kill after the first early write past it
     want_early = xl2 and os.environ.get("VQCOWD_TEST_LINK_DELAY", "0") != "0"
+    # xl2: clusters 0-47 in the rounds whose whole-cluster first writes are
+    # linked per subcluster (VQCOWD_TEST_SC_LINK: later writes link early),
+    # 48-95 in the others (linked whole: later writes go in place)
+    cbase = 0 if os.environ.get("VQCOWD_TEST_SC_LINK") else 48
     killed = threading.Event()
 
     def killer():
@@ -194,7 +202,7 @@ def one_round(rnd, img, model, rng, next_id):
             kind = rng.random()
             if xl2 and kind < 0.06:
                 # a whole cluster zeroed (acknowledged: reads zeroes after a death)
-                off = rng.randrange(0, 48) * 65536
+                off = (cbase + rng.randrange(0, 48)) * 65536
                 model.write_issued(0, off, 65536)  # id 0: zeroes
                 ops += 1
                 r = fe.write_zeroes(off, 65536, unmap=kind < 0.03)
@@ -210,7 +218,7 @@ def one_round(rnd, img, model, rng, next_id):
             if xl2:
                 # whole subclusters, mostly of clusters written before
                 ln = rng.randrange(1, 5) * 2048 if kind < 0.95 else 65536
-                off = rng.randrange(0, 48) * 65536 + rng.randrange(0, 32) * 2048
+                off = (cbase + rng.randrange(0, 48)) * 65536 + rng.randrange(0, 32) * 2048
                 off = min(off, size - ln)
             elif pdeath:
                 # mostly small writes into clusters nobody wrote yet
@@ -304,8 +312,15 @@ def main():
                 # in every other round the early link's batch starts 100 ms
                 # late: a completion that did not wait for it would be lost
                 os.environ["VQCOWD_TEST_LINK_DELAY"] = "100" if rnd % 2 == 0 else "0"
+                # two rounds of clusters linked per subcluster (the early
+                # link), two of clusters linked whole, and so on
+                if rnd % 4 < 2:
+                    os.environ["VQCOWD_TEST_SC_LINK"] = "1"
+                else:
+                    os.environ.pop("VQCOWD_TEST_SC_LINK", None)
             one_round(rnd, img, model, rng, next_id)
         os.environ.pop("VQCOWD_TEST_LINK_DELAY", None)
+        os.environ.pop("VQCOWD_TEST_SC_LINK", None)
         if pdeath:
             # leaks (clusters a killed vqcowd allocated but never linked) are
             # repaired by vqcow-img; then the image is clean for qemu-img

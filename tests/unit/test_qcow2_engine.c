@@ -752,6 +752,128 @@ static void test_early_link(void)
 }
 
 /*
+ * Map and write a new cluster's first write of @len bytes at guest @off the
+ * way img/img_qcow2.c does with its whole-cluster fill: the cluster written
+ * whole (zeroes around the data, one write) and a->rest_zero set, or, with
+ * !@pad, only [cow_start, cow_end) (the --no-cluster-fill shape). Returns
+ * the qcow2_alloc kind's mapping result (QCOW2_WRITE_ALLOC expected).
+ */
+static int pad_write(struct eng *e, uint64_t off, uint64_t len, uint8_t pat, bool pad)
+{
+	struct qcow2_alloc a;
+	struct waitf wf;
+	uint8_t *b;
+	uint64_t c0;
+	int ret;
+
+	do {
+		wait_init(&wf);
+		ret = qcow2_map_write(e->q, off, len, &a, &wf.w);
+		if (ret == -EAGAIN)
+			wait_woken(&wf);
+	} while (ret == -EAGAIN);
+	if (ret != QCOW2_WRITE_ALLOC)
+		return ret;
+	CU_ASSERT(a.new_host);
+	CU_ASSERT_EQUAL(a.len, len);
+	c0 = a.host - (a.off & 65535);
+	b = calloc(1, 65536);
+	memset(b + (off & 65535), pat, len);
+	if (pad) {
+		ret = do_write_data(e, b, 65536, c0);
+		a.rest_zero = true;
+	} else {
+		ret = do_write_data(e, b + (a.cow_start & 65535), a.cow_end - a.cow_start,
+				    c0 + (a.cow_start & 65535));
+	}
+	free(b);
+	qcow2_alloc_finish(e->q, &a, ret);
+	return ret < 0 ? ret : QCOW2_WRITE_ALLOC;
+}
+
+/* The L2 bitmap of guest cluster @gc (its slice cached by a map before). */
+static uint64_t l2_bitmap(struct eng *e, uint64_t gc)
+{
+	static uint8_t raw[4096] __attribute__((aligned(4096)));
+	uint64_t l2, bm = 0;
+	struct cmdf c;
+
+	CU_ASSERT_EQUAL_FATAL(eng_flush(e), 0);
+	l2 = e->q->l1[0] & QCOW2_L1E_OFFSET_MASK;
+	CU_ASSERT_FATAL(l2 != 0);
+	memset(&c, 0, sizeof(c));
+	c.cmd.done = cmd_done;
+	io_read(g_loop, &c.cmd, &e->file, raw, sizeof(raw), l2); /* the file, not the cache */
+	while (!c.done)
+		run();
+	CU_ASSERT_EQUAL_FATAL(c.res, (int)sizeof(raw));
+	for (int i = 8; i < 16; i++)
+		bm = bm << 8 | raw[gc * 16 + i];
+	return bm;
+}
+
+/*
+ * Extended L2: a new cluster written whole by its first write (the caller's
+ * fill, a->rest_zero) in an image with no backing file is linked with every
+ * subcluster allocated (32 allocation bits, no zero bit), so later writes into
+ * it are in place; the subclusters nobody wrote read zeroes and qemu-img
+ * check is clean. With a backing file, or a first write that did not write
+ * the cluster whole, only the subclusters written are allocated, and the
+ * next write into another subcluster allocates (the backing file's data
+ * stays visible there).
+ */
+static void test_whole_sc(void)
+{
+	static const struct {
+		bool backing, pad;
+		uint64_t bits; /* the L2 bitmap after the first write */
+	} cases[] = {
+	    {false, true, 0xffffffffull},
+	    {false, false, 0x3ull << 4},
+	    {true, true, 0x3ull << 4},
+	};
+
+	for (unsigned k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+		uint8_t *buf = malloc(65536), want[65536];
+		struct qcow2_alloc a;
+		struct waitf wf;
+		struct eng e;
+		int ret;
+
+		eng_create(&e, "cluster_size=65536,extended_l2=on", 16ull << 20, NULL);
+		if (cases[k].backing)
+			qcow2_set_backing_size(e.q, 16ull << 20);
+		CU_ASSERT_EQUAL(pad_write(&e, 3 * 65536 + 8192, 4096, 0xa5, cases[k].pad),
+				QCOW2_WRITE_ALLOC);
+		CU_ASSERT_EQUAL(l2_bitmap(&e, 3), cases[k].bits);
+		/* the next write into another subcluster of that cluster */
+		wait_init(&wf);
+		do {
+			ret = qcow2_map_write(e.q, 3 * 65536 + 40960, 4096, &a, &wf.w);
+			if (ret == -EAGAIN)
+				wait_woken(&wf);
+		} while (ret == -EAGAIN);
+		CU_ASSERT_EQUAL(ret, cases[k].bits == 0xffffffffull ? QCOW2_WRITE_INPLACE
+								    : QCOW2_WRITE_ALLOC);
+		if (ret == QCOW2_WRITE_ALLOC)
+			qcow2_alloc_finish(e.q, &a, -EIO); /* not written: left as it was */
+		if (!cases[k].backing) {
+			memset(want, 0, sizeof(want));
+			memset(want + 8192, 0xa5, 4096);
+			CU_ASSERT_EQUAL(eng_read(&e, 3 * 65536, 65536, buf), 0);
+			CU_ASSERT(memcmp(buf, want, sizeof(want)) == 0);
+		}
+		eng_close(&e);
+		if (!cases[k].backing) {
+			CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+		} else {
+			fake_file_drop(e.id);
+		}
+		free(buf);
+	}
+}
+
+/*
  * Every crash image of the record (every write and fdatasync, three subsets
  * of the unsynced writes each) is consistent, and qemu-img check finds at
  * most leaks in it.
@@ -2627,6 +2749,8 @@ int main(void)
 	CU_add_test(suite, "durability order, extended L2", test_order_extl2);
 	CU_add_test(suite, "durability order, gaps bridged", test_order_bridged);
 	CU_add_test(suite, "early link: extended L2 subclusters", test_early_link);
+	CU_add_test(suite, "extended L2: a cluster written whole is allocated whole",
+		    test_whole_sc);
 	CU_add_test(suite, "write-back: gaps bridged with clean slices", test_bridge_shapes);
 	CU_add_test(suite, "write-back: only the dirty span of a slice", test_dirty_spans);
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
