@@ -21,7 +21,10 @@ qemu-img as the oracle.
   * the same conversation (errors, return shapes) against
     qemu-storage-daemon on a qcow2 (skipped visibly without it);
   * under load: snapshots taken and deleted while vqcow-fe writes at random
-    (no request fails, requests held under 2 s per snapshot), with one thread
+    (no request fails; as vqcowd reports each hold: the drain's end noticed
+    within 1 s; the hold, less the time vqcowd's main thread waited for a
+    CPU, within 1 s plus 10 syncs of a probe's 90th percentile meanwhile),
+    with one thread
     and with two I/O threads, then check clean and every snapshot readable;
   * kill -9 during snapshot create / delete under load, many times at random
     moments: qemu-img check finds no refcount too low (only leaks, and
@@ -42,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qsd_popen, run_ctl,
@@ -419,6 +423,59 @@ def bench(fe_bin, vsock, seconds, offset=0, jobs=1):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+class SyncProbe:
+    """What a sync costs on this machine right now: 4 KiB written and
+    fdatasync'ed to a file beside the image every 50 ms, timed, in a thread,
+    while the snapshots run (the same file system, the same load)."""
+
+    def __init__(self, work):
+        self.path = os.path.join(work, "sync-probe")
+        self.lat, self.stop = [], threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        buf, i = b"s" * 4096, 0
+        try:
+            while not self.stop.is_set():
+                t = time.monotonic()
+                os.pwrite(fd, buf, (i % 256) * 4096)
+                os.fdatasync(fd)
+                self.lat.append(time.monotonic() - t)
+                i += 1
+                self.stop.wait(0.05)
+        finally:
+            os.close(fd)
+            os.unlink(self.path)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join(30)
+
+
+def cpu_wait(pid):
+    """How long thread @pid has waited for a CPU so far, in s: the time it was
+    runnable and not running (/proc/PID/schedstat, second field)."""
+    with open("/proc/%d/schedstat" % pid) as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+# Beyond the time it waited for a CPU, a hold may take HOLD_BASE seconds plus
+# HOLD_SYNCS times the probe's 90th percentile sync (see test_load).
+HOLD_BASE, HOLD_SYNCS = 1.0, 10
+
+
+def holds_of(log_text):
+    """The holds vqcowd reports (hold_report): (held, drain, noticed, operation) in s."""
+    return [tuple(float(x) / 1000 for x in m.groups()) for m in re.finditer(
+        r"requests held ([0-9.]+) ms: drained in ([0-9.]+) ms, noticed ([0-9.]+) ms after "
+        r"the last request ended; the operation ([0-9.]+) ms", log_text)]
+
+
 def test_load(vqcowd, fe_bin, work, threads=0):
     img = os.path.join(work, "load.qcow2")
     qimg("create", "-q", "-f", "qcow2", img, "64M")
@@ -427,36 +484,59 @@ def test_load(vqcowd, fe_bin, work, threads=0):
         fe(fe_bin, "write", d.vsock, 40 * MiB, MiB, stdin=b"P" * MiB)
         b = bench(fe_bin, d.vsock, 4, jobs=max(threads, 1))
         time.sleep(0.5)
-        lat = []
-        for i in range(6):
-            t = time.monotonic()
-            q.ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "l%d" % i})
-            lat.append(time.monotonic() - t)
-            if i % 2:
-                q.ret("blockdev-snapshot-delete-internal-sync",
-                      {"device": "disk0", "name": "l%d" % (i - 1)})
-            time.sleep(0.2)
+        lat, waits = [], []
+
+        def held(cmd, args):
+            # vqcowd's main thread runs the operation: its CPU wait meanwhile
+            w = cpu_wait(d.p.pid)
+            q.ret(cmd, args)
+            waits.append(cpu_wait(d.p.pid) - w)
+
+        with SyncProbe(work) as probe:
+            for i in range(6):
+                t = time.monotonic()
+                held("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "l%d" % i})
+                lat.append(time.monotonic() - t)
+                if i % 2:
+                    held("blockdev-snapshot-delete-internal-sync",
+                         {"device": "disk0", "name": "l%d" % (i - 1)})
+                time.sleep(0.2)
         out, err = b.communicate(timeout=60)
         check(b.returncode == 0, "bench under snapshots: rc %d\n%s%s" % (b.returncode, out, err))
         m = re.search(r"^total .* max ([0-9.]+) \(", out, re.M)
         check(m and float(m.group(1)) < 10e6, "a request waited over 10 s: %s" % out)
-        # How long requests were held back for each snapshot: from the hold to
-        # the end of the operation (a main loop that sleeps through the
-        # drain once held a snapshot for 4.5 s).
-        holds, t0 = [], None
-        for ln in d.log().splitlines():
-            ts = ln[11:23]
-            if "holding requests back" in ln:
-                t0 = ts
-            elif t0 and re.search(r"internal snapshot '.*' \(id .*\) (created|deleted)", ln):
-                h0, h1 = (int(x[:2]) * 3600 + int(x[3:5]) * 60 + float(x[6:]) for x in (t0, ts))
-                holds.append(h1 - h0)
-                t0 = None
-        check(len(holds) == 9 and max(holds) < 2, "holds %r" % holds)
+        # How long requests were held back for each operation, as vqcowd
+        # reports it (hold_report), in parts. A main loop that sleeps through
+        # the drain once held a snapshot for 4.5 s: the requests' end must be
+        # noticed at once (a scheduling delay: 24 ms at most seen at load 17).
+        # The whole hold is 25-80 ms on a quiet machine and was 2-3 s at load
+        # 15 (which failed a fixed 2 s bound), mostly waiting for a CPU
+        # (at load 13-17: 0.18-0.48 s held, 17-119 ms of it not waiting for
+        # a CPU). What the machine's load adds is taken out or allowed for,
+        # each measured in this run: the time vqcowd's main thread (which
+        # runs the operation) waited for a CPU during the command, and
+        # HOLD_SYNCS syncs as slow as the probe's 90th percentile. What is
+        # left must stay under HOLD_BASE + that allowance: 1 s on a quiet
+        # machine (online punching once held requests for 2 s there).
+        holds = holds_of(d.log())
+        syncs = sorted(probe.lat)
+        p90 = syncs[len(syncs) * 9 // 10]
+        bound = HOLD_BASE + HOLD_SYNCS * p90
+        what = "holds (held, drain, noticed, operation) %s; CPU waits %s; probe: %d syncs, " \
+            "median %.1f ms, p90 %.1f ms, max %.1f ms; bound %.2f s" % (
+                ["%.3f/%.3f/%.3f/%.3f" % h for h in holds], ["%.3f" % w for w in waits],
+                len(syncs), syncs[len(syncs) // 2] * 1000, p90 * 1000, syncs[-1] * 1000, bound)
+        log(what)
+        check(len(holds) == 9 and len(waits) == 9, "9 holds reported: " + what)
+        check(max(h[2] for h in holds) < 1, "the drain's end noticed late: " + what)
+        worst = max(h[0] - w for h, w in zip(holds, waits))
+        check(worst < bound, "requests held too long: " + what)
         log("ok: %s: 6 snapshots and 3 deletes under random writes; bench without errors; "
-            "snapshot latency %.1f..%.1f ms; requests held %.0f ms at most; slowest request "
-            "%.0f ms" % ("%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
-                         max(lat) * 1000, max(holds) * 1000, float(m.group(1)) / 1000))
+            "snapshot latency %.1f..%.1f ms; requests held %.0f ms at most, %.0f ms without "
+            "CPU waits (bound %.0f ms); slowest request %.0f ms" % (
+                "%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
+                max(lat) * 1000, max(h[0] for h in holds) * 1000, worst * 1000, bound * 1000,
+                float(m.group(1)) / 1000))
     check_clean(img, "after snapshots under load")
     names = [ln.split()[1] for ln in qimg("snapshot", "-l", img).stdout.splitlines()[2:]]
     check(names == ["l1", "l3", "l5"], "snapshots %r" % names)
