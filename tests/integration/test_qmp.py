@@ -33,6 +33,7 @@ Usage: test_qmp.py VQCOWD VQCOW-FE VQCOWCTL WORKDIR
 
 import json
 import os
+import select
 import shutil
 import socket
 import stat
@@ -42,6 +43,15 @@ import time
 
 from qmplib import (SKIP, Daemon, Fail, Qmp, check, expect_error, fe, fe_capacity, log,
                     run_ctl, run_main, wait_path)
+
+
+def first_line(p, what, timeout=30):
+    """The first line a `vqcowctl stats --watch` @p prints: it is connected
+    and sampling (its header comes with its first interval, so a fixed sleep
+    before acting on it races a loaded machine)."""
+    r, _, _ = select.select([p.stdout], [], [], timeout)
+    check(r, "%s: nothing printed within %d s" % (what, timeout))
+    return p.stdout.readline()
 
 
 def test_protocol(q, path):
@@ -583,9 +593,10 @@ def test_ctl(ctl, fe_bin, d, q, size):
     # Ctrl-C ends a watch cleanly, with status 0, after its lines so far.
     w = subprocess.Popen([ctl, "-s", d.qsock, "stats", "--watch", "1"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    first = first_line(w, "stats --watch")
     w.send_signal(2)
     out, err = w.communicate(timeout=10)
+    out = first + out
     check(w.returncode == 0 and b"r/s" in out and not err, "watch after SIGINT: %d %r %r"
           % (w.returncode, out, err))
     rc, out, err = run_ctl(ctl, "-s", d.qsock, "histogram", "100", "1000000")
@@ -688,7 +699,7 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         q.close()
         w = subprocess.Popen([ctl, "-s", d.qsock, "stats", "--watch", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.5)
+        first_line(w, "stats --watch")
         rc, out, err = run_ctl(ctl, "-s", d.qsock, "quit")
         check(rc == 0, "vqcowctl quit: %d %r" % (rc, err))
         out, err = w.communicate(timeout=10)
