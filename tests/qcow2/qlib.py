@@ -178,6 +178,16 @@ def run(argv, timeout=60, stdin=None, check_rc=None, env=None):
     return r
 
 
+def prompt_limit(binary, base=1.0, factor=3):
+    """How long a command of @binary that must answer at once (a refusal,
+    never a wait) may take here and now: @base seconds plus @factor times
+    what `@binary --version` takes at this moment, its start-up on a loaded
+    machine or under a sanitizer, measured in the same run."""
+    t = time.monotonic()
+    run([binary, "--version"], timeout=60)
+    return base + factor * (time.monotonic() - t)
+
+
 def sanitizer_report(text):
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
