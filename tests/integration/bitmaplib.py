@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 
-from qmplib import Qmp, check, fe, reap, vqcowd_session, wait_path
+from qmplib import Qmp, check, fe, reap, vqcowd_session, wait_path, wait_unlocked  # noqa: F401
 
 QSD = shutil.which("qemu-storage-daemon")
 M = 1 << 20
@@ -36,15 +36,6 @@ def check_clean(img, what, leaks_ok=False):
     ok = r.returncode == 0 or (leaks_ok and r.returncode == 3)
     check(ok, "%s: qemu-img check rc %d:\n%s" % (what, r.returncode,
                                                    r.stdout.decode() + r.stderr.decode()))
-
-
-def wait_unlocked(img):
-    """After a kill -9: the dead daemon's io_uring drops its locks a little
-    later; wait (at most 10 s) until qemu-img opens IMG again."""
-    for _ in range(200):
-        if subprocess.run(["qemu-img", "info", img], capture_output=True).returncode == 0:
-            break
-        time.sleep(0.05)
 
 
 def wait_listening(sock, p):

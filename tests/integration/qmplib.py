@@ -145,6 +145,21 @@ def wait_path(path, proc, timeout=10):
         time.sleep(0.02)
 
 
+def wait_unlocked(img, timeout=10.0):
+    """After a kill -9: the kernel drops the dead daemon's image locks only
+    once it has torn down its io_uring (in-flight I/O first), a little after
+    the process is reaped. Wait until `qemu-img info` opens IMG again; still
+    locked after @timeout s fails the test."""
+    t = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["qemu-img", "info", img], capture_output=True, timeout=60)
+        if r.returncode == 0 or b"lock" not in r.stderr:
+            return
+        if time.monotonic() > t:
+            raise Fail("%s: still locked %.0f s after its daemon died" % (img, timeout))
+        time.sleep(0.02)
+
+
 class Daemon:
     """vqcowd serving IMAGE on WORK/NAME.vsock with QMP on WORK/NAME.qmp.
     unlink_stale: remove sockets left by an earlier run first, so that

@@ -45,7 +45,7 @@ import threading
 import time
 
 from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, fe_capacity, log, qsd_running,
-                    run_main)
+                    run_main, wait_unlocked)
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -68,18 +68,6 @@ def check_clean(path, what):
     j = json.loads(r.stdout) if r.stdout.strip().startswith(b"{") else {}
     check(r.returncode == 0 and not j.get("leaks") and not j.get("corruptions"),
           "%s: qemu-img check: rc %d %s" % (what, r.returncode, r.stdout.decode()))
-
-
-def wait_unlocked(path, timeout=10.0):
-    """After kill -9 the kernel drops the dead daemon's locks only once its
-    io_uring is torn down (in-flight I/O first): wait for that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = subprocess.run([QEMU_IMG, "info", path], capture_output=True, timeout=60)
-        if r.returncode == 0 or b"lock" not in r.stderr:
-            return
-        check(time.monotonic() < deadline, "%s: still locked after its daemon died" % path)
-        time.sleep(0.02)
 
 
 def check_consistent(path, what):
