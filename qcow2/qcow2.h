@@ -485,6 +485,13 @@ void qcow2_test_wb_hold(unsigned ms);
 void qcow2_test_sync_delay(unsigned ms);
 
 /*
+ * Test seam (unit.test_qcow2_engine only): the @nth allocation of an item
+ * while a write-back batch (or side batch) is built from now on fails, as if
+ * out of memory (1 = the next); once. 0 (the default): none.
+ */
+void qcow2_test_wb_nomem(unsigned nth);
+
+/*
  * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before
  * any image opens: the largest gap between two dirty spans of one table a
  * batch bridges (QCOW2_WB_BRIDGE_DEFAULT), and whether it writes

@@ -193,6 +193,8 @@ static void hold_done(struct io_cmd *cmd, int res)
 
 /* Test seam (qcow2_test_sync_delay): every fdatasync starts this late. */
 static unsigned test_sync_delay_ms;
+/* Test seam (qcow2_test_wb_nomem): item_add() calls until one fails (0: none). */
+static unsigned test_nomem_left;
 
 static bool bit_get(const uint8_t *m, uint64_t i)
 {
@@ -262,6 +264,9 @@ static struct wb_item *item_add(struct q2_batch *b, uint8_t kind, uint64_t off, 
 	struct wb_item *it;
 	size_t so;
 
+	if (__builtin_expect(__atomic_load_n(&test_nomem_left, __ATOMIC_RELAXED) != 0, 0) &&
+	    __atomic_sub_fetch(&test_nomem_left, 1, __ATOMIC_RELAXED) == 0)
+		return NULL; /* the test seam: as if out of memory */
 	if (b->nitems == b->cap_items) {
 		size_t ncap = b->cap_items ? b->cap_items * 2 : 64;
 		struct wb_item *ni = realloc(b->items, ncap * sizeof(*ni));
@@ -691,7 +696,7 @@ static void sync_start(struct q2_batch *b)
 	q->n_syncs++;
 	/* The last sync of a batch that wrote something: its links are
 	 * written (what a process death needs), so they go now, not after it. */
-	if (b->nitems && last_phase(b) && !b->side) {
+	if (b->nitems && last_phase(b) && !b->side && !b->incomplete) {
 		l = b->links;
 		b->links = NULL;
 		if (!b->incomplete) {
@@ -921,6 +926,34 @@ static void slice_back(struct wb_item *it)
 	q2_slice_dirty(s);
 }
 
+/*
+ * finish() of a batch short of memory (build: not b->side): what it left
+ * out is still dirty, so its FLUSH and qcow2_link() waiters wait for the
+ * next batch, which starts at once; one that took nothing made no progress
+ * and fails them (-ENOMEM) instead of retrying for ever.
+ */
+static int requeue(struct qcow2 *q, const struct q2_batch *b, struct qcow2_flush **f,
+		   struct qcow2_flush **l)
+{
+	struct qcow2_flush **heads[2] = {&q->flush_next, &q->link_next};
+	struct qcow2_flush **lists[2] = {f, l};
+
+	if (!b->nitems)
+		return -ENOMEM;
+	for (int i = 0; i < 2; i++) {
+		struct qcow2_flush **pp = lists[i];
+
+		if (!*pp)
+			continue;
+		while (*pp)
+			pp = &(*pp)->next;
+		*pp = *heads[i];
+		*heads[i] = *lists[i];
+		*lists[i] = NULL;
+	}
+	return 0;
+}
+
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -1000,6 +1033,8 @@ static void finish(struct q2_batch *b)
 	}
 	b->flushes = NULL;
 	b->links = NULL;
+	if (!err && b->incomplete && !b->side && (f || l))
+		err = requeue(q, b, &f, &l);
 	if (b->side) {
 		q->side = NULL;
 		q->side_spare = b;
@@ -1133,6 +1168,11 @@ void qcow2_test_wb_hold(unsigned ms)
 void qcow2_test_sync_delay(unsigned ms)
 {
 	__atomic_store_n(&test_sync_delay_ms, ms, __ATOMIC_RELAXED);
+}
+
+void qcow2_test_wb_nomem(unsigned nth)
+{
+	__atomic_store_n(&test_nomem_left, nth, __ATOMIC_RELAXED);
 }
 
 static void link_post_done(struct io_cmd *cmd, int res)
