@@ -39,6 +39,9 @@ struct io_loop {
 	unsigned inflight;
 	bool running, stop;
 	struct inj inj[INJ_MAX];
+	struct inj hold[INJ_MAX]; /* fake_hold(): res = the iterations to hold */
+	struct io_defer *defers;  /* registered deferred hooks */
+	bool run_defers;          /* fake_set_defers() */
 };
 
 static struct ffile g_files[FAKE_FILES];
@@ -321,14 +324,48 @@ struct io_loop *io_loop_current(void)
 
 void io_defer_add(struct io_loop *loop, struct io_defer *d)
 {
-	(void)loop;
-	(void)d;
+	for (struct io_defer *x = loop->defers; x; x = x->next)
+		if (x == d)
+			return;
+	d->next = loop->defers;
+	loop->defers = d;
 }
 
 void io_defer_del(struct io_loop *loop, struct io_defer *d)
 {
-	(void)loop;
-	(void)d;
+	for (struct io_defer **pp = &loop->defers; *pp; pp = &(*pp)->next) {
+		if (*pp == d) {
+			*pp = d->next;
+			d->next = NULL;
+			return;
+		}
+	}
+}
+
+void fake_set_defers(bool on)
+{
+	if (g_loop)
+		g_loop->run_defers = on;
+}
+
+/* At the end of an iteration, as io/loop.c does (a hook may delete itself). */
+static void run_defers(struct io_loop *loop)
+{
+	struct io_defer *arr[64];
+	size_t n = 0;
+
+	if (!loop->run_defers)
+		return;
+	for (struct io_defer *d = loop->defers; d && n < 64; d = d->next)
+		arr[n++] = d;
+	for (size_t i = 0; i < n; i++) {
+		bool still = false;
+
+		for (struct io_defer *d = loop->defers; d; d = d->next)
+			still |= d == arr[i];
+		if (still)
+			arr[i]->fn(arr[i]);
+	}
 }
 
 void io_loop_set_poll_ns(struct io_loop *loop, uint64_t max_ns)
@@ -481,9 +518,19 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 	for (size_t i = 0; i < n; i++) {
 		c = arr[i];
 		c->next = NULL;
+		if (c->cap) { /* held (fake_hold): one iteration less, then again */
+			c->cap--;
+			if (loop->tail)
+				loop->tail->next = c;
+			else
+				loop->head = c;
+			loop->tail = c;
+			continue;
+		}
 		finish(loop, c, execute(c));
 	}
 	loop->running = false;
+	run_defers(loop);
 	return (int)n;
 }
 
@@ -536,6 +583,33 @@ void io_loop_inject_clear(struct io_loop *loop)
 	memset(loop->inj, 0, sizeof(loop->inj));
 }
 
+int fake_hold(enum io_op op, unsigned nth, unsigned iters)
+{
+	if (!g_loop || !nth || !iters)
+		return -EINVAL;
+	for (int i = 0; i < INJ_MAX; i++) {
+		if (g_loop->hold[i].op == IO_OP_NONE) {
+			g_loop->hold[i] = (struct inj){(uint8_t)op, false, nth, (int)iters};
+			return 0;
+		}
+	}
+	return -ENOSPC;
+}
+
+/* submit(): the iterations a new command of @op is held (fake_hold), else 0. */
+static unsigned hold_apply(struct io_loop *loop, uint8_t op)
+{
+	for (int i = 0; i < INJ_MAX; i++) {
+		struct inj *j = &loop->hold[i];
+
+		if (j->op == op && --j->count == 0) {
+			j->op = IO_OP_NONE;
+			return (unsigned)j->res;
+		}
+	}
+	return 0;
+}
+
 static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct io_file *f)
 {
 	if (cmd->state)
@@ -547,6 +621,7 @@ static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct 
 	cmd->next = NULL;
 	/* as in io/loop.c, posts never consult the fault hook */
 	cmd->res = op == IO_OP_POST ? 0 : inject_apply(loop, op);
+	cmd->cap = op == IO_OP_POST || op == IO_OP_TIMEOUT ? 0 : hold_apply(loop, op);
 	loop->inflight++;
 	if (op == IO_OP_TIMEOUT) {
 		cmd->next = loop->timers;

@@ -72,6 +72,20 @@ size_t fake_read_count(void);
 const struct fake_read *fake_read_get(size_t i);
 void fake_reads_reset(void);
 
+/*
+ * Hold the @nth command of @op submitted from now (1 = the next) for @iters
+ * loop iterations before it completes (an injected result still applies):
+ * a write or fdatasync kept in flight while the test does other things.
+ * 0, -EINVAL or -ENOSPC.
+ */
+int fake_hold(enum io_op op, unsigned nth, unsigned iters);
+
+/*
+ * Run deferred hooks (io_defer_add) at the end of each loop iteration, as
+ * io/loop.c does; off by default (the hooks are registered but never run).
+ */
+void fake_set_defers(bool on);
+
 /* Number of commands submitted and not completed. */
 unsigned fake_pending(void);
 

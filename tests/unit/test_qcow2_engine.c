@@ -1653,6 +1653,162 @@ static void test_wb_nomem(void)
 }
 
 /*
+ * A side batch beside a held batch (qcow2_test_wb_hold, the fake's deferred
+ * hooks on), as in integration.sidebatch: 64 MiB, 64 KiB clusters, 4 KiB
+ * slices (A: [0, 32 MiB), B: [32, 64 MiB)), both tables' clusters linked and
+ * durable. A FLUSH's batch takes slice B (side_w[0]) and is held before its
+ * L2 write; then B is dirtied again (side_w[1]) and A (side_w[2]), so the
+ * dirty list is A, B, and a link of the last write waits (lk). The next
+ * loop iteration lets the held batch write B and starts a side batch for A.
+ */
+static const uint64_t side_w[3] = {(32ull << 20) + 3 * 65536, (40ull << 20), 5 * 65536};
+
+static void side_setup(struct eng *e, struct flushf *fl, struct flushf *lk)
+{
+	uint8_t *buf = malloc(65536);
+
+	fake_set_defers(true);
+	eng_create(e, "cluster_size=65536", 64ull << 20, NULL);
+	memset(buf, 1, 65536);
+	CU_ASSERT_EQUAL(eng_write(e, 0, 65536, buf), 0);
+	CU_ASSERT_EQUAL(eng_write(e, 32ull << 20, 65536, buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(e), 0);
+	fake_log_reset();
+	qcow2_test_wb_hold(1000);
+	memset(buf, 0x60, 65536);
+	CU_ASSERT_EQUAL(eng_write(e, side_w[0], 65536, buf), 0);
+	memset(fl, 0, sizeof(*fl));
+	fl->f.done = flush_done;
+	qcow2_flush(e->q, &fl->f);
+	while (fake_pending()) /* P1 and its sync; then P2 waits on the hold timer */
+		run();
+	CU_ASSERT_PTR_NOT_NULL_FATAL(e->q->batch);
+	for (int k = 1; k < 3; k++) {
+		memset(buf, 0x60 + k, 65536);
+		CU_ASSERT_EQUAL(eng_write(e, side_w[k], 65536, buf), 0);
+	}
+	CU_ASSERT_EQUAL(fl->done, 0);
+	memset(lk, 0, sizeof(*lk));
+	lk->f.done = flush_done;
+	free(buf);
+}
+
+/* How many of side_w the image bytes (@durable: a power loss, else all written) lack. */
+static unsigned side_lost(struct eng *e, bool durable)
+{
+	uint8_t *img, got[4096];
+	uint64_t len;
+	unsigned lost = 0;
+
+	if (durable) {
+		CU_ASSERT_EQUAL_FATAL(fake_crash_image(e->id, fake_log_count(), 0, &img, &len), 0);
+	} else {
+		const uint8_t *cur = fake_file_data(e->id, &len);
+
+		img = malloc(len);
+		memcpy(img, cur, len);
+	}
+	for (unsigned k = 0; k < 3; k++) {
+		uint8_t want[4096];
+
+		memset(want, 0x60 + (int)k, sizeof(want));
+		img_guest_read(img, len, side_w[k], got, sizeof(got));
+		lost += memcmp(got, want, sizeof(got)) != 0;
+	}
+	free(img);
+	return lost;
+}
+
+/* After the close: each write reads back from the saved image reopened; qemu-img check. */
+static void side_reopen_check(struct eng *e)
+{
+	uint8_t got[4096], want[4096];
+	int ret;
+
+	fake_set_defers(false);
+	ret = eng_qemu_check(e);
+	CU_ASSERT(ret == 0 || ret == 3); /* leaks are allowed, corruption is not */
+	eng_open_path(e, e->path, NULL);
+	for (unsigned k = 0; k < 3; k++) {
+		memset(want, 0x60 + (int)k, sizeof(want));
+		CU_ASSERT_EQUAL(eng_read(e, side_w[k], sizeof(got), got), 0);
+		CU_ASSERT(memcmp(got, want, sizeof(got)) == 0);
+	}
+	eng_close(e);
+	fake_file_drop(e->id);
+}
+
+/*
+ * A side batch out of memory for slice A (qcow2_test_wb_nomem) keeps A in the
+ * dirty list, behind which it keeps B (under write-back by the batch beside
+ * it): 4949572 (A went back at the head of the list, B then overwrote the
+ * head: A was lost from the list, marked in it, never written again, and
+ * the linked write completed without its entry).
+ */
+static void test_side_nomem(void)
+{
+	struct flushf fl, lk;
+	struct eng e;
+
+	side_setup(&e, &fl, &lk);
+	qcow2_test_wb_nomem(1);
+	CU_ASSERT_EQUAL(qcow2_link(e.q, qcow2_meta_gen(e.q), &lk.f), 1);
+	run(); /* the held batch writes B; the side batch fails to take A */
+	qcow2_test_wb_nomem(0);
+	qcow2_test_wb_hold(0);
+	CU_ASSERT(e.q->n_side_batches > 0);
+	for (int i = 0; i < 10000 && !(fl.done && lk.done); i++)
+		run();
+	CU_ASSERT_EQUAL(fl.done, 1);
+	CU_ASSERT_EQUAL(fl.res, 0);
+	CU_ASSERT_EQUAL(lk.done, 1);
+	CU_ASSERT_EQUAL(lk.res, 0);
+	/* the linked write is in the file when its link ends */
+	CU_ASSERT_EQUAL(side_lost(&e, false), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(side_lost(&e, true), 0);
+	check_crash_images(&e, 1);
+	eng_close(&e);
+	side_reopen_check(&e);
+}
+
+/*
+ * A failing close while a side batch's write is in flight (fake_hold keeps
+ * it 40 loop iterations): the batch beside it failed (an injected write
+ * error), so write-back keeps failing, but the close waits for the side
+ * batch before it frees the engine: 4ff436c (it gave up after 4 rounds and
+ * the write completed into freed memory: ASan). The next batch then writes
+ * everything: each write reads back after the close.
+ */
+static void test_side_close(void)
+{
+	struct flushf fl, lk;
+	struct eng e;
+
+	side_setup(&e, &fl, &lk);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_WRITEV, 1, -EIO), 0); /* the held batch's */
+	CU_ASSERT_EQUAL(fake_hold(IO_OP_WRITEV, 2, 40), 0);                /* the side batch's */
+	CU_ASSERT_EQUAL(qcow2_link(e.q, qcow2_meta_gen(e.q), &lk.f), 1);
+	run(); /* the held batch writes B (it fails), the side batch takes A */
+	qcow2_test_wb_hold(0);
+	CU_ASSERT_PTR_NOT_NULL(e.q->side);
+	run();
+	CU_ASSERT_EQUAL(fl.done, 1);
+	CU_ASSERT_EQUAL(fl.res, -EIO);
+	CU_ASSERT_PTR_NOT_NULL(e.q->side);
+	CU_ASSERT_PTR_NULL(e.q->batch);
+	qcow2_close(e.q); /* may report the failure; must not free the engine under the write */
+	e.q = NULL;
+	io_loop_inject_clear(g_loop);
+	for (int i = 0; i < 100 && fake_pending(); i++)
+		run();
+	CU_ASSERT_EQUAL(fake_pending(), 0);
+	CU_ASSERT_EQUAL(lk.done, 1);
+	io_file_close(&e.file);
+	side_reopen_check(&e);
+}
+
+/*
  * A full file system: the fallocate that backs a new L2 table fails. The
  * write must fail (not be acknowledged and lost at write-back); a failed
  * optional chunk is retried for what the metadata needs only.
@@ -3000,6 +3156,8 @@ int main(void)
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
+	CU_add_test(suite, "side batch out of memory", test_side_nomem);
+	CU_add_test(suite, "failing close, side batch in flight", test_side_close);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
 	CU_add_test(suite, "full file system: metadata backing", test_prealloc_enospc);
 	CU_add_test(suite, "slice cache eviction", test_cache_eviction);
