@@ -10,7 +10,9 @@
 #                               [--jobs qd32,qd1] [--keep]
 #
 # Each round runs, per size and job, vqcowd and qsd back to back, the order
-# alternating between rounds; for each run it prints IOPS, the daemon's CPU
+# alternating between rounds (VQCOWD_ALT=BINARY adds a third kind, "alt": an
+# A/B of two vqcowd builds in the same rounds, with VQCOWD_ALT_ARGS, and the
+# table its IOPS, CPU and the per-round ratio vqcowd/alt); for each run it prints IOPS, the daemon's CPU
 # time per I/O (utime+stime of all its threads over the frontend's I/Os) and
 # its peak RSS (VmHWM at the end of the run, after a fresh start). Then the
 # medians, and the per-round ratio vqcowd/qsd as median (range). Every run's
@@ -82,6 +84,10 @@ run() {
 	rm -f "$sock"
 	if [ "$kind" = vqcowd ]; then
 		"$vqcowd" --socket-path "$sock" --blk-file "$f" --format qcow2 >"$tmp/d.log" 2>&1 &
+	elif [ "$kind" = alt ]; then
+		# shellcheck disable=SC2086
+		"$VQCOWD_ALT" --socket-path "$sock" --blk-file "$f" --format qcow2 ${VQCOWD_ALT_ARGS:-} \
+			>"$tmp/d.log" 2>&1 &
 	else
 		"$qsd" --object iothread,id=iot0 \
 			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
@@ -115,6 +121,13 @@ for r in $(seq "$reps"); do
 		for j in ${jobs//,/ }; do
 			order="vqcowd qsd"
 			[ $((r % 2)) = 1 ] || order="qsd vqcowd"
+			if [ -n "${VQCOWD_ALT:-}" ]; then
+				case $((r % 3)) in
+				1) order="vqcowd alt qsd" ;;
+				2) order="alt qsd vqcowd" ;;
+				0) order="qsd vqcowd alt" ;;
+				esac
+			fi
 			for k in $order; do
 				lb=$(cut -d' ' -f1 /proc/loadavg)
 				v=$(run "$k" "$f" "${j#qd}")
@@ -135,6 +148,7 @@ for r, s, j, k, iops, cpu, rss, lb, la in rows:
     d.setdefault((s, j), {}).setdefault(k, {})[r] = (float(iops), float(cpu), int(rss), float(lb), float(la))
 print("| image | job | vqcowd IOPS | qsd IOPS | IOPS vqcowd/qsd median (range) | CPU µs/IO vqcowd / qsd | peak RSS MiB vqcowd / qsd | load1 before-after (range) |")
 print("|---|---|---:|---:|---:|---:|---:|---|")
+alts = []
 for (s, j), b in d.items():
     v, q = b.get("vqcowd", {}), b.get("qsd", {})
     med = lambda x, i: st.median([t[i] for t in x.values()])
@@ -143,4 +157,16 @@ for (s, j), b in d.items():
     print("| %s | randread-4k-%s | %.0f | %.0f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.0f / %.0f | %.1f-%.1f |" % (
         s, j, med(v, 0), med(q, 0), st.median(ratio), min(ratio), max(ratio),
         med(v, 1), med(q, 1), med(v, 2) / 1024, med(q, 2) / 1024, min(ld), max(ld)))
+    a = b.get("alt", {})
+    if a:
+        ri = [v[r][0] / a[r][0] for r in v if r in a and a[r][0] > 0]
+        rc = [v[r][1] / a[r][1] for r in v if r in a and a[r][1] > 0]
+        alts.append("| %s | randread-4k-%s | %.0f | %.0f | %.2f (%.2f-%.2f) | %.2f / %.2f | %.2f (%.2f-%.2f) | %.0f / %.0f |" % (
+            s, j, med(v, 0), med(a, 0), st.median(ri), min(ri), max(ri), med(v, 1), med(a, 1),
+            st.median(rc), min(rc), max(rc), med(v, 2) / 1024, med(a, 2) / 1024))
+if alts:
+    print()
+    print("| image | job | vqcowd IOPS | alt IOPS | IOPS vqcowd/alt median (range) | CPU µs/IO vqcowd / alt | CPU/IO vqcowd/alt median (range) | peak RSS MiB vqcowd / alt |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(alts))
 EOF
