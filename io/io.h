@@ -231,12 +231,14 @@ void io_poll_window_update(struct io_poll_window *w, uint64_t waited, uint64_t m
 uint64_t io_loop_poll_window(const struct io_loop *loop, enum io_poll_kind kind);
 
 /*
- * Hybrid polling, off (0) by default: a wait that would busy-poll while file
- * I/O is in flight first sleeps @pct % (at most IO_POLL_HYBRID_PCT_MAX) of
- * the wait learnt for a file completion, in io_uring_enter with a timeout (a
- * CQE ends the sleep at once), then polls the rest of its window. The
- * learnt wait is a moving mean (io_poll_hybrid_learn) of the waits begun
- * with file I/O in flight that a file completion ended within the bound;
+ * Hybrid polling, off (0) by default: the wait that follows a file I/O's
+ * submission (reads, writes, fdatasync, fallocate), if it would busy-poll,
+ * first sleeps @pct % (at most IO_POLL_HYBRID_PCT_MAX) of the wait learnt
+ * for a file completion, in io_uring_enter with a timeout (a CQE ends the
+ * sleep at once), then polls the rest of its window; later waits with the
+ * I/O still in flight poll as before. The learnt wait is a moving mean
+ * (io_poll_hybrid_learn) of those waits that a file completion ended within
+ * the bound;
  * nothing is slept until one was timed, nor when the sleep would be under
  * IO_POLL_HYBRID_MIN_NS or not end before the window (io_poll_hybrid_sleep).
  * The CPU a poll burns while the disk works is spared, for at most a
@@ -252,6 +254,7 @@ uint64_t io_poll_hybrid_sleep(uint64_t mean, unsigned pct, uint64_t window);
 uint64_t io_loop_poll_hybrid_mean(const struct io_loop *loop);
 uint64_t io_loop_poll_hybrid_sleeps(const struct io_loop *loop);
 uint64_t io_loop_poll_hybrid_woken(const struct io_loop *loop);
+uint64_t io_loop_poll_hybrid_slept_ns(const struct io_loop *loop);
 
 /*
  * Loops on several threads that busy-poll share CPUs: a poll holds one, and

@@ -90,13 +90,14 @@ struct io_loop {
 	uint64_t poll_waits, poll_polled, poll_caught, poll_spent_ns;
 	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
 	/* Hybrid polling (io_loop_set_poll_hybrid): hyb_pct % of hyb_mean_ns,
-	 * the learnt wait for a file completion, is slept before polling a
-	 * wait begun with file I/O in flight (finflight: file SQEs whose CQE
-	 * is not reaped). For the exit line: sleeps, those a CQE ended, time
-	 * slept. hyb_ok: the kernel takes a wait's timeout (EXT_ARG). */
+	 * the learnt wait for a file completion, is slept before polling the
+	 * wait that follows a file submission (fsub) with file I/O in flight
+	 * (finflight: file SQEs whose CQE is not reaped). For the exit line: sleeps, those a CQE
+	 * ended, time slept. hyb_ok: the kernel takes a wait's timeout (EXT_ARG). */
 	unsigned hyb_pct;
 	bool hyb_ok;
 	unsigned finflight;
+	bool fsub; /* a file SQE was prepared since the last timed wait began */
 	uint64_t hyb_mean_ns;
 	uint64_t hyb_sleeps, hyb_woken, hyb_woken_file, hyb_slept_ns;
 	unsigned submit_batch; /* submit once this many SQEs wait (0 = per iteration) */
@@ -359,6 +360,11 @@ uint64_t io_loop_poll_hybrid_sleeps(const struct io_loop *loop)
 uint64_t io_loop_poll_hybrid_woken(const struct io_loop *loop)
 {
 	return loop->hyb_woken;
+}
+
+uint64_t io_loop_poll_hybrid_slept_ns(const struct io_loop *loop)
+{
+	return loop->hyb_slept_ns;
 }
 
 void io_poll_group_init(struct io_poll_group *g, unsigned max)
@@ -773,7 +779,10 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	io_uring_sqe_set_data(sqe, cmd);
 	cmd->state = CMD_KERNEL;
 	loop->kinflight++;
-	loop->finflight += is_file_op(cmd->op);
+	if (is_file_op(cmd->op)) {
+		loop->finflight++;
+		loop->fsub = true;
+	}
 	/* Errors (e.g. -EBUSY) leave the SQEs queued for the iteration's submit. */
 	if (loop->submit_batch && io_uring_sq_ready(&loop->ring) >= loop->submit_batch)
 		io_uring_submit(&loop->ring);
@@ -1545,7 +1554,7 @@ static int hybrid_sleep(struct io_loop *loop, uint64_t start, uint64_t w, uint64
  * there is work without sleeping. @adapt: false when the group
  * kept this wait from polling, which says nothing of the window.
  */
-static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
+static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool hyb, bool *adapt)
 {
 	uint64_t w = io_loop_poll_window(loop, loop->poll_kind), slept = 0;
 	int found = 0;
@@ -1558,7 +1567,7 @@ static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool *adapt)
 		*adapt = false;
 		return false;
 	}
-	if (loop->hyb_pct && loop->finflight)
+	if (hyb)
 		found = hybrid_sleep(loop, start, w, &slept);
 	if (!found)
 		found = busy_poll(loop, start + w);
@@ -1605,8 +1614,12 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 		start = now_ns();
 		loop->poll_waits++;
 		loop->poll_await = true;
-		hyb = loop->hyb_pct && loop->finflight;
-		block = !poll_adaptive(loop, start, &adapt);
+		/* Hybrid: only the wait right after file I/O was submitted, for
+		 * which the learnt wait stands; later ones (a read still in
+		 * flight after another event) would await it from mid-way. */
+		hyb = loop->hyb_pct && loop->finflight && loop->fsub;
+		loop->fsub = false;
+		block = !poll_adaptive(loop, start, hyb, &adapt);
 	}
 	ret = io_uring_submit_and_wait(&loop->ring, block ? 1 : 0);
 	if (adapt) {
@@ -1623,7 +1636,7 @@ int io_loop_run_once(struct io_loop *loop, bool wait)
 		io_uring_get_events(&loop->ring);
 	timed = loop->poll_await;
 	n = reap(loop);
-	/* Hybrid polling learns how long a wait begun with file I/O in flight
+	/* Hybrid polling learns how long the wait after a file submission
 	 * lasts when a file completion ends it (within the bound: a later one
 	 * is not worth polling for anyway). */
 	if (hyb && adapt && timed && !loop->poll_await && loop->poll_kind == IO_POLL_AFTER_FILE &&

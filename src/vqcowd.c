@@ -163,7 +163,7 @@ static void usage(FILE *f)
 	    "                              most NS ns (default 50000; 0 = off)\n"
 	    "  --poll-spare-cpus           I/O threads busy-poll only on the CPUs they leave\n"
 	    "                              spare (of the daemon's affinity mask)\n"
-	    "  --poll-hybrid PCT           with a file I/O in flight, sleep PCT % of the\n"
+	    "  --poll-hybrid PCT           after submitting file I/O, sleep PCT % of the\n"
 	    "                              learnt wait for its completion before polling\n"
 	    "                              (0..90, default 0 = off)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
