@@ -1809,6 +1809,106 @@ static void test_side_close(void)
 }
 
 /*
+ * A batch that fails after a phase wrote a slice puts it back by its offset
+ * (slice_back), never through the pointer it kept: the slice may have been
+ * evicted meanwhile and its entry reused. Staged: 64 KiB clusters, 512 B
+ * slices (4 MiB of guest each) in a 16-slice cache; a FLUSH's batch writes
+ * slice X (P2); its last fdatasync fails and is held (fake_hold) while a
+ * read of an uncached slice Z evicts X (the clock hand set on it, the only
+ * victim) and reuses its entry, Z's load held in flight; then the batch
+ * fails, and a second FLUSH's batch runs before Z's load ends. a71dae5:
+ * before, the failed batch marked the reused entry dirty through the old
+ * pointer, and the second batch wrote X's bytes (the entry's buffer, not
+ * loaded yet) over Z's slice on disk: Z's writes read X's data, qemu-img
+ * check finds clusters referenced twice.
+ */
+static void test_wb_fail_evicted(void)
+{
+	const uint64_t size = 256ull << 20, reg = 4ull << 20;
+	struct qcow2_opts o = {
+	    .l2_cache_size = 8192, .cache_entry_size = 512, .no_l2_prefetch = true};
+	uint8_t *model = calloc(1, size), buf[4096];
+	struct flushf fl, fl2;
+	struct q2_slice *x;
+	struct qcow2_extent ext[8];
+	struct waitf wf;
+	uint64_t table, zoff = 0, xoff = 0;
+	unsigned t;
+	int ret;
+
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", size, &o);
+	for (uint64_t off = 0; off < size; off += reg) {
+		memset(buf, (int)(off / reg) + 1, sizeof(buf));
+		CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+		memcpy(model + off, buf, sizeof(buf));
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	table = e.q->l1[0] & QCOW2_L1E_OFFSET_MASK;
+	/* X: region 0's slice, dirtied by a new cluster there */
+	memset(buf, 0xee, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 65536, sizeof(buf), buf), 0);
+	memcpy(model + 65536, buf, sizeof(buf));
+	x = q2_cache_peek(&e.q->l2c, table);
+	CU_ASSERT_PTR_NOT_NULL_FATAL(x);
+	CU_ASSERT_FATAL(x->dirty);
+	xoff = x->off;
+	/* Z: a region whose slice is not cached */
+	for (uint64_t off = reg; off < size && !zoff; off += reg)
+		if (!q2_cache_peek(&e.q->l2c, table + (off >> 16) * 8))
+			zoff = off;
+	CU_ASSERT_FATAL(zoff != 0);
+	fake_log_reset();
+	/* the batch's syncs: P1's, then the last (fails, held 30 iterations) */
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FDATASYNC, 2, -EIO), 0);
+	CU_ASSERT_EQUAL(fake_hold(IO_OP_FDATASYNC, 2, 30), 0);
+	memset(&fl, 0, sizeof(fl));
+	fl.f.done = flush_done;
+	qcow2_flush(e.q, &fl.f);
+	for (int i = 0; i < 100 && (x->wb || x->dirty); i++)
+		run(); /* P1, its sync, X written in P2 */
+	CU_ASSERT_FATAL(!x->wb && !x->dirty && x->off == xoff);
+	CU_ASSERT_EQUAL_FATAL(fl.done, 0);
+	/* evict X for Z: the only victim the clock finds first */
+	CU_ASSERT_PTR_NULL_FATAL(e.q->l2c.free);
+	CU_ASSERT_FATAL(e.q->l2c.count >= e.q->l2c.soft_max);
+	e.q->l2c.hand = x->idx;
+	x->refbit = false;
+	CU_ASSERT_EQUAL(fake_hold(IO_OP_READV, 1, 60), 0);
+	wait_init(&wf);
+	t = qcow2_io_begin(e.q);
+	ret = qcow2_map_read(e.q, zoff, sizeof(buf), ext, 8, &wf.w);
+	qcow2_io_end(e.q, t);
+	CU_ASSERT_EQUAL_FATAL(ret, -EAGAIN);
+	CU_ASSERT_PTR_NULL(q2_cache_peek(&e.q->l2c, xoff));            /* X evicted, */
+	CU_ASSERT_EQUAL(x->off, table + (zoff >> 16) * 8 / 512 * 512); /* its entry Z's */
+	for (int i = 0; i < 100 && !fl.done; i++)
+		run();
+	CU_ASSERT_EQUAL(fl.done, 1);
+	CU_ASSERT_EQUAL(fl.res, -EIO);
+	io_loop_inject_clear(g_loop);
+	/* the next batch, while Z's load is still in flight */
+	CU_ASSERT_EQUAL(wf.woken, 0);
+	memset(&fl2, 0, sizeof(fl2));
+	fl2.f.done = flush_done;
+	qcow2_flush(e.q, &fl2.f);
+	for (int i = 0; i < 200 && !(fl2.done && wf.woken); i++)
+		run();
+	CU_ASSERT_EQUAL(fl2.done, 1);
+	CU_ASSERT_EQUAL(fl2.res, 0);
+	CU_ASSERT_EQUAL(wf.woken, 1);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	verify(&e, model, size);
+	check_crash_images(&e, 1);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	eng_close(&e);
+	ret = eng_qemu_check(&e);
+	CU_ASSERT(ret == 0 || ret == 3); /* leaks are allowed, corruption is not */
+	free(model);
+}
+
+/*
  * A full file system: the fallocate that backs a new L2 table fails. The
  * write must fail (not be acknowledged and lost at write-back); a failed
  * optional chunk is retried for what the metadata needs only.
@@ -3158,6 +3258,7 @@ int main(void)
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
 	CU_add_test(suite, "side batch out of memory", test_side_nomem);
 	CU_add_test(suite, "failing close, side batch in flight", test_side_close);
+	CU_add_test(suite, "failed batch, written slice evicted", test_wb_fail_evicted);
 	CU_add_test(suite, "metadata read failure", test_read_failure);
 	CU_add_test(suite, "full file system: metadata backing", test_prealloc_enospc);
 	CU_add_test(suite, "slice cache eviction", test_cache_eviction);
