@@ -18,7 +18,9 @@
 #                 raw file, made once: contrib/bench/layout.sh's image)
 # and prints per cell IOPS, CPU µs per I/O, the engine's metadata writes,
 # their KiB and its write-back batches per guest write (query-blockstats'
-# qcow2 section through vqcowctl, vqcowd cells), and the share of data writes
+# qcow2 section through vqcowctl, vqcowd cells), the SQEs and io_uring_enter
+# calls per guest write (io_uring and syscall tracepoints, when perf can read
+# them; qsd's too), and the share of data writes
 # io_uring had to hand to its worker threads (io-wq) because the file system
 # could not take them without blocking (from the io_uring tracepoints, when
 # perf can read them), then the per-round ratios vqcowd-empty/qsd-empty
@@ -79,8 +81,10 @@ cleanup() {
 }
 trap cleanup EXIT
 hz=$(getconf CLK_TCK)
-tp=0
+tp=0 enter_ev=
 [ "$(perf list 2>/dev/null | grep -c io_uring:io_uring_queue_async_work || true)" = 0 ] || tp=1
+[ "$(perf list 2>/dev/null | grep -c syscalls:sys_enter_io_uring_enter || true)" = 0 ] ||
+	enter_ev=,syscalls:sys_enter_io_uring_enter
 
 need_full() {
 	[ -z "$only" ] || case ",$only," in *-full,*) ;; *) return 1 ;; esac
@@ -137,7 +141,7 @@ run() {
 	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 	[ -S "$sock" ] || { echo "$cell did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
 	if [ $tp = 1 ]; then
-		perf stat -x, -e io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req \
+		perf stat -x, -e "io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req$enter_ev" \
 			-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
 		ppid=$!
 	fi
@@ -160,7 +164,7 @@ run() {
 	echo "$out" | python3 -c '
 import json, os, sys
 d = json.load(sys.stdin)["total"]
-share = -1
+share = sqes = enters = -1
 if os.path.exists(sys.argv[3]):
     c = {}
     for l in open(sys.argv[3]):
@@ -170,6 +174,11 @@ if os.path.exists(sys.argv[3]):
     sub = c.get("io_uring:io_uring_submit_req", 0)
     if sub:
         share = c.get("io_uring:io_uring_queue_async_work", 0) / sub
+    # per guest write; the counts cover the run only roughly (perf stat runs
+    # as long as the job, started just before it)
+    sqes = sub / max(d["ios"], 1) if sub else -1
+    if "syscalls:sys_enter_io_uring_enter" in c:
+        enters = c["syscalls:sys_enter_io_uring_enter"] / max(d["ios"], 1)
 def find(o):
     if isinstance(o, dict):
         if "metadata-writes" in o:
@@ -189,7 +198,8 @@ except (OSError, ValueError):
 n = max(d["ios"], 1)
 m = "%.3f %.2f %.4f" % (q["metadata-writes"] / n, q["metadata-write-bytes"] / n / 1024,
                         q["writeback-batches"] / n) if q else "-1 -1 -1"
-print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2), round(share, 3), sys.argv[4], m)' \
+print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2), round(share, 3), sys.argv[4], m,
+      round(sqes, 3), round(enters, 3))' \
 		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats"
 	rm -f "$tmp/stat" "$tmp/qstats"
 }
@@ -219,7 +229,7 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
@@ -229,11 +239,12 @@ python3 - "$res" <<'EOF'
 import statistics as st, sys
 d = {}
 for l in open(sys.argv[1]):
-    r, c, iops, cpu, sh, ex, un, mw, mb, wb, lb, la = l.split()
+    r, c, iops, cpu, sh, ex, un, mw, mb, wb, sq, en, lb, la = l.split()
     d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la),
-                              int(ex), int(un), float(mw), float(mb), float(wb))
-print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | metadata writes / KiB / batches per guest write, median | load1 before-after (range) |")
-print("|---|---:|---:|---:|---:|---:|---|")
+                              int(ex), int(un), float(mw), float(mb), float(wb), float(sq),
+                              float(en))
+print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | metadata writes / KiB / batches per guest write, median | SQEs / io_uring_enter per guest write, median | load1 before-after (range) |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
 for c, v in d.items():
     x = [t[0] for t in v.values()]
     sh = st.median([t[2] for t in v.values()])
@@ -241,10 +252,13 @@ for c, v in d.items():
     ex = [t[5] for t in v.values() if t[5] >= 0]
     un = [t[6] for t in v.values() if t[6] >= 0]
     mq = [t[7:10] for t in v.values() if t[7] >= 0]
-    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %s | %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
+    sq = [t[10] for t in v.values() if t[10] >= 0]
+    en = [t[11] for t in v.values() if t[11] >= 0]
+    print("| %s | %.0f (%.0f-%.0f) | %.2f | %s | %s | %s | %s / %s | %.1f-%.1f |" % (c, st.median(x), min(x), max(x),
           st.median([t[1] for t in v.values()]), "%.0f %%" % (sh * 100) if sh >= 0 else "n/a",
           "%d (%d)" % (st.median(ex), st.median(un)) if ex else "-",
           "%.3f / %.2f / %.4f" % tuple(st.median([m[i] for m in mq]) for i in range(3)) if mq else "-",
+          "%.2f" % st.median(sq) if sq else "-", "%.2f" % st.median(en) if en else "-",
           min(ld), max(ld)))
 def ratio(a, b, what):
     if a not in d or b not in d:
