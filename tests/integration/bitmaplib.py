@@ -14,6 +14,7 @@ import subprocess
 import time
 
 from qmplib import Qmp, check, fe, reap, vqcowd_session, wait_path, wait_unlocked  # noqa: F401
+from qmplib import qimg_check as check_clean  # noqa: F401
 
 QSD = shutil.which("qemu-storage-daemon")
 M = 1 << 20
@@ -28,14 +29,6 @@ def sh(*args):
 def info_bitmaps(img):
     i = json.loads(sh("qemu-img", "info", "--output=json", img))
     return i.get("format-specific", {}).get("data", {}).get("bitmaps")
-
-
-def check_clean(img, what, leaks_ok=False):
-    """qemu-img check finds nothing (LEAKS_OK: or leaks only, exit 3)."""
-    r = subprocess.run(["qemu-img", "check", img], capture_output=True, timeout=120)
-    ok = r.returncode == 0 or (leaks_ok and r.returncode == 3)
-    check(ok, "%s: qemu-img check rc %d:\n%s" % (what, r.returncode,
-                                                   r.stdout.decode() + r.stderr.decode()))
 
 
 def wait_listening(sock, p):

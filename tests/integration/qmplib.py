@@ -145,6 +145,18 @@ def wait_path(path, proc, timeout=10):
         time.sleep(0.02)
 
 
+def qimg_check(img, what, leaks_ok=False, share=False):
+    """`qemu-img check IMG` (with -U if @share: beside a daemon serving it)
+    finds no error and no leak; with @leaks_ok (after a kill -9, which may
+    leak, never more) leaked clusters only (exit 3) pass too. Anything else
+    fails the test with the report. Returns the exit status."""
+    argv = ["qemu-img", "check"] + (["-U"] if share else []) + [img]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    check(r.returncode == 0 or (leaks_ok and r.returncode == 3),
+          "%s: qemu-img check %s: rc %d\n%s%s" % (what, img, r.returncode, r.stdout, r.stderr))
+    return r.returncode
+
+
 def wait_unlocked(img, timeout=10.0):
     """After a kill -9: the kernel drops the dead daemon's image locks only
     once it has torn down its io_uring (in-flight I/O first), a little after

@@ -39,7 +39,7 @@ import subprocess
 import sys
 
 import qmplib
-from qmplib import SKIP, check, log
+from qmplib import SKIP, check, log, qimg_check
 
 MiB = 1 << 20
 SLACK = 2 * MiB
@@ -90,12 +90,6 @@ def same_space(ours, theirs, what):
           (what, a, b))
 
 
-def qcheck(p, what):
-    r = subprocess.run(["qemu-img", "check", "-U", p], capture_output=True)
-    check(r.returncode == 0, "%s: qemu-img check %s: rc %d\n%s" % (what, p, r.returncode,
-                                                                  r.stdout.decode()))
-
-
 def compare(a, b, what):
     r = subprocess.run(["qemu-img", "compare", "-U", a, b], capture_output=True)
     check(r.returncode == 0, "%s: %s and %s differ: %s" % (what, a, b, r.stdout.decode()))
@@ -123,7 +117,7 @@ def test_cancel(vqcowd, fe, work):
         q.ret("block-job-cancel", {"device": "c"})
         q.wait_event("BLOCK_JOB_COMPLETED")
         same_space(base, qbase, "active commit cancelled after ready, served")
-        qcheck(base, "base after the cancelled commit")
+        qimg_check(base, "base after the cancelled commit", share=True)
         compare(base, qbase, "base after the cancelled commit")
         # writable again after the cut: a second commit, pivoted, and a write into the base
         q.ret("block-commit", {"device": "disk0", "job-id": "c2"})
@@ -132,7 +126,7 @@ def test_cancel(vqcowd, fe, work):
         q.wait_event("BLOCK_JOB_COMPLETED")
         run(fe, "write", d.vsock, 40 * MiB, MiB, inp=b"\x5a" * MiB)
     qio(qbase, "write -P 0x5a 40M 1M")
-    qcheck(base, "base after the second commit and a write")
+    qimg_check(base, "base after the second commit and a write", share=True)
     compare(base, qbase, "base after the second commit and a write")
     same_space(base, qbase, "the second commit, pivoted, 1 MiB written, after quit")
     log("ok: a commit that does not pivot leaves no reserve in the base; it takes commits again")
@@ -146,7 +140,7 @@ def test_intermediate(vqcowd, fe, work):
                                "base-node": "disk0-backing2"})
         q.wait_event("BLOCK_JOB_COMPLETED")
         same_space(base, qbase, "intermediate commit, served")
-        qcheck(base, "base after the intermediate commit")
+        qimg_check(base, "base after the intermediate commit", share=True)
         compare(base, qbase, "base after the intermediate commit")
         compare(top, qtop, "the chain after the intermediate commit")
     log("ok: the base of an intermediate commit keeps no reserve")
@@ -169,7 +163,7 @@ def test_snapshot_bitmap(vqcowd, fe, work):
         check(after <= before + MiB + SLACK,
               "the old layer takes %d bytes on disk after the snapshot, %d before + 1 MiB "
               "written" % (after, before))
-    qcheck(base, "the old layer after the snapshot")
+    qimg_check(base, "the old layer after the snapshot", share=True)
     out = run("qemu-img", "info", "-U", base)
     check("bm0" in out, "the bitmap is gone:\n%s" % out)
     log("ok: the reserve under a stored bitmap is punched")

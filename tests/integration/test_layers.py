@@ -45,7 +45,7 @@ import time
 
 import bitmaplib
 import qmplib
-from qmplib import SKIP, Fail, check, log, missing_tool
+from qmplib import SKIP, Fail, check, log, missing_tool, qimg_check
 
 MiB = 1024 * 1024
 
@@ -173,11 +173,8 @@ def qcheck(path, what, leaks_ok=False):
     """qemu-img check: clean; after a kill -9 (@leaks_ok) leaked clusters are
     allowed too (rc 3: the refcounts vqcowd raised ahead of need for a file it
     was writing), never an error or a corruption (rc 2)."""
-    r = run("qemu-img", "check", "-U", path, ok=False)
-    out = r.stdout.decode(errors="replace")
-    check(r.returncode == 0 or (leaks_ok and r.returncode == 3),
-          "%s: qemu-img check %s: rc %d\n%s" % (what, path, r.returncode, out))
-    log("ok: %s: qemu-img check %s %s" % (what, path, "clean" if r.returncode == 0 else
+    rc = qimg_check(path, what, leaks_ok, share=True)
+    log("ok: %s: qemu-img check %s %s" % (what, path, "clean" if rc == 0 else
                                            "consistent (leaked clusters only)"))
 
 

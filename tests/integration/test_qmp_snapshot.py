@@ -48,8 +48,8 @@ import sys
 import threading
 import time
 
-from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qsd_popen, run_ctl,
-                    run_main, vqcowd_session, wait_path)
+from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qimg_check, qsd_popen,
+                    run_ctl, run_main, vqcowd_session, wait_path)
 
 MiB = 1 << 20
 
@@ -108,12 +108,6 @@ def shared_copied(out, cb):
             if e >> 63 and rc > 1 and ((e & 0x00fffffffffffe00) >> cb) not in leaked:
                 bad.append(ln)
     return bad
-
-
-def check_clean(img, what):
-    r = qimg("check", img, ok=(0, 1, 2, 3))
-    check(r.returncode == 0 and "No errors were found" in r.stdout,
-          "%s: qemu-img check:\n%s%s" % (what, r.stdout, r.stderr))
 
 
 def test_data(vqcowd, fe_bin, ctl, vimg, work):
@@ -179,7 +173,7 @@ def test_data(vqcowd, fe_bin, ctl, vimg, work):
                      "Snapshot with id 'null' and name 's1' does not exist on device 'disk0'",
                      "delete again")
         fe(fe_bin, "verify", d.vsock, "--size", "2M", "--offset", "16M")
-    check_clean(img, "after create/delete online")
+    qimg_check(img, "after create/delete online")
     a = qimg("snapshot", "-l", img).stdout
     b = subprocess.run([vimg, "snapshot", "-l", img], capture_output=True, text=True).stdout
     check(a == b and "s2" in a and "s1" not in a, "snapshot -l:\nqemu-img:\n%s\nvqcow-img:\n%s"
@@ -208,7 +202,7 @@ def test_img_cli(vimg, work):
         check(res["qemu-img"] == res["vqcow-img"], "snapshot %s:\n qemu-img  %r\n vqcow-img %r"
               % (st, res["qemu-img"], res["vqcow-img"]))
     for n in imgs:
-        check_clean(imgs[n], "after the CLI steps (%s)" % n)
+        qimg_check(imgs[n], "after the CLI steps (%s)" % n)
     log("ok: vqcow-img snapshot: %d invocations with qemu-img's output, messages and exit codes"
         % len(steps))
 
@@ -225,7 +219,7 @@ def test_punch(vimg, work):
     check(r.returncode == 0, "vqcow-img snapshot -d: %s" % r.stderr)
     after = os.stat(img).st_blocks * 512
     check(before - after >= 7 * MiB, "only %d bytes given back" % (before - after))
-    check_clean(img, "after a delete that punched")
+    qimg_check(img, "after a delete that punched")
     qio(img, "read -P 2 0 8M")
     log("ok: vqcow-img snapshot -d gave back %d KiB of the snapshot's clusters"
         % ((before - after) // 1024))
@@ -268,7 +262,7 @@ def test_online_punch(vqcowd, fe_bin, work):
               "online delete gave back %d bytes, qemu-img snapshot -d %d" % (freed, qemu_freed))
         # New data goes into the freed clusters, not past the end of the file.
         fe(fe_bin, "write", d.vsock, 48 * MiB, 8 * MiB, stdin=b"\x05" * (8 * MiB))
-    check_clean(img, "after an online delete that punched")
+    qimg_check(img, "after an online delete that punched")
     m = json.loads(qimg("map", "--output=json", img).stdout)
     new = [e for e in m if e["data"] and 48 * MiB <= e["start"] < 56 * MiB]
     # (a few may reuse what deleting t freed, just past the old end)
@@ -318,7 +312,7 @@ def test_grow(vqcowd, fe_bin, vimg, work):
         # (qemu-img fills free clusters inside the file first: no growth needed there)
         check(how == "qemu-img" or rt_offset(img) != before,
               "%s: the refcount table did not move" % how)
-        check_clean(img, "%s: after a create that grew the refcount table" % how)
+        qimg_check(img, "%s: after a create that grew the refcount table" % how)
         check(" s " in qimg("snapshot", "-l", img).stdout, "%s: snapshot s not listed" % how)
         raw = snapshot_raw(img, "s", work)
         qio(raw, "read -P 0x41 0 2M", "read -P 0x44 2M 1888k", "read -P 0 4M 1M", fmt="raw")
@@ -347,7 +341,7 @@ def test_busy(vqcowd, work):
                 break
             time.sleep(0.05)
         q.ret("blockdev-snapshot-internal-sync", {"device": "ov", "name": "x"})
-    check_clean(ov, "overlay after a snapshot once the job was cancelled")
+    qimg_check(ov, "overlay after a snapshot once the job was cancelled")
     check(" x " in qimg("snapshot", "-l", ov).stdout, "snapshot x on the overlay")
     log("ok: refused while a commit job runs, taken on the new active layer once it ended")
 
@@ -411,7 +405,7 @@ def test_qsd(vqcowd, work):
             p.terminate()
             p.wait(10)
     for n in ("qsd", "ours"):
-        check_clean(imgs[n], "comparison image " + n)
+        qimg_check(imgs[n], "comparison image " + n)
         check(qimg("snapshot", "-l", imgs[n]).stdout == "", "%s: snapshots left" % n)
     return True
 
@@ -537,7 +531,7 @@ def test_load(vqcowd, fe_bin, work, threads=0):
                 "%d I/O threads" % threads if threads else "one thread", min(lat) * 1000,
                 max(lat) * 1000, max(h[0] for h in holds) * 1000, worst * 1000, bound * 1000,
                 float(m.group(1)) / 1000))
-    check_clean(img, "after snapshots under load")
+    qimg_check(img, "after snapshots under load")
     names = [ln.split()[1] for ln in qimg("snapshot", "-l", img).stdout.splitlines()[2:]]
     check(names == ["l1", "l3", "l5"], "snapshots %r" % names)
     for n in names:
@@ -593,7 +587,7 @@ def test_kill(vqcowd, fe_bin, work, rounds):
               "round %d: COPIED set on a shared cluster:\n%s" % (i, r.stderr))
         if r.returncode:
             qimg("check", "-r", "all", img, ok=(0,))
-        check_clean(img, "round %d after repair" % i)
+        qimg_check(img, "round %d after repair" % i)
         qio(img, "read -P 0x50 40M 1M")
         snaps = [ln.split()[1] for ln in qimg("snapshot", "-l", img).stdout.splitlines()[2:]]
         for n in snaps:
