@@ -1804,6 +1804,8 @@ static void test_side_close(void)
 		run();
 	CU_ASSERT_EQUAL(fake_pending(), 0);
 	CU_ASSERT_EQUAL(lk.done, 1);
+	CU_ASSERT_EQUAL(lk.res, 0);
+	check_crash_images(&e, 1);
 	io_file_close(&e.file);
 	side_reopen_check(&e);
 }
