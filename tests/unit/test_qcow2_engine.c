@@ -1636,6 +1636,45 @@ static void nomem_case(const struct qcow2_opts *o, unsigned nth, bool flush_firs
 	CU_ASSERT(ret == 0 || ret == 3); /* leaks are allowed, corruption is not */
 }
 
+/*
+ * The same during an online grow (its batch writes the new L1 table in P3
+ * and the header naming it in P4): the grow ends with the batch that wrote
+ * its header, or fails; every crash image is consistent, everything reads
+ * back, qemu-img check finds at most leaks.
+ */
+static void nomem_grow_case(const struct qcow2_opts *o, unsigned nth)
+{
+	const uint64_t size = 1ull << 30, size2 = 2048ull << 30;
+	uint8_t *model = calloc(1, size);
+	struct flushf g;
+	struct eng e;
+	char err[256];
+	int ret;
+
+	eng_create(&e, "cluster_size=65536", size, o);
+	workload(&e, model, size, 30, 16 << 10, false);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	fake_log_reset();
+	workload(&e, model, size, 10, 16 << 10, false); /* dirty, no flush */
+	memset(&g, 0, sizeof(g));
+	g.f.done = flush_done;
+	qcow2_test_wb_nomem(nth);
+	CU_ASSERT_EQUAL(qcow2_grow(e.q, size2, &g.f, err, sizeof(err)), 1);
+	for (int i = 0; i < 100000 && !g.done; i++)
+		run();
+	qcow2_test_wb_nomem(0);
+	CU_ASSERT_EQUAL(g.done, 1);
+	CU_ASSERT(g.res == 0 || g.res == -ENOMEM);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	verify(&e, model, size);
+	check_crash_images(&e, 0);
+	CU_ASSERT_FALSE(qcow2_is_corrupt(e.q));
+	eng_close(&e);
+	ret = eng_qemu_check(&e);
+	CU_ASSERT(ret == 0 || ret == 3); /* leaks are allowed, corruption is not */
+	free(model);
+}
+
 static void test_wb_nomem(void)
 {
 	/* whole tables as slices: a handful of items, so the failures reach
@@ -1650,6 +1689,8 @@ static void test_wb_nomem(void)
 	 * the new tables, L2, L1 */
 	for (unsigned nth = 1; nth <= 55; nth += nth < 41 ? 20 : 3)
 		nomem_case(NULL, nth, nth & 1);
+	for (unsigned nth = 1; nth <= 8; nth++)
+		nomem_grow_case(&big, nth);
 }
 
 /*
