@@ -273,16 +273,18 @@ struct qcow2 {
 	struct q2_batch *batch_spare; /* reused allocation */
 	struct q2_batch *side;        /* a link batch beside it (writeback.c), or NULL */
 	struct q2_batch *side_spare;
-	uint64_t side_done_gen;         /* side batches beside this batch wrote all up to here */
+	struct q2_batch *wb_tail; /* a batch whose last fdatasync runs beside q->batch, or NULL */
+	uint64_t side_done_gen;   /* side batches beside this batch wrote all up to here */
 	struct qcow2_flush *flush_next; /* waiting for the next batch */
 	struct qcow2_flush *link_next;  /* qcow2_link(): waiting for the next batch */
 	uint64_t meta_gen;              /* bumped by every L2/L1 change a request made */
 	uint64_t meta_written_gen;      /* changes up to here are written (completed) */
 	bool wb_durable_wanted;         /* the next batch syncs fully (timer) */
 	bool wb_wanted;                 /* start another batch when this one ends */
-	bool wb_strict;   /* a batch failed: L2 tables go in P2, synced before L1 (writeback.c) */
-	bool link_want;   /* an early-linked write waits: next batch is link mode */
-	bool link_posted; /* link_cmd armed (test delay): start a link batch then */
+	bool wb_strict; /* a batch failed: L2 tables go in P2, synced before L1 (writeback.c) */
+	uint64_t wb_fail_seq; /* q->rc_seq when a batch last failed: older ones keep wb_strict */
+	bool link_want;       /* an early-linked write waits: next batch is link mode */
+	bool link_posted;     /* link_cmd armed (test delay): start a link batch then */
 	struct io_cmd link_cmd;
 	bool link_deferred; /* link_defer added: start a link batch this iteration */
 	struct io_defer link_defer;
@@ -339,6 +341,7 @@ struct qcow2 {
 	uint64_t n_meta_writes, n_meta_bytes; /* write-back writes (writevs) and bytes */
 	uint64_t n_wb_fill;      /* clean cached slices written to bridge gaps (writeback.c) */
 	uint64_t n_side_batches; /* side batches started (writeback.c) */
+	uint64_t n_tail_starts;  /* batches started beside a batch's last fdatasync (writeback.c) */
 	uint64_t n_early_links;  /* subcluster allocations linked at map time (mapping.c) */
 	uint64_t n_syncs;        /* write-back fdatasync steps started (writeback.c) */
 	uint64_t n_syncs_done;   /* and ended */

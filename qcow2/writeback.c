@@ -31,6 +31,38 @@
  * starts (their entries are written; a process death keeps them); flushes,
  * decrements and a grow's end wait for it.
  *
+ * The tail: nor does the next batch wait for that sync. When a batch's last
+ * fdatasync starts, the batch becomes q->wb_tail (one at a time) and the
+ * next batch may start beside it. Why that is safe:
+ *  - every write of the tail has completed (a sync starts only after its
+ *    phase's writes ended), so no slice, sector or header is written by
+ *    both at once, and every fdatasync the next batch issues comes after
+ *    those writes completed and covers them as well: for the next batch's
+ *    own order (refcounts before entries, tables before L1, a relocated
+ *    table before its users) the tail's writes count as written before
+ *    its P1, which is where they would be if it had waited;
+ *  - nothing the next batch writes needs the tail durable first: its L2
+ *    entries need refcounts that are durable already (rc_durable only
+ *    moves after a P1 sync that ended) or its own P1 sync; an L2 slice of
+ *    a table whose L1 entry is the tail's unsynced P3 write is unreachable
+ *    if power fails first (a leak at most, as for a side batch); the
+ *    next batch cannot hold decrements the tail makes durable (they are
+ *    applied to the refcounts only in the tail's finish(), after its sync);
+ *    after a grow, its L1 writes go to the new table, which the old header
+ *    does not name: unreachable again, never a stale pointer;
+ *  - a FLUSH that arrives goes to the next batch, never a link-mode one:
+ *    its P1 sync and its last sync come after the tail's writes and cover
+ *    every write acknowledged before it; FLUSHes, decrements and a grow's
+ *    end taken by the tail still complete only after the tail's own sync;
+ *  - a tail that fails puts its items back for a later batch by offset
+ *    (slice_back: its slices may be held by the next batch now) and turns
+ *    wb_strict on; only a durable batch started after the last failure
+ *    turns it off again (wb_fail_seq), not the tail ending after a failure
+ *    of the batch beside it, nor the other way round;
+ *  - a side batch never runs beside a tail (side_start needs q->batch),
+ *    and one still running beside the batch that became the tail keeps
+ *    the next batch from starting (wb_start), as before.
+ *
  * Why it is safe: an L2 entry is set (alloc_finish) only after its data write
  * completed and after its cluster's refcount was raised in the cache, i.e.
  * before the snapshot, so P1's copy has the refcount and P1's fdatasync covers
@@ -169,10 +201,12 @@ struct q2_batch {
 	uint64_t rc_seq;    /* its number (q->rc_seq) */
 	bool grow_hdr;      /* it carries a grow's header write (P4) */
 	bool strict;        /* L2 tables synced before L1 (after a failure) */
+	bool tail;          /* q->wb_tail: only its last sync is left */
 	unsigned p1_tables; /* new L2 tables' slices in P1 */
 };
 
 static void phase_run(struct q2_batch *b);
+static bool link_due(const struct qcow2 *q);
 
 /* Nothing written in the phases after the current one. */
 static bool last_phase(const struct q2_batch *b)
@@ -707,6 +741,14 @@ static void sync_start(struct q2_batch *b)
 				q->meta_written_gen = q->side_done_gen;
 		}
 	}
+	/* Nor does the next batch wait for it: it becomes the tail (the header
+	 * comment says why that is safe). */
+	if (last_phase(b) && !b->side && q->batch == b && !q->wb_tail) {
+		q->batch = NULL;
+		q->wb_tail = b;
+		b->tail = true;
+		q->side_done_gen = 0; /* it was this batch's (folded in above) */
+	}
 	if (delay) {
 		b->pending = 1;
 		b->delay_cmd.done = sync_delayed;
@@ -720,6 +762,11 @@ static void sync_start(struct q2_batch *b)
 
 		link_release(q, l, 0);
 		l = next;
+	}
+	if (b->tail && !q->batch &&
+	    (q->wb_wanted || q->flush_next || q->link_next || link_due(q))) {
+		q->wb_wanted = false;
+		q2_wb_kick(q);
 	}
 }
 
@@ -954,6 +1001,16 @@ static int requeue(struct qcow2 *q, const struct q2_batch *b, struct qcow2_flush
 	return 0;
 }
 
+static void batch_free(struct q2_batch *b)
+{
+	free(b->items);
+	io_free_aligned(b->stage);
+	free(b->runs);
+	free(b->iov);
+	free(b->decs.v);
+	free(b);
+}
+
 static void finish(struct q2_batch *b)
 {
 	struct qcow2 *q = b->q;
@@ -964,8 +1021,10 @@ static void finish(struct q2_batch *b)
 	if (err) {
 		/* Put everything back for a later batch. A new L2 table's slices
 		 * go back as any others: its L1 entry may be written already, so
-		 * until a durable batch succeeds, batches sync L2 before L1. */
+		 * until a durable batch started after this failure succeeds,
+		 * batches sync L2 before L1. */
 		q->wb_strict = true;
+		q->wb_fail_seq = q->rc_seq;
 		for (size_t i = 0; i < b->nitems; i++) {
 			struct wb_item *it = &b->items[i];
 
@@ -1005,7 +1064,7 @@ static void finish(struct q2_batch *b)
 		q->wb_err = 0;
 		if (!b->side)
 			q->batches++;
-		if (!b->side && !b->link_mode && !b->incomplete)
+		if (!b->side && !b->link_mode && !b->incomplete && b->rc_seq > q->wb_fail_seq)
 			q->wb_strict = false;
 		if (b->side) {
 			side_written(q, b);
@@ -1053,9 +1112,20 @@ static void finish(struct q2_batch *b)
 			if (!q->batch)
 				q->wb_wanted = true;
 		}
+	} else if (b->tail) {
+		/* q->batch, if any, is the batch started beside it */
+		q->wb_tail = NULL;
+		b->tail = false;
+		if (!q->batch_spare)
+			q->batch_spare = b;
+		else
+			batch_free(b);
 	} else {
 		q->batch = NULL;
-		q->batch_spare = b;
+		if (!q->batch_spare)
+			q->batch_spare = b;
+		else
+			batch_free(b); /* the tail's went back first */
 		q->side_done_gen = 0;
 	}
 	while (f) {
@@ -1105,7 +1175,10 @@ static void wb_start(struct qcow2 *q)
 	}
 	q->batch_spare = NULL;
 	q->batch = b;
+	if (q->wb_tail)
+		q->n_tail_starts++;
 	b->side = false;
+	b->tail = false;
 	b->held = false;
 	b->err = 0;
 	b->phase = PH_P1;
@@ -1512,9 +1585,9 @@ int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2
 
 static bool busy(const struct qcow2 *q)
 {
-	return q->batch || q->side || q->link_posted || q->link_deferred || q->dec_running ||
-	       q->grace_running || q->dec_apply.n || q->prealloc_busy || q->wake_armed ||
-	       q->corrupt_hdr_busy || q->punch_busy;
+	return q->batch || q->side || q->wb_tail || q->link_posted || q->link_deferred ||
+	       q->dec_running || q->grace_running || q->dec_apply.n || q->prealloc_busy ||
+	       q->wake_armed || q->corrupt_hdr_busy || q->punch_busy;
 }
 
 int q2_wb_close(struct qcow2 *q)
@@ -1561,18 +1634,12 @@ void q2_wb_exit(struct qcow2 *q)
 		io_defer_del(q->loop, &q->link_defer);
 		q->link_deferred = false;
 	}
-	if (q->batch || q->side) /* abandoned (loop failure): its commands can no longer complete */
+	if (q->batch || q->side || q->wb_tail) /* abandoned (loop failure): its commands
+						* can no longer complete */
 		return;
-	for (int i = 0; i < 2; i++, b = q->side_spare) {
-		if (!b)
-			continue;
-		free(b->items);
-		io_free_aligned(b->stage);
-		free(b->runs);
-		free(b->iov);
-		free(b->decs.v);
-		free(b);
-	}
+	for (int i = 0; i < 2; i++, b = q->side_spare)
+		if (b)
+			batch_free(b);
 	q->batch_spare = q->side_spare = NULL;
 }
 

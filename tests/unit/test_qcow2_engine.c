@@ -1311,8 +1311,11 @@ static unsigned write_linked(struct eng *e, uint64_t off)
  * written, never for the last fdatasync of the batch that writes it (a
  * FLUSH's batch, or a grow's, lets its links go when that sync starts), and
  * a new L2 table costs no sync of its own (written with the refcounts).
- * Before: 2, 0, 2, 3, 3 syncs in a row in the cases below; now 1, 0, 1, 2,
- * 3 (the last: a write during a grow still waits for the grow's batch).
+ * Nor does a write that arrives during a batch wait for that batch's last
+ * sync: the next batch starts beside it (the tail, writeback.c).
+ * Before 73b3b72: 2, 0, 2, 3, 3 syncs in a row in the cases below; then 1,
+ * 0, 1, 2, 3; with the tail 1, 0, 1, 1, 2 (the last: a write during a grow
+ * still waits for the grow's L1 table and its sync).
  */
 static void test_link_chain(void)
 {
@@ -1355,7 +1358,7 @@ static void test_link_chain(void)
 	memset(&fl, 0, sizeof(fl));
 	fl.f.done = flush_done;
 	qcow2_flush(e.q, &fl.f);
-	CU_ASSERT(write_linked(&e, 3 * c) <= 2);
+	CU_ASSERT_EQUAL(write_linked(&e, 3 * c), 1);
 	for (int i = 0; i < 10000 && !fl.done; i++)
 		run();
 	CU_ASSERT_EQUAL(fl.done, 1);
@@ -1364,7 +1367,7 @@ static void test_link_chain(void)
 	memset(&g, 0, sizeof(g));
 	g.f.done = flush_done;
 	CU_ASSERT_EQUAL(qcow2_grow(e.q, 2048ull << 30, &g.f, err, sizeof(err)), 1);
-	CU_ASSERT(write_linked(&e, 4 * c) <= 3);
+	CU_ASSERT_EQUAL(write_linked(&e, 4 * c), 2);
 	CU_ASSERT(write_linked(&e, 5 * c) <= 1);
 	for (int i = 0; i < 10000 && !g.done; i++)
 		run();
@@ -1372,9 +1375,188 @@ static void test_link_chain(void)
 	CU_ASSERT_EQUAL(g.res, 0);
 	CU_ASSERT_EQUAL(write_linked(&e, 6 * c), 0);
 	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT(e.q->n_tail_starts >= 2); /* the FLUSH's and the grow's */
 	check_crash_images(&e, 3);
 	eng_close(&e);
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
+/* ---- the next batch beside a batch's last fdatasync (the tail) ---- */
+
+struct tailf {
+	struct qcow2_flush f;
+	int done, res;
+	size_t logn;    /* record entries when it ended */
+	uint8_t *model; /* what the guest had written when it was sent */
+	uint64_t size;  /* the disk size then */
+	unsigned seq;   /* writes sent before it */
+};
+
+static void tail_flush_done(struct qcow2_flush *f, int res)
+{
+	struct tailf *x = (struct tailf *)f;
+
+	x->done = 1;
+	x->res = res;
+	x->logn = fake_log_count();
+}
+
+/* The guest view of the crash image after record entry @upto, synced writes only. */
+static void crash_guest_view(struct eng *e, size_t upto, uint8_t *out, uint64_t size)
+{
+	char *path = P("tail.qcow2"), *raw = P("tail.raw");
+	uint8_t *img;
+	uint64_t len;
+	FILE *f;
+
+	CU_ASSERT_EQUAL_FATAL(fake_crash_image(e->id, upto, 0, &img, &len), 0);
+	f = fopen(path, "wb");
+	CU_ASSERT_FATAL(f != NULL);
+	CU_ASSERT_EQUAL(fwrite(img, 1, len, f), len);
+	fclose(f);
+	free(img);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
+	f = fopen(raw, "rb");
+	CU_ASSERT_FATAL(f != NULL);
+	CU_ASSERT_EQUAL(fread(out, 1, size, f), size);
+	fclose(f);
+	unlink(path);
+	unlink(raw);
+}
+
+/*
+ * Allocating writes that arrive while a FLUSH's batch (or a grow's) runs, so
+ * that the next batch starts beside that batch's last fdatasync: with @link
+ * each write waits for its link (a link-mode batch beside the tail), else a
+ * second FLUSH follows them (a durable batch beside the tail). Checked: the
+ * overlap happened; without links (no early link either), the data ->
+ * refcount -> L2 -> L1 order (check_l2_order: link batches keep the
+ * refcount order only); every crash image at every write and fdatasync of
+ * the record, three subsets of the unsynced writes each, consistent and
+ * passing qemu-img check (leaks only); the image as of each FLUSH's
+ * completion, with nothing after the last sync before it, reads back
+ * everything written before that FLUSH was sent (but for the sectors
+ * written again since: either is right); the data reads back.
+ * @delay: fdatasyncs held back (qcow2_test_sync_delay: in the fake, until
+ * the loop is otherwise idle), so the next batch runs its writes and syncs
+ * before the tail's sync ends.
+ */
+static void tail_case(const char *opts, uint64_t size, uint64_t size2, unsigned shuffle,
+		      unsigned delay, bool link)
+{
+	enum { ROUNDS = 6 };
+	struct tailf fl[2 * ROUNDS], g;
+	struct qcow2_opts o = {.no_early_link = !link};
+	uint8_t *model = calloc(1, size2), *view = malloc(size2);
+	unsigned *wseq = calloc(size2 / 512, sizeof(*wseq)), seq = 0; /* last write per sector */
+	uint64_t cur = size;
+	unsigned nfl = 0;
+	char err[256];
+	struct eng e;
+
+	fake_set_shuffle(shuffle);
+	qcow2_test_sync_delay(delay);
+	eng_create(&e, opts, size, &o);
+	memset(fl, 0, sizeof(fl));
+	for (unsigned r = 0; r < ROUNDS; r++) {
+		struct tailf *f1 = &fl[nfl++], *f2 = NULL;
+		uint8_t buf[4096];
+		uint64_t off = (rnd() % (cur / 4096)) * 4096;
+
+		fill(buf, sizeof(buf), rnd());
+		CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+		memcpy(model + off, buf, sizeof(buf));
+		seq++;
+		for (uint64_t k = 0; k < sizeof(buf); k += 512)
+			wseq[(off + k) / 512] = seq;
+		f1->seq = seq;
+		f1->f.done = tail_flush_done;
+		f1->model = malloc(cur);
+		memcpy(f1->model, model, cur);
+		f1->size = cur;
+		qcow2_flush(e.q, &f1->f);
+		if (r == ROUNDS / 2) {
+			memset(&g, 0, sizeof(g));
+			g.f.done = tail_flush_done;
+			CU_ASSERT_EQUAL(qcow2_grow(e.q, size2, &g.f, err, sizeof(err)), 1);
+		}
+		/* writes while that batch runs */
+		for (unsigned k = 0; k < 3; k++) {
+			struct flushf lf;
+
+			off = (rnd() % (cur / 4096)) * 4096;
+			fill(buf, sizeof(buf), rnd());
+			CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+			memcpy(model + off, buf, sizeof(buf));
+			seq++;
+			for (uint64_t j = 0; j < sizeof(buf); j += 512)
+				wseq[(off + j) / 512] = seq;
+			memset(&lf, 0, sizeof(lf));
+			lf.f.done = flush_done;
+			if (link && qcow2_link(e.q, qcow2_meta_gen(e.q), &lf.f))
+				wait_chain(&lf);
+		}
+		if (!link) {
+			f2 = &fl[nfl++];
+			f2->seq = seq;
+			f2->f.done = tail_flush_done;
+			f2->model = malloc(cur);
+			memcpy(f2->model, model, cur);
+			f2->size = cur;
+			qcow2_flush(e.q, &f2->f);
+		}
+		for (int i = 0; i < 100000 && (!f1->done || (f2 && !f2->done)); i++)
+			run();
+		CU_ASSERT_EQUAL(f1->done, 1);
+		CU_ASSERT_EQUAL(f1->res, 0);
+		CU_ASSERT(!f2 || (f2->done == 1 && f2->res == 0));
+		if (r == ROUNDS / 2) {
+			for (int i = 0; i < 100000 && !g.done; i++)
+				run();
+			CU_ASSERT_EQUAL(g.done, 1);
+			CU_ASSERT_EQUAL(g.res, 0);
+			cur = size2;
+		}
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT(e.q->n_tail_starts > 0);
+	verify(&e, model, size2);
+	if (!link)
+		check_l2_order(&e);
+	check_every_crash_point(&e);
+	for (unsigned r = 0; r < nfl; r++) {
+		crash_guest_view(&e, fl[r].logn, view, fl[r].size);
+		for (uint64_t k = 0; k < fl[r].size; k += 512) {
+			if (wseq[k / 512] > fl[r].seq || !memcmp(view + k, fl[r].model + k, 512))
+				continue;
+			fprintf(stderr,
+				"tail: FLUSH %u (ended at record entry %zu) returned before "
+				"guest sector %llu was durable\n",
+				r, fl[r].logn, (unsigned long long)(k / 512));
+			CU_FAIL("FLUSH returned before acknowledged writes were durable");
+			break;
+		}
+		free(fl[r].model);
+	}
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	qcow2_test_sync_delay(0);
+	fake_set_shuffle(0);
+	free(model);
+	free(view);
+	free(wseq);
+}
+
+static void test_tail(void)
+{
+	/* 512-byte clusters: new L2 tables and refcount blocks all the time,
+	 * and a grow that moves the L1 table */
+	const char *small = "cluster_size=512,refcount_bits=16";
+
+	tail_case(small, 1ull << 20, 4ull << 20, 0, 1, true);
+	tail_case(small, 1ull << 20, 4ull << 20, 13, 1, true);
+	tail_case(small, 1ull << 20, 4ull << 20, 21, 1, false);
+	tail_case("cluster_size=16384,extended_l2=on", 4ull << 20, 16ull << 20, 3, 1, true);
 }
 
 static void fail_case(enum io_op op, unsigned nth)
@@ -3296,6 +3478,8 @@ int main(void)
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
 	CU_add_test(suite, "online grow: header only", test_grow_header_only);
 	CU_add_test(suite, "linked writes: fdatasyncs waited for in a row", test_link_chain);
+	CU_add_test(suite, "the next batch beside the last fdatasync: every crash point",
+		    test_tail);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
