@@ -14,6 +14,7 @@
  *   vqcow-fe [options] bench SOCK --rw MODE [--bs B] [--iodepth D] [--numjobs J]
  *            [--runtime S] [--size N] [--offset O] [--rwmixread P] [--json] [--poll]
  *            [--threads per-queue|one] [--verify [--seed S]] [--expect FILE]
+ *            [--flush-every N]
  *
  * bench drives each of its --numjobs queues from a thread of its own by
  * default (--threads per-queue), as a guest whose vCPUs each drive their own
@@ -64,6 +65,7 @@ struct cli {
 	unsigned numjobs;
 	double runtime;
 	uint64_t number_ios;
+	unsigned flush_every;      /* bench: every Nth request of a queue is a FLUSH (0: none) */
 	bool one_thread;           /* bench --threads one: one thread drives every queue */
 	bool verify;               /* bench --verify (or --expect) */
 	const char *expect_path;   /* bench --expect: reads must return this file's bytes */
@@ -89,12 +91,13 @@ static void usage(FILE *f)
 		"  bench SOCK --rw read|write|randread|randwrite|rw|randrw [--rwmixread P]\n"
 		"        [--bs B] [--iodepth D] [--numjobs J] [--runtime SEC] [--number-ios N]\n"
 		"        [--size N] [--offset O] [--json] [--poll] [--threads per-queue|one]\n"
-		"        [--verify [--seed S]] [--expect FILE]\n"
+		"        [--verify [--seed S]] [--expect FILE] [--flush-every N]\n"
 		"        --threads per-queue (default): a thread per queue, as a guest's vCPUs\n"
 		"        each drive their own queue; one: the main thread drives all queues\n"
 		"        --verify: writes carry verify's pattern (--seed), reads must return it\n"
 		"        --expect FILE (read, randread): reads must return FILE's bytes at\n"
 		"        their offset (e.g. an image converted to raw by qemu-img)\n"
+		"        --flush-every N: every Nth request of a queue is a FLUSH (own stats)\n"
 		"Options:\n"
 		"  --queues N        virtqueues to set up (default 1; bench: --numjobs)\n"
 		"  --queue Q         queue used by single requests (default 0)\n"
@@ -573,6 +576,7 @@ static double pct(const struct stats *s, double p)
 struct job {
 	uint64_t cursor; /* sequential position */
 	uint64_t rng;
+	uint64_t nops; /* requests prepared (--flush-every) */
 };
 
 /* Per queue: what completed on it (its share of the totals). */
@@ -599,7 +603,7 @@ struct worker {
 	struct qstat *qs;
 	uint8_t *bufs;   /* --verify: a data buffer per request */
 	uint8_t *expect; /* --verify: the pattern a read must return */
-	struct stats rd, wr;
+	struct stats rd, wr, fl;
 	uint64_t t_done;
 	int ret;
 	int done_fd; /* threads: written once at the end */
@@ -656,7 +660,16 @@ static int wfail(struct worker *w, const char *what, unsigned q)
  * pattern of its offset, a read gets a buffer to compare. */
 static void prepare(struct worker *w, unsigned q, struct vqfe_req *r)
 {
-	next_op(w->c, &w->jobs[q - w->q0], r, w->nblocks);
+	struct job *j = &w->jobs[q - w->q0];
+
+	if (w->c->flush_every && ++j->nops % w->c->flush_every == 0) {
+		r->type = VIRTIO_BLK_T_FLUSH;
+		r->sector = 0;
+		r->len = 0;
+		return;
+	}
+	r->len = w->c->bs;
+	next_op(w->c, j, r, w->nblocks);
 	if (w->bufs && r->type == VIRTIO_BLK_T_OUT)
 		pattern(r->buf, r->len, r->sector * 512, w->c->seed);
 }
@@ -667,6 +680,15 @@ static void complete(struct worker *w, unsigned q, struct vqfe_req *r)
 	bool rd = r->type == VIRTIO_BLK_T_IN;
 	struct stats *s = rd ? &w->rd : &w->wr;
 
+	if (r->type == VIRTIO_BLK_T_FLUSH) {
+		if (r->status != VIRTIO_BLK_S_OK || r->err || r->used_len != 1) {
+			w->fl.errors++;
+			qs->errors++;
+			return;
+		}
+		stats_add(&w->fl, r->t_done - r->t_submit, 0);
+		return;
+	}
 	if (rd)
 		qs->reads++;
 	else
@@ -911,7 +933,7 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 	struct job *jobs = calloc(nq, sizeof(*jobs));
 	struct qstat *qs = calloc(nq, sizeof(*qs));
 	struct stats *rd = calloc(1, sizeof(*rd)), *wr = calloc(1, sizeof(*wr));
-	struct stats *all = calloc(1, sizeof(*all));
+	struct stats *all = calloc(1, sizeof(*all)), *fl = calloc(1, sizeof(*fl));
 	uint8_t *bufs = NULL, *expect = NULL;
 	pthread_t *tids = calloc(nw, sizeof(*tids));
 	uint64_t mismatches = 0;
@@ -1032,6 +1054,7 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 			t_last = ws[i].t_done;
 		stats_merge(rd, &ws[i].rd);
 		stats_merge(wr, &ws[i].wr);
+		stats_merge(fl, &ws[i].fl);
 		ret |= ws[i].ret;
 	}
 	secs = (double)(t_last - t0) / 1e9;
@@ -1063,6 +1086,8 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 			       q + 1 < nq ? ", " : "], ");
 		print_stats_json("read", rd, secs, true);
 		print_stats_json("write", wr, secs, true);
+		if (c->flush_every)
+			print_stats_json("flush", fl, secs, true);
 		print_stats_json("total", all, secs, false);
 		printf("}\n");
 	} else {
@@ -1070,6 +1095,7 @@ static int cmd_bench(struct vqfe *fe, struct cli *c)
 		       depth, nq, secs, c->one_thread ? "one" : "per-queue");
 		print_stats_text("read", rd, secs);
 		print_stats_text("write", wr, secs);
+		print_stats_text("flush", fl, secs);
 		print_stats_text("total", all, secs);
 		for (unsigned q = 0; nq > 1 && q < nq; q++)
 			printf("queue %u: %" PRIu64 " reads, %" PRIu64 " writes, %" PRIu64
@@ -1098,6 +1124,7 @@ out:
 	free(rd);
 	free(wr);
 	free(all);
+	free(fl);
 	return ret;
 }
 
@@ -1130,6 +1157,7 @@ enum {
 	O_NUMJOBS,
 	O_RUNTIME,
 	O_NUMBER_IOS,
+	O_FLUSH_EVERY,
 	O_THREADS,
 	O_VERIFY,
 	O_EXPECT,
@@ -1163,6 +1191,7 @@ static const struct option longopts[] = {
     {"numjobs", required_argument, NULL, O_NUMJOBS},
     {"runtime", required_argument, NULL, O_RUNTIME},
     {"number-ios", required_argument, NULL, O_NUMBER_IOS},
+    {"flush-every", required_argument, NULL, O_FLUSH_EVERY},
     {"threads", required_argument, NULL, O_THREADS},
     {"verify", no_argument, NULL, O_VERIFY},
     {"expect", required_argument, NULL, O_EXPECT},
@@ -1283,6 +1312,9 @@ int main(int argc, char **argv)
 		}
 		case O_NUMBER_IOS:
 			c.number_ios = parse_size(optarg, "--number-ios");
+			break;
+		case O_FLUSH_EVERY:
+			c.flush_every = parse_uint(optarg, "--flush-every", 1u << 30);
 			break;
 		case O_THREADS:
 			if (!strcmp(optarg, "one"))
