@@ -1562,17 +1562,20 @@ static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool hyb, bool *
 	*adapt = true;
 	if (!w)
 		return false;
-	/* Its group full: others hold the CPUs a poll would take. Sleep. */
-	if (loop->poll_group && !io_poll_group_enter(loop->poll_group)) {
-		*adapt = false;
-		return false;
-	}
+	/* The hybrid sleep first, outside the group: a loop asleep holds no
+	 * CPU, so it must not hold the place of a loop that would poll. */
 	if (hyb)
 		found = hybrid_sleep(loop, start, w, &slept);
-	if (!found)
+	if (!found) {
+		/* Its group full: others hold the CPUs a poll would take. Sleep. */
+		if (loop->poll_group && !io_poll_group_enter(loop->poll_group)) {
+			*adapt = false;
+			return false;
+		}
 		found = busy_poll(loop, start + w);
-	if (loop->poll_group)
-		io_poll_group_leave(loop->poll_group);
+		if (loop->poll_group)
+			io_poll_group_leave(loop->poll_group);
+	}
 	loop->poll_polled++;
 	loop->poll_caught += found != 0;
 	loop->poll_spent_ns += now_ns() - start - slept;

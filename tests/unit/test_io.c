@@ -1497,6 +1497,59 @@ static void hy_reads(struct io_loop *loop, struct io_file *f, int wfd, uint64_t 
 	pthread_join(tid, NULL);
 }
 
+/*
+ * Another loop's thread that wants to poll while this loop is in its hybrid
+ * sleep: it tries to take the group's one place between @from and @until
+ * (well inside the sleep, which a timer ends: hy_timer_fired), and says
+ * whether it got it.
+ */
+struct hy_grab {
+	struct io_poll_group *g;
+	uint64_t from, until; /* CLOCK_MONOTONIC ns: inside the loop's sleep */
+	bool tried, got;
+};
+
+static int hy_timer_fired;
+
+static uint64_t hy_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void *hy_grab_main(void *arg)
+{
+	struct hy_grab *gr = arg;
+	uint64_t t;
+
+	while ((t = hy_now()) < gr->from)
+		sched_yield();
+	/* Only inside the sleep: once it ends the loop leaves the group
+	 * either way, before its timer's completion runs. */
+	while (t < gr->until && !__atomic_load_n(&hy_timer_fired, __ATOMIC_ACQUIRE)) {
+		gr->tried = true;
+		if (io_poll_group_enter(gr->g)) {
+			io_poll_group_leave(gr->g);
+			gr->got = true;
+			break;
+		}
+		sched_yield();
+		t = hy_now();
+	}
+	return NULL;
+}
+
+static void hy_timer_done(struct io_cmd *cmd, int res)
+{
+	struct tcmd *t = container_of(cmd, struct tcmd, cmd);
+
+	__atomic_store_n(&hy_timer_fired, 1, __ATOMIC_RELEASE);
+	t->calls++;
+	t->res = res;
+}
+
 static void test_poll_hybrid(void)
 {
 	struct io_loop *loop;
@@ -1570,6 +1623,49 @@ static void test_poll_hybrid(void)
 		CU_ASSERT_EQUAL(rd.res, 1);
 		CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), sleeps + 1);
 		pthread_join(tid, NULL);
+		io_loop_set_poll_hybrid(loop, 50);
+	}
+	/* A loop in its hybrid sleep holds no place in its poll group: it
+	 * held the group's only one while asleep, so another thread could not
+	 * poll while no CPU was polling. */
+	{
+		struct hy_writer w = {.fd = p[1], .delay_ns = 3 * HY_DELAY, .rounds = 1};
+		struct io_poll_group g;
+		struct hy_grab gr = {.g = &g};
+		struct tcmd rd, tm;
+		pthread_t tid, gid;
+
+		io_poll_group_init(&g, 1);
+		io_loop_set_poll_group(loop, &g);
+		io_loop_set_poll_hybrid(loop, IO_POLL_HYBRID_PCT_MAX);
+		mean = io_loop_poll_hybrid_mean(loop);
+		sleeps = io_loop_poll_hybrid_sleeps(loop);
+		gr.from = hy_now() + mean / 8;
+		gr.until = gr.from + mean / 2; /* the timer: 3/4 of the mean */
+		__atomic_store_n(&hy_timer_fired, 0, __ATOMIC_RELEASE);
+		tinit(&rd);
+		tinit(&tm);
+		tm.cmd.done = hy_timer_done;
+		c = 0;
+		io_read(loop, &rd.cmd, &f, &c, 1, 0);
+		/* due late in the sleep (90 % of the mean): the other thread
+		 * has most of it to try */
+		io_timeout(loop, &tm.cmd, mean * 3 / 4);
+		CU_ASSERT_EQUAL_FATAL(pthread_create(&gid, NULL, hy_grab_main, &gr), 0);
+		CU_ASSERT_EQUAL_FATAL(pthread_create(&tid, NULL, hy_writer_main, &w), 0);
+		run_until(loop, &tm.calls, 1);
+		pthread_join(gid, NULL);
+		CU_ASSERT_EQUAL(io_loop_poll_hybrid_sleeps(loop), sleeps + 1);
+		if (gr.tried) {
+			CU_ASSERT(gr.got);
+		} else {
+			printf("  (the other thread did not run during the sleep: not checked)\n");
+		}
+		run_until(loop, &rd.calls, 1);
+		CU_ASSERT_EQUAL(rd.res, 1);
+		pthread_join(tid, NULL);
+		CU_ASSERT_EQUAL(__atomic_load_n(&g.active, __ATOMIC_RELAXED), 0);
+		io_loop_set_poll_group(loop, NULL);
 		io_loop_set_poll_hybrid(loop, 50);
 	}
 	/* No file I/O in flight (a timer): no sleep, the wait polls. */
