@@ -1783,7 +1783,7 @@ static int alloc_write(struct q2req *r)
 		if (a->new_host) {
 			pre = a->cow_start & (m->cs - 1);
 			post = (m->cs - (a->cow_end & (m->cs - 1))) & (m->cs - 1);
-			a->rest_zero = true; /* the engine's early link relies on it */
+			a->rest_zero = true; /* whole-cluster links rely on it */
 		}
 	}
 	if (pre + zh || zt + post) {

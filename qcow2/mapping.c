@@ -745,8 +745,10 @@ void q2_zk_forget(struct qcow2 *q, uint64_t host, uint64_t len)
  *    backing file's data; no external data file (its clusters are not ours
  *    to have filled);
  *  - the host bytes of those subclusters are zeroes in the file: this
- *    engine wrote the cluster whole at allocation (or took it from fresh
- *    space) and nothing has written them since (q->zk: set when the
+ *    engine took the cluster from fresh space (zeroes whether or not its
+ *    fill is durable; a reused cluster's fill is not enough: the link
+ *    batch of its entry may skip the fdatasync after it, rc_nosync in
+ *    writeback.c) and nothing has written them since (q->zk: set when the
  *    allocating write ended, forgotten for every subcluster any later
  *    allocation maps, for a cluster whose pointer is removed, and at
  *    close). A subcluster that was allocated once and then discarded or
@@ -758,9 +760,8 @@ void q2_zk_forget(struct qcow2 *q, uint64_t host, uint64_t len)
  *  - the cluster is ours alone (COPIED, in a COPIED L2 table: no snapshot
  *    shares it); compressed clusters never take this path (TK_NEW_FULL).
  * A zero subcluster (zero bit) reads zeroes either way; the bits change as
- * qcow2_alloc_finish() would change them. With a durable batch the P1
- * fdatasync covers the cluster's zero fill (written before the entry that
- * linked the cluster), so a power loss cannot expose older bytes either.
+ * qcow2_alloc_finish() would change them. Fresh space reads zeroes after a
+ * power loss too, so that cannot expose older bytes either.
  */
 static void early_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *s, uint32_t idx,
 		       uint64_t host)
@@ -1025,16 +1026,21 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	uint32_t idx0 = (uint32_t)(a->first_cluster & ((1ull << q->sl2_bits) - 1));
 	/*
 	 * Extended L2, new clusters written whole by the caller (a->rest_zero:
-	 * zeroes outside [cow_start, cow_end), in the same write as the data),
-	 * no backing file, no external data file: every subcluster is linked as
-	 * allocated, not only those written. The others read zeroes either way
-	 * (unallocated: no backing; allocated: the zeroes just written, durable
-	 * before this entry as the data is), and later writes into them are
-	 * plain in-place writes with no metadata to persist. With a backing
-	 * file the bits stay per subcluster (the others read the backing file).
+	 * zeroes outside [cow_start, cow_end), in the same write as the data)
+	 * from fresh space (a->fresh), no backing file, no external data file:
+	 * every subcluster is linked as allocated, not only those written. The
+	 * others read zeroes either way (unallocated: no backing; allocated:
+	 * the zeroes just written, or fresh space's own where a power loss
+	 * lost them), and later writes into them are plain in-place writes
+	 * with no metadata to persist. Not a reused cluster: a link batch may
+	 * write this entry with no fdatasync after the fill (its refcount made
+	 * durable by a batch that ran while the write was in flight:
+	 * rc_nosync), and the cluster's old bytes would then show where the
+	 * guest never wrote. With a backing file the bits stay per subcluster
+	 * (the others read the backing file).
 	 */
-	bool whole = a->kind == TK_NEW_SC && a->rest_zero && a->new_host && !q->ext_data &&
-		     q->backing_size == UINT64_MAX &&
+	bool whole = a->kind == TK_NEW_SC && a->rest_zero && a->fresh && a->new_host &&
+		     !q->ext_data && q->backing_size == UINT64_MAX &&
 		     !__atomic_load_n(&test_sc_link, __ATOMIC_RELAXED);
 
 	if (res >= 0 && !a->early)
@@ -1088,8 +1094,10 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 			break;
 		}
 		q2_l2_set(s, idx0 + i, ne, nbm, q->extl2);
+		/* known zeroes for an early link: fresh space only (the fill of
+		 * a reused cluster may not be durable when the bits are) */
 		if (a->kind == TK_NEW_SC)
-			zk_set(q, hc, !whole && (a->fresh || a->rest_zero) ? ~m : 0);
+			zk_set(q, hc, !whole && a->fresh ? ~m : 0);
 	}
 	q2_slice_dirty_range(s, idx0 * q->l2e_size, a->nclusters * q->l2e_size);
 	a->link_gen = q->meta_gen;

@@ -2625,6 +2625,111 @@ static void test_stale_subclusters(void)
 		stale_case(v);
 }
 
+/*
+ * Extended L2, no backing file: the subclusters of a new cluster that its
+ * first write did not cover are linked allocated (a cluster written whole,
+ * test_whole_sc) or known zero for a later early link (mapping.c, q->zk)
+ * only where they read zeroes in every crash image, power loss included.
+ * Here the cluster is a freed one reused (old bytes in it, no punch), its
+ * refcount made durable by a batch that ran while its data write was in
+ * flight (the timer's, another request's FLUSH), so the request's link
+ * batch skips the refcount sync (rc_nosync) and writes the L2 entry with no
+ * fdatasync after the fill: a crash image may hold the entry and not the
+ * fill. Every crash image must read, around the 4 KiB written, zeroes (what
+ * the guest read before), never the old cluster's bytes. (The 4 KiB itself,
+ * never flushed, may read them after a power loss, as with QEMU, which
+ * orders only COW data before the L2 entry.)
+ * @sc_link (qcow2_test_sc_link): the first write linked per subcluster, and
+ * a second one, into another subcluster (an early link where the first
+ * write's fill counts as zeroes), is the one checked.
+ */
+static void whole_reused_case(bool sc_link)
+{
+	const uint64_t size = 4ull << 20, cs = 65536;
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	uint8_t *old = malloc(cs), *zero = calloc(1, cs), *want = calloc(1, cs);
+	uint64_t g = 7 * cs, off = g + 8192;
+	struct qcow2_alloc a;
+	struct flushf lk;
+	struct waitf wf;
+	struct eng e;
+	size_t from;
+	int ret;
+
+	memset(old, 0xa5, cs);
+	memset(want + 8192, 0x3c, 4096);
+	eng_create(&e, "cluster_size=65536,extended_l2=on", size, &o);
+	qcow2_test_sc_link(sc_link);
+	/* guest cluster 3 full of old bytes, then freed: its host cluster
+	 * goes to the free list, bytes and all (no hole punching here) */
+	CU_ASSERT_EQUAL(eng_write(&e, 3 * cs, cs, old), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -EOPNOTSUPP), 0);
+	CU_ASSERT_EQUAL(eng_zero(&e, 3 * cs, cs, false, true), 0);
+	for (int i = 0; i < 4; i++) {
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		run_idle(&e);
+	}
+	io_loop_inject_clear(g_loop);
+	from = fake_log_count();
+	do {
+		wait_init(&wf);
+		ret = qcow2_map_write(e.q, off, 4096, &a, &wf.w);
+		if (ret == -EAGAIN)
+			wait_woken(&wf);
+	} while (ret == -EAGAIN);
+	CU_ASSERT_EQUAL_FATAL(ret, QCOW2_WRITE_ALLOC);
+	CU_ASSERT(a.new_host);
+	CU_ASSERT_FALSE(a.fresh); /* the freed cluster, reused */
+	/* a batch while the data write is in flight: the refcount durable */
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* the data written whole, zeroes around it (alloc_write's fill) */
+	ret = do_write_data(&e, want, cs, a.host - (a.off & (cs - 1)));
+	CU_ASSERT_EQUAL(ret, 0);
+	a.rest_zero = true;
+	qcow2_alloc_finish(e.q, &a, ret);
+	/* the request waits for its entry: a link batch */
+	memset(&lk, 0, sizeof(lk));
+	lk.f.done = flush_done;
+	if (qcow2_link(e.q, a.link_gen, &lk.f))
+		wait_chain(&lk);
+	if (sc_link) {
+		/* a second write into the cluster, another subcluster */
+		uint8_t *before = malloc(cs);
+
+		CU_ASSERT_EQUAL(eng_read(&e, g, cs, before), 0);
+		CU_ASSERT(memcmp(before, want, cs) == 0);
+		memset(want + 32768, 0x4b, 4096);
+		from = fake_log_count();
+		CU_ASSERT_EQUAL(eng_write(&e, g + 32768, 4096, want + 32768), 0);
+		memset(&lk, 0, sizeof(lk));
+		lk.f.done = flush_done;
+		if (qcow2_link(e.q, qcow2_meta_gen(e.q), &lk.f))
+			wait_chain(&lk);
+		/* past the first write (its own data may be lost: never
+		 * flushed): what the second one did not write reads zeroes */
+		crash_reads_either(&e, from, g + 16384, cs - 16384, before + 16384, want + 16384);
+		free(before);
+	} else {
+		/* around the write (its own bytes may be lost: never flushed) */
+		crash_reads_either(&e, from, g, 8192, zero, want);
+		crash_reads_either(&e, from, off + 4096, cs - 12288, zero, want + 12288);
+	}
+	qcow2_test_sc_link(false);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(old);
+	free(zero);
+	free(want);
+}
+
+static void test_whole_reused(void)
+{
+	whole_reused_case(false);
+	whole_reused_case(true);
+}
+
 /* Random damage to L1/L2/refcount structures: errors are fine, crashes,
  * hangs and sanitizer reports are not. */
 static void test_damage(void)
@@ -3498,6 +3603,8 @@ int main(void)
 	CU_add_test(suite, "discard, zero, reuse", test_discard_reuse_and_zero);
 	CU_add_test(suite, "extended L2: discarded subclusters never read old data",
 		    test_stale_subclusters);
+	CU_add_test(suite, "extended L2: a reused cluster is not linked whole before its fill",
+		    test_whole_reused);
 	CU_add_test(suite, "damaged tables", test_damage);
 	CU_add_test(suite, "L2 prefetch: covering cache, read-only", test_prefetch_covering);
 	CU_add_test(suite, "L2 prefetch: slice dirtied during its read",
