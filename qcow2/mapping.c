@@ -1060,6 +1060,16 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	}
 	if (a->early)
 		goto out; /* linked at map time: early_link() */
+	if (a->new_host && !a->fresh && q->link_need <= q->rc_seq) {
+		/*
+		 * A reused cluster's old bytes are on disk under the new data and
+		 * fill: the batch that writes this entry must sync them first,
+		 * even in link mode whose refcounts a batch that ran while the
+		 * write was in flight made durable (rc_nosync), or after a power
+		 * loss the entry could show them where the guest never wrote.
+		 */
+		q->link_need = q->rc_seq + 1;
+	}
 	for (uint32_t i = 0; i < a->nclusters; i++) {
 		uint64_t bm, e = q2_l2_entry(s, idx0 + i, &bm, q->extl2);
 		uint64_t hc = host0 + ((uint64_t)i << q->cb), ne = e, nbm = bm;

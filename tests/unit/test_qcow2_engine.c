@@ -2639,11 +2639,13 @@ static void test_stale_subclusters(void)
  * the guest read before), never the old cluster's bytes. (The 4 KiB itself,
  * never flushed, may read them after a power loss, as with QEMU, which
  * orders only COW data before the L2 entry.)
+ * !@extl2: a standard image, whose new cluster is written whole (the COW
+ * head and tail as zeroes) and linked whole in any case: the same holds.
  * @sc_link (qcow2_test_sc_link): the first write linked per subcluster, and
  * a second one, into another subcluster (an early link where the first
  * write's fill counts as zeroes), is the one checked.
  */
-static void whole_reused_case(bool sc_link)
+static void whole_reused_case(bool sc_link, bool extl2)
 {
 	const uint64_t size = 4ull << 20, cs = 65536;
 	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
@@ -2658,7 +2660,8 @@ static void whole_reused_case(bool sc_link)
 
 	memset(old, 0xa5, cs);
 	memset(want + 8192, 0x3c, 4096);
-	eng_create(&e, "cluster_size=65536,extended_l2=on", size, &o);
+	eng_create(&e, extl2 ? "cluster_size=65536,extended_l2=on" : "cluster_size=65536", size,
+		   &o);
 	qcow2_test_sc_link(sc_link);
 	/* guest cluster 3 full of old bytes, then freed: its host cluster
 	 * goes to the free list, bytes and all (no hole punching here) */
@@ -2726,8 +2729,9 @@ static void whole_reused_case(bool sc_link)
 
 static void test_whole_reused(void)
 {
-	whole_reused_case(false);
-	whole_reused_case(true);
+	whole_reused_case(false, true);
+	whole_reused_case(true, true);
+	whole_reused_case(false, false);
 }
 
 /* Random damage to L1/L2/refcount structures: errors are fine, crashes,
