@@ -15,6 +15,7 @@
 #include "control.h"
 #include "img.h"
 #include "layers.h"
+#include "util.h"
 #include "vlog.h"
 
 #define JOB_DEV                                                                                    \
@@ -255,13 +256,8 @@ static json_t *stats_json(struct ctl *c, const struct blk_stats *st)
 	json_object_set_new(o, "wr_highest_offset",
 			    json_integer((json_int_t)st->wr_highest_offset));
 	if (st->last_done_ns) {
-		struct timespec ts;
-
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		json_object_set_new(
-		    o, "idle_time_ns",
-		    json_integer((json_int_t)((uint64_t)ts.tv_sec * 1000000000ull +
-					      (uint64_t)ts.tv_nsec - st->last_done_ns)));
+		json_object_set_new(o, "idle_time_ns",
+				    json_integer((json_int_t)(util_now_ns() - st->last_done_ns)));
 	}
 	json_object_set_new(o, "account_invalid", json_true());
 	json_object_set_new(o, "account_failed", json_true());
@@ -1376,7 +1372,6 @@ void ctl_tick(struct ctl *c)
 {
 	static const char *const opname[BLK_STAT_N] = {"read", "write", "write", "write"};
 	struct blk_stats *st;
-	struct timespec ts;
 	uint64_t now, failures;
 	int k = -1;
 
@@ -1386,8 +1381,7 @@ void ctl_tick(struct ctl *c)
 	failures = blk_dev_failures(c->blk); /* the cheap test, every iteration */
 	if (failures == c->failures_seen)
 		return;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	now = util_now_ns();
 	if (c->last_event_ns && now - c->last_event_ns < 1000000000ull)
 		return; /* reported later, summed up, when the second is over */
 	st = malloc(sizeof(*st));

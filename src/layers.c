@@ -69,6 +69,7 @@
 #include "img.h"
 #include "layers.h"
 #include "qcow2tool.h"
+#include "util.h"
 #include "vlog.h"
 
 #define NAMES_MAX   64
@@ -169,14 +170,6 @@ struct layers {
 	/* finished jobs whose dropped layers are still open: reported once closed */
 	struct cjob *ended;
 };
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* The chain as it was at start-up gets its names the first time we look. */
 static struct layers *get(struct ctl *c)
@@ -355,7 +348,7 @@ static void snap_end(struct ctl *c, int ret, const char *msg)
  */
 static bool flush_again(unsigned flushes, uint64_t t0)
 {
-	return flushes < MAX_FLUSHES || now_ns() - t0 < SETTLE_NS;
+	return flushes < MAX_FLUSHES || util_now_ns() - t0 < SETTLE_NS;
 }
 
 static void snap_flushed(struct img_io *io, int res);
@@ -456,7 +449,7 @@ static void snap_tick(struct ctl *c, struct snap *s)
 	if (s->flushing || s->store_held)
 		return;
 	if (blk_dev_inflight(c->blk)) {
-		if (now_ns() - s->t0 > DRAIN_NS)
+		if (util_now_ns() - s->t0 > DRAIN_NS)
 			snap_end(c, -ETIMEDOUT, "requests in flight did not end within 30 s");
 		return;
 	}
@@ -585,7 +578,7 @@ int layers_snapshot_sync(void *opaque, json_t *args, json_t **ret, char *err, si
 		r = -ENOMEM;
 		goto fail;
 	}
-	s->t0 = now_ns();
+	s->t0 = util_now_ns();
 	L->snap = s;
 	dev_pause(c);
 	vlog(VLOG_INFO, NULL, "qmp: blockdev-snapshot-sync %s over %s: draining", file, img->path);
@@ -717,7 +710,7 @@ static void job_fail(struct cjob *j, int err, const char *what)
 	}
 	if (!j->end || j->end == END_PIVOT || j->end == END_DROP) {
 		j->end = END_FAIL;
-		j->end_t0 = now_ns();
+		j->end_t0 = util_now_ns();
 		if (!j->paused_dev) {
 			dev_pause(j->c);
 			j->paused_dev = true;
@@ -825,7 +818,7 @@ static void job_run(struct cjob *j)
 		/* no READY: an intermediate commit completes by itself */
 		if (!j->end) {
 			j->end = END_DROP;
-			j->end_t0 = now_ns();
+			j->end_t0 = util_now_ns();
 		}
 		job_end_step(j);
 		return;
@@ -848,7 +841,7 @@ static void job_run(struct cjob *j)
 		 * is paid from the next slices */
 		uint64_t quota = j->speed / 10 ? j->speed / 10 : 1;
 
-		now = now_ns();
+		now = util_now_ns();
 		if (now - j->rl_t0 >= RL_SLICE_NS) {
 			uint64_t slices = (now - j->rl_t0) / RL_SLICE_NS;
 			uint64_t paid = slices * quota;
@@ -1013,7 +1006,7 @@ static void job_end_step(struct cjob *j)
 		return;
 	}
 	if (j->end != END_DROP && blk_dev_inflight(c->blk)) {
-		if (now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
+		if (util_now_ns() - j->end_t0 > DRAIN_NS && j->end == END_PIVOT) {
 			j->end = END_NONE;
 			dev_resume(c);
 			j->paused_dev = false;
@@ -1055,7 +1048,7 @@ static void job_start(struct cjob *j)
 {
 	struct ctl *c = j->c;
 
-	j->rl_t0 = now_ns();
+	j->rl_t0 = util_now_ns();
 	if (!j->inter) { /* guest writes do not reach the layers below the active one */
 		c->layers->hook_loop = j->top->loop;
 		set_hook(c, write_hook, j);
@@ -1422,7 +1415,7 @@ int layers_job_complete(void *opaque, json_t *args, json_t **ret, char *err, siz
 	if (j->end || !j->was_ready || j->user_paused)
 		return verb_error(j, "complete", err, errlen);
 	j->end = END_PIVOT;
-	j->end_t0 = now_ns();
+	j->end_t0 = util_now_ns();
 	dev_pause(c);
 	j->paused_dev = true;
 	vlog(VLOG_INFO, NULL, "qmp: job %s: completing (pivot to %s)", j->id, j->base->path);
@@ -1444,7 +1437,7 @@ int layers_job_cancel(void *opaque, json_t *args, json_t **ret, char *err, size_
 	 * the target holding a point-in-time copy (here: the base, not pivoted). */
 	j->cancel_ready = j->was_ready && !(force && json_is_true(force));
 	j->end = END_CANCEL;
-	j->end_t0 = now_ns();
+	j->end_t0 = util_now_ns();
 	dev_pause(c);
 	j->paused_dev = true;
 	job_end_step(j);
@@ -1464,7 +1457,7 @@ int layers_job_set_speed(void *opaque, json_t *args, json_t **ret, char *err, si
 		return -EINVAL;
 	}
 	j->speed = (uint64_t)sp;
-	j->rl_t0 = now_ns();
+	j->rl_t0 = util_now_ns();
 	j->rl_bytes = 0;
 	return 0;
 }
@@ -1542,7 +1535,7 @@ bool layers_stop(struct ctl *c)
 	}
 	if (j && !j->end) {
 		j->end = END_STOP;
-		j->end_t0 = now_ns();
+		j->end_t0 = util_now_ns();
 		set_hook(c, NULL, NULL);
 	}
 	return L->snap || L->job;

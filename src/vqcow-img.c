@@ -1623,14 +1623,6 @@ static int commit_wait(struct io_loop *loop, int *res)
 	return *res;
 }
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* qemu-img's -b: the name as given, or relative to the top image's directory. */
 static bool same_file(const char *path, const char *name, const char *top)
 {
@@ -1803,7 +1795,7 @@ static int cmd_commit(int argc, char **argv)
 	k.priv = &st;
 	k.zero_from = base_size;
 	progress_init(&p, show && !quiet);
-	t0 = mono_ns();
+	t0 = util_now_ns();
 	for (;;) {
 		uint64_t left;
 
@@ -1836,7 +1828,7 @@ static int cmd_commit(int argc, char **argv)
 		if (rate) {
 			/* qemu-img's -r: bytes per second over the whole run */
 			uint64_t due = t0 + (uint64_t)((double)k.copied * 1e9 / (double)rate);
-			uint64_t now = mono_ns();
+			uint64_t now = util_now_ns();
 
 			if (due > now) {
 				struct timespec ts = {(time_t)((due - now) / 1000000000ull),

@@ -63,7 +63,6 @@
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cap-ng.h>
@@ -687,14 +686,6 @@ struct daemon {
 	bool flushed; /* the final flush ended: the loop stopped for good */
 };
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* -- I/O threads: parking and hops -- */
 
 /* The I/O thread this code runs on; NULL on the main thread. */
@@ -965,7 +956,7 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 		}
 		/* the drain's end, for hold_report: a thread's last request */
 		if ((!r->t || !r->t->inflight) && __atomic_load_n(&d->ctl_hold, __ATOMIC_RELAXED))
-			__atomic_store_n(&d->hold_done, mono_ns(), __ATOMIC_RELAXED);
+			__atomic_store_n(&d->hold_done, util_now_ns(), __ATOMIC_RELAXED);
 	}
 }
 
@@ -1133,7 +1124,7 @@ static void d_defer(struct io_defer *def)
 	if (d->ctl_hold && d->handoff == HO_NONE && !d->stopping && d_inflight(d) == 0) {
 		d->handoff = HO_CTL; /* quiesced: main() runs the snapshot */
 		if (!d->hold_drained)
-			d->hold_drained = mono_ns();
+			d->hold_drained = util_now_ns();
 		io_loop_stop(d->loop);
 	}
 	if (d->stopping && !d->flushing && d_inflight(d) == 0 && !ctl_busy(&d->ctl)) {
@@ -1652,7 +1643,7 @@ static void ctl_hold_cb(void *opaque)
 	 * d_queue_kick, set while they are parked: none is popping then */
 	pause_all(d);
 	if (!d->hold_t0) { /* the first of the operations held together */
-		d->hold_t0 = mono_ns();
+		d->hold_t0 = util_now_ns();
 		d->hold_drained = 0;
 		__atomic_store_n(&d->hold_done, 0, __ATOMIC_RELAXED);
 	}
@@ -1904,7 +1895,7 @@ static void kick_running(struct daemon *d)
  */
 static void hold_report(struct daemon *d)
 {
-	uint64_t end = mono_ns(), t0 = d->hold_t0, drained = d->hold_drained;
+	uint64_t end = util_now_ns(), t0 = d->hold_t0, drained = d->hold_drained;
 	uint64_t last = __atomic_load_n(&d->hold_done, __ATOMIC_RELAXED);
 
 	if (!t0)

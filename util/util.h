@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 /*
  * Parse a byte count the way qemu-img 7.2 does (qemu_strtosz with bytes as
@@ -61,5 +62,14 @@ int util_unix_unlink_own(const char *path, const struct util_sock *own);
  * stream socket and make it non-blocking and close-on-exec. 0, -ENOTCONN
  * (not a listening stream socket) or -errno. */
 int util_adopt_listener(int fd);
+
+/* CLOCK_MONOTONIC now, in ns: the clock of the programs' timeouts and logs. */
+static inline uint64_t util_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 #endif /* VQCOW_UTIL_H */
