@@ -21,8 +21,14 @@ struct ffile {
 	char path[512];
 	uint8_t *data;
 	uint64_t size, cap;
+	/* Blocks of BLK bytes of data that may not be zero (a bit each, set by
+	 * writes, cleared by zeroing a whole block): images grow by
+	 * preallocated chunks of up to 64 MiB, mostly zeroes, which the copies
+	 * below skip (into calloc'd buffers: pages never touched cost nothing). */
+	uint8_t *nz;
 	uint8_t *base; /* contents at the last fake_log_reset() */
 	uint64_t base_size;
+	uint8_t *base_nz; /* nz then */
 	bool used;
 };
 
@@ -53,6 +59,71 @@ static size_t g_nreads, g_capreads;
 static struct io_loop *g_loop;
 
 /* ---- files ---- */
+
+#define BLK 65536u
+
+static bool zero_block(const uint8_t *p, uint64_t n)
+{
+	static const uint8_t zero[BLK];
+
+	return memcmp(p, zero, n) == 0;
+}
+
+static size_t nz_bytes(uint64_t cap)
+{
+	return (size_t)((cap + BLK - 1) / BLK / 8 + 1);
+}
+
+static bool nz_get(const uint8_t *nz, uint64_t blk)
+{
+	return nz[blk / 8] & (1u << (blk % 8));
+}
+
+/* Copy the blocks of @src marked in @nz below @end into @dst (zero elsewhere). */
+static void nz_copy(uint8_t *dst, const uint8_t *src, const uint8_t *nz, uint64_t end)
+{
+	for (uint64_t b = 0; b * BLK < end; b++)
+		if (nz_get(nz, b))
+			memcpy(dst + b * BLK, src + b * BLK,
+			       end - b * BLK < BLK ? end - b * BLK : BLK);
+}
+
+/* [@off, @off + @len) of the file's data was written: its bytes may not be zero. */
+static void written(struct ffile *f, uint64_t off, uint64_t len)
+{
+	for (uint64_t b = off / BLK; len && b <= (off + len - 1) / BLK; b++)
+		f->nz[b / 8] |= (uint8_t)(1u << (b % 8));
+}
+
+/* Zero [@off, @end) of the file's data (below its capacity). */
+static void zeroed(struct ffile *f, uint64_t off, uint64_t end)
+{
+	for (uint64_t b = off / BLK; b * BLK < end; b++) {
+		uint64_t lo = b * BLK > off ? b * BLK : off;
+		uint64_t hi = (b + 1) * BLK < end ? (b + 1) * BLK : end;
+
+		if (!nz_get(f->nz, b))
+			continue; /* zero already */
+		memset(f->data + lo, 0, hi - lo);
+		if (hi - lo == BLK)
+			f->nz[b / 8] &= (uint8_t) ~(1u << (b % 8));
+	}
+}
+
+/* The base for crash images: the contents now. */
+static int base_take(struct ffile *f)
+{
+	free(f->base);
+	free(f->base_nz);
+	f->base_size = f->size;
+	f->base = calloc(1, f->size + 1);
+	f->base_nz = malloc(nz_bytes(f->cap));
+	if (!f->base || !f->base_nz)
+		return -ENOMEM;
+	memcpy(f->base_nz, f->nz, nz_bytes(f->cap));
+	nz_copy(f->base, f->data, f->nz, f->size);
+	return 0;
+}
 
 static int load(const char *path)
 {
@@ -90,10 +161,14 @@ static int load(const char *path)
 	}
 	close(fd);
 	f->size = (uint64_t)sz;
+	f->nz = calloc(1, nz_bytes(f->cap));
+	if (!f->nz) {
+		free(f->data);
+		return -ENOMEM;
+	}
 	f->used = true;
-	f->base = malloc(f->size + 1);
-	memcpy(f->base, f->data, f->size);
-	f->base_size = f->size;
+	written(f, 0, f->size);
+	base_take(f);
 	return id;
 }
 
@@ -102,18 +177,36 @@ int fake_file_load(const char *path)
 	return load(path);
 }
 
-int fake_file_save(int id, const char *path)
+/* Sparse, as `cp --sparse=always`: zero blocks are holes (blocks not in
+ * @nz, when given, are zero: not even read). */
+static int save_sparse(const uint8_t *b, uint64_t len, const uint8_t *nz, const char *path)
 {
-	struct ffile *f = &g_files[id];
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
 	int ret = 0;
 
 	if (fd < 0)
 		return -errno;
-	if (f->size && write(fd, f->data, f->size) != (ssize_t)f->size)
-		ret = -EIO;
+	for (uint64_t off = 0; off < len && !ret; off += BLK) {
+		uint64_t n = len - off < BLK ? len - off : BLK;
+
+		if ((!nz || nz_get(nz, off / BLK)) && !zero_block(b + off, n) &&
+		    pwrite(fd, b + off, n, (off_t)off) != (ssize_t)n)
+			ret = -EIO;
+	}
+	if (!ret && ftruncate(fd, (off_t)len) < 0)
+		ret = -errno;
 	close(fd);
 	return ret;
+}
+
+int fake_file_save(int id, const char *path)
+{
+	return save_sparse(g_files[id].data, g_files[id].size, g_files[id].nz, path);
+}
+
+int fake_buf_save(const uint8_t *b, uint64_t len, const char *path)
+{
+	return save_sparse(b, len, NULL, path);
 }
 
 void fake_file_drop(int id)
@@ -121,7 +214,9 @@ void fake_file_drop(int id)
 	struct ffile *f = &g_files[id];
 
 	free(f->data);
+	free(f->nz);
 	free(f->base);
+	free(f->base_nz);
 	memset(f, 0, sizeof(*f));
 }
 
@@ -140,12 +235,19 @@ static int grow(struct ffile *f, uint64_t end)
 {
 	if (end > f->cap) {
 		uint64_t ncap = f->cap * 2 > end ? f->cap * 2 : end + 65536;
-		uint8_t *nd = realloc(f->data, ncap);
+		uint8_t *nd = calloc(1, ncap), *nnz = calloc(1, nz_bytes(ncap));
 
-		if (!nd)
+		if (!nd || !nnz) {
+			free(nd);
+			free(nnz);
 			return -ENOMEM;
-		memset(nd + f->cap, 0, ncap - f->cap);
+		}
+		nz_copy(nd, f->data, f->nz, f->cap);
+		memcpy(nnz, f->nz, nz_bytes(f->cap));
+		free(f->data);
+		free(f->nz);
 		f->data = nd;
+		f->nz = nnz;
 		f->cap = ncap;
 	}
 	if (end > f->size)
@@ -184,12 +286,8 @@ void fake_log_reset(void)
 	for (int i = 0; i < FAKE_FILES; i++) {
 		struct ffile *f = &g_files[i];
 
-		if (!f->used)
-			continue;
-		free(f->base);
-		f->base = malloc(f->size + 1);
-		memcpy(f->base, f->data, f->size);
-		f->base_size = f->size;
+		if (f->used)
+			base_take(f);
 	}
 }
 
@@ -259,7 +357,7 @@ int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t
 	b = calloc(1, cap);
 	if (!b)
 		return -ENOMEM;
-	memcpy(b, f->base, f->base_size);
+	nz_copy(b, f->base, f->base_nz, f->base_size); /* calloc'd: the rest is zero */
 	for (size_t i = 0; i < upto && i < g_nlog; i++) {
 		struct fake_log *l = &g_log[i];
 
@@ -432,6 +530,7 @@ static int execute(struct io_cmd *c)
 			memcpy(f->data + off, c->iov[i].iov_base, c->iov[i].iov_len);
 			off += c->iov[i].iov_len;
 		}
+		written(f, c->off, len);
 		memcpy(tmp, f->data + c->off, len);
 		log_add(FAKE_WRITE, id, c->off, len, tmp);
 		free(tmp);
@@ -453,7 +552,7 @@ static int execute(struct io_cmd *c)
 			if (end > c->off) {
 				if (grow(f, end) < 0)
 					return -ENOMEM;
-				memset(f->data + c->off, 0, end - c->off);
+				zeroed(f, c->off, end);
 				log_add(FAKE_WRITE, id, c->off, end - c->off, NULL);
 			}
 			return 0;
@@ -785,6 +884,7 @@ int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t
 	if (grow(ff, off + len) < 0)
 		return -ENOMEM;
 	memcpy(ff->data + off, buf, len);
+	written(ff, off, len);
 	log_add(FAKE_WRITE, (int)(ff - g_files), off, len, buf);
 	return 0;
 }

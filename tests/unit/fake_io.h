@@ -34,8 +34,10 @@ struct fake_log {
 
 /* Load @path (a real file) into memory; io_file_open() of @path then uses it. Returns its id. */
 int fake_file_load(const char *path);
-/* Write the in-memory file back to @path. 0 or -errno. */
+/* Write the in-memory file back to @path, sparse (zero blocks are holes). 0 or -errno. */
 int fake_file_save(int id, const char *path);
+/* Write @len bytes at @b (a crash image) to @path, sparse as well. 0 or -errno. */
+int fake_buf_save(const uint8_t *b, uint64_t len, const char *path);
 /* Forget an in-memory file (its log entries stay). */
 void fake_file_drop(int id);
 /* The id of an io_file opened through the fake. */
