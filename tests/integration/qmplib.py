@@ -371,8 +371,30 @@ def missing_tool(*tools):
     return False
 
 
+def setup_work(nargs, *tools, fresh=True):
+    """The head of a test's main(): its arguments (sys.argv[1:]), NARGS of
+    them (a count, or a tuple of the counts allowed), the last of the fewest
+    allowed being the work directory; every one of TOOLS on PATH; the work
+    directory made, emptied first if FRESH. Returns the arguments. Exits 2
+    with the usage (the test's docstring) on a wrong count, SKIP with
+    missing_tool's visible skip when a tool is missing."""
+    counts = (nargs,) if isinstance(nargs, int) else tuple(nargs)
+    args = sys.argv[1:]
+    if len(args) not in counts:
+        print(sys.modules["__main__"].__doc__)
+        sys.exit(2)
+    if missing_tool(*tools):
+        sys.exit(SKIP)
+    work = args[min(counts) - 1]
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work, exist_ok=True)
+    return args
+
+
 def run_main(main):
-    """Exit with main()'s status; a Fail escaping it is logged and is status 1."""
+    """Exit with main()'s status (or setup_work's); a Fail escaping it is
+    logged and is status 1."""
     try:
         sys.exit(main())
     except Fail as e:

@@ -35,11 +35,10 @@ Usage: test_commit_intermediate.py VQCOWD VQCOW-FE WORKDIR [VQCOWCTL]
 
 import os
 import shutil
-import sys
 import time
 
 import qmplib
-from qmplib import SKIP, check, log, missing_tool, wait_path
+from qmplib import check, log, wait_path
 from test_layers import (MiB, Daemon, Qmp, Writer, alone, info, new_disk, nodes, qcheck, run,
                          verify_file)
 
@@ -289,14 +288,9 @@ def test_qsd(vqcowd, fe, work):
 
 
 def main():
-    if len(sys.argv) not in (4, 5):
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    ctl = sys.argv[4] if len(sys.argv) == 5 else None
-    if missing_tool("qemu-img", "qemu-io"):
-        return SKIP
-    os.makedirs(work, exist_ok=True)
+    args = qmplib.setup_work((3, 4), "qemu-img", "qemu-io", fresh=False)
+    vqcowd, fe, work = args[:3]
+    ctl = args[3] if len(args) == 4 else None
     test_commit(vqcowd, fe, work)
     test_four(vqcowd, fe, work)
     if ctl:

@@ -25,10 +25,9 @@ Usage: test_commit_reopen.py VQCOWD VQCOW-FE WORKDIR
 
 import os
 import subprocess
-import sys
 import time
 
-from qmplib import SKIP, check, log, missing_tool, run_main
+from qmplib import check, log, run_main, setup_work
 from test_layers import (MiB, Daemon, Qmp, Writer, alone, can_read_lock, can_write_lock,
                          new_disk, nodes, qcheck, run, verify_file)
 
@@ -188,13 +187,7 @@ def test_kill(vqcowd, fe, work):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    if missing_tool("qemu-img", "qemu-io"):
-        return SKIP
-    os.makedirs(work, exist_ok=True)
+    vqcowd, fe, work = setup_work(3, "qemu-img", "qemu-io", fresh=False)
     test_complete(vqcowd, fe, work)
     test_cancel(vqcowd, fe, work)
     test_raw_base(vqcowd, fe, work)

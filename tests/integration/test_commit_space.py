@@ -36,10 +36,9 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 
 import qmplib
-from qmplib import SKIP, check, log, qimg_check
+from qmplib import check, log, qimg_check
 
 MiB = 1 << 20
 SLACK = 2 * MiB
@@ -170,14 +169,7 @@ def test_snapshot_bitmap(vqcowd, fe, work):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    if qmplib.missing_tool("qemu-img", "qemu-io"):
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe, work = qmplib.setup_work(3, "qemu-img", "qemu-io")
     test_cancel(vqcowd, fe, work)
     test_intermediate(vqcowd, fe, work)
     test_snapshot_bitmap(vqcowd, fe, work)

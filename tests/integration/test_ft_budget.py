@@ -33,11 +33,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import qmplib
-from qmplib import SKIP, check, log
+from qmplib import check, log
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -82,15 +81,7 @@ def serve(vqcowd, fe, work, name, img, size, extra, nios, expect):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    if not shutil.which("qemu-img"):
-        log("SKIP: qemu-img not installed")
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe, work = qmplib.setup_work(3, "qemu-img")
 
     # miss-bound: 64 MiB of L2 tables, a 32 MiB cache
     size = 512 * GiB

@@ -45,7 +45,7 @@ import time
 
 import bitmaplib
 import qmplib
-from qmplib import SKIP, Fail, check, log, missing_tool, qimg_check
+from qmplib import Fail, check, log, qimg_check
 
 MiB = 1024 * 1024
 
@@ -958,14 +958,9 @@ DIFFERENT = {
 
 
 def main():
-    if len(sys.argv) not in (4, 5):
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    ctl = sys.argv[4] if len(sys.argv) == 5 else None
-    if missing_tool("qemu-img", "qemu-io"):
-        return SKIP
-    os.makedirs(work, exist_ok=True)
+    args = qmplib.setup_work((3, 4), "qemu-img", "qemu-io", fresh=False)
+    vqcowd, fe, work = args[:3]
+    ctl = args[3] if len(args) == 4 else None
     only = os.environ.get("LAYERS_ONLY")
     if not only or only == "sc":
         test_snapshot_and_commit(vqcowd, fe, work)

@@ -38,14 +38,12 @@ Usage: test_mt_grow.py VQCOWD VQCOW_FE VQFE_STRESS WORKDIR
 
 import json
 import os
-import shutil
 import struct
 import subprocess
-import sys
 import time
 
 import qmplib
-from qmplib import SKIP, check, log
+from qmplib import check, log
 
 MiB = 1024 * 1024
 BS = 4096
@@ -121,15 +119,7 @@ def check_file(img, ranges, work):
 
 
 def main():
-    if len(sys.argv) != 5:
-        print(__doc__)
-        return 2
-    vqcowd, fe, stress, work = sys.argv[1:5]
-    if not shutil.which("qemu-img"):
-        log("SKIP: qemu-img not installed")
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe, stress, work = qmplib.setup_work(4, "qemu-img")
     img = os.path.join(work, "disk.qcow2")
     until = os.path.join(work, "until")
     run("qemu-img", "create", "-q", "-f", "qcow2", img, 8 * MiB)

@@ -42,7 +42,7 @@ import sys
 import time
 
 from qmplib import (SKIP, Daemon, Fail, Qmp, check, expect_error, fe, fe_capacity, log,
-                    run_ctl, run_main, wait_path)
+                    run_ctl, run_main, setup_work, wait_path)
 
 
 def first_line(p, what, timeout=30):
@@ -294,12 +294,7 @@ def test_qsd(work, vqcowd_q):
 
 
 def main():
-    if len(sys.argv) != 5:
-        print(__doc__)
-        return 2
-    vqcowd, fe_bin, ctl, work = sys.argv[1:]
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe_bin, ctl, work = setup_work(4)
     image = os.path.join(work, "disk.raw")
     size = 64 << 20
     with open(image, "wb") as f:

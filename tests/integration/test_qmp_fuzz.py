@@ -36,15 +36,13 @@ Usage: test_qmp_fuzz.py VQCOWD VQCOW-FE WORKDIR
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
-from qmplib import Daemon, Qmp, check, log, run_main
+from qmplib import Daemon, Qmp, check, log, run_main, setup_work
 
 CMDS = ["query-version", "query-block-exports", "query-named-block-nodes", "query-blockstats",
         "block-latency-histogram-set", "qmp_capabilities", "nope", "",
@@ -326,15 +324,10 @@ def fds(pid):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe_bin, work = sys.argv[1:]
+    vqcowd, fe_bin, work = setup_work(3)
     seconds = float(os.environ.get("VQCOW_QMP_FUZZ_SECONDS", "20"))
     seed = int(os.environ.get("VQCOW_QMP_SEED", str(int(time.time()))))
     log("qmp fuzz: %.0f s, seed %d (VQCOW_QMP_SEED=%d to replay)" % (seconds, seed, seed))
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
     image = os.path.join(work, "disk.raw")
     with open(image, "wb") as f:
         f.truncate(64 << 20)

@@ -55,11 +55,10 @@ import array
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import qmplib
-from qmplib import SKIP, Fail, check, log
+from qmplib import Fail, check, log
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -296,15 +295,7 @@ def raw_image(vqcowd, stress, work, base):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, stress, work = sys.argv[1:4]
-    if not shutil.which("qemu-img"):
-        log("SKIP: qemu-img not installed")
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, stress, work = qmplib.setup_work(3, "qemu-img")
     base = os.path.join(work, "base.raw")
     with open(base, "wb") as f:
         for b in range(SIZE // BS):

@@ -44,12 +44,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, log, qimg_check, qsd_popen,
-                    run_ctl, run_main, vqcowd_session, wait_path)
+                    run_ctl, run_main, setup_work, vqcowd_session, wait_path)
 
 MiB = 1 << 20
 
@@ -604,16 +603,7 @@ def test_kill(vqcowd, fe_bin, work, rounds):
 
 
 def main():
-    if len(sys.argv) != 6:
-        print(__doc__)
-        return 2
-    vqcowd, fe_bin, ctl, vimg, work = sys.argv[1:]
-    for t in ("qemu-img", "qemu-io"):
-        if not shutil.which(t):
-            log("SKIP: %s not installed" % t)
-            return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe_bin, ctl, vimg, work = setup_work(5, "qemu-img", "qemu-io")
     test_data(vqcowd, fe_bin, ctl, vimg, work)
     test_img_cli(vimg, work)
     test_punch(vimg, work)

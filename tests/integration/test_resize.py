@@ -40,12 +40,11 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 from qmplib import (SKIP, Daemon, Qmp, check, expect_error, fe, fe_capacity, log, qsd_running,
-                    run_main, wait_unlocked)
+                    run_main, setup_work, wait_unlocked)
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -429,15 +428,7 @@ def test_qsd(work):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe_bin, work = sys.argv[1:]
-    if not QEMU_IMG or not QEMU_IO:
-        log("SKIP: qemu-img/qemu-io not installed")
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe_bin, work = setup_work(3, "qemu-img", "qemu-io")
     test_geometries(vqcowd, fe_bin, work)
     test_refusals(vqcowd, fe_bin, work)
     test_under_io(vqcowd, fe_bin, work)

@@ -28,10 +28,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import qmplib
-from qmplib import SKIP, check, log, qimg_check
+from qmplib import check, log, qimg_check
 from qmplib import run_ok as run
 
 KiB = 1 << 10
@@ -90,14 +89,7 @@ def per_subcluster(img, off, what):
 
 
 def main():
-    if len(sys.argv) != 4:
-        print(__doc__)
-        return 2
-    vqcowd, fe, work = sys.argv[1:4]
-    if qmplib.missing_tool("qemu-img", "qemu-io"):
-        return SKIP
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    vqcowd, fe, work = qmplib.setup_work(3, "qemu-img", "qemu-io")
     base = os.path.join(work, "base.qcow2")
     ov1 = os.path.join(work, "ov1.qcow2")
     ov2 = os.path.join(work, "ov2.qcow2")
