@@ -30,11 +30,7 @@ sock=$tmp/sock
 bpid=
 cleanup() { [ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-
-qsd_obj= qsd_iot=
-if [ "${QSD_IOTHREAD:-0}" = 1 ]; then
-	qsd_obj="--object iothread,id=iot0" qsd_iot=",iothread=iot0"
-fi
+. "$repo/contrib/bench/qsd-start.sh"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -49,12 +45,8 @@ run() {
 		"${VQCOWD_B_BIN:-$vqcowd}" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
 			$VQCOWD_B >"$tmp/$kind.log" 2>&1 &
 	else
-		# shellcheck disable=SC2086
-		"${QSD:-qemu-storage-daemon}" $qsd_obj \
-			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=$fmt,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1$qsd_iot" \
-			>"$tmp/$kind.log" 2>&1 &
+		bench_qsd_start "${QSD:-qemu-storage-daemon}" "$img" "$fmt" "$sock" "$tmp/$kind.log" 1 \
+			"${QSD_IOTHREAD:-0}"
 	fi
 	bpid=$!
 	for i in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done

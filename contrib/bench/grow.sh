@@ -63,6 +63,7 @@ fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 ctl=${VQCOWCTL:-$build/src/vqcowctl}
 qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
 . "$repo/contrib/bench/need-build.sh"
+. "$repo/contrib/bench/qsd-start.sh"
 bench_need_build "$repo" "$build" vqcowd vqcow-fe vqcowctl
 [ -z "$base_opts" ] || [ -n "$base" ] || base=$vqcowd
 for t in fio qemu-img python3 "$vqcowd" "$fe" "$qsd" ${base:+"$base"}; do
@@ -131,11 +132,7 @@ run() {
 		"$bin" --socket-path "$sock" --blk-file "$f" --format qcow2 --qmp "$tmp/qmp" \
 			"${opts[@]}" >"$tmp/d.log" 2>&1 &
 	else
-		"$qsd" --object iothread,id=iot0 \
-			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=qcow2,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=iot0" \
-			>"$tmp/d.log" 2>&1 &
+		bench_qsd_start "$qsd" "$f" qcow2 "$sock" "$tmp/d.log"
 	fi
 	bpid=$!
 	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done

@@ -70,6 +70,7 @@ dir=${BENCH_DIR:-$build/bench-mq}
 gdir=${gdir:-$build/guest}
 qemu=${QEMU:-qemu-system-x86_64}
 . "$repo/contrib/bench/need-build.sh"
+. "$repo/contrib/bench/qsd-start.sh"
 bench_need_build "$repo" "$build" vqcowd
 for t in "$qemu" qemu-img qemu-storage-daemon python3 cpio "$vqcowd"; do
 	command -v "$t" >/dev/null || { echo "guest-mq.sh: $t not found" >&2; exit 77; }
@@ -159,11 +160,7 @@ start_backend() { # KIND IMAGE SOCK LOG
 	qsd-7.2 | qsd-10)
 		q=qemu-storage-daemon
 		[ "$kind" = qsd-10 ] && q=$qsd10
-		"$q" --object iothread,id=iot0 \
-			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=qcow2,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=2,iothread=iot0" \
-			</dev/null >"$4" 2>&1 &
+		bench_qsd_start "$q" "$img" qcow2 "$sock" "$4" 2
 		;;
 	esac
 	bpid=$!

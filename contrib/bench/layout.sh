@@ -51,6 +51,7 @@ vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 img=${VQCOW_IMG:-$build/src/vqcow-img}
 qsd=${QSD:-qemu-storage-daemon}
+. "$here/qsd-start.sh"
 for t in fio qemu-img filefrag python3 "$vqcowd" "$fe" "$img" "$qsd"; do
 	command -v "$t" >/dev/null || { echo "layout.sh: $t not found" >&2; exit 77; }
 done
@@ -79,11 +80,7 @@ daemon() {
 	if [ "$kind" = vqcowd ]; then
 		"$vqcowd" --socket-path "$sock" --blk-file "$f" --format "$fmt" >"$tmp/d.log" 2>&1 &
 	else
-		"$qsd" --object iothread,id=iot0 \
-			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=$fmt,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=iot0" \
-			>"$tmp/d.log" 2>&1 &
+		bench_qsd_start "$qsd" "$f" "$fmt" "$sock" "$tmp/d.log"
 	fi
 	bpid=$!
 	for i in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done

@@ -106,6 +106,7 @@ if [ $guest = 2 ]; then
 	exit
 fi
 . "$repo/contrib/bench/need-build.sh"
+. "$repo/contrib/bench/qsd-start.sh"
 bench_need_build "$repo" "$build" vqcowd vqcow-fe
 for t in qemu-storage-daemon python3 "$vqcowd" "$fe"; do
 	command -v "$t" >/dev/null || { echo "mq.sh: $t not found" >&2; exit 77; }
@@ -143,11 +144,7 @@ start() { # KIND IMAGE
 	qsd-7.2 | qsd-10)
 		q=qemu-storage-daemon
 		[ "$kind" = qsd-10 ] && q=$qsd10
-		"$q" --object iothread,id=iot0 \
-			--blockdev "driver=file,node-name=f,filename=$img,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=qcow2,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=2,iothread=iot0" \
-			>"$tmp/log" 2>&1 &
+		bench_qsd_start "$q" "$img" qcow2 "$sock" "$tmp/log" 2
 		;;
 	esac
 	bpid=$!

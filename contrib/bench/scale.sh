@@ -49,6 +49,7 @@ vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 qsd=${QSD:-$(bash "$here/qsd10.sh" 2>/dev/null || echo qemu-storage-daemon)}
 . "$repo/contrib/bench/need-build.sh"
+. "$repo/contrib/bench/qsd-start.sh"
 bench_need_build "$repo" "$build" vqcowd vqcow-fe
 for t in qemu-img python3 "$vqcowd" "$fe" "$qsd"; do
 	command -v "$t" >/dev/null || { echo "scale.sh: $t not found" >&2; exit 77; }
@@ -89,11 +90,7 @@ run() {
 		"$VQCOWD_ALT" --socket-path "$sock" --blk-file "$f" --format qcow2 ${VQCOWD_ALT_ARGS:-} \
 			>"$tmp/d.log" 2>&1 &
 	else
-		"$qsd" --object iothread,id=iot0 \
-			--blockdev "driver=file,node-name=f,filename=$f,cache.direct=on,aio=io_uring" \
-			--blockdev "driver=qcow2,node-name=d,file=f" \
-			--export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=iot0" \
-			>"$tmp/d.log" 2>&1 &
+		bench_qsd_start "$qsd" "$f" qcow2 "$sock" "$tmp/d.log"
 	fi
 	bpid=$!
 	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
