@@ -865,6 +865,9 @@ static void phase_run(struct q2_batch *b)
 		unsigned hold = __atomic_load_n(&test_wb_hold_ms, __ATOMIC_RELAXED);
 
 		if (hold) {
+			/* integration.sidebatch waits for this line */
+			Q2_LOG(q, WARN, "test seam: a write-back batch holds its L2 writes %u ms",
+			       hold);
 			b->held = true;
 			b->hold_cmd.done = hold_done;
 			b->hold_cmd.priv = b;

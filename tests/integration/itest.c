@@ -180,6 +180,39 @@ void itest_dump_log(const struct itest_daemon *d)
 	fclose(f);
 }
 
+unsigned itest_log_count(const struct itest_daemon *d, const char *what)
+{
+	char line[1024];
+	unsigned n = 0;
+	FILE *f = fopen(d->log, "r");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		n += strstr(line, what) != NULL;
+	fclose(f);
+	return n;
+}
+
+bool itest_wait_log(const struct itest_daemon *d, const char *what, unsigned n, int timeout_ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)timeout_ms;
+
+	for (;;) {
+		if (itest_log_count(d, what) > n)
+			return true;
+		if (now_ms() >= deadline)
+			return false;
+		usleep(1000);
+	}
+}
+
+/* Does the back-end's log contain @what? */
+static bool log_has(const struct itest_daemon *d, const char *what)
+{
+	return itest_log_count(d, what) > 0;
+}
+
 static int make_image(struct itest_daemon *d, const struct itest_opts *o)
 {
 	int fd = open(d->img, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
@@ -457,21 +490,6 @@ static void rm_rf(const char *dir)
 	}
 	closedir(dp);
 	rmdir(dir);
-}
-
-/* Does the back-end's log contain @what? */
-static bool log_has(const struct itest_daemon *d, const char *what)
-{
-	char line[1024];
-	bool found = false;
-	FILE *f = fopen(d->log, "r");
-
-	if (!f)
-		return false;
-	while (!found && fgets(line, sizeof(line), f))
-		found = strstr(line, what) != NULL;
-	fclose(f);
-	return found;
 }
 
 int itest_stop(struct itest_daemon *d)

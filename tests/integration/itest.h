@@ -79,6 +79,11 @@ int itest_fd_count(const struct itest_daemon *d);
 int itest_pread(const struct itest_daemon *d, void *buf, size_t len, uint64_t off);
 /* Print the daemon's log to stderr (on failures). */
 void itest_dump_log(const struct itest_daemon *d);
+/* Lines of the daemon's log that contain @what. */
+unsigned itest_log_count(const struct itest_daemon *d, const char *what);
+/* Wait up to @timeout_ms (polling every millisecond) until more than @n lines
+ * of the daemon's log contain @what: true if they do. */
+bool itest_wait_log(const struct itest_daemon *d, const char *what, unsigned n, int timeout_ms);
 
 /* Options for a vqfe connection with the harness's timeout. */
 void itest_fe_opts(struct vqfe_opts *o);

@@ -30,6 +30,8 @@
 
 #define CS 65536u
 #define SC 2048u
+/* qcow2/writeback.c's line as a batch is held (VQCOWD_TEST_WB_HOLD) */
+#define HELD "a write-back batch holds its L2 writes"
 
 static void run_round(unsigned queues, unsigned q, unsigned round)
 {
@@ -38,6 +40,7 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	struct vqfe_req req[2], *done[2];
 	struct vqfe_opts fo;
 	uint64_t c1 = 256ull * CS, roff = c1 - 2 * SC;
+	unsigned held;
 	bool rdone;
 	int n;
 
@@ -78,9 +81,14 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	req[0].sector = roff / 512;
 	req[0].buf = a;
 	req[0].len = sizeof(a);
+	held = itest_log_count(&d, HELD);
 	CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, q, &req[0]), 0);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, q), true), 0);
-	usleep(400000); /* M started and held (a loaded machine may take a while) */
+	/* M started and held: its line in the log (a loaded machine may take a while) */
+	if (!itest_wait_log(&d, HELD, held, 10000)) {
+		itest_dump_log(&d);
+		CU_FAIL_FATAL("no write-back batch held after A");
+	}
 	/* R: in place through A's entry, then an early link in Y */
 	req[1].sector = roff / 512;
 	req[1].buf = r;
