@@ -673,6 +673,8 @@ struct daemon {
 	bool release_pending; /* all rings stopped during a migration: let go once drained */
 	enum { HO_NONE, HO_RELEASE, HO_TAKE, HO_CTL } handoff; /* asked of main() (loop stopped) */
 	bool ctl_hold;          /* --qmp: requests held back for a snapshot (ctl_held) */
+	bool ctl_running;       /* ctl_held runs (it drives the loop): no HO_CTL meanwhile */
+	unsigned hold_asks;     /* ctl_hold_cb calls: one during ctl_held keeps the hold */
 	bool hold_armed;        /* hold_cmd in flight */
 	struct io_cmd hold_cmd; /* wakes the main loop while held (I/O threads complete) */
 	/* a hold's parts, CLOCK_MONOTONIC ns, for its log line (hold_report) */
@@ -1121,7 +1123,8 @@ static void d_defer(struct io_defer *def)
 		d->handoff = HO_RELEASE;
 		io_loop_stop(d->loop);
 	}
-	if (d->ctl_hold && d->handoff == HO_NONE && !d->stopping && d_inflight(d) == 0) {
+	if (d->ctl_hold && d->handoff == HO_NONE && !d->ctl_running && !d->stopping &&
+	    d_inflight(d) == 0) {
 		d->handoff = HO_CTL; /* quiesced: main() runs the snapshot */
 		if (!d->hold_drained)
 			d->hold_drained = util_now_ns();
@@ -1642,6 +1645,7 @@ static void ctl_hold_cb(void *opaque)
 	/* d_defer stops the loop once drained; I/O threads read it in
 	 * d_queue_kick, set while they are parked: none is popping then */
 	pause_all(d);
+	d->hold_asks++;
 	if (!d->hold_t0) { /* the first of the operations held together */
 		d->hold_t0 = util_now_ns();
 		d->hold_drained = 0;
@@ -1899,7 +1903,7 @@ static void hold_report(struct daemon *d)
 	uint64_t last = __atomic_load_n(&d->hold_done, __ATOMIC_RELAXED);
 
 	if (!t0)
-		return; /* no hold: a second stop asked while the operation ran */
+		return; /* no hold was asked (ctl_hold_cb sets it) */
 	d->hold_t0 = 0;
 	if (drained < t0)
 		drained = t0;
@@ -1922,9 +1926,23 @@ static void handoff_parked(struct daemon *d)
 	int ret, tries = 0;
 
 	if (d->handoff == HO_CTL) {
-		/* --qmp snapshot: no request in flight, new ones held back. */
+		unsigned asks = d->hold_asks;
+
+		/*
+		 * --qmp snapshot: no request in flight, new ones held back. The
+		 * operation drives the main loop (an engine closed and opened),
+		 * whose d_defer would see the hold on and nothing in flight and
+		 * ask for HO_CTL again: ctl_running keeps it from that, so
+		 * ctl_held runs once. A hold asked meanwhile (a completion that
+		 * queued more held work, e.g. a commit job's end) stays on:
+		 * d_defer asks for HO_CTL again at the next drain.
+		 */
 		d->handoff = HO_NONE;
+		d->ctl_running = true;
 		ctl_held(&d->ctl);
+		d->ctl_running = false;
+		if (d->hold_asks != asks)
+			return;
 		__atomic_store_n(&d->ctl_hold, false, __ATOMIC_RELEASE);
 		hold_report(d);
 		kick_running(d);
