@@ -53,6 +53,7 @@ enum {
 	CMD_F_CANCEL = 1u << 1,    /* a cancel request for this command is out */
 	CMD_F_BUFFERED = 1u << 2,  /* goes through the file's buffered twin fd */
 	CMD_F_TRANSIENT = 1u << 3, /* fault hook: next CQE is a NOP standing for ->res */
+	CMD_F_HYB = 1u << 4,       /* a file SQE counted in finflight (hybrid polling on) */
 };
 
 #define IO_FIXED_FILES   64
@@ -92,7 +93,8 @@ struct io_loop {
 	/* Hybrid polling (io_loop_set_poll_hybrid): hyb_pct % of hyb_mean_ns,
 	 * the learnt wait for a file completion, is slept before polling the
 	 * wait that follows a file submission (fsub) with file I/O in flight
-	 * (finflight: file SQEs whose CQE is not reaped). For the exit line: sleeps, those a CQE
+	 * (finflight: file SQEs whose CQE is not reaped, counted only while
+	 * hybrid polling is on, CMD_F_HYB). For the exit line: sleeps, those a CQE
 	 * ended, time slept. hyb_ok: the kernel takes a wait's timeout (EXT_ARG). */
 	unsigned hyb_pct;
 	bool hyb_ok;
@@ -779,7 +781,11 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	io_uring_sqe_set_data(sqe, cmd);
 	cmd->state = CMD_KERNEL;
 	loop->kinflight++;
-	if (is_file_op(cmd->op)) {
+	/* Hybrid polling off (the default): no file counting on the data path.
+	 * The flag makes the CQE uncount exactly what was counted, whenever
+	 * hybrid polling is switched. */
+	if (loop->hyb_pct && is_file_op(cmd->op)) {
+		cmd->flags |= CMD_F_HYB;
 		loop->finflight++;
 		loop->fsub = true;
 	}
@@ -1297,7 +1303,10 @@ static void rw_complete(struct io_loop *loop, struct io_cmd *cmd, int res)
 
 static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned cflags)
 {
-	loop->finflight -= is_file_op(cmd->op); /* one CQE per file SQE */
+	if (cmd->flags & CMD_F_HYB) { /* one CQE per file SQE */
+		cmd->flags &= (uint8_t)~CMD_F_HYB;
+		loop->finflight--;
+	}
 	if (cmd->flags & CMD_F_TRANSIENT) {
 		/* The NOP of a fault-hook -EAGAIN/-EINTR: take it as that result. */
 		cmd->flags &= (uint8_t)~CMD_F_TRANSIENT;
