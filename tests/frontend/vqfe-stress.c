@@ -7,9 +7,15 @@
  * or corrupts what a backing file shows through.
  *
  *   vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S]
- *               [--depth D] [--mix] [--churn CLUSTER] [--read-untouched]
+ *               [--depth D] [--vary-depth] [--mix] [--churn CLUSTER]
+ *               [--read-untouched]
  *               [--map FILE] [--forever]
  *               [--until FILE]
+ *
+ * --vary-depth: the odd rounds' writes keep only 1 request in flight per
+ * queue, the even rounds' writes and every read-back D: a load that falls
+ * and rises round by round (vqcowd --io-threads-consolidate moves the
+ * queues between threads with it).
  *
  * Block b (4 KiB) belongs to queue b % Q, so the 16 blocks of a 64 KiB
  * cluster are written by every queue at the same time; every queue keeps D
@@ -452,7 +458,8 @@ static int write_map(struct ctx *c, const char *path)
 static void usage(void)
 {
 	fputs("usage: vqfe-stress SOCK --size N [--queues Q] [--rounds R] [--seed S] [--depth D]\n"
-	      "                   [--mix] [--churn CLUSTER] [--read-untouched] [--map FILE]\n"
+	      "                   [--vary-depth] [--mix] [--churn CLUSTER] [--read-untouched] "
+	      "[--map FILE]\n"
 	      "                   [--forever]\n"
 	      "                   [--until FILE]\n",
 	      stderr);
@@ -461,19 +468,27 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
-	    {"size", required_argument, NULL, 's'},   {"queues", required_argument, NULL, 'q'},
-	    {"rounds", required_argument, NULL, 'r'}, {"seed", required_argument, NULL, 'S'},
-	    {"depth", required_argument, NULL, 'd'},  {"mix", no_argument, NULL, 'm'},
-	    {"churn", required_argument, NULL, 'C'},  {"read-untouched", no_argument, NULL, 'R'},
-	    {"map", required_argument, NULL, 'M'},    {"forever", no_argument, NULL, 'F'},
-	    {"until", required_argument, NULL, 'U'},  {NULL, 0, NULL, 0},
+	    {"size", required_argument, NULL, 's'},
+	    {"queues", required_argument, NULL, 'q'},
+	    {"rounds", required_argument, NULL, 'r'},
+	    {"seed", required_argument, NULL, 'S'},
+	    {"depth", required_argument, NULL, 'd'},
+	    {"mix", no_argument, NULL, 'm'},
+	    {"churn", required_argument, NULL, 'C'},
+	    {"read-untouched", no_argument, NULL, 'R'},
+	    {"map", required_argument, NULL, 'M'},
+	    {"forever", no_argument, NULL, 'F'},
+	    {"until", required_argument, NULL, 'U'},
+	    {"vary-depth", no_argument, NULL, 'V'},
+	    {NULL, 0, NULL, 0},
 	};
 	struct ctx c = {.nq = 4, .depth = 8, .seed = 1};
 	struct vqfe_opts o;
 	const char *map = NULL, *until = NULL;
 	uint64_t size = 0;
 	unsigned rounds = 6;
-	bool forever = false;
+	bool forever = false, vary = false;
+	unsigned depth;
 	int opt, rc = 1;
 
 	while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -511,6 +526,9 @@ int main(int argc, char **argv)
 		case 'U':
 			until = optarg;
 			break;
+		case 'V':
+			vary = true;
+			break;
 		default:
 			usage();
 			return 2;
@@ -522,6 +540,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	c.nblk = size / BS;
+	depth = c.depth;
 	vqfe_opts_init(&o);
 	o.num_queues = c.nq;
 	o.queue_size = 128;
@@ -552,8 +571,10 @@ int main(int argc, char **argv)
 	for (uint32_t r = 1; forever || until || r <= rounds; r++) {
 		bool last = until ? access(until, F_OK) == 0 : r == rounds;
 
+		c.depth = vary && r % 2 ? 1 : depth;
 		if (write_round(&c, r) < 0)
 			goto out;
+		c.depth = depth;
 		if (vqfe_flush(c.fe, r % c.nq) != VIRTIO_BLK_S_OK) {
 			fail(&c, "flush");
 			goto out;
@@ -580,6 +601,7 @@ out:
 	if (forever && vqfe_is_disconnected(c.fe))
 		rc = 0; /* the crash test killed the back-end under us */
 	vqfe_close(c.fe);
+	c.depth = depth;
 	for (unsigned q = 0; q < c.nq; q++)
 		for (unsigned s = 0; s < c.depth; s++)
 			free(c.job[q].buf[s]);
