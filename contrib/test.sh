@@ -36,15 +36,19 @@ echo "=== concurrency tests (ThreadSanitizer build: --io-threads)"
 # (GET_VRING_BASE) with requests in flight on the main thread and an I/O
 # thread while the dirty log is on; and integration.zread (compressed reads
 # handed from an I/O thread to the main thread join reads in flight there and
-# are inflated back on their thread, some failing on purpose).
+# are inflated back on their thread, some failing on purpose); and
+# integration.requests, whose consolidate test moves an I/O thread's queue to
+# the main thread and back (--io-threads-consolidate) with a ring stop, a
+# memory-table change and a reconnect while it is moved (integration.mt's
+# consolidate runs move them under the stress).
 # halt_on_error: a race report ends the process, and the test fails.
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQCOW_WERROR=ON -DVQCOW_TSAN=ON \
 	>/dev/null
 cmake --build build-tsan -j"$jobs" --target vqcowd vqcowctl vqcow-fe vqfe-stress test_io test_blk \
-	itest_migration
+	itest_migration itest_requests
 (cd build-tsan && TSAN_OPTIONS=halt_on_error=1:exitcode=66 VQCOW_MT_ROUNDS=6 \
 	ctest --output-on-failure \
-	-R '^(integration\.mt|integration\.qmp_mt|integration\.mt_grow|integration\.daemon|integration\.migration|integration\.zread|frontend\.bench_threads|unit\.test_io|unit\.test_blk)$' \
+	-R '^(integration\.mt|integration\.qmp_mt|integration\.mt_grow|integration\.daemon|integration\.migration|integration\.zread|integration\.requests|frontend\.bench_threads|unit\.test_io|unit\.test_blk)$' \
 	"$@") || rc=1
 echo "=== fuzz targets (clang, libFuzzer + ASan + UBSan)"
 cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -116,6 +116,7 @@ struct options {
 	bool no_cluster_fill;
 	bool fixed_buffers;
 	bool poll_spare;      /* --poll-spare-cpus */
+	bool consolidate;     /* --io-threads-consolidate */
 	unsigned poll_hybrid; /* --poll-hybrid PCT, 0 = off */
 	bool no_fixed_files;
 	bool no_seccomp;
@@ -147,6 +148,10 @@ static void usage(FILE *f)
 	    "                              included (queue i on thread i mod N, thread 0\n"
 	    "                              the main one; default: one per queue up to the\n"
 	    "                              host's CPUs; max 64)\n"
+	    "  --io-threads-consolidate    at low load (each queue at most 1 request in\n"
+	    "                              flight) the I/O threads hand their queues to the\n"
+	    "                              main thread, which polls for all; back when the\n"
+	    "                              load rises\n"
 	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	    "1024)\n"
 	    "  --serial STR                GET_ID serial (at most 20 bytes)\n"
@@ -308,6 +313,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_POLL,
 		OPT_POLL_SPARE,
 		OPT_POLL_HYBRID,
+		OPT_CONSOLIDATE,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
 		OPT_NOFILL,
@@ -343,6 +349,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
 	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
+	    {"io-threads-consolidate", no_argument, NULL, OPT_CONSOLIDATE},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
@@ -480,6 +487,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 		case OPT_POLL_SPARE:
 			o->poll_spare = true;
 			break;
+		case OPT_CONSOLIDATE:
+			o->consolidate = true;
+			break;
 		case OPT_POLL_HYBRID:
 			if (parse_u64(optarg, &v, false) < 0 || v > IO_POLL_HYBRID_PCT_MAX)
 				return bad_value("poll-hybrid", optarg, "expected 0..90");
@@ -579,6 +589,18 @@ static int parse_args(int argc, char **argv, struct options *o)
 /* --poll-ns polls only while at most this many requests are in flight. */
 #define POLL_INFLIGHT_MAX 4
 
+/*
+ * --io-threads-consolidate: a request popped with at most CONS_QD requests
+ * of its queue in flight (itself included) and at most POLL_INFLIGHT_MAX on
+ * its thread is "low"; an I/O thread hands its queues to the main thread
+ * after cons_run low requests in a row (CONS_RUN; VQCOWD_TEST_CONS_RUN, a
+ * test seam) during which the main thread popped no high one, and the main
+ * thread gives them back after CONS_SPREAD_RUN high requests in a row.
+ */
+#define CONS_QD         1
+#define CONS_RUN        256
+#define CONS_SPREAD_RUN 16
+
 struct iothread;
 
 struct dreq {
@@ -593,6 +615,7 @@ struct watch {
 	struct daemon *d;
 	struct iothread *t; /* a kick watch on an I/O thread's loop; NULL: the main loop */
 	bool kick;          /* a kick watch on the main loop */
+	int qidx;           /* a kick watch: its queue; -1 otherwise */
 	int fd;
 	bool cancelled;
 	void (*cb)(void *arg);
@@ -607,6 +630,9 @@ struct dqueue {
 	 * the image handed over), passed to the queue's thread. */
 	struct io_cmd kick_cmd;
 	bool kick_posted; /* atomic: kick_cmd is on its way */
+	/* popped and not pushed: written by the thread that serves the queue
+	 * (a queue moves only with none, --io-threads-consolidate) */
+	unsigned inflight;
 };
 
 /*
@@ -631,6 +657,22 @@ struct iothread {
 	struct watch *watches;     /* kick watches on this loop */
 	unsigned nq_seen;          /* queues below this may be ours and in use */
 	unsigned inflight;         /* popped here, not pushed yet */
+
+	/*
+	 * --io-threads-consolidate (cons_*): its queues served by the main
+	 * thread (gathered) or by it. gathered changes only on the main
+	 * thread with this one parked; giving is this thread's (it stops
+	 * popping its queues, drains, and posts move_cmd), returning the main
+	 * thread's (the same the other way); the parking orders them.
+	 */
+	bool gathered;
+	bool giving;
+	bool returning;
+	bool move_posted;
+	struct io_cmd move_cmd;
+	unsigned low_run;      /* low requests popped in a row */
+	uint64_t main_high_at; /* d->main_high when low_run began */
+	uint64_t ngather, nspread;
 };
 
 struct daemon {
@@ -656,7 +698,14 @@ struct daemon {
 	struct io_poll_group poll_group; /* the I/O threads' busy polls (threads_init) */
 	pthread_mutex_t mt_lock;
 	pthread_cond_t mt_cond;
-	bool pausing;         /* under mt_lock */
+	/* --io-threads-consolidate (struct iothread's cons_ fields) */
+	bool consolidate;
+	unsigned cons_run;  /* CONS_RUN */
+	unsigned ngathered; /* I/O threads whose queues the main thread serves */
+	unsigned minflight; /* popped on the main thread, not pushed yet */
+	unsigned high_run;  /* high requests the main thread popped in a row */
+	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
+	bool pausing;       /* under mt_lock */
 	unsigned pause_depth; /* main thread only */
 
 	int sigfd;
@@ -699,6 +748,19 @@ static struct iothread *thread_of(struct daemon *d, unsigned idx)
 	unsigned k = d->nserve ? idx % d->nserve : 0;
 
 	return k && d->threads ? &d->threads[k - 1] : NULL;
+}
+
+/*
+ * The I/O thread that serves queue @idx now; NULL: the main thread. Its
+ * queues are the main thread's while gathered (--io-threads-consolidate);
+ * read on the main thread or on that I/O thread (which is parked whenever
+ * gathered changes).
+ */
+static struct iothread *serve_of(struct daemon *d, unsigned idx)
+{
+	struct iothread *t = thread_of(d, idx);
+
+	return t && !t->gathered ? t : NULL;
 }
 
 /* Queue @idx is in use (started, or popped): its thread looks at it from now on. */
@@ -821,6 +883,7 @@ static struct watch *watch_new(struct daemon *d, struct iothread *t, int fd, voi
 		return NULL;
 	w->d = d;
 	w->t = t;
+	w->qidx = -1;
 	w->fd = fd;
 	w->cb = cb;
 	w->arg = arg;
@@ -854,17 +917,20 @@ static int d_watch_kick(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_c
 	struct watch *w;
 	int ret;
 
-	t = d->rings_mt ? thread_of(d, vq_index(vq)) : NULL;
+	t = d->rings_mt ? serve_of(d, vq_index(vq)) : NULL;
 	if (!t) {
 		/* The main thread serves the ring: a kick needs no parking. */
 		ret = watch_events(opaque, fd, POLLIN, cb, arg);
-		if (ret == 0)
+		if (ret == 0) {
 			d->watches->kick = true;
+			d->watches->qidx = (int)vq_index(vq);
+		}
 		return ret;
 	}
 	w = watch_new(d, t, fd, cb, arg);
 	if (!w)
 		return -ENOMEM;
+	w->qidx = (int)vq_index(vq);
 	w->next = t->watches;
 	t->watches = w;
 	io_poll(t->loop, &w->cmd, fd, POLLIN);
@@ -951,6 +1017,14 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 		d->q[idx].vq = vq;
 		d->q[idx].dirty = true;
 		queue_seen(d, r->t, idx);
+		d->q[idx].inflight--;
+		if (d->consolidate && serve_of(d, idx) != r->t)
+			/* a queue moves only with nothing in flight (cons_gather) */
+			log_err("queue %u: a request ended on a thread that does not serve the "
+				"queue (--io-threads-consolidate: a bug)",
+				idx);
+		if (!r->t)
+			d->minflight--;
 		if (r->t) {
 			r->t->inflight--;
 			if (!r->t->inflight && d->stopping)
@@ -973,14 +1047,35 @@ static struct blk_stats *queue_stats(struct daemon *d, struct vhost_vq *vq)
 	return vq_index(vq) < MAX_QUEUES ? &d->qstat[vq_index(vq)].blk : NULL;
 }
 
-/* Pop and submit every available element. -EAGAIN when the ring is empty. */
+/* --io-threads-consolidate: the queue's thread is handing it over (it pops none meanwhile). */
+static bool cons_draining(struct daemon *d, unsigned idx)
+{
+	struct iothread *t = thread_of(d, idx);
+
+	return t && (cur_thread ? t->giving : t->returning);
+}
+
+static void cons_popped(struct daemon *d, unsigned idx);
+
+/*
+ * Pop and submit every available element. -EAGAIN when the ring is empty,
+ * -EBUSY when the queue is being handed to another thread
+ * (--io-threads-consolidate; the mover kicks it once moved).
+ */
 static int pop_all(struct daemon *d, struct vhost_vq *vq)
 {
 	struct vq_elem *elem;
 	int ret;
 
-	while ((ret = vq_pop(vq, &elem)) == 0) {
-		struct dreq *r = (struct dreq *)elem;
+	for (;;) {
+		struct dreq *r;
+
+		if (d->consolidate && cons_draining(d, vq_index(vq)))
+			return -EBUSY;
+		ret = vq_pop(vq, &elem);
+		if (ret)
+			break;
+		r = (struct dreq *)elem;
 
 		r->blk.iov = elem->iov;
 		r->blk.out_num = elem->out_num;
@@ -1003,6 +1098,13 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 		/* (else a queue of the main thread: the image's own loop, as
 		 * with one thread; qcow2: the owner's path, no hop, nothing
 		 * published for it) */
+		if (vq_index(vq) < MAX_QUEUES) {
+			d->q[vq_index(vq)].inflight++;
+			if (!cur_thread)
+				d->minflight++;
+			if (d->consolidate)
+				cons_popped(d, vq_index(vq));
+		}
 		/* counted per queue: the queue's thread owns its counters */
 		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
 		if (vhost_dev_is_broken(vq_dev(vq)))
@@ -1021,7 +1123,7 @@ static void d_queue_kick(void *opaque, struct vhost_vq *vq)
 		return; /* parked: popped once the image is ours (handoff); held: after ctl_held */
 	if (d->rings_mt) {
 		unsigned idx = vq_index(vq);
-		struct iothread *t = thread_of(d, idx);
+		struct iothread *t = serve_of(d, idx);
 
 		if (cur_thread != t) {
 			/* Another thread (the main one: ring started, image
@@ -1049,6 +1151,14 @@ static void kick_posted(struct io_cmd *cmd, int res)
 	struct daemon *d = cmd->priv;
 
 	(void)res;
+	if (d->consolidate && serve_of(d, (unsigned)(q - d->q)) != cur_thread) {
+		/* the queue moved meanwhile (--io-threads-consolidate): on to
+		 * the thread that serves it now, which alone reads q->vq */
+		struct iothread *t = serve_of(d, (unsigned)(q - d->q));
+
+		io_post_remote(t ? t->loop : d->loop, &q->kick_cmd);
+		return;
+	}
 	__atomic_store_n(&q->kick_posted, false, __ATOMIC_RELEASE);
 	if (q->vq && vq_is_running(q->vq)) {
 		queue_seen(d, cur_thread, vq_index(q->vq));
@@ -1067,6 +1177,172 @@ static unsigned d_inflight(struct daemon *d)
 	return (dev ? vhost_dev_inflight(dev) : 0) + blk_dev_inflight(d->blk);
 }
 
+/* -- --io-threads-consolidate: the I/O threads' queues on the main thread at low load -- */
+
+/*
+ * Where each request is counted, on the thread that pops it (pop_all):
+ * low (at most CONS_QD of its queue in flight, itself included, and at
+ * most POLL_INFLIGHT_MAX on the thread) or high. An I/O thread starts
+ * handing its queues over (giving: it pops none of them, t_defer posts
+ * cons_gather once its requests ended) after cons_run low requests in a
+ * row during which the main thread popped no high one (d->main_high
+ * unchanged); the main thread, serving them, starts giving them back
+ * (returning, cons_spread) after CONS_SPREAD_RUN high requests in a row.
+ */
+static void cons_popped(struct daemon *d, unsigned idx)
+{
+	struct iothread *t = cur_thread;
+	bool low = d->q[idx].inflight <= CONS_QD;
+
+	if (!t) {
+		if (low && d->minflight <= POLL_INFLIGHT_MAX) {
+			d->high_run = 0;
+			return;
+		}
+		__atomic_store_n(&d->main_high, d->main_high + 1, __ATOMIC_RELAXED);
+		if (d->ngathered && ++d->high_run >= CONS_SPREAD_RUN) {
+			d->high_run = 0;
+			for (unsigned i = 0; i < d->nthreads; i++) {
+				if (d->threads[i].gathered)
+					d->threads[i].returning = true;
+			}
+		}
+		return;
+	}
+	if (!low || t->inflight > POLL_INFLIGHT_MAX) {
+		t->low_run = 0;
+		return;
+	}
+	if (t->low_run++ == 0) {
+		t->main_high_at = __atomic_load_n(&d->main_high, __ATOMIC_RELAXED);
+		return;
+	}
+	if (t->low_run < d->cons_run)
+		return;
+	t->low_run = 0;
+	if (__atomic_load_n(&d->main_high, __ATOMIC_RELAXED) == t->main_high_at)
+		t->giving = true;
+}
+
+/*
+ * Move the kick watches of @t's queues from its loop to the main loop
+ * (@gather) or back, with @t parked: the old watch is cancelled (its final
+ * completion frees it on its own loop; a kick it still sees is ignored),
+ * the new one polls the same eventfd (a kick not yet read fires it at
+ * once). 0, or -ENOMEM with nothing moved.
+ */
+static int cons_move(struct daemon *d, struct iothread *t, bool gather)
+{
+	struct watch *from = gather ? t->watches : d->watches, *nws[MAX_QUEUES];
+	struct io_loop *from_loop = gather ? t->loop : d->loop;
+	unsigned n = 0, k = 0;
+
+	for (struct watch *w = from; w; w = w->next) {
+		if (w->cancelled || w->qidx < 0 || thread_of(d, (unsigned)w->qidx) != t)
+			continue;
+		if (n == MAX_QUEUES ||
+		    !(nws[n] = watch_new(d, gather ? NULL : t, w->fd, w->cb, w->arg))) {
+			while (n)
+				free(nws[--n]);
+			return -ENOMEM;
+		}
+		nws[n]->kick = gather;
+		nws[n]->qidx = w->qidx;
+		n++;
+	}
+	for (struct watch *w = from; w; w = w->next) {
+		struct watch *nw;
+
+		if (w->cancelled || w->qidx < 0 || thread_of(d, (unsigned)w->qidx) != t)
+			continue;
+		nw = nws[k++];
+		w->cancelled = true;
+		io_cancel(from_loop, &w->cmd);
+		if (gather) {
+			nw->next = d->watches;
+			d->watches = nw;
+			io_poll(d->loop, &nw->cmd, nw->fd, POLLIN);
+		} else {
+			nw->next = t->watches;
+			t->watches = nw;
+			io_poll(t->loop, &nw->cmd, nw->fd, POLLIN);
+		}
+	}
+	t->gathered = gather;
+	t->returning = false;
+	t->giving = false;
+	t->low_run = 0;
+	if (gather) {
+		d->ngathered++;
+		t->ngather++;
+	} else {
+		d->ngathered--;
+		t->nspread++;
+	}
+	return 0;
+}
+
+/* Kick @t's running queues on the thread that serves them now (requests not popped meanwhile). */
+static void cons_kick(struct daemon *d, struct iothread *t)
+{
+	struct vhost_dev *dev = vhost_server_dev(d->srv);
+
+	for (unsigned i = t->id; dev && i < vhost_dev_num_queues(dev); i += d->nserve) {
+		struct vhost_vq *vq = vhost_dev_vq(dev, i);
+
+		if (vhost_dev_is_broken(dev))
+			return;
+		if (vq && vq_is_running(vq))
+			d_queue_kick(d, vq);
+	}
+}
+
+/* Main thread: I/O thread @t drained its queues to hand them over (posted by t_defer). */
+static void cons_gather(struct io_cmd *cmd, int res)
+{
+	struct iothread *t = container_of(cmd, struct iothread, move_cmd);
+	struct daemon *d = t->d;
+	/* not inside another parked operation (a handoff drives the loop) */
+	bool ok = d->pause_depth == 0 && !d->stopping && !d->parked && d->handoff == HO_NONE;
+
+	(void)res;
+	pause_all(d);
+	t->move_posted = false;
+	ok = ok && t->giving && !t->inflight && !t->gathered && cons_move(d, t, true) == 0;
+	t->giving = false; /* not moved: it serves them on */
+	t->low_run = 0;
+	resume_all(d);
+	if (ok)
+		log_dbg("I/O thread %u: its queues moved to the main thread (low load)", t->id);
+	cons_kick(d, t);
+}
+
+/* Main thread, each iteration while it serves I/O threads' queues: give back those asked for once
+ * drained. */
+static void cons_spread(struct daemon *d)
+{
+	for (unsigned k = 0; k < d->nthreads; k++) {
+		struct iothread *t = &d->threads[k];
+		bool busy = d->pause_depth > 0;
+		int ret;
+
+		if (!t->gathered || !t->returning)
+			continue;
+		for (unsigned i = t->id; i < d->nq_seen && !busy; i += d->nserve)
+			busy = d->q[i].inflight > 0;
+		if (busy)
+			continue;
+		pause_all(d);
+		ret = cons_move(d, t, false);
+		if (ret < 0)
+			t->returning = false; /* it stays here */
+		resume_all(d);
+		if (ret == 0)
+			log_dbg("I/O thread %u: its queues moved back to it (load)", t->id);
+		cons_kick(d, t);
+	}
+}
+
 static void hold_arm(struct daemon *d);
 
 /*
@@ -1080,12 +1356,17 @@ static void d_defer(struct io_defer *def)
 	 * only at those started on this connection (64 are offered by
 	 * default, a 2-vCPU guest uses 2), and with I/O threads at ours only
 	 * (queues 0, N, 2N...): the I/O threads look at theirs. */
-	unsigned nq = d->nq_seen, step = d->rings_mt ? d->nserve : 1;
+	/* (--io-threads-consolidate: and those of the I/O threads whose
+	 * queues it serves now, serve_of) */
+	unsigned nq = d->nq_seen, step = d->rings_mt && !d->ngathered ? d->nserve : 1;
+	bool all = step == 1 && d->rings_mt;
 
 	/* --poll-ns: the loop re-runs this hook while it busy-polls, so look
 	 * for new requests without waiting for a kick. */
 	if (d->o->poll_ns && !d->stopping && !d->parked && !d->ctl_hold) {
 		for (unsigned i = 0; i < nq; i += step) {
+			if (all && serve_of(d, i))
+				continue;
 			/* A cheap look first: pop_all() ends with re-arming the
 			 * kick, a full barrier, on every call. */
 			if (d->q[i].vq && vq_avail_pending(d->q[i].vq))
@@ -1093,6 +1374,8 @@ static void d_defer(struct io_defer *def)
 		}
 	}
 	for (unsigned i = 0; i < nq; i += step) {
+		if (all && serve_of(d, i))
+			continue;
 		if (d->q[i].dirty) {
 			d->q[i].dirty = false;
 			if (d->q[i].vq)
@@ -1130,6 +1413,8 @@ static void d_defer(struct io_defer *def)
 			d->hold_drained = util_now_ns();
 		io_loop_stop(d->loop);
 	}
+	if (d->ngathered)
+		cons_spread(d);
 	if (d->stopping && !d->flushing && d_inflight(d) == 0 && !ctl_busy(&d->ctl)) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
@@ -1144,6 +1429,8 @@ static void t_defer(struct io_defer *def)
 	struct daemon *d = t->d;
 	unsigned n = d->nserve;
 
+	if (t->gathered)
+		goto out; /* the main thread serves our queues (--io-threads-consolidate) */
 	if (d->o->poll_ns && !d->stopping && !d->parked &&
 	    !__atomic_load_n(&d->ctl_hold, __ATOMIC_ACQUIRE)) {
 		for (unsigned i = t->id; i < t->nq_seen; i += n) {
@@ -1158,8 +1445,16 @@ static void t_defer(struct io_defer *def)
 				vq_notify(d->q[i].vq);
 		}
 	}
+	if (t->giving && !t->inflight && !t->move_posted) {
+		/* drained: the main thread takes our queues (cons_gather) */
+		t->move_posted = true;
+		t->move_cmd.done = cons_gather;
+		io_post_remote(d->loop, &t->move_cmd);
+	}
+out:
 	if (d->o->poll_ns && d->rings_mt)
-		io_loop_set_poll_ns(t->loop, t->inflight <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
+		io_loop_set_poll_ns(
+		    t->loop, !t->gathered && t->inflight <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
 }
 
 static void quit_done(struct io_cmd *cmd, int res)
@@ -1485,6 +1780,17 @@ static void flush_done(struct img_io *io, int res)
 
 		img_describe(d->img, desc, sizeof(desc));
 		logmsg("image flushed; exiting (%s)", desc);
+		if (d->consolidate) {
+			unsigned long long g = 0, sp = 0;
+
+			for (unsigned i = 0; i < d->nthreads; i++) {
+				g += d->threads[i].ngather;
+				sp += d->threads[i].nspread;
+			}
+			logmsg("--io-threads-consolidate: I/O threads' queues moved to the main "
+			       "thread %llu times, back %llu times",
+			       g, sp);
+		}
 		if (getenv("VQCOWD_TEST_ZREAD_FAIL"))
 			log_warn("VQCOWD_TEST_ZREAD_FAIL: %llu reads of compressed bytes failed",
 				 (unsigned long long)img_test_zread_failed());
@@ -2114,6 +2420,18 @@ int main(int argc, char **argv)
 	 * change of the device (src/layers.c, ctl_park). */
 	d.hop = !d.img->any_loop && !d.img->mt_submit;
 	d.rings_mt = d.nthreads && !d.hop;
+	d.consolidate = o.consolidate && d.rings_mt;
+	if (o.consolidate && !d.consolidate)
+		log_warn("--io-threads-consolidate: ignored, no I/O thread serves queues");
+	d.cons_run = CONS_RUN;
+	if (getenv("VQCOWD_TEST_CONS_RUN")) {
+		/* a test seam: move queues after this many low requests */
+		d.cons_run = (unsigned)strtoul(getenv("VQCOWD_TEST_CONS_RUN"), NULL, 10);
+		if (d.cons_run < 2)
+			d.cons_run = 2;
+		log_warn("VQCOWD_TEST_CONS_RUN: queues move after %u requests (a test seam)",
+			 d.cons_run);
+	}
 	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
 		/* a test seam: see img_test_fast_delay() */
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
@@ -2314,6 +2632,9 @@ int main(int argc, char **argv)
 			? "each thread serves its queues' rings and image I/O"
 			: "each thread serves its queues' rings; the I/O threads serve cached "
 			  "clusters and hand the rest to the main thread, which owns the metadata");
+	if (d.consolidate)
+		logmsg("--io-threads-consolidate: at low load the I/O threads' queues move to the "
+		       "main thread");
 
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");

@@ -24,7 +24,15 @@
 # 4th fast-path write held 20 ms after it was mapped (VQCOWD_TEST_FAST_DELAY,
 # a test seam), so a cluster freed and reused while such a write is in flight
 # shows up as a wrong block of the cluster that reused it.
-# VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning.
+#
+# --io-threads-consolidate: the same stress with a load that falls and rises
+# round by round (vqfe-stress --vary-depth: QD1 rounds, QD8 rounds), so the
+# I/O threads' queues move to the main thread and back many times while
+# every block is written and verified: raw, a fresh qcow2, an overlay on a
+# raw backing file; the exit line must count moves both ways.
+# VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning;
+# VQCOW_MT_VQ_ARGS: more vqcowd options for every daemon this test starts
+# (e.g. --io-threads-consolidate, to run all of it with the switch on).
 set -u
 vqcowd=$1
 fe=$2
@@ -84,10 +92,10 @@ run() {
 	echo "== $name"
 	# shellcheck disable=SC2086
 	env ${RUN_ENV:-} ${RUN_WRAP:-} "$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
-		--num-queues 4 --io-threads "$threads" ${RUN_VQ_ARGS:-} 2>"$log" &
+		--num-queues 4 --io-threads "$threads" ${RUN_VQ_ARGS:-} ${VQCOW_MT_VQ_ARGS:-} 2>"$log" &
 	pid=$!
 	it_wait_serving "$pid" "$sock" "$log" "vqcowd ($name)" || return
-	[ -n "${RUN_VQ_ARGS:-}" ] || ! grep -a -q 'busy polling: at most' "$log" ||
+	[ -n "${RUN_VQ_ARGS:-}${VQCOW_MT_VQ_ARGS:-}" ] || ! grep -a -q 'busy polling: at most' "$log" ||
 		fail "$name: busy polling limited without --poll-spare-cpus"
 	# shellcheck disable=SC2086
 	"$stress" "$sock" --size "${RUN_SIZE:-$size}" --queues 4 --rounds "${RUN_ROUNDS:-$rounds}" \
@@ -152,8 +160,9 @@ RUN_ARGS="--read-untouched" run "compressed image" "$dir/z.qcow2" qcow2 "$dir/ba
 # owner's, zc_find): at most 1/16 of the reads, with slack for the first
 # touches and pass boundaries.
 echo "== sequential reads of a compressed image"
+# shellcheck disable=SC2086
 "$vqcowd" --socket-path "$sock" --blk-file "$dir/zseq.qcow2" --format qcow2 --num-queues 3 \
-	--io-threads 3 2>"$log" &
+	--io-threads 3 ${VQCOW_MT_VQ_ARGS:-} 2>"$log" &
 pid=$!
 if it_wait_serving "$pid" "$sock" "$log" "vqcowd (sequential compressed)"; then
 	out=$("$fe" --queues 3 bench "$sock" --rw read --bs 4096 --iodepth 16 --numjobs 3 \
@@ -198,8 +207,9 @@ RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 RUN_ARGS="--churn 65536 --read-untouched" RUN_
 # to at most the operations counted.
 echo "== histograms set while four I/O threads count"
 cp "$dir/base.raw" "$dir/hist.raw"
+# shellcheck disable=SC2086
 "$vqcowd" --socket-path "$sock" --blk-file "$dir/hist.raw" --format raw --num-queues 4 \
-	--io-threads "$threads" --qmp "$dir/mt.qmp" 2>"$log" &
+	--io-threads "$threads" --qmp "$dir/mt.qmp" ${VQCOW_MT_VQ_ARGS:-} 2>"$log" &
 pid=$!
 if it_wait_serving "$pid" "$sock" "$log" "vqcowd (histograms)"; then
 	"$stress" "$sock" --size $size --queues 4 --seed 17 --mix --forever >/dev/null &
@@ -294,8 +304,9 @@ if [ "$threads" -gt 1 ]; then
 	! grep -q -a __tsan_init "$vqcowd" || extra=2
 	for cfg in "1 1" "2 1" "2 2"; do
 		read -r nt nq <<<"$cfg"
+		# shellcheck disable=SC2086
 		"$vqcowd" --socket-path "$sock" --blk-file "$dir/one.qcow2" --format qcow2 \
-			--num-queues 2 --io-threads "$nt" 2>"$log" &
+			--num-queues 2 --io-threads "$nt" ${VQCOW_MT_VQ_ARGS:-} 2>"$log" &
 		pid=$!
 		it_wait_serving "$pid" "$sock" "$log" "vqcowd ($nt threads, $nq queue(s))" || break
 		n=$(threads_of "$pid")
@@ -326,11 +337,46 @@ if [ "$threads" -gt 1 ]; then
 	done
 fi
 
+# --io-threads-consolidate at a falling and rising load (the header): queues
+# move after 16 low requests (VQCOWD_TEST_CONS_RUN, a test seam).
+# moves: the exit line's counts of moves to the main thread and back.
+moves() {
+	local line
+	line=$(grep -a -o 'queues moved to the main thread [0-9]* times, back [0-9]* times' "$log")
+	echo "${line:-none}"
+	# shellcheck disable=SC2046
+	set -- $(echo "$line" | grep -o '[0-9]*')
+	if [ "${1:-0}" -lt 2 ] || [ "${2:-0}" -lt 1 ]; then
+		fail "$name: queues moved ${1:-0} times, back ${2:-0}"
+	fi
+	! grep -a -q 'a request ended on a thread that does not serve' "$log" ||
+		fail "$name: a request ended on a thread its queue had left"
+}
+if [ "$threads" -gt 1 ]; then
+	cons() {
+		name=$1
+		shift
+		RUN_ENV=VQCOWD_TEST_CONS_RUN=16 RUN_VQ_ARGS=--io-threads-consolidate \
+			RUN_ARGS="--vary-depth ${RUN_ARGS:-}" RUN_ROUNDS=8 run "$name" "$@"
+		moves
+	}
+	cp "$dir/base.raw" "$dir/img.raw"
+	cons "consolidate: raw" "$dir/img.raw" raw "$dir/base.raw" 21
+	qemu-img create -q -f qcow2 "$dir/cfresh.qcow2" $size
+	cons "consolidate: fresh qcow2" "$dir/cfresh.qcow2" qcow2 "$dir/zero.raw" 22 yes
+	qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/cov.qcow2" $size
+	cons "consolidate: overlay on raw" "$dir/cov.qcow2" qcow2 "$dir/base.raw" 23 yes
+	qemu-img create -q -f qcow2 -b "$dir/base2.raw" -F raw "$dir/cchurn.qcow2" $small
+	RUN_ARGS="--churn 65536" RUN_SIZE=$small cons "consolidate: churned overlay" \
+		"$dir/cchurn.qcow2" qcow2 "$dir/base2.raw" 24 yes
+fi
+
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
 echo "== kill -9 under four busy queues"
 qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/crash.qcow2" $size
+# shellcheck disable=SC2086
 "$vqcowd" --socket-path "$sock" --blk-file "$dir/crash.qcow2" --format qcow2 --num-queues 4 \
-	--io-threads "$threads" 2>"$log" &
+	--io-threads "$threads" ${VQCOW_MT_VQ_ARGS:-} 2>"$log" &
 pid=$!
 if it_wait_serving "$pid" "$sock" "$log" "vqcowd (crash)"; then
 	"$stress" "$sock" --size $size --queues 4 --seed 16 --mix --forever >/dev/null &

@@ -11,7 +11,10 @@
  * in flight; four queues at once; every error status of the status table
  * (../../shared/DESIGN.md, blk/blk.h); GET_ID; FLUSH; DISCARD and
  * WRITE_ZEROES (+UNMAP); the WCE toggle through SET_CONFIG; malformed
- * requests drop the connection and the next one works.
+ * requests drop the connection and the next one works; with
+ * --io-threads-consolidate, the I/O thread's queue moved to the main thread
+ * and back under QD1 and QD32 loads, a ring stopped and restarted, the
+ * memory table set again and the connection reset while it is moved.
  */
 #include <CUnit/Basic.h>
 #include <endian.h>
@@ -19,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "itest.h"
 #include "testutil.h"
@@ -1012,6 +1016,137 @@ static void t_malformed_beside_thread(void)
 	STOP(d);
 }
 
+/* How many times the log says @what, waiting up to 3 s for at least @want. */
+static unsigned log_count(const struct itest_daemon *d, const char *what, unsigned want)
+{
+	unsigned n = 0;
+
+	for (int tries = 0; tries < 300; tries++) {
+		char line[1024];
+		FILE *f = fopen(d->log, "r");
+
+		n = 0;
+		while (f && fgets(line, sizeof(line), f))
+			n += strstr(line, what) != NULL;
+		if (f)
+			fclose(f);
+		if (n >= want)
+			break;
+		usleep(10000);
+	}
+	return n;
+}
+
+#define GATHERED "its queues moved to the main thread"
+#define SPREAD   "its queues moved back to it"
+
+/* QD1 on both queues (one request at a time, alternating): writes of block i of each queue's area,
+ * verified. */
+static void qd1_rw(struct vqfe *fe, unsigned n, uint64_t seed)
+{
+	uint8_t w[4096], r[4096];
+
+	for (unsigned i = 0; i < n; i++) {
+		for (unsigned q = 0; q < 2; q++) {
+			uint64_t off = (q * 256ull + i % 256) * 4096;
+
+			itest_fill(w, sizeof(w), seed + q * 1000 + i);
+			CU_ASSERT_EQUAL_FATAL(vqfe_write(fe, q, off, w, sizeof(w)), 0);
+			CU_ASSERT_EQUAL_FATAL(vqfe_read(fe, q, off, r, sizeof(r)), 0);
+			CU_ASSERT_FATAL(memcmp(w, r, sizeof(w)) == 0);
+		}
+	}
+}
+
+/* 32 writes in flight at once on queue 1 (queue 1's blocks 0..31), then read back through queue 0.
+ */
+static void qd32_rw(struct vqfe *fe, uint64_t seed)
+{
+	enum { DEPTH = 32, LEN = 4096 };
+	static uint8_t w[DEPTH][LEN];
+	uint8_t r[LEN];
+	struct vqfe_req req[DEPTH];
+
+	for (unsigned i = 0; i < DEPTH; i++) {
+		itest_fill(w[i], LEN, seed + i);
+		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+					   .sector = (256ull + i) * LEN / 512,
+					   .buf = w[i],
+					   .len = LEN};
+		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 1, &req[i]), 0);
+	}
+	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, 1), true), 0);
+	CU_ASSERT_EQUAL_FATAL(vqfe_drain(fe, 1), 0);
+	for (unsigned i = 0; i < DEPTH; i++) {
+		CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+		CU_ASSERT_EQUAL_FATAL(vqfe_read(fe, 0, (256ull + i) * LEN, r, LEN), 0);
+		CU_ASSERT(memcmp(w[i], r, LEN) == 0);
+	}
+}
+
+/*
+ * --io-threads-consolidate (src/vqcowd.c, cons_*): queue 1's I/O thread
+ * hands it to the main thread after a run of QD1 requests
+ * (VQCOWD_TEST_CONS_RUN=8, a test seam) and takes it back under 32 in
+ * flight; meanwhile, with it moved: its ring stopped and restarted
+ * (GET_VRING_BASE: the kick watch then goes to the main loop), the memory
+ * table set again, the connection dropped and made anew. Every request
+ * verified; the log counts the moves.
+ */
+static void t_consolidate(void)
+{
+	setenv("VQCOWD_TEST_CONS_RUN", "8", 1);
+	START(d, .img_size = 4 * MiB, .num_queues = 2,
+	      .extra = {"--io-threads", "2", "--io-threads-consolidate", "--log-level", "debug"});
+	unsetenv("VQCOWD_TEST_CONS_RUN");
+	struct vqfe_opts o;
+	unsigned g = 0, s = 0;
+
+	itest_fe_opts(&o);
+	o.num_queues = 2;
+	o.slots = 40;
+	for (unsigned conn = 0; conn < 2; conn++) {
+		CONNECT(fe, d, &o);
+		uint32_t base = 0;
+
+		/* low load: moved to the main thread (a new connection finds it
+		 * there: the move outlives the connection) */
+		qd1_rw(fe, 32, 100 + conn);
+		g += conn == 0;
+		CU_ASSERT_EQUAL_FATAL(log_count(&d, GATHERED, g), g);
+		/* its ring stopped and restarted while moved */
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_stop(fe, 1, &base), 0);
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fe, 1, base), 0);
+		qd1_rw(fe, 8, 200 + conn);
+		CU_ASSERT_EQUAL(log_count(&d, SPREAD, s), s); /* still moved */
+		/* the memory table again while moved */
+		CU_ASSERT_EQUAL_FATAL(vqfe_set_mem(fe), 0);
+		qd1_rw(fe, 8, 300 + conn);
+		/* load: back on its thread, then moved again */
+		qd32_rw(fe, 400 + conn);
+		s++;
+		CU_ASSERT_EQUAL_FATAL(log_count(&d, SPREAD, s), s);
+		qd32_rw(fe, 500 + conn);
+		qd1_rw(fe, 32, 600 + conn);
+		g++;
+		CU_ASSERT_EQUAL_FATAL(log_count(&d, GATHERED, g), g);
+		/* the connection goes (a reset) with it moved: the next one starts so */
+		vqfe_close(fe);
+		CU_ASSERT_FATAL(itest_alive(&d));
+	}
+	{
+		CONNECT(fe, d, &o);
+		qd32_rw(fe, 700);
+		s++;
+		CU_ASSERT_EQUAL(log_count(&d, SPREAD, s), s);
+		qd1_rw(fe, 64, 800);
+		vqfe_close(fe);
+	}
+	/* no request ended on a thread its queue had left (req_push) */
+	CU_ASSERT_EQUAL(log_count(&d, "a request ended on a thread that does not serve", 0), 0);
+	STOP(d);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -1039,6 +1174,8 @@ static void add_suites(void)
 	CU_add_test(s, "malformed_requests", t_malformed_requests);
 	tu_add_test(s, "malformed_beside_thread", t_malformed_beside_thread,
 		    itest_vqcowd_only("the main thread serving a queue beside an I/O thread"));
+	tu_add_test(s, "consolidate", t_consolidate,
+		    itest_vqcowd_only("vqcowd's --io-threads-consolidate"));
 }
 
 int main(int argc, char **argv)
