@@ -53,7 +53,10 @@ struct io_loop {
 static struct ffile g_files[FAKE_FILES];
 static struct fake_log *g_log;
 static size_t g_nlog, g_caplog;
+static uint64_t g_logged, g_reset_at; /* entries ever logged; g_logged at the last reset */
+static size_t g_span;                 /* the most entries logged while one command was in flight */
 static unsigned g_shuffle;
+static unsigned g_sync_hold; /* fake_set_sync_hold() */
 static struct fake_read *g_reads;
 static size_t g_nreads, g_capreads;
 static struct io_loop *g_loop;
@@ -255,7 +258,8 @@ static int grow(struct ffile *f, uint64_t end)
 	return 0;
 }
 
-static void log_add(uint8_t type, int file, uint64_t off, uint64_t len, const void *data)
+static void log_add(uint8_t type, int file, uint64_t off, uint64_t len, const void *data,
+		    size_t sub)
 {
 	struct fake_log *l;
 
@@ -268,6 +272,10 @@ static void log_add(uint8_t type, int file, uint64_t off, uint64_t len, const vo
 	l->file = file;
 	l->off = off;
 	l->len = len;
+	l->sub = sub;
+	if (g_nlog - 1 - sub > g_span)
+		g_span = g_nlog - 1 - sub;
+	g_logged++;
 	l->data = NULL;
 	if (type == FAKE_WRITE) {
 		l->data = malloc(len ? len : 1);
@@ -283,6 +291,8 @@ void fake_log_reset(void)
 	for (size_t i = 0; i < g_nlog; i++)
 		free(g_log[i].data);
 	g_nlog = 0;
+	g_span = 0;
+	g_reset_at = g_logged;
 	for (int i = 0; i < FAKE_FILES; i++) {
 		struct ffile *f = &g_files[i];
 
@@ -344,26 +354,37 @@ static unsigned rnd(unsigned *s)
 int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t *len)
 {
 	struct ffile *f = &g_files[id];
-	size_t last_sync = 0;
+	size_t durable = 0, end; /* the writes among the first @durable entries are */
 	uint64_t size = f->base_size, cap = f->base_size + 65536;
 	uint8_t *b;
 
-	for (size_t i = 0; i < upto && i < g_nlog; i++)
-		if (g_log[i].type == FAKE_FSYNC && g_log[i].file == id)
-			last_sync = i + 1;
-	for (size_t i = 0; i < upto && i < g_nlog; i++)
-		if (g_log[i].file == id && g_log[i].off + g_log[i].len > cap)
+	if (upto > g_nlog)
+		upto = g_nlog;
+	/* a sync ended before the crash covers what had completed when it
+	 * was submitted (not what completed while it ran) */
+	for (size_t i = 0; i < upto; i++)
+		if (g_log[i].type == FAKE_FSYNC && g_log[i].file == id && g_log[i].sub > durable)
+			durable = g_log[i].sub;
+	/* commands in flight at the crash were submitted before it and ended
+	 * at most g_span entries after it */
+	end = upto + g_span < g_nlog ? upto + g_span + 1 : g_nlog;
+	for (size_t i = 0; i < end; i++)
+		if (g_log[i].file == id && g_log[i].sub < upto && g_log[i].off + g_log[i].len > cap)
 			cap = g_log[i].off + g_log[i].len;
 	b = calloc(1, cap);
 	if (!b)
 		return -ENOMEM;
 	nz_copy(b, f->base, f->base_nz, f->base_size); /* calloc'd: the rest is zero */
-	for (size_t i = 0; i < upto && i < g_nlog; i++) {
+	/* then any subset of the others: completed, or in flight at the crash
+	 * (submitted before entry @upto, completed after it) */
+	for (size_t i = 0; i < end; i++) {
 		struct fake_log *l = &g_log[i];
 
 		if (l->file != id || l->type == FAKE_FSYNC)
 			continue;
-		if (i >= last_sync && (!seed || rnd(&seed) % 2))
+		if (i >= upto && l->sub >= upto)
+			continue; /* submitted after the crash */
+		if (i >= durable && (!seed || rnd(&seed) % 2))
 			continue;
 		if (l->type == FAKE_WRITE)
 			memcpy(b + l->off, l->data, l->len);
@@ -440,6 +461,11 @@ void io_defer_del(struct io_loop *loop, struct io_defer *d)
 	}
 }
 
+void fake_set_sync_hold(unsigned iters)
+{
+	g_sync_hold = iters;
+}
+
 void fake_set_defers(bool on)
 {
 	if (g_loop)
@@ -479,6 +505,12 @@ static struct ffile *file_of(struct io_file *f)
 	if (id < 0 || id >= FAKE_FILES || !g_files[id].used)
 		return NULL;
 	return &g_files[id];
+}
+
+/* fake_log.sub of a command submitted when g_logged was @at (0: before the record began). */
+static size_t sub_of(uint64_t at)
+{
+	return at > g_reset_at ? (size_t)(at - g_reset_at) : 0;
 }
 
 /* Perform a command; returns its result. */
@@ -532,14 +564,15 @@ static int execute(struct io_cmd *c)
 		}
 		written(f, c->off, len);
 		memcpy(tmp, f->data + c->off, len);
-		log_add(FAKE_WRITE, id, c->off, len, tmp);
+		log_add(FAKE_WRITE, id, c->off, len, tmp, sub_of(c->boff));
 		free(tmp);
 		return (int)len;
 	}
 	case IO_OP_FDATASYNC:
 		if (!f)
 			return -EBADF;
-		log_add(FAKE_FSYNC, id, 0, 0, NULL);
+		/* it covers what completed before it was submitted */
+		log_add(FAKE_FSYNC, id, 0, 0, NULL, sub_of(c->boff));
 		return 0;
 	case IO_OP_FALLOCATE:
 		if (!f)
@@ -553,14 +586,15 @@ static int execute(struct io_cmd *c)
 				if (grow(f, end) < 0)
 					return -ENOMEM;
 				zeroed(f, c->off, end);
-				log_add(FAKE_WRITE, id, c->off, end - c->off, NULL);
+				log_add(FAKE_WRITE, id, c->off, end - c->off, NULL,
+					sub_of(c->boff));
 			}
 			return 0;
 		}
 		if (!(c->mode & FALLOC_FL_KEEP_SIZE) && c->off + c->len > f->size) {
 			if (grow(f, c->off + c->len) < 0)
 				return -ENOMEM;
-			log_add(FAKE_SIZE, id, c->off, c->len, NULL);
+			log_add(FAKE_SIZE, id, c->off, c->len, NULL, sub_of(c->boff));
 		}
 		return 0;
 	case IO_OP_TIMEOUT:
@@ -721,6 +755,9 @@ static void submit(struct io_loop *loop, struct io_cmd *cmd, uint8_t op, struct 
 	/* as in io/loop.c, posts never consult the fault hook */
 	cmd->res = op == IO_OP_POST ? 0 : inject_apply(loop, op);
 	cmd->cap = op == IO_OP_POST || op == IO_OP_TIMEOUT ? 0 : hold_apply(loop, op);
+	if (op == IO_OP_FDATASYNC && g_sync_hold > cmd->cap)
+		cmd->cap = g_sync_hold;
+	cmd->boff = g_logged; /* the record when it was submitted (fake_log.sub) */
 	loop->inflight++;
 	if (op == IO_OP_TIMEOUT) {
 		cmd->next = loop->timers;
@@ -885,7 +922,7 @@ int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t
 		return -ENOMEM;
 	memcpy(ff->data + off, buf, len);
 	written(ff, off, len);
-	log_add(FAKE_WRITE, (int)(ff - g_files), off, len, buf);
+	log_add(FAKE_WRITE, (int)(ff - g_files), off, len, buf, g_nlog);
 	return 0;
 }
 
@@ -895,6 +932,6 @@ int io_file_sync(struct io_file *f)
 
 	if (!ff)
 		return -EBADF;
-	log_add(FAKE_FSYNC, (int)(ff - g_files), 0, 0, NULL);
+	log_add(FAKE_FSYNC, (int)(ff - g_files), 0, 0, NULL, g_nlog);
 	return 0;
 }

@@ -4,10 +4,15 @@
  *
  * fake_io.c implements io.h over in-memory files: commands complete from
  * io_loop_run_once() (FIFO, or shuffled), every write, fallocate and
- * fdatasync is recorded with its data, failures can be injected
- * (io_loop_inject) and crash images can be rebuilt from the record: all
- * writes up to the last fdatasync before a point, plus any subset of the
- * unsynced writes after it.
+ * fdatasync is recorded with its data when it completes, failures can be
+ * injected (io_loop_inject) and crash images can be rebuilt from the record
+ * (fake_crash_image): what the fdatasyncs ended before a point made durable,
+ * plus any subset of the other writes completed or in flight at that point.
+ *
+ * Durability as a disk gives it: an fdatasync makes durable what had
+ * completed when it was *submitted*; a write that completes while the sync
+ * is in flight may or may not be durable when the sync ends, and a write in
+ * flight at a crash may or may not have reached the disk.
  */
 #ifndef VQCOW_TESTS_FAKE_IO_H
 #define VQCOW_TESTS_FAKE_IO_H
@@ -30,6 +35,10 @@ struct fake_log {
 	int file;
 	uint64_t off, len;
 	uint8_t *data; /* FAKE_WRITE: the bytes */
+	/* Record entries (completed commands) when it was submitted: an
+	 * FAKE_FSYNC covers the writes among the first @sub entries, no
+	 * later one; a write was in flight from entry @sub to its own. */
+	size_t sub;
 };
 
 /* Load @path (a real file) into memory; io_file_open() of @path then uses it. Returns its id. */
@@ -55,9 +64,11 @@ void fake_set_shuffle(unsigned seed);
 
 /*
  * Rebuild the file @id as a crash would leave it after the first @upto
- * record entries: everything up to the last FSYNC among them, then each later
- * write kept with probability 1/2 (seeded by @seed; seed 0 keeps none).
- * malloc'd buffer in *out (size *len).
+ * record entries: every write an FSYNC among them covers (the writes
+ * completed before that FSYNC was submitted: its @sub), then each other
+ * write completed or in flight at that point (submitted before entry @upto)
+ * kept with probability 1/2 (seeded by @seed; seed 0 keeps none: only what
+ * the syncs ended so far made durable). malloc'd buffer in *out (size *len).
  */
 int fake_crash_image(int id, size_t upto, unsigned seed, uint8_t **out, uint64_t *len);
 
@@ -81,6 +92,13 @@ void fake_reads_reset(void);
  * 0, -EINVAL or -ENOSPC.
  */
 int fake_hold(enum io_op op, unsigned nth, unsigned iters);
+
+/*
+ * Hold every fdatasync submitted from now for @iters loop iterations (0: no
+ * longer): syncs stay in flight while the writes submitted after them
+ * complete, as a slow disk cache flush does.
+ */
+void fake_set_sync_hold(unsigned iters);
 
 /*
  * Run deferred hooks (io_defer_add) at the end of each loop iteration, as

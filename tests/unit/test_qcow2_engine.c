@@ -514,11 +514,30 @@ static void check_crash_images(struct eng *e, unsigned samples)
 }
 
 /*
+ * The writes of file @id the fdatasyncs among the first @at record entries
+ * made durable: those before the entry returned (an fdatasync covers what
+ * had completed when it was submitted, fake_log.sub).
+ */
+static size_t synced_before(int id, size_t at)
+{
+	size_t durable = 0;
+
+	for (size_t j = 0; j < at && j < fake_log_count(); j++) {
+		const struct fake_log *x = fake_log_get(j);
+
+		if (x->type == FAKE_FSYNC && x->file == id && x->sub > durable)
+			durable = x->sub;
+	}
+	return durable;
+}
+
+/*
  * The explicit order rule: each L2 slice write that links a data cluster is
- * preceded by an fdatasync that comes after the last write of that data
- * cluster and after the last refcount-block write raising its refcount; in
- * a new table, written before the L1 entry naming it (writeback.c's P1),
- * that fdatasync comes before the L1 entry's write.
+ * submitted after an fdatasync ended that was submitted after the last write
+ * of that data cluster (and after the last refcount-block write raising its
+ * refcount) completed; in a new table, written before the L1 entry naming
+ * it (writeback.c's P1), that fdatasync ended before the L1 entry's write
+ * was submitted (a write in flight may reach the disk at any time).
  * With the early link off: it lets allocation bits of a linked extended-L2
  * cluster go out before the data (test_early_link checks it instead), and
  * the link batches it starts keep the refcount order, not the data's.
@@ -535,7 +554,8 @@ static void check_l2_order(struct eng *e)
 	for (size_t i = 0; i < n; i++) {
 		const struct fake_log *l = fake_log_get(i);
 		bool is_l2 = false;
-		size_t at = i; /* where the entry becomes reachable on disk */
+		size_t at = i;         /* the write that makes the entry reachable */
+		size_t reach = l->sub; /* from when it may be on disk */
 
 		if (l->type != FAKE_WRITE || l->file != e->id)
 			continue;
@@ -561,34 +581,32 @@ static void check_l2_order(struct eng *e)
 			}
 			if (at == SIZE_MAX || at < i)
 				at = i;
+			if (fake_log_get(at)->sub > reach)
+				reach = fake_log_get(at)->sub;
 		}
 		if (!is_l2)
 			continue;
 		for (uint64_t p = 0; p + 8 <= l->len; p += h->l2_entry_size) {
 			uint64_t ent = qcow2_be64(l->data + p), d = ent & QCOW2_L2E_OFFSET_MASK;
-			size_t last_data = SIZE_MAX, last_sync = SIZE_MAX;
+			size_t last_data = SIZE_MAX;
 
 			if (!d || (ent & QCOW2_OFLAG_COMPRESSED))
 				continue;
-			for (size_t j = 0; j < at; j++) {
+			for (size_t j = 0; j < i; j++) {
 				const struct fake_log *x = fake_log_get(j);
 
-				if (x->file != e->id)
-					continue;
-				if (x->type == FAKE_WRITE && j < i && x->off < d + cs &&
+				if (x->file == e->id && x->type == FAKE_WRITE && x->off < d + cs &&
 				    d < x->off + x->len)
 					last_data = j;
-				if (x->type == FAKE_FSYNC)
-					last_sync = j;
 			}
 			checked++;
 			if (last_data == SIZE_MAX)
 				continue; /* written before the record started */
-			if (last_sync == SIZE_MAX || last_sync < last_data) {
+			if (synced_before(e->id, reach) <= last_data) {
 				fprintf(stderr,
-					"L2 write #%zu links cluster 0x%llx whose data (#%zu) was "
-					"not synced before\n",
-					i, (unsigned long long)d, last_data);
+					"L2 write #%zu (reachable from entry %zu) links cluster "
+					"0x%llx whose data (#%zu) was not synced before\n",
+					i, reach, (unsigned long long)d, last_data);
 				CU_FAIL("L2 written before its data was durable");
 				return;
 			}
@@ -719,6 +737,11 @@ static void test_order_small_shuffled(void)
 {
 	/* 512-byte clusters: new L2 tables, new refcount blocks, table growth */
 	order_case("cluster_size=512,refcount_bits=16", 2ull << 20, 200, 16 << 10, 99);
+	/* every fdatasync in flight for 3 loop iterations: writes complete
+	 * beside it (it covers only what completed before it was submitted) */
+	fake_set_sync_hold(3);
+	order_case("cluster_size=512,refcount_bits=16", 2ull << 20, 200, 16 << 10, 41);
+	fake_set_sync_hold(0);
 }
 
 static void test_order_extl2(void)
@@ -1467,10 +1490,15 @@ static void crash_guest_view(struct eng *e, size_t upto, uint8_t *out, uint64_t 
  * written again since: either is right); the data reads back.
  * @delay: fdatasyncs held back (qcow2_test_sync_delay: in the fake, until
  * the loop is otherwise idle), so the next batch runs its writes and syncs
- * before the tail's sync ends.
+ * before the tail's sync ends. @hold: instead, every fdatasync stays in
+ * flight for that many loop iterations (fake_set_sync_hold) once submitted,
+ * so that writes complete while it runs, which it need not cover (the
+ * crash images include the state where they are not durable); the crash
+ * images are then checked at every fdatasync and some writes, three subsets
+ * each, by check_image only (no qemu-img: the test's time).
  */
 static void tail_case(const char *opts, uint64_t size, uint64_t size2, unsigned shuffle,
-		      unsigned delay, bool link)
+		      unsigned delay, unsigned hold, bool link)
 {
 	enum { ROUNDS = 6 };
 	struct tailf fl[2 * ROUNDS], g;
@@ -1484,6 +1512,7 @@ static void tail_case(const char *opts, uint64_t size, uint64_t size2, unsigned 
 
 	fake_set_shuffle(shuffle);
 	qcow2_test_sync_delay(delay);
+	fake_set_sync_hold(hold);
 	eng_create(&e, opts, size, &o);
 	memset(fl, 0, sizeof(fl));
 	for (unsigned r = 0; r < ROUNDS; r++) {
@@ -1551,7 +1580,10 @@ static void tail_case(const char *opts, uint64_t size, uint64_t size2, unsigned 
 	verify(&e, model, size2);
 	if (!link)
 		check_l2_order(&e);
-	check_every_crash_point(&e);
+	if (hold)
+		check_crash_images(&e, 3); /* every sync point, no qemu-img: cheaper */
+	else
+		check_every_crash_point(&e);
 	for (unsigned r = 0; r < nfl; r++) {
 		crash_guest_view(&e, fl[r].logn, view, fl[r].size);
 		for (uint64_t k = 0; k < fl[r].size; k += 512) {
@@ -1569,10 +1601,72 @@ static void tail_case(const char *opts, uint64_t size, uint64_t size2, unsigned 
 	eng_close(&e);
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 	qcow2_test_sync_delay(0);
+	fake_set_sync_hold(0);
 	fake_set_shuffle(0);
 	free(model);
 	free(view);
 	free(wseq);
+}
+
+/*
+ * A FLUSH sent while a batch's last fdatasync runs (the tail), after an
+ * in-place write (no metadata) completed beside that sync: the sync was
+ * submitted before the write completed and need not cover it, so the FLUSH
+ * must not end with it (it goes to the next batch, whose syncs come after
+ * the write). The image as of the FLUSH's completion, nothing after the
+ * syncs ended then, reads the write. A fake that counted an fdatasync as
+ * covering what completed before it *ended* could not tell (before
+ * fake_io.c's durability model, a mutation answering such a FLUSH with the
+ * tail's sync passed here).
+ */
+static void tail_inplace_case(unsigned shuffle)
+{
+	const uint64_t size = 8ull << 20, c = 65536;
+	uint8_t a[4096], b[4096], *view = malloc(size);
+	struct tailf f1, f2;
+	struct eng e;
+
+	fake_set_shuffle(shuffle);
+	eng_create(&e, "cluster_size=65536", size, NULL);
+	fill(a, sizeof(a), 1);
+	CU_ASSERT_EQUAL(eng_write(&e, 0, sizeof(a), a), 0); /* cluster 0 allocated */
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	fake_set_sync_hold(8);
+	/* a batch with metadata to write (a new cluster), for a FLUSH */
+	fill(b, sizeof(b), 2);
+	CU_ASSERT_EQUAL(eng_write(&e, 4 * c, sizeof(b), b), 0);
+	memset(&f1, 0, sizeof(f1));
+	f1.f.done = tail_flush_done;
+	qcow2_flush(e.q, &f1.f);
+	for (int i = 0; i < 1000 && !e.q->wb_tail && !f1.done; i++)
+		run();
+	CU_ASSERT_FATAL(e.q->wb_tail != NULL); /* its last sync runs */
+	/* in place, while that sync runs */
+	fill(a, sizeof(a), 3);
+	CU_ASSERT_EQUAL(eng_write(&e, 4096, sizeof(a), a), 0);
+	CU_ASSERT_FATAL(e.q->wb_tail != NULL && !f1.done); /* it completed beside the sync */
+	memset(&f2, 0, sizeof(f2));
+	f2.f.done = tail_flush_done;
+	qcow2_flush(e.q, &f2.f);
+	for (int i = 0; i < 10000 && (!f1.done || !f2.done); i++)
+		run();
+	CU_ASSERT(f1.done == 1 && f1.res == 0);
+	CU_ASSERT(f2.done == 1 && f2.res == 0);
+	crash_guest_view(&e, f2.logn, view, size);
+	if (memcmp(view + 4096, a, sizeof(a))) {
+		fprintf(stderr,
+			"tail: a FLUSH ended (record entry %zu) before an in-place write "
+			"that completed beside the tail's fdatasync was durable\n",
+			f2.logn);
+		CU_FAIL("FLUSH answered by an fdatasync submitted before the write completed");
+	}
+	CU_ASSERT(memcmp(view + 4 * c, b, sizeof(b)) == 0);
+	check_crash_images(&e, 3); /* consistent, the in-flight states included */
+	fake_set_sync_hold(0);
+	fake_set_shuffle(0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(view);
 }
 
 static void test_tail(void)
@@ -1581,10 +1675,16 @@ static void test_tail(void)
 	 * and a grow that moves the L1 table */
 	const char *small = "cluster_size=512,refcount_bits=16";
 
-	tail_case(small, 1ull << 20, 4ull << 20, 0, 1, true);
-	tail_case(small, 1ull << 20, 4ull << 20, 13, 1, true);
-	tail_case(small, 1ull << 20, 4ull << 20, 21, 1, false);
-	tail_case("cluster_size=16384,extended_l2=on", 4ull << 20, 16ull << 20, 3, 1, true);
+	tail_case(small, 1ull << 20, 4ull << 20, 0, 1, 0, true);
+	tail_case(small, 1ull << 20, 4ull << 20, 13, 1, 0, true);
+	tail_case(small, 1ull << 20, 4ull << 20, 21, 1, 0, false);
+	tail_case("cluster_size=16384,extended_l2=on", 4ull << 20, 16ull << 20, 3, 1, 0, true);
+	/* syncs in flight while the next batch's writes (and the guest's)
+	 * complete: a sync covers only what completed before it started */
+	tail_case(small, 1ull << 20, 4ull << 20, 0, 0, 4, true);
+	tail_case("cluster_size=16384,extended_l2=on", 4ull << 20, 16ull << 20, 5, 0, 3, false);
+	tail_inplace_case(0);
+	tail_inplace_case(9);
 }
 
 static void fail_case(enum io_op op, unsigned nth)
@@ -1678,7 +1778,7 @@ static void check_l1_order(struct eng *e)
 			continue;
 		for (uint32_t k = 0; k < h->l1_size; k++) {
 			uint64_t lo = l1off + k * 8ull, t;
-			size_t last_w = SIZE_MAX, last_s = SIZE_MAX;
+			size_t last_w = SIZE_MAX, synced;
 
 			if (lo < l->off || lo + 8 > l->off + l->len || !l->data)
 				continue;
@@ -1694,8 +1794,6 @@ static void check_l1_order(struct eng *e)
 
 				if (x->file != e->id)
 					continue;
-				if (x->type == FAKE_FSYNC)
-					last_s = j;
 				if (x->type != FAKE_WRITE || !x->data || x->off >= t + cs ||
 				    t >= x->off + x->len)
 					continue;
@@ -1704,11 +1802,13 @@ static void check_l1_order(struct eng *e)
 				if (!all_zero(x->data + (a - x->off), z - a))
 					last_w = j;
 			}
-			if (last_w == SIZE_MAX || last_s == SIZE_MAX || last_s < last_w) {
+			/* the syncs ended before the L1 write was submitted */
+			synced = synced_before(e->id, l->sub);
+			if (last_w == SIZE_MAX || synced <= last_w) {
 				fprintf(stderr,
 					"L1 write #%zu names L2 table 0x%llx: its last write #%zu, "
-					"the last fdatasync before #%zu\n",
-					i, (unsigned long long)t, last_w, last_s);
+					"durable before the L1 write: the first %zu entries\n",
+					i, (unsigned long long)t, last_w, synced);
 				CU_FAIL(
 				    "an L1 entry names an L2 table not written and synced before");
 				goto out;
