@@ -9,7 +9,8 @@
 # and `vqcow-fe bench --rw randwrite --flush-every N`. Prints per round and
 # binary: write IOPS, write p50/p99/max latency, FLUSH p99/max, write-back
 # fdatasyncs per guest write, link waits' summed and largest sync chain
-# (query-blockstats), the daemon's CPU per write (user + system), then the
+# (query-blockstats), the daemon's CPU per write (user + system), FLUSH
+# p50, write-back batches, side batches and fdatasyncs per FLUSH, then the
 # per-round ratios new/base.
 #
 #   contrib/bench/fsync.sh --base OLD_VQCOWD [--new NEW_VQCOWD] [--reps 3]
@@ -95,12 +96,16 @@ print(sys.argv[2], sys.argv[3], sys.argv[4], "%.0f" % w["iops"], "%.1f" % w["lat
       "%.1f" % w["lat_us"]["p99"], "%.1f" % w["lat_us"]["max"], "%.1f" % fl["lat_us"]["p99"],
       "%.1f" % fl["lat_us"]["max"], fl["ios"], "%.4f" % (q.get("writeback-syncs", 0) / ios),
       q.get("link-waits", 0), q.get("link-wait-syncs", 0), q.get("link-wait-syncs-max", 0),
-      "%.1f" % ((int(sys.argv[5]) - int(sys.argv[6])) * 1e6 / int(sys.argv[7]) / ios))
+      "%.1f" % ((int(sys.argv[5]) - int(sys.argv[6])) * 1e6 / int(sys.argv[7]) / ios),
+      "%.1f" % fl["lat_us"].get("p50", 0),
+      "%.2f" % (q.get("writeback-batches", 0) / (fl["ios"] or 1)),
+      "%.2f" % (q.get("writeback-side-batches", 0) / (fl["ios"] or 1)),
+      "%.2f" % (q.get("writeback-syncs", 0) / (fl["ios"] or 1)))
 ' "$tmp/qstats" "$kind" "$qd" "$rep" "$t1" "$t0" "$(getconf CLK_TCK)" >>"$res"
 	tail -1 "$res"
 }
 
-echo "kind qd rep write_iops p50_us p99_us max_us flush_p99_us flush_max_us flushes syncs_per_write link_waits link_wait_syncs link_wait_max cpu_us_per_write"
+echo "kind qd rep write_iops p50_us p99_us max_us flush_p99_us flush_max_us flushes syncs_per_write link_waits link_wait_syncs link_wait_max cpu_us_per_write flush_p50_us batches_per_flush side_batches_per_flush syncs_per_flush"
 IFS=, read -r -a qds <<<"$depths"
 for r in $(seq "$reps"); do
 	for qd in "${qds[@]}"; do
