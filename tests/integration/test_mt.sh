@@ -29,7 +29,11 @@
 # round by round (vqfe-stress --vary-depth: QD1 rounds, QD8 rounds), so the
 # I/O threads' queues move to the main thread and back many times while
 # every block is written and verified: raw, a fresh qcow2, an overlay on a
-# raw backing file; the exit line must count moves both ways.
+# raw backing file, a churned overlay; a compressed image (inflates on the
+# threads, their caches of inflated clusters across moves), the same churned
+# under held fast writes, and an overlay on a compressed backing file with
+# --io-threads 3 (queues 0 and 3 on the main thread, two I/O threads moving);
+# the exit line must count moves both ways.
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning;
 # VQCOW_MT_VQ_ARGS: more vqcowd options for every daemon this test starts
 # (e.g. --io-threads-consolidate, to run all of it with the switch on).
@@ -85,10 +89,11 @@ EOF
 # FAST (qcow2): "yes" the fast path must have served requests, "no" it must
 # not have. $RUN_ENV: environment for vqcowd; $RUN_WRAP: a command to run it
 # with (taskset); $RUN_VQ_ARGS: more vqcowd options; $RUN_ARGS: more vqfe-stress
-# arguments; $RUN_SIZE, $RUN_ROUNDS: instead of $size and $rounds.
+# arguments; $RUN_SIZE, $RUN_ROUNDS, $RUN_THREADS: instead of $size, $rounds
+# and $threads.
 run() {
 	local name=$1 img=$2 fmt=$3 orig=$4 seed=$5 fast=${6:-}
-	local hits
+	local hits threads=${RUN_THREADS:-$threads}
 	echo "== $name"
 	# shellcheck disable=SC2086
 	env ${RUN_ENV:-} ${RUN_WRAP:-} "$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
@@ -356,7 +361,7 @@ if [ "$threads" -gt 1 ]; then
 	cons() {
 		name=$1
 		shift
-		RUN_ENV=VQCOWD_TEST_CONS_RUN=16 RUN_VQ_ARGS=--io-threads-consolidate \
+		RUN_ENV="VQCOWD_TEST_CONS_RUN=16 ${RUN_ENV:-}" RUN_VQ_ARGS=--io-threads-consolidate \
 			RUN_ARGS="--vary-depth ${RUN_ARGS:-}" RUN_ROUNDS=8 run "$name" "$@"
 		moves
 	}
@@ -369,6 +374,21 @@ if [ "$threads" -gt 1 ]; then
 	qemu-img create -q -f qcow2 -b "$dir/base2.raw" -F raw "$dir/cchurn.qcow2" $small
 	RUN_ARGS="--churn 65536" RUN_SIZE=$small cons "consolidate: churned overlay" \
 		"$dir/cchurn.qcow2" qcow2 "$dir/base2.raw" 24 yes
+	cp "$dir/zbase.qcow2" "$dir/cz.qcow2"
+	RUN_ARGS="--read-untouched" cons "consolidate: compressed image" "$dir/cz.qcow2" qcow2 \
+		"$dir/base.raw" 25 yes
+	qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base2.raw" \
+		"$dir/czchurn.qcow2"
+	RUN_ENV=VQCOWD_TEST_FAST_DELAY=20 \
+		RUN_ARGS="--churn 65536 --read-untouched" RUN_SIZE=$small \
+		cons "consolidate: churned compressed image" "$dir/czchurn.qcow2" qcow2 \
+		"$dir/base2.raw" 26 yes
+	if [ "$threads" -gt 3 ]; then
+		qemu-img create -q -f qcow2 -b "$dir/zbase.qcow2" -F qcow2 "$dir/cz3.qcow2" $size
+		RUN_THREADS=3 cons "consolidate: overlay on compressed, --io-threads 3" \
+			"$dir/cz3.qcow2" qcow2 "$dir/base.raw" 27 yes
+	fi
+
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
