@@ -673,6 +673,9 @@ struct iothread {
 	unsigned low_run;      /* low requests popped in a row */
 	uint64_t main_high_at; /* d->main_high when low_run began */
 	uint64_t ngather, nspread;
+	/* cons_run << backoff low requests before the next try: a move refused
+	 * because the main thread would serve too many queues (cons_gather) */
+	unsigned backoff;
 };
 
 struct daemon {
@@ -1217,7 +1220,7 @@ static void cons_popped(struct daemon *d, unsigned idx)
 		t->main_high_at = __atomic_load_n(&d->main_high, __ATOMIC_RELAXED);
 		return;
 	}
-	if (t->low_run < d->cons_run)
+	if (t->low_run < d->cons_run << t->backoff)
 		return;
 	t->low_run = 0;
 	if (__atomic_load_n(&d->main_high, __ATOMIC_RELAXED) == t->main_high_at)
@@ -1297,6 +1300,21 @@ static void cons_kick(struct daemon *d, struct iothread *t)
 	}
 }
 
+/*
+ * The started queues the main thread would serve with @t's gathered (t
+ * parked: q->vq is set by the thread that serves the queue).
+ */
+static unsigned cons_main_queues(struct daemon *d, struct iothread *t)
+{
+	unsigned n = 0;
+
+	for (unsigned i = 0; i < d->nq_seen && i < MAX_QUEUES; i++) {
+		if (d->q[i].vq && (!serve_of(d, i) || thread_of(d, i) == t))
+			n++;
+	}
+	return n;
+}
+
 /* Main thread: I/O thread @t drained its queues to hand them over (posted by t_defer). */
 static void cons_gather(struct io_cmd *cmd, int res)
 {
@@ -1304,11 +1322,29 @@ static void cons_gather(struct io_cmd *cmd, int res)
 	struct daemon *d = t->d;
 	/* not inside another parked operation (a handoff drives the loop) */
 	bool ok = d->pause_depth == 0 && !d->stopping && !d->parked && d->handoff == HO_NONE;
+	unsigned nq = 0;
 
 	(void)res;
 	pause_all(d);
 	t->move_posted = false;
-	ok = ok && t->giving && !t->inflight && !t->gathered && cons_move(d, t, true) == 0;
+	ok = ok && t->giving && !t->inflight && !t->gathered;
+	/*
+	 * Each of those queues at CONS_QD in flight would be a high load for
+	 * the main thread (more than POLL_INFLIGHT_MAX): it would give them
+	 * back after CONS_SPREAD_RUN requests and the thread take them again
+	 * after cons_run, a move and a park of every thread each time. Not
+	 * moved; the thread tries again after twice as many low requests.
+	 */
+	if (ok && (nq = cons_main_queues(d, t)) * CONS_QD > POLL_INFLIGHT_MAX) {
+		ok = false;
+		if (t->backoff < 8)
+			t->backoff++;
+		log_dbg("I/O thread %u: its queues stay: the main thread would serve %u", t->id,
+			nq);
+	} else if (ok) {
+		t->backoff = 0;
+	}
+	ok = ok && cons_move(d, t, true) == 0;
 	t->giving = false; /* not moved: it serves them on */
 	t->low_run = 0;
 	resume_all(d);

@@ -33,7 +33,9 @@
 # threads, their caches of inflated clusters across moves), the same churned
 # under held fast writes, and an overlay on a compressed backing file with
 # --io-threads 3 (queues 0 and 3 on the main thread, two I/O threads moving);
-# the exit line must count moves both ways.
+# the exit line must count moves both ways. At a steady QD1 on 4 queues the
+# queues of --io-threads 2 move, on 6 they stay (the main thread would give
+# them back: a move to and fro for nothing).
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning;
 # VQCOW_MT_VQ_ARGS: more vqcowd options for every daemon this test starts
 # (e.g. --io-threads-consolidate, to run all of it with the switch on).
@@ -389,6 +391,30 @@ if [ "$threads" -gt 1 ]; then
 			"$dir/cz3.qcow2" qcow2 "$dir/base.raw" 27 yes
 	fi
 
+	# NQ queues at QD1 on --io-threads 2: the I/O thread's queues move only
+	# if the main thread then serves at most 4 (POLL_INFLIGHT_MAX) queues;
+	# with more, its requests would be high, it would give them back, and
+	# the thread take them again (cons_gather). cons_qd1 NQ: the moves.
+	cons_qd1() {
+		echo "== consolidate: $1 queues at QD1 on --io-threads 2"
+		env VQCOWD_TEST_CONS_RUN=16 "$vqcowd" --socket-path "$sock" --blk-file "$dir/img.raw" \
+			--format raw --num-queues "$1" --io-threads 2 --io-threads-consolidate \
+			--log-level debug 2>"$log" &
+		pid=$!
+		it_wait_serving "$pid" "$sock" "$log" "vqcowd ($1 queues at QD1)" || return
+		"$fe" --queues "$1" bench "$sock" --rw randread --bs 4096 --iodepth 1 --numjobs "$1" \
+			--runtime 2 --size $size >/dev/null || fail "$1 queues at QD1: vqcow-fe bench failed"
+		it_stop
+		cmoves=$(grep -a -o 'queues moved to the main thread [0-9]* times, back [0-9]* times' \
+			"$log")
+		echo "${cmoves:-none}; $(grep -a -c 'its queues stay' "$log") refused"
+	}
+	cons_qd1 4
+	[ "$(echo "$cmoves" | grep -o '[0-9]*' | head -1)" -ge 1 ] 2>/dev/null ||
+		fail "4 queues at QD1: the I/O thread's queues never moved"
+	cons_qd1 6
+	[ "$cmoves" = "queues moved to the main thread 0 times, back 0 times" ] ||
+		fail "6 queues at QD1: the I/O thread's queues moved (${cmoves:-no exit line})"
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
