@@ -31,7 +31,9 @@
 # with read-zlib, whatever KINDS holds; the tables, made by mqtable.py from
 # the run lines, leave out the ratios whose kinds did not run). read-full-qd1 (not in the default cells): the full
 # image, 2 queues x QD1, for the latency of a lightly loaded daemon (each
-# run's line ends with the mean and p99 latency in us). VQCOWD_ARGS="..."
+# run's line ends with the mean and p99 latency in us); read-zlib-qd1 (not
+# in the default cells either): the same on the zlib image, where each read
+# inflates a cluster on the thread that serves its queue. VQCOWD_ARGS="..."
 # adds options to both vqcowd kinds; an A/B of two builds or options: the
 # kinds alt-1 and alt-2 run VQCOWD_ALT (default: the same binary) with
 # VQCOWD_ALT_ARGS, and the table gains their ratios. PERF_DIR=DIR
@@ -167,6 +169,7 @@ run() { # KIND CELL FE-MODE
 	read-full) img=$dir/full.qcow2 rw=randread ;;
 	read-full-qd1) img=$dir/full.qcow2 rw=randread qd=1 ;;
 	read-zlib) img=$dir/zlib.qcow2 rw=randread ;;
+	read-zlib-qd1) img=$dir/zlib.qcow2 rw=randread qd=1 ;;
 	read-prealloc) img=$dir/prealloc.qcow2 rw=randread ;;
 	seqread-zlib) img=$dir/zlib.qcow2 rw=read ;;
 	write-empty)
