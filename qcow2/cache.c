@@ -520,10 +520,22 @@ struct q2_slice *q2_cache_peek(struct q2_cache *c, uint64_t off)
 	return s && s->state == Q2_SL_READY ? s : NULL;
 }
 
+/* Test seam (qcow2_test_cache_nomem): q2_cache_new() calls until one fails (0: none). */
+static unsigned test_new_nomem_left;
+
+void qcow2_test_cache_nomem(unsigned nth)
+{
+	__atomic_store_n(&test_new_nomem_left, nth, __ATOMIC_RELAXED);
+}
+
 struct q2_slice *q2_cache_new(struct q2_cache *c, uint64_t off)
 {
-	struct q2_slice *s = hash_find(c, off);
+	struct q2_slice *s;
 
+	if (__builtin_expect(__atomic_load_n(&test_new_nomem_left, __ATOMIC_RELAXED) != 0, 0) &&
+	    __atomic_sub_fetch(&test_new_nomem_left, 1, __ATOMIC_RELAXED) == 0)
+		return NULL; /* the test seam: as if out of memory */
+	s = hash_find(c, off);
 	c->gen++;
 	if (s) {
 		/* A stale copy of a freed cluster (only ever clean & idle). */

@@ -460,7 +460,16 @@ static int new_l2_table(struct qcow2 *q, uint32_t l1i, const void *copy_from,
 		struct q2_slice *s = q2_cache_new(&q->l2c, host + o);
 
 		if (!s) {
-			q2_alloc_release(q, host, 1);
+			/*
+			 * The slices made so far are dirty and will be written
+			 * to the cluster: give it back only after a batch wrote
+			 * them (a deferred decrement), or the data of whoever
+			 * takes it from the free list next would be overwritten.
+			 */
+			if (o)
+				q2_dec_range(q, host, q->cs);
+			else
+				q2_alloc_release(q, host, 1);
 			return -ENOMEM;
 		}
 		if (copy_from) {
@@ -469,8 +478,10 @@ static int new_l2_table(struct qcow2 *q, uint32_t l1i, const void *copy_from,
 		}
 		s->newtab = true; /* no L1 entry on disk reaches it yet */
 	}
-	if (q2_meta_add(q, host >> q->cb) < 0)
+	if (q2_meta_add(q, host >> q->cb) < 0) {
+		q2_dec_range(q, host, q->cs); /* the same: its slices go out first */
 		return -ENOMEM;
+	}
 	q->l1[l1i] = host | QCOW2_OFLAG_COPIED;
 	q2_wb_mark_l1(q, l1i);
 	q->n_l2_new++;

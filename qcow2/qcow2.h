@@ -492,6 +492,13 @@ void qcow2_test_sync_delay(unsigned ms);
 void qcow2_test_wb_nomem(unsigned nth);
 
 /*
+ * Test seam (unit.test_qcow2_engine only): the @nth new cache slice (a new
+ * L2 table's or refcount block's, q2_cache_new) from now on fails, as if out
+ * of memory (1 = the next); once. 0 (the default): none.
+ */
+void qcow2_test_cache_nomem(unsigned nth);
+
+/*
  * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before
  * any image opens: the largest gap between two dirty spans of one table a
  * batch bridges (QCOW2_WB_BRIDGE_DEFAULT), and whether it writes

@@ -2828,6 +2828,57 @@ static void test_whole_reused(void)
 	whole_reused_case(false, false);
 }
 
+/*
+ * A new L2 table whose slices cannot all be created (out of memory after
+ * the first: qcow2_test_cache_nomem): the write that needed it fails, and
+ * the slices made so far (new, dirty, zeroes) must never reach the file
+ * over what the cluster holds next. The cluster was given back to the free
+ * list at once, so the next data allocation took it and the guest's data
+ * went there; the stale slice's write-back then overwrote it (guest
+ * 0x50000 read zeroes, not 0x5a). Now the cluster is freed only after a
+ * batch wrote those slices (a deferred decrement), and every read and
+ * crash image holds the guest's data.
+ */
+static void test_l2_new_nomem(void)
+{
+	const uint64_t size = 1ull << 30, cs = 65536, far = 512ull << 20;
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	uint8_t buf[4096], got[4096];
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", size, &o);
+	memset(buf, 0x11, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 0, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* guest 512 MiB needs the second L2 table: its second slice fails */
+	qcow2_test_cache_nomem(2);
+	CU_ASSERT_EQUAL(eng_write(&e, far, sizeof(buf), buf), -ENOMEM);
+	qcow2_test_cache_nomem(0);
+	/* a new data cluster, at once (no batch in between) */
+	memset(buf, 0x5a, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 5 * cs, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	for (int i = 0; i < 4; i++) {
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		run_idle(&e);
+	}
+	CU_ASSERT_EQUAL(eng_read(&e, 5 * cs, sizeof(got), got), 0);
+	if (memcmp(got, buf, sizeof(got)))
+		fprintf(stderr, "l2 new nomem: guest 0x%llx reads 0x%02x, not 0x5a\n",
+			(unsigned long long)(5 * cs), got[0]);
+	CU_ASSERT(memcmp(got, buf, sizeof(got)) == 0);
+	/* and the table can be made now */
+	CU_ASSERT_EQUAL(eng_write(&e, far, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(eng_read(&e, far, sizeof(got), got), 0);
+	CU_ASSERT(memcmp(got, buf, sizeof(got)) == 0);
+	CU_ASSERT_EQUAL(eng_read(&e, 5 * cs, sizeof(got), got), 0);
+	CU_ASSERT(memcmp(got, buf, sizeof(got)) == 0);
+	check_crash_images(&e, 1);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
 /* Random damage to L1/L2/refcount structures: errors are fine, crashes,
  * hangs and sanitizer reports are not. */
 static void test_damage(void)
@@ -3699,6 +3750,8 @@ int main(void)
 		    test_stale_subclusters);
 	CU_add_test(suite, "extended L2: a reused cluster is not linked whole before its fill",
 		    test_whole_reused);
+	CU_add_test(suite, "a new L2 table short of memory: its cluster freed after its slices",
+		    test_l2_new_nomem);
 	CU_add_test(suite, "damaged tables", test_damage);
 	CU_add_test(suite, "L2 prefetch: covering cache, read-only", test_prefetch_covering);
 	CU_add_test(suite, "L2 prefetch: slice dirtied during its read",
