@@ -1078,8 +1078,11 @@ static void finish(struct q2_batch *b)
 			if (q->side_done_gen > q->meta_written_gen)
 				q->meta_written_gen = q->side_done_gen;
 		}
-		if (b->link_mode) {
-			/* the pointer removals are written, not durable yet */
+		if (b->link_mode || b->incomplete) {
+			/* the pointer removals are written, not durable yet; or,
+			 * short of memory, some are in what it left dirty (their
+			 * clusters would be freed and reused while an entry on
+			 * disk still names them): a later batch takes them */
 			for (size_t i = 0; i < b->decs.n; i++)
 				q2_u64v_push(&q->dec_pending, b->decs.v[i]);
 			b->decs.n = 0;

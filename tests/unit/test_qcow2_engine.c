@@ -1985,6 +1985,59 @@ static void test_wb_nomem(void)
 }
 
 /*
+ * A batch short of memory that leaves out the L2 slice of a pointer removal
+ * (a discard) must not make the removal's decrement count as durable: the
+ * cluster's refcount would be lowered (and the cluster punched and reused)
+ * while the L2 entry on disk still points at it, and a later batch's P1
+ * could write the refcount 0 before its P2 writes the removal. Every crash
+ * image must stay consistent (no entry naming a cluster of refcount 0), and
+ * the reused cluster must not show up under the discarded guest cluster.
+ */
+static void run_idle(struct eng *e);
+static void crash_reads_either(struct eng *e, size_t from, uint64_t off, uint64_t len,
+			       const uint8_t *before, const uint8_t *want);
+
+static void test_wb_nomem_decs(void)
+{
+	const uint64_t size = 16ull << 20, cs = 65536;
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	uint8_t *a = malloc(cs), *b = malloc(cs), *zero = calloc(1, cs), *got = malloc(cs);
+	struct eng e;
+	size_t from;
+
+	memset(a, 0x11, cs);
+	memset(b, 0x77, cs);
+	eng_create(&e, "cluster_size=65536", size, &o);
+	CU_ASSERT_EQUAL(eng_write(&e, 0, cs, a), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	from = fake_log_count();
+	CU_ASSERT_EQUAL(eng_zero(&e, 0, cs, false, true), 0); /* discard */
+	/* the FLUSH's batch: its first item, the discard's L2 slice, fails */
+	qcow2_test_wb_nomem(1);
+	CU_ASSERT_EQUAL(eng_flush(&e), -ENOMEM); /* it took nothing */
+	qcow2_test_wb_nomem(0);
+	run_idle(&e);
+	/* another guest cluster, maybe on the freed host cluster */
+	CU_ASSERT_EQUAL(eng_write(&e, 2 * cs, cs, b), 0);
+	for (int i = 0; i < 3; i++) {
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		run_idle(&e);
+	}
+	CU_ASSERT_EQUAL(eng_read(&e, 0, cs, got), 0);
+	CU_ASSERT(all_zero(got, cs));
+	CU_ASSERT_EQUAL(eng_read(&e, 2 * cs, cs, got), 0);
+	CU_ASSERT(memcmp(got, b, cs) == 0);
+	/* the discarded cluster reads what it held or zeroes, never b */
+	crash_reads_either(&e, from, 0, cs, a, zero);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(a);
+	free(b);
+	free(zero);
+	free(got);
+}
+
+/*
  * A side batch beside a held batch (qcow2_test_wb_hold, the fake's deferred
  * hooks on), as in integration.sidebatch: 64 MiB, 64 KiB clusters, 4 KiB
  * slices (A: [0, 32 MiB), B: [32, 64 MiB)), both tables' clusters linked and
@@ -3733,6 +3786,8 @@ int main(void)
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
+	CU_add_test(suite, "write-back out of memory: a removal left out keeps its decrement",
+		    test_wb_nomem_decs);
 	CU_add_test(suite, "side batch out of memory", test_side_nomem);
 	CU_add_test(suite, "failing close, side batch in flight", test_side_close);
 	CU_add_test(suite, "failed batch, written slice evicted", test_wb_fail_evicted);
