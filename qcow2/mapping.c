@@ -1071,13 +1071,18 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	}
 	if (a->early)
 		goto out; /* linked at map time: early_link() */
-	if (a->new_host && !a->fresh && q->link_need <= q->rc_seq) {
+	if (!a->fresh && (a->new_host || a->cow_start != a->off || a->cow_end != a->off + a->len) &&
+	    q->link_need <= q->rc_seq) {
 		/*
 		 * A reused cluster's old bytes are on disk under the new data and
 		 * fill: the batch that writes this entry must sync them first,
 		 * even in link mode whose refcounts a batch that ran while the
 		 * write was in flight made durable (rc_nosync), or after a power
 		 * loss the entry could show them where the guest never wrote.
+		 * The same for a cluster allocated in place (a zero cluster that
+		 * kept its host cluster, unallocated subclusters, an external
+		 * data file) whose COW head or tail this write filled: its old
+		 * bytes would show there (no new refcount: rc_nosync in any case).
 		 */
 		q->link_need = q->rc_seq + 1;
 	}

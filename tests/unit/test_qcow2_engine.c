@@ -2882,6 +2882,83 @@ static void test_whole_reused(void)
 }
 
 /*
+ * A cluster zeroed with its host cluster kept (write-zeroes without unmap:
+ * the zero flag, or extended L2's zero bits, over its old bytes), durable.
+ * A write into part of it allocates in place (TK_META_ZERO, TK_META_SC):
+ * the data with zeroes around it (the COW head and tail), then the entry
+ * changes (flag or bits cleared). Its link batch links no new cluster, so
+ * it may skip P1's fdatasync (rc_nosync); every crash image must still
+ * read zeroes around the 4 KiB written (what the guest read before), never
+ * the old bytes (the 4 KiB itself, never flushed, may: as with QEMU, which
+ * orders COW data before the L2 entry).
+ */
+static void zero_alloc_case(bool extl2)
+{
+	const uint64_t size = 4ull << 20, cs = 65536;
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	uint8_t *old = malloc(cs), *zero = calloc(1, cs), *want = calloc(1, cs), *b;
+	uint64_t g = 3 * cs, off = g + 8192 + 512, head, total;
+	struct qcow2_alloc a;
+	struct flushf lk;
+	struct waitf wf;
+	struct eng e;
+	size_t from;
+	int ret;
+
+	memset(old, 0xa5, cs);
+	memset(want + (off - g), 0x3c, 4096);
+	eng_create(&e, extl2 ? "cluster_size=65536,extended_l2=on" : "cluster_size=65536", size,
+		   &o);
+	CU_ASSERT_EQUAL(eng_write(&e, g, cs, old), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	CU_ASSERT_EQUAL(eng_zero(&e, g, cs, true, false), 0);
+	for (int i = 0; i < 2; i++) {
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		run_idle(&e);
+	}
+	from = fake_log_count();
+	do {
+		wait_init(&wf);
+		ret = qcow2_map_write(e.q, off, 4096, &a, &wf.w);
+		if (ret == -EAGAIN)
+			wait_woken(&wf);
+	} while (ret == -EAGAIN);
+	CU_ASSERT_EQUAL_FATAL(ret, QCOW2_WRITE_ALLOC);
+	CU_ASSERT_FALSE(a.new_host); /* in place: the zeroed cluster's own */
+	CU_ASSERT(a.cow_start < a.off);
+	/* as alloc_write: zero the range (not fresh), then data and fill */
+	head = a.off - a.cow_start;
+	total = a.cow_end - a.cow_start;
+	b = calloc(1, total);
+	memcpy(b + head, want + (off - g), 4096);
+	ret = do_zero_range(&e, a.host - head, total);
+	if (!ret)
+		ret = do_write_data(&e, b, total, a.host - head);
+	CU_ASSERT_EQUAL(ret, 0);
+	free(b);
+	qcow2_alloc_finish(e.q, &a, ret);
+	memset(&lk, 0, sizeof(lk));
+	lk.f.done = flush_done;
+	if (qcow2_link(e.q, a.link_gen, &lk.f))
+		wait_chain(&lk);
+	crash_reads_either(&e, from, g, off - g, zero, want);
+	crash_reads_either(&e, from, off + 4096, g + cs - off - 4096, zero + (off + 4096 - g),
+			   want + (off + 4096 - g));
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(old);
+	free(zero);
+	free(want);
+}
+
+static void test_zero_alloc(void)
+{
+	zero_alloc_case(false);
+	zero_alloc_case(true);
+}
+
+/*
  * A new L2 table whose slices cannot all be created (out of memory after
  * the first: qcow2_test_cache_nomem): the write that needed it fails, and
  * the slices made so far (new, dirty, zeroes) must never reach the file
@@ -3805,6 +3882,8 @@ int main(void)
 		    test_stale_subclusters);
 	CU_add_test(suite, "extended L2: a reused cluster is not linked whole before its fill",
 		    test_whole_reused);
+	CU_add_test(suite, "a zeroed cluster written in place: its fill synced before its entry",
+		    test_zero_alloc);
 	CU_add_test(suite, "a new L2 table short of memory: its cluster freed after its slices",
 		    test_l2_new_nomem);
 	CU_add_test(suite, "damaged tables", test_damage);
