@@ -2792,12 +2792,15 @@ static void test_stale_subclusters(void)
  * a second one, into another subcluster (an early link where the first
  * write's fill counts as zeroes), is the one checked.
  */
-static void whole_reused_case(bool sc_link, bool extl2)
+static int map_once(struct eng *e, uint64_t off, uint64_t len, struct qcow2_extent *x);
+
+static void whole_reused_case(bool sc_link, bool extl2, bool punch)
 {
 	const uint64_t size = 4ull << 20, cs = 65536;
 	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
 	uint8_t *old = malloc(cs), *zero = calloc(1, cs), *want = calloc(1, cs);
-	uint64_t g = 7 * cs, off = g + 8192;
+	uint64_t g = 7 * cs, off = g + 8192, old_host;
+	struct qcow2_extent x;
 	struct qcow2_alloc a;
 	struct flushf lk;
 	struct waitf wf;
@@ -2811,10 +2814,16 @@ static void whole_reused_case(bool sc_link, bool extl2)
 		   &o);
 	qcow2_test_sc_link(sc_link);
 	/* guest cluster 3 full of old bytes, then freed: its host cluster
-	 * goes to the free list, bytes and all (no hole punching here) */
+	 * goes to the free list, bytes and all (no hole punching here), or
+	 * (@punch) punched first */
 	CU_ASSERT_EQUAL(eng_write(&e, 3 * cs, cs, old), 0);
 	CU_ASSERT_EQUAL(eng_flush(&e), 0);
-	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -EOPNOTSUPP), 0);
+	while ((ret = map_once(&e, 3 * cs, cs, &x)) == -EAGAIN)
+		;
+	CU_ASSERT_EQUAL_FATAL(ret, 1);
+	old_host = x.host;
+	if (!punch)
+		CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -EOPNOTSUPP), 0);
 	CU_ASSERT_EQUAL(eng_zero(&e, 3 * cs, cs, false, true), 0);
 	for (int i = 0; i < 4; i++) {
 		CU_ASSERT_EQUAL(eng_flush(&e), 0);
@@ -2830,9 +2839,14 @@ static void whole_reused_case(bool sc_link, bool extl2)
 	} while (ret == -EAGAIN);
 	CU_ASSERT_EQUAL_FATAL(ret, QCOW2_WRITE_ALLOC);
 	CU_ASSERT(a.new_host);
-	CU_ASSERT_FALSE(a.fresh); /* the freed cluster, reused */
-	/* a batch while the data write is in flight: the refcount durable */
-	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	/* the freed cluster, reused: fresh only when punched */
+	CU_ASSERT_EQUAL(a.fresh, punch);
+	CU_ASSERT_EQUAL(a.host - (a.off & (cs - 1)), old_host);
+	/* a batch while the data write is in flight: the refcount durable
+	 * (punched: none, so that only the free list's own order, the link
+	 * batch's P1 sync, can put the punch on disk before the entry) */
+	if (!punch)
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
 	/* the data written whole, zeroes around it (alloc_write's fill) */
 	ret = do_write_data(&e, want, cs, a.host - (a.off & (cs - 1)));
 	CU_ASSERT_EQUAL(ret, 0);
@@ -2876,9 +2890,15 @@ static void whole_reused_case(bool sc_link, bool extl2)
 
 static void test_whole_reused(void)
 {
-	whole_reused_case(false, true);
-	whole_reused_case(true, true);
-	whole_reused_case(false, false);
+	whole_reused_case(false, true, false);
+	whole_reused_case(true, true, false);
+	whole_reused_case(false, false, false);
+	/* punched: counted as fresh space (linked whole, known zero, no COW
+	 * zeroing); the punch (a write of zeroes in the fake's record) must be
+	 * durable before any entry naming the cluster is: the link batch syncs
+	 * P1 because the free list's allocation asked for it (alloc.c) */
+	whole_reused_case(false, true, true);
+	whole_reused_case(false, false, true);
 }
 
 /*
