@@ -70,6 +70,11 @@ static int entry_check_gap(const struct qcow2 *q, uint64_t e, uint64_t bm, const
 			*why = "compressed cluster offset past the end of the file";
 			return E_BAD;
 		}
+		/* its host clusters are freed when it is discarded or rewritten */
+		if (q2_meta_overlaps(q, off, qcow2_compressed_len(e, q->cb))) {
+			*why = "compressed cluster overlaps metadata";
+			return E_META;
+		}
 		return E_OK;
 	}
 	if (e & (QCOW2_L2E_STD_RESERVED_MASK | (q->extl2 ? QCOW2_OFLAG_ZERO : 0))) {

@@ -2588,6 +2588,44 @@ static void test_corrupt(void)
 	}
 }
 
+/*
+ * A hostile image: a compressed L2 entry whose data lies in a metadata
+ * cluster (here the first refcount block, refcount 1). Discarding (or
+ * overwriting) the guest cluster would lower that cluster's refcount to 0
+ * and free it: the free list then hands the refcount block out for guest
+ * data. The engine must refuse instead (corrupt, -EIO), as it does for a
+ * standard entry pointing at metadata.
+ */
+static void test_corrupt_compressed(void)
+{
+	const uint64_t cs = 65536;
+	uint8_t buf[4096];
+	uint64_t fsize, rb;
+	const uint8_t *img;
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	memset(buf, 3, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 0, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	eng_open_path(&e, e.path, NULL);
+	img = fake_file_data(e.id, &fsize);
+	rb = qcow2_be64(img + qcow2_header(e.q)->refcount_table_offset) & QCOW2_RTE_OFFSET_MASK;
+	CU_ASSERT_FATAL(rb != 0);
+	poke_l2(&e, 0, QCOW2_OFLAG_COMPRESSED | rb); /* one sector at the block */
+	eng_close(&e);
+	eng_open_path(&e, e.path, NULL);
+	CU_ASSERT_EQUAL(eng_zero(&e, 0, cs, false, true), -EIO);
+	CU_ASSERT_TRUE(qcow2_is_corrupt(e.q));
+	for (int i = 0; i < 3; i++) {
+		eng_flush(&e);
+		run_idle(&e);
+	}
+	CU_ASSERT_EQUAL(e.q->freelist.n + e.q->punchq.n, 0);
+	eng_close(&e);
+}
+
 static void test_readonly(void)
 {
 	struct qcow2_opts o = {.read_only = true};
@@ -3896,6 +3934,8 @@ int main(void)
 	CU_add_test(suite, "concurrent allocation of one cluster", test_concurrent_alloc);
 	CU_add_test(suite, "freed cluster not reused during I/O", test_grace);
 	CU_add_test(suite, "corruption detection", test_corrupt);
+	CU_add_test(suite, "corruption: a compressed entry into metadata is never freed",
+		    test_corrupt_compressed);
 	CU_add_test(suite, "read-only", test_readonly);
 	CU_add_test(suite, "discard, zero, reuse", test_discard_reuse_and_zero);
 	CU_add_test(suite, "extended L2: discarded subclusters never read old data",
