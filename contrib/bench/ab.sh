@@ -31,11 +31,10 @@ bpid=
 cleanup() { [ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 . "$repo/contrib/bench/qsd-start.sh"
-
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+. "$repo/contrib/bench/bench-lib.sh"
 
 run() {
-	local kind=$1 i t0 t1 out
+	local kind=$1 t0 t1 out
 	rm -f "$sock"
 	if [ "$kind" = vqcowd ]; then
 		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format "$fmt" \
@@ -49,12 +48,11 @@ run() {
 			"${QSD_IOTHREAD:-0}"
 	fi
 	bpid=$!
-	for i in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/$kind.log" >&2; exit 1; }
-	t0=$(ticks "$bpid")
+	bench_wait_sock "$sock" "$kind" "$tmp/$kind.log" 100
+	t0=$(bench_ticks "$bpid")
 	# shellcheck disable=SC2086
 	out=$("$fe" bench "$sock" $feargs --json)
-	t1=$(ticks "$bpid")
+	t1=$(bench_ticks "$bpid")
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || true
 	bpid=

@@ -30,19 +30,10 @@ fe=$root/build/tests/frontend/vqcow-fe
 ctl=$root/build/src/vqcowctl
 base=
 reps=4 size=1G nios=32768 cells=reuse,grow dir=${BENCH_DIR:-/tmp}
-while [ $# -gt 0 ]; do
-	case $1 in
-	--base) base=$2; shift ;;
-	--new) new=$2; shift ;;
-	--reps) reps=$2; shift ;;
-	--size) size=$2; shift ;;
-	--number-ios) nios=$2; shift ;;
-	--cells) cells=$2; shift ;;
-	--dir) dir=$2; shift ;;
-	*) echo "usage: see the header of $0" >&2; exit 2 ;;
-	esac
-	shift
-done
+. "$here/bench-lib.sh"
+usage() { echo "usage: see the header of $0"; }
+bench_opts usage --base=base --new=new --reps=reps --size=size --number-ios=nios \
+	--cells=cells --dir=dir -- "$@"
 [ -n "$base" ] || { echo "$0: --base OLD_VQCOWD is required" >&2; exit 2; }
 for t in qemu-img python3 losetup numfmt "$new" "$base" "$fe" "$ctl"; do
 	command -v "$t" >/dev/null || { echo "$0: $t not found" >&2; exit 1; }
@@ -73,8 +64,7 @@ one() { # KIND BIN CELL REP
 	"$bin" --socket-path "$sock" --blk-file "$dev" --format qcow2 --qmp "$tmp/qmp" \
 		>"$tmp/d.log" 2>&1 &
 	bpid=$!
-	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
+	bench_wait_sock "$sock" "$kind" "$tmp/d.log"
 	if [ "$cell" = reuse ]; then
 		"$fe" bench "$sock" --rw write --bs 1M --iodepth 8 --size "$bytes" \
 			--number-ios $((bytes >> 20)) >/dev/null
@@ -87,12 +77,12 @@ one() { # KIND BIN CELL REP
 		sleep 0.3
 		"$fe" flush "$sock"
 	fi
-	"$ctl" -s "$tmp/qmp" --json stats >"$tmp/qs0" 2>/dev/null || true
-	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	bench_qstats "$ctl" "$tmp/qmp" writeback-syncs >"$tmp/qs0"
+	t0=$(bench_ticks "$bpid")
 	out=$("$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size "$span" \
 		--number-ios "$nios" --json)
-	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
-	"$ctl" -s "$tmp/qmp" --json stats >"$tmp/qs1" 2>/dev/null || true
+	t1=$(bench_ticks "$bpid")
+	bench_qstats "$ctl" "$tmp/qmp" writeback-syncs >"$tmp/qs1"
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || true
 	bpid=
@@ -100,23 +90,7 @@ one() { # KIND BIN CELL REP
 import json, sys
 d = json.load(sys.stdin)
 w = d["write"]
-def find(o):
-    if isinstance(o, dict):
-        if "writeback-syncs" in o:
-            return o
-        o = list(o.values())
-    if isinstance(o, list):
-        for v in o:
-            r = find(v)
-            if r:
-                return r
-    return None
-def load(p):
-    try:
-        return find(json.load(open(p))) or {}
-    except Exception:
-        return {}
-a, b = load(sys.argv[1]), load(sys.argv[2])
+a, b = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 ios = w["ios"] or 1
 print(sys.argv[3], sys.argv[4], sys.argv[5], "%.0f" % w["iops"], "%.0f" % w["lat_us"]["p50"],
       "%.0f" % w["lat_us"]["p99"],
@@ -131,13 +105,7 @@ echo "kind cell rep write_iops p50_us p99_us syncs_per_write cpu_us_per_write"
 IFS=, read -r -a cl <<<"$cells"
 for r in $(seq "$reps"); do
 	for c in "${cl[@]}"; do
-		if [ $((r % 2)) = 1 ]; then
-			one base "$base" "$c" "$r"
-			one new "$new" "$c" "$r"
-		else
-			one new "$new" "$c" "$r"
-			one base "$base" "$c" "$r"
-		fi
+		bench_alternate "$r" one "$base" "$new" "$c" "$r"
 		echo "# $(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"
 	done
 done

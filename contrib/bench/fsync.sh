@@ -25,21 +25,10 @@ fe=$root/build/tests/frontend/vqcow-fe
 ctl=$root/build/src/vqcowctl
 base=
 reps=3 runtime=5 delay=20 depths=1,32 every=64 size=4G dir=${BENCH_DIR:-/tmp}
-while [ $# -gt 0 ]; do
-	case $1 in
-	--base) base=$2; shift ;;
-	--new) new=$2; shift ;;
-	--reps) reps=$2; shift ;;
-	--runtime) runtime=$2; shift ;;
-	--delay) delay=$2; shift ;;
-	--iodepth) depths=$2; shift ;;
-	--flush-every) every=$2; shift ;;
-	--size) size=$2; shift ;;
-	--dir) dir=$2; shift ;;
-	*) echo "usage: see the header of $0" >&2; exit 2 ;;
-	esac
-	shift
-done
+. "$here/bench-lib.sh"
+usage() { echo "usage: see the header of $0"; }
+bench_opts usage --base=base --new=new --reps=reps --runtime=runtime --delay=delay \
+	--iodepth=depths --flush-every=every --size=size --dir=dir -- "$@"
 [ -n "$base" ] || { echo "$0: --base OLD_VQCOWD is required" >&2; exit 2; }
 for t in qemu-img python3 "$new" "$base" "$fe" "$ctl"; do
 	command -v "$t" >/dev/null || { echo "$0: $t not found" >&2; exit 1; }
@@ -61,13 +50,12 @@ one() { # KIND BIN DEPTH REP
 	VQCOWD_TEST_SYNC_DELAY=$delay "$bin" --socket-path "$sock" --blk-file "$f" \
 		--format qcow2 --qmp "$tmp/qmp" >"$tmp/d.log" 2>&1 &
 	bpid=$!
-	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
-	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	bench_wait_sock "$sock" "$kind" "$tmp/d.log"
+	t0=$(bench_ticks "$bpid")
 	out=$("$fe" bench "$sock" --rw randwrite --bs 4K --iodepth "$qd" --runtime "$runtime" \
 		--flush-every "$every" --json)
-	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
-	"$ctl" -s "$tmp/qmp" --json stats >"$tmp/qstats" 2>/dev/null || true
+	t1=$(bench_ticks "$bpid")
+	bench_qstats "$ctl" "$tmp/qmp" writeback-syncs >"$tmp/qstats"
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || true
 	bpid=
@@ -75,22 +63,7 @@ one() { # KIND BIN DEPTH REP
 import json, sys
 d = json.load(sys.stdin)
 w, fl = d["write"], d.get("flush", {"lat_us": {"p99": 0, "max": 0}, "ios": 0})
-q = {}
-def find(o):
-    global q
-    if isinstance(o, dict):
-        if "writeback-syncs" in o:
-            q = o
-            return
-        for v in o.values():
-            find(v)
-    elif isinstance(o, list):
-        for v in o:
-            find(v)
-try:
-    find(json.load(open(sys.argv[1])))
-except Exception:
-    pass
+q = json.load(open(sys.argv[1]))
 ios = w["ios"] or 1
 print(sys.argv[2], sys.argv[3], sys.argv[4], "%.0f" % w["iops"], "%.1f" % w["lat_us"]["p50"],
       "%.1f" % w["lat_us"]["p99"], "%.1f" % w["lat_us"]["max"], "%.1f" % fl["lat_us"]["p99"],
@@ -109,13 +82,7 @@ echo "kind qd rep write_iops p50_us p99_us max_us flush_p99_us flush_max_us flus
 IFS=, read -r -a qds <<<"$depths"
 for r in $(seq "$reps"); do
 	for qd in "${qds[@]}"; do
-		if [ $((r % 2)) = 1 ]; then
-			one base "$base" "$qd" "$r"
-			one new "$new" "$qd" "$r"
-		else
-			one new "$new" "$qd" "$r"
-			one base "$base" "$qd" "$r"
-		fi
+		bench_alternate "$r" one "$base" "$new" "$qd" "$r"
 	done
 done
 python3 - "$res" <<'EOF'

@@ -42,22 +42,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
 dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" base_opts="" only=""
-while [ $# -gt 0 ]; do
-	case "$1" in
-	--dir) dir=$2; shift 2 ;;
-	--size) size=$2; shift 2 ;;
-	--reps) reps=$2; shift 2 ;;
-	--runtime) runtime=$2; shift 2 ;;
-	--perf) perf=1; shift ;;
-	--rw) rw=$2; shift 2 ;;
-	--bs) bs=$2; shift 2 ;;
-	--base) base=$2; shift 2 ;;
-	--base-opts) base_opts=$2; shift 2 ;;
-	--cells) only=$2; shift 2 ;;
-	-h | --help) sed -n '4,/^set /{/^#/p}' "$0"; exit 0 ;;
-	*) sed -n '4,/^set /{/^#/p}' "$0" >&2; exit 2 ;;
-	esac
-done
+. "$here/bench-lib.sh"
+usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
+show_help() { usage; exit 0; }
+bench_opts usage --dir=dir --size=size --reps=reps --runtime=runtime --perf=perf=1 --rw=rw \
+	--bs=bs --base=base --base-opts=base_opts --cells=only -h=@show_help --help=@show_help -- "$@"
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 ctl=${VQCOWCTL:-$build/src/vqcowctl}
@@ -135,8 +124,7 @@ run() {
 		bench_qsd_start "$qsd" "$f" qcow2 "$sock" "$tmp/d.log"
 	fi
 	bpid=$!
-	for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$cell did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
+	bench_wait_sock "$sock" "$cell" "$tmp/d.log"
 	if [ $tp = 1 ]; then
 		perf stat -x, -e "io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req$enter_ev" \
 			-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
@@ -147,10 +135,10 @@ run() {
 			>/dev/null 2>&1 &
 		pf=$!
 	fi
-	t0=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
+	t0=$(bench_ticks "$bpid")
 	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
-	t1=$(awk '{print $14 + $15}' "/proc/$bpid/stat")
-	[ $kind != vqcowd ] || "$ctl" -s "$tmp/qmp" --json stats >"$tmp/qstats" 2>/dev/null || true
+	t1=$(bench_ticks "$bpid")
+	[ $kind != vqcowd ] || bench_qstats "$ctl" "$tmp/qmp" metadata-writes >"$tmp/qstats"
 	[ -z "$pf" ] || wait "$pf" || true
 	[ -z "$ppid" ] || wait "$ppid" || true
 	ppid=
@@ -176,22 +164,7 @@ if os.path.exists(sys.argv[3]):
     sqes = sub / max(d["ios"], 1) if sub else -1
     if "syscalls:sys_enter_io_uring_enter" in c:
         enters = c["syscalls:sys_enter_io_uring_enter"] / max(d["ios"], 1)
-def find(o):
-    if isinstance(o, dict):
-        if "metadata-writes" in o:
-            return o
-        o = list(o.values())
-    if isinstance(o, list):
-        for v in o:
-            r = find(v)
-            if r:
-                return r
-    return None
-q = None
-try:
-    q = find(json.load(open(sys.argv[5])))
-except (OSError, ValueError):
-    pass
+q = json.load(open(sys.argv[5])) if os.path.exists(sys.argv[5]) else None
 n = max(d["ios"], 1)
 m = "%.3f %.2f %.4f" % (q["metadata-writes"] / n, q["metadata-write-bytes"] / n / 1024,
                         q["writeback-batches"] / n) if q else "-1 -1 -1"

@@ -38,15 +38,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
 dir=$build/bench-images size=4G reps=3 runtime=5
-while [ $# -gt 0 ]; do
-	case "$1" in
-	--dir) dir=$2; shift 2 ;;
-	--size) size=$2; shift 2 ;;
-	--reps) reps=$2; shift 2 ;;
-	--runtime) runtime=$2; shift 2 ;;
-	*) sed -n 4,30p "$0" >&2; exit 2 ;;
-	esac
-done
+. "$here/bench-lib.sh"
+usage() { sed -n 4,30p "$0"; }
+bench_opts usage --dir=dir --size=size --reps=reps --runtime=runtime -- "$@"
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 img=${VQCOW_IMG:-$build/src/vqcow-img}
@@ -75,7 +69,7 @@ extents() { # FILE: "N extents, U unwritten"
 
 # daemon NAME FILE FMT: start a backend, run the frontend job, print IOPS
 daemon() {
-	local kind=$1 f=$2 fmt=$3 sock=$tmp/sock i
+	local kind=$1 f=$2 fmt=$3 sock=$tmp/sock
 	rm -f "$sock"
 	if [ "$kind" = vqcowd ]; then
 		"$vqcowd" --socket-path "$sock" --blk-file "$f" --format "$fmt" >"$tmp/d.log" 2>&1 &
@@ -83,8 +77,7 @@ daemon() {
 		bench_qsd_start "$qsd" "$f" "$fmt" "$sock" "$tmp/d.log"
 	fi
 	bpid=$!
-	for i in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
-	[ -S "$sock" ] || { echo "$kind did not start:" >&2; cat "$tmp/d.log" >&2; exit 1; }
+	bench_wait_sock "$sock" "$kind" "$tmp/d.log" 100
 	local sp=
 	if [ $tp = 1 ]; then
 		perf stat -x, -e io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req \
