@@ -574,6 +574,74 @@ struct vqfe *itest_connect(const struct itest_daemon *d, const struct vqfe_opts 
 	return fe;
 }
 
+void itest_crash_start(struct itest_crash *c, const char *name, const char *create_opts,
+		       unsigned size_mib, unsigned queues, const char *const *env)
+{
+	char dir[PATH_MAX], nq[16], var[64];
+	struct itest_opts o = {.num_queues = queues};
+	struct vqfe_opts fo;
+	size_t i;
+	int rc;
+
+	memset(c, 0, sizeof(*c));
+	snprintf(dir, sizeof(dir), "/tmp/vqcow-%s.XXXXXX", name);
+	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
+	snprintf(c->img, sizeof(c->img), "%s/disk.qcow2", dir);
+	CU_ASSERT_EQUAL_FATAL(
+	    tu_sh("qemu-img create -q -f qcow2 -o %s %s %uM", create_opts, c->img, size_mib), 0);
+	snprintf(nq, sizeof(nq), "%u", queues);
+	o.extra[0] = "--format";
+	o.extra[1] = "qcow2";
+	o.extra[2] = "--blk-file";
+	o.extra[3] = c->img;
+	o.extra[4] = "--io-threads";
+	o.extra[5] = nq;
+	for (i = 0; env && env[i]; i++) {
+		const char *eq = strchr(env[i], '=');
+
+		CU_ASSERT_FATAL(eq && (size_t)(eq - env[i]) < sizeof(var));
+		snprintf(var, sizeof(var), "%.*s", (int)(eq - env[i]), env[i]);
+		CU_ASSERT_EQUAL_FATAL(setenv(var, eq + 1, 1), 0);
+	}
+	rc = itest_start(&c->d, &o);
+	for (i = 0; env && env[i]; i++) {
+		snprintf(var, sizeof(var), "%.*s", (int)strcspn(env[i], "="), env[i]);
+		unsetenv(var);
+	}
+	if (rc < 0)
+		CU_FAIL_FATAL("back-end did not start");
+	itest_fe_opts(&fo);
+	fo.num_queues = queues;
+	fo.inflight = true;
+	c->fe = itest_connect(&c->d, &fo);
+	if (!c->fe) {
+		itest_dump_log(&c->d);
+		itest_stop(&c->d);
+		CU_FAIL_FATAL("cannot connect to the back-end");
+	}
+}
+
+struct vqfe_req *itest_crash_end(struct itest_crash *c, unsigned q, uint64_t off, void *got,
+				 size_t len)
+{
+	struct vqfe_req *done[2];
+	int n;
+
+	if (!itest_wait_killed(&c->d, 10000))
+		CU_FAIL_FATAL("no kill at the crash point");
+	n = vqfe_reap(c->fe, q, done, 2);
+	CU_ASSERT_EQUAL_FATAL(n, 1);
+	CU_ASSERT_EQUAL(done[0]->status, VIRTIO_BLK_S_OK);
+	vqfe_close(c->fe);
+	c->fe = NULL;
+	/* the file, as the dead process left it (the page cache) */
+	CU_ASSERT(tu_img_check_leaks_ok(c->img, 10000)); /* a kill may leak, never more */
+	CU_ASSERT_EQUAL_FATAL(tu_img_read(c->img, "qcow2", off, got, len), 0);
+	tu_sh("rm -rf \"$(dirname %s)\"", c->img);
+	itest_stop(&c->d); /* the harness's temp dir */
+	return done[0];
+}
+
 void itest_teardown(void)
 {
 	reap_leftovers();

@@ -137,4 +137,34 @@ int itest_run(const char *name, void (*add_suites)(void));
 /* Stop it, asserting a clean exit. */
 #define STOP(d) CU_ASSERT_EQUAL(itest_stop(&(d)), 0)
 
+/* ---- a kill -9 round on a fresh qcow2 (integration.earlylink, .sidebatch) ---- */
+
+struct itest_crash {
+	struct itest_daemon d;
+	struct vqfe *fe;
+	char img[PATH_MAX + 32]; /* the image, in a temp dir of its own */
+};
+
+/*
+ * `qemu-img create -o @create_opts` of a @size_mib MiB qcow2 in
+ * /tmp/vqcow-@name.XXXXXX; vqcowd started on it with @queues queues and as
+ * many I/O threads (--io-threads), the environment @env ("NAME=VALUE"
+ * strings, NULL-terminated: the test seams) set for its start only; then
+ * connected with inflight tracking (the crash points of VQCOWD_TEST_CRASH
+ * are those of inflight tracking). Any failure fails the test (fatal).
+ */
+void itest_crash_start(struct itest_crash *c, const char *name, const char *create_opts,
+		       unsigned size_mib, unsigned queues, const char *const *env);
+/*
+ * After the requests that fire the crash seam were submitted on queue @q:
+ * waits (10 s) until the daemon killed itself, reaps the one request the
+ * guest saw complete (fatal unless exactly one, status OK expected) and
+ * returns it; closes the connection; `qemu-img check` of the image, as the
+ * dead process left it, must find leaks at most; @len bytes at @off of the
+ * image are read into @got (fatal on failure); the image's dir and the
+ * harness's temp dir are removed.
+ */
+struct vqfe_req *itest_crash_end(struct itest_crash *c, unsigned q, uint64_t off, void *got,
+				 size_t len);
+
 #endif /* TESTS_INTEGRATION_ITEST_H */

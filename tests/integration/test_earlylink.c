@@ -32,38 +32,20 @@
 static bool run_round(unsigned queues, unsigned q, unsigned round)
 {
 	static uint8_t a[2 * SC], b[512], got[2 * SC];
-	char img[PATH_MAX + 32], nq[8];
-	struct vqfe_req req[2], *done[2];
-	struct vqfe_opts fo;
+	/* clusters written whole are linked whole: per subcluster here
+	 * (VQCOWD_TEST_SC_LINK), so that A links early (as in fresh clusters
+	 * without the fill, where the race is too narrow to show a missing wait
+	 * reliably) */
+	static const char *const env[] = {"VQCOWD_TEST_LINK_DELAY=1500",
+					  "VQCOWD_TEST_CRASH=push-done:2", "VQCOWD_TEST_SC_LINK=1",
+					  NULL};
+	struct itest_crash c;
+	struct vqfe_req req[2];
 	uint64_t off = 5 * SC; /* subclusters 5 and 6 of cluster 0 */
 	bool bdone;
-	int n;
 
-	{
-		char dir[] = "/tmp/vqcow-earlylink.XXXXXX";
-
-		CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
-		snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
-	}
-	CU_ASSERT_EQUAL_FATAL(
-	    tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on %s 16M", img),
-	    0);
-	snprintf(nq, sizeof(nq), "%u", queues);
-	setenv("VQCOWD_TEST_LINK_DELAY", "1500", 1);
-	setenv("VQCOWD_TEST_CRASH", "push-done:2", 1);
-	/* clusters written whole are linked whole: per subcluster here, so that
-	 * A links early (as in fresh clusters without the fill, where the race
-	 * is too narrow to show a missing wait reliably) */
-	setenv("VQCOWD_TEST_SC_LINK", "1", 1);
-	START(d, .num_queues = queues,
-	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", nq});
-	unsetenv("VQCOWD_TEST_LINK_DELAY");
-	unsetenv("VQCOWD_TEST_CRASH");
-	unsetenv("VQCOWD_TEST_SC_LINK");
-	itest_fe_opts(&fo);
-	fo.num_queues = queues;
-	fo.inflight = true; /* the crash points are those of inflight tracking */
-	CONNECT(fe, d, &fo);
+	itest_crash_start(&c, "earlylink", "cluster_size=65536,extended_l2=on", 16, queues, env);
+	struct vqfe *fe = c.fe;
 
 	/* the cluster, allocated by this engine (subcluster 0 written) */
 	itest_fill(a, SC, 1);
@@ -88,19 +70,7 @@ static bool run_round(unsigned queues, unsigned q, unsigned round)
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, q), true), 0);
 
 	/* the daemon kills itself as the first of A and B completes */
-	if (!itest_wait_killed(&d, 10000))
-		CU_FAIL_FATAL("no kill at the crash point");
-	n = vqfe_reap(fe, q, done, 2);
-	CU_ASSERT_EQUAL_FATAL(n, 1);
-	CU_ASSERT_EQUAL(done[0]->status, VIRTIO_BLK_S_OK);
-	bdone = done[0] == &req[1];
-	vqfe_close(fe);
-
-	/* the file, as the dead process left it (the page cache) */
-	CU_ASSERT(tu_img_check_leaks_ok(img, 10000)); /* a kill may leak, never more */
-	CU_ASSERT_EQUAL_FATAL(tu_img_read(img, "qcow2", off, got, sizeof(got)), 0);
-	tu_sh("rm -rf \"$(dirname %s)\"", img);
-	itest_stop(&d); /* the harness's temp dir */
+	bdone = itest_crash_end(&c, q, off, got, sizeof(got)) == &req[1];
 	/* the first sector: A's or B's (B overlaps it), the rest A's if A completed */
 	if ((memcmp(got, b, sizeof(b)) && memcmp(got, a, sizeof(b))) ||
 	    (!bdone && memcmp(got + sizeof(b), a + sizeof(b), sizeof(a) - sizeof(b)))) {

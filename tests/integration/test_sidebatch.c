@@ -36,37 +36,19 @@
 static void run_round(unsigned queues, unsigned q, unsigned round)
 {
 	static uint8_t p[SC], a[2 * SC], r[4 * SC], got[4 * SC];
-	char img[PATH_MAX + 32], nq[8];
-	struct vqfe_req req[2], *done[2];
-	struct vqfe_opts fo;
+	/* per-subcluster links for clusters written whole (VQCOWD_TEST_SC_LINK):
+	 * A and R link early */
+	static const char *const env[] = {"VQCOWD_TEST_WB_HOLD=1500",
+					  "VQCOWD_TEST_CRASH=push-done:3", "VQCOWD_TEST_SC_LINK=1",
+					  NULL};
+	struct itest_crash c;
+	struct vqfe_req req[2];
 	uint64_t c1 = 256ull * CS, roff = c1 - 2 * SC;
 	unsigned held;
 	bool rdone;
-	int n;
 
-	{
-		char dir[] = "/tmp/vqcow-sidebatch.XXXXXX";
-
-		CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
-		snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
-	}
-	CU_ASSERT_EQUAL_FATAL(
-	    tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536,extended_l2=on %s 32M", img),
-	    0);
-	snprintf(nq, sizeof(nq), "%u", queues);
-	setenv("VQCOWD_TEST_WB_HOLD", "1500", 1);
-	setenv("VQCOWD_TEST_CRASH", "push-done:3", 1);
-	/* per-subcluster links for clusters written whole: A and R link early */
-	setenv("VQCOWD_TEST_SC_LINK", "1", 1);
-	START(d, .num_queues = queues,
-	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", nq});
-	unsetenv("VQCOWD_TEST_WB_HOLD");
-	unsetenv("VQCOWD_TEST_CRASH");
-	unsetenv("VQCOWD_TEST_SC_LINK");
-	itest_fe_opts(&fo);
-	fo.num_queues = queues;
-	fo.inflight = true; /* the crash points are those of inflight tracking */
-	CONNECT(fe, d, &fo);
+	itest_crash_start(&c, "sidebatch", "cluster_size=65536,extended_l2=on", 32, queues, env);
+	struct vqfe *fe = c.fe;
 
 	/* clusters 255 and 256, allocated by this engine (subcluster 0 and 10) */
 	itest_fill(p, sizeof(p), 1);
@@ -81,12 +63,12 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	req[0].sector = roff / 512;
 	req[0].buf = a;
 	req[0].len = sizeof(a);
-	held = itest_log_count(&d, HELD);
+	held = itest_log_count(&c.d, HELD);
 	CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, q, &req[0]), 0);
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, q), true), 0);
 	/* M started and held: its line in the log (a loaded machine may take a while) */
-	if (!itest_wait_log(&d, HELD, held, 10000)) {
-		itest_dump_log(&d);
+	if (!itest_wait_log(&c.d, HELD, held, 10000)) {
+		itest_dump_log(&c.d);
 		CU_FAIL_FATAL("no write-back batch held after A");
 	}
 	/* R: in place through A's entry, then an early link in Y */
@@ -97,19 +79,7 @@ static void run_round(unsigned queues, unsigned q, unsigned round)
 	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, q), true), 0);
 
 	/* the daemon kills itself as the first of A and R completes */
-	if (!itest_wait_killed(&d, 10000))
-		CU_FAIL_FATAL("no kill at the crash point");
-	n = vqfe_reap(fe, q, done, 2);
-	CU_ASSERT_EQUAL_FATAL(n, 1);
-	CU_ASSERT_EQUAL(done[0]->status, VIRTIO_BLK_S_OK);
-	rdone = done[0] == &req[1];
-	vqfe_close(fe);
-
-	/* the file, as the dead process left it (the page cache) */
-	CU_ASSERT(tu_img_check_leaks_ok(img, 10000)); /* a kill may leak, never more */
-	CU_ASSERT_EQUAL_FATAL(tu_img_read(img, "qcow2", roff, got, sizeof(got)), 0);
-	tu_sh("rm -rf \"$(dirname %s)\"", img);
-	itest_stop(&d); /* the harness's temp dir */
+	rdone = itest_crash_end(&c, q, roff, got, sizeof(got)) == &req[1];
 	if (memcmp(got, r, 2 * SC)) {
 		fprintf(stderr,
 			"round %u: %s completed, and R's part in place through A's entry is "
