@@ -25,6 +25,15 @@
 # could not take them without blocking (from the io_uring tracepoints, when
 # perf can read them), then the per-round ratios vqcowd-empty/qsd-empty
 # (issue target 3x) and vqcowd-xl2/vqcowd-full (target 0.8x), median (range).
+# A second table puts a growing cell's costs per new cluster, which do not
+# depend on how fast the run was (a slower 5 s run allocates a larger share
+# of its writes): new clusters per guest write, the bytes the backend wrote
+# to the file per guest write (/proc/PID/io write_bytes: data, fill and
+# metadata), and per new cluster the file bytes beyond the guest's own (fill
+# and metadata), the metadata writes and KiB,
+# the write-back batches, side batches and fdatasyncs (vqcowd cells); then
+# the per-round ratio vqcowd-xl2/vqcowd-empty (extended L2 against the plain
+# growing image: what extended L2 costs of its own).
 # --base BIN adds base-empty, base-xl2 and base-full: the same cells through
 # another vqcowd binary (an A/B in one run: say main's build), and prints the
 # per-round ratios of each cell to its base cell; --base-opts adds vqcowd options
@@ -97,7 +106,8 @@ extents() {
 		END { if (ok) print n + 0, u + 0; else print -1, -1 }' || echo "-1 -1"
 }
 
-# run CELL FILE: prints "iops cpu_us punted_share extents unwritten"
+# run CELL FILE: prints "iops cpu_us punted_share extents unwritten" and the
+# engine's and the file's counts (python below)
 run() {
 	local cell=$1 f=$2 kind=vqcowd sock=$tmp/sock t0 t1 out pf= bin=$vqcowd ext="-1 -1"
 	local opts=()
@@ -136,8 +146,10 @@ run() {
 		pf=$!
 	fi
 	t0=$(bench_ticks "$bpid")
+	w0=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
 	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
 	t1=$(bench_ticks "$bpid")
+	w1=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
 	[ $kind != vqcowd ] || bench_qstats "$ctl" "$tmp/qmp" metadata-writes >"$tmp/qstats"
 	[ -z "$pf" ] || wait "$pf" || true
 	[ -z "$ppid" ] || wait "$ppid" || true
@@ -168,9 +180,21 @@ q = json.load(open(sys.argv[5])) if os.path.exists(sys.argv[5]) else None
 n = max(d["ios"], 1)
 m = "%.3f %.2f %.4f" % (q["metadata-writes"] / n, q["metadata-write-bytes"] / n / 1024,
                         q["writeback-batches"] / n) if q else "-1 -1 -1"
+# new clusters per guest write, file KiB written per guest write; per new
+# cluster: file KiB, metadata writes, metadata KiB, batches, side batches, syncs
+w0, w1 = int(sys.argv[6]), int(sys.argv[7])
+kib = "%.2f" % ((w1 - w0) / 1024 / n) if w0 >= 0 and w1 >= w0 else "-1"
+pc = "-1 -1 -1 -1 -1 -1 -1"
+if q and q.get("clusters-allocated", 0) > 0:
+    c = q["clusters-allocated"]
+    pc = "%.4f %.1f %.3f %.2f %.4f %.4f %.4f" % (
+        c / n, (w1 - w0 - n * int(sys.argv[8])) / 1024 / c if kib != "-1" else -1,
+        q["metadata-writes"] / c,
+        q["metadata-write-bytes"] / 1024 / c, q["writeback-batches"] / c,
+        q.get("writeback-side-batches", 0) / c, q.get("writeback-syncs", 0) / c)
 print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2), round(share, 3), sys.argv[4], m,
-      round(sqes, 3), round(enters, 3))' \
-		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats"
+      round(sqes, 3), round(enters, 3), kib, pc)' \
+		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")"
 	rm -f "$tmp/stat" "$tmp/qstats"
 }
 
@@ -199,7 +223,7 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
@@ -209,10 +233,10 @@ python3 - "$res" <<'EOF'
 import statistics as st, sys
 d = {}
 for l in open(sys.argv[1]):
-    r, c, iops, cpu, sh, ex, un, mw, mb, wb, sq, en, lb, la = l.split()
+    r, c, iops, cpu, sh, ex, un, mw, mb, wb, sq, en, *x, lb, la = l.split()
     d.setdefault(c, {})[r] = (float(iops), float(cpu), float(sh), float(lb), float(la),
                               int(ex), int(un), float(mw), float(mb), float(wb), float(sq),
-                              float(en))
+                              float(en), [float(v) for v in x])
 print("| cell | IOPS median (range) | CPU µs/IO | writes punted to io-wq | extents (unwritten), median | metadata writes / KiB / batches per guest write, median | SQEs / io_uring_enter per guest write, median | load1 before-after (range) |")
 print("|---|---:|---:|---:|---:|---:|---:|---|")
 for c, v in d.items():
@@ -237,10 +261,24 @@ def ratio(a, b, what):
     if q:
         print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
 print()
+print("| cell | new clusters per guest write | file KiB written per guest write | per new cluster: file KiB beyond the guest's data / metadata writes / metadata KiB | per new cluster: batches / side batches / fdatasyncs |")
+print("|---|---:|---:|---:|---:|")
+for c, v in d.items():
+    x = [t[12] for t in v.values()]
+    def med(i, f):
+        y = [t[i] for t in x if len(t) > i and t[i] >= 0]
+        return f % st.median(y) if y else "-"
+    print("| %s | %s | %s | %s / %s / %s | %s / %s / %s |" % (c, med(1, "%.3f"), med(0, "%.1f"),
+          med(2, "%.1f"), med(3, "%.3f"), med(4, "%.2f"), med(5, "%.4f"), med(6, "%.4f"),
+          med(7, "%.4f")))
+print()
 ratio("vqcowd-empty", "qsd-empty", "growing image, vqcowd/qsd (target 3x)")
 ratio("vqcowd-xl2", "vqcowd-full", "extended L2 growing / full image, vqcowd (target 0.8x)")
+ratio("vqcowd-empty", "vqcowd-full", "plain growing / full image, vqcowd")
+ratio("vqcowd-xl2", "vqcowd-empty", "extended L2 growing / plain growing, vqcowd")
 ratio("base-empty", "qsd-empty", "growing image, base/qsd")
 ratio("base-xl2", "base-full", "extended L2 growing / full image, base")
+ratio("base-xl2", "base-empty", "extended L2 growing / plain growing, base")
 for c in ("empty", "xl2", "full"):
     ratio("vqcowd-" + c, "base-" + c, "%s: vqcowd/base" % c)
 EOF
