@@ -33,7 +33,12 @@
 # and metadata), the metadata writes and KiB,
 # the write-back batches, side batches and fdatasyncs (vqcowd cells); then
 # the per-round ratio vqcowd-xl2/vqcowd-empty (extended L2 against the plain
-# growing image: what extended L2 costs of its own).
+# growing image: what extended L2 costs of its own). The same table shows
+# how much the disk discarded during each cell's runs (anyone's deletions on
+# a `discard` mount: the previous invocation's images, which this script
+# deletes at its end, are discarded while the next one runs; those runs find
+# the file system's free space in pieces: a fresh image of 2 GiB then came out
+# in 250-1600 extents instead of ~200, loaded).
 # --base BIN adds base-empty, base-xl2 and base-full: the same cells through
 # another vqcowd binary (an A/B in one run: say main's build), and prints the
 # per-round ratios of each cell to its base cell; --base-opts adds vqcowd options
@@ -106,6 +111,14 @@ extents() {
 		END { if (ok) print n + 0, u + 0; else print -1, -1 }' || echo "-1 -1"
 }
 
+# discarded: sectors the disk holding $dir has discarded so far (anyone's: a
+# deleted file on a `discard` mount), or -1
+disk_stat=/sys/dev/block/$(stat -c '%Hd:%Ld' "$dir")/stat
+discarded() {
+	awk 'NF >= 14 { print $14; ok = 1 } END { if (!ok) print -1 }' "$disk_stat" 2>/dev/null ||
+		echo -1
+}
+
 # run CELL FILE: prints "iops cpu_us punted_share extents unwritten" and the
 # engine's and the file's counts (python below)
 run() {
@@ -147,9 +160,11 @@ run() {
 	fi
 	t0=$(bench_ticks "$bpid")
 	w0=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
+	d0=$(discarded)
 	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
 	t1=$(bench_ticks "$bpid")
 	w1=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
+	d1=$(discarded)
 	[ $kind != vqcowd ] || bench_qstats "$ctl" "$tmp/qmp" metadata-writes >"$tmp/qstats"
 	[ -z "$pf" ] || wait "$pf" || true
 	[ -z "$ppid" ] || wait "$ppid" || true
@@ -193,8 +208,9 @@ if q and q.get("clusters-allocated", 0) > 0:
         q["metadata-write-bytes"] / 1024 / c, q["writeback-batches"] / c,
         q.get("writeback-side-batches", 0) / c, q.get("writeback-syncs", 0) / c)
 print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2), round(share, 3), sys.argv[4], m,
-      round(sqes, 3), round(enters, 3), kib, pc)' \
-		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")"
+      round(sqes, 3), round(enters, 3), kib, pc,
+      "%.0f" % ((int(sys.argv[10]) - int(sys.argv[9])) / 2048) if int(sys.argv[9]) >= 0 else -1)' \
+		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")" "$d0" "$d1"
 	rm -f "$tmp/stat" "$tmp/qstats"
 }
 
@@ -223,7 +239,7 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl discarded_MiB = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
@@ -261,16 +277,17 @@ def ratio(a, b, what):
     if q:
         print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
 print()
-print("| cell | new clusters per guest write | file KiB written per guest write | per new cluster: file KiB beyond the guest's data / metadata writes / metadata KiB | per new cluster: batches / side batches / fdatasyncs |")
-print("|---|---:|---:|---:|---:|")
+print("| cell | new clusters per guest write | file KiB written per guest write | per new cluster: file KiB beyond the guest's data / metadata writes / metadata KiB | per new cluster: batches / side batches / fdatasyncs | MiB the disk discarded during the runs, median (max) |")
+print("|---|---:|---:|---:|---:|---:|")
 for c, v in d.items():
     x = [t[12] for t in v.values()]
     def med(i, f):
         y = [t[i] for t in x if len(t) > i and t[i] >= 0]
         return f % st.median(y) if y else "-"
-    print("| %s | %s | %s | %s / %s / %s | %s / %s / %s |" % (c, med(1, "%.3f"), med(0, "%.1f"),
+    dm = [t[8] for t in x if len(t) > 8 and t[8] >= 0]
+    print("| %s | %s | %s | %s / %s / %s | %s / %s / %s | %s |" % (c, med(1, "%.3f"), med(0, "%.1f"),
           med(2, "%.1f"), med(3, "%.3f"), med(4, "%.2f"), med(5, "%.4f"), med(6, "%.4f"),
-          med(7, "%.4f")))
+          med(7, "%.4f"), "%.0f (%.0f)" % (st.median(dm), max(dm)) if dm else "-"))
 print()
 ratio("vqcowd-empty", "qsd-empty", "growing image, vqcowd/qsd (target 3x)")
 ratio("vqcowd-xl2", "vqcowd-full", "extended L2 growing / full image, vqcowd (target 0.8x)")
