@@ -81,6 +81,9 @@
 #define MAX_QUEUES      64
 #define MAX_IO_THREADS  MAX_QUEUES /* more threads than queues would idle */
 #define MEM_REGIONS_MAX 64         /* guest memory regions registered as io_uring buffers */
+/* --io-threads-consolidate without the option (=on|off overrides it; cons_*) */
+#define CONSOLIDATE_DEFAULT     false
+#define CONSOLIDATE_DEFAULT_STR "off"
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 
@@ -116,7 +119,8 @@ struct options {
 	bool no_cluster_fill;
 	bool fixed_buffers;
 	bool poll_spare;      /* --poll-spare-cpus */
-	bool consolidate;     /* --io-threads-consolidate */
+	bool consolidate;     /* --io-threads-consolidate[=on|off] (CONSOLIDATE_DEFAULT) */
+	bool consolidate_set; /* given on the command line (a warning if it cannot apply) */
 	unsigned poll_hybrid; /* --poll-hybrid PCT, 0 = off */
 	bool no_fixed_files;
 	bool no_seccomp;
@@ -148,10 +152,11 @@ static void usage(FILE *f)
 	    "                              included (queue i on thread i mod N, thread 0\n"
 	    "                              the main one; default: one per queue up to the\n"
 	    "                              host's CPUs; max 64)\n"
-	    "  --io-threads-consolidate    at low load (each queue at most 1 request in\n"
+	    "  --io-threads-consolidate[=on|off]\n"
+	    "                              at low load (each queue at most 1 request in\n"
 	    "                              flight) the I/O threads hand their queues to the\n"
 	    "                              main thread, which polls for all; back when the\n"
-	    "                              load rises\n"
+	    "                              load rises (default " CONSOLIDATE_DEFAULT_STR ")\n"
 	    "  --queue-size Q              largest queue size (power of 2, default 256, max "
 	    "1024)\n"
 	    "  --serial STR                GET_ID serial (at most 20 bytes)\n"
@@ -349,7 +354,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
 	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
-	    {"io-threads-consolidate", no_argument, NULL, OPT_CONSOLIDATE},
+	    {"io-threads-consolidate", optional_argument, NULL, OPT_CONSOLIDATE},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
@@ -383,6 +388,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	o->queue_size = 256;
 	o->submit_batch = 2;
 	o->poll_ns = 50000;
+	o->consolidate = CONSOLIDATE_DEFAULT;
 	o->lbs = 512;
 	o->node_name = "disk0";
 	opterr = 0;
@@ -488,7 +494,15 @@ static int parse_args(int argc, char **argv, struct options *o)
 			o->poll_spare = true;
 			break;
 		case OPT_CONSOLIDATE:
-			o->consolidate = true;
+			/* as QEMU's on|off properties; bare: on */
+			if (!optarg || strcmp(optarg, "on") == 0)
+				o->consolidate = true;
+			else if (strcmp(optarg, "off") == 0)
+				o->consolidate = false;
+			else
+				return bad_value("io-threads-consolidate", optarg,
+						 "expected on or off");
+			o->consolidate_set = true;
 			break;
 		case OPT_POLL_HYBRID:
 			if (parse_u64(optarg, &v, false) < 0 || v > IO_POLL_HYBRID_PCT_MAX)
@@ -558,7 +572,12 @@ static int parse_args(int argc, char **argv, struct options *o)
 		}
 	}
 	if (optind < argc) {
-		fprintf(stderr, "vqcowd: unexpected argument: %s\n", argv[optind]);
+		/* an on|off value goes after '=' (an optional value) */
+		bool onoff = strcmp(argv[optind], "on") == 0 || strcmp(argv[optind], "off") == 0;
+
+		fprintf(stderr, "vqcowd: unexpected argument: %s%s%s%s\n", argv[optind],
+			onoff ? " (an on|off value goes after '=': --io-threads-consolidate=" : "",
+			onoff ? argv[optind] : "", onoff ? ")" : "");
 		return 2;
 	}
 	if ((o->socket_path != NULL) == (o->fd >= 0)) {
@@ -2457,7 +2476,7 @@ int main(int argc, char **argv)
 	d.hop = !d.img->any_loop && !d.img->mt_submit;
 	d.rings_mt = d.nthreads && !d.hop;
 	d.consolidate = o.consolidate && d.rings_mt;
-	if (o.consolidate && !d.consolidate)
+	if (o.consolidate && o.consolidate_set && !d.consolidate)
 		log_warn("--io-threads-consolidate: ignored, no I/O thread serves queues");
 	d.cons_run = CONS_RUN;
 	if (getenv("VQCOWD_TEST_CONS_RUN")) {

@@ -135,6 +135,10 @@ static void test_bad_options(void)
 	const char *a15[] = {"--fd", "999", "--blk-file", i, NULL};
 	const char *a16[] = {"--socket-path", s, "--blk-file", i, "--num-queues", NULL};
 	const char *a17[] = {"--socket-path", s, "--blk-file", i, "--poll-hybrid", "91", NULL};
+	const char *a18[] = {
+	    "--socket-path", s, "--blk-file", i, "--io-threads-consolidate=1", NULL};
+	const char *a19[] = {"--socket-path", s,   "--blk-file", i, "--io-threads-consolidate",
+			     "off",           NULL};
 
 	expect_error(a1, "--socket-path");
 	expect_error(a2, "--blk-file");
@@ -153,6 +157,9 @@ static void test_bad_options(void)
 	expect_error(a15, "fd");
 	expect_error(a16, "num-queues");
 	expect_error(a17, "poll-hybrid");
+	expect_error(a18, "--io-threads-consolidate: expected on or off");
+	/* the value of an on|off option goes after '=': say so */
+	expect_error(a19, "--io-threads-consolidate=off");
 }
 
 struct daemon_proc {
@@ -282,6 +289,43 @@ static void test_socket_lifecycle(void)
 	CU_ASSERT_EQUAL(stop(&d, SIGINT), 0);
 }
 
+/*
+ * --io-threads-consolidate[=on|off]: bare and =on turn it on, =off off (the
+ * default is CONSOLIDATE_DEFAULT); with one thread it is ignored, with a
+ * warning only when asked for.
+ */
+static void test_consolidate_switch(void)
+{
+	static const struct {
+		const char *opt, *threads;
+		bool on, warn;
+	} cases[] = {
+	    {"--io-threads-consolidate", "2", true, false},
+	    {"--io-threads-consolidate=on", "2", true, false},
+	    {"--io-threads-consolidate=off", "2", false, false},
+	    {"--io-threads-consolidate=on", "1", false, true},
+	    {"--io-threads-consolidate=off", "1", false, false},
+	    {NULL, "1", false, false},
+	};
+
+	for (unsigned k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+		struct daemon_proc d;
+		const char *args[] = {"--socket-path", g_sock,           "--blk-file", g_img,
+				      "--io-threads",  cases[k].threads, cases[k].opt, NULL};
+
+		start(&d, args, -1);
+		CU_ASSERT_FATAL(wait_log(&d, "serving"));
+		if (log_has(&d, "at low load the I/O threads' queues move") != cases[k].on ||
+		    log_has(&d, "--io-threads-consolidate: ignored") != cases[k].warn) {
+			fprintf(stderr, "%s --io-threads %s: on %d, warning %d expected\n",
+				cases[k].opt ? cases[k].opt : "(none)", cases[k].threads,
+				cases[k].on, cases[k].warn);
+			CU_FAIL("--io-threads-consolidate");
+		}
+		CU_ASSERT_EQUAL(stop(&d, SIGTERM), 0);
+	}
+}
+
 static void test_listen_fd(void)
 {
 	struct daemon_proc d;
@@ -384,6 +428,7 @@ int main(void)
 	CU_add_test(s, "bad options", test_bad_options);
 	CU_add_test(s, "socket life cycle", test_socket_lifecycle);
 	CU_add_test(s, "listening fd", test_listen_fd);
+	CU_add_test(s, "consolidate switch", test_consolidate_switch);
 	tu_add_test(s, "user switch", test_user_switch,
 		    geteuid() != 0 ? "--user needs root to switch users" : NULL);
 	failed = (int)tu_cunit_run();
