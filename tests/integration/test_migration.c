@@ -26,6 +26,9 @@
  *    daemon (VQCOWD_TEST_FAST_DELAY) replies only once they are in the used
  *    ring, and its base counts exactly them (a completion after the reply
  *    would land in guest memory the front-end already migrated).
+ * Both are about the I/O thread's own path: --io-threads-consolidate=off
+ * (the QD1 requests would move queue 1 to the main thread, whose path holds
+ * no write). "dirty" runs with it on too, queues moving under the rounds.
  */
 #include <CUnit/CUnit.h>
 #include <errno.h>
@@ -41,6 +44,9 @@
 #include "testutil.h"
 
 #define CHUNK 65536u
+
+#define CONS_OFF "--io-threads-consolidate=off"
+#define CONS_ON  "--io-threads-consolidate=on"
 
 static int write_pattern(struct vqfe *fe, uint64_t off, uint64_t seed)
 {
@@ -204,7 +210,7 @@ static void t_threads(void)
 	/* every 4th fast-path write held 500 ms with its ticket */
 	setenv("VQCOWD_TEST_FAST_DELAY", "500", 1);
 	START(a, .num_queues = 2,
-	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", "2"});
+	      .extra = {"--format", "qcow2", "--blk-file", img, "--io-threads", "2", CONS_OFF});
 	unsetenv("VQCOWD_TEST_FAST_DELAY");
 	itest_fe_opts(&fo);
 	fo.num_queues = 2;
@@ -575,12 +581,17 @@ static void dirty_image(const char *dir, char *img, size_t imgsz)
 	    0);
 }
 
-/* One daemon (@opt @val: one more option, NULL for none; @inflight: the
+/* One daemon (@opt @val: one more option, NULL for none; @cons: an
+ * --io-threads-consolidate=on|off, NULL for the default, =on with queues
+ * moving after 8 low requests; @inflight: the
  * INFLIGHT_SHMFD region as QEMU's vhost-user-blk uses it, and two memory
  * regions): warm up, start
  * the log, then DROUNDS rounds of (1) and (2). */
-static void dirty_run(const char *img, const char *opt, const char *val, bool inflight)
+static void dirty_run(const char *img, const char *opt, const char *val, const char *cons,
+		      bool inflight)
 {
+	const char *x[3] = {NULL, NULL, NULL};
+	unsigned nx = 0;
 	static uint8_t wdata[DMAXLEN], got[DMAXLEN];
 	static struct vqfe_req reqs[DQ * DBATCH];
 	static struct virtio_blk_discard_write_zeroes segs[DQ * DBATCH];
@@ -592,10 +603,21 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 
 	char what[128];
 
-	snprintf(what, sizeof(what), "%s %s%s", opt ? opt : "default options", val ? val : "",
+	snprintf(what, sizeof(what), "%s %s%s%s%s", opt ? opt : "default options", val ? val : "",
+		 cons ? " " : "", cons ? cons : "",
 		 inflight ? ", inflight region, two memory regions" : "");
 	fprintf(stderr, "dirty: %s\n", what);
-	START(a, .num_queues = DQ, .extra = {"--format", "qcow2", "--blk-file", img, opt, val});
+	if (opt) {
+		x[nx++] = opt;
+		x[nx++] = val;
+	}
+	if (cons)
+		x[nx++] = cons;
+	if (cons && strcmp(cons, CONS_ON) == 0)
+		setenv("VQCOWD_TEST_CONS_RUN", "8", 1);
+	START(a, .num_queues = DQ,
+	      .extra = {"--format", "qcow2", "--blk-file", img, x[0], x[1], x[2]});
+	unsetenv("VQCOWD_TEST_CONS_RUN");
 	itest_fe_opts(&fo);
 	fo.inflight = inflight;
 	fo.num_queues = DQ;
@@ -717,7 +739,7 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 	CU_ASSERT_EQUAL(itest_signal_wait(&a, SIGTERM, 20000), 0);
 	{
 		/* The I/O thread served queue 1 itself and through hops. */
-		unsigned long long hits = 0, hops = 0;
+		unsigned long long hits = 0, hops = 0, gathered = 0, spread = 0;
 		char line[512];
 		FILE *f = fopen(a.log, "r");
 
@@ -727,9 +749,17 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 
 			if (p)
 				sscanf(p, "fast path: %llu hits, %llu hops", &hits, &hops);
+			p = strstr(line, "moved to the main thread ");
+			if (p)
+				sscanf(p, "moved to the main thread %llu times, back %llu",
+				       &gathered, &spread);
 		}
 		fclose(f);
-		fprintf(stderr, "dirty: fast path: %llu hits, %llu hops\n", hits, hops);
+		fprintf(stderr, "dirty: fast path: %llu hits, %llu hops; moved %llu, back %llu\n",
+			hits, hops, gathered, spread);
+		/* =on: queue 1 moved to the main thread (warm-up) and back (rounds) */
+		if (cons && strcmp(cons, CONS_ON) == 0)
+			CU_ASSERT(gathered >= 1 && spread >= 1);
 		if (!opt || strcmp(val, "1"))
 			CU_ASSERT(hits > 0 && hops > 0);
 	}
@@ -741,19 +771,22 @@ static void dirty_run(const char *img, const char *opt, const char *val, bool in
 static void t_dirty(void)
 {
 	char dir[] = "/tmp/vqcow-mig.XXXXXX", img[64];
+	/* the I/O threads' own paths with consolidation off; with it on, the
+	 * queue moving to the main thread and back under the rounds */
 	static const struct {
-		const char *opt, *val;
+		const char *opt, *val, *cons;
 		bool inflight;
-	} runs[] = {{NULL, NULL, true},
-		    {"--io-threads", "1", false},
-		    {"--io-threads", "2", true},
-		    {"--io-threads", "3", false},
-		    {"--poll-ns", "50000", false}};
+	} runs[] = {{NULL, NULL, NULL, true},
+		    {"--io-threads", "1", NULL, false},
+		    {"--io-threads", "2", CONS_OFF, true},
+		    {"--io-threads", "3", CONS_OFF, false},
+		    {"--poll-ns", "50000", CONS_OFF, false},
+		    {"--io-threads", "2", CONS_ON, false}};
 
 	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
 	dirty_image(dir, img, sizeof(img));
 	for (unsigned i = 0; i < sizeof(runs) / sizeof(runs[0]); i++)
-		dirty_run(img, runs[i].opt, runs[i].val, runs[i].inflight);
+		dirty_run(img, runs[i].opt, runs[i].val, runs[i].cons, runs[i].inflight);
 	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
 	tu_sh("rm -rf %s", dir);
 }

@@ -33,6 +33,15 @@ the ASan and ThreadSanitizer builds too), qemu-img check clean, and the
 image file holds the pattern in both ranges (sampled: the first and last
 64 bytes of every block).
 
+All of that is about the I/O threads' own path: --io-threads-consolidate=off
+(a QD1 verify is the low load that moves an I/O thread's queues to the main
+thread). Then the same image with --io-threads-consolidate=on: the QD1
+verify of [8, 16) MiB on queue 1 again (a new pattern): its queue moves to
+the main thread after 256 requests (the exit line counts the move; the
+verify's later requests are no fast-path hits any more, the main thread's
+path counts neither), every block read back right, and the file holds the
+new pattern.
+
 Usage: test_mt_grow.py VQCOWD VQCOW_FE VQFE_STRESS WORKDIR
 """
 
@@ -124,7 +133,9 @@ def main():
     until = os.path.join(work, "until")
     run("qemu-img", "create", "-q", "-f", "qcow2", img, 8 * MiB)
     d = qmplib.Daemon(vqcowd, work, img, "grow", extra=["--format", "qcow2", "--num-queues", "3",
-                                                        "--io-threads", "3"], unlink_stale=True)
+                                                        "--io-threads", "3",
+                                                        "--io-threads-consolidate=off"],
+                      unlink_stale=True)
     with qmplib.stress_teardown(d) as st:
         want = "the I/O threads serve cached clusters"
         t = time.monotonic() + 10
@@ -178,8 +189,38 @@ def main():
         check(l2b == 2048 * MiB // CLUSTER * 8,
               "the L2 cache does not cover the grown disk: %d bytes" % l2b)
         qmplib.quit_clean(d, q)
+        check("moved to the main thread" not in d.log(), "queues moved with =off:\n%s" %
+              d.log()[-4000:])
         log(run("qemu-img", "check", img).strip())
         check_file(img, ranges, work)
+
+    # the same QD1 load with the queues consolidated: queue 1 leaves its thread
+    d = qmplib.Daemon(vqcowd, work, img, "cons", extra=["--format", "qcow2", "--num-queues", "3",
+                                                        "--io-threads", "3",
+                                                        "--io-threads-consolidate=on"],
+                      unlink_stale=True)
+    try:
+        q = qmplib.Qmp(d.qsock, timeout=120)
+        off, size, seed = ranges[0][0], ranges[0][1], 43
+        h0, p0 = stats(q)
+        log(run(fe, "--queues", 3, "--queue", 1, "verify", d.vsock, "--offset", off, "--size",
+                size, "--bs", BS, "--seed", seed).strip())
+        h1, p1 = stats(q)
+        reqs = 2 * size // BS
+        log("consolidated: [%d, %d) MiB on queue 1: %d requests, %d fast-path hits, %d hops" %
+            (off // MiB, (off + size) // MiB, reqs, h1 - h0, p1 - p0))
+        # the first 256 on the I/O thread (hits: the clusters are allocated), the rest not
+        check(0 < h1 - h0 + p1 - p0 < reqs // 2,
+              "queue 1 did not move: %d hits, %d hops of %d requests" % (h1 - h0, p1 - p0, reqs))
+        qmplib.quit_clean(d, q)
+    except Exception:
+        d.stop_showing_log(4000)
+        raise
+    check("moved to the main thread 1 times, back 0 times" in d.log(),
+          "queue 1 did not move once:\n%s" % d.log()[-4000:])
+    log("ok: at QD1 queue 1 moved to the main thread, its verify passed")
+    log(run("qemu-img", "check", img).strip())
+    check_file(img, [(off, size, seed), ranges[1]], work)
     log("PASS")
     return 0
 
