@@ -5,7 +5,7 @@
 #
 #   bash contrib/bench/grow.sh [--dir DIR] [--size 4G] [--reps 3] [--runtime 5] [--perf]
 #                              [--rw randwrite|write] [--bs 4k] [--base VQCOWD]
-#                              [--base-opts "OPTS"] [--cells LIST]
+#                              [--base-opts "OPTS"] [--cells LIST] [--settle SECS]
 #
 # Per round, in an order rotated between rounds, 4K random writes at QD32
 # (vqcow-fe bench, one queue; --rw and --bs change the job) into:
@@ -38,7 +38,9 @@
 # a `discard` mount: the previous invocation's images, which this script
 # deletes at its end, are discarded while the next one runs; those runs find
 # the file system's free space in pieces: a fresh image of 2 GiB then came out
-# in 250-1600 extents instead of ~200, loaded).
+# in 250-1600 extents instead of ~200, loaded). --settle SECS waits, before
+# the first round, until the disk has discarded nothing for 3 s (at most SECS;
+# it prints how long it waited and whether the discards had ended).
 # --base BIN adds base-empty, base-xl2 and base-full: the same cells through
 # another vqcowd binary (an A/B in one run: say main's build), and prints the
 # per-round ratios of each cell to its base cell; --base-opts adds vqcowd options
@@ -55,12 +57,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
-dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" base_opts="" only=""
+dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" base_opts="" only="" settle=0
 . "$here/bench-lib.sh"
 usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
 show_help() { usage; exit 0; }
 bench_opts usage --dir=dir --size=size --reps=reps --runtime=runtime --perf=perf=1 --rw=rw \
-	--bs=bs --base=base --base-opts=base_opts --cells=only -h=@show_help --help=@show_help -- "$@"
+	--bs=bs --base=base --base-opts=base_opts --cells=only --settle=settle -h=@show_help --help=@show_help -- "$@"
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 ctl=${VQCOWCTL:-$build/src/vqcowctl}
@@ -223,6 +225,16 @@ if [ -n "$only" ]; then
 	done
 	cells=("${keep[@]}")
 	[ ${#cells[@]} -gt 0 ] || { echo "grow.sh: no cell left by --cells $only" >&2; exit 2; }
+fi
+if [ "$settle" -gt 0 ] && [ "$(discarded)" -ge 0 ]; then
+	t0=$SECONDS quiet=0 last=$(discarded)
+	while [ $quiet -lt 3 ] && [ $((SECONDS - t0)) -lt "$settle" ]; do
+		sleep 1
+		now=$(discarded)
+		if [ "$now" = "$last" ]; then quiet=$((quiet + 1)); else quiet=0; fi
+		last=$now
+	done
+	echo "grow.sh: waited $((SECONDS - t0)) s for the disk's discards: $([ $quiet -ge 3 ] && echo ended || echo "still running after --settle $settle")" >&2
 fi
 echo "grow.sh: $reps round(s) of $runtime s, $size images; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 res=$tmp/res
