@@ -68,7 +68,7 @@ static void pump(int rounds)
 				idx[n++] = i;
 			}
 		}
-		if (poll(p, (nfds_t)n, 10) <= 0)
+		if (poll(p, (nfds_t)n, 0) <= 0)
 			return;
 		for (int k = 0; k < n; k++) {
 			int i = idx[k];
