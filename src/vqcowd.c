@@ -695,6 +695,11 @@ struct iothread {
 	/* cons_run << backoff low requests before the next try: a move refused
 	 * because the main thread would serve too many queues (cons_gather) */
 	unsigned backoff;
+	/* VQCOWD_TEST_CONS_HOLD (cons_hold, a test seam): when giving began,
+	 * the timer that wakes the loop once the hold is over */
+	uint64_t giving_at;
+	struct io_cmd hold_cmd;
+	bool hold_armed, hold_logged;
 };
 
 struct daemon {
@@ -722,10 +727,11 @@ struct daemon {
 	pthread_cond_t mt_cond;
 	/* --io-threads-consolidate (struct iothread's cons_ fields) */
 	bool consolidate;
-	unsigned cons_run;  /* CONS_RUN */
-	unsigned ngathered; /* I/O threads whose queues the main thread serves */
-	unsigned minflight; /* popped on the main thread, not pushed yet */
-	unsigned high_run;  /* high requests the main thread popped in a row */
+	unsigned cons_run;     /* CONS_RUN */
+	uint64_t cons_hold_ns; /* VQCOWD_TEST_CONS_HOLD (cons_hold), 0 = none */
+	unsigned ngathered;    /* I/O threads whose queues the main thread serves */
+	unsigned minflight;    /* popped on the main thread, not pushed yet */
+	unsigned high_run;     /* high requests the main thread popped in a row */
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
 	bool pausing;       /* under mt_lock */
 	unsigned pause_depth; /* main thread only */
@@ -1242,8 +1248,53 @@ static void cons_popped(struct daemon *d, unsigned idx)
 	if (t->low_run < d->cons_run << t->backoff)
 		return;
 	t->low_run = 0;
-	if (__atomic_load_n(&d->main_high, __ATOMIC_RELAXED) == t->main_high_at)
+	if (__atomic_load_n(&d->main_high, __ATOMIC_RELAXED) == t->main_high_at) {
 		t->giving = true;
+		if (d->cons_hold_ns)
+			t->giving_at = util_now_ns();
+	}
+}
+
+static void cons_hold_done(struct io_cmd *cmd, int res)
+{
+	struct iothread *t = container_of(cmd, struct iothread, hold_cmd);
+
+	(void)res;
+	t->hold_armed = false; /* t_defer looks again on this iteration */
+}
+
+/*
+ * Test seam (VQCOWD_TEST_CONS_HOLD=MS): an I/O thread that drained for a move
+ * keeps its drain open until MS ms after it began (it pops none of its
+ * queues meanwhile), so that a test can stop a ring, set the memory table or
+ * disconnect exactly then. True while held (a timer wakes the loop at the
+ * end). Unset (always outside tests), it costs a predicted branch per drain.
+ */
+static bool cons_hold(struct daemon *d, struct iothread *t)
+{
+	uint64_t now, held;
+
+	if (!d->cons_hold_ns)
+		return false;
+	now = util_now_ns();
+	held = now - t->giving_at;
+	if (held >= d->cons_hold_ns) {
+		t->hold_logged = false;
+		return false;
+	}
+	if (!t->hold_logged) {
+		t->hold_logged = true;
+		log_warn(
+		    "VQCOWD_TEST_CONS_HOLD: I/O thread %u drained; its drain held open %" PRIu64
+		    " ms",
+		    t->id, (d->cons_hold_ns - held) / 1000000);
+	}
+	if (!t->hold_armed) {
+		t->hold_armed = true;
+		t->hold_cmd.done = cons_hold_done;
+		io_timeout(t->loop, &t->hold_cmd, d->cons_hold_ns - held);
+	}
+	return true;
 }
 
 /*
@@ -1500,7 +1551,7 @@ static void t_defer(struct io_defer *def)
 				vq_notify(d->q[i].vq);
 		}
 	}
-	if (t->giving && !t->inflight && !t->move_posted) {
+	if (t->giving && !t->inflight && !t->move_posted && !cons_hold(d, t)) {
 		/* drained: the main thread takes our queues (cons_gather) */
 		t->move_posted = true;
 		t->move_cmd.done = cons_gather;
@@ -2486,6 +2537,13 @@ int main(int argc, char **argv)
 			d.cons_run = 2;
 		log_warn("VQCOWD_TEST_CONS_RUN: queues move after %u requests (a test seam)",
 			 d.cons_run);
+	}
+	if (d.consolidate && getenv("VQCOWD_TEST_CONS_HOLD")) {
+		/* a test seam: see cons_hold() */
+		d.cons_hold_ns = strtoull(getenv("VQCOWD_TEST_CONS_HOLD"), NULL, 10) * 1000000ull;
+		log_warn("VQCOWD_TEST_CONS_HOLD: a drain for a move held open %" PRIu64
+			 " ms (a test seam)",
+			 d.cons_hold_ns / 1000000);
 	}
 	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
 		/* a test seam: see img_test_fast_delay() */

@@ -1151,6 +1151,122 @@ static void t_consolidate(void)
 	STOP(d);
 }
 
+/*
+ * A ring stop, SET_MEM_TABLE and a disconnect exactly while queue 1's I/O
+ * thread drains to hand it over (--io-threads-consolidate): the drain is held
+ * open 1 s (VQCOWD_TEST_CONS_HOLD, a test seam) after the 8th QD1 write
+ * popped in a row started it (VQCOWD_TEST_CONS_RUN=8); 4 more writes go into
+ * the ring meanwhile (the thread pops none while draining), then the event.
+ * The queue must still move once, no request may be lost (the 4 complete
+ * once the ring runs again: on the main thread, after the move; with the
+ * connection gone they go with it), none completed twice (vqfe: a used id
+ * not in flight is -EPROTO; the used index counts each request once), none
+ * may end on a thread its queue left (req_push's log line), and the queue is
+ * served afterwards: QD1 (on the main thread), QD32 (back on its thread),
+ * every block read back. A fresh daemon per event.
+ */
+enum drain_event { DRAIN_RING_STOP, DRAIN_MEM_TABLE, DRAIN_DISCONNECT };
+
+static void drain_case(enum drain_event ev)
+{
+	static const char *const names[] = {"ring stop", "SET_MEM_TABLE", "disconnect"};
+	enum { LOW = 8, MORE = 4, LEN = 4096 };
+	static uint8_t w[LOW + MORE][LEN];
+	uint8_t r[LEN];
+	struct vqfe_req req[MORE];
+	struct vqfe_opts o;
+	uint16_t used0;
+
+	fprintf(stderr, "consolidate_drain: %s while the I/O thread drains\n", names[ev]);
+	setenv("VQCOWD_TEST_CONS_RUN", "8", 1);
+	setenv("VQCOWD_TEST_CONS_HOLD", "1000", 1);
+	START(
+	    d, .img_size = 4 * MiB, .num_queues = 2,
+	    .extra = {"--io-threads", "2", "--io-threads-consolidate=on", "--log-level", "debug"});
+	unsetenv("VQCOWD_TEST_CONS_RUN");
+	unsetenv("VQCOWD_TEST_CONS_HOLD");
+	itest_fe_opts(&o);
+	o.num_queues = 2;
+	o.slots = 40;
+	CONNECT(fe, d, &o);
+	/* LOW QD1 writes on queue 1: the LOW-th popped starts the drain */
+	for (unsigned i = 0; i < LOW; i++) {
+		itest_fill(w[i], LEN, 7000 + ev * 100 + i);
+		CU_ASSERT_EQUAL_FATAL(vqfe_write(fe, 1, (512ull + i) * LEN, w[i], LEN), 0);
+	}
+	CU_ASSERT_EQUAL_FATAL(log_count(&d, "its drain held open", 1), 1);
+	CU_ASSERT_EQUAL(log_count(&d, GATHERED, 0), 0); /* not moved yet */
+	/* requests that arrive while it drains: not popped by it */
+	used0 = le16toh(vqfe_vq_used(vqfe_vq(fe, 1))->idx);
+	CU_ASSERT_EQUAL(used0, LOW);
+	for (unsigned i = 0; i < MORE; i++) {
+		itest_fill(w[LOW + i], LEN, 7000 + ev * 100 + LOW + i);
+		req[i] = (struct vqfe_req){.type = VIRTIO_BLK_T_OUT,
+					   .sector = (512ull + LOW + i) * LEN / 512,
+					   .buf = w[LOW + i],
+					   .len = LEN};
+		CU_ASSERT_EQUAL_FATAL(vqfe_submit(fe, 1, &req[i]), 0);
+	}
+	CU_ASSERT_EQUAL(vqfe_vq_kick(vqfe_vq(fe, 1), true), 0);
+	usleep(20000);
+	CU_ASSERT_EQUAL(le16toh(vqfe_vq_used(vqfe_vq(fe, 1))->idx), used0);
+	if (ev == DRAIN_RING_STOP) {
+		uint32_t base = 0;
+
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_stop(fe, 1, &base), 0);
+		/* the ring stopped where the thread stopped popping */
+		CU_ASSERT_EQUAL(base, LOW);
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 0), 0); /* still held */
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fe, 1, base), 0);
+	} else if (ev == DRAIN_MEM_TABLE) {
+		CU_ASSERT_EQUAL_FATAL(vqfe_set_mem(fe), 0);
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
+	} else {
+		vqfe_close(fe);
+		fe = NULL;
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
+		CU_ASSERT_FATAL(itest_alive(&d));
+		CONNECT(fe2, d, &o);
+		fe = fe2;
+		/* those 4 went with the connection: written now */
+		for (unsigned i = 0; i < MORE; i++)
+			CU_ASSERT_EQUAL(
+			    vqfe_write(fe, 1, (512ull + LOW + i) * LEN, w[LOW + i], LEN), 0);
+		used0 = 0;
+	}
+	if (ev != DRAIN_DISCONNECT) {
+		/* the 4 run once the queue is served again, each once */
+		CU_ASSERT_EQUAL_FATAL(vqfe_drain(fe, 1), 0);
+		for (unsigned i = 0; i < MORE; i++)
+			CU_ASSERT_EQUAL(req[i].status, VIRTIO_BLK_S_OK);
+		CU_ASSERT_EQUAL(le16toh(vqfe_vq_used(vqfe_vq(fe, 1))->idx), (uint16_t)(LOW + MORE));
+	}
+	/* every block, through both queues */
+	for (unsigned i = 0; i < LOW + MORE; i++) {
+		for (unsigned q = 0; q < 2; q++) {
+			CU_ASSERT_EQUAL_FATAL(vqfe_read(fe, q, (512ull + i) * LEN, r, LEN), 0);
+			CU_ASSERT(memcmp(w[i], r, LEN) == 0);
+		}
+	}
+	/* served afterwards: moved once, on the main thread at QD1, back under load */
+	qd1_rw(fe, 4, 7500 + ev);
+	CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
+	qd32_rw(fe, 7600 + ev);
+	CU_ASSERT_EQUAL(log_count(&d, SPREAD, 1), 1);
+	qd1_rw(fe, 2, 7700 + ev); /* (fewer than 8 on queue 1: no new drain) */
+	vqfe_close(fe);
+	CU_ASSERT_EQUAL(log_count(&d, "a request ended on a thread that does not serve", 0), 0);
+	STOP(d);
+}
+
+static void t_consolidate_drain(void)
+{
+	drain_case(DRAIN_RING_STOP);
+	drain_case(DRAIN_MEM_TABLE);
+	drain_case(DRAIN_DISCONNECT);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -1179,6 +1295,8 @@ static void add_suites(void)
 	tu_add_test(s, "malformed_beside_thread", t_malformed_beside_thread,
 		    itest_vqcowd_only("the main thread serving a queue beside an I/O thread"));
 	tu_add_test(s, "consolidate", t_consolidate,
+		    itest_vqcowd_only("vqcowd's --io-threads-consolidate"));
+	tu_add_test(s, "consolidate_drain", t_consolidate_drain,
 		    itest_vqcowd_only("vqcowd's --io-threads-consolidate"));
 }
 
