@@ -82,6 +82,8 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
 	f->align = 1;
 	f->size = 0;
+	f->pc_written = 0;
+	f->sync_err = 0;
 
 	if (fstat(fd, &st) < 0)
 		return -errno;
@@ -117,6 +119,8 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 			     name);
 		}
 	}
+	if (!(f->flags & (IO_FILE_DIRECT | IO_FILE_RDONLY)))
+		f->pc_written = 1; /* every write goes through the page cache */
 	ret = io_file_get_size(f, &f->size);
 	if (ret < 0)
 		return ret;
@@ -394,6 +398,7 @@ int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t
 		ret = io_file_open_buffered(f);
 		if (ret < 0)
 			return ret;
+		io_file_pc_write(f);
 		return pwrite_full(f->bfd, buf, len, off);
 	}
 	b = io_alloc_align(len, f->align);
@@ -407,7 +412,35 @@ int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t
 
 int io_file_sync(struct io_file *f)
 {
-	if (fsync(f->fd) < 0)
-		return -errno;
-	return 0;
+	return io_file_sync_done(f, fsync(f->fd) < 0 ? -errno : 0);
+}
+
+int io_file_sync_error(const struct io_file *f)
+{
+	return __atomic_load_n(&f->sync_err, __ATOMIC_ACQUIRE);
+}
+
+bool io_file_pc_written(const struct io_file *f)
+{
+	return __atomic_load_n(&f->pc_written, __ATOMIC_ACQUIRE) != 0;
+}
+
+int io_file_sync_done(struct io_file *f, int res)
+{
+	int none = 0;
+
+	if (res >= 0) {
+		int e = __atomic_load_n(&f->sync_err, __ATOMIC_ACQUIRE);
+
+		return e ? e : res;
+	}
+	if (res == -EAGAIN || res == -EINTR || !__atomic_load_n(&f->pc_written, __ATOMIC_ACQUIRE))
+		return res; /* O_DIRECT only: a later fdatasync may be believed */
+	if (__atomic_compare_exchange_n(&f->sync_err, &none, res, false, __ATOMIC_ACQ_REL,
+					__ATOMIC_ACQUIRE))
+		vlog(VLOG_ERROR, "io",
+		     "fdatasync failed (%s) after writes through the page cache: their data may "
+		     "be lost, and a later fdatasync would not say so; every later one fails",
+		     strerror(-res));
+	return res;
 }

@@ -83,6 +83,12 @@ struct io_file {
 	unsigned flags; /* IO_FILE_* */
 	uint64_t size;  /* size at open time (bytes) */
 	int bfd;        /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	/* private: nonzero once a write may have gone through the page cache
+	 * (the buffered twin fd, or a file without O_DIRECT); atomic */
+	int pc_written;
+	/* private: the first fdatasync error after such a write, sticky (0 =
+	 * none; io_file_sync_error); atomic */
+	int sync_err;
 	/* private to io/: per loop (by the loop's fixed-file id), its registered
 	 * slot + 1, 0 = not tried, -1 = the loop's table refused it */
 	int fixed[IO_FIXED_LOOPS];
@@ -380,6 +386,28 @@ int io_file_get_size(struct io_file *f, uint64_t *size);
 int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off);
 int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t off);
 int io_file_sync(struct io_file *f);
+
+/*
+ * A failed fdatasync of a file that took writes through the page cache is
+ * sticky: that call and every later fdatasync of @f (io_fdatasync,
+ * io_file_sync, on any thread) fail with its error. Linux marks the pages
+ * whose writeback failed clean (their data is lost, the page cache no
+ * longer says so) and reports the error once per open file description
+ * (errseq: file_check_and_advance_wb_err), so a later fdatasync, or one
+ * running at the same time on the same fd, returns 0 although the data
+ * never reached the disk. QEMU does the same (file-posix's
+ * page_cache_inconsistent). A file written with O_DIRECT only keeps
+ * retrying: a failed O_DIRECT write is reported by the write itself.
+ * Returns the sticky error, 0 if none.
+ */
+int io_file_sync_error(const struct io_file *f);
+
+/*
+ * Whether @f may have taken writes through the page cache (then an error
+ * of two fdatasyncs in flight at once may reach only one of them: a caller
+ * that counts on both keeps them apart).
+ */
+bool io_file_pc_written(const struct io_file *f);
 
 /* ---- image locks (QEMU-compatible; io/lock.c) ---- */
 

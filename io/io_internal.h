@@ -21,6 +21,18 @@
  */
 int io_file_open_buffered(struct io_file *f);
 
+/* An fdatasync of @f ended with @res: what its caller gets (the sticky
+ * error of io_file_sync_error, set here on a failure after page-cache
+ * writes). Any thread. */
+int io_file_sync_done(struct io_file *f, int res);
+
+/* A write through the page cache is about to be issued on @f. */
+static inline void io_file_pc_write(struct io_file *f)
+{
+	if (!__atomic_load_n(&f->pc_written, __ATOMIC_RELAXED))
+		__atomic_store_n(&f->pc_written, 1, __ATOMIC_RELEASE);
+}
+
 /* Drop @f's registered-file slot, if any (io_file_close). */
 void io_loop_file_closing(struct io_file *f);
 

@@ -935,6 +935,7 @@ static int rw_setup(struct io_loop *loop, struct io_cmd *cmd)
 			return ret;
 		cmd->fd = __atomic_load_n(&f->bfd, __ATOMIC_ACQUIRE);
 		cmd->flags |= CMD_F_BUFFERED;
+		io_file_pc_write(f);
 		mask = 0;
 		range_ok = true;
 	}
@@ -1225,6 +1226,8 @@ static void finish(struct io_loop *loop, struct io_cmd *cmd, int res)
 	}
 	cmd->state = CMD_IDLE;
 	loop->inflight--;
+	if (cmd->op == IO_OP_FDATASYNC && cmd->file)
+		res = io_file_sync_done(cmd->file, res); /* sticky after page-cache writes */
 	cmd->done(cmd, res);
 }
 

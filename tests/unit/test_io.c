@@ -443,6 +443,73 @@ static void test_buffered_roundtrip(void)
 	env_exit(&e);
 }
 
+static int do_sync(struct env *e)
+{
+	struct tcmd t;
+
+	tinit(&t);
+	g_in_submit = true;
+	io_fdatasync(e->loop, &t.cmd, &e->f);
+	g_in_submit = false;
+	run_until(e->loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.calls, 1);
+	return t.res;
+}
+
+/*
+ * A failed fdatasync after writes through the page cache is sticky (Linux
+ * marks the pages whose writeback failed clean and reports the error once
+ * per open file: a retry would say 0 with the data lost); with O_DIRECT
+ * writes only, a later fdatasync is believed again.
+ */
+static void test_sync_sticky(void)
+{
+	struct env e;
+	uint8_t *buf = io_alloc_aligned(8192);
+	struct iovec iov;
+
+	CU_ASSERT_FATAL(buf != NULL);
+	memset(buf, 0x5a, 8192);
+	env_init(&e, 8, IO_FILE_DIRECT);
+	if (e.f.flags & IO_FILE_DIRECT) {
+		iov = (struct iovec){buf, 4096};
+		CU_ASSERT_EQUAL(do_rw(&e, true, &iov, 1, 0), 4096); /* O_DIRECT */
+		CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -EIO), 0);
+		CU_ASSERT_EQUAL(do_sync(&e), -EIO);
+		CU_ASSERT_EQUAL(do_sync(&e), 0);
+		CU_ASSERT_EQUAL(io_file_sync(&e.f), 0);
+		CU_ASSERT_EQUAL(io_file_sync_error(&e.f), 0);
+		/* off alignment: the buffered twin fd, the page cache */
+		iov = (struct iovec){buf, 100};
+		CU_ASSERT_EQUAL(do_rw(&e, true, &iov, 1, 4097), 100);
+		CU_ASSERT_EQUAL(do_sync(&e), 0); /* nothing failed yet */
+		CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -EIO), 0);
+		CU_ASSERT_EQUAL(do_sync(&e), -EIO);
+		CU_ASSERT_EQUAL(do_sync(&e), -EIO);
+		CU_ASSERT_EQUAL(io_file_sync(&e.f), -EIO);
+		CU_ASSERT_EQUAL(io_file_sync_error(&e.f), -EIO);
+		/* the first error stays: a later different one does not replace it */
+		CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -ENOSPC), 0);
+		CU_ASSERT_EQUAL(do_sync(&e), -ENOSPC);
+		CU_ASSERT_EQUAL(do_sync(&e), -EIO);
+		/* a transient failure is retried, never sticky (tested above) */
+	}
+	env_exit(&e);
+
+	/* A file without O_DIRECT: every write goes through the page cache. */
+	env_init(&e, 8, 0);
+	iov = (struct iovec){buf, 4096};
+	CU_ASSERT_EQUAL(do_rw(&e, true, &iov, 1, 0), 4096);
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -EAGAIN), 0);
+	CU_ASSERT_EQUAL(do_sync(&e), 0); /* transient: retried */
+	CU_ASSERT_EQUAL(io_loop_inject(e.loop, IO_OP_FDATASYNC, 1, -ENOSPC), 0);
+	CU_ASSERT_EQUAL(do_sync(&e), -ENOSPC);
+	CU_ASSERT_EQUAL(do_sync(&e), -ENOSPC);
+	CU_ASSERT_EQUAL(io_file_sync(&e.f), -ENOSPC);
+	env_exit(&e);
+	io_free_aligned(buf);
+}
+
 static void test_inject_failures(void)
 {
 	struct env e;
@@ -2451,6 +2518,7 @@ int main(void)
 	CU_add_test(s, "misaligned (bounce)", test_misaligned);
 	CU_add_test(s, "buffered round trip", test_buffered_roundtrip);
 	CU_add_test(s, "injected failures", test_inject_failures);
+	CU_add_test(s, "a failed fdatasync after page-cache writes is sticky", test_sync_sticky);
 	CU_add_test(s, "transient errors retried", test_transient);
 	CU_add_test(s, "short transfers direct", test_short_direct);
 	CU_add_test(s, "short transfers bounce", test_short_bounce);
