@@ -59,6 +59,13 @@
  *    wb_strict on; only a durable batch started after the last failure
  *    turns it off again (wb_fail_seq), not the tail ending after a failure
  *    of the batch beside it, nor the other way round;
+ *  - no tail while the image file or its data file may have taken
+ *    writes through the page cache (io_file_pc_written: the buffered twin
+ *    fd of io/, a file system without O_DIRECT): Linux reports a writeback
+ *    error once per open file (errseq), so of two fdatasyncs in flight on
+ *    one fd only one may see it, and that one may be the next batch's
+ *    while the tail's returns 0 and answers its FLUSHes; one at a time,
+ *    the first failure is sticky in io/ and fails every later sync;
  *  - a side batch never runs beside a tail (side_start needs q->batch),
  *    and one still running beside the batch that became the tail keeps
  *    the next batch from starting (wb_start), as before.
@@ -742,8 +749,15 @@ static void sync_start(struct q2_batch *b)
 		}
 	}
 	/* Nor does the next batch wait for it: it becomes the tail (the header
-	 * comment says why that is safe). */
-	if (last_phase(b) && !b->side && q->batch == b && !q->wb_tail) {
+	 * comment says why that is safe), unless a file may have taken writes
+	 * through the page cache (io_file_pc_written): a writeback error is
+	 * then reported to one fdatasync of the file only, possibly to the
+	 * next batch's instead of the tail's, and the tail's FLUSHes would be
+	 * answered by a sync that missed it. Apart, the first one to fail
+	 * makes every later one fail (io_file_sync_error). */
+	if (last_phase(b) && !b->side && q->batch == b && !q->wb_tail &&
+	    !io_file_pc_written(q->file) &&
+	    (q->data_file == q->file || !io_file_pc_written(q->data_file))) {
 		q->batch = NULL;
 		q->wb_tail = b;
 		b->tail = true;

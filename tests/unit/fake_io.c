@@ -926,6 +926,19 @@ int io_file_pwrite_sync(struct io_file *f, const void *buf, size_t len, uint64_t
 	return 0;
 }
 
+static bool g_pc_written; /* fake_set_pc_written() */
+
+void fake_set_pc_written(bool on)
+{
+	g_pc_written = on;
+}
+
+bool io_file_pc_written(const struct io_file *f)
+{
+	(void)f;
+	return g_pc_written;
+}
+
 int io_file_sync(struct io_file *f)
 {
 	struct ffile *ff = file_of(f);

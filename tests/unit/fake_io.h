@@ -100,6 +100,9 @@ int fake_hold(enum io_op op, unsigned nth, unsigned iters);
  */
 void fake_set_sync_hold(unsigned iters);
 
+/* What io_file_pc_written() says of every file (false by default). */
+void fake_set_pc_written(bool on);
+
 /*
  * Run deferred hooks (io_defer_add) at the end of each loop iteration, as
  * io/loop.c does; off by default (the hooks are registered but never run).

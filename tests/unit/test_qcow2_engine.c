@@ -1687,6 +1687,60 @@ static void test_tail(void)
 	tail_inplace_case(9);
 }
 
+/*
+ * A file that may have taken writes through the page cache
+ * (io_file_pc_written): the next batch never starts beside the tail's
+ * fdatasync, so no two fdatasyncs of the image are in flight at once (a
+ * writeback error reaches one fdatasync of a file only). The same load on
+ * an O_DIRECT-only file does start batches beside the tail.
+ */
+static void test_tail_pc_written(void)
+{
+	struct qcow2_opts o = {.no_early_link = true};
+
+	for (int pc = 0; pc < 2; pc++) {
+		uint8_t *model = calloc(1, 1 << 20);
+		struct tailf f1, f2;
+		uint8_t buf[4096];
+		struct eng e;
+
+		fake_set_pc_written(pc);
+		qcow2_test_sync_delay(1);
+		eng_create(&e, "cluster_size=512,refcount_bits=16", 1ull << 20, &o);
+		for (unsigned r = 0; r < 6; r++) {
+			uint64_t off = (rnd() % 256) * 4096;
+
+			fill(buf, sizeof(buf), rnd());
+			CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+			memcpy(model + off, buf, sizeof(buf));
+			memset(&f1, 0, sizeof(f1));
+			f1.f.done = tail_flush_done;
+			qcow2_flush(e.q, &f1.f);
+			for (unsigned k = 0; k < 3; k++) { /* while that batch runs */
+				off = (rnd() % 256) * 4096;
+				fill(buf, sizeof(buf), rnd());
+				CU_ASSERT_EQUAL(eng_write(&e, off, sizeof(buf), buf), 0);
+				memcpy(model + off, buf, sizeof(buf));
+			}
+			memset(&f2, 0, sizeof(f2));
+			f2.f.done = tail_flush_done;
+			qcow2_flush(e.q, &f2.f);
+			for (int i = 0; i < 100000 && (!f1.done || !f2.done); i++)
+				run();
+			CU_ASSERT(f1.done == 1 && f1.res == 0);
+			CU_ASSERT(f2.done == 1 && f2.res == 0);
+		}
+		CU_ASSERT_EQUAL(eng_flush(&e), 0);
+		CU_ASSERT(pc ? e.q->n_tail_starts == 0 : e.q->n_tail_starts > 0);
+		verify(&e, model, 1 << 20);
+		qcow2_test_sync_delay(0);
+		fake_set_pc_written(false);
+		eng_close(&e);
+		CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+		free(model);
+	}
+}
+
 static void fail_case(enum io_op op, unsigned nth)
 {
 	const uint64_t size = 8ull << 20;
@@ -3918,6 +3972,8 @@ int main(void)
 	CU_add_test(suite, "linked writes: fdatasyncs waited for in a row", test_link_chain);
 	CU_add_test(suite, "the next batch beside the last fdatasync: every crash point",
 		    test_tail);
+	CU_add_test(suite, "no batch beside the last fdatasync after page-cache writes",
+		    test_tail_pc_written);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
