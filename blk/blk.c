@@ -90,6 +90,7 @@ struct blk_dev {
 	} hist[BLK_STAT_N];
 	unsigned paused;      /* blk_dev_pause depth (changes with no other thread running) */
 	struct blk_req *held; /* atomic: requests that arrived while paused, newest first */
+	unsigned nheld;       /* atomic: how many (blk_dev_held) */
 	blk_write_hook_fn *wr_hook;
 	void *wr_hook_priv;
 };
@@ -450,6 +451,7 @@ static void hold(struct blk_dev *dev, struct blk_req *req)
 	struct blk_req *head = __atomic_load_n(&dev->held, __ATOMIC_RELAXED);
 
 	req->held_loop = io_loop_current();
+	__atomic_fetch_add(&dev->nheld, 1, __ATOMIC_RELEASE);
 	do {
 		req->held_next = head;
 	} while (!__atomic_compare_exchange_n(&dev->held, &head, req, true, __ATOMIC_RELEASE,
@@ -520,6 +522,11 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 		req_finish(req, ret);
 }
 
+unsigned blk_dev_held(const struct blk_dev *dev)
+{
+	return __atomic_load_n(&dev->nheld, __ATOMIC_ACQUIRE);
+}
+
 unsigned blk_dev_inflight(const struct blk_dev *dev)
 {
 	return __atomic_load_n(&dev->inflight, __ATOMIC_ACQUIRE);
@@ -559,6 +566,7 @@ void blk_dev_resume(struct blk_dev *dev)
 		r->held_next = fifo;
 		fifo = r;
 		r = next;
+		__atomic_fetch_sub(&dev->nheld, 1, __ATOMIC_RELEASE);
 	}
 	for (r = fifo; r; r = fifo) {
 		fifo = r->held_next;

@@ -166,6 +166,15 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 unsigned blk_dev_inflight(const struct blk_dev *dev);
 
 /*
+ * Requests held by a paused device (blk_dev_pause): not started, and not
+ * in blk_dev_inflight(). Counted from when blk_req_submit() holds one to
+ * when blk_dev_resume() takes it back (a request it posts to another
+ * thread is no longer held, though not submitted yet). Acquire order; any
+ * thread.
+ */
+unsigned blk_dev_held(const struct blk_dev *dev);
+
+/*
  * Threads: blk_req_submit() may be called from several threads at once (each
  * request with its own req->loop) when this is true, i.e. when the image
  * takes operations on any loop (img->any_loop). The in-flight count is then

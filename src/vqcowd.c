@@ -1205,6 +1205,31 @@ static unsigned d_inflight(struct daemon *d)
 	return (dev ? vhost_dev_inflight(dev) : 0) + blk_dev_inflight(d->blk);
 }
 
+/*
+ * Requests in flight that have started: d_inflight() but those a paused
+ * device holds (blk_dev_held: not started; with I/O threads vhost/ counts
+ * them, blk/ does not). What a held QMP operation (ctl->hold) waits for:
+ * blockdev-snapshot-sync of a layer with enabled persistent bitmaps asks
+ * for one with the device paused, and the requests the queues popped
+ * meanwhile stay held until the snapshot ends, so waiting for them too
+ * never ended (the command, the guest and SIGTERM hung).
+ *
+ * Read in this order: the in-flight count first, then the held one. No
+ * request is popped while the hold is on (ctl_hold_cb sets it with the
+ * threads parked; d_queue_kick and the polls look at it), so a request
+ * held by the second read was in flight at the first: a difference of 0
+ * means that every request in flight at the second read is held.
+ */
+static unsigned d_running(struct daemon *d)
+{
+	unsigned n = d_inflight(d), h;
+
+	if (!d->nthreads)
+		return n; /* blk_dev_inflight alone: held ones are not in it */
+	h = blk_dev_held(d->blk);
+	return n > h ? n - h : 0;
+}
+
 /* -- --io-threads-consolidate: the I/O threads' queues on the main thread at low load -- */
 
 /*
@@ -1513,7 +1538,7 @@ static void d_defer(struct io_defer *def)
 		io_loop_stop(d->loop);
 	}
 	if (d->ctl_hold && d->handoff == HO_NONE && !d->ctl_running && !d->stopping &&
-	    d_inflight(d) == 0) {
+	    d_running(d) == 0) {
 		d->handoff = HO_CTL; /* quiesced: main() runs the snapshot */
 		if (!d->hold_drained)
 			d->hold_drained = util_now_ns();

@@ -39,6 +39,11 @@ on QMP quit, qemu-img check is clean, and the image file holds exactly what
 vqfe-stress's map says (written blocks their last pattern, zeroed blocks
 zeroes, untouched blocks the backing file's bytes).
 
+Last, an overlay with a recording persistent dirty bitmap: blockdev-snapshot-sync
+under the same load (the bitmap stored through a held operation while the
+device is paused and requests are held: it must not wait for those), an
+active commit back and the pivot; the bitmap still in the image.
+
 Then a raw image (--format raw, the rings and the I/O on the threads) under
 the same load, twice: blockdev-snapshot-sync over it (the raw layer becomes
 the qcow2 overlay's backing file; fast-path hits on the overlay), a second
@@ -294,6 +299,45 @@ def raw_image(vqcowd, stress, work, base):
                  lambda mapf: compare(img, base, mapf, "raw"))
 
 
+def bitmap_image(vqcowd, stress, work, base):
+    """blockdev-snapshot-sync of a layer with a recording persistent bitmap:
+    the bitmap is stored with the device paused, through a held operation,
+    while the queues' requests popped meanwhile are held. Waiting for those
+    too hung the command, the guest and SIGTERM. Then an active commit back
+    into it (its frozen bitmap thawed) and the pivot."""
+    img = os.path.join(work, "bm.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img, SIZE)
+    ov = os.path.join(work, "bmov.qcow2")
+    log("== an image with a recording persistent bitmap")
+
+    def ops(q, d, sp):
+        wait_fast(q, d, "before the bitmap")
+        q.ret("block-dirty-bitmap-add", {"node": "disk0", "name": "pb", "persistent": True})
+        wait_writes(q, sp, q.ret("query-blockstats")[0]["stats"]["wr_operations"],
+                    " with the bitmap")
+        q2 = qmplib.Qmp(d.qsock, timeout=30)
+        try:
+            snapshot_sync(q2, "disk0", ov, "bmov")
+        except OSError as e:
+            raise Fail("blockdev-snapshot-sync with a recording persistent bitmap: %r" % e)
+        q2.close()
+        wait_fast(q, d, "overlay bmov")
+        nodes = commit_pivot(q, "bmov", "bj")
+        check(nodes[0] == "disk0", "after the pivot: %r" % nodes)
+        log("ok: block-commit bj pivoted back to disk0")
+        wait_writes(q, sp, q.ret("query-blockstats")[0]["stats"]["wr_operations"],
+                    " after the pivot")
+        os.unlink(ov)
+
+    def verify(mapf):
+        log(run("qemu-img", "check", img).strip())
+        info = run("qemu-img", "info", img)
+        check("pb" in info, "bitmap pb not in the image:\n%s" % info)
+        compare(img, base, mapf)
+    under_stress(vqcowd, stress, work, img, "qcow2", "; the I/O threads serve cached clusters", ops,
+                 verify)
+
+
 def main():
     vqcowd, stress, work = qmplib.setup_work(3, "qemu-img")
     base = os.path.join(work, "base.raw")
@@ -310,6 +354,8 @@ def main():
     one_image(vqcowd, stress, work, base, zimg, "a zlib-compressed image")
     # a raw image: external snapshots of it and pivots back to it
     raw_image(vqcowd, stress, work, base)
+    # an external snapshot that stores a recording persistent bitmap
+    bitmap_image(vqcowd, stress, work, base)
     log("PASS")
     return 0
 
