@@ -1516,6 +1516,14 @@ bool layers_stop(struct ctl *c)
 
 	if (!L)
 		return false;
+	if (L->snap && L->snap->store_held) {
+		/* the bitmaps' store waits for a hold that is never granted
+		 * while stopping (d_defer): the snapshot fails, the layer stays
+		 * the active one (still writable: img_set_writable refused) and
+		 * the requests held meanwhile start again */
+		L->snap->store_held = false;
+		snap_end(c, -ECANCELED, "the daemon is stopping");
+	}
 	j = L->job;
 	if (j && j->reopen) {
 		/* not started yet: the base was not reopened */

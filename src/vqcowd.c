@@ -1546,7 +1546,10 @@ static void d_defer(struct io_defer *def)
 	}
 	if (d->ngathered)
 		cons_spread(d);
-	if (d->stopping && !d->flushing && d_inflight(d) == 0 && !ctl_busy(&d->ctl)) {
+	/* ctl_busy once only held requests are left: what held them may
+	 * never end while stopping (layers_stop ends it), and they run then */
+	if (d->stopping && !d->flushing && d_running(d) == 0 && !ctl_busy(&d->ctl) &&
+	    d_inflight(d) == 0) {
 		d->flushing = true;
 		logmsg("no request in flight; flushing the image");
 		img_flush(d->img, &d->flush_io);
