@@ -18,9 +18,13 @@
 # guest write during the job (query-blockstats), the daemon's CPU per write
 # (us); then the per-round ratios new/base and their median per cell.
 # Needs root (losetup); skips (exit 77) when no loop device can be set up.
+# --base-opts/--new-opts: extra vqcowd options for either side (one word
+# list each), e.g. the same binary both ways with --new-opts
+# --blockdev-zero-ahead.
 #
 #   contrib/bench/blkdev.sh --base OLD_VQCOWD [--new NEW_VQCOWD] [--reps 4]
 #       [--size 1G] [--number-ios 32768] [--cells reuse,grow] [--dir DIR]
+#       [--base-opts "OPTS"] [--new-opts "OPTS"]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,10 +34,11 @@ fe=$root/build/tests/frontend/vqcow-fe
 ctl=$root/build/src/vqcowctl
 base=
 reps=4 size=1G nios=32768 cells=reuse,grow dir=${BENCH_DIR:-/tmp}
+base_opts='' new_opts=''
 . "$here/bench-lib.sh"
 usage() { echo "usage: see the header of $0"; }
 bench_opts usage --base=base --new=new --reps=reps --size=size --number-ios=nios \
-	--cells=cells --dir=dir -- "$@"
+	--cells=cells --dir=dir --base-opts=base_opts --new-opts=new_opts -- "$@"
 [ -n "$base" ] || { echo "$0: --base OLD_VQCOWD is required" >&2; exit 2; }
 for t in qemu-img python3 losetup numfmt "$new" "$base" "$fe" "$ctl"; do
 	command -v "$t" >/dev/null || { echo "$0: $t not found" >&2; exit 1; }
@@ -58,10 +63,12 @@ res=$tmp/results
 : >"$res"
 
 one() { # KIND BIN CELL REP
-	local kind=$1 bin=$2 cell=$3 rep=$4 sock=$tmp/sock span=$bytes out t0 t1
+	local kind=$1 bin=$2 cell=$3 rep=$4 sock=$tmp/sock span=$bytes out t0 t1 xo
+	if [ "$kind" = base ]; then xo=$base_opts; else xo=$new_opts; fi
 	rm -f "$sock" "$tmp/qmp"
 	qemu-img create -q -f qcow2 -o cluster_size=65536 "$dev" "$size"
-	"$bin" --socket-path "$sock" --blk-file "$dev" --format qcow2 --qmp "$tmp/qmp" \
+	# shellcheck disable=SC2086 # $xo: a word list
+	"$bin" --socket-path "$sock" --blk-file "$dev" --format qcow2 --qmp "$tmp/qmp" $xo \
 		>"$tmp/d.log" 2>&1 &
 	bpid=$!
 	bench_wait_sock "$sock" "$kind" "$tmp/d.log"
@@ -101,6 +108,7 @@ print(sys.argv[3], sys.argv[4], sys.argv[5], "%.0f" % w["iops"], "%.0f" % w["lat
 }
 
 echo "# $(date -u +%T) load $(cut -d' ' -f1-3 /proc/loadavg); device $dev ($size image, direct I/O)"
+echo "# base: $base $base_opts; new: $new $new_opts"
 echo "kind cell rep write_iops p50_us p99_us syncs_per_write cpu_us_per_write"
 IFS=, read -r -a cl <<<"$cells"
 for r in $(seq "$reps"); do
