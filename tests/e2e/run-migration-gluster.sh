@@ -56,6 +56,9 @@ cleanup() {
 	umount "$mnt_b" 2>/dev/null || umount -l "$mnt_b" 2>/dev/null
 	gl volume stop "$vol" force >/dev/null 2>&1
 	gl volume delete "$vol" >/dev/null 2>&1
+	# a stop that failed (glusterd slow under load) leaves the brick's
+	# glusterfsd running, orphaned once our glusterd goes: end it by name
+	pkill -f -- "--volfile-id $vol\\." 2>/dev/null
 	if [ -n "$gpid" ]; then
 		kill "$gpid" 2>/dev/null
 		wait "$gpid" 2>/dev/null
