@@ -82,8 +82,8 @@
 #define MAX_IO_THREADS  MAX_QUEUES /* more threads than queues would idle */
 #define MEM_REGIONS_MAX 64         /* guest memory regions registered as io_uring buffers */
 /* --io-threads-consolidate without the option (=on|off overrides it; cons_*) */
-#define CONSOLIDATE_DEFAULT     false
-#define CONSOLIDATE_DEFAULT_STR "off"
+#define CONSOLIDATE_DEFAULT     true
+#define CONSOLIDATE_DEFAULT_STR "on"
 
 #define container_of(p, T, m) ((T *)((char *)(p)-offsetof(T, m)))
 

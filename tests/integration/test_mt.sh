@@ -38,7 +38,7 @@
 # them back: a move to and fro for nothing).
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning;
 # VQCOW_MT_VQ_ARGS: more vqcowd options for every daemon this test starts
-# (e.g. --io-threads-consolidate, to run all of it with the switch on).
+# (e.g. --io-threads-consolidate=off, to run all of it with the switch off).
 set -u
 vqcowd=$1
 fe=$2
