@@ -66,7 +66,6 @@ enum io_op {
 	IO_OP_TIMEOUT,
 	IO_OP_CANCEL,
 	IO_OP_POST,
-	IO_OP_MADVISE,
 };
 
 /* OFD lock bytes held on a file (io_lock_set); zero = none. */
@@ -479,12 +478,6 @@ void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events);
 
 /* One-shot timer: done(cmd, 0) after @ns nanoseconds, or -ECANCELED. */
 void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns);
-/*
- * madvise(@addr, @len, @advice) on io_uring's worker (IORING_OP_MADVISE), off
- * the loop's thread: e.g. MADV_POPULATE_WRITE faults in memory the caller will
- * use soon. done() gets 0 or -errno; nothing is retried.
- */
-void io_madvise(struct io_loop *loop, struct io_cmd *cmd, void *addr, size_t len, int advice);
 
 /*
  * Cancel the in-flight @target (poll or timeout). @target's done() runs with

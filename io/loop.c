@@ -774,11 +774,6 @@ static bool prep(struct io_loop *loop, struct io_cmd *cmd)
 	case IO_OP_CANCEL:
 		io_uring_prep_cancel(sqe, cmd->target, 0);
 		break;
-	case IO_OP_MADVISE:
-		io_uring_prep_madvise(sqe, cmd->iov1.iov_base, (off_t)cmd->iov1.iov_len, cmd->mode);
-		/* always a worker's job: never block the submitting thread */
-		sqe->flags |= IOSQE_ASYNC;
-		break;
 	default:
 		io_uring_prep_nop(sqe);
 		break;
@@ -1093,22 +1088,6 @@ void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)
 	arm(loop, cmd);
 }
 
-void io_madvise(struct io_loop *loop, struct io_cmd *cmd, void *addr, size_t len, int advice)
-{
-	int inj;
-
-	cmd_start(loop, cmd, IO_OP_MADVISE, NULL);
-	cmd->iov1.iov_base = addr;
-	cmd->iov1.iov_len = len;
-	cmd->mode = advice;
-	inj = fault_apply(loop, cmd);
-	if (inj < 0) {
-		local_push(loop, cmd, inj);
-		return;
-	}
-	arm(loop, cmd);
-}
-
 void io_timeout(struct io_loop *loop, struct io_cmd *cmd, uint64_t ns)
 {
 	int inj;
@@ -1364,10 +1343,6 @@ static void complete(struct io_loop *loop, struct io_cmd *cmd, int res, unsigned
 	case IO_OP_TIMEOUT:
 		loop->kinflight--;
 		finish(loop, cmd, res == -ETIME ? 0 : res);
-		return;
-	case IO_OP_MADVISE:
-		loop->kinflight--;
-		finish(loop, cmd, res);
 		return;
 	case IO_OP_FDATASYNC:
 	case IO_OP_FALLOCATE:

@@ -24,17 +24,6 @@
  * chunk once all of its entries are spare. Loads use io commands from a
  * small pool (as many as loads were ever in flight at once), not one per entry.
  *
- * Growing: once chunks are full-sized (2 MiB) and the cache is below its soft
- * limit, the next chunk is mapped while half of the current one is still
- * spare, and faulted in by an IORING_OP_MADVISE(MADV_POPULATE_WRITE) on
- * io_uring's worker (ahead()); nothing touches it before that ends, not even
- * its descriptors (chunk_arm() then; or at once if the cache needs its entries
- * first, the fault then being ours). The first touch of a huge page zeroes 2 MiB
- * (and may compact memory first): on a VM that took 2-11 ms per chunk,
- * 0.3-1.4 s per 256 MiB, all of it inside the misses of an image whose L2
- * tables do not fit the cache (contrib/bench/RESULTS.md, "t15"). At most one
- * chunk is ahead; it is never unmapped while its populate is in flight.
- *
  * Lookup: open addressing with linear probing over (offset, entry) slots,
  * at most half full, deletion by backward shift (no tombstones): a hit reads
  * one slot line, then the entry's first line and its buffer.
@@ -78,17 +67,6 @@ struct q2_chunk {
 	struct q2_slice *desc;
 	struct q2_slice *spare; /* entries not counted, linked by next */
 	uint32_t n, nspare;
-	bool armed;      /* its entries exist (chunk_arm); not yet: ahead() is faulting it in */
-	bool populating; /* ahead(): its populate is in flight, keep it mapped */
-};
-
-/* A populate in flight (ahead()); outlives the cache if it must (q2_cache_exit). */
-struct q2_pop {
-	struct io_cmd cmd;
-	struct q2_cache *c; /* NULL: orphaned by q2_cache_exit, unmap mem when done */
-	size_t ci;          /* its chunk */
-	void *mem;
-	size_t bytes;
 };
 
 struct q2_load {
@@ -243,39 +221,10 @@ static void chunk_unmap(struct q2_cache *c, size_t ci)
 	c->chunks[ci] = NULL;
 }
 
-/*
- * Give chunk @ci its @n entries, all spare (the descriptors are written here:
- * the first touch of its memory unless ahead() faulted it in).
- */
-static void chunk_arm(struct q2_cache *c, size_t ci)
+/* Map a chunk of @n entries, all spare. 0 or -ENOMEM. */
+static int chunk_new(struct q2_cache *c, size_t n)
 {
-	struct q2_chunk *k = c->chunks[ci];
-	size_t bufs = (size_t)k->n * c->slice_size;
-
-	k->desc = (struct q2_slice *)(k->mem + bufs); /* bufs: a multiple of 512 */
-	for (size_t i = k->n; i-- > 0;) {
-		struct q2_slice *s = &k->desc[i];
-
-		s->buf = k->mem + i * c->slice_size;
-		s->cache = c;
-		s->chunk = (uint32_t)ci;
-		s->next = k->spare;
-		k->spare = s;
-	}
-	k->nspare = k->n;
-	k->armed = true;
-	SPARE_POISON(k->mem, bufs);
-	c->nspare += k->n;
-}
-
-/*
- * Map a chunk of @n entries; with @arm its entries are spare at once and it
- * becomes the hint, else nothing touches its memory until chunk_arm().
- * Its index, or -ENOMEM.
- */
-static long chunk_new(struct q2_cache *c, size_t n, bool arm)
-{
-	size_t ci, bytes;
+	size_t ci, bufs = n * c->slice_size, bytes;
 	struct q2_chunk *k;
 
 	for (ci = 0; ci < c->nchunks && c->chunks[ci]; ci++)
@@ -292,7 +241,7 @@ static long chunk_new(struct q2_cache *c, size_t n, bool arm)
 	k = calloc(1, sizeof(*k));
 	if (!k)
 		return -ENOMEM;
-	bytes = n * c->slice_size + n * sizeof(struct q2_slice);
+	bytes = bufs + n * sizeof(struct q2_slice);
 	k->mem = map_mem(&bytes, false);
 	if (!k->mem) {
 		free(k);
@@ -300,111 +249,25 @@ static long chunk_new(struct q2_cache *c, size_t n, bool arm)
 	}
 	k->bytes = bytes;
 	k->n = (uint32_t)n;
+	k->desc = (struct q2_slice *)(k->mem + bufs); /* bufs: a multiple of 512 */
+	for (size_t i = n; i-- > 0;) {
+		struct q2_slice *s = &k->desc[i];
+
+		s->buf = k->mem + i * c->slice_size;
+		s->cache = c;
+		s->chunk = (uint32_t)ci;
+		s->next = k->spare;
+		k->spare = s;
+	}
+	k->nspare = (uint32_t)n;
+	SPARE_POISON(k->mem, bufs);
 	if (ci == c->nchunks)
 		c->nchunks++;
 	c->chunks[ci] = k;
+	c->chunk_hint = ci;
+	c->nspare += n;
 	c->mem_bytes += bytes;
-	if (arm) {
-		chunk_arm(c, ci);
-		c->chunk_hint = ci;
-	}
-	return (long)ci;
-}
-
-/* Entries of a full-sized chunk (a 2 MiB mapping). */
-static size_t chunk_max(const struct q2_cache *c)
-{
-	size_t max = HUGE_SZ / (c->slice_size + sizeof(struct q2_slice));
-
-	return max < 1 ? 1 : max;
-}
-
-static void pop_done(struct io_cmd *cmd, int res)
-{
-	struct q2_pop *p = cmd->priv;
-	struct q2_cache *c = p->c;
-
-	if (!c) {
-		unmap_mem(p->mem, p->bytes); /* the cache is gone (q2_cache_exit) */
-		free(p);
-		return;
-	}
-	c->pop = NULL;
-	if (!c->chunks[p->ci]->armed)
-		chunk_arm(c, p->ci); /* its memory is resident now: no fault here */
-	/* (all spare again after a trim: kept, its entries are reused first) */
-	c->chunks[p->ci]->populating = false;
-	if (res == -EINVAL || res == -EOPNOTSUPP || res == -ENOSYS)
-		c->no_ahead = true; /* no MADV_POPULATE_WRITE (Linux < 5.14) or no op */
-	else if (res >= 0)
-		c->populated++;
-	free(p);
-}
-
-/*
- * Growing by full-sized chunks below the soft limit with at most half a chunk
- * spare: map the next chunk now and fault it in on io_uring's worker, so the
- * misses that use it find its memory ready. The current chunk stays the hint
- * (entries are taken from it first). Failures only mean no head start.
- */
-static void ahead(struct q2_cache *c)
-{
-	size_t max = chunk_max(c), n = max;
-	struct q2_pop *p;
-	long ci;
-
-	if (c->pop || c->no_ahead || !c->hooks.loop || c->chunk_next < max || c->nspare > max / 2 ||
-	    c->count + c->nspare >= c->soft_max)
-		return;
-	if (n > c->soft_max - c->count - c->nspare)
-		n = c->soft_max - c->count - c->nspare;
-	p = calloc(1, sizeof(*p));
-	if (!p)
-		return;
-	ci = chunk_new(c, n, false);
-	if (ci < 0) {
-		free(p);
-		return;
-	}
-	c->chunks[ci]->populating = true;
-	p->c = c;
-	p->ci = (size_t)ci;
-	p->mem = c->chunks[ci]->mem;
-	p->bytes = c->chunks[ci]->bytes;
-	p->cmd.done = pop_done;
-	p->cmd.priv = p;
-	c->pop = p;
-	io_madvise(c->hooks.loop, &p->cmd, p->mem, p->bytes, MADV_POPULATE_WRITE);
-}
-
-bool q2_cache_busy(const struct q2_cache *c)
-{
-	return c->pop != NULL;
-}
-
-size_t q2_cache_spare_resident(const struct q2_cache *c, size_t *spare)
-{
-	size_t pg = page_size(), res = 0;
-
-	*spare = 0;
-	for (size_t i = 0; i < c->nchunks; i++) {
-		if (!c->chunks[i])
-			continue;
-		for (const struct q2_slice *s = c->chunks[i]->spare; s; s = s->next) {
-			uintptr_t a = (uintptr_t)s->buf & ~(uintptr_t)(pg - 1);
-			size_t len = (uintptr_t)s->buf + c->slice_size - a, n = (len + pg - 1) / pg,
-			       in = 0;
-			unsigned char v[64];
-
-			(*spare)++;
-			if (n > sizeof(v) || mincore((void *)a, len, v) < 0)
-				continue;
-			for (size_t j = 0; j < n; j++)
-				in += v[j] & 1;
-			res += in == n;
-		}
-	}
-	return res;
+	return 0;
 }
 
 /* A spare entry, mapping a new chunk if there is none. NULL on ENOMEM. */
@@ -413,13 +276,11 @@ static struct q2_slice *spare_take(struct q2_cache *c)
 	struct q2_chunk *k = NULL;
 	struct q2_slice *s;
 
-	if (!c->nspare && c->pop && !c->chunks[c->pop->ci]->armed) {
-		/* The chunk ahead is still being faulted in: use it anyway. */
-		chunk_arm(c, c->pop->ci);
-		c->chunk_hint = c->pop->ci;
-	} else if (!c->nspare) {
-		size_t n = c->chunk_next, max = chunk_max(c);
+	if (!c->nspare) {
+		size_t n = c->chunk_next, max = HUGE_SZ / (c->slice_size + sizeof(struct q2_slice));
 
+		if (max < 1)
+			max = 1;
 		if (c->count < c->soft_max) {
 			if (n > c->soft_max - c->count)
 				n = c->soft_max - c->count;
@@ -428,7 +289,7 @@ static struct q2_slice *spare_take(struct q2_cache *c)
 		}
 		if (n > max)
 			n = max;
-		if (chunk_new(c, n, true) < 0)
+		if (chunk_new(c, n) < 0)
 			return NULL;
 		if (c->count < c->soft_max && c->chunk_next < max)
 			c->chunk_next *= 2;
@@ -471,7 +332,7 @@ static void spare_put(struct q2_cache *c, struct q2_slice *s)
 	k->spare = s;
 	k->nspare++;
 	c->nspare++;
-	if (k->nspare == k->n && !k->populating)
+	if (k->nspare == k->n)
 		chunk_unmap(c, ci);
 }
 
@@ -494,16 +355,6 @@ int q2_cache_init(struct q2_cache *c, const struct q2_cache_hooks *hooks, uint8_
 
 void q2_cache_exit(struct q2_cache *c)
 {
-	if (c->pop) {
-		/* Still faulting its chunk in: pop_done() unmaps it when that ends. */
-		size_t ci = c->pop->ci;
-
-		c->pop->c = NULL;
-		c->pop = NULL;
-		SPARE_UNPOISON(c->chunks[ci]->mem, c->chunks[ci]->bytes);
-		free(c->chunks[ci]);
-		c->chunks[ci] = NULL;
-	}
 	while (c->loads) {
 		struct q2_load *l = c->loads;
 
@@ -588,7 +439,6 @@ static struct q2_slice *get_entry(struct q2_cache *c)
 		return NULL;
 	s->idx = (uint32_t)c->count;
 	c->all[c->count++] = s;
-	ahead(c);
 	return s;
 }
 

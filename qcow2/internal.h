@@ -142,14 +142,6 @@ struct q2_cache {
 	size_t ndirty;
 	uint64_t hits, misses, evictions;
 	/*
-	 * Growing by whole chunks: the next one is mapped ahead and faulted in
-	 * on io_uring's worker (cache.c, ahead()), so no miss waits for a
-	 * huge page's zeroing. NULL: none in flight. populated: chunks done.
-	 */
-	struct q2_pop *pop;
-	bool no_ahead; /* the kernel refused MADV_POPULATE_WRITE: stop asking */
-	uint64_t populated;
-	/*
 	 * Bumped whenever a slice leaves the hash (eviction, release, forget,
 	 * trim) and on q2_cache_new(): a read of on-disk slices issued at an
 	 * older generation may be stale (see prefetch.c).
@@ -419,10 +411,6 @@ void q2_cache_forget(struct q2_cache *c, uint64_t off);
 size_t q2_cache_over(const struct q2_cache *c);
 /* Free clean, idle entries until the cache is back within its soft limit. */
 void q2_cache_trim(struct q2_cache *c);
-/* A chunk is being faulted in ahead (close waits for it). */
-bool q2_cache_busy(const struct q2_cache *c);
-/* Tests: spare entries (mapped, not counted) whose buffers are resident (mincore); *spare: all. */
-size_t q2_cache_spare_resident(const struct q2_cache *c, size_t *spare);
 /*
  * Insert a clean READY copy of @data (slice_size bytes, on-disk format) at
  * @off unless a slice at @off is present in any state (then untouched).

@@ -551,10 +551,9 @@ static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 	if (!ret)
 		ret = bret;
 	q->closing = true;
-	/* let a pending corrupt-bit header write, wake-ups, prefetch reads and
-	 * the caches' populates finish */
+	/* let a pending corrupt-bit header write, wake-ups and prefetch reads finish */
 	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy ||
-	       q2_l2_prefetch_busy(q) || q2_cache_busy(&q->l2c) || q2_cache_busy(&q->rcc)) {
+	       q2_l2_prefetch_busy(q)) {
 		if (io_loop_run_once(q->loop, true) < 0)
 			break;
 	}

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "fake_io.h"
@@ -598,8 +597,6 @@ static int execute(struct io_cmd *c)
 			log_add(FAKE_SIZE, id, c->off, c->len, NULL, sub_of(c->boff));
 		}
 		return 0;
-	case IO_OP_MADVISE: /* for real, as io_uring's worker would */
-		return madvise(c->iov1.iov_base, c->iov1.iov_len, c->mode) < 0 ? -errno : 0;
 	case IO_OP_TIMEOUT:
 	case IO_OP_POST:
 		return 0;
@@ -823,13 +820,6 @@ void io_fallocate(struct io_loop *loop, struct io_cmd *cmd, struct io_file *f, i
 	cmd->off = off;
 	cmd->len = len;
 	submit(loop, cmd, IO_OP_FALLOCATE, f);
-}
-
-void io_madvise(struct io_loop *loop, struct io_cmd *cmd, void *addr, size_t len, int advice)
-{
-	cmd->iov1 = (struct iovec){addr, len};
-	cmd->mode = advice;
-	submit(loop, cmd, IO_OP_MADVISE, NULL);
 }
 
 void io_poll(struct io_loop *loop, struct io_cmd *cmd, int fd, uint32_t events)

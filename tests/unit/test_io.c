@@ -20,8 +20,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <time.h>
@@ -2495,61 +2493,6 @@ static void test_post_remote(void)
 	io_loop_exit(loop);
 }
 
-/* Pages of [@p, @p + @len) resident now (mincore). */
-static size_t resident(void *p, size_t len)
-{
-	size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = (len + pg - 1) / pg, r = 0;
-	unsigned char *v = calloc(n, 1);
-
-	CU_ASSERT_FATAL(v != NULL);
-	CU_ASSERT_EQUAL_FATAL(mincore(p, len, v), 0);
-	for (size_t i = 0; i < n; i++)
-		r += v[i] & 1;
-	free(v);
-	return r;
-}
-
-/*
- * io_madvise(MADV_POPULATE_WRITE) faults an anonymous mapping in (qcow2's
- * caches map their next chunk ahead this way), and not on the loop's thread:
- * no page is resident when the command is submitted, every page after it
- * completed, and the loop's own minor faults meanwhile are far fewer than the
- * pages. A bad range completes with -ENOMEM.
- */
-static void test_madvise(void)
-{
-	struct io_loop *loop;
-	size_t len = 4u << 20, pg = (size_t)sysconf(_SC_PAGESIZE);
-	struct rusage r0, r1;
-	struct tcmd t;
-	void *p;
-
-	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
-	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CU_ASSERT_FATAL(p != MAP_FAILED);
-	(void)madvise(p, len, MADV_NOHUGEPAGE); /* count 4 KiB faults */
-	CU_ASSERT_EQUAL(resident(p, len), 0);
-	tinit(&t);
-	getrusage(RUSAGE_THREAD, &r0);
-	io_madvise(loop, &t.cmd, p, len, MADV_POPULATE_WRITE);
-	run_until(loop, &t.calls, 1);
-	getrusage(RUSAGE_THREAD, &r1);
-	if (t.res == -EINVAL) {
-		fprintf(stderr, "note: no MADV_POPULATE_WRITE here (Linux < 5.14)\n");
-	} else {
-		CU_ASSERT_EQUAL(t.res, 0);
-		CU_ASSERT_EQUAL(resident(p, len), len / pg);
-		CU_ASSERT((size_t)(r1.ru_minflt - r0.ru_minflt) < len / pg / 4);
-	}
-	CU_ASSERT_EQUAL(munmap(p, len), 0);
-	tinit(&t);
-	io_madvise(loop, &t.cmd, p, len, MADV_POPULATE_WRITE); /* unmapped now */
-	run_until(loop, &t.calls, 1);
-	CU_ASSERT(t.res == -ENOMEM || t.res == -EINVAL);
-	CU_ASSERT_EQUAL(io_loop_inflight(loop), 0);
-	io_loop_exit(loop);
-}
-
 int main(void)
 {
 	CU_pSuite s;
@@ -2583,7 +2526,6 @@ int main(void)
 	CU_add_test(s, "EOF direct", test_eof_direct);
 	CU_add_test(s, "EOF buffered", test_eof_buffered);
 	CU_add_test(s, "fallocate + fdatasync", test_fallocate_fdatasync);
-	CU_add_test(s, "madvise on the worker", test_madvise);
 	CU_add_test(s, "multishot poll", test_poll_multishot);
 	CU_add_test(s, "post", test_post);
 	CU_add_test(s, "cross-thread posts", test_post_remote);

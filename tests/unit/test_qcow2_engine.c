@@ -3645,75 +3645,6 @@ static void test_cache_slab(void)
 }
 
 /*
- * A cache growing by full-sized chunks (2 MiB) maps the next one ahead and
- * faults it in through io_madvise() (on io_uring's worker in the daemon; the
- * fake loop runs it when the loop runs): from the first full-sized chunk until
- * the soft limit, an entry taken is never the first touch of a new chunk, i.e.
- * after every load the spare entries are there and resident, and none of the
- * chunk ahead exists while its populate runs (writing its descriptors would
- * fault it in on this thread: a first version did). At the soft limit
- * nothing more is mapped. An exit while a populate is in flight leaves the
- * chunk to the command (unmapped when it ends).
- */
-static void test_cache_ahead(void)
-{
-	const size_t max = 3000, ss = 4096, full = (2u << 20) / (ss + 64);
-	const uint64_t base = 1ull << 30;
-	uint8_t *data = malloc(ss);
-	size_t spare, res, checked = 0, pops = 0;
-	struct q2_cache c;
-	struct eng e;
-
-	CU_ASSERT_PTR_NOT_NULL_FATAL(data);
-	memset(data, 0x5a, ss);
-	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
-	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, &e.q->rcc.hooks, Q2_CACHE_RC, ss, max), 0);
-	for (size_t i = 0; i < max; i++) {
-		CU_ASSERT_EQUAL_FATAL(q2_cache_insert(&c, base + i * ss, data), 1);
-		if (c.pop) {
-			/* nothing of the chunk ahead is touched before its populate ends */
-			pops++;
-			q2_cache_spare_resident(&c, &spare);
-			CU_ASSERT_FATAL(spare <= full / 2);
-		}
-		while (q2_cache_busy(&c))
-			CU_ASSERT_FATAL(io_loop_run_once(g_loop, false) >= 0);
-		/* past the small chunks (16 + 32 + ... + 256) and one full one */
-		if (i >= 496 + full && c.count + full / 2 < max && !c.no_ahead) {
-			res = q2_cache_spare_resident(&c, &spare);
-			CU_ASSERT_FATAL(spare > 0);
-			CU_ASSERT_EQUAL_FATAL(res, spare);
-			checked++;
-		}
-	}
-	if (c.no_ahead) {
-		fprintf(stderr, "note: no MADV_POPULATE_WRITE here (Linux < 5.14)\n");
-	} else {
-		CU_ASSERT(checked > 1000);
-		CU_ASSERT(pops >= 4);
-		CU_ASSERT_EQUAL(c.populated, pops);
-	}
-	CU_ASSERT_EQUAL(c.count, max);
-	CU_ASSERT_EQUAL(c.nspare, 0); /* never past the soft limit */
-	CU_ASSERT_EQUAL(q2_cache_insert(&c, base + max * ss, data), -ENOSPC);
-	cache_check(&c);
-	q2_cache_exit(&c);
-
-	/* exit with a populate in flight: the command ends later, alone */
-	CU_ASSERT_EQUAL_FATAL(q2_cache_init(&c, &e.q->rcc.hooks, Q2_CACHE_RC, ss, max), 0);
-	for (size_t i = 0; i < max && !q2_cache_busy(&c); i++)
-		CU_ASSERT_EQUAL_FATAL(q2_cache_insert(&c, base + i * ss, data), 1);
-	CU_ASSERT_FATAL(q2_cache_busy(&c));
-	q2_cache_exit(&c);
-	CU_ASSERT_EQUAL(c.mem_bytes, 0);
-	for (int i = 0; i < 100 && io_loop_inflight(g_loop); i++)
-		CU_ASSERT_FATAL(io_loop_run_once(g_loop, false) >= 0);
-	free(data);
-	eng_close(&e);
-	fake_file_drop(e.id);
-}
-
-/*
  * Offsets whose home slots form one long run across the end of the table:
  * every lookup stays right while they are removed one by one in a random
  * order (backward-shift deletion) and added again.
@@ -4115,7 +4046,6 @@ int main(void)
 	CU_add_test(suite, "L2 prefetch: read failure", test_prefetch_read_failure);
 	CU_add_test(suite, "slice cache: slab chunks, limit, trim, reuse", test_cache_slab);
 	CU_add_test(suite, "slice cache: colliding offsets", test_cache_collisions);
-	CU_add_test(suite, "slice cache: the next chunk faulted in ahead", test_cache_ahead);
 	CU_add_test(suite, "slice cache: loads and waiters", test_cache_loads);
 	CU_add_test(suite, "dirty bitmaps: stored at close, every crash point", test_bitmaps_store);
 	CU_add_test(suite, "dirty bitmaps: fdatasync failure at close",
