@@ -572,8 +572,9 @@ int qcow2_close(struct qcow2 *q)
 {
 	/* A writer gives back the tail it preallocated and did not use
 	 * (reserves of up to 64 MiB, alloc.c): nothing past the last cluster
-	 * with a refcount is referenced, and the file ends where QEMU's would. */
-	bool trim = q && !q->read_only && !q->corrupt;
+	 * with a refcount is referenced, and the file ends where QEMU's would.
+	 * Not a block device: it has no tail to cut (ftruncate fails there). */
+	bool trim = q && !q->read_only && !q->corrupt && !(q->file->flags & IO_FILE_BLOCKDEV);
 	struct io_file *file = q ? q->file : NULL;
 	char *path = trim ? strdup(q->path) : NULL;
 	int ret = close_engine(q, NULL);
