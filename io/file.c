@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -70,6 +71,32 @@ static unsigned dio_align(int fd, bool blockdev)
 	return align;
 }
 
+/*
+ * A block device's queue/write_zeroes_max_bytes (sysfs); a partition has no
+ * queue/ of its own: its disk's (the parent directory). 0 when unknown.
+ */
+static uint64_t write_zeroes_max(dev_t rdev)
+{
+	static const char *const rel[] = {"queue", "../queue"};
+
+	for (unsigned i = 0; i < 2; i++) {
+		char path[128];
+		unsigned long long v = 0;
+		FILE *fp;
+		int n;
+
+		snprintf(path, sizeof(path), "/sys/dev/block/%u:%u/%s/write_zeroes_max_bytes",
+			 major(rdev), minor(rdev), rel[i]);
+		fp = fopen(path, "re");
+		if (!fp)
+			continue;
+		n = fscanf(fp, "%llu", &v);
+		fclose(fp);
+		return n == 1 ? (uint64_t)v : 0;
+	}
+	return 0;
+}
+
 static int file_setup(struct io_file *f, int fd, unsigned flags, const char *name)
 {
 	struct stat st;
@@ -84,12 +111,14 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 	f->size = 0;
 	f->pc_written = 0;
 	f->sync_err = 0;
+	f->wz_max = 0;
 
 	if (fstat(fd, &st) < 0)
 		return -errno;
-	if (S_ISBLK(st.st_mode))
+	if (S_ISBLK(st.st_mode)) {
 		f->flags |= IO_FILE_BLOCKDEV;
-	else if (!S_ISREG(st.st_mode))
+		f->wz_max = write_zeroes_max(st.st_rdev);
+	} else if (!S_ISREG(st.st_mode))
 		return -EINVAL;
 	fl = fcntl(fd, F_GETFL);
 	if (fl < 0)

@@ -82,7 +82,13 @@ struct io_file {
 	unsigned align; /* O_DIRECT alignment of offsets, lengths, buffers (1 if buffered) */
 	unsigned flags; /* IO_FILE_* */
 	uint64_t size;  /* size at open time (bytes) */
-	int bfd;        /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
+	/* A block device's write-zeroes offload, read from sysfs at open
+	 * (queue/write_zeroes_max_bytes; the whole disk's for a partition):
+	 * > 0 where the device zeroes a range without being sent the zeroes
+	 * (fallocate PUNCH_HOLE there never falls back to writing them);
+	 * 0 for a regular file, no offload, or unknown. */
+	uint64_t wz_max;
+	int bfd; /* private: buffered (non-O_DIRECT) twin fd, or -1 (0 = none too) */
 	/* private: nonzero once a write may have gone through the page cache
 	 * (the buffered twin fd, or a file without O_DIRECT); atomic */
 	int pc_written;
