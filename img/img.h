@@ -218,6 +218,7 @@ struct img_opts {
 	bool allow_corrupt_ro;     /* qcow2: open an image with the corrupt bit read-only */
 	bool no_l2_prefetch;       /* qcow2: no background read of the L2 tables after open */
 	bool no_cluster_fill;      /* qcow2: a new cluster's first write writes its data only */
+	bool blkdev_zero_ahead;    /* qcow2 on a block device: qcow2_opts.blkdev_zero_ahead */
 	bool force_share;          /* read-only only: share every permission (qemu -U) */
 	bool backing;              /* opened as a backing file (read-only; backing locks) */
 	bool inactive; /* incoming migration: take no lock and keep no metadata; the image

@@ -3583,6 +3583,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		qo.l2_cache_size = opts->l2_cache_size;
 		qo.cache_entry_size = opts->cache_entry_size;
 		qo.no_l2_prefetch = opts->no_l2_prefetch;
+		qo.blkdev_zero_ahead = opts->blkdev_zero_ahead;
 	}
 	m->qo = qo;
 	m->qo.read_only = read_only;

@@ -280,6 +280,16 @@ int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsign
 	return 0;
 }
 
+int io_file_reopen(const struct io_file *f, struct io_file *nf)
+{
+	char path[64];
+
+	if (f->flags & IO_FILE_RDONLY)
+		return -EBADF;
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", f->fd);
+	return io_file_open(nf, path, 0);
+}
+
 int io_file_open_buffered(struct io_file *f)
 {
 	char path[64];

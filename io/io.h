@@ -382,6 +382,15 @@ int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsign
 		      char *err, size_t errlen);
 
 /* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
+/*
+ * A second open file description of @f's file (through /proc/self/fd: the
+ * same inode), read-write and buffered, for fallocate and fdatasync of its
+ * own: Linux reports a writeback error once per open file description
+ * (errseq), so an fdatasync through @nf never takes an error that one
+ * through @f must report. No locks (those of @f stay @f's). 0 or -errno;
+ * io_file_close(@nf) when done.
+ */
+int io_file_reopen(const struct io_file *f, struct io_file *nf);
 int io_file_get_size(struct io_file *f, uint64_t *size);
 
 /*

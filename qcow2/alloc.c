@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -272,6 +273,208 @@ static int backing(struct qcow2 *q, uint64_t c, uint64_t n, struct qcow2_waiter 
 	return -EAGAIN;
 }
 
+/*
+ * Zero-ahead on a block device (qcow2_opts.blkdev_zero_ahead).
+ *
+ * A device has no fresh space: its old contents are unknown, so every link
+ * of a new cluster waits for an fdatasync of its data and fill (P1) before
+ * the entry, or after a power loss the entry could show the device's old
+ * bytes where the guest never wrote (607b40c). Where the device offloads
+ * write-zeroes (io_file.wz_max > 0: the kernel sends no zeroes), the range
+ * ahead of the cursor is zeroed in large chunks instead (fallocate
+ * PUNCH_HOLE|KEEP_SIZE on a block device: write-zeroes that may unmap and
+ * never falls back to writing zeroes, -EOPNOTSUPP instead), each zeroing
+ * made durable by an fdatasync of its own (both through a file description
+ * of their own, zah_file: Linux reports a writeback error to one fdatasync
+ * per description, and the write-back's must never miss one, writeback.c
+ * "no tail" after page-cache writes); only then do its clusters count
+ * as fresh (zah_lo..zah_ok), and the cursor hands them out as fresh space:
+ * after a power loss such a cluster reads the zeroes or what was written
+ * into it since, never older bytes.
+ *
+ * Why that holds: the range starts at or after the cursor when it is
+ * submitted, and the cursor never moves back on a device (going read-only
+ * forgets the zeroed range: zah_forget), so nothing was handed out in it
+ * and nothing references it: its clusters have refcount 0 (everything past
+ * the cursor has, alloc_cursor skips nothing there), no metadata lies there
+ * (checked: q2_meta_overlaps, else zero-ahead turns off), and no I/O of ours
+ * runs in it. While the zeroing and its sync run, the cursor may not enter
+ * the range (zah_wait: an allocation there parks, one before it is cut
+ * short), so no write of ours races the zeroing. Clusters handed out of the
+ * range are fresh once: freed later, they come back through the free list
+ * with its own flag.
+ *
+ * Off the request path: the first range is started at open, a cluster
+ * margin (ZAH_MARGIN) past the cursor so that metadata and a first small
+ * reserve need not wait; the next one when less than half a chunk of zeroed
+ * space is left ahead. An allocation parks only if the cursor catches up
+ * with a range still in flight. A device that answers the zeroing with an
+ * error, or zeroes slower than ZAH_MIN_RATE (beyond ZAH_SLACK_NS: it writes
+ * the zeroes after all, which costs the disk's bandwidth), turns zero-ahead off for the engine's
+ * life; the links then sync as before.
+ */
+#define ZAH_MARGIN      64u          /* clusters between the cursor and a new range */
+#define ZAH_MIN_RATE    (1ull << 30) /* bytes per second, zeroing and sync together */
+#define ZAH_CHUNK_BYTES (1ull << 30) /* bytes zeroed at a time */
+#define ZAH_SLACK_NS    100000000ull /* beside ZAH_MIN_RATE: the sync's own latency */
+
+static uint64_t zah_chunk(const struct qcow2 *q)
+{
+	uint64_t n = ZAH_CHUNK_BYTES >> q->cb;
+
+	return n < 1024 ? 1024 : n;
+}
+
+static uint64_t zah_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void zah_end(struct qcow2 *q, int res)
+{
+	uint64_t ns = zah_now_ns() - q->zah_t0, bytes = (q->zah_bhi - q->zah_blo) << q->cb;
+
+	q->zah_busy = false;
+	if (res < 0) {
+		q->zah_on = false;
+		Q2_LOG(q, WARN, "zeroing ahead on the device failed (%s): new clusters sync first",
+		       strerror(-res));
+	} else {
+		if (q->zah_ok == q->zah_blo && q->zah_ok > q->zah_lo)
+			q->zah_ok = q->zah_bhi; /* contiguous with the range still ahead */
+		else
+			q->zah_lo = q->zah_blo, q->zah_ok = q->zah_bhi;
+		q->zah_ranges++;
+		if (q->zah_min_rate &&
+		    (double)ns >
+			(double)q->zah_slack_ns + (double)bytes * 1e9 / (double)q->zah_min_rate) {
+			q->zah_on = false;
+			Q2_LOG(q, INFO,
+			       "zeroing %llu MiB ahead took %llu ms: the device does not offload "
+			       "it; zero-ahead off",
+			       (unsigned long long)(bytes >> 20),
+			       (unsigned long long)(ns / 1000000));
+		}
+	}
+	q2_wake_list_later(q, &q->space_waiters, 0);
+}
+
+static void zah_synced(struct io_cmd *cmd, int res)
+{
+	zah_end(cmd->priv, res);
+}
+
+static void zah_zeroed(struct io_cmd *cmd, int res)
+{
+	struct qcow2 *q = cmd->priv;
+
+	if (res < 0) {
+		zah_end(q, res);
+		return;
+	}
+	/* the zeroes durable before any cluster of them counts as fresh */
+	q->zah_cmd.done = zah_synced;
+	io_fdatasync(q->loop, &q->zah_cmd, &q->zah_file);
+}
+
+/* Start zeroing the next range when the zeroed space ahead runs short. */
+static void zah_maybe(struct qcow2 *q)
+{
+	uint64_t chunk, lo, hi;
+
+	if (!q->zah_on || q->zah_busy || q->read_only || q->closing)
+		return;
+	chunk = zah_chunk(q);
+	if (q->zah_ok >= q->cursor + chunk / 2)
+		return;
+	lo = q->zah_ok >= q->cursor + ZAH_MARGIN ? q->zah_ok : q->cursor + ZAH_MARGIN;
+	hi = lo + chunk < q->host_limit ? lo + chunk : q->host_limit;
+	if (lo >= hi)
+		return;
+	if (q2_meta_overlaps(q, lo << q->cb, (hi - lo) << q->cb)) {
+		/* refcount 0 past the cursor, yet metadata: leave it to alloc_cursor */
+		q->zah_on = false;
+		Q2_LOG(q, WARN, "metadata past the allocation cursor: zero-ahead off");
+		return;
+	}
+	q->zah_busy = true;
+	q->zah_blo = lo;
+	q->zah_bhi = hi;
+	q->zah_cmd.done = zah_zeroed;
+	q->zah_cmd.priv = q;
+	q->zah_t0 = zah_now_ns();
+	io_fallocate(q->loop, &q->zah_cmd, &q->zah_file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		     lo << q->cb, (hi - lo) << q->cb);
+}
+
+void q2_zah_start(struct qcow2 *q, bool on)
+{
+	q->zah_want = on;
+	q->zah_min_rate = ZAH_MIN_RATE;
+	q->zah_slack_ns = ZAH_SLACK_NS;
+	q->zah_on = on && (q->file->flags & IO_FILE_BLOCKDEV) && q->file->wz_max > 0 &&
+		    !q->ext_data && !q->read_only;
+	if (q->zah_on && !q->zah_file_open) {
+		int ret = io_file_reopen(q->file, &q->zah_file);
+
+		if (ret < 0) {
+			q->zah_on = false;
+			Q2_LOG(q, WARN, "zero-ahead off: opening the device again: %s",
+			       strerror(-ret));
+		} else {
+			q->zah_file_open = true;
+		}
+	}
+	zah_maybe(q);
+}
+
+void q2_zah_close(struct qcow2 *q)
+{
+	if (q->zah_file_open)
+		io_file_close(&q->zah_file);
+	q->zah_file_open = false;
+}
+
+void q2_zah_forget(struct qcow2 *q)
+{
+	/* going read-only: another writer may use the device before we write again */
+	q->zah_lo = q->zah_ok = 0;
+}
+
+/*
+ * Clusters [c, c + n) are about to be handed out at the cursor: -EAGAIN
+ * with @w parked while a zeroing runs over any of them.
+ */
+static int zah_wait(struct qcow2 *q, uint64_t c, uint64_t n, struct qcow2_waiter *w)
+{
+	if (!q->zah_busy || c + n <= q->zah_blo || c >= q->zah_bhi)
+		return 0;
+	park(q, w);
+	return -EAGAIN;
+}
+
+/* How many of @k clusters at @c to hand out so that they are all fresh or all not. */
+static uint64_t zah_cut(const struct qcow2 *q, uint64_t c, uint64_t k)
+{
+	if (q->zah_busy && c < q->zah_blo && c + k > q->zah_blo)
+		k = q->zah_blo - c;
+	if (q->zah_ok > q->zah_lo) {
+		if (c < q->zah_lo && c + k > q->zah_lo)
+			k = q->zah_lo - c;
+		else if (c >= q->zah_lo && c < q->zah_ok && c + k > q->zah_ok)
+			k = q->zah_ok - c;
+	}
+	return k;
+}
+
+static bool zah_fresh(const struct qcow2 *q, uint64_t c, uint64_t k)
+{
+	return c >= q->zah_lo && c + k <= q->zah_ok;
+}
+
 /* Create refcount block for table index @rti at cluster @c (all slices new, dirty). */
 static int new_refblock(struct qcow2 *q, uint64_t rti, uint64_t c, uint64_t *rt)
 {
@@ -325,6 +528,9 @@ static int grow_reftable(struct qcow2 *q, uint64_t need, struct qcow2_waiter *w)
 	}
 	if (a + b + t > q->host_limit)
 		return -ENOSPC;
+	ret = zah_wait(q, a, b + t, w);
+	if (ret < 0)
+		return ret;
 	ret = backing(q, a, b + t, w);
 	if (ret < 0)
 		return ret;
@@ -424,6 +630,7 @@ static int alloc_data(struct qcow2 *q, uint32_t n, uint64_t *host, bool *fresh,
 			return ret;
 		q->resv_next = h >> q->cb;
 		q->resv_end = q->resv_next + (uint64_t)ret;
+		q->resv_fresh = f;
 		/* The next batch writes these refcounts; the first link batch that
 		 * needs them syncs them (one fdatasync for the whole reserve). */
 		q->resv_seq = q->rc_seq + 1;
@@ -432,7 +639,7 @@ static int alloc_data(struct qcow2 *q, uint32_t n, uint64_t *host, bool *fresh,
 	if (k > n)
 		k = n;
 	*host = q->resv_next << q->cb;
-	*fresh = q->resv_next >= q->fresh_start;
+	*fresh = q->resv_next >= q->fresh_start || q->resv_fresh;
 	q->resv_next += k;
 	if (q->resv_seq > q->link_need)
 		q->link_need = q->resv_seq;
@@ -511,6 +718,9 @@ static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, 
 			park(q, w);
 			return -EAGAIN;
 		}
+		ret = zah_wait(q, c, 1, w);
+		if (ret < 0)
+			return ret;
 		ret = rc_locate(q, c, &l);
 		if (ret < 0)
 			return ret;
@@ -546,6 +756,7 @@ static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, 
 			if (qcow2_refcount_get(s->buf, l.idx + k, q->rc_order) != 0)
 				break;
 		}
+		k = zah_cut(q, c, k);
 		if (q2_meta_overlaps(q, c << q->cb, k << q->cb)) {
 			/* metadata with refcount 0: the refcounts are wrong */
 			q2_corrupt(q, "cluster 0x%llx with refcount 0 holds metadata",
@@ -562,9 +773,10 @@ static int alloc_cursor(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, 
 		q2_slice_dirty(s);
 		q->cursor = c + k;
 		*host = c << q->cb;
-		*fresh = c >= q->fresh_start;
+		*fresh = c >= q->fresh_start || zah_fresh(q, c, k);
 		q->n_alloc += k;
 		prealloc_maybe(q);
+		zah_maybe(q);
 		return (int)k;
 	}
 }

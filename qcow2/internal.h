@@ -222,6 +222,26 @@ struct qcow2 {
 	 * (rc_durable >= resv_seq), linking one needs no refcount sync.
 	 */
 	uint64_t resv_next, resv_end, resv_seq;
+	bool resv_fresh; /* the reserve was fresh (zero-ahead) when taken */
+	/*
+	 * Zero-ahead on a block device (alloc.c, qcow2_opts.blkdev_zero_ahead):
+	 * clusters [zah_lo, zah_ok) were zeroed and the zeroing synced while at
+	 * or after the cursor (never handed out since), so they are fresh when
+	 * the cursor hands them out; [zah_blo, zah_bhi) is being zeroed or
+	 * synced (zah_busy): the cursor may not enter it meanwhile.
+	 */
+	bool zah_want, zah_on, zah_busy;
+	uint64_t zah_t0;       /* when the range in flight was submitted (ns) */
+	uint64_t zah_min_rate; /* bytes/s: a range zeroed slower turns zero-ahead off (0: never) */
+	uint64_t zah_slack_ns; /* ... beyond this much time */
+	unsigned zah_fails;
+	uint64_t zah_lo, zah_ok, zah_blo, zah_bhi;
+	uint64_t zah_ranges; /* ranges zeroed (tests) */
+	struct io_cmd zah_cmd;
+	/* zah_cmd's file: a description of its own (io_file_reopen), so that its
+	 * fdatasync takes no writeback error the write-back's must see */
+	struct io_file zah_file;
+	bool zah_file_open;
 	uint64_t rc_seq;       /* number of the last write-back batch built */
 	uint64_t rc_durable;   /* refcount raises of batches up to here are durable */
 	uint64_t link_need;    /* batch whose refcount raises the linked entries need */
@@ -446,6 +466,13 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		      struct qcow2_waiter *w);
 /* Give the clusters reserved ahead and never handed out back (close). */
 void q2_resv_release(struct qcow2 *q);
+/* Zero-ahead on a block device (alloc.c): turn it on (@on, where the device
+ * offloads write-zeroes) and start the first range; forget the zeroed range
+ * (going read-only). */
+void q2_zah_start(struct qcow2 *q, bool on);
+void q2_zah_forget(struct qcow2 *q);
+/* Close zero-ahead's file description (close, once no zeroing runs). */
+void q2_zah_close(struct qcow2 *q);
 /* Undo a reservation that was never linked (refcount back to 0 now). */
 void q2_alloc_release(struct qcow2 *q, uint64_t host, uint32_t n);
 /* The cached refcount slice holding @host's refcount, or NULL. */

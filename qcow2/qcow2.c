@@ -522,6 +522,8 @@ reread:
 	/* Background reads of every L2 table when the cache holds them all (optional). */
 	if (!opts->no_l2_prefetch && q2_l2_prefetch_start(q) < 0)
 		Q2_LOG(q, WARN, "out of memory for the L2 prefetch: loading L2 slices on demand");
+	if (!q->read_only)
+		q2_zah_start(q, opts->blkdev_zero_ahead);
 	*qp = q;
 	return 0;
 
@@ -553,10 +555,12 @@ static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 	q->closing = true;
 	/* let a pending corrupt-bit header write, wake-ups and prefetch reads finish */
 	while (q->corrupt_hdr_busy || q->wake_armed || q->prealloc_busy || q->punch_busy ||
-	       q2_l2_prefetch_busy(q)) {
+	       q->zah_busy || q2_l2_prefetch_busy(q)) {
 		if (io_loop_run_once(q->loop, true) < 0)
 			break;
 	}
+	if (!q->zah_busy)
+		q2_zah_close(q); /* (else its command is abandoned, as others are) */
 	if (freed)
 		*freed = take_free(q);
 	q2_l2_prefetch_exit(q);

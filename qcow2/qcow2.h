@@ -81,6 +81,15 @@ struct qcow2_opts {
 	uint32_t writeback_ms;        /* periodic metadata write-back; 0 = 5000 ms */
 	bool no_l2_prefetch;          /* do not read all L2 tables in the background after open */
 	bool no_early_link;           /* extended L2: link subclusters after their data only */
+	/*
+	 * A block device whose write-zeroes the kernel offloads (io_file.wz_max
+	 * > 0): zero the space ahead of the allocation cursor in large ranges,
+	 * each made durable by an fdatasync of its own, and count what is
+	 * handed out of a zeroed range as fresh space (its link needs no
+	 * fdatasync of its data first: qcow2/alloc.c, "Zero-ahead"). Off: a
+	 * device has no fresh space, every link of a new cluster syncs first.
+	 */
+	bool blkdev_zero_ahead;
 };
 
 /*

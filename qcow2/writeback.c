@@ -1607,7 +1607,7 @@ static bool busy(const struct qcow2 *q)
 {
 	return q->batch || q->side || q->wb_tail || q->link_posted || q->link_deferred ||
 	       q->dec_running || q->grace_running || q->dec_apply.n || q->prealloc_busy ||
-	       q->wake_armed || q->corrupt_hdr_busy || q->punch_busy;
+	       q->wake_armed || q->corrupt_hdr_busy || q->punch_busy || q->zah_busy;
 }
 
 int q2_wb_close(struct qcow2 *q)
@@ -1670,6 +1670,7 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 			return -EROFS;
 		q->read_only = false;
 		q->gave_back = false;
+		q2_zah_start(q, q->zah_want);
 		if (q2_bitmap_frozen(q)) { /* its bitmaps stored for a read-only node */
 			int ret = q2_bitmap_thaw(q);
 
@@ -1694,6 +1695,7 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 	/* what is free goes back to the file system, while we hold the write lock */
 	if (q2_alloc_give_back(q) < 0)
 		return -EAGAIN;
+	q2_zah_forget(q);
 	q->read_only = true;
 	return 0;
 }

@@ -117,6 +117,7 @@ struct options {
 	uint64_t submit_batch;
 	bool no_l2_prefetch;
 	bool no_cluster_fill;
+	bool blkdev_zero_ahead;
 	bool fixed_buffers;
 	bool poll_spare;      /* --poll-spare-cpus */
 	bool consolidate;     /* --io-threads-consolidate[=on|off] (CONSOLIDATE_DEFAULT) */
@@ -167,6 +168,9 @@ static void usage(FILE *f)
 	    "  --no-l2-prefetch            qcow2: do not read the L2 tables in the background\n"
 	    "  --no-cluster-fill           qcow2: write only the data into a new cluster, not\n"
 	    "                              the whole cluster with zeroes\n"
+	    "  --blockdev-zero-ahead       qcow2 on a block device that offloads write-zeroes:\n"
+	    "                              zero the space ahead of allocation, so that a new\n"
+	    "                              cluster's link needs no fdatasync of its data first\n"
 	    "  --poll-ns NS                busy-poll before sleeping while at most 4 requests\n"
 	    "                              are in flight, as long as events come in time, at\n"
 	    "                              most NS ns (default 50000; 0 = off)\n"
@@ -322,6 +326,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
 		OPT_NOFILL,
+		OPT_ZAH,
 		OPT_FIXBUF,
 		OPT_NOFIXFILE,
 		OPT_NOSECCOMP,
@@ -358,6 +363,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
+	    {"blockdev-zero-ahead", no_argument, NULL, OPT_ZAH},
 	    {"fixed-buffers", no_argument, NULL, OPT_FIXBUF},
 	    {"no-fixed-files", no_argument, NULL, OPT_NOFIXFILE},
 	    {"no-seccomp", no_argument, NULL, OPT_NOSECCOMP},
@@ -486,6 +492,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_NOFILL:
 			o->no_cluster_fill = true;
+			break;
+		case OPT_ZAH:
+			o->blkdev_zero_ahead = true;
 			break;
 		case OPT_FIXBUF:
 			o->fixed_buffers = true;
@@ -2536,6 +2545,7 @@ int main(int argc, char **argv)
 	iopts.cache_entry_size = (uint32_t)o.cache_entry_size;
 	iopts.no_l2_prefetch = o.no_l2_prefetch;
 	iopts.no_cluster_fill = o.no_cluster_fill;
+	iopts.blkdev_zero_ahead = o.blkdev_zero_ahead;
 	ret = img_open(&d.img, d.loop, o.blk_file, &iopts, err, sizeof(err));
 	if (ret < 0) {
 		/* A file we may read but not write: say how to serve it anyway. */

@@ -30,6 +30,8 @@ struct ffile {
 	uint64_t base_size;
 	uint8_t *base_nz; /* nz then */
 	bool used;
+	bool blockdev;   /* fake_set_blockdev() */
+	uint64_t wz_max; /* its write-zeroes offload (0: none) */
 };
 
 struct inj {
@@ -178,6 +180,12 @@ static int load(const char *path)
 int fake_file_load(const char *path)
 {
 	return load(path);
+}
+
+void fake_set_blockdev(int id, uint64_t wz_max)
+{
+	g_files[id].blockdev = true;
+	g_files[id].wz_max = wz_max;
 }
 
 /* Sparse, as `cp --sparse=always`: zero blocks are holes (blocks not in
@@ -577,6 +585,9 @@ static int execute(struct io_cmd *c)
 	case IO_OP_FALLOCATE:
 		if (!f)
 			return -EBADF;
+		if (f->blockdev && c->mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) &&
+		    !f->wz_max)
+			return -EOPNOTSUPP; /* no write-zeroes offload: no fallback either */
 		if (c->mode & (FALLOC_FL_ZERO_RANGE | FALLOC_FL_PUNCH_HOLE)) {
 			uint64_t end = c->off + c->len;
 
@@ -870,8 +881,26 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	f->fd = FAKE_FD_BASE + id;
 	f->align = 1;
 	f->flags = flags & (IO_FILE_RDONLY | IO_FILE_ZERO_EOF);
+	if (g_files[id].blockdev) {
+		f->flags |= IO_FILE_BLOCKDEV;
+		f->wz_max = g_files[id].wz_max;
+	}
 	memset(f->fixed, 0, sizeof(f->fixed));
 	f->size = g_files[id].size;
+	return 0;
+}
+
+int io_file_reopen(const struct io_file *f, struct io_file *nf)
+{
+	if (f->flags & IO_FILE_RDONLY)
+		return -EBADF;
+	memset(nf, 0, sizeof(*nf));
+	nf->fd = f->fd; /* the same in-memory file */
+	nf->bfd = -1;
+	nf->align = 1;
+	nf->flags = f->flags;
+	nf->wz_max = f->wz_max;
+	nf->size = f->size;
 	return 0;
 }
 

@@ -43,6 +43,14 @@ struct fake_log {
 
 /* Load @path (a real file) into memory; io_file_open() of @path then uses it. Returns its id. */
 int fake_file_load(const char *path);
+/*
+ * Make file @id a block device for the io_files opened on it from now:
+ * IO_FILE_BLOCKDEV, io_file.wz_max = @wz_max (its write-zeroes offload; 0:
+ * none, and fallocate PUNCH_HOLE|KEEP_SIZE then fails with -EOPNOTSUPP as
+ * the kernel's does without a fallback). Its size stays fixed for the engine
+ * (host_limit); what it held before is whatever the test put there.
+ */
+void fake_set_blockdev(int id, uint64_t wz_max);
 /* Write the in-memory file back to @path, sparse (zero blocks are holes). 0 or -errno. */
 int fake_file_save(int id, const char *path);
 /* Write @len bytes at @b (a crash image) to @path, sparse as well. 0 or -errno. */

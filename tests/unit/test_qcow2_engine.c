@@ -30,6 +30,7 @@
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/magic.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -3105,6 +3106,249 @@ static void test_zero_alloc(void)
 }
 
 /*
+ * A qcow2 on a block device (fake_set_blockdev) whose space past the image
+ * holds old bytes (STALE: another image's, a deleted file's). No cluster of
+ * a device is fresh space, so a new cluster's link waits for an fdatasync
+ * of its data first (P1), unless zero-ahead (qcow2_opts.blkdev_zero_ahead,
+ * alloc.c) zeroed its range and made that durable before the cursor handed
+ * it out. Variants:
+ *   0  zero-ahead off: every link of a new cluster syncs first
+ *   1  on: the links past the first range's start sync nothing (but the
+ *      reserve's refcounts once); reopened, the next range starts past
+ *      the used space and the data written before reads back
+ *   2  on, but the device refuses the zeroing (-EOPNOTSUPP: it claims the
+ *      offload and has none): off again, links sync as in 0
+ *   3  on, the zeroing held in flight: allocations past the margin park
+ *      until it and its sync ended
+ *   4  on, the zeroing slower than the rate guard: the range it zeroed is
+ *      fresh (durable zeroes), no further range is zeroed
+ * Every variant: no write of ours lands in a zeroed range before its
+ * zeroing's sync ended (the record), the data reads back, qemu-img check is
+ * clean; in 0 and 1, every crash image (power loss: the syncs' writes, any
+ * subset of the others) reads the guest's bytes or zeroes, never STALE.
+ */
+#define STALE 0xa5
+
+static unsigned blk_write_link(struct eng *e, uint64_t off, uint8_t tag, uint8_t *model)
+{
+	uint8_t buf[4096];
+	struct flushf f;
+
+	memset(buf, tag, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(e, off, sizeof(buf), buf), 0);
+	memcpy(model + off, buf, sizeof(buf));
+	memset(&f, 0, sizeof(f));
+	f.f.done = flush_done;
+	if (!qcow2_link(e->q, qcow2_meta_gen(e->q), &f.f))
+		return 0;
+	return wait_chain(&f);
+}
+
+/* Every crash image of the record: consistent, and no guest byte reads STALE. */
+static void blk_crash_images(struct eng *e, uint64_t size)
+{
+	size_t n = fake_log_count(), nsync = 0, stride;
+	char why[256], *path = P("blk-crash.qcow2"), *raw = P("blk-crash.raw");
+	uint8_t *got = malloc(size);
+	unsigned bad = 0, images = 0;
+
+	for (size_t i = 0; i < n; i++)
+		nsync += fake_log_get(i)->type == FAKE_FSYNC;
+	stride = nsync / 12 + 1;
+	for (size_t i = 0, k = 0; i <= n && !bad; i++) {
+		bool sync_point = i == n || fake_log_get(i)->type == FAKE_FSYNC;
+
+		if (sync_point && i < n && k++ % stride)
+			continue;
+		if (!sync_point && rnd() % (16 * stride))
+			continue;
+		for (unsigned s = 0; s < 3 && !bad; s++) {
+			uint8_t *img;
+			uint64_t ilen;
+			FILE *f;
+
+			CU_ASSERT_EQUAL_FATAL(
+			    fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &ilen), 0);
+			if (check_image(img, ilen, why, sizeof(why)) < 0) {
+				fprintf(stderr, "crash image after record entry %zu: %s\n", i, why);
+				CU_FAIL("inconsistent crash image");
+				bad++;
+			}
+			CU_ASSERT_EQUAL_FATAL(fake_buf_save(img, ilen, path), 0);
+			free(img);
+			CU_ASSERT_EQUAL_FATAL(
+			    tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
+			f = fopen(raw, "rb");
+			CU_ASSERT_FATAL(f != NULL);
+			CU_ASSERT_EQUAL(fread(got, 1, size, f), size);
+			fclose(f);
+			images++;
+			for (uint64_t b = 0; b < size && !bad; b++) {
+				if (got[b] != STALE)
+					continue;
+				fprintf(
+				    stderr,
+				    "crash image after record entry %zu (sample %u): guest 0x%llx "
+				    "reads the device's old bytes\n",
+				    i, s, (unsigned long long)b);
+				bad++;
+			}
+		}
+	}
+	CU_ASSERT_EQUAL(bad, 0);
+	CU_ASSERT(images > 6);
+	unlink(path);
+	unlink(raw);
+	free(got);
+}
+
+/*
+ * The record: no write into the range [@lo, @hi) (bytes) that zero-ahead
+ * zeroed (its one zeroing there) before the fdatasync that made the zeroing
+ * durable ended, nor while it ran. Returns the zeroings of that range seen.
+ */
+static unsigned blk_zero_order(uint64_t lo, uint64_t hi)
+{
+	size_t n = fake_log_count(), z = SIZE_MAX, synced = SIZE_MAX;
+	unsigned zeroings = 0, early = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		const struct fake_log *l = fake_log_get(i);
+
+		if (l->type == FAKE_WRITE && l->off == lo && l->off + l->len == hi) {
+			z = i;
+			zeroings++;
+		} else if (l->type == FAKE_FSYNC && z != SIZE_MAX && synced == SIZE_MAX &&
+			   l->sub > z) {
+			synced = i;
+		} else if (l->type == FAKE_WRITE && l->off < hi && l->off + l->len > lo &&
+			   (synced == SIZE_MAX || l->sub <= synced)) {
+			if (++early == 1 && z != SIZE_MAX)
+				fprintf(stderr,
+					"record entry %zu: a write at 0x%llx before the zeroing of "
+					"its range was durable\n",
+					i, (unsigned long long)l->off);
+		}
+	}
+	if (zeroings)
+		CU_ASSERT_EQUAL(early, 0);
+	return zeroings;
+}
+
+static void blkdev_case(unsigned variant)
+{
+	const uint64_t size = 32ull << 20, dev = 48ull << 20, cs = 65536;
+	struct qcow2_opts o = {
+	    .writeback_ms = 600000, .no_l2_prefetch = true, .blkdev_zero_ahead = variant != 0};
+	uint8_t *model = calloc(1, size), *stale = malloc(cs);
+	unsigned nw = 200, late = 0, order[512];
+	uint64_t zlo = 0, zhi = 0;
+	char name[64];
+	struct eng e;
+	int fd, id;
+	off_t end;
+
+	/* the device: a new image, then the old bytes of whatever was there */
+	snprintf(name, sizeof(name), "blk%d.qcow2", g_nimg++);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536 %s %llu",
+				    P(name), (unsigned long long)size),
+			      0);
+	fd = open(P(name), O_WRONLY);
+	CU_ASSERT_FATAL(fd >= 0);
+	end = lseek(fd, 0, SEEK_END);
+	memset(stale, STALE, cs);
+	for (uint64_t off = (uint64_t)end; off < dev; off += cs)
+		CU_ASSERT_FATAL(pwrite(fd, stale, cs, (off_t)off) == (ssize_t)cs);
+	close(fd);
+	id = fake_file_load(P(name));
+	CU_ASSERT_FATAL(id >= 0);
+	fake_set_blockdev(id, 1ull << 30);
+	if (variant == 2)
+		CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -EOPNOTSUPP), 0);
+	if (variant == 3)
+		CU_ASSERT_EQUAL(fake_hold(IO_OP_FALLOCATE, 1, 400), 0);
+	fake_log_reset();
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT_EQUAL(e.q->zah_on, variant != 0);
+	CU_ASSERT_EQUAL(e.q->zah_busy, variant != 0);
+	if (variant != 4)
+		e.q->zah_min_rate = 0; /* the fake's zeroing is slow: no rate guard */
+	else
+		e.q->zah_min_rate = UINT64_MAX, e.q->zah_slack_ns = 0; /* every zeroing too slow */
+	zlo = e.q->zah_blo << 16;
+	zhi = e.q->zah_bhi << 16;
+	if (variant)
+		CU_ASSERT(zlo > 0 && zhi == dev);
+	/* growing 4 KiB writes into distinct clusters, in random order, each
+	 * waiting for its link (qcow2_link) as a guest's write does */
+	for (unsigned i = 0; i < 512; i++)
+		order[i] = i;
+	for (unsigned i = 511; i > 0; i--) {
+		unsigned j = rnd() % (i + 1), t = order[i];
+
+		order[i] = order[j];
+		order[j] = t;
+	}
+	for (unsigned i = 0; i < nw; i++) {
+		uint8_t tag = (uint8_t)(i % 0x7f + 1); /* never STALE, never 0 */
+		unsigned chain =
+		    blk_write_link(&e, (uint64_t)order[i] * cs + (i % 16) * 4096, tag, model);
+
+		if (i >= nw / 2)
+			late += chain;
+		if (i % 64 == 63)
+			CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	}
+	verify(&e, model, size);
+	if (variant == 1 || variant == 3 || variant == 4) {
+		/* past the first reserve (cut at the range): fresh, no P1 sync */
+		CU_ASSERT(late <= 2);
+		CU_ASSERT_EQUAL(e.q->zah_ranges, 1);
+		CU_ASSERT_EQUAL(e.q->zah_on, variant != 4);
+		CU_ASSERT_EQUAL(blk_zero_order(zlo, zhi), 1);
+	} else {
+		/* no fresh space: every link of a new cluster synced its data */
+		CU_ASSERT(late >= nw / 2);
+		CU_ASSERT_EQUAL(e.q->zah_ranges, 0);
+		CU_ASSERT(!e.q->zah_on);
+		CU_ASSERT_EQUAL(blk_zero_order(zlo, zhi), 0);
+	}
+	if (variant <= 1) /* off, on (the others: the same as one of them, or slower) */
+		blk_crash_images(&e, size);
+	if (variant == 1) {
+		/* reopened: the next range starts past the used space, nothing
+		 * written before is zeroed, and the growth goes on */
+		uint64_t used;
+
+		eng_close(&e);
+		fake_log_reset();
+		eng_open_path(&e, P(name), &o);
+		CU_ASSERT_EQUAL(q2_scan_highest_used(e.q, &used), 0);
+		CU_ASSERT(e.q->zah_busy);
+		CU_ASSERT(e.q->zah_blo >= used + 64);
+		e.q->zah_min_rate = 0;
+		zlo = e.q->zah_blo << 16;
+		zhi = e.q->zah_bhi << 16;
+		for (unsigned i = nw; i < nw + 100; i++)
+			blk_write_link(&e, (uint64_t)order[i] * cs, (uint8_t)(i % 0x7f + 1), model);
+		verify(&e, model, size);
+		CU_ASSERT_EQUAL(blk_zero_order(zlo, zhi), 1);
+	}
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	eng_close(&e);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	free(model);
+	free(stale);
+}
+
+static void test_blkdev_zero_ahead(void)
+{
+	for (unsigned v = 0; v < 5; v++)
+		blkdev_case(v);
+}
+
+/*
  * A new L2 table whose slices cannot all be created (out of memory after
  * the first: qcow2_test_cache_nomem): the write that needed it fails, and
  * the slices made so far (new, dirty, zeroes) must never reach the file
@@ -4034,6 +4278,8 @@ int main(void)
 		    test_whole_reused);
 	CU_add_test(suite, "a zeroed cluster written in place: its fill synced before its entry",
 		    test_zero_alloc);
+	CU_add_test(suite, "a block device: zero-ahead counts zeroed space as fresh",
+		    test_blkdev_zero_ahead);
 	CU_add_test(suite, "a new L2 table short of memory: its cluster freed after its slices",
 		    test_l2_new_nomem);
 	CU_add_test(suite, "damaged tables", test_damage);
