@@ -380,6 +380,26 @@ static void zah_zeroed(struct io_cmd *cmd, int res)
 	io_fdatasync(q->loop, &q->zah_cmd, &q->zah_file);
 }
 
+/*
+ * Is every refcount table entry that counts clusters of [@lo, @hi) empty or
+ * valid (as rc_locate checks it)? q2_scan_highest_used skips an invalid one,
+ * so the cursor may lie below clusters in use that such an entry counts:
+ * alloc_cursor stops there, marking the image corrupt (rc_locate), without
+ * touching them, and no zeroing may reach them first.
+ */
+static bool zah_rt_valid(const struct qcow2 *q, uint64_t lo, uint64_t hi)
+{
+	for (uint64_t rti = lo >> q->rb_bits; rti <= (hi - 1) >> q->rb_bits && rti < q->rt_entries;
+	     rti++) {
+		uint64_t e = q->rt[rti], b = e & QCOW2_RTE_OFFSET_MASK;
+
+		if (b && ((e & QCOW2_RTE_RESERVED_MASK) || (b & (q->cs - 1)) ||
+			  b + q->cs > q2_host_end(q) || rt_is_bad(q, rti)))
+			return false;
+	}
+	return true;
+}
+
 /* Start zeroing the next range when the zeroed space ahead runs short. */
 static void zah_maybe(struct qcow2 *q)
 {
@@ -398,6 +418,12 @@ static void zah_maybe(struct qcow2 *q)
 		/* refcount 0 past the cursor, yet metadata: leave it to alloc_cursor */
 		q->zah_on = false;
 		Q2_LOG(q, WARN, "metadata past the allocation cursor: zero-ahead off");
+		return;
+	}
+	if (!zah_rt_valid(q, lo, hi)) {
+		q->zah_on = false;
+		Q2_LOG(q, WARN,
+		       "invalid refcount table entry past the allocation cursor: zero-ahead off");
 		return;
 	}
 	q->zah_busy = true;

@@ -3349,6 +3349,71 @@ static void test_blkdev_zero_ahead(void)
 }
 
 /*
+ * Zero-ahead and an invalid refcount table entry past the used space (a
+ * reserved bit set): q2_scan_highest_used skips it, so clusters it counts
+ * may be in use above the cursor; alloc_cursor would mark the image corrupt
+ * on reaching them (rc_locate) without touching a byte. Zero-ahead must not
+ * zero them first: it stays off, and nothing is written where that entry
+ * counts. 512 B clusters: a refcount block counts 128 KiB, so the table's
+ * entry 8 counts [1 MiB, 1.125 MiB), inside the first range zero-ahead
+ * would take (from 64 clusters past the used space to the device's end).
+ */
+static void test_blkdev_zah_bad_rt(void)
+{
+	const uint64_t size = 32ull << 20, dev = 48ull << 20, span = 128ull << 10;
+	const uint64_t bad_lo = 8 * span, bad_hi = bad_lo + span;
+	struct qcow2_opts o = {
+	    .writeback_ms = 600000, .no_l2_prefetch = true, .blkdev_zero_ahead = true};
+	uint8_t *stale = malloc(span), b[8];
+	unsigned hits = 0;
+	char name[64];
+	struct eng e;
+	uint64_t rt;
+	int fd, id;
+	off_t end;
+
+	CU_ASSERT_FATAL(stale != NULL);
+	snprintf(name, sizeof(name), "blk%d.qcow2", g_nimg++);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=512 %s %llu",
+				    P(name), (unsigned long long)size),
+			      0);
+	fd = open(P(name), O_RDWR);
+	CU_ASSERT_FATAL(fd >= 0);
+	end = lseek(fd, 0, SEEK_END);
+	CU_ASSERT_FATAL(end > 0 && (uint64_t)end < bad_lo);
+	memset(stale, STALE, span);
+	for (uint64_t off = (uint64_t)end; off < dev;) {
+		uint64_t n = dev - off < span ? dev - off : span;
+
+		CU_ASSERT_FATAL(pwrite(fd, stale, n, (off_t)off) == (ssize_t)n);
+		off += n;
+	}
+	CU_ASSERT_FATAL(pread(fd, b, 8, 48) == 8); /* refcount_table_offset */
+	rt = qcow2_be64(b);
+	qcow2_put_be64(b, bad_lo | 1);
+	CU_ASSERT_FATAL(pwrite(fd, b, 8, (off_t)(rt + 8 * 8)) == 8);
+	close(fd);
+	id = fake_file_load(P(name));
+	CU_ASSERT_FATAL(id >= 0);
+	fake_set_blockdev(id, 1ull << 30);
+	fake_log_reset();
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT(e.q->rt_entries > 8);
+	CU_ASSERT(!e.q->zah_on);
+	CU_ASSERT(!e.q->zah_busy);
+	eng_close(&e);
+	for (size_t i = 0; i < fake_log_count(); i++) {
+		const struct fake_log *l = fake_log_get(i);
+
+		if (l->type == FAKE_WRITE && l->off < bad_hi && l->off + l->len > bad_lo)
+			hits++;
+	}
+	CU_ASSERT_EQUAL(hits, 0);
+	fake_file_drop(id);
+	free(stale);
+}
+
+/*
  * A new L2 table whose slices cannot all be created (out of memory after
  * the first: qcow2_test_cache_nomem): the write that needed it fails, and
  * the slices made so far (new, dirty, zeroes) must never reach the file
@@ -4280,6 +4345,10 @@ int main(void)
 		    test_zero_alloc);
 	CU_add_test(suite, "a block device: zero-ahead counts zeroed space as fresh",
 		    test_blkdev_zero_ahead);
+	CU_add_test(suite,
+		    "a block device: zero-ahead leaves clusters of an invalid refcount table "
+		    "entry alone",
+		    test_blkdev_zah_bad_rt);
 	CU_add_test(suite, "a new L2 table short of memory: its cluster freed after its slices",
 		    test_l2_new_nomem);
 	CU_add_test(suite, "damaged tables", test_damage);
