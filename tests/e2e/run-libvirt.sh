@@ -42,7 +42,10 @@ done
 [ "$(id -u)" = 0 ] || skip "needs root (libvirtd, qemu:///system)"
 
 example=$top/contrib/libvirt/domain-example.xml
-name=vqcow-e2e-libvirt
+# The domain's name is this work directory's own: two build trees' runs at
+# once on one libvirtd (a CI clone beside a developer's) defined, started and
+# undefined each other's domain under one name.
+name=vqcow-e2e-libvirt-$(printf '%s' "$work" | md5sum | cut -c1-10)
 V() { virsh -q -c qemu:///system "$@"; }
 lpid="" lgpid="" vpid=""
 fail() {
@@ -141,6 +144,9 @@ print(ET.tostring(d, encoding='unicode'))
 PY
 virt-xml-validate "$work/domain.xml" domain >/dev/null 2>&1 || fail "the derived domain does not validate"
 daemon || fail "vqcowd did not start"
+# a killed run of this tree may have left its domain defined
+V destroy "$name" >/dev/null 2>&1
+V undefine "$name" >/dev/null 2>&1
 V define "$work/domain.xml" >/dev/null || fail "virsh define"
 V start "$name" >"$work/start.log" 2>&1 || fail "virsh start: $(cat "$work/start.log")"
 vm_log "domain $name started (accel $accel)"
