@@ -1490,22 +1490,34 @@ static void tail_flush_done(struct qcow2_flush *f, int res)
 	x->logn = fake_log_count();
 }
 
+/*
+ * Guest [off, off + len) of crash image @img (freed here) into @got, read
+ * through qemu-img, the oracle; @path and @raw are the scratch files.
+ */
+static void crash_image_read(uint8_t *img, uint64_t ilen, const char *path, const char *raw,
+			     uint64_t off, uint64_t len, uint8_t *got)
+{
+	FILE *f;
+
+	CU_ASSERT_EQUAL_FATAL(fake_buf_save(img, ilen, path), 0);
+	free(img);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
+	f = fopen(raw, "rb");
+	CU_ASSERT_FATAL(f != NULL);
+	CU_ASSERT_FATAL(fseek(f, (long)off, SEEK_SET) == 0);
+	CU_ASSERT_EQUAL(fread(got, 1, len, f), len);
+	fclose(f);
+}
+
 /* The guest view of the crash image after record entry @upto, synced writes only. */
 static void crash_guest_view(struct eng *e, size_t upto, uint8_t *out, uint64_t size)
 {
 	char *path = P("tail.qcow2"), *raw = P("tail.raw");
 	uint8_t *img;
 	uint64_t len;
-	FILE *f;
 
 	CU_ASSERT_EQUAL_FATAL(fake_crash_image(e->id, upto, 0, &img, &len), 0);
-	CU_ASSERT_EQUAL_FATAL(fake_buf_save(img, len, path), 0);
-	free(img);
-	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
-	f = fopen(raw, "rb");
-	CU_ASSERT_FATAL(f != NULL);
-	CU_ASSERT_EQUAL(fread(out, 1, size, f), size);
-	fclose(f);
+	crash_image_read(img, len, path, raw, 0, size, out);
 	unlink(path);
 	unlink(raw);
 }
@@ -2777,35 +2789,41 @@ static void test_discard_reuse_and_zero(void)
  */
 static void run_idle(struct eng *e);
 
+/*
+ * Crash image @i of the record (sample @s: 0 all writes up to the entry,
+ * else a random subset of the later ones), checked for consistency (a
+ * CU_FAIL if not), then guest [off, off + len) into @got (crash_image_read).
+ * False if the image was inconsistent.
+ */
+static bool crash_read_guest(struct eng *e, size_t i, unsigned s, const char *path, const char *raw,
+			     uint64_t off, uint64_t len, uint8_t *got)
+{
+	char why[256];
+	uint8_t *img;
+	uint64_t ilen;
+	bool ok = true;
+
+	CU_ASSERT_EQUAL_FATAL(fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &ilen), 0);
+	if (check_image(img, ilen, why, sizeof(why)) < 0) {
+		fprintf(stderr, "crash image after record entry %zu: %s\n", i, why);
+		CU_FAIL("inconsistent crash image");
+		ok = false;
+	}
+	crash_image_read(img, ilen, path, raw, off, len, got);
+	return ok;
+}
+
 static void crash_reads_either(struct eng *e, size_t from, uint64_t off, uint64_t len,
 			       const uint8_t *before, const uint8_t *want)
 {
 	size_t n = fake_log_count();
-	char why[256], *path = P("zo.qcow2"), *raw = P("zo.raw");
+	char *path = P("zo.qcow2"), *raw = P("zo.raw");
 	uint8_t *got = malloc(len);
 	unsigned bad = 0;
 
 	for (size_t i = from; i <= n && !bad; i++) {
 		for (unsigned s = 0; s < 6 && !bad; s++) {
-			uint8_t *img;
-			uint64_t ilen;
-			FILE *f;
-
-			CU_ASSERT_EQUAL_FATAL(
-			    fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &ilen), 0);
-			if (check_image(img, ilen, why, sizeof(why)) < 0) {
-				fprintf(stderr, "crash image after record entry %zu: %s\n", i, why);
-				CU_FAIL("inconsistent crash image");
-			}
-			CU_ASSERT_EQUAL_FATAL(fake_buf_save(img, ilen, path), 0);
-			free(img);
-			CU_ASSERT_EQUAL_FATAL(
-			    tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
-			f = fopen(raw, "rb");
-			CU_ASSERT_FATAL(f != NULL);
-			CU_ASSERT_FATAL(fseek(f, (long)off, SEEK_SET) == 0);
-			CU_ASSERT_EQUAL(fread(got, 1, len, f), len);
-			fclose(f);
+			crash_read_guest(e, i, s, path, raw, off, len, got);
 			for (uint64_t k = 0; k < len; k += 512) {
 				if (!memcmp(got + k, before + k, 512) ||
 				    !memcmp(got + k, want + k, 512))
@@ -3148,7 +3166,7 @@ static unsigned blk_write_link(struct eng *e, uint64_t off, uint8_t tag, uint8_t
 static void blk_crash_images(struct eng *e, uint64_t size)
 {
 	size_t n = fake_log_count(), nsync = 0, stride;
-	char why[256], *path = P("blk-crash.qcow2"), *raw = P("blk-crash.raw");
+	char *path = P("blk-crash.qcow2"), *raw = P("blk-crash.raw");
 	uint8_t *got = malloc(size);
 	unsigned bad = 0, images = 0;
 
@@ -3163,25 +3181,8 @@ static void blk_crash_images(struct eng *e, uint64_t size)
 		if (!sync_point && rnd() % (16 * stride))
 			continue;
 		for (unsigned s = 0; s < 3 && !bad; s++) {
-			uint8_t *img;
-			uint64_t ilen;
-			FILE *f;
-
-			CU_ASSERT_EQUAL_FATAL(
-			    fake_crash_image(e->id, i, s ? rnd() | 1 : 0, &img, &ilen), 0);
-			if (check_image(img, ilen, why, sizeof(why)) < 0) {
-				fprintf(stderr, "crash image after record entry %zu: %s\n", i, why);
-				CU_FAIL("inconsistent crash image");
+			if (!crash_read_guest(e, i, s, path, raw, 0, size, got))
 				bad++;
-			}
-			CU_ASSERT_EQUAL_FATAL(fake_buf_save(img, ilen, path), 0);
-			free(img);
-			CU_ASSERT_EQUAL_FATAL(
-			    tu_sh("qemu-img convert -f qcow2 -O raw %s %s", path, raw), 0);
-			f = fopen(raw, "rb");
-			CU_ASSERT_FATAL(f != NULL);
-			CU_ASSERT_EQUAL(fread(got, 1, size, f), size);
-			fclose(f);
 			images++;
 			for (uint64_t b = 0; b < size && !bad; b++) {
 				if (got[b] != STALE)
