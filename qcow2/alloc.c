@@ -33,7 +33,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/vfs.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -325,17 +324,9 @@ static uint64_t zah_chunk(const struct qcow2 *q)
 	return n < 1024 ? 1024 : n;
 }
 
-static uint64_t zah_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static void zah_end(struct qcow2 *q, int res)
 {
-	uint64_t ns = zah_now_ns() - q->zah_t0, bytes = (q->zah_bhi - q->zah_blo) << q->cb;
+	uint64_t ns = q2_now_ns() - q->zah_t0, bytes = (q->zah_bhi - q->zah_blo) << q->cb;
 
 	q->zah_busy = false;
 	if (res < 0) {
@@ -431,7 +422,7 @@ static void zah_maybe(struct qcow2 *q)
 	q->zah_bhi = hi;
 	q->zah_cmd.done = zah_zeroed;
 	q->zah_cmd.priv = q;
-	q->zah_t0 = zah_now_ns();
+	q->zah_t0 = q2_now_ns();
 	io_fallocate(q->loop, &q->zah_cmd, &q->zah_file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
 		     lo << q->cb, (hi - lo) << q->cb);
 }

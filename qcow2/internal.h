@@ -34,6 +34,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "image.h"
 #include "qcow2.h"
@@ -234,7 +235,6 @@ struct qcow2 {
 	uint64_t zah_t0;       /* when the range in flight was submitted (ns) */
 	uint64_t zah_min_rate; /* bytes/s: a range zeroed slower turns zero-ahead off (0: never) */
 	uint64_t zah_slack_ns; /* ... beyond this much time */
-	unsigned zah_fails;
 	uint64_t zah_lo, zah_ok, zah_blo, zah_bhi;
 	uint64_t zah_ranges; /* ranges zeroed (tests) */
 	struct io_cmd zah_cmd;
@@ -570,6 +570,15 @@ int q2_bitmap_thaw(struct qcow2 *q);
 
 /* ---- compress.c ---- */
 void q2_compress_exit(struct qcow2 *q);
+
+/* CLOCK_MONOTONIC now, in ns (the prefetch's log line, zero-ahead's rate). */
+static inline uint64_t q2_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 /* ---- small helpers ---- */
 static inline uint64_t q2_l2_entry(const struct q2_slice *s, uint32_t i, uint64_t *bitmap,

@@ -18,7 +18,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "internal.h"
 
@@ -50,14 +49,6 @@ struct q2_pf {
 	uint64_t t0_ns; /* CLOCK_MONOTONIC at the start, for the closing log line */
 	struct q2_pf_read rd[PF_READS];
 };
-
-static uint64_t pf_now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static int pf_tab_cmp(const void *a, const void *b)
 {
@@ -124,7 +115,7 @@ static void pf_issue(struct q2_pf *pf)
 		Q2_LOG(q, INFO, "L2 prefetch %s: %llu slices from %zu tables in %llu ms",
 		       pf->next >= pf->ntab && !pf->stop ? "done" : "stopped",
 		       (unsigned long long)q->n_l2_prefetched, pf->next,
-		       (unsigned long long)((pf_now_ns() - pf->t0_ns) / 1000000u));
+		       (unsigned long long)((q2_now_ns() - pf->t0_ns) / 1000000u));
 		pf_release(pf);
 	}
 }
@@ -225,7 +216,7 @@ int q2_l2_prefetch_start(struct qcow2 *q)
 			goto free_bufs;
 	}
 	q->pf = pf;
-	pf->t0_ns = pf_now_ns();
+	pf->t0_ns = q2_now_ns();
 	pf_issue(pf);
 	return 0;
 
