@@ -381,7 +381,6 @@ void io_file_close(struct io_file *f);
 int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsigned shared,
 		      char *err, size_t errlen);
 
-/* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
 /*
  * A second open file description of @f's file (through /proc/self/fd: the
  * same inode), read-write and buffered, for fallocate and fdatasync of its
@@ -391,6 +390,8 @@ int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsign
  * io_file_close(@nf) when done.
  */
 int io_file_reopen(const struct io_file *f, struct io_file *nf);
+
+/* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
 int io_file_get_size(struct io_file *f, uint64_t *size);
 
 /*
