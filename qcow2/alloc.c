@@ -309,8 +309,9 @@ static int backing(struct qcow2 *q, uint64_t c, uint64_t n, struct qcow2_waiter 
  * space is left ahead. An allocation parks only if the cursor catches up
  * with a range still in flight. A device that answers the zeroing with an
  * error, or zeroes slower than ZAH_MIN_RATE (beyond ZAH_SLACK_NS: it writes
- * the zeroes after all, which costs the disk's bandwidth), turns zero-ahead off for the engine's
- * life; the links then sync as before.
+ * the zeroes after all, which costs the disk's bandwidth), turns zero-ahead
+ * off, the links then syncing as before, until the image goes read-only and
+ * back (qcow2_set_read_only asks q2_zah_start again).
  */
 #define ZAH_MARGIN      64u          /* clusters between the cursor and a new range */
 #define ZAH_MIN_RATE    (1ull << 30) /* bytes per second, zeroing and sync together */
