@@ -91,11 +91,12 @@ struct img_io {
 	uint64_t len;
 
 	/* Private to the implementation. */
-	struct io_cmd cmd; /* enough for a single-extent request */
-	void *impl;        /* implementation's per-request context, if it needs more */
-	int err;           /* a result to report later */
-	uint8_t stage;     /* implementation's state for multi-step operations */
-	uint64_t pos;      /* implementation's progress (bytes done) */
+	struct io_cmd cmd;   /* enough for a single-extent request */
+	void *impl;          /* implementation's per-request context, if it needs more */
+	int err;             /* a result to report later */
+	uint8_t stage;       /* implementation's state for multi-step operations */
+	uint64_t pos;        /* implementation's progress (bytes done) */
+	struct img_io *next; /* implementation's list link (raw: FLUSHes waiting) */
 };
 
 /* What an open image may do, and therefore which locks it holds. */

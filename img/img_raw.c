@@ -7,7 +7,7 @@
  * says which step is in flight and io->pos how far the zero writes got.
  *
  *   READ/WRITE     readv/writev at the same offset (O_DIRECT unless disabled)
- *   FLUSH          fdatasync
+ *   FLUSH          fdatasync, one at a time per image across threads (below)
  *   DISCARD        fallocate(PUNCH_HOLE|KEEP_SIZE); EOPNOTSUPP is ignored
  *                  (a discard is a hint)
  *   WRITE_ZEROES   UNMAP: PUNCH_HOLE|KEEP_SIZE, else ZERO_RANGE|KEEP_SIZE;
@@ -21,6 +21,7 @@
 #include <inttypes.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,8 @@
 enum raw_stage {
 	RAW_ST_RW = 1,
 	RAW_ST_FLUSH,
+	RAW_ST_SYNC_START, /* posted to its loop: lead the next fdatasync */
+	RAW_ST_SYNCED,     /* posted to its loop: covered by another's fdatasync (err) */
 	RAW_ST_DISCARD,
 	RAW_ST_WZ_PUNCH,
 	RAW_ST_WZ_ZERO_RANGE,
@@ -52,6 +55,20 @@ struct raw_img {
 	bool blockdev;
 	bool probed; /* format was probed, not given: guard sector 0 */
 	bool warned_magic;
+	/*
+	 * FLUSH: one fdatasync of the file in flight at a time, whichever thread
+	 * (I/O threads' queues) sends it. Several at once on one description
+	 * would each report a writeback error only to whichever is reaped
+	 * first, and the later ones gain nothing. A FLUSH arriving while one
+	 * runs waits for the next, which starts after it arrived (the one
+	 * running may have passed the writes it must cover): the first of them
+	 * leads it on its own loop, the rest ride it (sync_riders) and complete
+	 * with its result on their loops. Under sync_mu.
+	 */
+	pthread_mutex_t sync_mu;
+	bool sync_running;
+	struct img_io *sync_riders;                 /* covered by the one in flight */
+	struct img_io *sync_next, **sync_next_tail; /* arrived meanwhile: the next one's */
 };
 
 static struct raw_img *to_raw(struct img *img)
@@ -112,6 +129,74 @@ static void raw_write_zeroes(struct raw_img *r, struct img_io *io)
 	raw_write_zero_chunk(r, io);
 }
 
+/* Complete @io with @res on its own loop (from a done() on loop @cur). */
+static void raw_post_result(struct raw_img *r, struct img_io *io, int res, struct io_loop *cur)
+{
+	struct io_loop *l = loop_of(r, io);
+
+	io->err = res;
+	io->stage = RAW_ST_SYNCED;
+	if (l == cur)
+		io_post(l, &io->cmd);
+	else
+		io_post_remote(l, &io->cmd);
+}
+
+static void raw_sync_start(struct raw_img *r, struct img_io *io)
+{
+	io->stage = RAW_ST_FLUSH;
+	io_fdatasync(loop_of(r, io), &io->cmd, &r->file);
+}
+
+/* A FLUSH: lead an fdatasync now, or wait for the next one (sync_mu's comment). */
+static void raw_flush(struct raw_img *r, struct img_io *io)
+{
+	pthread_mutex_lock(&r->sync_mu);
+	if (r->sync_running) {
+		io->next = NULL;
+		*r->sync_next_tail = io;
+		r->sync_next_tail = &io->next;
+		pthread_mutex_unlock(&r->sync_mu);
+		return;
+	}
+	r->sync_running = true;
+	pthread_mutex_unlock(&r->sync_mu);
+	raw_sync_start(r, io);
+}
+
+/* @io's fdatasync ended with @res: its riders complete, the next one starts. */
+static void raw_sync_done(struct raw_img *r, struct img_io *io, int res)
+{
+	struct io_loop *cur = loop_of(r, io);
+	struct img_io *riders, *next;
+
+	pthread_mutex_lock(&r->sync_mu);
+	riders = r->sync_riders;
+	next = r->sync_next;
+	r->sync_riders = next ? next->next : NULL;
+	r->sync_next = NULL;
+	r->sync_next_tail = &r->sync_next;
+	r->sync_running = next != NULL;
+	pthread_mutex_unlock(&r->sync_mu);
+	while (riders) {
+		struct img_io *n = riders->next;
+
+		raw_post_result(r, riders, res, cur);
+		riders = n;
+	}
+	if (next) {
+		struct io_loop *l = loop_of(r, next);
+
+		if (l == cur) {
+			raw_sync_start(r, next);
+		} else {
+			next->stage = RAW_ST_SYNC_START;
+			io_post_remote(l, &next->cmd);
+		}
+	}
+	io->done(io, res < 0 ? res : 0);
+}
+
 static void raw_cmd_done(struct io_cmd *cmd, int res)
 {
 	struct img_io *io = cmd->priv;
@@ -119,8 +204,15 @@ static void raw_cmd_done(struct io_cmd *cmd, int res)
 
 	switch (io->stage) {
 	case RAW_ST_ERROR:
+	case RAW_ST_SYNCED:
 		res = io->err;
 		break;
+	case RAW_ST_FLUSH:
+		raw_sync_done(r, io, res);
+		return;
+	case RAW_ST_SYNC_START:
+		raw_sync_start(r, io);
+		return;
 	case RAW_ST_DISCARD:
 		if (is_unsupported(res)) {
 			FLAG_SET(r->no_punch_hole);
@@ -170,8 +262,7 @@ static void raw_step(struct raw_img *r, struct img_io *io)
 		io_writev(loop, &io->cmd, &r->file, io->iov, io->iovcnt, io->off);
 		return;
 	case IMG_OP_FLUSH:
-		io->stage = RAW_ST_FLUSH;
-		io_fdatasync(loop, &io->cmd, &r->file);
+		raw_flush(r, io);
 		return;
 	case IMG_OP_DISCARD:
 		if (FLAG_GET(r->no_punch_hole)) {
@@ -258,6 +349,7 @@ static void raw_close(struct img *img)
 	io_file_close(&r->file);
 	if (r->zero_buf)
 		io_free_aligned(r->zero_buf);
+	pthread_mutex_destroy(&r->sync_mu);
 	free(img->path);
 	free(r);
 }
@@ -449,6 +541,8 @@ int img_raw_open(struct img **imgp, struct io_loop *loop, const char *path,
 		ret = -ENOMEM;
 		goto err_msg;
 	}
+	pthread_mutex_init(&r->sync_mu, NULL);
+	r->sync_next_tail = &r->sync_next;
 	r->img.path = strdup(path);
 	if (!r->img.path) {
 		ret = -ENOMEM;
@@ -517,6 +611,7 @@ close_file:
 free_path:
 	free(r->img.path);
 free_raw:
+	pthread_mutex_destroy(&r->sync_mu);
 	free(r);
 err_msg:
 	if (err && !err[0])

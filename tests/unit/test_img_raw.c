@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <linux/magic.h>
 #include <linux/virtio_blk.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -586,6 +587,152 @@ static void test_blk_over_raw(void)
 	io_free_aligned(data);
 }
 
+/*
+ * FLUSHes from several threads (I/O threads' queues on one raw image): one
+ * fdatasync of the file in flight at a time, a FLUSH sent while one runs
+ * waits for the next. Each thread's loop has a fault hook that holds every
+ * fdatasync's submission for 3 ms and counts the ones held at once: with a
+ * FLUSH per thread going straight to fdatasync, the threads' syncs overlap
+ * in every round (the barrier starts them together).
+ */
+#define SQ_THREADS 4
+#define SQ_ROUNDS  8
+#define SQ_PER     2 /* FLUSHes a thread sends at once per round */
+
+static struct img *g_sq_img;
+static pthread_barrier_t g_sq_barrier;
+static int g_sq_active, g_sq_overlaps, g_sq_started;
+
+static int sq_hook(void *opaque, struct io_loop *loop, enum io_op op)
+{
+	(void)opaque;
+	(void)loop;
+	if (op != IO_OP_FDATASYNC)
+		return 0;
+	if (__atomic_add_fetch(&g_sq_active, 1, __ATOMIC_SEQ_CST) > 1)
+		__atomic_add_fetch(&g_sq_overlaps, 1, __ATOMIC_SEQ_CST);
+	__atomic_add_fetch(&g_sq_started, 1, __ATOMIC_SEQ_CST);
+	usleep(3000);
+	__atomic_sub_fetch(&g_sq_active, 1, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
+struct sq_thread {
+	pthread_t tid;
+	unsigned idx;
+	int bad;   /* a FLUSH or write failed, or completed twice */
+	int early; /* a FLUSH completed with no fdatasync started after it was sent */
+};
+
+struct sq_tio {
+	struct img_io io;
+	int calls, res;
+};
+
+static void sq_done(struct img_io *io, int res)
+{
+	struct sq_tio *t = (struct sq_tio *)io;
+
+	t->calls++;
+	t->res = res;
+}
+
+static void *sq_main(void *arg)
+{
+	struct sq_thread *t = arg;
+	struct io_loop *loop = NULL;
+	uint8_t *buf = io_alloc_aligned(4096);
+
+	if (!buf || io_loop_init(&loop, 64) < 0 || io_loop_enable_remote(loop) < 0) {
+		t->bad++;
+		for (int r = 0; r < SQ_ROUNDS; r++)
+			pthread_barrier_wait(&g_sq_barrier);
+		goto out;
+	}
+	io_loop_set_fault_hook(loop, sq_hook, NULL);
+	for (int r = 0; r < SQ_ROUNDS; r++) {
+		struct sq_tio w = {0}, f[SQ_PER];
+		struct iovec iov = {buf, 4096};
+		int sent[SQ_PER], left = SQ_PER + 1;
+
+		/* a write on this thread, then FLUSHes with every other thread */
+		memset(buf, 0x40 + t->idx, 4096);
+		w.io.done = sq_done;
+		w.io.loop = loop;
+		img_writev(g_sq_img, &w.io, &iov, 1, (uint64_t)(t->idx * SQ_ROUNDS + r) * 4096,
+			   4096);
+		pthread_barrier_wait(&g_sq_barrier);
+		for (int i = 0; i < SQ_PER; i++) {
+			memset(&f[i], 0, sizeof(f[i]));
+			f[i].io.done = sq_done;
+			f[i].io.loop = loop;
+			sent[i] = __atomic_load_n(&g_sq_started, __ATOMIC_SEQ_CST);
+			img_flush(g_sq_img, &f[i].io);
+		}
+		for (int it = 0; it < MAX_ITER && left; it++) {
+			if (io_loop_run_once(loop, true) < 0)
+				break;
+			left = !w.calls;
+			for (int i = 0; i < SQ_PER; i++) {
+				if (f[i].calls && sent[i] >= 0) {
+					if (__atomic_load_n(&g_sq_started, __ATOMIC_SEQ_CST) <=
+					    sent[i])
+						t->early++;
+					sent[i] = -1;
+				}
+				left += !f[i].calls;
+			}
+		}
+		if (w.calls != 1 || w.res != 0)
+			t->bad++;
+		for (int i = 0; i < SQ_PER; i++)
+			if (f[i].calls != 1 || f[i].res != 0)
+				t->bad++;
+	}
+	io_loop_exit(loop);
+out:
+	io_free_aligned(buf);
+	return NULL;
+}
+
+static void test_flush_threads(void)
+{
+	struct sq_thread t[SQ_THREADS];
+	uint8_t *buf = io_alloc_aligned(4096);
+
+	make_file(NULL, 0);
+	g_sq_img = open_img(false);
+	g_sq_active = g_sq_overlaps = g_sq_started = 0;
+	CU_ASSERT_FATAL(g_sq_img->any_loop);
+	CU_ASSERT_EQUAL_FATAL(pthread_barrier_init(&g_sq_barrier, NULL, SQ_THREADS), 0);
+	for (unsigned i = 0; i < SQ_THREADS; i++) {
+		t[i] = (struct sq_thread){.idx = i};
+		CU_ASSERT_EQUAL_FATAL(pthread_create(&t[i].tid, NULL, sq_main, &t[i]), 0);
+	}
+	for (unsigned i = 0; i < SQ_THREADS; i++) {
+		pthread_join(t[i].tid, NULL);
+		CU_ASSERT_EQUAL(t[i].bad, 0);
+		CU_ASSERT_EQUAL(t[i].early, 0);
+	}
+	pthread_barrier_destroy(&g_sq_barrier);
+	CU_ASSERT_EQUAL(g_sq_overlaps, 0);
+	/* a thread's second FLUSH of a round always waits: it rides the next sync */
+	CU_ASSERT(g_sq_started > 0);
+	CU_ASSERT(g_sq_started < SQ_THREADS * SQ_ROUNDS * SQ_PER);
+	/* every thread's writes are there */
+	for (unsigned i = 0; i < SQ_THREADS; i++)
+		for (int r = 0; r < SQ_ROUNDS; r++) {
+			CU_ASSERT_EQUAL(
+			    do_rw(g_sq_img, false, buf, 4096, (uint64_t)(i * SQ_ROUNDS + r) * 4096),
+			    0);
+			CU_ASSERT(buf[0] == 0x40 + i && buf[4095] == 0x40 + i);
+		}
+	img_close(g_sq_img);
+	g_sq_img = NULL;
+	unlink(g_path);
+	io_free_aligned(buf);
+}
+
 int main(void)
 {
 	CU_pSuite s;
@@ -601,6 +748,7 @@ int main(void)
 	s = CU_add_suite("img_raw", NULL, NULL);
 	CU_add_test(s, "open and probe", test_open_probe);
 	CU_add_test(s, "read, write, flush", test_rw_flush);
+	CU_add_test(s, "FLUSHes from several threads: one fdatasync at a time", test_flush_threads);
 	CU_add_test(s, "discard and write zeroes", test_discard_zeroes);
 	CU_add_test(s, "injected errors", test_injected_errors);
 	CU_add_test(s, "read-only", test_read_only);
