@@ -1370,20 +1370,38 @@ void ctl_shutdown_event(struct ctl *c, const char *reason)
 
 void ctl_tick(struct ctl *c)
 {
-	static const char *const opname[BLK_STAT_N] = {"read", "write", "write", "write"};
-	struct blk_stats *st;
-	uint64_t now, failures;
-	int k = -1;
+	if (c->qmp)
+		layers_tick(c);
+}
+
+/* Failures not reported yet, and none reported in the second before @now. */
+static bool report_due(struct ctl *c, uint64_t failures, uint64_t now)
+{
+	if (!c->qmp || failures == c->failures_seen)
+		return false;
+	/* (else reported later, summed up, when the second is over) */
+	return !c->last_event_ns || now - c->last_event_ns >= 1000000000ull;
+}
+
+bool ctl_report_due(struct ctl *c)
+{
+	uint64_t failures;
 
 	if (!c->qmp)
+		return false;
+	failures = blk_dev_failures(c->blk); /* the cheap test first: every iteration */
+	return failures != c->failures_seen && report_due(c, failures, util_now_ns());
+}
+
+void ctl_report(struct ctl *c)
+{
+	static const char *const opname[BLK_STAT_N] = {"read", "write", "write", "write"};
+	struct blk_stats *st;
+	uint64_t now = util_now_ns(), failures = c->qmp ? blk_dev_failures(c->blk) : 0;
+	int k = -1;
+
+	if (!report_due(c, failures, now))
 		return;
-	layers_tick(c);
-	failures = blk_dev_failures(c->blk); /* the cheap test, every iteration */
-	if (failures == c->failures_seen)
-		return;
-	now = util_now_ns();
-	if (c->last_event_ns && now - c->last_event_ns < 1000000000ull)
-		return; /* reported later, summed up, when the second is over */
 	st = malloc(sizeof(*st));
 	if (!st)
 		return;

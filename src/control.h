@@ -81,12 +81,20 @@ struct ctl {
 /* The daemon stops (@reason: QEMU's ShutdownCause, e.g. "host-qmp-quit"): SHUTDOWN event. */
 void ctl_shutdown_event(struct ctl *c, const char *reason);
 
-/*
- * Once per loop iteration: a BLOCK_IO_ERROR event when requests failed since
- * the last call, at most one per second (a guest can make requests fail at
- * will; the events it causes must not flood the clients).
- */
+/* Once per loop iteration: what waits for the device to drain (layers_tick). */
 void ctl_tick(struct ctl *c);
+
+/*
+ * Once per loop iteration: a BLOCK_IO_ERROR event is due (requests failed
+ * since the last one, and none was sent in the last second: a guest can make
+ * requests fail at will; the events it causes must not flood the clients).
+ * ctl_report() then sends it, summing every queue's counters: with I/O
+ * threads, call it with them parked. Only then: parking on every iteration
+ * while an event waits for its second to pass stopped the I/O threads over
+ * and over (a second after each reported failure).
+ */
+bool ctl_report_due(struct ctl *c);
+void ctl_report(struct ctl *c);
 
 /*
  * Called by the daemon after hold(), outside the loop, with no request in

@@ -744,6 +744,7 @@ struct daemon {
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
 	bool pausing;       /* under mt_lock */
 	unsigned pause_depth; /* main thread only */
+	uint64_t nparks;      /* pause_all() parked the I/O threads (a debug line at exit) */
 
 	int sigfd;
 	struct io_cmd sig_cmd;
@@ -840,6 +841,7 @@ static void pause_all(struct daemon *d)
 
 	if (!d->nthreads || d->pause_depth++ > 0)
 		return;
+	d->nparks++;
 	pthread_mutex_lock(&d->mt_lock);
 	d->pausing = true;
 	for (unsigned i = 0; i < d->nthreads; i++) {
@@ -1531,13 +1533,14 @@ static void d_defer(struct io_defer *def)
 	if (d->o->poll_ns)
 		io_loop_set_poll_ns(
 		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
-	if (d->rings_mt && d->ctl.qmp && blk_dev_failures(d->blk) != d->ctl.failures_seen) {
-		/* It sums the per-queue counters the I/O threads write. */
+	ctl_tick(&d->ctl);
+	if (ctl_report_due(&d->ctl)) {
+		/* --qmp: a BLOCK_IO_ERROR event; it sums the per-queue
+		 * counters the I/O threads write (parked only then, not while
+		 * an event waits for its second to pass) */
 		pause_all(d);
-		ctl_tick(&d->ctl);
+		ctl_report(&d->ctl);
 		resume_all(d);
-	} else {
-		ctl_tick(&d->ctl); /* --qmp: BLOCK_IO_ERROR events */
 	}
 	if (d->nthreads && !d->hold_armed && !d->flushed && ctl_waiting(&d->ctl))
 		hold_arm(d); /* the device drains on the I/O threads */
@@ -1934,6 +1937,8 @@ static void flush_done(struct img_io *io, int res)
 			       "thread %llu times, back %llu times",
 			       g, sp);
 		}
+		if (d->nthreads)
+			log_dbg("I/O threads parked %llu times", (unsigned long long)d->nparks);
 		if (getenv("VQCOWD_TEST_ZREAD_FAIL"))
 			log_warn("VQCOWD_TEST_ZREAD_FAIL: %llu reads of compressed bytes failed",
 				 (unsigned long long)img_test_zread_failed());

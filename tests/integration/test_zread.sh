@@ -22,6 +22,13 @@
 #  4. Teardown with reads waiting: the front-end killed (kill -9) under
 #     such a load, then a new connection served and verified; SIGTERM under
 #     load: the daemon exits 0 (the ASan build: no leak, no use after free).
+#  5. Failed reads with --qmp, two queues at QD1 on --io-threads 2: a
+#     BLOCK_IO_ERROR event (at most one a second) sums every queue's
+#     counters with the I/O threads parked, and only then: the threads are
+#     parked tens of times (the exit's debug line: the connection's
+#     vhost-user messages, moves, events), not on every iteration of
+#     the main loop while an event waits for its second to pass (a million
+#     in 2 s, src/control.h ctl_report_due).
 set -u
 vqcowd=$1
 fe=$2
@@ -54,12 +61,15 @@ for img in z zx; do
 	cmp -s "$dir/base.raw" "$dir/$img.expect" || fail "$img.qcow2: qemu-img reads other data"
 done
 
-# serve IMAGE THREADS QUEUES [ENV...]: start vqcowd in the background ($pid).
+# serve IMAGE THREADS QUEUES [ENV...]: start vqcowd in the background ($pid),
+# with the options in serve_args too.
+serve_args=()
 serve() {
 	local img=$1 threads=$2 queues=$3
 	shift 3
 	env "$@" "$vqcowd" --socket-path "$sock" --blk-file "$dir/$img.qcow2" --format qcow2 \
-		--num-queues "$queues" --io-threads "$threads" 2>"$log" &
+		--num-queues "$queues" --io-threads "$threads" ${serve_args[@]+"${serve_args[@]}"} \
+		2>"$log" &
 	pid=$!
 	it_wait_serving "$pid" "$sock" "$log" "vqcowd ($img, --io-threads $threads)"
 }
@@ -171,4 +181,23 @@ if serve z 1 1; then
 	it_stop
 	wait $fpid 2>/dev/null
 fi
+
+echo "== 5. failed reads with --qmp: the I/O threads parked for the events only"
+serve_args=(--qmp "$dir/q.sock" --log-level debug)
+if serve z 2 2 VQCOWD_TEST_ZREAD_FAIL=7; then
+	"$fe" --queues 2 bench "$sock" --bs 4096 --iodepth 1 --numjobs 2 --rw randread \
+		--runtime 2 >/dev/null 2>&1
+	it_stop
+	failed=$(grep -a -o 'VQCOWD_TEST_ZREAD_FAIL: [0-9]* reads' "$log" | grep -o '[0-9]*' | tail -1)
+	parks=$(grep -a -o 'I/O threads parked [0-9]* times' "$log" | grep -o '[0-9]*' | tail -1)
+	echo "${failed:-?} reads failed in 2 s; the I/O threads parked ${parks:-?} times"
+	if [ "${failed:-0}" -lt 3 ]; then
+		fail "--qmp: ${failed:-no} failure(s) injected (too few to check the parks)"
+	elif [ -z "$parks" ]; then
+		fail "--qmp: no 'I/O threads parked' line at exit: $(tail -3 "$log")"
+	elif [ "$parks" -gt 200 ]; then
+		fail "--qmp: the I/O threads parked $parks times for ${failed} failed reads"
+	fi
+fi
+serve_args=()
 it_finish "$log"
