@@ -397,6 +397,9 @@ struct q2img {
 	bool data_raw;
 	struct qcow2 *q;      /* NULL while inactive (no write lock: nothing cached) */
 	struct qcow2_opts qo; /* engine options, for re-opening it on activation */
+	/* zero-ahead's description of a block device (qcow2_opts.zah_keep):
+	 * opened here, before --user drops the privileges, kept across engines */
+	struct qcow2_zah_keep zah_keep;
 	struct img *backing;
 	struct q2req *free_reqs;
 	unsigned nreqs;
@@ -2705,6 +2708,8 @@ static void q2_close(struct img *img)
 		vlog(VLOG_ERROR, img->path, "writing metadata back at close failed: %s",
 		     strerror(-ret));
 	img_close(m->backing);
+	if (m->zah_keep.open)
+		io_file_close(&m->zah_keep.file);
 	io_file_close(&m->file);
 	if (m->own_dfile)
 		io_file_close(&m->dfile);
@@ -3585,6 +3590,12 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		qo.no_l2_prefetch = opts->no_l2_prefetch;
 		qo.blkdev_zero_ahead = opts->blkdev_zero_ahead;
 	}
+	if (qo.blkdev_zero_ahead && (m->file.flags & IO_FILE_BLOCKDEV) && m->file.wz_max > 0 &&
+	    !(m->file.flags & IO_FILE_RDONLY)) {
+		/* (if this fails, the engine says so and runs without zero-ahead) */
+		m->zah_keep.open = io_file_reopen(&m->file, &m->zah_keep.file) == 0;
+		qo.zah_keep = &m->zah_keep;
+	}
 	m->qo = qo;
 	m->qo.read_only = read_only;
 	if (perm == IMG_PERM_NONE)
@@ -3742,6 +3753,8 @@ close_dfile:
 close_q:
 	qcow2_close(m->q);
 close_file:
+	if (m->zah_keep.open)
+		io_file_close(&m->zah_keep.file);
 	io_file_close(&m->file);
 free_path:
 	free(m->img.path);

@@ -307,16 +307,30 @@ static int backing(struct qcow2 *q, uint64_t c, uint64_t n, struct qcow2_waiter 
  * margin (ZAH_MARGIN) past the cursor so that metadata and a first small
  * reserve need not wait; the next one when less than half a chunk of zeroed
  * space is left ahead. An allocation parks only if the cursor catches up
- * with a range still in flight. A device that answers the zeroing with an
- * error, or zeroes slower than ZAH_MIN_RATE (beyond ZAH_SLACK_NS: it writes
- * the zeroes after all, which costs the disk's bandwidth), turns zero-ahead
- * off, the links then syncing as before, until the image goes read-only and
- * back (qcow2_set_read_only asks q2_zah_start again).
+ * with a range still in flight. A range is zeroed in steps of
+ * ZAH_STEP_BYTES, one after the other, then synced: close, a migration
+ * handoff (close) and going read-only (q2_zah_stop) cut a range short at
+ * its next step, so they wait for one step (or the range's sync) at most,
+ * never for a whole range on a slow device; a range cut short counts
+ * nothing fresh (its zeroes were never synced). A corrupt image starts no
+ * range and cuts the one in flight short.
+ *
+ * A device that answers the zeroing with an error, or zeroes slower than
+ * ZAH_MIN_RATE (beyond ZAH_SLACK_NS: it writes the zeroes after all, which
+ * costs the disk's bandwidth), turns zero-ahead off, the links then syncing
+ * as before, until the image goes read-only and back (qcow2_set_read_only
+ * asks q2_zah_start again). The rate is judged over at least
+ * ZAH_JUDGE_BYTES of zeroing (steps and syncs, across ranges): over less,
+ * the time is mostly the syncs' and the worker threads' latency, which a
+ * loaded machine stretches, not the device's bandwidth (a 76 MiB range on
+ * a loop device took > 173 ms at load 11 and turned it off).
  */
-#define ZAH_MARGIN      64u          /* clusters between the cursor and a new range */
-#define ZAH_MIN_RATE    (1ull << 30) /* bytes per second, zeroing and sync together */
-#define ZAH_CHUNK_BYTES (1ull << 30) /* bytes zeroed at a time */
-#define ZAH_SLACK_NS    100000000ull /* beside ZAH_MIN_RATE: the sync's own latency */
+#define ZAH_MARGIN      64u            /* clusters between the cursor and a new range */
+#define ZAH_MIN_RATE    (1ull << 30)   /* bytes per second, zeroing and sync together */
+#define ZAH_CHUNK_BYTES (1ull << 30)   /* bytes zeroed per range */
+#define ZAH_STEP_BYTES  (64ull << 20)  /* bytes zeroed per fallocate */
+#define ZAH_JUDGE_BYTES (256ull << 20) /* bytes zeroed before the rate is judged */
+#define ZAH_SLACK_NS    100000000ull   /* beside ZAH_MIN_RATE: the sync's own latency */
 
 static uint64_t zah_chunk(const struct qcow2 *q)
 {
@@ -325,38 +339,67 @@ static uint64_t zah_chunk(const struct qcow2 *q)
 	return n < 1024 ? 1024 : n;
 }
 
-static void zah_end(struct qcow2 *q, int res)
+/* Turn zero-ahead off if the zeroing judged so far was too slow. */
+static void zah_judge(struct qcow2 *q)
 {
-	uint64_t ns = q2_now_ns() - q->zah_t0, bytes = (q->zah_bhi - q->zah_blo) << q->cb;
+	uint64_t ns = q->zah_win_ns, bytes = q->zah_win_bytes;
 
+	if (!q->zah_min_rate || bytes < q->zah_judge_bytes)
+		return;
+	q->zah_win_ns = q->zah_win_bytes = 0;
+	if ((double)ns <= (double)q->zah_slack_ns + (double)bytes * 1e9 / (double)q->zah_min_rate)
+		return;
+	q->zah_on = false;
+	Q2_LOG(q, INFO,
+	       "zeroing %llu MiB ahead took %llu ms: the device does not offload it; "
+	       "zero-ahead off",
+	       (unsigned long long)(bytes >> 20), (unsigned long long)(ns / 1000000));
+}
+
+/* The range in flight ended: @res < 0 failed; @fresh: zeroed and synced. */
+static void zah_end(struct qcow2 *q, int res, bool fresh)
+{
 	q->zah_busy = false;
+	q->zah_stop = false;
 	if (res < 0) {
 		q->zah_on = false;
 		Q2_LOG(q, WARN, "zeroing ahead on the device failed (%s): new clusters sync first",
 		       strerror(-res));
-	} else {
+	} else if (fresh) {
 		if (q->zah_ok == q->zah_blo && q->zah_ok > q->zah_lo)
 			q->zah_ok = q->zah_bhi; /* contiguous with the range still ahead */
 		else
 			q->zah_lo = q->zah_blo, q->zah_ok = q->zah_bhi;
 		q->zah_ranges++;
-		if (q->zah_min_rate &&
-		    (double)ns >
-			(double)q->zah_slack_ns + (double)bytes * 1e9 / (double)q->zah_min_rate) {
-			q->zah_on = false;
-			Q2_LOG(q, INFO,
-			       "zeroing %llu MiB ahead took %llu ms: the device does not offload "
-			       "it; zero-ahead off",
-			       (unsigned long long)(bytes >> 20),
-			       (unsigned long long)(ns / 1000000));
-		}
+		zah_judge(q);
 	}
 	q2_wake_list_later(q, &q->space_waiters, 0);
 }
 
 static void zah_synced(struct io_cmd *cmd, int res)
 {
-	zah_end(cmd->priv, res);
+	struct qcow2 *q = cmd->priv;
+
+	if (res >= 0)
+		q->zah_win_ns += q2_now_ns() - q->zah_t0;
+	zah_end(q, res, res >= 0);
+}
+
+static void zah_zeroed(struct io_cmd *cmd, int res);
+
+/* Zero the next step of the range in flight. */
+static void zah_step(struct qcow2 *q)
+{
+	uint64_t n = q->zah_step_bytes >> q->cb;
+
+	if (!n)
+		n = 1;
+	q->zah_bstep = q->zah_bhi - q->zah_bpos > n ? q->zah_bpos + n : q->zah_bhi;
+	q->zah_cmd.done = zah_zeroed;
+	q->zah_cmd.priv = q;
+	q->zah_t0 = q2_now_ns();
+	io_fallocate(q->loop, &q->zah_cmd, q->zah_fp, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		     q->zah_bpos << q->cb, (q->zah_bstep - q->zah_bpos) << q->cb);
 }
 
 static void zah_zeroed(struct io_cmd *cmd, int res)
@@ -364,12 +407,24 @@ static void zah_zeroed(struct io_cmd *cmd, int res)
 	struct qcow2 *q = cmd->priv;
 
 	if (res < 0) {
-		zah_end(q, res);
+		zah_end(q, res, false);
+		return;
+	}
+	q->zah_win_ns += q2_now_ns() - q->zah_t0;
+	q->zah_win_bytes += (q->zah_bstep - q->zah_bpos) << q->cb;
+	q->zah_bpos = q->zah_bstep;
+	if (q->zah_stop || q->corrupt) {
+		zah_end(q, 0, false); /* cut short: never synced, nothing fresh */
+		return;
+	}
+	if (q->zah_bpos < q->zah_bhi) {
+		zah_step(q);
 		return;
 	}
 	/* the zeroes durable before any cluster of them counts as fresh */
 	q->zah_cmd.done = zah_synced;
-	io_fdatasync(q->loop, &q->zah_cmd, &q->zah_file);
+	q->zah_t0 = q2_now_ns();
+	io_fdatasync(q->loop, &q->zah_cmd, q->zah_fp);
 }
 
 /*
@@ -397,7 +452,7 @@ static void zah_maybe(struct qcow2 *q)
 {
 	uint64_t chunk, lo, hi;
 
-	if (!q->zah_on || q->zah_busy || q->read_only || q->closing)
+	if (!q->zah_on || q->zah_busy || q->read_only || q->closing || q->corrupt)
 		return;
 	chunk = zah_chunk(q);
 	if (q->zah_ok >= q->cursor + chunk / 2)
@@ -419,30 +474,37 @@ static void zah_maybe(struct qcow2 *q)
 		return;
 	}
 	q->zah_busy = true;
+	q->zah_stop = false;
 	q->zah_blo = lo;
 	q->zah_bhi = hi;
-	q->zah_cmd.done = zah_zeroed;
-	q->zah_cmd.priv = q;
-	q->zah_t0 = q2_now_ns();
-	io_fallocate(q->loop, &q->zah_cmd, &q->zah_file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-		     lo << q->cb, (hi - lo) << q->cb);
+	q->zah_bpos = lo;
+	zah_step(q);
 }
 
 void q2_zah_start(struct qcow2 *q, bool on)
 {
+	struct qcow2_zah_keep *k = q->zah_keep;
+
 	q->zah_want = on;
 	q->zah_min_rate = ZAH_MIN_RATE;
 	q->zah_slack_ns = ZAH_SLACK_NS;
+	q->zah_judge_bytes = ZAH_JUDGE_BYTES;
+	q->zah_step_bytes = ZAH_STEP_BYTES;
 	q->zah_on = on && (q->file->flags & IO_FILE_BLOCKDEV) && q->file->wz_max > 0 &&
 		    !q->ext_data && !q->read_only;
 	if (q->zah_on && !q->zah_file_open) {
-		int ret = io_file_reopen(q->file, &q->zah_file);
+		/* the caller's description if it kept one open: after --user
+		 * dropped the privileges the device may not open again */
+		int ret = k && k->open ? 0 : io_file_reopen(q->file, k ? &k->file : &q->zah_file);
 
 		if (ret < 0) {
 			q->zah_on = false;
 			Q2_LOG(q, WARN, "zero-ahead off: opening the device again: %s",
 			       strerror(-ret));
 		} else {
+			if (k)
+				k->open = true;
+			q->zah_fp = k ? &k->file : &q->zah_file;
 			q->zah_file_open = true;
 		}
 	}
@@ -451,9 +513,17 @@ void q2_zah_start(struct qcow2 *q, bool on)
 
 void q2_zah_close(struct qcow2 *q)
 {
-	if (q->zah_file_open)
+	if (q->zah_file_open && q->zah_fp == &q->zah_file)
 		io_file_close(&q->zah_file);
 	q->zah_file_open = false;
+}
+
+void q2_zah_stop(struct qcow2 *q, bool off)
+{
+	if (off)
+		q->zah_on = false;
+	if (q->zah_busy)
+		q->zah_stop = true;
 }
 
 void q2_zah_forget(struct qcow2 *q)

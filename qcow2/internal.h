@@ -232,14 +232,22 @@ struct qcow2 {
 	 * synced (zah_busy): the cursor may not enter it meanwhile.
 	 */
 	bool zah_want, zah_on, zah_busy;
-	uint64_t zah_t0;       /* when the range in flight was submitted (ns) */
-	uint64_t zah_min_rate; /* bytes/s: a range zeroed slower turns zero-ahead off (0: never) */
-	uint64_t zah_slack_ns; /* ... beyond this much time */
+	bool zah_stop;            /* the range in flight ends at its next step, nothing fresh */
+	uint64_t zah_t0;          /* when the step or sync in flight was submitted (ns) */
+	uint64_t zah_min_rate;    /* bytes/s: zeroing slower turns zero-ahead off (0: never) */
+	uint64_t zah_slack_ns;    /* ... beyond this much time (per judgement) */
+	uint64_t zah_judge_bytes; /* bytes zeroed before the rate is judged */
+	uint64_t zah_win_ns, zah_win_bytes; /* zeroing (steps and syncs) since the last */
+	uint64_t zah_step_bytes;            /* bytes zeroed by one fallocate */
 	uint64_t zah_lo, zah_ok, zah_blo, zah_bhi;
-	uint64_t zah_ranges; /* ranges zeroed (tests) */
+	uint64_t zah_bpos, zah_bstep; /* zeroed up to; the step in flight ends at */
+	uint64_t zah_ranges;          /* ranges zeroed (tests) */
 	struct io_cmd zah_cmd;
 	/* zah_cmd's file: a description of its own (io_file_reopen), so that its
-	 * fdatasync takes no writeback error the write-back's must see */
+	 * fdatasync takes no writeback error the write-back's must see; the
+	 * caller's (qcow2_opts.zah_keep, kept across engine opens) or zah_file */
+	struct io_file *zah_fp;
+	struct qcow2_zah_keep *zah_keep;
 	struct io_file zah_file;
 	bool zah_file_open;
 	uint64_t rc_seq;       /* number of the last write-back batch built */
@@ -468,9 +476,12 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 void q2_resv_release(struct qcow2 *q);
 /* Zero-ahead on a block device (alloc.c): turn it on (@on, where the device
  * offloads write-zeroes) and start the first range; forget the zeroed range
- * (going read-only). */
+ * (going read-only); cut the range in flight short at its next step, and
+ * turn zero-ahead off if @off (close; going read-only keeps it on, in case
+ * it does not happen). */
 void q2_zah_start(struct qcow2 *q, bool on);
 void q2_zah_forget(struct qcow2 *q);
+void q2_zah_stop(struct qcow2 *q, bool off);
 /* Close zero-ahead's file description (close, once no zeroing runs). */
 void q2_zah_close(struct qcow2 *q);
 /* Undo a reservation that was never linked (refcount back to 0 now). */

@@ -522,6 +522,7 @@ reread:
 	/* Background reads of every L2 table when the cache holds them all (optional). */
 	if (!opts->no_l2_prefetch && q2_l2_prefetch_start(q) < 0)
 		Q2_LOG(q, WARN, "out of memory for the L2 prefetch: loading L2 slices on demand");
+	q->zah_keep = opts->zah_keep;
 	if (!q->read_only)
 		q2_zah_start(q, opts->blkdev_zero_ahead);
 	*qp = q;
@@ -545,6 +546,7 @@ static int close_engine(struct qcow2 *q, struct qcow2_freed **freed)
 	if (!q)
 		return 0;
 	q2_l2_prefetch_stop(q);
+	q2_zah_stop(q, true); /* waits for the zeroing's step in flight at most */
 	q->punch_hold = freed != NULL;
 	bret = q2_bitmap_store(q);
 	if (!q->read_only)

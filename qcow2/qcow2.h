@@ -90,6 +90,20 @@ struct qcow2_opts {
 	 * device has no fresh space, every link of a new cluster syncs first.
 	 */
 	bool blkdev_zero_ahead;
+	/*
+	 * Optional: zero-ahead's file description, the caller's to keep across
+	 * engine opens over the same file (a reopen after --user dropped the
+	 * privileges may not open the device again). The engine opens it
+	 * (io_file_reopen of its file) if not @open and leaves it open at close;
+	 * the caller closes it. NULL: each engine opens and closes its own.
+	 */
+	struct qcow2_zah_keep *zah_keep;
+};
+
+/* See qcow2_opts.zah_keep. */
+struct qcow2_zah_keep {
+	struct io_file file;
+	bool open;
 };
 
 /*

@@ -1690,6 +1690,8 @@ int qcow2_set_read_only(struct qcow2 *q, bool read_only)
 		q2_resv_release(q);
 		return -EAGAIN;
 	}
+	if (q->zah_busy)
+		q2_zah_stop(q, false); /* cut short: -EAGAIN for one step at most */
 	if (q->tokens || has_work(q) || busy(q))
 		return -EAGAIN;
 	/* what is free goes back to the file system, while we hold the write lock */

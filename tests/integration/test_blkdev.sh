@@ -16,6 +16,11 @@
 #     leaks at most (exit 0 or 3), no guest sector reads the marker, the
 #     leaks are repaired (qemu-img check -r leaks) for the next round, and a
 #     final verify pass over a range the rounds wrote reads back.
+#  3. --user nobody (who cannot open the device node) with --incoming: the
+#     engine opens read-write only when the ring starts, after the privilege
+#     drop, and zero-ahead stays on (its description of the device was
+#     opened with the image, before the drop: qcow2_opts.zah_keep); writes
+#     with verify, qemu-img check.
 # Needs root (losetup) and a loop device whose queue offloads write-zeroes
 # (write_zeroes_max_bytes > 0); skips (exit 77) otherwise.
 set -u
@@ -155,4 +160,36 @@ check
 rc=$?
 [ $rc = 0 ] || [ $rc = 3 ] || fail "qemu-img check exit $rc at the end"
 no_marker end
+
+# 3. --user with --incoming: the engine opened read-write after the drop
+stale
+qemu-img create -q -f qcow2 -o cluster_size=65536 "$dev" $size
+: >"$log"
+rm -f "$sock"
+"$vqcowd" --socket-path "$sock" --blk-file "$dev" --format qcow2 --blockdev-zero-ahead \
+	--user nobody --incoming >>"$log" 2>&1 &
+pid=$!
+it_wait_serving "$pid" "$sock" "$log" vqcowd || it_finish "$log"
+"$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size $size --number-ios 4000 \
+	--verify --seed 5 --flush-every 64 >/dev/null || fail "--user: random writes with verify"
+it_stop
+check || fail "qemu-img check after --user"
+no_marker user
+grep -q "zero-ahead off\|zeroing ahead on the device failed" "$log" &&
+	fail "--user: zero-ahead turned itself off: $(grep zero "$log")"
+it_finish "$log"
+"$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size $((8 << 20)) --number-ios 2000 \
+	--verify --seed 5 --flush-every 64 >/dev/null || fail "--user: writes before the snapshot"
+PYTHONPATH="$(dirname "$0")" python3 - "$dir/q.sock" <<'EOF' || fail "--user: internal snapshot"
+import sys
+from qmplib import Qmp
+Qmp(sys.argv[1]).ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s1"})
+EOF
+"$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size $((8 << 20)) --number-ios 2000 \
+	--verify --seed 6 --flush-every 64 >/dev/null || fail "--user: writes after the snapshot"
+it_stop
+check || fail "qemu-img check after --user"
+no_marker user
+grep -q "zero-ahead off\|zeroing ahead on the device failed" "$log" &&
+	fail "--user: zero-ahead turned itself off: $(grep zero "$log")"
 it_finish "$log"

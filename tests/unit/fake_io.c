@@ -890,10 +890,19 @@ int io_file_open(struct io_file *f, const char *path, unsigned flags)
 	return 0;
 }
 
+static int g_reopen_err;
+
+void fake_set_reopen_err(int err)
+{
+	g_reopen_err = err;
+}
+
 int io_file_reopen(const struct io_file *f, struct io_file *nf)
 {
 	if (f->flags & IO_FILE_RDONLY)
 		return -EBADF;
+	if (g_reopen_err)
+		return g_reopen_err;
 	memset(nf, 0, sizeof(*nf));
 	nf->fd = f->fd; /* the same in-memory file */
 	nf->bfd = -1;

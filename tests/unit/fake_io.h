@@ -108,6 +108,13 @@ int fake_hold(enum io_op op, unsigned nth, unsigned iters);
  */
 void fake_set_sync_hold(unsigned iters);
 
+/*
+ * io_file_reopen() fails with @err from now (0: succeeds again), as opening
+ * /proc/self/fd/N of a root's device node does after --user dropped the
+ * privileges.
+ */
+void fake_set_reopen_err(int err);
+
 /* What io_file_pc_written() says of every file (false by default). */
 void fake_set_pc_written(bool on);
 

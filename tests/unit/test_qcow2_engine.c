@@ -3274,8 +3274,8 @@ static void blkdev_case(unsigned variant)
 	CU_ASSERT_EQUAL(e.q->zah_busy, variant != 0);
 	if (variant != 4)
 		e.q->zah_min_rate = 0; /* the fake's zeroing is slow: no rate guard */
-	else
-		e.q->zah_min_rate = UINT64_MAX, e.q->zah_slack_ns = 0; /* every zeroing too slow */
+	else                           /* every zeroing too slow, judged at once */
+		e.q->zah_min_rate = UINT64_MAX, e.q->zah_slack_ns = 0, e.q->zah_judge_bytes = 0;
 	zlo = e.q->zah_blo << 16;
 	zhi = e.q->zah_bhi << 16;
 	if (variant)
@@ -3347,6 +3347,150 @@ static void test_blkdev_zero_ahead(void)
 {
 	for (unsigned v = 0; v < 5; v++)
 		blkdev_case(v);
+}
+
+/* A qcow2 of @size on a device of @dev bytes (fake_set_blockdev) whose space
+ * past the image holds STALE; its name in @name. */
+static void blk_image(char *name, size_t len, uint64_t size, uint64_t dev)
+{
+	const uint64_t cs = 65536;
+	uint8_t *stale = malloc(cs);
+	int fd, id;
+	off_t end;
+
+	CU_ASSERT_FATAL(stale != NULL);
+	snprintf(name, len, "blk%d.qcow2", g_nimg++);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536 %s %llu",
+				    P(name), (unsigned long long)size),
+			      0);
+	fd = open(P(name), O_WRONLY);
+	CU_ASSERT_FATAL(fd >= 0);
+	end = lseek(fd, 0, SEEK_END);
+	memset(stale, STALE, cs);
+	for (uint64_t off = (uint64_t)end; off < dev; off += cs)
+		CU_ASSERT_FATAL(pwrite(fd, stale, cs, (off_t)off) == (ssize_t)cs);
+	close(fd);
+	free(stale);
+	id = fake_file_load(P(name));
+	CU_ASSERT_FATAL(id >= 0);
+	fake_set_blockdev(id, 1ull << 30);
+}
+
+static void blk_zah_settle(struct eng *e)
+{
+	for (int i = 0; i < 100000 && e->q->zah_busy; i++)
+		CU_ASSERT_FATAL(io_loop_run_once(g_loop, true) >= 0);
+	CU_ASSERT(!e->q->zah_busy);
+}
+
+/*
+ * Zero-ahead's edges:
+ *  - a corrupt image starts no range, and a range in flight when the image
+ *    turns corrupt is cut short: nothing of it counts as fresh;
+ *  - close (and a migration handoff, which closes the engine) waits for one
+ *    step of the zeroing at most (ZAH_STEP_BYTES, 64 MiB), never for the
+ *    whole range: a 160 MiB device closed at once sees one 64 MiB zeroing
+ *    and no sync of it, and the image is clean;
+ *  - an engine reopened over the same file (snapshot, handoff) when the
+ *    device can no longer be opened (--user): zero-ahead keeps the caller's
+ *    description (qcow2_opts.zah_keep) and stays on; without one it is off;
+ *  - the rate guard judges ZAH_JUDGE_BYTES at least: one small range,
+ *    however slow (a loaded machine), does not turn zero-ahead off.
+ */
+static void test_blkdev_zah_edges(void)
+{
+	const uint64_t size = 32ull << 20, cs = 65536;
+	struct qcow2_opts o = {
+	    .writeback_ms = 600000, .no_l2_prefetch = true, .blkdev_zero_ahead = true};
+	struct qcow2_zah_keep keep = {0};
+	uint64_t zlo, zbytes = 0;
+	unsigned zwrites = 0;
+	char name[64], err[256];
+	struct eng e;
+
+	/* corrupt: the range in flight ends unfresh, none starts */
+	blk_image(name, sizeof(name), size, 48ull << 20);
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT_FATAL(e.q->zah_busy);
+	e.q->zah_min_rate = 0;
+	e.q->corrupt = true;
+	blk_zah_settle(&e);
+	CU_ASSERT_EQUAL(e.q->zah_ranges, 0);
+	CU_ASSERT_EQUAL(e.q->zah_ok, e.q->zah_lo);
+	q2_zah_forget(e.q);
+	q2_zah_start(e.q, true);
+	CU_ASSERT(!e.q->zah_busy);
+	e.q->corrupt = false;
+	eng_close(&e);
+
+	/* close at once: one step zeroed, no sync of it, nothing else */
+	blk_image(name, sizeof(name), size, 160ull << 20);
+	fake_log_reset();
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT_FATAL(e.q->zah_busy);
+	zlo = e.q->zah_blo * cs;
+	CU_ASSERT((e.q->zah_bhi - e.q->zah_blo) * cs > (64ull << 20) * 2);
+	eng_close(&e);
+	for (size_t i = 0; i < fake_log_count(); i++) {
+		const struct fake_log *l = fake_log_get(i);
+
+		if (l->type == FAKE_WRITE && l->off >= zlo)
+			zwrites++, zbytes += l->len;
+	}
+	CU_ASSERT_EQUAL(zwrites, 1);
+	CU_ASSERT_EQUAL(zbytes, 64ull << 20);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+
+	/* going read-only: -EAGAIN until the step in flight ended, no more */
+	blk_image(name, sizeof(name), size, 160ull << 20);
+	fake_log_reset();
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT_FATAL(e.q->zah_busy);
+	e.q->zah_min_rate = 0;
+	zlo = e.q->zah_blo * cs;
+	CU_ASSERT_EQUAL(qcow2_set_read_only(e.q, true), -EAGAIN);
+	blk_zah_settle(&e);
+	CU_ASSERT_EQUAL(e.q->zah_ranges, 0);
+	CU_ASSERT(e.q->zah_on); /* (in case the switch does not happen) */
+	CU_ASSERT_EQUAL(qcow2_set_read_only(e.q, true), 0);
+	zwrites = 0, zbytes = 0;
+	for (size_t i = 0; i < fake_log_count(); i++) {
+		const struct fake_log *l = fake_log_get(i);
+
+		if (l->type == FAKE_WRITE && l->off >= zlo)
+			zwrites++, zbytes += l->len;
+	}
+	CU_ASSERT_EQUAL(zwrites, 1);
+	CU_ASSERT_EQUAL(zbytes, 64ull << 20);
+	eng_close(&e);
+
+	/* reopened with the device out of reach: the kept description serves */
+	blk_image(name, sizeof(name), size, 48ull << 20);
+	o.zah_keep = &keep;
+	eng_open_path(&e, P(name), &o);
+	CU_ASSERT(keep.open);
+	CU_ASSERT(e.q->zah_on);
+	e.q->zah_min_rate = UINT64_MAX; /* every zeroing too slow */
+	e.q->zah_slack_ns = 0;
+	blk_zah_settle(&e);
+	CU_ASSERT_EQUAL(e.q->zah_ranges, 1);
+	/* the rate guard: one 47 MiB range, however slow, is not judged alone */
+	CU_ASSERT(e.q->zah_on);
+	CU_ASSERT_EQUAL(qcow2_close(e.q), 0);
+	fake_set_reopen_err(-EACCES);
+	CU_ASSERT_EQUAL_FATAL(qcow2_open(&e.q, g_loop, &e.file, e.path, &o, err, sizeof(err)), 0);
+	CU_ASSERT(e.q->zah_on);
+	CU_ASSERT(e.q->zah_busy);
+	blk_zah_settle(&e);
+	CU_ASSERT_EQUAL(qcow2_close(e.q), 0);
+	o.zah_keep = NULL;
+	CU_ASSERT_EQUAL_FATAL(qcow2_open(&e.q, g_loop, &e.file, e.path, &o, err, sizeof(err)), 0);
+	CU_ASSERT(!e.q->zah_on); /* its own description: cannot be opened */
+	fake_set_reopen_err(0);
+	eng_close(&e);
+	CU_ASSERT(keep.open);
+	io_file_close(&keep.file);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
 /*
@@ -4350,6 +4494,10 @@ int main(void)
 		    "a block device: zero-ahead leaves clusters of an invalid refcount table "
 		    "entry alone",
 		    test_blkdev_zah_bad_rt);
+	CU_add_test(suite,
+		    "a block device: zero-ahead on a corrupt image, at close, reopened, "
+		    "judged",
+		    test_blkdev_zah_edges);
 	CU_add_test(suite, "a new L2 table short of memory: its cluster freed after its slices",
 		    test_l2_new_nomem);
 	CU_add_test(suite, "damaged tables", test_damage);
