@@ -1152,7 +1152,10 @@ static void t_consolidate(void)
 }
 
 /*
- * A ring stop, SET_MEM_TABLE and a disconnect exactly while queue 1's I/O
+ * A ring stop, SET_MEM_TABLE, a disconnect, SET_VRING_ENABLE 0 (enabled again
+ * after the move) and SET_VRING_ENABLE 0 then 1 (both before the move: the
+ * kick watch made anew on the draining thread, the ring's start kick
+ * refused there) exactly while queue 1's I/O
  * thread drains to hand it over (--io-threads-consolidate): the drain is held
  * open 1 s (VQCOWD_TEST_CONS_HOLD, a test seam) after the 8th QD1 write
  * popped in a row started it (VQCOWD_TEST_CONS_RUN=8); 4 more writes go into
@@ -1165,11 +1168,18 @@ static void t_consolidate(void)
  * served afterwards: QD1 (on the main thread), QD32 (back on its thread),
  * every block read back. A fresh daemon per event.
  */
-enum drain_event { DRAIN_RING_STOP, DRAIN_MEM_TABLE, DRAIN_DISCONNECT };
+enum drain_event {
+	DRAIN_RING_STOP,
+	DRAIN_MEM_TABLE,
+	DRAIN_DISCONNECT,
+	DRAIN_DISABLE,
+	DRAIN_REENABLE
+};
 
 static void drain_case(enum drain_event ev)
 {
-	static const char *const names[] = {"ring stop", "SET_MEM_TABLE", "disconnect"};
+	static const char *const names[] = {"ring stop", "SET_MEM_TABLE", "disconnect",
+					    "SET_VRING_ENABLE 0", "SET_VRING_ENABLE 0 and 1"};
 	enum { LOW = 8, MORE = 4, LEN = 4096 };
 	static uint8_t w[LOW + MORE][LEN];
 	uint8_t r[LEN];
@@ -1219,6 +1229,16 @@ static void drain_case(enum drain_event ev)
 		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 0), 0); /* still held */
 		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
 		CU_ASSERT_EQUAL_FATAL(vqfe_vq_restart(fe, 1, base), 0);
+	} else if (ev == DRAIN_DISABLE) {
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_enable(fe, 1, false), 0);
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 0), 0); /* still held */
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_enable(fe, 1, true), 0);
+	} else if (ev == DRAIN_REENABLE) {
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_enable(fe, 1, false), 0);
+		CU_ASSERT_EQUAL_FATAL(vqfe_vq_enable(fe, 1, true), 0);
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 0), 0); /* still held */
+		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
 	} else if (ev == DRAIN_MEM_TABLE) {
 		CU_ASSERT_EQUAL_FATAL(vqfe_set_mem(fe), 0);
 		CU_ASSERT_EQUAL(log_count(&d, GATHERED, 1), 1);
@@ -1265,6 +1285,8 @@ static void t_consolidate_drain(void)
 	drain_case(DRAIN_RING_STOP);
 	drain_case(DRAIN_MEM_TABLE);
 	drain_case(DRAIN_DISCONNECT);
+	drain_case(DRAIN_DISABLE);
+	drain_case(DRAIN_REENABLE);
 }
 
 static void add_suites(void)
