@@ -762,6 +762,8 @@ struct daemon {
 	bool pausing;       /* under mt_lock */
 	unsigned pause_depth; /* main thread only */
 	uint64_t nparks;      /* pause_all() parked the I/O threads (a debug line at exit) */
+	bool test_late_posts; /* VQCOWD_TEST_LATE_POSTS (threads_stop), a test seam */
+	struct iothread *threads_mem; /* the threads after threads_exit, freed last */
 
 	int sigfd;
 	struct io_cmd sig_cmd;
@@ -856,8 +858,8 @@ static void pause_all(struct daemon *d)
 {
 	bool all;
 
-	if (!d->nthreads || d->pause_depth++ > 0)
-		return;
+	if (!d->nthreads || !d->threads || d->pause_depth++ > 0)
+		return; /* (!d->threads: gone, threads_exit) */
 	d->nparks++;
 	pthread_mutex_lock(&d->mt_lock);
 	d->pausing = true;
@@ -884,7 +886,7 @@ static void pause_all(struct daemon *d)
 
 static void resume_all(struct daemon *d)
 {
-	if (!d->nthreads || --d->pause_depth > 0)
+	if (!d->nthreads || !d->threads || --d->pause_depth > 0)
 		return;
 	pthread_mutex_lock(&d->mt_lock);
 	d->pausing = false;
@@ -1486,6 +1488,8 @@ static void cons_gather(struct io_cmd *cmd, int res)
 	unsigned nq = 0;
 
 	(void)res;
+	if (!d->threads)
+		return; /* posted before the thread was joined, run at exit (threads_exit) */
 	pause_all(d);
 	t->move_posted = false;
 	ok = ok && t->giving && !t->inflight && !t->gathered;
@@ -1793,6 +1797,19 @@ static void threads_stop(struct daemon *d)
 		pthread_join(t->tid, NULL);
 		t->running = false;
 	}
+	for (unsigned i = 0; d->test_late_posts && i < d->nthreads && d->threads; i++) {
+		/* VQCOWD_TEST_LATE_POSTS (a test seam): what a thread descheduled
+		 * between its last request's end and its posts leaves in the main
+		 * loop's list once joined, for img_close to run (threads_exit) */
+		struct iothread *t = &d->threads[i];
+
+		main_wake(d, t);
+		if (!t->move_posted) {
+			t->move_posted = true;
+			t->move_cmd.done = cons_gather;
+			io_post_remote(d->loop, &t->move_cmd);
+		}
+	}
 }
 
 /* Free the loops (after vhost/ let go of the kick watches). */
@@ -1809,7 +1826,13 @@ static void threads_exit(struct daemon *d)
 			free(w);
 		}
 	}
-	free(d->threads);
+	/* Kept until main() ends (threads_mem): a thread's post to the main
+	 * loop (wake_cmd, move_cmd, in struct iothread) may still be in its
+	 * list, run by img_close's loop (a write-back timer to cancel): with
+	 * d->threads NULL, main_woken touches only its flag and cons_gather
+	 * returns. (Freed here, that was a write after free and a crash at exit
+	 * after the final flush; VQCOWD_TEST_LATE_POSTS.) */
+	d->threads_mem = d->threads;
 	d->threads = NULL;
 	pthread_cond_destroy(&d->mt_cond);
 	pthread_mutex_destroy(&d->mt_lock);
@@ -2647,6 +2670,12 @@ int main(int argc, char **argv)
 			 " ms (a test seam)",
 			 d.cons_hold_ns / 1000000);
 	}
+	if (getenv("VQCOWD_TEST_LATE_POSTS")) {
+		/* a test seam: see threads_stop() */
+		d.test_late_posts = true;
+		log_warn("VQCOWD_TEST_LATE_POSTS: the I/O threads' posts left for the exit (a "
+			 "test seam)");
+	}
 	if (getenv("VQCOWD_TEST_FAST_DELAY")) {
 		/* a test seam: see img_test_fast_delay() */
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
@@ -2894,6 +2923,7 @@ exit_loop:
 		n = w->next;
 		free(w);
 	}
+	free(d.threads_mem); /* (threads_exit) */
 	if (d.sigfd >= 0)
 		close(d.sigfd);
 	vlog_flush();
