@@ -79,7 +79,15 @@ struct blk_dev {
 	bool wce_config;   /* the configured mode (blk_opts.writeback) */
 	bool wce_pending;  /* the next negotiation with CONFIG_WCE sets wce_config */
 	uint64_t capacity; /* in 512-byte sectors, a multiple of lbs_sectors */
-	unsigned inflight; /* atomic: requests of every thread */
+	/*
+	 * atomic: requests of every thread. Alone on its cache line (the
+	 * padding keeps it so whatever calloc's alignment): each thread's add
+	 * and subtract took from the other threads the line they read img,
+	 * capacity and read_only from on every request.
+	 */
+	char inflight_pad0[64];
+	unsigned inflight;
+	char inflight_pad1[64];
 	struct blk_stats stats;
 	uint64_t failures; /* blk_dev_failures(): atomic, touched only on the failure path */
 	struct {

@@ -407,7 +407,6 @@ struct q2img {
 	void **bounce_free; /* 2 * cluster-sized aligned buffers */
 	unsigned nbounce, bounce_cap;
 	struct zc_ent zc[ZC_MAX]; /* inflated clusters */
-	unsigned zc_n;            /* entries used: ZC_BUDGET / cluster size, 2..ZC_MAX */
 	uint64_t zc_tick;
 	uint64_t n_inflated, n_zc_hits;  /* clusters inflated, reads served by zc (hits, joins) */
 	uint64_t n_zc_reads, n_zc_joins; /* reads of compressed bytes, reads that joined one */
@@ -416,11 +415,23 @@ struct q2img {
 	void *zero_buf; /* zero writes: max(cs, ZERO_BUF_SIZE) bytes (zero_buf_get) */
 	bool no_zero_range, no_punch;
 	bool pad; /* allocating writes carry their zeroes, new clusters whole (alloc_write) */
-	uint64_t cs;
 	struct qcow2_waiter st_w; /* img_block_status's parked caller */
 	struct img_wait *st_user;
+	struct q2req *muts; /* write-type requests in flight (owner) */
 
-	/* the fast path (see struct fslot) */
+	/*
+	 * The fast path (see struct fslot). What the threads read on every
+	 * request lies between two cache lines of padding, so that no line
+	 * the owner writes on every request of its own (zc, its tick and
+	 * counters, inflight, muts above) holds any of it, whatever the
+	 * allocation's alignment: with zc_n beside zc_tick, every read the
+	 * owner served from its cache took the line from a thread that was
+	 * looking up its own.
+	 */
+	char fast_pad0[64];
+	uint64_t cs;
+	unsigned cb;        /* cluster bits */
+	unsigned zc_n;      /* entries used (zc, fslot.zc): ZC_BUDGET / cluster size, 2..ZC_MAX */
 	uint64_t **ft;      /* atomic: pages of atomic entries (owner allocates) */
 	uint64_t ft_n;      /* atomic: guest clusters covered (grows with the disk: ft_grow) */
 	uint64_t ft_len;    /* page pointers in m->ft */
@@ -434,12 +445,11 @@ struct q2img {
 	unsigned fepoch;          /* atomic: engine (re)opened: the threads' zc is stale */
 	bool ext_wait;            /* atomic: the engine's grace period waits for them */
 	uint8_t ctype;            /* atomic: compression type, for the threads */
-	unsigned cb;              /* cluster bits */
 	bool extl2;               /* extended L2 entries: no fast path */
 	unsigned remote_inflight; /* atomic: submitted on threads without a slot, not done */
 	unsigned nclaimed;        /* atomic: slots claimed (0: nothing to publish for) */
 	struct fslot *slots;      /* FSLOTS */
-	struct q2req *muts;       /* write-type requests in flight (owner) */
+	char fast_pad1[64];
 	struct qcow2_ext_io ext;
 };
 

@@ -24,7 +24,10 @@ struct ctl_qstat {
 	uint64_t bytes;       /* data bytes of completed reads and writes */
 	uint64_t errors;      /* completed with a status other than OK */
 	struct blk_stats blk; /* blk_req_submit_stats(): this queue's requests */
-};
+	/* aligned: each queue's counters are written by the thread serving it,
+	 * on every request; unaligned, a queue's last line was its neighbour's
+	 * first */
+} __attribute__((aligned(64)));
 
 struct ctl {
 	/* Filled by vqcowd.c before ctl_start(). */

@@ -672,7 +672,10 @@ struct dqueue {
 	/* popped and not pushed: written by the thread that serves the queue
 	 * (a queue moves only with none, --io-threads-consolidate) */
 	unsigned inflight;
-};
+	/* A line of its own: the thread serving queue 0 wrote inflight and
+	 * dirty on every request into the line from which the one serving
+	 * queue 1 read its vq and dirty (200 bytes each, unaligned). */
+} __attribute__((aligned(64)));
 
 /*
  * An I/O thread (--io-threads N > 1; id 1..N-1, the main thread is thread
@@ -753,14 +756,17 @@ struct daemon {
 	unsigned cons_run;     /* CONS_RUN */
 	uint64_t cons_hold_ns; /* VQCOWD_TEST_CONS_HOLD (cons_hold), 0 = none */
 	unsigned ngathered;    /* I/O threads whose queues the main thread serves */
-	unsigned minflight;    /* popped on the main thread, not pushed yet */
-	unsigned high_run;     /* high requests the main thread popped in a row */
-	unsigned zwin;         /* requests the main thread popped since its last look (CONS_ZWIN) */
-	uint64_t minflated;    /* the main thread's requests that inflated (req_push) */
-	uint64_t zwin_at;      /* minflated at the last look */
+	/* Written by the main thread on every request: a line of their own,
+	 * apart from what the I/O threads read on theirs (cons_run, ...).
+	 * minflight: popped on the main thread, not pushed yet. */
+	unsigned minflight __attribute__((aligned(64)));
+	unsigned high_run;  /* high requests the main thread popped in a row */
+	unsigned zwin;      /* requests the main thread popped since its last look (CONS_ZWIN) */
+	uint64_t minflated; /* the main thread's requests that inflated (req_push) */
+	uint64_t zwin_at;   /* minflated at the last look */
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
-	bool pausing;       /* under mt_lock */
-	unsigned pause_depth; /* main thread only */
+	bool pausing __attribute__((aligned(64))); /* under mt_lock */
+	unsigned pause_depth;                      /* main thread only */
 	uint64_t nparks;      /* pause_all() parked the I/O threads (a debug line at exit) */
 	bool test_late_posts; /* VQCOWD_TEST_LATE_POSTS (threads_stop), a test seam */
 	struct iothread *threads_mem; /* the threads after threads_exit, freed last */

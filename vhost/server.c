@@ -48,11 +48,12 @@ struct vhost_dev *vhost_dev_new(struct vhost_server *srv, const struct vhost_dev
 		nvqs = 1;
 	if (nvqs > 256)
 		nvqs = 256;
-	dev->vqs = calloc(nvqs, sizeof(*dev->vqs));
+	dev->vqs = aligned_alloc(_Alignof(struct vhost_vq), nvqs * sizeof(*dev->vqs));
 	if (!dev->vqs) {
 		free(dev);
 		return NULL;
 	}
+	memset(dev->vqs, 0, nvqs * sizeof(*dev->vqs));
 	dev->nvqs = nvqs;
 	for (unsigned i = 0; i < nvqs; i++)
 		vhost_vq_init(dev, &dev->vqs[i], i);
