@@ -2868,6 +2868,11 @@ int main(int argc, char **argv)
 		execve("/nonexistent/vqcowd-seccomp-test", args, environ);
 		log_err("test hook: execve was not stopped: %s", strerror(errno));
 	}
+	/* before "serving", which tests and scripts wait for as the sign of a
+	 * daemon ready and done saying how it runs */
+	if (d.consolidate)
+		logmsg("--io-threads-consolidate: at low load the I/O threads' queues move to the "
+		       "main thread");
 	logmsg("serving %s on %s (%u queue%s of up to %u, %s)", o.blk_file,
 	       o.socket_path ? o.socket_path : "the given fd", o.num_queues,
 	       o.num_queues > 1 ? "s" : "", o.queue_size,
@@ -2882,9 +2887,6 @@ int main(int argc, char **argv)
 			? "each thread serves its queues' rings and image I/O"
 			: "each thread serves its queues' rings; the I/O threads serve cached "
 			  "clusters and hand the rest to the main thread, which owns the metadata");
-	if (d.consolidate)
-		logmsg("--io-threads-consolidate: at low load the I/O threads' queues move to the "
-		       "main thread");
 
 	if (o.incoming)
 		logmsg("incoming migration: the image stays unlocked until the rings start");
