@@ -625,20 +625,25 @@ static int parse_args(int argc, char **argv, struct options *o)
  * test seam) during which the main thread popped no high one, and the main
  * thread gives them back after CONS_SPREAD_RUN high requests in a row.
  * Inflates (blk_req_inflated: a compressed cluster, ~45 us of CPU each): a
- * run in which more than 1 of CONS_ZFRAC of the thread's requests inflated
- * is not low (the thread does CPU work worth a core of its own), and the
- * main thread, looking every CONS_ZWIN requests it pops, gives the queues
- * back when more than 1 of CONS_ZFRAC of those inflated (it is CPU-bound,
- * not waiting on the disk), which also counts as a high request for the
- * I/O threads' runs. A sequential read of a compressed image inflates 1
- * request of 16 (the inflated clusters kept serve the others) and moves; a
- * random one inflates nearly every request and stays on two threads.
+ * run in which more than 1 of CONS_ZRUN_FRAC of the thread's requests
+ * inflated is not low (the thread does CPU work worth a core of its own),
+ * and the main thread, looking every CONS_ZWIN requests it pops, gives the
+ * queues back when more than 1 of CONS_ZWIN_FRAC of those inflated (it is
+ * CPU-bound, not waiting on the disk), which also counts as a high request
+ * for the I/O threads' runs. The two fractions differ on purpose: a load
+ * between them stays where it is, instead of moving over after each run
+ * and back after the next window whose count happens to be high (at 1 in
+ * 8, 17 or more of 64 inflate in one window of ~560). A sequential read of a
+ * compressed image inflates 1 request of 16 (the inflated clusters kept
+ * serve the others) and moves; a random one inflates nearly every request
+ * and stays on two threads.
  */
 #define CONS_QD         1
 #define CONS_RUN        256
 #define CONS_SPREAD_RUN 16
-#define CONS_ZFRAC      4
-#define CONS_ZWIN       32
+#define CONS_ZRUN_FRAC  8
+#define CONS_ZWIN       64
+#define CONS_ZWIN_FRAC  4
 
 struct iothread;
 
@@ -1282,10 +1287,10 @@ static unsigned d_running(struct daemon *d)
  * handing its queues over (giving: it pops none of them, t_defer posts
  * cons_gather once its requests ended) after cons_run low requests in a
  * row during which the main thread popped no high one (d->main_high
- * unchanged) and at most 1 of CONS_ZFRAC of its requests inflated; the main
+ * unchanged) and at most 1 of CONS_ZRUN_FRAC of its requests inflated; the main
  * thread, serving them, starts giving them back (returning, cons_spread)
  * after CONS_SPREAD_RUN high requests in a row, or when more than 1 of
- * CONS_ZFRAC of the last CONS_ZWIN requests it popped inflated (zreturn).
+ * CONS_ZWIN_FRAC of the last CONS_ZWIN requests it popped inflated (zreturn).
  * Inflates are counted as the requests end (req_push, on the thread that
  * popped them, which is where a request's inflate runs: the image's loop for
  * the main thread's, the request's loop for an I/O thread's); nothing is
@@ -1298,8 +1303,8 @@ static void cons_popped(struct daemon *d, unsigned idx)
 
 	if (!t) {
 		if (++d->zwin >= CONS_ZWIN) {
-			/* more than 1 of CONS_ZFRAC of the last CONS_ZWIN inflated */
-			bool cpu = d->minflated - d->zwin_at > CONS_ZWIN / CONS_ZFRAC;
+			/* more than 1 of CONS_ZWIN_FRAC of the last CONS_ZWIN inflated */
+			bool cpu = d->minflated - d->zwin_at > CONS_ZWIN / CONS_ZWIN_FRAC;
 
 			d->zwin = 0;
 			d->zwin_at = d->minflated;
@@ -1339,8 +1344,8 @@ static void cons_popped(struct daemon *d, unsigned idx)
 	}
 	if (t->low_run < d->cons_run << t->backoff)
 		return;
-	/* not low if more than 1 of CONS_ZFRAC of them inflated */
-	if (t->ninflated - t->inflated_at > t->low_run / CONS_ZFRAC) {
+	/* not low if more than 1 of CONS_ZRUN_FRAC of them inflated */
+	if (t->ninflated - t->inflated_at > t->low_run / CONS_ZRUN_FRAC) {
 		t->low_run = 0;
 		return;
 	}
