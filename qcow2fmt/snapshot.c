@@ -11,9 +11,12 @@
  * tables says "refcount exactly 1: write in place".
  *
  * Crash safety (a kill or power loss at any point leaks at most):
- *  - refcount raises are durable (refcount blocks, then the refcount table
- *    for new blocks, each followed by a sync) before anything that needs them
- *    is written: the L1 copy, the new snapshot table, the header;
+ *  - create writes the L1 copy and the new snapshot table first, into
+ *    clusters nothing names and whose refcount is 0 on disk; then the
+ *    refcount raises are made durable (refcount blocks, then the refcount
+ *    table for new blocks, each followed by a sync) before anything that
+ *    needs them is written: the COPIED changes, the header; delete's
+ *    raises (its new table) are durable before the table is written;
  *  - create clears COPIED in the active tables (synced) before the header
  *    names the new snapshot, so no writer can overwrite what it shares;
  *  - delete first commits the table without the snapshot (header synced),
@@ -34,6 +37,15 @@
  * A crash can leave clusters whose refcount is too high (leaks) and COPIED
  * flags that disagree with such a refcount; `qemu-img check -r all` (or
  * `-r leaks`, for most windows) repairs both; no refcount is ever too low.
+ *
+ * Failure (an error returned, not a crash: ENOSPC, EIO): a create that fails
+ * before the header names its snapshot leaves the image as it was. Until its
+ * refcounts reach the disk nothing is to undo; after that it lowers them
+ * again and restores COPIED (create_undo), so that `qemu-img check` finds no
+ * error (COPIED set on a cluster whose refcount is 2 is one, and a write in
+ * place there would be wrong once a snapshot did share it). Once the header
+ * write succeeded, nothing is undone (the snapshot may be named): a later
+ * failure leaks the old table at most, and the snapshot is reported made.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -814,14 +826,42 @@ int qcow2_snapshot_list_io(const struct qcow2_io *io, const char *name,
 	return ret;
 }
 
+/*
+ * A create that failed after its refcount raises began to reach the disk and
+ * before the header named the snapshot: lower again (in memory) what it
+ * raised (the active table's walk, the L1 copy's and the new table's
+ * clusters), write the refcounts back, then make COPIED say again what the
+ * refcounts say (the L1 table written whatever it holds in memory). The
+ * image is then as before, but for refcount blocks or a refcount table the
+ * allocation added (leaked at most). A crash in the middle leaves raises
+ * (leaks) and COPIED flags missing (harmless): never a refcount too low.
+ */
+static int create_undo(struct sctx *c, uint64_t l1_off, uint64_t l1_bytes, uint64_t tab_off,
+		       uint64_t tlen)
+{
+	struct qcow2_oimg *im = c->im;
+	int ret = walk_refs(c, im->l1, im->h.l1_size, -1);
+
+	if (ret == 0)
+		ret = rc_add_range(c, l1_off, l1_bytes, -1);
+	if (ret == 0)
+		ret = rc_add_range(c, tab_off, tlen, -1);
+	if (ret == 0)
+		ret = rc_flush(c);
+	if (ret == 0)
+		ret = fix_copied(c, im->l1, im->h.l1_size, im->h.l1_table_offset, true);
+	return ret;
+}
+
 int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 			     struct qcow2_snap_desc *sn, unsigned flags, char *err, size_t errlen)
 {
 	struct qcow2_oimg im;
 	struct sctx c = {0};
-	uint64_t l1_off = 0, l1_bytes, tlen, old_off, old_len, max_id = 0;
-	uint8_t *tab = NULL, *l1c = NULL;
+	uint64_t l1_off = 0, l1_bytes, tlen, tab_off = 0, old_off, old_len, max_id = 0;
+	uint8_t *tab = NULL, *l1c = NULL, hdr[12];
 	uint32_t cnt;
+	bool undo = false;
 	int ret;
 
 	ret = open_rw(&im, io, name, err, errlen);
@@ -856,7 +896,12 @@ int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 	ret = ctx_init(&c, &im, err, errlen);
 	if (ret < 0)
 		goto out;
-	/* 1. The L1 copy's clusters, and every raise the snapshot brings. */
+	/*
+	 * 1. In memory: the L1 copy's clusters, every raise the snapshot
+	 * brings, the new table and its clusters. Nothing is written yet, so
+	 * a failure here (no room, a refcount that would overflow) changes
+	 * nothing.
+	 */
 	l1_bytes = (uint64_t)im.h.l1_size * 8;
 	if (l1_bytes) {
 		ret = alloc(&c, (l1_bytes + c.cs - 1) >> c.cb, &l1_off);
@@ -866,7 +911,19 @@ int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 	ret = walk_refs(&c, im.l1, im.h.l1_size, 1);
 	if (ret < 0)
 		goto out;
-	/* 2. The L1 copy (COPIED means nothing outside the active table). */
+	ret = build_table(&c, -1, sn, im.h.l1_size, l1_off, &tab, &tlen, &cnt);
+	if (ret < 0)
+		goto out;
+	if (tlen) {
+		ret = alloc(&c, (tlen + c.cs - 1) >> c.cb, &tab_off);
+		if (ret < 0)
+			goto out;
+	}
+	/*
+	 * 2. The L1 copy (COPIED means nothing outside the active table) and
+	 * the new table, into clusters nothing names and whose refcount is 0
+	 * on disk: a failure here leaves the image as it was.
+	 */
 	l1c = malloc(l1_bytes + 1);
 	if (!l1c) {
 		ret = -ENOMEM;
@@ -874,9 +931,6 @@ int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 	}
 	for (uint32_t i = 0; i < im.h.l1_size; i++)
 		qcow2_put_be64(l1c + (size_t)i * 8, im.l1[i] & ~QCOW2_OFLAG_COPIED);
-	ret = rc_flush(&c); /* raises durable before anything uses them */
-	if (ret < 0)
-		goto out;
 	if (l1_bytes) {
 		ret = qcow2_io_write(io, l1c, l1_bytes, l1_off);
 		if (ret < 0) {
@@ -885,24 +939,62 @@ int qcow2_snapshot_create_io(const struct qcow2_io *io, const char *name,
 			goto out;
 		}
 	}
-	/* 3. Writes to anything shared must copy from now on. */
+	if (tlen) {
+		ret = qcow2_io_write(io, tab, tlen, tab_off);
+		if (ret < 0) {
+			ret = qcow2_seterr(err, errlen, ret, "writing the snapshot table: %s",
+					   strerror(-ret));
+			goto out;
+		}
+	}
+	/*
+	 * 3. The raises durable (their sync covers the L1 copy and the table
+	 * too). From here until the header names the snapshot, a failure
+	 * undoes them (create_undo).
+	 */
+	undo = true;
+	ret = rc_flush(&c);
+	if (ret < 0)
+		goto out;
+	/* 4. Writes to anything shared must copy from now on. */
 	ret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset, false);
 	if (ret < 0)
 		goto out;
-	/* 4. The table with the new entry, then the header naming it. */
-	ret = build_table(&c, -1, sn, im.h.l1_size, l1_off, &tab, &tlen, &cnt);
-	if (ret < 0)
-		goto out;
+	/* 5. The header names the table (count and offset: 12 bytes in one sector). */
 	old_off = im.h.snapshots_offset;
 	old_len = im.h.nb_snapshots ? im.snapbuf_len : 0;
-	ret = commit_table(&c, tab, tlen, cnt);
+	qcow2_put_be32(hdr, cnt);
+	qcow2_put_be64(hdr + 4, tab_off);
+	ret =
+	    qcow2_io_write(io, hdr, sizeof(hdr), offsetof(struct qcow2_header_disk, nb_snapshots));
+	if (ret < 0) {
+		ret = qcow2_seterr(err, errlen, ret, "writing the header: %s", strerror(-ret));
+		goto out;
+	}
+	/* written: from here the snapshot may be named, nothing is undone */
+	undo = false;
+	ret = sync_io(&c);
 	if (ret < 0)
 		goto out;
-	/* 5. The old table is free. */
-	ret = rc_add_range(&c, old_off, old_len, -1);
-	if (ret == 0)
-		ret = rc_flush(&c);
+	/* 6. The old table is free (a failure only leaks it: the snapshot is made). */
+	if (rc_add_range(&c, old_off, old_len, -1) == 0)
+		rc_flush(&c);
+	ret = 0;
 out:
+	if (undo) {
+		char uerr[300] = "";
+		int uret;
+
+		c.err = uerr;
+		c.errlen = sizeof(uerr);
+		uret = create_undo(&c, l1_off, l1_bytes, tab_off, tlen);
+		if (uret < 0 && err && errlen) {
+			size_t l = strnlen(err, errlen - 1);
+
+			snprintf(err + l, errlen - l, "; undoing the refcount changes: %s",
+				 uerr[0] ? uerr : strerror(-uret));
+		}
+	}
 	free(tab);
 	free(l1c);
 	ctx_free(&c);
