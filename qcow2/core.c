@@ -272,6 +272,7 @@ struct qcow2_io q2_file_io(struct io_file *f)
 	    .sync = file_sync,
 	    .size = file_size,
 	    .opaque = f,
+	    .fixed_size = (f->flags & IO_FILE_BLOCKDEV) != 0,
 	};
 }
 

@@ -676,8 +676,9 @@ static uint64_t give_back_tail(struct io_file *file, const char *path)
 
 	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) < 0)
 		end = 0;
-	if (end && io_file_get_size(file, &size) == 0 && size > end &&
-	    ftruncate(file->fd, (off_t)end) < 0)
+	/* a block device has no tail to give back (ftruncate fails there) */
+	if (end && !(file->flags & IO_FILE_BLOCKDEV) && io_file_get_size(file, &size) == 0 &&
+	    size > end && ftruncate(file->fd, (off_t)end) < 0)
 		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
 	if (io_file_get_size(file, &file->size) < 0)
 		file->size = 0; /* re-read at the next open anyway */
@@ -765,8 +766,10 @@ int qcow2_snapshot_file(struct io_file *file, const char *path, char op, struct 
 	}
 	if (ret < 0)
 		qcow2_seterr(err, errlen, ret, "%s", msg[0] ? msg : strerror(-ret));
-	else
-		give_back_tail(file, path);
+	/* failed too: a create writes its L1 copy and table past the end of
+	 * what is in use before anything names them (their refcounts 0 again
+	 * once it undid its raises); the cut follows the refcounts on disk */
+	give_back_tail(file, path);
 	if (f && f->n) {
 		*freed = f;
 		f = NULL;

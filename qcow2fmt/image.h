@@ -49,6 +49,9 @@ struct qcow2_io {
 	int (*sync)(void *opaque); /* written data durable */
 	int (*size)(void *opaque, uint64_t *size);
 	void *opaque;
+	/* the file cannot grow (a block device): edits allocate below its
+	 * size and fail with -ENOSPC when that is full */
+	bool fixed_size;
 };
 
 static inline int qcow2_io_read(const struct qcow2_io *io, void *buf, size_t len, uint64_t off)

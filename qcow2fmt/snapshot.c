@@ -69,6 +69,7 @@ struct sctx {
 	uint64_t rt_new_off; /* a grown table not yet named by the header (0: none) */
 	uint64_t rt_new_cl;  /* its clusters */
 	uint64_t next;       /* allocation cursor (cluster index) */
+	uint64_t limit;      /* clusters the file can hold (UINT64_MAX: it grows) */
 	uint64_t *freed;     /* clusters whose refcount dropped to 0 */
 	size_t nfreed, freed_cap;
 	uint64_t to_one; /* refcounts lowered to exactly 1 (COPIED may now be set) */
@@ -83,6 +84,8 @@ struct sctx {
 
 #define FAIL(c, ret, ...) qcow2_seterr((c)->err, (c)->errlen, ret, __VA_ARGS__)
 
+static int bmd_front(struct sctx *c, uint64_t *front);
+
 static int ctx_init(struct sctx *c, struct qcow2_oimg *im, char *err, size_t errlen)
 {
 	memset(c, 0, sizeof(*c));
@@ -96,10 +99,20 @@ static int ctx_init(struct sctx *c, struct qcow2_oimg *im, char *err, size_t err
 	c->err = err;
 	c->errlen = errlen;
 	c->next = (im->file_size + c->cs - 1) >> c->cb;
+	c->limit = UINT64_MAX;
 	c->rb = calloc(c->nrb ? c->nrb : 1, sizeof(*c->rb));
 	c->rb_dirty = calloc(c->nrb ? c->nrb : 1, 1);
 	if (!c->rb || !c->rb_dirty)
 		return -ENOMEM;
+	/*
+	 * A block device: its size is not the end of what is in use (that
+	 * put every new cluster past the device's end); allocate from one past
+	 * the last cluster with a refcount, and never past the device.
+	 */
+	if (c->io->fixed_size) {
+		c->limit = im->file_size >> c->cb;
+		return bmd_front(c, &c->next);
+	}
 	return 0;
 }
 
@@ -228,6 +241,10 @@ static int rt_grow(struct sctx *c, uint64_t a, uint64_t need)
 	if (ret < 0)
 		return FAIL(c, ret, "the refcount table would exceed %u bytes",
 			    QCOW2_MAX_REFTABLE_BYTES);
+	if (a > c->limit || nb + nt > c->limit - a)
+		return FAIL(c, -ENOSPC,
+			    "no room on the device (%" PRIu64 " bytes) for a larger refcount table",
+			    c->im->file_size);
 	rt = realloc(c->im->rt, entries * sizeof(*rt));
 	if (!rt)
 		return -ENOMEM;
@@ -272,12 +289,20 @@ static int rt_grow(struct sctx *c, uint64_t a, uint64_t need)
 /*
  * Reserve @n contiguous free clusters past the end of everything (refcount 1
  * in memory; durable at the next rc_flush). A missing refcount block is
- * created in the first cluster it is needed for, describing itself.
+ * created in the first cluster it is needed for, describing itself. On a
+ * block device, -ENOSPC where the clusters (or a grown refcount table,
+ * rt_grow) would pass its end: before anything is written.
  */
 static int alloc(struct sctx *c, uint64_t n, uint64_t *off)
 {
 	for (;;) {
 		uint64_t s = c->next, k;
+
+		if (s > c->limit || n > c->limit - s)
+			return FAIL(c, -ENOSPC,
+				    "no room for %" PRIu64 " more clusters on the device (%" PRIu64
+				    " bytes)",
+				    n, c->im->file_size);
 
 		for (k = s; k < s + n; k++) {
 			uint64_t idx = k >> c->rbb, v;

@@ -132,12 +132,15 @@ static int fdio_size(void *opaque, uint64_t *size)
 
 struct qcow2_io qcow2_fd_io(int fd)
 {
+	struct stat st;
+
 	return (struct qcow2_io){
 	    .read = fdio_read,
 	    .write = fdio_write,
 	    .sync = fdio_sync,
 	    .size = fdio_size,
 	    .opaque = (void *)(intptr_t)fd,
+	    .fixed_size = fstat(fd, &st) == 0 && S_ISBLK(st.st_mode),
 	};
 }
 

@@ -164,7 +164,7 @@ static bool offline(const uint8_t *data, size_t size)
 {
 	struct memfile m = {.buf = malloc(size ? size : 1), .len = size, .cap = size ? size : 1};
 	struct qcow2_io ro = {.read = mem_read, .size = mem_size, .opaque = &m};
-	struct qcow2_io rw = {mem_read, mem_write, mem_sync, mem_size, &m};
+	struct qcow2_io rw = {mem_read, mem_write, mem_sync, mem_size, &m, false};
 	struct qcow2_tool_cb cb = {.msg = quiet_msg};
 	struct qcow2_check_result res;
 	struct qcow2_oimg im;

@@ -21,6 +21,14 @@
 #     drop, and zero-ahead stays on (its description of the device was
 #     opened with the image, before the drop: qcow2_opts.zah_keep); writes
 #     with verify, qemu-img check.
+#  4. Internal snapshots (--qmp, no zero-ahead): 500 random writes,
+#     blockdev-snapshot-internal-sync succeeds (its clusters below the
+#     device's end: the device's size is not the end of what is in use),
+#     writes after it, `qemu-img check` clean, no "giving back the unused
+#     tail" (a device is not cut). Then on a device cut at the image's end
+#     (the whole image written, losetup --sizelimit): the snapshot fails
+#     with ENOSPC, writes go on, `qemu-img check` finds no error, the
+#     snapshot is not listed.
 # Needs root (losetup) and a loop device whose queue offloads write-zeroes
 # (write_zeroes_max_bytes > 0); skips (exit 77) otherwise.
 set -u
@@ -177,6 +185,67 @@ check || fail "qemu-img check after --user"
 no_marker user
 grep -q "zero-ahead off\|zeroing ahead on the device failed" "$log" &&
 	fail "--user: zero-ahead turned itself off: $(grep zero "$log")"
+
+# 4. internal snapshots on the device (--qmp, no zero-ahead)
+qmp() { # NAME ok|fail: blockdev-snapshot-internal-sync NAME, its outcome
+	PYTHONPATH="$(dirname "$0")" python3 - "$dir/q.sock" "$1" "$2" <<'EOF'
+import sys
+from qmplib import Qmp
+r = Qmp(sys.argv[1]).cmd("blockdev-snapshot-internal-sync",
+                         {"device": "disk0", "name": sys.argv[2]})
+print(r)
+sys.exit(0 if ("return" in r) == (sys.argv[3] == "ok") else 1)
+EOF
+}
+serve_qmp() {
+	rm -f "$sock" "$dir/q.sock"
+	"$vqcowd" --socket-path "$sock" --blk-file "$dev" --format qcow2 --qmp "$dir/q.sock" \
+		>>"$log" 2>&1 &
+	pid=$!
+	it_wait_serving "$pid" "$sock" "$log" vqcowd
+}
+# 4a. room on the device: the snapshot fits below its end
+qemu-img create -q -f qcow2 -o cluster_size=65536 "$dev" $size
+: >"$log"
+serve_qmp || it_finish "$log"
+"$fe" bench "$sock" --rw randwrite --bs 4K --size $((8 << 20)) --number-ios 500 --verify \
+	--seed 7 >/dev/null || fail "snapshot: writes before"
+qmp s1 ok >"$dir/qmp.out" || fail "snapshot on the device: $(cat "$dir/qmp.out")"
+"$fe" bench "$sock" --rw randwrite --bs 4K --size $((8 << 20)) --number-ios 500 --verify \
+	--seed 8 >/dev/null || fail "snapshot: writes after"
+it_stop
+check || fail "qemu-img check after the snapshot on the device"
+qemu-img snapshot -l "$dev" | grep -q " s1 " || fail "snapshot s1 not listed"
+grep -q "giving back the unused tail" "$log" && fail "the device's tail: $(grep tail "$log")"
+# 4b. a full device: the image written whole, the device cut at its end (a
+# loop device with --sizelimit over the same file): the snapshot finds no
+# room, fails (ENOSPC), and the image is as before and stays usable
+qemu-img create -q -f qcow2 -o cluster_size=65536 "$dev" $size
+: >"$log"
+serve_qmp || it_finish "$log"
+"$fe" bench "$sock" --rw write --bs 1M --size $size --number-ios $((size >> 20)) >/dev/null ||
+	fail "full: writing the image"
+it_stop
+end=$(qemu-img check --output=json "$dev" | python3 -c \
+	'import json,sys; print(json.load(sys.stdin)["image-end-offset"])')
+losetup -d "$dev"
+if ! dev=$(losetup --direct-io=on --sizelimit "$end" -f --show "$dir/backing"); then
+	dev=
+	fail "no loop device of $end bytes"
+	it_finish "$log"
+fi
+serve_qmp || it_finish "$log"
+qmp s2 fail >"$dir/qmp.out" || fail "snapshot on the full device did not fail: $(cat "$dir/qmp.out")"
+grep -q "No space left on device\|no room" "$dir/qmp.out" ||
+	fail "snapshot on the full device: not ENOSPC: $(cat "$dir/qmp.out")"
+"$fe" bench "$sock" --rw randwrite --bs 4K --size $((8 << 20)) --number-ios 500 --verify \
+	--seed 9 >/dev/null || fail "full: writes after the failed snapshot"
+it_stop
+check
+rc=$?
+[ $rc = 0 ] || [ $rc = 3 ] || fail "qemu-img check exit $rc after the failed snapshot"
+qemu-img snapshot -l "$dev" | grep -q " s2 " && fail "the failed snapshot s2 is listed"
+grep -q "giving back the unused tail" "$log" && fail "the device's tail: $(grep tail "$log")"
 it_finish "$log"
 "$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size $((8 << 20)) --number-ios 2000 \
 	--verify --seed 5 --flush-every 64 >/dev/null || fail "--user: writes before the snapshot"

@@ -96,7 +96,7 @@ static int c_size(void *o, uint64_t *size)
 static int run_op(const char *base, const char *work, char op, long budget, unsigned *writes)
 {
 	struct cio c = {.budget = budget, .fail_at = -1};
-	struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+	struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c, false};
 	struct qcow2_snap_desc sn;
 	char err[300] = "";
 	int ret;
@@ -346,7 +346,7 @@ static void fail_each_write_on(const char *opts, const char *fill)
 	CU_ASSERT_FATAL(run_op(base, work, 'c', -1, &total) == 0);
 	for (long n = 0; n < (long)total; n++) {
 		struct cio c = {.budget = -1, .fail_at = n};
-		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c, false};
 		struct qcow2_snap_desc sn;
 		char err[300] = "";
 		bool made, errors;
@@ -468,7 +468,7 @@ static void test_apply_bitmaps(void)
 			q) == 0);
 	{
 		struct cio c = {.budget = -1, .fail_at = -1};
-		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c, false};
 		char err[300] = "";
 
 		c.fd = open(img, O_RDWR);
@@ -507,7 +507,7 @@ static void bitmap_crash(bool with_bm, char op, const char *name)
 	CU_ASSERT_FATAL(tu_sh(list, base, old) == 0);
 	for (long n = -1; n <= (long)total; n++) {
 		struct cio c = {.budget = n, .fail_at = -1};
-		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c};
+		struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c, false};
 		char err[300] = "";
 		int ret;
 
