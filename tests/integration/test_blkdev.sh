@@ -29,6 +29,11 @@
 #     (the whole image written, losetup --sizelimit): the snapshot fails
 #     with ENOSPC, writes go on, `qemu-img check` finds no error, the
 #     snapshot is not listed.
+#  5. An internal snapshot under --user nobody with zero-ahead and --qmp: the
+#     snapshot's edits and the engine's reopen after it happen after the
+#     privilege drop, on the descriptions opened with the image; writes with
+#     verify before and after, `qemu-img check` clean, no marker, zero-ahead
+#     never off.
 # Needs root (losetup) and a loop device whose queue offloads write-zeroes
 # (write_zeroes_max_bytes > 0); skips (exit 77) otherwise.
 set -u
@@ -246,10 +251,27 @@ rc=$?
 [ $rc = 0 ] || [ $rc = 3 ] || fail "qemu-img check exit $rc after the failed snapshot"
 qemu-img snapshot -l "$dev" | grep -q " s2 " && fail "the failed snapshot s2 is listed"
 grep -q "giving back the unused tail" "$log" && fail "the device's tail: $(grep tail "$log")"
-it_finish "$log"
+
+# 5. an internal snapshot under --user with zero-ahead: the snapshot's own
+# opening of the image and the engine's reopen after it happen after the
+# privilege drop (the descriptions opened with the image serve both)
+losetup -d "$dev"
+if ! dev=$(losetup --direct-io=on -f --show "$dir/backing"); then
+	dev=
+	fail "no loop device over the whole file"
+	it_finish "$log"
+fi
+stale
+qemu-img create -q -f qcow2 -o cluster_size=65536 "$dev" $size
+: >"$log"
+rm -f "$sock" "$dir/q.sock"
+"$vqcowd" --socket-path "$sock" --blk-file "$dev" --format qcow2 --blockdev-zero-ahead \
+	--user nobody --qmp "$dir/q.sock" >>"$log" 2>&1 &
+pid=$!
+it_wait_serving "$pid" "$sock" "$log" vqcowd || it_finish "$log"
 "$fe" bench "$sock" --rw randwrite --bs 4K --iodepth 32 --size $((8 << 20)) --number-ios 2000 \
 	--verify --seed 5 --flush-every 64 >/dev/null || fail "--user: writes before the snapshot"
-PYTHONPATH="$(dirname "$0")" python3 - "$dir/q.sock" <<'EOF' || fail "--user: internal snapshot"
+PYTHONPATH="$(dirname "$0")" python3 - "$dir/q.sock" <<'EOF' || fail "--user: internal snapshot: $(tail -3 "$log")"
 import sys
 from qmplib import Qmp
 Qmp(sys.argv[1]).ret("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "s1"})
