@@ -493,7 +493,6 @@ void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_s
 	req->io.done = req_io_done;
 	req->io.priv = req;
 	req->io.loop = req->loop;
-	req->io.inflated = false; /* (a request that never reaches the image) */
 	req->t0 = now_ns();
 
 	if (!req_parse(req, &hdr, &out_iov, &out_cnt, &in_iov, &in_cnt)) {

@@ -162,17 +162,6 @@ void blk_req_submit(struct blk_dev *dev, struct blk_req *req);
  */
 void blk_req_submit_stats(struct blk_dev *dev, struct blk_req *req, struct blk_stats *stats);
 
-/*
- * In @req's complete(), on its thread: the image inflated a compressed
- * cluster for it (img_io.inflated: CPU work of tens of microseconds, on the
- * request's loop's thread, or the image's for a request of the image's
- * thread). False for every other request.
- */
-static inline bool blk_req_inflated(const struct blk_req *req)
-{
-	return req->io.inflated;
-}
-
 /* Requests submitted but not yet completed (held ones not counted). */
 unsigned blk_dev_inflight(const struct blk_dev *dev);
 

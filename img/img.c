@@ -426,7 +426,6 @@ static void io_setup(struct img_io *io, uint8_t op, unsigned flags, struct iovec
 	io->iovcnt = iovcnt;
 	io->off = off;
 	io->len = len;
-	io->inflated = false;
 	io->err = 0;
 	io->stage = 0;
 	io->pos = 0;

@@ -90,13 +90,6 @@ struct img_io {
 	uint64_t off;
 	uint64_t len;
 
-	/* Set by the implementation before done() (cleared at submission): the
-	 * request inflated a compressed cluster (CPU work of ~45 us for a 64 KiB
-	 * zlib cluster, on @loop's thread or the image's; a read served from an
-	 * inflated cluster kept, or joining one being inflated, did not).
-	 * vqcowd's --io-threads-consolidate counts them (blk_req_inflated). */
-	bool inflated;
-
 	/* Private to the implementation. */
 	struct io_cmd cmd;   /* enough for a single-extent request */
 	void *impl;          /* implementation's per-request context, if it needs more */

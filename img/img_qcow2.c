@@ -1360,12 +1360,10 @@ static void inflate_back(struct io_cmd *cmd, int res)
 	struct q2img *m = sub->r->m;
 
 	(void)res;
-	if (sub->ires < 0) {
+	if (sub->ires < 0)
 		vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-	} else {
+	else
 		m->n_inflated++;
-		sub->r->io->inflated = true; /* (it inflated on the requester's thread) */
-	}
 	comp_end(sub, sub->ires, sub->ibuf, true);
 }
 
@@ -1419,12 +1417,10 @@ static void comp_done(struct q2sub *sub, int res)
 		return;
 	}
 	ret = qcow2_decompress(m->q, (uint8_t *)sub->cbuf + sub->cskip, sub->cavail, buf, m->cs);
-	if (ret < 0) {
+	if (ret < 0)
 		vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-	} else {
+	else
 		m->n_inflated++;
-		r->io->inflated = true;
-	}
 	comp_end(sub, ret < 0 ? ret : 0, buf, false);
 }
 
@@ -1443,11 +1439,7 @@ static void sub_cmd_done(struct io_cmd *cmd, int res)
 
 static void sub_bio_done(struct img_io *io, int res)
 {
-	struct q2sub *sub = io->priv;
-
-	if (io->inflated)
-		sub->r->io->inflated = true; /* the backing file inflated for it */
-	sub_done(sub, res);
+	sub_done(io->priv, res);
 }
 
 /* ---- what step() issues ---- */
@@ -2371,7 +2363,6 @@ static void fast_done(struct io_cmd *cmd, int res)
 			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
 		} else {
 			__atomic_store_n(&s->n_inflated, s->n_inflated + 1, __ATOMIC_RELAXED);
-			f->io->inflated = true;
 			io_iov_from_buf(f->io->iov, f->io->iovcnt, 0, (uint8_t *)f->ibuf + f->coff,
 					(size_t)f->io->len);
 		}
@@ -2417,12 +2408,10 @@ static void fzc_filled(struct io_cmd *cmd, int res)
 
 	if (res >= 0) {
 		res = comp_inflate(m, f, res, e->buf);
-		if (res < 0) {
+		if (res < 0)
 			vlog(VLOG_ERROR, m->img.path, "compressed cluster data is corrupt");
-		} else {
+		else
 			__atomic_store_n(&s->n_inflated, s->n_inflated + 1, __ATOMIC_RELAXED);
-			f->io->inflated = true; /* the leader (its waiters did not) */
-		}
 	}
 	fbuf_put(m, s, f->cbuf);
 	f->cbuf = NULL;

@@ -624,26 +624,10 @@ static int parse_args(int argc, char **argv, struct options *o)
  * after cons_run low requests in a row (CONS_RUN; VQCOWD_TEST_CONS_RUN, a
  * test seam) during which the main thread popped no high one, and the main
  * thread gives them back after CONS_SPREAD_RUN high requests in a row.
- * Inflates (blk_req_inflated: a compressed cluster, ~45 us of CPU each): a
- * run in which more than 1 of CONS_ZRUN_FRAC of the thread's requests
- * inflated is not low (the thread does CPU work worth a core of its own),
- * and the main thread, looking every CONS_ZWIN requests it pops, gives the
- * queues back when more than 1 of CONS_ZWIN_FRAC of those inflated (it is
- * CPU-bound, not waiting on the disk), which also counts as a high request
- * for the I/O threads' runs. The two fractions differ on purpose: a load
- * between them stays where it is, instead of moving over after each run
- * and back after the next window whose count happens to be high (at 1 in
- * 8, 17 or more of 64 inflate in one window of ~560). A sequential read of a
- * compressed image inflates 1 request of 16 (the inflated clusters kept
- * serve the others) and moves; a random one inflates nearly every request
- * and stays on two threads.
  */
 #define CONS_QD         1
 #define CONS_RUN        256
 #define CONS_SPREAD_RUN 16
-#define CONS_ZRUN_FRAC  8
-#define CONS_ZWIN       64
-#define CONS_ZWIN_FRAC  4
 
 struct iothread;
 
@@ -719,10 +703,7 @@ struct iothread {
 	struct io_cmd move_cmd;
 	unsigned low_run;      /* low requests popped in a row */
 	uint64_t main_high_at; /* d->main_high when low_run began */
-	uint64_t ninflated;    /* its requests that inflated (req_push) */
-	uint64_t inflated_at;  /* ninflated when low_run began */
-	bool zreturn;          /* returning because the main thread inflates */
-	uint64_t ngather, nspread, nzspread;
+	uint64_t ngather, nspread;
 	/* cons_run << backoff low requests before the next try: a move refused
 	 * because the main thread would serve too many queues (cons_gather) */
 	unsigned backoff;
@@ -766,9 +747,6 @@ struct daemon {
 	 * minflight: popped on the main thread, not pushed yet. */
 	unsigned minflight __attribute__((aligned(64)));
 	unsigned high_run;  /* high requests the main thread popped in a row */
-	unsigned zwin;      /* requests the main thread popped since its last look (CONS_ZWIN) */
-	uint64_t minflated; /* the main thread's requests that inflated (req_push) */
-	uint64_t zwin_at;   /* minflated at the last look */
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
 	bool pausing __attribute__((aligned(64))); /* under mt_lock */
 	unsigned pause_depth;                      /* main thread only */
@@ -1094,13 +1072,6 @@ static void req_push(struct daemon *d, struct dreq *r, uint32_t used_len)
 				idx);
 		if (!r->t)
 			d->minflight--;
-		if (d->consolidate && blk_req_inflated(breq)) {
-			/* CPU work on this thread (cons_popped) */
-			if (r->t)
-				r->t->ninflated++;
-			else
-				d->minflated++;
-		}
 		if (r->t) {
 			r->t->inflight--;
 			if (!r->t->inflight && d->stopping)
@@ -1287,14 +1258,8 @@ static unsigned d_running(struct daemon *d)
  * handing its queues over (giving: it pops none of them, t_defer posts
  * cons_gather once its requests ended) after cons_run low requests in a
  * row during which the main thread popped no high one (d->main_high
- * unchanged) and at most 1 of CONS_ZRUN_FRAC of its requests inflated; the main
- * thread, serving them, starts giving them back (returning, cons_spread)
- * after CONS_SPREAD_RUN high requests in a row, or when more than 1 of
- * CONS_ZWIN_FRAC of the last CONS_ZWIN requests it popped inflated (zreturn).
- * Inflates are counted as the requests end (req_push, on the thread that
- * popped them, which is where a request's inflate runs: the image's loop for
- * the main thread's, the request's loop for an I/O thread's); nothing is
- * timed.
+ * unchanged); the main thread, serving them, starts giving them back
+ * (returning, cons_spread) after CONS_SPREAD_RUN high requests in a row.
  */
 static void cons_popped(struct daemon *d, unsigned idx)
 {
@@ -1302,23 +1267,6 @@ static void cons_popped(struct daemon *d, unsigned idx)
 	bool low = d->q[idx].inflight <= CONS_QD;
 
 	if (!t) {
-		if (++d->zwin >= CONS_ZWIN) {
-			/* more than 1 of CONS_ZWIN_FRAC of the last CONS_ZWIN inflated */
-			bool cpu = d->minflated - d->zwin_at > CONS_ZWIN / CONS_ZWIN_FRAC;
-
-			d->zwin = 0;
-			d->zwin_at = d->minflated;
-			if (cpu) {
-				/* not low for the I/O threads' runs */
-				__atomic_store_n(&d->main_high, d->main_high + 1, __ATOMIC_RELAXED);
-				for (unsigned i = 0; i < d->nthreads; i++) {
-					if (d->threads[i].gathered && !d->threads[i].returning) {
-						d->threads[i].returning = true;
-						d->threads[i].zreturn = true;
-					}
-				}
-			}
-		}
 		if (low && d->minflight <= POLL_INFLIGHT_MAX) {
 			d->high_run = 0;
 			return;
@@ -1339,16 +1287,10 @@ static void cons_popped(struct daemon *d, unsigned idx)
 	}
 	if (t->low_run++ == 0) {
 		t->main_high_at = __atomic_load_n(&d->main_high, __ATOMIC_RELAXED);
-		t->inflated_at = t->ninflated;
 		return;
 	}
 	if (t->low_run < d->cons_run << t->backoff)
 		return;
-	/* not low if more than 1 of CONS_ZRUN_FRAC of them inflated */
-	if (t->ninflated - t->inflated_at > t->low_run / CONS_ZRUN_FRAC) {
-		t->low_run = 0;
-		return;
-	}
 	t->low_run = 0;
 	if (__atomic_load_n(&d->main_high, __ATOMIC_RELAXED) == t->main_high_at) {
 		t->giving = true;
@@ -1453,9 +1395,7 @@ static int cons_move(struct daemon *d, struct iothread *t, bool gather)
 	} else {
 		d->ngathered--;
 		t->nspread++;
-		t->nzspread += t->zreturn;
 	}
-	t->zreturn = false;
 	return 0;
 }
 
@@ -1535,7 +1475,7 @@ static void cons_spread(struct daemon *d)
 {
 	for (unsigned k = 0; k < d->nthreads; k++) {
 		struct iothread *t = &d->threads[k];
-		bool busy = d->pause_depth > 0, zret;
+		bool busy = d->pause_depth > 0;
 		int ret;
 
 		if (!t->gathered || !t->returning)
@@ -1545,14 +1485,12 @@ static void cons_spread(struct daemon *d)
 		if (busy)
 			continue;
 		pause_all(d);
-		zret = t->zreturn;
 		ret = cons_move(d, t, false);
 		if (ret < 0)
-			t->returning = t->zreturn = false; /* it stays here */
+			t->returning = false; /* it stays here */
 		resume_all(d);
 		if (ret == 0)
-			log_dbg("I/O thread %u: its queues moved back to it (%s)", t->id,
-				zret ? "the main thread inflates" : "load");
+			log_dbg("I/O thread %u: its queues moved back to it (load)", t->id);
 		cons_kick(d, t);
 	}
 }
@@ -2018,17 +1956,15 @@ static void flush_done(struct img_io *io, int res)
 		img_describe(d->img, desc, sizeof(desc));
 		logmsg("image flushed; exiting (%s)", desc);
 		if (d->consolidate) {
-			unsigned long long g = 0, sp = 0, zsp = 0;
+			unsigned long long g = 0, sp = 0;
 
 			for (unsigned i = 0; i < d->nthreads; i++) {
 				g += d->threads[i].ngather;
 				sp += d->threads[i].nspread;
-				zsp += d->threads[i].nzspread;
 			}
 			logmsg("--io-threads-consolidate: I/O threads' queues moved to the main "
-			       "thread %llu times, back %llu times (%llu of them: the main thread "
-			       "inflated)",
-			       g, sp, zsp);
+			       "thread %llu times, back %llu times",
+			       g, sp);
 		}
 		if (d->nthreads)
 			log_dbg("I/O threads parked %llu times", (unsigned long long)d->nparks);

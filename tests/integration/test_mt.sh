@@ -35,9 +35,7 @@
 # --io-threads 3 (queues 0 and 3 on the main thread, two I/O threads moving);
 # the exit line must count moves both ways. At a steady QD1 on 4 queues the
 # queues of --io-threads 2 move, on 6 they stay (the main thread would give
-# them back: a move to and fro for nothing). At QD1 on 2 queues of a
-# compressed image (random reads: an inflate each) the queue stays on its
-# thread; moved by plain reads, it goes back once compressed ones follow.
+# them back: a move to and fro for nothing).
 # VQCOW_MT_THREADS (default 4) and VQCOW_MT_ROUNDS (default 16) for tuning;
 # VQCOW_MT_VQ_ARGS: more vqcowd options for every daemon this test starts
 # (e.g. --io-threads-consolidate=off, to run all of it with the switch off).
@@ -417,53 +415,6 @@ if [ "$threads" -gt 1 ]; then
 	cons_qd1 6
 	[ "$cmoves" = "queues moved to the main thread 0 times, back 0 times" ] ||
 		fail "6 queues at QD1: the I/O thread's queues moved (${cmoves:-no exit line})"
-
-	# 2 queues at QD1 on a compressed image, --io-threads 2: random reads
-	# inflate a cluster nearly each (128 clusters, 16 kept inflated), CPU
-	# work worth the second thread, so the I/O thread's queue stays; plain
-	# reads on the same daemon move it, and compressed reads after them
-	# send it back (the main thread inflates) for good. zmix.qcow2: 8 MiB
-	# compressed, then 8 MiB written at QD1 by the test (plain clusters).
-	# cons_z PHASE...: one daemon, a 2 s QD1 bench per phase (z: random
-	# reads of the compressed half; w, r: random writes, reads of the plain
-	# half); the moves in $zmoves.
-	cons_z() {
-		local ph off rw
-		echo "== consolidate: 2 queues at QD1 on a compressed image, phases $*"
-		env VQCOWD_TEST_CONS_RUN=16 "$vqcowd" --socket-path "$sock" \
-			--blk-file "$dir/zmix.qcow2" --format qcow2 --num-queues 2 --io-threads 2 \
-			--io-threads-consolidate --log-level debug 2>"$log" &
-		pid=$!
-		it_wait_serving "$pid" "$sock" "$log" "vqcowd (compressed, QD1)" || return
-		for ph in "$@"; do
-			off=$size rw=randread
-			[ "$ph" = z ] && off=0
-			[ "$ph" = w ] && rw=randwrite
-			"$fe" --queues 2 bench "$sock" --rw $rw --bs 4096 --iodepth 1 --numjobs 2 \
-				--runtime 2 --offset $off --size $size >/dev/null ||
-				fail "compressed, QD1, phase $ph: vqcow-fe bench failed"
-			echo "after $ph: $(grep -a -c 'its queues moved to the main thread' "$log") to the" \
-				"main thread, $(grep -a -c 'its queues moved back to it' "$log") back"
-		done
-		it_stop
-		zmoves=$(grep -a -o \
-			'queues moved to the main thread [0-9]* times, back [0-9]* times\( ([0-9]* of\)\?' \
-			"$log" | grep -o '[0-9]*' | tr '\n' ' ')
-		echo "moves: to, back, back as the main thread inflated: ${zmoves:-none}"
-	}
-	qemu-img convert -q -c -f raw -O qcow2 -o compression_type=zlib "$dir/base.raw" \
-		"$dir/zmix.qcow2"
-	qemu-img resize -q "$dir/zmix.qcow2" $((2 * size))
-	cons_z z
-	[ "$zmoves" = "0 0 0 " ] ||
-		fail "compressed, QD1: the I/O thread's queue moved (${zmoves:-no exit line})"
-	cons_z w r z
-	# shellcheck disable=SC2086
-	set -- $zmoves
-	if [ "${1:-0}" -lt 1 ] || [ "${2:-0}" -ne "$1" ] || [ "${3:-0}" -lt 1 ]; then
-		fail "plain then compressed, QD1: not moved for the plain reads, or not back for" \
-			"the compressed ones (${zmoves:-no exit line})"
-	fi
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
