@@ -3236,21 +3236,17 @@ static unsigned blk_zero_order(uint64_t lo, uint64_t hi)
 	return zeroings;
 }
 
-static void blkdev_case(unsigned variant)
+/* A qcow2 of @size on a device of @dev bytes (fake_set_blockdev) whose space
+ * past the image holds STALE; its name in @name. */
+static void blk_image(char *name, size_t len, uint64_t size, uint64_t dev)
 {
-	const uint64_t size = 32ull << 20, dev = 48ull << 20, cs = 65536;
-	struct qcow2_opts o = {
-	    .writeback_ms = 600000, .no_l2_prefetch = true, .blkdev_zero_ahead = variant != 0};
-	uint8_t *model = calloc(1, size), *stale = malloc(cs);
-	unsigned nw = 200, late = 0, order[512];
-	uint64_t zlo = 0, zhi = 0;
-	char name[64];
-	struct eng e;
+	const uint64_t cs = 65536;
+	uint8_t *stale = malloc(cs);
 	int fd, id;
 	off_t end;
 
-	/* the device: a new image, then the old bytes of whatever was there */
-	snprintf(name, sizeof(name), "blk%d.qcow2", g_nimg++);
+	CU_ASSERT_FATAL(stale != NULL);
+	snprintf(name, len, "blk%d.qcow2", g_nimg++);
 	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536 %s %llu",
 				    P(name), (unsigned long long)size),
 			      0);
@@ -3261,9 +3257,25 @@ static void blkdev_case(unsigned variant)
 	for (uint64_t off = (uint64_t)end; off < dev; off += cs)
 		CU_ASSERT_FATAL(pwrite(fd, stale, cs, (off_t)off) == (ssize_t)cs);
 	close(fd);
+	free(stale);
 	id = fake_file_load(P(name));
 	CU_ASSERT_FATAL(id >= 0);
 	fake_set_blockdev(id, 1ull << 30);
+}
+
+static void blkdev_case(unsigned variant)
+{
+	const uint64_t size = 32ull << 20, dev = 48ull << 20, cs = 65536;
+	struct qcow2_opts o = {
+	    .writeback_ms = 600000, .no_l2_prefetch = true, .blkdev_zero_ahead = variant != 0};
+	uint8_t *model = calloc(1, size);
+	unsigned nw = 200, late = 0, order[512];
+	uint64_t zlo = 0, zhi = 0;
+	char name[64];
+	struct eng e;
+
+	/* the device: a new image, then the old bytes of whatever was there */
+	blk_image(name, sizeof(name), size, dev);
 	if (variant == 2)
 		CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 1, -EOPNOTSUPP), 0);
 	if (variant == 3)
@@ -3340,40 +3352,12 @@ static void blkdev_case(unsigned variant)
 	io_loop_inject_clear(g_loop);
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 	free(model);
-	free(stale);
 }
 
 static void test_blkdev_zero_ahead(void)
 {
 	for (unsigned v = 0; v < 5; v++)
 		blkdev_case(v);
-}
-
-/* A qcow2 of @size on a device of @dev bytes (fake_set_blockdev) whose space
- * past the image holds STALE; its name in @name. */
-static void blk_image(char *name, size_t len, uint64_t size, uint64_t dev)
-{
-	const uint64_t cs = 65536;
-	uint8_t *stale = malloc(cs);
-	int fd, id;
-	off_t end;
-
-	CU_ASSERT_FATAL(stale != NULL);
-	snprintf(name, len, "blk%d.qcow2", g_nimg++);
-	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 -o cluster_size=65536 %s %llu",
-				    P(name), (unsigned long long)size),
-			      0);
-	fd = open(P(name), O_WRONLY);
-	CU_ASSERT_FATAL(fd >= 0);
-	end = lseek(fd, 0, SEEK_END);
-	memset(stale, STALE, cs);
-	for (uint64_t off = (uint64_t)end; off < dev; off += cs)
-		CU_ASSERT_FATAL(pwrite(fd, stale, cs, (off_t)off) == (ssize_t)cs);
-	close(fd);
-	free(stale);
-	id = fake_file_load(P(name));
-	CU_ASSERT_FATAL(id >= 0);
-	fake_set_blockdev(id, 1ull << 30);
 }
 
 static void blk_zah_settle(struct eng *e)
