@@ -282,6 +282,26 @@ static uint64_t rt_offset(const char *path)
 }
 
 /*
+ * The base image of the per-write tests in @base (its working copy's name
+ * in @work; both 300 bytes): 8M with @opts, data, a snapshot "keep", data
+ * and a zeroed cluster after it, then @fill (a qemu-io command, or NULL);
+ * sets cbits from @opts.
+ */
+static void make_base(char *base, char *work, const char *opts, const char *fill)
+{
+	cbits = strstr(opts, "cluster_size=512") ? 9 : 12;
+	snprintf(base, 300, "%s/base.qcow2", dir);
+	snprintf(work, 300, "%s/work.qcow2", dir);
+	CU_ASSERT_FATAL(tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o %s %s 8M && "
+			      "qemu-io -c 'write -P 0x41 0 2M' -c 'write -P 0x43 6M 64k' %s "
+			      ">/dev/null && qemu-img snapshot -c keep %s && "
+			      "qemu-io -c 'write -P 0x42 0 1M' -c 'write -z 6M 64k' %s >/dev/null",
+			      base, opts, base, base, base, base) == 0);
+	if (fill)
+		CU_ASSERT_FATAL(tu_sh("qemu-io -c '%s' %s >/dev/null", fill, base) == 0);
+}
+
+/*
  * @opts: qemu-img create options; @fill: a qemu-io command run last (the
  * filler that brings the used end near the refcount table's reach), or
  * NULL; @grows: the operation must grow the refcount table.
@@ -292,16 +312,7 @@ static void crash_every_write_on(char op, const char *opts, const char *fill, bo
 	unsigned total = 0, w;
 	long n;
 
-	cbits = strstr(opts, "cluster_size=512") ? 9 : 12;
-	snprintf(base, sizeof(base), "%s/base.qcow2", dir);
-	snprintf(work, sizeof(work), "%s/work.qcow2", dir);
-	CU_ASSERT_FATAL(tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o %s %s 8M && "
-			      "qemu-io -c 'write -P 0x41 0 2M' -c 'write -P 0x43 6M 64k' %s "
-			      ">/dev/null && qemu-img snapshot -c keep %s && "
-			      "qemu-io -c 'write -P 0x42 0 1M' -c 'write -z 6M 64k' %s >/dev/null",
-			      base, opts, base, base, base, base) == 0);
-	if (fill)
-		CU_ASSERT_FATAL(tu_sh("qemu-io -c '%s' %s >/dev/null", fill, base) == 0);
+	make_base(base, work, opts, fill);
 	CU_ASSERT_FATAL(run_op(base, work, op, -1, &total) == 0);
 	verify(work, op, -1, true);
 	CU_ASSERT((rt_offset(work) != rt_offset(base)) == grows);
@@ -330,19 +341,10 @@ static void fail_each_write_on(const char *opts, const char *fill)
 	unsigned total = 0, nfailed = 0;
 	bool l1_failed = false, table_failed = false, header_failed = false;
 
-	cbits = strstr(opts, "cluster_size=512") ? 9 : 12;
-	snprintf(base, sizeof(base), "%s/base.qcow2", dir);
-	snprintf(work, sizeof(work), "%s/work.qcow2", dir);
+	make_base(base, work, opts, fill);
 	snprintf(out, sizeof(out), "%s/check.txt", dir);
 	snprintf(list, sizeof(list), "%s/snapshots.txt", dir);
 	snprintf(kraw, sizeof(kraw), "%s/k.raw", dir);
-	CU_ASSERT_FATAL(tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o %s %s 8M && "
-			      "qemu-io -c 'write -P 0x41 0 2M' -c 'write -P 0x43 6M 64k' %s "
-			      ">/dev/null && qemu-img snapshot -c keep %s && "
-			      "qemu-io -c 'write -P 0x42 0 1M' -c 'write -z 6M 64k' %s >/dev/null",
-			      base, opts, base, base, base, base) == 0);
-	if (fill)
-		CU_ASSERT_FATAL(tu_sh("qemu-io -c '%s' %s >/dev/null", fill, base) == 0);
 	CU_ASSERT_FATAL(run_op(base, work, 'c', -1, &total) == 0);
 	for (long n = 0; n < (long)total; n++) {
 		struct cio c = {.budget = -1, .fail_at = n};
