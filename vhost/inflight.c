@@ -97,6 +97,7 @@ void vhost_inflight_unmap(struct vhost_dev *dev)
 		munmap(dev->inflight_map, dev->inflight_len);
 	dev->inflight_map = NULL;
 	dev->inflight_len = 0;
+	dev->inflight_qs = 0;
 }
 
 /* Point each ring at its region in the mapping. */
@@ -104,6 +105,7 @@ static void assign(struct vhost_dev *dev, uint8_t *base, uint16_t nq, uint16_t q
 {
 	size_t qsz = vhost_inflight_queue_size(qs);
 
+	dev->inflight_qs = qs;
 	for (unsigned i = 0; i < dev->nvqs; i++) {
 		dev->vqs[i].inflight_q =
 		    i < nq ? (struct vu_inflight_queue *)(base + i * qsz) : NULL;
@@ -201,11 +203,16 @@ int vhost_inflight_set(struct vhost_dev *dev, const struct vu_inflight_msg *m, i
 	return 0;
 }
 
-static int cmp_counter(const void *a, const void *b, void *arg)
+/* An entry left in flight, as read once from the region. */
+struct resub_ent {
+	uint64_t counter;
+	uint16_t head;
+};
+
+static int cmp_counter(const void *a, const void *b)
 {
-	const struct vu_inflight_queue *q = arg;
-	uint64_t ca = LOAD(&q->desc[*(const uint16_t *)a].counter);
-	uint64_t cb = LOAD(&q->desc[*(const uint16_t *)b].counter);
+	uint64_t ca = ((const struct resub_ent *)a)->counter;
+	uint64_t cb = ((const struct resub_ent *)b)->counter;
 
 	return ca < cb ? -1 : ca > cb;
 }
@@ -221,6 +228,7 @@ int vhost_inflight_start(struct vhost_vq *vq)
 {
 	struct vu_inflight_queue *q = vq->inflight_q;
 	uint16_t num = vq->num, n = 0, uidx = vq->used_idx, qused;
+	struct resub_ent *ents;
 	uint64_t maxc = 0;
 
 	free(vq->resubmit);
@@ -230,9 +238,14 @@ int vhost_inflight_start(struct vhost_vq *vq)
 	vq->counter = 0;
 	if (!q)
 		return 0;
-	if (LOAD(&q->desc_num) != num) {
-		vhost_warn("vring %u: inflight region is for %u entries, the ring has %u", vq->idx,
-			   LOAD(&q->desc_num), num);
+	/* desc_num lies in the shared region, written by the front-end: the
+	 * region only has room for the queue size it was made (GET_INFLIGHT_FD)
+	 * or described (SET_INFLIGHT_FD) with, whatever desc_num says. */
+	if (LOAD(&q->desc_num) != num || num > vq->dev->inflight_qs) {
+		vhost_warn(
+		    "vring %u: inflight region is for %u entries (room for %u), the ring has "
+		    "%u",
+		    vq->idx, LOAD(&q->desc_num), vq->dev->inflight_qs, num);
 		return -EINVAL;
 	}
 	if (LOAD(&q->version) == 0) {
@@ -271,34 +284,43 @@ int vhost_inflight_start(struct vhost_vq *vq)
 		}
 		STORE(&q->used_idx, uidx);
 	}
+	/* One pass, each flag and counter read once into our own memory: the
+	 * front-end may write the region meanwhile, and neither the count nor
+	 * the sort may see a second value. */
+	ents = malloc(sizeof(*ents) * num);
+	if (!ents)
+		return -ENOMEM;
 	for (uint16_t i = 0; i < num; i++) {
 		uint8_t f = LOAD(&q->desc[i].inflight);
 
 		if (f > 1) {
 			vhost_warn("vring %u: inflight flag %u of entry %u", vq->idx, f, i);
+			free(ents);
 			return -EINVAL;
 		}
-		n += f;
+		if (f) {
+			ents[n].counter = LOAD(&q->desc[i].counter);
+			ents[n].head = i;
+			if (ents[n].counter >= maxc)
+				maxc = ents[n].counter + 1;
+			n++;
+		}
 	}
 	if (n) {
 		vq->resubmit = malloc(sizeof(uint16_t) * n);
-		if (!vq->resubmit)
+		if (!vq->resubmit) {
+			free(ents);
 			return -ENOMEM;
-		n = 0;
-		for (uint16_t i = 0; i < num; i++) {
-			if (LOAD(&q->desc[i].inflight)) {
-				vq->resubmit[n++] = i;
-				if (LOAD(&q->desc[i].counter) >= maxc)
-					maxc = LOAD(&q->desc[i].counter) + 1;
-			}
 		}
-		qsort_r(vq->resubmit, n, sizeof(uint16_t), cmp_counter, q);
+		qsort(ents, n, sizeof(*ents), cmp_counter);
+		for (uint16_t k = 0; k < n; k++)
+			vq->resubmit[k] = ents[k].head;
 		vhost_info("vring %u: resubmitting %u request(s) left in flight", vq->idx, n);
 		for (uint16_t k = 0; k < n; k++)
 			vhost_dbg("vring %u: resubmit head %u (fetched as #%llu)", vq->idx,
-				  vq->resubmit[k],
-				  (unsigned long long)LOAD(&q->desc[vq->resubmit[k]].counter));
+				  ents[k].head, (unsigned long long)ents[k].counter);
 	}
+	free(ents);
 	vq->resubmit_n = n;
 	vq->counter = maxc;
 	vq->last_avail = (uint16_t)(uidx + n);

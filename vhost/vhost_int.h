@@ -388,6 +388,7 @@ struct vhost_dev {
 	unsigned inflight;  /* all rings */
 	void *inflight_map; /* shared inflight region (INFLIGHT_SHMFD) */
 	size_t inflight_len;
+	uint16_t inflight_qs; /* the queue size each ring's region was made for */
 
 	/* Receive state machine. */
 	enum vu_rx_state rx_state;

@@ -1332,6 +1332,57 @@ static void test_inflight_short_file(void)
 	server_down();
 }
 
+/*
+ * desc_num lies in the shared region: a front-end that describes a region for
+ * queues of 2 entries and then writes desc_num = NUM into it must not make
+ * the ring start index NUM entries into room for 2 (the next queue's region,
+ * or past the mapping when the ring is bigger). Refused at the kick.
+ */
+static void test_inflight_desc_num_room(void)
+{
+	/* 2 queues of 2 entries: 16 + 2 * 16 = 48 bytes, aligned to 64 each */
+	struct {
+		uint64_t size, off;
+		uint16_t nq, qs;
+		uint32_t pad;
+	} im = {2 * 64, 0, 2, 2, 0};
+	struct iqueue *q, *q1;
+	struct ring r = {0};
+	uint64_t v = 0;
+	int memfd, ifd, kick;
+
+	server_up(); /* counts the fds open before it */
+	memfd = memfd_create("guest", MFD_CLOEXEC);
+	ifd = memfd_create("inflight", MFD_CLOEXEC);
+	kick = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	CU_ASSERT_FATAL(ifd >= 0 && ftruncate(ifd, 4096) == 0);
+	q = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, ifd, 0);
+	CU_ASSERT_FATAL(q != MAP_FAILED);
+	q->version = 0; /* never used: the start clears desc[0..desc_num) */
+	q->desc_num = NUM;
+	q1 = (struct iqueue *)((uint8_t *)q + 64);
+	q1->version = 1;
+	q1->desc_num = 2;
+	q1->features = 0x5a5a5a5a5a5a5a5aull;
+	CU_ASSERT_FATAL(memfd >= 0 && ftruncate(memfd, MEM_SIZE) == 0);
+	r.mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+	CU_ASSERT_FATAL(r.mem != MAP_FAILED);
+	g_kick_acked = false;
+	ring_setup_on(&r, memfd);
+	g_kick_acked = true;
+	CU_ASSERT_EQUAL(acked(r.fd, SET_INFLIGHT_FD, &im, sizeof(im), &ifd, 1), 0);
+	CU_ASSERT_NOT_EQUAL(acked(r.fd, SET_VRING_KICK, &v, 8, &kick, 1), 0);
+	/* the next queue's region is untouched */
+	CU_ASSERT_EQUAL(q1->features, 0x5a5a5a5a5a5a5a5aull);
+	CU_ASSERT_EQUAL(q1->version, 1);
+	close(kick);
+	ring_free(&r);
+	munmap(q, 4096);
+	close(ifd);
+	run(5);
+	server_down();
+}
+
 static void test_inflight_kill_states(void)
 {
 	static const uint16_t heads[] = {0, 1, 2, 4, 3, 5};
@@ -1968,6 +2019,7 @@ int main(void)
 	CU_add_test(s, "inflight tracking across a reconnect", test_inflight_reconnect);
 	CU_add_test(s, "inflight regions left by kills", test_inflight_kill_states);
 	CU_add_test(s, "inflight region not covered by its file", test_inflight_short_file);
+	CU_add_test(s, "inflight region with desc_num past its room", test_inflight_desc_num_room);
 	failed = (int)tu_cunit_run();
 	unlink(g_path);
 	rmdir(g_dir);
