@@ -430,6 +430,19 @@ static struct vhost_vq *vring_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, 
 	return vq;
 }
 
+/* vring_fd_msg for CALL and ERR: the fd must be an eventfd (we write it). */
+static struct vhost_vq *vring_signal_fd_msg(struct vhost_dev *dev, struct vu_msg *msg, int *fd,
+					    const char *what)
+{
+	struct vhost_vq *vq = vring_fd_msg(dev, msg, fd);
+
+	if (vq && *fd >= 0 && vhost_eventfd_take(*fd, what, (int)vq->idx) < 0) {
+		*fd = -1;
+		return NULL;
+	}
+	return vq;
+}
+
 static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	int fd;
@@ -447,7 +460,7 @@ static int h_set_vring_kick(struct vhost_dev *dev, struct vu_msg *msg)
 static int h_set_vring_call(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	int fd;
-	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
+	struct vhost_vq *vq = vring_signal_fd_msg(dev, msg, &fd, "call");
 
 	if (!vq)
 		return -EINVAL;
@@ -469,7 +482,7 @@ static int h_set_vring_call(struct vhost_dev *dev, struct vu_msg *msg)
 static int h_set_vring_err(struct vhost_dev *dev, struct vu_msg *msg)
 {
 	int fd;
-	struct vhost_vq *vq = vring_fd_msg(dev, msg, &fd);
+	struct vhost_vq *vq = vring_signal_fd_msg(dev, msg, &fd, "error");
 
 	if (!vq)
 		return -EINVAL;
@@ -564,7 +577,12 @@ static int h_set_log_base(struct vhost_dev *dev, struct vu_msg *msg)
 
 static int h_set_log_fd(struct vhost_dev *dev, struct vu_msg *msg)
 {
-	return vhost_log_set_fd(dev, take_fd(msg, 0));
+	int fd = take_fd(msg, 0);
+
+	/* written on every dirty-log kick, from any data thread */
+	if (vhost_eventfd_take(fd, "log", -1) < 0)
+		return -EINVAL;
+	return vhost_log_set_fd(dev, fd);
 }
 
 static int h_set_inflight_fd(struct vhost_dev *dev, struct vu_msg *msg)

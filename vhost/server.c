@@ -33,6 +33,35 @@ void vhost_close_fd(int *fd)
 	*fd = -1;
 }
 
+/*
+ * A kick, call, error or log fd from the front-end: vhost-user.rst says an
+ * eventfd, an anonymous inode (no file type), and we make it non-blocking.
+ * Anything else is refused: a file or device that always polls readable
+ * would make a kick poll spin, and a pipe the front-end never drains would
+ * block the thread that signals it once full (a call fd: a queue's thread,
+ * or the main thread, for good). 0, or -EINVAL with @fd closed.
+ */
+int vhost_eventfd_take(int fd, const char *what, int idx)
+{
+	struct stat st;
+	int fl;
+
+	if (fstat(fd, &st) < 0 || (st.st_mode & S_IFMT) != 0) {
+		if (idx >= 0)
+			vhost_warn("vring %d: the %s fd is not an eventfd", idx, what);
+		else
+			vhost_warn("the %s fd is not an eventfd", what);
+		close(fd);
+		return -EINVAL;
+	}
+	fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)) {
+		close(fd);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 /* ---- connection ---- */
 
 struct vhost_dev *vhost_dev_new(struct vhost_server *srv, const struct vhost_dev_ops *ops,

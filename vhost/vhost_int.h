@@ -444,6 +444,7 @@ void vhost_dev_kill(struct vhost_dev *dev);
 void vhost_dev_process_deferred(struct vhost_dev *dev);
 void vhost_dev_pause(struct vhost_dev *dev);
 void vhost_close_fd(int *fd);
+int vhost_eventfd_take(int fd, const char *what, int idx);
 
 /* msg.c */
 void vhost_msg_dispatch(struct vhost_dev *dev, struct vu_msg *msg);

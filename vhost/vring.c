@@ -275,27 +275,16 @@ void vhost_vq_update_running(struct vhost_vq *vq)
 int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 {
 	struct vhost_dev *dev = vq->dev;
-	struct stat st;
-	int fl;
 
 	if (!vq->desc) {
 		vhost_warn("vring %u: kick before the ring was set up", vq->idx);
 		close(kick_fd);
 		return -EINVAL;
 	}
-	/* vhost-user.rst: the kick is an eventfd, an anonymous inode (no file
-	 * type). A file or device that always polls readable and reads 8 bytes
-	 * (a memfd, /dev/zero) would make the loop spin on it forever. */
-	if (fstat(kick_fd, &st) < 0 || (st.st_mode & S_IFMT) != 0) {
-		vhost_warn("vring %u: the kick fd is not an eventfd", vq->idx);
-		close(kick_fd);
+	/* A file or device that always polls readable and reads 8 bytes (a
+	 * memfd, /dev/zero) would make the loop spin on it forever. */
+	if (vhost_eventfd_take(kick_fd, "kick", (int)vq->idx) < 0)
 		return -EINVAL;
-	}
-	fl = fcntl(kick_fd, F_GETFL);
-	if (fl < 0 || fcntl(kick_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-		close(kick_fd);
-		return -EINVAL;
-	}
 	if (vq->kick_watched) {
 		dev->ops->unwatch(dev->opaque, vq->kick_fd);
 		vq->kick_watched = false;

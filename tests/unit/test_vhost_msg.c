@@ -839,6 +839,46 @@ static void test_kick_not_eventfd(void)
 	server_down();
 }
 
+/*
+ * Call, error and log fds are written by us: a pipe the front-end never
+ * drains would block the signalling thread for good once full. Only an
+ * eventfd is taken, and it is made non-blocking (a blocking eventfd blocks
+ * a write only at a saturated counter, but nothing of ours may block).
+ */
+static void test_signal_fds_eventfd(void)
+{
+	static const uint32_t req[3] = {SET_VRING_CALL, 14 /* SET_VRING_ERR */, 7 /* SET_LOG_FD */};
+	struct ring r;
+	uint64_t v = 0;
+	int p[2], efd;
+
+	server_up();
+	g_hold = true;
+	ring_setup(&r, 0);
+	for (int i = 0; i < 3; i++) {
+		CU_ASSERT_FATAL(pipe2(p, O_CLOEXEC) == 0);
+		CU_ASSERT_NOT_EQUAL(acked(r.fd, req[i], &v, i == 2 ? 0 : 8, &p[1], 1), 0);
+		close(p[0]);
+		close(p[1]);
+	}
+	efd = eventfd(0, EFD_CLOEXEC); /* blocking */
+	CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_CALL, &v, 8, &efd, 1), 0);
+	CU_ASSERT_TRUE(fcntl(efd, F_GETFL) & O_NONBLOCK);
+	CU_ASSERT_EQUAL(read(efd, &v, 8), 8); /* signalled once when installed */
+	/* refused, connection kept, the ring still runs */
+	ring_post(&r, 2);
+	run(5);
+	CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+	vq_push(g_held[0]->vq, g_held[0], 1);
+	g_nheld = 0;
+	run(5);
+	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	close(efd);
+	ring_free(&r);
+	run(5);
+	server_down();
+}
+
 static void test_disconnect_inflight(void)
 {
 	struct ring r;
@@ -2001,6 +2041,7 @@ int main(void)
 	CU_add_test(s, "negotiation", test_negotiation);
 	CU_add_test(s, "config space", test_config);
 	CU_add_test(s, "bad messages", test_bad_messages);
+	CU_add_test(s, "call, error and log fds must be eventfds", test_signal_fds_eventfd);
 	CU_add_test(s, "ring states and kicks", test_ring_states);
 	CU_add_test(s, "kick fd must be an eventfd", test_kick_not_eventfd);
 	CU_add_test(s, "GET_VRING_BASE waits for the drain", test_get_vring_base_drain);
