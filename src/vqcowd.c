@@ -119,10 +119,11 @@ struct options {
 	bool no_cluster_fill;
 	bool blkdev_zero_ahead;
 	bool fixed_buffers;
-	bool poll_spare;      /* --poll-spare-cpus */
-	bool consolidate;     /* --io-threads-consolidate[=on|off] (CONSOLIDATE_DEFAULT) */
-	bool consolidate_set; /* given on the command line (a warning if it cannot apply) */
-	unsigned poll_hybrid; /* --poll-hybrid PCT, 0 = off */
+	bool poll_spare;         /* --poll-spare-cpus */
+	bool consolidate;        /* --io-threads-consolidate[=on|off] (CONSOLIDATE_DEFAULT) */
+	bool consolidate_set;    /* given on the command line (a warning if it cannot apply) */
+	unsigned poll_hybrid;    /* --poll-hybrid PCT, 0 = off */
+	unsigned poll_high_hold; /* --poll-high-hold N, 0 = off */
 	bool no_fixed_files;
 	bool no_seccomp;
 	const char *user;
@@ -179,6 +180,9 @@ static void usage(FILE *f)
 	    "  --poll-hybrid PCT           after submitting file I/O, sleep PCT % of the\n"
 	    "                              learnt wait for its completion before polling\n"
 	    "                              (0..90, default 0 = off)\n"
+	    "  --poll-high-hold N          after a request popped with more than 4 in flight\n"
+	    "                              on its thread, busy-poll there only once N requests\n"
+	    "                              in a row were popped with at most 4 (default 0 = off)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	    "                              0 = once per loop iteration)\n"
 	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
@@ -322,6 +326,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_POLL,
 		OPT_POLL_SPARE,
 		OPT_POLL_HYBRID,
+		OPT_POLL_HIGH_HOLD,
 		OPT_CONSOLIDATE,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
@@ -359,6 +364,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
 	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
+	    {"poll-high-hold", required_argument, NULL, OPT_POLL_HIGH_HOLD},
 	    {"io-threads-consolidate", optional_argument, NULL, OPT_CONSOLIDATE},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
@@ -517,6 +523,11 @@ static int parse_args(int argc, char **argv, struct options *o)
 			if (parse_u64(optarg, &v, false) < 0 || v > IO_POLL_HYBRID_PCT_MAX)
 				return bad_value("poll-hybrid", optarg, "expected 0..90");
 			o->poll_hybrid = (unsigned)v;
+			break;
+		case OPT_POLL_HIGH_HOLD:
+			if (parse_u64(optarg, &v, false) < 0 || v > 1000000)
+				return bad_value("poll-high-hold", optarg, "expected 0..1000000");
+			o->poll_high_hold = (unsigned)v;
 			break;
 		case OPT_NOFIXFILE:
 			o->no_fixed_files = true;
@@ -701,7 +712,9 @@ struct iothread {
 	bool returning;
 	bool move_posted;
 	struct io_cmd move_cmd;
-	unsigned low_run;      /* low requests popped in a row */
+	unsigned low_run; /* low requests popped in a row */
+	/* --poll-high-hold: low requests still to pop before polling (poll_hold_popped) */
+	unsigned poll_hold;
 	uint64_t main_high_at; /* d->main_high when low_run began */
 	uint64_t ngather, nspread;
 	/* cons_run << backoff low requests before the next try: a move refused
@@ -746,7 +759,8 @@ struct daemon {
 	 * apart from what the I/O threads read on theirs (cons_run, ...).
 	 * minflight: popped on the main thread, not pushed yet. */
 	unsigned minflight __attribute__((aligned(64)));
-	unsigned high_run;  /* high requests the main thread popped in a row */
+	unsigned high_run;   /* high requests the main thread popped in a row */
+	unsigned mpoll_hold; /* --poll-high-hold on the main thread (poll_hold_popped) */
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
 	bool pausing __attribute__((aligned(64))); /* under mt_lock */
 	unsigned pause_depth;                      /* main thread only */
@@ -1105,6 +1119,26 @@ static bool cons_draining(struct daemon *d, unsigned idx)
 static void cons_popped(struct daemon *d, unsigned idx);
 
 /*
+ * --poll-high-hold N: a request popped with more than POLL_INFLIGHT_MAX of
+ * its thread's requests in flight (itself included) keeps that thread from
+ * busy-polling (d_defer, t_defer) until N requests in a row were popped
+ * with at most that many. The in-flight count alone lets a thread at high
+ * queue depth poll whenever its count dips between the guest's batches:
+ * with a batch of ~30 per kick the next kick comes a whole client turn
+ * later, and on CPUs shared with the client the poll only delays it.
+ */
+static void poll_hold_popped(struct daemon *d)
+{
+	struct iothread *t = cur_thread;
+	unsigned *hold = t ? &t->poll_hold : &d->mpoll_hold;
+
+	if ((t ? t->inflight : d->minflight) > POLL_INFLIGHT_MAX)
+		*hold = d->o->poll_high_hold;
+	else if (*hold)
+		(*hold)--;
+}
+
+/*
  * Pop and submit every available element. -EAGAIN when the ring is empty,
  * -EBUSY when the queue is being handed to another thread
  * (--io-threads-consolidate; the mover kicks it once moved).
@@ -1151,6 +1185,8 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 				d->minflight++;
 			if (d->consolidate)
 				cons_popped(d, vq_index(vq));
+			if (d->o->poll_high_hold)
+				poll_hold_popped(d);
 		}
 		/* counted per queue: the queue's thread owns its counters */
 		blk_req_submit_stats(d->blk, &r->blk, queue_stats(d, vq));
@@ -1541,8 +1577,10 @@ static void d_defer(struct io_defer *def)
 	 * loop busy and polling between them would only burn CPU.
 	 */
 	if (d->o->poll_ns)
-		io_loop_set_poll_ns(
-		    d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
+		io_loop_set_poll_ns(d->loop,
+				    blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX && !d->mpoll_hold
+					? d->o->poll_ns
+					: 0);
 	ctl_tick(&d->ctl);
 	if (ctl_report_due(&d->ctl)) {
 		/* --qmp: a BLOCK_IO_ERROR event; it sums the per-queue
@@ -1609,8 +1647,10 @@ static void t_defer(struct io_defer *def)
 	}
 out:
 	if (d->o->poll_ns && d->rings_mt)
-		io_loop_set_poll_ns(
-		    t->loop, !t->gathered && t->inflight <= POLL_INFLIGHT_MAX ? d->o->poll_ns : 0);
+		io_loop_set_poll_ns(t->loop, !t->gathered && t->inflight <= POLL_INFLIGHT_MAX &&
+						     !t->poll_hold
+						 ? d->o->poll_ns
+						 : 0);
 }
 
 static void quit_done(struct io_cmd *cmd, int res)

@@ -286,6 +286,42 @@ cp "$dir/base.raw" "$dir/img.raw"
 RUN_VQ_ARGS="--poll-hybrid 90 --log-level debug" RUN_ROUNDS=2 run "raw, hybrid polling" "$dir/img.raw" raw "$dir/base.raw" 20
 grep -a -o 'hybrid polling: [0-9]* sleeps' "$log" | head -4
 
+# --poll-high-hold N: a thread that popped a request with more than 4 of its
+# requests in flight busy-polls again only after N requests in a row popped
+# with at most 4. The stress with it (every block verified), then what it
+# does, from the loops' debug line ("busy polling: W waits timed, P
+# polled"): 2 queues x QD32 on --io-threads 2 with a hold no QD32 load
+# counts down, so the threads poll at most until their first batch (without
+# the hold they poll whenever their count dips to 4 between batches); a hold
+# of 64 after 1 s of 2 x QD32, then 2 x QD1: counted down, they poll again.
+cp "$dir/base.raw" "$dir/img.raw"
+RUN_VQ_ARGS="--poll-high-hold 64 --log-level debug" RUN_ROUNDS=2 run "raw, poll held after high load" "$dir/img.raw" raw "$dir/base.raw" 29
+if [ -z "${VQCOW_MT_VQ_ARGS:-}" ]; then
+	for qd in 32 1; do
+		echo "== --poll-high-hold, 2 queues x QD$qd"
+		hold=1000000
+		[ $qd = 32 ] || hold=64
+		"$vqcowd" --socket-path "$sock" --blk-file "$dir/base.raw" --format raw --num-queues 2 \
+			--io-threads 2 --poll-high-hold $hold --log-level debug 2>"$log" &
+		pid=$!
+		it_wait_serving "$pid" "$sock" "$log" "vqcowd (--poll-high-hold, QD$qd)" || break
+		[ $qd = 32 ] || "$fe" --queues 2 bench "$sock" --rw randread --bs 4096 --iodepth 32 \
+			--numjobs 2 --runtime 1 >/dev/null || fail "--poll-high-hold QD32 first: reading failed"
+		"$fe" --queues 2 bench "$sock" --rw randread --bs 4096 --iodepth $qd --numjobs 2 \
+			--runtime 2 >/dev/null || fail "--poll-high-hold QD$qd: reading failed"
+		it_stop
+		polled=$(grep -a -o 'busy polling: [0-9]* waits timed, [0-9]* polled' "$log" |
+			awk '{s += $6} END {print s + 0}')
+		reqs=$(grep -a -o 'busy polling: [0-9]* waits timed' "$log" | awk '{s += $3} END {print s + 0}')
+		echo "QD$qd: $polled of $reqs waits polled"
+		if [ $qd = 32 ] && [ "$polled" -gt 64 ]; then
+			fail "--poll-high-hold: $polled waits polled at QD32 (at most the first batch's)"
+		elif [ $qd = 1 ] && [ "$polled" -lt 10 ]; then
+			fail "--poll-high-hold: $polled waits polled at QD1 (still held after QD32)"
+		fi
+	done
+fi
+
 # The main thread serves queues too (queue i on thread i mod N, thread 0 the
 # main thread, which owns the qcow2 engine): a device that uses one queue on a
 # daemon with I/O threads runs as with --io-threads 1 (its requests take the

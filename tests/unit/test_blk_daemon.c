@@ -137,6 +137,7 @@ static void test_bad_options(void)
 	const char *a17[] = {"--socket-path", s, "--blk-file", i, "--poll-hybrid", "91", NULL};
 	const char *a18[] = {
 	    "--socket-path", s, "--blk-file", i, "--io-threads-consolidate=1", NULL};
+	const char *a20[] = {"--socket-path", s, "--blk-file", i, "--poll-high-hold", "x", NULL};
 	const char *a19[] = {"--socket-path", s,   "--blk-file", i, "--io-threads-consolidate",
 			     "off",           NULL};
 
@@ -157,6 +158,7 @@ static void test_bad_options(void)
 	expect_error(a15, "fd");
 	expect_error(a16, "num-queues");
 	expect_error(a17, "poll-hybrid");
+	expect_error(a20, "poll-high-hold");
 	expect_error(a18, "--io-threads-consolidate: expected on or off");
 	/* the value of an on|off option goes after '=': say so */
 	expect_error(a19, "--io-threads-consolidate=off");
