@@ -36,7 +36,11 @@
 # inflates a cluster on the thread that serves its queue. VQCOWD_ARGS="..."
 # adds options to both vqcowd kinds; an A/B of two builds or options: the
 # kinds alt-1 and alt-2 run VQCOWD_ALT (default: the same binary) with
-# VQCOWD_ALT_ARGS, and the table gains their ratios. PERF_DIR=DIR
+# VQCOWD_ALT_ARGS, and the table gains their ratios. KINDS_FLIP=1 flips
+# the kinds' order every repetition (default: the same order in each, as
+# the runs before it were made), so that in an A/B each kind runs first in
+# half the repetitions: under load the second of two write-empty runs won
+# by 14-22 % whichever it was (RESULTS.md, "fsb"). PERF_DIR=DIR
 # records each vqcowd run with `perf record -g` into DIR/CELL-KIND-REP.data
 # and `perf stat` into .stat (profiles: their overhead counts in the CPU
 # time of those runs, so keep them out of the measured repetitions).
@@ -249,8 +253,11 @@ for REP in $(seq "$reps"); do
 	# The 1-queue reference of the compressed cell (one job, QD32; with one
 	# queue both client modes are the same single thread).
 	case " $cells " in *" read-zlib "*) run vqcowd-1 read-zlib-1q "${fe_modes%% *}" ;; esac
+	# KINDS_FLIP=1: the kinds' order flips every repetition too
+	ks=$kinds
+	[ "${KINDS_FLIP:-0}" != 1 ] || [ $((REP % 2)) = 1 ] || ks=$(echo "$kinds" | tr ' ' '\n' | tac | tr '\n' ' ')
 	for cell in $cells; do
-		for kind in $kinds; do
+		for kind in $ks; do
 			for mode in $modes; do run "$kind" "$cell" "$mode"; done
 		done
 	done
