@@ -342,7 +342,7 @@ void img_test_wb_hold(unsigned ms);
 void img_test_sync_delay(unsigned ms);
 
 /* For benchmarks (vqcowd's VQCOWD_TEST_WB): qcow2_wb_tune(). */
-void img_wb_tune(uint32_t bridge, bool whole_slices);
+void img_wb_tune(uint32_t bridge, bool whole_slices, uint32_t xtab);
 
 /* One-line description for logs (format, path, size, implementation details). */
 void img_describe(struct img *img, char *buf, size_t len);

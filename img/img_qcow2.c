@@ -361,9 +361,9 @@ void img_test_sync_delay(unsigned ms)
 	qcow2_test_sync_delay(ms);
 }
 
-void img_wb_tune(uint32_t bridge, bool whole_slices)
+void img_wb_tune(uint32_t bridge, bool whole_slices, uint32_t xtab)
 {
-	qcow2_wb_tune(bridge, whole_slices);
+	qcow2_wb_tune(bridge, whole_slices, xtab);
 }
 
 /*

@@ -522,12 +522,14 @@ void qcow2_test_wb_nomem(unsigned nth);
 void qcow2_test_cache_nomem(unsigned nth);
 
 /*
- * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole]), before
- * any image opens: the largest gap between two dirty spans of one table a
- * batch bridges (QCOW2_WB_BRIDGE_DEFAULT), and whether it writes
- * whole slices instead of their dirty spans.
+ * For benchmarks (img_wb_tune, vqcowd's VQCOWD_TEST_WB=BRIDGE[,whole][,xtab[=GAP]]),
+ * before any image opens: the largest gap between two dirty spans of one table a
+ * batch bridges (QCOW2_WB_BRIDGE_DEFAULT), whether it writes
+ * whole slices instead of their dirty spans, and the largest gap it bridges
+ * between spans of two tables next to each other in the file (0, the
+ * default: none; ",xtab" alone: BRIDGE).
  */
-void qcow2_wb_tune(uint32_t bridge, bool whole_slices);
+void qcow2_wb_tune(uint32_t bridge, bool whole_slices, uint32_t xtab);
 #define QCOW2_WB_BRIDGE_DEFAULT (64u << 10)
 
 /* ---- internal snapshots ---- */

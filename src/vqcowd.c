@@ -2697,9 +2697,13 @@ int main(int argc, char **argv)
 	}
 	if (getenv("VQCOWD_TEST_WB")) {
 		/* benchmarks: see img_wb_tune() */
-		const char *v = getenv("VQCOWD_TEST_WB");
+		const char *v = getenv("VQCOWD_TEST_WB"), *x = strstr(v, ",xtab");
+		uint32_t bridge = (uint32_t)strtoul(v, NULL, 10);
 
-		img_wb_tune((uint32_t)strtoul(v, NULL, 10), strstr(v, ",whole") != NULL);
+		img_wb_tune(bridge, strstr(v, ",whole") != NULL,
+			    !x            ? 0
+			    : x[5] == '=' ? (uint32_t)strtoul(x + 6, NULL, 10)
+					  : bridge);
 		log_warn("VQCOWD_TEST_WB=%s: write-back tuned (for benchmarks)", v);
 	}
 	ret = threads_init(&d);

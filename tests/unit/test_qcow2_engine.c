@@ -1222,7 +1222,7 @@ static void span_case(const char *opts, uint32_t bridge)
 	const uint8_t *img;
 	int n;
 
-	qcow2_wb_tune(bridge, false);
+	qcow2_wb_tune(bridge, false, 0);
 	eng_create(&e, opts, 1ull << 30, &o);
 	ss = e.q->slice_size;
 	cs = e.q->cs;
@@ -1273,7 +1273,7 @@ static void span_case(const char *opts, uint32_t bridge)
 	CU_ASSERT_EQUAL(buf[4095], 'b');
 	eng_close(&e);
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
-	qcow2_wb_tune(QCOW2_WB_BRIDGE_DEFAULT, false);
+	qcow2_wb_tune(QCOW2_WB_BRIDGE_DEFAULT, false, 0);
 }
 
 static void test_dirty_spans(void)
@@ -1282,6 +1282,99 @@ static void test_dirty_spans(void)
 	span_case("cluster_size=65536", 0);
 	span_case("cluster_size=65536,extended_l2=on", 64 << 10);
 	span_case("cluster_size=65536,extended_l2=on", 0);
+}
+
+/*
+ * Bridging across tables (qcow2_wb_tune's cross_tables): a growing image's
+ * L2 tables 1, 2 and 3 lie next to each other in the file (metadata from
+ * the cursor, after table 0 and its data reserve). New clusters linked at
+ * the end of table 1 and the start of table 2 go out in one write with the
+ * switch, in two without; at the end of table 1 and the start of table 3
+ * (gap within a raised limit), in two either way: only spans of
+ * adjacent clusters are bridged, since a slice of a cluster between them
+ * need not be a live table's. The file's tables equal the cache, every
+ * crash point is consistent, the data reads back.
+ */
+static void xtab_case(const char *opts, bool xtab, unsigned far)
+{
+	struct qcow2_opts o = {.writeback_ms = 600000, .no_l2_prefetch = true};
+	const struct fake_log *w[16];
+	uint8_t buf[4096];
+	struct eng e;
+	uint64_t ss, span, tg, cs, unit, fsize, t[4], nsl, g0, g1;
+	const uint8_t *img;
+	int n;
+
+	qcow2_wb_tune(QCOW2_WB_BRIDGE_DEFAULT, false, !xtab ? 0 : far ? 256u << 10 : 4096);
+	eng_create(&e, opts, 2ull << 30, &o);
+	ss = e.q->slice_size;
+	cs = e.q->cs;
+	unit = e.file.align > ss / 8 ? e.file.align : ss / 8;
+	span = (ss / e.q->l2e_size) << e.q->cb; /* guest bytes per slice */
+	tg = (cs / e.q->l2e_size) << e.q->cb;   /* guest bytes per table */
+	nsl = cs / ss;
+	memset(buf, 'x', sizeof(buf));
+	for (unsigned k = 0; k < 4; k++) /* tables 0..3, in this order */
+		CU_ASSERT_EQUAL(eng_write(&e, k * tg, sizeof(buf), buf), 0);
+	for (unsigned k = 1; k < 4; k++) /* every slice of tables 1..3 cached */
+		for (uint64_t j = 1; j < nsl; j++)
+			CU_ASSERT_EQUAL(eng_write(&e, k * tg + j * span, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	for (unsigned k = 0; k < 4; k++)
+		t[k] = e.q->l1[k] & QCOW2_L1E_OFFSET_MASK;
+	CU_ASSERT_EQUAL_FATAL(t[2], t[1] + cs);
+	CU_ASSERT_EQUAL_FATAL(t[3], t[2] + cs);
+	fake_log_reset();
+	/* an entry in the last unit but one of table 1, one in the second unit
+	 * of table 2 (or 3): spans not contiguous (those merge anyway) */
+	g0 = 2 * tg - (unit / e.q->l2e_size + 1) * cs;
+	g1 = (far ? 3 : 2) * tg + (unit / e.q->l2e_size + 1) * cs;
+	memset(buf, 'a', sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, g0, sizeof(buf), buf), 0);
+	memset(buf, 'b', sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, g1, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	n = (int)table_writes(&e, t[1], 3 * cs, w, 16);
+	{
+		uint64_t a0 = t[1] + cs - 2 * unit, a1 = t[far ? 3 : 2] + unit;
+
+		if (xtab && !far) {
+			CU_ASSERT_EQUAL_FATAL(n, 1);
+			CU_ASSERT_EQUAL(w[0]->off, a0);
+			CU_ASSERT_EQUAL(w[0]->len, a1 + unit - w[0]->off);
+		} else {
+			CU_ASSERT_EQUAL_FATAL(n, 2);
+			CU_ASSERT_EQUAL(w[0]->off, a0);
+			CU_ASSERT_EQUAL(w[0]->len, unit);
+			CU_ASSERT_EQUAL(w[1]->off, a1);
+			CU_ASSERT_EQUAL(w[1]->len, unit);
+		}
+	}
+	img = fake_file_data(e.id, &fsize);
+	for (unsigned k = 1; k < 4; k++)
+		for (uint64_t j = 0; j < nsl; j++) {
+			struct q2_slice *s = q2_cache_peek(&e.q->l2c, t[k] + j * ss);
+
+			if (s)
+				CU_ASSERT(memcmp(img + t[k] + j * ss, s->buf, ss) == 0);
+		}
+	check_every_crash_point(&e);
+	CU_ASSERT_EQUAL(eng_read(&e, g0, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(buf[0], 'a');
+	CU_ASSERT_EQUAL(eng_read(&e, g1, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(buf[4095], 'b');
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	qcow2_wb_tune(QCOW2_WB_BRIDGE_DEFAULT, false, 0);
+}
+
+static void test_bridge_xtab(void)
+{
+	for (unsigned far = 0; far < 2; far++)
+		for (unsigned x = 0; x < 2; x++) {
+			xtab_case("cluster_size=65536", x, far);
+			xtab_case("cluster_size=65536,extended_l2=on", x, far);
+		}
 }
 
 static void test_bridge_shapes(void)
@@ -4439,6 +4532,7 @@ int main(void)
 		    test_whole_sc);
 	CU_add_test(suite, "write-back: gaps bridged with clean slices", test_bridge_shapes);
 	CU_add_test(suite, "write-back: only the dirty span of a slice", test_dirty_spans);
+	CU_add_test(suite, "write-back: gaps bridged across adjacent tables", test_bridge_xtab);
 	CU_add_test(suite, "online grow: new L1 table, crash images", test_grow_l1);
 	CU_add_test(suite, "online grow: header only", test_grow_header_only);
 	CU_add_test(suite, "linked writes: fdatasyncs waited for in a row", test_link_chain);
