@@ -38,6 +38,34 @@
  * flags that disagree with such a refcount; `qemu-img check -r all` (or
  * `-r leaks`, for most windows) repairs both; no refcount is ever too low.
  *
+ * The writes of a delete, and what a crash after each leaves (qemu-img
+ * check; "leaks" = refcount above the use, repaired by -r leaks):
+ *  1. the refcount blocks raising the new table's clusters, sync: leaks;
+ *  2. the new table, sync: leaks (nothing names it);
+ *  3. the header (count, offset), sync: the snapshot is gone; what only it
+ *     held, the old table and everything it shared leak (COPIED still clear
+ *     in the active tables, which agrees with those refcounts);
+ *  4. the active L2 tables (then the L1 table) with COPIED set where the
+ *     refcount will be 1, sync: on those clusters COPIED set at a refcount
+ *     of 2 that is a leak: "ERROR OFLAG_COPIED" for qemu-img check, but
+ *     harmless (the cluster is used once) and gone after -r leaks;
+ *  5. the refcount blocks lowered, one by one, sync: each block written
+ *     makes its clusters exact.
+ * Steps 4 and 5 change a COPIED flag and a refcount in two clusters: no
+ * order passes from "COPIED clear, 2" to "COPIED set, 1" without one of
+ * "set, 2" or "clear, 1" on disk in between; "set, 2" on a leak is the one
+ * -r leaks repairs and that no writer can misuse. An apply (revert):
+ *  1. the refcount blocks raising what the snapshot names, sync: leaks;
+ *  2. the snapshot's L2 tables where a COPIED flag disagrees with the
+ *     refcounts (none, normally: nothing the snapshot names drops to 1),
+ *     then the new active L1 table in place, sync: reverted; the old active
+ *     tables' clusters leak;
+ *  3. the refcount blocks lowered, sync: exact.
+ * A failed create's undo (below) lowers the raises before setting COPIED
+ * again: a crash between leaves "COPIED clear, 1" (an ERROR for qemu-img
+ * check, repaired by -r all; writes there copy, harmlessly); the other
+ * order would leave "set, 2" on a leak: an ERROR too.
+ *
  * Failure (an error returned, not a crash: ENOSPC, EIO): a create that fails
  * before the header names its snapshot leaves the image as it was. Until its
  * refcounts reach the disk nothing is to undo; after that it lowers them
@@ -46,6 +74,15 @@
  * place there would be wrong once a snapshot did share it). Once the header
  * write succeeded, nothing is undone (the snapshot may be named): a later
  * failure leaks the old table at most, and the snapshot is reported made.
+ * A delete that fails before its header write leaves the image as it was
+ * but for the new table's clusters (leaked); after it, the snapshot is gone
+ * and the delete reports success once COPIED agrees with the refcounts on
+ * disk again (settle: the lowerings not written leak, COPIED set where the
+ * failure kept a refcount at 2 is cleared again). An apply that fails
+ * before its L1 table is written lowers its raises again (the active layer
+ * as it was); after it, it settles as the delete does and reports success.
+ * Only a second failure (during settle or the undo) returns an error with
+ * such a window left: leaks and COPIED disagreeing, as after a crash.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -73,6 +110,7 @@ struct sctx {
 	uint64_t *freed;     /* clusters whose refcount dropped to 0 */
 	size_t nfreed, freed_cap;
 	uint64_t to_one; /* refcounts lowered to exactly 1 (COPIED may now be set) */
+	bool l1_written; /* fix_copied wrote the L1 table */
 	struct {
 		uint64_t off;
 		uint8_t *buf;
@@ -683,8 +721,47 @@ static int fix_copied(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off,
 		free(t);
 		if (ret < 0)
 			ret = FAIL(c, ret, "writing the L1 table: %s", strerror(-ret));
+		else
+			c->l1_written = true;
 	}
 	return ret < 0 ? ret : sync_io(c);
+}
+
+/*
+ * Forget the refcount changes that did not reach the disk (the blocks whose
+ * write failed or was not tried): the blocks are read again when needed, so
+ * that the refcounts in memory are those on disk. Only where nothing was
+ * allocated since the last rc_flush (no new block or table to forget).
+ */
+static int rb_forget(struct sctx *c)
+{
+	if (c->rt_dirty || c->rt_new_cl)
+		return FAIL(c, -EIO, "refcount table changes not written");
+	for (uint64_t i = 0; i < c->nrb; i++) {
+		if (!c->rb_dirty[i])
+			continue;
+		free(c->rb[i]);
+		c->rb[i] = NULL;
+		c->rb_dirty[i] = 0;
+	}
+	c->nfreed = 0; /* nothing freed on disk: nothing to punch */
+	return 0;
+}
+
+/*
+ * After a failure between an operation's commit and its last refcount
+ * write (delete, apply): make COPIED in the active tables @l1 (at @l1_off)
+ * say what the refcounts on disk say. The refcounts not written stay
+ * higher than the use (leaks); COPIED set where a lowering did not reach
+ * the disk, or clear where it did, would be an error for `qemu-img check`
+ * (and the first a write in place where a higher refcount may mean
+ * shared). 0: the image is consistent, leaks at most.
+ */
+static int settle(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off)
+{
+	int ret = rb_forget(c);
+
+	return ret < 0 ? ret : fix_copied(c, l1, n, l1_off, true);
 }
 
 static bool same(const char *s, size_t len, const char *want)
@@ -1082,8 +1159,31 @@ int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const 
 		ret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset, false);
 	if (ret == 0)
 		ret = rc_flush(&c);
-	if (ret == 0)
+	if (ret == 0) {
 		punch_freed(&c, punch);
+	} else {
+		/*
+		 * The snapshot is gone (the header was written): a failure
+		 * from here leaks what was not lowered, once COPIED agrees
+		 * with the refcounts on disk again; the delete is done.
+		 */
+		char serr[300] = "";
+		char *e = c.err;
+		int sret;
+
+		c.err = serr;
+		c.errlen = sizeof(serr);
+		sret = settle(&c, im.l1, im.h.l1_size, im.h.l1_table_offset);
+		if (sret == 0) {
+			ret = 0;
+		} else if (e && errlen) {
+			size_t l = strnlen(e, errlen - 1);
+
+			snprintf(e + l, errlen - l,
+				 " (the snapshot is deleted; COPIED flags not repaired: %s)",
+				 serr[0] ? serr : strerror(-sret));
+		}
+	}
 out:
 	free(tab);
 	free(sl1);
@@ -1146,12 +1246,53 @@ int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const c
 	ret = walk_refs(&c, sl1, s->l1_size, 1);
 	if (ret == 0)
 		ret = rc_flush(&c);
-	if (ret == 0)
-		ret = walk_refs(&c, im.l1, im.h.l1_size, -1);
+	if (ret < 0)
+		goto out; /* raises written in part at most: leaks */
+	ret = walk_refs(&c, im.l1, im.h.l1_size, -1);
 	if (ret == 0)
 		ret = fix_copied(&c, nl1, im.h.l1_size, im.h.l1_table_offset, true);
 	if (ret == 0)
 		ret = rc_flush(&c);
+	if (ret < 0) {
+		/*
+		 * Reverted once the new L1 table is written: the old active
+		 * tables' lowerings not written leak, COPIED made to agree with
+		 * the refcounts on disk, and the apply is done. Before that,
+		 * the raises (all durable) are lowered again and the active
+		 * layer stays as it was (a crash in between leaks at most: a
+		 * cluster the active tables name that the undo lowers is the
+		 * snapshot's too, and stays at 2 or more).
+		 */
+		char serr[300] = "";
+		char *e = c.err;
+		bool applied = c.l1_written;
+		int sret;
+
+		c.err = serr;
+		c.errlen = sizeof(serr);
+		if (applied) {
+			sret = settle(&c, nl1, im.h.l1_size, im.h.l1_table_offset);
+		} else {
+			sret = rb_forget(&c);
+			if (sret == 0)
+				sret = walk_refs(&c, sl1, s->l1_size, -1);
+			if (sret == 0)
+				sret = rc_flush(&c);
+			if (sret == 0)
+				sret = fix_copied(&c, im.l1, im.h.l1_size, im.h.l1_table_offset,
+						  false);
+		}
+		if (sret == 0 && applied) {
+			ret = 0;
+		} else if (sret < 0 && e && errlen) {
+			size_t l = strnlen(e, errlen - 1);
+
+			snprintf(e + l, errlen - l, "; %s: %s",
+				 applied ? "reverted, but COPIED flags not repaired"
+					 : "not reverted; undoing the refcount raises",
+				 serr[0] ? serr : strerror(-sret));
+		}
+	}
 out:
 	free(sl1);
 	free(nl1);

@@ -16,6 +16,13 @@
  * Persistent bitmap changes likewise: leaks at most, the old or the new
  * bitmaps in qemu-img info, the data intact. Create also on an image whose
  * refcount table must grow for it (512-byte clusters, 64-bit refcounts).
+ *
+ * Fail at each write: one write fails (-ENOSPC), every other succeeds, and
+ * the process goes on: create, delete and apply must leave no `qemu-img
+ * check` error at all (leaks only), report failure iff nothing changed for
+ * the user, and leave the image usable. Delete and apply run so, and crash
+ * after every write, also on an image with two snapshots sharing clusters
+ * and compressed clusters (make_two).
  */
 #include <CUnit/Basic.h>
 #include <errno.h>
@@ -597,6 +604,210 @@ static void test_bitmap_remove_last(void)
 	bitmap_crash(true, 'r', "b0");
 }
 
+/*
+ * Delete and apply on an image with two snapshots sharing clusters and
+ * compressed clusters (4 KiB clusters): "keep" (0x41 in the first 2M, 16
+ * compressed clusters of 0x47 at 3M, 0x43 at 6M), then 0x42 over the first
+ * MiB, "s2", then 0x44 over 512k..768k and zeroes at 6M. Clusters of the
+ * second MiB and the compressed ones are named by all three (refcount 3),
+ * 0x42's by s2 and the active layer, 0x41's first MiB by keep alone. What
+ * each holds is exported to raw files first (the oracle the results are
+ * compared with byte for byte).
+ */
+static void make_two(char *base, char *work, const char *opts)
+{
+	cbits = strstr(opts, "cluster_size=512") ? 9 : 12;
+	snprintf(base, 300, "%s/base2.qcow2", dir);
+	snprintf(work, 300, "%s/work2.qcow2", dir);
+	CU_ASSERT_FATAL(
+	    tu_sh("rm -f %s && qemu-img create -q -f qcow2 -o %s %s 8M && "
+		  "qemu-io -c 'write -P 0x41 0 2M' -c 'write -c -P 0x47 3M 64k' "
+		  "-c 'write -P 0x43 6M 64k' %s >/dev/null && qemu-img snapshot -c keep %s && "
+		  "qemu-io -c 'write -P 0x42 0 1M' %s >/dev/null && qemu-img snapshot -c s2 %s && "
+		  "qemu-io -c 'write -P 0x44 512k 256k' -c 'write -z 6M 64k' %s >/dev/null && "
+		  "qemu-img check -q %s && "
+		  "qemu-img convert -O raw %s %s/act.raw && "
+		  "qemu-img convert -O raw -l snapshot.name=keep %s %s/keep.raw && "
+		  "qemu-img convert -O raw -l snapshot.name=s2 %s %s/s2.raw && "
+		  "qemu-img map --output=json %s | "
+		  "grep -q '\"start\": 3145728, .*\"data\": true}'",
+		  base, opts, base, base, base, base, base, base, base, base, dir, base, dir, base,
+		  dir, base) == 0);
+}
+
+/* Snapshot @sn of @img (NULL: the active layer) equals @raw (a name in dir). */
+static bool holds(const char *img, const char *sn, const char *raw)
+{
+	char cur[300];
+
+	snprintf(cur, sizeof(cur), "%s/cur.raw", dir);
+	if (sn)
+		return tu_sh("qemu-img convert -O raw -l snapshot.name=%s %s %s && cmp -s %s %s/%s",
+			     sn, img, cur, cur, dir, raw) == 0;
+	return tu_sh("qemu-img convert -O raw %s %s && cmp -s %s %s/%s", img, cur, cur, dir, raw) ==
+	       0;
+}
+
+/*
+ * @op ('d' delete, 'a' apply) of snapshot @target on a copy of make_two's
+ * image, over an I/O that fails only write @fail_at (-ENOSPC, every other
+ * succeeding; < 0: none) or, with @budget >= 0, performs @budget writes and
+ * fails every later one and every sync (a crash after write @budget: no
+ * undo reaches the disk). The number of writes made into *@writes.
+ */
+static int run_two(const char *base, const char *work, char op, const char *target, long budget,
+		   long fail_at, unsigned *writes, char *err, size_t errlen)
+{
+	struct cio c = {.budget = budget, .fail_at = fail_at};
+	struct qcow2_io io = {c_read, c_write, c_sync, c_size, &c, false};
+	struct qcow2_snap_desc sn;
+	int ret;
+
+	CU_ASSERT_FATAL(tu_sh("cp %s %s", base, work) == 0);
+	c.fd = open(work, O_RDWR);
+	CU_ASSERT_FATAL(c.fd >= 0);
+	err[0] = 0;
+	if (op == 'd')
+		ret = qcow2_snapshot_delete_io(&io, work, NULL, target, &sn, NULL, err, errlen);
+	else
+		ret = qcow2_snapshot_apply_io(&io, work, target, err, errlen);
+	close(c.fd);
+	if (fail_at >= 0) {
+		CU_ASSERT(c.failed);
+		CU_ASSERT(ret == 0 || ret == -ENOSPC);
+	} else {
+		CU_ASSERT(ret == 0 || c.crashed);
+	}
+	*writes = c.writes;
+	return ret;
+}
+
+/*
+ * Every write of the delete or apply fails in turn (@crash false: the call
+ * returns, having undone what it could, and the process goes on), or the
+ * process dies after each write (@crash true). Failed: `qemu-img check`
+ * finds no ERROR (leaks only); the snapshot is gone (delete) or the active
+ * layer reverted (apply) iff the call returned 0, the other snapshots and
+ * the active layer hold what they held; the image stays usable (a write
+ * over shared clusters, check again). Crashed: no ERROR but COPIED set on a
+ * cluster whose refcount is too high only by a leak (two writes in two
+ * clusters cannot change a refcount and a COPIED flag at once: see
+ * qcow2fmt/snapshot.c), clean after `qemu-img check -r leaks`, the data as
+ * after the call or as before it.
+ */
+static void two_every_write(char op, const char *target, bool crash, const char *opts)
+{
+	const char *other = strcmp(target, "keep") ? "keep" : "s2";
+	char base[300], work[300], out[300], list[300], err[300], pt[40], po[40];
+	unsigned total = 0, w, nfailed = 0, ncopied = 0;
+
+	snprintf(pt, sizeof(pt), " %s ", target);
+	snprintf(po, sizeof(po), " %s ", other);
+	make_two(base, work, opts);
+	snprintf(out, sizeof(out), "%s/check.txt", dir);
+	snprintf(list, sizeof(list), "%s/snapshots.txt", dir);
+	CU_ASSERT_FATAL(run_two(base, work, op, target, -1, -1, &total, err, sizeof(err)) == 0);
+	CU_ASSERT(tu_sh("qemu-img check %s >/dev/null 2>&1", work) == 0);
+	for (long n = 0; n < (long)total + crash; n++) {
+		int ret = run_two(base, work, op, target, crash ? n : -1, crash ? -1 : n, &w, err,
+				  sizeof(err));
+		bool listed, errors, reverted;
+		int st;
+
+		nfailed += ret < 0;
+		st = tu_sh("qemu-img check %s >%s 2>&1", work, out);
+		if (crash) {
+			errors = file_has(out, "ERROR", "OFLAG_COPIED", true) ||
+				 shared_copied(out, cbits);
+			ncopied += file_has(out, "ERROR OFLAG_COPIED", NULL, true);
+		} else {
+			errors = file_has(out, "ERROR", NULL, true) || (st != 0 && st != 3);
+		}
+		if (errors) {
+			fprintf(stderr, "%s %s, %s write %ld (ret %d: %s): qemu-img check:\n",
+				op == 'd' ? "delete" : "apply", target,
+				crash ? "crash after" : "failed", n, ret, err);
+			tu_sh("grep -v '^Leaked' %s | head -5 >&2", out);
+		}
+		CU_ASSERT(!errors);
+		if (crash)
+			CU_ASSERT(tu_sh("qemu-img check -r leaks %s >/dev/null 2>&1 && "
+					"qemu-img check %s >/dev/null 2>&1",
+					work, work) == 0);
+		tu_sh("qemu-img snapshot -l %s >%s 2>/dev/null", work, list);
+		listed = file_has(list, pt, NULL, false);
+		CU_ASSERT(file_has(list, po, NULL, false));
+		CU_ASSERT(holds(work, other, strcmp(other, "keep") ? "s2.raw" : "keep.raw"));
+		CU_ASSERT(!listed ||
+			  holds(work, target, strcmp(target, "keep") ? "s2.raw" : "keep.raw"));
+		if (op == 'd') {
+			CU_ASSERT(crash ? ret < 0 || !listed : listed == (ret < 0));
+			CU_ASSERT(holds(work, NULL, "act.raw"));
+		} else {
+			reverted =
+			    holds(work, NULL, strcmp(target, "keep") ? "s2.raw" : "keep.raw");
+			CU_ASSERT(listed);
+			CU_ASSERT(reverted || holds(work, NULL, "act.raw"));
+			CU_ASSERT(crash || reverted == (ret == 0));
+			/* not reverted, and all its raises written: lowered again */
+			if (!crash && ret < 0 && !strstr(err, "refcount block"))
+				CU_ASSERT(st == 0);
+		}
+		if (crash)
+			continue;
+		/* usable: overwrite clusters the snapshots share, check, read back */
+		CU_ASSERT(tu_sh("qemu-io -c 'write -P 0x45 256k 2M' %s >/dev/null 2>&1 && "
+				"qemu-io -r -c 'read -P 0x45 256k 2M' %s | grep -q '^read '",
+				work, work) == 0);
+		st = tu_sh("qemu-img check %s >%s 2>&1", work, out);
+		errors = file_has(out, "ERROR", NULL, true) || (st != 0 && st != 3);
+		if (errors)
+			fprintf(stderr, "%s %s, write %ld failed: errors after writing on\n",
+				op == 'd' ? "delete" : "apply", target, n);
+		CU_ASSERT(!errors);
+		CU_ASSERT(holds(work, other, strcmp(other, "keep") ? "s2.raw" : "keep.raw"));
+	}
+	fprintf(stderr,
+		"%s %s (%s): %s each of %u writes: %u calls failed, %u results with COPIED on a "
+		"leak\n",
+		op == 'd' ? "delete" : "apply", target, opts, crash ? "crashed after" : "failed",
+		total, nfailed, ncopied);
+}
+
+/* 4 KiB clusters: one refcount block, an L2 table per 2 MiB */
+#define TWO_4K "cluster_size=4096"
+/* 512-byte clusters: a refcount block per 256 clusters, an L2 table per 32 KiB */
+#define TWO_512 "cluster_size=512"
+
+static void test_delete_fail(void)
+{
+	two_every_write('d', "keep", false, TWO_4K);
+	two_every_write('d', "s2", false, TWO_4K);
+	two_every_write('d', "keep", false, TWO_512);
+	two_every_write('d', "s2", false, TWO_512);
+}
+
+static void test_apply_fail(void)
+{
+	two_every_write('a', "keep", false, TWO_4K);
+	two_every_write('a', "s2", false, TWO_4K);
+	two_every_write('a', "s2", false, TWO_512);
+}
+
+static void test_delete_crash_two(void)
+{
+	two_every_write('d', "keep", true, TWO_4K);
+	two_every_write('d', "s2", true, TWO_4K);
+	two_every_write('d', "s2", true, TWO_512);
+}
+
+static void test_apply_crash_two(void)
+{
+	two_every_write('a', "keep", true, TWO_4K);
+	two_every_write('a', "s2", true, TWO_4K);
+	two_every_write('a', "s2", true, TWO_512);
+}
+
 int main(void)
 {
 	const char *skip = NULL;
@@ -631,6 +842,14 @@ int main(void)
 		    skip);
 	tu_add_test(s, "apply: refused with persistent bitmaps, as qemu-img", test_apply_bitmaps,
 		    skip);
+	tu_add_test(s, "delete (two snapshots, compressed): each write fails in turn",
+		    test_delete_fail, skip);
+	tu_add_test(s, "apply (two snapshots, compressed): each write fails in turn",
+		    test_apply_fail, skip);
+	tu_add_test(s, "delete (two snapshots, compressed): crash after every write",
+		    test_delete_crash_two, skip);
+	tu_add_test(s, "apply (two snapshots, compressed): crash after every write",
+		    test_apply_crash_two, skip);
 	fails = tu_cunit_run();
 	tu_sh("rm -rf %s", dir);
 	if (skip && !fails)
