@@ -229,6 +229,25 @@ static void kick_cb(void *arg)
 	vhost_dev_leave(dev); /* may free dev */
 }
 
+/*
+ * Watch the ring's kick fd where the device model serves the ring
+ * (ops->watch_kick: the queue's I/O thread), else with ops->watch. 0, or
+ * -EIO with the connection marked broken.
+ */
+static int kick_watch(struct vhost_vq *vq)
+{
+	struct vhost_dev *dev = vq->dev;
+	const struct vhost_dev_ops *ops = dev->ops;
+
+	if ((ops->watch_kick ? ops->watch_kick(dev->opaque, vq, vq->kick_fd, kick_cb, vq)
+			     : ops->watch(dev->opaque, vq->kick_fd, kick_cb, vq)) < 0) {
+		vhost_dev_set_broken(dev, "cannot watch the kick fd");
+		return -EIO;
+	}
+	vq->kick_watched = true;
+	return 0;
+}
+
 /* Start or stop processing according to started/enabled/mapped/alive. */
 void vhost_vq_update_running(struct vhost_vq *vq)
 {
@@ -239,15 +258,8 @@ void vhost_vq_update_running(struct vhost_vq *vq)
 	if (want == vq->running)
 		return;
 	if (want) {
-		if (!vq->kick_watched && vq->kick_fd >= 0) {
-			if ((ops->watch_kick
-				 ? ops->watch_kick(dev->opaque, vq, vq->kick_fd, kick_cb, vq)
-				 : ops->watch(dev->opaque, vq->kick_fd, kick_cb, vq)) < 0) {
-				vhost_dev_set_broken(dev, "cannot watch the kick fd");
-				return;
-			}
-			vq->kick_watched = true;
-		}
+		if (!vq->kick_watched && vq->kick_fd >= 0 && kick_watch(vq) < 0)
+			return;
 		vq->running = true;
 		vq->notify_disabled = false;
 		if (has_feature(dev, VIRTIO_RING_F_EVENT_IDX))
@@ -310,11 +322,11 @@ int vhost_vq_start(struct vhost_vq *vq, int kick_fd)
 		vq->pushed = false;
 		vhost_vq_update_running(vq);
 	} else if (vq->running) {
-		if (dev->ops->watch(dev->opaque, kick_fd, kick_cb, vq) < 0) {
-			vhost_dev_set_broken(dev, "cannot watch the kick fd");
+		/* A new kick fd for a running ring: watched where the ring is
+		 * served, as at the start (not on the main loop, where every
+		 * kick would park the I/O threads). */
+		if (kick_watch(vq) < 0)
 			return -EIO;
-		}
-		vq->kick_watched = true;
 	}
 	return 0;
 }

@@ -240,6 +240,14 @@ static void t_disconnected(void *opaque, struct vhost_dev *dev)
 	CU_ASSERT_EQUAL(vhost_dev_inflight(dev), 0);
 }
 
+/* Kick fds go through watch_kick (the device model's thread for the ring). */
+static unsigned g_watch_kick;
+static int t_watch_kick(void *opaque, struct vhost_vq *vq, int fd, vhost_watch_cb *cb, void *arg)
+{
+	g_watch_kick++;
+	return t_watch(opaque, fd, cb, arg);
+}
+
 static const struct vhost_dev_ops g_ops = {
     .features = 1ull << 1 /* some device bit */,
     .protocol_features = 0,
@@ -247,6 +255,7 @@ static const struct vhost_dev_ops g_ops = {
     .max_queue_size = 128,
     .elem_size = sizeof(struct vq_elem) + 32,
     .watch = t_watch,
+    .watch_kick = t_watch_kick,
     .unwatch = t_unwatch,
     .get_config = t_get_config,
     .set_config = t_set_config,
@@ -834,6 +843,23 @@ static void test_kick_not_eventfd(void)
 	vq_push(g_held[0]->vq, g_held[0], 1);
 	g_nheld = 0;
 	CU_ASSERT_EQUAL(ring_used_idx(&r), 1);
+	/* A new kick fd for the running ring is watched through watch_kick,
+	 * as at the start, and kicks through it pop. */
+	{
+		unsigned before = g_watch_kick;
+		int k2 = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), old = r.kick;
+
+		CU_ASSERT_EQUAL(acked(r.fd, SET_VRING_KICK, &v, 8, &k2, 1), 0);
+		CU_ASSERT_EQUAL(g_watch_kick, before + 1);
+		r.kick = k2;
+		close(old);
+		ring_post(&r, 3);
+		run(5);
+		CU_ASSERT_EQUAL_FATAL(g_nheld, 1);
+		vq_push(g_held[0]->vq, g_held[0], 1);
+		g_nheld = 0;
+		CU_ASSERT_EQUAL(ring_used_idx(&r), 2);
+	}
 	ring_free(&r);
 	run(5);
 	server_down();
