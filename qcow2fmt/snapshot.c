@@ -79,8 +79,9 @@
  * and the delete reports success once COPIED agrees with the refcounts on
  * disk again (settle: the lowerings not written leak, COPIED set where the
  * failure kept a refcount at 2 is cleared again). An apply that fails
- * before its L1 table is written lowers its raises again (the active layer
- * as it was); after it, it settles as the delete does and reports success.
+ * before it tries to write its L1 table lowers its raises again (the active
+ * layer as it was); once it tried (a failed write may have left any part of
+ * the table on disk), it settles as the delete does and reports success.
  * Only a second failure (during settle or the undo) returns an error with
  * such a window left: leaks and COPIED disagreeing, as after a crash.
  */
@@ -110,7 +111,9 @@ struct sctx {
 	uint64_t *freed;     /* clusters whose refcount dropped to 0 */
 	size_t nfreed, freed_cap;
 	uint64_t to_one; /* refcounts lowered to exactly 1 (COPIED may now be set) */
-	bool l1_written; /* fix_copied wrote the L1 table */
+	/* fix_copied wrote the L1 table, or tried to: a failed write may have
+	 * reached the disk in part (EIO, a short write), so it counts too */
+	bool l1_written;
 	struct {
 		uint64_t off;
 		uint8_t *buf;
@@ -717,12 +720,11 @@ static int fix_copied(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off,
 			return -ENOMEM;
 		for (uint32_t i = 0; i < n; i++)
 			qcow2_put_be64(t + (size_t)i * 8, l1[i]);
+		c->l1_written = true; /* from here the disk may hold any part of it */
 		ret = qcow2_io_write(c->io, t, (size_t)n * 8, l1_off);
 		free(t);
 		if (ret < 0)
 			ret = FAIL(c, ret, "writing the L1 table: %s", strerror(-ret));
-		else
-			c->l1_written = true;
 	}
 	return ret < 0 ? ret : sync_io(c);
 }
@@ -1255,7 +1257,9 @@ int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const c
 		ret = rc_flush(&c);
 	if (ret < 0) {
 		/*
-		 * Reverted once the new L1 table is written: the old active
+		 * Reverted once the new L1 table is written (or its write
+		 * tried: a failed write may have left part of it on disk, so
+		 * settle writes it whole again): the old active
 		 * tables' lowerings not written leak, COPIED made to agree with
 		 * the refcounts on disk, and the apply is done. Before that,
 		 * the raises (all durable) are lowered again and the active
