@@ -73,6 +73,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <time.h>
 
@@ -3539,6 +3540,37 @@ static const struct img_ops q2_ops = {
 };
 
 static __thread int open_depth;
+/* The files of the chain being opened, by depth (open_depth): a backing
+ * file that is one of them is a loop, found before its lock conflicts with
+ * our own (which would read "locked by another process"). */
+static __thread struct {
+	dev_t dev;
+	ino_t ino;
+} chain_ids[QCOW2_MAX_CHAIN_DEPTH + 1];
+
+/* -ELOOP if NAME, the backing file of PATH (open on FD), is a file of the
+ * chain being opened; FD's identity recorded at this depth. */
+static int chain_loop(const char *path, const char *name, int fd, char *err, size_t errlen)
+{
+	struct stat self, st;
+
+	if (fstat(fd, &self) < 0)
+		self.st_dev = 0, self.st_ino = 0;
+	chain_ids[open_depth].dev = self.st_dev;
+	chain_ids[open_depth].ino = self.st_ino;
+	if (stat(name, &st) < 0 || (st.st_dev == 0 && st.st_ino == 0))
+		return 0; /* the open of NAME says what is wrong */
+	for (int i = 0; i <= open_depth; i++) {
+		if (chain_ids[i].dev != st.st_dev || chain_ids[i].ino != st.st_ino)
+			continue;
+		if (err)
+			snprintf(err, errlen, "%s: backing file %s is %s (a loop)", path, name,
+				 i == open_depth ? "the image itself"
+						 : "an image further up the chain");
+		return -ELOOP;
+	}
+	return 0;
+}
 
 static int guard_enter(const struct img_name_guard *g)
 {
@@ -3692,6 +3724,9 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 			ret = -ENOMEM;
 			goto close_dfile;
 		}
+		ret = chain_loop(path, name, m->file.fd, err, errlen);
+		if (ret < 0)
+			goto close_dfile;
 		bo.format = h->has_backing_fmt ? h->backing_fmt : NULL;
 		bo.read_only = true;
 		bo.backing = true;

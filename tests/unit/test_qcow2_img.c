@@ -1015,6 +1015,42 @@ static void test_chain_depth(void)
 }
 
 /*
+ * A backing chain that comes back to one of its files is refused as a loop
+ * by name, read-write or read-only, before the backing file's lock meets
+ * the image's own (QEMU: "Failed to get shared "write" lock ... another
+ * process"): an image naming itself, and two naming each other.
+ */
+static void test_chain_loop(void)
+{
+	static const char *const names[] = {"loop-self.qcow2", "loop-c.qcow2"};
+
+	CU_ASSERT_EQUAL_FATAL(tu_sh("cd %s && qemu-img create -q -f qcow2 loop-self.qcow2 1M && "
+				    "qemu-img rebase -u -b loop-self.qcow2 -F qcow2 "
+				    "loop-self.qcow2 && "
+				    "qemu-img create -q -f qcow2 loop-b.qcow2 1M && "
+				    "qemu-img create -q -f qcow2 -b loop-b.qcow2 -F qcow2 "
+				    "loop-c.qcow2 && "
+				    "qemu-img rebase -u -b loop-c.qcow2 -F qcow2 loop-b.qcow2",
+				    g_dir),
+			      0);
+	for (unsigned i = 0; i < 2; i++) {
+		for (int ro = 0; ro <= 1; ro++) {
+			struct img_opts o = {.direct = true, .read_only = ro};
+			struct img *img = NULL;
+			char err[512] = "";
+
+			CU_ASSERT_EQUAL(img_open(&img, g_loop, P(names[i]), &o, err, sizeof(err)),
+					-ELOOP);
+			CU_ASSERT_PTR_NULL(img);
+			CU_ASSERT_PTR_NOT_NULL(strstr(err, "(a loop)"));
+			CU_ASSERT_PTR_NOT_NULL(
+			    strstr(err, i == 0 ? "is the image itself" : "further up"));
+			CU_ASSERT_PTR_NULL(strstr(err, "lock"));
+		}
+	}
+}
+
+/*
  * qcow2 locks: the image file uses read, write, resize and shares neither
  * write nor resize (100, 101, 103, 201, 203); its backing file uses read
  * and shares neither (100, 201, 203). img_set_perm on a read-only image
@@ -1190,6 +1226,7 @@ int main(void)
 	CU_add_test(s, "inflate cache (zlib, zstd)", test_inflate_cache);
 	CU_add_test(s, "inflate: reads join one in flight, its failure", test_inflate_join_fail);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
+	CU_add_test(s, "backing chain loop", test_chain_loop);
 	CU_add_test(s, "locks and img_set_perm", test_locks);
 	CU_add_test(s, "image handoff (migration)", test_handoff);
 	fails = tu_cunit_run();
