@@ -18,6 +18,9 @@
 #include "util.h"
 #include "vlog.h"
 
+/* the longest dirty bitmap name QEMU accepts (BDRV_BITMAP_MAX_NAME_SIZE) */
+#define BM_NAME_MAX 1023u
+
 #define JOB_DEV                                                                                    \
 	{                                                                                          \
 		"device", QMP_STR, false                                                           \
@@ -781,6 +784,12 @@ static int bm_start(struct ctl *c, json_t *args, char bmop, char *err, size_t er
 	if (bmop == 'a' && found) {
 		snprintf(err, errlen, "Bitmap already exists: %s", name);
 		return -EEXIST;
+	}
+	if (bmop == 'a' && !(pers && json_is_true(pers)) && strlen(name) > BM_NAME_MAX) {
+		/* QEMU's limit for every dirty bitmap (a persistent one is the
+		 * engine's to refuse, as qcow2's constraint in QEMU) */
+		snprintf(err, errlen, "Bitmap name too long: %s", name);
+		return -EINVAL;
 	}
 	if (bmop == 'a' && (!(pers && json_is_true(pers)) ||
 			    (!img_may_write(img) && strcmp(img->ops->format, "qcow2") == 0)))

@@ -147,6 +147,25 @@ def test_vs_qsd(vqcowd, fe_bin, work):
     last = got[-1][1]
     log("ok: %d replies and listings as qemu-storage-daemon's (final: %r)" %
         (len(got), [(x["name"], x["count"]) for x in last]))
+    # QEMU's limit of a bitmap's name, 1023 bytes, persistent or not (the
+    # error names the bitmap: compared up to our 512-byte error text)
+    seq = [("block-dirty-bitmap-add", {"node": N, "name": "n" * 1024}),
+           ("block-dirty-bitmap-add", {"node": N, "name": "n" * 1024, "persistent": True}),
+           ("block-dirty-bitmap-add", {"node": N, "name": "m" * 1023}),
+           ("block-dirty-bitmap-remove", {"node": N, "name": "m" * 1023})]
+    ldirs = pair_dirs(work, "sl-", "-o", "cluster_size=4096", 64 * M)
+    want, got, _ = both_run(vqcowd, fe_bin, ldirs, "long", seq)
+    check(len(want) == len(got) == len(seq), "long names: %r %r" % (want, got))
+    for (cmd, w), (_, g), (_, args) in zip(want, got, seq):
+        if isinstance(w, dict) and "desc" in w:
+            gd = g.get("desc", "") if isinstance(g, dict) else ""
+            check(len(gd) > 400 and w["desc"].startswith(gd) and
+                  (args.get("persistent") or
+                   gd.startswith("Bitmap name too long: " + "n" * 400)),
+                  "%s %.40r: qsd %.80r, vqcowd %.80r" % (cmd, args, w, g))
+        else:
+            check(g == w, "%s %.40r: qsd %.80r, vqcowd %.80r" % (cmd, args, w, g))
+    log("ok: a bitmap name of 1024 bytes refused, of 1023 taken, as by qsd")
     ia, ib = sorted_bitmaps(a), sorted_bitmaps(b)
     check(ia == ib == [{"flags": ["auto"], "name": "p", "granularity": 4096},
                        {"flags": [], "name": "pd", "granularity": 65536}],
