@@ -766,6 +766,21 @@ static int settle(struct sctx *c, uint64_t *l1, uint32_t n, uint64_t l1_off)
 	return ret < 0 ? ret : fix_copied(c, l1, n, l1_off, true);
 }
 
+/*
+ * Add to @err, the message of a failed operation, what its recovery said:
+ * @pre, the recovery's own message @rerr (or @rret's strerror), @post.
+ */
+static void err_cat(char *err, size_t errlen, const char *pre, const char *rerr, int rret,
+		    const char *post)
+{
+	size_t l;
+
+	if (!err || !errlen)
+		return;
+	l = strnlen(err, errlen - 1);
+	snprintf(err + l, errlen - l, "%s%s%s", pre, rerr[0] ? rerr : strerror(-rret), post);
+}
+
 static bool same(const char *s, size_t len, const char *want)
 {
 	return want && strlen(want) == len && memcmp(s, want, len) == 0;
@@ -1092,12 +1107,8 @@ out:
 		c.err = uerr;
 		c.errlen = sizeof(uerr);
 		uret = create_undo(&c, l1_off, l1_bytes, tab_off, tlen);
-		if (uret < 0 && err && errlen) {
-			size_t l = strnlen(err, errlen - 1);
-
-			snprintf(err + l, errlen - l, "; undoing the refcount changes: %s",
-				 uerr[0] ? uerr : strerror(-uret));
-		}
+		if (uret < 0)
+			err_cat(err, errlen, "; undoing the refcount changes: ", uerr, uret, "");
 	}
 	free(tab);
 	free(l1c);
@@ -1176,15 +1187,12 @@ int qcow2_snapshot_delete_io(const struct qcow2_io *io, const char *name, const 
 		c.err = serr;
 		c.errlen = sizeof(serr);
 		sret = settle(&c, im.l1, im.h.l1_size, im.h.l1_table_offset);
-		if (sret == 0) {
+		if (sret == 0)
 			ret = 0;
-		} else if (e && errlen) {
-			size_t l = strnlen(e, errlen - 1);
-
-			snprintf(e + l, errlen - l,
-				 " (the snapshot is deleted; COPIED flags not repaired: %s)",
-				 serr[0] ? serr : strerror(-sret));
-		}
+		else
+			err_cat(e, errlen,
+				" (the snapshot is deleted; COPIED flags not repaired: ", serr,
+				sret, ")");
 	}
 out:
 	free(tab);
@@ -1288,13 +1296,11 @@ int qcow2_snapshot_apply_io(const struct qcow2_io *io, const char *name, const c
 		}
 		if (sret == 0 && applied) {
 			ret = 0;
-		} else if (sret < 0 && e && errlen) {
-			size_t l = strnlen(e, errlen - 1);
-
-			snprintf(e + l, errlen - l, "; %s: %s",
-				 applied ? "reverted, but COPIED flags not repaired"
-					 : "not reverted; undoing the refcount raises",
-				 serr[0] ? serr : strerror(-sret));
+		} else if (sret < 0) {
+			err_cat(e, errlen,
+				applied ? "; reverted, but COPIED flags not repaired: "
+					: "; not reverted; undoing the refcount raises: ",
+				serr, sret, "");
 		}
 	}
 out:
