@@ -341,6 +341,10 @@ void img_test_wb_hold(unsigned ms);
 /* Test seam (vqcowd's VQCOWD_TEST_SYNC_DELAY): qcow2_test_sync_delay(). */
 void img_test_sync_delay(unsigned ms);
 
+/* For a benchmark to decide (vqcowd's VQCOWD_TEST_EARLY_NEW; off by default):
+ * qcow2_early_new(), the early link of new clusters of fresh space. */
+void img_early_new(bool on);
+
 /* For benchmarks (vqcowd's VQCOWD_TEST_WB): qcow2_wb_tune(). */
 void img_wb_tune(uint32_t bridge, bool whole_slices, uint32_t xtab);
 

@@ -352,6 +352,11 @@ void img_test_sc_link(bool on)
 	qcow2_test_sc_link(on);
 }
 
+void img_early_new(bool on)
+{
+	qcow2_early_new(on);
+}
+
 void img_test_wb_hold(unsigned ms)
 {
 	qcow2_test_wb_hold(ms);

@@ -750,6 +750,7 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 
 	if (q->read_only)
 		return -EROFS;
+	q->alloc_from_free = false;
 	/* reuse a freed cluster first (data only) */
 	while (!meta && q->freelist.n) {
 		uint64_t v = q->freelist.v[q->freelist.n - 1], c = v & ~FREE_ZERO;
@@ -776,6 +777,7 @@ int q2_alloc_clusters(struct qcow2 *q, uint32_t n, bool meta, uint64_t *host, bo
 		q2_slice_dirty(s);
 		*host = c << q->cb;
 		*fresh = (v & FREE_ZERO) != 0;
+		q->alloc_from_free = true;
 		q->n_alloc++;
 		q->link_need = q->rc_seq + 1; /* linking it needs the next batch's sync */
 		return 1;

@@ -325,6 +325,10 @@ struct qcow2 {
 	 */
 	struct q2_zk *zk;
 	bool no_early_link; /* qcow2_opts.no_early_link (tests: the strict data -> L2 order) */
+	/* early_new_link() (mapping.c): tokens whose new clusters are linked
+	 * already, and whether the last q2_alloc_clusters() took a freed one */
+	uint32_t early_new_live;
+	bool alloc_from_free;
 	uint64_t batches;
 	struct io_cmd timer_cmd;
 	bool timer_armed;
@@ -371,6 +375,7 @@ struct qcow2 {
 	uint64_t n_side_batches; /* side batches started (writeback.c) */
 	uint64_t n_tail_starts;  /* batches started beside a batch's last fdatasync (writeback.c) */
 	uint64_t n_early_links;  /* subcluster allocations linked at map time (mapping.c) */
+	uint64_t n_early_new;    /* new clusters of fresh space linked at map time (mapping.c) */
 	uint64_t n_syncs;        /* write-back fdatasync steps started (writeback.c) */
 	uint64_t n_syncs_done;   /* and ended */
 	uint64_t n_link_waits, n_link_wait_syncs, n_link_wait_max; /* qcow2_link() waits */

@@ -800,6 +800,109 @@ static void early_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *
 	q2_wb_link_soon(q);
 }
 
+/* Switch: qcow2_early_new(). */
+static bool early_new_on;
+
+void qcow2_early_new(bool on)
+{
+	__atomic_store_n(&early_new_on, on, __ATOMIC_RELAXED);
+}
+
+/* A token of new clusters linked at map time overlapping guest clusters [c0, c1). */
+static struct qcow2_alloc *early_new_find(struct qcow2 *q, uint64_t c0, uint64_t c1)
+{
+	for (struct qcow2_alloc *a = q->tokens; a; a = a->next)
+		if (a->early_new && a->first_cluster < c1 && c0 < a->first_cluster + a->nclusters)
+			return a;
+	return NULL;
+}
+
+/*
+ * The early link of new clusters of fresh space (qcow2_early_new(), off by
+ * default): link them in the cache now, at map time, so that the link batch
+ * writing their L2 entries (q2_wb_link_soon: started at the end of this loop
+ * iteration) runs beside the data write instead of after it. The request
+ * still completes only when its data write ended and its entries are
+ * written (a->link_gen, qcow2_link: the reconnect rule), so what changes is
+ * only the order of two writes that are both in flight before the guest
+ * sees a completion: the L2 entry may reach the file (and the disk) before
+ * the data and fill.
+ *
+ * The order of writes, with the switch on, for such a cluster:
+ *   refcount raise (the reserve's, in the cache since alloc_data; P1 of a
+ *   batch, synced there unless an earlier batch made it durable:
+ *   link_need <= rc_durable) -> L2 entry (P2 of the link batch, or P1 of a
+ *   new table linked in P3)  ||  data + fill (one writev, alloc_write)
+ *   -> the guest's completion (both ended).
+ * Without it: data + fill -> (qcow2_alloc_finish) -> L2 entry -> completion.
+ * The refcount still reaches the disk before the entry: the raise was made
+ * (and link_need raised) before the entry was set, so every batch that takes
+ * the entry takes or follows the raise, and writes or syncs it first as for
+ * any link (a side batch only runs when link_need <= rc_durable).
+ *
+ * Why a crash (process death or power loss) at any point leaks clusters but
+ * shows nothing the guest did not have: the entry points at a cluster whose
+ * bytes, until the data write lands, are fresh space's (never handed out
+ * since the file grew past it: a hole, an unwritten extent or past the end
+ * of the file, all read as zeroes; never a reused freed cluster, whose old
+ * bytes would show: q->alloc_from_free) or the fill's zeroes, and the guest
+ * range had zeroes before (a guest cluster never allocated: entry 0, no
+ * backing file, no external data file, no COW head or tail to copy), so a
+ * crash shows the old contents (zeroes) or the new data of a write that was
+ * never acknowledged; the cluster's refcount is durable before the entry
+ * (above). With extended L2 only the written subclusters' allocation bits go
+ * early; the rest (all 32 for a cluster written whole) are set when the
+ * write ends, as without the switch. A crash before the entry is written
+ * leaks the reserved cluster, as today; a failed data write keeps the
+ * cluster linked (its range is undefined, the rest reads zeroes).
+ *
+ * Concurrency (the hazard): the entry is in the cached slice while the data
+ * write and its fill are in flight; a write into the same cluster that took
+ * the in-place path would go under the fill and be overwritten by it. So
+ * qcow2_map_write() never maps a write in place into a cluster of such a
+ * token: it parks on the token (early_new_find) and maps again when the
+ * allocation ended (qcow2_alloc_finish wakes it). Discard, write-zeroes and
+ * other allocations of the cluster park on the token already
+ * (l2_slice_for_change, lock_free_prefix); a partial write-zeroes goes
+ * through the write path. The I/O threads never see the entry before the
+ * request completes: the request is on m->muts (img_qcow2.c) from submit to
+ * completion, and nothing overlapping one is published to the fast table.
+ * A read may map the cluster meanwhile and reads zeroes or the new data of
+ * a write in flight, as a read beside any write. Nothing is freed or
+ * remapped here, so the ticket rule is untouched.
+ */
+static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *s, uint32_t idx)
+{
+	uint64_t host0 = (a->host - (a->off & (q->cs - 1))) & ~(q->cs - 1);
+
+	if (!__atomic_load_n(&early_new_on, __ATOMIC_RELAXED) || q->no_early_link || !a->new_host ||
+	    !a->fresh || q->alloc_from_free || q->ext_data || q->backing_size != UINT64_MAX ||
+	    !a->head_zero || !a->tail_zero || (a->kind != TK_NEW_STD && a->kind != TK_NEW_SC))
+		return;
+	for (uint32_t i = 0; i < a->nclusters; i++) {
+		uint64_t bm, e = q2_l2_entry(s, idx + i, &bm, q->extl2);
+
+		if (e || (q->extl2 && bm))
+			return; /* never allocated, nothing to copy or release */
+	}
+	for (uint32_t i = 0; i < a->nclusters; i++) {
+		uint32_t m = i == 0                  ? a->sc_mask_first
+			     : i == a->nclusters - 1 ? a->sc_mask_last
+						     : SC_ALL;
+
+		q2_l2_set(s, idx + i, (host0 + ((uint64_t)i << q->cb)) | QCOW2_OFLAG_COPIED,
+			  a->kind == TK_NEW_SC ? m : 0, q->extl2);
+	}
+	q2_slice_dirty_range(s, idx * q->l2e_size, a->nclusters * q->l2e_size);
+	q->meta_gen++;
+	a->link_gen = q->meta_gen;
+	a->link_slice = s->off;
+	a->early_new = true;
+	q->early_new_live++;
+	q->n_early_new += a->nclusters;
+	q2_wb_link_soon(q);
+}
+
 /* May [off, off + len) be written or zeroed? 0, -EROFS, -EIO (corrupt) or -EINVAL. */
 static int write_check(const struct qcow2 *q, uint64_t off, uint64_t len)
 {
@@ -847,10 +950,29 @@ again:
 		/* ---- fast path: in-place write to allocated clusters ---- */
 		if (writable_in_place(q, e)) {
 			uint64_t h0 = (e & QCOW2_L2E_OFFSET_MASK) + co, pos = off, cl = gc;
+			uint64_t wend = end;
 			uint32_t i = idx;
 
+			if (q->early_new_live) {
+				/* never under the data and fill of an allocation
+				 * whose entry was linked early: early_new_link() */
+				uint64_t lastc = (end - 1) >> q->cb, n;
+				struct qcow2_alloc *t = early_new_find(q, gc, gc + 1);
+
+				if (t) {
+					w->next = t->waiters;
+					t->waiters = w;
+					return -EAGAIN;
+				}
+				for (n = 1;
+				     gc + n <= lastc && !early_new_find(q, gc + n, gc + n + 1); n++)
+					;
+				if (gc + n <= lastc)
+					wend = (gc + n) << q->cb;
+			}
+
 			for (;;) {
-				uint64_t cend = (cl + 1) << q->cb, pend = cend < end ? cend : end;
+				uint64_t cend = (cl + 1) << q->cb, pend = cend < wend ? cend : wend;
 
 				if (q->extl2) {
 					uint64_t pco = pos & (q->cs - 1);
@@ -870,13 +992,13 @@ again:
 							    (cl << q->cb) +
 							    ((uint64_t)(f + run) << q->sc_bits);
 
-							pos = p2 < end ? p2 : end;
+							pos = p2 < wend ? p2 : wend;
 						}
 						break;
 					}
 				}
 				pos = pend;
-				if (pos >= end || s->suspect || ++i >= per_slice)
+				if (pos >= wend || s->suspect || ++i >= per_slice)
 					break;
 				cl++;
 				e = q2_l2_entry(s, i, &bm, q->extl2);
@@ -916,6 +1038,7 @@ again:
 	}
 	memset(a, 0, offsetof(struct qcow2_alloc, next));
 	a->early = false;
+	a->early_new = false;
 	a->first_cluster = gc;
 	a->off = off;
 	host = e & QCOW2_L2E_OFFSET_MASK;
@@ -1032,6 +1155,7 @@ again:
 	}
 	count_cow(q, a);
 	token_pin(q, a, s, host);
+	early_new_link(q, a, s, idx);
 	return QCOW2_WRITE_ALLOC;
 }
 
@@ -1059,13 +1183,42 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		     !q->ext_data && q->backing_size == UINT64_MAX &&
 		     !__atomic_load_n(&test_sc_link, __ATOMIC_RELAXED);
 
-	if (res >= 0 && !a->early)
+	if (res >= 0 && !a->early && !a->early_new)
 		q->meta_gen++; /* L2 entries linked: see qcow2_link() */
 	for (struct qcow2_alloc **pp = &q->tokens; *pp; pp = &(*pp)->next) {
 		if (*pp == a) {
 			*pp = a->next;
 			break;
 		}
+	}
+	if (a->early_new) {
+		/*
+		 * Linked at map time (early_new_link): the entries stay, also
+		 * when the write failed (the cluster is in use from the entry's
+		 * point of view, which a batch may have written already; the
+		 * failed range is undefined, the rest reads zeroes). Extended L2:
+		 * a cluster written whole now gets all its bits, as it would
+		 * have here without the early link; this request does not wait
+		 * for that change (those subclusters read zeroes either way).
+		 */
+		q->early_new_live--;
+		if (res < 0 || a->kind != TK_NEW_SC)
+			goto out;
+		for (uint32_t i = 0; i < a->nclusters; i++) {
+			uint64_t bm, e = q2_l2_entry(s, idx0 + i, &bm, q->extl2);
+			uint64_t hc = host0 + ((uint64_t)i << q->cb);
+			uint32_t m = i == 0                  ? a->sc_mask_first
+				     : i == a->nclusters - 1 ? a->sc_mask_last
+							     : SC_ALL;
+
+			if (whole && bm != SC_ALL) {
+				q2_l2_set(s, idx0 + i, e, SC_ALL, q->extl2);
+				q2_slice_dirty_range(s, (idx0 + i) * q->l2e_size, q->l2e_size);
+				q->meta_gen++;
+			}
+			zk_set(q, hc, !whole ? ~m : 0);
+		}
+		goto out;
 	}
 	if (res < 0) {
 		if (a->new_host)

@@ -336,8 +336,9 @@ struct qcow2_alloc {
 	uint32_t nclusters;
 	uint32_t sc_mask_first, sc_mask_last; /* extended L2: subclusters written */
 	uint8_t kind;
-	bool new_host; /* clusters were reserved (refcounts raised) */
-	bool early;    /* extended L2: its bits were set at map time (mapping.c) */
+	bool new_host;  /* clusters were reserved (refcounts raised) */
+	bool early;     /* extended L2: its bits were set at map time (mapping.c) */
+	bool early_new; /* new clusters of fresh space linked at map time (mapping.c) */
 };
 
 /*
@@ -492,6 +493,16 @@ void qcow2_test_link_delay(unsigned ms);
  * linked whole.
  */
 void qcow2_test_sc_link(bool on);
+
+/*
+ * The early link of new clusters of fresh space (img_early_new, vqcowd's
+ * VQCOWD_TEST_EARLY_NEW; off by default, for a quiet benchmark to decide):
+ * qcow2_map_write() links such a cluster in the cache when it maps it, so
+ * its L2 entry is written by a link batch beside its data write instead of
+ * after it (the request still completes only when both are written). The
+ * argument: the comment above early_new_link() in mapping.c.
+ */
+void qcow2_early_new(bool on);
 
 /*
  * Test seam (img_test_wb_hold): a write-back batch that is not a side batch

@@ -2695,6 +2695,12 @@ int main(int argc, char **argv)
 		img_test_sync_delay((unsigned)strtoul(getenv("VQCOWD_TEST_SYNC_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_SYNC_DELAY: write-back fdatasyncs held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_EARLY_NEW") && strcmp(getenv("VQCOWD_TEST_EARLY_NEW"), "0")) {
+		/* for a quiet benchmark to decide: see img_early_new() */
+		img_early_new(true);
+		log_warn("VQCOWD_TEST_EARLY_NEW: new clusters of fresh space linked at map time "
+			 "(off by default)");
+	}
 	if (getenv("VQCOWD_TEST_WB")) {
 		/* benchmarks: see img_wb_tune() */
 		const char *v = getenv("VQCOWD_TEST_WB"), *x = strstr(v, ",xtab");
