@@ -348,6 +348,11 @@ struct vhost_vq {
 	uint64_t counter;   /* next fetch counter */
 	uint16_t *resubmit; /* heads left in flight, in fetch order */
 	uint16_t resubmit_n, resubmit_pos;
+	/* Counts for the "vring N: ... kicks" line (vhost_vq_log_counts),
+	 * written by the thread serving the ring: kick fd wake-ups and the
+	 * kicks they read (the eventfd's counter), requests popped, signal
+	 * decisions (vhost_vq_signal with something pushed) and calls sent. */
+	uint64_t n_kick_wakes, n_kicks, n_pops, n_signal_asks, n_calls;
 	/* Each ring on its own cache lines (dev->vqs is allocated aligned):
 	 * the thread serving a ring writes its indices and inflight on every
 	 * request, and packed 240 bytes apart, ring 0's inflight shared a line
@@ -507,6 +512,7 @@ void vhost_vq_remap_all(struct vhost_dev *dev);
 int vhost_vq_start(struct vhost_vq *vq, int kick_fd);
 void vhost_vq_stop(struct vhost_vq *vq);
 void vhost_vq_log_stop(struct vhost_vq *vq);
+void vhost_vq_log_counts(struct vhost_vq *vq);
 void vhost_vq_update_running(struct vhost_vq *vq);
 void vhost_vq_release_fds(struct vhost_vq *vq);
 void vhost_vq_signal(struct vhost_vq *vq);

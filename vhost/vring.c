@@ -94,6 +94,7 @@ static void vq_free_slots(struct vhost_vq *vq)
 
 void vhost_vq_free(struct vhost_vq *vq)
 {
+	vhost_vq_log_counts(vq); /* a ring the front-end left without GET_VRING_BASE */
 	vhost_vq_release_fds(vq);
 	vq_free_slots(vq);
 }
@@ -224,6 +225,8 @@ static void kick_cb(void *arg)
 		/* Only an eventfd reads exactly 8 bytes or EAGAIN. */
 		vhost_dev_set_broken(dev, "kick fd is not an eventfd");
 	} else if (vq->running) {
+		vq->n_kick_wakes++;
+		vq->n_kicks += n == (ssize_t)sizeof(v) ? v : 0;
 		dev->ops->queue_kick(dev->opaque, vq);
 	}
 	vhost_dev_leave(dev); /* may free dev */
@@ -349,6 +352,27 @@ void vhost_vq_log_stop(struct vhost_vq *vq)
 {
 	vhost_info("vring %u stopped: next avail index %u, used index %u", vq->idx, vq->last_avail,
 		   vq->used_idx);
+	vhost_vq_log_counts(vq);
+}
+
+/*
+ * What the ring cost in notifications since it started (or since the last
+ * such line): the driver's kicks (each an exit of a guest vCPU: with
+ * EVENT_IDX a back-end that keeps popping asks for none), the wake-ups of
+ * the kick fd they caused, requests, and the calls sent (each an interrupt
+ * the front-end injects) of the signal decisions made. Called with the
+ * ring's thread parked (GET_VRING_BASE, the device's end); once per run.
+ */
+void vhost_vq_log_counts(struct vhost_vq *vq)
+{
+	if (!vq->n_pops && !vq->n_kick_wakes && !vq->n_calls)
+		return;
+	vhost_info("vring %u: %llu requests, %llu kicks in %llu kick wake-ups, %llu calls of %llu "
+		   "signal decisions",
+		   vq->idx, (unsigned long long)vq->n_pops, (unsigned long long)vq->n_kicks,
+		   (unsigned long long)vq->n_kick_wakes, (unsigned long long)vq->n_calls,
+		   (unsigned long long)vq->n_signal_asks);
+	vq->n_pops = vq->n_kicks = vq->n_kick_wakes = vq->n_calls = vq->n_signal_asks = 0;
 }
 
 /* ---- descriptor chains ---- */
@@ -609,6 +633,7 @@ walk:
 		return 0;
 	}
 	vq->last_avail++;
+	vq->n_pops++;
 	/* Marked in flight before the element is handed out (and before the
 	 * next pop): a kill from here on resubmits it. */
 	if (vq->track) {
@@ -704,10 +729,12 @@ void vhost_vq_signal(struct vhost_vq *vq)
 		need = !(le16toh(LOAD16(&vq->avail->flags)) & VRING_AVAIL_F_NO_INTERRUPT);
 	}
 	vq->pushed = false;
+	vq->n_signal_asks++;
 	if (need) {
 		uint64_t one = 1;
 		ssize_t n = write(vq->call_fd, &one, sizeof(one));
 
+		vq->n_calls++;
 		(void)n; /* EAGAIN: the counter is saturated, a signal is pending anyway */
 	}
 }

@@ -79,6 +79,17 @@ int vhost_test_vring_start(struct vhost_dev *dev, unsigned idx, int kick_fd, int
 	return vhost_vq_start(vq, kick_fd);
 }
 
+void vhost_test_vring_counts(struct vhost_dev *dev, unsigned idx, uint64_t c[5])
+{
+	struct vhost_vq *vq = vhost_dev_vq(dev, idx);
+
+	c[0] = vq ? vq->n_pops : 0;
+	c[1] = vq ? vq->n_kicks : 0;
+	c[2] = vq ? vq->n_kick_wakes : 0;
+	c[3] = vq ? vq->n_signal_asks : 0;
+	c[4] = vq ? vq->n_calls : 0;
+}
+
 int vhost_test_vring_stop(struct vhost_dev *dev, unsigned idx)
 {
 	struct vhost_vq *vq = vhost_dev_vq(dev, idx);

@@ -31,5 +31,8 @@ int vhost_test_vring_setup(struct vhost_dev *dev, unsigned idx, uint32_t num, ui
 int vhost_test_vring_start(struct vhost_dev *dev, unsigned idx, int kick_fd, int call_fd);
 /* As GET_VRING_BASE without the drain: stops the ring, returns last_avail. */
 int vhost_test_vring_stop(struct vhost_dev *dev, unsigned idx);
+/* Ring @idx's counts (vhost_vq_log_counts): requests, kicks, kick wake-ups,
+ * signal decisions, calls. */
+void vhost_test_vring_counts(struct vhost_dev *dev, unsigned idx, uint64_t c[5]);
 
 #endif /* VQCOW_TESTS_VHOST_TEST_H */

@@ -659,6 +659,16 @@ static void test_event_idx_notify(void)
 	*used_event = htole16(5);
 	vq_notify(g_vq);
 	CU_ASSERT_EQUAL(calls(), 1);
+	/* The counts of the ring's "vring 0: ... calls" line: 6 requests, 5
+	 * decisions (the notifies with nothing pushed are none), 4 calls. */
+	{
+		uint64_t c[5];
+
+		vhost_test_vring_counts(g_dev, 0, c);
+		CU_ASSERT_EQUAL(c[0], 6);
+		CU_ASSERT_EQUAL(c[3], 5);
+		CU_ASSERT_EQUAL(c[4], 4);
+	}
 	teardown();
 }
 
