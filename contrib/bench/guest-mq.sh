@@ -11,6 +11,11 @@
 #   vqcowd-2   vqcowd --io-threads 2
 #   qsd-10     qemu-storage-daemon 10.0 (contrib/bench/qsd10.sh)
 #   qsd-7.2    the system's qemu-storage-daemon
+#   alt-1      VQCOWD_ALT (default: the same vqcowd) --io-threads 1 $VQCOWD_ALT_ARGS
+#   alt-2      the same with --io-threads 2
+#
+# (kinds vqcowd-N pass VQCOWD_ARGS too: a policy A/B in the guest is
+# KINDS="vqcowd-1 vqcowd-2 alt-1 alt-2" VQCOWD_ALT_ARGS="--some-switch".)
 #
 # both qsd in their best configuration: aio=io_uring, cache.direct=on, an
 # iothread, num-queues=2.
@@ -18,6 +23,7 @@
 #   bash contrib/bench/guest-mq.sh [--reps 2] [--runtime 10] [--images full,zlib]
 #                                  [--jobs randread,randwrite] [--kinds "..."]
 #                                  [--accel auto|kvm|tcg] [--guest-dir DIR]
+#                                  [--threads]
 #
 # Images: mq.sh's 1 GiB full qcow2 (random data) and zlib-compressed qcow2
 # (made by `mq.sh --prepare` when missing, under $BENCH_DIR, default
@@ -45,12 +51,23 @@
 # medians, and the ratios vqcowd-2/vqcowd-1, vqcowd-2/qsd-10 and
 # vqcowd-2/qsd-7.2 computed per repetition (runs minutes apart at most),
 # median (range).
+#
+# --threads adds where the CPU goes, per thread of the backend and of QEMU
+# (its vCPU threads "CPU 0/TCG", "CPU 1/TCG" under TCG, its main loop, which
+# under TCG injects the backend's calls as interrupts): CPU time
+# (utime+stime of /proc/PID/task/TID/stat) and voluntary / involuntary
+# context switches (.../status) between the job's markers, per guest I/O,
+# median of the repetitions; and, for vqcowd, its exit counts per request
+# (whole boot: the guest's boot-time I/O and every job): the driver's kicks
+# and the kick fd's wake-ups, the calls sent of the signal decisions, and
+# per event loop the busy polls (waits polled, caught, µs polled; the
+# daemon runs with --log-level debug for that line).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
 reps=2 runtime=10 images=full,zlib jobs=randread,randwrite accel=auto kinds=${KINDS:-}
-gdir=""
+gdir="" threads=0
 usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -61,6 +78,7 @@ while [ $# -gt 0 ]; do
 	--kinds) kinds=$2; shift 2 ;;
 	--accel) accel=$2; shift 2 ;;
 	--guest-dir) gdir=$2; shift 2 ;;
+	--threads) threads=1; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; exit 2 ;;
 	esac
@@ -83,6 +101,12 @@ fi
 for i in ${images//,/ }; do
 	case $i in full | zlib) ;; *) echo "guest-mq.sh: unknown image $i" >&2; exit 2 ;; esac
 	[ -f "$dir/$i.qcow2" ] || BENCH_DIR=$dir bash "$here/mq.sh" --prepare
+done
+for k in $kinds; do
+	case $k in
+	vqcowd-1 | vqcowd-2 | alt-1 | alt-2 | qsd-7.2 | qsd-10) ;;
+	*) echo "guest-mq.sh: unknown kind '$k' (vqcowd-1 vqcowd-2 alt-1 alt-2 qsd-10 qsd-7.2)" >&2; exit 2 ;;
+	esac
 done
 for j in ${jobs//,/ }; do
 	case $j in randread | randwrite) ;; *) echo "guest-mq.sh: unknown job $j" >&2; exit 2 ;; esac
@@ -147,15 +171,44 @@ truncate -s $((($(stat -c %s "$initrd") + 511) / 512 * 512)) "$initrd"
 cat "$tmp/job.cpio" >>"$initrd"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# snap ROLE PID: a line per thread: ROLE <tab> TID <tab> COMM <tab> TICKS VOL INVOL
+snap() {
+	local t st comm rest f v nv k n
+	for t in /proc/"$2"/task/*; do
+		# (a thread may end meanwhile: $(<file) would end the script)
+		{ read -r st <"$t/stat"; } 2>/dev/null || continue
+		{ read -r comm <"$t/comm"; } 2>/dev/null || continue
+		rest=${st##*) }
+		read -r -a f <<<"$rest"
+		v=0 nv=0
+		{
+			while read -r k n; do
+				case $k in
+				voluntary_ctxt_switches:) v=$n ;;
+				nonvoluntary_ctxt_switches:) nv=$n ;;
+				esac
+			done <"$t/status"
+		} 2>/dev/null || true
+		printf '%s\t%s\t%s\t%s %s %s\n' "$1" "${t##*/}" "$comm" $((f[11] + f[12])) "${v:-0}" "${nv:-0}"
+	done
+}
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
 start_backend() { # KIND IMAGE SOCK LOG
-	local kind=$1 img=$2 sock=$3 q
+	local kind=$1 img=$2 sock=$3 q dbg=()
 	rm -f "$sock"
+	[ "$threads" = 0 ] || dbg=(--log-level debug)
 	case $kind in
 	vqcowd-1 | vqcowd-2)
+		# shellcheck disable=SC2086
 		"$vqcowd" --socket-path "$sock" --blk-file "$img" --format qcow2 --num-queues 2 \
-			--io-threads "${kind#vqcowd-}" </dev/null >"$4" 2>&1 &
+			--io-threads "${kind#vqcowd-}" ${dbg[@]+"${dbg[@]}"} ${VQCOWD_ARGS:-} </dev/null >"$4" 2>&1 &
+		;;
+	alt-1 | alt-2)
+		# shellcheck disable=SC2086
+		"${VQCOWD_ALT:-$vqcowd}" --socket-path "$sock" --blk-file "$img" --format qcow2 \
+			--num-queues 2 --io-threads "${kind#alt-}" ${dbg[@]+"${dbg[@]}"} ${VQCOWD_ALT_ARGS:-} \
+			</dev/null >"$4" 2>&1 &
 		;;
 	qsd-7.2 | qsd-10)
 		q=qemu-storage-daemon
@@ -171,6 +224,9 @@ start_backend() { # KIND IMAGE SOCK LOG
 # rep image job kind iops cpu_us_per_io p50_us p99_us load_before load_after
 res=$tmp/res
 : >"$res"
+: >"$tmp/ios"
+: >"$tmp/thr"
+: >"$tmp/exit"
 boot() {
 	local rep=$1 image=$2 kind=$3 img=$dir/$2.qcow2 sock=$tmp/sock con=$tmp/console
 	local lb la tmo rw seen i
@@ -191,6 +247,7 @@ boot() {
 		-kernel "$gdir/vmlinuz" -initrd "$initrd" \
 		-append "console=ttyS0 quiet panic=-1 no_timer_check vqcow.job=mqbench vqcow.rws=$jobs vqcow.runtime=$runtime" \
 		-chardev socket,id=c0,path="$sock" -device vhost-user-blk-pci,chardev=c0 \
+		-name guest-mq,debug-threads=on \
 		-nodefaults -display none -no-reboot -monitor none -serial file:"$con" \
 		</dev/null >"$tmp/qemu.log" 2>&1 &
 	qpid=$!
@@ -201,10 +258,12 @@ boot() {
 		for rw in ${jobs//,/ }; do
 			if [[ $seen != *" b$rw "* ]] && grep -qa "^MQBENCH-BEGIN $rw" "$con"; then
 				tb[$rw]=$(ticks "$bpid")
+				[ "$threads" = 0 ] || { snap backend "$bpid"; snap qemu "$qpid"; } >"$tmp/snap-b-$rw"
 				seen="$seen b$rw "
 			fi
 			if [[ $seen != *" e$rw "* ]] && grep -qa "^MQBENCH-END $rw" "$con"; then
 				te[$rw]=$(ticks "$bpid")
+				[ "$threads" = 0 ] || { snap backend "$bpid"; snap qemu "$qpid"; } >"$tmp/snap-e-$rw"
 				seen="$seen e$rw "
 			fi
 		done
@@ -220,6 +279,17 @@ boot() {
 	bpid=
 	[ "$VM_STOP_STATUS" = 0 ] || echo "guest-mq.sh: $kind exited with status $VM_STOP_STATUS" >&2
 	grep -ho 'fast path: [0-9]* hits, [0-9]* hops' "$tmp/$kind.log" | sed "s/^/  $kind $image: /" >&2 || true
+	if [ "$threads" = 1 ]; then
+		# vqcowd's exit counts (whole boot): vring lines, busy polls per loop, moves
+		grep -ao 'vring [0-9]*: [0-9]* requests.*\|busy polling: [0-9]* waits.*\|moved to the main thread.*' \
+			"$tmp/$kind.log" | sed "s/^/$rep $image $kind /" >>"$tmp/exit" || true
+		for rw in ${jobs//,/ }; do
+			[ -f "$tmp/snap-b-$rw" ] && [ -f "$tmp/snap-e-$rw" ] || continue
+			sed "s/^/$rep $image $kind $rw b\t/" "$tmp/snap-b-$rw" >>"$tmp/thr"
+			sed "s/^/$rep $image $kind $rw e\t/" "$tmp/snap-e-$rw" >>"$tmp/thr"
+			rm -f "$tmp/snap-b-$rw" "$tmp/snap-e-$rw"
+		done
+	fi
 	la=$(load1)
 	if ! grep -qa 'VQCOW-GUEST: PASS mqbench' "$con"; then
 		echo "guest-mq.sh: guest job failed ($kind $image); console:" >&2
@@ -241,8 +311,10 @@ p = lambda k: pct.get(k, 0) / 1000
 dt = int(sys.argv[3]) - int(sys.argv[2])
 cpu = dt / float(sys.argv[4]) * 1e6 / max(ios, 1)
 print(sys.argv[5], sys.argv[6], rw, sys.argv[7], "%.0f %.2f %.1f %.1f" % (j["iops"], cpu,
-      p("50.000000"), p("99.000000")), sys.argv[8], sys.argv[9])' \
-				"$rw" "${tb[$rw]:-0}" "${te[$rw]:-0}" "$hz" "$rep" "$image" "$kind" "$lb" "$la" |
+      p("50.000000"), p("99.000000")), sys.argv[8], sys.argv[9])
+with open(sys.argv[10], "a") as f:
+    print(sys.argv[5], sys.argv[6], sys.argv[7], rw, ios, file=f)' \
+				"$rw" "${tb[$rw]:-0}" "${te[$rw]:-0}" "$hz" "$rep" "$image" "$kind" "$lb" "$la" "$tmp/ios" |
 			tee -a "$res" >&2
 	done
 }
@@ -300,4 +372,121 @@ for (image, job), b in d.items():
             print("| %s | %s | %s / %s | %.2f (%.2f-%.2f) | %s |" % (
                 image, job, a, c, st.median(q), min(q), max(q),
                 "%.2f" % st.median(cq) if cq else "–"))
+EOF
+
+[ "$threads" = 1 ] || exit 0
+echo
+echo "### Per thread, between the job's markers (--threads; $(nproc) host CPUs)"
+echo
+python3 - "$tmp/thr" "$tmp/ios" "$tmp/exit" "$kinds" "$hz" <<'EOF'
+import re, statistics as st, sys
+thr, iosf, exitf, kinds, hz = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), float(sys.argv[5])
+ios = {}
+for l in open(iosf):
+    rep, image, kind, rw, n = l.split()
+    ios[(rep, image, kind, rw)] = int(n)
+snaps = {}
+for l in open(thr):
+    l = l.rstrip("\n")
+    if not l:
+        continue
+    head, role, tid, comm, vals = l.split("\t")
+    rep, image, kind, rw, be = head.split()
+    t, v, nv = map(int, vals.split())
+    snaps.setdefault((rep, image, kind, rw), {}).setdefault(be, {})[(role, int(tid))] = (comm, t, v, nv)
+# per (image, rw) and kind and thread: per repetition (CPU µs/IO, voluntary/IO, involuntary/IO)
+acc = {}
+for key, s in snaps.items():
+    rep, image, kind, rw = key
+    n = ios.get(key)
+    if not n or "e" not in s:
+        continue
+    b, e = s.get("b", {}), s["e"]
+    pids = {}
+    for role, tid in e:
+        pids[role] = min(pids.get(role, tid), tid)
+    order = 0
+    per = {}
+    for (role, tid), (comm, t, v, nv) in sorted(e.items()):
+        c0, t0, v0, nv0 = b.get((role, tid), (comm, 0, 0, 0))
+        who = "vqcowd" if kind.startswith(("vqcowd", "alt")) else "qsd"
+        who = who if role == "backend" else "qemu"
+        if tid == pids[role]:
+            label = "%s main" % who
+        elif comm.startswith("iou-"):
+            label = "%s io_uring workers" % who
+        elif who == "vqcowd":
+            order += 1
+            label = "vqcowd thread %d" % order
+        else:
+            label = "%s %s" % (who, comm)
+        x = per.setdefault(label, [0, 0, 0])
+        x[0] += t - t0
+        x[1] += v - v0
+        x[2] += nv - nv0
+    per["all threads (backend + QEMU)"] = [sum(x[i] for x in per.values()) for i in range(3)]
+    for label, (t, v, nv) in per.items():
+        acc.setdefault((image, rw), {}).setdefault(kind, {}).setdefault(label, {})[rep] = (
+            t / hz * 1e6 / n, v / n, nv / n)
+print("Per guest I/O: CPU µs; voluntary / involuntary context switches. Median of the repetitions;")
+print("CPU from clock ticks of 1/%d s (a figure below ~0.1 µs is noise); a thread that ended" % hz)
+print("before the job's end marker (an idle io_uring worker) is not counted.")
+for (image, rw), bk in acc.items():
+    ks = [k for k in kinds if k in bk]
+    print()
+    print("| %s %s: thread | %s |" % (image, rw, " | ".join(ks)))
+    print("|---|" + "---:|" * len(ks))
+    labels = []
+    for k in ks:
+        for lab in bk[k]:
+            if lab not in labels:
+                labels.append(lab)
+    labels.sort(key=lambda x: x.startswith("all "))
+    for lab in labels:
+        cells = []
+        for k in ks:
+            r = bk[k].get(lab)
+            if not r:
+                cells.append("–")
+                continue
+            m = [st.median(x[i] for x in r.values()) for i in range(3)]
+            cells.append("%.2f; %.3f / %.3f" % tuple(m))
+        print("| %s | %s |" % (lab, " | ".join(cells)))
+ex = {}
+for l in open(exitf):
+    f = l.split(None, 3)
+    if len(f) < 4:
+        continue
+    rep, image, kind, line = f
+    e = ex.setdefault((image, kind), {}).setdefault(rep, {"req": 0, "kicks": 0, "wakes": 0,
+                                                           "calls": 0, "asks": 0, "polls": []})
+    m = re.match(r"vring \d+: (\d+) requests, (\d+) kicks in (\d+) kick wake-ups, (\d+) calls of (\d+) signal", line)
+    if m:
+        for k, v in zip(("req", "kicks", "wakes", "calls", "asks"), map(int, m.groups())):
+            e[k] += v
+    m = re.match(r"busy polling: (\d+) waits timed, (\d+) polled, (\d+) caught by the poll, (\d+) us polled(?:, (\d+) given up)?", line)
+    if m:
+        e["polls"].append(tuple(int(x or 0) for x in m.groups()))
+if ex:
+    print()
+    print("vqcowd's exit counts per request (whole boot, every job; median of the repetitions):")
+    print("kicks, kick wake-ups, calls, signal decisions; per event loop: waits timed / polled /")
+    print("caught by the poll / given up to another thread (--poll-yield) per request, µs polled")
+    print("per request.")
+    print()
+    print("| image | kind | requests | kicks | kick wake-ups | calls | signal decisions | busy polls per loop |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for (image, kind), r in sorted(ex.items()):
+        rs = [x for x in r.values() if x["req"]]
+        if not rs:
+            continue
+        md = lambda k: st.median(x[k] / x["req"] for x in rs)
+        pl = []
+        for i in range(max(len(x["polls"]) for x in rs)):
+            vals = [(x["polls"][i], x["req"]) for x in rs if len(x["polls"]) > i]
+            m = [st.median(v[j] / q for v, q in vals) for j in range(5)]
+            pl.append("%.3f / %.3f / %.3f / %.3f, %.2f µs" % (m[0], m[1], m[2], m[4], m[3]))
+        print("| %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %s |" % (
+            image, kind, st.median(x["req"] for x in rs), md("kicks"), md("wakes"), md("calls"),
+            md("asks"), "; ".join(pl) or "–"))
 EOF
