@@ -288,6 +288,22 @@ bool io_poll_group_enter(struct io_poll_group *g);
 void io_poll_group_leave(struct io_poll_group *g);
 
 /*
+ * Polite polling, off (false) by default: a busy poll yields its CPU
+ * (sched_yield) every few spins, and once a yield gave the CPU away (another
+ * thread runnable on it ran: the yield took more than
+ * IO_POLL_YIELD_GAVE_NS) it ends and the loop sleeps until its event. A
+ * poll then takes only a CPU nobody else wants: where the front-end's
+ * threads (a TCG or an overcommitted KVM guest's vCPUs) need the CPUs the
+ * loops would spin on, they get them at once instead of after the poll
+ * window. Such a wait does not teach the windows (io_poll_window_update):
+ * it says nothing of how long the event takes. io_loop_poll_gave() counts
+ * them (also on the debug line at exit).
+ */
+#define IO_POLL_YIELD_GAVE_NS 5000
+void io_loop_set_poll_yield(struct io_loop *loop, bool on);
+uint64_t io_loop_poll_gave(const struct io_loop *loop);
+
+/*
  * Early submission: hand prepared SQEs to the kernel as soon as @n of them
  * are waiting, instead of all at once when the iteration ends (0, the
  * default). With n = 2 no submission is large enough for the kernel to plug

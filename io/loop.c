@@ -31,6 +31,7 @@
 #include <liburing.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 #include <stdio.h>
@@ -90,6 +91,9 @@ struct io_loop {
 	 * whose poll caught the event, and the time spent polling. */
 	uint64_t poll_waits, poll_polled, poll_caught, poll_spent_ns;
 	struct io_poll_group *poll_group; /* io_loop_set_poll_group(), or NULL */
+	bool poll_yield;                  /* io_loop_set_poll_yield() */
+	uint64_t poll_gave;               /* polls a yield ended (the CPU was wanted) */
+	uint64_t poll_away_ns;            /* time such yields were away (not polled) */
 	/* Hybrid polling (io_loop_set_poll_hybrid): hyb_pct % of hyb_mean_ns,
 	 * the learnt wait for a file completion, is slept before polling the
 	 * wait that follows a file submission (fsub) with file I/O in flight
@@ -201,10 +205,11 @@ void io_loop_exit(struct io_loop *loop)
 	if (loop->poll_waits)
 		vlog(VLOG_DEBUG, "io",
 		     "busy polling: %llu waits timed, %llu polled, %llu caught by the poll, "
-		     "%llu us polled; windows %llu/%llu/%llu ns",
+		     "%llu us polled, %llu given up to another thread; windows %llu/%llu/%llu ns",
 		     (unsigned long long)loop->poll_waits, (unsigned long long)loop->poll_polled,
 		     (unsigned long long)loop->poll_caught,
 		     (unsigned long long)(loop->poll_spent_ns / 1000),
+		     (unsigned long long)loop->poll_gave,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_OTHER].ns,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_FILE].ns,
 		     (unsigned long long)loop->poll_win[IO_POLL_AFTER_REMOTE].ns);
@@ -378,6 +383,16 @@ void io_poll_group_init(struct io_poll_group *g, unsigned max)
 void io_loop_set_poll_group(struct io_loop *loop, struct io_poll_group *g)
 {
 	loop->poll_group = g;
+}
+
+void io_loop_set_poll_yield(struct io_loop *loop, bool on)
+{
+	loop->poll_yield = on;
+}
+
+uint64_t io_loop_poll_gave(const struct io_loop *loop)
+{
+	return loop->poll_gave;
 }
 
 bool io_poll_group_enter(struct io_poll_group *g)
@@ -1494,12 +1509,14 @@ static bool taskrun_pending(const struct io_loop *loop)
 /*
  * Busy-poll the CQ until @deadline, re-running the deferred hooks. 0 if
  * nothing came, 1 if a CQE did, 2 if the hooks or a local completion gave
- * work without one.
+ * work without one, 3 if a yield gave the CPU away (io_loop_set_poll_yield).
  */
 static int busy_poll(struct io_loop *loop, uint64_t deadline)
 {
+	uint64_t t;
+
 	io_uring_submit(&loop->ring);
-	do {
+	for (;;) {
 		/* The clock costs more than a spin: read it every few spins. */
 		for (int spin = 0; spin < 8; spin++) {
 			if (taskrun_pending(loop))
@@ -1511,8 +1528,23 @@ static int busy_poll(struct io_loop *loop, uint64_t deadline)
 			if (loop->local_head || io_uring_sq_ready(&loop->ring))
 				return 2;
 		}
-	} while (now_ns() < deadline);
-	return 0;
+		t = now_ns();
+		if (t >= deadline)
+			return 0;
+		if (loop->poll_yield) {
+			/* Another thread runnable here runs now; back soon
+			 * only if none was (the system call's own cost). */
+			sched_yield();
+			t = now_ns() - t;
+			if (t > IO_POLL_YIELD_GAVE_NS) {
+				loop->poll_gave++;
+				loop->poll_away_ns += t;
+				if (taskrun_pending(loop))
+					io_uring_get_events(&loop->ring);
+				return io_uring_cq_ready(&loop->ring) ? 1 : 3;
+			}
+		}
+	}
 }
 
 /*
@@ -1568,7 +1600,8 @@ static int hybrid_sleep(struct io_loop *loop, uint64_t start, uint64_t w, uint64
  */
 static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool hyb, bool *adapt)
 {
-	uint64_t w = io_loop_poll_window(loop, loop->poll_kind), slept = 0;
+	uint64_t w = io_loop_poll_window(loop, loop->poll_kind), slept = 0,
+		 away = loop->poll_away_ns;
 	int found = 0;
 
 	*adapt = true;
@@ -1587,10 +1620,16 @@ static bool poll_adaptive(struct io_loop *loop, uint64_t start, bool hyb, bool *
 		found = busy_poll(loop, start + w);
 		if (loop->poll_group)
 			io_poll_group_leave(loop->poll_group);
+		if (found == 3) {
+			/* The CPU was wanted: sleep; the windows learn nothing. */
+			found = 0;
+			*adapt = false;
+		}
 	}
 	loop->poll_polled++;
 	loop->poll_caught += found != 0;
-	loop->poll_spent_ns += now_ns() - start - slept;
+	/* (not the time a yield gave to another thread: it polled nothing) */
+	loop->poll_spent_ns += now_ns() - start - slept - (loop->poll_away_ns - away);
 	if (found == 2) {
 		loop->poll_await = false;
 		loop->poll_kind = IO_POLL_AFTER_OTHER;

@@ -120,6 +120,7 @@ struct options {
 	bool blkdev_zero_ahead;
 	bool fixed_buffers;
 	bool poll_spare;         /* --poll-spare-cpus */
+	bool poll_yield;         /* --poll-yield */
 	bool consolidate;        /* --io-threads-consolidate[=on|off] (CONSOLIDATE_DEFAULT) */
 	bool consolidate_set;    /* given on the command line (a warning if it cannot apply) */
 	unsigned poll_hybrid;    /* --poll-hybrid PCT, 0 = off */
@@ -177,6 +178,9 @@ static void usage(FILE *f)
 	    "                              most NS ns (default 50000; 0 = off)\n"
 	    "  --poll-spare-cpus           I/O threads busy-poll only on the CPUs they leave\n"
 	    "                              spare (of the daemon's affinity mask)\n"
+	    "  --poll-yield                a busy poll yields its CPU every few spins and\n"
+	    "                              ends once another thread took it (the front-end's,\n"
+	    "                              e.g. a guest's vCPUs on the same CPUs)\n"
 	    "  --poll-hybrid PCT           after submitting file I/O, sleep PCT % of the\n"
 	    "                              learnt wait for its completion before polling\n"
 	    "                              (0..90, default 0 = off)\n"
@@ -325,6 +329,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_CES,
 		OPT_POLL,
 		OPT_POLL_SPARE,
+		OPT_POLL_YIELD,
 		OPT_POLL_HYBRID,
 		OPT_POLL_HIGH_HOLD,
 		OPT_CONSOLIDATE,
@@ -363,6 +368,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"cache-entry-size", required_argument, NULL, OPT_CES},
 	    {"poll-ns", required_argument, NULL, OPT_POLL},
 	    {"poll-spare-cpus", no_argument, NULL, OPT_POLL_SPARE},
+	    {"poll-yield", no_argument, NULL, OPT_POLL_YIELD},
 	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
 	    {"poll-high-hold", required_argument, NULL, OPT_POLL_HIGH_HOLD},
 	    {"io-threads-consolidate", optional_argument, NULL, OPT_CONSOLIDATE},
@@ -507,6 +513,9 @@ static int parse_args(int argc, char **argv, struct options *o)
 			break;
 		case OPT_POLL_SPARE:
 			o->poll_spare = true;
+			break;
+		case OPT_POLL_YIELD:
+			o->poll_yield = true;
 			break;
 		case OPT_CONSOLIDATE:
 			/* as QEMU's on|off properties; bare: on */
@@ -1739,6 +1748,7 @@ static int threads_init(struct daemon *d)
 		/* Threads that only inflate (qcow2) never busy-poll: they
 		 * would take the CPU the main thread needs. */
 		io_loop_set_poll_ns(t->loop, d->rings_mt ? d->o->poll_ns : 0);
+		io_loop_set_poll_yield(t->loop, d->o->poll_yield);
 		(void)io_loop_set_poll_hybrid(t->loop, d->o->poll_hybrid); /* checked on main's */
 		if (d->o->poll_spare && d->poll_group.max < d->nserve)
 			io_loop_set_poll_group(t->loop, &d->poll_group);
@@ -2599,6 +2609,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	io_loop_set_poll_ns(d.loop, o.poll_ns);
+	io_loop_set_poll_yield(d.loop, o.poll_yield);
 	if (io_loop_set_poll_hybrid(d.loop, o.poll_hybrid) < 0)
 		log_warn("--poll-hybrid: this kernel's io_uring waits take no timeout; polling as "
 			 "without it");

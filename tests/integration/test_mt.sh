@@ -286,6 +286,16 @@ cp "$dir/base.raw" "$dir/img.raw"
 RUN_VQ_ARGS="--poll-hybrid 90 --log-level debug" RUN_ROUNDS=2 run "raw, hybrid polling" "$dir/img.raw" raw "$dir/base.raw" 20
 grep -a -o 'hybrid polling: [0-9]* sleeps' "$log" | head -4
 
+# --poll-yield (a busy poll yields its CPU and ends once a yield ran another
+# thread): the threads serve the stress correctly, here all on one CPU where
+# available, so that they take it from each other; the loops' debug line says
+# how many polls gave way (how many depends on the scheduler: not asserted).
+cp "$dir/base.raw" "$dir/img.raw"
+wrap=
+command -v taskset >/dev/null && wrap="taskset -c 0"
+RUN_WRAP=$wrap RUN_VQ_ARGS="--poll-yield --log-level debug" RUN_ROUNDS=2 run "raw, polls yield" "$dir/img.raw" raw "$dir/base.raw" 33
+grep -a -o '[0-9]* given up to another thread' "$log" | head -4
+
 # --poll-high-hold N: a thread that popped a request with more than 4 of its
 # requests in flight busy-polls again only after N requests in a row popped
 # with at most 4. The stress with it (every block verified), then what it

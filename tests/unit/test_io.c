@@ -1311,6 +1311,80 @@ static void test_poll_group(void)
 	io_loop_exit(loop);
 }
 
+/* --poll-yield: a thread that spins on the loop's CPU gets it from a poll. */
+static volatile bool g_spin_stop;
+
+static void *spinner(void *arg)
+{
+	cpu_set_t *cpu = arg;
+
+	if (pthread_setaffinity_np(pthread_self(), sizeof(*cpu), cpu) != 0)
+		return NULL;
+	while (!g_spin_stop)
+		;
+	return NULL;
+}
+
+static void test_poll_yield(void)
+{
+	struct io_loop *loop;
+	struct io_defer d = {.fn = poll_hook};
+	cpu_set_t old, one;
+	pthread_t th;
+	struct tcmd t;
+	uint64_t gave;
+	int cpu = -1;
+
+	CU_ASSERT_EQUAL_FATAL(io_loop_init(&loop, 8), 0);
+	CU_ASSERT_EQUAL_FATAL(pthread_getaffinity_np(pthread_self(), sizeof(old), &old), 0);
+	for (int i = 0; i < CPU_SETSIZE && cpu < 0; i++)
+		if (CPU_ISSET(i, &old))
+			cpu = i;
+	CU_ASSERT_FATAL(cpu >= 0);
+	CPU_ZERO(&one);
+	CPU_SET(cpu, &one);
+	CU_ASSERT_EQUAL_FATAL(pthread_setaffinity_np(pthread_self(), sizeof(one), &one), 0);
+	g_poll_submit = false;
+	/* A window longer than the timers: a poll that spins to the end is
+	 * caught by the timer's CQE, and the windows stay open. */
+	io_loop_set_poll_ns(loop, 20000000); /* 20 ms */
+	io_loop_set_poll_yield(loop, true);
+	io_defer_add(loop, &d);
+	/* Alone on the CPU (as far as this test goes): the polls keep polling
+	 * (others' threads may take a yield on a busy machine: not counted). */
+	tinit(&t);
+	io_timeout(loop, &t.cmd, 5 * 1000000ull);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(t.res, 0);
+	/* A thread that wants the CPU: a poll gives it away at a yield once
+	 * the scheduler lets it run (EEVDF: once it is owed CPU time, i.e.
+	 * soon after the poll took its share), and the loop sleeps; the
+	 * timers still fire. */
+	g_spin_stop = false;
+	CU_ASSERT_EQUAL_FATAL(pthread_create(&th, NULL, spinner, &one), 0);
+	usleep(20000); /* the spinner runs on the CPU */
+	gave = io_loop_poll_gave(loop);
+	for (int i = 0; i < 100 && io_loop_poll_gave(loop) < gave + 3; i++) {
+		tinit(&t);
+		io_timeout(loop, &t.cmd, 5 * 1000000ull);
+		run_until(loop, &t.calls, 1);
+		CU_ASSERT_EQUAL(t.res, 0);
+	}
+	CU_ASSERT(io_loop_poll_gave(loop) >= gave + 3);
+	/* Off: no poll gives way (it spins its window out). */
+	io_loop_set_poll_yield(loop, false);
+	gave = io_loop_poll_gave(loop);
+	tinit(&t);
+	io_timeout(loop, &t.cmd, 5 * 1000000ull);
+	run_until(loop, &t.calls, 1);
+	CU_ASSERT_EQUAL(io_loop_poll_gave(loop), gave);
+	g_spin_stop = true;
+	pthread_join(th, NULL);
+	CU_ASSERT_EQUAL(pthread_setaffinity_np(pthread_self(), sizeof(old), &old), 0);
+	io_defer_del(loop, &d);
+	io_loop_exit(loop);
+}
+
 /* The window rule alone: kept on a hit, grown within the bound, closed past
  * it with a probe after 1, 2, 4 ... waits. */
 static uint64_t win_next(uint64_t ns, uint64_t waited, uint64_t max)
@@ -2536,6 +2610,7 @@ int main(void)
 	CU_add_test(s, "SQ full backpressure", test_sq_full);
 	CU_add_test(s, "busy polling", test_busy_poll);
 	CU_add_test(s, "busy polling group", test_poll_group);
+	CU_add_test(s, "poll yield", test_poll_yield);
 	CU_add_test(s, "busy polling window rule", test_poll_window);
 	CU_add_test(s, "busy polling paused by a hook keeps the window", test_poll_paused_by_hook);
 	CU_add_test(s, "busy polling adapts per kind", test_poll_adaptive);
