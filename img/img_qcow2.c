@@ -2870,6 +2870,7 @@ static int engine_open(struct q2img *m, bool read_only, char *err, size_t errlen
 		qcow2_set_data_file(m->q, &m->dfile);
 	if (m->backing)
 		qcow2_set_backing_size(m->q, m->backing->size);
+	qcow2_set_fills_whole(m->q, m->pad);
 	m->img.size = qcow2_size(m->q);
 	/* another process may have rewritten the file meanwhile */
 	zc_drop(m, 0, UINT64_MAX);
@@ -3653,6 +3654,7 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 	h = qcow2_header(m->q);
 	m->cs = h->cluster_size;
 	m->pad = m->cs <= PAD_MAX && !(opts && opts->no_cluster_fill);
+	qcow2_set_fills_whole(m->q, m->pad);
 
 	if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
 		name = qcow2_path_relative(path, h->data_file);

@@ -329,6 +329,7 @@ struct qcow2 {
 	 * already, and whether the last q2_alloc_clusters() took a freed one */
 	uint32_t early_new_live;
 	bool alloc_from_free;
+	bool fills_whole; /* qcow2_set_fills_whole(): the caller writes new clusters whole */
 	uint64_t batches;
 	struct io_cmd timer_cmd;
 	bool timer_armed;

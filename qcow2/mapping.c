@@ -850,9 +850,13 @@ static struct qcow2_alloc *early_new_find(struct qcow2 *q, uint64_t c0, uint64_t
  * backing file, no external data file, no COW head or tail to copy), so a
  * crash shows the old contents (zeroes) or the new data of a write that was
  * never acknowledged; the cluster's refcount is durable before the entry
- * (above). With extended L2 only the written subclusters' allocation bits go
- * early; the rest (all 32 for a cluster written whole) are set when the
- * write ends, as without the switch. A crash before the entry is written
+ * (above). With extended L2 and a caller that writes new clusters whole
+ * (qcow2_set_fills_whole: img_qcow2.c's fill), all 32 allocation bits go
+ * early, as qcow2_alloc_finish() would set them after the write: every
+ * subcluster reads the fill's zeroes, fresh space's zeroes (also where a
+ * write without data or a failed one wrote nothing) or the data; otherwise
+ * only the written subclusters' bits go early and the rest (all 32 for a
+ * cluster written whole after all) are set when the write ends. A crash before the entry is written
  * leaks the reserved cluster, as today; a failed data write keeps the
  * cluster linked (its range is undefined, the rest reads zeroes).
  *
@@ -874,6 +878,8 @@ static struct qcow2_alloc *early_new_find(struct qcow2 *q, uint64_t c0, uint64_t
 static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_slice *s, uint32_t idx)
 {
 	uint64_t host0 = (a->host - (a->off & (q->cs - 1))) & ~(q->cs - 1);
+	/* extended L2, a cluster the caller writes whole: all its bits now */
+	bool whole = q->fills_whole && !__atomic_load_n(&test_sc_link, __ATOMIC_RELAXED);
 
 	if (!__atomic_load_n(&early_new_on, __ATOMIC_RELAXED) || q->no_early_link || !a->new_host ||
 	    !a->fresh || q->alloc_from_free || q->ext_data || q->backing_size != UINT64_MAX ||
@@ -890,6 +896,8 @@ static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_sli
 			     : i == a->nclusters - 1 ? a->sc_mask_last
 						     : SC_ALL;
 
+		if (whole)
+			m = SC_ALL;
 		q2_l2_set(s, idx + i, (host0 + ((uint64_t)i << q->cb)) | QCOW2_OFLAG_COPIED,
 			  a->kind == TK_NEW_SC ? m : 0, q->extl2);
 	}
@@ -1197,9 +1205,10 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		 * when the write failed (the cluster is in use from the entry's
 		 * point of view, which a batch may have written already; the
 		 * failed range is undefined, the rest reads zeroes). Extended L2:
-		 * a cluster written whole now gets all its bits, as it would
-		 * have here without the early link; this request does not wait
-		 * for that change (those subclusters read zeroes either way).
+		 * a cluster written whole gets all its bits now unless it had
+		 * them at map time (qcow2_set_fills_whole), as it would have here
+		 * without the early link; this request does not wait for that
+		 * change (those subclusters read zeroes either way).
 		 */
 		q->early_new_live--;
 		if (res < 0 || a->kind != TK_NEW_SC)
@@ -1211,7 +1220,11 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 				     : i == a->nclusters - 1 ? a->sc_mask_last
 							     : SC_ALL;
 
-			if (whole && bm != SC_ALL) {
+			if (bm == SC_ALL) {
+				zk_set(q, hc, 0); /* linked whole at map time */
+				continue;
+			}
+			if (whole) {
 				q2_l2_set(s, idx0 + i, e, SC_ALL, q->extl2);
 				q2_slice_dirty_range(s, (idx0 + i) * q->l2e_size, q->l2e_size);
 				q->meta_gen++;

@@ -612,6 +612,11 @@ void qcow2_set_data_file(struct qcow2 *q, struct io_file *data_file)
 	q->data_file = data_file ? data_file : q->file;
 }
 
+void qcow2_set_fills_whole(struct qcow2 *q, bool on)
+{
+	q->fills_whole = on;
+}
+
 void qcow2_set_backing_size(struct qcow2 *q, uint64_t size)
 {
 	q->backing_size = size;

@@ -505,6 +505,14 @@ void qcow2_test_sc_link(bool on);
 void qcow2_early_new(bool on);
 
 /*
+ * The caller writes every new host cluster whole (img/img_qcow2.c's fill:
+ * zeroes around the data in the same write), as far as it can tell at open:
+ * an early link of a new cluster then sets all its subclusters' allocation
+ * bits at once (extended L2), as qcow2_alloc_finish() would after the write.
+ */
+void qcow2_set_fills_whole(struct qcow2 *q, bool on);
+
+/*
  * Test seam (img_test_wb_hold): a write-back batch that is not a side batch
  * (writeback.c) holds its L2 writes back @ms milliseconds, so side batches
  * run beside it. 0 (the default): no hold.

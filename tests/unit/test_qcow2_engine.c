@@ -1769,7 +1769,7 @@ static void test_early_new_waits(void)
  * or with the first write's data, nothing else. Fails without the guard in
  * qcow2_map_write(): the second write's block reads back as zeroes.
  */
-static void early_new_hazard(const char *opts)
+static void early_new_hazard(const char *opts, bool fills_whole)
 {
 	uint8_t buf[4096], got[4096], want[4096];
 	uint64_t cs, c;
@@ -1784,6 +1784,7 @@ static void early_new_hazard(const char *opts)
 	fake_set_defers(true);
 	qcow2_early_new(true);
 	eng_create(&e, opts, 16ull << 20, NULL);
+	qcow2_set_fills_whole(e.q, fills_whole);
 	cs = qcow2_header(e.q)->cluster_size;
 	c = 5 * cs;
 	memset(buf, 1, sizeof(buf));
@@ -1791,6 +1792,15 @@ static void early_new_hazard(const char *opts)
 	CU_ASSERT_EQUAL(eng_flush(&e), 0);
 	CU_ASSERT_EQUAL_FATAL(enw_start(&e, &w, c, 4096, 0x11, 40), QCOW2_WRITE_ALLOC);
 	CU_ASSERT_FATAL(w.a.early_new);
+	if (e.q->extl2) {
+		/* all 32 bits at once where the caller writes the cluster whole */
+		uint64_t soff = w.a.link_slice, bm;
+		struct q2_slice *sl = q2_cache_peek(&e.q->l2c, soff);
+
+		CU_ASSERT_PTR_NOT_NULL_FATAL(sl);
+		q2_l2_entry(sl, (uint32_t)((c / cs) & ((1u << e.q->sl2_bits) - 1)), &bm, true);
+		CU_ASSERT_EQUAL(bm, fills_whole ? 0xffffffffull : 0x3ull);
+	}
 	for (int i = 0; i < 5; i++)
 		run(); /* the link batch writes the entry; the data write stays in flight */
 	CU_ASSERT(e.q->meta_written_gen >= w.a.link_gen);
@@ -1854,8 +1864,9 @@ static void early_new_hazard(const char *opts)
 
 static void test_early_new_hazard(void)
 {
-	early_new_hazard("cluster_size=65536");
-	early_new_hazard("cluster_size=65536,extended_l2=on");
+	early_new_hazard("cluster_size=65536", true);
+	early_new_hazard("cluster_size=65536,extended_l2=on", false);
+	early_new_hazard("cluster_size=65536,extended_l2=on", true);
 }
 
 /*
@@ -1882,6 +1893,7 @@ static void test_early_new_workload(void)
 		fake_set_shuffle(k + 3);
 		qcow2_early_new(true);
 		eng_create(&e, optss[k], size, NULL);
+		qcow2_set_fills_whole(e.q, k == 1); /* extended L2: all bits at map time */
 		workload(&e, model, size, 300, 16 << 10, false);
 		CU_ASSERT(e.q->n_early_new > 0);
 		CU_ASSERT_EQUAL(eng_flush(&e), 0);
