@@ -61,7 +61,10 @@
 # (whole boot: the guest's boot-time I/O and every job): the driver's kicks
 # and the kick fd's wake-ups, the calls sent of the signal decisions, and
 # per event loop the busy polls (waits polled, caught, µs polled; the
-# daemon runs with --log-level debug for that line).
+# daemon runs with --log-level debug for that line). GUEST_MQ_RAW=FILE
+# also writes the per-thread deltas of every run there (rep image kind job
+# I/Os thread ticks voluntary involuntary); a negative delta (a sample that
+# went wrong) is left out of the table.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -156,6 +159,9 @@ for rw in $(echo "$VQCOW_RWS" | tr , ' '); do
 		--group_reporting --lat_percentiles=1 --percentile_list=50:99 \
 		--output-format=json --output=/tmp/fio.json --eta=never || rc=1
 	echo "MQBENCH-END $rw"
+	# the host samples the threads at the marker: QEMU's vCPU threads
+	# must still be there (the guest powers off after the last job)
+	sleep 1
 	echo "MQBENCH-JSON-BEGIN $rw"
 	cat /tmp/fio.json
 	echo
@@ -378,9 +384,10 @@ EOF
 echo
 echo "### Per thread, between the job's markers (--threads; $(nproc) host CPUs)"
 echo
-python3 - "$tmp/thr" "$tmp/ios" "$tmp/exit" "$kinds" "$hz" <<'EOF'
+python3 - "$tmp/thr" "$tmp/ios" "$tmp/exit" "$kinds" "$hz" "${GUEST_MQ_RAW:-}" <<'EOF'
 import re, statistics as st, sys
 thr, iosf, exitf, kinds, hz = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), float(sys.argv[5])
+raw = open(sys.argv[6], "w") if len(sys.argv) > 6 and sys.argv[6] else None
 ios = {}
 for l in open(iosf):
     rep, image, kind, rw, n = l.split()
@@ -425,7 +432,12 @@ for key, s in snaps.items():
         x[1] += v - v0
         x[2] += nv - nv0
     per["all threads (backend + QEMU)"] = [sum(x[i] for x in per.values()) for i in range(3)]
+    if raw:
+        for label, x in per.items():
+            print(rep, image, kind, rw, n, label.replace(" ", "_"), *x, file=raw)
     for label, (t, v, nv) in per.items():
+        if min(t, v, nv) < 0:
+            continue  # a sample that went wrong (a thread read while it ended): left out
         acc.setdefault((image, rw), {}).setdefault(kind, {}).setdefault(label, {})[rep] = (
             t / hz * 1e6 / n, v / n, nv / n)
 print("Per guest I/O: CPU µs; voluntary / involuntary context switches. Median of the repetitions;")
