@@ -123,6 +123,9 @@ struct img_cache_stats {
 	/* write-back fdatasyncs; waits for linked entries (qcow2_link) and the
 	 * fdatasyncs that ended during them, summed and the most in one */
 	uint64_t writeback_syncs, link_waits, link_wait_syncs, link_wait_syncs_max;
+	/* allocations linked at map time (VQCOWD_TEST_EARLY_NEW), and those
+	 * whose entries were written by the time their data write ended */
+	uint64_t early_new_links, early_new_ahead;
 	/* requests submitted on other threads (mt_submit): served there (a
 	 * cached, allocated mapping) or handed to the image's thread */
 	uint64_t fast_hits, fast_hops;

@@ -3260,6 +3260,8 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->link_waits = c.link_waits;
 	st->link_wait_syncs = c.link_wait_syncs;
 	st->link_wait_syncs_max = c.link_wait_syncs_max;
+	st->early_new_links = c.early_new;
+	st->early_new_ahead = c.early_new_ahead;
 	fast_counts(m, &st->fast_hits, &st->fast_hops);
 	st->fast_table_size = (uint64_t)m->ft_npages * (sizeof(uint64_t) << FT_BITS) +
 			      (m->ft ? m->ft_len * sizeof(*m->ft) : 0);

@@ -376,9 +376,10 @@ struct qcow2 {
 	uint64_t n_side_batches; /* side batches started (writeback.c) */
 	uint64_t n_tail_starts;  /* batches started beside a batch's last fdatasync (writeback.c) */
 	uint64_t n_early_links;  /* subcluster allocations linked at map time (mapping.c) */
-	uint64_t n_early_new;    /* new clusters of fresh space linked at map time (mapping.c) */
-	uint64_t n_syncs;        /* write-back fdatasync steps started (writeback.c) */
-	uint64_t n_syncs_done;   /* and ended */
+	uint64_t n_early_new;    /* allocations of fresh space linked at map time (mapping.c) */
+	uint64_t n_early_new_ahead; /* and their entries written when the data write ended */
+	uint64_t n_syncs;           /* write-back fdatasync steps started (writeback.c) */
+	uint64_t n_syncs_done;      /* and ended */
 	uint64_t n_link_waits, n_link_wait_syncs, n_link_wait_max; /* qcow2_link() waits */
 };
 

@@ -907,7 +907,7 @@ static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_sli
 	a->link_slice = s->off;
 	a->early_new = true;
 	q->early_new_live++;
-	q->n_early_new += a->nclusters;
+	q->n_early_new++;
 	q2_wb_link_soon(q);
 }
 
@@ -1211,6 +1211,8 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		 * change (those subclusters read zeroes either way).
 		 */
 		q->early_new_live--;
+		if (res >= 0 && a->link_gen <= q->meta_written_gen)
+			q->n_early_new_ahead++;
 		if (res < 0 || a->kind != TK_NEW_SC)
 			goto out;
 		for (uint32_t i = 0; i < a->nclusters; i++) {

@@ -649,6 +649,8 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->link_waits = q->n_link_waits;
 	st->link_wait_syncs = q->n_link_wait_syncs;
 	st->link_wait_syncs_max = q->n_link_wait_max;
+	st->early_new = q->n_early_new;
+	st->early_new_ahead = q->n_early_new_ahead;
 }
 
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)

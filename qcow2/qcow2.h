@@ -181,6 +181,9 @@ struct qcow2_cache_stats {
 	/* qcow2_link() calls that had to wait, the fdatasync steps that ended
 	 * while they waited (summed; the most one wait saw) */
 	uint64_t link_waits, link_wait_syncs, link_wait_syncs_max;
+	/* allocations linked at map time (qcow2_early_new), and those whose
+	 * entries were written by the time their data write ended */
+	uint64_t early_new, early_new_ahead;
 };
 void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
 

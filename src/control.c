@@ -299,6 +299,8 @@ static json_t *engine_json(struct img *img)
 	    {"link-waits", cs.link_waits},
 	    {"link-wait-syncs", cs.link_wait_syncs},
 	    {"link-wait-syncs-max", cs.link_wait_syncs_max},
+	    {"early-new-links", cs.early_new_links},
+	    {"early-new-ahead", cs.early_new_ahead},
 	    {"compressed-inflated", cs.compressed_inflated},
 	    {"fast-path-hits", cs.fast_hits},
 	    {"fast-path-hops", cs.fast_hops},

@@ -33,7 +33,9 @@
 # and metadata), the metadata writes and KiB,
 # the write-back batches, side batches and fdatasyncs (and, in the per-round
 # lines only, the requests that waited for their L2 entries to be written,
-# query-blockstats' link-waits; vqcowd cells; "new
+# query-blockstats' link-waits, and with VQCOWD_TEST_EARLY_NEW=1 the share of
+# early-linked allocations whose entries were written when their data write
+# ended, early-new-ahead / early-new-links, else -1; vqcowd cells; "new
 # clusters" is query-blockstats' clusters-allocated, which counts the data
 # reserve when it is taken, up to 64 MiB ahead of what was linked, and
 # metadata clusters: a few % more than linked in a 5 s run of 2 GiB, much
@@ -219,7 +221,9 @@ print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2
       round(sqes, 3), round(enters, 3), kib, pc,
       "%.0f" % ((int(sys.argv[10]) - int(sys.argv[9])) / 2048) if int(sys.argv[9]) >= 0 else -1,
       "%.4f" % (q.get("link-waits", 0) / q["clusters-allocated"])
-      if q and q.get("clusters-allocated", 0) > 0 else -1)' \
+      if q and q.get("clusters-allocated", 0) > 0 else -1,
+      "%.3f" % (q.get("early-new-ahead", 0) / q["early-new-links"])
+      if q and q.get("early-new-links", 0) > 0 else -1)' \
 		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")" "$d0" "$d1"
 	rm -f "$tmp/stat" "$tmp/qstats"
 }
@@ -259,7 +263,7 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl discarded_MiB link_waits/cl = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl discarded_MiB link_waits/cl early_ahead = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done

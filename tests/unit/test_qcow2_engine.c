@@ -1689,7 +1689,7 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 {
 	uint8_t buf[4096];
 	unsigned waits = 0;
-	uint64_t b0, n0, cs;
+	uint64_t b0, n0, na0, cs;
 	struct eng e;
 
 	fake_set_defers(true);
@@ -1701,6 +1701,7 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 	CU_ASSERT_EQUAL(eng_flush(&e), 0);
 	b0 = e.q->batches;
 	n0 = e.q->n_early_new;
+	na0 = e.q->n_early_new_ahead;
 	for (unsigned k = 1; k <= 8; k++) {
 		struct enw w;
 		struct flushf f;
@@ -1722,6 +1723,7 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 	}
 	*batches = e.q->batches - b0;
 	CU_ASSERT_EQUAL(e.q->n_early_new - n0, on ? 8 : 0);
+	CU_ASSERT_EQUAL(e.q->n_early_new_ahead - na0, on ? 8 : 0); /* query-blockstats' */
 	for (unsigned k = 1; k <= 8; k++) {
 		uint8_t got[4096], want[4096];
 
