@@ -962,8 +962,9 @@ static void publish_slice(struct q2img *m, uint64_t off)
 
 /*
  * Owner: publish guest [off, off + len) as written in place at @host: an
- * in-place write mapping of @r (its own range excepted), or the new clusters
- * it allocated and linked (qcow2_link), at its end.
+ * in-place write mapping of @r (its own range excepted), as it is mapped.
+ * (The new clusters a request allocated are published at its end from the
+ * engine's mapping then: publish_linked.)
  */
 static void publish_inplace(struct q2img *m, struct q2req *r, uint64_t off, uint64_t len,
 			    uint64_t host0)
@@ -978,6 +979,36 @@ static void publish_inplace(struct q2img *m, struct q2req *r, uint64_t off, uint
 		if ((host & (m->cs - 1)) || host > FE_HOST_MASK)
 			return;
 		ft_store(m, gc, FE_DATA | FE_RW | host);
+	}
+}
+
+/*
+ * Owner, a write-type request that allocated guest [off, off + len) ends:
+ * publish what the engine maps there now, not what the request allocated.
+ * A discard or write-zeroes of those clusters that started after the request
+ * linked them may have removed (and freed) them and completed already, while
+ * the request went on with the rest of its range; it is no longer on
+ * m->muts then, and a table entry of the allocation would let a thread write
+ * a freed (or reused) host cluster in place: its write lost, or another
+ * cluster's data overwritten (integration.fastpub). While another write-type
+ * request on those clusters is in flight nothing is published (publish_read:
+ * mut_overlaps); with none, the cached L2 entries are final until one starts,
+ * which clears the table first.
+ */
+static void publish_linked(struct q2img *m, uint64_t off, uint64_t len)
+{
+	struct qcow2_extent x[8];
+	uint64_t pos = off, end = off + len;
+
+	if (!(__atomic_load_n(&m->fmode, __ATOMIC_RELAXED) & FM_READ))
+		return;
+	while (pos < end) {
+		int n = qcow2_map_read_cached(m->q, pos, end - pos, x, 8);
+
+		if (n <= 0)
+			break;
+		publish_read(m, x, n);
+		pos = x[n - 1].off + x[n - 1].len;
 	}
 }
 
@@ -1171,7 +1202,7 @@ static void complete_now(struct q2req *r, int err)
 		 * the threads may write them in place, as qcow2_map_write() would
 		 * now map them, without a second hop per cluster. */
 		if (err >= 0 && r->pub_len)
-			publish_inplace(m, NULL, r->pub_off, r->pub_len, r->pub_host);
+			publish_linked(m, r->pub_off, r->pub_len);
 	}
 	if (err == -EIO && m->q && qcow2_is_corrupt(m->q))
 		fast_mode_update(m); /* no more fast writes */
