@@ -324,6 +324,14 @@ static inline bool img_may_write(const struct img *img)
 void img_test_fast_delay(unsigned ms);
 
 /*
+ * Test seam (vqcowd's VQCOWD_TEST_TICKET_HOLD): every 4th fast ticket a
+ * submitter's thread takes (qcow2's fast path) sleeps @us microseconds
+ * between counting itself in and checking the generation, so that grace
+ * periods start in that window. 0 (the default): off.
+ */
+void img_test_ticket_hold(unsigned us);
+
+/*
  * Test seam (vqcowd's VQCOWD_TEST_ZREAD_FAIL): qcow2 fails every @n-th read
  * of compressed bytes (the owner's and the queue threads') with -EIO
  * without reading: each must fail exactly one request, never the reads

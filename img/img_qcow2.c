@@ -317,6 +317,14 @@ void img_test_fast_delay(unsigned ms)
 	__atomic_store_n(&test_delay_ms, ms, __ATOMIC_RELAXED);
 }
 
+/* Test seam (img_test_ticket_hold): hold fast tickets this long as they are taken. */
+static unsigned test_ticket_hold_us;
+
+void img_test_ticket_hold(unsigned us)
+{
+	__atomic_store_n(&test_ticket_hold_us, us, __ATOMIC_RELAXED);
+}
+
 /* Test seam (img_test_zread_fail): fail every n-th read of compressed bytes. */
 static unsigned test_zfail_n;
 static uint64_t test_zfail_seen, test_zfail_done;
@@ -2280,18 +2288,40 @@ static struct fslot *slot_of(struct q2img *m, struct io_loop *loop)
 	return NULL;
 }
 
-/* A fast ticket of the current generation (see struct fslot), which is *gen. */
+static void fast_ticket_end(struct q2img *m, struct fslot *s, unsigned t);
+
+/* Test seam (img_test_ticket_hold): every 4th ticket of a thread waits between its two reads. */
+static void ticket_hold(unsigned us)
+{
+	static _Thread_local unsigned n;
+
+	if (n++ % 4 == 0)
+		usleep(us);
+}
+
+/*
+ * A fast ticket of the current generation (see struct fslot), which is *gen.
+ * An increment that landed in a generation the owner flipped away from
+ * meanwhile is given back as a ticket is (fast_ticket_end): the owner's flip
+ * may have counted it, and then waits for a wake-up that only the end of an
+ * old-generation ticket posts (a bare decrement left its grace period, so
+ * every later reuse of freed clusters, waiting for ever, and the write-back
+ * at close with it: integration.fastpub "ticket_retry").
+ */
 static unsigned fast_ticket(struct q2img *m, struct fslot *s, unsigned *gen)
 {
 	for (;;) {
 		unsigned g = __atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST);
+		unsigned hold = __atomic_load_n(&test_ticket_hold_us, __ATOMIC_RELAXED);
 
 		__atomic_fetch_add(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
+		if (hold)
+			ticket_hold(hold);
 		if (__atomic_load_n(&m->fgen, __ATOMIC_SEQ_CST) == g) {
 			*gen = g;
 			return g & 1;
 		}
-		__atomic_fetch_sub(&s->active[g & 1], 1, __ATOMIC_SEQ_CST);
+		fast_ticket_end(m, s, g & 1);
 	}
 }
 

@@ -2679,6 +2679,13 @@ int main(int argc, char **argv)
 		img_test_fast_delay((unsigned)strtoul(getenv("VQCOWD_TEST_FAST_DELAY"), NULL, 10));
 		log_warn("VQCOWD_TEST_FAST_DELAY: fast-path writes held back (a test seam)");
 	}
+	if (getenv("VQCOWD_TEST_TICKET_HOLD")) {
+		/* a test seam: see img_test_ticket_hold() */
+		img_test_ticket_hold(
+		    (unsigned)strtoul(getenv("VQCOWD_TEST_TICKET_HOLD"), NULL, 10));
+		log_warn("VQCOWD_TEST_TICKET_HOLD: fast tickets held as they are taken (a test "
+			 "seam)");
+	}
 	if (getenv("VQCOWD_TEST_ZREAD_FAIL")) {
 		/* a test seam: see img_test_zread_fail() */
 		img_test_zread_fail((unsigned)strtoul(getenv("VQCOWD_TEST_ZREAD_FAIL"), NULL, 10));

@@ -24,6 +24,8 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -139,6 +141,111 @@ static void t_discard_beside_allocating_write(void)
 	tu_sh("rm -rf %s", dir);
 }
 
+/*
+ * ticket_retry: a thread that counts a fast ticket in just as the owner
+ * starts a grace period (fast_flip moves the generation after the thread
+ * read it, then reads the thread's count) sees the generation moved and
+ * takes its ticket again; the owner may have counted the first increment and
+ * waits for the end of an old-generation ticket to wake it. Every 4th ticket
+ * of the I/O thread sleeps 300 us in that window (VQCOWD_TEST_TICKET_HOLD)
+ * while queue 1 reads allocated clusters at QD1 (the fast path; no other
+ * ticket of the thread in flight) and queue 0 writes, discards and flushes
+ * (a grace period each). The daemon must still exit on SIGTERM (its
+ * write-back waits for the last grace period), and qemu-img check finds the
+ * image clean.
+ */
+struct tr_reader {
+	struct vqfe *fe;
+	bool stop; /* atomic */
+	unsigned reads, errors;
+};
+
+static void *tr_reader_main(void *arg)
+{
+	struct tr_reader *t = arg;
+	static uint8_t rd[4096];
+
+	while (!__atomic_load_n(&t->stop, __ATOMIC_ACQUIRE)) {
+		uint64_t off = (uint64_t)(t->reads * 37 % 256) * 4096;
+
+		if (vqfe_read(t->fe, 1, off, rd, sizeof(rd)) != 0)
+			t->errors++;
+		t->reads++;
+	}
+	return NULL;
+}
+
+static void t_ticket_retry(void)
+{
+	static uint8_t buf[65536];
+	char dir[] = "/tmp/vqcow-fastpub.XXXXXX", img[PATH_MAX];
+	struct itest_opts o = {.num_queues = 2};
+	struct tr_reader tr = {0};
+	struct itest_daemon d;
+	struct vqfe_opts fo;
+	struct vqfe *fe;
+	pthread_t tid;
+	int rc;
+
+	CU_ASSERT_FATAL(mkdtemp(dir) != NULL);
+	snprintf(img, sizeof(img), "%s/disk.qcow2", dir);
+	CU_ASSERT_EQUAL_FATAL(tu_sh("qemu-img create -q -f qcow2 %s 32M", img), 0);
+	o.extra[0] = "--format";
+	o.extra[1] = "qcow2";
+	o.extra[2] = "--blk-file";
+	o.extra[3] = img;
+	o.extra[4] = "--io-threads";
+	o.extra[5] = "2";
+	CU_ASSERT_EQUAL_FATAL(setenv("VQCOWD_TEST_TICKET_HOLD", "300", 1), 0);
+	rc = itest_start(&d, &o);
+	unsetenv("VQCOWD_TEST_TICKET_HOLD");
+	if (rc < 0)
+		CU_FAIL_FATAL("back-end did not start");
+	itest_fe_opts(&fo);
+	fo.num_queues = 2;
+	fe = itest_connect(&d, &fo);
+	if (!fe) {
+		itest_stop(&d);
+		CU_FAIL_FATAL("cannot connect");
+	}
+	itest_fill(buf, sizeof(buf), 7);
+	/* queue 1's thread claims its slot, then 1 MiB it reads fast */
+	CU_ASSERT_EQUAL_FATAL(vqfe_read(fe, 1, 0, buf, 4096), 0);
+	for (uint64_t off = 0; off < MiB; off += sizeof(buf))
+		CU_ASSERT_EQUAL_FATAL(vqfe_write(fe, 0, off, buf, sizeof(buf)), 0);
+	tr.fe = fe;
+	vqfe_set_threaded(fe, true);
+	CU_ASSERT_EQUAL_FATAL(pthread_create(&tid, NULL, tr_reader_main, &tr), 0);
+	for (unsigned i = 0; i < 300; i++) {
+		uint64_t c = 8 * MiB + (i % 16) * sizeof(buf);
+
+		if (vqfe_write(fe, 0, c, buf, sizeof(buf)) ||
+		    vqfe_discard_wz(fe, 0, VIRTIO_BLK_T_DISCARD, c, sizeof(buf), 0) ||
+		    vqfe_flush(fe, 0)) {
+			CU_FAIL("a request on queue 0 failed");
+			break;
+		}
+	}
+	__atomic_store_n(&tr.stop, true, __ATOMIC_RELEASE);
+	pthread_join(tid, NULL);
+	vqfe_set_threaded(fe, false);
+	fprintf(stderr, "ticket_retry: %u reads on queue 1\n", tr.reads);
+	CU_ASSERT_EQUAL(tr.errors, 0);
+	vqfe_close(fe);
+	rc = itest_signal_wait(&d, SIGTERM, 20000);
+	if (rc != 0) {
+		itest_dump_log(&d);
+		fprintf(stderr,
+			"ticket_retry: exit status %d after SIGTERM (-1: still running after 20 s, "
+			"a grace period that never ends)\n",
+			rc);
+	}
+	CU_ASSERT_EQUAL(rc, 0);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", img), 0);
+	itest_stop(&d);
+	tu_sh("rm -rf %s", dir);
+}
+
 static void add_suites(void)
 {
 	CU_pSuite s =
@@ -149,6 +256,7 @@ static void add_suites(void)
 			   "qemu-io --version >/dev/null 2>&1") != 0)
 		skip = "qemu-img or qemu-io not installed";
 	tu_add_test(s, "discard_beside_allocating_write", t_discard_beside_allocating_write, skip);
+	tu_add_test(s, "ticket_retry", t_ticket_retry, skip);
 }
 
 int main(int argc, char **argv)
