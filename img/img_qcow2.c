@@ -3761,8 +3761,11 @@ int img_qcow2_open(struct img **imgp, struct io_loop *loop, const char *path,
 		 * Data goes through a second handle that reads zeroes past the end
 		 * of the file: clusters allocated in fresh space may lie (partly)
 		 * beyond it until written. Metadata reads keep failing there.
+		 * The write-back syncs the first handle for both: a write through
+		 * this one's page cache (off the O_DIRECT alignment) counts there.
 		 */
 		m->own_dfile = true;
+		io_file_pc_share(&m->dfile, &m->file);
 	}
 	if (h->backing_file[0] && opts && opts->backing_img) {
 		m->backing = opts->backing_img;

@@ -110,6 +110,7 @@ static int file_setup(struct io_file *f, int fd, unsigned flags, const char *nam
 	f->align = 1;
 	f->size = 0;
 	f->pc_written = 0;
+	f->pc_peer = NULL;
 	f->sync_err = 0;
 	f->wz_max = 0;
 
@@ -277,6 +278,8 @@ int io_file_reopen_rw(struct io_file *f, const char *path, unsigned perm, unsign
 	f->flags &= ~IO_FILE_RDONLY;
 	if (f->flags & IO_FILE_DIRECT)
 		io_file_open_buffered(f);
+	else
+		io_file_pc_write(f); /* as file_setup() says of a writable one */
 	return 0;
 }
 
@@ -462,6 +465,13 @@ int io_file_sync_error(const struct io_file *f)
 bool io_file_pc_written(const struct io_file *f)
 {
 	return __atomic_load_n(&f->pc_written, __ATOMIC_ACQUIRE) != 0;
+}
+
+void io_file_pc_share(struct io_file *f, struct io_file *peer)
+{
+	f->pc_peer = peer;
+	if (io_file_pc_written(f))
+		io_file_pc_write(peer);
 }
 
 int io_file_sync_done(struct io_file *f, int res)

@@ -92,6 +92,9 @@ struct io_file {
 	/* private: nonzero once a write may have gone through the page cache
 	 * (the buffered twin fd, or a file without O_DIRECT); atomic */
 	int pc_written;
+	/* private: another handle of the same file whose fdatasyncs cover this
+	 * one's writes: marked page-cache written too (io_file_pc_share) */
+	struct io_file *pc_peer;
 	/* private: the first fdatasync error after such a write, sticky (0 =
 	 * none; io_file_sync_error); atomic */
 	int sync_err;
@@ -440,6 +443,15 @@ int io_file_sync_error(const struct io_file *f);
  * that counts on both keeps them apart).
  */
 bool io_file_pc_written(const struct io_file *f);
+/*
+ * @f and @peer are two handles of the same file, and the caller syncs @peer
+ * for the writes made through @f (qcow2: data through a second handle of the
+ * image, the write-back's fdatasyncs through the first): a write through
+ * @f's page cache marks @peer page-cache written too (io_file_pc_written), so
+ * that @peer's failed fdatasync is sticky and no two of its syncs run at once
+ * where one may miss a writeback error. Set after both are open.
+ */
+void io_file_pc_share(struct io_file *f, struct io_file *peer);
 
 /* ---- image locks (QEMU-compatible; io/lock.c) ---- */
 

@@ -29,8 +29,11 @@ int io_file_sync_done(struct io_file *f, int res);
 /* A write through the page cache is about to be issued on @f. */
 static inline void io_file_pc_write(struct io_file *f)
 {
-	if (!__atomic_load_n(&f->pc_written, __ATOMIC_RELAXED))
+	if (!__atomic_load_n(&f->pc_written, __ATOMIC_RELAXED)) {
 		__atomic_store_n(&f->pc_written, 1, __ATOMIC_RELEASE);
+		if (f->pc_peer)
+			__atomic_store_n(&f->pc_peer->pc_written, 1, __ATOMIC_RELEASE);
+	}
 }
 
 /* Drop @f's registered-file slot, if any (io_file_close). */

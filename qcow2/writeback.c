@@ -61,7 +61,9 @@
  *    of the batch beside it, nor the other way round;
  *  - no tail while the image file or its data file may have taken
  *    writes through the page cache (io_file_pc_written: the buffered twin
- *    fd of io/, a file system without O_DIRECT): Linux reports a writeback
+ *    fd of io/, a file system without O_DIRECT; img/'s second handle of
+ *    the image, that data goes through, counts on q->file:
+ *    io_file_pc_share): Linux reports a writeback
  *    error once per open file (errseq), so of two fdatasyncs in flight on
  *    one fd only one may see it, and that one may be the next batch's
  *    while the tail's returns 0 and answers its FLUSHes; one at a time,

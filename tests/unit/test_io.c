@@ -508,6 +508,26 @@ static void test_sync_sticky(void)
 	CU_ASSERT_EQUAL(io_file_sync(&e.f), -ENOSPC);
 	env_exit(&e);
 	io_free_aligned(buf);
+
+	/* Opened read-only without O_DIRECT, then read-write (a backing file
+	 * that becomes a commit's base): its writes go through the page cache
+	 * as well. */
+	{
+		char path[600];
+		struct io_file f;
+		int fd;
+
+		snprintf(path, sizeof(path), "%s/test_io.XXXXXX", g_dir);
+		fd = mkstemp(path);
+		CU_ASSERT_FATAL(fd >= 0);
+		close(fd);
+		CU_ASSERT_EQUAL_FATAL(io_file_open(&f, path, IO_FILE_RDONLY), 0);
+		CU_ASSERT_FALSE(io_file_pc_written(&f));
+		CU_ASSERT_EQUAL(io_file_reopen_rw(&f, path, 0, IO_PERM_ALL, NULL, 0), 0);
+		CU_ASSERT_TRUE(io_file_pc_written(&f));
+		io_file_close(&f);
+		unlink(path);
+	}
 }
 
 static void test_inject_failures(void)

@@ -1015,6 +1015,42 @@ static void test_chain_depth(void)
 }
 
 /*
+ * Data goes through a second handle on the image (the one that reads zeroes
+ * past EOF); a write of it off the O_DIRECT alignment goes through that
+ * handle's page cache (io/'s buffered twin). The write-back syncs the
+ * image's own handle: a failed fdatasync after such a write must stay
+ * failed (Linux reports a writeback error once, the data is gone), so the
+ * FLUSH after a failed one fails too, as it does for a file without O_DIRECT
+ * (unit.test_io "sync sticky"). It did not: the page-cache write marked only
+ * the data handle (io_file_pc_written), which the engine never syncs, so
+ * the next FLUSH's fdatasync said 0.
+ */
+static void test_sync_sticky_data(void)
+{
+	uint8_t *buf = io_alloc_aligned(65536);
+	struct img *img;
+
+	CU_ASSERT_FATAL(buf != NULL);
+	memset(buf, 0x5a, 65536);
+	/* every cluster allocated: no L1 or L2 write (the L1 table's 8-byte
+	 * entries go through the image handle's page cache themselves) */
+	CU_ASSERT_EQUAL_FATAL(
+	    tu_sh("qemu-img create -q -f qcow2 -o preallocation=metadata %s 1M", P("sticky.qcow2")),
+	    0);
+	img = open_img(P("sticky.qcow2"), false);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE, buf, 0, 65536, 0), 0);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_FLUSH, NULL, 0, 0, 0), 0);
+	/* in place, 100 bytes at byte 1: off any alignment, the page cache */
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_WRITE, buf, 1, 100, 0), 0);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FDATASYNC, 1, -EIO), 0);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_FLUSH, NULL, 0, 0, 0), -EIO);
+	io_loop_inject_clear(g_loop);
+	CU_ASSERT_EQUAL(do_io(img, IMG_OP_FLUSH, NULL, 0, 0, 0), -EIO);
+	img_close(img);
+	io_free_aligned(buf);
+}
+
+/*
  * A backing chain that comes back to one of its files is refused as a loop
  * by name, read-write or read-only, before the backing file's lock meets
  * the image's own (QEMU: "Failed to get shared "write" lock ... another
@@ -1227,6 +1263,8 @@ int main(void)
 	CU_add_test(s, "inflate: reads join one in flight, its failure", test_inflate_join_fail);
 	CU_add_test(s, "backing chain depth limit", test_chain_depth);
 	CU_add_test(s, "backing chain loop", test_chain_loop);
+	CU_add_test(s, "a failed FLUSH after a page-cache data write stays failed",
+		    test_sync_sticky_data);
 	CU_add_test(s, "locks and img_set_perm", test_locks);
 	CU_add_test(s, "image handoff (migration)", test_handoff);
 	fails = tu_cunit_run();
