@@ -885,6 +885,14 @@ static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_sli
 	    !a->fresh || q->alloc_from_free || q->ext_data || q->backing_size != UINT64_MAX ||
 	    !a->head_zero || !a->tail_zero || (a->kind != TK_NEW_STD && a->kind != TK_NEW_SC))
 		return;
+	/* Only clusters inside the file (a fallocate covering them ended): past
+	 * its end, the data write is what extends the file over the cluster, and
+	 * a process death between the entry's write and it would leave an entry
+	 * past the end of the file, an error for qemu-img check, not a leak
+	 * (unit.test_qcow2_engine "early link of new clusters: not past the end of
+	 * the file"). */
+	if (host0 + ((uint64_t)a->nclusters << q->cb) > q->prealloc_ok)
+		return;
 	for (uint32_t i = 0; i < a->nclusters; i++) {
 		uint64_t bm, e = q2_l2_entry(s, idx + i, &bm, q->extl2);
 

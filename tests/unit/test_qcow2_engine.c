@@ -1864,6 +1864,51 @@ static void early_new_hazard(const char *opts, bool fills_whole)
 	fake_set_defers(false);
 }
 
+/*
+ * The early link of a new cluster past the end of the file (no
+ * preallocation: fallocate unsupported here): the link batch writes the
+ * entry while the data write, which would extend the file over the
+ * cluster, is still in flight. A process death then (every completed write
+ * in the file) leaves an entry pointing past the end of the file, which
+ * qemu-img check counts as an error, not a leak ("counting reference for
+ * region exceeding the end of the file"). The early link must only take
+ * clusters inside the file.
+ */
+static void test_early_new_past_eof(void)
+{
+	uint8_t buf[4096];
+	char *path = P("enweof.qcow2");
+	const uint8_t *d;
+	uint64_t cs, c, size;
+	struct enw w;
+	struct eng e;
+
+	fake_set_defers(true);
+	qcow2_early_new(true);
+	CU_ASSERT_EQUAL(io_loop_inject(g_loop, IO_OP_FALLOCATE, 0, -EOPNOTSUPP), 0);
+	eng_create(&e, "cluster_size=65536", 16ull << 20, NULL);
+	cs = qcow2_header(e.q)->cluster_size;
+	memset(buf, 1, sizeof(buf));
+	CU_ASSERT_EQUAL(eng_write(&e, 0, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	c = 5 * cs;
+	CU_ASSERT_EQUAL_FATAL(enw_start(&e, &w, c, 4096, 0x11, 40), QCOW2_WRITE_ALLOC);
+	for (int i = 0; i < 5; i++)
+		run(); /* a link batch may write the entry; the data write stays in flight */
+	d = fake_file_data(e.id, &size);
+	CU_ASSERT(!w.a.early_new); /* the cluster lies past the end of the file */
+	CU_ASSERT_EQUAL_FATAL(fake_buf_save(d, size, path), 0);
+	CU_ASSERT_EQUAL(tu_sh("qemu-img check -q %s", path), 0);
+	unlink(path);
+	CU_ASSERT_EQUAL(enw_end(&e, &w), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	io_loop_inject_clear(g_loop);
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+	qcow2_early_new(false);
+	fake_set_defers(false);
+}
+
 static void test_early_new_hazard(void)
 {
 	early_new_hazard("cluster_size=65536", true);
@@ -4878,6 +4923,8 @@ int main(void)
 	CU_add_test(suite,
 		    "early link of new clusters: a write into the cluster waits for the fill",
 		    test_early_new_hazard);
+	CU_add_test(suite, "early link of new clusters: not past the end of the file",
+		    test_early_new_past_eof);
 	CU_add_test(suite, "early link of new clusters: workload, crash images",
 		    test_early_new_workload);
 	CU_add_test(suite, "damaged tables", test_damage);
