@@ -649,13 +649,18 @@ static void build(struct q2_batch *b)
 			continue;
 		if (n > 64)
 			n = 64;
-		it = item_add(b, IT_L1_SECTOR, q->h.l1_table_offset + sec * 512, n * 8);
+		/* the whole sector, zeroes past the last entry (as QEMU writes
+		 * it): a shorter write is off the O_DIRECT alignment, and io/
+		 * would take it through the page cache, which makes the file
+		 * page-cache written for good (no tail, every failed sync sticky) */
+		it = item_add(b, IT_L1_SECTOR, q->h.l1_table_offset + sec * 512, 512);
 		if (!it) {
 			b->incomplete = true;
 			break;
 		}
 		it->index = sec;
 		put_table_be(b->stage + it->stage_off, q->l1 + first, n);
+		memset(b->stage + it->stage_off + n * 8, 0, 512 - n * 8);
 		q->l1_dirty[sec / 8] &= (uint8_t) ~(1u << (sec % 8));
 		q->l1_ndirty--;
 	}

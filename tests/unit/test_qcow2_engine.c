@@ -2221,6 +2221,45 @@ static void test_tail_pc_written(void)
 	}
 }
 
+/*
+ * The L1 table goes out in whole 512-byte sectors, zeroes past its last
+ * entry, as QEMU writes it (and as the refcount table's sectors go): a
+ * shorter write (an image under 32 GiB with 64 KiB clusters has fewer than
+ * 64 L1 entries) is off the O_DIRECT alignment, so io/ took it through the
+ * page cache, which marked the image file page-cache written for good
+ * (io_file_pc_written): no batch beside the tail from then on (1 tail start
+ * in 381 batches of 4K writes with a FLUSH every 16 on a 4 GiB image, 448
+ * in 783 on a 64 GiB one), and every failed fdatasync sticky.
+ */
+static void test_l1_sectors(void)
+{
+	uint8_t buf[4096];
+	struct eng e;
+	size_t n = 0;
+
+	eng_create(&e, "cluster_size=65536", 64ull << 20, NULL);
+	fake_log_reset();
+	fill(buf, sizeof(buf), 3);
+	CU_ASSERT_EQUAL(eng_write(&e, 0, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	for (size_t i = 0; i < fake_log_count(); i++) {
+		const struct fake_log *l = fake_log_get(i);
+		uint64_t l1 = e.q->h.l1_table_offset;
+
+		if (l->type != FAKE_WRITE || l->file != e.id || l->off >= l1 + 512 ||
+		    l->off + l->len <= l1)
+			continue;
+		n++;
+		CU_ASSERT_EQUAL(l->off % 512, 0);
+		CU_ASSERT_EQUAL(l->len % 512, 0);
+		for (uint64_t k = 8; k < l->len; k++)
+			CU_ASSERT_EQUAL_FATAL(l->data[k], 0); /* one entry: the rest zeroes */
+	}
+	CU_ASSERT_EQUAL(n, 1); /* the L1 entry of the new table */
+	eng_close(&e);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
 static void fail_case(enum io_op op, unsigned nth)
 {
 	const uint64_t size = 8ull << 20;
@@ -4880,6 +4919,7 @@ int main(void)
 		    test_tail);
 	CU_add_test(suite, "no batch beside the last fdatasync after page-cache writes",
 		    test_tail_pc_written);
+	CU_add_test(suite, "the L1 table is written in whole sectors", test_l1_sectors);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
