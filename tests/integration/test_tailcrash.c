@@ -45,14 +45,15 @@
 #include "itest.h"
 #include "testutil.h"
 
-#define BS      4096u
-#define CS      65536u
-#define SIZE    (128ull * MiB)
-#define NBLK    (SIZE / BS)
-#define QD      32u
-#define FLUSH_N 8u /* every 8th request a FLUSH */
-#define ROUNDS  14u
-#define WINDOW  (SIZE / ROUNDS / CS) /* fresh clusters per round */
+#define BS       4096u
+#define CS       65536u
+#define SIZE     (128ull * MiB)
+#define NBLK     (SIZE / BS)
+#define QD       32u
+#define FLUSH_N  8u /* every 8th request a FLUSH */
+#define ROUNDS   14u
+#define WINDOW   (SIZE / ROUNDS / CS)    /* fresh clusters per round */
+#define STALL_NS (10000ull * 1000000ull) /* no FLUSH completed within: a stall */
 
 struct model {
 	uint64_t durable[NBLK]; /* the write a completed FLUSH covers (0: zeroes) */
@@ -227,8 +228,14 @@ static void run_round(struct itest_daemon *d, const char *img, struct model *m, 
 	memset(slots, 0, sizeof(slots));
 	t0 = vqfe_now_ns();
 	kill_at = t0 + (150 + rnd() % 450) * 1000000ull;
-	while (vqfe_now_ns() < kill_at && !bad) {
+	/* Kill at kill_at, but not before a FLUSH and a write completed (the
+	 * check below): on a loaded machine the round's first fdatasyncs alone
+	 * can outlast kill_at. Nothing completed in STALL_NS is a stall. */
+	for (uint64_t now = t0; !bad; now = vqfe_now_ns()) {
 		unsigned sent = 0;
+
+		if (now >= t0 + STALL_NS || (now >= kill_at && c.flushed && c.acked))
+			break;
 
 		for (unsigned i = 0; i < QD; i++) {
 			struct slot *s = &slots[i];
@@ -307,7 +314,11 @@ static void run_round(struct itest_daemon *d, const char *img, struct model *m, 
 	printf("round %u: sync delay %u ms, killed after %llu ms: %u writes (%u acknowledged), "
 	       "%u FLUSHes (%u completed)\n",
 	       round, delay_ms, (unsigned long long)ms, c.writes, c.acked, c.flushes, c.flushed);
-	/* not vacuous: FLUSHes completed among the writes */
+	/* not vacuous: FLUSHes completed among the writes (else a stall: the
+	 * round ran STALL_NS without one) */
+	if (!c.flushed || !c.acked)
+		fprintf(stderr, "tailcrash round %u: no FLUSH or no write completed in %llu ms\n",
+			round, (unsigned long long)ms);
 	CU_ASSERT(c.flushed > 0 && c.acked > 0);
 }
 
