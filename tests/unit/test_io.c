@@ -1332,7 +1332,7 @@ static void test_poll_group(void)
 }
 
 /* --poll-yield: a thread that spins on the loop's CPU gets it from a poll. */
-static volatile bool g_spin_stop;
+static bool g_spin_stop; /* atomic: the spinner reads it while the test sets it */
 
 static void *spinner(void *arg)
 {
@@ -1340,7 +1340,7 @@ static void *spinner(void *arg)
 
 	if (pthread_setaffinity_np(pthread_self(), sizeof(*cpu), cpu) != 0)
 		return NULL;
-	while (!g_spin_stop)
+	while (!__atomic_load_n(&g_spin_stop, __ATOMIC_RELAXED))
 		;
 	return NULL;
 }
@@ -1380,7 +1380,7 @@ static void test_poll_yield(void)
 	 * the scheduler lets it run (EEVDF: once it is owed CPU time, i.e.
 	 * soon after the poll took its share), and the loop sleeps; the
 	 * timers still fire. */
-	g_spin_stop = false;
+	__atomic_store_n(&g_spin_stop, false, __ATOMIC_RELAXED);
 	CU_ASSERT_EQUAL_FATAL(pthread_create(&th, NULL, spinner, &one), 0);
 	usleep(20000); /* the spinner runs on the CPU */
 	gave = io_loop_poll_gave(loop);
@@ -1398,7 +1398,7 @@ static void test_poll_yield(void)
 	io_timeout(loop, &t.cmd, 5 * 1000000ull);
 	run_until(loop, &t.calls, 1);
 	CU_ASSERT_EQUAL(io_loop_poll_gave(loop), gave);
-	g_spin_stop = true;
+	__atomic_store_n(&g_spin_stop, true, __ATOMIC_RELAXED);
 	pthread_join(th, NULL);
 	CU_ASSERT_EQUAL(pthread_setaffinity_np(pthread_self(), sizeof(old), &old), 0);
 	io_defer_del(loop, &d);
