@@ -808,6 +808,12 @@ void qcow2_early_new(bool on)
 	__atomic_store_n(&early_new_on, on, __ATOMIC_RELAXED);
 }
 
+/* The subclusters token @a writes in its @i-th cluster (extended L2). */
+static uint32_t alloc_sc_mask(const struct qcow2_alloc *a, uint32_t i)
+{
+	return i == 0 ? a->sc_mask_first : i == a->nclusters - 1 ? a->sc_mask_last : SC_ALL;
+}
+
 /* A token of new clusters linked at map time overlapping guest clusters [c0, c1). */
 static struct qcow2_alloc *early_new_find(struct qcow2 *q, uint64_t c0, uint64_t c1)
 {
@@ -900,12 +906,8 @@ static void early_new_link(struct qcow2 *q, struct qcow2_alloc *a, struct q2_sli
 			return; /* never allocated, nothing to copy or release */
 	}
 	for (uint32_t i = 0; i < a->nclusters; i++) {
-		uint32_t m = i == 0                  ? a->sc_mask_first
-			     : i == a->nclusters - 1 ? a->sc_mask_last
-						     : SC_ALL;
+		uint32_t m = whole ? SC_ALL : alloc_sc_mask(a, i);
 
-		if (whole)
-			m = SC_ALL;
 		q2_l2_set(s, idx + i, (host0 + ((uint64_t)i << q->cb)) | QCOW2_OFLAG_COPIED,
 			  a->kind == TK_NEW_SC ? m : 0, q->extl2);
 	}
@@ -1226,9 +1228,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 		for (uint32_t i = 0; i < a->nclusters; i++) {
 			uint64_t bm, e = q2_l2_entry(s, idx0 + i, &bm, q->extl2);
 			uint64_t hc = host0 + ((uint64_t)i << q->cb);
-			uint32_t m = i == 0                  ? a->sc_mask_first
-				     : i == a->nclusters - 1 ? a->sc_mask_last
-							     : SC_ALL;
+			uint32_t m = alloc_sc_mask(a, i);
 
 			if (bm == SC_ALL) {
 				zk_set(q, hc, 0); /* linked whole at map time */
@@ -1270,9 +1270,7 @@ void qcow2_alloc_finish(struct qcow2 *q, struct qcow2_alloc *a, int res)
 	for (uint32_t i = 0; i < a->nclusters; i++) {
 		uint64_t bm, e = q2_l2_entry(s, idx0 + i, &bm, q->extl2);
 		uint64_t hc = host0 + ((uint64_t)i << q->cb), ne = e, nbm = bm;
-		uint32_t m = i == 0                  ? a->sc_mask_first
-			     : i == a->nclusters - 1 ? a->sc_mask_last
-						     : SC_ALL;
+		uint32_t m = alloc_sc_mask(a, i);
 
 		switch (a->kind) {
 		case TK_NEW_STD:
