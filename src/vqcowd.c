@@ -125,6 +125,7 @@ struct options {
 	bool consolidate_set;    /* given on the command line (a warning if it cannot apply) */
 	unsigned poll_hybrid;    /* --poll-hybrid PCT, 0 = off */
 	unsigned poll_high_hold; /* --poll-high-hold N, 0 = off */
+	unsigned contended;      /* --io-threads-contended PCT, 0 = off (cont_*) */
 	bool no_fixed_files;
 	bool no_seccomp;
 	const char *user;
@@ -187,6 +188,10 @@ static void usage(FILE *f)
 	    "  --poll-high-hold N          after a request popped with more than 4 in flight\n"
 	    "                              on its thread, busy-poll there only once N requests\n"
 	    "                              in a row were popped with at most 4 (default 0 = off)\n"
+	    "  --io-threads-contended PCT  an I/O thread that waits for a CPU PCT % of the\n"
+	    "                              time or more gives its queues to the main thread\n"
+	    "                              until the main thread waits less than PCT/2 %;\n"
+	    "                              no busy polling while so (1..100, default 0 = off)\n"
 	    "  --submit-batch N            start I/O once N requests are prepared (default 2;\n"
 	    "                              0 = once per loop iteration)\n"
 	    "  --fixed-buffers             register the guest memory with io_uring (pins all of\n"
@@ -332,6 +337,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 		OPT_POLL_YIELD,
 		OPT_POLL_HYBRID,
 		OPT_POLL_HIGH_HOLD,
+		OPT_CONTENDED,
 		OPT_CONSOLIDATE,
 		OPT_SUBMIT,
 		OPT_NOPREFETCH,
@@ -372,6 +378,7 @@ static int parse_args(int argc, char **argv, struct options *o)
 	    {"poll-hybrid", required_argument, NULL, OPT_POLL_HYBRID},
 	    {"poll-high-hold", required_argument, NULL, OPT_POLL_HIGH_HOLD},
 	    {"io-threads-consolidate", optional_argument, NULL, OPT_CONSOLIDATE},
+	    {"io-threads-contended", required_argument, NULL, OPT_CONTENDED},
 	    {"submit-batch", required_argument, NULL, OPT_SUBMIT},
 	    {"no-l2-prefetch", no_argument, NULL, OPT_NOPREFETCH},
 	    {"no-cluster-fill", no_argument, NULL, OPT_NOFILL},
@@ -538,6 +545,11 @@ static int parse_args(int argc, char **argv, struct options *o)
 				return bad_value("poll-high-hold", optarg, "expected 0..1000000");
 			o->poll_high_hold = (unsigned)v;
 			break;
+		case OPT_CONTENDED:
+			if (parse_u64(optarg, &v, false) < 0 || v > 100)
+				return bad_value("io-threads-contended", optarg, "expected 0..100");
+			o->contended = (unsigned)v;
+			break;
 		case OPT_NOFIXFILE:
 			o->no_fixed_files = true;
 			break;
@@ -649,6 +661,38 @@ static int parse_args(int argc, char **argv, struct options *o)
 #define CONS_RUN        256
 #define CONS_SPREAD_RUN 16
 
+/*
+ * --io-threads-contended PCT (cont_*): each thread serving queues reads its
+ * own run delay (time runnable but waiting for a CPU: the 2nd field of
+ * /proc/thread-self/schedstat) every CONT_WIN_NS or more, at a request it
+ * pops (every CONT_CHECK requests it reads the clock). CONT_ON_WINS windows
+ * in a row at or above PCT % of the wall time make the thread contended,
+ * CONT_OFF_WINS in a row below PCT / 2 % end it. A contended I/O thread
+ * hands its queues to the main thread (cons_*: drained, parked, moved);
+ * they come back (on high load, CONS_SPREAD_RUN) only once the main thread
+ * had CONT_OFF_WINS windows in a row below PCT / 2 % since, and the thread
+ * gives them again at the earliest CONT_GAP_NS << cont_backoff after.
+ */
+#define CONT_WIN_NS      (10 * 1000 * 1000ull)
+#define CONT_CHECK       16
+#define CONT_ON_WINS     3
+#define CONT_OFF_WINS    20
+#define CONT_GAP_NS      (250 * 1000 * 1000ull)
+#define CONT_QUICK_NS    (2000 * 1000 * 1000ull) /* a give this soon after a return backs off */
+#define CONT_BACKOFF_MAX 4
+
+/* A thread's run delay (cont_*): written by that thread only (an I/O
+ * thread's also by the main thread while it is parked, cons_move). */
+struct cont {
+	int fd; /* its /proc/thread-self/schedstat, -1: none */
+	unsigned calls;
+	uint64_t win_at, win_rd;     /* the window's start: clock, run delay (0: none yet) */
+	uint64_t start_at, start_rd; /* when opened (the exit line) */
+	unsigned hi, lo;             /* windows in a row at or above PCT, below PCT / 2 */
+	bool contended;
+	uint64_t npop, nwin, nwin_hi; /* atomic (relaxed): read by the exit line */
+};
+
 struct iothread;
 
 struct dreq {
@@ -734,6 +778,14 @@ struct iothread {
 	uint64_t giving_at;
 	struct io_cmd hold_cmd;
 	bool hold_armed, hold_logged;
+
+	/* --io-threads-contended (cont_*) */
+	struct cont cont;
+	bool cont_give;  /* giving because contended (this thread's) */
+	bool cont_moved; /* gathered because contended (main thread's, t parked) */
+	unsigned cont_backoff;
+	uint64_t cont_back_at; /* when its queues came back from a contended move */
+	uint64_t ncont_gather, ncont_spread;
 };
 
 struct daemon {
@@ -771,6 +823,7 @@ struct daemon {
 	unsigned high_run;   /* high requests the main thread popped in a row */
 	unsigned mpoll_hold; /* --poll-high-hold on the main thread (poll_hold_popped) */
 	uint64_t main_high; /* high requests the main thread popped (atomic: I/O threads read it) */
+	struct cont mcont;  /* the main thread's run delay (--io-threads-contended) */
 	bool pausing __attribute__((aligned(64))); /* under mt_lock */
 	unsigned pause_depth;                      /* main thread only */
 	uint64_t nparks;      /* pause_all() parked the I/O threads (a debug line at exit) */
@@ -1126,6 +1179,7 @@ static bool cons_draining(struct daemon *d, unsigned idx)
 }
 
 static void cons_popped(struct daemon *d, unsigned idx);
+static void cont_popped(struct daemon *d, struct cont *c, unsigned id);
 
 /*
  * --poll-high-hold N: a request popped with more than POLL_INFLIGHT_MAX of
@@ -1192,6 +1246,10 @@ static int pop_all(struct daemon *d, struct vhost_vq *vq)
 			d->q[vq_index(vq)].inflight++;
 			if (!cur_thread)
 				d->minflight++;
+			if (cur_thread)
+				cont_popped(d, &cur_thread->cont, cur_thread->id);
+			else
+				cont_popped(d, &d->mcont, 0);
 			if (d->consolidate)
 				cons_popped(d, vq_index(vq));
 			if (d->o->poll_high_hold)
@@ -1294,6 +1352,113 @@ static unsigned d_running(struct daemon *d)
 	return n > h ? n - h : 0;
 }
 
+/* -- --io-threads-contended: a thread's run delay (cont_*) -- */
+
+/*
+ * VQCOWD_TEST_CONT=FILE (a test seam; set before the threads start): every
+ * thread's run delay is the share of the wall time since its cont_open that
+ * FILE holds now (a percentage, re-read each time), as if it had always been.
+ */
+static int cont_test_fd = -1;
+
+/* The run delay of @c's thread so far, ns; 0 if it cannot be read. */
+static uint64_t cont_read(const struct cont *c)
+{
+	char buf[96];
+	unsigned long long run, wait;
+	ssize_t n;
+
+	if (cont_test_fd >= 0) {
+		n = pread(cont_test_fd, buf, sizeof(buf) - 1, 0);
+		if (n <= 0)
+			return 0;
+		buf[n] = '\0';
+		run = strtoull(buf, NULL, 10);
+		return run > 100 ? 0 : run * (util_now_ns() - c->start_at) / 100;
+	}
+	if (c->fd < 0)
+		return 0;
+	n = pread(c->fd, buf, sizeof(buf) - 1, 0);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	if (sscanf(buf, "%llu %llu", &run, &wait) != 2)
+		return 0;
+	return wait;
+}
+
+/* On the thread itself (before the system call filter): open its schedstat. */
+static void cont_open(struct cont *c)
+{
+	c->fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+	c->start_at = util_now_ns();
+	c->start_rd = cont_read(c);
+}
+
+/*
+ * The thread of @c popped a request: every CONT_CHECK requests, if its window
+ * is CONT_WIN_NS old, the share of it spent waiting for a CPU updates
+ * c->contended (--io-threads-contended PCT; off: nothing but the count).
+ */
+static void cont_popped(struct daemon *d, struct cont *c, unsigned id)
+{
+	uint64_t now, rd, pct;
+
+	__atomic_store_n(&c->npop, c->npop + 1, __ATOMIC_RELAXED);
+	if (!d->o->contended || c->fd < 0 || ++c->calls < CONT_CHECK)
+		return;
+	c->calls = 0;
+	now = util_now_ns();
+	if (c->win_at && now - c->win_at < CONT_WIN_NS)
+		return;
+	rd = cont_read(c);
+	if (!c->win_at || rd < c->win_rd) {
+		c->win_at = now;
+		c->win_rd = rd;
+		return;
+	}
+	pct = (rd - c->win_rd) * 100 / (now - c->win_at);
+	c->win_at = now;
+	c->win_rd = rd;
+	__atomic_store_n(&c->nwin, c->nwin + 1, __ATOMIC_RELAXED);
+	if (pct >= d->o->contended) {
+		__atomic_store_n(&c->nwin_hi, c->nwin_hi + 1, __ATOMIC_RELAXED);
+		c->hi++;
+		c->lo = 0;
+	} else if (pct * 2 < d->o->contended) {
+		c->lo++;
+		c->hi = 0;
+	} else {
+		c->hi = c->lo = 0;
+	}
+	if (!c->contended && c->hi >= CONT_ON_WINS) {
+		c->contended = true;
+		log_dbg("thread %u: contended (waited for a CPU %" PRIu64 " %% of the last %u ms)",
+			id, pct, (unsigned)(CONT_WIN_NS / 1000000));
+	} else if (c->contended && c->lo >= CONT_OFF_WINS) {
+		c->contended = false;
+		log_dbg("thread %u: no longer contended (%" PRIu64 " %%)", id, pct);
+	}
+}
+
+/* An exit line per thread serving queues: its run delay (--io-threads-contended's measure). */
+static void cont_log(struct cont *c, unsigned id)
+{
+	uint64_t rd = cont_read(c), wall = util_now_ns() - c->start_at;
+	uint64_t npop = __atomic_load_n(&c->npop, __ATOMIC_RELAXED);
+
+	if (c->fd < 0 || rd < c->start_rd || !wall)
+		return;
+	rd -= c->start_rd;
+	logmsg("thread %u: waited for a CPU %" PRIu64 " ms of %" PRIu64 " ms (%" PRIu64
+	       " %%), %" PRIu64 " requests (%.2f us each); contended in %" PRIu64 " of %" PRIu64
+	       " windows",
+	       id, rd / 1000000, wall / 1000000, rd * 100 / wall, npop,
+	       npop ? (double)rd / 1000.0 / (double)npop : 0.0,
+	       __atomic_load_n(&c->nwin_hi, __ATOMIC_RELAXED),
+	       __atomic_load_n(&c->nwin, __ATOMIC_RELAXED));
+}
+
 /* -- --io-threads-consolidate: the I/O threads' queues on the main thread at low load -- */
 
 /*
@@ -1320,11 +1485,26 @@ static void cons_popped(struct daemon *d, unsigned idx)
 		if (d->ngathered && ++d->high_run >= CONS_SPREAD_RUN) {
 			d->high_run = 0;
 			for (unsigned i = 0; i < d->nthreads; i++) {
-				if (d->threads[i].gathered)
-					d->threads[i].returning = true;
+				struct iothread *g = &d->threads[i];
+
+				/* moved for contention: back once it is gone here */
+				if (g->gathered && (!g->cont_moved || d->mcont.lo >= CONT_OFF_WINS))
+					g->returning = true;
 			}
 		}
 		return;
+	}
+	if (t->cont.contended && !t->giving) {
+		uint64_t now = util_now_ns();
+
+		if (now - t->cont_back_at >= CONT_GAP_NS << t->cont_backoff) {
+			t->giving = true;
+			t->cont_give = true;
+			t->low_run = 0;
+			if (d->cons_hold_ns)
+				t->giving_at = now;
+			return;
+		}
 	}
 	if (!low || t->inflight > POLL_INFLIGHT_MAX) {
 		t->low_run = 0;
@@ -1437,10 +1617,34 @@ static int cons_move(struct daemon *d, struct iothread *t, bool gather)
 	if (gather) {
 		d->ngathered++;
 		t->ngather++;
+		if (t->cont_give) {
+			/* back once the main thread saw CONT_OFF_WINS calm windows since */
+			uint64_t now = util_now_ns();
+
+			if (t->cont_back_at && now - t->cont_back_at < CONT_QUICK_NS) {
+				if (t->cont_backoff < CONT_BACKOFF_MAX)
+					t->cont_backoff++;
+			} else {
+				t->cont_backoff = 0;
+			}
+			t->cont_moved = true;
+			t->ncont_gather++;
+			d->mcont.lo = 0;
+		}
 	} else {
 		d->ngathered--;
 		t->nspread++;
+		if (t->cont_moved) {
+			t->cont_moved = false;
+			t->ncont_spread++;
+			t->cont_back_at = util_now_ns();
+		}
+		/* its own run delay starts again (t parked: ordered by mt_lock) */
+		t->cont.contended = false;
+		t->cont.hi = t->cont.lo = 0;
+		t->cont.win_at = 0;
 	}
+	t->cont_give = false;
 	return 0;
 }
 
@@ -1482,6 +1686,7 @@ static void cons_gather(struct io_cmd *cmd, int res)
 	/* not inside another parked operation (a handoff drives the loop) */
 	bool ok = d->pause_depth == 0 && !d->stopping && !d->parked && d->handoff == HO_NONE;
 	unsigned nq = 0;
+	const char *why;
 
 	(void)res;
 	if (!d->threads)
@@ -1505,12 +1710,17 @@ static void cons_gather(struct io_cmd *cmd, int res)
 	} else if (ok) {
 		t->backoff = 0;
 	}
+	why = t->cont_give ? "contended" : "low load";
 	ok = ok && cons_move(d, t, true) == 0;
-	t->giving = false; /* not moved: it serves them on */
+	if (!ok && t->cont_give)
+		t->cont_back_at =
+		    util_now_ns(); /* the next try CONT_GAP_NS later at the earliest */
+	t->giving = false;         /* not moved: it serves them on */
+	t->cont_give = false;
 	t->low_run = 0;
 	resume_all(d);
 	if (ok)
-		log_dbg("I/O thread %u: its queues moved to the main thread (low load)", t->id);
+		log_dbg("I/O thread %u: its queues moved to the main thread (%s)", t->id, why);
 	cons_kick(d, t);
 }
 
@@ -1521,6 +1731,7 @@ static void cons_spread(struct daemon *d)
 	for (unsigned k = 0; k < d->nthreads; k++) {
 		struct iothread *t = &d->threads[k];
 		bool busy = d->pause_depth > 0;
+		const char *why;
 		int ret;
 
 		if (!t->gathered || !t->returning)
@@ -1530,12 +1741,13 @@ static void cons_spread(struct daemon *d)
 		if (busy)
 			continue;
 		pause_all(d);
+		why = t->cont_moved ? "load, no longer contended" : "load";
 		ret = cons_move(d, t, false);
 		if (ret < 0)
 			t->returning = false; /* it stays here */
 		resume_all(d);
 		if (ret == 0)
-			log_dbg("I/O thread %u: its queues moved back to it (load)", t->id);
+			log_dbg("I/O thread %u: its queues moved back to it (%s)", t->id, why);
 		cons_kick(d, t);
 	}
 }
@@ -1586,10 +1798,10 @@ static void d_defer(struct io_defer *def)
 	 * loop busy and polling between them would only burn CPU.
 	 */
 	if (d->o->poll_ns)
-		io_loop_set_poll_ns(d->loop,
-				    blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX && !d->mpoll_hold
-					? d->o->poll_ns
-					: 0);
+		io_loop_set_poll_ns(d->loop, blk_dev_inflight(d->blk) <= POLL_INFLIGHT_MAX &&
+						     !d->mpoll_hold && !d->mcont.contended
+						 ? d->o->poll_ns
+						 : 0);
 	ctl_tick(&d->ctl);
 	if (ctl_report_due(&d->ctl)) {
 		/* --qmp: a BLOCK_IO_ERROR event; it sums the per-queue
@@ -1657,7 +1869,7 @@ static void t_defer(struct io_defer *def)
 out:
 	if (d->o->poll_ns && d->rings_mt)
 		io_loop_set_poll_ns(t->loop, !t->gathered && t->inflight <= POLL_INFLIGHT_MAX &&
-						     !t->poll_hold
+						     !t->poll_hold && !t->cont.contended
 						 ? d->o->poll_ns
 						 : 0);
 }
@@ -1676,6 +1888,7 @@ static void *thread_main(void *arg)
 	int ret;
 
 	cur_thread = t;
+	cont_open(&t->cont); /* before the system call filter */
 	/* Tell threads_start() we are past the C library's thread set-up
 	 * (set_robust_list, rseq...): the filter may go on now. */
 	pthread_mutex_lock(&t->d->mt_lock);
@@ -1741,7 +1954,8 @@ static int threads_init(struct daemon *d)
 		struct iothread *t = &d->threads[i];
 
 		t->d = d;
-		t->id = i + 1; /* thread 0 is the main thread */
+		t->id = i + 1;   /* thread 0 is the main thread */
+		t->cont.fd = -1; /* cont_open, on the thread */
 		ret = io_loop_init(&t->loop, 256);
 		if (ret < 0)
 			return ret;
@@ -2015,6 +2229,20 @@ static void flush_done(struct img_io *io, int res)
 			logmsg("--io-threads-consolidate: I/O threads' queues moved to the main "
 			       "thread %llu times, back %llu times",
 			       g, sp);
+		}
+		cont_log(&d->mcont, 0);
+		if (d->rings_mt) {
+			unsigned long long cg = 0, cs = 0;
+
+			for (unsigned i = 0; i < d->nthreads; i++) {
+				cont_log(&d->threads[i].cont, d->threads[i].id);
+				cg += d->threads[i].ncont_gather;
+				cs += d->threads[i].ncont_spread;
+			}
+			if (d->o->contended)
+				logmsg("--io-threads-contended %u: queues moved to the main thread "
+				       "for contention %llu times, back %llu times",
+				       d->o->contended, cg, cs);
 		}
 		if (d->nthreads)
 			log_dbg("I/O threads parked %llu times", (unsigned long long)d->nparks);
@@ -2653,6 +2881,13 @@ int main(int argc, char **argv)
 	if (o.consolidate && o.consolidate_set && !d.consolidate)
 		log_warn("--io-threads-consolidate: ignored, no I/O thread serves queues");
 	d.cons_run = CONS_RUN;
+	d.mcont.fd = -1; /* cont_open, before the threads start */
+	if (getenv("VQCOWD_TEST_CONT")) {
+		/* a test seam: see cont_read() */
+		cont_test_fd = open(getenv("VQCOWD_TEST_CONT"), O_RDONLY | O_CLOEXEC);
+		log_warn("VQCOWD_TEST_CONT: run delays from %s (a test seam)%s",
+			 getenv("VQCOWD_TEST_CONT"), cont_test_fd < 0 ? ": cannot open it" : "");
+	}
 	if (getenv("VQCOWD_TEST_CONS_RUN")) {
 		/* a test seam: move queues after this many low requests */
 		d.cons_run = (unsigned)strtoul(getenv("VQCOWD_TEST_CONS_RUN"), NULL, 10);
@@ -2855,6 +3090,7 @@ int main(int argc, char **argv)
 	 * the filter (installed on every thread at once; no clone after it). */
 	d.exit_code = 0;
 	d.parked = o.incoming; /* before the I/O threads read it */
+	cont_open(&d.mcont);   /* before the system call filter */
 	ret = threads_start(&d);
 	if (ret < 0) {
 		log_err("cannot start the I/O threads: %s", strerror(-ret));

@@ -461,6 +461,58 @@ if [ "$threads" -gt 1 ]; then
 	cons_qd1 6
 	[ "$cmoves" = "queues moved to the main thread 0 times, back 0 times" ] ||
 		fail "6 queues at QD1: the I/O thread's queues moved (${cmoves:-no exit line})"
+
+	# --io-threads-contended: an I/O thread that waits for a CPU 30 % of the
+	# time or more gives its queues to the main thread (polling off) and gets
+	# them back once the main thread waited less than 15 % for 20 windows.
+	# The run delays come from a file (VQCOWD_TEST_CONT, a test seam): 0 %,
+	# 60 %, 0 %, under vqfe-stress at QD8 on 2 queues (high: the low-load
+	# rule moves nothing), which verifies every block; then the image.
+	echo "== contended: a thread waiting for a CPU gives its queues away, gets them back"
+	cp "$dir/base.raw" "$dir/img.raw"
+	echo 0 >"$dir/cont"
+	rm -f "$dir/cont.stop"
+	env VQCOWD_TEST_CONT="$dir/cont" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img.raw" \
+		--format raw --num-queues 2 --io-threads 2 --io-threads-contended 30 \
+		--log-level debug 2>"$log" &
+	pid=$!
+	# waitlog PATTERN: up to 10 s for a line of the log
+	waitlog() {
+		for _ in $(seq 100); do
+			grep -a -q "$1" "$log" && return 0
+			sleep 0.1
+		done
+		return 1
+	}
+	if it_wait_serving "$pid" "$sock" "$log" "vqcowd (contended)"; then
+		"$stress" "$sock" --size $size --queues 2 --seed 31 --mix --map "$dir/map" \
+			--until "$dir/cont.stop" >/dev/null &
+		spid=$!
+		sleep 0.5
+		! grep -a -q 'its queues moved' "$log" || fail "contended: a queue moved at 0 %"
+		echo 60 >"$dir/cont"
+		waitlog 'its queues moved to the main thread (contended)' ||
+			fail "contended: at 60 % the I/O thread kept its queues"
+		grep -a -q 'thread 1: contended' "$log" || fail "contended: no debug line"
+		sleep 0.5
+		! grep -a -q 'moved back' "$log" || fail "contended: the queues came back at 60 %"
+		echo 0 >"$dir/cont"
+		waitlog 'its queues moved back to it (load, no longer contended)' ||
+			fail "contended: at 0 % the queues stayed on the main thread"
+		sleep 0.3
+		touch "$dir/cont.stop"
+		wait "$spid" || fail "contended: vqfe-stress found errors"
+		spid=
+		it_stop
+		line=$(grep -a -o 'for contention [0-9]* times, back [0-9]* times' "$log")
+		echo "${line:-no exit line}"
+		[ "$line" = "for contention 1 times, back 1 times" ] ||
+			fail "contended: moves ${line:-(no exit line)}, not one each way"
+		grep -a -q 'thread 1: waited for a CPU' "$log" || fail "contended: no run delay line"
+		! grep -a -q 'a request ended on a thread that does not serve' "$log" ||
+			fail "contended: a request ended on a thread its queue had left"
+		compare "$dir/img.raw" raw "$dir/base.raw" "$dir/map" 31
+	fi
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
