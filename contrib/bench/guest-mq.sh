@@ -56,14 +56,15 @@
 # (its vCPU threads "CPU 0/TCG", "CPU 1/TCG" under TCG, its main loop, which
 # under TCG injects the backend's calls as interrupts): CPU time
 # (utime+stime of /proc/PID/task/TID/stat) and voluntary / involuntary
-# context switches (.../status) between the job's markers, per guest I/O,
-# median of the repetitions; and, for vqcowd, its exit counts per request
+# context switches (.../status) and the run delay (µs runnable but waiting
+# for a CPU: .../schedstat's 2nd field) between the job's markers, per guest
+# I/O, median of the repetitions; and, for vqcowd, its exit counts per request
 # (whole boot: the guest's boot-time I/O and every job): the driver's kicks
 # and the kick fd's wake-ups, the calls sent of the signal decisions, and
 # per event loop the busy polls (waits polled, caught, µs polled; the
 # daemon runs with --log-level debug for that line). GUEST_MQ_RAW=FILE
 # also writes the per-thread deltas of every run there (rep image kind job
-# I/Os thread ticks voluntary involuntary); a negative delta (a sample that
+# I/Os thread ticks voluntary involuntary run-delay-ns); a negative delta (a sample that
 # went wrong) is left out of the table.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -177,9 +178,10 @@ truncate -s $((($(stat -c %s "$initrd") + 511) / 512 * 512)) "$initrd"
 cat "$tmp/job.cpio" >>"$initrd"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# snap ROLE PID: a line per thread: ROLE <tab> TID <tab> COMM <tab> TICKS VOL INVOL
+# snap ROLE PID: a line per thread: ROLE <tab> TID <tab> COMM <tab> TICKS VOL INVOL RUNDELAY
+# (RUNDELAY: ns runnable but waiting for a CPU, schedstat's 2nd field; 0 without it)
 snap() {
-	local t st comm rest f v nv k n
+	local t st comm rest f v nv k n ss
 	for t in /proc/"$2"/task/*; do
 		# (a thread may end meanwhile: $(<file) would end the script)
 		{ read -r st <"$t/stat"; } 2>/dev/null || continue
@@ -195,7 +197,9 @@ snap() {
 				esac
 			done <"$t/status"
 		} 2>/dev/null || true
-		printf '%s\t%s\t%s\t%s %s %s\n' "$1" "${t##*/}" "$comm" $((f[11] + f[12])) "${v:-0}" "${nv:-0}"
+		ss=(0 0)
+		{ read -r -a ss <"$t/schedstat"; } 2>/dev/null || ss=(0 0)
+		printf '%s\t%s\t%s\t%s %s %s %s\n' "$1" "${t##*/}" "$comm" $((f[11] + f[12])) "${v:-0}" "${nv:-0}" "${ss[1]:-0}"
 	done
 }
 load1() { cut -d' ' -f1 /proc/loadavg; }
@@ -285,6 +289,9 @@ boot() {
 	bpid=
 	[ "$VM_STOP_STATUS" = 0 ] || echo "guest-mq.sh: $kind exited with status $VM_STOP_STATUS" >&2
 	grep -ho 'fast path: [0-9]* hits, [0-9]* hops' "$tmp/$kind.log" | sed "s/^/  $kind $image: /" >&2 || true
+	# each serving thread's run delay; --io-threads-contended's moves
+	grep -aho 'thread [0-9]*: waited for a CPU.*\|--io-threads-contended [0-9]*: .*\|its queues moved.*' \
+		"$tmp/$kind.log" | sed "s/^/  $kind $image: /" >&2 || true
 	if [ "$threads" = 1 ]; then
 		# vqcowd's exit counts (whole boot): vring lines, busy polls per loop, moves
 		grep -ao 'vring [0-9]*: [0-9]* requests.*\|busy polling: [0-9]* waits.*\|moved to the main thread.*' \
@@ -399,8 +406,8 @@ for l in open(thr):
         continue
     head, role, tid, comm, vals = l.split("\t")
     rep, image, kind, rw, be = head.split()
-    t, v, nv = map(int, vals.split())
-    snaps.setdefault((rep, image, kind, rw), {}).setdefault(be, {})[(role, int(tid))] = (comm, t, v, nv)
+    t, v, nv, rd = (list(map(int, vals.split())) + [0])[:4]
+    snaps.setdefault((rep, image, kind, rw), {}).setdefault(be, {})[(role, int(tid))] = (comm, t, v, nv, rd)
 # per (image, rw) and kind and thread: per repetition (CPU µs/IO, voluntary/IO, involuntary/IO)
 acc = {}
 for key, s in snaps.items():
@@ -414,8 +421,8 @@ for key, s in snaps.items():
         pids[role] = min(pids.get(role, tid), tid)
     order = 0
     per = {}
-    for (role, tid), (comm, t, v, nv) in sorted(e.items()):
-        c0, t0, v0, nv0 = b.get((role, tid), (comm, 0, 0, 0))
+    for (role, tid), (comm, t, v, nv, rd) in sorted(e.items()):
+        c0, t0, v0, nv0, rd0 = b.get((role, tid), (comm, 0, 0, 0, 0))
         who = "vqcowd" if kind.startswith(("vqcowd", "alt")) else "qsd"
         who = who if role == "backend" else "qemu"
         if tid == pids[role]:
@@ -427,20 +434,22 @@ for key, s in snaps.items():
             label = "vqcowd thread %d" % order
         else:
             label = "%s %s" % (who, comm)
-        x = per.setdefault(label, [0, 0, 0])
+        x = per.setdefault(label, [0, 0, 0, 0])
         x[0] += t - t0
         x[1] += v - v0
         x[2] += nv - nv0
-    per["all threads (backend + QEMU)"] = [sum(x[i] for x in per.values()) for i in range(3)]
+        x[3] += rd - rd0
+    per["all threads (backend + QEMU)"] = [sum(x[i] for x in per.values()) for i in range(4)]
     if raw:
         for label, x in per.items():
             print(rep, image, kind, rw, n, label.replace(" ", "_"), *x, file=raw)
-    for label, (t, v, nv) in per.items():
-        if min(t, v, nv) < 0:
+    for label, (t, v, nv, rd) in per.items():
+        if min(t, v, nv, rd) < 0:
             continue  # a sample that went wrong (a thread read while it ended): left out
         acc.setdefault((image, rw), {}).setdefault(kind, {}).setdefault(label, {})[rep] = (
-            t / hz * 1e6 / n, v / n, nv / n)
-print("Per guest I/O: CPU µs; voluntary / involuntary context switches. Median of the repetitions;")
+            t / hz * 1e6 / n, v / n, nv / n, rd / 1e3 / n)
+print("Per guest I/O: CPU µs; voluntary / involuntary context switches; µs runnable but waiting")
+print("for a CPU (run delay: schedstat's 2nd field). Median of the repetitions;")
 print("CPU from clock ticks of 1/%d s (a figure below ~0.1 µs is noise); a thread that ended" % hz)
 print("before the job's end marker (an idle io_uring worker) is not counted.")
 for (image, rw), bk in acc.items():
@@ -461,8 +470,8 @@ for (image, rw), bk in acc.items():
             if not r:
                 cells.append("–")
                 continue
-            m = [st.median(x[i] for x in r.values()) for i in range(3)]
-            cells.append("%.2f; %.3f / %.3f" % tuple(m))
+            m = [st.median(x[i] for x in r.values()) for i in range(4)]
+            cells.append("%.2f; %.3f / %.3f; %.2f" % tuple(m))
         print("| %s | %s |" % (lab, " | ".join(cells)))
 ex = {}
 for l in open(exitf):

@@ -210,7 +210,7 @@ run() { # KIND CELL FE-MODE
 	[ $st = 0 ] || echo "mq.sh: $kind exited with status $st after SIGTERM ($cell)" >&2
 	# vqcowd's exit line counts requests served on the queue threads (fast path hits)
 	# and those handed to the image's owner thread (hops)
-	grep -ho '[0-9]* compressed clusters inflated, [0-9]* reads from them\(, [0-9]* compressed reads (owner [0-9]*), [0-9]* joined one in flight (owner [0-9]*)\)\?\|fast path: [0-9]* hits, [0-9]* hops' \
+	grep -ho '[0-9]* compressed clusters inflated, [0-9]* reads from them\(, [0-9]* compressed reads (owner [0-9]*), [0-9]* joined one in flight (owner [0-9]*)\)\?\|fast path: [0-9]* hits, [0-9]* hops\|thread [0-9]*: waited for a CPU.*\|--io-threads-contended [0-9]*: .*' \
 		"$tmp/log" | sed "s/^/mq.sh: $cell $kind $mode: /" >&2 || true
 	if [ $rc != 0 ]; then
 		echo "mq.sh: vqcow-fe failed (exit $rc) on $cell $kind $mode, run left out:" >&2
