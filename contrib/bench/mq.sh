@@ -20,7 +20,7 @@
 # qcow2 (seqread-zlib: each queue reads its half in order, so 16 reads fall
 # in each cluster: the inflated-cluster caches); randwrite into an empty
 # qcow2 and into an overlay over the full image (fresh copies for every
-# run). Images are
+# run, made in $BENCH_DIR too and deleted after it). Images are
 # 1 GiB under $BENCH_DIR (default build/bench-mq; --prepare only makes them).
 # Prints one line per run (IOPS, the backend's CPU time per I/O from
 # /proc/PID/stat, and the host's 1-minute load average before and after the
@@ -85,7 +85,14 @@ mkdir -p "$dir"
 tmp=$(mktemp -d)
 sock=$tmp/sock
 bpid=
-cleanup() { [ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true; rm -rf "$tmp"; }
+# the write cells' fresh images: under $dir like the others (not /tmp: a run
+# writes about 1 GiB into each), named by this process, deleted after each run
+wimg_empty=$dir/mq-$$-empty.qcow2 wimg_ov=$dir/mq-$$-ov.qcow2
+cleanup() {
+	[ -z "$bpid" ] || kill "$bpid" 2>/dev/null || true
+	rm -rf "$tmp"
+	rm -f "$wimg_empty" "$wimg_ov"
+}
 trap cleanup EXIT
 size=1G
 
@@ -177,11 +184,11 @@ run() { # KIND CELL FE-MODE
 	read-prealloc) img=$dir/prealloc.qcow2 rw=randread ;;
 	seqread-zlib) img=$dir/zlib.qcow2 rw=read ;;
 	write-empty)
-		img=$tmp/empty.qcow2 rw=randwrite
+		img=$wimg_empty rw=randwrite
 		qemu-img create -q -f qcow2 "$img" $size
 		;;
 	write-overlay)
-		img=$tmp/ov.qcow2 rw=randwrite
+		img=$wimg_ov rw=randwrite
 		qemu-img create -q -f qcow2 -b "$dir/full.qcow2" -F qcow2 "$img"
 		;;
 	esac
@@ -207,6 +214,7 @@ run() { # KIND CELL FE-MODE
 	kill "$bpid"
 	wait "$bpid" 2>/dev/null || st=$?
 	bpid=
+	rm -f "$wimg_empty" "$wimg_ov"
 	[ $st = 0 ] || echo "mq.sh: $kind exited with status $st after SIGTERM ($cell)" >&2
 	# vqcowd's exit line counts requests served on the queue threads (fast path hits)
 	# and those handed to the image's owner thread (hops)
