@@ -126,6 +126,10 @@ struct img_cache_stats {
 	/* allocations linked at map time (VQCOWD_TEST_EARLY_NEW), and those
 	 * whose entries were written by the time their data write ended */
 	uint64_t early_new_links, early_new_ahead;
+	/* write-back batches started beside the last fdatasync of the one
+	 * before (the tail); 1 if a file of the image took a write through the
+	 * page cache (no tail from then on) */
+	uint64_t writeback_tail_starts, page_cache_written;
 	/* requests submitted on other threads (mt_submit): served there (a
 	 * cached, allocated mapping) or handed to the image's thread */
 	uint64_t fast_hits, fast_hops;

@@ -3323,6 +3323,8 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->link_wait_syncs_max = c.link_wait_syncs_max;
 	st->early_new_links = c.early_new;
 	st->early_new_ahead = c.early_new_ahead;
+	st->writeback_tail_starts = c.wb_tail_starts;
+	st->page_cache_written = c.pc_written;
 	fast_counts(m, &st->fast_hits, &st->fast_hops);
 	st->fast_table_size = (uint64_t)m->ft_npages * (sizeof(uint64_t) << FT_BITS) +
 			      (m->ft ? m->ft_len * sizeof(*m->ft) : 0);

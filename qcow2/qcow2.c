@@ -651,6 +651,9 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->link_wait_syncs_max = q->n_link_wait_max;
 	st->early_new = q->n_early_new;
 	st->early_new_ahead = q->n_early_new_ahead;
+	st->wb_tail_starts = q->n_tail_starts;
+	st->pc_written = io_file_pc_written(q->file) ||
+			 (q->data_file != q->file && io_file_pc_written(q->data_file));
 }
 
 void qcow2_describe(const struct qcow2 *q, char *buf, size_t len)

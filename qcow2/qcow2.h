@@ -184,6 +184,10 @@ struct qcow2_cache_stats {
 	/* allocations linked at map time (qcow2_early_new), and those whose
 	 * entries were written by the time their data write ended */
 	uint64_t early_new, early_new_ahead;
+	/* batches started beside a batch's last fdatasync (the tail); 1 if the
+	 * image file or its data file took a write through the page cache
+	 * since open (io_file_pc_written: no tail from then on), else 0 */
+	uint64_t wb_tail_starts, pc_written;
 };
 void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st);
 

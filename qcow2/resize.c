@@ -18,8 +18,10 @@
  *   3. P3 writes the whole new L1 table at its new place, with every entry
  *      linked since the switch, and zeroes the rest of its clusters
  *                                                     -> fdatasync
- *   4. P4 writes the header's size, l1_size and l1_table_offset: 24 bytes in
- *      the first sector, one sector write             -> fdatasync
+ *   4. P4 writes the header's size, l1_size and l1_table_offset: the whole
+ *      first sector, read when the batch is built, those 24 bytes patched
+ *      (writeback.c hdr_item: through O_DIRECT, never the page cache)
+ *                                                     -> fdatasync
  *   5. after that batch, the old L1 clusters go to the deferred decrements
  *      (released after a later durable batch, like every other decrement).
  * A crash before 4 leaves the old header: old size, old L1 table, which had

@@ -16,7 +16,8 @@
  *   P3   L1 sectors, or after an online grow the whole new L1 table at
  *        its new place                              -> fdatasync if P4
  *   P4   after an online grow: the header's size, l1_size and
- *        l1_table_offset (one sector)
+ *        l1_table_offset (the header's whole first sector, as on disk
+ *        but those fields: hdr_item)
  *   and the last phase that wrote something        -> fdatasync
  *
  * P2 needs no sync before P3: the tables L1 entries newly name were written
@@ -347,6 +348,49 @@ static struct wb_item *item_add(struct q2_batch *b, uint8_t kind, uint64_t off, 
 }
 
 /*
+ * A write of the header's first sector (IT_HDR_RT in P1B, IT_HDR_L1 in P4),
+ * its fields not yet patched in: the whole O_DIRECT-aligned sector, as on
+ * disk (as an earlier phase of this batch left it), never a few bytes. A
+ * shorter write is off the alignment, and io/ would take it through the page
+ * cache, which makes the file page-cache written for good
+ * (io_file_pc_written: no tail, every failed fdatasync sticky). The sector
+ * is read now, synchronously (a grow or a refcount table relocation: rare):
+ * no write-back write is in flight while a batch is built (a tail's writes
+ * all completed, side batches write L2 slices only), and nothing else writes
+ * the header while the engine is open but the corrupt bit (q2_corrupt, its
+ * write maybe in flight: the field is taken from memory then). NULL when out
+ * of memory or the read failed (the caller leaves the change for a later
+ * batch).
+ */
+static struct wb_item *hdr_item(struct q2_batch *b, uint8_t kind)
+{
+	struct qcow2 *q = b->q;
+	uint32_t len = q->file->align > 512 && q->file->align <= q->cs ? q->file->align : 512;
+	uint8_t *sec = io_alloc_aligned(len);
+	struct wb_item *it = NULL;
+	size_t prev = SIZE_MAX;
+
+	if (!sec)
+		return NULL;
+	for (size_t i = 0; i < b->nitems; i++)
+		if ((b->items[i].kind == IT_HDR_RT || b->items[i].kind == IT_HDR_L1) &&
+		    b->items[i].off == 0 && b->items[i].len == len)
+			prev = i;
+	if (prev != SIZE_MAX)
+		memcpy(sec, b->stage + b->items[prev].stage_off, len);
+	else if (io_file_pread_sync(q->file, sec, len, 0) < 0)
+		goto out;
+	if (q->corrupt && q->h.version >= 3 && !q->read_only)
+		qcow2_put_be64(sec + QCOW2_OFF_INCOMPAT, q->h.incompatible_features);
+	it = item_add(b, kind, 0, len);
+	if (it)
+		memcpy(b->stage + it->stage_off, sec, len);
+out:
+	io_free_aligned(sec);
+	return it;
+}
+
+/*
  * The bytes [*lo, *hi) of a slice that hold its dirty eighths (@dmask),
  * widened to the image file's O_DIRECT alignment: the rest of the slice is
  * on disk as cached (a clean part of a slice holds the bytes on disk: every
@@ -583,12 +627,14 @@ static void build(struct q2_batch *b)
 	b->ph_first[PH_P1B] = b->nitems;
 	for (size_t i = b->ph_first[PH_P1]; i < b->ph_first[PH_P1B]; i++) {
 		if (b->items[i].kind == IT_RT_FULL) {
-			struct wb_item *it =
-			    item_add(b, IT_HDR_RT, QCOW2_OFF_REFCOUNT_TABLE_OFFSET, 12);
+			struct wb_item *it = hdr_item(b, IT_HDR_RT);
 
 			if (it) {
-				qcow2_put_be64(b->stage + it->stage_off, q->rt_offset);
-				qcow2_put_be32(b->stage + it->stage_off + 8, q->rt_clusters);
+				uint8_t *p = b->stage + it->stage_off;
+
+				qcow2_put_be64(p + QCOW2_OFF_REFCOUNT_TABLE_OFFSET, q->rt_offset);
+				qcow2_put_be32(p + QCOW2_OFF_REFCOUNT_TABLE_OFFSET + 8,
+					       q->rt_clusters);
 			} else {
 				/* the next batch writes the table and its pointer again */
 				q->rt_relocated = true;
@@ -670,10 +716,10 @@ static void build(struct q2_batch *b)
 	if (build_cut(b, PH_P3))
 		return;
 	if (q->hdr_dirty && !q->l1_relocated) {
-		struct wb_item *it = item_add(b, IT_HDR_L1, QCOW2_OFF_SIZE, 24);
+		struct wb_item *it = hdr_item(b, IT_HDR_L1);
 
 		if (it) {
-			uint8_t *p = b->stage + it->stage_off;
+			uint8_t *p = b->stage + it->stage_off + QCOW2_OFF_SIZE;
 
 			qcow2_put_be64(p, q->h.size);
 			qcow2_put_be32(p + 8, q->h.crypt_method);

@@ -296,6 +296,8 @@ static json_t *engine_json(struct img *img)
 	    {"writeback-batches", cs.writeback_batches},
 	    {"writeback-side-batches", cs.writeback_side_batches},
 	    {"writeback-syncs", cs.writeback_syncs},
+	    {"writeback-tail-starts", cs.writeback_tail_starts},
+	    {"page-cache-written", cs.page_cache_written},
 	    {"link-waits", cs.link_waits},
 	    {"link-wait-syncs", cs.link_wait_syncs},
 	    {"link-wait-syncs-max", cs.link_wait_syncs_max},

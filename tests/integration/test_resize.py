@@ -7,7 +7,8 @@ real QMP client and vqcow-fe as the frontend, qemu-img/qemu-io as the oracle.
     past it (new L1 table), 512-byte clusters (an L1 table of many clusters,
     refcount structures growing), extended L2 entries, an external raw data
     file (grown with the image, as QEMU grows it), a backing chain;
-    each time: data written before the resize reads back, the frontend sees
+    each time: data written before the resize reads back, no write of the
+    image went through the page cache, the frontend sees
     the new capacity (config space), query-named-block-nodes and
     `qemu-img info -U` show the new size, data written past the old end reads
     back through vqcowd and, after quit, through qemu-io, and `qemu-img check`
@@ -21,6 +22,8 @@ real QMP client and vqcow-fe as the frontend, qemu-img/qemu-io as the oracle.
   * refusals with clear errors: shrinking, an unaligned size, a v2 image with
     internal snapshots (QEMU's text), and the image untouched after each; an
     image with a persistent dirty bitmap grows;
+  * write-back's tail stays on after a grow: FLUSH-heavy writes after it
+    start batches beside the tail (query-blockstats' writeback-tail-starts);
   * kill -9 right after a resize and a write past the old end: `qemu-img check`
     finds no corruption (leaks allowed), the size is the new one and the write
     reads back (a write the guest saw complete survives a process death);
@@ -117,6 +120,12 @@ def grow_and_check(vqcowd, fe_bin, work, name, create_opts, size, new, extra=(),
         r = subprocess.run([fe_bin, "read", d.vsock, "0", str(len(before))], capture_output=True,
                            timeout=60)
         check(r.returncode == 0 and r.stdout == before, "%s: data before the resize" % name)
+        # the grow's header (and a relocated refcount table's pointer) went
+        # out as whole sectors through O_DIRECT: no page-cache write, which
+        # would turn write-back's tail off for the rest of the session
+        eng = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(eng["page-cache-written"] == 0, "%s: the image took a write through the page "
+              "cache: %r" % (name, eng))
         check(q.cmd("quit") == {"return": {}}, "quit")
         d.p.wait(20)
         check(d.p.returncode == 0, "%s: vqcowd exit %d" % (name, d.p.returncode))
@@ -351,6 +360,39 @@ def under_io_once(vqcowd, fe_bin, work, attempt):
     return stall, probe
 
 
+def test_tail_after_grow(vqcowd, fe_bin, work):
+    """Write-back's tail (a batch started beside the last fdatasync of the one
+    before) stays on after an online grow that moved the L1 table: FLUSH-heavy
+    allocating writes after it start batches beside the tail, and no write of
+    the image went through the page cache (which turns the tail off)."""
+    m = 1 << 20
+    path = os.path.join(work, "tail.qcow2")
+    img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, 16 * m)
+    d = Daemon(vqcowd, work, path, "tail")
+    try:
+        q = Qmp(d.qsock)
+        check(q.cmd("block_resize", {"node-name": "disk0", "size": 600 * m}) == {"return": {}},
+              "resize")
+        e0 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        fe(fe_bin, "bench", d.vsock, "--rw", "randwrite", "--bs", "4k", "--iodepth", "16",
+           "--offset", str(16 * m), "--size", str(64 * m), "--number-ios", "3000",
+           "--flush-every", "8")
+        e1 = q.ret("query-blockstats")[0]["vqcowd"]["qcow2"]
+        check(e0["page-cache-written"] == 0 and e1["page-cache-written"] == 0,
+              "a write through the page cache: %r / %r" % (e0, e1))
+        n = e1["writeback-tail-starts"] - e0["writeback-tail-starts"]
+        check(n > 0, "no batch beside the tail after the grow: %r / %r" % (e0, e1))
+        q.cmd("quit")
+        d.p.wait(20)
+        check(d.p.returncode == 0, "exit %d" % d.p.returncode)
+    except Exception:
+        d.stop_showing_log()
+        raise
+    check_clean(path, "tail after grow")
+    log("ok: after a grow: %d of %d write-back batches started beside the tail, no "
+        "page-cache write" % (n, e1["writeback-batches"] - e0["writeback-batches"]))
+
+
 def test_kill_after(vqcowd, fe_bin, work):
     m = 1 << 20
     path = os.path.join(work, "ka.qcow2")
@@ -432,6 +474,7 @@ def main():
     test_geometries(vqcowd, fe_bin, work)
     test_refusals(vqcowd, fe_bin, work)
     test_under_io(vqcowd, fe_bin, work)
+    test_tail_after_grow(vqcowd, fe_bin, work)
     test_kill_after(vqcowd, fe_bin, work)
     test_kill_during(vqcowd, fe_bin, work)
     if not test_qsd(work):

@@ -1391,17 +1391,49 @@ static void test_bridge_shapes(void)
  * table and its refcounts are durable before the header points at it, the
  * old table is released only after), and qemu-img check is clean.
  */
-static void grow_case(const char *opts, uint64_t size, uint64_t size2, unsigned shuffle)
+/*
+ * The header's first sector is only ever written whole, 512-aligned, its
+ * bytes as on disk but the grow's fields (size, crypt_method, l1_size,
+ * l1_table_offset: 24-47) and a relocated refcount table's (48-59): a
+ * shorter write goes through the page cache (io/'s buffered twin), which
+ * turns write-back's tail off for the rest of the session. The number of
+ * header writes in the log since @from.
+ */
+static size_t hdr_writes_whole(const struct eng *e, size_t from, const uint8_t *hdr0)
 {
-	uint8_t *model = calloc(1, size2);
+	size_t n = 0;
+
+	for (size_t i = from; i < fake_log_count(); i++) {
+		const struct fake_log *l = fake_log_get(i);
+
+		if (l->type != FAKE_WRITE || l->file != e->id || l->off >= 512)
+			continue;
+		n++;
+		CU_ASSERT_EQUAL(l->off, 0);
+		CU_ASSERT(l->len >= 512 && l->len % 512 == 0);
+		for (uint64_t k = 0; k < 512 && k < l->len; k++)
+			if (k < QCOW2_OFF_SIZE || k >= QCOW2_OFF_REFCOUNT_TABLE_OFFSET + 12)
+				CU_ASSERT_EQUAL_FATAL(l->data[k], hdr0[k]);
+	}
+	return n;
+}
+
+static void grow_case(const char *opts, uint64_t size, uint64_t size2, unsigned shuffle,
+		      unsigned after)
+{
+	uint8_t *model = calloc(1, size2), hdr0[512];
 	struct flushf f;
 	struct eng e;
 	char err[256];
+	size_t from;
+	uint64_t fsize;
 	int ret;
 
 	fake_set_shuffle(shuffle);
 	eng_create(&e, opts, size, NULL);
 	workload(&e, model, size, 60, 16 << 10, false);
+	memcpy(hdr0, fake_file_data(e.id, &fsize), sizeof(hdr0));
+	from = fake_log_count();
 	memset(&f, 0, sizeof(f));
 	f.f.done = flush_done;
 	ret = qcow2_grow(e.q, size2, &f.f, err, sizeof(err));
@@ -1416,9 +1448,13 @@ static void grow_case(const char *opts, uint64_t size, uint64_t size2, unsigned 
 	CU_ASSERT_EQUAL(qcow2_size(e.q), size2);
 	CU_ASSERT_EQUAL(qcow2_grow(e.q, size2 - 512, &f.f, err, sizeof(err)), -ENOTSUP);
 	CU_ASSERT_EQUAL(qcow2_grow(e.q, size2 + 100, &f.f, err, sizeof(err)), -EINVAL);
-	workload(&e, model, size2, 120, 16 << 10, false);
+	workload(&e, model, size2, after, 16 << 10, false);
 	CU_ASSERT_EQUAL(eng_flush(&e), 0);
 	verify(&e, model, size2);
+	CU_ASSERT(hdr_writes_whole(&e, from, hdr0) >= 1); /* the grow's */
+	if (after > 120) /* the case written past the refcount table's reach: it moved */
+		CU_ASSERT_NOT_EQUAL(e.q->rt_offset,
+				    qcow2_be64(hdr0 + QCOW2_OFF_REFCOUNT_TABLE_OFFSET));
 	check_crash_images(&e, 2);
 	eng_close(&e);
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
@@ -1429,14 +1465,18 @@ static void grow_case(const char *opts, uint64_t size, uint64_t size2, unsigned 
 static void test_grow_l1(void)
 {
 	/* 512-byte clusters: a 1 MiB disk has a 32-entry L1; 8 MiB needs 256 (4 clusters) */
-	grow_case("cluster_size=512,refcount_bits=16", 1ull << 20, 8ull << 20, 0);
-	grow_case("cluster_size=512,refcount_bits=64", 1ull << 20, 8ull << 20, 31);
+	grow_case("cluster_size=512,refcount_bits=16", 1ull << 20, 8ull << 20, 0, 120);
+	grow_case("cluster_size=512,refcount_bits=64", 1ull << 20, 8ull << 20, 31, 120);
+	/* and past what the refcount table covers (64 entries of 64 clusters:
+	 * 2 MiB): the table moves after the grow, its pointer in the header's
+	 * first sector written whole too */
+	grow_case("cluster_size=512,refcount_bits=64", 1ull << 20, 32ull << 20, 7, 400);
 }
 
 static void test_grow_header_only(void)
 {
 	/* 64 KiB clusters: one L1 entry maps 512 MiB, only the header changes */
-	grow_case("cluster_size=65536", 4ull << 20, 12ull << 20, 5);
+	grow_case("cluster_size=65536", 4ull << 20, 12ull << 20, 5, 120);
 }
 
 /* ---- how many fdatasyncs, one after another, a linked write waits for ---- */
