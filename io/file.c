@@ -326,6 +326,13 @@ int io_file_open_buffered(struct io_file *f)
 	return 0;
 }
 
+int io_file_truncate(struct io_file *f, uint64_t size)
+{
+	if (ftruncate(f->fd, (off_t)size) < 0)
+		return -errno;
+	return 0;
+}
+
 int io_file_get_size(struct io_file *f, uint64_t *size)
 {
 	struct stat st;

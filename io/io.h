@@ -413,6 +413,10 @@ int io_file_reopen(const struct io_file *f, struct io_file *nf);
 /* Current size in bytes (fstat / BLKGETSIZE64). 0 or -errno. */
 int io_file_get_size(struct io_file *f, uint64_t *size);
 
+/* Cut or extend a regular file to @size bytes (ftruncate; f->size is left
+ * to the caller). 0 or -errno. */
+int io_file_truncate(struct io_file *f, uint64_t size);
+
 /*
  * Synchronous I/O for open time and tools (never on the request path).
  * Handles alignment with a bounce buffer and short transfers. 0 or -errno.

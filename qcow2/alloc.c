@@ -1118,8 +1118,10 @@ int q2_alloc_give_back(struct qcow2 *q)
 	    q2_scan_highest_used(q, &used) < 0 || used > q->cursor)
 		return 0;
 	if (io_file_get_size(q->file, &size) == 0 && size > (used << q->cb)) {
-		if (ftruncate(q->file->fd, (off_t)(used << q->cb)) < 0) {
-			Q2_LOG(q, WARN, "giving back the unused tail: %s", strerror(errno));
+		int ret = io_file_truncate(q->file, used << q->cb);
+
+		if (ret < 0) {
+			Q2_LOG(q, WARN, "giving back the unused tail: %s", strerror(-ret));
 			return 0;
 		}
 		q->file->size = used << q->cb;

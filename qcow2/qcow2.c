@@ -683,13 +683,14 @@ static uint64_t give_back_tail(struct io_file *file, const char *path)
 	struct qcow2_io fio = q2_file_io(file);
 	uint64_t end = 0, size = 0;
 	char msg[300] = "";
+	int ret;
 
 	if (qcow2_used_end_io(&fio, path, &end, msg, sizeof(msg)) < 0)
 		end = 0;
 	/* a block device has no tail to give back (ftruncate fails there) */
 	if (end && !(file->flags & IO_FILE_BLOCKDEV) && io_file_get_size(file, &size) == 0 &&
-	    size > end && ftruncate(file->fd, (off_t)end) < 0)
-		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(errno));
+	    size > end && (ret = io_file_truncate(file, end)) < 0)
+		vlog(VLOG_WARN, path, "giving back the unused tail: %s", strerror(-ret));
 	if (io_file_get_size(file, &file->size) < 0)
 		file->size = 0; /* re-read at the next open anyway */
 	return end;             /* 0: unknown */

@@ -936,6 +936,26 @@ int io_file_get_size(struct io_file *f, uint64_t *size)
 	return 0;
 }
 
+/* The engine gives back its unused tail at close (and going read-only):
+ * the in-memory file is cut there (its bytes past the end zeroed, so a later
+ * growth reads zeroes) or extended, as ftruncate does. Not logged: crash
+ * images are of what happened before. */
+int io_file_truncate(struct io_file *f, uint64_t size)
+{
+	struct ffile *ff = file_of(f);
+
+	if (!ff)
+		return -EBADF;
+	if (ff->blockdev)
+		return -EINVAL; /* as ftruncate on a block device */
+	if (size < ff->size)
+		zeroed(ff, size, ff->size);
+	else if (grow(ff, size) < 0)
+		return -ENOMEM;
+	ff->size = size;
+	return 0;
+}
+
 int io_file_pread_sync(struct io_file *f, void *buf, size_t len, uint64_t off)
 {
 	struct ffile *ff = file_of(f);

@@ -2300,6 +2300,34 @@ static void test_l1_sectors(void)
 	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
 }
 
+/*
+ * At close a writer gives back the tail it preallocated and did not use
+ * (qcow2_close, give_back_tail: io_file_truncate). The fake io/ cuts its
+ * in-memory file there as ftruncate would (before, the engine called
+ * ftruncate on the fake's fd: "giving back the unused tail: Bad file
+ * descriptor", and the tail stayed).
+ */
+static void test_close_tail(void)
+{
+	uint8_t buf[65536];
+	uint64_t before = 0, after = 0;
+	struct eng e;
+
+	eng_create(&e, "cluster_size=65536", 1ull << 30, NULL);
+	fill(buf, sizeof(buf), 5);
+	for (uint64_t i = 0; i < 4; i++)
+		CU_ASSERT_EQUAL(eng_write(&e, i << 24, sizeof(buf), buf), 0);
+	CU_ASSERT_EQUAL(eng_flush(&e), 0);
+	fake_file_data(e.id, &before);
+	eng_close(&e);
+	fake_file_data(e.id, &after);
+	CU_ASSERT(after < before);
+	CU_ASSERT_EQUAL(after % 65536, 0);
+	/* header, L1, refcount table and block, L2 table, 4 data clusters */
+	CU_ASSERT(after >= 9 * 65536 && after <= 16 * 65536);
+	CU_ASSERT_EQUAL(eng_qemu_check(&e), 0);
+}
+
 static void fail_case(enum io_op op, unsigned nth)
 {
 	const uint64_t size = 8ull << 20;
@@ -4960,6 +4988,7 @@ int main(void)
 	CU_add_test(suite, "no batch beside the last fdatasync after page-cache writes",
 		    test_tail_pc_written);
 	CU_add_test(suite, "the L1 table is written in whole sectors", test_l1_sectors);
+	CU_add_test(suite, "close gives back the unused tail", test_close_tail);
 	CU_add_test(suite, "injected write failures", test_write_failures);
 	CU_add_test(suite, "injected fdatasync failures", test_sync_failures);
 	CU_add_test(suite, "write-back out of memory", test_wb_nomem);
