@@ -178,7 +178,7 @@ truncate -s $((($(stat -c %s "$initrd") + 511) / 512 * 512)) "$initrd"
 cat "$tmp/job.cpio" >>"$initrd"
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# snap ROLE PID: a line per thread: ROLE <tab> TID <tab> COMM <tab> TICKS VOL INVOL RUNDELAY
+# snap ROLE PID: a line per thread: ROLE:PID <tab> TID <tab> COMM <tab> TICKS VOL INVOL RUNDELAY
 # (RUNDELAY: ns runnable but waiting for a CPU, schedstat's 2nd field; 0 without it)
 snap() {
 	local t st comm rest f v nv k n ss
@@ -199,7 +199,7 @@ snap() {
 		} 2>/dev/null || true
 		ss=(0 0)
 		{ read -r -a ss <"$t/schedstat"; } 2>/dev/null || ss=(0 0)
-		printf '%s\t%s\t%s\t%s %s %s %s\n' "$1" "${t##*/}" "$comm" $((f[11] + f[12])) "${v:-0}" "${nv:-0}" "${ss[1]:-0}"
+		printf '%s:%s\t%s\t%s\t%s %s %s %s\n' "$1" "$2" "${t##*/}" "$comm" $((f[11] + f[12])) "${v:-0}" "${nv:-0}" "${ss[1]:-0}"
 	done
 }
 load1() { cut -d' ' -f1 /proc/loadavg; }
@@ -400,12 +400,17 @@ for l in open(iosf):
     rep, image, kind, rw, n = l.split()
     ios[(rep, image, kind, rw)] = int(n)
 snaps = {}
+rpids = {}
 for l in open(thr):
     l = l.rstrip("\n")
     if not l:
         continue
     head, role, tid, comm, vals = l.split("\t")
+    role, _, rpid = role.partition(":")
     rep, image, kind, rw, be = head.split()
+    # the process's own thread is its main one (thread ids wrap: not the lowest)
+    if rpid:
+        rpids.setdefault((rep, image, kind, rw), {})[role] = int(rpid)
     t, v, nv, rd = (list(map(int, vals.split())) + [0])[:4]
     snaps.setdefault((rep, image, kind, rw), {}).setdefault(be, {})[(role, int(tid))] = (comm, t, v, nv, rd)
 # per (image, rw) and kind and thread: per repetition (CPU µs/IO, voluntary/IO, involuntary/IO)
@@ -419,6 +424,9 @@ for key, s in snaps.items():
     pids = {}
     for role, tid in e:
         pids[role] = min(pids.get(role, tid), tid)
+    for role, rpid in rpids.get(key, {}).items():
+        if (role, rpid) in e:
+            pids[role] = rpid
     order = 0
     per = {}
     for (role, tid), (comm, t, v, nv, rd) in sorted(e.items()):
