@@ -2880,6 +2880,9 @@ int main(int argc, char **argv)
 	d.consolidate = o.consolidate && d.rings_mt;
 	if (o.consolidate && o.consolidate_set && !d.consolidate)
 		log_warn("--io-threads-consolidate: ignored, no I/O thread serves queues");
+	if (o.contended && d.rings_mt && !d.consolidate)
+		log_warn("--io-threads-contended: no queue moves with --io-threads-consolidate=off "
+			 "(a contended thread only stops busy-polling)");
 	d.cons_run = CONS_RUN;
 	d.mcont.fd = -1; /* cont_open, before the threads start */
 	if (getenv("VQCOWD_TEST_CONT")) {
@@ -3091,6 +3094,10 @@ int main(int argc, char **argv)
 	d.exit_code = 0;
 	d.parked = o.incoming; /* before the I/O threads read it */
 	cont_open(&d.mcont);   /* before the system call filter */
+	if (o.contended && d.mcont.fd < 0 && cont_test_fd < 0)
+		log_warn(
+		    "--io-threads-contended: cannot read /proc/thread-self/schedstat (%s): off",
+		    strerror(errno));
 	ret = threads_start(&d);
 	if (ret < 0) {
 		log_err("cannot start the I/O threads: %s", strerror(-ret));
