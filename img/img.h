@@ -123,6 +123,7 @@ struct img_cache_stats {
 	/* write-back fdatasyncs; waits for linked entries (qcow2_link) and the
 	 * fdatasyncs that ended during them, summed and the most in one */
 	uint64_t writeback_syncs, link_waits, link_wait_syncs, link_wait_syncs_max;
+	uint64_t link_wait_us; /* the time those waits took, summed */
 	/* allocations linked at map time (VQCOWD_TEST_EARLY_NEW), and those
 	 * whose entries were written by the time their data write ended */
 	uint64_t early_new_links, early_new_ahead;

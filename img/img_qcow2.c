@@ -3319,6 +3319,7 @@ static int q2_cache_stats(struct img *img, struct img_cache_stats *st)
 	st->writeback_side_batches = c.wb_side_batches;
 	st->writeback_syncs = c.wb_syncs;
 	st->link_waits = c.link_waits;
+	st->link_wait_us = c.link_wait_us;
 	st->link_wait_syncs = c.link_wait_syncs;
 	st->link_wait_syncs_max = c.link_wait_syncs_max;
 	st->early_new_links = c.early_new;

@@ -381,6 +381,7 @@ struct qcow2 {
 	uint64_t n_syncs;           /* write-back fdatasync steps started (writeback.c) */
 	uint64_t n_syncs_done;      /* and ended */
 	uint64_t n_link_waits, n_link_wait_syncs, n_link_wait_max; /* qcow2_link() waits */
+	uint64_t n_link_wait_ns;                                   /* ... and their time */
 };
 
 /* ---- core.c ---- */

@@ -648,6 +648,7 @@ void qcow2_cache_stats(const struct qcow2 *q, struct qcow2_cache_stats *st)
 	st->wb_syncs = q->n_syncs;
 	st->link_waits = q->n_link_waits;
 	st->link_wait_syncs = q->n_link_wait_syncs;
+	st->link_wait_us = q->n_link_wait_ns / 1000;
 	st->link_wait_syncs_max = q->n_link_wait_max;
 	st->early_new = q->n_early_new;
 	st->early_new_ahead = q->n_early_new_ahead;

@@ -181,6 +181,7 @@ struct qcow2_cache_stats {
 	/* qcow2_link() calls that had to wait, the fdatasync steps that ended
 	 * while they waited (summed; the most one wait saw) */
 	uint64_t link_waits, link_wait_syncs, link_wait_syncs_max;
+	uint64_t link_wait_us; /* the time those waits took, summed */
 	/* allocations linked at map time (qcow2_early_new), and those whose
 	 * entries were written by the time their data write ended */
 	uint64_t early_new, early_new_ahead;
@@ -447,6 +448,7 @@ struct qcow2_flush {
 	struct qcow2_flush *next; /* private */
 	uint64_t gen, slice;      /* private (qcow2_link) */
 	uint64_t mark;            /* private */
+	uint64_t t0;              /* private (qcow2_link: when the wait began) */
 };
 
 /*

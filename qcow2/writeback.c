@@ -795,6 +795,7 @@ static void link_release(struct qcow2 *q, struct qcow2_flush *l, int err)
 	uint64_t n = q->n_syncs_done - l->mark;
 
 	q->n_link_waits++;
+	q->n_link_wait_ns += q2_now_ns() - l->t0;
 	q->n_link_wait_syncs += n;
 	if (n > q->n_link_wait_max)
 		q->n_link_wait_max = n;
@@ -1635,6 +1636,7 @@ int qcow2_link_slice(struct qcow2 *q, uint64_t gen, uint64_t slice, struct qcow2
 	f->gen = gen;
 	f->slice = slice;
 	f->mark = q->n_syncs_done;
+	f->t0 = q2_now_ns();
 	if (q->batch && q->batch->gen >= gen && !q->batch->incomplete) {
 		/* the batch in flight took it (an early link, or an in-place
 		 * write through an entry it is writing): wait for that one */

@@ -299,6 +299,7 @@ static json_t *engine_json(struct img *img)
 	    {"writeback-tail-starts", cs.writeback_tail_starts},
 	    {"page-cache-written", cs.page_cache_written},
 	    {"link-waits", cs.link_waits},
+	    {"link-wait-us", cs.link_wait_us},
 	    {"link-wait-syncs", cs.link_wait_syncs},
 	    {"link-wait-syncs-max", cs.link_wait_syncs_max},
 	    {"early-new-links", cs.early_new_links},

@@ -680,7 +680,8 @@ def test_qcow2(vqcowd, fe_bin, ctl, work):
         check(e4["cow-operations"] == e3["cow-operations"], "a whole cluster is no COW: %r" % e4)
         check(e2["metadata-writes"] > e1["metadata-writes"] and e2["writeback-batches"] > 0 and
               e2["metadata-write-bytes"] >= 512 * e2["metadata-writes"] and
-              isinstance(e2.get("writeback-side-batches"), int),
+              isinstance(e2.get("writeback-side-batches"), int) and
+              isinstance(e2.get("link-wait-us"), int),
               "flush %r" % e2)
         log("ok: qcow2 engine counters: %s" % json.dumps(e4))
         check(q.cmd("block_resize", {"node-name": "vm1", "size": 64 << 20}) == {"return": {}},

@@ -1729,7 +1729,7 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 {
 	uint8_t buf[4096];
 	unsigned waits = 0;
-	uint64_t b0, n0, na0, cs;
+	uint64_t b0, n0, na0, cs, w0, wns0;
 	struct eng e;
 
 	fake_set_defers(true);
@@ -1742,6 +1742,8 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 	b0 = e.q->batches;
 	n0 = e.q->n_early_new;
 	na0 = e.q->n_early_new_ahead;
+	w0 = e.q->n_link_waits;
+	wns0 = e.q->n_link_wait_ns;
 	for (unsigned k = 1; k <= 8; k++) {
 		struct enw w;
 		struct flushf f;
@@ -1762,6 +1764,9 @@ static unsigned early_new_waits(const char *opts, bool on, uint64_t *batches)
 		}
 	}
 	*batches = e.q->batches - b0;
+	/* query-blockstats' link-waits and link-wait-us: the waits, and time in them */
+	CU_ASSERT_EQUAL(e.q->n_link_waits - w0, waits);
+	CU_ASSERT_EQUAL(e.q->n_link_wait_ns > wns0, waits > 0);
 	CU_ASSERT_EQUAL(e.q->n_early_new - n0, on ? 8 : 0);
 	CU_ASSERT_EQUAL(e.q->n_early_new_ahead - na0, on ? 8 : 0); /* query-blockstats' */
 	for (unsigned k = 1; k <= 8; k++) {
