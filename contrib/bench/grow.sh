@@ -6,6 +6,7 @@
 #   bash contrib/bench/grow.sh [--dir DIR] [--size 4G] [--reps 3] [--runtime 5] [--perf]
 #                              [--rw randwrite|write] [--bs 4k] [--base VQCOWD]
 #                              [--base-opts "OPTS"] [--cells LIST] [--settle SECS]
+#                              [--ios N]
 #
 # Per round, in an order rotated between rounds, 4K random writes at QD32
 # (vqcow-fe bench, one queue; --rw and --bs change the job) into:
@@ -31,11 +32,14 @@
 # to the file per guest write (/proc/PID/io write_bytes: data, fill and
 # metadata), and per new cluster the file bytes beyond the guest's own (fill
 # and metadata), the metadata writes and KiB,
-# the write-back batches, side batches and fdatasyncs (and, in the per-round
-# lines only, the requests that waited for their L2 entries to be written,
-# query-blockstats' link-waits, and with VQCOWD_TEST_EARLY_NEW=1 the share of
-# early-linked allocations whose entries were written when their data write
-# ended, early-new-ahead / early-new-links, else -1; vqcowd cells; "new
+# the write-back batches, side batches and fdatasyncs, the requests that
+# waited for their L2 entries to be written (query-blockstats' link-waits) and
+# the mean time such a wait took (link-wait-us / link-waits: from the
+# request's qcow2_link, after its data write ended, to its completion; a
+# loaded machine stretches it), and, in the per-round lines only, with
+# VQCOWD_TEST_EARLY_NEW=1 the share of early-linked allocations whose entries
+# were written when their data write ended, early-new-ahead /
+# early-new-links, else -1; vqcowd cells; "new
 # clusters" is query-blockstats' clusters-allocated, which counts the data
 # reserve when it is taken, up to 64 MiB ahead of what was linked, and
 # metadata clusters: a few % more than linked in a 5 s run of 2 GiB, much
@@ -56,6 +60,13 @@
 # without the whole-cluster first write). --cells a,b keeps only those.
 # After each run on a fresh image, the file's extents (filefrag -v: all, and
 # those still unwritten) are printed, when filefrag works on that file system.
+# --ios N runs each job for N guest writes (vqcow-fe's --number-ios; --runtime
+# is then only a cap, 600 s unless given) instead of for --runtime seconds:
+# a 2 GiB image takes 32768 new clusters whatever the speed, so a timed run
+# on a slower machine (or a slower binary) allocates a larger share of its
+# writes (0.09 new clusters per write in run 10, 0.12 in run 11); with --ios
+# every round of every cell ends in the same fill state. Both are printed
+# either way: the seconds a job took and its new clusters per guest write.
 # --perf also records `perf record -g` of vqcowd in the first round's
 # growing runs (DIR/grow-CELL.perf.data; qsd's not).
 # Fresh images get new names (DIR/grow-ROUND-CELL.qcow2) and are deleted only at the
@@ -65,12 +76,20 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 build=${BUILD:-$repo/build}
-dir=$build/bench-images size=4G reps=3 runtime=5 perf=0 rw=randwrite bs=4k base="" base_opts="" only="" settle=0
+dir=$build/bench-images size=4G reps=3 runtime="" perf=0 rw=randwrite bs=4k base="" base_opts="" only="" settle=0 ios=0
 . "$here/bench-lib.sh"
 usage() { sed -n '4,/^set /{/^#/p}' "$0"; }
 show_help() { usage; exit 0; }
 bench_opts usage --dir=dir --size=size --reps=reps --runtime=runtime --perf=perf=1 --rw=rw \
-	--bs=bs --base=base --base-opts=base_opts --cells=only --settle=settle -h=@show_help --help=@show_help -- "$@"
+	--bs=bs --base=base --base-opts=base_opts --cells=only --settle=settle --ios=ios \
+	-h=@show_help --help=@show_help -- "$@"
+[ "$ios" -ge 0 ] 2>/dev/null || { echo "grow.sh: bad --ios $ios" >&2; exit 2; }
+fejob=()
+if [ "$ios" -gt 0 ]; then
+	runtime=${runtime:-600}
+	fejob=(--number-ios "$ios")
+fi
+runtime=${runtime:-5}
 vqcowd=${VQCOWD:-$build/src/vqcowd}
 fe=${VQCOW_FE:-$build/tests/frontend/vqcow-fe}
 ctl=${VQCOWCTL:-$build/src/vqcowctl}
@@ -159,24 +178,38 @@ run() {
 	bpid=$!
 	bench_wait_sock "$sock" "$cell" "$tmp/d.log"
 	if [ $tp = 1 ]; then
-		perf stat -x, -e "io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req$enter_ev" \
-			-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
+		if [ "$ios" -gt 0 ]; then
+			# until the job ends (SIGINT below)
+			perf stat -x, -e "io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req$enter_ev" \
+				-p "$bpid" -o "$tmp/stat" 2>/dev/null &
+		else
+			perf stat -x, -e "io_uring:io_uring_queue_async_work,io_uring:io_uring_submit_req$enter_ev" \
+				-p "$bpid" -o "$tmp/stat" -- sleep "$runtime" 2>/dev/null &
+		fi
 		ppid=$!
 	fi
 	if [ $perf = 1 ] && [ "$REP" = 1 ] && [ $kind = vqcowd ] && [ "${cell#*-}" != full ]; then
-		perf record -q -g -o "$dir/grow-$cell.perf.data" -p "$bpid" -- sleep "$runtime" \
-			>/dev/null 2>&1 &
+		if [ "$ios" -gt 0 ]; then
+			perf record -q -g -o "$dir/grow-$cell.perf.data" -p "$bpid" >/dev/null 2>&1 &
+		else
+			perf record -q -g -o "$dir/grow-$cell.perf.data" -p "$bpid" -- sleep "$runtime" \
+				>/dev/null 2>&1 &
+		fi
 		pf=$!
 	fi
 	t0=$(bench_ticks "$bpid")
 	w0=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
 	d0=$(discarded)
-	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" --json)
+	s0=$(date +%s.%N)
+	out=$("$fe" bench "$sock" --rw "$rw" --bs "$bs" --iodepth 32 --runtime "$runtime" "${fejob[@]}" --json)
+	s1=$(date +%s.%N)
 	t1=$(bench_ticks "$bpid")
 	w1=$(awk '/^write_bytes/ {print $2}' "/proc/$bpid/io" 2>/dev/null || echo -1)
 	d1=$(discarded)
 	[ $kind != vqcowd ] || bench_qstats "$ctl" "$tmp/qmp" metadata-writes >"$tmp/qstats"
+	[ -z "$pf" ] || [ "$ios" = 0 ] || kill -INT "$pf" 2>/dev/null || true
 	[ -z "$pf" ] || wait "$pf" || true
+	[ -z "$ppid" ] || [ "$ios" = 0 ] || kill -INT "$ppid" 2>/dev/null || true
 	[ -z "$ppid" ] || wait "$ppid" || true
 	ppid=
 	kill "$bpid"
@@ -223,8 +256,10 @@ print(round(d["iops"]), round(int(sys.argv[1]) / float(sys.argv[2]) * 1e6 / n, 2
       "%.4f" % (q.get("link-waits", 0) / q["clusters-allocated"])
       if q and q.get("clusters-allocated", 0) > 0 else -1,
       "%.3f" % (q.get("early-new-ahead", 0) / q["early-new-links"])
-      if q and q.get("early-new-links", 0) > 0 else -1)' \
-		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")" "$d0" "$d1"
+      if q and q.get("early-new-links", 0) > 0 else -1,
+      d["ios"], "%.2f" % (float(sys.argv[12]) - float(sys.argv[11])),
+      "%.0f" % (q.get("link-wait-us", 0) / q["link-waits"]) if q and q.get("link-waits", 0) > 0 else -1)' \
+		$((t1 - t0)) "$hz" "$tmp/stat" "$ext" "$tmp/qstats" "$w0" "$w1" "$(numfmt --from=iec "${bs^^}")" "$d0" "$d1" "$s0" "$s1"
 	rm -f "$tmp/stat" "$tmp/qstats"
 }
 
@@ -248,7 +283,7 @@ if [ "$settle" -gt 0 ] && [ "$(discarded)" -ge 0 ]; then
 	done
 	echo "grow.sh: waited $((SECONDS - t0)) s for the disk's discards: $([ $quiet -ge 3 ] && echo ended || echo "still running after --settle $settle")" >&2
 fi
-echo "grow.sh: $reps round(s) of $runtime s, $size images; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "grow.sh: $reps round(s) of $([ "$ios" -gt 0 ] && echo "$ios writes" || echo "$runtime s"), $size images; load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 res=$tmp/res
 : >"$res"
 for REP in $(seq "$reps"); do
@@ -263,11 +298,15 @@ for REP in $(seq "$reps"); do
 		lb=$(cut -d' ' -f1 /proc/loadavg)
 		v=$(run "$c" "$f")
 		la=$(cut -d' ' -f1 /proc/loadavg)
-		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl discarded_MiB link_waits/cl early_ahead = $v; load1 $lb -> $la" >&2
+		echo "round $REP $c: IOPS cpu_us/IO punted extents unwritten meta_writes/IO meta_KiB/IO batches/IO SQEs/IO enters/IO file_KiB/IO new_clusters/IO file_KiB/cl meta_writes/cl meta_KiB/cl batches/cl side/cl syncs/cl discarded_MiB link_waits/cl early_ahead guest_writes seconds us/link_wait = $v; load1 $lb -> $la" >&2
 		echo "$REP $c $v $lb $la" >>"$res"
 	done
 done
-echo "## $rw, bs $bs, QD32, one queue, $runtime s per run, $reps rounds"
+if [ "$ios" -gt 0 ]; then
+	echo "## $rw, bs $bs, QD32, one queue, $ios writes per run (at most $runtime s), $reps rounds"
+else
+	echo "## $rw, bs $bs, QD32, one queue, $runtime s per run, $reps rounds"
+fi
 echo "(load at the end: $(cut -d' ' -f1-3 /proc/loadavg); qsd: $("$qsd" --version | head -1))"
 python3 - "$res" <<'EOF'
 import statistics as st, sys
@@ -301,17 +340,18 @@ def ratio(a, b, what):
     if q:
         print("%s: %.2f (%.2f-%.2f)" % (what, st.median(q), min(q), max(q)))
 print()
-print("| cell | new clusters per guest write | file KiB written per guest write | per new cluster: file KiB beyond the guest's data / metadata writes / metadata KiB | per new cluster: batches / side batches / fdatasyncs | MiB the disk discarded during the runs, median (max) |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| cell | new clusters per guest write | file KiB written per guest write | per new cluster: file KiB beyond the guest's data / metadata writes / metadata KiB | per new cluster: batches / side batches / fdatasyncs | per new cluster: link waits; µs per link wait | guest writes, seconds per run (medians) | MiB the disk discarded during the runs, median (max) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for c, v in d.items():
     x = [t[12] for t in v.values()]
     def med(i, f):
         y = [t[i] for t in x if len(t) > i and t[i] >= 0]
         return f % st.median(y) if y else "-"
     dm = [t[8] for t in x if len(t) > 8 and t[8] >= 0]
-    print("| %s | %s | %s | %s / %s / %s | %s / %s / %s | %s |" % (c, med(1, "%.3f"), med(0, "%.1f"),
-          med(2, "%.1f"), med(3, "%.3f"), med(4, "%.2f"), med(5, "%.4f"), med(6, "%.4f"),
-          med(7, "%.4f"), "%.0f (%.0f)" % (st.median(dm), max(dm)) if dm else "-"))
+    print("| %s | %s | %s | %s / %s / %s | %s / %s / %s | %s; %s | %s, %s | %s |" % (c,
+          med(1, "%.3f"), med(0, "%.1f"), med(2, "%.1f"), med(3, "%.3f"), med(4, "%.2f"),
+          med(5, "%.4f"), med(6, "%.4f"), med(7, "%.4f"), med(9, "%.3f"), med(13, "%.0f"),
+          med(11, "%.0f"), med(12, "%.2f"), "%.0f (%.0f)" % (st.median(dm), max(dm)) if dm else "-"))
 print()
 ratio("vqcowd-empty", "qsd-empty", "growing image, vqcowd/qsd (target 3x)")
 ratio("vqcowd-xl2", "vqcowd-full", "extended L2 growing / full image, vqcowd (target 0.8x)")
