@@ -1705,6 +1705,11 @@ static void cons_gather(struct io_cmd *cmd, int res)
 		ok = false;
 		if (t->backoff < 8)
 			t->backoff++;
+		/* a contended give meets the same refusal until the queues
+		 * change: the next try later each time (up to CONT_GAP_NS <<
+		 * CONT_BACKOFF_MAX), not a drain and a park every CONT_GAP_NS */
+		if (t->cont_give && t->cont_backoff < CONT_BACKOFF_MAX)
+			t->cont_backoff++;
 		log_dbg("I/O thread %u: its queues stay: the main thread would serve %u", t->id,
 			nq);
 	} else if (ok) {

@@ -513,6 +513,34 @@ if [ "$threads" -gt 1 ]; then
 			fail "contended: a request ended on a thread its queue had left"
 		compare "$dir/img.raw" raw "$dir/base.raw" "$dir/map" 31
 	fi
+
+	# A contended I/O thread whose queues the main thread refuses (6 queues
+	# on 2 threads: it would serve 6 at QD1, over POLL_INFLIGHT_MAX) tries
+	# again later each time: before, every 0.25 s for good, each try a drain
+	# of its queues and a park of every thread.
+	echo "== contended, refused: the tries back off"
+	cp "$dir/base.raw" "$dir/img.raw"
+	echo 60 >"$dir/cont"
+	rm -f "$dir/cont.stop"
+	env VQCOWD_TEST_CONT="$dir/cont" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img.raw" \
+		--format raw --num-queues 6 --io-threads 2 --io-threads-contended 30 \
+		--log-level debug 2>"$log" &
+	pid=$!
+	if it_wait_serving "$pid" "$sock" "$log" "vqcowd (contended, refused)"; then
+		"$stress" "$sock" --size $size --queues 6 --seed 32 --mix --map "$dir/map" \
+			--until "$dir/cont.stop" >/dev/null &
+		spid=$!
+		sleep 3
+		touch "$dir/cont.stop"
+		wait "$spid" || fail "contended, refused: vqfe-stress found errors"
+		spid=
+		it_stop
+		n=$(grep -a -c 'its queues stay: the main thread would serve 6' "$log" || true)
+		echo "refused contended gives in about 3 s: $n"
+		[ "$n" -ge 1 ] || fail "contended, refused: no try (the thread was not contended?)"
+		[ "$n" -le 6 ] || fail "contended, refused: $n tries in about 3 s, no backoff"
+		compare "$dir/img.raw" raw "$dir/base.raw" "$dir/map" 32
+	fi
 fi
 
 # Crash: kill -9 with four busy queues; the image may leak, nothing more.
