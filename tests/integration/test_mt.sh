@@ -468,14 +468,19 @@ if [ "$threads" -gt 1 ]; then
 	# The run delays come from a file (VQCOWD_TEST_CONT, a test seam): 0 %,
 	# 60 %, 0 %, under vqfe-stress at QD8 on 2 queues (high: the low-load
 	# rule moves nothing), which verifies every block; then the image.
+	# cont_start PCT NQ: a fresh copy of the base, run delays of PCT % from
+	# the file, vqcowd on NQ queues and 2 threads with --io-threads-contended 30
+	cont_start() {
+		cp "$dir/base.raw" "$dir/img.raw"
+		echo "$1" >"$dir/cont"
+		rm -f "$dir/cont.stop"
+		env VQCOWD_TEST_CONT="$dir/cont" "$vqcowd" --socket-path "$sock" \
+			--blk-file "$dir/img.raw" --format raw --num-queues "$2" --io-threads 2 \
+			--io-threads-contended 30 --log-level debug 2>"$log" &
+		pid=$!
+	}
 	echo "== contended: a thread waiting for a CPU gives its queues away, gets them back"
-	cp "$dir/base.raw" "$dir/img.raw"
-	echo 0 >"$dir/cont"
-	rm -f "$dir/cont.stop"
-	env VQCOWD_TEST_CONT="$dir/cont" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img.raw" \
-		--format raw --num-queues 2 --io-threads 2 --io-threads-contended 30 \
-		--log-level debug 2>"$log" &
-	pid=$!
+	cont_start 0 2
 	# waitlog PATTERN: up to 10 s for a line of the log
 	waitlog() {
 		for _ in $(seq 100); do
@@ -519,13 +524,7 @@ if [ "$threads" -gt 1 ]; then
 	# again later each time: before, every 0.25 s for good, each try a drain
 	# of its queues and a park of every thread.
 	echo "== contended, refused: the tries back off"
-	cp "$dir/base.raw" "$dir/img.raw"
-	echo 60 >"$dir/cont"
-	rm -f "$dir/cont.stop"
-	env VQCOWD_TEST_CONT="$dir/cont" "$vqcowd" --socket-path "$sock" --blk-file "$dir/img.raw" \
-		--format raw --num-queues 6 --io-threads 2 --io-threads-contended 30 \
-		--log-level debug 2>"$log" &
-	pid=$!
+	cont_start 60 6
 	if it_wait_serving "$pid" "$sock" "$log" "vqcowd (contended, refused)"; then
 		"$stress" "$sock" --size $size --queues 6 --seed 32 --mix --map "$dir/map" \
 			--until "$dir/cont.stop" >/dev/null &
